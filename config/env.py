@@ -1,0 +1,92 @@
+"""The one place that reads the process environment.
+
+Every setting comes through these typed getters. A value that is present but malformed
+raises ImproperlyConfigured naming the variable, so a typo fails the process at start-up
+instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from django.core.exceptions import ImproperlyConfigured
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class Env:
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = os.environ if environ is None else environ
+
+    def raw(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def is_set(self, name: str) -> bool:
+        return self.raw(name) is not None
+
+    def str(self, name: str, default: str | None = None, *, required: bool = False) -> str:
+        value = self.raw(name)
+        if value is None:
+            if required or default is None:
+                raise ImproperlyConfigured(f"{name} must be set")
+            return default
+        return value
+
+    def optional_str(self, name: str) -> str | None:
+        return self.raw(name)
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        lowered = value.lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ImproperlyConfigured(
+            f"{name}={value!r} is not a boolean (use one of: true, false, 1, 0, yes, no, on, off)"
+        )
+
+    def int(
+        self,
+        name: str,
+        default: int,
+        *,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> int:
+        value = self.raw(name)
+        if value is None:
+            result = default
+        else:
+            try:
+                result = int(value)
+            except ValueError:
+                raise ImproperlyConfigured(f"{name}={value!r} is not an integer") from None
+        if minimum is not None and result < minimum:
+            raise ImproperlyConfigured(f"{name}={result} is below the minimum of {minimum}")
+        if maximum is not None and result > maximum:
+            raise ImproperlyConfigured(f"{name}={result} is above the maximum of {maximum}")
+        return result
+
+    def list(self, name: str, default: list[str] | None = None) -> list[str]:
+        value = self.raw(name)
+        if value is None:
+            return list(default or [])
+        return [item.strip() for item in value.split(",") if item.strip()]
+
+    def choice(self, name: str, default: str, choices: set[str] | list[str]) -> str:
+        value = self.raw(name) or default
+        if value not in choices:
+            allowed = ", ".join(sorted(choices))
+            raise ImproperlyConfigured(f"{name}={value!r} is not one of: {allowed}")
+        return value
+
+
+env = Env()

@@ -1,0 +1,8 @@
+"""Local development: DEBUG on unless told otherwise, static files served by runserver."""
+
+from config.env import env
+from config.settings.base import *  # noqa: F403
+from config.settings.base import STORAGES
+
+DEBUG = env.bool("DEBUG", True)
+STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}

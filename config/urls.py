@@ -1,0 +1,11 @@
+from django.contrib import admin
+from django.urls import include, path
+
+admin.site.site_header = "AgentLedger operations"
+admin.site.site_title = "AgentLedger"
+admin.site.index_title = "Workflows, tasks, agents and the audit trail"
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("", include("django_prometheus.urls")),
+]

@@ -1,0 +1,59 @@
+"""The vocabulary of the events audit log: every event type, entity type and severity.
+
+This module is the one place where event types are defined; the `events` table has a
+CHECK constraint built from it, so an event of an undocumented type cannot be stored.
+Adding a type means adding it here and generating a migration.
+
+Seed 004's analytics names map onto these: `agent_task_completed` -> task_completed,
+`agent_task_failed` -> task_failed, `workflow_finished` -> workflow_completed /
+workflow_failed / workflow_cancelled.
+"""
+
+from django.db import models
+
+
+class EventType(models.TextChoices):
+    # Workflow lifecycle
+    WORKFLOW_CREATED = "workflow_created", "workflow created (spec validated and stored)"
+    WORKFLOW_STARTED = "workflow_started", "workflow started (first task queued)"
+    WORKFLOW_COMPLETED = "workflow_completed", "workflow completed (every task completed)"
+    WORKFLOW_FAILED = "workflow_failed", "workflow failed (a task failed for good, or the deadline passed)"
+    WORKFLOW_CANCELLED = "workflow_cancelled", "workflow cancelled by a user"
+    WORKFLOW_RESUMED = "workflow_resumed", "failed workflow resumed from its failed tasks"
+    # Task (task_executions) and attempt (task_attempts) lifecycle
+    TASK_QUEUED = "task_queued", "task sent to a Celery queue"
+    TASK_STARTED = "task_started", "an attempt of the task started on a worker"
+    TASK_RETRYING = "task_retrying", "an attempt failed and the task will be tried again"
+    TASK_COMPLETED = "task_completed", "task completed"
+    TASK_FAILED = "task_failed", "task failed with no retries left (or a non-retryable error)"
+    TASK_TIMED_OUT = "task_timed_out", "an attempt exceeded its time limit"
+    TASK_CANCELLED = "task_cancelled", "task cancelled"
+    TASK_LOST = "task_lost", "an attempt was found abandoned (worker lost) by the reaper"
+    # Agents, tools, conversations, interactions
+    AGENT_STARTED = "agent_started", "an agent began working on a task or message"
+    AGENT_REGISTERED = "agent_registered", "an agent definition was loaded or changed"
+    TOOL_EXECUTED = "tool_executed", "an agent called a tool"
+    MESSAGE_CREATED = "message_created", "a conversation message was stored"
+    AGENT_INTERACTION = "agent_interaction", "hand-off, collaboration, review or feedback between agents"
+    # Training data
+    EXPORT_COMPLETED = "export_completed", "a training-data export finished"
+    EXPORT_FAILED = "export_failed", "a training-data export failed"
+
+
+class EntityType(models.TextChoices):
+    WORKFLOW = "workflow"
+    TASK = "task"
+    ATTEMPT = "attempt"
+    AGENT = "agent"
+    TOOL = "tool"
+    CONVERSATION = "conversation"
+    EXPORT = "export"
+    SYSTEM = "system"
+
+
+class Severity(models.TextChoices):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"

@@ -1,0 +1,19 @@
+from orchestration.models.access import ApiKey
+from orchestration.models.agents import Agent
+from orchestration.models.conversations import AgentInteraction, AgentPlaygroundMessage
+from orchestration.models.events import Event
+from orchestration.models.metrics import AgentMetric
+from orchestration.models.workflows import Priority, TaskAttempt, TaskExecution, Workflow
+
+__all__ = [
+    "Agent",
+    "AgentInteraction",
+    "AgentMetric",
+    "AgentPlaygroundMessage",
+    "ApiKey",
+    "Event",
+    "Priority",
+    "TaskAttempt",
+    "TaskExecution",
+    "Workflow",
+]

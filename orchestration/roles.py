@@ -1,0 +1,60 @@
+"""Roles: seed 004's roles.json, mapped onto Django groups and permissions.
+
+Each role's seed permission names map onto Django model permissions. `*` (admin) means
+every permission that exists; `roles_sync` is idempotent and runs from the data migration
+and after every `migrate`, so the admin group also covers permissions of apps added later.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROLES: dict[str, list[str]] = {
+    "admin": ["*"],
+    "developer": ["agent:execute", "workflow:create", "workflow:read"],
+    "viewer": ["workflow:read", "agent:list"],
+}
+
+# seed permission -> Django permissions as "app_label.codename"
+PERMISSIONS: dict[str, list[str]] = {
+    "workflow:read": [
+        "orchestration.view_workflow",
+        "orchestration.view_taskexecution",
+        "orchestration.view_taskattempt",
+        "orchestration.view_event",
+        "orchestration.view_agentinteraction",
+    ],
+    "workflow:create": ["orchestration.add_workflow"],
+    "agent:list": ["orchestration.view_agent"],
+    "agent:execute": [
+        "orchestration.execute_agent",
+        "orchestration.add_agentplaygroundmessage",
+        "orchestration.view_agentplaygroundmessage",
+    ],
+}
+
+
+def django_permissions_for(role: str) -> list[str] | None:
+    """The Django permissions of a role; None means all of them."""
+    seed_permissions = ROLES[role]
+    if "*" in seed_permissions:
+        return None
+    names: list[str] = []
+    for seed_permission in seed_permissions:
+        names.extend(PERMISSIONS[seed_permission])
+    return sorted(set(names))
+
+
+def roles_sync(*, group_model: Any, permission_model: Any) -> None:
+    """Create the role groups and set their permissions to exactly what ROLES says."""
+    for role in ROLES:
+        group, _ = group_model.objects.get_or_create(name=role)
+        names = django_permissions_for(role)
+        if names is None:
+            permissions = list(permission_model.objects.all())
+        else:
+            permissions = []
+            for name in names:
+                app_label, codename = name.split(".", 1)
+                permissions.append(permission_model.objects.get(content_type__app_label=app_label, codename=codename))
+        group.permissions.set(permissions)
