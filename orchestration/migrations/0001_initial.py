@@ -818,7 +818,9 @@ class Migration(migrations.Migration):
         migrations.AddConstraint(
             model_name="taskattempt",
             constraint=models.CheckConstraint(
-                condition=models.Q(("status__in", ["pending", "running", "completed", "failed", "cancelled"])),
+                condition=models.Q(
+                    ("status__in", ["running", "succeeded", "failed", "timed_out", "lost", "cancelled"])
+                ),
                 name="task_attempts_status_valid",
             ),
         ),
@@ -977,7 +979,12 @@ class Migration(migrations.Migration):
         migrations.AddConstraint(
             model_name="taskexecution",
             constraint=models.CheckConstraint(
-                condition=models.Q(("status__in", ["pending", "running", "completed", "failed", "cancelled"])),
+                condition=models.Q(
+                    (
+                        "status__in",
+                        ["pending", "queued", "running", "retrying", "completed", "failed", "timed_out", "cancelled"],
+                    )
+                ),
                 name="task_executions_status_valid",
             ),
         ),

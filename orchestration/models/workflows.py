@@ -177,7 +177,9 @@ class TaskExecution(TimestampedModel):
             models.Index(fields=["celery_task_id"], name="idx_tasks_celery_task_id"),
         ]
         constraints = [
-            models.CheckConstraint(condition=in_choices("status", WorkflowStatus), name="task_executions_status_valid"),
+            models.CheckConstraint(
+                condition=in_choices("status", TaskExecutionStatus), name="task_executions_status_valid"
+            ),
             models.CheckConstraint(condition=in_choices("priority", Priority), name="task_executions_priority_valid"),
             models.CheckConstraint(
                 condition=models.Q(retry_count__gte=0, max_retries__gte=0, max_retries__lte=100),
@@ -264,7 +266,9 @@ class TaskAttempt(TimestampedModel):
             models.UniqueConstraint(
                 fields=["execution", "attempt_number"], name="task_attempts_execution_number_unique"
             ),
-            models.CheckConstraint(condition=in_choices("status", WorkflowStatus), name="task_attempts_status_valid"),
+            models.CheckConstraint(
+                condition=in_choices("status", TaskAttemptStatus), name="task_attempts_status_valid"
+            ),
             models.CheckConstraint(
                 condition=models.Q(cause__isnull=True) | in_choices("cause", TaskAttemptCause),
                 name="task_attempts_cause_valid",
