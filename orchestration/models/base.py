@@ -1,8 +1,12 @@
 from django.db import models
+from django.db.models.functions import Now
 
 
 class CreatedModel(models.Model):
-    created_at = models.DateTimeField(auto_now_add=True, db_index=False)
+    """created_at comes from the database clock (one clock for every web and worker host);
+    an explicit value is still accepted (imports, sample data)."""
+
+    created_at = models.DateTimeField(db_default=Now())
 
     class Meta:
         abstract = True
