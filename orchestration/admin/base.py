@@ -1,0 +1,122 @@
+"""Shared pieces of the operations console: JSON and link rendering, read-only admins."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from django.contrib import admin
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.formats import date_format
+from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
+from django.utils.safestring import SafeString
+
+from orchestration.models import Event
+
+EMPTY = "-"
+
+
+def pretty_json(value: Any) -> SafeString:
+    """`value` as indented, key-sorted JSON in a <pre>, HTML-escaped."""
+    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, cls=DjangoJSONEncoder)
+    return format_html('<pre class="json" style="margin:0;white-space:pre-wrap">{}</pre>', text)
+
+
+def json_display(field_name: str, description: str | None = None) -> Callable[[Any, models.Model], SafeString]:
+    """A read-only admin field showing the JSON field `field_name` pretty-printed."""
+
+    @admin.display(description=description or field_name.replace("_", " "))
+    def display(model_admin: Any, obj: models.Model) -> SafeString:
+        return pretty_json(getattr(obj, field_name))
+
+    display.__name__ = f"{field_name}_display"
+    return display
+
+
+def change_url(model: type[models.Model], pk: Any) -> str:
+    opts = model._meta
+    return reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[pk])
+
+
+def changelist_url(model: type[models.Model], params: Mapping[str, Any] | None = None) -> str:
+    opts = model._meta
+    url = reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist")
+    return f"{url}?{urlencode(params)}" if params else url
+
+
+def link(url: str, text: Any) -> SafeString:
+    return format_html('<a href="{}">{}</a>', url, text)
+
+
+def object_link(model: type[models.Model], pk: Any, text: Any = None) -> SafeString | str:
+    if pk is None:
+        return EMPTY
+    return link(change_url(model, pk), pk if text is None else text)
+
+
+def links(items: Iterable[tuple[str, Any]]) -> SafeString:
+    return format_html_join(" | ", '<a href="{}">{}</a>', items)
+
+
+def local_datetime(value: Any) -> str:
+    """To the second: events of one task often fall within the same minute."""
+    return date_format(timezone.localtime(value), "Y-m-d H:i:s") if value else EMPTY
+
+
+def events_table(events: Iterable[Event], *, limit: int) -> SafeString:
+    """Events as a small HTML table, each row linking to the event; at most `limit` rows."""
+    events = list(events)
+    rows = format_html_join(
+        "",
+        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}:{}</td><td>{}</td><td>{}</td></tr>",
+        (
+            (
+                object_link(Event, event.sequence),
+                local_datetime(event.created_at),
+                event.event_type,
+                event.entity_type or "",
+                event.entity_id or "",
+                event.severity,
+                pretty_json(event.payload),
+            )
+            for event in events[:limit]
+        ),
+    )
+    more = format_html("<p>Only the first {} events are shown.</p>", limit) if len(events) > limit else ""
+    return format_html(
+        "<table><thead><tr><th>#</th><th>at</th><th>type</th><th>entity</th><th>severity</th><th>payload</th>"
+        "</tr></thead><tbody>{}</tbody></table>{}",
+        rows or format_html('<tr><td colspan="6">{}</td></tr>', "no events"),
+        more,
+    )
+
+
+class NoAddChangeMixin:
+    """For records written by the platform itself: viewable (and deletable with the
+    permission), never created or edited through the admin."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class ReadOnlyTabularInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

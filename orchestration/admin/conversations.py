@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.utils.text import Truncator
+
+from orchestration.admin.base import NoAddChangeMixin, json_display
+from orchestration.models import AgentInteraction, AgentPlaygroundMessage
+
+
+@admin.register(AgentPlaygroundMessage)
+class AgentPlaygroundMessageAdmin(NoAddChangeMixin, admin.ModelAdmin):
+    """Messages are written by the conversation runtime and are training data as stored."""
+
+    list_display = (
+        "created_at",
+        "instance_id",
+        "agent",
+        "owner",
+        "role",
+        "short_content",
+        "is_error",
+        "tokens_used",
+    )
+    list_filter = ("role", "is_error", "agent", ("owner", admin.RelatedOnlyFieldListFilter), "created_at")
+    list_select_related = ("agent", "owner")
+    search_fields = ("=message_id", "=instance_id", "content", "=execution__execution_id")
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
+    fields = (
+        "message_id",
+        "instance_id",
+        "agent",
+        "owner",
+        "role",
+        "content",
+        "tool_call_id",
+        "is_error",
+        ("execution", "attempt"),
+        ("input_tokens", "output_tokens", "tokens_used"),
+        "created_at",
+        "tool_calls_display",
+        "metadata_display",
+    )
+    readonly_fields = ("tool_calls_display", "metadata_display")
+
+    tool_calls_display = json_display("tool_calls", "tool calls")
+    metadata_display = json_display("metadata")
+
+    @admin.display(description="content")
+    def short_content(self, obj: AgentPlaygroundMessage) -> str:
+        return Truncator(obj.content).chars(80)
+
+
+@admin.register(AgentInteraction)
+class AgentInteractionAdmin(NoAddChangeMixin, admin.ModelAdmin):
+    """Interactions are recorded by the agents as they hand off and collaborate."""
+
+    list_display = ("created_at", "interaction_type", "from_agent", "to_agent", "workflow", "short_message")
+    list_filter = ("interaction_type", "from_agent", "to_agent", "created_at")
+    list_select_related = ("workflow", "from_agent", "to_agent")
+    search_fields = ("=workflow__workflow_id", "workflow__name", "message")
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
+    fields = (
+        "interaction_type",
+        ("from_agent", "to_agent"),
+        ("workflow", "execution"),
+        "message",
+        "created_at",
+        "payload_display",
+    )
+    readonly_fields = ("payload_display",)
+
+    payload_display = json_display("payload")
+
+    @admin.display(description="message")
+    def short_message(self, obj: AgentInteraction) -> str:
+        return Truncator(obj.message or "").chars(80)

@@ -1,0 +1,296 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin
+from django.db.models import CharField, Field, Q, QuerySet
+from django.db.models.functions import Cast
+from django.http import HttpRequest
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from orchestration.admin.base import (
+    EMPTY,
+    NoAddChangeMixin,
+    ReadOnlyTabularInline,
+    changelist_url,
+    events_table,
+    json_display,
+    link,
+    object_link,
+)
+from orchestration.event_types import EntityType
+from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+
+TASK_EVENTS_SHOWN = 200
+
+
+def task_events(execution: TaskExecution) -> QuerySet[Event]:
+    """Events of a task, including those of its attempts: the engine records those as task
+    events with the attempt number in the payload; events with entity_type "attempt" (entity_id
+    the attempt's id) are included as well."""
+    attempt_ids = TaskAttempt.objects.filter(execution=execution).annotate(id_text=Cast("id", CharField()))
+    return Event.objects.filter(
+        Q(entity_type=EntityType.TASK, entity_id=execution.pk)
+        | Q(entity_type=EntityType.ATTEMPT, entity_id__in=attempt_ids.values("id_text"))
+    ).order_by("sequence")
+
+
+class TaskAttemptInline(ReadOnlyTabularInline):
+    model = TaskAttempt
+    fields = (
+        "attempt_link",
+        "status",
+        "cause",
+        "error_class",
+        "error",
+        "worker",
+        "delivery_count",
+        "redelivered",
+        "tokens_used",
+        "cost_usd",
+        "started_at",
+        "finished_at",
+        "duration_ms",
+        "timeout_seconds",
+    )
+    readonly_fields = fields
+    ordering = ("attempt_number",)
+
+    @admin.display(description="attempt")
+    def attempt_link(self, obj: TaskAttempt) -> SafeString:
+        return object_link(TaskAttempt, obj.pk, obj.attempt_number)
+
+
+# The database CHECKs these ranges; the form says so before the database has to.
+TASK_LIMITS = {"max_retries": (0, 100), "timeout_seconds": (1, 86400)}
+
+
+@admin.register(TaskExecution)
+class TaskExecutionAdmin(admin.ModelAdmin):
+    """Tasks are created with their workflow (REST API); the admin edits only the task's
+    description, priority and limits, never the state the engine owns."""
+
+    list_display = (
+        "execution_id",
+        "task_name",
+        "workflow_link",
+        "agent",
+        "status",
+        "priority",
+        "retry_count",
+        "tokens_used",
+        "cost_usd",
+        "created_at",
+        "execution_time_ms",
+    )
+    list_display_links = ("execution_id", "task_name")
+    list_filter = (
+        "status",
+        "priority",
+        "task_type",
+        "agent",
+        ("workflow__owner", admin.RelatedOnlyFieldListFilter),
+        "created_at",
+        "started_at",
+        "completed_at",
+    )
+    list_select_related = ("workflow", "agent")
+    search_fields = (
+        "=execution_id",
+        "task_name",
+        "=workflow__workflow_id",
+        "workflow__name",
+        "=celery_task_id",
+        "worker",
+    )
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
+    inlines = (TaskAttemptInline,)
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "execution_id",
+                    "task_name",
+                    "workflow",
+                    "agent",
+                    "parent_task",
+                    "task_type",
+                    "description",
+                    "status",
+                    "priority",
+                    "depends_on_display",
+                )
+            },
+        ),
+        ("Limits and retries", {"fields": (("max_retries", "retry_count"), "timeout_seconds")}),
+        (
+            "Execution",
+            {
+                "fields": (
+                    ("celery_task_id", "worker"),
+                    ("created_at", "updated_at"),
+                    ("queued_at", "started_at", "completed_at"),
+                    "execution_time_ms",
+                    "error",
+                )
+            },
+        ),
+        ("Usage", {"fields": (("input_tokens", "output_tokens", "tokens_used"), "cost_usd")}),
+        ("Data", {"fields": ("input_data_display", "output_data_display", "metadata_display")}),
+        ("Events", {"fields": ("events_link", "events_display")}),
+    )
+    readonly_fields = (
+        "execution_id",
+        "task_name",
+        "workflow",
+        "agent",
+        "parent_task",
+        "task_type",
+        "status",
+        "depends_on_display",
+        "retry_count",
+        "celery_task_id",
+        "worker",
+        "created_at",
+        "updated_at",
+        "queued_at",
+        "started_at",
+        "completed_at",
+        "execution_time_ms",
+        "error",
+        "input_tokens",
+        "output_tokens",
+        "tokens_used",
+        "cost_usd",
+        "input_data_display",
+        "output_data_display",
+        "metadata_display",
+        "events_link",
+        "events_display",
+    )
+
+    depends_on_display = json_display("depends_on", "depends on")
+    input_data_display = json_display("input_data", "input data")
+    output_data_display = json_display("output_data", "output data")
+    metadata_display = json_display("metadata")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def formfield_for_dbfield(self, db_field: Field, request: HttpRequest, **kwargs: Any) -> forms.Field | None:
+        if db_field.name in TASK_LIMITS:
+            kwargs["min_value"], kwargs["max_value"] = TASK_LIMITS[db_field.name]
+        return super().formfield_for_dbfield(db_field, request, **kwargs)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[TaskExecution]:
+        return super().get_queryset(request).select_related("workflow", "agent", "parent_task")
+
+    @admin.display(description="workflow", ordering="workflow__name")
+    def workflow_link(self, obj: TaskExecution) -> SafeString | str:
+        if obj.workflow is None:
+            return EMPTY
+        return object_link(Workflow, obj.workflow_id, obj.workflow.name)
+
+    @admin.display(description="all events")
+    def events_link(self, obj: TaskExecution) -> SafeString:
+        return link(changelist_url(Event, {"entity_id": obj.pk}), "events of this task in the event list")
+
+    @admin.display(description="events of the task and its attempts")
+    def events_display(self, obj: TaskExecution) -> SafeString:
+        return events_table(task_events(obj)[: TASK_EVENTS_SHOWN + 1], limit=TASK_EVENTS_SHOWN)
+
+
+@admin.register(TaskAttempt)
+class TaskAttemptAdmin(NoAddChangeMixin, admin.ModelAdmin):
+    """Attempts are written by the execution engine; a finished one is immutable in the database."""
+
+    list_display = (
+        "id",
+        "execution_link",
+        "workflow_link",
+        "attempt_number",
+        "status",
+        "cause",
+        "error_class",
+        "worker",
+        "redelivered",
+        "tokens_used",
+        "cost_usd",
+        "started_at",
+        "duration_ms",
+    )
+    list_filter = ("status", "cause", "redelivered", "retryable", "execution__agent", "started_at", "finished_at")
+    list_select_related = ("execution__workflow",)
+    search_fields = (
+        "=execution__execution_id",
+        "execution__task_name",
+        "=execution__workflow__workflow_id",
+        "=celery_task_id",
+        "worker",
+        "error_class",
+    )
+    date_hierarchy = "started_at"
+    ordering = ("-started_at",)
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "execution",
+                    "workflow_link",
+                    "attempt_number",
+                    "status",
+                    ("cause", "retryable"),
+                    "error_class",
+                    "error",
+                    "traceback_display",
+                )
+            },
+        ),
+        (
+            "Delivery",
+            {"fields": (("worker", "celery_task_id"), ("delivery_count", "redelivered"), "timeout_seconds")},
+        ),
+        (
+            "Timing and usage",
+            {
+                "fields": (
+                    ("started_at", "finished_at", "duration_ms"),
+                    ("input_tokens", "output_tokens", "tokens_used"),
+                    "cost_usd",
+                    ("created_at", "updated_at"),
+                )
+            },
+        ),
+        ("Events", {"fields": ("events_display",)}),
+    )
+    readonly_fields = ("workflow_link", "traceback_display", "events_display")
+
+    @admin.display(description="task", ordering="execution__task_name")
+    def execution_link(self, obj: TaskAttempt) -> SafeString:
+        return object_link(TaskExecution, obj.execution_id, obj.execution.task_name)
+
+    @admin.display(description="workflow")
+    def workflow_link(self, obj: TaskAttempt) -> SafeString | str:
+        workflow = obj.execution.workflow
+        return EMPTY if workflow is None else object_link(Workflow, workflow.pk, workflow.name)
+
+    @admin.display(description="traceback")
+    def traceback_display(self, obj: TaskAttempt) -> SafeString | str:
+        return format_html("<pre>{}</pre>", obj.traceback) if obj.traceback else EMPTY
+
+    @admin.display(description="events of this attempt")
+    def events_display(self, obj: TaskAttempt) -> SafeString:
+        # The engine records attempt events as task events naming the attempt number.
+        events = Event.objects.filter(
+            Q(entity_type=EntityType.TASK, entity_id=obj.execution_id, payload__attempt=obj.attempt_number)
+            | Q(entity_type=EntityType.ATTEMPT, entity_id=str(obj.pk))
+        ).order_by("sequence")
+        return events_table(events[: TASK_EVENTS_SHOWN + 1], limit=TASK_EVENTS_SHOWN)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[TaskAttempt]:
+        return super().get_queryset(request).select_related("execution__workflow")

@@ -1,0 +1,196 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.safestring import SafeString
+
+from orchestration.admin.base import (
+    EMPTY,
+    ReadOnlyTabularInline,
+    changelist_url,
+    json_display,
+    links,
+    object_link,
+)
+from orchestration.models import AgentInteraction, Event, TaskExecution, Workflow
+
+
+class TaskExecutionInline(ReadOnlyTabularInline):
+    model = TaskExecution
+    fk_name = "workflow"
+    fields = (
+        "task_link",
+        "agent",
+        "status",
+        "priority",
+        "depends_on_names",
+        "retries",
+        "tokens_used",
+        "cost_usd",
+        "started_at",
+        "completed_at",
+        "execution_time_ms",
+    )
+    readonly_fields = fields
+    ordering = ("created_at",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[TaskExecution]:
+        return super().get_queryset(request).select_related("agent")
+
+    @admin.display(description="task")
+    def task_link(self, obj: TaskExecution) -> SafeString:
+        return object_link(TaskExecution, obj.pk, obj.task_name)
+
+    @admin.display(description="depends on")
+    def depends_on_names(self, obj: TaskExecution) -> str:
+        return ", ".join(str(name) for name in obj.depends_on or []) or EMPTY
+
+    @admin.display(description="retries")
+    def retries(self, obj: TaskExecution) -> str:
+        return f"{obj.retry_count}/{obj.max_retries}"
+
+
+@admin.register(Workflow)
+class WorkflowAdmin(admin.ModelAdmin):
+    """Workflows are submitted through the REST API (`workflow_submit`), which validates the
+    task graph and writes the workflow, its tasks and the workflow_created event together;
+    the admin edits only descriptive fields and never the state the engine owns."""
+
+    list_display = (
+        "workflow_id",
+        "name",
+        "workflow_type",
+        "status",
+        "priority",
+        "owner",
+        "progress",
+        "total_tokens_used",
+        "total_cost_usd",
+        "created_at",
+        "duration_ms",
+    )
+    list_display_links = ("workflow_id", "name")
+    list_filter = (
+        "status",
+        "priority",
+        "workflow_type",
+        ("owner", admin.RelatedOnlyFieldListFilter),
+        "created_at",
+        "started_at",
+        "completed_at",
+    )
+    list_select_related = ("owner",)
+    search_fields = ("=workflow_id", "name", "=idempotency_key", "owner__username", "initiator")
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
+    inlines = (TaskExecutionInline,)
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "workflow_id",
+                    "name",
+                    "description",
+                    "workflow_type",
+                    "status",
+                    "priority",
+                    "owner",
+                    "initiator",
+                    "idempotency_key",
+                    "continue_on_failure",
+                    "deadline",
+                    "related",
+                )
+            },
+        ),
+        (
+            "Progress",
+            {
+                "fields": (
+                    "current_step",
+                    ("total_steps", "completed_steps", "failed_steps"),
+                    "error_count",
+                    "error",
+                )
+            },
+        ),
+        (
+            "Timing and usage",
+            {
+                "fields": (
+                    ("created_at", "updated_at"),
+                    ("started_at", "completed_at", "duration_ms"),
+                    ("total_tokens_used", "total_cost_usd"),
+                )
+            },
+        ),
+        (
+            "Data",
+            {
+                "fields": (
+                    "spec_display",
+                    "state_data_display",
+                    "step_results_display",
+                    "assigned_agents_display",
+                    "checkpoints_display",
+                    "tags_display",
+                    "metadata_display",
+                )
+            },
+        ),
+    )
+    readonly_fields = (
+        "workflow_id",
+        "status",
+        "owner",
+        "initiator",
+        "idempotency_key",
+        "related",
+        "current_step",
+        "total_steps",
+        "completed_steps",
+        "failed_steps",
+        "error_count",
+        "error",
+        "created_at",
+        "updated_at",
+        "started_at",
+        "completed_at",
+        "duration_ms",
+        "total_tokens_used",
+        "total_cost_usd",
+        "spec_display",
+        "state_data_display",
+        "step_results_display",
+        "assigned_agents_display",
+        "checkpoints_display",
+        "tags_display",
+        "metadata_display",
+    )
+
+    spec_display = json_display("spec")
+    state_data_display = json_display("state_data", "state data")
+    step_results_display = json_display("step_results", "step results")
+    assigned_agents_display = json_display("assigned_agents", "assigned agents")
+    checkpoints_display = json_display("checkpoints")
+    tags_display = json_display("tags")
+    metadata_display = json_display("metadata")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.display(description="steps done/total (failed)")
+    def progress(self, obj: Workflow) -> str:
+        return f"{obj.completed_steps}/{obj.total_steps} ({obj.failed_steps})"
+
+    @admin.display(description="related")
+    def related(self, obj: Workflow) -> SafeString:
+        return links(
+            [
+                (changelist_url(Event, {"workflow_id": obj.pk}), "events"),
+                (changelist_url(TaskExecution, {"workflow__workflow_id__exact": obj.pk}), "tasks"),
+                (changelist_url(AgentInteraction, {"workflow__workflow_id__exact": obj.pk}), "agent interactions"),
+            ]
+        )

@@ -1,0 +1,490 @@
+"""The operations console (Django admin) for the orchestration models."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.contrib.admin.models import LogEntry
+from django.db import connection, models
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import escape
+
+from orchestration.models import (
+    Agent,
+    AgentInteraction,
+    AgentMetric,
+    AgentPlaygroundMessage,
+    ApiKey,
+    Event,
+    TaskAttempt,
+    TaskExecution,
+    Workflow,
+)
+from orchestration.services.access import api_key_revoke
+from tests.factories import (
+    AgentFactory,
+    ApiKeyFactory,
+    EventFactory,
+    InteractionFactory,
+    MessageFactory,
+    MetricFactory,
+    TaskAttemptFactory,
+    TaskExecutionFactory,
+    UserFactory,
+    WorkflowFactory,
+)
+
+pytestmark = pytest.mark.django_db
+
+
+def _event() -> Event:
+    workflow = WorkflowFactory()
+    return EventFactory(entity_id=workflow.pk, workflow_id=workflow.pk, agent_id=AgentFactory().pk)
+
+
+# One row of each model, created with its own related rows (workflow, agent, owner, ...), so a
+# changelist that fetches a related row per line shows up as more queries for more rows.
+MAKERS: dict[type[models.Model], Callable[[], models.Model]] = {
+    Agent: AgentFactory,
+    Workflow: WorkflowFactory,
+    TaskExecution: TaskExecutionFactory,
+    TaskAttempt: lambda: TaskAttemptFactory(failed=True),
+    Event: _event,
+    AgentPlaygroundMessage: lambda: MessageFactory(owner=UserFactory(), execution=TaskExecutionFactory()),
+    AgentMetric: MetricFactory,
+    AgentInteraction: lambda: InteractionFactory(execution=TaskExecutionFactory()),
+    ApiKey: ApiKeyFactory,
+}
+ALL_MODELS = list(MAKERS)
+VIEWER_MODELS = [Agent, Workflow, TaskExecution, TaskAttempt, Event, AgentInteraction]
+NOT_FOR_VIEWERS = [m for m in ALL_MODELS if m not in VIEWER_MODELS]
+ADDABLE = [Agent]
+
+
+def _ids(model: type[models.Model]) -> str:
+    return model.__name__
+
+
+def _url(model: type[models.Model], view: str, *args: Any) -> str:
+    return reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_{view}", args=args)
+
+
+def _count_queries(client: Client, url: str) -> int:
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get(url)
+    assert response.status_code == 200
+    return len(queries.captured_queries)
+
+
+def _management_data(response: Any) -> dict[str, Any]:
+    """The inline formsets' management forms as the change page rendered them."""
+    data: dict[str, Any] = {}
+    for inline in response.context["inline_admin_formsets"]:
+        management = inline.formset.management_form
+        for name in management.fields:
+            data[management.add_prefix(name)] = management.initial.get(name, "")
+    return data
+
+
+@pytest.fixture
+def superuser() -> Any:
+    return UserFactory(is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def su_client(client: Client, superuser: Any) -> Client:
+    client.force_login(superuser)
+    return client
+
+
+@pytest.fixture
+def viewer_client(client: Client) -> Client:
+    client.force_login(UserFactory(role="viewer"))
+    return client
+
+
+@pytest.mark.parametrize("model", ALL_MODELS, ids=_ids)
+def test_superuser_sees_every_changelist_and_change_page(su_client: Client, model: type[models.Model]) -> None:
+    obj = MAKERS[model]()
+
+    changelist = su_client.get(_url(model, "changelist"))
+    change = su_client.get(_url(model, "change", obj.pk))
+
+    assert changelist.status_code == 200
+    assert changelist.context["cl"].result_count == 1
+    assert change.status_code == 200
+
+
+@pytest.mark.parametrize("model", ALL_MODELS, ids=_ids)
+def test_add_page_only_where_records_are_not_written_by_the_platform(
+    su_client: Client, model: type[models.Model]
+) -> None:
+    response = su_client.get(_url(model, "add"))
+
+    assert response.status_code == (200 if model in ADDABLE else 403)
+
+
+def test_superuser_adds_an_agent(su_client: Client) -> None:
+    response = su_client.post(
+        _url(Agent, "add"),
+        {"id": "new-001", "name": "New", "executor": "python", "status": "active", "entrypoint": "builtins.len"},
+    )
+
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    assert Agent.objects.get(pk="new-001").name == "New"
+
+
+@pytest.mark.parametrize("model", VIEWER_MODELS, ids=_ids)
+def test_viewer_sees_changelist_and_change_page_without_edit_controls(
+    viewer_client: Client, model: type[models.Model]
+) -> None:
+    obj = MAKERS[model]()
+
+    changelist = viewer_client.get(_url(model, "changelist"))
+    change = viewer_client.get(_url(model, "change", obj.pk))
+
+    assert changelist.status_code == 200
+    assert changelist.context["cl"].result_count == 1
+    assert b"delete_selected" not in changelist.content
+    assert change.status_code == 200
+    assert change.context["has_change_permission"] is False
+    assert b'name="_save"' not in change.content
+    assert change.context["adminform"].form.fields == {}
+
+
+@pytest.mark.parametrize("model", NOT_FOR_VIEWERS, ids=_ids)
+def test_viewer_cannot_see_what_the_role_does_not_grant(viewer_client: Client, model: type[models.Model]) -> None:
+    obj = MAKERS[model]()
+
+    assert viewer_client.get(_url(model, "changelist")).status_code == 403
+    assert viewer_client.get(_url(model, "change", obj.pk)).status_code == 403
+
+
+def test_viewer_posting_a_workflow_change_is_forbidden_and_changes_nothing(viewer_client: Client) -> None:
+    workflow = WorkflowFactory(name="original")
+
+    response = viewer_client.post(
+        _url(Workflow, "change", workflow.pk), {"name": "changed", "priority": "high", "tasks-TOTAL_FORMS": "0"}
+    )
+
+    assert response.status_code == 403
+    workflow.refresh_from_db()
+    assert (workflow.name, workflow.priority) == ("original", "normal")
+
+
+def test_viewer_posting_an_agent_change_is_forbidden_and_changes_nothing(viewer_client: Client) -> None:
+    agent = AgentFactory(name="original")
+
+    response = viewer_client.post(
+        _url(Agent, "change", agent.pk), {"name": "changed", "executor": "python", "status": "inactive"}
+    )
+
+    assert response.status_code == 403
+    agent.refresh_from_db()
+    assert (agent.name, agent.status) == ("original", "active")
+
+
+def test_event_cannot_be_added_changed_or_deleted_even_by_a_superuser(su_client: Client) -> None:
+    event = EventFactory(payload={"k": "v"})
+
+    changelist = su_client.get(_url(Event, "changelist"))
+    change = su_client.get(_url(Event, "change", event.pk))
+
+    assert changelist.status_code == 200
+    assert b"delete_selected" not in changelist.content
+    assert change.status_code == 200
+    assert change.context["has_change_permission"] is False
+    assert change.context["has_delete_permission"] is False
+    assert b'name="_save"' not in change.content
+    assert su_client.get(_url(Event, "add")).status_code == 403
+    assert su_client.get(_url(Event, "delete", event.pk)).status_code == 403
+    assert su_client.post(_url(Event, "delete", event.pk), {"post": "yes"}).status_code == 403
+    assert su_client.post(_url(Event, "change", event.pk), {"source": "edited"}).status_code == 403
+    assert Event.objects.get(pk=event.pk).source == "platform"
+
+
+def test_task_attempt_cannot_be_added_or_changed(su_client: Client) -> None:
+    attempt = TaskAttemptFactory(failed=True)
+
+    change = su_client.get(_url(TaskAttempt, "change", attempt.pk))
+
+    assert change.context["has_change_permission"] is False
+    assert b'name="_save"' not in change.content
+    assert su_client.post(_url(TaskAttempt, "change", attempt.pk), {"worker": "edited"}).status_code == 403
+
+
+@pytest.mark.parametrize("model", ALL_MODELS, ids=_ids)
+def test_changelist_query_count_does_not_grow_with_rows(su_client: Client, model: type[models.Model]) -> None:
+    url = _url(model, "changelist")
+    for _ in range(3):
+        MAKERS[model]()
+    su_client.get(url)
+    with_3_rows = _count_queries(su_client, url)
+    for _ in range(12):
+        MAKERS[model]()
+
+    with_15_rows = _count_queries(su_client, url)
+
+    assert model.objects.count() >= 15
+    assert with_15_rows == with_3_rows
+
+
+def test_workflow_change_query_count_does_not_grow_with_tasks(su_client: Client) -> None:
+    workflow = WorkflowFactory()
+    for _ in range(2):
+        TaskExecutionFactory(workflow=workflow)
+    url = _url(Workflow, "change", workflow.pk)
+    su_client.get(url)
+    with_2_tasks = _count_queries(su_client, url)
+    for _ in range(8):
+        TaskExecutionFactory(workflow=workflow)
+
+    assert _count_queries(su_client, url) == with_2_tasks
+
+
+def test_task_change_query_count_does_not_grow_with_attempts(su_client: Client) -> None:
+    task = TaskExecutionFactory()
+    TaskAttemptFactory(execution=task, attempt_number=1, failed=True)
+    url = _url(TaskExecution, "change", task.pk)
+    su_client.get(url)
+    with_1_attempt = _count_queries(su_client, url)
+    for number in range(2, 6):
+        TaskAttemptFactory(execution=task, attempt_number=number, failed=True)
+
+    assert _count_queries(su_client, url) == with_1_attempt
+
+
+def test_workflow_page_lists_its_tasks_with_links_and_links_its_events(su_client: Client) -> None:
+    workflow = WorkflowFactory()
+    tasks = [TaskExecutionFactory(workflow=workflow, task_name=name) for name in ("fetch", "summarise")]
+    other = TaskExecutionFactory(task_name="not-mine")
+
+    content = su_client.get(_url(Workflow, "change", workflow.pk)).content.decode()
+
+    for task in tasks:
+        assert f'<a href="{_url(TaskExecution, "change", task.pk)}">{task.task_name}</a>' in content
+    assert other.task_name not in content
+    assert escape(f"{_url(Event, 'changelist')}?workflow_id={workflow.pk}") in content
+
+
+def test_event_changelist_filters_by_the_linked_workflow_id(su_client: Client) -> None:
+    workflow = WorkflowFactory()
+    mine = EventFactory(workflow_id=workflow.pk)
+    EventFactory(workflow_id="someone-else")
+
+    response = su_client.get(_url(Event, "changelist"), {"workflow_id": workflow.pk})
+
+    assert [event.pk for event in response.context["cl"].result_list] == [mine.pk]
+
+
+def test_task_page_shows_its_attempts_and_events_of_the_task_and_its_attempts(su_client: Client) -> None:
+    task = TaskExecutionFactory()
+    first = TaskAttemptFactory(execution=task, attempt_number=1, failed=True, error_class="RateLimitError")
+    TaskAttemptFactory(execution=task, attempt_number=2, succeeded=True)
+    task_event = EventFactory(event_type="task_queued", entity_type="task", entity_id=task.pk)
+    attempt_event = EventFactory(event_type="task_retrying", entity_type="attempt", entity_id=str(first.pk))
+    foreign_event = EventFactory(event_type="task_failed", entity_type="task", entity_id="another-task")
+
+    response = su_client.get(_url(TaskExecution, "change", task.pk))
+    content = response.content.decode()
+
+    assert response.status_code == 200
+    attempts = response.context["inline_admin_formsets"][0].formset.queryset
+    assert [attempt.attempt_number for attempt in attempts] == [1, 2]
+    assert "RateLimitError" in content
+    assert f'<a href="{_url(TaskAttempt, "change", first.pk)}">1</a>' in content
+    for event in (task_event, attempt_event):
+        assert f'<a href="{_url(Event, "change", event.pk)}">{event.pk}</a>' in content
+    assert _url(Event, "change", foreign_event.pk) not in content
+    assert escape(f"{_url(Event, 'changelist')}?entity_id={task.pk}") in content
+
+
+def test_attempt_page_shows_the_events_of_that_attempt(su_client: Client) -> None:
+    task = TaskExecutionFactory()
+    first = TaskAttemptFactory(execution=task, attempt_number=1, failed=True)
+    TaskAttemptFactory(execution=task, attempt_number=2, succeeded=True)
+    retrying = EventFactory(event_type="task_retrying", entity_type="task", entity_id=task.pk, payload={"attempt": 1})
+    completed = EventFactory(event_type="task_completed", entity_type="task", entity_id=task.pk, payload={"attempt": 2})
+
+    content = su_client.get(_url(TaskAttempt, "change", first.pk)).content.decode()
+
+    assert f'<a href="{_url(Event, "change", retrying.pk)}">{retrying.pk}</a>' in content
+    assert _url(Event, "change", completed.pk) not in content
+
+
+def test_json_fields_are_pretty_printed_and_escaped(su_client: Client) -> None:
+    hostile = {"z": [1, 2], "a": "<script>alert('x')</script>", "nested": {"y": True}}
+    task = TaskExecutionFactory(input_data=hostile, output_data={"answer": 42})
+    event = EventFactory(payload=hostile)
+
+    task_page = su_client.get(_url(TaskExecution, "change", task.pk)).content.decode()
+    event_page = su_client.get(_url(Event, "change", event.pk)).content.decode()
+
+    expected = escape(json.dumps(hostile, indent=2, sort_keys=True))
+    assert "{\n  &quot;a&quot;: &quot;&lt;script&gt;" in expected
+    for page in (task_page, event_page):
+        assert expected in page
+        assert "<script>alert" not in page
+    assert escape(json.dumps({"answer": 42}, indent=2)) in task_page
+
+
+def test_workflow_form_edits_descriptive_fields_but_not_engine_state(su_client: Client) -> None:
+    workflow = WorkflowFactory(name="before")
+    TaskExecutionFactory(workflow=workflow)
+    url = _url(Workflow, "change", workflow.pk)
+    page = su_client.get(url)
+    form_fields = set(page.context["adminform"].form.fields)
+
+    response = su_client.post(
+        url,
+        {
+            **_management_data(page),
+            "name": "after",
+            "description": "",
+            "workflow_type": "test",
+            "priority": "high",
+            "deadline_0": "",
+            "deadline_1": "",
+            "status": "completed",
+            "completed_steps": "7",
+            "total_cost_usd": "99",
+            "error": "forged",
+        },
+    )
+
+    assert response.status_code == 302
+    workflow.refresh_from_db()
+    assert (workflow.name, workflow.priority) == ("after", "high")
+    assert (workflow.status, workflow.completed_steps, workflow.total_cost_usd, workflow.error) == (
+        "pending",
+        0,
+        0,
+        None,
+    )
+    assert form_fields == {"name", "description", "workflow_type", "priority", "deadline", "continue_on_failure"}
+
+
+def test_task_form_edits_limits_but_not_engine_state(su_client: Client) -> None:
+    task = TaskExecutionFactory()
+    TaskAttemptFactory(execution=task, attempt_number=1, failed=True)
+    url = _url(TaskExecution, "change", task.pk)
+    page = su_client.get(url)
+    data = {
+        **_management_data(page),
+        "description": "",
+        "priority": "low",
+        "max_retries": "5",
+        "timeout_seconds": "60",
+        "status": "completed",
+        "retry_count": "3",
+        "worker": "forged",
+    }
+
+    out_of_range = su_client.post(url, {**data, "max_retries": "101"})
+    response = su_client.post(url, data)
+
+    assert out_of_range.status_code == 200
+    assert "max_retries" in out_of_range.context["adminform"].form.errors
+    assert response.status_code == 302
+    task.refresh_from_db()
+    assert (task.priority, task.max_retries, task.timeout_seconds) == ("low", 5, 60)
+    assert (task.status, task.retry_count, task.worker) == ("pending", 0, "")
+
+
+def test_agent_stats_are_read_only(su_client: Client) -> None:
+    agent = AgentFactory(total_tasks_completed=4)
+
+    form = su_client.get(_url(Agent, "change", agent.pk)).context["adminform"].form
+
+    assert not {"id", "total_tasks_completed", "total_tokens_used", "average_latency_ms", "success_rate"} & set(
+        form.fields
+    )
+
+
+def test_event_search_matches_ids_exactly(su_client: Client) -> None:
+    wanted = EventFactory(entity_id="task-abc")
+    EventFactory(entity_id="task-abcdef")
+
+    response = su_client.get(_url(Event, "changelist"), {"q": "task-abc"})
+
+    assert [event.pk for event in response.context["cl"].result_list] == [wanted.pk]
+
+
+def test_revoke_action_revokes_only_keys_not_yet_revoked(su_client: Client) -> None:
+    earlier = timezone.now() - dt.timedelta(days=3)
+    active = ApiKeyFactory()
+    already_revoked = ApiKeyFactory(revoked_at=earlier)
+    untouched = ApiKeyFactory()
+
+    response = su_client.post(
+        _url(ApiKey, "changelist"),
+        {"action": "revoke_selected", "_selected_action": [active.pk, already_revoked.pk]},
+        follow=True,
+    )
+
+    assert response.status_code == 200
+    assert "Revoked 1 key(s). 1 already revoked." in response.content.decode()
+    active.refresh_from_db()
+    already_revoked.refresh_from_db()
+    untouched.refresh_from_db()
+    assert active.revoked_at is not None
+    assert not active.is_active
+    assert already_revoked.revoked_at == earlier
+    assert untouched.revoked_at is None
+    assert LogEntry.objects.filter(object_id=str(active.pk), change_message="Revoked").count() == 1
+
+
+def test_api_key_revoke_returns_the_keys_it_revoked() -> None:
+    now = timezone.now()
+    active, expired = ApiKeyFactory(), ApiKeyFactory(expires_at=now - dt.timedelta(days=1))
+    revoked = ApiKeyFactory(revoked_at=now - dt.timedelta(days=1))
+
+    result = api_key_revoke(api_key_ids=[active.pk, expired.pk, revoked.pk], now=now)
+
+    assert result == sorted([active.pk, expired.pk])
+    assert set(ApiKey.objects.filter(revoked_at=now).values_list("pk", flat=True)) == {active.pk, expired.pk}
+    assert api_key_revoke(api_key_ids=[active.pk], now=now) == []
+
+
+def test_api_key_rename_to_a_taken_name_is_a_form_error(su_client: Client) -> None:
+    owner = UserFactory()
+    ApiKeyFactory(owner=owner, name="ci")
+    key = ApiKeyFactory(owner=owner, name="laptop")
+
+    response = su_client.post(_url(ApiKey, "change", key.pk), {"name": "ci", "expires_at_0": "", "expires_at_1": ""})
+
+    assert response.status_code == 200
+    assert "name" in response.context["adminform"].form.errors
+
+
+def test_secret_hash_never_appears_in_admin_pages(su_client: Client) -> None:
+    secret_hash = "5ec12e7" * 9
+    key = ApiKeyFactory(secret_hash=secret_hash)
+    pages = [
+        _url(ApiKey, "changelist"),
+        _url(ApiKey, "change", key.pk),
+        _url(ApiKey, "history", key.pk),
+        _url(ApiKey, "delete", key.pk),
+        f"{_url(ApiKey, 'changelist')}?q={key.prefix}",
+    ]
+
+    responses = [su_client.get(url) for url in pages]
+    responses.append(
+        su_client.post(
+            _url(ApiKey, "changelist"), {"action": "revoke_selected", "_selected_action": [key.pk]}, follow=True
+        )
+    )
+    responses.append(su_client.get(_url(ApiKey, "history", key.pk)))
+
+    for response in responses:
+        assert response.status_code == 200
+        assert secret_hash not in response.content.decode()
+        assert "secret_hash" not in response.content.decode()
+    assert key.prefix in responses[1].content.decode()

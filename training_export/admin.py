@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from django.contrib import admin
+
+from orchestration.admin.base import NoAddChangeMixin
+from training_export.models import ExportRun
+
+
+@admin.register(ExportRun)
+class ExportRunAdmin(NoAddChangeMixin, admin.ModelAdmin):
+    """Export runs are written by the export service; the admin shows what was exported."""
+
+    list_display = (
+        "id",
+        "data_type",
+        "format",
+        "window_start",
+        "window_end",
+        "status",
+        "rows",
+        "bytes",
+        "requested_by",
+        "started_at",
+        "finished_at",
+    )
+    list_filter = ("status", "data_type", "format", "window_start", "created_at")
+    list_select_related = ("requested_by",)
+    search_fields = ("path", "=checksum", "requested_by__username")
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
+    fields = (
+        ("data_type", "format"),
+        ("window_start", "window_end"),
+        "status",
+        "requested_by",
+        "path",
+        ("rows", "bytes"),
+        "checksum",
+        ("schema_version", "watermark"),
+        "error",
+        ("started_at", "finished_at"),
+        ("created_at", "updated_at"),
+    )
