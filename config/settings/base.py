@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+from kombu import Queue
 
 from config.env import env
 
@@ -103,21 +104,82 @@ else:
 
 # Without a broker configured, Celery uses kombu's filesystem transport under var/ so that
 # the first run works with nothing installed. Redis is used whenever it is configured.
-CELERY_FILESYSTEM_DIR = VAR_DIR / "celery"
+FILESYSTEM_BROKER_DIR = VAR_DIR / "celery"
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", REDIS_URL or "filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "data_folder_in": str(CELERY_FILESYSTEM_DIR / "out"),
-        "data_folder_out": str(CELERY_FILESYSTEM_DIR / "out"),
-        "processed_folder": str(CELERY_FILESYSTEM_DIR / "processed"),
+        "data_folder_in": str(FILESYSTEM_BROKER_DIR / "out"),
+        "data_folder_out": str(FILESYSTEM_BROKER_DIR / "out"),
+        "processed_folder": str(FILESYSTEM_BROKER_DIR / "processed"),
         "store_processed": False,
     }
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
-CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_IGNORE_RESULT = True  # durable state lives in our tables, not a result backend
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# A message is acknowledged only after its task body returns; if the worker process dies
+# mid-task the message goes back to the queue (marked redelivered) instead of vanishing.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_SEND_TASK_EVENTS = False
+CELERY_TASK_SEND_SENT_EVENT = False
+# Queues per priority; a task execution goes to the queue named by its priority.
+TASK_QUEUES_BY_PRIORITY = ("critical", "high", "normal", "low")
+CELERY_TASK_QUEUES = tuple(Queue(name, routing_key=name) for name in TASK_QUEUES_BY_PRIORITY)
+CELERY_TASK_DEFAULT_QUEUE = "normal"
+CELERY_TASK_CREATE_MISSING_QUEUES = True
+
+# --- Execution limits -----------------------------------------------------------------
+# Per-attempt timeout_seconds is Celery's soft limit; the hard limit adds a grace period.
+TASK_MAX_TIMEOUT_SECONDS = env.int("TASK_MAX_TIMEOUT_SECONDS", 3600, minimum=1, maximum=86400)
+TASK_DEFAULT_TIMEOUT_SECONDS = env.int("TASK_DEFAULT_TIMEOUT_SECONDS", 300, minimum=1, maximum=86400)
+TASK_HARD_TIMEOUT_GRACE_SECONDS = env.int("TASK_HARD_TIMEOUT_GRACE_SECONDS", 10, minimum=1)
+TASK_MAX_RETRIES_LIMIT = env.int("TASK_MAX_RETRIES_LIMIT", 20, minimum=0, maximum=100)
+TASK_RETRY_BACKOFF_BASE_SECONDS = float(env.int("TASK_RETRY_BACKOFF_BASE_MS", 1000, minimum=1)) / 1000
+TASK_RETRY_BACKOFF_MAX_SECONDS = env.int("TASK_RETRY_BACKOFF_MAX_SECONDS", 300, minimum=1)
+# A queued task that has not started this long after it became runnable times out.
+TASK_QUEUE_TIMEOUT_SECONDS = env.int("TASK_QUEUE_TIMEOUT_SECONDS", 3600, minimum=1)
+# The reaper closes attempts still running this long past their hard limit.
+REAPER_GRACE_SECONDS = env.int("REAPER_GRACE_SECONDS", 30, minimum=0)
+# A task left queued this long with no message in the broker is sent again.
+DISPATCH_SWEEP_AFTER_SECONDS = env.int("DISPATCH_SWEEP_AFTER_SECONDS", 60, minimum=1)
+if TASK_DEFAULT_TIMEOUT_SECONDS > TASK_MAX_TIMEOUT_SECONDS:
+    raise ImproperlyConfigured("TASK_DEFAULT_TIMEOUT_SECONDS must not exceed TASK_MAX_TIMEOUT_SECONDS")
+
+
+# Redis redelivers an unacknowledged message after the visibility timeout. It must exceed
+# the longest hard time limit plus the longest retry countdown (messages with a countdown
+# wait unacknowledged in a worker), or a healthy long task would be delivered twice.
+def longest_message_hold_seconds(max_timeout: int, hard_grace: int, backoff_max: int) -> int:
+    return max_timeout + hard_grace + backoff_max
+
+
+def check_visibility_timeout(visibility: int, longest_hold: int) -> None:
+    if visibility <= longest_hold:
+        raise ImproperlyConfigured(
+            f"BROKER_VISIBILITY_TIMEOUT_SECONDS={visibility} must exceed the longest hard time limit plus the "
+            f"longest retry countdown ({longest_hold} s = TASK_MAX_TIMEOUT_SECONDS + "
+            "TASK_HARD_TIMEOUT_GRACE_SECONDS + TASK_RETRY_BACKOFF_MAX_SECONDS)"
+        )
+
+
+_LONGEST_HOLD_SECONDS = longest_message_hold_seconds(
+    TASK_MAX_TIMEOUT_SECONDS, TASK_HARD_TIMEOUT_GRACE_SECONDS, TASK_RETRY_BACKOFF_MAX_SECONDS
+)
+BROKER_VISIBILITY_TIMEOUT_SECONDS = env.int("BROKER_VISIBILITY_TIMEOUT_SECONDS", 2 * _LONGEST_HOLD_SECONDS, minimum=1)
+check_visibility_timeout(BROKER_VISIBILITY_TIMEOUT_SECONDS, _LONGEST_HOLD_SECONDS)
+if not CELERY_BROKER_URL.startswith("filesystem://"):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": BROKER_VISIBILITY_TIMEOUT_SECONDS}
+
+# --- Synapse: the event stream --------------------------------------------------------
+SYNAPSE_STREAM = env.str("SYNAPSE_STREAM", "synapse")
+SYNAPSE_STREAM_MAXLEN = env.int("SYNAPSE_STREAM_MAXLEN", 1_000_000, minimum=1000)
+SYNAPSE_RELAY_BATCH = env.int("SYNAPSE_RELAY_BATCH", 500, minimum=1, maximum=10000)
 
 # --- Training data, metrics -----------------------------------------------------------
 TRAINING_DATA_DIR = Path(env.str("TRAINING_DATA_DIR", str(BASE_DIR / "data" / "training")))

@@ -4,7 +4,15 @@ from django.core.exceptions import ImproperlyConfigured
 
 from config.env import env
 from config.settings.base import *  # noqa: F403
-from config.settings.base import STORAGES, _database
+from config.settings.base import (
+    BROKER_VISIBILITY_TIMEOUT_SECONDS,
+    MIDDLEWARE,
+    STORAGES,
+    TASK_MAX_TIMEOUT_SECONDS,
+    _database,
+    check_visibility_timeout,
+    longest_message_hold_seconds,
+)
 
 TEST_DATABASE_URL = env.str("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/agentledger")
 DATABASES = {"default": _database(TEST_DATABASE_URL)}
@@ -15,7 +23,22 @@ DATABASES["default"]["CONN_MAX_AGE"] = 0
 REDIS_URL = env.str("REDIS_URL", "redis://127.0.0.1:6379/9")
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", REDIS_URL)
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": BROKER_VISIBILITY_TIMEOUT_SECONDS}
+
+# Short limits so that retries, timeouts and the reaper play out in seconds. Worker
+# subprocesses started by the tests use these same settings.
+TASK_HARD_TIMEOUT_GRACE_SECONDS = 1
+TASK_RETRY_BACKOFF_BASE_SECONDS = 0.05
+TASK_RETRY_BACKOFF_MAX_SECONDS = 2
+REAPER_GRACE_SECONDS = 1
+check_visibility_timeout(
+    BROKER_VISIBILITY_TIMEOUT_SECONDS,
+    longest_message_hold_seconds(
+        TASK_MAX_TIMEOUT_SECONDS, TASK_HARD_TIMEOUT_GRACE_SECONDS, TASK_RETRY_BACKOFF_MAX_SECONDS
+    ),
+)
 
 DEBUG = False
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+MIDDLEWARE = [m for m in MIDDLEWARE if m != "whitenoise.middleware.WhiteNoiseMiddleware"]
 STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}

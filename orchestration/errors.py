@@ -1,0 +1,59 @@
+"""Error types shared by the engine, the agents and the interfaces (API, commands)."""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base for errors an agent raises on purpose."""
+
+    retryable = True
+
+
+class RetryableError(AgentError):
+    """A transient failure (rate limit, 5xx, network): the attempt is retried if retries remain."""
+
+    retryable = True
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(AgentError):
+    """A failure retrying cannot fix (bad input, 4xx): the task fails at once."""
+
+    retryable = False
+
+
+# Exceptions that signal a programming or input error: retrying would repeat them. Anything
+# else (network errors, timeouts, unknown exceptions) is treated as transient.
+NON_RETRYABLE_BUILTINS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    NotImplementedError,
+    AssertionError,
+    ImportError,
+    LookupError,
+    ArithmeticError,
+)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, AgentError):
+        return exc.retryable
+    return not isinstance(exc, NON_RETRYABLE_BUILTINS)
+
+
+class SpecError(Exception):
+    """A workflow spec (or another client input) is invalid. `problems` lists every problem
+    found, each naming the field, so a client can fix them all at once."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class TransitionError(Exception):
+    """An operation is not allowed in the current state (e.g. retrying a completed task)."""

@@ -1,0 +1,31 @@
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+from orchestration.errors import SpecError
+from orchestration.services.agents import agents_sync, default_definitions_dir
+
+
+class Command(BaseCommand):
+    help = "Sync agent definitions (JSON/YAML files) into the agents table and print what changed."
+
+    def add_arguments(self, parser):
+        parser.add_argument("path", nargs="?", help=f"definitions directory (default: {default_definitions_dir()})")
+
+    def handle(self, *args, **options):
+        try:
+            result = agents_sync(directory=Path(options["path"]) if options["path"] else None)
+        except SpecError as exc:
+            raise CommandError("invalid agent definitions:\n  " + "\n  ".join(exc.problems)) from None
+        for label, ids in (
+            ("created", result.created),
+            ("updated", result.updated),
+            ("deactivated", result.deactivated),
+            ("unchanged", result.unchanged),
+        ):
+            for agent_id in ids:
+                self.stdout.write(f"  {label:<11} {agent_id}")
+        self.stdout.write(
+            f"{len(result.created)} created, {len(result.updated)} updated, "
+            f"{len(result.deactivated)} deactivated, {len(result.unchanged)} unchanged"
+        )

@@ -1,0 +1,83 @@
+import sys
+import time
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+from orchestration.errors import SpecError
+from orchestration.models import TaskExecution, Workflow
+from orchestration.services.specs import spec_parse
+from orchestration.services.workflows import workflow_submit
+
+BAR = 20
+SYMBOL = {
+    "pending": " ",
+    "queued": ".",
+    "running": ">",
+    "retrying": "~",
+    "completed": "#",
+    "failed": "x",
+    "timed_out": "t",
+    "cancelled": "-",
+}
+
+
+class Command(BaseCommand):
+    help = "Submit a workflow spec (JSON or YAML) and print its id; with --wait, follow it until it ends."
+
+    def add_arguments(self, parser):
+        parser.add_argument("file", help="workflow spec, .json or .yaml/.yml ('-' reads JSON from stdin)")
+        parser.add_argument("--wait", action="store_true", help="show progress until the workflow ends")
+        parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait at most with --wait")
+
+    def handle(self, *args, **options):
+        source = options["file"]
+        if source == "-":
+            text, fmt = sys.stdin.read(), "json"
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise CommandError(f"{source}: no such file")
+            fmt = "json" if path.suffix == ".json" else "yaml" if path.suffix in (".yaml", ".yml") else None
+            if fmt is None:
+                raise CommandError(f"{source}: use a .json, .yaml or .yml file")
+            text = path.read_text(encoding="utf-8")
+        try:
+            workflow, created = workflow_submit(spec=spec_parse(text, fmt=fmt), initiator="manage.py")
+        except SpecError as exc:
+            raise CommandError("invalid workflow spec:\n  " + "\n  ".join(exc.problems)) from None
+        self.stdout.write(
+            workflow.workflow_id if created else f"{workflow.workflow_id} (existing, same idempotency key)"
+        )
+        if options["wait"]:
+            final = self._follow(workflow.workflow_id, options["timeout"])
+            if final != Workflow.Status.COMPLETED:
+                raise CommandError(f"workflow {workflow.workflow_id} ended {final}")
+
+    def _follow(self, workflow_id: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        tty = self.stdout.isatty()
+        lines = 0
+        while True:
+            workflow = Workflow.objects.get(pk=workflow_id)
+            tasks = list(TaskExecution.objects.filter(workflow_id=workflow_id).order_by("created_at", "task_name"))
+            rows = [self._row(t) for t in tasks]
+            header = f"{workflow.name} [{workflow.status}] {workflow.completed_steps}/{workflow.total_steps}"
+            if tty and lines:
+                self.stdout.write(f"\x1b[{lines}F", ending="")
+            if tty or workflow.is_terminal:
+                self.stdout.write("\n".join([header, *rows]))
+                lines = len(rows) + 1
+            if workflow.is_terminal:
+                if workflow.error:
+                    self.stdout.write(f"error: {workflow.error}")
+                return workflow.status
+            if time.monotonic() > deadline:
+                raise CommandError(f"workflow {workflow_id} still {workflow.status} after {timeout:.0f} s")
+            time.sleep(0.5)
+
+    @staticmethod
+    def _row(task: TaskExecution) -> str:
+        filled = BAR if task.is_terminal else BAR // 2 if task.status == "running" else 0
+        bar = SYMBOL.get(task.status, "?") * filled + " " * (BAR - filled)
+        return f"  [{bar}] {task.task_name:<24} {task.status:<10} retries {task.retry_count}/{task.max_retries}"

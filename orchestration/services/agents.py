@@ -1,0 +1,145 @@
+"""Agent definitions (agents/definitions/*.json|*.yaml) synced into the agents table.
+
+Definitions are code; the table is their queryable copy. A sync creates new agents,
+updates changed ones, marks agents whose file disappeared inactive, and says what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from django.conf import settings
+from django.db import transaction
+
+from orchestration.errors import SpecError
+from orchestration.event_types import EntityType, EventType
+from orchestration.models import Agent
+from orchestration.services.events import event_record
+
+DEFINITION_FIELDS = {
+    "id": str,
+    "name": str,
+    "role": str,
+    "description": str,
+    "category": str,
+    "version": str,
+    "executor": str,
+    "entrypoint": str,
+    "model": str,
+    "provider": str,
+    "url": str,
+    "api_key_env": str,
+    "system_prompt": str,
+    "temperature": (int, float),
+    "max_tokens": int,
+    "max_concurrency": int,
+    "capabilities": list,
+    "specialties": list,
+    "backstory": str,
+    "personality_emoji": str,
+    "config": dict,
+    "status": str,
+    "metadata": dict,
+}
+
+
+@dataclass
+class SyncResult:
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    deactivated: list[str] = field(default_factory=list)
+
+
+def default_definitions_dir() -> Path:
+    return Path(settings.BASE_DIR) / "agents" / "definitions"
+
+
+def definition_load(path: Path) -> dict[str, Any]:
+    """Read and validate one definition file; errors name the file and the field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError([f"{path}: cannot be read as {path.suffix[1:].upper()}: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise SpecError([f"{path}: must contain a mapping"])
+    problems = []
+    for key, value in data.items():
+        expected = DEFINITION_FIELDS.get(key)
+        if expected is None:
+            problems.append(f"{path}: {key}: unknown field")
+        elif isinstance(value, bool) or not isinstance(value, expected):
+            problems.append(f"{path}: {key}: wrong type {type(value).__name__}")
+    for key in ("id", "name", "executor"):
+        if not data.get(key):
+            problems.append(f"{path}: {key}: required")
+    if data.get("executor") and data["executor"] not in Agent.Executor.values:
+        problems.append(f"{path}: executor: must be one of {', '.join(Agent.Executor.values)}")
+    if data.get("executor") == Agent.Executor.PYTHON and not data.get("entrypoint"):
+        problems.append(f"{path}: entrypoint: required for the python executor")
+    if data.get("status") and data["status"] not in Agent.Status.values:
+        problems.append(f"{path}: status: must be one of {', '.join(Agent.Status.values)}")
+    if problems:
+        raise SpecError(problems)
+    return data
+
+
+def agents_sync(*, directory: Path | None = None) -> SyncResult:
+    """Sync every definition under `directory` (recursively) into the agents table."""
+    directory = directory or default_definitions_dir()
+    if not directory.is_dir():
+        raise SpecError([f"{directory}: no such directory"])
+    files = sorted(p for p in directory.rglob("*") if p.suffix in (".json", ".yaml", ".yml"))
+    definitions: dict[str, tuple[Path, dict[str, Any]]] = {}
+    problems: list[str] = []
+    for path in files:
+        try:
+            data = definition_load(path)
+        except SpecError as exc:
+            problems.extend(exc.problems)
+            continue
+        if data["id"] in definitions:
+            problems.append(f"{path}: id: {data['id']!r} is also defined in {definitions[data['id']][0]}")
+        definitions[data["id"]] = (path, data)
+    if problems:
+        raise SpecError(problems)
+
+    result = SyncResult()
+    with transaction.atomic():
+        existing = {a.id: a for a in Agent.objects.select_for_update()}
+        for agent_id, (path, data) in definitions.items():
+            digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+            fields = {k: v for k, v in data.items() if k != "id"}
+            fields.setdefault("status", Agent.Status.ACTIVE)
+            fields.update(definition_path=str(path.relative_to(directory)), definition_hash=digest)
+            agent = existing.get(agent_id)
+            if agent is None:
+                Agent.objects.create(id=agent_id, **fields)
+                result.created.append(agent_id)
+            elif agent.definition_hash == digest and agent.status == fields["status"]:
+                result.unchanged.append(agent_id)
+                continue
+            else:
+                for key, value in fields.items():
+                    setattr(agent, key, value)
+                agent.save()
+                result.updated.append(agent_id)
+            event_record(
+                event_type=EventType.AGENT_REGISTERED,
+                entity_type=EntityType.AGENT,
+                entity_id=agent_id,
+                agent_id=agent_id,
+                payload={"definition": str(path.relative_to(directory)), "hash": digest},
+            )
+        for agent_id, agent in existing.items():
+            if agent_id not in definitions and agent.definition_path and agent.status == Agent.Status.ACTIVE:
+                agent.status = Agent.Status.INACTIVE
+                agent.save(update_fields=["status", "updated_at"])
+                result.deactivated.append(agent_id)
+    return result

@@ -1,0 +1,98 @@
+"""Sending task executions to Celery, always after the transaction that queued them commits.
+
+Each message carries only the execution id; its Celery task id is chosen here and stored on
+the execution in the same transaction that marks it queued. A delivery whose task id is not
+the execution's current one is stale and runs nothing, which makes re-sends (sweeper,
+concurrency deferral) safe.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from orchestration.event_types import EventType
+from orchestration.models import TaskExecution
+from orchestration.services.events import task_event_build
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    execution_id: str
+    celery_task_id: str
+    queue: str
+    timeout_seconds: int
+    countdown: float = 0.0
+
+
+def hard_limit_seconds(timeout_seconds: int) -> int:
+    return timeout_seconds + settings.TASK_HARD_TIMEOUT_GRACE_SECONDS
+
+
+def dispatch_prepare(
+    task: TaskExecution, *, now: dt.datetime, countdown: float = 0.0, status: str = TaskExecution.Status.QUEUED
+) -> Dispatch:
+    """Give the task a fresh message id and mark it queued (or retrying). The caller saves it."""
+    task.status = status
+    task.celery_task_id = str(uuid.uuid4())
+    task.queued_at = now + dt.timedelta(seconds=countdown)
+    return Dispatch(
+        execution_id=task.execution_id,
+        celery_task_id=task.celery_task_id,
+        queue=task.priority,
+        timeout_seconds=task.timeout_seconds,
+        countdown=countdown,
+    )
+
+
+def tasks_queue(tasks: list[TaskExecution], *, now: dt.datetime | None = None) -> list[Dispatch]:
+    """Mark pending tasks queued, record task_queued events and send them after commit."""
+    now = now or timezone.now()
+    dispatches = [dispatch_prepare(task, now=now) for task in tasks]
+    if not dispatches:
+        return []
+    TaskExecution.objects.bulk_update(tasks, ["status", "celery_task_id", "queued_at"])
+    from orchestration.models import Event
+
+    Event.objects.bulk_create([task_event_build(task, EventType.TASK_QUEUED) for task in tasks])
+    dispatch_after_commit(dispatches)
+    return dispatches
+
+
+def dispatch_after_commit(dispatches: list[Dispatch]) -> None:
+    if dispatches:
+        transaction.on_commit(lambda: dispatch_send(dispatches))
+
+
+def dispatch_send(dispatches: list[Dispatch]) -> None:
+    from orchestration.tasks import run_task
+
+    for d in dispatches:
+        run_task.apply_async(
+            args=[d.execution_id],
+            task_id=d.celery_task_id,
+            queue=d.queue,
+            routing_key=d.queue,
+            soft_time_limit=d.timeout_seconds,
+            time_limit=hard_limit_seconds(d.timeout_seconds),
+            countdown=d.countdown or None,
+        )
+
+
+def revoke_after_commit(celery_task_ids: list[str], *, terminate: bool) -> None:
+    """Revoke messages (and, with terminate, kill the processes running them) after commit."""
+    ids = [i for i in celery_task_ids if i]
+    if not ids:
+        return
+
+    def send() -> None:
+        from config.celery import app
+
+        app.control.revoke(ids, terminate=terminate, signal="SIGTERM")
+
+    transaction.on_commit(send)

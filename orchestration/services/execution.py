@@ -1,0 +1,407 @@
+"""Attempts: claiming a delivered message, running the agent, recording the outcome.
+
+Every transition claims its row (a row lock, or a conditional UPDATE checked for exactly
+one changed row), so a duplicate or redelivered message can never record a second start or
+a second completion. The Celery task body only calls attempt_run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import time
+import traceback as tb
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+from django.db.models import F, Max
+from django.utils import timezone
+
+from orchestration.db import atomic_with_retry
+from orchestration.errors import RetryableError, is_retryable
+from orchestration.event_types import EventType, Severity
+from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
+from orchestration.runtime.context import AgentResult, TaskContext, Usage
+from orchestration.runtime.executors import agent_execute
+from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare
+from orchestration.services.events import task_event
+from orchestration.services.progress import (
+    tasks_cancel,
+    workflow_add_usage,
+    workflow_fail,
+    workflow_on_task_completed,
+    workflow_on_task_failed,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    DEFERRED = "deferred"
+
+
+@dataclass
+class Claim:
+    attempt: TaskAttempt
+    agent: Agent
+    task_input: dict[str, Any]
+    context: TaskContext
+
+
+def retry_countdown(retry_count: int, retry_after: float | None = None) -> float:
+    """Exponential backoff with jitter: half of base * 2**n, plus a random half; at least
+    the provider's Retry-After; at most TASK_RETRY_BACKOFF_MAX_SECONDS."""
+    cap = float(settings.TASK_RETRY_BACKOFF_MAX_SECONDS)
+    delay = min(cap, settings.TASK_RETRY_BACKOFF_BASE_SECONDS * (2**retry_count))
+    delay = delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - jitter, not security
+    if retry_after:
+        delay = max(delay, retry_after)
+    return round(min(delay, cap), 3)
+
+
+def _close_attempt(
+    attempt: TaskAttempt, *, status: str, cause: str | None, error: str, now: dt.datetime, **fields: Any
+) -> bool:
+    """Finish a running attempt exactly once; False if it was no longer running."""
+    changed = TaskAttempt.objects.filter(pk=attempt.pk, status=TaskAttempt.Status.RUNNING).update(
+        status=status,
+        cause=cause,
+        error=error,
+        finished_at=now,
+        duration_ms=fields.pop("duration_ms", max((now - attempt.started_at).total_seconds() * 1000, 0.0)),
+        **fields,
+    )
+    return changed == 1
+
+
+def _fail_or_retry(
+    task: TaskExecution,
+    *,
+    attempt: TaskAttempt | None,
+    status: str,
+    error: str,
+    retryable: bool,
+    now: dt.datetime,
+    retry_after: float | None = None,
+    retry_now: bool = False,
+) -> bool:
+    """After a failed attempt: schedule the next one (True) or fail the task for good (False).
+    With retry_now the caller starts the next attempt itself, in this same delivery."""
+    task.error = error
+    timed_out = status == TaskAttempt.Status.TIMED_OUT
+    if timed_out:
+        task_event(task, EventType.TASK_TIMED_OUT, attempt=attempt, payload={"error": error}, severity=Severity.WARNING)
+    if retryable and task.retry_count < task.max_retries:
+        task.retry_count += 1
+        if retry_now:
+            task.save(update_fields=["retry_count", "error"])
+            task_event(task, EventType.TASK_RETRYING, attempt=attempt, payload={"countdown_s": 0, "error": error})
+            return True
+        countdown = retry_countdown(task.retry_count - 1, retry_after)
+        dispatch = dispatch_prepare(task, now=now, countdown=countdown, status=TaskExecution.Status.RETRYING)
+        task.save(update_fields=["retry_count", "error", "status", "celery_task_id", "queued_at"])
+        task_event(
+            task,
+            EventType.TASK_RETRYING,
+            attempt=attempt,
+            payload={"countdown_s": countdown, "error": error, "retry_count": task.retry_count},
+            severity=Severity.WARNING,
+        )
+        dispatch_after_commit([dispatch])
+        return True
+    task.status = TaskExecution.Status.TIMED_OUT if timed_out else TaskExecution.Status.FAILED
+    task.completed_at = now
+    task.save(update_fields=["status", "error", "completed_at"])
+    task_event(task, EventType.TASK_FAILED, attempt=attempt, payload={"error": error}, severity=Severity.ERROR)
+    if task.workflow_id:
+        workflow_on_task_failed(task, now=now)
+    return False
+
+
+def attempt_abandon(
+    task: TaskExecution,
+    attempt: TaskAttempt,
+    *,
+    status: str,
+    cause: str,
+    error: str,
+    now: dt.datetime,
+    retry_now: bool = False,
+) -> bool | None:
+    """Close an abandoned running attempt (lost worker, hard limit). Returns None if it was
+    no longer running, else whether the task will be tried again."""
+    if not _close_attempt(attempt, status=status, cause=cause, error=error, now=now, retryable=True):
+        return None
+    attempt.status = status
+    task_event(
+        task,
+        EventType.TASK_LOST if status == TaskAttempt.Status.LOST else EventType.TASK_TIMED_OUT,
+        attempt=attempt,
+        payload={"cause": cause, "worker": attempt.worker},
+        severity=Severity.WARNING,
+    )
+    if task.workflow_id:
+        workflow_add_usage(task.workflow_id, tokens=0, cost=Decimal(0), error=True)
+    return _fail_or_retry(
+        task, attempt=attempt, status=status, error=error, retryable=True, now=now, retry_now=retry_now
+    )
+
+
+def attempt_claim(
+    *, execution_id: str, celery_task_id: str, worker: str, redelivered: bool = False, now: dt.datetime | None = None
+) -> Claim | Outcome:
+    """Start an attempt for a delivered message, or say why not (SKIPPED, DEFERRED)."""
+    return atomic_with_retry(
+        lambda: _attempt_claim(
+            execution_id=execution_id,
+            celery_task_id=celery_task_id,
+            worker=worker,
+            redelivered=redelivered,
+            now=now or timezone.now(),
+        )
+    )
+
+
+def _attempt_claim(
+    *, execution_id: str, celery_task_id: str, worker: str, redelivered: bool, now: dt.datetime
+) -> Claim | Outcome:
+    task = (
+        TaskExecution.objects.select_for_update(of=("self",))
+        .select_related("agent", "workflow")
+        .filter(pk=execution_id)
+        .first()
+    )
+    if task is None or task.celery_task_id != celery_task_id:
+        return Outcome.SKIPPED  # unknown, or a stale message superseded by a newer one
+    if task.status == TaskExecution.Status.RUNNING:
+        last = TaskAttempt.objects.select_for_update().filter(execution=task).order_by("-attempt_number").first()
+        if last is None or last.status != TaskAttempt.Status.RUNNING or not redelivered:
+            return Outcome.SKIPPED  # a duplicate delivery: the attempt is recorded already
+        # The broker redelivered the message of a running attempt: its worker was lost.
+        again = attempt_abandon(
+            task,
+            last,
+            status=TaskAttempt.Status.LOST,
+            cause=TaskAttempt.Cause.WORKER_LOST,
+            error=f"worker {last.worker or '?'} was lost during attempt {last.attempt_number} (message redelivered)",
+            now=now,
+            retry_now=True,
+        )
+        if not again:
+            return Outcome.SKIPPED
+    elif task.status not in (TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING):
+        return Outcome.SKIPPED
+
+    workflow = task.workflow
+    if workflow is not None and workflow.status != Workflow.Status.RUNNING:
+        tasks_cancel(TaskExecution.objects.filter(pk=task.pk), reason=f"workflow is {workflow.status}", now=now)
+        return Outcome.SKIPPED
+    if workflow is not None and workflow.deadline and now > workflow.deadline:
+        locked = Workflow.objects.select_for_update().get(pk=workflow.pk)
+        if locked.status == Workflow.Status.RUNNING:
+            workflow_fail(
+                locked,
+                error=f"deadline {locked.deadline.isoformat()} passed",
+                now=now,
+                event_type=EventType.WORKFLOW_FAILED,
+            )
+        return Outcome.SKIPPED
+
+    number = (TaskAttempt.objects.filter(execution=task).aggregate(n=Max("attempt_number"))["n"] or 0) + 1
+    queue_timeout = dt.timedelta(seconds=settings.TASK_QUEUE_TIMEOUT_SECONDS)
+    if task.queued_at and now > task.queued_at + queue_timeout:
+        attempt = TaskAttempt.objects.create(
+            execution=task,
+            attempt_number=number,
+            status=TaskAttempt.Status.TIMED_OUT,
+            cause=TaskAttempt.Cause.QUEUE_TIMEOUT,
+            retryable=False,
+            error=f"waited {(now - task.queued_at).total_seconds():.0f} s in the queue "
+            f"(limit {settings.TASK_QUEUE_TIMEOUT_SECONDS} s)",
+            worker=worker,
+            celery_task_id=celery_task_id,
+            redelivered=redelivered,
+            timeout_seconds=task.timeout_seconds,
+            started_at=now,
+            finished_at=now,
+            duration_ms=0.0,
+        )
+        _fail_or_retry(task, attempt=attempt, status=attempt.status, error=attempt.error, retryable=False, now=now)
+        return Outcome.SKIPPED
+
+    agent = task.agent
+    if agent.max_concurrency:
+        Agent.objects.select_for_update().filter(pk=agent.pk).first()
+        running = TaskExecution.objects.filter(agent=agent, status=TaskExecution.Status.RUNNING).count()
+        if running >= agent.max_concurrency:
+            dispatch = dispatch_prepare(task, now=now, countdown=0.5 + random.uniform(0, 1.0), status=task.status)  # noqa: S311
+            task.save(update_fields=["celery_task_id"])  # queued_at stays: waiting is not a new queueing
+            dispatch_after_commit([dispatch])
+            return Outcome.DEFERRED
+
+    attempt = TaskAttempt.objects.create(
+        execution=task,
+        attempt_number=number,
+        status=TaskAttempt.Status.RUNNING,
+        worker=worker,
+        celery_task_id=celery_task_id,
+        redelivered=redelivered,
+        delivery_count=2 if redelivered else 1,
+        timeout_seconds=task.timeout_seconds,
+        started_at=now,
+    )
+    task.status = TaskExecution.Status.RUNNING
+    task.started_at = task.started_at or now
+    task.worker = worker
+    task.save(update_fields=["status", "started_at", "worker"])
+    task_event(task, EventType.TASK_STARTED, attempt=attempt, payload={"worker": worker, "redelivered": redelivered})
+
+    upstream: dict[str, Any] = {}
+    if task.depends_on and task.workflow_id:
+        upstream = dict(
+            TaskExecution.objects.filter(workflow_id=task.workflow_id, task_name__in=task.depends_on).values_list(
+                "task_name", "output_data"
+            )
+        )
+    context = TaskContext(
+        execution_id=task.execution_id,
+        workflow_id=task.workflow_id,
+        task_name=task.task_name,
+        agent_id=agent.id,
+        attempt_number=number,
+        timeout_seconds=task.timeout_seconds,
+        upstream=upstream,
+        agent_config=agent.config,
+    )
+    return Claim(attempt=attempt, agent=agent, task_input=task.input_data, context=context)
+
+
+def attempt_succeed(*, attempt: TaskAttempt, result: AgentResult, duration_ms: float, now: dt.datetime) -> bool:
+    """Record a successful attempt and complete its task; False if the attempt was no
+    longer running (reaped or cancelled meanwhile), in which case nothing is recorded."""
+
+    def run() -> bool:
+        usage = result.usage
+        if not _close_attempt(
+            attempt,
+            status=TaskAttempt.Status.SUCCEEDED,
+            cause=None,
+            error=None,
+            now=now,
+            duration_ms=duration_ms,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            tokens_used=usage.tokens,
+            cost_usd=usage.cost_usd,
+        ):
+            return False
+        task = TaskExecution.objects.select_for_update().get(pk=attempt.execution_id)
+        TaskExecution.objects.filter(pk=task.pk).update(
+            status=TaskExecution.Status.COMPLETED,
+            output_data=result.output,
+            error=None,
+            completed_at=now,
+            execution_time_ms=F("execution_time_ms") + duration_ms if task.execution_time_ms else duration_ms,
+            input_tokens=F("input_tokens") + usage.input_tokens,
+            output_tokens=F("output_tokens") + usage.output_tokens,
+            tokens_used=F("tokens_used") + usage.tokens,
+            cost_usd=F("cost_usd") + usage.cost_usd,
+        )
+        task.status = TaskExecution.Status.COMPLETED
+        task.output_data = result.output
+        task_event(task, EventType.TASK_COMPLETED, attempt=attempt, payload={"duration_ms": round(duration_ms, 3)})
+        if task.workflow_id:
+            workflow_add_usage(task.workflow_id, tokens=usage.tokens, cost=usage.cost_usd)
+            workflow_on_task_completed(task, now=now)
+        return True
+
+    return atomic_with_retry(run)
+
+
+def attempt_fail(
+    *,
+    attempt: TaskAttempt,
+    exc: BaseException,
+    duration_ms: float,
+    now: dt.datetime,
+    usage: Usage | None = None,
+) -> bool:
+    """Record a failed (or soft-timed-out) attempt, then retry or fail the task."""
+    timed_out = isinstance(exc, SoftTimeLimitExceeded)
+    status = TaskAttempt.Status.TIMED_OUT if timed_out else TaskAttempt.Status.FAILED
+    cause = TaskAttempt.Cause.SOFT_TIMEOUT if timed_out else TaskAttempt.Cause.ERROR
+    retryable = True if timed_out else is_retryable(exc)
+    message = (
+        f"soft time limit of {attempt.timeout_seconds} s exceeded" if timed_out else f"{type(exc).__name__}: {exc}"
+    )
+    usage = usage or Usage()
+
+    def run() -> bool:
+        if not _close_attempt(
+            attempt,
+            status=status,
+            cause=cause,
+            error=message,
+            now=now,
+            duration_ms=duration_ms,
+            error_class=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            retryable=retryable,
+            traceback="".join(tb.format_exception(exc))[-20_000:],
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            tokens_used=usage.tokens,
+            cost_usd=usage.cost_usd,
+        ):
+            return False
+        task = TaskExecution.objects.select_for_update().get(pk=attempt.execution_id)
+        task.execution_time_ms = (task.execution_time_ms or 0) + duration_ms
+        task.input_tokens += usage.input_tokens
+        task.output_tokens += usage.output_tokens
+        task.tokens_used += usage.tokens
+        task.cost_usd += usage.cost_usd
+        task.save(update_fields=["execution_time_ms", "input_tokens", "output_tokens", "tokens_used", "cost_usd"])
+        if task.workflow_id:
+            workflow_add_usage(task.workflow_id, tokens=usage.tokens, cost=usage.cost_usd, error=True)
+        attempt.status = status
+        _fail_or_retry(
+            task,
+            attempt=attempt,
+            status=status,
+            error=message,
+            retryable=retryable,
+            now=now,
+            retry_after=exc.retry_after if isinstance(exc, RetryableError) else None,
+        )
+        return True
+
+    return atomic_with_retry(run)
+
+
+def attempt_run(*, execution_id: str, celery_task_id: str, worker: str, redelivered: bool = False) -> Outcome:
+    """Claim the delivered message, run the agent once, record the outcome."""
+    claim = attempt_claim(
+        execution_id=execution_id, celery_task_id=celery_task_id, worker=worker, redelivered=redelivered
+    )
+    if not isinstance(claim, Claim):
+        return claim
+    started = time.monotonic()
+    try:
+        result = agent_execute(agent=claim.agent, task_input=claim.task_input, context=claim.context)
+    except BaseException as exc:
+        if not isinstance(exc, Exception | SoftTimeLimitExceeded):
+            raise  # SystemExit, KeyboardInterrupt: the worker is going away; the reaper closes it
+        duration_ms = (time.monotonic() - started) * 1000
+        logger.info("attempt %s of %s failed: %r", claim.attempt.attempt_number, execution_id, exc)
+        attempt_fail(attempt=claim.attempt, exc=exc, duration_ms=duration_ms, now=timezone.now())
+        return Outcome.FAILED
+    duration_ms = (time.monotonic() - started) * 1000
+    attempt_succeed(attempt=claim.attempt, result=result, duration_ms=duration_ms, now=timezone.now())
+    return Outcome.SUCCEEDED

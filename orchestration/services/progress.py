@@ -1,0 +1,192 @@
+"""Workflow-level consequences of task transitions: counters and totals, dispatching
+dependents, failing or finishing the workflow, cancelling what can no longer run.
+
+Every function here runs inside the caller's transaction and locks the workflow row, which
+serialises the transitions of one workflow: when two parents finish at once on two
+workers, the second sees the first's completion, and each dependent is queued exactly once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Any
+
+from django.db.models import F
+
+from orchestration.db import JSONAppend, JSONMerge
+from orchestration.event_types import EventType, Severity
+from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.services.dispatch import revoke_after_commit, tasks_queue
+from orchestration.services.events import task_event_build, workflow_event
+
+TERMINAL = TaskExecution.TERMINAL_STATUSES
+FAILED_TASK = (TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT)
+
+
+def workflow_add_usage(workflow_id: str, *, tokens: int, cost: Decimal, error: bool = False) -> None:
+    """Add an attempt's usage (failed tries included) to the workflow totals."""
+    if not tokens and not cost and not error:
+        return
+    Workflow.objects.filter(workflow_id=workflow_id).update(
+        total_tokens_used=F("total_tokens_used") + tokens,
+        total_cost_usd=F("total_cost_usd") + cost,
+        error_count=F("error_count") + (1 if error else 0),
+    )
+
+
+def workflow_on_task_completed(task: TaskExecution, *, now: dt.datetime) -> None:
+    """Count the completion, store the step result, queue ready dependents, maybe finish."""
+    Workflow.objects.filter(workflow_id=task.workflow_id).update(
+        completed_steps=F("completed_steps") + 1,
+        current_step=task.task_name,
+        step_results=JSONMerge("step_results", {task.task_name: task.output_data}),
+        checkpoints=JSONAppend("checkpoints", {"task": task.task_name, "at": now.isoformat()}),
+    )
+    workflow = Workflow.objects.select_for_update().get(workflow_id=task.workflow_id)
+    if workflow.status != Workflow.Status.RUNNING:
+        return
+    siblings = list(
+        TaskExecution.objects.filter(workflow_id=workflow.workflow_id).only("task_name", "status", "depends_on")
+    )
+    done = {t.task_name for t in siblings if t.status == TaskExecution.Status.COMPLETED}
+    ready_ids = [
+        t.execution_id
+        for t in siblings
+        if t.status == TaskExecution.Status.PENDING and task.task_name in t.depends_on and set(t.depends_on) <= done
+    ]
+    if ready_ids:
+        ready = list(
+            TaskExecution.objects.select_for_update()
+            .filter(execution_id__in=ready_ids, status=TaskExecution.Status.PENDING)
+            .order_by("execution_id")
+        )
+        tasks_queue(ready, now=now)
+        return
+    workflow_maybe_finish(workflow, now=now)
+
+
+def workflow_on_task_failed(task: TaskExecution, *, now: dt.datetime) -> None:
+    """A task failed for good: fail the workflow (cancelling the rest), or, with
+    continue_on_failure, cancel only what depended on it."""
+    Workflow.objects.filter(workflow_id=task.workflow_id).update(
+        failed_steps=F("failed_steps") + 1,
+        current_step=task.task_name,
+        error=f"task {task.task_name} {task.status}: {task.error or ''}".strip(),
+    )
+    workflow = Workflow.objects.select_for_update().get(workflow_id=task.workflow_id)
+    if workflow.status != Workflow.Status.RUNNING:
+        return
+    if not workflow.continue_on_failure:
+        workflow_fail(workflow, error=workflow.error or "", now=now, event_type=EventType.WORKFLOW_FAILED)
+        return
+    siblings = list(TaskExecution.objects.filter(workflow_id=workflow.workflow_id).only("task_name", "depends_on"))
+    blocked = _descendants(task.task_name, siblings)
+    if blocked:
+        tasks_cancel(
+            TaskExecution.objects.filter(workflow_id=workflow.workflow_id, task_name__in=blocked),
+            reason=f"upstream task {task.task_name} {task.status}",
+            now=now,
+        )
+    workflow_maybe_finish(workflow, now=now)
+
+
+def _descendants(name: str, tasks: list[TaskExecution]) -> set[str]:
+    children: dict[str, list[str]] = {}
+    for t in tasks:
+        for dep in t.depends_on:
+            children.setdefault(dep, []).append(t.task_name)
+    found: set[str] = set()
+    stack = [name]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def workflow_maybe_finish(workflow: Workflow, *, now: dt.datetime) -> None:
+    """Finish a running workflow whose tasks have all reached a terminal status (caller holds
+    the workflow lock)."""
+    if workflow.status != Workflow.Status.RUNNING:
+        return
+    if TaskExecution.objects.filter(workflow_id=workflow.workflow_id).exclude(status__in=TERMINAL).exists():
+        return
+    failed = TaskExecution.objects.filter(workflow_id=workflow.workflow_id, status__in=FAILED_TASK).exists()
+    workflow.status = Workflow.Status.FAILED if failed else Workflow.Status.COMPLETED
+    workflow.completed_at = now
+    workflow.save(update_fields=["status", "completed_at", "updated_at"])
+    workflow.refresh_from_db(fields=["duration_ms", "completed_steps", "failed_steps"])
+    workflow_event(
+        workflow,
+        EventType.WORKFLOW_FAILED if failed else EventType.WORKFLOW_COMPLETED,
+        payload={
+            "completed_steps": workflow.completed_steps,
+            "failed_steps": workflow.failed_steps,
+            "duration_ms": workflow.duration_ms,
+        },
+        severity=Severity.ERROR if failed else Severity.INFO,
+    )
+
+
+def workflow_fail(workflow: Workflow, *, error: str, now: dt.datetime, event_type: EventType) -> None:
+    """End a running workflow as failed (or cancelled) and cancel every task that has not
+    finished, revoking their messages and running processes (caller holds the lock)."""
+    cancelled = event_type == EventType.WORKFLOW_CANCELLED
+    workflow.status = Workflow.Status.CANCELLED if cancelled else Workflow.Status.FAILED
+    workflow.error = error
+    workflow.completed_at = now
+    workflow.save(update_fields=["status", "error", "completed_at", "updated_at"])
+    count = tasks_cancel(
+        TaskExecution.objects.filter(workflow_id=workflow.workflow_id).exclude(status__in=TERMINAL),
+        reason=error,
+        now=now,
+    )
+    workflow_event(
+        workflow,
+        event_type,
+        payload={"error": error, "cancelled_tasks": count},
+        severity=Severity.WARNING if cancelled else Severity.ERROR,
+    )
+
+
+def tasks_cancel(queryset: Any, *, reason: str, now: dt.datetime) -> int:
+    """Cancel the non-terminal tasks of a queryset: their running attempts are recorded
+    cancelled, queued messages and running processes are revoked after commit."""
+    tasks = list(queryset.exclude(status__in=TERMINAL).select_for_update().order_by("execution_id"))
+    if not tasks:
+        return 0
+    ids = [t.execution_id for t in tasks]
+    running = list(
+        TaskAttempt.objects.select_for_update().filter(execution_id__in=ids, status=TaskAttempt.Status.RUNNING)
+    )
+    for attempt in running:
+        attempt.status = TaskAttempt.Status.CANCELLED
+        attempt.cause = TaskAttempt.Cause.CANCELLED
+        attempt.error = reason
+        attempt.finished_at = now
+        attempt.duration_ms = max((now - attempt.started_at).total_seconds() * 1000, 0.0)
+    if running:
+        TaskAttempt.objects.bulk_update(running, ["status", "cause", "error", "finished_at", "duration_ms"])
+    revoke = [t.celery_task_id for t in tasks if t.celery_task_id]
+    for task in tasks:
+        task.status = TaskExecution.Status.CANCELLED
+        task.error = reason
+        task.completed_at = now
+    TaskExecution.objects.bulk_update(tasks, ["status", "error", "completed_at"])
+    Event.objects.bulk_create(
+        [task_event_build(t, EventType.TASK_CANCELLED, payload={"reason": reason}) for t in tasks]
+    )
+    revoke_after_commit(revoke, terminate=True)
+    return len(tasks)
+
+
+def workflow_start(workflow: Workflow, tasks: list[TaskExecution], *, now: dt.datetime) -> None:
+    """Mark a freshly stored workflow running and queue its root tasks."""
+    workflow.status = Workflow.Status.RUNNING
+    workflow.started_at = now
+    workflow.save(update_fields=["status", "started_at", "updated_at"])
+    roots = [t for t in tasks if not t.depends_on]
+    workflow_event(workflow, EventType.WORKFLOW_STARTED, payload={"root_tasks": [t.task_name for t in roots]})
+    tasks_queue(roots, now=now)

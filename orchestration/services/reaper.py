@@ -1,0 +1,212 @@
+"""Recovery that does not depend on a worker surviving: the reaper and the dispatch sweeper.
+
+- attempts still running past their hard limit plus grace (worker SIGKILLed, hard time
+  limit hit: Celery does not always run on_failure then) are closed as timed_out or lost,
+  and their task is retried or failed;
+- running workflows past their deadline are failed;
+- tasks left queued with no message in the broker (a crash between commit and send) are
+  sent again.
+
+Safe to run concurrently: rows are claimed with SKIP LOCKED and closed with conditional
+updates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from orchestration.db import atomic_with_retry
+from orchestration.event_types import EventType
+from orchestration.models import TaskAttempt, TaskExecution, Workflow
+from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, hard_limit_seconds
+from orchestration.services.execution import attempt_abandon
+from orchestration.services.progress import workflow_fail
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReapResult:
+    timed_out: list[int] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)
+    workflows_failed: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
+
+
+def _workers_alive(hostnames: set[str]) -> set[str]:
+    """Worker node names (celery@host) that answer a ping within a second."""
+    if not hostnames:
+        return set()
+    from config.celery import app
+
+    try:
+        replies = app.control.ping(destination=sorted(hostnames), timeout=1.0)
+    except Exception:  # broker unreachable: treat every worker as unknown, i.e. lost
+        logger.warning("worker ping failed", exc_info=True)
+        return set()
+    return {name for reply in replies for name in reply}
+
+
+def _reap_after(attempt: TaskAttempt) -> dt.datetime:
+    limit = hard_limit_seconds(attempt.timeout_seconds or 0) + settings.REAPER_GRACE_SECONDS
+    return attempt.started_at + dt.timedelta(seconds=limit)
+
+
+def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
+    """Close running attempts past hard limit + REAPER_GRACE_SECONDS; retry or fail their tasks.
+
+    An attempt whose worker still answers was killed by its hard time limit (timed_out,
+    hard_timeout); otherwise the worker is gone (lost, worker_lost).
+    """
+    now = now or timezone.now()
+    result = ReapResult()
+    floor = now - dt.timedelta(seconds=settings.TASK_HARD_TIMEOUT_GRACE_SECONDS + settings.REAPER_GRACE_SECONDS + 1)
+    candidates = [
+        a
+        for a in TaskAttempt.objects.filter(status=TaskAttempt.Status.RUNNING, started_at__lt=floor).only(
+            "id", "started_at", "timeout_seconds", "worker"
+        )
+        if a.started_at
+        + dt.timedelta(seconds=hard_limit_seconds(a.timeout_seconds or 0) + settings.REAPER_GRACE_SECONDS)
+        < now
+    ]
+    alive = _workers_alive({a.worker for a in candidates if a.worker})
+    for candidate in candidates:
+        hard_timeout = candidate.worker in alive
+
+        def reap(attempt_id: int = candidate.pk, hard_timeout: bool = hard_timeout) -> bool | None:
+            attempt = (
+                TaskAttempt.objects.select_for_update(skip_locked=True)
+                .filter(pk=attempt_id, status=TaskAttempt.Status.RUNNING)
+                .first()
+            )
+            if attempt is None:
+                return None
+            task = TaskExecution.objects.select_for_update().get(pk=attempt.execution_id)
+            limit = hard_limit_seconds(attempt.timeout_seconds or 0)
+            if hard_timeout:
+                return attempt_abandon(
+                    task,
+                    attempt,
+                    status=TaskAttempt.Status.TIMED_OUT,
+                    cause=TaskAttempt.Cause.HARD_TIMEOUT,
+                    error=f"hard time limit of {limit} s exceeded (process killed)",
+                    now=now,
+                )
+            return attempt_abandon(
+                task,
+                attempt,
+                status=TaskAttempt.Status.LOST,
+                cause=TaskAttempt.Cause.WORKER_LOST,
+                error=f"worker {attempt.worker or '?'} stopped answering; attempt abandoned past its {limit} s limit",
+                now=now,
+            )
+
+        if atomic_with_retry(reap) is not None:
+            (result.timed_out if hard_timeout else result.lost).append(candidate.pk)
+    result.workflows_failed = workflows_enforce_deadlines(now=now)
+    return result
+
+
+def workflows_enforce_deadlines(*, now: dt.datetime) -> list[str]:
+    failed = []
+    for workflow_id in Workflow.objects.filter(status=Workflow.Status.RUNNING, deadline__lt=now).values_list(
+        "workflow_id", flat=True
+    ):
+        with transaction.atomic():
+            workflow = (
+                Workflow.objects.select_for_update(skip_locked=True)
+                .filter(pk=workflow_id, status=Workflow.Status.RUNNING)
+                .first()
+            )
+            if workflow is None:
+                continue
+            workflow_fail(
+                workflow,
+                error=f"deadline {workflow.deadline.isoformat()} passed",
+                now=now,
+                event_type=EventType.WORKFLOW_FAILED,
+            )
+            failed.append(workflow_id)
+    return failed
+
+
+def _broker_message_ids(queues: set[str]) -> set[str] | None:
+    """Task ids of the messages waiting in the Redis broker's queues or held unacknowledged
+    by workers; None if the broker is not Redis (nothing can be checked)."""
+    url = settings.CELERY_BROKER_URL
+    if not url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    ids: set[str] = set()
+
+    def collect(raw: bytes) -> None:
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            return
+        if isinstance(payload, list):  # unacked entries are [message, exchange, routing_key]
+            payload = payload[0]
+        task_id = payload.get("headers", {}).get("id") if isinstance(payload, dict) else None
+        if task_id:
+            ids.add(task_id)
+
+    sep = "\x06\x16"
+    for queue in queues:
+        for key in [queue, *(f"{queue}{sep}{p}" for p in range(1, 10))]:
+            for raw in client.lrange(key, 0, -1):
+                collect(raw)
+    for raw in client.hvals("unacked"):
+        collect(raw)
+    return ids
+
+
+def queued_sweep(*, now: dt.datetime | None = None) -> list[str]:
+    """Send again the tasks left queued past DISPATCH_SWEEP_AFTER_SECONDS whose message is in
+    neither a queue nor a worker's hands (lost between commit and send)."""
+    now = now or timezone.now()
+    cutoff = now - dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS)
+    stale = list(
+        TaskExecution.objects.filter(
+            status__in=[TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING], queued_at__lt=cutoff
+        ).values_list("execution_id", "celery_task_id", "priority")
+    )
+    if not stale:
+        return []
+    present = _broker_message_ids({priority for _, _, priority in stale})
+    if present is None:
+        return []
+    resent = []
+    for execution_id, celery_task_id, _ in stale:
+        if celery_task_id in present:
+            continue
+        with transaction.atomic():
+            task = (
+                TaskExecution.objects.select_for_update(skip_locked=True)
+                .filter(
+                    pk=execution_id,
+                    celery_task_id=celery_task_id,
+                    status__in=[TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING],
+                )
+                .first()
+            )
+            if task is None:
+                continue
+            queued_at = task.queued_at
+            dispatch = dispatch_prepare(task, now=now, status=task.status)
+            task.queued_at = queued_at  # the queue timeout still counts from the first queueing
+            task.save(update_fields=["celery_task_id"])
+            dispatch_after_commit([dispatch])
+            resent.append(execution_id)
+    if resent:
+        logger.warning("re-sent %d task(s) whose messages were missing: %s", len(resent), resent)
+    return resent

@@ -1,0 +1,154 @@
+"""The outbox relay: publishes committed events to the Synapse Redis Stream, in order.
+
+Each event becomes a stream entry whose id is `<sequence>-1`. Redis only accepts ids above
+the stream's last one, so the stream itself is the checkpoint: a relay that crashes after
+publishing and before doing anything else re-reads from the stream's last id and can
+neither skip nor duplicate an entry (and a second relay running at the same time is
+refused by Redis for every entry the first one already added).
+
+The watermark trap: sequence values are taken when a row is inserted, not when its
+transaction commits, so a transaction that commits late leaves a temporary hole below rows
+that are already visible. The relay never publishes past a hole until it knows the hole
+is permanent (the inserting transaction rolled back). It remembers the first snapshot
+`xmax` at which it saw the hole; once the oldest running transaction (`xmin`) is at or past
+it, every transaction that could have filled the hole has ended, and a hole still empty
+is a rollback. A statement-level trigger makes each inserting transaction take its xid
+before it takes a sequence value (migration 0004), which this reasoning relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.db import connection, transaction
+
+from orchestration.models import Event
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RelayResult:
+    published: int = 0
+    last_sequence: int = 0
+    waiting_on_gap: tuple[int, int] | None = None
+
+
+def synapse_client() -> redis.Redis:
+    url = settings.REDIS_URL
+    if not url:
+        raise RuntimeError("the Synapse stream needs Redis: set REDIS_URL")
+    return redis.Redis.from_url(url, socket_timeout=10)
+
+
+def event_to_entry(event: Event) -> dict[str, str]:
+    """The stream entry of an event: flat string fields, payload as JSON."""
+    return {
+        "event_id": event.event_id,
+        "sequence": str(event.sequence),
+        "event_type": event.event_type,
+        "entity_type": event.entity_type or "",
+        "entity_id": event.entity_id or "",
+        "workflow_id": event.workflow_id or "",
+        "agent_id": event.agent_id or "",
+        "session_id": event.session_id or "",
+        "source": event.source,
+        "severity": event.severity,
+        "created_at": event.created_at.isoformat(),
+        "payload": json.dumps(event.payload, sort_keys=True, separators=(",", ":")),
+    }
+
+
+def _stream_last_sequence(client: redis.Redis, stream: str) -> int:
+    try:
+        info = client.xinfo_stream(stream)
+    except redis.ResponseError:
+        return 0  # no stream yet
+    last = info["last-generated-id"]
+    last = last.decode() if isinstance(last, bytes) else last
+    return int(last.split("-")[0])
+
+
+def _snapshot_bounds() -> tuple[int, int] | None:
+    if connection.vendor != "postgresql":
+        return None  # SQLite serialises writers: no transaction can commit a lower sequence late
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, "
+            "pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+        )
+        xmin, xmax = cursor.fetchone()
+    return int(xmin), int(xmax)
+
+
+def events_relay(*, client: redis.Redis | None = None, batch: int | None = None, max_batches: int = 20) -> RelayResult:
+    """Publish every committed event not yet on the stream, in sequence order."""
+    client = client or synapse_client()
+    stream = settings.SYNAPSE_STREAM
+    batch = batch or settings.SYNAPSE_RELAY_BATCH
+    gaps_key = f"{stream}:relay:gaps"
+    result = RelayResult(last_sequence=_stream_last_sequence(client, stream))
+    for _ in range(max_batches):
+        published, blocked = _relay_batch(client, stream, gaps_key, result, batch)
+        if blocked or published < batch:
+            break
+    return result
+
+
+def _relay_batch(client: redis.Redis, stream: str, gaps_key: str, result: RelayResult, batch: int) -> tuple[int, bool]:
+    with transaction.atomic():
+        bounds = _snapshot_bounds()  # taken before reading rows
+        rows = list(Event.objects.filter(sequence__gt=result.last_sequence).order_by("sequence")[:batch])
+        bounds_after = _snapshot_bounds()
+    to_publish: list[Event] = []
+    expected = result.last_sequence + 1
+    blocked = False
+    for event in rows:
+        if event.sequence > expected and bounds is not None:
+            gap = f"{expected}-{event.sequence - 1}"
+            horizon = client.hget(gaps_key, gap)
+            if horizon is None:
+                client.hset(gaps_key, gap, bounds_after[1])
+                result.waiting_on_gap = (expected, event.sequence - 1)
+                blocked = True
+                break
+            if bounds[0] < int(horizon):
+                result.waiting_on_gap = (expected, event.sequence - 1)
+                blocked = True
+                break
+            client.hdel(gaps_key, gap)  # every transaction that could fill it has ended: a rollback
+        to_publish.append(event)
+        expected = event.sequence + 1
+    published = _publish(client, stream, to_publish, result)
+    return published, blocked
+
+
+def _publish(client: redis.Redis, stream: str, events: list[Event], result: RelayResult) -> int:
+    if not events:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for event in events:
+        pipe.xadd(
+            stream,
+            event_to_entry(event),
+            id=f"{event.sequence}-1",
+            maxlen=settings.SYNAPSE_STREAM_MAXLEN,
+            approximate=True,
+        )
+    replies: list[Any] = pipe.execute(raise_on_error=False)
+    published = 0
+    for event, reply in zip(events, replies, strict=True):
+        if isinstance(reply, redis.ResponseError):
+            if "equal or smaller" not in str(reply):
+                raise reply
+            logger.info("event %s already on the stream (another relay)", event.sequence)
+        else:
+            published += 1
+        result.last_sequence = max(result.last_sequence, event.sequence)
+    result.published += published
+    return published

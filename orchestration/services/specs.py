@@ -1,0 +1,293 @@
+"""Workflow specs: parsing (JSON or YAML) and validation.
+
+A spec is validated as a whole and every problem is reported at once, each naming its field
+(`tasks[2].depends_on`), so a client can fix them in one go. Nothing is stored unless the
+spec is valid.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from django.conf import settings
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from orchestration.errors import SpecError
+from orchestration.models import Agent, Priority
+
+WORKFLOW_FIELDS = {
+    "name",
+    "workflow_type",
+    "description",
+    "tags",
+    "metadata",
+    "state",
+    "deadline",
+    "priority",
+    "idempotency_key",
+    "continue_on_failure",
+    "tasks",
+}
+TASK_FIELDS = {
+    "name",
+    "agent",
+    "input",
+    "depends_on",
+    "max_retries",
+    "timeout_seconds",
+    "priority",
+    "description",
+    "task_type",
+}
+TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
+MAX_TASKS = 1000
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    agent_id: str
+    input: dict[str, Any]
+    depends_on: list[str]
+    max_retries: int
+    timeout_seconds: int
+    priority: str
+    description: str = ""
+    task_type: str = ""
+
+
+@dataclass
+class WorkflowSpec:
+    name: str
+    tasks: list[TaskSpec]
+    workflow_type: str = ""
+    description: str = ""
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    deadline: dt.datetime | None = None
+    priority: str = Priority.NORMAL
+    idempotency_key: str | None = None
+    continue_on_failure: bool = False
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def spec_parse(text: str, *, fmt: str) -> dict[str, Any]:
+    """Parse a spec document; fmt is 'json' or 'yaml'."""
+    try:
+        data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError([f"spec is not valid {fmt.upper()}: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise SpecError(["spec must be a mapping with at least 'name' and 'tasks'"])
+    return data
+
+
+def _int_in_range(value: Any, where: str, low: int, high: int, problems: list[str]) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        problems.append(f"{where} must be an integer, got {value!r}")
+        return None
+    if not low <= value <= high:
+        problems.append(f"{where} must be between {low} and {high}, got {value}")
+        return None
+    return value
+
+
+def _str(value: Any, where: str, problems: list[str], *, max_length: int = 255, required: bool = False) -> str:
+    if value is None:
+        if required:
+            problems.append(f"{where} is required")
+        return ""
+    if not isinstance(value, str):
+        problems.append(f"{where} must be a string, got {type(value).__name__}")
+        return ""
+    if required and not value.strip():
+        problems.append(f"{where} must not be empty")
+    if len(value) > max_length:
+        problems.append(f"{where} is longer than {max_length} characters")
+    return value
+
+
+def _cycle(tasks: list[TaskSpec]) -> list[str] | None:
+    """Return the names on one dependency cycle, or None (Kahn's algorithm, then a walk)."""
+    names = {t.name for t in tasks}
+    deps = {t.name: [d for d in t.depends_on if d in names] for t in tasks}
+    indegree = {name: len(d) for name, d in deps.items()}
+    dependents: dict[str, list[str]] = {name: [] for name in names}
+    for name, ds in deps.items():
+        for d in ds:
+            dependents[d].append(name)
+    ready = [n for n, k in indegree.items() if k == 0]
+    seen = 0
+    while ready:
+        node = ready.pop()
+        seen += 1
+        for child in dependents[node]:
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                ready.append(child)
+    if seen == len(names):
+        return None
+    remaining = {n for n, k in indegree.items() if k > 0}
+    node = sorted(remaining)[0]
+    path: list[str] = []
+    while node not in path:
+        path.append(node)
+        node = next(d for d in deps[node] if d in remaining)
+    return [*path[path.index(node) :], node]
+
+
+def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
+    """Validate a parsed spec against the agents table and the configured limits."""
+    problems: list[str] = []
+    for key in sorted(set(data) - WORKFLOW_FIELDS):
+        problems.append(f"{key}: unknown field (allowed: {', '.join(sorted(WORKFLOW_FIELDS))})")
+
+    name = _str(data.get("name"), "name", problems, required=True)
+    workflow_type = _str(data.get("workflow_type"), "workflow_type", problems, max_length=100)
+    description = _str(data.get("description"), "description", problems, max_length=10_000)
+    priority = data.get("priority", Priority.NORMAL)
+    if priority not in Priority.values:
+        problems.append(f"priority must be one of {', '.join(Priority.values)}, got {priority!r}")
+        priority = Priority.NORMAL
+    tags = data.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        problems.append("tags must be a list of strings")
+        tags = []
+    metadata = data.get("metadata", {})
+    if not isinstance(metadata, dict):
+        problems.append("metadata must be a mapping")
+        metadata = {}
+    state = data.get("state", {})
+    if not isinstance(state, dict):
+        problems.append("state must be a mapping")
+        state = {}
+    continue_on_failure = data.get("continue_on_failure", False)
+    if not isinstance(continue_on_failure, bool):
+        problems.append("continue_on_failure must be true or false")
+        continue_on_failure = False
+    idempotency_key = data.get("idempotency_key")
+    if idempotency_key is not None:
+        idempotency_key = _str(idempotency_key, "idempotency_key", problems, required=True) or None
+
+    deadline = None
+    if data.get("deadline") is not None:
+        raw_deadline = data["deadline"]
+        parsed = parse_datetime(raw_deadline) if isinstance(raw_deadline, str) else None
+        if isinstance(raw_deadline, dt.datetime):
+            parsed = raw_deadline
+        if parsed is None:
+            problems.append(f"deadline must be an ISO 8601 date-time, got {raw_deadline!r}")
+        else:
+            if timezone.is_naive(parsed):
+                problems.append("deadline must include a time zone (e.g. 2026-01-01T12:00:00Z)")
+            elif parsed <= timezone.now():
+                problems.append(f"deadline {parsed.isoformat()} is in the past")
+            else:
+                deadline = parsed
+
+    tasks: list[TaskSpec] = []
+    raw_tasks = data.get("tasks")
+    if not isinstance(raw_tasks, list) or not raw_tasks:
+        problems.append("tasks must be a non-empty list")
+        raw_tasks = []
+    elif len(raw_tasks) > MAX_TASKS:
+        problems.append(f"tasks has {len(raw_tasks)} entries; at most {MAX_TASKS} are allowed")
+        raw_tasks = []
+
+    agent_ids = {t.get("agent") for t in raw_tasks if isinstance(t, dict) and isinstance(t.get("agent"), str)}
+    agents = {a.id: a for a in Agent.objects.filter(id__in=agent_ids)}
+    seen_names: set[str] = set()
+    for i, raw in enumerate(raw_tasks):
+        where = f"tasks[{i}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{where} must be a mapping")
+            continue
+        for key in sorted(set(raw) - TASK_FIELDS):
+            problems.append(f"{where}.{key}: unknown field (allowed: {', '.join(sorted(TASK_FIELDS))})")
+        task_name = _str(raw.get("name"), f"{where}.name", problems, required=True)
+        if task_name:
+            where = f"tasks[{i}] ({task_name})"
+            if not TASK_NAME_RE.match(task_name):
+                problems.append(f"{where}.name may contain only letters, digits, '_', '.' and '-'")
+            if task_name in seen_names:
+                problems.append(f"{where}.name is a duplicate task name")
+            seen_names.add(task_name)
+        agent_id = _str(raw.get("agent"), f"{where}.agent", problems, max_length=50, required=True)
+        if agent_id:
+            agent = agents.get(agent_id)
+            if agent is None:
+                problems.append(f"{where}.agent: unknown agent {agent_id!r}")
+            elif agent.status != Agent.Status.ACTIVE:
+                problems.append(f"{where}.agent: agent {agent_id!r} is {agent.status}, not active")
+        task_input = raw.get("input", {})
+        if not isinstance(task_input, dict):
+            problems.append(f"{where}.input must be a mapping")
+            task_input = {}
+        depends_on = raw.get("depends_on", [])
+        if isinstance(depends_on, str):
+            depends_on = [depends_on]
+        if not isinstance(depends_on, list) or not all(isinstance(d, str) for d in depends_on):
+            problems.append(f"{where}.depends_on must be a list of task names")
+            depends_on = []
+        max_retries = _int_in_range(
+            raw.get("max_retries", 3), f"{where}.max_retries", 0, settings.TASK_MAX_RETRIES_LIMIT, problems
+        )
+        timeout_seconds = _int_in_range(
+            raw.get("timeout_seconds", settings.TASK_DEFAULT_TIMEOUT_SECONDS),
+            f"{where}.timeout_seconds",
+            1,
+            settings.TASK_MAX_TIMEOUT_SECONDS,
+            problems,
+        )
+        task_priority = raw.get("priority", priority)
+        if task_priority not in Priority.values:
+            problems.append(f"{where}.priority must be one of {', '.join(Priority.values)}, got {task_priority!r}")
+        tasks.append(
+            TaskSpec(
+                name=task_name,
+                agent_id=agent_id,
+                input=task_input,
+                depends_on=list(dict.fromkeys(depends_on)),
+                max_retries=max_retries if max_retries is not None else 0,
+                timeout_seconds=timeout_seconds or 1,
+                priority=task_priority,
+                description=_str(raw.get("description"), f"{where}.description", problems, max_length=10_000),
+                task_type=_str(raw.get("task_type"), f"{where}.task_type", problems, max_length=100),
+            )
+        )
+
+    names = {t.name for t in tasks}
+    for i, task in enumerate(tasks):
+        for dep in task.depends_on:
+            if dep == task.name:
+                problems.append(f"tasks[{i}] ({task.name}).depends_on: a task cannot depend on itself")
+            elif dep not in names:
+                problems.append(f"tasks[{i}] ({task.name}).depends_on: unknown task {dep!r}")
+    if not problems:
+        cycle = _cycle(tasks)
+        if cycle:
+            problems.append(f"tasks: dependency cycle {' -> '.join(cycle)}")
+
+    if problems:
+        raise SpecError(problems)
+    return WorkflowSpec(
+        name=name,
+        tasks=tasks,
+        workflow_type=workflow_type,
+        description=description,
+        tags=tags,
+        metadata=metadata,
+        state=state,
+        deadline=deadline,
+        priority=priority,
+        idempotency_key=idempotency_key,
+        continue_on_failure=continue_on_failure,
+        raw=json.loads(json.dumps(data, default=str)),
+    )

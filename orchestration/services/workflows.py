@@ -1,0 +1,179 @@
+"""Workflow operations: submit, cancel, retry a failed task, resume a failed workflow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from orchestration.errors import SpecError, TransitionError
+from orchestration.event_types import EventType
+from orchestration.models import TaskExecution, Workflow
+from orchestration.services.dispatch import tasks_queue
+from orchestration.services.events import task_event, workflow_event
+from orchestration.services.progress import tasks_cancel, workflow_fail, workflow_start
+from orchestration.services.specs import WorkflowSpec, spec_validate
+
+
+def workflow_submit(
+    *, spec: dict[str, Any] | WorkflowSpec, owner: Any = None, initiator: str = ""
+) -> tuple[Workflow, bool]:
+    """Validate and store a workflow with its tasks and first events, and queue its root
+    tasks after commit. Returns (workflow, created); the same idempotency key from the same
+    owner returns the workflow stored first, with created False."""
+    validated = spec if isinstance(spec, WorkflowSpec) else spec_validate(spec)
+    if validated.idempotency_key:
+        existing = Workflow.objects.filter(owner=owner, idempotency_key=validated.idempotency_key).first()
+        if existing is not None:
+            return existing, False
+    try:
+        with transaction.atomic():
+            return _workflow_store(validated, owner=owner, initiator=initiator), True
+    except IntegrityError:
+        # A concurrent submission with the same idempotency key won the race.
+        if validated.idempotency_key:
+            existing = Workflow.objects.filter(owner=owner, idempotency_key=validated.idempotency_key).first()
+            if existing is not None:
+                return existing, False
+        raise
+
+
+def _workflow_store(spec: WorkflowSpec, *, owner: Any, initiator: str) -> Workflow:
+    now = timezone.now()
+    workflow = Workflow.objects.create(
+        name=spec.name,
+        description=spec.description,
+        workflow_type=spec.workflow_type,
+        priority=spec.priority,
+        tags=spec.tags,
+        metadata=spec.metadata,
+        state_data=spec.state,
+        spec=spec.raw,
+        continue_on_failure=spec.continue_on_failure,
+        deadline=spec.deadline,
+        idempotency_key=spec.idempotency_key,
+        owner=owner,
+        initiator=initiator or (getattr(owner, "username", "") or ""),
+        total_steps=len(spec.tasks),
+        assigned_agents=list(dict.fromkeys(t.agent_id for t in spec.tasks)),
+    )
+    tasks = TaskExecution.objects.bulk_create(
+        [
+            TaskExecution(
+                workflow=workflow,
+                agent_id=t.agent_id,
+                task_name=t.name,
+                task_type=t.task_type,
+                description=t.description,
+                priority=t.priority,
+                depends_on=t.depends_on,
+                input_data=t.input,
+                max_retries=t.max_retries,
+                timeout_seconds=t.timeout_seconds,
+            )
+            for t in spec.tasks
+        ]
+    )
+    workflow_event(
+        workflow,
+        EventType.WORKFLOW_CREATED,
+        payload={"name": workflow.name, "tasks": len(tasks), "owner": getattr(owner, "pk", None)},
+    )
+    workflow_start(workflow, tasks, now=now)
+    return workflow
+
+
+@transaction.atomic
+def workflow_cancel(*, workflow_id: str, reason: str = "cancelled by user") -> Workflow:
+    """Cancel a running (or pending) workflow: unfinished tasks are cancelled, their queued
+    messages revoked and running processes terminated."""
+    workflow = Workflow.objects.select_for_update().get(pk=workflow_id)
+    if workflow.status not in (Workflow.Status.PENDING, Workflow.Status.RUNNING):
+        raise TransitionError(f"workflow {workflow_id} is {workflow.status}; only a running workflow can be cancelled")
+    workflow_fail(workflow, error=reason, now=timezone.now(), event_type=EventType.WORKFLOW_CANCELLED)
+    return workflow
+
+
+@transaction.atomic
+def task_cancel(*, execution_id: str, reason: str = "cancelled by user") -> TaskExecution:
+    """Cancel one task. In a workflow this ends the workflow as failed unless it continues on
+    failure (its dependents can never run)."""
+    task = TaskExecution.objects.select_for_update().get(pk=execution_id)
+    if task.is_terminal:
+        raise TransitionError(f"task {execution_id} is {task.status}; it cannot be cancelled")
+    now = timezone.now()
+    if task.workflow_id:
+        workflow = Workflow.objects.select_for_update().get(pk=task.workflow_id)
+        tasks_cancel(TaskExecution.objects.filter(pk=task.pk), reason=reason, now=now)
+        if workflow.status == Workflow.Status.RUNNING and not workflow.continue_on_failure:
+            workflow_fail(
+                workflow,
+                error=f"task {task.task_name} cancelled: {reason}",
+                now=now,
+                event_type=EventType.WORKFLOW_CANCELLED,
+            )
+    else:
+        tasks_cancel(TaskExecution.objects.filter(pk=task.pk), reason=reason, now=now)
+    task.refresh_from_db()
+    return task
+
+
+def _task_reset(task: TaskExecution) -> None:
+    task.status = TaskExecution.Status.PENDING
+    task.retry_count = 0
+    task.error = None
+    task.completed_at = None
+    task.save(update_fields=["status", "retry_count", "error", "completed_at"])
+
+
+@transaction.atomic
+def workflow_resume(*, workflow_id: str) -> Workflow:
+    """Resume a failed (or cancelled) workflow from its unfinished tasks: failed, timed-out
+    and cancelled tasks get a fresh retry budget; completed ones keep their results."""
+    workflow = Workflow.objects.select_for_update().get(pk=workflow_id)
+    if workflow.status not in (Workflow.Status.FAILED, Workflow.Status.CANCELLED):
+        raise TransitionError(f"workflow {workflow_id} is {workflow.status}; only a failed or cancelled one resumes")
+    now = timezone.now()
+    tasks = list(TaskExecution.objects.select_for_update().filter(workflow=workflow).order_by("execution_id"))
+    redo = [t for t in tasks if t.status != TaskExecution.Status.COMPLETED]
+    if not redo:
+        raise TransitionError(f"workflow {workflow_id} has no unfinished task to resume")
+    for task in redo:
+        _task_reset(task)
+        task_event(task, EventType.TASK_RETRYING, payload={"reason": "workflow resumed"})
+    done = {t.task_name for t in tasks if t.status == TaskExecution.Status.COMPLETED}
+    workflow.status = Workflow.Status.RUNNING
+    workflow.error = None
+    workflow.completed_at = None
+    workflow.failed_steps = 0
+    workflow.save(update_fields=["status", "error", "completed_at", "failed_steps"])
+    workflow_event(workflow, EventType.WORKFLOW_RESUMED, payload={"tasks": [t.task_name for t in redo]})
+    tasks_queue([t for t in redo if set(t.depends_on) <= done], now=now)
+    return workflow
+
+
+@transaction.atomic
+def task_retry(*, execution_id: str) -> TaskExecution:
+    """Retry one failed, timed-out or cancelled task (and resume its workflow if it failed)."""
+    task = TaskExecution.objects.select_for_update().get(pk=execution_id)
+    if task.status not in (TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT, TaskExecution.Status.CANCELLED):
+        raise TransitionError(f"task {execution_id} is {task.status}; only a failed or cancelled task is retried")
+    if task.workflow_id:
+        workflow = Workflow.objects.select_for_update().get(pk=task.workflow_id)
+        if workflow.status != Workflow.Status.RUNNING:
+            workflow_resume(workflow_id=workflow.workflow_id)
+            task.refresh_from_db()
+            return task
+        done = set(
+            TaskExecution.objects.filter(workflow=workflow, status=TaskExecution.Status.COMPLETED).values_list(
+                "task_name", flat=True
+            )
+        )
+        if not set(task.depends_on) <= done:
+            raise SpecError([f"task {task.task_name} depends on unfinished tasks; resume the workflow instead"])
+        Workflow.objects.filter(pk=workflow.pk).update(failed_steps=max(workflow.failed_steps - 1, 0))
+    _task_reset(task)
+    task_event(task, EventType.TASK_RETRYING, payload={"reason": "retried by user"})
+    tasks_queue([task], now=timezone.now())
+    return task

@@ -1,0 +1,42 @@
+"""Celery tasks: each takes ids and JSON-safe values and calls one service."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from orchestration.services.execution import attempt_run
+
+
+@shared_task(name="orchestration.run_task", bind=True, acks_late=True, reject_on_worker_lost=True)
+def run_task(self, execution_id: str) -> str:
+    """Run one attempt of a task execution (the message's id identifies the attempt)."""
+    delivery = self.request.delivery_info or {}
+    return attempt_run(
+        execution_id=execution_id,
+        celery_task_id=self.request.id,
+        worker=self.request.hostname or "",
+        redelivered=bool(delivery.get("redelivered")),
+    ).value
+
+
+@shared_task(name="orchestration.reap_stale_tasks", acks_late=False, ignore_result=True)
+def reap_stale_tasks() -> dict[str, int]:
+    """Close abandoned attempts, fail workflows past their deadline, re-send lost messages."""
+    from orchestration.services.reaper import attempts_reap, queued_sweep
+
+    result = attempts_reap()
+    resent = queued_sweep()
+    return {
+        "timed_out": len(result.timed_out),
+        "lost": len(result.lost),
+        "workflows_failed": len(result.workflows_failed),
+        "resent": len(resent),
+    }
+
+
+@shared_task(name="orchestration.relay_events", acks_late=False, ignore_result=True)
+def relay_events() -> int:
+    """Publish committed events to the Synapse stream, in order."""
+    from orchestration.services.relay import events_relay
+
+    return events_relay().published

@@ -1,0 +1,325 @@
+"""Execution on real Celery workers (subprocesses, prefork pool) against the test
+PostgreSQL database and Redis. No eager mode anywhere."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.services.reaper import attempts_reap
+from orchestration.services.workflows import workflow_cancel, workflow_submit
+from tests.engine import wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+A = TaskAttempt.Status
+T = TaskExecution.Status
+
+
+def submit(*tasks: dict, **fields: object) -> Workflow:
+    workflow, _ = workflow_submit(spec={"name": "test", **fields, "tasks": list(tasks)})
+    return workflow
+
+
+def finished(workflow: Workflow, timeout: float = 40) -> Workflow:
+    return wait_for(
+        lambda: (w := Workflow.objects.get(pk=workflow.pk)).is_terminal and w,
+        timeout=timeout,
+        what=f"workflow {workflow.pk} to finish",
+    )
+
+
+def task(workflow: Workflow, name: str) -> TaskExecution:
+    return TaskExecution.objects.get(workflow=workflow, task_name=name)
+
+
+def attempts(workflow: Workflow, name: str) -> list[TaskAttempt]:
+    return list(TaskAttempt.objects.filter(execution__workflow=workflow, execution__task_name=name))
+
+
+def event_types(entity_id: str) -> list[str]:
+    return list(Event.objects.filter(entity_id=entity_id).order_by("sequence").values_list("event_type", flat=True))
+
+
+def running_attempt(workflow: Workflow, name: str) -> TaskAttempt:
+    return wait_for(
+        lambda: (
+            TaskAttempt.objects.filter(execution__workflow=workflow, execution__task_name=name, status=A.RUNNING)
+            .order_by("-attempt_number")
+            .first()
+        ),
+        what=f"{name} to be running",
+    )
+
+
+def test_dag_fans_out_and_in_with_upstream_outputs(engine):
+    engine()
+    wf = submit(
+        {"name": "a", "agent": "echo", "input": {"n": 1}},
+        {"name": "b", "agent": "echo", "input": {"n": 2}, "depends_on": ["a"]},
+        {"name": "c", "agent": "echo", "input": {"n": 3}, "depends_on": ["a"]},
+        {"name": "d", "agent": "echo", "depends_on": ["b", "c"]},
+    )
+    wf = finished(wf)
+    assert wf.status == Workflow.Status.COMPLETED
+    assert (wf.total_steps, wf.completed_steps, wf.failed_steps, wf.error_count) == (4, 4, 0, 0)
+    assert wf.duration_ms == round((wf.completed_at - wf.started_at).total_seconds() * 1000)
+    d = task(wf, "d")
+    assert d.output_data["upstream"] == {
+        "b": {"echo": {"n": 2}, "upstream": {"a": {"echo": {"n": 1}}}},
+        "c": {"echo": {"n": 3}, "upstream": {"a": {"echo": {"n": 1}}}},
+    }
+    assert set(wf.step_results) == {"a", "b", "c", "d"}
+    assert [c["task"] for c in wf.checkpoints][-1] == "d"
+    # d started only after both parents completed
+    b, c = task(wf, "b"), task(wf, "c")
+    assert d.started_at >= max(b.completed_at, c.completed_at)
+    for name in "abcd":
+        t = task(wf, name)
+        assert [(a.attempt_number, a.status) for a in attempts(wf, name)] == [(1, A.SUCCEEDED)]
+        assert event_types(t.execution_id) == ["task_queued", "task_started", "task_completed"]
+        assert t.execution_time_ms == pytest.approx(attempts(wf, name)[0].duration_ms)
+    assert event_types(wf.workflow_id) == ["workflow_created", "workflow_started", "workflow_completed"]
+
+
+def test_retryable_errors_are_retried_with_backoff_and_every_attempt_is_recorded(engine):
+    engine()
+    wf = finished(submit({"name": "f", "agent": "flaky", "input": {"fail_times": 2}, "max_retries": 3}))
+    t = task(wf, "f")
+    assert (t.status, t.retry_count, t.error) == (T.COMPLETED, 2, None)
+    tries = attempts(wf, "f")
+    assert [(a.attempt_number, a.status, a.cause) for a in tries] == [
+        (1, A.FAILED, "error"),
+        (2, A.FAILED, "error"),
+        (3, A.SUCCEEDED, None),
+    ]
+    assert tries[0].error_class == "orchestration.errors.RetryableError" and tries[0].retryable is True
+    assert "planned failure 1 of 2" in tries[0].error and "Traceback" in tries[0].traceback
+    retrying = list(Event.objects.filter(entity_id=t.execution_id, event_type="task_retrying").order_by("sequence"))
+    countdowns = [e.payload["countdown_s"] for e in retrying]
+    assert len(countdowns) == 2 and all(c > 0 for c in countdowns)
+    for previous, nxt, countdown in zip(tries, tries[1:], countdowns, strict=False):
+        # the next try did not start before its backoff had passed
+        assert (nxt.started_at - previous.finished_at).total_seconds() >= countdown - 0.01
+    assert t.execution_time_ms == pytest.approx(sum(a.duration_ms for a in tries))
+    assert wf.error_count == 2
+
+
+def test_non_retryable_error_fails_at_once_and_cancels_dependents(engine):
+    engine()
+    wf = finished(
+        submit(
+            {"name": "bad", "agent": "fail", "input": {"retryable": False, "message": "no"}, "max_retries": 3},
+            {"name": "after", "agent": "echo", "depends_on": ["bad"]},
+        )
+    )
+    assert wf.status == Workflow.Status.FAILED
+    assert "task bad failed" in wf.error and "PermanentError: no" in wf.error
+    assert [(a.status, a.retryable) for a in attempts(wf, "bad")] == [(A.FAILED, False)]
+    assert task(wf, "bad").retry_count == 0
+    assert task(wf, "after").status == T.CANCELLED
+    assert attempts(wf, "after") == []
+    assert (wf.failed_steps, wf.completed_steps) == (1, 0)
+
+
+def test_retryable_error_fails_the_task_once_retries_are_used_up(engine):
+    engine()
+    wf = finished(submit({"name": "bad", "agent": "fail", "input": {"retryable": True}, "max_retries": 2}))
+    t = task(wf, "bad")
+    assert (t.status, t.retry_count) == (T.FAILED, 2)
+    assert [a.status for a in attempts(wf, "bad")] == [A.FAILED] * 3
+    assert event_types(t.execution_id).count("task_retrying") == 2
+    assert event_types(t.execution_id)[-1] == "task_failed"
+
+
+def test_continue_on_failure_runs_independent_branches(engine):
+    engine()
+    wf = finished(
+        submit(
+            {"name": "bad", "agent": "fail", "max_retries": 0},
+            {"name": "blocked", "agent": "echo", "depends_on": ["bad"]},
+            {"name": "free", "agent": "echo"},
+            continue_on_failure=True,
+        )
+    )
+    assert wf.status == Workflow.Status.FAILED
+    assert (task(wf, "free").status, task(wf, "blocked").status) == (T.COMPLETED, T.CANCELLED)
+    assert (wf.completed_steps, wf.failed_steps) == (1, 1)
+
+
+def test_soft_timeout_is_recorded_then_the_retry_succeeds(engine):
+    engine()
+    wf = finished(
+        submit(
+            {
+                "name": "slow",
+                "agent": "sleep",
+                "input": {"seconds": 5, "on_attempts": [1]},
+                "timeout_seconds": 1,
+                "max_retries": 1,
+            }
+        )
+    )
+    tries = attempts(wf, "slow")
+    assert [(a.status, a.cause) for a in tries] == [(A.TIMED_OUT, "soft_timeout"), (A.SUCCEEDED, None)]
+    assert tries[0].timeout_seconds == 1
+    assert 900 <= tries[0].duration_ms < 3000
+    assert "task_timed_out" in event_types(task(wf, "slow").execution_id)
+    assert wf.status == Workflow.Status.COMPLETED
+
+
+def test_hard_timeout_kills_the_attempt_and_the_reaper_records_it(engine, settings):
+    engine()
+    wf = submit(
+        {
+            "name": "stuck",
+            "agent": "sleep",
+            "input": {"seconds": 30, "on_attempts": [1], "ignore_soft_timeout": True},
+            "timeout_seconds": 1,
+            "max_retries": 1,
+        }
+    )
+    first = running_attempt(wf, "stuck")
+    # hard limit = 1 s + 1 s grace; the reaper waits 1 s more before it closes the attempt
+    wait_for(lambda: attempts_reap().timed_out, timeout=20, interval=0.5, what="the reaper to close the attempt")
+    first.refresh_from_db()
+    assert (first.status, first.cause) == (A.TIMED_OUT, "hard_timeout")
+    assert "hard time limit of 2 s" in first.error
+    wf = finished(wf)
+    assert [(a.attempt_number, a.status) for a in attempts(wf, "stuck")] == [(1, A.TIMED_OUT), (2, A.SUCCEEDED)]
+    assert wf.status == Workflow.Status.COMPLETED
+
+
+def test_sigkill_of_the_worker_process_mid_task_records_a_lost_attempt_and_completes(engine):
+    worker = engine(concurrency=1)
+    wf = submit({"name": "victim", "agent": "sleep", "input": {"seconds": 4, "on_attempts": [1]}, "max_retries": 2})
+    running_attempt(wf, "victim")
+    assert worker.kill_children()
+    wf = finished(wf)
+    tries = attempts(wf, "victim")
+    assert [(a.attempt_number, a.status, a.cause) for a in tries] == [
+        (1, A.LOST, "worker_lost"),
+        (2, A.SUCCEEDED, None),
+    ]
+    assert tries[1].redelivered is True
+    assert task(wf, "victim").retry_count == 1
+    assert "task_lost" in event_types(task(wf, "victim").execution_id)
+
+
+def test_sigkill_with_no_retries_left_fails_the_task(engine):
+    worker = engine(concurrency=1)
+    wf = submit({"name": "victim", "agent": "sleep", "input": {"seconds": 4}, "max_retries": 0})
+    running_attempt(wf, "victim")
+    worker.kill_children()
+    wf = finished(wf)
+    assert wf.status == Workflow.Status.FAILED
+    assert [(a.status, a.cause) for a in attempts(wf, "victim")] == [(A.LOST, "worker_lost")]
+    assert task(wf, "victim").status == T.FAILED
+
+
+def test_whole_worker_killed_the_reaper_recovers_and_a_new_worker_completes(engine):
+    first = engine(concurrency=1)
+    wf = submit(
+        {"name": "victim", "agent": "sleep", "input": {"seconds": 30, "on_attempts": [1]}, "timeout_seconds": 2}
+    )
+    lost = running_attempt(wf, "victim")
+    first.kill()
+    second = engine(concurrency=1)
+    wait_for(lambda: attempts_reap().lost, timeout=20, interval=0.5, what="the reaper to close the lost attempt")
+    lost.refresh_from_db()
+    assert (lost.status, lost.cause, lost.worker) == (A.LOST, "worker_lost", first.name)
+    wf = finished(wf)
+    assert wf.status == Workflow.Status.COMPLETED
+    done = attempts(wf, "victim")[-1]
+    assert (done.attempt_number, done.status, done.worker) == (2, A.SUCCEEDED, second.name)
+
+
+def test_duplicate_delivery_runs_nothing_and_records_nothing_new(engine):
+    from orchestration.tasks import run_task
+
+    engine()
+    wf = finished(submit({"name": "once", "agent": "echo"}))
+    t = task(wf, "once")
+    events_before = Event.objects.count()
+    # the broker delivers the same message again, twice
+    for _ in range(2):
+        run_task.apply_async(args=[t.execution_id], task_id=t.celery_task_id, queue=t.priority)
+    time.sleep(2)
+    assert len(attempts(wf, "once")) == 1
+    assert Event.objects.count() == events_before
+    wf.refresh_from_db()
+    assert wf.completed_steps == 1
+
+
+def test_parents_finishing_together_on_two_workers_dispatch_the_child_once(engine):
+    engine(concurrency=1)
+    engine(concurrency=1)
+    workflows = [
+        submit(
+            {"name": "p1", "agent": "sleep", "input": {"seconds": 0.5}},
+            {"name": "p2", "agent": "sleep", "input": {"seconds": 0.5}},
+            {"name": "child", "agent": "echo", "depends_on": ["p1", "p2"]},
+        )
+        for _ in range(4)
+    ]
+    for wf in workflows:
+        wf = finished(wf)
+        assert wf.status == Workflow.Status.COMPLETED
+        child = task(wf, "child")
+        assert event_types(child.execution_id) == ["task_queued", "task_started", "task_completed"]
+        assert len(attempts(wf, "child")) == 1
+    workers = {a.worker for a in TaskAttempt.objects.filter(execution__task_name__in=["p1", "p2"])}
+    assert len(workers) == 2, "both workers took part"
+
+
+def test_cancelling_a_workflow_stops_running_work_and_cancels_the_rest(engine):
+    engine()
+    wf = submit(
+        {"name": "long", "agent": "sleep", "input": {"seconds": 20}},
+        {"name": "next", "agent": "echo", "depends_on": ["long"]},
+    )
+    attempt = running_attempt(wf, "long")
+    workflow_cancel(workflow_id=wf.workflow_id, reason="operator said stop")
+    wf.refresh_from_db()
+    attempt.refresh_from_db()
+    assert wf.status == Workflow.Status.CANCELLED
+    assert (attempt.status, attempt.cause) == (A.CANCELLED, "cancelled")
+    assert {task(wf, "long").status, task(wf, "next").status} == {T.CANCELLED}
+    assert "workflow_cancelled" in event_types(wf.workflow_id)
+    time.sleep(2)
+    attempt.refresh_from_db()
+    assert attempt.status == A.CANCELLED, "the terminated process recorded nothing afterwards"
+
+
+def test_deadline_fails_the_workflow(engine):
+    import datetime as dt
+
+    from django.utils import timezone
+
+    engine()
+    wf = submit(
+        {"name": "long", "agent": "sleep", "input": {"seconds": 20}},
+        deadline=(timezone.now() + dt.timedelta(seconds=2)).isoformat(),
+    )
+    running_attempt(wf, "long")
+    wait_for(lambda: attempts_reap().workflows_failed, timeout=15, interval=0.5, what="the deadline to be enforced")
+    wf.refresh_from_db()
+    assert wf.status == Workflow.Status.FAILED
+    assert "deadline" in wf.error
+    assert task(wf, "long").status == T.CANCELLED
+
+
+def test_per_agent_concurrency_limit_makes_excess_tasks_wait(engine):
+    from orchestration.models import Agent
+
+    Agent.objects.filter(pk="sleep").update(max_concurrency=1)
+    engine(concurrency=3)
+    wf = finished(submit(*({"name": f"s{i}", "agent": "sleep", "input": {"seconds": 0.7}} for i in range(3))))
+    assert wf.status == Workflow.Status.COMPLETED
+    spans = sorted((a.started_at, a.finished_at) for a in TaskAttempt.objects.filter(execution__workflow=wf))
+    assert len(spans) == 3, "excess tasks waited instead of failing or making extra attempts"
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end, "two attempts of the agent overlapped"
