@@ -14,7 +14,7 @@ break them:
 
 from django.db import migrations
 
-from orchestration.migrations._rules import sqlite_updated_at_trigger
+from orchestration.sqlite_rules import sqlite_rules_install, sqlite_rules_remove
 
 MUTABLE_TABLES = {
     "agents": "id",
@@ -105,59 +105,21 @@ POSTGRESQL_BACKWARD = [
     "DROP FUNCTION IF EXISTS events_reject_change()",
 ]
 
-# SQLite (the embedded first-run default) has no TRUNCATE and no statement-level triggers;
-# row-level triggers give the same guarantees for UPDATE and DELETE.
-SQLITE_FORWARD = [
-    """
-    CREATE TRIGGER events_append_only_update BEFORE UPDATE ON events
-    BEGIN SELECT RAISE(ABORT, 'events is append-only: UPDATE is not allowed'); END
-    """,
-    """
-    CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
-    BEGIN SELECT RAISE(ABORT, 'events is append-only: DELETE is not allowed'); END
-    """,
-    """
-    CREATE TRIGGER task_attempts_immutable_once_finished BEFORE UPDATE ON task_attempts
-    WHEN OLD.status <> 'running'
-    BEGIN SELECT RAISE(ABORT, 'task attempt is finished and cannot change'); END
-    """,
-    *[sqlite_updated_at_trigger(table, pk) for table, pk in MUTABLE_TABLES.items()],
-    *[
-        f"""
-        CREATE TRIGGER calc_workflow_duration_{when} AFTER {when.upper()} ON workflows
-        BEGIN
-            UPDATE workflows SET duration_ms = CASE
-                WHEN NEW.status IN {TERMINAL_WORKFLOW} AND NEW.started_at IS NOT NULL AND NEW.completed_at IS NOT NULL
-                THEN CAST(round((julianday(NEW.completed_at) - julianday(NEW.started_at)) * 86400000) AS INTEGER)
-                ELSE NULL END
-            WHERE workflow_id = NEW.workflow_id;
-        END
-        """
-        for when in ("insert", "update")
-    ],
-    "CREATE INDEX idx_events_created ON events (created_at)",
-]
-SQLITE_BACKWARD = [
-    "DROP INDEX IF EXISTS idx_events_created",
-    "DROP TRIGGER IF EXISTS calc_workflow_duration_insert",
-    "DROP TRIGGER IF EXISTS calc_workflow_duration_update",
-    *[f"DROP TRIGGER IF EXISTS update_{table}_updated_at" for table in MUTABLE_TABLES],
-    "DROP TRIGGER IF EXISTS task_attempts_immutable_once_finished",
-    "DROP TRIGGER IF EXISTS events_append_only_update",
-    "DROP TRIGGER IF EXISTS events_append_only_delete",
-]
 
-STATEMENTS = {
-    "postgresql": (POSTGRESQL_FORWARD, POSTGRESQL_BACKWARD),
-    "sqlite": (SQLITE_FORWARD, SQLITE_BACKWARD),
-}
-
-
+# SQLite (the embedded first-run default): see orchestration/sqlite_rules.py, which also
+# re-installs them after every migrate (SQLite rebuilds a table to alter it, dropping its
+# triggers).
 def _run(schema_editor, direction: int) -> None:
     vendor = schema_editor.connection.vendor
-    if vendor not in STATEMENTS:
+    if vendor == "sqlite":
+        if direction == 0:
+            sqlite_rules_install(schema_editor.connection)
+        else:
+            sqlite_rules_remove(schema_editor.connection)
+        return
+    if vendor != "postgresql":
         raise RuntimeError(f"no database rules for {vendor}; use PostgreSQL or SQLite")
-    for statement in STATEMENTS[vendor][direction]:
+    for statement in (POSTGRESQL_FORWARD, POSTGRESQL_BACKWARD)[direction]:
         schema_editor.execute(statement, params=None)
 
 

@@ -15,7 +15,11 @@ class ApiKey(TimestampedModel):
     secret_hash = models.CharField(max_length=128)
     name = models.CharField(max_length=100)
     owner = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys", db_column="owner_id"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="api_keys",
+        db_column="owner_id",
+        db_index=False,
     )
     permissions = models.JSONField(
         default=list, blank=True, help_text="seed 004 permission names; empty means the owner's role"
@@ -28,7 +32,6 @@ class ApiKey(TimestampedModel):
         db_table = "api_keys"
         ordering = ["-created_at"]
         verbose_name = "API key"
-        indexes = [models.Index(fields=["owner"], name="idx_api_keys_owner")]
         constraints = [
             models.UniqueConstraint(fields=["owner", "name"], name="api_keys_owner_name_unique"),
         ]

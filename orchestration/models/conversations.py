@@ -22,7 +22,13 @@ class AgentPlaygroundMessage(CreatedModel):
     message_id = models.CharField(primary_key=True, max_length=255, default=new_id, editable=False)
     instance_id = models.CharField(max_length=255, help_text="the conversation thread")
     agent = models.ForeignKey(
-        Agent, on_delete=models.SET_NULL, null=True, blank=True, related_name="messages", db_column="agent_id"
+        Agent,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="messages",
+        db_column="agent_id",
+        db_index=False,
     )
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL,
@@ -94,6 +100,7 @@ class AgentInteraction(CreatedModel):
         blank=True,
         related_name="interactions",
         db_column="workflow_id",
+        db_index=False,
     )
     execution = models.ForeignKey(
         TaskExecution,
@@ -104,7 +111,7 @@ class AgentInteraction(CreatedModel):
         db_column="execution_id",
     )
     from_agent = models.ForeignKey(
-        Agent, on_delete=models.PROTECT, related_name="interactions_sent", db_column="from_agent_id"
+        Agent, on_delete=models.PROTECT, related_name="interactions_sent", db_column="from_agent_id", db_index=False
     )
     to_agent = models.ForeignKey(
         Agent, on_delete=models.PROTECT, related_name="interactions_received", db_column="to_agent_id"

@@ -36,7 +36,9 @@ class AgentMetric(CreatedModel):
     Period = AgentMetricPeriod
 
     id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
-    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="metrics", db_column="agent_id")
+    agent = models.ForeignKey(
+        Agent, on_delete=models.CASCADE, related_name="metrics", db_column="agent_id", db_index=False
+    )
     metric_type = models.CharField(max_length=50, choices=MetricType.choices)
     metric_value = models.FloatField()
     metric_unit = models.CharField(max_length=20, null=True, blank=True)

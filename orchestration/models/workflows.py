@@ -58,6 +58,7 @@ class Workflow(TimestampedModel):
         blank=True,
         related_name="workflows",
         db_column="owner_id",
+        db_index=False,
     )
     initiator = models.CharField(max_length=100, blank=True, default="", help_text="user or system that started it")
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)
@@ -131,8 +132,11 @@ class TaskExecution(TimestampedModel):
         blank=True,
         related_name="tasks",
         db_column="workflow_id",
+        db_index=False,
     )
-    agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="task_executions", db_column="agent_id")
+    agent = models.ForeignKey(
+        Agent, on_delete=models.PROTECT, related_name="task_executions", db_column="agent_id", db_index=False
+    )
     parent_task = models.ForeignKey(
         "self",
         on_delete=models.SET_NULL,
@@ -233,7 +237,7 @@ class TaskAttempt(TimestampedModel):
     Cause = TaskAttemptCause
 
     execution = models.ForeignKey(
-        TaskExecution, on_delete=models.CASCADE, related_name="attempts", db_column="execution_id"
+        TaskExecution, on_delete=models.CASCADE, related_name="attempts", db_column="execution_id", db_index=False
     )
     attempt_number = models.PositiveIntegerField()
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.RUNNING)

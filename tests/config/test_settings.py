@@ -111,7 +111,9 @@ class TestSettingsModules:
 
     def test_local_default_is_sqlite_under_var(self, tmp_path):
         result = run_manage(
-            "shell", "-c", "from django.conf import settings; print(settings.DATABASES['default']['NAME'])",
+            "shell",
+            "-c",
+            "from django.conf import settings; print(settings.DATABASES['default']['NAME'])",
             VAR_DIR=str(tmp_path),
         )
         assert result.returncode == 0, result.stderr

@@ -2,7 +2,7 @@
 
 from django.db import migrations
 
-from orchestration.migrations import _rules
+from orchestration.sqlite_rules import sqlite_rules_install
 
 
 def forwards(apps, schema_editor):
@@ -13,7 +13,7 @@ def forwards(apps, schema_editor):
             "FOR EACH ROW EXECUTE FUNCTION update_updated_at_column()"
         )
     elif vendor == "sqlite":
-        schema_editor.execute(_rules.sqlite_updated_at_trigger("export_runs", "id"), params=None)
+        sqlite_rules_install(schema_editor.connection)
     else:
         raise RuntimeError(f"no database rules for {vendor}; use PostgreSQL or SQLite")
 

@@ -1,0 +1,90 @@
+"""The database rules of migration 0002 for SQLite, the embedded first-run database.
+
+SQLite has no TRUNCATE and no statement-level triggers; row-level triggers give the same
+guarantees for UPDATE and DELETE. SQLite alters a table by rebuilding it, which drops its
+triggers, so these are (re)installed, idempotently, after every `migrate` as well.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TERMINAL_WORKFLOW = "('completed', 'failed', 'cancelled')"
+UPDATED_AT_TABLES = {
+    "agents": "id",
+    "workflows": "workflow_id",
+    "task_executions": "execution_id",
+    "task_attempts": "id",
+    "api_keys": "id",
+    "export_runs": "id",
+}
+# Every task_attempts column but updated_at: the updated_at trigger may still touch a row
+# that has just been finished.
+ATTEMPT_COLUMNS = (
+    "execution_id, attempt_number, status, cause, error_class, retryable, error, traceback, worker, "
+    "celery_task_id, delivery_count, redelivered, timeout_seconds, input_tokens, output_tokens, tokens_used, "
+    "cost_usd, started_at, finished_at, duration_ms, created_at"
+)
+
+
+def _rules() -> dict[str, tuple[str, str]]:
+    """trigger name -> (table, CREATE TRIGGER statement)."""
+    rules = {
+        "events_append_only_update": (
+            "events",
+            "CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events "
+            "BEGIN SELECT RAISE(ABORT, 'events is append-only: UPDATE is not allowed'); END",
+        ),
+        "events_append_only_delete": (
+            "events",
+            "CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events "
+            "BEGIN SELECT RAISE(ABORT, 'events is append-only: DELETE is not allowed'); END",
+        ),
+        "task_attempts_immutable_once_finished": (
+            "task_attempts",
+            f"CREATE TRIGGER IF NOT EXISTS task_attempts_immutable_once_finished BEFORE UPDATE OF {ATTEMPT_COLUMNS} "
+            "ON task_attempts WHEN OLD.status <> 'running' "
+            "BEGIN SELECT RAISE(ABORT, 'task attempt is finished and cannot change'); END",
+        ),
+    }
+    for table, pk in UPDATED_AT_TABLES.items():
+        rules[f"update_{table}_updated_at"] = (
+            table,
+            f"CREATE TRIGGER IF NOT EXISTS update_{table}_updated_at AFTER UPDATE ON {table} "
+            "WHEN NEW.updated_at IS OLD.updated_at "
+            f"BEGIN UPDATE {table} SET updated_at = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE {pk} = NEW.{pk}; END",
+        )
+    for when in ("insert", "update"):
+        rules[f"calc_workflow_duration_{when}"] = (
+            "workflows",
+            f"CREATE TRIGGER IF NOT EXISTS calc_workflow_duration_{when} AFTER {when.upper()} ON workflows BEGIN "
+            "UPDATE workflows SET duration_ms = CASE "
+            f"WHEN NEW.status IN {TERMINAL_WORKFLOW} AND NEW.started_at IS NOT NULL AND NEW.completed_at IS NOT NULL "
+            "THEN CAST(round((julianday(NEW.completed_at) - julianday(NEW.started_at)) * 86400000) AS INTEGER) "
+            "ELSE NULL END WHERE workflow_id = NEW.workflow_id; END",
+        )
+    return rules
+
+
+def sqlite_rules_install(connection: Any) -> list[str]:
+    """Create the missing triggers (and the events.created_at index) on existing tables."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        tables = {row[0] for row in cursor.fetchall()}
+        cursor.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+        existing = {row[0] for row in cursor.fetchall()}
+        created = []
+        for name, (table, statement) in _rules().items():
+            if table in tables and name not in existing:
+                cursor.execute(statement)
+                created.append(name)
+        if "events" in tables:
+            cursor.execute("CREATE INDEX IF NOT EXISTS idx_events_created ON events (created_at)")
+    return created
+
+
+def sqlite_rules_remove(connection: Any) -> None:
+    with connection.cursor() as cursor:
+        for name in _rules():
+            cursor.execute(f"DROP TRIGGER IF EXISTS {name}")
+        cursor.execute("DROP INDEX IF EXISTS idx_events_created")
