@@ -1,0 +1,602 @@
+"""The deployable platform: docker-compose.yml, platform/ and everything they name.
+
+Docker cannot run on the build machine, so the stack is checked by parsing its files and
+by checking that each command, module, URL and variable they name exists in the project;
+the web service is started with the environment compose gives it and answers its own
+healthcheck and Prometheus' scrape. `docker compose config` runs too where a compose
+plugin is installed.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import secrets
+import shlex
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.parse
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+PLATFORM_DIR = ROOT / "platform"
+DOCKERFILE = PLATFORM_DIR / "Dockerfile"
+ENTRYPOINT = PLATFORM_DIR / "entrypoint.sh"
+PROMETHEUS_CONFIG = PLATFORM_DIR / "prometheus" / "prometheus.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+
+APP_SERVICES = ("web", "worker", "beat", "synapse")
+REQUIRED_SERVICES = ("postgres", "redis", *APP_SERVICES, "prometheus", "influxdb")
+PRIORITY_QUEUES = ["critical", "high", "normal", "low"]
+APP_ENVIRONMENT = (
+    "DJANGO_SETTINGS_MODULE",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "CELERY_BROKER_URL",
+    "SECRET_KEY",
+    "ALLOWED_HOSTS",
+    "INFLUXDB_URL",
+    "INFLUXDB_TOKEN",
+    "INFLUXDB_ORG",
+    "INFLUXDB_BUCKET",
+    "TRAINING_DATA_DIR",
+)
+WEB_PORT = 8000
+WORKER_METRICS_PORT = 9808
+
+# ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message}; "$$" is
+# compose's escape for a literal "$" (for the container's shell) and is no reference.
+_INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
+_BARE_REFERENCE = re.compile(r"(?<!\$)\$(?![{$])(?=[A-Za-z_])")
+_SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|API_KEY|PRIVATE_KEY")
+_HIGH_ENTROPY = re.compile(r"[A-Za-z0-9+=_-]{24,}")
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    with path.open() as handle:
+        document = yaml.safe_load(handle)
+    assert isinstance(document, dict), f"{path.name} is not a YAML mapping"
+    return document
+
+
+def _compose() -> dict[str, Any]:
+    return _load_yaml(COMPOSE_FILE)
+
+
+def _services() -> dict[str, dict[str, Any]]:
+    return _compose()["services"]
+
+
+def _references(text: str) -> Iterator[re.Match[str]]:
+    for match in _INTERPOLATION.finditer(text):
+        if match["name"]:
+            yield match
+
+
+def _referenced_variables() -> set[str]:
+    return {match["name"] for match in _references(COMPOSE_FILE.read_text())}
+
+
+def _required_variables() -> set[str]:
+    return {match["name"] for match in _references(COMPOSE_FILE.read_text()) if (match["op"] or "").endswith("?")}
+
+
+def _test_variables() -> dict[str, str]:
+    """A value for every variable compose requires, as an operator's .env would give."""
+    return {name: secrets.token_hex(32) for name in sorted(_required_variables())}
+
+
+def _interpolate(text: str, variables: Mapping[str, str]) -> str:
+    """Compose's interpolation, for the forms the compose specification defines."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match[0] == "$$":
+            return "$"
+        name, op, arg = match["name"], match["op"], match["arg"]
+        value = variables.get(name)
+        missing = value is None or (value == "" and op is not None and op.startswith(":"))
+        if op and op.endswith("-"):
+            return arg if missing else value
+        if op and op.endswith("?"):
+            if missing:
+                raise KeyError(f"${{{name}}} is required: {arg}")
+            return value
+        return value or ""
+
+    return _INTERPOLATION.sub(replace, text)
+
+
+def _environment(service: Mapping[str, Any]) -> dict[str, str]:
+    environment = service.get("environment") or {}
+    if isinstance(environment, list):
+        environment = dict(item.split("=", 1) if "=" in item else (item, "") for item in environment)
+    return {key: "" if value is None else str(value) for key, value in environment.items()}
+
+
+def _argv(command: str | list[str], variables: Mapping[str, str] | None = None) -> list[str]:
+    """A command as its process sees it (string commands are split the way compose does)."""
+    variables = {} if variables is None else variables
+    if isinstance(command, str):
+        return shlex.split(_interpolate(command, variables))
+    return [_interpolate(str(part), variables) for part in command]
+
+
+def _healthcheck_argv(service: Mapping[str, Any]) -> list[str]:
+    test = service["healthcheck"]["test"]
+    if isinstance(test, str):
+        return shlex.split(test)
+    kind, *rest = test
+    if kind == "CMD-SHELL":
+        return shlex.split(_interpolate(rest[0], {}))
+    return _argv(rest)
+
+
+def _app_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv) for every command an application container runs, healthchecks included."""
+    commands = []
+    for name in APP_SERVICES:
+        service = _services()[name]
+        commands.append((f"{name} command", _argv(service.get("command") or [])))
+        commands.append((f"{name} healthcheck", _healthcheck_argv(service)))
+    return commands
+
+
+def _entrypoint_web_mode() -> str:
+    match = re.search(r"^\s*web\)\n(?P<body>.*?)^\s*;;", ENTRYPOINT.read_text(), re.MULTILINE | re.DOTALL)
+    assert match, "platform/entrypoint.sh has no `web)` mode"
+    return match["body"]
+
+
+def _management_commands_named() -> list[tuple[str, str]]:
+    named = []
+    for where, argv in _app_commands():
+        named += [(where, argv[i + 1]) for i, arg in enumerate(argv[:-1]) if arg == "manage.py"]
+    named += [("entrypoint web mode", command) for command in re.findall(r"manage\.py\s+(\w+)", _entrypoint_web_mode())]
+    return named
+
+
+def _celery_commands() -> list[tuple[str, list[str]]]:
+    return [(where, argv) for where, argv in _app_commands() if argv and argv[0] == "celery"]
+
+
+def _option(argv: list[str], *names: str) -> str | None:
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if name.startswith("--") and arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def _prometheus_jobs() -> dict[str, dict[str, Any]]:
+    return {job["job_name"]: job for job in _load_yaml(PROMETHEUS_CONFIG)["scrape_configs"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _base_process_environment() -> dict[str, str]:
+    return {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "TMPDIR") if key in os.environ}
+
+
+def _app_process_environment(tmp_path: Path) -> dict[str, str]:
+    """The environment compose gives the web container, with writable paths on this machine."""
+    environment = {
+        key: _interpolate(value, _test_variables()) for key, value in _environment(_services()["web"]).items()
+    }
+    return {
+        **_base_process_environment(),
+        **environment,
+        "VAR_DIR": str(tmp_path / "var"),
+        "STATIC_ROOT": str(tmp_path / "static"),
+        "TRAINING_DATA_DIR": str(tmp_path / "training"),
+    }
+
+
+def _docker_compose_available() -> bool:
+    try:
+        result = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+# --- the compose file -------------------------------------------------------------------
+
+
+def test_compose_file_defines_every_service_of_the_stack():
+    missing = sorted(set(REQUIRED_SERVICES) - set(_services()))
+    assert not missing, f"docker-compose.yml lacks services: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(_services()))
+def test_every_service_has_a_healthcheck(name):
+    healthcheck = _services()[name].get("healthcheck") or {}
+    assert not healthcheck.get("disable"), f"{name}: healthcheck disabled"
+    test = healthcheck.get("test")
+    assert test, f"{name}: no healthcheck"
+    if isinstance(test, list):
+        assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, f"{name}: healthcheck test {test!r}"
+
+
+def test_app_services_run_one_image_built_from_the_platform_dockerfile():
+    services = _services()
+    builds = {name: services[name].get("build") for name in APP_SERVICES}
+    images = {name: services[name].get("image") for name in APP_SERVICES}
+    assert len({json.dumps(build, sort_keys=True) for build in builds.values()}) == 1, builds
+    assert len(set(images.values())) == 1 and None not in images.values(), images
+    build = builds["web"]
+    assert isinstance(build, dict), build
+    assert (ROOT / build["context"]).resolve() == ROOT, "the build context is the project root"
+    assert (ROOT / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+    assert DOCKERFILE.is_file()
+    for name in APP_SERVICES:
+        assert "entrypoint" not in services[name], f"{name} bypasses platform/entrypoint.sh"
+
+
+def test_dockerfile_builds_a_non_root_python_311_image_with_the_requirements():
+    dockerfile = DOCKERFILE.read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.MULTILINE)
+    assert re.search(r"pip install .*-r requirements\.txt", dockerfile)
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
+    assert users and users[-1] not in ("root", "0"), f"the image runs as {users[-1] if users else 'root'}"
+    entrypoint = re.search(r'^ENTRYPOINT \["/app/(?P<path>[^"]+)"\]', dockerfile, re.MULTILINE)
+    assert entrypoint and re.search(r"^WORKDIR /app$", dockerfile, re.MULTILINE)
+    assert (ROOT / entrypoint["path"]).resolve() == ENTRYPOINT
+
+
+@pytest.mark.subprocess
+def test_static_files_are_collected_at_build_time_for_the_storage_production_serves_them_from(tmp_path):
+    """Production serves static files through whitenoise's manifest storage; files collected
+    with another storage have no manifest and every page that links a static file fails."""
+    build = re.search(r"DJANGO_SETTINGS_MODULE=(\S+) python manage\.py collectstatic", DOCKERFILE.read_text())
+    assert build, "platform/Dockerfile does not run collectstatic with an explicit settings module"
+    script = "import importlib, json, sys; print(json.dumps(importlib.import_module(sys.argv[1]).STORAGES))"
+
+    def storages(module: str, environment: dict[str, str]) -> dict[str, Any]:
+        result = subprocess.run(
+            [sys.executable, "-c", script, module], cwd=ROOT, env=environment, capture_output=True, text=True
+        )
+        assert result.returncode == 0, f"{module}: {result.stderr}"
+        return json.loads(result.stdout)["staticfiles"]
+
+    # At build time there is no secret, host or database: only the Dockerfile's ENV.
+    build_environment = {**_base_process_environment(), "VAR_DIR": str(tmp_path / "build")}
+    production = storages("config.settings.production", _app_process_environment(tmp_path))
+    assert storages(build[1], build_environment) == production
+
+
+def test_app_services_get_the_production_environment():
+    for name in APP_SERVICES:
+        environment = _environment(_services()[name])
+        missing = [key for key in APP_ENVIRONMENT if key not in environment]
+        assert not missing, f"{name} lacks {missing}"
+        assert environment["DJANGO_SETTINGS_MODULE"] == "config.settings.production"
+
+
+def test_services_start_after_what_they_need_is_healthy():
+    services = _services()
+    for name, service in services.items():
+        depends_on = service.get("depends_on") or {}
+        assert isinstance(depends_on, dict), f"{name}: depends_on needs conditions"
+        for dependency, spec in depends_on.items():
+            assert spec.get("condition") == "service_healthy", f"{name} -> {dependency}: {spec}"
+            assert services[dependency].get("healthcheck"), f"{name} waits on {dependency}, which has no healthcheck"
+    for name in APP_SERVICES:
+        assert {"postgres", "redis"} <= set(services[name].get("depends_on") or {}), name
+    # beat's DatabaseScheduler and the consumers need the schema web's start-up migrates.
+    for name in ("worker", "beat", "synapse"):
+        assert "web" in services[name]["depends_on"], name
+
+
+def test_worker_can_be_scaled_to_many_containers():
+    worker = _services()["worker"]
+    assert "container_name" not in worker
+    assert not worker.get("ports"), "a published host port would collide between worker replicas"
+
+
+def test_training_data_volume_is_shared_by_the_consumer_the_workers_and_beat():
+    compose = _compose()
+    mounts = {}
+    for name in ("synapse", "worker", "beat"):
+        service = compose["services"][name]
+        training_dir = _environment(service)["TRAINING_DATA_DIR"]
+        mounts[name] = [volume for volume in service.get("volumes", []) if volume.split(":")[1] == training_dir]
+        assert len(mounts[name]) == 1, f"{name} does not mount a volume at TRAINING_DATA_DIR={training_dir}"
+    sources = {mount[0].split(":")[0] for mount in mounts.values()}
+    assert len(sources) == 1, sources
+    assert sources <= set(compose["volumes"]), "the training data volume is not a named volume"
+    for name, data_dir in (("postgres", "/var/lib/postgresql/data"), ("influxdb", "/var/lib/influxdb2")):
+        volumes = compose["services"][name].get("volumes", [])
+        assert any(v.split(":")[0] in compose["volumes"] and v.split(":")[1] == data_dir for v in volumes), name
+
+
+def test_influxdb_is_set_up_with_the_org_bucket_and_token_the_app_uses():
+    services = _services()
+    influxdb, app = _environment(services["influxdb"]), _environment(services["web"])
+    assert influxdb["DOCKER_INFLUXDB_INIT_MODE"] == "setup"
+    assert influxdb["DOCKER_INFLUXDB_INIT_ORG"] == app["INFLUXDB_ORG"]
+    assert influxdb["DOCKER_INFLUXDB_INIT_BUCKET"] == app["INFLUXDB_BUCKET"]
+    assert influxdb["DOCKER_INFLUXDB_INIT_ADMIN_TOKEN"] == app["INFLUXDB_TOKEN"]
+    assert urllib.parse.urlsplit(app["INFLUXDB_URL"]).hostname == "influxdb"
+
+
+# --- what the commands name exists --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("where", "command"), [pytest.param(*named, id=f"{named[0]}: {named[1]}") for named in _management_commands_named()]
+)
+def test_management_commands_named_by_the_platform_exist(where, command):
+    from django.core.management import get_commands
+
+    assert command in get_commands(), f"{where} runs `manage.py {command}`, which is no management command"
+
+
+def test_every_app_service_command_is_recognised():
+    """Each app service runs the web mode, manage.py, or celery: what the other tests check."""
+    for name in APP_SERVICES:
+        argv = _argv(_services()[name].get("command") or [])
+        assert argv == ["web"] or argv[:2] == ["python", "manage.py"] or argv[:1] == ["celery"], (name, argv)
+
+
+@pytest.mark.parametrize(("where", "argv"), [pytest.param(*command, id=command[0]) for command in _celery_commands()])
+def test_celery_commands_name_the_project_app_and_an_importable_scheduler(where, argv):
+    from celery import Celery
+    from celery.app.utils import find_app
+    from celery.beat import Scheduler
+    from kombu.utils.imports import symbol_by_name
+
+    app_name = _option(argv, "-A", "--app")
+    assert app_name, f"{where}: no -A"
+    assert isinstance(find_app(app_name), Celery), f"{where}: -A {app_name} finds no Celery app"
+    scheduler = _option(argv, "-S", "--scheduler")
+    if scheduler:
+        assert issubclass(symbol_by_name(scheduler), Scheduler), f"{where}: {scheduler}"
+
+
+def test_the_worker_consumes_every_priority_queue_and_the_default_queue():
+    from celery.app.utils import find_app
+
+    argv = _argv(_services()["worker"]["command"])
+    assert argv[:4] == ["celery", "-A", "config", "worker"], argv
+    queues = (_option(argv, "-Q", "--queues") or "").split(",")
+    assert queues == PRIORITY_QUEUES
+    app = find_app("config")
+    assert app.conf.task_default_queue in queues, "tasks without a route would wait forever"
+    declared = {queue.name for queue in app.conf.task_queues or ()}
+    assert declared <= set(queues), f"declared queues nobody consumes: {sorted(declared - set(queues))}"
+    assert _option(argv, "--concurrency", "-c"), "worker concurrency is not set"
+
+
+def test_the_beat_uses_the_database_scheduler():
+    argv = _argv(_services()["beat"]["command"])
+    assert argv[:4] == ["celery", "-A", "config", "beat"]
+    assert _option(argv, "-S", "--scheduler") == "django_celery_beat.schedulers:DatabaseScheduler"
+
+
+def test_the_entrypoint_web_mode_migrates_and_serves_the_project_wsgi_app():
+    import gunicorn.util
+
+    assert ENTRYPOINT.read_text().startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in ENTRYPOINT.read_text()
+    assert os.access(ENTRYPOINT, os.X_OK), "platform/entrypoint.sh is not executable"
+    subprocess.run(["bash", "-n", str(ENTRYPOINT)], check=True)
+    web = _entrypoint_web_mode()
+    assert "python manage.py migrate --noinput" in web
+    served = re.search(r"exec gunicorn (\S+:\S+)", web)
+    assert served, "web mode does not exec gunicorn"
+    with warnings.catch_warnings():  # whitenoise: no collected static files in this checkout
+        warnings.simplefilter("ignore", UserWarning)
+        assert callable(gunicorn.util.import_app(served[1]))
+    assert re.search(rf"--bind 0\.0\.0\.0:{WEB_PORT}\b", web)
+
+
+@pytest.mark.subprocess
+def test_the_entrypoint_waits_for_reachable_dependencies_then_runs_the_command():
+    from django.conf import settings
+
+    environment = {
+        **_base_process_environment(),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DATABASE_URL": os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"),
+        "REDIS_URL": settings.REDIS_URL,
+        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+    }
+    result = subprocess.run(
+        [str(ENTRYPOINT), "python", "-c", "print('ran')"], env=environment, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ran\n"
+    assert subprocess.run([str(ENTRYPOINT), "check-deps"], env=environment, timeout=60, check=False).returncode == 0
+
+
+@pytest.mark.subprocess
+def test_the_entrypoint_gives_up_on_an_unreachable_dependency_and_names_it():
+    environment = {
+        **_base_process_environment(),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "REDIS_URL": f"redis://127.0.0.1:{_free_port()}/0",
+        "WAIT_TIMEOUT": "2",
+    }
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(ENTRYPOINT), "python", "-c", "print('ran')"], env=environment, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert result.stdout == "", "the command ran although its dependency was unreachable"
+    assert "REDIS_URL" in result.stderr
+    assert time.monotonic() - started < 30
+    check = subprocess.run([str(ENTRYPOINT), "check-deps"], env=environment, capture_output=True, timeout=60)
+    assert check.returncode != 0
+
+
+# --- variables and secrets ----------------------------------------------------------------
+
+
+def test_compose_references_variables_only_in_braces():
+    text = COMPOSE_FILE.read_text()
+    assert not _BARE_REFERENCE.search(text), "use ${NAME} (or $$ for a literal dollar sign)"
+    assert _referenced_variables(), "docker-compose.yml references no variable at all"
+
+
+def test_every_variable_compose_references_is_documented_in_env_example():
+    if not ENV_EXAMPLE.exists():
+        pytest.skip(f".env.example does not exist yet; compose references {sorted(_referenced_variables())}")
+    documented = set(re.findall(r"^[#\s]*([A-Za-z_][A-Za-z0-9_]*)=", ENV_EXAMPLE.read_text(), re.MULTILINE))
+    undocumented = sorted(_referenced_variables() - documented)
+    assert not undocumented, f"docker-compose.yml references variables .env.example does not list: {undocumented}"
+
+
+def test_compose_file_holds_no_literal_secrets():
+    """Secrets reach the containers only from required variables (.env or the shell)."""
+    for match in _references(COMPOSE_FILE.read_text()):
+        if _SECRET_NAME.search(match["name"]):
+            assert (match["op"] or "").endswith("?"), f"${{{match['name']}}} must be required, with no default"
+    variables = _test_variables()
+    from_required_variables = set(variables.values())
+    for name, service in _services().items():
+        assert "env_file" not in service, f"{name}: env_file would pass the whole .env into the container"
+        for key, raw in _environment(service).items():
+            value = _interpolate(raw, variables)
+            if _SECRET_NAME.search(key):
+                assert value in from_required_variables, f"{name}: {key} is not taken from a required variable"
+            password = urllib.parse.urlsplit(value).password if "://" in value else None
+            if password:
+                assert password in from_required_variables, f"{name}: {key} holds a literal password"
+    literals = _INTERPOLATION.sub(" ", COMPOSE_FILE.read_text())
+    suspicious = [token for token in _HIGH_ENTROPY.findall(literals) if re.search(r"\d", token)]
+    assert not suspicious, f"docker-compose.yml holds secret-looking literals: {suspicious}"
+
+
+@pytest.mark.subprocess
+def test_docker_compose_config_accepts_the_file():
+    if not _docker_compose_available():
+        pytest.skip("no docker compose plugin on this machine; docker-compose.yml was checked by parsing only")
+    result = subprocess.run(
+        ["docker", "compose", "-f", str(COMPOSE_FILE), "config", "-q"],
+        cwd=ROOT,
+        env={**os.environ, **_test_variables()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# --- platform/ is no Python package ------------------------------------------------------
+
+
+def test_platform_directory_holds_no_python_package():
+    assert not list(PLATFORM_DIR.rglob("__init__.py"))
+    assert not list(PLATFORM_DIR.rglob("*.py")), "platform/ holds deployment files only"
+    assert not (ROOT / "platform.py").exists()
+
+
+@pytest.mark.subprocess
+def test_import_platform_from_the_project_root_gives_the_standard_library_module():
+    script = "import platform; print(platform.__file__); print(platform.system())"
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=_base_process_environment(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    module_file, system = result.stdout.splitlines()
+    assert Path(module_file).parent == Path(sysconfig.get_paths()["stdlib"])
+    assert system
+
+
+# --- Prometheus ---------------------------------------------------------------------------
+
+
+def test_prometheus_scrapes_the_web_metrics_url_and_the_workers():
+    from django.urls import resolve
+
+    jobs = _prometheus_jobs()
+    assert {"web", "worker"} <= set(jobs), sorted(jobs)
+    web = jobs["web"]
+    assert resolve(web.get("metrics_path", "/metrics")).func.__module__ == "django_prometheus.exports"
+    web_targets = [target for config in web["static_configs"] for target in config["targets"]]
+    assert web_targets == [f"web:{WEB_PORT}"]
+    allowed_hosts = _interpolate(_environment(_services()["web"])["ALLOWED_HOSTS"], _test_variables()).split(",")
+    assert "web" in allowed_hosts, "Prometheus' Host header (web) would be refused by Django"
+    worker = jobs["worker"]
+    ports = {config["port"] for config in worker.get("dns_sd_configs", [])}
+    ports |= {int(t.rsplit(":", 1)[1]) for c in worker.get("static_configs", []) for t in c["targets"]}
+    assert ports == {WORKER_METRICS_PORT}
+    for config in worker.get("dns_sd_configs", []):
+        assert config["names"] == ["worker"], "the scaled worker service is found by its service name"
+
+
+def test_prometheus_service_mounts_the_platform_scrape_config():
+    volumes = _services()["prometheus"]["volumes"]
+    mounted = [v for v in volumes if v.split(":")[1] == "/etc/prometheus/prometheus.yml"]
+    assert len(mounted) == 1
+    assert (ROOT / mounted[0].split(":")[0]).resolve() == PROMETHEUS_CONFIG
+
+
+@pytest.mark.subprocess
+def test_web_started_as_compose_configures_it_passes_its_healthcheck_and_prometheus_scrape(tmp_path):
+    """Production settings, loaded from exactly the environment compose gives the web
+    container, must accept the healthcheck's and Prometheus' requests (host validation, the
+    HTTPS redirect) — a mismatch would leave web unhealthy and everything after it unstarted."""
+    port = _free_port()
+    log = tmp_path / "gunicorn.log"
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "gunicorn", "config.wsgi:application"),
+            *("--bind", f"127.0.0.1:{port}", "--workers", "1", "--no-control-socket"),
+        ],
+        cwd=ROOT,
+        env=_app_process_environment(tmp_path),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None, f"gunicorn exited:\n{log.read_text()}"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"gunicorn did not listen:\n{log.read_text()}"
+                time.sleep(0.2)
+
+        healthcheck = _healthcheck_argv(_services()["web"])
+        assert healthcheck[0] == "python" and f"127.0.0.1:{WEB_PORT}" in healthcheck[-1], healthcheck
+        healthcheck = [sys.executable, *healthcheck[1:-1], healthcheck[-1].replace(f":{WEB_PORT}", f":{port}")]
+        result = subprocess.run(healthcheck, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, f"{result.stderr}\n{log.read_text()}"
+
+        # Prometheus sends the target as Host, plus the job's http_headers; no redirect may
+        # be involved (it would lead to https://web:8000, which nothing serves).
+        job = _prometheus_jobs()["web"]
+        headers = {name: spec["values"][0] for name, spec in (job.get("http_headers") or {}).items()}
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", job.get("metrics_path", "/metrics"), headers={"Host": f"web:{WEB_PORT}", **headers})
+        response = connection.getresponse()
+        body = response.read().decode()
+        assert response.status == 200, f"{response.status} {response.getheader('Location')}\n{log.read_text()}"
+        assert "django_http_requests_total_by_method_total" in body
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
