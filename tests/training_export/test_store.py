@@ -1,0 +1,276 @@
+"""The training data store: daily CSV partitions, one row per event_id per file, durable writes."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import os
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from training_export.services.store import (
+    StoreError,
+    TrainingDataStore,
+    store_agent_event,
+    store_agent_task,
+    store_tool_execution,
+    store_workflow_data,
+)
+
+EVENTS_HEADER = (
+    "event_id,sequence,event_type,entity_type,entity_id,workflow_id,agent_id,session_id,source,severity,"
+    "created_at,payload\n"
+)
+T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def data_dir(settings, tmp_path: Path) -> Path:
+    settings.TRAINING_DATA_DIR = tmp_path / "training"
+    return settings.TRAINING_DATA_DIR
+
+
+def event_row(event_id: str, created_at: dt.datetime = T0) -> dict[str, object]:
+    return {"event_id": event_id, "event_type": "agent_started", "created_at": created_at, "payload": {}}
+
+
+def event_ids(path: Path) -> list[str]:
+    with path.open(newline="") as fh:
+        return [row["event_id"] for row in csv.DictReader(fh)]
+
+
+def test_store_agent_event_appends_the_row_to_the_events_file_of_its_utc_day(data_dir):
+    eastern_evening = dt.datetime(2024, 1, 1, 23, 30, tzinfo=dt.timezone(dt.timedelta(hours=-5)))
+
+    path = store_agent_event(
+        event_type="agent_started",
+        event_id="ev-1",
+        sequence=7,
+        agent_id="agent-123",
+        payload={"model": "llama3:8b", "a": [1, 2]},
+        created_at=eastern_evening,
+    )
+
+    assert path == data_dir / "events" / "events_2024-01-02.csv"
+    assert path.read_text() == (
+        EVENTS_HEADER
+        + "ev-1,7,agent_started,,,,agent-123,,platform,info,2024-01-02T04:30:00+00:00,"
+        + '"{""a"":[1,2],""model"":""llama3:8b""}"\n'
+    )
+
+
+def test_store_agent_task_writes_the_tasks_row(data_dir):
+    path = store_agent_task(
+        execution_id="ex-1",
+        workflow_id="wf-1",
+        agent_id="akira-001",
+        task_name="summarize",
+        task_type="llm",
+        status="failed",
+        input_data={"text": "hello", "b": None},
+        output_data="partial",
+        error='boom, "quoted"\nsecond line',
+        retry_count=2,
+        max_retries=3,
+        timeout_seconds=60,
+        execution_time_ms=250.5,
+        input_tokens=30,
+        output_tokens=12,
+        tokens_used=42,
+        cost_usd=Decimal("0.012500"),
+        created_at=T0,
+        started_at=T0 + dt.timedelta(seconds=1),
+        completed_at=T0 + dt.timedelta(seconds=2, milliseconds=500),
+        event_id="ev-9",
+        recorded_at=T0 + dt.timedelta(days=1),
+    )
+
+    assert path == data_dir / "tasks" / "tasks_2024-03-06.csv"
+    assert path.read_text() == (
+        "execution_id,workflow_id,agent_id,task_name,task_type,status,input_data,output_data,error,retry_count,"
+        "max_retries,timeout_seconds,execution_time_ms,input_tokens,output_tokens,tokens_used,cost_usd,created_at,"
+        "started_at,completed_at,event_id\n"
+        'ex-1,wf-1,akira-001,summarize,llm,failed,"{""b"":null,""text"":""hello""}","""partial""",'
+        '"boom, ""quoted""\nsecond line",2,3,60,250.5,30,12,42,0.012500,2024-03-05T10:00:00+00:00,'
+        "2024-03-05T10:00:01+00:00,2024-03-05T10:00:02.500000+00:00,ev-9\n"
+    )
+
+
+def test_store_tool_execution_writes_seed_002s_fields(data_dir):
+    path = store_tool_execution(
+        execution_id="exec-456",
+        agent_id="agent-123",
+        tool_name="calculate",
+        input_params={"expression": "2+2"},
+        output_result={"result": 4},
+        execution_time_ms=12.5,
+        created_at=T0,
+        event_id="ev-2",
+    )
+
+    assert path == data_dir / "tool_executions" / "tool_executions_2024-03-05.csv"
+    assert path.read_text() == (
+        "execution_id,agent_id,tool_name,input_params,output_result,execution_time_ms,error,created_at,event_id\n"
+        'exec-456,agent-123,calculate,"{""expression"":""2+2""}","{""result"":4}",12.5,,2024-03-05T10:00:00+00:00,ev-2\n'
+    )
+
+
+def test_store_workflow_data_writes_the_workflows_row(data_dir):
+    path = store_workflow_data(
+        workflow_id="wf-1",
+        name="research",
+        workflow_type="pipeline",
+        status="completed",
+        total_steps=3,
+        completed_steps=3,
+        duration_ms=5250,
+        total_tokens_used=420,
+        total_cost_usd=Decimal("0.125000"),
+        created_at=T0,
+        started_at=T0,
+        completed_at=T0 + dt.timedelta(seconds=5.25),
+        event_id="ev-3",
+        recorded_at=T0,
+    )
+
+    assert path == data_dir / "workflows" / "workflows_2024-03-05.csv"
+    assert path.read_text() == (
+        "workflow_id,name,workflow_type,status,total_steps,completed_steps,failed_steps,error,duration_ms,"
+        "total_tokens_used,total_cost_usd,created_at,started_at,completed_at,event_id\n"
+        "wf-1,research,pipeline,completed,3,3,0,,5250,420,0.125000,2024-03-05T10:00:00+00:00,"
+        "2024-03-05T10:00:00+00:00,2024-03-05T10:00:05.250000+00:00,ev-3\n"
+    )
+
+
+def test_an_event_id_already_in_the_file_is_not_written_again_even_by_a_new_process(data_dir):
+    store_agent_event(event_type="agent_started", event_id="ev-1", created_at=T0)
+    path = store_agent_event(event_type="agent_started", event_id="ev-1", created_at=T0)
+    # A fresh store knows nothing yet: it must rebuild the file's event_ids from the file.
+    result = TrainingDataStore(data_dir).write_rows("events", T0.date(), [event_row("ev-1"), event_row("ev-2")])
+
+    assert (result.written, result.duplicates) == (1, 1)
+    assert event_ids(path) == ["ev-1", "ev-2"]
+
+
+def test_rows_another_process_appended_are_seen_before_writing(data_dir):
+    first, second = TrainingDataStore(data_dir), TrainingDataStore(data_dir)
+    first.write_rows("events", T0.date(), [event_row("ev-1")])
+    second.write_rows("events", T0.date(), [event_row("ev-2")])
+
+    result = first.write_rows("events", T0.date(), [event_row("ev-2"), event_row("ev-3"), event_row("ev-3")])
+
+    assert (result.written, result.duplicates) == (1, 2)
+    assert event_ids(result.path) == ["ev-1", "ev-2", "ev-3"]
+
+
+def test_multi_line_fields_are_read_back_as_one_row_when_rebuilding(data_dir):
+    path = store_agent_task(
+        execution_id="ex-1", agent_id="a", task_name="t", status="failed", error="line 1\nline 2,\n", event_id="ev-1"
+    )
+
+    result = TrainingDataStore(data_dir).write_rows(
+        "tasks", dt.date.fromisoformat(path.stem.split("_")[1]), [{"event_id": "ev-1", "execution_id": "ex-1"}]
+    )
+
+    assert (result.written, result.duplicates) == (0, 1)
+    with path.open(newline="") as fh:
+        assert [(row["event_id"], row["error"]) for row in csv.DictReader(fh)] == [("ev-1", "line 1\nline 2,\n")]
+
+
+def test_each_utc_day_has_its_own_file_with_one_header(data_dir):
+    for event_id, created_at in [
+        ("ev-1", dt.datetime(2024, 1, 1, 23, 59, 59, tzinfo=dt.UTC)),
+        ("ev-2", dt.datetime(2024, 1, 2, 0, 0, tzinfo=dt.UTC)),
+        ("ev-3", dt.datetime(2024, 1, 1, 20, 0, tzinfo=dt.timezone(dt.timedelta(hours=-5)))),
+    ]:
+        store_agent_event(event_type="agent_started", event_id=event_id, created_at=created_at)
+
+    day_1 = data_dir / "events" / "events_2024-01-01.csv"
+    day_2 = data_dir / "events" / "events_2024-01-02.csv"
+    assert sorted((data_dir / "events").iterdir()) == [day_1, day_2]
+    assert event_ids(day_1) == ["ev-1"]
+    assert event_ids(day_2) == ["ev-2", "ev-3"]
+    assert day_2.read_text().count("event_id,sequence") == 1
+
+
+@pytest.mark.parametrize(
+    "torn_tail",
+    [
+        "ev-2,8,agent_sta",  # cut in an unquoted field
+        'ev-2,8,agent_started,,,,,,platform,info,2024-03-05T10:00:00+00:00,"{""a',  # cut in a quoted field
+    ],
+)
+def test_a_torn_last_row_is_cut_off_before_the_next_append(data_dir, torn_tail):
+    path = store_agent_event(event_type="agent_started", event_id="ev-1", created_at=T0)
+    intact = path.read_text()
+    with path.open("a") as fh:
+        fh.write(torn_tail)
+
+    TrainingDataStore(data_dir).write_rows("events", T0.date(), [event_row("ev-2")])
+
+    assert path.read_text() == intact + "ev-2,,agent_started,,,,,,,,2024-03-05T10:00:00+00:00,{}\n"
+
+
+def test_a_torn_header_is_written_again(data_dir):
+    path = data_dir / "events" / "events_2024-03-05.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text("event_id,seq")
+
+    store_agent_event(event_type="agent_started", event_id="ev-1", created_at=T0)
+
+    assert path.read_text().startswith(EVENTS_HEADER)
+    assert event_ids(path) == ["ev-1"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "a,b\n1,2\n",  # another schema
+        EVENTS_HEADER + "garbage\n" + "ev-1,,agent_started,,,,,,platform,info,2024-03-05T10:00:00+00:00,{}\n",
+    ],
+)
+def test_a_file_the_store_cannot_safely_append_to_is_refused_untouched(data_dir, content):
+    path = data_dir / "events" / "events_2024-03-05.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+
+    with pytest.raises(StoreError):
+        store_agent_event(event_type="agent_started", event_id="ev-2", created_at=T0)
+
+    assert path.read_text() == content
+
+
+def test_naive_datetimes_and_unknown_columns_are_refused_before_any_write(data_dir):
+    with pytest.raises(ValueError, match="naive"):
+        store_agent_event(event_type="agent_started", event_id="ev-1", created_at=dt.datetime(2024, 1, 1))
+    with pytest.raises(ValueError, match="unknown columns"):
+        TrainingDataStore(data_dir).write_rows("events", T0.date(), [{**event_row("ev-1"), "colour": "red"}])
+    with pytest.raises(ValueError, match="event_id"):
+        TrainingDataStore(data_dir).write_rows("events", T0.date(), [{"event_type": "agent_started"}])
+    with pytest.raises(ValueError, match="unknown data type"):
+        TrainingDataStore(data_dir).write_rows("metrics", T0.date(), [event_row("ev-1")])
+
+    assert not data_dir.exists()
+
+
+def test_a_write_is_fsynced_with_the_directories_it_created(data_dir, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    path = store_agent_event(event_type="agent_started", event_id="ev-1", created_at=T0)
+
+    assert str(path) in synced
+    assert str(path.parent) in synced  # the new file's directory entry
+    assert str(data_dir) in synced  # the new events/ directory's entry
+    assert str(data_dir.parent) in synced  # the new training/ directory's entry
+
+    synced.clear()
+    store_agent_event(event_type="agent_started", event_id="ev-2", created_at=T0)
+    assert synced == [str(path)]

@@ -1,0 +1,476 @@
+"""The Synapse consumer: relay -> Redis Stream -> consumer group -> daily CSV partitions."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings
+from django.core.management import call_command
+from django.db.models import Max, Min
+
+from orchestration.event_types import EventType
+from orchestration.models import Event, TaskExecution, Workflow
+from orchestration.services.events import event_record, task_event, workflow_event
+from orchestration.services.relay import event_to_entry, events_relay
+from tests.engine import ROOT, wait_for
+from tests.factories import AgentFactory, EventFactory, TaskExecutionFactory, WorkflowFactory
+from training_export.services.store import TrainingDataStore
+from training_export.services.synapse import SynapseConsumer
+
+T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
+GROUP = "training"
+
+
+class Synapse:
+    """A private stream for one test, and the helpers to feed and read it."""
+
+    def __init__(self, client: redis.Redis, data_dir: Path, baseline: int) -> None:
+        self.client = client
+        self.data_dir = data_dir
+        self.stream = settings.SYNAPSE_STREAM
+        self.baseline = baseline
+
+    def relay(self) -> None:
+        """Publish this test's events. The stream starts just below the test's first event:
+        rolled-back tests leave holes in the sequence, and the relay rightly waits on holes."""
+        if not self.client.exists(self.stream):
+            first = Event.objects.filter(sequence__gt=self.baseline).aggregate(first=Min("sequence"))["first"]
+            self.client.xadd(self.stream, {"placeholder": "1"}, id=f"{first - 1}-1")
+            self.client.xdel(self.stream, f"{first - 1}-1")
+        result = events_relay(client=self.client)
+        assert result.waiting_on_gap is None
+
+    def consumer(self, name: str) -> SynapseConsumer:
+        return SynapseConsumer(
+            client=self.client,
+            store=TrainingDataStore(self.data_dir),
+            stream=self.stream,
+            group=GROUP,
+            consumer=name,
+        )
+
+    def pending(self, group: str = GROUP) -> int:
+        return self.client.xpending(self.stream, group)["pending"]
+
+    def path(self, data_type: str, day: dt.date) -> Path:
+        return self.data_dir / data_type / f"{data_type}_{day.isoformat()}.csv"
+
+    def rows(self, data_type: str, day: dt.date) -> list[dict[str, str]]:
+        with self.path(data_type, day).open(newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def event_ids(self, data_type: str, day: dt.date) -> list[str]:
+        return [row["event_id"] for row in self.rows(data_type, day)]
+
+
+@pytest.fixture
+def synapse(db, settings, tmp_path: Path) -> Iterator[Synapse]:
+    stream = f"synapse-test-{uuid.uuid4().hex[:8]}"
+    settings.SYNAPSE_STREAM = stream
+    settings.TRAINING_DATA_DIR = tmp_path / "training"
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    baseline = Event.objects.aggregate(last=Max("sequence"))["last"] or 0
+    yield Synapse(client, settings.TRAINING_DATA_DIR, baseline)
+    client.delete(stream, f"{stream}:dead", f"{stream}:relay:gaps")
+    client.close()
+
+
+def consume(*args: str) -> str:
+    out = io.StringIO()
+    call_command("consume_events", "--once", *args, stdout=out)
+    return out.getvalue()
+
+
+def utc(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).isoformat()
+
+
+def compact(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def finished_workflow() -> tuple[Workflow, TaskExecution, TaskExecution]:
+    agent = AgentFactory()
+    workflow = WorkflowFactory(
+        name="research",
+        status=Workflow.Status.FAILED,
+        total_steps=2,
+        completed_steps=1,
+        failed_steps=1,
+        error="task review failed",
+        total_tokens_used=42,
+        total_cost_usd=Decimal("0.0125"),
+        created_at=T0,
+        started_at=T0,
+        completed_at=T0 + dt.timedelta(seconds=5, milliseconds=250),
+    )
+    done = TaskExecutionFactory(
+        workflow=workflow,
+        agent=agent,
+        task_name="summarize",
+        task_type="llm",
+        status=TaskExecution.Status.COMPLETED,
+        input_data={"text": "hello", "b": 1},
+        output_data={"summary": "hi"},
+        retry_count=1,
+        max_retries=3,
+        timeout_seconds=60,
+        execution_time_ms=250.5,
+        input_tokens=30,
+        output_tokens=12,
+        tokens_used=42,
+        cost_usd=Decimal("0.0125"),
+        created_at=T0,
+        started_at=T0 + dt.timedelta(seconds=1),
+        completed_at=T0 + dt.timedelta(seconds=2, milliseconds=500),
+    )
+    failed = TaskExecutionFactory(
+        workflow=workflow,
+        agent=agent,
+        task_name="review",
+        status=TaskExecution.Status.FAILED,
+        error='boom, "quoted"\nsecond line',
+        max_retries=0,
+        created_at=T0,
+    )
+    return workflow, done, failed
+
+
+def test_every_event_and_each_finished_task_workflow_and_tool_call_is_written_exactly(
+    synapse, django_assert_num_queries
+):
+    workflow, done, failed = finished_workflow()
+    events = [
+        task_event(done, EventType.TASK_STARTED),
+        task_event(done, EventType.TASK_TIMED_OUT),  # followed by task_retrying: not a tasks row
+        task_event(done, EventType.TASK_RETRYING),
+        task_event(done, EventType.TASK_COMPLETED),
+        event_record(
+            event_type=EventType.TOOL_EXECUTED,
+            entity_type="tool",
+            entity_id="tool-exec-1",
+            workflow_id=workflow.workflow_id,
+            agent_id=done.agent_id,
+            payload={"tool_name": "calculate", "input_params": {"expression": "2+2"}, "output_result": {"result": 4}},
+        ),
+        task_event(failed, EventType.TASK_FAILED, payload={"error": "boom"}),
+        workflow_event(workflow, EventType.WORKFLOW_FAILED, payload={"failed_steps": 1}),
+    ]
+    synapse.relay()
+
+    with django_assert_num_queries(2):  # the batch's task rows in one query, its workflow rows in another
+        consume()
+
+    events = [Event.objects.get(pk=event.pk) for event in events]
+    day = events[0].created_at.astimezone(dt.UTC).date()
+    assert (
+        synapse.path("events", day)
+        .read_text()
+        .startswith(
+            "event_id,sequence,event_type,entity_type,entity_id,workflow_id,agent_id,session_id,source,severity,"
+            "created_at,payload\n"
+        )
+    )
+    assert synapse.rows("events", day) == [
+        {
+            "event_id": event.event_id,
+            "sequence": str(event.sequence),
+            "event_type": event.event_type,
+            "entity_type": event.entity_type,
+            "entity_id": event.entity_id,
+            "workflow_id": event.workflow_id,
+            "agent_id": event.agent_id or "",
+            "session_id": "",
+            "source": "platform",
+            "severity": event.severity,
+            "created_at": utc(event.created_at),
+            "payload": compact(event.payload),
+        }
+        for event in events
+    ]
+    completed_event, tool_event, failed_event, workflow_failed_event = events[3], events[4], events[5], events[6]
+    assert synapse.rows("tasks", day) == [
+        {
+            "execution_id": done.execution_id,
+            "workflow_id": workflow.workflow_id,
+            "agent_id": done.agent_id,
+            "task_name": "summarize",
+            "task_type": "llm",
+            "status": "completed",
+            "input_data": '{"b":1,"text":"hello"}',
+            "output_data": '{"summary":"hi"}',
+            "error": "",
+            "retry_count": "1",
+            "max_retries": "3",
+            "timeout_seconds": "60",
+            "execution_time_ms": "250.5",
+            "input_tokens": "30",
+            "output_tokens": "12",
+            "tokens_used": "42",
+            "cost_usd": "0.012500",
+            "created_at": "2024-03-05T10:00:00+00:00",
+            "started_at": "2024-03-05T10:00:01+00:00",
+            "completed_at": "2024-03-05T10:00:02.500000+00:00",
+            "event_id": completed_event.event_id,
+        },
+        {
+            "execution_id": failed.execution_id,
+            "workflow_id": workflow.workflow_id,
+            "agent_id": failed.agent_id,
+            "task_name": "review",
+            "task_type": "",
+            "status": "failed",
+            "input_data": '{"text":"hello"}',
+            "output_data": "",
+            "error": 'boom, "quoted"\nsecond line',
+            "retry_count": "0",
+            "max_retries": "0",
+            "timeout_seconds": "300",
+            "execution_time_ms": "",
+            "input_tokens": "0",
+            "output_tokens": "0",
+            "tokens_used": "0",
+            "cost_usd": "0.000000",
+            "created_at": "2024-03-05T10:00:00+00:00",
+            "started_at": "",
+            "completed_at": "",
+            "event_id": failed_event.event_id,
+        },
+    ]
+    assert synapse.rows("workflows", day) == [
+        {
+            "workflow_id": workflow.workflow_id,
+            "name": "research",
+            "workflow_type": "test",
+            "status": "failed",
+            "total_steps": "2",
+            "completed_steps": "1",
+            "failed_steps": "1",
+            "error": "task review failed",
+            "duration_ms": "5250",
+            "total_tokens_used": "42",
+            "total_cost_usd": "0.012500",
+            "created_at": "2024-03-05T10:00:00+00:00",
+            "started_at": "2024-03-05T10:00:00+00:00",
+            "completed_at": "2024-03-05T10:00:05.250000+00:00",
+            "event_id": workflow_failed_event.event_id,
+        }
+    ]
+    assert synapse.rows("tool_executions", day) == [
+        {
+            "execution_id": "tool-exec-1",
+            "agent_id": done.agent_id,
+            "tool_name": "calculate",
+            "input_params": '{"expression":"2+2"}',
+            "output_result": '{"result":4}',
+            "execution_time_ms": "",
+            "error": "",
+            "created_at": utc(tool_event.created_at),
+            "event_id": tool_event.event_id,
+        }
+    ]
+    assert synapse.pending() == 0
+
+
+def test_a_terminal_event_whose_row_is_gone_still_writes_the_event(synapse):
+    agent = AgentFactory()
+    event = event_record(
+        event_type=EventType.TASK_COMPLETED, entity_type="task", entity_id="no-such-task", agent_id=agent.id
+    )
+    synapse.relay()
+
+    output = consume()
+
+    day = event.created_at.astimezone(dt.UTC).date()
+    assert synapse.event_ids("events", day) == [event.event_id]
+    assert not synapse.path("tasks", day).exists()
+    assert "rows missing from the database: 1" in output
+    assert synapse.pending() == 0
+
+
+def test_consuming_again_writes_only_new_events_and_a_replaying_group_writes_nothing(synapse):
+    first = EventFactory(created_at=T0)
+    synapse.relay()
+    consume()
+    second = EventFactory(created_at=T0 + dt.timedelta(minutes=1))
+    synapse.relay()
+
+    consume()
+    path = synapse.path("events", T0.date())
+    content = path.read_text()
+    # A new group is delivered the whole stream again: the file must absorb every entry.
+    output = consume("--group", "replay", "-v", "2")
+
+    assert synapse.event_ids("events", T0.date()) == [first.event_id, second.event_id]
+    assert path.read_text() == content
+    assert "duplicates skipped: 2" in output
+    assert synapse.pending() == synapse.pending("replay") == 0
+    assert synapse.client.xlen(synapse.stream) == 2  # the consumer never trims the stream
+
+
+def test_a_crash_between_writing_and_acknowledging_loses_and_duplicates_nothing(synapse):
+    workflow, done, failed = finished_workflow()
+    events = [
+        task_event(done, EventType.TASK_COMPLETED),
+        task_event(failed, EventType.TASK_FAILED),
+        workflow_event(workflow, EventType.WORKFLOW_FAILED),
+    ]
+    synapse.relay()
+    crashed = synapse.consumer("worker-1")
+    crashed.ensure_group()
+    entries = crashed.read_new()
+    crashed.write(entries)  # rows durable, then the process dies: no XACK
+    day = Event.objects.get(pk=events[0].pk).created_at.astimezone(dt.UTC).date()
+    tasks_file = synapse.path("tasks", day)
+    # ...and it died between files: the events row of task_failed is there, its tasks row is not.
+    header, first_row = tasks_file.read_text().splitlines(keepends=True)[:2]
+    tasks_file.write_text(header + first_row)
+    assert synapse.pending() == 3
+
+    consume("--consumer", "worker-1")  # the same consumer restarts: its own pending entries first
+
+    assert synapse.event_ids("events", day) == [event.event_id for event in events]
+    assert synapse.event_ids("tasks", day) == [events[0].event_id, events[1].event_id]
+    assert synapse.event_ids("workflows", day) == [events[2].event_id]
+    assert synapse.pending() == 0
+
+
+def test_entries_a_dead_consumer_left_pending_are_claimed_once_idle(synapse):
+    events = [EventFactory(created_at=T0), EventFactory(created_at=T0), EventFactory(created_at=T0)]
+    synapse.relay()
+    dead = synapse.consumer("worker-dead")
+    dead.ensure_group()
+    entries = dead.read_new()
+    dead.write(entries[:2])  # it wrote part of its batch, then died without acknowledging anything
+
+    consume("--consumer", "worker-alive")  # the entries have not been idle for 60 s yet
+    assert synapse.client.xpending(synapse.stream, GROUP)["consumers"] == [{"name": b"worker-dead", "pending": 3}]
+
+    consume("--consumer", "worker-alive", "--claim-idle-ms", "0")
+
+    assert synapse.event_ids("events", T0.date()) == [event.event_id for event in events]
+    assert synapse.pending() == 0
+
+
+@pytest.mark.parametrize("restart_as", ["worker-1", "worker-2"])
+def test_a_pending_entry_trimmed_from_the_stream_is_dead_lettered_not_retried_forever(synapse, restart_as):
+    events = [EventFactory(created_at=T0), EventFactory(created_at=T0)]
+    synapse.relay()
+    crashed = synapse.consumer("worker-1")
+    crashed.ensure_group()
+    trimmed_id, _ = crashed.read_new()[0]
+    synapse.client.xdel(synapse.stream, trimmed_id)
+
+    consume("--consumer", restart_as, "--claim-idle-ms", "0")  # own pending entry, or a claimed one
+
+    assert synapse.event_ids("events", T0.date()) == [events[1].event_id]
+    [(_, dead)] = synapse.client.xrange(f"{synapse.stream}:dead")
+    assert dead[b"original_id"] == trimmed_id.encode()
+    assert b"deleted from the stream" in dead[b"reason"]
+    assert synapse.pending() == 0
+
+
+def test_malformed_entries_are_dead_lettered_and_the_good_ones_around_them_written(synapse, caplog):
+    before = EventFactory(created_at=T0, payload={"n": 1})
+    synapse.relay()
+    good = event_to_entry(Event.objects.get(pk=before.pk))
+    bad_entries = {
+        "missing event_id": {**good, "event_id": ""},
+        "payload is not JSON": {**good, "event_id": "bad-json", "payload": "{not json"},
+        "unparseable created_at": {**good, "event_id": "bad-date", "created_at": "yesterday"},
+        "no UTC offset": {**good, "event_id": "naive", "created_at": "2024-03-05T10:00:00"},
+    }
+    bad_ids = {}
+    for n, (reason, fields) in enumerate(bad_entries.items(), start=2):
+        bad_ids[reason] = synapse.client.xadd(synapse.stream, fields, id=f"{before.sequence}-{n}").decode()
+    after = EventFactory(created_at=T0, payload={"n": 2})
+    synapse.relay()
+
+    consume("--batch", "2")
+
+    assert synapse.event_ids("events", T0.date()) == [before.event_id, after.event_id]
+    dead = synapse.client.xrange(f"{synapse.stream}:dead")
+    assert len(dead) == len(bad_entries)
+    for (_, fields), (reason, original) in zip(dead, bad_entries.items(), strict=True):
+        assert reason in fields.pop(b"reason").decode()
+        assert fields.pop(b"original_id").decode() == bad_ids[reason]
+        assert fields == {key.encode(): value.encode() for key, value in original.items()}
+    assert synapse.pending() == 0
+    assert "dead-lettering Synapse entry" in caplog.text
+
+
+def test_events_are_partitioned_by_utc_day_with_one_header_per_file(synapse):
+    late = EventFactory(created_at=dt.datetime(2024, 1, 1, 23, 59, 59, tzinfo=dt.UTC))
+    midnight = EventFactory(created_at=dt.datetime(2024, 1, 2, 0, 0, tzinfo=dt.UTC))
+    eastern_evening = EventFactory(
+        created_at=dt.datetime(2024, 1, 1, 20, 0, tzinfo=dt.timezone(dt.timedelta(hours=-5)))
+    )
+    synapse.relay()
+
+    consume("--batch", "1")
+
+    day_1, day_2 = dt.date(2024, 1, 1), dt.date(2024, 1, 2)
+    assert sorted(path.name for path in (synapse.data_dir / "events").iterdir()) == [
+        "events_2024-01-01.csv",
+        "events_2024-01-02.csv",
+    ]
+    assert synapse.event_ids("events", day_1) == [late.event_id]
+    assert synapse.event_ids("events", day_2) == [midnight.event_id, eastern_evening.event_id]
+    assert synapse.path("events", day_2).read_text().count("event_id,sequence,") == 1
+
+
+@pytest.mark.subprocess
+def test_the_running_consumer_finishes_its_batch_and_leaves_the_group_on_sigterm(settings, tmp_path):
+    stream = f"synapse-test-{uuid.uuid4().hex[:8]}"
+    data_dir = tmp_path / "training"
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    entry = {"event_type": "agent_started", "source": "platform", "severity": "info", "payload": "{}"}
+    day_file = data_dir / "events" / "events_2024-03-05.csv"
+
+    def lines() -> int:
+        return len(day_file.read_text().splitlines()) if day_file.exists() else 0
+
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "REDIS_URL": settings.REDIS_URL}
+    env.update(SYNAPSE_STREAM=stream, TRAINING_DATA_DIR=str(data_dir))
+    try:
+        client.xadd(stream, {**entry, "event_id": "ev-1", "created_at": "2024-03-05T10:00:00+00:00"}, id="1-1")
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "consume_events", "--consumer", "worker-1", "--block-ms", "200", "-v", "2"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            wait_for(lambda: lines() == 2, timeout=30, what="the first entry to be written")
+            client.xadd(stream, {**entry, "event_id": "ev-2", "created_at": "2024-03-05T11:00:00+00:00"}, id="2-1")
+            wait_for(lambda: lines() == 3, timeout=10, what="the second entry to be written")
+            process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=15)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+        assert process.returncode == 0, output
+        assert output.count("batch: 1 entries; rows written: events=1") == 2
+        assert "done: 2 entries; rows written: events=2 tasks=0 tool_executions=0 workflows=0" in output
+        assert client.xpending(stream, GROUP)["pending"] == 0
+        assert client.xinfo_consumers(stream, GROUP) == []  # the per-process name does not linger
+    finally:
+        client.delete(stream, f"{stream}:dead")
+        client.close()

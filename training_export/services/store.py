@@ -1,0 +1,525 @@
+"""The training data store (seed 002): daily CSV partitions per data type.
+
+Layout: `{TRAINING_DATA_DIR}/{type}/{type}_YYYY-MM-DD.csv` (UTC day), a header line, then one
+row per record. Every row carries the `event_id` it came from, and a file never holds an
+event_id twice: a redelivered stream entry or a repeated call is written once.
+
+A write is durable when it returns: the rows are appended with one write() under an exclusive
+flock, then the file is fsynced (and its directory, when the file is new). The lock lets
+several processes share a file (consumers of one group, workers calling the store API): under
+it a process first reads whatever the others appended since it last looked, so its set of
+written event_ids is complete before it filters. A torn last row (power lost between write and
+fsync, so nothing acknowledged depends on it) is cut off before the next append.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import fcntl
+import io
+import json
+import logging
+import os
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+
+from orchestration.ids import new_id
+
+logger = logging.getLogger(__name__)
+
+# Payloads and model outputs easily exceed the csv module's default 128 KiB field limit,
+# and the store must be able to re-read every row it wrote.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+EVENTS = "events"
+TASKS = "tasks"
+TOOL_EXECUTIONS = "tool_executions"
+WORKFLOWS = "workflows"
+
+
+@dataclass(frozen=True)
+class Schema:
+    columns: tuple[str, ...]
+    json_columns: frozenset[str] = frozenset()
+
+
+SCHEMAS: dict[str, Schema] = {
+    EVENTS: Schema(
+        columns=(
+            "event_id",
+            "sequence",
+            "event_type",
+            "entity_type",
+            "entity_id",
+            "workflow_id",
+            "agent_id",
+            "session_id",
+            "source",
+            "severity",
+            "created_at",
+            "payload",
+        ),
+        json_columns=frozenset({"payload"}),
+    ),
+    TASKS: Schema(
+        columns=(
+            "execution_id",
+            "workflow_id",
+            "agent_id",
+            "task_name",
+            "task_type",
+            "status",
+            "input_data",
+            "output_data",
+            "error",
+            "retry_count",
+            "max_retries",
+            "timeout_seconds",
+            "execution_time_ms",
+            "input_tokens",
+            "output_tokens",
+            "tokens_used",
+            "cost_usd",
+            "created_at",
+            "started_at",
+            "completed_at",
+            "event_id",
+        ),
+        json_columns=frozenset({"input_data", "output_data"}),
+    ),
+    TOOL_EXECUTIONS: Schema(
+        columns=(
+            "execution_id",
+            "agent_id",
+            "tool_name",
+            "input_params",
+            "output_result",
+            "execution_time_ms",
+            "error",
+            "created_at",
+            "event_id",
+        ),
+        json_columns=frozenset({"input_params", "output_result"}),
+    ),
+    WORKFLOWS: Schema(
+        columns=(
+            "workflow_id",
+            "name",
+            "workflow_type",
+            "status",
+            "total_steps",
+            "completed_steps",
+            "failed_steps",
+            "error",
+            "duration_ms",
+            "total_tokens_used",
+            "total_cost_usd",
+            "created_at",
+            "started_at",
+            "completed_at",
+            "event_id",
+        ),
+    ),
+}
+
+
+class StoreError(RuntimeError):
+    """A partition file the store cannot safely append to (foreign header, corrupt middle)."""
+
+
+def json_text(value: Any) -> str:
+    """Compact JSON with sorted keys: byte for byte what the relay puts in an entry's payload."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def utc_isoformat(value: dt.datetime) -> str:
+    if timezone.is_naive(value):
+        raise ValueError(f"naive datetime {value.isoformat()}: the store needs timezone-aware datetimes")
+    return value.astimezone(dt.UTC).isoformat()
+
+
+def utc_day(value: dt.datetime) -> dt.date:
+    if timezone.is_naive(value):
+        raise ValueError(f"naive datetime {value.isoformat()}: the store needs timezone-aware datetimes")
+    return value.astimezone(dt.UTC).date()
+
+
+def _cell(value: Any, *, as_json: bool) -> str:
+    if value is None:
+        return ""
+    if as_json or isinstance(value, dict | list):
+        return json_text(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dt.datetime):
+        return utc_isoformat(value)
+    return str(value)
+
+
+def _encode_rows(schema: Schema, rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(event_id, CSV line) per row, all validated before any file is touched."""
+    encoded = []
+    for row in rows:
+        unknown = set(row) - set(schema.columns)
+        if unknown:
+            raise ValueError(f"unknown columns {sorted(unknown)}")
+        event_id = row.get("event_id")
+        if not event_id:
+            raise ValueError("every row needs an event_id (the dedupe key)")
+        buffer = io.StringIO()
+        csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerow(
+            [_cell(row.get(column), as_json=column in schema.json_columns) for column in schema.columns]
+        )
+        encoded.append((str(event_id), buffer.getvalue()))
+    return encoded
+
+
+def _header_line(schema: Schema) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerow(schema.columns)
+    return buffer.getvalue()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(directory: Path) -> None:
+    """Create missing directories, fsyncing each parent so that the new entry survives a crash."""
+    missing = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)  # another process may create it at the same time
+        _fsync_dir(path.parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+@dataclass
+class WriteResult:
+    path: Path
+    written: int = 0
+    duplicates: int = 0
+
+
+@dataclass
+class _FileState:
+    """What this process knows of one partition file."""
+
+    ino: int
+    dev: int
+    end: int = 0  # bytes read or written so far: rows past it were appended by someone else
+    seen: set[str] = field(default_factory=set)
+
+
+class TrainingDataStore:
+    """Appends rows to the daily CSV partitions under `root`, at most once per event_id per file.
+
+    An instance caches the event_ids of the files it touched (rebuilt from the file the first
+    time); several instances and processes may write the same files at once.
+    """
+
+    max_cached_files = 64  # a long-running consumer moves on to a new day's files every day
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._files: OrderedDict[Path, _FileState] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def path(self, data_type: str, day: dt.date) -> Path:
+        if data_type not in SCHEMAS:
+            raise ValueError(f"unknown data type {data_type!r}; expected one of {sorted(SCHEMAS)}")
+        return self.root / data_type / f"{data_type}_{day.isoformat()}.csv"
+
+    def write_rows(self, data_type: str, day: dt.date, rows: Sequence[Mapping[str, Any]]) -> WriteResult:
+        """Append the rows whose event_id the file does not hold yet; durable on return."""
+        path = self.path(data_type, day)
+        schema = SCHEMAS[data_type]
+        encoded = _encode_rows(schema, rows)
+        result = WriteResult(path=path)
+        with self._lock:
+            _makedirs_durable(path.parent)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                state = self._catch_up(path, fd, schema)
+                new_file = state.end == 0
+                chunks = [_header_line(schema)] if new_file else []
+                for event_id, line in encoded:
+                    if event_id in state.seen:
+                        result.duplicates += 1
+                        continue
+                    state.seen.add(event_id)
+                    chunks.append(line)
+                    result.written += 1
+                if chunks:
+                    data = "".join(chunks).encode("utf-8")
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                    state.end += len(data)
+                    if new_file:
+                        _fsync_dir(path.parent)
+            except BaseException:
+                # The cached state may now claim rows that never reached the disk.
+                self._files.pop(path, None)
+                raise
+            finally:
+                os.close(fd)  # also releases the flock
+        return result
+
+    def _catch_up(self, path: Path, fd: int, schema: Schema) -> _FileState:
+        stat = os.fstat(fd)
+        state = self._files.get(path)
+        if state is None or (state.ino, state.dev) != (stat.st_ino, stat.st_dev) or state.end > stat.st_size:
+            state = _FileState(ino=stat.st_ino, dev=stat.st_dev)
+        if state.end < stat.st_size:
+            good_end = _scan(path, fd, state.end, stat.st_size, schema, state.seen)
+            if good_end < stat.st_size:
+                logger.warning(
+                    "%s: cutting off a torn last row (%d bytes) left by an interrupted write",
+                    path,
+                    stat.st_size - good_end,
+                )
+                os.ftruncate(fd, good_end)
+                os.fsync(fd)
+            state.end = good_end
+        self._files[path] = state
+        self._files.move_to_end(path)
+        while len(self._files) > self.max_cached_files:
+            self._files.popitem(last=False)
+        return state
+
+
+def _scan(path: Path, fd: int, start: int, size: int, schema: Schema, seen: set[str]) -> int:
+    """Add the event_ids of the complete rows from `start` on to `seen`; return the offset just
+    past the last complete row. Only the tail may be incomplete: anything else is refused."""
+    event_id_index = schema.columns.index("event_id")
+    position = start
+    last_line_complete = True
+
+    with os.fdopen(os.dup(fd), "rb") as fh:
+        fh.seek(start)
+
+        def lines() -> Iterator[str]:
+            nonlocal position, last_line_complete
+            for raw in fh:
+                position += len(raw)
+                last_line_complete = raw.endswith(b"\n")
+                yield raw.decode("utf-8", errors="replace")  # only a torn tail can be invalid
+
+        good_end = start
+        try:
+            for record in csv.reader(lines()):
+                # Every row the store writes ends with a newline and has every column (the last
+                # column never holds a raw newline), so anything else is an interrupted write.
+                if not last_line_complete or len(record) != len(schema.columns):
+                    break
+                if good_end == 0:
+                    if tuple(record) != schema.columns:
+                        raise StoreError(f"{path} has header {record}, expected {list(schema.columns)}")
+                else:
+                    seen.add(record[event_id_index])
+                good_end = position
+        except csv.Error as exc:
+            raise StoreError(f"{path} is not a readable CSV file past byte {good_end}: {exc}") from exc
+    if good_end < size and position < size:
+        raise StoreError(f"{path} has a malformed row at byte {good_end}, before the end of the file")
+    return good_end
+
+
+_stores: dict[Path, TrainingDataStore] = {}
+_stores_lock = threading.Lock()
+
+
+def default_store() -> TrainingDataStore:
+    """The process's store for settings.TRAINING_DATA_DIR."""
+    root = Path(settings.TRAINING_DATA_DIR)
+    with _stores_lock:
+        store = _stores.get(root)
+        if store is None:
+            store = _stores[root] = TrainingDataStore(root)
+        return store
+
+
+def _store_one(data_type: str, day_of: dt.datetime, row: dict[str, Any]) -> Path:
+    return default_store().write_rows(data_type, utc_day(day_of), [row]).path
+
+
+def store_agent_event(
+    *,
+    event_type: str,
+    event_id: str | None = None,
+    sequence: int | None = None,
+    entity_type: str | None = None,
+    entity_id: str | None = None,
+    workflow_id: str | None = None,
+    agent_id: str | None = None,
+    session_id: str | None = None,
+    source: str = "platform",
+    severity: str = "info",
+    payload: Mapping[str, Any] | None = None,
+    created_at: dt.datetime | None = None,
+) -> Path:
+    """Append one event to the events file of its day (created_at, default now).
+
+    Without an event_id a new one is generated; with one, a repeated call writes nothing.
+    """
+    created_at = created_at or timezone.now()
+    row = {
+        "event_id": event_id or new_id(),
+        "sequence": sequence,
+        "event_type": event_type,
+        "entity_type": entity_type,
+        "entity_id": entity_id,
+        "workflow_id": workflow_id,
+        "agent_id": agent_id,
+        "session_id": session_id,
+        "source": source,
+        "severity": severity,
+        "created_at": created_at,
+        "payload": dict(payload or {}),
+    }
+    return _store_one(EVENTS, created_at, row)
+
+
+def store_agent_task(
+    *,
+    execution_id: str,
+    agent_id: str,
+    task_name: str,
+    status: str,
+    workflow_id: str | None = None,
+    task_type: str = "",
+    input_data: Any = None,
+    output_data: Any = None,
+    error: str | None = None,
+    retry_count: int = 0,
+    max_retries: int | None = None,
+    timeout_seconds: int | None = None,
+    execution_time_ms: float | None = None,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
+    tokens_used: int = 0,
+    cost_usd: Decimal | float | None = None,
+    created_at: dt.datetime | None = None,
+    started_at: dt.datetime | None = None,
+    completed_at: dt.datetime | None = None,
+    event_id: str | None = None,
+    recorded_at: dt.datetime | None = None,
+) -> Path:
+    """Append one finished task to the tasks file of the day it was recorded (recorded_at:
+    the time of the event that finished it, default now)."""
+    row = {
+        "execution_id": execution_id,
+        "workflow_id": workflow_id,
+        "agent_id": agent_id,
+        "task_name": task_name,
+        "task_type": task_type,
+        "status": status,
+        "input_data": input_data,
+        "output_data": output_data,
+        "error": error,
+        "retry_count": retry_count,
+        "max_retries": max_retries,
+        "timeout_seconds": timeout_seconds,
+        "execution_time_ms": execution_time_ms,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "tokens_used": tokens_used,
+        "cost_usd": cost_usd,
+        "created_at": created_at,
+        "started_at": started_at,
+        "completed_at": completed_at,
+        "event_id": event_id or new_id(),
+    }
+    return _store_one(TASKS, recorded_at or timezone.now(), row)
+
+
+def store_tool_execution(
+    *,
+    execution_id: str,
+    agent_id: str,
+    tool_name: str,
+    input_params: Any = None,
+    output_result: Any = None,
+    execution_time_ms: float | None = None,
+    error: str | None = None,
+    created_at: dt.datetime | None = None,
+    event_id: str | None = None,
+) -> Path:
+    """Append one tool call to the tool_executions file of its day (created_at, default now)."""
+    created_at = created_at or timezone.now()
+    row = {
+        "execution_id": execution_id,
+        "agent_id": agent_id,
+        "tool_name": tool_name,
+        "input_params": input_params,
+        "output_result": output_result,
+        "execution_time_ms": execution_time_ms,
+        "error": error,
+        "created_at": created_at,
+        "event_id": event_id or new_id(),
+    }
+    return _store_one(TOOL_EXECUTIONS, created_at, row)
+
+
+def store_workflow_data(
+    *,
+    workflow_id: str,
+    name: str,
+    status: str,
+    workflow_type: str = "",
+    total_steps: int = 0,
+    completed_steps: int = 0,
+    failed_steps: int = 0,
+    error: str | None = None,
+    duration_ms: int | None = None,
+    total_tokens_used: int = 0,
+    total_cost_usd: Decimal | float | None = None,
+    created_at: dt.datetime | None = None,
+    started_at: dt.datetime | None = None,
+    completed_at: dt.datetime | None = None,
+    event_id: str | None = None,
+    recorded_at: dt.datetime | None = None,
+) -> Path:
+    """Append one finished workflow to the workflows file of the day it was recorded
+    (recorded_at: the time of the event that finished it, default now)."""
+    row = {
+        "workflow_id": workflow_id,
+        "name": name,
+        "workflow_type": workflow_type,
+        "status": status,
+        "total_steps": total_steps,
+        "completed_steps": completed_steps,
+        "failed_steps": failed_steps,
+        "error": error,
+        "duration_ms": duration_ms,
+        "total_tokens_used": total_tokens_used,
+        "total_cost_usd": total_cost_usd,
+        "created_at": created_at,
+        "started_at": started_at,
+        "completed_at": completed_at,
+        "event_id": event_id or new_id(),
+    }
+    return _store_one(WORKFLOWS, recorded_at or timezone.now(), row)

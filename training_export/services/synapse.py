@@ -1,0 +1,441 @@
+"""The Synapse consumer: reads the event stream with a Redis consumer group and writes the
+training data store's daily CSV partitions.
+
+Delivery is at-least-once and the files are exactly-once. An entry is acknowledged only after
+every row it produces is fsynced, and every file dedupes by event_id, so an entry delivered
+again after a crash (our own pending entries, read first on start, or a dead consumer's,
+claimed with XAUTOCLAIM) is skipped where it was written and written where it was not.
+
+Every event goes to the events file. `tool_executed` events also go to tool_executions (from
+the payload); terminal task and workflow events also go to tasks / workflows, with the row
+read from PostgreSQL when the batch is consumed.
+
+An entry that cannot become a row (a required field missing, bad JSON, a bad timestamp) goes to
+the dead-letter stream `<stream>:dead` with a `reason` and its `original_id`, in the same MULTI
+as the acknowledgement: it is dead-lettered exactly once and never blocks the group. The
+consumer never trims the main stream (the relay caps it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.db import close_old_connections, models
+
+from orchestration.event_types import EventType
+from orchestration.models import TaskExecution, Workflow
+from training_export.services.store import (
+    EVENTS,
+    SCHEMAS,
+    TASKS,
+    TOOL_EXECUTIONS,
+    WORKFLOWS,
+    TrainingDataStore,
+    utc_day,
+)
+
+logger = logging.getLogger(__name__)
+
+# task_timed_out is not here: a timed-out attempt is always followed by task_retrying or
+# task_failed, so counting it as well would record the task twice.
+TASK_TERMINAL_EVENTS = frozenset({EventType.TASK_COMPLETED, EventType.TASK_FAILED, EventType.TASK_CANCELLED})
+WORKFLOW_TERMINAL_EVENTS = frozenset(
+    {EventType.WORKFLOW_COMPLETED, EventType.WORKFLOW_FAILED, EventType.WORKFLOW_CANCELLED}
+)
+REQUIRED_FIELDS = ("event_id", "event_type", "created_at")
+
+_TASK_FIELDS = tuple(column for column in SCHEMAS[TASKS].columns if column != "event_id")
+_WORKFLOW_FIELDS = tuple(column for column in SCHEMAS[WORKFLOWS].columns if column != "event_id")
+_TOOL_PAYLOAD_FIELDS = (
+    "execution_id",
+    "agent_id",
+    "tool_name",
+    "input_params",
+    "output_result",
+    "execution_time_ms",
+    "error",
+)
+
+Entry = tuple[str, Mapping[bytes, bytes]]
+Rows = dict[tuple[str, dt.date], list[dict[str, Any]]]
+
+
+def default_consumer_name() -> str:
+    """Unique per process, so that a restarted process never mistakes another's entries for its own."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def synapse_consumer_client(*, block_ms: int) -> redis.Redis:
+    url = settings.REDIS_URL
+    if not url:
+        raise RuntimeError("the Synapse stream needs Redis: set REDIS_URL")
+    # The socket timeout must outlast the longest BLOCK, or every idle read would time out.
+    return redis.Redis.from_url(url, socket_timeout=block_ms / 1000 + 10, socket_connect_timeout=10)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    milliseconds, sequence = entry_id.split("-")
+    return int(milliseconds), int(sequence)
+
+
+class MalformedEntry(ValueError):
+    """A stream entry that cannot become a row; the message is the dead-letter reason."""
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    entry_id: str
+    fields: dict[str, str]
+    created_at: dt.datetime
+    payload: dict[str, Any]
+
+    @property
+    def event_id(self) -> str:
+        return self.fields["event_id"]
+
+    @property
+    def event_type(self) -> str:
+        return self.fields["event_type"]
+
+    @property
+    def day(self) -> dt.date:
+        return utc_day(self.created_at)
+
+
+def parse_entry(entry_id: str, raw: Mapping[bytes, bytes]) -> StreamEvent:
+    """Validate a stream entry in the relay's format (`event_to_entry`)."""
+    if not raw:
+        raise MalformedEntry("the entry was deleted from the stream before it was consumed")
+    try:
+        fields = {_text(key): _text(value) for key, value in raw.items()}
+    except UnicodeDecodeError as exc:
+        raise MalformedEntry(f"a field is not UTF-8: {exc}") from exc
+    missing = [name for name in REQUIRED_FIELDS if not fields.get(name)]
+    if missing:
+        raise MalformedEntry(f"missing {', '.join(missing)}")
+    try:
+        created_at = dt.datetime.fromisoformat(fields["created_at"])
+    except ValueError as exc:
+        raise MalformedEntry(f"unparseable created_at {fields['created_at']!r}") from exc
+    if created_at.tzinfo is None:
+        raise MalformedEntry(f"created_at {fields['created_at']!r} has no UTC offset")
+    sequence = fields.get("sequence", "")
+    if sequence and not (sequence.isascii() and sequence.isdigit()):
+        raise MalformedEntry(f"sequence {sequence!r} is not an integer")
+    try:
+        payload = json.loads(fields.get("payload") or "{}")
+    except ValueError as exc:
+        raise MalformedEntry(f"payload is not JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise MalformedEntry("payload is not a JSON object")
+    return StreamEvent(entry_id=entry_id, fields=fields, created_at=created_at, payload=payload)
+
+
+def _event_row(event: StreamEvent) -> dict[str, Any]:
+    row: dict[str, Any] = {column: event.fields.get(column) for column in SCHEMAS[EVENTS].columns}
+    row.update(created_at=event.created_at, payload=event.payload)
+    return row
+
+
+def _tool_row(event: StreamEvent) -> dict[str, Any]:
+    row = {name: event.payload.get(name) for name in _TOOL_PAYLOAD_FIELDS}
+    # The event's own columns name the tool call and the agent when the payload does not.
+    row["execution_id"] = row["execution_id"] or event.fields.get("entity_id")
+    row["agent_id"] = row["agent_id"] or event.fields.get("agent_id")
+    row.update(created_at=event.created_at, event_id=event.event_id)
+    return row
+
+
+@dataclass
+class BatchResult:
+    entries: int = 0
+    written: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+    dead: int = 0
+    missing: int = 0  # terminal events whose task or workflow row no longer exists
+
+    def add(self, other: BatchResult) -> None:
+        self.entries += other.entries
+        self.written.update(other.written)
+        self.duplicates += other.duplicates
+        self.dead += other.dead
+        self.missing += other.missing
+
+    def summary(self) -> str:
+        written = " ".join(f"{data_type}={self.written[data_type]}" for data_type in SCHEMAS)
+        return (
+            f"{self.entries} entries; rows written: {written}; duplicates skipped: {self.duplicates}; "
+            f"dead-lettered: {self.dead}; rows missing from the database: {self.missing}"
+        )
+
+
+@dataclass
+class WrittenBatch:
+    """Entries whose rows are durably written, waiting for their acknowledgement."""
+
+    entry_ids: list[str]
+    dead: list[tuple[str, Mapping[bytes, bytes], str]]
+    result: BatchResult
+
+
+class SynapseConsumer:
+    """One consumer of a Redis consumer group on the Synapse stream, writing `store`."""
+
+    def __init__(
+        self,
+        *,
+        client: redis.Redis,
+        store: TrainingDataStore,
+        stream: str,
+        group: str,
+        consumer: str,
+        batch: int = 500,
+        claim_idle_ms: int = 60_000,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.batch = batch
+        self.claim_idle_ms = claim_idle_ms
+        self.dead_stream = f"{stream}:dead"
+
+    # --- reading -------------------------------------------------------------------------
+
+    def ensure_group(self) -> None:
+        """Create the group (and the stream) unless they exist; a new group starts at the
+        beginning of the stream, and the files' dedupe absorbs what was already written."""
+        try:
+            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read_pending(self, *, after: str = "0") -> list[Entry]:
+        """Entries delivered to this consumer name earlier and never acknowledged."""
+        reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: after}, count=self.batch)
+        return _entries(reply)
+
+    def read_new(self, *, block_ms: int | None = None) -> list[Entry]:
+        """Entries never delivered to any consumer of the group."""
+        reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=self.batch, block=block_ms)
+        return _entries(reply)
+
+    def claim(self, *, start: str = "0-0") -> tuple[str, list[Entry]]:
+        """Take over entries idle longer than claim_idle_ms (their consumer died). Returns the
+        cursor to continue from ("0-0" once the scan is complete) and the claimed entries;
+        entries trimmed from the stream meanwhile come back without fields (dead-lettered)."""
+        cursor, claimed, *rest = self.client.xautoclaim(
+            self.stream, self.group, self.consumer, self.claim_idle_ms, start_id=start, count=self.batch
+        )
+        entries: list[Entry] = [(_text(entry_id), fields or {}) for entry_id, fields in claimed if entry_id]
+        entries += [(_text(entry_id), {}) for entry_id in (rest[0] if rest else [])]
+        return _text(cursor), entries
+
+    # --- writing and acknowledging ---------------------------------------------------------
+
+    def write(self, entries: Sequence[Entry]) -> WrittenBatch:
+        """Write the rows of a batch durably, without acknowledging anything."""
+        result = BatchResult(entries=len(entries))
+        events: list[StreamEvent] = []
+        dead: list[tuple[str, Mapping[bytes, bytes], str]] = []
+        for entry_id, raw in entries:
+            try:
+                events.append(parse_entry(entry_id, raw))
+            except MalformedEntry as exc:
+                logger.warning("dead-lettering Synapse entry %s of %s: %s", entry_id, self.stream, exc)
+                dead.append((entry_id, raw, str(exc)))
+        result.dead = len(dead)
+
+        rows: Rows = defaultdict(list)
+        for event in events:
+            rows[(EVENTS, event.day)].append(_event_row(event))
+            if event.event_type == EventType.TOOL_EXECUTED:
+                rows[(TOOL_EXECUTIONS, event.day)].append(_tool_row(event))
+        tasks = [event for event in events if event.event_type in TASK_TERMINAL_EVENTS]
+        self._add_database_rows(
+            rows, result, TASKS, TaskExecution, _TASK_FIELDS, tasks, key=lambda e: e.fields.get("entity_id")
+        )
+        workflows = [event for event in events if event.event_type in WORKFLOW_TERMINAL_EVENTS]
+        self._add_database_rows(
+            rows,
+            result,
+            WORKFLOWS,
+            Workflow,
+            _WORKFLOW_FIELDS,
+            workflows,
+            key=lambda e: e.fields.get("entity_id") or e.fields.get("workflow_id"),
+        )
+
+        for (data_type, day), file_rows in rows.items():
+            written = self.store.write_rows(data_type, day, file_rows)
+            result.written[data_type] += written.written
+            result.duplicates += written.duplicates
+        return WrittenBatch(entry_ids=[entry_id for entry_id, _ in entries], dead=dead, result=result)
+
+    def _add_database_rows(
+        self,
+        rows: Rows,
+        result: BatchResult,
+        data_type: str,
+        model: type[models.Model],
+        fields: tuple[str, ...],
+        events: list[StreamEvent],
+        *,
+        key: Callable[[StreamEvent], str | None],
+    ) -> None:
+        """One query for the batch: the current row of every task or workflow that finished."""
+        if not events:
+            return
+        ids = {key(event) for event in events} - {None, ""}
+        pk = model._meta.pk.name
+        found = {row[pk]: row for row in model.objects.filter(pk__in=ids).values(*fields)}
+        for event in events:
+            row = found.get(key(event))
+            if row is None:
+                logger.warning(
+                    "%s event %s names %s %r, which is not in the database: no %s row",
+                    event.event_type,
+                    event.event_id,
+                    model._meta.verbose_name,
+                    key(event),
+                    data_type,
+                )
+                result.missing += 1
+                continue
+            rows[(data_type, event.day)].append({**row, "event_id": event.event_id})
+
+    def acknowledge(self, batch: WrittenBatch) -> None:
+        """Dead-letter the malformed entries and acknowledge the whole batch, atomically."""
+        if not batch.entry_ids:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        for entry_id, raw, reason in batch.dead:
+            pipe.xadd(
+                self.dead_stream,
+                {**raw, b"reason": reason.encode(), b"original_id": entry_id.encode()},
+                maxlen=settings.SYNAPSE_STREAM_MAXLEN,
+                approximate=True,
+            )
+        pipe.xack(self.stream, self.group, *batch.entry_ids)
+        pipe.execute()
+
+    def process(self, entries: Sequence[Entry]) -> BatchResult:
+        """Write a batch, then acknowledge it."""
+        batch = self.write(entries)
+        self.acknowledge(batch)
+        return batch.result
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def run(
+        self,
+        *,
+        once: bool,
+        block_ms: int = 2000,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_batch: Callable[[BatchResult], None] = lambda result: None,
+    ) -> BatchResult:
+        """Consume: first this consumer's own pending entries, then idle entries of dead
+        consumers, then new ones. With `once`, stop when nothing is left that was on the
+        stream at the start; otherwise block for new entries and claim periodically until
+        `should_stop()` (checked between batches, so a batch is always finished)."""
+        total = BatchResult()
+
+        def handle(entries: list[Entry]) -> None:
+            if entries:
+                result = self.process(entries)
+                total.add(result)
+                on_batch(result)
+
+        self.ensure_group()
+        after = "0"
+        while not should_stop():
+            entries = self.read_pending(after=after)
+            if not entries:
+                break
+            handle(entries)
+            after = entries[-1][0]
+
+        if once:
+            stop_at = self._last_generated_id()
+            self._claim_all(handle, should_stop)
+            while not should_stop():
+                entries = self._read_new_or_regroup(block_ms=None)
+                handle(entries)
+                if not entries or _id_key(entries[-1][0]) >= stop_at:
+                    break
+        else:
+            next_claim = 0.0
+            while not should_stop():
+                # Long-running process: drop a database connection that broke or expired
+                # (not in `once` mode, which may run inside a test's transaction).
+                close_old_connections()
+                if time.monotonic() >= next_claim:
+                    self._claim_all(handle, should_stop)
+                    next_claim = time.monotonic() + max(self.claim_idle_ms, 1000) / 1000
+                handle(self._read_new_or_regroup(block_ms=block_ms))
+        self.leave()
+        return total
+
+    def _claim_all(self, handle: Callable[[list[Entry]], None], should_stop: Callable[[], bool]) -> None:
+        cursor = "0-0"
+        while not should_stop():
+            cursor, entries = self.claim(start=cursor)
+            if entries:
+                logger.info("claimed %d idle entries of %s for %s", len(entries), self.stream, self.consumer)
+            handle(entries)
+            if cursor == "0-0":
+                break
+
+    def _read_new_or_regroup(self, *, block_ms: int | None) -> list[Entry]:
+        try:
+            return self.read_new(block_ms=block_ms)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            logger.warning("the group %s of %s is gone (stream deleted?); creating it again", self.group, self.stream)
+            self.ensure_group()
+            return []
+
+    def _last_generated_id(self) -> tuple[int, int]:
+        return _id_key(_text(self.client.xinfo_stream(self.stream)["last-generated-id"]))
+
+    def leave(self) -> bool:
+        """Remove this consumer from the group if it holds no pending entry: names are per
+        process, so they would otherwise pile up. (Only this process adds to its own list.)"""
+        try:
+            pending = self.client.xpending_range(
+                self.stream, self.group, min="-", max="+", count=1, consumername=self.consumer
+            )
+            if pending:
+                return False
+            self.client.xgroup_delconsumer(self.stream, self.group, self.consumer)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            return False  # the stream or group is gone: nothing to leave
+        return True
+
+
+def _entries(reply: Any) -> list[Entry]:
+    entries: list[Entry] = []
+    for _stream, stream_entries in reply or []:
+        entries += [(_text(entry_id), fields or {}) for entry_id, fields in stream_entries if entry_id]
+    return entries
