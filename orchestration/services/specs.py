@@ -273,7 +273,7 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
     if not problems:
         cycle = _cycle(tasks)
         if cycle:
-            problems.append(f"tasks: dependency cycle {' -> '.join(cycle)}")
+            problems.append(f"tasks: dependency cycle {' -> '.join(cycle)} (each task depends on the next)")
 
     if problems:
         raise SpecError(problems)

@@ -1,0 +1,127 @@
+"""The outbox relay: events reach the Synapse stream in order, once, and no late commit
+is skipped."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+import redis
+from django.conf import settings
+from django.db import connection, transaction
+
+from orchestration.models import Event
+from orchestration.services.events import event_record
+from orchestration.services.relay import event_to_entry, events_relay
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def stream(settings):
+    settings.SYNAPSE_STREAM = f"synapse-test-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    yield client
+    client.delete(settings.SYNAPSE_STREAM, f"{settings.SYNAPSE_STREAM}:relay:gaps")
+
+
+def entries(client: redis.Redis) -> list[tuple[str, dict[str, str]]]:
+    return [
+        (entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()})
+        for entry_id, fields in client.xrange(settings.SYNAPSE_STREAM)
+    ]
+
+
+def relay_until_quiet(client: redis.Redis) -> int:
+    """A fresh stream starts below the table's first sequence: the first pass records that
+    hole and a second pass, with no transaction open, proves it empty."""
+    total = 0
+    for _ in range(3):
+        total += events_relay(client=client).published
+    return total
+
+
+def record(n: int) -> list[Event]:
+    return [event_record(event_type="workflow_created", entity_type="workflow", entity_id=f"wf-{i}") for i in range(n)]
+
+
+def test_events_are_published_in_order_with_their_ids(stream):
+    events = record(5)
+    assert relay_until_quiet(stream) == 5
+    published = entries(stream)
+    assert [entry_id for entry_id, _ in published] == [f"{e.sequence}-1" for e in events]
+    assert [fields["event_id"] for _, fields in published] == [e.event_id for e in events]
+    assert published[0][1] == event_to_entry(Event.objects.get(pk=events[0].pk))
+    assert relay_until_quiet(stream) == 0, "nothing is published twice"
+
+
+def test_a_relay_that_crashed_mid_batch_resumes_without_gap_or_duplicate(stream):
+    events = record(6)
+    # a previous relay added the first three entries, then died before anything else
+    for event in events[:3]:
+        stream.xadd(settings.SYNAPSE_STREAM, event_to_entry(event), id=f"{event.sequence}-1")
+    assert events_relay(client=stream).published == 3
+    ids = [fields["event_id"] for _, fields in entries(stream)]
+    assert ids == [e.event_id for e in events]
+
+
+def test_two_relays_at_once_publish_each_event_once(stream):
+    events = record(50)
+    relay_until_quiet(stream)  # past the initial hole below the first sequence
+    more = record(200)
+    results = []
+
+    def relay() -> None:
+        try:
+            results.append(events_relay(client=stream))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=relay) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [fields["event_id"] for _, fields in entries(stream)]
+    assert ids == [e.event_id for e in [*events, *more]]
+    assert sum(r.published for r in results) == 200
+
+
+def _insert_in_open_transaction(started: threading.Event, release: threading.Event, outcome: str, box: list) -> None:
+    try:
+        with transaction.atomic():
+            box.append(record(1)[0].sequence)
+            started.set()
+            release.wait(20)
+            if outcome == "rollback":
+                transaction.set_rollback(True)
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_a_late_commit_is_not_skipped_and_a_rollback_does_not_block(stream, outcome):
+    record(1)
+    relay_until_quiet(stream)
+    started, release, box = threading.Event(), threading.Event(), []
+    writer = threading.Thread(target=_insert_in_open_transaction, args=(started, release, outcome, box))
+    writer.start()
+    started.wait(10)
+    later = record(2)  # committed, with sequences above the open transaction's
+    assert later[0].sequence > box[0]
+    for _ in range(3):
+        result = events_relay(client=stream)
+        assert result.published == 0, "nothing may pass an open transaction's sequence"
+        assert result.waiting_on_gap == (box[0], box[0])
+    release.set()
+    writer.join()
+    published = relay_until_quiet(stream)
+    sequences = [int(entry_id.split("-")[0]) for entry_id, _ in entries(stream)]
+    if outcome == "commit":
+        assert published == 3
+        assert sequences[-3:] == [box[0], later[0].sequence, later[1].sequence]
+    else:
+        assert published == 2
+        assert sequences[-2:] == [later[0].sequence, later[1].sequence]
+        assert box[0] not in sequences

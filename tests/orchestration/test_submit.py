@@ -1,0 +1,177 @@
+"""Submitting a workflow spec: validation reports every problem at once and stores nothing;
+a valid spec is stored with its tasks and events in one transaction."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+import redis
+from django.conf import settings
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from orchestration.errors import SpecError
+from orchestration.models import Event, TaskExecution, Workflow
+from orchestration.services.specs import spec_parse
+from orchestration.services.workflows import workflow_submit
+from tests.engine import flush_redis
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.usefixtures("builtin_agents")
+
+
+def problems_of(spec: dict) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        workflow_submit(spec=spec)
+    assert (
+        Workflow.objects.count() == 0
+        and TaskExecution.objects.count() == 0
+        and Event.objects.filter(event_type="workflow_created").count() == 0
+    ), "nothing is stored for an invalid spec"
+    return info.value.problems
+
+
+def test_every_problem_is_reported_at_once_naming_the_field(db):
+    problems = problems_of(
+        {
+            "name": "",
+            "priority": "urgent",
+            "colour": "blue",
+            "tasks": [
+                {"name": "a", "agent": "nobody"},
+                {"name": "a", "agent": "echo", "max_retries": 500},
+                {"name": "b", "agent": "echo", "timeout_seconds": 0, "depends_on": ["zzz"]},
+                {"agent": "echo", "input": "not a mapping"},
+            ],
+        }
+    )
+    expected = [
+        "colour: unknown field",
+        "name must not be empty",
+        "priority must be one of critical, high, normal, low, got 'urgent'",
+        "tasks[0] (a).agent: unknown agent 'nobody'",
+        "tasks[1] (a).name is a duplicate task name",
+        f"tasks[1] (a).max_retries must be between 0 and {settings.TASK_MAX_RETRIES_LIMIT}, got 500",
+        f"tasks[2] (b).timeout_seconds must be between 1 and {settings.TASK_MAX_TIMEOUT_SECONDS}, got 0",
+        "tasks[3].name is required",
+        "tasks[3].input must be a mapping",
+        "tasks[2] (b).depends_on: unknown task 'zzz'",
+    ]
+    for text in expected:
+        assert any(text in p for p in problems), (text, problems)
+
+
+def test_a_cycle_is_named(db):
+    problems = problems_of(
+        {
+            "name": "loop",
+            "tasks": [
+                {"name": "a", "agent": "echo", "depends_on": ["c"]},
+                {"name": "b", "agent": "echo", "depends_on": ["a"]},
+                {"name": "c", "agent": "echo", "depends_on": ["b"]},
+                {"name": "free", "agent": "echo"},
+            ],
+        }
+    )
+    assert problems == ["tasks: dependency cycle a -> c -> b -> a (each task depends on the next)"]
+
+
+def test_past_or_naive_deadline_and_inactive_agent_are_refused(db):
+    from orchestration.models import Agent
+
+    Agent.objects.filter(pk="fail").update(status="maintenance")
+    problems = problems_of(
+        {
+            "name": "x",
+            "deadline": (timezone.now() - dt.timedelta(minutes=1)).isoformat(),
+            "tasks": [{"name": "a", "agent": "fail"}],
+        }
+    )
+    assert any("is in the past" in p for p in problems)
+    assert any("agent 'fail' is maintenance, not active" in p for p in problems)
+    assert any(
+        "include a time zone" in p
+        for p in problems_of(
+            {"name": "x", "deadline": "2030-01-01T00:00:00", "tasks": [{"name": "a", "agent": "echo"}]}
+        )
+    )
+
+
+def test_valid_spec_is_stored_with_tasks_and_events_and_roots_are_sent_after_commit(
+    db, django_capture_on_commit_callbacks
+):
+    flush_redis()
+    owner = UserFactory()
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        workflow, created = workflow_submit(
+            spec={
+                "name": "review",
+                "workflow_type": "code_review",
+                "tags": ["t"],
+                "state": {"repo": "x"},
+                "priority": "high",
+                "tasks": [
+                    {"name": "a", "agent": "echo", "input": {"k": 1}},
+                    {"name": "b", "agent": "flaky", "depends_on": "a", "priority": "low", "max_retries": 5},
+                ],
+            },
+            owner=owner,
+        )
+    assert created and len(callbacks) == 1
+    assert (workflow.status, workflow.total_steps, workflow.owner, workflow.initiator) == (
+        "running",
+        2,
+        owner,
+        owner.username,
+    )
+    assert workflow.assigned_agents == ["echo", "flaky"] and workflow.state_data == {"repo": "x"}
+    assert workflow.spec["tasks"][1]["depends_on"] == "a"
+    a, b = TaskExecution.objects.get(task_name="a"), TaskExecution.objects.get(task_name="b")
+    assert (a.status, a.priority, a.input_data) == ("queued", "high", {"k": 1})
+    assert a.celery_task_id and a.queued_at
+    assert (b.status, b.priority, b.depends_on, b.max_retries, b.celery_task_id) == ("pending", "low", ["a"], 5, None)
+    assert list(
+        Event.objects.exclude(event_type="agent_registered").order_by("sequence").values_list("event_type", "entity_id")
+    ) == [
+        ("workflow_created", workflow.workflow_id),
+        ("workflow_started", workflow.workflow_id),
+        ("task_queued", a.execution_id),
+    ]
+    # the message went to the queue named by the task's priority, with the stored id
+    queued = redis.Redis.from_url(settings.CELERY_BROKER_URL).lrange("high", 0, -1)
+    assert [json.loads(m)["headers"]["id"] for m in queued] == [a.celery_task_id]
+    flush_redis()
+
+
+def test_same_idempotency_key_from_same_owner_returns_the_first_workflow(db):
+    owner, other = UserFactory(), UserFactory()
+    spec = {"name": "once", "idempotency_key": "k-1", "tasks": [{"name": "a", "agent": "echo"}]}
+    first, created = workflow_submit(spec=spec, owner=owner)
+    again, created_again = workflow_submit(spec=spec, owner=owner)
+    theirs, created_theirs = workflow_submit(spec=spec, owner=other)
+    assert (created, created_again, created_theirs) == (True, False, True)
+    assert again.pk == first.pk and theirs.pk != first.pk
+    assert Workflow.objects.count() == 2
+
+
+def test_yaml_and_json_documents_parse_and_bad_ones_are_named():
+    assert spec_parse("name: x\ntasks: []\n", fmt="yaml") == {"name": "x", "tasks": []}
+    with pytest.raises(SpecError, match="spec is not valid JSON"):
+        spec_parse("{", fmt="json")
+    with pytest.raises(SpecError, match="mapping"):
+        spec_parse("- 1\n", fmt="yaml")
+
+
+def test_submit_command_reports_problems_and_stores_nothing(db, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ntasks:\n  - {name: a, agent: ghost}\n")
+    with pytest.raises(CommandError, match="unknown agent 'ghost'"):
+        call_command("submit_workflow", str(path))
+    assert Workflow.objects.count() == 0
+    (tmp_path / "x.txt").write_text("name: x")
+    with pytest.raises(CommandError, match=r"use a \.json, \.yaml or \.yml file"):
+        call_command("submit_workflow", str(tmp_path / "x.txt"))
+    with pytest.raises(CommandError, match="no such file"):
+        call_command("submit_workflow", str(tmp_path / "missing.json"))
