@@ -1,0 +1,216 @@
+"""Operations on the engine: re-sending lost messages, retrying and resuming, cancelling a
+task, queue timeouts, the commands, and the Celery configuration itself."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+
+import pytest
+from celery.app.defaults import DEFAULTS
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from config.settings.base import check_visibility_timeout
+from orchestration.errors import TransitionError
+from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.services.execution import Outcome, attempt_claim
+from orchestration.services.reaper import queued_sweep
+from orchestration.services.workflows import task_cancel, task_retry, workflow_resume
+from tests.engine import flush_redis
+from tests.orchestration.test_engine import attempts, finished, running_attempt, submit, task
+
+A, T = TaskAttempt.Status, TaskExecution.Status
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_message_lost_between_commit_and_send_is_sent_again_by_the_sweeper(engine):
+    wf = submit({"name": "a", "agent": "echo"})
+    flush_redis()  # the message never reached the broker
+    TaskExecution.objects.filter(workflow=wf).update(queued_at=timezone.now() - dt.timedelta(minutes=5))
+    lost = task(wf, "a")
+    assert queued_sweep() == [lost.execution_id]
+    resent = task(wf, "a")
+    assert resent.celery_task_id != lost.celery_task_id
+    assert resent.queued_at == lost.queued_at, "the queue timeout still counts from the first queueing"
+    engine()
+    assert finished(wf).status == Workflow.Status.COMPLETED
+    assert [a.status for a in attempts(wf, "a")] == [A.SUCCEEDED]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_sweeper_leaves_alone_a_task_whose_message_is_still_queued(engine):
+    wf = submit({"name": "a", "agent": "echo"})
+    TaskExecution.objects.filter(workflow=wf).update(queued_at=timezone.now() - dt.timedelta(minutes=5))
+    assert queued_sweep() == []
+    engine()
+    assert finished(wf).status == Workflow.Status.COMPLETED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retrying_a_failed_task_resumes_its_workflow_and_keeps_earlier_attempts(engine):
+    engine()
+    wf = finished(
+        submit(
+            {"name": "ok", "agent": "echo"},
+            {"name": "bad", "agent": "fail", "max_retries": 0},
+            {"name": "after", "agent": "echo", "depends_on": ["ok", "bad"]},
+        )
+    )
+    assert wf.status == Workflow.Status.FAILED
+    # the agent is fixed: the same task now succeeds
+    TaskExecution.objects.filter(workflow=wf, task_name="bad").update(input_data={})
+    from orchestration.models import Agent
+
+    Agent.objects.filter(pk="fail").update(entrypoint="orchestration.runtime.builtin.echo")
+    task_retry(execution_id=task(wf, "bad").execution_id)
+    wf = finished(wf)
+    assert wf.status == Workflow.Status.COMPLETED
+    assert [(a.attempt_number, a.status) for a in attempts(wf, "bad")] == [(1, A.FAILED), (2, A.SUCCEEDED)]
+    assert [a.attempt_number for a in attempts(wf, "ok")] == [1], "completed tasks are not run again"
+    assert task(wf, "after").status == T.COMPLETED
+    assert "workflow_resumed" in Event.objects.filter(workflow_id=wf.pk).values_list("event_type", flat=True)
+    with pytest.raises(TransitionError, match="only a failed or cancelled task is retried"):
+        task_retry(execution_id=task(wf, "ok").execution_id)
+    with pytest.raises(TransitionError, match="only a failed or cancelled one resumes"):
+        workflow_resume(workflow_id=wf.workflow_id)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancelling_a_running_task_fails_its_workflow_and_records_the_attempt(engine):
+    engine()
+    wf = submit(
+        {"name": "long", "agent": "sleep", "input": {"seconds": 20}},
+        {"name": "other", "agent": "sleep", "input": {"seconds": 20}},
+    )
+    attempt = running_attempt(wf, "long")
+    running_attempt(wf, "other")
+    task_cancel(execution_id=attempt.execution_id, reason="not needed")
+    wf.refresh_from_db()
+    attempt.refresh_from_db()
+    assert wf.status == Workflow.Status.CANCELLED and "task long cancelled: not needed" in wf.error
+    assert (attempt.status, attempt.cause) == (A.CANCELLED, "cancelled")
+    assert task(wf, "other").status == T.CANCELLED
+    with pytest.raises(TransitionError, match="cannot be cancelled"):
+        task_cancel(execution_id=attempt.execution_id)
+
+
+def test_a_task_queued_past_the_queue_timeout_never_starts(db, builtin_agents, settings):
+    settings.TASK_QUEUE_TIMEOUT_SECONDS = 60
+    wf = submit({"name": "late", "agent": "echo"}, {"name": "next", "agent": "echo", "depends_on": ["late"]})
+    late = task(wf, "late")
+    TaskExecution.objects.filter(pk=late.pk).update(queued_at=timezone.now() - dt.timedelta(seconds=61))
+    outcome = attempt_claim(execution_id=late.execution_id, celery_task_id=late.celery_task_id, worker="w@h")
+    assert outcome == Outcome.SKIPPED
+    [attempt] = attempts(wf, "late")
+    assert (attempt.status, attempt.cause, attempt.duration_ms) == (A.TIMED_OUT, "queue_timeout", 0.0)
+    assert "limit 60 s" in attempt.error
+    assert task(wf, "late").status == T.TIMED_OUT
+    wf.refresh_from_db()
+    assert wf.status == Workflow.Status.FAILED
+    assert task(wf, "next").status == T.CANCELLED
+
+
+def test_a_stale_message_id_runs_nothing(db, builtin_agents):
+    wf = submit({"name": "a", "agent": "echo"})
+    a = task(wf, "a")
+    assert attempt_claim(execution_id=a.execution_id, celery_task_id="not-the-current-id", worker="w") == (
+        Outcome.SKIPPED
+    )
+    assert attempts(wf, "a") == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_submit_command_waits_and_exits_by_the_outcome(engine, tmp_path):
+    engine()
+    good, bad = tmp_path / "good.json", tmp_path / "bad.yaml"
+    good.write_text('{"name": "ok", "tasks": [{"name": "a", "agent": "echo"}]}')
+    bad.write_text("name: failing\ntasks:\n  - {name: a, agent: fail, max_retries: 0}\n")
+    out = io.StringIO()
+    call_command("submit_workflow", str(good), "--wait", stdout=out)
+    workflow_id = out.getvalue().splitlines()[0]
+    assert Workflow.objects.get(pk=workflow_id).status == Workflow.Status.COMPLETED
+    assert "ok [completed] 1/1" in out.getvalue()
+    with pytest.raises(CommandError, match="ended failed"):
+        call_command("submit_workflow", str(bad), "--wait", stdout=io.StringIO())
+    status = io.StringIO()
+    call_command("workflow_status", workflow_id, stdout=status)
+    assert "a" in status.getvalue() and "#1 succeeded" in status.getvalue()
+    with pytest.raises(CommandError, match="no workflow 'nope'"):
+        call_command("workflow_status", "nope")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reap_and_relay_commands_run_once(engine, settings):
+    import uuid
+
+    import redis
+
+    settings.SYNAPSE_STREAM = f"synapse-test-{uuid.uuid4().hex[:8]}"
+    reap = io.StringIO()
+    call_command("reap_stale_tasks", stdout=reap)
+    assert "timed out: 0  lost: 0" in reap.getvalue()
+    relay = io.StringIO()
+    for _ in range(3):
+        call_command("relay_events", stdout=relay)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    assert client.xlen(settings.SYNAPSE_STREAM) == Event.objects.count() > 0
+    client.delete(settings.SYNAPSE_STREAM, f"{settings.SYNAPSE_STREAM}:relay:gaps")
+
+
+def test_every_celery_setting_is_one_celery_knows():
+    known = {key.upper() for key in DEFAULTS}  # Celery's own flat table of setting names
+    ours = {name[len("CELERY_") :] for name in dir(settings) if name.startswith("CELERY_")}
+    assert ours, "settings use the CELERY_ namespace"
+    assert ours <= known, f"unknown to Celery (silently ignored): {sorted(ours - known)}"
+
+
+def test_worker_settings_protect_against_lost_work():
+    from config.celery import app
+
+    conf = app.conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert [q.name for q in conf.task_queues] == ["critical", "high", "normal", "low"]
+    hold = settings.TASK_MAX_TIMEOUT_SECONDS + settings.TASK_HARD_TIMEOUT_GRACE_SECONDS
+    assert conf.broker_transport_options["visibility_timeout"] > hold + settings.TASK_RETRY_BACKOFF_MAX_SECONDS
+
+
+def test_a_visibility_timeout_shorter_than_a_task_can_hold_its_message_is_refused():
+    with pytest.raises(ImproperlyConfigured, match="BROKER_VISIBILITY_TIMEOUT_SECONDS=100 must exceed"):
+        check_visibility_timeout(100, 3910)
+
+
+@pytest.mark.subprocess
+def test_settings_refuse_to_load_with_a_short_visibility_timeout():
+    from tests.config.test_settings import run_manage
+
+    result = run_manage("check", BROKER_VISIBILITY_TIMEOUT_SECONDS="60")
+    assert result.returncode != 0
+    assert "BROKER_VISIBILITY_TIMEOUT_SECONDS=60 must exceed" in result.stderr
+
+
+def test_beat_schedules_for_the_relay_and_the_reaper_exist(db):
+    from django_celery_beat.models import PeriodicTask
+
+    tasks = dict(PeriodicTask.objects.values_list("task", "interval__every"))
+    assert tasks["orchestration.relay_events"] == 1
+    assert tasks["orchestration.reap_stale_tasks"] == 5
+    assert settings.CELERY_BEAT_SCHEDULER.startswith("django_celery_beat")
+
+
+def test_backoff_grows_exponentially_with_jitter_and_honours_retry_after(settings):
+    from orchestration.services.execution import retry_countdown
+
+    settings.TASK_RETRY_BACKOFF_BASE_SECONDS = 1.0
+    settings.TASK_RETRY_BACKOFF_MAX_SECONDS = 30
+    for n, (low, high) in enumerate([(0.5, 1), (1, 2), (2, 4), (4, 8)]):
+        samples = {retry_countdown(n) for _ in range(50)}
+        assert all(low <= s <= high for s in samples), (n, samples)
+        assert len(samples) > 1, "jittered"
+    assert retry_countdown(10) <= 30
+    assert retry_countdown(0, retry_after=7) == 7
+    assert retry_countdown(0, retry_after=99) == 30
