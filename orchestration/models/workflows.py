@@ -174,6 +174,7 @@ class TaskExecution(TimestampedModel):
         ordering = ["created_at"]
         indexes = [
             models.Index(fields=["workflow"], name="idx_task_executions_workflow"),
+            models.Index(fields=["workflow", "status"], name="idx_tasks_workflow_status"),
             models.Index(fields=["status"], name="idx_task_executions_status"),
             models.Index(fields=["agent", "status", "-created_at"], name="idx_tasks_agent_status"),
             models.Index(fields=["agent", "-created_at"], name="idx_tasks_agent_created"),

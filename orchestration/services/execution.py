@@ -319,8 +319,7 @@ def attempt_succeed(*, attempt: TaskAttempt, result: AgentResult, duration_ms: f
         task.output_data = result.output
         task_event(task, EventType.TASK_COMPLETED, attempt=attempt, payload={"duration_ms": round(duration_ms, 3)})
         if task.workflow_id:
-            workflow_add_usage(task.workflow_id, tokens=usage.tokens, cost=usage.cost_usd)
-            workflow_on_task_completed(task, now=now)
+            workflow_on_task_completed(task, now=now, tokens=usage.tokens, cost=usage.cost_usd)
         return True
 
     return atomic_with_retry(run)

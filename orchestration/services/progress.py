@@ -12,6 +12,7 @@ import datetime as dt
 from decimal import Decimal
 from typing import Any
 
+from django.db import connection
 from django.db.models import F
 
 from orchestration.db import JSONAppend, JSONMerge
@@ -35,32 +36,43 @@ def workflow_add_usage(workflow_id: str, *, tokens: int, cost: Decimal, error: b
     )
 
 
-def workflow_on_task_completed(task: TaskExecution, *, now: dt.datetime) -> None:
-    """Count the completion, store the step result, queue ready dependents, maybe finish."""
+def workflow_on_task_completed(
+    task: TaskExecution, *, now: dt.datetime, tokens: int = 0, cost: Decimal = Decimal(0)
+) -> None:
+    """Count the completion and its usage, store the step result, queue the dependents that
+    became ready, or finish the workflow. Cost per completion does not grow with the size of
+    the workflow: only pending tasks that name this one are looked at."""
     Workflow.objects.filter(workflow_id=task.workflow_id).update(
         completed_steps=F("completed_steps") + 1,
         current_step=task.task_name,
         step_results=JSONMerge("step_results", {task.task_name: task.output_data}),
         checkpoints=JSONAppend("checkpoints", {"task": task.task_name, "at": now.isoformat()}),
+        total_tokens_used=F("total_tokens_used") + tokens,
+        total_cost_usd=F("total_cost_usd") + cost,
     )
     workflow = Workflow.objects.select_for_update().get(workflow_id=task.workflow_id)
     if workflow.status != Workflow.Status.RUNNING:
         return
-    siblings = list(
-        TaskExecution.objects.filter(workflow_id=workflow.workflow_id).only("task_name", "status", "depends_on")
+    pending = TaskExecution.objects.select_for_update().filter(
+        workflow_id=workflow.workflow_id, status=TaskExecution.Status.PENDING
     )
-    done = {t.task_name for t in siblings if t.status == TaskExecution.Status.COMPLETED}
-    ready_ids = [
-        t.execution_id
-        for t in siblings
-        if t.status == TaskExecution.Status.PENDING and task.task_name in t.depends_on and set(t.depends_on) <= done
-    ]
-    if ready_ids:
-        ready = list(
-            TaskExecution.objects.select_for_update()
-            .filter(execution_id__in=ready_ids, status=TaskExecution.Status.PENDING)
-            .order_by("execution_id")
+    if connection.vendor == "postgresql":  # jsonb containment; SQLite filters below
+        pending = pending.filter(depends_on__contains=[task.task_name])
+    ready = []
+    for candidate in pending.order_by("execution_id"):
+        if task.task_name not in candidate.depends_on:
+            continue
+        others = [name for name in candidate.depends_on if name != task.task_name]
+        unfinished = (
+            TaskExecution.objects.filter(workflow_id=workflow.workflow_id, task_name__in=others)
+            .exclude(status=TaskExecution.Status.COMPLETED)
+            .exists()
+            if others
+            else False
         )
+        if not unfinished:
+            ready.append(candidate)
+    if ready:
         tasks_queue(ready, now=now)
         return
     workflow_maybe_finish(workflow, now=now)
@@ -111,7 +123,8 @@ def workflow_maybe_finish(workflow: Workflow, *, now: dt.datetime) -> None:
     the workflow lock)."""
     if workflow.status != Workflow.Status.RUNNING:
         return
-    if TaskExecution.objects.filter(workflow_id=workflow.workflow_id).exclude(status__in=TERMINAL).exists():
+    unfinished = [s for s in TaskExecution.Status.values if s not in TERMINAL]
+    if TaskExecution.objects.filter(workflow_id=workflow.workflow_id, status__in=unfinished).exists():
         return
     failed = TaskExecution.objects.filter(workflow_id=workflow.workflow_id, status__in=FAILED_TASK).exists()
     workflow.status = Workflow.Status.FAILED if failed else Workflow.Status.COMPLETED

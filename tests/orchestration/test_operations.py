@@ -55,7 +55,7 @@ def test_retrying_a_failed_task_resumes_its_workflow_and_keeps_earlier_attempts(
     wf = finished(
         submit(
             {"name": "ok", "agent": "echo"},
-            {"name": "bad", "agent": "fail", "max_retries": 0},
+            {"name": "bad", "agent": "fail", "max_retries": 0, "depends_on": ["ok"]},
             {"name": "after", "agent": "echo", "depends_on": ["ok", "bad"]},
         )
     )
