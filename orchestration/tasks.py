@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 from celery import shared_task
+from django.db import InterfaceError, OperationalError, connections
 
 from orchestration.services.execution import attempt_run
 
 
-@shared_task(name="orchestration.run_task", bind=True, acks_late=True, reject_on_worker_lost=True)
+@shared_task(name="orchestration.run_task", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=30)
 def run_task(self, execution_id: str) -> str:
-    """Run one attempt of a task execution (the message's id identifies the attempt)."""
+    """Run one attempt of a task execution (the message's id identifies the attempt).
+
+    If the database connection is lost, nothing of this delivery was recorded (or the claim
+    committed and the reaper will close the attempt): the message is sent again, same id."""
     delivery = self.request.delivery_info or {}
-    return attempt_run(
-        execution_id=execution_id,
-        celery_task_id=self.request.id,
-        worker=self.request.hostname or "",
-        redelivered=bool(delivery.get("redelivered")),
-    ).value
+    try:
+        return attempt_run(
+            execution_id=execution_id,
+            celery_task_id=self.request.id,
+            worker=self.request.hostname or "",
+            redelivered=bool(delivery.get("redelivered")),
+        ).value
+    except (InterfaceError, OperationalError) as exc:
+        for connection in connections.all(initialized_only=True):
+            connection.close()
+        raise self.retry(exc=exc, countdown=min(2 ** min(self.request.retries, 5), 30)) from exc
 
 
 @shared_task(name="orchestration.reap_stale_tasks", acks_late=False, ignore_result=True)

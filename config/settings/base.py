@@ -128,6 +128,10 @@ CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_SEND_TASK_EVENTS = False
 CELERY_TASK_SEND_SENT_EVENT = False
+# Celery's Django fixup closes every database connection before and after each task unless
+# this is set; reuse a connection for this many tasks instead (config/celery.py still drops
+# unusable or expired ones before each task, as Django does per request).
+CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", 1000, minimum=0)
 # Queues per priority; a task execution goes to the queue named by its priority.
 TASK_QUEUES_BY_PRIORITY = ("critical", "high", "normal", "low")
 CELERY_TASK_QUEUES = tuple(Queue(name, routing_key=name) for name in TASK_QUEUES_BY_PRIORITY)

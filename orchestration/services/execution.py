@@ -19,6 +19,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
+from django.db import connection
 from django.db.models import F, Max
 from django.utils import timezone
 
@@ -28,11 +29,13 @@ from orchestration.event_types import EventType, Severity
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
 from orchestration.runtime.context import AgentResult, TaskContext, Usage
 from orchestration.runtime.executors import agent_execute
+from orchestration.services import fastpath
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare
 from orchestration.services.events import task_event
 from orchestration.services.progress import (
     tasks_cancel,
     workflow_add_usage,
+    workflow_advance,
     workflow_fail,
     workflow_on_task_completed,
     workflow_on_task_failed,
@@ -159,15 +162,58 @@ def attempt_claim(
     *, execution_id: str, celery_task_id: str, worker: str, redelivered: bool = False, now: dt.datetime | None = None
 ) -> Claim | Outcome:
     """Start an attempt for a delivered message, or say why not (SKIPPED, DEFERRED)."""
+    now = now or timezone.now()
+    fast = fastpath.claim(
+        execution_id=execution_id, celery_task_id=celery_task_id, worker=worker, redelivered=redelivered, now=now
+    )
+    if fast is not None:
+        return _claim_from_fast(fast, worker=worker, celery_task_id=celery_task_id, now=now)
     return atomic_with_retry(
         lambda: _attempt_claim(
             execution_id=execution_id,
             celery_task_id=celery_task_id,
             worker=worker,
             redelivered=redelivered,
-            now=now or timezone.now(),
+            now=now,
         )
     )
+
+
+def _upstream_outputs(workflow_id: str | None, depends_on: list[str]) -> dict[str, Any]:
+    if not depends_on or not workflow_id:
+        return {}
+    return dict(
+        TaskExecution.objects.filter(workflow_id=workflow_id, task_name__in=depends_on).values_list(
+            "task_name", "output_data"
+        )
+    )
+
+
+def _claim_from_fast(fast: fastpath.FastClaim, *, worker: str, celery_task_id: str, now: dt.datetime) -> Claim:
+    attempt = TaskAttempt(
+        id=fast.attempt_id,
+        execution_id=fast.execution_id,
+        attempt_number=fast.attempt_number,
+        status=TaskAttempt.Status.RUNNING,
+        worker=worker,
+        celery_task_id=celery_task_id,
+        timeout_seconds=fast.timeout_seconds,
+        started_at=now,
+    )
+    attempt._state.adding = False
+    agent = Agent(id=fast.agent_id, executor=fast.executor, entrypoint=fast.entrypoint, config=fast.config)
+    agent._state.adding = False
+    context = TaskContext(
+        execution_id=fast.execution_id,
+        workflow_id=fast.workflow_id,
+        task_name=fast.task_name,
+        agent_id=fast.agent_id,
+        attempt_number=fast.attempt_number,
+        timeout_seconds=fast.timeout_seconds,
+        upstream=_upstream_outputs(fast.workflow_id, fast.depends_on),
+        agent_config=fast.config,
+    )
+    return Claim(attempt=attempt, agent=agent, task_input=fast.input_data, context=context)
 
 
 def _attempt_claim(
@@ -264,13 +310,6 @@ def _attempt_claim(
     task.save(update_fields=["status", "started_at", "worker"])
     task_event(task, EventType.TASK_STARTED, attempt=attempt, payload={"worker": worker, "redelivered": redelivered})
 
-    upstream: dict[str, Any] = {}
-    if task.depends_on and task.workflow_id:
-        upstream = dict(
-            TaskExecution.objects.filter(workflow_id=task.workflow_id, task_name__in=task.depends_on).values_list(
-                "task_name", "output_data"
-            )
-        )
     context = TaskContext(
         execution_id=task.execution_id,
         workflow_id=task.workflow_id,
@@ -278,7 +317,7 @@ def _attempt_claim(
         agent_id=agent.id,
         attempt_number=number,
         timeout_seconds=task.timeout_seconds,
-        upstream=upstream,
+        upstream=_upstream_outputs(task.workflow_id, task.depends_on),
         agent_config=agent.config,
     )
     return Claim(attempt=attempt, agent=agent, task_input=task.input_data, context=context)
@@ -290,6 +329,22 @@ def attempt_succeed(*, attempt: TaskAttempt, result: AgentResult, duration_ms: f
 
     def run() -> bool:
         usage = result.usage
+        if connection.vendor == "postgresql":
+            done = fastpath.succeed(
+                attempt_id=attempt.pk,
+                output=result.output,
+                duration_ms=duration_ms,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cost=usage.cost_usd,
+                now=now,
+            )
+            if done is None:
+                return False
+            workflow_id, task_name, status = done
+            if workflow_id:
+                workflow_advance(workflow_id=workflow_id, completed_task=task_name, status=status, now=now)
+            return True
         if not _close_attempt(
             attempt,
             status=TaskAttempt.Status.SUCCEEDED,

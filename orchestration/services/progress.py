@@ -9,6 +9,7 @@ workers, the second sees the first's completion, and each dependent is queued ex
 from __future__ import annotations
 
 import datetime as dt
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -39,9 +40,7 @@ def workflow_add_usage(workflow_id: str, *, tokens: int, cost: Decimal, error: b
 def workflow_on_task_completed(
     task: TaskExecution, *, now: dt.datetime, tokens: int = 0, cost: Decimal = Decimal(0)
 ) -> None:
-    """Count the completion and its usage, store the step result, queue the dependents that
-    became ready, or finish the workflow. Cost per completion does not grow with the size of
-    the workflow: only pending tasks that name this one are looked at."""
+    """Count the completion and its usage, store the step result, then advance the workflow."""
     Workflow.objects.filter(workflow_id=task.workflow_id).update(
         completed_steps=F("completed_steps") + 1,
         current_step=task.task_name,
@@ -50,21 +49,31 @@ def workflow_on_task_completed(
         total_tokens_used=F("total_tokens_used") + tokens,
         total_cost_usd=F("total_cost_usd") + cost,
     )
-    workflow = Workflow.objects.select_for_update().get(workflow_id=task.workflow_id)
-    if workflow.status != Workflow.Status.RUNNING:
+    status = Workflow.objects.filter(workflow_id=task.workflow_id).values_list("status", flat=True).get()
+    workflow_advance(workflow_id=task.workflow_id, completed_task=task.task_name, status=status, now=now)
+
+
+def workflow_advance(*, workflow_id: str, completed_task: str, status: str, now: dt.datetime) -> None:
+    """After a completion (the caller's transaction holds the workflow row, locked by its
+    UPDATE): queue the dependents that became ready, or finish the workflow. Cost does not
+    grow with the size of the workflow: only pending tasks that name this one are read."""
+    if status != Workflow.Status.RUNNING:
         return
-    pending = TaskExecution.objects.select_for_update().filter(
-        workflow_id=workflow.workflow_id, status=TaskExecution.Status.PENDING
-    )
-    if connection.vendor == "postgresql":  # jsonb containment; SQLite filters below
-        pending = pending.filter(depends_on__contains=[task.task_name])
+    # Pending tasks only change under the workflow lock, which the caller holds.
+    pending = TaskExecution.objects.filter(workflow_id=workflow_id, status=TaskExecution.Status.PENDING)
+    unfinished_statuses = [s for s in TaskExecution.Status.values if s not in TERMINAL]
+    if connection.vendor == "postgresql":
+        candidate_ids, any_unfinished = _dependents_and_unfinished(workflow_id, completed_task, unfinished_statuses)
+        if not candidate_ids and any_unfinished:
+            return  # the common case, in one query
+        pending = pending.filter(execution_id__in=candidate_ids)
     ready = []
     for candidate in pending.order_by("execution_id"):
-        if task.task_name not in candidate.depends_on:
+        if completed_task not in candidate.depends_on:
             continue
-        others = [name for name in candidate.depends_on if name != task.task_name]
+        others = [name for name in candidate.depends_on if name != completed_task]
         unfinished = (
-            TaskExecution.objects.filter(workflow_id=workflow.workflow_id, task_name__in=others)
+            TaskExecution.objects.filter(workflow_id=workflow_id, task_name__in=others)
             .exclude(status=TaskExecution.Status.COMPLETED)
             .exists()
             if others
@@ -75,7 +84,23 @@ def workflow_on_task_completed(
     if ready:
         tasks_queue(ready, now=now)
         return
-    workflow_maybe_finish(workflow, now=now)
+    if TaskExecution.objects.filter(workflow_id=workflow_id, status__in=unfinished_statuses).exists():
+        return
+    workflow_maybe_finish(Workflow.objects.select_for_update().get(workflow_id=workflow_id), now=now)
+
+
+def _dependents_and_unfinished(workflow_id: str, task_name: str, unfinished: list[str]) -> tuple[list[str], bool]:
+    """PostgreSQL: ids of pending tasks that name task_name, and whether any task of the
+    workflow is unfinished, in one round trip."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT t.execution_id, EXISTS (SELECT 1 FROM task_executions u WHERE u.workflow_id = %s "
+            "AND u.status = ANY(%s::text[])) FROM (SELECT 1) AS one LEFT JOIN task_executions t "
+            "ON t.workflow_id = %s AND t.status = 'pending' AND t.depends_on @> %s::jsonb",
+            [workflow_id, unfinished, workflow_id, json.dumps([task_name])],
+        )
+        rows = cursor.fetchall()
+    return [row[0] for row in rows if row[0] is not None], bool(rows[0][1])
 
 
 def workflow_on_task_failed(task: TaskExecution, *, now: dt.datetime) -> None:
