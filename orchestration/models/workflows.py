@@ -42,9 +42,13 @@ class Workflow(TimestampedModel):
     completed_steps = models.IntegerField(default=0)
     failed_steps = models.IntegerField(default=0)
     state_data = models.JSONField(default=dict, blank=True)
-    step_results = models.JSONField(default=dict, blank=True)
+    step_results = models.JSONField(
+        default=dict, blank=True, help_text="outputs by task name, recorded when the workflow ends"
+    )
     assigned_agents = models.JSONField(default=list, blank=True)
-    checkpoints = models.JSONField(default=list, blank=True)
+    checkpoints = models.JSONField(
+        default=list, blank=True, help_text="completed tasks in completion order, recorded when the workflow ends"
+    )
     error = models.TextField(null=True, blank=True)
     error_count = models.IntegerField(default=0)
     metadata = models.JSONField(default=dict, blank=True)

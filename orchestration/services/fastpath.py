@@ -86,8 +86,6 @@ WITH attempt AS (
 ), workflow AS (
     UPDATE workflows w
        SET completed_steps = w.completed_steps + 1, current_step = task.task_name,
-           step_results = w.step_results || jsonb_build_object(task.task_name, %(output)s::jsonb),
-           checkpoints = w.checkpoints || jsonb_build_array(jsonb_build_object('task', task.task_name, 'at', %(at)s::text)),
            total_tokens_used = w.total_tokens_used + %(tokens)s, total_cost_usd = w.total_cost_usd + %(cost)s
       FROM task
      WHERE w.workflow_id = task.workflow_id
@@ -184,7 +182,6 @@ def succeed(
                 "tokens": input_tokens + output_tokens,
                 "cost": cost,
                 "now": now,
-                "at": now.isoformat(),
                 "event_id": new_id(),
             },
         )

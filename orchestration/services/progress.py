@@ -16,7 +16,6 @@ from typing import Any
 from django.db import connection
 from django.db.models import F
 
-from orchestration.db import JSONAppend, JSONMerge
 from orchestration.event_types import EventType, Severity
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.dispatch import revoke_after_commit, tasks_queue
@@ -44,8 +43,6 @@ def workflow_on_task_completed(
     Workflow.objects.filter(workflow_id=task.workflow_id).update(
         completed_steps=F("completed_steps") + 1,
         current_step=task.task_name,
-        step_results=JSONMerge("step_results", {task.task_name: task.output_data}),
-        checkpoints=JSONAppend("checkpoints", {"task": task.task_name, "at": now.isoformat()}),
         total_tokens_used=F("total_tokens_used") + tokens,
         total_cost_usd=F("total_cost_usd") + cost,
     )
@@ -154,7 +151,8 @@ def workflow_maybe_finish(workflow: Workflow, *, now: dt.datetime) -> None:
     failed = TaskExecution.objects.filter(workflow_id=workflow.workflow_id, status__in=FAILED_TASK).exists()
     workflow.status = Workflow.Status.FAILED if failed else Workflow.Status.COMPLETED
     workflow.completed_at = now
-    workflow.save(update_fields=["status", "completed_at", "updated_at"])
+    _record_results(workflow)
+    workflow.save(update_fields=["status", "completed_at", "step_results", "checkpoints", "updated_at"])
     workflow.refresh_from_db(fields=["duration_ms", "completed_steps", "failed_steps"])
     workflow_event(
         workflow,
@@ -168,6 +166,19 @@ def workflow_maybe_finish(workflow: Workflow, *, now: dt.datetime) -> None:
     )
 
 
+def _record_results(workflow: Workflow) -> None:
+    """step_results (output by task name) and checkpoints (completed tasks in completion
+    order) from the task rows, once, when the workflow ends. Writing them on every
+    completion would rewrite an ever-growing JSON value under the workflow lock."""
+    done = (
+        TaskExecution.objects.filter(workflow_id=workflow.workflow_id, status=TaskExecution.Status.COMPLETED)
+        .order_by("completed_at", "execution_id")
+        .values_list("task_name", "output_data", "completed_at")
+    )
+    workflow.step_results = {name: output for name, output, _ in done}
+    workflow.checkpoints = [{"task": name, "at": at.isoformat()} for name, _, at in done]
+
+
 def workflow_fail(workflow: Workflow, *, error: str, now: dt.datetime, event_type: EventType) -> None:
     """End a running workflow as failed (or cancelled) and cancel every task that has not
     finished, revoking their messages and running processes (caller holds the lock)."""
@@ -175,7 +186,8 @@ def workflow_fail(workflow: Workflow, *, error: str, now: dt.datetime, event_typ
     workflow.status = Workflow.Status.CANCELLED if cancelled else Workflow.Status.FAILED
     workflow.error = error
     workflow.completed_at = now
-    workflow.save(update_fields=["status", "error", "completed_at", "updated_at"])
+    _record_results(workflow)
+    workflow.save(update_fields=["status", "error", "completed_at", "step_results", "checkpoints", "updated_at"])
     count = tasks_cancel(
         TaskExecution.objects.filter(workflow_id=workflow.workflow_id).exclude(status__in=TERMINAL),
         reason=error,

@@ -46,7 +46,6 @@ TASK_FIELDS = {
     "task_type",
 }
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
-MAX_TASKS = 1000
 
 
 @dataclass
@@ -197,8 +196,8 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
     if not isinstance(raw_tasks, list) or not raw_tasks:
         problems.append("tasks must be a non-empty list")
         raw_tasks = []
-    elif len(raw_tasks) > MAX_TASKS:
-        problems.append(f"tasks has {len(raw_tasks)} entries; at most {MAX_TASKS} are allowed")
+    elif len(raw_tasks) > settings.WORKFLOW_MAX_TASKS:
+        problems.append(f"tasks has {len(raw_tasks)} entries; at most {settings.WORKFLOW_MAX_TASKS} are allowed")
         raw_tasks = []
 
     agent_ids = {t.get("agent") for t in raw_tasks if isinstance(t, dict) and isinstance(t.get("agent"), str)}

@@ -215,3 +215,61 @@ def test_backoff_grows_exponentially_with_jitter_and_honours_retry_after(setting
     assert retry_countdown(10) <= 30
     assert retry_countdown(0, retry_after=7) == 7
     assert retry_countdown(0, retry_after=99) == 30
+
+
+def test_a_message_redelivered_in_a_loop_is_capped_by_the_attempts_recorded(db, builtin_agents):
+    wf = submit({"name": "poison", "agent": "echo", "max_retries": 2})
+    t = task(wf, "poison")
+    first = attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w1@h")
+    assert first.attempt.attempt_number == 1
+    # the worker dies every time; the broker keeps redelivering the same message
+    for number in (2, 3):
+        again = attempt_claim(
+            execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker=f"w{number}@h", redelivered=True
+        )
+        assert again.attempt.attempt_number == number
+    final = attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w4@h", redelivered=True)
+    assert final == Outcome.SKIPPED
+    assert [(a.status, a.cause) for a in attempts(wf, "poison")] == [(A.LOST, "worker_lost")] * 3
+    t.refresh_from_db()
+    assert (t.status, t.retry_count) == (T.FAILED, 2)
+    assert (
+        attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w5@h", redelivered=True)
+        == Outcome.SKIPPED
+    ), "a failed task records nothing more"
+    assert len(attempts(wf, "poison")) == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_reapers_at_once_close_an_abandoned_attempt_once(builtin_agents):
+    import threading
+
+    from django.db import connection
+
+    from orchestration.services.reaper import attempts_reap
+
+    wf = submit({"name": "orphan", "agent": "echo", "max_retries": 1, "timeout_seconds": 1})
+    t = task(wf, "orphan")
+    claim = attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="gone@nowhere")
+    TaskAttempt.objects.filter(pk=claim.attempt.pk).update(started_at=timezone.now() - dt.timedelta(minutes=5))
+    results = []
+
+    def reap() -> None:
+        try:
+            results.append(attempts_reap())
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=reap) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(len(r.lost) for r in results) == 1
+    [attempt] = attempts(wf, "orphan")
+    assert (attempt.status, attempt.cause) == (A.LOST, "worker_lost")
+    t.refresh_from_db()
+    assert (t.status, t.retry_count) == (T.RETRYING, 1)
+    retrying = Event.objects.filter(entity_id=t.execution_id, event_type="task_retrying").count()
+    assert retrying == 1
+    flush_redis()

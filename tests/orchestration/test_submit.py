@@ -175,3 +175,9 @@ def test_submit_command_reports_problems_and_stores_nothing(db, tmp_path):
         call_command("submit_workflow", str(tmp_path / "x.txt"))
     with pytest.raises(CommandError, match="no such file"):
         call_command("submit_workflow", str(tmp_path / "missing.json"))
+
+
+def test_a_workflow_larger_than_the_configured_limit_is_refused(db, settings):
+    settings.WORKFLOW_MAX_TASKS = 3
+    problems = problems_of({"name": "big", "tasks": [{"name": f"t{i}", "agent": "echo"} for i in range(4)]})
+    assert problems == ["tasks has 4 entries; at most 3 are allowed"]

@@ -1,0 +1,282 @@
+"""Throughput of the platform against bare Celery and django-celery-results, side by side.
+
+One worker (prefork, same concurrency), one Redis broker, one PostgreSQL database, three
+kinds of run, repeated and interleaved:
+
+- bare:     N no-op Celery tasks, nothing recorded;
+- dcr:      N no-op tasks recorded by django-celery-results (django-db backend,
+            result_extended, track_started), the peer a user would otherwise pick;
+- platform: one workflow of N independent `echo` tasks with full bookkeeping (task row,
+            attempt row, events, workflow counters, dispatch).
+
+Each run: publish, then wait until the queue is empty and no message is unacknowledged
+(acks_late: a message is acknowledged after its task finished). Commits and statements per
+task come from pg_stat_database and, when preloaded, pg_stat_statements.
+
+    .venv/bin/pip install -r bench/requirements.txt
+    .venv/bin/python -m bench.throughput --tasks 2000 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import django  # noqa: E402
+
+django.setup()
+
+import psycopg  # noqa: E402
+import redis  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import connection  # noqa: E402
+
+from config.celery import app  # noqa: E402
+
+QUEUE = "normal"
+LOG = ROOT / "var" / "bench-worker.log"
+STATS_SETTLE_SECONDS = 11  # PostgreSQL 15 backends flush their counters when idle, within ~10 s
+
+
+@dataclass
+class Run:
+    kind: str
+    seconds: float
+    commits: int
+    statements: int | None
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def rate(self, n: int) -> float:
+        return n / self.seconds
+
+
+def admin_dsn() -> str:
+    db = settings.DATABASES["default"]
+    return f"host={db['HOST'] or '127.0.0.1'} port={db['PORT'] or 5432} user={db['USER'] or 'postgres'} dbname=postgres"
+
+
+def ensure_database() -> None:
+    name = settings.DATABASES["default"]["NAME"]
+    with psycopg.connect(admin_dsn(), autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            conn.execute(f'CREATE DATABASE "{name}"')
+    call_command("migrate", verbosity=0)
+    call_command("load_agents", verbosity=0, stdout=open(os.devnull, "w"))  # noqa: SIM115
+
+
+def has_pg_stat_statements() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW shared_preload_libraries")
+        if "pg_stat_statements" not in cursor.fetchone()[0]:
+            return False
+        cursor.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    return True
+
+
+def counters(statements: bool) -> tuple[int, int | None]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+        commits = cursor.fetchone()[0]
+        calls = None
+        if statements:
+            cursor.execute(
+                "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+                "WHERE d.datname = current_database()"
+            )
+            calls = int(cursor.fetchone()[0])
+    return int(commits), calls
+
+
+def drained(client: redis.Redis) -> bool:
+    return client.llen(QUEUE) == 0 and client.hlen("unacked") == 0
+
+
+def wait_drained(client: redis.Redis, timeout: float = 600) -> float:
+    deadline = time.monotonic() + timeout
+    while not drained(client):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the worker did not finish in time")
+        time.sleep(0.002)
+    return time.monotonic()
+
+
+def start_worker(concurrency: int) -> subprocess.Popen:
+    LOG.parent.mkdir(exist_ok=True)
+    name = f"bench-{uuid.uuid4().hex[:6]}@localhost"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "bench.settings"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "config",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            str(concurrency),
+            "-Q",
+            QUEUE,
+            "-n",
+            name,
+            "--include",
+            "bench.tasks",
+            "--without-mingle",
+            "--without-gossip",
+            "--without-heartbeat",
+            "-l",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=LOG.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 30
+    while not app.control.ping(destination=[name], timeout=0.5):
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise RuntimeError("benchmark worker did not start")
+    return process
+
+
+def run_bare(n: int, client: redis.Redis, statements: bool, task_name: str, kind: str) -> Run:
+    from bench.tasks import noop, noop_recorded
+
+    task = noop if task_name == "noop" else noop_recorded
+    before = counters(statements)
+    start = time.monotonic()
+    for _ in range(n):
+        task.apply_async(queue=QUEUE)
+    end = wait_drained(client)
+    time.sleep(STATS_SETTLE_SECONDS)
+    after = counters(statements)
+    return Run(kind, end - start, after[0] - before[0], None if after[1] is None else after[1] - before[1])
+
+
+def run_platform(n: int, client: redis.Redis, statements: bool) -> Run:
+    from orchestration.models import TaskAttempt, TaskExecution, Workflow
+    from orchestration.services.workflows import workflow_submit
+
+    spec = {"name": "bench", "tasks": [{"name": f"t{i}", "agent": "echo", "input": {"i": i}} for i in range(n)]}
+    before = counters(statements)
+    start = time.monotonic()
+    workflow, _ = workflow_submit(spec=spec)
+    end = wait_drained(client)
+    time.sleep(STATS_SETTLE_SECONDS)
+    after = counters(statements)
+    workflow.refresh_from_db()
+    if workflow.status != Workflow.Status.COMPLETED or workflow.completed_steps != n:
+        raise RuntimeError(f"platform run incomplete: {workflow.status} {workflow.completed_steps}/{n}")
+    latencies = [
+        (started - queued).total_seconds() * 1000
+        for queued, started in TaskAttempt.objects.filter(execution__workflow=workflow).values_list(
+            "execution__queued_at", "started_at"
+        )
+    ]
+    assert TaskExecution.objects.filter(workflow=workflow, status="completed").count() == n
+    return Run(
+        "platform", end - start, after[0] - before[0], None if after[1] is None else after[1] - before[1], latencies
+    )
+
+
+def run_latency(samples: int) -> list[float]:
+    """submit->start with an idle worker: one single-task workflow at a time."""
+    from orchestration.models import TaskAttempt, Workflow
+    from orchestration.services.workflows import workflow_submit
+
+    ids = []
+    for _ in range(samples):
+        workflow, _ = workflow_submit(spec={"name": "latency", "tasks": [{"name": "a", "agent": "echo"}]})
+        deadline = time.monotonic() + 30
+        while Workflow.objects.filter(pk=workflow.pk, status=Workflow.Status.RUNNING).exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("latency probe did not finish")
+            time.sleep(0.002)
+        ids.append(workflow.pk)
+    return [
+        (started - queued).total_seconds() * 1000
+        for queued, started in TaskAttempt.objects.filter(execution__workflow_id__in=ids).values_list(
+            "execution__queued_at", "started_at"
+        )
+    ]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--latency-samples", type=int, default=200)
+    args = parser.parse_args()
+    n = args.tasks
+
+    ensure_database()
+    statements = has_pg_stat_statements()
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.flushdb()
+    worker = start_worker(args.concurrency)
+    try:
+        run_bare(200, client, False, "noop", "warm-up")
+        runs: dict[str, list[Run]] = {"bare": [], "dcr": [], "platform": []}
+        for i in range(args.repeat):
+            runs["bare"].append(run_bare(n, client, statements, "noop", "bare"))
+            runs["dcr"].append(run_bare(n, client, statements, "noop_recorded", "dcr"))
+            runs["platform"].append(run_platform(n, client, statements))
+            print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1].rate(n):.0f}/s" for k, v in runs.items()), flush=True)
+        latency = run_latency(args.latency_samples)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+    def median_run(kind: str) -> Run:
+        return sorted(runs[kind], key=lambda r: r.seconds)[len(runs[kind]) // 2]
+
+    bare, dcr, platform = median_run("bare"), median_run("dcr"), median_run("platform")
+    print()
+    print(
+        f"N={n} tasks, {args.repeat} rounds (median shown), worker prefork concurrency {args.concurrency}, "
+        f"Redis broker, PostgreSQL {connection.pg_version // 10000}"
+    )
+    print(f"{'run':<10} {'tasks/s':>9} {'ms/task':>8} {'commits/task':>13} {'statements/task':>16}")
+    for run in (bare, dcr, platform):
+        stmts = "n/a" if run.statements is None else f"{run.statements / n:.2f}"
+        print(f"{run.kind:<10} {run.rate(n):>9.0f} {run.seconds / n * 1000:>8.3f} {run.commits / n:>13.2f} {stmts:>16}")
+    print()
+    print(f"platform / bare Celery          {platform.rate(n) / bare.rate(n):.2f}x   (target >= 0.6x)")
+    print(f"platform / django-celery-results {platform.rate(n) / dcr.rate(n):.2f}x   (target >= 1.2x)")
+    print(f"dcr / bare Celery               {dcr.rate(n) / bare.rate(n):.2f}x")
+    print(f"added wall time per task        {(platform.seconds - bare.seconds) / n * 1000:.3f} ms   (target <= 2 ms)")
+    print(f"commits per attempt (platform)  {platform.commits / n:.2f}   (target <= 2)")
+    print(
+        f"submit->start, idle worker      p50 {percentile(latency, 0.5):.1f} ms, p99 {percentile(latency, 0.99):.1f} ms"
+        f"   ({len(latency)} single-task workflows; target p50 <= 25 ms)"
+    )
+    lat = platform.latencies_ms
+    print(
+        f"submit->start, {n} queued at once: p50 {percentile(lat, 0.5):.0f} ms, p99 {percentile(lat, 0.99):.0f} ms"
+        "   (waiting behind the batch)"
+    )
+    if not statements:
+        print("statements per task: n/a (add pg_stat_statements to shared_preload_libraries to measure them)")
+
+
+if __name__ == "__main__":
+    main()
