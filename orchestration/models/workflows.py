@@ -41,6 +41,7 @@ class Workflow(TimestampedModel):
     total_steps = models.IntegerField(default=0)
     completed_steps = models.IntegerField(default=0)
     failed_steps = models.IntegerField(default=0)
+    cancelled_steps = models.IntegerField(default=0)
     state_data = models.JSONField(default=dict, blank=True)
     step_results = models.JSONField(
         default=dict, blank=True, help_text="outputs by task name, recorded when the workflow ends"
@@ -148,6 +149,7 @@ class TaskExecution(TimestampedModel):
         blank=True,
         related_name="subtasks",
         db_column="parent_task_id",
+        db_index=False,
     )
     task_name = models.CharField(max_length=255)
     task_type = models.CharField(max_length=100, blank=True, default="")
@@ -177,13 +179,15 @@ class TaskExecution(TimestampedModel):
         db_table = "task_executions"
         ordering = ["created_at"]
         indexes = [
-            models.Index(fields=["workflow"], name="idx_task_executions_workflow"),
-            models.Index(fields=["workflow", "status"], name="idx_tasks_workflow_status"),
+            # seed 001's index, widened: also serves "pending/unfinished tasks of a workflow"
+            models.Index(fields=["workflow", "status"], name="idx_task_executions_workflow"),
             models.Index(fields=["status"], name="idx_task_executions_status"),
             models.Index(fields=["agent", "status", "-created_at"], name="idx_tasks_agent_status"),
             models.Index(fields=["agent", "-created_at"], name="idx_tasks_agent_created"),
             models.Index(fields=["-created_at"], name="idx_tasks_created_at"),
-            models.Index(fields=["celery_task_id"], name="idx_tasks_celery_task_id"),
+            models.Index(
+                fields=["parent_task"], name="idx_tasks_parent", condition=models.Q(parent_task__isnull=False)
+            ),
         ]
         constraints = [
             models.CheckConstraint(

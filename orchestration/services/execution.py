@@ -341,8 +341,8 @@ def attempt_succeed(*, attempt: TaskAttempt, result: AgentResult, duration_ms: f
             )
             if done is None:
                 return False
-            workflow_id, task_name, status = done
-            if workflow_id:
+            workflow_id, task_name, status, advance = done
+            if workflow_id and advance:
                 workflow_advance(workflow_id=workflow_id, completed_task=task_name, status=status, now=now)
             return True
         if not _close_attempt(

@@ -89,9 +89,11 @@ WITH attempt AS (
            total_tokens_used = w.total_tokens_used + %(tokens)s, total_cost_usd = w.total_cost_usd + %(cost)s
       FROM task
      WHERE w.workflow_id = task.workflow_id
-    RETURNING w.status
+    RETURNING w.status, w.total_steps - w.completed_steps - w.failed_steps - w.cancelled_steps AS remaining
 )
-SELECT task.workflow_id, task.task_name, (SELECT status FROM workflow) FROM task
+SELECT task.workflow_id, task.task_name, workflow.status, workflow.remaining,
+       EXISTS (SELECT 1 FROM task_executions p WHERE p.workflow_id = task.workflow_id AND p.status = 'pending')
+  FROM task LEFT JOIN workflow ON true
 """
 
 
@@ -115,29 +117,38 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str | bytes) else value
 
 
+def execute_prepared(sql: str, params: dict[str, Any] | list[Any]) -> list[tuple[Any, ...]]:
+    """Run a statement as a server-side prepared statement on Django's connection, inside
+    whatever transaction Django has open there. These statements run on every attempt;
+    planning them each time would cost more than executing them."""
+    connection.ensure_connection()
+    with connection.connection.cursor() as cursor:
+        cursor.execute(sql, params, prepare=True)
+        return cursor.fetchall()
+
+
 def claim(
     *, execution_id: str, celery_task_id: str, worker: str, redelivered: bool, now: dt.datetime
 ) -> FastClaim | None:
     """Claim a queued task's message in one statement (its own transaction), or None."""
     if connection.vendor != "postgresql" or redelivered:
         return None
-    with connection.cursor() as cursor:
-        cursor.execute(
-            CLAIM_SQL,
-            {
-                "execution_id": execution_id,
-                "celery_task_id": celery_task_id,
-                "worker": worker,
-                "redelivered": redelivered,
-                "delivery_count": 2 if redelivered else 1,
-                "now": now,
-                "queue_timeout": settings.TASK_QUEUE_TIMEOUT_SECONDS,
-                "event_id": new_id(),
-            },
-        )
-        row = cursor.fetchone()
-    if row is None:
+    rows = execute_prepared(
+        CLAIM_SQL,
+        {
+            "execution_id": execution_id,
+            "celery_task_id": celery_task_id,
+            "worker": worker,
+            "redelivered": redelivered,
+            "delivery_count": 2 if redelivered else 1,
+            "now": now,
+            "queue_timeout": settings.TASK_QUEUE_TIMEOUT_SECONDS,
+            "event_id": new_id(),
+        },
+    )
+    if not rows:
         return None
+    row = rows[0]
     return FastClaim(
         execution_id=row[0],
         workflow_id=row[1],
@@ -163,27 +174,33 @@ def succeed(
     output_tokens: int,
     cost: Decimal,
     now: dt.datetime,
-) -> tuple[str, str, str | None] | None:
+) -> tuple[str | None, str, str | None, bool] | None:
     """Record a successful attempt, complete its task and count it on the workflow, in one
-    statement of the caller's transaction. Returns (workflow_id, task_name, workflow status),
-    or None if the attempt was no longer running. The workflow row stays locked until commit."""
+    statement of the caller's transaction. The workflow row stays locked until commit.
+
+    Returns None if the attempt was no longer running, else (workflow_id, task_name,
+    workflow status, whether the workflow must be advanced). Advancing (queueing dependents,
+    finishing) is needed only if some task is pending or no task remains unfinished; the
+    counters come from the locked, current workflow row, and "no task pending" read from the
+    statement's snapshot stays true (pending tasks are only created at submit and resume)."""
     if connection.vendor != "postgresql":
         return None
-    with connection.cursor() as cursor:
-        cursor.execute(
-            SUCCEED_SQL,
-            {
-                "attempt_id": attempt_id,
-                "output": json.dumps(output),
-                "duration_ms": duration_ms,
-                "duration_rounded": round(duration_ms, 3),
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
-                "tokens": input_tokens + output_tokens,
-                "cost": cost,
-                "now": now,
-                "event_id": new_id(),
-            },
-        )
-        row = cursor.fetchone()
-    return None if row is None else (row[0], row[1], row[2])
+    rows = execute_prepared(
+        SUCCEED_SQL,
+        {
+            "attempt_id": attempt_id,
+            "output": json.dumps(output),
+            "duration_ms": duration_ms,
+            "duration_rounded": round(duration_ms, 3),
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "tokens": input_tokens + output_tokens,
+            "cost": cost,
+            "now": now,
+            "event_id": new_id(),
+        },
+    )
+    if not rows:
+        return None
+    workflow_id, task_name, status, remaining, pending = rows[0]
+    return workflow_id, task_name, status, bool(pending) or remaining == 0

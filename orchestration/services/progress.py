@@ -89,14 +89,14 @@ def workflow_advance(*, workflow_id: str, completed_task: str, status: str, now:
 def _dependents_and_unfinished(workflow_id: str, task_name: str, unfinished: list[str]) -> tuple[list[str], bool]:
     """PostgreSQL: ids of pending tasks that name task_name, and whether any task of the
     workflow is unfinished, in one round trip."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT t.execution_id, EXISTS (SELECT 1 FROM task_executions u WHERE u.workflow_id = %s "
-            "AND u.status = ANY(%s::text[])) FROM (SELECT 1) AS one LEFT JOIN task_executions t "
-            "ON t.workflow_id = %s AND t.status = 'pending' AND t.depends_on @> %s::jsonb",
-            [workflow_id, unfinished, workflow_id, json.dumps([task_name])],
-        )
-        rows = cursor.fetchall()
+    from orchestration.services.fastpath import execute_prepared
+
+    rows = execute_prepared(
+        "SELECT t.execution_id, EXISTS (SELECT 1 FROM task_executions u WHERE u.workflow_id = %s "
+        "AND u.status = ANY(%s::text[])) FROM (SELECT 1) AS one LEFT JOIN task_executions t "
+        "ON t.workflow_id = %s AND t.status = 'pending' AND t.depends_on @> %s::jsonb",
+        [workflow_id, unfinished, workflow_id, json.dumps([task_name])],
+    )
     return [row[0] for row in rows if row[0] is not None], bool(rows[0][1])
 
 
@@ -220,6 +220,12 @@ def tasks_cancel(queryset: Any, *, reason: str, now: dt.datetime) -> int:
     if running:
         TaskAttempt.objects.bulk_update(running, ["status", "cause", "error", "finished_at", "duration_ms"])
     revoke = [t.celery_task_id for t in tasks if t.celery_task_id]
+    per_workflow: dict[str, int] = {}
+    for task in tasks:
+        if task.workflow_id:
+            per_workflow[task.workflow_id] = per_workflow.get(task.workflow_id, 0) + 1
+    for workflow_id, count in per_workflow.items():
+        Workflow.objects.filter(pk=workflow_id).update(cancelled_steps=F("cancelled_steps") + count)
     for task in tasks:
         task.status = TaskExecution.Status.CANCELLED
         task.error = reason

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from orchestration.errors import SpecError, TransitionError
@@ -147,7 +148,8 @@ def workflow_resume(*, workflow_id: str) -> Workflow:
     workflow.error = None
     workflow.completed_at = None
     workflow.failed_steps = 0
-    workflow.save(update_fields=["status", "error", "completed_at", "failed_steps"])
+    workflow.cancelled_steps = 0
+    workflow.save(update_fields=["status", "error", "completed_at", "failed_steps", "cancelled_steps"])
     workflow_event(workflow, EventType.WORKFLOW_RESUMED, payload={"tasks": [t.task_name for t in redo]})
     tasks_queue([t for t in redo if set(t.depends_on) <= done], now=now)
     return workflow
@@ -172,7 +174,8 @@ def task_retry(*, execution_id: str) -> TaskExecution:
         )
         if not set(task.depends_on) <= done:
             raise SpecError([f"task {task.task_name} depends on unfinished tasks; resume the workflow instead"])
-        Workflow.objects.filter(pk=workflow.pk).update(failed_steps=max(workflow.failed_steps - 1, 0))
+        counter = "cancelled_steps" if task.status == TaskExecution.Status.CANCELLED else "failed_steps"
+        Workflow.objects.filter(pk=workflow.pk).update(**{counter: F(counter) - 1})
     _task_reset(task)
     task_event(task, EventType.TASK_RETRYING, payload={"reason": "retried by user"})
     tasks_queue([task], now=timezone.now())

@@ -241,7 +241,8 @@ SEED_INDEXES = {
     "idx_events_entity": ("events", "btree (entity_type, entity_id)"),
     "idx_events_type": ("events", "btree (event_type)"),
     "idx_workflows_status": ("workflows", "btree (status)"),
-    "idx_task_executions_workflow": ("task_executions", "btree (workflow_id)"),
+    # widened to (workflow_id, status): still leads with workflow_id, so seed 001's lookups use it
+    "idx_task_executions_workflow": ("task_executions", "btree (workflow_id, status)"),
     "idx_task_executions_status": ("task_executions", "btree (status)"),
     "idx_agents_status": ("agents", "btree (status)"),
     "idx_workflows_created_at": ("workflows", "btree (created_at DESC)"),
