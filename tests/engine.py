@@ -41,15 +41,23 @@ def database_url() -> str:
 class Worker:
     """A `celery worker` subprocess (prefork pool) on the test database."""
 
-    def __init__(self, *, concurrency: int = 2, log_dir: Path, queues: str = "critical,high,normal,low") -> None:
+    def __init__(
+        self,
+        *,
+        concurrency: int = 2,
+        log_dir: Path,
+        queues: str = "critical,high,normal,low",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = f"test-{uuid.uuid4().hex[:8]}@localhost"
         self.log_path = log_dir / f"{self.name.split('@')[0]}.log"
-        env = {
+        process_env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "config.settings.test",
             "DATABASE_URL": database_url(),
             "REDIS_URL": settings.REDIS_URL,
             "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+            **(env or {}),
         }
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
@@ -74,7 +82,7 @@ class Worker:
                 "info",
             ],
             cwd=ROOT,
-            env=env,
+            env=process_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

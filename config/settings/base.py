@@ -143,6 +143,9 @@ CELERY_TASK_CREATE_MISSING_QUEUES = True
 TASK_MAX_TIMEOUT_SECONDS = env.int("TASK_MAX_TIMEOUT_SECONDS", 3600, minimum=1, maximum=86400)
 TASK_DEFAULT_TIMEOUT_SECONDS = env.int("TASK_DEFAULT_TIMEOUT_SECONDS", 300, minimum=1, maximum=86400)
 TASK_HARD_TIMEOUT_GRACE_SECONDS = env.int("TASK_HARD_TIMEOUT_GRACE_SECONDS", 10, minimum=1)
+# Claim and complete attempts with single-statement fast paths on PostgreSQL (off: always the
+# general path, which handles every case; the test suite runs both).
+ENGINE_FAST_PATH = env.bool("ENGINE_FAST_PATH", True)
 WORKFLOW_MAX_TASKS = env.int("WORKFLOW_MAX_TASKS", 5000, minimum=1)
 TASK_MAX_RETRIES_LIMIT = env.int("TASK_MAX_RETRIES_LIMIT", 20, minimum=0, maximum=100)
 TASK_RETRY_BACKOFF_BASE_SECONDS = float(env.int("TASK_RETRY_BACKOFF_BASE_MS", 1000, minimum=1)) / 1000

@@ -35,6 +35,25 @@ def event_record(
     )
 
 
+def workflow_event_build(
+    workflow: Workflow,
+    event_type: EventType,
+    *,
+    payload: dict[str, Any] | None = None,
+    severity: Severity = Severity.INFO,
+) -> Event:
+    """An unsaved workflow event (for bulk_create); see workflow_event to save one."""
+    return Event(
+        event_type=event_type,
+        entity_type=EntityType.WORKFLOW,
+        entity_id=workflow.workflow_id,
+        workflow_id=workflow.workflow_id,
+        payload=payload or {},
+        severity=severity,
+        source="platform",
+    )
+
+
 def workflow_event(
     workflow: Workflow,
     event_type: EventType,
@@ -42,14 +61,9 @@ def workflow_event(
     payload: dict[str, Any] | None = None,
     severity: Severity = Severity.INFO,
 ) -> Event:
-    return event_record(
-        event_type=event_type,
-        entity_type=EntityType.WORKFLOW,
-        entity_id=workflow.workflow_id,
-        workflow_id=workflow.workflow_id,
-        payload=payload,
-        severity=severity,
-    )
+    event = workflow_event_build(workflow, event_type, payload=payload, severity=severity)
+    event.save(force_insert=True)
+    return event
 
 
 def task_event_build(

@@ -19,7 +19,6 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import connection
 from django.db.models import F, Max
 from django.utils import timezone
 
@@ -329,7 +328,7 @@ def attempt_succeed(*, attempt: TaskAttempt, result: AgentResult, duration_ms: f
 
     def run() -> bool:
         usage = result.usage
-        if connection.vendor == "postgresql":
+        if fastpath.enabled():
             done = fastpath.succeed(
                 attempt_id=attempt.pk,
                 output=result.output,

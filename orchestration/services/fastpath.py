@@ -113,6 +113,10 @@ class FastClaim:
     attempt_number: int
 
 
+def enabled() -> bool:
+    return connection.vendor == "postgresql" and settings.ENGINE_FAST_PATH
+
+
 def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str | bytes) else value
 
@@ -131,7 +135,7 @@ def claim(
     *, execution_id: str, celery_task_id: str, worker: str, redelivered: bool, now: dt.datetime
 ) -> FastClaim | None:
     """Claim a queued task's message in one statement (its own transaction), or None."""
-    if connection.vendor != "postgresql" or redelivered:
+    if not enabled() or redelivered:
         return None
     rows = execute_prepared(
         CLAIM_SQL,

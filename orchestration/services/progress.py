@@ -236,13 +236,3 @@ def tasks_cancel(queryset: Any, *, reason: str, now: dt.datetime) -> int:
     )
     revoke_after_commit(revoke, terminate=True)
     return len(tasks)
-
-
-def workflow_start(workflow: Workflow, tasks: list[TaskExecution], *, now: dt.datetime) -> None:
-    """Mark a freshly stored workflow running and queue its root tasks."""
-    workflow.status = Workflow.Status.RUNNING
-    workflow.started_at = now
-    workflow.save(update_fields=["status", "started_at", "updated_at"])
-    roots = [t for t in tasks if not t.depends_on]
-    workflow_event(workflow, EventType.WORKFLOW_STARTED, payload={"root_tasks": [t.task_name for t in roots]})
-    tasks_queue(roots, now=now)

@@ -10,10 +10,10 @@ from django.utils import timezone
 
 from orchestration.errors import SpecError, TransitionError
 from orchestration.event_types import EventType
-from orchestration.models import TaskExecution, Workflow
-from orchestration.services.dispatch import tasks_queue
-from orchestration.services.events import task_event, workflow_event
-from orchestration.services.progress import tasks_cancel, workflow_fail, workflow_start
+from orchestration.models import Event, TaskExecution, Workflow
+from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, tasks_queue
+from orchestration.services.events import task_event, task_event_build, workflow_event, workflow_event_build
+from orchestration.services.progress import tasks_cancel, workflow_fail
 from orchestration.services.specs import WorkflowSpec, spec_validate
 
 
@@ -41,11 +41,15 @@ def workflow_submit(
 
 
 def _workflow_store(spec: WorkflowSpec, *, owner: Any, initiator: str) -> Workflow:
+    """Workflow, tasks and first events, each in one INSERT; root tasks are created queued,
+    with their message ids, and sent after commit."""
     now = timezone.now()
     workflow = Workflow.objects.create(
         name=spec.name,
         description=spec.description,
         workflow_type=spec.workflow_type,
+        status=Workflow.Status.RUNNING,
+        started_at=now,
         priority=spec.priority,
         tags=spec.tags,
         metadata=spec.metadata,
@@ -59,29 +63,38 @@ def _workflow_store(spec: WorkflowSpec, *, owner: Any, initiator: str) -> Workfl
         total_steps=len(spec.tasks),
         assigned_agents=list(dict.fromkeys(t.agent_id for t in spec.tasks)),
     )
-    tasks = TaskExecution.objects.bulk_create(
+    tasks = [
+        TaskExecution(
+            workflow=workflow,
+            agent_id=t.agent_id,
+            task_name=t.name,
+            task_type=t.task_type,
+            description=t.description,
+            priority=t.priority,
+            depends_on=t.depends_on,
+            input_data=t.input,
+            max_retries=t.max_retries,
+            timeout_seconds=t.timeout_seconds,
+        )
+        for t in spec.tasks
+    ]
+    roots = [t for t in tasks if not t.depends_on]
+    dispatches = [dispatch_prepare(task, now=now) for task in roots]
+    TaskExecution.objects.bulk_create(tasks)
+    Event.objects.bulk_create(
         [
-            TaskExecution(
-                workflow=workflow,
-                agent_id=t.agent_id,
-                task_name=t.name,
-                task_type=t.task_type,
-                description=t.description,
-                priority=t.priority,
-                depends_on=t.depends_on,
-                input_data=t.input,
-                max_retries=t.max_retries,
-                timeout_seconds=t.timeout_seconds,
-            )
-            for t in spec.tasks
+            workflow_event_build(
+                workflow,
+                EventType.WORKFLOW_CREATED,
+                payload={"name": workflow.name, "tasks": len(tasks), "owner": getattr(owner, "pk", None)},
+            ),
+            workflow_event_build(
+                workflow, EventType.WORKFLOW_STARTED, payload={"root_tasks": [t.task_name for t in roots]}
+            ),
+            *(task_event_build(task, EventType.TASK_QUEUED) for task in roots),
         ]
     )
-    workflow_event(
-        workflow,
-        EventType.WORKFLOW_CREATED,
-        payload={"name": workflow.name, "tasks": len(tasks), "owner": getattr(owner, "pk", None)},
-    )
-    workflow_start(workflow, tasks, now=now)
+    dispatch_after_commit(dispatches)
     return workflow
 
 

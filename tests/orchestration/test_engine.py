@@ -55,8 +55,9 @@ def running_attempt(workflow: Workflow, name: str) -> TaskAttempt:
     )
 
 
-def test_dag_fans_out_and_in_with_upstream_outputs(engine):
-    engine()
+@pytest.mark.parametrize("fast_path", ["true", "false"], ids=["fast-path", "general-path"])
+def test_dag_fans_out_and_in_with_upstream_outputs(engine, fast_path):
+    engine(env={"ENGINE_FAST_PATH": fast_path})
     wf = submit(
         {"name": "a", "agent": "echo", "input": {"n": 1}},
         {"name": "b", "agent": "echo", "input": {"n": 2}, "depends_on": ["a"]},
@@ -85,8 +86,9 @@ def test_dag_fans_out_and_in_with_upstream_outputs(engine):
     assert event_types(wf.workflow_id) == ["workflow_created", "workflow_started", "workflow_completed"]
 
 
-def test_retryable_errors_are_retried_with_backoff_and_every_attempt_is_recorded(engine):
-    engine()
+@pytest.mark.parametrize("fast_path", ["true", "false"], ids=["fast-path", "general-path"])
+def test_retryable_errors_are_retried_with_backoff_and_every_attempt_is_recorded(engine, fast_path):
+    engine(env={"ENGINE_FAST_PATH": fast_path})
     wf = finished(submit({"name": "f", "agent": "flaky", "input": {"fail_times": 2}, "max_retries": 3}))
     t = task(wf, "f")
     assert (t.status, t.retry_count, t.error) == (T.COMPLETED, 2, None)
