@@ -23,10 +23,9 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
 venv: $(VENV)/.runtime
 venv-dev: $(VENV)/.dev
 
-## demo: set up (virtualenv, install, migrate) and load the sample data; prints how to open the admin.
+## demo: set up (virtualenv, install, migrate), run a workflow on a real worker, print how to open the console.
 demo: venv
-	$(PY) manage.py migrate --noinput -v0
-	$(PY) manage.py load_sample_data
+	PY=$(PY) bash scripts/demo.sh
 
 ## test: set up and run the whole suite against PostgreSQL and Redis, plus checks and lint.
 test: venv-dev services lint check-migrations pytest

@@ -105,8 +105,10 @@ else:
 # Without a broker configured, Celery uses kombu's filesystem transport under var/ so that
 # the first run works with nothing installed. Redis is used whenever it is configured.
 FILESYSTEM_BROKER_DIR = VAR_DIR / "celery"
-CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", REDIS_URL or "filesystem://")
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", REDIS_URL or "filesystem://localhost/")
 if CELERY_BROKER_URL.startswith("filesystem://"):
+    for _folder in ("out", "processed"):
+        (FILESYSTEM_BROKER_DIR / _folder).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(FILESYSTEM_BROKER_DIR / "out"),
         "data_folder_out": str(FILESYSTEM_BROKER_DIR / "out"),
