@@ -18,9 +18,7 @@ CONFIG = {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MOD
 def test_demo_runs_a_workflow_on_the_embedded_defaults(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in CONFIG}
     env.update(VAR_DIR=str(tmp_path), PY=sys.executable, TRAINING_DATA_DIR=str(tmp_path / "training"))
-    result = subprocess.run(
-        ["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    result = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "demo pipeline [completed] 4/4" in out
