@@ -107,12 +107,13 @@ else:
 FILESYSTEM_BROKER_DIR = VAR_DIR / "celery"
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", REDIS_URL or "filesystem://localhost/")
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    for _folder in ("out", "processed"):
+    for _folder in ("out", "processed", "control"):
         (FILESYSTEM_BROKER_DIR / _folder).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(FILESYSTEM_BROKER_DIR / "out"),
         "data_folder_out": str(FILESYSTEM_BROKER_DIR / "out"),
         "processed_folder": str(FILESYSTEM_BROKER_DIR / "processed"),
+        "control_folder": str(FILESYSTEM_BROKER_DIR / "control"),
         "store_processed": False,
     }
 CELERY_ACCEPT_CONTENT = ["json"]
