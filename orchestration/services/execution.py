@@ -291,6 +291,9 @@ def _attempt_claim(
             task.save(update_fields=["celery_task_id"])  # queued_at stays: waiting is not a new queueing
             dispatch_after_commit([dispatch])
             return Outcome.DEFERRED
+        # The attempt starts now, once the limit admitted it: the wait for the agent row
+        # lock is not part of it, and its start is after the end of the attempt it waited on.
+        now = timezone.now()
 
     attempt = TaskAttempt.objects.create(
         execution=task,
