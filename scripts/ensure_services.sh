@@ -39,6 +39,11 @@ fi
 
 for _ in $(seq 1 30); do
   if pg_up && redis_up; then
+    # The suite's default database (its test database is created from it by pytest-django).
+    if ! psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -Atc "SELECT 1 FROM pg_database WHERE datname = 'agentledger'" \
+        | grep -q 1; then
+      createdb -h "$PG_HOST" -p "$PG_PORT" -U postgres agentledger
+    fi
     echo "PostgreSQL and Redis are up"
     exit 0
   fi

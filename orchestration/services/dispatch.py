@@ -72,16 +72,19 @@ def dispatch_after_commit(dispatches: list[Dispatch]) -> None:
 def dispatch_send(dispatches: list[Dispatch]) -> None:
     from orchestration.tasks import run_task
 
-    for d in dispatches:
-        run_task.apply_async(
-            args=[d.execution_id],
-            task_id=d.celery_task_id,
-            queue=d.queue,
-            routing_key=d.queue,
-            soft_time_limit=d.timeout_seconds,
-            time_limit=hard_limit_seconds(d.timeout_seconds),
-            countdown=d.countdown or None,
-        )
+    # One producer (and broker connection) for the whole batch, not one per message.
+    with run_task.app.producer_or_acquire() as producer:
+        for d in dispatches:
+            run_task.apply_async(
+                args=[d.execution_id],
+                task_id=d.celery_task_id,
+                queue=d.queue,
+                routing_key=d.queue,
+                soft_time_limit=d.timeout_seconds,
+                time_limit=hard_limit_seconds(d.timeout_seconds),
+                countdown=d.countdown or None,
+                producer=producer,
+            )
 
 
 def revoke_after_commit(celery_task_ids: list[str], *, terminate: bool) -> None:
