@@ -16,7 +16,7 @@ class Event(CreatedModel):
     """
 
     sequence = models.BigAutoField(primary_key=True)
-    event_id = models.CharField(max_length=255, unique=True, default=new_id, editable=False)
+    event_id = models.CharField(max_length=255, default=new_id, editable=False)
     event_type = models.CharField(max_length=100, choices=EventType.choices)
     entity_type = models.CharField(max_length=100, choices=EntityType.choices, null=True, blank=True)
     entity_id = models.CharField(max_length=255, null=True, blank=True)
@@ -39,6 +39,9 @@ class Event(CreatedModel):
             # order, so a BRIN index is tiny and serves time-range scans at scale.
         ]
         constraints = [
+            # A constraint rather than unique=True: same guarantee, without the extra
+            # varchar_pattern_ops index Django adds for unique text fields on PostgreSQL.
+            models.UniqueConstraint(fields=["event_id"], name="events_event_id_unique"),
             models.CheckConstraint(condition=in_choices("event_type", EventType), name="events_event_type_valid"),
             models.CheckConstraint(
                 condition=models.Q(entity_type__isnull=True) | in_choices("entity_type", EntityType),
