@@ -456,7 +456,16 @@ def attempt_run(*, execution_id: str, celery_task_id: str, worker: str, redelive
             raise  # SystemExit, KeyboardInterrupt: the worker is going away; the reaper closes it
         duration_ms = (time.monotonic() - started) * 1000
         logger.info("attempt %s of %s failed: %r", claim.attempt.attempt_number, execution_id, exc)
-        attempt_fail(attempt=claim.attempt, exc=exc, duration_ms=duration_ms, now=timezone.now())
+        # An executor that spent tokens before failing attaches them as `exc.usage`: a failed
+        # try's cost is recorded too ("wasted spend").
+        usage = getattr(exc, "usage", None)
+        attempt_fail(
+            attempt=claim.attempt,
+            exc=exc,
+            duration_ms=duration_ms,
+            now=timezone.now(),
+            usage=usage if isinstance(usage, Usage) else None,
+        )
         return Outcome.FAILED
     duration_ms = (time.monotonic() - started) * 1000
     attempt_succeed(attempt=claim.attempt, result=result, duration_ms=duration_ms, now=timezone.now())
