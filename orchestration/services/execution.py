@@ -143,13 +143,14 @@ def attempt_abandon(
     if not _close_attempt(attempt, status=status, cause=cause, error=error, now=now, retryable=True):
         return None
     attempt.status = status
-    task_event(
-        task,
-        EventType.TASK_LOST if status == TaskAttempt.Status.LOST else EventType.TASK_TIMED_OUT,
-        attempt=attempt,
-        payload={"cause": cause, "worker": attempt.worker},
-        severity=Severity.WARNING,
-    )
+    if status == TaskAttempt.Status.LOST:  # a timed-out attempt gets its event from _fail_or_retry
+        task_event(
+            task,
+            EventType.TASK_LOST,
+            attempt=attempt,
+            payload={"cause": cause, "worker": attempt.worker},
+            severity=Severity.WARNING,
+        )
     if task.workflow_id:
         workflow_add_usage(task.workflow_id, tokens=0, cost=Decimal(0), error=True)
     return _fail_or_retry(

@@ -193,6 +193,8 @@ def test_hard_timeout_kills_the_attempt_and_the_reaper_records_it(engine, settin
     wf = finished(wf)
     assert [(a.attempt_number, a.status) for a in attempts(wf, "stuck")] == [(1, A.TIMED_OUT), (2, A.SUCCEEDED)]
     assert wf.status == Workflow.Status.COMPLETED
+    events = event_types(task(wf, "stuck").execution_id)
+    assert events.count("task_timed_out") == 1 and events.count("task_retrying") == 1
 
 
 def test_sigkill_of_the_worker_process_mid_task_records_a_lost_attempt_and_completes(engine):
