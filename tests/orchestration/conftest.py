@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from tests.engine import Worker, flush_redis
 
 @pytest.fixture
 def builtin_agents(db: None) -> None:
-    call_command("load_agents", verbosity=0, stdout=open("/dev/null", "w"))  # noqa: SIM115
+    call_command("load_agents", stdout=io.StringIO())
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def engine(transactional_db: None, tmp_path: Path) -> Iterator[Callable[..., Wor
     """Committed data (the workers read it from other processes), a clean broker, the built-in
     agents, and a factory for real worker processes that are stopped after the test."""
     flush_redis()
-    call_command("load_agents", stdout=open("/dev/null", "w"))  # noqa: SIM115
+    call_command("load_agents", stdout=io.StringIO())
     workers: list[Worker] = []
 
     def start(**kwargs: object) -> Worker:
