@@ -1,0 +1,226 @@
+"""Liveness and readiness probes: /healthz touches nothing, /readyz checks the database, the
+broker and the Synapse stream against the real services (or a port where nothing listens)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings
+from django.test import Client
+
+from config.health import redact
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBE_EXEMPTIONS = [r"^healthz$", r"^readyz$", r"^metrics$"]
+
+
+@pytest.fixture
+def dead_port() -> int:
+    """A local port where nothing listens: bound by the OS, noted, then released."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A local port that accepts TCP connections (the kernel completes the handshake) and never
+    answers: a hung broker."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def stream_name(settings) -> Iterator[str]:
+    """A Synapse stream name of this test's own, deleted afterwards."""
+    settings.SYNAPSE_STREAM = f"health-test-{uuid.uuid4().hex[:8]}"
+    yield settings.SYNAPSE_STREAM
+    redis.Redis.from_url(settings.REDIS_URL).delete(settings.SYNAPSE_STREAM)
+
+
+def readyz(client: Client) -> tuple[int, dict, float]:
+    started = time.monotonic()
+    response = client.get("/readyz")
+    elapsed = time.monotonic() - started
+    assert response["Content-Type"] == "application/json"
+    assert "no-store" in response["Cache-Control"]
+    return response.status_code, response.json(), elapsed
+
+
+def test_healthz_answers_ok_without_touching_database_or_broker(client, settings, dead_port):
+    # No `db` fixture: pytest-django raises on any database access, so a query here fails the test.
+    settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{dead_port}/0"
+    settings.REDIS_URL = f"redis://127.0.0.1:{dead_port}/0"
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+    assert "no-store" in response["Cache-Control"]
+
+
+def test_readyz_reports_every_check_ok_with_latencies(client, db, stream_name):
+    status, body, _ = readyz(client)
+    assert status == 200, body
+    assert body["status"] == "ok"
+    assert set(body["checks"]) == {"database", "broker", "stream"}
+    for name, check in body["checks"].items():
+        assert check["ok"] is True, name
+        assert isinstance(check["latency_ms"], float), name
+        assert check["latency_ms"] >= 0, name
+        assert "error" not in check, name
+
+
+def test_readyz_describes_an_existing_stream(client, db, stream_name):
+    stream = redis.Redis.from_url(settings.REDIS_URL)
+    stream.xadd(stream_name, {"n": "1"}, id="4-1")
+    stream.xadd(stream_name, {"n": "2"}, id="5-1")
+    status, body, _ = readyz(client)
+    assert status == 200, body
+    assert body["checks"]["stream"] == {
+        "ok": True,
+        "latency_ms": body["checks"]["stream"]["latency_ms"],
+        "stream": stream_name,
+        "exists": True,
+        "length": 2,
+        "last_id": "5-1",
+    }
+
+
+def test_readyz_accepts_a_stream_not_created_yet(client, db, stream_name):
+    status, body, _ = readyz(client)
+    assert status == 200, body
+    assert body["checks"]["stream"]["exists"] is False
+    assert body["checks"]["stream"]["stream"] == stream_name
+
+
+def test_readyz_is_503_naming_the_broker_when_it_refuses_connections(client, db, settings, dead_port, stream_name):
+    # Only Django settings change: the check reads them at call time.
+    settings.CELERY_BROKER_URL = f"redis://:s3cret-pw@127.0.0.1:{dead_port}/0"
+    status, body, elapsed = readyz(client)
+    assert status == 503, body
+    assert body["status"] == "unavailable"
+    broker = body["checks"]["broker"]
+    assert broker["ok"] is False
+    assert "refused" in broker["error"].lower()
+    assert str(dead_port) in broker["error"]
+    assert isinstance(broker["latency_ms"], float)
+    assert body["checks"]["database"]["ok"] is True
+    assert body["checks"]["stream"]["ok"] is True
+    assert elapsed < 6
+    assert "s3cret-pw" not in client.get("/readyz").content.decode()
+
+
+def test_readyz_gives_up_on_a_broker_that_never_answers(client, db, settings, silent_port, stream_name):
+    settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{silent_port}/0"
+    status, body, elapsed = readyz(client)
+    assert status == 503, body
+    assert body["checks"]["broker"]["ok"] is False
+    assert "timeout" in body["checks"]["broker"]["error"].lower()
+    assert body["checks"]["stream"]["ok"] is True
+    assert elapsed < 6
+
+
+def test_readyz_is_503_naming_a_non_redis_broker_that_refuses_connections(client, db, settings, dead_port):
+    settings.CELERY_BROKER_URL = f"amqp://guest:s3cret-pw@127.0.0.1:{dead_port}//"
+    status, body, elapsed = readyz(client)
+    assert status == 503, body
+    assert body["checks"]["broker"]["ok"] is False
+    assert "s3cret-pw" not in body["checks"]["broker"]["error"]
+    assert body["checks"]["database"]["ok"] is True
+    assert elapsed < 6
+
+
+def test_readyz_is_503_naming_the_stream_when_redis_is_unreachable(client, db, settings, dead_port):
+    settings.REDIS_URL = f"redis://127.0.0.1:{dead_port}/0"
+    status, body, elapsed = readyz(client)
+    assert status == 503, body
+    assert body["checks"]["stream"]["ok"] is False
+    assert "refused" in body["checks"]["stream"]["error"].lower()
+    assert body["checks"]["broker"]["ok"] is True
+    assert elapsed < 6
+
+
+def test_readyz_skips_the_stream_in_embedded_mode_with_the_filesystem_broker(client, db, settings, tmp_path):
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    settings.REDIS_URL = None
+    settings.CELERY_BROKER_URL = "filesystem://localhost/"
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    status, body, _ = readyz(client)
+    assert status == 200, body
+    assert body["checks"]["broker"]["ok"] is True
+    assert body["checks"]["stream"]["ok"] is True
+    assert body["checks"]["stream"]["skipped"] == "REDIS_URL not set"
+
+
+def test_errors_are_reported_without_credentials(settings):
+    settings.REDIS_URL = "redis://:configured-pw@redis.internal:6379/0"
+    message = redact("cannot reach amqp://user:url-pw@mq:5672// (auth configured-pw rejected)")
+    assert "url-pw" not in message
+    assert "configured-pw" not in message
+    assert "amqp://***@mq:5672//" in message
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_probes_refuse_other_methods_without_asking_for_csrf(path):
+    client = Client(enforce_csrf_checks=True)
+    for method in (client.post, client.put, client.delete):
+        response = method(path)
+        assert response.status_code == 405, (method, response.status_code)  # 403 would mean CSRF applied
+
+
+def test_healthz_answers_head(client):
+    assert client.head("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_probes_need_no_login_under_login_required_middleware(client, db, settings, path, stream_name):
+    settings.MIDDLEWARE = [*settings.MIDDLEWARE, "django.contrib.auth.middleware.LoginRequiredMiddleware"]
+    assert client.get("/admin/").status_code == 302  # the middleware is active
+    assert client.get(path).status_code == 200
+
+
+def test_proposed_redirect_exemption_keeps_probes_on_plain_http(client, db, settings, stream_name):
+    settings.SECURE_SSL_REDIRECT = True
+    settings.SECURE_REDIRECT_EXEMPT = PROBE_EXEMPTIONS
+    assert client.get("/admin/").status_code == 301  # everything else is redirected to https
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.subprocess
+def test_production_settings_serve_probes_on_plain_http():
+    code = (
+        "from django.test import Client; c = Client(HTTP_HOST='ops.example.com'); "
+        "print(c.get('/healthz').status_code, c.get('/readyz').status_code)"
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"},
+        "DJANGO_SETTINGS_MODULE": "config.settings.production",
+        "SECRET_KEY": "x" * 64,
+        "ALLOWED_HOSTS": "ops.example.com",
+        "DATABASE_URL": os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/agentledger"),
+        "REDIS_URL": settings.REDIS_URL,
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    healthz_status, readyz_status = result.stdout.split()[-2:]
+    assert healthz_status == "200"
+    assert readyz_status in {"200", "503"}  # a dependency may be down; what matters is no 301 to https
