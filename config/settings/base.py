@@ -187,6 +187,19 @@ check_visibility_timeout(BROKER_VISIBILITY_TIMEOUT_SECONDS, _LONGEST_HOLD_SECOND
 if not CELERY_BROKER_URL.startswith("filesystem://"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": BROKER_VISIBILITY_TIMEOUT_SECONDS}
 
+# --- Agent executors: http and llm (orchestration/runtime) ----------------------------
+# Outbound requests to URLs from agent definitions. With a non-empty allow-list only those
+# hosts are reached; addresses that are not globally routable (loopback, private,
+# link-local/metadata, ...) are refused unless AGENT_HTTP_ALLOW_PRIVATE is true.
+AGENT_HTTP_ALLOWED_HOSTS = env.list("AGENT_HTTP_ALLOWED_HOSTS", [])
+AGENT_HTTP_ALLOW_PRIVATE = env.bool("AGENT_HTTP_ALLOW_PRIVATE", False)
+AGENT_HTTP_CONNECT_TIMEOUT_SECONDS = env.int("AGENT_HTTP_CONNECT_TIMEOUT_SECONDS", 5, minimum=1, maximum=300)
+# Read timeouts are also capped by each task's timeout_seconds.
+AGENT_HTTP_READ_TIMEOUT_SECONDS = env.int("AGENT_HTTP_READ_TIMEOUT_SECONDS", 60, minimum=1, maximum=86400)
+AGENT_HTTP_MAX_RESPONSE_BYTES = env.int("AGENT_HTTP_MAX_RESPONSE_BYTES", 10 * 1024 * 1024, minimum=1024)
+LLM_CONNECT_TIMEOUT_SECONDS = env.int("LLM_CONNECT_TIMEOUT_SECONDS", 10, minimum=1, maximum=300)
+LLM_READ_TIMEOUT_SECONDS = env.int("LLM_READ_TIMEOUT_SECONDS", 300, minimum=1, maximum=86400)
+
 # --- Synapse: the event stream --------------------------------------------------------
 SYNAPSE_STREAM = env.str("SYNAPSE_STREAM", "synapse")
 SYNAPSE_STREAM_MAXLEN = env.int("SYNAPSE_STREAM_MAXLEN", 1_000_000, minimum=1000)

@@ -1,6 +1,7 @@
-"""Running one attempt of an agent. The `python` executor calls a dotted-path callable
-`fn(input: dict, context: TaskContext) -> dict | AgentResult`; the other executor kinds
-(http, llm) come with the agent runtime."""
+"""Running one attempt of an agent, by executor kind:
+- `python`: a dotted-path callable `fn(input: dict, context: TaskContext) -> dict | AgentResult`;
+- `http`: POST the task to the agent's service (runtime/http_agent.py);
+- `llm`: one chat completion with an OpenAI-compatible server or Anthropic (runtime/llm.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from django.utils.module_loading import import_string
 from orchestration.errors import PermanentError
 from orchestration.models import Agent
 from orchestration.runtime.context import AgentResult, TaskContext
+from orchestration.runtime.http_agent import http_execute
+from orchestration.runtime.llm import llm_execute
 
 
 @cache
@@ -45,4 +48,8 @@ def agent_execute(*, agent: Agent, task_input: dict[str, Any], context: TaskCont
     """Run the agent once. Exceptions propagate to the caller, which classifies them."""
     if agent.executor == Agent.Executor.PYTHON:
         return _as_result(_load_callable(agent.entrypoint)(task_input, context))
+    if agent.executor == Agent.Executor.HTTP:
+        return _as_result(http_execute(agent=agent, task_input=task_input, context=context))
+    if agent.executor == Agent.Executor.LLM:
+        return _as_result(llm_execute(agent=agent, task_input=task_input, context=context))
     raise PermanentError(f"executor {agent.executor!r} of agent {agent.id!r} is not available in this build")

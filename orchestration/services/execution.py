@@ -201,7 +201,9 @@ def _claim_from_fast(fast: fastpath.FastClaim, *, worker: str, celery_task_id: s
         started_at=now,
     )
     attempt._state.adding = False
-    agent = Agent(id=fast.agent_id, executor=fast.executor, entrypoint=fast.entrypoint, config=fast.config)
+    agent = Agent(
+        id=fast.agent_id, executor=fast.executor, entrypoint=fast.entrypoint, config=fast.config, **fast.agent_fields
+    )
     agent._state.adding = False
     context = TaskContext(
         execution_id=fast.execution_id,

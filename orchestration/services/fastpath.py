@@ -36,6 +36,7 @@ WITH claimed AS (
        AND a.max_concurrency IS NULL
     RETURNING t.execution_id, t.workflow_id, t.agent_id, t.task_name, t.input_data, t.depends_on,
               t.timeout_seconds, a.executor, a.entrypoint, a.config,
+              a.provider, a.model, a.url, a.api_key_env, a.system_prompt, a.temperature, a.max_tokens,
               (SELECT COALESCE(MAX(p.attempt_number), 0) + 1 FROM task_attempts p
                 WHERE p.execution_id = t.execution_id) AS attempt_number
 ), attempt AS (
@@ -55,7 +56,8 @@ WITH claimed AS (
       FROM claimed c, attempt a
 )
 SELECT c.execution_id, c.workflow_id, c.agent_id, c.task_name, c.input_data, c.depends_on, c.timeout_seconds,
-       c.executor, c.entrypoint, c.config, a.id, a.attempt_number
+       c.executor, c.entrypoint, c.config, a.id, a.attempt_number,
+       c.provider, c.model, c.url, c.api_key_env, c.system_prompt, c.temperature, c.max_tokens
   FROM claimed c, attempt a
 """
 
@@ -111,6 +113,8 @@ class FastClaim:
     config: dict[str, Any]
     attempt_id: int
     attempt_number: int
+    agent_fields: dict[str, Any]
+    """The agent's executor settings (provider, model, url, api_key_env, system_prompt, ...)."""
 
 
 def enabled() -> bool:
@@ -166,6 +170,13 @@ def claim(
         config=_json(row[9]),
         attempt_id=row[10],
         attempt_number=row[11],
+        agent_fields=dict(
+            zip(
+                ("provider", "model", "url", "api_key_env", "system_prompt", "temperature", "max_tokens"),
+                row[12:19],
+                strict=True,
+            )
+        ),
     )
 
 

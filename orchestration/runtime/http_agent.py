@@ -1,0 +1,213 @@
+"""The `http` executor (seed 004's agent services) and the one outbound HTTP path that both
+network executors use.
+
+Every try is exactly one request of ours: no client-side retries, no redirects, no proxies
+from the environment, a connect and a read timeout on every call, and a cap on the size of
+the answer. The engine decides about retrying from the error class raised here.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from django.conf import settings
+
+from orchestration.errors import AgentError, PermanentError, RetryableError
+from orchestration.models import Agent
+from orchestration.runtime import pricing
+from orchestration.runtime.context import AgentResult, TaskContext, Usage
+from orchestration.runtime.urlpolicy import Target, url_check
+
+USER_AGENT = "agentledger/0.1"
+SNIPPET_CHARS = 300
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP answer, read in full (up to the size cap)."""
+
+    url: str
+    status: int
+    headers: httpx.Headers
+    content: bytes
+
+    def snippet(self, redact: Iterable[str] = ()) -> str:
+        text = " ".join(self.content.decode("utf-8", errors="replace").split())[:SNIPPET_CHARS]
+        for secret in redact:
+            if secret:
+                text = text.replace(secret, "[redacted]")
+        return text
+
+    def json(self) -> Any:
+        """The body as JSON (NaN and Infinity refused: they are not JSON); ValueError if not."""
+
+        def refuse(constant: str) -> Any:
+            raise ValueError(f"{constant} is not valid JSON")
+
+        return json.loads(self.content.decode("utf-8"), parse_constant=refuse)
+
+
+def retry_after_seconds(headers: httpx.Headers) -> float | None:
+    """Seconds to wait from `retry-after-ms` (OpenAI) or `Retry-After` (seconds or HTTP date)."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(float(millis) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def status_error(reply: Reply, *, what: str, redact: Iterable[str] = ()) -> AgentError | None:
+    """The error for a non-2xx answer (None for 2xx): 408, 429 and 5xx are retryable (with the
+    server's Retry-After), redirects and other 4xx are permanent."""
+    if 200 <= reply.status < 300:
+        return None
+    if 300 <= reply.status < 400:
+        location = reply.headers.get("location", "?")
+        return PermanentError(f"{what} answered HTTP {reply.status} (redirect to {location}; not followed)")
+    message = f"{what} answered HTTP {reply.status}: {reply.snippet(redact)}"
+    if reply.status in (408, 429) or reply.status >= 500:
+        return RetryableError(message, retry_after=retry_after_seconds(reply.headers))
+    return PermanentError(message)
+
+
+def post_json(
+    target: Target,
+    payload: dict[str, Any],
+    *,
+    headers: dict[str, str],
+    connect_timeout: float,
+    read_timeout: float,
+    what: str,
+) -> Reply:
+    """POST `payload` as JSON to a checked target, connecting to its checked addresses in
+    turn (the Host header and TLS SNI carry the name). Transport failures and timeouts raise
+    RetryableError; an answer over AGENT_HTTP_MAX_RESPONSE_BYTES raises PermanentError."""
+    body = json.dumps(payload, allow_nan=False).encode()
+    request_headers = {
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "User-Agent": USER_AGENT,
+        **headers,
+        "Host": target.url.netloc.decode("ascii"),
+    }
+    extensions = {"sni_hostname": target.hostname} if target.url.scheme == "https" else {}
+    timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+    limit = settings.AGENT_HTTP_MAX_RESPONSE_BYTES
+    last_connect_error: Exception | None = None
+    for address in target.addresses:
+        url = target.url.copy_with(host=address)
+        try:
+            with (
+                httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client,
+                client.stream("POST", url, content=body, headers=request_headers, extensions=extensions) as response,
+            ):
+                content = bytearray()
+                for chunk in response.iter_bytes():
+                    content.extend(chunk)
+                    if len(content) > limit:
+                        raise PermanentError(f"{what}: the answer exceeds AGENT_HTTP_MAX_RESPONSE_BYTES ({limit})")
+                return Reply(
+                    url=str(target.url), status=response.status_code, headers=response.headers, content=bytes(content)
+                )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            last_connect_error = exc  # try the next address of the host
+        except httpx.TimeoutException as exc:
+            raise RetryableError(f"{what}: timed out ({type(exc).__name__}, read timeout {read_timeout:g} s)") from None
+        except httpx.TransportError as exc:
+            raise RetryableError(f"{what}: {type(exc).__name__}: {exc}") from None
+    raise RetryableError(
+        f"{what}: cannot connect to {target.hostname} ({', '.join(target.addresses)}): "
+        f"{type(last_connect_error).__name__}: {last_connect_error}"
+    )
+
+
+def read_timeout_for(setting: float, context: TaskContext) -> float:
+    """A read timeout never longer than the task's own timeout."""
+    return float(min(setting, context.timeout_seconds))
+
+
+def task_payload(task_input: dict[str, Any], context: TaskContext) -> dict[str, Any]:
+    """Seed 004 §3.1's task shape, with the execution's identity and the upstream outputs."""
+    description = task_input.get("description")
+    return {
+        "agent_id": context.agent_id,
+        "task_details": {
+            "task_description": description if isinstance(description, str) else "",
+            "context": task_input,
+        },
+        "execution_id": context.execution_id,
+        "workflow_id": context.workflow_id,
+        "task_name": context.task_name,
+        "attempt": context.attempt_number,
+        "upstream": context.upstream,
+    }
+
+
+def _token_count(metadata: dict[str, Any], key: str, what: str) -> int:
+    value = metadata.get(key, 0)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PermanentError(f"{what}: metadata.{key} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def usage_from_result(body: dict[str, Any], *, default_model: str, what: str) -> Usage:
+    """Usage from a seed 004 §3.2 result: metadata.input_tokens/output_tokens when given,
+    else metadata.tokens_used counted as output; priced by metadata.model (else the agent's
+    model) when the price table knows it."""
+    metadata = body.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise PermanentError(f"{what}: metadata must be an object, got {type(metadata).__name__}")
+    if "input_tokens" in metadata or "output_tokens" in metadata:
+        input_tokens = _token_count(metadata, "input_tokens", what)
+        output_tokens = _token_count(metadata, "output_tokens", what)
+    else:
+        input_tokens, output_tokens = 0, _token_count(metadata, "tokens_used", what)
+    model = metadata.get("model") if isinstance(metadata.get("model"), str) else ""
+    cost = pricing.cost_usd(model or default_model or None, input_tokens, output_tokens)
+    return Usage(input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost)
+
+
+def http_execute(*, agent: Agent, task_input: dict[str, Any], context: TaskContext) -> AgentResult:
+    """POST the task to the agent's service and return its seed 004 §3.2 result as output."""
+    if not agent.url:
+        raise PermanentError(f"agent {agent.id!r} uses the http executor but has no url")
+    what = f"agent service {agent.url}"
+    target = url_check(agent.url)
+    reply = post_json(
+        target,
+        task_payload(task_input, context),
+        headers={},
+        connect_timeout=settings.AGENT_HTTP_CONNECT_TIMEOUT_SECONDS,
+        read_timeout=read_timeout_for(settings.AGENT_HTTP_READ_TIMEOUT_SECONDS, context),
+        what=what,
+    )
+    if (error := status_error(reply, what=what)) is not None:
+        raise error
+    try:
+        body = reply.json()
+    except ValueError as exc:
+        raise PermanentError(f"{what} answered with a body that is not JSON ({exc}): {reply.snippet()}") from None
+    if not isinstance(body, dict):
+        raise PermanentError(f"{what} answered with JSON {type(body).__name__}; expected an object")
+    return AgentResult(output=body, usage=usage_from_result(body, default_model=agent.model, what=what))

@@ -1,0 +1,245 @@
+"""The `llm` executor: one chat-completion request per try, spoken directly over HTTP.
+
+Providers (agent.provider):
+- "openai" (the default) and any OpenAI-compatible server (Ollama, vLLM, LM Studio):
+  POST {agent.url or https://api.openai.com/v1}/chat/completions.
+- "anthropic": POST {agent.url or https://api.anthropic.com}/v1/messages.
+
+The API key is read from the environment variable named by agent.api_key_env at call time;
+it is never stored, logged or put in an error message (answers quoted in errors have it
+redacted). Tool calling is a pass-through only: `input["tools"]` (OpenAI function tools) is
+sent with the request and the model's `tool_calls` are returned in the output; running the
+tools and sending their results back (a tool loop) is not done here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from django.conf import settings
+
+from config.env import env
+from orchestration.errors import AgentError, PermanentError
+from orchestration.models import Agent
+from orchestration.runtime import pricing
+from orchestration.runtime.context import AgentResult, TaskContext, Usage
+from orchestration.runtime.http_agent import Reply, post_json, read_timeout_for, status_error
+from orchestration.runtime.urlpolicy import url_check
+
+OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
+ANTHROPIC_DEFAULT_BASE = "https://api.anthropic.com"
+ANTHROPIC_VERSION = "2023-06-01"
+ANTHROPIC_DEFAULT_MAX_TOKENS = 1024
+OPENAI_COMPATIBLE = {"", "openai", "openai-compatible", "ollama", "vllm", "lmstudio", "lm-studio"}
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _api_key(agent: Agent, *, required: bool) -> str | None:
+    name = agent.api_key_env
+    if not name:
+        if required:
+            raise PermanentError(f"agent {agent.id!r} needs an API key: set api_key_env in its definition")
+        return None
+    if not ENV_NAME.match(name):
+        # Not echoed: a key pasted here by mistake must not reach the error record.
+        raise PermanentError(f"agent {agent.id!r}: api_key_env is not a valid environment variable name")
+    key = env.optional_str(name)
+    if key is None:
+        raise PermanentError(f"agent {agent.id!r}: the API key variable {name} is not set")
+    return key
+
+
+def user_message(task_input: dict[str, Any], upstream: dict[str, Any]) -> str:
+    """input["prompt"] when given, else the input as JSON; then the upstream outputs."""
+    prompt = task_input.get("prompt")
+    if isinstance(prompt, str) and prompt:
+        text = prompt
+    else:
+        rest = {k: v for k, v in task_input.items() if k != "tools"}
+        text = json.dumps(rest, indent=2, sort_keys=True, ensure_ascii=False)
+    if upstream:
+        rendered = json.dumps(upstream, indent=2, sort_keys=True, ensure_ascii=False)
+        text += f"\n\nOutputs of the tasks this one depends on:\n{rendered}"
+    return text
+
+
+def _tools(task_input: dict[str, Any]) -> list[dict[str, Any]] | None:
+    tools = task_input.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise PermanentError("input.tools must be a list of tool objects (OpenAI function-tool schema)")
+    return tools or None
+
+
+def _tokens(mapping: dict[str, Any], key: str, what: str, *, strict: bool) -> int:
+    value = mapping.get(key) or 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not strict:
+            return 0
+        raise PermanentError(f"{what}: usage.{key} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _usage(reply: Reply, body: Any, keys: tuple[str, str], *, model: str, fallback_model: str, what: str) -> Usage:
+    """The usage the provider reported (an error answer's malformed usage counts as none)."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return Usage()
+    strict = 200 <= reply.status < 300
+    input_tokens = _tokens(usage, keys[0], what, strict=strict)
+    output_tokens = _tokens(usage, keys[1], what, strict=strict)
+    # Providers answer with a dated snapshot name ("gpt-4o-mini-2024-07-18"); the table
+    # lists the common ones as aliases, else the requested model's price applies.
+    priced = model if pricing.is_priced(model) else fallback_model
+    return Usage(input_tokens, output_tokens, pricing.cost_usd(priced, input_tokens, output_tokens))
+
+
+def _with_usage(error: AgentError, usage: Usage) -> AgentError:
+    if usage.tokens:
+        error.usage = usage  # type: ignore[attr-defined]  # read by attempt_run: the try's spend
+    return error
+
+
+def _body(reply: Reply) -> Any:
+    try:
+        return reply.json()
+    except ValueError:
+        return None
+
+
+def _send(
+    agent: Agent, url: str, payload: dict[str, Any], headers: dict[str, str], context: TaskContext, *, builtin: str
+) -> Reply:
+    target = url_check(url, always_allowed_hosts=(builtin,) if url.startswith(f"https://{builtin}/") else ())
+    return post_json(
+        target,
+        payload,
+        headers=headers,
+        connect_timeout=settings.LLM_CONNECT_TIMEOUT_SECONDS,
+        read_timeout=read_timeout_for(settings.LLM_READ_TIMEOUT_SECONDS, context),
+        what=f"LLM {agent.provider or 'openai'} {url}",
+    )
+
+
+def _openai(agent: Agent, task_input: dict[str, Any], context: TaskContext) -> AgentResult:
+    base = (agent.url or OPENAI_DEFAULT_BASE).rstrip("/")
+    url = f"{base}/chat/completions"
+    what = f"LLM openai {url}"
+    key = _api_key(agent, required=not agent.url)
+    messages = []
+    if agent.system_prompt:
+        messages.append({"role": "system", "content": agent.system_prompt})
+    messages.append({"role": "user", "content": user_message(task_input, context.upstream)})
+    payload: dict[str, Any] = {"model": agent.model, "messages": messages}
+    if agent.temperature is not None:
+        payload["temperature"] = agent.temperature
+    if agent.max_tokens:
+        payload["max_tokens"] = agent.max_tokens
+    if tools := _tools(task_input):
+        payload["tools"] = tools
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    reply = _send(agent, url, payload, headers, context, builtin="api.openai.com")
+    body = _body(reply)
+    model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else agent.model
+    usage = _usage(
+        reply, body, ("prompt_tokens", "completion_tokens"), model=model, fallback_model=agent.model, what=what
+    )
+    if (error := status_error(reply, what=what, redact=[key or ""])) is not None:
+        raise _with_usage(error, usage)
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise _with_usage(PermanentError(f"{what}: the answer has no choices: {reply.snippet([key or ''])}"), usage)
+    message = choices[0].get("message")
+    if not isinstance(message, dict):
+        raise _with_usage(PermanentError(f"{what}: the first choice has no message"), usage)
+    content = message.get("content")
+    output: dict[str, Any] = {
+        "content": content if isinstance(content, str) else "",
+        "model": model,
+        "finish_reason": choices[0].get("finish_reason"),
+    }
+    if message.get("tool_calls"):
+        output["tool_calls"] = message["tool_calls"]
+    return AgentResult(output=output, usage=usage)
+
+
+def _anthropic_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI function tools in Anthropic's shape (name, description, input_schema)."""
+    converted = []
+    for tool in tools:
+        function = tool.get("function", tool)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise PermanentError("input.tools: every tool needs a function name")
+        converted.append(
+            {
+                "name": function["name"],
+                "description": function.get("description", ""),
+                "input_schema": function.get("parameters") or {"type": "object", "properties": {}},
+            }
+        )
+    return converted
+
+
+def _anthropic(agent: Agent, task_input: dict[str, Any], context: TaskContext) -> AgentResult:
+    base = (agent.url or ANTHROPIC_DEFAULT_BASE).rstrip("/")
+    url = f"{base}/v1/messages"
+    what = f"LLM anthropic {url}"
+    key = _api_key(agent, required=True)
+    payload: dict[str, Any] = {
+        "model": agent.model,
+        "max_tokens": agent.max_tokens or ANTHROPIC_DEFAULT_MAX_TOKENS,
+        "messages": [{"role": "user", "content": user_message(task_input, context.upstream)}],
+    }
+    if agent.system_prompt:
+        payload["system"] = agent.system_prompt
+    if agent.temperature is not None:
+        payload["temperature"] = agent.temperature
+    if tools := _tools(task_input):
+        payload["tools"] = _anthropic_tools(tools)
+    headers = {"x-api-key": key or "", "anthropic-version": ANTHROPIC_VERSION}
+    reply = _send(agent, url, payload, headers, context, builtin="api.anthropic.com")
+    body = _body(reply)
+    model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else agent.model
+    # Prompt-cache token fields are not read: this executor never asks for caching.
+    usage = _usage(reply, body, ("input_tokens", "output_tokens"), model=model, fallback_model=agent.model, what=what)
+    if (error := status_error(reply, what=what, redact=[key or ""])) is not None:
+        raise _with_usage(error, usage)
+    blocks = body.get("content") if isinstance(body, dict) else None
+    if not isinstance(blocks, list):
+        raise _with_usage(PermanentError(f"{what}: the answer has no content: {reply.snippet([key or ''])}"), usage)
+    blocks = [b for b in blocks if isinstance(b, dict)]
+    output: dict[str, Any] = {
+        "content": "".join(b.get("text", "") for b in blocks if b.get("type") == "text"),
+        "model": model,
+        "finish_reason": body.get("stop_reason"),
+    }
+    tool_calls = [
+        {
+            "id": b.get("id"),
+            "type": "function",
+            "function": {"name": b.get("name"), "arguments": json.dumps(b.get("input", {}))},
+        }
+        for b in blocks
+        if b.get("type") == "tool_use"
+    ]
+    if tool_calls:
+        output["tool_calls"] = tool_calls
+    return AgentResult(output=output, usage=usage)
+
+
+def llm_execute(*, agent: Agent, task_input: dict[str, Any], context: TaskContext) -> AgentResult:
+    """One chat completion with the agent's model, system prompt, temperature and max_tokens."""
+    if not agent.model:
+        raise PermanentError(f"agent {agent.id!r} uses the llm executor but has no model")
+    provider = (agent.provider or "").lower()
+    if provider in OPENAI_COMPATIBLE:
+        return _openai(agent, task_input, context)
+    if provider == "anthropic":
+        return _anthropic(agent, task_input, context)
+    raise PermanentError(
+        f"agent {agent.id!r}: provider {agent.provider!r} is not supported (openai or an OpenAI-compatible "
+        "server such as ollama, vllm, lmstudio; or anthropic)"
+    )

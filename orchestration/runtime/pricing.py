@@ -1,0 +1,103 @@
+"""Token prices (prices.json beside this module) and the cost of a call.
+
+The table is read once per process. A malformed file raises ImproperlyConfigured naming the
+file and the entry, so a bad edit fails loudly instead of recording wrong costs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+logger = logging.getLogger(__name__)
+
+PRICES_PATH = Path(__file__).with_name("prices.json")
+MILLION = Decimal(1_000_000)
+COST_QUANTUM = Decimal("0.000001")
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million input and output tokens."""
+
+    input_per_million: Decimal
+    output_per_million: Decimal
+
+
+def _decimal(value: Any, where: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ImproperlyConfigured(f"{where}: must be a number or a numeric string, got {value!r}")
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation:
+        raise ImproperlyConfigured(f"{where}: {value!r} is not a number") from None
+    if not number.is_finite() or number < 0:
+        raise ImproperlyConfigured(f"{where}: must be a non-negative number, got {value!r}")
+    return number
+
+
+def parse_price_table(data: Any, *, source: str) -> dict[str, Price]:
+    """Validate the JSON document of a price table; errors name `source` and the entry."""
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+        raise ImproperlyConfigured(f"{source}: must be an object with a 'models' object")
+    table: dict[str, Price] = {}
+    for model, entry in data["models"].items():
+        where = f"{source}: models.{model}"
+        if not isinstance(entry, dict):
+            raise ImproperlyConfigured(f"{where}: must be an object with 'input' and 'output'")
+        unknown = set(entry) - {"input", "output", "aliases"}
+        if unknown:
+            raise ImproperlyConfigured(f"{where}: unknown keys {sorted(unknown)}")
+        for key in ("input", "output"):
+            if key not in entry:
+                raise ImproperlyConfigured(f"{where}: '{key}' is required (USD per million tokens)")
+        price = Price(_decimal(entry["input"], f"{where}.input"), _decimal(entry["output"], f"{where}.output"))
+        aliases = entry.get("aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+            raise ImproperlyConfigured(f"{where}.aliases: must be a list of model names")
+        for name in (model, *aliases):
+            if name in table:
+                raise ImproperlyConfigured(f"{where}: {name!r} is priced twice")
+            table[name] = price
+    return table
+
+
+@cache
+def price_table() -> dict[str, Price]:
+    """The table from prices.json, loaded once per process."""
+    try:
+        data = json.loads(PRICES_PATH.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ImproperlyConfigured(f"{PRICES_PATH}: cannot be read as JSON: {exc}") from None
+    return parse_price_table(data, source=str(PRICES_PATH))
+
+
+def is_priced(model: str | None) -> bool:
+    return bool(model) and model in price_table()
+
+
+def cost_usd(model: str | None, input_tokens: int, output_tokens: int) -> Decimal:
+    """Cost in USD, quantized to 6 decimal places. An unknown model costs 0 and is logged
+    once per process and model (a missing price must be noticed, not fail the task)."""
+    price = price_table().get(model or "")
+    if price is None:
+        if model:
+            with _warned_lock:
+                first = model not in _warned
+                _warned.add(model)
+            if first:
+                logger.warning("no price for model %r in %s: its tokens are recorded at cost 0", model, PRICES_PATH)
+        return Decimal(0).quantize(COST_QUANTUM)
+    cost = (input_tokens * price.input_per_million + output_tokens * price.output_per_million) / MILLION
+    return cost.quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)

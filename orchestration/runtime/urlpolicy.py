@@ -1,0 +1,108 @@
+"""Where agents may send requests (SSRF policy).
+
+A URL taken from an agent definition is checked before any byte is sent: http or https
+only, no credentials in it, the host in AGENT_HTTP_ALLOWED_HOSTS when that list is set, and
+every address the host resolves to globally routable (no loopback, private, link-local such
+as the 169.254.169.254 metadata service, multicast, reserved or unspecified address, IPv4
+or IPv6, IPv4-mapped included) unless AGENT_HTTP_ALLOW_PRIVATE is true. The caller then
+connects to one of the checked addresses itself (see http_agent.post_json), so a second DNS
+answer cannot swap in another address between the check and the connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import httpx
+from django.conf import settings
+
+from orchestration.errors import PermanentError, RetryableError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checked URL and the addresses its host resolved to, in resolver order."""
+
+    url: httpx.URL
+    hostname: str
+    addresses: tuple[str, ...]
+
+
+def address_refusal(ip: IPAddress) -> str | None:
+    """Why an address may not be reached (None if it is globally routable)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            reason = address_refusal(ip.ipv4_mapped)
+            return f"IPv4-mapped {reason}" if reason else None
+        if ip.sixtofour is not None and (reason := address_refusal(ip.sixtofour)):
+            return f"6to4 {reason}"
+    checks = (
+        ("is_unspecified", "unspecified address"),
+        ("is_loopback", "loopback address"),
+        ("is_link_local", "link-local address (incl. cloud metadata services)"),
+        ("is_multicast", "multicast address"),
+        ("is_reserved", "reserved address"),
+        ("is_private", "private address"),
+    )
+    for attribute, reason in checks:
+        if getattr(ip, attribute):
+            return reason
+    if not ip.is_global:
+        return "address that is not globally routable"
+    return None
+
+
+def _resolve(hostname: str, port: int) -> list[str]:
+    # The system resolver applies its own timeout and attempts (resolv.conf).
+    infos = socket.getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
+    addresses: list[str] = []
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        address = str(sockaddr[0]).split("%", 1)[0]
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def url_check(url: str, *, always_allowed_hosts: Iterable[str] = ()) -> Target:
+    """Check `url` against the policy and resolve its host; PermanentError names the URL and
+    the reason. `always_allowed_hosts` bypass the allow-list (built-in provider endpoints),
+    never the address check."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise PermanentError(f"agent URL {url!r} is not a valid URL: {exc}") from None
+    if parsed.scheme not in ("http", "https"):
+        raise PermanentError(f"agent URL {url!r} refused: only http and https are allowed")
+    if parsed.userinfo:
+        raise PermanentError("agent URL refused: credentials in a URL are not allowed (they would be logged)")
+    hostname = parsed.host.rstrip(".").lower()
+    if not hostname:
+        raise PermanentError(f"agent URL {url!r} refused: it has no host")
+    allowed = {h.rstrip(".").lower() for h in settings.AGENT_HTTP_ALLOWED_HOSTS}
+    if allowed and hostname not in allowed and hostname not in {h.lower() for h in always_allowed_hosts}:
+        raise PermanentError(f"agent URL {url!r} refused: host {hostname!r} is not in AGENT_HTTP_ALLOWED_HOSTS")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        addresses = _resolve(hostname, port)
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_AGAIN:  # the resolver could not answer now: worth another try
+            raise RetryableError(f"agent URL {url!r}: resolving {hostname!r} failed for now ({exc})") from None
+        raise PermanentError(f"agent URL {url!r} refused: host {hostname!r} does not resolve ({exc})") from None
+    except (OSError, UnicodeError) as exc:
+        raise PermanentError(f"agent URL {url!r} refused: host {hostname!r} does not resolve ({exc})") from None
+    if not addresses:
+        raise PermanentError(f"agent URL {url!r} refused: host {hostname!r} has no address")
+    if not settings.AGENT_HTTP_ALLOW_PRIVATE:
+        for address in addresses:
+            reason = address_refusal(ipaddress.ip_address(address))
+            if reason:
+                raise PermanentError(
+                    f"agent URL {url!r} refused: {hostname!r} resolves to {address}, a {reason} "
+                    "(set AGENT_HTTP_ALLOW_PRIVATE=true to allow)"
+                )
+    return Target(url=parsed, hostname=hostname, addresses=tuple(addresses))

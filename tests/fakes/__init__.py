@@ -1,0 +1,1 @@
+"""Local servers that speak external protocols (agent services, LLM APIs) for tests."""

@@ -1,0 +1,280 @@
+"""Local HTTP servers that speak the protocols of what lies outside the project: a seed 004
+agent service, an OpenAI-compatible chat-completions API and the Anthropic messages API.
+
+Each listens on 127.0.0.1 on an ephemeral port in a thread, checks the requests it gets the
+way the real service would (path, headers, body), records them, and answers with
+real-shaped bodies. `script(...)` queues answers for the next requests (failures, delays,
+Retry-After); once the queue is empty the server answers normally.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Reply:
+    """A scripted answer. `body` is sent as JSON unless it is bytes; with `body` None the
+    server's normal answer is sent (after `delay`, with the extra `headers`)."""
+
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    raw: bytes
+
+
+class FakeServer:
+    """Base: a threaded server, a script of answers, a record of requests."""
+
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self._script: deque[Reply] = deque()
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                server._handle(self)
+
+            def do_GET(self) -> None:
+                server._handle(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FakeServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> FakeServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def script(self, *replies: Reply) -> None:
+        with self._lock:
+            self._script.extend(replies)
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        raw = handler.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        request = Recorded(
+            method=handler.command,
+            path=handler.path,
+            headers={k.lower(): v for k, v in handler.headers.items()},
+            body=body,
+            raw=raw,
+        )
+        with self._lock:
+            self.requests.append(request)
+            scripted = self._script.popleft() if self._script else None
+        reply = scripted or Reply()
+        if reply.delay:
+            time.sleep(reply.delay)
+        if reply.body is None and reply.status == 200:
+            status, payload = self.answer(request)
+        else:
+            status, payload = reply.status, reply.body
+        content = payload if isinstance(payload, bytes) else json.dumps(payload if payload is not None else {}).encode()
+        try:
+            handler.send_response(status)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(content)))
+            for name, value in reply.headers.items():
+                handler.send_header(name, value)
+            handler.end_headers()
+            handler.wfile.write(content)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (a timeout test)
+
+    def answer(self, request: Recorded) -> tuple[int, Any]:
+        raise NotImplementedError
+
+
+class AgentService(FakeServer):
+    """A seed 004 agent service: takes a task (§3.1 plus context), answers with §3.2's
+    result shape."""
+
+    def __init__(self, *, model: str = "claude-3-5-sonnet-20241022", tokens_used: int = 1523) -> None:
+        super().__init__()
+        self.model = model
+        self.tokens_used = tokens_used
+
+    def answer(self, request: Recorded) -> tuple[int, Any]:
+        if request.method != "POST" or "json" not in request.headers.get("content-type", ""):
+            return 415, {"error": "POST a JSON task"}
+        details = (request.body or {}).get("task_details")
+        if not isinstance(details, dict) or "task_description" not in details:
+            return 400, {"error": "task_details.task_description is required"}
+        return 200, {
+            "result": f"Done: {details['task_description']}",
+            "metadata": {
+                "agent_id": request.body.get("agent_id"),
+                "model": self.model,
+                "tokens_used": self.tokens_used,
+            },
+            "processing_time_ms": 12.5,
+        }
+
+
+def _openai_error(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+class OpenAIServer(FakeServer):
+    """An OpenAI-compatible server: POST /v1/chat/completions with a Bearer key (base URL
+    `{url}/v1`). Answers a chat.completion object with usage; with `tool_call` set and tools
+    in the request, answers a call of the first tool instead of text."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = "sk-test",
+        prompt_tokens: int = 1200,
+        completion_tokens: int = 350,
+        model_suffix: str = "",
+        tool_call: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.api_key = api_key
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.model_suffix = model_suffix
+        self.tool_call = tool_call
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def answer(self, request: Recorded) -> tuple[int, Any]:
+        if request.method != "POST" or request.path != "/v1/chat/completions":
+            return 404, _openai_error(f"Invalid URL ({request.method} {request.path})", "invalid_request_error")
+        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            given = request.headers.get("authorization", "").removeprefix("Bearer ")
+            # The real API quotes the key it was given, as this does.
+            return 401, _openai_error(
+                f"Incorrect API key provided: {given}.", "invalid_request_error", "invalid_api_key"
+            )
+        body = request.body
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return 400, _openai_error("you must provide a model parameter", "invalid_request_error")
+        messages = body.get("messages")
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or any(m.get("role") not in ("system", "user", "assistant", "tool") for m in messages)
+        ):
+            return 400, _openai_error("'messages' must be a non-empty list of role messages", "invalid_request_error")
+        message: dict[str, Any] = {"role": "assistant", "content": f"echo: {messages[-1]['content'][:80]}"}
+        finish_reason = "stop"
+        if self.tool_call and body.get("tools"):
+            name = body["tools"][0]["function"]["name"]
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_abc123",
+                        "type": "function",
+                        "function": {"name": name, "arguments": json.dumps(self.tool_call)},
+                    }
+                ],
+            }
+            finish_reason = "tool_calls"
+        return 200, {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"] + self.model_suffix,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+            },
+            "system_fingerprint": "fp_test",
+        }
+
+
+def _anthropic_error(kind: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+class AnthropicServer(FakeServer):
+    """The Anthropic messages API: POST /v1/messages with x-api-key and anthropic-version."""
+
+    def __init__(self, *, api_key: str = "sk-ant-test", input_tokens: int = 2000, output_tokens: int = 500) -> None:
+        super().__init__()
+        self.api_key = api_key
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+
+    def answer(self, request: Recorded) -> tuple[int, Any]:
+        if request.method != "POST" or request.path != "/v1/messages":
+            return 404, _anthropic_error("not_found_error", f"Not found: {request.path}")
+        if request.headers.get("x-api-key") != self.api_key:
+            return 401, _anthropic_error("authentication_error", "invalid x-api-key")
+        if request.headers.get("anthropic-version") != "2023-06-01":
+            return 400, _anthropic_error("invalid_request_error", "anthropic-version header is required")
+        body = request.body
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return 400, _anthropic_error("invalid_request_error", "model: Field required")
+        if not isinstance(body.get("max_tokens"), int):
+            return 400, _anthropic_error("invalid_request_error", "max_tokens: Field required")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or messages[0].get("role") != "user":
+            return 400, _anthropic_error("invalid_request_error", "messages: first message must use the user role")
+        if "system" in body and not isinstance(body["system"], str | list):
+            return 400, _anthropic_error("invalid_request_error", "system: must be a string")
+        return 200, {
+            "id": f"msg_{uuid.uuid4().hex[:24]}",
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": [
+                {"type": "text", "text": "Hello from "},
+                {"type": "text", "text": "Claude."},
+            ],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens},
+        }

@@ -1,0 +1,574 @@
+"""The http and llm executors and the price table, against local servers that speak the
+agent-service, OpenAI and Anthropic protocols (tests/fakes/servers.py); one workflow runs
+end to end on a real Celery worker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from orchestration.errors import PermanentError, RetryableError
+from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
+from orchestration.runtime import pricing
+from orchestration.runtime.context import TaskContext
+from orchestration.runtime.executors import agent_execute
+from orchestration.runtime.urlpolicy import url_check
+from orchestration.services.workflows import workflow_submit
+from tests.engine import wait_for
+from tests.fakes.servers import AgentService, AnthropicServer, OpenAIServer, Reply
+
+KEY = "sk-test-" + "s3cr3t" * 4
+
+
+def ctx(**overrides: object) -> TaskContext:
+    fields: dict = {
+        "execution_id": "exec-1",
+        "workflow_id": "wf-1",
+        "task_name": "step",
+        "agent_id": "agent-x",
+        "attempt_number": 1,
+        "timeout_seconds": 30,
+        "upstream": {},
+    }
+    fields.update(overrides)
+    return TaskContext(**fields)
+
+
+@pytest.fixture
+def local_net(settings):
+    """The fake servers listen on loopback: allow it, and only it."""
+    settings.AGENT_HTTP_ALLOW_PRIVATE = True
+    settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
+    return settings
+
+
+@pytest.fixture
+def service() -> Iterator[AgentService]:
+    with AgentService() as server:
+        yield server
+
+
+@pytest.fixture
+def openai() -> Iterator[OpenAIServer]:
+    with OpenAIServer(api_key=KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def anthropic() -> Iterator[AnthropicServer]:
+    with AnthropicServer(api_key=KEY) as server:
+        yield server
+
+
+def http_agent(url: str, **fields: object) -> Agent:
+    return Agent(id="svc", name="Service", executor=Agent.Executor.HTTP, url=url, **fields)
+
+
+def llm_agent(url: str, **fields: object) -> Agent:
+    defaults: dict = {
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "api_key_env": "TEST_LLM_KEY",
+        "system_prompt": "You are terse.",
+        "temperature": 0.2,
+        "max_tokens": 400,
+    }
+    defaults.update(fields)
+    return Agent(id="writer", name="Writer", executor=Agent.Executor.LLM, url=url, **defaults)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- http executor ----------------------------------------------------------------------
+
+
+def test_http_agent_gets_the_task_and_its_result_is_the_output_with_usage_and_cost(local_net, service):
+    task_input = {"description": "Generate leads for fintech", "industry": "fintech"}
+    context = ctx(upstream={"research": {"n": 1}}, attempt_number=2)
+    result = agent_execute(agent=http_agent(service.url + "/tasks"), task_input=task_input, context=context)
+
+    [request] = service.requests
+    assert (request.method, request.path) == ("POST", "/tasks")
+    assert request.headers["content-type"] == "application/json"
+    assert request.body == {
+        "agent_id": "agent-x",
+        "task_details": {"task_description": "Generate leads for fintech", "context": task_input},
+        "execution_id": "exec-1",
+        "workflow_id": "wf-1",
+        "task_name": "step",
+        "attempt": 2,
+        "upstream": {"research": {"n": 1}},
+    }
+    assert result.output == {
+        "result": "Done: Generate leads for fintech",
+        "metadata": {"agent_id": "agent-x", "model": "claude-3-5-sonnet-20241022", "tokens_used": 1523},
+        "processing_time_ms": 12.5,
+    }
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (0, 1523)
+    assert result.usage.cost_usd == Decimal("0.022845")  # 1523 output tokens at $15 per million
+
+
+def test_http_agent_usage_prefers_input_and_output_tokens(local_net, service):
+    body = {"result": "ok", "metadata": {"model": "gpt-4o", "input_tokens": 1000, "output_tokens": 200}}
+    service.script(Reply(body=body))
+    result = agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (1000, 200)
+    assert result.usage.cost_usd == Decimal("0.004500")
+    assert service.requests[0].body["task_details"]["task_description"] == ""
+
+
+def test_http_agent_unknown_model_costs_nothing_and_is_logged_once(local_net, service, caplog):
+    model = f"house-model-{uuid.uuid4().hex[:6]}"
+    service.model = model
+    caplog.set_level(logging.WARNING, logger="orchestration.runtime.pricing")
+    for _ in range(2):
+        result = agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
+        assert result.usage.output_tokens == 1523 and result.usage.cost_usd == 0
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert model in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "retry_after"),
+    [(500, {}, None), (503, {"Retry-After": "7"}, 7.0), (429, {"Retry-After": "2"}, 2.0), (502, {}, None)],
+)
+def test_http_agent_server_errors_and_rate_limits_are_retryable(local_net, service, status, headers, retry_after):
+    service.script(Reply(status=status, body={"error": "busy"}, headers=headers))
+    with pytest.raises(RetryableError, match=f"HTTP {status}") as info:
+        agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
+    assert info.value.retry_after == retry_after
+
+
+def test_http_agent_client_error_is_permanent_and_quotes_the_body(local_net, service):
+    service.script(Reply(status=422, body={"detail": "industry is required"}))
+    with pytest.raises(PermanentError, match=r"HTTP 422: .*industry is required"):
+        agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [(b"<html>Bad gateway</html>", "not JSON"), (b"[1, 2]", "JSON list"), (b'{"result": NaN}', "not JSON")],
+)
+def test_http_agent_body_that_is_not_a_json_object_is_permanent(local_net, service, body, message):
+    service.script(Reply(body=body))
+    with pytest.raises(PermanentError, match=message):
+        agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
+
+
+def test_http_agent_bad_token_count_is_permanent(local_net, service):
+    service.script(Reply(body={"result": "x", "metadata": {"tokens_used": "many"}}))
+    with pytest.raises(PermanentError, match="tokens_used must be a non-negative integer"):
+        agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
+
+
+def test_http_agent_read_timeout_is_retryable(local_net, service):
+    local_net.AGENT_HTTP_READ_TIMEOUT_SECONDS = 0.3
+    service.script(Reply(delay=2))
+    started = time.monotonic()
+    with pytest.raises(RetryableError, match="timed out"):
+        agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
+    assert time.monotonic() - started < 1.5
+
+
+def test_http_agent_read_timeout_never_exceeds_the_task_timeout(local_net, service):
+    local_net.AGENT_HTTP_READ_TIMEOUT_SECONDS = 60
+    service.script(Reply(delay=4))
+    started = time.monotonic()
+    with pytest.raises(RetryableError, match="timed out"):
+        agent_execute(agent=http_agent(service.url), task_input={}, context=ctx(timeout_seconds=1))
+    assert time.monotonic() - started < 2.5
+
+
+def test_http_agent_connection_refused_is_retryable(local_net):
+    with pytest.raises(RetryableError, match="cannot connect"):
+        agent_execute(agent=http_agent(f"http://127.0.0.1:{closed_port()}/"), task_input={}, context=ctx())
+
+
+def test_http_agent_redirects_are_not_followed(local_net, service):
+    service.script(Reply(status=302, body={}, headers={"Location": "http://169.254.169.254/latest/meta-data/"}))
+    with pytest.raises(PermanentError, match=r"redirect to http://169\.254\.169\.254.*not followed"):
+        agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
+    assert len(service.requests) == 1
+
+
+def test_http_agent_answer_over_the_size_cap_is_permanent(local_net, service):
+    local_net.AGENT_HTTP_MAX_RESPONSE_BYTES = 1024
+    service.script(Reply(body={"result": "x" * 5000}))
+    with pytest.raises(PermanentError, match="exceeds AGENT_HTTP_MAX_RESPONSE_BYTES"):
+        agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
+
+
+# --- SSRF policy ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://127.0.0.1:8000/run", "loopback"),
+        ("http://localhost/run", "loopback"),
+        ("http://10.1.2.3/run", "private"),
+        ("http://192.168.0.10/run", "private"),
+        ("http://172.16.5.4/run", "private"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://[fe80::1]/run", "link-local"),
+        ("http://[::1]/run", "loopback"),
+        ("http://[::ffff:127.0.0.1]/run", "IPv4-mapped loopback"),
+        ("http://[::ffff:169.254.169.254]/run", "IPv4-mapped link-local"),
+        ("http://[fd00::1]/run", "private"),
+        ("http://0.0.0.0/run", "unspecified"),
+        ("http://224.0.0.1/run", "multicast"),
+        ("http://240.0.0.1/run", "reserved"),
+        ("http://100.64.0.1/run", "not globally routable"),
+    ],
+)
+def test_non_public_addresses_are_refused_by_default(settings, url, reason):
+    assert settings.AGENT_HTTP_ALLOW_PRIVATE is False
+    with pytest.raises(PermanentError, match=reason) as info:
+        agent_execute(agent=http_agent(url), task_input={}, context=ctx())
+    assert url in str(info.value)
+
+
+def test_refused_url_sends_nothing_and_the_setting_allows_it(settings, service):
+    with pytest.raises(PermanentError, match="loopback"):
+        agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
+    assert service.requests == []
+    settings.AGENT_HTTP_ALLOW_PRIVATE = True
+    agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
+    assert len(service.requests) == 1
+
+
+def test_host_outside_the_allow_list_is_refused(local_net, service):
+    local_net.AGENT_HTTP_ALLOWED_HOSTS = ["agents.example.com"]
+    with pytest.raises(PermanentError, match=r"'127\.0\.0\.1' is not in AGENT_HTTP_ALLOWED_HOSTS"):
+        agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
+    assert service.requests == []
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/task", "file:///etc/passwd", "gopher://example.com/"])
+def test_only_http_and_https_are_allowed(settings, url):
+    with pytest.raises(PermanentError, match="only http and https"):
+        url_check(url)
+
+
+def test_credentials_in_a_url_are_refused_without_echoing_them(settings):
+    with pytest.raises(PermanentError) as info:
+        url_check("https://user:hunter2@example.com/")
+    assert "hunter2" not in str(info.value)
+
+
+def test_public_addresses_pass_the_policy(settings):
+    assert url_check("https://8.8.8.8/run").addresses == ("8.8.8.8",)
+    assert url_check("http://[2606:4700:4700::1111]:8080/").addresses == ("2606:4700:4700::1111",)
+
+
+def test_the_name_is_sent_as_host_while_connecting_to_the_checked_address(local_net, service):
+    local_net.AGENT_HTTP_ALLOWED_HOSTS = ["localhost"]
+    agent_execute(agent=http_agent(f"http://localhost:{service.port}/run"), task_input={}, context=ctx())
+    assert service.requests[0].headers["host"] == f"localhost:{service.port}"
+
+
+# --- llm executor: OpenAI-compatible ------------------------------------------------------
+
+
+def test_openai_request_output_usage_and_cost(local_net, openai, monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    result = agent_execute(
+        agent=llm_agent(openai.base_url), task_input={"prompt": "Summarise the leads."}, context=ctx()
+    )
+    [request] = openai.requests
+    assert request.path == "/v1/chat/completions"
+    assert request.headers["authorization"] == f"Bearer {KEY}"
+    assert request.body == {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Summarise the leads."},
+        ],
+        "temperature": 0.2,
+        "max_tokens": 400,
+    }
+    assert result.output == {"content": "echo: Summarise the leads.", "model": "gpt-4o-mini", "finish_reason": "stop"}
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (1200, 350)
+    assert result.usage.cost_usd == Decimal("0.000390")  # 1200 x $0.15 + 350 x $0.60 per million
+
+
+def test_openai_user_message_renders_the_input_and_upstream_outputs(local_net, openai, monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    agent = llm_agent(openai.base_url, system_prompt="", temperature=None, max_tokens=None)
+    agent_execute(agent=agent, task_input={"industry": "fintech"}, context=ctx(upstream={"research": {"leads": 3}}))
+    body = openai.requests[0].body
+    assert set(body) == {"model", "messages"}
+    [message] = body["messages"]
+    assert message["role"] == "user"
+    assert json.loads(message["content"].split("\n\n")[0]) == {"industry": "fintech"}
+    assert "Outputs of the tasks this one depends on" in message["content"]
+    assert '"leads": 3' in message["content"]
+
+
+@pytest.mark.parametrize(
+    ("suffix", "cost"),
+    [("-2024-07-18", "0.000390"), ("-2099-01-01", "0.000390")],
+    ids=["listed-snapshot", "unlisted-snapshot-priced-as-requested"],
+)
+def test_openai_dated_model_name_is_priced(local_net, openai, monkeypatch, suffix, cost):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    openai.model_suffix = suffix
+    result = agent_execute(agent=llm_agent(openai.base_url), task_input={"prompt": "x"}, context=ctx())
+    assert result.output["model"] == "gpt-4o-mini" + suffix
+    assert result.usage.cost_usd == Decimal(cost)
+
+
+def test_openai_tools_are_passed_through_and_tool_calls_returned(local_net, openai, monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    openai.tool_call = {"city": "Oslo"}
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    result = agent_execute(
+        agent=llm_agent(openai.base_url), task_input={"prompt": "Weather?", "tools": tools}, context=ctx()
+    )
+    assert openai.requests[0].body["tools"] == tools
+    assert result.output["finish_reason"] == "tool_calls"
+    assert result.output["content"] == ""
+    [call] = result.output["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+
+
+@pytest.mark.parametrize(
+    ("reply", "error", "retry_after"),
+    [
+        (
+            Reply(status=429, body={"error": {"message": "Rate limit"}}, headers={"Retry-After": "1"}),
+            RetryableError,
+            1.0,
+        ),
+        (Reply(status=429, body={"error": {}}, headers={"retry-after-ms": "1500"}), RetryableError, 1.5),
+        (Reply(status=500, body={"error": {"message": "server"}}), RetryableError, None),
+        (Reply(status=400, body={"error": {"message": "bad temperature"}}), PermanentError, None),
+    ],
+    ids=["429-retry-after", "429-retry-after-ms", "500", "400"],
+)
+def test_openai_errors_are_classified(local_net, openai, monkeypatch, reply, error, retry_after):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    openai.script(reply)
+    with pytest.raises(error, match=f"HTTP {reply.status}") as info:
+        agent_execute(agent=llm_agent(openai.base_url), task_input={"prompt": "x"}, context=ctx())
+    assert getattr(info.value, "retry_after", None) == retry_after
+    assert not hasattr(info.value, "usage")
+
+
+def test_openai_failure_after_usage_was_reported_carries_the_usage(local_net, openai, monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    body = {"model": "gpt-4o", "choices": [], "usage": {"prompt_tokens": 1000, "completion_tokens": 100}}
+    openai.script(Reply(body=body))
+    with pytest.raises(PermanentError, match="no choices") as info:
+        agent_execute(agent=llm_agent(openai.base_url, model="gpt-4o"), task_input={"prompt": "x"}, context=ctx())
+    usage = info.value.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.cost_usd) == (1000, 100, Decimal("0.003500"))
+
+
+def test_missing_api_key_names_the_variable_and_sends_nothing(local_net, openai, monkeypatch):
+    monkeypatch.delenv("TEST_LLM_KEY", raising=False)
+    with pytest.raises(PermanentError, match="API key variable TEST_LLM_KEY is not set"):
+        agent_execute(agent=llm_agent(openai.base_url), task_input={"prompt": "x"}, context=ctx())
+    assert openai.requests == []
+
+
+def test_default_endpoint_without_api_key_env_is_refused(settings):
+    agent = llm_agent("", api_key_env="")
+    with pytest.raises(PermanentError, match="needs an API key"):
+        agent_execute(agent=agent, task_input={"prompt": "x"}, context=ctx())
+
+
+def test_a_key_pasted_into_api_key_env_is_not_echoed(local_net, openai):
+    agent = llm_agent(openai.base_url, api_key_env=KEY)
+    with pytest.raises(PermanentError, match="not a valid environment variable name") as info:
+        agent_execute(agent=agent, task_input={"prompt": "x"}, context=ctx())
+    assert KEY not in str(info.value)
+
+
+def test_api_key_never_appears_in_errors_or_logs(local_net, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    with OpenAIServer(api_key="sk-other") as server:  # refuses our key, quoting it back
+        with pytest.raises(PermanentError, match="HTTP 401") as info:
+            agent_execute(agent=llm_agent(server.base_url), task_input={"prompt": "x"}, context=ctx())
+        assert KEY in server.requests[0].headers["authorization"]
+    assert "[redacted]" in str(info.value)
+    assert KEY not in str(info.value) and KEY not in repr(info.value)
+    assert KEY not in caplog.text
+
+
+def test_unknown_provider_is_permanent(local_net):
+    with pytest.raises(PermanentError, match="provider 'cohere' is not supported"):
+        agent_execute(agent=llm_agent("http://127.0.0.1:1", provider="cohere"), task_input={}, context=ctx())
+
+
+# --- llm executor: Anthropic ------------------------------------------------------------
+
+
+def test_anthropic_request_headers_body_output_and_cost(local_net, anthropic, monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    agent = llm_agent(anthropic.url, provider="anthropic", model="claude-3-5-haiku-20241022", max_tokens=None)
+    result = agent_execute(agent=agent, task_input={"prompt": "Greet."}, context=ctx())
+    [request] = anthropic.requests
+    assert request.path == "/v1/messages"
+    assert request.headers["x-api-key"] == KEY
+    assert request.headers["anthropic-version"] == "2023-06-01"
+    assert "authorization" not in request.headers
+    assert request.body == {
+        "model": "claude-3-5-haiku-20241022",
+        "max_tokens": 1024,
+        "system": "You are terse.",
+        "messages": [{"role": "user", "content": "Greet."}],
+        "temperature": 0.2,
+    }
+    assert result.output == {
+        "content": "Hello from Claude.",
+        "model": "claude-3-5-haiku-20241022",
+        "finish_reason": "end_turn",
+    }
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (2000, 500)
+    assert result.usage.cost_usd == Decimal("0.003600")  # 2000 x $0.80 + 500 x $4 per million
+
+
+def test_anthropic_overloaded_is_retryable(local_net, anthropic, monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    anthropic.script(Reply(status=529, body={"type": "error", "error": {"type": "overloaded_error"}}))
+    agent = llm_agent(anthropic.url, provider="anthropic", model="claude-3-5-haiku-20241022")
+    with pytest.raises(RetryableError, match="HTTP 529"):
+        agent_execute(agent=agent, task_input={"prompt": "x"}, context=ctx())
+
+
+# --- price table ----------------------------------------------------------------------
+
+
+def test_price_table_prices_the_listed_models():
+    assert pricing.cost_usd("gpt-4o", 1_000_000, 1_000_000) == Decimal("12.500000")
+    assert pricing.cost_usd("claude-3-5-sonnet-20241022", 1, 1) == Decimal("0.000018")
+    assert pricing.cost_usd("llama3:8b", 50_000, 50_000) == Decimal("0.000000")
+    assert pricing.cost_usd("gpt-4o-mini", 3, 0) == Decimal("0.000000")  # 0.00000045 rounds to 0
+    assert pricing.cost_usd("gpt-4o-mini", 4, 0) == Decimal("0.000001")  # 0.0000006 rounds up
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"models": {"m": {"input": "1"}}}, r"models\.m: 'output' is required"),
+        ({"models": {"m": {"input": "-1", "output": "1"}}}, r"models\.m\.input: must be a non-negative"),
+        ({"models": {"m": {"input": "cheap", "output": "1"}}}, r"models\.m\.input: 'cheap' is not a number"),
+        ({"models": {"m": {"input": True, "output": "1"}}}, r"models\.m\.input"),
+        ({"models": {"m": [1, 2]}}, r"models\.m: must be an object"),
+        ({"models": {"a": {"input": 1, "output": 1}, "b": {"input": 1, "output": 1, "aliases": ["a"]}}}, "twice"),
+        ([], "must be an object with a 'models' object"),
+    ],
+)
+def test_malformed_price_table_names_the_file_and_entry(data, message):
+    with pytest.raises(ImproperlyConfigured, match=rf"^prices-under-test\.json: .*{message}"):
+        pricing.parse_price_table(data, source="prices-under-test.json")
+
+
+def test_unreadable_price_file_names_the_file(tmp_path, monkeypatch):
+    bad = tmp_path / "prices.json"
+    bad.write_text("{not json")
+    monkeypatch.setattr(pricing, "PRICES_PATH", bad)
+    pricing.price_table.cache_clear()
+    try:
+        with pytest.raises(ImproperlyConfigured, match=f"{bad}: cannot be read as JSON"):
+            pricing.price_table()
+    finally:
+        pricing.price_table.cache_clear()
+
+
+# --- end to end on a real worker ------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("fast_path", ["true", "false"], ids=["fast-path", "general-path"])
+def test_workflow_with_http_and_llm_agents_records_retries_tokens_and_cost(engine, fast_path):
+    with AgentService() as service, OpenAIServer(api_key=KEY) as llm:
+        engine(
+            env={
+                "ENGINE_FAST_PATH": fast_path,
+                "AGENT_HTTP_ALLOW_PRIVATE": "true",
+                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
+                "FAKE_LLM_KEY": KEY,
+            }
+        )
+        Agent.objects.create(id="leads-svc", name="Lead service", executor=Agent.Executor.HTTP, url=service.url)
+        Agent.objects.create(
+            id="writer-llm",
+            name="Writer",
+            executor=Agent.Executor.LLM,
+            provider="openai",
+            url=llm.base_url,
+            model="gpt-4o-mini",
+            api_key_env="FAKE_LLM_KEY",
+            system_prompt="Write a summary.",
+        )
+        llm.script(Reply(status=429, body={"error": {"message": "Rate limit reached"}}, headers={"Retry-After": "1"}))
+        workflow, _ = workflow_submit(
+            spec={
+                "name": "leads",
+                "tasks": [
+                    {"name": "research", "agent": "leads-svc", "input": {"description": "Find fintech leads"}},
+                    {
+                        "name": "write",
+                        "agent": "writer-llm",
+                        "input": {"prompt": "Summarise."},
+                        "depends_on": ["research"],
+                        "max_retries": 2,
+                    },
+                ],
+            }
+        )
+        workflow = wait_for(
+            lambda: (w := Workflow.objects.get(pk=workflow.pk)).is_terminal and w, timeout=40, what="workflow"
+        )
+
+    assert workflow.status == Workflow.Status.COMPLETED
+    research = TaskExecution.objects.get(workflow=workflow, task_name="research")
+    assert research.output_data["result"] == "Done: Find fintech leads"
+    assert (research.output_tokens, research.cost_usd) == (1523, Decimal("0.022845"))
+    assert service.requests[0].body["task_details"]["context"] == {"description": "Find fintech leads"}
+
+    write = TaskExecution.objects.get(workflow=workflow, task_name="write")
+    tries = list(TaskAttempt.objects.filter(execution=write).order_by("attempt_number"))
+    assert [(a.attempt_number, a.status, a.cause, a.retryable) for a in tries] == [
+        (1, TaskAttempt.Status.FAILED, TaskAttempt.Cause.ERROR, True),
+        (2, TaskAttempt.Status.SUCCEEDED, None, None),
+    ]
+    assert "HTTP 429" in tries[0].error and KEY not in tries[0].error
+    assert (tries[1].started_at - tries[0].finished_at).total_seconds() >= 1.0  # Retry-After honoured
+    assert (tries[0].tokens_used, tries[0].cost_usd) == (0, 0)
+    assert (tries[1].input_tokens, tries[1].output_tokens, tries[1].cost_usd) == (1200, 350, Decimal("0.000390"))
+    assert (write.input_tokens, write.output_tokens, write.tokens_used, write.cost_usd) == (
+        1200,
+        350,
+        1550,
+        Decimal("0.000390"),
+    )
+    assert write.output_data["content"].startswith("echo: Summarise.")
+    assert (write.output_data["model"], write.output_data["finish_reason"]) == ("gpt-4o-mini", "stop")
+    user_message = llm.requests[-1].body["messages"][1]["content"]
+    assert "Done: Find fintech leads" in user_message  # the upstream output reached the model
+    assert (workflow.total_tokens_used, workflow.total_cost_usd) == (1523 + 1550, Decimal("0.023235"))
