@@ -84,6 +84,10 @@ def _database(url: str) -> dict:
         raise ImproperlyConfigured(
             f"DATABASE_URL names an unsupported database ({engine}); use postgres:// or sqlite://"
         )
+    if engine == "django.db.backends.postgresql":
+        # psycopg waits for a connection indefinitely by default; readiness checks and
+        # workers must not hang on an unreachable database.
+        config.setdefault("OPTIONS", {})["connect_timeout"] = env.int("DATABASE_CONNECT_TIMEOUT", 5, minimum=1)
     if engine == "django.db.backends.sqlite3":
         config["CONN_MAX_AGE"] = 0
         Path(config["NAME"]).parent.mkdir(parents=True, exist_ok=True)

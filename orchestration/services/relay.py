@@ -43,7 +43,7 @@ def synapse_client() -> redis.Redis:
     url = settings.REDIS_URL
     if not url:
         raise RuntimeError("the Synapse stream needs Redis: set REDIS_URL")
-    return redis.Redis.from_url(url, socket_timeout=10)
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
 
 
 def event_to_entry(event: Event) -> dict[str, str]:

@@ -118,3 +118,16 @@ class TestSettingsModules:
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().endswith(str(tmp_path / "db.sqlite3"))
+
+
+def test_postgresql_connections_give_up_after_the_connect_timeout():
+    from config.settings.base import _database
+
+    assert _database("postgres://postgres@127.0.0.1:5432/x")["OPTIONS"]["connect_timeout"] == 5
+
+
+@pytest.mark.subprocess
+def test_a_bad_connect_timeout_is_named():
+    result = run_manage("check", DATABASE_URL="postgres://postgres@127.0.0.1:5432/x", DATABASE_CONNECT_TIMEOUT="0")
+    assert result.returncode != 0
+    assert "DATABASE_CONNECT_TIMEOUT=0 is below the minimum of 1" in result.stderr
