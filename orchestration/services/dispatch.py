@@ -17,7 +17,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from orchestration.event_types import EventType
-from orchestration.models import TaskExecution
+from orchestration.models import Event, TaskExecution
 from orchestration.services.events import task_event_build
 
 
@@ -57,8 +57,6 @@ def tasks_queue(tasks: list[TaskExecution], *, now: dt.datetime | None = None) -
     if not dispatches:
         return []
     TaskExecution.objects.bulk_update(tasks, ["status", "celery_task_id", "queued_at"])
-    from orchestration.models import Event
-
     Event.objects.bulk_create([task_event_build(task, EventType.TASK_QUEUED) for task in tasks])
     dispatch_after_commit(dispatches)
     return dispatches
