@@ -57,3 +57,13 @@ class SpecError(Exception):
 
 class TransitionError(Exception):
     """An operation is not allowed in the current state (e.g. retrying a completed task)."""
+
+
+class ConversationError(ValueError):
+    """A conversation message cannot be accepted (empty, too long, or the thread belongs to
+    another agent or user). The message says which."""
+
+
+class ToolError(PermanentError):
+    """A tool call was refused (unknown tool, not allowed for the agent, invalid arguments)
+    or the tool failed; recorded on the tool_executed event and raised to the agent."""

@@ -14,7 +14,7 @@ from django.db import connection
 from django.db.models import Avg, Count, DecimalField, Field, Q, QuerySet, Sum
 from django.utils import timezone
 
-from orchestration.models import TaskExecution, Workflow
+from orchestration.models import AgentPlaygroundMessage, TaskExecution, Workflow
 
 DEFAULT_STATS_WINDOW = dt.timedelta(hours=24)
 
@@ -133,4 +133,14 @@ def workflow_tasks_with_attempts(*, workflow_id: str) -> QuerySet[TaskExecution]
         .select_related("agent")
         .prefetch_related(Prefetch("attempts", queryset=TaskAttempt.objects.order_by("attempt_number")))
         .order_by("created_at", "task_name")
+    )
+
+
+def conversation_messages(*, instance_id: str) -> QuerySet[AgentPlaygroundMessage]:
+    """Every message of a thread in order (user, tool calls, tool results, replies, errors),
+    with the attempt each reply came from."""
+    return (
+        AgentPlaygroundMessage.objects.filter(instance_id=instance_id)
+        .select_related("attempt")
+        .order_by("created_at", "message_id")
     )

@@ -45,7 +45,12 @@ def reap_stale_tasks() -> dict[str, int]:
 
 @shared_task(name="orchestration.relay_events", acks_late=False, ignore_result=True)
 def relay_events() -> int:
-    """Publish committed events to the Synapse stream, in order."""
+    """Publish committed events to the Synapse stream, in order. Without Redis (the embedded
+    first-run mode) there is no stream: events stay in the table, the source of truth."""
+    from django.conf import settings
+
     from orchestration.services.relay import events_relay
 
+    if not settings.REDIS_URL:
+        return 0
     return events_relay().published

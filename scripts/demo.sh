@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `make demo`: set up the database, run a real workflow on a real Celery worker, and print
-# how to open the console. With nothing configured this uses SQLite and a filesystem
-# broker under var/; with DATABASE_URL / REDIS_URL set, PostgreSQL and Redis.
+# `make demo`: set up the database, start a Celery worker and beat, run the demo workflow
+# (examples/demo.yaml) with live progress, print its record, and stop what it started.
+# With nothing configured this uses SQLite and a filesystem broker under var/; with
+# DATABASE_URL / REDIS_URL set, PostgreSQL and Redis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -13,18 +14,33 @@ $PY manage.py migrate --noinput -v0
 echo "== agents (agents/definitions/)"
 $PY manage.py load_agents
 
-echo "== a worker (log: $logs/demo-worker.log)"
+pids=()
+stop() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap stop EXIT
+
+echo "== a worker and beat in the background (logs: $logs/demo-worker.log, $logs/demo-beat.log)"
 $PY -m celery -A config worker -P prefork -c 2 -l warning -Q critical,high,normal,low -n "demo-$$@%h" \
   > "$logs/demo-worker.log" 2>&1 &
-worker=$!
-trap 'kill "$worker" 2>/dev/null || true; wait "$worker" 2>/dev/null || true' EXIT
+pids+=($!)
+$PY -m celery -A config beat -l warning -s "$logs/demo-beat-schedule" --pidfile= > "$logs/demo-beat.log" 2>&1 &
+pids+=($!)
 
-echo "== running examples/demo.yaml (fan-out, a flaky step retried, fan-in)"
-$PY manage.py submit_workflow examples/demo.yaml --wait --timeout 120 | tee "$logs/demo-run.txt"
+echo "== running examples/demo.yaml: a retried failure, fan-out, tool calls, a review hand-off, fan-in"
+$PY manage.py submit_workflow examples/demo.yaml --wait --timeout 180 | tee "$logs/demo-run.txt"
 workflow_id=$(head -n 1 "$logs/demo-run.txt" | cut -d' ' -f1)
 echo
-echo "== the record: every task and every attempt"
+echo "== the record: every task and every attempt, with durations, tokens and cost"
 $PY manage.py workflow_status "$workflow_id"
+echo
+echo "== the report (output of the fan-in task)"
+$PY manage.py shell --no-imports -c "
+import json
+from orchestration.models import TaskExecution
+print(json.dumps(TaskExecution.objects.get(workflow_id='$workflow_id', task_name='report').output_data, indent=2))
+"
 echo
 echo "== sample data for the console"
 $PY manage.py load_sample_data

@@ -21,7 +21,10 @@ def test_demo_runs_a_workflow_on_the_embedded_defaults(tmp_path):
     result = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    assert "demo pipeline [completed] 4/4" in out
+    assert "demo pipeline [completed] 7/7" in out
     assert "#1 failed (error), #2 succeeded" in out, "the flaky step was retried and both tries recorded"
+    assert "tool calls: 10  interactions: 2 (feedback 1, handoff 1)" in out, "tools and the review hand-off ran"
+    assert '"summary_approved": true' in out and '"summary_revisions": 1' in out
+    assert '"name": "classify"' in out, "the code analyst found the complexity hotspot"
     assert "user: admin   password: " in out
     assert (tmp_path / "db.sqlite3").exists()

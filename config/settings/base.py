@@ -203,6 +203,19 @@ AGENT_HTTP_READ_TIMEOUT_SECONDS = env.int("AGENT_HTTP_READ_TIMEOUT_SECONDS", 60,
 AGENT_HTTP_MAX_RESPONSE_BYTES = env.int("AGENT_HTTP_MAX_RESPONSE_BYTES", 10 * 1024 * 1024, minimum=1024)
 LLM_CONNECT_TIMEOUT_SECONDS = env.int("LLM_CONNECT_TIMEOUT_SECONDS", 10, minimum=1, maximum=300)
 LLM_READ_TIMEOUT_SECONDS = env.int("LLM_READ_TIMEOUT_SECONDS", 300, minimum=1, maximum=86400)
+# A model may call tools this many rounds in one attempt before the attempt fails.
+LLM_MAX_TOOL_ROUNDS = env.int("LLM_MAX_TOOL_ROUNDS", 8, minimum=1, maximum=100)
+
+# --- Agent runtime: tools, hand-offs, conversations (orchestration/runtime) ------------
+# Modules that register tools with @tool (runtime/tools.py); imported on first use.
+AGENT_TOOL_MODULES = env.list("AGENT_TOOL_MODULES", ["orchestration.runtime.toolkit"])
+AGENT_MAX_DELEGATION_DEPTH = env.int("AGENT_MAX_DELEGATION_DEPTH", 3, minimum=1, maximum=20)
+CONVERSATION_MAX_MESSAGE_CHARS = env.int("CONVERSATION_MAX_MESSAGE_CHARS", 32_000, minimum=1, maximum=1_000_000)
+CONVERSATION_TIMEOUT_SECONDS = env.int("CONVERSATION_TIMEOUT_SECONDS", 120, minimum=1, maximum=86400)
+CONVERSATION_MAX_RETRIES = env.int("CONVERSATION_MAX_RETRIES", 2, minimum=0, maximum=100)
+# Replies are read in this many of the thread's most recent messages at most.
+CONVERSATION_HISTORY_MESSAGES = env.int("CONVERSATION_HISTORY_MESSAGES", 200, minimum=1, maximum=100_000)
+
 
 # --- Synapse: the event stream --------------------------------------------------------
 SYNAPSE_STREAM = env.str("SYNAPSE_STREAM", "synapse")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from orchestration.runtime.collaboration import Peers
+    from orchestration.runtime.tools import ToolBox
 
 
 @dataclass
@@ -16,6 +20,18 @@ class Usage:
     @property
     def tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+    def add(self, other: Usage) -> None:
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cost_usd += other.cost_usd
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cost_usd + other.cost_usd,
+        )
 
 
 @dataclass
@@ -37,3 +53,27 @@ class TaskContext:
     upstream: dict[str, Any]
     """Outputs of the tasks this one depends on, by task name."""
     agent_config: dict[str, Any] = field(default_factory=dict)
+    tools: ToolBox | None = None
+    """The tools this agent may call (its definition's config.tools); each call is recorded."""
+    peers: Peers | None = None
+    """Hand-offs, reviews and feedback to other agents, each recorded as an interaction."""
+    conversation: Conversation | None = None
+    """Set when the task is a conversation turn (a reply to a user message)."""
+    spend: Usage = field(default_factory=Usage)
+    """Usage of the agents this one delegated to, added to the attempt's own."""
+    depth: int = 0
+    """How many hand-offs deep this agent runs (0: the task's own agent)."""
+
+
+@dataclass
+class Conversation:
+    """A conversation turn: the thread so far and what the agent says in this attempt."""
+
+    instance_id: str
+    message_id: str
+    """The user message being answered."""
+    history: list[dict[str, Any]]
+    """The thread in OpenAI chat shape (user, assistant with tool_calls, tool), oldest first,
+    ending with the user message; messages of failed attempts are left out."""
+    transcript: list[dict[str, Any]] = field(default_factory=list)
+    """Messages produced by this attempt before the final reply (tool calls and results)."""

@@ -7,21 +7,25 @@ Providers (agent.provider):
 
 The API key is read from the environment variable named by agent.api_key_env at call time;
 it is never stored, logged or put in an error message (answers quoted in errors have it
-redacted). Tool calling is a pass-through only: `input["tools"]` (OpenAI function tools) is
-sent with the request and the model's `tool_calls` are returned in the output; running the
-tools and sending their results back (a tool loop) is not done here.
+redacted). Tool calling: the tools of the agent's definition (config.tools, see tools.py)
+are offered to the model, run when it calls them (each call recorded) and their results
+sent back, up to LLM_MAX_TOOL_ROUNDS rounds; tools given in `input["tools"]` are offered
+too, but a call of one of those ends the attempt with the calls in the output, for the
+caller to run. In a conversation the thread's history is sent instead of the input.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
 
 from config.env import env
-from orchestration.errors import AgentError, PermanentError
+from orchestration.errors import AgentError, PermanentError, ToolError
 from orchestration.models import Agent
 from orchestration.runtime import pricing
 from orchestration.runtime.context import AgentResult, TaskContext, Usage
@@ -124,21 +128,31 @@ def _send(
     )
 
 
-def _openai(agent: Agent, task_input: dict[str, Any], context: TaskContext) -> AgentResult:
+@dataclass
+class Turn:
+    """One answer of the model, in OpenAI's terms whatever the provider."""
+
+    content: str
+    tool_calls: list[dict[str, Any]]
+    finish_reason: Any
+    model: str
+    usage: Usage
+
+
+def _openai_turn(
+    agent: Agent, messages: list[dict[str, Any]], tools: list[dict[str, Any]], context: TaskContext
+) -> Turn:
     base = (agent.url or OPENAI_DEFAULT_BASE).rstrip("/")
     url = f"{base}/chat/completions"
     what = f"LLM openai {url}"
     key = _api_key(agent, required=not agent.url)
-    messages = []
-    if agent.system_prompt:
-        messages.append({"role": "system", "content": agent.system_prompt})
-    messages.append({"role": "user", "content": user_message(task_input, context.upstream)})
-    payload: dict[str, Any] = {"model": agent.model, "messages": messages}
+    system = [{"role": "system", "content": agent.system_prompt}] if agent.system_prompt else []
+    payload: dict[str, Any] = {"model": agent.model, "messages": system + messages}
     if agent.temperature is not None:
         payload["temperature"] = agent.temperature
     if agent.max_tokens:
         payload["max_tokens"] = agent.max_tokens
-    if tools := _tools(task_input):
+    if tools:
         payload["tools"] = tools
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     reply = _send(agent, url, payload, headers, context, builtin="api.openai.com")
@@ -156,14 +170,26 @@ def _openai(agent: Agent, task_input: dict[str, Any], context: TaskContext) -> A
     if not isinstance(message, dict):
         raise _with_usage(PermanentError(f"{what}: the first choice has no message"), usage)
     content = message.get("content")
-    output: dict[str, Any] = {
-        "content": content if isinstance(content, str) else "",
-        "model": model,
-        "finish_reason": choices[0].get("finish_reason"),
-    }
-    if message.get("tool_calls"):
-        output["tool_calls"] = message["tool_calls"]
-    return AgentResult(output=output, usage=usage)
+    tool_calls = message.get("tool_calls") or []
+    if not isinstance(tool_calls, list) or not all(_is_tool_call(c) for c in tool_calls):
+        raise _with_usage(PermanentError(f"{what}: the answer's tool_calls are malformed"), usage)
+    return Turn(
+        content=content if isinstance(content, str) else "",
+        tool_calls=tool_calls,
+        finish_reason=choices[0].get("finish_reason"),
+        model=model,
+        usage=usage,
+    )
+
+
+def _is_tool_call(call: Any) -> bool:
+    function = call.get("function") if isinstance(call, dict) else None
+    return (
+        isinstance(call.get("id"), str)
+        and isinstance(function, dict)
+        and isinstance(function.get("name"), str)
+        and isinstance(function.get("arguments", ""), str)
+    )
 
 
 def _anthropic_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -183,7 +209,51 @@ def _anthropic_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return converted
 
 
-def _anthropic(agent: Agent, task_input: dict[str, Any], context: TaskContext) -> AgentResult:
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def anthropic_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI-shaped chat messages in Anthropic's shape: tool calls become tool_use blocks,
+    tool replies tool_result blocks in a user turn (consecutive replies share one turn)."""
+    converted: list[dict[str, Any]] = []
+    for message in messages:
+        role = message["role"]
+        if role == "system":
+            continue  # sent as the `system` parameter
+        if role == "tool":
+            block = {"type": "tool_result", "tool_use_id": message["tool_call_id"], "content": message["content"]}
+            last = converted[-1] if converted else None
+            if last and last["role"] == "user" and isinstance(last["content"], list):
+                last["content"].append(block)
+            else:
+                converted.append({"role": "user", "content": [block]})
+        elif role == "assistant":
+            blocks: list[dict[str, Any]] = []
+            if message.get("content"):
+                blocks.append({"type": "text", "text": message["content"]})
+            for call in message.get("tool_calls") or []:
+                blocks.append(
+                    {
+                        "type": "tool_use",
+                        "id": call["id"],
+                        "name": call["function"]["name"],
+                        "input": _json_object(call["function"].get("arguments", "")),
+                    }
+                )
+            converted.append({"role": "assistant", "content": blocks})
+        else:
+            converted.append({"role": "user", "content": message["content"]})
+    return converted
+
+
+def _anthropic_turn(
+    agent: Agent, messages: list[dict[str, Any]], tools: list[dict[str, Any]], context: TaskContext
+) -> Turn:
     base = (agent.url or ANTHROPIC_DEFAULT_BASE).rstrip("/")
     url = f"{base}/v1/messages"
     what = f"LLM anthropic {url}"
@@ -191,13 +261,13 @@ def _anthropic(agent: Agent, task_input: dict[str, Any], context: TaskContext) -
     payload: dict[str, Any] = {
         "model": agent.model,
         "max_tokens": agent.max_tokens or ANTHROPIC_DEFAULT_MAX_TOKENS,
-        "messages": [{"role": "user", "content": user_message(task_input, context.upstream)}],
+        "messages": anthropic_messages(messages),
     }
     if agent.system_prompt:
         payload["system"] = agent.system_prompt
     if agent.temperature is not None:
         payload["temperature"] = agent.temperature
-    if tools := _tools(task_input):
+    if tools:
         payload["tools"] = _anthropic_tools(tools)
     headers = {"x-api-key": key or "", "anthropic-version": ANTHROPIC_VERSION}
     reply = _send(agent, url, payload, headers, context, builtin="api.anthropic.com")
@@ -211,11 +281,6 @@ def _anthropic(agent: Agent, task_input: dict[str, Any], context: TaskContext) -
     if not isinstance(blocks, list):
         raise _with_usage(PermanentError(f"{what}: the answer has no content: {reply.snippet([key or ''])}"), usage)
     blocks = [b for b in blocks if isinstance(b, dict)]
-    output: dict[str, Any] = {
-        "content": "".join(b.get("text", "") for b in blocks if b.get("type") == "text"),
-        "model": model,
-        "finish_reason": body.get("stop_reason"),
-    }
     tool_calls = [
         {
             "id": b.get("id"),
@@ -225,9 +290,85 @@ def _anthropic(agent: Agent, task_input: dict[str, Any], context: TaskContext) -
         for b in blocks
         if b.get("type") == "tool_use"
     ]
-    if tool_calls:
-        output["tool_calls"] = tool_calls
-    return AgentResult(output=output, usage=usage)
+    if not all(_is_tool_call(c) for c in tool_calls):
+        raise _with_usage(PermanentError(f"{what}: the answer's tool_use blocks are malformed"), usage)
+    return Turn(
+        content="".join(b.get("text", "") for b in blocks if b.get("type") == "text"),
+        tool_calls=tool_calls,
+        finish_reason=body.get("stop_reason"),
+        model=model,
+        usage=usage,
+    )
+
+
+TurnFn = Callable[[Agent, list[dict[str, Any]], list[dict[str, Any]], TaskContext], Turn]
+
+
+def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, turn: TurnFn) -> AgentResult:
+    """Ask the model; while it calls tools of ours, run them and ask again with the results.
+
+    A call of a tool that is not ours (input.tools) ends the loop: the calls are returned in
+    the output, for the caller to run. Usage is summed over every request of the attempt."""
+    conversation = context.conversation
+    if conversation is not None:
+        messages = [dict(m) for m in conversation.history if m["role"] != "system"]
+    else:
+        messages = [{"role": "user", "content": user_message(task_input, context.upstream)}]
+    own = context.tools.schemas() if context.tools is not None else []
+    own_names = {t["function"]["name"] for t in own}
+    extra = [t for t in _tools(task_input) or [] if (t.get("function") or t).get("name") not in own_names]
+    tools = own + extra
+    total = Usage()
+    for round_number in range(settings.LLM_MAX_TOOL_ROUNDS + 1):
+        try:
+            answer = turn(agent, messages, tools, context)
+        except AgentError as exc:
+            raise _with_usage(exc, total + getattr(exc, "usage", Usage())) from None
+        total.add(answer.usage)
+        calls = answer.tool_calls
+        if not calls or any(c["function"]["name"] not in own_names for c in calls):
+            output: dict[str, Any] = {
+                "content": answer.content,
+                "model": answer.model,
+                "finish_reason": answer.finish_reason,
+            }
+            if calls:
+                output["tool_calls"] = calls
+            if round_number:
+                output["tool_rounds"] = round_number
+            return AgentResult(output=output, usage=total)
+        if round_number == settings.LLM_MAX_TOOL_ROUNDS:
+            raise _with_usage(
+                PermanentError(
+                    f"agent {agent.id!r}: the model still called tools after {round_number} rounds "
+                    "(LLM_MAX_TOOL_ROUNDS)"
+                ),
+                total,
+            )
+        asked = {"role": "assistant", "content": answer.content or None, "tool_calls": calls}
+        messages.append(asked)
+        replies = [_tool_reply(context, call) for call in calls]
+        messages.extend(replies)
+        if conversation is not None:
+            conversation.transcript.extend([asked, *replies])
+    raise AssertionError("unreachable")
+
+
+def _tool_reply(context: TaskContext, call: dict[str, Any]) -> dict[str, Any]:
+    """Run one of the model's tool calls; a refused or failed call is told to the model as
+    an error (it can correct itself), a transient failure fails the attempt."""
+    assert context.tools is not None
+    raw = call["function"].get("arguments") or "{}"
+    try:
+        arguments: Any = json.loads(raw)
+    except ValueError:
+        arguments = raw  # recorded, and refused as "arguments must be an object"
+    try:
+        result = context.tools.call(call["function"]["name"], arguments, call_id=call["id"], in_transcript=False)
+        content = json.dumps(result, sort_keys=True, ensure_ascii=False)
+    except ToolError as exc:
+        content = json.dumps({"error": str(exc)})
+    return {"role": "tool", "tool_call_id": call["id"], "content": content}
 
 
 def llm_execute(*, agent: Agent, task_input: dict[str, Any], context: TaskContext) -> AgentResult:
@@ -236,9 +377,9 @@ def llm_execute(*, agent: Agent, task_input: dict[str, Any], context: TaskContex
         raise PermanentError(f"agent {agent.id!r} uses the llm executor but has no model")
     provider = (agent.provider or "").lower()
     if provider in OPENAI_COMPATIBLE:
-        return _openai(agent, task_input, context)
+        return _converse(agent, task_input, context, _openai_turn)
     if provider == "anthropic":
-        return _anthropic(agent, task_input, context)
+        return _converse(agent, task_input, context, _anthropic_turn)
     raise PermanentError(
         f"agent {agent.id!r}: provider {agent.provider!r} is not supported (openai or an OpenAI-compatible "
         "server such as ollama, vllm, lmstudio; or anthropic)"

@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from django.conf import settings
 from django.db import transaction
+from django.utils.module_loading import import_string
 
 from orchestration.errors import SpecError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Agent
+from orchestration.runtime.llm import ENV_NAME, OPENAI_COMPATIBLE
+from orchestration.runtime.tools import registry
 from orchestration.services.events import event_record
 
 DEFINITION_FIELDS = {
@@ -60,8 +65,15 @@ def default_definitions_dir() -> Path:
     return Path(settings.BASE_DIR) / "agents" / "definitions"
 
 
-def definition_load(path: Path) -> dict[str, Any]:
-    """Read and validate one definition file; errors name the file and the field."""
+AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")
+
+
+def definition_load(path: Path, *, root: Path | None = None) -> dict[str, Any]:
+    """Read and validate one definition file; errors name the file and the field.
+
+    As in seed 004's YAML layout (agents/definitions/<category>/<agent>.yaml), a file
+    without `id` takes its name (without the extension), and without `category` the name of
+    its directory below `root`."""
     try:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
@@ -69,7 +81,12 @@ def definition_load(path: Path) -> dict[str, Any]:
         raise SpecError([f"{path}: cannot be read as {path.suffix[1:].upper()}: {exc}"]) from None
     if not isinstance(data, dict):
         raise SpecError([f"{path}: must contain a mapping"])
+    data.setdefault("id", path.stem)
+    if root is not None and path.parent != root and "category" not in data:
+        data["category"] = path.parent.name
     problems = []
+    if isinstance(data["id"], str) and not AGENT_ID.match(data["id"]):
+        problems.append(f"{path}: id: {data['id']!r}: use 1-50 letters, digits, '.', '_' or '-'")
     for key, value in data.items():
         expected = DEFINITION_FIELDS.get(key)
         if expected is None:
@@ -81,13 +98,73 @@ def definition_load(path: Path) -> dict[str, Any]:
             problems.append(f"{path}: {key}: required")
     if data.get("executor") and data["executor"] not in Agent.Executor.values:
         problems.append(f"{path}: executor: must be one of {', '.join(Agent.Executor.values)}")
-    if data.get("executor") == Agent.Executor.PYTHON and not data.get("entrypoint"):
-        problems.append(f"{path}: entrypoint: required for the python executor")
     if data.get("status") and data["status"] not in Agent.Status.values:
         problems.append(f"{path}: status: must be one of {', '.join(Agent.Status.values)}")
+    if not problems:
+        problems.extend(f"{path}: {problem}" for problem in executor_problems(data))
     if problems:
         raise SpecError(problems)
     return data
+
+
+def _url_problem(url: str) -> str | None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if parts.username or parts.password:
+        return "must not carry credentials (name the API key's variable in api_key_env)"
+    return None
+
+
+def executor_problems(data: dict[str, Any]) -> list[str]:
+    """What the definition lacks for its executor to run, each as 'field: problem'."""
+    problems = []
+    executor = data["executor"]
+    if executor == Agent.Executor.PYTHON:
+        entrypoint = data.get("entrypoint")
+        if not entrypoint:
+            problems.append("entrypoint: required for the python executor")
+        else:
+            try:
+                fn = import_string(entrypoint)
+            except ImportError as exc:
+                problems.append(f"entrypoint: {entrypoint!r} cannot be imported: {exc}")
+            else:
+                if not callable(fn):
+                    problems.append(f"entrypoint: {entrypoint!r} is not callable")
+    if executor == Agent.Executor.HTTP and not data.get("url"):
+        problems.append("url: required for the http executor")
+    if data.get("url") and (problem := _url_problem(data["url"])):
+        problems.append(f"url: {problem}")
+    if executor == Agent.Executor.LLM:
+        provider = (data.get("provider") or "").lower()
+        if not data.get("model"):
+            problems.append("model: required for the llm executor")
+        if provider not in OPENAI_COMPATIBLE and provider != "anthropic":
+            problems.append(
+                f"provider: {data.get('provider')!r} is not supported (openai, an OpenAI-compatible server "
+                "such as ollama, vllm or lmstudio, or anthropic)"
+            )
+        elif not data.get("api_key_env") and (provider == "anthropic" or not data.get("url")):
+            problems.append("api_key_env: required for this provider (the name of the variable holding the key)")
+    if data.get("api_key_env") and not ENV_NAME.match(data["api_key_env"]):
+        problems.append("api_key_env: must be an environment variable name such as OPENAI_API_KEY, not the key")
+    if "temperature" in data and not 0 <= data["temperature"] <= 2:
+        problems.append("temperature: must be between 0 and 2")
+    for key in ("max_tokens", "max_concurrency"):
+        if key in data and data[key] < 1:
+            problems.append(f"{key}: must be at least 1")
+    tools = (data.get("config") or {}).get("tools", [])
+    if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
+        problems.append("config.tools: must be a list of tool names")
+    else:
+        known = registry()
+        problems.extend(
+            f"config.tools: no tool named {name!r} (known: {', '.join(sorted(known))})"
+            for name in tools
+            if name not in known
+        )
+    return problems
 
 
 def agents_sync(*, directory: Path | None = None) -> SyncResult:
@@ -100,7 +177,7 @@ def agents_sync(*, directory: Path | None = None) -> SyncResult:
     problems: list[str] = []
     for path in files:
         try:
-            data = definition_load(path)
+            data = definition_load(path, root=directory)
         except SpecError as exc:
             problems.extend(exc.problems)
             continue

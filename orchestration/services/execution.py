@@ -26,9 +26,11 @@ from orchestration.db import atomic_with_retry
 from orchestration.errors import RetryableError, is_retryable
 from orchestration.event_types import EventType, Severity
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
+from orchestration.runtime.collaboration import equip
 from orchestration.runtime.context import AgentResult, TaskContext, Usage
 from orchestration.runtime.executors import agent_execute
 from orchestration.services import fastpath
+from orchestration.services.conversations import conversation_for_task, conversation_turn_record
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare
 from orchestration.services.events import task_event
 from orchestration.services.progress import (
@@ -324,6 +326,7 @@ def _attempt_claim(
         timeout_seconds=task.timeout_seconds,
         upstream=_upstream_outputs(task.workflow_id, task.depends_on),
         agent_config=agent.config,
+        conversation=conversation_for_task(task),
     )
     return Claim(attempt=attempt, agent=agent, task_input=task.input_data, context=context)
 
@@ -445,15 +448,22 @@ def attempt_fail(
 
 
 def attempt_run(*, execution_id: str, celery_task_id: str, worker: str, redelivered: bool = False) -> Outcome:
-    """Claim the delivered message, run the agent once, record the outcome."""
+    """Claim the delivered message, run the agent once, record the outcome.
+
+    The agent gets its tools and peers; what it used through hand-offs is added to its own
+    usage. In a conversation it also gets the thread, and what it said is stored there."""
     claim = attempt_claim(
         execution_id=execution_id, celery_task_id=celery_task_id, worker=worker, redelivered=redelivered
     )
     if not isinstance(claim, Claim):
         return claim
+    context = equip(claim.context, claim.agent)
+    task_input = claim.task_input
+    if context.conversation is not None:
+        task_input = {**task_input, "messages": context.conversation.history}
     started = time.monotonic()
     try:
-        result = agent_execute(agent=claim.agent, task_input=claim.task_input, context=claim.context)
+        result = agent_execute(agent=claim.agent, task_input=task_input, context=context)
     except BaseException as exc:
         if not isinstance(exc, Exception | SoftTimeLimitExceeded):
             raise  # SystemExit, KeyboardInterrupt: the worker is going away; the reaper closes it
@@ -462,14 +472,22 @@ def attempt_run(*, execution_id: str, celery_task_id: str, worker: str, redelive
         # An executor that spent tokens before failing attaches them as `exc.usage`: a failed
         # try's cost is recorded too ("wasted spend").
         usage = getattr(exc, "usage", None)
-        attempt_fail(
-            attempt=claim.attempt,
-            exc=exc,
-            duration_ms=duration_ms,
-            now=timezone.now(),
-            usage=usage if isinstance(usage, Usage) else None,
-        )
+        usage = (usage if isinstance(usage, Usage) else Usage()) + context.spend
+        if context.conversation is not None:
+            conversation_turn_record(
+                context=context,
+                attempt_id=claim.attempt.pk,
+                output=None,
+                error="timed out" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}",
+                usage=usage,
+            )
+        attempt_fail(attempt=claim.attempt, exc=exc, duration_ms=duration_ms, now=timezone.now(), usage=usage)
         return Outcome.FAILED
     duration_ms = (time.monotonic() - started) * 1000
+    result.usage = result.usage + context.spend
+    if context.conversation is not None:
+        conversation_turn_record(
+            context=context, attempt_id=claim.attempt.pk, output=result.output, error=None, usage=result.usage
+        )
     attempt_succeed(attempt=claim.attempt, result=result, duration_ms=duration_ms, now=timezone.now())
     return Outcome.SUCCEEDED

@@ -204,9 +204,17 @@ class OpenAIServer(FakeServer):
             or any(m.get("role") not in ("system", "user", "assistant", "tool") for m in messages)
         ):
             return 400, _openai_error("'messages' must be a non-empty list of role messages", "invalid_request_error")
-        message: dict[str, Any] = {"role": "assistant", "content": f"echo: {messages[-1]['content'][:80]}"}
+        called = {c["id"] for m in messages if m.get("role") == "assistant" for c in m.get("tool_calls") or []}
+        for m in messages:
+            if m.get("role") == "tool" and m.get("tool_call_id") not in called:
+                return 400, _openai_error(
+                    "messages with role 'tool' must be a response to a preceeding message with 'tool_calls'.",
+                    "invalid_request_error",
+                )
+        message: dict[str, Any] = {"role": "assistant", "content": f"echo: {(messages[-1]['content'] or '')[:80]}"}
         finish_reason = "stop"
-        if self.tool_call and body.get("tools"):
+        # Like a model: it calls a tool, then answers from the tool's result.
+        if self.tool_call and body.get("tools") and messages[-1]["role"] != "tool":
             name = body["tools"][0]["function"]["name"]
             message = {
                 "role": "assistant",
@@ -242,11 +250,19 @@ def _anthropic_error(kind: str, message: str) -> dict[str, Any]:
 class AnthropicServer(FakeServer):
     """The Anthropic messages API: POST /v1/messages with x-api-key and anthropic-version."""
 
-    def __init__(self, *, api_key: str = "sk-ant-test", input_tokens: int = 2000, output_tokens: int = 500) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str = "sk-ant-test",
+        input_tokens: int = 2000,
+        output_tokens: int = 500,
+        tool_call: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.api_key = api_key
         self.input_tokens = input_tokens
         self.output_tokens = output_tokens
+        self.tool_call = tool_call
 
     def answer(self, request: Recorded) -> tuple[int, Any]:
         if request.method != "POST" or request.path != "/v1/messages":
@@ -265,16 +281,36 @@ class AnthropicServer(FakeServer):
             return 400, _anthropic_error("invalid_request_error", "messages: first message must use the user role")
         if "system" in body and not isinstance(body["system"], str | list):
             return 400, _anthropic_error("invalid_request_error", "system: must be a string")
+        used: set[str] = set()
+        for m in messages:
+            blocks = m.get("content") if isinstance(m.get("content"), list) else []
+            for block in blocks:
+                if block.get("type") == "tool_use":
+                    used.add(block.get("id"))
+                if block.get("type") == "tool_result" and block.get("tool_use_id") not in used:
+                    return 400, _anthropic_error(
+                        "invalid_request_error", "tool_result block(s) provided without a matching tool_use block"
+                    )
+        last = messages[-1].get("content")
+        answering_tool = isinstance(last, list) and any(b.get("type") == "tool_result" for b in last)
+        content: list[dict[str, Any]] = [{"type": "text", "text": "Hello from "}, {"type": "text", "text": "Claude."}]
+        stop_reason = "end_turn"
+        if answering_tool:
+            result = next(b for b in last if b.get("type") == "tool_result")
+            content = [{"type": "text", "text": f"The tool said {result.get('content')}"}]
+        elif self.tool_call and body.get("tools"):
+            content = [
+                {"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": "toolu_01abc", "name": body["tools"][0]["name"], "input": self.tool_call},
+            ]
+            stop_reason = "tool_use"
         return 200, {
             "id": f"msg_{uuid.uuid4().hex[:24]}",
             "type": "message",
             "role": "assistant",
             "model": body["model"],
-            "content": [
-                {"type": "text", "text": "Hello from "},
-                {"type": "text", "text": "Claude."},
-            ],
-            "stop_reason": "end_turn",
+            "content": content,
+            "stop_reason": stop_reason,
             "stop_sequence": None,
             "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens},
         }

@@ -12,6 +12,14 @@ from django.core.management import CommandError, call_command
 from orchestration.models import Agent, Event
 
 ECHO = {"id": "echo-x", "name": "Echo", "executor": "python", "entrypoint": "orchestration.runtime.builtin.echo"}
+LLM = {
+    "id": "llm-x",
+    "name": "LLM",
+    "executor": "llm",
+    "provider": "openai",
+    "model": "gpt-4o-mini",
+    "api_key_env": "OPENAI_API_KEY",
+}
 
 
 def sync(path) -> str:
@@ -48,6 +56,27 @@ def test_creates_updates_deactivates_and_reports_unchanged(db, tmp_path):
         ({"a.json": json.dumps({**ECHO, "executor": "magic"})}, "a.json: executor: must be one of python, http, llm"),
         ({"a.yaml": "id: [unclosed"}, "a.yaml: cannot be read as YAML"),
         ({"a.json": json.dumps(ECHO), "b.json": json.dumps(ECHO)}, "b.json: id: 'echo-x' is also defined in"),
+        (
+            {"a.json": json.dumps({**ECHO, "entrypoint": "orchestration.runtime.builtin.nope"})},
+            "a.json: entrypoint: 'orchestration.runtime.builtin.nope' cannot be imported",
+        ),
+        ({"a.json": json.dumps({**ECHO, "entrypoint": "orchestration.runtime.builtin.time"})}, "is not callable"),
+        ({"a.json": json.dumps({**ECHO, "executor": "http"})}, "a.json: url: required for the http executor"),
+        (
+            {"a.json": json.dumps({**ECHO, "executor": "http", "url": "ftp://svc/"})},
+            "a.json: url: must be an http:// or https:// URL with a host",
+        ),
+        (
+            {"a.json": json.dumps({**ECHO, "executor": "http", "url": "https://u:p@svc/"})},
+            "a.json: url: must not carry credentials",
+        ),
+        ({"a.json": json.dumps({**LLM, "model": ""})}, "a.json: model: required for the llm executor"),
+        ({"a.json": json.dumps({**LLM, "provider": "skynet"})}, "a.json: provider: 'skynet' is not supported"),
+        ({"a.json": json.dumps({**LLM, "api_key_env": "sk-abc123"})}, "a.json: api_key_env: must be an environment"),
+        ({"a.json": json.dumps({**LLM, "api_key_env": ""})}, "a.json: api_key_env: required for this provider"),
+        ({"a.json": json.dumps({**LLM, "temperature": 3})}, "a.json: temperature: must be between 0 and 2"),
+        ({"a.json": json.dumps({**ECHO, "config": {"tools": ["calculator", "teleport"]}})}, "no tool named 'teleport'"),
+        ({"a.json": json.dumps({**ECHO, "config": {"tools": "calculator"}})}, "config.tools: must be a list"),
     ],
 )
 def test_invalid_definitions_are_named_and_nothing_is_written(db, tmp_path, files, message):
@@ -63,3 +92,54 @@ def test_invalid_definitions_are_named_and_nothing_is_written(db, tmp_path, file
 def test_a_missing_directory_is_named(db, tmp_path):
     with pytest.raises(CommandError, match="no such directory"):
         sync(tmp_path / "nope")
+
+
+def test_a_local_openai_compatible_server_needs_no_key_but_anthropic_does(db, tmp_path):
+    local = {**LLM, "id": "local", "provider": "ollama", "url": "http://127.0.0.1:11434/v1", "api_key_env": ""}
+    del local["api_key_env"]
+    (tmp_path / "local.json").write_text(json.dumps(local))
+    sync(tmp_path)
+    assert Agent.objects.get(pk="local").provider == "ollama"
+    claude = {**LLM, "id": "claude", "provider": "anthropic", "model": "claude-3-5-haiku-latest"}
+    del claude["api_key_env"]
+    (tmp_path / "claude.json").write_text(json.dumps(claude))
+    with pytest.raises(CommandError, match=r"claude\.json: api_key_env: required for this provider"):
+        sync(tmp_path)
+
+
+SEED_004_YAML = """\
+name: Dynamic Pricing Engine
+description: Optimises room and service pricing based on demand signals
+version: 1.0.0
+model: claude-3-5-sonnet-20241022
+temperature: 0.7
+max_tokens: 4096
+system_prompt: |
+  You are an expert in dynamic pricing for the hospitality industry...
+capabilities:
+  - demand_forecasting
+  - price_optimization
+executor: llm
+provider: anthropic
+api_key_env: ANTHROPIC_API_KEY
+"""
+
+
+def test_a_seed_004_yaml_definition_takes_its_id_and_category_from_its_path(db, tmp_path):
+    (tmp_path / "hospitality_tourism").mkdir()
+    (tmp_path / "hospitality_tourism" / "dynamic-pricing.yaml").write_text(SEED_004_YAML)
+    sync(tmp_path)
+    agent = Agent.objects.get(pk="dynamic-pricing")
+    assert (agent.name, agent.category, agent.model, agent.max_tokens) == (
+        "Dynamic Pricing Engine",
+        "hospitality_tourism",
+        "claude-3-5-sonnet-20241022",
+        4096,
+    )
+    assert agent.definition_path == "hospitality_tourism/dynamic-pricing.yaml"
+
+
+def test_an_id_that_cannot_be_an_agent_id_is_named(db, tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({**ECHO, "id": "has spaces"}))
+    with pytest.raises(CommandError, match=r"a\.json: id: 'has spaces': use 1-50 letters"):
+        sync(tmp_path)

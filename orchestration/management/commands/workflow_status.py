@@ -1,6 +1,8 @@
 from django.core.management.base import BaseCommand, CommandError
+from django.db.models import Count
 
-from orchestration.models import Workflow
+from orchestration.event_types import EventType
+from orchestration.models import AgentInteraction, Event, Workflow
 from orchestration.selectors import workflow_tasks_with_attempts
 
 
@@ -25,7 +27,9 @@ class Command(BaseCommand):
         )
         if workflow.error:
             self.stdout.write(f"error: {workflow.error}")
-        header = f"{'task':<24} {'agent':<12} {'status':<10} {'tries':>5} {'ms':>8}  attempts"
+        header = (
+            f"{'task':<20} {'agent':<16} {'status':<10} {'tries':>5} {'ms':>8} {'tokens':>7} {'cost $':>9}  attempts"
+        )
         self.stdout.write(header)
         self.stdout.write("-" * len(header))
         for task in workflow_tasks_with_attempts(workflow_id=workflow.workflow_id):
@@ -33,6 +37,17 @@ class Command(BaseCommand):
                 f"#{a.attempt_number} {a.status}" + (f" ({a.cause})" if a.cause else "") for a in task.attempts.all()
             )
             self.stdout.write(
-                f"{task.task_name:<24} {task.agent_id:<12} {task.status:<10} {task.retry_count + 1:>5} "
-                f"{_ms(task.execution_time_ms):>8}  {attempts}"
+                f"{task.task_name:<20} {task.agent_id:<16} {task.status:<10} {task.retry_count + 1:>5} "
+                f"{_ms(task.execution_time_ms):>8} {task.tokens_used:>7} {task.cost_usd:>9.6f}  {attempts}"
             )
+        events = Event.objects.filter(workflow_id=workflow.workflow_id)
+        tools = events.filter(event_type=EventType.TOOL_EXECUTED).count()
+        interactions = AgentInteraction.objects.filter(workflow_id=workflow.workflow_id)
+        kinds = ", ".join(
+            f"{row['interaction_type']} {row['n']}"
+            for row in interactions.values("interaction_type").annotate(n=Count("id")).order_by("interaction_type")
+        )
+        self.stdout.write(
+            f"events: {events.count()}  tool calls: {tools}  interactions: {interactions.count()}"
+            + (f" ({kinds})" if kinds else "")
+        )

@@ -1,0 +1,109 @@
+import sys
+import time
+import uuid
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from orchestration.errors import ConversationError
+from orchestration.models import Agent, AgentPlaygroundMessage, TaskExecution
+from orchestration.services.conversations import conversation_message_post
+
+Role = AgentPlaygroundMessage.Role
+
+
+class Command(BaseCommand):
+    help = (
+        "Chat with an agent in the terminal. Each line you type is posted to the conversation "
+        "(the agent answers on a Celery worker, like every task); an empty line or EOF ends."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("agent", help="agent id")
+        parser.add_argument("--instance", help="conversation id to continue (default: a new one)")
+        parser.add_argument("--user", help="username to chat as (the thread's owner)")
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=None,
+            help="seconds to wait for each reply (default: CONVERSATION_TIMEOUT_SECONDS plus retries)",
+        )
+
+    def handle(self, *args, **options):
+        agent = Agent.objects.filter(pk=options["agent"]).first()
+        if agent is None:
+            raise CommandError(f"no agent {options['agent']!r} (manage.py load_agents syncs agents/definitions/)")
+        owner = None
+        if options["user"]:
+            owner = get_user_model().objects.filter(username=options["user"]).first()
+            if owner is None:
+                raise CommandError(f"no user {options['user']!r}")
+        instance_id = options["instance"] or f"chat-{uuid.uuid4().hex[:12]}"
+        timeout = options["timeout"] or settings.CONVERSATION_TIMEOUT_SECONDS * (settings.CONVERSATION_MAX_RETRIES + 1)
+        interactive = sys.stdin.isatty()
+        self.stdout.write(f"conversation {instance_id} with {agent.name} ({agent.id}); an empty line ends")
+        for line in self._lines(interactive):
+            if not line.strip():
+                break
+            try:
+                asked = conversation_message_post(agent=agent, instance_id=instance_id, content=line, owner=owner)
+            except ConversationError as exc:
+                raise CommandError(str(exc)) from None
+            for message in self._replies(asked, timeout):
+                self._show(message)
+        self.stdout.write(f"(continue with: manage.py chat {agent.id} --instance {instance_id})")
+
+    def _lines(self, interactive: bool):
+        while True:
+            if interactive:
+                self.stdout.write("you> ", ending="")
+                self.stdout.flush()
+            line = sys.stdin.readline()
+            if not line:
+                return
+            line = line.rstrip("\n")
+            if not interactive:
+                self.stdout.write(f"you> {line}")
+            yield line
+
+    def _replies(self, asked: AgentPlaygroundMessage, timeout: float):
+        """Yield the messages of each attempt at answering, until the reply task ends."""
+        deadline = time.monotonic() + timeout
+        seen: set[str] = set()
+        while True:
+            task = TaskExecution.objects.only("status", "error").get(pk=asked.execution_id)
+            new = list(
+                AgentPlaygroundMessage.objects.filter(execution_id=asked.execution_id)
+                .exclude(pk__in=seen)
+                .exclude(pk=asked.pk)
+                .order_by("created_at", "message_id")
+            )
+            for message in new:
+                seen.add(message.pk)
+                yield message
+            if task.status in TaskExecution.TERMINAL_STATUSES:
+                if task.status != TaskExecution.Status.COMPLETED:
+                    self.stdout.write(self.style.ERROR(f"(the reply {task.status}: {task.error})"))
+                return
+            if time.monotonic() > deadline:
+                raise CommandError(
+                    f"no reply within {timeout:g} s (task {asked.execution_id} is {task.status}); "
+                    "is a worker running? (make worker)"
+                )
+            time.sleep(0.2)
+
+    def _show(self, message: AgentPlaygroundMessage) -> None:
+        if message.role == Role.TOOL:
+            self.stdout.write(f"  [tool {message.tool_call_id}] {message.content}")
+        elif message.tool_calls:
+            for call in message.tool_calls:
+                function = call.get("function", {})
+                self.stdout.write(f"  [calls {function.get('name')}({function.get('arguments')})]")
+            if message.content:
+                self.stdout.write(f"{message.agent_id}> {message.content}")
+        elif message.is_error:
+            self.stdout.write(self.style.WARNING(f"{message.agent_id}! {message.content}"))
+        else:
+            tokens = f"  ({message.tokens_used} tokens)" if message.tokens_used else ""
+            self.stdout.write(f"{message.agent_id}> {message.content}{tokens}")

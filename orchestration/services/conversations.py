@@ -1,0 +1,249 @@
+"""Conversations (seed 000's agent playground): threads of messages with one agent.
+
+Posting a user message stores it and queues the agent's reply as a task execution outside
+any workflow (task_type "conversation"), so a reply gets what every task gets: attempts,
+retries, timeouts, lost-worker recovery, tokens and cost. Each attempt writes the messages
+it produced (tool calls and their results, then the reply, or an error message) linked to
+itself; the thread's history, as the agent sees it on the next turn, leaves out the
+messages of attempts that did not succeed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from orchestration.errors import ConversationError
+from orchestration.event_types import EntityType, EventType
+from orchestration.models import Agent, AgentPlaygroundMessage, Priority, TaskAttempt, TaskExecution
+from orchestration.runtime.context import Conversation, TaskContext, Usage
+from orchestration.services.dispatch import tasks_queue
+from orchestration.services.events import event_record
+
+TASK_TYPE = "conversation"
+INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
+Role = AgentPlaygroundMessage.Role
+
+
+def _db_now() -> dt.datetime:
+    """The database's clock right now (not the transaction's start), the one clock every
+    web and worker host shares; messages are ordered by it."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SELECT clock_timestamp()")
+            return cursor.fetchone()[0]
+        cursor.execute("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")
+        return dt.datetime.fromisoformat(cursor.fetchone()[0]).replace(tzinfo=dt.UTC)
+
+
+def _thread_lock(instance_id: str) -> None:
+    """Serialise posts to one thread (SQLite serialises every write transaction anyway)."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", [f"conversation:{instance_id}"])
+
+
+def _validate(*, agent: Agent, instance_id: str, content: Any) -> str:
+    if not isinstance(instance_id, str) or not INSTANCE_ID.match(instance_id):
+        raise ConversationError(
+            "instance_id: use 1-255 letters, digits, '.', '_', ':' or '-', starting with a letter or digit"
+        )
+    if not isinstance(content, str) or not content.strip():
+        raise ConversationError("content: a message needs some text")
+    if len(content) > settings.CONVERSATION_MAX_MESSAGE_CHARS:
+        raise ConversationError(
+            f"content: {len(content)} characters; the limit is {settings.CONVERSATION_MAX_MESSAGE_CHARS}"
+        )
+    if agent.status != Agent.Status.ACTIVE:
+        raise ConversationError(f"agent {agent.id!r} is {agent.status}")
+    return content
+
+
+@transaction.atomic
+def conversation_message_post(
+    *, agent: Agent, instance_id: str, content: str, owner: Any = None
+) -> AgentPlaygroundMessage:
+    """Store a user message in the thread `instance_id` and queue the agent's reply.
+
+    A thread belongs to one agent and one owner; while a reply is pending, the next message
+    is refused (the agent answers one message at a time, in order)."""
+    content = _validate(agent=agent, instance_id=instance_id, content=content)
+    _thread_lock(instance_id)
+    first = (
+        AgentPlaygroundMessage.objects.filter(instance_id=instance_id)
+        .order_by("created_at", "message_id")
+        .values("agent_id", "owner_id")
+        .first()
+    )
+    if first is not None:
+        if first["owner_id"] != getattr(owner, "pk", None):
+            raise ConversationError(f"conversation {instance_id!r} belongs to another user")
+        if first["agent_id"] != agent.id:
+            raise ConversationError(
+                f"conversation {instance_id!r} is with agent {first['agent_id']!r}, not {agent.id!r}"
+            )
+    last_asked = (
+        AgentPlaygroundMessage.objects.filter(instance_id=instance_id, role=Role.USER, execution__isnull=False)
+        .order_by("-created_at", "-message_id")
+        .values("message_id", "execution__status")
+        .first()
+    )
+    if last_asked is not None and last_asked["execution__status"] not in TaskExecution.TERMINAL_STATUSES:
+        raise ConversationError(
+            f"conversation {instance_id!r} is still answering message {last_asked['message_id']!r}; wait for the reply"
+        )
+    message = AgentPlaygroundMessage.objects.create(
+        instance_id=instance_id, agent=agent, owner=owner, role=Role.USER, content=content, created_at=_db_now()
+    )
+    task = TaskExecution.objects.create(
+        agent=agent,
+        task_name=f"reply to {message.message_id}",
+        task_type=TASK_TYPE,
+        priority=Priority.HIGH,  # a person is waiting
+        input_data={"instance_id": instance_id, "message_id": message.message_id, "message": content},
+        max_retries=settings.CONVERSATION_MAX_RETRIES,
+        timeout_seconds=settings.CONVERSATION_TIMEOUT_SECONDS,
+        metadata={"instance_id": instance_id},
+    )
+    message.execution = task
+    message.save(update_fields=["execution"])
+    event_record(
+        event_type=EventType.MESSAGE_CREATED,
+        entity_type=EntityType.CONVERSATION,
+        entity_id=instance_id,
+        agent_id=agent.id,
+        session_id=instance_id,
+        payload={"message_id": message.message_id, "role": Role.USER, "execution_id": task.execution_id},
+    )
+    tasks_queue([task], now=timezone.now())
+    return message
+
+
+def as_chat_message(message: AgentPlaygroundMessage) -> dict[str, Any]:
+    """A stored message in OpenAI's chat shape."""
+    if message.role == Role.TOOL:
+        return {"role": "tool", "tool_call_id": message.tool_call_id or "", "content": message.content}
+    chat: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.role == Role.ASSISTANT and message.tool_calls:
+        chat["tool_calls"] = message.tool_calls
+        chat["content"] = message.content or None
+    return chat
+
+
+def conversation_history(*, instance_id: str, up_to: AgentPlaygroundMessage) -> list[dict[str, Any]]:
+    """The thread as the agent sees it: messages up to and including `up_to`, without error
+    messages and without messages of attempts that did not succeed, oldest first."""
+    messages = (
+        AgentPlaygroundMessage.objects.filter(instance_id=instance_id, is_error=False)
+        .filter(Q(attempt__isnull=True) | Q(attempt__status=TaskAttempt.Status.SUCCEEDED))
+        .filter(Q(created_at__lt=up_to.created_at) | Q(created_at=up_to.created_at, message_id__lte=up_to.message_id))
+        .order_by("-created_at", "-message_id")[: settings.CONVERSATION_HISTORY_MESSAGES]
+    )
+    history = [as_chat_message(m) for m in reversed(list(messages))]
+    # A window that starts with tool replies has lost their call: drop them.
+    while history and history[0]["role"] == "tool":
+        history.pop(0)
+    return history
+
+
+def conversation_for_task(task: TaskExecution) -> Conversation | None:
+    """The conversation turn a task answers, or None for an ordinary task."""
+    if task.task_type != TASK_TYPE:
+        return None
+    message_id = (task.input_data or {}).get("message_id")
+    message = AgentPlaygroundMessage.objects.filter(pk=message_id).first()
+    if message is None:
+        return None
+    return Conversation(
+        instance_id=message.instance_id,
+        message_id=message.message_id,
+        history=conversation_history(instance_id=message.instance_id, up_to=message),
+    )
+
+
+def _reply_text(output: dict[str, Any]) -> str:
+    content = output.get("content")
+    if isinstance(content, str):
+        return content
+    return json.dumps(output, sort_keys=True, ensure_ascii=False)
+
+
+@transaction.atomic
+def conversation_turn_record(
+    *,
+    context: TaskContext,
+    attempt_id: int,
+    output: dict[str, Any] | None,
+    error: str | None,
+    usage: Usage,
+) -> list[AgentPlaygroundMessage]:
+    """Store what one attempt said in the thread: its tool calls and results, then the reply
+    (or, when the attempt failed, an error message). All rows link to the attempt."""
+    conversation = context.conversation
+    if conversation is None:
+        return []
+    asked = AgentPlaygroundMessage.objects.only("owner_id").get(pk=conversation.message_id)
+    base = _db_now()
+    common = {
+        "instance_id": conversation.instance_id,
+        "agent_id": context.agent_id,
+        "owner_id": asked.owner_id,
+        "execution_id": context.execution_id,
+        "attempt_id": attempt_id,
+    }
+    rows = []
+    for item in conversation.transcript:
+        rows.append(
+            AgentPlaygroundMessage(
+                role=item["role"],
+                content=item.get("content") or "",
+                tool_calls=item.get("tool_calls"),
+                tool_call_id=item.get("tool_call_id"),
+                **common,
+            )
+        )
+    final = AgentPlaygroundMessage(
+        role=Role.ASSISTANT,
+        content=_reply_text(output or {}) if error is None else error,
+        is_error=error is not None,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        tokens_used=usage.tokens,
+        metadata={
+            "cost_usd": str(usage.cost_usd),
+            **({"model": output["model"]} if output and "model" in output else {}),
+        },
+        **common,
+    )
+    if error is None and output and output.get("tool_calls"):
+        final.tool_calls = output["tool_calls"]
+    rows.append(final)
+    # Strictly increasing timestamps from the database clock keep the thread in order.
+    for i, row in enumerate(rows):
+        row.created_at = base + dt.timedelta(microseconds=i)
+    AgentPlaygroundMessage.objects.bulk_create(rows)
+    event_record(
+        event_type=EventType.MESSAGE_CREATED,
+        entity_type=EntityType.CONVERSATION,
+        entity_id=conversation.instance_id,
+        agent_id=context.agent_id,
+        session_id=conversation.instance_id,
+        payload={
+            "message_id": final.message_id,
+            "role": Role.ASSISTANT,
+            "reply_to": conversation.message_id,
+            "execution_id": context.execution_id,
+            "attempt": context.attempt_number,
+            "messages": len(rows),
+            "is_error": error is not None,
+        },
+        severity="warning" if error is not None else "info",
+    )
+    return rows

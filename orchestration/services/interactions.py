@@ -1,0 +1,80 @@
+"""Recording what agents do besides answering: tool calls and interactions with other agents.
+
+Both are written while the attempt runs, each in its own short transaction, so they stay
+on record even when the attempt later fails: the tool did run, the hand-off did happen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+
+from orchestration.event_types import EntityType, EventType, Severity
+from orchestration.models import AgentInteraction
+from orchestration.runtime.tools import ToolCall
+from orchestration.services.events import event_record
+
+
+def tool_call_record(*, call: ToolCall, execution_id: str, agent_id: str, workflow_id: str | None) -> None:
+    """Append the `tool_executed` event of one call, with seed 002's fields."""
+    event_record(
+        event_type=EventType.TOOL_EXECUTED,
+        entity_type=EntityType.TOOL,
+        entity_id=call.tool_name,
+        workflow_id=workflow_id,
+        agent_id=agent_id,
+        payload={
+            "execution_id": execution_id,
+            "agent_id": agent_id,
+            "tool_name": call.tool_name,
+            "tool_call_id": call.call_id,
+            "input_params": call.input_params,
+            "output_result": call.output_result,
+            "execution_time_ms": call.execution_time_ms,
+            "error": call.error,
+        },
+        severity=Severity.INFO if call.error is None else Severity.WARNING,
+    )
+
+
+@transaction.atomic
+def interaction_record(
+    *,
+    interaction_type: str,
+    from_agent_id: str,
+    to_agent_id: str,
+    workflow_id: str | None,
+    execution_id: str | None,
+    message: str = "",
+    payload: dict[str, Any] | None = None,
+) -> AgentInteraction:
+    """Store an agent_interactions row (handoff, collaboration, review, feedback) and its event."""
+    interaction = AgentInteraction.objects.create(
+        interaction_type=interaction_type,
+        from_agent_id=from_agent_id,
+        to_agent_id=to_agent_id,
+        workflow_id=workflow_id,
+        execution_id=execution_id,
+        message=message or None,
+        payload=payload or {},
+    )
+    failed = bool((payload or {}).get("error"))
+    event_record(
+        event_type=EventType.AGENT_INTERACTION,
+        entity_type=EntityType.AGENT,
+        entity_id=to_agent_id,
+        workflow_id=workflow_id,
+        agent_id=from_agent_id,
+        payload={
+            "interaction_id": str(interaction.id),
+            "interaction_type": interaction_type,
+            "from_agent_id": from_agent_id,
+            "to_agent_id": to_agent_id,
+            "execution_id": execution_id,
+            "message": message,
+            "error": (payload or {}).get("error"),
+        },
+        severity=Severity.WARNING if failed else Severity.INFO,
+    )
+    return interaction

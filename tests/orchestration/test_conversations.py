@@ -1,0 +1,152 @@
+"""Conversations: user messages answered by agents on real workers, stored in order, with
+the thread's history carried across turns."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+
+from orchestration.errors import ConversationError
+from orchestration.event_types import EventType
+from orchestration.models import Agent, AgentPlaygroundMessage, Event, TaskAttempt, TaskExecution
+from orchestration.selectors import conversation_messages
+from orchestration.services.conversations import conversation_history, conversation_message_post
+from tests.engine import wait_for
+from tests.fakes.servers import OpenAIServer, Reply
+
+KEY = "sk-test-" + "c0nv" * 5
+
+
+def reply_to(message: AgentPlaygroundMessage, timeout: float = 30) -> TaskExecution:
+    return wait_for(
+        lambda: (t := TaskExecution.objects.get(pk=message.execution_id)).is_terminal and t,
+        timeout=timeout,
+        what="the reply",
+    )
+
+
+def thread(instance_id: str) -> list[tuple]:
+    return [(m.role, m.content, bool(m.tool_calls), m.is_error) for m in conversation_messages(instance_id=instance_id)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_conversation_continues_across_turns_with_tool_calls_in_order(engine):
+    engine()
+    assistant = Agent.objects.get(pk="assistant")
+    first = conversation_message_post(agent=assistant, instance_id="t-1", content="2 + 3")
+    assert reply_to(first).status == TaskExecution.Status.COMPLETED
+    second = conversation_message_post(agent=assistant, instance_id="t-1", content="ans * 10")
+    assert reply_to(second).status == TaskExecution.Status.COMPLETED
+    third = conversation_message_post(agent=assistant, instance_id="t-1", content="history")
+    reply_to(third)
+
+    messages = list(conversation_messages(instance_id="t-1"))
+    assert [(m.role, m.content) for m in messages if m.role != "tool" and not m.tool_calls] == [
+        ("user", "2 + 3"),
+        ("assistant", "= 5"),
+        ("user", "ans * 10"),
+        ("assistant", "= 50"),  # used the previous turn's result: the history reached the agent
+        ("user", "history"),
+        ("assistant", "This is turn 3. Before this you said: 2 + 3 | ans * 10"),
+    ]
+    roles = [m.role for m in messages[:4]]
+    assert roles == ["user", "assistant", "tool", "assistant"], "tool call, its result, then the reply"
+    call = messages[1].tool_calls[0]
+    assert messages[2].tool_call_id == call["id"]
+    assert json.loads(call["function"]["arguments"]) == {"expression": "2 + 3", "variables": {}}
+    reply = messages[3]
+    assert reply.attempt.status == TaskAttempt.Status.SUCCEEDED
+    assert reply.execution_id == first.execution_id and reply.owner_id is None
+    created = Event.objects.filter(event_type=EventType.MESSAGE_CREATED, session_id="t-1")
+    assert [e.payload["role"] for e in created.order_by("sequence")] == ["user", "assistant"] * 3
+    tools = Event.objects.filter(event_type=EventType.TOOL_EXECUTED, payload__execution_id=second.execution_id)
+    assert tools.get().payload["input_params"] == {"expression": "ans * 10", "variables": {"ans": 5}}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_attempt_is_in_the_thread_as_an_error_but_not_in_the_history(engine):
+    engine()
+    flaky = Agent.objects.get(pk="flaky")
+    asked = conversation_message_post(agent=flaky, instance_id="t-2", content="hello")
+    task = reply_to(asked)
+    assert task.status == TaskExecution.Status.COMPLETED and task.retry_count == 1
+    error, answer = AgentPlaygroundMessage.objects.filter(instance_id="t-2", role="assistant").order_by("created_at")
+    assert error.is_error and "planned failure 1 of 1" in error.content
+    assert error.attempt.status == TaskAttempt.Status.FAILED
+    assert not answer.is_error and answer.attempt.attempt_number == 2
+    assert json.loads(answer.content) == {"succeeded_on_attempt": 2}
+    history = conversation_history(instance_id="t-2", up_to=answer)
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert history[1]["content"] == answer.content
+
+
+@pytest.mark.django_db(transaction=True)
+def test_llm_conversation_sends_the_whole_thread_and_records_tokens(engine):
+    with OpenAIServer(api_key=KEY, prompt_tokens=100, completion_tokens=20) as llm:
+        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "CHAT_KEY": KEY})
+        agent = Agent.objects.create(
+            id="chatty",
+            name="Chatty",
+            executor=Agent.Executor.LLM,
+            provider="openai",
+            url=llm.base_url,
+            model="gpt-4o-mini",
+            api_key_env="CHAT_KEY",
+            system_prompt="Be brief.",
+        )
+        llm.script(Reply(status=500, body={"error": {"message": "overloaded"}}))
+        first = conversation_message_post(agent=agent, instance_id="t-3", content="My name is Ada.")
+        assert reply_to(first).status == TaskExecution.Status.COMPLETED
+        second = conversation_message_post(agent=agent, instance_id="t-3", content="What is my name?")
+        assert reply_to(second).status == TaskExecution.Status.COMPLETED
+    sent = llm.requests[-1].body["messages"]
+    assert sent == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "echo: My name is Ada."},
+        {"role": "user", "content": "What is my name?"},
+    ], "the failed try's error message is not part of what the model sees"
+    replies = AgentPlaygroundMessage.objects.filter(instance_id="t-3", role="assistant", is_error=False)
+    assert [(m.input_tokens, m.output_tokens, m.tokens_used) for m in replies] == [(100, 20, 120)] * 2
+    assert replies.first().metadata["model"] == "gpt-4o-mini"
+    [error] = AgentPlaygroundMessage.objects.filter(instance_id="t-3", is_error=True)
+    assert "HTTP 500" in error.content and KEY not in error.content
+
+
+@pytest.mark.django_db
+def test_posting_refuses_bad_input_other_owners_other_agents_and_a_pending_reply(builtin_agents):
+    assistant = Agent.objects.get(pk="assistant")
+    alice = get_user_model().objects.create_user("alice")
+    bob = get_user_model().objects.create_user("bob")
+    with pytest.raises(ConversationError, match="content: a message needs some text"):
+        conversation_message_post(agent=assistant, instance_id="x", content="   ")
+    with pytest.raises(ConversationError, match="instance_id: use 1-255"):
+        conversation_message_post(agent=assistant, instance_id="../etc", content="hi")
+    conversation_message_post(agent=assistant, instance_id="mine", content="hi", owner=alice)
+    with pytest.raises(ConversationError, match="belongs to another user"):
+        conversation_message_post(agent=assistant, instance_id="mine", content="hi", owner=bob)
+    with pytest.raises(ConversationError, match="is with agent 'assistant', not 'echo'"):
+        conversation_message_post(agent=Agent.objects.get(pk="echo"), instance_id="mine", content="hi", owner=alice)
+    with pytest.raises(ConversationError, match="still answering message"):
+        conversation_message_post(agent=assistant, instance_id="mine", content="again", owner=alice)
+    assert AgentPlaygroundMessage.objects.filter(instance_id="mine").count() == 1, "nothing half-written"
+    task = TaskExecution.objects.get(task_type="conversation")
+    assert (task.status, task.priority, task.workflow_id) == ("queued", "high", None)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_chat_command_is_a_terminal_conversation(engine, monkeypatch):
+    engine()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("6 * 7\nans / 2\n\n"))
+    out = io.StringIO()
+    call_command("chat", "assistant", "--instance", "cli-1", stdout=out)
+    text = out.getvalue()
+    assert "assistant> = 42" in text and "assistant> = 21" in text
+    assert "[calls calculator(" in text
+    assert "continue with: manage.py chat assistant --instance cli-1" in text
+    assert AgentPlaygroundMessage.objects.filter(instance_id="cli-1", role="user").count() == 2
