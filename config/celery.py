@@ -3,7 +3,15 @@
 import os
 
 from celery import Celery
-from celery.signals import task_prerun
+from celery.signals import (
+    before_task_publish,
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 
@@ -25,3 +33,56 @@ def _drop_unusable_connections(**kwargs: object) -> None:
     for connection in connections.all(initialized_only=True):
         if connection.connection is not None:
             connection.health_check_done = True
+
+
+@setup_logging.connect
+def _configure_logging(**kwargs: object) -> None:
+    """Workers log through Django's LOGGING (JSON with LOG_FORMAT=json, secrets masked,
+    task context on every record) instead of Celery's own handlers."""
+    import logging.config
+
+    from django.conf import settings
+
+    logging.config.dictConfig(settings.LOGGING)
+
+
+@before_task_publish.connect
+def _stamp_message(headers: dict | None = None, **kwargs: object) -> None:
+    from observability.worker import before_publish
+
+    before_publish(headers)
+
+
+@task_prerun.connect
+def _task_context(task: object = None, args: object = None, kwargs: object = None, **extra: object) -> None:
+    from observability.worker import task_started
+
+    task_started(task, args, kwargs)
+
+
+@task_postrun.connect
+def _task_context_clear(**kwargs: object) -> None:
+    from observability.worker import task_ended
+
+    task_ended()
+
+
+@worker_ready.connect
+def _metrics_server_start(**kwargs: object) -> None:
+    from observability.worker import metrics_server_start
+
+    metrics_server_start()
+
+
+@worker_shutdown.connect
+def _metrics_server_stop(**kwargs: object) -> None:
+    from observability.worker import metrics_server_stop
+
+    metrics_server_stop()
+
+
+@worker_process_shutdown.connect
+def _pool_process_exit(pid: int | None = None, **kwargs: object) -> None:
+    from observability.worker import pool_process_exit
+
+    pool_process_exit(pid or os.getpid())

@@ -31,9 +31,11 @@ def run_task(self, execution_id: str) -> str:
 @shared_task(name="orchestration.reap_stale_tasks", acks_late=False, ignore_result=True)
 def reap_stale_tasks() -> dict[str, int]:
     """Close abandoned attempts, fail workflows past their deadline, re-send lost messages."""
+    from observability.attempts import attempts_reaped
     from orchestration.services.reaper import attempts_reap, queued_sweep
 
     result = attempts_reap()
+    attempts_reaped(attempt_ids=[*result.timed_out, *result.lost])
     resent = queued_sweep()
     return {
         "timed_out": len(result.timed_out),

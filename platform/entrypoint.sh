@@ -4,7 +4,8 @@
 #   entrypoint.sh web           wait for the dependencies, migrate, sync agent definitions, serve with gunicorn on :8000
 #   entrypoint.sh check-deps    one quick try at every configured dependency; exit 1 if one is
 #                               unreachable (used as a container healthcheck)
-#   entrypoint.sh CMD [ARG...]  wait for the dependencies, then exec CMD
+#   entrypoint.sh CMD [ARG...]  wait for the dependencies, then exec CMD (a `celery ... worker`
+#                               with WORKER_METRICS_PORT set gets an empty PROMETHEUS_MULTIPROC_DIR)
 #
 # Dependencies are the hosts named by DATABASE_URL, REDIS_URL and CELERY_BROKER_URL, when
 # those are set and name a network service (sqlite:// and filesystem:// need no waiting).
@@ -92,6 +93,15 @@ case "$1" in
     ;;
   *)
     wait_for_dependencies
+    # A Celery worker serving metrics (WORKER_METRICS_PORT) collects its pool processes'
+    # samples with prometheus_client's multiprocess mode, from a directory emptied at each
+    # start. Only the worker gets the variable: a healthcheck's `celery inspect` (run by
+    # docker exec, not through here) must not leave its own files in that directory.
+    if [[ ${1:-} == celery && " $* " == *" worker "* && -n ${WORKER_METRICS_PORT:-} ]]; then
+      export PROMETHEUS_MULTIPROC_DIR=${PROMETHEUS_MULTIPROC_DIR:-/tmp/prometheus-multiproc}
+      rm -rf "$PROMETHEUS_MULTIPROC_DIR"
+      mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+    fi
     exec "$@"
     ;;
 esac

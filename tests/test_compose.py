@@ -533,7 +533,7 @@ def test_prometheus_scrapes_the_web_metrics_url_and_the_workers():
     jobs = _prometheus_jobs()
     assert {"web", "worker"} <= set(jobs), sorted(jobs)
     web = jobs["web"]
-    assert resolve(web.get("metrics_path", "/metrics")).func.__module__ == "django_prometheus.exports"
+    assert resolve(web.get("metrics_path", "/metrics")).func.__module__ == "observability.views"
     web_targets = [target for config in web["static_configs"] for target in config["targets"]]
     assert web_targets == [f"web:{WEB_PORT}"]
     allowed_hosts = _interpolate(_environment(_services()["web"])["ALLOWED_HOSTS"], _test_variables()).split(",")
@@ -554,11 +554,22 @@ def test_prometheus_service_mounts_the_platform_scrape_config():
 
 
 @pytest.mark.subprocess
-def test_web_started_as_compose_configures_it_passes_its_healthcheck_and_prometheus_scrape(tmp_path):
+def test_web_started_as_compose_configures_it_passes_its_healthcheck_and_prometheus_scrape(tmp_path, db):
     """Production settings, loaded from exactly the environment compose gives the web
     container, must accept the healthcheck's and Prometheus' requests (host validation, the
-    HTTPS redirect) — a mismatch would leave web unhealthy and everything after it unstarted."""
+    HTTPS redirect) — a mismatch would leave web unhealthy and everything after it unstarted.
+    The healthcheck asks /readyz, so the service addresses are this machine's test servers."""
+    from django.conf import settings
+
+    from tests.engine import database_url
+
     port = _free_port()
+    environment = {
+        **_app_process_environment(tmp_path),
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": settings.REDIS_URL,
+        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+    }
     log = tmp_path / "gunicorn.log"
     server = subprocess.Popen(
         [
@@ -566,7 +577,7 @@ def test_web_started_as_compose_configures_it_passes_its_healthcheck_and_prometh
             *("--bind", f"127.0.0.1:{port}", "--workers", "1", "--no-control-socket"),
         ],
         cwd=ROOT,
-        env=_app_process_environment(tmp_path),
+        env=environment,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
     )

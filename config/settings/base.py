@@ -32,6 +32,7 @@ INSTALLED_APPS = [
     "django_celery_beat",
     "orchestration",
     "training_export",
+    "observability",
 ]
 
 MIDDLEWARE = [
@@ -216,7 +217,6 @@ CONVERSATION_MAX_RETRIES = env.int("CONVERSATION_MAX_RETRIES", 2, minimum=0, max
 # Replies are read in this many of the thread's most recent messages at most.
 CONVERSATION_HISTORY_MESSAGES = env.int("CONVERSATION_HISTORY_MESSAGES", 200, minimum=1, maximum=100_000)
 
-
 # --- Synapse: the event stream --------------------------------------------------------
 SYNAPSE_STREAM = env.str("SYNAPSE_STREAM", "synapse")
 SYNAPSE_STREAM_MAXLEN = env.int("SYNAPSE_STREAM_MAXLEN", 1_000_000, minimum=1000)
@@ -224,7 +224,6 @@ SYNAPSE_RELAY_BATCH = env.int("SYNAPSE_RELAY_BATCH", 500, minimum=1, maximum=100
 
 # --- Training data, metrics -----------------------------------------------------------
 TRAINING_DATA_DIR = Path(env.str("TRAINING_DATA_DIR", str(BASE_DIR / "data" / "training")))
-
 INFLUXDB_URL = env.optional_str("INFLUXDB_URL")
 INFLUXDB_TOKEN = env.optional_str("INFLUXDB_TOKEN")
 INFLUXDB_ORG = env.optional_str("INFLUXDB_ORG")
@@ -233,6 +232,23 @@ if INFLUXDB_URL and not (INFLUXDB_TOKEN and INFLUXDB_ORG and INFLUXDB_BUCKET):
     raise ImproperlyConfigured(
         "INFLUXDB_URL is set, so INFLUXDB_TOKEN, INFLUXDB_ORG and INFLUXDB_BUCKET must be set too"
     )
+# The writer batches points in the background (observability/influx.py); a slow or dead
+# InfluxDB drops points past the buffer bound instead of holding tasks or memory.
+INFLUXDB_BATCH_SIZE = env.int("INFLUXDB_BATCH_SIZE", 500, minimum=1, maximum=100_000)
+INFLUXDB_FLUSH_INTERVAL_MS = env.int("INFLUXDB_FLUSH_INTERVAL_MS", 1000, minimum=10, maximum=600_000)
+INFLUXDB_MAX_BUFFERED_POINTS = env.int("INFLUXDB_MAX_BUFFERED_POINTS", 10_000, minimum=1, maximum=10_000_000)
+INFLUXDB_TIMEOUT_MS = env.int("INFLUXDB_TIMEOUT_MS", 5000, minimum=100, maximum=600_000)
+INFLUXDB_MAX_RETRIES = env.int("INFLUXDB_MAX_RETRIES", 3, minimum=0, maximum=20)
+
+# Prometheus. prometheus_client reads PROMETHEUS_MULTIPROC_DIR itself at import; it is read
+# here too so that the code serving /metrics knows the mode. Workers serve their pool's
+# metrics on WORKER_METRICS_PORT (0: not served), which needs PROMETHEUS_MULTIPROC_DIR.
+PROMETHEUS_MULTIPROC_DIR = env.optional_str("PROMETHEUS_MULTIPROC_DIR")
+WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", 0, minimum=0, maximum=65535)
+WORKER_METRICS_ADDR = env.str("WORKER_METRICS_ADDR", "0.0.0.0")  # noqa: S104 - scraped from other containers
+METRICS_STATE_CACHE_SECONDS = env.int("METRICS_STATE_CACHE_SECONDS", 5, minimum=0, maximum=3600)
+METRICS_COLLECTOR_TIMEOUT_MS = env.int("METRICS_COLLECTOR_TIMEOUT_MS", 1000, minimum=10, maximum=60_000)
+
 
 # --- Auth, i18n, static ---------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
@@ -256,10 +272,28 @@ STORAGES = {
 
 # --- Logging --------------------------------------------------------------------------
 LOG_LEVEL = env.choice("LOG_LEVEL", "INFO", {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
+# plain: one line of text per record; json: one JSON object per line (observability/logs.py).
+LOG_FORMAT = env.choice("LOG_FORMAT", "plain", {"plain", "json"})
+# Names of further environment variables whose values are masked in every log line (SECRET_KEY,
+# INFLUXDB_TOKEN, URL passwords and the agents' api_key_env variables always are).
+LOG_REDACT_ENV = env.list("LOG_REDACT_ENV", [])
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {
+        "task_context": {"()": "observability.logs.TaskContextFilter"},
+        "redact": {"()": "observability.logs.RedactFilter"},
+    },
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s%(task_context)s %(message)s"},
+        "json": {"()": "observability.logs.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["task_context", "redact"],
+        }
+    },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
 }

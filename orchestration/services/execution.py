@@ -22,6 +22,7 @@ from django.conf import settings
 from django.db.models import F, Max
 from django.utils import timezone
 
+from observability.attempts import attempt_finished, attempt_started
 from orchestration.db import atomic_with_retry
 from orchestration.errors import RetryableError, is_retryable
 from orchestration.event_types import EventType, Severity
@@ -457,6 +458,12 @@ def attempt_run(*, execution_id: str, celery_task_id: str, worker: str, redelive
     )
     if not isinstance(claim, Claim):
         return claim
+    attempt_started(
+        execution_id=execution_id,
+        workflow_id=claim.context.workflow_id,
+        agent_id=claim.agent.id,
+        attempt_number=claim.attempt.attempt_number,
+    )
     context = equip(claim.context, claim.agent)
     task_input = claim.task_input
     if context.conversation is not None:
@@ -481,7 +488,17 @@ def attempt_run(*, execution_id: str, celery_task_id: str, worker: str, redelive
                 error="timed out" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}",
                 usage=usage,
             )
-        attempt_fail(attempt=claim.attempt, exc=exc, duration_ms=duration_ms, now=timezone.now(), usage=usage)
+        now = timezone.now()
+        recorded = attempt_fail(attempt=claim.attempt, exc=exc, duration_ms=duration_ms, now=now, usage=usage)
+        attempt_finished(
+            attempt=claim.attempt,
+            agent_id=claim.agent.id,
+            workflow_id=claim.context.workflow_id,
+            duration_ms=duration_ms,
+            usage=usage,
+            error=exc,
+            recorded=recorded,
+        )
         return Outcome.FAILED
     duration_ms = (time.monotonic() - started) * 1000
     result.usage = result.usage + context.spend
@@ -489,5 +506,13 @@ def attempt_run(*, execution_id: str, celery_task_id: str, worker: str, redelive
         conversation_turn_record(
             context=context, attempt_id=claim.attempt.pk, output=result.output, error=None, usage=result.usage
         )
-    attempt_succeed(attempt=claim.attempt, result=result, duration_ms=duration_ms, now=timezone.now())
+    recorded = attempt_succeed(attempt=claim.attempt, result=result, duration_ms=duration_ms, now=timezone.now())
+    attempt_finished(
+        attempt=claim.attempt,
+        agent_id=claim.agent.id,
+        workflow_id=claim.context.workflow_id,
+        duration_ms=duration_ms,
+        usage=result.usage,
+        recorded=recorded,
+    )
     return Outcome.SUCCEEDED

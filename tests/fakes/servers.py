@@ -314,3 +314,142 @@ class AnthropicServer(FakeServer):
             "stop_sequence": None,
             "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens},
         }
+
+
+@dataclass
+class LinePoint:
+    measurement: str
+    tags: dict[str, str]
+    fields: dict[str, Any]
+    timestamp: int | None
+
+
+def _split_unescaped(text: str, separator: str, *, quotes: bool = False) -> list[str]:
+    """Split on `separator` where it is not backslash-escaped (nor, with quotes, inside a
+    double-quoted string); escapes are kept for the caller."""
+    parts, current, escaped, quoted = [], [], False, False
+    for char in text:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            current.append(char)
+            escaped = True
+        elif quotes and char == '"':
+            current.append(char)
+            quoted = not quoted
+        elif char == separator and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if quoted:
+        raise ValueError("unterminated string field value")
+    parts.append("".join(current))
+    return parts
+
+
+def _unescape(text: str) -> str:
+    out, escaped = [], False
+    for char in text:
+        if escaped:
+            out.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _field_value(raw: str) -> Any:
+    if raw.startswith('"'):
+        if len(raw) < 2 or not raw.endswith('"'):
+            raise ValueError(f"bad string field value {raw!r}")
+        return _unescape(raw[1:-1])
+    if raw in ("t", "T", "true", "True", "TRUE"):
+        return True
+    if raw in ("f", "F", "false", "False", "FALSE"):
+        return False
+    if raw.endswith("i"):
+        return int(raw[:-1])
+    if raw.endswith("u"):
+        return int(raw[:-1])
+    return float(raw)
+
+
+def parse_line_protocol(text: str) -> list[LinePoint]:
+    """InfluxDB line protocol, strictly: `measurement[,tag=value...] field=value[,...] [timestamp]`.
+    Raises ValueError naming the problem."""
+    points = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        sections = _split_unescaped(line, " ", quotes=True)
+        if len(sections) not in (2, 3):
+            raise ValueError(f"line {number}: expected measurement, fields and an optional timestamp: {line!r}")
+        series = _split_unescaped(sections[0], ",")
+        measurement = _unescape(series[0])
+        if not measurement:
+            raise ValueError(f"line {number}: missing measurement")
+        tags = {}
+        for pair in series[1:]:
+            key_value = _split_unescaped(pair, "=")
+            if len(key_value) != 2 or not key_value[0] or not key_value[1]:
+                raise ValueError(f"line {number}: bad tag {pair!r}")
+            tags[_unescape(key_value[0])] = _unescape(key_value[1])
+        fields = {}
+        for pair in _split_unescaped(sections[1], ",", quotes=True):
+            key_value = _split_unescaped(pair, "=", quotes=True)
+            if len(key_value) != 2 or not key_value[0]:
+                raise ValueError(f"line {number}: bad field {pair!r}")
+            fields[_unescape(key_value[0])] = _field_value(key_value[1])
+        if not fields:
+            raise ValueError(f"line {number}: a point needs at least one field")
+        timestamp = int(sections[2]) if len(sections) == 3 else None
+        points.append(LinePoint(measurement=measurement, tags=tags, fields=fields, timestamp=timestamp))
+    return points
+
+
+class InfluxDBServer(FakeServer):
+    """InfluxDB v2's write endpoint: POST /api/v2/write?org=&bucket=&precision= with
+    `Authorization: Token <token>` and a line-protocol body (gzip allowed). Parses every line
+    (a malformed one fails the whole request with 400, as InfluxDB does), keeps the points and
+    answers 204."""
+
+    def __init__(self, *, token: str, org: str = "agentledger", bucket: str = "tasks") -> None:
+        super().__init__()
+        self.token = token
+        self.org = org
+        self.bucket = bucket
+        self.points: list[LinePoint] = []
+        self.precisions: list[str] = []
+
+    def answer(self, request: Recorded) -> tuple[int, Any]:
+        import gzip
+        from urllib.parse import parse_qs, urlsplit
+
+        url = urlsplit(request.path)
+        if request.method != "POST" or url.path != "/api/v2/write":
+            return 404, {"code": "not found", "message": "path not found"}
+        if request.headers.get("authorization") != f"Token {self.token}":
+            return 401, {"code": "unauthorized", "message": "unauthorized access"}
+        query = {key: values[0] for key, values in parse_qs(url.query).items()}
+        if query.get("org") != self.org:
+            return 404, {"code": "not found", "message": f'organization name "{query.get("org")}" not found'}
+        if query.get("bucket") != self.bucket:
+            return 404, {"code": "not found", "message": f'bucket "{query.get("bucket")}" not found'}
+        precision = query.get("precision", "ns")
+        if precision not in ("ns", "us", "ms", "s"):
+            return 400, {"code": "invalid", "message": f"invalid precision {precision!r}"}
+        raw = request.raw
+        if request.headers.get("content-encoding") == "gzip":
+            raw = gzip.decompress(raw)
+        try:
+            points = parse_line_protocol(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            return 400, {"code": "invalid", "message": f"unable to parse points: {exc}"}
+        with self._lock:
+            self.points.extend(points)
+            self.precisions.append(precision)
+        return 204, b""

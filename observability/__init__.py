@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics for web and workers, the InfluxDB writer, structured logs."""

@@ -1,0 +1,285 @@
+"""The InfluxDB writer: task attempt points, batched by influxdb-client's batching write API.
+
+Active when INFLUXDB_URL (and its token, org, bucket) is set. A point is handed to the
+client's background batcher and `write` returns at once; HTTP happens on the client's own
+thread, with a bounded timeout and a bounded number of retries. Points accepted but not yet
+written are counted, and past INFLUXDB_MAX_BUFFERED_POINTS new points are dropped, so a slow
+or dead InfluxDB costs a bounded amount of memory and never blocks or fails a task. Every
+dropped point is counted in `agentledger_influxdb_points_dropped_total`.
+
+Measurement `task_attempt` (one point per finished attempt):
+  tags    agent_id, status (succeeded, failed, timed_out, lost, ...), cause (success, error,
+          soft_timeout, hard_timeout, worker_lost, ...)
+  fields  duration_ms (float), input_tokens, output_tokens, attempt (integers), cost_usd (float),
+          execution_id, workflow_id (strings: unbounded ids stay out of the tag index)
+  time    when the attempt finished (millisecond precision)
+
+Measurement `agent_rollup` (one point per agent and rolled-up period, written after the
+hourly/daily rollup into agent_metrics):
+  tags    agent_id, period (hour, day)
+  fields  one float per metric of the rollup: tasks, success_rate, error_rate, retries,
+          latency, latency_p95, tokens, input_tokens, output_tokens, cost, wasted_cost
+  time    the start of the period (second precision)
+
+One writer per process, created on first use (after a prefork worker forked its pool
+processes) and flushed when the process ends.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as dt
+import logging
+import os
+import threading
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from prometheus_client import Counter
+
+logger = logging.getLogger(__name__)
+
+POINTS_WRITTEN = Counter("agentledger_influxdb_points_written", "Points InfluxDB accepted.")
+POINTS_DROPPED = Counter(
+    "agentledger_influxdb_points_dropped",
+    "Points never written to InfluxDB, by reason (buffer_full: too many unwritten points; "
+    "write_failed: InfluxDB refused or was unreachable after the retries; error: the point could not be built).",
+    ["reason"],
+)
+
+MEASUREMENT = "task_attempt"
+ROLLUP_MEASUREMENT = "agent_rollup"
+
+
+def _lines(data: Any) -> int:
+    if isinstance(data, bytes | bytearray):
+        return data.count(b"\n") + 1 if data else 0
+    if isinstance(data, str):
+        return data.count("\n") + 1 if data else 0
+    return 1
+
+
+class InfluxWriter:
+    """A batching influxdb-client write API with a bound on points not yet written."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        token: str,
+        org: str,
+        bucket: str,
+        batch_size: int,
+        flush_interval_ms: int,
+        max_buffered_points: int,
+        timeout_ms: int,
+        max_retries: int,
+    ) -> None:
+        from influxdb_client import InfluxDBClient, WriteOptions
+        from reactivex.scheduler import ThreadPoolScheduler
+
+        self.org = org
+        self.bucket = bucket
+        self.max_buffered_points = max_buffered_points
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._client = InfluxDBClient(url=url, token=token, org=org, timeout=timeout_ms, enable_gzip=False)
+        options = WriteOptions(
+            batch_size=batch_size,
+            flush_interval=flush_interval_ms,
+            jitter_interval=0,
+            retry_interval=min(1000, timeout_ms),
+            max_retries=max_retries,
+            max_retry_delay=max(timeout_ms, 1000),
+            max_retry_time=max(timeout_ms, 1000) * (max_retries + 1),
+            exponential_base=2,
+            # At process exit one more bounded try, then what is left is dropped.
+            max_close_wait=timeout_ms + flush_interval_ms,
+            # A scheduler of our own: the library's default is one object created at import
+            # and shared by every writer, including across fork.
+            write_scheduler=ThreadPoolScheduler(max_workers=1),
+        )
+        self._write_api = self._client.write_api(
+            write_options=options,
+            success_callback=self._on_success,
+            error_callback=self._on_error,
+        )
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def write(self, point: Any) -> bool:
+        """Hand one point to the batcher; False (and counted) if the buffer is full."""
+        with self._lock:
+            if self._pending >= self.max_buffered_points:
+                POINTS_DROPPED.labels(reason="buffer_full").inc()
+                return False
+            self._pending += 1
+        try:
+            self._write_api.write(bucket=self.bucket, org=self.org, record=point)
+        except Exception:
+            with self._lock:
+                self._pending -= 1
+            POINTS_DROPPED.labels(reason="error").inc()
+            logger.warning("InfluxDB point not queued", exc_info=True)
+            return False
+        return True
+
+    def _settle(self, count: int) -> None:
+        with self._lock:
+            self._pending = max(self._pending - count, 0)
+
+    def _on_success(self, conf: Any, data: Any) -> None:
+        count = _lines(data)
+        self._settle(count)
+        POINTS_WRITTEN.inc(count)
+
+    def _on_error(self, conf: Any, data: Any, exception: Exception) -> None:
+        count = _lines(data)
+        self._settle(count)
+        POINTS_DROPPED.labels(reason="write_failed").inc(count)
+        logger.warning("InfluxDB write of %d points failed: %s", count, exception)
+
+    def close(self) -> None:
+        """Flush what is buffered (bounded by the timeouts) and release the client."""
+        try:
+            self._write_api.close()
+        finally:
+            self._client.close()
+
+
+_writer: InfluxWriter | None = None
+_writer_pid: int | None = None
+_writer_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    return bool(getattr(settings, "INFLUXDB_URL", None))
+
+
+def writer() -> InfluxWriter | None:
+    """This process's writer (None when InfluxDB is not configured)."""
+    global _writer, _writer_pid
+    if not enabled():
+        return None
+    pid = os.getpid()
+    if _writer is not None and _writer_pid == pid:
+        return _writer
+    with _writer_lock:
+        if _writer is None or _writer_pid != pid:
+            # A writer inherited through fork has no live threads: start a fresh one.
+            _writer = InfluxWriter(
+                url=settings.INFLUXDB_URL,
+                token=settings.INFLUXDB_TOKEN,
+                org=settings.INFLUXDB_ORG,
+                bucket=settings.INFLUXDB_BUCKET,
+                batch_size=settings.INFLUXDB_BATCH_SIZE,
+                flush_interval_ms=settings.INFLUXDB_FLUSH_INTERVAL_MS,
+                max_buffered_points=settings.INFLUXDB_MAX_BUFFERED_POINTS,
+                timeout_ms=settings.INFLUXDB_TIMEOUT_MS,
+                max_retries=settings.INFLUXDB_MAX_RETRIES,
+            )
+            _writer_pid = pid
+    return _writer
+
+
+def writer_close() -> None:
+    """Flush and close this process's writer, if it has one."""
+    global _writer, _writer_pid
+    with _writer_lock:
+        current, _writer = _writer, None
+        owned = _writer_pid == os.getpid()
+        _writer_pid = None
+    if current is not None and owned:
+        try:
+            current.close()
+        except Exception:
+            logger.warning("closing the InfluxDB writer failed", exc_info=True)
+
+
+atexit.register(writer_close)
+
+
+def attempt_point(
+    *,
+    agent_id: str,
+    status: str,
+    cause: str,
+    execution_id: str,
+    workflow_id: str | None,
+    attempt_number: int,
+    duration_ms: float,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
+    cost_usd: Decimal | float = 0,
+    at: dt.datetime,
+) -> Any:
+    """The `task_attempt` point of one finished attempt."""
+    from influxdb_client import Point, WritePrecision
+
+    return (
+        Point(MEASUREMENT)
+        .tag("agent_id", agent_id)
+        .tag("status", status)
+        .tag("cause", cause)
+        .field("duration_ms", float(duration_ms))
+        .field("input_tokens", int(input_tokens))
+        .field("output_tokens", int(output_tokens))
+        .field("cost_usd", float(cost_usd))
+        .field("attempt", int(attempt_number))
+        .field("execution_id", execution_id)
+        .field("workflow_id", workflow_id or "")
+        .time(at, WritePrecision.MS)
+    )
+
+
+def attempt_point_write(**fields: Any) -> bool:
+    """Queue the point of a finished attempt, when InfluxDB is configured. Never raises."""
+    if not enabled():
+        return False
+    try:
+        current = writer()
+        point = attempt_point(**fields)
+    except Exception:
+        POINTS_DROPPED.labels(reason="error").inc()
+        logger.warning("InfluxDB point not built", exc_info=True)
+        return False
+    return current.write(point) if current is not None else False
+
+
+def rollup_points(*, period: str, period_start: dt.datetime) -> list[Any]:
+    """The `agent_rollup` points of one rolled-up period, read from agent_metrics."""
+    from influxdb_client import Point, WritePrecision
+
+    from orchestration.models import AgentMetric
+
+    by_agent: dict[str, dict[str, float]] = {}
+    rows = AgentMetric.objects.filter(period=period, period_start=period_start).values_list(
+        "agent_id", "metric_type", "metric_value"
+    )
+    for agent_id, metric_type, metric_value in rows:
+        by_agent.setdefault(agent_id, {})[metric_type] = float(metric_value)
+    points = []
+    for agent_id, values in sorted(by_agent.items()):
+        point = Point(ROLLUP_MEASUREMENT).tag("agent_id", agent_id).tag("period", period)
+        for name, number in sorted(values.items()):
+            point = point.field(name, number)
+        points.append(point.time(period_start, WritePrecision.S))
+    return points
+
+
+def rollup_points_write(*, period: str, period_start: dt.datetime) -> int:
+    """Queue the rollup points of a period, when InfluxDB is configured; how many were
+    accepted. Never raises."""
+    if not enabled():
+        return 0
+    try:
+        current = writer()
+        points = rollup_points(period=period, period_start=period_start)
+    except Exception:
+        POINTS_DROPPED.labels(reason="error").inc()
+        logger.warning("InfluxDB rollup points not built", exc_info=True)
+        return 0
+    return sum(1 for point in points if current is not None and current.write(point))

@@ -1,0 +1,204 @@
+"""Structured logs: the task context on every record, secrets masked, JSON on request.
+
+- `TaskContextFilter` copies `workflow_id`, `execution_id` and `attempt` from a contextvar
+  onto every record (set while `orchestration.run_task` runs: the execution id when the
+  task starts, the workflow and attempt once the attempt is claimed; cleared when it ends).
+- `RedactFilter` masks secrets by value in the message, its arguments and the traceback:
+  SECRET_KEY, INFLUXDB_TOKEN, passwords in configured URLs, the values of the API-key
+  variables that agent definitions name (`api_key_env`) and of LOG_REDACT_ENV, plus
+  bearer tokens, `sk-...` style keys and credentials inside URLs wherever they appear.
+- `JsonFormatter` (LOG_FORMAT=json): one JSON object per line with timestamp, level,
+  logger, message and the context fields.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import threading
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
+
+CONTEXT_FIELDS = ("workflow_id", "execution_id", "attempt")
+MASK = "***"
+# Shorter values are not masked by value: masking "1" or "true" everywhere would wreck logs.
+MIN_SECRET_LENGTH = 6
+
+_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "agentledger_log_context", default=None
+)
+
+# (pattern, words one of which the lower-cased text must contain for the pattern to be tried:
+# most log lines contain none, and a substring test is much cheaper than a regex scan)
+PATTERNS = (
+    (re.compile(r"(?i)(\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{8,}"), ("bearer", "basic")),
+    (
+        re.compile(r"(?i)((?:api[_-]?key|x-api-key|token|password|secret)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&]{6,}"),
+        ("key", "token", "password", "secret"),
+    ),
+    (re.compile(r"\b(sk-(?:ant-|proj-)?)[A-Za-z0-9_-]{12,}"), ("sk-",)),
+    (re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^/@\s:]*:)[^/@\s]+(?=@)"), ("://",)),
+)
+_ANY_WORD = re.compile("|".join(re.escape(word) for _, words in PATTERNS for word in words))
+
+
+def log_context_bind(**fields: Any) -> None:
+    """Add fields to the current log context (None values are left out)."""
+    current = dict(_context.get() or {})
+    current.update({key: value for key, value in fields.items() if value is not None})
+    _context.set(current)
+
+
+def log_context_clear() -> None:
+    _context.set(None)
+
+
+def log_context() -> dict[str, Any]:
+    return dict(_context.get() or {})
+
+
+class TaskContextFilter(logging.Filter):
+    """Puts workflow_id, execution_id and attempt on every record (None outside a task), and
+    `task_context`, their text form for the plain format (empty outside a task)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        current = _context.get() or {}
+        for key in CONTEXT_FIELDS:
+            if getattr(record, key, None) is None:
+                setattr(record, key, current.get(key))
+        shown = [f"{key}={getattr(record, key)}" for key in CONTEXT_FIELDS if getattr(record, key) is not None]
+        record.task_context = f" [{' '.join(shown)}]" if shown else ""
+        return True
+
+
+def configured_secrets() -> set[str]:
+    """Secret values known from settings and from the environment variables agents name."""
+    from django.conf import settings
+
+    from config.env import env
+
+    values: set[str] = set()
+    for name in ("SECRET_KEY", "INFLUXDB_TOKEN"):
+        value = getattr(settings, name, None)
+        if value:
+            values.add(str(value))
+    urls = [getattr(settings, "REDIS_URL", None), getattr(settings, "CELERY_BROKER_URL", None)]
+    urls.append(getattr(settings, "INFLUXDB_URL", None))
+    for url in urls:
+        password = urlsplit(url).password if url else None
+        if password:
+            values.add(password)
+    for database in getattr(settings, "DATABASES", {}).values():
+        if database.get("PASSWORD"):
+            values.add(str(database["PASSWORD"]))
+    for name in sorted(set(api_key_env_names()) | set(getattr(settings, "LOG_REDACT_ENV", []))):
+        value = env.optional_str(name)
+        if value:
+            values.add(value)
+    return {value for value in values if len(value) >= MIN_SECRET_LENGTH}
+
+
+def api_key_env_names() -> Iterable[str]:
+    """The `api_key_env` names in the agent definition files (definitions are code)."""
+    from orchestration.services.agents import default_definitions_dir, definition_load
+
+    directory = default_definitions_dir()
+    if not directory.is_dir():
+        return []
+    names = []
+    for path in sorted(directory.iterdir()):
+        if path.suffix.lower() not in (".json", ".yaml", ".yml"):
+            continue
+        try:
+            definition = definition_load(path)
+        except Exception:  # noqa: S112 - a broken definition is load_agents' to report, not the logger's
+            continue
+        name = definition.get("api_key_env") if isinstance(definition, dict) else None
+        if isinstance(name, str) and name:
+            names.append(name)
+    return names
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with every known secret value and every secret-looking pattern masked. Pass
+    `secrets` longest first (RedactFilter.secrets does), so that a secret containing another
+    is masked whole."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    lowered = text.lower()
+    if not _ANY_WORD.search(lowered):
+        return text
+    for pattern, words in PATTERNS:
+        if any(word in lowered for word in words):
+            text = pattern.sub(lambda m: m.group(1) + MASK, text)
+    return text
+
+
+class RedactFilter(logging.Filter):
+    """Masks secrets in the rendered message and the traceback of every record."""
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self._secrets: tuple[str, ...] | None = None
+        self._computing = threading.local()
+
+    def secrets(self) -> tuple[str, ...]:
+        """The configured secret values, longest first (computed once)."""
+        if self._secrets is None:
+            if getattr(self._computing, "active", False):
+                return ()  # a record logged while the secrets are being read
+            self._computing.active = True
+            try:
+                self._secrets = tuple(sorted(configured_secrets(), key=len, reverse=True))
+            except Exception:
+                # Settings or apps not ready yet (a record during start-up): patterns only,
+                # and try again on the next record.
+                return ()
+            finally:
+                self._computing.active = False
+        return self._secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = self.secrets()
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = str(record.msg)
+        record.msg = redact(message, secrets)
+        record.args = None
+        if record.exc_info:
+            formatter = logging.Formatter()
+            record.exc_text = redact(formatter.formatException(record.exc_info), secrets)
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text, secrets)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, secrets)
+        return True
+
+
+class JsonFormatter(_JsonFormatter):
+    """One JSON object per line: timestamp, level, logger, message, the task context, extras."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("fmt", "%(asctime)s %(levelname)s %(name)s %(message)s")
+        kwargs.setdefault("rename_fields", {"asctime": "timestamp", "levelname": "level", "name": "logger"})
+        kwargs.setdefault("json_ensure_ascii", False)
+        kwargs.setdefault("timestamp", False)
+        super().__init__(*args, **kwargs)
+
+    def add_fields(self, log_record: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        super().add_fields(log_record, record, message_dict)
+        log_record.pop("task_context", None)  # the plain format's rendering of the fields below
+        for key in CONTEXT_FIELDS:
+            log_record.setdefault(key, getattr(record, key, None))
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        import datetime as dt
+
+        return dt.datetime.fromtimestamp(record.created, tz=dt.UTC).isoformat(timespec="milliseconds")

@@ -1,0 +1,106 @@
+"""Celery-side wiring (connected in config/celery.py): the worker's metrics endpoint, the
+task log context, submit-to-start timing and secret-free argument reprs.
+
+Worker metrics use prometheus_client's multiprocess mode. The prefork pool processes each
+write their samples to files under PROMETHEUS_MULTIPROC_DIR; the worker's main process
+serves their sum on WORKER_METRICS_PORT (`/metrics`), and a pool process that exits is
+marked dead so its live gauges stop counting (its counters keep adding up, as they should).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from django.conf import settings
+
+from observability import influx, logs, metrics
+from observability.attempts import queue_wait_seconds
+
+logger = logging.getLogger(__name__)
+
+RUN_TASK = "orchestration.run_task"
+PUBLISHED_AT_HEADER = "agentledger_published_at"
+
+_server: Any = None
+_redactor = logs.RedactFilter()
+
+
+def metrics_server_start() -> int | None:
+    """Serve this worker's metrics (all its pool processes) on WORKER_METRICS_PORT.
+    Returns the port, or None when disabled or impossible (logged, the worker runs on)."""
+    global _server
+    port = settings.WORKER_METRICS_PORT
+    if not port or _server is not None:
+        return None
+    if not settings.PROMETHEUS_MULTIPROC_DIR:
+        logger.error(
+            "WORKER_METRICS_PORT is set but PROMETHEUS_MULTIPROC_DIR is not: the pool processes' metrics "
+            "cannot be collected; worker metrics are not served"
+        )
+        return None
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=settings.PROMETHEUS_MULTIPROC_DIR)
+    try:
+        _server, _thread = start_http_server(port, addr=settings.WORKER_METRICS_ADDR, registry=registry)
+    except OSError as exc:
+        logger.error("worker metrics not served: cannot listen on %s:%s (%s)", settings.WORKER_METRICS_ADDR, port, exc)
+        return None
+    logger.info("worker metrics on http://%s:%s/metrics", settings.WORKER_METRICS_ADDR, port)
+    return port
+
+
+def metrics_server_stop() -> None:
+    global _server
+    if _server is not None:
+        _server.shutdown()
+        _server.server_close()
+        _server = None
+
+
+def pool_process_exit(pid: int) -> None:
+    """A pool process is going away: flush its InfluxDB points, mark its metrics files dead."""
+    influx.writer_close()
+    if settings.PROMETHEUS_MULTIPROC_DIR:
+        from prometheus_client import multiprocess
+
+        with metrics.guarded("mark_process_dead"):
+            multiprocess.mark_process_dead(pid)
+
+
+def task_started(task: Any, args: Any, kwargs: Any) -> None:
+    """task_prerun: the execution id into the log context; submit-to-start time for run_task."""
+    logs.log_context_clear()
+    if getattr(task, "name", None) != RUN_TASK:
+        return
+    execution_id = (kwargs or {}).get("execution_id") or (args[0] if args else None)
+    with metrics.guarded("log_context"):
+        logs.log_context_bind(execution_id=execution_id)
+    with metrics.guarded("queue_wait"):
+        request = task.request
+        wait = queue_wait_seconds(
+            published_at=request.get(PUBLISHED_AT_HEADER), eta=request.get("eta"), now=time.time()
+        )
+        if wait is not None:
+            queue = (request.delivery_info or {}).get("routing_key") or ""
+            metrics.queue_wait_observe(queue=queue, seconds=wait)
+
+
+def task_ended() -> None:
+    logs.log_context_clear()
+
+
+def before_publish(headers: dict[str, Any] | None) -> None:
+    """Stamp the publication time (for submit-to-start latency) and mask secrets in the
+    argument reprs Celery logs when a worker receives the message."""
+    if headers is None:
+        return
+    with metrics.guarded("publish_headers"):
+        headers.setdefault(PUBLISHED_AT_HEADER, time.time())
+        secrets = _redactor.secrets()
+        for key in ("argsrepr", "kwargsrepr"):
+            if isinstance(headers.get(key), str):
+                headers[key] = logs.redact(headers[key], secrets)

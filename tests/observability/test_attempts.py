@@ -1,0 +1,81 @@
+"""The engine-facing hooks, in process: what they count for each kind of outcome."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from django.utils import timezone
+from prometheus_client import REGISTRY
+
+from observability.attempts import attempt_finished, attempts_reaped, queue_wait_seconds
+from orchestration.models import TaskAttempt, TaskExecution
+from tests.factories import AgentFactory, TaskAttemptFactory, TaskExecutionFactory
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.django_db
+def test_reaped_attempts_are_counted_with_their_cause_and_the_tasks_final_status():
+    agent = AgentFactory(id="reaped-agent")
+    failed = TaskExecutionFactory(agent=agent, status=TaskExecution.Status.FAILED)
+    retrying = TaskExecutionFactory(agent=agent, status=TaskExecution.Status.RETRYING)
+    now = timezone.now()
+    lost = TaskAttemptFactory(
+        execution=failed, status="lost", cause="worker_lost", finished_at=now, duration_ms=31000.0
+    )
+    timed_out = TaskAttemptFactory(
+        execution=retrying, status="timed_out", cause="hard_timeout", finished_at=now, duration_ms=12000.0
+    )
+    before = {
+        "lost": sample("agentledger_task_attempts_total", agent=agent.id, status="lost", cause="worker_lost"),
+        "timed_out": sample(
+            "agentledger_task_attempts_total", agent=agent.id, status="timed_out", cause="hard_timeout"
+        ),
+        "failed": sample("agentledger_tasks_finished_total", agent=agent.id, status="failed"),
+    }
+    attempts_reaped(attempt_ids=[lost.pk, timed_out.pk])
+    assert (
+        sample("agentledger_task_attempts_total", agent=agent.id, status="lost", cause="worker_lost")
+        == before["lost"] + 1
+    )
+    assert (
+        sample("agentledger_task_attempts_total", agent=agent.id, status="timed_out", cause="hard_timeout")
+        == before["timed_out"] + 1
+    )
+    # Only the task that ended is a finished task; the other one is being retried.
+    assert sample("agentledger_tasks_finished_total", agent=agent.id, status="failed") == before["failed"] + 1
+    assert sample("agentledger_tasks_finished_total", agent=agent.id, status="retrying") == 0
+
+
+@pytest.mark.django_db
+def test_an_attempt_cancelled_while_it_ran_is_counted_as_cancelled_when_it_returns():
+    agent = AgentFactory(id="cancelled-agent")
+    attempt = TaskAttemptFactory(
+        execution=TaskExecutionFactory(agent=agent),
+        status=TaskAttempt.Status.CANCELLED,
+        cause="cancelled",
+        finished_at=timezone.now(),
+    )
+    before = sample("agentledger_task_attempts_total", agent=agent.id, status="cancelled", cause="cancelled")
+    attempt_finished(attempt=attempt, agent_id=agent.id, workflow_id=None, duration_ms=5.0, recorded=False)
+    assert (
+        sample("agentledger_task_attempts_total", agent=agent.id, status="cancelled", cause="cancelled") == before + 1
+    )
+    assert sample("agentledger_task_attempts_total", agent=agent.id, status="succeeded", cause="success") == 0
+
+
+def test_a_hook_that_fails_is_counted_and_never_raises():
+    before = sample("agentledger_observability_errors_total", component="attempt_finished")
+    attempt_finished(attempt=object(), agent_id="x", workflow_id=None, duration_ms=1.0)  # no execution_id: breaks
+    assert sample("agentledger_observability_errors_total", component="attempt_finished") == before + 1
+
+
+def test_queue_wait_starts_at_publication_or_at_the_retry_countdowns_end():
+    published = 1_000.0
+    assert queue_wait_seconds(published_at=published, eta=None, now=1_002.5) == 2.5
+    eta = dt.datetime.fromtimestamp(1_010.0, tz=dt.UTC).isoformat()
+    assert queue_wait_seconds(published_at=published, eta=eta, now=1_010.25) == 0.25
+    assert queue_wait_seconds(published_at=None, eta=None, now=1_010.0) is None

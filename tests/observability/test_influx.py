@@ -1,0 +1,282 @@
+"""The InfluxDB writer against a local server implementing /api/v2/write, and against
+endpoints that refuse connections or never answer."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+
+import pytest
+from prometheus_client import REGISTRY
+
+from observability import influx
+from observability.influx import InfluxWriter, attempt_point
+from orchestration.models import TaskAttempt, Workflow
+from orchestration.services.workflows import workflow_submit
+from tests.engine import wait_for
+from tests.fakes.servers import InfluxDBServer, parse_line_protocol
+from tests.observability.conftest import free_port, scrape, value
+
+TOKEN = "influx-test-token-0123456789"
+
+
+def dropped(reason: str) -> float:
+    return REGISTRY.get_sample_value("agentledger_influxdb_points_dropped_total", {"reason": reason}) or 0.0
+
+
+def written() -> float:
+    return REGISTRY.get_sample_value("agentledger_influxdb_points_written_total") or 0.0
+
+
+def make_writer(url: str, **overrides: int) -> InfluxWriter:
+    options = {
+        "batch_size": 100,
+        "flush_interval_ms": 50,
+        "max_buffered_points": 1000,
+        "timeout_ms": 500,
+        "max_retries": 0,
+        **overrides,
+    }
+    return InfluxWriter(url=url, token=TOKEN, org="agentledger", bucket="tasks", **options)
+
+
+def point(n: int = 1, **fields: object):
+    values = {
+        "agent_id": "echo",
+        "status": "succeeded",
+        "cause": "success",
+        "execution_id": f"exec {n}",
+        "workflow_id": 'wf "quoted"',
+        "attempt_number": n,
+        "duration_ms": 12.5,
+        "input_tokens": 1200,
+        "output_tokens": 350,
+        "cost_usd": Decimal("0.00039"),
+        "at": dt.datetime(2026, 11, 22, 4, 0, tzinfo=dt.UTC),
+    }
+    values.update(fields)
+    return attempt_point(**values)
+
+
+@pytest.fixture
+def server() -> Iterator[InfluxDBServer]:
+    with InfluxDBServer(token=TOKEN, org="agentledger", bucket="tasks") as fake:
+        yield fake
+
+
+def test_line_protocol_parser_checks_what_influxdb_checks():
+    (p,) = parse_line_protocol('m\\ 1,t\\,a=x\\ y f="a \\"b\\"",i=3i,b=t 1700000000000')
+    assert (p.measurement, p.tags, p.fields, p.timestamp) == (
+        "m 1",
+        {"t,a": "x y"},
+        {"f": 'a "b"', "i": 3, "b": True},
+        1700000000000,
+    )
+    for bad in ("m", "m,t= f=1", "m f=", 'm f="open'):
+        with pytest.raises(ValueError):
+            parse_line_protocol(bad)
+
+
+def test_points_are_batched_and_written_as_valid_line_protocol(server):
+    before = written()
+    writer = make_writer(server.url)
+    try:
+        for n in range(1, 4):
+            assert writer.write(point(n))
+        wait_for(lambda: len(server.points) == 3, timeout=10, what="three points at the server")
+    finally:
+        writer.close()
+    assert len(server.requests) == 1  # one batch
+    assert server.precisions == ["ms"]
+    first = server.points[0]
+    assert first.measurement == "task_attempt"
+    assert first.tags == {"agent_id": "echo", "status": "succeeded", "cause": "success"}
+    assert first.fields == {
+        "duration_ms": 12.5,
+        "input_tokens": 1200,
+        "output_tokens": 350,
+        "cost_usd": 0.00039,
+        "attempt": 1,
+        "execution_id": "exec 1",
+        "workflow_id": 'wf "quoted"',
+    }
+    assert isinstance(first.fields["input_tokens"], int) and isinstance(first.fields["duration_ms"], float)
+    assert first.timestamp == int(dt.datetime(2026, 11, 22, 4, 0, tzinfo=dt.UTC).timestamp() * 1000)
+    assert written() == before + 3
+    assert writer.pending == 0
+
+
+def test_a_refused_write_is_counted_as_dropped(server):
+    writer = InfluxWriter(
+        url=server.url, token="wrong", org="agentledger", bucket="tasks",
+        batch_size=10, flush_interval_ms=50, max_buffered_points=100, timeout_ms=500, max_retries=0,
+    )  # fmt: skip
+    before = dropped("write_failed")
+    try:
+        writer.write(point(1))
+        writer.write(point(2))
+        wait_for(lambda: dropped("write_failed") == before + 2, timeout=10, what="the failed batch to be counted")
+    finally:
+        writer.close()
+    assert server.points == [] and writer.pending == 0
+
+
+def test_a_closed_port_drops_points_after_the_retries_without_blocking_writes(dead_port):
+    writer = make_writer(f"http://127.0.0.1:{dead_port}", max_retries=1)
+    before = dropped("write_failed")
+    try:
+        started = time.monotonic()
+        for n in range(5):
+            writer.write(point(n))
+        assert time.monotonic() - started < 0.5
+        wait_for(lambda: dropped("write_failed") == before + 5, timeout=15, what="the points to be dropped")
+    finally:
+        writer.close()
+
+
+def test_a_server_that_never_answers_fills_the_bounded_buffer_then_drops(silent_port):
+    writer = make_writer(f"http://127.0.0.1:{silent_port}", max_buffered_points=3, timeout_ms=1000, max_retries=0)
+    before = dropped("buffer_full")
+    try:
+        started = time.monotonic()
+        accepted = [writer.write(point(n)) for n in range(10)]
+        assert time.monotonic() - started < 0.5
+        assert accepted == [True] * 3 + [False] * 7
+        assert dropped("buffer_full") == before + 7
+        assert writer.pending == 3
+    finally:
+        started = time.monotonic()
+        writer.close()
+        assert time.monotonic() - started < 5  # closing is bounded too
+
+
+def test_writer_is_off_without_influxdb_url(settings):
+    settings.INFLUXDB_URL = None
+    assert influx.writer() is None
+    assert influx.attempt_point_write(**{"agent_id": "x"}) is False
+
+
+# --- through a real worker --------------------------------------------------------------
+
+
+def influx_env(url: str, **extra: str) -> dict[str, str]:
+    return {
+        "INFLUXDB_URL": url,
+        "INFLUXDB_TOKEN": TOKEN,
+        "INFLUXDB_ORG": "agentledger",
+        "INFLUXDB_BUCKET": "tasks",
+        "INFLUXDB_FLUSH_INTERVAL_MS": "50",
+        **extra,
+    }
+
+
+def chain(length: int) -> Workflow:
+    tasks = [{"name": "t0", "agent": "echo", "input": {"n": 0}}]
+    tasks += [{"name": f"t{n}", "agent": "echo", "depends_on": [f"t{n - 1}"]} for n in range(1, length)]
+    workflow, _ = workflow_submit(spec={"name": "chain", "tasks": tasks})
+    return workflow
+
+
+def run_to_completion(workflow: Workflow, timeout: float = 40) -> float:
+    started = time.monotonic()
+    wait_for(
+        lambda: Workflow.objects.get(pk=workflow.pk).is_terminal,
+        timeout=timeout,
+        interval=0.05,
+        what=f"workflow {workflow.pk} to finish",
+    )
+    assert Workflow.objects.get(pk=workflow.pk).status == Workflow.Status.COMPLETED
+    return time.monotonic() - started
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_writes_one_point_per_attempt(engine, server):
+    engine(env=influx_env(server.url))
+    workflow, _ = workflow_submit(
+        spec={
+            "name": "influx",
+            "tasks": [
+                {"name": "a", "agent": "echo", "input": {}},
+                {"name": "b", "agent": "flaky", "input": {"fail_times": 1}, "max_retries": 1, "depends_on": ["a"]},
+            ],
+        }
+    )
+    run_to_completion(workflow)
+    wait_for(lambda: len(server.points) == 3, timeout=10, what="three points at the fake InfluxDB")
+    recorded = {
+        (a.execution_id, a.attempt_number): a
+        for a in TaskAttempt.objects.filter(execution__workflow=workflow).select_related("execution")
+    }
+    for p in server.points:
+        attempt = recorded[(p.fields["execution_id"], p.fields["attempt"])]
+        assert p.measurement == "task_attempt"
+        assert p.tags["agent_id"] == attempt.execution.agent_id
+        assert p.tags["status"] == attempt.status
+        assert p.tags["cause"] == (attempt.cause or "success")
+        assert p.fields["workflow_id"] == workflow.pk
+        assert p.fields["duration_ms"] == pytest.approx(attempt.duration_ms, abs=0.01)
+        assert abs(p.timestamp / 1000 - attempt.finished_at.timestamp()) < 5
+    assert sorted(p.tags["status"] for p in server.points) == ["failed", "succeeded", "succeeded"]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("endpoint", ["closed", "silent"])
+def test_a_dead_influxdb_does_not_slow_tasks(engine, endpoint, dead_port, silent_port, tmp_path):
+    port = dead_port if endpoint == "closed" else silent_port
+    metrics_port = free_port()
+    (tmp_path / "prometheus").mkdir()
+    # Each write waits up to 2 s for an answer: six tasks writing in line would take 12 s or more.
+    engine(
+        concurrency=1,
+        env=influx_env(
+            f"http://127.0.0.1:{port}",
+            INFLUXDB_TIMEOUT_MS="2000",
+            INFLUXDB_MAX_RETRIES="1",
+            INFLUXDB_MAX_BUFFERED_POINTS="2",
+            PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prometheus"),
+            WORKER_METRICS_PORT=str(metrics_port),
+            WORKER_METRICS_ADDR="127.0.0.1",
+        ),
+    )
+    elapsed = run_to_completion(chain(6))
+    assert elapsed < 6, f"six tasks took {elapsed:.1f} s"
+    samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+    assert value(samples, "agentledger_task_attempts_total", agent="echo", status="succeeded", cause="success") == 6
+    assert value(samples, "agentledger_influxdb_points_written_total") == 0
+    # At most two points wait for the dead endpoint; the rest were dropped and counted.
+    lost = value(samples, "agentledger_influxdb_points_dropped_total", reason="buffer_full") + value(
+        samples, "agentledger_influxdb_points_dropped_total", reason="write_failed"
+    )
+    assert lost >= 4
+
+
+@pytest.mark.django_db
+def test_rollup_points_carry_every_metric_of_each_agent_for_the_period(server, settings):
+    from tests.factories import AgentFactory, MetricFactory
+
+    settings.INFLUXDB_URL, settings.INFLUXDB_TOKEN = server.url, TOKEN
+    settings.INFLUXDB_ORG, settings.INFLUXDB_BUCKET = "agentledger", "tasks"
+    settings.INFLUXDB_FLUSH_INTERVAL_MS = 50
+    start = dt.datetime(2026, 11, 22, 3, 0, tzinfo=dt.UTC)
+    for agent_id, tasks, cost in (("alpha", 4, 0.5), ("beta", 2, 0.25)):
+        agent = AgentFactory(id=agent_id)
+        for metric_type, metric_value in (("tasks", tasks), ("cost", cost), ("success_rate", 75.0)):
+            MetricFactory(
+                agent=agent, metric_type=metric_type, metric_value=metric_value, period="hour", period_start=start
+            )
+    MetricFactory(
+        agent=agent, metric_type="tasks", metric_value=9, period="hour", period_start=start - dt.timedelta(hours=1)
+    )
+    try:
+        assert influx.rollup_points_write(period="hour", period_start=start) == 2
+        wait_for(lambda: len(server.points) == 2, timeout=10, what="two rollup points")
+    finally:
+        influx.writer_close()
+    alpha, beta = sorted(server.points, key=lambda p: p.tags["agent_id"])
+    assert alpha.measurement == "agent_rollup"
+    assert alpha.tags == {"agent_id": "alpha", "period": "hour"}
+    assert alpha.fields == {"tasks": 4.0, "cost": 0.5, "success_rate": 75.0}
+    assert beta.fields["tasks"] == 2.0
+    assert alpha.timestamp == int(start.timestamp())

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import io
+import json
+import logging
+import logging.config
+
+import pytest
+
+from observability import logs
+from observability.worker import before_publish
+
+
+@pytest.fixture
+def capture(settings):
+    """A logger configured exactly by settings.LOGGING, writing to a buffer."""
+    stream = io.StringIO()
+
+    def configure(fmt: str) -> logging.Logger:
+        config = {
+            **settings.LOGGING,
+            "handlers": {"console": {**settings.LOGGING["handlers"]["console"], "formatter": fmt, "stream": stream}},
+            "root": {"handlers": [], "level": "WARNING"},
+            "loggers": {"obs.test": {"handlers": ["console"], "level": "INFO", "propagate": False}},
+        }
+        logging.config.dictConfig(config)
+        return logging.getLogger("obs.test")
+
+    yield configure, stream
+    logging.config.dictConfig(settings.LOGGING)
+    logs.log_context_clear()
+
+
+def test_json_lines_carry_the_task_context(capture):
+    configure, stream = capture
+    logger = configure("json")
+    logs.log_context_bind(execution_id="exec-1", workflow_id="wf-1", attempt=2)
+    logger.info("running %s", "step")
+    logs.log_context_clear()
+    logger.warning("outside")
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["message"] == "running step"
+    assert (first["workflow_id"], first["execution_id"], first["attempt"]) == ("wf-1", "exec-1", 2)
+    assert first["level"] == "INFO" and first["logger"] == "obs.test" and first["timestamp"].endswith("+00:00")
+    assert second["workflow_id"] is None and second["execution_id"] is None and second["attempt"] is None
+    assert "task_context" not in first
+
+
+def test_plain_lines_show_the_context_only_inside_a_task(capture):
+    configure, stream = capture
+    logger = configure("plain")
+    logs.log_context_bind(execution_id="exec-1", workflow_id="wf-1", attempt=1)
+    logger.info("inside")
+    logs.log_context_clear()
+    logger.info("outside")
+    inside, outside = stream.getvalue().splitlines()
+    assert "[workflow_id=wf-1 execution_id=exec-1 attempt=1] inside" in inside
+    assert "[" not in outside and outside.endswith("obs.test outside")
+
+
+def test_configured_secrets_are_masked_by_value_in_messages_and_tracebacks(capture, settings, monkeypatch):
+    settings.SECRET_KEY = "django-secret-value-0123456789"
+    settings.LOG_REDACT_ENV = ["EXTRA_SERVICE_PASSWORD"]
+    monkeypatch.setenv("EXTRA_SERVICE_PASSWORD", "hunter2-extra-pw")
+    configure, stream = capture
+    logger = configure("json")
+    logger.info("key is %s and pw %s", settings.SECRET_KEY, "hunter2-extra-pw")
+    try:
+        raise RuntimeError(f"failed with {settings.SECRET_KEY}")
+    except RuntimeError:
+        logger.exception("boom")
+    text = stream.getvalue()
+    assert "django-secret-value-0123456789" not in text and "hunter2-extra-pw" not in text
+    first, second = (json.loads(line) for line in text.splitlines())
+    assert first["message"] == "key is *** and pw ***"
+    assert "RuntimeError: failed with ***" in second["exc_info"]
+
+
+def test_the_api_key_variables_agent_definitions_name_are_masked(capture, settings, monkeypatch, tmp_path):
+    (tmp_path / "writer.yaml").write_text(
+        "id: writer\nname: Writer\nexecutor: llm\nprovider: openai\nmodel: gpt-4o-mini\napi_key_env: WRITER_KEY\n"
+    )
+    monkeypatch.setattr("orchestration.services.agents.default_definitions_dir", lambda: tmp_path)
+    monkeypatch.setenv("WRITER_KEY", "plainvalue-without-prefix-42")
+    assert "plainvalue-without-prefix-42" in logs.configured_secrets()
+    configure, stream = capture
+    configure("plain").info("calling with plainvalue-without-prefix-42")
+    assert stream.getvalue().rstrip().endswith("calling with ***")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Authorization: Bearer abcdefghijklmnop.qrs", "Authorization: Bearer ***"),
+        ("Authorization: Basic dXNlcjpwYXNzd29yZA==", "Authorization: Basic ***"),
+        ("sent bearer abcdefghijklmnop", "sent bearer ***"),
+        ("key sk-proj-abcdefghijklmnopqrstu used", "key sk-proj-*** used"),
+        ("redis://user:pa55word@redis:6379/0", "redis://user:***@redis:6379/0"),
+        ('{"api_key": "abcdef123456"}', '{"api_key": "***"}'),
+        ("tokens_used=1523 max_tokens: 400", "tokens_used=1523 max_tokens: 400"),
+    ],
+)
+def test_secret_looking_patterns_are_masked(text, expected):
+    assert logs.redact(text) == expected
+
+
+def test_celery_argument_reprs_are_masked_and_the_publish_time_stamped(settings):
+    settings.SECRET_KEY = "django-secret-value-0123456789"
+    logs_filter = __import__("observability.worker", fromlist=["_redactor"])._redactor
+    logs_filter._secrets = None  # settings changed: recompute
+    headers = {"argsrepr": "('django-secret-value-0123456789',)", "kwargsrepr": "{'auth': 'Bearer abcdefghijklmnop'}"}
+    before_publish(headers)
+    assert headers["argsrepr"] == "('***',)"
+    assert headers["kwargsrepr"] == "{'auth': 'Bearer ***'}"
+    assert isinstance(headers["agentledger_published_at"], float)
+    logs_filter._secrets = None

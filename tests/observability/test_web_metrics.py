@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from django.db import OperationalError, connection
+from django.utils import timezone
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from observability import collectors
+from observability.collectors import StateCollector, state_collector
+from orchestration.models import TaskAttempt, Workflow
+from tests.engine import flush_redis
+from tests.factories import EventFactory, ExportRunFactory, TaskAttemptFactory, WorkflowFactory
+from tests.observability.conftest import Samples, parse_samples, value
+
+
+@pytest.fixture(autouse=True)
+def fresh_state(settings) -> Iterator[None]:
+    """No caching between scrapes unless a test asks for it, and an empty broker."""
+    settings.METRICS_STATE_CACHE_SECONDS = 0
+    state_collector._cache.clear()
+    flush_redis()
+    yield
+    state_collector._cache.clear()
+    flush_redis()
+
+
+@pytest.fixture
+def stream_name(settings) -> Iterator[str]:
+    settings.SYNAPSE_STREAM = f"metrics-test-{uuid.uuid4().hex[:8]}"
+    yield settings.SYNAPSE_STREAM
+    redis.Redis.from_url(settings.REDIS_URL).delete(settings.SYNAPSE_STREAM)
+
+
+def get_metrics(client) -> Samples:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response["Content-Type"] == CONTENT_TYPE_LATEST
+    return parse_samples(response.content.decode())
+
+
+def test_metrics_serves_django_process_and_state_metrics_unauthenticated(client, db, stream_name):
+    client.get("/healthz")
+    samples = get_metrics(client)
+    names = {name for name, _ in samples}
+    assert any(name.startswith("django_http_requests_") for name in names)
+    for collector in collectors.COLLECTORS:
+        assert value(samples, "agentledger_collector_up", collector=collector) == 1, collector
+    for status in Workflow.Status.values:
+        assert ("agentledger_workflows", frozenset({("status", status)})) in samples
+
+
+def test_workflows_by_status_are_counted_and_cached_between_scrapes(client, db, settings, stream_name):
+    WorkflowFactory.create_batch(2, status=Workflow.Status.RUNNING)
+    WorkflowFactory(status=Workflow.Status.COMPLETED)
+    samples = get_metrics(client)
+    assert value(samples, "agentledger_workflows", status="running") == 2
+    assert value(samples, "agentledger_workflows", status="completed") == 1
+    assert value(samples, "agentledger_workflows", status="failed") == 0
+
+    settings.METRICS_STATE_CACHE_SECONDS = 60
+    get_metrics(client)
+    WorkflowFactory(status=Workflow.Status.FAILED)
+    assert value(get_metrics(client), "agentledger_workflows", status="failed") == 0  # cached
+    state_collector._cache.clear()
+    assert value(get_metrics(client), "agentledger_workflows", status="failed") == 1
+
+
+def test_queue_depth_counts_every_priority_sub_queue_and_unacked_messages(client, db, settings, stream_name):
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    broker.lpush("normal", "m1", "m2", "m3")
+    broker.lpush("high", "m4")
+    broker.lpush("high\x06\x163", "m5")  # kombu's sub-queue for priority step 3
+    broker.lpush("high\x06\x169", "m6")
+    broker.hset("unacked", mapping={"tag-1": "m7", "tag-2": "m8"})
+    samples = get_metrics(client)
+    assert value(samples, "agentledger_queue_depth_messages", queue="normal") == 3
+    assert value(samples, "agentledger_queue_depth_messages", queue="high") == 3
+    assert value(samples, "agentledger_queue_depth_messages", queue="critical") == 0
+    assert ("agentledger_queue_depth_messages", frozenset({("queue", "low")})) in samples
+    assert value(samples, "agentledger_broker_unacked_messages") == 2
+
+
+def test_relay_lag_is_the_events_past_the_streams_last_id(client, db, settings, stream_name):
+    events = EventFactory.create_batch(3)
+    stream = redis.Redis.from_url(settings.REDIS_URL)
+    stream.xadd(stream_name, {"event_id": events[0].event_id}, id=f"{events[0].sequence}-1")
+    samples = get_metrics(client)
+    assert value(samples, "agentledger_relay_lag_events") == events[-1].sequence - events[0].sequence
+    assert value(samples, "agentledger_relay_lag_seconds") >= 0
+    stream.xadd(stream_name, {"event_id": events[-1].event_id}, id=f"{events[-1].sequence}-1")
+    samples = get_metrics(client)
+    assert value(samples, "agentledger_relay_lag_events") == 0
+    assert value(samples, "agentledger_relay_lag_seconds") == 0
+
+
+def test_consumer_lag_and_pending_per_group(client, db, settings, stream_name):
+    stream = redis.Redis.from_url(settings.REDIS_URL)
+    for n in range(1, 4):
+        stream.xadd(stream_name, {"n": n}, id=f"{n}-1")
+    stream.xgroup_create(stream_name, "training", id="0")
+    stream.xreadgroup("training", "c1", {stream_name: ">"}, count=1)
+    samples = get_metrics(client)
+    assert value(samples, "agentledger_consumer_lag_entries", group="training") == 2
+    assert value(samples, "agentledger_consumer_pending_entries", group="training") == 1
+
+
+def test_export_rows_sum_successful_runs_by_data_type(client, db, stream_name):
+    finished = timezone.now()
+    ExportRunFactory(status="succeeded", rows=10, data_type="events", finished_at=finished)
+    ExportRunFactory(
+        status="succeeded",
+        rows=5,
+        data_type="events",
+        window_start=finished - dt.timedelta(days=3),
+        window_end=finished - dt.timedelta(days=2),
+        finished_at=finished - dt.timedelta(days=1),
+    )
+    ExportRunFactory(status="failed", rows=100, data_type="tasks", finished_at=finished)
+    samples = get_metrics(client)
+    assert value(samples, "agentledger_export_rows", data_type="events") == 15
+    assert ("agentledger_export_rows", frozenset({("data_type", "tasks")})) not in samples
+    assert value(samples, "agentledger_export_last_success_timestamp_seconds", data_type="events") == pytest.approx(
+        finished.timestamp()
+    )
+
+
+def test_attempts_running_past_their_limit_are_reported_as_overdue(client, db, settings, stream_name):
+    now = timezone.now()
+    TaskAttemptFactory(status=TaskAttempt.Status.RUNNING, timeout_seconds=1, started_at=now - dt.timedelta(minutes=5))
+    TaskAttemptFactory(
+        status=TaskAttempt.Status.RUNNING, timeout_seconds=3600, started_at=now - dt.timedelta(minutes=1)
+    )
+    TaskAttemptFactory(succeeded=True, timeout_seconds=1, started_at=now - dt.timedelta(hours=1))
+    samples = get_metrics(client)
+    assert value(samples, "agentledger_attempts_running") == 2
+    assert value(samples, "agentledger_attempts_overdue") == 1
+    assert value(samples, "agentledger_attempt_oldest_running_age_seconds") >= 300
+
+
+def test_a_hung_broker_degrades_to_an_error_count_not_a_failed_scrape(client, db, settings, silent_port, stream_name):
+    settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{silent_port}/0"
+    settings.METRICS_COLLECTOR_TIMEOUT_MS = 300
+    before = value(get_metrics(client), "agentledger_collector_errors_total", collector="queues")
+    started = time.monotonic()
+    samples = get_metrics(client)
+    assert time.monotonic() - started < 3
+    assert value(samples, "agentledger_collector_up", collector="queues") == 0
+    assert value(samples, "agentledger_collector_up", collector="workflows") == 1
+    assert value(samples, "agentledger_collector_errors_total", collector="queues") == before + 1
+    assert not any(name == "agentledger_queue_depth_messages" for name, _ in samples)
+
+
+def test_slow_queries_are_cancelled_by_the_collector_timeout(db, settings):
+    settings.METRICS_COLLECTOR_TIMEOUT_MS = 200
+
+    def slow() -> list:
+        with collectors._bounded_queries(), connection.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(5)")
+        return []
+
+    started = time.monotonic()
+    with pytest.raises(OperationalError):
+        slow()
+    assert time.monotonic() - started < 2
+    families = list(StateCollector({"slow": slow}).collect())
+    up = next(f for f in families if f.name == "agentledger_collector_up")
+    assert [(s.labels, s.value) for s in up.samples] == [({"collector": "slow"}, 0)]
