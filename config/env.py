@@ -7,6 +7,7 @@ instead of silently falling back to a default.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 
@@ -80,6 +81,19 @@ class Env:
         if value is None:
             return list(default or [])
         return [item.strip() for item in value.split(",") if item.strip()]
+
+    def json_str_list(self, name: str, default: list[str]) -> list[str]:
+        """A JSON array of strings (for values that may themselves contain commas, e.g. regexes)."""
+        value = self.raw(name)
+        if value is None:
+            return list(default)
+        try:
+            parsed = json.loads(value)
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"{name} is not valid JSON ({exc}); expected an array of strings") from None
+        if not isinstance(parsed, list) or not all(isinstance(item, str) for item in parsed):
+            raise ImproperlyConfigured(f"{name} must be a JSON array of strings")
+        return parsed
 
     def choice(self, name: str, default: str, choices: set[str] | list[str]) -> str:
         value = self.raw(name) or default

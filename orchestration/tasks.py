@@ -56,3 +56,32 @@ def relay_events() -> int:
     if not settings.REDIS_URL:
         return 0
     return events_relay().published
+
+
+@shared_task(name="orchestration.rollup_metrics", acks_late=False, ignore_result=True, time_limit=1800)
+def rollup_metrics(period: str = "hour", period_start: str | None = None) -> dict[str, int]:
+    """Roll up the last complete hour or day, or the one starting at `period_start` (ISO 8601,
+    for backfills), into agent_metrics (and agents, workflow totals)."""
+    import datetime as dt
+
+    from observability.influx import rollup_points_write
+    from orchestration.services.rollup import metrics_rollup, rollup_previous
+
+    if period_start is None:
+        result = rollup_previous(period=period)
+    else:
+        result = metrics_rollup(period=period, period_start=dt.datetime.fromisoformat(period_start))
+    rollup_points_write(period=result.period, period_start=result.period_start)
+    return {
+        "metrics": result.metrics,
+        "agents_refreshed": result.agents_refreshed,
+        "workflows_reconciled": result.workflows_reconciled,
+    }
+
+
+@shared_task(name="orchestration.apply_retention", acks_late=False, ignore_result=True, time_limit=3600)
+def apply_retention() -> dict[str, int]:
+    """Delete rows older than each table's RETENTION_DAYS_* setting."""
+    from orchestration.services.retention import retention_apply
+
+    return retention_apply().deleted

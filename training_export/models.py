@@ -24,6 +24,7 @@ class ExportRunStatus(models.TextChoices):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    SUPERSEDED = "superseded", "superseded by a later run of the same window"
 
 
 class ExportRun(TimestampedModel):

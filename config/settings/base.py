@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -224,6 +225,58 @@ SYNAPSE_RELAY_BATCH = env.int("SYNAPSE_RELAY_BATCH", 500, minimum=1, maximum=100
 
 # --- Training data, metrics -----------------------------------------------------------
 TRAINING_DATA_DIR = Path(env.str("TRAINING_DATA_DIR", str(BASE_DIR / "data" / "training")))
+# JSONL exports (default: <TRAINING_DATA_DIR>/exports). A window is exportable once its end is
+# this far in the past and no transaction that began before its end is still open.
+TRAINING_EXPORT_DIR = Path(env.str("TRAINING_EXPORT_DIR", str(TRAINING_DATA_DIR / "exports")))
+TRAINING_EXPORT_SAFETY_LAG_SECONDS = env.int("TRAINING_EXPORT_SAFETY_LAG_SECONDS", 300, minimum=0)
+# Redaction of everything written to training files: JSON keys containing one of these words
+# (case-insensitive, whole words of the key: `token` masks `access_token`, not `tokens_used`),
+# and string values matching one of these regular expressions (a JSON array).
+REDACT_KEYS = env.list(
+    "REDACT_KEYS",
+    [
+        "secret",
+        "password",
+        "passwd",
+        "token",
+        "api_key",
+        "apikey",
+        "authorization",
+        "cookie",
+        "private_key",
+        "credential",
+        "credentials",
+    ],
+)
+# Each pattern starts with a literal where it can (a literal prefix lets the regex engine skip
+# ahead; the look-behind after it keeps the word boundary): redaction runs on every string.
+REDACT_PATTERNS = env.json_str_list(
+    "REDACT_PATTERNS",
+    [
+        r"(?i:bearer(?<![a-z0-9_]bearer)\s+[a-z0-9\-._~+/]+=*)",
+        r"sk-(?<![A-Za-z0-9_]sk-)[A-Za-z0-9_\-]{16,}",
+        r"al_(?<![A-Za-z0-9_]al_)[A-Za-z0-9_\-]{16,}",
+        r"gh(?<![A-Za-z0-9_]gh)[pousr]_[A-Za-z0-9]{30,}",
+        r"AKIA(?<![A-Za-z0-9_]AKIA)[0-9A-Z]{16}\b",
+        r"xox(?<![A-Za-z0-9_]xox)[abprs]-[A-Za-z0-9\-]{10,}",
+        r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}",
+    ],
+)
+for _pattern in REDACT_PATTERNS:
+    try:
+        re.compile(_pattern)
+    except re.error as _exc:
+        raise ImproperlyConfigured(
+            f"REDACT_PATTERNS: {_pattern!r} is not a valid regular expression ({_exc})"
+        ) from None
+# Retention: days kept per table (0 keeps forever). Events are pruned only through the
+# privileged database function prune_events (see README, "Retention").
+RETENTION_DAYS_EVENTS = env.int("RETENTION_DAYS_EVENTS", 0, minimum=0)
+RETENTION_DAYS_MESSAGES = env.int("RETENTION_DAYS_MESSAGES", 0, minimum=0)
+RETENTION_DAYS_WORKFLOWS = env.int("RETENTION_DAYS_WORKFLOWS", 0, minimum=0)
+RETENTION_DAYS_AGENT_METRICS = env.int("RETENTION_DAYS_AGENT_METRICS", 400, minimum=0)
+RETENTION_DAYS_EXPORT_RUNS = env.int("RETENTION_DAYS_EXPORT_RUNS", 400, minimum=0)
+
 INFLUXDB_URL = env.optional_str("INFLUXDB_URL")
 INFLUXDB_TOKEN = env.optional_str("INFLUXDB_TOKEN")
 INFLUXDB_ORG = env.optional_str("INFLUXDB_ORG")

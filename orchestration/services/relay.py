@@ -97,7 +97,49 @@ def events_relay(*, client: redis.Redis | None = None, batch: int | None = None,
         published, blocked = _relay_batch(client, stream, gaps_key, result, batch)
         if blocked or published < batch:
             break
+    stream_trim(client=client, stream=stream)
     return result
+
+
+def _entry_key(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    milliseconds, sequence = text.split("-")
+    return int(milliseconds), int(sequence)
+
+
+def stream_trim(*, client: redis.Redis, stream: str) -> int:
+    """Trim the entries every consumer group is done with, and nothing else.
+
+    The trim point is, over all groups, the oldest entry still pending (delivered, not yet
+    acknowledged) or else the first one not yet delivered: entries below it were acknowledged
+    by every group. Without any group nothing is trimmed (no consumer has started reading).
+    A stream longer than SYNAPSE_STREAM_MAXLEN is reported, not cut: a lagging consumer still
+    needs those entries."""
+    try:
+        groups = client.xinfo_groups(stream)
+    except redis.ResponseError:
+        return 0  # no stream yet
+    if not groups:
+        return 0
+    safe: tuple[int, int] | None = None
+    for group in groups:
+        summary = client.xpending(stream, group["name"])
+        if summary["pending"]:
+            candidate = _entry_key(summary["min"])
+        else:
+            milliseconds, sequence = _entry_key(group["last-delivered-id"])
+            candidate = (milliseconds, sequence + 1)
+        safe = candidate if safe is None else min(safe, candidate)
+    trimmed = client.xtrim(stream, minid=f"{safe[0]}-{safe[1]}", approximate=True)
+    length = client.xlen(stream)
+    if length > settings.SYNAPSE_STREAM_MAXLEN:
+        logger.warning(
+            "the Synapse stream holds %d entries (SYNAPSE_STREAM_MAXLEN=%d) that a consumer group still needs: "
+            "is the consumer running?",
+            length,
+            settings.SYNAPSE_STREAM_MAXLEN,
+        )
+    return trimmed
 
 
 def _relay_batch(client: redis.Redis, stream: str, gaps_key: str, result: RelayResult, batch: int) -> tuple[int, bool]:
@@ -137,8 +179,6 @@ def _publish(client: redis.Redis, stream: str, events: list[Event], result: Rela
             stream,
             event_to_entry(event),
             id=f"{event.sequence}-1",
-            maxlen=settings.SYNAPSE_STREAM_MAXLEN,
-            approximate=True,
         )
     replies: list[Any] = pipe.execute(raise_on_error=False)
     published = 0

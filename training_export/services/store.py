@@ -4,7 +4,8 @@ Layout: `{TRAINING_DATA_DIR}/{type}/{type}_YYYY-MM-DD.csv` (UTC day), a header l
 row per record. Every row carries the `event_id` it came from, and a file never holds an
 event_id twice: a redelivered stream entry or a repeated call is written once.
 
-A write is durable when it returns: the rows are appended with one write() under an exclusive
+Every value is redacted (services/redaction.py) before it is encoded. A write is durable when
+it returns: the rows are appended with one write() under an exclusive
 flock, then the file is fsynced (and its directory, when the file is new). The lock lets
 several processes share a file (consumers of one group, workers calling the store API): under
 it a process first reads whatever the others appended since it last looked, so its set of
@@ -34,6 +35,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from orchestration.ids import new_id
+from training_export.services.redaction import current_redactor
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +169,8 @@ def _cell(value: Any, *, as_json: bool) -> str:
 
 
 def _encode_rows(schema: Schema, rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    """(event_id, CSV line) per row, all validated before any file is touched."""
+    """(event_id, CSV line) per row, redacted, all validated before any file is touched."""
+    redactor = current_redactor()
     encoded = []
     for row in rows:
         unknown = set(row) - set(schema.columns)
@@ -178,7 +181,13 @@ def _encode_rows(schema: Schema, rows: Sequence[Mapping[str, Any]]) -> list[tupl
             raise ValueError("every row needs an event_id (the dedupe key)")
         buffer = io.StringIO()
         csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerow(
-            [_cell(row.get(column), as_json=column in schema.json_columns) for column in schema.columns]
+            [
+                _cell(
+                    row.get(column) if column == "event_id" else redactor.value(row.get(column)),
+                    as_json=column in schema.json_columns,
+                )
+                for column in schema.columns
+            ]
         )
         encoded.append((str(event_id), buffer.getvalue()))
     return encoded
@@ -523,3 +532,11 @@ def store_workflow_data(
         "event_id": event_id or new_id(),
     }
     return _store_one(WORKFLOWS, recorded_at or timezone.now(), row)
+
+
+def export_for_training(data_type: str, start_date: str | dt.date, end_date: str | dt.date) -> Path:
+    """Export `data_type` for the UTC days start_date..end_date (both included) from the
+    database to JSONL and return the file's path (seed 002's API; see services/export.py)."""
+    from training_export.services.export import export_run
+
+    return Path(export_run(data_type=data_type, start_date=start_date, end_date=end_date).path)

@@ -13,7 +13,7 @@ read from PostgreSQL when the batch is consumed.
 An entry that cannot become a row (a required field missing, bad JSON, a bad timestamp) goes to
 the dead-letter stream `<stream>:dead` with a `reason` and its `original_id`, in the same MULTI
 as the acknowledgement: it is dead-lettered exactly once and never blocks the group. The
-consumer never trims the main stream (the relay caps it).
+consumer never trims the main stream (the relay trims only what every group acknowledged).
 """
 
 from __future__ import annotations

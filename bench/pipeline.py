@@ -1,0 +1,330 @@
+"""The training-data pipeline against its raw limits, side by side in one run.
+
+- consumer: the Synapse consumer (`SynapseConsumer.run(once=True)`: parse, redact, append to
+  the daily CSV partitions, fsync, then XACK) against a bare `XREADGROUP COUNT 100` + batched
+  `XACK` loop that writes nothing, both reading the same stream entries (separate groups);
+- export: the JSONL exporter (`export_run`, events, a fresh process per run) against
+  `COPY (SELECT row_to_json(t)::text FROM (...) t) TO STDOUT` in CSV format with quote and
+  delimiter characters that never occur (the text format would double every backslash and
+  corrupt the JSON), on the same rows; both outputs are checked: lines = count(*), every line
+  valid JSON;
+- memory: the exporter's peak RSS (ru_maxrss of its process) at each size, against the same
+  process's RSS before the export.
+
+Own database (agentledger_bench_pipeline) and Redis db 14; events are generated once per
+size, each size on its own UTC day.
+
+    .venv/bin/python -m bench.pipeline --rows 200000,1000000 --consumer-entries 200000 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["DJANGO_SETTINGS_MODULE"] = "bench.pipeline_settings"
+os.environ.setdefault("LOG_LEVEL", "WARNING")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import django  # noqa: E402
+
+django.setup()
+
+import psycopg  # noqa: E402
+import redis  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import connection  # noqa: E402
+
+from orchestration.models import Event  # noqa: E402
+from orchestration.services.relay import event_to_entry  # noqa: E402
+from training_export.services.jsonl import EXPORTERS  # noqa: E402
+from training_export.services.store import TrainingDataStore  # noqa: E402
+from training_export.services.synapse import SynapseConsumer  # noqa: E402
+
+STREAM = "bench-synapse"
+FIRST_DAY = dt.date(2024, 1, 1)
+EVENT_TYPES = ("agent_started", "task_started", "task_queued", "tool_executed", "message_created")
+
+
+def admin_dsn() -> str:
+    db = settings.DATABASES["default"]
+    return f"host={db['HOST'] or '127.0.0.1'} port={db['PORT'] or 5432} user={db['USER'] or 'postgres'} dbname=postgres"
+
+
+def ensure_database() -> None:
+    name = settings.DATABASES["default"]["NAME"]
+    with psycopg.connect(admin_dsn(), autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            conn.execute(f'CREATE DATABASE "{name}"')
+    call_command("migrate", verbosity=0)
+
+
+def day_bounds(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
+    start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+    return start, start + dt.timedelta(days=1)
+
+
+def seed(day: dt.date, rows: int) -> None:
+    """`rows` events spread over `day`, with payloads like the engine's (ids, a short text, usage)."""
+    start, end = day_bounds(day)
+    existing = Event.objects.filter(created_at__gte=start, created_at__lt=end).count()
+    if existing == rows:
+        return
+    if existing:
+        raise SystemExit(f"{day} holds {existing} events, not {rows}: drop the database agentledger_bench_pipeline")
+    step_us = 86_400_000_000 // rows
+    types = "ARRAY[" + ",".join(f"'{t}'" for t in EVENT_TYPES) + "]"
+    with connection.cursor() as cursor:
+        cursor.execute(  # built from constants; values are parameters
+            f"""
+            INSERT INTO events (event_id, event_type, entity_type, entity_id, workflow_id, agent_id, source,
+                                payload, severity, created_at)
+            SELECT md5(%(day)s || i), ({types})[1 + i %% 5], 'task', 'task-' || i, 'wf-' || (i / 20),
+                   'agent-' || (i %% 7), 'platform',
+                   jsonb_build_object('attempt', 1 + i %% 3, 'queue', 'normal', 'tool_name', 'calculator',
+                                      'input_params', jsonb_build_object('expression', i || ' * 7'),
+                                      'output_result', jsonb_build_object('result', i * 7),
+                                      'note', 'step ' || i || ' of a workflow, text "quoted" and \\ backslash',
+                                      'usage', jsonb_build_object('tokens_used', i %% 900, 'max_tokens', 1024)),
+                   'info', %(start)s::timestamptz + (i::bigint * %(step)s::bigint) * interval '1 microsecond'
+            FROM generate_series(0, %(rows)s - 1) AS i
+            """,  # noqa: S608
+            {"day": day.isoformat(), "start": start, "step": step_us, "rows": rows},
+        )
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE events")
+
+
+def valid_jsonl(path: Path) -> int:
+    lines = 0
+    with path.open("rb") as fh:
+        for line in fh:
+            json.loads(line)
+            lines += 1
+    return lines
+
+
+# --- consumer -------------------------------------------------------------------------------
+
+
+def fill_stream(client: redis.Redis, day: dt.date, entries: int) -> None:
+    client.delete(STREAM, f"{STREAM}:dead")
+    start, end = day_bounds(day)
+    rows = Event.objects.filter(created_at__gte=start, created_at__lt=end).order_by("sequence")[:entries]
+    pipe = client.pipeline(transaction=False)
+    for i, event in enumerate(rows.iterator(chunk_size=5000), 1):
+        pipe.xadd(STREAM, event_to_entry(event), id=f"{event.sequence}-1")
+        if i % 5000 == 0:
+            pipe.execute()
+    pipe.execute()
+
+
+def run_bare(client: redis.Redis, group: str) -> tuple[float, int]:
+    client.xgroup_create(STREAM, group, id="0")
+    done = 0
+    began = time.perf_counter()
+    while True:
+        reply = client.xreadgroup(group, "bare", {STREAM: ">"}, count=100)
+        if not reply or not reply[0][1]:
+            break
+        ids = [entry_id for entry_id, _ in reply[0][1]]
+        client.xack(STREAM, group, *ids)
+        done += len(ids)
+    return time.perf_counter() - began, done
+
+
+def run_consumer(client: redis.Redis, group: str, directory: Path) -> tuple[float, int]:
+    consumer = SynapseConsumer(
+        client=client, store=TrainingDataStore(directory), stream=STREAM, group=group, consumer="bench", batch=500
+    )
+    began = time.perf_counter()
+    result = consumer.run(once=True)
+    seconds = time.perf_counter() - began
+    if result.dead or client.xpending(STREAM, group)["pending"]:
+        raise SystemExit(f"consumer left work behind: {result.summary()}")
+    return seconds, result.entries
+
+
+def bench_consumer(entries: int, repeat: int) -> list[dict]:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    fill_stream(client, FIRST_DAY, entries)
+    length = client.xlen(STREAM)
+    rounds = []
+    for n in range(repeat):
+        bare_seconds, bare_done = run_bare(client, f"bare-{n}")
+        directory = Path(tempfile.mkdtemp(prefix="bench-consumer-"))
+        try:
+            consumer_seconds, consumer_done = run_consumer(client, f"training-{n}", directory)
+            csv_rows = sum(sum(1 for _ in path.open("rb")) - 1 for path in (directory / "events").glob("*.csv"))
+        finally:
+            shutil.rmtree(directory)
+        if not (bare_done == consumer_done == csv_rows == length):
+            raise SystemExit(f"counts differ: bare {bare_done}, consumer {consumer_done}, csv {csv_rows}, {length}")
+        rounds.append(
+            {
+                "entries": length,
+                "bare_per_s": bare_done / bare_seconds,
+                "consumer_per_s": consumer_done / consumer_seconds,
+            }
+        )
+        print(
+            f"  consumer round {n + 1}: bare {bare_done / bare_seconds:,.0f}/s, "
+            f"consumer {consumer_done / consumer_seconds:,.0f}/s "
+            f"({bare_seconds / consumer_seconds:.2f}x)",
+            flush=True,
+        )
+    client.delete(STREAM, f"{STREAM}:dead")
+    return rounds
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+def copy_baseline(day: dt.date, out: Path) -> tuple[float, int]:
+    """What PostgreSQL itself can stream: the same rows, as JSON, through COPY."""
+    start, end = day_bounds(day)
+    columns = ", ".join(EXPORTERS["events"].columns)
+    sql = (  # built from the exporter's column names and two dates
+        f"COPY (SELECT row_to_json(t)::text FROM (SELECT {columns} FROM events "  # noqa: S608
+        f"WHERE created_at >= '{start.isoformat()}' AND created_at < '{end.isoformat()}' ORDER BY sequence) t) "
+        "TO STDOUT (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
+    )
+    db = settings.DATABASES["default"]
+    dsn = f"host={db['HOST'] or '127.0.0.1'} port={db['PORT'] or 5432} user={db['USER']} dbname={db['NAME']}"
+    began = time.perf_counter()
+    with psycopg.connect(dsn) as conn, conn.cursor() as cursor, out.open("wb") as fh:
+        with cursor.copy(sql) as copy:
+            for chunk in copy:
+                fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return time.perf_counter() - began, 0
+
+
+def export_in_subprocess(day: dt.date, out: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.pipeline", "--child-export", day.isoformat(), "--child-output", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode:
+        raise SystemExit(f"export subprocess failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from
+    the parent across fork and exec, so a child would report the bench process's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def child_export(day: str, output: str) -> None:
+    from training_export.services.export import export_run
+
+    before_kb = peak_rss_kb()
+    began = time.perf_counter()
+    run = export_run(data_type="events", start_date=day, end_date=day, output_dir=output, force=True)
+    seconds = time.perf_counter() - began
+    peak_kb = peak_rss_kb()
+    print(
+        json.dumps(
+            {"seconds": seconds, "rows": run.rows, "path": run.path, "rss_before_kb": before_kb, "rss_peak_kb": peak_kb}
+        )
+    )
+
+
+def bench_export(sizes: list[int], repeat: int) -> list[dict]:
+    rounds = []
+    for index in range(len(sizes)):
+        day = FIRST_DAY + dt.timedelta(days=index)
+        start, end = day_bounds(day)
+        count = Event.objects.filter(created_at__gte=start, created_at__lt=end).count()
+        for n in range(repeat):
+            directory = Path(tempfile.mkdtemp(prefix="bench-export-"))
+            try:
+                copy_path = directory / "copy.jsonl"
+                copy_seconds, _ = copy_baseline(day, copy_path)
+                copy_lines = valid_jsonl(copy_path)
+                child = export_in_subprocess(day, directory / "export")
+                export_lines = valid_jsonl(Path(child["path"]))
+            finally:
+                shutil.rmtree(directory)
+            if not (copy_lines == export_lines == child["rows"] == count):
+                raise SystemExit(f"counts differ: copy {copy_lines}, export {export_lines}, count(*) {count}")
+            result = {
+                "rows": count,
+                "copy_per_s": count / copy_seconds,
+                "export_per_s": count / child["seconds"],
+                "rss_before_mb": child["rss_before_kb"] / 1024,
+                "rss_peak_mb": child["rss_peak_kb"] / 1024,
+            }
+            rounds.append(result)
+            print(
+                f"  export {count:,} rows round {n + 1}: COPY {result['copy_per_s']:,.0f}/s, "
+                f"exporter {result['export_per_s']:,.0f}/s ({result['export_per_s'] / result['copy_per_s']:.2f}x), "
+                f"RSS {result['rss_before_mb']:.0f} -> {result['rss_peak_mb']:.0f} MB",
+                flush=True,
+            )
+    return rounds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="200000,1000000", help="export sizes, comma-separated")
+    parser.add_argument("--consumer-entries", type=int, default=200_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-consumer", action="store_true", help="only the export benchmark")
+    parser.add_argument("--child-export", help=argparse.SUPPRESS)
+    parser.add_argument("--child-output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_export:
+        child_export(args.child_export, args.child_output)
+        return
+    sizes = [int(size) for size in args.rows.split(",")]
+    ensure_database()
+    for index, rows in enumerate(sizes):
+        seed(FIRST_DAY + dt.timedelta(days=index), rows)
+
+    consumer = []
+    if not args.skip_consumer:
+        print(f"consumer vs bare XREADGROUP/XACK on {args.consumer_entries:,} entries", flush=True)
+        consumer = bench_consumer(min(args.consumer_entries, sizes[0]), args.repeat)
+    print("exporter vs COPY row_to_json", flush=True)
+    export = bench_export(sizes, args.repeat)
+
+    print("\nmedians")
+    if consumer:
+        bare = statistics.median(r["bare_per_s"] for r in consumer)
+        ours = statistics.median(r["consumer_per_s"] for r in consumer)
+        print(f"| consumer | {ours:,.0f} events/s | bare loop {bare:,.0f}/s | {ours / bare:.2f}x (target >= 0.5x) |")
+    for rows in sorted({r["rows"] for r in export}):
+        mine = [r for r in export if r["rows"] == rows]
+        copy = statistics.median(r["copy_per_s"] for r in mine)
+        exp = statistics.median(r["export_per_s"] for r in mine)
+        peak = max(r["rss_peak_mb"] for r in mine)
+        before = statistics.median(r["rss_before_mb"] for r in mine)
+        print(
+            f"| export {rows:,} | {exp:,.0f} rows/s | COPY {copy:,.0f}/s | {exp / copy:.2f}x (target >= 0.25x) "
+            f"| RSS {before:.0f} -> {peak:.0f} MB |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The rollup: per-agent metrics per hour and per day, computed in SQL.
+
+`metrics_rollup` writes, for one period [start, start + hour|day), one `agent_metrics` row
+per agent and metric with one INSERT ... SELECT ... ON CONFLICT DO UPDATE (the
+`agent_metrics_one_per_period` unique index), so running it again for the same period
+replaces the values instead of adding rows. Measured per agent over the tasks that finished
+in the period (completed, failed or timed out; cancelled ones never ran to an outcome):
+
+- tasks, success_rate and error_rate (percent), retries (sum of retry_count);
+- latency (average) and latency_p95 (percentile_cont) of execution_time_ms;
+- tokens, input_tokens, output_tokens, cost (all attempts of those tasks);
+- wasted_cost: the cost of the attempts that failed, timed out or were lost in the period.
+
+It then refreshes the agents' summary columns (all time) and reconciles the token and cost
+totals of the workflows that finished in the period with the sum of their tasks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from orchestration.models import AgentMetric
+
+logger = logging.getLogger(__name__)
+
+PERIODS = {AgentMetric.Period.HOUR: dt.timedelta(hours=1), AgentMetric.Period.DAY: dt.timedelta(days=1)}
+FINISHED = ("completed", "failed", "timed_out")
+WASTED_ATTEMPTS = ("failed", "timed_out", "lost")
+
+# (metric_type, unit, SQL expression over the per-agent aggregates a.* and the p95 p.v)
+METRICS = (
+    ("tasks", "count", "a.tasks"),
+    ("success_rate", "percent", "100.0 * a.succeeded / a.tasks"),
+    ("error_rate", "percent", "100.0 * a.errored / a.tasks"),
+    ("retries", "count", "a.retries"),
+    ("latency", "ms", "a.latency"),
+    ("latency_p95", "ms", "p.v"),
+    ("tokens", "tokens", "a.tokens"),
+    ("input_tokens", "tokens", "a.input_tokens"),
+    ("output_tokens", "tokens", "a.output_tokens"),
+    ("cost", "usd", "a.cost"),
+    ("wasted_cost", "usd", "COALESCE(w.wasted, 0)"),
+)
+
+# percentile_cont on PostgreSQL; SQLite (the embedded first-run database) has no ordered-set
+# aggregates, so there the same linear interpolation is spelled with window functions.
+_P95 = {
+    "postgresql": """
+        SELECT agent_id, percentile_cont(0.95) WITHIN GROUP (ORDER BY execution_time_ms) AS v
+        FROM finished WHERE execution_time_ms IS NOT NULL GROUP BY agent_id
+    """,
+    "sqlite": """
+        SELECT agent_id, SUM(CASE
+            WHEN i = CAST(0.95 * (n - 1) AS INTEGER) THEN x * (1 - (0.95 * (n - 1) - CAST(0.95 * (n - 1) AS INTEGER)))
+            WHEN i = CAST(0.95 * (n - 1) AS INTEGER) + 1 THEN x * (0.95 * (n - 1) - CAST(0.95 * (n - 1) AS INTEGER))
+            ELSE 0 END) AS v
+        FROM (
+            SELECT agent_id, execution_time_ms AS x,
+                   ROW_NUMBER() OVER (PARTITION BY agent_id ORDER BY execution_time_ms) - 1 AS i,
+                   COUNT(*) OVER (PARTITION BY agent_id) AS n
+            FROM finished WHERE execution_time_ms IS NOT NULL
+        ) ranked GROUP BY agent_id
+    """,
+}
+_NEW_ID = {"postgresql": "gen_random_uuid()", "sqlite": "lower(hex(randomblob(16)))"}
+_CONTEXT = {
+    "postgresql": "jsonb_build_object('tasks', a.tasks, 'period_end', %(end_text)s)",
+    "sqlite": "json_object('tasks', a.tasks, 'period_end', %(end_text)s)",
+}
+
+
+def _rollup_sql(vendor: str) -> str:
+    values = ",\n".join(f"('{name}', '{unit}', {expression})" for name, unit, expression in METRICS)
+    cast = "::double precision" if vendor == "postgresql" else ""
+    # Built from the constants above only; the period bounds are query parameters.
+    return f"""
+    WITH finished AS (
+        SELECT agent_id, status, retry_count, execution_time_ms, tokens_used, input_tokens, output_tokens, cost_usd
+        FROM task_executions
+        WHERE completed_at >= %(start)s AND completed_at < %(end)s AND status IN {FINISHED!r}
+    ),
+    agg AS (
+        SELECT agent_id,
+               COUNT(*) AS tasks,
+               SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END) AS succeeded,
+               SUM(CASE WHEN status <> 'completed' THEN 1 ELSE 0 END) AS errored,
+               SUM(retry_count) AS retries,
+               AVG(execution_time_ms) AS latency,
+               SUM(tokens_used) AS tokens,
+               SUM(input_tokens) AS input_tokens,
+               SUM(output_tokens) AS output_tokens,
+               SUM(cost_usd) AS cost
+        FROM finished GROUP BY agent_id
+    ),
+    p95 AS ({_P95[vendor]}),
+    wasted AS (
+        SELECT t.agent_id, SUM(ta.cost_usd) AS wasted
+        FROM task_attempts ta JOIN task_executions t ON t.execution_id = ta.execution_id
+        WHERE ta.finished_at >= %(start)s AND ta.finished_at < %(end)s AND ta.status IN {WASTED_ATTEMPTS!r}
+        GROUP BY t.agent_id
+    ),
+    agents_in_period AS (SELECT agent_id FROM agg UNION SELECT agent_id FROM wasted)
+    INSERT INTO agent_metrics
+        (id, agent_id, metric_type, metric_value, metric_unit, period, period_start, recorded_at, context, created_at)
+    SELECT {_NEW_ID[vendor]}, x.agent_id, m.metric_type, m.metric_value{cast}, m.metric_unit, %(period)s, %(start)s,
+           %(now)s, m.context, %(now)s
+    FROM agents_in_period x
+    LEFT JOIN agg a ON a.agent_id = x.agent_id
+    LEFT JOIN p95 p ON p.agent_id = x.agent_id
+    LEFT JOIN wasted w ON w.agent_id = x.agent_id
+    CROSS JOIN LATERAL (
+        SELECT v.metric_type, v.metric_unit, v.metric_value, {_CONTEXT[vendor]} AS context
+        FROM (VALUES {values}) AS v (metric_type, metric_unit, metric_value)
+    ) m
+    WHERE m.metric_value IS NOT NULL
+    ON CONFLICT (agent_id, metric_type, period, period_start) WHERE period IS NOT NULL
+    DO UPDATE SET metric_value = excluded.metric_value, metric_unit = excluded.metric_unit,
+                  recorded_at = excluded.recorded_at, context = excluded.context
+    """  # noqa: S608
+
+
+def _sqlite_rollup_sql() -> str:
+    """SQLite has neither LATERAL nor column lists on VALUES: one SELECT per metric instead."""
+    selects = []
+    for name, unit, expression in METRICS:
+        selects.append(
+            f"SELECT lower(hex(randomblob(16))), x.agent_id, '{name}', {expression}, '{unit}', %(period)s, "  # noqa: S608
+            f"%(start)s, %(now)s, json_object('tasks', a.tasks, 'period_end', %(end_text)s), %(now)s "
+            "FROM agents_in_period x LEFT JOIN agg a ON a.agent_id = x.agent_id "
+            "LEFT JOIN p95 p ON p.agent_id = x.agent_id LEFT JOIN wasted w ON w.agent_id = x.agent_id "
+            f"WHERE ({expression}) IS NOT NULL"
+        )
+    common = _rollup_sql("sqlite")
+    head = common[: common.index("INSERT INTO agent_metrics")]
+    insert = (
+        "INSERT INTO agent_metrics (id, agent_id, metric_type, metric_value, metric_unit, period, period_start, "  # noqa: S608
+        "recorded_at, context, created_at) SELECT * FROM (" + " UNION ALL ".join(selects) + ") WHERE true "
+        "ON CONFLICT (agent_id, metric_type, period, period_start) WHERE period IS NOT NULL "
+        "DO UPDATE SET metric_value = excluded.metric_value, metric_unit = excluded.metric_unit, "
+        "recorded_at = excluded.recorded_at, context = excluded.context"
+    )
+    return head + insert
+
+
+AGENTS_REFRESH_SQL = f"""
+    UPDATE agents SET
+        total_tasks_completed = s.completed,
+        total_tokens_used = s.tokens,
+        average_latency_ms = s.latency,
+        success_rate = s.success_rate
+    FROM (
+        SELECT agent_id,
+               SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END) AS completed,
+               COALESCE(SUM(tokens_used), 0) AS tokens,
+               COALESCE(AVG(CASE WHEN status = 'completed' THEN execution_time_ms END), 0) AS latency,
+               CASE WHEN SUM(CASE WHEN status IN {FINISHED!r} THEN 1 ELSE 0 END) = 0 THEN 100.0
+                    ELSE 100.0 * SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END)
+                         / SUM(CASE WHEN status IN {FINISHED!r} THEN 1 ELSE 0 END) END AS success_rate
+        FROM task_executions GROUP BY agent_id
+    ) s
+    WHERE agents.id = s.agent_id
+      AND (agents.total_tasks_completed <> s.completed OR agents.total_tokens_used <> s.tokens
+           OR agents.average_latency_ms <> s.latency OR agents.success_rate <> s.success_rate)
+"""  # noqa: S608
+
+WORKFLOWS_RECONCILE_SQL = """
+    UPDATE workflows SET total_tokens_used = s.tokens, total_cost_usd = s.cost
+    FROM (
+        SELECT workflow_id, SUM(tokens_used) AS tokens, SUM(cost_usd) AS cost
+        FROM task_executions
+        WHERE workflow_id IN (
+            SELECT workflow_id FROM workflows WHERE completed_at >= %(start)s AND completed_at < %(end)s
+        )
+        GROUP BY workflow_id
+    ) s
+    WHERE workflows.workflow_id = s.workflow_id
+      AND (workflows.total_tokens_used <> s.tokens OR workflows.total_cost_usd <> s.cost)
+"""
+
+
+@dataclass
+class RollupResult:
+    period: str
+    period_start: dt.datetime
+    metrics: int = 0
+    agents_refreshed: int = 0
+    workflows_reconciled: int = 0
+
+
+def period_floor(value: dt.datetime, period: str) -> dt.datetime:
+    value = value.astimezone(dt.UTC)
+    if period == AgentMetric.Period.HOUR:
+        return value.replace(minute=0, second=0, microsecond=0)
+    if period == AgentMetric.Period.DAY:
+        return value.replace(hour=0, minute=0, second=0, microsecond=0)
+    raise ValueError(f"unknown period {period!r}; expected one of {sorted(PERIODS)}")
+
+
+@transaction.atomic
+def metrics_rollup(*, period: str, period_start: dt.datetime, now: dt.datetime | None = None) -> RollupResult:
+    """Roll up one period (hour or day starting at `period_start`, UTC) into agent_metrics,
+    refresh the agents' summary columns and reconcile the period's workflow totals. Safe to
+    run again: it replaces the period's values."""
+    if timezone.is_naive(period_start):
+        raise ValueError("period_start must be timezone-aware")
+    if period_floor(period_start, period) != period_start.astimezone(dt.UTC):
+        raise ValueError(f"period_start {period_start.isoformat()} is not the start of a {period}")
+    vendor = connection.vendor
+    if vendor not in _P95:
+        raise RuntimeError(f"no rollup for {vendor}; use PostgreSQL or SQLite")
+    start = period_start.astimezone(dt.UTC)
+    end = start + PERIODS[period]
+    now = now or timezone.now()
+    adapt = connection.ops.adapt_datetimefield_value
+    params = {
+        "start": adapt(start),
+        "end": adapt(end),
+        "now": adapt(now),
+        "period": period,
+        "end_text": end.isoformat(),
+    }
+    sql = _rollup_sql(vendor) if vendor == "postgresql" else _sqlite_rollup_sql()
+    result = RollupResult(period=period, period_start=start)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        cursor.execute(AGENTS_REFRESH_SQL)
+        result.agents_refreshed = cursor.rowcount
+        cursor.execute(WORKFLOWS_RECONCILE_SQL, params)
+        result.workflows_reconciled = cursor.rowcount
+    result.metrics = AgentMetric.objects.filter(period=period, period_start=start).count()
+    if result.workflows_reconciled:
+        logger.warning(
+            "%d workflow(s) finished %s..%s had token/cost totals different from the sum of their tasks; corrected",
+            result.workflows_reconciled,
+            start.isoformat(),
+            end.isoformat(),
+        )
+    return result
+
+
+def rollup_previous(*, period: str, now: dt.datetime | None = None) -> RollupResult:
+    """Roll up the last complete hour or day (the beat entry point)."""
+    current = period_floor(now or timezone.now(), period)
+    return metrics_rollup(period=period, period_start=current - PERIODS[period], now=now)

@@ -1,0 +1,140 @@
+"""Retention: per-table days, and events pruned only through the privileged function."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import pytest
+import redis
+from django.db import DatabaseError, connection, transaction
+from django.utils import timezone
+
+from orchestration.models import AgentMetric, AgentPlaygroundMessage, Event, TaskExecution, Workflow
+from orchestration.services.retention import events_prune, retention_apply
+from tests.factories import (
+    AgentFactory,
+    EventFactory,
+    ExportRunFactory,
+    MessageFactory,
+    MetricFactory,
+    TaskExecutionFactory,
+    WorkflowFactory,
+)
+from training_export.models import ExportRun
+
+NOW = dt.datetime(2024, 6, 1, 12, 0, tzinfo=dt.UTC)
+OLD = NOW - dt.timedelta(days=40)
+RECENT = NOW - dt.timedelta(days=5)
+
+
+@pytest.fixture
+def stream(settings):
+    settings.SYNAPSE_STREAM = f"synapse-retention-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    yield client
+    client.delete(settings.SYNAPSE_STREAM)
+    client.close()
+
+
+@pytest.fixture
+def other_role(db):
+    """A role that may DELETE from events but is not prune_events' owner."""
+    name = f"retention_test_{uuid.uuid4().hex[:8]}"
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE ROLE {name}")
+        cursor.execute(f"GRANT SELECT, DELETE ON events TO {name}")
+    yield name
+    with connection.cursor() as cursor:
+        cursor.execute(f"REVOKE ALL ON events FROM {name}")
+        cursor.execute(f"DROP ROLE {name}")
+
+
+def test_a_plain_delete_of_events_is_still_refused(db):
+    EventFactory(created_at=OLD)
+    with pytest.raises(DatabaseError, match="append-only: DELETE is not allowed"), transaction.atomic():
+        Event.objects.all().delete()
+
+
+def test_setting_the_prune_flag_by_hand_under_another_role_is_refused(other_role):
+    EventFactory(created_at=OLD)
+    with (
+        pytest.raises(DatabaseError, match="append-only: DELETE"),
+        transaction.atomic(),
+        connection.cursor() as cursor,
+    ):
+        cursor.execute(f"SET LOCAL ROLE {other_role}")
+        cursor.execute("SELECT set_config('agentledger.prune_events', 'on', true)")
+        cursor.execute("DELETE FROM events")
+
+
+def test_a_role_without_execute_cannot_call_prune_events(other_role):
+    with (
+        pytest.raises(DatabaseError, match="permission denied for function prune_events"),
+        transaction.atomic(),
+        connection.cursor() as cursor,
+    ):
+        cursor.execute(f"SET LOCAL ROLE {other_role}")
+        cursor.execute("SELECT prune_events(now(), 1, 10)")
+
+
+def test_prune_events_deletes_only_old_relayed_events(db):
+    old = [EventFactory(created_at=OLD) for _ in range(5)]
+    recent = EventFactory(created_at=RECENT)
+    deleted = events_prune(before=NOW - dt.timedelta(days=30), max_sequence=old[2].sequence, batch=2)
+    assert deleted == 3
+    remaining = set(Event.objects.values_list("sequence", flat=True))
+    assert {e.sequence for e in old[3:]} | {recent.sequence} <= remaining
+    assert not remaining & {e.sequence for e in old[:3]}
+    # Still append-only afterwards, in the same session.
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+        Event.objects.filter(sequence=recent.sequence).delete()
+
+
+def test_retention_applies_each_tables_days(db, settings, stream):
+    settings.RETENTION_DAYS_EVENTS = 30
+    settings.RETENTION_DAYS_MESSAGES = 30
+    settings.RETENTION_DAYS_AGENT_METRICS = 30
+    settings.RETENTION_DAYS_WORKFLOWS = 30
+    settings.RETENTION_DAYS_EXPORT_RUNS = 30
+    old_events = [EventFactory(created_at=OLD) for _ in range(3)]
+    unrelayed_old = EventFactory(created_at=OLD)
+    EventFactory(created_at=RECENT)
+    # The relay has published up to the third old event only.
+    stream.xadd(settings.SYNAPSE_STREAM, {"x": "1"}, id=f"{old_events[-1].sequence}-1")
+
+    agent = AgentFactory()
+    MessageFactory(agent=agent, created_at=OLD)
+    kept_message = MessageFactory(agent=agent, created_at=RECENT)
+    MetricFactory(agent=agent, period="day", period_start=OLD, recorded_at=OLD)
+    MetricFactory(agent=agent, period="day", period_start=RECENT, recorded_at=RECENT)
+    old_workflow = WorkflowFactory(status=Workflow.Status.COMPLETED, started_at=OLD, completed_at=OLD)
+    TaskExecutionFactory(workflow=old_workflow, agent=agent, status="completed", completed_at=OLD)
+    running_old = WorkflowFactory(status=Workflow.Status.RUNNING, started_at=OLD)
+    ExportRunFactory(status=ExportRun.Status.FAILED, created_at=OLD)
+    ExportRunFactory(status=ExportRun.Status.SUCCEEDED, created_at=OLD)
+
+    result = retention_apply(now=NOW)
+
+    assert result.deleted == {
+        "events": 3,
+        "agent_playground_messages": 1,
+        "agent_metrics": 1,
+        "workflows": 1,
+        "export_runs": 1,
+    }
+    assert Event.objects.filter(sequence=unrelayed_old.sequence).exists()
+    assert list(AgentPlaygroundMessage.objects.all()) == [kept_message]
+    assert AgentMetric.objects.get().period_start == RECENT
+    assert list(Workflow.objects.all()) == [running_old]
+    assert not TaskExecution.objects.exists()
+    assert ExportRun.objects.get().status == ExportRun.Status.SUCCEEDED
+
+
+def test_zero_days_keeps_everything(db, settings):
+    for name in ("EVENTS", "MESSAGES", "AGENT_METRICS", "WORKFLOWS", "EXPORT_RUNS"):
+        setattr(settings, f"RETENTION_DAYS_{name}", 0)
+    EventFactory(created_at=OLD)
+    MessageFactory(created_at=OLD)
+    assert retention_apply(now=timezone.now()).deleted == {}
+    assert Event.objects.count() == 1 and AgentPlaygroundMessage.objects.count() == 1

@@ -1,0 +1,150 @@
+"""The SQL rollup into agent_metrics, the agents' summary columns and workflow totals."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+import pytest
+
+from orchestration.models import AgentMetric, TaskAttempt, TaskExecution, Workflow
+from orchestration.services.rollup import metrics_rollup, rollup_previous
+from tests.factories import AgentFactory, TaskAttemptFactory, TaskExecutionFactory, WorkflowFactory
+
+H = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
+
+
+def task(agent, *, status, at, ms, tokens=10, cost="0.01", retries=0, workflow=None) -> TaskExecution:
+    return TaskExecutionFactory(
+        agent=agent,
+        status=status,
+        started_at=at - dt.timedelta(milliseconds=ms),
+        completed_at=at,
+        execution_time_ms=ms,
+        tokens_used=tokens,
+        input_tokens=tokens // 2,
+        output_tokens=tokens - tokens // 2,
+        cost_usd=Decimal(cost),
+        retry_count=retries,
+        **({"workflow": workflow} if workflow else {}),
+    )
+
+
+def metrics(agent, period="hour", start=H) -> dict[str, float]:
+    return {
+        m.metric_type: m.metric_value
+        for m in AgentMetric.objects.filter(agent=agent, period=period, period_start=start)
+    }
+
+
+@pytest.fixture
+def activity(db):
+    agent = AgentFactory()
+    other = AgentFactory()
+    for i, ms in enumerate((100, 200, 300)):
+        task(agent, status="completed", at=H + dt.timedelta(minutes=10 + i), ms=ms)
+    failed = task(agent, status="failed", at=H + dt.timedelta(minutes=30), ms=400, cost="0.02", retries=1)
+    for number in (1, 2):
+        TaskAttemptFactory(
+            execution=failed,
+            attempt_number=number,
+            failed=True,
+            started_at=H + dt.timedelta(minutes=20 + number),
+            cost_usd=Decimal("0.0075"),
+        )
+    task(agent, status="completed", at=H + dt.timedelta(hours=1, minutes=5), ms=999)  # next hour
+    task(agent, status="running", at=H + dt.timedelta(minutes=5), ms=50)  # not finished
+    # The other agent only wasted money in this hour (its task finished earlier).
+    earlier = task(other, status="failed", at=H - dt.timedelta(hours=2), ms=10)
+    TaskAttemptFactory(
+        execution=earlier,
+        attempt_number=1,
+        failed=True,
+        started_at=H + dt.timedelta(minutes=1),
+        cost_usd=Decimal("0.5"),
+    )
+    return agent, other
+
+
+def test_hourly_rollup_computes_each_metric_in_sql(activity):
+    agent, other = activity
+    result = metrics_rollup(period="hour", period_start=H)
+    values = metrics(agent)
+    assert values == {
+        "tasks": 4,
+        "success_rate": 75.0,
+        "error_rate": 25.0,
+        "retries": 1,
+        "latency": 250.0,
+        "latency_p95": pytest.approx(385.0),  # percentile_cont: 300 + 0.85 * (400 - 300)
+        "tokens": 40,
+        "input_tokens": 20,
+        "output_tokens": 20,
+        "cost": pytest.approx(0.05),
+        "wasted_cost": pytest.approx(0.015),
+    }
+    assert metrics(other) == {"wasted_cost": 0.5}
+    assert result.metrics == len(values) + 1
+    unit = AgentMetric.objects.get(agent=agent, metric_type="latency_p95", period="hour", period_start=H)
+    assert unit.metric_unit == "ms" and unit.context["tasks"] == 4
+
+
+def test_rerunning_a_period_replaces_its_values(activity):
+    agent, _ = activity
+    metrics_rollup(period="hour", period_start=H)
+    count = AgentMetric.objects.count()
+    task(agent, status="completed", at=H + dt.timedelta(minutes=50), ms=500)
+    metrics_rollup(period="hour", period_start=H)
+    assert AgentMetric.objects.count() == count
+    assert metrics(agent)["tasks"] == 5
+    assert metrics(agent)["success_rate"] == 80.0
+
+
+def test_daily_rollup_covers_the_whole_day(activity):
+    agent, _ = activity
+    day = H.replace(hour=0)
+    metrics_rollup(period="day", period_start=day)
+    assert metrics(agent, "day", day)["tasks"] == 5  # the next hour's task is the same day
+
+
+def test_agents_summary_columns_are_refreshed(activity):
+    agent, _ = activity
+    metrics_rollup(period="hour", period_start=H)
+    agent.refresh_from_db()
+    assert agent.total_tasks_completed == 4
+    assert agent.total_tokens_used == 60  # every task, finished or not
+    assert agent.average_latency_ms == pytest.approx((100 + 200 + 300 + 999) / 4)
+    assert agent.success_rate == pytest.approx(80.0)  # 4 completed of 5 finished
+
+
+def test_workflow_totals_are_reconciled_with_their_tasks(db):
+    agent = AgentFactory()
+    workflow = WorkflowFactory(
+        status=Workflow.Status.COMPLETED,
+        started_at=H,
+        completed_at=H + dt.timedelta(minutes=59),
+        total_tokens_used=3,
+        total_cost_usd=Decimal("9"),
+    )
+    task(agent, status="completed", at=H + dt.timedelta(minutes=1), ms=5, tokens=7, cost="0.25", workflow=workflow)
+    task(agent, status="failed", at=H + dt.timedelta(minutes=2), ms=5, tokens=5, cost="0.5", workflow=workflow)
+    result = metrics_rollup(period="hour", period_start=H)
+    workflow.refresh_from_db()
+    assert (workflow.total_tokens_used, workflow.total_cost_usd) == (12, Decimal("0.75"))
+    assert result.workflows_reconciled == 1
+    assert metrics_rollup(period="hour", period_start=H).workflows_reconciled == 0
+
+
+def test_rollup_previous_rolls_up_the_last_complete_period(activity):
+    agent, _ = activity
+    result = rollup_previous(period="hour", now=H + dt.timedelta(hours=1, minutes=7))
+    assert result.period_start == H
+    assert metrics(agent)["tasks"] == 4
+
+
+def test_a_period_start_must_be_aligned(db):
+    with pytest.raises(ValueError, match="not the start of a hour"):
+        metrics_rollup(period="hour", period_start=H + dt.timedelta(minutes=1))
+    with pytest.raises(ValueError, match="unknown period"):
+        metrics_rollup(period="week", period_start=H)
+    assert TaskAttempt.objects.count() == 0

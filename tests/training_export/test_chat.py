@@ -1,0 +1,245 @@
+"""Conversations as OpenAI chat fine-tuning JSONL, checked by the format validator."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestration.models import AgentPlaygroundMessage, TaskAttempt
+from orchestration.runtime.tools import tool_schemas
+from tests.factories import AgentFactory, MessageFactory, TaskAttemptFactory, TaskExecutionFactory
+from training_export.services.chat import ChatFormatError, chat_example_validate
+from training_export.services.export import export_run
+
+DAY = dt.date(2024, 3, 5)
+T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def out(settings, tmp_path: Path) -> Path:
+    settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
+    return settings.TRAINING_EXPORT_DIR
+
+
+def call(call_id: str, name: str, arguments: dict) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+def thread(instance_id: str, agent, messages: list[dict], *, at: dt.datetime = T0) -> None:
+    for i, fields in enumerate(messages):
+        MessageFactory(instance_id=instance_id, agent=agent, created_at=at + dt.timedelta(seconds=i), **fields)
+
+
+def exported(out: Path) -> list[dict]:
+    path = out / "conversations" / "2024-03-05_2024-03-05" / "conversations-train.jsonl"
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines()]
+
+
+def test_conversations_export_in_openai_chat_format(db, out):
+    agent = AgentFactory(system_prompt="You are a careful calculator.", config={"tools": ["calculator"]})
+    execution = TaskExecutionFactory(agent=agent)
+    failed = TaskAttemptFactory(execution=execution, attempt_number=1, failed=True, started_at=T0)
+    succeeded = TaskAttemptFactory(execution=execution, attempt_number=2, succeeded=True, started_at=T0)
+    thread(
+        "t-1",
+        agent,
+        [
+            {"role": "user", "content": "What is 2+2?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [call("c1", "calculator", {"x": "2+2"})],
+                "attempt": failed,
+            },
+            {"role": "tool", "content": "error: timeout", "tool_call_id": "c1", "attempt": failed},
+            {"role": "assistant", "content": "I could not compute it.", "attempt": failed, "is_error": True},
+            {"role": "user", "content": "Try again."},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [call("c2", "calculator", {"x": "2+2"})],
+                "attempt": succeeded,
+            },
+            {"role": "tool", "content": "4", "tool_call_id": "c2", "attempt": succeeded},
+            {"role": "assistant", "content": "2+2 = 4.", "attempt": succeeded},
+            {"role": "user", "content": "thanks"},  # after the last answer: no training target
+        ],
+    )
+    thread("t-2", agent, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}])
+    # Only a failed attempt's answer: nothing to train on, skipped and counted.
+    thread("t-3", agent, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "is_error": True}])
+    # Before the window: not exported.
+    thread(
+        "t-0",
+        agent,
+        [{"role": "user", "content": "old"}, {"role": "assistant", "content": "old"}],
+        at=T0 - dt.timedelta(days=2),
+    )
+
+    run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+    examples = exported(out)
+    assert run.rows == len(examples) == 2
+    for example in examples:
+        chat_example_validate(example)
+    first = examples[0]
+    assert [m["role"] for m in first["messages"]] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+    ]
+    assert first["messages"][0]["content"] == "You are a careful calculator."
+    assert [m["weight"] for m in first["messages"] if m["role"] == "assistant"] == [0, 0, 1, 1]
+    assert first["messages"][2] == {
+        "role": "assistant",
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": '{"x":"2+2"}'}}
+        ],
+        "weight": 0,
+    }
+    assert first["messages"][3] == {"role": "tool", "tool_call_id": "c1", "content": "error: timeout"}
+    assert first["tools"] == tool_schemas(["calculator"])
+    assert first["tools"][0]["function"]["parameters"]["type"] == "object"
+    manifest = json.loads((Path(run.path).parent / "manifest.json").read_text())
+    assert manifest["skipped"] == {"no assistant message with weight 1": 1}
+    assert manifest["format"] == "chat_jsonl"
+
+
+def test_dataset_card_lets_datasets_load_the_export(db, out):
+    datasets = pytest.importorskip("datasets")
+    agent = AgentFactory(system_prompt="Be brief.")
+    thread("t-1", agent, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}])
+    run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+    loaded = datasets.load_dataset(str(Path(run.path).parent))
+    assert loaded["train"].num_rows == 1
+
+
+def test_the_dataset_card_names_the_train_split(db, out):
+    agent = AgentFactory()
+    thread("t-1", agent, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}])
+    run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+    card = (Path(run.path).parent / "README.md").read_text()
+    front_matter = card.split("---\n")[1]
+    assert "- split: train\n    path: conversations-train.jsonl\n" in front_matter
+
+
+VALID = {
+    "messages": [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "tool_calls": [call("a", "f", {})], "weight": 0},
+        {"role": "tool", "tool_call_id": "a", "content": "r"},
+        {"role": "assistant", "content": "done", "weight": 1},
+    ],
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+}
+
+
+def test_the_validator_accepts_a_valid_example():
+    chat_example_validate(VALID)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda e: e["messages"].append({"role": "robot", "content": "x"}), "role 'robot'"),
+        (
+            lambda e: e["messages"].insert(1, {"role": "system", "content": "again"}),
+            "system message may only come first",
+        ),
+        (lambda e: e["messages"].pop(3), "have no tool reply"),
+        (lambda e: e["messages"][3].update(tool_call_id="zzz"), "tool reply to 'zzz'"),
+        (lambda e: e["messages"][4].update(weight=0), "no assistant message with weight 1"),
+        (lambda e: e["messages"][4].update(weight=2), "weight must be 0 or 1"),
+        (lambda e: e["messages"][1].update(weight=1), "unexpected keys"),
+        (lambda e: e["messages"][2]["tool_calls"][0]["function"].update(arguments="{not json"), "not valid JSON"),
+        (lambda e: e["messages"][2]["tool_calls"][0]["function"].update(name="g"), "not among the example's tools"),
+        (lambda e: e["messages"][4].pop("content"), "needs content or tool_calls"),
+        (lambda e: e.update(extra=1), "unknown top-level keys"),
+        (lambda e: e["messages"].clear(), "non-empty list"),
+    ],
+)
+def test_the_validator_rejects_each_broken_rule(change, reason):
+    example = json.loads(json.dumps(VALID))
+    change(example)
+    with pytest.raises(ChatFormatError, match=reason):
+        chat_example_validate(example)
+
+
+def test_duplicate_tool_call_ids_are_rejected():
+    example = json.loads(json.dumps(VALID))
+    example["messages"][4:4] = [
+        {"role": "assistant", "tool_calls": [call("a", "f", {})]},
+        {"role": "tool", "tool_call_id": "a", "content": "r"},
+    ]
+    with pytest.raises(ChatFormatError, match="used twice"):
+        chat_example_validate(example)
+
+
+def test_attempt_status_sets_the_weight(db, out):
+    agent = AgentFactory()
+    execution = TaskExecutionFactory(agent=agent)
+    lost = TaskAttemptFactory(
+        execution=execution, attempt_number=1, status=TaskAttempt.Status.LOST, started_at=T0, finished_at=T0
+    )
+    thread(
+        "t-1",
+        agent,
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "from a lost attempt", "attempt": lost},
+            {"role": "user", "content": "b"},
+            {"role": "assistant", "content": "plain"},
+        ],
+    )
+    export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+    (example,) = exported(out)
+    assert [m.get("weight") for m in example["messages"] if m["role"] == "assistant"] == [0, 1]
+    assert AgentPlaygroundMessage.objects.count() == 4
+
+
+def test_a_thread_spanning_days_is_exported_with_its_history_up_to_each_window_end(db, out):
+    agent = AgentFactory()
+    thread("t-1", agent, [{"role": "user", "content": "day one"}, {"role": "assistant", "content": "answer one"}])
+    thread(
+        "t-1",
+        agent,
+        [{"role": "user", "content": "day two"}, {"role": "assistant", "content": "answer two"}],
+        at=T0 + dt.timedelta(days=1),
+    )
+    first = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+    second = export_run(data_type="conversations", start_date="2024-03-06", end_date="2024-03-06")
+    (one,) = [json.loads(line) for line in Path(first.path).read_text().splitlines()]
+    (two,) = [json.loads(line) for line in Path(second.path).read_text().splitlines()]
+    assert [m["content"] for m in one["messages"]] == ["day one", "answer one"]
+    assert [m["content"] for m in two["messages"]] == ["day one", "answer one", "day two", "answer two"]
+
+
+def test_a_called_tool_the_registry_does_not_know_gets_a_minimal_schema(db, out):
+    agent = AgentFactory(config={"tools": ["calculator"]})
+    thread(
+        "t-1",
+        agent,
+        [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "", "tool_calls": [call("c1", "retired_tool", {"a": 1})]},
+            {"role": "tool", "content": "ok", "tool_call_id": "c1"},
+            {"role": "assistant", "content": "done"},
+        ],
+    )
+    export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+    (example,) = exported(out)
+    chat_example_validate(example)
+    assert [tool["function"]["name"] for tool in example["tools"]] == ["calculator", "retired_tool"]
+    assert example["tools"][1] == {
+        "type": "function",
+        "function": {"name": "retired_tool", "parameters": {"type": "object"}},
+    }

@@ -1,0 +1,268 @@
+"""JSONL exports from PostgreSQL: closed windows, counts, determinism, atomic files, manifests."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connection
+from django.utils import timezone
+
+from orchestration.event_types import EventType
+from orchestration.models import Event, TaskExecution, Workflow
+from tests.engine import ROOT, database_url, wait_for
+from tests.factories import AgentFactory, EventFactory, TaskExecutionFactory, WorkflowFactory
+from training_export.models import ExportRun
+from training_export.services.export import (
+    ExportError,
+    WindowNotClosed,
+    export_run,
+    window_check_closed,
+    window_for,
+)
+from training_export.services.manifest import manifest_read
+from training_export.services.store import export_for_training
+
+DAY = dt.date(2024, 3, 5)
+T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def out(settings, tmp_path: Path) -> Path:
+    settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
+    settings.TRAINING_DATA_DIR = tmp_path / "training"
+    return settings.TRAINING_EXPORT_DIR
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text("utf-8").splitlines()]
+
+
+def seed_events(count: int, *, at: dt.datetime = T0) -> list[Event]:
+    return [
+        EventFactory(
+            event_type=EventType.AGENT_STARTED,
+            entity_id=f"e{i}",
+            created_at=at + dt.timedelta(seconds=i),
+            payload={"i": i, "note": "ok"},
+        )
+        for i in range(count)
+    ]
+
+
+def finished_task(*, at: dt.datetime, status: str = TaskExecution.Status.COMPLETED, **kwargs) -> TaskExecution:
+    return TaskExecutionFactory(
+        status=status,
+        created_at=at - dt.timedelta(seconds=2),
+        started_at=at - dt.timedelta(seconds=1),
+        completed_at=at,
+        tokens_used=10,
+        cost_usd=Decimal("0.0015"),
+        **kwargs,
+    )
+
+
+def test_exported_rows_equal_the_sql_counts_per_type(db, out):
+    seed_events(5)
+    EventFactory(event_type=EventType.AGENT_STARTED, created_at=T0 + dt.timedelta(days=1))  # next day
+    EventFactory(event_type=EventType.AGENT_STARTED, created_at=T0 - dt.timedelta(days=1))  # day before
+    for i in range(3):
+        EventFactory(
+            event_type=EventType.TOOL_EXECUTED,
+            entity_type="tool",
+            entity_id=f"call-{i}",
+            created_at=T0 + dt.timedelta(minutes=i),
+            payload={"tool_name": "calculate", "input_params": {"expression": "2+2"}, "output_result": {"result": 4}},
+        )
+    for i in range(4):
+        finished_task(at=T0 + dt.timedelta(minutes=i))
+    TaskExecutionFactory(status=TaskExecution.Status.RUNNING)  # unfinished: not exported
+    WorkflowFactory(status=Workflow.Status.COMPLETED, started_at=T0, completed_at=T0 + dt.timedelta(hours=1))
+
+    window = window_for(DAY, DAY)
+    expected = {
+        "events": Event.objects.filter(created_at__gte=window.start, created_at__lt=window.end).count(),
+        "tool_executions": Event.objects.filter(
+            created_at__gte=window.start, created_at__lt=window.end, event_type="tool_executed"
+        ).count(),
+        "tasks": TaskExecution.objects.filter(completed_at__gte=window.start, completed_at__lt=window.end).count(),
+        "workflows": Workflow.objects.filter(completed_at__gte=window.start, completed_at__lt=window.end).count(),
+    }
+    assert expected == {"events": 8, "tool_executions": 3, "tasks": 4, "workflows": 1}
+    for data_type, count in expected.items():
+        run = export_run(data_type=data_type, start_date="2024-03-05", end_date="2024-03-05")
+        records = lines(run.path)
+        assert len(records) == count == run.rows
+        assert run.status == ExportRun.Status.SUCCEEDED
+        manifest = manifest_read(Path(run.path).parent)
+        assert manifest["rows"] == {data_type: count}
+        assert manifest["files"][0]["sha256"] == run.checksum
+        assert manifest["schema_version"] == run.schema_version == "1"
+
+    events = lines(out / "events" / "2024-03-05_2024-03-05" / "events-train.jsonl")
+    assert [e["sequence"] for e in events] == sorted(e["sequence"] for e in events)
+    tools = lines(out / "tool_executions" / "2024-03-05_2024-03-05" / "tool_executions-train.jsonl")
+    assert tools[0]["tool_name"] == "calculate" and tools[0]["execution_id"] == "call-0"
+    tasks = lines(out / "tasks" / "2024-03-05_2024-03-05" / "tasks-train.jsonl")
+    assert tasks[0]["cost_usd"] == 0.0015 and tasks[0]["completed_at"] == T0.isoformat()
+
+
+def test_rerunning_a_window_gives_byte_identical_files(db, out):
+    seed_events(20)
+    first = export_run(data_type="events", start_date=DAY, end_date=DAY)
+    directory = Path(first.path).parent
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+
+    again = export_run(data_type="events", start_date=DAY, end_date=DAY)
+    assert again.pk == first.pk  # intact files: nothing written again
+
+    forced = export_run(data_type="events", start_date=DAY, end_date=DAY, force=True)
+    assert forced.pk != first.pk and forced.checksum == first.checksum
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    first.refresh_from_db()
+    assert first.status == ExportRun.Status.SUPERSEDED
+
+    Path(forced.path).unlink()  # a lost file is exported again, identically
+    restored = export_run(data_type="events", start_date=DAY, end_date=DAY)
+    assert restored.pk != forced.pk and restored.checksum == first.checksum
+
+
+def test_export_for_training_returns_the_jsonl_path(db, out):
+    seed_events(2)
+    path = export_for_training("events", "2024-03-05", "2024-03-05")
+    assert path == out / "events" / "2024-03-05_2024-03-05" / "events-train.jsonl"
+    assert len(lines(path)) == 2
+
+
+def test_bad_input_is_refused_and_nothing_is_written(db, out):
+    with pytest.raises(ExportError, match="unknown data type 'evnts'"):
+        export_run(data_type="evnts", start_date=DAY, end_date=DAY)
+    with pytest.raises(ExportError, match="start_date='2024-13-01' is not a date"):
+        export_run(data_type="events", start_date="2024-13-01", end_date=DAY)
+    with pytest.raises(ExportError, match="before start_date"):
+        export_run(data_type="events", start_date="2024-03-06", end_date="2024-03-05")
+    today = timezone.now().date()
+    with pytest.raises(WindowNotClosed, match="not closed yet"):
+        export_run(data_type="events", start_date=today, end_date=today)
+    assert not out.exists()
+    assert not ExportRun.objects.exists()
+
+
+def test_command_errors_name_the_problem(db, out):
+    with pytest.raises(CommandError, match="is not a date"):
+        call_command("export_training_data", "--type", "events", "--start", "05/03/2024", "--end", "2024-03-05")
+    today = timezone.now().date().isoformat()
+    with pytest.raises(CommandError, match="not closed yet"):
+        call_command("export_training_data", "--type", "all", "--start", today, "--end", today)
+    with pytest.raises(CommandError, match="invalid choice"):
+        call_command("export_training_data", "--type", "nope", "--start", today, "--end", today)
+
+
+def test_command_exports_all_types(db, out):
+    seed_events(3)
+    finished_task(at=T0)
+    stdout = io.StringIO()
+    call_command(
+        "export_training_data",
+        "--type",
+        "all",
+        "--start",
+        "2024-03-05",
+        "--end",
+        "2024-03-05",
+        "--no-progress",
+        stdout=stdout,
+    )
+    text = stdout.getvalue()
+    for data_type in ("events", "tasks", "tool_executions", "workflows", "conversations"):
+        assert f"{data_type}: " in text
+        assert (out / data_type / "2024-03-05_2024-03-05" / "manifest.json").is_file()
+    assert ExportRun.objects.filter(status="succeeded").count() == 5
+
+
+def test_a_transaction_open_since_before_the_window_end_keeps_the_window_open(db, out, settings):
+    """A writer that began before the end may still commit rows into the window: refuse."""
+    window = window_for(DAY, DAY)
+    dsn = connection.get_connection_params()
+    with psycopg.connect(
+        dbname=dsn["dbname"], host=dsn.get("host"), port=dsn.get("port"), user=dsn.get("user")
+    ) as other:
+        other.execute("BEGIN")
+        other.execute("SELECT 1")
+        # The open transaction began now, after this old window ended: not a threat.
+        window_check_closed(window)
+        # Seen from a moment before it began, the window's end is after the transaction's start.
+        late = window_for(timezone.now().date() - dt.timedelta(days=1), timezone.now().date() + dt.timedelta(days=1))
+        with pytest.raises(WindowNotClosed, match=r"transaction\(s\) that began before its end"):
+            window_check_closed(late, now=late.end + dt.timedelta(hours=1))
+        other.execute("ROLLBACK")
+    window_check_closed(late, now=late.end + dt.timedelta(hours=1))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_export_killed_mid_write_leaves_no_file_at_its_final_path(out, tmp_path):
+    agent = AgentFactory()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO events (event_id, event_type, entity_type, entity_id, agent_id, source, payload, severity, "
+            "created_at) SELECT 'ev-' || i, 'agent_started', 'agent', %s, %s, 'platform', "
+            "jsonb_build_object('i', i, 'text', repeat('x', 200)), 'info', %s + i * interval '1 millisecond' "
+            "FROM generate_series(1, 60000) AS i",
+            [agent.id, agent.id, T0],
+        )
+    final = out / "events" / "2024-03-05_2024-03-05" / "events-train.jsonl"
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": database_url(),
+        "TRAINING_EXPORT_DIR": str(out),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "manage.py",
+            "export_training_data",
+            "--type",
+            "events",
+            "--start",
+            "2024-03-05",
+            "--end",
+            "2024-03-05",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(
+            lambda: any(p.stat().st_size > 0 for p in final.parent.glob(".tmp-*")) if final.parent.exists() else False,
+            timeout=60,
+            interval=0.005,
+        )
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not final.exists()
+    assert not (final.parent / "manifest.json").exists()
+    run = ExportRun.objects.get()
+    assert run.status == ExportRun.Status.RUNNING  # killed: the row tells so until it is retried
+
+    completed = export_run(data_type="events", start_date=DAY, end_date=DAY)
+    assert completed.rows == 60000 == len(final.read_text().splitlines())
+    run.refresh_from_db()
+    assert run.status == ExportRun.Status.FAILED
+    assert f"export run {completed.pk} completed this window" in run.error

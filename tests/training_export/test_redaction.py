@@ -1,0 +1,166 @@
+"""Secrets never reach a training file: one redaction function for CSV and JSONL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+
+from config.env import Env
+from orchestration.event_types import EventType
+from orchestration.models import TaskExecution
+from tests.engine import ROOT
+from tests.factories import AgentFactory, EventFactory, MessageFactory, TaskExecutionFactory
+from training_export.services.redaction import MASK, build_redactor, redact
+from training_export.services.store import store_agent_event, store_agent_task, store_tool_execution
+
+T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
+CANARY = "canary-7f3a9c1e5b"
+SECRETS = {
+    "password": f"pw-{CANARY}",
+    "openai": f"sk-{CANARY}abcdefghijklmnop",
+    "platform": f"al_{CANARY}_0123456789abcdef",
+    "bearer": f"Bearer eyJ{CANARY}.payload.sig",
+    "email": f"{CANARY}@example.org",
+}
+
+
+def secret_input() -> dict:
+    return {
+        "question": f"call the API with {SECRETS['openai']} and mail {SECRETS['email']}",
+        "credentials": {"password": SECRETS["password"], "nested": [{"Authorization": SECRETS["bearer"]}]},
+        "headers": [f"X-Key: {SECRETS['platform']}"],
+        "max_tokens": 100,
+    }
+
+
+def test_keys_are_matched_as_whole_words_at_any_depth():
+    redactor = build_redactor(["secret", "token", "api_key", "password"], [])
+    value = {
+        "client_secret": "a",
+        "Access-Token": "b",
+        "refreshToken": "c",
+        "openai_api_key": "d",
+        "list": [{"db_password": "e"}],
+        "tokens_used": 12,
+        "max_tokens": 5,
+        "secretary": "kept",
+    }
+    assert redactor.value(value) == {
+        "client_secret": MASK,
+        "Access-Token": MASK,
+        "refreshToken": MASK,
+        "openai_api_key": MASK,
+        "list": [{"db_password": MASK}],
+        "tokens_used": 12,
+        "max_tokens": 5,
+        "secretary": "kept",
+    }
+
+
+def test_default_patterns_mask_credentials_and_emails_inside_text():
+    text = redact(f"a {SECRETS['bearer']} b {SECRETS['openai']} c {SECRETS['platform']} d {SECRETS['email']} e")
+    assert CANARY not in text
+    assert text == f"a {MASK} b {MASK} c {MASK} d {MASK} e"
+    assert redact("plain words, sk-short, 42") == "plain words, sk-short, 42"
+    # Inside a word is not a key: task names, ids, totals.
+    kept = "risk-assessment-for-customers total_al_0123456789abcdefgh task-0123456789abcdefghij"
+    assert redact(kept) == kept
+    assert redact("x\nsk-0123456789abcdefXYZ") == f"x\n{MASK}"
+
+
+def test_configured_keys_and_patterns_replace_the_defaults(settings):
+    settings.REDACT_KEYS = ["ssn"]
+    settings.REDACT_PATTERNS = [r"\d{3}-\d{2}-\d{4}"]
+    assert redact({"ssn": "x", "password": "kept", "note": "id 123-45-6789"}) == {
+        "ssn": MASK,
+        "password": "kept",
+        "note": f"id {MASK}",
+    }
+
+
+def test_a_canary_secret_in_task_input_never_appears_in_any_csv_or_jsonl(db, settings, tmp_path: Path):
+    settings.TRAINING_DATA_DIR = tmp_path / "training"
+    settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
+    agent = AgentFactory(system_prompt=f"Use the key {SECRETS['openai']}")
+    task = TaskExecutionFactory(
+        agent=agent,
+        status=TaskExecution.Status.COMPLETED,
+        input_data=secret_input(),
+        output_data={"echo": secret_input()},
+        error=f"failed with {SECRETS['bearer']}",
+        started_at=T0,
+        completed_at=T0,
+    )
+    EventFactory(
+        event_type=EventType.TASK_COMPLETED,
+        entity_id=task.execution_id,
+        created_at=T0,
+        payload={"input": secret_input()},
+    )
+    EventFactory(
+        event_type=EventType.TOOL_EXECUTED,
+        entity_type="tool",
+        created_at=T0,
+        payload={"tool_name": "http", "input_params": secret_input(), "output_result": {"token": SECRETS["password"]}},
+    )
+    MessageFactory(instance_id="t", agent=agent, role="user", content=secret_input()["question"], created_at=T0)
+    MessageFactory(
+        instance_id="t",
+        agent=agent,
+        role="assistant",
+        content=f"Sure, using {SECRETS['platform']}",
+        created_at=T0 + dt.timedelta(seconds=1),
+    )
+    # The CSV side (what the consumer and the store API write).
+    store_agent_task(
+        execution_id=task.execution_id,
+        agent_id=agent.id,
+        task_name=task.task_name,
+        status="completed",
+        input_data=secret_input(),
+        output_data=secret_input(),
+        error=SECRETS["bearer"],
+        recorded_at=T0,
+    )
+    store_agent_event(event_type="agent_started", payload=secret_input(), created_at=T0)
+    store_tool_execution(
+        execution_id="x", agent_id=agent.id, tool_name="http", input_params=secret_input(), created_at=T0
+    )
+    # The JSONL side.
+    call_command(
+        "export_training_data", "--type", "all", "--start", "2024-03-05", "--end", "2024-03-05", "--no-progress"
+    )
+
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} >= {".csv", ".jsonl", ".json", ".md"}
+    assert len([p for p in files if p.suffix == ".jsonl"]) == 5
+    for path in files:
+        text = path.read_text("utf-8")
+        assert CANARY not in text, f"{path} leaks the canary"
+    tasks_csv = (tmp_path / "training" / "tasks" / "tasks_2024-03-05.csv").read_text()
+    assert MASK in tasks_csv and "max_tokens" in tasks_csv
+
+
+@pytest.mark.parametrize("value", ["not json", '{"a": 1}', '["ok", 3]'])
+def test_redact_patterns_must_be_a_json_array_of_strings(value):
+    with pytest.raises(ImproperlyConfigured, match="REDACT_PATTERNS"):
+        Env({"REDACT_PATTERNS": value}).json_str_list("REDACT_PATTERNS", [])
+
+
+def test_an_invalid_redact_pattern_stops_the_settings_from_loading():
+    proc = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "REDACT_PATTERNS": '["ok", "(unclosed"]'},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "REDACT_PATTERNS: '(unclosed' is not a valid regular expression" in proc.stderr

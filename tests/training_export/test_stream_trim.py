@@ -1,0 +1,56 @@
+"""The relay trims the Synapse stream only below what every consumer group has acknowledged."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis
+
+from orchestration.services.relay import stream_trim
+
+
+@pytest.fixture
+def client(settings):
+    connection = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"synapse-trim-{uuid.uuid4().hex[:8]}"
+    for sequence in range(1, 11):
+        connection.xadd(stream, {"n": str(sequence)}, id=f"{sequence}-1")
+    connection.stream = stream
+    yield connection
+    connection.delete(stream)
+    connection.close()
+
+
+def ids(client) -> list[int]:
+    return [int(entry_id.split(b"-")[0]) for entry_id, _ in client.xrange(client.stream)]
+
+
+def test_without_a_group_nothing_is_trimmed(client):
+    assert stream_trim(client=client, stream=client.stream) == 0
+    assert ids(client) == list(range(1, 11))
+
+
+def test_entries_pending_or_undelivered_in_any_group_are_kept(client):
+    client.xgroup_create(client.stream, "fast", id="0")
+    client.xgroup_create(client.stream, "slow", id="0")
+    fast = client.xreadgroup("fast", "c1", {client.stream: ">"}, count=10)[0][1]
+    client.xack(client.stream, "fast", *[entry_id for entry_id, _ in fast])
+    slow = client.xreadgroup("slow", "c1", {client.stream: ">"}, count=6)[0][1]
+    client.xack(client.stream, "slow", *[entry_id for entry_id, _ in slow[:3]] + [slow[4][0]])
+
+    trimmed = stream_trim(client=client, stream=client.stream)
+    # Exact MINID trimming would drop 1..3; "~" may keep more, never less.
+    assert ids(client)[-7:] == list(range(4, 11))
+    assert trimmed == 10 - len(ids(client))
+    client.xtrim(client.stream, minid="4-1", approximate=False)  # what "~" may have left
+    assert ids(client) == list(range(4, 11))
+
+
+def test_fully_acknowledged_entries_are_trimmed_exactly_below_the_next_undelivered(client):
+    client.xgroup_create(client.stream, "g", id="0")
+    read = client.xreadgroup("g", "c1", {client.stream: ">"}, count=7)[0][1]
+    client.xack(client.stream, "g", *[entry_id for entry_id, _ in read])
+    stream_trim(client=client, stream=client.stream)
+    remaining = ids(client)
+    assert remaining[-3:] == [8, 9, 10] and set(remaining) <= set(range(1, 11))

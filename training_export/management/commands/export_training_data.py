@@ -1,0 +1,46 @@
+import sys
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from tqdm import tqdm
+
+from training_export.services.export import DATA_TYPES, ExportError, export_runs_for_window
+
+
+class Command(BaseCommand):
+    help = (
+        "Export training data from the database to JSONL for the UTC days --start..--end (both included). "
+        "Only closed windows are exported; a window already exported is kept unless --force."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--type", required=True, choices=[*DATA_TYPES, "all"], dest="data_type")
+        parser.add_argument("--start", required=True, help="first UTC day, YYYY-MM-DD")
+        parser.add_argument("--end", required=True, help="last UTC day, YYYY-MM-DD (included)")
+        parser.add_argument("--output", help="directory to write to (default: TRAINING_EXPORT_DIR)")
+        parser.add_argument("--force", action="store_true", help="export again even if the window was exported")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        data_types = list(DATA_TYPES) if options["data_type"] == "all" else [options["data_type"]]
+        bar = tqdm(
+            unit="rows",
+            file=sys.stderr,
+            disable=options["no_progress"] or options["verbosity"] == 0,
+            dynamic_ncols=True,
+        )
+        try:
+            runs = export_runs_for_window(
+                data_types=data_types,
+                start_date=options["start"],
+                end_date=options["end"],
+                output_dir=options["output"],
+                force=options["force"],
+                progress=bar.update,
+            )
+        except ExportError as exc:
+            raise CommandError(str(exc)) from exc
+        finally:
+            bar.close()
+        for run in runs:
+            self.stdout.write(f"{run.data_type}: {run.rows} rows, sha256 {run.checksum}, {run.path}")

@@ -1,0 +1,303 @@
+"""Conversations as chat fine-tuning JSONL in OpenAI's format, and a validator of its rules.
+
+One line per conversation thread (`instance_id`):
+`{"messages": [...], "tools": [...]}` with system/user/assistant/tool messages, assistant
+`tool_calls`, tool replies carrying `tool_call_id`, and `weight` on every assistant message:
+0 for a turn from a failed or retried attempt (its attempt did not succeed) or marked
+`is_error`, else 1. The system message is the thread's own stored system message if it has
+one, else the agent's `system_prompt`. `tools` are the JSON schemas of the agent's tools:
+from the tool registry (`orchestration.runtime.tools`), plus a minimal schema for any
+function called in the thread that the registry does not describe.
+
+A thread is exported with its history up to the window end, trimmed to its last final
+assistant answer (an assistant message without tool calls): anything after it has no
+training target. A thread that still breaks a format rule is skipped and counted by reason
+in the manifest rather than written as a line the fine-tuning API would reject.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import Counter
+from collections.abc import Iterator
+from itertools import groupby
+from typing import Any
+
+from orchestration.models import AgentPlaygroundMessage, TaskAttempt
+from orchestration.runtime.tools import registry as tool_registry
+from training_export.services.jsonl import CHUNK_SIZE, json_line
+from training_export.services.redaction import Redactor, current_redactor
+
+ROLES = ("system", "user", "assistant", "tool")
+_ALLOWED_KEYS = {
+    "system": {"role", "content", "name"},
+    "user": {"role", "content", "name"},
+    "assistant": {"role", "content", "name", "tool_calls", "weight"},
+    "tool": {"role", "content", "tool_call_id"},
+}
+_COLUMNS = (
+    "instance_id",
+    "created_at",
+    "message_id",
+    "role",
+    "content",
+    "tool_calls",
+    "tool_call_id",
+    "is_error",
+    "attempt__status",
+    "agent__system_prompt",
+    "agent__config",
+)
+
+
+class ChatFormatError(ValueError):
+    """A chat example that breaks one of OpenAI's fine-tuning format rules."""
+
+
+def _fail(reason: str) -> None:
+    raise ChatFormatError(reason)
+
+
+def _check_tool_calls(calls: Any, seen_ids: set[str], tool_names: set[str] | None) -> list[str]:
+    if not isinstance(calls, list) or not calls:
+        _fail("assistant tool_calls must be a non-empty list")
+    ids = []
+    for call in calls:
+        if not isinstance(call, dict) or set(call) != {"id", "type", "function"}:
+            _fail("a tool call must have exactly the keys id, type, function")
+        if not isinstance(call["id"], str) or not call["id"]:
+            _fail("a tool call id must be a non-empty string")
+        if call["id"] in seen_ids:
+            _fail(f"tool call id {call['id']!r} is used twice")
+        if call["type"] != "function":
+            _fail(f"tool call type must be 'function', not {call['type']!r}")
+        function = call["function"]
+        if not isinstance(function, dict) or set(function) != {"name", "arguments"}:
+            _fail("a tool call's function must have exactly the keys name, arguments")
+        if not isinstance(function["name"], str) or not function["name"]:
+            _fail("a tool call's function name must be a non-empty string")
+        if tool_names is not None and function["name"] not in tool_names:
+            _fail(f"tool call to {function['name']!r}, which is not among the example's tools")
+        if not isinstance(function["arguments"], str):
+            _fail("a tool call's arguments must be a JSON string")
+        try:
+            json.loads(function["arguments"])
+        except ValueError:
+            _fail(f"the arguments of tool call {call['id']!r} are not valid JSON")
+        seen_ids.add(call["id"])
+        ids.append(call["id"])
+    return ids
+
+
+def _check_tools(tools: Any) -> set[str]:
+    if not isinstance(tools, list):
+        _fail("tools must be a list")
+    names: set[str] = set()
+    for tool in tools:
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            _fail("each tool must be {'type': 'function', 'function': {...}}")
+        function = tool["function"]
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            _fail("each tool function needs a name")
+        if name in names:
+            _fail(f"tool {name!r} is defined twice")
+        parameters = function.get("parameters", {"type": "object"})
+        if not isinstance(parameters, dict) or parameters.get("type") != "object":
+            _fail(f"the parameters of tool {name!r} must be a JSON schema of type object")
+        names.add(name)
+    return names
+
+
+def chat_example_validate(example: Any) -> None:
+    """Raise ChatFormatError unless `example` follows OpenAI's chat fine-tuning format:
+    known top-level keys, known roles and per-role keys, string contents, a system message
+    only first, weights 0/1 on assistant messages only, well-formed tool calls with unique ids
+    and JSON arguments, each answered by exactly one tool reply right after it, tool calls only
+    to declared tools, and at least one assistant message with weight 1."""
+    if not isinstance(example, dict):
+        _fail("an example must be a JSON object")
+    unknown = set(example) - {"messages", "tools", "parallel_tool_calls"}
+    if unknown:
+        _fail(f"unknown top-level keys {sorted(unknown)}")
+    tool_names = _check_tools(example["tools"]) if "tools" in example else None
+    messages = example.get("messages")
+    if not isinstance(messages, list) or not messages:
+        _fail("messages must be a non-empty list")
+    seen_ids: set[str] = set()
+    awaiting: list[str] = []
+    trained = 0
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            _fail(f"message {index} is not an object")
+        role = message.get("role")
+        if role not in ROLES:
+            _fail(f"message {index} has role {role!r}; expected one of {list(ROLES)}")
+        extra = set(message) - _ALLOWED_KEYS[role]
+        if extra:
+            _fail(f"message {index} ({role}) has unexpected keys {sorted(extra)}")
+        if role != "tool" and awaiting:
+            _fail(f"message {index}: tool calls {awaiting} have no tool reply")
+        content = message.get("content")
+        if role == "system" and index != 0:
+            _fail(f"message {index}: a system message may only come first")
+        if role == "assistant":
+            if "tool_calls" in message:
+                awaiting = _check_tool_calls(message["tool_calls"], seen_ids, tool_names)
+                if content is not None and not isinstance(content, str):
+                    _fail(f"message {index}: assistant content must be a string or absent")
+            elif not isinstance(content, str) or not content:
+                _fail(f"message {index}: an assistant message needs content or tool_calls")
+            weight = message.get("weight", 1)
+            if weight not in (0, 1) or isinstance(weight, bool):
+                _fail(f"message {index}: weight must be 0 or 1")
+            trained += weight
+        else:
+            if not isinstance(content, str):
+                _fail(f"message {index} ({role}): content must be a string")
+            if role == "tool":
+                call_id = message.get("tool_call_id")
+                if call_id not in awaiting:
+                    _fail(f"message {index}: tool reply to {call_id!r}, which no preceding tool call awaits")
+                awaiting.remove(call_id)
+    if awaiting:
+        _fail(f"tool calls {awaiting} have no tool reply")
+    if not trained:
+        _fail("no assistant message with weight 1")
+
+
+def _minimal_tool(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+
+
+def _tools(agent_config: Any, called: list[str]) -> list[dict[str, Any]]:
+    """The agent's tools as the registry describes them, plus any function called in the
+    thread that the registry does not know (a tool since removed): a minimal schema."""
+    known = tool_registry()
+    configured = agent_config.get("tools", []) if isinstance(agent_config, dict) else []
+    names = {str(name) for name in configured} | set(called)
+    return [known[name].schema() if name in known else _minimal_tool(name) for name in sorted(names)]
+
+
+def _arguments(text: Any, redactor: Redactor) -> str:
+    if not isinstance(text, str):
+        text = json.dumps(text, sort_keys=True, separators=(",", ":"))
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return redactor.text(text)
+    return json.dumps(redactor.value(parsed), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _tool_calls(calls: Any, redactor: Redactor) -> list[dict[str, Any]]:
+    out = []
+    for call in calls if isinstance(calls, list) else []:
+        function = call.get("function") or {} if isinstance(call, dict) else {}
+        out.append(
+            {
+                "id": call.get("id") if isinstance(call, dict) else None,
+                "type": call.get("type", "function") if isinstance(call, dict) else None,
+                "function": {
+                    "name": function.get("name"),
+                    "arguments": _arguments(function.get("arguments"), redactor),
+                },
+            }
+        )
+    return out
+
+
+_GOOD_ATTEMPT = {None, TaskAttempt.Status.SUCCEEDED}
+
+
+def conversation_example(rows: list[tuple[Any, ...]], redactor: Redactor) -> dict[str, Any]:
+    """The chat example of one thread's messages (rows in `_COLUMNS` order, oldest first)."""
+    messages: list[dict[str, Any]] = []
+    called: list[str] = []
+    system_prompt = ""
+    agent_config: Any = None
+    has_system = False
+    for row in rows:
+        record = dict(zip(_COLUMNS, row, strict=True))
+        if agent_config is None and record["agent__config"] is not None:
+            # The thread's agent: the first message that names one.
+            agent_config = record["agent__config"]
+            system_prompt = record["agent__system_prompt"] or ""
+        role = record["role"]
+        content = redactor.text(record["content"] or "")
+        if role == "assistant":
+            message: dict[str, Any] = {"role": "assistant"}
+            if content or not record["tool_calls"]:
+                message["content"] = content
+            if record["tool_calls"]:
+                message["tool_calls"] = _tool_calls(record["tool_calls"], redactor)
+                called.extend(call["function"]["name"] for call in message["tool_calls"] if call["function"]["name"])
+            good = not record["is_error"] and record["attempt__status"] in _GOOD_ATTEMPT
+            message["weight"] = 1 if good else 0
+        elif role == "tool":
+            message = {"role": "tool", "tool_call_id": record["tool_call_id"], "content": content}
+        elif role == "system":
+            if messages:
+                continue  # only one system message, first; a later one would break the format
+            has_system = True
+            message = {"role": "system", "content": content}
+        else:
+            message = {"role": "user", "content": content}
+        messages.append(message)
+    if not has_system and system_prompt:
+        messages.insert(0, {"role": "system", "content": redactor.text(system_prompt)})
+    last_answer = max(
+        (i for i, m in enumerate(messages) if m["role"] == "assistant" and "tool_calls" not in m), default=None
+    )
+    messages = messages[: last_answer + 1] if last_answer is not None else []
+    return {"messages": messages, "tools": _tools(agent_config, sorted(set(called)))}
+
+
+def _thread_rows(start: dt.datetime, end: dt.datetime) -> Iterator[tuple[Any, ...]]:
+    active = (
+        AgentPlaygroundMessage.objects.filter(created_at__gte=start, created_at__lt=end)
+        .values("instance_id")
+        .distinct()
+    )
+    return (
+        AgentPlaygroundMessage.objects.filter(instance_id__in=active, created_at__lt=end)
+        .order_by("instance_id", "created_at", "message_id")
+        .values_list(*_COLUMNS)
+        .iterator(chunk_size=CHUNK_SIZE)
+    )
+
+
+class ChatExporter:
+    """The conversations exporter (same interface as jsonl.Exporter, plus skip counts)."""
+
+    data_type = "conversations"
+
+    def __init__(self) -> None:
+        self.skipped: Counter[str] = Counter()
+
+    def count(self, start: dt.datetime, end: dt.datetime) -> int:
+        return (
+            AgentPlaygroundMessage.objects.filter(created_at__gte=start, created_at__lt=end)
+            .values("instance_id")
+            .distinct()
+            .count()
+        )
+
+    def watermark(self, start: dt.datetime, end: dt.datetime) -> str:
+        from django.db.models import Max
+
+        highest = AgentPlaygroundMessage.objects.filter(created_at__gte=start, created_at__lt=end).aggregate(
+            highest=Max("created_at")
+        )["highest"]
+        return f"created_at:{'' if highest is None else highest.astimezone(dt.UTC).isoformat()}"
+
+    def lines(self, start: dt.datetime, end: dt.datetime) -> Iterator[bytes]:
+        redactor = current_redactor()
+        for _thread, rows in groupby(_thread_rows(start, end), key=lambda row: row[0]):
+            example = conversation_example(list(rows), redactor)
+            try:
+                chat_example_validate(example)
+            except ChatFormatError as exc:
+                self.skipped[str(exc)] += 1
+                continue
+            yield json_line(example)

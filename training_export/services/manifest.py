@@ -1,0 +1,101 @@
+"""The manifest and the dataset card written beside every export.
+
+Both are deterministic (no run timestamps: those live in the export_runs row), so a re-run
+of a window reproduces them byte for byte along with the data file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+CARD_NAME = "README.md"
+SPLIT = "train"
+
+_DESCRIPTIONS = {
+    "events": "AgentLedger events (the append-only audit log), one JSON object per event, in sequence order.",
+    "tasks": "AgentLedger finished task executions, one JSON object per task, by completion time.",
+    "tool_executions": "AgentLedger tool calls (tool_executed events), one JSON object per call.",
+    "workflows": "AgentLedger finished workflows, one JSON object per workflow, by completion time.",
+    "conversations": (
+        "AgentLedger agent conversations in OpenAI's chat fine-tuning format: one conversation per line, "
+        '`{"messages": [...], "tools": [...]}`; assistant turns of failed or retried attempts carry `weight: 0`.'
+    ),
+}
+
+
+def data_file_name(data_type: str) -> str:
+    """The data file of an export: the split in the name, so `datasets` maps it to `train`."""
+    return f"{data_type}-{SPLIT}.jsonl"
+
+
+@dataclass
+class Manifest:
+    data_type: str
+    format: str
+    schema_version: str
+    window_start: dt.datetime
+    window_end: dt.datetime
+    file: str
+    rows: int
+    bytes: int
+    sha256: str
+    watermark: str
+    skipped: Mapping[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "data_type": self.data_type,
+            "format": self.format,
+            "schema_version": self.schema_version,
+            "window": {
+                "start": self.window_start.astimezone(dt.UTC).isoformat(),
+                "end": self.window_end.astimezone(dt.UTC).isoformat(),
+            },
+            "watermark": self.watermark,
+            "rows": {self.data_type: self.rows},
+            "files": [
+                {"path": self.file, "split": SPLIT, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
+            ],
+            "skipped": dict(sorted(self.skipped.items())),
+        }
+
+    def encode(self) -> bytes:
+        return (json.dumps(self.as_dict(), sort_keys=True, indent=2) + "\n").encode("utf-8")
+
+
+def manifest_read(directory: Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / MANIFEST_NAME).read_text("utf-8"))
+
+
+def dataset_card(manifest: Manifest) -> bytes:
+    """A Hugging Face dataset card: YAML front matter naming the data file per split, so
+    `datasets.load_dataset("json", ...)` or `load_dataset(<directory>)` reads it."""
+    start = manifest.window_start.astimezone(dt.UTC).isoformat()
+    end = manifest.window_end.astimezone(dt.UTC).isoformat()
+    text = f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: {SPLIT}
+    path: {manifest.file}
+---
+
+# AgentLedger {manifest.data_type} export
+
+{_DESCRIPTIONS.get(manifest.data_type, "")}
+
+- window: `{start}` to `{end}` (end excluded, UTC)
+- rows: {manifest.rows}
+- schema version: {manifest.schema_version}
+- sha256 of `{manifest.file}`: `{manifest.sha256}`
+
+Secrets and configured personal data were masked as `[REDACTED]` before export.
+See `{MANIFEST_NAME}` for the watermark and the counts.
+"""
+    return text.encode("utf-8")
