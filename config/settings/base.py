@@ -92,6 +92,10 @@ def _database(url: str) -> dict:
         config.setdefault("OPTIONS", {})["connect_timeout"] = env.int("DATABASE_CONNECT_TIMEOUT", 5, minimum=1)
     if engine == "django.db.backends.sqlite3":
         config["CONN_MAX_AGE"] = 0
+        # The embedded mode runs web, worker and beat on one file: a transaction takes the
+        # write lock when it begins (not at its first write, which can fail with "database is
+        # locked" after reading), and waits for it up to the timeout.
+        config.setdefault("OPTIONS", {}).update(transaction_mode="IMMEDIATE", timeout=20)
         Path(config["NAME"]).parent.mkdir(parents=True, exist_ok=True)
     return config
 

@@ -17,7 +17,7 @@ from django.conf import settings
 
 from orchestration.errors import PermanentError
 from orchestration.models import Agent, AgentInteraction
-from orchestration.runtime.context import TaskContext
+from orchestration.runtime.context import TaskContext, Usage
 from orchestration.runtime.tools import ToolBox, ToolCall
 
 
@@ -123,8 +123,10 @@ class Peers:
         except Exception as exc:
             payload["error"] = f"{type(exc).__name__}: {exc}"
             usage = getattr(exc, "usage", None)
-            if usage is not None:
+            if isinstance(usage, Usage):
+                # Counted here, once: the exception goes on up and must not carry it again.
                 context.spend.add(usage)
+                exc.usage = Usage()  # type: ignore[attr-defined]
             raise
         else:
             context.spend.add(result.usage)

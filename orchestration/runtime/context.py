@@ -77,3 +77,5 @@ class Conversation:
     ending with the user message; messages of failed attempts are left out."""
     transcript: list[dict[str, Any]] = field(default_factory=list)
     """Messages produced by this attempt before the final reply (tool calls and results)."""
+    missing: bool = False
+    """The user message was deleted (retention) while its reply waited: nothing to answer."""

@@ -38,7 +38,7 @@ def _as_result(value: Any) -> AgentResult:
     else:
         raise PermanentError(f"agent returned {type(value).__name__}; expected a mapping or AgentResult")
     try:
-        json.dumps(result.output)
+        json.dumps(result.output, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise PermanentError(f"agent output is not JSON-serialisable: {exc}") from None
     return result

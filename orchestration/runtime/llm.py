@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
 from config.env import env
@@ -30,6 +31,7 @@ from orchestration.models import Agent
 from orchestration.runtime import pricing
 from orchestration.runtime.context import AgentResult, TaskContext, Usage
 from orchestration.runtime.http_agent import Reply, post_json, read_timeout_for, status_error
+from orchestration.runtime.tools import json_loads_strict
 from orchestration.runtime.urlpolicy import url_check
 
 OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
@@ -75,7 +77,15 @@ def _tools(task_input: dict[str, Any]) -> list[dict[str, Any]] | None:
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise PermanentError("input.tools must be a list of tool objects (OpenAI function-tool schema)")
+    for i, tool in enumerate(tools):
+        function = tool.get("function", tool)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise PermanentError(f"input.tools[{i}]: needs a function object with a name")
     return tools or None
+
+
+def _tool_name(tool: dict[str, Any]) -> str:
+    return tool.get("function", tool)["name"]
 
 
 def _tokens(mapping: dict[str, Any], key: str, what: str, *, strict: bool) -> int:
@@ -245,7 +255,8 @@ def anthropic_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "input": _json_object(call["function"].get("arguments", "")),
                     }
                 )
-            converted.append({"role": "assistant", "content": blocks})
+            if blocks:  # an empty turn is refused by the API; consecutive user turns are merged by it
+                converted.append({"role": "assistant", "content": blocks})
         else:
             converted.append({"role": "user", "content": message["content"]})
     return converted
@@ -315,8 +326,9 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
     else:
         messages = [{"role": "user", "content": user_message(task_input, context.upstream)}]
     own = context.tools.schemas() if context.tools is not None else []
-    own_names = {t["function"]["name"] for t in own}
-    extra = [t for t in _tools(task_input) or [] if (t.get("function") or t).get("name") not in own_names]
+    own_names = {_tool_name(t) for t in own}
+    extra = [t for t in _tools(task_input) or [] if _tool_name(t) not in own_names]
+    extra_names = {_tool_name(t) for t in extra}
     tools = own + extra
     total = Usage()
     for round_number in range(settings.LLM_MAX_TOOL_ROUNDS + 1):
@@ -326,7 +338,9 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
             raise _with_usage(exc, total + getattr(exc, "usage", Usage())) from None
         total.add(answer.usage)
         calls = answer.tool_calls
-        if not calls or any(c["function"]["name"] not in own_names for c in calls):
+        # Calls of the caller's tools (input.tools) end the attempt: the caller runs them.
+        # Any other call is ours to answer, a name we do not know with an error the model sees.
+        if not calls or any(c["function"]["name"] in extra_names for c in calls):
             output: dict[str, Any] = {
                 "content": answer.content,
                 "model": answer.model,
@@ -347,7 +361,12 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
             )
         asked = {"role": "assistant", "content": answer.content or None, "tool_calls": calls}
         messages.append(asked)
-        replies = [_tool_reply(context, call) for call in calls]
+        try:
+            replies = [_tool_reply(context, call) for call in calls]
+        except (Exception, SoftTimeLimitExceeded) as exc:
+            # A tool's transient failure or the time limit: the rounds paid so far go with it.
+            exc.usage = total  # type: ignore[attr-defined]
+            raise
         messages.extend(replies)
         if conversation is not None:
             conversation.transcript.extend([asked, *replies])
@@ -358,9 +377,9 @@ def _tool_reply(context: TaskContext, call: dict[str, Any]) -> dict[str, Any]:
     """Run one of the model's tool calls; a refused or failed call is told to the model as
     an error (it can correct itself), a transient failure fails the attempt."""
     assert context.tools is not None
-    raw = call["function"].get("arguments") or "{}"
+    raw = call["function"].get("arguments")
     try:
-        arguments: Any = json.loads(raw)
+        arguments: Any = json_loads_strict(raw) if raw else {}
     except ValueError:
         arguments = raw  # recorded, and refused as "arguments must be an object"
     try:

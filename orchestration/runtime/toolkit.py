@@ -17,10 +17,12 @@ import operator
 import re
 import tokenize
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
+import regex
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import SchemaError, ValidationError
 
 from orchestration.errors import ToolError
 from orchestration.runtime.tools import tool
@@ -58,42 +60,67 @@ _FUNCTIONS = {
 _CONSTANTS = {"pi": math.pi, "e": math.e}
 MAX_EXPONENT = 1000
 MAX_MAGNITUDE = 1e300
+MAX_ROUND_DIGITS = 300
+
+
+def _number(value: float | int, what: str) -> float | int:
+    """Every operand and result stays a finite number of bounded size, so no step of an
+    expression can take long or use much memory (big integers are exact, hence the bound)."""
+    if isinstance(value, complex):
+        raise ToolError(f"calculator: {what} is not a real number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ToolError(f"calculator: {what} is not a finite number")
+    if abs(value) > MAX_MAGNITUDE:
+        raise ToolError(f"calculator: {what} is too large (beyond 1e300)")
+    return value
+
+
+def _power(left: float | int, right: float | int) -> float | int:
+    if abs(right) > MAX_EXPONENT:
+        raise ToolError(f"calculator: exponent {right} is larger than {MAX_EXPONENT}")
+    # |left| ** right stays under the bound only if right * log10|left| does: check first.
+    if abs(left) > 1 and right > 0 and right * math.log10(abs(left)) > 300:
+        raise ToolError("calculator: the result is too large (beyond 1e300)")
+    return left**right
+
+
+def _call(name: str, args: list[float | int]) -> float | int:
+    if name == "round" and len(args) == 2:
+        digits = args[1]
+        if not isinstance(digits, int) or abs(digits) > MAX_ROUND_DIGITS:
+            raise ToolError(f"calculator: round(): ndigits must be an integer within ±{MAX_ROUND_DIGITS}")
+    try:
+        return _FUNCTIONS[name](*args)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ToolError(f"calculator: {name}(): {exc}") from None
 
 
 def _evaluate(node: ast.AST, names: dict[str, float]) -> float | int:
     if isinstance(node, ast.Expression):
         return _evaluate(node.body, names)
     if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool):
-        return node.value
+        return _number(node.value, "a number")
     if isinstance(node, ast.Name):
         if node.id in names:
-            return names[node.id]
+            return _number(names[node.id], f"variable {node.id!r}")
         raise ToolError(f"calculator: unknown name {node.id!r}")
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_evaluate(node.operand, names))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _evaluate(node.left, names), _evaluate(node.right, names)
-        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
-            raise ToolError(f"calculator: exponent {right} is larger than {MAX_EXPONENT}")
         try:
-            value = _BINARY[type(node.op)](left, right)
+            operation = _power if isinstance(node.op, ast.Pow) else _BINARY[type(node.op)]
+            value = operation(left, right)
         except ZeroDivisionError:
             raise ToolError("calculator: division by zero") from None
         except OverflowError:
-            raise ToolError("calculator: the result is too large") from None
-        if isinstance(value, complex):
-            raise ToolError("calculator: the result is not a real number")
-        if abs(value) > MAX_MAGNITUDE:
-            raise ToolError("calculator: the result is too large")
-        return value
+            raise ToolError("calculator: the result is too large (beyond 1e300)") from None
+        return _number(value, "the result")
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords:
-        fn = _FUNCTIONS.get(node.func.id)
-        if fn is None:
+        if node.func.id not in _FUNCTIONS:
             raise ToolError(f"calculator: unknown function {node.func.id!r} (known: {', '.join(sorted(_FUNCTIONS))})")
-        try:
-            return fn(*(_evaluate(arg, names) for arg in node.args))
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise ToolError(f"calculator: {node.func.id}(): {exc}") from None
+        args = [_evaluate(arg, names) for arg in node.args]
+        return _number(_call(node.func.id, args), f"{node.func.id}()")
     raise ToolError(f"calculator: {type(node).__name__} is not allowed in an expression")
 
 
@@ -102,9 +129,11 @@ def evaluate(expression: str, variables: dict[str, float] | None = None) -> floa
     functions and constants above, and the given variables)."""
     try:
         tree = ast.parse(expression.strip(), mode="eval")
+        value = _evaluate(tree, {**_CONSTANTS, **(variables or {})})
     except SyntaxError as exc:
         raise ToolError(f"calculator: cannot parse {expression!r}: {exc.msg}") from None
-    value = _evaluate(tree, {**_CONSTANTS, **(variables or {})})
+    except RecursionError:
+        raise ToolError("calculator: the expression is nested too deeply") from None
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return int(value)
     return value
@@ -368,6 +397,13 @@ def _line_kinds(source: str) -> dict[str, int]:
 )
 def code_metrics(source: str) -> dict[str, Any]:
     try:
+        return _code_metrics(source)
+    except RecursionError:
+        raise ToolError("code_metrics: the source is nested too deeply to analyse") from None
+
+
+def _code_metrics(source: str) -> dict[str, Any]:
+    try:
         tree = ast.parse(source)
         kinds = _line_kinds(source)
     except SyntaxError as exc:
@@ -417,6 +453,60 @@ def code_metrics(source: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- JSON schema
 
+# Patterns in a schema come from task input or a model: a pattern that backtracks
+# exponentially ("^(a+)+$") must not hold a worker, and Python's `re` cannot be interrupted.
+# The keywords that match patterns use the `regex` module, whose matching takes a timeout.
+REGEX_TIMEOUT_SECONDS = 0.5
+
+
+def _search(pattern: str, text: str) -> bool:
+    try:
+        return regex.search(pattern, text, timeout=REGEX_TIMEOUT_SECONDS) is not None
+    except TimeoutError:
+        raise ToolError(
+            f"json_validate: the pattern {pattern!r} took over {REGEX_TIMEOUT_SECONDS} s to match; simplify it"
+        ) from None
+    except regex.error as exc:
+        raise ToolError(f"json_validate: the pattern {pattern!r} is not a valid regular expression: {exc}") from None
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: dict[str, Any]) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not _search(pattern, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(
+    validator: Any, patterns: dict[str, Any], instance: Any, schema: dict[str, Any]
+) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for key, value in instance.items():
+            if _search(pattern, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _additional_properties(
+    validator: Any, additional: Any, instance: Any, schema: dict[str, Any]
+) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    properties = schema.get("properties", {})
+    patterns = schema.get("patternProperties", {})
+    extras = [key for key in instance if key not in properties and not any(_search(p, key) for p in patterns)]
+    if validator.is_type(additional, "object"):
+        for key in extras:
+            yield from validator.descend(instance[key], additional, path=key)
+    elif additional is False and extras:
+        listed = ", ".join(repr(key) for key in sorted(extras))
+        yield ValidationError(f"Additional properties are not allowed ({listed} unexpected)")
+
+
+SchemaValidator = validators.extend(
+    Draft202012Validator,
+    {"pattern": _pattern, "patternProperties": _pattern_properties, "additionalProperties": _additional_properties},
+)
+
 
 @tool(
     name="json_validate",
@@ -430,13 +520,16 @@ def code_metrics(source: str) -> dict[str, Any]:
 )
 def json_validate(document: Any, schema: dict[str, Any] | bool) -> dict[str, Any]:
     try:
-        Draft202012Validator.check_schema(schema)
+        SchemaValidator.check_schema(schema)
     except SchemaError as exc:
         where = "/".join(map(str, exc.absolute_path)) or "(root)"
         raise ToolError(f"json_validate: the schema is invalid at {where}: {exc.message}") from None
+    try:
+        found = list(SchemaValidator(schema).iter_errors(document))
+    except RecursionError:
+        raise ToolError("json_validate: the document or schema is nested too deeply") from None
     errors = [
-        {"path": "/" + "/".join(map(str, e.absolute_path)), "message": e.message, "keyword": e.validator}
-        for e in Draft202012Validator(schema).iter_errors(document)
+        {"path": "/" + "/".join(map(str, e.absolute_path)), "message": e.message, "keyword": e.validator} for e in found
     ]
     errors.sort(key=lambda e: (e["path"], e["keyword"], e["message"]))
     return {"valid": not errors, "errors": errors}

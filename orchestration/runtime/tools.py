@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.utils.module_loading import import_module
 from jsonschema import Draft202012Validator
@@ -26,6 +27,7 @@ from jsonschema.exceptions import SchemaError
 from orchestration.errors import RetryableError, ToolError
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
+_NO_ARGUMENTS: Any = object()
 
 
 @dataclass(frozen=True)
@@ -154,14 +156,15 @@ class ToolBox:
     def call(
         self,
         name: str,
-        arguments: dict[str, Any] | None = None,
+        arguments: Any = _NO_ARGUMENTS,
         *,
         call_id: str | None = None,
         in_transcript: bool = True,
     ) -> Any:
         """Run a tool and record the call. Refusals and failures raise ToolError (the tool's
-        own RetryableError passes through, so a transient failure can be retried)."""
-        arguments = {} if arguments is None else arguments
+        own RetryableError passes through, so a transient failure can be retried, and so does
+        the soft time limit, so the attempt ends as timed out)."""
+        arguments = {} if arguments is _NO_ARGUMENTS else arguments
         call_id = call_id or f"call_{uuid.uuid4().hex[:24]}"
         started = time.perf_counter()
         output: Any = None
@@ -177,10 +180,10 @@ class ToolBox:
                 raise ToolError(f"tool {name!r}: invalid arguments: " + "; ".join(problems))
             output = found.fn(**arguments)
             try:
-                json.dumps(output)
+                json.dumps(output, allow_nan=False)
             except (TypeError, ValueError) as exc:
                 raise ToolError(f"tool {name!r} returned a value that is not JSON: {exc}") from None
-        except (ToolError, RetryableError) as exc:
+        except (ToolError, RetryableError, SoftTimeLimitExceeded) as exc:
             error = exc
         except Exception as exc:  # the tool's own failure: recorded, then refused to the agent
             error = ToolError(f"tool {name!r} failed: {type(exc).__name__}: {exc}")
@@ -215,3 +218,12 @@ class ToolBox:
         if error is not None:
             raise error
         return output
+
+
+def json_loads_strict(text: str) -> Any:
+    """JSON as PostgreSQL's jsonb accepts it: NaN and Infinity are refused (ValueError)."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not valid JSON")
+
+    return json.loads(text, parse_constant=refuse)

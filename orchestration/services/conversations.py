@@ -44,7 +44,8 @@ def _db_now() -> dt.datetime:
 
 
 def _thread_lock(instance_id: str) -> None:
-    """Serialise posts to one thread (SQLite serialises every write transaction anyway)."""
+    """Serialise posts to one thread. On SQLite every transaction begins IMMEDIATE (see the
+    settings), which takes the database's write lock before the first read."""
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", [f"conversation:{instance_id}"])
@@ -57,6 +58,8 @@ def _validate(*, agent: Agent, instance_id: str, content: Any) -> str:
         )
     if not isinstance(content, str) or not content.strip():
         raise ConversationError("content: a message needs some text")
+    if "\x00" in content:
+        raise ConversationError("content: must not contain NUL (\\x00) characters")
     if len(content) > settings.CONVERSATION_MAX_MESSAGE_CHARS:
         raise ConversationError(
             f"content: {len(content)} characters; the limit is {settings.CONVERSATION_MAX_MESSAGE_CHARS}"
@@ -160,7 +163,8 @@ def conversation_for_task(task: TaskExecution) -> Conversation | None:
     message_id = (task.input_data or {}).get("message_id")
     message = AgentPlaygroundMessage.objects.filter(pk=message_id).first()
     if message is None:
-        return None
+        instance_id = (task.metadata or {}).get("instance_id", "")
+        return Conversation(instance_id=instance_id, message_id=str(message_id), history=[], missing=True)
     return Conversation(
         instance_id=message.instance_id,
         message_id=message.message_id,

@@ -12,6 +12,7 @@ import logging
 import random
 import time
 import traceback as tb
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
@@ -24,7 +25,7 @@ from django.utils import timezone
 
 from observability.attempts import attempt_finished, attempt_started
 from orchestration.db import atomic_with_retry
-from orchestration.errors import RetryableError, is_retryable
+from orchestration.errors import PermanentError, RetryableError, is_retryable
 from orchestration.event_types import EventType, Severity
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
 from orchestration.runtime.collaboration import equip
@@ -332,9 +333,17 @@ def _attempt_claim(
     return Claim(attempt=attempt, agent=agent, task_input=task.input_data, context=context)
 
 
-def attempt_succeed(*, attempt: TaskAttempt, result: AgentResult, duration_ms: float, now: dt.datetime) -> bool:
+def attempt_succeed(
+    *,
+    attempt: TaskAttempt,
+    result: AgentResult,
+    duration_ms: float,
+    now: dt.datetime,
+    also: Callable[[], object] | None = None,
+) -> bool:
     """Record a successful attempt and complete its task; False if the attempt was no
-    longer running (reaped or cancelled meanwhile), in which case nothing is recorded."""
+    longer running (reaped or cancelled meanwhile), in which case nothing is recorded.
+    `also` writes more in the same transaction, only when the attempt is recorded."""
 
     def run() -> bool:
         usage = result.usage
@@ -350,6 +359,8 @@ def attempt_succeed(*, attempt: TaskAttempt, result: AgentResult, duration_ms: f
             )
             if done is None:
                 return False
+            if also is not None:
+                also()
             workflow_id, task_name, status, advance = done
             if workflow_id and advance:
                 workflow_advance(workflow_id=workflow_id, completed_task=task_name, status=status, now=now)
@@ -367,6 +378,8 @@ def attempt_succeed(*, attempt: TaskAttempt, result: AgentResult, duration_ms: f
             cost_usd=usage.cost_usd,
         ):
             return False
+        if also is not None:
+            also()
         task = TaskExecution.objects.select_for_update().get(pk=attempt.execution_id)
         TaskExecution.objects.filter(pk=task.pk).update(
             status=TaskExecution.Status.COMPLETED,
@@ -396,8 +409,10 @@ def attempt_fail(
     duration_ms: float,
     now: dt.datetime,
     usage: Usage | None = None,
+    also: Callable[[], object] | None = None,
 ) -> bool:
-    """Record a failed (or soft-timed-out) attempt, then retry or fail the task."""
+    """Record a failed (or soft-timed-out) attempt, then retry or fail the task. `also`
+    writes more in the same transaction, only when the attempt is recorded."""
     timed_out = isinstance(exc, SoftTimeLimitExceeded)
     status = TaskAttempt.Status.TIMED_OUT if timed_out else TaskAttempt.Status.FAILED
     cause = TaskAttempt.Cause.SOFT_TIMEOUT if timed_out else TaskAttempt.Cause.ERROR
@@ -424,6 +439,8 @@ def attempt_fail(
             cost_usd=usage.cost_usd,
         ):
             return False
+        if also is not None:
+            also()
         task = TaskExecution.objects.select_for_update().get(pk=attempt.execution_id)
         task.execution_time_ms = (task.execution_time_ms or 0) + duration_ms
         task.input_tokens += usage.input_tokens
@@ -465,11 +482,14 @@ def attempt_run(*, execution_id: str, celery_task_id: str, worker: str, redelive
         attempt_number=claim.attempt.attempt_number,
     )
     context = equip(claim.context, claim.agent)
+    conversation = context.conversation
     task_input = claim.task_input
-    if context.conversation is not None:
-        task_input = {**task_input, "messages": context.conversation.history}
+    if conversation is not None:
+        task_input = {**task_input, "messages": conversation.history}
     started = time.monotonic()
     try:
+        if conversation is not None and conversation.missing:
+            raise PermanentError(f"the message {conversation.message_id!r} this task answers no longer exists")
         result = agent_execute(agent=claim.agent, task_input=task_input, context=context)
     except BaseException as exc:
         if not isinstance(exc, Exception | SoftTimeLimitExceeded):
@@ -480,16 +500,12 @@ def attempt_run(*, execution_id: str, celery_task_id: str, worker: str, redelive
         # try's cost is recorded too ("wasted spend").
         usage = getattr(exc, "usage", None)
         usage = (usage if isinstance(usage, Usage) else Usage()) + context.spend
-        if context.conversation is not None:
-            conversation_turn_record(
-                context=context,
-                attempt_id=claim.attempt.pk,
-                output=None,
-                error="timed out" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}",
-                usage=usage,
-            )
+        error = "timed out" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}"
+        also = _turn_writer(context, claim.attempt, output=None, error=error, usage=usage)
         now = timezone.now()
-        recorded = attempt_fail(attempt=claim.attempt, exc=exc, duration_ms=duration_ms, now=now, usage=usage)
+        recorded = attempt_fail(
+            attempt=claim.attempt, exc=exc, duration_ms=duration_ms, now=now, usage=usage, also=also
+        )
         attempt_finished(
             attempt=claim.attempt,
             agent_id=claim.agent.id,
@@ -502,11 +518,10 @@ def attempt_run(*, execution_id: str, celery_task_id: str, worker: str, redelive
         return Outcome.FAILED
     duration_ms = (time.monotonic() - started) * 1000
     result.usage = result.usage + context.spend
-    if context.conversation is not None:
-        conversation_turn_record(
-            context=context, attempt_id=claim.attempt.pk, output=result.output, error=None, usage=result.usage
-        )
-    recorded = attempt_succeed(attempt=claim.attempt, result=result, duration_ms=duration_ms, now=timezone.now())
+    also = _turn_writer(context, claim.attempt, output=result.output, error=None, usage=result.usage)
+    recorded = attempt_succeed(
+        attempt=claim.attempt, result=result, duration_ms=duration_ms, now=timezone.now(), also=also
+    )
     attempt_finished(
         attempt=claim.attempt,
         agent_id=claim.agent.id,
@@ -516,3 +531,15 @@ def attempt_run(*, execution_id: str, celery_task_id: str, worker: str, redelive
         recorded=recorded,
     )
     return Outcome.SUCCEEDED
+
+
+def _turn_writer(
+    context: TaskContext, attempt: TaskAttempt, *, output: dict[str, Any] | None, error: str | None, usage: Usage
+) -> Callable[[], object] | None:
+    """In a conversation: what stores the attempt's messages, in the transaction that records
+    the attempt (so a reply exists exactly when its attempt is recorded)."""
+    if context.conversation is None or context.conversation.missing:
+        return None
+    return lambda: conversation_turn_record(
+        context=context, attempt_id=attempt.pk, output=output, error=error, usage=usage
+    )

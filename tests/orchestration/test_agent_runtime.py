@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 
@@ -298,3 +299,94 @@ def test_anthropic_tool_loop_uses_tool_use_and_tool_result_blocks(local_net):
     assert json.loads(user_turn["content"][0]["content"])["result"] == 32
     assert result.output["content"].startswith("The tool said")
     assert (result.usage.input_tokens, result.usage.output_tokens) == (4000, 1000)
+
+
+def looping_tool_call(name: str = "calculator") -> dict:
+    call = {
+        "id": "call_x",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps({"expression": "1"})},
+    }
+    return {
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5},
+    }
+
+
+@pytest.mark.django_db
+def test_a_failed_handoff_is_paid_for_once(local_net, openai, settings, builtin_agents):
+    settings.LLM_MAX_TOOL_ROUNDS = 1
+    tool_agent(openai.base_url)
+    openai.script(*[Reply(body=looping_tool_call()) for _ in range(2)])
+    reviewer = Agent.objects.get(pk="reviewer")
+    task = TaskExecution.objects.create(agent=reviewer, task_name="review")
+    context = equip(
+        TaskContext(
+            execution_id=task.execution_id,
+            workflow_id=None,
+            task_name="review",
+            agent_id="reviewer",
+            attempt_number=1,
+            timeout_seconds=30,
+            upstream={},
+        ),
+        reviewer,
+    )
+    with pytest.raises(PermanentError, match="still called tools after 1 rounds") as caught:
+        context.peers.handoff("calc-llm", {"prompt": "loop"})
+    # attempt_run adds the exception's usage to the delegated spend: the sum is what was paid
+    spent = caught.value.usage + context.spend
+    assert (spent.input_tokens, spent.output_tokens) == (20, 10)
+
+
+@pytest.mark.django_db
+def test_a_transient_tool_failure_after_paid_rounds_carries_their_usage(local_net, openai):
+    from orchestration.errors import RetryableError
+    from orchestration.runtime.tools import tool
+
+    name = f"flaky-tool-{uuid.uuid4().hex[:6]}"
+
+    @tool(name=name, description="fails for now", parameters={"type": "object"})
+    def flaky_tool(**_: object) -> None:
+        raise RetryableError("backend busy")
+
+    agent = tool_agent(openai.base_url)
+    agent.config = {"tools": [name]}
+    openai.script(Reply(body=looping_tool_call(name)))
+    with pytest.raises(RetryableError, match="backend busy") as caught:
+        run(agent, {"prompt": "go"})
+    assert (caught.value.usage.input_tokens, caught.value.usage.output_tokens) == (10, 5)
+
+
+@pytest.mark.django_db
+def test_a_call_of_an_unknown_tool_is_answered_with_an_error_and_the_loop_goes_on(local_net, openai):
+    openai.script(Reply(body=looping_tool_call("teleport")))
+    result, _ = run(tool_agent(openai.base_url), {"prompt": "go"})
+    told = json.loads(openai.requests[1].body["messages"][-1]["content"])
+    assert told == {"error": "agent 'calc-llm' may not call tool 'teleport' (its definition allows: calculator)"}
+    assert "tool_calls" not in result.output and result.output["tool_rounds"] == 1
+
+
+def test_anthropic_history_leaves_out_empty_assistant_turns_and_groups_tool_results():
+    from orchestration.runtime.llm import anthropic_messages
+
+    call = {"id": "t1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "1"}'}}
+    converted = anthropic_messages(
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": ""},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "t1", "content": '{"result": 1}'},
+        ]
+    )
+    assert converted == [
+        {"role": "user", "content": "hi"},
+        {"role": "user", "content": "again"},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "t1", "name": "calculator", "input": {"expression": "1"}}],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": '{"result": 1}'}]},
+    ]

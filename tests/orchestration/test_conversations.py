@@ -6,16 +6,26 @@ from __future__ import annotations
 import io
 import json
 import sys
+import threading
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
+from django.db import IntegrityError, connection
+from django.utils import timezone
 
 from orchestration.errors import ConversationError
 from orchestration.event_types import EventType
 from orchestration.models import Agent, AgentPlaygroundMessage, Event, TaskAttempt, TaskExecution
+from orchestration.runtime.collaboration import equip
+from orchestration.runtime.context import AgentResult, Usage
 from orchestration.selectors import conversation_messages
-from orchestration.services.conversations import conversation_history, conversation_message_post
+from orchestration.services.conversations import (
+    conversation_history,
+    conversation_message_post,
+    conversation_turn_record,
+)
+from orchestration.services.execution import attempt_abandon, attempt_claim, attempt_succeed
 from tests.engine import wait_for
 from tests.fakes.servers import OpenAIServer, Reply
 
@@ -134,9 +144,88 @@ def test_posting_refuses_bad_input_other_owners_other_agents_and_a_pending_reply
         conversation_message_post(agent=Agent.objects.get(pk="echo"), instance_id="mine", content="hi", owner=alice)
     with pytest.raises(ConversationError, match="still answering message"):
         conversation_message_post(agent=assistant, instance_id="mine", content="again", owner=alice)
-    assert AgentPlaygroundMessage.objects.filter(instance_id="mine").count() == 1, "nothing half-written"
+    with pytest.raises(ConversationError, match="must not contain NUL"):
+        conversation_message_post(agent=assistant, instance_id="other", content="a\x00b")
+    assert AgentPlaygroundMessage.objects.filter(instance_id="mine").count() == 1
     task = TaskExecution.objects.get(task_type="conversation")
     assert (task.status, task.priority, task.workflow_id) == ("queued", "high", None)
+
+
+@pytest.mark.django_db
+def test_a_post_that_fails_half_way_leaves_nothing_behind(builtin_agents, settings):
+    settings.CONVERSATION_MAX_RETRIES = 101  # past the task_executions CHECK: the second INSERT fails
+    with pytest.raises(IntegrityError, match="task_executions_retries_range"):
+        conversation_message_post(agent=Agent.objects.get(pk="assistant"), instance_id="half", content="hi")
+    assert not AgentPlaygroundMessage.objects.filter(instance_id="half").exists()
+    assert not Event.objects.filter(session_id="half").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_simultaneous_posts_to_one_thread_make_one_turn(builtin_agents):
+    assistant = Agent.objects.get(pk="assistant")
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def post(text: str) -> None:
+        barrier.wait()
+        try:
+            conversation_message_post(agent=assistant, instance_id="race", content=text)
+            outcomes.append("posted")
+        except ConversationError as exc:
+            outcomes.append(str(exc))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=post, args=(text,)) for text in ("one", "two")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes)[1] == "posted" and "still answering message" in sorted(outcomes)[0]
+    assert AgentPlaygroundMessage.objects.filter(instance_id="race").count() == 1
+    assert TaskExecution.objects.filter(task_type="conversation").count() == 1
+
+
+@pytest.mark.django_db
+def test_no_reply_is_stored_for_an_attempt_that_was_closed_meanwhile(builtin_agents):
+    asked = conversation_message_post(agent=Agent.objects.get(pk="assistant"), instance_id="late", content="1+1")
+    task = TaskExecution.objects.get(pk=asked.execution_id)
+    claim = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w1")
+    assert claim.context.conversation.history == [{"role": "user", "content": "1+1"}]
+    # the reaper closes the attempt (its worker was lost) before the agent's answer is recorded
+    attempt_abandon(
+        TaskExecution.objects.get(pk=task.pk),
+        claim.attempt,
+        status=TaskAttempt.Status.LOST,
+        cause=TaskAttempt.Cause.WORKER_LOST,
+        error="worker lost",
+        now=timezone.now(),
+    )
+    context = equip(claim.context, claim.agent)
+    writer = lambda: conversation_turn_record(  # noqa: E731
+        context=context, attempt_id=claim.attempt.pk, output={"content": "= 2"}, error=None, usage=Usage()
+    )
+    recorded = attempt_succeed(
+        attempt=claim.attempt,
+        result=AgentResult(output={"content": "= 2"}),
+        duration_ms=1.0,
+        now=timezone.now(),
+        also=writer,
+    )
+    assert recorded is False
+    assert list(AgentPlaygroundMessage.objects.filter(instance_id="late").values_list("role", flat=True)) == ["user"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reply_whose_message_was_deleted_fails_instead_of_running_as_a_plain_task(engine):
+    assistant = Agent.objects.get(pk="assistant")
+    asked = conversation_message_post(agent=assistant, instance_id="gone", content="2+2")
+    AgentPlaygroundMessage.objects.filter(pk=asked.pk).delete()
+    engine()
+    task = reply_to(asked)
+    assert task.status == TaskExecution.Status.FAILED
+    assert "no longer exists" in task.error
+    assert not AgentPlaygroundMessage.objects.filter(instance_id="gone").exists()
 
 
 @pytest.mark.django_db(transaction=True)

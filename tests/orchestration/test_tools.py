@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 
 from orchestration.errors import RetryableError, ToolError
 from orchestration.runtime import toolkit
@@ -23,15 +25,12 @@ from orchestration.runtime.tools import ToolBox, registry, tool, tool_schemas
         ("ans * 10", {"ans": 5}, 50),
         ("round(sqrt(2), 4)", None, 1.4142),
         ("max(1, 5, 3) - min(4, 2)", None, 3),
-        ("-pi < 0", None, None),
+        ("round(1234.5678, -2)", None, 1200),
+        ("2 ** 0.5 * 2 ** 0.5", None, 2),
     ],
 )
 def test_calculator_evaluates_arithmetic(expression, variables, expected):
-    if expected is None:
-        with pytest.raises(ToolError, match="Compare is not allowed"):
-            toolkit.evaluate(expression, variables)
-    else:
-        assert toolkit.evaluate(expression, variables) == expected
+    assert toolkit.evaluate(expression, variables) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -47,11 +46,28 @@ def test_calculator_evaluates_arithmetic(expression, variables, expected):
         ("sqrt(-1)", "sqrt\\(\\): math domain error"),
         ("2 +", "cannot parse"),
         ("'a' * 3", "Constant is not allowed"),
+        ("-pi < 0", "Compare is not allowed"),
+        # every step is bounded, so nothing can take long or use much memory
+        ("round(7, -(1000 ** 3))", "ndigits must be an integer within ±300"),
+        ("round(1, 0.5)", "ndigits must be an integer"),
+        ("(10 ** 300) ** 1000", "too large"),
+        ("9 ** 1000 * 9 ** 1000", "too large"),
+        ("10 ** 300 * 10", "too large"),
+        ("1e999", "not a finite number"),
+        ("1e999 - 1e999", "not a finite number"),
+        ("exp(1000)", "exp\\(\\): math range error"),
+        ("(-8) ** (1 / 3)", "not a real number"),
+        ("-" * 999 + "1", "nested too deeply"),
     ],
 )
 def test_calculator_refuses_what_is_not_arithmetic(expression, message):
     with pytest.raises(ToolError, match=message):
         toolkit.evaluate(expression)
+
+
+def test_calculator_refuses_non_finite_variables():
+    with pytest.raises(ToolError, match="variable 'x' is not a finite number"):
+        toolkit.evaluate("x + 1", {"x": float("nan")})
 
 
 # --- text -------------------------------------------------------------------------------
@@ -180,6 +196,11 @@ def test_code_metrics_names_the_syntax_error_line():
         toolkit.code_metrics("x = 1\ndef broken(:\n")
 
 
+def test_code_metrics_refuses_source_nested_beyond_analysis():
+    with pytest.raises(ToolError, match="nested too deeply"):
+        toolkit.code_metrics("x = " + "+".join(["1"] * 100_000))
+
+
 # --- JSON schema --------------------------------------------------------------------------
 
 SCHEMA = {
@@ -201,6 +222,28 @@ def test_json_validate_lists_every_error_with_its_path():
     assert toolkit.json_validate({"queue": "high", "retries": 2}, SCHEMA) == {"valid": True, "errors": []}
 
 
+def test_json_validate_stops_a_pattern_that_backtracks_for_ever():
+    with pytest.raises(ToolError, match=r"the pattern '\^\(a\|aa\)\+\$' took over 0\.5 s to match"):
+        toolkit.json_validate("a" * 60 + "!", {"pattern": "^(a|aa)+$"})
+
+
+def test_json_validate_pattern_keywords_still_validate():
+    schema = {
+        "type": "object",
+        "properties": {"id": {"type": "string", "pattern": "^[a-z]+-[0-9]+$"}},
+        "patternProperties": {"^x-": {"type": "integer"}},
+        "additionalProperties": False,
+    }
+    verdict = toolkit.json_validate({"id": "Bad-1", "x-a": "no", "x-b": 2, "other": 1, "more": 2}, schema)
+    assert [(e["path"], e["keyword"], e["message"]) for e in verdict["errors"]] == [
+        ("/", "additionalProperties", "Additional properties are not allowed ('more', 'other' unexpected)"),
+        ("/id", "pattern", "'Bad-1' does not match '^[a-z]+-[0-9]+$'"),
+        ("/x-a", "type", "'no' is not of type 'integer'"),
+    ]
+    with pytest.raises(ToolError, match="the schema is invalid at pattern: .* is not a .regex."):
+        toolkit.json_validate("x", {"pattern": "(unclosed"})
+
+
 def test_json_validate_refuses_an_invalid_schema():
     with pytest.raises(ToolError, match="the schema is invalid at properties/x/type"):
         toolkit.json_validate({}, {"properties": {"x": {"type": "number-ish"}}})
@@ -215,6 +258,10 @@ def test_registry_holds_the_builtin_tools_with_valid_openai_schemas():
     assert schema["type"] == "function"
     assert schema["function"]["name"] == "calculator"
     assert schema["function"]["parameters"]["required"] == ["expression"]
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def test_tool_registration_refuses_bad_names_schemas_and_duplicates():
@@ -262,20 +309,41 @@ def test_toolbox_refusals_and_failures_are_recorded_and_raised(name, arguments, 
 
 
 def test_a_tool_crash_is_reported_with_its_cause_and_a_transient_failure_passes_through():
-    @tool(name="test-crash", description="", parameters={"type": "object"})
+    crash_name, transient_name, slow_name, nan_name = (_unique(p) for p in ("crash", "transient", "slow", "nan"))
+
+    @tool(name=crash_name, description="", parameters={"type": "object"})
     def crash() -> None:
         raise KeyError("boom")
 
-    @tool(name="test-transient", description="", parameters={"type": "object"})
+    @tool(name=transient_name, description="", parameters={"type": "object"})
     def transient() -> None:
         raise RetryableError("try later")
 
-    box = ToolBox(agent_id="a1", allowed=["test-crash", "test-transient"])
-    with pytest.raises(ToolError, match="tool 'test-crash' failed: KeyError: 'boom'"):
-        box.call("test-crash")
+    @tool(name=slow_name, description="", parameters={"type": "object"})
+    def slow() -> None:
+        raise SoftTimeLimitExceeded()
+
+    @tool(name=nan_name, description="", parameters={"type": "object"})
+    def not_a_number() -> float:
+        return float("nan")
+
+    box = ToolBox(agent_id="a1", allowed=[crash_name, transient_name, slow_name, nan_name])
+    with pytest.raises(ToolError, match=f"tool '{crash_name}' failed: KeyError: 'boom'"):
+        box.call(crash_name)
     with pytest.raises(RetryableError, match="try later"):
-        box.call("test-transient")
-    assert [c.error for c in box.calls] == ["tool 'test-crash' failed: KeyError: 'boom'", "try later"]
+        box.call(transient_name)
+    with pytest.raises(SoftTimeLimitExceeded):
+        box.call(slow_name)  # the attempt must end as timed out, not as a tool error
+    with pytest.raises(ToolError, match="returned a value that is not JSON: Out of range float values"):
+        box.call(nan_name)
+    assert [c.error is not None for c in box.calls] == [True] * 4
+    assert box.calls[1].error == "try later"
+
+
+def test_explicit_null_arguments_are_refused_not_taken_as_none_given():
+    box = ToolBox(agent_id="a1", allowed=["calculator"])
+    with pytest.raises(ToolError, match="arguments must be an object, got NoneType"):
+        box.call("calculator", None)
 
 
 def test_toolbox_in_a_conversation_writes_the_call_and_its_reply_to_the_transcript():
