@@ -64,6 +64,10 @@ class ConversationError(ValueError):
     another agent or user). The message says which."""
 
 
+class ConversationBusy(ConversationError):
+    """The thread's agent is still answering its previous message (try again after it)."""
+
+
 class ToolError(PermanentError):
     """A tool call was refused (unknown tool, not allowed for the agent, invalid arguments)
     or the tool failed; recorded on the tool_executed event and raised to the agent."""

@@ -30,6 +30,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_celery_beat",
     "orchestration",
     "training_export",
@@ -306,6 +307,70 @@ WORKER_METRICS_ADDR = env.str("WORKER_METRICS_ADDR", "0.0.0.0")  # noqa: S104 - 
 METRICS_STATE_CACHE_SECONDS = env.int("METRICS_STATE_CACHE_SECONDS", 5, minimum=0, maximum=3600)
 METRICS_COLLECTOR_TIMEOUT_MS = env.int("METRICS_COLLECTOR_TIMEOUT_MS", 1000, minimum=10, maximum=60_000)
 
+# --- REST API (orchestration/api) -------------------------------------------------------
+# Requests per user per 60-second window, by role (a fixed window counted in Redis).
+API_RATE_LIMITS = {
+    "admin": env.int("API_RATE_LIMIT_ADMIN", 1000, minimum=1),
+    "developer": env.int("API_RATE_LIMIT_DEVELOPER", 300, minimum=1),
+    "viewer": env.int("API_RATE_LIMIT_VIEWER", 120, minimum=1),
+}
+API_PAGE_SIZE = env.int("API_PAGE_SIZE", 50, minimum=1, maximum=1000)
+API_MAX_PAGE_SIZE = env.int("API_MAX_PAGE_SIZE", 200, minimum=1, maximum=1000)
+if API_PAGE_SIZE > API_MAX_PAGE_SIZE:
+    raise ImproperlyConfigured("API_PAGE_SIZE must not exceed API_MAX_PAGE_SIZE")
+# Largest request body (bytes); a bigger one is answered 413.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("MAX_REQUEST_BODY_BYTES", 2_621_440, minimum=1024)
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "orchestration.api.authentication.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_THROTTLE_CLASSES": ["orchestration.api.throttling.RoleRateThrottle"],
+    "DEFAULT_PARSER_CLASSES": ["orchestration.api.parsers.LimitedJSONParser"],
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "orchestration.api.pagination.KeysetPagination",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "orchestration.api.errors.problem_exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "AgentLedger API",
+    "DESCRIPTION": (
+        "Submit multi-agent workflows, follow their tasks, attempts and events, read agents and their "
+        "statistics, and converse with agents. Authenticate with `Authorization: Bearer <API key>` "
+        "(create one with `manage.py create_api_key USER --name NAME`) or a console session. "
+        "Errors are RFC 9457 problem details (`application/problem+json`)."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "WorkflowStatusEnum": "orchestration.models.workflows.WorkflowStatus",
+        "TaskStatusEnum": "orchestration.models.workflows.TaskExecutionStatus",
+        "AttemptStatusEnum": "orchestration.models.workflows.TaskAttemptStatus",
+        "AgentStatusEnum": "orchestration.models.agents.AgentStatus",
+        "PriorityEnum": "orchestration.models.workflows.Priority",
+        "MessageRoleEnum": "orchestration.models.conversations.AgentPlaygroundMessageRole",
+    },
+    "SECURITY": [{"ApiKey": []}, {"Session": []}],
+    "APPEND_COMPONENTS": {
+        "securitySchemes": {
+            "ApiKey": {"type": "http", "scheme": "bearer", "description": "al_<prefix>_<secret>"},
+            "Session": {"type": "apiKey", "in": "cookie", "name": "sessionid"},
+        }
+    },
+    "AUTHENTICATION_WHITELIST": [],
+    # Swagger UI served from our own static files, not a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
 
 # --- Auth, i18n, static ---------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

@@ -4,13 +4,18 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 
 from orchestration.admin.base import json_display
+from orchestration.errors import SpecError
 from orchestration.models import ApiKey
-from orchestration.services.access import api_key_revoke
+from orchestration.services.access import KNOWN_PERMISSIONS, api_key_create, api_key_revoke, api_key_rotate
 
 
 class ApiKeyStateFilter(admin.SimpleListFilter):
@@ -45,10 +50,23 @@ class ApiKeyAdminForm(forms.ModelForm):
         return name
 
 
+class ApiKeyCreateForm(forms.Form):
+    owner = forms.ModelChoiceField(queryset=get_user_model().objects.filter(is_active=True).order_by("username"))
+    name = forms.CharField(max_length=100)
+    expires_at = forms.DateTimeField(required=False, help_text="blank: never (format 2026-12-31 23:59)")
+    permissions = forms.MultipleChoiceField(
+        choices=[(p, p) for p in KNOWN_PERMISSIONS],
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="narrow the key below the owner's role; none ticked: the role's permissions",
+    )
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    """API keys. The secret's hash is never shown. Keys are not created here: they come from
-    `manage.py create_api_key` (with the REST API work), which shows the secret once."""
+    """API keys. The secret's hash is never shown. A key is created on its own page (the
+    "Create API key" button, or `manage.py create_api_key`), which shows the secret once;
+    the model's add form stays off because it would ask for a prefix and hash."""
 
     form = ApiKeyAdminForm
     list_display = ("prefix", "name", "owner", "is_active", "last_used_at", "expires_at", "revoked_at", "created_at")
@@ -79,12 +97,64 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "created_at",
         "updated_at",
     )
-    actions = ("revoke_selected",)
+    actions = ("revoke_selected", "rotate_selected")
 
     permissions_display = json_display("permissions")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+    def _can_create_key(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("orchestration.add_apikey")
+
+    def get_urls(self) -> list[URLPattern]:
+        opts = self.model._meta
+        return [
+            path(
+                "create/",
+                self.admin_site.admin_view(self.create_key_view),
+                name=f"{opts.app_label}_{opts.model_name}_create_key",
+            ),
+            *super().get_urls(),
+        ]
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None) -> HttpResponse:
+        extra_context = {**(extra_context or {}), "can_create_key": self._can_create_key(request)}
+        return super().changelist_view(request, extra_context)
+
+    def create_key_view(self, request: HttpRequest) -> HttpResponse:
+        if not self._can_create_key(request):
+            raise PermissionDenied
+        form = ApiKeyCreateForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                created = api_key_create(
+                    owner=form.cleaned_data["owner"],
+                    name=form.cleaned_data["name"],
+                    expires_at=form.cleaned_data["expires_at"],
+                    permissions=form.cleaned_data["permissions"],
+                )
+            except SpecError as exc:
+                for problem in exc.problems:
+                    form.add_error(None, problem)
+            else:
+                self.log_addition(request, created.api_key, "Created")
+                self.message_user(
+                    request,
+                    f"API key created. Copy it now, it is not shown again: {created.key}",
+                    messages.SUCCESS,
+                )
+                opts = self.model._meta
+                return HttpResponseRedirect(
+                    reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[created.api_key.pk])
+                )
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": "Create API key",
+            "form": form,
+        }
+        return TemplateResponse(request, "admin/orchestration/apikey/create_key.html", context)
 
     @admin.display(description="active", boolean=True)
     def is_active(self, obj: ApiKey) -> bool:
@@ -100,3 +170,20 @@ class ApiKeyAdmin(admin.ModelAdmin):
         if skipped:
             message += f" {skipped} already revoked."
         self.message_user(request, message, messages.SUCCESS)
+
+    @admin.action(description="Rotate selected keys (new key shown once, old one revoked)", permissions=["change"])
+    def rotate_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        now = timezone.now()
+        for api_key in queryset.select_related("owner").order_by("pk"):
+            try:
+                created = api_key_rotate(api_key_id=api_key.pk, now=now)
+            except SpecError as exc:
+                self.message_user(request, "; ".join(exc.problems), messages.WARNING)
+                continue
+            self.log_change(request, api_key, "Rotated")
+            self.log_addition(request, created.api_key, "Created by rotation")
+            self.message_user(
+                request,
+                f"{api_key.owner}: new key {created.api_key.name!r}, copy it now, it is not shown again: {created.key}",
+                messages.SUCCESS,
+            )

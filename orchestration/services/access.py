@@ -1,13 +1,117 @@
-"""Writes for access control: API keys."""
+"""Writes for access control: API keys.
+
+A key reads `al_<prefix>_<secret>`. The prefix (8 hex characters) finds the row; only a
+SHA-256 digest of the secret is stored. The secret carries 256 random bits, so a fast hash
+is enough (a slow password hash would only cost time on every request) and is compared in
+constant time.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
+import secrets
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.db.models import Q
 
+from orchestration.errors import SpecError
 from orchestration.models import ApiKey
+from orchestration.roles import PERMISSIONS
+
+KEY_SCHEME = "al"
+# Seed 004 has no name for creating, changing and deactivating agents; only the admin's
+# "*" grants it. A key may still be narrowed to it.
+AGENT_MANAGE = "agent:manage"
+KNOWN_PERMISSIONS = (*sorted(PERMISSIONS), AGENT_MANAGE)
+LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class NewApiKey:
+    api_key: ApiKey
+    key: str  # the full key; shown once, never stored
+
+
+def api_key_secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def api_key_parse(key: str) -> tuple[str, str] | None:
+    """(prefix, secret) of a well-formed key, else None."""
+    parts = key.split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_SCHEME or len(parts[1]) != 8 or not parts[2]:
+        return None
+    return parts[1], parts[2]
+
+
+def api_key_matches(api_key: ApiKey, secret: str) -> bool:
+    return hmac.compare_digest(api_key.secret_hash, api_key_secret_hash(secret))
+
+
+def api_key_create(
+    *,
+    owner: Any,
+    name: str,
+    expires_at: dt.datetime | None = None,
+    permissions: list[str] | None = None,
+    now: dt.datetime | None = None,
+) -> NewApiKey:
+    """Create a key for `owner` and return it with its full text, which exists only here.
+
+    `permissions` (seed 004 names) narrows the key below the owner's role; empty means the
+    role's permissions. Raises SpecError naming each problem (blank or duplicate name,
+    expiry in the past, unknown permission).
+    """
+    problems = []
+    name = (name or "").strip()
+    if not name:
+        problems.append("name must not be empty")
+    elif len(name) > ApiKey._meta.get_field("name").max_length:
+        problems.append("name is longer than 100 characters")
+    if expires_at is not None and expires_at <= (now or dt.datetime.now(dt.UTC)):
+        problems.append(f"expires_at {expires_at.isoformat()} is in the past")
+    unknown = sorted(set(permissions or []) - set(KNOWN_PERMISSIONS))
+    if unknown:
+        problems.append(f"permissions: unknown {', '.join(unknown)} (known: {', '.join(KNOWN_PERMISSIONS)})")
+    if name and ApiKey.objects.filter(owner=owner, name=name).exists():
+        problems.append(f"name: {owner} already has a key named {name!r}")
+    if problems:
+        raise SpecError(problems)
+    secret = secrets.token_urlsafe(32)
+    for _ in range(5):
+        prefix = secrets.token_hex(4)
+        try:
+            with transaction.atomic():
+                api_key = ApiKey.objects.create(
+                    prefix=prefix,
+                    secret_hash=api_key_secret_hash(secret),
+                    name=name,
+                    owner=owner,
+                    permissions=sorted(set(permissions or [])),
+                    expires_at=expires_at,
+                )
+        except IntegrityError:
+            if ApiKey.objects.filter(owner=owner, name=name).exists():
+                raise SpecError([f"name: {owner} already has a key named {name!r}"]) from None
+            continue  # prefix collision (1 in 4 billion per key): draw another
+        return NewApiKey(api_key=api_key, key=f"{KEY_SCHEME}_{prefix}_{secret}")
+    raise RuntimeError("could not draw an unused API key prefix")
+
+
+def api_key_mark_used(*, api_key: ApiKey, now: dt.datetime) -> bool:
+    """Record that the key was used, at most once per LAST_USED_RESOLUTION: a conditional
+    UPDATE, so concurrent requests write once and most requests do not write at all."""
+    if api_key.last_used_at is not None and now - api_key.last_used_at < LAST_USED_RESOLUTION:
+        return False
+    stale = Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION)
+    changed = ApiKey.objects.filter(stale, pk=api_key.pk).update(last_used_at=now)
+    api_key.last_used_at = now
+    return changed == 1
 
 
 @transaction.atomic
@@ -26,3 +130,18 @@ def api_key_revoke(*, api_key_ids: Iterable[int], now: dt.datetime) -> list[int]
     )
     ApiKey.objects.filter(pk__in=revoked).update(revoked_at=now)
     return revoked
+
+
+@transaction.atomic
+def api_key_rotate(*, api_key_id: int, now: dt.datetime) -> NewApiKey:
+    """Replace a key: a new key for the same owner, permissions and expiry, named after the
+    old one, and the old one revoked, in one transaction."""
+    old = ApiKey.objects.select_for_update().select_related("owner").get(pk=api_key_id)
+    if old.revoked_at is not None:
+        raise SpecError([f"key {old.prefix} is revoked; create a new key instead"])
+    base = old.name[:80]
+    name = f"{base} (rotated {now:%Y-%m-%d %H:%M:%S})"
+    expires_at = old.expires_at if old.expires_at is None or old.expires_at > now else None
+    created = api_key_create(owner=old.owner, name=name, expires_at=expires_at, permissions=old.permissions, now=now)
+    api_key_revoke(api_key_ids=[old.pk], now=now)
+    return created

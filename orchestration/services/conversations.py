@@ -20,7 +20,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from orchestration.errors import ConversationError
+from orchestration.errors import ConversationBusy, ConversationError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Agent, AgentPlaygroundMessage, Priority, TaskAttempt, TaskExecution
 from orchestration.runtime.context import Conversation, TaskContext, Usage
@@ -99,7 +99,7 @@ def conversation_message_post(
         .first()
     )
     if last_asked is not None and last_asked["execution__status"] not in TaskExecution.TERMINAL_STATUSES:
-        raise ConversationError(
+        raise ConversationBusy(
             f"conversation {instance_id!r} is still answering message {last_asked['message_id']!r}; wait for the reply"
         )
     message = AgentPlaygroundMessage.objects.create(

@@ -1,0 +1,245 @@
+"""REST API latency at scale: 1 M workflows and 5 M events in PostgreSQL.
+
+Measured in one run, interleaved round by round, each endpoint beside the raw keyset SQL of
+the same page (the statement the endpoint sends, replayed on a bare cursor):
+
+- GET /api/v1/workflows/?status=failed           first page, and a page 100 000 rows deep
+- GET /api/v1/events/?entity_id=<agent entity>   first page, and a page 50 000 events deep
+- GET /api/v1/events/?entity_id=<workflow id>    one workflow's events
+- POST /api/v1/workflows/                        a one-task workflow (validation, 3 inserts)
+
+Requests go through the whole Django stack in-process (middleware, API-key authentication,
+the Redis rate-limit counter, permissions, filters, pagination, serialization), without a
+network hop. The data is generated once with INSERT ... SELECT generate_series into its own
+database (BENCH_API_DATABASE_URL, default agentledger_bench_api) and reused afterwards.
+
+    .venv/bin/python -m bench.api --rounds 5 --requests 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ["DJANGO_SETTINGS_MODULE"] = "bench.api_settings"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import django  # noqa: E402
+
+django.setup()
+
+import io  # noqa: E402
+
+import psycopg  # noqa: E402
+import redis  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.contrib.auth import get_user_model  # noqa: E402
+from django.contrib.auth.models import Group  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import connection  # noqa: E402
+from django.test.utils import CaptureQueriesContext  # noqa: E402
+from rest_framework.test import APIClient  # noqa: E402
+
+from orchestration.models import ApiKey  # noqa: E402
+from orchestration.services.access import api_key_create  # noqa: E402
+
+WORKFLOWS = 1_000_000
+EVENTS_PER_WORKFLOW = 4
+AGENT_ENTITIES = 10  # entities with a long history: the fifth million events, 100 000 each
+STATUSES = "ARRAY['completed','completed','completed','failed','failed','running','cancelled','pending']"
+
+
+def ensure_database() -> None:
+    db = settings.DATABASES["default"]
+    admin_url = f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/postgres"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [db["NAME"]]).fetchone():
+            conn.execute(f'CREATE DATABASE "{db["NAME"]}"')
+    call_command("migrate", verbosity=0)
+    call_command("load_agents", stdout=io.StringIO())
+
+
+def generate(owner_id: int) -> None:
+    """1 M workflows (a year of them, 2 in 8 failed) and 5 M events: 4 per workflow plus
+    100 000 for each of 10 agent entities, interleaved in time. Skipped when the data is
+    already there."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT EXISTS (SELECT 1 FROM workflows WHERE name = 'bench-last')")
+        if cursor.fetchone()[0]:
+            return
+        started = time.perf_counter()
+        print("generating 1 M workflows and 5 M events (once) ...", flush=True)
+        for first in range(1, WORKFLOWS + 1, 250_000):
+            last = min(first + 249_999, WORKFLOWS)
+            cursor.execute(
+                f"""
+                INSERT INTO workflows (workflow_id, created_at, updated_at, name, description, workflow_type, status,
+                    priority, current_step, total_steps, completed_steps, failed_steps, cancelled_steps, state_data,
+                    step_results, assigned_agents, checkpoints, error_count, metadata, tags, spec,
+                    continue_on_failure, owner_id, initiator, total_tokens_used, total_cost_usd)
+                SELECT md5('wf' || i)::uuid::text,
+                       now() - interval '365 days' + i * interval '31 seconds',
+                       now() - interval '365 days' + i * interval '31 seconds',
+                       CASE WHEN i = {WORKFLOWS} THEN 'bench-last' ELSE 'bench ' || i END,
+                       '', 'bench', ({STATUSES})[1 + mod(i, 8)], 'normal', '', 1, 0, 0, 0,
+                       '{{}}', '{{}}', '["echo"]', '[]', 0, '{{}}', '[]', '{{}}', false, %s, 'bench', 0, 0
+                FROM generate_series({first}, {last}) AS i
+                """,  # noqa: S608 - constants only
+                [owner_id],
+            )
+            # Per workflow: its 4 events, then one event of agent entity i mod 10, so each agent's
+            # history (100 000 events) is spread over the whole year, as activity would be.
+            cursor.execute(
+                f"""
+                INSERT INTO events (event_id, created_at, event_type, entity_type, entity_id, workflow_id, agent_id,
+                    source, payload, severity)
+                SELECT md5('ev' || i || '-' || k)::uuid::text,
+                       now() - interval '365 days' + i * interval '31 seconds' + k * interval '1 second',
+                       (ARRAY['workflow_created','workflow_started','task_queued','workflow_completed',
+                              'tool_executed'])[k],
+                       CASE WHEN k = 5 THEN 'agent' ELSE 'workflow' END,
+                       CASE WHEN k = 5 THEN 'agent-' || mod(i, {AGENT_ENTITIES}) ELSE md5('wf' || i)::uuid::text END,
+                       CASE WHEN k = 5 THEN NULL ELSE md5('wf' || i)::uuid::text END,
+                       CASE WHEN k = 5 THEN 'echo' END,
+                       'platform', '{{}}', 'info'
+                FROM generate_series({first}, {last}) AS i, generate_series(1, {EVENTS_PER_WORKFLOW + 1}) AS k
+                ORDER BY i, k
+                """  # noqa: S608
+            )
+            print(f"  workflows and their events up to {last}", flush=True)
+        cursor.execute("ANALYZE workflows")
+        cursor.execute("ANALYZE events")
+        print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def cursor_token(values: list) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"v": values}, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def deep_cursors() -> dict[str, str]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT created_at, workflow_id FROM workflows WHERE status = 'failed' "
+            "ORDER BY created_at DESC, workflow_id DESC OFFSET 100000 LIMIT 1"
+        )
+        created_at, workflow_id = cursor.fetchone()
+        cursor.execute("SELECT sequence FROM events WHERE entity_id = 'agent-3' ORDER BY sequence OFFSET 50000 LIMIT 1")
+        (sequence,) = cursor.fetchone()
+        cursor.execute("SELECT workflow_id FROM workflows WHERE name = 'bench 500000'")
+        (middle_workflow,) = cursor.fetchone()
+    return {
+        "workflows": cursor_token([created_at.isoformat(), workflow_id]),
+        "events": cursor_token(["agent-3", sequence]),  # filtered on entity_id: ordered by (entity_id, sequence)
+        "workflow": middle_workflow,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def page_sql(client: APIClient, path: str) -> str:
+    """The statement that selects the page (the one with LIMIT), as the endpoint sends it."""
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get(path)
+    assert response.status_code == 200, response.content
+    return next(q["sql"] for q in queries.captured_queries if "LIMIT" in q["sql"] and "api_keys" not in q["sql"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=200, help="requests per endpoint per round")
+    args = parser.parse_args()
+
+    ensure_database()
+    user, _ = get_user_model().objects.get_or_create(username="bench")
+    user.groups.add(Group.objects.get(name="admin"))
+    generate(user.pk)
+    ApiKey.objects.filter(owner=user).delete()
+    key = api_key_create(owner=user, name="bench").key
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    cursors = deep_cursors()
+
+    gets = {
+        "workflows?status=failed, first page": "/api/v1/workflows/?status=failed",
+        "workflows?status=failed, 100 000 deep": f"/api/v1/workflows/?status=failed&cursor={cursors['workflows']}",
+        "events?entity_id=agent-3, first page": "/api/v1/events/?entity_id=agent-3",
+        "events?entity_id=agent-3, 50 000 deep": f"/api/v1/events/?entity_id=agent-3&cursor={cursors['events']}",
+        "events?entity_id=<workflow>": f"/api/v1/events/?entity_id={cursors['workflow']}",
+    }
+    raw = {name: page_sql(client, path) for name, path in gets.items()}
+    spec = {"name": "bench post", "tasks": [{"name": "a", "agent": "echo", "input": {"n": 1}}]}
+
+    samples: dict[str, list[float]] = defaultdict(list)
+    round_p50: dict[str, list[float]] = defaultdict(list)
+    for round_number in range(args.rounds):
+        for name, path in gets.items():
+            times = []
+            for _ in range(args.requests):
+                started = time.perf_counter()
+                response = client.get(path)
+                times.append((time.perf_counter() - started) * 1000)
+                assert response.status_code == 200
+            raw_times = []
+            with connection.cursor() as cursor:
+                for _ in range(args.requests):
+                    started = time.perf_counter()
+                    cursor.execute(raw[name])
+                    cursor.fetchall()
+                    raw_times.append((time.perf_counter() - started) * 1000)
+            samples[name].extend(times)
+            samples[f"{name} (raw SQL)"].extend(raw_times)
+            round_p50[name].append(statistics.median(times))
+            round_p50[f"{name} (raw SQL)"].append(statistics.median(raw_times))
+        times = []
+        for _ in range(args.requests // 4):
+            started = time.perf_counter()
+            response = client.post("/api/v1/workflows/", spec, format="json")
+            times.append((time.perf_counter() - started) * 1000)
+            assert response.status_code == 201, response.content
+        samples["POST workflows"].extend(times)
+        print(f"round {round_number + 1}/{args.rounds} done", flush=True)
+
+    print()
+    print("| request | p50 ms | p99 ms | raw SQL p50 ms | raw SQL p99 ms | endpoint/raw (p50) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in [*gets, "POST workflows"]:
+        endpoint = samples[name]
+        line = f"| {name} | {percentile(endpoint, 0.5):.2f} | {percentile(endpoint, 0.99):.2f} |"
+        if name in raw:
+            raw_samples = samples[f"{name} (raw SQL)"]
+            ratios = [e / r for e, r in zip(round_p50[name], round_p50[f"{name} (raw SQL)"], strict=True)]
+            line += (
+                f" {percentile(raw_samples, 0.5):.2f} | {percentile(raw_samples, 0.99):.2f} |"
+                f" {statistics.median(ratios):.1f}x |"
+            )
+        else:
+            line += " | | |"
+        print(line)
+    for kind, first, deep in [
+        ("workflows", "workflows?status=failed, first page", "workflows?status=failed, 100 000 deep"),
+        ("events", "events?entity_id=agent-3, first page", "events?entity_id=agent-3, 50 000 deep"),
+    ]:
+        ratio = statistics.median(d / f for d, f in zip(round_p50[deep], round_p50[first], strict=True))
+        print(f"{kind}: deep/first p50 = {ratio:.2f}")
+    print("\nplans of the page statements:")
+    with connection.cursor() as cursor:
+        for name, sql in raw.items():
+            cursor.execute("EXPLAIN " + sql)
+            print(f"-- {name}\n" + "\n".join(row[0] for row in cursor.fetchall()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Agents (read by every role, changed by admins) and conversations with them."""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from orchestration.api.errors import spec_field
+from orchestration.api.exceptions import Conflict
+from orchestration.api.filters import AgentFilter
+from orchestration.api.pagination import KeysetPagination
+from orchestration.api.permissions import ActionPermission, HasRole, is_admin
+from orchestration.api.schema import problem_responses
+from orchestration.api.serializers import (
+    AgentCreateSerializer,
+    AgentSerializer,
+    AgentStatsQuerySerializer,
+    AgentStatsSerializer,
+    AgentUpdateSerializer,
+    MessageAcceptedSerializer,
+    MessagePostSerializer,
+    MessageSerializer,
+)
+from orchestration.api.views import PAGE_PARAMETERS, ApiMixin
+from orchestration.errors import ConversationBusy, ConversationError
+from orchestration.models import Agent, AgentPlaygroundMessage
+from orchestration.selectors import agent_stats, conversation_messages
+from orchestration.services.access import AGENT_MANAGE
+from orchestration.services.agent_registry import agent_create, agent_deactivate, agent_update
+from orchestration.services.conversations import conversation_message_post
+
+ANY_ROLE = "any"
+EXECUTE = "agent:execute"
+
+
+class AgentPermission(ActionPermission):
+    """Reading agents is open to every role (seed 004's agent:list is the viewer's, and a
+    developer must see what it can run); changing them needs agent:manage (admins)."""
+
+    def has_permission(self, request: Request, view: object) -> bool:
+        if getattr(view, "action", None) in ("list", "retrieve", "stats"):
+            return HasRole().has_permission(request, view)
+        return super().has_permission(request, view)
+
+
+AGENT_EXAMPLE = {
+    "id": "summariser-001",
+    "name": "Summariser",
+    "executor": "llm",
+    "provider": "openai",
+    "model": "gpt-4o-mini",
+    "api_key_env": "OPENAI_API_KEY",
+    "system_prompt": "Summarise the input in three sentences.",
+    "temperature": 0.2,
+    "max_tokens": 512,
+}
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List agents", responses={200: AgentSerializer(many=True), **problem_responses(400, 401, 403, 429)}
+    ),
+    retrieve=extend_schema(
+        summary="An agent", responses={200: AgentSerializer, **problem_responses(401, 403, 404, 429)}
+    ),
+)
+class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Agents: every role reads them; admins create, change and deactivate them."""
+
+    permission_classes = [AgentPermission]
+    required_permissions = {
+        "create": AGENT_MANAGE,
+        "update": AGENT_MANAGE,
+        "partial_update": AGENT_MANAGE,
+        "deactivate": AGENT_MANAGE,
+    }
+    queryset = Agent.objects.all()
+    serializer_class = AgentSerializer
+    filterset_class = AgentFilter
+    lookup_value_regex = "[^/]+"
+    orderings = {"id": ("id",)}
+    default_ordering = "id"
+
+    @extend_schema(
+        summary="Create an agent (admins)",
+        request=AgentCreateSerializer,
+        examples=[OpenApiExample("an llm agent", value=AGENT_EXAMPLE, request_only=True)],
+        responses={201: AgentSerializer, **problem_responses(400, 401, 403, 429)},
+    )
+    def create(self, request: Request) -> Response:
+        data = AgentCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        agent = agent_create(fields=dict(data.validated_data), actor=request.user)
+        return Response(AgentSerializer(agent).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(
+        summary="Replace an agent's settings (admins)",
+        request=AgentUpdateSerializer,
+        responses={200: AgentSerializer, **problem_responses(400, 401, 403, 404, 429)},
+    )
+    def update(self, request: Request, pk: str) -> Response:
+        return self._update(request, pk, partial=False)
+
+    @extend_schema(
+        summary="Change some of an agent's settings (admins)",
+        request=AgentUpdateSerializer(partial=True),
+        responses={200: AgentSerializer, **problem_responses(400, 401, 403, 404, 429)},
+    )
+    def partial_update(self, request: Request, pk: str) -> Response:
+        return self._update(request, pk, partial=True)
+
+    def _update(self, request: Request, pk: str, *, partial: bool) -> Response:
+        agent = self.get_object()
+        data = AgentUpdateSerializer(agent, data=request.data, partial=partial)
+        data.is_valid(raise_exception=True)
+        agent = agent_update(agent_id=agent.pk, fields=dict(data.validated_data), actor=request.user)
+        return Response(AgentSerializer(agent).data)
+
+    @extend_schema(
+        summary="Deactivate an agent (admins)",
+        request=None,
+        responses={200: AgentSerializer, **problem_responses(401, 403, 404, 409, 429)},
+    )
+    @action(detail=True, methods=["post"])
+    def deactivate(self, request: Request, pk: str) -> Response:
+        agent = agent_deactivate(agent_id=self.get_object().pk, actor=request.user)
+        return Response(AgentSerializer(agent).data)
+
+    @extend_schema(
+        summary="An agent's statistics over a window",
+        description="Seed 003's aggregates over tasks created in [since, until): completed tasks, average "
+        "latency, tokens, cost, failures and success rate. Default window: the last 24 hours.",
+        parameters=[AgentStatsQuerySerializer],
+        filters=False,
+        responses={200: AgentStatsSerializer, **problem_responses(400, 401, 403, 404, 429)},
+    )
+    @action(detail=True, methods=["get"], filterset_class=None)
+    def stats(self, request: Request, pk: str) -> Response:
+        agent = self.get_object()
+        query = AgentStatsQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        stats = agent_stats(agent_id=agent.pk, **query.validated_data)
+        return Response(AgentStatsSerializer(stats).data)
+
+
+class ConversationMessagesView(ApiMixin, APIView):
+    """`conversations/{instance_id}/messages/`: a thread belongs to the owner of its messages."""
+
+    permission_classes = [ActionPermission]
+    required_permissions = {"get": EXECUTE, "post": EXECUTE}
+    orderings = {"created_at": ("created_at", "message_id")}
+    default_ordering = "created_at"
+
+    def _thread(self, request: Request, instance_id: str) -> QuerySet[AgentPlaygroundMessage]:
+        """The thread's messages; another user's thread is a 404. The thread's owner is the
+        owner of its user messages (replies, tool calls and results carry no owner)."""
+        messages = conversation_messages(instance_id=instance_id)
+        if not is_admin(request):
+            first = messages.filter(owner__isnull=False).values("owner_id").first()
+            if first is not None and first["owner_id"] != request.user.pk:
+                raise NotFound(f"No conversation {instance_id!r}.")
+        return messages
+
+    @extend_schema(
+        summary="The messages of a conversation, in order",
+        parameters=[OpenApiParameter("instance_id", OpenApiTypes.STR, OpenApiParameter.PATH), *PAGE_PARAMETERS],
+        responses={200: MessageSerializer(many=True), **problem_responses(400, 401, 403, 404, 429)},
+    )
+    def get(self, request: Request, instance_id: str) -> Response:
+        messages = self._thread(request, instance_id)
+        paginator = KeysetPagination()
+        page = paginator.paginate_queryset(messages, request, view=self)
+        if not page and "cursor" not in request.query_params:
+            raise NotFound(f"No conversation {instance_id!r}.")
+        return paginator.get_paginated_response(MessageSerializer(page, many=True).data)
+
+    @extend_schema(
+        summary="Post a user message",
+        description="Stores the message and queues the agent's reply, which arrives as a new message of "
+        "the thread. A new instance_id starts a thread.",
+        parameters=[OpenApiParameter("instance_id", OpenApiTypes.STR, OpenApiParameter.PATH)],
+        request=MessagePostSerializer,
+        examples=[OpenApiExample("hello", value={"agent": "echo", "content": "Hello!"}, request_only=True)],
+        responses={202: MessageAcceptedSerializer, **problem_responses(400, 401, 403, 404, 409, 413, 429)},
+    )
+    def post(self, request: Request, instance_id: str) -> Response:
+        self._thread(request, instance_id)
+        data = MessagePostSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        agent = Agent.objects.filter(pk=data.validated_data["agent"]).first()
+        if agent is None:
+            raise ValidationError({"agent": [f"unknown agent {data.validated_data['agent']!r}"]})
+        try:
+            message = conversation_message_post(
+                agent=agent, instance_id=instance_id, content=data.validated_data["content"], owner=request.user
+            )
+        except ConversationBusy as exc:
+            raise Conflict(str(exc)) from None
+        except ConversationError as exc:
+            raise ValidationError({spec_field(str(exc)) or "conversation": [str(exc)]}) from None
+        body = {"message_id": message.message_id, "instance_id": instance_id, "status": "accepted"}
+        return Response(MessageAcceptedSerializer(body).data, status=status.HTTP_202_ACCEPTED)

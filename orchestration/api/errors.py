@@ -1,0 +1,191 @@
+"""RFC 9457 problem details: the one error shape of the API.
+
+Every error answer is `application/problem+json` with type, title, status, detail and
+instance; validation errors add `errors`, a list of {field, detail}. Unexpected exceptions
+are logged and answered 500 without any trace of the code.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
+from rest_framework import exceptions
+from rest_framework.response import Response
+from rest_framework.views import exception_handler
+
+from orchestration.api.exceptions import Conflict, RequestTooLarge
+from orchestration.errors import SpecError, TransitionError
+
+logger = logging.getLogger(__name__)
+
+API_PREFIX = "/api/"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+# RFC 9457 allows any URI as the type; a URN names the kind without promising a page.
+PROBLEM_TYPE_BASE = "urn:agentledger:problem:"
+
+TITLES = {
+    400: "Invalid request",
+    401: "Not authenticated",
+    403: "Permission denied",
+    404: "Not found",
+    405: "Method not allowed",
+    406: "Not acceptable",
+    409: "Conflict",
+    413: "Request body too large",
+    415: "Unsupported media type",
+    422: "Unprocessable request",
+    429: "Too many requests",
+    500: "Internal server error",
+}
+
+# "tasks[2] (fetch).depends_on: unknown task" -> "tasks[2].depends_on"
+_FIELD_RE = re.compile(r"^(?P<field>[A-Za-z_][\w]*(?:\[\d+\])?(?: \([^)]*\))?(?:\.[A-Za-z_]\w*)*)")
+
+
+def problem_type(code: str) -> str:
+    return PROBLEM_TYPE_BASE + code.replace("_", "-")
+
+
+def problem(
+    *, status_code: int, detail: str, code: str, instance: str, errors: list[dict[str, str]] | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": problem_type(code),
+        "title": TITLES.get(status_code, "Error"),
+        "status": status_code,
+        "detail": detail,
+        "instance": instance,
+    }
+    if errors is not None:
+        body["errors"] = errors
+    return body
+
+
+def spec_field(text: str) -> str:
+    """The field a SpecError problem names (its leading path, without the task's name)."""
+    match = _FIELD_RE.match(text)
+    if not match:
+        return ""
+    return re.sub(r" \([^)]*\)", "", match.group("field"))
+
+
+def _flatten(data: Any, prefix: str = "") -> list[dict[str, str]]:
+    """DRF's nested ValidationError detail as a flat list of {field, detail}."""
+    if isinstance(data, dict):
+        items: list[dict[str, str]] = []
+        for key, value in data.items():
+            name = "" if key == "non_field_errors" else str(key)
+            items.extend(_flatten(value, f"{prefix}.{name}" if prefix and name else prefix or name))
+        return items
+    if isinstance(data, list):
+        if all(not isinstance(item, dict | list) for item in data):
+            return [{"field": prefix, "detail": str(item)} for item in data]
+        items = []
+        for i, item in enumerate(data):
+            items.extend(_flatten(item, f"{prefix}[{i}]"))
+        return items
+    return [{"field": prefix, "detail": str(data)}]
+
+
+def _code_of(exc: exceptions.APIException) -> str:
+    codes = exc.get_codes()
+    return codes if isinstance(codes, str) else exc.default_code
+
+
+def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
+    """DRF's EXCEPTION_HANDLER: every error, expected or not, as a problem document."""
+    request = context.get("request")
+    instance = request.get_full_path() if request is not None else ""
+    if isinstance(exc, SpecError):
+        exc = exceptions.ValidationError({"spec": exc.problems})
+        errors = [{"field": spec_field(p), "detail": p} for p in exc.detail["spec"]]
+        return _respond(
+            400,
+            "The workflow spec is invalid: " + "; ".join(e["detail"] for e in errors),
+            "invalid_spec",
+            instance,
+            errors,
+        )
+    if isinstance(exc, TransitionError):
+        exc = Conflict(str(exc))
+    elif isinstance(exc, RequestDataTooBig):
+        exc = RequestTooLarge(f"The request body exceeds the limit of {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.")
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
+
+    response = exception_handler(exc, context)
+    if response is None:
+        logger.exception("unhandled error in %s", instance, exc_info=exc)
+        return _respond(500, "The server failed to handle this request.", "server_error", instance)
+
+    assert isinstance(exc, exceptions.APIException)
+    errors = None
+    if isinstance(exc, exceptions.ValidationError):
+        errors = _flatten(exc.detail)
+        detail = "; ".join(f"{e['field']}: {e['detail']}" if e["field"] else e["detail"] for e in errors)
+        code = "validation_error"
+    else:
+        detail = str(exc.detail)
+        code = _code_of(exc)
+    problem_response = _respond(response.status_code, detail, code, instance, errors)
+    for header, value in response.headers.items():
+        if header.lower() in ("retry-after", "www-authenticate", "allow"):
+            problem_response[header] = value
+    return problem_response
+
+
+def _respond(status_code: int, detail: str, code: str, instance: str, errors: list | None = None) -> Response:
+    return Response(
+        problem(status_code=status_code, detail=detail, code=code, instance=instance, errors=errors),
+        status=status_code,
+        content_type=PROBLEM_CONTENT_TYPE,
+    )
+
+
+def _plain_problem(request: HttpRequest, status_code: int, detail: str, code: str) -> JsonResponse:
+    return JsonResponse(
+        problem(status_code=status_code, detail=detail, code=code, instance=request.get_full_path()),
+        status=status_code,
+        content_type=PROBLEM_CONTENT_TYPE,
+    )
+
+
+def _is_api(request: HttpRequest) -> bool:
+    return request.path.startswith(API_PREFIX)
+
+
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """handler404: a problem document under /api/ (Django resolves unknown URLs before DRF
+    is involved), Django's page elsewhere."""
+    if _is_api(request):
+        return _plain_problem(request, 404, "No endpoint matches this URL.", "not_found")
+    return defaults.page_not_found(request, exception or Http404())
+
+
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """handler400 (e.g. a disallowed Host header, caught before any view runs)."""
+    if _is_api(request):
+        return _plain_problem(request, 400, "The request is malformed.", "bad_request")
+    return defaults.bad_request(request, exception or Exception())
+
+
+def permission_denied(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """handler403 (e.g. a CSRF failure outside DRF)."""
+    if _is_api(request):
+        return _plain_problem(request, 403, "You may not do this.", "permission_denied")
+    return defaults.permission_denied(request, exception or Exception())
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    """handler500: a problem document under /api/, Django's page elsewhere."""
+    if _is_api(request):
+        return _plain_problem(request, 500, "The server failed to handle this request.", "server_error")
+    return defaults.server_error(request)

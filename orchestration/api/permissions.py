@@ -1,0 +1,110 @@
+"""Roles (seed 004) as DRF permission classes.
+
+A user's role is the strongest of their role groups (a superuser is admin). An API key may
+narrow it: a key with `permissions` set grants only those of its owner's permissions.
+Ownership is enforced by the views' querysets (another user's object is a 404).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.models import Group
+from django.db.models import Case, OuterRef, Subquery, Value, When
+from rest_framework.permissions import BasePermission
+from rest_framework.request import Request
+
+from orchestration.models import ApiKey
+from orchestration.roles import ROLES
+from orchestration.services.access import KNOWN_PERMISSIONS
+
+ROLE_ORDER = ("admin", "developer", "viewer")
+ADMIN = "admin"
+
+
+def role_subquery(user_ref: OuterRef) -> Subquery:
+    """The name of the strongest role group of the user `user_ref` points at (one query
+    with the API key lookup instead of a second one)."""
+    rank = Case(*(When(name=name, then=Value(i)) for i, name in enumerate(ROLE_ORDER)))
+    groups = Group.objects.filter(user=user_ref, name__in=ROLE_ORDER).annotate(rank=rank).order_by("rank")
+    return Subquery(groups.values("name")[:1])
+
+
+def user_role(user: Any) -> str | None:
+    """The user's role, cached on the user object for the request."""
+    if not getattr(user, "is_authenticated", False):
+        return None
+    if not hasattr(user, "_api_role"):
+        if user.is_superuser:
+            role = ADMIN
+        else:
+            names = set(user.groups.filter(name__in=ROLE_ORDER).values_list("name", flat=True))
+            role = next((r for r in ROLE_ORDER if r in names), None)
+        user._api_role = role
+    return user._api_role
+
+
+def request_role(request: Request) -> str | None:
+    return user_role(request.user)
+
+
+def is_admin(request: Request) -> bool:
+    return request_role(request) == ADMIN
+
+
+def has_permission(request: Request, permission: str) -> bool:
+    role = request_role(request)
+    if role is None:
+        return False
+    granted = ROLES[role]
+    if "*" not in granted and permission not in granted:
+        return False
+    api_key = request.auth if isinstance(request.auth, ApiKey) else None
+    if api_key is not None and api_key.permissions:
+        return "*" in api_key.permissions or permission in api_key.permissions
+    return True
+
+
+def effective_permissions(request: Request) -> list[str]:
+    role = request_role(request)
+    if role is None:
+        return []
+    names = KNOWN_PERMISSIONS if "*" in ROLES[role] else sorted(ROLES[role])
+    return [name for name in names if has_permission(request, name)]
+
+
+class HasRole(BasePermission):
+    """Any of the three roles (agents list/retrieve, `me`)."""
+
+    message = "Your account has no role (admin, developer or viewer); ask an administrator for one."
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        return request_role(request) is not None
+
+
+class ActionPermission(BasePermission):
+    """The seed permission a view names for the current action in `required_permissions`
+    ({action: permission}); an action the mapping does not name is refused."""
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        role = request_role(request)
+        if role is None:
+            self.message = HasRole.message
+            return False
+        if hasattr(view, "action"):
+            action = view.action
+        else:
+            action = request.method.lower() if hasattr(view, request.method.lower()) else None
+        if action is None:
+            return True  # no handler for this method: the view answers 405
+        if action in ("options", "metadata"):
+            return True
+        required = view.required_permissions.get(action)
+        if required is None:
+            return False
+        if has_permission(request, required):
+            return True
+        self.message = f"Your role ({role}) does not grant {required}, which this operation needs."
+        if isinstance(request.auth, ApiKey) and request.auth.permissions:
+            self.message = f"This API key does not grant {required}, which this operation needs."
+        return False

@@ -1,0 +1,489 @@
+"""Input and output shapes of the API. No business logic here: serializers check types and
+shapes; services decide. Server-owned fields (owner, status, counters, stats) are read-only."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+from django.conf import settings
+from django.core.validators import URLValidator
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from orchestration.models import Agent, AgentPlaygroundMessage, ApiKey, Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.models.workflows import Priority
+
+JSON_OBJECT = {"type": "object", "additionalProperties": True}
+JSON_ARRAY_OF_STRINGS = {"type": "array", "items": {"type": "string"}}
+
+
+@extend_schema_field(JSON_OBJECT)
+class JSONObjectField(serializers.JSONField):
+    pass
+
+
+@extend_schema_field({"type": "object", "nullable": True, "additionalProperties": True})
+class NullableJSONField(serializers.JSONField):
+    pass
+
+
+@extend_schema_field({"type": "array", "items": {}})
+class JSONListField(serializers.JSONField):
+    pass
+
+
+@extend_schema_field(JSON_ARRAY_OF_STRINGS)
+class StringListField(serializers.JSONField):
+    pass
+
+
+def _type_problem(field: serializers.Field, value: Any) -> str | None:
+    """DRF coerces (0 becomes "0", "5" becomes 5); a JSON API should not."""
+    if value is None:
+        return None  # allow_null decides
+    if isinstance(field, serializers.CharField | serializers.ChoiceField) and not isinstance(value, str):
+        return "must be a string"
+    if isinstance(field, serializers.BooleanField) and not isinstance(value, bool):
+        return "must be true or false"
+    if isinstance(field, serializers.IntegerField) and (isinstance(value, bool) or not isinstance(value, int)):
+        return "must be an integer"
+    if isinstance(field, serializers.FloatField) and (isinstance(value, bool) or not isinstance(value, int | float)):
+        return "must be a number"
+    if isinstance(field, serializers.ListField):
+        if not isinstance(value, list):
+            return "must be a list"
+        if isinstance(field.child, serializers.CharField) and not all(isinstance(v, str) for v in value):
+            return "must be a list of strings"
+    return None
+
+
+class StrictFieldsMixin:
+    """JSON bodies are taken as typed: fields the serializer does not accept (server-owned
+    ones included) are refused instead of silently dropped, so a client learns that its
+    `status` was not applied, and values of the wrong JSON type are refused, not coerced."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict):
+            fields = self.fields  # type: ignore[attr-defined]
+            errors = {
+                name: ["is not accepted here"] for name in sorted(data) if name not in fields or fields[name].read_only
+            }
+            for name, value in data.items():
+                problem = _type_problem(fields[name], value) if name in fields else None
+                if problem:
+                    errors[name] = [problem]
+            if errors:
+                raise serializers.ValidationError(errors)
+        return super().to_internal_value(data)  # type: ignore[misc]
+
+
+class FastReadMixin:
+    """Output of plain columns without DRF's per-field lookup machinery (a list page is
+    50 rows x 25 fields; the generic path costs more than the query). Fields with a dotted
+    source, relations and nested serializers keep the generic path; the values and their
+    formats are DRF's own (each field's to_representation)."""
+
+    @cached_property
+    def _plan(self) -> list[tuple[str, serializers.Field, str | None]]:
+        plan = []
+        for field in self._readable_fields:  # type: ignore[attr-defined]
+            plain = (
+                len(field.source_attrs) == 1
+                and not isinstance(field, serializers.BaseSerializer | serializers.RelatedField)
+                and field.source != "*"
+            )
+            plan.append((field.field_name, field, field.source_attrs[0] if plain else None))
+        return plan
+
+    def to_representation(self, instance: Any) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        for name, field, attribute in self._plan:
+            value = field.get_attribute(instance) if attribute is None else getattr(instance, attribute)
+            data[name] = None if value is None else field.to_representation(value)
+        return data
+
+
+# --- Workflows and tasks ----------------------------------------------------------------
+
+
+class AttemptSerializer(FastReadMixin, serializers.ModelSerializer):
+    class Meta:
+        model = TaskAttempt
+        fields = (
+            "attempt_number",
+            "status",
+            "cause",
+            "error_class",
+            "retryable",
+            "error",
+            "traceback",
+            "worker",
+            "celery_task_id",
+            "delivery_count",
+            "redelivered",
+            "timeout_seconds",
+            "input_tokens",
+            "output_tokens",
+            "tokens_used",
+            "cost_usd",
+            "started_at",
+            "finished_at",
+            "duration_ms",
+        )
+        read_only_fields = fields
+
+
+class TaskSerializer(FastReadMixin, serializers.ModelSerializer):
+    workflow_id = serializers.CharField(read_only=True, allow_null=True)
+    agent_id = serializers.CharField(read_only=True)
+    depends_on = StringListField(read_only=True)
+    input_data = JSONObjectField(read_only=True)
+    output_data = serializers.JSONField(read_only=True, allow_null=True)
+    metadata = JSONObjectField(read_only=True)
+
+    class Meta:
+        model = TaskExecution
+        fields = (
+            "execution_id",
+            "workflow_id",
+            "agent_id",
+            "task_name",
+            "task_type",
+            "description",
+            "priority",
+            "status",
+            "depends_on",
+            "input_data",
+            "output_data",
+            "error",
+            "retry_count",
+            "max_retries",
+            "timeout_seconds",
+            "execution_time_ms",
+            "input_tokens",
+            "output_tokens",
+            "tokens_used",
+            "cost_usd",
+            "worker",
+            "metadata",
+            "created_at",
+            "queued_at",
+            "started_at",
+            "completed_at",
+            "updated_at",
+        )
+        read_only_fields = fields
+
+
+class TaskDetailSerializer(TaskSerializer):
+    attempts = AttemptSerializer(many=True, read_only=True)
+
+    class Meta(TaskSerializer.Meta):
+        fields = (*TaskSerializer.Meta.fields, "attempts")
+        read_only_fields = fields
+
+
+class WorkflowSerializer(FastReadMixin, serializers.ModelSerializer):
+    owner = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
+    tags = StringListField(read_only=True)
+    metadata = JSONObjectField(read_only=True)
+
+    class Meta:
+        model = Workflow
+        fields = (
+            "workflow_id",
+            "name",
+            "description",
+            "workflow_type",
+            "status",
+            "priority",
+            "owner",
+            "initiator",
+            "idempotency_key",
+            "total_steps",
+            "completed_steps",
+            "failed_steps",
+            "cancelled_steps",
+            "error",
+            "error_count",
+            "tags",
+            "metadata",
+            "total_tokens_used",
+            "total_cost_usd",
+            "deadline",
+            "created_at",
+            "started_at",
+            "completed_at",
+            "duration_ms",
+            "updated_at",
+        )
+        read_only_fields = fields
+
+
+class WorkflowDetailSerializer(WorkflowSerializer):
+    spec = JSONObjectField(read_only=True)
+    state_data = JSONObjectField(read_only=True)
+    step_results = JSONObjectField(read_only=True)
+    assigned_agents = StringListField(read_only=True)
+    checkpoints = JSONListField(read_only=True)
+    tasks = TaskSerializer(many=True, read_only=True)
+
+    class Meta(WorkflowSerializer.Meta):
+        fields = (
+            *WorkflowSerializer.Meta.fields,
+            "continue_on_failure",
+            "current_step",
+            "spec",
+            "state_data",
+            "step_results",
+            "assigned_agents",
+            "checkpoints",
+            "tasks",
+        )
+        read_only_fields = fields
+
+
+class TaskSpecSerializer(serializers.Serializer):
+    """One task of a workflow spec (documentation of the shape; the spec validator decides)."""
+
+    name = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$", help_text="unique within the workflow")
+    agent = serializers.CharField(max_length=50, help_text="id of an active agent")
+    input = JSONObjectField(required=False)
+    depends_on = serializers.ListField(child=serializers.CharField(), required=False)
+    max_retries = serializers.IntegerField(min_value=0, max_value=settings.TASK_MAX_RETRIES_LIMIT, required=False)
+    timeout_seconds = serializers.IntegerField(min_value=1, max_value=settings.TASK_MAX_TIMEOUT_SECONDS, required=False)
+    priority = serializers.ChoiceField(choices=Priority.choices, required=False)
+    description = serializers.CharField(max_length=10_000, required=False, allow_blank=True)
+    task_type = serializers.CharField(max_length=100, required=False, allow_blank=True)
+
+
+class WorkflowSpecSerializer(serializers.Serializer):
+    """A workflow spec: a DAG of tasks (`depends_on` by task name)."""
+
+    name = serializers.CharField(max_length=255)
+    tasks = TaskSpecSerializer(many=True, min_length=1, max_length=settings.WORKFLOW_MAX_TASKS)
+    workflow_type = serializers.CharField(max_length=100, required=False, allow_blank=True)
+    description = serializers.CharField(max_length=10_000, required=False, allow_blank=True)
+    tags = serializers.ListField(child=serializers.CharField(), required=False)
+    metadata = JSONObjectField(required=False)
+    state = JSONObjectField(required=False)
+    deadline = serializers.DateTimeField(required=False, allow_null=True, help_text="with a time zone, in the future")
+    priority = serializers.ChoiceField(choices=Priority.choices, required=False)
+    idempotency_key = serializers.CharField(
+        max_length=255, required=False, help_text="same as the Idempotency-Key header; use one of the two"
+    )
+    continue_on_failure = serializers.BooleanField(required=False)
+
+
+# --- Events -----------------------------------------------------------------------------
+
+
+class EventSerializer(FastReadMixin, serializers.ModelSerializer):
+    payload = JSONObjectField(read_only=True)
+
+    class Meta:
+        model = Event
+        fields = (
+            "sequence",
+            "event_id",
+            "event_type",
+            "entity_type",
+            "entity_id",
+            "workflow_id",
+            "agent_id",
+            "session_id",
+            "source",
+            "severity",
+            "payload",
+            "created_at",
+        )
+        read_only_fields = fields
+
+
+# --- Agents -----------------------------------------------------------------------------
+
+AGENT_WRITABLE = (
+    "name",
+    "role",
+    "description",
+    "category",
+    "version",
+    "executor",
+    "entrypoint",
+    "model",
+    "provider",
+    "url",
+    "api_key_env",
+    "system_prompt",
+    "temperature",
+    "max_tokens",
+    "max_concurrency",
+    "capabilities",
+    "specialties",
+    "backstory",
+    "personality_emoji",
+    "config",
+    "metadata",
+)
+AGENT_STATS = ("total_tasks_completed", "total_tokens_used", "average_latency_ms", "success_rate")
+
+
+class AgentSerializer(FastReadMixin, serializers.ModelSerializer):
+    url = serializers.CharField(read_only=True)
+    capabilities = StringListField(read_only=True)
+    specialties = StringListField(read_only=True)
+    config = JSONObjectField(read_only=True)
+    metadata = JSONObjectField(read_only=True)
+
+    class Meta:
+        model = Agent
+        fields = ("id", *AGENT_WRITABLE, "status", *AGENT_STATS, "created_at", "updated_at")
+        read_only_fields = fields
+
+
+class AgentWriteSerializer(StrictFieldsMixin, serializers.ModelSerializer):
+    """Admins create and change agents; status and the stats columns are not writable
+    (deactivate is its own action; the stats come from the rollup)."""
+
+    capabilities = serializers.ListField(child=serializers.CharField(max_length=200), required=False)
+    specialties = serializers.ListField(child=serializers.CharField(max_length=200), required=False)
+    temperature = serializers.FloatField(min_value=0, max_value=2, allow_null=True, required=False)
+    url = serializers.CharField(
+        max_length=500, required=False, allow_blank=True, validators=[URLValidator()], help_text="http executor"
+    )
+    config = JSONObjectField(required=False)
+    metadata = JSONObjectField(required=False)
+
+    class Meta:
+        model = Agent
+        fields = ("id", *AGENT_WRITABLE)
+        extra_kwargs = {"id": {"validators": []}}
+
+    def validate_config(self, value: Any) -> dict:
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("must be an object")
+        return value
+
+    validate_metadata = validate_config
+
+
+class AgentCreateSerializer(AgentWriteSerializer):
+    id = serializers.RegexField(r"^[a-z0-9][a-z0-9_.\-]{0,49}$", help_text="e.g. akira-001")
+
+
+class AgentUpdateSerializer(AgentWriteSerializer):
+    class Meta(AgentWriteSerializer.Meta):
+        fields = AGENT_WRITABLE
+
+
+class AgentStatsSerializer(serializers.Serializer):
+    agent_id = serializers.CharField()
+    since = serializers.DateTimeField()
+    until = serializers.DateTimeField(allow_null=True)
+    total_tasks = serializers.IntegerField(help_text="completed tasks")
+    avg_latency_ms = serializers.FloatField(allow_null=True)
+    total_tokens = serializers.IntegerField()
+    total_cost_usd = serializers.DecimalField(max_digits=20, decimal_places=6)
+    failed = serializers.IntegerField()
+    timed_out = serializers.IntegerField()
+    success_rate = serializers.FloatField(allow_null=True, help_text="completed / finished * 100")
+
+
+class AgentStatsQuerySerializer(serializers.Serializer):
+    since = serializers.DateTimeField(required=False, help_text="start of the window (default: 24 hours ago)")
+    until = serializers.DateTimeField(required=False, help_text="end of the window (default: now)")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        since, until = attrs.get("since"), attrs.get("until")
+        if since and until and until <= since:
+            raise serializers.ValidationError({"until": "must be after since"})
+        return attrs
+
+
+# --- Conversations ----------------------------------------------------------------------
+
+
+class MessageSerializer(FastReadMixin, serializers.ModelSerializer):
+    agent_id = serializers.CharField(read_only=True, allow_null=True)
+    tool_calls = serializers.JSONField(read_only=True, allow_null=True)
+    metadata = JSONObjectField(read_only=True)
+
+    class Meta:
+        model = AgentPlaygroundMessage
+        fields = (
+            "message_id",
+            "instance_id",
+            "agent_id",
+            "role",
+            "content",
+            "tool_calls",
+            "tool_call_id",
+            "is_error",
+            "input_tokens",
+            "output_tokens",
+            "tokens_used",
+            "metadata",
+            "created_at",
+        )
+        read_only_fields = fields
+
+
+class MessagePostSerializer(StrictFieldsMixin, serializers.Serializer):
+    agent = serializers.CharField(max_length=50, help_text="id of the agent to talk to")
+    content = serializers.CharField(max_length=100_000, help_text="the user's message")
+
+
+class MessageAcceptedSerializer(serializers.Serializer):
+    message_id = serializers.CharField()
+    instance_id = serializers.CharField()
+    status = serializers.CharField(help_text="'accepted': the agent's reply arrives as a new message")
+
+
+# --- Commands and me --------------------------------------------------------------------
+
+
+class CancelSerializer(StrictFieldsMixin, serializers.Serializer):
+    reason = serializers.CharField(max_length=1000, required=False, default="cancelled by user")
+
+
+class RateLimitSerializer(serializers.Serializer):
+    limit = serializers.IntegerField(help_text="requests allowed per 60-second window")
+    remaining = serializers.IntegerField()
+    reset = serializers.IntegerField(help_text="seconds until the window ends")
+
+
+class ApiKeyInfoSerializer(serializers.ModelSerializer):
+    permissions = StringListField(read_only=True)
+
+    class Meta:
+        model = ApiKey
+        fields = ("prefix", "name", "permissions", "expires_at", "last_used_at", "created_at")
+        read_only_fields = fields
+
+
+class MeSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    username = serializers.CharField()
+    email = serializers.CharField(allow_blank=True)
+    role = serializers.CharField(allow_null=True)
+    permissions = serializers.ListField(child=serializers.CharField())
+    authentication = serializers.ChoiceField(choices=["api_key", "session"])
+    api_key = ApiKeyInfoSerializer(allow_null=True)
+    rate_limit = RateLimitSerializer(allow_null=True)
+
+
+class ProblemErrorSerializer(serializers.Serializer):
+    field = serializers.CharField(allow_blank=True)
+    detail = serializers.CharField()
+
+
+class ProblemSerializer(serializers.Serializer):
+    """RFC 9457 problem details."""
+
+    type = serializers.CharField(help_text="urn:agentledger:problem:<kind>")
+    title = serializers.CharField()
+    status = serializers.IntegerField()
+    detail = serializers.CharField()
+    instance = serializers.CharField()
+    errors = ProblemErrorSerializer(many=True, required=False)

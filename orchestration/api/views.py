@@ -1,0 +1,393 @@
+"""Workflows, tasks, events and `me`. Views authenticate, check the role, validate, call a
+service or selector and serialize; non-admins only ever see querysets of their own rows,
+so another user's object is a 404."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Prefetch, QuerySet
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from orchestration.api import idempotency
+from orchestration.api.filters import EventFilter, TaskFilter, WorkflowFilter
+from orchestration.api.parsers import unstorable_text
+from orchestration.api.permissions import ActionPermission, HasRole, effective_permissions, is_admin, request_role
+from orchestration.api.schema import problem_responses
+from orchestration.api.serializers import (
+    ApiKeyInfoSerializer,
+    CancelSerializer,
+    EventSerializer,
+    MeSerializer,
+    TaskDetailSerializer,
+    TaskSerializer,
+    WorkflowDetailSerializer,
+    WorkflowSerializer,
+    WorkflowSpecSerializer,
+)
+from orchestration.models import ApiKey, Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume, workflow_submit
+
+READ = "workflow:read"
+WRITE = "workflow:create"
+
+
+class ApiMixin:
+    """Rate-limit headers on every answer, and a choice of keyset orderings."""
+
+    orderings: dict[str, tuple[str, ...]] = {}
+    default_ordering = ""
+
+    @property
+    def cursor_ordering(self) -> tuple[str, ...]:
+        request = self.request  # type: ignore[attr-defined]
+        name = request.query_params.get("ordering", self.default_ordering)
+        if name not in self.orderings:
+            raise ValidationError({"ordering": [f"must be one of: {', '.join(self.orderings)}"]})
+        return self.orderings[name]
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)  # type: ignore[misc]
+        for name, values in request.query_params.lists():
+            if unstorable_text([name, *values]):
+                raise ValidationError({name: ["contains a NUL character or an unpaired surrogate"]})
+        if unstorable_text(list(kwargs.values())):
+            raise NotFound()
+
+    def finalize_response(self, request: Request, response: Response, *args: Any, **kwargs: Any) -> Response:
+        response = super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
+        state = getattr(request._request, "rate_limit", None)
+        if state:
+            response["RateLimit-Limit"] = str(state["limit"])
+            response["RateLimit-Remaining"] = str(state["remaining"])
+            response["RateLimit-Reset"] = str(state["reset"])
+        return response
+
+
+def ordering_parameter(orderings: dict[str, tuple[str, ...]], default: str) -> OpenApiParameter:
+    return OpenApiParameter(
+        "ordering", OpenApiTypes.STR, enum=list(orderings), description=f"sort order (default {default})"
+    )
+
+
+PAGE_PARAMETERS = [
+    OpenApiParameter("cursor", OpenApiTypes.STR, description="position from a previous page's next/previous link"),
+    OpenApiParameter(
+        "limit",
+        {"type": "integer", "minimum": 1, "maximum": settings.API_MAX_PAGE_SIZE},
+        description=f"results per page (default {settings.API_PAGE_SIZE})",
+    ),
+]
+
+WORKFLOW_ORDERINGS = {"-created_at": ("-created_at", "-workflow_id"), "created_at": ("created_at", "workflow_id")}
+TASK_ORDERINGS = {"-created_at": ("-created_at", "-execution_id"), "created_at": ("created_at", "execution_id")}
+EVENT_ORDERINGS = {"sequence": ("sequence",), "-sequence": ("-sequence",)}
+
+SPEC_EXAMPLE = {
+    "name": "summarise and translate",
+    "tasks": [
+        {"name": "fetch", "agent": "echo", "input": {"text": "hello"}},
+        {"name": "repeat", "agent": "echo", "depends_on": ["fetch"], "max_retries": 2},
+    ],
+}
+
+
+def _owned_workflows(request: Request) -> QuerySet[Workflow]:
+    workflows = Workflow.objects.all()
+    return workflows if is_admin(request) else workflows.filter(owner=request.user)
+
+
+def _owned_events(request: Request) -> QuerySet[Event]:
+    events = Event.objects.all()
+    if is_admin(request):
+        return events
+    return events.filter(workflow_id__in=Workflow.objects.filter(owner=request.user).values("workflow_id"))
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List workflows",
+        description="Newest first (`ordering=created_at` for oldest first). Non-admins see their own.",
+        parameters=[ordering_parameter(WORKFLOW_ORDERINGS, "-created_at")],
+        responses={200: WorkflowSerializer(many=True), **problem_responses(400, 401, 403, 429)},
+    ),
+    retrieve=extend_schema(
+        summary="A workflow with its tasks",
+        responses={200: WorkflowDetailSerializer, **problem_responses(401, 403, 404, 429)},
+    ),
+)
+class WorkflowViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Workflows: submit, list, read with tasks, cancel, resume, and their events."""
+
+    permission_classes = [ActionPermission]
+    required_permissions = {
+        "list": READ,
+        "retrieve": READ,
+        "events": READ,
+        "create": WRITE,
+        "cancel": WRITE,
+        "retry": WRITE,
+    }
+    queryset = Workflow.objects.none()  # for the schema; get_queryset scopes by owner
+    filterset_class = WorkflowFilter
+    lookup_field = "workflow_id"
+    lookup_value_regex = "[^/]+"
+    orderings = WORKFLOW_ORDERINGS
+    default_ordering = "-created_at"
+
+    def get_queryset(self) -> QuerySet[Workflow]:
+        workflows = _owned_workflows(self.request).select_related("owner")
+        if self.action == "list":
+            # The list shows no spec, state or results: leave those (often large) columns.
+            workflows = workflows.only(*WorkflowSerializer.Meta.fields, "owner__username")
+        if self.action == "retrieve":
+            workflows = workflows.prefetch_related(
+                Prefetch("tasks", queryset=TaskExecution.objects.order_by("created_at", "execution_id"))
+            )
+        return workflows
+
+    def get_serializer_class(self) -> type:
+        return WorkflowDetailSerializer if self.action == "retrieve" else WorkflowSerializer
+
+    @extend_schema(
+        summary="Submit a workflow",
+        description=(
+            "Validates the whole spec (every problem is reported at once, each naming its field; nothing is "
+            "stored unless it is valid), stores the workflow and its tasks, and queues the tasks without "
+            "dependencies. With an `Idempotency-Key` header, the same key and body return the workflow "
+            "stored first (200); the same key with another body is a 422; while the first request with a "
+            "key is still being processed, another is a 409."
+        ),
+        request=WorkflowSpecSerializer,
+        parameters=[
+            OpenApiParameter(
+                idempotency.HEADER, OpenApiTypes.STR, OpenApiParameter.HEADER, description="any unique string"
+            )
+        ],
+        examples=[OpenApiExample("two tasks", value=SPEC_EXAMPLE, request_only=True)],
+        responses={
+            201: WorkflowDetailSerializer,
+            200: WorkflowDetailSerializer,
+            **problem_responses(400, 401, 403, 409, 413, 422, 429),
+        },
+    )
+    def create(self, request: Request) -> Response:
+        body = request.data
+        if not isinstance(body, dict):
+            raise ValidationError({"spec": ["must be a JSON object with at least 'name' and 'tasks'"]})
+        if "idempotency_key" in body and not isinstance(body["idempotency_key"], str):
+            raise ValidationError({"idempotency_key": ["must be a string"]})
+        header = request.headers.get(idempotency.HEADER)
+        key = header if header is not None else body.get("idempotency_key")
+        if key is None:
+            workflow, _ = workflow_submit(spec=body, owner=request.user)
+            return self._workflow_response(workflow, status.HTTP_201_CREATED)
+        if not 1 <= len(key) <= idempotency.MAX_KEY_LENGTH or not key.isprintable():
+            raise ValidationError(
+                {"Idempotency-Key": [f"must be 1 to {idempotency.MAX_KEY_LENGTH} printable characters"]}
+            )
+        if body.get("idempotency_key") not in (None, key):
+            raise ValidationError({"idempotency_key": ["differs from the Idempotency-Key header"]})
+        spec = {**body, "idempotency_key": key}
+        existing = idempotency.replay(owner=request.user, key=key, spec=spec)
+        if existing is not None:
+            return self._workflow_response(existing, status.HTTP_200_OK)
+
+        def stored() -> Workflow | None:
+            return idempotency.replay(owner=request.user, key=key, spec=spec)
+
+        with idempotency.in_flight_guard(owner_id=request.user.pk, key=key, on_busy=stored) as finished:
+            if finished is not None:
+                return self._workflow_response(finished, status.HTTP_200_OK)
+            workflow, created = workflow_submit(spec=spec, owner=request.user)
+        if not created:
+            # Stored by a request whose lock had expired: still the same key, so same rules.
+            idempotency.replay(owner=request.user, key=key, spec=spec)
+        return self._workflow_response(workflow, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+    def _workflow_response(self, workflow: Workflow, code: int) -> Response:
+        workflow = (
+            self.get_queryset()
+            .prefetch_related(Prefetch("tasks", queryset=TaskExecution.objects.order_by("created_at", "execution_id")))
+            .get(pk=workflow.pk)
+        )
+        return Response(WorkflowDetailSerializer(workflow, context=self.get_serializer_context()).data, status=code)
+
+    @extend_schema(
+        summary="Cancel a running workflow",
+        request=CancelSerializer,
+        responses={200: WorkflowDetailSerializer, **problem_responses(400, 401, 403, 404, 409, 429)},
+    )
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, workflow_id: str) -> Response:
+        workflow = self.get_object()
+        data = CancelSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        workflow_cancel(workflow_id=workflow.pk, reason=data.validated_data["reason"])
+        return self._workflow_response(workflow, status.HTTP_200_OK)
+
+    @extend_schema(
+        summary="Resume a failed or cancelled workflow",
+        description="Failed, timed-out and cancelled tasks get a fresh retry budget and are queued again. "
+        "Answers 202: follow the workflow's status.",
+        request=None,
+        responses={202: WorkflowDetailSerializer, **problem_responses(401, 403, 404, 409, 429)},
+    )
+    @action(detail=True, methods=["post"])
+    def retry(self, request: Request, workflow_id: str) -> Response:
+        workflow = self.get_object()
+        workflow_resume(workflow_id=workflow.pk)
+        return self._workflow_response(workflow, status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        summary="The workflow's events, in order",
+        parameters=[*PAGE_PARAMETERS, ordering_parameter(EVENT_ORDERINGS, "sequence")],
+        filters=False,
+        responses={200: EventSerializer(many=True), **problem_responses(400, 401, 403, 404, 429)},
+    )
+    @action(detail=True, methods=["get"], orderings=EVENT_ORDERINGS, default_ordering="sequence", filterset_class=None)
+    def events(self, request: Request, workflow_id: str) -> Response:
+        workflow = self.get_object()
+        page = self.paginate_queryset(Event.objects.filter(workflow_id=workflow.pk))
+        return self.get_paginated_response(EventSerializer(page, many=True).data)
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List tasks (task executions)",
+        parameters=[ordering_parameter(TASK_ORDERINGS, "-created_at")],
+        responses={200: TaskSerializer(many=True), **problem_responses(400, 401, 403, 429)},
+    ),
+    retrieve=extend_schema(
+        summary="A task with every attempt",
+        responses={200: TaskDetailSerializer, **problem_responses(401, 403, 404, 429)},
+    ),
+)
+class TaskViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Task executions with their attempts."""
+
+    permission_classes = [ActionPermission]
+    required_permissions = {"list": READ, "retrieve": READ, "cancel": WRITE, "retry": WRITE}
+    queryset = TaskExecution.objects.none()
+    filterset_class = TaskFilter
+    lookup_field = "execution_id"
+    lookup_value_regex = "[^/]+"
+    orderings = TASK_ORDERINGS
+    default_ordering = "-created_at"
+
+    def get_queryset(self) -> QuerySet[TaskExecution]:
+        tasks = TaskExecution.objects.all()
+        if not is_admin(self.request):
+            tasks = tasks.filter(workflow__owner=self.request.user)
+        if self.action == "retrieve":
+            tasks = tasks.prefetch_related(
+                Prefetch("attempts", queryset=TaskAttempt.objects.order_by("attempt_number"))
+            )
+        return tasks
+
+    def get_serializer_class(self) -> type:
+        return TaskSerializer if self.action == "list" else TaskDetailSerializer
+
+    def _task_response(self, task: TaskExecution, code: int) -> Response:
+        task = (
+            self.get_queryset()
+            .prefetch_related(Prefetch("attempts", queryset=TaskAttempt.objects.order_by("attempt_number")))
+            .get(pk=task.pk)
+        )
+        return Response(TaskDetailSerializer(task).data, status=code)
+
+    @extend_schema(
+        summary="Retry a failed, timed-out or cancelled task",
+        description="Answers 202: the task is queued again; follow its status.",
+        request=None,
+        responses={202: TaskDetailSerializer, **problem_responses(400, 401, 403, 404, 409, 429)},
+    )
+    @action(detail=True, methods=["post"])
+    def retry(self, request: Request, execution_id: str) -> Response:
+        task = self.get_object()
+        task_retry(execution_id=task.pk)
+        return self._task_response(task, status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        summary="Cancel a task",
+        request=CancelSerializer,
+        responses={200: TaskDetailSerializer, **problem_responses(400, 401, 403, 404, 409, 429)},
+    )
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, execution_id: str) -> Response:
+        task = self.get_object()
+        data = CancelSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        task_cancel(execution_id=task.pk, reason=data.validated_data["reason"])
+        return self._task_response(task, status.HTTP_200_OK)
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List events (the audit log)",
+        description="In sequence order. Non-admins see the events of their own workflows.",
+        parameters=[ordering_parameter(EVENT_ORDERINGS, "sequence")],
+        responses={200: EventSerializer(many=True), **problem_responses(400, 401, 403, 429)},
+    )
+)
+class EventViewSet(ApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
+    """The append-only audit log."""
+
+    permission_classes = [ActionPermission]
+    required_permissions = {"list": READ}
+    queryset = Event.objects.none()
+    serializer_class = EventSerializer
+    filterset_class = EventFilter
+    orderings = EVENT_ORDERINGS
+    default_ordering = "sequence"
+
+    # Filtering on one of these columns orders by it first: equal throughout the result, it
+    # changes nothing in the order, but it makes the page one range scan of the column's
+    # (column, sequence) index instead of a walk of the primary key that the planner may
+    # pick when the rows it guesses are spread out are in fact bunched.
+    INDEXED_FILTERS = {"entity_id": "entity_id", "workflow": "workflow_id", "agent": "agent_id"}
+
+    @property
+    def cursor_ordering(self) -> tuple[str, ...]:
+        ordering = super().cursor_ordering
+        params = self.request.query_params
+        column = next((c for p, c in self.INDEXED_FILTERS.items() if params.get(p)), None)
+        if column is None:
+            return ordering
+        return (f"-{column}" if ordering[0].startswith("-") else column, *ordering)
+
+    def get_queryset(self) -> QuerySet[Event]:
+        return _owned_events(self.request)
+
+
+class MeView(ApiMixin, APIView):
+    permission_classes = [HasRole]
+
+    @extend_schema(
+        summary="Who am I",
+        description="The caller, their role and permissions, the API key in use and the rate-limit window.",
+        responses={200: MeSerializer, **problem_responses(401, 403, 429)},
+    )
+    def get(self, request: Request) -> Response:
+        user = request.user
+        role = request_role(request)
+        api_key = request.auth if isinstance(request.auth, ApiKey) else None
+        data = {
+            "id": user.pk,
+            "username": user.get_username(),
+            "email": user.email,
+            "role": role,
+            "permissions": effective_permissions(request),
+            "authentication": "api_key" if api_key else "session",
+            "api_key": ApiKeyInfoSerializer(api_key).data if api_key else None,
+            "rate_limit": getattr(request._request, "rate_limit", None),
+        }
+        return Response(MeSerializer(data).data)

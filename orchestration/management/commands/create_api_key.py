@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from orchestration.errors import SpecError
+from orchestration.services.access import KNOWN_PERMISSIONS, api_key_create
+
+
+class Command(BaseCommand):
+    help = "Create an API key for USER and print it. The key is shown this once; only its hash is stored."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("user", help="username of the key's owner")
+        parser.add_argument("--name", required=True, help="a name for the key, unique per user")
+        parser.add_argument("--expires", help="ISO 8601 date-time with a time zone, or a number of days")
+        parser.add_argument(
+            "--permission",
+            action="append",
+            default=[],
+            dest="permissions",
+            help=f"narrow the key to this permission (repeatable; one of {', '.join(KNOWN_PERMISSIONS)})",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        user_model = get_user_model()
+        try:
+            user = user_model.objects.get(**{user_model.USERNAME_FIELD: options["user"]})
+        except user_model.DoesNotExist:
+            raise CommandError(f"no user named {options['user']!r}") from None
+        try:
+            created = api_key_create(
+                owner=user,
+                name=options["name"],
+                expires_at=self._expires(options["expires"]),
+                permissions=options["permissions"],
+            )
+        except SpecError as exc:
+            raise CommandError("; ".join(exc.problems)) from None
+        api_key = created.api_key
+        expiry = api_key.expires_at.isoformat() if api_key.expires_at else "never"
+        self.stderr.write(f"API key {api_key.name!r} for {user} (prefix {api_key.prefix}, expires {expiry}).")
+        self.stderr.write("Store it now: it is not shown again. Send it as 'Authorization: Bearer <key>'.")
+        self.stdout.write(created.key)
+
+    @staticmethod
+    def _expires(value: str | None) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.isdigit():
+            return timezone.now() + dt.timedelta(days=int(value))
+        parsed = parse_datetime(value)
+        if parsed is None or timezone.is_naive(parsed):
+            raise CommandError(f"--expires {value!r}: give a number of days or an ISO 8601 date-time with a time zone")
+        return parsed

@@ -1,0 +1,99 @@
+"""Agents created, changed and deactivated through the API (admins only).
+
+Definition files stay the main source (`load_agents`); an agent created here has no
+definition file, so a sync never deactivates it. Every change is an agent_registered event.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+
+from orchestration.errors import SpecError, TransitionError
+from orchestration.event_types import EntityType, EventType
+from orchestration.models import Agent
+from orchestration.services.events import event_record
+
+SERVER_OWNED = {
+    "status",
+    "definition_path",
+    "definition_hash",
+    "total_tasks_completed",
+    "total_tokens_used",
+    "average_latency_ms",
+    "success_rate",
+    "created_at",
+    "updated_at",
+}
+
+
+def _check(agent: Agent) -> None:
+    problems = []
+    if agent.executor == Agent.Executor.PYTHON and not agent.entrypoint:
+        problems.append("entrypoint: required for the python executor")
+    if agent.executor == Agent.Executor.HTTP and not agent.url:
+        problems.append("url: required for the http executor")
+    try:
+        agent.full_clean(exclude=["id"] if agent._state.adding is False else None, validate_unique=False)
+    except ValidationError as exc:
+        for field, messages in exc.message_dict.items():
+            problems.extend(message if field == "__all__" else f"{field}: {message}" for message in messages)
+    if problems:
+        raise SpecError(problems)
+
+
+def _record(agent: Agent, change: str, actor: Any) -> None:
+    event_record(
+        event_type=EventType.AGENT_REGISTERED,
+        entity_type=EntityType.AGENT,
+        entity_id=agent.id,
+        agent_id=agent.id,
+        payload={"change": change, "by": getattr(actor, "username", None)},
+    )
+
+
+@transaction.atomic
+def agent_create(*, fields: dict[str, Any], actor: Any = None) -> Agent:
+    """Create an active agent from `fields` (the API's writable fields). SpecError names
+    every problem; an existing id is a problem too."""
+    owned = sorted(set(fields) & SERVER_OWNED)
+    if owned:
+        raise SpecError([f"{name}: set by the server, not accepted" for name in owned])
+    agent_id = fields.get("id", "")
+    if Agent.objects.filter(pk=agent_id).exists():
+        raise SpecError([f"id: an agent {agent_id!r} already exists"])
+    agent = Agent(**fields, status=Agent.Status.ACTIVE)
+    _check(agent)
+    agent.save(force_insert=True)
+    _record(agent, "created", actor)
+    return agent
+
+
+@transaction.atomic
+def agent_update(*, agent_id: str, fields: dict[str, Any], actor: Any = None) -> Agent:
+    """Change an agent's writable fields; the id, status and stats are not changed here."""
+    owned = sorted(set(fields) & (SERVER_OWNED | {"id"}))
+    if owned:
+        raise SpecError([f"{name}: cannot be changed here" for name in owned])
+    agent = Agent.objects.select_for_update().get(pk=agent_id)
+    for name, value in fields.items():
+        setattr(agent, name, value)
+    _check(agent)
+    agent.save()
+    _record(agent, "updated", actor)
+    return agent
+
+
+@transaction.atomic
+def agent_deactivate(*, agent_id: str, actor: Any = None) -> Agent:
+    """Mark an agent inactive: new workflows and messages may no longer use it; tasks
+    already queued still run."""
+    agent = Agent.objects.select_for_update().get(pk=agent_id)
+    if agent.status == Agent.Status.INACTIVE:
+        raise TransitionError(f"agent {agent_id} is already inactive")
+    agent.status = Agent.Status.INACTIVE
+    agent.save(update_fields=["status", "updated_at"])
+    _record(agent, "deactivated", actor)
+    return agent

@@ -1,0 +1,87 @@
+"""Agents: every role reads them and their statistics; only admins create, change and
+deactivate them; server-owned fields are refused."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+from django.utils import timezone
+
+from orchestration.models import Agent, Event, TaskExecution
+from tests.factories import TaskExecutionFactory
+
+NEW = {
+    "id": "summariser-001",
+    "name": "Summariser",
+    "executor": "python",
+    "entrypoint": "orchestration.runtime.builtin.echo",
+}
+
+
+def test_admin_creates_changes_and_deactivates_an_agent(callers):
+    admin = callers["admin"].client
+    created = admin.post("/api/v1/agents/", NEW, format="json")
+    assert created.status_code == 201, created.content
+    assert created.json()["status"] == "active"
+    changed = admin.patch("/api/v1/agents/summariser-001/", {"description": "three sentences"}, format="json")
+    assert changed.json()["description"] == "three sentences"
+    deactivated = admin.post("/api/v1/agents/summariser-001/deactivate/")
+    assert deactivated.status_code == 200 and deactivated.json()["status"] == "inactive"
+    assert admin.post("/api/v1/agents/summariser-001/deactivate/").status_code == 409
+    changes = Event.objects.filter(event_type="agent_registered", entity_id="summariser-001")
+    assert [e.payload["change"] for e in changes.order_by("sequence")] == ["created", "updated", "deactivated"]
+
+
+def test_agent_input_problems_are_named_and_server_owned_fields_refused(callers):
+    admin = callers["admin"].client
+    response = admin.post(
+        "/api/v1/agents/", {**NEW, "entrypoint": "", "status": "maintenance", "success_rate": 1}, format="json"
+    )
+    assert response.status_code == 400
+    fields = {e["field"] for e in response.json()["errors"]}
+    assert {"status", "success_rate"} <= fields
+    no_entrypoint = admin.post("/api/v1/agents/", {**NEW, "entrypoint": ""}, format="json")
+    assert no_entrypoint.status_code == 400
+    assert no_entrypoint.json()["errors"][0]["field"] == "entrypoint"
+    duplicate = admin.post("/api/v1/agents/", {**NEW, "id": "echo"}, format="json")
+    assert duplicate.status_code == 400 and "already exists" in duplicate.json()["detail"]
+    hot = admin.patch("/api/v1/agents/echo/", {"temperature": 5}, format="json")
+    assert hot.status_code == 400 and hot.json()["errors"][0]["field"] == "temperature"
+    assert not Agent.objects.filter(pk="summariser-001").exists()
+
+
+def test_stats_aggregate_the_agents_tasks_over_the_window(callers):
+    now = timezone.now()
+    for status, ms, tokens, cost in [
+        ("completed", 100, 10, "0.01"),
+        ("completed", 300, 30, "0.03"),
+        ("failed", 0, 5, "0"),
+    ]:
+        TaskExecutionFactory(
+            agent=Agent.objects.get(pk="echo"),
+            status=status,
+            execution_time_ms=ms,
+            tokens_used=tokens,
+            cost_usd=Decimal(cost),
+        )
+    stats = callers["viewer"].client.get("/api/v1/agents/echo/stats/").json()
+    assert stats["total_tasks"] == 2
+    assert stats["avg_latency_ms"] == 200
+    assert stats["total_tokens"] == 40
+    assert Decimal(stats["total_cost_usd"]) == Decimal("0.04")
+    assert stats["failed"] == 1
+    assert round(stats["success_rate"], 2) == 66.67
+    later = (now + dt.timedelta(hours=1)).isoformat().replace("+00:00", "Z")
+    empty = callers["viewer"].client.get(f"/api/v1/agents/echo/stats/?since={later}").json()
+    assert empty["total_tasks"] == 0 and empty["success_rate"] is None
+    backwards = callers["viewer"].client.get(f"/api/v1/agents/echo/stats/?since={later}&until=2000-01-01T00:00:00Z")
+    assert backwards.status_code == 400 and backwards.json()["errors"][0]["field"] == "until"
+    assert TaskExecution.objects.count() == 3
+
+
+def test_agents_list_filters_by_status(callers):
+    Agent.objects.filter(pk="fail").update(status="inactive")
+    inactive = callers["developer"].client.get("/api/v1/agents/?status=inactive").json()["results"]
+    assert [a["id"] for a in inactive] == ["fail"]
+    assert callers["developer"].client.get("/api/v1/agents/nobody/").status_code == 404

@@ -1,0 +1,207 @@
+"""API keys: the key is shown once, only a hash is stored; revoked, expired, malformed and
+unknown keys are refused with 401; last_used_at is written at most once a minute; session
+authentication works for the browser; the command and the console create keys."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import re
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from orchestration.errors import SpecError
+from orchestration.models import ApiKey
+from orchestration.services.access import api_key_create, api_key_secret_hash
+from tests.api.conftest import make_caller
+from tests.factories import UserFactory
+
+PROBLEM = "application/problem+json"
+KEY_RE = r"al_[0-9a-f]{8}_[A-Za-z0-9_\-]{40,}"
+
+
+def _bearer(key: str) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    return client
+
+
+def test_the_secret_is_never_stored_only_its_hash(db):
+    user = UserFactory(role="developer")
+    created = api_key_create(owner=user, name="ci")
+    scheme, prefix, secret = created.key.split("_", 2)
+    assert scheme == "al" and prefix == created.api_key.prefix and len(secret) >= 40
+    row = ApiKey.objects.filter(pk=created.api_key.pk).values().get()
+    assert row["secret_hash"] == api_key_secret_hash(secret)
+    assert not any(secret in str(value) for value in row.values())
+
+
+def test_a_valid_key_authenticates_as_its_owner(db):
+    caller = make_caller("dev", "developer")
+    response = caller.client.get("/api/v1/me/")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["username"] == "dev" and body["role"] == "developer"
+    assert body["authentication"] == "api_key"
+    assert body["api_key"]["prefix"] == caller.key.split("_")[1]
+    assert body["permissions"] == ["agent:execute", "workflow:create", "workflow:read"]
+
+
+@pytest.mark.parametrize(
+    "mangle, detail",
+    [
+        (lambda key: key[:-1] + ("A" if key[-1] != "A" else "B"), "Invalid API key."),
+        (lambda key: "al_ffffffff_" + key.split("_", 2)[2], "Invalid API key."),
+        (lambda key: "sk-" + key, "The API key is malformed (expected al_<prefix>_<secret>)."),
+        (lambda key: key + " extra", "The Authorization header must be 'Bearer <API key>'."),
+    ],
+    ids=["wrong-secret", "unknown-prefix", "malformed", "two-tokens"],
+)
+def test_bad_keys_are_a_401_problem_with_a_challenge(db, mangle, detail):
+    caller = make_caller("dev", "developer")
+    response = _bearer(mangle(caller.key)).get("/api/v1/me/")
+    assert response.status_code == 401
+    assert response["Content-Type"] == PROBLEM
+    assert response["WWW-Authenticate"] == 'Bearer realm="api"'
+    assert response.json()["detail"] == detail
+
+
+def test_no_credentials_is_a_401(db, anonymous):
+    response = anonymous.get("/api/v1/workflows/")
+    assert response.status_code == 401
+    assert response.json()["title"] == "Not authenticated"
+
+
+def test_revoked_and_expired_keys_are_refused(db):
+    revoked = make_caller("r", "developer")
+    ApiKey.objects.filter(owner=revoked.user).update(revoked_at=timezone.now())
+    assert revoked.client.get("/api/v1/me/").json()["detail"] == "This API key has been revoked."
+
+    expired = make_caller("x", "developer")
+    ApiKey.objects.filter(owner=expired.user).update(expires_at=timezone.now() - dt.timedelta(seconds=1))
+    response = expired.client.get("/api/v1/me/")
+    assert response.status_code == 401
+    assert response.json()["detail"] == "This API key has expired."
+
+
+def test_an_inactive_owner_cannot_use_their_key(db):
+    caller = make_caller("gone", "developer")
+    caller.user.is_active = False
+    caller.user.save(update_fields=["is_active"])
+    assert caller.client.get("/api/v1/me/").status_code == 401
+
+
+def test_last_used_at_is_written_at_most_once_a_minute(db):
+    caller = make_caller("dev", "developer")
+    key = ApiKey.objects.get(owner=caller.user)
+    assert key.last_used_at is None
+    caller.client.get("/api/v1/me/")
+    first = ApiKey.objects.get(pk=key.pk).last_used_at
+    assert first is not None
+
+    with CaptureQueriesContext(connection) as queries:
+        caller.client.get("/api/v1/me/")
+    assert not [q for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
+    assert ApiKey.objects.get(pk=key.pk).last_used_at == first
+
+    ApiKey.objects.filter(pk=key.pk).update(last_used_at=first - dt.timedelta(minutes=2))
+    caller.client.get("/api/v1/me/")
+    assert ApiKey.objects.get(pk=key.pk).last_used_at >= first
+
+
+def test_a_key_narrowed_to_read_cannot_submit(db, agents):
+    caller = make_caller("dev", "developer", permissions=["workflow:read"])
+    assert caller.client.get("/api/v1/workflows/").status_code == 200
+    response = caller.client.post("/api/v1/workflows/", {"name": "x", "tasks": []}, format="json")
+    assert response.status_code == 403
+    assert "This API key does not grant workflow:create" in response.json()["detail"]
+    assert caller.client.get("/api/v1/me/").json()["permissions"] == ["workflow:read"]
+
+
+def test_key_creation_reports_every_problem(db):
+    user = UserFactory()
+    api_key_create(owner=user, name="ci")
+    with pytest.raises(SpecError) as info:
+        api_key_create(owner=user, name="ci", expires_at=timezone.now() - dt.timedelta(days=1), permissions=["root"])
+    problems = "; ".join(info.value.problems)
+    assert "already has a key named 'ci'" in problems
+    assert "is in the past" in problems
+    assert "permissions: unknown root" in problems
+
+
+def test_session_authentication_needs_the_csrf_token_for_writes(db, agents):
+    user = UserFactory(username="browser", role="developer")
+    client = APIClient(enforce_csrf_checks=True)
+    client.force_login(user)
+    me = client.get("/api/v1/me/")
+    assert me.status_code == 200 and me.json()["authentication"] == "session"
+    refused = client.post("/api/v1/workflows/", {"name": "x", "tasks": []}, format="json")
+    assert refused.status_code == 403
+    assert "CSRF" in refused.json()["detail"]
+
+
+def test_create_api_key_command_prints_the_key_once_and_it_works(db):
+    UserFactory(username="ops", role="viewer")
+    out, err = io.StringIO(), io.StringIO()
+    call_command("create_api_key", "ops", "--name", "grafana", "--expires", "30", stdout=out, stderr=err)
+    key = out.getvalue().strip()
+    assert re.fullmatch(KEY_RE, key)
+    assert "not shown again" in err.getvalue()
+    stored = ApiKey.objects.get(name="grafana")
+    assert stored.expires_at > timezone.now() + dt.timedelta(days=29)
+    assert _bearer(key).get("/api/v1/me/").json()["username"] == "ops"
+
+
+def test_create_api_key_command_errors_name_the_problem(db):
+    with pytest.raises(CommandError, match="no user named 'ghost'"):
+        call_command("create_api_key", "ghost", "--name", "x", stdout=io.StringIO(), stderr=io.StringIO())
+    UserFactory(username="ops")
+    with pytest.raises(CommandError, match="--expires 'soon'"):
+        call_command("create_api_key", "ops", "--name", "x", "--expires", "soon", stderr=io.StringIO())
+    with pytest.raises(CommandError, match="permissions: unknown admin:all"):
+        call_command("create_api_key", "ops", "--name", "x", "--permission", "admin:all", stderr=io.StringIO())
+    assert not ApiKey.objects.exists()
+
+
+def test_console_creates_a_key_and_shows_the_secret_once(db, client):
+    admin_user = UserFactory(username="root", is_staff=True, is_superuser=True)
+    owner = UserFactory(username="svc", role="developer")
+    client.force_login(admin_user)
+    changelist = client.get(reverse("admin:orchestration_apikey_changelist"))
+    assert reverse("admin:orchestration_apikey_create_key").encode() in changelist.content
+    response = client.post(
+        reverse("admin:orchestration_apikey_create_key"),
+        {"owner": owner.pk, "name": "deploy", "permissions": ["workflow:read"]},
+        follow=True,
+    )
+    shown = " ".join(str(m) for m in response.context["messages"])
+    key = re.search(KEY_RE, shown).group(0)
+    assert _bearer(key).get("/api/v1/me/").json()["permissions"] == ["workflow:read"]
+    again = client.get(response.redirect_chain[-1][0])
+    assert key.encode() not in again.content
+
+
+def test_console_rotation_replaces_the_key_and_revokes_the_old_one(db, client):
+    admin_user = UserFactory(username="root", is_staff=True, is_superuser=True)
+    caller = make_caller("svc", "developer")
+    old = ApiKey.objects.get(owner=caller.user)
+    client.force_login(admin_user)
+    response = client.post(
+        reverse("admin:orchestration_apikey_changelist"),
+        {"action": "rotate_selected", "_selected_action": [old.pk]},
+        follow=True,
+    )
+    key = re.search(KEY_RE, " ".join(str(m) for m in response.context["messages"])).group(0)
+    assert caller.client.get("/api/v1/me/").status_code == 401
+    assert _bearer(key).get("/api/v1/me/").json()["username"] == "svc"
+
+
+def test_a_viewer_in_the_console_cannot_create_keys(db, client):
+    client.force_login(UserFactory(username="v", role="viewer"))
+    assert client.get(reverse("admin:orchestration_apikey_create_key")).status_code == 403

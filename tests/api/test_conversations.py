@@ -1,0 +1,65 @@
+"""Conversations through the API: posting answers 202 with the message id, the agent's
+reply (from a real worker) arrives as a new message of the thread."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestration.models import AgentPlaygroundMessage
+from tests.api.conftest import make_caller
+from tests.engine import wait_for
+
+
+def test_post_is_accepted_with_the_message_id_and_bad_input_names_the_field(callers):
+    dev = callers["developer"].client
+    response = dev.post("/api/v1/conversations/t-1/messages/", {"agent": "echo", "content": "hello"}, format="json")
+    assert response.status_code == 202
+    body = response.json()
+    message = AgentPlaygroundMessage.objects.get(pk=body["message_id"])
+    assert (message.instance_id, message.role, message.owner) == ("t-1", "user", callers["developer"].user)
+    assert body == {"message_id": message.pk, "instance_id": "t-1", "status": "accepted"}
+
+    listed = dev.get("/api/v1/conversations/t-1/messages/").json()["results"]
+    assert [(m["role"], m["content"]) for m in listed] == [("user", "hello")]
+
+    empty = dev.post("/api/v1/conversations/t-2/messages/", {"agent": "echo", "content": "  "}, format="json")
+    assert empty.status_code == 400 and empty.json()["errors"][0]["field"] == "content"
+    unknown = dev.post("/api/v1/conversations/t-2/messages/", {"agent": "nobody", "content": "x"}, format="json")
+    assert unknown.status_code == 400 and unknown.json()["errors"][0]["field"] == "agent"
+    extra = dev.post(
+        "/api/v1/conversations/t-2/messages/", {"agent": "echo", "content": "x", "role": "system"}, format="json"
+    )
+    assert extra.status_code == 400 and extra.json()["errors"][0]["field"] == "role"
+    assert dev.get("/api/v1/conversations/t-2/messages/").status_code == 404
+    assert AgentPlaygroundMessage.objects.count() == 1
+
+
+def test_a_message_while_the_reply_is_pending_is_a_conflict(callers):
+    dev = callers["developer"].client
+    first = dev.post("/api/v1/conversations/t-9/messages/", {"agent": "echo", "content": "one"}, format="json")
+    assert first.status_code == 202
+    second = dev.post("/api/v1/conversations/t-9/messages/", {"agent": "echo", "content": "two"}, format="json")
+    assert second.status_code == 409, second.json()
+    problem = second.json()
+    assert second["Content-Type"] == "application/problem+json"
+    assert problem["status"] == 409 and "still answering message" in problem["detail"]
+    assert AgentPlaygroundMessage.objects.filter(instance_id="t-9").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_reply_arrives_as_a_new_message(engine):
+    engine()
+    caller = make_caller("talker", "developer")
+    posted = caller.client.post(
+        "/api/v1/conversations/calc-1/messages/", {"agent": "assistant", "content": "2 + 3"}, format="json"
+    )
+    assert posted.status_code == 202
+
+    def replied() -> list[dict] | None:
+        results = caller.client.get("/api/v1/conversations/calc-1/messages/").json()["results"]
+        final = [m for m in results if m["role"] == "assistant" and not m["tool_calls"]]
+        return results if final else None
+
+    messages = wait_for(replied, timeout=60, what="the agent's reply")
+    assert messages[0]["message_id"] == posted.json()["message_id"]
+    assert messages[-1]["content"] == "= 5"

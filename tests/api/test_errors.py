@@ -1,0 +1,81 @@
+"""One error shape (RFC 9457) for every failure, and the inputs schemathesis' coverage phase
+found that once ended in a 500: empty filters, NUL characters, unpaired surrogates, UTC
+offsets PostgreSQL refuses, values of the wrong JSON type."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from rest_framework.test import APIRequestFactory
+
+from orchestration.api.errors import problem_exception_handler
+from orchestration.models import Workflow
+from tests.api.conftest import SPEC
+
+
+@pytest.mark.parametrize(
+    "query, field",
+    [("status=", "status"), ("created_before=", "created_before"), ("entity_id=a%00b", "entity_id")],
+)
+def test_bad_query_values_are_400s_naming_the_parameter(callers, query, field):
+    path = "/api/v1/events/" if field == "entity_id" else "/api/v1/workflows/"
+    response = callers["admin"].client.get(f"{path}?{query}")
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["field"] == field
+
+
+def test_a_utc_offset_postgresql_refuses_is_normalised(callers, submit):
+    submit(callers["developer"])
+    response = callers["developer"].client.get("/api/v1/events/?since=0208-10-03T06:49:11.906-17:49")
+    assert response.status_code == 200
+    assert response.json()["results"]
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [("a\u0000b", "NUL character"), ("\ud800", "unpaired UTF-16 surrogate")],
+    ids=["nul", "surrogate"],
+)
+def test_text_postgresql_cannot_store_is_refused_before_anything_is_written(callers, text, problem):
+    body = json.dumps({**SPEC, "name": text})  # ASCII JSON: the characters travel as escapes
+    response = callers["developer"].client.post("/api/v1/workflows/", body, content_type="application/json")
+    assert response.status_code == 400
+    assert problem in response.json()["detail"]
+    assert Workflow.objects.count() == 0
+
+
+def test_a_nul_in_a_path_is_a_404(callers):
+    assert callers["developer"].client.get("/api/v1/workflows/a%00b/").status_code == 404
+
+
+@pytest.mark.parametrize("value", [0, True, ["echo"]])
+def test_values_of_the_wrong_json_type_are_not_coerced(callers, value):
+    response = callers["developer"].client.post(
+        "/api/v1/conversations/t/messages/", {"agent": "echo", "content": value}, format="json"
+    )
+    assert response.status_code == 400
+    assert response.json()["errors"] == [{"field": "content", "detail": "must be a string"}]
+
+
+def test_an_idempotency_key_of_the_wrong_type_is_refused(callers, submit):
+    response = submit(callers["developer"], {**SPEC, "idempotency_key": None})
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["field"] == "idempotency_key"
+
+
+def test_an_unexpected_exception_is_a_500_problem_without_internals(caplog):
+    request = APIRequestFactory().get("/api/v1/workflows/")
+    with caplog.at_level(logging.ERROR, logger="orchestration.api.errors"):
+        response = problem_exception_handler(RuntimeError("secret internals"), {"request": request})
+    assert response.status_code == 500
+    assert response.content_type == "application/problem+json"
+    assert response.data == {
+        "type": "urn:agentledger:problem:server-error",
+        "title": "Internal server error",
+        "status": 500,
+        "detail": "The server failed to handle this request.",
+        "instance": "/api/v1/workflows/",
+    }
+    assert "secret internals" in caplog.text  # logged for operators, not sent to the client

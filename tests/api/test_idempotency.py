@@ -1,0 +1,84 @@
+"""Idempotent submission: same key and body -> the original workflow; same key, other body
+-> 422; a request still in flight with the key -> 409; concurrent duplicates store one."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from django.core.management import call_command
+
+from orchestration.api.redis_store import store
+from orchestration.models import Workflow
+from tests.api.conftest import SPEC, make_caller
+
+KEY = {"HTTP_IDEMPOTENCY_KEY": "order-42"}
+
+
+def test_same_key_and_body_return_the_original_workflow(callers, submit):
+    first = submit(callers["developer"], **KEY)
+    second = submit(callers["developer"], **KEY)
+    assert first.status_code == 201 and second.status_code == 200
+    assert first.json()["workflow_id"] == second.json()["workflow_id"]
+    assert second.json()["idempotency_key"] == "order-42"
+    assert Workflow.objects.count() == 1
+
+
+def test_same_key_with_another_body_is_a_422(callers, submit):
+    original = submit(callers["developer"], **KEY).json()["workflow_id"]
+    response = submit(callers["developer"], {**SPEC, "name": "something else"}, **KEY)
+    assert response.status_code == 422
+    assert response["Content-Type"] == "application/problem+json"
+    assert original in response.json()["detail"]
+    assert Workflow.objects.count() == 1
+
+
+def test_a_request_in_flight_with_the_key_is_a_409(callers, submit):
+    owner = callers["developer"].user
+    lock = f"idempotency:{owner.pk}:order-42"
+    assert store().acquire(lock, "another-request", 60)
+    busy = submit(callers["developer"], **KEY)
+    assert busy.status_code == 409
+    assert "still being processed" in busy.json()["detail"]
+    assert Workflow.objects.count() == 0
+    store().release(lock, "another-request")
+    assert submit(callers["developer"], **KEY).status_code == 201
+
+
+def test_keys_are_per_user(callers, submit):
+    mine = submit(callers["developer"], **KEY).json()["workflow_id"]
+    theirs = submit(callers["other"], **KEY)
+    assert theirs.status_code == 201
+    assert theirs.json()["workflow_id"] != mine
+
+
+def test_the_key_may_come_in_the_body_and_must_agree_with_the_header(callers, submit):
+    in_body = {**SPEC, "idempotency_key": "order-42"}
+    first = submit(callers["developer"], in_body)
+    assert first.status_code == 201
+    assert submit(callers["developer"], in_body).json()["workflow_id"] == first.json()["workflow_id"]
+    assert submit(callers["developer"], **KEY).status_code == 200
+    clash = submit(callers["developer"], {**SPEC, "idempotency_key": "other"}, **KEY)
+    assert clash.status_code == 400
+    assert clash.json()["errors"][0]["field"] == "idempotency_key"
+    too_long = submit(callers["developer"], HTTP_IDEMPOTENCY_KEY="k" * 300)
+    assert too_long.status_code == 400
+
+
+def test_concurrent_duplicates_store_one_workflow(transactional_db, live_server):
+    call_command("load_agents", stdout=io.StringIO())
+    caller = make_caller("racer", "developer")
+    headers = {"Authorization": f"Bearer {caller.key}", "Idempotency-Key": "burst-1"}
+
+    def post(_: int) -> httpx.Response:
+        return httpx.post(f"{live_server.url}/api/v1/workflows/", json=SPEC, headers=headers, timeout=30)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(post, range(8)))
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(201) == 1, statuses
+    assert set(statuses) <= {200, 201, 409}, statuses
+    ids = {r.json()["workflow_id"] for r in responses if r.status_code in (200, 201)}
+    assert len(ids) == 1
+    assert Workflow.objects.filter(owner=caller.user).count() == 1

@@ -1,0 +1,121 @@
+"""The OpenAPI schema validates, and the live API conforms to it: schemathesis generates
+requests for every operation and runs every check on each answer, as each role."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import schemathesis
+from django.core import signals
+from django.core.handlers.wsgi import WSGIHandler
+from django.db import close_old_connections
+from drf_spectacular.generators import SchemaGenerator
+from drf_spectacular.validation import validate_schema
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.checks import CHECKS, load_all_checks
+
+from tests.api.conftest import ROLES, make_caller
+
+# Valid-per-schema data can still be refused for reasons a schema cannot state: an agent id
+# that does not exist (400), a state that forbids the command (409), a key reused with
+# another body (422). Everything else (5xx above all) fails the run.
+CONFIG = schemathesis.config.SchemathesisConfig.from_dict(
+    {
+        "phases": {"coverage": {"enabled": False}},
+        "checks": {
+            "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "401", "403", "404", "409", "422"]}
+        },
+    }
+)
+
+
+def test_the_schema_is_valid_openapi_with_an_example_per_operation():
+    schema = SchemaGenerator().get_schema(request=None, public=True)
+    validate_schema(schema)
+    operations = [(path, method, op) for path, item in schema["paths"].items() for method, op in item.items()]
+    assert len(operations) >= 20
+    for path, method, operation in operations:
+        assert operation.get("summary"), (method, path)
+        assert "200" in operation["responses"] or "201" in operation["responses"] or "202" in operation["responses"]
+        problems = [code for code in operation["responses"] if code.startswith("4")]
+        assert problems, (method, path)
+        for code in problems:
+            content = operation["responses"][code]["content"]
+            assert list(content) == ["application/problem+json"], (method, path, code)
+            assert content["application/problem+json"]["examples"], (method, path, code)
+    posts = [op for _, method, op in operations if method in ("post", "put", "patch") and "requestBody" in op]
+    assert posts
+    assert "examples" in schema["paths"]["/api/v1/workflows/"]["post"]["requestBody"]["content"]["application/json"]
+
+
+def test_schema_and_docs_are_served(client):
+    schema = client.get("/api/v1/schema/?format=json")
+    assert schema.status_code == 200 and schema.json()["openapi"].startswith("3.")
+    docs = client.get("/api/v1/docs/")
+    assert docs.status_code == 200 and b"swagger-ui" in docs.content
+
+
+# The schema as the running app serves it; requests go straight to the WSGI app.
+schema = schemathesis.openapi.from_wsgi("/api/v1/schema/?format=json", WSGIHandler(), config=CONFIG)
+
+
+@contextmanager
+def connection_kept_open() -> Iterator[None]:
+    """Like Django's test client, the app must not close the test's database connection at
+    the end of each request: the test's transaction lives on it."""
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    try:
+        yield
+    finally:
+        signals.request_started.connect(close_old_connections)
+        signals.request_finished.connect(close_old_connections)
+
+
+@pytest.fixture
+def keys(agents, settings) -> dict[str, str]:
+    """A key per role, and a workflow of the developer's so reads find something."""
+    settings.API_RATE_LIMITS = {role: 1_000_000 for role in ROLES}
+    callers = {role: make_caller(f"fuzz-{role}", role) for role in ROLES}
+    spec = {"name": "fuzz", "tasks": [{"name": "a", "agent": "echo"}]}
+    callers["developer"].client.post("/api/v1/workflows/", spec, format="json")
+    return {role: caller.key for role, caller in callers.items()}
+
+
+FUZZ_SETTINGS = hypothesis_settings(
+    max_examples=10,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_api_conforms_to_its_schema(keys, subtests, role):
+    """Every operation, as each role: generated requests that fit the schema and requests
+    that do not, every check on each answer. One test per role rather than per operation:
+    the setup is the expensive part. (The coverage phase, which enumerates boundary values,
+    takes minutes; the cases it found are pinned in test_errors.py.)"""
+    load_all_checks()
+    headers = {"Authorization": f"Bearer {keys[role]}"}
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 20
+    for operation in operations:
+        with subtests.test(operation=operation.label):
+
+            @given(
+                case=st.one_of(
+                    operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)
+                )
+            )
+            @FUZZ_SETTINGS
+            def fuzz(case: schemathesis.Case) -> None:
+                with connection_kept_open():
+                    case.call_and_validate(headers=headers, checks=CHECKS.get_all())
+
+            fuzz()

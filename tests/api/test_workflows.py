@@ -1,0 +1,150 @@
+"""Workflows through the API: submit, read, cancel, resume, events; validation errors name
+the field; server-owned fields are refused; bodies over the limit are a 413."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestration.models import Event, TaskExecution, Workflow
+from tests.api.conftest import SPEC
+
+PROBLEM = "application/problem+json"
+
+
+def test_submit_stores_the_workflow_for_the_caller_and_returns_it_with_tasks(callers, submit):
+    response = submit(callers["developer"])
+    assert response.status_code == 201, response.content
+    body = response.json()
+    workflow = Workflow.objects.get(pk=body["workflow_id"])
+    assert workflow.owner == callers["developer"].user
+    assert body["owner"] == "dev"
+    assert body["status"] == "running"
+    assert [t["task_name"] for t in body["tasks"]] == ["a"]
+    assert body["spec"] == SPEC
+
+
+def test_every_spec_problem_is_reported_naming_its_field_and_nothing_is_stored(callers, submit):
+    spec = {
+        "name": "",
+        "tasks": [{"name": "a", "agent": "nobody"}, {"name": "b", "agent": "echo", "depends_on": ["zzz"]}],
+    }
+    response = submit(callers["developer"], spec)
+    assert response.status_code == 400
+    assert response["Content-Type"] == PROBLEM
+    body = response.json()
+    assert body["type"] == "urn:agentledger:problem:invalid-spec"
+    assert body["status"] == 400 and body["title"] == "Invalid request"
+    assert body["instance"] == "/api/v1/workflows/"
+    fields = {e["field"] for e in body["errors"]}
+    assert {"name", "tasks[0].agent", "tasks[1].depends_on"} <= fields
+    assert "unknown agent 'nobody'" in body["detail"]
+    assert Workflow.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("owner", 1), ("status", "completed"), ("total_cost_usd", "0"), ("completed_steps", 3), ("workflow_id", "x")],
+)
+def test_server_owned_fields_are_refused_not_silently_applied(callers, submit, field, value):
+    response = submit(callers["developer"], {**SPEC, field: value})
+    assert response.status_code == 400
+    assert any(e["field"] == field and "unknown field" in e["detail"] for e in response.json()["errors"])
+    assert Workflow.objects.count() == 0
+
+
+def test_a_body_that_is_not_an_object_is_a_400(callers):
+    response = callers["developer"].client.post("/api/v1/workflows/", [1, 2], format="json")
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["field"] == "spec"
+
+
+def test_malformed_json_is_a_400_problem(callers):
+    response = callers["developer"].client.post("/api/v1/workflows/", "{nope", content_type="application/json")
+    assert response.status_code == 400
+    assert response["Content-Type"] == PROBLEM
+    assert "JSON parse error" in response.json()["detail"]
+
+
+def test_a_body_over_the_limit_is_a_413_and_stores_nothing(callers, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2048
+    spec = {**SPEC, "description": "x" * 4096}
+    response = callers["developer"].client.post("/api/v1/workflows/", spec, format="json")
+    assert response.status_code == 413
+    assert response["Content-Type"] == PROBLEM
+    assert "2048 bytes" in response.json()["detail"]
+    assert Workflow.objects.count() == 0
+
+
+def test_retrieve_shows_tasks_and_the_events_action_pages_through_events_in_order(callers, submit):
+    workflow_id = submit(callers["developer"]).json()["workflow_id"]
+    client = callers["developer"].client
+    detail = client.get(f"/api/v1/workflows/{workflow_id}/").json()
+    assert detail["tasks"][0]["status"] == "queued"
+    first = client.get(f"/api/v1/workflows/{workflow_id}/events/?limit=2").json()
+    assert [e["event_type"] for e in first["results"]] == ["workflow_created", "workflow_started"]
+    second = client.get(first["next"]).json()
+    assert [e["event_type"] for e in second["results"]] == ["task_queued"]
+    assert second["next"] is None
+    expected = list(
+        Event.objects.filter(workflow_id=workflow_id).order_by("sequence").values_list("sequence", flat=True)
+    )
+    assert [e["sequence"] for e in first["results"] + second["results"]] == expected
+
+
+def test_cancel_then_resume(callers, submit):
+    client = callers["developer"].client
+    workflow_id = submit(callers["developer"]).json()["workflow_id"]
+    cancelled = client.post(f"/api/v1/workflows/{workflow_id}/cancel/", {"reason": "changed my mind"}, format="json")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["status"] == "cancelled"
+    assert TaskExecution.objects.get(workflow_id=workflow_id).status == "cancelled"
+
+    again = client.post(f"/api/v1/workflows/{workflow_id}/cancel/", format="json")
+    assert again.status_code == 409
+    assert "only a running workflow can be cancelled" in again.json()["detail"]
+
+    resumed = client.post(f"/api/v1/workflows/{workflow_id}/retry/")
+    assert resumed.status_code == 202
+    assert resumed.json()["status"] == "running"
+    assert TaskExecution.objects.get(workflow_id=workflow_id).status == "queued"
+
+
+def test_task_cancel_and_retry(callers, submit):
+    client = callers["developer"].client
+    workflow_id = submit(callers["developer"]).json()["workflow_id"]
+    task = TaskExecution.objects.get(workflow_id=workflow_id)
+    response = client.post(f"/api/v1/tasks/{task.pk}/cancel/", format="json")
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    assert response.json()["attempts"] == []
+    assert client.post(f"/api/v1/tasks/{task.pk}/cancel/", format="json").status_code == 409
+    retried = client.post(f"/api/v1/tasks/{task.pk}/retry/")
+    assert retried.status_code == 202 and retried.json()["status"] == "queued"
+    assert client.post(f"/api/v1/tasks/{task.pk}/retry/").status_code == 409
+
+
+def test_list_filters_by_status_and_rejects_an_unknown_status(callers, submit):
+    client = callers["developer"].client
+    keep = submit(callers["developer"]).json()["workflow_id"]
+    cancel = submit(callers["developer"]).json()["workflow_id"]
+    client.post(f"/api/v1/workflows/{cancel}/cancel/", format="json")
+    running = client.get("/api/v1/workflows/?status=running").json()["results"]
+    assert [w["workflow_id"] for w in running] == [keep]
+    bad = client.get("/api/v1/workflows/?status=sleeping")
+    assert bad.status_code == 400
+    assert bad.json()["errors"][0]["field"] == "status"
+
+
+def test_unknown_api_path_is_a_problem_document(callers):
+    response = callers["developer"].client.get("/api/v1/nothing-here/")
+    assert response.status_code == 404
+    assert response["Content-Type"] == PROBLEM
+    assert json.loads(response.content)["instance"] == "/api/v1/nothing-here/"
+
+
+def test_method_not_allowed_is_a_405_problem(callers):
+    response = callers["admin"].client.delete("/api/v1/workflows/")
+    assert response.status_code == 405
+    assert response["Content-Type"] == PROBLEM
+    assert "Allow" in response
