@@ -98,7 +98,16 @@ def _database(url: str) -> dict:
         # locked" after reading), and waits for it up to the timeout.
         config.setdefault("OPTIONS", {}).update(transaction_mode="IMMEDIATE", timeout=20)
         Path(config["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    if env.bool("DATABASE_METRICS", True):
+        # django-prometheus's wrappers of the same backends count queries, their duration,
+        # errors and connections (by alias and vendor) for /metrics.
+        config["ENGINE"] = engine.replace("django.db.backends.", "django_prometheus.db.backends.")
     return config
+
+
+def database_vendor(config: dict) -> str:
+    """'postgresql' or 'sqlite3', whether or not the metrics wrapper is in front."""
+    return config["ENGINE"].rsplit(".", 1)[-1]
 
 
 DEFAULT_SQLITE_URL = f"sqlite:///{VAR_DIR / 'db.sqlite3'}"

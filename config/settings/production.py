@@ -8,7 +8,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from config.env import env
 from config.settings.base import *  # noqa: F403
-from config.settings.base import DATABASES
+from config.settings.base import DATABASES, database_vendor
 
 DEBUG = False
 SECRET_KEY = env.str("SECRET_KEY", required=True)
@@ -17,7 +17,7 @@ if len(SECRET_KEY) < 50 or SECRET_KEY.startswith("insecure-") or SECRET_KEY.star
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS")
 if not ALLOWED_HOSTS:
     raise ImproperlyConfigured("ALLOWED_HOSTS must be set in production")
-if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+if database_vendor(DATABASES["default"]) != "postgresql":
     raise ImproperlyConfigured("Production runs on PostgreSQL: set DATABASE_URL to a postgres:// URL")
 
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")

@@ -11,12 +11,13 @@ from config.settings.base import (
     TASK_MAX_TIMEOUT_SECONDS,
     _database,
     check_visibility_timeout,
+    database_vendor,
     longest_message_hold_seconds,
 )
 
 TEST_DATABASE_URL = env.str("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/agentledger")
 DATABASES = {"default": _database(TEST_DATABASE_URL)}
-if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+if database_vendor(DATABASES["default"]) != "postgresql":
     raise ImproperlyConfigured("The test suite runs against PostgreSQL; DATABASE_URL names another database")
 DATABASES["default"]["CONN_MAX_AGE"] = 0
 

@@ -55,6 +55,16 @@ def test_metrics_serves_django_process_and_state_metrics_unauthenticated(client,
         assert ("agentledger_workflows", frozenset({("status", status)})) in samples
 
 
+def test_database_queries_are_counted_by_the_backend_wrapper(client, db, stream_name):
+    before = value(get_metrics(client), "django_db_execute_total", alias="default", vendor="postgresql")
+    WorkflowFactory.create_batch(3)
+    list(Workflow.objects.all())
+    after = value(get_metrics(client), "django_db_execute_total", alias="default", vendor="postgresql")
+    assert after >= before + 4, "three inserts and a select at least"
+    samples = get_metrics(client)
+    assert value(samples, "django_db_query_duration_seconds_count", alias="default", vendor="postgresql") > 0
+
+
 def test_workflows_by_status_are_counted_and_cached_between_scrapes(client, db, settings, stream_name):
     WorkflowFactory.create_batch(2, status=Workflow.Status.RUNNING)
     WorkflowFactory(status=Workflow.Status.COMPLETED)
