@@ -34,6 +34,22 @@ def finished(workflow: Workflow, timeout: float = 40) -> Workflow:
     return wait_for(lambda: (w := Workflow.objects.get(pk=workflow.pk)).is_terminal and w, timeout=timeout)
 
 
+def working_on(agent_id: str, task_name: str) -> tuple[TaskExecution, TaskContext]:
+    """A task of the agent, outside any workflow, and the context the engine would give it."""
+    agent = Agent.objects.get(pk=agent_id)
+    task = TaskExecution.objects.create(agent=agent, task_name=task_name)
+    context = TaskContext(
+        execution_id=task.execution_id,
+        workflow_id=None,
+        task_name=task_name,
+        agent_id=agent_id,
+        attempt_number=1,
+        timeout_seconds=30,
+        upstream={},
+    )
+    return task, equip(context, agent)
+
+
 # --- tools and hand-offs on a real worker ---------------------------------------------------
 
 
@@ -113,20 +129,7 @@ def test_reviewer_sends_feedback_and_hands_back_for_revision_until_approved(engi
 
 @pytest.mark.django_db
 def test_handoffs_refuse_self_unknown_inactive_and_too_deep(builtin_agents, settings):
-    agent = Agent.objects.get(pk="reviewer")
-    task = TaskExecution.objects.create(agent=agent, task_name="review")
-    context = equip(
-        TaskContext(
-            execution_id=task.execution_id,
-            workflow_id=None,
-            task_name="t",
-            agent_id="reviewer",
-            attempt_number=1,
-            timeout_seconds=30,
-            upstream={},
-        ),
-        agent,
-    )
+    _, context = working_on("reviewer", "review")
     with pytest.raises(PermanentError, match="cannot send a handoff to itself"):
         context.peers.handoff("reviewer", {})
     with pytest.raises(PermanentError, match="no agent 'ghost'"):
@@ -147,20 +150,7 @@ def test_handoffs_refuse_self_unknown_inactive_and_too_deep(builtin_agents, sett
 
 @pytest.mark.django_db
 def test_review_and_collaboration_run_the_other_agent_and_are_recorded(builtin_agents):
-    summarizer = Agent.objects.get(pk="summarizer")
-    task = TaskExecution.objects.create(agent=summarizer, task_name="write")
-    context = equip(
-        TaskContext(
-            execution_id=task.execution_id,
-            workflow_id=None,
-            task_name="write",
-            agent_id="summarizer",
-            attempt_number=1,
-            timeout_seconds=30,
-            upstream={},
-        ),
-        summarizer,
-    )
+    task, context = working_on("summarizer", "write")
     verdict = context.peers.review(
         "reviewer",
         {"summary": "Workers record every attempt and its cost in a ledger.", "words": 10},
@@ -319,20 +309,7 @@ def test_a_failed_handoff_is_paid_for_once(local_net, openai, settings, builtin_
     settings.LLM_MAX_TOOL_ROUNDS = 1
     tool_agent(openai.base_url)
     openai.script(*[Reply(body=looping_tool_call()) for _ in range(2)])
-    reviewer = Agent.objects.get(pk="reviewer")
-    task = TaskExecution.objects.create(agent=reviewer, task_name="review")
-    context = equip(
-        TaskContext(
-            execution_id=task.execution_id,
-            workflow_id=None,
-            task_name="review",
-            agent_id="reviewer",
-            attempt_number=1,
-            timeout_seconds=30,
-            upstream={},
-        ),
-        reviewer,
-    )
+    _, context = working_on("reviewer", "review")
     with pytest.raises(PermanentError, match="still called tools after 1 rounds") as caught:
         context.peers.handoff("calc-llm", {"prompt": "loop"})
     # attempt_run adds the exception's usage to the delegated spend: the sum is what was paid
