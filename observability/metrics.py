@@ -16,6 +16,7 @@ files in that directory and the worker's main process serves their sum (observab
 from __future__ import annotations
 
 import logging
+from collections import Counter as Tally
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from decimal import Decimal
@@ -37,7 +38,7 @@ TASK_ATTEMPTS = Counter(
 )
 TASKS_FINISHED = Counter(
     "agentledger_tasks_finished",
-    "Task executions that reached a final status (completed, failed, timed_out), by agent.",
+    "Task executions that reached a final status (completed, failed, timed_out, cancelled), by agent.",
     ["agent", "status"],
 )
 TASK_RETRIES = Counter(
@@ -129,6 +130,14 @@ def attempt_outcome_observe(
             _child(COST, agent_id).inc(float(cost_usd))
         if task_status:
             _child(TASKS_FINISHED, agent_id, task_status).inc()
+
+
+def tasks_cancelled_observe(*, agent_ids: list[str]) -> None:
+    """Tasks cancelled (by a user, a failed dependency or a workflow deadline), whether or not
+    an attempt was running: they reach a final status without an attempt outcome."""
+    with guarded("tasks_cancelled"):
+        for agent_id, count in Tally(agent_ids).items():
+            _child(TASKS_FINISHED, agent_id, "cancelled").inc(count)
 
 
 def queue_wait_observe(*, queue: str, seconds: float) -> None:

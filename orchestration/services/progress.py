@@ -13,9 +13,10 @@ import json
 from decimal import Decimal
 from typing import Any
 
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import F
 
+from observability.metrics import tasks_cancelled_observe
 from orchestration.event_types import EventType, Severity
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.dispatch import revoke_after_commit, tasks_queue
@@ -235,4 +236,6 @@ def tasks_cancel(queryset: Any, *, reason: str, now: dt.datetime) -> int:
         [task_event_build(t, EventType.TASK_CANCELLED, payload={"reason": reason}) for t in tasks]
     )
     revoke_after_commit(revoke, terminate=True)
+    agent_ids = [t.agent_id for t in tasks]
+    transaction.on_commit(lambda: tasks_cancelled_observe(agent_ids=agent_ids))
     return len(tasks)

@@ -79,3 +79,26 @@ def test_queue_wait_starts_at_publication_or_at_the_retry_countdowns_end():
     eta = dt.datetime.fromtimestamp(1_010.0, tz=dt.UTC).isoformat()
     assert queue_wait_seconds(published_at=published, eta=eta, now=1_010.25) == 0.25
     assert queue_wait_seconds(published_at=None, eta=None, now=1_010.0) is None
+
+
+@pytest.mark.django_db
+def test_cancelled_tasks_are_counted_as_finished_once_the_cancellation_commits(
+    builtin_agents, django_capture_on_commit_callbacks
+):
+    from orchestration.services.workflows import workflow_cancel, workflow_submit
+
+    before = sample("agentledger_tasks_finished_total", agent="echo", status="cancelled")
+    workflow, _ = workflow_submit(
+        spec={
+            "name": "to cancel",
+            "tasks": [
+                {"name": "a", "agent": "echo"},
+                {"name": "b", "agent": "echo", "depends_on": ["a"]},
+                {"name": "c", "agent": "echo", "depends_on": ["b"]},
+            ],
+        }
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        workflow_cancel(workflow_id=workflow.pk, reason="changed my mind")
+        assert sample("agentledger_tasks_finished_total", agent="echo", status="cancelled") == before
+    assert sample("agentledger_tasks_finished_total", agent="echo", status="cancelled") == before + 3
