@@ -15,6 +15,7 @@ Own database (agentledger_bench_pipeline) and Redis db 14; events are generated 
 size, each size on its own UTC day.
 
     .venv/bin/python -m bench.pipeline --rows 200000,1000000 --consumer-entries 200000 --repeat 3
+    .venv/bin/python -m bench.pipeline --rows 200000 --consumer-entries 200000 --repeat 3 --skip-export
 """
 
 from __future__ import annotations
@@ -131,10 +132,11 @@ def fill_stream(client: redis.Redis, day: dt.date, entries: int) -> None:
     pipe.execute()
 
 
-def run_bare(client: redis.Redis, group: str) -> tuple[float, int]:
+def run_bare(client: redis.Redis, group: str) -> tuple[float, float, int]:
+    """Seconds, CPU seconds of this process, entries."""
     client.xgroup_create(STREAM, group, id="0")
     done = 0
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     while True:
         reply = client.xreadgroup(group, "bare", {STREAM: ">"}, count=100)
         if not reply or not reply[0][1]:
@@ -142,31 +144,32 @@ def run_bare(client: redis.Redis, group: str) -> tuple[float, int]:
         ids = [entry_id for entry_id, _ in reply[0][1]]
         client.xack(STREAM, group, *ids)
         done += len(ids)
-    return time.perf_counter() - began, done
+    return time.perf_counter() - began, time.process_time() - cpu_began, done
 
 
-def run_consumer(client: redis.Redis, group: str, directory: Path) -> tuple[float, int]:
+def run_consumer(client: redis.Redis, group: str, directory: Path, batch: int) -> tuple[float, float, int]:
+    """Seconds, CPU seconds of this process, entries."""
     consumer = SynapseConsumer(
-        client=client, store=TrainingDataStore(directory), stream=STREAM, group=group, consumer="bench", batch=500
+        client=client, store=TrainingDataStore(directory), stream=STREAM, group=group, consumer="bench", batch=batch
     )
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     result = consumer.run(once=True)
-    seconds = time.perf_counter() - began
+    seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu_began
     if result.dead or client.xpending(STREAM, group)["pending"]:
         raise SystemExit(f"consumer left work behind: {result.summary()}")
-    return seconds, result.entries
+    return seconds, cpu_seconds, result.entries
 
 
-def bench_consumer(entries: int, repeat: int) -> list[dict]:
+def bench_consumer(entries: int, repeat: int, batch: int) -> list[dict]:
     client = redis.Redis.from_url(settings.REDIS_URL)
     fill_stream(client, FIRST_DAY, entries)
     length = client.xlen(STREAM)
     rounds = []
     for n in range(repeat):
-        bare_seconds, bare_done = run_bare(client, f"bare-{n}")
+        bare_seconds, bare_cpu, bare_done = run_bare(client, f"bare-{n}")
         directory = Path(tempfile.mkdtemp(prefix="bench-consumer-"))
         try:
-            consumer_seconds, consumer_done = run_consumer(client, f"training-{n}", directory)
+            consumer_seconds, consumer_cpu, consumer_done = run_consumer(client, f"training-{n}", directory, batch)
             csv_rows = sum(sum(1 for _ in path.open("rb")) - 1 for path in (directory / "events").glob("*.csv"))
         finally:
             shutil.rmtree(directory)
@@ -177,12 +180,15 @@ def bench_consumer(entries: int, repeat: int) -> list[dict]:
                 "entries": length,
                 "bare_per_s": bare_done / bare_seconds,
                 "consumer_per_s": consumer_done / consumer_seconds,
+                "bare_cpu_us": bare_cpu / bare_done * 1e6,
+                "consumer_cpu_us": consumer_cpu / consumer_done * 1e6,
             }
         )
         print(
             f"  consumer round {n + 1}: bare {bare_done / bare_seconds:,.0f}/s, "
             f"consumer {consumer_done / consumer_seconds:,.0f}/s "
-            f"({bare_seconds / consumer_seconds:.2f}x)",
+            f"({bare_seconds / consumer_seconds:.2f}x); CPU per entry: bare {rounds[-1]['bare_cpu_us']:.1f} us, "
+            f"consumer {rounds[-1]['consumer_cpu_us']:.1f} us",
             flush=True,
         )
     client.delete(STREAM, f"{STREAM}:dead")
@@ -289,8 +295,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="200000,1000000", help="export sizes, comma-separated")
     parser.add_argument("--consumer-entries", type=int, default=200_000)
+    parser.add_argument(
+        "--consumer-batch", type=int, default=500, help="entries per read of the consumer (consume_events --batch)"
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-consumer", action="store_true", help="only the export benchmark")
+    parser.add_argument("--skip-export", action="store_true", help="only the consumer benchmark")
     parser.add_argument("--child-export", help=argparse.SUPPRESS)
     parser.add_argument("--child-output", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -305,15 +315,22 @@ def main() -> None:
     consumer = []
     if not args.skip_consumer:
         print(f"consumer vs bare XREADGROUP/XACK on {args.consumer_entries:,} entries", flush=True)
-        consumer = bench_consumer(min(args.consumer_entries, sizes[0]), args.repeat)
-    print("exporter vs COPY row_to_json", flush=True)
-    export = bench_export(sizes, args.repeat)
+        consumer = bench_consumer(min(args.consumer_entries, sizes[0]), args.repeat, args.consumer_batch)
+    export = []
+    if not args.skip_export:
+        print("exporter vs COPY row_to_json", flush=True)
+        export = bench_export(sizes, args.repeat)
 
     print("\nmedians")
     if consumer:
         bare = statistics.median(r["bare_per_s"] for r in consumer)
         ours = statistics.median(r["consumer_per_s"] for r in consumer)
-        print(f"| consumer | {ours:,.0f} events/s | bare loop {bare:,.0f}/s | {ours / bare:.2f}x (target >= 0.5x) |")
+        cpu = statistics.median(r["consumer_cpu_us"] for r in consumer)
+        bare_cpu = statistics.median(r["bare_cpu_us"] for r in consumer)
+        print(
+            f"| consumer | {ours:,.0f} events/s | bare loop {bare:,.0f}/s | {ours / bare:.2f}x (target >= 0.5x) "
+            f"| CPU per entry {cpu:.1f} us vs {bare_cpu:.1f} us |"
+        )
     for rows in sorted({r["rows"] for r in export}):
         mine = [r for r in export if r["rows"] == rows]
         copy = statistics.median(r["copy_per_s"] for r in mine)

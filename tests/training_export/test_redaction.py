@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,36 @@ def test_default_patterns_mask_credentials_and_emails_inside_text():
     kept = "risk-assessment-for-customers total_al_0123456789abcdefgh task-0123456789abcdefghij"
     assert redact(kept) == kept
     assert redact("x\nsk-0123456789abcdefXYZ") == f"x\n{MASK}"
+
+
+@pytest.mark.parametrize(
+    ("patterns", "gated"),
+    [
+        ([r"sk-[a-z]{4}", r"[a-z]+@[a-z]+\.org"], True),
+        # A numbered back-reference would point at another pattern's group in one alternation.
+        ([r"(ab)\1", r"x(y)z"], False),
+        # A global inline flag is allowed only at the start of a whole expression.
+        ([r"(?i)secret-\d+", r"sk-[a-z]{4}"], False),
+    ],
+)
+def test_the_one_scan_pre_check_agrees_with_the_patterns_one_by_one(patterns, gated):
+    redactor = build_redactor([], patterns)
+    assert (redactor.gate is not None) is gated
+    texts = ["ababab x", "sk-abcd", "SECRET-42 and xyz", "mail bob@example.org", "nothing here", "abab xyz"]
+    for text in texts:
+        expected = text
+        for pattern in patterns:
+            expected = re.sub(pattern, MASK, expected)
+        assert redactor.text(text) == expected
+        assert redactor.text(text) == expected  # and again, from the cache
+
+
+def test_the_default_patterns_are_pre_checked_with_one_scan(settings):
+    redactor = build_redactor([], settings.REDACT_PATTERNS)
+    assert redactor.gate is not None
+    for name in ("openai", "platform", "bearer", "email"):
+        assert redactor.text(f"x {SECRETS[name]}") == f"x {MASK}", name
+    assert redactor.text("task-42 of wf-7") == "task-42 of wf-7"
 
 
 def test_configured_keys_and_patterns_replace_the_defaults(settings):

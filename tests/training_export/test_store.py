@@ -242,6 +242,53 @@ def test_a_file_the_store_cannot_safely_append_to_is_refused_untouched(data_dir,
     assert path.read_text() == content
 
 
+def test_cells_are_encoded_by_type_and_redacted_except_the_event_id(data_dir):
+    store = TrainingDataStore(data_dir)
+    result = store.write_rows(
+        "tool_executions",
+        T0.date(),
+        [
+            {
+                "event_id": "ev-mail@example.org",
+                "execution_id": "tool-1",
+                "agent_id": "agent-1",
+                "tool_name": "mailer",
+                "input_params": {"to": "bob@example.org", "city": "Zürich", "b": [1.5, True, None], "a": 2**70},
+                "output_result": "sent to bob@example.org",
+                "execution_time_ms": 12.5,
+                "error": None,
+                "created_at": dt.datetime(2024, 3, 5, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+            }
+        ],
+    )
+
+    with result.path.open(newline="") as fh:
+        (row,) = csv.DictReader(fh)
+    assert row == {
+        "event_id": "ev-mail@example.org",
+        "execution_id": "tool-1",
+        "agent_id": "agent-1",
+        "tool_name": "mailer",
+        # Compact, sorted keys, UTF-8; integers beyond 64 bits are kept exactly.
+        "input_params": '{"a":1180591620717411303424,"b":[1.5,true,null],"city":"Zürich","to":"[REDACTED]"}',
+        "output_result": '"sent to [REDACTED]"',
+        "execution_time_ms": "12.5",
+        "error": "",
+        "created_at": "2024-03-05T10:00:00+00:00",
+    }
+
+
+def test_an_event_id_twice_in_one_batch_is_written_once(data_dir):
+    store = TrainingDataStore(data_dir)
+    result = store.write_rows("events", T0.date(), [event_row("ev-1"), event_row("ev-2"), event_row("ev-1")])
+
+    assert (result.written, result.duplicates) == (2, 1)
+    assert event_ids(result.path) == ["ev-1", "ev-2"]
+    again = store.write_rows("events", T0.date(), [event_row("ev-2"), event_row("ev-3")])
+    assert (again.written, again.duplicates) == (1, 1)
+    assert event_ids(result.path) == ["ev-1", "ev-2", "ev-3"]
+
+
 def test_naive_datetimes_and_unknown_columns_are_refused_before_any_write(data_dir):
     with pytest.raises(ValueError, match="naive"):
         store_agent_event(event_type="agent_started", event_id="ev-1", created_at=dt.datetime(2024, 1, 1))

@@ -28,7 +28,7 @@ from orchestration.services.relay import event_to_entry, events_relay
 from tests.engine import ROOT, wait_for
 from tests.factories import AgentFactory, EventFactory, TaskExecutionFactory, WorkflowFactory
 from training_export.services.store import TrainingDataStore
-from training_export.services.synapse import SynapseConsumer
+from training_export.services.synapse import MalformedEntry, SynapseConsumer, parse_entry
 
 T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
 GROUP = "training"
@@ -474,3 +474,27 @@ def test_the_running_consumer_finishes_its_batch_and_leaves_the_group_on_sigterm
     finally:
         client.delete(stream, f"{stream}:dead")
         client.close()
+
+
+def test_an_entry_reads_the_same_from_a_client_that_decodes_responses():
+    fields = {
+        "event_id": "ev-1",
+        "sequence": "7",
+        "event_type": "tool_executed",
+        "created_at": "2024-03-05T12:00:00+02:00",
+        "payload": '{"tool_name":"calculate","z":[1,{"a":"é"}]}',
+    }
+    from_bytes = parse_entry("7-1", {key.encode(): value.encode() for key, value in fields.items()})
+    from_text = parse_entry("7-1", fields)
+
+    assert from_bytes == from_text
+    assert from_text.fields == fields
+    assert from_text.payload == {"tool_name": "calculate", "z": [1, {"a": "é"}]}
+    assert from_text.day == dt.date(2024, 3, 5)
+    assert from_text.created_at == dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
+    big = parse_entry("7-1", {**fields, "payload": '{"n":123456789012345678901234567890}'})
+    assert big.payload == {"n": 123456789012345678901234567890}  # exact, not a float
+    with pytest.raises(MalformedEntry, match="not UTF-8"):
+        parse_entry("7-1", {b"event_id": b"\xff"})
+    with pytest.raises(MalformedEntry, match="not a JSON object"):
+        parse_entry("7-1", {**fields, "payload": "[1]"})

@@ -31,11 +31,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 from django.conf import settings
 from django.utils import timezone
 
 from orchestration.ids import new_id
-from training_export.services.redaction import current_redactor
+from training_export.services.redaction import Redactor, current_redactor
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +141,13 @@ class StoreError(RuntimeError):
 
 
 def json_text(value: Any) -> str:
-    """Compact JSON with sorted keys: byte for byte what the relay puts in an entry's payload."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    """Compact JSON with sorted keys, UTF-8 (non-ASCII characters are not escaped)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:
+        # What orjson refuses and the standard library encodes: integers beyond 64 bits and
+        # non-string keys (which JSON turns into strings).
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def utc_isoformat(value: dt.datetime) -> str:
@@ -156,47 +162,67 @@ def utc_day(value: dt.datetime) -> dt.date:
     return value.astimezone(dt.UTC).date()
 
 
-def _cell(value: Any, *, as_json: bool) -> str:
+def _cell(value: Any, *, as_json: bool, redactor: Redactor) -> str:
+    """The CSV text of one value, redacted."""
+    kind = type(value)
     if value is None:
         return ""
-    if as_json or isinstance(value, dict | list):
-        return json_text(value)
+    if kind is str and not as_json:
+        return redactor.text(value)
+    if as_json or kind is dict or kind is list:
+        return json_text(redactor.value(value))
+    if kind is int or kind is float:
+        return str(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dt.datetime):
         return utc_isoformat(value)
-    return str(value)
+    if isinstance(value, dict | list | tuple):
+        return json_text(redactor.value(value))
+    if isinstance(value, str):
+        return str(redactor.text(value))
+    return redactor.text(str(value))
 
 
-def _encode_rows(schema: Schema, rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    """(event_id, CSV line) per row, redacted, all validated before any file is touched."""
+def _encode_rows(schema: Schema, rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[str]]]:
+    """(event_id, CSV cells) per row, every cell but the event_id redacted; the whole batch is
+    validated and encoded before any file is touched."""
     redactor = current_redactor()
+    text = redactor.text
+    known = frozenset(schema.columns)
+    json_columns = schema.json_columns
+    plan = [(column, column in json_columns) for column in schema.columns if column != "event_id"]
+    event_id_index = schema.columns.index("event_id")
     encoded = []
     for row in rows:
-        unknown = set(row) - set(schema.columns)
-        if unknown:
-            raise ValueError(f"unknown columns {sorted(unknown)}")
+        if not known.issuperset(row):
+            raise ValueError(f"unknown columns {sorted(set(row) - known)}")
         event_id = row.get("event_id")
         if not event_id:
             raise ValueError("every row needs an event_id (the dedupe key)")
-        buffer = io.StringIO()
-        csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerow(
-            [
-                _cell(
-                    row.get(column) if column == "event_id" else redactor.value(row.get(column)),
-                    as_json=column in schema.json_columns,
-                )
-                for column in schema.columns
-            ]
-        )
-        encoded.append((str(event_id), buffer.getvalue()))
+        cells = []
+        for column, as_json in plan:
+            value = row.get(column)
+            if type(value) is str and not as_json:
+                cells.append(text(value))
+            elif value is None:
+                cells.append("")
+            else:
+                cells.append(_cell(value, as_json=as_json, redactor=redactor))
+        event_id = str(event_id)
+        cells.insert(event_id_index, event_id)  # the dedupe key, never a secret: written as it is
+        encoded.append((event_id, cells))
     return encoded
 
 
-def _header_line(schema: Schema) -> str:
+def _csv_text(rows: list[list[str]]) -> str:
     buffer = io.StringIO()
-    csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerow(schema.columns)
+    csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerows(rows)
     return buffer.getvalue()
+
+
+def _header_line(schema: Schema) -> str:
+    return _csv_text([list(schema.columns)])
 
 
 def _fsync_dir(path: Path) -> None:
@@ -274,19 +300,22 @@ class TrainingDataStore:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 state = self._catch_up(path, fd, schema)
                 new_file = state.end == 0
-                chunks = [_header_line(schema)] if new_file else []
-                for event_id, line in encoded:
-                    if event_id in state.seen:
+                fresh_ids: set[str] = set()
+                fresh_rows = []
+                for event_id, cells in encoded:
+                    if event_id in state.seen or event_id in fresh_ids:
                         result.duplicates += 1
                         continue
-                    state.seen.add(event_id)
-                    chunks.append(line)
-                    result.written += 1
-                if chunks:
-                    data = "".join(chunks).encode("utf-8")
+                    fresh_ids.add(event_id)
+                    fresh_rows.append(cells)
+                text = (_header_line(schema) if new_file else "") + _csv_text(fresh_rows)
+                if text:
+                    data = text.encode("utf-8")
                     _write_all(fd, data)
                     os.fsync(fd)
                     state.end += len(data)
+                    state.seen |= fresh_ids
+                    result.written = len(fresh_rows)
                     if new_file:
                         _fsync_dir(path.parent)
             except BaseException:

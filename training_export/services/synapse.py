@@ -19,7 +19,6 @@ consumer never trims the main stream (the relay trims only what every group ackn
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import socket
@@ -27,7 +26,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from django.conf import settings
@@ -35,6 +34,7 @@ from django.db import close_old_connections, models
 
 from orchestration.event_types import EventType
 from orchestration.models import TaskExecution, Workflow
+from training_export.services.jsonl import json_load
 from training_export.services.store import (
     EVENTS,
     SCHEMAS,
@@ -57,6 +57,7 @@ REQUIRED_FIELDS = ("event_id", "event_type", "created_at")
 
 _TASK_FIELDS = tuple(column for column in SCHEMAS[TASKS].columns if column != "event_id")
 _WORKFLOW_FIELDS = tuple(column for column in SCHEMAS[WORKFLOWS].columns if column != "event_id")
+_EVENT_FIELDS = tuple(column for column in SCHEMAS[EVENTS].columns if column not in ("created_at", "payload"))
 _TOOL_PAYLOAD_FIELDS = (
     "execution_id",
     "agent_id",
@@ -97,12 +98,14 @@ class MalformedEntry(ValueError):
     """A stream entry that cannot become a row; the message is the dead-letter reason."""
 
 
-@dataclass(frozen=True)
-class StreamEvent:
+class StreamEvent(NamedTuple):
+    """A validated entry (a tuple: one is built per entry, on the consumer's hot path)."""
+
     entry_id: str
     fields: dict[str, str]
     created_at: dt.datetime
     payload: dict[str, Any]
+    day: dt.date  # the UTC day of created_at: the partition its rows go to
 
     @property
     def event_id(self) -> str:
@@ -112,9 +115,12 @@ class StreamEvent:
     def event_type(self) -> str:
         return self.fields["event_type"]
 
-    @property
-    def day(self) -> dt.date:
-        return utc_day(self.created_at)
+
+def _decode_fields(raw: Mapping[bytes, bytes]) -> dict[str, str]:
+    try:
+        return {key.decode(): value.decode() for key, value in raw.items()}
+    except AttributeError:  # a client with decode_responses=True hands out text already
+        return {_text(key): _text(value) for key, value in raw.items()}
 
 
 def parse_entry(entry_id: str, raw: Mapping[bytes, bytes]) -> StreamEvent:
@@ -122,7 +128,7 @@ def parse_entry(entry_id: str, raw: Mapping[bytes, bytes]) -> StreamEvent:
     if not raw:
         raise MalformedEntry("the entry was deleted from the stream before it was consumed")
     try:
-        fields = {_text(key): _text(value) for key, value in raw.items()}
+        fields = _decode_fields(raw)
     except UnicodeDecodeError as exc:
         raise MalformedEntry(f"a field is not UTF-8: {exc}") from exc
     missing = [name for name in REQUIRED_FIELDS if not fields.get(name)]
@@ -138,17 +144,19 @@ def parse_entry(entry_id: str, raw: Mapping[bytes, bytes]) -> StreamEvent:
     if sequence and not (sequence.isascii() and sequence.isdigit()):
         raise MalformedEntry(f"sequence {sequence!r} is not an integer")
     try:
-        payload = json.loads(fields.get("payload") or "{}")
+        payload = json_load(fields.get("payload") or "{}")
     except ValueError as exc:
         raise MalformedEntry(f"payload is not JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise MalformedEntry("payload is not a JSON object")
-    return StreamEvent(entry_id=entry_id, fields=fields, created_at=created_at, payload=payload)
+    return StreamEvent(entry_id, fields, created_at, payload, utc_day(created_at))
 
 
 def _event_row(event: StreamEvent) -> dict[str, Any]:
-    row: dict[str, Any] = {column: event.fields.get(column) for column in SCHEMAS[EVENTS].columns}
-    row.update(created_at=event.created_at, payload=event.payload)
+    fields = event.fields
+    row: dict[str, Any] = {column: fields.get(column) for column in _EVENT_FIELDS}
+    row["created_at"] = event.created_at
+    row["payload"] = event.payload
     return row
 
 
