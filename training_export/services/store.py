@@ -36,6 +36,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from orchestration.ids import new_id
+from training_export.services.files import fsync_dir, makedirs_durable
 from training_export.services.redaction import Redactor, current_redactor
 
 logger = logging.getLogger(__name__)
@@ -225,26 +226,6 @@ def _header_line(schema: Schema) -> str:
     return _csv_text([list(schema.columns)])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _makedirs_durable(directory: Path) -> None:
-    """Create missing directories, fsyncing each parent so that the new entry survives a crash."""
-    missing = []
-    current = directory
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    for path in reversed(missing):
-        path.mkdir(exist_ok=True)  # another process may create it at the same time
-        _fsync_dir(path.parent)
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -294,7 +275,7 @@ class TrainingDataStore:
         encoded = _encode_rows(schema, rows)
         result = WriteResult(path=path)
         with self._lock:
-            _makedirs_durable(path.parent)
+            makedirs_durable(path.parent)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -317,7 +298,7 @@ class TrainingDataStore:
                     state.seen |= fresh_ids
                     result.written = len(fresh_rows)
                     if new_file:
-                        _fsync_dir(path.parent)
+                        fsync_dir(path.parent)
             except BaseException:
                 # The cached state may now claim rows that never reached the disk.
                 self._files.pop(path, None)
