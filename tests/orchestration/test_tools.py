@@ -240,7 +240,7 @@ def test_json_validate_pattern_keywords_still_validate():
         ("/id", "pattern", "'Bad-1' does not match '^[a-z]+-[0-9]+$'"),
         ("/x-a", "type", "'no' is not of type 'integer'"),
     ]
-    with pytest.raises(ToolError, match="the schema is invalid at pattern: .* is not a .regex."):
+    with pytest.raises(ToolError, match=r"the schema is invalid at pattern: .* is not a .regex."):
         toolkit.json_validate("x", {"pattern": "(unclosed"})
 
 
