@@ -11,7 +11,8 @@ kinds of run, repeated and interleaved:
 
 Each run: publish, then wait until the queue is empty and no message is unacknowledged
 (acks_late: a message is acknowledged after its task finished). Commits and statements per
-task come from pg_stat_database and, when preloaded, pg_stat_statements.
+task come from pg_stat_database and, when preloaded, pg_stat_statements; CPU per task by
+process (worker main, pool, this database's PostgreSQL backends, this process) from /proc.
 
     .venv/bin/pip install -r bench/requirements.txt
     .venv/bin/python -m bench.throughput --tasks 2000 --repeat 3
@@ -57,6 +58,7 @@ class Run:
     commits: int
     statements: int | None
     latencies_ms: list[float] = field(default_factory=list)
+    cpu_ms: dict[str, float] = field(default_factory=dict)
 
     def rate(self, n: int) -> float:
         return n / self.seconds
@@ -103,11 +105,86 @@ def drained(client: redis.Redis) -> bool:
     return client.llen(QUEUE) == 0 and client.hlen("unacked") == 0
 
 
-def wait_drained(client: redis.Redis, timeout: float = 600) -> float:
+TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+CPU_SAMPLE_SECONDS = 0.2
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """utime + stime of one process, in clock ticks (None once it has exited)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return int(fields[11]) + int(fields[12])
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+class CpuMeter:
+    """CPU time by process group during a run: the worker's main process, its pool processes,
+    the PostgreSQL backends connected to the benchmark database (other databases' load on
+    the shared server is left out, as are PostgreSQL's background processes) and this
+    process (submission, publishing, polling). Processes are sampled every
+    CPU_SAMPLE_SECONDS, so a backend that exits (a worker reconnects every
+    CELERY_DB_REUSE_MAX tasks) is counted up to its last sample."""
+
+    def __init__(self, worker_pid: int) -> None:
+        self.worker_pid = worker_pid
+        self.first: dict[int, tuple[str, int]] = {}
+        self.last: dict[int, int] = {}
+        self.next_sample = 0.0
+        self.queries = 0  # transactions the meter runs on this database, left out of the commits
+        self._backends_sql = (
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        self.sample(force=True)
+
+    def _groups(self) -> list[tuple[str, int]]:
+        with connection.cursor() as cursor:
+            cursor.execute(self._backends_sql)
+            self.queries += 1
+            backends = [row[0] for row in cursor.fetchall()]
+        return [
+            ("worker main", self.worker_pid),
+            *(("worker pool", pid) for pid in _children(self.worker_pid)),
+            *(("postgres", pid) for pid in backends),
+            ("bench", os.getpid()),
+        ]
+
+    def sample(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self.next_sample:
+            return
+        self.next_sample = now + CPU_SAMPLE_SECONDS
+        for group, pid in self._groups():
+            ticks = _cpu_ticks(pid)
+            if ticks is None:
+                continue
+            self.first.setdefault(pid, (group, ticks))
+            self.last[pid] = ticks
+
+    def result(self, n: int) -> dict[str, float]:
+        """Milliseconds of CPU per task, by group. The benchmark's own connection is left out
+        of "postgres" (it polls and reads the counters, in every kind of run alike)."""
+        self.sample(force=True)
+        totals: dict[str, float] = {}
+        for pid, (group, first) in self.first.items():
+            totals[group] = totals.get(group, 0.0) + (self.last[pid] - first) / TICKS_PER_SECOND * 1000 / n
+        return totals
+
+
+def wait_drained(client: redis.Redis, timeout: float = 600, meter: CpuMeter | None = None) -> float:
     deadline = time.monotonic() + timeout
     while not drained(client):
         if time.monotonic() > deadline:
             raise RuntimeError("the worker did not finish in time")
+        if meter is not None:
+            meter.sample()
         time.sleep(0.002)
     return time.monotonic()
 
@@ -153,29 +230,34 @@ def start_worker(concurrency: int) -> subprocess.Popen:
     return process
 
 
-def run_bare(n: int, client: redis.Redis, statements: bool, task_name: str, kind: str) -> Run:
+def run_bare(n: int, client: redis.Redis, statements: bool, task_name: str, kind: str, worker: subprocess.Popen) -> Run:
     from bench.tasks import noop, noop_recorded
 
     task = noop if task_name == "noop" else noop_recorded
     before = counters(statements)
+    meter = CpuMeter(worker.pid)
     start = time.monotonic()
     for _ in range(n):
         task.apply_async(queue=QUEUE)
-    end = wait_drained(client)
+    end = wait_drained(client, meter=meter)
+    cpu = meter.result(n)
     time.sleep(STATS_SETTLE_SECONDS)
     after = counters(statements)
-    return Run(kind, end - start, after[0] - before[0], None if after[1] is None else after[1] - before[1])
+    commits = after[0] - before[0] - meter.queries
+    return Run(kind, end - start, commits, None if after[1] is None else after[1] - before[1], cpu_ms=cpu)
 
 
-def run_platform(n: int, client: redis.Redis, statements: bool) -> Run:
+def run_platform(n: int, client: redis.Redis, statements: bool, worker: subprocess.Popen) -> Run:
     from orchestration.models import TaskAttempt, TaskExecution, Workflow
     from orchestration.services.workflows import workflow_submit
 
     spec = {"name": "bench", "tasks": [{"name": f"t{i}", "agent": "echo", "input": {"i": i}} for i in range(n)]}
     before = counters(statements)
+    meter = CpuMeter(worker.pid)
     start = time.monotonic()
     workflow, _ = workflow_submit(spec=spec)
-    end = wait_drained(client)
+    end = wait_drained(client, meter=meter)
+    cpu = meter.result(n)
     time.sleep(STATS_SETTLE_SECONDS)
     after = counters(statements)
     workflow.refresh_from_db()
@@ -189,7 +271,12 @@ def run_platform(n: int, client: redis.Redis, statements: bool) -> Run:
     ]
     assert TaskExecution.objects.filter(workflow=workflow, status="completed").count() == n
     return Run(
-        "platform", end - start, after[0] - before[0], None if after[1] is None else after[1] - before[1], latencies
+        "platform",
+        end - start,
+        after[0] - before[0] - meter.queries,
+        None if after[1] is None else after[1] - before[1],
+        latencies,
+        cpu,
     )
 
 
@@ -235,12 +322,12 @@ def main() -> None:
     client.flushdb()
     worker = start_worker(args.concurrency)
     try:
-        run_bare(200, client, False, "noop", "warm-up")
+        run_bare(200, client, False, "noop", "warm-up", worker)
         runs: dict[str, list[Run]] = {"bare": [], "dcr": [], "platform": []}
         for i in range(args.repeat):
-            runs["bare"].append(run_bare(n, client, statements, "noop", "bare"))
-            runs["dcr"].append(run_bare(n, client, statements, "noop_recorded", "dcr"))
-            runs["platform"].append(run_platform(n, client, statements))
+            runs["bare"].append(run_bare(n, client, statements, "noop", "bare", worker))
+            runs["dcr"].append(run_bare(n, client, statements, "noop_recorded", "dcr", worker))
+            runs["platform"].append(run_platform(n, client, statements, worker))
             print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1].rate(n):.0f}/s" for k, v in runs.items()), flush=True)
         latency = run_latency(args.latency_samples)
     finally:
@@ -260,6 +347,13 @@ def main() -> None:
     for run in (bare, dcr, platform):
         stmts = "n/a" if run.statements is None else f"{run.statements / n:.2f}"
         print(f"{run.kind:<10} {run.rate(n):>9.0f} {run.seconds / n * 1000:>8.3f} {run.commits / n:>13.2f} {stmts:>16}")
+    print()
+    groups = ("worker main", "worker pool", "postgres", "bench")
+    print("CPU ms per task by process (median over rounds; postgres: this database's backends only)")
+    print(f"{'run':<10} " + " ".join(f"{g:>12}" for g in groups) + f" {'total':>8}")
+    for kind in ("bare", "dcr", "platform"):
+        medians = [statistics.median(r.cpu_ms.get(g, 0.0) for r in runs[kind]) for g in groups]
+        print(f"{kind:<10} " + " ".join(f"{m:>12.2f}" for m in medians) + f" {sum(medians):>8.2f}")
     print()
 
     # Ratios and differences are taken within each round (the runs of a round are seconds

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 from django.conf import settings
 from django.db import connection
 
 from orchestration.ids import new_id
+
+UNREACHABLE_THRESHOLD = 2**31
 
 CLAIM_SQL = """
 WITH claimed AS (
@@ -128,9 +131,21 @@ def _json(value: Any) -> Any:
 def execute_prepared(sql: str, params: dict[str, Any] | list[Any]) -> list[tuple[Any, ...]]:
     """Run a statement as a server-side prepared statement on Django's connection, inside
     whatever transaction Django has open there. These statements run on every attempt;
-    planning them each time would cost more than executing them."""
+    planning them each time would cost more than executing them.
+
+    Django's connection makes client-side cursors (ClientCursor), which interpolate the
+    parameters and never prepare, and sets psycopg's prepare_threshold to None, which turns
+    off even explicit preparation: this cursor binds on the server, and a threshold no
+    statement reaches prepares only what is asked for (ORM queries stay unprepared)."""
     connection.ensure_connection()
-    with connection.connection.cursor() as cursor:
+    raw = connection.connection
+    if raw.prepare_threshold is None:
+        raw.prepare_threshold = UNREACHABLE_THRESHOLD
+    # In pipeline mode the BEGIN that opens the caller's transaction travels with the
+    # statement: one round trip instead of two.
+    # wrap_database_errors: callers see Django's exceptions (atomic_with_retry retries a
+    # deadlock, run_task a lost connection), as from the ORM.
+    with connection.wrap_database_errors, raw.pipeline(), psycopg.Cursor(raw) as cursor:
         cursor.execute(sql, params, prepare=True)
         return cursor.fetchall()
 
