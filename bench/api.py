@@ -36,18 +36,16 @@ import django  # noqa: E402
 
 django.setup()
 
-import io  # noqa: E402
 
-import psycopg  # noqa: E402
 import redis  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.contrib.auth.models import Group  # noqa: E402
-from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
 from django.test.utils import CaptureQueriesContext  # noqa: E402
 from rest_framework.test import APIClient  # noqa: E402
 
+from bench.database import database_ensure  # noqa: E402
 from orchestration.models import ApiKey  # noqa: E402
 from orchestration.services.access import api_key_create  # noqa: E402
 
@@ -55,16 +53,6 @@ WORKFLOWS = 1_000_000
 EVENTS_PER_WORKFLOW = 4
 AGENT_ENTITIES = 10  # entities with a long history: the fifth million events, 100 000 each
 STATUSES = "ARRAY['completed','completed','completed','failed','failed','running','cancelled','pending']"
-
-
-def ensure_database() -> None:
-    db = settings.DATABASES["default"]
-    admin_url = f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/postgres"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [db["NAME"]]).fetchone():
-            conn.execute(f'CREATE DATABASE "{db["NAME"]}"')
-    call_command("migrate", verbosity=0)
-    call_command("load_agents", stdout=io.StringIO())
 
 
 def generate(owner_id: int) -> None:
@@ -161,7 +149,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per endpoint per round")
     args = parser.parse_args()
 
-    ensure_database()
+    database_ensure()
     user, _ = get_user_model().objects.get_or_create(username="bench")
     user.groups.add(Group.objects.get(name="admin"))
     generate(user.pk)

@@ -45,9 +45,9 @@ django.setup()
 import psycopg  # noqa: E402
 import redis  # noqa: E402
 from django.conf import settings  # noqa: E402
-from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
 
+from bench.database import database_ensure  # noqa: E402
 from orchestration.models import Event  # noqa: E402
 from orchestration.services.relay import event_to_entry  # noqa: E402
 from training_export.services.jsonl import EXPORTERS  # noqa: E402
@@ -57,19 +57,6 @@ from training_export.services.synapse import SynapseConsumer  # noqa: E402
 STREAM = "bench-synapse"
 FIRST_DAY = dt.date(2024, 1, 1)
 EVENT_TYPES = ("agent_started", "task_started", "task_queued", "tool_executed", "message_created")
-
-
-def admin_dsn() -> str:
-    db = settings.DATABASES["default"]
-    return f"host={db['HOST'] or '127.0.0.1'} port={db['PORT'] or 5432} user={db['USER'] or 'postgres'} dbname=postgres"
-
-
-def ensure_database() -> None:
-    name = settings.DATABASES["default"]["NAME"]
-    with psycopg.connect(admin_dsn(), autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
-            conn.execute(f'CREATE DATABASE "{name}"')
-    call_command("migrate", verbosity=0)
 
 
 def day_bounds(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
@@ -308,7 +295,7 @@ def main() -> None:
         child_export(args.child_export, args.child_output)
         return
     sizes = [int(size) for size in args.rows.split(",")]
-    ensure_database()
+    database_ensure(load_agents=False)
     for index, rows in enumerate(sizes):
         seed(FIRST_DAY + dt.timedelta(days=index), rows)
 

@@ -38,12 +38,11 @@ import django  # noqa: E402
 
 django.setup()
 
-import psycopg  # noqa: E402
 import redis  # noqa: E402
 from django.conf import settings  # noqa: E402
-from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
 
+from bench.database import database_ensure  # noqa: E402
 from config.celery import app  # noqa: E402
 
 QUEUE = "normal"
@@ -62,20 +61,6 @@ class Run:
 
     def rate(self, n: int) -> float:
         return n / self.seconds
-
-
-def admin_dsn() -> str:
-    db = settings.DATABASES["default"]
-    return f"host={db['HOST'] or '127.0.0.1'} port={db['PORT'] or 5432} user={db['USER'] or 'postgres'} dbname=postgres"
-
-
-def ensure_database() -> None:
-    name = settings.DATABASES["default"]["NAME"]
-    with psycopg.connect(admin_dsn(), autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
-            conn.execute(f'CREATE DATABASE "{name}"')
-    call_command("migrate", verbosity=0)
-    call_command("load_agents", verbosity=0, stdout=open(os.devnull, "w"))  # noqa: SIM115
 
 
 def has_pg_stat_statements() -> bool:
@@ -316,7 +301,7 @@ def main() -> None:
     args = parser.parse_args()
     n = args.tasks
 
-    ensure_database()
+    database_ensure()
     statements = has_pg_stat_statements()
     client = redis.Redis.from_url(settings.REDIS_URL)
     client.flushdb()
