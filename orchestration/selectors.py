@@ -144,3 +144,14 @@ def conversation_messages(*, instance_id: str) -> QuerySet[AgentPlaygroundMessag
         .select_related("attempt")
         .order_by("created_at", "message_id")
     )
+
+
+def conversation_thread(*, instance_id: str) -> dict[str, Any] | None:
+    """Who a thread belongs to: the agent and owner of its first message (None: no thread).
+    A thread started without a user (manage.py chat without --user) has owner_id None."""
+    return (
+        AgentPlaygroundMessage.objects.filter(instance_id=instance_id)
+        .order_by("created_at", "message_id")
+        .values("agent_id", "owner_id")
+        .first()
+    )

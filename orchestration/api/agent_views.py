@@ -31,7 +31,7 @@ from orchestration.api.serializers import (
 from orchestration.api.views import PAGE_PARAMETERS, ApiMixin
 from orchestration.errors import ConversationBusy, ConversationError
 from orchestration.models import Agent, AgentPlaygroundMessage
-from orchestration.selectors import agent_stats, conversation_messages
+from orchestration.selectors import agent_stats, conversation_messages, conversation_thread
 from orchestration.services.access import AGENT_MANAGE
 from orchestration.services.agent_registry import agent_create, agent_deactivate, agent_update
 from orchestration.services.conversations import conversation_message_post
@@ -159,14 +159,13 @@ class ConversationMessagesView(ApiMixin, APIView):
     default_ordering = "created_at"
 
     def _thread(self, request: Request, instance_id: str) -> QuerySet[AgentPlaygroundMessage]:
-        """The thread's messages; another user's thread is a 404. The thread's owner is the
-        owner of its user messages (replies, tool calls and results carry no owner)."""
-        messages = conversation_messages(instance_id=instance_id)
+        """The thread's messages; another user's thread, or one started without a user, is a
+        404 to non-admins. The owner is that of the thread's first message."""
         if not is_admin(request):
-            first = messages.filter(owner__isnull=False).values("owner_id").first()
-            if first is not None and first["owner_id"] != request.user.pk:
+            thread = conversation_thread(instance_id=instance_id)
+            if thread is not None and thread["owner_id"] != request.user.pk:
                 raise NotFound(f"No conversation {instance_id!r}.")
-        return messages
+        return conversation_messages(instance_id=instance_id)
 
     @extend_schema(
         summary="The messages of a conversation, in order",

@@ -24,6 +24,7 @@ from orchestration.errors import ConversationBusy, ConversationError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Agent, AgentPlaygroundMessage, Priority, TaskAttempt, TaskExecution
 from orchestration.runtime.context import Conversation, TaskContext, Usage
+from orchestration.selectors import conversation_thread
 from orchestration.services.dispatch import tasks_queue
 from orchestration.services.events import event_record
 
@@ -79,12 +80,7 @@ def conversation_message_post(
     is refused (the agent answers one message at a time, in order)."""
     content = _validate(agent=agent, instance_id=instance_id, content=content)
     _thread_lock(instance_id)
-    first = (
-        AgentPlaygroundMessage.objects.filter(instance_id=instance_id)
-        .order_by("created_at", "message_id")
-        .values("agent_id", "owner_id")
-        .first()
-    )
+    first = conversation_thread(instance_id=instance_id)
     if first is not None:
         if first["owner_id"] != getattr(owner, "pk", None):
             raise ConversationError(f"conversation {instance_id!r} belongs to another user")

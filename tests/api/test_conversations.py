@@ -63,3 +63,18 @@ def test_the_reply_arrives_as_a_new_message(engine):
     messages = wait_for(replied, timeout=60, what="the agent's reply")
     assert messages[0]["message_id"] == posted.json()["message_id"]
     assert messages[-1]["content"] == "= 5"
+
+
+def test_a_thread_started_without_a_user_is_hidden_from_non_admins(callers):
+    from orchestration.models import Agent
+    from orchestration.services.conversations import conversation_message_post
+
+    conversation_message_post(agent=Agent.objects.get(pk="echo"), instance_id="cli-thread", content="hi")
+    url = "/api/v1/conversations/cli-thread/messages/"
+    for role in ("developer", "viewer"):
+        assert callers[role].client.get(url).status_code in (403, 404), role
+    assert callers["developer"].client.get(url).status_code == 404
+    posted = callers["developer"].client.post(url, {"agent": "echo", "content": "mine now?"}, format="json")
+    assert posted.status_code == 404
+    listed = callers["admin"].client.get(url)
+    assert listed.status_code == 200 and [m["content"] for m in listed.json()["results"]] == ["hi"]
