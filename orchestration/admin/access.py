@@ -171,7 +171,11 @@ class ApiKeyAdmin(admin.ModelAdmin):
             message += f" {skipped} already revoked."
         self.message_user(request, message, messages.SUCCESS)
 
-    @admin.action(description="Rotate selected keys (new key shown once, old one revoked)", permissions=["change"])
+    def has_rotate_permission(self, request: HttpRequest) -> bool:
+        """Rotating mints a key: it needs the right to create keys as well as to change them."""
+        return self._can_create_key(request) and self.has_change_permission(request)
+
+    @admin.action(description="Rotate selected keys (new key shown once, old one revoked)", permissions=["rotate"])
     def rotate_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         now = timezone.now()
         for api_key in queryset.select_related("owner").order_by("pk"):

@@ -107,8 +107,8 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
         errors = [{"field": spec_field(p), "detail": p} for p in exc.detail["spec"]]
         return _respond(
             400,
-            "The workflow spec is invalid: " + "; ".join(e["detail"] for e in errors),
-            "invalid_spec",
+            "The request is invalid: " + "; ".join(e["detail"] for e in errors),
+            "invalid_request",
             instance,
             errors,
         )

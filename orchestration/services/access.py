@@ -139,9 +139,12 @@ def api_key_rotate(*, api_key_id: int, now: dt.datetime) -> NewApiKey:
     old = ApiKey.objects.select_for_update().select_related("owner").get(pk=api_key_id)
     if old.revoked_at is not None:
         raise SpecError([f"key {old.prefix} is revoked; create a new key instead"])
-    base = old.name[:80]
-    name = f"{base} (rotated {now:%Y-%m-%d %H:%M:%S})"
-    expires_at = old.expires_at if old.expires_at is None or old.expires_at > now else None
-    created = api_key_create(owner=old.owner, name=name, expires_at=expires_at, permissions=old.permissions, now=now)
+    if old.expires_at is not None and old.expires_at <= now:
+        raise SpecError([f"key {old.prefix} has expired; create a new key instead"])
+    suffix = f" (rotated {now:%Y-%m-%d %H:%M:%S})"
+    name = old.name[: ApiKey._meta.get_field("name").max_length - len(suffix)] + suffix
+    created = api_key_create(
+        owner=old.owner, name=name, expires_at=old.expires_at, permissions=old.permissions, now=now
+    )
     api_key_revoke(api_key_ids=[old.pk], now=now)
     return created

@@ -14,6 +14,7 @@ from django.db import transaction
 from orchestration.errors import SpecError, TransitionError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Agent
+from orchestration.services.agents import DEFINITION_FIELDS, executor_problems
 from orchestration.services.events import event_record
 
 SERVER_OWNED = {
@@ -30,11 +31,13 @@ SERVER_OWNED = {
 
 
 def _check(agent: Agent) -> None:
-    problems = []
-    if agent.executor == Agent.Executor.PYTHON and not agent.entrypoint:
-        problems.append("entrypoint: required for the python executor")
-    if agent.executor == Agent.Executor.HTTP and not agent.url:
-        problems.append("url: required for the http executor")
+    """The checks load_agents makes of a definition file (executor_problems), then the model's."""
+    definition = {
+        name: getattr(agent, name)
+        for name in DEFINITION_FIELDS
+        if getattr(agent, name, None) not in (None, "") or name in ("id", "name", "executor")
+    }
+    problems = executor_problems(definition)
     try:
         agent.full_clean(exclude=["id"] if agent._state.adding is False else None, validate_unique=False)
     except ValidationError as exc:

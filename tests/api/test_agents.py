@@ -51,6 +51,23 @@ def test_agent_input_problems_are_named_and_server_owned_fields_refused(callers)
     assert not Agent.objects.filter(pk="summariser-001").exists()
 
 
+def test_agents_created_through_the_api_get_the_checks_of_load_agents(callers):
+    admin = callers["admin"].client
+    llm = {"id": "writer-9", "name": "Writer", "executor": "llm", "provider": "openai"}
+    cases = {
+        "model": {**llm, "api_key_env": "OPENAI_API_KEY"},
+        "api_key_env": {**llm, "model": "gpt-4o-mini", "api_key_env": "sk-live-0123456789abcdef"},
+        "provider": {**llm, "model": "m", "provider": "skynet", "api_key_env": "K"},
+        "config.tools": {**NEW, "config": {"tools": ["teleport"]}},
+    }
+    for field, body in cases.items():
+        response = admin.post("/api/v1/agents/", body, format="json")
+        assert response.status_code == 400, (field, response.json())
+        assert field in response.json()["detail"], (field, response.json()["detail"])
+    assert not Agent.objects.filter(pk__in=["writer-9", NEW["id"]]).exists()
+    assert "sk-live-0123456789abcdef" not in str(list(Agent.objects.values_list("api_key_env", flat=True)))
+
+
 def test_stats_aggregate_the_agents_tasks_over_the_window(callers):
     now = timezone.now()
     for status, ms, tokens, cost in [

@@ -18,7 +18,7 @@ from rest_framework.test import APIClient
 
 from orchestration.errors import SpecError
 from orchestration.models import ApiKey
-from orchestration.services.access import api_key_create, api_key_secret_hash
+from orchestration.services.access import api_key_create, api_key_rotate, api_key_secret_hash
 from tests.api.conftest import make_caller
 from tests.factories import UserFactory
 
@@ -205,3 +205,35 @@ def test_console_rotation_replaces_the_key_and_revokes_the_old_one(db, client):
 def test_a_viewer_in_the_console_cannot_create_keys(db, client):
     client.force_login(UserFactory(username="v", role="viewer"))
     assert client.get(reverse("admin:orchestration_apikey_create_key")).status_code == 403
+
+
+def test_rotation_keeps_long_names_within_the_limit_and_refuses_expired_keys(db):
+    owner = UserFactory(username="long", role="developer")
+    now = timezone.now()
+    long = api_key_create(owner=owner, name="n" * 100, now=now).api_key
+    rotated = api_key_rotate(api_key_id=long.pk, now=now)
+    assert len(rotated.api_key.name) == 100 and rotated.api_key.name.endswith(f"(rotated {now:%Y-%m-%d %H:%M:%S})")
+    soon = api_key_create(owner=owner, name="short-lived", expires_at=now + dt.timedelta(seconds=1), now=now).api_key
+    with pytest.raises(SpecError, match=f"key {soon.prefix} has expired; create a new key instead"):
+        api_key_rotate(api_key_id=soon.pk, now=now + dt.timedelta(seconds=2))
+    assert ApiKey.objects.filter(owner=owner).count() == 3, "nothing created for the expired key"
+
+
+def test_console_rotation_needs_the_right_to_create_keys(db, client):
+    from django.contrib.auth.models import Permission
+
+    staff = UserFactory(username="changer", is_staff=True)
+    codenames = ["change_apikey", "view_apikey"]
+    permissions = Permission.objects.filter(codename__in=codenames, content_type__app_label="orchestration")
+    staff.user_permissions.add(*permissions)
+    caller = make_caller("svc2", "developer")
+    old = ApiKey.objects.get(owner=caller.user)
+    client.force_login(staff)
+    response = client.post(
+        reverse("admin:orchestration_apikey_changelist"),
+        {"action": "rotate_selected", "_selected_action": [old.pk]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    assert ApiKey.objects.filter(owner=caller.user).count() == 1, "no key minted"
+    assert caller.client.get("/api/v1/me/").status_code == 200, "the old key still works"

@@ -34,7 +34,7 @@ def test_every_spec_problem_is_reported_naming_its_field_and_nothing_is_stored(c
     assert response.status_code == 400
     assert response["Content-Type"] == PROBLEM
     body = response.json()
-    assert body["type"] == "urn:agentledger:problem:invalid-spec"
+    assert body["type"] == "urn:agentledger:problem:invalid-request"
     assert body["status"] == 400 and body["title"] == "Invalid request"
     assert body["instance"] == "/api/v1/workflows/"
     fields = {e["field"] for e in body["errors"]}
