@@ -189,12 +189,15 @@ def conversation_turn_record(
     conversation = context.conversation
     if conversation is None:
         return []
-    asked = AgentPlaygroundMessage.objects.only("owner_id").get(pk=conversation.message_id)
+    # The question may have been deleted (retention) since the claim: the reply still stands.
+    owner_id = (
+        AgentPlaygroundMessage.objects.filter(pk=conversation.message_id).values_list("owner_id", flat=True).first()
+    )
     base = _db_now()
     common = {
         "instance_id": conversation.instance_id,
         "agent_id": context.agent_id,
-        "owner_id": asked.owner_id,
+        "owner_id": owner_id,
         "execution_id": context.execution_id,
         "attempt_id": attempt_id,
     }

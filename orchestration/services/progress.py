@@ -13,12 +13,13 @@ import json
 from decimal import Decimal
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import F
 
 from observability.metrics import tasks_cancelled_observe
 from orchestration.event_types import EventType, Severity
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.services import fastpath
 from orchestration.services.dispatch import revoke_after_commit, tasks_queue
 from orchestration.services.events import task_event_build, workflow_event
 
@@ -60,7 +61,7 @@ def workflow_advance(*, workflow_id: str, completed_task: str, status: str, now:
     # Pending tasks only change under the workflow lock, which the caller holds.
     pending = TaskExecution.objects.filter(workflow_id=workflow_id, status=TaskExecution.Status.PENDING)
     unfinished_statuses = [s for s in TaskExecution.Status.values if s not in TERMINAL]
-    if connection.vendor == "postgresql":
+    if fastpath.enabled():  # ENGINE_FAST_PATH=false keeps every statement on the ORM
         candidate_ids, any_unfinished = _dependents_and_unfinished(workflow_id, completed_task, unfinished_statuses)
         if not candidate_ids and any_unfinished:
             return  # the common case, in one query

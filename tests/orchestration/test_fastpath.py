@@ -42,3 +42,27 @@ def test_errors_are_djangos_and_leave_the_connection_usable(db):
         execute_prepared("SELECT 1 / %s::int", [0])
     assert raised.value.__cause__.sqlstate == "22012"  # division_by_zero, from psycopg
     assert execute_prepared("SELECT 1 / %s::int", [1]) == [(1,)]
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_engine_fast_path_false_leaves_workflow_advance_on_the_orm(builtin_agents, settings, fast_path):
+    from django.utils import timezone
+
+    from orchestration.models import TaskExecution, Workflow
+    from orchestration.services.progress import workflow_advance
+    from orchestration.services.workflows import workflow_submit
+
+    settings.ENGINE_FAST_PATH = fast_path
+    workflow, _ = workflow_submit(
+        spec={
+            "name": "two",
+            "tasks": [{"name": "a", "agent": "echo"}, {"name": "b", "agent": "echo", "depends_on": ["a"]}],
+        }
+    )
+    Workflow.objects.filter(pk=workflow.pk).update(status=Workflow.Status.RUNNING)
+    TaskExecution.objects.filter(workflow=workflow, task_name="a").update(status=TaskExecution.Status.COMPLETED)
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    workflow_advance(workflow_id=workflow.pk, completed_task="a", status=Workflow.Status.RUNNING, now=timezone.now())
+    assert TaskExecution.objects.get(workflow=workflow, task_name="b").status == TaskExecution.Status.QUEUED
+    assert bool(_prepared("depends_on")) is fast_path

@@ -392,3 +392,23 @@ def test_check_constraint_accepts_every_choice(case: CheckCase) -> None:
 
     stored = type(rows[0]).objects.filter(pk__in=[row.pk for row in rows]).values_list(case.field, flat=True)
     assert sorted(stored) == sorted(case.choices.values)
+
+
+@pytest.mark.django_db
+def test_the_cancelled_steps_backfill_counts_cancelled_tasks(builtin_agents):
+    import importlib
+
+    from django.db import connection
+
+    from orchestration.models import TaskExecution, Workflow
+    from orchestration.services.workflows import workflow_submit
+
+    backfill = importlib.import_module("orchestration.migrations.0015_backfill_cancelled_steps").BACKFILL
+    workflow, _ = workflow_submit(
+        spec={"name": "old", "tasks": [{"name": n, "agent": "echo"} for n in ("a", "b", "c")]}
+    )
+    TaskExecution.objects.filter(workflow=workflow, task_name__in=["a", "b"]).update(status="cancelled")
+    Workflow.objects.filter(pk=workflow.pk).update(cancelled_steps=0)  # as 0009 left it
+    with connection.cursor() as cursor:
+        cursor.execute(backfill)
+    assert Workflow.objects.get(pk=workflow.pk).cancelled_steps == 2

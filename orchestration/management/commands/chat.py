@@ -1,3 +1,4 @@
+import argparse
 import sys
 import time
 import uuid
@@ -13,6 +14,16 @@ from orchestration.services.conversations import conversation_message_post
 Role = AgentPlaygroundMessage.Role
 
 
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return seconds
+
+
 class Command(BaseCommand):
     help = (
         "Chat with an agent in the terminal. Each line you type is posted to the conversation "
@@ -25,7 +36,7 @@ class Command(BaseCommand):
         parser.add_argument("--user", help="username to chat as (the thread's owner)")
         parser.add_argument(
             "--timeout",
-            type=float,
+            type=_positive_seconds,
             default=None,
             help="seconds to wait for each reply (default: CONVERSATION_TIMEOUT_SECONDS plus retries)",
         )
