@@ -107,37 +107,38 @@ def _entry_key(entry_id: bytes | str) -> tuple[int, int]:
     return int(milliseconds), int(sequence)
 
 
-def stream_trim(*, client: redis.Redis, stream: str) -> int:
+def stream_trim(*, client: redis.Redis, stream: str, approximate: bool = True) -> int:
     """Trim the entries every consumer group is done with, and nothing else.
 
     The trim point is, over all groups, the oldest entry still pending (delivered, not yet
     acknowledged) or else the first one not yet delivered: entries below it were acknowledged
     by every group. Without any group nothing is trimmed (no consumer has started reading).
     A stream longer than SYNAPSE_STREAM_MAXLEN is reported, not cut: a lagging consumer still
-    needs those entries."""
+    needs those entries. `approximate` (Redis's "~") trims whole nodes only, which is cheaper;
+    it may keep more entries, never fewer."""
     try:
         groups = client.xinfo_groups(stream)
     except redis.ResponseError:
         return 0  # no stream yet
-    if not groups:
-        return 0
-    safe: tuple[int, int] | None = None
-    for group in groups:
-        summary = client.xpending(stream, group["name"])
-        if summary["pending"]:
-            candidate = _entry_key(summary["min"])
-        else:
-            milliseconds, sequence = _entry_key(group["last-delivered-id"])
-            candidate = (milliseconds, sequence + 1)
-        safe = candidate if safe is None else min(safe, candidate)
-    trimmed = client.xtrim(stream, minid=f"{safe[0]}-{safe[1]}", approximate=True)
+    trimmed = 0
+    if groups:
+        safe: tuple[int, int] | None = None
+        for group in groups:
+            summary = client.xpending(stream, group["name"])
+            if summary["pending"]:
+                candidate = _entry_key(summary["min"])
+            else:
+                milliseconds, sequence = _entry_key(group["last-delivered-id"])
+                candidate = (milliseconds, sequence + 1)
+            safe = candidate if safe is None else min(safe, candidate)
+        trimmed = client.xtrim(stream, minid=f"{safe[0]}-{safe[1]}", approximate=approximate)
     length = client.xlen(stream)
     if length > settings.SYNAPSE_STREAM_MAXLEN:
         logger.warning(
-            "the Synapse stream holds %d entries (SYNAPSE_STREAM_MAXLEN=%d) that a consumer group still needs: "
-            "is the consumer running?",
+            "the Synapse stream holds %d entries (SYNAPSE_STREAM_MAXLEN=%d) that %s: is the consumer running?",
             length,
             settings.SYNAPSE_STREAM_MAXLEN,
+            "a consumer group still needs" if groups else "no consumer group has read yet",
         )
     return trimmed
 

@@ -227,6 +227,8 @@ def metrics_rollup(*, period: str, period_start: dt.datetime, now: dt.datetime |
     sql = _rollup_sql(vendor) if vendor == "postgresql" else _sqlite_rollup_sql()
     result = RollupResult(period=period, period_start=start)
     with connection.cursor() as cursor:
+        # Replace, not merge: a metric that no longer has a value (tasks deleted, no p95) goes.
+        AgentMetric.objects.filter(period=period, period_start=start).delete()
         cursor.execute(sql, params)
         cursor.execute(AGENTS_REFRESH_SQL)
         result.agents_refreshed = cursor.rowcount

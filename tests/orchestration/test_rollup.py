@@ -100,6 +100,15 @@ def test_rerunning_a_period_replaces_its_values(activity):
     assert metrics(agent)["success_rate"] == 80.0
 
 
+def test_rerunning_a_period_drops_metrics_that_no_longer_have_a_value(activity):
+    agent, _ = activity
+    metrics_rollup(period="hour", period_start=H)
+    assert metrics(agent)["tasks"] == 4
+    TaskExecution.objects.filter(agent=agent).delete()  # e.g. retention
+    metrics_rollup(period="hour", period_start=H)
+    assert metrics(agent) == {}
+
+
 def test_daily_rollup_covers_the_whole_day(activity):
     agent, _ = activity
     day = H.replace(hour=0)

@@ -39,11 +39,7 @@ def test_entries_pending_or_undelivered_in_any_group_are_kept(client):
     slow = client.xreadgroup("slow", "c1", {client.stream: ">"}, count=6)[0][1]
     client.xack(client.stream, "slow", *[entry_id for entry_id, _ in slow[:3]] + [slow[4][0]])
 
-    trimmed = stream_trim(client=client, stream=client.stream)
-    # Exact MINID trimming would drop 1..3; "~" may keep more, never less.
-    assert ids(client)[-7:] == list(range(4, 11))
-    assert trimmed == 10 - len(ids(client))
-    client.xtrim(client.stream, minid="4-1", approximate=False)  # what "~" may have left
+    assert stream_trim(client=client, stream=client.stream, approximate=False) == 3
     assert ids(client) == list(range(4, 11))
 
 
@@ -51,6 +47,13 @@ def test_fully_acknowledged_entries_are_trimmed_exactly_below_the_next_undeliver
     client.xgroup_create(client.stream, "g", id="0")
     read = client.xreadgroup("g", "c1", {client.stream: ">"}, count=7)[0][1]
     client.xack(client.stream, "g", *[entry_id for entry_id, _ in read])
-    stream_trim(client=client, stream=client.stream)
-    remaining = ids(client)
-    assert remaining[-3:] == [8, 9, 10] and set(remaining) <= set(range(1, 11))
+    assert stream_trim(client=client, stream=client.stream, approximate=False) == 7
+    assert ids(client) == [8, 9, 10]
+
+
+def test_a_stream_over_the_limit_is_reported_even_without_a_group(client, settings, caplog):
+    settings.SYNAPSE_STREAM_MAXLEN = 5
+    with caplog.at_level("WARNING", logger="orchestration.services.relay"):
+        assert stream_trim(client=client, stream=client.stream) == 0
+    assert "holds 10 entries (SYNAPSE_STREAM_MAXLEN=5) that no consumer group has read yet" in caplog.text
+    assert ids(client) == list(range(1, 11))
