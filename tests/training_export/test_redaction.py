@@ -76,6 +76,15 @@ def test_default_patterns_mask_credentials_and_emails_inside_text():
     assert redact("x\nsk-0123456789abcdefXYZ") == f"x\n{MASK}"
 
 
+def test_default_patterns_mask_url_credentials_and_key_value_secrets():
+    text = "export OPENAI_API_KEY=abc123def456ghi; db postgres://app:hunter2secret@db/x; password: s3cr3t!"
+    masked = redact(text)
+    for secret in ("abc123def456ghi", "hunter2secret", "s3cr3t!"):
+        assert secret not in masked
+    assert masked.startswith("export OPENAI_") and "postgres://" in masked and "@" not in masked.split("postgres://")[1]
+    assert redact("tokens_used: 5 of 100") == "tokens_used: 5 of 100", "a word that merely starts like one is kept"
+
+
 @pytest.mark.parametrize(
     ("patterns", "gated"),
     [
