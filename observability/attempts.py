@@ -75,7 +75,8 @@ def attempt_finished(
 
 
 def attempts_reaped(*, attempt_ids: list[int]) -> None:
-    """Attempts the reaper closed (timed_out / hard_timeout, lost / worker_lost)."""
+    """Attempts closed outside attempt_run: by the reaper (timed_out / hard_timeout, lost /
+    worker_lost), or at a claim (lost on redelivery, timed_out / queue_timeout)."""
     if not attempt_ids:
         return
     from orchestration.models import TaskAttempt

@@ -20,10 +20,11 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
+from django.db import transaction
 from django.db.models import F, Max
 from django.utils import timezone
 
-from observability.attempts import attempt_finished, attempt_started
+from observability.attempts import attempt_finished, attempt_started, attempts_reaped
 from orchestration.db import atomic_with_retry
 from orchestration.errors import PermanentError, RetryableError, is_retryable
 from orchestration.event_types import EventType, Severity
@@ -247,6 +248,9 @@ def _attempt_claim(
             now=now,
             retry_now=True,
         )
+        if again is not None:
+            closed = last.pk
+            transaction.on_commit(lambda: attempts_reaped(attempt_ids=[closed]))
         if not again:
             return Outcome.SKIPPED
     elif task.status not in (TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING):
@@ -287,6 +291,7 @@ def _attempt_claim(
             duration_ms=0.0,
         )
         _fail_or_retry(task, attempt=attempt, status=attempt.status, error=attempt.error, retryable=False, now=now)
+        transaction.on_commit(lambda: attempts_reaped(attempt_ids=[attempt.pk]))
         return Outcome.SKIPPED
 
     agent = task.agent

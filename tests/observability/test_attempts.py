@@ -102,3 +102,31 @@ def test_cancelled_tasks_are_counted_as_finished_once_the_cancellation_commits(
         workflow_cancel(workflow_id=workflow.pk, reason="changed my mind")
         assert sample("agentledger_tasks_finished_total", agent="echo", status="cancelled") == before
     assert sample("agentledger_tasks_finished_total", agent="echo", status="cancelled") == before + 3
+
+
+@pytest.mark.django_db
+def test_attempts_closed_at_a_claim_are_counted(django_capture_on_commit_callbacks, settings):
+    from orchestration.services.execution import attempt_claim
+
+    agent = AgentFactory(id="claimed-agent")
+    now = timezone.now()
+    late = TaskExecutionFactory(
+        agent=agent, workflow=None, status="queued", celery_task_id="m-late", queued_at=now - dt.timedelta(hours=2)
+    )
+    settings.TASK_QUEUE_TIMEOUT_SECONDS = 60
+    running = TaskExecutionFactory(agent=agent, workflow=None, status="running", celery_task_id="m-run")
+    TaskAttemptFactory(execution=running, attempt_number=1, status="running", started_at=now, worker="w1")
+    before_timeout = sample(
+        "agentledger_task_attempts_total", agent=agent.id, status="timed_out", cause="queue_timeout"
+    )
+    before_lost = sample("agentledger_task_attempts_total", agent=agent.id, status="lost", cause="worker_lost")
+    with django_capture_on_commit_callbacks(execute=True):
+        attempt_claim(execution_id=late.pk, celery_task_id="m-late", worker="w2")
+        attempt_claim(execution_id=running.pk, celery_task_id="m-run", worker="w2", redelivered=True)
+    assert (
+        sample("agentledger_task_attempts_total", agent=agent.id, status="timed_out", cause="queue_timeout")
+        == before_timeout + 1
+    )
+    assert (
+        sample("agentledger_task_attempts_total", agent=agent.id, status="lost", cause="worker_lost") == before_lost + 1
+    )
