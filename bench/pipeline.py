@@ -8,7 +8,7 @@
   delimiter characters that never occur (the text format would double every backslash and
   corrupt the JSON), on the same rows; both outputs are checked: lines = count(*), every line
   valid JSON;
-- memory: the exporter's peak RSS (ru_maxrss of its process) at each size, against the same
+- memory: the exporter's peak RSS (VmHWM of its process) at each size, against the same
   process's RSS before the export.
 
 Own database (agentledger_bench_pipeline) and Redis db 14; events are generated once per

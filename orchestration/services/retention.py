@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis
 from django.conf import settings
@@ -37,6 +38,7 @@ BATCH = 5000
 class RetentionResult:
     deleted: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    temp_files_removed: int = 0
 
 
 def _delete_in_batches(model: type[Model], condition: Q) -> int:
@@ -115,6 +117,11 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
             ExportRun,
             Q(created_at__lt=before, status__in=[ExportRun.Status.FAILED, ExportRun.Status.SUPERSEDED]),
         )
+    # Temporary files of export writers that were killed mid-write (an hour old at least, so a
+    # write still in progress elsewhere is never touched).
+    from training_export.services.files import stale_temp_files_remove
+
+    result.temp_files_removed = len(stale_temp_files_remove(Path(settings.TRAINING_EXPORT_DIR)))
     for table, reason in result.skipped.items():
         logger.warning("retention: %s kept: %s", table, reason)
     return result

@@ -138,3 +138,21 @@ def test_zero_days_keeps_everything(db, settings):
     MessageFactory(created_at=OLD)
     assert retention_apply(now=timezone.now()).deleted == {}
     assert Event.objects.count() == 1 and AgentPlaygroundMessage.objects.count() == 1
+
+
+def test_retention_removes_temp_files_of_killed_exports_but_not_fresh_ones(db, settings, tmp_path):
+    import os
+    import time
+
+    settings.TRAINING_EXPORT_DIR = tmp_path
+    (tmp_path / "events" / "w").mkdir(parents=True)
+    stale = tmp_path / "events" / "w" / ".tmp-events-train.jsonl"
+    fresh = tmp_path / "events" / "w" / ".tmp-other.jsonl"
+    final = tmp_path / "events" / "w" / "events-train.jsonl"
+    for path in (stale, fresh, final):
+        path.write_text("{}\n")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    os.utime(final, (two_hours_ago, two_hours_ago))
+    assert retention_apply(now=timezone.now()).temp_files_removed == 1
+    assert not stale.exists() and fresh.exists() and final.exists()
