@@ -7,11 +7,11 @@ workflow running at upgrade time with cancelled tasks would otherwise never fini
 from django.db import migrations
 
 BACKFILL = """
-UPDATE workflows w
+UPDATE workflows
    SET cancelled_steps = c.n
   FROM (SELECT workflow_id, count(*) AS n FROM task_executions
-         WHERE status = 'cancelled' AND workflow_id IS NOT NULL GROUP BY workflow_id) c
- WHERE w.workflow_id = c.workflow_id AND w.cancelled_steps <> c.n
+         WHERE status = 'cancelled' AND workflow_id IS NOT NULL GROUP BY workflow_id) AS c
+ WHERE workflows.workflow_id = c.workflow_id AND workflows.cancelled_steps <> c.n
 """
 
 
