@@ -8,7 +8,6 @@ django.conf.settings at call time (not from the Celery app's cached configuratio
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,34 +21,13 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+
+from observability.collectors import redis_client
+from observability.logs import redact_public
 
 CHECK_TIMEOUT_SECONDS = 2.0
 
 Check = Callable[[], dict[str, Any]]
-
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]*@", re.IGNORECASE)
-
-
-def redact(message: str) -> str:
-    """A message with the credentials of any URL in it, and any configured password, removed."""
-    message = _URL_CREDENTIALS.sub(r"\g<scheme>***@", message)
-    for url in (settings.REDIS_URL, settings.CELERY_BROKER_URL):
-        password = urlsplit(url).password if url else None
-        if password:
-            message = message.replace(password, "***")
-    return message
-
-
-def redis_client(url: str) -> redis.Redis:
-    """A Redis client that fails within CHECK_TIMEOUT_SECONDS: no retries, bounded sockets."""
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=CHECK_TIMEOUT_SECONDS,
-        socket_timeout=CHECK_TIMEOUT_SECONDS,
-        retry=Retry(NoBackoff(), 0),
-    )
 
 
 def check_database() -> dict[str, Any]:
@@ -64,7 +42,7 @@ def check_broker() -> dict[str, Any]:
     """A Redis PING when the broker is Redis, otherwise one bounded kombu connection attempt."""
     url = settings.CELERY_BROKER_URL
     if urlsplit(url).scheme in ("redis", "rediss"):
-        client = redis_client(url)
+        client = redis_client(url, timeout_seconds=CHECK_TIMEOUT_SECONDS)
         try:
             client.ping()
         finally:
@@ -86,7 +64,7 @@ def check_stream() -> dict[str, Any]:
     if not settings.REDIS_URL:
         return {"skipped": "REDIS_URL not set"}
     stream = settings.SYNAPSE_STREAM
-    client = redis_client(settings.REDIS_URL)
+    client = redis_client(settings.REDIS_URL, timeout_seconds=CHECK_TIMEOUT_SECONDS)
     try:
         client.ping()
         try:
@@ -118,7 +96,7 @@ def run_check(check: Check) -> dict[str, Any]:
         return {
             "ok": False,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-            "error": redact(f"{type(exc).__name__}: {exc}"),
+            "error": redact_public(f"{type(exc).__name__}: {exc}"),
         }
     return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 3), **details}
 

@@ -48,11 +48,19 @@ def _timeout_seconds() -> float:
     return settings.METRICS_COLLECTOR_TIMEOUT_MS / 1000
 
 
-def _redis(url: str) -> redis.Redis:
-    timeout = _timeout_seconds()
+def redis_client(url: str, *, timeout_seconds: float) -> redis.Redis:
+    """A Redis client that fails within `timeout_seconds`: bounded sockets, no retries (also
+    used by the readiness probe)."""
     return redis.Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+        url,
+        socket_timeout=timeout_seconds,
+        socket_connect_timeout=timeout_seconds,
+        retry=Retry(NoBackoff(), 0),
     )
+
+
+def _redis(url: str) -> redis.Redis:
+    return redis_client(url, timeout_seconds=_timeout_seconds())
 
 
 @contextmanager

@@ -7,6 +7,9 @@
   SECRET_KEY, INFLUXDB_TOKEN, passwords in configured URLs, the values of the API-key
   variables that agent definitions name (`api_key_env`) and of LOG_REDACT_ENV, plus
   bearer tokens, `sk-...` style keys and credentials inside URLs wherever they appear.
+- `redact_public` masks text meant for readers outside the deployment (the unauthenticated
+  /readyz, command errors) further: configured URL passwords whatever their length, and the
+  whole user part of any URL (`scheme://***@host`), user names included.
 - `JsonFormatter` (LOG_FORMAT=json): one JSON object per line with timestamp, level,
   logger, message and the context fields.
 """
@@ -44,6 +47,8 @@ PATTERNS = (
     (re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^/@\s:]*:)[^/@\s]+(?=@)"), ("://",)),
 )
 _ANY_WORD = re.compile("|".join(re.escape(word) for _, words in PATTERNS for word in words))
+_URL_USERINFO = re.compile(r"(?i)([a-z][a-z0-9+.-]*://)[^/@\s]*@")
+CONFIGURED_URLS = ("REDIS_URL", "CELERY_BROKER_URL", "INFLUXDB_URL")
 
 
 def log_context_bind(**fields: Any) -> None:
@@ -81,17 +86,11 @@ def configured_secrets() -> set[str]:
 
     from config.env import env
 
-    values: set[str] = set()
+    values = configured_url_passwords()
     for name in ("SECRET_KEY", "INFLUXDB_TOKEN"):
         value = getattr(settings, name, None)
         if value:
             values.add(str(value))
-    urls = [getattr(settings, "REDIS_URL", None), getattr(settings, "CELERY_BROKER_URL", None)]
-    urls.append(getattr(settings, "INFLUXDB_URL", None))
-    for url in urls:
-        password = urlsplit(url).password if url else None
-        if password:
-            values.add(password)
     for database in getattr(settings, "DATABASES", {}).values():
         if database.get("PASSWORD"):
             values.add(str(database["PASSWORD"]))
@@ -100,6 +99,19 @@ def configured_secrets() -> set[str]:
         if value:
             values.add(value)
     return {value for value in values if len(value) >= MIN_SECRET_LENGTH}
+
+
+def configured_url_passwords() -> set[str]:
+    """The passwords in the configured service URLs (REDIS_URL, CELERY_BROKER_URL, INFLUXDB_URL)."""
+    from django.conf import settings
+
+    passwords = set()
+    for name in CONFIGURED_URLS:
+        url = getattr(settings, name, None)
+        password = urlsplit(url).password if url else None
+        if password:
+            passwords.add(password)
+    return passwords
 
 
 def api_key_env_names() -> Iterable[str]:
@@ -137,6 +149,15 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
         if any(word in lowered for word in words):
             text = pattern.sub(lambda m: m.group(1) + MASK, text)
     return text
+
+
+def redact_public(text: str) -> str:
+    """`text` for readers outside the deployment: `redact` with every configured secret, and
+    besides the configured URL passwords of any length and the whole user part of any URL.
+    Reads the settings at each call (it runs on error paths, not per log record)."""
+    secrets = configured_secrets() | configured_url_passwords()
+    text = redact(text, sorted(secrets, key=len, reverse=True))
+    return _URL_USERINFO.sub(rf"\g<1>{MASK}@", text)
 
 
 class RedactFilter(logging.Filter):

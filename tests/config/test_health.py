@@ -17,7 +17,8 @@ import redis
 from django.conf import settings
 from django.test import Client
 
-from config.health import redact
+from config import health
+from observability.logs import redact_public
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE_EXEMPTIONS = [r"^healthz$", r"^readyz$", r"^metrics$"]
@@ -165,10 +166,49 @@ def test_readyz_skips_the_stream_in_embedded_mode_with_the_filesystem_broker(cli
 
 def test_errors_are_reported_without_credentials(settings):
     settings.REDIS_URL = "redis://:configured-pw@redis.internal:6379/0"
-    message = redact("cannot reach amqp://user:url-pw@mq:5672// (auth configured-pw rejected)")
+    message = redact_public("cannot reach amqp://user:url-pw@mq:5672// (auth configured-pw rejected)")
     assert "url-pw" not in message
     assert "configured-pw" not in message
     assert "amqp://***@mq:5672//" in message
+
+
+def test_readyz_errors_mask_every_secret_the_logs_mask_and_more(client, db, settings, monkeypatch, stream_name):
+    # Besides the URL credentials and the Redis/broker passwords masked before: the settings'
+    # secrets, the database password, the variables LOG_REDACT_ENV names, bearer tokens and
+    # API-key patterns, as in the logs; and, unlike the logs, user names in URLs and
+    # configured URL passwords shorter than the logs' minimum.
+    settings.SECRET_KEY = "django-secret-value-0123456789"
+    settings.INFLUXDB_TOKEN = "influx-token-value-42"
+    settings.INFLUXDB_URL = "https://metrics:influx-url-pw@influx.internal:8086"
+    settings.LOG_REDACT_ENV = ["EXTRA_SERVICE_PASSWORD"]
+    monkeypatch.setenv("EXTRA_SERVICE_PASSWORD", "hunter2-extra-pw")
+    monkeypatch.setitem(settings.DATABASES["default"], "PASSWORD", "database-pw-77")  # trust auth ignores it
+    settings.CELERY_BROKER_URL = "redis://:pw5@127.0.0.1:6379/0"
+    leaks = [
+        "django-secret-value-0123456789",
+        "influx-token-value-42",
+        "influx-url-pw",
+        "hunter2-extra-pw",
+        "database-pw-77",
+        "abcdefghijklmnop",
+        "sk-proj-abcdefghijklmnopqrstu",
+        "pw5",
+        "opsuser",
+    ]
+
+    def failing() -> dict:
+        raise RuntimeError(
+            "cannot reach https://opsuser@influx.internal with django-secret-value-0123456789 influx-token-value-42 "
+            "influx-url-pw hunter2-extra-pw database-pw-77 Authorization: Bearer abcdefghijklmnop "
+            "sk-proj-abcdefghijklmnopqrstu auth pw5"
+        )
+
+    monkeypatch.setitem(health.CHECKS, "failing", failing)
+    status, body, _ = readyz(client)
+    assert status == 503
+    error = body["checks"]["failing"]["error"]
+    assert error.startswith("RuntimeError: cannot reach https://***@influx.internal with ***")
+    assert [leak for leak in leaks if leak in error] == []
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])

@@ -114,3 +114,14 @@ def test_celery_argument_reprs_are_masked_and_the_publish_time_stamped(settings)
     assert headers["kwargsrepr"] == "{'auth': 'Bearer ***'}"
     assert isinstance(headers["agentledger_published_at"], float)
     logs_filter._secrets = None
+
+
+def test_public_redaction_also_masks_url_user_names_and_short_configured_passwords(settings):
+    settings.CELERY_BROKER_URL = "redis://:pw5@broker.internal:6379/0"  # shorter than MIN_SECRET_LENGTH
+    settings.REDIS_URL, settings.INFLUXDB_URL = "redis://redis.internal:6379/0", None
+    settings.SECRET_KEY = "django-secret-value-0123456789"
+    text = "amqp://guest:guest-pw@mq:5672// refused pw5 with django-secret-value-0123456789"
+    assert logs.redact_public(text) == "amqp://***@mq:5672// refused *** with ***"
+    # The logs keep user names and do not mask short values everywhere.
+    assert logs.redact(text, logs.configured_secrets()) == "amqp://guest:***@mq:5672// refused pw5 with ***"
+    assert logs.configured_url_passwords() == {"pw5"}

@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from kombu.exceptions import OperationalError
 
 from config.celery import app
-from config.health import redact
+from observability.logs import redact_public
 
 
 def _positive_seconds(value: str) -> float:
@@ -59,7 +59,7 @@ class Command(BaseCommand):
         try:
             rows = workers_report(timeout=timeout)
         except (OperationalError, OSError) as exc:
-            raise CommandError(redact(f"cannot reach the Celery broker: {type(exc).__name__}: {exc}")) from None
+            raise CommandError(redact_public(f"cannot reach the Celery broker: {type(exc).__name__}: {exc}")) from None
         answered = [row for row in rows if row["responded"]]
         if options["json"]:
             self.stdout.write(json.dumps({"ok": bool(answered), "workers": rows}, indent=2))
