@@ -7,6 +7,10 @@ as the 169.254.169.254 metadata service, multicast, reserved or unspecified addr
 or IPv6, IPv4-mapped included) unless AGENT_HTTP_ALLOW_PRIVATE is true. The caller then
 connects to one of the checked addresses itself (see http_agent.post_json), so a second DNS
 answer cannot swap in another address between the check and the connection.
+
+`url_check` is the one place these rules live: the runtime calls it before each request,
+and load_agents calls it with `resolve=False` to refuse a definition whose URL could never
+be used, offline (no DNS lookup).
 """
 
 from __future__ import annotations
@@ -68,10 +72,15 @@ def _resolve(hostname: str, port: int) -> list[str]:
     return addresses
 
 
-def url_check(url: str, *, always_allowed_hosts: Iterable[str] = ()) -> Target:
+def url_check(url: str, *, always_allowed_hosts: Iterable[str] = (), resolve: bool = True) -> Target:
     """Check `url` against the policy and resolve its host; PermanentError names the URL and
     the reason. `always_allowed_hosts` bypass the allow-list (built-in provider endpoints),
-    never the address check."""
+    never the address check.
+
+    With `resolve=False` only what the URL itself says is checked (http or https, no
+    credentials, a host), without a DNS lookup, and the Target has no addresses: the
+    allow-list and the address rules belong to the deployment (AGENT_HTTP_ALLOWED_HOSTS,
+    AGENT_HTTP_ALLOW_PRIVATE) and are applied where the request is made."""
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError) as exc:
@@ -79,10 +88,15 @@ def url_check(url: str, *, always_allowed_hosts: Iterable[str] = ()) -> Target:
     if parsed.scheme not in ("http", "https"):
         raise PermanentError(f"agent URL {url!r} refused: only http and https are allowed")
     if parsed.userinfo:
-        raise PermanentError("agent URL refused: credentials in a URL are not allowed (they would be logged)")
+        raise PermanentError(
+            "agent URL refused: credentials in a URL are not allowed (they would be logged; "
+            "an LLM agent names the variable holding its key in api_key_env)"
+        )
     hostname = parsed.host.rstrip(".").lower()
     if not hostname:
         raise PermanentError(f"agent URL {url!r} refused: it has no host")
+    if not resolve:
+        return Target(url=parsed, hostname=hostname, addresses=())
     allowed = {h.rstrip(".").lower() for h in settings.AGENT_HTTP_ALLOWED_HOSTS}
     if allowed and hostname not in allowed and hostname not in {h.lower() for h in always_allowed_hosts}:
         raise PermanentError(f"agent URL {url!r} refused: host {hostname!r} is not in AGENT_HTTP_ALLOWED_HOSTS")

@@ -12,18 +12,18 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 from django.conf import settings
 from django.db import transaction
 from django.utils.module_loading import import_string
 
-from orchestration.errors import SpecError
+from orchestration.errors import PermanentError, SpecError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Agent
 from orchestration.runtime.llm import ENV_NAME, OPENAI_COMPATIBLE
 from orchestration.runtime.tools import registry
+from orchestration.runtime.urlpolicy import url_check
 from orchestration.services.events import event_record
 
 DEFINITION_FIELDS = {
@@ -107,15 +107,6 @@ def definition_load(path: Path, *, root: Path | None = None) -> dict[str, Any]:
     return data
 
 
-def _url_problem(url: str) -> str | None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be an http:// or https:// URL with a host"
-    if parts.username or parts.password:
-        return "must not carry credentials (name the API key's variable in api_key_env)"
-    return None
-
-
 def executor_problems(data: dict[str, Any]) -> list[str]:
     """What the definition lacks for its executor to run, each as 'field: problem'."""
     problems = []
@@ -134,8 +125,11 @@ def executor_problems(data: dict[str, Any]) -> list[str]:
                     problems.append(f"entrypoint: {entrypoint!r} is not callable")
     if executor == Agent.Executor.HTTP and not data.get("url"):
         problems.append("url: required for the http executor")
-    if data.get("url") and (problem := _url_problem(data["url"])):
-        problems.append(f"url: {problem}")
+    if data.get("url"):
+        try:
+            url_check(data["url"], resolve=False)  # offline: the deployment's rules apply at request time
+        except PermanentError as exc:
+            problems.append(f"url: {exc}")
     if executor == Agent.Executor.LLM:
         provider = (data.get("provider") or "").lower()
         if not data.get("model"):

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 
 import pytest
 from django.core.management import CommandError, call_command
 
+from orchestration.errors import PermanentError
 from orchestration.models import Agent, Event
+from orchestration.runtime.urlpolicy import url_check
 
 ECHO = {"id": "echo-x", "name": "Echo", "executor": "python", "entrypoint": "orchestration.runtime.builtin.echo"}
 LLM = {
@@ -64,11 +67,23 @@ def test_creates_updates_deactivates_and_reports_unchanged(db, tmp_path):
         ({"a.json": json.dumps({**ECHO, "executor": "http"})}, "a.json: url: required for the http executor"),
         (
             {"a.json": json.dumps({**ECHO, "executor": "http", "url": "ftp://svc/"})},
-            "a.json: url: must be an http:// or https:// URL with a host",
+            "a.json: url: agent URL 'ftp://svc/' refused: only http and https are allowed",
+        ),
+        (
+            {"a.json": json.dumps({**ECHO, "executor": "http", "url": "https:///run"})},
+            "a.json: url: agent URL 'https:///run' refused: it has no host",
         ),
         (
             {"a.json": json.dumps({**ECHO, "executor": "http", "url": "https://u:p@svc/"})},
-            "a.json: url: must not carry credentials",
+            "a.json: url: agent URL refused: credentials in a URL are not allowed",
+        ),
+        (
+            {"a.json": json.dumps({**ECHO, "executor": "http", "url": "http://[::1/run"})},
+            "a.json: url: agent URL 'http://[::1/run' is not a valid URL",
+        ),
+        (
+            {"a.json": json.dumps({**ECHO, "executor": "http", "url": "http://svc\u0000/run"})},
+            "a.json: url: agent URL 'http://svc\\x00/run' is not a valid URL",
         ),
         ({"a.json": json.dumps({**LLM, "model": ""})}, "a.json: model: required for the llm executor"),
         ({"a.json": json.dumps({**LLM, "provider": "skynet"})}, "a.json: provider: 'skynet' is not supported"),
@@ -87,6 +102,31 @@ def test_invalid_definitions_are_named_and_nothing_is_written(db, tmp_path, file
         sync(tmp_path)
     assert message in str(info.value)
     assert not Agent.objects.filter(pk__in=["good", "echo-x"]).exists(), "a valid file beside a bad one is not synced"
+
+
+@pytest.mark.parametrize("url", ["ftp://svc/", "https://u:p@svc/", "https:///run", "http://[::1/run"])
+def test_a_definition_url_is_refused_with_the_request_time_policys_own_words(db, tmp_path, url):
+    (tmp_path / "a.json").write_text(json.dumps({**ECHO, "executor": "http", "url": url}))
+    with pytest.raises(PermanentError) as runtime:
+        url_check(url)
+    with pytest.raises(CommandError) as loading:
+        sync(tmp_path)
+    assert f"a.json: url: {runtime.value}" in str(loading.value)
+
+
+def test_definition_urls_are_checked_offline(db, tmp_path, monkeypatch, settings):
+    settings.AGENT_HTTP_ALLOWED_HOSTS = ["elsewhere.example.com"]  # the deployment's rule, applied per request
+
+    def no_dns(*args, **kwargs):
+        raise AssertionError("load_agents looked a host up")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    remote = {**ECHO, "id": "remote", "executor": "http", "url": "https://agents.invalid/run"}
+    local = {**ECHO, "id": "local-svc", "executor": "http", "url": "http://127.0.0.1:9/run"}
+    (tmp_path / "remote.json").write_text(json.dumps(remote))
+    (tmp_path / "local.json").write_text(json.dumps(local))
+    assert "2 created" in sync(tmp_path)
+    assert url_check(remote["url"], resolve=False).addresses == ()
 
 
 def test_a_missing_directory_is_named(db, tmp_path):

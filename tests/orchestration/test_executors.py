@@ -268,6 +268,26 @@ def test_credentials_in_a_url_are_refused_without_echoing_them(settings):
     assert "hunter2" not in str(info.value)
 
 
+def test_an_offline_check_refuses_what_the_url_itself_gets_wrong_without_a_lookup(settings, monkeypatch):
+    def no_dns(*args, **kwargs):
+        raise AssertionError("the offline check looked a host up")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    settings.AGENT_HTTP_ALLOWED_HOSTS = ["elsewhere.example.com"]  # applied per request, not offline
+    target = url_check("https://Agents.Example.com./run", resolve=False)
+    assert (target.hostname, target.addresses) == ("agents.example.com", ())
+    assert url_check("http://169.254.169.254/latest", resolve=False).addresses == ()
+    for url, reason in [
+        ("file:///etc/passwd", "only http and https"),
+        ("https://user:hunter2@example.com/", "credentials in a URL are not allowed"),
+        ("https:///run", "it has no host"),
+        ("http://[::1/run", "is not a valid URL"),
+    ]:
+        with pytest.raises(PermanentError, match=reason) as info:
+            url_check(url, resolve=False)
+        assert "hunter2" not in str(info.value)
+
+
 def test_public_addresses_pass_the_policy(settings):
     assert url_check("https://8.8.8.8/run").addresses == ("8.8.8.8",)
     assert url_check("http://[2606:4700:4700::1111]:8080/").addresses == ("2606:4700:4700::1111",)
