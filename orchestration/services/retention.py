@@ -11,16 +11,23 @@ its own short transaction, so retention never holds long locks on a busy table.
 - agent_playground_messages, agent_metrics: by created_at / period start.
 - workflows: finished ones by completed_at (their tasks and attempts go with them).
 - export_runs: failed and superseded runs; succeeded runs are the record of what was exported.
+
+What was deleted is reported per table, cascaded rows included (deleting a workflow also
+deletes rows from task_executions, task_attempts and agent_interactions), as the row counts
+the DELETE statements returned: a table a rule applies to is always listed (0 when nothing
+was old enough), a table reached only by cascade when rows went from it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from django.apps import apps
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Model, Q
@@ -32,26 +39,31 @@ from orchestration.services.relay import _stream_last_sequence, synapse_client
 logger = logging.getLogger(__name__)
 
 BATCH = 5000
+# Smaller batches for workflows: each one also deletes its tasks, attempts and interactions.
+WORKFLOW_BATCH = 500
 
 
 @dataclass
 class RetentionResult:
-    deleted: dict[str, int] = field(default_factory=dict)
+    deleted: dict[str, int] = field(default_factory=dict)  # table -> rows deleted, cascades included
     skipped: dict[str, str] = field(default_factory=dict)
     temp_files_removed: int = 0
 
 
-def _delete_in_batches(model: type[Model], condition: Q) -> int:
-    total = 0
+def _delete_in_batches(model: type[Model], condition: Q, *, batch: int = BATCH) -> Counter[str]:
+    """Delete the rows matching `condition`, `batch` at a time, each batch its own transaction;
+    rows deleted per table (the model's own and every table the ORM cascaded to)."""
+    deleted: Counter[str] = Counter({model._meta.db_table: 0})
     while True:
         with transaction.atomic():
-            ids = list(model.objects.filter(condition).values_list("pk", flat=True)[:BATCH])
+            ids = list(model.objects.filter(condition).values_list("pk", flat=True)[:batch])
             if not ids:
-                return total
-            deleted, _ = model.objects.filter(pk__in=ids).delete()
-        total += deleted
-        if len(ids) < BATCH:
-            return total
+                return deleted
+            _, per_model = model.objects.filter(pk__in=ids).delete()
+        for label, rows in per_model.items():
+            deleted[apps.get_model(label)._meta.db_table] += rows
+        if len(ids) < batch:
+            return deleted
 
 
 def events_prune(*, before: dt.datetime, max_sequence: int, batch: int = BATCH) -> int:
@@ -87,41 +99,38 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
     def cutoff(days: int) -> dt.datetime | None:
         return None if days <= 0 else now - dt.timedelta(days=days)
 
+    deleted: Counter[str] = Counter()
     if (before := cutoff(settings.RETENTION_DAYS_EVENTS)) is not None:
         if connection.vendor != "postgresql":
             result.skipped["events"] = "events are pruned only on PostgreSQL"
         elif (relayed := _relayed_sequence()) is None:
             result.skipped["events"] = "the relayed position on the Synapse stream is unknown"
         else:
-            result.deleted["events"] = events_prune(before=before, max_sequence=relayed)
+            deleted["events"] += events_prune(before=before, max_sequence=relayed)
     if (before := cutoff(settings.RETENTION_DAYS_MESSAGES)) is not None:
-        result.deleted["agent_playground_messages"] = _delete_in_batches(
-            AgentPlaygroundMessage, Q(created_at__lt=before)
-        )
+        deleted.update(_delete_in_batches(AgentPlaygroundMessage, Q(created_at__lt=before)))
     if (before := cutoff(settings.RETENTION_DAYS_AGENT_METRICS)) is not None:
-        result.deleted["agent_metrics"] = _delete_in_batches(
-            AgentMetric, Q(period_start__lt=before) | Q(period_start__isnull=True, recorded_at__lt=before)
-        )
+        condition = Q(period_start__lt=before) | Q(period_start__isnull=True, recorded_at__lt=before)
+        deleted.update(_delete_in_batches(AgentMetric, condition))
     if (before := cutoff(settings.RETENTION_DAYS_WORKFLOWS)) is not None:
-        # Deleting a workflow cascades to its tasks, attempts and interactions (ORM delete).
-        stale = Workflow.objects.filter(status__in=Workflow.TERMINAL_STATUSES, completed_at__lt=before)
-        deleted = 0
-        while ids := list(stale.values_list("pk", flat=True)[:500]):
-            with transaction.atomic():
-                deleted += Workflow.objects.filter(pk__in=ids).delete()[1].get("orchestration.Workflow", 0)
-        result.deleted["workflows"] = deleted
+        condition = Q(status__in=Workflow.TERMINAL_STATUSES, completed_at__lt=before)
+        deleted.update(_delete_in_batches(Workflow, condition, batch=WORKFLOW_BATCH))
     if (before := cutoff(settings.RETENTION_DAYS_EXPORT_RUNS)) is not None:
         from training_export.models import ExportRun
 
-        result.deleted["export_runs"] = _delete_in_batches(
-            ExportRun,
-            Q(created_at__lt=before, status__in=[ExportRun.Status.FAILED, ExportRun.Status.SUPERSEDED]),
-        )
+        condition = Q(created_at__lt=before, status__in=[ExportRun.Status.FAILED, ExportRun.Status.SUPERSEDED])
+        deleted.update(_delete_in_batches(ExportRun, condition))
     # Temporary files of export writers that were killed mid-write (an hour old at least, so a
     # write still in progress elsewhere is never touched).
     from training_export.services.files import stale_temp_files_remove
 
     result.temp_files_removed = len(stale_temp_files_remove(Path(settings.TRAINING_EXPORT_DIR)))
+    result.deleted = dict(sorted(deleted.items()))
     for table, reason in result.skipped.items():
         logger.warning("retention: %s kept: %s", table, reason)
+    if result.deleted:
+        logger.info(
+            "retention: rows deleted per table: %s",
+            ", ".join(f"{table}={rows}" for table, rows in result.deleted.items()),
+        )
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 
 import pytest
@@ -11,13 +12,16 @@ from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from orchestration.models import AgentMetric, AgentPlaygroundMessage, Event, TaskExecution, Workflow
+from orchestration.services import retention
 from orchestration.services.retention import events_prune, retention_apply
 from tests.factories import (
     AgentFactory,
     EventFactory,
     ExportRunFactory,
+    InteractionFactory,
     MessageFactory,
     MetricFactory,
+    TaskAttemptFactory,
     TaskExecutionFactory,
     WorkflowFactory,
 )
@@ -121,6 +125,7 @@ def test_retention_applies_each_tables_days(db, settings, stream):
         "agent_playground_messages": 1,
         "agent_metrics": 1,
         "workflows": 1,
+        "task_executions": 1,  # the old workflow's task went with it
         "export_runs": 1,
     }
     assert Event.objects.filter(sequence=unrelayed_old.sequence).exists()
@@ -156,3 +161,84 @@ def test_retention_removes_temp_files_of_killed_exports_but_not_fresh_ones(db, s
     os.utime(final, (two_hours_ago, two_hours_ago))
     assert retention_apply(now=timezone.now()).temp_files_removed == 1
     assert not stale.exists() and fresh.exists() and final.exists()
+
+
+TABLES = (
+    "workflows",
+    "task_executions",
+    "task_attempts",
+    "agent_interactions",
+    "agent_playground_messages",
+    "agent_metrics",
+    "export_runs",
+    "events",
+)
+
+
+def row_counts() -> dict[str, int]:
+    with connection.cursor() as cursor:
+        counts = {}
+        for table in TABLES:
+            cursor.execute(f"SELECT COUNT(*) FROM {table}")  # noqa: S608 - names from the tuple above
+            counts[table] = cursor.fetchone()[0]
+    return counts
+
+
+def test_rows_deleted_are_reported_per_table_cascades_included_as_measured(db, settings, monkeypatch, caplog):
+    for name in ("EVENTS", "MESSAGES", "AGENT_METRICS", "EXPORT_RUNS"):
+        setattr(settings, f"RETENTION_DAYS_{name}", 0)
+    settings.RETENTION_DAYS_WORKFLOWS = 30
+    monkeypatch.setattr(retention, "WORKFLOW_BATCH", 2)  # several batches: the counts add up across them
+    agent, other = AgentFactory(), AgentFactory()
+    for n in range(5):
+        workflow = WorkflowFactory(status=Workflow.Status.FAILED, started_at=OLD, completed_at=OLD)
+        for _ in range(n):
+            execution = TaskExecutionFactory(workflow=workflow, agent=agent, status="failed", completed_at=OLD)
+            TaskAttemptFactory(execution=execution, attempt_number=1, failed=True, started_at=OLD)
+            TaskAttemptFactory(execution=execution, attempt_number=2, failed=True, started_at=OLD)
+            # A message of the task's conversation outlives it (its execution is set to NULL).
+            MessageFactory(agent=agent, execution=execution, created_at=OLD)
+        if n % 2:
+            InteractionFactory(workflow=workflow, from_agent=agent, to_agent=other)
+    kept = WorkflowFactory(status=Workflow.Status.COMPLETED, started_at=RECENT, completed_at=RECENT)
+    TaskExecutionFactory(workflow=kept, agent=agent, status="completed", completed_at=RECENT)
+    InteractionFactory(workflow=kept, from_agent=agent, to_agent=other)
+    EventFactory(created_at=OLD)
+    before = row_counts()
+
+    with caplog.at_level(logging.INFO, logger="orchestration.services.retention"):
+        result = retention_apply(now=NOW)
+
+    after = row_counts()
+    measured = {table: before[table] - after[table] for table in TABLES if before[table] != after[table]}
+    assert (
+        result.deleted
+        == measured
+        == {
+            "workflows": 5,
+            "task_executions": 10,  # 0 + 1 + 2 + 3 + 4
+            "task_attempts": 20,
+            "agent_interactions": 2,
+        }
+    )
+    assert after["agent_playground_messages"] == before["agent_playground_messages"] == 10
+    assert not AgentPlaygroundMessage.objects.filter(execution__isnull=False).exists()
+    assert list(Workflow.objects.all()) == [kept]
+    assert (
+        "retention: rows deleted per table: agent_interactions=2, task_attempts=20, task_executions=10, workflows=5"
+        in caplog.messages
+    )
+
+
+def test_a_table_whose_rule_ran_is_reported_even_when_nothing_was_old_enough(db, settings, stream):
+    for name in ("EVENTS", "MESSAGES", "AGENT_METRICS", "WORKFLOWS", "EXPORT_RUNS"):
+        setattr(settings, f"RETENTION_DAYS_{name}", 30)
+    stream.xadd(settings.SYNAPSE_STREAM, {"x": "1"}, id="1-1")
+    WorkflowFactory(status=Workflow.Status.COMPLETED, started_at=RECENT, completed_at=RECENT)
+    assert retention_apply(now=NOW).deleted == {
+        "agent_metrics": 0,
+        "agent_playground_messages": 0,
+        "events": 0,
+        "export_runs": 0,
+        "workflows": 0,
+    }
