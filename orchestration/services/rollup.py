@@ -24,12 +24,15 @@ from dataclasses import dataclass
 from django.db import connection, transaction
 from django.utils import timezone
 
-from orchestration.models import AgentMetric
+from orchestration.models import AgentMetric, TaskExecution
 
 logger = logging.getLogger(__name__)
 
 PERIODS = {AgentMetric.Period.HOUR: dt.timedelta(hours=1), AgentMetric.Period.DAY: dt.timedelta(days=1)}
 FINISHED = ("completed", "failed", "timed_out")
+# SQLite keeps decimals as doubles, so its SUM of costs drifts (0.1 + 0.2 = 0.30000000000000004);
+# rounding the sums to the columns' decimal places gives PostgreSQL's exact numeric sums there.
+COST_PLACES = TaskExecution._meta.get_field("cost_usd").decimal_places
 WASTED_ATTEMPTS = ("failed", "timed_out", "lost")
 
 # (metric_type, unit, SQL expression over the per-agent aggregates a.* and the p95 p.v)
@@ -48,23 +51,25 @@ METRICS = (
 )
 
 # percentile_cont on PostgreSQL; SQLite (the embedded first-run database) has no ordered-set
-# aggregates, so there the same linear interpolation is spelled with window functions.
+# aggregates, so there the same interpolation is spelled with window functions, in
+# PostgreSQL's own arithmetic (lo + f * (hi - lo), f = 0.95 * (n - 1) - floor(...)) so that
+# both give the same double.
 _P95 = {
     "postgresql": """
         SELECT agent_id, percentile_cont(0.95) WITHIN GROUP (ORDER BY execution_time_ms) AS v
         FROM finished WHERE execution_time_ms IS NOT NULL GROUP BY agent_id
     """,
     "sqlite": """
-        SELECT agent_id, SUM(CASE
-            WHEN i = CAST(0.95 * (n - 1) AS INTEGER) THEN x * (1 - (0.95 * (n - 1) - CAST(0.95 * (n - 1) AS INTEGER)))
-            WHEN i = CAST(0.95 * (n - 1) AS INTEGER) + 1 THEN x * (0.95 * (n - 1) - CAST(0.95 * (n - 1) AS INTEGER))
-            ELSE 0 END) AS v
+        SELECT agent_id, x + (0.95 * (n - 1) - i) * (COALESCE(next_x, x) - x) AS v
         FROM (
             SELECT agent_id, execution_time_ms AS x,
-                   ROW_NUMBER() OVER (PARTITION BY agent_id ORDER BY execution_time_ms) - 1 AS i,
+                   LEAD(execution_time_ms) OVER ordered AS next_x,
+                   ROW_NUMBER() OVER ordered - 1 AS i,
                    COUNT(*) OVER (PARTITION BY agent_id) AS n
             FROM finished WHERE execution_time_ms IS NOT NULL
-        ) ranked GROUP BY agent_id
+            WINDOW ordered AS (PARTITION BY agent_id ORDER BY execution_time_ms)
+        ) ranked
+        WHERE i = CAST(0.95 * (n - 1) AS INTEGER)
     """,
 }
 _NEW_ID = {"postgresql": "gen_random_uuid()", "sqlite": "lower(hex(randomblob(16)))"}
@@ -94,12 +99,12 @@ def _rollup_sql(vendor: str) -> str:
                SUM(tokens_used) AS tokens,
                SUM(input_tokens) AS input_tokens,
                SUM(output_tokens) AS output_tokens,
-               SUM(cost_usd) AS cost
+               ROUND(SUM(cost_usd), {COST_PLACES}) AS cost
         FROM finished GROUP BY agent_id
     ),
     p95 AS ({_P95[vendor]}),
     wasted AS (
-        SELECT t.agent_id, SUM(ta.cost_usd) AS wasted
+        SELECT t.agent_id, ROUND(SUM(ta.cost_usd), {COST_PLACES}) AS wasted
         FROM task_attempts ta JOIN task_executions t ON t.execution_id = ta.execution_id
         WHERE ta.finished_at >= %(start)s AND ta.finished_at < %(end)s AND ta.status IN {WASTED_ATTEMPTS!r}
         GROUP BY t.agent_id
@@ -168,10 +173,10 @@ AGENTS_REFRESH_SQL = f"""
            OR agents.average_latency_ms <> s.latency OR agents.success_rate <> s.success_rate)
 """  # noqa: S608
 
-WORKFLOWS_RECONCILE_SQL = """
+WORKFLOWS_RECONCILE_SQL = f"""
     UPDATE workflows SET total_tokens_used = s.tokens, total_cost_usd = s.cost
     FROM (
-        SELECT workflow_id, SUM(tokens_used) AS tokens, SUM(cost_usd) AS cost
+        SELECT workflow_id, SUM(tokens_used) AS tokens, ROUND(SUM(cost_usd), {COST_PLACES}) AS cost
         FROM task_executions
         WHERE workflow_id IN (
             SELECT workflow_id FROM workflows WHERE completed_at >= %(start)s AND completed_at < %(end)s
@@ -180,7 +185,7 @@ WORKFLOWS_RECONCILE_SQL = """
     ) s
     WHERE workflows.workflow_id = s.workflow_id
       AND (workflows.total_tokens_used <> s.tokens OR workflows.total_cost_usd <> s.cost)
-"""
+"""  # noqa: S608
 
 
 @dataclass

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import subprocess
+import sys
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from orchestration.models import AgentMetric, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.rollup import metrics_rollup, rollup_previous
 from tests.factories import AgentFactory, TaskAttemptFactory, TaskExecutionFactory, WorkflowFactory
+from tests.orchestration.rollup_scenario import rollup_figures, rollup_scenario_build
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def approx(value: float) -> Any:
+    return pytest.approx(value, rel=1e-12, abs=0)
+
 
 H = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
 
@@ -157,3 +171,52 @@ def test_a_period_start_must_be_aligned(db):
     with pytest.raises(ValueError, match="unknown period"):
         metrics_rollup(period="week", period_start=H)
     assert TaskAttempt.objects.count() == 0
+
+
+def sqlite_figures(tmp_path: Path) -> dict[str, Any]:
+    """The rollup scenario on a fresh SQLite database (the embedded default), in a subprocess."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE"}
+    }
+    env |= {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
+        "DJANGO_SETTINGS_MODULE": "config.settings.local",
+        "VAR_DIR": str(tmp_path / "var"),
+        "TRAINING_DATA_DIR": str(tmp_path / "training"),
+    }
+    code = "from tests.orchestration.rollup_scenario import rollup_scenario_print; rollup_scenario_print()"
+    for args in (["migrate", "--no-input"], ["shell", "-c", code]):
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.subprocess
+def test_the_sqlite_rollup_computes_the_same_figures_as_postgresql(db, tmp_path):
+    lite = sqlite_figures(tmp_path)
+    rollup_scenario_build()
+    postgres = json.loads(json.dumps(rollup_figures()))
+    assert len(postgres["metrics"]) > 80  # the scenario exercises every metric for several agents
+    assert {row[3] for row in postgres["metrics"]} == {
+        "tasks", "success_rate", "error_rate", "retries", "latency", "latency_p95",
+        "tokens", "input_tokens", "output_tokens", "cost", "wasted_cost",
+    }  # fmt: skip
+    lite_metrics = {tuple(row[:4]): row[4:] for row in lite.pop("metrics")}
+    postgres_metrics = {tuple(row[:4]): row[4:] for row in postgres.pop("metrics")}
+    # Exact, except the averages: both databases sum doubles, in the order they scan the rows.
+    differing = {
+        key: (lite_metrics.get(key), value)
+        for key, value in postgres_metrics.items()
+        if lite_metrics.get(key) != (value if key[3] != "latency" else [value[0], approx(value[1]), value[2]])
+    }
+    assert not differing, "\n".join(f"{key}: sqlite {got}, postgresql {want}" for key, (got, want) in differing.items())
+    assert lite_metrics.keys() == postgres_metrics.keys()
+    lite_agents, postgres_agents = lite.pop("agents"), postgres.pop("agents")
+    assert [row[:3] + row[4:] for row in lite_agents] == [row[:3] + row[4:] for row in postgres_agents]
+    assert [row[3] for row in lite_agents] == [approx(row[3]) for row in postgres_agents]  # average latency
+    assert lite == postgres  # the rollup results (rows written, agents refreshed, workflows reconciled), totals
+    assert postgres["results"][2][2] == 0  # a second run finds every workflow total right
