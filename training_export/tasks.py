@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from training_export.services.export import WindowNotClosed, export_previous_day
+from training_export.services.export import (
+    EXPORT_RETRY_COUNTDOWN_SECONDS,
+    EXPORT_TIME_LIMIT_SECONDS,
+    WindowNotClosed,
+    export_previous_day,
+    export_run_execute,
+    export_runs_sweep,
+)
+
+# A long export is not redelivered on a worker crash (acks_late off, as the broker's
+# visibility timeout is shorter than the limit): export_runs_sweep (beat) records such a run
+# lost, and queues again a pending run whose message was lost.
 
 
 @shared_task(
@@ -12,7 +23,7 @@ from training_export.services.export import WindowNotClosed, export_previous_day
     bind=True,
     acks_late=False,
     ignore_result=True,
-    time_limit=6 * 3600,
+    time_limit=EXPORT_TIME_LIMIT_SECONDS,
     max_retries=12,
 )
 def export_previous_day_task(self) -> list[int]:
@@ -21,4 +32,29 @@ def export_previous_day_task(self) -> list[int]:
     try:
         return [run.pk for run in export_previous_day()]
     except WindowNotClosed as exc:
-        raise self.retry(exc=exc, countdown=600) from exc
+        raise self.retry(exc=exc, countdown=EXPORT_RETRY_COUNTDOWN_SECONDS) from exc
+
+
+@shared_task(
+    name="training_export.export_run",
+    bind=True,
+    acks_late=False,
+    ignore_result=True,
+    soft_time_limit=EXPORT_TIME_LIMIT_SECONDS - 60,
+    time_limit=EXPORT_TIME_LIMIT_SECONDS,
+    max_retries=12,
+)
+def export_run_task(self, run_id: int) -> int:
+    """Run the export of one pending export_runs row (queued by the API). A window held open
+    by a long transaction is retried later; after the last retry the row is recorded failed."""
+    try:
+        return export_run_execute(run_id=run_id, final_try=self.request.retries >= self.max_retries).pk
+    except WindowNotClosed as exc:
+        raise self.retry(exc=exc, countdown=EXPORT_RETRY_COUNTDOWN_SECONDS) from exc
+
+
+@shared_task(name="training_export.sweep_export_runs", acks_late=False, ignore_result=True, time_limit=300)
+def sweep_export_runs() -> dict[str, int]:
+    """Queue again pending exports whose message was lost; record running ones past their limit lost."""
+    result = export_runs_sweep()
+    return {"requeued": len(result.requeued), "lost": len(result.lost)}

@@ -27,6 +27,8 @@ from training_export.services.export import (
     ExportError,
     WindowNotClosed,
     export_run,
+    export_run_execute,
+    export_runs_request,
     window_check_closed,
     window_for,
 )
@@ -266,3 +268,116 @@ def test_an_export_killed_mid_write_leaves_no_file_at_its_final_path(out, tmp_pa
     run.refresh_from_db()
     assert run.status == ExportRun.Status.FAILED
     assert f"export run {completed.pk} completed this window" in run.error
+    failed = Event.objects.get(event_type=EventType.EXPORT_FAILED)
+    assert (failed.entity_id, failed.severity) == (str(run.pk), "error")
+    assert failed.payload["error"] == run.error
+    assert Event.objects.get(event_type=EventType.EXPORT_COMPLETED).entity_id == str(completed.pk)
+
+
+def export_events(event_type: str) -> list[Event]:
+    return list(Event.objects.filter(event_type=event_type, entity_type="export").order_by("sequence"))
+
+
+def test_a_succeeded_export_records_export_completed_with_its_manifest_facts(db, out):
+    seed_events(4)
+    run = export_run(data_type="events", start_date=DAY, end_date=DAY)
+    [event] = export_events(EventType.EXPORT_COMPLETED)
+    assert event.entity_id == str(run.pk) and event.severity == "info"
+    assert event.payload == {
+        "data_type": "events",
+        "format": "jsonl",
+        "window": {"start": "2024-03-05T00:00:00+00:00", "end": "2024-03-06T00:00:00+00:00"},
+        "rows": 4,
+        "bytes": run.bytes,
+        "sha256": run.checksum,
+        "path": "events/2024-03-05_2024-03-05/events-train.jsonl",
+    }
+    assert export_run(data_type="events", start_date=DAY, end_date=DAY).pk == run.pk  # intact: no second event
+    assert len(export_events(EventType.EXPORT_COMPLETED)) == 1
+
+
+def test_a_failed_export_records_export_failed_with_the_error(db, out, tmp_path):
+    seed_events(2)
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the export directory would go")
+    with pytest.raises(OSError):
+        export_run(data_type="events", start_date=DAY, end_date=DAY, output_dir=blocked)
+    run = ExportRun.objects.get()
+    assert run.status == ExportRun.Status.FAILED and run.finished_at is not None
+    [event] = export_events(EventType.EXPORT_FAILED)
+    assert (event.entity_id, event.severity) == (str(run.pk), "error")
+    assert event.payload["error"] == run.error and run.error.startswith(("NotADirectoryError", "FileExistsError"))
+    assert event.payload["data_type"] == "events" and event.payload["window"]["start"] == "2024-03-05T00:00:00+00:00"
+    assert not export_events(EventType.EXPORT_COMPLETED)
+
+
+def test_a_requested_export_takes_over_its_pending_row_once(db, out, django_capture_on_commit_callbacks):
+    seed_events(3)
+    with django_capture_on_commit_callbacks() as callbacks:
+        request = export_runs_request(data_types=["events", "tasks"], start_date=DAY, end_date=DAY)
+    assert [run.status for run in request.queued] == ["pending", "pending"] and not request.already_exported
+    assert len(callbacks) == 1
+    pending = request.queued[0]
+    done = export_run_execute(run_id=pending.pk)
+    assert done.pk == pending.pk and done.status == ExportRun.Status.SUCCEEDED and done.rows == 3
+    assert ExportRun.objects.filter(data_type="events").count() == 1
+    # A second delivery of the same message finds the row taken and exports nothing again.
+    assert export_run_execute(run_id=pending.pk).finished_at == done.finished_at
+    assert len(export_events(EventType.EXPORT_COMPLETED)) == 1
+
+    again = export_runs_request(data_types=["events", "tasks"], start_date=DAY, end_date=DAY)
+    assert [run.pk for run in again.already_exported] == [done.pk]
+    assert [run.data_type for run in again.queued] == ["tasks"]
+    forced = export_runs_request(data_types=["events"], start_date=DAY, end_date=DAY, force=True)
+    assert forced.queued and not forced.already_exported
+
+
+def test_a_pending_export_of_a_window_held_open_waits_then_fails_on_the_last_try(db, out, settings):
+    run = ExportRun.objects.create(
+        data_type="events", window_start=window_for(DAY, DAY).start, window_end=window_for(DAY, DAY).end
+    )
+    settings.TRAINING_EXPORT_SAFETY_LAG_SECONDS = 10**9  # the window counts as still open
+    with pytest.raises(WindowNotClosed):
+        export_run_execute(run_id=run.pk)
+    run.refresh_from_db()
+    assert run.status == ExportRun.Status.PENDING and not export_events(EventType.EXPORT_FAILED)
+    with pytest.raises(WindowNotClosed):
+        export_run_execute(run_id=run.pk, final_try=True)
+    run.refresh_from_db()
+    assert run.status == ExportRun.Status.FAILED and "not closed yet" in run.error
+    assert export_events(EventType.EXPORT_FAILED)[0].entity_id == str(run.pk)
+
+
+def test_a_run_recorded_interrupted_by_a_later_run_keeps_that_record_when_it_finishes(db, out):
+    """Two runs of one window: the later one finishes first and records the earlier one,
+    still running, as interrupted. When the earlier one's writer then finishes too, it does
+    not turn itself succeeded (which would give the window two successes) nor emit a second
+    completion."""
+    from training_export.services.export import _execute, _export_dir, exporter_for
+
+    seed_events(2)
+    window = window_for(DAY, DAY)
+    earlier = ExportRun.objects.create(
+        data_type="events",
+        window_start=window.start,
+        window_end=window.end,
+        status=ExportRun.Status.RUNNING,
+        started_at=timezone.now() - dt.timedelta(hours=1),
+    )
+    later = export_run(data_type="events", start_date=DAY, end_date=DAY)
+    earlier.refresh_from_db()
+    assert earlier.status == ExportRun.Status.FAILED
+
+    earlier.status = ExportRun.Status.RUNNING  # as its own process still sees it
+    finished = _execute(
+        earlier,
+        exporter=exporter_for("events"),
+        window=window,
+        directory=_export_dir(None, "events", window),
+        progress=None,
+    )
+    assert finished.status == ExportRun.Status.FAILED
+    later.refresh_from_db()
+    assert later.status == ExportRun.Status.SUCCEEDED
+    assert [e.entity_id for e in export_events(EventType.EXPORT_COMPLETED)] == [str(later.pk)]
+    assert [e.entity_id for e in export_events(EventType.EXPORT_FAILED)] == [str(earlier.pk)]

@@ -21,6 +21,11 @@ application's role.) SQLite serialises writers, so there the lag alone applies.
 A window already exported successfully is not written again when its files are intact;
 `force=True` re-exports it, and the new run supersedes the old one. Re-running a window gives
 byte-identical files.
+
+`export_runs_request` (the API) records `pending` rows and queues one Celery task per row;
+the task runs `export_run_execute`, which claims its row (pending -> running) and exports into
+it. Every final status (succeeded, failed) is recorded in one transaction with its
+export_completed / export_failed event.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from orchestration.event_types import EntityType, EventType, Severity
+from orchestration.services.events import event_record
 from training_export.models import ExportRun
 from training_export.services.chat import ChatExporter
 from training_export.services.files import atomic_writer, sha256_file, write_bytes_atomic
@@ -46,6 +53,11 @@ logger = logging.getLogger(__name__)
 CONVERSATIONS = "conversations"
 DATA_TYPES = (*EXPORTERS, CONVERSATIONS)
 PROGRESS_EVERY = 1000
+# Hard time limit of one export task; a window held open is tried again after the countdown.
+EXPORT_TIME_LIMIT_SECONDS = 6 * 3600
+EXPORT_RETRY_COUNTDOWN_SECONDS = 600
+# How long past its limit a run must be before export_runs_sweep decides it was lost.
+EXPORT_LOST_GRACE_SECONDS = 900
 
 
 class ExportError(ValueError):
@@ -143,6 +155,75 @@ def _intact(run: ExportRun) -> bool:
     return path.is_file() and (path.parent / MANIFEST_NAME).is_file() and sha256_file(path) == run.checksum
 
 
+def _previous_intact(*, data_type: str, fmt: str, window: Window, directory: Path) -> ExportRun | None:
+    """The window's succeeded run when its files are still the ones it wrote, else None."""
+    previous = ExportRun.objects.filter(
+        data_type=data_type,
+        format=fmt,
+        window_start=window.start,
+        window_end=window.end,
+        status=ExportRun.Status.SUCCEEDED,
+    ).first()
+    if previous is not None and Path(previous.path).parent == directory and _intact(previous):
+        return previous
+    return None
+
+
+def export_relative_path(path: str) -> str:
+    """The data file's path below the export directory (`<type>/<window>/<file>`, the layout
+    every export has), for showing a run without the machine's directories."""
+    return str(Path(*Path(path).parts[-3:])) if path else ""
+
+
+def _window_payload(run: ExportRun) -> dict[str, str]:
+    return {
+        "start": run.window_start.astimezone(dt.UTC).isoformat(),
+        "end": run.window_end.astimezone(dt.UTC).isoformat(),
+    }
+
+
+def _event_completed(run: ExportRun) -> None:
+    event_record(
+        event_type=EventType.EXPORT_COMPLETED,
+        entity_type=EntityType.EXPORT,
+        entity_id=str(run.pk),
+        payload={
+            "data_type": run.data_type,
+            "format": run.format,
+            "window": _window_payload(run),
+            "rows": run.rows,
+            "bytes": run.bytes,
+            "sha256": run.checksum,
+            "path": export_relative_path(run.path),
+        },
+    )
+
+
+def _event_failed(run: ExportRun, error: str) -> None:
+    event_record(
+        event_type=EventType.EXPORT_FAILED,
+        entity_type=EntityType.EXPORT,
+        entity_id=str(run.pk),
+        payload={"data_type": run.data_type, "format": run.format, "window": _window_payload(run), "error": error},
+        severity=Severity.ERROR,
+    )
+
+
+def _fail(run_ids: list[int], *, error: str, expected: tuple[str, ...] = (ExportRun.Status.RUNNING,)) -> list[int]:
+    """Record runs (still in an expected status) failed, each with its export_failed event, in
+    one transaction. Returns the ids that changed."""
+    with transaction.atomic():
+        runs = list(ExportRun.objects.select_for_update().filter(pk__in=run_ids, status__in=expected).order_by("pk"))
+        now = timezone.now()
+        for run in runs:
+            run.status = ExportRun.Status.FAILED
+            run.error = error
+            run.finished_at = now
+            run.save(update_fields=["status", "error", "finished_at", "updated_at"])
+            _event_failed(run, error)
+    return [run.pk for run in runs]
+
+
 def export_run(
     *,
     data_type: str,
@@ -160,15 +241,10 @@ def export_run(
     fmt = format_for(data_type)
     window_check_closed(window)
     directory = _export_dir(output_dir, data_type, window)
-    previous = ExportRun.objects.filter(
-        data_type=data_type,
-        format=fmt,
-        window_start=window.start,
-        window_end=window.end,
-        status=ExportRun.Status.SUCCEEDED,
-    ).first()
-    if previous is not None and not force and Path(previous.path).parent == directory and _intact(previous):
-        return previous
+    if not force:
+        previous = _previous_intact(data_type=data_type, fmt=fmt, window=window, directory=directory)
+        if previous is not None:
+            return previous
 
     run = ExportRun.objects.create(
         data_type=data_type,
@@ -180,34 +256,89 @@ def export_run(
         requested_by_id=requested_by_id,
         started_at=timezone.now(),
     )
+    return _execute(run, exporter=exporter, window=window, directory=directory, progress=progress)
+
+
+def export_run_execute(
+    *,
+    run_id: int,
+    output_dir: Path | str | None = None,
+    final_try: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ExportRun:
+    """Export into a pending export_runs row (one `export_runs_request` recorded): claim it
+    (pending -> running; a row already claimed, by an earlier delivery, is returned as it is)
+    and export its type and window. A window still held open raises WindowNotClosed with the
+    row left pending, to be tried again; on the `final_try` the row is recorded failed."""
+    run = ExportRun.objects.get(pk=run_id)
+    if run.status != ExportRun.Status.PENDING:
+        return run
+    window = window_for(
+        run.window_start.astimezone(dt.UTC).date(), (run.window_end.astimezone(dt.UTC) - dt.timedelta(days=1)).date()
+    )
     try:
-        manifest = _write(exporter, window, directory, fmt, progress)
-    except BaseException as exc:
-        ExportRun.objects.filter(pk=run.pk).update(
-            status=ExportRun.Status.FAILED, error=f"{type(exc).__name__}: {exc}", finished_at=timezone.now()
-        )
+        exporter = exporter_for(run.data_type)
+        window_check_closed(window)
+    except ExportError as exc:
+        if final_try or not isinstance(exc, WindowNotClosed):
+            _fail([run.pk], error=str(exc), expected=(ExportRun.Status.PENDING,))
+        else:
+            # A sign of life for export_runs_sweep: this row still has a message (its retry).
+            ExportRun.objects.filter(pk=run.pk, status=ExportRun.Status.PENDING).update(updated_at=timezone.now())
         raise
+    now = timezone.now()
+    claimed = ExportRun.objects.filter(pk=run.pk, status=ExportRun.Status.PENDING).update(
+        status=ExportRun.Status.RUNNING, started_at=now, schema_version=SCHEMA_VERSION, updated_at=now
+    )
+    if claimed != 1:
+        return ExportRun.objects.get(pk=run.pk)
+    run.status, run.started_at, run.schema_version = ExportRun.Status.RUNNING, now, SCHEMA_VERSION
+    directory = _export_dir(output_dir, run.data_type, window)
+    return _execute(run, exporter=exporter, window=window, directory=directory, progress=progress)
+
+
+def _execute(
+    run: ExportRun,
+    *,
+    exporter: Exporter | ChatExporter,
+    window: Window,
+    directory: Path,
+    progress: Callable[[int], None] | None,
+) -> ExportRun:
+    """Write the files of a running row and record the outcome with its event."""
+    try:
+        manifest = _write(exporter, window, directory, run.format, progress)
+    except BaseException as exc:
+        try:
+            _fail([run.pk], error=f"{type(exc).__name__}: {exc}")
+        except Exception:
+            # The original error is the one to report (a lost database takes both down).
+            logger.exception("could not record export run %s as failed", run.pk)
+        raise
+    same_window = {
+        "data_type": run.data_type,
+        "format": run.format,
+        "window_start": window.start,
+        "window_end": window.end,
+    }
     with transaction.atomic():
-        ExportRun.objects.select_for_update().filter(
-            data_type=data_type,
-            format=fmt,
-            window_start=window.start,
-            window_end=window.end,
-            status=ExportRun.Status.SUCCEEDED,
-        ).update(status=ExportRun.Status.SUPERSEDED)
+        status = ExportRun.objects.select_for_update().filter(pk=run.pk).values_list("status", flat=True).first()
+        if status != ExportRun.Status.RUNNING:
+            # A run of this window that started later finished first and recorded this one
+            # interrupted; it wrote the same files. That record stands.
+            logger.warning("export run %s finished after a later run of its window; left %s", run.pk, status)
+            return ExportRun.objects.get(pk=run.pk)
         # Earlier runs of this window still marked running were killed mid-write (a crash
-        # leaves no other trace): record what happened to them.
-        ExportRun.objects.filter(
-            data_type=data_type,
-            format=fmt,
-            window_start=window.start,
-            window_end=window.end,
-            status=ExportRun.Status.RUNNING,
-            started_at__lt=run.started_at,
-        ).update(
-            status=ExportRun.Status.FAILED,
-            error=f"interrupted before it finished; export run {run.pk} completed this window",
-            finished_at=timezone.now(),
+        # leaves no other trace): record what happened to them. Locking them first waits for
+        # one that is just finishing, so that its success is superseded below, not doubled.
+        interrupted = list(
+            ExportRun.objects.filter(**same_window, status=ExportRun.Status.RUNNING, started_at__lt=run.started_at)
+            .exclude(pk=run.pk)
+            .values_list("pk", flat=True)
+        )
+        _fail(interrupted, error=f"interrupted before it finished; export run {run.pk} completed this window")
+        ExportRun.objects.select_for_update().filter(**same_window, status=ExportRun.Status.SUCCEEDED).update(
+            status=ExportRun.Status.SUPERSEDED
         )
         run.status = ExportRun.Status.SUCCEEDED
         run.path = str(directory / manifest.file)
@@ -216,8 +347,11 @@ def export_run(
         run.checksum = manifest.sha256
         run.watermark = manifest.watermark
         run.finished_at = timezone.now()
-        run.save(update_fields=["status", "path", "rows", "bytes", "checksum", "watermark", "finished_at"])
-    logger.info("exported %s %s: %d rows to %s", data_type, window.label, manifest.rows, run.path)
+        run.save(
+            update_fields=["status", "path", "rows", "bytes", "checksum", "watermark", "finished_at", "updated_at"]
+        )
+        _event_completed(run)
+    logger.info("exported %s %s: %d rows to %s", run.data_type, window.label, manifest.rows, run.path)
     return run
 
 
@@ -303,3 +437,125 @@ def export_previous_day(*, now: dt.datetime | None = None) -> list[ExportRun]:
     """The daily beat export: every data type for the previous UTC day."""
     day = (now or timezone.now()).astimezone(dt.UTC).date() - dt.timedelta(days=1)
     return export_runs_for_window(data_types=list(DATA_TYPES), start_date=day, end_date=day)
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What `export_runs_request` did per data type: rows queued for a worker, and windows
+    already exported (their succeeded rows, returned instead of exporting again)."""
+
+    queued: list[ExportRun]
+    already_exported: list[ExportRun]
+
+    @property
+    def runs(self) -> list[ExportRun]:
+        return sorted([*self.queued, *self.already_exported], key=lambda run: DATA_TYPES.index(run.data_type))
+
+
+def export_runs_request(
+    *,
+    data_types: list[str],
+    start_date: str | dt.date,
+    end_date: str | dt.date,
+    force: bool = False,
+    requested_by_id: int | None = None,
+) -> ExportRequest:
+    """Queue exports of a closed window: a pending export_runs row per data type and, after
+    commit, a task for each on the `low` queue. A type whose window was already exported and
+    whose files are intact is not queued again (its succeeded row is returned) unless `force`.
+    Everything is checked first: a bad type or date, or a window not closed yet, raises
+    ExportError (WindowNotClosed) and nothing is recorded."""
+    for data_type in data_types:
+        exporter_for(data_type)
+    window = window_for(start_date, end_date)
+    window_check_closed(window)
+    already_exported: list[ExportRun] = []
+    to_queue: list[str] = []
+    # Files are hashed before the transaction, which then only inserts (on SQLite it holds
+    # the one write lock).
+    for data_type in dict.fromkeys(data_types):
+        previous = None
+        if not force:
+            directory = _export_dir(None, data_type, window)
+            previous = _previous_intact(
+                data_type=data_type, fmt=format_for(data_type), window=window, directory=directory
+            )
+        if previous is not None:
+            already_exported.append(previous)
+        else:
+            to_queue.append(data_type)
+    with transaction.atomic():
+        queued = [
+            ExportRun.objects.create(
+                data_type=data_type,
+                format=format_for(data_type),
+                window_start=window.start,
+                window_end=window.end,
+                status=ExportRun.Status.PENDING,
+                requested_by_id=requested_by_id,
+            )
+            for data_type in to_queue
+        ]
+        run_ids = [run.pk for run in queued]
+        if run_ids:
+            transaction.on_commit(lambda: _enqueue(run_ids))
+    return ExportRequest(queued=queued, already_exported=already_exported)
+
+
+def _enqueue(run_ids: list[int]) -> None:
+    from training_export.tasks import export_run_task
+
+    with export_run_task.app.producer_or_acquire() as producer:
+        for run_id in run_ids:
+            export_run_task.apply_async(args=[run_id], queue="low", routing_key="low", producer=producer)
+
+
+@dataclass(frozen=True)
+class ExportSweep:
+    requeued: list[int]
+    lost: list[int]
+
+
+def export_runs_sweep(*, now: dt.datetime | None = None) -> ExportSweep:
+    """Runs whose message is gone (beat, every few minutes; safe to run concurrently).
+
+    Export tasks are acknowledged when they start (a long export must not be redelivered to a
+    second worker), so a crash can leave a row behind:
+    - `pending` with no sign of life for longer than any message can wait unacknowledged
+      (broker visibility timeout plus the retry countdown): its message was lost before a
+      worker started it. It is queued again; a duplicate message is harmless, the first
+      delivery claims the row and the other finds it taken.
+    - `running` past the export time limit plus a grace: the worker was killed or lost. It is
+      recorded failed with its export_failed event; its temporary file is removed by retention.
+    """
+    now = now or timezone.now()
+    pending_before = now - dt.timedelta(
+        seconds=settings.BROKER_VISIBILITY_TIMEOUT_SECONDS + EXPORT_RETRY_COUNTDOWN_SECONDS + EXPORT_LOST_GRACE_SECONDS
+    )
+    running_before = now - dt.timedelta(seconds=EXPORT_TIME_LIMIT_SECONDS + EXPORT_LOST_GRACE_SECONDS)
+    stale_running = list(
+        ExportRun.objects.filter(status=ExportRun.Status.RUNNING, started_at__lt=running_before).values_list(
+            "pk", flat=True
+        )
+    )
+    lost = _fail(
+        stale_running,
+        error=(
+            f"lost: no outcome recorded within the export time limit ({EXPORT_TIME_LIMIT_SECONDS} s) plus "
+            f"{EXPORT_LOST_GRACE_SECONDS} s; the worker running it was killed or lost"
+        ),
+    )
+    with transaction.atomic():
+        stale_pending = list(
+            ExportRun.objects.select_for_update(skip_locked=True)
+            .filter(status=ExportRun.Status.PENDING, updated_at__lt=pending_before)
+            .order_by("pk")
+            .values_list("pk", flat=True)
+        )
+        if stale_pending:
+            # Touched, so a concurrent or the next sweep leaves them alone while they wait.
+            ExportRun.objects.filter(pk__in=stale_pending, status=ExportRun.Status.PENDING).update(updated_at=now)
+            transaction.on_commit(lambda: _enqueue(stale_pending))
+    if lost or stale_pending:
+        logger.warning("export runs swept: %d queued again, %d lost", len(stale_pending), len(lost))
+    return ExportSweep(requeued=stale_pending, lost=lost)
