@@ -31,6 +31,10 @@ PERMISSIONS: dict[str, list[str]] = {
         "orchestration.add_agentplaygroundmessage",
         "orchestration.view_agentplaygroundmessage",
     ],
+    # Exports hold every user's data: no role but admin's "*" grants these (a key may be
+    # narrowed to them). Listed so the admin console's permissions match the API's.
+    "export:read": ["training_export.view_exportrun"],
+    "export:create": ["training_export.add_exportrun"],
 }
 
 

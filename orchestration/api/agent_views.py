@@ -50,6 +50,12 @@ class AgentPermission(ActionPermission):
         return super().has_permission(request, view)
 
 
+FILE_DEFINED = (
+    "Only agents created through the API can be changed here: an agent loaded from a definition file "
+    "(`definition_path` set) is a 409, since the next `manage.py load_agents` would undo the change; "
+    "edit its file instead."
+)
+
 AGENT_EXAMPLE = {
     "id": "summariser-001",
     "name": "Summariser",
@@ -103,7 +109,8 @@ class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, v
     @extend_schema(
         summary="Replace an agent's settings (admins)",
         request=AgentUpdateSerializer,
-        responses={200: AgentSerializer, **problem_responses(400, 401, 403, 404, 429)},
+        description=FILE_DEFINED,
+        responses={200: AgentSerializer, **problem_responses(400, 401, 403, 404, 409, 429)},
     )
     def update(self, request: Request, pk: str) -> Response:
         return self._update(request, pk, partial=False)
@@ -111,13 +118,26 @@ class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, v
     @extend_schema(
         summary="Change some of an agent's settings (admins)",
         request=AgentUpdateSerializer(partial=True),
-        responses={200: AgentSerializer, **problem_responses(400, 401, 403, 404, 429)},
+        description=FILE_DEFINED,
+        responses={200: AgentSerializer, **problem_responses(400, 401, 403, 404, 409, 429)},
     )
     def partial_update(self, request: Request, pk: str) -> Response:
         return self._update(request, pk, partial=True)
 
-    def _update(self, request: Request, pk: str, *, partial: bool) -> Response:
+    def _editable_agent(self) -> Agent:
+        """The agent, unless a definition file defines it: `load_agents` would undo an edit
+        made here, so it is refused with a 409 naming the file."""
         agent = self.get_object()
+        if agent.definition_path:
+            raise Conflict(
+                f"agent {agent.pk!r} is defined in {agent.definition_path} (under the agent definitions "
+                "directory) and must be edited there, then loaded with `manage.py load_agents`; a change made "
+                "here would be undone by the next load_agents"
+            )
+        return agent
+
+    def _update(self, request: Request, pk: str, *, partial: bool) -> Response:
+        agent = self._editable_agent()
         data = AgentUpdateSerializer(agent, data=request.data, partial=partial)
         data.is_valid(raise_exception=True)
         agent = agent_update(agent_id=agent.pk, fields=dict(data.validated_data), actor=request.user)
@@ -125,12 +145,13 @@ class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, v
 
     @extend_schema(
         summary="Deactivate an agent (admins)",
+        description=FILE_DEFINED,
         request=None,
         responses={200: AgentSerializer, **problem_responses(401, 403, 404, 409, 429)},
     )
     @action(detail=True, methods=["post"])
     def deactivate(self, request: Request, pk: str) -> Response:
-        agent = agent_deactivate(agent_id=self.get_object().pk, actor=request.user)
+        agent = agent_deactivate(agent_id=self._editable_agent().pk, actor=request.user)
         return Response(AgentSerializer(agent).data)
 
     @extend_schema(

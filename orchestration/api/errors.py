@@ -37,6 +37,7 @@ TITLES = {
     405: "Method not allowed",
     406: "Not acceptable",
     409: "Conflict",
+    410: "Gone",
     413: "Request body too large",
     415: "Unsupported media type",
     422: "Unprocessable request",

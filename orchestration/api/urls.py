@@ -7,12 +7,14 @@ from rest_framework.routers import SimpleRouter
 
 from orchestration.api.agent_views import AgentViewSet, ConversationMessagesView
 from orchestration.api.views import EventViewSet, MeView, TaskViewSet, WorkflowViewSet
+from training_export.api.views import ExportRunViewSet
 
 router = SimpleRouter()
 router.register("workflows", WorkflowViewSet, basename="workflow")
 router.register("tasks", TaskViewSet, basename="task")
 router.register("events", EventViewSet, basename="event")
 router.register("agents", AgentViewSet, basename="agent")
+router.register("exports", ExportRunViewSet, basename="export")
 
 urlpatterns = [
     path("me/", MeView.as_view(), name="me"),

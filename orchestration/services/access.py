@@ -27,6 +27,9 @@ KEY_SCHEME = "al"
 # Seed 004 has no name for creating, changing and deactivating agents; only the admin's
 # "*" grants it. A key may still be narrowed to it.
 AGENT_MANAGE = "agent:manage"
+# Training-data exports (every user's data): admins only, through "*".
+EXPORT_READ = "export:read"
+EXPORT_CREATE = "export:create"
 KNOWN_PERMISSIONS = (*sorted(PERMISSIONS), AGENT_MANAGE)
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
 

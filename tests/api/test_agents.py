@@ -9,6 +9,7 @@ from decimal import Decimal
 from django.utils import timezone
 
 from orchestration.models import Agent, Event, TaskExecution
+from orchestration.services.agent_registry import agent_create
 from tests.factories import TaskExecutionFactory
 
 NEW = {
@@ -46,7 +47,8 @@ def test_agent_input_problems_are_named_and_server_owned_fields_refused(callers)
     assert no_entrypoint.json()["errors"][0]["field"] == "entrypoint"
     duplicate = admin.post("/api/v1/agents/", {**NEW, "id": "echo"}, format="json")
     assert duplicate.status_code == 400 and "already exists" in duplicate.json()["detail"]
-    hot = admin.patch("/api/v1/agents/echo/", {"temperature": 5}, format="json")
+    agent_create(fields={**NEW, "id": "tempered-001"})
+    hot = admin.patch("/api/v1/agents/tempered-001/", {"temperature": 5}, format="json")
     assert hot.status_code == 400 and hot.json()["errors"][0]["field"] == "temperature"
     assert not Agent.objects.filter(pk="summariser-001").exists()
 
@@ -102,3 +104,41 @@ def test_agents_list_filters_by_status(callers):
     inactive = callers["developer"].client.get("/api/v1/agents/?status=inactive").json()["results"]
     assert [a["id"] for a in inactive] == ["fail"]
     assert callers["developer"].client.get("/api/v1/agents/nobody/").status_code == 404
+
+
+def test_agents_from_definition_files_are_refused_with_a_conflict_naming_the_file(callers):
+    """load_agents would undo an API edit of a file-defined agent: PUT, PATCH and deactivate
+    are 409s that name the file, and change nothing."""
+    admin = callers["admin"].client
+    echo = Agent.objects.get(pk="echo")
+    assert echo.definition_path
+    before = (echo.description, echo.status, echo.updated_at)
+    events_before = Event.objects.filter(entity_id="echo").count()
+    body = {k: v for k, v in NEW.items() if k != "id"}
+    for method, path, data in [
+        ("patch", "/api/v1/agents/echo/", {"description": "changed"}),
+        ("put", "/api/v1/agents/echo/", body),
+        ("post", "/api/v1/agents/echo/deactivate/", None),
+    ]:
+        response = getattr(admin, method)(path, data, format="json")
+        assert response.status_code == 409, (method, response.content)
+        problem = response.json()
+        assert response["Content-Type"] == "application/problem+json"
+        assert echo.definition_path in problem["detail"] and "load_agents" in problem["detail"]
+        assert not echo.definition_path.startswith("/")
+    echo.refresh_from_db()
+    assert (echo.description, echo.status, echo.updated_at) == before
+    assert Event.objects.filter(entity_id="echo").count() == events_before
+    # An invalid body is refused the same way: the file is where the agent is changed.
+    assert admin.patch("/api/v1/agents/echo/", {"temperature": 5}, format="json").status_code == 409
+
+
+def test_agents_created_through_the_api_stay_editable(callers):
+    admin = callers["admin"].client
+    assert admin.post("/api/v1/agents/", NEW, format="json").status_code == 201
+    assert Agent.objects.get(pk=NEW["id"]).definition_path == ""
+    put = admin.put(
+        f"/api/v1/agents/{NEW['id']}/", {**{k: v for k, v in NEW.items() if k != "id"}, "name": "S2"}, format="json"
+    )
+    assert put.status_code == 200 and put.json()["name"] == "S2"
+    assert admin.post(f"/api/v1/agents/{NEW['id']}/deactivate/").status_code == 200

@@ -1,0 +1,251 @@
+"""Training-data exports over the API: admins only; a trigger validates everything up front,
+answers 202 and a real worker exports the pending run; the download is the file, checked
+against its sha256; a file changed on disk is 410 Gone."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+
+from orchestration.event_types import EventType
+from orchestration.models import Event
+from tests.api.conftest import make_caller
+from tests.engine import wait_for
+from tests.factories import EventFactory, ExportRunFactory
+from training_export.models import ExportRun
+from training_export.services.export import DATA_TYPES
+from training_export.services.manifest import manifest_read
+
+DAY = "2024-03-05"
+T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
+EVENTS = {"data_type": "events", "start_date": DAY, "end_date": DAY}
+
+
+@pytest.fixture
+def out(settings, tmp_path: Path) -> Path:
+    settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
+    return settings.TRAINING_EXPORT_DIR
+
+
+def midnight(day: str) -> dt.datetime:
+    return dt.datetime.combine(dt.date.fromisoformat(day), dt.time(), tzinfo=dt.UTC)
+
+
+def problem_fields(response) -> list[str]:
+    assert response.status_code == 400, response.content
+    assert response["Content-Type"] == "application/problem+json"
+    return [e["field"] for e in response.json()["errors"]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_triggered_export_runs_on_a_real_worker_and_downloads_intact(engine, out):
+    for i in range(3):
+        EventFactory(event_type=EventType.AGENT_STARTED, entity_id=f"e{i}", created_at=T0 + dt.timedelta(seconds=i))
+    admin = make_caller("exporter", "admin").client
+
+    accepted = admin.post("/api/v1/exports/", EVENTS, format="json")
+    assert accepted.status_code == 202, accepted.content
+    body = accepted.json()
+    run_id = body["queued"][0]
+    assert body["status"] == "accepted" and body["already_exported"] == []
+    assert accepted["Location"].endswith(f"/api/v1/exports/{run_id}/")
+    assert [r["status"] for r in body["runs"]] == ["pending"]
+    assert body["runs"][0]["requested_by"] == "exporter" and body["runs"][0]["download"] is None
+    assert ExportRun.objects.get(pk=run_id).status == ExportRun.Status.PENDING  # no worker yet
+
+    worker = engine(queues="low", concurrency=1, env={"TRAINING_EXPORT_DIR": str(out)})
+    run = wait_for(
+        lambda: (
+            admin.get(f"/api/v1/exports/{run_id}/").json() if ExportRun.objects.get(pk=run_id).finished_at else None
+        ),
+        timeout=60,
+        what=f"the export run ({worker.log_path})",
+    )
+    assert run["status"] == "succeeded", run
+    assert ExportRun.objects.count() == 1  # the worker took over the pending row
+    directory = out / "events" / f"{DAY}_{DAY}"
+    manifest = manifest_read(directory)
+    data = (directory / "events-train.jsonl").read_bytes()
+    assert run["path"] == f"events/{DAY}_{DAY}/events-train.jsonl"
+    assert (run["rows"], run["bytes"], run["sha256"]) == (3, len(data), manifest["files"][0]["sha256"])
+    assert (run["schema_version"], run["watermark"]) == (manifest["schema_version"], manifest["watermark"])
+    assert (run["start_date"], run["end_date"]) == (DAY, DAY)
+    assert str(out) not in json.dumps(run)
+
+    completed = Event.objects.get(event_type=EventType.EXPORT_COMPLETED)
+    assert (completed.entity_type, completed.entity_id) == ("export", str(run_id))
+    assert completed.payload == {
+        "data_type": "events",
+        "format": "jsonl",
+        "window": {"start": "2024-03-05T00:00:00+00:00", "end": "2024-03-06T00:00:00+00:00"},
+        "rows": 3,
+        "bytes": len(data),
+        "sha256": manifest["files"][0]["sha256"],
+        "path": run["path"],
+    }
+
+    download = admin.get(run["download"])
+    assert download.status_code == 200
+    content = b"".join(download.streaming_content)
+    assert content == data
+    assert hashlib.sha256(content).hexdigest() == manifest["files"][0]["sha256"]
+    assert download["Content-Type"] == "application/x-ndjson"
+    assert download["Content-Disposition"].startswith("attachment;")
+    assert f"events_{DAY}_{DAY}.jsonl" in download["Content-Disposition"]
+    assert download["ETag"] == f'"{run["sha256"]}"'
+    assert download["Repr-Digest"] == f"sha-256=:{base64.b64encode(hashlib.sha256(data).digest()).decode()}:"
+    jsonl = admin.get(run["download"], HTTP_ACCEPT="application/x-ndjson")
+    assert jsonl.status_code == 200 and b"".join(jsonl.streaming_content) == data
+
+    again = admin.post("/api/v1/exports/", EVENTS, format="json")
+    assert again.status_code == 200, again.content
+    assert again.json()["status"] == "already_exported"
+    assert (again.json()["queued"], again.json()["already_exported"]) == ([], [run_id])
+    assert "Location" not in again
+    assert ExportRun.objects.count() == 1
+
+    (directory / "events-train.jsonl").write_bytes(data.replace(b"e0", b"e9"))
+    tampered = admin.get(run["download"])
+    assert tampered.status_code == 410, tampered.content
+    assert tampered["Content-Type"] == "application/problem+json"
+    assert "no longer matches the sha256" in tampered.json()["detail"]
+
+    # No longer intact, so the same request exports the window again; the old run is superseded.
+    redo = admin.post("/api/v1/exports/", EVENTS, format="json")
+    assert redo.status_code == 202 and redo.json()["already_exported"] == []
+    new_id = redo.json()["queued"][0]
+    wait_for(
+        lambda: ExportRun.objects.get(pk=new_id).status == ExportRun.Status.SUCCEEDED,
+        timeout=60,
+        what=f"the second export ({worker.log_path})",
+    )
+    assert ExportRun.objects.get(pk=run_id).status == ExportRun.Status.SUPERSEDED
+    superseded = admin.get(f"/api/v1/exports/{run_id}/download/")
+    assert superseded.status_code == 409 and "superseded" in superseded.json()["detail"]
+    assert b"".join(admin.get(f"/api/v1/exports/{new_id}/download/").streaming_content) == data
+    assert Event.objects.filter(event_type=EventType.EXPORT_COMPLETED).count() == 2
+
+    (directory / "events-train.jsonl").unlink()
+    assert admin.get(f"/api/v1/exports/{new_id}/download/").status_code == 410
+
+
+def test_trigger_input_problems_name_their_field_and_record_nothing(callers, out):
+    admin = callers["admin"].client
+
+    def post(**changes):
+        return admin.post("/api/v1/exports/", {**EVENTS, **changes}, format="json")
+
+    assert problem_fields(post(data_type="evnts")) == ["data_type"]
+    assert problem_fields(post(start_date="05/03/2024")) == ["start_date"]
+    assert problem_fields(post(start_date="2024-02-30")) == ["start_date"]
+    assert problem_fields(post(start_date="2024-03-05T00:00:00Z")) == ["start_date"]
+    assert problem_fields(post(start_date="2024-03-06")) == ["end_date"]
+    too_long = post(start_date="2020-01-01", end_date="2024-03-05")
+    assert problem_fields(too_long) == ["end_date"] and "at most 366" in too_long.json()["detail"]
+    assert problem_fields(post(end_date="9999-12-31")) == ["end_date"]
+    assert problem_fields(post(force="yes")) == ["force"]
+    assert problem_fields(post(status="succeeded", rows=5)) == ["rows", "status"]
+    assert problem_fields(admin.post("/api/v1/exports/", {}, format="json")) == ["data_type", "start_date", "end_date"]
+
+    today = timezone.now().date().isoformat()
+    early = post(start_date=today, end_date=today)
+    assert early.status_code == 409, early.content
+    assert early["Content-Type"] == "application/problem+json"
+    assert "not closed yet" in early.json()["detail"] and "can be exported from" in early.json()["detail"]
+    assert not ExportRun.objects.exists()
+
+
+def test_all_queues_one_pending_run_per_type(callers, out, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = callers["admin"].client.post("/api/v1/exports/", {**EVENTS, "data_type": "all"}, format="json")
+    assert response.status_code == 202, response.content
+    runs = response.json()["runs"]
+    assert [r["data_type"] for r in runs] == list(DATA_TYPES)
+    assert [r["format"] for r in runs] == ["jsonl"] * 4 + ["chat_jsonl"]
+    assert response.json()["queued"] == [r["id"] for r in runs]
+    stored = ExportRun.objects.filter(pk__in=response.json()["queued"])
+    assert {(r.status, r.requested_by.username) for r in stored} == {("pending", "alice")}
+    assert {(r.window_start, r.window_end) for r in stored} == {(midnight(DAY), midnight("2024-03-06"))}
+    assert len(callbacks) == 1  # the tasks are sent after commit, never inside the transaction
+
+
+def test_list_filters_orders_newest_first_and_pages_by_cursor(callers, out):
+    admin = callers["admin"].client
+    start = midnight(DAY)
+    old = ExportRunFactory(
+        data_type="tasks", status="failed", window_start=start, window_end=start + dt.timedelta(days=1)
+    )
+    chat = ExportRunFactory(
+        data_type="conversations",
+        format="chat_jsonl",
+        status="succeeded",
+        window_start=start,
+        window_end=start + dt.timedelta(days=3),
+        path="/somewhere/private/conversations/2024-03-05_2024-03-07/conversations-train.jsonl",
+        error=None,
+    )
+    newest = ExportRunFactory(
+        data_type="events",
+        status="failed",
+        window_start=start + dt.timedelta(days=10),
+        window_end=start + dt.timedelta(days=11),
+        error=f"OSError: [Errno 28] No space left on device: '{out}/events/x'",
+    )
+
+    def ids(query: str) -> list[int]:
+        response = admin.get(f"/api/v1/exports/{query}")
+        assert response.status_code == 200, response.content
+        return [r["id"] for r in response.json()["results"]]
+
+    assert ids("") == [newest.pk, chat.pk, old.pk]
+    assert ids("?ordering=created_at") == [old.pk, chat.pk, newest.pk]
+    assert ids("?data_type=tasks") == [old.pk]
+    assert ids("?status=failed") == [newest.pk, old.pk]
+    assert ids("?format=chat_jsonl") == [chat.pk]
+    assert ids("?format=csv") == []
+    assert ids(f"?start_date={DAY}") == [chat.pk, old.pk]
+    assert ids("?end_date=2024-03-07") == [chat.pk]
+    assert ids("?day=2024-03-06") == [chat.pk]
+    first = admin.get("/api/v1/exports/?limit=2").json()
+    assert [r["id"] for r in first["results"]] == [newest.pk, chat.pk]
+    assert [r["id"] for r in admin.get(first["next"]).json()["results"]] == [old.pk]
+    assert problem_fields(admin.get("/api/v1/exports/?format=")) == ["format"]
+    assert problem_fields(admin.get("/api/v1/exports/?day=yesterday")) == ["day"]
+
+    shown = admin.get(f"/api/v1/exports/{chat.pk}/").json()
+    assert shown["path"] == "conversations/2024-03-05_2024-03-07/conversations-train.jsonl"
+    assert (shown["start_date"], shown["end_date"]) == (DAY, "2024-03-07")
+    assert shown["download"].endswith(f"/api/v1/exports/{chat.pk}/download/")
+    failed = admin.get(f"/api/v1/exports/{newest.pk}/").json()
+    assert str(out) not in failed["error"] and "<export dir>/events/x" in failed["error"]
+    assert failed["download"] is None
+    assert admin.get("/api/v1/exports/999999999/").status_code == 404
+    assert admin.get("/api/v1/exports/99999999999999999999999/").status_code == 404
+
+
+def test_download_of_a_run_not_succeeded_is_a_conflict(callers, out):
+    admin = callers["admin"].client
+    for status in ("pending", "running", "failed"):
+        run = ExportRunFactory(status=status)
+        response = admin.get(f"/api/v1/exports/{run.pk}/download/")
+        assert response.status_code == 409, response.content
+        assert response["Content-Type"] == "application/problem+json"
+        assert f"is {status}; only a succeeded run can be downloaded" in response.json()["detail"]
+
+
+def test_a_key_narrowed_to_export_read_lists_but_cannot_trigger(callers, out):
+    reader = make_caller("auditor", "admin", permissions=["export:read"])
+    assert reader.client.get("/api/v1/exports/").status_code == 200
+    refused = reader.client.post("/api/v1/exports/", EVENTS, format="json")
+    assert refused.status_code == 403
+    assert refused.json()["detail"] == "This API key does not grant export:create, which this operation needs."
+    developer = callers["developer"].client.get("/api/v1/exports/")
+    assert developer.status_code == 403
+    assert developer.json()["detail"] == "Your role (developer) does not grant export:read, which this operation needs."
+    assert "export:create" in callers["admin"].client.get("/api/v1/me/").json()["permissions"]

@@ -1,0 +1,39 @@
+"""Filters of the export runs list."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import django_filters
+from django.db.models import QuerySet
+
+from orchestration.api.filters import StrictFilterSet
+from training_export.models import ExportRun, ExportRunDataType, ExportRunFormat, ExportRunStatus
+
+
+def _midnight(day: dt.date) -> dt.datetime:
+    return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+
+
+class ExportRunFilter(StrictFilterSet):
+    data_type = django_filters.ChoiceFilter(choices=ExportRunDataType.choices)
+    status = django_filters.ChoiceFilter(choices=ExportRunStatus.choices)
+    format = django_filters.ChoiceFilter(choices=ExportRunFormat.choices)
+    start_date = django_filters.DateFilter(method="filter_start_date", help_text="windows starting on this UTC day")
+    end_date = django_filters.DateFilter(method="filter_end_date", help_text="windows whose last UTC day is this one")
+    day = django_filters.DateFilter(method="filter_day", help_text="windows that include this UTC day")
+
+    class Meta:
+        model = ExportRun
+        fields = ("data_type", "status", "format", "start_date", "end_date", "day")
+
+    def filter_start_date(self, queryset: QuerySet[ExportRun], name: str, value: dt.date) -> QuerySet[ExportRun]:
+        return queryset.filter(window_start=_midnight(value))
+
+    def filter_end_date(self, queryset: QuerySet[ExportRun], name: str, value: dt.date) -> QuerySet[ExportRun]:
+        if value >= dt.date.max:
+            return queryset.none()
+        return queryset.filter(window_end=_midnight(value + dt.timedelta(days=1)))
+
+    def filter_day(self, queryset: QuerySet[ExportRun], name: str, value: dt.date) -> QuerySet[ExportRun]:
+        return queryset.filter(window_start__lte=_midnight(value), window_end__gt=_midnight(value))

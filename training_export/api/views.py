@@ -1,0 +1,225 @@
+"""Training-data exports over the API: list and read runs, queue exports, download files.
+
+Exports hold every user's data, so every operation needs export:read or export:create,
+which only the admin role grants.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import Any
+
+from django.http import FileResponse
+from django.urls import reverse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiExample,
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
+from rest_framework import exceptions, mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.renderers import BaseRenderer, JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from orchestration.api.exceptions import Conflict
+from orchestration.api.permissions import ActionPermission
+from orchestration.api.schema import problem_responses
+from orchestration.api.views import ApiMixin, ordering_parameter
+from orchestration.services.access import EXPORT_CREATE, EXPORT_READ
+from training_export.api.filters import ExportRunFilter
+from training_export.api.serializers import ALL, ExportAcceptedSerializer, ExportRequestSerializer, ExportRunSerializer
+from training_export.models import ExportRun
+from training_export.services.export import DATA_TYPES, ExportError, WindowNotClosed, export_runs_request
+
+JSONL_CONTENT_TYPE = "application/x-ndjson"
+EXPORT_ORDERINGS = {"-created_at": ("-created_at", "-id"), "created_at": ("created_at", "id")}
+HASH_CHUNK = 1024 * 1024
+
+REQUEST_EXAMPLE = {"data_type": "events", "start_date": "2024-03-05", "end_date": "2024-03-05"}
+
+
+class Gone(exceptions.APIException):
+    status_code = status.HTTP_410_GONE
+    default_detail = "The resource is no longer available."
+    default_code = "gone"
+
+
+class JsonLinesRenderer(BaseRenderer):
+    """Lets a download ask for `Accept: application/x-ndjson`. The file itself is a
+    FileResponse; only problem documents (409, 410, ...) pass through a renderer."""
+
+    media_type = JSONL_CONTENT_TYPE
+    format = "jsonl"
+
+    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
+        return JSONRenderer().render(data)
+
+
+class _NoFormatOverride:
+    URL_FORMAT_OVERRIDE = None
+
+
+class FormatIsAFilter(DefaultContentNegotiation):
+    """`?format=` filters runs by their format here; DRF would otherwise take it as the name of
+    a renderer (and answer 404 for `csv`)."""
+
+    settings = _NoFormatOverride()
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List export runs (admins)",
+        description="Newest first (`ordering=created_at` for oldest first).",
+        parameters=[ordering_parameter(EXPORT_ORDERINGS, "-created_at")],
+        responses={200: ExportRunSerializer(many=True), **problem_responses(400, 401, 403, 429)},
+    ),
+    retrieve=extend_schema(
+        summary="An export run (admins)",
+        description="Its status and, once succeeded, the facts of its manifest: rows, bytes, sha256, schema "
+        "version, the watermark the data was read up to, and the data file below the export directory.",
+        responses={200: ExportRunSerializer, **problem_responses(401, 403, 404, 429)},
+    ),
+)
+class ExportRunViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Training-data export runs (admins only: an export holds every user's data)."""
+
+    permission_classes = [ActionPermission]
+    required_permissions = {
+        "list": EXPORT_READ,
+        "retrieve": EXPORT_READ,
+        "download": EXPORT_READ,
+        "create": EXPORT_CREATE,
+    }
+    content_negotiation_class = FormatIsAFilter
+    queryset = ExportRun.objects.select_related("requested_by")
+    serializer_class = ExportRunSerializer
+    filterset_class = ExportRunFilter
+    lookup_value_regex = "[0-9]+"
+    orderings = EXPORT_ORDERINGS
+    default_ordering = "-created_at"
+
+    @extend_schema(
+        summary="Export training data for a closed window (admins)",
+        description=(
+            "Queues an export per data type (`all`: every type) of the UTC days start_date..end_date, both "
+            "included, and answers **202** with the queued run ids (`Location`: the first queued run); poll "
+            "`GET /exports/{id}/` until it is `succeeded` or `failed`. A window already exported whose files "
+            "are intact is not exported again unless `force`: its succeeded run is listed under "
+            "`already_exported`, and when that holds for every requested type the answer is **200** with "
+            "status `already_exported` and nothing is queued. A window is closed once its end lies "
+            "TRAINING_EXPORT_SAFETY_LAG_SECONDS in the past and no transaction that began before it is still "
+            "open; before that the answer is a 409 saying from when it can be exported."
+        ),
+        request=ExportRequestSerializer,
+        examples=[
+            OpenApiExample("one day of events", value=REQUEST_EXAMPLE, request_only=True),
+            OpenApiExample(
+                "queued",
+                value={"status": "accepted", "queued": [42], "already_exported": [], "runs": []},
+                response_only=True,
+                status_codes=["202"],
+            ),
+        ],
+        responses={
+            202: ExportAcceptedSerializer,
+            200: ExportAcceptedSerializer,
+            **problem_responses(400, 401, 403, 409, 413, 429),
+        },
+    )
+    def create(self, request: Request) -> Response:
+        data = ExportRequestSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = data.validated_data
+        data_types = list(DATA_TYPES) if values["data_type"] == ALL else [values["data_type"]]
+        try:
+            result = export_runs_request(
+                data_types=data_types,
+                start_date=values["start_date"],
+                end_date=values["end_date"],
+                force=values["force"],
+                requested_by_id=request.user.pk,
+            )
+        except WindowNotClosed as exc:
+            raise Conflict(str(exc)) from None
+        except ExportError as exc:
+            raise exceptions.ValidationError({"data_type": [str(exc)]}) from None
+        order = {data_type: i for i, data_type in enumerate(DATA_TYPES)}
+        runs = sorted(
+            self.get_queryset().filter(pk__in=[run.pk for run in result.runs]), key=lambda r: order[r.data_type]
+        )
+        queued = [run.pk for run in result.queued]
+        body = {
+            "status": "accepted" if queued else "already_exported",
+            "queued": queued,
+            "already_exported": [run.pk for run in result.already_exported],
+            "runs": runs,
+        }
+        response = Response(
+            ExportAcceptedSerializer(body, context=self.get_serializer_context()).data,
+            status=status.HTTP_202_ACCEPTED if queued else status.HTTP_200_OK,
+        )
+        if queued:
+            response["Location"] = request.build_absolute_uri(reverse("api:export-detail", kwargs={"pk": queued[0]}))
+        return response
+
+    @extend_schema(
+        summary="Download the data file of a succeeded export run (admins)",
+        description=(
+            "The JSONL file as an attachment, checked against the sha256 its run recorded before it is sent; "
+            "`ETag` is that sha256 and `Repr-Digest` (RFC 9530) carries it for the client to verify. 409 while "
+            "the run has not succeeded (or was superseded by a later run of the window); 410 when the file is "
+            "gone or no longer matches its sha256 (export the window again with `force`)."
+        ),
+        filters=False,
+        parameters=[OpenApiParameter("format", exclude=True)],
+        responses={
+            (200, JSONL_CONTENT_TYPE): OpenApiResponse(OpenApiTypes.BINARY, description="the JSONL data file"),
+            **problem_responses(401, 403, 404, 409, 410, 429),
+        },
+    )
+    @action(
+        detail=True,
+        methods=["get"],
+        filterset_class=None,
+        renderer_classes=[JSONRenderer, JsonLinesRenderer],
+    )
+    def download(self, request: Request, pk: str) -> FileResponse:
+        run = self.get_object()
+        if run.status != ExportRun.Status.SUCCEEDED:
+            detail = f"export run {run.pk} is {run.status}; only a succeeded run can be downloaded"
+            if run.status == ExportRun.Status.SUPERSEDED:
+                detail += " (a later run of the same window replaced it: download that one)"
+            raise Conflict(detail)
+        try:
+            fh = open(run.path, "rb")  # noqa: SIM115  (FileResponse closes it)
+        except OSError:
+            raise Gone(f"the data file of export run {run.pk} is missing; export the window again with force") from None
+        digest = hashlib.sha256()
+        try:
+            while chunk := fh.read(HASH_CHUNK):
+                digest.update(chunk)
+            fh.seek(0)
+        except BaseException:
+            fh.close()
+            raise
+        if digest.hexdigest() != run.checksum:
+            fh.close()
+            raise Gone(
+                f"the data file of export run {run.pk} no longer matches the sha256 it recorded; export the "
+                "window again with force"
+            )
+        # The open file is the one just checked, even if the path is replaced meanwhile.
+        dates = ExportRunSerializer()
+        start, end = dates.get_start_date(run), dates.get_end_date(run)
+        response = FileResponse(
+            fh, as_attachment=True, filename=f"{run.data_type}_{start}_{end}.jsonl", content_type=JSONL_CONTENT_TYPE
+        )
+        response["ETag"] = f'"{run.checksum}"'
+        response["Repr-Digest"] = f"sha-256=:{base64.b64encode(digest.digest()).decode()}:"
+        return response
