@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.contrib.admin.utils import flatten_fieldsets
 from django.db import models
 from django.http import HttpRequest
 from django.utils.safestring import SafeString
@@ -103,8 +104,24 @@ class AgentAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
         readonly = tuple(super().get_readonly_fields(request, obj))
+        if obj is not None and obj.definition_path:
+            # Its file is the definition: an edit here would silently diverge from it (or be
+            # undone by the next load_agents), as the API's 409 says. Edit the file instead.
+            return tuple(dict.fromkeys((*flatten_fieldsets(self.get_fieldsets(request, obj)), *readonly)))
         # Changing a primary key in a form would save a second agent, not rename this one.
         return readonly if obj is None else ("id", *readonly)
+
+    def change_view(
+        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict[str, Any] | None = None
+    ) -> Any:
+        agent = self.get_object(request, object_id)
+        if request.method == "GET" and agent is not None and agent.definition_path:
+            messages.info(
+                request,
+                f"This agent is defined in {agent.definition_path}: edit that file and run "
+                "`manage.py load_agents` to change it.",
+            )
+        return super().change_view(request, object_id, form_url, extra_context)
 
     @admin.display(description="related")
     def related(self, obj: Agent) -> SafeString | str:

@@ -408,6 +408,22 @@ def test_agent_stats_are_read_only(su_client: Client) -> None:
     )
 
 
+def test_an_agent_loaded_from_a_definition_file_is_read_only_in_the_console(su_client: Client) -> None:
+    agent = AgentFactory(name="from file", definition_path="echo.json", definition_hash="0" * 64)
+
+    page = su_client.get(_url(Agent, "change", agent.pk))
+    assert not page.context["adminform"].form.fields
+    assert "edit that file" in page.content.decode()
+    su_client.post(_url(Agent, "change", agent.pk), {"name": "edited", "executor": "python", "status": "inactive"})
+    agent.refresh_from_db()
+    assert (agent.name, agent.status) == ("from file", "active")
+
+    api_made = AgentFactory(name="api")
+    assert {"name", "status", "system_prompt"} <= set(
+        su_client.get(_url(Agent, "change", api_made.pk)).context["adminform"].form.fields
+    )
+
+
 def test_event_search_matches_ids_exactly(su_client: Client) -> None:
     wanted = EventFactory(entity_id="task-abc")
     EventFactory(entity_id="task-abcdef")
