@@ -1,4 +1,5 @@
-"""Idempotent workflow submission (`Idempotency-Key` on POST /workflows/).
+"""Idempotent workflow submission (`Idempotency-Key` on POST /workflows/, or the body's
+`idempotency_key`).
 
 - same key, same body: the workflow stored first, again (200);
 - same key, different body: 422;
@@ -17,9 +18,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from rest_framework.exceptions import ValidationError
+
 from orchestration.api.exceptions import Conflict, Unprocessable
 from orchestration.api.redis_store import store
 from orchestration.models import Workflow
+from orchestration.services.workflows import workflow_submit
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
@@ -61,3 +65,41 @@ def in_flight_guard(*, owner_id: int, key: str, on_busy: Callable[[], Workflow |
         yield None
     finally:
         backend.release(lock_key, token)
+
+
+def workflow_submit_idempotent(*, owner: Any, body: Any, header_key: str | None) -> tuple[Workflow, bool]:
+    """Submit the request body `body` as a workflow of `owner`; returns (workflow, created).
+
+    Without a key (the Idempotency-Key header, `header_key`, or the body's
+    `idempotency_key`) every call stores a new workflow. With one, the workflow already
+    stored under the key is returned (created False) if its spec is this body; a key used
+    for another body raises Unprocessable, and one whose first request is still in flight
+    raises Conflict. Raises ValidationError naming the field for a body that is not an
+    object, a malformed key, or a body key that differs from the header's."""
+    if not isinstance(body, dict):
+        raise ValidationError({"spec": ["must be a JSON object with at least 'name' and 'tasks'"]})
+    if "idempotency_key" in body and not isinstance(body["idempotency_key"], str):
+        raise ValidationError({"idempotency_key": ["must be a string"]})
+    key = header_key if header_key is not None else body.get("idempotency_key")
+    if key is None:
+        return workflow_submit(spec=body, owner=owner)
+    if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isprintable():
+        raise ValidationError({HEADER: [f"must be 1 to {MAX_KEY_LENGTH} printable characters"]})
+    if body.get("idempotency_key") not in (None, key):
+        raise ValidationError({"idempotency_key": ["differs from the Idempotency-Key header"]})
+    spec = {**body, "idempotency_key": key}
+    existing = replay(owner=owner, key=key, spec=spec)
+    if existing is not None:
+        return existing, False
+
+    def stored() -> Workflow | None:
+        return replay(owner=owner, key=key, spec=spec)
+
+    with in_flight_guard(owner_id=owner.pk, key=key, on_busy=stored) as finished:
+        if finished is not None:
+            return finished, False
+        workflow, created = workflow_submit(spec=spec, owner=owner)
+    if not created:
+        # Stored by a request whose lock had expired: still the same key, so the same rules.
+        replay(owner=owner, key=key, spec=spec)
+    return workflow, created

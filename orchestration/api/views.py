@@ -34,7 +34,7 @@ from orchestration.api.serializers import (
     WorkflowSpecSerializer,
 )
 from orchestration.models import ApiKey, Event, TaskAttempt, TaskExecution, Workflow
-from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume, workflow_submit
+from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume
 
 READ = "workflow:read"
 WRITE = "workflow:create"
@@ -180,37 +180,9 @@ class WorkflowViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin
         },
     )
     def create(self, request: Request) -> Response:
-        body = request.data
-        if not isinstance(body, dict):
-            raise ValidationError({"spec": ["must be a JSON object with at least 'name' and 'tasks'"]})
-        if "idempotency_key" in body and not isinstance(body["idempotency_key"], str):
-            raise ValidationError({"idempotency_key": ["must be a string"]})
-        header = request.headers.get(idempotency.HEADER)
-        key = header if header is not None else body.get("idempotency_key")
-        if key is None:
-            workflow, _ = workflow_submit(spec=body, owner=request.user)
-            return self._workflow_response(workflow, status.HTTP_201_CREATED)
-        if not 1 <= len(key) <= idempotency.MAX_KEY_LENGTH or not key.isprintable():
-            raise ValidationError(
-                {"Idempotency-Key": [f"must be 1 to {idempotency.MAX_KEY_LENGTH} printable characters"]}
-            )
-        if body.get("idempotency_key") not in (None, key):
-            raise ValidationError({"idempotency_key": ["differs from the Idempotency-Key header"]})
-        spec = {**body, "idempotency_key": key}
-        existing = idempotency.replay(owner=request.user, key=key, spec=spec)
-        if existing is not None:
-            return self._workflow_response(existing, status.HTTP_200_OK)
-
-        def stored() -> Workflow | None:
-            return idempotency.replay(owner=request.user, key=key, spec=spec)
-
-        with idempotency.in_flight_guard(owner_id=request.user.pk, key=key, on_busy=stored) as finished:
-            if finished is not None:
-                return self._workflow_response(finished, status.HTTP_200_OK)
-            workflow, created = workflow_submit(spec=spec, owner=request.user)
-        if not created:
-            # Stored by a request whose lock had expired: still the same key, so same rules.
-            idempotency.replay(owner=request.user, key=key, spec=spec)
+        workflow, created = idempotency.workflow_submit_idempotent(
+            owner=request.user, body=request.data, header_key=request.headers.get(idempotency.HEADER)
+        )
         return self._workflow_response(workflow, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
     def _workflow_response(self, workflow: Workflow, code: int) -> Response:
