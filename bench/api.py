@@ -10,8 +10,11 @@ the same page (the statement the endpoint sends, replayed on a bare cursor):
 
 Requests go through the whole Django stack in-process (middleware, API-key authentication,
 the Redis rate-limit counter, permissions, filters, pagination, serialization), without a
-network hop. The data is generated once with INSERT ... SELECT generate_series into its own
-database (BENCH_API_DATABASE_URL, default agentledger_bench_api) and reused afterwards.
+network hop. Besides wall-clock latency, each endpoint's CPU time per request in this
+process (time.process_time: the Python work of client and server, not PostgreSQL's or
+Redis's) is reported, which a busy machine disturbs far less than latency. The data is
+generated once with INSERT ... SELECT generate_series into its own database
+(BENCH_API_DATABASE_URL, default agentledger_bench_api) and reused afterwards.
 
     .venv/bin/python -m bench.api --rounds 5 --requests 200
 """
@@ -172,14 +175,18 @@ def main() -> None:
 
     samples: dict[str, list[float]] = defaultdict(list)
     round_p50: dict[str, list[float]] = defaultdict(list)
+    round_cpu: dict[str, list[float]] = defaultdict(list)
+    load_before = os.getloadavg()[0]
     for round_number in range(args.rounds):
         for name, path in gets.items():
             times = []
+            cpu_started = time.process_time()
             for _ in range(args.requests):
                 started = time.perf_counter()
                 response = client.get(path)
                 times.append((time.perf_counter() - started) * 1000)
                 assert response.status_code == 200
+            round_cpu[name].append((time.process_time() - cpu_started) / args.requests * 1000)
             raw_times = []
             with connection.cursor() as cursor:
                 for _ in range(args.requests):
@@ -192,20 +199,25 @@ def main() -> None:
             round_p50[name].append(statistics.median(times))
             round_p50[f"{name} (raw SQL)"].append(statistics.median(raw_times))
         times = []
+        cpu_started = time.process_time()
         for _ in range(args.requests // 4):
             started = time.perf_counter()
             response = client.post("/api/v1/workflows/", spec, format="json")
             times.append((time.perf_counter() - started) * 1000)
             assert response.status_code == 201, response.content
+        round_cpu["POST workflows"].append((time.process_time() - cpu_started) / (args.requests // 4) * 1000)
         samples["POST workflows"].extend(times)
         print(f"round {round_number + 1}/{args.rounds} done", flush=True)
 
-    print()
-    print("| request | p50 ms | p99 ms | raw SQL p50 ms | raw SQL p99 ms | endpoint/raw (p50) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"\nload average (1 min): {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print("| request | p50 ms | p99 ms | CPU ms/request | raw SQL p50 ms | raw SQL p99 ms | endpoint/raw (p50) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in [*gets, "POST workflows"]:
         endpoint = samples[name]
-        line = f"| {name} | {percentile(endpoint, 0.5):.2f} | {percentile(endpoint, 0.99):.2f} |"
+        line = (
+            f"| {name} | {percentile(endpoint, 0.5):.2f} | {percentile(endpoint, 0.99):.2f} |"
+            f" {statistics.median(round_cpu[name]):.2f} |"
+        )
         if name in raw:
             raw_samples = samples[f"{name} (raw SQL)"]
             ratios = [e / r for e, r in zip(round_p50[name], round_p50[f"{name} (raw SQL)"], strict=True)]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+from functools import cache
 from typing import Any
 
 import django_filters
+from django import forms
 from django.core.exceptions import ValidationError
-from django_filters.fields import IsoDateTimeField
+from django_filters.fields import ChoiceField, IsoDateTimeField
+from django_filters.filters import QuerySetRequestMixin
 
 from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.models import Agent, Event, TaskExecution, Workflow
@@ -31,9 +35,37 @@ class UtcDateTimeFilter(django_filters.IsoDateTimeFilter):
     field_class = UtcDateTimeField
 
 
+class FixedChoiceField(ChoiceField):
+    """A choice field whose choices are fixed in code: form instances share them, where a
+    ChoiceField deep-copies its choices for every form instance (every request)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FixedChoiceField:
+        return forms.Field.__deepcopy__(self, memo)
+
+
+class FixedChoiceFilter(django_filters.ChoiceFilter):
+    """ChoiceFilter over choices fixed in code. A filter set deep-copies its filters for
+    every request; this one's copy shares the choices (it only ever reads them)."""
+
+    field_class = FixedChoiceField
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FixedChoiceFilter:
+        result = copy.copy(self)
+        memo[id(self)] = result
+        result.extra = dict(self.extra)
+        return result
+
+
 class StrictFilterSet(django_filters.FilterSet):
     """A filter given with no value is an error, not "no filter": `?status=` most likely
-    means a client bug, and answering with everything would hide it."""
+    means a client bug, and answering with everything would hide it.
+
+    The form class is built once per filter set rather than on every request (django-filter
+    builds one, with a new form field per filter, each time: about half its cost per
+    request); each form instance still gets its own copies of the fields, as Django forms do."""
+
+    def get_form_class(self) -> type[forms.Form]:
+        return _form_class(type(self))
 
     def is_valid(self) -> bool:
         valid = super().is_valid()
@@ -44,10 +76,20 @@ class StrictFilterSet(django_filters.FilterSet):
         return valid
 
 
+@cache
+def _form_class(filterset: type[StrictFilterSet]) -> type[forms.Form]:
+    filters = filterset.base_filters
+    if any(isinstance(f, QuerySetRequestMixin) for f in filters.values()):
+        raise TypeError(f"{filterset.__name__}: a filter whose choices depend on the request cannot share a form")
+    # From copies: a filter caches its form field, and every request deep-copies the filters.
+    fields = {name: copy.copy(f).field for name, f in filters.items()}
+    return type(f"{filterset.__name__}Form", (filterset._meta.form,), fields)
+
+
 class WorkflowFilter(StrictFilterSet):
-    status = django_filters.ChoiceFilter(choices=WorkflowStatus.choices)
+    status = FixedChoiceFilter(choices=WorkflowStatus.choices)
     workflow_type = django_filters.CharFilter()
-    priority = django_filters.ChoiceFilter(choices=Priority.choices)
+    priority = FixedChoiceFilter(choices=Priority.choices)
     created_after = UtcDateTimeFilter(field_name="created_at", lookup_expr="gte")
     created_before = UtcDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
@@ -57,7 +99,7 @@ class WorkflowFilter(StrictFilterSet):
 
 
 class TaskFilter(StrictFilterSet):
-    status = django_filters.ChoiceFilter(choices=TaskExecutionStatus.choices)
+    status = FixedChoiceFilter(choices=TaskExecutionStatus.choices)
     workflow = django_filters.CharFilter(field_name="workflow_id")
     agent = django_filters.CharFilter(field_name="agent_id")
     created_after = UtcDateTimeFilter(field_name="created_at", lookup_expr="gte")
@@ -69,12 +111,12 @@ class TaskFilter(StrictFilterSet):
 
 
 class EventFilter(StrictFilterSet):
-    entity_type = django_filters.ChoiceFilter(choices=EntityType.choices)
+    entity_type = FixedChoiceFilter(choices=EntityType.choices)
     entity_id = django_filters.CharFilter()
-    event_type = django_filters.ChoiceFilter(choices=EventType.choices)
+    event_type = FixedChoiceFilter(choices=EventType.choices)
     workflow = django_filters.CharFilter(field_name="workflow_id")
     agent = django_filters.CharFilter(field_name="agent_id")
-    severity = django_filters.ChoiceFilter(choices=Severity.choices)
+    severity = FixedChoiceFilter(choices=Severity.choices)
     since = UtcDateTimeFilter(field_name="created_at", lookup_expr="gte")
     until = UtcDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
@@ -84,9 +126,9 @@ class EventFilter(StrictFilterSet):
 
 
 class AgentFilter(StrictFilterSet):
-    status = django_filters.ChoiceFilter(choices=AgentStatus.choices)
+    status = FixedChoiceFilter(choices=AgentStatus.choices)
     category = django_filters.CharFilter()
-    executor = django_filters.ChoiceFilter(choices=AgentExecutor.choices)
+    executor = FixedChoiceFilter(choices=AgentExecutor.choices)
 
     class Meta:
         model = Agent

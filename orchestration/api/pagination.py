@@ -14,12 +14,16 @@ import base64
 import binascii
 import datetime as dt
 import json
+import re
+from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from django.conf import settings
+from django.core.exceptions import EmptyResultSet
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import connection
-from django.db.models import Model, Q, QuerySet
+from django.db import connection, connections
+from django.db.models import JSONField, Model, Q, QuerySet
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import BasePagination
 from rest_framework.request import Request
@@ -31,6 +35,61 @@ def _encode_value(value: Any) -> Any:
     if isinstance(value, dt.datetime):
         return value.isoformat()
     return value
+
+
+# orjson reads an integer beyond 64 bits as a float; the standard library keeps it exact.
+_LONG_NUMBER = re.compile(r"\d{19}")
+
+
+def _json_value(value: Any) -> Any:
+    """JSONField.from_db_value (without a custom decoder), parsed by orjson unless the text
+    may hold an integer beyond 64 bits."""
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, str) or _LONG_NUMBER.search(value):
+            return json.loads(value)
+        return orjson.loads(value)
+    except ValueError:  # both libraries' decode errors
+        return value
+
+
+def fetch_rows(queryset: QuerySet, names: Sequence[str], *, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` rows of `queryset.values(*names)`, read on a bare cursor with each
+    column's converters looked up once per query rather than through Django's per-row
+    iterators (JSON columns parsed by orjson). The statement is the one Django compiles."""
+    selected = queryset.values_list(*names)
+    if selected.query.extra_select or selected.query.annotation_select:
+        return list(queryset.values(*names)[:limit])  # columns not in `names` order: Django's way
+    selected = selected[:limit]
+    compiler = selected.query.get_compiler(selected.db)
+    try:
+        sql, params = compiler.as_sql()
+    except EmptyResultSet:
+        return []
+    db = connections[selected.db]
+    columns = [column for column, _, _ in compiler.select[: compiler.col_count]]
+    json_columns = []
+    converted = []
+    for i, (converters, expression) in compiler.get_converters(columns).items():
+        field = getattr(expression, "output_field", None)
+        if isinstance(field, JSONField) and field.decoder is None and converters == [field.from_db_value]:
+            json_columns.append(i)
+        else:
+            converted.append((i, converters, expression))
+    with db.cursor() as cursor:
+        cursor.execute(sql, params)
+        raw = cursor.fetchall()
+    rows = []
+    for row in raw:
+        values = list(row[: len(columns)])
+        for i in json_columns:
+            values[i] = _json_value(values[i])
+        for i, converters, expression in converted:
+            for converter in converters:
+                values[i] = converter(values[i], expression, db)
+        rows.append(dict(zip(names, values, strict=True)))
+    return rows
 
 
 class KeysetPagination(BasePagination):
@@ -78,8 +137,11 @@ class KeysetPagination(BasePagination):
             raise ValidationError({"cursor": ["is not a cursor this endpoint handed out"]}) from None
         return values, reverse
 
-    def _encode(self, instance: Model, fields: list[tuple[str, bool]], *, reverse: bool) -> str:
-        values = [_encode_value(getattr(instance, name)) for name, _ in fields]
+    def _encode(self, row: Model | dict[str, Any], fields: list[tuple[str, bool]], *, reverse: bool) -> str:
+        if isinstance(row, dict):
+            values = [_encode_value(row[name]) for name, _ in fields]
+        else:
+            values = [_encode_value(getattr(row, name)) for name, _ in fields]
         data = {"v": values, "r": True} if reverse else {"v": values}
         raw = base64.urlsafe_b64encode(json.dumps(data, separators=(",", ":")).encode()).decode().rstrip("=")
         return replace_query_param(self.base_url, self.cursor_query_param, raw)
@@ -97,13 +159,48 @@ class KeysetPagination(BasePagination):
         # The redundant bound on the first field lets PostgreSQL range-scan its index.
         return Q(**{f"{first}__{bound}": values[0]}) & condition
 
+    @staticmethod
+    def _fixed_prefix_bound(
+        model: type[Model], fields: list[tuple[str, bool]], values: list[Any], fixed: dict[str, Any], *, reverse: bool
+    ) -> dict[str, Any]:
+        """When the leading ordering fields are fixed by an equality filter (`fixed`: field
+        -> the filter's value) and the cursor holds those same values, the rows after it are
+        the rows after it in the next field: that field's bound, as a filter. Implied by
+        the row comparison, but PostgreSQL positions its index scan on it, where with an
+        equality on the first column it would walk that column's entries from the start
+        and check the row comparison on each (a page 50 000 events deep: 3 ms, not 0.3)."""
+        k = 0
+        while k < len(fields) - 1 and fields[k][0] in fixed:
+            name = fields[k][0]
+            try:
+                if model._meta.get_field(name).to_python(fixed[name]) != values[k]:
+                    break
+            except DjangoValidationError:
+                break
+            k += 1
+        if k == 0:
+            return {}
+        name, descending = fields[k]
+        lookup = "lt" if descending != reverse else "gt"
+        return {f"{name}__{lookup if k == len(fields) - 1 else lookup + 'e'}": values[k]}
+
     def _after_rows(
-        self, queryset: QuerySet, fields: list[tuple[str, bool]], values: list[Any], *, reverse: bool
+        self,
+        queryset: QuerySet,
+        fields: list[tuple[str, bool]],
+        values: list[Any],
+        *,
+        reverse: bool,
+        fixed: dict[str, Any] | None = None,
     ) -> QuerySet:
         """Rows after the cursor. With one direction throughout (every ordering here), as a
         row comparison, `(a, b) > (x, y)`, which PostgreSQL turns into one index range
         condition; the equivalent OR of ANDs only bounds the first column, so a deep page of
         a filtered list would read every entry before it."""
+        if fixed:
+            queryset = queryset.filter(
+                **self._fixed_prefix_bound(queryset.model, fields, values, fixed, reverse=reverse)
+            )
         if len({descending for _, descending in fields}) != 1:
             return queryset.filter(self._after(fields, values, reverse=reverse))
         model = queryset.model
@@ -123,7 +220,11 @@ class KeysetPagination(BasePagination):
         bound = {f"{first}__{'lte' if descending != reverse else 'gte'}": values[0]}  # for an index on `first` alone
         return queryset.filter(**bound).extra(where=[where], params=params)  # noqa: S610
 
-    def paginate_queryset(self, queryset: QuerySet, request: Request, view: Any = None) -> list[Model]:
+    def paginate_queryset(
+        self, queryset: QuerySet, request: Request, view: Any = None, *, values: Sequence[str] | None = None
+    ) -> list[Any]:
+        """The page as model instances, or with `values` (names for QuerySet.values()) as
+        dicts of those values."""
         self.ordering = tuple(getattr(view, "cursor_ordering", ("-created_at", "-pk")))
         self.base_url = request.build_absolute_uri()
         page_size = self.get_page_size(request)
@@ -134,8 +235,13 @@ class KeysetPagination(BasePagination):
         order = [f"{'-' if descending != reverse else ''}{name}" for name, descending in fields]
         queryset = queryset.order_by(*order)
         if cursor is not None:
-            queryset = self._after_rows(queryset, fields, cursor[0], reverse=reverse)
-        rows = list(queryset[: page_size + 1])
+            fixed = getattr(view, "cursor_fixed", None)
+            queryset = self._after_rows(queryset, fields, cursor[0], reverse=reverse, fixed=fixed)
+        if values is None:
+            rows = list(queryset[: page_size + 1])
+        else:
+            names = [*values, *(name for name, _ in fields if name not in values)]
+            rows = fetch_rows(queryset, names, limit=page_size + 1)
         more = len(rows) > page_size
         page = rows[:page_size]
         if reverse:

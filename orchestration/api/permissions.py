@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib.auth.models import Group
-from django.db.models import Case, OuterRef, Subquery, Value, When
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
@@ -20,14 +18,6 @@ from orchestration.services.access import KNOWN_PERMISSIONS
 
 ROLE_ORDER = ("admin", "developer", "viewer")
 ADMIN = "admin"
-
-
-def role_subquery(user_ref: OuterRef) -> Subquery:
-    """The name of the strongest role group of the user `user_ref` points at (one query
-    with the API key lookup instead of a second one)."""
-    rank = Case(*(When(name=name, then=Value(i)) for i, name in enumerate(ROLE_ORDER)))
-    groups = Group.objects.filter(user=user_ref, name__in=ROLE_ORDER).annotate(rank=rank).order_by("rank")
-    return Subquery(groups.values("name")[:1])
 
 
 def user_role(user: Any) -> str | None:

@@ -13,14 +13,17 @@ from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schem
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from orchestration.api import idempotency
 from orchestration.api.filters import EventFilter, TaskFilter, WorkflowFilter
 from orchestration.api.parsers import unstorable_text
 from orchestration.api.permissions import ActionPermission, HasRole, effective_permissions, is_admin, request_role
+from orchestration.api.renderers import FastJSONRenderer
 from orchestration.api.schema import problem_responses
 from orchestration.api.serializers import (
     ApiKeyInfoSerializer,
@@ -32,6 +35,7 @@ from orchestration.api.serializers import (
     WorkflowDetailSerializer,
     WorkflowSerializer,
     WorkflowSpecSerializer,
+    row_reader,
 )
 from orchestration.models import ApiKey, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume
@@ -41,8 +45,11 @@ WRITE = "workflow:create"
 
 
 class ApiMixin:
-    """Rate-limit headers on every answer, and a choice of keyset orderings."""
+    """Rate-limit headers on every answer, a choice of keyset orderings, JSON by orjson."""
 
+    renderer_classes = [
+        FastJSONRenderer if renderer is JSONRenderer else renderer for renderer in api_settings.DEFAULT_RENDERER_CLASSES
+    ]
     orderings: dict[str, tuple[str, ...]] = {}
     default_ordering = ""
 
@@ -70,6 +77,22 @@ class ApiMixin:
             response["RateLimit-Remaining"] = str(state["remaining"])
             response["RateLimit-Reset"] = str(state["reset"])
         return response
+
+
+class RowListMixin:
+    """List pages read as `.values()` rows and turned into the serializer's output by its
+    RowReader: the same JSON without a model instance and a walk of DRF fields per row."""
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        queryset = self.filter_queryset(self.get_queryset())  # type: ignore[attr-defined]
+        return self.paginated_rows(queryset, self.get_serializer_class())  # type: ignore[attr-defined]
+
+    def paginated_rows(self, queryset: QuerySet, serializer_class: type) -> Response:
+        reader = row_reader(serializer_class)
+        request = self.request  # type: ignore[attr-defined]
+        paginator = self.paginator  # type: ignore[attr-defined]
+        page = paginator.paginate_queryset(queryset, request, view=self, values=reader.lookups)
+        return paginator.get_paginated_response(reader.represent(page))
 
 
 def ordering_parameter(orderings: dict[str, tuple[str, ...]], default: str) -> OpenApiParameter:
@@ -124,7 +147,9 @@ def _owned_events(request: Request) -> QuerySet[Event]:
         responses={200: WorkflowDetailSerializer, **problem_responses(401, 403, 404, 429)},
     ),
 )
-class WorkflowViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class WorkflowViewSet(
+    ApiMixin, RowListMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
+):
     """Workflows: submit, list, read with tasks, cancel, resume, and their events."""
 
     permission_classes = [ActionPermission]
@@ -144,10 +169,10 @@ class WorkflowViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin
     default_ordering = "-created_at"
 
     def get_queryset(self) -> QuerySet[Workflow]:
-        workflows = _owned_workflows(self.request).select_related("owner")
+        workflows = _owned_workflows(self.request)
         if self.action == "list":
-            # The list shows no spec, state or results: leave those (often large) columns.
-            workflows = workflows.only(*WorkflowSerializer.Meta.fields, "owner__username")
+            return workflows  # rows of the listed columns only (RowListMixin)
+        workflows = workflows.select_related("owner")
         if self.action == "retrieve":
             workflows = workflows.prefetch_related(
                 Prefetch("tasks", queryset=TaskExecution.objects.order_by("created_at", "execution_id"))
@@ -228,8 +253,7 @@ class WorkflowViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin
     @action(detail=True, methods=["get"], orderings=EVENT_ORDERINGS, default_ordering="sequence", filterset_class=None)
     def events(self, request: Request, workflow_id: str) -> Response:
         workflow = self.get_object()
-        page = self.paginate_queryset(Event.objects.filter(workflow_id=workflow.pk))
-        return self.get_paginated_response(EventSerializer(page, many=True).data)
+        return self.paginated_rows(Event.objects.filter(workflow_id=workflow.pk), EventSerializer)
 
 
 @extend_schema_view(
@@ -243,7 +267,7 @@ class WorkflowViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin
         responses={200: TaskDetailSerializer, **problem_responses(401, 403, 404, 429)},
     ),
 )
-class TaskViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class TaskViewSet(ApiMixin, RowListMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Task executions with their attempts."""
 
     permission_classes = [ActionPermission]
@@ -310,7 +334,7 @@ class TaskViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, vi
         responses={200: EventSerializer(many=True), **problem_responses(400, 401, 403, 429)},
     )
 )
-class EventViewSet(ApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
+class EventViewSet(ApiMixin, RowListMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
     """The append-only audit log."""
 
     permission_classes = [ActionPermission]
@@ -327,14 +351,24 @@ class EventViewSet(ApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
     # pick when the rows it guesses are spread out are in fact bunched.
     INDEXED_FILTERS = {"entity_id": "entity_id", "workflow": "workflow_id", "agent": "agent_id"}
 
+    def _indexed_filter(self) -> tuple[str, str] | None:
+        params = self.request.query_params
+        return next(((c, params[p]) for p, c in self.INDEXED_FILTERS.items() if params.get(p)), None)
+
     @property
     def cursor_ordering(self) -> tuple[str, ...]:
         ordering = super().cursor_ordering
-        params = self.request.query_params
-        column = next((c for p, c in self.INDEXED_FILTERS.items() if params.get(p)), None)
-        if column is None:
+        indexed = self._indexed_filter()
+        if indexed is None:
             return ordering
+        column = indexed[0]
         return (f"-{column}" if ordering[0].startswith("-") else column, *ordering)
+
+    @property
+    def cursor_fixed(self) -> dict[str, str]:
+        """The ordering column the filter holds equal to one value (see KeysetPagination)."""
+        indexed = self._indexed_filter()
+        return dict([indexed]) if indexed else {}
 
     def get_queryset(self) -> QuerySet[Event]:
         return _owned_events(self.request)

@@ -1,13 +1,24 @@
 """Keyset pagination: stable under inserts, correct across rows sharing a timestamp, no
-COUNT queries, a maximum page size, ordering, and clear errors for bad parameters."""
+COUNT queries, a maximum page size, ordering, and clear errors for bad parameters. List
+pages, read as rows, are exactly what DRF's serialization of the model instances gives."""
 
 from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from decimal import Decimal
 
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from rest_framework import serializers as drf_serializers
+from rest_framework.renderers import JSONRenderer
 
+from orchestration.api.serializers import EventSerializer, RowReader, TaskSerializer, WorkflowSerializer
+from orchestration.models import Event, TaskExecution, Workflow
 from tests.api.conftest import SPEC
+from tests.factories import EventFactory, TaskExecutionFactory, WorkflowFactory
 
 
 def _ids(page: dict, field: str) -> list[str]:
@@ -89,3 +100,132 @@ def test_paging_events_of_one_entity_keeps_sequence_order(callers, submit, order
         url = page["next"]
     assert len(seen) == 3
     assert seen == sorted(seen, reverse=ordering.startswith("-"))
+
+
+def _drf_page(serializer_class, instances) -> bytes:
+    """The page as DRF's own field-by-field serialization and JSON renderer make it (none of
+    the list shortcuts: no RowReader, no orjson)."""
+    serializer = serializer_class()
+    results = [drf_serializers.Serializer.to_representation(serializer, instance) for instance in instances]
+    return JSONRenderer().render({"next": None, "previous": None, "results": results})
+
+
+@pytest.fixture
+def varied_rows(callers):
+    """Rows with what a column can hold: no owner, time zones, decimals, NULLs, non-ASCII
+    text, U+2028, an integer beyond 64 bits, nested JSON."""
+    other_zone = dt.timezone(dt.timedelta(hours=5, minutes=30))
+    bare = WorkflowFactory(owner=None, name="no owner", tags=[], metadata={})
+    full = WorkflowFactory(
+        owner=callers["developer"].user,
+        name="ünïcode \u2028 line",
+        status="failed",
+        error="boom",
+        error_count=2,
+        tags=["a", "é"],
+        metadata={"big": 2**70, "nested": {"list": [1, None, True, "x"]}},
+        total_tokens_used=123,
+        total_cost_usd=Decimal("1.234567"),
+        deadline=dt.datetime(2031, 1, 2, 3, 4, 5, 600000, tzinfo=other_zone),
+        started_at=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+        completed_at=dt.datetime(2030, 1, 1, 0, 0, 1, 5, tzinfo=dt.UTC),
+        duration_ms=1000,
+    )
+    TaskExecutionFactory(workflow=bare, agent_id="echo", output_data=None, metadata={})
+    TaskExecutionFactory(
+        workflow=full,
+        agent_id="echo",
+        depends_on=["x"],
+        input_data={"text": "\u2029"},
+        output_data={"n": 2**65},
+        cost_usd=Decimal("0.000001"),
+        queued_at=dt.datetime(2030, 1, 1, tzinfo=other_zone),
+    )
+    EventFactory(workflow_id=full.pk, entity_id=full.pk, payload={"k": "ü", "big": -(2**70)}, severity="error")
+    EventFactory(workflow_id=full.pk, entity_id=full.pk, payload={}, agent_id="echo", session_id="s-1")
+    return full
+
+
+def test_list_pages_are_byte_for_byte_what_drf_serialization_gives(callers, varied_rows):
+    client = callers["admin"].client
+    pages = {
+        "/api/v1/workflows/": (WorkflowSerializer, Workflow.objects.order_by("-created_at", "-workflow_id")),
+        "/api/v1/tasks/?ordering=created_at": (
+            TaskSerializer,
+            TaskExecution.objects.order_by("created_at", "execution_id"),
+        ),
+        "/api/v1/events/?ordering=-sequence": (EventSerializer, Event.objects.order_by("-sequence")),
+        f"/api/v1/events/?entity_id={varied_rows.pk}": (
+            EventSerializer,
+            Event.objects.filter(entity_id=varied_rows.pk).order_by("sequence"),
+        ),
+        f"/api/v1/workflows/{varied_rows.pk}/events/": (
+            EventSerializer,
+            Event.objects.filter(workflow_id=varied_rows.pk).order_by("sequence"),
+        ),
+    }
+    for path, (serializer_class, rows) in pages.items():
+        response = client.get(path)
+        assert response.status_code == 200, response.content
+        assert response.content == _drf_page(serializer_class, rows), path
+
+
+def test_next_and_previous_links_work_from_rows(callers, varied_rows):
+    client = callers["admin"].client
+    first = client.get("/api/v1/workflows/?limit=1").json()
+    second = client.get(first["next"]).json()
+    assert second["next"] is None
+    back = client.get(second["previous"]).json()
+    assert back["results"] == first["results"]
+    assert {first["results"][0]["workflow_id"], second["results"][0]["workflow_id"]} == set(
+        Workflow.objects.values_list("workflow_id", flat=True)
+    )
+
+
+def test_a_row_reader_refuses_fields_that_are_not_one_column():
+    class Nested(WorkflowSerializer):
+        tasks = TaskSerializer(many=True, read_only=True)
+
+        class Meta(WorkflowSerializer.Meta):
+            fields = (*WorkflowSerializer.Meta.fields, "tasks")
+
+    with pytest.raises(TypeError, match="'tasks' is not a single column"):
+        RowReader(Nested)
+
+
+def _cursor(values: list) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"v": values}).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("ordering", ["sequence", "-sequence"])
+def test_an_entitys_events_page_forward_and_back_with_the_index_bound(callers, ordering):
+    events = [EventFactory(entity_id="agent-x", workflow_id=None).sequence for _ in range(5)]
+    EventFactory(entity_id="agent-w")
+    EventFactory(entity_id="agent-z")
+    expected = sorted(events, reverse=ordering.startswith("-"))
+    client = callers["admin"].client
+    seen: list[int] = []
+    url = f"/api/v1/events/?entity_id=agent-x&limit=2&ordering={ordering}"
+    pages = []
+    while url:
+        with CaptureQueriesContext(connection) as queries:
+            page = client.get(url).json()
+        pages.append(page)
+        seen.extend(e["sequence"] for e in page["results"])
+        url = page["next"]
+        if len(pages) > 1:
+            # After a cursor on (entity_id, sequence), sequence alone is bounded too.
+            sql = next(q["sql"] for q in queries.captured_queries if "LIMIT" in q["sql"] and "api_keys" not in q["sql"])
+            assert '"events"."sequence" ' + (">" if ordering == "sequence" else "<") in sql
+    assert seen == expected
+    back = client.get(pages[-1]["previous"]).json()
+    assert [e["sequence"] for e in back["results"]] == expected[2:4]
+
+
+def test_a_cursor_from_another_entity_means_what_it_says(callers):
+    mine = [EventFactory(entity_id="agent-m").sequence for _ in range(3)]
+    client = callers["admin"].client
+    before = client.get(f"/api/v1/events/?entity_id=agent-m&cursor={_cursor(['agent-a', 10**12])}").json()
+    assert [e["sequence"] for e in before["results"]] == mine
+    after = client.get(f"/api/v1/events/?entity_id=agent-m&cursor={_cursor(['agent-z', 0])}").json()
+    assert after["results"] == []

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from rest_framework import serializers as drf_serializers
+from rest_framework.renderers import JSONRenderer
 
+from orchestration.api.serializers import FastReadMixin, TaskSerializer, WorkflowDetailSerializer
 from orchestration.models import Event, TaskExecution, Workflow
 from tests.api.conftest import SPEC
 
@@ -148,3 +151,38 @@ def test_method_not_allowed_is_a_405_problem(callers):
     assert response.status_code == 405
     assert response["Content-Type"] == PROBLEM
     assert "Allow" in response
+
+
+def _generic(serializer_class, instance) -> dict:
+    """DRF's own field-by-field serialization, without FastReadMixin's shared plan."""
+    return drf_serializers.Serializer.to_representation(serializer_class(), instance)
+
+
+def test_detail_and_submit_answers_are_byte_for_byte_what_drf_serialization_gives(callers, submit):
+    created = submit(callers["developer"], {**SPEC, "tags": ["é"], "metadata": {"big": 2**70}})
+    workflow_id = created.json()["workflow_id"]
+    detail = callers["developer"].client.get(f"/api/v1/workflows/{workflow_id}/")
+    workflow = Workflow.objects.select_related("owner").get(pk=workflow_id)
+    expected = _generic(WorkflowDetailSerializer, workflow)
+    tasks = TaskExecution.objects.filter(workflow_id=workflow_id).order_by("created_at", "execution_id")
+    expected["tasks"] = [_generic(TaskSerializer, task) for task in tasks]
+    assert detail.content == JSONRenderer().render(expected)
+    expected_then = json.loads(JSONRenderer().render(expected))
+    assert created.json().keys() == expected_then.keys()
+    assert created.json()["tasks"][0]["execution_id"] == expected_then["tasks"][0]["execution_id"]
+
+
+def test_a_serializer_that_reads_its_context_keeps_a_plan_per_instance():
+    class WithContext(FastReadMixin, drf_serializers.ModelSerializer):
+        who = drf_serializers.SerializerMethodField()
+
+        class Meta:
+            model = Workflow
+            fields = ("workflow_id", "who")
+
+        def get_who(self, workflow: Workflow) -> str:
+            return self.context["who"]
+
+    workflow = Workflow(workflow_id="w-1")
+    assert WithContext(workflow, context={"who": "a"}).data == {"workflow_id": "w-1", "who": "a"}
+    assert WithContext(workflow, context={"who": "b"}).data == {"workflow_id": "w-1", "who": "b"}
