@@ -14,14 +14,23 @@
 Own database (agentledger_bench_pipeline) and Redis db 14; events are generated once per
 size, each size on its own UTC day.
 
+`--compare-git REV` adds a second subject to each round: the pipeline's modules
+(training_export/services/{redaction,store,jsonl,synapse}.py) as they are at REV, read with
+`git show` into a temporary directory and loaded in their own process in place of the working
+tree's. Consumers then run in a child process each (the CPU figures are the child's), both on
+the same entries; the files both write are compared byte for byte.
+
     .venv/bin/python -m bench.pipeline --rows 200000,1000000 --consumer-entries 200000 --repeat 3
     .venv/bin/python -m bench.pipeline --rows 200000 --consumer-entries 200000 --repeat 3 --skip-export
+    .venv/bin/python -m bench.pipeline --rows 200000 --consumer-entries 200000 --repeat 3 --compare-git HEAD
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
+import importlib.util
 import json
 import os
 import resource
@@ -50,9 +59,44 @@ from django.db import connection  # noqa: E402
 from bench.database import database_ensure  # noqa: E402
 from orchestration.models import Event  # noqa: E402
 from orchestration.services.relay import event_to_entry  # noqa: E402
+
+PIPELINE_MODULES = ("redaction", "store", "jsonl", "synapse")  # in import order
+
+
+def load_baseline(directory: str) -> None:
+    """Load the pipeline modules from `directory` (sources of another revision) under their
+    own names, before anything imports the working tree's."""
+    for name in PIPELINE_MODULES:
+        module_name = f"training_export.services.{name}"
+        if module_name in sys.modules:
+            raise SystemExit(f"{module_name} is already imported: cannot load the baseline")
+        spec = importlib.util.spec_from_file_location(module_name, Path(directory) / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+
+
+if "--child-baseline" in sys.argv:
+    load_baseline(sys.argv[sys.argv.index("--child-baseline") + 1])
+
 from training_export.services.jsonl import EXPORTERS  # noqa: E402
 from training_export.services.store import TrainingDataStore  # noqa: E402
 from training_export.services.synapse import SynapseConsumer  # noqa: E402
+
+
+def baseline_sources(revision: str) -> Path:
+    """The pipeline modules at `revision`, in a temporary directory (never in the tree)."""
+    directory = Path(tempfile.mkdtemp(prefix="bench-baseline-"))
+    for name in PIPELINE_MODULES:
+        source = subprocess.run(
+            ["git", "show", f"{revision}:training_export/services/{name}.py"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        ).stdout
+        (directory / f"{name}.py").write_bytes(source)
+    return directory
+
 
 STREAM = "bench-synapse"
 FIRST_DAY = dt.date(2024, 1, 1)
@@ -147,37 +191,83 @@ def run_consumer(client: redis.Redis, group: str, directory: Path, batch: int) -
     return seconds, cpu_seconds, result.entries
 
 
-def bench_consumer(entries: int, repeat: int, batch: int) -> list[dict]:
+def files_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*.csv")):
+        digest.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def child_consumer(group: str, directory: str, batch: int) -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    seconds, cpu_seconds, done = run_consumer(client, group, Path(directory), batch)
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "entries": done}))
+
+
+def consumer_round(
+    client: redis.Redis, group: str, batch: int, baseline: Path | None, *, in_child: bool
+) -> tuple[float, float, int, int, str]:
+    """Seconds, CPU seconds, entries, CSV rows and the digest of the files of one consumer run."""
+    directory = Path(tempfile.mkdtemp(prefix="bench-consumer-"))
+    try:
+        if in_child:
+            command = [sys.executable, "-m", "bench.pipeline", "--child-consumer", group, "--child-output"]
+            command += [str(directory), "--consumer-batch", str(batch)]
+            if baseline is not None:
+                command += ["--child-baseline", str(baseline)]
+            proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+            if proc.returncode:
+                raise SystemExit(f"consumer subprocess failed:\n{proc.stderr}")
+            child = json.loads(proc.stdout.strip().splitlines()[-1])
+            seconds, cpu_seconds, done = child["seconds"], child["cpu_seconds"], child["entries"]
+        else:
+            seconds, cpu_seconds, done = run_consumer(client, group, directory, batch)
+        csv_rows = sum(sum(1 for _ in path.open("rb")) - 1 for path in (directory / "events").glob("*.csv"))
+        return seconds, cpu_seconds, done, csv_rows, files_digest(directory)
+    finally:
+        shutil.rmtree(directory)
+
+
+def bench_consumer(entries: int, repeat: int, batch: int, baseline: Path | None = None) -> list[dict]:
     client = redis.Redis.from_url(settings.REDIS_URL)
     fill_stream(client, FIRST_DAY, entries)
     length = client.xlen(STREAM)
     rounds = []
+    in_child = baseline is not None
     for n in range(repeat):
         bare_seconds, bare_cpu, bare_done = run_bare(client, f"bare-{n}")
-        directory = Path(tempfile.mkdtemp(prefix="bench-consumer-"))
-        try:
-            consumer_seconds, consumer_cpu, consumer_done = run_consumer(client, f"training-{n}", directory, batch)
-            csv_rows = sum(sum(1 for _ in path.open("rb")) - 1 for path in (directory / "events").glob("*.csv"))
-        finally:
-            shutil.rmtree(directory)
-        if not (bare_done == consumer_done == csv_rows == length):
-            raise SystemExit(f"counts differ: bare {bare_done}, consumer {consumer_done}, csv {csv_rows}, {length}")
-        rounds.append(
-            {
-                "entries": length,
-                "bare_per_s": bare_done / bare_seconds,
-                "consumer_per_s": consumer_done / consumer_seconds,
-                "bare_cpu_us": bare_cpu / bare_done * 1e6,
-                "consumer_cpu_us": consumer_cpu / consumer_done * 1e6,
-            }
-        )
-        print(
+        seconds, cpu, done, csv_rows, digest = consumer_round(client, f"training-{n}", batch, None, in_child=in_child)
+        if not (bare_done == done == csv_rows == length):
+            raise SystemExit(f"counts differ: bare {bare_done}, consumer {done}, csv {csv_rows}, {length}")
+        result = {
+            "entries": length,
+            "bare_per_s": bare_done / bare_seconds,
+            "consumer_per_s": done / seconds,
+            "bare_cpu_us": bare_cpu / bare_done * 1e6,
+            "consumer_cpu_us": cpu / done * 1e6,
+        }
+        line = (
             f"  consumer round {n + 1}: bare {bare_done / bare_seconds:,.0f}/s, "
-            f"consumer {consumer_done / consumer_seconds:,.0f}/s "
-            f"({bare_seconds / consumer_seconds:.2f}x); CPU per entry: bare {rounds[-1]['bare_cpu_us']:.1f} us, "
-            f"consumer {rounds[-1]['consumer_cpu_us']:.1f} us",
-            flush=True,
+            f"consumer {done / seconds:,.0f}/s ({bare_seconds / seconds:.2f}x); CPU per entry: "
+            f"bare {result['bare_cpu_us']:.1f} us, consumer {result['consumer_cpu_us']:.1f} us"
         )
+        if baseline is not None:
+            old_seconds, old_cpu, old_done, old_rows, old_digest = consumer_round(
+                client, f"baseline-{n}", batch, baseline, in_child=True
+            )
+            if not (old_done == old_rows == length):
+                raise SystemExit(f"baseline counts differ: consumer {old_done}, csv {old_rows}, {length}")
+            result.update(
+                baseline_per_s=old_done / old_seconds,
+                baseline_cpu_us=old_cpu / old_done * 1e6,
+                same_files=old_digest == digest,
+            )
+            line += (
+                f" | baseline consumer {result['baseline_per_s']:,.0f}/s ({bare_seconds / old_seconds:.2f}x), "
+                f"{result['baseline_cpu_us']:.1f} us; identical CSV files: {result['same_files']}"
+            )
+        rounds.append(result)
+        print(line, flush=True)
     client.delete(STREAM, f"{STREAM}:dead")
     return rounds
 
@@ -206,14 +296,11 @@ def copy_baseline(day: dt.date, out: Path) -> tuple[float, int]:
     return time.perf_counter() - began, 0
 
 
-def export_in_subprocess(day: dt.date, out: Path) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.pipeline", "--child-export", day.isoformat(), "--child-output", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def export_in_subprocess(day: dt.date, out: Path, baseline: Path | None = None) -> dict:
+    command = [sys.executable, "-m", "bench.pipeline", "--child-export", day.isoformat(), "--child-output", str(out)]
+    if baseline is not None:
+        command += ["--child-baseline", str(baseline)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise SystemExit(f"export subprocess failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -232,18 +319,15 @@ def child_export(day: str, output: str) -> None:
     from training_export.services.export import export_run
 
     before_kb = peak_rss_kb()
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     run = export_run(data_type="events", start_date=day, end_date=day, output_dir=output, force=True)
-    seconds = time.perf_counter() - began
+    seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu_began
     peak_kb = peak_rss_kb()
-    print(
-        json.dumps(
-            {"seconds": seconds, "rows": run.rows, "path": run.path, "rss_before_kb": before_kb, "rss_peak_kb": peak_kb}
-        )
-    )
+    result = {"seconds": seconds, "cpu_seconds": cpu_seconds, "rows": run.rows, "path": run.path}
+    print(json.dumps(result | {"rss_before_kb": before_kb, "rss_peak_kb": peak_kb}))
 
 
-def bench_export(sizes: list[int], repeat: int) -> list[dict]:
+def bench_export(sizes: list[int], repeat: int, baseline: Path | None = None) -> list[dict]:
     rounds = []
     for index in range(len(sizes)):
         day = FIRST_DAY + dt.timedelta(days=index)
@@ -257,6 +341,11 @@ def bench_export(sizes: list[int], repeat: int) -> list[dict]:
                 copy_lines = valid_jsonl(copy_path)
                 child = export_in_subprocess(day, directory / "export")
                 export_lines = valid_jsonl(Path(child["path"]))
+                old = None
+                if baseline is not None:
+                    old = export_in_subprocess(day, directory / "baseline", baseline)
+                    if valid_jsonl(Path(old["path"])) != count:
+                        raise SystemExit("the baseline export's line count differs from count(*)")
             finally:
                 shutil.rmtree(directory)
             if not (copy_lines == export_lines == child["rows"] == count):
@@ -265,16 +354,25 @@ def bench_export(sizes: list[int], repeat: int) -> list[dict]:
                 "rows": count,
                 "copy_per_s": count / copy_seconds,
                 "export_per_s": count / child["seconds"],
+                "export_cpu_us": child["cpu_seconds"] / count * 1e6,
                 "rss_before_mb": child["rss_before_kb"] / 1024,
                 "rss_peak_mb": child["rss_peak_kb"] / 1024,
             }
-            rounds.append(result)
-            print(
+            line = (
                 f"  export {count:,} rows round {n + 1}: COPY {result['copy_per_s']:,.0f}/s, "
                 f"exporter {result['export_per_s']:,.0f}/s ({result['export_per_s'] / result['copy_per_s']:.2f}x), "
-                f"RSS {result['rss_before_mb']:.0f} -> {result['rss_peak_mb']:.0f} MB",
-                flush=True,
+                f"CPU {result['export_cpu_us']:.1f} us/row, RSS {result['rss_before_mb']:.0f} -> "
+                f"{result['rss_peak_mb']:.0f} MB"
             )
+            if old is not None:
+                result.update(baseline_per_s=count / old["seconds"], baseline_cpu_us=old["cpu_seconds"] / count * 1e6)
+                line += (
+                    f" | baseline exporter {result['baseline_per_s']:,.0f}/s "
+                    f"({result['baseline_per_s'] / result['copy_per_s']:.2f}x), "
+                    f"CPU {result['baseline_cpu_us']:.1f} us/row"
+                )
+            rounds.append(result)
+            print(line, flush=True)
     return rounds
 
 
@@ -283,30 +381,44 @@ def main() -> None:
     parser.add_argument("--rows", default="200000,1000000", help="export sizes, comma-separated")
     parser.add_argument("--consumer-entries", type=int, default=200_000)
     parser.add_argument(
-        "--consumer-batch", type=int, default=500, help="entries per read of the consumer (consume_events --batch)"
+        "--consumer-batch", type=int, default=2000, help="entries per read of the consumer (consume_events --batch)"
     )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-consumer", action="store_true", help="only the export benchmark")
     parser.add_argument("--skip-export", action="store_true", help="only the consumer benchmark")
+    parser.add_argument(
+        "--compare-git", metavar="REV", help="also run the pipeline modules as they are at this git revision"
+    )
     parser.add_argument("--child-export", help=argparse.SUPPRESS)
+    parser.add_argument("--child-consumer", help=argparse.SUPPRESS)
     parser.add_argument("--child-output", help=argparse.SUPPRESS)
+    parser.add_argument("--child-baseline", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_export:
         child_export(args.child_export, args.child_output)
+        return
+    if args.child_consumer:
+        child_consumer(args.child_consumer, args.child_output, args.consumer_batch)
         return
     sizes = [int(size) for size in args.rows.split(",")]
     database_ensure(load_agents=False)
     for index, rows in enumerate(sizes):
         seed(FIRST_DAY + dt.timedelta(days=index), rows)
 
+    baseline = baseline_sources(args.compare_git) if args.compare_git else None
     consumer = []
-    if not args.skip_consumer:
-        print(f"consumer vs bare XREADGROUP/XACK on {args.consumer_entries:,} entries", flush=True)
-        consumer = bench_consumer(min(args.consumer_entries, sizes[0]), args.repeat, args.consumer_batch)
     export = []
-    if not args.skip_export:
-        print("exporter vs COPY row_to_json", flush=True)
-        export = bench_export(sizes, args.repeat)
+    try:
+        if not args.skip_consumer:
+            print(f"consumer vs bare XREADGROUP/XACK on {args.consumer_entries:,} entries", flush=True)
+            entries = min(args.consumer_entries, sizes[0])
+            consumer = bench_consumer(entries, args.repeat, args.consumer_batch, baseline)
+        if not args.skip_export:
+            print("exporter vs COPY row_to_json", flush=True)
+            export = bench_export(sizes, args.repeat, baseline)
+    finally:
+        if baseline is not None:
+            shutil.rmtree(baseline)
 
     print("\nmedians")
     if consumer:
@@ -318,16 +430,32 @@ def main() -> None:
             f"| consumer | {ours:,.0f} events/s | bare loop {bare:,.0f}/s | {ours / bare:.2f}x (target >= 0.5x) "
             f"| CPU per entry {cpu:.1f} us vs {bare_cpu:.1f} us |"
         )
+        if baseline is not None:
+            old = statistics.median(r["baseline_per_s"] for r in consumer)
+            old_cpu = statistics.median(r["baseline_cpu_us"] for r in consumer)
+            same = all(r["same_files"] for r in consumer)
+            print(
+                f"| consumer at {args.compare_git} | {old:,.0f} events/s | | {old / bare:.2f}x "
+                f"| CPU per entry {old_cpu:.1f} us | identical CSV files: {same} |"
+            )
     for rows in sorted({r["rows"] for r in export}):
         mine = [r for r in export if r["rows"] == rows]
         copy = statistics.median(r["copy_per_s"] for r in mine)
         exp = statistics.median(r["export_per_s"] for r in mine)
         peak = max(r["rss_peak_mb"] for r in mine)
         before = statistics.median(r["rss_before_mb"] for r in mine)
+        cpu = statistics.median(r["export_cpu_us"] for r in mine)
         print(
             f"| export {rows:,} | {exp:,.0f} rows/s | COPY {copy:,.0f}/s | {exp / copy:.2f}x (target >= 0.25x) "
-            f"| RSS {before:.0f} -> {peak:.0f} MB |"
+            f"| CPU {cpu:.1f} us/row | RSS {before:.0f} -> {peak:.0f} MB |"
         )
+        if baseline is not None:
+            old = statistics.median(r["baseline_per_s"] for r in mine)
+            old_cpu = statistics.median(r["baseline_cpu_us"] for r in mine)
+            print(
+                f"| export {rows:,} at {args.compare_git} | {old:,.0f} rows/s | | {old / copy:.2f}x "
+                f"| CPU {old_cpu:.1f} us/row |"
+            )
 
 
 if __name__ == "__main__":

@@ -86,19 +86,20 @@ def test_default_patterns_mask_url_credentials_and_key_value_secrets():
 
 
 @pytest.mark.parametrize(
-    ("patterns", "gated"),
+    "patterns",
     [
-        ([r"sk-[a-z]{4}", r"[a-z]+@[a-z]+\.org"], True),
-        # A numbered back-reference would point at another pattern's group in one alternation.
-        ([r"(ab)\1", r"x(y)z"], False),
-        # A global inline flag is allowed only at the start of a whole expression.
-        ([r"(?i)secret-\d+", r"sk-[a-z]{4}"], False),
+        [r"sk-[a-z]{4}", r"[a-z]+@[a-z]+\.org"],
+        [r"(ab)\1", r"x(y)z"],
+        [r"(?i)secret-\d+", r"sk-[a-z]{4}"],
+        # A pattern masking what an earlier one left: the literal pre-check sees each result.
+        [r"sk-[a-z]{4}", r"\[REDACTED\]!"],
+        [r"(?i:token|passw(?:or)?d)=\w+", r"\bxy(?:z|zz)+"],
     ],
 )
-def test_the_one_scan_pre_check_agrees_with_the_patterns_one_by_one(patterns, gated):
+def test_the_literal_pre_check_agrees_with_the_patterns_one_by_one(patterns):
     redactor = build_redactor([], patterns)
-    assert (redactor.gate is not None) is gated
-    texts = ["ababab x", "sk-abcd", "SECRET-42 and xyz", "mail bob@example.org", "nothing here", "abab xyz"]
+    texts = ["ababab x", "sk-abcd!", "SECRET-42 and xyz", "mail bob@example.org", "nothing here", "abab xyz"]
+    texts += ["TOKEN=abc passwd=x", "xyzz xyq", "\u017fecret-1 \u017fk-abcd", "é sk-abcd"]
     for text in texts:
         expected = text
         for pattern in patterns:
@@ -107,9 +108,11 @@ def test_the_one_scan_pre_check_agrees_with_the_patterns_one_by_one(patterns, ga
         assert redactor.text(text) == expected  # and again, from the cache
 
 
-def test_the_default_patterns_are_pre_checked_with_one_scan(settings):
+def test_a_pattern_is_skipped_only_when_a_literal_every_match_holds_is_missing(settings):
     redactor = build_redactor([], settings.REDACT_PATTERNS)
-    assert redactor.gate is not None
+    needed = {scan.pattern.pattern: scan.needed for scan in redactor.pattern_scans}
+    assert needed[settings.REDACT_PATTERNS[1]] == (("sk-",),)
+    assert needed[settings.REDACT_PATTERNS[-1]] == (("password", "passwd", "secret", "api", "token"),)
     for name in ("openai", "platform", "bearer", "email"):
         assert redactor.text(f"x {SECRETS[name]}") == f"x {MASK}", name
     assert redactor.text("task-42 of wf-7") == "task-42 of wf-7"

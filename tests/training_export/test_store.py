@@ -321,3 +321,36 @@ def test_a_write_is_fsynced_with_the_directories_it_created(data_dir, monkeypatc
     synced.clear()
     store_agent_event(event_type="agent_started", event_id="ev-2", created_at=T0)
     assert synced == [str(path)]
+
+
+def test_event_cells_are_written_as_the_same_bytes_as_event_rows(tmp_path: Path):
+    """The consumer's path (text cells, one batch check) and write_rows agree byte for byte,
+    redaction included."""
+    from training_export.services.store import EVENT_TEXT_COLUMNS, EventCells, json_text
+
+    tricky = ["a,b", 'say "hi"', "two\nlines", "é\u2028", "", "bob@example.org", "sk-abcdefghijklmnopqrstu"]
+    rows = []
+    for i in range(40):
+        texts = {column: tricky[(i + n) % len(tricky)] for n, column in enumerate(EVENT_TEXT_COLUMNS)}
+        payload = {"note": tricky[i % len(tricky)], "api_key": "k" if i % 3 == 0 else None, "n": [i, {"x": "\\"}]}
+        rows.append({"event_id": f"e{i}", **texts, "created_at": T0, "payload": payload})
+    rows.append(dict(rows[0]))  # a duplicate event_id is written once either way
+    by_rows = TrainingDataStore(tmp_path / "rows")
+    by_cells = TrainingDataStore(tmp_path / "cells")
+    day = T0.date()
+    by_rows.write_rows("events", day, rows)
+    cells = [
+        EventCells(
+            row["event_id"],
+            [row[column] for column in EVENT_TEXT_COLUMNS],
+            T0.isoformat(),
+            row["payload"],
+            json_text(row["payload"]),
+        )
+        for row in rows
+    ]
+    result = by_cells.write_event_cells(day, cells)
+    assert (result.written, result.duplicates) == (40, 1)
+    written = by_cells.path("events", day).read_bytes()
+    assert written == by_rows.path("events", day).read_bytes()
+    assert b"bob@example.org" not in written and b"abcdefghijklmnopqrstu" not in written

@@ -171,13 +171,18 @@ def _minimal_tool(name: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
 
 
-def _tools(agent_config: Any, called: list[str]) -> list[dict[str, Any]]:
+def _tools(agent_config: Any, called: list[str], redactor: Redactor) -> list[dict[str, Any]]:
     """The agent's tools as the registry describes them, plus any function called in the
-    thread that the registry does not know (a tool since removed): a minimal schema."""
+    thread that the registry does not know (a tool since removed): a minimal schema. `called`
+    is already redacted; a configured name the registry does not know is data and redacted too."""
     known = tool_registry()
     configured = agent_config.get("tools", []) if isinstance(agent_config, dict) else []
-    names = {str(name) for name in configured} | set(called)
+    names = {name if name in known else redactor.text(name) for name in map(str, configured)} | set(called)
     return [known[name].schema() if name in known else _minimal_tool(name) for name in sorted(names)]
+
+
+def _redacted(value: Any, redactor: Redactor) -> Any:
+    return redactor.text(value) if isinstance(value, str) else value
 
 
 def _arguments(text: Any, redactor: Redactor) -> str:
@@ -196,10 +201,10 @@ def _tool_calls(calls: Any, redactor: Redactor) -> list[dict[str, Any]]:
         function = call.get("function") or {} if isinstance(call, dict) else {}
         out.append(
             {
-                "id": call.get("id") if isinstance(call, dict) else None,
+                "id": _redacted(call.get("id"), redactor) if isinstance(call, dict) else None,
                 "type": call.get("type", "function") if isinstance(call, dict) else None,
                 "function": {
-                    "name": function.get("name"),
+                    "name": _redacted(function.get("name"), redactor),
                     "arguments": _arguments(function.get("arguments"), redactor),
                 },
             }
@@ -235,7 +240,11 @@ def conversation_example(rows: list[tuple[Any, ...]], redactor: Redactor) -> dic
             good = not record["is_error"] and record["attempt__status"] in _GOOD_ATTEMPT
             message["weight"] = 1 if good else 0
         elif role == "tool":
-            message = {"role": "tool", "tool_call_id": record["tool_call_id"], "content": content}
+            message = {
+                "role": "tool",
+                "tool_call_id": _redacted(record["tool_call_id"], redactor),
+                "content": content,
+            }
         elif role == "system":
             if messages:
                 continue  # only one system message, first; a later one would break the format
@@ -250,7 +259,7 @@ def conversation_example(rows: list[tuple[Any, ...]], redactor: Redactor) -> dic
         (i for i, m in enumerate(messages) if m["role"] == "assistant" and "tool_calls" not in m), default=None
     )
     messages = messages[: last_answer + 1] if last_answer is not None else []
-    return {"messages": messages, "tools": _tools(agent_config, sorted(set(called)))}
+    return {"messages": messages, "tools": _tools(agent_config, sorted(set(called)), redactor)}
 
 
 def _thread_rows(start: dt.datetime, end: dt.datetime) -> Iterator[tuple[Any, ...]]:

@@ -3,7 +3,8 @@
 Every exporter streams rows with a server-side cursor (`QuerySet.iterator(chunk_size=...)`
 uses a named cursor on PostgreSQL), in a stable order with a unique tiebreaker, and encodes
 each record as JSON with sorted keys and fixed separators, so the same rows always give the
-same bytes. Every record is redacted before it is encoded.
+same bytes. Every record is redacted before it is encoded: every text value (the event_id, the
+dedupe key the CSV partitions keep as it is too, aside) and every JSON value.
 
 Which rows belong to a window [start, end):
 - events: created_at in the window, ordered by sequence;
@@ -140,11 +141,22 @@ def _events_queryset(start: dt.datetime, end: dt.datetime) -> QuerySet:
 
 
 _EVENT_COLUMNS = SCHEMAS[EVENTS].columns
+# Every text column but the event_id, the dedupe key (never redacted in the CSV partitions either).
+_EVENT_TEXT_COLUMNS = tuple(
+    column for column in _EVENT_COLUMNS if column not in ("event_id", "sequence", "created_at", "payload")
+)
 
 
 def _event_record(row: tuple[Any, ...], redactor: Redactor) -> dict[str, Any]:
     record = dict(zip(_EVENT_COLUMNS, row, strict=True))
     record["created_at"] = _iso(record["created_at"])
+    text = redactor.text
+    for column in _EVENT_TEXT_COLUMNS:
+        value = record[column]
+        if type(value) is str:
+            record[column] = text(value)
+        elif value is not None:
+            record[column] = redactor.value(value)
     record["payload"] = redactor.value(record["payload"])
     return record
 

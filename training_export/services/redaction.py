@@ -7,19 +7,30 @@ write. It masks:
   as whole words of the key, case-insensitively: with `token` configured, `access_token`,
   `X-Auth-Token` and `refreshToken` are masked but `tokens_used` and `max_tokens` are not
   (token counts are training signal, not credentials);
+- the configured secret values of this deployment wherever they appear verbatim inside a
+  string (SECRET_KEY, the database and Redis passwords, provider API keys: the values the
+  log filter masks, `observability.logs.configured_secrets`);
 - every match of `settings.REDACT_PATTERNS` inside any string (bearer tokens, API key shapes,
   emails), including strings inside lists and JSON-looking text.
+
+`Redactor.dirty` rules out, for a whole batch of records with a few scans, that redaction
+would change anything, so the writers can skip the per-value walk for the records it clears.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from re import _constants as sre
+from re import _parser as sre_parse
 from typing import Any
 
 from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 
 MASK = "[REDACTED]"
 
@@ -35,15 +46,45 @@ _CACHE_LIMIT = 50_000
 
 
 @dataclass(frozen=True)
+class _Scan:
+    """A pattern as `Redactor.dirty` searches it, with what any match must hold (lower-cased
+    literals: one of each tuple; None when unknown) and, when every match starts with one of
+    a few literals, those."""
+
+    pattern: re.Pattern[str]
+    needed: tuple[tuple[str, ...], ...] | None = None
+    prefixes: tuple[str, ...] | None = None
+
+    def ruled_out(self, lowered: str | None) -> bool:
+        """Whether the text whose lower-cased form is `lowered` (None unless the text is ASCII,
+        where lower() is plain case mapping) cannot hold a match: a needed literal is missing."""
+        if lowered is None or self.needed is None:
+            return False
+        for options in self.needed:
+            for literal in options:
+                if literal in lowered:
+                    break
+            else:
+                return True
+        return False
+
+
+@dataclass(frozen=True)
 class Redactor:
     key_words: tuple[tuple[str, ...], ...]
     patterns: tuple[re.Pattern[str], ...]
-    # One alternation of all patterns, only to rule out a match in a short string with a single
-    # scan; None when it could disagree with the patterns one by one (see _any_pattern).
-    gate: re.Pattern[str] | None = None
+    # Configured secret values, longest first (a secret containing another is masked whole).
+    secrets: tuple[str, ...] = ()
+    # Whether `dirty` may rule out a match by scanning joined texts (see _joinable), and what
+    # it scans for: the patterns and the secrets as literals.
+    joinable: bool = False
+    scans: tuple[_Scan, ...] = ()
+    # The patterns' scans alone, in the configured order.
+    pattern_scans: tuple[_Scan, ...] = ()
     # Exports and the consumer see the same keys and short values millions of times.
     _keys: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
     _short_texts: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    _safe_keys: set[Any] = field(default_factory=set, compare=False, repr=False)
 
     def key_is_secret(self, key: str) -> bool:
         cached = self._keys.get(key)
@@ -61,25 +102,31 @@ class Redactor:
         cached = self._short_texts.get(value)
         if cached is not None:
             return cached
-        if not self.patterns:
+        if not self.patterns and not self.secrets:
             return value
-        if len(value) > 64:
-            return self._substitute(value)
-        # Short strings (ids, names, numbers) are most of the values, and nearly none has
-        # anything to mask: one scan of the alternation says so. On long text it is slower than
-        # one scan per pattern, each skipping ahead to its literal prefix.
-        maybe_secret = self.gate is None or self.gate.search(value) is not None
-        cached = self._substitute(value) if maybe_secret else value
-        if len(self._short_texts) >= _CACHE_LIMIT:
-            self._short_texts.clear()
-        self._short_texts[value] = cached
-        return cached
+        result = self._substitute(value)
+        if len(value) <= 64:
+            # Short strings (ids, names, numbers) are most of the values and repeat.
+            if len(self._short_texts) >= _CACHE_LIMIT:
+                self._short_texts.clear()
+            self._short_texts[value] = result
+        return result
 
     def _substitute(self, value: str) -> str:
-        # One pattern at a time, in the configured order: an alternation of them would defeat
-        # each one's literal-prefix scan, which is what keeps this cheap on long text.
-        for pattern in self.patterns:
-            value = pattern.sub(MASK, value)
+        for secret in self.secrets:
+            if secret in value:
+                value = value.replace(secret, MASK)
+        # One pattern at a time, in the configured order (an alternation of them would defeat
+        # each one's literal-prefix scan); a pattern is skipped when a literal every match of it
+        # holds is missing: a few substring tests instead of a regex scan.
+        lowered = value.lower() if value.isascii() else None
+        for scan in self.pattern_scans:
+            if scan.ruled_out(lowered):
+                continue
+            replaced = scan.pattern.sub(MASK, value)
+            if replaced != value:
+                value = replaced
+                lowered = value.lower() if value.isascii() else None
         return value
 
     def value(self, value: Any) -> Any:
@@ -123,38 +170,316 @@ class Redactor:
                 out[key] = self.value(item)
         return out
 
+    def dirty(
+        self, texts: Sequence[Sequence[str]], json_texts: Sequence[Sequence[str]], json_values: Sequence[Sequence[Any]]
+    ) -> set[int]:
+        """The indexes of the records redaction might change. Every other record is unchanged
+        by `text` on each of its `texts` and by `value` on each of its `json_values` (whose
+        valid JSON texts are `json_texts`).
+
+        All records are joined into one text, each string between double quotes (JSON strings,
+        their escapes decoded, already are), and each pattern and secret is searched once in
+        it: a match inside a string is also a match there, as far as `_joinable` holds. The
+        keys of the JSON values are looked at only when all the words of a configured key occur."""
+        count = len(texts)
+        if not self.joinable:
+            return set(range(count))
+        dirty: set[int] = set()
+        parts = []
+        for index in range(count):
+            part = '"'.join(texts[index])
+            for raw in json_texts[index]:
+                decoded = _json_unescape(raw) if "\\" in raw else raw
+                if decoded is None:
+                    dirty.add(index)
+                    decoded = ""
+                part += '"' + decoded
+            parts.append(part)
+        joined = '"' + '"'.join(parts) + '"'
+        starts = []
+        position = 1
+        for part in parts:
+            starts.append(position)
+            position += len(part) + 1
+
+        def mark(begin: int, end: int) -> None:
+            first = bisect_right(starts, begin) - 1
+            last = bisect_right(starts, max(begin, end - 1)) - 1
+            dirty.update(range(max(first, 0), last + 1))
+
+        # On ASCII text lower() is plain ASCII case mapping, so a literal every match holds
+        # (case-insensitively) must be in the lower-cased text.
+        lowered = joined.lower() if joined.isascii() else None
+        for scan in self.scans:
+            if scan.ruled_out(lowered):
+                continue
+            if lowered is not None and scan.prefixes is not None:
+                # Every match starts at one of these: try there instead of at every position
+                # (a case-insensitive pattern gets no literal-prefix scan from the engine).
+                for prefix in scan.prefixes:
+                    at = lowered.find(prefix)
+                    while at >= 0:
+                        match = scan.pattern.match(joined, at)
+                        if match is not None:
+                            mark(*match.span())
+                        at = lowered.find(prefix, at + 1)
+                continue
+            for match in scan.pattern.finditer(joined):
+                mark(*match.span())
+        if self.key_words:
+            lowered = lowered if lowered is not None else joined.lower()
+            # Key words are ASCII letters and digits, so a key made of them has each of them
+            # in the lower-cased text.
+            if any(all(word in lowered for word in words) for words in self.key_words):
+                for index, values in enumerate(json_values):
+                    if index not in dirty and any(self._holds_secret_key(value) for value in values):
+                        dirty.add(index)
+        return dirty
+
+    def _holds_secret_key(self, value: Any) -> bool:
+        """Whether a dict anywhere in `value` has a key `key_is_secret` names."""
+        safe = self._safe_keys
+        pending = [value] if isinstance(value, dict | list | tuple) else []
+        while pending:
+            item = pending.pop()
+            if isinstance(item, dict):
+                if not safe.issuperset(item):
+                    for key in item:
+                        if key not in safe:
+                            if self.key_is_secret(str(key)):
+                                return True
+                            if len(safe) >= _CACHE_LIMIT:
+                                safe.clear()
+                            safe.add(key)
+                item = item.values()
+            pending += [
+                inner
+                for inner in item
+                if type(inner) in _CONTAINERS or (type(inner) not in _LEAVES and isinstance(inner, dict | list | tuple))
+            ]
+        return False
+
 
 _SCALARS = frozenset({int, float, bool})
+_CONTAINERS = frozenset({dict, list, tuple})
+_LEAVES = frozenset({str, int, float, bool, type(None)})
+
+_JSON_ESCAPE = re.compile(
+    r"\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|(.))", re.S
+)
+_SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
-def _any_pattern(patterns: tuple[re.Pattern[str], ...]) -> re.Pattern[str] | None:
-    """An alternation that matches a string exactly when one of `patterns` does, or None.
+_PIECE_ESCAPES = tuple(("\\" + escape, char) for escape, char in _SIMPLE_ESCAPES.items() if escape != "\\")
 
-    None when a pattern has a capturing group (its numbered back-references would point at
-    another pattern's group inside the alternation) or the alternation does not compile (a
-    global inline flag such as `(?i)` is allowed only at the start of a whole expression)."""
-    if len(patterns) < 2 or any(pattern.groups or pattern.flags & re.VERBOSE for pattern in patterns):
-        return None
+
+class _LoneSurrogate(ValueError):
+    pass
+
+
+def _unescape_one(match: re.Match[str]) -> str:
+    high, low, code, simple = match.groups()
+    if high:
+        return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + (int(low, 16) - 0xDC00))
+    if code:
+        if 0xD800 <= int(code, 16) <= 0xDFFF:
+            raise _LoneSurrogate(code)
+        return chr(int(code, 16))
+    return _SIMPLE_ESCAPES[simple]
+
+
+def _json_unescape(text: str) -> str | None:
+    """Valid JSON text with every string escape decoded (None for a lone surrogate)."""
+    if "\\u" not in text:
+        # Escapes pair up from the left, so splitting at every escaped backslash leaves pieces
+        # whose backslashes each start a one-character escape: no callback per escape.
+        pieces = text.split("\\\\")
+        for index, piece in enumerate(pieces):
+            if "\\" in piece:
+                for escape, char in _PIECE_ESCAPES:
+                    piece = piece.replace(escape, char)
+                pieces[index] = piece
+        return "\\".join(pieces)
     try:
-        return re.compile("|".join(f"(?:{pattern.pattern})" for pattern in patterns))
-    except re.error:
+        return _JSON_ESCAPE.sub(_unescape_one, text)
+    except _LoneSurrogate:
         return None
 
 
-def build_redactor(keys: Iterable[str], patterns: Iterable[str]) -> Redactor:
+_QUOTE = ord('"')
+_QUOTE_CATEGORIES = frozenset(
+    {sre.CATEGORY_NOT_DIGIT, sre.CATEGORY_NOT_SPACE, sre.CATEGORY_NOT_WORD, sre.CATEGORY_NOT_LINEBREAK}
+)
+_NO_QUOTE_CATEGORIES = frozenset({sre.CATEGORY_DIGIT, sre.CATEGORY_SPACE, sre.CATEGORY_WORD, sre.CATEGORY_LINEBREAK})
+
+
+def _class_may_hold_quote(items: list[tuple[Any, Any]]) -> bool:
+    negate = False
+    holds = False
+    for op, arg in items:
+        if op is sre.NEGATE:
+            negate = True
+        elif op is sre.LITERAL:
+            holds = holds or arg == _QUOTE
+        elif op is sre.RANGE:
+            holds = holds or arg[0] <= _QUOTE <= arg[1]
+        elif op is sre.CATEGORY and arg in _QUOTE_CATEGORIES:
+            holds = True
+        elif not (op is sre.CATEGORY and arg in _NO_QUOTE_CATEGORIES):
+            return True
+    return holds != negate
+
+
+def _joinable_items(items: Any, *, in_lookaround: bool) -> bool:
+    for op, arg in items:
+        if op is sre.LITERAL:
+            if in_lookaround and arg == _QUOTE:
+                return False
+        elif op is sre.NOT_LITERAL or op is sre.ANY or op is sre.GROUPREF:
+            if in_lookaround and not (op is sre.NOT_LITERAL and arg == _QUOTE):
+                return False
+        elif op is sre.IN:
+            if in_lookaround and _class_may_hold_quote(arg):
+                return False
+        elif op is sre.AT:
+            if arg not in (sre.AT_BOUNDARY, sre.AT_NON_BOUNDARY):
+                return False
+        elif op is sre.ASSERT or op is sre.ASSERT_NOT:
+            if not _joinable_items(arg[1], in_lookaround=True):
+                return False
+        elif op is sre.SUBPATTERN:
+            if not _joinable_items(arg[3], in_lookaround=in_lookaround):
+                return False
+        elif op is sre.BRANCH:
+            if not all(_joinable_items(branch, in_lookaround=in_lookaround) for branch in arg[1]):
+                return False
+        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+            if not _joinable_items(arg[2], in_lookaround=in_lookaround):
+                return False
+        elif op is sre.ATOMIC_GROUP:
+            if not _joinable_items(arg, in_lookaround=in_lookaround):
+                return False
+        else:
+            return False
+    return True
+
+
+def _joinable(pattern: re.Pattern[str]) -> bool:
+    """Whether every match of `pattern` inside a string is also a match inside any text that
+    holds the string between two double quotes: the surroundings of the string may change
+    only what assertions see, so `^`, `$`, `\\A`, `\\Z` are refused, `\\b`/`\\B` see a quote as
+    they see the string's edge (neither is a word character), and a look-around must be unable
+    to consume a quote (so reaching past the string's edge fails, as it does at the edge)."""
+    return _joinable_items(sre_parse.parse(pattern.pattern, pattern.flags), in_lookaround=False)
+
+
+def _needed(items: Any) -> list[tuple[str, ...]]:
+    """Literals a match of `items` must hold, lower-cased: one of each tuple."""
+    needed: list[tuple[str, ...]] = []
+    run = ""
+    for op, arg in items:
+        if op is sre.LITERAL:
+            run += chr(arg)
+            continue
+        if run:
+            needed.append((run.lower(),))
+            run = ""
+        if op is sre.SUBPATTERN:
+            needed += _needed(arg[3])
+        elif op is sre.BRANCH:
+            choices = [_needed(branch) for branch in arg[1]]
+            if all(choices):
+                # The longest shortest literal of each branch: one of them is in every match.
+                best = [max(choice, key=lambda options: min(map(len, options))) for choice in choices]
+                needed.append(tuple(literal for options in best for literal in options))
+        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT) and arg[0] >= 1:
+            needed += _needed(arg[2])
+        elif op is sre.ATOMIC_GROUP:
+            needed += _needed(arg)
+    if run:
+        needed.append((run.lower(),))
+    return needed
+
+
+def _prefixes(items: Any) -> tuple[str, ...] | None:
+    """Literals (lower-cased) one of which every match of `items` starts with, or None."""
+    for index, (op, arg) in enumerate(items):
+        if op is sre.LITERAL:
+            run = ""
+            for next_op, next_arg in items[index:]:
+                if next_op is not sre.LITERAL:
+                    break
+                run += chr(next_arg)
+            return (run.lower(),)
+        if op is sre.SUBPATTERN:
+            return _prefixes(arg[3])
+        if op is sre.BRANCH:
+            found = [_prefixes(branch) for branch in arg[1]]
+            return None if None in found else tuple(prefix for prefixes in found for prefix in prefixes)
+        if op is not sre.ASSERT and op is not sre.ASSERT_NOT and op is not sre.AT:
+            return None  # zero-width nodes at the start are checked at the match position
+    return None
+
+
+def _scan(pattern: re.Pattern[str]) -> _Scan:
+    tree = sre_parse.parse(pattern.pattern, pattern.flags)
+    needed = tuple(_needed(tree)) or None
+    prefixes = _prefixes(tree)
+    literals = [literal for options in needed or () for literal in options] + list(prefixes or ())
+    if not all(literal.isascii() for literal in literals):
+        # A non-ASCII character may match ASCII text case-insensitively (the long s matches s).
+        return _Scan(pattern)
+    if prefixes is not None and not (pattern.flags & re.IGNORECASE or "(?i" in pattern.pattern):
+        prefixes = None  # a case-sensitive literal prefix is what the engine's own scan is fast at
+    return _Scan(pattern, needed=needed, prefixes=prefixes)
+
+
+def build_redactor(keys: Iterable[str], patterns: Iterable[str], secrets: Iterable[str] = ()) -> Redactor:
     key_words = tuple(words for words in (_words(key) for key in keys) if words)
     compiled = tuple(re.compile(pattern) for pattern in patterns)
-    return Redactor(key_words=key_words, patterns=compiled, gate=_any_pattern(compiled))
+    secret_values = tuple(sorted({secret for secret in secrets if secret}, key=lambda value: (-len(value), value)))
+    literals = tuple(re.compile(re.escape(secret)) for secret in secret_values)
+    scans = tuple(_scan(pattern) for pattern in compiled) + tuple(
+        _Scan(literal, needed=((secret.lower(),),)) for literal, secret in zip(literals, secret_values, strict=True)
+    )
+    return Redactor(
+        key_words=key_words,
+        patterns=compiled,
+        secrets=secret_values,
+        joinable=all(_joinable(pattern) for pattern in compiled),
+        scans=scans,
+        pattern_scans=scans[: len(compiled)],
+    )
 
 
 @lru_cache(maxsize=8)
-def _redactor_for(keys: tuple[str, ...], patterns: tuple[str, ...]) -> Redactor:
-    return build_redactor(keys, patterns)
+def _redactor_for(keys: tuple[str, ...], patterns: tuple[str, ...], secrets: tuple[str, ...]) -> Redactor:
+    return build_redactor(keys, patterns, secrets)
+
+
+_secret_values: tuple[str, ...] | None = None
+
+
+def configured_secret_values() -> tuple[str, ...]:
+    """This deployment's secret values, as the log filter masks them (read once per process
+    and again after a settings change: reading them loads the agent definitions)."""
+    global _secret_values
+    if _secret_values is None:
+        from observability.logs import configured_secrets
+
+        _secret_values = tuple(sorted(configured_secrets()))
+    return _secret_values
+
+
+@receiver(setting_changed)
+def _forget_secret_values(**kwargs: Any) -> None:
+    global _secret_values
+    _secret_values = None
 
 
 def current_redactor() -> Redactor:
     """The redactor for the current settings (cached per configuration)."""
-    return _redactor_for(tuple(settings.REDACT_KEYS), tuple(settings.REDACT_PATTERNS))
+    return _redactor_for(tuple(settings.REDACT_KEYS), tuple(settings.REDACT_PATTERNS), configured_secret_values())
 
 
 def redact(value: Any) -> Any:

@@ -4,7 +4,10 @@ Layout: `{TRAINING_DATA_DIR}/{type}/{type}_YYYY-MM-DD.csv` (UTC day), a header l
 row per record. Every row carries the `event_id` it came from, and a file never holds an
 event_id twice: a redelivered stream entry or a repeated call is written once.
 
-Every value is redacted (services/redaction.py) before it is encoded. A write is durable when
+Every value is redacted (services/redaction.py) before it is encoded; a batch is first checked
+as a whole (`Redactor.dirty`), and only the rows that check cannot clear are walked value by
+value. Lines are built without the csv module, with the same bytes (`_csv_line`). A write is
+durable when
 it returns: the rows are appended with one write() under an exclusive
 flock, then the file is fsynced (and its directory, when the file is new). The lock lets
 several processes share a file (consumers of one group, workers calling the store API): under
@@ -22,6 +25,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import threading
 from collections import OrderedDict
@@ -29,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from django.conf import settings
@@ -137,6 +141,13 @@ SCHEMAS: dict[str, Schema] = {
 }
 
 
+def _schema(data_type: str) -> Schema:
+    try:
+        return SCHEMAS[data_type]
+    except KeyError:
+        raise ValueError(f"unknown data type {data_type!r}; expected one of {sorted(SCHEMAS)}") from None
+
+
 class StoreError(RuntimeError):
     """A partition file the store cannot safely append to (foreign header, corrupt middle)."""
 
@@ -185,16 +196,19 @@ def _cell(value: Any, *, as_json: bool, redactor: Redactor) -> str:
     return redactor.text(str(value))
 
 
-def _encode_rows(schema: Schema, rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[str]]]:
-    """(event_id, CSV cells) per row, every cell but the event_id redacted; the whole batch is
+def _encode_rows(schema: Schema, rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(event_id, CSV line) per row, every cell but the event_id redacted; the whole batch is
     validated and encoded before any file is touched."""
     redactor = current_redactor()
-    text = redactor.text
     known = frozenset(schema.columns)
     json_columns = schema.json_columns
     plan = [(column, column in json_columns) for column in schema.columns if column != "event_id"]
     event_id_index = schema.columns.index("event_id")
-    encoded = []
+    event_ids = []
+    encoded: list[list[str]] = []
+    texts: list[list[str]] = []  # per row: what the redactor would see, for Redactor.dirty
+    json_texts: list[list[str]] = []
+    json_values: list[list[Any]] = []
     for row in rows:
         if not known.issuperset(row):
             raise ValueError(f"unknown columns {sorted(set(row) - known)}")
@@ -202,28 +216,115 @@ def _encode_rows(schema: Schema, rows: Sequence[Mapping[str, Any]]) -> list[tupl
         if not event_id:
             raise ValueError("every row needs an event_id (the dedupe key)")
         cells = []
+        row_texts = []
+        row_json = []
+        row_values = []
         for column, as_json in plan:
             value = row.get(column)
-            if type(value) is str and not as_json:
-                cells.append(text(value))
-            elif value is None:
+            kind = type(value)
+            if value is None:
                 cells.append("")
+            elif kind is str and not as_json:
+                cells.append(value)
+                row_texts.append(value)
+            elif as_json or kind is dict or kind is list or isinstance(value, dict | list | tuple):
+                text = json_text(value)
+                cells.append(text)
+                row_json.append(text)
+                row_values.append(value)
+            elif kind is int or kind is float:
+                cells.append(str(value))
+            elif isinstance(value, bool):
+                cells.append("true" if value else "false")
+            elif isinstance(value, dt.datetime):
+                cells.append(utc_isoformat(value))
             else:
-                cells.append(_cell(value, as_json=as_json, redactor=redactor))
-        event_id = str(event_id)
+                text = str(value)
+                cells.append(text)
+                row_texts.append(text)
+        event_ids.append(str(event_id))
+        encoded.append(cells)
+        texts.append(row_texts)
+        json_texts.append(row_json)
+        json_values.append(row_values)
+    for index in redactor.dirty(texts, json_texts, json_values):
+        row = rows[index]
+        encoded[index] = [_cell(row.get(column), as_json=as_json, redactor=redactor) for column, as_json in plan]
+    lines = []
+    for event_id, cells in zip(event_ids, encoded, strict=True):
         cells.insert(event_id_index, event_id)  # the dedupe key, never a secret: written as it is
-        encoded.append((event_id, cells))
-    return encoded
+        lines.append((event_id, _csv_line(cells)))
+    return lines
 
 
-def _csv_text(rows: list[list[str]]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
+class EventCells(NamedTuple):
+    """An events row as text: `texts` are the cells from sequence to severity, in column order;
+    `created_at` is the UTC ISO text; `payload_json` is `json_text(payload)`."""
+
+    event_id: str
+    texts: list[str]
+    created_at: str
+    payload: Any
+    payload_json: str
+
+
+# The events columns between event_id and created_at, payload (the last two).
+EVENT_TEXT_COLUMNS = SCHEMAS[EVENTS].columns[1:-2]
+
+
+def _encode_event_cells(rows: Sequence[EventCells]) -> list[tuple[str, str]]:
+    redactor = current_redactor()
+    dirty = redactor.dirty(
+        [row.texts for row in rows], [[row.payload_json] for row in rows], [[row.payload] for row in rows]
+    )
+    lines = []
+    for index, (event_id, texts, created_at, payload, payload_json) in enumerate(rows):
+        if not event_id:
+            raise ValueError("every row needs an event_id (the dedupe key)")
+        if index in dirty:
+            texts = [redactor.text(text) for text in texts]
+            payload_json = json_text(redactor.value(payload))
+        head = _csv_line([event_id, *texts, created_at])
+        lines.append((event_id, f"{head[:-1]},{_csv_field(payload_json)}\n"))
+    return lines
+
+
+def _csv_field(cell: str) -> str:
+    if _NEEDS_QUOTES.search(cell) is None:
+        return cell
+    return '"' + cell.replace('"', '""') + '"'
+
+
+def _quoted_characters() -> str:
+    """The characters that make the csv module quote a field (delimiter, quote character and
+    the line ends it treats as special), asked of the module itself."""
+    found = ""
+    for char in ',"\r\n\t\x00\x0b\x0c ;':
+        buffer = io.StringIO()
+        csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerow([f"a{char}b", "c"])
+        if buffer.getvalue().startswith('"'):
+            found += char
+    return found
+
+
+_QUOTED = _quoted_characters()
+_NEEDS_QUOTES = re.compile(f"[{re.escape(_QUOTED)}]")
+_NEEDS_QUOTES_BESIDES_COMMA = re.compile(f"[{re.escape(_QUOTED.replace(',', ''))}]")
+
+
+def _csv_line(cells: list[str]) -> str:
+    """The line `csv.writer(quoting=QUOTE_MINIMAL, lineterminator="\\n").writerow(cells)` writes."""
+    if len(cells) == 1 and not cells[0]:
+        return '""\n'  # the writer quotes a lone empty field, or the line would read as no field
+    line = ",".join(cells)
+    if line.count(",") == len(cells) - 1 and _NEEDS_QUOTES_BESIDES_COMMA.search(line) is None:
+        return line + "\n"
+    search = _NEEDS_QUOTES.search
+    return ",".join([cell if search(cell) is None else '"' + cell.replace('"', '""') + '"' for cell in cells]) + "\n"
 
 
 def _header_line(schema: Schema) -> str:
-    return _csv_text([list(schema.columns)])
+    return _csv_line(list(schema.columns))
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -264,15 +365,21 @@ class TrainingDataStore:
         self._lock = threading.Lock()
 
     def path(self, data_type: str, day: dt.date) -> Path:
-        if data_type not in SCHEMAS:
-            raise ValueError(f"unknown data type {data_type!r}; expected one of {sorted(SCHEMAS)}")
+        _schema(data_type)
         return self.root / data_type / f"{data_type}_{day.isoformat()}.csv"
 
     def write_rows(self, data_type: str, day: dt.date, rows: Sequence[Mapping[str, Any]]) -> WriteResult:
         """Append the rows whose event_id the file does not hold yet; durable on return."""
+        return self._append(data_type, day, _encode_rows(_schema(data_type), rows))
+
+    def write_event_cells(self, day: dt.date, rows: Sequence[EventCells]) -> WriteResult:
+        """`write_rows` for events whose cells are text already (the stream consumer's hot path,
+        which skips building a row dict per entry); the same redaction and the same bytes."""
+        return self._append(EVENTS, day, _encode_event_cells(rows))
+
+    def _append(self, data_type: str, day: dt.date, encoded: list[tuple[str, str]]) -> WriteResult:
         path = self.path(data_type, day)
         schema = SCHEMAS[data_type]
-        encoded = _encode_rows(schema, rows)
         result = WriteResult(path=path)
         with self._lock:
             makedirs_durable(path.parent)
@@ -282,21 +389,22 @@ class TrainingDataStore:
                 state = self._catch_up(path, fd, schema)
                 new_file = state.end == 0
                 fresh_ids: set[str] = set()
-                fresh_rows = []
-                for event_id, cells in encoded:
-                    if event_id in state.seen or event_id in fresh_ids:
+                fresh_lines = [_header_line(schema)] if new_file else []
+                seen = state.seen
+                for event_id, line in encoded:
+                    if event_id in seen or event_id in fresh_ids:
                         result.duplicates += 1
                         continue
                     fresh_ids.add(event_id)
-                    fresh_rows.append(cells)
-                text = (_header_line(schema) if new_file else "") + _csv_text(fresh_rows)
+                    fresh_lines.append(line)
+                text = "".join(fresh_lines)
                 if text:
                     data = text.encode("utf-8")
                     _write_all(fd, data)
                     os.fsync(fd)
                     state.end += len(data)
                     state.seen |= fresh_ids
-                    result.written = len(fresh_rows)
+                    result.written = len(fresh_ids)
                     if new_file:
                         fsync_dir(path.parent)
             except BaseException:

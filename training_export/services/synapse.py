@@ -19,12 +19,14 @@ consumer never trims the main stream (the relay trims only what every group ackn
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import os
 import socket
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -36,13 +38,15 @@ from orchestration.event_types import EventType
 from orchestration.models import TaskExecution, Workflow
 from training_export.services.jsonl import json_load
 from training_export.services.store import (
+    EVENT_TEXT_COLUMNS,
     EVENTS,
     SCHEMAS,
     TASKS,
     TOOL_EXECUTIONS,
     WORKFLOWS,
+    EventCells,
     TrainingDataStore,
-    utc_day,
+    json_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,7 +61,6 @@ REQUIRED_FIELDS = ("event_id", "event_type", "created_at")
 
 _TASK_FIELDS = tuple(column for column in SCHEMAS[TASKS].columns if column != "event_id")
 _WORKFLOW_FIELDS = tuple(column for column in SCHEMAS[WORKFLOWS].columns if column != "event_id")
-_EVENT_FIELDS = tuple(column for column in SCHEMAS[EVENTS].columns if column not in ("created_at", "payload"))
 _TOOL_PAYLOAD_FIELDS = (
     "execution_id",
     "agent_id",
@@ -70,6 +73,20 @@ _TOOL_PAYLOAD_FIELDS = (
 
 Entry = tuple[str, Mapping[bytes, bytes]]
 Rows = dict[tuple[str, dt.date], list[dict[str, Any]]]
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: a batch allocates thousands of containers that live
+    until it is written and are then freed by reference count, while each collection they
+    trigger would rescan the process's long-lived objects (10-15 % of the consumer's CPU)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def default_consumer_name() -> str:
@@ -118,8 +135,8 @@ class StreamEvent(NamedTuple):
 
 def _decode_fields(raw: Mapping[bytes, bytes]) -> dict[str, str]:
     try:
-        return {key.decode(): value.decode() for key, value in raw.items()}
-    except AttributeError:  # a client with decode_responses=True hands out text already
+        return dict(zip(map(bytes.decode, raw.keys()), map(bytes.decode, raw.values()), strict=True))
+    except TypeError:  # a client with decode_responses=True hands out text already
         return {_text(key): _text(value) for key, value in raw.items()}
 
 
@@ -138,7 +155,8 @@ def parse_entry(entry_id: str, raw: Mapping[bytes, bytes]) -> StreamEvent:
         created_at = dt.datetime.fromisoformat(fields["created_at"])
     except ValueError as exc:
         raise MalformedEntry(f"unparseable created_at {fields['created_at']!r}") from exc
-    if created_at.tzinfo is None:
+    offset = created_at.utcoffset()
+    if offset is None:
         raise MalformedEntry(f"created_at {fields['created_at']!r} has no UTC offset")
     sequence = fields.get("sequence", "")
     if sequence and not (sequence.isascii() and sequence.isdigit()):
@@ -149,15 +167,8 @@ def parse_entry(entry_id: str, raw: Mapping[bytes, bytes]) -> StreamEvent:
         raise MalformedEntry(f"payload is not JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise MalformedEntry("payload is not a JSON object")
-    return StreamEvent(entry_id, fields, created_at, payload, utc_day(created_at))
-
-
-def _event_row(event: StreamEvent) -> dict[str, Any]:
-    fields = event.fields
-    row: dict[str, Any] = {column: fields.get(column) for column in _EVENT_FIELDS}
-    row["created_at"] = event.created_at
-    row["payload"] = event.payload
-    return row
+    day = created_at.date() if not offset else created_at.astimezone(dt.UTC).date()
+    return StreamEvent(entry_id, fields, created_at, payload, day)
 
 
 def _tool_row(event: StreamEvent) -> dict[str, Any]:
@@ -212,7 +223,7 @@ class SynapseConsumer:
         stream: str,
         group: str,
         consumer: str,
-        batch: int = 500,
+        batch: int = 2000,
         claim_idle_ms: int = 60_000,
     ) -> None:
         self.client = client
@@ -271,9 +282,19 @@ class SynapseConsumer:
                 dead.append((entry_id, raw, str(exc)))
         result.dead = len(dead)
 
+        event_cells: dict[dt.date, list[EventCells]] = defaultdict(list)
         rows: Rows = defaultdict(list)
         for event in events:
-            rows[(EVENTS, event.day)].append(_event_row(event))
+            fields = event.fields
+            event_cells[event.day].append(
+                EventCells(
+                    event.event_id,
+                    [fields.get(column) or "" for column in EVENT_TEXT_COLUMNS],
+                    event.created_at.astimezone(dt.UTC).isoformat(),
+                    event.payload,
+                    json_text(event.payload),
+                )
+            )
             if event.event_type == EventType.TOOL_EXECUTED:
                 rows[(TOOL_EXECUTIONS, event.day)].append(_tool_row(event))
         tasks = [event for event in events if event.event_type in TASK_TERMINAL_EVENTS]
@@ -291,6 +312,10 @@ class SynapseConsumer:
             key=lambda e: e.fields.get("entity_id") or e.fields.get("workflow_id"),
         )
 
+        for day, cells in event_cells.items():
+            written = self.store.write_event_cells(day, cells)
+            result.written[EVENTS] += written.written
+            result.duplicates += written.duplicates
         for (data_type, day), file_rows in rows.items():
             written = self.store.write_rows(data_type, day, file_rows)
             result.written[data_type] += written.written
@@ -346,7 +371,8 @@ class SynapseConsumer:
 
     def process(self, entries: Sequence[Entry]) -> BatchResult:
         """Write a batch, then acknowledge it."""
-        batch = self.write(entries)
+        with collector_paused():
+            batch = self.write(entries)
         self.acknowledge(batch)
         return batch.result
 
@@ -375,18 +401,20 @@ class SynapseConsumer:
         self.ensure_group()
         after = "0"
         while not should_stop():
-            entries = self.read_pending(after=after)
+            with collector_paused():  # from the read on: the batch lives until it is written
+                entries = self.read_pending(after=after)
+                handle(entries)
             if not entries:
                 break
-            handle(entries)
             after = entries[-1][0]
 
         if once:
             stop_at = self._last_generated_id()
             self._claim_all(handle, should_stop)
             while not should_stop():
-                entries = self._read_new_or_regroup(block_ms=None)
-                handle(entries)
+                with collector_paused():
+                    entries = self._read_new_or_regroup(block_ms=None)
+                    handle(entries)
                 if not entries or _id_key(entries[-1][0]) >= stop_at:
                     break
         else:
@@ -398,17 +426,19 @@ class SynapseConsumer:
                 if time.monotonic() >= next_claim:
                     self._claim_all(handle, should_stop)
                     next_claim = time.monotonic() + max(self.claim_idle_ms, 1000) / 1000
-                handle(self._read_new_or_regroup(block_ms=block_ms))
+                with collector_paused():
+                    handle(self._read_new_or_regroup(block_ms=block_ms))
         self.leave()
         return total
 
     def _claim_all(self, handle: Callable[[list[Entry]], None], should_stop: Callable[[], bool]) -> None:
         cursor = "0-0"
         while not should_stop():
-            cursor, entries = self.claim(start=cursor)
-            if entries:
-                logger.info("claimed %d idle entries of %s for %s", len(entries), self.stream, self.consumer)
-            handle(entries)
+            with collector_paused():
+                cursor, entries = self.claim(start=cursor)
+                if entries:
+                    logger.info("claimed %d idle entries of %s for %s", len(entries), self.stream, self.consumer)
+                handle(entries)
             if cursor == "0-0":
                 break
 
@@ -436,9 +466,10 @@ class SynapseConsumer:
                 return False
             self.client.xgroup_delconsumer(self.stream, self.group, self.consumer)
         except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            # The stream or group is gone (deleted even between the two commands): nothing to leave.
+            if "NOGROUP" not in str(exc) and "requires the key to exist" not in str(exc):
                 raise
-            return False  # the stream or group is gone: nothing to leave
+            return False
         return True
 
 

@@ -1,3 +1,4 @@
+import gc
 import signal
 import threading
 from typing import Any
@@ -23,7 +24,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--group", default="training", help="consumer group (default: training)")
         parser.add_argument("--consumer", help="consumer name (default: hostname-pid, unique per process)")
-        parser.add_argument("--batch", type=int, default=500, help="entries per read (default: 500)")
+        parser.add_argument("--batch", type=int, default=2000, help="entries per read (default: 2000)")
         parser.add_argument("--block-ms", type=int, default=2000, help="wait for new entries this long per read")
         parser.add_argument(
             "--claim-idle-ms",
@@ -54,6 +55,9 @@ class Command(BaseCommand):
             claim_idle_ms=options["claim_idle_ms"],
         )
         verbosity = options["verbosity"]
+        # Everything loaded so far lives as long as the process: keep the cyclic collector
+        # from rescanning it (it cost 10-15 % of the consumer's CPU).
+        gc.freeze()
 
         def on_batch(result: BatchResult) -> None:
             if verbosity >= 2:
