@@ -113,13 +113,23 @@ def test_conversations_export_in_openai_chat_format(db, out):
     assert manifest["format"] == "chat_jsonl"
 
 
-def test_dataset_card_lets_datasets_load_the_export(db, out):
-    datasets = pytest.importorskip("datasets")
+def test_dataset_card_lets_datasets_load_the_export(db, out, tmp_path, monkeypatch):
+    import datasets  # a dev requirement: the export must load with the real library
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     agent = AgentFactory(system_prompt="Be brief.")
     thread("t-1", agent, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}])
+    thread("t-2", agent, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
     run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
-    loaded = datasets.load_dataset(str(Path(run.path).parent))
-    assert loaded["train"].num_rows == 1
+    loaded = datasets.load_dataset(str(Path(run.path).parent), cache_dir=str(tmp_path / "hf-cache"))
+    assert list(loaded) == ["train"] and loaded["train"].num_rows == 2
+    rows = sorted(loaded["train"], key=lambda row: row["messages"][1]["content"])
+    assert [(m["role"], m["content"]) for m in rows[1]["messages"]] == [
+        ("system", "Be brief."),
+        ("user", "hi"),
+        ("assistant", "Hello!"),
+    ]
+    assert rows[0]["messages"][2]["weight"] == 1
 
 
 def test_the_dataset_card_names_the_train_split(db, out):
