@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 
@@ -22,3 +23,20 @@ def atomic_with_retry(fn: Any, *, attempts: int = 3) -> Any:
                 raise
             time.sleep(0.01 * attempt)
     raise AssertionError("unreachable")
+
+
+def timestamptz_fast_loader(cursor: Any, connection: Any) -> None:
+    """Parse timestamptz values read by `cursor` (a psycopg cursor of the Django connection
+    `connection`) with psycopg's C loader instead of Django's Python subclass of the pure-Python
+    one: 0.09 instead of 0.9 ms for a page of 51 rows with three timestamps each.
+
+    Both give the same aware datetimes in UTC when Django's time zone and the session's are
+    UTC (Django sets the session's, TIME_ZONE = "UTC"); in any other case nothing changes."""
+    if connection.vendor != "postgresql" or connection.timezone != dt.UTC:
+        return
+    if connection.connection.info.parameter_status("TimeZone") != "UTC":
+        return
+    import psycopg
+
+    oid = psycopg.adapters.types["timestamptz"].oid
+    cursor.adapters.register_loader(oid, psycopg.adapters.get_loader(oid, psycopg.pq.Format.TEXT))

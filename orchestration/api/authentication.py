@@ -16,6 +16,7 @@ from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.request import Request
 
 from orchestration.api.permissions import ADMIN, ROLE_ORDER
+from orchestration.db import timestamptz_fast_loader
 from orchestration.models import ApiKey
 from orchestration.services.access import api_key_mark_used, api_key_matches, api_key_parse
 
@@ -81,7 +82,9 @@ class _KeyLookup:
         self.using = using
 
     def fetch(self, prefix: str) -> tuple[ApiKey, str | None] | None:
-        with connections[self.using].cursor() as cursor:
+        connection = connections[self.using]
+        with connection.cursor() as cursor:
+            timestamptz_fast_loader(cursor.cursor, connection)
             cursor.execute(self.sql, [*ROLE_ORDER, *ROLE_ORDER, prefix])
             row = cursor.fetchone()
         if row is None:

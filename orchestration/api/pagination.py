@@ -30,6 +30,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.utils.urls import remove_query_param, replace_query_param
 
+from orchestration.db import timestamptz_fast_loader
+
 
 def _encode_value(value: Any) -> Any:
     if isinstance(value, dt.datetime):
@@ -78,6 +80,7 @@ def fetch_rows(queryset: QuerySet, names: Sequence[str], *, limit: int) -> list[
         else:
             converted.append((i, converters, expression))
     with db.cursor() as cursor:
+        timestamptz_fast_loader(cursor.cursor, db)
         cursor.execute(sql, params)
         raw = cursor.fetchall()
     rows = []

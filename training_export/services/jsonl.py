@@ -27,10 +27,10 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-import psycopg
 from django.db import connection
 from django.db.models import Max, QuerySet
 
+from orchestration.db import timestamptz_fast_loader
 from orchestration.event_types import EventType
 from orchestration.models import Event, TaskExecution, Workflow
 from training_export.services.redaction import Redactor, current_redactor
@@ -121,10 +121,8 @@ class Exporter:
         connection.ensure_connection()
         loads = json_load
         with connection.connection.cursor(name=f"export_{uuid.uuid4().hex}") as cursor:
-            # psycopg's C timestamptz loader instead of Django's Python subclass (same result:
-            # the session time zone is UTC): parsing dates was a third of the fetch time.
-            oid = psycopg.adapters.types["timestamptz"].oid
-            cursor.adapters.register_loader(oid, psycopg.adapters.get_loader(oid, psycopg.pq.Format.TEXT))
+            # Parsing dates with Django's loader was a third of the fetch time.
+            timestamptz_fast_loader(cursor, connection)
             cursor.itersize = CHUNK_SIZE
             cursor.execute(sql, params)
             for row in cursor:

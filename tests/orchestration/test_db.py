@@ -1,0 +1,44 @@
+"""orchestration/db.py: psycopg's C timestamptz loader in place of Django's Python one gives
+the same datetimes, and only where it can (a UTC session)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import psycopg
+import pytest
+from django.db import connection
+
+from orchestration.db import timestamptz_fast_loader
+
+OID = psycopg.adapters.types["timestamptz"].oid
+VALUES = "SELECT '2024-02-29 23:59:59.999999+00'::timestamptz, '1970-01-01 00:00:00-05'::timestamptz, NULL::timestamptz"
+
+
+def read(fast: bool) -> tuple:
+    with connection.cursor() as cursor:
+        if fast:
+            timestamptz_fast_loader(cursor.cursor, connection)
+        cursor.execute(VALUES)
+        return cursor.fetchone(), cursor.cursor.adapters.get_loader(OID, psycopg.pq.Format.TEXT)
+
+
+@pytest.mark.django_db
+def test_the_fast_loader_reads_the_same_aware_datetimes_as_djangos():
+    (django_values, django_loader), (fast_values, fast_loader) = read(False), read(True)
+    assert fast_values == django_values
+    assert [v.tzinfo for v in fast_values[:2]] == [dt.UTC, dt.UTC] == [v.tzinfo for v in django_values[:2]]
+    assert fast_values[1] == dt.datetime(1970, 1, 1, 5, tzinfo=dt.UTC) and fast_values[2] is None
+    assert fast_loader is not django_loader and fast_loader.__module__.startswith(("psycopg_binary", "psycopg_c"))
+
+
+@pytest.mark.django_db
+def test_a_session_in_another_time_zone_keeps_djangos_loader():
+    with connection.cursor() as cursor:
+        cursor.execute("SET TIME ZONE 'Europe/Paris'")
+        try:
+            timestamptz_fast_loader(cursor.cursor, connection)
+            loader = cursor.cursor.adapters.get_loader(OID, psycopg.pq.Format.TEXT)
+        finally:
+            cursor.execute("SET TIME ZONE 'UTC'")
+    assert loader.__module__.startswith("django")
