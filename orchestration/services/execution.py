@@ -172,7 +172,7 @@ def attempt_claim(
         execution_id=execution_id, celery_task_id=celery_task_id, worker=worker, redelivered=redelivered, now=now
     )
     if fast is not None:
-        return _claim_from_fast(fast, worker=worker, celery_task_id=celery_task_id, now=now)
+        return _claim_from_fast(fast)
     return atomic_with_retry(
         lambda: _attempt_claim(
             execution_id=execution_id,
@@ -194,31 +194,17 @@ def _upstream_outputs(workflow_id: str | None, depends_on: list[str]) -> dict[st
     )
 
 
-def _claim_from_fast(fast: fastpath.FastClaim, *, worker: str, celery_task_id: str, now: dt.datetime) -> Claim:
-    attempt = TaskAttempt(
-        id=fast.attempt_id,
-        execution_id=fast.execution_id,
-        attempt_number=fast.attempt_number,
-        status=TaskAttempt.Status.RUNNING,
-        worker=worker,
-        celery_task_id=celery_task_id,
-        timeout_seconds=fast.timeout_seconds,
-        started_at=now,
-    )
-    attempt._state.adding = False
-    agent = Agent(
-        id=fast.agent_id, executor=fast.executor, entrypoint=fast.entrypoint, config=fast.config, **fast.agent_fields
-    )
-    agent._state.adding = False
+def _claim_from_fast(fast: fastpath.FastClaim) -> Claim:
+    attempt, agent = fast.attempt, fast.agent
     context = TaskContext(
-        execution_id=fast.execution_id,
+        execution_id=attempt.execution_id,
         workflow_id=fast.workflow_id,
         task_name=fast.task_name,
-        agent_id=fast.agent_id,
-        attempt_number=fast.attempt_number,
-        timeout_seconds=fast.timeout_seconds,
+        agent_id=agent.id,
+        attempt_number=attempt.attempt_number,
+        timeout_seconds=attempt.timeout_seconds,
         upstream=_upstream_outputs(fast.workflow_id, fast.depends_on),
-        agent_config=fast.config,
+        agent_config=agent.config,
     )
     return Claim(attempt=attempt, agent=agent, task_input=fast.input_data, context=context)
 

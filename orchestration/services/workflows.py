@@ -10,7 +10,8 @@ from django.utils import timezone
 
 from orchestration.errors import SpecError, TransitionError
 from orchestration.event_types import EventType
-from orchestration.models import Event, TaskExecution, Workflow
+from orchestration.models import TaskExecution, Workflow
+from orchestration.services import fastpath
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, tasks_queue
 from orchestration.services.events import task_event, task_event_build, workflow_event, workflow_event_build
 from orchestration.services.progress import tasks_cancel, workflow_fail
@@ -80,8 +81,8 @@ def _workflow_store(spec: WorkflowSpec, *, owner: Any, initiator: str) -> Workfl
     ]
     roots = [t for t in tasks if not t.depends_on]
     dispatches = [dispatch_prepare(task, now=now) for task in roots]
-    TaskExecution.objects.bulk_create(tasks)
-    Event.objects.bulk_create(
+    fastpath.insert_rows(tasks)
+    fastpath.insert_rows(
         [
             workflow_event_build(
                 workflow,

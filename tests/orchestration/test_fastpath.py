@@ -66,3 +66,135 @@ def test_engine_fast_path_false_leaves_workflow_advance_on_the_orm(builtin_agent
     workflow_advance(workflow_id=workflow.pk, completed_task="a", status=Workflow.Status.RUNNING, now=timezone.now())
     assert TaskExecution.objects.get(workflow=workflow, task_name="b").status == TaskExecution.Status.QUEUED
     assert bool(_prepared("depends_on")) is fast_path
+
+
+def _stored(model, order: str, **filters) -> list[dict]:
+    skip = {"created_at", "updated_at", "sequence", "event_id", "execution_id", "workflow_id", "entity_id"}
+    return [
+        {k: v for k, v in row.items() if k not in skip}
+        for row in model.objects.filter(**filters).order_by(order).values()
+    ]
+
+
+def test_insert_rows_stores_what_bulk_create_stores_in_list_order(builtin_agents):
+    from decimal import Decimal
+
+    from django.utils import timezone
+
+    from orchestration.models import Event, TaskExecution, Workflow
+    from orchestration.services.fastpath import insert_rows
+
+    now = timezone.now()
+    tricky = {"q": 'it\'s "quoted" \\ back\\slash ü \u2028', "n": [1, 2.5, None, True, {"deep": []}], "big": 2**62}
+
+    def rows(workflow: Workflow) -> tuple[list[TaskExecution], list[Event]]:
+        tasks = [
+            TaskExecution(
+                workflow=workflow,
+                agent_id="echo",
+                task_name=f"t{i}",
+                description="d'x" if i else "",
+                status="queued" if i % 2 else "pending",
+                depends_on=[] if i % 2 else ["t1"],
+                input_data=tricky if i == 1 else {"i": i},
+                error=None if i else "E",
+                cost_usd=Decimal("0.123456") * i,
+                execution_time_ms=None if i else 1.5,
+                celery_task_id=f"c{i}" if i % 2 else None,
+                queued_at=now if i % 2 else None,
+            )
+            for i in range(5)
+        ]
+        events = [
+            Event(event_type="task_queued", entity_type="task", entity_id=t.execution_id, payload={"i": i, **tricky})
+            for i, t in enumerate(tasks)
+        ]
+        for event in events:
+            event.workflow_id = workflow.workflow_id
+        return tasks, events
+
+    fast, orm = Workflow.objects.create(name="fast"), Workflow.objects.create(name="orm")
+    tasks, events = rows(fast)
+    insert_rows(tasks)
+    insert_rows(events)
+    orm_tasks, orm_events = rows(orm)
+    TaskExecution.objects.bulk_create(orm_tasks)
+    Event.objects.bulk_create(orm_events)
+
+    assert _stored(TaskExecution, "task_name", workflow=fast) == _stored(TaskExecution, "task_name", workflow=orm)
+    assert _stored(Event, "sequence", workflow_id=fast.pk) == _stored(Event, "sequence", workflow_id=orm.pk)
+    # events are numbered in list order (the relay publishes in sequence order)
+    stored = Event.objects.filter(workflow_id=fast.pk).order_by("sequence").values_list("entity_id", flat=True)
+    assert list(stored) == [t.execution_id for t in tasks]
+    # the database's clock fills created_at; updated_at is set as by auto_now
+    first = TaskExecution.objects.get(pk=tasks[0].pk)
+    assert first.created_at and first.updated_at and first.queued_at is None
+    assert TaskExecution.objects.get(pk=tasks[1].pk).queued_at == now
+
+
+def test_insert_rows_leaves_explicit_database_defaults_mixed_with_unset_ones_to_bulk_create(builtin_agents):
+    import datetime as dt
+
+    from orchestration.models import Event
+    from orchestration.services.fastpath import insert_rows
+
+    old = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    events = [
+        Event(event_type="task_queued", entity_id="mixed-1"),
+        Event(event_type="task_queued", entity_id="mixed-2", created_at=old),
+    ]
+    insert_rows(events)
+    stored = dict(Event.objects.filter(entity_id__startswith="mixed-").values_list("entity_id", "created_at"))
+    assert stored["mixed-2"] == old and stored["mixed-1"] > old
+
+
+def test_fast_claim_returns_the_complete_attempt_and_agent_rows(builtin_agents):
+    from orchestration.models import Agent, TaskAttempt, TaskExecution
+    from orchestration.services.execution import Claim, attempt_claim
+    from orchestration.services.workflows import workflow_submit
+
+    workflow, _ = workflow_submit(spec={"name": "one", "tasks": [{"name": "a", "agent": "echo", "input": {"k": 1}}]})
+    task = TaskExecution.objects.get(workflow=workflow)
+    claim = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w1")
+    assert isinstance(claim, Claim)
+
+    def fields(obj) -> dict:
+        return {f.attname: getattr(obj, f.attname) for f in type(obj)._meta.concrete_fields}
+
+    stored_agent = Agent.objects.get(pk="echo")
+    assert stored_agent.name and fields(claim.agent) == fields(stored_agent)
+    assert fields(claim.attempt) == fields(TaskAttempt.objects.get(execution=task))
+    assert not claim.agent._state.adding and not claim.attempt._state.adding
+    assert (claim.task_input, claim.context.attempt_number, claim.context.workflow_id) == ({"k": 1}, 1, workflow.pk)
+
+
+def test_dispatch_pipelines_messages_in_batches_in_order(builtin_agents, monkeypatch):
+    import json
+
+    import redis
+    from django.conf import settings
+    from kombu.transport.redis import PublishBatch
+
+    from orchestration.services import dispatch
+    from tests.engine import flush_redis
+
+    flushes = []
+    original = PublishBatch.flush
+
+    def counted(self):
+        flushes.append(self._buffered)
+        return original(self)
+
+    monkeypatch.setattr(PublishBatch, "flush", counted)
+    monkeypatch.setattr(dispatch, "PUBLISH_BATCH", 3)
+    flush_redis()
+    dispatch.dispatch_send(
+        [
+            dispatch.Dispatch(execution_id=f"e{i}", celery_task_id=f"m{i}", queue="low", timeout_seconds=5)
+            for i in range(5)
+        ]
+    )
+    queued = redis.Redis.from_url(settings.CELERY_BROKER_URL).lrange("low", 0, -1)
+    assert [json.loads(m)["headers"]["id"] for m in reversed(queued)] == ["m0", "m1", "m2", "m3", "m4"]
+    assert [n for n in flushes if n] == [3, 2]  # one round trip per batch of three, not one per message
+    flush_redis()
