@@ -12,8 +12,9 @@ from orchestration.services.execution import attempt_run
 def run_task(self, execution_id: str) -> str:
     """Run one attempt of a task execution (the message's id identifies the attempt).
 
-    If the database connection is lost, nothing of this delivery was recorded (or the claim
-    committed and the reaper will close the attempt): the message is sent again, same id."""
+    If the database connection is lost, the message is sent again (same id) and this delivery
+    ends. Nothing of it was recorded, except a claim that committed: the retried delivery then
+    closes that attempt as lost (connection_lost) and starts the next one."""
     delivery = self.request.delivery_info or {}
     try:
         return attempt_run(
@@ -21,6 +22,7 @@ def run_task(self, execution_id: str) -> str:
             celery_task_id=self.request.id,
             worker=self.request.hostname or "",
             redelivered=bool(delivery.get("redelivered")),
+            retried=self.request.retries > 0,
         ).value
     except (InterfaceError, OperationalError) as exc:
         for connection in connections.all(initialized_only=True):

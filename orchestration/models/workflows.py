@@ -233,6 +233,7 @@ class TaskAttemptCause(models.TextChoices):
     QUEUE_TIMEOUT = "queue_timeout", "waited in the queue too long"
     DEADLINE = "deadline", "the workflow deadline passed"
     WORKER_LOST = "worker_lost", "the worker died or vanished mid-attempt"
+    CONNECTION_LOST = "connection_lost", "the worker lost its database connection mid-attempt"
     REDELIVERY = "redelivery", "the broker redelivered the message"
     CANCELLED = "cancelled", "cancelled by a user"
 

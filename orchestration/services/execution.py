@@ -164,12 +164,25 @@ def attempt_abandon(
 
 
 def attempt_claim(
-    *, execution_id: str, celery_task_id: str, worker: str, redelivered: bool = False, now: dt.datetime | None = None
+    *,
+    execution_id: str,
+    celery_task_id: str,
+    worker: str,
+    redelivered: bool = False,
+    retried: bool = False,
+    now: dt.datetime | None = None,
 ) -> Claim | Outcome:
-    """Start an attempt for a delivered message, or say why not (SKIPPED, DEFERRED)."""
+    """Start an attempt for a delivered message, or say why not (SKIPPED, DEFERRED).
+
+    `retried`: the message was sent again by run_task itself after its worker lost the
+    database connection, so an attempt this message left running was abandoned."""
     now = now or timezone.now()
     fast = fastpath.claim(
-        execution_id=execution_id, celery_task_id=celery_task_id, worker=worker, redelivered=redelivered, now=now
+        execution_id=execution_id,
+        celery_task_id=celery_task_id,
+        worker=worker,
+        redelivered=redelivered or retried,
+        now=now,
     )
     if fast is not None:
         return _claim_from_fast(fast)
@@ -179,6 +192,7 @@ def attempt_claim(
             celery_task_id=celery_task_id,
             worker=worker,
             redelivered=redelivered,
+            retried=retried,
             now=now,
         )
     )
@@ -210,7 +224,7 @@ def _claim_from_fast(fast: fastpath.FastClaim) -> Claim:
 
 
 def _attempt_claim(
-    *, execution_id: str, celery_task_id: str, worker: str, redelivered: bool, now: dt.datetime
+    *, execution_id: str, celery_task_id: str, worker: str, redelivered: bool, retried: bool, now: dt.datetime
 ) -> Claim | Outcome:
     task = (
         TaskExecution.objects.select_for_update(of=("self",))
@@ -222,17 +236,24 @@ def _attempt_claim(
         return Outcome.SKIPPED  # unknown, or a stale message superseded by a newer one
     if task.status == TaskExecution.Status.RUNNING:
         last = TaskAttempt.objects.select_for_update().filter(execution=task).order_by("-attempt_number").first()
-        if last is None or last.status != TaskAttempt.Status.RUNNING or not redelivered:
+        if last is None or last.status != TaskAttempt.Status.RUNNING or not (redelivered or retried):
             return Outcome.SKIPPED  # a duplicate delivery: the attempt is recorded already
-        # The broker redelivered the message of a running attempt: its worker was lost.
+        if retried and last.celery_task_id == celery_task_id:
+            # run_task sent its own message again after the connection broke: whatever the
+            # attempt did was not recorded, and the delivery that ran it has ended.
+            cause = TaskAttempt.Cause.CONNECTION_LOST
+            error = (
+                f"worker {last.worker or '?'} lost its database connection during attempt {last.attempt_number} "
+                "(message sent again)"
+            )
+        elif redelivered:
+            # The broker redelivered the message of a running attempt: its worker was lost.
+            cause = TaskAttempt.Cause.WORKER_LOST
+            error = f"worker {last.worker or '?'} was lost during attempt {last.attempt_number} (message redelivered)"
+        else:
+            return Outcome.SKIPPED
         again = attempt_abandon(
-            task,
-            last,
-            status=TaskAttempt.Status.LOST,
-            cause=TaskAttempt.Cause.WORKER_LOST,
-            error=f"worker {last.worker or '?'} was lost during attempt {last.attempt_number} (message redelivered)",
-            now=now,
-            retry_now=True,
+            task, last, status=TaskAttempt.Status.LOST, cause=cause, error=error, now=now, retry_now=True
         )
         if again is not None:
             closed = last.pk
@@ -456,13 +477,19 @@ def attempt_fail(
     return atomic_with_retry(run)
 
 
-def attempt_run(*, execution_id: str, celery_task_id: str, worker: str, redelivered: bool = False) -> Outcome:
+def attempt_run(
+    *, execution_id: str, celery_task_id: str, worker: str, redelivered: bool = False, retried: bool = False
+) -> Outcome:
     """Claim the delivered message, run the agent once, record the outcome.
 
     The agent gets its tools and peers; what it used through hand-offs is added to its own
     usage. In a conversation it also gets the thread, and what it said is stored there."""
     claim = attempt_claim(
-        execution_id=execution_id, celery_task_id=celery_task_id, worker=worker, redelivered=redelivered
+        execution_id=execution_id,
+        celery_task_id=celery_task_id,
+        worker=worker,
+        redelivered=redelivered,
+        retried=retried,
     )
     if not isinstance(claim, Claim):
         return claim

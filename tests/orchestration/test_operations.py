@@ -240,6 +240,30 @@ def test_a_message_redelivered_in_a_loop_is_capped_by_the_attempts_recorded(db, 
     assert len(attempts(wf, "poison")) == 3
 
 
+def test_run_tasks_own_retry_closes_the_attempt_its_message_left_running_as_connection_lost(db, builtin_agents):
+    wf = submit({"name": "cut", "agent": "echo", "max_retries": 1})
+    t = task(wf, "cut")
+    first = attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w1@h")
+    # The same message again, without a retry: a duplicate, recorded already.
+    assert attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w2@h") == (
+        Outcome.SKIPPED
+    )
+    second = attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w1@h", retried=True)
+    assert (first.attempt.attempt_number, second.attempt.attempt_number) == (1, 2)
+    closed = attempts(wf, "cut")[0]
+    assert (closed.status, closed.cause, closed.retryable) == (A.LOST, "connection_lost", True)
+    assert closed.error == "worker w1@h lost its database connection during attempt 1 (message sent again)"
+    t.refresh_from_db()
+    assert (t.status, t.retry_count) == (T.RUNNING, 1)
+    # No retries left: the next lost connection fails the task, and nothing more is recorded.
+    assert (
+        attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w1@h", retried=True)
+        == Outcome.SKIPPED
+    )
+    t.refresh_from_db()
+    assert t.status == T.FAILED and [a.status for a in attempts(wf, "cut")] == [A.LOST, A.LOST]
+
+
 @pytest.mark.django_db(transaction=True)
 def test_two_reapers_at_once_close_an_abandoned_attempt_once(builtin_agents):
     import threading
