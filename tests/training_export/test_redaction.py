@@ -108,6 +108,24 @@ def test_the_literal_pre_check_agrees_with_the_patterns_one_by_one(patterns):
         assert redactor.text(text) == expected  # and again, from the cache
 
 
+def test_the_one_scan_gate_agrees_with_the_default_patterns_one_by_one(settings):
+    import random
+
+    redactor = build_redactor([], settings.REDACT_PATTERNS)
+    assert redactor.gate is not None and redactor.gate.search("wf-7 step 42 done") is None
+    rng = random.Random(11)
+    pieces = ["sk-", "al_", "gh", "p_", "AKIA", "xox", "b-", "@", ".", ":", "//", "://", "bearer ", "Bearer\t"]
+    pieces += ["token", "TOKEN=", "api-key: ", "passwd=", "secret:", "x" * 20, "A1" * 9, "é", "\u017f"]
+    pieces += [" ", "-", "_", "="]
+    texts = [text for value in SECRETS.values() for text in (value, f"say {value}!")]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 8))) for _ in range(3000)]
+    for text in texts:
+        expected = text
+        for pattern in settings.REDACT_PATTERNS:
+            expected = re.sub(pattern, MASK, expected)
+        assert redactor.text(text) == expected, text
+
+
 def test_a_pattern_is_skipped_only_when_a_literal_every_match_holds_is_missing(settings):
     redactor = build_redactor([], settings.REDACT_PATTERNS)
     needed = {scan.pattern.pattern: scan.needed for scan in redactor.pattern_scans}

@@ -81,6 +81,9 @@ class Redactor:
     scans: tuple[_Scan, ...] = ()
     # The patterns' scans alone, in the configured order.
     pattern_scans: tuple[_Scan, ...] = ()
+    # One literal alternation (lower-cased) that ASCII text must hold for any pattern to be
+    # able to match: one needed tuple per pattern (see _gate). None when a pattern has none.
+    gate: re.Pattern[str] | None = None
     # Exports and the consumer see the same keys and short values millions of times.
     _keys: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
     _short_texts: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -120,6 +123,8 @@ class Redactor:
         # each one's literal-prefix scan); a pattern is skipped when a literal every match of it
         # holds is missing: a few substring tests instead of a regex scan.
         lowered = value.lower() if value.isascii() else None
+        if lowered is not None and self.gate is not None and self.gate.search(lowered) is None:
+            return value  # every pattern is ruled out: one scan instead of one test per pattern
         for scan in self.pattern_scans:
             if scan.ruled_out(lowered):
                 continue
@@ -434,6 +439,20 @@ def _scan(pattern: re.Pattern[str]) -> _Scan:
     return _Scan(pattern, needed=needed, prefixes=prefixes)
 
 
+def _gate(scans: Sequence[_Scan]) -> re.Pattern[str] | None:
+    """A pattern whose absence from lower-cased ASCII text rules out every scan: for each, the
+    literals of one needed tuple (the one with the longest shortest literal), any of which a
+    match must hold. A text without any of them is ruled out by each scan's `ruled_out`."""
+    literals: set[str] = set()
+    for scan in scans:
+        if not scan.needed:
+            return None
+        literals.update(max(scan.needed, key=lambda options: min(map(len, options))))
+    if not literals:
+        return None
+    return re.compile("|".join(re.escape(literal) for literal in sorted(literals, key=lambda lit: (-len(lit), lit))))
+
+
 def build_redactor(keys: Iterable[str], patterns: Iterable[str], secrets: Iterable[str] = ()) -> Redactor:
     key_words = tuple(words for words in (_words(key) for key in keys) if words)
     compiled = tuple(re.compile(pattern) for pattern in patterns)
@@ -449,6 +468,7 @@ def build_redactor(keys: Iterable[str], patterns: Iterable[str], secrets: Iterab
         joinable=all(_joinable(pattern) for pattern in compiled),
         scans=scans,
         pattern_scans=scans[: len(compiled)],
+        gate=_gate(scans[: len(compiled)]),
     )
 
 
