@@ -131,3 +131,30 @@ class Worker:
 
 def flush_redis() -> None:
     redis.Redis.from_url(settings.REDIS_URL).flushdb()
+
+
+def sqlite_manage(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`manage.py *args` in a subprocess on the embedded default: a fresh SQLite file (and
+    var/ and training directories) under tmp_path, none of the suite's services."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE"}
+    }
+    env |= {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
+        "DJANGO_SETTINGS_MODULE": "config.settings.local",
+        "VAR_DIR": str(tmp_path / "var"),
+        "TRAINING_DATA_DIR": str(tmp_path / "training"),
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result

@@ -5,10 +5,7 @@ selectors work there too. Runs manage.py in subprocesses; needs no PostgreSQL.""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -16,9 +13,10 @@ from typing import Any
 
 import pytest
 
+from tests.engine import sqlite_manage
+
 pytestmark = pytest.mark.subprocess
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # Rows are made through the ORM (it fills in every NOT NULL column); the rules are then
 # exercised below with plain sqlite3, outside Django.
@@ -59,36 +57,11 @@ print(json.dumps({
 """
 
 
-def manage(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE"}
-    }
-    env |= {
-        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
-        "DJANGO_SETTINGS_MODULE": "config.settings.local",
-        "VAR_DIR": str(tmp_path / "var"),
-        "TRAINING_DATA_DIR": str(tmp_path / "training"),
-    }
-    result = subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
 @pytest.fixture(scope="module")
 def migrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     tmp_path = tmp_path_factory.mktemp("sqlite_default")
-    manage(tmp_path, "migrate", "--no-input")
-    created = manage(tmp_path, "shell", "-c", SETUP)
+    sqlite_manage(tmp_path, "migrate", "--no-input")
+    created = sqlite_manage(tmp_path, "shell", "-c", SETUP)
     return tmp_path / "db.sqlite3", json.loads(created.stdout.strip().splitlines()[-1])
 
 

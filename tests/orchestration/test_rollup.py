@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -15,10 +12,9 @@ import pytest
 
 from orchestration.models import AgentMetric, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.rollup import metrics_rollup, rollup_previous
+from tests.engine import sqlite_manage
 from tests.factories import AgentFactory, TaskAttemptFactory, TaskExecutionFactory, WorkflowFactory
 from tests.orchestration.rollup_scenario import rollup_figures, rollup_scenario_build
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def approx(value: float) -> Any:
@@ -175,23 +171,9 @@ def test_a_period_start_must_be_aligned(db):
 
 def sqlite_figures(tmp_path: Path) -> dict[str, Any]:
     """The rollup scenario on a fresh SQLite database (the embedded default), in a subprocess."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE"}
-    }
-    env |= {
-        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
-        "DJANGO_SETTINGS_MODULE": "config.settings.local",
-        "VAR_DIR": str(tmp_path / "var"),
-        "TRAINING_DATA_DIR": str(tmp_path / "training"),
-    }
     code = "from tests.orchestration.rollup_scenario import rollup_scenario_print; rollup_scenario_print()"
-    for args in (["migrate", "--no-input"], ["shell", "-c", code]):
-        result = subprocess.run(
-            [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
+    sqlite_manage(tmp_path, "migrate", "--no-input")
+    result = sqlite_manage(tmp_path, "shell", "-c", code)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
