@@ -354,8 +354,9 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "AgentLedger API",
     "DESCRIPTION": (
         "Submit multi-agent workflows, follow their tasks, attempts and events, read agents and their "
-        "statistics, converse with agents, and (admins) export training data. Authenticate with `Authorization: Bearer <API key>` "
-        "(create one with `manage.py create_api_key USER --name NAME`) or a console session. "
+        "statistics, converse with agents, and (admins) export training data. Authenticate with "
+        "`Authorization: Bearer <API key>` (create one with `manage.py create_api_key USER --name NAME`) "
+        "or a console session. "
         "Errors are RFC 9457 problem details (`application/problem+json`)."
     ),
     "VERSION": "1.0.0",
