@@ -38,6 +38,6 @@ class ExportRunAdmin(NoAddChangeMixin, admin.ModelAdmin):
         "checksum",
         ("schema_version", "watermark"),
         "error",
-        ("started_at", "finished_at"),
+        ("started_at", "finished_at", "deadline_at"),
         ("created_at", "updated_at"),
     )

@@ -59,6 +59,12 @@ class ExportRun(TimestampedModel):
     )
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    deadline_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="a run still running after this was lost (set for runs in Celery workers, which have a hard "
+        "time limit; a run from manage.py has none)",
+    )
 
     class Meta:
         db_table = "export_runs"

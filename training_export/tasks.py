@@ -30,7 +30,7 @@ def export_previous_day_task(self) -> list[int]:
     """Export every data type for the previous UTC day (the daily beat entry). A window still
     held open by a long transaction is retried later, not skipped."""
     try:
-        return [run.pk for run in export_previous_day()]
+        return [run.pk for run in export_previous_day(time_limit_seconds=EXPORT_TIME_LIMIT_SECONDS)]
     except WindowNotClosed as exc:
         raise self.retry(exc=exc, countdown=EXPORT_RETRY_COUNTDOWN_SECONDS) from exc
 
@@ -48,7 +48,11 @@ def export_run_task(self, run_id: int) -> int:
     """Run the export of one pending export_runs row (queued by the API). A window held open
     by a long transaction is retried later; after the last retry the row is recorded failed."""
     try:
-        return export_run_execute(run_id=run_id, final_try=self.request.retries >= self.max_retries).pk
+        return export_run_execute(
+            run_id=run_id,
+            final_try=self.request.retries >= self.max_retries,
+            time_limit_seconds=EXPORT_TIME_LIMIT_SECONDS,
+        ).pk
     except WindowNotClosed as exc:
         raise self.retry(exc=exc, countdown=EXPORT_RETRY_COUNTDOWN_SECONDS) from exc
 

@@ -42,7 +42,8 @@ def pending_silence() -> dt.timedelta:
 
 
 def run_row(**fields) -> ExportRun:
-    return ExportRun.objects.create(data_type="events", window_start=WINDOW.start, window_end=WINDOW.end, **fields)
+    fields.setdefault("data_type", "events")
+    return ExportRun.objects.create(window_start=WINDOW.start, window_end=WINDOW.end, **fields)
 
 
 @pytest.fixture
@@ -79,10 +80,16 @@ def test_a_pending_run_whose_message_was_lost_is_queued_again_and_exported_by_a_
     assert Event.objects.filter(event_type=EventType.EXPORT_COMPLETED, entity_id=str(lost_message.pk)).count() == 1
 
 
-def test_a_running_run_past_its_time_limit_is_recorded_lost_once(db):
+def test_a_running_run_past_its_deadline_is_recorded_lost_once(db):
     started = timezone.now() - dt.timedelta(seconds=EXPORT_TIME_LIMIT_SECONDS + EXPORT_LOST_GRACE_SECONDS + 60)
-    killed = run_row(status=ExportRun.Status.RUNNING, started_at=started)
-    healthy = run_row(status=ExportRun.Status.RUNNING, started_at=timezone.now() - dt.timedelta(hours=1))
+    killed = run_row(status=ExportRun.Status.RUNNING, started_at=started, deadline_at=timezone.now())
+    healthy = run_row(
+        status=ExportRun.Status.RUNNING,
+        started_at=timezone.now() - dt.timedelta(hours=1),
+        deadline_at=timezone.now() + dt.timedelta(hours=5),
+    )
+    # A long backfill from manage.py has no time limit, so no deadline: never swept.
+    backfill = run_row(status=ExportRun.Status.RUNNING, started_at=started - dt.timedelta(days=1))
     finished = run_row(status=ExportRun.Status.FAILED, started_at=started, error="disk full")
 
     swept = export_runs_sweep()
@@ -90,14 +97,30 @@ def test_a_running_run_past_its_time_limit_is_recorded_lost_once(db):
     killed.refresh_from_db()
     assert killed.status == ExportRun.Status.FAILED and killed.error.startswith("lost:")
     assert killed.finished_at is not None
-    healthy.refresh_from_db()
-    finished.refresh_from_db()
-    assert healthy.status == ExportRun.Status.RUNNING and finished.error == "disk full"
+    for row, status in ((healthy, "running"), (backfill, "running"), (finished, "failed")):
+        row.refresh_from_db()
+        assert row.status == status
+    assert finished.error == "disk full"
     [event] = Event.objects.filter(event_type=EventType.EXPORT_FAILED)
     assert (event.entity_id, event.payload["error"]) == (str(killed.pk), killed.error)
 
     assert export_runs_sweep().lost == []  # a second sweep records nothing new
     assert Event.objects.filter(event_type=EventType.EXPORT_FAILED).count() == 1
+
+
+def test_runs_in_workers_get_a_deadline_and_runs_from_manage_py_none(db, settings, tmp_path):
+    from training_export.services.export import export_run
+
+    settings.TRAINING_EXPORT_DIR = tmp_path
+    EventFactory(event_type=EventType.AGENT_STARTED, created_at=WINDOW.start + dt.timedelta(hours=1))
+    limited = export_run(data_type="events", start_date=DAY, end_date=DAY, time_limit_seconds=600)
+    assert limited.deadline_at == limited.started_at + dt.timedelta(seconds=600 + EXPORT_LOST_GRACE_SECONDS)
+    unlimited = export_run(data_type="tasks", start_date=DAY, end_date=DAY)
+    assert unlimited.deadline_at is None
+    pending = run_row(data_type="workflows")
+    claimed = export_run_execute(run_id=pending.pk, time_limit_seconds=60)
+    assert claimed.status == ExportRun.Status.SUCCEEDED
+    assert claimed.deadline_at == claimed.started_at + dt.timedelta(seconds=60 + EXPORT_LOST_GRACE_SECONDS)
 
 
 def test_a_pending_run_waiting_for_its_window_shows_a_sign_of_life(db, settings):

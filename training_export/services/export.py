@@ -233,9 +233,12 @@ def export_run(
     force: bool = False,
     requested_by_id: int | None = None,
     progress: Callable[[int], None] | None = None,
+    time_limit_seconds: int | None = None,
 ) -> ExportRun:
     """Export one data type for a closed window; returns the succeeded export_runs row (an
-    earlier one when the window was already exported and its files are intact)."""
+    earlier one when the window was already exported and its files are intact).
+    `time_limit_seconds`: the hard limit of the worker running this, after which (plus a
+    grace) export_runs_sweep records a run still running as lost; None for no limit."""
     exporter = exporter_for(data_type)
     window = window_for(start_date, end_date)
     fmt = format_for(data_type)
@@ -254,7 +257,8 @@ def export_run(
         status=ExportRun.Status.RUNNING,
         schema_version=SCHEMA_VERSION,
         requested_by_id=requested_by_id,
-        started_at=timezone.now(),
+        started_at=(started := timezone.now()),
+        deadline_at=_deadline(started, time_limit_seconds),
     )
     return _execute(run, exporter=exporter, window=window, directory=directory, progress=progress)
 
@@ -265,6 +269,7 @@ def export_run_execute(
     output_dir: Path | str | None = None,
     final_try: bool = False,
     progress: Callable[[int], None] | None = None,
+    time_limit_seconds: int | None = None,
 ) -> ExportRun:
     """Export into a pending export_runs row (one `export_runs_request` recorded): claim it
     (pending -> running; a row already claimed, by an earlier delivery, is returned as it is)
@@ -287,12 +292,18 @@ def export_run_execute(
             ExportRun.objects.filter(pk=run.pk, status=ExportRun.Status.PENDING).update(updated_at=timezone.now())
         raise
     now = timezone.now()
+    deadline = _deadline(now, time_limit_seconds)
     claimed = ExportRun.objects.filter(pk=run.pk, status=ExportRun.Status.PENDING).update(
-        status=ExportRun.Status.RUNNING, started_at=now, schema_version=SCHEMA_VERSION, updated_at=now
+        status=ExportRun.Status.RUNNING,
+        started_at=now,
+        deadline_at=deadline,
+        schema_version=SCHEMA_VERSION,
+        updated_at=now,
     )
     if claimed != 1:
         return ExportRun.objects.get(pk=run.pk)
-    run.status, run.started_at, run.schema_version = ExportRun.Status.RUNNING, now, SCHEMA_VERSION
+    run.status, run.started_at, run.deadline_at = ExportRun.Status.RUNNING, now, deadline
+    run.schema_version = SCHEMA_VERSION
     directory = _export_dir(output_dir, run.data_type, window)
     return _execute(run, exporter=exporter, window=window, directory=directory, progress=progress)
 
@@ -413,6 +424,7 @@ def export_runs_for_window(
     force: bool = False,
     requested_by_id: int | None = None,
     progress: Callable[[int], None] | None = None,
+    time_limit_seconds: int | None = None,
 ) -> list[ExportRun]:
     """Export several data types for one window (validated up front: nothing is written when
     one type or the window is bad)."""
@@ -428,15 +440,24 @@ def export_runs_for_window(
             force=force,
             requested_by_id=requested_by_id,
             progress=progress,
+            time_limit_seconds=time_limit_seconds,
         )
         for data_type in data_types
     ]
 
 
-def export_previous_day(*, now: dt.datetime | None = None) -> list[ExportRun]:
+def export_previous_day(*, now: dt.datetime | None = None, time_limit_seconds: int | None = None) -> list[ExportRun]:
     """The daily beat export: every data type for the previous UTC day."""
     day = (now or timezone.now()).astimezone(dt.UTC).date() - dt.timedelta(days=1)
-    return export_runs_for_window(data_types=list(DATA_TYPES), start_date=day, end_date=day)
+    return export_runs_for_window(
+        data_types=list(DATA_TYPES), start_date=day, end_date=day, time_limit_seconds=time_limit_seconds
+    )
+
+
+def _deadline(started: dt.datetime, time_limit_seconds: int | None) -> dt.datetime | None:
+    if time_limit_seconds is None:
+        return None
+    return started + dt.timedelta(seconds=time_limit_seconds + EXPORT_LOST_GRACE_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -525,24 +546,22 @@ def export_runs_sweep(*, now: dt.datetime | None = None) -> ExportSweep:
       (broker visibility timeout plus the retry countdown): its message was lost before a
       worker started it. It is queued again; a duplicate message is harmless, the first
       delivery claims the row and the other finds it taken.
-    - `running` past the export time limit plus a grace: the worker was killed or lost. It is
-      recorded failed with its export_failed event; its temporary file is removed by retention.
+    - `running` past its deadline (the hard time limit of the worker running it plus a grace;
+      runs from manage.py have none): the worker was killed or lost. It is recorded failed with
+      its export_failed event; its temporary file is removed by retention.
     """
     now = now or timezone.now()
     pending_before = now - dt.timedelta(
         seconds=settings.BROKER_VISIBILITY_TIMEOUT_SECONDS + EXPORT_RETRY_COUNTDOWN_SECONDS + EXPORT_LOST_GRACE_SECONDS
     )
-    running_before = now - dt.timedelta(seconds=EXPORT_TIME_LIMIT_SECONDS + EXPORT_LOST_GRACE_SECONDS)
     stale_running = list(
-        ExportRun.objects.filter(status=ExportRun.Status.RUNNING, started_at__lt=running_before).values_list(
-            "pk", flat=True
-        )
+        ExportRun.objects.filter(status=ExportRun.Status.RUNNING, deadline_at__lt=now).values_list("pk", flat=True)
     )
     lost = _fail(
         stale_running,
         error=(
-            f"lost: no outcome recorded within the export time limit ({EXPORT_TIME_LIMIT_SECONDS} s) plus "
-            f"{EXPORT_LOST_GRACE_SECONDS} s; the worker running it was killed or lost"
+            f"lost: no outcome recorded by its deadline (the worker's time limit plus {EXPORT_LOST_GRACE_SECONDS} "
+            "s); the worker running it was killed or lost"
         ),
     )
     with transaction.atomic():
