@@ -118,11 +118,14 @@ def test_matches_hidden_by_json_escapes_are_still_found(settings):
 
 
 def test_patterns_whose_matches_depend_on_the_string_edge_disable_the_batch_check():
-    for pattern in (r"^sk-\w+", r"\w+$", r'x(?<!")y', r"(?<=.)abc", r"\Aabc"):
+    # x?(?!\B) matches an empty string alone, but not between the quotes of the joined text.
+    for pattern in (r"^sk-\w+", r"\w+$", r'x(?<!")y', r"(?<=.)abc", r"\Aabc", r"x?(?!\B)", r"a\Bb"):
         redactor = build_redactor([], [pattern])
         assert not redactor.joinable, pattern
         assert redactor.dirty([["abc"], ["x"]], [[], []], [[], []]) == {0, 1}
     assert build_redactor([], [r"\bsk-\w+", r"(?<![a-z])key=\S+"]).joinable
+    edge = build_redactor(["token"], [r"x?(?!\B)"])
+    assert edge.text("") == MASK and edge.dirty([[""]], [[]], [[]]) == {0}
 
 
 def test_csv_lines_are_the_bytes_the_csv_module_writes():

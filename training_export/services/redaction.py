@@ -347,7 +347,9 @@ def _joinable_items(items: Any, *, in_lookaround: bool) -> bool:
             if in_lookaround and _class_may_hold_quote(arg):
                 return False
         elif op is sre.AT:
-            if arg not in (sre.AT_BOUNDARY, sre.AT_NON_BOUNDARY):
+            # \B is refused too: on an empty string it never matches, between the two quotes
+            # of an empty string in the joined text it does.
+            if arg is not sre.AT_BOUNDARY:
                 return False
         elif op is sre.ASSERT or op is sre.ASSERT_NOT:
             if not _joinable_items(arg[1], in_lookaround=True):
@@ -372,8 +374,8 @@ def _joinable_items(items: Any, *, in_lookaround: bool) -> bool:
 def _joinable(pattern: re.Pattern[str]) -> bool:
     """Whether every match of `pattern` inside a string is also a match inside any text that
     holds the string between two double quotes: the surroundings of the string may change
-    only what assertions see, so `^`, `$`, `\\A`, `\\Z` are refused, `\\b`/`\\B` see a quote as
-    they see the string's edge (neither is a word character), and a look-around must be unable
+    only what assertions see, so `^`, `$`, `\\A`, `\\Z` and `\\B` are refused, `\\b` sees a quote as
+    it sees the string's edge (neither is a word character), and a look-around must be unable
     to consume a quote (so reaching past the string's edge fails, as it does at the edge)."""
     return _joinable_items(sre_parse.parse(pattern.pattern, pattern.flags), in_lookaround=False)
 
