@@ -108,6 +108,24 @@ def test_the_literal_pre_check_agrees_with_the_patterns_one_by_one(patterns):
         assert redactor.text(text) == expected  # and again, from the cache
 
 
+def test_keys_holding_a_secret_or_a_pattern_match_are_masked_and_no_value_is_lost(settings):
+    redactor = build_redactor(["password"], settings.REDACT_PATTERNS, ["hunter2-long-secret"])
+    value = {
+        "alice@example.com": {"role": "admin"},
+        "bob@example.org": "reader",
+        "pw hunter2-long-secret": "x",
+        "plain": {"sk-live-abcdefghijklmnopqrst": 1},
+        "password": "p",
+    }
+    assert redactor.value(value) == {
+        MASK: {"role": "admin"},
+        f"{MASK}#2": "reader",
+        f"pw {MASK}": "x",
+        "plain": {MASK: 1},
+        "password": MASK,
+    }
+
+
 def test_the_one_scan_gate_agrees_with_the_default_patterns_one_by_one(settings):
     import random
 

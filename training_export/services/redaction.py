@@ -160,19 +160,27 @@ class Redactor:
             if secret is None:
                 secret = self.key_is_secret(str(key))
                 keys[key] = secret
+            name = key
+            if type(key) is str:
+                # A key is text too (an email or a token used as a key): masked like a value.
+                name = texts.get(key)
+                if name is None:
+                    name = self.text(key)
+                if name != key and name in out:
+                    name = _unique_name(name, out)  # two masked keys: keep both values
             if secret:
-                out[key] = MASK if item is not None else None
+                out[name] = MASK if item is not None else None
                 continue
             kind = type(item)
             if kind is str:
                 cached = texts.get(item)
-                out[key] = cached if cached is not None else self.text(item)
+                out[name] = cached if cached is not None else self.text(item)
             elif kind is dict:
-                out[key] = self._dict(item)
+                out[name] = self._dict(item)
             elif item is None or kind in _SCALARS:
-                out[key] = item
+                out[name] = item
             else:
-                out[key] = self.value(item)
+                out[name] = self.value(item)
         return out
 
     def dirty(
@@ -266,6 +274,15 @@ class Redactor:
 
 
 _SCALARS = frozenset({int, float, bool})
+
+
+def _unique_name(name: str, taken: dict[Any, Any]) -> str:
+    number = 2
+    while f"{name}#{number}" in taken:
+        number += 1
+    return f"{name}#{number}"
+
+
 _CONTAINERS = frozenset({dict, list, tuple})
 _LEAVES = frozenset({str, int, float, bool, type(None)})
 
