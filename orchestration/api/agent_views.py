@@ -33,7 +33,12 @@ from orchestration.errors import ConversationBusy, ConversationError
 from orchestration.models import Agent, AgentPlaygroundMessage
 from orchestration.selectors import agent_stats, conversation_messages, conversation_thread
 from orchestration.services.access import AGENT_MANAGE
-from orchestration.services.agent_registry import agent_create, agent_deactivate, agent_update
+from orchestration.services.agent_registry import (
+    agent_check_editable,
+    agent_create,
+    agent_deactivate,
+    agent_update,
+)
 from orchestration.services.conversations import conversation_message_post
 
 ANY_ROLE = "any"
@@ -124,20 +129,9 @@ class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, v
     def partial_update(self, request: Request, pk: str) -> Response:
         return self._update(request, pk, partial=True)
 
-    def _editable_agent(self) -> Agent:
-        """The agent, unless a definition file defines it: `load_agents` would undo an edit
-        made here, so it is refused with a 409 naming the file."""
-        agent = self.get_object()
-        if agent.definition_path:
-            raise Conflict(
-                f"agent {agent.pk!r} is defined in {agent.definition_path} (under the agent definitions "
-                "directory) and must be edited there, then loaded with `manage.py load_agents`; a change made "
-                "here would be undone by the next load_agents"
-            )
-        return agent
-
     def _update(self, request: Request, pk: str, *, partial: bool) -> Response:
-        agent = self._editable_agent()
+        agent = self.get_object()
+        agent_check_editable(agent)  # before the body: an invalid body for such an agent is a 409 too
         data = AgentUpdateSerializer(agent, data=request.data, partial=partial)
         data.is_valid(raise_exception=True)
         agent = agent_update(agent_id=agent.pk, fields=dict(data.validated_data), actor=request.user)
@@ -151,7 +145,7 @@ class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, v
     )
     @action(detail=True, methods=["post"])
     def deactivate(self, request: Request, pk: str) -> Response:
-        agent = agent_deactivate(agent_id=self._editable_agent().pk, actor=request.user)
+        agent = agent_deactivate(agent_id=self.get_object().pk, actor=request.user)
         return Response(AgentSerializer(agent).data)
 
     @extend_schema(

@@ -74,13 +74,26 @@ def agent_create(*, fields: dict[str, Any], actor: Any = None) -> Agent:
     return agent
 
 
+def agent_check_editable(agent: Agent) -> None:
+    """An agent loaded from a definition file is changed in its file: `load_agents` would undo
+    a change made here (or, while the file's hash is unchanged, keep diverging from it)."""
+    if agent.definition_path:
+        raise TransitionError(
+            f"agent {agent.pk!r} is defined in {agent.definition_path} (under the agent definitions "
+            "directory) and must be edited there, then loaded with `manage.py load_agents`; a change made "
+            "here would be undone by the next load_agents"
+        )
+
+
 @transaction.atomic
 def agent_update(*, agent_id: str, fields: dict[str, Any], actor: Any = None) -> Agent:
-    """Change an agent's writable fields; the id, status and stats are not changed here."""
+    """Change an agent's writable fields; the id, status and stats are not changed here, nor
+    an agent loaded from a definition file (TransitionError)."""
     owned = sorted(set(fields) & (SERVER_OWNED | {"id"}))
     if owned:
         raise SpecError([f"{name}: cannot be changed here" for name in owned])
     agent = Agent.objects.select_for_update().get(pk=agent_id)
+    agent_check_editable(agent)
     for name, value in fields.items():
         setattr(agent, name, value)
     _check(agent)
@@ -92,8 +105,9 @@ def agent_update(*, agent_id: str, fields: dict[str, Any], actor: Any = None) ->
 @transaction.atomic
 def agent_deactivate(*, agent_id: str, actor: Any = None) -> Agent:
     """Mark an agent inactive: new workflows and messages may no longer use it; tasks
-    already queued still run."""
+    already queued still run. Not an agent loaded from a definition file (TransitionError)."""
     agent = Agent.objects.select_for_update().get(pk=agent_id)
+    agent_check_editable(agent)
     if agent.status == Agent.Status.INACTIVE:
         raise TransitionError(f"agent {agent_id} is already inactive")
     agent.status = Agent.Status.INACTIVE

@@ -6,10 +6,12 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 
+import pytest
 from django.utils import timezone
 
+from orchestration.errors import TransitionError
 from orchestration.models import Agent, Event, TaskExecution
-from orchestration.services.agent_registry import agent_create
+from orchestration.services.agent_registry import agent_create, agent_deactivate, agent_update
 from tests.factories import TaskExecutionFactory
 
 NEW = {
@@ -142,3 +144,14 @@ def test_agents_created_through_the_api_stay_editable(callers):
     )
     assert put.status_code == 200 and put.json()["name"] == "S2"
     assert admin.post(f"/api/v1/agents/{NEW['id']}/deactivate/").status_code == 200
+
+
+def test_the_services_themselves_refuse_to_change_a_file_defined_agent(callers):
+    """The rule lives in the services, so every caller (not only the API view) gets it."""
+    before = Agent.objects.get(pk="echo")
+    with pytest.raises(TransitionError, match=before.definition_path):
+        agent_update(agent_id="echo", fields={"description": "changed"})
+    with pytest.raises(TransitionError, match="load_agents"):
+        agent_deactivate(agent_id="echo")
+    after = Agent.objects.get(pk="echo")
+    assert (after.description, after.status) == (before.description, before.status)
