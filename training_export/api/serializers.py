@@ -12,7 +12,7 @@ from rest_framework import serializers
 
 from orchestration.api.serializers import StrictFieldsMixin
 from training_export.models import ExportRun
-from training_export.services.export import DATA_TYPES, export_relative_path
+from training_export.services.export import DATA_TYPES, export_relative_path, run_days
 
 ALL = "all"
 # An API export runs on a shared worker queue; longer backfills are for the command.
@@ -84,11 +84,11 @@ class ExportRunSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(serializers.DateField())
     def get_start_date(self, run: ExportRun) -> str:
-        return run.window_start.astimezone(dt.UTC).date().isoformat()
+        return run_days(run)[0].isoformat()
 
     @extend_schema_field(serializers.DateField())
     def get_end_date(self, run: ExportRun) -> str:
-        return (run.window_end.astimezone(dt.UTC) - dt.timedelta(days=1)).date().isoformat()
+        return run_days(run)[1].isoformat()
 
     def get_path(self, run: ExportRun) -> str:
         return export_relative_path(run.path)

@@ -7,7 +7,6 @@ which only the admin role grants.
 from __future__ import annotations
 
 import base64
-import hashlib
 from typing import Any
 
 from django.http import FileResponse
@@ -35,11 +34,17 @@ from orchestration.services.access import EXPORT_CREATE, EXPORT_READ
 from training_export.api.filters import ExportRunFilter
 from training_export.api.serializers import ALL, ExportAcceptedSerializer, ExportRequestSerializer, ExportRunSerializer
 from training_export.models import ExportRun
-from training_export.services.export import DATA_TYPES, ExportError, WindowNotClosed, export_runs_request
+from training_export.services.export import (
+    DATA_TYPES,
+    ExportError,
+    ExportFileGone,
+    WindowNotClosed,
+    export_file_open,
+    export_runs_request,
+)
 
 JSONL_CONTENT_TYPE = "application/x-ndjson"
 EXPORT_ORDERINGS = {"-created_at": ("-created_at", "-id"), "created_at": ("created_at", "id")}
-HASH_CHUNK = 1024 * 1024
 
 REQUEST_EXAMPLE = {"data_type": "events", "start_date": "2024-03-05", "end_date": "2024-03-05"}
 
@@ -190,36 +195,13 @@ class ExportRunViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixi
         renderer_classes=[JSONRenderer, JsonLinesRenderer],
     )
     def download(self, request: Request, pk: str) -> FileResponse:
-        run = self.get_object()
-        if run.status != ExportRun.Status.SUCCEEDED:
-            detail = f"export run {run.pk} is {run.status}; only a succeeded run can be downloaded"
-            if run.status == ExportRun.Status.SUPERSEDED:
-                detail += " (a later run of the same window replaced it: download that one)"
-            raise Conflict(detail)
         try:
-            fh = open(run.path, "rb")  # noqa: SIM115  (FileResponse closes it)
-        except OSError:
-            raise Gone(f"the data file of export run {run.pk} is missing; export the window again with force") from None
-        digest = hashlib.sha256()
-        try:
-            while chunk := fh.read(HASH_CHUNK):
-                digest.update(chunk)
-            fh.seek(0)
-        except BaseException:
-            fh.close()
-            raise
-        if digest.hexdigest() != run.checksum:
-            fh.close()
-            raise Gone(
-                f"the data file of export run {run.pk} no longer matches the sha256 it recorded; export the "
-                "window again with force"
-            )
-        # The open file is the one just checked, even if the path is replaced meanwhile.
-        dates = ExportRunSerializer()
-        start, end = dates.get_start_date(run), dates.get_end_date(run)
+            download = export_file_open(run=self.get_object())
+        except ExportFileGone as exc:
+            raise Gone(str(exc)) from None
         response = FileResponse(
-            fh, as_attachment=True, filename=f"{run.data_type}_{start}_{end}.jsonl", content_type=JSONL_CONTENT_TYPE
+            download.file, as_attachment=True, filename=download.filename, content_type=JSONL_CONTENT_TYPE
         )
-        response["ETag"] = f'"{run.checksum}"'
-        response["Repr-Digest"] = f"sha-256=:{base64.b64encode(digest.digest()).decode()}:"
+        response["ETag"] = f'"{download.sha256.hex()}"'
+        response["Repr-Digest"] = f"sha-256=:{base64.b64encode(download.sha256).decode()}:"
         return response

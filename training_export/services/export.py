@@ -35,16 +35,18 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from orchestration.errors import TransitionError
 from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.services.events import event_record
 from training_export.models import ExportRun
 from training_export.services.chat import ChatExporter
-from training_export.services.files import atomic_writer, sha256_file, write_bytes_atomic
+from training_export.services.files import atomic_writer, sha256_file, sha256_stream, write_bytes_atomic
 from training_export.services.jsonl import EXPORTERS, SCHEMA_VERSION, Exporter
 from training_export.services.manifest import MANIFEST_NAME, Manifest, data_file_name, dataset_card
 
@@ -66,6 +68,10 @@ class ExportError(ValueError):
 
 class WindowNotClosed(ExportError):
     pass
+
+
+class ExportFileGone(ExportError):
+    """The data file of a succeeded run is missing or is no longer the file it wrote."""
 
 
 @dataclass(frozen=True)
@@ -278,9 +284,7 @@ def export_run_execute(
     run = ExportRun.objects.get(pk=run_id)
     if run.status != ExportRun.Status.PENDING:
         return run
-    window = window_for(
-        run.window_start.astimezone(dt.UTC).date(), (run.window_end.astimezone(dt.UTC) - dt.timedelta(days=1)).date()
-    )
+    window = window_for(*run_days(run))
     try:
         exporter = exporter_for(run.data_type)
         window_check_closed(window)
@@ -578,3 +582,48 @@ def export_runs_sweep(*, now: dt.datetime | None = None) -> ExportSweep:
     if lost or stale_pending:
         logger.warning("export runs swept: %d queued again, %d lost", len(stale_pending), len(lost))
     return ExportSweep(requeued=stale_pending, lost=lost)
+
+
+@dataclass(frozen=True)
+class ExportDownload:
+    file: BinaryIO  # open at its start; the caller closes it
+    sha256: bytes
+    filename: str
+
+
+def run_days(run: ExportRun) -> tuple[dt.date, dt.date]:
+    """The first and last UTC day of a run's window (both included)."""
+    return run.window_start.astimezone(dt.UTC).date(), (run.window_end.astimezone(dt.UTC) - dt.timedelta(days=1)).date()
+
+
+def export_file_open(*, run: ExportRun) -> ExportDownload:
+    """The data file of a succeeded run, open and checked against the sha256 the run recorded.
+    The open file is the one checked, even if its path is replaced meanwhile.
+
+    Raises TransitionError for a run that has not succeeded (or was superseded) and
+    ExportFileGone for a file that is missing or changed (export the window again with force)."""
+    if run.status != ExportRun.Status.SUCCEEDED:
+        detail = f"export run {run.pk} is {run.status}; only a succeeded run can be downloaded"
+        if run.status == ExportRun.Status.SUPERSEDED:
+            detail += " (a later run of the same window replaced it: download that one)"
+        raise TransitionError(detail)
+    try:
+        fh = open(run.path, "rb")  # noqa: SIM115  (returned open)
+    except OSError:
+        raise ExportFileGone(
+            f"the data file of export run {run.pk} is missing; export the window again with force"
+        ) from None
+    try:
+        digest = sha256_stream(fh)
+        fh.seek(0)
+    except BaseException:
+        fh.close()
+        raise
+    if digest.hexdigest() != run.checksum:
+        fh.close()
+        raise ExportFileGone(
+            f"the data file of export run {run.pk} no longer matches the sha256 it recorded; export the "
+            "window again with force"
+        )
+    first, last = run_days(run)
+    return ExportDownload(file=fh, sha256=digest.digest(), filename=f"{run.data_type}_{first}_{last}.jsonl")

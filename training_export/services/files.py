@@ -90,11 +90,16 @@ def write_bytes_atomic(path: Path, data: bytes) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1024 * 1024), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_stream(fh).hexdigest()
+
+
+def sha256_stream(fh: BinaryIO) -> hashlib._Hash:
+    """The sha256 of what is left to read in `fh`, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(1024 * 1024), b""):
+        digest.update(chunk)
+    return digest
 
 
 def stale_temp_files_remove(directory: Path, *, older_than_seconds: float = 3600) -> list[Path]:
