@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -17,7 +15,7 @@ from django_celery_beat.models import PeriodicTask
 from config.celery import app
 from orchestration.event_types import EventType
 from orchestration.models import Event
-from tests.engine import Worker, flush_redis, wait_for
+from tests.engine import wait_for
 from tests.factories import EventFactory
 from training_export.models import ExportRun
 from training_export.services.export import (
@@ -44,20 +42,6 @@ def pending_silence() -> dt.timedelta:
 def run_row(**fields) -> ExportRun:
     fields.setdefault("data_type", "events")
     return ExportRun.objects.create(window_start=WINDOW.start, window_end=WINDOW.end, **fields)
-
-
-@pytest.fixture
-def worker(transactional_db, tmp_path: Path) -> Iterator[Worker]:
-    flush_redis()
-    started = Worker(
-        log_dir=tmp_path,
-        concurrency=1,
-        queues="low",
-        env={"TRAINING_EXPORT_DIR": str(tmp_path / "exports"), "TRAINING_EXPORT_SAFETY_LAG_SECONDS": "0"},
-    )
-    yield started
-    started.stop()
-    flush_redis()
 
 
 def test_a_pending_run_whose_message_was_lost_is_queued_again_and_exported_by_a_worker(worker, tmp_path):

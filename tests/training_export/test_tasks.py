@@ -5,11 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 
-import pytest
 from django.core.management import call_command
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
@@ -19,7 +16,7 @@ from django_celery_beat.models import PeriodicTask
 from config.celery import app
 from orchestration.event_types import EventType
 from orchestration.models import AgentMetric
-from tests.engine import Worker, flush_redis, wait_for
+from tests.engine import wait_for
 from tests.factories import AgentFactory, EventFactory, TaskExecutionFactory
 from training_export.models import ExportRun
 
@@ -29,19 +26,6 @@ PIPELINE_TASKS = {
     "export training data (previous UTC day)": ("training_export.export_previous_day", {}),
     "retention": ("orchestration.apply_retention", {}),
 }
-
-
-@pytest.fixture
-def worker(transactional_db, tmp_path: Path) -> Iterator[Worker]:
-    flush_redis()
-    started = Worker(
-        log_dir=tmp_path,
-        concurrency=1,
-        env={"TRAINING_EXPORT_DIR": str(tmp_path / "exports"), "TRAINING_EXPORT_SAFETY_LAG_SECONDS": "0"},
-    )
-    yield started
-    started.stop()
-    flush_redis()
 
 
 def test_rollup_and_daily_export_run_on_a_real_worker(worker, tmp_path):
