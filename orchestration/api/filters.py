@@ -12,6 +12,7 @@ from django import forms
 from django.core.exceptions import ValidationError
 from django_filters.fields import ChoiceField, IsoDateTimeField
 from django_filters.filters import QuerySetRequestMixin
+from django_filters.filterset import FilterSetMetaclass
 
 from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.models import Agent, Event, TaskExecution, Workflow
@@ -56,13 +57,55 @@ class FixedChoiceFilter(django_filters.ChoiceFilter):
         return result
 
 
-class StrictFilterSet(django_filters.FilterSet):
+def _filter_copy(filter_: django_filters.Filter) -> django_filters.Filter:
+    """A filter set instance's own copy of a declared filter: django-filter then sets its
+    `model` and `parent`, the only state a filter takes per instance. A shallow copy (with
+    its own `extra`) is as independent as django-filter's deep copy for that; a filter with
+    a `method` is deep-copied, since its bound FilterMethod must point at the copy."""
+    if filter_.method is not None:
+        return copy.deepcopy(filter_)
+    result = copy.copy(filter_)
+    result.extra = dict(filter_.extra)
+    return result
+
+
+class _DeclaredFilters(dict):
+    """`base_filters` of a StrictFilterSet. django-filter deep-copies them for every filter
+    set instance, that is on every list request, down to each filter's choices and lazy
+    labels; this copies each filter once, shallowly (see _filter_copy)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, django_filters.Filter]:
+        return {name: _filter_copy(filter_) for name, filter_ in self.items()}
+
+
+class _SharedFormFields(dict):
+    """`base_fields` of a filter form. A Django form deep-copies its fields per instance so
+    that one instance may change its own (widgets, choices, required); a filter form never
+    does: it only cleans the query string. Each form gets its own dict of the same field
+    objects, which cleaning only reads (to_python, validate, run_validators, the widget's
+    value_from_datadict), so errors and cleaned values are the same as with copies."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, forms.Field]:
+        return dict(self)
+
+
+class StrictFilterSetMetaclass(FilterSetMetaclass):
+    def __new__(cls, name: str, bases: tuple[type, ...], attrs: dict[str, Any]) -> type:
+        new_class = super().__new__(cls, name, bases, attrs)
+        new_class.base_filters = _DeclaredFilters(new_class.base_filters)
+        return new_class
+
+
+class StrictFilterSet(django_filters.FilterSet, metaclass=StrictFilterSetMetaclass):
     """A filter given with no value is an error, not "no filter": `?status=` most likely
     means a client bug, and answering with everything would hide it.
 
     The form class is built once per filter set rather than on every request (django-filter
     builds one, with a new form field per filter, each time: about half its cost per
-    request); each form instance still gets its own copies of the fields, as Django forms do."""
+    request). Its fields are shared by its instances and the declared filters are copied
+    shallowly per instance (_SharedFormFields, _DeclaredFilters): the two deep copies were
+    about a sixth of a filtered list request's Python time (cProfile of
+    `GET /events/?entity_id=`), 0.2-0.3 ms per request."""
 
     def get_form_class(self) -> type[forms.Form]:
         return _form_class(type(self))
@@ -83,7 +126,9 @@ def _form_class(filterset: type[StrictFilterSet]) -> type[forms.Form]:
         raise TypeError(f"{filterset.__name__}: a filter whose choices depend on the request cannot share a form")
     # From copies: a filter caches its form field, and every request deep-copies the filters.
     fields = {name: copy.copy(f).field for name, f in filters.items()}
-    return type(f"{filterset.__name__}Form", (filterset._meta.form,), fields)
+    form_class = type(f"{filterset.__name__}Form", (filterset._meta.form,), fields)
+    form_class.base_fields = _SharedFormFields(form_class.base_fields)
+    return form_class
 
 
 class WorkflowFilter(StrictFilterSet):

@@ -4,6 +4,8 @@ those numbers must keep: the strongest role wins, filter errors stay per request
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import django_filters
 import pytest
 from django.contrib.auth.models import Group
@@ -11,8 +13,8 @@ from django.db import connection
 from django.http import QueryDict
 from django.test.utils import CaptureQueriesContext
 
-from orchestration.api.filters import StrictFilterSet
-from orchestration.models import Agent, TaskExecution
+from orchestration.api.filters import EventFilter, StrictFilterSet
+from orchestration.models import Agent, Event, TaskExecution
 from tests.api.conftest import make_caller
 
 
@@ -101,3 +103,75 @@ def test_a_filter_set_with_request_dependent_choices_cannot_share_its_form():
 
     with pytest.raises(TypeError, match="ByAgent: a filter whose choices depend on the request"):
         ByAgent(QueryDict("agent=echo")).is_valid()
+
+
+def test_each_filter_set_gets_its_own_filters_without_a_deep_copy():
+    """The declared filters are copied shallowly per filter set: each instance still gets
+    its own filter objects (django-filter sets `parent` and `model` on them) and its own
+    `extra`, and the declared ones are left untouched."""
+    first = EventFilter(QueryDict("entity_id=a"), queryset=Event.objects.all())
+    second = EventFilter(QueryDict("entity_id=b"), queryset=Event.objects.all())
+    for name, declared in EventFilter.base_filters.items():
+        assert first.filters[name] is not declared
+        assert first.filters[name] is not second.filters[name]
+        assert first.filters[name].parent is first and second.filters[name].parent is second
+        assert first.filters[name].extra == declared.extra
+        assert first.filters[name].extra is not declared.extra
+        assert not hasattr(declared, "parent")
+    assert first.is_valid() and second.is_valid()
+    assert str(first.qs.query) == str(Event.objects.filter(entity_id="a").query)
+    assert str(second.qs.query) == str(Event.objects.filter(entity_id="b").query)
+
+
+def test_a_filter_with_a_method_calls_it_on_its_own_filter_set():
+    """A `method` filter is bound to its filter instance (FilterMethod): it is deep-copied
+    so that the method is looked up on the filter set that owns the copy."""
+
+    class ByName(StrictFilterSet):
+        named = django_filters.CharFilter(method="filter_named")
+
+        class Meta:
+            model = Agent
+            fields = ("named",)
+
+        def filter_named(self, queryset, name, value):
+            self.seen = value
+            return queryset.filter(name=value)
+
+    filterset = ByName(QueryDict("named=echo"), queryset=Agent.objects.all())
+    assert filterset.is_valid()
+    assert str(filterset.qs.query) == str(Agent.objects.filter(name="echo").query)
+    assert filterset.seen == "echo"
+
+
+def test_filter_forms_share_their_fields_but_not_their_field_dicts():
+    """Form instances of a filter set clean with the same field objects (the per-instance
+    deep copy was most of a filter's cost) but each has its own dict of them."""
+    first = EventFilter(QueryDict("severity=loud"), queryset=Event.objects.all()).form
+    second = EventFilter(QueryDict("severity=info"), queryset=Event.objects.all()).form
+    assert first.fields is not second.fields
+    assert first.fields["severity"] is second.fields["severity"]
+    del first.fields["severity"]
+    assert "severity" in second.fields
+    assert first.is_valid() and "severity" not in first.cleaned_data
+    assert second.is_valid() and second.cleaned_data["severity"] == "info"
+
+
+def test_filter_validation_stays_per_request_across_threads():
+    """Shared form fields are only read while cleaning: threads validating different query
+    strings at once each get their own answer."""
+    cases = [
+        ("severity=info&since=2026-01-01T00:00:00Z", True, []),
+        ("severity=loud", False, ["severity"]),
+        ("since=yesterday&event_type=nope", False, ["event_type", "since"]),
+        ("entity_id=x&until=2026-01-01T00:00:00%2B02:00", True, []),
+    ]
+
+    def check(i: int) -> None:
+        query, valid, fields = cases[i % len(cases)]
+        filterset = EventFilter(QueryDict(query), queryset=Event.objects.none())
+        assert filterset.is_valid() is valid, query
+        assert sorted(filterset.errors) == fields, query
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(check, range(800)))
