@@ -10,11 +10,17 @@ the same page (the statement the endpoint sends, replayed on a bare cursor):
 
 Requests go through the whole Django stack in-process (middleware, API-key authentication,
 the Redis rate-limit counter, permissions, filters, pagination, serialization), without a
-network hop. Besides wall-clock latency, each endpoint's CPU time per request in this
-process (time.process_time: the Python work of client and server, not PostgreSQL's or
-Redis's) is reported, which a busy machine disturbs far less than latency. The data is
-generated once with INSERT ... SELECT generate_series into its own database
-(BENCH_API_DATABASE_URL, default agentledger_bench_api) and reused afterwards.
+network hop. By default (`--driver wsgi`) each request is a WSGI environ handed to Django's
+WSGIHandler, which is exactly what gunicorn or uWSGI call once they have parsed the HTTP
+request: request_started/request_finished run as in production (so does the connection
+health check, one `SELECT 1` per request with CONN_HEALTH_CHECKS), and nothing of the test
+client's own machinery (template-capture signals, cookie jar, response patching) is timed.
+`--driver client` sends the same requests through DRF's APIClient (the earlier figures).
+Besides wall-clock latency, each endpoint's CPU time per request in this process
+(time.process_time: the Python work of client and server, not PostgreSQL's or Redis's) is
+reported, which a busy machine disturbs far less than latency. The data is generated once
+with INSERT ... SELECT generate_series into its own database (BENCH_API_DATABASE_URL,
+default agentledger_bench_api) and reused afterwards.
 
     .venv/bin/python -m bench.api --rounds 5 --requests 200
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import io
 import json
 import os
 import statistics
@@ -44,6 +51,7 @@ import redis  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.contrib.auth.models import Group  # noqa: E402
+from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
 from django.db import connection  # noqa: E402
 from django.test.utils import CaptureQueriesContext  # noqa: E402
 from rest_framework.test import APIClient  # noqa: E402
@@ -111,6 +119,60 @@ def generate(owner_id: int) -> None:
         print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
+class WsgiResponse:
+    def __init__(self, status: str, content: bytes) -> None:
+        self.status_code = int(status.split(" ", 1)[0])
+        self.content = content
+
+
+class WsgiClient:
+    """Requests as a WSGI server hands them to Django: an environ with the parsed request
+    line, headers and body, passed to WSGIHandler; the body iterated and closed as a server
+    does (closing sends request_finished)."""
+
+    def __init__(self, key: str) -> None:
+        self.handler = WSGIHandler()
+        self.authorization = f"Bearer {key}"
+
+    def _call(self, method: str, path: str, body: bytes = b"", content_type: str = "") -> WsgiResponse:
+        path_info, _, query = path.partition("?")
+        environ = {
+            "REQUEST_METHOD": method,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": path_info,
+            "QUERY_STRING": query,
+            "SERVER_NAME": "testserver",
+            "SERVER_PORT": "80",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": "127.0.0.1",
+            "HTTP_HOST": "testserver",
+            "HTTP_AUTHORIZATION": self.authorization,
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": False,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+        }
+        if body:
+            environ["CONTENT_TYPE"] = content_type
+            environ["CONTENT_LENGTH"] = str(len(body))
+        started: list[str] = []
+        result = self.handler(environ, lambda status, headers, exc_info=None: started.append(status))
+        try:
+            content = b"".join(result)
+        finally:
+            result.close()
+        return WsgiResponse(started[0], content)
+
+    def get(self, path: str) -> WsgiResponse:
+        return self._call("GET", path)
+
+    def post(self, path: str, data: dict, format: str = "json") -> WsgiResponse:
+        return self._call("POST", path, json.dumps(data).encode(), "application/json")
+
+
 def cursor_token(values: list) -> str:
     return base64.urlsafe_b64encode(json.dumps({"v": values}, separators=(",", ":")).encode()).decode().rstrip("=")
 
@@ -138,7 +200,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def page_sql(client: APIClient, path: str) -> str:
+def page_sql(client: APIClient | WsgiClient, path: str) -> str:
     """The statement that selects the page (the one with LIMIT), as the endpoint sends it."""
     with CaptureQueriesContext(connection) as queries:
         response = client.get(path)
@@ -150,6 +212,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=200, help="requests per endpoint per round")
+    parser.add_argument(
+        "--driver", choices=["wsgi", "client"], default="wsgi", help="WSGIHandler (as a server calls it) or APIClient"
+    )
     args = parser.parse_args()
 
     database_ensure()
@@ -158,8 +223,11 @@ def main() -> None:
     generate(user.pk)
     ApiKey.objects.filter(owner=user).delete()
     key = api_key_create(owner=user, name="bench").key
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    if args.driver == "wsgi":
+        client: APIClient | WsgiClient = WsgiClient(key)
+    else:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
     redis.Redis.from_url(settings.REDIS_URL).flushdb()
     cursors = deep_cursors()
 
@@ -209,7 +277,7 @@ def main() -> None:
         samples["POST workflows"].extend(times)
         print(f"round {round_number + 1}/{args.rounds} done", flush=True)
 
-    print(f"\nload average (1 min): {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print(f"\ndriver: {args.driver}; load average (1 min): {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print("| request | p50 ms | p99 ms | CPU ms/request | raw SQL p50 ms | raw SQL p99 ms | endpoint/raw (p50) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in [*gets, "POST workflows"]:
