@@ -24,6 +24,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import accumulate
 from re import _constants as sre
 from re import _parser as sre_parse
 from typing import Any
@@ -84,6 +85,9 @@ class Redactor:
     # One literal alternation (lower-cased) that ASCII text must hold for any pattern to be
     # able to match: one needed tuple per pattern (see _gate). None when a pattern has none.
     gate: re.Pattern[str] | None = None
+    # The longest word of each configured key, lower-cased: a key `key_is_secret` names holds
+    # one of them as a whole word (see _mark_secret_keys).
+    key_word_scan: tuple[str, ...] = ()
     # Exports and the consumer see the same keys and short values millions of times.
     _keys: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
     _short_texts: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -244,10 +248,67 @@ class Redactor:
             # Key words are ASCII letters and digits, so a key made of them has each of them
             # in the lower-cased text.
             if any(all(word in lowered for word in words) for words in self.key_words):
-                for index, values in enumerate(json_values):
-                    if index not in dirty and any(self._holds_secret_key(value) for value in values):
-                        dirty.add(index)
+                self._mark_secret_keys(json_texts, json_values, dirty)
         return dirty
+
+    def _mark_secret_keys(
+        self, json_texts: Sequence[Sequence[str]], json_values: Sequence[Sequence[Any]], dirty: set[int]
+    ) -> None:
+        """Add the records holding a JSON key `key_is_secret` names to `dirty`.
+
+        Most keys are safe and the same in every record, so instead of walking every dict, the
+        JSON texts of the batch are joined and searched once per word of `key_word_scan`; only
+        the string around a place where the word stands as a whole word of a key is looked at.
+        That needs the raw text to show every letter of a key: a text with a \\u escape (which
+        may spell a letter) or non-ASCII characters (whose lower-casing may change their length
+        or turn into ASCII) is walked value by value instead."""
+        if not self.key_word_scan:
+            for index, values in enumerate(json_values):
+                if index not in dirty and any(self._holds_secret_key(value) for value in values):
+                    dirty.add(index)
+            return
+        parts = ["\n".join(texts) for texts in json_texts]  # a newline is never raw inside a JSON string
+        joined = "\n".join(parts)
+        if not joined.isascii() or "\\u" in joined:
+            # Walk the records the raw text cannot speak for, and blank them out (same length:
+            # the positions of the others stay) for the search below.
+            for index, part in enumerate(parts):
+                if not part.isascii() or "\\u" in part:
+                    if index not in dirty and any(self._holds_secret_key(value) for value in json_values[index]):
+                        dirty.add(index)
+                    parts[index] = " " * len(part)
+            joined = "\n".join(parts)
+        starts = list(accumulate(map(len, parts), lambda total, length: total + length + 1, initial=0))
+        lowered = joined.lower()  # ASCII: the same positions
+        for word in self.key_word_scan:
+            at = lowered.find(word)
+            while at >= 0:
+                if _whole_word(joined, at, at + len(word)):
+                    owner = bisect_right(starts, at) - 1
+                    if owner not in dirty and self._key_at(joined, at) is not False:
+                        dirty.add(owner)
+                at = lowered.find(word, at + 1)
+
+    def _key_at(self, text: str, position: int) -> bool | None:
+        """Whether the JSON string around `position` of valid JSON `text` is a key that
+        `key_is_secret` names: False when it is not (or it is a value), None when unsure."""
+        # Inside a string no quote is unescaped, so the nearest unescaped ones around a
+        # position inside a string are its delimiters.
+        begin = _unescaped_quote(text, text.rfind('"', 0, position), backwards=True)
+        end = _unescaped_quote(text, text.find('"', position), backwards=False)
+        if begin < 0 or end < 0:
+            return None
+        after = end + 1
+        while after < len(text) and text[after] in " \t\r\n":
+            after += 1
+        if after >= len(text) or text[after] != ":":
+            return False  # a value, not a key
+        key = text[begin + 1 : end]
+        if "\\" in key:
+            key = _json_unescape(key)
+            if key is None:
+                return None
+        return self.key_is_secret(key)
 
     def _holds_secret_key(self, value: Any) -> bool:
         """Whether a dict anywhere in `value` has a key `key_is_secret` names."""
@@ -281,6 +342,49 @@ def _unique_name(name: str, taken: dict[Any, Any]) -> str:
     while f"{name}#{number}" in taken:
         number += 1
     return f"{name}#{number}"
+
+
+def _unescaped_quote(text: str, at: int, *, backwards: bool) -> int:
+    """The position of the first quote from `at` on (or back from it) that no backslash
+    escapes; -1 if there is none."""
+    while at >= 0:
+        backslashes = 0
+        while at - backslashes - 1 >= 0 and text[at - backslashes - 1] == "\\":
+            backslashes += 1
+        if backslashes % 2 == 0:
+            return at
+        at = text.rfind('"', 0, at) if backwards else text.find('"', at + 1)
+    return -1
+
+
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_LOWER_OR_DIGIT = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+_UPPER = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _whole_word(text: str, begin: int, end: int) -> bool:
+    """Whether text[begin:end] (letters and digits) may be a whole word of `_words(key)` for the
+    key whose raw JSON text (ASCII, no \\u escapes) holds it: each edge is next to a character
+    that is not a letter or digit, at a lower-to-upper case change (the camelCase split), or,
+    at the beginning, after a one-letter escape (\\n in the raw text is a line feed)."""
+    if end < len(text):
+        after = text[end]
+        if after in _ALNUM and not (after in _UPPER and text[end - 1] in _LOWER_OR_DIGIT):
+            return False
+    if begin > 0:
+        before = text[begin - 1]
+        if before in _ALNUM and not (
+            (text[begin] in _UPPER and before in _LOWER_OR_DIGIT)
+            or (before in "bfnrt" and begin > 1 and text[begin - 2] == "\\")
+        ):
+            return False
+    return True
+
+
+def _key_word_scan(key_words: Sequence[tuple[str, ...]]) -> tuple[str, ...]:
+    """The longest word of each configured key (ASCII letters and digits, lower-cased), longest
+    first: a key that `key_is_secret` names holds one of them as a whole word."""
+    return tuple(sorted({max(words, key=len) for words in key_words if words}, key=lambda word: (-len(word), word)))
 
 
 _CONTAINERS = frozenset({dict, list, tuple})
@@ -488,6 +592,7 @@ def build_redactor(keys: Iterable[str], patterns: Iterable[str], secrets: Iterab
         scans=scans,
         pattern_scans=scans[: len(compiled)],
         gate=_gate(scans[: len(compiled)]),
+        key_word_scan=_key_word_scan(key_words),
     )
 
 
