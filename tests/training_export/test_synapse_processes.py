@@ -1,0 +1,147 @@
+"""Several consumer processes on the same entries (`consume_events --processes`, and consumers of
+different groups sharing the files): every event written once, nothing lost, nothing pending."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings
+
+from tests.engine import ROOT
+
+T0 = dt.datetime(2024, 3, 5, 22, 0, tzinfo=dt.UTC)
+EVENTS = 3000
+REPEATED = 300  # entries carrying the event_id of an earlier entry (a republished event)
+
+
+@pytest.fixture
+def stream(settings) -> Iterator[str]:
+    name = f"synapse-test-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    pipe = client.pipeline(transaction=False)
+    for number in range(EVENTS + REPEATED):
+        index = number if number < EVENTS else (number - EVENTS) * 7
+        event_type = "tool_executed" if index % 3 == 0 else "agent_started"
+        payload = {
+            "tool_name": "calculator",
+            "n": index,
+            "note": f'step {index}, "quoted"',
+            "usage": {"tokens_used": 3},
+        }
+        pipe.xadd(
+            name,
+            {
+                "event_id": f"ev-{index}",
+                "sequence": str(number + 1),
+                "event_type": event_type,
+                "entity_type": "task",
+                "entity_id": f"task-{index}",
+                "agent_id": "agent-1",
+                "source": "platform",
+                "severity": "info",
+                # Four hours: the events straddle two UTC days.
+                "created_at": (T0 + dt.timedelta(seconds=index * 4)).isoformat(),
+                "payload": json.dumps(payload, sort_keys=True, separators=(",", ":")),
+            },
+            id=f"{number + 1}-1",
+        )
+    pipe.execute()
+    yield name
+    client.delete(name, f"{name}:dead")
+    client.close()
+
+
+def consume_events(stream: str, data_dir: Path, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "REDIS_URL": settings.REDIS_URL}
+    env.update(SYNAPSE_STREAM=stream, TRAINING_DATA_DIR=str(data_dir))
+    return subprocess.Popen(
+        [sys.executable, "manage.py", "consume_events", "--once", "--batch", "50", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen[str]) -> str:
+    try:
+        output, _ = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    return output
+
+
+def written_ids(data_dir: Path, data_type: str) -> Counter[str]:
+    """event_id -> rows, over every file of the type; each file checked to have one header."""
+    found: Counter[str] = Counter()
+    for path in sorted((data_dir / data_type).glob("*.csv")):
+        with path.open(newline="") as fh:
+            rows = list(csv.reader(fh))
+        assert rows[0][0] in {"event_id", "execution_id"}
+        header = rows[0]
+        assert header not in rows[1:], f"{path} holds its header twice"
+        found.update(row[header.index("event_id")] for row in rows[1:])
+    return found
+
+
+def assert_each_event_written_once(data_dir: Path) -> None:
+    events = written_ids(data_dir, "events")
+    assert set(events) == {f"ev-{index}" for index in range(EVENTS)}
+    assert set(events.values()) == {1}
+    tools = written_ids(data_dir, "tool_executions")
+    assert set(tools) == {f"ev-{index}" for index in range(0, EVENTS, 3)}
+    assert set(tools.values()) == {1}
+    assert len(list((data_dir / "events").glob("*.csv"))) == 2
+
+
+def test_two_processes_of_one_group_write_every_entry_once_and_leave_nothing_pending(settings, stream, tmp_path):
+    data_dir = tmp_path / "training"
+
+    output = finish(consume_events(stream, data_dir, "--processes", "2", "--consumer", "worker"))
+
+    done = dict(re.findall(r"consumer (worker-\d) done: (\d+) entries", output))
+    assert set(done) == {"worker-1", "worker-2"}, output
+    assert sum(map(int, done.values())) == EVENTS + REPEATED  # every entry delivered to one of them
+    assert_each_event_written_once(data_dir)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        assert client.xpending(stream, "training")["pending"] == 0
+        assert client.xlen(f"{stream}:dead") == 0
+        assert client.xinfo_consumers(stream, "training") == []
+    finally:
+        client.close()
+
+
+def test_consumers_of_two_groups_writing_the_same_files_at_once_write_each_event_once(settings, stream, tmp_path):
+    # Each group delivers every entry, so both processes try to write every event into the
+    # same files at the same time: the file lock and the dedupe must hold across processes.
+    data_dir = tmp_path / "training"
+
+    first = consume_events(stream, data_dir, "--group", "one")
+    second = consume_events(stream, data_dir, "--group", "two")
+    outputs = [finish(first), finish(second)]
+
+    written = [int(re.search(r"rows written: events=(\d+)", output)[1]) for output in outputs]
+    assert sum(written) == EVENTS, outputs
+    assert_each_event_written_once(data_dir)
+
+
+def test_processes_must_be_a_sensible_number(settings, tmp_path):
+    output = consume_events("synapse-unused", tmp_path, "--processes", "0").communicate(timeout=60)[0]
+    assert "--processes must be between 1 and 64" in output
