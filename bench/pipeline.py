@@ -15,10 +15,11 @@ Own database (agentledger_bench_pipeline) and Redis db 14; events are generated 
 size, each size on its own UTC day.
 
 `--compare-git REV` adds a second subject to each round: the pipeline's modules
-(training_export/services/{redaction,store,jsonl,synapse}.py) as they are at REV, read with
-`git show` into a temporary directory and loaded in their own process in place of the working
-tree's. Consumers then run in a child process each (the CPU figures are the child's), both on
-the same entries; the files both write are compared byte for byte.
+(training_export/services/{redaction,store,jsonl,synapse}.py, and for the export also
+files, manifest, chat and export) as they are at REV, read with `git show` into a temporary
+directory and loaded in their own process in place of the working tree's. Consumers then run in
+a child process each (the CPU figures are the child's), both on the same entries; the files
+both write (CSV partitions, JSONL exports) are compared byte for byte.
 
     .venv/bin/python -m bench.pipeline --rows 200000,1000000 --consumer-entries 200000 --repeat 3
     .venv/bin/python -m bench.pipeline --rows 200000 --consumer-entries 200000 --repeat 3 --skip-export
@@ -61,12 +62,14 @@ from orchestration.models import Event  # noqa: E402
 from orchestration.services.relay import event_to_entry  # noqa: E402
 
 PIPELINE_MODULES = ("redaction", "store", "jsonl", "synapse")  # in import order
+# What the export process loads besides them (files before store, which imports it).
+EXPORT_MODULES = ("files", *PIPELINE_MODULES, "manifest", "chat", "export")
 
 
-def load_baseline(directory: str) -> None:
+def load_baseline(directory: str, names: tuple[str, ...] = PIPELINE_MODULES) -> None:
     """Load the pipeline modules from `directory` (sources of another revision) under their
     own names, before anything imports the working tree's."""
-    for name in PIPELINE_MODULES:
+    for name in names:
         module_name = f"training_export.services.{name}"
         if module_name in sys.modules:
             raise SystemExit(f"{module_name} is already imported: cannot load the baseline")
@@ -77,7 +80,10 @@ def load_baseline(directory: str) -> None:
 
 
 if "--child-baseline" in sys.argv:
-    load_baseline(sys.argv[sys.argv.index("--child-baseline") + 1])
+    load_baseline(
+        sys.argv[sys.argv.index("--child-baseline") + 1],
+        EXPORT_MODULES if "--child-export" in sys.argv else PIPELINE_MODULES,
+    )
 
 from training_export.services.jsonl import EXPORTERS  # noqa: E402
 from training_export.services.store import TrainingDataStore  # noqa: E402
@@ -87,7 +93,7 @@ from training_export.services.synapse import SynapseConsumer  # noqa: E402
 def baseline_sources(revision: str) -> Path:
     """The pipeline modules at `revision`, in a temporary directory (never in the tree)."""
     directory = Path(tempfile.mkdtemp(prefix="bench-baseline-"))
-    for name in PIPELINE_MODULES:
+    for name in EXPORT_MODULES:
         source = subprocess.run(
             ["git", "show", f"{revision}:training_export/services/{name}.py"],
             cwd=ROOT,
@@ -178,15 +184,18 @@ def run_bare(client: redis.Redis, group: str) -> tuple[float, float, int]:
     return time.perf_counter() - began, time.process_time() - cpu_began, done
 
 
-def run_consumer(client: redis.Redis, group: str, directory: Path, batch: int) -> tuple[float, float, int]:
-    """Seconds, CPU seconds of this process, entries."""
+def run_consumer(
+    client: redis.Redis, group: str, directory: Path, batch: int, *, name: str = "bench", alone: bool = True
+) -> tuple[float, float, int]:
+    """Seconds, CPU seconds of this process, entries. `alone`: no other consumer of the group
+    runs, so nothing may be pending at the end (the caller checks that otherwise)."""
     consumer = SynapseConsumer(
-        client=client, store=TrainingDataStore(directory), stream=STREAM, group=group, consumer="bench", batch=batch
+        client=client, store=TrainingDataStore(directory), stream=STREAM, group=group, consumer=name, batch=batch
     )
     began, cpu_began = time.perf_counter(), time.process_time()
     result = consumer.run(once=True)
     seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu_began
-    if result.dead or client.xpending(STREAM, group)["pending"]:
+    if result.dead or (alone and client.xpending(STREAM, group)["pending"]):
         raise SystemExit(f"consumer left work behind: {result.summary()}")
     return seconds, cpu_seconds, result.entries
 
@@ -198,16 +207,80 @@ def files_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def child_consumer(group: str, directory: str, batch: int) -> None:
+def child_consumer(group: str, directory: str, batch: int, sibling: str | None = None) -> None:
+    """One consumer run in this process. A `sibling` (its consumer name) is one of several
+    consumers of the group: it says "ready", waits for a line on stdin so that all start
+    together, and reports its wall-clock start and end."""
     client = redis.Redis.from_url(settings.REDIS_URL)
-    seconds, cpu_seconds, done = run_consumer(client, group, Path(directory), batch)
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "entries": done}))
+    if sibling is not None:
+        client.ping()
+        print("ready", flush=True)
+        sys.stdin.readline()
+    started = time.time()
+    seconds, cpu_seconds, done = run_consumer(
+        client, group, Path(directory), batch, name=sibling or "bench", alone=sibling is None
+    )
+    result = {"seconds": seconds, "cpu_seconds": cpu_seconds, "entries": done}
+    print(json.dumps(result | {"started": started, "ended": started + seconds}))
+
+
+def sorted_lines_digest(directory: Path) -> str:
+    """The files' digest with the rows of each in sorted order: consumers running in parallel
+    append their batches in whatever order they finish them."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*.csv")):
+        header, *rows = path.read_bytes().splitlines(keepends=True)
+        digest.update(str(path.relative_to(directory)).encode() + b"\0" + header + b"".join(sorted(rows)))
+    return digest.hexdigest()
+
+
+def consumer_processes_round(
+    client: redis.Redis, group: str, batch: int, processes: int
+) -> tuple[float, float, int, int, str]:
+    """`consumer_round` with `processes` consumers of one group, one process each, started
+    together: seconds from the first start to the last end, CPU seconds of all of them,
+    entries, CSV rows and the digest of the files with their rows sorted."""
+    directory = Path(tempfile.mkdtemp(prefix="bench-consumers-"))
+    children = []
+    try:
+        for number in range(processes):
+            command = [sys.executable, "-m", "bench.pipeline", "--child-consumer", group, "--child-output"]
+            command += [str(directory), "--consumer-batch", str(batch), "--child-sibling", f"bench-{number}"]
+            children.append(
+                subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            )
+        for child in children:
+            if child.stdout.readline().strip() != "ready":
+                raise SystemExit("a consumer process failed to start")
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        reports = []
+        for child in children:
+            output, _ = child.communicate()
+            if child.returncode:
+                raise SystemExit(f"consumer process failed: {output}")
+            reports.append(json.loads(output.strip().splitlines()[-1]))
+        if client.xpending(STREAM, group)["pending"] or client.xlen(f"{STREAM}:dead"):
+            raise SystemExit("the consumer processes left work behind")
+        seconds = max(r["ended"] for r in reports) - min(r["started"] for r in reports)
+        cpu_seconds = sum(r["cpu_seconds"] for r in reports)
+        done = sum(r["entries"] for r in reports)
+        csv_rows = sum(sum(1 for _ in path.open("rb")) - 1 for path in (directory / "events").glob("*.csv"))
+        return seconds, cpu_seconds, done, csv_rows, sorted_lines_digest(directory)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        shutil.rmtree(directory)
 
 
 def consumer_round(
     client: redis.Redis, group: str, batch: int, baseline: Path | None, *, in_child: bool
-) -> tuple[float, float, int, int, str]:
-    """Seconds, CPU seconds, entries, CSV rows and the digest of the files of one consumer run."""
+) -> tuple[float, float, int, int, str, str]:
+    """Seconds, CPU seconds, entries, CSV rows, the digest of the files of one consumer run and
+    the same with each file's rows sorted."""
     directory = Path(tempfile.mkdtemp(prefix="bench-consumer-"))
     try:
         if in_child:
@@ -223,12 +296,14 @@ def consumer_round(
         else:
             seconds, cpu_seconds, done = run_consumer(client, group, directory, batch)
         csv_rows = sum(sum(1 for _ in path.open("rb")) - 1 for path in (directory / "events").glob("*.csv"))
-        return seconds, cpu_seconds, done, csv_rows, files_digest(directory)
+        return seconds, cpu_seconds, done, csv_rows, files_digest(directory), sorted_lines_digest(directory)
     finally:
         shutil.rmtree(directory)
 
 
-def bench_consumer(entries: int, repeat: int, batch: int, baseline: Path | None = None) -> list[dict]:
+def bench_consumer(
+    entries: int, repeat: int, batch: int, baseline: Path | None = None, processes: int = 1
+) -> list[dict]:
     client = redis.Redis.from_url(settings.REDIS_URL)
     fill_stream(client, FIRST_DAY, entries)
     length = client.xlen(STREAM)
@@ -236,7 +311,9 @@ def bench_consumer(entries: int, repeat: int, batch: int, baseline: Path | None 
     in_child = baseline is not None
     for n in range(repeat):
         bare_seconds, bare_cpu, bare_done = run_bare(client, f"bare-{n}")
-        seconds, cpu, done, csv_rows, digest = consumer_round(client, f"training-{n}", batch, None, in_child=in_child)
+        seconds, cpu, done, csv_rows, digest, sorted_digest = consumer_round(
+            client, f"training-{n}", batch, None, in_child=in_child
+        )
         if not (bare_done == done == csv_rows == length):
             raise SystemExit(f"counts differ: bare {bare_done}, consumer {done}, csv {csv_rows}, {length}")
         result = {
@@ -251,8 +328,24 @@ def bench_consumer(entries: int, repeat: int, batch: int, baseline: Path | None 
             f"consumer {done / seconds:,.0f}/s ({bare_seconds / seconds:.2f}x); CPU per entry: "
             f"bare {result['bare_cpu_us']:.1f} us, consumer {result['consumer_cpu_us']:.1f} us"
         )
+        if processes > 1:
+            par_seconds, par_cpu, par_done, par_rows, par_digest = consumer_processes_round(
+                client, f"parallel-{n}", batch, processes
+            )
+            if not (par_done == par_rows == length):
+                raise SystemExit(f"{processes} consumers: entries {par_done}, csv {par_rows}, {length}")
+            result.update(
+                parallel_per_s=par_done / par_seconds,
+                parallel_cpu_us=par_cpu / par_done * 1e6,
+                parallel_same_rows=par_digest == sorted_digest,
+            )
+            line += (
+                f" | {processes} consumer processes {result['parallel_per_s']:,.0f}/s "
+                f"({bare_seconds / par_seconds:.2f}x), {result['parallel_cpu_us']:.1f} us; "
+                f"same rows: {result['parallel_same_rows']}"
+            )
         if baseline is not None:
-            old_seconds, old_cpu, old_done, old_rows, old_digest = consumer_round(
+            old_seconds, old_cpu, old_done, old_rows, old_digest, _ = consumer_round(
                 client, f"baseline-{n}", batch, baseline, in_child=True
             )
             if not (old_done == old_rows == length):
@@ -306,6 +399,14 @@ def export_in_subprocess(day: dt.date, out: Path, baseline: Path | None = None) 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def peak_rss_kb() -> int:
     """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from
     the parent across fork and exec, so a child would report the bench process's peak."""
@@ -346,6 +447,7 @@ def bench_export(sizes: list[int], repeat: int, baseline: Path | None = None) ->
                     old = export_in_subprocess(day, directory / "baseline", baseline)
                     if valid_jsonl(Path(old["path"])) != count:
                         raise SystemExit("the baseline export's line count differs from count(*)")
+                    old["same_file"] = file_sha256(Path(old["path"])) == file_sha256(Path(child["path"]))
             finally:
                 shutil.rmtree(directory)
             if not (copy_lines == export_lines == child["rows"] == count):
@@ -365,11 +467,17 @@ def bench_export(sizes: list[int], repeat: int, baseline: Path | None = None) ->
                 f"{result['rss_peak_mb']:.0f} MB"
             )
             if old is not None:
-                result.update(baseline_per_s=count / old["seconds"], baseline_cpu_us=old["cpu_seconds"] / count * 1e6)
+                result.update(
+                    baseline_per_s=count / old["seconds"],
+                    baseline_cpu_us=old["cpu_seconds"] / count * 1e6,
+                    baseline_rss_peak_mb=old["rss_peak_kb"] / 1024,
+                    same_file=old["same_file"],
+                )
                 line += (
                     f" | baseline exporter {result['baseline_per_s']:,.0f}/s "
                     f"({result['baseline_per_s'] / result['copy_per_s']:.2f}x), "
-                    f"CPU {result['baseline_cpu_us']:.1f} us/row"
+                    f"CPU {result['baseline_cpu_us']:.1f} us/row, RSS {old['rss_peak_kb'] / 1024:.0f} MB; "
+                    f"identical file: {old['same_file']}"
                 )
             rounds.append(result)
             print(line, flush=True)
@@ -383,6 +491,12 @@ def main() -> None:
     parser.add_argument(
         "--consumer-batch", type=int, default=2000, help="entries per read of the consumer (consume_events --batch)"
     )
+    parser.add_argument(
+        "--consumer-processes",
+        type=int,
+        default=2,
+        help="also run this many consumers of one group in parallel (consume_events --processes); 1: not",
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-consumer", action="store_true", help="only the export benchmark")
     parser.add_argument("--skip-export", action="store_true", help="only the consumer benchmark")
@@ -393,12 +507,13 @@ def main() -> None:
     parser.add_argument("--child-consumer", help=argparse.SUPPRESS)
     parser.add_argument("--child-output", help=argparse.SUPPRESS)
     parser.add_argument("--child-baseline", help=argparse.SUPPRESS)
+    parser.add_argument("--child-sibling", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_export:
         child_export(args.child_export, args.child_output)
         return
     if args.child_consumer:
-        child_consumer(args.child_consumer, args.child_output, args.consumer_batch)
+        child_consumer(args.child_consumer, args.child_output, args.consumer_batch, args.child_sibling)
         return
     sizes = [int(size) for size in args.rows.split(",")]
     database_ensure(load_agents=False)
@@ -412,7 +527,7 @@ def main() -> None:
         if not args.skip_consumer:
             print(f"consumer vs bare XREADGROUP/XACK on {args.consumer_entries:,} entries", flush=True)
             entries = min(args.consumer_entries, sizes[0])
-            consumer = bench_consumer(entries, args.repeat, args.consumer_batch, baseline)
+            consumer = bench_consumer(entries, args.repeat, args.consumer_batch, baseline, args.consumer_processes)
         if not args.skip_export:
             print("exporter vs COPY row_to_json", flush=True)
             export = bench_export(sizes, args.repeat, baseline)
@@ -430,6 +545,14 @@ def main() -> None:
             f"| consumer | {ours:,.0f} events/s | bare loop {bare:,.0f}/s | {ours / bare:.2f}x (target >= 0.5x) "
             f"| CPU per entry {cpu:.1f} us vs {bare_cpu:.1f} us |"
         )
+        if args.consumer_processes > 1:
+            par = statistics.median(r["parallel_per_s"] for r in consumer)
+            par_cpu = statistics.median(r["parallel_cpu_us"] for r in consumer)
+            same = all(r["parallel_same_rows"] for r in consumer)
+            print(
+                f"| consumer with {args.consumer_processes} processes | {par:,.0f} events/s | | {par / bare:.2f}x "
+                f"| CPU per entry {par_cpu:.1f} us (all processes) | same rows as 1 process: {same} |"
+            )
         if baseline is not None:
             old = statistics.median(r["baseline_per_s"] for r in consumer)
             old_cpu = statistics.median(r["baseline_cpu_us"] for r in consumer)
@@ -452,9 +575,11 @@ def main() -> None:
         if baseline is not None:
             old = statistics.median(r["baseline_per_s"] for r in mine)
             old_cpu = statistics.median(r["baseline_cpu_us"] for r in mine)
+            old_peak = max(r["baseline_rss_peak_mb"] for r in mine)
+            same = all(r["same_file"] for r in mine)
             print(
                 f"| export {rows:,} at {args.compare_git} | {old:,.0f} rows/s | | {old / copy:.2f}x "
-                f"| CPU {old_cpu:.1f} us/row |"
+                f"| CPU {old_cpu:.1f} us/row | RSS peak {old_peak:.0f} MB | identical files: {same} |"
             )
 
 
