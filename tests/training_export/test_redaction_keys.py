@@ -10,7 +10,7 @@ import random
 import orjson
 import pytest
 
-from training_export.services.redaction import build_redactor
+from training_export.services.redaction import Redactor, build_redactor
 
 KEY_FRAGMENTS = ["token", "Token", "TOKEN", "tokens", "my", "_", "-", "\n", "\t", "\\", '"', "é", "api", "Key"]
 KEY_FRAGMENTS += ["key", "x", "1", "\u212a", "/", "s", "pass", "word", "Password", "credential", "credentials", " "]
@@ -59,3 +59,31 @@ def test_keys_are_found_through_escapes_and_case_changes_and_values_are_not_keys
     ]
     texts = [[orjson.dumps(value).decode()] for value in values]
     assert redactor.dirty([[] for _ in values], texts, [[value] for value in values]) == {0, 1, 2, 3, 4}
+
+
+def test_a_string_is_looked_at_once_however_often_it_holds_a_key_word(settings, monkeypatch):
+    """A tool output holding a JSON document as a string repeats `token_type` thousands of
+    times; looking at each hit would cost hits x string length (minutes for 200 KB)."""
+    redactor = build_redactor(settings.REDACT_KEYS, settings.REDACT_PATTERNS)
+    calls = []
+    original = Redactor._key_at
+
+    def counting(self, text, position):
+        calls.append(position)
+        return original(self, text, position)
+
+    monkeypatch.setattr(Redactor, "_key_at", counting)
+    document = json.dumps([{"id": i, "token_type": "bearer", "expires_in": 3600} for i in range(3000)])
+    values = [{"output_result": document}, {"note": "the token " * 5000}, {"access_token": "x"}]
+    texts = [[json.dumps(value)] for value in values]
+    dirty = redactor.dirty([[] for _ in values], texts, [[value] for value in values])
+    assert dirty == {2}
+    assert len(calls) <= 2 * len(values)  # at most once per string and key word
+
+
+def test_overlapping_pattern_hits_still_mark_their_record(settings):
+    redactor = build_redactor(settings.REDACT_KEYS, settings.REDACT_PATTERNS)
+    values = ["plain", "sk-" * 20_000, "plain too"]
+    dirty = redactor.dirty([[value] for value in values], [[] for _ in values], [[] for _ in values])
+    assert dirty == {1}
+    assert redactor.text(values[1]) != values[1]

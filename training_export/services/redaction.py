@@ -233,12 +233,15 @@ class Redactor:
             if lowered is not None and scan.prefixes is not None:
                 # Every match starts at one of these: try there instead of at every position
                 # (a case-insensitive pattern gets no literal-prefix scan from the engine).
+                # After a match the search resumes at its end, as finditer's does: matches
+                # starting inside it would make the scan quadratic ("sk-sk-sk-...").
                 for prefix in scan.prefixes:
                     at = lowered.find(prefix)
                     while at >= 0:
                         match = scan.pattern.match(joined, at)
                         if match is not None:
                             mark(*match.span())
+                            at = max(at, match.end() - 1)
                         at = lowered.find(prefix, at + 1)
                 continue
             for match in scan.pattern.finditer(joined):
@@ -280,35 +283,45 @@ class Redactor:
             joined = "\n".join(parts)
         starts = list(accumulate(map(len, parts), lambda total, length: total + length + 1, initial=0))
         lowered = joined.lower()  # ASCII: the same positions
+        # Linear in the text: a record found dirty is skipped to its end, and a string looked
+        # at once is skipped to its closing quote (its other hits would get the same answer).
+        # Looking at every hit would cost hits x string length: a tool output holding a JSON
+        # document as a string repeats `token_type`, `token_count`... thousands of times.
         for word in self.key_word_scan:
             at = lowered.find(word)
             while at >= 0:
+                owner = bisect_right(starts, at) - 1
+                if owner in dirty:
+                    at = lowered.find(word, starts[owner + 1])
+                    continue
                 if _whole_word(joined, at, at + len(word)):
-                    owner = bisect_right(starts, at) - 1
-                    if owner not in dirty and self._key_at(joined, at) is not False:
+                    verdict, end = self._key_at(joined, at)
+                    if verdict is not False:
                         dirty.add(owner)
+                    at = max(at, end)
                 at = lowered.find(word, at + 1)
 
-    def _key_at(self, text: str, position: int) -> bool | None:
+    def _key_at(self, text: str, position: int) -> tuple[bool | None, int]:
         """Whether the JSON string around `position` of valid JSON `text` is a key that
-        `key_is_secret` names: False when it is not (or it is a value), None when unsure."""
+        `key_is_secret` names (False when it is not, or it is a value; None when unsure), and
+        where the string ends (its closing quote; `position` when unsure)."""
         # Inside a string no quote is unescaped, so the nearest unescaped ones around a
         # position inside a string are its delimiters.
         begin = _unescaped_quote(text, text.rfind('"', 0, position), backwards=True)
         end = _unescaped_quote(text, text.find('"', position), backwards=False)
         if begin < 0 or end < 0:
-            return None
+            return None, position
         after = end + 1
         while after < len(text) and text[after] in " \t\r\n":
             after += 1
         if after >= len(text) or text[after] != ":":
-            return False  # a value, not a key
+            return False, end  # a value, not a key
         key = text[begin + 1 : end]
         if "\\" in key:
             key = _json_unescape(key)
             if key is None:
-                return None
-        return self.key_is_secret(key)
+                return None, end
+        return self.key_is_secret(key), end
 
     def _holds_secret_key(self, value: Any) -> bool:
         """Whether a dict anywhere in `value` has a key `key_is_secret` names."""
