@@ -61,6 +61,9 @@ class Claim:
     agent: Agent
     task_input: dict[str, Any]
     context: TaskContext
+    # The fast claim saw other unfinished tasks in the workflow and none pending: the
+    # completion tries fastpath.succeed_alone (one statement, no transaction block) first.
+    standalone: bool = False
 
 
 def retry_countdown(retry_count: int, retry_after: float | None = None) -> float:
@@ -220,7 +223,7 @@ def _claim_from_fast(fast: fastpath.FastClaim) -> Claim:
         upstream=_upstream_outputs(fast.workflow_id, fast.depends_on),
         agent_config=agent.config,
     )
-    return Claim(attempt=attempt, agent=agent, task_input=fast.input_data, context=context)
+    return Claim(attempt=attempt, agent=agent, task_input=fast.input_data, context=context, standalone=fast.standalone)
 
 
 def _attempt_claim(
@@ -352,13 +355,30 @@ def attempt_succeed(
     duration_ms: float,
     now: dt.datetime,
     also: Callable[[], object] | None = None,
+    standalone: bool = False,
 ) -> bool:
     """Record a successful attempt and complete its task; False if the attempt was no
     longer running (reaped or cancelled meanwhile), in which case nothing is recorded.
-    `also` writes more in the same transaction, only when the attempt is recorded."""
+    `also` writes more in the same transaction, only when the attempt is recorded.
+
+    `standalone` (see Claim): when nothing else is to be written and
+    the workflow needs no advancing, the completion is one statement committed on its own,
+    without the BEGIN and COMMIT round trips of a transaction block."""
+    usage = result.usage
+    if standalone and also is None:
+        done = fastpath.succeed_alone(
+            attempt_id=attempt.pk,
+            output=result.output,
+            duration_ms=duration_ms,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cost=usage.cost_usd,
+            now=now,
+        )
+        if done is not None:
+            return done
 
     def run() -> bool:
-        usage = result.usage
         if fastpath.enabled():
             done = fastpath.succeed(
                 attempt_id=attempt.pk,
@@ -538,7 +558,12 @@ def attempt_run(
     result.usage = result.usage + context.spend
     also = _turn_writer(context, claim.attempt, output=result.output, error=None, usage=result.usage)
     recorded = attempt_succeed(
-        attempt=claim.attempt, result=result, duration_ms=duration_ms, now=timezone.now(), also=also
+        attempt=claim.attempt,
+        result=result,
+        duration_ms=duration_ms,
+        now=timezone.now(),
+        also=also,
+        standalone=claim.standalone,
     )
     attempt_finished(
         attempt=claim.attempt,

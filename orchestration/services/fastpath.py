@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connection, models
+from django.db import DEFAULT_DB_ALIAS, OperationalError, connection, models
 from django.db.models.expressions import DatabaseDefault
 from django.db.models.fields import NOT_PROVIDED
 
@@ -59,7 +59,7 @@ WITH claimed AS (
        AND a.id = t.agent_id
        AND a.max_concurrency IS NULL
     RETURNING t.execution_id, t.workflow_id, t.agent_id, t.task_name, t.input_data, t.depends_on,
-              t.timeout_seconds,
+              t.timeout_seconds, w.total_steps - w.completed_steps - w.failed_steps - w.cancelled_steps AS remaining,
               (SELECT COALESCE(MAX(p.attempt_number), 0) + 1 FROM task_attempts p
                 WHERE p.execution_id = t.execution_id) AS attempt_number
 ), attempt AS (
@@ -79,20 +79,23 @@ WITH claimed AS (
       FROM claimed c, attempt a
 )
 SELECT c.workflow_id, c.task_name, c.input_data, c.depends_on,
-       {_columns(ATTEMPT_FIELDS, "a")}, {_columns(AGENT_FIELDS, "g")}
+       {_columns(ATTEMPT_FIELDS, "a")}, {_columns(AGENT_FIELDS, "g")},
+       c.remaining > 1 AND NOT EXISTS (
+           SELECT 1 FROM task_executions p WHERE p.workflow_id = c.workflow_id AND p.status = 'pending')
   FROM claimed c CROSS JOIN attempt a JOIN agents g ON g.id = c.agent_id
 """  # noqa: S608
 CLAIM_SQL = " ".join(CLAIM_SQL.split())
 
-SUCCEED_SQL = """
-WITH attempt AS (
-    UPDATE task_attempts
-       SET status = 'succeeded', finished_at = %(now)s, duration_ms = %(duration_ms)s, updated_at = %(now)s,
+# What a successful attempt sets on its row, and the completion of its task with the
+# task_completed event (from the CTE `attempt`, which returns execution_id, attempt_number):
+# shared by SUCCEED_SQL and SUCCEED_ALONE_SQL.
+ATTEMPT_SUCCEEDED_SET = """
+SET status = 'succeeded', finished_at = %(now)s, duration_ms = %(duration_ms)s, updated_at = %(now)s,
            input_tokens = %(input_tokens)s, output_tokens = %(output_tokens)s, tokens_used = %(tokens)s,
            cost_usd = %(cost)s
-     WHERE id = %(attempt_id)s AND status = 'running'
-    RETURNING execution_id, attempt_number
-), task AS (
+""".strip()
+TASK_COMPLETED_CTES = """
+task AS (
     UPDATE task_executions t
        SET status = 'completed', output_data = %(output)s::jsonb, error = NULL, completed_at = %(now)s,
            execution_time_ms = COALESCE(t.execution_time_ms, 0) + %(duration_ms)s,
@@ -108,7 +111,16 @@ WITH attempt AS (
                               'duration_ms', %(duration_rounded)s::float8),
            'info'
       FROM task
-), workflow AS (
+)
+""".strip()
+
+SUCCEED_SQL = f"""
+WITH attempt AS (
+    UPDATE task_attempts
+       {ATTEMPT_SUCCEEDED_SET}
+     WHERE id = %(attempt_id)s AND status = 'running'
+    RETURNING execution_id, attempt_number
+), {TASK_COMPLETED_CTES}, workflow AS (
     UPDATE workflows w
        SET completed_steps = w.completed_steps + 1, current_step = task.task_name,
            total_tokens_used = w.total_tokens_used + %(tokens)s, total_cost_usd = w.total_cost_usd + %(cost)s
@@ -119,7 +131,38 @@ WITH attempt AS (
 SELECT task.workflow_id, task.task_name, workflow.status, workflow.remaining,
        EXISTS (SELECT 1 FROM task_executions p WHERE p.workflow_id = task.workflow_id AND p.status = 'pending')
   FROM task LEFT JOIN workflow ON true
-"""
+"""  # noqa: S608 - only the constants above are interpolated
+
+
+# Succeed in a statement of its own (autocommit), when the completion cannot need advancing
+# the workflow: the attempt row is locked first, then the workflow's counters are updated only
+# while, on the current (locked, re-checked) workflow row, another task stays unfinished after
+# this one and no task is pending. Otherwise nothing is written and the caller takes the
+# transaction of SUCCEED_SQL (BEGIN and COMMIT are two more round trips).
+SUCCEED_ALONE_SQL = f"""
+WITH locked AS (
+    SELECT a.id, a.execution_id, a.attempt_number FROM task_attempts a
+     WHERE a.id = %(attempt_id)s AND a.status = 'running'
+       FOR UPDATE
+), workflow AS (
+    UPDATE workflows w
+       SET completed_steps = w.completed_steps + 1, current_step = t.task_name,
+           total_tokens_used = w.total_tokens_used + %(tokens)s, total_cost_usd = w.total_cost_usd + %(cost)s
+      FROM locked l JOIN task_executions t ON t.execution_id = l.execution_id
+     WHERE w.workflow_id = t.workflow_id
+       AND w.total_steps - w.completed_steps - w.failed_steps - w.cancelled_steps > 1
+       AND NOT EXISTS (SELECT 1 FROM task_executions p WHERE p.workflow_id = w.workflow_id AND p.status = 'pending')
+    RETURNING w.workflow_id
+), attempt AS (
+    UPDATE task_attempts
+       {ATTEMPT_SUCCEEDED_SET}
+      FROM locked l, workflow
+     WHERE task_attempts.id = l.id
+    RETURNING task_attempts.execution_id, task_attempts.attempt_number
+), {TASK_COMPLETED_CTES}
+SELECT (SELECT count(*) FROM locked), (SELECT count(*) FROM task)
+"""  # noqa: S608 - only the constants above are interpolated
+SUCCEED_ALONE_SQL = " ".join(SUCCEED_ALONE_SQL.split())
 
 
 @dataclass
@@ -130,6 +173,9 @@ class FastClaim:
     depends_on: list[str]
     attempt: TaskAttempt
     agent: Agent
+    # At the claim, another task of the workflow was unfinished and none was pending: the
+    # completion will likely need no advancing, so succeed_alone is worth trying first.
+    standalone: bool
 
 
 def enabled() -> bool:
@@ -276,7 +322,7 @@ def claim(
         return None
     row = rows[0]
     attempt_values = row[4 : 4 + len(ATTEMPT_FIELDS)]
-    agent_values = list(row[4 + len(ATTEMPT_FIELDS) :])
+    agent_values = list(row[4 + len(ATTEMPT_FIELDS) : -1])
     for i in AGENT_JSON:
         agent_values[i] = _json(agent_values[i])
     return FastClaim(
@@ -286,6 +332,7 @@ def claim(
         depends_on=_json(row[3]),
         attempt=TaskAttempt.from_db(DEFAULT_DB_ALIAS, ATTEMPT_ATTNAMES, attempt_values),
         agent=Agent.from_db(DEFAULT_DB_ALIAS, AGENT_ATTNAMES, agent_values),
+        standalone=row[-1],
     )
 
 
@@ -328,3 +375,47 @@ def succeed(
         return None
     workflow_id, task_name, status, remaining, pending = rows[0]
     return workflow_id, task_name, status, bool(pending) or remaining == 0
+
+
+def succeed_alone(
+    *,
+    attempt_id: int,
+    output: dict[str, Any],
+    duration_ms: float,
+    input_tokens: int,
+    output_tokens: int,
+    cost: Decimal,
+    now: dt.datetime,
+) -> bool | None:
+    """Record a successful attempt that needs nothing else in its transaction, in one
+    statement committed on its own (what SUCCEED_SQL writes, and no more): True when
+    recorded, False when the attempt was no longer running (nothing recorded), None when the
+    completion may need the workflow advanced (nothing written; the caller uses succeed() in
+    its transaction). Only outside any transaction: the statement is the transaction."""
+    if not enabled() or not connection.get_autocommit() or connection.in_atomic_block:
+        return None
+    tokens = input_tokens + output_tokens
+    try:
+        rows = execute_prepared(
+            SUCCEED_ALONE_SQL,
+            {
+                "attempt_id": attempt_id,
+                "output": json.dumps(output),
+                "duration_ms": duration_ms,
+                "duration_rounded": round(duration_ms, 3),
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "tokens": tokens,
+                "cost": cost,
+                "now": now,
+                "event_id": new_id(),
+            },
+        )
+    except OperationalError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) in ("40P01", "40001"):
+            return None  # a deadlock victim: nothing was kept; the transactional path retries
+        raise
+    locked, completed = rows[0]
+    if not locked:
+        return False
+    return True if completed else None

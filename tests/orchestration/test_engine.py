@@ -314,6 +314,35 @@ def test_parents_finishing_together_on_two_workers_dispatch_the_child_once(engin
     assert len(workers) == 2, "both workers took part"
 
 
+def test_independent_tasks_finishing_together_on_two_workers_complete_the_workflow_once(engine):
+    """Completions that need no advancing commit in one statement of their own (succeed_alone);
+    when two finish the last tasks at the same moment, exactly one of them finishes the workflow."""
+    engine(concurrency=1)
+    engine(concurrency=1)
+    pairs = [
+        submit(
+            {"name": "p1", "agent": "sleep", "input": {"seconds": 0.5}},
+            {"name": "p2", "agent": "sleep", "input": {"seconds": 0.5}},
+        )
+        for _ in range(4)
+    ]
+    wide = submit(*({"name": f"t{i}", "agent": "echo", "input": {"i": i}} for i in range(30)))
+    for wf in [*pairs, wide]:
+        wf = finished(wf)
+        n = wf.total_steps
+        assert (wf.status, wf.completed_steps, wf.failed_steps, wf.error_count) == (Workflow.Status.COMPLETED, n, 0, 0)
+        assert event_types(wf.workflow_id) == ["workflow_created", "workflow_started", "workflow_completed"]
+        names = set(TaskExecution.objects.filter(workflow=wf).values_list("task_name", flat=True))
+        assert set(wf.step_results) == names
+        for t in TaskExecution.objects.filter(workflow=wf):
+            assert (t.status, t.completed_at is not None, t.error) == (T.COMPLETED, True, None)
+            assert [(a.attempt_number, a.status) for a in attempts(wf, t.task_name)] == [(1, A.SUCCEEDED)]
+            assert event_types(t.execution_id) == ["task_queued", "task_started", "task_completed"]
+    assert task(wide, "t7").output_data["echo"] == {"i": 7}
+    workers = {a.worker for a in TaskAttempt.objects.filter(execution__task_name__in=["p1", "p2"])}
+    assert len(workers) == 2, "both workers took part"
+
+
 def test_cancelling_a_workflow_stops_running_work_and_cancels_the_rest(engine):
     engine()
     wf = submit(

@@ -198,3 +198,115 @@ def test_dispatch_pipelines_messages_in_batches_in_order(builtin_agents, monkeyp
     assert [json.loads(m)["headers"]["id"] for m in reversed(queued)] == ["m0", "m1", "m2", "m3", "m4"]
     assert [n for n in flushes if n] == [3, 2]  # one round trip per batch of three, not one per message
     flush_redis()
+
+
+@pytest.fixture
+def committed_agents(transactional_db: None) -> None:
+    import io
+
+    from django.core.management import call_command
+
+    call_command("load_agents", stdout=io.StringIO())
+
+
+def _claimed(names: list[str], **fields: object) -> dict:
+    """A workflow of independent echo tasks, each claimed in-process (no worker): name -> Claim."""
+    from unittest import mock
+
+    from orchestration.models import TaskExecution
+    from orchestration.services import dispatch
+    from orchestration.services.execution import attempt_claim
+    from orchestration.services.workflows import workflow_submit
+
+    with mock.patch.object(dispatch, "dispatch_send"):
+        workflow_submit(spec={"name": "alone", **fields, "tasks": [{"name": n, "agent": "echo"} for n in names]})
+    return {
+        task.task_name: attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w1")
+        for task in TaskExecution.objects.filter(task_name__in=names).exclude(status="pending")
+    }
+
+
+def _succeed(claim, **kwargs):
+    from django.utils import timezone
+
+    from orchestration.runtime.context import AgentResult
+    from orchestration.services.execution import attempt_succeed
+
+    return attempt_succeed(
+        attempt=claim.attempt, result=AgentResult(output={"ok": 1}), duration_ms=2.5, now=timezone.now(), **kwargs
+    )
+
+
+def test_a_completion_that_needs_no_advance_is_one_statement_with_the_same_record(committed_agents):
+    from unittest import mock
+
+    from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+    from orchestration.services import execution
+
+    claims = _claimed(["a", "b", "c"])
+    assert all(c.standalone for c in claims.values())  # nothing pending at the claims
+    with mock.patch.object(execution, "atomic_with_retry", side_effect=AssertionError("a transaction block")):
+        assert _succeed(claims["a"], standalone=True) is True
+    a = TaskExecution.objects.get(task_name="a")
+    attempt = TaskAttempt.objects.get(execution=a)
+    wf = Workflow.objects.get(pk=a.workflow_id)
+    assert (a.status, a.output_data, a.execution_time_ms, a.error) == ("completed", {"ok": 1}, 2.5, None)
+    assert (attempt.status, attempt.duration_ms, attempt.finished_at is not None) == ("succeeded", 2.5, True)
+    assert (wf.status, wf.completed_steps, wf.current_step) == ("running", 1, "a")
+    completed = Event.objects.get(entity_id=a.pk, event_type="task_completed")
+    assert completed.payload == {"task_name": "a", "status": "completed", "attempt": 1, "duration_ms": 2.5}
+    # the last one to finish takes the transaction, which completes the workflow
+    assert _succeed(claims["b"], standalone=True) is True
+    assert _succeed(claims["c"], standalone=True) is True
+    wf.refresh_from_db()
+    assert (wf.status, wf.completed_steps) == ("completed", 3)
+    assert Event.objects.filter(entity_id=wf.pk, event_type="workflow_completed").count() == 1
+    assert Event.objects.filter(workflow_id=wf.pk, event_type="task_completed").count() == 3
+
+
+def test_succeed_alone_writes_nothing_when_the_workflow_must_advance_or_the_attempt_ended(committed_agents):
+    from decimal import Decimal
+
+    from django.utils import timezone
+
+    from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+    from orchestration.services import fastpath
+
+    claims = _claimed(["a", "b"])
+    values = {"output": {}, "duration_ms": 1.0, "input_tokens": 0, "output_tokens": 0, "now": timezone.now()}
+
+    TaskAttempt.objects.filter(pk=claims["b"].attempt.pk).update(status="cancelled", finished_at=timezone.now())
+    events = Event.objects.count()
+    assert fastpath.succeed_alone(attempt_id=claims["b"].attempt.pk, cost=Decimal(0), **values) is False
+    # a is the last unfinished task once b is cancelled and counted: the workflow must be finished
+    Workflow.objects.filter(pk=claims["a"].context.workflow_id).update(cancelled_steps=1)
+    assert fastpath.succeed_alone(attempt_id=claims["a"].attempt.pk, cost=Decimal(0), **values) is None
+    assert TaskAttempt.objects.get(pk=claims["a"].attempt.pk).status == "running"
+    assert TaskExecution.objects.get(task_name="a").status == "running"
+    assert Workflow.objects.get(pk=claims["a"].context.workflow_id).completed_steps == 0
+    assert Event.objects.count() == events
+    # inside a transaction the caller's transaction is used instead
+    with transaction.atomic():
+        assert fastpath.succeed_alone(attempt_id=claims["a"].attempt.pk, cost=Decimal(0), **values) is None
+
+
+def test_a_claim_of_the_only_task_or_with_pending_tasks_is_not_standalone(committed_agents):
+    from unittest import mock
+
+    from orchestration.models import TaskExecution
+    from orchestration.services import dispatch
+    from orchestration.services.execution import attempt_claim
+    from orchestration.services.workflows import workflow_submit
+
+    with mock.patch.object(dispatch, "dispatch_send"):
+        workflow_submit(
+            spec={
+                "name": "dag",
+                "tasks": [{"name": "a", "agent": "echo"}, {"name": "b", "agent": "echo", "depends_on": ["a"]}],
+            }
+        )
+    a = TaskExecution.objects.get(task_name="a")
+    claim = attempt_claim(execution_id=a.pk, celery_task_id=a.celery_task_id, worker="w1")
+    assert claim.standalone is False
+    (only,) = _claimed(["only"]).values()
+    assert only.standalone is False  # its completion finishes the workflow: the transaction does
