@@ -5,7 +5,7 @@ for the peer run (its result backend is used only by tasks that keep results).""
 from config.env import env
 from config.settings.base import _database
 from config.settings.test import *  # noqa: F403
-from config.settings.test import INSTALLED_APPS
+from config.settings.test import INSTALLED_APPS, LOGGING
 
 DATABASES = {
     "default": _database(env.str("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/agentledger_bench"))
@@ -17,4 +17,7 @@ CELERY_BROKER_URL = REDIS_URL
 INSTALLED_APPS = [*INSTALLED_APPS, "django_celery_results"]
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
+# LOGGING was built from LOG_LEVEL when the base settings were read: set its root level too,
+# or the worker logs every task it receives and finishes (INFO) into the measured CPU time.
 LOG_LEVEL = "WARNING"
+LOGGING = {**LOGGING, "root": {**LOGGING["root"], "level": LOG_LEVEL}}
