@@ -168,7 +168,10 @@ def test_soft_timeout_is_recorded_then_the_retry_succeeds(engine):
     tries = attempts(wf, "slow")
     assert [(a.status, a.cause) for a in tries] == [(A.TIMED_OUT, "soft_timeout"), (A.SUCCEEDED, None)]
     assert tries[0].timeout_seconds == 1
-    assert 900 <= tries[0].duration_ms < 3000
+    # Cut at the 1 s soft limit, not after the 5 s sleep. The limit's clock starts when the pool
+    # process takes the message, the attempt's after its claim: under load the claim alone
+    # took over 100 ms, so the lower bound leaves room for it.
+    assert 500 <= tries[0].duration_ms < 3000
     assert "task_timed_out" in event_types(task(wf, "slow").execution_id)
     assert wf.status == Workflow.Status.COMPLETED
 
