@@ -3,16 +3,19 @@ different groups sharing the files): every event written once, nothing lost, not
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -63,11 +66,11 @@ def stream(settings) -> Iterator[str]:
     client.close()
 
 
-def consume_events(stream: str, data_dir: Path, *args: str) -> subprocess.Popen[str]:
+def consume_events(stream: str, data_dir: Path, *args: str, once: bool = True) -> subprocess.Popen[str]:
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "REDIS_URL": settings.REDIS_URL}
     env.update(SYNAPSE_STREAM=stream, TRAINING_DATA_DIR=str(data_dir))
     return subprocess.Popen(
-        [sys.executable, "manage.py", "consume_events", "--once", "--batch", "50", *args],
+        [sys.executable, "manage.py", "consume_events", *(["--once"] if once else []), "--batch", "50", *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -145,3 +148,118 @@ def test_consumers_of_two_groups_writing_the_same_files_at_once_write_each_event
 def test_processes_must_be_a_sensible_number(settings, tmp_path):
     output = consume_events("synapse-unused", tmp_path, "--processes", "0").communicate(timeout=60)[0]
     assert "--processes must be between 1 and 64" in output
+
+
+def processes_of(stream: str) -> set[int]:
+    """The running processes started for `stream` (its name is in their environment; Linux
+    /proc). An orphan re-parented to init is found too, and a zombie nobody reaps is not
+    counted (init in a container may never reap it)."""
+    marker = f"SYNAPSE_STREAM={stream}".encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        if marker in environ and state not in {"Z", "X"}:
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def no_stray_processes(stream) -> Iterator[None]:
+    """Whatever a failed test leaves running on its stream is killed (they are its own)."""
+    yield
+    for pid in processes_of(stream):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def group_consumers(stream: str) -> list[str]:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        return [consumer["name"].decode() for consumer in client.xinfo_consumers(stream, "training")]
+    except redis.ResponseError:  # no group yet
+        return []
+    finally:
+        client.close()
+
+
+def assert_group_left_clean(stream: str) -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        assert client.xpending(stream, "training")["pending"] == 0
+        assert client.xinfo_consumers(stream, "training") == []
+    finally:
+        client.close()
+
+
+def stop_parent(parent: subprocess.Popen[str], how: signal.Signals) -> str:
+    parent.send_signal(how)
+    if how == signal.SIGKILL:
+        parent.wait(timeout=30)
+        return ""
+    return finish(parent)
+
+
+def test_the_consumers_stop_and_leave_the_group_when_the_parent_is_killed(
+    settings, stream, no_stray_processes, tmp_path
+):
+    # A SIGKILLed parent runs no handler: without their own check the children would go on
+    # consuming under init, next to the consumers of a restarted command.
+    data_dir = tmp_path / "training"
+    parent = consume_events(
+        stream, data_dir, "--processes", "2", "--consumer", "worker", "--block-ms", "200", once=False
+    )
+    wait_until(lambda: len(group_consumers(stream)) == 2, "both consumers in the group")
+    assert len(processes_of(stream)) == 3
+
+    stop_parent(parent, signal.SIGKILL)
+    wait_until(lambda: not processes_of(stream), "the orphaned consumers to exit")
+
+    assert_group_left_clean(stream)  # each finished its batch and left
+    finish(consume_events(stream, data_dir))  # what they left on the stream
+    assert_each_event_written_once(data_dir)
+
+
+def test_sigterm_in_once_mode_lets_each_consumer_finish_its_batch_and_leave(
+    settings, stream, no_stray_processes, tmp_path
+):
+    data_dir = tmp_path / "training"
+    parent = consume_events(stream, data_dir, "--processes", "2", "--consumer", "worker", "--batch", "10")
+    wait_until(lambda: group_consumers(stream), "a consumer in the group")
+
+    output = stop_parent(parent, signal.SIGTERM)  # exit code 0
+
+    done = dict(re.findall(r"consumer (worker-\d) done: (\d+) entries", output))
+    assert set(done) == {"worker-1", "worker-2"}, output
+    assert sum(map(int, done.values())) < EVENTS + REPEATED, output  # stopped, not drained
+    assert_group_left_clean(stream)
+    finish(consume_events(stream, data_dir))  # the rest, by a later run
+    assert_each_event_written_once(data_dir)
+
+
+def test_sigterm_while_the_consumers_are_being_started_stops_them_all(settings, stream, no_stray_processes, tmp_path):
+    # The parent blocks the stop signals while it forks, the children until their handlers
+    # are in place: a signal in that window must neither leave a consumer running without
+    # its parent nor kill one mid-batch.
+    data_dir = tmp_path / "training"
+    parent = consume_events(
+        stream, data_dir, "--processes", "2", "--consumer", "worker", "--block-ms", "200", once=False
+    )
+    wait_until(lambda: len(processes_of(stream)) > 1, "the first consumer process")
+
+    stop_parent(parent, signal.SIGTERM)  # exit code 0
+
+    assert not processes_of(stream)
+    assert_group_left_clean(stream)

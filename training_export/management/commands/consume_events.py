@@ -1,8 +1,12 @@
+import contextlib
+import ctypes
 import gc
 import multiprocessing
+import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -19,6 +23,37 @@ from training_export.services.synapse import (
 )
 
 MAX_PROCESSES = 64
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """Turn SIGTERM/SIGINT into a stop request (the consumer finishes its batch and leaves
+    the group) for the duration, then unblock them: a forked consumer starts with them
+    blocked, so that one sent before this point waits here instead of killing it mid-batch."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    try:
+        yield stop
+    finally:
+        # Mask first: in a forked consumer the handler underneath is the parent's.
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def ask_for_sigterm_when_parent_dies() -> None:
+    """Linux only, best effort: have the kernel send SIGTERM to this process when its parent
+    dies (even by SIGKILL). Elsewhere the consumer still notices the new parent between batches."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # libc's, already loaded
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Command(BaseCommand):
@@ -84,22 +119,32 @@ class Command(BaseCommand):
         children = [
             context.Process(
                 target=self.consume_child,
-                args=(options, f"{base}-{number}" if base else None),
+                args=(options, f"{base}-{number}" if base else None, os.getpid()),
                 name=f"consume_events-{number}",
             )
             for number in range(1, options["processes"] + 1)
         ]
-        for child in children:
-            child.start()
 
         def stop_children(signum: int = signal.SIGTERM, frame: Any = None) -> None:
             for child in children:
-                if child.is_alive() and child.pid is not None:
+                if child.pid is not None and child.is_alive():
                     child.terminate()  # SIGTERM: the child finishes its batch and leaves the group
 
-        previous = {sig: signal.signal(sig, stop_children) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # A stop signal that arrives while the children are being started waits until they all
+        # are (and the handler is in place), so that none is left running without its parent.
+        # The children start with the signals blocked too, until their own handlers are in place.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        previous = {sig: signal.signal(sig, stop_children) for sig in STOP_SIGNALS}
         failed = []
         try:
+            try:
+                for child in children:
+                    child.start()
+            except BaseException:  # a fork failed: the ones started must not run on alone
+                stop_children()
+                raise
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             running = list(children)
             while running:
                 wait([child.sentinel for child in running])
@@ -115,14 +160,28 @@ class Command(BaseCommand):
         if failed:
             raise CommandError("; ".join(failed))
 
-    def consume_child(self, options: dict[str, Any], name: str | None) -> None:
+    def consume_child(self, options: dict[str, Any], name: str | None, parent: int) -> None:
+        """A forked consumer. It stops when its parent is gone (a SIGKILLed parent leaves it
+        to init): a restarted command would otherwise run next to it, two live processes
+        could share a consumer name, and one's DELCONSUMER drop entries the other holds."""
+        ask_for_sigterm_when_parent_dies()
+        if os.getppid() != parent:  # died before the request above took effect
+            return
+
+        def orphaned() -> bool:
+            return os.getppid() != parent
+
         try:
-            self.consume(options, name or default_consumer_name())
+            self.consume(options, name or default_consumer_name(), also_stop_if=orphaned)
         finally:
             self.stdout.flush()
 
-    def consume(self, options: dict[str, Any], name: str) -> BatchResult:
-        """One consumer in this process, until the stream is drained (--once) or SIGTERM/SIGINT."""
+    def consume(
+        self, options: dict[str, Any], name: str, also_stop_if: Callable[[], bool] = lambda: False
+    ) -> BatchResult:
+        """One consumer in this process, until the stream is drained (--once), SIGTERM/SIGINT
+        or `also_stop_if()`; a stop is noticed between batches, so a batch is always finished
+        and acknowledged, and the consumer leaves the group."""
         consumer = SynapseConsumer(
             client=synapse_consumer_client(block_ms=options["block_ms"]),
             store=TrainingDataStore(settings.TRAINING_DATA_DIR),
@@ -141,22 +200,19 @@ class Command(BaseCommand):
             if verbosity >= 2:
                 self.stdout.write(f"batch: {result.summary()}")
 
-        if options["once"]:
-            total = consumer.run(once=True, on_batch=on_batch)
-        else:
-            stop = threading.Event()
-            previous = {
-                sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
-            }
-            try:
+        with stop_on_signals() as stop:
+
+            def should_stop() -> bool:
+                return stop.is_set() or also_stop_if()
+
+            if options["once"]:
+                total = consumer.run(once=True, should_stop=should_stop, on_batch=on_batch)
+            else:
                 if verbosity >= 1:
                     self.stdout.write(f"consumer {name} of group {options['group']} on {settings.SYNAPSE_STREAM}")
                 total = consumer.run(
-                    once=False, block_ms=options["block_ms"], should_stop=stop.is_set, on_batch=on_batch
+                    once=False, block_ms=options["block_ms"], should_stop=should_stop, on_batch=on_batch
                 )
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
         if verbosity >= 1:
             self.stdout.write(f"consumer {name} done: {total.summary()}")
         return total
