@@ -90,6 +90,13 @@ class ExportRun(TimestampedModel):
                 condition=models.Q(status="succeeded"),
                 name="export_runs_one_success_per_window",
             ),
+            # Requests for a window already waiting for a worker get that run back, even when
+            # they race (export_runs_request): one pending run per type and window.
+            models.UniqueConstraint(
+                fields=["data_type", "format", "window_start", "window_end"],
+                condition=models.Q(status="pending"),
+                name="export_runs_one_pending_per_window",
+            ),
         ]
 
     def __str__(self) -> str:

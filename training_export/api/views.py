@@ -117,7 +117,9 @@ class ExportRunViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixi
             "`GET /exports/{id}/` until it is `succeeded` or `failed`. A window already exported whose files "
             "are intact is not exported again unless `force`: its succeeded run is listed under "
             "`already_exported`, and when that holds for every requested type the answer is **200** with "
-            "status `already_exported` and nothing is queued. A window is closed once its end lies "
+            "status `already_exported` and nothing is queued. A type whose window already waits for a worker "
+            "(a pending run, also one an earlier or concurrent request queued) gets that run under `queued`; "
+            "no second run is queued. A window is closed once its end lies "
             "TRAINING_EXPORT_SAFETY_LAG_SECONDS in the past and no transaction that began before it is still "
             "open; before that the answer is a 409 saying from when it can be exported."
         ),

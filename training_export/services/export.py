@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from orchestration.errors import TransitionError
@@ -532,21 +532,43 @@ def export_runs_request(
         else:
             to_queue.append(data_type)
     with transaction.atomic():
-        queued = [
-            ExportRun.objects.create(
-                data_type=data_type,
-                format=format_for(data_type),
-                window_start=window.start,
-                window_end=window.end,
-                status=ExportRun.Status.PENDING,
-                requested_by_id=requested_by_id,
-            )
-            for data_type in to_queue
-        ]
-        run_ids = [run.pk for run in queued]
+        queued = []
+        run_ids = []
+        for data_type in to_queue:
+            run, created = _pending_run(data_type=data_type, window=window, requested_by_id=requested_by_id)
+            queued.append(run)
+            if created:
+                run_ids.append(run.pk)
         if run_ids:
             transaction.on_commit(lambda: _enqueue(run_ids))
     return ExportRequest(queued=queued, already_exported=already_exported)
+
+
+def _pending_run(*, data_type: str, window: Window, requested_by_id: int | None) -> tuple[ExportRun, bool]:
+    """The window's pending run of this type, and whether it was created now: a request for a
+    window already waiting for a worker gets that run (its message exists, or the sweeper
+    sends it again), not a second one. Two requests racing meet at the unique constraint
+    `export_runs_one_pending_per_window`: the loser takes the winner's row, or creates its own
+    when a worker claimed that row meanwhile."""
+    fields = {
+        "data_type": data_type,
+        "format": format_for(data_type),
+        "window_start": window.start,
+        "window_end": window.end,
+    }
+    for _ in range(3):
+        existing = ExportRun.objects.filter(**fields, status=ExportRun.Status.PENDING).order_by("pk").first()
+        if existing is not None:
+            return existing, False
+        try:
+            with transaction.atomic():  # a savepoint: the request's transaction goes on after a conflict
+                run = ExportRun.objects.create(
+                    **fields, status=ExportRun.Status.PENDING, requested_by_id=requested_by_id
+                )
+            return run, True
+        except IntegrityError:
+            continue  # another request created it: take it on the next turn
+    raise TransitionError(f"could not queue the {data_type} export of {window.label}: requests kept racing for it")
 
 
 def _enqueue(run_ids: list[int]) -> None:
