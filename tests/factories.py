@@ -158,5 +158,9 @@ class ExportRunFactory(factory.django.DjangoModelFactory):
         model = ExportRun
 
     data_type = ExportRun.DataType.EVENTS
-    window_start = factory.LazyFunction(lambda: timezone.now().replace(hour=0, minute=0, second=0, microsecond=0))
+    # A day of its own per run (counting back from yesterday): one pending run per type and
+    # window is allowed (export_runs_one_pending_per_window).
+    window_start = factory.Sequence(
+        lambda n: timezone.now().replace(hour=0, minute=0, second=0, microsecond=0) - dt.timedelta(days=n + 1)
+    )
     window_end = factory.LazyAttribute(lambda o: o.window_start + dt.timedelta(days=1))

@@ -73,3 +73,20 @@ def test_the_migration_fails_duplicate_pending_runs_and_keeps_the_oldest(db):
     assert statuses == {oldest.pk: "pending", duplicate.pk: "failed", other_type.pk: "pending"}
     duplicate.refresh_from_db()
     assert duplicate.error == f"a duplicate request of pending export run {oldest.pk}"
+
+
+def test_requests_naming_types_in_opposite_orders_do_not_deadlock(transactional_db, monkeypatch):
+    monkeypatch.setattr(export_service, "_enqueue", lambda run_ids: None)
+    barrier = threading.Barrier(2)
+
+    def request(types: list[str]) -> list[int]:
+        try:
+            barrier.wait()
+            return sorted(run.pk for run in export_runs_request(data_types=types, start_date=DAY, end_date=DAY).queued)
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        answers = list(pool.map(request, [["events", "tasks", "workflows"], ["workflows", "tasks", "events"]]))
+    assert answers[0] == answers[1]
+    assert ExportRun.objects.filter(status="pending").count() == 3

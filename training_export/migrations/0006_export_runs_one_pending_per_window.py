@@ -10,6 +10,10 @@ def fail_duplicate_pending_runs(apps, schema_editor):
     that raced), the oldest stays pending and the others are recorded failed, naming it. A
     worker that later receives one of their messages finds it no longer pending and skips it."""
     ExportRun = apps.get_model("training_export", "ExportRun")
+    if schema_editor is not None and schema_editor.connection.vendor == "postgresql":
+        # No new duplicate from a request between this and the index (running code keeps
+        # inserting pending rows); reads and claims go on.
+        schema_editor.execute("LOCK TABLE export_runs IN SHARE ROW EXCLUSIVE MODE")
     kept: dict[tuple, int] = {}
     pending = ExportRun.objects.filter(status="pending").order_by("pk")
     for run in pending.only("pk", "data_type", "format", "window_start", "window_end"):

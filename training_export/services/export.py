@@ -534,7 +534,9 @@ def export_runs_request(
     with transaction.atomic():
         queued = []
         run_ids = []
-        for data_type in to_queue:
+        # In one order for every request: two requests waiting on each other's pending row
+        # (the unique constraint) in opposite orders would deadlock.
+        for data_type in sorted(to_queue, key=DATA_TYPES.index):
             run, created = _pending_run(data_type=data_type, window=window, requested_by_id=requested_by_id)
             queued.append(run)
             if created:
@@ -566,7 +568,10 @@ def _pending_run(*, data_type: str, window: Window, requested_by_id: int | None)
                     **fields, status=ExportRun.Status.PENDING, requested_by_id=requested_by_id
                 )
             return run, True
-        except IntegrityError:
+        except IntegrityError as exc:
+            constraint = getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None)
+            if constraint not in (None, "export_runs_one_pending_per_window"):
+                raise  # another constraint (SQLite names none): not a race
             continue  # another request created it: take it on the next turn
     raise TransitionError(f"could not queue the {data_type} export of {window.label}: requests kept racing for it")
 
