@@ -139,6 +139,11 @@ SELECT task.workflow_id, task.task_name, workflow.status, workflow.remaining,
 # while, on the current (locked, re-checked) workflow row, another task stays unfinished after
 # this one and no task is pending. Otherwise nothing is written and the caller takes the
 # transaction of SUCCEED_SQL (BEGIN and COMMIT are two more round trips).
+# When the workflow row was updated meanwhile, PostgreSQL re-checks the counters on its new
+# version, but the NOT EXISTS (pending) subquery keeps the statement's snapshot: sound because
+# nothing makes a task pending while another attempt of the workflow runs (submit and resume
+# happen with none running; a retry queues its task in the transaction that makes it pending),
+# the same fact SUCCEED_SQL's own pending check rests on.
 SUCCEED_ALONE_SQL = f"""
 WITH locked AS (
     SELECT a.id, a.execution_id, a.attempt_number FROM task_attempts a
