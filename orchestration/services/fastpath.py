@@ -363,18 +363,7 @@ def succeed(
         return None
     rows = execute_prepared(
         SUCCEED_SQL,
-        {
-            "attempt_id": attempt_id,
-            "output": json.dumps(output),
-            "duration_ms": duration_ms,
-            "duration_rounded": round(duration_ms, 3),
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "tokens": input_tokens + output_tokens,
-            "cost": cost,
-            "now": now,
-            "event_id": new_id(),
-        },
+        _succeed_params(attempt_id, output, duration_ms, input_tokens, output_tokens, cost, now),
     )
     if not rows:
         return None
@@ -399,22 +388,10 @@ def succeed_alone(
     its transaction). Only outside any transaction: the statement is the transaction."""
     if not enabled() or not connection.get_autocommit() or connection.in_atomic_block:
         return None
-    tokens = input_tokens + output_tokens
     try:
         rows = execute_prepared(
             SUCCEED_ALONE_SQL,
-            {
-                "attempt_id": attempt_id,
-                "output": json.dumps(output),
-                "duration_ms": duration_ms,
-                "duration_rounded": round(duration_ms, 3),
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
-                "tokens": tokens,
-                "cost": cost,
-                "now": now,
-                "event_id": new_id(),
-            },
+            _succeed_params(attempt_id, output, duration_ms, input_tokens, output_tokens, cost, now),
         )
     except OperationalError as exc:
         if getattr(exc.__cause__, "sqlstate", None) in ("40P01", "40001"):
@@ -424,3 +401,27 @@ def succeed_alone(
     if not locked:
         return False
     return True if completed else None
+
+
+def _succeed_params(
+    attempt_id: int,
+    output: dict[str, Any],
+    duration_ms: float,
+    input_tokens: int,
+    output_tokens: int,
+    cost: Decimal,
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """The parameters of SUCCEED_SQL and SUCCEED_ALONE_SQL (they write the same values)."""
+    return {
+        "attempt_id": attempt_id,
+        "output": json.dumps(output),
+        "duration_ms": duration_ms,
+        "duration_rounded": round(duration_ms, 3),
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "tokens": input_tokens + output_tokens,
+        "cost": cost,
+        "now": now,
+        "event_id": new_id(),
+    }
