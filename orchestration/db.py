@@ -5,10 +5,19 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+RETRY_BACKOFF_FIRST_SECONDS = 0.01
+RETRY_BACKOFF_MAX_SECONDS = 0.5
 
-def atomic_with_retry(fn: Any, *, attempts: int = 3) -> Any:
+
+def atomic_with_retry(fn: Any, *, attempts: int = 8) -> Any:
     """Run fn() in a transaction, retrying when PostgreSQL aborts it as a deadlock victim or a
-    serialization failure (both are safe to retry: nothing of the aborted try was kept)."""
+    serialization failure (both are safe to retry: nothing of the aborted try was kept).
+
+    The budget is generous, with jittered exponential backoff (under 2 s in all):
+    an error that escapes a task's completion makes the worker treat it as a lost connection,
+    so the attempt is recorded lost and the agent runs again, which costs far more than
+    waiting for the other transaction."""
+    import random
     import time
 
     from django.db import OperationalError, transaction
@@ -21,7 +30,8 @@ def atomic_with_retry(fn: Any, *, attempts: int = 3) -> Any:
             sqlstate = getattr(exc.__cause__, "sqlstate", None)
             if sqlstate not in ("40P01", "40001") or attempt == attempts:
                 raise
-            time.sleep(0.01 * attempt)
+            backoff = min(RETRY_BACKOFF_FIRST_SECONDS * 2 ** (attempt - 1), RETRY_BACKOFF_MAX_SECONDS)
+            time.sleep(backoff * random.uniform(0.5, 1.5))  # noqa: S311 - jitter, not a secret
     raise AssertionError("unreachable")
 
 
