@@ -126,6 +126,9 @@ def _form_class(filterset: type[StrictFilterSet]) -> type[forms.Form]:
         raise TypeError(f"{filterset.__name__}: a filter whose choices depend on the request cannot share a form")
     # From copies: a filter caches its form field, and every request deep-copies the filters.
     fields = {name: copy.copy(f).field for name, f in filters.items()}
+    if any(isinstance(field, forms.MultiValueField) for field in fields.values()):
+        # Rendering one changes its subfields' widgets: it cannot be shared by forms.
+        raise TypeError(f"{filterset.__name__}: a multi-value filter (a range) cannot share a form")
     form_class = type(f"{filterset.__name__}Form", (filterset._meta.form,), fields)
     form_class.base_fields = _SharedFormFields(form_class.base_fields)
     return form_class

@@ -105,6 +105,18 @@ def test_a_filter_set_with_request_dependent_choices_cannot_share_its_form():
         ByAgent(QueryDict("agent=echo")).is_valid()
 
 
+def test_a_filter_set_with_a_range_filter_cannot_share_its_form():
+    class ByDuration(StrictFilterSet):
+        duration = django_filters.RangeFilter(field_name="execution_time_ms")
+
+        class Meta:
+            model = TaskExecution
+            fields = ("duration",)
+
+    with pytest.raises(TypeError, match="ByDuration: a multi-value filter"):
+        ByDuration(QueryDict("duration_min=1")).is_valid()
+
+
 def test_each_filter_set_gets_its_own_filters_without_a_deep_copy():
     """The declared filters are copied shallowly per filter set: each instance still gets
     its own filter objects (django-filter sets `parent` and `model` on them) and its own
