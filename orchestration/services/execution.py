@@ -365,23 +365,23 @@ def attempt_succeed(
     the workflow needs no advancing, the completion is one statement committed on its own,
     without the BEGIN and COMMIT round trips of a transaction block."""
     usage = result.usage
-    recorded = {
-        "attempt_id": attempt.pk,
-        "output": result.output,
-        "duration_ms": duration_ms,
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
-        "cost": usage.cost_usd,
-        "now": now,
-    }
+    recorded = fastpath.Completion(
+        attempt_id=attempt.pk,
+        output=result.output,
+        duration_ms=duration_ms,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cost=usage.cost_usd,
+        now=now,
+    )
     if standalone and also is None:
-        alone = fastpath.succeed_alone(**recorded)
+        alone = fastpath.succeed_alone(recorded)
         if alone is not None:
             return alone
 
     def run() -> bool:
         if fastpath.enabled():
-            done = fastpath.succeed(**recorded)
+            done = fastpath.succeed(recorded)
             if done is None:
                 return False
             if also is not None:

@@ -341,16 +341,34 @@ def claim(
     )
 
 
-def succeed(
-    *,
-    attempt_id: int,
-    output: dict[str, Any],
-    duration_ms: float,
-    input_tokens: int,
-    output_tokens: int,
-    cost: Decimal,
-    now: dt.datetime,
-) -> tuple[str | None, str, str | None, bool] | None:
+@dataclass(frozen=True)
+class Completion:
+    """A successful attempt as SUCCEED_SQL and SUCCEED_ALONE_SQL record it (the same values)."""
+
+    attempt_id: int
+    output: dict[str, Any]
+    duration_ms: float
+    input_tokens: int
+    output_tokens: int
+    cost: Decimal
+    now: dt.datetime
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "attempt_id": self.attempt_id,
+            "output": json.dumps(self.output),
+            "duration_ms": self.duration_ms,
+            "duration_rounded": round(self.duration_ms, 3),
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "tokens": self.input_tokens + self.output_tokens,
+            "cost": self.cost,
+            "now": self.now,
+            "event_id": new_id(),
+        }
+
+
+def succeed(completion: Completion) -> tuple[str | None, str, str | None, bool] | None:
     """Record a successful attempt, complete its task and count it on the workflow, in one
     statement of the caller's transaction. The workflow row stays locked until commit.
 
@@ -363,7 +381,7 @@ def succeed(
         return None
     rows = execute_prepared(
         SUCCEED_SQL,
-        _succeed_params(attempt_id, output, duration_ms, input_tokens, output_tokens, cost, now),
+        completion.params(),
     )
     if not rows:
         return None
@@ -371,16 +389,7 @@ def succeed(
     return workflow_id, task_name, status, bool(pending) or remaining == 0
 
 
-def succeed_alone(
-    *,
-    attempt_id: int,
-    output: dict[str, Any],
-    duration_ms: float,
-    input_tokens: int,
-    output_tokens: int,
-    cost: Decimal,
-    now: dt.datetime,
-) -> bool | None:
+def succeed_alone(completion: Completion) -> bool | None:
     """Record a successful attempt that needs nothing else in its transaction, in one
     statement committed on its own (what SUCCEED_SQL writes, and no more): True when
     recorded, False when the attempt was no longer running (nothing recorded), None when the
@@ -391,7 +400,7 @@ def succeed_alone(
     try:
         rows = execute_prepared(
             SUCCEED_ALONE_SQL,
-            _succeed_params(attempt_id, output, duration_ms, input_tokens, output_tokens, cost, now),
+            completion.params(),
         )
     except OperationalError as exc:
         if getattr(exc.__cause__, "sqlstate", None) in ("40P01", "40001"):
@@ -401,27 +410,3 @@ def succeed_alone(
     if not locked:
         return False
     return True if completed else None
-
-
-def _succeed_params(
-    attempt_id: int,
-    output: dict[str, Any],
-    duration_ms: float,
-    input_tokens: int,
-    output_tokens: int,
-    cost: Decimal,
-    now: dt.datetime,
-) -> dict[str, Any]:
-    """The parameters of SUCCEED_SQL and SUCCEED_ALONE_SQL (they write the same values)."""
-    return {
-        "attempt_id": attempt_id,
-        "output": json.dumps(output),
-        "duration_ms": duration_ms,
-        "duration_rounded": round(duration_ms, 3),
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "tokens": input_tokens + output_tokens,
-        "cost": cost,
-        "now": now,
-        "event_id": new_id(),
-    }

@@ -275,19 +275,22 @@ def test_succeed_alone_writes_nothing_when_the_workflow_must_advance_or_the_atte
     claims = _claimed(["a", "b"])
     values = {"output": {}, "duration_ms": 1.0, "input_tokens": 0, "output_tokens": 0, "now": timezone.now()}
 
+    def completion(name: str) -> fastpath.Completion:
+        return fastpath.Completion(attempt_id=claims[name].attempt.pk, cost=Decimal(0), **values)
+
     TaskAttempt.objects.filter(pk=claims["b"].attempt.pk).update(status="cancelled", finished_at=timezone.now())
     events = Event.objects.count()
-    assert fastpath.succeed_alone(attempt_id=claims["b"].attempt.pk, cost=Decimal(0), **values) is False
+    assert fastpath.succeed_alone(completion("b")) is False
     # a is the last unfinished task once b is cancelled and counted: the workflow must be finished
     Workflow.objects.filter(pk=claims["a"].context.workflow_id).update(cancelled_steps=1)
-    assert fastpath.succeed_alone(attempt_id=claims["a"].attempt.pk, cost=Decimal(0), **values) is None
+    assert fastpath.succeed_alone(completion("a")) is None
     assert TaskAttempt.objects.get(pk=claims["a"].attempt.pk).status == "running"
     assert TaskExecution.objects.get(task_name="a").status == "running"
     assert Workflow.objects.get(pk=claims["a"].context.workflow_id).completed_steps == 0
     assert Event.objects.count() == events
     # inside a transaction the caller's transaction is used instead
     with transaction.atomic():
-        assert fastpath.succeed_alone(attempt_id=claims["a"].attempt.pk, cost=Decimal(0), **values) is None
+        assert fastpath.succeed_alone(completion("a")) is None
 
 
 def test_a_claim_of_the_only_task_or_with_pending_tasks_is_not_standalone(committed_agents):
