@@ -354,3 +354,49 @@ def test_event_cells_are_written_as_the_same_bytes_as_event_rows(tmp_path: Path)
     written = by_cells.path("events", day).read_bytes()
     assert written == by_rows.path("events", day).read_bytes()
     assert b"bob@example.org" not in written and b"abcdefghijklmnopqrstu" not in written
+
+
+ROW = "ev-{n},{n},agent_started,task,t-{n},wf,agent,,platform,info,2024-03-05T10:00:00+00:00,{payload}\n"
+PAYLOAD = '"{""note"":""a, \\""quoted\\"" \\\\ text""}"'
+
+
+@pytest.mark.parametrize(
+    ("tail", "whole_rows"),
+    [
+        ("".join(ROW.format(n=n, payload=PAYLOAD) for n in range(3)), True),
+        (ROW.format(n=1, payload="{}"), True),
+        ("", True),
+        ('ev-1,1,agent_started,task,"two\nlines",wf,a,,platform,info,2024-03-05T10:00:00+00:00,{}\n', False),
+        ('"ev,1",1,agent_started,task,t,wf,a,,platform,info,2024-03-05T10:00:00+00:00,{}\n', False),
+        (ROW.format(n=1, payload=PAYLOAD) + "ev-2,2,agent_sta", False),  # torn tail
+        (ROW.format(n=1, payload=PAYLOAD) + 'ev-2,2,a,,,,,,,,x,"{""a\n', False),  # torn inside quotes
+        (ROW.format(n=1, payload=PAYLOAD).replace("agent_started", "agent_\xe9") + "ev-2,\xff\xfe", False),
+        ("ev-9,only,three\n", False),  # too few columns: refused by the csv scan
+    ],
+)
+def test_the_one_read_scan_agrees_with_the_csv_scan_or_leaves_it_to_it(tmp_path: Path, tail: str, whole_rows: bool):
+    from training_export.services.store import SCHEMAS, _scan_lines, _scan_whole_rows
+
+    path = tmp_path / "events.csv"
+    head = EVENTS_HEADER + ROW.format(n=0, payload="{}")
+    path.write_bytes((head + tail).encode("utf-8", "surrogateescape").replace(b"\xc3\xbf\xc3\xbe", b"\xff\xfe"))
+    size = path.stat().st_size
+    schema = SCHEMAS["events"]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for start in (0, len(head.encode())):
+            fast: set[str] = set()
+            end = _scan_whole_rows(fd, start, size, schema, fast)
+            assert (end is not None) == whole_rows
+            slow: set[str] = set()
+            try:
+                expected = _scan_lines(path, fd, start, size, schema, slow)
+            except StoreError:
+                assert not whole_rows
+                continue
+            if whole_rows:
+                assert (end, fast) == (expected, slow)
+            else:
+                assert fast == set()
+    finally:
+        os.close(fd)

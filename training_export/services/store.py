@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from itertools import repeat
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -262,7 +263,7 @@ class EventCells(NamedTuple):
     `created_at` is the UTC ISO text; `payload_json` is `json_text(payload)`."""
 
     event_id: str
-    texts: list[str]
+    texts: Sequence[str]
     created_at: str
     payload: Any
     payload_json: str
@@ -441,6 +442,52 @@ class TrainingDataStore:
 def _scan(path: Path, fd: int, start: int, size: int, schema: Schema, seen: set[str]) -> int:
     """Add the event_ids of the complete rows from `start` on to `seen`; return the offset just
     past the last complete row. Only the tail may be incomplete: anything else is refused."""
+    good_end = _scan_whole_rows(fd, start, size, schema, seen)
+    if good_end is not None:
+        return good_end
+    return _scan_lines(path, fd, start, size, schema, seen)
+
+
+def _scan_whole_rows(fd: int, start: int, size: int, schema: Schema, seen: set[str]) -> int | None:
+    """`_scan` in one read, for the rule: rows that another writer appended whole since this
+    process last looked. Each line is then one row: a quoted field holds an even number of
+    quotes and an unquoted one none, so a line with an odd number ends inside a quoted field
+    (a row with a raw newline). The event_id is the text before the first comma, unless quoted.
+    None, with `seen` unchanged, for anything else (a torn tail, invalid UTF-8, a row over
+    several lines, a quoted or empty event_id, a row with too few commas, a foreign header):
+    `_scan_lines` then parses the rows with the csv module and finds what is wrong."""
+    if schema.columns[0] != "event_id":
+        return None
+    if start >= size:
+        return start
+    data = os.pread(fd, size - start, start)
+    if len(data) != size - start or not data.endswith(b"\n"):
+        return None
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        return None
+    lines.pop()  # after the last newline: nothing
+    if start == 0:
+        if not lines or lines[0] != _header_line(schema)[:-1]:
+            return None
+        del lines[0]
+    if not lines:
+        return size
+    # Whole-list checks in C (map), not a Python step per line: this runs for every row the
+    # other consumer processes of a group write.
+    if any(map((1).__and__, map(str.count, lines, repeat('"')))):
+        return None
+    if min(map(str.count, lines, repeat(","))) < len(schema.columns) - 1:
+        return None
+    event_ids = [line[: line.index(",")] for line in lines]
+    if "" in event_ids or any(map(str.startswith, event_ids, repeat('"'))):
+        return None
+    seen.update(event_ids)
+    return size
+
+
+def _scan_lines(path: Path, fd: int, start: int, size: int, schema: Schema, seen: set[str]) -> int:
     event_id_index = schema.columns.index("event_id")
     position = start
     last_line_complete = True
