@@ -87,7 +87,7 @@ if "--child-baseline" in sys.argv:
 
 from training_export.services.jsonl import EXPORTERS  # noqa: E402
 from training_export.services.store import TrainingDataStore  # noqa: E402
-from training_export.services.synapse import SynapseConsumer  # noqa: E402
+from training_export.services.synapse import SynapseConsumer, synapse_consumer_client  # noqa: E402
 
 
 def baseline_sources(revision: str) -> Path:
@@ -190,7 +190,13 @@ def run_consumer(
     """Seconds, CPU seconds of this process, entries. `alone`: no other consumer of the group
     runs, so nothing may be pending at the end (the caller checks that otherwise)."""
     consumer = SynapseConsumer(
-        client=client, store=TrainingDataStore(directory), stream=STREAM, group=group, consumer=name, batch=batch
+        # The client `consume_events` reads with (the consumer's own settings, as deployed).
+        client=synapse_consumer_client(block_ms=2000),
+        store=TrainingDataStore(directory),
+        stream=STREAM,
+        group=group,
+        consumer=name,
+        batch=batch,
     )
     began, cpu_began = time.perf_counter(), time.process_time()
     result = consumer.run(once=True)

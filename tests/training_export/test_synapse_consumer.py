@@ -412,6 +412,25 @@ def test_malformed_entries_are_dead_lettered_and_the_good_ones_around_them_writt
     assert "dead-lettering Synapse entry" in caplog.text
 
 
+def test_an_entry_that_is_not_utf8_is_dead_lettered_with_its_bytes_by_the_decoding_consumer(synapse):
+    before = EventFactory(created_at=T0, payload={"n": 1})
+    synapse.relay()
+    good = {key.encode(): value.encode() for key, value in event_to_entry(Event.objects.get(pk=before.pk)).items()}
+    bad = {**good, b"event_id": b"bad-bytes", b"entity_id": b"task-\xff\xfe", b"reason": b"mine"}
+    bad_id = synapse.client.xadd(synapse.stream, bad, id=f"{before.sequence}-2").decode()
+    after = EventFactory(created_at=T0, payload={"n": 2})
+    synapse.relay()
+
+    assert "dead-lettered: 1" in consume()  # consume_events reads with a decoding client
+
+    assert synapse.event_ids("events", T0.date()) == [before.event_id, after.event_id]
+    [(_, dead)] = synapse.client.xrange(f"{synapse.stream}:dead")
+    assert b"not UTF-8" in dead.pop(b"reason")  # the entry's own "reason" field is replaced
+    assert dead.pop(b"original_id").decode() == bad_id
+    assert dead == {key: value for key, value in bad.items() if key != b"reason"}  # the same bytes
+    assert synapse.pending() == 0
+
+
 def test_events_are_partitioned_by_utc_day_with_one_header_per_file(synapse):
     late = EventFactory(created_at=dt.datetime(2024, 1, 1, 23, 59, 59, tzinfo=dt.UTC))
     midnight = EventFactory(created_at=dt.datetime(2024, 1, 2, 0, 0, tzinfo=dt.UTC))
@@ -492,6 +511,8 @@ def test_an_entry_reads_the_same_from_a_client_that_decodes_responses():
     assert from_text.payload == {"tool_name": "calculate", "z": [1, {"a": "é"}]}
     assert from_text.day == dt.date(2024, 3, 5)
     assert from_text.created_at == dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
+    with pytest.raises(MalformedEntry, match="not UTF-8"):
+        parse_entry("7-1", {**fields, "entity_id": "\udcff"})  # what surrogateescape makes of a 0xff byte
     big = parse_entry("7-1", {**fields, "payload": '{"n":123456789012345678901234567890}'})
     assert big.payload == {"n": 123456789012345678901234567890}  # exact, not a float
     with pytest.raises(MalformedEntry, match="not UTF-8"):

@@ -28,6 +28,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import redis
@@ -36,7 +37,7 @@ from django.db import close_old_connections, models
 
 from orchestration.event_types import EventType
 from orchestration.models import TaskExecution, Workflow
-from training_export.services.jsonl import json_load
+from training_export.services.jsonl import json_load, json_load_many
 from training_export.services.store import (
     EVENT_TEXT_COLUMNS,
     EVENTS,
@@ -58,6 +59,10 @@ WORKFLOW_TERMINAL_EVENTS = frozenset(
     {EventType.WORKFLOW_COMPLETED, EventType.WORKFLOW_FAILED, EventType.WORKFLOW_CANCELLED}
 )
 REQUIRED_FIELDS = ("event_id", "event_type", "created_at")
+# The same as plain strings, for the consumer's per-entry dispatch.
+_TASK_TERMINAL = frozenset(map(str, TASK_TERMINAL_EVENTS))
+_WORKFLOW_TERMINAL = frozenset(map(str, WORKFLOW_TERMINAL_EVENTS))
+_TOOL_EXECUTED = str(EventType.TOOL_EXECUTED)
 
 _TASK_FIELDS = tuple(column for column in SCHEMAS[TASKS].columns if column != "event_id")
 _WORKFLOW_FIELDS = tuple(column for column in SCHEMAS[WORKFLOWS].columns if column != "event_id")
@@ -71,7 +76,10 @@ _TOOL_PAYLOAD_FIELDS = (
     "error",
 )
 
-Entry = tuple[str, Mapping[bytes, bytes]]
+# The events columns from the relay's fields: a KeyError for an entry that lacks one.
+_event_texts = itemgetter(*EVENT_TEXT_COLUMNS)
+
+Entry = tuple[str, Mapping[Any, Any]]  # fields as bytes, or as text from a decoding client
 Rows = dict[tuple[str, dt.date], list[dict[str, Any]]]
 
 
@@ -95,11 +103,20 @@ def default_consumer_name() -> str:
 
 
 def synapse_consumer_client(*, block_ms: int) -> redis.Redis:
+    """The consumer's client. hiredis decodes the replies to text in C, with invalid UTF-8
+    kept as lone surrogates (`surrogateescape`): `parse_entries` dead-letters such an entry,
+    and writing it to the dead-letter stream encodes the surrogates back to the original bytes."""
     url = settings.REDIS_URL
     if not url:
         raise RuntimeError("the Synapse stream needs Redis: set REDIS_URL")
     # The socket timeout must outlast the longest BLOCK, or every idle read would time out.
-    return redis.Redis.from_url(url, socket_timeout=block_ms / 1000 + 10, socket_connect_timeout=10)
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=block_ms / 1000 + 10,
+        socket_connect_timeout=10,
+        decode_responses=True,
+        encoding_errors="surrogateescape",
+    )
 
 
 def _text(value: bytes | str) -> str:
@@ -133,42 +150,99 @@ class StreamEvent(NamedTuple):
         return self.fields["event_type"]
 
 
-def _decode_fields(raw: Mapping[bytes, bytes]) -> dict[str, str]:
-    try:
-        return dict(zip(map(bytes.decode, raw.keys()), map(bytes.decode, raw.values()), strict=True))
-    except TypeError:  # a client with decode_responses=True hands out text already
-        return {_text(key): _text(value) for key, value in raw.items()}
+DeadEntry = tuple[str, Mapping[Any, Any], str]  # entry id, its fields as read, the reason
 
 
-def parse_entry(entry_id: str, raw: Mapping[bytes, bytes]) -> StreamEvent:
-    """Validate a stream entry in the relay's format (`event_to_entry`)."""
+def _text_fields(raw: Mapping[Any, Any]) -> dict[str, str]:
+    """The fields as text: decoded from a client that hands out bytes, or checked for the lone
+    surrogates that a decoding client (`surrogateescape`) puts in place of invalid UTF-8."""
+    for key in raw:
+        if type(key) is bytes:
+            try:
+                return dict(zip(map(bytes.decode, raw.keys()), map(bytes.decode, raw.values()), strict=True))
+            except UnicodeDecodeError as exc:
+                raise MalformedEntry(f"a field is not UTF-8: {exc}") from exc
+            except TypeError:  # a mix of bytes and text
+                return {_text(name): _text(value) for name, value in raw.items()}
+        break
+    if not "".join(raw.values()).isascii():  # (a field name with surrogates is never looked up)
+        for name, value in raw.items():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise MalformedEntry(f"a field is not UTF-8: {name!r} at character {exc.start}") from exc
+    return raw  # type: ignore[return-value]
+
+
+def _checked_fields(raw: Mapping[Any, Any]) -> tuple[dict[str, str], dt.datetime, dt.date]:
+    """Every check of an entry but its payload's: its fields as text, created_at and its UTC day."""
     if not raw:
         raise MalformedEntry("the entry was deleted from the stream before it was consumed")
-    try:
-        fields = _decode_fields(raw)
-    except UnicodeDecodeError as exc:
-        raise MalformedEntry(f"a field is not UTF-8: {exc}") from exc
-    missing = [name for name in REQUIRED_FIELDS if not fields.get(name)]
-    if missing:
+    fields = _text_fields(raw)
+    created_text = fields.get("created_at")
+    if not (fields.get("event_id") and fields.get("event_type") and created_text):
+        missing = [name for name in REQUIRED_FIELDS if not fields.get(name)]
         raise MalformedEntry(f"missing {', '.join(missing)}")
     try:
-        created_at = dt.datetime.fromisoformat(fields["created_at"])
+        created_at = dt.datetime.fromisoformat(created_text)
     except ValueError as exc:
-        raise MalformedEntry(f"unparseable created_at {fields['created_at']!r}") from exc
+        raise MalformedEntry(f"unparseable created_at {created_text!r}") from exc
     offset = created_at.utcoffset()
     if offset is None:
-        raise MalformedEntry(f"created_at {fields['created_at']!r} has no UTC offset")
-    sequence = fields.get("sequence", "")
+        raise MalformedEntry(f"created_at {created_text!r} has no UTC offset")
+    sequence = fields.get("sequence")
     if sequence and not (sequence.isascii() and sequence.isdigit()):
         raise MalformedEntry(f"sequence {sequence!r} is not an integer")
-    try:
-        payload = json_load(fields.get("payload") or "{}")
-    except ValueError as exc:
-        raise MalformedEntry(f"payload is not JSON: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise MalformedEntry("payload is not a JSON object")
     day = created_at.date() if not offset else created_at.astimezone(dt.UTC).date()
-    return StreamEvent(entry_id, fields, created_at, payload, day)
+    return fields, created_at, day
+
+
+def _payload_or_error(text: str) -> Any:
+    try:
+        return json_load(text)
+    except ValueError as exc:
+        return exc
+
+
+def parse_entries(entries: Sequence[Entry]) -> tuple[list[StreamEvent], list[DeadEntry]]:
+    """Validate a batch of stream entries in the relay's format (`event_to_entry`): the events
+    and the entries to dead-letter with their reasons, each in stream order. The payloads are
+    parsed together (`json_load_many`: one check for integers beyond 64 bits)."""
+    checked = []
+    dead: list[tuple[int, DeadEntry]] = []
+    for index, (entry_id, raw) in enumerate(entries):
+        try:
+            checked.append((index, entry_id, raw, *_checked_fields(raw)))
+        except MalformedEntry as exc:
+            dead.append((index, (entry_id, raw, str(exc))))
+    texts = [fields.get("payload") or "{}" for _, _, _, fields, _, _ in checked]
+    try:
+        payloads = json_load_many(texts)
+    except ValueError:
+        payloads = [_payload_or_error(text) for text in texts]
+    events = []
+    payload_dead = False
+    for (index, entry_id, raw, fields, created_at, day), payload in zip(checked, payloads, strict=True):
+        if type(payload) is dict:
+            events.append(StreamEvent(entry_id, fields, created_at, payload, day))
+            continue
+        payload_dead = True
+        if isinstance(payload, ValueError):
+            reason = f"payload is not JSON: {payload}"
+        else:
+            reason = "payload is not a JSON object"
+        dead.append((index, (entry_id, raw, reason)))
+    if payload_dead:
+        dead.sort(key=lambda item: item[0])
+    return events, [entry for _, entry in dead]
+
+
+def parse_entry(entry_id: str, raw: Mapping[Any, Any]) -> StreamEvent:
+    """Validate one stream entry (`parse_entries`); MalformedEntry names what is wrong."""
+    events, dead = parse_entries([(entry_id, raw)])
+    if dead:
+        raise MalformedEntry(dead[0][2])
+    return events[0]
 
 
 def _tool_row(event: StreamEvent) -> dict[str, Any]:
@@ -208,7 +282,7 @@ class WrittenBatch:
     """Entries whose rows are durably written, waiting for their acknowledgement."""
 
     entry_ids: list[str]
-    dead: list[tuple[str, Mapping[bytes, bytes], str]]
+    dead: list[DeadEntry]
     result: BatchResult
 
 
@@ -272,36 +346,38 @@ class SynapseConsumer:
     def write(self, entries: Sequence[Entry]) -> WrittenBatch:
         """Write the rows of a batch durably, without acknowledging anything."""
         result = BatchResult(entries=len(entries))
-        events: list[StreamEvent] = []
-        dead: list[tuple[str, Mapping[bytes, bytes], str]] = []
-        for entry_id, raw in entries:
-            try:
-                events.append(parse_entry(entry_id, raw))
-            except MalformedEntry as exc:
-                logger.warning("dead-lettering Synapse entry %s of %s: %s", entry_id, self.stream, exc)
-                dead.append((entry_id, raw, str(exc)))
+        events, dead = parse_entries(entries)
+        for entry_id, _raw, reason in dead:
+            logger.warning("dead-lettering Synapse entry %s of %s: %s", entry_id, self.stream, reason)
         result.dead = len(dead)
 
         event_cells: dict[dt.date, list[EventCells]] = defaultdict(list)
         rows: Rows = defaultdict(list)
+        tasks: list[StreamEvent] = []
+        workflows: list[StreamEvent] = []
+        utc = dt.UTC
         for event in events:
             fields = event.fields
+            created_at = event.created_at
+            if created_at.utcoffset():
+                created_at = created_at.astimezone(utc)
+            try:
+                texts = _event_texts(fields)
+            except KeyError:  # not from the relay: a field may be absent
+                texts = tuple(fields.get(column) or "" for column in EVENT_TEXT_COLUMNS)
             event_cells[event.day].append(
-                EventCells(
-                    event.event_id,
-                    [fields.get(column) or "" for column in EVENT_TEXT_COLUMNS],
-                    event.created_at.astimezone(dt.UTC).isoformat(),
-                    event.payload,
-                    json_text(event.payload),
-                )
+                EventCells(fields["event_id"], texts, created_at.isoformat(), event.payload, json_text(event.payload))
             )
-            if event.event_type == EventType.TOOL_EXECUTED:
+            event_type = fields["event_type"]
+            if event_type in _TASK_TERMINAL:
+                tasks.append(event)
+            elif event_type in _WORKFLOW_TERMINAL:
+                workflows.append(event)
+            elif event_type == _TOOL_EXECUTED:
                 rows[(TOOL_EXECUTIONS, event.day)].append(_tool_row(event))
-        tasks = [event for event in events if event.event_type in TASK_TERMINAL_EVENTS]
         self._add_database_rows(
             rows, result, TASKS, TaskExecution, _TASK_FIELDS, tasks, key=lambda e: e.fields.get("entity_id")
         )
-        workflows = [event for event in events if event.event_type in WORKFLOW_TERMINAL_EVENTS]
         self._add_database_rows(
             rows,
             result,
@@ -362,7 +438,7 @@ class SynapseConsumer:
         for entry_id, raw, reason in batch.dead:
             pipe.xadd(
                 self.dead_stream,
-                {**raw, b"reason": reason.encode(), b"original_id": entry_id.encode()},
+                _dead_letter_fields(raw, reason=reason, entry_id=entry_id),
                 maxlen=settings.SYNAPSE_STREAM_MAXLEN,
                 approximate=True,
             )
@@ -471,6 +547,20 @@ class SynapseConsumer:
                 raise
             return False
         return True
+
+
+def _dead_letter_fields(raw: Mapping[Any, Any], *, reason: str, entry_id: str) -> dict[bytes, bytes]:
+    """The entry's fields as read (the original bytes: hiredis packs commands with strict UTF-8,
+    so a decoding client's surrogates are turned back here), plus its reason and original id
+    (a field "reason" the entry already has is replaced, not doubled)."""
+    fields = {_original_bytes(name): _original_bytes(value) for name, value in raw.items()}
+    fields[b"reason"] = reason.encode("utf-8", "backslashreplace")
+    fields[b"original_id"] = entry_id.encode()
+    return fields
+
+
+def _original_bytes(value: bytes | str) -> bytes:
+    return value if type(value) is bytes else value.encode("utf-8", "surrogateescape")
 
 
 def _entries(reply: Any) -> list[Entry]:
