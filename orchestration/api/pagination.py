@@ -15,15 +15,19 @@ import binascii
 import datetime as dt
 import json
 import re
-from collections.abc import Sequence
-from typing import Any
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import orjson
 from django.conf import settings
-from django.core.exceptions import EmptyResultSet
+from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import connection, connections
 from django.db.models import JSONField, Model, Q, QuerySet
+from django.db.models.sql import Query
+from django.db.models.sql.datastructures import Join
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import BasePagination
 from rest_framework.request import Request
@@ -31,6 +35,8 @@ from rest_framework.response import Response
 from rest_framework.utils.urls import remove_query_param, replace_query_param
 
 from orchestration.db import timestamptz_fast_loader
+
+Converter = Callable[[Any, Any, Any], Any]
 
 
 def _encode_value(value: Any) -> Any:
@@ -56,20 +62,107 @@ def _json_value(value: Any) -> Any:
         return value
 
 
-def fetch_rows(queryset: QuerySet, names: Sequence[str], *, limit: int) -> list[dict[str, Any]]:
-    """The first `limit` rows of `queryset.values(*names)`, read on a bare cursor with each
-    column's converters looked up once per query rather than through Django's per-row
-    iterators (JSON columns parsed by orjson). The statement is the one Django compiles."""
-    selected = queryset.values_list(*names)
-    if selected.query.extra_select or selected.query.annotation_select:
-        return list(queryset.values(*names)[:limit])  # columns not in `names` order: Django's way
-    selected = selected[:limit]
+class _PageStatement(NamedTuple):
+    """A compiled `values_list(...)[:limit]` statement and how to read its rows."""
+
+    sql: str
+    columns: int
+    json_columns: tuple[int, ...]
+    converted: tuple[tuple[int, tuple[Converter, ...], Any], ...]
+
+
+class _StatementCache:
+    """Compiled page statements by shape (see _statement_key), least recently used first
+    out beyond `size`: list shapes are few, but nothing may grow without bound."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple, _PageStatement] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> _PageStatement | None:
+        with self._lock:
+            statement = self._entries.get(key)
+            if statement is not None:
+                self._entries.move_to_end(key)
+            return statement
+
+    def put(self, key: tuple, statement: _PageStatement) -> None:
+        with self._lock:
+            self._entries[key] = statement
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+page_statements = _StatementCache(size=256)
+
+
+def _cacheable(query: Query) -> bool:
+    """Whether the statement of `values_list(...)[:limit]` on `query` is a function of
+    _statement_key's parts alone. Not with annotations, extra select or tables, DISTINCT,
+    FOR UPDATE, a slice, UNION, GROUP BY, a filtered relation or an expression in ORDER BY
+    (parts that may carry parameters or that the key does not hold): those are compiled
+    every time."""
+    return not (
+        query.annotations
+        or query.extra
+        or query.extra_tables
+        or query.extra_order_by
+        or query.distinct
+        or query.distinct_fields
+        or query.select_for_update
+        or query.combinator
+        or query.group_by is not None
+        or query.select
+        or query.values_select
+        or query.is_sliced
+        or query._filtered_relations
+        or not all(isinstance(entry, str) for entry in query.order_by)
+    )
+
+
+def _statement_key(query: Query, names: Sequence[str], limit: int, db: Any, where: str) -> tuple:
+    """Everything the statement of `values_list(*names)[:limit]` on a _cacheable `query`
+    depends on but its WHERE clause's parameters: the database (alias and vendor), the
+    model, the columns, the tables and joins, the ordering, the limit and the WHERE clause
+    as SQL text (values are parameters: one filter shape, one key). The WHERE text is last."""
+    tables = tuple(
+        (alias, query.alias_refcount.get(alias), table.identity, getattr(table, "join_type", None), table.nullable)
+        if isinstance(table, Join)
+        else (alias, query.alias_refcount.get(alias), table.identity)
+        for alias, table in query.alias_map.items()
+    )
+    return (
+        db.alias,
+        db.vendor,
+        type(query),
+        query.model,
+        tuple(names),
+        limit,
+        tables,
+        query.order_by,
+        query.standard_ordering,
+        query.default_ordering,
+        where,
+    )
+
+
+def _compile_page(queryset: QuerySet, names: Sequence[str], limit: int) -> tuple[_PageStatement, tuple] | None:
+    """Django's statement for the page and its parameters; None when it selects nothing."""
+    selected = queryset.values_list(*names)[:limit]
     compiler = selected.query.get_compiler(selected.db)
     try:
         sql, params = compiler.as_sql()
     except EmptyResultSet:
-        return []
-    db = connections[selected.db]
+        return None
     columns = [column for column, _, _ in compiler.select[: compiler.col_count]]
     json_columns = []
     converted = []
@@ -78,17 +171,54 @@ def fetch_rows(queryset: QuerySet, names: Sequence[str], *, limit: int) -> list[
         if isinstance(field, JSONField) and field.decoder is None and converters == [field.from_db_value]:
             json_columns.append(i)
         else:
-            converted.append((i, converters, expression))
+            converted.append((i, tuple(converters), expression))
+    return _PageStatement(sql, len(columns), tuple(json_columns), tuple(converted)), tuple(params)
+
+
+def fetch_rows(queryset: QuerySet, names: Sequence[str], *, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` rows of `queryset.values(*names)`, read on a bare cursor with each
+    column's converters looked up once per query rather than through Django's per-row
+    iterators (JSON columns parsed by orjson). The statement is the one Django compiles,
+    compiled once per shape (_statement_key): after that a request compiles only its WHERE
+    clause, for the parameters, where Django's full compilation of the same statement (the
+    columns, joins, ordering) cost more than running it."""
+    query = queryset.query
+    if query.extra_select or query.annotation_select:
+        selected = queryset.values_list(*names).query
+        if selected.extra_select or selected.annotation_select:
+            return list(queryset.values(*names)[:limit])  # columns not in `names` order: Django's way
+    db = connections[queryset.db]
+    key = where_params = None
+    if _cacheable(query):
+        try:
+            where, where_params = query.get_compiler(connection=db).compile(query.where)
+        except EmptyResultSet:
+            return []
+        except FullResultSet:
+            where, where_params = "", []
+        key = _statement_key(query, names, limit, db, where)
+    statement = page_statements.get(key) if key is not None else None
+    if statement is not None:
+        params = tuple(where_params)
+    else:
+        compiled = _compile_page(queryset, names, limit)
+        if compiled is None:
+            return []
+        statement, params = compiled
+        # Replayed with a later request's WHERE parameters: only a statement whose
+        # parameters are exactly its WHERE clause's.
+        if key is not None and params == tuple(where_params) and key[-1] in statement.sql:
+            page_statements.put(key, statement)
     with db.cursor() as cursor:
         timestamptz_fast_loader(cursor.cursor, db)
-        cursor.execute(sql, params)
+        cursor.execute(statement.sql, params)
         raw = cursor.fetchall()
     rows = []
     for row in raw:
-        values = list(row[: len(columns)])
-        for i in json_columns:
+        values = list(row[: statement.columns])
+        for i in statement.json_columns:
             values[i] = _json_value(values[i])
-        for i, converters, expression in converted:
+        for i, converters, expression in statement.converted:
             for converter in converters:
                 values[i] = converter(values[i], expression, db)
         rows.append(dict(zip(names, values, strict=True)))
