@@ -301,3 +301,31 @@ def test_json_escapes_are_decoded_as_a_json_parser_decodes_them():
         for encoded in (json.dumps(text), json.dumps(text, ensure_ascii=False), orjson.dumps(text).decode()):
             assert _json_unescape(encoded) == f'"{text}"', encoded
     assert _json_unescape(r'"\ud800"') is None, "a lone surrogate is left to the full walk"
+
+
+def test_json_escapes_of_a_batch_are_decoded_as_each_text_alone():
+    from training_export.services.redaction import _json_unescape, _json_unescape_many
+
+    rng = random.Random(5)
+    alphabet = ["a", "\\", "\\\\", '"', "/", "\n", "\t", "\b", "é", "\x00", "\x01", "\\u", "😀", "n", "u"]
+    for _ in range(3_000):
+        texts = []
+        for _ in range(rng.randint(0, 6)):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+            encode = rng.choice(
+                [
+                    lambda t: json.dumps(t, separators=(",", ":")),
+                    lambda t: json.dumps(t, separators=(",", ":"), ensure_ascii=False),
+                    orjson.dumps,
+                ]
+            )
+            encoded = encode({"k": text, "v\\": [text]})
+            texts.append(encoded.decode() if isinstance(encoded, bytes) else encoded)
+        assert _json_unescape_many(texts) == [_json_unescape(text) for text in texts], texts
+        assert _json_unescape_many(texts) == [json_text_decoded(text) for text in texts], texts
+
+
+def json_text_decoded(text: str) -> str:
+    """What decoding every escape of valid JSON text gives, from a JSON parser."""
+    value = json.loads(text)
+    return '{"k":"%s","v\\":["%s"]}' % (value["k"], value["v\\"][0])  # noqa: UP031

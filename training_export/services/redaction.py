@@ -203,10 +203,11 @@ class Redactor:
             return set(range(count))
         dirty: set[int] = set()
         parts = []
+        decoded_texts = iter(_json_unescape_many([raw for record in json_texts for raw in record]))
         for index in range(count):
             part = '"'.join(texts[index])
-            for raw in json_texts[index]:
-                decoded = _json_unescape(raw) if "\\" in raw else raw
+            for _ in json_texts[index]:
+                decoded = next(decoded_texts)
                 if decoded is None:
                     dirty.add(index)
                     decoded = ""
@@ -427,8 +428,32 @@ def _unescape_one(match: re.Match[str]) -> str:
     return _SIMPLE_ESCAPES[simple]
 
 
+def _unescape_simple(text: str) -> str:
+    """`_json_unescape` of text without \\u escapes nor a raw \\x01 (which valid JSON never holds
+    raw): escaped backslashes pair up from the left, as str.replace finds them, and are parked
+    as \\x01 while every other backslash is the start of a one-character escape."""
+    text = text.replace("\\\\", "\x01")
+    for escape, char in _PIECE_ESCAPES:
+        text = text.replace(escape, char)
+    return text.replace("\x01", "\\")
+
+
+def _json_unescape_many(texts: list[str]) -> list[str | None]:
+    """`_json_unescape` of each text, with one pass of replacements over all of them joined by
+    \\x00 (never raw in valid JSON; no escape crosses it, since each text is whole) when none
+    holds a \\u escape."""
+    joined = "\x00".join(texts)
+    if "\\" not in joined:
+        return list(texts)
+    if "\\u" in joined or "\x01" in joined or joined.count("\x00") != len(texts) - 1:
+        return [_json_unescape(text) if "\\" in text else text for text in texts]
+    return _unescape_simple(joined).split("\x00")  # type: ignore[return-value]
+
+
 def _json_unescape(text: str) -> str | None:
     """Valid JSON text with every string escape decoded (None for a lone surrogate)."""
+    if "\\u" not in text and "\x01" not in text:
+        return _unescape_simple(text)
     if "\\u" not in text:
         # Escapes pair up from the left, so splitting at every escaped backslash leaves pieces
         # whose backslashes each start a one-character escape: no callback per escape.
