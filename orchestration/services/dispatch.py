@@ -76,7 +76,16 @@ def dispatch_send(dispatches: list[Dispatch]) -> None:
     # One producer (and broker connection) for the whole batch, not one per message, and
     # the messages pipelined: one Redis round trip per PUBLISH_BATCH messages instead of one
     # each, in batches small enough that workers start on the first ones at once.
-    with run_task.app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
+    # Each queue is declared here, once per batch, on the producer's connection, as Celery
+    # would declare it before its first message (kombu remembers declarations per connection);
+    # the messages then skip Celery's declaration, which re-binds a copy of the queue for each
+    # one before finding it declared (a third of the cost of sending a message).
+    app = run_task.app
+    with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
+        for name in dict.fromkeys(d.queue for d in dispatches):
+            producer.maybe_declare(
+                app.amqp.queues[name], retry=app.conf.task_publish_retry, **(app.conf.task_publish_retry_policy or {})
+            )
         for d in dispatches:
             run_task.apply_async(
                 args=[d.execution_id],
@@ -87,6 +96,7 @@ def dispatch_send(dispatches: list[Dispatch]) -> None:
                 time_limit=hard_limit_seconds(d.timeout_seconds),
                 countdown=d.countdown or None,
                 producer=producer,
+                declare=[],
             )
 
 

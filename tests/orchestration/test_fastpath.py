@@ -200,6 +200,38 @@ def test_dispatch_pipelines_messages_in_batches_in_order(builtin_agents, monkeyp
     flush_redis()
 
 
+def test_dispatch_declares_each_queue_once_per_batch_and_every_message_arrives(monkeypatch):
+    import json
+
+    import kombu.common
+    import redis
+    from django.conf import settings
+
+    from orchestration.services import dispatch
+    from tests.engine import flush_redis
+
+    declared = []
+    original = kombu.common._maybe_declare
+
+    def counted(entity, channel):
+        declared.append(entity.name)
+        return original(entity, channel)
+
+    monkeypatch.setattr(kombu.common, "_maybe_declare", counted)  # declares, or finds it declared
+    flush_redis()
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    dispatch.dispatch_send(
+        [
+            dispatch.Dispatch(execution_id=f"e{i}", celery_task_id=f"m{i}", queue=queue, timeout_seconds=5)
+            for i, queue in enumerate(["low", "high", "low", "low", "high"])
+        ]
+    )
+    assert sorted(declared) == ["high", "low"]  # once per queue, not once per message
+    assert [json.loads(m)["headers"]["id"] for m in reversed(client.lrange("low", 0, -1))] == ["m0", "m2", "m3"]
+    assert [json.loads(m)["headers"]["id"] for m in reversed(client.lrange("high", 0, -1))] == ["m1", "m4"]
+    flush_redis()
+
+
 @pytest.fixture
 def committed_agents(transactional_db: None) -> None:
     import io
