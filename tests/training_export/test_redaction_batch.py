@@ -135,7 +135,10 @@ def test_csv_lines_are_the_bytes_the_csv_module_writes():
         cells = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4))) for _ in range(rng.randint(1, 5))]
         buffer = io.StringIO()
         csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerow(cells)
-        assert _csv_line(cells) == buffer.getvalue(), cells
+        line = _csv_line(cells)
+        assert list(csv.reader(io.StringIO(line, newline=""))) == [cells], cells
+        if not any("\r" in cell for cell in cells):  # the 3.11 writer leaves a lone one bare
+            assert line == buffer.getvalue(), cells
 
 
 def test_configured_secret_values_are_masked_inside_any_string(settings):

@@ -372,6 +372,7 @@ PAYLOAD = '"{""note"":""a, \\""quoted\\"" \\\\ text""}"'
         (ROW.format(n=1, payload=PAYLOAD) + 'ev-2,2,a,,,,,,,,x,"{""a\n', False),  # torn inside quotes
         (ROW.format(n=1, payload=PAYLOAD).replace("agent_started", "agent_\xe9") + "ev-2,\xff\xfe", False),
         ("ev-9,only,three\n", False),  # too few columns: refused by the csv scan
+        (ROW.format(n=1, payload="{}").replace(",t-1,", ',"t\r1",'), True),  # a quoted carriage return
     ],
 )
 def test_the_one_read_scan_agrees_with_the_csv_scan_or_leaves_it_to_it(tmp_path: Path, tail: str, whole_rows: bool):
@@ -400,3 +401,30 @@ def test_the_one_read_scan_agrees_with_the_csv_scan_or_leaves_it_to_it(tmp_path:
                 assert fast == set()
     finally:
         os.close(fd)
+
+
+def test_a_carriage_return_is_quoted_so_the_csv_module_reads_the_file_back(tmp_path: Path):
+    """The csv writer of Python 3.11 leaves a lone carriage return bare, which the csv reader
+    refuses: the store could not catch up on its own file (StoreError on every later write of
+    the day once the row-by-row scan runs, as for a file with a multi-line row)."""
+    from training_export.services.store import EVENT_TEXT_COLUMNS, EventCells, _csv_line, json_text
+
+    assert _csv_line(["a\rb", "c"]) == '"a\rb",c\n'
+    store = TrainingDataStore(tmp_path)
+    day = T0.date()
+    texts = {column: "" for column in EVENT_TEXT_COLUMNS}
+    store.write_rows("events", day, [{"event_id": "ev-1", **texts, "entity_id": "50%\r100%", "created_at": T0}])
+    store.write_event_cells(day, [EventCells("ev-2", ["2", "x\r", *[""] * 7], T0.isoformat(), {}, json_text({}))])
+    store.write_rows("events", day, [{"event_id": "ev-3", "entity_id": "two\nlines", "created_at": T0}])
+    path = store.path("events", day)
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(row["event_id"], row["entity_id"], row["event_type"]) for row in rows] == [
+        ("ev-1", "50%\r100%", ""),
+        ("ev-2", "", "x\r"),
+        ("ev-3", "two\nlines", ""),
+    ]
+    # Another process's first look scans the file row by row (it holds a multi-line row).
+    assert (
+        TrainingDataStore(tmp_path).write_rows("events", day, [{"event_id": "ev-1", "created_at": T0}]).duplicates == 1
+    )

@@ -298,9 +298,11 @@ def _csv_field(cell: str) -> str:
 
 def _quoted_characters() -> str:
     """The characters that make the csv module quote a field (delimiter, quote character and
-    the line ends it treats as special), asked of the module itself."""
-    found = ""
-    for char in ',"\r\n\t\x00\x0b\x0c ;':
+    the line ends it treats as special), asked of the module itself, and a carriage return:
+    the csv module's reader refuses one outside quotes ("new-line character seen in unquoted
+    field"), which the writer of Python 3.11 leaves bare with lineterminator="\\n"."""
+    found = "\r"
+    for char in ',"\n\t\x00\x0b\x0c ;':
         buffer = io.StringIO()
         csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerow([f"a{char}b", "c"])
         if buffer.getvalue().startswith('"'):
@@ -314,7 +316,8 @@ _NEEDS_QUOTES_BESIDES_COMMA = re.compile(f"[{re.escape(_QUOTED.replace(',', ''))
 
 
 def _csv_line(cells: list[str]) -> str:
-    """The line `csv.writer(quoting=QUOTE_MINIMAL, lineterminator="\\n").writerow(cells)` writes."""
+    """The line `csv.writer(quoting=QUOTE_MINIMAL, lineterminator="\\n").writerow(cells)` writes,
+    but with a field holding a carriage return quoted (`_quoted_characters`)."""
     if len(cells) == 1 and not cells[0]:
         return '""\n'  # the writer quotes a lone empty field, or the line would read as no field
     line = ",".join(cells)
