@@ -519,3 +519,41 @@ def test_an_entry_reads_the_same_from_a_client_that_decodes_responses():
         parse_entry("7-1", {b"event_id": b"\xff"})
     with pytest.raises(MalformedEntry, match="not a JSON object"):
         parse_entry("7-1", {**fields, "payload": "[1]"})
+
+
+def test_a_field_name_that_is_not_utf8_is_refused_by_either_client():
+    """A decoding client (surrogateescape) refuses the entry a bytes client refuses: a name
+    with invalid UTF-8 too, not only a value."""
+    fields = {"event_id": "ev-1", "event_type": "agent_started", "created_at": "2024-03-05T12:00:00+00:00"}
+    with pytest.raises(MalformedEntry, match="not UTF-8"):
+        parse_entry("7-1", {**{key.encode(): value.encode() for key, value in fields.items()}, b"x\xff": b"1"})
+    with pytest.raises(MalformedEntry, match="not UTF-8"):
+        parse_entry("7-1", {**fields, "x\udcff": "1"})
+    assert parse_entry("7-1", {**fields, "note é": "1"}).fields["note é"] == "1"
+
+
+def test_fields_mixing_bytes_and_text_are_decoded_or_refused_not_raised():
+    fields = {"event_id": "ev-1", "event_type": "agent_started", "created_at": "2024-03-05T12:00:00+00:00"}
+    assert parse_entry("7-1", {**fields, "payload": b'{"a":1}'}).payload == {"a": 1}
+    assert parse_entry("7-1", {b"event_id": "ev-1", **fields}).event_id == "ev-1"
+    with pytest.raises(MalformedEntry, match="not UTF-8"):
+        parse_entry("7-1", {b"event_id": "ev-1", **fields, b"note": b"\xff"})
+    with pytest.raises(MalformedEntry, match="not UTF-8"):
+        parse_entry("7-1", {**fields, "note": b"\xff"})
+
+
+def test_the_dead_letter_fields_of_any_entry_can_be_sent():
+    """Text that no surrogateescape decoding made (a lone \\ud800) or a number: the XADD that
+    acknowledges the batch must not fail, or the batch would be redelivered forever."""
+    from training_export.services.synapse import _dead_letter_fields
+
+    raw = {"a": "\ud800", "b": "\udcff", b"c": b"\xfe", "n": 5}
+    fields = _dead_letter_fields(raw, reason="r\udcff", entry_id="1-1")
+    assert fields == {
+        b"a": "\ud800".encode("utf-8", "surrogatepass"),
+        b"b": b"\xff",
+        b"c": b"\xfe",
+        b"n": 5,
+        b"reason": b"r\\udcff",
+        b"original_id": b"1-1",
+    }

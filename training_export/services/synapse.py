@@ -76,6 +76,8 @@ _TOOL_PAYLOAD_FIELDS = (
     "error",
 )
 
+# The names of the relay's fields (`event_to_entry`).
+_RELAY_NAMES = frozenset(SCHEMAS[EVENTS].columns)
 # The events columns from the relay's fields: a KeyError for an entry that lacks one.
 _event_texts = itemgetter(*EVENT_TEXT_COLUMNS)
 
@@ -155,7 +157,8 @@ DeadEntry = tuple[str, Mapping[Any, Any], str]  # entry id, its fields as read, 
 
 def _text_fields(raw: Mapping[Any, Any]) -> dict[str, str]:
     """The fields as text: decoded from a client that hands out bytes, or checked for the lone
-    surrogates that a decoding client (`surrogateescape`) puts in place of invalid UTF-8."""
+    surrogates that a decoding client (`surrogateescape`) puts in place of invalid UTF-8, in a
+    field's name as in its value (either way an entry is refused for the same bytes)."""
     for key in raw:
         if type(key) is bytes:
             try:
@@ -163,15 +166,42 @@ def _text_fields(raw: Mapping[Any, Any]) -> dict[str, str]:
             except UnicodeDecodeError as exc:
                 raise MalformedEntry(f"a field is not UTF-8: {exc}") from exc
             except TypeError:  # a mix of bytes and text
-                return {_text(name): _text(value) for name, value in raw.items()}
+                return _mixed_fields(raw)
         break
-    if not "".join(raw.values()).isascii():  # (a field name with surrogates is never looked up)
-        for name, value in raw.items():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise MalformedEntry(f"a field is not UTF-8: {name!r} at character {exc.start}") from exc
+    try:
+        plain = "".join(raw.values()).isascii() and (_RELAY_NAMES.issuperset(raw) or "".join(raw).isascii())
+    except TypeError:  # a mix of bytes and text
+        return _mixed_fields(raw)
+    if not plain:
+        _check_utf8(raw)
     return raw  # type: ignore[return-value]
+
+
+def _mixed_fields(raw: Mapping[Any, Any]) -> dict[str, str]:
+    try:
+        fields = {_text(name): _text(value) for name, value in raw.items()}
+    except UnicodeDecodeError as exc:
+        raise MalformedEntry(f"a field is not UTF-8: {exc}") from exc
+    _check_utf8(fields)
+    return fields
+
+
+def _check_utf8(fields: Mapping[str, str]) -> None:
+    try:
+        "".join(fields.values()).encode("utf-8")
+        "".join(fields).encode("utf-8")
+        return
+    except (UnicodeEncodeError, TypeError):
+        pass  # find which field, for the reason
+    for name, value in fields.items():
+        for text in (name, value):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                where = "name" if text is name else "value"
+                raise MalformedEntry(f"a field is not UTF-8: {name!r} ({where}) at character {exc.start}") from exc
+            except AttributeError:  # not text at all: left to the checks that need it
+                pass
 
 
 def _checked_fields(raw: Mapping[Any, Any]) -> tuple[dict[str, str], dt.datetime, dt.date]:
@@ -549,7 +579,7 @@ class SynapseConsumer:
         return True
 
 
-def _dead_letter_fields(raw: Mapping[Any, Any], *, reason: str, entry_id: str) -> dict[bytes, bytes]:
+def _dead_letter_fields(raw: Mapping[Any, Any], *, reason: str, entry_id: str) -> dict[Any, Any]:
     """The entry's fields as read (the original bytes: hiredis packs commands with strict UTF-8,
     so a decoding client's surrogates are turned back here), plus its reason and original id
     (a field "reason" the entry already has is replaced, not doubled)."""
@@ -559,8 +589,16 @@ def _dead_letter_fields(raw: Mapping[Any, Any], *, reason: str, entry_id: str) -
     return fields
 
 
-def _original_bytes(value: bytes | str) -> bytes:
-    return value if type(value) is bytes else value.encode("utf-8", "surrogateescape")
+def _original_bytes(value: Any) -> Any:
+    if type(value) is not str:
+        return value  # bytes as read; anything else is encoded by redis-py, as before
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        # A surrogate that no decoding of Redis's bytes made (the entry was not read from
+        # Redis): no original bytes to restore, and the XADD must not fail (the batch would
+        # never be acknowledged).
+        return value.encode("utf-8", "surrogatepass")
 
 
 def _entries(reply: Any) -> list[Entry]:
