@@ -403,6 +403,32 @@ def test_the_one_read_scan_agrees_with_the_csv_scan_or_leaves_it_to_it(tmp_path:
         os.close(fd)
 
 
+def test_a_large_catch_up_is_left_to_the_csv_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The one read holds the span about three times over (bytes, text, lines): a first look
+    at a large file is scanned row by row instead, with the same result."""
+    from training_export.services import store
+
+    path = tmp_path / "events.csv"
+    head = EVENTS_HEADER + ROW.format(n=0, payload="{}")
+    tail = "".join(ROW.format(n=n, payload=PAYLOAD) for n in range(1, 4))
+    path.write_text(head + tail)
+    size = path.stat().st_size
+    start = len(head.encode())
+    schema = store.SCHEMAS["events"]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        monkeypatch.setattr(store, "ONE_READ_MAX_BYTES", size - start)
+        assert store._scan_whole_rows(fd, start, size, schema, set()) == size
+        monkeypatch.setattr(store, "ONE_READ_MAX_BYTES", size - start - 1)
+        seen: set[str] = set()
+        assert store._scan_whole_rows(fd, start, size, schema, seen) is None and not seen
+        assert store._scan_whole_rows(fd, 0, size, schema, seen) is None and not seen
+        assert store._scan(path, fd, 0, size, schema, seen) == size
+        assert seen == {"ev-0", "ev-1", "ev-2", "ev-3"}
+    finally:
+        os.close(fd)
+
+
 def test_a_carriage_return_is_quoted_so_the_csv_module_reads_the_file_back(tmp_path: Path):
     """The csv writer of Python 3.11 leaves a lone carriage return bare, which the csv reader
     refuses: the store could not catch up on its own file (StoreError on every later write of

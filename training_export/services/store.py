@@ -451,18 +451,31 @@ def _scan(path: Path, fd: int, start: int, size: int, schema: Schema, seen: set[
     return _scan_lines(path, fd, start, size, schema, seen)
 
 
+# Rows another writer appended since the last look are far fewer (a batch is about 1 MiB).
+ONE_READ_MAX_BYTES = 16 * 2**20
+
+
 def _scan_whole_rows(fd: int, start: int, size: int, schema: Schema, seen: set[str]) -> int | None:
     """`_scan` in one read, for the rule: rows that another writer appended whole since this
     process last looked. Each line is then one row: a quoted field holds an even number of
     quotes and an unquoted one none, so a line with an odd number ends inside a quoted field
     (a row with a raw newline). The event_id is the text before the first comma, unless quoted.
     None, with `seen` unchanged, for anything else (a torn tail, invalid UTF-8, a row over
-    several lines, a quoted or empty event_id, a row with too few commas, a foreign header):
-    `_scan_lines` then parses the rows with the csv module and finds what is wrong."""
+    several lines, a quoted or empty event_id, a row with too few commas, a foreign header) and
+    for more than ONE_READ_MAX_BYTES (the first look at a large file: the read, its text and
+    its lines take about three times its size, the csv scan a fraction):
+    `_scan_lines` then parses the rows with the csv module and finds what is wrong.
+
+    What it does not check: that a row whose quoted fields hold commas has exactly every
+    column, and that a quote never stands inside an unquoted field. The store never writes
+    either; a file another tool damaged that way is taken as it is (no cheaper check than the
+    csv scan was found)."""
     if schema.columns[0] != "event_id":
         return None
     if start >= size:
         return start
+    if size - start > ONE_READ_MAX_BYTES:
+        return None
     data = os.pread(fd, size - start, start)
     if len(data) != size - start or not data.endswith(b"\n"):
         return None
