@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+import psycopg
+
+# A prepare_threshold no statement reaches: psycopg prepares only what is asked for.
+UNREACHABLE_THRESHOLD = 2**31
 
 RETRY_BACKOFF_FIRST_SECONDS = 0.01
 RETRY_BACKOFF_MAX_SECONDS = 0.5
@@ -46,7 +54,47 @@ def timestamptz_fast_loader(cursor: Any, connection: Any) -> None:
         return
     if connection.connection.info.parameter_status("TimeZone") != "UTC":
         return
-    import psycopg
-
     oid = psycopg.adapters.types["timestamptz"].oid
     cursor.adapters.register_loader(oid, psycopg.adapters.get_loader(oid, psycopg.pq.Format.TEXT))
+
+
+class _LoggedCursor(psycopg.Cursor):
+    """A prepared_cursor that records its statements in Django's query log, as Django's
+    debug cursor does (DEBUG, or a test's CaptureQueriesContext)."""
+
+    django_connection: Any = None
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        try:
+            return super().execute(query, params, **kwargs)
+        finally:
+            duration = time.monotonic() - started
+            self.django_connection.queries_log.append({"sql": str(query), "time": f"{duration:.3f}"})
+
+
+@contextmanager
+def prepared_cursor(connection: Any) -> Iterator[psycopg.Cursor]:
+    """A psycopg cursor on the Django PostgreSQL connection `connection` whose statements
+    run as server-side prepared statements when asked (`execute(sql, params, prepare=True)`),
+    inside whatever transaction Django has open there, with Django's exceptions.
+
+    Django's connection makes client-side cursors (ClientCursor), which interpolate the
+    parameters and never prepare, and sets psycopg's prepare_threshold to None, which turns
+    off even explicit preparation: this cursor binds on the server, and a threshold no
+    statement reaches prepares only what is asked for (ORM queries stay unprepared). The
+    statements reach Django's query log when it is kept (DEBUG, CaptureQueriesContext), not
+    django-prometheus' database metrics. No health check: a caller that starts a request's
+    work calls `connection.close_if_health_check_failed()` first, as Django's cursors do."""
+    connection.ensure_connection()
+    raw = connection.connection
+    if raw.prepare_threshold is None:
+        raw.prepare_threshold = UNREACHABLE_THRESHOLD
+    with connection.wrap_database_errors:
+        if connection.queries_logged:
+            with _LoggedCursor(raw) as cursor:
+                cursor.django_connection = connection
+                yield cursor
+        else:
+            with psycopg.Cursor(raw) as cursor:
+                yield cursor

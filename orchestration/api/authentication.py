@@ -16,7 +16,7 @@ from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.request import Request
 
 from orchestration.api.permissions import ADMIN, ROLE_ORDER
-from orchestration.db import timestamptz_fast_loader
+from orchestration.db import prepared_cursor, timestamptz_fast_loader
 from orchestration.models import ApiKey
 from orchestration.services.access import api_key_mark_used, api_key_matches, api_key_parse
 
@@ -83,10 +83,19 @@ class _KeyLookup:
 
     def fetch(self, prefix: str) -> tuple[ApiKey, str | None] | None:
         connection = connections[self.using]
-        with connection.cursor() as cursor:
-            timestamptz_fast_loader(cursor.cursor, connection)
-            cursor.execute(self.sql, [*ROLE_ORDER, *ROLE_ORDER, prefix])
-            row = cursor.fetchone()
+        params = [*ROLE_ORDER, *ROLE_ORDER, prefix]
+        if connection.vendor == "postgresql":
+            # Prepared: planning this join cost twice what running it does (0.5 of 0.7 ms),
+            # on every request. The request's health check first, as a Django cursor runs it.
+            connection.close_if_health_check_failed()
+            with prepared_cursor(connection) as cursor:
+                timestamptz_fast_loader(cursor, connection)
+                cursor.execute(self.sql, params, prepare=True)
+                row = cursor.fetchone()
+        else:
+            with connection.cursor() as cursor:
+                cursor.execute(self.sql, params)
+                row = cursor.fetchone()
         if row is None:
             return None
         split = len(self.key.fields)

@@ -18,16 +18,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import psycopg
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, OperationalError, connection, models
 from django.db.models.expressions import DatabaseDefault
 from django.db.models.fields import NOT_PROVIDED
 
+from orchestration.db import prepared_cursor
 from orchestration.ids import new_id
 from orchestration.models import Agent, TaskAttempt
-
-UNREACHABLE_THRESHOLD = 2**31
 
 AGENT_FIELDS = Agent._meta.concrete_fields
 ATTEMPT_FIELDS = TaskAttempt._meta.concrete_fields
@@ -193,22 +191,14 @@ def _json(value: Any) -> Any:
 
 def execute_prepared(sql: str, params: dict[str, Any] | list[Any]) -> list[tuple[Any, ...]]:
     """Run a statement as a server-side prepared statement on Django's connection, inside
-    whatever transaction Django has open there. These statements run on every attempt;
-    planning them each time would cost more than executing them.
-
-    Django's connection makes client-side cursors (ClientCursor), which interpolate the
-    parameters and never prepare, and sets psycopg's prepare_threshold to None, which turns
-    off even explicit preparation: this cursor binds on the server, and a threshold no
-    statement reaches prepares only what is asked for (ORM queries stay unprepared)."""
-    connection.ensure_connection()
-    raw = connection.connection
-    if raw.prepare_threshold is None:
-        raw.prepare_threshold = UNREACHABLE_THRESHOLD
-    # wrap_database_errors: callers see Django's exceptions (atomic_with_retry retries a
-    # deadlock, run_task a lost connection), as from the ORM. No pipeline mode: it would
-    # send the BEGIN with the statement, but psycopg's pipeline costs more per statement
-    # (client and server CPU, and wall time) than the round trip it saves.
-    with connection.wrap_database_errors, psycopg.Cursor(raw) as cursor:
+    whatever transaction Django has open there (see prepared_cursor). These statements run
+    on every attempt; planning them each time would cost more than executing them."""
+    # wrap_database_errors (in prepared_cursor): callers see Django's exceptions
+    # (atomic_with_retry retries a deadlock, run_task a lost connection), as from the ORM.
+    # No pipeline mode: it would send the BEGIN with the statement, but psycopg's pipeline
+    # costs more per statement (client and server CPU, and wall time) than the round trip
+    # it saves.
+    with prepared_cursor(connection) as cursor:
         cursor.execute(sql, params, prepare=True)
         return cursor.fetchall()
 

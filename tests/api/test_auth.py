@@ -8,9 +8,10 @@ import datetime as dt
 import io
 import re
 
+import psycopg
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection
+from django.db import close_old_connections, connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
@@ -237,3 +238,44 @@ def test_console_rotation_needs_the_right_to_create_keys(db, client):
     assert response.status_code == 200
     assert ApiKey.objects.filter(owner=caller.user).count() == 1, "no key minted"
     assert caller.client.get("/api/v1/me/").status_code == 200, "the old key still works"
+
+
+def test_a_persistent_connection_that_died_between_requests_is_replaced_before_the_key_lookup(transactional_db):
+    """The key lookup runs prepared on psycopg's own cursor, which Django's health check does
+    not guard: it runs the check itself first, so a request after PostgreSQL dropped the
+    connection (a restart, an idle timeout) reconnects instead of answering 500."""
+    caller = make_caller("persistent", "viewer")
+    settings_dict = connection.settings_dict
+    saved = settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"]
+    settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = 600, True
+    connection.close()  # the next connection is persistent (its close_at is set on connecting)
+    try:
+        assert caller.client.get("/api/v1/me/").status_code == 200
+        dead_pid = connection.connection.info.backend_pid  # kept open after the request
+        with psycopg.connect(**connection.get_connection_params(), autocommit=True) as other:
+            assert other.execute("SELECT pg_terminate_backend(%s)", [dead_pid]).fetchone() == (True,)
+        # What request_started runs in a server (the test client disconnects it): the
+        # connection is kept (not expired, no error seen) and its health check is due.
+        close_old_connections()
+        response = caller.client.get("/api/v1/me/")
+        assert response.status_code == 200, response.content
+        assert response.json()["role"] == "viewer"
+        assert connection.connection.info.backend_pid != dead_pid
+    finally:
+        settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = saved
+        connection.close()
+
+
+def test_the_prepared_key_lookup_is_in_the_query_log_and_raises_django_errors(db):
+    """What a request costs stays visible (DEBUG, CaptureQueriesContext), and a database
+    error in the lookup is Django's, like any ORM query's."""
+    from django.db import ProgrammingError
+
+    from orchestration.db import prepared_cursor
+
+    caller = make_caller("logged", "viewer")
+    with CaptureQueriesContext(connection) as queries:
+        assert caller.client.get("/api/v1/me/").status_code == 200
+    assert "api_keys" in queries.captured_queries[0]["sql"]
+    with pytest.raises(ProgrammingError), prepared_cursor(connection) as cursor:
+        cursor.execute("SELECT no_such_column FROM api_keys", prepare=True)
