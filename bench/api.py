@@ -7,6 +7,11 @@ the same page (the statement the endpoint sends, replayed on a bare cursor):
 - GET /api/v1/events/?entity_id=<agent entity>   first page, and a page 50 000 events deep
 - GET /api/v1/events/?entity_id=<workflow id>    one workflow's events
 - POST /api/v1/workflows/                        a one-task workflow (validation, 3 inserts)
+- GET /bench/floor/                              the floor: the deep events page's body from
+                                                 memory through Django and DRF alone (no
+                                                 authentication, rate limit, database or
+                                                 serialization; bench/api_urls.py), against
+                                                 each page statement: what 6x leaves
 
 Requests go through the whole Django stack in-process (middleware, API-key authentication,
 the Redis rate-limit counter, permissions, filters, pagination, serialization), without a
@@ -56,6 +61,7 @@ from django.db import connection  # noqa: E402
 from django.test.utils import CaptureQueriesContext  # noqa: E402
 from rest_framework.test import APIClient  # noqa: E402
 
+from bench import api_urls  # noqa: E402
 from bench.database import database_ensure  # noqa: E402
 from orchestration.models import ApiKey  # noqa: E402
 from orchestration.services.access import api_key_create  # noqa: E402
@@ -239,6 +245,9 @@ def main() -> None:
         "events?entity_id=<workflow>": f"/api/v1/events/?entity_id={cursors['workflow']}",
     }
     raw = {name: page_sql(client, path) for name, path in gets.items()}
+    FLOOR = "floor: Django + DRF alone, no auth, DB or serialization"
+    api_urls.FLOOR_BODY.update(json.loads(client.get(gets["events?entity_id=agent-3, 50 000 deep"]).content))
+    assert json.loads(client.get(api_urls.FLOOR_PATH).content) == api_urls.FLOOR_BODY
     spec = {"name": "bench post", "tasks": [{"name": "a", "agent": "echo", "input": {"n": 1}}]}
 
     samples: dict[str, list[float]] = defaultdict(list)
@@ -268,6 +277,16 @@ def main() -> None:
             round_p50[f"{name} (raw SQL)"].append(statistics.median(raw_times))
         times = []
         cpu_started = time.process_time()
+        for _ in range(args.requests):
+            started = time.perf_counter()
+            response = client.get(api_urls.FLOOR_PATH)
+            times.append((time.perf_counter() - started) * 1000)
+            assert response.status_code == 200
+        round_cpu[FLOOR].append((time.process_time() - cpu_started) / args.requests * 1000)
+        samples[FLOOR].extend(times)
+        round_p50[FLOOR].append(statistics.median(times))
+        times = []
+        cpu_started = time.process_time()
         for _ in range(args.requests // 4):
             started = time.perf_counter()
             response = client.post("/api/v1/workflows/", spec, format="json")
@@ -280,7 +299,7 @@ def main() -> None:
     print(f"\ndriver: {args.driver}; load average (1 min): {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print("| request | p50 ms | p99 ms | CPU ms/request | raw SQL p50 ms | raw SQL p99 ms | endpoint/raw (p50) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name in [*gets, "POST workflows"]:
+    for name in [*gets, "POST workflows", FLOOR]:
         endpoint = samples[name]
         line = (
             f"| {name} | {percentile(endpoint, 0.5):.2f} | {percentile(endpoint, 0.99):.2f} |"
@@ -302,6 +321,10 @@ def main() -> None:
     ]:
         ratio = statistics.median(d / f for d, f in zip(round_p50[deep], round_p50[first], strict=True))
         print(f"{kind}: deep/first p50 = {ratio:.2f}")
+    # The floor against each statement: over 6x, no endpoint in this stack can meet 6x on it.
+    for name in gets:
+        ratios = [f / r for f, r in zip(round_p50[FLOOR], round_p50[f"{name} (raw SQL)"], strict=True)]
+        print(f"floor / raw SQL of {name}: {statistics.median(ratios):.1f}x")
     print("\nplans of the page statements:")
     with connection.cursor() as cursor:
         for name, sql in raw.items():

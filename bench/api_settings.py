@@ -15,3 +15,4 @@ CELERY_BROKER_URL = REDIS_URL
 API_RATE_LIMITS = {"admin": 10_000_000, "developer": 10_000_000, "viewer": 10_000_000}
 LOG_LEVEL = "WARNING"
 ALLOWED_HOSTS = ["testserver", "localhost", "127.0.0.1"]
+ROOT_URLCONF = "bench.api_urls"  # the project's URLs and the floor view after them
