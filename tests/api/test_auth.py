@@ -260,7 +260,11 @@ def test_a_persistent_connection_that_died_between_requests_is_replaced_before_t
         response = caller.client.get("/api/v1/me/")
         assert response.status_code == 200, response.content
         assert response.json()["role"] == "viewer"
-        assert connection.connection.info.backend_pid != dead_pid
+        new_pid = connection.connection.info.backend_pid
+        assert new_pid != dead_pid
+        close_old_connections()  # a healthy connection passes the check and is kept
+        assert caller.client.get("/api/v1/me/").status_code == 200
+        assert connection.connection.info.backend_pid == new_pid and connection.health_check_done
     finally:
         settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = saved
         connection.close()
@@ -279,3 +283,28 @@ def test_the_prepared_key_lookup_is_in_the_query_log_and_raises_django_errors(db
     assert "api_keys" in queries.captured_queries[0]["sql"]
     with pytest.raises(ProgrammingError), prepared_cursor(connection) as cursor:
         cursor.execute("SELECT no_such_column FROM api_keys", prepare=True)
+
+
+def test_a_failing_key_lookup_on_a_live_connection_is_an_error_not_a_reconnection(transactional_db, monkeypatch):
+    """The lookup stands in for the health check, but only a connection that fails the
+    check too is replaced: a statement error is raised (here a 500), the connection kept."""
+    from orchestration.api.authentication import _key_lookup
+
+    caller = make_caller("broken", "viewer")
+    settings_dict = connection.settings_dict
+    saved = settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"]
+    settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = 600, True
+    connection.close()
+    try:
+        assert caller.client.get("/api/v1/me/").status_code == 200
+        pid = connection.connection.info.backend_pid
+        lookup = _key_lookup(connection.alias, connection.vendor)
+        monkeypatch.setattr(lookup, "sql", lookup.sql.replace("LIMIT 1", "LIMIT 1 + no_such_column"))
+        close_old_connections()
+        client = caller.client
+        client.raise_request_exception = False
+        assert client.get("/api/v1/me/").status_code == 500
+        assert connection.connection.info.backend_pid == pid
+    finally:
+        settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = saved
+        connection.close()
