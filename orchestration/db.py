@@ -91,10 +91,19 @@ def prepared_cursor(connection: Any) -> Iterator[psycopg.Cursor]:
     if raw.prepare_threshold is None:
         raw.prepare_threshold = UNREACHABLE_THRESHOLD
     with connection.wrap_database_errors:
-        if connection.queries_logged:
-            with _LoggedCursor(raw) as cursor:
-                cursor.django_connection = connection
-                yield cursor
-        else:
-            with psycopg.Cursor(raw) as cursor:
-                yield cursor
+        try:
+            if connection.queries_logged:
+                with _LoggedCursor(raw) as cursor:
+                    cursor.django_connection = connection
+                    yield cursor
+            else:
+                with psycopg.Cursor(raw) as cursor:
+                    yield cursor
+        except psycopg.errors.FeatureNotSupported as exc:
+            # "cached plan must not change result type": another session changed the type of
+            # a column the statement returns (a migration). psycopg keeps the statement and
+            # the connection stays usable, so it would fail the same way until it expires:
+            # close it, and Django replaces it as a failed connection (a pool discards it).
+            if exc.diag.source_function == "RevalidateCachedQuery":
+                raw.close()
+            raise

@@ -308,3 +308,29 @@ def test_a_failing_key_lookup_on_a_live_connection_is_an_error_not_a_reconnectio
     finally:
         settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = saved
         connection.close()
+
+
+def test_a_column_type_changed_by_a_migration_does_not_break_the_prepared_lookup(transactional_db):
+    """Another process's migration changes the type of a column the prepared lookup returns:
+    PostgreSQL refuses the statement ("cached plan must not change result type") on every
+    connection that prepared it, and psycopg keeps it. That connection is replaced, as a
+    dead one is, instead of answering 500 on every request until it expires."""
+    caller = make_caller("migrated", "viewer")
+    settings_dict = connection.settings_dict
+    saved = settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"]
+    settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = 600, True
+    connection.close()
+    params = {k: v for k, v in connection.get_connection_params().items() if k not in ("cursor_factory", "context")}
+    with psycopg.connect(**params, autocommit=True) as other:
+        try:
+            assert caller.client.get("/api/v1/me/").status_code == 200
+            pid = connection.connection.info.backend_pid
+            other.execute("ALTER TABLE api_keys ALTER COLUMN name TYPE varchar(101)")
+            close_old_connections()
+            response = caller.client.get("/api/v1/me/")
+            assert response.status_code == 200, response.content
+            assert connection.connection.info.backend_pid != pid
+        finally:
+            settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = saved
+            connection.close()
+            other.execute("ALTER TABLE api_keys ALTER COLUMN name TYPE varchar(100)")
