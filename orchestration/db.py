@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from django.conf import settings
 
 # A prepare_threshold no statement reaches: psycopg prepares only what is asked for.
 UNREACHABLE_THRESHOLD = 2**31
@@ -85,10 +86,11 @@ def prepared_cursor(connection: Any) -> Iterator[psycopg.Cursor]:
     statement reaches prepares only what is asked for (ORM queries stay unprepared). The
     statements reach Django's query log when it is kept (DEBUG, CaptureQueriesContext), not
     django-prometheus' database metrics. No health check: a caller that starts a request's
-    work calls `connection.close_if_health_check_failed()` first, as Django's cursors do."""
+    work calls `connection.close_if_health_check_failed()` first, as Django's cursors do.
+    With DATABASE_PREPARED_STATEMENTS off, the threshold stays None and nothing is prepared."""
     connection.ensure_connection()
     raw = connection.connection
-    if raw.prepare_threshold is None:
+    if raw.prepare_threshold is None and settings.DATABASE_PREPARED_STATEMENTS:
         raw.prepare_threshold = UNREACHABLE_THRESHOLD
     with connection.wrap_database_errors:
         try:

@@ -105,6 +105,12 @@ def _database(url: str) -> dict:
     return config
 
 
+# Server-side prepared statements for the statements run on every attempt and request (the
+# worker's fast path, the API-key lookup). Off for a pooler that cannot keep them, such as
+# PgBouncer in transaction mode before 1.21: every statement is then planned each time.
+DATABASE_PREPARED_STATEMENTS = env.bool("DATABASE_PREPARED_STATEMENTS", True)
+
+
 def database_vendor(config: dict) -> str:
     """'postgresql' or 'sqlite3', whether or not the metrics wrapper is in front."""
     return config["ENGINE"].rsplit(".", 1)[-1]

@@ -334,3 +334,17 @@ def test_a_column_type_changed_by_a_migration_does_not_break_the_prepared_lookup
             settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = saved
             connection.close()
             other.execute("ALTER TABLE api_keys ALTER COLUMN name TYPE varchar(100)")
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_prepared_statements_can_be_turned_off_for_a_pooler_that_cannot_keep_them(transactional_db, settings, prepared):
+    """DATABASE_PREPARED_STATEMENTS=false (PgBouncer in transaction mode before 1.21): the key
+    lookup is answered the same, and nothing is left prepared on the server session."""
+    settings.DATABASE_PREPARED_STATEMENTS = prepared
+    connection.close()
+    caller = make_caller(f"pooled-{prepared}", "viewer")
+    assert caller.client.get("/api/v1/me/").json()["role"] == "viewer"
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        statements = [row[0] for row in cursor.fetchall()]
+    assert any("api_keys" in statement for statement in statements) is prepared
