@@ -3,9 +3,12 @@ unreachable the run fails at once with the address it tried (no silent skips).""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import redis
 from django.conf import settings
+from django.db import connection
 from django.db.backends.postgresql.operations import DatabaseOperations
 
 
@@ -35,3 +38,19 @@ def _execute_sql_flush_with_append_only_events(self: DatabaseOperations, sql_lis
 
 
 DatabaseOperations.execute_sql_flush = _execute_sql_flush_with_append_only_events
+
+
+@pytest.fixture
+def persistent_connection(transactional_db: None) -> Iterator[None]:
+    """The default connection as a server keeps it: reused between requests and tasks
+    (CONN_MAX_AGE) with its health check (CONN_HEALTH_CHECKS); the test settings close it
+    after each. Closed first, since a connection's lifetime is set when it is opened."""
+    settings_dict = connection.settings_dict
+    saved = settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"]
+    settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = 600, True
+    connection.close()
+    try:
+        yield
+    finally:
+        settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = saved
+        connection.close()

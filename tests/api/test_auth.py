@@ -8,7 +8,6 @@ import datetime as dt
 import io
 import re
 
-import psycopg
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import close_old_connections, connection
@@ -22,6 +21,7 @@ from orchestration.models import ApiKey
 from orchestration.services.access import api_key_create, api_key_rotate, api_key_secret_hash
 from tests.api.conftest import make_caller
 from tests.factories import UserFactory
+from tests.pg import other_connection
 
 PROBLEM = "application/problem+json"
 KEY_RE = r"al_[0-9a-f]{8}_[A-Za-z0-9_\-]{40,}"
@@ -240,34 +240,26 @@ def test_console_rotation_needs_the_right_to_create_keys(db, client):
     assert caller.client.get("/api/v1/me/").status_code == 200, "the old key still works"
 
 
-def test_a_persistent_connection_that_died_between_requests_is_replaced_before_the_key_lookup(transactional_db):
+def test_a_persistent_connection_that_died_between_requests_is_replaced_before_the_key_lookup(persistent_connection):
     """The key lookup runs prepared on psycopg's own cursor, which Django's health check does
     not guard: it runs the check itself first, so a request after PostgreSQL dropped the
     connection (a restart, an idle timeout) reconnects instead of answering 500."""
     caller = make_caller("persistent", "viewer")
-    settings_dict = connection.settings_dict
-    saved = settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"]
-    settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = 600, True
-    connection.close()  # the next connection is persistent (its close_at is set on connecting)
-    try:
-        assert caller.client.get("/api/v1/me/").status_code == 200
-        dead_pid = connection.connection.info.backend_pid  # kept open after the request
-        with psycopg.connect(**connection.get_connection_params(), autocommit=True) as other:
-            assert other.execute("SELECT pg_terminate_backend(%s)", [dead_pid]).fetchone() == (True,)
-        # What request_started runs in a server (the test client disconnects it): the
-        # connection is kept (not expired, no error seen) and its health check is due.
-        close_old_connections()
-        response = caller.client.get("/api/v1/me/")
-        assert response.status_code == 200, response.content
-        assert response.json()["role"] == "viewer"
-        new_pid = connection.connection.info.backend_pid
-        assert new_pid != dead_pid
-        close_old_connections()  # a healthy connection passes the check and is kept
-        assert caller.client.get("/api/v1/me/").status_code == 200
-        assert connection.connection.info.backend_pid == new_pid and connection.health_check_done
-    finally:
-        settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = saved
-        connection.close()
+    assert caller.client.get("/api/v1/me/").status_code == 200
+    dead_pid = connection.connection.info.backend_pid  # kept open after the request
+    with other_connection() as other:
+        assert other.execute("SELECT pg_terminate_backend(%s)", [dead_pid]).fetchone() == (True,)
+    # What request_started runs in a server (the test client disconnects it): the
+    # connection is kept (not expired, no error seen) and its health check is due.
+    close_old_connections()
+    response = caller.client.get("/api/v1/me/")
+    assert response.status_code == 200, response.content
+    assert response.json()["role"] == "viewer"
+    new_pid = connection.connection.info.backend_pid
+    assert new_pid != dead_pid
+    close_old_connections()  # a healthy connection passes the check and is kept
+    assert caller.client.get("/api/v1/me/").status_code == 200
+    assert connection.connection.info.backend_pid == new_pid and connection.health_check_done
 
 
 def test_the_prepared_key_lookup_is_in_the_query_log_and_raises_django_errors(db):
@@ -285,43 +277,30 @@ def test_the_prepared_key_lookup_is_in_the_query_log_and_raises_django_errors(db
         cursor.execute("SELECT no_such_column FROM api_keys", prepare=True)
 
 
-def test_a_failing_key_lookup_on_a_live_connection_is_an_error_not_a_reconnection(transactional_db, monkeypatch):
+def test_a_failing_key_lookup_on_a_live_connection_is_an_error_not_a_reconnection(persistent_connection, monkeypatch):
     """The lookup stands in for the health check, but only a connection that fails the
     check too is replaced: a statement error is raised (here a 500), the connection kept."""
     from orchestration.api.authentication import _key_lookup
 
     caller = make_caller("broken", "viewer")
-    settings_dict = connection.settings_dict
-    saved = settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"]
-    settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = 600, True
-    connection.close()
-    try:
-        assert caller.client.get("/api/v1/me/").status_code == 200
-        pid = connection.connection.info.backend_pid
-        lookup = _key_lookup(connection.alias, connection.vendor)
-        monkeypatch.setattr(lookup, "sql", lookup.sql.replace("LIMIT 1", "LIMIT 1 + no_such_column"))
-        close_old_connections()
-        client = caller.client
-        client.raise_request_exception = False
-        assert client.get("/api/v1/me/").status_code == 500
-        assert connection.connection.info.backend_pid == pid
-    finally:
-        settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = saved
-        connection.close()
+    assert caller.client.get("/api/v1/me/").status_code == 200
+    pid = connection.connection.info.backend_pid
+    lookup = _key_lookup(connection.alias, connection.vendor)
+    monkeypatch.setattr(lookup, "sql", lookup.sql.replace("LIMIT 1", "LIMIT 1 + no_such_column"))
+    close_old_connections()
+    client = caller.client
+    client.raise_request_exception = False
+    assert client.get("/api/v1/me/").status_code == 500
+    assert connection.connection.info.backend_pid == pid
 
 
-def test_a_column_type_changed_by_a_migration_does_not_break_the_prepared_lookup(transactional_db):
+def test_a_column_type_changed_by_a_migration_does_not_break_the_prepared_lookup(persistent_connection):
     """Another process's migration changes the type of a column the prepared lookup returns:
     PostgreSQL refuses the statement ("cached plan must not change result type") on every
     connection that prepared it, and psycopg keeps it. That connection is replaced, as a
     dead one is, instead of answering 500 on every request until it expires."""
     caller = make_caller("migrated", "viewer")
-    settings_dict = connection.settings_dict
-    saved = settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"]
-    settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = 600, True
-    connection.close()
-    params = {k: v for k, v in connection.get_connection_params().items() if k not in ("cursor_factory", "context")}
-    with psycopg.connect(**params, autocommit=True) as other:
+    with other_connection() as other:
         try:
             assert caller.client.get("/api/v1/me/").status_code == 200
             pid = connection.connection.info.backend_pid
@@ -331,7 +310,6 @@ def test_a_column_type_changed_by_a_migration_does_not_break_the_prepared_lookup
             assert response.status_code == 200, response.content
             assert connection.connection.info.backend_pid != pid
         finally:
-            settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = saved
             connection.close()
             other.execute("ALTER TABLE api_keys ALTER COLUMN name TYPE varchar(100)")
 

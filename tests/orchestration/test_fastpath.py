@@ -347,20 +347,16 @@ def test_a_claim_of_the_only_task_or_with_pending_tasks_is_not_standalone(commit
     assert only.standalone is False  # its completion finishes the workflow: the transaction does
 
 
-def test_a_statement_whose_result_type_changed_is_refused_once_then_prepared_again(transactional_db):
+def test_a_statement_whose_result_type_changed_is_refused_once_then_prepared_again(persistent_connection):
     """Another session changes the type of a column a prepared statement returns (a
     migration): PostgreSQL refuses it on the connection that prepared it; that connection is
     closed, so Django replaces it (here at the end of the task) instead of keeping a usable
     connection that fails the same way on every statement until it expires."""
-    import psycopg
     from django.db import NotSupportedError, close_old_connections
 
-    settings_dict = connection.settings_dict
-    saved = settings_dict["CONN_MAX_AGE"]
-    settings_dict["CONN_MAX_AGE"] = 600  # a persistent connection, kept between tasks
-    connection.close()
-    params = {k: v for k, v in connection.get_connection_params().items() if k not in ("cursor_factory", "context")}
-    with psycopg.connect(**params, autocommit=True) as other:
+    from tests.pg import other_connection
+
+    with other_connection() as other:
         other.execute("CREATE TABLE fastpath_probe_typed (s varchar(5))")
         try:
             sql = "SELECT s FROM fastpath_probe_typed WHERE s = %s"
@@ -371,6 +367,5 @@ def test_a_statement_whose_result_type_changed_is_refused_once_then_prepared_aga
             close_old_connections()  # what Django runs between requests and Celery between tasks
             assert execute_prepared(sql, ["a"]) == []
         finally:
-            settings_dict["CONN_MAX_AGE"] = saved
             connection.close()
             other.execute("DROP TABLE fastpath_probe_typed")

@@ -10,24 +10,17 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-import psycopg
 import pytest
-from django.db import connection, connections
+from django.db import connections
 from django.utils import timezone
 
 from orchestration.ids import new_id
 from orchestration.models import Event, TaskExecution, Workflow
 from orchestration.services import fastpath
 from tests.orchestration.test_fastpath import _claimed, _succeed, committed_agents  # noqa: F401 (a fixture)
+from tests.pg import other_connection
 
 pytestmark = pytest.mark.usefixtures("committed_agents")
-
-
-def other_connection() -> psycopg.Connection:
-    s = connection.settings_dict
-    return psycopg.connect(
-        host=s["HOST"] or "127.0.0.1", port=s["PORT"] or 5432, user=s["USER"], dbname=s["NAME"], autocommit=True
-    )
 
 
 def succeed_params(attempt_id: int) -> dict[str, Any]:
