@@ -18,7 +18,7 @@ the Redis rate-limit counter, permissions, filters, pagination, serialization), 
 network hop. By default (`--driver wsgi`) each request is a WSGI environ handed to Django's
 WSGIHandler, which is exactly what gunicorn or uWSGI call once they have parsed the HTTP
 request: request_started/request_finished run as in production (so does the connection
-health check, one `SELECT 1` per request with CONN_HEALTH_CHECKS), and nothing of the test
+health check of CONN_HEALTH_CHECKS, which the API-key lookup itself serves as), and nothing of the test
 client's own machinery (template-capture signals, cookie jar, response patching) is timed.
 `--driver client` sends the same requests through DRF's APIClient (the earlier figures).
 Besides wall-clock latency, each endpoint's CPU time per request in this process
