@@ -9,9 +9,11 @@ from __future__ import annotations
 import threading
 import time
 from functools import lru_cache
+from typing import Any, Protocol
 
 import redis
 from django.conf import settings
+from redis.connection import Connection
 
 # INCR and, on the first hit of a window, EXPIRE: one atomic step, so concurrent requests
 # can neither lose a count nor leave a counter without its expiry.
@@ -31,6 +33,93 @@ def _client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
 
+def _hit_reply(reply: Any) -> tuple[int, int]:
+    count, ttl = reply
+    return int(count), max(int(ttl), 1)
+
+
+class Hit(Protocol):
+    def result(self) -> tuple[int, int]: ...
+
+    def close(self) -> None: ...
+
+
+class CountedHit:
+    """A hit already counted: its answer at hand."""
+
+    def __init__(self, answer: tuple[int, int]) -> None:
+        self.answer = answer
+
+    def result(self) -> tuple[int, int]:
+        return self.answer
+
+    def close(self) -> None:
+        pass
+
+
+class PendingHit:
+    """A hit sent to Redis whose reply is read later, on the pooled connection it was sent
+    on (held until then): the round trip overlaps the caller's own work. `result` reads
+    the reply once; `close` reads it if it is still due, so that the connection goes back
+    to the pool with nothing left unread, or drops the connection when it cannot."""
+
+    def __init__(self, store: RedisStore, connection: Connection, key: str, window_seconds: int) -> None:
+        self.store = store
+        self.connection: Connection | None = connection
+        self.key = key
+        self.window_seconds = window_seconds
+        self.answer: tuple[int, int] | None = None
+
+    def result(self) -> tuple[int, int]:
+        if self.answer is not None:
+            return self.answer
+        connection = self._take()
+        if connection is None:
+            raise RuntimeError("the rate-limit reply was closed unread")
+        try:
+            reply = connection.read_response()
+        except redis.exceptions.NoScriptError:
+            # Redis lost its scripts (restart, SCRIPT FLUSH): it ran nothing. The client's
+            # script call loads it again.
+            self._give_back(connection)
+            self.answer = self.store.hit(self.key, self.window_seconds)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # As the client's own retry does, count again on a new connection: the hit may
+            # have been counted before the connection failed.
+            self._give_back(connection, broken=True)
+            self.answer = self.store.hit(self.key, self.window_seconds)
+        except BaseException:
+            self._give_back(connection, broken=True)
+            raise
+        else:
+            self._give_back(connection)
+            self.answer = _hit_reply(reply)
+        return self.answer
+
+    def close(self) -> None:
+        connection = self._take()
+        if connection is None:
+            return
+        try:
+            connection.read_response()
+        except redis.exceptions.ResponseError:
+            self._give_back(connection)  # an error reply: the connection is in step
+        except BaseException:
+            self._give_back(connection, broken=True)
+            raise
+        else:
+            self._give_back(connection)
+
+    def _take(self) -> Connection | None:
+        connection, self.connection = self.connection, None
+        return connection
+
+    def _give_back(self, connection: Connection, *, broken: bool = False) -> None:
+        if broken:
+            connection.disconnect()
+        self.store.client.connection_pool.release(connection)
+
+
 class RedisStore:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
@@ -38,8 +127,26 @@ class RedisStore:
 
     def hit(self, key: str, window_seconds: int) -> tuple[int, int]:
         """Count one hit in the window; returns (hits so far, seconds until the window ends)."""
-        count, ttl = self._count(keys=[key], args=[window_seconds])
-        return int(count), max(int(ttl), 1)
+        return _hit_reply(self._count(keys=[key], args=[window_seconds]))
+
+    def hit_later(self, key: str, window_seconds: int) -> Hit:
+        """`hit`, with the reply read by the returned object's `result()`: the count is sent
+        now and the caller goes on with its own work while Redis answers. The caller must
+        call `result()` or `close()` (the connection is held until then)."""
+        pool = self.client.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_command("EVALSHA", self._count.sha, 1, key, window_seconds)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Nothing reached Redis: count through the client, with its retries.
+            connection.disconnect()
+            pool.release(connection)
+            return CountedHit(self.hit(key, window_seconds))
+        except BaseException:
+            connection.disconnect()
+            pool.release(connection)
+            raise
+        return PendingHit(self, connection, key, window_seconds)
 
     def peek(self, key: str) -> tuple[int, int]:
         with self.client.pipeline() as pipe:
@@ -66,6 +173,9 @@ class LocalStore:
         self._lock = threading.Lock()
         self._counts: dict[str, tuple[int, float]] = {}
         self._locks: dict[str, tuple[str, float]] = {}
+
+    def hit_later(self, key: str, window_seconds: int) -> Hit:
+        return CountedHit(self.hit(key, window_seconds))
 
     def hit(self, key: str, window_seconds: int) -> tuple[int, int]:
         now = time.monotonic()

@@ -4,6 +4,7 @@ so another user's object is a 404."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.conf import settings
@@ -12,7 +13,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import NotFound, Throttled, ValidationError
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -37,8 +38,11 @@ from orchestration.api.serializers import (
     WorkflowSpecSerializer,
     row_reader,
 )
+from orchestration.api.throttling import rate_limit_settle
 from orchestration.models import ApiKey, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume
+
+logger = logging.getLogger(__name__)
 
 READ = "workflow:read"
 WRITE = "workflow:create"
@@ -69,7 +73,23 @@ class ApiMixin:
         if unstorable_text(list(kwargs.values())):
             raise NotFound()
 
+    def handle_exception(self, exc: Exception) -> Response:
+        # A request whose rate-limit count was deferred (RowListMixin) and failed before its
+        # view read it: over the limit, the answer is the 429 the throttle check would have
+        # given before anything else ran.
+        try:
+            rate_limit_settle(self.request)  # type: ignore[attr-defined]
+        except Throttled as throttled:
+            exc = throttled
+        except Exception:
+            logger.exception("reading the rate-limit count of a failed request")
+        return super().handle_exception(exc)  # type: ignore[misc]
+
     def finalize_response(self, request: Request, response: Response, *args: Any, **kwargs: Any) -> Response:
+        try:
+            rate_limit_settle(request)  # a view that deferred the count and never read it
+        except Throttled as throttled:
+            response = self.handle_exception(throttled)
         response = super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
         state = getattr(request._request, "rate_limit", None)
         if state:
@@ -83,8 +103,14 @@ class RowListMixin:
     """List pages read as `.values()` rows and turned into the serializer's output by its
     RowReader: the same JSON without a model instance and a walk of DRF fields per row."""
 
+    def rate_limit_deferrable(self) -> bool:
+        """A list reads its rate-limit count after validating its filters, before its
+        statement (orchestration.api.throttling)."""
+        return self.action == "list"  # type: ignore[attr-defined]
+
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         queryset = self.filter_queryset(self.get_queryset())  # type: ignore[attr-defined]
+        rate_limit_settle(request)
         return self.paginated_rows(queryset, self.get_serializer_class())  # type: ignore[attr-defined]
 
     def paginated_rows(self, queryset: QuerySet, serializer_class: type) -> Response:

@@ -9,6 +9,8 @@ import httpx
 import pytest
 import redis
 from django.conf import settings as django_settings
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from orchestration.api.redis_store import store
 from orchestration.api.throttling import rate_limit_key
@@ -64,3 +66,70 @@ def test_concurrent_requests_over_http_admit_exactly_the_limit(transactional_db,
         statuses = list(pool.map(call, range(24)))
     assert statuses.count(200) == 10
     assert statuses.count(429) == 14
+
+
+# --- A list's count, read after its filters are validated (RowListMixin) ------------------
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(django_settings.REDIS_URL)
+
+
+def test_a_list_over_its_limit_is_refused_before_its_page_statement(callers, low_limits):
+    viewer = callers["viewer"].client
+    listed = [viewer.get("/api/v1/events/") for _ in range(3)]
+    assert [r.status_code for r in listed] == [200, 200, 200]
+    assert [r["RateLimit-Remaining"] for r in listed] == ["2", "1", "0"]
+    with CaptureQueriesContext(connection) as queries:
+        refused = viewer.get("/api/v1/events/")
+    assert refused.status_code == 429
+    assert 1 <= int(refused["Retry-After"]) <= 60
+    assert refused["RateLimit-Remaining"] == "0"
+    assert not [q["sql"] for q in queries.captured_queries if '"events"' in q["sql"]]
+
+
+def test_a_list_that_fails_validation_is_counted_and_over_the_limit_answers_429(callers, low_limits):
+    viewer = callers["viewer"].client
+    invalid = viewer.get("/api/v1/events/?severity=bogus")
+    assert invalid.status_code == 400
+    assert invalid["RateLimit-Remaining"] == "2"  # counted, and its reply read
+    assert viewer.get("/api/v1/workflows/?status=nope").status_code == 400
+    assert viewer.get("/api/v1/me/")["RateLimit-Remaining"] == "0"
+    # Over the limit, a request that would fail validation is refused as throttled first,
+    # as it is when the count is read in the throttle check (GET /me).
+    refused = viewer.get("/api/v1/events/?severity=bogus")
+    assert refused.status_code == 429
+    assert refused.json()["title"] == "Too many requests"
+    assert int(_redis().get(rate_limit_key(callers["viewer"].user.pk))) == 4
+
+
+def test_a_list_counts_once_after_redis_lost_its_scripts(callers, low_limits):
+    viewer = callers["viewer"].client
+    assert viewer.get("/api/v1/events/").status_code == 200
+    _redis().script_flush()
+    listed = viewer.get("/api/v1/events/")
+    assert listed.status_code == 200
+    assert listed["RateLimit-Remaining"] == "1"
+    assert int(_redis().get(rate_limit_key(callers["viewer"].user.pk))) == 2
+
+
+def test_a_list_counts_once_after_its_redis_connection_was_closed(callers, low_limits):
+    viewer = callers["viewer"].client
+    assert viewer.get("/api/v1/events/").status_code == 200
+    killer = _redis()
+    assert killer.client_kill_filter(_type="normal", skipme=True) >= 1  # the API's pooled connection
+    listed = viewer.get("/api/v1/events/")
+    assert listed.status_code == 200
+    assert listed["RateLimit-Remaining"] == "1"
+    assert int(killer.get(rate_limit_key(callers["viewer"].user.pk))) == 2
+
+
+def test_a_deferred_count_closed_unread_leaves_its_connection_in_step(db):
+    counter = store()
+    pending = counter.hit_later("rate_limit:closed-unread", 60)
+    pending.close()
+    # The pool hands the same connection out again: a reply left unread on it would be
+    # taken for this GET's.
+    assert counter.client.get("rate_limit:closed-unread") == b"1"
+    assert counter.hit_later("rate_limit:closed-unread", 60).result() == (2, 60)
+    assert counter.client.connection_pool._in_use_connections == set()
