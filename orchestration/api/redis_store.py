@@ -61,7 +61,11 @@ class PendingHit:
     """A hit sent to Redis whose reply is read later, on the pooled connection it was sent
     on (held until then): the round trip overlaps the caller's own work. `result` reads
     the reply once; `close` reads it if it is still due, so that the connection goes back
-    to the pool with nothing left unread, or drops the connection when it cannot."""
+    to the pool with nothing left unread, or drops the connection when it cannot.
+
+    Every path must read the reply or drop the connection: redis-py 8 (RESP3, maintenance
+    notifications "auto") no longer checks a connection it hands out for unread data, so a
+    reply left behind would be taken as the next command's answer."""
 
     def __init__(self, store: RedisStore, connection: Connection, key: str, window_seconds: int) -> None:
         self.store = store
@@ -83,12 +87,9 @@ class PendingHit:
             # script call loads it again.
             self._give_back(connection)
             self.answer = self.store.hit(self.key, self.window_seconds)
-        except (redis.ConnectionError, redis.TimeoutError):
-            # As the client's own retry does, count again on a new connection: the hit may
-            # have been counted before the connection failed.
-            self._give_back(connection, broken=True)
-            self.answer = self.store.hit(self.key, self.window_seconds)
         except BaseException:
+            # Lost (a timeout, a broken connection) after the count may have reached Redis:
+            # failing, as `hit` does (the client retries nothing), rather than counting again.
             self._give_back(connection, broken=True)
             raise
         else:
@@ -138,7 +139,8 @@ class RedisStore:
         try:
             connection.send_command("EVALSHA", self._count.sha, 1, key, window_seconds)
         except (redis.ConnectionError, redis.TimeoutError):
-            # Nothing reached Redis: count through the client, with its retries.
+            # The command did not reach Redis whole, so it ran nothing: count through the
+            # client, on a new connection.
             connection.disconnect()
             pool.release(connection)
             return CountedHit(self.hit(key, window_seconds))

@@ -49,7 +49,7 @@ class RoleRateThrottle(BaseThrottle):
         key = rate_limit_key(user.pk)
         deferrable = getattr(view, "rate_limit_deferrable", None)
         if deferrable is not None and deferrable():
-            rate_limit_close(request)  # one count per request
+            rate_limit_close(request)  # a second check of one request must not hold two connections
             setattr(request._request, _PENDING, (store().hit_later(key, WINDOW_SECONDS), limit))
             return True
         count, reset = store().hit(key, WINDOW_SECONDS)

@@ -4,6 +4,7 @@ role, answered 429 with Retry-After and a problem body; counting is atomic."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ from django.test.utils import CaptureQueriesContext
 from orchestration.api.redis_store import store
 from orchestration.api.throttling import rate_limit_key
 from tests.api.conftest import make_caller
+from tests.fakes.relay import TcpRelay
 
 
 @pytest.fixture
@@ -113,15 +115,47 @@ def test_a_list_counts_once_after_redis_lost_its_scripts(callers, low_limits):
     assert int(_redis().get(rate_limit_key(callers["viewer"].user.pk))) == 2
 
 
-def test_a_list_counts_once_after_its_redis_connection_was_closed(callers, low_limits):
+def test_a_list_counts_once_after_redis_closed_its_connection(callers, low_limits):
     viewer = callers["viewer"].client
     assert viewer.get("/api/v1/events/").status_code == 200
-    killer = _redis()
-    assert killer.client_kill_filter(_type="normal", skipme=True) >= 1  # the API's pooled connection
+    direct = _redis()
+    pooled = store().client.connection_pool._available_connections
+    # The API pool's connections by their address, and no other client of the server.
+    addresses = [":".join(map(str, c._sock.getsockname())) for c in pooled if c._sock]
+    assert addresses
+    for address in addresses:
+        assert direct.client_kill(address)
     listed = viewer.get("/api/v1/events/")
     assert listed.status_code == 200
     assert listed["RateLimit-Remaining"] == "1"
-    assert int(killer.get(rate_limit_key(callers["viewer"].user.pk))) == 2
+    assert int(direct.get(rate_limit_key(callers["viewer"].user.pk))) == 2
+
+
+@pytest.fixture
+def redis_relay(settings, low_limits):
+    """The API's Redis reached through a TcpRelay that can lose a reply."""
+    url = urlsplit(django_settings.REDIS_URL)
+    relay = TcpRelay((url.hostname, url.port or 6379))
+    settings.REDIS_URL = urlunsplit(url._replace(netloc=f"127.0.0.1:{relay.port}"))
+    yield relay
+    relay.close()
+
+
+@pytest.mark.parametrize("path", ["/api/v1/events/", "/api/v1/me/"])
+def test_a_count_whose_reply_is_lost_fails_the_request_and_is_not_counted_again(callers, redis_relay, path):
+    """Deferred (a list) or not (GET /me), a count that reached Redis and whose reply was
+    lost fails the request, once: counting again would spend two of the window's requests."""
+    viewer = callers["viewer"].client
+    assert viewer.get(path).status_code == 200
+    redis_relay.drop_next_reply()
+    viewer.raise_request_exception = False
+    assert viewer.get(path).status_code == 500
+    assert redis_relay.dropped == 1
+    assert int(_redis().get(rate_limit_key(callers["viewer"].user.pk))) == 2
+    answered = viewer.get(path)
+    assert answered.status_code == 200
+    assert answered["RateLimit-Remaining"] == "0"
+    assert store().client.connection_pool._in_use_connections == set()
 
 
 def test_a_deferred_count_closed_unread_leaves_its_connection_in_step(db):
