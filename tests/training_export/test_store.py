@@ -323,6 +323,50 @@ def test_a_write_is_fsynced_with_the_directories_it_created(data_dir, monkeypatc
     assert synced == [str(path)]
 
 
+@pytest.fixture
+def fsynced(monkeypatch) -> list[str]:
+    """The paths fsynced from now on."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced
+
+
+def test_rows_found_already_written_are_fsynced_before_they_count_as_written(data_dir, fsynced):
+    """A writer that died between its write() and its fsync() left whole rows that only the
+    page cache holds. Another process that finds them must not take them for durable: its
+    caller acknowledges them as written on return."""
+    path = TrainingDataStore(data_dir).path("events", T0.date())
+    path.parent.mkdir(parents=True)
+    with path.open("w", encoding="utf-8", newline="") as dead_writer:  # never fsynced
+        dead_writer.write(EVENTS_HEADER)
+        dead_writer.write(f"ev-1,1,agent_started,task,t1,,a,,platform,info,{T0.isoformat()},{{}}\n")
+    fsynced.clear()
+
+    result = TrainingDataStore(data_dir).write_rows("events", T0.date(), [event_row("ev-1")])
+
+    assert (result.written, result.duplicates) == (0, 1)
+    assert str(path) in fsynced
+    assert str(path.parent) in fsynced  # the dead writer created the file: its directory entry too
+
+
+def test_a_batch_of_new_rows_into_a_file_another_writer_created_syncs_its_directory_once(data_dir, fsynced):
+    first, second = TrainingDataStore(data_dir), TrainingDataStore(data_dir)
+    path = first.write_rows("events", T0.date(), [event_row("ev-1")]).path
+    fsynced.clear()
+    second.write_rows("events", T0.date(), [event_row("ev-2")])
+    assert fsynced == [str(path), str(path.parent)]
+    fsynced.clear()
+    second.write_rows("events", T0.date(), [event_row("ev-3")])
+    second.write_rows("events", T0.date(), [event_row("ev-3")])  # its own row again
+    assert fsynced == [str(path), str(path)]
+
+
 def test_event_cells_are_written_as_the_same_bytes_as_event_rows(tmp_path: Path):
     """The consumer's path (text cells, one batch check) and write_rows agree byte for byte,
     redaction included."""

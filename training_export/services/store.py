@@ -390,7 +390,7 @@ class TrainingDataStore:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                state = self._catch_up(path, fd, schema)
+                state, first_look = self._catch_up(path, fd, schema)
                 new_file = state.end == 0
                 fresh_ids: set[str] = set()
                 fresh_lines = [_header_line(schema)] if new_file else []
@@ -409,7 +409,15 @@ class TrainingDataStore:
                     state.end += len(data)
                     state.seen |= fresh_ids
                     result.written = len(fresh_ids)
-                    if new_file:
+                    if new_file or first_look:
+                        fsync_dir(path.parent)
+                elif result.duplicates:
+                    # Rows already in the file may be another writer's that never reached its
+                    # fsync (it died in between; this process's own failed attempt, too), and
+                    # the caller acknowledges them on return: make them durable first, with
+                    # the file's directory entry when another writer created it.
+                    os.fsync(fd)
+                    if first_look:
                         fsync_dir(path.parent)
             except BaseException:
                 # The cached state may now claim rows that never reached the disk.
@@ -419,10 +427,13 @@ class TrainingDataStore:
                 os.close(fd)  # also releases the flock
         return result
 
-    def _catch_up(self, path: Path, fd: int, schema: Schema) -> _FileState:
+    def _catch_up(self, path: Path, fd: int, schema: Schema) -> tuple[_FileState, bool]:
+        """The file's state, with the rows others appended since this process last looked;
+        and whether this is the process's first look at the file (as it is now)."""
         stat = os.fstat(fd)
         state = self._files.get(path)
-        if state is None or (state.ino, state.dev) != (stat.st_ino, stat.st_dev) or state.end > stat.st_size:
+        first_look = state is None or (state.ino, state.dev) != (stat.st_ino, stat.st_dev) or state.end > stat.st_size
+        if first_look:
             state = _FileState(ino=stat.st_ino, dev=stat.st_dev)
         if state.end < stat.st_size:
             good_end = _scan(path, fd, state.end, stat.st_size, schema, state.seen)
@@ -439,7 +450,7 @@ class TrainingDataStore:
         self._files.move_to_end(path)
         while len(self._files) > self.max_cached_files:
             self._files.popitem(last=False)
-        return state
+        return state, first_look
 
 
 def _scan(path: Path, fd: int, start: int, size: int, schema: Schema, seen: set[str]) -> int:
