@@ -25,6 +25,7 @@ from tests.factories import AgentFactory, EventFactory, TaskExecutionFactory, Wo
 from training_export.models import ExportRun
 from training_export.services.export import (
     ExportError,
+    Window,
     WindowNotClosed,
     export_run,
     export_run_execute,
@@ -209,6 +210,36 @@ def test_a_transaction_open_since_before_the_window_end_keeps_the_window_open(db
             window_check_closed(late, now=late.end + dt.timedelta(hours=1))
         other.execute("ROLLBACK")
     window_check_closed(late, now=late.end + dt.timedelta(hours=1))
+
+
+def test_a_transaction_begun_just_after_the_window_end_keeps_the_window_open(db):
+    """A completion's time is taken before its transaction's first statement (and kept through
+    deadlock retries), on the application's clock: a transaction that began a little after the
+    window's end may still stamp a row inside it."""
+    dsn = connection.get_connection_params()
+    with psycopg.connect(
+        dbname=dsn["dbname"], host=dsn.get("host"), port=dsn.get("port"), user=dsn.get("user")
+    ) as other:
+        other.execute("BEGIN")
+        (began,) = other.execute("SELECT now()").fetchone()
+        just_before = Window(
+            start=began - dt.timedelta(days=1, seconds=5),
+            end=began - dt.timedelta(seconds=5),
+            first_day=began.date(),
+            last_day=began.date(),
+        )
+        long_before = Window(
+            start=began - dt.timedelta(days=1, minutes=5),
+            end=began - dt.timedelta(minutes=5),
+            first_day=began.date(),
+            last_day=began.date(),
+        )
+        later = began + dt.timedelta(hours=1)
+        with pytest.raises(WindowNotClosed, match="up to 60 s after it"):
+            window_check_closed(just_before, now=later)
+        window_check_closed(long_before, now=later)  # beyond STAMP_MARGIN: not a threat
+        other.execute("ROLLBACK")
+    window_check_closed(just_before, now=later)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -10,11 +10,14 @@ the window is [start_date 00:00, end_date + 1 day 00:00)). It writes, in
 
 Only closed windows are exported. A window is closed when its end lies at least
 TRAINING_EXPORT_SAFETY_LAG_SECONDS in the past and, on PostgreSQL, no transaction that began
-before its end is still open in this database. Rows carry the time their transaction started
-(`created_at` defaults to now(), the transaction start) or a time taken inside it, so a
-transaction that began after the end cannot add rows to the window, and one that began before
-it and commits late is waited for instead of missed. The check runs before the export's own
-snapshot is taken, so every such transaction has ended by then and is in the snapshot.
+before its end plus STAMP_MARGIN is still open in this database. Rows carry the time their
+transaction started (`created_at` defaults to now(), the transaction start) or a time the
+application took for it: just before its first statement, kept through the retries of a
+deadlock victim (under 2 s of backoff), on the application's clock, which may be a little off
+the database's. So a transaction that began more than STAMP_MARGIN after the end cannot add rows
+to the window, and one that began before that and commits late is waited for instead of missed.
+The check runs before the export's own snapshot is taken, so every such transaction has ended
+by then and is in the snapshot.
 (Sessions of other database roles are visible only with pg_read_all_stats; writers use the
 application's role.) SQLite serialises writers, so there the lag alone applies.
 
@@ -121,6 +124,12 @@ def format_for(data_type: str) -> str:
     return ExportRun.Format.CHAT_JSONL if data_type == CONVERSATIONS else ExportRun.Format.JSONL
 
 
+# How long after a window's end a transaction may begin and still stamp rows inside the window
+# (see the module doc): the application takes a completion's time before the transaction's first
+# statement and keeps it through deadlock retries, and its clock may be off the database's.
+STAMP_MARGIN = dt.timedelta(seconds=60)
+
+
 def window_check_closed(window: Window, *, now: dt.datetime | None = None) -> None:
     """Raise WindowNotClosed unless no row can still be added to the window (see module doc)."""
     now = now or timezone.now()
@@ -140,14 +149,15 @@ def window_check_closed(window: Window, *, now: dt.datetime | None = None) -> No
             "SELECT count(*), min(xact_start) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid() "
             "AND backend_type = 'client backend' AND xact_start < %s",
-            [window.end],
+            [window.end + STAMP_MARGIN],
         )
         open_count, oldest = cursor.fetchone()
     if open_count:
         raise WindowNotClosed(
             f"the window {window.start.isoformat()} .. {window.end.isoformat()} is not closed yet: {open_count} "
-            f"transaction(s) that began before its end (the oldest at {oldest.isoformat()}) are still open and "
-            "may still commit rows into it; try again when they have ended"
+            f"transaction(s) that began before its end or up to {STAMP_MARGIN.total_seconds():.0f} s after it "
+            f"(the oldest at {oldest.isoformat()}) are still open and may still commit rows into it; try again "
+            "when they have ended"
         )
 
 
