@@ -263,6 +263,10 @@ def _attempt_claim(
             transaction.on_commit(lambda: attempts_reaped(attempt_ids=[closed]))
         if not again:
             return Outcome.SKIPPED
+        # Between attempts now: the concurrency limit below must not count it as running,
+        # and if it defers, its next message must find it waiting, not running.
+        task.status = TaskExecution.Status.RETRYING
+        task.save(update_fields=["status"])
     elif task.status not in (TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING):
         return Outcome.SKIPPED
 
@@ -310,7 +314,7 @@ def _attempt_claim(
         running = TaskExecution.objects.filter(agent=agent, status=TaskExecution.Status.RUNNING).count()
         if running >= agent.max_concurrency:
             dispatch = dispatch_prepare(task, now=now, countdown=0.5 + random.uniform(0, 1.0), status=task.status)  # noqa: S311
-            task.save(update_fields=["celery_task_id"])  # queued_at stays: waiting is not a new queueing
+            task.save(update_fields=["status", "celery_task_id"])  # queued_at stays: waiting is not a new queueing
             dispatch_after_commit([dispatch])
             return Outcome.DEFERRED
         # The attempt starts now, once the limit admitted it: the wait for the agent row

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.reaper import attempts_reap
 from orchestration.services.workflows import workflow_cancel, workflow_submit
 from tests.engine import wait_for
@@ -200,7 +200,12 @@ def test_hard_timeout_kills_the_attempt_and_the_reaper_records_it(engine, settin
     assert events.count("task_timed_out") == 1 and events.count("task_retrying") == 1
 
 
-def test_sigkill_of_the_worker_process_mid_task_records_a_lost_attempt_and_completes(engine):
+@pytest.mark.parametrize("limited", [False, True], ids=["unlimited", "agent-concurrency-1"])
+def test_sigkill_of_the_worker_process_mid_task_records_a_lost_attempt_and_completes(engine, limited):
+    """With the agent limited to one running task, the redelivered message finds the lost
+    attempt's task still counted as running: it must not defer behind itself forever."""
+    if limited:
+        Agent.objects.filter(pk="sleep").update(max_concurrency=1)
     worker = engine(concurrency=1)
     wf = submit({"name": "victim", "agent": "sleep", "input": {"seconds": 4, "on_attempts": [1]}, "max_retries": 2})
     running_attempt(wf, "victim")

@@ -16,8 +16,8 @@ from django.utils import timezone
 
 from config.settings.base import check_visibility_timeout
 from orchestration.errors import TransitionError
-from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
-from orchestration.services.execution import Outcome, attempt_claim
+from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.services.execution import Claim, Outcome, attempt_claim
 from orchestration.services.reaper import queued_sweep
 from orchestration.services.workflows import task_cancel, task_retry, workflow_resume
 from tests.engine import flush_redis
@@ -245,6 +245,44 @@ def test_a_message_redelivered_in_a_loop_is_capped_by_the_attempts_recorded(db, 
         == Outcome.SKIPPED
     ), "a failed task records nothing more"
     assert len(attempts(wf, "poison")) == 3
+
+
+def test_a_redelivered_message_of_a_limited_agent_waits_for_another_task_and_then_runs(db, builtin_agents):
+    """The lost attempt's task is between attempts, not running: it neither counts against
+    its agent's limit nor is skipped as a duplicate when its deferred message arrives."""
+    Agent.objects.filter(pk="echo").update(max_concurrency=1)
+    wf = submit({"name": "x", "agent": "echo", "max_retries": 3}, {"name": "y", "agent": "echo"})
+    x, y = task(wf, "x"), task(wf, "y")
+    assert isinstance(attempt_claim(execution_id=x.execution_id, celery_task_id=x.celery_task_id, worker="w1@h"), Claim)
+    # x's worker dies; the broker redelivers x's message after y has taken the agent's only slot
+    Agent.objects.filter(pk="echo").update(max_concurrency=2)
+    y_claim = attempt_claim(execution_id=y.execution_id, celery_task_id=y.celery_task_id, worker="w2@h")
+    assert isinstance(y_claim, Claim)
+    Agent.objects.filter(pk="echo").update(max_concurrency=1)
+    redelivered = attempt_claim(
+        execution_id=x.execution_id, celery_task_id=x.celery_task_id, worker="w3@h", redelivered=True
+    )
+    assert redelivered == Outcome.DEFERRED
+    x.refresh_from_db()
+    assert (x.status, x.retry_count) == (T.RETRYING, 1)
+    assert [(a.status, a.cause) for a in attempts(wf, "x")] == [(A.LOST, "worker_lost")]
+    assert TaskExecution.objects.filter(agent_id="echo", status=T.RUNNING).count() == 1  # y alone
+    assert queued_sweep() == []  # its deferred message is on its way, not lost
+    # y finishes; x's deferred message then runs it
+    TaskExecution.objects.filter(pk=y.pk).update(status=T.COMPLETED)
+    again = attempt_claim(execution_id=x.execution_id, celery_task_id=x.celery_task_id, worker="w4@h")
+    assert isinstance(again, Claim) and again.attempt.attempt_number == 2
+
+
+def test_a_redelivered_message_of_an_agent_at_its_limit_does_not_wait_behind_itself(db, builtin_agents):
+    Agent.objects.filter(pk="echo").update(max_concurrency=1)
+    wf = submit({"name": "x", "agent": "echo", "max_retries": 3})
+    x = task(wf, "x")
+    attempt_claim(execution_id=x.execution_id, celery_task_id=x.celery_task_id, worker="w1@h")
+    again = attempt_claim(execution_id=x.execution_id, celery_task_id=x.celery_task_id, worker="w2@h", redelivered=True)
+    assert isinstance(again, Claim) and again.attempt.attempt_number == 2
+    x.refresh_from_db()
+    assert x.status == T.RUNNING
 
 
 def test_run_tasks_own_retry_closes_the_attempt_its_message_left_running_as_connection_lost(db, builtin_agents):
