@@ -116,8 +116,16 @@ def workflow_on_task_failed(task: TaskExecution, *, now: dt.datetime) -> None:
     if not workflow.continue_on_failure:
         workflow_fail(workflow, error=workflow.error or "", now=now, event_type=EventType.WORKFLOW_FAILED)
         return
+    workflow_skip_dependents(workflow, task, now=now)
+
+
+def workflow_skip_dependents(workflow: Workflow, task: TaskExecution, *, now: dt.datetime) -> None:
+    """In a workflow that continues on failure, after `task` ended without completing
+    (failed, timed out, cancelled): cancel every task that depends on it, directly or not
+    (they can never run), and finish the workflow if nothing is left to run (caller holds
+    the workflow lock)."""
     siblings = list(TaskExecution.objects.filter(workflow_id=workflow.workflow_id).only("task_name", "depends_on"))
-    blocked = _descendants(task.task_name, siblings)
+    blocked = task_descendants(task.task_name, siblings)
     if blocked:
         tasks_cancel(
             TaskExecution.objects.filter(workflow_id=workflow.workflow_id, task_name__in=blocked),
@@ -127,7 +135,8 @@ def workflow_on_task_failed(task: TaskExecution, *, now: dt.datetime) -> None:
     workflow_maybe_finish(workflow, now=now)
 
 
-def _descendants(name: str, tasks: list[TaskExecution]) -> set[str]:
+def task_descendants(name: str, tasks: list[TaskExecution]) -> set[str]:
+    """The names of the tasks (of `tasks`, one workflow's) that depend on `name`, directly or not."""
     children: dict[str, list[str]] = {}
     for t in tasks:
         for dep in t.depends_on:

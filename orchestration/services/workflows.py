@@ -14,7 +14,7 @@ from orchestration.models import TaskExecution, Workflow
 from orchestration.services import fastpath
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, tasks_queue
 from orchestration.services.events import task_event, task_event_build, workflow_event, workflow_event_build
-from orchestration.services.progress import tasks_cancel, workflow_fail
+from orchestration.services.progress import task_descendants, tasks_cancel, workflow_fail, workflow_skip_dependents
 from orchestration.services.specs import WorkflowSpec, spec_validate
 
 
@@ -112,8 +112,10 @@ def workflow_cancel(*, workflow_id: str, reason: str = "cancelled by user") -> W
 
 @transaction.atomic
 def task_cancel(*, execution_id: str, reason: str = "cancelled by user") -> TaskExecution:
-    """Cancel one task. In a workflow this ends the workflow as failed unless it continues on
-    failure (its dependents can never run)."""
+    """Cancel one task. In a workflow this cancels the workflow, unless it continues on
+    failure: then the task's dependents, which can never run, are cancelled with it and the
+    workflow finishes once nothing is left to run (completed when no task failed: a cancelled
+    task is not a failure)."""
     task = TaskExecution.objects.select_for_update().get(pk=execution_id)
     if task.is_terminal:
         raise TransitionError(f"task {execution_id} is {task.status}; it cannot be cancelled")
@@ -128,6 +130,9 @@ def task_cancel(*, execution_id: str, reason: str = "cancelled by user") -> Task
                 now=now,
                 event_type=EventType.WORKFLOW_CANCELLED,
             )
+        elif workflow.status == Workflow.Status.RUNNING:
+            task.status = TaskExecution.Status.CANCELLED
+            workflow_skip_dependents(workflow, task, now=now)
     else:
         tasks_cancel(TaskExecution.objects.filter(pk=task.pk), reason=reason, now=now)
     task.refresh_from_db()
@@ -171,7 +176,10 @@ def workflow_resume(*, workflow_id: str) -> Workflow:
 
 @transaction.atomic
 def task_retry(*, execution_id: str) -> TaskExecution:
-    """Retry one failed, timed-out or cancelled task (and resume its workflow if it failed)."""
+    """Retry one failed, timed-out or cancelled task (and resume its workflow if it failed).
+    In a workflow still running (it continues on failure), the tasks cancelled because this
+    one failed are made pending again, to run after it; one that also waits on another
+    failed or cancelled task stays cancelled."""
     task = TaskExecution.objects.select_for_update().get(pk=execution_id)
     if task.status not in (TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT, TaskExecution.Status.CANCELLED):
         raise TransitionError(f"task {execution_id} is {task.status}; only a failed or cancelled task is retried")
@@ -188,9 +196,43 @@ def task_retry(*, execution_id: str) -> TaskExecution:
         )
         if not set(task.depends_on) <= done:
             raise SpecError([f"task {task.task_name} depends on unfinished tasks; resume the workflow instead"])
-        counter = "cancelled_steps" if task.status == TaskExecution.Status.CANCELLED else "failed_steps"
-        Workflow.objects.filter(pk=workflow.pk).update(**{counter: F(counter) - 1})
+        revived = _dependents_to_revive(workflow, task)
+        uncancelled = len(revived) + (task.status == TaskExecution.Status.CANCELLED)
+        changes: dict[str, Any] = {"cancelled_steps": F("cancelled_steps") - uncancelled}
+        if task.status != TaskExecution.Status.CANCELLED:
+            changes["failed_steps"] = F("failed_steps") - 1
+        Workflow.objects.filter(pk=workflow.pk).update(**changes)
+        for dependent in revived:
+            _task_reset(dependent)
+            task_event(
+                dependent, EventType.TASK_RETRYING, payload={"reason": f"upstream task {task.task_name} retried"}
+            )
     _task_reset(task)
     task_event(task, EventType.TASK_RETRYING, payload={"reason": "retried by user"})
     tasks_queue([task], now=timezone.now())
     return task
+
+
+def _dependents_to_revive(workflow: Workflow, task: TaskExecution) -> list[TaskExecution]:
+    """The cancelled tasks downstream of `task` (retried in its running workflow) that can run
+    again once it completes: those cancelled because it failed, as the workflow went on with
+    its other branches. One that also waits on another failed or cancelled task stays
+    cancelled (it still cannot run), like whatever waits on it."""
+    siblings = list(TaskExecution.objects.select_for_update().filter(workflow=workflow).order_by("execution_id"))
+    downstream = task_descendants(task.task_name, siblings)
+    by_name = {sibling.task_name: sibling for sibling in siblings}
+    dead = {TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT, TaskExecution.Status.CANCELLED}
+    able = {task.task_name}  # will run again
+    revived: list[TaskExecution] = []
+    changed = True
+    while changed:  # in dependency order, whatever the order of the rows
+        changed = False
+        for name in sorted(downstream - able):
+            sibling = by_name[name]
+            if sibling.status != TaskExecution.Status.CANCELLED:
+                continue
+            if all(dep in able or by_name[dep].status not in dead for dep in sibling.depends_on):
+                able.add(name)
+                revived.append(sibling)
+                changed = True
+    return revived

@@ -17,7 +17,7 @@ from django.utils import timezone
 from config.settings.base import check_visibility_timeout
 from orchestration.errors import TransitionError
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
-from orchestration.services.execution import Claim, Outcome, attempt_claim
+from orchestration.services.execution import Claim, Outcome, attempt_claim, attempt_run
 from orchestration.services.reaper import queued_sweep
 from orchestration.services.workflows import task_cancel, task_retry, workflow_resume
 from tests.engine import flush_redis
@@ -96,6 +96,78 @@ def test_cancelling_a_running_task_fails_its_workflow_and_records_the_attempt(en
     assert task(wf, "other").status == T.CANCELLED
     with pytest.raises(TransitionError, match="cannot be cancelled"):
         task_cancel(execution_id=attempt.execution_id)
+
+
+def _run(workflow: Workflow, name: str) -> Outcome:
+    t = task(workflow, name)
+    return attempt_run(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w@h")
+
+
+def _statuses(workflow: Workflow) -> dict[str, str]:
+    return dict(TaskExecution.objects.filter(workflow=workflow).values_list("task_name", "status"))
+
+
+def test_cancelling_the_last_task_of_a_workflow_that_continues_on_failure_finishes_it(db, builtin_agents):
+    wf = submit({"name": "a", "agent": "echo"}, {"name": "b", "agent": "echo"}, continue_on_failure=True)
+    assert _run(wf, "b") == Outcome.SUCCEEDED
+    task_cancel(execution_id=task(wf, "a").execution_id, reason="not needed")
+    wf.refresh_from_db()
+    assert _statuses(wf) == {"a": T.CANCELLED, "b": T.COMPLETED}
+    assert (wf.status, wf.completed_steps, wf.failed_steps, wf.cancelled_steps) == (Workflow.Status.COMPLETED, 1, 0, 1)
+    assert (
+        list(
+            Event.objects.filter(workflow_id=wf.pk, event_type__startswith="workflow_").values_list(
+                "event_type", flat=True
+            )
+        )[-1]
+        == "workflow_completed"
+    )
+
+
+def test_cancelling_a_task_of_a_workflow_that_continues_on_failure_cancels_its_dependents(db, builtin_agents):
+    wf = submit(
+        {"name": "a", "agent": "echo"},
+        {"name": "b", "agent": "echo", "depends_on": ["a"]},
+        {"name": "c", "agent": "echo", "depends_on": ["b"]},
+        {"name": "d", "agent": "echo"},
+        continue_on_failure=True,
+    )
+    task_cancel(execution_id=task(wf, "a").execution_id, reason="not needed")
+    wf.refresh_from_db()
+    assert _statuses(wf) == {"a": T.CANCELLED, "b": T.CANCELLED, "c": T.CANCELLED, "d": T.QUEUED}
+    assert task(wf, "b").error == "upstream task a cancelled"
+    assert (wf.status, wf.cancelled_steps) == (Workflow.Status.RUNNING, 3)
+    assert _run(wf, "d") == Outcome.SUCCEEDED
+    wf.refresh_from_db()
+    assert (wf.status, wf.completed_steps, wf.cancelled_steps) == (Workflow.Status.COMPLETED, 1, 3)
+
+
+def test_retrying_a_failed_task_of_a_running_workflow_brings_back_what_its_failure_cancelled(db, builtin_agents):
+    wf = submit(
+        {"name": "a", "agent": "flaky", "input": {"fail_times": 1}, "max_retries": 0},
+        {"name": "b", "agent": "echo", "depends_on": ["a"]},
+        {"name": "c", "agent": "echo", "depends_on": ["b", "z"]},  # z fails too: c cannot run
+        {"name": "z", "agent": "fail", "input": {"retryable": False}},
+        {"name": "d", "agent": "sleep", "input": {"seconds": 0}},
+        continue_on_failure=True,
+    )
+    assert _run(wf, "a") == Outcome.FAILED
+    assert _run(wf, "z") == Outcome.FAILED
+    wf.refresh_from_db()
+    assert _statuses(wf) == {"a": T.FAILED, "b": T.CANCELLED, "c": T.CANCELLED, "z": T.FAILED, "d": T.QUEUED}
+    assert (wf.failed_steps, wf.cancelled_steps) == (2, 2)
+
+    task_retry(execution_id=task(wf, "a").execution_id)
+    wf.refresh_from_db()
+    assert _statuses(wf) == {"a": T.QUEUED, "b": T.PENDING, "c": T.CANCELLED, "z": T.FAILED, "d": T.QUEUED}
+    assert (wf.failed_steps, wf.cancelled_steps) == (1, 1)
+    assert _run(wf, "a") == Outcome.SUCCEEDED
+    assert task(wf, "b").status == T.QUEUED
+    assert _run(wf, "b") == Outcome.SUCCEEDED
+    assert _run(wf, "d") == Outcome.SUCCEEDED
+    wf.refresh_from_db()
+    assert _statuses(wf) == {"a": T.COMPLETED, "b": T.COMPLETED, "c": T.CANCELLED, "z": T.FAILED, "d": T.COMPLETED}
+    assert (wf.status, wf.completed_steps, wf.failed_steps, wf.cancelled_steps) == (Workflow.Status.FAILED, 3, 1, 1)
 
 
 def test_a_task_queued_past_the_queue_timeout_never_starts(db, builtin_agents, settings):
