@@ -264,9 +264,12 @@ def _attempt_claim(
         if not again:
             return Outcome.SKIPPED
         # Between attempts now: the concurrency limit below must not count it as running,
-        # and if it defers, its next message must find it waiting, not running.
+        # and if it defers, its next message must find it waiting, not running. Its message
+        # is back in the queue as of now, as a retry's new message would be: the queue
+        # timeout counts from here, not from its first queueing (the lost attempt ran since).
         task.status = TaskExecution.Status.RETRYING
-        task.save(update_fields=["status"])
+        task.queued_at = now
+        task.save(update_fields=["status", "queued_at"])
     elif task.status not in (TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING):
         return Outcome.SKIPPED
 

@@ -139,9 +139,10 @@ SELECT task.workflow_id, task.task_name, workflow.status, workflow.remaining,
 # transaction of SUCCEED_SQL (BEGIN and COMMIT are two more round trips).
 # When the workflow row was updated meanwhile, PostgreSQL re-checks the counters on its new
 # version, but the NOT EXISTS (pending) subquery keeps the statement's snapshot: sound because
-# nothing makes a task pending while another attempt of the workflow runs (submit and resume
-# happen with none running; a retry queues its task in the transaction that makes it pending),
-# the same fact SUCCEED_SQL's own pending check rests on.
+# a task made pending while another attempt of the workflow runs never waits on that attempt's
+# task (submit and resume happen with none running; a retry queues its task in the transaction
+# that makes it pending, and the dependents it makes pending again wait on that task, whose
+# completion starts after that commit), the same fact SUCCEED_SQL's own pending check rests on.
 SUCCEED_ALONE_SQL = f"""
 WITH locked AS (
     SELECT a.id, a.execution_id, a.attempt_number FROM task_attempts a
@@ -366,7 +367,7 @@ def succeed(completion: Completion) -> tuple[str | None, str, str | None, bool] 
     workflow status, whether the workflow must be advanced). Advancing (queueing dependents,
     finishing) is needed only if some task is pending or no task remains unfinished; the
     counters come from the locked, current workflow row, and "no task pending" read from the
-    statement's snapshot stays true (pending tasks are only created at submit and resume)."""
+    statement's snapshot stays true for this task's dependents (see SUCCEED_ALONE_SQL's note)."""
     if connection.vendor != "postgresql":
         return None
     rows = execute_prepared(

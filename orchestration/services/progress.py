@@ -129,10 +129,19 @@ def workflow_skip_dependents(workflow: Workflow, task: TaskExecution, *, now: dt
     if blocked:
         tasks_cancel(
             TaskExecution.objects.filter(workflow_id=workflow.workflow_id, task_name__in=blocked),
-            reason=f"upstream task {task.task_name} {task.status}",
+            reason=f"{UPSTREAM_CANCEL_PREFIX}{task.task_name} {task.status}",
             now=now,
         )
     workflow_maybe_finish(workflow, now=now)
+
+
+# The reason recorded on tasks cancelled because a task they depend on did not complete
+# (task_retry brings those back, not tasks a user cancelled).
+UPSTREAM_CANCEL_PREFIX = "upstream task "
+
+
+def upstream_cancel_reason(error: str | None) -> bool:
+    return bool(error) and error.startswith(UPSTREAM_CANCEL_PREFIX)
 
 
 def task_descendants(name: str, tasks: list[TaskExecution]) -> set[str]:
@@ -159,22 +168,31 @@ def workflow_maybe_finish(workflow: Workflow, *, now: dt.datetime) -> None:
     unfinished = [s for s in TaskExecution.Status.values if s not in TERMINAL]
     if TaskExecution.objects.filter(workflow_id=workflow.workflow_id, status__in=unfinished).exists():
         return
-    failed = TaskExecution.objects.filter(workflow_id=workflow.workflow_id, status__in=FAILED_TASK).exists()
-    workflow.status = Workflow.Status.FAILED if failed else Workflow.Status.COMPLETED
+    tasks = TaskExecution.objects.filter(workflow_id=workflow.workflow_id)
+    # Failed when a task failed; cancelled when, with none failed, a task was cancelled (a
+    # user's cancel in a workflow that continues on failure: it can be resumed); else completed.
+    if tasks.filter(status__in=FAILED_TASK).exists():
+        workflow.status, event_type, severity = Workflow.Status.FAILED, EventType.WORKFLOW_FAILED, Severity.ERROR
+    elif tasks.filter(status=TaskExecution.Status.CANCELLED).exists():
+        workflow.status, event_type, severity = (
+            Workflow.Status.CANCELLED,
+            EventType.WORKFLOW_CANCELLED,
+            Severity.WARNING,
+        )
+    else:
+        workflow.status, event_type, severity = Workflow.Status.COMPLETED, EventType.WORKFLOW_COMPLETED, Severity.INFO
     workflow.completed_at = now
     _record_results(workflow)
     workflow.save(update_fields=["status", "completed_at", "step_results", "checkpoints", "updated_at"])
-    workflow.refresh_from_db(fields=["duration_ms", "completed_steps", "failed_steps"])
-    workflow_event(
-        workflow,
-        EventType.WORKFLOW_FAILED if failed else EventType.WORKFLOW_COMPLETED,
-        payload={
-            "completed_steps": workflow.completed_steps,
-            "failed_steps": workflow.failed_steps,
-            "duration_ms": workflow.duration_ms,
-        },
-        severity=Severity.ERROR if failed else Severity.INFO,
-    )
+    workflow.refresh_from_db(fields=["duration_ms", "completed_steps", "failed_steps", "cancelled_steps"])
+    payload = {
+        "completed_steps": workflow.completed_steps,
+        "failed_steps": workflow.failed_steps,
+        "duration_ms": workflow.duration_ms,
+    }
+    if workflow.status == Workflow.Status.CANCELLED:
+        payload["cancelled_steps"] = workflow.cancelled_steps
+    workflow_event(workflow, event_type, payload=payload, severity=severity)
 
 
 def _record_results(workflow: Workflow) -> None:

@@ -14,7 +14,13 @@ from orchestration.models import TaskExecution, Workflow
 from orchestration.services import fastpath
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, tasks_queue
 from orchestration.services.events import task_event, task_event_build, workflow_event, workflow_event_build
-from orchestration.services.progress import task_descendants, tasks_cancel, workflow_fail, workflow_skip_dependents
+from orchestration.services.progress import (
+    task_descendants,
+    tasks_cancel,
+    upstream_cancel_reason,
+    workflow_fail,
+    workflow_skip_dependents,
+)
 from orchestration.services.specs import WorkflowSpec, spec_validate
 
 
@@ -114,8 +120,8 @@ def workflow_cancel(*, workflow_id: str, reason: str = "cancelled by user") -> W
 def task_cancel(*, execution_id: str, reason: str = "cancelled by user") -> TaskExecution:
     """Cancel one task. In a workflow this cancels the workflow, unless it continues on
     failure: then the task's dependents, which can never run, are cancelled with it and the
-    workflow finishes once nothing is left to run (completed when no task failed: a cancelled
-    task is not a failure)."""
+    workflow finishes once nothing is left to run (failed if a task failed, else cancelled:
+    resuming it runs the cancelled tasks)."""
     task = TaskExecution.objects.select_for_update().get(pk=execution_id)
     if task.is_terminal:
         raise TransitionError(f"task {execution_id} is {task.status}; it cannot be cancelled")
@@ -179,7 +185,7 @@ def task_retry(*, execution_id: str) -> TaskExecution:
     """Retry one failed, timed-out or cancelled task (and resume its workflow if it failed).
     In a workflow still running (it continues on failure), the tasks cancelled because this
     one failed are made pending again, to run after it; one that also waits on another
-    failed or cancelled task stays cancelled."""
+    failed or cancelled task stays cancelled, as does one a user cancelled on its own."""
     task = TaskExecution.objects.select_for_update().get(pk=execution_id)
     if task.status not in (TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT, TaskExecution.Status.CANCELLED):
         raise TransitionError(f"task {execution_id} is {task.status}; only a failed or cancelled task is retried")
@@ -218,21 +224,29 @@ def _dependents_to_revive(workflow: Workflow, task: TaskExecution) -> list[TaskE
     again once it completes: those cancelled because it failed, as the workflow went on with
     its other branches. One that also waits on another failed or cancelled task stays
     cancelled (it still cannot run), like whatever waits on it."""
-    siblings = list(TaskExecution.objects.select_for_update().filter(workflow=workflow).order_by("execution_id"))
+    # Read without locks: the running tasks are locked by their attempts, which lock the
+    # workflow row after their task row (the other order here would deadlock with them). Only
+    # the rows changed, cancelled and so out of every attempt's reach, are locked, below.
+    siblings = list(TaskExecution.objects.filter(workflow=workflow).only("task_name", "depends_on", "status", "error"))
     downstream = task_descendants(task.task_name, siblings)
     by_name = {sibling.task_name: sibling for sibling in siblings}
     dead = {TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT, TaskExecution.Status.CANCELLED}
     able = {task.task_name}  # will run again
-    revived: list[TaskExecution] = []
+    names: list[str] = []
     changed = True
     while changed:  # in dependency order, whatever the order of the rows
         changed = False
         for name in sorted(downstream - able):
             sibling = by_name[name]
-            if sibling.status != TaskExecution.Status.CANCELLED:
+            # Cancelled as a consequence of an upstream task, not on its own (a user's cancel).
+            if sibling.status != TaskExecution.Status.CANCELLED or not upstream_cancel_reason(sibling.error):
                 continue
             if all(dep in able or by_name[dep].status not in dead for dep in sibling.depends_on):
                 able.add(name)
-                revived.append(sibling)
+                names.append(name)
                 changed = True
-    return revived
+    return list(
+        TaskExecution.objects.select_for_update()
+        .filter(workflow=workflow, task_name__in=names, status=TaskExecution.Status.CANCELLED)
+        .order_by("execution_id")
+    )

@@ -108,20 +108,21 @@ def _statuses(workflow: Workflow) -> dict[str, str]:
 
 
 def test_cancelling_the_last_task_of_a_workflow_that_continues_on_failure_finishes_it(db, builtin_agents):
+    """Finished as cancelled (no task failed, one was cancelled), so that it can be resumed:
+    retrying the cancelled task runs it."""
     wf = submit({"name": "a", "agent": "echo"}, {"name": "b", "agent": "echo"}, continue_on_failure=True)
     assert _run(wf, "b") == Outcome.SUCCEEDED
     task_cancel(execution_id=task(wf, "a").execution_id, reason="not needed")
     wf.refresh_from_db()
     assert _statuses(wf) == {"a": T.CANCELLED, "b": T.COMPLETED}
-    assert (wf.status, wf.completed_steps, wf.failed_steps, wf.cancelled_steps) == (Workflow.Status.COMPLETED, 1, 0, 1)
-    assert (
-        list(
-            Event.objects.filter(workflow_id=wf.pk, event_type__startswith="workflow_").values_list(
-                "event_type", flat=True
-            )
-        )[-1]
-        == "workflow_completed"
-    )
+    assert (wf.status, wf.completed_steps, wf.failed_steps, wf.cancelled_steps) == (Workflow.Status.CANCELLED, 1, 0, 1)
+    workflow_events = Event.objects.filter(workflow_id=wf.pk, event_type__startswith="workflow_")
+    assert list(workflow_events.values_list("event_type", flat=True))[-1] == "workflow_cancelled"
+
+    task_retry(execution_id=task(wf, "a").execution_id)
+    assert _run(wf, "a") == Outcome.SUCCEEDED
+    wf.refresh_from_db()
+    assert (wf.status, wf.completed_steps, wf.cancelled_steps) == (Workflow.Status.COMPLETED, 2, 0)
 
 
 def test_cancelling_a_task_of_a_workflow_that_continues_on_failure_cancels_its_dependents(db, builtin_agents):
@@ -139,7 +140,7 @@ def test_cancelling_a_task_of_a_workflow_that_continues_on_failure_cancels_its_d
     assert (wf.status, wf.cancelled_steps) == (Workflow.Status.RUNNING, 3)
     assert _run(wf, "d") == Outcome.SUCCEEDED
     wf.refresh_from_db()
-    assert (wf.status, wf.completed_steps, wf.cancelled_steps) == (Workflow.Status.COMPLETED, 1, 3)
+    assert (wf.status, wf.completed_steps, wf.cancelled_steps) == (Workflow.Status.CANCELLED, 1, 3)
 
 
 def test_retrying_a_failed_task_of_a_running_workflow_brings_back_what_its_failure_cancelled(db, builtin_agents):
@@ -168,6 +169,88 @@ def test_retrying_a_failed_task_of_a_running_workflow_brings_back_what_its_failu
     wf.refresh_from_db()
     assert _statuses(wf) == {"a": T.COMPLETED, "b": T.COMPLETED, "c": T.CANCELLED, "z": T.FAILED, "d": T.COMPLETED}
     assert (wf.status, wf.completed_steps, wf.failed_steps, wf.cancelled_steps) == (Workflow.Status.FAILED, 3, 1, 1)
+
+
+def test_retrying_an_upstream_task_leaves_cancelled_a_dependent_a_user_cancelled(db, builtin_agents):
+    wf = submit(
+        {"name": "a", "agent": "flaky", "input": {"fail_times": 1}, "max_retries": 0},
+        {"name": "b", "agent": "echo", "depends_on": ["a"]},
+        {"name": "c", "agent": "echo", "depends_on": ["a"]},
+        {"name": "d", "agent": "sleep", "input": {"seconds": 0}},
+        continue_on_failure=True,
+    )
+    task_cancel(execution_id=task(wf, "b").execution_id, reason="not wanted")
+    assert _run(wf, "a") == Outcome.FAILED  # cancels c
+    task_retry(execution_id=task(wf, "a").execution_id)
+    wf.refresh_from_db()
+    assert _statuses(wf) == {"a": T.QUEUED, "b": T.CANCELLED, "c": T.PENDING, "d": T.QUEUED}
+    assert (wf.failed_steps, wf.cancelled_steps) == (0, 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_retry_and_a_sibling_attempt_failing_at_the_same_moment_both_go_through(builtin_agents, monkeypatch):
+    """The retry locks the workflow row, then the rows it revives; a sibling's failing
+    attempt locks its task row, then the workflow row. The retry must not lock the running
+    sibling's row (the two would deadlock, and the retry, a user's request, would fail)."""
+    import threading
+
+    from django.db import connection
+
+    from orchestration.services import execution
+
+    wf = submit(
+        {"name": "a", "agent": "flaky", "input": {"fail_times": 1}, "max_retries": 0},
+        {"name": "b", "agent": "echo", "depends_on": ["a"]},
+        {"name": "c", "agent": "echo", "max_retries": 0},
+        continue_on_failure=True,
+    )
+    assert _run(wf, "a") == Outcome.FAILED
+    c = task(wf, "c")
+    claim = attempt_claim(execution_id=c.execution_id, celery_task_id=c.celery_task_id, worker="w@h")
+    assert isinstance(claim, Claim)
+    holds_its_row = threading.Event()
+    real_add_usage = execution.workflow_add_usage
+
+    def slow_add_usage(*args, **kwargs):
+        holds_its_row.set()
+        time.sleep(0.5)  # c's task row is locked; the retry arrives meanwhile
+        return real_add_usage(*args, **kwargs)
+
+    monkeypatch.setattr(execution, "workflow_add_usage", slow_add_usage)
+    errors: list[BaseException] = []
+
+    def fail_c() -> None:
+        try:
+            execution.attempt_fail(attempt=claim.attempt, exc=RuntimeError("boom"), duration_ms=1.0, now=timezone.now())
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    sibling = threading.Thread(target=fail_c)
+    sibling.start()
+    assert holds_its_row.wait(5)
+    task_retry(execution_id=task(wf, "a").execution_id)
+    sibling.join(10)
+    assert errors == []
+    wf.refresh_from_db()
+    assert _statuses(wf) == {"a": T.QUEUED, "b": T.PENDING, "c": T.FAILED}
+    assert (wf.status, wf.failed_steps, wf.cancelled_steps) == (Workflow.Status.RUNNING, 1, 0)
+
+
+def test_a_redelivered_task_counts_its_queue_timeout_from_the_redelivery(db, builtin_agents, settings):
+    """It waited and ran for longer than the queue timeout before its worker died: it is
+    retried, not failed as if it had waited that long in the queue."""
+    settings.TASK_QUEUE_TIMEOUT_SECONDS = 3600
+    wf = submit({"name": "x", "agent": "echo", "max_retries": 3})
+    x = task(wf, "x")
+    claim = attempt_claim(execution_id=x.execution_id, celery_task_id=x.celery_task_id, worker="w1@h")
+    assert isinstance(claim, Claim)
+    TaskExecution.objects.filter(pk=x.pk).update(queued_at=timezone.now() - dt.timedelta(minutes=65))
+    TaskAttempt.objects.filter(pk=claim.attempt.pk).update(started_at=timezone.now() - dt.timedelta(minutes=15))
+    again = attempt_claim(execution_id=x.execution_id, celery_task_id=x.celery_task_id, worker="w2@h", redelivered=True)
+    assert isinstance(again, Claim) and again.attempt.attempt_number == 2
+    assert [(a.status, a.cause) for a in attempts(wf, "x")] == [(A.LOST, "worker_lost"), (A.RUNNING, None)]
 
 
 def test_a_task_queued_past_the_queue_timeout_never_starts(db, builtin_agents, settings):
