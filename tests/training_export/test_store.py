@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import errno
 import os
 from decimal import Decimal
 from pathlib import Path
@@ -353,6 +354,29 @@ def test_rows_found_already_written_are_fsynced_before_they_count_as_written(dat
     assert (result.written, result.duplicates) == (0, 1)
     assert str(path) in fsynced
     assert str(path.parent) in fsynced  # the dead writer created the file: its directory entry too
+
+
+def test_rows_whose_fsync_failed_are_written_again_by_the_retry(data_dir, monkeypatch):
+    """After a reported writeback error Linux marks the pages clean: a second fsync would
+    not write them, so the retry must not take the rows it finds in the page cache for
+    durable. They are cut off when the fsync fails, and the retry writes them again."""
+    store = TrainingDataStore(data_dir)
+    path = store.write_rows("events", T0.date(), [event_row("ev-0")]).path
+    real_fsync = os.fsync
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def fsync_failing_once(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_failing_once)
+    with pytest.raises(OSError):
+        store.write_rows("events", T0.date(), [event_row("ev-1"), event_row("ev-2")])
+    assert event_ids(path) == ["ev-0"]
+    result = store.write_rows("events", T0.date(), [event_row("ev-1"), event_row("ev-2")])
+    assert (result.written, result.duplicates) == (2, 0)
+    assert event_ids(path) == ["ev-0", "ev-1", "ev-2"]
 
 
 def test_a_batch_of_new_rows_into_a_file_another_writer_created_syncs_its_directory_once(data_dir, fsynced):

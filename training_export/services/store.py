@@ -18,6 +18,7 @@ fsync, so nothing acknowledged depends on it) is cut off before the next append.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import fcntl
@@ -388,6 +389,7 @@ class TrainingDataStore:
         with self._lock:
             makedirs_durable(path.parent)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            written_from: int | None = None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 state, first_look = self._catch_up(path, fd, schema)
@@ -404,6 +406,7 @@ class TrainingDataStore:
                 text = "".join(fresh_lines)
                 if text:
                     data = text.encode("utf-8")
+                    written_from = state.end
                     _write_all(fd, data)
                     os.fsync(fd)
                     state.end += len(data)
@@ -422,6 +425,14 @@ class TrainingDataStore:
             except BaseException:
                 # The cached state may now claim rows that never reached the disk.
                 self._files.pop(path, None)
+                if written_from is not None:
+                    # Rows of a short write or a failed fsync: after a reported writeback error
+                    # Linux marks their pages clean, so a later fsync would not write them, and
+                    # a retry would find them in the page cache and take them for durable. Cut
+                    # them off (the lock is still held: nobody appended after them); the retry
+                    # writes them again.
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, written_from)
                 raise
             finally:
                 os.close(fd)  # also releases the flock
