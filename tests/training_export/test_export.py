@@ -212,6 +212,17 @@ def test_a_transaction_open_since_before_the_window_end_keeps_the_window_open(db
     window_check_closed(late, now=late.end + dt.timedelta(hours=1))
 
 
+def test_a_window_is_not_closed_before_the_stamp_margin_has_passed_whatever_the_lag(db, settings):
+    """A transaction that may still stamp rows into the window can begin up to STAMP_MARGIN
+    after its end: before that it cannot be seen open, so the window cannot be closed."""
+    settings.TRAINING_EXPORT_SAFETY_LAG_SECONDS = 30
+    end = timezone.now().replace(microsecond=0)
+    window = Window(start=end - dt.timedelta(days=1), end=end, first_day=end.date(), last_day=end.date())
+    with pytest.raises(WindowNotClosed, match="at least 60 s"):
+        window_check_closed(window, now=end + dt.timedelta(seconds=40))
+    window_check_closed(window, now=end + dt.timedelta(seconds=61))
+
+
 def test_a_transaction_begun_just_after_the_window_end_keeps_the_window_open(db):
     """A completion's time is taken before its transaction's first statement (and kept through
     deadlock retries), on the application's clock: a transaction that began a little after the

@@ -120,8 +120,9 @@ class ExportRunViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixi
             "status `already_exported` and nothing is queued. A type whose window already waits for a worker "
             "(a pending run, also one an earlier or concurrent request queued) gets that run under `queued`; "
             "no second run is queued. A window is closed once its end lies "
-            "TRAINING_EXPORT_SAFETY_LAG_SECONDS in the past and no transaction that began before it is still "
-            "open; before that the answer is a 409 saying from when it can be exported."
+            "TRAINING_EXPORT_SAFETY_LAG_SECONDS (at least 60 s) in the past and no transaction that began "
+            "before it, or up to 60 s after it, is still open; before that the answer is a 409 saying from "
+            "when it can be exported."
         ),
         request=ExportRequestSerializer,
         examples=[

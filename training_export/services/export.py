@@ -133,12 +133,14 @@ STAMP_MARGIN = dt.timedelta(seconds=60)
 def window_check_closed(window: Window, *, now: dt.datetime | None = None) -> None:
     """Raise WindowNotClosed unless no row can still be added to the window (see module doc)."""
     now = now or timezone.now()
-    lag = dt.timedelta(seconds=settings.TRAINING_EXPORT_SAFETY_LAG_SECONDS)
+    # Never before STAMP_MARGIN has passed: a transaction that may still stamp rows into the
+    # window must have begun, to be seen below.
+    lag = max(dt.timedelta(seconds=settings.TRAINING_EXPORT_SAFETY_LAG_SECONDS), STAMP_MARGIN)
     if window.end > now - lag:
         raise WindowNotClosed(
             f"the window {window.start.isoformat()} .. {window.end.isoformat()} is not closed yet: it can be "
             f"exported from {(window.end + lag).isoformat()} (TRAINING_EXPORT_SAFETY_LAG_SECONDS="
-            f"{settings.TRAINING_EXPORT_SAFETY_LAG_SECONDS})"
+            f"{settings.TRAINING_EXPORT_SAFETY_LAG_SECONDS}, at least {STAMP_MARGIN.total_seconds():.0f} s)"
         )
     if connection.vendor != "postgresql":
         return
