@@ -17,7 +17,7 @@ from django.db import transaction
 from django.db.models import F
 
 from observability.metrics import tasks_cancelled_observe
-from orchestration.event_types import EventType, Severity
+from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services import fastpath
 from orchestration.services.dispatch import revoke_after_commit, tasks_queue
@@ -129,19 +129,26 @@ def workflow_skip_dependents(workflow: Workflow, task: TaskExecution, *, now: dt
     if blocked:
         tasks_cancel(
             TaskExecution.objects.filter(workflow_id=workflow.workflow_id, task_name__in=blocked),
-            reason=f"{UPSTREAM_CANCEL_PREFIX}{task.task_name} {task.status}",
+            reason=f"upstream task {task.task_name} {task.status}",
             now=now,
+            upstream=task.task_name,
         )
     workflow_maybe_finish(workflow, now=now)
 
 
-# The reason recorded on tasks cancelled because a task they depend on did not complete
-# (task_retry brings those back, not tasks a user cancelled).
-UPSTREAM_CANCEL_PREFIX = "upstream task "
-
-
-def upstream_cancel_reason(error: str | None) -> bool:
-    return bool(error) and error.startswith(UPSTREAM_CANCEL_PREFIX)
+def tasks_cancelled_for_upstream(tasks: list[TaskExecution]) -> list[TaskExecution]:
+    """Those of the cancelled `tasks` whose latest cancellation was for an upstream task that
+    did not complete (its task_cancelled event names it under `upstream`), not a cancel of
+    their own (a user's, whatever its reason says)."""
+    ids = [task.execution_id for task in tasks]
+    latest: dict[str, dict[str, Any]] = {}
+    for entity_id, payload in (
+        Event.objects.filter(entity_type=EntityType.TASK, entity_id__in=ids, event_type=EventType.TASK_CANCELLED)
+        .order_by("entity_id", "-sequence")
+        .values_list("entity_id", "payload")
+    ):
+        latest.setdefault(entity_id, payload or {})
+    return [task for task in tasks if latest.get(task.execution_id, {}).get("upstream")]
 
 
 def task_descendants(name: str, tasks: list[TaskExecution]) -> set[str]:
@@ -230,9 +237,11 @@ def workflow_fail(workflow: Workflow, *, error: str, now: dt.datetime, event_typ
     )
 
 
-def tasks_cancel(queryset: Any, *, reason: str, now: dt.datetime) -> int:
+def tasks_cancel(queryset: Any, *, reason: str, now: dt.datetime, upstream: str | None = None) -> int:
     """Cancel the non-terminal tasks of a queryset: their running attempts are recorded
-    cancelled, queued messages and running processes are revoked after commit."""
+    cancelled, queued messages and running processes are revoked after commit. `upstream`:
+    the task (name) they were cancelled for, which did not complete; their task_cancelled
+    events record it."""
     tasks = list(queryset.exclude(status__in=TERMINAL).select_for_update().order_by("execution_id"))
     if not tasks:
         return 0
@@ -261,7 +270,12 @@ def tasks_cancel(queryset: Any, *, reason: str, now: dt.datetime) -> int:
         task.completed_at = now
     TaskExecution.objects.bulk_update(tasks, ["status", "error", "completed_at"])
     Event.objects.bulk_create(
-        [task_event_build(t, EventType.TASK_CANCELLED, payload={"reason": reason}) for t in tasks]
+        [
+            task_event_build(
+                t, EventType.TASK_CANCELLED, payload={"reason": reason, **({"upstream": upstream} if upstream else {})}
+            )
+            for t in tasks
+        ]
     )
     revoke_after_commit(revoke, terminate=True)
     agent_ids = [t.agent_id for t in tasks]

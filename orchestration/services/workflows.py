@@ -17,7 +17,7 @@ from orchestration.services.events import task_event, task_event_build, workflow
 from orchestration.services.progress import (
     task_descendants,
     tasks_cancel,
-    upstream_cancel_reason,
+    tasks_cancelled_for_upstream,
     workflow_fail,
     workflow_skip_dependents,
 )
@@ -182,7 +182,8 @@ def workflow_resume(*, workflow_id: str) -> Workflow:
 
 @transaction.atomic
 def task_retry(*, execution_id: str) -> TaskExecution:
-    """Retry one failed, timed-out or cancelled task (and resume its workflow if it failed).
+    """Retry one failed, timed-out or cancelled task. If its workflow has ended (failed or
+    cancelled), this resumes the workflow, which reruns every task that did not complete.
     In a workflow still running (it continues on failure), the tasks cancelled because this
     one failed are made pending again, to run after it; one that also waits on another
     failed or cancelled task stays cancelled, as does one a user cancelled on its own."""
@@ -227,9 +228,16 @@ def _dependents_to_revive(workflow: Workflow, task: TaskExecution) -> list[TaskE
     # Read without locks: the running tasks are locked by their attempts, which lock the
     # workflow row after their task row (the other order here would deadlock with them). Only
     # the rows changed, cancelled and so out of every attempt's reach, are locked, below.
-    siblings = list(TaskExecution.objects.filter(workflow=workflow).only("task_name", "depends_on", "status", "error"))
+    siblings = list(TaskExecution.objects.filter(workflow=workflow).only("task_name", "depends_on", "status"))
     downstream = task_descendants(task.task_name, siblings)
     by_name = {sibling.task_name: sibling for sibling in siblings}
+    # Cancelled as a consequence of an upstream task, not on their own (a user's cancel).
+    revivable = {
+        sibling.task_name
+        for sibling in tasks_cancelled_for_upstream(
+            [by_name[name] for name in downstream if by_name[name].status == TaskExecution.Status.CANCELLED]
+        )
+    }
     dead = {TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT, TaskExecution.Status.CANCELLED}
     able = {task.task_name}  # will run again
     names: list[str] = []
@@ -238,8 +246,7 @@ def _dependents_to_revive(workflow: Workflow, task: TaskExecution) -> list[TaskE
         changed = False
         for name in sorted(downstream - able):
             sibling = by_name[name]
-            # Cancelled as a consequence of an upstream task, not on its own (a user's cancel).
-            if sibling.status != TaskExecution.Status.CANCELLED or not upstream_cancel_reason(sibling.error):
+            if name not in revivable:
                 continue
             if all(dep in able or by_name[dep].status not in dead for dep in sibling.depends_on):
                 able.add(name)

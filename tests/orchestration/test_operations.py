@@ -179,8 +179,11 @@ def test_retrying_an_upstream_task_leaves_cancelled_a_dependent_a_user_cancelled
         {"name": "d", "agent": "sleep", "input": {"seconds": 0}},
         continue_on_failure=True,
     )
-    task_cancel(execution_id=task(wf, "b").execution_id, reason="not wanted")
+    # Whatever the user's reason says, the record tells their cancel from an upstream one.
+    task_cancel(execution_id=task(wf, "b").execution_id, reason="upstream task a is not wanted")
     assert _run(wf, "a") == Outcome.FAILED  # cancels c
+    cancels = Event.objects.filter(event_type="task_cancelled", workflow_id=wf.pk).order_by("sequence")
+    assert [(e.payload["task_name"], e.payload.get("upstream")) for e in cancels] == [("b", None), ("c", "a")]
     task_retry(execution_id=task(wf, "a").execution_id)
     wf.refresh_from_db()
     assert _statuses(wf) == {"a": T.QUEUED, "b": T.CANCELLED, "c": T.PENDING, "d": T.QUEUED}
