@@ -379,6 +379,21 @@ def test_rows_whose_fsync_failed_are_written_again_by_the_retry(data_dir, monkey
     assert event_ids(path) == ["ev-0", "ev-1", "ev-2"]
 
 
+def test_a_failed_write_that_cannot_be_cut_off_is_reported(data_dir, monkeypatch, caplog):
+    store = TrainingDataStore(data_dir)
+    path = store.write_rows("events", T0.date(), [event_row("ev-0")]).path
+
+    def failing(*args: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    monkeypatch.setattr(os, "ftruncate", failing)
+    with caplog.at_level("ERROR", logger="training_export.services.store"), pytest.raises(OSError):
+        store.write_rows("events", T0.date(), [event_row("ev-1")])
+    assert f"{path}: writing 1 rows failed" in caplog.text
+    assert "they stay in the file" in caplog.text
+
+
 def test_a_batch_of_new_rows_into_a_file_another_writer_created_syncs_its_directory_once(data_dir, fsynced):
     first, second = TrainingDataStore(data_dir), TrainingDataStore(data_dir)
     path = first.write_rows("events", T0.date(), [event_row("ev-1")]).path

@@ -18,7 +18,6 @@ fsync, so nothing acknowledged depends on it) is cut off before the next append.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime as dt
 import fcntl
@@ -422,7 +421,7 @@ class TrainingDataStore:
                     os.fsync(fd)
                     if first_look:
                         fsync_dir(path.parent)
-            except BaseException:
+            except BaseException as exc:
                 # The cached state may now claim rows that never reached the disk.
                 self._files.pop(path, None)
                 if written_from is not None:
@@ -430,9 +429,21 @@ class TrainingDataStore:
                     # Linux marks their pages clean, so a later fsync would not write them, and
                     # a retry would find them in the page cache and take them for durable. Cut
                     # them off (the lock is still held: nobody appended after them); the retry
-                    # writes them again.
-                    with contextlib.suppress(OSError):
+                    # writes them again. Rows other writers left unsynced before them were
+                    # covered by the failed fsync too and are not cut (they may be another
+                    # writer's, synced and acknowledged): like any fsync error, this one is
+                    # logged for an operator, since it may have cost rows on disk.
+                    logger.error(
+                        "%s: writing %d rows failed; cutting them off to write them again", path, len(fresh_ids)
+                    )
+                    try:
                         os.ftruncate(fd, written_from)
+                    except OSError:
+                        logger.exception(
+                            "%s: cutting off the rows of a failed write failed: they stay in the file", path
+                        )
+                elif isinstance(exc, OSError):
+                    logger.error("%s: %s", path, exc)  # an fsync of rows found in the file, say
                 raise
             finally:
                 os.close(fd)  # also releases the flock
