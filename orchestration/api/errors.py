@@ -20,6 +20,7 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
 from orchestration.api.exceptions import Conflict, RequestTooLarge
+from orchestration.api.renderers import FastJSONRenderer
 from orchestration.errors import SpecError, TransitionError
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,11 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
     """DRF's EXCEPTION_HANDLER: every error, expected or not, as a problem document."""
     request = context.get("request")
     instance = request.get_full_path() if request is not None else ""
+    if request is not None:
+        # A problem document is JSON whatever the client asked for: the browsable API would
+        # render it as HTML under an application/problem+json Content-Type.
+        request.accepted_renderer = FastJSONRenderer()
+        request.accepted_media_type = PROBLEM_CONTENT_TYPE
     if isinstance(exc, SpecError):
         exc = exceptions.ValidationError({"spec": exc.problems})
         errors = [{"field": spec_field(p), "detail": p} for p in exc.detail["spec"]]

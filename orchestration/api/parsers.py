@@ -7,6 +7,7 @@ stream instead, so without this a body of any size would be parsed.
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 from django.conf import settings
@@ -17,8 +18,9 @@ from orchestration.api.exceptions import RequestTooLarge
 
 
 def unstorable_text(value: Any) -> str | None:
-    """Why a string in `value` cannot be stored in PostgreSQL (text and jsonb take neither
-    NUL characters nor unpaired UTF-16 surrogates), or None."""
+    """Why a value in `value` cannot be stored in PostgreSQL (text and jsonb take neither
+    NUL characters nor unpaired UTF-16 surrogates; jsonb no infinities, which a JSON number
+    too large for a float, 1e400, parses to), or None."""
     stack = [value]
     while stack:
         item = stack.pop()
@@ -29,6 +31,8 @@ def unstorable_text(value: Any) -> str | None:
                 item.encode("utf-8")
             except UnicodeEncodeError:
                 return "contains an unpaired UTF-16 surrogate"
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "contains a number out of range (JSON has no infinities)"
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())

@@ -49,6 +49,8 @@ def api_key_parse(key: str) -> tuple[str, str] | None:
     parts = key.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_SCHEME or len(parts[1]) != 8 or not parts[2]:
         return None
+    if parts[1].strip("0123456789abcdef"):
+        return None  # a prefix is token_hex(4): anything else (a NUL, say) is no key of ours
     return parts[1], parts[2]
 
 

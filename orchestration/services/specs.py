@@ -178,18 +178,28 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
     deadline = None
     if data.get("deadline") is not None:
         raw_deadline = data["deadline"]
-        parsed = parse_datetime(raw_deadline) if isinstance(raw_deadline, str) else None
+        try:
+            parsed = parse_datetime(raw_deadline) if isinstance(raw_deadline, str) else None
+        except ValueError:  # ISO 8601 in form, not a date (month 13, day 45)
+            parsed = None
         if isinstance(raw_deadline, dt.datetime):
             parsed = raw_deadline
         if parsed is None:
             problems.append(f"deadline must be an ISO 8601 date-time, got {raw_deadline!r}")
+        elif timezone.is_naive(parsed):
+            problems.append("deadline must include a time zone (e.g. 2026-01-01T12:00:00Z)")
         else:
-            if timezone.is_naive(parsed):
-                problems.append("deadline must include a time zone (e.g. 2026-01-01T12:00:00Z)")
-            elif parsed <= timezone.now():
-                problems.append(f"deadline {parsed.isoformat()} is in the past")
+            try:
+                # In UTC, as stored: 9999-12-31T23:59-10:00 is in year 10000, which
+                # PostgreSQL would store and Python could not read back.
+                parsed = parsed.astimezone(dt.UTC)
+            except OverflowError:
+                problems.append(f"deadline {raw_deadline!r} is out of range (after the year 9999 in UTC)")
             else:
-                deadline = parsed
+                if parsed <= timezone.now():
+                    problems.append(f"deadline {parsed.isoformat()} is in the past")
+                else:
+                    deadline = parsed
 
     tasks: list[TaskSpec] = []
     raw_tasks = data.get("tasks")
