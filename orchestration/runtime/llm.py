@@ -193,7 +193,9 @@ def _openai_turn(
 
 
 def _is_tool_call(call: Any) -> bool:
-    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(call, dict):
+        return False
+    function = call.get("function")
     return (
         isinstance(call.get("id"), str)
         and isinstance(function, dict)
@@ -336,6 +338,12 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
             answer = turn(agent, messages, tools, context)
         except AgentError as exc:
             raise _with_usage(exc, total + getattr(exc, "usage", Usage())) from None
+        except (Exception, SoftTimeLimitExceeded) as exc:
+            # The time limit (raised wherever the worker is, often while it waits for the
+            # model) or anything unexpected: the rounds paid so far go with it.
+            if total.tokens:
+                exc.usage = total  # type: ignore[attr-defined]
+            raise
         total.add(answer.usage)
         calls = answer.tool_calls
         # Calls of the caller's tools (input.tools) end the attempt: the caller runs them.

@@ -197,6 +197,10 @@ def agents_sync(*, directory: Path | None = None) -> SyncResult:
                 result.unchanged.append(agent_id)
                 continue
             else:
+                # A field the definition no longer sets goes back to its default (the table is
+                # the definition's copy, not a merge of every version of it).
+                for key in DEFINITION_FIELDS.keys() - fields.keys() - {"id"}:
+                    setattr(agent, key, Agent._meta.get_field(key).get_default())
                 for key, value in fields.items():
                     setattr(agent, key, value)
                 agent.save()

@@ -56,10 +56,17 @@ def _delete_in_batches(model: type[Model], condition: Q, *, batch: int = BATCH) 
     deleted: Counter[str] = Counter({model._meta.db_table: 0})
     while True:
         with transaction.atomic():
-            ids = list(model.objects.filter(condition).values_list("pk", flat=True)[:batch])
+            # Locked with the condition (re-checked by PostgreSQL on a row changed meanwhile;
+            # rows another transaction holds are left for the next run): a workflow resumed
+            # between this SELECT and the DELETE is no longer old and finished, and is kept.
+            ids = list(
+                model.objects.select_for_update(skip_locked=True, of=("self",))
+                .filter(condition)
+                .values_list("pk", flat=True)[:batch]
+            )
             if not ids:
                 return deleted
-            _, per_model = model.objects.filter(pk__in=ids).delete()
+            _, per_model = model.objects.filter(condition, pk__in=ids).delete()
         for label, rows in per_model.items():
             deleted[apps.get_model(label)._meta.db_table] += rows
         if len(ids) < batch:

@@ -8,7 +8,9 @@ in the period (completed, failed or timed out; cancelled ones never ran to an ou
 
 - tasks, success_rate and error_rate (percent), retries (sum of retry_count);
 - latency (average) and latency_p95 (percentile_cont) of execution_time_ms;
-- tokens, input_tokens, output_tokens, cost (all attempts of those tasks);
+- tokens, input_tokens, output_tokens, cost: of the attempts that ended in the period, each
+  attempt once, in the period it ended (a resumed task finishes twice; its spend does not
+  count twice, and summing the periods gives what was spent);
 - wasted_cost: the cost of the attempts that failed, timed out or were lost in the period.
 
 It then refreshes the agents' summary columns (all time) and reconciles the token and cost
@@ -43,10 +45,10 @@ METRICS = (
     ("retries", "count", "a.retries"),
     ("latency", "ms", "a.latency"),
     ("latency_p95", "ms", "p.v"),
-    ("tokens", "tokens", "a.tokens"),
-    ("input_tokens", "tokens", "a.input_tokens"),
-    ("output_tokens", "tokens", "a.output_tokens"),
-    ("cost", "usd", "a.cost"),
+    ("tokens", "tokens", "w.tokens"),
+    ("input_tokens", "tokens", "w.input_tokens"),
+    ("output_tokens", "tokens", "w.output_tokens"),
+    ("cost", "usd", "w.cost"),
     ("wasted_cost", "usd", "COALESCE(w.wasted, 0)"),
 )
 
@@ -95,18 +97,22 @@ def _rollup_sql(vendor: str) -> str:
                SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END) AS succeeded,
                SUM(CASE WHEN status <> 'completed' THEN 1 ELSE 0 END) AS errored,
                SUM(retry_count) AS retries,
-               AVG(execution_time_ms) AS latency,
-               SUM(tokens_used) AS tokens,
-               SUM(input_tokens) AS input_tokens,
-               SUM(output_tokens) AS output_tokens,
-               ROUND(SUM(cost_usd), {COST_PLACES}) AS cost
+               AVG(execution_time_ms) AS latency
         FROM finished GROUP BY agent_id
     ),
     p95 AS ({_P95[vendor]}),
     wasted AS (
-        SELECT t.agent_id, ROUND(SUM(ta.cost_usd), {COST_PLACES}) AS wasted
+        -- Spend is counted per attempt, in the period the attempt ended: every attempt once,
+        -- whatever became of its task (a resumed task finishes twice; its spend does not).
+        SELECT t.agent_id,
+               ROUND(SUM(CASE WHEN ta.status IN {WASTED_ATTEMPTS!r} THEN ta.cost_usd ELSE 0 END), {COST_PLACES})
+                   AS wasted,
+               SUM(ta.tokens_used) AS tokens,
+               SUM(ta.input_tokens) AS input_tokens,
+               SUM(ta.output_tokens) AS output_tokens,
+               ROUND(SUM(ta.cost_usd), {COST_PLACES}) AS cost
         FROM task_attempts ta JOIN task_executions t ON t.execution_id = ta.execution_id
-        WHERE ta.finished_at >= %(start)s AND ta.finished_at < %(end)s AND ta.status IN {WASTED_ATTEMPTS!r}
+        WHERE ta.finished_at >= %(start)s AND ta.finished_at < %(end)s
         GROUP BY t.agent_id
     ),
     agents_in_period AS (SELECT agent_id FROM agg UNION SELECT agent_id FROM wasted)
@@ -159,14 +165,15 @@ AGENTS_REFRESH_SQL = f"""
         average_latency_ms = s.latency,
         success_rate = s.success_rate
     FROM (
-        SELECT agent_id,
-               SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END) AS completed,
-               COALESCE(SUM(tokens_used), 0) AS tokens,
-               COALESCE(AVG(CASE WHEN status = 'completed' THEN execution_time_ms END), 0) AS latency,
-               CASE WHEN SUM(CASE WHEN status IN {FINISHED!r} THEN 1 ELSE 0 END) = 0 THEN 100.0
-                    ELSE 100.0 * SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END)
-                         / SUM(CASE WHEN status IN {FINISHED!r} THEN 1 ELSE 0 END) END AS success_rate
-        FROM task_executions GROUP BY agent_id
+        SELECT a.id AS agent_id,
+               SUM(CASE WHEN t.status = 'completed' THEN 1 ELSE 0 END) AS completed,
+               COALESCE(SUM(t.tokens_used), 0) AS tokens,
+               COALESCE(AVG(CASE WHEN t.status = 'completed' THEN t.execution_time_ms END), 0) AS latency,
+               CASE WHEN SUM(CASE WHEN t.status IN {FINISHED!r} THEN 1 ELSE 0 END) = 0 THEN 100.0
+                    ELSE 100.0 * SUM(CASE WHEN t.status = 'completed' THEN 1 ELSE 0 END)
+                         / SUM(CASE WHEN t.status IN {FINISHED!r} THEN 1 ELSE 0 END) END AS success_rate
+        -- every agent, so that one whose last tasks were pruned (retention) is reset too
+        FROM agents a LEFT JOIN task_executions t ON t.agent_id = a.id GROUP BY a.id
     ) s
     WHERE agents.id = s.agent_id
       AND (agents.total_tasks_completed <> s.completed OR agents.total_tokens_used <> s.tokens

@@ -87,14 +87,16 @@ def test_hourly_rollup_computes_each_metric_in_sql(activity):
         "retries": 1,
         "latency": 250.0,
         "latency_p95": pytest.approx(385.0),  # percentile_cont: 300 + 0.85 * (400 - 300)
-        "tokens": 40,
-        "input_tokens": 20,
-        "output_tokens": 20,
-        "cost": pytest.approx(0.05),
+        # spend: of the attempts that ended in the hour (the fixture's tasks carry tokens and
+        # cost without attempts, which the engine never writes; only the two failed tries count)
+        "tokens": 0,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "cost": pytest.approx(0.015),
         "wasted_cost": pytest.approx(0.015),
     }
-    assert metrics(other) == {"wasted_cost": 0.5}
-    assert result.metrics == len(values) + 1
+    assert metrics(other) == {"tokens": 0, "input_tokens": 0, "output_tokens": 0, "cost": 0.5, "wasted_cost": 0.5}
+    assert result.metrics == len(values) + 5
     unit = AgentMetric.objects.get(agent=agent, metric_type="latency_p95", period="hour", period_start=H)
     assert unit.metric_unit == "ms" and unit.context["tasks"] == 4
 

@@ -1,0 +1,292 @@
+"""Accounting at the edges: spend counted once across a resume, usage kept when a later model
+round fails, agent definitions applied whole, retention against a concurrent resume, agents'
+summaries once their tasks are pruned. (Each found by an audit and failing before its fix.)"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import signal
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+from django.core.management import call_command
+from django.db import DataError
+from django.db.models import Sum
+
+from orchestration.errors import PermanentError, TransitionError
+from orchestration.models import Agent, AgentMetric, TaskAttempt, TaskExecution, Workflow
+from orchestration.runtime.collaboration import equip
+from orchestration.runtime.context import AgentResult, TaskContext, Usage
+from orchestration.runtime.executors import agent_execute
+from orchestration.services.execution import attempt_claim, attempt_fail, attempt_succeed
+from orchestration.services.rollup import metrics_rollup
+from orchestration.services.workflows import workflow_resume
+from tests.factories import AgentFactory, WorkflowFactory
+from tests.fakes.servers import OpenAIServer, Reply
+
+KEY = "sk-test-" + "k3y" * 6
+H = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
+
+
+# --- 1. rollup: a resumed task's spend is counted again in the period it finishes again -------
+
+
+def _run_attempt(task: TaskExecution, *, start: dt.datetime, usage: Usage, fail: bool) -> None:
+    task.refresh_from_db()
+    claim = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w", now=start)
+    end = start + dt.timedelta(minutes=5)
+    if fail:
+        attempt_fail(attempt=claim.attempt, exc=PermanentError("bad"), duration_ms=1000, now=end, usage=usage)
+    else:
+        attempt_succeed(
+            attempt=claim.attempt, result=AgentResult(output={"ok": 1}, usage=usage), duration_ms=1000, now=end
+        )
+
+
+@pytest.mark.django_db
+def test_rollup_cost_and_tokens_add_up_across_periods_for_a_resumed_task():
+    agent = AgentFactory()
+    workflow = WorkflowFactory(status=Workflow.Status.RUNNING, started_at=H, total_steps=1)
+    task = TaskExecution.objects.create(
+        workflow=workflow,
+        agent=agent,
+        task_name="t",
+        status=TaskExecution.Status.QUEUED,
+        celery_task_id=str(uuid.uuid4()),
+        queued_at=H,
+        max_retries=0,
+    )
+    # hour H: the only attempt fails (paid 150 tokens, $0.01); the workflow fails
+    _run_attempt(task, start=H + dt.timedelta(minutes=10), usage=Usage(100, 50, Decimal("0.01")), fail=True)
+    assert Workflow.objects.get(pk=workflow.pk).status == Workflow.Status.FAILED
+    # the hourly beat rolls up hour H at H+1h05 (rollup_previous), before anyone resumes
+    metrics_rollup(period="hour", period_start=H, now=H + dt.timedelta(hours=1, minutes=5))
+    # two hours later an operator resumes it; the new attempt succeeds (paid 300 tokens, $0.02)
+    workflow_resume(workflow_id=workflow.pk)
+    _run_attempt(task, start=H + dt.timedelta(hours=2, minutes=10), usage=Usage(200, 100, Decimal("0.02")), fail=False)
+
+    paid = TaskAttempt.objects.filter(execution=task).aggregate(c=Sum("cost_usd"), t=Sum("tokens_used"))
+    assert (paid["c"], paid["t"]) == (Decimal("0.03"), 450)
+    for hour in (1, 2):  # and the later hours as they close
+        metrics_rollup(period="hour", period_start=H + dt.timedelta(hours=hour))
+    hourly = AgentMetric.objects.filter(agent=agent, period="hour")
+    cost = sum(m.metric_value for m in hourly.filter(metric_type="cost"))
+    tokens = sum(m.metric_value for m in hourly.filter(metric_type="tokens"))
+    # What was paid, once: summing the hourly (or daily) figures must give the spend.
+    assert (pytest.approx(cost), tokens) == (0.03, 450)
+
+
+# --- 2. llm executor: usage of paid rounds lost when a later round fails unexpectedly -----------
+
+
+@pytest.fixture
+def local_net(settings):
+    settings.AGENT_HTTP_ALLOW_PRIVATE = True
+    settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
+    return settings
+
+
+def _tool_agent(url: str) -> Agent:
+    return Agent.objects.create(
+        id="calc-llm-a4",
+        name="Calc",
+        executor=Agent.Executor.LLM,
+        provider="openai",
+        model="gpt-4o-mini",
+        url=f"{url}/v1",
+        api_key_env="TEST_LLM_KEY",
+        config={"tools": ["calculator"]},
+    )
+
+
+def _run(agent: Agent, task_input: dict):
+    context = TaskContext(
+        execution_id="exec-a4",
+        workflow_id=None,
+        task_name="t",
+        agent_id=agent.id,
+        attempt_number=1,
+        timeout_seconds=30,
+        upstream={},
+    )
+    return agent_execute(agent=agent, task_input=task_input, context=equip(context, agent))
+
+
+def _tool_round() -> dict:
+    call = {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "1"}'}}
+    return {
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5},
+    }
+
+
+@pytest.mark.django_db
+def test_malformed_tool_call_in_a_later_round_keeps_the_paid_usage(local_net, monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    bad = {
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": ["oops"]}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5},
+    }
+    with OpenAIServer(api_key=KEY) as server:
+        server.script(Reply(body=_tool_round()), Reply(body=bad))
+        with pytest.raises(Exception) as caught:
+            _run(_tool_agent(server.url), {"prompt": "go"})
+    assert isinstance(caught.value, PermanentError), "a malformed answer is a PermanentError naming tool_calls"
+    usage = caught.value.usage
+    assert (usage.input_tokens, usage.output_tokens) == (20, 10)
+
+
+@pytest.mark.django_db
+def test_soft_time_limit_during_a_later_model_request_keeps_the_paid_usage(local_net, monkeypatch):
+    """Celery's soft limit raises SoftTimeLimitExceeded wherever the worker is (here: waiting
+    for the model's second answer); the rounds already paid must go with it."""
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+
+    def soft_limit(signum, frame):
+        raise SoftTimeLimitExceeded()
+
+    previous = signal.signal(signal.SIGALRM, soft_limit)
+    try:
+        with OpenAIServer(api_key=KEY) as server:
+            server.script(Reply(body=_tool_round()), Reply(delay=3.0))
+            signal.setitimer(signal.ITIMER_REAL, 1.0)
+            with pytest.raises(SoftTimeLimitExceeded) as caught:
+                _run(_tool_agent(server.url), {"prompt": "go"})
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(server.requests) == 2
+    usage = getattr(caught.value, "usage", None)
+    assert usage is not None and (usage.input_tokens, usage.output_tokens) == (10, 5)
+
+
+# --- 3. load_agents: a field removed from a definition keeps its old value -----------------------
+
+
+@pytest.mark.django_db
+def test_load_agents_clears_a_field_removed_from_the_definition(tmp_path: Path):
+    definition = {
+        "id": "limited",
+        "name": "Limited",
+        "executor": "python",
+        "entrypoint": "builtins.print",
+        "max_concurrency": 2,
+        "temperature": 1.5,
+        "description": "old text",
+    }
+    path = tmp_path / "limited.json"
+    path.write_text(json.dumps(definition))
+    call_command("load_agents", str(tmp_path), stdout=io.StringIO())
+    assert Agent.objects.get(pk="limited").max_concurrency == 2
+    for key in ("max_concurrency", "temperature", "description"):
+        del definition[key]
+    path.write_text(json.dumps(definition))
+    out = io.StringIO()
+    call_command("load_agents", str(tmp_path), stdout=out)
+    agent = Agent.objects.get(pk="limited")
+    assert (agent.max_concurrency, agent.temperature, agent.description) == (None, None, "")
+
+
+# --- 4. retention: a workflow resumed between retention's SELECT and DELETE is deleted -----------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retention_never_deletes_a_workflow_resumed_meanwhile(settings, monkeypatch):
+    import threading
+
+    from django.db import connection
+    from django.db.models.query import QuerySet
+    from django.utils import timezone
+
+    from orchestration.services import retention
+
+    settings.RETENTION_DAYS_WORKFLOWS = 30
+    settings.RETENTION_DAYS_EVENTS = 0
+    settings.RETENTION_DAYS_MESSAGES = 0
+    settings.RETENTION_DAYS_AGENT_METRICS = 0
+    settings.RETENTION_DAYS_EXPORT_RUNS = 0
+    old = timezone.now() - dt.timedelta(days=60)
+    agent = AgentFactory()
+    workflow = WorkflowFactory(status=Workflow.Status.FAILED, started_at=old, completed_at=old, total_steps=1)
+    TaskExecution.objects.create(
+        workflow=workflow, agent=agent, task_name="t", status=TaskExecution.Status.FAILED, completed_at=old
+    )
+    monkeypatch.setattr("orchestration.services.dispatch.dispatch_send", lambda dispatches: None)
+
+    resumed = []
+
+    def resume_elsewhere() -> None:
+        try:
+            workflow_resume(workflow_id=workflow.pk)  # an operator, on another connection
+            resumed.append(True)
+        except (Workflow.DoesNotExist, TransitionError):  # retention got there first: the workflow is gone
+            pass
+        finally:
+            connection.close()
+
+    original_delete = QuerySet.delete
+    fired = []
+    threads = []
+
+    def delete(self):
+        if self.model is Workflow and not fired:
+            fired.append(True)
+            thread = threading.Thread(target=resume_elsewhere)
+            thread.start()
+            thread.join(timeout=3)
+            threads.append(thread)
+        return original_delete(self)
+
+    monkeypatch.setattr(QuerySet, "delete", delete)
+    retention.retention_apply()
+    for thread in threads:
+        thread.join(timeout=10)
+    status = Workflow.objects.filter(pk=workflow.pk).values_list("status", flat=True).first()
+    # Either retention deleted the failed workflow and the resume found nothing, or the resume
+    # won and the (now running) workflow is kept: never a resumed workflow deleted.
+    assert not (resumed and status is None), "a running (resumed) workflow was deleted by retention"
+
+
+# --- 5. agents' summary columns: an agent whose tasks were all pruned keeps stale figures -------
+
+
+@pytest.mark.django_db
+def test_agent_summary_is_refreshed_when_its_last_tasks_are_gone():
+    agent = AgentFactory()
+    workflow = WorkflowFactory(status=Workflow.Status.COMPLETED, started_at=H, completed_at=H)
+    TaskExecution.objects.create(
+        workflow=workflow,
+        agent=agent,
+        task_name="t",
+        status="completed",
+        completed_at=H,
+        execution_time_ms=100,
+        tokens_used=10,
+        input_tokens=5,
+        output_tokens=5,
+    )
+    metrics_rollup(period="hour", period_start=H)
+    agent.refresh_from_db()
+    assert (agent.total_tasks_completed, agent.total_tokens_used) == (1, 10)
+    Workflow.objects.filter(pk=workflow.pk).delete()  # retention: tasks go with their workflow
+    metrics_rollup(period="hour", period_start=H + dt.timedelta(hours=1))
+    agent.refresh_from_db()
+    assert (agent.total_tasks_completed, agent.total_tokens_used) == (0, 0)
+
+
+@pytest.mark.django_db
+def test_load_agents_bad_file_leaves_nothing_half_written(tmp_path: Path):
+    good = {"id": "aaa", "name": "A", "executor": "python", "entrypoint": "builtins.print"}
+    bad = {"id": "zzz", "name": "N" * 150, "executor": "python", "entrypoint": "builtins.print"}
+    (tmp_path / "a.json").write_text(json.dumps(good))
+    (tmp_path / "z.json").write_text(json.dumps(bad))
+    with pytest.raises(DataError):  # the name is longer than its column
+        call_command("load_agents", str(tmp_path), stdout=io.StringIO())
+    assert not Agent.objects.filter(pk__in=["aaa", "zzz"]).exists()
