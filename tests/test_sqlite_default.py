@@ -168,3 +168,31 @@ def test_selectors_work_on_sqlite(ids: dict[str, Any]) -> None:
     stats = ids["stats"]
     assert (stats["total_tasks"], stats["avg_latency_ms"], stats["total_tokens"]) == (1, 12.5, 3)
     assert (Decimal(stats["total_cost_usd"]), stats["failed"], stats["success_rate"]) == (Decimal("0.0001"), 1, 50.0)
+
+
+IDEMPOTENT_REPLAY = """
+import json
+from django.contrib.auth import get_user_model
+from orchestration.models import Agent
+from orchestration.api.idempotency import workflow_submit_idempotent
+from orchestration.api.exceptions import Unprocessable
+Agent.objects.create(id="lite-001", name="Lite")
+owner = get_user_model().objects.create(username="u")
+body = {"name": "wf", "tasks": [{"name": "t", "agent": "lite-001"}]}
+first, _ = workflow_submit_idempotent(owner=owner, body=dict(body), header_key="k-1")
+again, created = workflow_submit_idempotent(owner=owner, body=dict(body), header_key="k-1")
+try:
+    workflow_submit_idempotent(owner=owner, body={**body, "name": "other"}, header_key="k-1")
+    other = "accepted"
+except Unprocessable:
+    other = "refused"
+print(json.dumps({"same": again.pk == first.pk, "created": created, "other": other}))
+"""
+
+
+def test_the_same_body_with_the_same_idempotency_key_is_a_replay_on_sqlite(tmp_path: Path) -> None:
+    """SQLite's JSON equality compares texts in the order the body came in: the replay check
+    must not depend on it (found in review)."""
+    sqlite_manage(tmp_path, "migrate", "--no-input")
+    out = sqlite_manage(tmp_path, "shell", "-c", IDEMPOTENT_REPLAY).stdout.strip().splitlines()[-1]
+    assert json.loads(out) == {"same": True, "created": False, "other": "refused"}

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from django.db import connections
 from rest_framework.exceptions import ValidationError
 
 from orchestration.api.exceptions import Conflict, Unprocessable
@@ -40,10 +41,17 @@ def replay(*, owner: Any, key: str, spec: dict[str, Any]) -> Workflow | None:
     existing = Workflow.objects.filter(owner=owner, idempotency_key=key).first()
     if existing is None:
         return None
-    # Compared by the database's JSON equality: the stored spec went through jsonb, which
-    # rewrites numbers (1e16 comes back as 10000000000000000, -0.0 as 0.0), so comparing
-    # texts would refuse a retry of the very same body.
-    if not Workflow.objects.filter(pk=existing.pk, spec=json.loads(canonical(spec))).exists():
+    body = json.loads(canonical(spec))
+    if connections[Workflow.objects.db].vendor == "postgresql":
+        # Compared by jsonb's equality: the stored spec went through jsonb, which rewrites
+        # numbers (1e16 comes back as 10000000000000000, -0.0 as 0.0), so comparing texts
+        # would refuse a retry of the very same body.
+        same = Workflow.objects.filter(pk=existing.pk, spec=body).exists()
+    else:
+        # SQLite keeps the text as written (its JSON equality is a text comparison, in
+        # whatever key order the body came in): the canonical texts are compared.
+        same = canonical(existing.spec) == canonical(body)
+    if not same:
         raise Unprocessable(
             f"Idempotency-Key {key!r} was already used for a different request body "
             f"(workflow {existing.workflow_id}); use a new key for a new workflow."

@@ -194,7 +194,7 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
                 # PostgreSQL would store and Python could not read back.
                 parsed = parsed.astimezone(dt.UTC)
             except OverflowError:
-                problems.append(f"deadline {raw_deadline!r} is out of range (after the year 9999 in UTC)")
+                problems.append(f"deadline {raw_deadline!r} is out of range (outside the years 1 to 9999 in UTC)")
             else:
                 if parsed <= timezone.now():
                     problems.append(f"deadline {parsed.isoformat()} is in the past")
