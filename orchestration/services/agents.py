@@ -93,6 +93,8 @@ def definition_load(path: Path, *, root: Path | None = None) -> dict[str, Any]:
             problems.append(f"{path}: {key}: unknown field")
         elif isinstance(value, bool) or not isinstance(value, expected):
             problems.append(f"{path}: {key}: wrong type {type(value).__name__}")
+        elif isinstance(value, str) and len(value) > (limit := _max_length(key)):
+            problems.append(f"{path}: {key}: {len(value)} characters; at most {limit}")
     for key in ("id", "name", "executor"):
         if not data.get(key):
             problems.append(f"{path}: {key}: required")
@@ -105,6 +107,11 @@ def definition_load(path: Path, *, root: Path | None = None) -> dict[str, Any]:
     if problems:
         raise SpecError(problems)
     return data
+
+
+def _max_length(key: str) -> float:
+    """The column's length limit for a text field of a definition (infinite for text)."""
+    return Agent._meta.get_field(key).max_length or float("inf")
 
 
 def executor_problems(data: dict[str, Any]) -> list[str]:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
-from django.core.management import call_command
-from django.db import DataError
+from django.core.management import CommandError, call_command
 from django.db.models import Sum
 
 from orchestration.errors import PermanentError, TransitionError
@@ -287,6 +286,6 @@ def test_load_agents_bad_file_leaves_nothing_half_written(tmp_path: Path):
     bad = {"id": "zzz", "name": "N" * 150, "executor": "python", "entrypoint": "builtins.print"}
     (tmp_path / "a.json").write_text(json.dumps(good))
     (tmp_path / "z.json").write_text(json.dumps(bad))
-    with pytest.raises(DataError):  # the name is longer than its column
+    with pytest.raises(CommandError, match=r"z.json: name: 150 characters; at most 100"):
         call_command("load_agents", str(tmp_path), stdout=io.StringIO())
     assert not Agent.objects.filter(pk__in=["aaa", "zzz"]).exists()
