@@ -1,34 +1,29 @@
-"""Accounting at the edges: spend counted once across a resume, usage kept when a later model
-round fails, agent definitions applied whole, retention against a concurrent resume, agents'
-summaries once their tasks are pruned. (Each found by an audit and failing before its fix.)"""
+"""Accounting at the edges: spend counted once across a resume, agent definitions applied
+whole, retention against a concurrent resume, agents' summaries once their tasks are pruned.
+(Each found by an audit and failing before its fix; the llm executor's usage on a failed later
+round is tested in test_agent_runtime.py.)"""
 
 from __future__ import annotations
 
 import datetime as dt
 import io
 import json
-import signal
 import uuid
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from celery.exceptions import SoftTimeLimitExceeded
 from django.core.management import CommandError, call_command
 from django.db.models import Sum
 
 from orchestration.errors import PermanentError, TransitionError
 from orchestration.models import Agent, AgentMetric, TaskAttempt, TaskExecution, Workflow
-from orchestration.runtime.collaboration import equip
-from orchestration.runtime.context import AgentResult, TaskContext, Usage
-from orchestration.runtime.executors import agent_execute
+from orchestration.runtime.context import AgentResult, Usage
 from orchestration.services.execution import attempt_claim, attempt_fail, attempt_succeed
 from orchestration.services.rollup import metrics_rollup
 from orchestration.services.workflows import workflow_resume
 from tests.factories import AgentFactory, WorkflowFactory
-from tests.fakes.servers import OpenAIServer, Reply
 
-KEY = "sk-test-" + "k3y" * 6
 H = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
 
 
@@ -78,92 +73,6 @@ def test_rollup_cost_and_tokens_add_up_across_periods_for_a_resumed_task():
     tokens = sum(m.metric_value for m in hourly.filter(metric_type="tokens"))
     # What was paid, once: summing the hourly (or daily) figures must give the spend.
     assert (pytest.approx(cost), tokens) == (0.03, 450)
-
-
-# --- 2. llm executor: usage of paid rounds lost when a later round fails unexpectedly -----------
-
-
-@pytest.fixture
-def local_net(settings):
-    settings.AGENT_HTTP_ALLOW_PRIVATE = True
-    settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
-    return settings
-
-
-def _tool_agent(url: str) -> Agent:
-    return Agent.objects.create(
-        id="calc-llm-a4",
-        name="Calc",
-        executor=Agent.Executor.LLM,
-        provider="openai",
-        model="gpt-4o-mini",
-        url=f"{url}/v1",
-        api_key_env="TEST_LLM_KEY",
-        config={"tools": ["calculator"]},
-    )
-
-
-def _run(agent: Agent, task_input: dict):
-    context = TaskContext(
-        execution_id="exec-a4",
-        workflow_id=None,
-        task_name="t",
-        agent_id=agent.id,
-        attempt_number=1,
-        timeout_seconds=30,
-        upstream={},
-    )
-    return agent_execute(agent=agent, task_input=task_input, context=equip(context, agent))
-
-
-def _tool_round() -> dict:
-    call = {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "1"}'}}
-    return {
-        "model": "gpt-4o-mini",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]}}],
-        "usage": {"prompt_tokens": 10, "completion_tokens": 5},
-    }
-
-
-@pytest.mark.django_db
-def test_malformed_tool_call_in_a_later_round_keeps_the_paid_usage(local_net, monkeypatch):
-    monkeypatch.setenv("TEST_LLM_KEY", KEY)
-    bad = {
-        "model": "gpt-4o-mini",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": ["oops"]}}],
-        "usage": {"prompt_tokens": 10, "completion_tokens": 5},
-    }
-    with OpenAIServer(api_key=KEY) as server:
-        server.script(Reply(body=_tool_round()), Reply(body=bad))
-        with pytest.raises(Exception) as caught:
-            _run(_tool_agent(server.url), {"prompt": "go"})
-    assert isinstance(caught.value, PermanentError), "a malformed answer is a PermanentError naming tool_calls"
-    usage = caught.value.usage
-    assert (usage.input_tokens, usage.output_tokens) == (20, 10)
-
-
-@pytest.mark.django_db
-def test_soft_time_limit_during_a_later_model_request_keeps_the_paid_usage(local_net, monkeypatch):
-    """Celery's soft limit raises SoftTimeLimitExceeded wherever the worker is (here: waiting
-    for the model's second answer); the rounds already paid must go with it."""
-    monkeypatch.setenv("TEST_LLM_KEY", KEY)
-
-    def soft_limit(signum, frame):
-        raise SoftTimeLimitExceeded()
-
-    previous = signal.signal(signal.SIGALRM, soft_limit)
-    try:
-        with OpenAIServer(api_key=KEY) as server:
-            server.script(Reply(body=_tool_round()), Reply(delay=3.0))
-            signal.setitimer(signal.ITIMER_REAL, 1.0)
-            with pytest.raises(SoftTimeLimitExceeded) as caught:
-                _run(_tool_agent(server.url), {"prompt": "go"})
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-    assert len(server.requests) == 2
-    usage = getattr(caught.value, "usage", None)
-    assert usage is not None and (usage.input_tokens, usage.output_tokens) == (10, 5)
 
 
 # --- 3. load_agents: a field removed from a definition keeps its old value -----------------------

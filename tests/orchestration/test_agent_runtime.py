@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 
 from orchestration.errors import PermanentError
 from orchestration.event_types import EventType
@@ -334,6 +336,38 @@ def test_a_transient_tool_failure_after_paid_rounds_carries_their_usage(local_ne
     with pytest.raises(RetryableError, match="backend busy") as caught:
         run(agent, {"prompt": "go"})
     assert (caught.value.usage.input_tokens, caught.value.usage.output_tokens) == (10, 5)
+
+
+@pytest.mark.django_db
+def test_a_malformed_tool_call_in_a_later_round_is_refused_with_the_paid_usage(local_net, openai):
+    bad = looping_tool_call()
+    bad["choices"][0]["message"]["tool_calls"] = ["oops"]
+    openai.script(Reply(body=looping_tool_call()), Reply(body=bad))
+    with pytest.raises(PermanentError) as caught:
+        run(tool_agent(openai.base_url), {"prompt": "go"})
+    assert (caught.value.usage.input_tokens, caught.value.usage.output_tokens) == (20, 10)
+
+
+@pytest.mark.django_db
+def test_a_soft_time_limit_during_a_later_model_request_carries_the_paid_usage(local_net, openai):
+    """Celery's soft limit raises SoftTimeLimitExceeded wherever the worker is (here: waiting
+    for the model's second answer); the rounds already paid must go with it."""
+
+    def soft_limit(signum: int, frame: object) -> None:
+        raise SoftTimeLimitExceeded()
+
+    previous = signal.signal(signal.SIGALRM, soft_limit)
+    try:
+        openai.script(Reply(body=looping_tool_call()), Reply(delay=3.0))
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        with pytest.raises(SoftTimeLimitExceeded) as caught:
+            run(tool_agent(openai.base_url), {"prompt": "go"})
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(openai.requests) == 2
+    usage = getattr(caught.value, "usage", None)
+    assert usage is not None and (usage.input_tokens, usage.output_tokens) == (10, 5)
 
 
 @pytest.mark.django_db

@@ -303,27 +303,6 @@ def test_naive_datetimes_and_unknown_columns_are_refused_before_any_write(data_d
     assert not data_dir.exists()
 
 
-def test_a_write_is_fsynced_with_the_directories_it_created(data_dir, monkeypatch):
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    path = store_agent_event(event_type="agent_started", event_id="ev-1", created_at=T0)
-
-    assert str(path) in synced
-    assert str(path.parent) in synced  # the new file's directory entry
-    assert str(data_dir) in synced  # the new events/ directory's entry
-    assert str(data_dir.parent) in synced  # the new training/ directory's entry
-
-    synced.clear()
-    store_agent_event(event_type="agent_started", event_id="ev-2", created_at=T0)
-    assert synced == [str(path)]
-
-
 @pytest.fixture
 def fsynced(monkeypatch) -> list[str]:
     """The paths fsynced from now on."""
@@ -336,6 +315,19 @@ def fsynced(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     return synced
+
+
+def test_a_write_is_fsynced_with_the_directories_it_created(data_dir, fsynced):
+    path = store_agent_event(event_type="agent_started", event_id="ev-1", created_at=T0)
+
+    assert str(path) in fsynced
+    assert str(path.parent) in fsynced  # the new file's directory entry
+    assert str(data_dir) in fsynced  # the new events/ directory's entry
+    assert str(data_dir.parent) in fsynced  # the new training/ directory's entry
+
+    fsynced.clear()
+    store_agent_event(event_type="agent_started", event_id="ev-2", created_at=T0)
+    assert fsynced == [str(path)]
 
 
 def test_rows_found_already_written_are_fsynced_before_they_count_as_written(data_dir, fsynced):
