@@ -9,11 +9,16 @@ refused by Redis for every entry the first one already added).
 The watermark trap: sequence values are taken when a row is inserted, not when its
 transaction commits, so a transaction that commits late leaves a temporary hole below rows
 that are already visible. The relay never publishes past a hole until it knows the hole
-is permanent (the inserting transaction rolled back). It remembers the first snapshot
-`xmax` at which it saw the hole; once the oldest running transaction (`xmin`) is at or past
-it, every transaction that could have filled the hole has ended, and a hole still empty
-is a rollback. A statement-level trigger makes each inserting transaction take its xid
-before it takes a sequence value (migration 0004), which this reasoning relies on.
+is permanent (the inserting transaction rolled back). When it first sees the hole it takes
+a transaction id of its own, above every id assigned until then; once the oldest running
+transaction (the snapshot's `xmin`) is at or past that id, every transaction that could have
+filled the hole has ended, and a hole still empty is a rollback. A statement-level trigger
+makes each inserting transaction take its xid before it takes a sequence value (migration
+0004), which this reasoning relies on.
+
+Not the snapshot's `xmax` in place of that id: `xmax` is the latest *completed* id + 1, and a
+running transaction whose id is above every completed one is in no snapshot's list of running
+ids, so `xmin` passes it while it still holds the hole.
 """
 
 from __future__ import annotations
@@ -74,20 +79,29 @@ def _stream_last_sequence(client: redis.Redis, stream: str) -> int:
     return int(last.split("-")[0])
 
 
-def _snapshot_bounds() -> tuple[int, int] | None:
+def _oldest_running_xid() -> int | None:
+    """The snapshot's xmin: every transaction id below it has ended."""
     if connection.vendor != "postgresql":
         return None  # SQLite serialises writers: no transaction can commit a lower sequence late
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, "
-            "pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
-        )
-        xmin, xmax = cursor.fetchone()
-    return int(xmin), int(xmax)
+        cursor.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+        return int(cursor.fetchone()[0])
+
+
+def _new_xid() -> int:
+    """A transaction id above every one assigned before this call: the relay's own, taken in
+    a transaction of its own (committed at once; it writes nothing). Inside an enclosing
+    transaction the id would be that transaction's, possibly older than the hole's."""
+    if connection.in_atomic_block:
+        raise RuntimeError("the relay met a hole inside a transaction: run events_relay() outside one")
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELECT pg_current_xact_id()::text::bigint")
+        return int(cursor.fetchone()[0])
 
 
 def events_relay(*, client: redis.Redis | None = None, batch: int | None = None, max_batches: int = 20) -> RelayResult:
-    """Publish every committed event not yet on the stream, in sequence order."""
+    """Publish every committed event not yet on the stream, in sequence order. Meant to run
+    outside any transaction (see _new_xid)."""
     client = client or synapse_client()
     stream = settings.SYNAPSE_STREAM
     batch = batch or settings.SYNAPSE_RELAY_BATCH
@@ -145,22 +159,23 @@ def stream_trim(*, client: redis.Redis, stream: str, approximate: bool = True) -
 
 def _relay_batch(client: redis.Redis, stream: str, gaps_key: str, result: RelayResult, batch: int) -> tuple[int, bool]:
     with transaction.atomic():
-        bounds = _snapshot_bounds()  # taken before reading rows
+        xmin = _oldest_running_xid()  # taken before reading rows
         rows = list(Event.objects.filter(sequence__gt=result.last_sequence).order_by("sequence")[:batch])
-        bounds_after = _snapshot_bounds()
     to_publish: list[Event] = []
     expected = result.last_sequence + 1
     blocked = False
     for event in rows:
-        if event.sequence > expected and bounds is not None:
+        if event.sequence > expected and xmin is not None:
             gap = f"{expected}-{event.sequence - 1}"
             horizon = client.hget(gaps_key, gap)
             if horizon is None:
-                client.hset(gaps_key, gap, bounds_after[1])
+                # Taken after the rows were read, so above the id of whichever transaction
+                # holds the hole (it took its id before its sequence value).
+                client.hset(gaps_key, gap, _new_xid())
                 result.waiting_on_gap = (expected, event.sequence - 1)
                 blocked = True
                 break
-            if bounds[0] < int(horizon):
+            if xmin < int(horizon):
                 result.waiting_on_gap = (expected, event.sequence - 1)
                 blocked = True
                 break

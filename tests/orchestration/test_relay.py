@@ -133,3 +133,76 @@ def test_a_late_commit_is_not_skipped_and_a_rollback_does_not_block(stream, outc
         assert published == 2
         assert sequences[-2:] == [later[0].sequence, later[1].sequence]
         assert box[0] not in sequences
+
+
+def _earlier_xid_later_sequence(steps: dict[str, threading.Event], box: dict) -> None:
+    """Takes its transaction id first, then, once the other writer holds a sequence value,
+    inserts its event (a higher sequence) and commits."""
+    try:
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_current_xact_id()::text::bigint")
+                box["early_xid"] = cursor.fetchone()[0]
+            steps["early_has_xid"].set()
+            steps["late_has_sequence"].wait(20)
+            box["committed"] = record(1)[0].sequence
+    finally:
+        connection.close()
+        steps["committed"].set()
+
+
+def _later_xid_earlier_sequence(steps: dict[str, threading.Event], box: dict) -> None:
+    """Takes its transaction id after the other writer's, and a sequence value before it, then
+    stays open until released."""
+    steps["early_has_xid"].wait(20)
+    try:
+        with transaction.atomic():
+            box["open"] = record(1)[0].sequence
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_current_xact_id()::text::bigint")
+                box["late_xid"] = cursor.fetchone()[0]
+            steps["late_has_sequence"].set()
+            steps["release"].wait(20)
+    finally:
+        connection.close()
+
+
+def test_a_late_commit_whose_xid_is_above_every_completed_one_is_not_skipped(stream):
+    """The transaction holding the hole took its id after the committed writer took its own:
+    with no later id completed yet, it is above the snapshot's xmax (latest completed + 1) and
+    in no snapshot's list of running ids, so xmin does not see it. The hole's horizon must be
+    an id assigned after the hole was seen, not the snapshot's xmax."""
+    record(1)
+    assert relay_until_quiet(stream, expect=1) == 1
+    steps = {name: threading.Event() for name in ("early_has_xid", "late_has_sequence", "committed", "release")}
+    box: dict = {}
+    threads = [
+        threading.Thread(target=_earlier_xid_later_sequence, args=(steps, box)),
+        threading.Thread(target=_later_xid_earlier_sequence, args=(steps, box)),
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        assert steps["committed"].wait(20)
+        assert box["late_xid"] > box["early_xid"] and box["open"] < box["committed"]
+        for _ in range(3):
+            result = events_relay(client=stream)
+            assert result.published == 0, "nothing may pass an open transaction's sequence"
+            assert result.waiting_on_gap == (box["open"], box["open"])
+    finally:
+        steps["release"].set()
+        for thread in threads:
+            thread.join()
+    assert relay_until_quiet(stream, expect=2) == 2
+    sequences = [int(entry_id.split("-")[0]) for entry_id, _ in entries(stream)]
+    assert sequences[-2:] == [box["open"], box["committed"]]
+
+
+def test_a_hole_met_inside_a_transaction_is_an_error_not_an_old_id(stream):
+    event = record(1)[0]
+    # the stream's last id two below the event: a one-value hole before it
+    stream.xadd(settings.SYNAPSE_STREAM, {"placeholder": "1"}, id=f"{event.sequence - 2}-1")
+    stream.xdel(settings.SYNAPSE_STREAM, f"{event.sequence - 2}-1")
+    with pytest.raises(RuntimeError, match="outside one"), transaction.atomic():
+        events_relay(client=stream)
+    assert events_relay(client=stream).waiting_on_gap == (event.sequence - 1, event.sequence - 1)
