@@ -3,6 +3,7 @@ shapes; services decide. Server-owned fields (owner, status, counters, stats) ar
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Iterable, Mapping
 from functools import cache, cached_property
 from typing import Any
@@ -207,8 +208,17 @@ class RowReader:
         column_type = column_type or model_field.get_internal_type()
         if type(field) is serializers.CharField:
             return column_type in ("CharField", "TextField")
+        if type(field) is serializers.ChoiceField:
+            # choice_strings_to_values maps each text key to itself, and a value it does not
+            # hold to itself: text from a text column comes out as it went in.
+            return column_type in ("CharField", "TextField") and all(isinstance(key, str) for key in field.choices)
+        integer_columns = ("IntegerField", "BigIntegerField", "SmallIntegerField", "BigAutoField", "AutoField")
         if type(field) is serializers.IntegerField:
-            return column_type in ("IntegerField", "BigIntegerField", "SmallIntegerField", "BigAutoField", "AutoField")
+            return column_type in integer_columns
+        big_integer = getattr(serializers, "BigIntegerField", None)  # DRF 3.16
+        if big_integer is not None and type(field) is big_integer:
+            coerce = getattr(field, "coerce_to_string", api_settings.COERCE_BIGINT_TO_STRING)
+            return not coerce and column_type in integer_columns
         return False
 
     @staticmethod
@@ -226,6 +236,7 @@ class RowReader:
         if zone is None:
             converted = [*converted, *((name, field.to_representation) for name, field in datetimes)]
             datetimes = []
+        utc = _is_utc(zone)
         results = []
         for row in rows:
             item = {name: row[lookup] for name, lookup in self.names}
@@ -235,10 +246,18 @@ class RowReader:
                     item[name] = convert(value)
             for name, field in datetimes:
                 value = item[name]
-                if value is not None:
+                if value is None:
+                    continue
+                if value.tzinfo is dt.UTC and utc:
+                    item[name] = value.isoformat()[:-6] + "Z"  # what _iso_datetime makes of it
+                else:
                     item[name] = _iso_datetime(value, zone, field)
             results.append(item)
         return results
+
+
+def _is_utc(zone: Any) -> bool:
+    return zone is dt.UTC or str(zone) == "UTC"
 
 
 def _iso_datetime(value: Any, zone: Any, field: serializers.DateTimeField) -> str:

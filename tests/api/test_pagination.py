@@ -229,3 +229,16 @@ def test_a_cursor_from_another_entity_means_what_it_says(callers):
     assert [e["sequence"] for e in before["results"]] == mine
     after = client.get(f"/api/v1/events/?entity_id=agent-m&cursor={_cursor(['agent-z', 0])}").json()
     assert after["results"] == []
+
+
+def test_a_row_reader_passes_through_only_what_the_field_would_return_unchanged():
+    text_column = Event._meta.get_field("event_type")
+    integer_column = Event._meta.get_field("sequence")
+    identity = RowReader._is_identity
+    assert identity(drf_serializers.ChoiceField(choices=["a", "b"]), text_column)
+    # a key that is not text maps the text "1" back to the integer 1
+    assert not identity(drf_serializers.ChoiceField(choices=[1, 2]), text_column)
+    assert not identity(drf_serializers.MultipleChoiceField(choices=["a"]), text_column)
+    assert identity(drf_serializers.BigIntegerField(), integer_column)
+    assert not identity(drf_serializers.BigIntegerField(coerce_to_string=True), integer_column)
+    assert not identity(drf_serializers.BigIntegerField(), text_column)
