@@ -355,7 +355,12 @@ class TaskViewSet(ApiMixin, RowListMixin, mixins.ListModelMixin, mixins.Retrieve
 @extend_schema_view(
     list=extend_schema(
         summary="List events (the audit log)",
-        description="In sequence order. Non-admins see the events of their own workflows.",
+        description=(
+            "In sequence order. Non-admins see the events of their own workflows. A cursor is a "
+            "position among committed events: one whose transaction commits after a page was read, "
+            "with a lower sequence than that page's last, is not on later pages; the Synapse stream "
+            "carries every event in order."
+        ),
         parameters=[ordering_parameter(EVENT_ORDERINGS, "sequence")],
         responses={200: EventSerializer(many=True), **problem_responses(400, 401, 403, 429)},
     )
