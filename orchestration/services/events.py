@@ -3,10 +3,80 @@ records, so the events table doubles as the outbox the relay publishes from."""
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Iterable
+from decimal import Decimal
 from typing import Any
+
+from django.db import models
 
 from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+
+# What a task or workflow row says of how it ended, which a later retry or resume rewrites
+# (the same row starts again). The events that end one in a way it can start again from
+# (task_failed, task_cancelled, workflow_failed, workflow_cancelled) carry these columns as
+# that transaction left them, under the payload's `state`: the record of that ending, which
+# the row itself no longer holds once it runs again. A completion is final.
+TASK_STATE_FIELDS = (
+    "status",
+    "output_data",
+    "error",
+    "retry_count",
+    "execution_time_ms",
+    "input_tokens",
+    "output_tokens",
+    "tokens_used",
+    "cost_usd",
+    "started_at",
+    "completed_at",
+)
+WORKFLOW_STATE_FIELDS = (
+    "status",
+    "completed_steps",
+    "failed_steps",
+    "cancelled_steps",
+    "error",
+    "duration_ms",
+    "total_tokens_used",
+    "total_cost_usd",
+    "started_at",
+    "completed_at",
+)
+
+
+def _state_value(value: Any) -> Any:
+    """A column value as JSON: a datetime as ISO 8601 (UTC from the database), a decimal as its
+    exact text; read back with `state_value`."""
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+def state_value(field: models.Field, value: Any) -> Any:
+    """A `state` value back as the column's Python value (what the database would give)."""
+    if value is None:
+        return None
+    if isinstance(field, models.DateTimeField):
+        moment = dt.datetime.fromisoformat(value)
+        if moment.utcoffset() is None:
+            raise ValueError(f"{field.name}: {value!r} has no UTC offset")
+        return moment
+    if isinstance(field, models.DecimalField):
+        return Decimal(value)
+    return value
+
+
+def entity_states(model: type[models.Model], pks: Iterable[str], fields: tuple[str, ...]) -> dict[str, dict]:
+    """The `state` of each row, read from the database inside the caller's transaction, after
+    its writes (some columns are kept by triggers or F() updates, not on the instance)."""
+    pk = model._meta.pk.name
+    return {
+        row[pk]: {name: _state_value(row[name]) for name in fields}
+        for row in model.objects.filter(pk__in=list(pks)).values(pk, *fields)
+    }
 
 
 def event_record(

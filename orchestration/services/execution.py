@@ -35,7 +35,7 @@ from orchestration.runtime.executors import agent_execute
 from orchestration.services import fastpath
 from orchestration.services.conversations import conversation_for_task, conversation_turn_record
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare
-from orchestration.services.events import task_event
+from orchestration.services.events import TASK_STATE_FIELDS, entity_states, task_event
 from orchestration.services.progress import (
     tasks_cancel,
     workflow_add_usage,
@@ -130,7 +130,10 @@ def _fail_or_retry(
     task.status = TaskExecution.Status.TIMED_OUT if timed_out else TaskExecution.Status.FAILED
     task.completed_at = now
     task.save(update_fields=["status", "error", "completed_at"])
-    task_event(task, EventType.TASK_FAILED, attempt=attempt, payload={"error": error}, severity=Severity.ERROR)
+    state = entity_states(TaskExecution, [task.pk], TASK_STATE_FIELDS)[task.pk]
+    task_event(
+        task, EventType.TASK_FAILED, attempt=attempt, payload={"error": error, "state": state}, severity=Severity.ERROR
+    )
     if task.workflow_id:
         workflow_on_task_failed(task, now=now)
     return False

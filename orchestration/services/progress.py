@@ -21,7 +21,13 @@ from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services import fastpath
 from orchestration.services.dispatch import revoke_after_commit, tasks_queue
-from orchestration.services.events import task_event_build, workflow_event
+from orchestration.services.events import (
+    TASK_STATE_FIELDS,
+    WORKFLOW_STATE_FIELDS,
+    entity_states,
+    task_event_build,
+    workflow_event,
+)
 
 TERMINAL = TaskExecution.TERMINAL_STATUSES
 FAILED_TASK = (TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT)
@@ -199,6 +205,8 @@ def workflow_maybe_finish(workflow: Workflow, *, now: dt.datetime) -> None:
     }
     if workflow.status == Workflow.Status.CANCELLED:
         payload["cancelled_steps"] = workflow.cancelled_steps
+    if workflow.status != Workflow.Status.COMPLETED:  # it can be resumed: record how it ended
+        payload["state"] = entity_states(Workflow, [workflow.pk], WORKFLOW_STATE_FIELDS)[workflow.pk]
     workflow_event(workflow, event_type, payload=payload, severity=severity)
 
 
@@ -232,7 +240,11 @@ def workflow_fail(workflow: Workflow, *, error: str, now: dt.datetime, event_typ
     workflow_event(
         workflow,
         event_type,
-        payload={"error": error, "cancelled_tasks": count},
+        payload={
+            "error": error,
+            "cancelled_tasks": count,
+            "state": entity_states(Workflow, [workflow.pk], WORKFLOW_STATE_FIELDS)[workflow.pk],
+        },
         severity=Severity.WARNING if cancelled else Severity.ERROR,
     )
 
@@ -269,10 +281,17 @@ def tasks_cancel(queryset: Any, *, reason: str, now: dt.datetime, upstream: str 
         task.error = reason
         task.completed_at = now
     TaskExecution.objects.bulk_update(tasks, ["status", "error", "completed_at"])
+    states = entity_states(TaskExecution, ids, TASK_STATE_FIELDS)
     Event.objects.bulk_create(
         [
             task_event_build(
-                t, EventType.TASK_CANCELLED, payload={"reason": reason, **({"upstream": upstream} if upstream else {})}
+                t,
+                EventType.TASK_CANCELLED,
+                payload={
+                    "reason": reason,
+                    **({"upstream": upstream} if upstream else {}),
+                    "state": states[t.execution_id],
+                },
             )
             for t in tasks
         ]

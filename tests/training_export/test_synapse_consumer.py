@@ -21,10 +21,14 @@ from django.conf import settings
 from django.core.management import call_command
 from django.db.models import Max, Min
 
+from orchestration.errors import PermanentError
 from orchestration.event_types import EventType
 from orchestration.models import Event, TaskExecution, Workflow
+from orchestration.runtime.context import AgentResult, Usage
 from orchestration.services.events import event_record, task_event, workflow_event
+from orchestration.services.execution import attempt_claim, attempt_fail, attempt_succeed
 from orchestration.services.relay import event_to_entry, events_relay
+from orchestration.services.workflows import task_retry
 from tests.engine import ROOT, wait_for
 from tests.factories import AgentFactory, EventFactory, TaskExecutionFactory, WorkflowFactory
 from training_export.services.store import TrainingDataStore
@@ -299,6 +303,93 @@ def test_a_terminal_event_whose_row_is_gone_still_writes_the_event(synapse):
     assert not synapse.path("tasks", day).exists()
     assert "rows missing from the database: 1" in output
     assert synapse.pending() == 0
+
+
+def _run_attempt(task: TaskExecution, *, start: dt.datetime, usage: Usage, fail: bool) -> None:
+    task.refresh_from_db()
+    claim = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w", now=start)
+    end = start + dt.timedelta(minutes=5)
+    if fail:
+        attempt_fail(attempt=claim.attempt, exc=PermanentError("bad"), duration_ms=1000, now=end, usage=usage)
+    else:
+        attempt_succeed(
+            attempt=claim.attempt, result=AgentResult(output={"ok": 1}, usage=usage), duration_ms=1000, now=end
+        )
+
+
+def test_the_rows_of_a_failure_are_as_it_ended_after_the_task_and_workflow_ran_again(synapse):
+    """A failed task retried (the workflow resumed) and completed before the consumer reads
+    the failure: the failure's rows still say how the first run ended, from their events'
+    `state`, and the completion's rows how the second did."""
+    workflow = WorkflowFactory(status=Workflow.Status.RUNNING, started_at=T0, total_steps=1)
+    task = TaskExecution.objects.create(
+        workflow=workflow,
+        agent=AgentFactory(),
+        task_name="t",
+        status=TaskExecution.Status.QUEUED,
+        celery_task_id=str(uuid.uuid4()),
+        queued_at=T0,
+        max_retries=0,
+    )
+    _run_attempt(task, start=T0, usage=Usage(100, 50, Decimal("0.01")), fail=True)
+    task_retry(execution_id=task.pk)  # resumes the workflow
+    _run_attempt(task, start=T0 + dt.timedelta(hours=1), usage=Usage(10, 5, Decimal("0.002")), fail=False)
+    ends = {
+        event.event_type: event
+        for event in Event.objects.filter(event_type__in=[*synapse_terminal_types()]).filter(
+            sequence__gt=synapse.baseline
+        )
+    }
+    synapse.relay()
+
+    assert "rows run again since their event (no state recorded): 0" in consume()
+
+    def row(data_type: str, event: Event) -> dict[str, str]:
+        day = event.created_at.astimezone(dt.UTC).date()
+        return next(r for r in synapse.rows(data_type, day) if r["event_id"] == event.event_id)
+
+    failed, completed = row("tasks", ends["task_failed"]), row("tasks", ends["task_completed"])
+    assert (failed["status"], failed["error"], failed["tokens_used"], failed["cost_usd"]) == (
+        "failed",
+        "PermanentError: bad",
+        "150",
+        "0.010000",
+    )
+    assert failed["completed_at"] == utc(T0 + dt.timedelta(minutes=5))
+    assert failed["output_data"] == ""
+    assert (completed["status"], completed["error"], completed["tokens_used"], completed["output_data"]) == (
+        "completed",
+        "",
+        "165",
+        '{"ok":1}',
+    )
+    assert completed["completed_at"] == utc(T0 + dt.timedelta(hours=1, minutes=5))
+    assert row("workflows", ends["workflow_failed"])["status"] == "failed"
+    assert row("workflows", ends["workflow_failed"])["completed_at"] == utc(T0 + dt.timedelta(minutes=5))
+    assert row("workflows", ends["workflow_completed"])["status"] == "completed"
+    # the failure's row, as its event recorded it, is what the row said then, column for column
+    state = ends["task_failed"].payload["state"]
+    assert failed["retry_count"] == str(state["retry_count"]) and failed["started_at"] == state["started_at"]
+
+
+def synapse_terminal_types() -> list[str]:
+    return ["task_failed", "task_completed", "workflow_failed", "workflow_completed"]
+
+
+def test_an_ending_without_state_whose_row_ran_again_gets_no_row(synapse):
+    _workflow, done, failed = finished_workflow()
+    old_style = task_event(failed, EventType.TASK_FAILED)  # as recorded before `state`
+    failed.status = TaskExecution.Status.RUNNING  # retried since
+    failed.save(update_fields=["status"])
+    still = task_event(done, EventType.TASK_COMPLETED)
+    synapse.relay()
+
+    output = consume()
+
+    day = old_style.created_at.astimezone(dt.UTC).date()
+    assert [row["event_id"] for row in synapse.rows("tasks", day)] == [still.event_id]
+    assert old_style.event_id in synapse.event_ids("events", day)
+    assert "rows run again since their event (no state recorded): 1" in output
 
 
 def test_consuming_again_writes_only_new_events_and_a_replaying_group_writes_nothing(synapse):

@@ -8,7 +8,11 @@ claimed with XAUTOCLAIM) is skipped where it was written and written where it wa
 
 Every event goes to the events file. `tool_executed` events also go to tool_executions (from
 the payload); terminal task and workflow events also go to tasks / workflows, with the row
-read from PostgreSQL when the batch is consumed.
+read from PostgreSQL when the batch is consumed and, for an ending the row can start again
+from (failed, cancelled: a retry or resume reruns it), the columns that ending left, which its
+event carries as `state`: the row as of the event, whatever happened to it since. An event of
+an earlier version without `state` whose row no longer shows its ending gets no row (counted as
+stale): the row would describe a later run.
 
 An entry that cannot become a row (a required field missing, bad JSON, a bad timestamp) goes to
 the dead-letter stream `<stream>:dead` with a `reason` and its `original_id`, in the same MULTI
@@ -37,6 +41,7 @@ from django.db import close_old_connections, models
 
 from orchestration.event_types import EventType
 from orchestration.models import TaskExecution, Workflow
+from orchestration.services.events import state_value
 from training_export.services.jsonl import json_load, json_load_many
 from training_export.services.store import (
     EVENT_TEXT_COLUMNS,
@@ -75,6 +80,32 @@ _TOOL_PAYLOAD_FIELDS = (
     "execution_time_ms",
     "error",
 )
+
+# The statuses a row has just after each terminal event.
+_ENDED_AS: dict[str, frozenset[str]] = {
+    str(event_type): frozenset(map(str, statuses))
+    for event_type, statuses in (
+        (EventType.TASK_COMPLETED, {TaskExecution.Status.COMPLETED}),
+        (EventType.TASK_FAILED, {TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT}),
+        (EventType.TASK_CANCELLED, {TaskExecution.Status.CANCELLED}),
+        (EventType.WORKFLOW_COMPLETED, {Workflow.Status.COMPLETED}),
+        (EventType.WORKFLOW_FAILED, {Workflow.Status.FAILED}),
+        (EventType.WORKFLOW_CANCELLED, {Workflow.Status.CANCELLED}),
+    )
+}
+
+
+def _state_columns(model: type[models.Model], fields: tuple[str, ...], state: dict[str, Any]) -> dict[str, Any]:
+    """The row's columns an event's `state` holds, as the database would give them."""
+    columns = {}
+    for name in fields:
+        if name in state:
+            try:
+                columns[name] = state_value(model._meta.get_field(name), state[name])
+            except (TypeError, ValueError, ArithmeticError):
+                columns[name] = state[name]  # not from the platform: written as it came
+    return columns
+
 
 # The names of the relay's fields (`event_to_entry`).
 _RELAY_NAMES = frozenset(SCHEMAS[EVENTS].columns)
@@ -291,6 +322,7 @@ class BatchResult:
     duplicates: int = 0
     dead: int = 0
     missing: int = 0  # terminal events whose task or workflow row no longer exists
+    stale: int = 0  # terminal events without `state` whose row has started again since
 
     def add(self, other: BatchResult) -> None:
         self.entries += other.entries
@@ -298,12 +330,14 @@ class BatchResult:
         self.duplicates += other.duplicates
         self.dead += other.dead
         self.missing += other.missing
+        self.stale += other.stale
 
     def summary(self) -> str:
         written = " ".join(f"{data_type}={self.written[data_type]}" for data_type in SCHEMAS)
         return (
             f"{self.entries} entries; rows written: {written}; duplicates skipped: {self.duplicates}; "
-            f"dead-lettered: {self.dead}; rows missing from the database: {self.missing}"
+            f"dead-lettered: {self.dead}; rows missing from the database: {self.missing}; "
+            f"rows run again since their event (no state recorded): {self.stale}"
         )
 
 
@@ -439,7 +473,8 @@ class SynapseConsumer:
         *,
         key: Callable[[StreamEvent], str | None],
     ) -> None:
-        """One query for the batch: the current row of every task or workflow that finished."""
+        """One query for the batch: the row of every task or workflow that finished, with the
+        columns its event recorded as `state` in place of the row's own (see the module doc)."""
         if not events:
             return
         ids = {key(event) for event in events} - {None, ""}
@@ -457,6 +492,21 @@ class SynapseConsumer:
                     data_type,
                 )
                 result.missing += 1
+                continue
+            state = event.payload.get("state")
+            if isinstance(state, dict):
+                row = {**row, **_state_columns(model, fields, state)}
+            elif row.get("status") not in _ENDED_AS.get(event.event_type, ()):
+                logger.warning(
+                    "%s event %s: %s %r is %s now and the event records no state: no %s row",
+                    event.event_type,
+                    event.event_id,
+                    model._meta.verbose_name,
+                    key(event),
+                    row.get("status"),
+                    data_type,
+                )
+                result.stale += 1
                 continue
             rows[(data_type, event.day)].append({**row, "event_id": event.event_id})
 
