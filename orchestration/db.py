@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,19 @@ def atomic_with_retry(fn: Any, *, attempts: int = 8) -> Any:
             backoff = min(RETRY_BACKOFF_FIRST_SECONDS * 2 ** (attempt - 1), RETRY_BACKOFF_MAX_SECONDS)
             time.sleep(backoff * random.uniform(0.5, 1.5))  # noqa: S311 - jitter, not a secret
     raise AssertionError("unreachable")
+
+
+def atomic_retried(fn: Any) -> Any:
+    """Decorator: `fn` runs through atomic_with_retry. For operations that lock a workflow
+    before its tasks and their attempts (cancel, retry, resume), the reverse of the workers'
+    order (attempt, task, workflow): PostgreSQL may pick them as a deadlock victim, and they
+    re-read everything under their locks, so running them again is safe."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return atomic_with_retry(lambda: fn(*args, **kwargs))
+
+    return wrapper
 
 
 def timestamptz_fast_loader(cursor: Any, connection: Any) -> None:

@@ -101,6 +101,13 @@ class Workflow(TimestampedModel):
                 condition=models.Q(idempotency_key__isnull=False),
                 name="workflows_owner_idempotency_key_unique",
             ),
+            # Without an owner (manage.py submit_workflow) the one above never applies: a
+            # unique index holds NULLs distinct. The key is unique among ownerless workflows too.
+            models.UniqueConstraint(
+                fields=["idempotency_key"],
+                condition=models.Q(owner__isnull=True, idempotency_key__isnull=False),
+                name="workflows_ownerless_idempotency_key_unique",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -120,20 +120,25 @@ def workflows_enforce_deadlines(*, now: dt.datetime) -> list[str]:
     for workflow_id in Workflow.objects.filter(status=Workflow.Status.RUNNING, deadline__lt=now).values_list(
         "workflow_id", flat=True
     ):
-        with transaction.atomic():
+
+        def fail(workflow_id: str = workflow_id) -> bool:
+            # Locks the workflow, then its tasks and attempts: a deadlock victim is retried.
             workflow = (
                 Workflow.objects.select_for_update(skip_locked=True)
                 .filter(pk=workflow_id, status=Workflow.Status.RUNNING)
                 .first()
             )
             if workflow is None:
-                continue
+                return False
             workflow_fail(
                 workflow,
                 error=f"deadline {workflow.deadline.isoformat()} passed",
                 now=now,
                 event_type=EventType.WORKFLOW_FAILED,
             )
+            return True
+
+        if atomic_with_retry(fail):
             failed.append(workflow_id)
     return failed
 

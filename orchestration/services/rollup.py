@@ -183,16 +183,25 @@ AGENTS_REFRESH_SQL = f"""
 WORKFLOWS_RECONCILE_SQL = f"""
     UPDATE workflows SET total_tokens_used = s.tokens, total_cost_usd = s.cost
     FROM (
-        SELECT workflow_id, SUM(tokens_used) AS tokens, ROUND(SUM(cost_usd), {COST_PLACES}) AS cost
-        FROM task_executions
-        WHERE workflow_id IN (
-            SELECT workflow_id FROM workflows WHERE completed_at >= %(start)s AND completed_at < %(end)s
-        )
-        GROUP BY workflow_id
+        SELECT w.workflow_id, {{version}} AS row_version,
+               SUM(t.tokens_used) AS tokens, ROUND(SUM(t.cost_usd), {COST_PLACES}) AS cost
+        FROM workflows w JOIN task_executions t ON t.workflow_id = w.workflow_id
+        WHERE w.completed_at >= %(start)s AND w.completed_at < %(end)s
+        GROUP BY w.workflow_id, row_version
     ) s
     WHERE workflows.workflow_id = s.workflow_id
+      AND {{same_version}}
       AND (workflows.total_tokens_used <> s.tokens OR workflows.total_cost_usd <> s.cost)
 """  # noqa: S608
+# The sums are read with the statement's snapshot. A row that a concurrent transaction (a
+# resumed run's completion) changes meanwhile is re-checked by PostgreSQL on its newest version
+# for this statement's own conditions only, not the sums: it would be set back to sums that lack
+# that run. Its version (xmin) read with the sums must still be the row's, or it is left to the
+# next reconcile. SQLite serialises writers.
+_RECONCILE_VERSION = {
+    "postgresql": {"version": "w.xmin::text", "same_version": "workflows.xmin::text = s.row_version"},
+    "sqlite": {"version": "''", "same_version": "1 = 1"},
+}
 
 
 @dataclass
@@ -244,7 +253,7 @@ def metrics_rollup(*, period: str, period_start: dt.datetime, now: dt.datetime |
         cursor.execute(sql, params)
         cursor.execute(AGENTS_REFRESH_SQL)
         result.agents_refreshed = cursor.rowcount
-        cursor.execute(WORKFLOWS_RECONCILE_SQL, params)
+        cursor.execute(WORKFLOWS_RECONCILE_SQL.format(**_RECONCILE_VERSION[vendor]), params)
         result.workflows_reconciled = cursor.rowcount
     result.metrics = AgentMetric.objects.filter(period=period, period_start=start).count()
     if result.workflows_reconciled:

@@ -8,6 +8,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from orchestration.db import atomic_retried
 from orchestration.errors import SpecError, TransitionError
 from orchestration.event_types import EventType
 from orchestration.models import TaskExecution, Workflow
@@ -105,7 +106,7 @@ def _workflow_store(spec: WorkflowSpec, *, owner: Any, initiator: str) -> Workfl
     return workflow
 
 
-@transaction.atomic
+@atomic_retried
 def workflow_cancel(*, workflow_id: str, reason: str = "cancelled by user") -> Workflow:
     """Cancel a running (or pending) workflow: unfinished tasks are cancelled, their queued
     messages revoked and running processes terminated."""
@@ -116,7 +117,7 @@ def workflow_cancel(*, workflow_id: str, reason: str = "cancelled by user") -> W
     return workflow
 
 
-@transaction.atomic
+@atomic_retried
 def task_cancel(*, execution_id: str, reason: str = "cancelled by user") -> TaskExecution:
     """Cancel one task. In a workflow this cancels the workflow, unless it continues on
     failure: then the task's dependents, which can never run, are cancelled with it and the
@@ -153,7 +154,7 @@ def _task_reset(task: TaskExecution) -> None:
     task.save(update_fields=["status", "retry_count", "error", "completed_at"])
 
 
-@transaction.atomic
+@atomic_retried
 def workflow_resume(*, workflow_id: str) -> Workflow:
     """Resume a failed (or cancelled) workflow from its unfinished tasks: failed, timed-out
     and cancelled tasks get a fresh retry budget; completed ones keep their results."""
@@ -180,7 +181,7 @@ def workflow_resume(*, workflow_id: str) -> Workflow:
     return workflow
 
 
-@transaction.atomic
+@atomic_retried
 def task_retry(*, execution_id: str) -> TaskExecution:
     """Retry one failed, timed-out or cancelled task. If its workflow has ended (failed or
     cancelled), this resumes the workflow, which reruns every task that did not complete.

@@ -1,0 +1,388 @@
+"""Races on PostgreSQL row locks and snapshots, forced with threads, events and a second
+connection (no sleep decides an outcome): the first three tests failed before their fixes
+(an audit's reproductions); the others pin interleavings found correct."""
+
+from __future__ import annotations
+
+import threading
+import time
+from unittest import mock
+
+import pytest
+from django.db import connections, transaction
+from django.db.models import Sum
+from django.utils import timezone
+
+from orchestration.errors import PermanentError
+from orchestration.models import TaskExecution, Workflow
+from orchestration.runtime.context import AgentResult, Usage
+from orchestration.services import dispatch
+from orchestration.services.execution import attempt_claim, attempt_fail, attempt_succeed
+from tests.orchestration.test_fastpath import _claimed, committed_agents  # noqa: F401 (a fixture)
+from tests.pg import other_connection
+
+pytestmark = pytest.mark.usefixtures("committed_agents")
+
+
+def waiting_on_lock(timeout: float = 10.0) -> list[str]:
+    """Queries of other sessions of this database blocked on a heavyweight lock (waits until one is)."""
+    other = other_connection()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            rows = other.execute(
+                "SELECT query FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+            ).fetchall()
+            if rows:
+                return [r[0] for r in rows]
+            time.sleep(0.05)
+        return []
+    finally:
+        other.close()
+
+
+def in_thread(fn):
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, box
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. rollup's WORKFLOWS_RECONCILE_SQL: the "finished in the period" test is in the subquery
+#    (statement snapshot), not on the updated row, so EvalPlanQual does not re-check it; a
+#    workflow resumed and advanced meanwhile gets its totals overwritten with the stale sum.
+# ---------------------------------------------------------------------------------------------
+def test_reconcile_keeps_the_totals_of_a_workflow_resumed_meanwhile():
+    from orchestration.services.rollup import metrics_rollup, period_floor
+
+    with mock.patch.object(dispatch, "dispatch_send"):
+        claims = _claimed(["a", "b"])
+        now = timezone.now()
+        assert attempt_succeed(
+            attempt=claims["a"].attempt,
+            result=AgentResult(output={"ok": 1}, usage=Usage(input_tokens=1, output_tokens=2)),
+            duration_ms=1.0,
+            now=now,
+        )
+        attempt_fail(attempt=claims["b"].attempt, exc=PermanentError("no"), duration_ms=1.0, now=now)
+    workflow_id = claims["a"].context.workflow_id
+    wf = Workflow.objects.get(pk=workflow_id)
+    assert wf.status == "failed" and wf.total_tokens_used == 3
+    period_start = period_floor(wf.completed_at, "hour")
+    # A drift the reconcile exists to correct (without one the statement's scan never selects
+    # the row, and nothing happens): the workflow's total lags its tasks' by 1.
+    Workflow.objects.filter(pk=workflow_id).update(total_tokens_used=2)
+
+    resumed_and_advanced, release = threading.Event(), threading.Event()
+
+    def resume_and_complete_b() -> None:
+        # Resume, claim b and record its success (5 tokens), all committed together once released:
+        # what a resume and the next completion write, held open so the rollup's statement starts
+        # before they commit.
+        from orchestration.services.workflows import workflow_resume
+
+        with mock.patch.object(dispatch, "dispatch_send"), transaction.atomic():
+            workflow_resume(workflow_id=workflow_id)
+            b = TaskExecution.objects.get(workflow_id=workflow_id, task_name="b")
+            claim = attempt_claim(execution_id=b.pk, celery_task_id=b.celery_task_id, worker="w2")
+            assert attempt_succeed(
+                attempt=claim.attempt,
+                result=AgentResult(output={"ok": 2}, usage=Usage(input_tokens=2, output_tokens=3)),
+                duration_ms=1.0,
+                now=timezone.now(),
+            )
+            resumed_and_advanced.set()
+            release.wait(20)
+
+    writer, writer_box = in_thread(resume_and_complete_b)
+    assert resumed_and_advanced.wait(20)
+    rollup, rollup_box = in_thread(lambda: metrics_rollup(period="hour", period_start=period_start))
+    blocked = waiting_on_lock()
+    assert any("UPDATE workflows SET total_tokens_used" in q for q in blocked), blocked
+    release.set()
+    writer.join(20)
+    rollup.join(20)
+    assert "error" not in writer_box and "error" not in rollup_box, (writer_box, rollup_box)
+
+    wf = Workflow.objects.get(pk=workflow_id)
+    task_sum = TaskExecution.objects.filter(workflow_id=workflow_id).aggregate(t=Sum("tokens_used"))["t"]
+    assert (wf.status, task_sum) == ("completed", 8)
+    # Correct: the resumed run's 5 tokens are kept (8 if the drift was also corrected, 7 if the
+    # changed row was left for the next reconcile). Observed: 3, the stale sum read before them.
+    assert wf.total_tokens_used in (7, 8), "the resumed run's 5 tokens were overwritten by the stale sum"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Lock order: every worker transaction locks attempt -> task -> workflow; workflow_cancel
+#    and the reaper's deadline pass lock workflow -> tasks -> attempts. A cancel that reaches a
+#    task row while a worker holds it (between its task lock and its workflow UPDATE) waits
+#    first, so PostgreSQL's deadlock check picks the cancel as the victim: the user's cancel
+#    (or the reaper's whole run) fails with 40P01; neither is retried.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("operation", ["workflow_cancel", "workflows_enforce_deadlines"])
+def test_cancel_racing_a_failed_attempt_is_not_a_deadlock_victim(operation):
+    import datetime as dt
+
+    from orchestration.errors import RetryableError
+    from orchestration.services import execution, reaper, workflows
+
+    claims = _claimed(["a", "b"])
+    workflow_id = claims["a"].context.workflow_id
+    if operation == "workflows_enforce_deadlines":
+        Workflow.objects.filter(pk=workflow_id).update(deadline=timezone.now() - dt.timedelta(seconds=1))
+    worker_holds_task, go = threading.Event(), threading.Event()
+    original_add_usage = execution.workflow_add_usage
+
+    def add_usage_after_pause(*args, **kwargs):
+        worker_holds_task.set()  # attempt a and task a are locked by now
+        go.wait(20)
+        return original_add_usage(*args, **kwargs)
+
+    with (
+        mock.patch.object(execution, "workflow_add_usage", add_usage_after_pause),
+        mock.patch.object(dispatch, "dispatch_send"),
+        mock.patch("orchestration.services.dispatch.revoke_after_commit"),
+    ):
+        worker, worker_box = in_thread(
+            lambda: attempt_fail(
+                attempt=claims["a"].attempt, exc=RetryableError("429"), duration_ms=1.0, now=timezone.now()
+            )
+        )
+        assert worker_holds_task.wait(20)
+        if operation == "workflow_cancel":
+            cancel = lambda: workflows.workflow_cancel(workflow_id=workflow_id)  # noqa: E731
+        else:
+            cancel = lambda: reaper.workflows_enforce_deadlines(now=timezone.now())  # noqa: E731
+        canceller, cancel_box = in_thread(cancel)
+        assert waiting_on_lock()  # the cancel waits for task a's row
+        go.set()  # the worker goes on to UPDATE workflows: a cycle
+        canceller.join(30)
+        worker.join(30)
+    assert worker_box == {"result": True}
+    # What should happen: the cancel (or the deadline) wins or waits, it does not fail.
+    assert "error" not in cancel_box, cancel_box
+    assert Workflow.objects.get(pk=workflow_id).status in ("cancelled", "failed")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. workflow_submit's idempotency: check, then INSERT, with the unique (owner, idempotency_key)
+#    index as "the last word". With no owner (manage.py submit_workflow) the index never fires:
+#    NULLs are distinct, so two concurrent submissions of the same key both store a workflow.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_owner", [True, False])
+def test_concurrent_submissions_with_one_idempotency_key_store_one_workflow(with_owner):
+    from django.contrib.auth import get_user_model
+
+    from orchestration.services import workflows
+
+    owner = get_user_model().objects.create_user(username="pg-owner") if with_owner else None
+    spec = {"name": "once", "idempotency_key": "k-1", "tasks": [{"name": "a", "agent": "echo"}]}
+    first_stored, release = threading.Event(), threading.Event()
+    original = workflows.dispatch_after_commit
+
+    def pause_first(dispatches):
+        if threading.current_thread().name == "first":
+            first_stored.set()  # its workflow row is inserted, not committed
+            release.wait(20)
+        return original(dispatches)
+
+    boxes = {}
+    with (
+        mock.patch.object(workflows, "dispatch_after_commit", pause_first),
+        mock.patch.object(dispatch, "dispatch_send"),
+    ):
+        threads = {}
+        for name in ("first", "second"):
+            box: dict = {}
+
+            def run(box=box):
+                try:
+                    box["result"] = workflows.workflow_submit(spec=spec, owner=owner)
+                except BaseException as exc:
+                    box["error"] = exc
+                finally:
+                    connections.close_all()
+
+            threads[name] = threading.Thread(target=run, name=name)
+            boxes[name] = box
+            threads[name].start()
+            if name == "first":
+                assert first_stored.wait(20)
+        # the second either finishes at once (no conflict) or waits on the first's index entry
+        deadline = time.monotonic() + 5
+        while threads["second"].is_alive() and not waiting_on_lock(0.1) and time.monotonic() < deadline:
+            pass
+        release.set()
+        for thread in threads.values():
+            thread.join(20)
+    created = [boxes[n]["result"][1] for n in ("first", "second")]
+    stored = Workflow.objects.filter(idempotency_key="k-1").count()
+    assert sorted(created) == [False, True]
+    assert stored == 1, "one idempotency key, two workflows"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checked and found correct (forced interleavings)
+# ---------------------------------------------------------------------------------------------
+def _submit(spec):
+    from orchestration.services.workflows import workflow_submit
+
+    with mock.patch.object(dispatch, "dispatch_send"):
+        workflow, _ = workflow_submit(spec=spec)
+    return workflow
+
+
+def _claim(task):
+    task.refresh_from_db()
+    return attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w")
+
+
+def test_fan_in_parents_finishing_at_once_queue_the_child_once():
+    from orchestration.models import Event
+    from orchestration.services import fastpath
+    from tests.orchestration.test_fastpath_races import succeed_params
+
+    wf = _submit(
+        {
+            "name": "fan-in",
+            "tasks": [
+                {"name": "a", "agent": "echo"},
+                {"name": "b", "agent": "echo"},
+                {"name": "c", "agent": "echo", "depends_on": ["a", "b"]},
+            ],
+        }
+    )
+    a, b = (TaskExecution.objects.get(workflow=wf, task_name=n) for n in "ab")
+    ca, cb = _claim(a), _claim(b)
+    other = other_connection()
+    other.execute("BEGIN")
+    rows = other.execute(fastpath.SUCCEED_SQL, succeed_params(cb.attempt.pk)).fetchall()  # holds the workflow row
+    assert rows[0][4] is True  # c pending: b's completion must advance (as workflow_advance would)
+    with mock.patch.object(dispatch, "dispatch_send"):
+        thread, box = in_thread(
+            lambda: attempt_succeed(
+                attempt=ca.attempt, result=AgentResult(output={}), duration_ms=1.0, now=timezone.now()
+            )
+        )
+        assert waiting_on_lock()
+        other.execute("COMMIT")  # b completed without running workflow_advance (raw SQL): a's must queue c
+        thread.join(20)
+    assert box == {"result": True}
+    c = TaskExecution.objects.get(workflow=wf, task_name="c")
+    assert c.status == "queued"
+    assert Event.objects.filter(entity_id=c.pk, event_type="task_queued").count() == 1
+
+
+def test_concurrency_limit_second_claim_waits_for_the_first_and_defers():
+    from orchestration.models import Agent
+    from orchestration.services.execution import Outcome
+
+    Agent.objects.filter(pk="echo").update(max_concurrency=1)
+    wf = _submit({"name": "limited", "tasks": [{"name": "a", "agent": "echo"}, {"name": "b", "agent": "echo"}]})
+    a, b = (TaskExecution.objects.get(workflow=wf, task_name=n) for n in "ab")
+    first_claimed, release = threading.Event(), threading.Event()
+
+    def first():
+        with transaction.atomic():
+            claim = _claim(a)
+            first_claimed.set()
+            release.wait(20)
+        return claim
+
+    with mock.patch.object(dispatch, "dispatch_send"):
+        t1, box1 = in_thread(first)
+        assert first_claimed.wait(20)
+        t2, box2 = in_thread(lambda: _claim(b))
+        assert waiting_on_lock()  # on the agent row
+        release.set()
+        t1.join(20)
+        t2.join(20)
+    assert not isinstance(box1["result"], Outcome) and box2["result"] == Outcome.DEFERRED
+    assert list(TaskExecution.objects.filter(workflow=wf).order_by("task_name").values_list("status", flat=True)) == [
+        "running",
+        "queued",
+    ]
+
+
+def test_succeed_alone_with_a_stale_pending_check_while_a_retry_revives_a_dependent():
+    """task_retry (continue on failure) revives d (depends on x and y) while y's one-statement
+    completion, whose snapshot predates the retry, waits on the workflow row: y completes alone
+    without advancing; x's later completion must still queue d, and the workflow completes."""
+    from orchestration.services.workflows import task_retry
+
+    wf = _submit(
+        {
+            "name": "revive",
+            "continue_on_failure": True,
+            "tasks": [
+                {"name": "x", "agent": "echo", "max_retries": 0},
+                {"name": "y", "agent": "echo"},
+                {"name": "z", "agent": "echo"},
+                {"name": "d", "agent": "echo", "depends_on": ["x", "y"]},
+            ],
+        }
+    )
+    x, y, z = (TaskExecution.objects.get(workflow=wf, task_name=n) for n in "xyz")
+    cx, cy, cz = _claim(x), _claim(y), _claim(z)
+    with (
+        mock.patch.object(dispatch, "dispatch_send"),
+        mock.patch("orchestration.services.dispatch.revoke_after_commit"),
+    ):
+        attempt_fail(attempt=cx.attempt, exc=PermanentError("no"), duration_ms=1.0, now=timezone.now())
+        assert TaskExecution.objects.get(workflow=wf, task_name="d").status == "cancelled"
+        retried, release = threading.Event(), threading.Event()
+
+        def retry_held_open():
+            with transaction.atomic():
+                task_retry(execution_id=x.pk)
+                retried.set()
+                release.wait(20)
+
+        t_retry, box_retry = in_thread(retry_held_open)
+        assert retried.wait(20)
+        # y's one-statement completion: its snapshot has no pending task; it waits on the workflow row
+        t_y, box_y = in_thread(
+            lambda: attempt_succeed(
+                attempt=cy.attempt, result=AgentResult(output={}), duration_ms=1.0, now=timezone.now(), standalone=True
+            )
+        )
+        assert waiting_on_lock()
+        release.set()
+        t_retry.join(20)
+        t_y.join(20)
+        assert box_y == {"result": True} and "error" not in box_retry
+        assert TaskExecution.objects.get(workflow=wf, task_name="d").status == "pending"
+        assert attempt_succeed(
+            attempt=cz.attempt, result=AgentResult(output={}), duration_ms=1.0, now=timezone.now(), standalone=True
+        )
+        cx2 = _claim(TaskExecution.objects.get(pk=x.pk))
+        assert attempt_succeed(
+            attempt=cx2.attempt,
+            result=AgentResult(output={}),
+            duration_ms=1.0,
+            now=timezone.now(),
+            standalone=cx2.standalone,
+        )
+        d = TaskExecution.objects.get(workflow=wf, task_name="d")
+        assert d.status == "queued"
+        cd = _claim(d)
+        assert attempt_succeed(
+            attempt=cd.attempt,
+            result=AgentResult(output={}),
+            duration_ms=1.0,
+            now=timezone.now(),
+            standalone=cd.standalone,
+        )
+    wf.refresh_from_db()
+    assert (wf.status, wf.completed_steps, wf.failed_steps, wf.cancelled_steps) == ("completed", 4, 0, 0)
