@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import redis
 from django.conf import settings
-from django.db import close_old_connections, models
+from django.db import DataError, close_old_connections, models
 
 from orchestration.event_types import EventType
 from orchestration.models import TaskExecution, Workflow
@@ -185,6 +185,20 @@ class StreamEvent(NamedTuple):
 
 DeadEntry = tuple[str, Mapping[Any, Any], str]  # entry id, its fields as read, the reason
 
+# XACK one entry and, only if that removed it from the group's pending list, add it to the
+# dead-letter stream: KEYS = stream, dead stream; ARGV = group, entry id, MAXLEN, deleted, fields...
+# An entry deleted from the stream is dead-lettered whatever XACK says (ARGV[4] = "1"): Redis
+# removes it from the pending list itself when XAUTOCLAIM reports it, to that claimer only.
+_DEAD_LETTER_ONCE = """
+    if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 or ARGV[4] == '1' then
+        redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 5))
+    end
+    return 0
+"""
+
+# What an entry's own content can raise while its rows are built (see SynapseConsumer.process).
+_CONTENT_ERRORS = (ValueError, TypeError, ArithmeticError, RecursionError, DataError)
+
 
 def _text_fields(raw: Mapping[Any, Any]) -> dict[str, str]:
     """The fields as text: decoded from a client that hands out bytes, or checked for the lone
@@ -254,7 +268,10 @@ def _checked_fields(raw: Mapping[Any, Any]) -> tuple[dict[str, str], dt.datetime
     sequence = fields.get("sequence")
     if sequence and not (sequence.isascii() and sequence.isdigit()):
         raise MalformedEntry(f"sequence {sequence!r} is not an integer")
-    day = created_at.date() if not offset else created_at.astimezone(dt.UTC).date()
+    try:
+        day = created_at.date() if not offset else created_at.astimezone(dt.UTC).date()
+    except OverflowError as exc:
+        raise MalformedEntry(f"created_at {created_text!r} is out of range in UTC") from exc
     return fields, created_at, day
 
 
@@ -263,6 +280,8 @@ def _payload_or_error(text: str) -> Any:
         return json_load(text)
     except ValueError as exc:
         return exc
+    except RecursionError:
+        return ValueError("nested too deeply")
 
 
 def parse_entries(entries: Sequence[Entry]) -> tuple[list[StreamEvent], list[DeadEntry]]:
@@ -279,7 +298,7 @@ def parse_entries(entries: Sequence[Entry]) -> tuple[list[StreamEvent], list[Dea
     texts = [fields.get("payload") or "{}" for _, _, _, fields, _, _ in checked]
     try:
         payloads = json_load_many(texts)
-    except ValueError:
+    except (ValueError, RecursionError):
         payloads = [_payload_or_error(text) for text in texts]
     events = []
     payload_dead = False
@@ -372,6 +391,7 @@ class SynapseConsumer:
         self.batch = batch
         self.claim_idle_ms = claim_idle_ms
         self.dead_stream = f"{stream}:dead"
+        self._dead_letter_script: Any = None
 
     # --- reading -------------------------------------------------------------------------
 
@@ -386,7 +406,11 @@ class SynapseConsumer:
 
     def read_pending(self, *, after: str = "0") -> list[Entry]:
         """Entries delivered to this consumer name earlier and never acknowledged."""
-        reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: after}, count=self.batch)
+        try:
+            reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: after}, count=self.batch)
+        except redis.ResponseError as exc:
+            self._regroup_or_raise(exc)
+            return []
         return _entries(reply)
 
     def read_new(self, *, block_ms: int | None = None) -> list[Entry]:
@@ -398,9 +422,13 @@ class SynapseConsumer:
         """Take over entries idle longer than claim_idle_ms (their consumer died). Returns the
         cursor to continue from ("0-0" once the scan is complete) and the claimed entries;
         entries trimmed from the stream meanwhile come back without fields (dead-lettered)."""
-        cursor, claimed, *rest = self.client.xautoclaim(
-            self.stream, self.group, self.consumer, self.claim_idle_ms, start_id=start, count=self.batch
-        )
+        try:
+            cursor, claimed, *rest = self.client.xautoclaim(
+                self.stream, self.group, self.consumer, self.claim_idle_ms, start_id=start, count=self.batch
+            )
+        except redis.ResponseError as exc:
+            self._regroup_or_raise(exc)
+            return "0-0", []
         entries: list[Entry] = [(_text(entry_id), fields or {}) for entry_id, fields in claimed if entry_id]
         entries += [(_text(entry_id), {}) for entry_id in (rest[0] if rest else [])]
         return _text(cursor), entries
@@ -477,7 +505,8 @@ class SynapseConsumer:
         columns its event recorded as `state` in place of the row's own (see the module doc)."""
         if not events:
             return
-        ids = {key(event) for event in events} - {None, ""}
+        # PostgreSQL text holds no NUL: such an id names no row (and would fail the query).
+        ids = {i for i in map(key, events) if i and "\x00" not in i}
         pk = model._meta.pk.name
         found = {row[pk]: row for row in model.objects.filter(pk__in=ids).values(*fields)}
         for event in events:
@@ -511,24 +540,60 @@ class SynapseConsumer:
             rows[(data_type, event.day)].append({**row, "event_id": event.event_id})
 
     def acknowledge(self, batch: WrittenBatch) -> None:
-        """Dead-letter the malformed entries and acknowledge the whole batch, atomically."""
+        """Dead-letter the malformed entries and acknowledge the whole batch, atomically. A
+        malformed entry is dead-lettered only by the consumer whose acknowledgement removes it
+        from the pending list: when a slow consumer's batch was claimed by another, both write
+        it (the files dedupe) and both acknowledge it, and one dead-letter entry results."""
         if not batch.entry_ids:
             return
         pipe = self.client.pipeline(transaction=True)
+        dead_ids = set()
         for entry_id, raw, reason in batch.dead:
-            pipe.xadd(
-                self.dead_stream,
-                _dead_letter_fields(raw, reason=reason, entry_id=entry_id),
-                maxlen=settings.SYNAPSE_STREAM_MAXLEN,
-                approximate=True,
+            dead_ids.add(entry_id)
+            fields = _dead_letter_fields(raw, reason=reason, entry_id=entry_id)
+            if self._dead_letter_script is None:
+                self._dead_letter_script = self.client.register_script(_DEAD_LETTER_ONCE)
+            deleted = "1" if not raw else "0"
+            self._dead_letter_script(
+                keys=[self.stream, self.dead_stream],
+                args=[
+                    self.group,
+                    entry_id,
+                    settings.SYNAPSE_STREAM_MAXLEN,
+                    deleted,
+                    *(x for kv in fields.items() for x in kv),
+                ],
+                client=pipe,
             )
-        pipe.xack(self.stream, self.group, *batch.entry_ids)
+        rest = [entry_id for entry_id in batch.entry_ids if entry_id not in dead_ids]
+        if rest:
+            pipe.xack(self.stream, self.group, *rest)
         pipe.execute()
 
     def process(self, entries: Sequence[Entry]) -> BatchResult:
-        """Write a batch, then acknowledge it."""
-        with collector_paused():
-            batch = self.write(entries)
+        """Write a batch, then acknowledge it.
+
+        An entry whose content breaks the writing in a way the checks do not foresee (a value
+        out of a type's range, nesting past the recursion limit) would fail its whole batch on
+        every delivery and hold it pending for ever. A batch that fails with such an error
+        (_CONTENT_ERRORS) is written again in halves, down to the entry that fails alone, which
+        is dead-lettered with the error. Other errors (files, the database, Redis) are the
+        environment's: they stop the consumer, and the batch is delivered again."""
+        try:
+            with collector_paused():
+                batch = self.write(entries)
+        except _CONTENT_ERRORS as exc:
+            if len(entries) > 1:
+                logger.warning("a batch of %d entries failed (%r); writing it again in halves", len(entries), exc)
+                middle = len(entries) // 2
+                result = self.process(entries[:middle])
+                result.add(self.process(entries[middle:]))
+                return result
+            entry_id, raw = entries[0]
+            reason = f"cannot be written: {type(exc).__name__}: {exc}"[:1000]
+            logger.warning("dead-lettering Synapse entry %s of %s: %s", entry_id, self.stream, reason)
+            batch = WrittenBatch(entry_ids=[entry_id], dead=[(entry_id, raw, reason)], result=BatchResult(entries=1))
+            batch.result.dead = 1
         self.acknowledge(batch)
         return batch.result
 
@@ -602,11 +667,18 @@ class SynapseConsumer:
         try:
             return self.read_new(block_ms=block_ms)
         except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            logger.warning("the group %s of %s is gone (stream deleted?); creating it again", self.group, self.stream)
-            self.ensure_group()
+            self._regroup_or_raise(exc)
             return []
+
+    def _regroup_or_raise(self, exc: redis.ResponseError) -> None:
+        """The stream or the group is gone: NOGROUP, or, for a read blocked when the stream
+        was deleted, UNBLOCKED. The group is created again (from the start: the files' dedupe
+        absorbs what was written); any other error is raised."""
+        message = str(exc)
+        if not message.startswith(("NOGROUP", "UNBLOCKED")):
+            raise exc
+        logger.warning("the group %s of %s is gone (stream deleted?); creating it again", self.group, self.stream)
+        self.ensure_group()
 
     def _last_generated_id(self) -> tuple[int, int]:
         return _id_key(_text(self.client.xinfo_stream(self.stream)["last-generated-id"]))

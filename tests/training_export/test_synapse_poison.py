@@ -1,0 +1,171 @@
+"""The Synapse consumer against entries that break it in ways its checks did not foresee,
+and against its stream vanishing: it dead-letters what cannot be written and keeps running
+(each test failed before its fix; an audit's reproductions)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from orchestration.services.relay import stream_trim
+from training_export.services.store import TrainingDataStore
+from training_export.services.synapse import SynapseConsumer
+
+GROUP = "training"
+T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def stream(settings, tmp_path: Path) -> Iterator[str]:
+    name = f"synapse-poison-{uuid.uuid4().hex[:8]}"
+    settings.SYNAPSE_STREAM = name
+    settings.TRAINING_DATA_DIR = tmp_path / "training"
+    yield name
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.delete(name, f"{name}:dead")
+    client.close()
+
+
+def entry(number: int, **overrides: str) -> dict[str, str]:
+    fields = {
+        "event_id": f"ev-{number}",
+        "sequence": str(number),
+        "event_type": "agent_started",
+        "entity_type": "task",
+        "entity_id": f"task-{number}",
+        "workflow_id": "",
+        "agent_id": "agent-1",
+        "session_id": "",
+        "source": "platform",
+        "severity": "info",
+        "created_at": T0.isoformat(),
+        "payload": "{}",
+    }
+    fields.update(overrides)
+    return fields
+
+
+def consumer(client: redis.Redis, stream: str, data_dir: Path, name: str, **kwargs) -> SynapseConsumer:
+    return SynapseConsumer(
+        client=client, store=TrainingDataStore(data_dir), stream=stream, group=GROUP, consumer=name, **kwargs
+    )
+
+
+def nested(depth: int) -> str:
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+POISON = {
+    # fromisoformat accepts it; astimezone(UTC) raises OverflowError, not MalformedEntry
+    "created_at before year 1 in UTC": {"created_at": "0001-01-01T00:00:00+01:00"},
+    "created_at after year 9999 in UTC": {"created_at": "9999-12-31T23:30:00-01:00"},
+    # orjson parses up to depth 1024; json_text's fallback json.dumps raises RecursionError
+    "payload nested 1020 deep": {"payload": nested(1020)},
+    # with a long number json_load uses json.loads, which raises RecursionError, not ValueError
+    "payload nested 1100 deep with a long number": {
+        "payload": '{"a":' * 1100 + "123456789012345678901234567890" + "}" * 1100
+    },
+}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("poison", POISON.values(), ids=POISON.keys())
+def test_a_malformed_entry_is_dead_lettered_not_a_crash_loop(stream, settings, poison):
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.xadd(stream, entry(1), id="1-1")
+    client.xadd(stream, entry(2, **poison), id="2-1")
+    client.xadd(stream, entry(3), id="3-1")
+    errors = []
+    for attempt in range(2):  # a restart (new process name) claims the batch again
+        try:
+            consumer(client, stream, settings.TRAINING_DATA_DIR, f"worker-{attempt}", claim_idle_ms=0).run(once=True)
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {str(exc)[:80]}")
+    stream_trim(client=client, stream=stream, approximate=False)
+    state = {
+        "errors": errors,
+        "pending": client.xpending(stream, GROUP)["pending"],
+        "dead_lettered": client.xlen(f"{stream}:dead"),
+        "stream_len_after_trim": client.xlen(stream),
+    }
+    assert state == {"errors": [], "pending": 0, "dead_lettered": 1, "stream_len_after_trim": 0}
+    assert _written_event_ids(settings.TRAINING_DATA_DIR) == {"ev-1", "ev-3"}  # the batch's good entries
+
+
+def _written_event_ids(data_dir: Path) -> set[str]:
+    import csv
+
+    ids = set()
+    for path in (Path(data_dir) / "events").glob("*.csv"):
+        with path.open(newline="") as fh:
+            ids |= {row["event_id"] for row in csv.DictReader(fh)}
+    return ids
+
+
+@pytest.mark.django_db
+def test_a_terminal_event_whose_id_holds_nul_names_no_row_and_is_written(stream, settings):
+    """PostgreSQL text holds no NUL: the id is not sent to it (the query would fail the batch)."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.xadd(stream, entry(1), id="1-1")
+    client.xadd(stream, entry(2, event_type="task_completed", entity_id="t\x00x"), id="2-1")
+    result = consumer(client, stream, settings.TRAINING_DATA_DIR, "worker-1").run(once=True)
+    assert (result.missing, result.dead, client.xpending(stream, GROUP)["pending"]) == (1, 0, 0)
+    assert _written_event_ids(settings.TRAINING_DATA_DIR) == {"ev-1", "ev-2"}
+
+
+def test_the_running_consumer_survives_the_stream_being_deleted_while_it_blocks(stream, settings):
+    """The consumer means to recreate its group when the stream is deleted (NOGROUP), but a
+    consumer blocked in XREADGROUP (the idle state) gets "UNBLOCKED the stream key no longer
+    exists" instead, and dies."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.xadd(stream, entry(1), id="1-1")
+    worker = consumer(
+        redis.Redis.from_url(settings.REDIS_URL, decode_responses=True),
+        stream,
+        settings.TRAINING_DATA_DIR,
+        "worker-1",
+    )
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run(once=False, block_ms=2000, should_stop=stop.is_set)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.7)  # entry 1 consumed; now blocked in XREADGROUP ... BLOCK 2000
+    client.delete(stream)  # an operator's DEL / FLUSHDB, or Redis emptied under it
+    time.sleep(0.5)
+    client.xadd(stream, entry(2), id="2-1")  # the relay publishes again
+    time.sleep(3)
+    stop.set()
+    thread.join(10)
+    assert failure == []
+
+
+def test_a_malformed_entry_claimed_from_a_slow_live_consumer_is_dead_lettered_once(stream, settings):
+    """The module promises "dead-lettered exactly once". A slow consumer A still holds a batch
+    with a malformed entry when B claims it (idle past claim_idle_ms); each acknowledges with
+    MULTI [XADD dead, XACK], and both XADDs run."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.xadd(stream, entry(1), id="1-1")
+    client.xadd(stream, entry(2, payload="{not json"), id="2-1")
+    slow = consumer(client, stream, settings.TRAINING_DATA_DIR, "slow")
+    slow.ensure_group()
+    entries = slow.read_new()  # A holds the batch ...
+    claimer = consumer(client, stream, settings.TRAINING_DATA_DIR, "claimer", claim_idle_ms=0)
+    _, claimed = claimer.claim()  # ... B claims it meanwhile
+    claimer.process(claimed)
+    slow.process(entries)  # A finishes
+    dead = client.xrange(f"{stream}:dead")
+    assert len(dead) == 1
