@@ -111,8 +111,23 @@ def events_relay(*, client: redis.Redis | None = None, batch: int | None = None,
         published, blocked = _relay_batch(client, stream, gaps_key, result, batch)
         if blocked or published < batch:
             break
+    if result.published:
+        _forget_passed_gaps(client, gaps_key, result.last_sequence)
     stream_trim(client=client, stream=stream)
     return result
+
+
+def _forget_passed_gaps(client: redis.Redis, gaps_key: str, last_sequence: int) -> None:
+    """Drop the horizons of holes the stream is now past: a hole proven empty is dropped when
+    it is passed, but one that a late commit filled is simply published through, and its
+    horizon would stay for ever."""
+    passed = [gap for gap in client.hkeys(gaps_key) if int(_text(gap).split("-")[1]) <= last_sequence]
+    if passed:
+        client.hdel(gaps_key, *passed)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _entry_key(entry_id: bytes | str) -> tuple[int, int]:
