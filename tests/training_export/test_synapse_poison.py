@@ -169,3 +169,25 @@ def test_a_malformed_entry_claimed_from_a_slow_live_consumer_is_dead_lettered_on
     slow.process(entries)  # A finishes
     dead = client.xrange(f"{stream}:dead")
     assert len(dead) == 1
+
+
+def test_departed_consumers_are_forgotten_and_one_holding_entries_is_kept(stream, settings, monkeypatch):
+    from training_export.services import synapse
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    for number in (1, 2):
+        client.xadd(stream, entry(number), id=f"{number}-1")
+    alive = consumer(client, stream, settings.TRAINING_DATA_DIR, "alive")
+    alive.ensure_group()
+    consumer(client, stream, settings.TRAINING_DATA_DIR, "holding").read_new()  # died holding both
+    client.xgroup_createconsumer(stream, GROUP, "departed")  # died after acknowledging all it read
+    monkeypatch.setattr(synapse, "DEPARTED_IDLE_MS", 0)
+    alive.claim_idle_ms = 0
+
+    assert alive.forget_departed() == ["departed"]
+    names = {info["name"]: info["pending"] for info in client.xinfo_consumers(stream, GROUP)}
+    assert names == {b"holding": 2}
+
+    alive.run(once=True)  # claims the entries, writes them, then forgets the emptied name
+    assert [info["name"] for info in client.xinfo_consumers(stream, GROUP)] == []
+    assert _written_event_ids(settings.TRAINING_DATA_DIR) == {"ev-1", "ev-2"}

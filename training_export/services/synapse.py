@@ -196,6 +196,18 @@ _DEAD_LETTER_ONCE = """
     return 0
 """
 
+# Remove a consumer name from a group if it holds no pending entry: KEYS = stream; ARGV =
+# group, name. 1 if removed.
+_FORGET_IF_NOTHING_PENDING = """
+    if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+        redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+        return 1
+    end
+    return 0
+"""
+# How long a consumer holding nothing must have been idle to be taken for departed.
+DEPARTED_IDLE_MS = 10 * 60 * 1000
+
 # What an entry's own content can raise while its rows are built (see SynapseConsumer.process).
 _CONTENT_ERRORS = (ValueError, TypeError, ArithmeticError, RecursionError, DataError)
 
@@ -392,6 +404,7 @@ class SynapseConsumer:
         self.claim_idle_ms = claim_idle_ms
         self.dead_stream = f"{stream}:dead"
         self._dead_letter_script: Any = None
+        self._forget_script: Any = None
 
     # --- reading -------------------------------------------------------------------------
 
@@ -662,6 +675,34 @@ class SynapseConsumer:
                 handle(entries)
             if cursor == "0-0":
                 break
+        self.forget_departed()
+
+    def forget_departed(self) -> list[str]:
+        """Remove from the group the names of consumers that hold no pending entry and have not
+        read for DEPARTED_IDLE_MS (at least ten claim periods): processes that died (their
+        entries were claimed) and never left. Names are per process, so they would pile up with
+        every crash. The check and the removal are one script: a name that took an entry
+        meanwhile keeps it (Redis forgets a removed consumer's pending entries). A live
+        consumer removed while idle is added again by its next read."""
+        threshold = max(DEPARTED_IDLE_MS, 10 * self.claim_idle_ms)
+        try:
+            consumers = self.client.xinfo_consumers(self.stream, self.group)
+        except redis.ResponseError:
+            return []  # no stream or group: nothing to forget
+        if self._forget_script is None:
+            self._forget_script = self.client.register_script(_FORGET_IF_NOTHING_PENDING)
+        forgotten = []
+        for info in consumers:
+            name = _text(info["name"])
+            if name == self.consumer or info["pending"] or info["idle"] < threshold:
+                continue
+            if self._forget_script(keys=[self.stream], args=[self.group, name]) == 1:
+                forgotten.append(name)
+        if forgotten:
+            logger.info(
+                "removed %d departed consumer(s) from %s/%s: %s", len(forgotten), self.stream, self.group, forgotten
+            )
+        return forgotten
 
     def _read_new_or_regroup(self, *, block_ms: int | None) -> list[Entry]:
         try:
