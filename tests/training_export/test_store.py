@@ -166,6 +166,22 @@ def test_rows_another_process_appended_are_seen_before_writing(data_dir):
     assert event_ids(result.path) == ["ev-1", "ev-2", "ev-3"]
 
 
+def test_the_ids_of_a_file_not_written_for_a_while_are_dropped_and_read_again_when_needed(data_dir, monkeypatch):
+    store = TrainingDataStore(data_dir)
+    day1, day2 = T0.date(), T0.date() + dt.timedelta(days=1)
+    store.write_rows("events", day1, [event_row("ev-1")])
+    clock = [1000.0]
+    monkeypatch.setattr("training_export.services.store.time.monotonic", lambda: clock[0])
+    store.write_rows("events", day1, [event_row("ev-2")])
+    clock[0] += store.max_idle_seconds + 1  # day 1 not written since
+    store.write_rows("events", day2, [event_row("ev-3")])
+
+    assert list(store._files) == [store.path("events", day2)]  # day 1's ids are no longer held
+    late = store.write_rows("events", day1, [event_row("ev-2"), event_row("ev-4")])
+    assert (late.written, late.duplicates) == (1, 1)  # read from the file again
+    assert event_ids(late.path) == ["ev-1", "ev-2", "ev-4"]
+
+
 def test_multi_line_fields_are_read_back_as_one_row_when_rebuilding(data_dir):
     path = store_agent_task(
         execution_id="ex-1", agent_id="a", task_name="t", status="failed", error="line 1\nline 2,\n", event_id="ev-1"

@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -352,6 +353,7 @@ class _FileState:
     dev: int
     end: int = 0  # bytes read or written so far: rows past it were appended by someone else
     seen: set[str] = field(default_factory=set)
+    touched: float = 0.0  # time.monotonic() of the last write
 
 
 class TrainingDataStore:
@@ -361,7 +363,11 @@ class TrainingDataStore:
     time); several instances and processes may write the same files at once.
     """
 
-    max_cached_files = 64  # a long-running consumer moves on to a new day's files every day
+    # A long-running consumer moves on to a new day's files every day: the event_ids of a file
+    # are dropped once it has not been written for max_idle_seconds (a late event for it
+    # scans the file again), and beyond max_cached_files, least recently written first.
+    max_cached_files = 64
+    max_idle_seconds = 15 * 60
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -468,10 +474,13 @@ class TrainingDataStore:
                 os.ftruncate(fd, good_end)
                 os.fsync(fd)
             state.end = good_end
+        now = time.monotonic()
+        state.touched = now
         self._files[path] = state
         self._files.move_to_end(path)
-        while len(self._files) > self.max_cached_files:
-            self._files.popitem(last=False)
+        files = self._files
+        while len(files) > self.max_cached_files or next(iter(files.values())).touched < now - self.max_idle_seconds:
+            files.popitem(last=False)
         return state, first_look
 
 
