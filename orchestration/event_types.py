@@ -4,6 +4,11 @@ This module is the one place where event types are defined; the `events` table h
 CHECK constraint built from it, so an event of an undocumented type cannot be stored.
 Adding a type means adding it here and generating a migration.
 
+The events that end a task or workflow in a way it can start again from (task_failed,
+task_cancelled, workflow_failed, workflow_cancelled: a retry or resume reruns the same row)
+carry that row's changing columns as the ending left them, under the payload's `state`
+(orchestration.services.events.TASK_STATE_FIELDS / WORKFLOW_STATE_FIELDS).
+
 Seed 004's analytics names map onto these: `agent_task_completed` -> task_completed,
 `agent_task_failed` -> task_failed, `workflow_finished` -> workflow_completed /
 workflow_failed / workflow_cancelled.
