@@ -320,7 +320,10 @@ def _attempt_claim(
         running = TaskExecution.objects.filter(agent=agent, status=TaskExecution.Status.RUNNING).count()
         if running >= agent.max_concurrency:
             dispatch = dispatch_prepare(task, now=now, countdown=0.5 + random.uniform(0, 1.0), status=task.status)  # noqa: S311
-            task.save(update_fields=["status", "celery_task_id"])  # queued_at stays: waiting is not a new queueing
+            # Waiting for the agent is not waiting for a worker: the queue timeout counts from
+            # the deferred message's queueing, so a task that waits its turn is not failed for
+            # it (DESIGN: excess tasks wait, they are not failed).
+            task.save(update_fields=["status", "celery_task_id", "queued_at"])
             dispatch_after_commit([dispatch])
             return Outcome.DEFERRED
         # The attempt starts now, once the limit admitted it: the wait for the agent row

@@ -432,6 +432,27 @@ def test_a_redelivered_message_of_a_limited_agent_waits_for_another_task_and_the
     assert isinstance(again, Claim) and again.attempt.attempt_number == 2
 
 
+def test_a_task_waiting_for_its_agent_longer_than_the_queue_timeout_is_not_failed(db, builtin_agents, settings):
+    settings.TASK_QUEUE_TIMEOUT_SECONDS = 60
+    Agent.objects.filter(pk="echo").update(max_concurrency=1)
+    wf = submit({"name": "x", "agent": "echo"}, {"name": "y", "agent": "echo"})
+    x, y = task(wf, "x"), task(wf, "y")
+    assert isinstance(attempt_claim(execution_id=y.execution_id, celery_task_id=y.celery_task_id, worker="w1@h"), Claim)
+    start = timezone.now()
+    TaskExecution.objects.filter(pk=x.pk).update(queued_at=start - dt.timedelta(seconds=50))  # 50 s in the queue
+    for waited in (0, 40, 80):  # y keeps the agent's only slot; x's deferred message comes back
+        x.refresh_from_db()
+        outcome = attempt_claim(
+            execution_id=x.execution_id,
+            celery_task_id=x.celery_task_id,
+            worker="w2@h",
+            now=start + dt.timedelta(seconds=waited),
+        )
+        assert outcome == Outcome.DEFERRED, f"after {50 + waited} s of waiting"
+    x.refresh_from_db()
+    assert x.status == T.QUEUED and not attempts(wf, "x")
+
+
 def test_a_redelivered_message_of_an_agent_at_its_limit_does_not_wait_behind_itself(db, builtin_agents):
     Agent.objects.filter(pk="echo").update(max_concurrency=1)
     wf = submit({"name": "x", "agent": "echo", "max_retries": 3})
