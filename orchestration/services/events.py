@@ -63,6 +63,10 @@ def state_value(field: models.Field, value: Any) -> Any:
         moment = dt.datetime.fromisoformat(value)
         if moment.utcoffset() is None:
             raise ValueError(f"{field.name}: {value!r} has no UTC offset")
+        try:
+            moment.astimezone(dt.UTC)
+        except OverflowError:
+            raise ValueError(f"{field.name}: {value!r} is out of range in UTC") from None
         return moment
     if isinstance(field, models.DecimalField):
         return Decimal(value)

@@ -545,3 +545,11 @@ def test_a_carriage_return_is_quoted_so_the_csv_module_reads_the_file_back(tmp_p
     assert (
         TrainingDataStore(tmp_path).write_rows("events", day, [{"event_id": "ev-1", "created_at": T0}]).duplicates == 1
     )
+
+
+def test_a_store_that_keeps_no_ids_reads_each_file_again(data_dir):
+    store = TrainingDataStore(data_dir)
+    store.max_cached_files = 0
+    store.write_rows("events", T0.date(), [event_row("ev-1")])
+    again = store.write_rows("events", T0.date(), [event_row("ev-1"), event_row("ev-2")])
+    assert (again.written, again.duplicates) == (1, 1)

@@ -9,14 +9,19 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import redis
 
-from orchestration.services.relay import stream_trim
-from training_export.services.store import TrainingDataStore
-from training_export.services.synapse import SynapseConsumer
+from orchestration.event_types import EventType
+from orchestration.models import Event, TaskExecution
+from orchestration.services.events import TASK_STATE_FIELDS, entity_states, task_event
+from orchestration.services.relay import event_to_entry, stream_trim
+from tests.factories import TaskExecutionFactory
+from training_export.services.store import SCHEMAS, TASKS, TrainingDataStore, _encode_rows
+from training_export.services.synapse import _TASK_FIELDS, SynapseConsumer, _state_columns, parse_entries
 
 GROUP = "training"
 T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
@@ -191,3 +196,108 @@ def test_departed_consumers_are_forgotten_and_one_holding_entries_is_kept(stream
     alive.run(once=True)  # claims the entries, writes them, then forgets the emptied name
     assert [info["name"] for info in client.xinfo_consumers(stream, GROUP)] == []
     assert _written_event_ids(settings.TRAINING_DATA_DIR) == {"ev-1", "ev-2"}
+
+
+def test_a_deleted_entry_read_from_the_own_pending_list_and_claimed_is_dead_lettered_once(stream, settings):
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.xadd(stream, entry(1), id="1-1")
+    first = consumer(client, stream, settings.TRAINING_DATA_DIR, "pod-a")
+    first.ensure_group()
+    assert [entry_id for entry_id, _ in first.read_new()] == ["1-1"]  # pod-a dies holding it
+    client.xdel(stream, "1-1")  # the entry is deleted from the stream (XDEL, XTRIM by an operator)
+
+    restarted = consumer(client, stream, settings.TRAINING_DATA_DIR, "pod-a")  # same --consumer name
+    own = restarted.read_pending()
+    assert own == [("1-1", {})]  # still in pod-a's pending list, read without fields
+    other = consumer(client, stream, settings.TRAINING_DATA_DIR, "pod-b", claim_idle_ms=0)
+    _, claimed = other.claim()  # XAUTOCLAIM reports it deleted and drops it from the PEL
+    assert claimed == [("1-1", {})]
+    other.process(claimed)
+    restarted.process(own)  # its XACK finds nothing: the claimer, whom Redis told, dead-lettered it
+
+    dead = client.xrange(f"{stream}:dead")
+    assert len(dead) == 1, f"dead-lettered {len(dead)} times"
+
+
+@pytest.mark.django_db
+def test_an_entry_whose_tasks_row_cannot_be_encoded_is_dead_lettered_with_no_row_written(stream, settings, monkeypatch):
+    """Every file's rows are encoded before any file is written: the entry that fails alone
+    in the bisection has no events row either (it would be in a file and dead-lettered)."""
+    from training_export.services import synapse
+
+    task = TaskExecutionFactory(status=TaskExecution.Status.COMPLETED)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.xadd(stream, entry(1), id="1-1")
+    client.xadd(stream, entry(2, event_type="task_completed", entity_id=task.pk), id="2-1")
+    client.xadd(stream, entry(3), id="3-1")
+    encode_rows = synapse.encode_rows
+
+    def refusing(data_type, rows):  # a tasks row the CSV cannot take
+        if any(row["event_id"] == "ev-2" for row in rows):
+            raise ValueError("a cell the store refuses")
+        return encode_rows(data_type, rows)
+
+    monkeypatch.setattr(synapse, "encode_rows", refusing)
+    result = consumer(client, stream, settings.TRAINING_DATA_DIR, "worker-1").run(once=True)
+
+    [(_, dead)] = client.xrange(f"{stream}:dead")
+    assert dead[b"original_id"] == b"2-1" and b"a cell the store refuses" in dead[b"reason"]
+    assert _written_event_ids(settings.TRAINING_DATA_DIR) == {"ev-1", "ev-3"}
+    assert (result.written["events"], result.dead, client.xpending(stream, GROUP)["pending"]) == (2, 1, 0)
+
+
+def test_a_malformed_entry_with_many_fields_is_dead_lettered(stream, settings):
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.xadd(stream, entry(1), id="1-1")
+    wide = {f"f{n}": "x" for n in range(5000)}  # no event_id: malformed ("missing event_id")
+    client.xadd(stream, wide, id="2-1")
+    client.xadd(stream, entry(3), id="3-1")
+    error = None
+    try:
+        consumer(client, stream, settings.TRAINING_DATA_DIR, "worker-1").run(once=True)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {str(exc)[:160]}"
+    state = {
+        "error": error,
+        "pending": client.xpending(stream, GROUP)["pending"],
+        "dead_lettered": client.xlen(f"{stream}:dead"),
+    }
+    assert state == {"error": None, "pending": 0, "dead_lettered": 1}
+    [(_, dead)] = client.xrange(f"{stream}:dead")
+    assert dead[b"fields_left_out"] == b"4000" and dead[b"original_id"] == b"2-1"
+
+
+STATE_VALUES = {
+    "floats": dict(execution_time_ms=0.1 + 0.2, cost_usd=Decimal("0.000001"), input_tokens=7, output_tokens=5),
+    "tiny float": dict(execution_time_ms=1.5e-07, cost_usd=Decimal("0")),
+    "integral float": dict(execution_time_ms=1000.0, cost_usd=Decimal("12345678.123456")),
+    "microseconds": dict(
+        started_at=dt.datetime(2024, 3, 5, 10, 0, 0, 1, tzinfo=dt.UTC),
+        completed_at=dt.datetime(2024, 3, 5, 10, 0, 1, tzinfo=dt.UTC),
+    ),
+    "text": dict(error='a "quoted",\r\nmulti-line\terror \u00e9\u4e2d\U0001f600', retry_count=3),
+    "json output": dict(output_data={"b": [1.0, 2.5e-08, 10**20, "x"], "a": {"z": None, "aa": True}, "é": 1e16}),
+    "null output": dict(output_data=None, execution_time_ms=None),
+}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("values", STATE_VALUES.values(), ids=STATE_VALUES.keys())
+def test_a_state_gives_the_csv_line_the_row_gives(values):
+    task = TaskExecutionFactory(status=TaskExecution.Status.FAILED, **values)
+    state = entity_states(TaskExecution, [task.pk], TASK_STATE_FIELDS)[task.pk]
+    event = task_event(task, EventType.TASK_FAILED, payload={"state": state})
+    event = Event.objects.get(pk=event.pk)  # as the relay reads it
+    events, dead = parse_entries([("1-1", event_to_entry(event))])
+    assert not dead
+    row = TaskExecution.objects.filter(pk=task.pk).values(*_TASK_FIELDS).get()
+    from_state = {**row, **_state_columns(TaskExecution, _TASK_FIELDS, events[0].payload["state"])}
+    schema = SCHEMAS[TASKS]
+    assert _encode_rows(schema, [{**from_state, "event_id": "e"}]) == _encode_rows(schema, [{**row, "event_id": "e"}])
+
+
+def test_a_state_time_out_of_range_in_utc_is_written_as_the_text_it_came_as():
+    columns = _state_columns(TaskExecution, _TASK_FIELDS, {"completed_at": "9999-12-31T23:30:00-01:00"})
+    assert columns == {"completed_at": "9999-12-31T23:30:00-01:00"}
+    row = {"execution_id": "t", "status": "failed", **columns, "event_id": "e"}
+    assert _encode_rows(SCHEMAS[TASKS], [row])[0][1].endswith(",9999-12-31T23:30:00-01:00,e\n")

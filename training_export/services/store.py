@@ -274,6 +274,16 @@ class EventCells(NamedTuple):
 EVENT_TEXT_COLUMNS = SCHEMAS[EVENTS].columns[1:-2]
 
 
+def encode_rows(data_type: str, rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """The rows as (event_id, CSV line), redacted, for `TrainingDataStore.write_encoded`."""
+    return _encode_rows(_schema(data_type), rows)
+
+
+def encode_event_cells(rows: Sequence[EventCells]) -> list[tuple[str, str]]:
+    """`encode_rows` of events rows whose cells are text already."""
+    return _encode_event_cells(rows)
+
+
 def _encode_event_cells(rows: Sequence[EventCells]) -> list[tuple[str, str]]:
     redactor = current_redactor()
     dirty = redactor.dirty(
@@ -380,12 +390,18 @@ class TrainingDataStore:
 
     def write_rows(self, data_type: str, day: dt.date, rows: Sequence[Mapping[str, Any]]) -> WriteResult:
         """Append the rows whose event_id the file does not hold yet; durable on return."""
-        return self._append(data_type, day, _encode_rows(_schema(data_type), rows))
+        return self._append(data_type, day, encode_rows(data_type, rows))
 
     def write_event_cells(self, day: dt.date, rows: Sequence[EventCells]) -> WriteResult:
         """`write_rows` for events whose cells are text already (the stream consumer's hot path,
         which skips building a row dict per entry); the same redaction and the same bytes."""
         return self._append(EVENTS, day, _encode_event_cells(rows))
+
+    def write_encoded(self, data_type: str, day: dt.date, encoded: list[tuple[str, str]]) -> WriteResult:
+        """`write_rows` of rows encoded beforehand (`encode_rows`, `encode_event_cells`), so that
+        a caller writing several files finds any row it cannot encode before touching one."""
+        _schema(data_type)
+        return self._append(data_type, day, encoded)
 
     def _append(self, data_type: str, day: dt.date, encoded: list[tuple[str, str]]) -> WriteResult:
         path = self.path(data_type, day)
@@ -479,7 +495,9 @@ class TrainingDataStore:
         self._files[path] = state
         self._files.move_to_end(path)
         files = self._files
-        while len(files) > self.max_cached_files or next(iter(files.values())).touched < now - self.max_idle_seconds:
+        while files and (
+            len(files) > self.max_cached_files or next(iter(files.values())).touched < now - self.max_idle_seconds
+        ):
             files.popitem(last=False)
         return state, first_look
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import itertools
 import logging
 import os
 import socket
@@ -52,6 +53,8 @@ from training_export.services.store import (
     WORKFLOWS,
     EventCells,
     TrainingDataStore,
+    encode_event_cells,
+    encode_rows,
     json_text,
 )
 
@@ -404,6 +407,7 @@ class SynapseConsumer:
         self.claim_idle_ms = claim_idle_ms
         self.dead_stream = f"{stream}:dead"
         self._dead_letter_script: Any = None
+        self._reported_deleted: set[str] = set()
         self._forget_script: Any = None
 
     # --- reading -------------------------------------------------------------------------
@@ -443,7 +447,11 @@ class SynapseConsumer:
             self._regroup_or_raise(exc)
             return "0-0", []
         entries: list[Entry] = [(_text(entry_id), fields or {}) for entry_id, fields in claimed if entry_id]
-        entries += [(_text(entry_id), {}) for entry_id in (rest[0] if rest else [])]
+        deleted = [_text(entry_id) for entry_id in (rest[0] if rest else [])]
+        # Redis took these out of the pending list itself, telling only this claimer: its
+        # XACK of them finds nothing, and it dead-letters them regardless (acknowledge()).
+        self._reported_deleted.update(deleted)
+        entries += [(entry_id, {}) for entry_id in deleted]
         return _text(cursor), entries
 
     # --- writing and acknowledging ---------------------------------------------------------
@@ -493,12 +501,12 @@ class SynapseConsumer:
             key=lambda e: e.fields.get("entity_id") or e.fields.get("workflow_id"),
         )
 
-        for day, cells in event_cells.items():
-            written = self.store.write_event_cells(day, cells)
-            result.written[EVENTS] += written.written
-            result.duplicates += written.duplicates
-        for (data_type, day), file_rows in rows.items():
-            written = self.store.write_rows(data_type, day, file_rows)
+        # Every file's rows are encoded before any file is written: a row that cannot be
+        # encoded fails the batch with nothing written (see process()).
+        encoded = [(EVENTS, day, encode_event_cells(cells)) for day, cells in event_cells.items()]
+        encoded += [(data_type, day, encode_rows(data_type, file_rows)) for (data_type, day), file_rows in rows.items()]
+        for data_type, day, lines in encoded:
+            written = self.store.write_encoded(data_type, day, lines)
             result.written[data_type] += written.written
             result.duplicates += written.duplicates
         return WrittenBatch(entry_ids=[entry_id for entry_id, _ in entries], dead=dead, result=result)
@@ -566,7 +574,8 @@ class SynapseConsumer:
             fields = _dead_letter_fields(raw, reason=reason, entry_id=entry_id)
             if self._dead_letter_script is None:
                 self._dead_letter_script = self.client.register_script(_DEAD_LETTER_ONCE)
-            deleted = "1" if not raw else "0"
+            deleted = "1" if entry_id in self._reported_deleted else "0"
+            self._reported_deleted.discard(entry_id)
             self._dead_letter_script(
                 keys=[self.stream, self.dead_stream],
                 args=[
@@ -742,11 +751,22 @@ class SynapseConsumer:
         return True
 
 
+# At most this many of an entry's fields go to its dead letter (the script unpacks them, and
+# Lua refuses to unpack about 8 000 values); the number left out is recorded.
+DEAD_LETTER_MAX_FIELDS = 1000
+
+
 def _dead_letter_fields(raw: Mapping[Any, Any], *, reason: str, entry_id: str) -> dict[Any, Any]:
     """The entry's fields as read (the original bytes: hiredis packs commands with strict UTF-8,
     so a decoding client's surrogates are turned back here), plus its reason and original id
-    (a field "reason" the entry already has is replaced, not doubled)."""
-    fields = {_original_bytes(name): _original_bytes(value) for name, value in raw.items()}
+    (a field "reason" the entry already has is replaced, not doubled); past
+    DEAD_LETTER_MAX_FIELDS fields, the first ones and `fields_left_out`."""
+    fields = {
+        _original_bytes(name): _original_bytes(value)
+        for name, value in itertools.islice(raw.items(), DEAD_LETTER_MAX_FIELDS)
+    }
+    if len(raw) > DEAD_LETTER_MAX_FIELDS:
+        fields[b"fields_left_out"] = str(len(raw) - DEAD_LETTER_MAX_FIELDS).encode()
     fields[b"reason"] = reason.encode("utf-8", "backslashreplace")
     fields[b"original_id"] = entry_id.encode()
     return fields
