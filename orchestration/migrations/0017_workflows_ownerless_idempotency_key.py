@@ -4,6 +4,29 @@ from django.conf import settings
 from django.db import migrations, models
 
 
+def keep_each_ownerless_key_once(apps, schema_editor):
+    """Before the index: ownerless workflows stored twice under one idempotency key (two
+    concurrent submissions, which the index now prevents) keep the key on the first one
+    stored only; the others stay, without the key, and are listed."""
+    Workflow = apps.get_model("orchestration", "Workflow")
+    duplicated = (
+        Workflow.objects.filter(owner__isnull=True, idempotency_key__isnull=False)
+        .values("idempotency_key")
+        .annotate(n=models.Count("pk"))
+        .filter(n__gt=1)
+        .values_list("idempotency_key", flat=True)
+    )
+    for key in list(duplicated):
+        first, *later = Workflow.objects.filter(owner__isnull=True, idempotency_key=key).order_by(
+            "created_at", "workflow_id"
+        )
+        Workflow.objects.filter(pk__in=[w.pk for w in later]).update(idempotency_key=None)
+        print(
+            f"\n  idempotency key {key!r} was on {len(later) + 1} ownerless workflows: kept on {first.pk}, "
+            f"removed from {', '.join(w.pk for w in later)}"
+        )
+
+
 class Migration(migrations.Migration):
     dependencies = [
         ("orchestration", "0016_attempt_cause_connection_lost"),
@@ -11,6 +34,7 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
+        migrations.RunPython(keep_each_ownerless_key_once, migrations.RunPython.noop),
         migrations.AddConstraint(
             model_name="workflow",
             constraint=models.UniqueConstraint(

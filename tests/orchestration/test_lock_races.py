@@ -9,7 +9,7 @@ import time
 from unittest import mock
 
 import pytest
-from django.db import connections, transaction
+from django.db import connection, connections, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
@@ -386,3 +386,39 @@ def test_succeed_alone_with_a_stale_pending_check_while_a_retry_revives_a_depend
         )
     wf.refresh_from_db()
     assert (wf.status, wf.completed_steps, wf.failed_steps, wf.cancelled_steps) == ("completed", 4, 0, 0)
+
+
+def test_migration_0017_keeps_each_ownerless_key_on_the_first_workflow_before_indexing(capsys):
+    """A database where the race already stored two ownerless workflows under one key: the
+    migration keeps the key on the first and removes it from the other, then the index builds."""
+    import datetime as dt
+
+    from django.apps import apps as global_apps
+    from django.db.migrations.executor import MigrationExecutor
+
+    from tests.factories import WorkflowFactory
+
+    index = "workflows_ownerless_idempotency_key_unique"
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP INDEX {index}")  # as before migration 0017
+        t0 = timezone.now()
+        first = WorkflowFactory(owner=None, idempotency_key="nightly", created_at=t0)
+        second = WorkflowFactory(owner=None, idempotency_key="nightly", created_at=t0 + dt.timedelta(seconds=1))
+        other = WorkflowFactory(owner=None, idempotency_key="hourly")
+        migration = MigrationExecutor(connection).loader.get_migration(
+            "orchestration", "0017_workflows_ownerless_idempotency_key"
+        )
+        migration.operations[0].code(global_apps, connection.schema_editor())
+        keys = dict(
+            Workflow.objects.filter(pk__in=[first.pk, second.pk, other.pk]).values_list("pk", "idempotency_key")
+        )
+        assert keys == {first.pk: "nightly", second.pk: None, other.pk: "hourly"}
+        assert f"kept on {first.pk}, removed from {second.pk}" in capsys.readouterr().out
+        with connection.cursor() as cursor:  # the index the migration adds next now builds
+            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")  # the inserts' deferred checks first
+            cursor.execute(
+                f"CREATE UNIQUE INDEX {index} ON workflows (idempotency_key) "
+                "WHERE idempotency_key IS NOT NULL AND owner_id IS NULL"
+            )
+        transaction.set_rollback(True)
