@@ -136,6 +136,47 @@ def _entry_key(entry_id: bytes | str) -> tuple[int, int]:
     return int(milliseconds), int(sequence)
 
 
+@dataclass
+class GroupState:
+    """A consumer group of the stream, as the trim sees it."""
+
+    name: str
+    consumers: int
+    pending: int
+    last_delivered: str
+    lag: int | None  # entries not yet delivered to the group (None when Redis cannot tell)
+    keeps_from: tuple[int, int]  # the oldest entry it still needs: its oldest pending, or the next
+
+
+def stream_groups(client: redis.Redis, stream: str) -> list[GroupState]:
+    """The stream's consumer groups (none when there is no stream)."""
+    try:
+        groups = client.xinfo_groups(stream)
+    except redis.ResponseError:
+        return []  # no stream yet
+    states = []
+    for group in groups:
+        name = _text(group["name"])
+        summary = client.xpending(stream, name)
+        last = _text(group["last-delivered-id"])
+        if summary["pending"]:
+            keeps_from = _entry_key(summary["min"])
+        else:
+            milliseconds, sequence = _entry_key(last)
+            keeps_from = (milliseconds, sequence + 1)
+        states.append(
+            GroupState(
+                name=name,
+                consumers=int(group["consumers"]),
+                pending=int(summary["pending"]),
+                last_delivered=last,
+                lag=group.get("lag"),
+                keeps_from=keeps_from,
+            )
+        )
+    return states
+
+
 def stream_trim(*, client: redis.Redis, stream: str, approximate: bool = True) -> int:
     """Trim the entries every consumer group is done with, and nothing else.
 
@@ -143,31 +184,26 @@ def stream_trim(*, client: redis.Redis, stream: str, approximate: bool = True) -
     acknowledged) or else the first one not yet delivered: entries below it were acknowledged
     by every group. Without any group nothing is trimmed (no consumer has started reading).
     A stream longer than SYNAPSE_STREAM_MAXLEN is reported, not cut: a lagging consumer still
-    needs those entries. `approximate` (Redis's "~") trims whole nodes only, which is cheaper;
-    it may keep more entries, never fewer."""
-    try:
-        groups = client.xinfo_groups(stream)
-    except redis.ResponseError:
-        return 0  # no stream yet
+    needs those entries (`manage.py synapse_groups` shows which group holds the stream, and
+    removes one that was abandoned). `approximate` (Redis's "~") trims whole nodes only, which
+    is cheaper; it may keep more entries, never fewer."""
+    groups = stream_groups(client, stream)
     trimmed = 0
     if groups:
-        safe: tuple[int, int] | None = None
-        for group in groups:
-            summary = client.xpending(stream, group["name"])
-            if summary["pending"]:
-                candidate = _entry_key(summary["min"])
-            else:
-                milliseconds, sequence = _entry_key(group["last-delivered-id"])
-                candidate = (milliseconds, sequence + 1)
-            safe = candidate if safe is None else min(safe, candidate)
+        safe = min(group.keeps_from for group in groups)
         trimmed = client.xtrim(stream, minid=f"{safe[0]}-{safe[1]}", approximate=approximate)
-    length = client.xlen(stream)
+    try:
+        length = client.xlen(stream)
+    except redis.ResponseError:
+        return trimmed
     if length > settings.SYNAPSE_STREAM_MAXLEN:
+        holder = min(groups, key=lambda group: group.keeps_from).name if groups else None
         logger.warning(
-            "the Synapse stream holds %d entries (SYNAPSE_STREAM_MAXLEN=%d) that %s: is the consumer running?",
+            "the Synapse stream holds %d entries (SYNAPSE_STREAM_MAXLEN=%d) that %s: is the consumer running? "
+            "(manage.py synapse_groups)",
             length,
             settings.SYNAPSE_STREAM_MAXLEN,
-            "a consumer group still needs" if groups else "no consumer group has read yet",
+            f"the consumer group {holder!r} still needs" if holder else "no consumer group has read yet",
         )
     return trimmed
 

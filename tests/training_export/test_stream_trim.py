@@ -57,3 +57,34 @@ def test_a_stream_over_the_limit_is_reported_even_without_a_group(client, settin
         assert stream_trim(client=client, stream=client.stream) == 0
     assert "holds 10 entries (SYNAPSE_STREAM_MAXLEN=5) that no consumer group has read yet" in caplog.text
     assert ids(client) == list(range(1, 11))
+
+
+def test_an_abandoned_group_is_named_as_holding_the_stream_and_can_be_removed(client, settings, caplog):
+    import io
+
+    from django.core.management import CommandError, call_command
+
+    settings.SYNAPSE_STREAM = client.stream
+    settings.SYNAPSE_STREAM_MAXLEN = 5
+    client.xgroup_create(client.stream, "training", id="0")
+    read = client.xreadgroup("training", "c1", {client.stream: ">"}, count=10)[0][1]
+    client.xack(client.stream, "training", *[entry_id for entry_id, _ in read])
+    client.xgroup_create(client.stream, "tried-once", id="0")  # an operator's test group, never read again
+    client.xreadgroup("tried-once", "c9", {client.stream: ">"}, count=2)
+
+    with caplog.at_level("WARNING", logger="orchestration.services.relay"):
+        assert stream_trim(client=client, stream=client.stream, approximate=False) == 0
+    assert "the consumer group 'tried-once' still needs" in caplog.text
+    out = io.StringIO()
+    call_command("synapse_groups", stdout=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"stream '{client.stream}': 10 entries (SYNAPSE_STREAM_MAXLEN=5)"
+    assert lines[2].split() == ["tried-once", "1", "2", "8", "1-1", "<-", "holds", "the", "stream"]
+    assert lines[3].split() == ["training", "1", "0", "0", "10-2"]
+
+    with pytest.raises(CommandError, match="has no consumer group 'tried-one' \\(its groups: training, tried-once\\)"):
+        call_command("synapse_groups", "--destroy", "tried-one")
+    out = io.StringIO()
+    call_command("synapse_groups", "--destroy", "tried-once", stdout=out)
+    assert "removed the consumer group 'tried-once'" in out.getvalue() and "2 pending entries dropped" in out.getvalue()
+    assert stream_trim(client=client, stream=client.stream, approximate=False) == 10

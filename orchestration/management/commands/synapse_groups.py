@@ -1,0 +1,51 @@
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from orchestration.services.relay import stream_groups, synapse_client
+
+
+class Command(BaseCommand):
+    help = (
+        "The consumer groups of the Synapse stream: what each still needs and which one holds the "
+        "stream back from being trimmed; --destroy NAME removes a group that was abandoned."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--destroy",
+            metavar="NAME",
+            help="remove this consumer group; the entries only it still needed become trimmable "
+            "(its pending entries are dropped with it)",
+        )
+
+    def handle(self, *args, **options):
+        client = synapse_client()
+        stream = settings.SYNAPSE_STREAM
+        groups = stream_groups(client, stream)
+        name = options["destroy"]
+        if name is not None:
+            group = next((g for g in groups if g.name == name), None)
+            if group is None:
+                known = ", ".join(sorted(g.name for g in groups)) or "none"
+                raise CommandError(f"the stream {stream!r} has no consumer group {name!r} (its groups: {known})")
+            client.xgroup_destroy(stream, name)
+            self.stdout.write(
+                f"removed the consumer group {name!r} of {stream!r}: {group.consumers} consumer(s), "
+                f"{group.pending} pending entr{'y' if group.pending == 1 else 'ies'} dropped with it"
+            )
+            return
+        length = client.xlen(stream)
+        self.stdout.write(
+            f"stream {stream!r}: {length} entries (SYNAPSE_STREAM_MAXLEN={settings.SYNAPSE_STREAM_MAXLEN})"
+        )
+        if not groups:
+            self.stdout.write("no consumer group: nothing is trimmed until one reads")
+            return
+        holder = min(g.keeps_from for g in groups)
+        self.stdout.write(f"{'group':<24} {'consumers':>9} {'pending':>8} {'not delivered':>13}  keeps from")
+        for g in sorted(groups, key=lambda g: g.keeps_from):
+            lag = "?" if g.lag is None else str(g.lag)
+            mark = "  <- holds the stream" if g.keeps_from == holder and len(groups) > 1 else ""
+            self.stdout.write(
+                f"{g.name:<24} {g.consumers:>9} {g.pending:>8} {lag:>13}  {g.keeps_from[0]}-{g.keeps_from[1]}{mark}"
+            )
