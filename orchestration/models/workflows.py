@@ -179,6 +179,10 @@ class TaskExecution(TimestampedModel):
     worker = models.CharField(max_length=255, blank=True, default="")
     metadata = models.JSONField(default=dict, blank=True)
     queued_at = models.DateTimeField(null=True, blank=True)
+    # When a claim last found the agent at its max_concurrency and sent the message again to
+    # wait: waiting for the agent is not waiting for a worker, so the queue timeout counts from
+    # here; queued_at keeps when the task began to wait.
+    deferred_at = models.DateTimeField(null=True, blank=True, editable=False)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
 

@@ -293,14 +293,15 @@ def _attempt_claim(
 
     number = (TaskAttempt.objects.filter(execution=task).aggregate(n=Max("attempt_number"))["n"] or 0) + 1
     queue_timeout = dt.timedelta(seconds=settings.TASK_QUEUE_TIMEOUT_SECONDS)
-    if task.queued_at and now > task.queued_at + queue_timeout:
+    waiting_for_worker_since = max(filter(None, (task.queued_at, task.deferred_at)), default=None)
+    if waiting_for_worker_since and now > waiting_for_worker_since + queue_timeout:
         attempt = TaskAttempt.objects.create(
             execution=task,
             attempt_number=number,
             status=TaskAttempt.Status.TIMED_OUT,
             cause=TaskAttempt.Cause.QUEUE_TIMEOUT,
             retryable=False,
-            error=f"waited {(now - task.queued_at).total_seconds():.0f} s in the queue "
+            error=f"waited {(now - waiting_for_worker_since).total_seconds():.0f} s in the queue "
             f"(limit {settings.TASK_QUEUE_TIMEOUT_SECONDS} s)",
             worker=worker,
             celery_task_id=celery_task_id,
@@ -321,9 +322,11 @@ def _attempt_claim(
         if running >= agent.max_concurrency:
             dispatch = dispatch_prepare(task, now=now, countdown=0.5 + random.uniform(0, 1.0), status=task.status)  # noqa: S311
             # Waiting for the agent is not waiting for a worker: the queue timeout counts from
-            # the deferred message's queueing, so a task that waits its turn is not failed for
-            # it (DESIGN: excess tasks wait, they are not failed).
-            task.save(update_fields=["status", "celery_task_id", "queued_at"])
+            # the last deferral, so a task that waits its turn is not failed for it (DESIGN:
+            # excess tasks wait, they are not failed). queued_at stays: the task has waited
+            # since then (the queued-age gauge, submit-to-start).
+            task.deferred_at = now
+            task.save(update_fields=["status", "celery_task_id", "deferred_at"])
             dispatch_after_commit([dispatch])
             return Outcome.DEFERRED
         # The attempt starts now, once the limit admitted it: the wait for the agent row

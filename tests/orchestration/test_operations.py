@@ -451,6 +451,18 @@ def test_a_task_waiting_for_its_agent_longer_than_the_queue_timeout_is_not_faile
         assert outcome == Outcome.DEFERRED, f"after {50 + waited} s of waiting"
     x.refresh_from_db()
     assert x.status == T.QUEUED and not attempts(wf, "x")
+    # it has waited since it was first queued (the queued-age gauge, submit-to-start) ...
+    assert x.queued_at == start - dt.timedelta(seconds=50) and x.deferred_at == start + dt.timedelta(seconds=80)
+    # ... and a deferred message that then waits for a worker past the limit times out
+    late = attempt_claim(
+        execution_id=x.execution_id,
+        celery_task_id=x.celery_task_id,
+        worker="w2@h",
+        now=start + dt.timedelta(seconds=141),
+    )
+    assert late == Outcome.SKIPPED
+    [timed_out] = attempts(wf, "x")
+    assert (timed_out.cause, timed_out.error) == ("queue_timeout", "waited 61 s in the queue (limit 60 s)")
 
 
 def test_a_redelivered_message_of_an_agent_at_its_limit_does_not_wait_behind_itself(db, builtin_agents):
