@@ -140,7 +140,8 @@ def _entry_key(entry_id: bytes | str) -> tuple[int, int]:
 class GroupState:
     """A consumer group of the stream, as the trim sees it."""
 
-    name: str
+    name: str  # for display: a name that is not UTF-8 shows its bytes escaped
+    key: bytes | str  # the name as Redis gave it, for commands
     consumers: int
     pending: int
     last_delivered: str
@@ -156,8 +157,9 @@ def stream_groups(client: redis.Redis, stream: str) -> list[GroupState]:
         return []  # no stream yet
     states = []
     for group in groups:
-        name = _text(group["name"])
-        summary = client.xpending(stream, name)
+        key = group["name"]
+        name = key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key
+        summary = client.xpending(stream, key)
         last = _text(group["last-delivered-id"])
         if summary["pending"]:
             keeps_from = _entry_key(summary["min"])
@@ -167,6 +169,7 @@ def stream_groups(client: redis.Redis, stream: str) -> list[GroupState]:
         states.append(
             GroupState(
                 name=name,
+                key=key,
                 consumers=int(group["consumers"]),
                 pending=int(summary["pending"]),
                 last_delivered=last,

@@ -88,3 +88,34 @@ def test_an_abandoned_group_is_named_as_holding_the_stream_and_can_be_removed(cl
     call_command("synapse_groups", "--destroy", "tried-once", stdout=out)
     assert "removed the consumer group 'tried-once'" in out.getvalue() and "2 pending entries dropped" in out.getvalue()
     assert stream_trim(client=client, stream=client.stream, approximate=False) == 10
+
+
+def test_a_group_name_that_is_not_utf8_is_trimmed_around_listed_and_removable(client, settings):
+    import io
+
+    from django.core.management import call_command
+
+    settings.SYNAPSE_STREAM = client.stream
+    client.xgroup_create(client.stream, b"g\xff", id="0")
+    read = client.xreadgroup(b"g\xff", "c1", {client.stream: ">"}, count=2)[0][1]
+    client.xack(client.stream, b"g\xff", *[entry_id for entry_id, _ in read])
+
+    assert stream_trim(client=client, stream=client.stream, approximate=False) == 2
+    out = io.StringIO()
+    call_command("synapse_groups", stdout=out)
+    assert out.getvalue().splitlines()[2].split() == ["g\\xff", "1", "0", "8", "2-2"]
+    call_command("synapse_groups", "--destroy", "g\\xff", stdout=io.StringIO())
+    assert client.xinfo_groups(client.stream) == []
+
+
+def test_groups_that_are_all_caught_up_hold_nothing(client, settings):
+    import io
+
+    from django.core.management import call_command
+
+    settings.SYNAPSE_STREAM = client.stream
+    for group in ("a", "b"):
+        client.xgroup_create(client.stream, group, id="$")
+    out = io.StringIO()
+    call_command("synapse_groups", stdout=out)
+    assert "holds the stream" not in out.getvalue()

@@ -28,7 +28,7 @@ class Command(BaseCommand):
             if group is None:
                 known = ", ".join(sorted(g.name for g in groups)) or "none"
                 raise CommandError(f"the stream {stream!r} has no consumer group {name!r} (its groups: {known})")
-            client.xgroup_destroy(stream, name)
+            client.xgroup_destroy(stream, group.key)
             self.stdout.write(
                 f"removed the consumer group {name!r} of {stream!r}: {group.consumers} consumer(s), "
                 f"{group.pending} pending entr{'y' if group.pending == 1 else 'ies'} dropped with it"
@@ -41,11 +41,13 @@ class Command(BaseCommand):
         if not groups:
             self.stdout.write("no consumer group: nothing is trimmed until one reads")
             return
-        holder = min(g.keeps_from for g in groups)
+        # The group the trim stops at, when it alone keeps entries the others are done with.
+        points = sorted(g.keeps_from for g in groups)
+        holder = points[0] if len(points) > 1 and points[0] < points[1] else None
         self.stdout.write(f"{'group':<24} {'consumers':>9} {'pending':>8} {'not delivered':>13}  keeps from")
         for g in sorted(groups, key=lambda g: g.keeps_from):
             lag = "?" if g.lag is None else str(g.lag)
-            mark = "  <- holds the stream" if g.keeps_from == holder and len(groups) > 1 else ""
+            mark = "  <- holds the stream" if g.keeps_from == holder else ""
             self.stdout.write(
                 f"{g.name:<24} {g.consumers:>9} {g.pending:>8} {lag:>13}  {g.keeps_from[0]}-{g.keeps_from[1]}{mark}"
             )
