@@ -9,6 +9,10 @@ def keep_each_ownerless_key_once(apps, schema_editor):
     concurrent submissions, which the index now prevents) keep the key on the first one
     stored only; the others stay, without the key, and are listed."""
     Workflow = apps.get_model("orchestration", "Workflow")
+    if schema_editor.connection.vendor == "postgresql":
+        # Until the index exists (this migration's transaction): a submission running during
+        # a live deploy would otherwise store a duplicate after the check, failing the index.
+        schema_editor.execute("LOCK TABLE workflows IN SHARE ROW EXCLUSIVE MODE")
     duplicated = (
         Workflow.objects.filter(owner__isnull=True, idempotency_key__isnull=False)
         .values("idempotency_key")

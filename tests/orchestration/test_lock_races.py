@@ -410,6 +410,12 @@ def test_migration_0017_keeps_each_ownerless_key_on_the_first_workflow_before_in
             "orchestration", "0017_workflows_ownerless_idempotency_key"
         )
         migration.operations[0].code(global_apps, connection.schema_editor())
+        with connection.cursor() as cursor:  # no submission can add a duplicate until the index exists
+            cursor.execute(
+                "SELECT mode FROM pg_locks WHERE relation = 'workflows'::regclass AND pid = pg_backend_pid() "
+                "AND mode = 'ShareRowExclusiveLock'"
+            )
+            assert cursor.fetchall() == [("ShareRowExclusiveLock",)]
         keys = dict(
             Workflow.objects.filter(pk__in=[first.pk, second.pk, other.pk]).values_list("pk", "idempotency_key")
         )
