@@ -301,3 +301,26 @@ def test_a_state_time_out_of_range_in_utc_is_written_as_the_text_it_came_as():
     assert columns == {"completed_at": "9999-12-31T23:30:00-01:00"}
     row = {"execution_id": "t", "status": "failed", **columns, "event_id": "e"}
     assert _encode_rows(SCHEMAS[TASKS], [row])[0][1].endswith(",9999-12-31T23:30:00-01:00,e\n")
+
+
+def test_an_entry_reported_deleted_by_a_claim_is_dead_lettered_even_if_the_batch_then_fails(stream, settings):
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.xadd(stream, entry(1), id="1-1")
+    client.xadd(stream, entry(2), id="2-1")
+    crashed = consumer(client, stream, settings.TRAINING_DATA_DIR, "crashed")
+    crashed.ensure_group()
+    crashed.read_new()  # died holding both
+    client.xdel(stream, "1-1")
+    claimer = consumer(client, stream, settings.TRAINING_DATA_DIR, "claimer", claim_idle_ms=0)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    claimer.store.write_encoded = disk_full
+    _, claimed = claimer.claim()  # Redis drops 1-1 from the pending list as it reports it
+    with pytest.raises(OSError):
+        claimer.process(claimed)
+
+    [(_, dead)] = client.xrange(f"{stream}:dead")
+    assert dead[b"original_id"] == b"1-1" and b"deleted from the stream" in dead[b"reason"]
+    assert client.xpending(stream, GROUP)["pending"] == 1  # 2-1, for the next try

@@ -189,12 +189,10 @@ class StreamEvent(NamedTuple):
 DeadEntry = tuple[str, Mapping[Any, Any], str]  # entry id, its fields as read, the reason
 
 # XACK one entry and, only if that removed it from the group's pending list, add it to the
-# dead-letter stream: KEYS = stream, dead stream; ARGV = group, entry id, MAXLEN, deleted, fields...
-# An entry deleted from the stream is dead-lettered whatever XACK says (ARGV[4] = "1"): Redis
-# removes it from the pending list itself when XAUTOCLAIM reports it, to that claimer only.
+# dead-letter stream: KEYS = stream, dead stream; ARGV = group, entry id, MAXLEN, fields...
 _DEAD_LETTER_ONCE = """
-    if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 or ARGV[4] == '1' then
-        redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 5))
+    if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+        redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
     end
     return 0
 """
@@ -267,7 +265,7 @@ def _check_utf8(fields: Mapping[str, str]) -> None:
 def _checked_fields(raw: Mapping[Any, Any]) -> tuple[dict[str, str], dt.datetime, dt.date]:
     """Every check of an entry but its payload's: its fields as text, created_at and its UTC day."""
     if not raw:
-        raise MalformedEntry("the entry was deleted from the stream before it was consumed")
+        raise MalformedEntry(DELETED_REASON)
     fields = _text_fields(raw)
     created_text = fields.get("created_at")
     if not (fields.get("event_id") and fields.get("event_type") and created_text):
@@ -407,7 +405,6 @@ class SynapseConsumer:
         self.claim_idle_ms = claim_idle_ms
         self.dead_stream = f"{stream}:dead"
         self._dead_letter_script: Any = None
-        self._reported_deleted: set[str] = set()
         self._forget_script: Any = None
 
     # --- reading -------------------------------------------------------------------------
@@ -448,9 +445,20 @@ class SynapseConsumer:
             return "0-0", []
         entries: list[Entry] = [(_text(entry_id), fields or {}) for entry_id, fields in claimed if entry_id]
         deleted = [_text(entry_id) for entry_id in (rest[0] if rest else [])]
-        # Redis took these out of the pending list itself, telling only this claimer: its
-        # XACK of them finds nothing, and it dead-letters them regardless (acknowledge()).
-        self._reported_deleted.update(deleted)
+        if deleted:
+            # Redis took these out of the pending list itself and tells this claimer alone:
+            # they are dead-lettered now, before any writing that could fail and lose them.
+            # They still go through the batch, to be counted; their XACK there finds nothing,
+            # so they are not dead-lettered twice.
+            pipe = self.client.pipeline(transaction=True)
+            for entry_id in deleted:
+                pipe.xadd(
+                    self.dead_stream,
+                    _dead_letter_fields({}, reason=DELETED_REASON, entry_id=entry_id),
+                    maxlen=settings.SYNAPSE_STREAM_MAXLEN,
+                    approximate=True,
+                )
+            pipe.execute()
         entries += [(entry_id, {}) for entry_id in deleted]
         return _text(cursor), entries
 
@@ -574,15 +582,12 @@ class SynapseConsumer:
             fields = _dead_letter_fields(raw, reason=reason, entry_id=entry_id)
             if self._dead_letter_script is None:
                 self._dead_letter_script = self.client.register_script(_DEAD_LETTER_ONCE)
-            deleted = "1" if entry_id in self._reported_deleted else "0"
-            self._reported_deleted.discard(entry_id)
             self._dead_letter_script(
                 keys=[self.stream, self.dead_stream],
                 args=[
                     self.group,
                     entry_id,
                     settings.SYNAPSE_STREAM_MAXLEN,
-                    deleted,
                     *(x for kv in fields.items() for x in kv),
                 ],
                 client=pipe,
@@ -750,6 +755,8 @@ class SynapseConsumer:
             return False
         return True
 
+
+DELETED_REASON = "the entry was deleted from the stream before it was consumed"
 
 # At most this many of an entry's fields go to its dead letter (the script unpacks them, and
 # Lua refuses to unpack about 8 000 values); the number left out is recorded.
