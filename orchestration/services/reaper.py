@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from orchestration.db import atomic_with_retry
@@ -183,7 +184,10 @@ def queued_sweep(*, now: dt.datetime | None = None) -> list[str]:
     stale = list(
         TaskExecution.objects.filter(
             status__in=[TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING], queued_at__lt=cutoff
-        ).values_list("execution_id", "celery_task_id", "priority")
+        )
+        # a deferral sends a new message without moving queued_at: not lost until it too is old
+        .filter(Q(deferred_at__isnull=True) | Q(deferred_at__lt=cutoff))
+        .values_list("execution_id", "celery_task_id", "priority")
     )
     if not stale:
         return []

@@ -533,3 +533,21 @@ def test_two_reapers_at_once_close_an_abandoned_attempt_once(builtin_agents):
     retrying = Event.objects.filter(entity_id=t.execution_id, event_type="task_retrying").count()
     assert retrying == 1
     flush_redis()
+
+
+def test_the_sweeper_leaves_a_task_just_deferred_for_its_agent(db, builtin_agents, settings, monkeypatch):
+    """Deferred past DISPATCH_SWEEP_AFTER_SECONDS of waiting, between the deferral's commit and its
+    message's send: the message is on its way, not lost (the deferral keeps queued_at)."""
+    from orchestration.services import reaper
+
+    Agent.objects.filter(pk="echo").update(max_concurrency=1)
+    wf = submit({"name": "x", "agent": "echo"}, {"name": "y", "agent": "echo"})
+    x, y = task(wf, "x"), task(wf, "y")
+    attempt_claim(execution_id=y.execution_id, celery_task_id=y.celery_task_id, worker="w1@h")
+    waited = dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS + 5)
+    TaskExecution.objects.filter(pk=x.pk).update(queued_at=timezone.now() - waited)
+    assert attempt_claim(execution_id=x.execution_id, celery_task_id=x.celery_task_id, worker="w2@h") == (
+        Outcome.DEFERRED
+    )
+    monkeypatch.setattr(reaper, "_broker_message_ids", lambda queues: set())  # not sent yet
+    assert queued_sweep() == []
