@@ -188,6 +188,16 @@ class StreamEvent(NamedTuple):
 
 DeadEntry = tuple[str, Mapping[Any, Any], str]  # entry id, its fields as read, the reason
 
+# XAUTOCLAIM, and the dead letter of each entry it reports deleted: KEYS = stream, dead
+# stream; ARGV = group, consumer, min idle ms, start, count, MAXLEN, reason.
+_CLAIM_DEAD_LETTERING_DELETED = """
+    local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+    for _, id in ipairs(r[3] or {}) do
+        redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'reason', ARGV[7], 'original_id', id)
+    end
+    return r
+"""
+
 # XACK one entry and, only if that removed it from the group's pending list, add it to the
 # dead-letter stream: KEYS = stream, dead stream; ARGV = group, entry id, MAXLEN, fields...
 _DEAD_LETTER_ONCE = """
@@ -406,6 +416,7 @@ class SynapseConsumer:
         self.dead_stream = f"{stream}:dead"
         self._dead_letter_script: Any = None
         self._forget_script: Any = None
+        self._claim_script: Any = None
 
     # --- reading -------------------------------------------------------------------------
 
@@ -436,29 +447,33 @@ class SynapseConsumer:
         """Take over entries idle longer than claim_idle_ms (their consumer died). Returns the
         cursor to continue from ("0-0" once the scan is complete) and the claimed entries;
         entries trimmed from the stream meanwhile come back without fields (dead-lettered)."""
+        # XAUTOCLAIM and the dead letters of the entries it reports deleted in one script:
+        # Redis takes those out of the pending list as it reports them, to this reply alone,
+        # so no failure between the two (connection, process killed) may lose them.
+        if self._claim_script is None:
+            self._claim_script = self.client.register_script(_CLAIM_DEAD_LETTERING_DELETED)
         try:
-            cursor, claimed, *rest = self.client.xautoclaim(
-                self.stream, self.group, self.consumer, self.claim_idle_ms, start_id=start, count=self.batch
+            cursor, claimed, deleted_ids = self._claim_script(
+                keys=[self.stream, self.dead_stream],
+                args=[
+                    self.group,
+                    self.consumer,
+                    self.claim_idle_ms,
+                    start,
+                    self.batch,
+                    settings.SYNAPSE_STREAM_MAXLEN,
+                    DELETED_REASON,
+                ],
             )
         except redis.ResponseError as exc:
             self._regroup_or_raise(exc)
             return "0-0", []
-        entries: list[Entry] = [(_text(entry_id), fields or {}) for entry_id, fields in claimed if entry_id]
-        deleted = [_text(entry_id) for entry_id in (rest[0] if rest else [])]
-        if deleted:
-            # Redis took these out of the pending list itself and tells this claimer alone:
-            # they are dead-lettered now, before any writing that could fail and lose them.
-            # They still go through the batch, to be counted; their XACK there finds nothing,
-            # so they are not dead-lettered twice.
-            pipe = self.client.pipeline(transaction=True)
-            for entry_id in deleted:
-                pipe.xadd(
-                    self.dead_stream,
-                    _dead_letter_fields({}, reason=DELETED_REASON, entry_id=entry_id),
-                    maxlen=settings.SYNAPSE_STREAM_MAXLEN,
-                    approximate=True,
-                )
-            pipe.execute()
+        entries: list[Entry] = [
+            (_text(entry_id), dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {})
+            for entry_id, fields in claimed
+            if entry_id
+        ]
+        deleted = [_text(entry_id) for entry_id in deleted_ids or []]
         entries += [(entry_id, {}) for entry_id in deleted]
         return _text(cursor), entries
 
