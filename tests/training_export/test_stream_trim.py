@@ -119,3 +119,14 @@ def test_groups_that_are_all_caught_up_hold_nothing(client, settings):
     out = io.StringIO()
     call_command("synapse_groups", stdout=out)
     assert "holds the stream" not in out.getvalue()
+
+
+def test_removing_a_group_whose_shown_name_two_groups_share_is_refused(client, settings):
+    from django.core.management import CommandError, call_command
+
+    settings.SYNAPSE_STREAM = client.stream
+    client.xgroup_create(client.stream, b"g\xff", id="0")
+    client.xgroup_create(client.stream, b"g\\xff", id="0")  # a backslash, then "xff"
+    with pytest.raises(CommandError, match=r"2 consumer groups of .* show as 'g\\\\xff'"):
+        call_command("synapse_groups", "--destroy", "g\\xff")
+    assert len(client.xinfo_groups(client.stream)) == 2

@@ -24,7 +24,13 @@ class Command(BaseCommand):
         groups = stream_groups(client, stream)
         name = options["destroy"]
         if name is not None:
-            group = next((g for g in groups if g.name == name), None)
+            matches = [g for g in groups if g.name == name]
+            if len(matches) > 1:
+                raise CommandError(
+                    f"{len(matches)} consumer groups of {stream!r} show as {name!r} (a name that is not UTF-8 shows "
+                    "its bytes escaped): remove the one you mean with redis-cli XGROUP DESTROY"
+                )
+            group = matches[0] if matches else None
             if group is None:
                 known = ", ".join(sorted(g.name for g in groups)) or "none"
                 raise CommandError(f"the stream {stream!r} has no consumer group {name!r} (its groups: {known})")
