@@ -19,6 +19,7 @@ from orchestration.runtime.context import AgentResult, Usage
 from orchestration.services import dispatch
 from orchestration.services.execution import attempt_claim, attempt_fail, attempt_succeed
 from tests.orchestration.test_fastpath import _claimed, committed_agents  # noqa: F401 (a fixture)
+from tests.orchestration.test_fastpath_races import in_thread
 from tests.pg import other_connection
 
 pytestmark = pytest.mark.usefixtures("committed_agents")
@@ -40,22 +41,6 @@ def waiting_on_lock(timeout: float = 10.0) -> list[str]:
         return []
     finally:
         other.close()
-
-
-def in_thread(fn):
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, box
 
 
 # ---------------------------------------------------------------------------------------------

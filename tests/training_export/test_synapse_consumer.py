@@ -21,16 +21,15 @@ from django.conf import settings
 from django.core.management import call_command
 from django.db.models import Max, Min
 
-from orchestration.errors import PermanentError
 from orchestration.event_types import EventType
 from orchestration.models import Event, TaskExecution, Workflow
-from orchestration.runtime.context import AgentResult, Usage
+from orchestration.runtime.context import Usage
 from orchestration.services.events import event_record, task_event, workflow_event
-from orchestration.services.execution import attempt_claim, attempt_fail, attempt_succeed
 from orchestration.services.relay import event_to_entry, events_relay
 from orchestration.services.workflows import task_retry
 from tests.engine import ROOT, wait_for
 from tests.factories import AgentFactory, EventFactory, TaskExecutionFactory, WorkflowFactory
+from tests.orchestration.test_accounting_edges import _run_attempt
 from training_export.services.store import TrainingDataStore
 from training_export.services.synapse import MalformedEntry, SynapseConsumer, parse_entry
 
@@ -303,18 +302,6 @@ def test_a_terminal_event_whose_row_is_gone_still_writes_the_event(synapse):
     assert not synapse.path("tasks", day).exists()
     assert "rows missing from the database: 1" in output
     assert synapse.pending() == 0
-
-
-def _run_attempt(task: TaskExecution, *, start: dt.datetime, usage: Usage, fail: bool) -> None:
-    task.refresh_from_db()
-    claim = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w", now=start)
-    end = start + dt.timedelta(minutes=5)
-    if fail:
-        attempt_fail(attempt=claim.attempt, exc=PermanentError("bad"), duration_ms=1000, now=end, usage=usage)
-    else:
-        attempt_succeed(
-            attempt=claim.attempt, result=AgentResult(output={"ok": 1}, usage=usage), duration_ms=1000, now=end
-        )
 
 
 def test_the_rows_of_a_failure_are_as_it_ended_after_the_task_and_workflow_ran_again(synapse):
