@@ -180,6 +180,27 @@ def stream_groups(client: redis.Redis, stream: str) -> list[GroupState]:
     return states
 
 
+class StreamGroupError(ValueError):
+    """A consumer group that cannot be told apart or found; the message says which."""
+
+
+def stream_group_destroy(client: redis.Redis, stream: str, name: str) -> GroupState:
+    """Remove the consumer group shown as `name` (GroupState.name), dropping its pending
+    entries: what only it still needed becomes trimmable. Returns the group as it was."""
+    groups = stream_groups(client, stream)
+    matches = [group for group in groups if group.name == name]
+    if len(matches) > 1:
+        raise StreamGroupError(
+            f"{len(matches)} consumer groups of {stream!r} show as {name!r} (a name that is not UTF-8 shows "
+            "its bytes escaped): remove the one you mean with redis-cli XGROUP DESTROY"
+        )
+    if not matches:
+        known = ", ".join(sorted(group.name for group in groups)) or "none"
+        raise StreamGroupError(f"the stream {stream!r} has no consumer group {name!r} (its groups: {known})")
+    client.xgroup_destroy(stream, matches[0].key)
+    return matches[0]
+
+
 def stream_trim(*, client: redis.Redis, stream: str, approximate: bool = True) -> int:
     """Trim the entries every consumer group is done with, and nothing else.
 

@@ -1,7 +1,7 @@
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from orchestration.services.relay import stream_groups, synapse_client
+from orchestration.services.relay import StreamGroupError, stream_group_destroy, stream_groups, synapse_client
 
 
 class Command(BaseCommand):
@@ -21,25 +21,18 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         client = synapse_client()
         stream = settings.SYNAPSE_STREAM
-        groups = stream_groups(client, stream)
         name = options["destroy"]
         if name is not None:
-            matches = [g for g in groups if g.name == name]
-            if len(matches) > 1:
-                raise CommandError(
-                    f"{len(matches)} consumer groups of {stream!r} show as {name!r} (a name that is not UTF-8 shows "
-                    "its bytes escaped): remove the one you mean with redis-cli XGROUP DESTROY"
-                )
-            group = matches[0] if matches else None
-            if group is None:
-                known = ", ".join(sorted(g.name for g in groups)) or "none"
-                raise CommandError(f"the stream {stream!r} has no consumer group {name!r} (its groups: {known})")
-            client.xgroup_destroy(stream, group.key)
+            try:
+                group = stream_group_destroy(client, stream, name)
+            except StreamGroupError as exc:
+                raise CommandError(str(exc)) from None
             self.stdout.write(
                 f"removed the consumer group {name!r} of {stream!r}: {group.consumers} consumer(s), "
                 f"{group.pending} pending entr{'y' if group.pending == 1 else 'ies'} dropped with it"
             )
             return
+        groups = stream_groups(client, stream)
         length = client.xlen(stream)
         self.stdout.write(
             f"stream {stream!r}: {length} entries (SYNAPSE_STREAM_MAXLEN={settings.SYNAPSE_STREAM_MAXLEN})"
