@@ -414,9 +414,15 @@ class SynapseConsumer:
         self.batch = batch
         self.claim_idle_ms = claim_idle_ms
         self.dead_stream = f"{stream}:dead"
-        self._dead_letter_script: Any = None
-        self._forget_script: Any = None
-        self._claim_script: Any = None
+        self._scripts: dict[str, Any] = {}
+
+    def _script(self, source: str) -> Any:
+        """The client's Script for `source`, registered once (a name for its SHA; nothing is
+        sent to Redis until it runs)."""
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self.client.register_script(source)
+        return script
 
     # --- reading -------------------------------------------------------------------------
 
@@ -450,10 +456,8 @@ class SynapseConsumer:
         # XAUTOCLAIM and the dead letters of the entries it reports deleted in one script:
         # Redis takes those out of the pending list as it reports them, to this reply alone,
         # so no failure between the two (connection, process killed) may lose them.
-        if self._claim_script is None:
-            self._claim_script = self.client.register_script(_CLAIM_DEAD_LETTERING_DELETED)
         try:
-            cursor, claimed, deleted_ids = self._claim_script(
+            cursor, claimed, deleted_ids = self._script(_CLAIM_DEAD_LETTERING_DELETED)(
                 keys=[self.stream, self.dead_stream],
                 args=[
                     self.group,
@@ -595,9 +599,7 @@ class SynapseConsumer:
         for entry_id, raw, reason in batch.dead:
             dead_ids.add(entry_id)
             fields = _dead_letter_fields(raw, reason=reason, entry_id=entry_id)
-            if self._dead_letter_script is None:
-                self._dead_letter_script = self.client.register_script(_DEAD_LETTER_ONCE)
-            self._dead_letter_script(
+            self._script(_DEAD_LETTER_ONCE)(
                 keys=[self.stream, self.dead_stream],
                 args=[
                     self.group,
@@ -718,14 +720,12 @@ class SynapseConsumer:
             consumers = self.client.xinfo_consumers(self.stream, self.group)
         except redis.ResponseError:
             return []  # no stream or group: nothing to forget
-        if self._forget_script is None:
-            self._forget_script = self.client.register_script(_FORGET_IF_NOTHING_PENDING)
         forgotten = []
         for info in consumers:
             name = _text(info["name"])
             if name == self.consumer or info["pending"] or info["idle"] < threshold:
                 continue
-            if self._forget_script(keys=[self.stream], args=[self.group, name]) == 1:
+            if self._script(_FORGET_IF_NOTHING_PENDING)(keys=[self.stream], args=[self.group, name]) == 1:
                 forgotten.append(name)
         if forgotten:
             logger.info(
