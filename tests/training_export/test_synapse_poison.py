@@ -324,3 +324,17 @@ def test_an_entry_reported_deleted_by_a_claim_is_dead_lettered_even_if_the_batch
     [(_, dead)] = client.xrange(f"{stream}:dead")
     assert dead[b"original_id"] == b"1-1" and b"deleted from the stream" in dead[b"reason"]
     assert client.xpending(stream, GROUP)["pending"] == 1  # 2-1, for the next try
+
+
+def test_a_departed_consumer_name_that_is_not_utf8_is_forgotten_not_a_crash(stream, settings, monkeypatch):
+    from training_export.services import synapse
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.xadd(stream, entry(1), id="1-1")
+    alive = consumer(client, stream, settings.TRAINING_DATA_DIR, "alive")
+    alive.ensure_group()
+    client.xgroup_createconsumer(stream, GROUP, b"gone\xff")
+    monkeypatch.setattr(synapse, "DEPARTED_IDLE_MS", 0)
+    alive.claim_idle_ms = 0
+    assert alive.forget_departed() == ["gone\\xff"]
+    assert client.xinfo_consumers(stream, GROUP) == []

@@ -722,10 +722,11 @@ class SynapseConsumer:
             return []  # no stream or group: nothing to forget
         forgotten = []
         for info in consumers:
-            name = _text(info["name"])
+            key = info["name"]  # as Redis gave it: a name need not be UTF-8
+            name = key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key
             if name == self.consumer or info["pending"] or info["idle"] < threshold:
                 continue
-            if self._script(_FORGET_IF_NOTHING_PENDING)(keys=[self.stream], args=[self.group, name]) == 1:
+            if self._script(_FORGET_IF_NOTHING_PENDING)(keys=[self.stream], args=[self.group, key]) == 1:
                 forgotten.append(name)
         if forgotten:
             logger.info(
