@@ -130,6 +130,12 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def shown_name(key: bytes | str) -> str:
+    """A group or consumer name as Redis gave it, for display and matching: names need not be
+    UTF-8, and one that is not shows its bytes escaped (commands take the name as given)."""
+    return key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key
+
+
 def _entry_key(entry_id: bytes | str) -> tuple[int, int]:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     milliseconds, sequence = text.split("-")
@@ -158,7 +164,7 @@ def stream_groups(client: redis.Redis, stream: str) -> list[GroupState]:
     states = []
     for group in groups:
         key = group["name"]
-        name = key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key
+        name = shown_name(key)
         summary = client.xpending(stream, key)
         last = _text(group["last-delivered-id"])
         if summary["pending"]:

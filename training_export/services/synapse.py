@@ -43,6 +43,7 @@ from django.db import DataError, close_old_connections, models
 from orchestration.event_types import EventType
 from orchestration.models import TaskExecution, Workflow
 from orchestration.services.events import state_value
+from orchestration.services.relay import shown_name
 from training_export.services.jsonl import json_load, json_load_many
 from training_export.services.store import (
     EVENT_TEXT_COLUMNS,
@@ -722,8 +723,8 @@ class SynapseConsumer:
             return []  # no stream or group: nothing to forget
         forgotten = []
         for info in consumers:
-            key = info["name"]  # as Redis gave it: a name need not be UTF-8
-            name = key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key
+            key = info["name"]
+            name = shown_name(key)
             if name == self.consumer or info["pending"] or info["idle"] < threshold:
                 continue
             if self._script(_FORGET_IF_NOTHING_PENDING)(keys=[self.stream], args=[self.group, key]) == 1:
