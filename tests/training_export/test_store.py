@@ -417,7 +417,7 @@ def test_a_batch_of_new_rows_into_a_file_another_writer_created_syncs_its_direct
 def test_event_cells_are_written_as_the_same_bytes_as_event_rows(tmp_path: Path):
     """The consumer's path (text cells, one batch check) and write_rows agree byte for byte,
     redaction included."""
-    from training_export.services.store import EVENT_TEXT_COLUMNS, EventCells, json_text
+    from training_export.services.store import EVENT_TEXT_COLUMNS, EventCells, encode_event_cells, json_text
 
     tricky = ["a,b", 'say "hi"', "two\nlines", "é\u2028", "", "bob@example.org", "sk-abcdefghijklmnopqrstu"]
     rows = []
@@ -440,7 +440,7 @@ def test_event_cells_are_written_as_the_same_bytes_as_event_rows(tmp_path: Path)
         )
         for row in rows
     ]
-    result = by_cells.write_event_cells(day, cells)
+    result = by_cells.write_encoded("events", day, encode_event_cells(cells))
     assert (result.written, result.duplicates) == (40, 1)
     written = by_cells.path("events", day).read_bytes()
     assert written == by_rows.path("events", day).read_bytes()
@@ -524,14 +524,15 @@ def test_a_carriage_return_is_quoted_so_the_csv_module_reads_the_file_back(tmp_p
     """The csv writer of Python 3.11 leaves a lone carriage return bare, which the csv reader
     refuses: the store could not catch up on its own file (StoreError on every later write of
     the day once the row-by-row scan runs, as for a file with a multi-line row)."""
-    from training_export.services.store import EVENT_TEXT_COLUMNS, EventCells, _csv_line, json_text
+    from training_export.services.store import EVENT_TEXT_COLUMNS, EventCells, _csv_line, encode_event_cells, json_text
 
     assert _csv_line(["a\rb", "c"]) == '"a\rb",c\n'
     store = TrainingDataStore(tmp_path)
     day = T0.date()
     texts = {column: "" for column in EVENT_TEXT_COLUMNS}
     store.write_rows("events", day, [{"event_id": "ev-1", **texts, "entity_id": "50%\r100%", "created_at": T0}])
-    store.write_event_cells(day, [EventCells("ev-2", ["2", "x\r", *[""] * 7], T0.isoformat(), {}, json_text({}))])
+    cells = [EventCells("ev-2", ["2", "x\r", *[""] * 7], T0.isoformat(), {}, json_text({}))]
+    store.write_encoded("events", day, encode_event_cells(cells))
     store.write_rows("events", day, [{"event_id": "ev-3", "entity_id": "two\nlines", "created_at": T0}])
     path = store.path("events", day)
     with path.open(newline="") as fh:

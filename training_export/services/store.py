@@ -280,7 +280,8 @@ def encode_rows(data_type: str, rows: Sequence[Mapping[str, Any]]) -> list[tuple
 
 
 def encode_event_cells(rows: Sequence[EventCells]) -> list[tuple[str, str]]:
-    """`encode_rows` of events rows whose cells are text already."""
+    """`encode_rows` of events rows whose cells are text already (the stream consumer's hot
+    path, which skips building a row dict per entry): the same redaction and the same bytes."""
     return _encode_event_cells(rows)
 
 
@@ -391,11 +392,6 @@ class TrainingDataStore:
     def write_rows(self, data_type: str, day: dt.date, rows: Sequence[Mapping[str, Any]]) -> WriteResult:
         """Append the rows whose event_id the file does not hold yet; durable on return."""
         return self._append(data_type, day, encode_rows(data_type, rows))
-
-    def write_event_cells(self, day: dt.date, rows: Sequence[EventCells]) -> WriteResult:
-        """`write_rows` for events whose cells are text already (the stream consumer's hot path,
-        which skips building a row dict per entry); the same redaction and the same bytes."""
-        return self._append(EVENTS, day, _encode_event_cells(rows))
 
     def write_encoded(self, data_type: str, day: dt.date, encoded: list[tuple[str, str]]) -> WriteResult:
         """`write_rows` of rows encoded beforehand (`encode_rows`, `encode_event_cells`), so that
