@@ -185,6 +185,22 @@ def _redacted(value: Any, redactor: Redactor) -> Any:
     return redactor.text(value) if isinstance(value, str) else value
 
 
+def _content(text: str, redactor: Redactor) -> str:
+    """A message's content, redacted. A content that is a JSON object or array (every tool
+    reply is the tool's JSON result) gets what JSON values get, the values under secret keys
+    masked too; it keeps its text unless that changes something."""
+    if text[:1] in ("{", "[") or text.lstrip()[:1] in ("{", "["):
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict | list):
+            redacted = redactor.value(parsed)
+            if redacted != parsed:
+                return json.dumps(redacted, sort_keys=True, ensure_ascii=False)
+    return redactor.text(text)
+
+
 def _arguments(text: Any, redactor: Redactor) -> str:
     if not isinstance(text, str):
         text = json.dumps(text, sort_keys=True, separators=(",", ":"))
@@ -229,7 +245,7 @@ def conversation_example(rows: list[tuple[Any, ...]], redactor: Redactor) -> dic
             agent_config = record["agent__config"]
             system_prompt = record["agent__system_prompt"] or ""
         role = record["role"]
-        content = redactor.text(record["content"] or "")
+        content = _content(record["content"] or "", redactor)
         if role == "assistant":
             message: dict[str, Any] = {"role": "assistant"}
             if content or not record["tool_calls"]:

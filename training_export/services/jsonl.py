@@ -285,7 +285,10 @@ def _tool_record(row: tuple[Any, ...], redactor: Redactor) -> dict[str, Any]:
         workflow_id=workflow_id,
         created_at=_utc(created_at),
     )
-    return redactor.value(record) | {"event_id": event_id, "sequence": sequence}
+    # The record's own keys are the schema's fixed columns, never credentials by name (as in
+    # the CSV partitions): only their values are redacted.
+    value = redactor.value
+    return {name: value(item) for name, item in record.items()} | {"event_id": event_id, "sequence": sequence}
 
 
 def _tasks_queryset(start: dt.datetime, end: dt.datetime) -> QuerySet:
