@@ -27,10 +27,14 @@ from training_export.services.export import (
     max_retries=12,
 )
 def export_previous_day_task(self) -> list[int]:
-    """Export every data type for the previous UTC day (the daily beat entry). A window still
-    held open by a long transaction is retried later, not skipped."""
+    """Export every data type for the previous UTC day and the days missed before it (the
+    daily beat entry). A window still held open by a long transaction is retried later; after
+    the last retry its exports are recorded failed, and the next night exports the day."""
     try:
-        return [run.pk for run in export_previous_day(time_limit_seconds=EXPORT_TIME_LIMIT_SECONDS)]
+        runs = export_previous_day(
+            time_limit_seconds=EXPORT_TIME_LIMIT_SECONDS, final_try=self.request.retries >= self.max_retries
+        )
+        return [run.pk for run in runs]
     except WindowNotClosed as exc:
         raise self.retry(exc=exc, countdown=EXPORT_RETRY_COUNTDOWN_SECONDS) from exc
 

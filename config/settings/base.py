@@ -249,6 +249,9 @@ TRAINING_DATA_DIR = Path(env.str("TRAINING_DATA_DIR", str(BASE_DIR / "data" / "t
 # this far in the past and no transaction that began before its end is still open.
 TRAINING_EXPORT_DIR = Path(env.str("TRAINING_EXPORT_DIR", str(TRAINING_DATA_DIR / "exports")))
 TRAINING_EXPORT_SAFETY_LAG_SECONDS = env.int("TRAINING_EXPORT_SAFETY_LAG_SECONDS", 300, minimum=0)
+# The daily export also exports the days (at most this many back) a data type missed since its
+# last exported day: a night whose export gave up on a window held open is not lost.
+TRAINING_EXPORT_CATCHUP_DAYS = env.int("TRAINING_EXPORT_CATCHUP_DAYS", 7, minimum=0, maximum=366)
 # Redaction of everything written to training files: JSON keys containing one of these words
 # (case-insensitive, whole words of the key: `token` masks `access_token`, not `tokens_used`),
 # and string values matching one of these regular expressions (a JSON array).

@@ -36,12 +36,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import F, Max
 from django.utils import timezone
 
 from orchestration.errors import TransitionError
@@ -49,7 +51,7 @@ from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.services.events import event_record
 from training_export.models import ExportRun
 from training_export.services.chat import ChatExporter
-from training_export.services.files import atomic_writer, sha256_file, sha256_stream, write_bytes_atomic
+from training_export.services.files import commit, sha256_file, sha256_stream, stage_bytes, staged_writer
 from training_export.services.jsonl import EXPORTERS, SCHEMA_VERSION, Exporter
 from training_export.services.manifest import MANIFEST_NAME, Manifest, data_file_name, dataset_card
 
@@ -106,6 +108,8 @@ def window_for(start_date: str | dt.date, end_date: str | dt.date) -> Window:
     last = parse_day(end_date, name="end_date")
     if last < first:
         raise ExportError(f"end_date {last} is before start_date {first}")
+    if last >= dt.date.max:
+        raise ExportError(f"end_date must be before {dt.date.max.isoformat()}")
     start = dt.datetime.combine(first, dt.time(), tzinfo=dt.UTC)
     end = dt.datetime.combine(last + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
     return Window(start=start, end=end, first_day=first, last_day=last)
@@ -165,7 +169,9 @@ def window_check_closed(window: Window, *, now: dt.datetime | None = None) -> No
 
 def _export_dir(output_dir: Path | str | None, data_type: str, window: Window) -> Path:
     root = Path(output_dir) if output_dir else Path(settings.TRAINING_EXPORT_DIR)
-    return root / data_type / window.label
+    # Absolute: the run records this path, and the web process and workers read it from
+    # their own working directories.
+    return root.resolve() / data_type / window.label
 
 
 def _intact(run: ExportRun) -> bool:
@@ -324,6 +330,44 @@ def export_run_execute(
     return _execute(run, exporter=exporter, window=window, directory=directory, progress=progress)
 
 
+def _run_lock_key(run_pk: int) -> str:
+    return f"export_run:{run_pk}"
+
+
+@contextmanager
+def _run_alive(run: ExportRun) -> Iterator[None]:
+    """Hold a session advisory lock named after the run while it exports: a later run of the
+    window can tell a run whose process died (its session, and so the lock, is gone) from one
+    still working (see `_dead_runs`)."""
+    if connection.vendor != "postgresql":
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [_run_lock_key(run.pk)])
+    try:
+        yield
+    finally:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [_run_lock_key(run.pk)])
+        except Exception:
+            logger.exception("could not release the advisory lock of export run %s", run.pk)
+
+
+def _dead_runs(run_ids: list[int]) -> list[int]:
+    """The runs among `run_ids` whose process is gone: nobody holds their lock (taken here for
+    the rest of the transaction). Elsewhere than PostgreSQL, all of them."""
+    if connection.vendor != "postgresql" or not run_ids:
+        return run_ids
+    dead = []
+    with connection.cursor() as cursor:
+        for pk in run_ids:
+            cursor.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))", [_run_lock_key(pk)])
+            if cursor.fetchone()[0]:
+                dead.append(pk)
+    return dead
+
+
 def _execute(
     run: ExportRun,
     *,
@@ -334,7 +378,9 @@ def _execute(
 ) -> ExportRun:
     """Write the files of a running row and record the outcome with its event."""
     try:
-        manifest = _write(exporter, window, directory, run.format, progress)
+        with _run_alive(run):
+            manifest = _write(exporter, window, directory, run.format, progress)
+            return _record_success(run, window=window, directory=directory, manifest=manifest)
     except BaseException as exc:
         try:
             _fail([run.pk], error=f"{type(exc).__name__}: {exc}")
@@ -342,6 +388,9 @@ def _execute(
             # The original error is the one to report (a lost database takes both down).
             logger.exception("could not record export run %s as failed", run.pk)
         raise
+
+
+def _record_success(run: ExportRun, *, window: Window, directory: Path, manifest: Manifest) -> ExportRun:
     same_window = {
         "data_type": run.data_type,
         "format": run.format,
@@ -358,10 +407,16 @@ def _execute(
         # Earlier runs of this window still marked running were killed mid-write (a crash
         # leaves no other trace): record what happened to them. Locking them first waits for
         # one that is just finishing, so that its success is superseded below, not doubled.
-        interrupted = list(
-            ExportRun.objects.filter(**same_window, status=ExportRun.Status.RUNNING, started_at__lt=run.started_at)
-            .exclude(pk=run.pk)
-            .values_list("pk", flat=True)
+        # Only runs whose process is gone: one still working finishes on its own and supersedes
+        # this one then (both write the same files).
+        interrupted = _dead_runs(
+            list(
+                ExportRun.objects.select_for_update()
+                .filter(**same_window, status=ExportRun.Status.RUNNING, started_at__lt=run.started_at)
+                .exclude(pk=run.pk)
+                .order_by("pk")
+                .values_list("pk", flat=True)
+            )
         )
         _fail(interrupted, error=f"interrupted before it finished; export run {run.pk} completed this window")
         ExportRun.objects.select_for_update().filter(**same_window, status=ExportRun.Status.SUCCEEDED).update(
@@ -393,39 +448,48 @@ def _write(
     # One snapshot for the count, the watermark and the rows: REPEATABLE READ when this
     # function owns the transaction (inside an outer one, e.g. a test's, it reads that one's).
     owns_transaction = not connection.in_atomic_block
-    with transaction.atomic():
-        if owns_transaction and connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        expected = exporter.count(window.start, window.end)
-        watermark = exporter.watermark(window.start, window.end)
-        rows = 0
-        with atomic_writer(directory / name) as writer:
-            for lines in _line_batches(exporter, window):
-                writer.write(b"".join(lines))  # one write and one hash update per chunk
-                rows += len(lines)
-                if progress is not None:
-                    progress(len(lines))
-            skipped = dict(getattr(exporter, "skipped", {}))
-            if rows + sum(skipped.values()) != expected:
-                raise RuntimeError(
-                    f"wrote {rows} rows (+{sum(skipped.values())} skipped) but the window has {expected}"
-                )
-    manifest = Manifest(
-        data_type=exporter.data_type,
-        format=fmt,
-        schema_version=SCHEMA_VERSION,
-        window_start=window.start,
-        window_end=window.end,
-        file=name,
-        rows=rows,
-        bytes=writer.bytes,
-        sha256=writer.sha256,
-        watermark=watermark,
-        skipped=skipped,
-    )
-    write_bytes_atomic(directory / "README.md", dataset_card(manifest))
-    write_bytes_atomic(directory / MANIFEST_NAME, manifest.encode())
+    staged: list = []
+    try:
+        with transaction.atomic():
+            if owns_transaction and connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            expected = exporter.count(window.start, window.end)
+            watermark = exporter.watermark(window.start, window.end)
+            rows = 0
+            with staged_writer(directory / name) as (writer, staged):
+                for lines in _line_batches(exporter, window):
+                    writer.write(b"".join(lines))  # one write and one hash update per chunk
+                    rows += len(lines)
+                    if progress is not None:
+                        progress(len(lines))
+                skipped = dict(getattr(exporter, "skipped", {}))
+                if rows + sum(skipped.values()) != expected:
+                    raise RuntimeError(
+                        f"wrote {rows} rows (+{sum(skipped.values())} skipped) but the window has {expected}"
+                    )
+        manifest = Manifest(
+            data_type=exporter.data_type,
+            format=fmt,
+            schema_version=SCHEMA_VERSION,
+            window_start=window.start,
+            window_end=window.end,
+            file=name,
+            rows=rows,
+            bytes=writer.bytes,
+            sha256=writer.sha256,
+            watermark=watermark,
+            skipped=skipped,
+        )
+        # Every file is complete and fsynced before any is renamed into place: a failure (a full
+        # disk) leaves no data file without its card and manifest, nor a new one beside old ones.
+        staged.append(stage_bytes(directory / "README.md", dataset_card(manifest)))
+        staged.append(stage_bytes(directory / MANIFEST_NAME, manifest.encode()))
+        commit(staged)
+    except BaseException:
+        for item in staged:
+            item.discard()
+        raise
     return manifest
 
 
@@ -484,12 +548,76 @@ def export_runs_for_window(
     ]
 
 
-def export_previous_day(*, now: dt.datetime | None = None, time_limit_seconds: int | None = None) -> list[ExportRun]:
-    """The daily beat export: every data type for the previous UTC day."""
-    day = (now or timezone.now()).astimezone(dt.UTC).date() - dt.timedelta(days=1)
-    return export_runs_for_window(
-        data_types=list(DATA_TYPES), start_date=day, end_date=day, time_limit_seconds=time_limit_seconds
+def export_previous_day(
+    *, now: dt.datetime | None = None, time_limit_seconds: int | None = None, final_try: bool = False
+) -> list[ExportRun]:
+    """The daily beat export: every data type for the previous UTC day, and the days a type
+    missed before it (`_days_missed`), oldest first: a night whose export gave up, because a
+    long transaction (a backup's snapshot, a report) held the window open past every retry, is
+    exported the next night instead of never. A window still open raises WindowNotClosed; on
+    the `final_try` each export it stops is first recorded failed, with the reason, so that the
+    admin, the API and the metrics show the missing day."""
+    yesterday = (now or timezone.now()).astimezone(dt.UTC).date() - dt.timedelta(days=1)
+    pending = [(day, data_type) for data_type in DATA_TYPES for day in _days_missed(data_type, yesterday)]
+    pending += [(yesterday, data_type) for data_type in DATA_TYPES]
+    pending.sort(key=lambda item: (item[0], DATA_TYPES.index(item[1])))
+    runs = []
+    for index, (day, data_type) in enumerate(pending):
+        try:
+            runs.append(
+                export_run(data_type=data_type, start_date=day, end_date=day, time_limit_seconds=time_limit_seconds)
+            )
+        except WindowNotClosed as exc:
+            if final_try:
+                _record_gave_up(pending[index:], error=str(exc))
+            raise
+    return runs
+
+
+def _days_missed(data_type: str, yesterday: dt.date) -> list[dt.date]:
+    """The days before `yesterday` after the type's last exported day (a succeeded export of a
+    one-day window, by the beat, by hand or through the API), at most
+    TRAINING_EXPORT_CATCHUP_DAYS back. A type never exported day by day (a new deployment)
+    missed nothing."""
+    before = dt.datetime.combine(yesterday, dt.time(), tzinfo=dt.UTC)
+    last = ExportRun.objects.filter(
+        data_type=data_type,
+        format=format_for(data_type),
+        status=ExportRun.Status.SUCCEEDED,
+        window_start__lt=before,
+        window_end=F("window_start") + dt.timedelta(days=1),
+    ).aggregate(last=Max("window_start"))["last"]
+    if last is None:
+        return []
+    first = max(
+        last.astimezone(dt.UTC).date() + dt.timedelta(days=1),
+        yesterday - dt.timedelta(days=settings.TRAINING_EXPORT_CATCHUP_DAYS),
     )
+    return [first + dt.timedelta(days=n) for n in range((yesterday - first).days)]
+
+
+def _record_gave_up(pending: list[tuple[dt.date, str]], *, error: str) -> None:
+    """Record the daily exports the last try could not run as failed runs, each with its
+    export_failed event."""
+    now = timezone.now()
+    rows = []
+    for day, data_type in pending:
+        window = window_for(day, day)
+        try:
+            with transaction.atomic():
+                run = ExportRun.objects.create(
+                    data_type=data_type,
+                    format=format_for(data_type),
+                    window_start=window.start,
+                    window_end=window.end,
+                    status=ExportRun.Status.PENDING,
+                    schema_version=SCHEMA_VERSION,
+                    started_at=now,
+                )
+        except IntegrityError:
+            continue  # a run of the window is queued already (the API): its own task records it
+        rows.append(run.pk)
+    _fail(rows, error=f"the daily export gave up: {error}", expected=(ExportRun.Status.PENDING,))
 
 
 def _deadline(started: dt.datetime, time_limit_seconds: int | None) -> dt.datetime | None:
@@ -574,6 +702,16 @@ def _pending_run(*, data_type: str, window: Window, requested_by_id: int | None)
         existing = ExportRun.objects.filter(**fields, status=ExportRun.Status.PENDING).order_by("pk").first()
         if existing is not None:
             return existing, False
+        # A run exporting the window right now (its process alive) gives what a new one would:
+        # a second one would only write the same files beside it.
+        running = list(
+            ExportRun.objects.filter(**fields, status=ExportRun.Status.RUNNING)
+            .order_by("-pk")
+            .values_list("pk", flat=True)
+        )
+        alive = [pk for pk in running if pk not in set(_dead_runs(running))]
+        if connection.vendor == "postgresql" and alive:
+            return ExportRun.objects.get(pk=alive[0]), False
         try:
             with transaction.atomic():  # a savepoint: the request's transaction goes on after a conflict
                 run = ExportRun.objects.create(

@@ -8,8 +8,10 @@ a partial file at the final path; `stale_temp_files_remove` clears such leftover
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,25 +62,66 @@ class HashingWriter:
         return self._sha256.hexdigest()
 
 
+def _temp_path(path: Path) -> Path:
+    """A temporary name beside `path`, unique to this writer: the pid alone is not (threads of
+    one process, or worker containers sharing the export volume, each with its own pid 7)."""
+    return path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(6)}")
+
+
+@dataclass
+class Staged:
+    """A complete, fsynced temporary file waiting to be renamed to `path` (see `commit`)."""
+
+    temp: Path
+    path: Path
+
+    def discard(self) -> None:
+        self.temp.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_writer(path: Path, *, buffering: int = 1024 * 1024) -> Iterator[tuple[HashingWriter, list[Staged]]]:
+    """Write `path`'s content to a temporary file: yields (writer, out); on a clean exit the file
+    is fsynced and closed and a `Staged` is appended to `out`, for `commit` to rename into place
+    together with others; on an exception the temporary file is removed."""
+    path = Path(path)
+    makedirs_durable(path.parent)
+    temp = _temp_path(path)
+    fh = open(temp, "wb", buffering=buffering)  # noqa: SIM115 - closed below
+    out: list[Staged] = []
+    try:
+        writer = HashingWriter(fh)
+        yield writer, out
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fh.close()  # may fail again (the flush of a full disk): the file is removed anyway
+        temp.unlink(missing_ok=True)
+        raise
+    out.append(Staged(temp=temp, path=path))
+
+
+def commit(staged: list[Staged]) -> None:
+    """Rename staged files into place, in order, then fsync their directories."""
+    for item in staged:
+        os.replace(item.temp, item.path)
+    for directory in dict.fromkeys(item.path.parent for item in staged):
+        fsync_dir(directory)
+
+
 @contextmanager
 def atomic_writer(path: Path, *, buffering: int = 1024 * 1024) -> Iterator[HashingWriter]:
     """Write `path` atomically: yields a writer; on a clean exit the file is fsynced and renamed
     into place and the directory fsynced; on an exception the temporary file is removed."""
-    path = Path(path)
-    makedirs_durable(path.parent)
-    temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
-    fh = open(temp, "wb", buffering=buffering)  # noqa: SIM115 - closed below, before the rename
-    try:
-        writer = HashingWriter(fh)
+    with staged_writer(path, buffering=buffering) as (writer, staged):
         yield writer
-        fh.flush()
-        os.fsync(fh.fileno())
-        fh.close()
-        os.replace(temp, path)
-        fsync_dir(path.parent)
+    try:
+        commit(staged)
     except BaseException:
-        fh.close()
-        temp.unlink(missing_ok=True)
+        for item in staged:
+            item.discard()
         raise
 
 
@@ -87,6 +130,13 @@ def write_bytes_atomic(path: Path, data: bytes) -> str:
     with atomic_writer(path) as writer:
         writer.write(data)
     return writer.sha256
+
+
+def stage_bytes(path: Path, data: bytes) -> Staged:
+    """A small file staged for `commit`."""
+    with staged_writer(path) as (writer, staged):
+        writer.write(data)
+    return staged[0]
 
 
 def sha256_file(path: Path) -> str:

@@ -4,6 +4,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
+from training_export.models import ExportRun
 from training_export.services.export import DATA_TYPES, ExportError, export_runs_for_window
 
 
@@ -42,5 +43,11 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         finally:
             bar.close()
+        failed = [run for run in runs if run.status != ExportRun.Status.SUCCEEDED]
         for run in runs:
-            self.stdout.write(f"{run.data_type}: {run.rows} rows, sha256 {run.checksum}, {run.path}")
+            if run not in failed:
+                self.stdout.write(f"{run.data_type}: {run.rows} rows, sha256 {run.checksum}, {run.path}")
+        if failed:
+            raise CommandError(
+                "; ".join(f"{run.data_type}: export run {run.pk} is {run.status}: {run.error or ''}" for run in failed)
+            )

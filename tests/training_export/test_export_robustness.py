@@ -1,0 +1,416 @@
+"""The JSONL export path under concurrency, failures and odd input: exports of one window at
+once, a failed write, the daily export held off by a long transaction, redaction of JSON
+carried as text, the compose volumes the exports API needs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connection
+from django.utils import timezone
+
+from orchestration.event_types import EventType
+from orchestration.models import Event
+from orchestration.runtime.tools import tool_schemas
+from tests.engine import database_url
+from tests.factories import AgentFactory, EventFactory, MessageFactory
+from training_export.management.commands import export_training_data as command_module
+from training_export.models import ExportRun
+from training_export.services.export import DATA_TYPES, export_previous_day, export_run
+from training_export.services.files import atomic_writer, sha256_file
+from training_export.tasks import export_previous_day_task
+
+DAY = dt.date(2024, 3, 5)
+T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def out(settings, tmp_path: Path) -> Path:
+    settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
+    settings.TRAINING_DATA_DIR = tmp_path / "training"
+    return settings.TRAINING_EXPORT_DIR
+
+
+def call(call_id: str, name: str, arguments: dict) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+def thread(instance_id: str, agent, messages: list[dict], *, at: dt.datetime = T0) -> None:
+    for i, fields in enumerate(messages):
+        MessageFactory(instance_id=instance_id, agent=agent, created_at=at + dt.timedelta(seconds=i), **fields)
+
+
+def read_lines(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text("utf-8").splitlines()]
+
+
+# --- Hugging Face datasets with the built-in agents' tools ---------------------------------
+
+
+def test_datasets_loads_conversations_of_agents_with_different_tools(db, out, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # The built-in agents' tool sets (agents/definitions/assistant.yaml, schema-validator.yaml).
+    assistant = AgentFactory(id="assistant", config={"tools": ["calculator", "text_stats", "keywords"]})
+    validator = AgentFactory(id="schema-validator", config={"tools": ["json_validate"]})
+    thread(
+        "t-a",
+        assistant,
+        [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "", "tool_calls": [call("c1", "calculator", {"expression": "2+2"})]},
+            {"role": "tool", "content": '{"result": 4}', "tool_call_id": "c1"},
+            {"role": "assistant", "content": "4"},
+        ],
+    )
+    thread("t-b", validator, [{"role": "user", "content": "validate"}, {"role": "assistant", "content": "ok"}])
+    run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+    assert run.rows == 2
+    loaded = datasets.load_dataset(str(Path(run.path).parent), cache_dir=str(tmp_path / "hf-cache"))
+    assert loaded["train"].num_rows == 2
+
+
+def test_datasets_loads_a_single_thread_of_the_schema_validator(db, out, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    validator = AgentFactory(id="schema-validator", config={"tools": ["json_validate"]})
+    thread("t-b", validator, [{"role": "user", "content": "validate"}, {"role": "assistant", "content": "ok"}])
+    run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+    loaded = datasets.load_dataset(str(Path(run.path).parent), cache_dir=str(tmp_path / "hf-cache"))
+    assert loaded["train"].num_rows == 1
+    # What a trainer reads back must be the tool schema that was written.
+    assert loaded["train"][0]["tools"] == tool_schemas(["json_validate"])
+
+
+# --- redaction -------------------------------------------------------------------------------
+
+
+def test_a_secret_under_a_key_in_a_tool_reply_is_redacted_in_the_chat_export(db, out):
+    agent = AgentFactory(config={"tools": ["calculator"]})
+    secret = "hunter2-not-a-pattern"
+    thread(
+        "t-1",
+        agent,
+        [
+            {"role": "user", "content": "log in"},
+            {"role": "assistant", "content": "", "tool_calls": [call("c1", "calculator", {"password": secret})]},
+            {"role": "tool", "content": json.dumps({"api_key": secret, "result": 4}), "tool_call_id": "c1"},
+            {"role": "assistant", "content": "done"},
+        ],
+    )
+    # The same call as a tool_executed event: the tool_executions export masks it by key.
+    EventFactory(
+        event_type=EventType.TOOL_EXECUTED,
+        entity_type="tool",
+        entity_id="c1",
+        created_at=T0,
+        payload={
+            "tool_name": "calculator",
+            "input_params": {"password": secret},
+            "output_result": {"api_key": secret, "result": 4},
+        },
+    )
+    tools_run = export_run(data_type="tool_executions", start_date=DAY, end_date=DAY)
+    assert secret not in Path(tools_run.path).read_text()
+    chat_run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+    text = Path(chat_run.path).read_text()
+    assert secret not in text, text
+
+
+def test_a_configured_pii_key_does_not_mask_the_fixed_columns_of_tool_executions(db, out, settings):
+    # An operator adds `name` to mask people's names inside payloads (configured PII).
+    settings.REDACT_KEYS = [*settings.REDACT_KEYS, "name"]
+    EventFactory(
+        event_type=EventType.TOOL_EXECUTED,
+        entity_type="tool",
+        entity_id="c1",
+        created_at=T0,
+        payload={"tool_name": "calculator", "input_params": {"name": "Alice"}, "output_result": {"result": 4}},
+    )
+    EventFactory(event_type=EventType.AGENT_STARTED, created_at=T0, payload={"name": "Alice"})
+    tools = read_lines(export_run(data_type="tool_executions", start_date=DAY, end_date=DAY).path)
+    assert tools[0]["input_params"] == {"name": "[REDACTED]"}
+    # The column is the tool's name (a fixed column of the schema), not a person's.
+    assert tools[0]["tool_name"] == "calculator", tools[0]
+
+
+# --- concurrency -------------------------------------------------------------------------------
+
+
+def seed_events(count: int) -> None:
+    for i in range(count):
+        EventFactory(event_type=EventType.AGENT_STARTED, created_at=T0 + dt.timedelta(seconds=i), payload={"i": i})
+
+
+def test_a_run_overtaken_by_a_later_run_of_its_window_is_not_reported_as_a_success(
+    transactional_db, out, tmp_path, monkeypatch
+):
+    seed_events(1200)  # three chunks
+    entered, gate = threading.Event(), threading.Event()
+
+    class PausingBar:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def update(self, n):
+            entered.set()
+            gate.wait(30)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(command_module, "tqdm", PausingBar)
+    result: dict = {}
+
+    def run_command():
+        stdout = io.StringIO()
+        try:
+            call_command(
+                "export_training_data",
+                "--type",
+                "events",
+                "--start",
+                str(DAY),
+                "--end",
+                str(DAY),
+                "--output",
+                str(tmp_path / "a"),
+                stdout=stdout,
+            )
+        except BaseException as exc:
+            result["error"] = exc
+        finally:
+            result["stdout"] = stdout.getvalue()
+            connection.close()
+
+    a = threading.Thread(target=run_command)
+    a.start()
+    assert entered.wait(30)
+    # Meanwhile another export of the same window (e.g. an API request, or the beat) runs to the end.
+    b = export_run(data_type="events", start_date=DAY, end_date=DAY, output_dir=tmp_path / "b")
+    assert b.status == ExportRun.Status.SUCCEEDED
+    gate.set()
+    a.join(60)
+    run_a = ExportRun.objects.exclude(pk=b.pk).get()
+    print("A row:", run_a.status, run_a.error, "| stdout:", result.get("stdout"), "| error:", result.get("error"))
+    # A ran to its end and wrote complete files; it was never interrupted.
+    assert "interrupted" not in (run_a.error or "")
+    # And a command whose run did not succeed must not exit 0 printing it like a success.
+    assert run_a.status == ExportRun.Status.SUCCEEDED or "error" in result
+
+
+# --- CLI errors ----------------------------------------------------------------------------------
+
+
+def test_the_command_rejects_the_last_representable_day_with_a_clear_error(db, out):
+    with pytest.raises(CommandError):
+        call_command("export_training_data", "--type", "events", "--start", "9999-12-31", "--end", "9999-12-31")
+
+
+def test_a_relative_output_directory_is_recorded_as_an_absolute_path(db, out, tmp_path, monkeypatch):
+    from training_export.services.export import export_file_open
+
+    seed_events(3)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    call_command(
+        "export_training_data",
+        "--type",
+        "events",
+        "--start",
+        str(DAY),
+        "--end",
+        str(DAY),
+        "--output",
+        "exports-rel",
+        "--no-progress",
+        stdout=io.StringIO(),
+    )
+    run = ExportRun.objects.get()
+    print("recorded path:", run.path)
+    monkeypatch.chdir(tmp_path)  # the web process / a worker runs elsewhere
+    export_file_open(run=run).file.close()  # the API download of this succeeded run
+
+
+# --- the daily export and a long transaction (e.g. a nightly pg_dump) ---------------------------
+
+
+def test_a_day_the_daily_export_gave_up_on_is_recorded_failed_and_exported_the_next_night(
+    transactional_db, out, monkeypatch
+):
+    real_now = timezone.now
+    shift = dt.timedelta(days=2)  # a clock for the beat two days ahead: "yesterday" ends after real now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + shift)
+    missed = (real_now() + shift).date() - dt.timedelta(days=1)
+    # The day before was exported: the type has a last exported day to catch up from.
+    before = missed - dt.timedelta(days=1)
+    for data_type in DATA_TYPES:
+        export_run(data_type=data_type, start_date=before, end_date=before)
+    # A session that began before the window end (+60 s) and is still open: pg_dump's
+    # REPEATABLE READ snapshot during a nightly backup, another long export, a report query.
+    with psycopg.connect(database_url(), autocommit=False) as other:
+        other.execute("SELECT 1")
+        result = export_previous_day_task.apply(retries=export_previous_day_task.max_retries)
+        other.rollback()
+    assert result.state == "FAILURE"
+    gave_up = ExportRun.objects.filter(window_start__date=missed)
+    assert sorted(gave_up.values_list("data_type", flat=True)) == sorted(DATA_TYPES)
+    assert {run.status for run in gave_up} == {ExportRun.Status.FAILED}
+    assert all("gave up" in run.error and "open" in run.error for run in gave_up)
+    assert Event.objects.filter(event_type=EventType.EXPORT_FAILED).count() == len(DATA_TYPES)
+    # The next night the backup is over: both days are exported, the missed one first.
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + shift + dt.timedelta(days=1))
+    runs = [ExportRun.objects.get(pk=pk) for pk in export_previous_day_task.apply().get()]
+    assert [(run.window_start.date(), run.data_type) for run in runs] == [
+        (day, data_type) for day in (missed, missed + dt.timedelta(days=1)) for data_type in DATA_TYPES
+    ]
+    assert {run.status for run in runs} == {ExportRun.Status.SUCCEEDED}
+    # A third night finds nothing missed: only its own day is exported.
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + shift + dt.timedelta(days=2))
+    runs = [ExportRun.objects.get(pk=pk) for pk in export_previous_day_task.apply().get()]
+    assert {run.window_start.date() for run in runs} == {missed + dt.timedelta(days=2)}
+
+
+def test_the_daily_export_catches_up_from_the_last_exported_day_at_most_the_configured_days(db, out, settings):
+    settings.TRAINING_EXPORT_CATCHUP_DAYS = 3
+    export_run(data_type="events", start_date=dt.date(2024, 3, 10), end_date=dt.date(2024, 3, 10))
+    export_run(data_type="tasks", start_date=dt.date(2024, 3, 17), end_date=dt.date(2024, 3, 17))  # by hand
+    export_run(data_type="workflows", start_date=dt.date(2024, 3, 1), end_date=dt.date(2024, 3, 18))  # not a day
+    runs = export_previous_day(now=dt.datetime(2024, 3, 20, 0, 30, tzinfo=dt.UTC))
+
+    def days(data_type: str) -> list[dt.date]:
+        return [run.window_start.date() for run in runs if run.data_type == data_type]
+
+    # Three days back from the previous day (the 19th), oldest first.
+    assert days("events") == [dt.date(2024, 3, 16), dt.date(2024, 3, 17), dt.date(2024, 3, 18), dt.date(2024, 3, 19)]
+    assert days("tasks") == [dt.date(2024, 3, 18), dt.date(2024, 3, 19)]  # after its last exported day
+    # Types never exported day by day (a new deployment) export the previous day only.
+    assert days("workflows") == days("conversations") == [dt.date(2024, 3, 19)]
+    # The next night, nothing is missing any more.
+    runs = export_previous_day(now=dt.datetime(2024, 3, 21, 0, 30, tzinfo=dt.UTC))
+    assert {run.window_start.date() for run in runs} == {dt.date(2024, 3, 20)}
+    settings.TRAINING_EXPORT_CATCHUP_DAYS = 0
+    runs = export_previous_day(now=dt.datetime(2024, 3, 25, 0, 30, tzinfo=dt.UTC))
+    assert {run.window_start.date() for run in runs} == {dt.date(2024, 3, 24)}
+
+
+# --- temporary names of concurrent writers ---------------------------------------------------------
+
+
+def test_two_writers_of_one_path_in_one_process_do_not_share_a_temporary_file(tmp_path):
+    """Two exports of one window in workers with the same PID (prefork children of two worker
+    containers on the shared training-data volume, or a threads pool): A writes its file; B, which
+    started meanwhile, dies before it has rewritten what A had written already."""
+    path = tmp_path / "events-train.jsonl"
+    block = b'{"k":"' + b"x" * 1000 + b'"}\n'
+    a = atomic_writer(path)
+    writer_a = a.__enter__()
+    for _ in range(2048):  # 2 MiB: past the 1 MiB buffer, on disk
+        writer_a.write(block)
+    b = atomic_writer(path)
+    b.__enter__()  # B opens "its" temporary file: the same name, truncated
+    for _ in range(1024):
+        writer_a.write(block)
+    a.__exit__(None, None, None)  # A renames into place and would record its sha256
+    # B's worker is killed here (hard time limit, OOM, container stop): no cleanup runs.
+    assert sha256_file(path) == writer_a.sha256, "the published file is not the one A hashed"
+
+
+def test_two_exports_of_one_window_in_one_process_both_succeed_or_one_is_told_why(transactional_db, out):
+    seed_events(1200)
+    entered, gate = threading.Event(), threading.Event()
+    result: dict = {}
+
+    def pause(n):
+        entered.set()
+        gate.wait(30)
+
+    def run_a():
+        try:
+            result["run"] = export_run(data_type="events", start_date=DAY, end_date=DAY, progress=pause)
+        except BaseException as exc:
+            result["error"] = exc
+        finally:
+            connection.close()
+
+    a = threading.Thread(target=run_a)
+    a.start()
+    assert entered.wait(30)
+    b = export_run(data_type="events", start_date=DAY, end_date=DAY)  # a second request, same worker pid
+    gate.set()
+    a.join(60)
+    print("B:", b.status, "A:", result)
+    assert "error" not in result, result["error"]
+
+
+def test_a_request_for_a_window_being_exported_does_not_queue_a_second_export(
+    db, out, django_capture_on_commit_callbacks
+):
+    from training_export.services.export import export_runs_request, window_for
+
+    window = window_for(DAY, DAY)
+    running = ExportRun.objects.create(
+        data_type="events",
+        format="jsonl",
+        window_start=window.start,
+        window_end=window.end,
+        status=ExportRun.Status.RUNNING,
+        started_at=timezone.now(),
+    )
+    # The worker exporting it: a live session (the fix marks a live run with an advisory lock
+    # named after it, which the original code does not look at).
+    with psycopg.connect(database_url(), autocommit=True) as worker:
+        worker.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [f"export_run:{running.pk}"])
+        with django_capture_on_commit_callbacks(execute=False):
+            result = export_runs_request(data_types=["events"], start_date=DAY, end_date=DAY)
+    print("queued:", [(r.pk, r.status) for r in result.queued], "running:", running.pk)
+    assert [r.pk for r in result.queued] in ([], [running.pk])
+
+
+# --- a failure after the data file is written ---------------------------------------------------
+
+
+def test_an_export_that_fails_leaves_no_dataset_at_its_final_paths(db, out, monkeypatch):
+    from training_export.services import export as export_module
+
+    seed_events(3)
+    first = export_run(data_type="events", start_date=DAY, end_date=DAY)
+    directory = Path(first.path).parent
+    before = {path.name: path.read_bytes() for path in directory.iterdir()}
+    EventFactory(event_type=EventType.AGENT_STARTED, created_at=T0 + dt.timedelta(hours=1), payload={"new": 1})
+    real_stage = export_module.stage_bytes
+
+    def disk_full_at_the_manifest(path, data):
+        if path.name == "manifest.json":
+            raise OSError(28, "No space left on device")
+        return real_stage(path, data)
+
+    monkeypatch.setattr(export_module, "stage_bytes", disk_full_at_the_manifest)
+    with pytest.raises(OSError):
+        export_run(data_type="events", start_date=DAY, end_date=DAY, force=True)
+    failed = ExportRun.objects.order_by("-pk").first()
+    assert failed.status == ExportRun.Status.FAILED and "No space left" in failed.error
+    # The earlier export's files are untouched (no new data beside the old card and manifest),
+    # and no temporary file is left behind.
+    assert {path.name: path.read_bytes() for path in directory.iterdir()} == before
+
+
+def test_the_web_service_sees_the_exported_files():
+    """The exports API (web) downloads files and checks whether an export is intact."""
+    import yaml
+
+    from tests.test_compose import COMPOSE_FILE
+
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    worker_mounts = {v for v in services["worker"].get("volumes", []) if "training" in v}
+    assert worker_mounts and worker_mounts <= set(services["web"].get("volumes", [])), services["web"].get("volumes")
