@@ -12,8 +12,15 @@ import re
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.core.exceptions import (
+    BadRequest,
+    PermissionDenied,
+    RequestDataTooBig,
+    SuspiciousOperation,
+    TooManyFieldsSent,
+)
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.urls import is_valid_path
 from django.views import defaults
 from rest_framework import exceptions
 from rest_framework.response import Response
@@ -123,6 +130,14 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
         exc = Conflict(str(exc))
     elif isinstance(exc, RequestDataTooBig):
         exc = RequestTooLarge(f"The request body exceeds the limit of {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.")
+    elif isinstance(exc, TooManyFieldsSent):
+        # Django answers these 400 outside DRF; inside a view they reach this handler.
+        exc = exceptions.ParseError(
+            f"The request has more than {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} query or form parameters."
+        )
+    elif isinstance(exc, SuspiciousOperation | BadRequest):
+        logging.getLogger("django.security").warning("%s in %s: %s", type(exc).__name__, instance, exc)
+        exc = exceptions.ParseError("The request is malformed.")
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
@@ -173,7 +188,12 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpR
     """handler404: a problem document under /api/ (Django resolves unknown URLs before DRF
     is involved), Django's page elsewhere."""
     if _is_api(request):
-        return _plain_problem(request, 404, "No endpoint matches this URL.", "not_found")
+        detail = "No endpoint matches this URL."
+        if not request.path_info.endswith("/") and is_valid_path(
+            f"{request.path_info}/", getattr(request, "urlconf", None)
+        ):
+            detail = f"No endpoint matches this URL; the endpoint is {request.path}/ (with a trailing slash)."
+        return _plain_problem(request, 404, detail, "not_found")
     return defaults.page_not_found(request, exception or Http404())
 
 

@@ -110,12 +110,22 @@ class StrictFilterSet(django_filters.FilterSet, metaclass=StrictFilterSetMetacla
     def get_form_class(self) -> type[forms.Form]:
         return _form_class(type(self))
 
+    # (start, end) filter pairs: an end not after its start is an error, not an empty list.
+    ranges: tuple[tuple[str, str], ...] = ()
+
     def is_valid(self) -> bool:
         valid = super().is_valid()
         for name in self.filters:
-            if name in self.data and self.data.get(name) == "":
+            # Blanks too: a text field strips them, which leaves no filter at all.
+            if name in self.data and not str(self.data.get(name)).strip():
                 self.form.add_error(name, "must not be empty")
                 valid = False
+        if valid:
+            cleaned = self.form.cleaned_data
+            for start, end in self.ranges:
+                if cleaned.get(start) is not None and cleaned.get(end) is not None and cleaned[end] <= cleaned[start]:
+                    self.form.add_error(end, f"must be after {start}")
+                    valid = False
         return valid
 
 
@@ -140,6 +150,7 @@ class WorkflowFilter(StrictFilterSet):
     priority = FixedChoiceFilter(choices=Priority.choices)
     created_after = UtcDateTimeFilter(field_name="created_at", lookup_expr="gte")
     created_before = UtcDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    ranges = (("created_after", "created_before"),)
 
     class Meta:
         model = Workflow
@@ -152,6 +163,7 @@ class TaskFilter(StrictFilterSet):
     agent = django_filters.CharFilter(field_name="agent_id")
     created_after = UtcDateTimeFilter(field_name="created_at", lookup_expr="gte")
     created_before = UtcDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    ranges = (("created_after", "created_before"),)
 
     class Meta:
         model = TaskExecution
@@ -167,6 +179,7 @@ class EventFilter(StrictFilterSet):
     severity = FixedChoiceFilter(choices=Severity.choices)
     since = UtcDateTimeFilter(field_name="created_at", lookup_expr="gte")
     until = UtcDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    ranges = (("since", "until"),)
 
     class Meta:
         model = Event

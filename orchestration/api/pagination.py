@@ -34,6 +34,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.utils.urls import remove_query_param, replace_query_param
 
+from orchestration.api.parsers import unstorable_text
 from orchestration.db import timestamptz_fast_loader
 
 Converter = Callable[[Any, Any, Any], Any]
@@ -261,12 +262,28 @@ class KeysetPagination(BasePagination):
             fields = self._fields(model)
             if not isinstance(values, list) or len(values) != len(fields):
                 raise ValueError
+            if unstorable_text(values):  # NUL, a lone surrogate, 1e400: PostgreSQL takes none of them
+                raise ValueError
             values = [
                 model._meta.get_field(name).to_python(value) for (name, _), value in zip(fields, values, strict=True)
             ]
             if any(value is None for value in values):
                 raise ValueError
-        except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError, DjangoValidationError):
+            # In UTC, as handed out: PostgreSQL refuses UTC offsets beyond 15:59.
+            values = [
+                value.astimezone(dt.UTC) if isinstance(value, dt.datetime) and value.utcoffset() is not None else value
+                for value in values
+            ]
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            OverflowError,
+            RecursionError,
+            binascii.Error,
+            UnicodeError,
+            DjangoValidationError,
+        ):
             raise ValidationError({"cursor": ["is not a cursor this endpoint handed out"]}) from None
         return values, reverse
 

@@ -49,7 +49,10 @@ class LimitedJSONParser(JSONParser):
         data = stream.read(limit + 1) if stream is not None else b""
         if len(data) > limit:
             raise RequestTooLarge(f"The request body exceeds the limit of {limit} bytes.")
-        parsed = super().parse(io.BytesIO(data), media_type, parser_context)
+        try:
+            parsed = super().parse(io.BytesIO(data), media_type, parser_context)
+        except RecursionError:
+            raise ParseError("JSON parse error - the document is nested too deeply.") from None
         problem = unstorable_text(parsed)
         if problem:
             raise ParseError(f"The request body {problem}.")

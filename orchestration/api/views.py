@@ -384,7 +384,10 @@ class EventViewSet(ApiMixin, RowListMixin, mixins.ListModelMixin, viewsets.Gener
 
     def _indexed_filter(self) -> tuple[str, str] | None:
         params = self.request.query_params
-        return next(((c, params[p]) for p, c in self.INDEXED_FILTERS.items() if params.get(p)), None)
+        # The value the filter applies: stripped, as its form field cleans it.
+        return next(
+            ((c, params[p].strip()) for p, c in self.INDEXED_FILTERS.items() if params.get(p, "").strip()), None
+        )
 
     @property
     def cursor_ordering(self) -> tuple[str, ...]:
