@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from django.db.models import QuerySet
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
-from rest_framework import mixins, status, viewsets
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view, inline_serializer
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.request import Request
@@ -30,7 +30,7 @@ from orchestration.api.serializers import (
 )
 from orchestration.api.views import PAGE_PARAMETERS, ApiMixin
 from orchestration.errors import ConversationBusy, ConversationError
-from orchestration.models import Agent, AgentPlaygroundMessage
+from orchestration.models import Agent, AgentPlaygroundMessage, ApiKey
 from orchestration.selectors import agent_stats, conversation_messages, conversation_thread
 from orchestration.services.access import AGENT_MANAGE
 from orchestration.services.agent_registry import (
@@ -43,6 +43,7 @@ from orchestration.services.conversations import conversation_message_post
 
 ANY_ROLE = "any"
 EXECUTE = "agent:execute"
+AGENT_LIST = "agent:list"
 
 
 class AgentPermission(ActionPermission):
@@ -51,7 +52,15 @@ class AgentPermission(ActionPermission):
 
     def has_permission(self, request: Request, view: object) -> bool:
         if getattr(view, "action", None) in ("list", "retrieve", "stats"):
-            return HasRole().has_permission(request, view)
+            if not HasRole().has_permission(request, view):
+                self.message = HasRole.message
+                return False
+            # Every role reads agents, but a key narrowed to some permissions grants only those.
+            narrowed = request.auth.permissions if isinstance(request.auth, ApiKey) else None
+            if narrowed and "*" not in narrowed and AGENT_LIST not in narrowed:
+                self.message = f"This API key does not grant {AGENT_LIST}, which this operation needs."
+                return False
+            return True
         return super().has_permission(request, view)
 
 
@@ -165,6 +174,17 @@ class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, v
         return Response(AgentStatsSerializer(stats).data)
 
 
+# An APIView's answer is not paginated in drf-spectacular's eyes: the page is spelled out.
+MESSAGE_PAGE = inline_serializer(
+    "PaginatedMessageList",
+    fields={
+        "next": serializers.URLField(allow_null=True, help_text="the next page"),
+        "previous": serializers.URLField(allow_null=True, help_text="the page before"),
+        "results": MessageSerializer(many=True),
+    },
+)
+
+
 class ConversationMessagesView(ApiMixin, APIView):
     """`conversations/{instance_id}/messages/`: a thread belongs to the owner of its messages."""
 
@@ -185,7 +205,7 @@ class ConversationMessagesView(ApiMixin, APIView):
     @extend_schema(
         summary="The messages of a conversation, in order",
         parameters=[OpenApiParameter("instance_id", OpenApiTypes.STR, OpenApiParameter.PATH), *PAGE_PARAMETERS],
-        responses={200: MessageSerializer(many=True), **problem_responses(400, 401, 403, 404, 429)},
+        responses={200: MESSAGE_PAGE, **problem_responses(400, 401, 403, 404, 429)},
     )
     def get(self, request: Request, instance_id: str) -> Response:
         messages = self._thread(request, instance_id)

@@ -18,6 +18,7 @@ from rest_framework.settings import api_settings
 
 from orchestration.models import Agent, AgentPlaygroundMessage, ApiKey, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.models.workflows import Priority
+from orchestration.selectors import DEFAULT_STATS_WINDOW
 
 JSON_OBJECT = {"type": "object", "additionalProperties": True}
 JSON_ARRAY_OF_STRINGS = {"type": "array", "items": {"type": "string"}}
@@ -280,6 +281,8 @@ def row_reader(serializer_class: type[serializers.ModelSerializer]) -> RowReader
 
 
 class AttemptSerializer(FastReadMixin, serializers.ModelSerializer):
+    """One try at a task: when it ran, on which worker, how it ended and why, and what it spent."""
+
     class Meta:
         model = TaskAttempt
         fields = (
@@ -307,6 +310,8 @@ class AttemptSerializer(FastReadMixin, serializers.ModelSerializer):
 
 
 class TaskSerializer(FastReadMixin, serializers.ModelSerializer):
+    """A task of a workflow (a task execution): its agent, status, retries, timings, usage and cost."""
+
     workflow_id = serializers.CharField(read_only=True, allow_null=True)
     agent_id = serializers.CharField(read_only=True)
     depends_on = StringListField(read_only=True)
@@ -349,6 +354,8 @@ class TaskSerializer(FastReadMixin, serializers.ModelSerializer):
 
 
 class TaskDetailSerializer(TaskSerializer):
+    """A task with every attempt at it."""
+
     attempts = AttemptSerializer(many=True, read_only=True)
 
     class Meta(TaskSerializer.Meta):
@@ -357,6 +364,8 @@ class TaskDetailSerializer(TaskSerializer):
 
 
 class WorkflowSerializer(FastReadMixin, serializers.ModelSerializer):
+    """A workflow: its status, progress counters, timings, token and cost totals."""
+
     owner = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
     tags = StringListField(read_only=True)
     metadata = JSONObjectField(read_only=True)
@@ -394,6 +403,8 @@ class WorkflowSerializer(FastReadMixin, serializers.ModelSerializer):
 
 
 class WorkflowDetailSerializer(WorkflowSerializer):
+    """A workflow with its spec and its tasks."""
+
     spec = JSONObjectField(read_only=True)
     state_data = JSONObjectField(read_only=True)
     step_results = JSONObjectField(read_only=True)
@@ -452,6 +463,8 @@ class WorkflowSpecSerializer(serializers.Serializer):
 
 
 class EventSerializer(FastReadMixin, serializers.ModelSerializer):
+    """An entry of the append-only audit log."""
+
     payload = JSONObjectField(read_only=True)
 
     class Meta:
@@ -502,6 +515,8 @@ AGENT_STATS = ("total_tasks_completed", "total_tokens_used", "average_latency_ms
 
 
 class AgentSerializer(FastReadMixin, serializers.ModelSerializer):
+    """An agent: its executor, model, limits and summary statistics."""
+
     url = serializers.CharField(read_only=True)
     capabilities = StringListField(read_only=True)
     specialties = StringListField(read_only=True)
@@ -541,15 +556,21 @@ class AgentWriteSerializer(StrictFieldsMixin, serializers.ModelSerializer):
 
 
 class AgentCreateSerializer(AgentWriteSerializer):
+    """A new agent."""
+
     id = serializers.RegexField(r"^[a-z0-9][a-z0-9_.\-]{0,49}$", help_text="e.g. akira-001")
 
 
 class AgentUpdateSerializer(AgentWriteSerializer):
+    """Changes to an agent's settings."""
+
     class Meta(AgentWriteSerializer.Meta):
         fields = AGENT_WRITABLE
 
 
 class AgentStatsSerializer(serializers.Serializer):
+    """An agent's tasks, latency, tokens, cost and success rate over a window."""
+
     agent_id = serializers.CharField()
     since = serializers.DateTimeField()
     until = serializers.DateTimeField(allow_null=True)
@@ -563,20 +584,27 @@ class AgentStatsSerializer(serializers.Serializer):
 
 
 class AgentStatsQuerySerializer(serializers.Serializer):
+    """The window of an agent's statistics."""
+
     since = serializers.DateTimeField(required=False, help_text="start of the window (default: 24 hours ago)")
     until = serializers.DateTimeField(required=False, help_text="end of the window (default: now)")
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        since, until = attrs.get("since"), attrs.get("until")
-        if since and until and until <= since:
-            raise serializers.ValidationError({"until": "must be after since"})
-        return attrs
+        # The default since is fixed here, once, so that it is the one `until` is checked against.
+        since = attrs.get("since") or timezone.now() - DEFAULT_STATS_WINDOW
+        until = attrs.get("until")
+        if until and until <= since:
+            default = "" if "since" in attrs else " (default: 24 hours ago)"
+            raise serializers.ValidationError({"until": f"must be after since{default}"})
+        return {**attrs, "since": since}
 
 
 # --- Conversations ----------------------------------------------------------------------
 
 
 class MessageSerializer(FastReadMixin, serializers.ModelSerializer):
+    """A message of a conversation."""
+
     agent_id = serializers.CharField(read_only=True, allow_null=True)
     tool_calls = serializers.JSONField(read_only=True, allow_null=True)
     metadata = JSONObjectField(read_only=True)
@@ -602,11 +630,15 @@ class MessageSerializer(FastReadMixin, serializers.ModelSerializer):
 
 
 class MessagePostSerializer(StrictFieldsMixin, serializers.Serializer):
+    """A user message for an agent."""
+
     agent = serializers.CharField(max_length=50, help_text="id of the agent to talk to")
     content = serializers.CharField(max_length=100_000, help_text="the user's message")
 
 
 class MessageAcceptedSerializer(serializers.Serializer):
+    """A message accepted: the reply arrives as a new message of the thread."""
+
     message_id = serializers.CharField()
     instance_id = serializers.CharField()
     status = serializers.CharField(help_text="'accepted': the agent's reply arrives as a new message")
@@ -616,16 +648,22 @@ class MessageAcceptedSerializer(serializers.Serializer):
 
 
 class CancelSerializer(StrictFieldsMixin, serializers.Serializer):
+    """Why the work is cancelled."""
+
     reason = serializers.CharField(max_length=1000, required=False, default="cancelled by user")
 
 
 class RateLimitSerializer(serializers.Serializer):
+    """The caller's rate-limit window."""
+
     limit = serializers.IntegerField(help_text="requests allowed per 60-second window")
     remaining = serializers.IntegerField()
     reset = serializers.IntegerField(help_text="seconds until the window ends")
 
 
 class ApiKeyInfoSerializer(serializers.ModelSerializer):
+    """The API key a request authenticated with."""
+
     permissions = StringListField(read_only=True)
 
     class Meta:
@@ -635,6 +673,8 @@ class ApiKeyInfoSerializer(serializers.ModelSerializer):
 
 
 class MeSerializer(serializers.Serializer):
+    """The caller, their role and permissions."""
+
     id = serializers.IntegerField()
     username = serializers.CharField()
     email = serializers.CharField(allow_blank=True)

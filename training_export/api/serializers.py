@@ -20,6 +20,8 @@ MAX_WINDOW_DAYS = 366
 
 
 class ExportRequestSerializer(StrictFieldsMixin, serializers.Serializer):
+    """A request to export data types over a window of UTC days."""
+
     data_type = serializers.ChoiceField(
         choices=[*DATA_TYPES, ALL], help_text="the type to export, or `all` for every type"
     )
