@@ -68,6 +68,10 @@ class ConversationBusy(ConversationError):
     """The thread's agent is still answering its previous message (try again after it)."""
 
 
+class ConversationTaken(ConversationError):
+    """The thread id is another user's conversation (ids are one namespace: choose another)."""
+
+
 class ToolError(PermanentError):
     """A tool call was refused (unknown tool, not allowed for the agent, invalid arguments)
     or the tool failed; recorded on the tool_executed event and raised to the agent."""

@@ -29,7 +29,7 @@ from orchestration.api.serializers import (
     MessageSerializer,
 )
 from orchestration.api.views import PAGE_PARAMETERS, ApiMixin
-from orchestration.errors import ConversationBusy, ConversationError
+from orchestration.errors import ConversationBusy, ConversationError, ConversationTaken
 from orchestration.models import Agent, AgentPlaygroundMessage, ApiKey
 from orchestration.selectors import agent_stats, conversation_messages, conversation_thread
 from orchestration.services.access import AGENT_MANAGE
@@ -225,7 +225,14 @@ class ConversationMessagesView(ApiMixin, APIView):
         responses={202: MessageAcceptedSerializer, **problem_responses(400, 401, 403, 404, 409, 413, 429)},
     )
     def post(self, request: Request, instance_id: str) -> Response:
-        self._thread(request, instance_id)
+        # Thread ids are one namespace: another user's is a conflict to resolve with another
+        # id, not a missing conversation (a new id starts one).
+        thread = conversation_thread(instance_id=instance_id)
+        if thread is not None and thread["owner_id"] != request.user.pk:
+            raise Conflict(
+                f"The conversation id {instance_id!r} is taken by a conversation that is not yours; "
+                "start yours under another id."
+            )
         data = MessagePostSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         agent = Agent.objects.filter(pk=data.validated_data["agent"]).first()
@@ -235,7 +242,7 @@ class ConversationMessagesView(ApiMixin, APIView):
             message = conversation_message_post(
                 agent=agent, instance_id=instance_id, content=data.validated_data["content"], owner=request.user
             )
-        except ConversationBusy as exc:
+        except (ConversationBusy, ConversationTaken) as exc:
             raise Conflict(str(exc)) from None
         except ConversationError as exc:
             raise ValidationError({spec_field(str(exc)) or "conversation": [str(exc)]}) from None

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Exists, OuterRef, Prefetch, Q, QuerySet
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
@@ -39,7 +39,7 @@ from orchestration.api.serializers import (
     row_reader,
 )
 from orchestration.api.throttling import rate_limit_settle
-from orchestration.models import ApiKey, Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.models import AgentPlaygroundMessage, ApiKey, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume
 
 logger = logging.getLogger(__name__)
@@ -308,7 +308,15 @@ class TaskViewSet(ApiMixin, RowListMixin, mixins.ListModelMixin, mixins.Retrieve
     def get_queryset(self) -> QuerySet[TaskExecution]:
         tasks = TaskExecution.objects.all()
         if not is_admin(self.request):
-            tasks = tasks.filter(workflow__owner=self.request.user)
+            user = self.request.user
+            if self.action == "list":
+                tasks = tasks.filter(workflow__owner=user)
+            else:
+                # A conversation's reply task has no workflow: it is the caller's when the
+                # message it answers is (reachable by its id, from the thread's messages, to
+                # see why a reply is late and to cancel it; the list shows workflow tasks).
+                asked = AgentPlaygroundMessage.objects.filter(execution=OuterRef("pk"), owner=user)
+                tasks = tasks.filter(Q(workflow__owner=user) | Q(workflow__isnull=True) & Exists(asked))
         if self.action == "retrieve":
             tasks = tasks.prefetch_related(
                 Prefetch("attempts", queryset=TaskAttempt.objects.order_by("attempt_number"))

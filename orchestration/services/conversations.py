@@ -20,7 +20,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from orchestration.errors import ConversationBusy, ConversationError
+from orchestration.errors import ConversationBusy, ConversationError, ConversationTaken
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Agent, AgentPlaygroundMessage, Priority, TaskAttempt, TaskExecution
 from orchestration.runtime.context import Conversation, TaskContext, Usage
@@ -83,7 +83,10 @@ def conversation_message_post(
     first = conversation_thread(instance_id=instance_id)
     if first is not None:
         if first["owner_id"] != getattr(owner, "pk", None):
-            raise ConversationError(f"conversation {instance_id!r} belongs to another user")
+            raise ConversationTaken(
+                f"the conversation id {instance_id!r} is taken by another user's conversation; "
+                "start yours under another id"
+            )
         if first["agent_id"] != agent.id:
             raise ConversationError(
                 f"conversation {instance_id!r} is with agent {first['agent_id']!r}, not {agent.id!r}"
@@ -91,12 +94,13 @@ def conversation_message_post(
     last_asked = (
         AgentPlaygroundMessage.objects.filter(instance_id=instance_id, role=Role.USER, execution__isnull=False)
         .order_by("-created_at", "-message_id")
-        .values("message_id", "execution__status")
+        .values("message_id", "execution_id", "execution__status")
         .first()
     )
     if last_asked is not None and last_asked["execution__status"] not in TaskExecution.TERMINAL_STATUSES:
         raise ConversationBusy(
-            f"conversation {instance_id!r} is still answering message {last_asked['message_id']!r}; wait for the reply"
+            f"conversation {instance_id!r} is still answering message {last_asked['message_id']!r} "
+            f"(task {last_asked['execution_id']}); wait for the reply, or cancel that task"
         )
     message = AgentPlaygroundMessage.objects.create(
         instance_id=instance_id, agent=agent, owner=owner, role=Role.USER, content=content, created_at=_db_now()

@@ -75,6 +75,29 @@ def test_a_thread_started_without_a_user_is_hidden_from_non_admins(callers):
         assert callers[role].client.get(url).status_code in (403, 404), role
     assert callers["developer"].client.get(url).status_code == 404
     posted = callers["developer"].client.post(url, {"agent": "echo", "content": "mine now?"}, format="json")
-    assert posted.status_code == 404
+    assert posted.status_code == 409 and "hi" not in posted.json()["detail"]
     listed = callers["admin"].client.get(url)
     assert listed.status_code == 200 and [m["content"] for m in listed.json()["results"]] == ["hi"]
+
+
+def test_the_owner_of_a_pending_reply_can_look_at_its_task_and_cancel_it(callers):
+    dev, other = callers["developer"].client, callers["other"].client
+    assert (
+        dev.post("/api/v1/conversations/t-5/messages/", {"agent": "echo", "content": "one"}, format="json").status_code
+        == 202
+    )
+    busy = dev.post("/api/v1/conversations/t-5/messages/", {"agent": "echo", "content": "two"}, format="json")
+    task_id = AgentPlaygroundMessage.objects.get(instance_id="t-5").execution_id
+    assert busy.status_code == 409 and task_id in busy.json()["detail"]  # the conflict names the task
+    # The reply task has no workflow; it is the developer's because the message it answers is.
+    assert dev.get(f"/api/v1/tasks/{task_id}/").json()["status"] == "queued"
+    assert other.get(f"/api/v1/tasks/{task_id}/").status_code == 404
+    assert other.post(f"/api/v1/tasks/{task_id}/cancel/", {}, format="json").status_code == 404
+    cancelled = dev.post(f"/api/v1/tasks/{task_id}/cancel/", {}, format="json")
+    assert cancelled.status_code == 200, cancelled.json()
+    assert cancelled.json()["status"] == "cancelled"
+    # With the reply cancelled, the thread takes the next message.
+    assert (
+        dev.post("/api/v1/conversations/t-5/messages/", {"agent": "echo", "content": "two"}, format="json").status_code
+        == 202
+    )

@@ -53,15 +53,18 @@ def test_another_users_object_and_a_guessed_id_are_the_same_404(callers, mine_an
     assert TaskExecution.objects.get(pk=their_task).status == "queued"
 
 
-def test_another_users_conversation_is_a_404_to_read_and_to_post(callers, agents):
+def test_another_users_conversation_is_a_404_to_read_and_taken_to_post(callers, agents):
     echo = Agent.objects.get(pk="echo")
     conversation_message_post(agent=echo, instance_id="eve-thread", content="secret", owner=callers["other"].user)
     dev = callers["developer"].client
     read = dev.get("/api/v1/conversations/eve-thread/messages/")
     assert read.status_code == 404
     assert "secret" not in read.content.decode()
+    # Thread ids are one namespace: posting under one in use is a conflict that says so (a new id
+    # would be a 202, so a 404 here would hide nothing and only mislead).
     post = dev.post("/api/v1/conversations/eve-thread/messages/", {"agent": "echo", "content": "me too"}, format="json")
-    assert post.status_code == 404
+    assert post.status_code == 409
+    assert "is taken by a conversation that is not yours" in post.json()["detail"] and "secret" not in post.content.decode()
     assert Event.objects.filter(event_type="message_created").count() == 1
     admin = callers["admin"].client
     assert [m["content"] for m in admin.get("/api/v1/conversations/eve-thread/messages/").json()["results"]] == [

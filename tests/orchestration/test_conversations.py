@@ -138,7 +138,7 @@ def test_posting_refuses_bad_input_other_owners_other_agents_and_a_pending_reply
     with pytest.raises(ConversationError, match="instance_id: use 1-255"):
         conversation_message_post(agent=assistant, instance_id="../etc", content="hi")
     conversation_message_post(agent=assistant, instance_id="mine", content="hi", owner=alice)
-    with pytest.raises(ConversationError, match="belongs to another user"):
+    with pytest.raises(ConversationError, match="taken by another user"):
         conversation_message_post(agent=assistant, instance_id="mine", content="hi", owner=bob)
     with pytest.raises(ConversationError, match="is with agent 'assistant', not 'echo'"):
         conversation_message_post(agent=Agent.objects.get(pk="echo"), instance_id="mine", content="hi", owner=alice)
