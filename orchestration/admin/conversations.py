@@ -4,11 +4,12 @@ from django.contrib import admin
 from django.utils.text import Truncator
 
 from orchestration.admin.base import NoAddChangeMixin, json_display
+from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, LargeTableAdmin
 from orchestration.models import AgentInteraction, AgentPlaygroundMessage
 
 
 @admin.register(AgentPlaygroundMessage)
-class AgentPlaygroundMessageAdmin(NoAddChangeMixin, admin.ModelAdmin):
+class AgentPlaygroundMessageAdmin(NoAddChangeMixin, LargeTableAdmin):
     """Messages are written by the conversation runtime and are training data as stored."""
 
     list_display = (
@@ -21,10 +22,9 @@ class AgentPlaygroundMessageAdmin(NoAddChangeMixin, admin.ModelAdmin):
         "is_error",
         "tokens_used",
     )
-    list_filter = ("role", "is_error", "agent", ("owner", admin.RelatedOnlyFieldListFilter), "created_at")
+    list_filter = ("role", "is_error", "agent", ("owner", IndexedRelatedOnlyFieldListFilter), "created_at")
     list_select_related = ("agent", "owner")
     search_fields = ("=message_id", "=instance_id", "content", "=execution__execution_id")
-    date_hierarchy = "created_at"
     ordering = ("-created_at",)
     fields = (
         "message_id",
@@ -52,14 +52,13 @@ class AgentPlaygroundMessageAdmin(NoAddChangeMixin, admin.ModelAdmin):
 
 
 @admin.register(AgentInteraction)
-class AgentInteractionAdmin(NoAddChangeMixin, admin.ModelAdmin):
+class AgentInteractionAdmin(NoAddChangeMixin, LargeTableAdmin):
     """Interactions are recorded by the agents as they hand off and collaborate."""
 
     list_display = ("created_at", "interaction_type", "from_agent", "to_agent", "workflow", "short_message")
     list_filter = ("interaction_type", "from_agent", "to_agent", "created_at")
     list_select_related = ("workflow", "from_agent", "to_agent")
     search_fields = ("=workflow__workflow_id", "workflow__name", "message")
-    date_hierarchy = "created_at"
     ordering = ("-created_at",)
     fields = (
         "interaction_type",

@@ -9,6 +9,7 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from orchestration.admin.base import EMPTY, json_display, local_datetime, object_link
+from orchestration.admin.scale import LargeTableAdmin
 from orchestration.event_types import EntityType
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 
@@ -21,7 +22,7 @@ ENTITY_MODELS = {
 
 
 @admin.register(Event)
-class EventAdmin(admin.ModelAdmin):
+class EventAdmin(LargeTableAdmin):
     """The audit log is append-only: nobody adds, changes or deletes events here, superusers
     included (the database rejects UPDATE and DELETE anyway). Viewing follows the usual
     permissions."""
@@ -39,9 +40,7 @@ class EventAdmin(admin.ModelAdmin):
     list_filter = ("event_type", "entity_type", "severity", "created_at")
     search_fields = ("event_id", "entity_id", "workflow_id", "agent_id", "session_id")
     search_help_text = "An exact event, entity, workflow, agent or session id, or a sequence number."
-    date_hierarchy = "created_at"
     ordering = ("-sequence",)
-    show_full_result_count = False
     fields = (
         "sequence",
         "event_id",

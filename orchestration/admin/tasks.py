@@ -20,6 +20,7 @@ from orchestration.admin.base import (
     link,
     object_link,
 )
+from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, LargeTableAdmin
 from orchestration.event_types import EntityType
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
 
@@ -68,7 +69,7 @@ TASK_LIMITS = {"max_retries": (0, 100), "timeout_seconds": (1, 86400)}
 
 
 @admin.register(TaskExecution)
-class TaskExecutionAdmin(admin.ModelAdmin):
+class TaskExecutionAdmin(LargeTableAdmin):
     """Tasks are created with their workflow (REST API); the admin edits only the task's
     description, priority and limits, never the state the engine owns."""
 
@@ -89,9 +90,8 @@ class TaskExecutionAdmin(admin.ModelAdmin):
     list_filter = (
         "status",
         "priority",
-        "task_type",
         "agent",
-        ("workflow__owner", admin.RelatedOnlyFieldListFilter),
+        ("workflow__owner", IndexedRelatedOnlyFieldListFilter),
         "created_at",
         "started_at",
         "completed_at",
@@ -105,7 +105,6 @@ class TaskExecutionAdmin(admin.ModelAdmin):
         "=celery_task_id",
         "worker",
     )
-    date_hierarchy = "created_at"
     ordering = ("-created_at",)
     inlines = (TaskAttemptInline,)
     fieldsets = (
@@ -205,7 +204,7 @@ class TaskExecutionAdmin(admin.ModelAdmin):
 
 
 @admin.register(TaskAttempt)
-class TaskAttemptAdmin(NoAddChangeMixin, admin.ModelAdmin):
+class TaskAttemptAdmin(NoAddChangeMixin, LargeTableAdmin):
     """Attempts are written by the execution engine; a finished one is immutable in the database."""
 
     list_display = (
@@ -233,7 +232,6 @@ class TaskAttemptAdmin(NoAddChangeMixin, admin.ModelAdmin):
         "worker",
         "error_class",
     )
-    date_hierarchy = "started_at"
     ordering = ("-started_at",)
     fieldsets = (
         (

@@ -13,6 +13,7 @@ from orchestration.admin.base import (
     links,
     object_link,
 )
+from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, IndexedValuesFieldListFilter, LargeTableAdmin
 from orchestration.models import AgentInteraction, Event, TaskExecution, Workflow
 
 
@@ -52,7 +53,7 @@ class TaskExecutionInline(ReadOnlyTabularInline):
 
 
 @admin.register(Workflow)
-class WorkflowAdmin(admin.ModelAdmin):
+class WorkflowAdmin(LargeTableAdmin):
     """Workflows are submitted through the REST API (`workflow_submit`), which validates the
     task graph and writes the workflow, its tasks and the workflow_created event together;
     the admin edits only descriptive fields and never the state the engine owns."""
@@ -74,15 +75,14 @@ class WorkflowAdmin(admin.ModelAdmin):
     list_filter = (
         "status",
         "priority",
-        "workflow_type",
-        ("owner", admin.RelatedOnlyFieldListFilter),
+        ("workflow_type", IndexedValuesFieldListFilter),
+        ("owner", IndexedRelatedOnlyFieldListFilter),
         "created_at",
         "started_at",
         "completed_at",
     )
     list_select_related = ("owner",)
     search_fields = ("=workflow_id", "name", "=idempotency_key", "owner__username", "initiator")
-    date_hierarchy = "created_at"
     ordering = ("-created_at",)
     inlines = (TaskExecutionInline,)
     fieldsets = (

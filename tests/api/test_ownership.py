@@ -64,7 +64,8 @@ def test_another_users_conversation_is_a_404_to_read_and_taken_to_post(callers, 
     # would be a 202, so a 404 here would hide nothing and only mislead).
     post = dev.post("/api/v1/conversations/eve-thread/messages/", {"agent": "echo", "content": "me too"}, format="json")
     assert post.status_code == 409
-    assert "is taken by a conversation that is not yours" in post.json()["detail"] and "secret" not in post.content.decode()
+    assert "is taken by a conversation that is not yours" in post.json()["detail"]
+    assert "secret" not in post.content.decode()
     assert Event.objects.filter(event_type="message_created").count() == 1
     admin = callers["admin"].client
     assert [m["content"] for m in admin.get("/api/v1/conversations/eve-thread/messages/").json()["results"]] == [

@@ -1,0 +1,98 @@
+"""The console's lists over tables of millions of rows (events, workflows, tasks, attempts,
+messages): a page must not cost a scan of the table.
+
+Django's changelist counts the filtered rows for its paginator, and its `date_hierarchy` and
+"all values" filters read every row (`SELECT DISTINCT`); at 1 M workflows and 5 M events each
+of these took 0.3 to 2.5 s per page view. Here the count stops at ADMIN_COUNT_LIMIT rows (the
+page says "more than 10000"; filters and search narrow a list further), and the values a filter
+offers come from a loose index scan: one index probe per distinct value instead of a pass
+over the table.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+from django.contrib import admin
+from django.core.paginator import Paginator
+from django.db import connections, models
+
+ADMIN_COUNT_LIMIT = 10_000
+# At most this many values in a filter's list (a column with more is searched instead).
+FILTER_VALUES_LIMIT = 200
+
+
+class CappedCountPaginator(Paginator):
+    """Counts at most ADMIN_COUNT_LIMIT + 1 rows (`SELECT count(*) FROM (… LIMIT n)`): the last
+    pages of a longer list are reached by narrowing it, not by paging through it."""
+
+    @cached_property
+    def count(self) -> int:
+        return self.object_list[: ADMIN_COUNT_LIMIT + 1].count()
+
+    @property
+    def capped(self) -> bool:
+        return self.count > ADMIN_COUNT_LIMIT
+
+
+class LargeTableAdmin(admin.ModelAdmin):
+    """A ModelAdmin for a table of millions of rows: capped count, no count of the whole table.
+    Leave `date_hierarchy` unset on such tables (it reads every row's date); a date
+    `list_filter` offers the same ranges without reading any."""
+
+    paginator = CappedCountPaginator
+    show_full_result_count = False
+
+
+def distinct_indexed_values(model: type[models.Model], column: str, *, limit: int = FILTER_VALUES_LIMIT) -> list[Any]:
+    """The distinct non-NULL values of `column` (the first column of a btree index), in order,
+    at most `limit`: on PostgreSQL a recursive query that probes the index once per value (it
+    has no skip scan of its own); elsewhere a plain DISTINCT."""
+    connection = connections[model.objects.db]
+    if connection.vendor != "postgresql":
+        values = model.objects.exclude(**{f"{column}__isnull": True}).order_by(column)
+        return list(values.values_list(column, flat=True).distinct()[:limit])
+    quote = connection.ops.quote_name
+    table, col = quote(model._meta.db_table), quote(column)
+    # Names come from the model; the limit is a parameter.
+    sql = f"""
+        WITH RECURSIVE walk(value) AS (
+            (SELECT {col} FROM {table} WHERE {col} IS NOT NULL ORDER BY {col} LIMIT 1)
+            UNION ALL
+            SELECT (SELECT {col} FROM {table} WHERE {col} > walk.value ORDER BY {col} LIMIT 1)
+            FROM walk WHERE walk.value IS NOT NULL
+        )
+        SELECT value FROM walk WHERE value IS NOT NULL LIMIT %s
+    """  # noqa: S608
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [limit])
+        return [row[0] for row in cursor.fetchall()]
+
+
+def _has_null(model: type[models.Model], column: str) -> bool:
+    return model.objects.filter(**{f"{column}__isnull": True}).exists()
+
+
+class IndexedValuesFieldListFilter(admin.AllValuesFieldListFilter):
+    """`AllValuesFieldListFilter` whose values come from an index of the column
+    (`distinct_indexed_values`), not from a DISTINCT over the table."""
+
+    def __init__(self, field: models.Field, request: Any, params: Any, model: Any, model_admin: Any, field_path: str):
+        super().__init__(field, request, params, model, model_admin, field_path)
+        values = distinct_indexed_values(field.model, field.column)
+        if field.null and _has_null(field.model, field.column):
+            values.append(None)
+        self.lookup_choices = values
+
+
+class IndexedRelatedOnlyFieldListFilter(admin.RelatedFieldListFilter):
+    """`RelatedOnlyFieldListFilter` (the related objects that occur) whose ids come from an index
+    of the foreign key's column (`distinct_indexed_values`), not from a DISTINCT over the table.
+    For a path through a relation (`workflow__owner`), the related objects that occur in the
+    relation's table (the owners of any workflow)."""
+
+    def field_choices(self, field: models.Field, request: Any, model_admin: Any) -> list[tuple[Any, str]]:
+        ids = distinct_indexed_values(field.model, field.column)
+        ordering = self.field_admin_ordering(field, request, model_admin)
+        return field.get_choices(include_blank=False, limit_choices_to={"pk__in": ids}, ordering=ordering)

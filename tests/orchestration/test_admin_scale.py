@@ -1,0 +1,105 @@
+"""The console's lists over the big tables read no table whole: the count stops at a cap, the
+filters' values come from index probes, the severity filter has its index."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from django.db import connection, models
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+
+from orchestration.admin import scale
+from orchestration.models import AgentInteraction, AgentPlaygroundMessage, Event, TaskAttempt, TaskExecution, Workflow
+from tests.factories import EventFactory, TaskExecutionFactory, UserFactory, WorkflowFactory
+
+pytestmark = pytest.mark.django_db
+
+BIG_TABLES = [Event, Workflow, TaskExecution, TaskAttempt, AgentPlaygroundMessage, AgentInteraction]
+
+
+def _url(model: type[models.Model]) -> str:
+    return reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_changelist")
+
+
+@pytest.fixture
+def su_client(client: Client) -> Client:
+    client.force_login(UserFactory(is_staff=True, is_superuser=True))
+    return client
+
+
+def _statements(client: Client, url: str) -> tuple[Any, list[str]]:
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get(url)
+    assert response.status_code == 200
+    return response, [query["sql"] for query in queries.captured_queries]
+
+
+@pytest.mark.parametrize("model", BIG_TABLES, ids=lambda model: model.__name__)
+def test_a_big_tables_list_counts_at_most_the_cap_and_reads_no_distinct_values(su_client, model):
+    _, statements = _statements(su_client, _url(model))
+    table = model._meta.db_table
+    counts = [sql for sql in statements if "COUNT(" in sql.upper() and f'"{table}"' in sql]
+    assert counts, statements
+    for sql in counts:
+        assert f"LIMIT {scale.ADMIN_COUNT_LIMIT + 1}" in sql, sql  # never the whole table
+    # No date hierarchy (DISTINCT of every row's date, MIN/MAX) and no DISTINCT of a column.
+    assert not [sql for sql in statements if re.search(r"DISTINCT|DATE_TRUNC|\bMIN\(", sql, re.I)], statements
+
+
+def test_a_list_longer_than_the_cap_says_so_and_pages_up_to_it(su_client, monkeypatch):
+    monkeypatch.setattr(scale, "ADMIN_COUNT_LIMIT", 5)
+    for _ in range(8):
+        EventFactory()
+    response, _ = _statements(su_client, _url(Event))
+    assert "more than 5 events" in response.content.decode()
+    assert response.context["cl"].paginator.capped
+    monkeypatch.setattr(scale, "ADMIN_COUNT_LIMIT", 50)
+    response, _ = _statements(su_client, _url(Event))
+    assert "8 events" in response.content.decode() and "more than" not in response.content.decode()
+
+
+def test_the_filters_offer_the_values_that_occur_from_the_index(su_client):
+    alice, bob = UserFactory(username="alice"), UserFactory(username="bob")
+    UserFactory(username="carol")  # owns nothing
+    WorkflowFactory(owner=alice, workflow_type="etl")
+    WorkflowFactory(owner=alice, workflow_type="report")
+    WorkflowFactory(owner=bob, workflow_type="etl")
+    WorkflowFactory(owner=None, workflow_type="")
+    TaskExecutionFactory(workflow=WorkflowFactory(owner=bob, workflow_type="etl"))
+    response, _ = _statements(su_client, _url(Workflow))
+    filters = {
+        spec.title: [choice["display"] for choice in spec.choices(response.context["cl"])]
+        for spec in response.context["cl"].filter_specs
+    }
+    assert filters["workflow type"] == ["All", "", "etl", "report"]
+    assert filters["owner"] == ["All", "alice", "bob", "-"]  # "-": no owner, as Django's filter offers
+    response, _ = _statements(su_client, _url(TaskExecution))
+    owners = next(spec for spec in response.context["cl"].filter_specs if spec.field_path == "workflow__owner")
+    assert [choice["display"] for choice in owners.choices(response.context["cl"])] == ["All", "alice", "bob", "-"]
+    # Choosing a value filters as Django's own filter does.
+    response, _ = _statements(su_client, _url(Workflow) + "?workflow_type=etl")
+    assert response.context["cl"].result_count == 3
+
+
+def test_distinct_indexed_values_stops_at_its_limit():
+    for name in ("c", "a", "b", "a"):
+        WorkflowFactory(workflow_type=name)
+    assert scale.distinct_indexed_values(Workflow, "workflow_type") == ["a", "b", "c"]
+    assert scale.distinct_indexed_values(Workflow, "workflow_type", limit=2) == ["a", "b"]
+
+
+def test_a_page_of_warnings_reads_the_severity_index(transactional_db):
+    with connection.cursor() as cursor:
+        cursor.execute("SET enable_seqscan = off")
+        try:
+            cursor.execute(
+                "EXPLAIN SELECT sequence FROM events WHERE severity = 'warning' ORDER BY sequence DESC LIMIT 100"
+            )
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+        finally:
+            cursor.execute("SET enable_seqscan = on")
+    assert "idx_events_severity_flagged" in plan, plan
