@@ -231,6 +231,24 @@ def test_a_thread_spanning_days_is_exported_with_its_history_up_to_each_window_e
     (two,) = [json.loads(line) for line in Path(second.path).read_text().splitlines()]
     assert [m["content"] for m in one["messages"]] == ["day one", "answer one"]
     assert [m["content"] for m in two["messages"]] == ["day one", "answer one", "day two", "answer two"]
+    # Each answer is trained in the file of its own day only: the day before is context.
+    assert [m.get("weight") for m in one["messages"] if m["role"] == "assistant"] == [1]
+    assert [m.get("weight") for m in two["messages"] if m["role"] == "assistant"] == [0, 1]
+    # Both days in one window: both answers are the window's own.
+    both = export_run(data_type="conversations", start_date=DAY, end_date="2024-03-06")
+    (whole,) = [json.loads(line) for line in Path(both.path).read_text().splitlines()]
+    assert [m.get("weight") for m in whole["messages"] if m["role"] == "assistant"] == [1, 1]
+
+
+def test_a_thread_with_no_answer_of_its_own_in_the_window_is_skipped(db, out):
+    agent = AgentFactory()
+    thread("t-1", agent, [{"role": "user", "content": "day one"}, {"role": "assistant", "content": "answer one"}])
+    # The next day only a question, not answered yet: nothing of this window to train.
+    thread("t-1", agent, [{"role": "user", "content": "and?"}], at=T0 + dt.timedelta(days=1))
+    run = export_run(data_type="conversations", start_date="2024-03-06", end_date="2024-03-06")
+    assert run.rows == 0 and Path(run.path).read_text() == ""
+    manifest = json.loads((Path(run.path).parent / "manifest.json").read_text())
+    assert sum(manifest["skipped"].values()) == 1, manifest
 
 
 def test_a_called_tool_the_registry_does_not_know_gets_a_minimal_schema(db, out):

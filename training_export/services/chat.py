@@ -11,8 +11,12 @@ function called in the thread that the registry does not describe.
 
 A thread is exported with its history up to the window end, trimmed to its last final
 assistant answer (an assistant message without tool calls): anything after it has no
-training target. A thread that still breaks a format rule is skipped and counted by reason
-in the manifest rather than written as a line the fine-tuning API would reject.
+training target. Assistant turns from before the window's start are in the example as
+context with weight 0, so that the files of consecutive windows train each turn once; a
+thread with no assistant turn of its own in the window has nothing to train and is skipped
+(counted as having no weight-1 assistant message). A thread that still breaks a format rule
+is skipped and counted by reason in the manifest rather than written as a line the
+fine-tuning API would reject.
 """
 
 from __future__ import annotations
@@ -231,8 +235,13 @@ def _tool_calls(calls: Any, redactor: Redactor) -> list[dict[str, Any]]:
 _GOOD_ATTEMPT = {None, TaskAttempt.Status.SUCCEEDED}
 
 
-def conversation_example(rows: list[tuple[Any, ...]], redactor: Redactor) -> dict[str, Any]:
-    """The chat example of one thread's messages (rows in `_COLUMNS` order, oldest first)."""
+def conversation_example(
+    rows: list[tuple[Any, ...]], redactor: Redactor, *, since: dt.datetime | None = None
+) -> dict[str, Any]:
+    """The chat example of one thread's messages (rows in `_COLUMNS` order, oldest first).
+    Assistant turns from before `since` (the window's start) are context, weight 0: the export
+    of the window they were written in trains them, so consecutive windows' files train each
+    turn once."""
     messages: list[dict[str, Any]] = []
     called: list[str] = []
     system_prompt = ""
@@ -254,6 +263,7 @@ def conversation_example(rows: list[tuple[Any, ...]], redactor: Redactor) -> dic
                 message["tool_calls"] = _tool_calls(record["tool_calls"], redactor)
                 called.extend(call["function"]["name"] for call in message["tool_calls"] if call["function"]["name"])
             good = not record["is_error"] and record["attempt__status"] in _GOOD_ATTEMPT
+            good = good and (since is None or record["created_at"] >= since)
             message["weight"] = 1 if good else 0
         elif role == "tool":
             message = {
@@ -319,7 +329,7 @@ class ChatExporter:
     def lines(self, start: dt.datetime, end: dt.datetime) -> Iterator[bytes]:
         redactor = current_redactor()
         for _thread, rows in groupby(_thread_rows(start, end), key=lambda row: row[0]):
-            example = conversation_example(list(rows), redactor)
+            example = conversation_example(list(rows), redactor, since=start)
             try:
                 chat_example_validate(example)
             except ChatFormatError as exc:
