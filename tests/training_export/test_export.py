@@ -212,6 +212,50 @@ def test_a_transaction_open_since_before_the_window_end_keeps_the_window_open(db
     window_check_closed(late, now=late.end + dt.timedelta(hours=1))
 
 
+def test_another_exports_read_only_snapshot_does_not_keep_a_window_open(db, out, monkeypatch):
+    """An export's own transaction (read only, named EXPORT_SESSION_NAME) adds no row to any
+    window: a long backfill must not hold off the daily export. Any other open transaction does."""
+    from training_export.services import export as export_module
+
+    late = window_for(timezone.now().date() - dt.timedelta(days=1), timezone.now().date() + dt.timedelta(days=1))
+    dsn = connection.get_connection_params()
+    with psycopg.connect(
+        dbname=dsn["dbname"], host=dsn.get("host"), port=dsn.get("port"), user=dsn.get("user")
+    ) as other:
+        other.execute("BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ")
+        other.execute("SELECT set_config('application_name', %s, true)", [export_module.EXPORT_SESSION_NAME])
+        other.execute("SELECT 1")
+        window_check_closed(late, now=late.end + dt.timedelta(hours=1))
+        other.execute("ROLLBACK")
+        other.execute("BEGIN")
+        other.execute("SELECT 1")
+        with pytest.raises(WindowNotClosed):
+            window_check_closed(late, now=late.end + dt.timedelta(hours=1))
+        other.execute("ROLLBACK")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_export_names_its_snapshot_transaction_and_only_it(out):
+    from training_export.services.export import EXPORT_SESSION_NAME
+
+    EventFactory(created_at=dt.datetime.combine(DAY, dt.time(12), tzinfo=dt.UTC))
+    names = []
+
+    def look(rows):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT current_setting('application_name')")
+            names.append(cursor.fetchone()[0])
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('application_name')")
+        (before,) = cursor.fetchone()
+    export_run(data_type="events", start_date=DAY, end_date=DAY, progress=look)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('application_name')")
+        (after,) = cursor.fetchone()
+    assert names == [EXPORT_SESSION_NAME] and after == before != EXPORT_SESSION_NAME
+
+
 def test_a_window_is_not_closed_before_the_stamp_margin_has_passed_whatever_the_lag(db, settings):
     """A transaction that may still stamp rows into the window can begin up to STAMP_MARGIN
     after its end: before that it cannot be seen open, so the window cannot be closed."""

@@ -134,6 +134,10 @@ def format_for(data_type: str) -> str:
 STAMP_MARGIN = dt.timedelta(seconds=60)
 
 
+# The application_name of an export's read-only snapshot transaction (see window_check_closed).
+EXPORT_SESSION_NAME = "agentledger export (read only)"
+
+
 def window_check_closed(window: Window, *, now: dt.datetime | None = None) -> None:
     """Raise WindowNotClosed unless no row can still be added to the window (see module doc)."""
     now = now or timezone.now()
@@ -154,8 +158,9 @@ def window_check_closed(window: Window, *, now: dt.datetime | None = None) -> No
         cursor.execute(
             "SELECT count(*), min(xact_start) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-            "AND backend_type = 'client backend' AND xact_start < %s",
-            [window.end + STAMP_MARGIN],
+            "AND backend_type = 'client backend' AND xact_start < %s "
+            "AND application_name IS DISTINCT FROM %s",
+            [window.end + STAMP_MARGIN, EXPORT_SESSION_NAME],
         )
         open_count, oldest = cursor.fetchone()
     if open_count:
@@ -454,6 +459,10 @@ def _write(
             if owns_transaction and connection.vendor == "postgresql":
                 with connection.cursor() as cursor:
                     cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    # Named for window_check_closed, which need not wait for it: a read-only
+                    # transaction adds no row to any window (a long backfill would hold off
+                    # every other export, the daily one too). Reset when it ends.
+                    cursor.execute("SELECT set_config('application_name', %s, true)", [EXPORT_SESSION_NAME])
             expected = exporter.count(window.start, window.end)
             watermark = exporter.watermark(window.start, window.end)
             rows = 0
