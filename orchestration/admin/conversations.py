@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.http import HttpRequest
 from django.utils.text import Truncator
 
 from orchestration.admin.base import NoAddChangeMixin, json_display
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, LargeTableAdmin
-from orchestration.models import AgentInteraction, AgentPlaygroundMessage
+from orchestration.models import AgentInteraction, AgentPlaygroundMessage, AgentPromptVersion
 
 
 @admin.register(AgentPlaygroundMessage)
@@ -75,3 +76,24 @@ class AgentInteractionAdmin(NoAddChangeMixin, LargeTableAdmin):
     @admin.display(description="message")
     def short_message(self, obj: AgentInteraction) -> str:
         return Truncator(obj.message or "").chars(80)
+
+
+@admin.register(AgentPromptVersion)
+class AgentPromptVersionAdmin(NoAddChangeMixin, admin.ModelAdmin):
+    """Prompt versions are recorded with the replies that ran under them; an exported window
+    depends on them, so they are not deleted here either."""
+
+    list_display = ("sha256", "created_at", "short_prompt")
+    search_fields = ("=sha256", "system_prompt")
+    ordering = ("-created_at",)
+    fields = ("sha256", "created_at", "system_prompt", "tools_display")
+    readonly_fields = ("tools_display",)
+
+    tools_display = json_display("tools")
+
+    @admin.display(description="system prompt")
+    def short_prompt(self, obj: AgentPromptVersion) -> str:
+        return Truncator(obj.system_prompt).chars(80)
+
+    def has_delete_permission(self, request: HttpRequest, obj: AgentPromptVersion | None = None) -> bool:
+        return False

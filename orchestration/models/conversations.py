@@ -80,6 +80,24 @@ class AgentPlaygroundMessage(CreatedModel):
         return f"{self.instance_id} {self.role}: {self.content[:40]}"
 
 
+class AgentPromptVersion(CreatedModel):
+    """A system prompt and the tool schemas an agent's reply ran with, stored once under the
+    sha256 of their canonical JSON. Assistant messages name theirs in
+    `metadata["prompt_version"]`: the chat export pairs a turn with the prompt it was generated
+    under, which an edit of the agent (or of a tool's schema in code) does not change."""
+
+    sha256 = models.CharField(primary_key=True, max_length=64, editable=False)
+    system_prompt = models.TextField(blank=True, default="")
+    tools = models.JSONField(default=list, blank=True, help_text="OpenAI function-tool schemas, in the order sent")
+
+    class Meta:
+        db_table = "agent_prompt_versions"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.sha256[:12]
+
+
 class AgentInteractionInteractionType(models.TextChoices):
     HANDOFF = "handoff"
     COLLABORATION = "collaboration"

@@ -79,3 +79,6 @@ class Conversation:
     """Messages produced by this attempt before the final reply (tool calls and results)."""
     missing: bool = False
     """The user message was deleted (retention) while its reply waited: nothing to answer."""
+    prompt: dict[str, Any] | None = None
+    """What the agent answered with besides the thread, {"system_prompt", "tools"}: set by
+    the executor (the llm executor: what it sent), stored as the reply's prompt version."""

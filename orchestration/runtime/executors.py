@@ -17,6 +17,7 @@ from orchestration.models import Agent
 from orchestration.runtime.context import AgentResult, TaskContext
 from orchestration.runtime.http_agent import http_execute
 from orchestration.runtime.llm import llm_execute
+from orchestration.runtime.tools import registry
 
 
 @cache
@@ -44,8 +45,20 @@ def _as_result(value: Any) -> AgentResult:
     return result
 
 
+def _definition_prompt(agent: Agent, context: TaskContext) -> dict[str, Any]:
+    """The prompt version of an agent that is sent no prompt (python, http): its definition's
+    system prompt and the schemas of the tools it may call, the ones the chat export has always
+    paired with its turns, now fixed when the turn is recorded. A configured name the registry
+    does not know has no schema (a call of it is refused; the export describes what was called)."""
+    known = registry()
+    allowed = context.tools.allowed if context.tools is not None else ()
+    return {"system_prompt": agent.system_prompt, "tools": [known[name].schema() for name in allowed if name in known]}
+
+
 def agent_execute(*, agent: Agent, task_input: dict[str, Any], context: TaskContext) -> AgentResult:
     """Run the agent once. Exceptions propagate to the caller, which classifies them."""
+    if context.conversation is not None and agent.executor != Agent.Executor.LLM:
+        context.conversation.prompt = _definition_prompt(agent, context)
     if agent.executor == Agent.Executor.PYTHON:
         return _as_result(_load_callable(agent.entrypoint)(task_input, context))
     if agent.executor == Agent.Executor.HTTP:

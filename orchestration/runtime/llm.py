@@ -332,6 +332,9 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
     extra = [t for t in _tools(task_input) or [] if _tool_name(t) not in own_names]
     extra_names = {_tool_name(t) for t in extra}
     tools = own + extra
+    if conversation is not None:
+        # Anthropic is sent the same tools in its own shape (_anthropic_tools).
+        conversation.prompt = {"system_prompt": agent.system_prompt, "tools": tools}
     total = Usage()
     for round_number in range(settings.LLM_MAX_TOOL_ROUNDS + 1):
         try:

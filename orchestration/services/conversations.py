@@ -4,13 +4,15 @@ Posting a user message stores it and queues the agent's reply as a task executio
 any workflow (task_type "conversation"), so a reply gets what every task gets: attempts,
 retries, timeouts, lost-worker recovery, tokens and cost. Each attempt writes the messages
 it produced (tool calls and their results, then the reply, or an error message) linked to
-itself; the thread's history, as the agent sees it on the next turn, leaves out the
+itself, its assistant turns naming the prompt version (system prompt and tools) the agent ran
+with; the thread's history, as the agent sees it on the next turn, leaves out the
 messages of attempts that did not succeed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import re
 from typing import Any
@@ -22,7 +24,7 @@ from django.utils import timezone
 
 from orchestration.errors import ConversationBusy, ConversationError, ConversationTaken
 from orchestration.event_types import EntityType, EventType
-from orchestration.models import Agent, AgentPlaygroundMessage, Priority, TaskAttempt, TaskExecution
+from orchestration.models import Agent, AgentPlaygroundMessage, AgentPromptVersion, Priority, TaskAttempt, TaskExecution
 from orchestration.runtime.context import Conversation, TaskContext, Usage
 from orchestration.selectors import conversation_thread
 from orchestration.services.dispatch import tasks_queue
@@ -172,6 +174,21 @@ def conversation_for_task(task: TaskExecution) -> Conversation | None:
     )
 
 
+def prompt_version_record(prompt: dict[str, Any]) -> str:
+    """Store `prompt` ({"system_prompt", "tools"}) as an AgentPromptVersion unless it already
+    is one; returns its key, the sha256 of its canonical JSON. ON CONFLICT DO NOTHING: replies
+    under the same prompt, recorded at the same time, do not fail on each other's row."""
+    system_prompt, tools = prompt.get("system_prompt") or "", prompt.get("tools") or []
+    canonical = json.dumps(
+        {"system_prompt": system_prompt, "tools": tools}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    sha256 = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    AgentPromptVersion.objects.bulk_create(
+        [AgentPromptVersion(sha256=sha256, system_prompt=system_prompt, tools=tools)], ignore_conflicts=True
+    )
+    return sha256
+
+
 def _reply_text(output: dict[str, Any]) -> str:
     content = output.get("content")
     if isinstance(content, str):
@@ -205,6 +222,9 @@ def conversation_turn_record(
         "execution_id": context.execution_id,
         "attempt_id": attempt_id,
     }
+    # What the agent ran with, named on each of its turns (see AgentPromptVersion); none when
+    # the attempt failed before the executor set it.
+    version = {"prompt_version": prompt_version_record(conversation.prompt)} if conversation.prompt else {}
     rows = []
     for item in conversation.transcript:
         rows.append(
@@ -213,6 +233,7 @@ def conversation_turn_record(
                 content=item.get("content") or "",
                 tool_calls=item.get("tool_calls"),
                 tool_call_id=item.get("tool_call_id"),
+                metadata=dict(version) if item["role"] == Role.ASSISTANT else {},
                 **common,
             )
         )
@@ -226,6 +247,7 @@ def conversation_turn_record(
         metadata={
             "cost_usd": str(usage.cost_usd),
             **({"model": output["model"]} if output and "model" in output else {}),
+            **version,
         },
         **common,
     )

@@ -4,10 +4,17 @@ One line per conversation thread (`instance_id`):
 `{"messages": [...], "tools": [...]}` with system/user/assistant/tool messages, assistant
 `tool_calls`, tool replies carrying `tool_call_id`, and `weight` on every assistant message:
 0 for a turn from a failed or retried attempt (its attempt did not succeed) or marked
-`is_error`, else 1. The system message is the thread's own stored system message if it has
-one, else the agent's `system_prompt`. `tools` are the JSON schemas of the agent's tools:
-from the tool registry (`orchestration.runtime.tools`), plus a minimal schema for any
-function called in the thread that the registry does not describe.
+`is_error`, else 1.
+
+The system message (unless the thread stores its own) and `tools` are the prompt version
+(`AgentPromptVersion`) the thread's last weight-1 assistant turn was generated under, as the
+runtime recorded it; an earlier turn recorded under another version (or none) gets weight 0:
+it answered another prompt. A thread whose last trained turn has no version (written before
+versions were recorded) gets the agent's current `system_prompt` and its tools' schemas from
+the tool registry (`orchestration.runtime.tools`), and is counted in the manifest
+(`legacy_prompt`). Either way a function called in the thread that the tools do not describe
+gets a minimal schema. So a re-export of a window gives the same bytes after an agent or a
+tool schema is edited, legacy threads aside.
 
 A thread is exported with its history up to the window end, trimmed to its last final
 assistant answer (an assistant message without tool calls): anything after it has no
@@ -24,11 +31,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import groupby
 from typing import Any
 
-from orchestration.models import AgentPlaygroundMessage, TaskAttempt
+from orchestration.models import AgentPlaygroundMessage, AgentPromptVersion, TaskAttempt
 from orchestration.runtime.tools import registry as tool_registry
 from training_export.services.jsonl import CHUNK_SIZE, json_line
 from training_export.services.redaction import Redactor, current_redactor
@@ -52,6 +59,7 @@ _COLUMNS = (
     "attempt__status",
     "agent__system_prompt",
     "agent__config",
+    "metadata__prompt_version",
 )
 
 
@@ -185,6 +193,13 @@ def _tools(agent_config: Any, called: list[str], redactor: Redactor) -> list[dic
     return [known[name].schema() if name in known else _minimal_tool(name) for name in sorted(names)]
 
 
+def _with_called(tools: list[dict[str, Any]], called: list[str]) -> list[dict[str, Any]]:
+    """A recorded version's tools as they were sent, plus a minimal schema for each function
+    called in the thread that they do not describe."""
+    names = {tool["function"]["name"] for tool in tools}
+    return [*tools, *(_minimal_tool(name) for name in called if name not in names)]
+
+
 def _redacted(value: Any, redactor: Redactor) -> Any:
     return redactor.text(value) if isinstance(value, str) else value
 
@@ -235,14 +250,24 @@ def _tool_calls(calls: Any, redactor: Redactor) -> list[dict[str, Any]]:
 _GOOD_ATTEMPT = {None, TaskAttempt.Status.SUCCEEDED}
 
 
+PromptLookup = Callable[[str], tuple[str, list[dict[str, Any]]] | None]
+
+
 def conversation_example(
-    rows: list[tuple[Any, ...]], redactor: Redactor, *, since: dt.datetime | None = None
-) -> dict[str, Any]:
-    """The chat example of one thread's messages (rows in `_COLUMNS` order, oldest first).
+    rows: list[tuple[Any, ...]],
+    redactor: Redactor,
+    prompt_version: PromptLookup,
+    *,
+    since: dt.datetime | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """The chat example of one thread's messages (rows in `_COLUMNS` order, oldest first), and
+    whether its prompt is the recorded one (False: the agent's current one, a legacy thread).
+    `prompt_version` gives a version's system prompt and tools, None for an unknown key.
     Assistant turns from before `since` (the window's start) are context, weight 0: the export
     of the window they were written in trains them, so consecutive windows' files train each
     turn once."""
     messages: list[dict[str, Any]] = []
+    versions: list[str | None] = []  # of each message, for its assistant turns
     called: list[str] = []
     system_prompt = ""
     agent_config: Any = None
@@ -279,13 +304,24 @@ def conversation_example(
         else:
             message = {"role": "user", "content": content}
         messages.append(message)
-    if not has_system and system_prompt:
-        messages.insert(0, {"role": "system", "content": redactor.text(system_prompt)})
+        versions.append(record["metadata__prompt_version"])
     last_answer = max(
         (i for i, m in enumerate(messages) if m["role"] == "assistant" and "tool_calls" not in m), default=None
     )
     messages = messages[: last_answer + 1] if last_answer is not None else []
-    return {"messages": messages, "tools": _tools(agent_config, sorted(set(called)), redactor)}
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["weight"]]
+    version = versions[trained[-1]] if trained else None
+    recorded = prompt_version(version) if isinstance(version, str) else None
+    if recorded is not None:
+        system_prompt, tools = recorded[0], _with_called(recorded[1], sorted(set(called)))
+        for i in trained:
+            if versions[i] != version:
+                messages[i]["weight"] = 0
+    else:
+        tools = _tools(agent_config, sorted(set(called)), redactor)
+    if not has_system and system_prompt and messages:
+        messages.insert(0, {"role": "system", "content": redactor.text(system_prompt)})
+    return {"messages": messages, "tools": tools}, recorded is not None
 
 
 def _thread_rows(start: dt.datetime, end: dt.datetime) -> Iterator[tuple[Any, ...]]:
@@ -302,6 +338,18 @@ def _thread_rows(start: dt.datetime, end: dt.datetime) -> Iterator[tuple[Any, ..
     )
 
 
+def _prompt_versions() -> PromptLookup:
+    """Prompt versions by key, each read once (a window's threads share a few)."""
+    cache: dict[str, tuple[str, list[dict[str, Any]]] | None] = {}
+
+    def lookup(sha256: str) -> tuple[str, list[dict[str, Any]]] | None:
+        if sha256 not in cache:
+            cache[sha256] = AgentPromptVersion.objects.filter(pk=sha256).values_list("system_prompt", "tools").first()
+        return cache[sha256]
+
+    return lookup
+
+
 class ChatExporter:
     """The conversations exporter (same interface as jsonl.Exporter, plus skip counts)."""
 
@@ -309,6 +357,8 @@ class ChatExporter:
 
     def __init__(self) -> None:
         self.skipped: Counter[str] = Counter()
+        self.legacy_prompt = 0
+        """Examples written with the agent's current prompt and tools (no recorded version)."""
 
     def count(self, start: dt.datetime, end: dt.datetime) -> int:
         return (
@@ -328,11 +378,13 @@ class ChatExporter:
 
     def lines(self, start: dt.datetime, end: dt.datetime) -> Iterator[bytes]:
         redactor = current_redactor()
+        prompt_version = _prompt_versions()
         for _thread, rows in groupby(_thread_rows(start, end), key=lambda row: row[0]):
-            example = conversation_example(list(rows), redactor, since=start)
+            example, recorded = conversation_example(list(rows), redactor, prompt_version, since=start)
             try:
                 chat_example_validate(example)
             except ChatFormatError as exc:
                 self.skipped[str(exc)] += 1
                 continue
+            self.legacy_prompt += not recorded
             yield json_line(example)

@@ -489,6 +489,7 @@ def _write(
             sha256=writer.sha256,
             watermark=watermark,
             skipped=skipped,
+            legacy_prompt=getattr(exporter, "legacy_prompt", None),
         )
         # Every file is complete and fsynced before any is renamed into place: a failure (a full
         # disk) leaves no data file without its card and manifest, nor a new one beside old ones.

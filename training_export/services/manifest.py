@@ -24,7 +24,8 @@ _DESCRIPTIONS = {
     "workflows": "AgentLedger finished workflows, one JSON object per workflow, by completion time.",
     "conversations": (
         "AgentLedger agent conversations in OpenAI's chat fine-tuning format: one conversation per line, "
-        '`{"messages": [...], "tools": [...]}`; assistant turns of failed or retried attempts carry `weight: 0`.'
+        '`{"messages": [...], "tools": [...]}`; assistant turns of failed or retried attempts carry `weight: 0`, '
+        "as do turns generated under another system prompt or tools than the ones the example carries."
     ),
 }
 
@@ -47,8 +48,12 @@ class Manifest:
     sha256: str
     watermark: str
     skipped: Mapping[str, int] = field(default_factory=dict)
+    legacy_prompt: int | None = None
+    """Conversations only: examples written with the agent's current prompt and tools, their
+    threads having no recorded prompt version (older than the recording of versions)."""
 
     def as_dict(self) -> dict[str, Any]:
+        optional = {} if self.legacy_prompt is None else {"legacy_prompt": self.legacy_prompt}
         return {
             "data_type": self.data_type,
             "format": self.format,
@@ -63,6 +68,7 @@ class Manifest:
                 {"path": self.file, "split": SPLIT, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
             ],
             "skipped": dict(sorted(self.skipped.items())),
+            **optional,
         }
 
     def encode(self) -> bytes:
