@@ -309,7 +309,9 @@ class TaskViewSet(ApiMixin, RowListMixin, mixins.ListModelMixin, mixins.Retrieve
         tasks = TaskExecution.objects.all()
         if not is_admin(self.request):
             user = self.request.user
-            if self.action == "list":
+            if self.action not in ("retrieve", "cancel"):
+                # The list, and retry: retrying an older reply would answer it beside (and after)
+                # the thread's newer message, two replies in flight at once.
                 tasks = tasks.filter(workflow__owner=user)
             else:
                 # A conversation's reply task has no workflow: it is the caller's when the

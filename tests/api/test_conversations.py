@@ -101,3 +101,23 @@ def test_the_owner_of_a_pending_reply_can_look_at_its_task_and_cancel_it(callers
         dev.post("/api/v1/conversations/t-5/messages/", {"agent": "echo", "content": "two"}, format="json").status_code
         == 202
     )
+
+
+def test_the_asker_cannot_retry_an_old_reply_beside_the_pending_one(callers):
+    """the asker's broader task scope (look and cancel) also lets them retry an older
+    reply task while the thread's latest reply is pending: two replies in flight at once, the
+    retried one answering an old message after the newer one (the thread answers one message at
+    a time, in order)."""
+    dev = callers["developer"].client
+    url = "/api/v1/conversations/t-r/messages/"
+    assert dev.post(url, {"agent": "echo", "content": "one"}, format="json").status_code == 202
+    first_task = AgentPlaygroundMessage.objects.get(instance_id="t-r").execution_id
+    assert dev.post(f"/api/v1/tasks/{first_task}/cancel/", {}, format="json").status_code == 200
+    assert dev.post(url, {"agent": "echo", "content": "two"}, format="json").status_code == 202
+    retried = dev.post(f"/api/v1/tasks/{first_task}/retry/", {}, format="json")
+    from orchestration.models import TaskExecution
+
+    in_flight = TaskExecution.objects.filter(task_type="conversation", metadata__instance_id="t-r").exclude(
+        status__in=TaskExecution.TERMINAL_STATUSES
+    )
+    assert in_flight.count() == 1, (retried.status_code, list(in_flight.values_list("task_name", "status")))

@@ -103,3 +103,16 @@ def test_a_page_of_warnings_reads_the_severity_index(transactional_db):
         finally:
             cursor.execute("SET enable_seqscan = on")
     assert "idx_events_severity_flagged" in plan, plan
+
+
+def test_the_owner_filter_offers_every_owner_like_djangos(su_client):
+    """FILTER_VALUES_LIMIT (200) also cuts the owner filter: with more than 200 users who
+    own workflows, those with the highest ids (the newest users) are silently not offered,
+    where RelatedOnlyFieldListFilter offered every one."""
+    owners = [UserFactory(username=f"owner{i:03d}") for i in range(scale.FILTER_VALUES_LIMIT + 5)]
+    for owner in owners:
+        WorkflowFactory(owner=owner)
+    response, _ = _statements(su_client, _url(Workflow))
+    spec = next(spec for spec in response.context["cl"].filter_specs if spec.field_path == "owner")
+    offered = [choice["display"] for choice in spec.choices(response.context["cl"])]
+    assert owners[-1].username in offered, len(offered)

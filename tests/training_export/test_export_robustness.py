@@ -4,6 +4,7 @@ carried as text, the compose volumes the exports API needs."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
@@ -414,3 +415,67 @@ def test_the_web_service_sees_the_exported_files():
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
     worker_mounts = {v for v in services["worker"].get("volumes", []) if "training" in v}
     assert worker_mounts and worker_mounts <= set(services["web"].get("volumes", [])), services["web"].get("volumes")
+
+
+def test_one_failing_day_does_not_stop_the_daily_export_of_every_other_day_and_type(db, out, monkeypatch):
+    """A day whose export fails for a reason of its own (not a window held open: a directory the
+    worker cannot write, a row that breaks the count check) is retried first every night; it
+    must not end the night before the other days and types are exported."""
+    from training_export.services import export as export_module
+
+    export_run(data_type="events", start_date=dt.date(2024, 3, 10), end_date=dt.date(2024, 3, 10))
+    bad = dt.date(2024, 3, 11)
+    real_write = export_module._write
+
+    def write(exporter, window, *args, **kwargs):
+        if exporter.data_type == "events" and window.first_day == bad:
+            raise PermissionError(13, "Permission denied")
+        return real_write(exporter, window, *args, **kwargs)
+
+    monkeypatch.setattr(export_module, "_write", write)
+    for night in (dt.datetime(2024, 3, 12, 0, 30, tzinfo=dt.UTC), dt.datetime(2024, 3, 13, 0, 30, tzinfo=dt.UTC)):
+        with contextlib.suppress(PermissionError):
+            export_previous_day(now=night)
+    exported = set(
+        ExportRun.objects.filter(status=ExportRun.Status.SUCCEEDED).values_list("data_type", "window_start__date")
+    )
+    # The second night's own day (the 12th) is exported for every type despite the failing 11th.
+    assert {(t, dt.date(2024, 3, 12)) for t in DATA_TYPES} <= exported, sorted(exported)
+
+
+def test_a_run_is_seen_alive_from_the_moment_its_row_is_running(
+    transactional_db, out, monkeypatch, django_capture_on_commit_callbacks
+):
+    """The advisory lock is taken in the transaction that makes the row running: a request that
+    finds the run running (here, paused just before it exports) finds it alive and queues no
+    second export of the window beside it."""
+    from training_export.services import export as export_module
+    from training_export.services.export import export_runs_request
+
+    seed_events(3)
+    real_alive = export_module._run_alive
+    in_gap, go_on = threading.Event(), threading.Event()
+
+    def slow_alive(run):
+        in_gap.set()  # the row is committed as running; the lock is not taken yet
+        go_on.wait(30)
+        return real_alive(run)
+
+    monkeypatch.setattr(export_module, "_run_alive", slow_alive)
+    result: dict = {}
+
+    def worker():
+        try:
+            result["run"] = export_run(data_type="events", start_date=DAY, end_date=DAY)
+        finally:
+            connection.close()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert in_gap.wait(30)
+    with django_capture_on_commit_callbacks(execute=False):
+        request = export_runs_request(data_types=["events"], start_date=DAY, end_date=DAY)
+    go_on.set()
+    t.join(60)
+    running = ExportRun.objects.get(status__in=["running", "succeeded"], pk=result["run"].pk)
+    assert [r.pk for r in request.queued] == [running.pk], [(r.pk, r.status) for r in request.queued]

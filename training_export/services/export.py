@@ -278,17 +278,20 @@ def export_run(
         if previous is not None:
             return previous
 
-    run = ExportRun.objects.create(
-        data_type=data_type,
-        format=fmt,
-        window_start=window.start,
-        window_end=window.end,
-        status=ExportRun.Status.RUNNING,
-        schema_version=SCHEMA_VERSION,
-        requested_by_id=requested_by_id,
-        started_at=(started := timezone.now()),
-        deadline_at=_deadline(started, time_limit_seconds),
-    )
+    with transaction.atomic():
+        run = ExportRun.objects.create(
+            data_type=data_type,
+            format=fmt,
+            window_start=window.start,
+            window_end=window.end,
+            status=ExportRun.Status.RUNNING,
+            schema_version=SCHEMA_VERSION,
+            requested_by_id=requested_by_id,
+            started_at=(started := timezone.now()),
+            deadline_at=_deadline(started, time_limit_seconds),
+        )
+        # Before the row is seen running: a run without its lock looks dead to the others.
+        _run_lock(run.pk)
     return _execute(run, exporter=exporter, window=window, directory=directory, progress=progress)
 
 
@@ -320,14 +323,17 @@ def export_run_execute(
         raise
     now = timezone.now()
     deadline = _deadline(now, time_limit_seconds)
-    claimed = ExportRun.objects.filter(pk=run.pk, status=ExportRun.Status.PENDING).update(
-        status=ExportRun.Status.RUNNING,
-        started_at=now,
-        deadline_at=deadline,
-        schema_version=SCHEMA_VERSION,
-        updated_at=now,
-    )
+    with transaction.atomic():
+        _run_lock(run.pk)  # before the claim is seen: a running row without its lock looks dead
+        claimed = ExportRun.objects.filter(pk=run.pk, status=ExportRun.Status.PENDING).update(
+            status=ExportRun.Status.RUNNING,
+            started_at=now,
+            deadline_at=deadline,
+            schema_version=SCHEMA_VERSION,
+            updated_at=now,
+        )
     if claimed != 1:
+        _run_unlock(run.pk)
         return ExportRun.objects.get(pk=run.pk)
     run.status, run.started_at, run.deadline_at = ExportRun.Status.RUNNING, now, deadline
     run.schema_version = SCHEMA_VERSION
@@ -339,24 +345,32 @@ def _run_lock_key(run_pk: int) -> str:
     return f"export_run:{run_pk}"
 
 
+def _run_lock(run_pk: int) -> None:
+    """Take the session advisory lock named after a run, in the transaction that makes its row
+    running (a session lock outlives the commit): a later run of the window can tell a run whose
+    process died (its session, and so the lock, is gone) from one still working (`_dead_runs`)."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [_run_lock_key(run_pk)])
+
+
+def _run_unlock(run_pk: int) -> None:
+    if connection.vendor != "postgresql":
+        return
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [_run_lock_key(run_pk)])
+    except Exception:
+        logger.exception("could not release the advisory lock of export run %s", run_pk)
+
+
 @contextmanager
 def _run_alive(run: ExportRun) -> Iterator[None]:
-    """Hold a session advisory lock named after the run while it exports: a later run of the
-    window can tell a run whose process died (its session, and so the lock, is gone) from one
-    still working (see `_dead_runs`)."""
-    if connection.vendor != "postgresql":
-        yield
-        return
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [_run_lock_key(run.pk)])
+    """Release the run's lock (`_run_lock`, taken already) once it has exported."""
     try:
         yield
     finally:
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [_run_lock_key(run.pk)])
-        except Exception:
-            logger.exception("could not release the advisory lock of export run %s", run.pk)
+        _run_unlock(run.pk)
 
 
 def _dead_runs(run_ids: list[int]) -> list[int]:
@@ -572,6 +586,7 @@ def export_previous_day(
     pending += [(yesterday, data_type) for data_type in DATA_TYPES]
     pending.sort(key=lambda item: (item[0], DATA_TYPES.index(item[1])))
     runs = []
+    failures: list[Exception] = []
     for index, (day, data_type) in enumerate(pending):
         try:
             runs.append(
@@ -581,6 +596,13 @@ def export_previous_day(
             if final_try:
                 _record_gave_up(pending[index:], error=str(exc))
             raise
+        except Exception as exc:
+            # Recorded failed with its event by export_run; the other days and types go on (a day
+            # that fails on its own would otherwise stop every night of the catch-up).
+            logger.exception("the daily export of %s for %s failed", data_type, day)
+            failures.append(exc)
+    if failures:
+        raise failures[0]
     return runs
 
 
