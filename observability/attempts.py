@@ -92,13 +92,32 @@ def attempts_reaped(*, attempt_ids: list[int]) -> None:
             "cause",
             "duration_ms",
             "finished_at",
+            "input_tokens",
+            "output_tokens",
+            "cost_usd",
         )
-        for execution_id, agent_id, workflow_id, task_status, number, status, cause, duration_ms, at in rows:
+        for (
+            execution_id,
+            agent_id,
+            workflow_id,
+            task_status,
+            number,
+            status,
+            cause,
+            duration_ms,
+            at,
+            input_tokens,
+            output_tokens,
+            cost,
+        ) in rows:
             metrics.attempt_outcome_observe(
                 agent_id=agent_id,
                 status=status,
                 cause=cause or status,
                 duration_ms=duration_ms,
+                input_tokens=input_tokens,  # metered while it ran, before it was abandoned
+                output_tokens=output_tokens,
+                cost_usd=cost,
                 task_status=task_status if task_status in FINAL_TASK_STATUSES else None,
             )
             influx.attempt_point_write(
@@ -123,10 +142,22 @@ def _final_task_status(execution_id: Any) -> str | None:
 def _closed_elsewhere(attempt: Any, *, agent_id: str) -> None:
     from orchestration.models import TaskAttempt
 
-    row = TaskAttempt.objects.filter(pk=attempt.pk).values_list("status", "cause", "duration_ms").first()
+    row = (
+        TaskAttempt.objects.filter(pk=attempt.pk)
+        .values_list("status", "cause", "duration_ms", "input_tokens", "output_tokens", "cost_usd")
+        .first()
+    )
     if row is None or row[0] != TaskAttempt.Status.CANCELLED:
         return
-    metrics.attempt_outcome_observe(agent_id=agent_id, status=row[0], cause=row[1] or "cancelled", duration_ms=row[2])
+    metrics.attempt_outcome_observe(
+        agent_id=agent_id,
+        status=row[0],
+        cause=row[1] or "cancelled",
+        duration_ms=row[2],
+        input_tokens=row[3],  # what the attempt had paid for before it was cancelled
+        output_tokens=row[4],
+        cost_usd=row[5],
+    )
 
 
 def queue_wait_seconds(*, published_at: float | None, eta: str | dt.datetime | None, now: float) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,14 @@ class TaskContext:
     """Usage of the agents this one delegated to, added to the attempt's own."""
     depth: int = 0
     """How many hand-offs deep this agent runs (0: the task's own agent)."""
+    meter: Callable[[Usage], None] | None = None
+    """Told each amount as soon as it is paid (a model's answer, an agent service's result),
+    so that spend stays on record if the attempt never gets to report it (cancelled,
+    killed). The attempt's final usage replaces what was metered; it is not added to it."""
+
+    def paid(self, usage: Usage) -> None:
+        if self.meter is not None and (usage.tokens or usage.cost_usd):
+            self.meter(usage)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from functools import cache
 from typing import Any
 
@@ -14,10 +15,14 @@ from django.utils.module_loading import import_string
 
 from orchestration.errors import PermanentError
 from orchestration.models import Agent
-from orchestration.runtime.context import AgentResult, TaskContext
+from orchestration.runtime.context import AgentResult, TaskContext, Usage
 from orchestration.runtime.http_agent import http_execute
 from orchestration.runtime.llm import llm_execute
-from orchestration.runtime.tools import registry
+from orchestration.runtime.pricing import COST_QUANTUM
+from orchestration.runtime.tools import jsonb_problem, registry
+
+MAX_TOKENS = 2**63 - 1
+MAX_COST = Decimal(10) ** 8  # task_attempts.cost_usd is numeric(14, 6)
 
 
 @cache
@@ -38,10 +43,15 @@ def _as_result(value: Any) -> AgentResult:
         result = AgentResult(output=value)
     else:
         raise PermanentError(f"agent returned {type(value).__name__}; expected a mapping or AgentResult")
+    if not isinstance(result.output, dict):
+        raise PermanentError(f"agent output is {type(result.output).__name__}; expected a mapping")
     try:
         json.dumps(result.output, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise PermanentError(f"agent output is not JSON-serialisable: {exc}") from None
+    if problem := jsonb_problem(result.output, "output"):
+        raise PermanentError(f"agent output cannot be stored: {problem}")
+    result.usage = usage_checked(result.usage)
     return result
 
 
@@ -53,6 +63,26 @@ def _definition_prompt(agent: Agent, context: TaskContext) -> dict[str, Any]:
     known = registry()
     allowed = context.tools.allowed if context.tools is not None else ()
     return {"system_prompt": agent.system_prompt, "tools": [known[name].schema() for name in allowed if name in known]}
+
+
+def usage_checked(usage: Any) -> Usage:
+    """The usage an agent reported, as the record stores it: whole non-negative token counts
+    and a finite, non-negative cost in USD (a number or numeric string is taken as a Decimal,
+    rounded to the cost columns' 6 places). PermanentError names what is wrong."""
+    if not isinstance(usage, Usage):
+        raise PermanentError(f"agent usage is {type(usage).__name__}; expected a Usage")
+    for name in ("input_tokens", "output_tokens"):
+        value = getattr(usage, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
+            raise PermanentError(f"agent usage.{name} must be a non-negative integer, got {value!r}")
+    raw = usage.cost_usd
+    try:
+        cost = raw if isinstance(raw, Decimal) else Decimal(str(raw)) if isinstance(raw, int | float | str) else None
+    except InvalidOperation:
+        cost = None
+    if isinstance(raw, bool) or cost is None or not cost.is_finite() or not 0 <= cost < MAX_COST:
+        raise PermanentError(f"agent usage.cost_usd must be a non-negative amount in USD below 1e8, got {raw!r}")
+    return Usage(usage.input_tokens, usage.output_tokens, cost.quantize(COST_QUANTUM, rounding=ROUND_HALF_UP))
 
 
 def agent_execute(*, agent: Agent, task_input: dict[str, Any], context: TaskContext) -> AgentResult:

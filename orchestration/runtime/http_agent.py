@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import json
 import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,9 @@ from orchestration.runtime.urlpolicy import Target, url_check
 
 USER_AGENT = "agentledger/0.1"
 SNIPPET_CHARS = 300
+ERROR_BODY_BYTES = 64 * 1024
+"""Of a non-2xx answer only this much is read (for the error's snippet): its size is no reason
+to change how the error is classified."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ def post_json(
     request_headers = {
         "Content-Type": "application/json",
         "Accept": "application/json",
+        "Accept-Encoding": "gzip, deflate",
         "User-Agent": USER_AGENT,
         **headers,
         "Host": target.url.netloc.decode("ascii"),
@@ -120,13 +125,9 @@ def post_json(
                 httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client,
                 client.stream("POST", url, content=body, headers=request_headers, extensions=extensions) as response,
             ):
-                content = bytearray()
-                for chunk in response.iter_bytes():
-                    content.extend(chunk)
-                    if len(content) > limit:
-                        raise PermanentError(f"{what}: the answer exceeds AGENT_HTTP_MAX_RESPONSE_BYTES ({limit})")
+                content = _read_body(response, limit=limit, what=what)
                 return Reply(
-                    url=str(target.url), status=response.status_code, headers=response.headers, content=bytes(content)
+                    url=str(target.url), status=response.status_code, headers=response.headers, content=content
                 )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             last_connect_error = exc  # try the next address of the host
@@ -138,6 +139,41 @@ def post_json(
         f"{what}: cannot connect to {target.hostname} ({', '.join(target.addresses)}): "
         f"{type(last_connect_error).__name__}: {last_connect_error}"
     )
+
+
+def _read_body(response: httpx.Response, *, limit: int, what: str) -> bytes:
+    """The answer's body, decoded, never holding more than `limit` decoded bytes (+1) in
+    memory: a compressed body is inflated here chunk by chunk with a bound on each step
+    (httpx would inflate each received chunk whole, and nest encodings, before any size
+    check). A 2xx answer over the limit is an error; of any other only the first
+    ERROR_BODY_BYTES are kept."""
+    success = 200 <= response.status_code < 300
+    cap = limit if success else min(limit, ERROR_BODY_BYTES)
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        decoder = None
+    elif encoding in ("gzip", "x-gzip", "deflate"):
+        decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header, detected
+    else:
+        raise PermanentError(f"{what}: answered with Content-Encoding {encoding!r}; only gzip or deflate is accepted")
+    content = bytearray()
+    for raw in response.iter_raw():
+        data = raw
+        while data:
+            if decoder is None:
+                content.extend(data)
+                data = b""
+            else:
+                try:
+                    content.extend(decoder.decompress(data, cap + 1 - len(content)))
+                except zlib.error as exc:
+                    raise PermanentError(f"{what}: the answer is not valid {encoding} ({exc})") from None
+                data = decoder.unconsumed_tail
+            if len(content) > cap:
+                if success:
+                    raise PermanentError(f"{what}: the answer exceeds AGENT_HTTP_MAX_RESPONSE_BYTES ({limit})")
+                return bytes(content[:cap])
+    return bytes(content)
 
 
 def read_timeout_for(setting: float, context: TaskContext) -> float:
@@ -210,4 +246,6 @@ def http_execute(*, agent: Agent, task_input: dict[str, Any], context: TaskConte
         raise PermanentError(f"{what} answered with a body that is not JSON ({exc}): {reply.snippet()}") from None
     if not isinstance(body, dict):
         raise PermanentError(f"{what} answered with JSON {type(body).__name__}; expected an object")
-    return AgentResult(output=body, usage=usage_from_result(body, default_model=agent.model, what=what))
+    usage = usage_from_result(body, default_model=agent.model, what=what)
+    context.paid(usage)
+    return AgentResult(output=body, usage=usage)

@@ -340,6 +340,7 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
         try:
             answer = turn(agent, messages, tools, context)
         except AgentError as exc:
+            context.paid(getattr(exc, "usage", Usage()))  # an error answer may report usage too
             raise _with_usage(exc, total + getattr(exc, "usage", Usage())) from None
         except (Exception, SoftTimeLimitExceeded) as exc:
             # The time limit (raised wherever the worker is, often while it waits for the
@@ -348,6 +349,7 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
                 exc.usage = total  # type: ignore[attr-defined]
             raise
         total.add(answer.usage)
+        context.paid(answer.usage)
         calls = answer.tool_calls
         # Calls of the caller's tools (input.tools) end the attempt: the caller runs them.
         # Any other call is ours to answer, a name we do not know with an error the model sees.

@@ -183,6 +183,8 @@ class ToolBox:
                 json.dumps(output, allow_nan=False)
             except (TypeError, ValueError) as exc:
                 raise ToolError(f"tool {name!r} returned a value that is not JSON: {exc}") from None
+            if problem := jsonb_problem(output, "result"):
+                raise ToolError(f"tool {name!r} returned a value that cannot be stored: {problem}")
         except (ToolError, RetryableError, SoftTimeLimitExceeded) as exc:
             error = exc
         except Exception as exc:  # the tool's own failure: recorded, then refused to the agent
@@ -227,3 +229,45 @@ def json_loads_strict(text: str) -> Any:
         raise ValueError(f"{constant} is not valid JSON")
 
     return json.loads(text, parse_constant=refuse)
+
+
+def jsonb_problem(value: Any, where: str = "") -> str | None:
+    """Why PostgreSQL's jsonb (and text columns) would refuse a JSON value, or None: a NUL
+    character or an unpaired UTF-16 surrogate in a string or a key. `where` names the path."""
+
+    def text_problem(text: str, at: str) -> str | None:
+        if "\x00" in text:
+            return f"{at or '(value)'}: contains a NUL character (\\u0000)"
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{at or '(value)'}: contains an unpaired UTF-16 surrogate"
+        return None
+
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, str):
+            if problem := text_problem(item, at):
+                return problem
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                path = f"{at}.{key}" if at else str(key)
+                if isinstance(key, str) and (problem := text_problem(key, f"{at or '(value)'} key {key!r}")):
+                    return problem
+                stack.append((child, path))
+        elif isinstance(item, list | tuple):
+            stack.extend((child, f"{at}[{i}]") for i, child in enumerate(item))
+    return None
+
+
+def storable_text(text: str) -> str:
+    """`text` as a PostgreSQL text column takes it: NUL characters and unpaired surrogates
+    (which an error page or an exception message may carry) become U+FFFD."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text

@@ -22,7 +22,7 @@ from orchestration.errors import PermanentError, SpecError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Agent
 from orchestration.runtime.llm import ENV_NAME, OPENAI_COMPATIBLE
-from orchestration.runtime.tools import registry
+from orchestration.runtime.tools import jsonb_problem, registry
 from orchestration.runtime.urlpolicy import url_check
 from orchestration.services.events import event_record
 
@@ -104,9 +104,33 @@ def definition_load(path: Path, *, root: Path | None = None) -> dict[str, Any]:
         problems.append(f"{path}: status: must be one of {', '.join(Agent.Status.values)}")
     if not problems:
         problems.extend(f"{path}: {problem}" for problem in executor_problems(data))
+    # What the agents table cannot store, checked last so that a more specific problem of the
+    # same field (an invalid URL, a temperature out of range) is named first.
+    for key, value in data.items():
+        if key in DEFINITION_FIELDS and (problem := _storable_problem(key, value)):
+            problems.append(f"{path}: {problem}")
     if problems:
         raise SpecError(problems)
     return data
+
+
+MAX_INTEGER = 2**31 - 1  # the columns of max_tokens and max_concurrency are integer
+
+
+def _storable_problem(key: str, value: Any) -> str | None:
+    """What the agents table cannot store of a field's value (naming the field), or None:
+    YAML values JSON has no type for (dates, sets, binary), infinities and NaN, NUL
+    characters and unpaired surrogates, integers beyond the column's range."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INTEGER:
+        return f"{key}: {value} is out of range (at most {MAX_INTEGER})"
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return f"{key}: infinity and NaN are not allowed"
+    except TypeError as exc:
+        return f"{key}: {exc} (quote dates and other such YAML values)"
+    problem = jsonb_problem(value, key)
+    return f"{problem}" if problem else None
 
 
 def _max_length(key: str) -> float:

@@ -22,7 +22,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from orchestration.errors import ConversationBusy, ConversationError, ConversationTaken
+from orchestration.errors import ConversationBusy, ConversationError, ConversationTaken, TransitionError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Agent, AgentPlaygroundMessage, AgentPromptVersion, Priority, TaskAttempt, TaskExecution
 from orchestration.runtime.context import Conversation, TaskContext, Usage
@@ -131,6 +131,30 @@ def conversation_message_post(
     return message
 
 
+def conversation_retry_check(task: TaskExecution) -> None:
+    """A conversation reply may be retried only while its question is the thread's latest
+    (taking the thread's lock, as a post does): a later answer would land after the newer
+    turns, answer a question the thread has moved past, and could run beside their replies."""
+    if task.task_type != TASK_TYPE or task.workflow_id is not None:
+        return
+    message = AgentPlaygroundMessage.objects.filter(pk=(task.input_data or {}).get("message_id")).first()
+    if message is None or message.execution_id != task.execution_id:
+        return
+    _thread_lock(message.instance_id)
+    later = (
+        AgentPlaygroundMessage.objects.filter(instance_id=message.instance_id, role=Role.USER)
+        .filter(
+            Q(created_at__gt=message.created_at) | Q(created_at=message.created_at, message_id__gt=message.message_id)
+        )
+        .exists()
+    )
+    if later:
+        raise TransitionError(
+            f"task {task.execution_id} answers message {message.message_id!r}, and conversation "
+            f"{message.instance_id!r} has moved on since; post the question again instead"
+        )
+
+
 def as_chat_message(message: AgentPlaygroundMessage) -> dict[str, Any]:
     """A stored message in OpenAI's chat shape."""
     if message.role == Role.TOOL:
@@ -152,18 +176,25 @@ def conversation_history(*, instance_id: str, up_to: AgentPlaygroundMessage) -> 
         .order_by("-created_at", "-message_id")[: settings.CONVERSATION_HISTORY_MESSAGES]
     )
     history = [as_chat_message(m) for m in reversed(list(messages))]
-    # A window that starts with tool replies has lost their call: drop them.
-    while history and history[0]["role"] == "tool":
+    # A window starts at a user message: tool replies cut from their call cannot be sent, and
+    # a leading assistant turn is refused by Anthropic ("first message must use the user
+    # role"); with alternating turns and an even CONVERSATION_HISTORY_MESSAGES (200) every
+    # full window would start with one.
+    while history and history[0]["role"] != "user":
         history.pop(0)
     return history
 
 
 def conversation_for_task(task: TaskExecution) -> Conversation | None:
     """The conversation turn a task answers, or None for an ordinary task."""
-    if task.task_type != TASK_TYPE:
+    # Only the reply task that conversation_message_post made for the message: a workflow
+    # task may name any task_type and any input, and must not read or write a thread.
+    if task.task_type != TASK_TYPE or task.workflow_id is not None:
         return None
     message_id = (task.input_data or {}).get("message_id")
     message = AgentPlaygroundMessage.objects.filter(pk=message_id).first()
+    if message is not None and message.execution_id != task.execution_id:
+        return None
     if message is None:
         instance_id = (task.metadata or {}).get("instance_id", "")
         return Conversation(instance_id=instance_id, message_id=str(message_id), history=[], missing=True)

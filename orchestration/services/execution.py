@@ -7,6 +7,7 @@ a second completion. The Celery task body only calls attempt_run.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import random
@@ -14,13 +15,12 @@ import time
 import traceback as tb
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, DataError, IntegrityError, transaction
 from django.db.models import F, Max
 from django.utils import timezone
 
@@ -31,12 +31,14 @@ from orchestration.event_types import EventType, Severity
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
 from orchestration.runtime.collaboration import equip
 from orchestration.runtime.context import AgentResult, TaskContext, Usage
-from orchestration.runtime.executors import agent_execute
+from orchestration.runtime.executors import agent_execute, usage_checked
+from orchestration.runtime.tools import storable_text
 from orchestration.services import fastpath
 from orchestration.services.conversations import conversation_for_task, conversation_turn_record
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare
 from orchestration.services.events import TASK_STATE_FIELDS, entity_states, task_event
 from orchestration.services.progress import (
+    abandoned_usage_add,
     tasks_cancel,
     workflow_add_usage,
     workflow_advance,
@@ -162,8 +164,9 @@ def attempt_abandon(
             payload={"cause": cause, "worker": attempt.worker},
             severity=Severity.WARNING,
         )
+    tokens, cost = abandoned_usage_add(task, [attempt])
     if task.workflow_id:
-        workflow_add_usage(task.workflow_id, tokens=0, cost=Decimal(0), error=True)
+        workflow_add_usage(task.workflow_id, tokens=tokens, cost=cost, error=True)
     return _fail_or_retry(
         task, attempt=attempt, status=status, error=error, retryable=True, now=now, retry_now=retry_now
     )
@@ -458,9 +461,10 @@ def attempt_fail(
     status = TaskAttempt.Status.TIMED_OUT if timed_out else TaskAttempt.Status.FAILED
     cause = TaskAttempt.Cause.SOFT_TIMEOUT if timed_out else TaskAttempt.Cause.ERROR
     retryable = True if timed_out else is_retryable(exc)
-    message = (
+    message = storable_text(
         f"soft time limit of {attempt.timeout_seconds} s exceeded" if timed_out else f"{type(exc).__name__}: {exc}"
     )
+    trace = storable_text("".join(tb.format_exception(exc))[-20_000:])
     usage = usage or Usage()
 
     def run() -> bool:
@@ -473,7 +477,7 @@ def attempt_fail(
             duration_ms=duration_ms,
             error_class=f"{type(exc).__module__}.{type(exc).__qualname__}",
             retryable=retryable,
-            traceback="".join(tb.format_exception(exc))[-20_000:],
+            traceback=trace,
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             tokens_used=usage.tokens,
@@ -528,7 +532,7 @@ def attempt_run(
         agent_id=claim.agent.id,
         attempt_number=claim.attempt.attempt_number,
     )
-    context = equip(claim.context, claim.agent)
+    context = equip(dataclasses.replace(claim.context, meter=_meter(claim.attempt.pk)), claim.agent)
     conversation = context.conversation
     task_input = claim.task_input
     if conversation is not None:
@@ -545,9 +549,17 @@ def attempt_run(
         logger.info("attempt %s of %s failed: %r", claim.attempt.attempt_number, execution_id, exc)
         # An executor that spent tokens before failing attaches them as `exc.usage`: a failed
         # try's cost is recorded too ("wasted spend").
-        usage = getattr(exc, "usage", None)
-        usage = (usage if isinstance(usage, Usage) else Usage()) + context.spend
-        error = "timed out" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}"
+        try:
+            usage = usage_checked(getattr(exc, "usage", None) or Usage())
+        except PermanentError:
+            logger.warning(
+                "attempt %s of %s: the failure's usage is malformed; not recorded",
+                claim.attempt.attempt_number,
+                execution_id,
+            )
+            usage = Usage()
+        usage = usage + context.spend
+        error = storable_text("timed out" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}")
         also = _turn_writer(context, claim.attempt, output=None, error=error, usage=usage)
         now = timezone.now()
         recorded = attempt_fail(
@@ -566,14 +578,40 @@ def attempt_run(
     duration_ms = (time.monotonic() - started) * 1000
     result.usage = result.usage + context.spend
     also = _turn_writer(context, claim.attempt, output=result.output, error=None, usage=result.usage)
-    recorded = attempt_succeed(
-        attempt=claim.attempt,
-        result=result,
-        duration_ms=duration_ms,
-        now=timezone.now(),
-        also=also,
-        standalone=claim.standalone,
-    )
+    try:
+        recorded = attempt_succeed(
+            attempt=claim.attempt,
+            result=result,
+            duration_ms=duration_ms,
+            now=timezone.now(),
+            also=also,
+            standalone=claim.standalone,
+        )
+    except (DataError, IntegrityError) as exc:
+        # The database refused the result (a value the checks above missed): record the
+        # attempt failed, with its spend, rather than leave it running for the reaper to
+        # misreport as a hard time-out and run again.
+        logger.exception("attempt %s of %s: its result could not be stored", claim.attempt.attempt_number, execution_id)
+        failure = PermanentError(f"the agent's result could not be stored: {type(exc).__name__}: {exc}")
+        also = _turn_writer(context, claim.attempt, output=None, error=storable_text(str(failure)), usage=result.usage)
+        recorded = attempt_fail(
+            attempt=claim.attempt,
+            exc=failure,
+            duration_ms=duration_ms,
+            now=timezone.now(),
+            usage=result.usage,
+            also=also,
+        )
+        attempt_finished(
+            attempt=claim.attempt,
+            agent_id=claim.agent.id,
+            workflow_id=claim.context.workflow_id,
+            duration_ms=duration_ms,
+            usage=result.usage,
+            error=failure,
+            recorded=recorded,
+        )
+        return Outcome.FAILED
     attempt_finished(
         attempt=claim.attempt,
         agent_id=claim.agent.id,
@@ -583,6 +621,25 @@ def attempt_run(
         recorded=recorded,
     )
     return Outcome.SUCCEEDED
+
+
+def _meter(attempt_id: int) -> Callable[[Usage], None]:
+    """Add paid usage to the attempt's row while it runs (one autocommitted UPDATE, only
+    while it is running), so a cancelled, reaped or killed attempt keeps what it spent;
+    attempt_succeed / attempt_fail then set the attempt's whole usage over it."""
+
+    def add(usage: Usage) -> None:
+        try:
+            TaskAttempt.objects.filter(pk=attempt_id, status=TaskAttempt.Status.RUNNING).update(
+                input_tokens=F("input_tokens") + usage.input_tokens,
+                output_tokens=F("output_tokens") + usage.output_tokens,
+                tokens_used=F("tokens_used") + usage.tokens,
+                cost_usd=F("cost_usd") + usage.cost_usd,
+            )
+        except DatabaseError:  # never fail the agent's work for the meter: the final record follows
+            logger.warning("attempt %s: could not meter its usage", attempt_id, exc_info=True)
+
+    return add
 
 
 def _turn_writer(

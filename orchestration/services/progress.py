@@ -44,6 +44,22 @@ def workflow_add_usage(workflow_id: str, *, tokens: int, cost: Decimal, error: b
     )
 
 
+def abandoned_usage_add(task: TaskExecution, attempts: list[TaskAttempt]) -> tuple[int, Decimal]:
+    """Add what closed-without-a-result attempts (cancelled, lost, hard-timed-out) had
+    metered to their task's totals (the caller holds the task row); returns (tokens, cost)
+    for the workflow's totals."""
+    tokens = sum(a.tokens_used for a in attempts)
+    cost = sum((a.cost_usd for a in attempts), Decimal(0))
+    if tokens or cost:
+        TaskExecution.objects.filter(pk=task.pk).update(
+            input_tokens=F("input_tokens") + sum(a.input_tokens for a in attempts),
+            output_tokens=F("output_tokens") + sum(a.output_tokens for a in attempts),
+            tokens_used=F("tokens_used") + tokens,
+            cost_usd=F("cost_usd") + cost,
+        )
+    return tokens, cost
+
+
 def workflow_on_task_completed(
     task: TaskExecution, *, now: dt.datetime, tokens: int = 0, cost: Decimal = Decimal(0)
 ) -> None:
@@ -269,6 +285,16 @@ def tasks_cancel(queryset: Any, *, reason: str, now: dt.datetime, upstream: str 
         attempt.duration_ms = max((now - attempt.started_at).total_seconds() * 1000, 0.0)
     if running:
         TaskAttempt.objects.bulk_update(running, ["status", "cause", "error", "finished_at", "duration_ms"])
+    # What the cancelled attempts had paid for (metered while they ran) stays on record.
+    spent: dict[str, tuple[int, Decimal]] = {}
+    for task in tasks:
+        own = [a for a in running if a.execution_id == task.execution_id]
+        if own:
+            spent[task.execution_id] = abandoned_usage_add(task, own)
+    for task in tasks:
+        tokens, cost = spent.get(task.execution_id, (0, Decimal(0)))
+        if task.workflow_id and (tokens or cost):
+            workflow_add_usage(task.workflow_id, tokens=tokens, cost=cost)
     revoke = [t.celery_task_id for t in tasks if t.celery_task_id]
     per_workflow: dict[str, int] = {}
     for task in tasks:

@@ -113,6 +113,17 @@ def _str(value: Any, where: str, problems: list[str], *, max_length: int = 255, 
     return value
 
 
+RESERVED_TASK_TYPES = frozenset({"conversation"})
+
+
+def _task_type(value: Any, where: str, problems: list[str]) -> str:
+    """A task's free-form type; the types the platform gives its own tasks are refused."""
+    task_type = _str(value, where, problems, max_length=100)
+    if task_type in RESERVED_TASK_TYPES:
+        problems.append(f"{where}: {task_type!r} is reserved for the platform's own tasks")
+    return task_type
+
+
 def _cycle(tasks: list[TaskSpec]) -> list[str] | None:
     """Return the names on one dependency cycle, or None (Kahn's algorithm, then a walk)."""
     names = {t.name for t in tasks}
@@ -268,7 +279,7 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
                 timeout_seconds=timeout_seconds or 1,
                 priority=task_priority,
                 description=_str(raw.get("description"), f"{where}.description", problems, max_length=10_000),
-                task_type=_str(raw.get("task_type"), f"{where}.task_type", problems, max_length=100),
+                task_type=_task_type(raw.get("task_type"), f"{where}.task_type", problems),
             )
         )
 

@@ -13,6 +13,7 @@ from orchestration.errors import SpecError, TransitionError
 from orchestration.event_types import EventType
 from orchestration.models import TaskExecution, Workflow
 from orchestration.services import fastpath
+from orchestration.services.conversations import conversation_retry_check
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, tasks_queue
 from orchestration.services.events import task_event, task_event_build, workflow_event, workflow_event_build
 from orchestration.services.progress import (
@@ -191,6 +192,8 @@ def task_retry(*, execution_id: str) -> TaskExecution:
     task = TaskExecution.objects.select_for_update().get(pk=execution_id)
     if task.status not in (TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT, TaskExecution.Status.CANCELLED):
         raise TransitionError(f"task {execution_id} is {task.status}; only a failed or cancelled task is retried")
+    if not task.workflow_id:
+        conversation_retry_check(task)
     if task.workflow_id:
         workflow = Workflow.objects.select_for_update().get(pk=task.workflow_id)
         if workflow.status != Workflow.Status.RUNNING:

@@ -1,0 +1,456 @@
+"""The agent runtime at its edges: spend of cancelled and killed attempts, results the database
+cannot store, hostile HTTP answers, conversation isolation and order, bad agent definitions."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
+from orchestration.services.execution import attempt_run
+from orchestration.services.workflows import workflow_cancel, workflow_submit
+from tests.engine import wait_for
+from tests.fakes.servers import OpenAIServer, Reply
+
+KEY = "sk-test-" + "edges" * 5
+
+
+def finished(workflow: Workflow, timeout: float = 40) -> Workflow:
+    return wait_for(lambda: (w := Workflow.objects.get(pk=workflow.pk)).is_terminal and w, timeout=timeout)
+
+
+def llm_tool_agent(url: str) -> Agent:
+    return Agent.objects.create(
+        id="calc-llm",
+        name="Calc",
+        executor=Agent.Executor.LLM,
+        provider="openai",
+        url=url,
+        model="gpt-4o-mini",
+        api_key_env="AUDIT_LLM_KEY",
+        config={"tools": ["calculator"]},
+    )
+
+
+# --- a cancelled attempt's paid model rounds vanish -------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancel_during_second_model_round_keeps_the_first_rounds_spend_real_worker(engine):
+    """Round 1 is answered (1200 + 350 tokens, paid), the tool runs, round 2 hangs; the user
+    cancels. The attempt is recorded cancelled: its first round's spend must stay on record."""
+    with OpenAIServer(api_key=KEY, tool_call={"expression": "6 * 7"}) as llm:
+        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "AUDIT_LLM_KEY": KEY})
+        llm_tool_agent(llm.base_url)
+        llm.script(Reply(), Reply(delay=8))
+        workflow, _ = workflow_submit(
+            spec={"name": "c", "tasks": [{"name": "calc", "agent": "calc-llm", "input": {"prompt": "6*7?"}}]}
+        )
+        wait_for(lambda: len(llm.requests) >= 2, timeout=30, what="the second model request")
+        workflow_cancel(workflow_id=workflow.pk)
+        workflow = finished(workflow)
+        time.sleep(2)
+    attempt = TaskAttempt.objects.get(execution__workflow=workflow)
+    task = TaskExecution.objects.get(workflow=workflow)
+    print(
+        "attempt",
+        attempt.status,
+        attempt.tokens_used,
+        attempt.cost_usd,
+        "task",
+        task.tokens_used,
+        "workflow",
+        workflow.total_tokens_used,
+        workflow.total_cost_usd,
+        "requests",
+        len(llm.requests),
+    )
+    assert attempt.status == TaskAttempt.Status.CANCELLED
+    assert attempt.tokens_used >= 1550, "round 1 was paid"
+    assert workflow.total_tokens_used >= 1550
+
+
+# --- an output PostgreSQL cannot store leaves the attempt running --------------------
+
+
+def _submit_one(agent_id: str, **task: object) -> Workflow:
+    workflow, _ = workflow_submit(
+        spec={"name": "one", "tasks": [{"name": "only", "agent": agent_id, "input": {"description": "x"}, **task}]}
+    )
+    return workflow
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "entrypoint", ["tests.orchestration.edge_agents.nul_output", "tests.orchestration.edge_agents.float_cost"]
+)
+def test_unstorable_result_fails_the_attempt_instead_of_leaving_it_running(engine, entrypoint):
+    worker = engine()
+    Agent.objects.create(id="odd", name="Odd", executor=Agent.Executor.PYTHON, entrypoint=entrypoint)
+    workflow = _submit_one("odd", max_retries=1)
+    wait_for(lambda: TaskAttempt.objects.filter(execution__workflow=workflow).exists(), timeout=20)
+    time.sleep(4)
+    attempts = list(TaskAttempt.objects.filter(execution__workflow=workflow).values_list("status", "error"))
+    print(entrypoint, attempts, Workflow.objects.get(pk=workflow.pk).status)
+    print(worker.log()[-1500:])
+    assert attempts[0][0] != TaskAttempt.Status.RUNNING, "the agent returned 4 s ago: its attempt must be closed"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_agent_service_answering_a_nul_character_is_recorded_not_left_running(engine):
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from orchestration.services.reaper import attempts_reap
+    from tests.fakes.servers import AgentService
+
+    with AgentService() as service:
+        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1"})
+        Agent.objects.create(id="svc", name="Svc", executor=Agent.Executor.HTTP, url=service.url)
+        service.script(Reply(body={"result": "col1\x00col2", "metadata": {"tokens_used": 10}}))
+        workflow = _submit_one("svc", max_retries=1)
+        wait_for(lambda: service.requests, timeout=20)
+        time.sleep(4)
+        first = TaskAttempt.objects.get(execution__workflow=workflow)
+        print("after 4 s:", first.status, first.error)
+        if first.status == TaskAttempt.Status.RUNNING:
+            # what the reaper makes of it once the hard limit and grace have passed
+            attempts_reap(now=timezone.now() + dt.timedelta(seconds=400))
+            wait_for(lambda: len(service.requests) >= 2, timeout=20, what="the retry")
+            first.refresh_from_db()
+            print("reaped:", first.status, first.cause, first.error, "requests to the service:", len(service.requests))
+    assert first.status == TaskAttempt.Status.FAILED and "NUL" in (first.error or "")
+
+
+# --- a workflow task typed "conversation" reads and writes another user's thread ------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("limit", [None, 4], ids=["fast-path-off", "agent-with-max-concurrency"])
+def test_workflow_task_cannot_borrow_someone_elses_conversation(settings, builtin_agents, limit):
+    from unittest import mock
+
+    from django.contrib.auth import get_user_model
+
+    from orchestration.models import AgentPlaygroundMessage
+    from orchestration.services.conversations import conversation_message_post
+
+    if limit is None:
+        settings.ENGINE_FAST_PATH = False
+    else:
+        Agent.objects.filter(pk="echo").update(max_concurrency=limit)
+    users = get_user_model()
+    alice = users.objects.create_user("alice")
+    mallory = users.objects.create_user("mallory")
+    with mock.patch("orchestration.services.dispatch.dispatch_send"):
+        secret = conversation_message_post(
+            agent=Agent.objects.get(pk="assistant"),
+            instance_id="alice-private",
+            content="my salary is 123456",
+            owner=alice,
+        )
+        spec = {
+            "name": "peek",
+            "tasks": [
+                {
+                    "name": "peek",
+                    "agent": "echo",
+                    "task_type": "conversation",
+                    "input": {"message_id": secret.message_id},
+                },
+            ],
+        }
+        from orchestration.errors import SpecError
+
+        with pytest.raises(SpecError, match="reserved"):
+            workflow_submit(spec=spec, owner=mallory)
+        # defence in depth: a workflow task typed "conversation" (older rows) is still no reply
+        spec["tasks"][0]["task_type"] = "peek"
+        workflow, _ = workflow_submit(spec=spec, owner=mallory)
+        TaskExecution.objects.filter(workflow=workflow).update(task_type="conversation")
+    task = TaskExecution.objects.get(workflow=workflow)
+    attempt_run(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@x")
+    task.refresh_from_db()
+    leaked = "123456" in str(task.output_data)
+    written = list(
+        AgentPlaygroundMessage.objects.filter(instance_id="alice-private", execution=task).values_list(
+            "role", "owner_id"
+        )
+    )
+    print("mallory's task output:", task.output_data, "rows written into alice's thread:", written)
+    assert not leaked, "mallory's workflow output contains alice's private conversation"
+    assert not written, "mallory's workflow wrote into alice's thread"
+
+
+# --- load_agents and values the database cannot store --------------------------------
+
+ECHO = "executor: python\nentrypoint: orchestration.runtime.builtin.echo\n"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ("metadata:\n  released: 2024-01-01\n", "metadata"),
+        ("metadata:\n  weight: .inf\n", "metadata"),
+        ("max_concurrency: 10000000000\n", "max_concurrency"),
+        ('description: "a\\0b"\n', "description"),
+    ],
+    ids=["yaml-date", "infinity", "int-out-of-range", "nul-char"],
+)
+def test_load_agents_bad_value_names_file_and_field_and_loads_nothing(tmp_path: Path, body, field):
+    (tmp_path / "good.yaml").write_text("name: Good\n" + ECHO)
+    (tmp_path / "bad.yaml").write_text("name: Bad\n" + ECHO + body)
+    before = Agent.objects.count()
+    with pytest.raises(CommandError) as caught:
+        call_command("load_agents", str(tmp_path), stdout=io.StringIO())
+    assert "bad.yaml" in str(caught.value) and field in str(caught.value)
+    assert Agent.objects.count() == before
+
+
+# --- a 5xx with a big error page is classified permanent -----------------------------
+
+
+def test_server_error_with_a_large_error_page_stays_retryable(settings):
+    from orchestration.errors import RetryableError
+    from orchestration.runtime.context import TaskContext
+    from orchestration.runtime.executors import agent_execute
+    from tests.fakes.servers import AgentService
+
+    settings.AGENT_HTTP_ALLOW_PRIVATE = True
+    settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
+    settings.AGENT_HTTP_MAX_RESPONSE_BYTES = 4096
+    context = TaskContext(
+        execution_id="e",
+        workflow_id=None,
+        task_name="t",
+        agent_id="svc",
+        attempt_number=1,
+        timeout_seconds=30,
+        upstream={},
+    )
+    with AgentService() as service:
+        service.script(Reply(status=503, body=b"<html>" + b"Service Unavailable " * 1000 + b"</html>"))
+        agent = Agent(id="svc", name="S", executor=Agent.Executor.HTTP, url=service.url)
+        with pytest.raises(RetryableError, match="HTTP 503"):
+            agent_execute(agent=agent, task_input={}, context=context)
+
+
+# --- retrying an old conversation turn appends its reply after newer turns ------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retried_old_turn_does_not_land_after_newer_turns(builtin_agents):
+    from unittest import mock
+
+    from orchestration.models import AgentPlaygroundMessage
+    from orchestration.services.conversations import conversation_message_post
+    from orchestration.services.workflows import task_retry
+    from tests.orchestration import edge_agents as edge_agents
+
+    agent = Agent.objects.create(
+        id="moody", name="Moody", executor=Agent.Executor.PYTHON, entrypoint="tests.orchestration.edge_agents.moody"
+    )
+
+    def answer(message):
+        task = TaskExecution.objects.get(pk=message.execution_id)
+        attempt_run(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@x")
+
+    with mock.patch("orchestration.services.dispatch.dispatch_send"):
+        edge_agents.BROKEN["on"] = True
+        m1 = conversation_message_post(agent=agent, instance_id="t-order", content="first question")
+        answer(m1)  # fails for good (PermanentError)
+        edge_agents.BROKEN["on"] = False
+        m2 = conversation_message_post(agent=agent, instance_id="t-order", content="second question")
+        answer(m2)
+        from orchestration.errors import TransitionError
+
+        try:
+            task_retry(execution_id=m1.execution_id)  # an operator retries the failed reply
+        except TransitionError as exc:  # fixed: refused, the thread has moved on
+            assert "moved on" in str(exc)
+        else:
+            m1.refresh_from_db()
+            answer(m1)
+    thread = list(
+        AgentPlaygroundMessage.objects.filter(instance_id="t-order", is_error=False)
+        .order_by("created_at", "message_id")
+        .values_list("role", "content")
+    )
+    for row in thread:
+        print(row)
+    assert thread[-1] != ("assistant", "answer to 'first question'"), "the reply to M1 is now the thread's last word"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_error_page_with_a_nul_byte_fails_the_attempt_instead_of_leaving_it_running(engine):
+    from tests.fakes.servers import AgentService
+
+    with AgentService() as service:
+        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1"})
+        Agent.objects.create(id="svc", name="Svc", executor=Agent.Executor.HTTP, url=service.url)
+        service.script(Reply(status=400, body=b"bad request\x00\x01 near byte 7"))
+        workflow = _submit_one("svc")
+        wait_for(lambda: service.requests, timeout=20)
+        time.sleep(4)
+    first = TaskAttempt.objects.get(execution__workflow=workflow)
+    print("after 4 s:", first.status, repr(first.error))
+    assert first.status == TaskAttempt.Status.FAILED and "HTTP 400" in first.error
+
+
+# --- the response-size cap does not bound memory for a compressed answer ---------------
+
+
+class _Encoded:
+    """An agent service answering a gzip-encoded body (layers as given)."""
+
+    def __init__(self, plain: bytes, layers: int):
+        import gzip
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        body = plain
+        for _ in range(layers):
+            body = gzip.compress(body)
+        encoding = ", ".join(["gzip"] * layers)
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Encoding", encoding)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _ctx():
+    from orchestration.runtime.context import TaskContext
+
+    return TaskContext(
+        execution_id="e",
+        workflow_id=None,
+        task_name="t",
+        agent_id="svc",
+        attempt_number=1,
+        timeout_seconds=30,
+        upstream={},
+    )
+
+
+def test_gzip_answer_is_decoded_and_a_nested_encoding_bomb_is_refused_without_inflating_it(settings):
+    import tracemalloc
+
+    from orchestration.errors import PermanentError
+    from orchestration.runtime.executors import agent_execute
+
+    settings.AGENT_HTTP_ALLOW_PRIVATE = True
+    settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
+    settings.AGENT_HTTP_MAX_RESPONSE_BYTES = 1 << 20
+    ok = _Encoded(b'{"result": "fine"}', 1)
+    try:
+        agent = Agent(id="svc", name="S", executor=Agent.Executor.HTTP, url=ok.url)
+        assert agent_execute(agent=agent, task_input={}, context=_ctx()).output == {"result": "fine"}
+    finally:
+        ok.close()
+    bomb = _Encoded(b"0" * (64 << 20), 2)  # 64 MiB once inflated, sent as a few hundred bytes
+    try:
+        agent = Agent(id="svc", name="S", executor=Agent.Executor.HTTP, url=bomb.url)
+        tracemalloc.start()
+        with pytest.raises(PermanentError):
+            agent_execute(agent=agent, task_input={}, context=_ctx())
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    finally:
+        bomb.close()
+    assert peak < 8 << 20, f"{peak >> 20} MiB allocated for an answer capped at 1 MiB"
+
+
+# --- a long conversation with an Anthropic agent starts its window with an assistant turn --
+
+
+@pytest.mark.django_db(transaction=True)
+def test_anthropic_conversation_keeps_answering_once_the_history_window_is_full(settings, builtin_agents):
+    import os
+    from unittest import mock
+
+    from orchestration.models import AgentPlaygroundMessage
+    from orchestration.services.conversations import conversation_message_post
+    from tests.fakes.servers import AnthropicServer
+
+    settings.AGENT_HTTP_ALLOW_PRIVATE = True
+    settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
+    settings.CONVERSATION_HISTORY_MESSAGES = 4  # the default, 200, is even too: same at turn 101
+    os.environ["AUDIT_ANTHROPIC_KEY"] = KEY
+    with AnthropicServer(api_key=KEY) as server:
+        agent = Agent.objects.create(
+            id="claude",
+            name="Claude",
+            executor=Agent.Executor.LLM,
+            provider="anthropic",
+            url=server.url,
+            model="claude-3-5-haiku-latest",
+            api_key_env="AUDIT_ANTHROPIC_KEY",
+        )
+        outcomes = []
+        with mock.patch("orchestration.services.dispatch.dispatch_send"):
+            for turn in range(3):
+                asked = conversation_message_post(agent=agent, instance_id="long", content=f"question {turn}")
+                task = TaskExecution.objects.get(pk=asked.execution_id)
+                attempt_run(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@x")
+                task.refresh_from_db()
+                outcomes.append((task.status, (task.error or "")[:120]))
+    for outcome in outcomes:
+        print(outcome)
+    print([m.body["messages"][0]["role"] for m in server.requests])
+    assert all(status == TaskExecution.Status.COMPLETED for status, _ in outcomes)
+    assert AgentPlaygroundMessage.objects.filter(instance_id="long", role="assistant", is_error=False).count() == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_killed_worker_keeps_the_paid_rounds_on_the_lost_attempt(engine):
+    """The pool process is SIGKILLed during round 2; the reaper closes the attempt as lost:
+    round 1 (paid) must stay on the attempt, the task and the workflow."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from orchestration.services.reaper import attempts_reap
+
+    with OpenAIServer(api_key=KEY, tool_call={"expression": "6 * 7"}) as llm:
+        worker = engine(
+            env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "AUDIT_LLM_KEY": KEY}
+        )
+        llm_tool_agent(llm.base_url)
+        llm.script(Reply(), Reply(delay=8))
+        workflow, _ = workflow_submit(
+            spec={"name": "k", "tasks": [{"name": "calc", "agent": "calc-llm", "input": {"prompt": "6*7?"}}]}
+        )
+        wait_for(lambda: len(llm.requests) >= 2, timeout=30, what="the second model request")
+        worker.kill()
+        attempts_reap(now=timezone.now() + dt.timedelta(seconds=1000))
+    attempt = TaskAttempt.objects.get(execution__workflow=workflow)
+    task = TaskExecution.objects.get(workflow=workflow)
+    workflow.refresh_from_db()
+    print(attempt.status, attempt.cause, attempt.tokens_used, task.tokens_used, workflow.total_tokens_used)
+    assert attempt.status == TaskAttempt.Status.LOST
+    assert (attempt.tokens_used, task.tokens_used, workflow.total_tokens_used) == (1550, 1550, 1550)
