@@ -79,6 +79,7 @@ class AgentAdmin(admin.ModelAdmin):
                     "config_display",
                     "metadata_display",
                     ("definition_path", "definition_hash"),
+                    "definition_root",
                     ("created_at", "updated_at"),
                 )
             },
@@ -93,6 +94,7 @@ class AgentAdmin(admin.ModelAdmin):
         "metadata_display",
         "definition_path",
         "definition_hash",
+        "definition_root",
         "created_at",
         "updated_at",
     )

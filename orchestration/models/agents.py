@@ -56,6 +56,13 @@ class Agent(TimestampedModel):
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.ACTIVE)
     definition_path = models.CharField(max_length=500, blank=True, default="")
     definition_hash = models.CharField(max_length=64, blank=True, default="")
+    definition_root = models.CharField(
+        max_length=1000,
+        blank=True,
+        default="",
+        help_text="the directory `load_agents` read the definition from (empty: the default one); a sync "
+        "deactivates only the agents of the directory it reads",
+    )
     total_tasks_completed = models.IntegerField(default=0)
     total_tokens_used = models.BigIntegerField(default=0)
     average_latency_ms = models.FloatField(default=0)

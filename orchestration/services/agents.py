@@ -193,8 +193,13 @@ def executor_problems(data: dict[str, Any]) -> list[str]:
 
 
 def agents_sync(*, directory: Path | None = None) -> SyncResult:
-    """Sync every definition under `directory` (recursively) into the agents table."""
+    """Sync every definition under `directory` (recursively) into the agents table. An agent
+    that was defined under this directory and no longer is becomes inactive; agents defined
+    under another directory (`definition_root`) are left alone."""
     directory = directory or default_definitions_dir()
+    # The default directory is "" (rows from before the column, too): its agents keep their
+    # root wherever the project is checked out.
+    root = "" if directory.resolve() == default_definitions_dir().resolve() else str(directory.resolve())
     if not directory.is_dir():
         raise SpecError([f"{directory}: no such directory"])
     files = sorted(p for p in directory.rglob("*") if p.suffix in (".json", ".yaml", ".yml"))
@@ -219,12 +224,14 @@ def agents_sync(*, directory: Path | None = None) -> SyncResult:
             digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
             fields = {k: v for k, v in data.items() if k != "id"}
             fields.setdefault("status", Agent.Status.ACTIVE)
-            fields.update(definition_path=str(path.relative_to(directory)), definition_hash=digest)
+            fields.update(
+                definition_path=str(path.relative_to(directory)), definition_hash=digest, definition_root=root
+            )
             agent = existing.get(agent_id)
             if agent is None:
                 Agent.objects.create(id=agent_id, **fields)
                 result.created.append(agent_id)
-            elif agent.definition_hash == digest and agent.status == fields["status"]:
+            elif agent.definition_hash == digest and agent.status == fields["status"] and agent.definition_root == root:
                 result.unchanged.append(agent_id)
                 continue
             else:
@@ -244,7 +251,12 @@ def agents_sync(*, directory: Path | None = None) -> SyncResult:
                 payload={"definition": str(path.relative_to(directory)), "hash": digest},
             )
         for agent_id, agent in existing.items():
-            if agent_id not in definitions and agent.definition_path and agent.status == Agent.Status.ACTIVE:
+            if (
+                agent_id not in definitions
+                and agent.definition_path
+                and agent.definition_root == root
+                and agent.status == Agent.Status.ACTIVE
+            ):
                 agent.status = Agent.Status.INACTIVE
                 agent.save(update_fields=["status", "updated_at"])
                 result.deactivated.append(agent_id)

@@ -183,3 +183,28 @@ def test_an_id_that_cannot_be_an_agent_id_is_named(db, tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({**ECHO, "id": "has spaces"}))
     with pytest.raises(CommandError, match=r"a\.json: id: 'has spaces': use 1-50 letters"):
         sync(tmp_path)
+
+
+def test_a_sync_deactivates_only_the_agents_of_the_directory_it_reads(db, tmp_path):
+    """Loading one more directory leaves the built-in agents alone, and the built-in sync leaves
+    that directory's agents alone; each directory deactivates only what it defined."""
+    call_command("load_agents", stdout=io.StringIO())
+    builtins = set(Agent.objects.filter(status=Agent.Status.ACTIVE).values_list("pk", flat=True))
+    assert "echo" in builtins
+    (tmp_path / "echo.json").write_text(json.dumps(ECHO))
+    assert "1 created, 0 updated, 0 deactivated" in sync(tmp_path)
+    again = io.StringIO()
+    call_command("load_agents", stdout=again)  # the built-in directory again
+    assert "0 deactivated" in again.getvalue()
+    active = set(Agent.objects.filter(status=Agent.Status.ACTIVE).values_list("pk", flat=True))
+    assert active == builtins | {"echo-x"}
+    (tmp_path / "echo.json").unlink()
+    (tmp_path / "other.json").write_text(json.dumps({**ECHO, "id": "other-x"}))
+    assert "1 created, 0 updated, 1 deactivated" in sync(tmp_path)
+    assert Agent.objects.get(pk="echo-x").status == Agent.Status.INACTIVE
+    assert (
+        set(Agent.objects.filter(pk__in=builtins, status=Agent.Status.ACTIVE).values_list("pk", flat=True)) == builtins
+    )
+    # The root is recorded, and is empty for the default directory (where the project lives may change).
+    assert Agent.objects.get(pk="other-x").definition_root == str(tmp_path.resolve())
+    assert Agent.objects.get(pk="echo").definition_root == ""
