@@ -21,7 +21,10 @@ from orchestration.runtime.llm import llm_execute
 from orchestration.runtime.pricing import COST_QUANTUM
 from orchestration.runtime.tools import jsonb_problem, registry
 
-MAX_TOKENS = 2**63 - 1
+# Per attempt, input and output together: far above any real attempt, and far enough below
+# bigint (2**63 - 1) that the attempt's tokens_used and the task, workflow and agent totals
+# summing many attempts cannot overflow.
+MAX_TOKENS = 10**15
 MAX_COST = Decimal(10) ** 8  # task_attempts.cost_usd is numeric(14, 6)
 
 
@@ -43,15 +46,24 @@ def _as_result(value: Any) -> AgentResult:
         result = AgentResult(output=value)
     else:
         raise PermanentError(f"agent returned {type(value).__name__}; expected a mapping or AgentResult")
+    # The agent ran (and was paid) even when its output is refused: the refusal carries the usage
+    # it reported, so the failed attempt records it (the final record replaces the meter).
+    usage = usage_checked(result.usage)
+
+    def refused(message: str) -> PermanentError:
+        exc = PermanentError(message)
+        exc.usage = usage  # type: ignore[attr-defined]
+        return exc
+
     if not isinstance(result.output, dict):
-        raise PermanentError(f"agent output is {type(result.output).__name__}; expected a mapping")
+        raise refused(f"agent output is {type(result.output).__name__}; expected a mapping")
     try:
         json.dumps(result.output, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise PermanentError(f"agent output is not JSON-serialisable: {exc}") from None
+        raise refused(f"agent output is not JSON-serialisable: {exc}") from None
     if problem := jsonb_problem(result.output, "output"):
-        raise PermanentError(f"agent output cannot be stored: {problem}")
-    result.usage = usage_checked(result.usage)
+        raise refused(f"agent output cannot be stored: {problem}")
+    result.usage = usage
     return result
 
 
@@ -75,6 +87,10 @@ def usage_checked(usage: Any) -> Usage:
         value = getattr(usage, name)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
             raise PermanentError(f"agent usage.{name} must be a non-negative integer, got {value!r}")
+    if usage.input_tokens + usage.output_tokens > MAX_TOKENS:
+        raise PermanentError(
+            f"agent usage: {usage.input_tokens} input + {usage.output_tokens} output tokens is more than {MAX_TOKENS}"
+        )
     raw = usage.cost_usd
     try:
         cost = raw if isinstance(raw, Decimal) else Decimal(str(raw)) if isinstance(raw, int | float | str) else None

@@ -192,6 +192,14 @@ def executor_problems(data: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _read_by(agent: Agent, directory: Path) -> bool:
+    """Whether a sync of `directory` (resolved) reads where `agent` was last loaded from: its
+    definition file, under its `definition_root` ("": the default directory), is in `directory`
+    or a directory under it."""
+    root = Path(agent.definition_root) if agent.definition_root else default_definitions_dir().resolve()
+    return directory in (root / agent.definition_path).parents
+
+
 def agents_sync(*, directory: Path | None = None) -> SyncResult:
     """Sync every definition under `directory` (recursively) into the agents table. An agent
     that was defined under this directory and no longer is becomes inactive; agents defined
@@ -250,11 +258,12 @@ def agents_sync(*, directory: Path | None = None) -> SyncResult:
                 agent_id=agent_id,
                 payload={"definition": str(path.relative_to(directory)), "hash": digest},
             )
+        read = directory.resolve()
         for agent_id, agent in existing.items():
             if (
                 agent_id not in definitions
                 and agent.definition_path
-                and agent.definition_root == root
+                and _read_by(agent, read)
                 and agent.status == Agent.Status.ACTIVE
             ):
                 agent.status = Agent.Status.INACTIVE

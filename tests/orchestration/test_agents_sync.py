@@ -208,3 +208,29 @@ def test_a_sync_deactivates_only_the_agents_of_the_directory_it_reads(db, tmp_pa
     # The root is recorded, and is empty for the default directory (where the project lives may change).
     assert Agent.objects.get(pk="other-x").definition_root == str(tmp_path.resolve())
     assert Agent.objects.get(pk="echo").definition_root == ""
+
+
+def test_the_default_sync_deactivates_an_agent_last_loaded_from_its_subdirectory(db, tmp_path, settings):
+    """The default directory is read recursively: an agent last loaded from one of its
+    subdirectories is one of its agents, and is deactivated when its file is gone."""
+    settings.BASE_DIR = tmp_path / "base"
+    sub = tmp_path / "base" / "agents" / "definitions" / "team"
+    sub.mkdir(parents=True)
+    (sub / "echo.json").write_text(json.dumps(ECHO))
+    assert "1 created" in sync(sub)  # operator loads only the team's directory
+    (sub / "echo.json").unlink()
+    out = io.StringIO()
+    call_command("load_agents", stdout=out)  # the default directory, which contains team/
+    assert Agent.objects.get(pk="echo-x").status == Agent.Status.INACTIVE, out.getvalue()
+
+
+def test_a_subdirectory_sync_deactivates_a_default_agent_whose_file_it_reads(db, tmp_path, settings):
+    settings.BASE_DIR = tmp_path / "base"
+    default = tmp_path / "base" / "agents" / "definitions"
+    (default / "team").mkdir(parents=True)
+    (default / "team" / "echo.json").write_text(json.dumps(ECHO))
+    (default / "other.json").write_text(json.dumps({**ECHO, "id": "other-x"}))
+    call_command("load_agents", stdout=io.StringIO())
+    (default / "team" / "echo.json").unlink()
+    assert "1 deactivated" in sync(default / "team")
+    assert Agent.objects.get(pk="other-x").status == Agent.Status.ACTIVE

@@ -454,3 +454,63 @@ def test_killed_worker_keeps_the_paid_rounds_on_the_lost_attempt(engine):
     print(attempt.status, attempt.cause, attempt.tokens_used, task.tokens_used, workflow.total_tokens_used)
     assert attempt.status == TaskAttempt.Status.LOST
     assert (attempt.tokens_used, task.tokens_used, workflow.total_tokens_used) == (1550, 1550, 1550)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_refused_output_keeps_the_paid_usage(engine):
+    """The agent service was paid (metered, 10 tokens) but its output cannot be stored: the
+    failed attempt must keep its spend, not overwrite the meter with zero."""
+    from tests.fakes.servers import AgentService
+
+    with AgentService() as service:
+        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1"})
+        Agent.objects.create(id="svc", name="Svc", executor=Agent.Executor.HTTP, url=service.url)
+        service.script(Reply(body={"result": "col1\x00col2", "metadata": {"tokens_used": 10}}))
+        workflow = _submit_one("svc", max_retries=0)
+        workflow = finished(workflow)
+    attempt = TaskAttempt.objects.get(execution__workflow=workflow)
+    task = TaskExecution.objects.get(workflow=workflow)
+    print(attempt.status, attempt.tokens_used, task.tokens_used, workflow.total_tokens_used)
+    assert attempt.status == TaskAttempt.Status.FAILED
+    assert (attempt.tokens_used, task.tokens_used, workflow.total_tokens_used) == (10, 10, 10)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_model_answer_with_nul_keeps_the_paid_round(engine):
+    """A model round was paid (120 tokens, metered) but its answer has a NUL character: the
+    failed attempt, its task and its workflow must keep what was paid."""
+    body = {
+        "id": "x",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "a\x00b"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+    }
+    with OpenAIServer(api_key=KEY) as llm:
+        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "AUDIT_LLM_KEY": KEY})
+        llm_tool_agent(llm.base_url)
+        llm.script(Reply(body=body))
+        workflow = finished(_submit_one("calc-llm", max_retries=0))
+    attempt = TaskAttempt.objects.get(execution__workflow=workflow)
+    print(attempt.status, attempt.error, attempt.tokens_used, attempt.cost_usd, workflow.total_tokens_used)
+    assert attempt.status == TaskAttempt.Status.FAILED
+    assert (attempt.tokens_used, workflow.total_tokens_used) == (120, 120)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_token_counts_whose_sum_overflows_fail_the_attempt_not_leave_it_running(engine):
+    """Each count fits a bigint, their sum (tokens_used) does not: the attempt must still be
+    closed with the reason, not left running for the reaper."""
+    from tests.fakes.servers import AgentService
+
+    with AgentService() as service:
+        worker = engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1"})
+        Agent.objects.create(id="svc", name="Svc", executor=Agent.Executor.HTTP, url=service.url)
+        service.script(Reply(body={"result": "ok", "metadata": {"input_tokens": 2**63 - 1, "output_tokens": 1}}))
+        workflow = _submit_one("svc", max_retries=0)
+        wait_for(lambda: service.requests, timeout=20)
+        time.sleep(4)
+    attempt = TaskAttempt.objects.get(execution__workflow=workflow)
+    print(attempt.status, attempt.error)
+    print(worker.log()[-1200:])
+    assert attempt.status != TaskAttempt.Status.RUNNING
