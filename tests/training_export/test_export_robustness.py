@@ -25,7 +25,7 @@ from tests.factories import AgentFactory, EventFactory, MessageFactory
 from training_export.management.commands import export_training_data as command_module
 from training_export.models import ExportRun
 from training_export.services.export import DATA_TYPES, export_previous_day, export_run
-from training_export.services.files import atomic_writer, sha256_file
+from training_export.services.files import commit, sha256_file, staged_writer
 from training_export.tasks import export_previous_day_task
 
 DAY = dt.date(2024, 3, 5)
@@ -314,15 +314,16 @@ def test_two_writers_of_one_path_in_one_process_do_not_share_a_temporary_file(tm
     started meanwhile, dies before it has rewritten what A had written already."""
     path = tmp_path / "events-train.jsonl"
     block = b'{"k":"' + b"x" * 1000 + b'"}\n'
-    a = atomic_writer(path)
-    writer_a = a.__enter__()
+    a = staged_writer(path)
+    writer_a, staged_a = a.__enter__()
     for _ in range(2048):  # 2 MiB: past the 1 MiB buffer, on disk
         writer_a.write(block)
-    b = atomic_writer(path)
-    b.__enter__()  # B opens "its" temporary file: the same name, truncated
+    b = staged_writer(path)
+    b.__enter__()  # B opens "its" temporary file: were it A's name, A's bytes would be truncated
     for _ in range(1024):
         writer_a.write(block)
-    a.__exit__(None, None, None)  # A renames into place and would record its sha256
+    a.__exit__(None, None, None)
+    commit(staged_a)  # A renames into place and would record its sha256
     # B's worker is killed here (hard time limit, OOM, container stop): no cleanup runs.
     assert sha256_file(path) == writer_a.sha256, "the published file is not the one A hashed"
 

@@ -111,27 +111,6 @@ def commit(staged: list[Staged]) -> None:
         fsync_dir(directory)
 
 
-@contextmanager
-def atomic_writer(path: Path, *, buffering: int = 1024 * 1024) -> Iterator[HashingWriter]:
-    """Write `path` atomically: yields a writer; on a clean exit the file is fsynced and renamed
-    into place and the directory fsynced; on an exception the temporary file is removed."""
-    with staged_writer(path, buffering=buffering) as (writer, staged):
-        yield writer
-    try:
-        commit(staged)
-    except BaseException:
-        for item in staged:
-            item.discard()
-        raise
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> str:
-    """Write a small file atomically; returns its sha256."""
-    with atomic_writer(path) as writer:
-        writer.write(data)
-    return writer.sha256
-
-
 def stage_bytes(path: Path, data: bytes) -> Staged:
     """A small file staged for `commit`."""
     with staged_writer(path) as (writer, staged):
