@@ -578,6 +578,7 @@ def attempt_run(
     duration_ms = (time.monotonic() - started) * 1000
     result.usage = result.usage + context.spend
     also = _turn_writer(context, claim.attempt, output=result.output, error=None, usage=result.usage)
+    outcome, failure = Outcome.SUCCEEDED, None
     try:
         recorded = attempt_succeed(
             attempt=claim.attempt,
@@ -602,25 +603,17 @@ def attempt_run(
             usage=result.usage,
             also=also,
         )
-        attempt_finished(
-            attempt=claim.attempt,
-            agent_id=claim.agent.id,
-            workflow_id=claim.context.workflow_id,
-            duration_ms=duration_ms,
-            usage=result.usage,
-            error=failure,
-            recorded=recorded,
-        )
-        return Outcome.FAILED
+        outcome = Outcome.FAILED
     attempt_finished(
         attempt=claim.attempt,
         agent_id=claim.agent.id,
         workflow_id=claim.context.workflow_id,
         duration_ms=duration_ms,
         usage=result.usage,
+        error=failure,
         recorded=recorded,
     )
-    return Outcome.SUCCEEDED
+    return outcome
 
 
 def _meter(attempt_id: int) -> Callable[[Usage], None]:

@@ -16,6 +16,7 @@ from orchestration.services.execution import attempt_run
 from orchestration.services.workflows import workflow_cancel, workflow_submit
 from tests.engine import wait_for
 from tests.fakes.servers import OpenAIServer, Reply
+from tests.orchestration.test_executors import ctx
 
 KEY = "sk-test-" + "edges" * 5
 
@@ -32,7 +33,7 @@ def llm_tool_agent(url: str) -> Agent:
         provider="openai",
         url=url,
         model="gpt-4o-mini",
-        api_key_env="AUDIT_LLM_KEY",
+        api_key_env="EDGES_LLM_KEY",
         config={"tools": ["calculator"]},
     )
 
@@ -45,7 +46,7 @@ def test_cancel_during_second_model_round_keeps_the_first_rounds_spend_real_work
     """Round 1 is answered (1200 + 350 tokens, paid), the tool runs, round 2 hangs; the user
     cancels. The attempt is recorded cancelled: its first round's spend must stay on record."""
     with OpenAIServer(api_key=KEY, tool_call={"expression": "6 * 7"}) as llm:
-        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "AUDIT_LLM_KEY": KEY})
+        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "EDGES_LLM_KEY": KEY})
         llm_tool_agent(llm.base_url)
         llm.script(Reply(), Reply(delay=8))
         workflow, _ = workflow_submit(
@@ -219,22 +220,13 @@ def test_load_agents_bad_value_names_file_and_field_and_loads_nothing(tmp_path: 
 
 def test_server_error_with_a_large_error_page_stays_retryable(settings):
     from orchestration.errors import RetryableError
-    from orchestration.runtime.context import TaskContext
     from orchestration.runtime.executors import agent_execute
     from tests.fakes.servers import AgentService
 
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
     settings.AGENT_HTTP_MAX_RESPONSE_BYTES = 4096
-    context = TaskContext(
-        execution_id="e",
-        workflow_id=None,
-        task_name="t",
-        agent_id="svc",
-        attempt_number=1,
-        timeout_seconds=30,
-        upstream={},
-    )
+    context = ctx(workflow_id=None)
     with AgentService() as service:
         service.script(Reply(status=503, body=b"<html>" + b"Service Unavailable " * 1000 + b"</html>"))
         agent = Agent(id="svc", name="S", executor=Agent.Executor.HTTP, url=service.url)
@@ -343,20 +335,6 @@ class _Encoded:
         self.server.server_close()
 
 
-def _ctx():
-    from orchestration.runtime.context import TaskContext
-
-    return TaskContext(
-        execution_id="e",
-        workflow_id=None,
-        task_name="t",
-        agent_id="svc",
-        attempt_number=1,
-        timeout_seconds=30,
-        upstream={},
-    )
-
-
 def test_gzip_answer_is_decoded_and_a_nested_encoding_bomb_is_refused_without_inflating_it(settings):
     import tracemalloc
 
@@ -369,7 +347,7 @@ def test_gzip_answer_is_decoded_and_a_nested_encoding_bomb_is_refused_without_in
     ok = _Encoded(b'{"result": "fine"}', 1)
     try:
         agent = Agent(id="svc", name="S", executor=Agent.Executor.HTTP, url=ok.url)
-        assert agent_execute(agent=agent, task_input={}, context=_ctx()).output == {"result": "fine"}
+        assert agent_execute(agent=agent, task_input={}, context=ctx(workflow_id=None)).output == {"result": "fine"}
     finally:
         ok.close()
     bomb = _Encoded(b"0" * (64 << 20), 2)  # 64 MiB once inflated, sent as a few hundred bytes
@@ -377,7 +355,7 @@ def test_gzip_answer_is_decoded_and_a_nested_encoding_bomb_is_refused_without_in
         agent = Agent(id="svc", name="S", executor=Agent.Executor.HTTP, url=bomb.url)
         tracemalloc.start()
         with pytest.raises(PermanentError):
-            agent_execute(agent=agent, task_input={}, context=_ctx())
+            agent_execute(agent=agent, task_input={}, context=ctx(workflow_id=None))
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     finally:
@@ -438,7 +416,7 @@ def test_killed_worker_keeps_the_paid_rounds_on_the_lost_attempt(engine):
 
     with OpenAIServer(api_key=KEY, tool_call={"expression": "6 * 7"}) as llm:
         worker = engine(
-            env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "AUDIT_LLM_KEY": KEY}
+            env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "EDGES_LLM_KEY": KEY}
         )
         llm_tool_agent(llm.base_url)
         llm.script(Reply(), Reply(delay=8))
@@ -487,7 +465,7 @@ def test_model_answer_with_nul_keeps_the_paid_round(engine):
         "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
     }
     with OpenAIServer(api_key=KEY) as llm:
-        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "AUDIT_LLM_KEY": KEY})
+        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "EDGES_LLM_KEY": KEY})
         llm_tool_agent(llm.base_url)
         llm.script(Reply(body=body))
         workflow = finished(_submit_one("calc-llm", max_retries=0))

@@ -23,3 +23,11 @@ def worker(transactional_db, tmp_path: Path) -> Iterator[Worker]:
     yield started
     started.stop()
     flush_redis()
+
+
+@pytest.fixture
+def out(settings, tmp_path: Path) -> Path:
+    """Exports (and the CSV store) into the test's directory; the export directory."""
+    settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
+    settings.TRAINING_DATA_DIR = tmp_path / "training"
+    return settings.TRAINING_EXPORT_DIR

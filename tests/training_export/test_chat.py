@@ -18,12 +18,6 @@ DAY = dt.date(2024, 3, 5)
 T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
 
 
-@pytest.fixture
-def out(settings, tmp_path: Path) -> Path:
-    settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
-    return settings.TRAINING_EXPORT_DIR
-
-
 def call(call_id: str, name: str, arguments: dict) -> dict:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
 

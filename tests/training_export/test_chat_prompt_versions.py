@@ -31,12 +31,6 @@ T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
 
 
 @pytest.fixture
-def out(settings, tmp_path: Path) -> Path:
-    settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
-    return settings.TRAINING_EXPORT_DIR
-
-
-@pytest.fixture
 def llm(settings, monkeypatch) -> Iterator[OpenAIServer]:
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]

@@ -40,13 +40,6 @@ DAY = dt.date(2024, 3, 5)
 T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
 
 
-@pytest.fixture
-def out(settings, tmp_path: Path) -> Path:
-    settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
-    settings.TRAINING_DATA_DIR = tmp_path / "training"
-    return settings.TRAINING_EXPORT_DIR
-
-
 def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text("utf-8").splitlines()]
 

@@ -21,7 +21,8 @@ from orchestration.event_types import EventType
 from orchestration.models import Event
 from orchestration.runtime.tools import tool_schemas
 from tests.engine import database_url
-from tests.factories import AgentFactory, EventFactory, MessageFactory
+from tests.factories import AgentFactory, EventFactory
+from tests.training_export.test_chat import call, thread
 from training_export.management.commands import export_training_data as command_module
 from training_export.models import ExportRun
 from training_export.services.export import DATA_TYPES, export_previous_day, export_run
@@ -30,22 +31,6 @@ from training_export.tasks import export_previous_day_task
 
 DAY = dt.date(2024, 3, 5)
 T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
-
-
-@pytest.fixture
-def out(settings, tmp_path: Path) -> Path:
-    settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
-    settings.TRAINING_DATA_DIR = tmp_path / "training"
-    return settings.TRAINING_EXPORT_DIR
-
-
-def call(call_id: str, name: str, arguments: dict) -> dict:
-    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
-
-
-def thread(instance_id: str, agent, messages: list[dict], *, at: dt.datetime = T0) -> None:
-    for i, fields in enumerate(messages):
-        MessageFactory(instance_id=instance_id, agent=agent, created_at=at + dt.timedelta(seconds=i), **fields)
 
 
 def read_lines(path) -> list[dict]:
