@@ -19,6 +19,7 @@ from orchestration.api.pagination import KeysetPagination
 from orchestration.api.permissions import ActionPermission, HasRole, is_admin
 from orchestration.api.schema import problem_responses
 from orchestration.api.serializers import (
+    AGENT_WRITABLE,
     AgentCreateSerializer,
     AgentSerializer,
     AgentStatsQuerySerializer,
@@ -123,7 +124,8 @@ class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, v
     @extend_schema(
         summary="Replace an agent's settings (admins)",
         request=AgentUpdateSerializer,
-        description=FILE_DEFINED,
+        description="Every setting at once: one left out goes back to its default (PATCH changes only "
+        "those sent). " + FILE_DEFINED,
         responses={200: AgentSerializer, **problem_responses(400, 401, 403, 404, 409, 429)},
     )
     def update(self, request: Request, pk: str) -> Response:
@@ -143,7 +145,9 @@ class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, v
         agent_check_editable(agent)  # before the body: an invalid body for such an agent is a 409 too
         data = AgentUpdateSerializer(agent, data=request.data, partial=partial)
         data.is_valid(raise_exception=True)
-        agent = agent_update(agent_id=agent.pk, fields=dict(data.validated_data), actor=request.user)
+        # PUT replaces the settings: a field left out goes back to its default, as for a new agent.
+        replace = () if partial else AGENT_WRITABLE
+        agent = agent_update(agent_id=agent.pk, fields=dict(data.validated_data), actor=request.user, replace=replace)
         return Response(AgentSerializer(agent).data)
 
     @extend_schema(

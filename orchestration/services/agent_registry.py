@@ -6,6 +6,7 @@ definition file, so a sync never deactivates it. Every change is an agent_regist
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -86,14 +87,20 @@ def agent_check_editable(agent: Agent) -> None:
 
 
 @transaction.atomic
-def agent_update(*, agent_id: str, fields: dict[str, Any], actor: Any = None) -> Agent:
+def agent_update(*, agent_id: str, fields: dict[str, Any], actor: Any = None, replace: Sequence[str] = ()) -> Agent:
     """Change an agent's writable fields; the id, status and stats are not changed here, nor
-    an agent loaded from a definition file (TransitionError)."""
+    an agent loaded from a definition file (TransitionError).
+
+    `replace` names the fields a full replacement (PUT) covers: those of them missing from
+    `fields` go back to their defaults instead of keeping their values."""
     owned = sorted(set(fields) & (SERVER_OWNED | {"id"}))
     if owned:
         raise SpecError([f"{name}: cannot be changed here" for name in owned])
     agent = Agent.objects.select_for_update().get(pk=agent_id)
     agent_check_editable(agent)
+    for name in replace:
+        if name not in fields:
+            setattr(agent, name, Agent._meta.get_field(name).get_default())
     for name, value in fields.items():
         setattr(agent, name, value)
     _check(agent)

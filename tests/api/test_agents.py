@@ -155,3 +155,32 @@ def test_the_services_themselves_refuse_to_change_a_file_defined_agent(callers):
         agent_deactivate(agent_id="echo")
     after = Agent.objects.get(pk="echo")
     assert (after.description, after.status) == (before.description, before.status)
+
+
+def test_put_replaces_the_settings_and_patch_changes_only_those_sent(callers):
+    """PUT is a replacement: a setting left out goes back to its default, as for a new agent,
+    instead of keeping the old value (which made PUT a PATCH)."""
+    admin = callers["admin"].client
+    url = f"/api/v1/agents/{NEW['id']}/"
+    created = admin.post(
+        "/api/v1/agents/",
+        {**NEW, "description": "old", "max_concurrency": 3, "capabilities": ["a"], "config": {"k": 1}},
+        format="json",
+    )
+    assert created.status_code == 201, created.content
+    patched = admin.patch(url, {"name": "S2"}, format="json").json()
+    assert (patched["name"], patched["description"], patched["max_concurrency"]) == ("S2", "old", 3)
+    body = {k: v for k, v in NEW.items() if k != "id"}
+    put = admin.put(url, body, format="json")
+    assert put.status_code == 200, put.content
+    replaced = put.json()
+    assert replaced["name"] == NEW["name"]
+    assert (replaced["description"], replaced["max_concurrency"]) == ("", None)
+    assert (replaced["capabilities"], replaced["config"]) == ([], {})
+    fresh = admin.post("/api/v1/agents/", {**NEW, "id": "fresh-001"}, format="json").json()
+    ignore = {"id", "created_at", "updated_at"}
+    assert {k: v for k, v in replaced.items() if k not in ignore} == {k: v for k, v in fresh.items() if k not in ignore}
+    missing = admin.put(url, {"name": "no entrypoint"}, format="json")  # the default executor needs one
+    assert missing.status_code == 400
+    assert [e["field"] for e in missing.json()["errors"]] == ["entrypoint"]
+    assert admin.get(url).json()["name"] == NEW["name"]  # nothing half-written
