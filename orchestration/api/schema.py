@@ -35,3 +35,40 @@ def problem_responses(*codes: int) -> dict[Any, Any]:
             examples=[OpenApiExample(TITLES[code], value=example, status_codes=[str(code)], response_only=True)],
         )
     return responses
+
+
+# Answers any operation can give before its view runs: content negotiation (406) for every
+# one, and for those taking a body its size limit (413) and media type (415).
+_EVERY_OPERATION = (406,)
+_WITH_A_BODY = (413, 415)
+_MORE_DETAILS = {
+    406: ("not_acceptable", "Could not satisfy the request Accept header."),
+    415: ("unsupported_media_type", 'Unsupported media type "text/plain" in request.'),
+}
+
+
+def _problem_response(code: int, path: str) -> dict[str, Any]:
+    kind, detail = _MORE_DETAILS[code] if code in _MORE_DETAILS else _DETAILS[code][:2]
+    example = problem(status_code=code, detail=detail, code=kind, instance=path)
+    name = TITLES[code].title().replace(" ", "")
+    return {
+        "description": TITLES[code],
+        "content": {
+            PROBLEM_CONTENT_TYPE: {
+                "schema": {"$ref": "#/components/schemas/Problem"},
+                "examples": {name: {"value": example, "summary": TITLES[code]}},
+            }
+        },
+    }
+
+
+def document_negotiation_problems(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict:
+    """drf-spectacular postprocessing hook: the 406, 413 and 415 problems on every operation
+    that can answer them, where the operation's own responses do not list them already."""
+    for path, operations in result.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            codes = _EVERY_OPERATION + (_WITH_A_BODY if "requestBody" in operation else ())
+            for code in codes:
+                responses.setdefault(str(code), _problem_response(code, path))
+    return result

@@ -53,6 +53,32 @@ def test_the_schema_is_valid_openapi_with_an_example_per_operation():
     assert "examples" in schema["paths"]["/api/v1/workflows/"]["post"]["requestBody"]["content"]["application/json"]
 
 
+def test_negotiation_problems_are_documented_as_answered(callers, settings):
+    """406 (Accept), 413 (body size) and 415 (Content-Type) come before any view's code: each
+    operation documents those it can give, with the problem type the live API answers."""
+    schema = SchemaGenerator().get_schema(request=None, public=True)
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            expected = {"406", "413", "415"} if "requestBody" in operation else {"406"}
+            assert expected <= set(operation["responses"]), (method, path)
+
+    def documented(path: str, method: str, code: int) -> str:
+        content = schema["paths"][path][method]["responses"][str(code)]["content"]["application/problem+json"]
+        return next(iter(content["examples"].values()))["value"]["type"]
+
+    admin = callers["admin"].client
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1024
+    answers = {
+        ("/api/v1/workflows/", "get", 406): admin.get("/api/v1/workflows/", HTTP_ACCEPT="application/xml"),
+        ("/api/v1/workflows/", "post", 415): admin.post("/api/v1/workflows/", "a", content_type="text/plain"),
+        ("/api/v1/agents/", "post", 413): admin.post("/api/v1/agents/", {"name": "x" * 2000}, format="json"),
+    }
+    for (path, method, code), response in answers.items():
+        assert response.status_code == code, (path, response.content)
+        assert response["Content-Type"] == "application/problem+json"
+        assert response.json()["type"] == documented(path, method, code)
+
+
 def test_schema_and_docs_are_served(client):
     schema = client.get("/api/v1/schema/?format=json")
     assert schema.status_code == 200 and schema.json()["openapi"].startswith("3.")
