@@ -26,6 +26,20 @@ ATTEMPT_COLUMNS = (
     "cost_usd, started_at, finished_at, duration_ms, created_at"
 )
 
+USAGE_COLUMNS = ("input_tokens", "output_tokens", "tokens_used", "cost_usd")
+# Closed without a result: spend charged after the close is added to the usage columns (and
+# nothing else changes, and usage only grows); migration 0023 allows the same on PostgreSQL.
+ABANDONED_ATTEMPT = "('cancelled', 'lost', 'timed_out')"
+_LATE_SPEND = " AND ".join(
+    [
+        f"OLD.status IN {ABANDONED_ATTEMPT}",
+        *(f"NEW.{c} IS OLD.{c}" for c in ATTEMPT_COLUMNS.split(", ") if c not in USAGE_COLUMNS),
+        *(f"NEW.{c} >= OLD.{c}" for c in USAGE_COLUMNS),
+    ]
+)
+# Triggers of earlier versions of these rules, dropped when the rules are installed.
+OBSOLETE = ("task_attempts_immutable_once_finished",)
+
 
 def _rules() -> dict[str, tuple[str, str]]:
     """trigger name -> (table, CREATE TRIGGER statement)."""
@@ -40,10 +54,10 @@ def _rules() -> dict[str, tuple[str, str]]:
             "CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events "
             "BEGIN SELECT RAISE(ABORT, 'events is append-only: DELETE is not allowed'); END",
         ),
-        "task_attempts_immutable_once_finished": (
+        "task_attempts_finished_keep": (
             "task_attempts",
-            f"CREATE TRIGGER IF NOT EXISTS task_attempts_immutable_once_finished BEFORE UPDATE OF {ATTEMPT_COLUMNS} "
-            "ON task_attempts WHEN OLD.status <> 'running' "
+            f"CREATE TRIGGER IF NOT EXISTS task_attempts_finished_keep BEFORE UPDATE OF {ATTEMPT_COLUMNS} "
+            f"ON task_attempts WHEN OLD.status <> 'running' AND NOT ({_LATE_SPEND}) "
             "BEGIN SELECT RAISE(ABORT, 'task attempt is finished and cannot change'); END",
         ),
     }
@@ -73,6 +87,9 @@ def sqlite_rules_install(connection: Any) -> list[str]:
         tables = {row[0] for row in cursor.fetchall()}
         cursor.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
         existing = {row[0] for row in cursor.fetchall()}
+        for name in OBSOLETE:
+            if name in existing:
+                cursor.execute(f"DROP TRIGGER {name}")
         created = []
         for name, (table, statement) in _rules().items():
             if table in tables and name not in existing:
@@ -85,6 +102,6 @@ def sqlite_rules_install(connection: Any) -> list[str]:
 
 def sqlite_rules_remove(connection: Any) -> None:
     with connection.cursor() as cursor:
-        for name in _rules():
+        for name in (*_rules(), *OBSOLETE):
             cursor.execute(f"DROP TRIGGER IF EXISTS {name}")
         cursor.execute("DROP INDEX IF EXISTS idx_events_created")

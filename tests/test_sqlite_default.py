@@ -42,12 +42,16 @@ running = TaskAttempt.objects.create(execution=task, attempt_number=1, started_a
 finished = TaskAttempt.objects.create(
     execution=task, attempt_number=2, started_at=now, status="failed", finished_at=now
 )
+cancelled = TaskAttempt.objects.create(
+    execution=task, attempt_number=3, started_at=now, status="cancelled", finished_at=now, tokens_used=10
+)
 event = Event.objects.create(event_type="workflow_created", entity_type="workflow", entity_id=workflow.pk)
 found = workflow_with_tasks(workflow_id=workflow.pk)
 print(json.dumps({
     "workflow": workflow.pk,
     "running_attempt": running.pk,
     "finished_attempt": finished.pk,
+    "cancelled_attempt": cancelled.pk,
     "event": event.pk,
     "tasks": [[t["task_name"], t["agent_id"], str(t["cost_usd"])] for t in found["tasks"]],
     "empty_tasks": workflow_with_tasks(workflow_id=empty.pk)["tasks"],
@@ -116,6 +120,23 @@ def test_finished_attempt_rejects_update(db_file: sqlite3.Connection, ids: dict[
 
     row = db_file.execute("SELECT status, error FROM task_attempts WHERE id = ?", [ids["finished_attempt"]]).fetchone()
     assert row == ("failed", None)
+
+
+def test_an_attempt_closed_without_a_result_may_only_gain_spend(
+    db_file: sqlite3.Connection, ids: dict[str, Any]
+) -> None:
+    cancelled = ids["cancelled_attempt"]
+    db_file.execute("UPDATE task_attempts SET tokens_used = tokens_used + 5 WHERE id = ?", [cancelled])
+    for statement in (
+        "UPDATE task_attempts SET tokens_used = tokens_used + 1, error = 'rewritten' WHERE id = ?",
+        "UPDATE task_attempts SET tokens_used = 0 WHERE id = ?",
+    ):
+        with pytest.raises(sqlite3.IntegrityError, match="task attempt is finished and cannot change"):
+            db_file.execute(statement, [cancelled])
+    with pytest.raises(sqlite3.IntegrityError, match="task attempt is finished and cannot change"):
+        db_file.execute("UPDATE task_attempts SET tokens_used = 99 WHERE id = ?", [ids["finished_attempt"]])
+    row = db_file.execute("SELECT status, tokens_used, error FROM task_attempts WHERE id = ?", [cancelled]).fetchone()
+    assert row == ("cancelled", 15, None)
 
 
 def test_running_attempt_can_be_finished_once(db_file: sqlite3.Connection, ids: dict[str, Any]) -> None:

@@ -623,16 +623,56 @@ def _meter(attempt_id: int) -> Callable[[Usage], None]:
 
     def add(usage: Usage) -> None:
         try:
-            TaskAttempt.objects.filter(pk=attempt_id, status=TaskAttempt.Status.RUNNING).update(
-                input_tokens=F("input_tokens") + usage.input_tokens,
-                output_tokens=F("output_tokens") + usage.output_tokens,
-                tokens_used=F("tokens_used") + usage.tokens,
-                cost_usd=F("cost_usd") + usage.cost_usd,
-            )
+            running = TaskAttempt.objects.filter(pk=attempt_id, status=TaskAttempt.Status.RUNNING)
+            if not running.update(**_usage_added(usage)):
+                atomic_with_retry(lambda: _late_usage_add(attempt_id, usage))
         except DatabaseError:  # never fail the agent's work for the meter: the final record follows
             logger.warning("attempt %s: could not meter its usage", attempt_id, exc_info=True)
 
     return add
+
+
+def _usage_added(usage: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": F("input_tokens") + usage.input_tokens,
+        "output_tokens": F("output_tokens") + usage.output_tokens,
+        "tokens_used": F("tokens_used") + usage.tokens,
+        "cost_usd": F("cost_usd") + usage.cost_usd,
+    }
+
+
+# Closed without a result: their usage is what was metered, never set again by a final record.
+_ABANDONED = (TaskAttempt.Status.CANCELLED, TaskAttempt.Status.LOST, TaskAttempt.Status.TIMED_OUT)
+
+
+def _late_usage_add(attempt_id: int, usage: Usage) -> None:
+    """Usage paid after its attempt was closed without a result: a model's answer that arrived
+    after the user cancelled (before the worker's process was stopped), or while the reaper
+    closed the attempt as lost or timed out. The provider charged it, so it is added to the
+    attempt, its task and its workflow, as the close added what was metered before. An attempt
+    closed with a result (succeeded, failed) already carries its whole usage."""
+    execution_id = TaskAttempt.objects.filter(pk=attempt_id).values_list("execution_id", flat=True).first()
+    if execution_id is None or not (usage.tokens or usage.cost_usd):
+        return
+    # The task row first, then the attempt: the order every transition takes them in.
+    task = TaskExecution.objects.select_for_update().get(pk=execution_id)
+    status = TaskAttempt.objects.select_for_update().filter(pk=attempt_id).values_list("status", flat=True).get()
+    if status == TaskAttempt.Status.RUNNING:  # the first UPDATE raced a retry of its own transaction
+        TaskAttempt.objects.filter(pk=attempt_id).update(**_usage_added(usage))
+        return
+    if status not in _ABANDONED:
+        return
+    TaskAttempt.objects.filter(pk=attempt_id).update(**_usage_added(usage))
+    paid = TaskAttempt(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        tokens_used=usage.tokens,
+        cost_usd=usage.cost_usd,
+    )
+    tokens, cost = abandoned_usage_add(task, [paid])
+    if task.workflow_id:
+        workflow_add_usage(task.workflow_id, tokens=tokens, cost=cost)
+    logger.info("attempt %s: %s tokens, $%s paid after it was closed %s", attempt_id, tokens, cost, status)
 
 
 def _turn_writer(

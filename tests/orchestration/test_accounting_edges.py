@@ -19,9 +19,10 @@ from django.db.models import Sum
 from orchestration.errors import PermanentError, TransitionError
 from orchestration.models import Agent, AgentMetric, TaskAttempt, TaskExecution, Workflow
 from orchestration.runtime.context import AgentResult, Usage
-from orchestration.services.execution import attempt_claim, attempt_fail, attempt_succeed
+from orchestration.services.execution import _meter, attempt_claim, attempt_fail, attempt_succeed
+from orchestration.services.reaper import attempts_reap
 from orchestration.services.rollup import metrics_rollup
-from orchestration.services.workflows import workflow_resume
+from orchestration.services.workflows import task_cancel, workflow_resume
 from tests.factories import AgentFactory, WorkflowFactory
 
 H = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
@@ -198,3 +199,67 @@ def test_load_agents_bad_file_leaves_nothing_half_written(tmp_path: Path):
     with pytest.raises(CommandError, match=r"z.json: name: 150 characters; at most 100"):
         call_command("load_agents", str(tmp_path), stdout=io.StringIO())
     assert not Agent.objects.filter(pk__in=["aaa", "zzz"]).exists()
+
+
+# --- a model's answer paid after its attempt was closed without a result -------------------
+
+
+def _claimed_task() -> tuple[TaskExecution, TaskAttempt]:
+    agent = AgentFactory()
+    workflow = WorkflowFactory(status=Workflow.Status.RUNNING, started_at=H, total_steps=1)
+    task = TaskExecution.objects.create(
+        workflow=workflow,
+        agent=agent,
+        task_name="t",
+        status=TaskExecution.Status.QUEUED,
+        celery_task_id=str(uuid.uuid4()),
+        queued_at=H,
+        max_retries=0,
+    )
+    claim = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w", now=H)
+    return task, claim.attempt
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("closed_by", ["cancel", "reaper"])
+def test_spend_paid_after_the_attempt_was_closed_stays_on_record(closed_by):
+    """Round 1 is metered while the attempt runs; the attempt is then cancelled (or reaped as
+    lost); round 2's answer, already on its way, arrives and is charged. Both rounds must be
+    on the attempt, the task and the workflow: the late one was dropped because the meter
+    added only to a running attempt."""
+    task, attempt = _claimed_task()
+    meter = _meter(attempt.pk)
+    meter(Usage(100, 50, Decimal("0.010")))
+    if closed_by == "cancel":
+        task_cancel(execution_id=task.pk)
+    else:
+        TaskAttempt.objects.filter(pk=attempt.pk).update(started_at=H - dt.timedelta(days=1))
+        attempts_reap()
+        assert TaskAttempt.objects.get(pk=attempt.pk).status != TaskAttempt.Status.RUNNING
+    meter(Usage(200, 80, Decimal("0.020")))
+    attempt.refresh_from_db()
+    task.refresh_from_db()
+    workflow = Workflow.objects.get(pk=task.workflow_id)
+    assert (attempt.input_tokens, attempt.output_tokens, attempt.tokens_used, attempt.cost_usd) == (
+        300,
+        130,
+        430,
+        Decimal("0.030"),
+    )
+    assert (task.input_tokens, task.output_tokens, task.tokens_used, task.cost_usd) == (300, 130, 430, Decimal("0.030"))
+    assert (workflow.total_tokens_used, workflow.total_cost_usd) == (430, Decimal("0.030"))
+
+
+@pytest.mark.django_db
+def test_spend_metered_after_a_final_record_is_not_added_again():
+    """A succeeded attempt's record carries its whole usage: a stray meter call after it adds
+    nothing (the final record replaces the meter, it is not added to it)."""
+    task, attempt = _claimed_task()
+    attempt_succeed(
+        attempt=attempt, result=AgentResult(output={}, usage=Usage(10, 5, Decimal("0.001"))), duration_ms=1, now=H
+    )
+    _meter(attempt.pk)(Usage(100, 50, Decimal("0.010")))
+    attempt.refresh_from_db()
+    task.refresh_from_db()
+    assert (attempt.tokens_used, task.tokens_used) == (15, 15)
+    assert Workflow.objects.get(pk=task.workflow_id).total_tokens_used == 15

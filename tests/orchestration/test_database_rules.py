@@ -157,6 +157,40 @@ def test_finished_attempt_rejects_orm_updates() -> None:
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("status", ["timed_out", "lost", "cancelled"])
+def test_an_attempt_closed_without_a_result_may_only_gain_spend(status: str) -> None:
+    """Spend charged after the close (a model's answer on its way) is added to the usage
+    columns; nothing else may change, and usage may not shrink."""
+    attempt = TaskAttemptFactory(status=status, finished_at=timezone.now(), tokens_used=10, cost_usd=Decimal("0.5"))
+    added = "UPDATE task_attempts SET tokens_used = tokens_used + 5, cost_usd = cost_usd + 0.25 WHERE id = %s"
+    run_sql(added, [attempt.pk])
+    for statement in (
+        "UPDATE task_attempts SET tokens_used = tokens_used + 1, error = 'rewritten' WHERE id = %s",
+        "UPDATE task_attempts SET cost_usd = 0 WHERE id = %s",
+        "UPDATE task_attempts SET status = 'succeeded' WHERE id = %s",
+    ):
+        with pytest.raises(IntegrityError) as raised, transaction.atomic():
+            run_sql(statement, [attempt.pk])
+        assert_restrict_violation(raised.value, f"is finished ({status}) and cannot change")
+    attempt.refresh_from_db()
+    assert (attempt.status, attempt.tokens_used, attempt.cost_usd, attempt.error) == (
+        status,
+        15,
+        Decimal("0.75"),
+        None,
+    )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("status", ["succeeded", "failed"])
+def test_an_attempt_closed_with_a_result_keeps_its_spend(status: str) -> None:
+    attempt = TaskAttemptFactory(status=status, finished_at=timezone.now(), tokens_used=10)
+    with pytest.raises(IntegrityError) as raised, transaction.atomic():
+        run_sql("UPDATE task_attempts SET tokens_used = tokens_used + 5 WHERE id = %s", [attempt.pk])
+    assert_restrict_violation(raised.value, f"is finished ({status}) and cannot change")
+
+
+@pytest.mark.django_db
 def test_running_attempt_is_finished_exactly_once() -> None:
     attempt = TaskAttemptFactory()
     running = TaskAttempt.objects.filter(pk=attempt.pk, status=TaskAttempt.Status.RUNNING)
