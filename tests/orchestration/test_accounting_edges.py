@@ -43,19 +43,24 @@ def _run_attempt(task: TaskExecution, *, start: dt.datetime, usage: Usage, fail:
         )
 
 
-@pytest.mark.django_db
-def test_rollup_cost_and_tokens_add_up_across_periods_for_a_resumed_task():
-    agent = AgentFactory()
+def _queued_task() -> TaskExecution:
+    """One queued task (no retries) of a running one-task workflow, queued at H."""
     workflow = WorkflowFactory(status=Workflow.Status.RUNNING, started_at=H, total_steps=1)
-    task = TaskExecution.objects.create(
+    return TaskExecution.objects.create(
         workflow=workflow,
-        agent=agent,
+        agent=AgentFactory(),
         task_name="t",
         status=TaskExecution.Status.QUEUED,
         celery_task_id=str(uuid.uuid4()),
         queued_at=H,
         max_retries=0,
     )
+
+
+@pytest.mark.django_db
+def test_rollup_cost_and_tokens_add_up_across_periods_for_a_resumed_task():
+    task = _queued_task()
+    workflow, agent = task.workflow, task.agent
     # hour H: the only attempt fails (paid 150 tokens, $0.01); the workflow fails
     _run_attempt(task, start=H + dt.timedelta(minutes=10), usage=Usage(100, 50, Decimal("0.01")), fail=True)
     assert Workflow.objects.get(pk=workflow.pk).status == Workflow.Status.FAILED
@@ -205,17 +210,7 @@ def test_load_agents_bad_file_leaves_nothing_half_written(tmp_path: Path):
 
 
 def _claimed_task() -> tuple[TaskExecution, TaskAttempt]:
-    agent = AgentFactory()
-    workflow = WorkflowFactory(status=Workflow.Status.RUNNING, started_at=H, total_steps=1)
-    task = TaskExecution.objects.create(
-        workflow=workflow,
-        agent=agent,
-        task_name="t",
-        status=TaskExecution.Status.QUEUED,
-        celery_task_id=str(uuid.uuid4()),
-        queued_at=H,
-        max_retries=0,
-    )
+    task = _queued_task()
     claim = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w", now=H)
     return task, claim.attempt
 
