@@ -73,7 +73,8 @@ def rollup_metrics(period: str = "hour", period_start: str | None = None) -> dic
         result = rollup_previous(period=period)
     else:
         result = metrics_rollup(period=period, period_start=dt.datetime.fromisoformat(period_start))
-    rollup_points_write(period=result.period, period_start=result.period_start)
+    for start in [*result.caught_up, result.period_start]:
+        rollup_points_write(period=result.period, period_start=start)
     return {
         "metrics": result.metrics,
         "agents_refreshed": result.agents_refreshed,

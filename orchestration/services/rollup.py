@@ -15,22 +15,31 @@ in the period (completed, failed or timed out; cancelled ones never ran to an ou
 
 It then refreshes the agents' summary columns (all time) and reconciles the token and cost
 totals of the workflows that finished in the period with the sum of their tasks.
+
+The beat's entry point, `rollup_previous`, rolls up the last complete period, and before it
+the earlier ones that saw activity but have no metrics: a run that came late (a worker down, a
+backlog on its queue) takes the period before the time it runs, and the one it was sent for
+would otherwise never be rolled up.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from django.conf import settings
 from django.db import connection, transaction
+from django.db.models.functions import Trunc
 from django.utils import timezone
 
-from orchestration.models import AgentMetric, TaskExecution
+from orchestration.models import AgentMetric, TaskAttempt, TaskExecution
 
 logger = logging.getLogger(__name__)
 
 PERIODS = {AgentMetric.Period.HOUR: dt.timedelta(hours=1), AgentMetric.Period.DAY: dt.timedelta(days=1)}
+# How far back rollup_previous looks for periods that were never rolled up.
+CATCHUP = {AgentMetric.Period.HOUR: dt.timedelta(days=2), AgentMetric.Period.DAY: dt.timedelta(days=7)}
 FINISHED = ("completed", "failed", "timed_out")
 # SQLite keeps decimals as doubles, so its SUM of costs drifts (0.1 + 0.2 = 0.30000000000000004);
 # rounding the sums to the columns' decimal places gives PostgreSQL's exact numeric sums there.
@@ -211,6 +220,7 @@ class RollupResult:
     metrics: int = 0
     agents_refreshed: int = 0
     workflows_reconciled: int = 0
+    caught_up: list[dt.datetime] = field(default_factory=list)  # earlier periods rolled up first
 
 
 def period_floor(value: dt.datetime, period: str) -> dt.datetime:
@@ -266,7 +276,38 @@ def metrics_rollup(*, period: str, period_start: dt.datetime, now: dt.datetime |
     return result
 
 
+def periods_missed(*, period: str, before: dt.datetime, now: dt.datetime) -> list[dt.datetime]:
+    """The periods before `before`, at most CATCHUP[period] back (and never past the metrics'
+    retention), in which a task finished or an attempt ended but that have no metrics: never
+    rolled up. A period with nothing in it has nothing to roll up."""
+    since = before - CATCHUP[period]
+    if settings.RETENTION_DAYS_AGENT_METRICS > 0:
+        since = max(since, period_floor(now - dt.timedelta(days=settings.RETENTION_DAYS_AGENT_METRICS), period))
+    if since >= before:
+        return []
+
+    def starts(model: type, column: str, **conditions: object) -> set[dt.datetime]:
+        rows = model.objects.filter(**{f"{column}__gte": since, f"{column}__lt": before}, **conditions)
+        rows = rows.annotate(start=Trunc(column, period, tzinfo=dt.UTC)).order_by()
+        return set(rows.values_list("start", flat=True).distinct())
+
+    active = starts(TaskExecution, "completed_at", status__in=FINISHED) | starts(TaskAttempt, "finished_at")
+    rolled = AgentMetric.objects.filter(period=period, period_start__gte=since, period_start__lt=before)
+    return sorted(active - set(rolled.order_by().values_list("period_start", flat=True).distinct()))
+
+
 def rollup_previous(*, period: str, now: dt.datetime | None = None) -> RollupResult:
-    """Roll up the last complete hour or day (the beat entry point)."""
-    current = period_floor(now or timezone.now(), period)
-    return metrics_rollup(period=period, period_start=current - PERIODS[period], now=now)
+    """Roll up the last complete hour or day (the beat entry point), after the earlier periods
+    that were missed (`periods_missed`)."""
+    now = now or timezone.now()
+    last = period_floor(now, period) - PERIODS[period]
+    missed = periods_missed(period=period, before=last, now=now)
+    for start in missed:
+        metrics_rollup(period=period, period_start=start, now=now)
+    if missed:
+        logger.warning(
+            "rolled up %d %s period(s) that were missed: %s", len(missed), period, [m.isoformat() for m in missed]
+        )
+    result = metrics_rollup(period=period, period_start=last, now=now)
+    result.caught_up = missed
+    return result

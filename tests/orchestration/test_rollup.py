@@ -163,6 +163,36 @@ def test_rollup_previous_rolls_up_the_last_complete_period(activity):
     assert metrics(agent)["tasks"] == 4
 
 
+def test_a_period_the_beat_ran_late_for_is_rolled_up_by_the_next_run(activity, settings):
+    """The hourly message for hour H (sent at H+1h05) waited on its queue until after H+2h (a
+    worker down, a backlog of low-priority tasks): it takes the hour before the time it runs,
+    H+1h. Hour H must still be rolled up, or its figures are missing for good and the hours
+    no longer add up to what was spent."""
+    agent, other = activity
+    result = rollup_previous(period="hour", now=H + dt.timedelta(hours=2, minutes=1))
+    assert result.period_start == H + dt.timedelta(hours=1)
+    assert metrics(agent, start=H + dt.timedelta(hours=1))["tasks"] == 1
+    assert metrics(agent)["tasks"] == 4
+    assert metrics(other)["wasted_cost"] == 0.5
+    # Every period with activity before it, and only those: the other agent's task finished at H-2h.
+    assert result.caught_up == [H - dt.timedelta(hours=2), H]
+    assert metrics(other, start=H - dt.timedelta(hours=2))["tasks"] == 1
+    # Nothing is missed any more; the next run rolls up its own hour alone.
+    assert rollup_previous(period="hour", now=H + dt.timedelta(hours=3, minutes=5)).caught_up == []
+    # Not past the metrics' retention: what retention deleted is not written again.
+    settings.RETENTION_DAYS_AGENT_METRICS = 1
+    AgentMetric.objects.all().delete()
+    late = rollup_previous(period="hour", now=H + dt.timedelta(days=1, hours=1, minutes=5))
+    assert late.caught_up == [H + dt.timedelta(hours=1)]
+
+
+def test_a_day_the_beat_ran_late_for_is_rolled_up_by_the_next_run(activity):
+    agent, _ = activity
+    day = H.replace(hour=0)
+    rollup_previous(period="day", now=day + dt.timedelta(days=2, minutes=15))
+    assert metrics(agent, "day", day)["tasks"] == 5
+
+
 def test_a_period_start_must_be_aligned(db):
     with pytest.raises(ValueError, match="not the start of a hour"):
         metrics_rollup(period="hour", period_start=H + dt.timedelta(minutes=1))
