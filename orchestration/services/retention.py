@@ -8,7 +8,11 @@ its own short transaction, so retention never holds long locks on a busy table.
   prunes past the last sequence the relay has put on the Synapse stream, so no event is
   lost to the consumers. On SQLite (the embedded first-run database) events are kept: the
   append-only rule has no privileged exception there.
-- agent_playground_messages, agent_metrics: by created_at / period start.
+- agent_playground_messages, agent_metrics: by created_at / period start. With the messages
+  go the finished tasks outside any workflow (conversation replies, whose input and output
+  hold the thread's text) that no message refers to any more, with their attempts and
+  interactions: a task a kept message names stays, or the message would lose the attempt that
+  tells a failed turn.
 - workflows: finished ones by completed_at (their tasks and attempts go with them).
 - export_runs: failed and superseded runs; succeeded runs are the record of what was exported.
 
@@ -30,10 +34,10 @@ import redis
 from django.apps import apps
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Model, Q
+from django.db.models import Exists, Model, OuterRef, Q
 from django.utils import timezone
 
-from orchestration.models import AgentMetric, AgentPlaygroundMessage, Workflow
+from orchestration.models import AgentInteraction, AgentMetric, AgentPlaygroundMessage, TaskExecution, Workflow
 from orchestration.services.relay import _stream_last_sequence, synapse_client
 
 logger = logging.getLogger(__name__)
@@ -116,6 +120,13 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
             deleted["events"] += events_prune(before=before, max_sequence=relayed)
     if (before := cutoff(settings.RETENTION_DAYS_MESSAGES)) is not None:
         deleted.update(_delete_in_batches(AgentPlaygroundMessage, Q(created_at__lt=before)))
+        condition = Q(
+            workflow__isnull=True, status__in=TaskExecution.TERMINAL_STATUSES, completed_at__lt=before
+        ) & ~Exists(AgentPlaygroundMessage.objects.filter(execution=OuterRef("pk")))
+        # Their hand-offs (outside any workflow too) go with them, as a workflow's go with it.
+        replies = TaskExecution.objects.filter(condition).values("pk")
+        deleted.update(_delete_in_batches(AgentInteraction, Q(workflow__isnull=True, execution__in=replies)))
+        deleted.update(_delete_in_batches(TaskExecution, condition, batch=WORKFLOW_BATCH))
     if (before := cutoff(settings.RETENTION_DAYS_AGENT_METRICS)) is not None:
         condition = Q(period_start__lt=before) | Q(period_start__isnull=True, recorded_at__lt=before)
         deleted.update(_delete_in_batches(AgentMetric, condition))

@@ -127,6 +127,7 @@ def test_retention_applies_each_tables_days(db, settings, stream):
         "workflows": 1,
         "task_executions": 1,  # the old workflow's task went with it
         "export_runs": 1,
+        "agent_interactions": 0,  # conversation replies' hand-offs: none
     }
     assert Event.objects.filter(sequence=unrelayed_old.sequence).exists()
     assert list(AgentPlaygroundMessage.objects.all()) == [kept_message]
@@ -240,5 +241,53 @@ def test_a_table_whose_rule_ran_is_reported_even_when_nothing_was_old_enough(db,
         "agent_playground_messages": 0,
         "events": 0,
         "export_runs": 0,
+        "task_executions": 0,  # the rules for conversation replies ran with the messages'
+        "agent_interactions": 0,
         "workflows": 0,
     }
+
+
+def test_conversation_reply_tasks_go_with_their_messages(db, settings):
+    """A conversation reply is a task outside any workflow: its input holds the user's message
+    and its output the reply. Message retention takes it (and its attempts) once none of its
+    messages is left; a task whose messages are kept stays, so that no message loses the
+    attempt that says whether it may be trained on."""
+    for name in ("EVENTS", "AGENT_METRICS", "WORKFLOWS", "EXPORT_RUNS"):
+        setattr(settings, f"RETENTION_DAYS_{name}", 0)
+    settings.RETENTION_DAYS_MESSAGES = 30
+    agent = AgentFactory()
+
+    def reply(*, asked: dt.datetime, answered: dt.datetime, status: str = "completed") -> TaskExecution:
+        task = TaskExecutionFactory(
+            workflow=None,
+            agent=agent,
+            task_type="conversation",
+            status=status,
+            input_data={"message": "my card number is 4111 1111 1111 1111"},
+            output_data={"content": "noted"},
+            completed_at=answered if status != "running" else None,
+        )
+        attempt = TaskAttemptFactory(execution=task, attempt_number=1, failed=True, started_at=answered)
+        MessageFactory(agent=agent, execution=task, created_at=asked)
+        MessageFactory(
+            agent=agent, execution=task, attempt=attempt, role="assistant", is_error=True, created_at=answered
+        )
+        return task
+
+    old = reply(asked=OLD, answered=OLD)
+    InteractionFactory(workflow=None, execution=old, from_agent=agent, to_agent=AgentFactory())
+    straddling = reply(asked=OLD, answered=RECENT)  # its reply message is kept
+    running = reply(asked=OLD, answered=OLD, status="running")
+    recent = reply(asked=RECENT, answered=RECENT)
+
+    result = retention_apply(now=NOW)
+
+    assert result.deleted == {
+        "agent_playground_messages": 5,
+        "agent_interactions": 1,
+        "task_executions": 1,
+        "task_attempts": 1,
+    }
+    assert set(TaskExecution.objects.values_list("pk", flat=True)) == {straddling.pk, running.pk, recent.pk}
+    # No kept message lost its attempt (a message without one counts as a good turn).
+    assert not AgentPlaygroundMessage.objects.filter(role="assistant", attempt__isnull=True).exists()
