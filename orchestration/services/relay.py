@@ -9,16 +9,18 @@ refused by Redis for every entry the first one already added).
 The watermark trap: sequence values are taken when a row is inserted, not when its
 transaction commits, so a transaction that commits late leaves a temporary hole below rows
 that are already visible. The relay never publishes past a hole until it knows the hole
-is permanent (the inserting transaction rolled back). When it first sees the hole it takes
-a transaction id of its own, above every id assigned until then; once the oldest running
-transaction (the snapshot's `xmin`) is at or past that id, every transaction that could have
-filled the hole has ended, and a hole still empty is a rollback. A statement-level trigger
-makes each inserting transaction take its xid before it takes a sequence value (migration
-0004), which this reasoning relies on.
+is permanent (the inserting transaction rolled back). When it first sees the hole it records
+the transactions that hold a write lock on the events table (from `pg_locks`): whichever
+transaction holds the hole's sequence value took that lock before taking the value, and the
+value was taken before the rows above it that the relay has just read, so it is one of them
+if it is still open. Once none of them holds the lock any more (each ends by committing or
+rolling back), the relay reads the rows again: a hole still empty is a rollback.
 
-Not the snapshot's `xmax` in place of that id: `xmax` is the latest *completed* id + 1, and a
-running transaction whose id is above every completed one is in no snapshot's list of running
-ids, so `xmin` passes it while it still holds the hole.
+Only transactions that wrote to events are waited for. Proving the hole with the snapshot's
+`xmin` instead (every older transaction ended) would also wait for an idle session of any
+other database on the same server, or a long read such as an export's snapshot, and the
+stream would stop with it. Identity values come one at a time (the sequence's CACHE 1), so
+a value below a visible one was taken before it, which the reasoning above relies on.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 import redis
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection
 
 from orchestration.models import Event
 
@@ -79,29 +81,56 @@ def _stream_last_sequence(client: redis.Redis, stream: str) -> int:
     return int(last.split("-")[0])
 
 
-def _oldest_running_xid() -> int | None:
-    """The snapshot's xmin: every transaction id below it has ended."""
-    if connection.vendor != "postgresql":
-        return None  # SQLite serialises writers: no transaction can commit a lower sequence late
+def _events_writers() -> list[str]:
+    """The (virtual) transactions holding a lock on the events table stronger than a read's:
+    every open transaction that took one of its sequence values is among them."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-        return int(cursor.fetchone()[0])
+        cursor.execute(_WRITERS_SQL, [connection.ops.quote_name(Event._meta.db_table)])
+        return sorted(row[0] for row in cursor.fetchall())
 
 
-def _new_xid() -> int:
-    """A transaction id above every one assigned before this call: the relay's own, taken in
-    a transaction of its own (committed at once; it writes nothing). Inside an enclosing
-    transaction the id would be that transaction's, possibly older than the hole's."""
-    if connection.in_atomic_block:
-        raise RuntimeError("the relay met a hole inside a transaction: run events_relay() outside one")
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("SELECT pg_current_xact_id()::text::bigint")
-        return int(cursor.fetchone()[0])
+def _writers_still_open(writers: set[str]) -> set[str]:
+    if not writers:
+        return set()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _WRITERS_SQL + " AND virtualtransaction = ANY(%s)",
+            [connection.ops.quote_name(Event._meta.db_table), sorted(writers)],
+        )
+        return {row[0] for row in cursor.fetchall()}
+
+
+# A prepared (two-phase) transaction keeps its locks under a virtual id of its own, so it is
+# waited for as well.
+_WRITERS_SQL = (
+    "SELECT DISTINCT virtualtransaction FROM pg_locks WHERE locktype = 'relation' "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND relation = %s::regclass AND mode <> 'AccessShareLock'"
+)
+
+
+def _recorded_writers(value: bytes | str) -> set[str] | None:
+    """A hole's recorded writers; None for a value an earlier relay version stored (a
+    transaction id), which is recorded again."""
+    try:
+        writers = json.loads(value)
+    except ValueError:
+        return None
+    return set(writers) if isinstance(writers, list) else None
+
+
+def _settled_gaps(client: redis.Redis, gaps_key: str) -> set[str]:
+    """The recorded holes none of whose writers is still open. Checked before the rows are
+    read, so that the read shows whatever those writers committed."""
+    recorded = {_text(gap): _recorded_writers(value) for gap, value in client.hgetall(gaps_key).items()}
+    known = [writers for writers in recorded.values() if writers is not None]
+    still_open = _writers_still_open(set().union(*known)) if known else set()
+    return {gap for gap, writers in recorded.items() if writers is not None and not writers & still_open}
 
 
 def events_relay(*, client: redis.Redis | None = None, batch: int | None = None, max_batches: int = 20) -> RelayResult:
     """Publish every committed event not yet on the stream, in sequence order. Meant to run
-    outside any transaction (see _new_xid)."""
+    outside any transaction (a hole met inside one is a RuntimeError)."""
     client = client or synapse_client()
     stream = settings.SYNAPSE_STREAM
     batch = batch or settings.SYNAPSE_RELAY_BATCH
@@ -239,24 +268,24 @@ def stream_trim(*, client: redis.Redis, stream: str, approximate: bool = True) -
 
 
 def _relay_batch(client: redis.Redis, stream: str, gaps_key: str, result: RelayResult, batch: int) -> tuple[int, bool]:
-    with transaction.atomic():
-        xmin = _oldest_running_xid()  # taken before reading rows
-        rows = list(Event.objects.filter(sequence__gt=result.last_sequence).order_by("sequence")[:batch])
+    # SQLite serialises writers: no transaction can commit a lower sequence late there.
+    holes_possible = connection.vendor == "postgresql"
+    settled = _settled_gaps(client, gaps_key) if holes_possible else set()  # before reading rows
+    rows = list(Event.objects.filter(sequence__gt=result.last_sequence).order_by("sequence")[:batch])
     to_publish: list[Event] = []
     expected = result.last_sequence + 1
     blocked = False
     for event in rows:
-        if event.sequence > expected and xmin is not None:
+        if event.sequence > expected and holes_possible:
             gap = f"{expected}-{event.sequence - 1}"
-            horizon = client.hget(gaps_key, gap)
-            if horizon is None:
-                # Taken after the rows were read, so above the id of whichever transaction
-                # holds the hole (it took its id before its sequence value).
-                client.hset(gaps_key, gap, _new_xid())
-                result.waiting_on_gap = (expected, event.sequence - 1)
-                blocked = True
-                break
-            if xmin < int(horizon):
+            if gap not in settled:
+                if connection.in_atomic_block:
+                    # Inside a transaction the rows read again would not show what the hole's
+                    # writer committed (nor would an enclosing writer ever end).
+                    raise RuntimeError("the relay met a hole inside a transaction: run events_relay() outside one")
+                if _recorded_writers(client.hget(gaps_key, gap) or b"") is None:
+                    # Taken after the rows were read: see the module's docstring.
+                    client.hset(gaps_key, gap, json.dumps(_events_writers()))
                 result.waiting_on_gap = (expected, event.sequence - 1)
                 blocked = True
                 break

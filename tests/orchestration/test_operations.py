@@ -315,8 +315,8 @@ def test_reap_and_relay_commands_run_once(engine, settings):
     client = redis.Redis.from_url(settings.REDIS_URL)
     for _ in range(3):
         call_command("relay_events", stdout=relay)
-    # Later passes prove the hole below the first event empty once no older transaction is
-    # open on the server (another database's included): go on for at most a minute.
+    # Later passes prove the hole below the first event empty once the transactions writing
+    # events when it was seen have ended: go on for at most a minute.
     deadline = time.monotonic() + 60
     while client.xlen(settings.SYNAPSE_STREAM) < Event.objects.count() and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -36,10 +36,9 @@ def entries(client: redis.Redis) -> list[tuple[str, dict[str, str]]]:
 
 def relay_until_quiet(client: redis.Redis, expect: int = 0) -> int:
     """A fresh stream starts below the table's first sequence: the first pass records that
-    hole and a later pass, with no older transaction open, proves it empty. "Open" is
-    server-wide (the snapshot's xmin): a transaction in another database of the same server
-    holds the proof back too, so passes go on, for at most a minute, until `expect` events
-    are published; the count returned is all that was published."""
+    hole and a later pass, once the transactions then writing events have ended, proves it
+    empty. Another test's writer may still be open, so passes go on, for at most a minute,
+    until `expect` events are published; the count returned is all that was published."""
     total = 0
     for _ in range(3):
         total += events_relay(client=client).published
@@ -172,8 +171,8 @@ def _later_xid_earlier_sequence(steps: dict[str, threading.Event], box: dict) ->
 def test_a_late_commit_whose_xid_is_above_every_completed_one_is_not_skipped(stream):
     """The transaction holding the hole took its id after the committed writer took its own:
     with no later id completed yet, it is above the snapshot's xmax (latest completed + 1) and
-    in no snapshot's list of running ids, so xmin does not see it. The hole's horizon must be
-    an id assigned after the hole was seen, not the snapshot's xmax."""
+    in no snapshot's list of running ids, so a proof by transaction ids must not take the
+    snapshot's bounds for one. The relay waits for it as for any writer of events."""
     record(1)
     assert relay_until_quiet(stream, expect=1) == 1
     steps = {name: threading.Event() for name in ("early_has_xid", "late_has_sequence", "committed", "release")}
@@ -208,3 +207,37 @@ def test_a_hole_met_inside_a_transaction_is_an_error_not_an_old_id(stream):
     with pytest.raises(RuntimeError, match="outside one"), transaction.atomic():
         events_relay(client=stream)
     assert events_relay(client=stream).waiting_on_gap == (event.sequence - 1, event.sequence - 1)
+
+
+def test_a_rollback_hole_is_proved_past_open_transactions_that_never_wrote_events(stream):
+    """Open transactions that hold a transaction id but wrote no event (an idle session in
+    another database of the server, a write to another table of this one) and a long read of
+    events (an export's snapshot) cannot fill a hole: the relay must not wait for them. With
+    the snapshot's xmin as the proof, any of them stopped the stream until it ended."""
+    import psycopg
+
+    record(1)
+    assert relay_until_quiet(stream, expect=1) == 1
+    params = connection.get_connection_params()
+    other_database = psycopg.connect(**{**params, "dbname": "postgres"}, autocommit=False)
+    same_database = psycopg.connect(**params, autocommit=False)
+    reader = psycopg.connect(**params, autocommit=False)
+    try:
+        other_database.execute("SELECT pg_current_xact_id()")
+        same_database.execute("CREATE TEMPORARY TABLE relay_probe (x int)")
+        same_database.execute("INSERT INTO relay_probe VALUES (1)")
+        reader.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        reader.execute("SELECT count(*) FROM events").fetchone()
+        reader.execute("SELECT pg_current_xact_id()")
+        with transaction.atomic():
+            rolled_back = record(1)[0].sequence
+            transaction.set_rollback(True)
+        later = record(1)[0]
+        results = [events_relay(client=stream) for _ in range(3)]
+    finally:
+        for held in (other_database, same_database, reader):
+            held.rollback()
+            held.close()
+    assert results[0].waiting_on_gap == (rolled_back, rolled_back)  # first seen: its writers recorded
+    assert sum(r.published for r in results) == 1, [r.waiting_on_gap for r in results]
+    assert [int(entry_id.split("-")[0]) for entry_id, _ in entries(stream)][-1] == later.sequence
