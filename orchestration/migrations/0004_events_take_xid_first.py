@@ -1,5 +1,6 @@
 """Make every transaction that inserts events take its transaction id before it takes a
-sequence value, which the relay's gap handling relies on (see orchestration/services/relay.py).
+sequence value, which the relay's gap handling relied on until migration 0024 dropped this
+trigger (the relay now waits on the writers' locks instead, see orchestration/services/relay.py).
 
 Column defaults (the identity's nextval) are evaluated per row after BEFORE STATEMENT
 triggers have run, so this statement-level trigger runs first.
