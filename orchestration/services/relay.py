@@ -82,8 +82,8 @@ def _stream_last_sequence(client: redis.Redis, stream: str) -> int:
 
 
 def _events_writers() -> list[str]:
-    """The (virtual) transactions holding a lock on the events table stronger than a read's:
-    every open transaction that took one of its sequence values is among them."""
+    """The (virtual) transactions holding a write lock on the events table: every open
+    transaction that took one of its sequence values is among them."""
     with connection.cursor() as cursor:
         cursor.execute(_WRITERS_SQL, [connection.ops.quote_name(Event._meta.db_table)])
         return sorted(row[0] for row in cursor.fetchall())
@@ -100,12 +100,14 @@ def _writers_still_open(writers: set[str]) -> set[str]:
         return {row[0] for row in cursor.fetchall()}
 
 
-# A prepared (two-phase) transaction keeps its locks under a virtual id of its own, so it is
-# waited for as well.
+# An INSERT takes ROW EXCLUSIVE on the table (listed per mode held, whatever stronger lock
+# the transaction also holds). Reads (ACCESS SHARE) and maintenance (autovacuum's SHARE UPDATE
+# EXCLUSIVE, which can last minutes on a big table) are not writers. A prepared (two-phase)
+# transaction keeps its locks under a virtual id of its own, so it is waited for as well.
 _WRITERS_SQL = (
     "SELECT DISTINCT virtualtransaction FROM pg_locks WHERE locktype = 'relation' "
     "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-    "AND relation = %s::regclass AND mode <> 'AccessShareLock'"
+    "AND relation = %s::regclass AND mode = 'RowExclusiveLock'"
 )
 
 

@@ -211,9 +211,10 @@ def test_a_hole_met_inside_a_transaction_is_an_error_not_an_old_id(stream):
 
 def test_a_rollback_hole_is_proved_past_open_transactions_that_never_wrote_events(stream):
     """Open transactions that hold a transaction id but wrote no event (an idle session in
-    another database of the server, a write to another table of this one) and a long read of
-    events (an export's snapshot) cannot fill a hole: the relay must not wait for them. With
-    the snapshot's xmin as the proof, any of them stopped the stream until it ended."""
+    another database of the server, a write to another table of this one), a long read of
+    events (an export's snapshot) and maintenance of the table (autovacuum's lock) cannot fill
+    a hole: the relay must not wait for them. With the snapshot's xmin as the proof, the
+    first three stopped the stream until they ended."""
     import psycopg
 
     record(1)
@@ -222,7 +223,9 @@ def test_a_rollback_hole_is_proved_past_open_transactions_that_never_wrote_event
     other_database = psycopg.connect(**{**params, "dbname": "postgres"}, autocommit=False)
     same_database = psycopg.connect(**params, autocommit=False)
     reader = psycopg.connect(**params, autocommit=False)
+    maintenance = psycopg.connect(**params, autocommit=False)
     try:
+        maintenance.execute("LOCK TABLE events IN SHARE UPDATE EXCLUSIVE MODE")  # as autovacuum takes
         other_database.execute("SELECT pg_current_xact_id()")
         same_database.execute("CREATE TEMPORARY TABLE relay_probe (x int)")
         same_database.execute("INSERT INTO relay_probe VALUES (1)")
@@ -235,7 +238,7 @@ def test_a_rollback_hole_is_proved_past_open_transactions_that_never_wrote_event
         later = record(1)[0]
         results = [events_relay(client=stream) for _ in range(3)]
     finally:
-        for held in (other_database, same_database, reader):
+        for held in (other_database, same_database, reader, maintenance):
             held.rollback()
             held.close()
     assert results[0].waiting_on_gap == (rolled_back, rolled_back)  # first seen: its writers recorded
