@@ -15,6 +15,7 @@ import time
 import traceback as tb
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
@@ -291,6 +292,7 @@ def _attempt_claim(
                 error=f"deadline {locked.deadline.isoformat()} passed",
                 now=now,
                 event_type=EventType.WORKFLOW_FAILED,
+                cause=TaskAttempt.Cause.DEADLINE,
             )
         return Outcome.SKIPPED
 
@@ -314,6 +316,8 @@ def _attempt_claim(
             finished_at=now,
             duration_ms=0.0,
         )
+        if task.workflow_id:  # a failed try like any other: the workflow's error_count counts it
+            workflow_add_usage(task.workflow_id, tokens=0, cost=Decimal(0), error=True)
         _fail_or_retry(task, attempt=attempt, status=attempt.status, error=attempt.error, retryable=False, now=now)
         transaction.on_commit(lambda: attempts_reaped(attempt_ids=[attempt.pk]))
         return Outcome.SKIPPED

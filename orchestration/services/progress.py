@@ -124,13 +124,18 @@ def _dependents_and_unfinished(workflow_id: str, task_name: str, unfinished: lis
     return [row[0] for row in rows if row[0] is not None], bool(rows[0][1])
 
 
+def task_failure_text(task: TaskExecution) -> str:
+    """The workflow's `error` for a task of it that failed (or timed out) for good."""
+    return f"task {task.task_name} {task.status}: {task.error or ''}".strip()
+
+
 def workflow_on_task_failed(task: TaskExecution, *, now: dt.datetime) -> None:
     """A task failed for good: fail the workflow (cancelling the rest), or, with
     continue_on_failure, cancel only what depended on it."""
     Workflow.objects.filter(workflow_id=task.workflow_id).update(
         failed_steps=F("failed_steps") + 1,
         current_step=task.task_name,
-        error=f"task {task.task_name} {task.status}: {task.error or ''}".strip(),
+        error=task_failure_text(task),
     )
     workflow = Workflow.objects.select_for_update().get(workflow_id=task.workflow_id)
     if workflow.status != Workflow.Status.RUNNING:
@@ -239,9 +244,17 @@ def _record_results(workflow: Workflow) -> None:
     workflow.checkpoints = [{"task": name, "at": at.isoformat()} for name, _, at in done]
 
 
-def workflow_fail(workflow: Workflow, *, error: str, now: dt.datetime, event_type: EventType) -> None:
+def workflow_fail(
+    workflow: Workflow,
+    *,
+    error: str,
+    now: dt.datetime,
+    event_type: EventType,
+    cause: str = TaskAttempt.Cause.CANCELLED,
+) -> None:
     """End a running workflow as failed (or cancelled) and cancel every task that has not
-    finished, revoking their messages and running processes (caller holds the lock)."""
+    finished, revoking their messages and running processes (caller holds the lock). `cause`:
+    what the attempts still running are recorded cancelled for (the deadline, or a cancel)."""
     cancelled = event_type == EventType.WORKFLOW_CANCELLED
     workflow.status = Workflow.Status.CANCELLED if cancelled else Workflow.Status.FAILED
     workflow.error = error
@@ -252,6 +265,7 @@ def workflow_fail(workflow: Workflow, *, error: str, now: dt.datetime, event_typ
         TaskExecution.objects.filter(workflow_id=workflow.workflow_id).exclude(status__in=TERMINAL),
         reason=error,
         now=now,
+        cause=cause,
     )
     workflow_event(
         workflow,
@@ -265,11 +279,18 @@ def workflow_fail(workflow: Workflow, *, error: str, now: dt.datetime, event_typ
     )
 
 
-def tasks_cancel(queryset: Any, *, reason: str, now: dt.datetime, upstream: str | None = None) -> int:
+def tasks_cancel(
+    queryset: Any,
+    *,
+    reason: str,
+    now: dt.datetime,
+    upstream: str | None = None,
+    cause: str = TaskAttempt.Cause.CANCELLED,
+) -> int:
     """Cancel the non-terminal tasks of a queryset: their running attempts are recorded
-    cancelled, queued messages and running processes are revoked after commit. `upstream`:
-    the task (name) they were cancelled for, which did not complete; their task_cancelled
-    events record it."""
+    cancelled (for `cause`), queued messages and running processes are revoked after commit.
+    `upstream`: the task (name) they were cancelled for, which did not complete; their
+    task_cancelled events record it."""
     tasks = list(queryset.exclude(status__in=TERMINAL).select_for_update().order_by("execution_id"))
     if not tasks:
         return 0
@@ -279,7 +300,7 @@ def tasks_cancel(queryset: Any, *, reason: str, now: dt.datetime, upstream: str 
     )
     for attempt in running:
         attempt.status = TaskAttempt.Status.CANCELLED
-        attempt.cause = TaskAttempt.Cause.CANCELLED
+        attempt.cause = cause
         attempt.error = reason
         attempt.finished_at = now
         attempt.duration_ms = max((now - attempt.started_at).total_seconds() * 1000, 0.0)

@@ -136,6 +136,7 @@ def workflows_enforce_deadlines(*, now: dt.datetime) -> list[str]:
                 error=f"deadline {workflow.deadline.isoformat()} passed",
                 now=now,
                 event_type=EventType.WORKFLOW_FAILED,
+                cause=TaskAttempt.Cause.DEADLINE,
             )
             return True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -17,7 +18,9 @@ from orchestration.services.conversations import conversation_retry_check
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, tasks_queue
 from orchestration.services.events import task_event, task_event_build, workflow_event, workflow_event_build
 from orchestration.services.progress import (
+    FAILED_TASK,
     task_descendants,
+    task_failure_text,
     tasks_cancel,
     tasks_cancelled_for_upstream,
     workflow_fail,
@@ -163,6 +166,7 @@ def workflow_resume(*, workflow_id: str) -> Workflow:
     if workflow.status not in (Workflow.Status.FAILED, Workflow.Status.CANCELLED):
         raise TransitionError(f"workflow {workflow_id} is {workflow.status}; only a failed or cancelled one resumes")
     now = timezone.now()
+    _deadline_check(workflow, now=now)
     tasks = list(TaskExecution.objects.select_for_update().filter(workflow=workflow).order_by("execution_id"))
     redo = [t for t in tasks if t.status != TaskExecution.Status.COMPLETED]
     if not redo:
@@ -182,36 +186,68 @@ def workflow_resume(*, workflow_id: str) -> Workflow:
     return workflow
 
 
+def _deadline_check(workflow: Workflow, *, now: dt.datetime) -> None:
+    """A workflow past its deadline cannot run again: its first claim would fail it at once."""
+    if workflow.deadline and now > workflow.deadline:
+        raise TransitionError(
+            f"workflow {workflow.workflow_id} is past its deadline {workflow.deadline.isoformat()}; it cannot run again"
+        )
+
+
 @atomic_retried
 def task_retry(*, execution_id: str) -> TaskExecution:
-    """Retry one failed, timed-out or cancelled task. If its workflow has ended (failed or
-    cancelled), this resumes the workflow, which reruns every task that did not complete.
-    In a workflow still running (it continues on failure), the tasks cancelled because this
-    one failed are made pending again, to run after it; one that also waits on another
-    failed or cancelled task stays cancelled, as does one a user cancelled on its own."""
+    """Retry one failed, timed-out or cancelled task; the tasks cancelled because it failed are
+    made pending again, to run after it. One that also waits on another failed or cancelled
+    task stays cancelled, as does one a user cancelled on its own; other failed tasks stay
+    failed. A workflow that continues on failure runs again for them if it had ended (and
+    ends again once nothing is left to run). One that stops at the first failure is resumed,
+    which reruns every task that did not complete: its end cancelled them all."""
     task = TaskExecution.objects.select_for_update().get(pk=execution_id)
     if task.status not in (TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT, TaskExecution.Status.CANCELLED):
         raise TransitionError(f"task {execution_id} is {task.status}; only a failed or cancelled task is retried")
     if not task.workflow_id:
         conversation_retry_check(task)
+    resumed: list[str] = []  # the tasks a workflow that ended runs again for
     if task.workflow_id:
         workflow = Workflow.objects.select_for_update().get(pk=task.workflow_id)
-        if workflow.status != Workflow.Status.RUNNING:
+        ended = workflow.status != Workflow.Status.RUNNING
+        if ended and not workflow.continue_on_failure:
             workflow_resume(workflow_id=workflow.workflow_id)
             task.refresh_from_db()
             return task
+        if ended:
+            _deadline_check(workflow, now=timezone.now())
         done = set(
             TaskExecution.objects.filter(workflow=workflow, status=TaskExecution.Status.COMPLETED).values_list(
                 "task_name", flat=True
             )
         )
-        if not set(task.depends_on) <= done:
-            raise SpecError([f"task {task.task_name} depends on unfinished tasks; resume the workflow instead"])
+        missing = [name for name in task.depends_on if name not in done]
+        if missing:
+            raise SpecError(
+                [
+                    f"task {task.task_name} depends on {', '.join(missing)}, not completed: retry "
+                    f"{'it' if len(missing) == 1 else 'them'} first (or resume the workflow once it has ended)"
+                ]
+            )
         revived = _dependents_to_revive(workflow, task)
         uncancelled = len(revived) + (task.status == TaskExecution.Status.CANCELLED)
-        changes: dict[str, Any] = {"cancelled_steps": F("cancelled_steps") - uncancelled}
+        # What the workflow says failed: another failed task that stays so, or nothing.
+        failure = (
+            TaskExecution.objects.filter(workflow=workflow, status__in=FAILED_TASK)
+            .exclude(pk=task.pk)
+            .order_by("-completed_at", "-execution_id")
+            .first()
+        )
+        changes: dict[str, Any] = {
+            "cancelled_steps": F("cancelled_steps") - uncancelled,
+            "error": task_failure_text(failure) if failure else None,
+        }
         if task.status != TaskExecution.Status.CANCELLED:
             changes["failed_steps"] = F("failed_steps") - 1
+        if ended:
+            changes |= {"status": Workflow.Status.RUNNING, "completed_at": None}
+            resumed = [task.task_name, *(t.task_name for t in revived)]
         Workflow.objects.filter(pk=workflow.pk).update(**changes)
         for dependent in revived:
             _task_reset(dependent)
@@ -220,15 +256,17 @@ def task_retry(*, execution_id: str) -> TaskExecution:
             )
     _task_reset(task)
     task_event(task, EventType.TASK_RETRYING, payload={"reason": "retried by user"})
+    if resumed:
+        workflow_event(workflow, EventType.WORKFLOW_RESUMED, payload={"tasks": resumed, "retried": task.task_name})
     tasks_queue([task], now=timezone.now())
     return task
 
 
 def _dependents_to_revive(workflow: Workflow, task: TaskExecution) -> list[TaskExecution]:
-    """The cancelled tasks downstream of `task` (retried in its running workflow) that can run
-    again once it completes: those cancelled because it failed, as the workflow went on with
-    its other branches. One that also waits on another failed or cancelled task stays
-    cancelled (it still cannot run), like whatever waits on it."""
+    """The cancelled tasks downstream of `task` (retried in a workflow that continues on
+    failure) that can run again once it completes: those cancelled because it failed, as the
+    workflow went on with its other branches. One that also waits on another failed or
+    cancelled task stays cancelled (it still cannot run), like whatever waits on it."""
     # Read without locks: the running tasks are locked by their attempts, which lock the
     # workflow row after their task row (the other order here would deadlock with them). Only
     # the rows changed, cancelled and so out of every attempt's reach, are locked, below.

@@ -380,12 +380,14 @@ def test_deadline_fails_the_workflow(engine):
         {"name": "long", "agent": "sleep", "input": {"seconds": 20}},
         deadline=(timezone.now() + dt.timedelta(seconds=2)).isoformat(),
     )
-    running_attempt(wf, "long")
+    cut = running_attempt(wf, "long")
     wait_for(lambda: attempts_reap().workflows_failed, timeout=15, interval=0.5, what="the deadline to be enforced")
     wf.refresh_from_db()
     assert wf.status == Workflow.Status.FAILED
     assert "deadline" in wf.error
     assert task(wf, "long").status == T.CANCELLED
+    cut.refresh_from_db()
+    assert (cut.status, cut.cause) == (A.CANCELLED, "deadline"), "cut by the deadline, not by a user"
 
 
 def test_per_agent_concurrency_limit_makes_excess_tasks_wait(engine):

@@ -15,7 +15,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from config.settings.base import check_visibility_timeout
-from orchestration.errors import TransitionError
+from orchestration.errors import SpecError, TransitionError
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.execution import Claim, Outcome, attempt_claim, attempt_run
 from orchestration.services.reaper import queued_sweep
@@ -77,6 +77,61 @@ def test_retrying_a_failed_task_resumes_its_workflow_and_keeps_earlier_attempts(
         task_retry(execution_id=task(wf, "ok").execution_id)
     with pytest.raises(TransitionError, match="only a failed or cancelled one resumes"):
         workflow_resume(workflow_id=wf.workflow_id)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retrying_one_of_two_failed_tasks_of_an_ended_workflow_reruns_that_task_alone(engine):
+    """With continue_on_failure the workflow ended failed once its branches settled. Retrying
+    one failed task runs it and what its failure cancelled; the other failed task and what
+    waits on it are left as they are (retrying that one, or resuming, runs them)."""
+    engine()
+    wf = finished(
+        submit(
+            {"name": "a", "agent": "flaky", "input": {"fail_times": 1}, "max_retries": 0},
+            {"name": "b", "agent": "echo", "depends_on": ["a"]},
+            {"name": "z", "agent": "fail", "max_retries": 0},
+            {"name": "y", "agent": "echo", "depends_on": ["z"]},
+            {"name": "free", "agent": "echo"},
+            continue_on_failure=True,
+        )
+    )
+    assert (wf.status, wf.completed_steps, wf.failed_steps, wf.cancelled_steps) == (Workflow.Status.FAILED, 1, 2, 2)
+    task_retry(execution_id=task(wf, "a").execution_id)
+    wf.refresh_from_db()
+    assert (wf.status, wf.completed_at, wf.duration_ms) == (Workflow.Status.RUNNING, None, None)
+    assert (wf.failed_steps, wf.cancelled_steps) == (1, 1)
+    assert wf.error.startswith("task z failed")
+    resumed = Event.objects.filter(workflow_id=wf.pk, event_type="workflow_resumed").get()
+    assert resumed.payload["tasks"] == ["a", "b"]
+    wf = finished(wf)
+    statuses = _statuses(wf)
+    assert statuses == {"a": T.COMPLETED, "b": T.COMPLETED, "z": T.FAILED, "y": T.CANCELLED, "free": T.COMPLETED}
+    assert (wf.status, wf.completed_steps, wf.failed_steps, wf.cancelled_steps) == (Workflow.Status.FAILED, 3, 1, 1)
+    assert wf.error.startswith("task z failed") and wf.duration_ms is not None
+    assert [len(attempts(wf, name)) for name in ("a", "b", "z", "y", "free")] == [2, 1, 1, 0, 1]
+    assert list(
+        Event.objects.filter(workflow_id=wf.pk, event_type__startswith="workflow_")
+        .values_list("event_type", flat=True)
+        .order_by("sequence")
+    ) == [
+        "workflow_created",
+        "workflow_started",
+        "workflow_failed",
+        "workflow_resumed",
+        "workflow_failed",
+    ]
+    # the other failed task, once its agent is fixed: the workflow completes
+    Agent.objects.filter(pk="fail").update(entrypoint="orchestration.runtime.builtin.echo")
+    task_retry(execution_id=task(wf, "z").execution_id)
+    wf = finished(wf)
+    assert (wf.status, wf.error, wf.completed_steps, wf.failed_steps, wf.cancelled_steps) == (
+        Workflow.Status.COMPLETED,
+        None,
+        5,
+        0,
+        0,
+    )
+    assert [len(attempts(wf, name)) for name in ("a", "b", "z", "y", "free")] == [2, 1, 2, 1, 1]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -169,6 +224,64 @@ def test_retrying_a_failed_task_of_a_running_workflow_brings_back_what_its_failu
     wf.refresh_from_db()
     assert _statuses(wf) == {"a": T.COMPLETED, "b": T.COMPLETED, "c": T.CANCELLED, "z": T.FAILED, "d": T.COMPLETED}
     assert (wf.status, wf.completed_steps, wf.failed_steps, wf.cancelled_steps) == (Workflow.Status.FAILED, 3, 1, 1)
+
+
+def test_a_workflow_whose_only_failure_is_retried_and_completes_keeps_no_error(db, builtin_agents):
+    wf = submit(
+        {"name": "a", "agent": "flaky", "input": {"fail_times": 1}, "max_retries": 0},
+        {"name": "z", "agent": "fail", "input": {"retryable": False}},
+        {"name": "d", "agent": "echo"},
+        continue_on_failure=True,
+    )
+    assert _run(wf, "z") == Outcome.FAILED
+    assert _run(wf, "a") == Outcome.FAILED
+    wf.refresh_from_db()
+    assert wf.error.startswith("task a failed: RetryableError")
+    task_retry(execution_id=task(wf, "a").execution_id)
+    wf.refresh_from_db()
+    assert wf.error.startswith("task z failed: PermanentError"), "what still failed, not the task retried"
+    Agent.objects.filter(pk="fail").update(entrypoint="orchestration.runtime.builtin.echo")
+    task_retry(execution_id=task(wf, "z").execution_id)
+    wf.refresh_from_db()
+    assert wf.error is None
+    for name in ("a", "z", "d"):
+        assert _run(wf, name) == Outcome.SUCCEEDED
+    wf.refresh_from_db()
+    assert (wf.status, wf.error, wf.completed_steps, wf.failed_steps) == (Workflow.Status.COMPLETED, None, 3, 0)
+
+
+def test_a_workflow_past_its_deadline_is_neither_resumed_nor_retried(db, builtin_agents):
+    """Its first claim would fail it again at once: the operation is refused, with the reason."""
+    for continue_on_failure in (False, True):
+        wf = submit(
+            {"name": "a", "agent": "echo"},
+            deadline=(timezone.now() + dt.timedelta(hours=1)).isoformat(),
+            continue_on_failure=continue_on_failure,
+        )
+        task_cancel(execution_id=task(wf, "a").execution_id)
+        Workflow.objects.filter(pk=wf.pk).update(deadline=timezone.now() - dt.timedelta(seconds=1))
+        events = Event.objects.filter(workflow_id=wf.pk).count()
+        with pytest.raises(TransitionError, match="is past its deadline"):
+            workflow_resume(workflow_id=wf.workflow_id)
+        with pytest.raises(TransitionError, match="is past its deadline"):
+            task_retry(execution_id=task(wf, "a").execution_id)
+        wf.refresh_from_db()
+        assert (wf.status, task(wf, "a").status) == (Workflow.Status.CANCELLED, T.CANCELLED)
+        assert Event.objects.filter(workflow_id=wf.pk).count() == events
+
+
+def test_retrying_a_task_whose_upstream_did_not_complete_names_the_upstream(db, builtin_agents):
+    wf = submit(
+        {"name": "a", "agent": "echo"},
+        {"name": "b", "agent": "echo", "depends_on": ["a"]},
+        {"name": "c", "agent": "sleep", "input": {"seconds": 0}},
+        continue_on_failure=True,
+    )
+    task_cancel(execution_id=task(wf, "a").execution_id)
+    with pytest.raises(SpecError, match=r"task b depends on a, not completed: retry it first"):
+        task_retry(execution_id=task(wf, "b").execution_id)
+    task_retry(execution_id=task(wf, "a").execution_id)  # brings b back
+    assert _statuses(wf) == {"a": T.QUEUED, "b": T.PENDING, "c": T.QUEUED}
 
 
 def test_retrying_an_upstream_task_leaves_cancelled_a_dependent_a_user_cancelled(db, builtin_agents):
@@ -269,7 +382,28 @@ def test_a_task_queued_past_the_queue_timeout_never_starts(db, builtin_agents, s
     assert task(wf, "late").status == T.TIMED_OUT
     wf.refresh_from_db()
     assert wf.status == Workflow.Status.FAILED
+    assert wf.error_count == 1, "a try timed out in the queue counts as a failed one"
     assert task(wf, "next").status == T.CANCELLED
+
+
+def test_a_claim_past_the_deadline_fails_the_workflow_and_records_why_running_attempts_ended(db, builtin_agents):
+    wf = submit(
+        {"name": "a", "agent": "echo"},
+        {"name": "b", "agent": "echo"},
+        deadline=(timezone.now() + dt.timedelta(hours=1)).isoformat(),
+    )
+    a, b = task(wf, "a"), task(wf, "b")
+    claim = attempt_claim(execution_id=a.execution_id, celery_task_id=a.celery_task_id, worker="w@h")
+    assert isinstance(claim, Claim)
+    Workflow.objects.filter(pk=wf.pk).update(deadline=timezone.now() - dt.timedelta(seconds=1))
+    assert attempt_claim(execution_id=b.execution_id, celery_task_id=b.celery_task_id, worker="w@h") == (
+        Outcome.SKIPPED
+    )
+    wf.refresh_from_db()
+    assert (wf.status, wf.cancelled_steps) == (Workflow.Status.FAILED, 2) and "deadline" in wf.error
+    [cut] = attempts(wf, "a")
+    assert (cut.status, cut.cause) == (A.CANCELLED, "deadline")
+    assert attempts(wf, "b") == []
 
 
 def test_a_stale_message_id_runs_nothing(db, builtin_agents):
