@@ -78,6 +78,14 @@ def api_key_create(
         problems.append("name must not be empty")
     elif len(name) > ApiKey._meta.get_field("name").max_length:
         problems.append("name is longer than 100 characters")
+    if expires_at is not None:
+        try:
+            # In UTC, as the column stores it: a moment past 9999-12-31 UTC would be stored,
+            # and then no query could read the row back (the key, the console's key list).
+            expires_at = expires_at.astimezone(dt.UTC)
+        except OverflowError:
+            problems.append(f"expires_at {expires_at.isoformat()} is after 9999-12-31 UTC")
+            expires_at = None
     if expires_at is not None and expires_at <= (now or dt.datetime.now(dt.UTC)):
         problems.append(f"expires_at {expires_at.isoformat()} is in the past")
     unknown = sorted(set(permissions or []) - set(KNOWN_PERMISSIONS))

@@ -170,6 +170,34 @@ def test_create_api_key_command_errors_name_the_problem(db):
     assert not ApiKey.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("expires", "problem"),
+    [
+        ("2030-13-01T00:00:00Z", "month must be in 1..12"),
+        ("2030-01-01T00:00:00+25:00", "offset must be"),
+        ("3000000", "too many days"),
+        ("99999999999", "too many days"),
+        ("9999-12-31T23:00:00-01:00", "after 9999-12-31 UTC"),
+    ],
+)
+def test_create_api_key_command_refuses_an_expiry_out_of_range(db, expires, problem):
+    UserFactory(username="ops")
+    with pytest.raises(CommandError, match=re.escape(problem)):
+        call_command("create_api_key", "ops", "--name", "x", "--expires", expires, stderr=io.StringIO())
+    assert not ApiKey.objects.exists()
+
+
+def test_an_expiry_past_year_9999_in_utc_is_refused_not_stored_unreadable(db):
+    # 9999-12-31T23:00-01:00 is 10000-01-01 UTC: PostgreSQL stores it, psycopg cannot read it
+    # back, and every query loading the row (the key's own requests, the console's list) fails.
+    user = UserFactory(username="ops")
+    late = dt.datetime(9999, 12, 31, 23, tzinfo=dt.timezone(dt.timedelta(hours=-1)))
+    with pytest.raises(SpecError, match="after 9999-12-31 UTC"):
+        api_key_create(owner=user, name="x", expires_at=late)
+    created = api_key_create(owner=user, name="y", expires_at=late.replace(tzinfo=dt.timezone(dt.timedelta(hours=1))))
+    assert ApiKey.objects.get(pk=created.api_key.pk).expires_at == dt.datetime(9999, 12, 31, 22, tzinfo=dt.UTC)
+
+
 def test_console_creates_a_key_and_shows_the_secret_once(db, client):
     admin_user = UserFactory(username="root", is_staff=True, is_superuser=True)
     owner = UserFactory(username="svc", role="developer")

@@ -435,6 +435,48 @@ def test_submit_command_waits_and_exits_by_the_outcome(engine, tmp_path):
         call_command("workflow_status", "nope")
 
 
+def _status_rows(workflow: Workflow) -> dict[str, list[str]]:
+    """workflow_status's task rows by task name, split into columns."""
+    out = io.StringIO()
+    call_command("workflow_status", workflow.workflow_id, stdout=out)
+    lines = out.getvalue().splitlines()
+    rows = lines[[line.startswith("---") for line in lines].index(True) + 1 : -1]
+    return {row.split()[0]: row.split() for row in rows}
+
+
+def test_workflow_status_counts_the_tries_a_task_had(db, builtin_agents):
+    """`tries` is the attempts on record: none for a task cancelled before it ran, every one
+    for a task retried by hand (which starts its retry count again)."""
+    wf = submit(
+        {"name": "a", "agent": "fail", "input": {"retryable": False}, "max_retries": 0},
+        {"name": "b", "agent": "echo", "depends_on": ["a"]},
+    )
+    assert _run(wf, "a") == Outcome.FAILED
+    rows = _status_rows(wf)
+    assert rows["a"][2:4] == ["failed", "1"]
+    assert rows["b"][2:4] == ["cancelled", "0"]
+    task_retry(execution_id=task(wf, "a").execution_id)
+    assert _run(wf, "a") == Outcome.FAILED
+    assert _status_rows(wf)["a"][2:4] == ["failed", "2"]
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf", "-1", "0", "soon"])
+def test_submit_command_refuses_a_wait_timeout_that_could_never_pass(db, builtin_agents, tmp_path, timeout):
+    spec = tmp_path / "ok.json"
+    spec.write_text('{"name": "ok", "tasks": [{"name": "a", "agent": "echo"}]}')
+    with pytest.raises(CommandError, match="is not a positive number of seconds"):
+        call_command("submit_workflow", str(spec), "--wait", "--timeout", timeout, stdout=io.StringIO())
+    assert not Workflow.objects.exists()
+
+
+def test_submit_command_names_a_spec_it_cannot_read(db, builtin_agents, tmp_path):
+    spec = tmp_path / "latin1.yaml"
+    spec.write_bytes("name: caf\xe9\ntasks: []\n".encode("latin-1"))
+    with pytest.raises(CommandError, match=r"latin1\.yaml: cannot be read: 'utf-8' codec can't decode"):
+        call_command("submit_workflow", str(spec), stdout=io.StringIO())
+    assert not Workflow.objects.exists()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_reap_and_relay_commands_run_once(engine, settings):
     import uuid

@@ -3,6 +3,11 @@ is skipped."""
 
 from __future__ import annotations
 
+import io
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -10,11 +15,13 @@ import uuid
 import pytest
 import redis
 from django.conf import settings
+from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 
 from orchestration.models import Event
 from orchestration.services.events import event_record
 from orchestration.services.relay import event_to_entry, events_relay
+from tests.engine import ROOT, database_url, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -244,3 +251,48 @@ def test_a_rollback_hole_is_proved_past_open_transactions_that_never_wrote_event
     assert results[0].waiting_on_gap == (rolled_back, rolled_back)  # first seen: its writers recorded
     assert sum(r.published for r in results) == 1, [r.waiting_on_gap for r in results]
     assert [int(entry_id.split("-")[0]) for entry_id, _ in entries(stream)][-1] == later.sequence
+
+
+def test_relay_command_names_an_unreachable_stream(settings):
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    for command in (["relay_events"], ["synapse_groups"], ["synapse_groups", "--destroy", "old"]):
+        with pytest.raises(CommandError, match="cannot reach the Synapse stream: ConnectionError"):
+            call_command(*command, stdout=io.StringIO())
+
+
+@pytest.mark.parametrize("interval", ["-1", "nan", "inf", "soon"])
+def test_relay_command_refuses_an_interval_it_cannot_sleep(interval):
+    with pytest.raises(CommandError, match="is not a number of seconds"):
+        call_command("relay_events", "--follow", "--interval", interval, stdout=io.StringIO())
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_relay_follow_stops_cleanly_on_sigterm_and_sigint(stream, stop):
+    record(3)
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": settings.REDIS_URL,
+        "SYNAPSE_STREAM": settings.SYNAPSE_STREAM,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "relay_events", "--follow", "--interval", "0.1"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # A shell without job control starts background commands with SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        wait_for(lambda: stream.xlen(settings.SYNAPSE_STREAM) == 3, timeout=60, what="the relay to publish")
+        process.send_signal(stop)
+        output, _ = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    assert "Traceback" not in output

@@ -164,6 +164,21 @@ def test_command_errors_name_the_problem(db, out):
         call_command("export_training_data", "--type", "nope", "--start", today, "--end", today)
 
 
+def test_command_names_an_output_directory_it_cannot_write_to(db, out, tmp_path):
+    seed_events(1)
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    with pytest.raises(CommandError, match=r"cannot write the export: .*Not a directory"):
+        call_command(
+            "export_training_data",
+            *("--type", "events", "--start", "2024-03-05", "--end", "2024-03-05"),
+            *("--output", str(not_a_directory), "--no-progress"),
+            stdout=io.StringIO(),
+        )
+    [run] = ExportRun.objects.all()
+    assert run.status == ExportRun.Status.FAILED and "Not a directory" in run.error
+
+
 def test_command_exports_all_types(db, out):
     seed_events(3)
     finished_task(at=T0)

@@ -53,8 +53,14 @@ class Command(BaseCommand):
         if value is None:
             return None
         if value.isdigit():
-            return timezone.now() + dt.timedelta(days=int(value))
-        parsed = parse_datetime(value)
+            try:
+                return timezone.now() + dt.timedelta(days=int(value))
+            except OverflowError:
+                raise CommandError(f"--expires {value!r}: too many days (the latest expiry is 9999-12-31)") from None
+        try:
+            parsed = parse_datetime(value)
+        except ValueError as exc:  # well formed but out of range: month 13, an offset of 25 h
+            raise CommandError(f"--expires {value!r}: {exc}") from None
         if parsed is None or timezone.is_naive(parsed):
             raise CommandError(f"--expires {value!r}: give a number of days or an ISO 8601 date-time with a time zone")
         return parsed

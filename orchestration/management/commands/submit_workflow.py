@@ -1,3 +1,5 @@
+import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,26 +24,42 @@ SYMBOL = {
 }
 
 
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    # NaN and infinity would never compare past the deadline: --wait would never end.
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return seconds
+
+
 class Command(BaseCommand):
     help = "Submit a workflow spec (JSON or YAML) and print its id; with --wait, follow it until it ends."
 
     def add_arguments(self, parser):
         parser.add_argument("file", help="workflow spec, .json or .yaml/.yml ('-' reads JSON from stdin)")
         parser.add_argument("--wait", action="store_true", help="show progress until the workflow ends")
-        parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait at most with --wait")
+        parser.add_argument(
+            "--timeout", type=_positive_seconds, default=3600, help="seconds to wait at most with --wait"
+        )
 
     def handle(self, *args, **options):
         source = options["file"]
-        if source == "-":
-            text, fmt = sys.stdin.read(), "json"
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise CommandError(f"{source}: no such file")
-            fmt = "json" if path.suffix == ".json" else "yaml" if path.suffix in (".yaml", ".yml") else None
-            if fmt is None:
-                raise CommandError(f"{source}: use a .json, .yaml or .yml file")
-            text = path.read_text(encoding="utf-8")
+        try:
+            if source == "-":
+                text, fmt = sys.stdin.read(), "json"
+            else:
+                path = Path(source)
+                if not path.is_file():
+                    raise CommandError(f"{source}: no such file")
+                fmt = "json" if path.suffix == ".json" else "yaml" if path.suffix in (".yaml", ".yml") else None
+                if fmt is None:
+                    raise CommandError(f"{source}: use a .json, .yaml or .yml file")
+                text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"{source}: cannot be read: {exc}") from None
         try:
             workflow, created = workflow_submit(spec=spec_parse(text, fmt=fmt), initiator="manage.py")
         except SpecError as exc:

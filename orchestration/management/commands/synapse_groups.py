@@ -1,3 +1,4 @@
+import redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
@@ -19,9 +20,13 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
-        client = synapse_client()
+        try:
+            self.report(synapse_client(), options["destroy"])
+        except redis.RedisError as exc:
+            raise CommandError(f"cannot reach the Synapse stream: {type(exc).__name__}: {exc}") from None
+
+    def report(self, client: redis.Redis, name: str | None) -> None:
         stream = settings.SYNAPSE_STREAM
-        name = options["destroy"]
         if name is not None:
             try:
                 group = stream_group_destroy(client, stream, name)

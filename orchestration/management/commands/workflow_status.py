@@ -33,11 +33,12 @@ class Command(BaseCommand):
         self.stdout.write(header)
         self.stdout.write("-" * len(header))
         for task in workflow_tasks_with_attempts(workflow_id=workflow.workflow_id):
+            tries = task.attempts.all()
             attempts = ", ".join(
-                f"#{a.attempt_number} {a.status}" + (f" ({a.cause})" if a.cause else "") for a in task.attempts.all()
+                f"#{a.attempt_number} {a.status}" + (f" ({a.cause})" if a.cause else "") for a in tries
             )
             self.stdout.write(
-                f"{task.task_name:<20} {task.agent_id:<16} {task.status:<10} {task.retry_count + 1:>5} "
+                f"{task.task_name:<20} {task.agent_id:<16} {task.status:<10} {len(tries):>5} "
                 f"{_ms(task.execution_time_ms):>8} {task.tokens_used:>7} {task.cost_usd:>9.6f}  {attempts}"
             )
         events = Event.objects.filter(workflow_id=workflow.workflow_id)

@@ -41,6 +41,8 @@ class Command(BaseCommand):
             )
         except ExportError as exc:
             raise CommandError(str(exc)) from exc
+        except OSError as exc:  # --output not a writable directory, a full disk: the run is recorded failed
+            raise CommandError(f"cannot write the export: {exc}") from exc
         finally:
             bar.close()
         failed = [run for run in runs if run.status != ExportRun.Status.SUCCEEDED]
