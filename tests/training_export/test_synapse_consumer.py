@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 from django.conf import settings
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db.models import Max, Min
 
 from orchestration.event_types import EventType
@@ -635,3 +635,25 @@ def test_the_dead_letter_fields_of_any_entry_can_be_sent():
         b"reason": b"r\\udcff",
         b"original_id": b"1-1",
     }
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["--group", " "], "--group must not be blank"),
+        (["--block-ms", str(10**20)], "--block-ms must be between 1"),
+        (["--block-ms", "0"], "--block-ms must be between 1"),
+        (["--claim-idle-ms", str(10**30)], "--claim-idle-ms must be between 0"),
+    ],
+)
+def test_consume_command_refuses_options_it_cannot_honour(synapse, args, problem):
+    """A blank group was created as such; a huge block or idle time was a traceback."""
+    with pytest.raises(CommandError, match=problem):
+        consume(*args)
+    assert not synapse.client.exists(settings.SYNAPSE_STREAM)
+
+
+def test_consume_command_names_an_unreachable_stream(synapse, settings):
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    with pytest.raises(CommandError, match="cannot reach the Synapse stream: ConnectionError"):
+        consume()

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
 from typing import Any
 
+import redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
@@ -23,6 +24,8 @@ from training_export.services.synapse import (
 )
 
 MAX_PROCESSES = 64
+MAX_BLOCK_MS = 60_000
+MAX_CLAIM_IDLE_MS = 30 * 24 * 3600 * 1000  # 30 days
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -70,7 +73,13 @@ class Command(BaseCommand):
             "each process adds -1, -2, ... to it",
         )
         parser.add_argument("--batch", type=int, default=2000, help="entries per read (default: 2000)")
-        parser.add_argument("--block-ms", type=int, default=2000, help="wait for new entries this long per read")
+        parser.add_argument(
+            "--block-ms",
+            type=int,
+            default=2000,
+            help=f"wait for new entries this long per read, at most {MAX_BLOCK_MS} (default: 2000); a stop "
+            "request waits for the read under way",
+        )
         parser.add_argument(
             "--claim-idle-ms",
             type=int,
@@ -88,10 +97,15 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if not 1 <= options["batch"] <= 10_000:
             raise CommandError("--batch must be between 1 and 10000")
-        if options["block_ms"] < 1:
-            raise CommandError("--block-ms must be at least 1 (Redis reads BLOCK 0 as 'forever')")
-        if options["claim_idle_ms"] < 0:
-            raise CommandError("--claim-idle-ms must not be negative")
+        if not 1 <= options["block_ms"] <= MAX_BLOCK_MS:
+            raise CommandError(
+                f"--block-ms must be between 1 (Redis reads BLOCK 0 as 'forever') and {MAX_BLOCK_MS} (a stop waits "
+                "for the read under way)"
+            )
+        if not 0 <= options["claim_idle_ms"] <= MAX_CLAIM_IDLE_MS:
+            raise CommandError(f"--claim-idle-ms must be between 0 and {MAX_CLAIM_IDLE_MS} (30 days)")
+        if not options["group"].strip():
+            raise CommandError("--group must not be blank")
         if not 1 <= options["processes"] <= MAX_PROCESSES:
             raise CommandError(f"--processes must be between 1 and {MAX_PROCESSES}")
         if not settings.REDIS_URL:
@@ -205,14 +219,18 @@ class Command(BaseCommand):
             def should_stop() -> bool:
                 return stop.is_set() or also_stop_if()
 
-            if options["once"]:
-                total = consumer.run(once=True, should_stop=should_stop, on_batch=on_batch)
-            else:
-                if verbosity >= 1:
-                    self.stdout.write(f"consumer {name} of group {options['group']} on {settings.SYNAPSE_STREAM}")
-                total = consumer.run(
-                    once=False, block_ms=options["block_ms"], should_stop=should_stop, on_batch=on_batch
-                )
+            try:
+                if options["once"]:
+                    total = consumer.run(once=True, should_stop=should_stop, on_batch=on_batch)
+                else:
+                    if verbosity >= 1:
+                        self.stdout.write(f"consumer {name} of group {options['group']} on {settings.SYNAPSE_STREAM}")
+                    total = consumer.run(
+                        once=False, block_ms=options["block_ms"], should_stop=should_stop, on_batch=on_batch
+                    )
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # What was written and not acknowledged is read again by name on restart.
+                raise CommandError(f"cannot reach the Synapse stream: {type(exc).__name__}: {exc}") from None
         if verbosity >= 1:
             self.stdout.write(f"consumer {name} done: {total.summary()}")
         return total
