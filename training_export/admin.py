@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.http import HttpRequest
 
 from orchestration.admin.base import NoAddChangeMixin
 from training_export.models import ExportRun
@@ -8,7 +9,12 @@ from training_export.models import ExportRun
 
 @admin.register(ExportRun)
 class ExportRunAdmin(NoAddChangeMixin, admin.ModelAdmin):
-    """Export runs are written by the export service; the admin shows what was exported."""
+    """Export runs are written by the export service; the admin shows what was exported. Only
+    the runs retention would delete (failed, superseded) can be deleted here: a succeeded run is
+    the record of its files (and what the API downloads), a pending or running one has a worker
+    on its way to it."""
+
+    DELETABLE = (ExportRun.Status.FAILED, ExportRun.Status.SUPERSEDED)
 
     list_display = (
         "id",
@@ -41,3 +47,6 @@ class ExportRunAdmin(NoAddChangeMixin, admin.ModelAdmin):
         ("started_at", "finished_at", "deadline_at"),
         ("created_at", "updated_at"),
     )
+
+    def has_delete_permission(self, request: HttpRequest, obj: ExportRun | None = None) -> bool:
+        return super().has_delete_permission(request, obj) and (obj is None or obj.status in self.DELETABLE)

@@ -12,7 +12,7 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 
-from orchestration.admin.base import json_display
+from orchestration.admin.base import ChangedFieldsOnlyMixin, json_display
 from orchestration.errors import SpecError
 from orchestration.models import ApiKey
 from orchestration.services.access import KNOWN_PERMISSIONS, api_key_create, api_key_revoke, api_key_rotate
@@ -50,6 +50,14 @@ class ApiKeyAdminForm(forms.ModelForm):
         return name
 
 
+def may_mint_keys_for(user: Any, owner: Any) -> bool:
+    """Whether `user` may create (or rotate) a key of `owner`: the key acts as its owner, so only
+    for an owner who can do nothing `user` cannot (a superuser: anyone)."""
+    if user.is_superuser:
+        return True
+    return not owner.is_superuser and owner.is_active and owner.get_all_permissions() <= user.get_all_permissions()
+
+
 class ApiKeyCreateForm(forms.Form):
     owner = forms.ModelChoiceField(queryset=get_user_model().objects.filter(is_active=True).order_by("username"))
     name = forms.CharField(max_length=100)
@@ -61,9 +69,19 @@ class ApiKeyCreateForm(forms.Form):
         help_text="narrow the key below the owner's role; none ticked: the role's permissions",
     )
 
+    def __init__(self, *args: Any, user: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = user
+
+    def clean_owner(self) -> Any:
+        owner = self.cleaned_data["owner"]
+        if not may_mint_keys_for(self.user, owner):
+            raise forms.ValidationError("You may create keys only for users who have no permission you lack.")
+        return owner
+
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(ChangedFieldsOnlyMixin, admin.ModelAdmin):
     """API keys. The secret's hash is never shown. A key is created on its own page (the
     "Create API key" button, or `manage.py create_api_key`), which shows the secret once;
     the model's add form stays off because it would ask for a prefix and hash."""
@@ -125,7 +143,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def create_key_view(self, request: HttpRequest) -> HttpResponse:
         if not self._can_create_key(request):
             raise PermissionDenied
-        form = ApiKeyCreateForm(request.POST or None)
+        form = ApiKeyCreateForm(request.POST or None, user=request.user)
         if request.method == "POST" and form.is_valid():
             try:
                 created = api_key_create(
@@ -169,7 +187,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         message = f"Revoked {len(revoked)} key(s)."
         if skipped:
             message += f" {skipped} already revoked."
-        self.message_user(request, message, messages.SUCCESS)
+        self.message_user(request, message, messages.SUCCESS if revoked else messages.WARNING)
 
     def has_rotate_permission(self, request: HttpRequest) -> bool:
         """Rotating mints a key: it needs the right to create keys as well as to change them."""
@@ -179,6 +197,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def rotate_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         now = timezone.now()
         for api_key in queryset.select_related("owner").order_by("pk"):
+            if not may_mint_keys_for(request.user, api_key.owner):
+                problem = f"{api_key}: not rotated, its owner {api_key.owner} has permissions you lack"
+                self.message_user(request, problem, messages.ERROR)
+                continue
             try:
                 created = api_key_rotate(api_key_id=api_key.pk, now=now)
             except SpecError as exc:

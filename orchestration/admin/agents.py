@@ -2,21 +2,51 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import flatten_fieldsets
 from django.db import models
 from django.http import HttpRequest
 from django.utils.safestring import SafeString
 
-from orchestration.admin.base import EMPTY, NoAddChangeMixin, changelist_url, json_display, links
+from orchestration.admin.base import (
+    EMPTY,
+    ChangedFieldsOnlyMixin,
+    NoAddChangeMixin,
+    changelist_url,
+    json_display,
+    links,
+)
+from orchestration.errors import SpecError
 from orchestration.models import Agent, AgentMetric, Event, TaskExecution
+from orchestration.services.agent_registry import agent_change_record, agent_check
 
 AGENT_STATS = ("total_tasks_completed", "total_tokens_used", "average_latency_ms", "success_rate")
 
 
+class AgentAdminForm(forms.ModelForm):
+    """Makes the checks of the API and load_agents (agent_check): an agent that could not run,
+    or an API key typed where the name of its variable belongs, is a form error. (The admin
+    gives it its model and fields.)"""
+
+    def _post_clean(self) -> None:
+        super()._post_clean()
+        if self.errors:
+            return
+        try:
+            agent_check(self.instance)
+        except SpecError as exc:
+            for problem in exc.problems:
+                self.add_error(None, problem)
+
+
 @admin.register(Agent)
-class AgentAdmin(admin.ModelAdmin):
-    """Agents are synced from their definition files; the stats columns belong to the rollup."""
+class AgentAdmin(ChangedFieldsOnlyMixin, admin.ModelAdmin):
+    """Agents are synced from their definition files; the stats columns belong to the rollup.
+    An agent made here (or through the API) is checked like the API's and every change is an
+    agent_registered event, as the API records it."""
+
+    form = AgentAdminForm
 
     list_display = (
         "id",
@@ -112,6 +142,14 @@ class AgentAdmin(admin.ModelAdmin):
             return tuple(dict.fromkeys((*flatten_fieldsets(self.get_fieldsets(request, obj)), *readonly)))
         # Changing a primary key in a form would save a second agent, not rename this one.
         return readonly if obj is None else ("id", *readonly)
+
+    def save_model(self, request: HttpRequest, obj: Agent, form: forms.ModelForm, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if not change:
+            agent_change_record(obj, "created", request.user)
+        elif form.changed_data:
+            deactivated = "status" in form.changed_data and obj.status == Agent.Status.INACTIVE
+            agent_change_record(obj, "deactivated" if deactivated else "updated", request.user)
 
     def change_view(
         self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict[str, Any] | None = None

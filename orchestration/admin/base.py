@@ -97,6 +97,18 @@ def events_table(events: Iterable[Event], *, limit: int) -> SafeString:
     )
 
 
+class ChangedFieldsOnlyMixin:
+    """A change form writes only the fields it changed. A plain save writes every column as it
+    was read when the form was posted, so whatever the engine (counters, status, usage) or
+    another operator (a revocation) wrote in between would be undone."""
+
+    def save_model(self, request: HttpRequest, obj: models.Model, form: Any, change: bool) -> None:
+        if change:
+            obj.save(update_fields=form.changed_data)
+        else:
+            super().save_model(request, obj, form, change)  # type: ignore[misc]
+
+
 class NoAddChangeMixin:
     """For records written by the platform itself: viewable (and deletable with the
     permission), never created or edited through the admin."""

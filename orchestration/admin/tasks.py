@@ -12,6 +12,7 @@ from django.utils.safestring import SafeString
 
 from orchestration.admin.base import (
     EMPTY,
+    ChangedFieldsOnlyMixin,
     NoAddChangeMixin,
     ReadOnlyTabularInline,
     changelist_url,
@@ -69,9 +70,11 @@ TASK_LIMITS = {"max_retries": (0, 100), "timeout_seconds": (1, 86400)}
 
 
 @admin.register(TaskExecution)
-class TaskExecutionAdmin(LargeTableAdmin):
+class TaskExecutionAdmin(ChangedFieldsOnlyMixin, LargeTableAdmin):
     """Tasks are created with their workflow (REST API); the admin edits only the task's
-    description, priority and limits, never the state the engine owns."""
+    description, priority and limits, never the state the engine owns. A task is not deleted
+    here: its workflow counts it (total_steps, the progress counters, usage) and its attempts
+    are the immutable record of what ran."""
 
     list_display = (
         "execution_id",
@@ -180,6 +183,9 @@ class TaskExecutionAdmin(LargeTableAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
+    def has_delete_permission(self, request: HttpRequest, obj: TaskExecution | None = None) -> bool:
+        return False
+
     def formfield_for_dbfield(self, db_field: Field, request: HttpRequest, **kwargs: Any) -> forms.Field | None:
         if db_field.name in TASK_LIMITS:
             kwargs["min_value"], kwargs["max_value"] = TASK_LIMITS[db_field.name]
@@ -205,7 +211,8 @@ class TaskExecutionAdmin(LargeTableAdmin):
 
 @admin.register(TaskAttempt)
 class TaskAttemptAdmin(NoAddChangeMixin, LargeTableAdmin):
-    """Attempts are written by the execution engine; a finished one is immutable in the database."""
+    """Attempts are written by the execution engine; a finished one is immutable in the database,
+    and none is deleted here (the database's rule is on UPDATE: a DELETE would go through)."""
 
     list_display = (
         "id",
@@ -292,3 +299,6 @@ class TaskAttemptAdmin(NoAddChangeMixin, LargeTableAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[TaskAttempt]:
         return super().get_queryset(request).select_related("execution__workflow")
+
+    def has_delete_permission(self, request: HttpRequest, obj: TaskAttempt | None = None) -> bool:
+        return False

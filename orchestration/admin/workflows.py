@@ -7,6 +7,7 @@ from django.utils.safestring import SafeString
 
 from orchestration.admin.base import (
     EMPTY,
+    ChangedFieldsOnlyMixin,
     ReadOnlyTabularInline,
     changelist_url,
     json_display,
@@ -53,10 +54,12 @@ class TaskExecutionInline(ReadOnlyTabularInline):
 
 
 @admin.register(Workflow)
-class WorkflowAdmin(LargeTableAdmin):
+class WorkflowAdmin(ChangedFieldsOnlyMixin, LargeTableAdmin):
     """Workflows are submitted through the REST API (`workflow_submit`), which validates the
     task graph and writes the workflow, its tasks and the workflow_created event together;
-    the admin edits only descriptive fields and never the state the engine owns."""
+    the admin edits only descriptive fields and never the state the engine owns. Nor does it
+    delete a workflow: its attempts are the immutable record of what ran (retention deletes
+    finished workflows, tasks and attempts together)."""
 
     list_display = (
         "workflow_id",
@@ -179,6 +182,9 @@ class WorkflowAdmin(LargeTableAdmin):
     metadata_display = json_display("metadata")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Workflow | None = None) -> bool:
         return False
 
     @admin.display(description="steps done/total (failed)")

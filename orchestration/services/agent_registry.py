@@ -31,7 +31,7 @@ SERVER_OWNED = {
 }
 
 
-def _check(agent: Agent) -> None:
+def agent_check(agent: Agent) -> None:
     """The checks load_agents makes of a definition file (executor_problems), then the model's."""
     definition = {
         name: getattr(agent, name)
@@ -48,7 +48,7 @@ def _check(agent: Agent) -> None:
         raise SpecError(problems)
 
 
-def _record(agent: Agent, change: str, actor: Any) -> None:
+def agent_change_record(agent: Agent, change: str, actor: Any) -> None:
     event_record(
         event_type=EventType.AGENT_REGISTERED,
         entity_type=EntityType.AGENT,
@@ -69,9 +69,9 @@ def agent_create(*, fields: dict[str, Any], actor: Any = None) -> Agent:
     if Agent.objects.filter(pk=agent_id).exists():
         raise SpecError([f"id: an agent {agent_id!r} already exists"])
     agent = Agent(**fields, status=Agent.Status.ACTIVE)
-    _check(agent)
+    agent_check(agent)
     agent.save(force_insert=True)
-    _record(agent, "created", actor)
+    agent_change_record(agent, "created", actor)
     return agent
 
 
@@ -103,9 +103,9 @@ def agent_update(*, agent_id: str, fields: dict[str, Any], actor: Any = None, re
             setattr(agent, name, Agent._meta.get_field(name).get_default())
     for name, value in fields.items():
         setattr(agent, name, value)
-    _check(agent)
+    agent_check(agent)
     agent.save()
-    _record(agent, "updated", actor)
+    agent_change_record(agent, "updated", actor)
     return agent
 
 
@@ -119,5 +119,5 @@ def agent_deactivate(*, agent_id: str, actor: Any = None) -> Agent:
         raise TransitionError(f"agent {agent_id} is already inactive")
     agent.status = Agent.Status.INACTIVE
     agent.save(update_fields=["status", "updated_at"])
-    _record(agent, "deactivated", actor)
+    agent_change_record(agent, "deactivated", actor)
     return agent

@@ -8,7 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from django.contrib import admin
 from django.contrib.admin.models import LogEntry
+from django.contrib.auth.models import Permission
 from django.db import connection, models
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -504,3 +506,189 @@ def test_secret_hash_never_appears_in_admin_pages(su_client: Client) -> None:
         assert secret_hash not in response.content.decode()
         assert "secret_hash" not in response.content.decode()
     assert key.prefix in responses[1].content.decode()
+
+
+def test_revoking_only_keys_already_revoked_is_not_reported_as_a_success(su_client: Client) -> None:
+    revoked = ApiKeyFactory(revoked_at=timezone.now() - dt.timedelta(days=1))
+
+    response = su_client.post(
+        _url(ApiKey, "changelist"), {"action": "revoke_selected", "_selected_action": [revoked.pk]}, follow=True
+    )
+
+    [message] = list(response.context["messages"])
+    assert str(message) == "Revoked 0 key(s). 1 already revoked."
+    assert message.level_tag == "warning"
+
+
+def _staff_with(*codenames: str) -> Any:
+    staff = UserFactory(is_staff=True)
+    staff.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    return staff
+
+
+def test_a_staff_user_cannot_create_a_key_for_a_user_with_permissions_they_lack(client: Client) -> None:
+    """A key acts as its owner: minting one for a superuser or an admin would hand its holder
+    their rights."""
+    staff = _staff_with("add_apikey", "view_apikey")
+    superuser = UserFactory(is_staff=True, is_superuser=True)
+    admin_role = UserFactory(role="admin")
+    client.force_login(staff)
+    create = reverse("admin:orchestration_apikey_create_key")
+
+    for owner in (superuser, admin_role):
+        response = client.post(create, {"owner": owner.pk, "name": "borrowed"})
+        assert response.status_code == 200
+        assert "owner" in response.context["form"].errors
+    own = client.post(create, {"owner": staff.pk, "name": "mine"})
+
+    assert own.status_code == 302
+    assert list(ApiKey.objects.values_list("owner", flat=True)) == [staff.pk]
+
+
+def test_a_staff_user_cannot_rotate_the_key_of_a_user_with_permissions_they_lack(client: Client) -> None:
+    staff = _staff_with("add_apikey", "change_apikey", "view_apikey")
+    boss = UserFactory(is_staff=True, is_superuser=True)
+    old = ApiKeyFactory(owner=boss)
+    client.force_login(staff)
+
+    response = client.post(
+        _url(ApiKey, "changelist"), {"action": "rotate_selected", "_selected_action": [old.pk]}, follow=True
+    )
+
+    shown = " ".join(str(m) for m in response.context["messages"])
+    assert "not rotated" in shown
+    assert "al_" not in shown
+    old.refresh_from_db()
+    assert old.revoked_at is None
+    assert ApiKey.objects.filter(owner=boss).count() == 1
+
+
+@pytest.mark.parametrize("model", [Workflow, TaskExecution, TaskAttempt], ids=_ids)
+def test_workflows_tasks_and_attempts_cannot_be_deleted_in_the_console(
+    su_client: Client, model: type[models.Model]
+) -> None:
+    """Attempts are the immutable record of what ran (the database guards them against UPDATE
+    only), and a workflow counts its tasks: deleting one would leave total_steps and the
+    progress counters wrong. Retention deletes finished workflows with their tasks and attempts."""
+    workflow = WorkflowFactory(status="running", total_steps=2, completed_steps=1)
+    task = TaskExecutionFactory(workflow=workflow, status="completed")
+    TaskExecutionFactory(workflow=workflow, status="running")
+    attempt = TaskAttemptFactory(execution=task, attempt_number=1, succeeded=True)
+    obj = {Workflow: workflow, TaskExecution: task, TaskAttempt: attempt}[model]
+
+    changelist = su_client.get(_url(model, "changelist"))
+    change = su_client.get(_url(model, "change", obj.pk))
+    delete_page = su_client.get(_url(model, "delete", obj.pk))
+    delete = su_client.post(_url(model, "delete", obj.pk), {"post": "yes"})
+    action = su_client.post(
+        _url(model, "changelist"), {"action": "delete_selected", "_selected_action": [obj.pk], "post": "yes"}
+    )
+
+    assert b"delete_selected" not in changelist.content
+    assert change.context["has_delete_permission"] is False
+    assert (delete_page.status_code, delete.status_code) == (403, 403)
+    assert action.status_code == 200  # the changelist again: no such action
+    assert model.objects.filter(pk=obj.pk).exists()
+    assert (TaskExecution.objects.filter(workflow=workflow).count(), TaskAttempt.objects.count()) == (2, 1)
+
+
+def test_an_agent_made_in_the_console_is_checked_like_the_apis(su_client: Client) -> None:
+    response = su_client.post(
+        _url(Agent, "add"),
+        {"id": "llm-001", "name": "LLM", "executor": "llm", "status": "active", "api_key_env": "sk-live-0123456789abc"},
+    )
+
+    assert response.status_code == 200
+    errors = " ".join(response.context["adminform"].form.non_field_errors())
+    assert "model: required for the llm executor" in errors
+    assert "api_key_env: must be an environment variable name" in errors
+    assert not Agent.objects.filter(pk="llm-001").exists()
+
+
+def test_agent_changes_in_the_console_are_recorded_as_events(su_client: Client, superuser: Any) -> None:
+    def changes() -> list[tuple[str, Any]]:
+        events = Event.objects.filter(event_type="agent_registered", agent_id="new-001").order_by("sequence")
+        return [(event.payload["change"], event.payload["by"]) for event in events]
+
+    fields = {"id": "new-001", "name": "New", "executor": "python", "status": "active", "entrypoint": "builtins.len"}
+    assert su_client.post(_url(Agent, "add"), fields).status_code == 302
+    url = _url(Agent, "change", "new-001")
+    assert su_client.post(url, {**fields, "name": "Renamed"}).status_code == 302
+    assert su_client.post(url, {**fields, "name": "Renamed", "status": "inactive"}).status_code == 302
+    assert su_client.post(url, {**fields, "name": "Renamed", "status": "inactive"}).status_code == 302  # no change
+
+    assert Agent.objects.get(pk="new-001").status == "inactive"
+    name = superuser.username
+    assert changes() == [("created", name), ("updated", name), ("deactivated", name)]
+
+
+def _racing_save(monkeypatch: pytest.MonkeyPatch, model_admin: Any, meanwhile: Callable[[], Any]) -> None:
+    """Runs `meanwhile` between the change view reading the row and saving it, as a concurrent
+    write committed in that moment would."""
+    save_form = model_admin.save_form
+
+    def racing(self: Any, request: Any, form: Any, change: bool) -> Any:
+        meanwhile()
+        return save_form(self, request, form, change)
+
+    monkeypatch.setattr(model_admin, "save_form", racing)
+
+
+def test_renaming_a_key_does_not_undo_a_revocation_made_meanwhile(
+    su_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = ApiKeyFactory(name="before")
+    revoked_at = timezone.now()
+    _racing_save(
+        monkeypatch,
+        admin.site.get_model_admin(ApiKey).__class__,
+        lambda: api_key_revoke(api_key_ids=[key.pk], now=revoked_at),
+    )
+
+    response = su_client.post(_url(ApiKey, "change", key.pk), {"name": "after", "expires_at_0": "", "expires_at_1": ""})
+
+    assert response.status_code == 302
+    key.refresh_from_db()
+    assert (key.name, key.revoked_at) == ("after", revoked_at)
+
+
+def test_editing_a_workflow_or_task_keeps_what_the_engine_wrote_meanwhile(
+    su_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workflow = WorkflowFactory(name="before", status="running", total_steps=1)
+    task = TaskExecutionFactory(workflow=workflow, status="running")
+
+    _racing_save(
+        monkeypatch,
+        admin.site.get_model_admin(Workflow).__class__,
+        lambda: Workflow.objects.filter(pk=workflow.pk).update(
+            status="completed", completed_steps=1, total_tokens_used=30
+        ),
+    )
+    _racing_save(
+        monkeypatch,
+        admin.site.get_model_admin(TaskExecution).__class__,
+        lambda: TaskExecution.objects.filter(pk=task.pk).update(status="completed", tokens_used=30),
+    )
+    workflow_page = su_client.get(_url(Workflow, "change", workflow.pk))
+    task_page = su_client.get(_url(TaskExecution, "change", task.pk))
+
+    renamed = su_client.post(
+        _url(Workflow, "change", workflow.pk),
+        {**_management_data(workflow_page), "name": "after", "workflow_type": "test", "priority": "normal"},
+    )
+    limited = su_client.post(
+        _url(TaskExecution, "change", task.pk),
+        {**_management_data(task_page), "priority": "high", "max_retries": "3", "timeout_seconds": "300"},
+    )
+
+    assert (renamed.status_code, limited.status_code) == (302, 302)
+    workflow.refresh_from_db()
+    task.refresh_from_db()
+    assert (workflow.name, workflow.status, workflow.completed_steps, workflow.total_tokens_used) == (
+        "after",
+        "completed",
+        1,
+        30,
+    )
+    assert (task.priority, task.status, task.tokens_used) == ("high", "completed", 30)

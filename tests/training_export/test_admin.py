@@ -26,6 +26,10 @@ def su_client(client: Client) -> Client:
     return client
 
 
+def _delete(run: ExportRun) -> str:
+    return reverse("admin:training_export_exportrun_delete", args=[run.pk])
+
+
 def _queries(client: Client, url: str) -> int:
     with CaptureQueriesContext(connection) as queries:
         assert client.get(url).status_code == 200
@@ -67,3 +71,21 @@ def test_changelist_query_count_does_not_grow_with_rows(su_client: Client) -> No
     make(12)
 
     assert _queries(su_client, CHANGELIST) == with_3_rows
+
+
+def test_only_runs_retention_would_delete_can_be_deleted(su_client: Client) -> None:
+    """A succeeded run is the record of its files (the API downloads through it); a pending or
+    running one has a worker on its way to it."""
+    kept = {status: ExportRunFactory(status=status) for status in ("succeeded", "pending", "running")}
+    failed = ExportRunFactory(status="failed")
+
+    for run in kept.values():
+        assert su_client.post(_delete(run), {"post": "yes"}).status_code == 403
+    mixed = su_client.post(
+        CHANGELIST, {"action": "delete_selected", "_selected_action": [failed.pk, kept["succeeded"].pk], "post": "yes"}
+    )
+    deleted = su_client.post(_delete(failed), {"post": "yes"})
+
+    assert mixed.status_code == 403
+    assert deleted.status_code == 302
+    assert set(ExportRun.objects.values_list("status", flat=True)) == set(kept)
