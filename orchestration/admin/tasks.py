@@ -21,9 +21,13 @@ from orchestration.admin.base import (
     link,
     object_link,
 )
+from orchestration.admin.operations import Operation, OperationsMixin, console_reason
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, LargeTableAdmin
 from orchestration.event_types import EntityType
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.services.workflows import task_cancel, task_retry
+
+RETRIABLE = (TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT, TaskExecution.Status.CANCELLED)
 
 TASK_EVENTS_SHOWN = 200
 
@@ -69,12 +73,33 @@ class TaskAttemptInline(ReadOnlyTabularInline):
 TASK_LIMITS = {"max_retries": (0, 100), "timeout_seconds": (1, 86400)}
 
 
+TASK_OPERATIONS = (
+    Operation(
+        "cancel",
+        "cancel",
+        "cancelled",
+        lambda request, task: task_cancel(execution_id=task.pk, reason=console_reason(request, "cancelled")),
+        lambda task: not task.is_terminal,
+    ),
+    Operation(
+        "retry",
+        "retry",
+        "retried",
+        lambda request, task: task_retry(execution_id=task.pk),
+        lambda task: task.status in RETRIABLE,
+    ),
+)
+
+
 @admin.register(TaskExecution)
-class TaskExecutionAdmin(ChangedFieldsOnlyMixin, LargeTableAdmin):
+class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
     """Tasks are created with their workflow (REST API); the admin edits only the task's
     description, priority and limits, never the state the engine owns. A task is not deleted
     here: its workflow counts it (total_steps, the progress counters, usage) and its attempts
-    are the immutable record of what ran."""
+    are the immutable record of what ran. Operators cancel an unfinished task and retry a
+    failed, timed-out or cancelled one (orchestration.admin.operations)."""
+
+    operations = TASK_OPERATIONS
 
     list_display = (
         "execution_id",

@@ -14,8 +14,27 @@ from orchestration.admin.base import (
     links,
     object_link,
 )
+from orchestration.admin.operations import Operation, OperationsMixin, console_reason
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, IndexedValuesFieldListFilter, LargeTableAdmin
 from orchestration.models import AgentInteraction, Event, TaskExecution, Workflow
+from orchestration.services.workflows import workflow_cancel, workflow_resume
+
+WORKFLOW_OPERATIONS = (
+    Operation(
+        "cancel",
+        "cancel",
+        "cancelled",
+        lambda request, workflow: workflow_cancel(workflow_id=workflow.pk, reason=console_reason(request, "cancelled")),
+        lambda workflow: workflow.status in (Workflow.Status.PENDING, Workflow.Status.RUNNING),
+    ),
+    Operation(
+        "resume",
+        "resume",
+        "resumed",
+        lambda request, workflow: workflow_resume(workflow_id=workflow.pk),
+        lambda workflow: workflow.status in (Workflow.Status.FAILED, Workflow.Status.CANCELLED),
+    ),
+)
 
 
 class TaskExecutionInline(ReadOnlyTabularInline):
@@ -54,12 +73,15 @@ class TaskExecutionInline(ReadOnlyTabularInline):
 
 
 @admin.register(Workflow)
-class WorkflowAdmin(ChangedFieldsOnlyMixin, LargeTableAdmin):
+class WorkflowAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
     """Workflows are submitted through the REST API (`workflow_submit`), which validates the
     task graph and writes the workflow, its tasks and the workflow_created event together;
     the admin edits only descriptive fields and never the state the engine owns. Nor does it
     delete a workflow: its attempts are the immutable record of what ran (retention deletes
-    finished workflows, tasks and attempts together)."""
+    finished workflows, tasks and attempts together). Operators cancel a running workflow and
+    resume a failed or cancelled one (orchestration.admin.operations)."""
+
+    operations = WORKFLOW_OPERATIONS
 
     list_display = (
         "workflow_id",

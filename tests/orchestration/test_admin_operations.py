@@ -1,0 +1,143 @@
+"""Operations from the console: cancel and resume workflows, cancel and retry tasks, as list
+actions and as buttons on an object's page, through the same services as the REST API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.contrib.admin.models import LogEntry
+from django.contrib.auth.models import Permission
+from django.test import Client
+from django.urls import reverse
+
+from orchestration.admin import operations
+from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
+from tests.factories import UserFactory
+from tests.orchestration.test_engine import attempts, finished, running_attempt, submit, task
+
+A, T, W = TaskAttempt.Status, TaskExecution.Status, Workflow.Status
+
+
+def _url(model: type, view: str, *args: Any) -> str:
+    return reverse(f"admin:orchestration_{model._meta.model_name}_{view}", args=args)
+
+
+def _events(workflow: Workflow) -> list[str]:
+    return list(Event.objects.filter(workflow_id=workflow.pk).order_by("sequence").values_list("event_type", flat=True))
+
+
+def _messages(response: Any) -> str:
+    return " | ".join(str(m) for m in response.context["messages"])
+
+
+@pytest.fixture
+def operator(client: Client) -> Client:
+    client.force_login(UserFactory(is_staff=True, is_superuser=True, username="ops"))
+    return client
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_operator_cancels_a_running_workflow_and_retries_a_failed_task_on_real_workers(engine, operator):
+    """The console's actions run on a live system: a running workflow is cancelled (its worker
+    process stopped, the attempt recorded cancelled by the operator); a failed task is retried
+    and completes on a worker, its workflow with it."""
+    engine()
+    running = submit({"name": "long", "agent": "sleep", "input": {"seconds": 30}})
+    attempt = running_attempt(running, "long")
+    failing = finished(submit({"name": "bad", "agent": "fail", "max_retries": 0}))
+    assert failing.status == W.FAILED
+
+    response = operator.post(
+        _url(Workflow, "changelist"),
+        {"action": "cancel", "_selected_action": [running.pk, failing.pk]},
+        follow=True,
+    )
+
+    text = _messages(response)
+    assert "Cancelled: 1 workflows." in text
+    assert f"Not cancelled (1): {failing}: workflow {failing.pk} is failed" in text
+    running = finished(running)
+    attempt.refresh_from_db()
+    assert (running.status, running.error) == (W.CANCELLED, "cancelled by ops in the console")
+    assert (attempt.status, attempt.cause) == (A.CANCELLED, "cancelled")
+    assert "workflow_cancelled" in _events(running)
+    assert Workflow.objects.get(pk=failing.pk).status == W.FAILED
+
+    Agent.objects.filter(pk="fail").update(entrypoint="orchestration.runtime.builtin.echo")  # fixed
+    bad = task(failing, "bad")
+    response = operator.post(
+        _url(TaskExecution, "changelist"), {"action": "retry", "_selected_action": [bad.pk]}, follow=True
+    )
+    assert "Retried: 1 task executions." in _messages(response)
+    failing = finished(failing)
+    assert failing.status == W.COMPLETED
+    assert [(a.attempt_number, a.status) for a in attempts(failing, "bad")] == [(1, A.FAILED), (2, A.SUCCEEDED)]
+    assert LogEntry.objects.filter(object_id=str(bad.pk), change_message="Retried in the console").count() == 1
+
+
+@pytest.mark.django_db
+def test_an_objects_page_offers_the_operations_its_state_allows_as_post_buttons(builtin_agents, operator):
+    workflow = submit({"name": "a", "agent": "echo"}, {"name": "b", "agent": "echo", "depends_on": ["a"]})
+    page = operator.get(_url(Workflow, "change", workflow.pk)).content.decode()
+    assert f'action="{_url(Workflow, "cancel", workflow.pk)}"' in page
+    assert _url(Workflow, "resume", workflow.pk) not in page
+    assert 'method="post"' in page and "csrfmiddlewaretoken" in page
+
+    # A GET of an operation's URL (a link, a crawler) changes nothing.
+    assert operator.get(_url(Workflow, "cancel", workflow.pk)).status_code == 405
+    assert Workflow.objects.get(pk=workflow.pk).status == W.RUNNING
+
+    response = operator.post(_url(Workflow, "cancel", workflow.pk), follow=True)
+    assert response.redirect_chain[-1][0] == _url(Workflow, "change", workflow.pk)
+    assert "Cancelled: 1 workflows." in _messages(response)
+    page = response.content.decode()
+    assert _url(Workflow, "resume", workflow.pk) in page and _url(Workflow, "cancel", workflow.pk) not in page
+
+    b = task(workflow, "b")
+    task_page = operator.get(_url(TaskExecution, "change", b.pk)).content.decode()
+    assert _url(TaskExecution, "retry", b.pk) in task_page
+    response = operator.post(_url(TaskExecution, "retry", b.pk), follow=True)
+    # The workflow stopped at its first cancel: retrying one of its tasks resumes it whole.
+    assert "Retried: 1 task executions." in _messages(response)
+    assert Workflow.objects.get(pk=workflow.pk).status == W.RUNNING
+    assert (task(workflow, "a").status, task(workflow, "b").status) == (T.QUEUED, T.PENDING)
+    assert "workflow_resumed" in _events(workflow)
+
+    # A refusal is the service's, in its words.
+    response = operator.post(_url(Workflow, "resume", workflow.pk), follow=True)
+    assert f"Not resumed (1): {workflow}: workflow {workflow.pk} is running" in _messages(response)
+
+
+@pytest.mark.django_db
+def test_staff_who_may_only_view_get_no_operations(builtin_agents, client):
+    viewer = UserFactory(is_staff=True, username="watcher")
+    viewer.user_permissions.add(*Permission.objects.filter(codename__in=["view_workflow", "view_taskexecution"]))
+    client.force_login(viewer)
+    workflow = submit({"name": "a", "agent": "echo"})
+
+    listing = client.get(_url(Workflow, "changelist"))
+    assert listing.status_code == 200
+    assert listing.context["action_form"] is None  # no action at all: deleting is not offered either
+    page = client.get(_url(Workflow, "change", workflow.pk)).content.decode()
+    assert _url(Workflow, "cancel", workflow.pk) not in page
+    assert client.post(_url(Workflow, "cancel", workflow.pk)).status_code == 403
+    forged = client.post(_url(Workflow, "changelist"), {"action": "cancel", "_selected_action": [workflow.pk]})
+    assert forged.status_code in (200, 302)
+    assert Workflow.objects.get(pk=workflow.pk).status == W.RUNNING
+    assert task(workflow, "a").status == T.QUEUED
+
+
+@pytest.mark.django_db
+def test_a_selection_too_large_is_refused_whole(builtin_agents, operator, monkeypatch):
+    monkeypatch.setattr(operations, "MAX_SELECTED", 2)
+    workflows = [submit({"name": "a", "agent": "echo"}) for _ in range(3)]
+    response = operator.post(
+        _url(Workflow, "changelist"),
+        {"action": "cancel", "_selected_action": [w.pk for w in workflows]},
+        follow=True,
+    )
+    assert "Nothing done: select at most 2 workflows to cancel." in _messages(response)
+    assert set(Workflow.objects.filter(pk__in=[w.pk for w in workflows]).values_list("status", flat=True)) == {
+        W.RUNNING
+    }
