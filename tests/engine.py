@@ -31,6 +31,18 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, interval: f
         time.sleep(interval)
 
 
+def output_of(process: subprocess.Popen[str], *, timeout: float) -> str:
+    """A subprocess's output once it exits; one still running after `timeout` is killed (and
+    the test fails on its TimeoutExpired)."""
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return output
+
+
 def database_url() -> str:
     s = connection.settings_dict
     user = s.get("USER") or ""

@@ -21,7 +21,7 @@ from django.db import connection, transaction
 from orchestration.models import Event
 from orchestration.services.events import event_record
 from orchestration.services.relay import event_to_entry, events_relay
-from tests.engine import ROOT, database_url, wait_for
+from tests.engine import ROOT, database_url, output_of, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -289,10 +289,7 @@ def test_relay_follow_stops_cleanly_on_sigterm_and_sigint(stream, stop):
     try:
         wait_for(lambda: stream.xlen(settings.SYNAPSE_STREAM) == 3, timeout=60, what="the relay to publish")
         process.send_signal(stop)
-        output, _ = process.communicate(timeout=10)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        output = output_of(process, timeout=10)
     assert process.returncode == 0, output
     assert "Traceback" not in output

@@ -27,7 +27,7 @@ from orchestration.runtime.context import Usage
 from orchestration.services.events import event_record, task_event, workflow_event
 from orchestration.services.relay import event_to_entry, events_relay
 from orchestration.services.workflows import task_retry
-from tests.engine import ROOT, wait_for
+from tests.engine import ROOT, output_of, wait_for
 from tests.factories import AgentFactory, EventFactory, TaskExecutionFactory, WorkflowFactory
 from tests.orchestration.test_accounting_edges import _run_attempt
 from training_export.services.store import TrainingDataStore
@@ -557,11 +557,8 @@ def test_the_running_consumer_finishes_its_batch_and_leaves_the_group_on_sigterm
             client.xadd(stream, {**entry, "event_id": "ev-2", "created_at": "2024-03-05T11:00:00+00:00"}, id="2-1")
             wait_for(lambda: lines() == 3, timeout=10, what="the second entry to be written")
             process.send_signal(signal.SIGTERM)
-            output, _ = process.communicate(timeout=15)
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            output = output_of(process, timeout=15)
 
         assert process.returncode == 0, output
         assert output.count("batch: 1 entries; rows written: events=1") == 2

@@ -22,7 +22,7 @@ import pytest
 import redis
 from django.conf import settings
 
-from tests.engine import ROOT
+from tests.engine import ROOT, output_of
 
 T0 = dt.datetime(2024, 3, 5, 22, 0, tzinfo=dt.UTC)
 EVENTS = 3000
@@ -80,12 +80,7 @@ def consume_events(stream: str, data_dir: Path, *args: str, once: bool = True) -
 
 
 def finish(process: subprocess.Popen[str]) -> str:
-    try:
-        output, _ = process.communicate(timeout=180)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    output = output_of(process, timeout=180)
     assert process.returncode == 0, output
     return output
 
