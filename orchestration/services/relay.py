@@ -139,7 +139,13 @@ def events_relay(*, client: redis.Redis | None = None, batch: int | None = None,
     gaps_key = f"{stream}:relay:gaps"
     result = RelayResult(last_sequence=_stream_last_sequence(client, stream))
     for _ in range(max_batches):
-        published, blocked = _relay_batch(client, stream, gaps_key, result, batch)
+        published, blocked, first_seen = _relay_batch(client, stream, gaps_key, result, batch)
+        if blocked and first_seen:
+            # A hole seen for the first time: its writers are recorded, and the next batch
+            # proves it at once if they have all ended (a rollback's hole usually has). Waiting
+            # for the next pass instead passed one hole per pass: with rollbacks more frequent
+            # than the passes, the stream fell behind for good.
+            continue
         if blocked or published < batch:
             break
     if result.published:
@@ -269,14 +275,18 @@ def stream_trim(*, client: redis.Redis, stream: str, approximate: bool = True) -
     return trimmed
 
 
-def _relay_batch(client: redis.Redis, stream: str, gaps_key: str, result: RelayResult, batch: int) -> tuple[int, bool]:
+def _relay_batch(
+    client: redis.Redis, stream: str, gaps_key: str, result: RelayResult, batch: int
+) -> tuple[int, bool, bool]:
+    """(events published, blocked by a hole, that hole's writers recorded just now)."""
     # SQLite serialises writers: no transaction can commit a lower sequence late there.
     holes_possible = connection.vendor == "postgresql"
     settled = _settled_gaps(client, gaps_key) if holes_possible else set()  # before reading rows
     rows = list(Event.objects.filter(sequence__gt=result.last_sequence).order_by("sequence")[:batch])
     to_publish: list[Event] = []
     expected = result.last_sequence + 1
-    blocked = False
+    blocked = first_seen = False
+    result.waiting_on_gap = None  # where this batch stops, if it does
     for event in rows:
         if event.sequence > expected and holes_possible:
             gap = f"{expected}-{event.sequence - 1}"
@@ -288,6 +298,7 @@ def _relay_batch(client: redis.Redis, stream: str, gaps_key: str, result: RelayR
                 if _recorded_writers(client.hget(gaps_key, gap) or b"") is None:
                     # Taken after the rows were read: see the module's docstring.
                     client.hset(gaps_key, gap, json.dumps(_events_writers()))
+                    first_seen = True
                 result.waiting_on_gap = (expected, event.sequence - 1)
                 blocked = True
                 break
@@ -295,7 +306,7 @@ def _relay_batch(client: redis.Redis, stream: str, gaps_key: str, result: RelayR
         to_publish.append(event)
         expected = event.sequence + 1
     published = _publish(client, stream, to_publish, result)
-    return published, blocked
+    return published, blocked, first_seen
 
 
 def _publish(client: redis.Redis, stream: str, events: list[Event], result: RelayResult) -> int:
