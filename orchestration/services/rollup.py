@@ -282,7 +282,11 @@ def periods_missed(*, period: str, before: dt.datetime, now: dt.datetime) -> lis
     rolled up. A period with nothing in it has nothing to roll up."""
     since = before - CATCHUP[period]
     if settings.RETENTION_DAYS_AGENT_METRICS > 0:
-        since = max(since, period_floor(now - dt.timedelta(days=settings.RETENTION_DAYS_AGENT_METRICS), period))
+        # The first period retention keeps (it deletes those that start before its cutoff):
+        # one that starts earlier would be written again after every retention run.
+        cutoff = now - dt.timedelta(days=settings.RETENTION_DAYS_AGENT_METRICS)
+        kept = period_floor(cutoff, period)
+        since = max(since, kept if kept >= cutoff else kept + PERIODS[period])
     if since >= before:
         return []
 

@@ -182,8 +182,25 @@ def test_a_period_the_beat_ran_late_for_is_rolled_up_by_the_next_run(activity, s
     # Not past the metrics' retention: what retention deleted is not written again.
     settings.RETENTION_DAYS_AGENT_METRICS = 1
     AgentMetric.objects.all().delete()
-    late = rollup_previous(period="hour", now=H + dt.timedelta(days=1, hours=1, minutes=5))
+    late = rollup_previous(period="hour", now=H + dt.timedelta(days=1, hours=1))  # retention keeps H+1h on
     assert late.caught_up == [H + dt.timedelta(hours=1)]
+
+
+def test_a_period_retention_deleted_is_not_rolled_up_again_after_every_retention_run(activity, settings):
+    """Retention deletes the metrics of the periods that start more than
+    RETENTION_DAYS_AGENT_METRICS ago. The catch-up must not write such a period again (a
+    warning, a rollup and metrics past their retention after every retention run): it starts
+    at the first period retention keeps."""
+    from orchestration.services.retention import retention_apply
+
+    settings.RETENTION_DAYS_AGENT_METRICS = 1
+    now = H + dt.timedelta(days=1, minutes=30)  # retention keeps the periods from H+30min: H+1h on
+    first = rollup_previous(period="hour", now=now)
+    retention_apply(now=now)
+    again = rollup_previous(period="hour", now=now + dt.timedelta(minutes=10))
+    assert again.caught_up == [], "what retention deleted was rolled up again"
+    assert first.caught_up == [H + dt.timedelta(hours=1)]
+    assert not AgentMetric.objects.filter(period="hour", period_start__lt=now - dt.timedelta(days=1)).exists()
 
 
 def test_a_day_the_beat_ran_late_for_is_rolled_up_by_the_next_run(activity):
