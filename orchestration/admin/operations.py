@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.utils import quote, unquote
 from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
 from django.db import models
-from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
-from django.shortcuts import get_object_or_404
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import URLPattern, path, reverse
 
 from orchestration.errors import ConversationError, SpecError, TransitionError
@@ -70,6 +70,7 @@ class OperationsMixin:
     message_user: Callable[..., None]
     log_change: Callable[..., None]
     has_change_permission: Callable[..., bool]
+    get_object: Callable[..., Any]
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
         actions = super().get_actions(request)  # type: ignore[misc]
@@ -126,26 +127,30 @@ class OperationsMixin:
         def view(request: HttpRequest, object_id: str) -> HttpResponse:
             if request.method != "POST":
                 return HttpResponseNotAllowed(["POST"])  # a link or a crawler changes nothing
-            obj = get_object_or_404(self.model, pk=object_id)
+            obj = self.get_object(request, unquote(object_id))  # None for a malformed id too
+            if obj is None:
+                raise Http404(f"no {self.model._meta.verbose_name} {object_id!r}")
             if not self.has_change_permission(request, obj):
                 raise PermissionDenied
             self.operate(request, operation, [obj])
             opts = self.model._meta
-            return HttpResponseRedirect(reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk]))
+            return HttpResponseRedirect(
+                reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[quote(obj.pk)])
+            )
 
         return view
 
     def change_view(
         self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        obj = self.model.objects.filter(pk=object_id).first()
+        obj = self.get_object(request, unquote(object_id))
         buttons = []
         if obj is not None and self.has_change_permission(request, obj):
             opts = self.model._meta
             buttons = [
                 {
                     "label": operation.verb.capitalize(),
-                    "url": reverse(f"admin:{opts.app_label}_{opts.model_name}_{operation.name}", args=[obj.pk]),
+                    "url": reverse(f"admin:{opts.app_label}_{opts.model_name}_{operation.name}", args=[quote(obj.pk)]),
                 }
                 for operation in self.operations
                 if operation.offered(obj)

@@ -141,3 +141,11 @@ def test_a_selection_too_large_is_refused_whole(builtin_agents, operator, monkey
     assert set(Workflow.objects.filter(pk__in=[w.pk for w in workflows]).values_list("status", flat=True)) == {
         W.RUNNING
     }
+
+
+@pytest.mark.django_db
+def test_an_operation_on_a_missing_or_malformed_id_is_a_404(operator):
+    for object_id in ("no-such-workflow", "bad\x00id"):
+        assert operator.post(_url(Workflow, "cancel", object_id)).status_code == 404
+    for model in (Workflow, TaskExecution, TaskAttempt, Agent):  # every object page, not only operations
+        assert operator.get(_url(model, "change", "bad\x00id")).status_code == 404
