@@ -606,6 +606,9 @@ class MessageSerializer(FastReadMixin, serializers.ModelSerializer):
     """A message of a conversation."""
 
     agent_id = serializers.CharField(read_only=True, allow_null=True)
+    execution_id = serializers.CharField(
+        read_only=True, allow_null=True, help_text="the reply task (a user message's, or the one that wrote this reply)"
+    )
     tool_calls = serializers.JSONField(read_only=True, allow_null=True)
     metadata = JSONObjectField(read_only=True)
 
@@ -620,6 +623,7 @@ class MessageSerializer(FastReadMixin, serializers.ModelSerializer):
             "tool_calls",
             "tool_call_id",
             "is_error",
+            "execution_id",
             "input_tokens",
             "output_tokens",
             "tokens_used",

@@ -31,7 +31,7 @@ from orchestration.models import Agent
 from orchestration.runtime import pricing
 from orchestration.runtime.context import AgentResult, TaskContext, Usage
 from orchestration.runtime.http_agent import Reply, post_json, read_timeout_for, status_error
-from orchestration.runtime.tools import json_loads_strict
+from orchestration.runtime.tools import json_loads_strict, jsonb_problem
 from orchestration.runtime.urlpolicy import url_check
 
 OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
@@ -371,6 +371,13 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
                     "(LLM_MAX_TOOL_ROUNDS)"
                 ),
                 total,
+            )
+        # The final answer is checked as the attempt's output; one that calls tools is kept in
+        # the conversation's transcript, which must be storable too, or even the failure's
+        # record of the thread could not be written (and the attempt would stay running).
+        if problem := jsonb_problem({"content": answer.content, "tool_calls": calls}, "answer"):
+            raise _with_usage(
+                PermanentError(f"agent {agent.id!r}: the model's answer cannot be stored: {problem}"), total
             )
         asked = {"role": "assistant", "content": answer.content or None, "tool_calls": calls}
         messages.append(asked)

@@ -176,6 +176,8 @@ class ToolBox:
                     f"(its definition allows: {', '.join(self.allowed) or 'no tools'})"
                 )
             found = tool_get(name)
+            if problem := jsonb_problem(arguments, "arguments"):  # a model's "\u0000": not storable, not passed on
+                raise ToolError(f"tool {name!r}: invalid arguments: {problem}")
             if problems := arguments_problems(found, arguments):
                 raise ToolError(f"tool {name!r}: invalid arguments: " + "; ".join(problems))
             output = found.fn(**arguments)
@@ -194,7 +196,11 @@ class ToolBox:
         record = ToolCall(
             call_id=call_id,
             tool_name=name,
-            input_params=arguments if isinstance(arguments, dict) else {"arguments": repr(arguments)},
+            input_params=(
+                arguments
+                if isinstance(arguments, dict) and not jsonb_problem(arguments)
+                else {"arguments": repr(arguments)}
+            ),
             output_result=output if error is None else None,
             execution_time_ms=round(elapsed_ms, 3),
             error=None if error is None else str(error),

@@ -63,6 +63,10 @@ def _validate(*, agent: Agent, instance_id: str, content: Any) -> str:
         raise ConversationError("content: a message needs some text")
     if "\x00" in content:
         raise ConversationError("content: must not contain NUL (\\x00) characters")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: what a line that is not UTF-8 reads as (chat's stdin)
+        raise ConversationError("content: is not valid text (an unpaired UTF-16 surrogate; is it UTF-8?)") from None
     if len(content) > settings.CONVERSATION_MAX_MESSAGE_CHARS:
         raise ConversationError(
             f"content: {len(content)} characters; the limit is {settings.CONVERSATION_MAX_MESSAGE_CHARS}"

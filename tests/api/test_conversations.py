@@ -121,3 +121,17 @@ def test_the_asker_cannot_retry_an_old_reply_beside_the_pending_one(callers):
         status__in=TaskExecution.TERMINAL_STATUSES
     )
     assert in_flight.count() == 1, (retried.status_code, list(in_flight.values_list("task_name", "status")))
+
+
+def test_the_threads_messages_name_the_reply_task_to_look_at_and_cancel(callers):
+    """The README's way to the reply task; the messages did not carry it, so a reply that
+    failed without an error message (a lost worker, the reaper) left the asker nothing to
+    follow, and a pending one could be found only by posting again for the 409."""
+    dev = callers["developer"].client
+    url = "/api/v1/conversations/t-id/messages/"
+    assert dev.post(url, {"agent": "echo", "content": "one"}, format="json").status_code == 202
+    [message] = dev.get(url).json()["results"]
+    task_id = AgentPlaygroundMessage.objects.get(instance_id="t-id").execution_id
+    assert message["execution_id"] == task_id
+    assert dev.get(f"/api/v1/tasks/{task_id}/").json()["status"] == "queued"
+    assert dev.post(f"/api/v1/tasks/{task_id}/cancel/", {}, format="json").status_code == 200

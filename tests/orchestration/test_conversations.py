@@ -239,3 +239,150 @@ def test_chat_command_is_a_terminal_conversation(engine, monkeypatch):
     assert "[calls calculator(" in text
     assert "continue with: manage.py chat assistant --instance cli-1" in text
     assert AgentPlaygroundMessage.objects.filter(instance_id="cli-1", role="user").count() == 2
+
+
+def _completion(message: dict, prompt_tokens: int = 10, completion_tokens: int = 5) -> dict:
+    """A chat.completion body answering `message` (scripted into OpenAIServer)."""
+    return {
+        "id": "chatcmpl-scripted",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4o-mini",
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": "tool_calls" if "tool_calls" in message else "stop"}
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def _call(call_id: str, name: str, arguments: dict) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+def _tool_agent(llm: OpenAIServer, tools: list[str]) -> Agent:
+    return Agent.objects.create(
+        id="tooly",
+        name="Tooly",
+        executor=Agent.Executor.LLM,
+        provider="openai",
+        url=llm.base_url,
+        model="gpt-4o-mini",
+        api_key_env="CHAT_KEY",
+        config={"tools": tools},
+    )
+
+
+LLM_ENV = {"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "CHAT_KEY": KEY}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_tool_calls_of_one_turn_one_refused_are_sent_back_paired_on_the_next_turn(engine):
+    with OpenAIServer(api_key=KEY) as llm:
+        engine(env=LLM_ENV)
+        agent = _tool_agent(llm, ["calculator", "text_stats"])
+        llm.script(
+            Reply(
+                body=_completion(
+                    {
+                        "role": "assistant",
+                        "content": "Let me see.",
+                        "tool_calls": [
+                            _call("c1", "calculator", {"expression": "2+2"}),
+                            _call("c2", "text_stats", {"bogus": 1}),
+                        ],
+                    }
+                )
+            ),
+            Reply(body=_completion({"role": "assistant", "content": "four"})),
+        )
+        first = conversation_message_post(agent=agent, instance_id="pair", content="2+2?")
+        assert reply_to(first).status == TaskExecution.Status.COMPLETED
+        second = conversation_message_post(agent=agent, instance_id="pair", content="thanks")
+        assert reply_to(second).status == TaskExecution.Status.COMPLETED
+    sent = llm.requests[-1].body["messages"]
+    assert [(m["role"], m.get("tool_call_id")) for m in sent] == [
+        ("user", None),
+        ("assistant", None),
+        ("tool", "c1"),
+        ("tool", "c2"),
+        ("assistant", None),
+        ("user", None),
+    ]
+    assert [c["id"] for c in sent[1]["tool_calls"]] == ["c1", "c2"] and sent[1]["content"] == "Let me see."
+    assert (
+        json.loads(sent[2]["content"])["result"] == 4 and "invalid arguments" in json.loads(sent[3]["content"])["error"]
+    )
+    final = AgentPlaygroundMessage.objects.get(instance_id="pair", role="assistant", content="four")
+    assert (final.tokens_used, final.metadata["cost_usd"]) == (30, "0.000010")  # both rounds of the reply
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_tool_calling_answer_the_database_cannot_store_fails_the_reply_instead_of_leaving_it_running(engine):
+    """A NUL in the text a model sends with its tool calls: the transcript could not be
+    stored, nor then the failure that stores it too; the attempt stayed running (the thread
+    "still answering") until the reaper timed it out and ran the model again."""
+    with OpenAIServer(api_key=KEY) as llm:
+        engine(env=LLM_ENV)
+        agent = _tool_agent(llm, ["calculator"])
+        llm.script(
+            Reply(
+                body=_completion(
+                    {
+                        "role": "assistant",
+                        "content": "thin\u0000king",
+                        "tool_calls": [_call("c1", "calculator", {"expression": "2+2"})],
+                    }
+                )
+            ),
+        )
+        asked = conversation_message_post(agent=agent, instance_id="nul", content="2+2?")
+        task = reply_to(asked, timeout=20)
+    assert task.status == TaskExecution.Status.FAILED and task.retry_count == 0
+    assert "cannot be stored" in task.error and "NUL" in task.error
+    [error] = AgentPlaygroundMessage.objects.filter(instance_id="nul", role="assistant")
+    assert error.is_error and error.tokens_used == 15  # the paid round is on the reply
+    assert TaskAttempt.objects.get(execution_id=task.pk).status == TaskAttempt.Status.FAILED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_tool_call_with_a_nul_in_its_arguments_is_refused_to_the_model_not_a_failed_attempt(engine):
+    """The tool_executed event could not store the arguments: the attempt failed with a
+    DataError quoting SQL into the thread, and was run again."""
+    with OpenAIServer(api_key=KEY) as llm:
+        engine(env=LLM_ENV)
+        agent = _tool_agent(llm, ["text_stats"])
+        llm.script(
+            Reply(
+                body=_completion(
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [_call("c1", "text_stats", {"text": "a\x00b"})],
+                    }
+                )
+            ),
+        )
+        asked = conversation_message_post(agent=agent, instance_id="nul-args", content="stats?")
+        task = reply_to(asked)
+    assert task.status == TaskExecution.Status.COMPLETED and task.retry_count == 0
+    assert not AgentPlaygroundMessage.objects.filter(instance_id="nul-args", is_error=True).exists()
+    told = llm.requests[-1].body["messages"][-1]
+    assert told["role"] == "tool" and "NUL" in json.loads(told["content"])["error"]
+    event = Event.objects.get(event_type=EventType.TOOL_EXECUTED, payload__execution_id=task.pk)
+    assert "NUL" in event.payload["error"] and event.payload["input_params"] == {"arguments": repr({"text": "a\x00b"})}
+
+
+@pytest.mark.django_db
+def test_chat_refuses_a_line_that_is_not_utf8_with_a_message_not_a_traceback(builtin_agents, monkeypatch):
+    """stdin reads bytes that are not UTF-8 (a Latin-1 "é") as lone surrogates, which the
+    database driver cannot encode: the INSERT raised UnicodeEncodeError out of the command."""
+    from django.core.management.base import CommandError
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("caf\udce9\n\n"))
+    with pytest.raises(CommandError, match="content: is not valid text"):
+        call_command("chat", "echo", "--instance", "latin-1", stdout=io.StringIO())
+    assert not AgentPlaygroundMessage.objects.filter(instance_id="latin-1").exists()
