@@ -265,3 +265,42 @@ def test_a_called_tool_the_registry_does_not_know_gets_a_minimal_schema(db, out)
         "type": "function",
         "function": {"name": "retired_tool", "parameters": {"type": "object"}},
     }
+
+
+def test_tool_call_ids_a_server_repeats_are_made_unique_with_their_replies(db, out):
+    """Some OpenAI-compatible servers number each answer's calls from zero: the thread holds
+    "call_0" in two turns, and twice in one. The example renames the repeats, each tool reply
+    with its call, and stays valid; the thread was skipped before."""
+    agent = AgentFactory(config={"tools": ["calculator"]})
+    thread(
+        "t-ids",
+        agent,
+        [
+            {"role": "user", "content": "2+2 and 3+3?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [call("call_0", "calculator", {"x": "2+2"}), call("call_0", "calculator", {"x": "3+3"})],
+            },
+            {"role": "tool", "content": "4", "tool_call_id": "call_0"},
+            {"role": "tool", "content": "6", "tool_call_id": "call_0"},
+            {"role": "assistant", "content": "4 and 6."},
+            {"role": "user", "content": "and 4+4?"},
+            {"role": "assistant", "content": "", "tool_calls": [call("call_0", "calculator", {"x": "4+4"})]},
+            {"role": "tool", "content": "8", "tool_call_id": "call_0"},
+            {"role": "assistant", "content": "8."},
+        ],
+    )
+    run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+    [example] = exported(out)
+    assert run.rows == 1
+    chat_example_validate(example)
+    pairs = [
+        (m["tool_calls"][i]["id"], json.loads(m["tool_calls"][i]["function"]["arguments"])["x"])
+        for m in example["messages"]
+        if "tool_calls" in m
+        for i in range(len(m["tool_calls"]))
+    ]
+    replies = [(m["tool_call_id"], m["content"]) for m in example["messages"] if m["role"] == "tool"]
+    assert pairs == [("call_0", "2+2"), ("call_0-1", "3+3"), ("call_0-2", "4+4")]
+    assert replies == [("call_0", "4"), ("call_0-1", "6"), ("call_0-2", "8")]

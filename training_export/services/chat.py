@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from itertools import groupby
 from typing import Any
@@ -321,7 +321,34 @@ def conversation_example(
         tools = _tools(agent_config, sorted(set(called)), redactor)
     if not has_system and system_prompt and messages:
         messages.insert(0, {"role": "system", "content": redactor.text(system_prompt)})
+    _unique_call_ids(messages)
     return {"messages": messages, "tools": tools}, recorded is not None
+
+
+def _unique_call_ids(messages: list[dict[str, Any]]) -> None:
+    """Give a tool call whose id an earlier call of the example already has another one (the
+    id, "-1", "-2", ...) and its tool reply the same: some OpenAI-compatible servers number
+    each answer's calls from zero, and an example with one id twice breaks the format. The
+    replies after an assistant message answer its calls, in order for an id it repeats. The
+    same thread gives the same ids, so a re-export is byte-identical."""
+    seen: set[str] = set()
+    turn: dict[str, deque[str]] = {}
+    for message in messages:
+        if message["role"] == "assistant":
+            turn = {}
+            for call in message.get("tool_calls", []):
+                original = call["id"]
+                if not isinstance(original, str):
+                    continue  # the validator names it
+                unique, n = original, 0
+                while unique in seen:
+                    n += 1
+                    unique = f"{original}-{n}"
+                seen.add(unique)
+                call["id"] = unique
+                turn.setdefault(original, deque()).append(unique)
+        elif message["role"] == "tool" and turn.get(message["tool_call_id"]):
+            message["tool_call_id"] = turn[message["tool_call_id"]].popleft()
 
 
 def _thread_rows(start: dt.datetime, end: dt.datetime) -> Iterator[tuple[Any, ...]]:
