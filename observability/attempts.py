@@ -34,12 +34,12 @@ def attempt_finished(
     recorded: bool = True,
 ) -> None:
     """The outcome of attempt_succeed / attempt_fail. `recorded` False means the attempt had
-    already been closed by someone else: a cancellation is counted here, a reaped attempt by
-    the reaper's report (attempts_reaped)."""
+    already been closed by someone else, who reported it (attempts_reaped: the reaper, a
+    claim, or the cancellation, whose process kill usually stops the attempt before it gets
+    here): nothing more to count."""
+    if not recorded:
+        return
     with metrics.guarded("attempt_finished"):
-        if not recorded:
-            _closed_elsewhere(attempt, agent_id=agent_id)
-            return
         if error is None:
             status, cause, task_status = "succeeded", "success", "completed"
         else:
@@ -76,7 +76,8 @@ def attempt_finished(
 
 def attempts_reaped(*, attempt_ids: list[int]) -> None:
     """Attempts closed outside attempt_run: by the reaper (timed_out / hard_timeout, lost /
-    worker_lost), or at a claim (lost on redelivery, timed_out / queue_timeout)."""
+    worker_lost), at a claim (lost on redelivery, timed_out / queue_timeout), or by a
+    cancellation (cancelled, while they ran)."""
     if not attempt_ids:
         return
     from orchestration.models import TaskAttempt
@@ -128,6 +129,9 @@ def attempts_reaped(*, attempt_ids: list[int]) -> None:
                 workflow_id=workflow_id,
                 attempt_number=number,
                 duration_ms=duration_ms or 0.0,
+                input_tokens=input_tokens or 0,
+                output_tokens=output_tokens or 0,
+                cost_usd=cost or 0,
                 at=at or timezone.now(),
             )
 
@@ -137,27 +141,6 @@ def _final_task_status(execution_id: Any) -> str | None:
 
     status = TaskExecution.objects.filter(pk=execution_id).values_list("status", flat=True).first()
     return status if status in FINAL_TASK_STATUSES else None
-
-
-def _closed_elsewhere(attempt: Any, *, agent_id: str) -> None:
-    from orchestration.models import TaskAttempt
-
-    row = (
-        TaskAttempt.objects.filter(pk=attempt.pk)
-        .values_list("status", "cause", "duration_ms", "input_tokens", "output_tokens", "cost_usd")
-        .first()
-    )
-    if row is None or row[0] != TaskAttempt.Status.CANCELLED:
-        return
-    metrics.attempt_outcome_observe(
-        agent_id=agent_id,
-        status=row[0],
-        cause=row[1] or "cancelled",
-        duration_ms=row[2],
-        input_tokens=row[3],  # what the attempt had paid for before it was cancelled
-        output_tokens=row[4],
-        cost_usd=row[5],
-    )
 
 
 def queue_wait_seconds(*, published_at: float | None, eta: str | dt.datetime | None, now: float) -> float | None:

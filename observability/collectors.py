@@ -146,8 +146,9 @@ def work_families() -> Families:
                 limit = (timeout or settings.TASK_DEFAULT_TIMEOUT_SECONDS) + slack
                 if (now - started_at).total_seconds() > limit:
                     overdue += 1
+        # A retrying task waits in its queue too, from the end of its countdown (its queued_at).
         oldest_queued = TaskExecution.objects.filter(
-            status=TaskExecution.Status.QUEUED, queued_at__isnull=False
+            status__in=(TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING), queued_at__isnull=False
         ).aggregate(oldest=Min("queued_at"))["oldest"]
     running_gauge = GaugeMetricFamily("agentledger_attempts_running", "Attempts currently running.")
     running_gauge.add_metric([], summary["n"])

@@ -49,6 +49,10 @@ PATTERNS = (
 _ANY_WORD = re.compile("|".join(re.escape(word) for _, words in PATTERNS for word in words))
 _URL_USERINFO = re.compile(r"(?i)([a-z][a-z0-9+.-]*://)[^/@\s]*@")
 CONFIGURED_URLS = ("REDIS_URL", "CELERY_BROKER_URL", "INFLUXDB_URL")
+# The attributes every LogRecord has; any other one is an `extra` (Celery's `data` with the
+# raw exception and traceback of a failed task, django.request's `request` with its query
+# string), which the JSON format writes out and so must be masked too.
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "task_context"}
 
 
 def log_context_bind(**fields: Any) -> None:
@@ -200,7 +204,29 @@ class RedactFilter(logging.Filter):
             record.exc_text = redact(record.exc_text, secrets)
         if record.stack_info:
             record.stack_info = redact(record.stack_info, secrets)
+        for key in record.__dict__.keys() - _RECORD_ATTRIBUTES:
+            record.__dict__[key] = _redact_value(record.__dict__[key], secrets)
         return True
+
+
+def _redact_value(value: Any, secrets: tuple[str, ...]) -> Any:
+    """An `extra` with its secrets masked: strings, and the strings inside dicts, lists and
+    tuples (copies: the caller's objects are left alone); any other object that renders a
+    secret is replaced by its masked text, the rest kept as they are."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, dict):
+        return {key: _redact_value(item, secrets) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_redact_value(item, secrets) for item in value)
+    try:
+        text = str(value)
+    except Exception:
+        return value
+    masked = redact(text, secrets)
+    return value if masked == text else masked
 
 
 class JsonFormatter(_JsonFormatter):

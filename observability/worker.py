@@ -81,12 +81,16 @@ def task_started(task: Any, args: Any, kwargs: Any) -> None:
         logs.log_context_bind(execution_id=execution_id)
     with metrics.guarded("queue_wait"):
         request = task.request
+        delivery = request.delivery_info or {}
+        if delivery.get("redelivered"):
+            # Its wait was observed at the first delivery; since its publication stamp, the
+            # message ran on a worker that was lost (and sat out the visibility timeout).
+            return
         wait = queue_wait_seconds(
             published_at=request.get(PUBLISHED_AT_HEADER), eta=request.get("eta"), now=time.time()
         )
         if wait is not None:
-            queue = (request.delivery_info or {}).get("routing_key") or ""
-            metrics.queue_wait_observe(queue=queue, seconds=wait)
+            metrics.queue_wait_observe(queue=delivery.get("routing_key") or "", seconds=wait)
 
 
 def task_ended() -> None:

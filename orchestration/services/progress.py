@@ -16,6 +16,7 @@ from typing import Any
 from django.db import transaction
 from django.db.models import F
 
+from observability.attempts import attempts_reaped
 from observability.metrics import tasks_cancelled_observe
 from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
@@ -346,4 +347,8 @@ def tasks_cancel(
     revoke_after_commit(revoke, terminate=True)
     agent_ids = [t.agent_id for t in tasks]
     transaction.on_commit(lambda: tasks_cancelled_observe(agent_ids=agent_ids))
+    # The running attempts are reported here, with what they had spent: their processes are
+    # terminated (above), so they never get back to attempt_run to report themselves.
+    cancelled_attempts = [a.pk for a in running]
+    transaction.on_commit(lambda: attempts_reaped(attempt_ids=cancelled_attempts))
     return len(tasks)

@@ -51,20 +51,41 @@ def test_reaped_attempts_are_counted_with_their_cause_and_the_tasks_final_status
 
 
 @pytest.mark.django_db
-def test_an_attempt_cancelled_while_it_ran_is_counted_as_cancelled_when_it_returns():
+def test_an_attempt_cancelled_while_it_ran_is_counted_once_by_the_cancellation(django_capture_on_commit_callbacks):
+    """Cancelling SIGTERMs the process running the attempt, which then never reports it: the
+    cancellation does, with what the attempt had metered; a worker that still returns first
+    counts nothing more."""
+    from orchestration.services.workflows import task_cancel
+
     agent = AgentFactory(id="cancelled-agent")
+    task = TaskExecutionFactory(agent=agent, workflow=None, status="running", celery_task_id="m-cancel")
     attempt = TaskAttemptFactory(
-        execution=TaskExecutionFactory(agent=agent),
-        status=TaskAttempt.Status.CANCELLED,
-        cause="cancelled",
-        finished_at=timezone.now(),
+        execution=task,
+        status=TaskAttempt.Status.RUNNING,
+        started_at=timezone.now() - dt.timedelta(seconds=3),
+        input_tokens=700,
+        output_tokens=50,
+        cost_usd="0.0125",
     )
-    before = sample("agentledger_task_attempts_total", agent=agent.id, status="cancelled", cause="cancelled")
+
+    def counted() -> tuple[float, ...]:
+        return (
+            sample("agentledger_task_attempts_total", agent=agent.id, status="cancelled", cause="cancelled"),
+            sample("agentledger_task_duration_seconds_count", agent=agent.id, status="cancelled"),
+            sample("agentledger_tokens_total", agent=agent.id, direction="input"),
+            sample("agentledger_cost_usd_total", agent=agent.id),
+            sample("agentledger_tasks_finished_total", agent=agent.id, status="cancelled"),
+        )
+
+    before = counted()
+    with django_capture_on_commit_callbacks(execute=True):
+        task_cancel(execution_id=task.pk)
+    after = counted()
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 700, pytest.approx(0.0125), 1]
+    assert sample("agentledger_task_duration_seconds_sum", agent=agent.id, status="cancelled") >= 3
+    attempt.refresh_from_db()
     attempt_finished(attempt=attempt, agent_id=agent.id, workflow_id=None, duration_ms=5.0, recorded=False)
-    assert (
-        sample("agentledger_task_attempts_total", agent=agent.id, status="cancelled", cause="cancelled") == before + 1
-    )
-    assert sample("agentledger_task_attempts_total", agent=agent.id, status="succeeded", cause="success") == 0
+    assert counted() == after
 
 
 def test_a_hook_that_fails_is_counted_and_never_raises():

@@ -280,3 +280,35 @@ def test_rollup_points_carry_every_metric_of_each_agent_for_the_period(server, s
     assert alpha.fields == {"tasks": 4.0, "cost": 0.5, "success_rate": 75.0}
     assert beta.fields["tasks"] == 2.0
     assert alpha.timestamp == int(start.timestamp())
+
+
+@pytest.mark.django_db
+def test_reaped_attempts_are_written_with_what_they_spent(server, settings):
+    """An attempt closed outside attempt_run keeps the tokens and cost metered while it ran:
+    its point carries them, as the Prometheus counters do."""
+    from observability.attempts import attempts_reaped
+    from tests.factories import TaskAttemptFactory
+
+    settings.INFLUXDB_URL, settings.INFLUXDB_TOKEN = server.url, TOKEN
+    settings.INFLUXDB_ORG, settings.INFLUXDB_BUCKET = "agentledger", "tasks"
+    settings.INFLUXDB_FLUSH_INTERVAL_MS = 50
+    finished_at = dt.datetime(2026, 11, 22, 4, 0, tzinfo=dt.UTC)
+    lost = TaskAttemptFactory(
+        status="lost",
+        cause="worker_lost",
+        finished_at=finished_at,
+        duration_ms=31000.0,
+        input_tokens=900,
+        output_tokens=120,
+        cost_usd=Decimal("0.0125"),
+    )
+    try:
+        attempts_reaped(attempt_ids=[lost.pk])
+        wait_for(lambda: len(server.points) == 1, timeout=10, what="the reaped attempt's point")
+    finally:
+        influx.writer_close()
+    (written_point,) = server.points
+    assert written_point.tags == {"agent_id": lost.execution.agent_id, "status": "lost", "cause": "worker_lost"}
+    assert (written_point.fields["input_tokens"], written_point.fields["output_tokens"]) == (900, 120)
+    assert written_point.fields["cost_usd"] == 0.0125
+    assert written_point.fields["duration_ms"] == 31000.0

@@ -16,15 +16,15 @@ def capture(settings):
     """A logger configured exactly by settings.LOGGING, writing to a buffer."""
     stream = io.StringIO()
 
-    def configure(fmt: str) -> logging.Logger:
+    def configure(fmt: str, name: str = "obs.test") -> logging.Logger:
         config = {
             **settings.LOGGING,
             "handlers": {"console": {**settings.LOGGING["handlers"]["console"], "formatter": fmt, "stream": stream}},
             "root": {"handlers": [], "level": "WARNING"},
-            "loggers": {"obs.test": {"handlers": ["console"], "level": "INFO", "propagate": False}},
+            "loggers": {name: {"handlers": ["console"], "level": "INFO", "propagate": False}},
         }
         logging.config.dictConfig(config)
-        return logging.getLogger("obs.test")
+        return logging.getLogger(name)
 
     yield configure, stream
     logging.config.dictConfig(settings.LOGGING)
@@ -74,6 +74,33 @@ def test_configured_secrets_are_masked_by_value_in_messages_and_tracebacks(captu
     first, second = (json.loads(line) for line in text.splitlines())
     assert first["message"] == "key is *** and pw ***"
     assert "RuntimeError: failed with ***" in second["exc_info"]
+
+
+def test_secrets_in_the_extras_of_celery_and_django_records_are_masked_in_json(capture, settings, client):
+    """Celery logs a failed task with `extra={"data": ...}` (the raw exception, traceback and
+    arguments) and django.request a 4xx with `extra={"request": ...}` (its query string): the
+    JSON format writes extras out, so they are masked like the message."""
+    from config.celery import app
+
+    settings.SECRET_KEY = "django-secret-value-0123456789"
+    configure, stream = capture
+
+    @app.task(name="obs.test.leaky")
+    def leaky(credential: str) -> None:
+        raise RuntimeError(f"refused Authorization: Bearer abcdefghijklmnopqrstuvwxyz with {settings.SECRET_KEY}")
+
+    configure("json", "celery.app.trace")
+    leaky.apply(args=["sk-proj-abcdefghijklmnopqrstu"])
+    configure("json", "django.request")
+    client.get("/no-such-page?api_key=querystringsecret123")
+    text = stream.getvalue()
+    for secret in ("abcdefghijklmnopqrstu", "django-secret-value", "querystringsecret123"):
+        assert secret not in text, secret
+    failed, not_found = (json.loads(line) for line in text.splitlines())
+    assert failed["logger"] == "celery.app.trace" and "Bearer ***" in failed["data"]["traceback"]
+    assert failed["data"]["args"] == "['sk-proj-***']" and failed["data"]["name"] == "obs.test.leaky"
+    assert not_found["request"] == "<WSGIRequest: GET '/no-such-page?api_key=***'>"
+    assert not_found["status_code"] == 404
 
 
 def test_the_api_key_variables_agent_definitions_name_are_masked(capture, settings, monkeypatch, tmp_path):

@@ -15,7 +15,7 @@ from observability import collectors
 from observability.collectors import StateCollector, state_collector
 from orchestration.models import TaskAttempt, Workflow
 from tests.engine import flush_redis
-from tests.factories import EventFactory, ExportRunFactory, TaskAttemptFactory, WorkflowFactory
+from tests.factories import EventFactory, ExportRunFactory, TaskAttemptFactory, TaskExecutionFactory, WorkflowFactory
 from tests.observability.conftest import Samples, parse_samples, value
 
 
@@ -151,6 +151,16 @@ def test_attempts_running_past_their_limit_are_reported_as_overdue(client, db, s
     assert value(samples, "agentledger_attempts_running") == 2
     assert value(samples, "agentledger_attempts_overdue") == 1
     assert value(samples, "agentledger_attempt_oldest_running_age_seconds") >= 300
+
+
+def test_a_retried_task_waiting_in_its_queue_counts_as_the_oldest_queued(client, db, stream_name):
+    """A retry is queued again, runnable once its countdown ends (its queued_at): when no
+    worker takes it, it is as stuck as a first try, and the TasksWaitTooLong alert must see it."""
+    now = timezone.now()
+    TaskExecutionFactory(status="retrying", queued_at=now - dt.timedelta(hours=1))
+    TaskExecutionFactory(status="retrying", queued_at=now + dt.timedelta(minutes=5))  # still in its countdown
+    TaskExecutionFactory(status="queued", queued_at=now - dt.timedelta(minutes=2))
+    assert value(get_metrics(client), "agentledger_task_oldest_queued_age_seconds") >= 3600
 
 
 def test_a_hung_broker_degrades_to_an_error_count_not_a_failed_scrape(client, db, settings, silent_port, stream_name):
