@@ -209,7 +209,10 @@ class RedactFilter(logging.Filter):
         return True
 
 
-def _redact_value(value: Any, secrets: tuple[str, ...]) -> Any:
+_EXTRA_DEPTH = 8  # containers nested deeper (or holding themselves) are masked as their text
+
+
+def _redact_value(value: Any, secrets: tuple[str, ...], depth: int = 0) -> Any:
     """An `extra` with its secrets masked: strings, and the strings inside dicts, lists and
     tuples (copies: the caller's objects are left alone); any other object that renders a
     secret is replaced by its masked text, the rest kept as they are."""
@@ -217,10 +220,10 @@ def _redact_value(value: Any, secrets: tuple[str, ...]) -> Any:
         return value
     if isinstance(value, str):
         return redact(value, secrets)
-    if isinstance(value, dict):
-        return {key: _redact_value(item, secrets) for key, item in value.items()}
-    if type(value) in (list, tuple):
-        return type(value)(_redact_value(item, secrets) for item in value)
+    if depth < _EXTRA_DEPTH and isinstance(value, dict):
+        return {key: _redact_value(item, secrets, depth + 1) for key, item in value.items()}
+    if depth < _EXTRA_DEPTH and type(value) in (list, tuple):
+        return type(value)(_redact_value(item, secrets, depth + 1) for item in value)
     try:
         text = str(value)
     except Exception:

@@ -103,6 +103,19 @@ def test_secrets_in_the_extras_of_celery_and_django_records_are_masked_in_json(c
     assert not_found["status_code"] == 404
 
 
+def test_an_extra_that_holds_itself_is_logged_masked(capture):
+    """A container extra that refers to itself (or is nested very deep) is masked as its text:
+    walking it raised RecursionError out of the logging call, failing the code that logged."""
+    configure, stream = capture
+    logger = configure("json")
+    data: dict = {"auth": "Bearer abcdefghijklmnopqrstuvwxyz"}
+    data["self"] = data
+    logger.warning("cyclic", extra={"data": data})
+    line = json.loads(stream.getvalue())
+    assert "abcdefghijklmnopqrstu" not in line["data"]["auth"] and "Bearer ***" in line["data"]["auth"]
+    assert data["auth"] == "Bearer abcdefghijklmnopqrstuvwxyz"  # the caller's dict is left alone
+
+
 def test_the_api_key_variables_agent_definitions_name_are_masked(capture, settings, monkeypatch, tmp_path):
     (tmp_path / "writer.yaml").write_text(
         "id: writer\nname: Writer\nexecutor: llm\nprovider: openai\nmodel: gpt-4o-mini\napi_key_env: WRITER_KEY\n"
