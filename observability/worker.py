@@ -82,15 +82,29 @@ def task_started(task: Any, args: Any, kwargs: Any) -> None:
     with metrics.guarded("queue_wait"):
         request = task.request
         delivery = request.delivery_info or {}
-        if delivery.get("redelivered"):
+        published_at = request.get(PUBLISHED_AT_HEADER)
+        if delivery.get("redelivered") and _ran_since(execution_id, published_at):
             # Its wait was observed at the first delivery; since its publication stamp, the
-            # message ran on a worker that was lost (and sat out the visibility timeout).
+            # message ran on a worker that was lost (and sat out the visibility timeout). A
+            # message a worker held without starting it (a shutdown restores its prefetched
+            # and countdown messages, redelivered too) is still waiting for its first start.
             return
-        wait = queue_wait_seconds(
-            published_at=request.get(PUBLISHED_AT_HEADER), eta=request.get("eta"), now=time.time()
-        )
+        wait = queue_wait_seconds(published_at=published_at, eta=request.get("eta"), now=time.time())
         if wait is not None:
             metrics.queue_wait_observe(queue=delivery.get("routing_key") or "", seconds=wait)
+
+
+def _ran_since(execution_id: Any, published_at: Any) -> bool:
+    """Whether an attempt of the task started after its message's publication (True when the
+    message carries no publication stamp)."""
+    if not isinstance(published_at, int | float):
+        return True
+    import datetime as dt
+
+    from orchestration.models import TaskAttempt
+
+    since = dt.datetime.fromtimestamp(published_at, tz=dt.UTC)
+    return TaskAttempt.objects.filter(execution_id=execution_id, started_at__gte=since).exists()
 
 
 def task_ended() -> None:
