@@ -386,3 +386,15 @@ def test_chat_refuses_a_line_that_is_not_utf8_with_a_message_not_a_traceback(bui
     with pytest.raises(CommandError, match="content: is not valid text"):
         call_command("chat", "echo", "--instance", "latin-1", stdout=io.StringIO())
     assert not AgentPlaygroundMessage.objects.filter(instance_id="latin-1").exists()
+
+
+def test_chat_refuses_a_bad_instance_id_before_reading_any_message(builtin_agents, monkeypatch):
+    """It was refused only once the first message was typed, which was then lost."""
+    from django.core.management.base import CommandError
+
+    lines = io.StringIO("hello\n\n")
+    monkeypatch.setattr(sys, "stdin", lines)
+    with pytest.raises(CommandError, match="--instance 'not ok': use 1-255 letters"):
+        call_command("chat", "echo", "--instance", "not ok", stdout=io.StringIO())
+    assert lines.tell() == 0, "nothing was read"
+    assert not AgentPlaygroundMessage.objects.exists()

@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from orchestration.errors import ConversationError
 from orchestration.models import Agent, AgentPlaygroundMessage, TaskExecution
-from orchestration.services.conversations import conversation_message_post
+from orchestration.services.conversations import INSTANCE_ID, conversation_message_post
 
 Role = AgentPlaygroundMessage.Role
 
@@ -51,6 +51,11 @@ class Command(BaseCommand):
             if owner is None:
                 raise CommandError(f"no user {options['user']!r}")
         instance_id = options["instance"] or f"chat-{uuid.uuid4().hex[:12]}"
+        if not INSTANCE_ID.match(instance_id):  # before the user types a first message, not after
+            raise CommandError(
+                f"--instance {instance_id!r}: use 1-255 letters, digits, '.', '_', ':' or '-', "
+                "starting with a letter or digit"
+            )
         timeout = options["timeout"] or settings.CONVERSATION_TIMEOUT_SECONDS * (settings.CONVERSATION_MAX_RETRIES + 1)
         interactive = sys.stdin.isatty()
         self.stdout.write(f"conversation {instance_id} with {agent.name} ({agent.id}); an empty line ends")
