@@ -54,11 +54,17 @@ def _thread_lock(instance_id: str) -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", [f"conversation:{instance_id}"])
 
 
-def _validate(*, agent: Agent, instance_id: str, content: Any) -> str:
+INSTANCE_ID_RULE = "use 1-255 letters, digits, '.', '_', ':' or '-', starting with a letter or digit"
+
+
+def instance_id_check(instance_id: Any) -> None:
+    """ConversationError unless `instance_id` can name a conversation."""
     if not isinstance(instance_id, str) or not INSTANCE_ID.match(instance_id):
-        raise ConversationError(
-            "instance_id: use 1-255 letters, digits, '.', '_', ':' or '-', starting with a letter or digit"
-        )
+        raise ConversationError(f"instance_id: {INSTANCE_ID_RULE}")
+
+
+def _validate(*, agent: Agent, instance_id: str, content: Any) -> str:
+    instance_id_check(instance_id)
     if not isinstance(content, str) or not content.strip():
         raise ConversationError("content: a message needs some text")
     if "\x00" in content:

@@ -398,3 +398,12 @@ def test_chat_refuses_a_bad_instance_id_before_reading_any_message(builtin_agent
         call_command("chat", "echo", "--instance", "not ok", stdout=io.StringIO())
     assert lines.tell() == 0, "nothing was read"
     assert not AgentPlaygroundMessage.objects.exists()
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "0", "-1"])
+def test_chat_refuses_a_timeout_it_would_never_reach(builtin_agents, timeout):
+    """Its deadline is now + timeout: infinity (accepted before) never passes."""
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="is not a positive number of seconds"):
+        call_command("chat", "echo", "--timeout", timeout, stdout=io.StringIO())

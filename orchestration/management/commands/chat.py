@@ -1,4 +1,3 @@
-import argparse
 import sys
 import time
 import uuid
@@ -8,20 +7,11 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from orchestration.errors import ConversationError
+from orchestration.management.arguments import seconds
 from orchestration.models import Agent, AgentPlaygroundMessage, TaskExecution
-from orchestration.services.conversations import INSTANCE_ID, conversation_message_post
+from orchestration.services.conversations import INSTANCE_ID_RULE, conversation_message_post, instance_id_check
 
 Role = AgentPlaygroundMessage.Role
-
-
-def _positive_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = 0.0
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
-    return seconds
 
 
 class Command(BaseCommand):
@@ -36,7 +26,7 @@ class Command(BaseCommand):
         parser.add_argument("--user", help="username to chat as (the thread's owner)")
         parser.add_argument(
             "--timeout",
-            type=_positive_seconds,
+            type=seconds(),
             default=None,
             help="seconds to wait for each reply (default: CONVERSATION_TIMEOUT_SECONDS plus retries)",
         )
@@ -51,11 +41,10 @@ class Command(BaseCommand):
             if owner is None:
                 raise CommandError(f"no user {options['user']!r}")
         instance_id = options["instance"] or f"chat-{uuid.uuid4().hex[:12]}"
-        if not INSTANCE_ID.match(instance_id):  # before the user types a first message, not after
-            raise CommandError(
-                f"--instance {instance_id!r}: use 1-255 letters, digits, '.', '_', ':' or '-', "
-                "starting with a letter or digit"
-            )
+        try:
+            instance_id_check(instance_id)  # before the user types a first message, not after
+        except ConversationError:
+            raise CommandError(f"--instance {instance_id!r}: {INSTANCE_ID_RULE}") from None
         timeout = options["timeout"] or settings.CONVERSATION_TIMEOUT_SECONDS * (settings.CONVERSATION_MAX_RETRIES + 1)
         interactive = sys.stdin.isatty()
         self.stdout.write(f"conversation {instance_id} with {agent.name} ({agent.id}); an empty line ends")

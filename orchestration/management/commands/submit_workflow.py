@@ -1,5 +1,3 @@
-import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -7,6 +5,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from orchestration.errors import SpecError
+from orchestration.management.arguments import seconds
 from orchestration.models import TaskExecution, Workflow
 from orchestration.services.specs import spec_parse
 from orchestration.services.workflows import workflow_submit
@@ -24,26 +23,13 @@ SYMBOL = {
 }
 
 
-def _positive_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    # NaN and infinity would never compare past the deadline: --wait would never end.
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
-    return seconds
-
-
 class Command(BaseCommand):
     help = "Submit a workflow spec (JSON or YAML) and print its id; with --wait, follow it until it ends."
 
     def add_arguments(self, parser):
         parser.add_argument("file", help="workflow spec, .json or .yaml/.yml ('-' reads JSON from stdin)")
         parser.add_argument("--wait", action="store_true", help="show progress until the workflow ends")
-        parser.add_argument(
-            "--timeout", type=_positive_seconds, default=3600, help="seconds to wait at most with --wait"
-        )
+        parser.add_argument("--timeout", type=seconds(), default=3600, help="seconds to wait at most with --wait")
 
     def handle(self, *args, **options):
         source = options["file"]

@@ -2,6 +2,7 @@ import redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from orchestration.management.arguments import synapse_reachable
 from orchestration.services.relay import StreamGroupError, stream_group_destroy, stream_groups, synapse_client
 
 
@@ -20,10 +21,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
-        try:
+        with synapse_reachable():
             self.report(synapse_client(), options["destroy"])
-        except redis.RedisError as exc:
-            raise CommandError(f"cannot reach the Synapse stream: {type(exc).__name__}: {exc}") from None
 
     def report(self, client: redis.Redis, name: str | None) -> None:
         stream = settings.SYNAPSE_STREAM

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
@@ -12,16 +11,7 @@ from kombu.exceptions import OperationalError
 
 from config.celery import app
 from observability.logs import redact_public
-
-
-def _positive_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = 0.0
-    if not 0 < seconds <= 60:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds between 0 and 60")
-    return seconds
+from orchestration.management.arguments import seconds
 
 
 def workers_report(*, timeout: float) -> list[dict[str, Any]]:
@@ -50,7 +40,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "--timeout", type=_positive_seconds, default=2.0, help="seconds to wait for replies (default 2)"
+            "--timeout", type=seconds(maximum=60), default=2.0, help="seconds to wait for replies (default 2)"
         )
         parser.add_argument("--json", action="store_true", help="print the report as JSON")
 

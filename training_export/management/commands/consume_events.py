@@ -10,11 +10,11 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
 from typing import Any
 
-import redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
+from orchestration.management.arguments import synapse_reachable
 from training_export.services.store import TrainingDataStore
 from training_export.services.synapse import (
     BatchResult,
@@ -219,7 +219,8 @@ class Command(BaseCommand):
             def should_stop() -> bool:
                 return stop.is_set() or also_stop_if()
 
-            try:
+            # What was written and not acknowledged is read again by name on restart.
+            with synapse_reachable():
                 if options["once"]:
                     total = consumer.run(once=True, should_stop=should_stop, on_batch=on_batch)
                 else:
@@ -228,9 +229,6 @@ class Command(BaseCommand):
                     total = consumer.run(
                         once=False, block_ms=options["block_ms"], should_stop=should_stop, on_batch=on_batch
                     )
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                # What was written and not acknowledged is read again by name on restart.
-                raise CommandError(f"cannot reach the Synapse stream: {type(exc).__name__}: {exc}") from None
         if verbosity >= 1:
             self.stdout.write(f"consumer {name} done: {total.summary()}")
         return total
