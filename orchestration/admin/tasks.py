@@ -25,9 +25,7 @@ from orchestration.admin.operations import Operation, OperationsMixin, console_r
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, LargeTableAdmin
 from orchestration.event_types import EntityType
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
-from orchestration.services.workflows import task_cancel, task_retry
-
-RETRIABLE = (TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT, TaskExecution.Status.CANCELLED)
+from orchestration.services.workflows import RETRIABLE_TASK, task_cancel, task_retry
 
 TASK_EVENTS_SHOWN = 200
 
@@ -86,7 +84,7 @@ TASK_OPERATIONS = (
         "retry",
         "retried",
         lambda request, task: task_retry(execution_id=task.pk),
-        lambda task: task.status in RETRIABLE,
+        lambda task: task.status in RETRIABLE_TASK,
     ),
 )
 

@@ -17,7 +17,12 @@ from orchestration.admin.base import (
 from orchestration.admin.operations import Operation, OperationsMixin, console_reason
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, IndexedValuesFieldListFilter, LargeTableAdmin
 from orchestration.models import AgentInteraction, Event, TaskExecution, Workflow
-from orchestration.services.workflows import workflow_cancel, workflow_resume
+from orchestration.services.workflows import (
+    CANCELLABLE_WORKFLOW,
+    RESUMABLE_WORKFLOW,
+    workflow_cancel,
+    workflow_resume,
+)
 
 WORKFLOW_OPERATIONS = (
     Operation(
@@ -25,14 +30,14 @@ WORKFLOW_OPERATIONS = (
         "cancel",
         "cancelled",
         lambda request, workflow: workflow_cancel(workflow_id=workflow.pk, reason=console_reason(request, "cancelled")),
-        lambda workflow: workflow.status in (Workflow.Status.PENDING, Workflow.Status.RUNNING),
+        lambda workflow: workflow.status in CANCELLABLE_WORKFLOW,
     ),
     Operation(
         "resume",
         "resume",
         "resumed",
         lambda request, workflow: workflow_resume(workflow_id=workflow.pk),
-        lambda workflow: workflow.status in (Workflow.Status.FAILED, Workflow.Status.CANCELLED),
+        lambda workflow: workflow.status in RESUMABLE_WORKFLOW,
     ),
 )
 

@@ -110,12 +110,18 @@ def _workflow_store(spec: WorkflowSpec, *, owner: Any, initiator: str) -> Workfl
     return workflow
 
 
+# The states each operation starts from (the console offers its buttons by these).
+CANCELLABLE_WORKFLOW = (Workflow.Status.PENDING, Workflow.Status.RUNNING)
+RESUMABLE_WORKFLOW = (Workflow.Status.FAILED, Workflow.Status.CANCELLED)
+RETRIABLE_TASK = (TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT, TaskExecution.Status.CANCELLED)
+
+
 @atomic_retried
 def workflow_cancel(*, workflow_id: str, reason: str = "cancelled by user") -> Workflow:
     """Cancel a running (or pending) workflow: unfinished tasks are cancelled, their queued
     messages revoked and running processes terminated."""
     workflow = Workflow.objects.select_for_update().get(pk=workflow_id)
-    if workflow.status not in (Workflow.Status.PENDING, Workflow.Status.RUNNING):
+    if workflow.status not in CANCELLABLE_WORKFLOW:
         raise TransitionError(f"workflow {workflow_id} is {workflow.status}; only a running workflow can be cancelled")
     workflow_fail(workflow, error=reason, now=timezone.now(), event_type=EventType.WORKFLOW_CANCELLED)
     return workflow
@@ -163,7 +169,7 @@ def workflow_resume(*, workflow_id: str) -> Workflow:
     """Resume a failed (or cancelled) workflow from its unfinished tasks: failed, timed-out
     and cancelled tasks get a fresh retry budget; completed ones keep their results."""
     workflow = Workflow.objects.select_for_update().get(pk=workflow_id)
-    if workflow.status not in (Workflow.Status.FAILED, Workflow.Status.CANCELLED):
+    if workflow.status not in RESUMABLE_WORKFLOW:
         raise TransitionError(f"workflow {workflow_id} is {workflow.status}; only a failed or cancelled one resumes")
     now = timezone.now()
     _deadline_check(workflow, now=now)
@@ -203,7 +209,7 @@ def task_retry(*, execution_id: str) -> TaskExecution:
     ends again once nothing is left to run). One that stops at the first failure is resumed,
     which reruns every task that did not complete: its end cancelled them all."""
     task = TaskExecution.objects.select_for_update().get(pk=execution_id)
-    if task.status not in (TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT, TaskExecution.Status.CANCELLED):
+    if task.status not in RETRIABLE_TASK:
         raise TransitionError(f"task {execution_id} is {task.status}; only a failed or cancelled task is retried")
     if not task.workflow_id:
         conversation_retry_check(task)
