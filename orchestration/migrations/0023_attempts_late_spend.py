@@ -5,7 +5,8 @@ provider; the meter adds it to the attempt, its task and its workflow (execution
 Every other column keeps its value and the usage only grows, checked by the database as before.
 
 SQLite: the rules of orchestration/sqlite_rules.py, installed again (the earlier trigger is
-replaced by task_attempts_finished_keep)."""
+replaced by task_attempts_finished_keep). Reversing restores the PostgreSQL function; on SQLite
+the rules stay as sqlite_rules.py installs them after every migrate."""
 
 from django.db import migrations
 
