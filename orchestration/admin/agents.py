@@ -12,7 +12,7 @@ from django.utils.safestring import SafeString
 from orchestration.admin.base import (
     EMPTY,
     ChangedFieldsOnlyMixin,
-    NoAddChangeMixin,
+    RecordOnlyMixin,
     changelist_url,
     json_display,
     links,
@@ -20,6 +20,17 @@ from orchestration.admin.base import (
 from orchestration.errors import SpecError
 from orchestration.models import Agent, AgentMetric, Event, TaskExecution
 from orchestration.services.agent_registry import agent_change_record, agent_check
+
+
+def agent_has_record(agent: Agent) -> bool:
+    return (
+        agent.task_executions.exists()
+        or agent.messages.exists()
+        or agent.interactions_sent.exists()
+        or agent.interactions_received.exists()
+        or agent.metrics.exists()
+    )
+
 
 AGENT_STATS = ("total_tasks_completed", "total_tokens_used", "average_latency_ms", "success_rate")
 
@@ -151,6 +162,20 @@ class AgentAdmin(ChangedFieldsOnlyMixin, admin.ModelAdmin):
             deactivated = "status" in form.changed_data and obj.status == Agent.Status.INACTIVE
             agent_change_record(obj, "deactivated" if deactivated else "updated", request.user)
 
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        # Deletion goes one agent at a time, where has_delete_permission sees which agent.
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
+
+    def has_delete_permission(self, request: HttpRequest, obj: Agent | None = None) -> bool:
+        """Only an agent nothing was recorded for (a mistake just made) can be deleted: its
+        tasks and interactions would refuse, and its messages would lose their agent.
+        An agent that worked is deactivated instead (status inactive)."""
+        if not super().has_delete_permission(request, obj):
+            return False
+        return obj is None or not agent_has_record(obj)
+
     def change_view(
         self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict[str, Any] | None = None
     ) -> Any:
@@ -177,7 +202,7 @@ class AgentAdmin(ChangedFieldsOnlyMixin, admin.ModelAdmin):
 
 
 @admin.register(AgentMetric)
-class AgentMetricAdmin(NoAddChangeMixin, admin.ModelAdmin):
+class AgentMetricAdmin(RecordOnlyMixin, admin.ModelAdmin):
     """Metrics are written by the rollup."""
 
     list_display = ("recorded_at", "agent", "metric_type", "metric_value", "metric_unit", "period", "period_start")

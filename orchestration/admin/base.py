@@ -120,6 +120,16 @@ class NoAddChangeMixin:
         return False
 
 
+class RecordOnlyMixin(NoAddChangeMixin):
+    """For the record itself (attempts, messages, interactions, prompt versions, metrics):
+    viewable only. A row deleted here would silently change what an exported window, a
+    conversation's history or a dashboard says happened; retention is the one path that
+    deletes them, with what they belong to."""
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 class ReadOnlyTabularInline(admin.TabularInline):
     extra = 0
     can_delete = False

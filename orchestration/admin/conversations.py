@@ -1,16 +1,15 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.http import HttpRequest
 from django.utils.text import Truncator
 
-from orchestration.admin.base import NoAddChangeMixin, json_display
+from orchestration.admin.base import RecordOnlyMixin, json_display
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, LargeTableAdmin
 from orchestration.models import AgentInteraction, AgentPlaygroundMessage, AgentPromptVersion
 
 
 @admin.register(AgentPlaygroundMessage)
-class AgentPlaygroundMessageAdmin(NoAddChangeMixin, LargeTableAdmin):
+class AgentPlaygroundMessageAdmin(RecordOnlyMixin, LargeTableAdmin):
     """Messages are written by the conversation runtime and are training data as stored."""
 
     list_display = (
@@ -53,7 +52,7 @@ class AgentPlaygroundMessageAdmin(NoAddChangeMixin, LargeTableAdmin):
 
 
 @admin.register(AgentInteraction)
-class AgentInteractionAdmin(NoAddChangeMixin, LargeTableAdmin):
+class AgentInteractionAdmin(RecordOnlyMixin, LargeTableAdmin):
     """Interactions are recorded by the agents as they hand off and collaborate."""
 
     list_display = ("created_at", "interaction_type", "from_agent", "to_agent", "workflow", "short_message")
@@ -79,9 +78,9 @@ class AgentInteractionAdmin(NoAddChangeMixin, LargeTableAdmin):
 
 
 @admin.register(AgentPromptVersion)
-class AgentPromptVersionAdmin(NoAddChangeMixin, admin.ModelAdmin):
+class AgentPromptVersionAdmin(RecordOnlyMixin, admin.ModelAdmin):
     """Prompt versions are recorded with the replies that ran under them; an exported window
-    depends on them, so they are not deleted here either."""
+    depends on them."""
 
     list_display = ("sha256", "created_at", "short_prompt")
     search_fields = ("=sha256", "system_prompt")
@@ -94,6 +93,3 @@ class AgentPromptVersionAdmin(NoAddChangeMixin, admin.ModelAdmin):
     @admin.display(description="system prompt")
     def short_prompt(self, obj: AgentPromptVersion) -> str:
         return Truncator(obj.system_prompt).chars(80)
-
-    def has_delete_permission(self, request: HttpRequest, obj: AgentPromptVersion | None = None) -> bool:
-        return False

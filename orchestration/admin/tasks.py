@@ -13,8 +13,8 @@ from django.utils.safestring import SafeString
 from orchestration.admin.base import (
     EMPTY,
     ChangedFieldsOnlyMixin,
-    NoAddChangeMixin,
     ReadOnlyTabularInline,
+    RecordOnlyMixin,
     changelist_url,
     events_table,
     json_display,
@@ -233,7 +233,7 @@ class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmi
 
 
 @admin.register(TaskAttempt)
-class TaskAttemptAdmin(NoAddChangeMixin, LargeTableAdmin):
+class TaskAttemptAdmin(RecordOnlyMixin, LargeTableAdmin):
     """Attempts are written by the execution engine; a finished one is immutable in the database,
     and none is deleted here (the database's rule is on UPDATE: a DELETE would go through)."""
 
@@ -322,6 +322,3 @@ class TaskAttemptAdmin(NoAddChangeMixin, LargeTableAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[TaskAttempt]:
         return super().get_queryset(request).select_related("execution__workflow")
-
-    def has_delete_permission(self, request: HttpRequest, obj: TaskAttempt | None = None) -> bool:
-        return False

@@ -592,6 +592,65 @@ def test_workflows_tasks_and_attempts_cannot_be_deleted_in_the_console(
     assert (TaskExecution.objects.filter(workflow=workflow).count(), TaskAttempt.objects.count()) == (2, 1)
 
 
+@pytest.mark.parametrize("model", [AgentPlaygroundMessage, AgentInteraction, AgentMetric], ids=_ids)
+def test_messages_interactions_and_metrics_cannot_be_deleted_in_the_console(
+    su_client: Client, model: type[models.Model]
+) -> None:
+    """A deleted message would change the thread's history and the next export of its window;
+    retention deletes them with the conversation's reply tasks."""
+    obj = MAKERS[model]()
+
+    changelist = su_client.get(_url(model, "changelist"))
+    change = su_client.get(_url(model, "change", obj.pk))
+    delete = su_client.post(_url(model, "delete", obj.pk), {"post": "yes"})
+    action = su_client.post(
+        _url(model, "changelist"), {"action": "delete_selected", "_selected_action": [obj.pk], "post": "yes"}
+    )
+
+    assert b"delete_selected" not in changelist.content
+    assert change.context["has_delete_permission"] is False
+    assert delete.status_code == 403
+    assert action.status_code in (200, 302)
+    assert model.objects.filter(pk=obj.pk).exists()
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        lambda agent: TaskExecutionFactory(agent=agent),
+        lambda agent: MessageFactory(agent=agent, owner=UserFactory()),
+        lambda agent: InteractionFactory(to_agent=agent),
+        lambda agent: MetricFactory(agent=agent),
+    ],
+    ids=["task", "message", "interaction", "metric"],
+)
+def test_an_agent_with_a_record_is_deactivated_not_deleted_in_the_console(
+    su_client: Client, record: Callable[[Agent], models.Model]
+) -> None:
+    agent = AgentFactory()
+    record(agent)
+
+    change = su_client.get(_url(Agent, "change", agent.pk))
+    delete = su_client.post(_url(Agent, "delete", agent.pk), {"post": "yes"})
+    action = su_client.post(
+        _url(Agent, "changelist"), {"action": "delete_selected", "_selected_action": [agent.pk], "post": "yes"}
+    )
+
+    assert change.context["has_delete_permission"] is False
+    assert delete.status_code == 403
+    assert action.status_code in (200, 302)
+    assert Agent.objects.filter(pk=agent.pk).exists()
+
+
+def test_an_agent_nothing_was_recorded_for_can_be_deleted_in_the_console(su_client: Client) -> None:
+    agent = AgentFactory()
+
+    delete = su_client.post(_url(Agent, "delete", agent.pk), {"post": "yes"})
+
+    assert delete.status_code == 302
+    assert not Agent.objects.filter(pk=agent.pk).exists()
+
+
 def test_an_agent_made_in_the_console_is_checked_like_the_apis(su_client: Client) -> None:
     response = su_client.post(
         _url(Agent, "add"),

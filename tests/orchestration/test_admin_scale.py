@@ -14,7 +14,7 @@ from django.urls import reverse
 
 from orchestration.admin import scale
 from orchestration.models import AgentInteraction, AgentPlaygroundMessage, Event, TaskAttempt, TaskExecution, Workflow
-from tests.factories import EventFactory, InteractionFactory, TaskExecutionFactory, UserFactory, WorkflowFactory
+from tests.factories import EventFactory, TaskExecutionFactory, UserFactory, WorkflowFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -59,10 +59,10 @@ def test_a_list_longer_than_the_cap_says_so_and_pages_up_to_it(su_client, monkey
     assert response.context["cl"].paginator.capped
     # Nor does the action bar offer to act on "all 6" when the action would reach every match.
     for _ in range(8):
-        InteractionFactory()
-    response, _ = _statements(su_client, _url(AgentInteraction))
+        WorkflowFactory()
+    response, _ = _statements(su_client, _url(Workflow))
     page = response.content.decode()
-    assert "Select all matching agent interactions (more than 5)" in page and "Select all 6" not in page
+    assert "Select all matching workflows (more than 5)" in page and "Select all 6" not in page
     monkeypatch.setattr(scale, "ADMIN_COUNT_LIMIT", 50)
     response, _ = _statements(su_client, _url(Event))
     assert "8 events" in response.content.decode() and "more than" not in response.content.decode()
