@@ -136,6 +136,17 @@ def attempts_reaped(*, attempt_ids: list[int]) -> None:
             )
 
 
+def late_usage_recorded(*, agent_id: str, usage: Any) -> None:
+    """Usage paid after its attempt was closed without a result, now added to its row: the
+    close already counted what was metered before it; this counts the rest."""
+    metrics.late_usage_observe(
+        agent_id=agent_id,
+        input_tokens=int(usage.input_tokens or 0),
+        output_tokens=int(usage.output_tokens or 0),
+        cost_usd=usage.cost_usd or Decimal(0),
+    )
+
+
 def _final_task_status(execution_id: Any) -> str | None:
     from orchestration.models import TaskExecution
 

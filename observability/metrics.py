@@ -122,14 +122,25 @@ def attempt_outcome_observe(
         attempts.inc()
         if duration_ms is not None:
             duration.observe(max(duration_ms, 0.0) / 1000)
-        if input_tokens:
-            _child(TOKENS, agent_id, "input").inc(input_tokens)
-        if output_tokens:
-            _child(TOKENS, agent_id, "output").inc(output_tokens)
-        if cost_usd:
-            _child(COST, agent_id).inc(float(cost_usd))
+        _usage_count(agent_id, input_tokens, output_tokens, cost_usd)
         if task_status:
             _child(TASKS_FINISHED, agent_id, task_status).inc()
+
+
+def late_usage_observe(*, agent_id: str, input_tokens: int, output_tokens: int, cost_usd: Decimal | float) -> None:
+    """Usage paid after its attempt was closed without a result (and counted): added to the
+    token and cost counters as it is to the attempt's row, so they keep the database's totals."""
+    with guarded("late_usage"):
+        _usage_count(agent_id, input_tokens, output_tokens, cost_usd)
+
+
+def _usage_count(agent_id: str, input_tokens: int, output_tokens: int, cost_usd: Decimal | float) -> None:
+    if input_tokens:
+        _child(TOKENS, agent_id, "input").inc(input_tokens)
+    if output_tokens:
+        _child(TOKENS, agent_id, "output").inc(output_tokens)
+    if cost_usd:
+        _child(COST, agent_id).inc(float(cost_usd))
 
 
 def tasks_cancelled_observe(*, agent_ids: list[str]) -> None:

@@ -25,7 +25,7 @@ from django.db import DatabaseError, DataError, IntegrityError, transaction
 from django.db.models import F, Max
 from django.utils import timezone
 
-from observability.attempts import attempt_finished, attempt_started, attempts_reaped
+from observability.attempts import attempt_finished, attempt_started, attempts_reaped, late_usage_recorded
 from orchestration.db import atomic_with_retry
 from orchestration.errors import PermanentError, RetryableError, is_retryable
 from orchestration.event_types import EventType, Severity
@@ -629,7 +629,9 @@ def _meter(attempt_id: int) -> Callable[[Usage], None]:
         try:
             running = TaskAttempt.objects.filter(pk=attempt_id, status=TaskAttempt.Status.RUNNING)
             if not running.update(**_usage_added(usage)):
-                atomic_with_retry(lambda: _late_usage_add(attempt_id, usage))
+                agent_id = atomic_with_retry(lambda: _late_usage_add(attempt_id, usage))
+                if agent_id is not None:
+                    late_usage_recorded(agent_id=agent_id, usage=usage)
         except DatabaseError:  # never fail the agent's work for the meter: the final record follows
             logger.warning("attempt %s: could not meter its usage", attempt_id, exc_info=True)
 
@@ -649,23 +651,24 @@ def _usage_added(usage: Usage) -> dict[str, Any]:
 _ABANDONED = (TaskAttempt.Status.CANCELLED, TaskAttempt.Status.LOST, TaskAttempt.Status.TIMED_OUT)
 
 
-def _late_usage_add(attempt_id: int, usage: Usage) -> None:
+def _late_usage_add(attempt_id: int, usage: Usage) -> str | None:
     """Usage paid after its attempt was closed without a result: a model's answer that arrived
     after the user cancelled (before the worker's process was stopped), or while the reaper
     closed the attempt as lost or timed out. The provider charged it, so it is added to the
     attempt, its task and its workflow, as the close added what was metered before. An attempt
-    closed with a result (succeeded, failed) already carries its whole usage."""
+    closed with a result (succeeded, failed) already carries its whole usage. Returns the
+    agent's id when the usage was added to a closed attempt (the metrics count it then)."""
     execution_id = TaskAttempt.objects.filter(pk=attempt_id).values_list("execution_id", flat=True).first()
     if execution_id is None or not (usage.tokens or usage.cost_usd):
-        return
+        return None
     # The task row first, then the attempt: the order every transition takes them in.
     task = TaskExecution.objects.select_for_update().get(pk=execution_id)
     status = TaskAttempt.objects.select_for_update().filter(pk=attempt_id).values_list("status", flat=True).get()
     if status == TaskAttempt.Status.RUNNING:  # the first UPDATE raced a retry of its own transaction
         TaskAttempt.objects.filter(pk=attempt_id).update(**_usage_added(usage))
-        return
+        return None
     if status not in _ABANDONED:
-        return
+        return None
     TaskAttempt.objects.filter(pk=attempt_id).update(**_usage_added(usage))
     paid = TaskAttempt(
         input_tokens=usage.input_tokens,
@@ -677,6 +680,7 @@ def _late_usage_add(attempt_id: int, usage: Usage) -> None:
     if task.workflow_id:
         workflow_add_usage(task.workflow_id, tokens=tokens, cost=cost)
     logger.info("attempt %s: %s tokens, $%s paid after it was closed %s", attempt_id, tokens, cost, status)
+    return task.agent_id
 
 
 def _turn_writer(

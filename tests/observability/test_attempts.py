@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from decimal import Decimal
 
 import pytest
 from django.utils import timezone
@@ -151,3 +152,41 @@ def test_attempts_closed_at_a_claim_are_counted(django_capture_on_commit_callbac
     assert (
         sample("agentledger_task_attempts_total", agent=agent.id, status="lost", cause="worker_lost") == before_lost + 1
     )
+
+
+@pytest.mark.django_db
+def test_spend_paid_after_a_cancellation_is_counted_as_it_is_recorded(django_capture_on_commit_callbacks):
+    """The cancellation counts what the attempt had metered; a model's answer that still
+    arrives and is charged is added to the row and must reach the counters too, or they fall
+    behind the database's totals by exactly the spend the operator is looking for."""
+    from orchestration.runtime.context import Usage
+    from orchestration.services.execution import _meter
+    from orchestration.services.workflows import task_cancel
+
+    agent = AgentFactory(id="late-spend-agent")
+    task = TaskExecutionFactory(agent=agent, workflow=None, status="running", celery_task_id="m-late")
+    attempt = TaskAttemptFactory(
+        execution=task,
+        status=TaskAttempt.Status.RUNNING,
+        started_at=timezone.now() - dt.timedelta(seconds=3),
+        input_tokens=700,
+        output_tokens=50,
+        cost_usd="0.0125",
+    )
+
+    def counted() -> tuple[float, ...]:
+        return (
+            sample("agentledger_tokens_total", agent=agent.id, direction="input"),
+            sample("agentledger_tokens_total", agent=agent.id, direction="output"),
+            sample("agentledger_cost_usd_total", agent=agent.id),
+        )
+
+    before = counted()
+    with django_capture_on_commit_callbacks(execute=True):
+        task_cancel(execution_id=task.pk)
+    _meter(attempt.pk)(Usage(200, 80, Decimal("0.020")))
+    after = counted()
+
+    attempt.refresh_from_db()
+    assert (attempt.input_tokens, attempt.output_tokens, attempt.cost_usd) == (900, 130, Decimal("0.0325"))
+    assert [b - a for a, b in zip(before, after, strict=True)] == [900, 130, pytest.approx(0.0325)]
