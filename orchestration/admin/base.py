@@ -22,10 +22,33 @@ from orchestration.models import Event
 EMPTY = "-"
 
 
+def masked(value: Any) -> Any:
+    """`value` with secrets masked as the training files mask them (settings.REDACT_KEYS,
+    REDACT_PATTERNS and this deployment's own secret values): the console shows every user's
+    inputs, outputs and messages to staff, who need what happened, not the credentials in it."""
+    from training_export.services.redaction import redact
+
+    return redact(value)
+
+
 def pretty_json(value: Any) -> SafeString:
-    """`value` as indented, key-sorted JSON in a <pre>, HTML-escaped."""
-    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, cls=DjangoJSONEncoder)
+    """`value`, masked, as indented, key-sorted JSON in a <pre>, HTML-escaped."""
+    text = json.dumps(masked(value), indent=2, sort_keys=True, ensure_ascii=False, cls=DjangoJSONEncoder)
     return format_html('<pre class="json" style="margin:0;white-space:pre-wrap">{}</pre>', text)
+
+
+def text_display(field_name: str, description: str | None = None) -> Callable[[Any, models.Model], SafeString | str]:
+    """A read-only admin field showing the text field `field_name`, masked, in a <pre>."""
+
+    @admin.display(description=description or field_name.replace("_", " "))
+    def display(model_admin: Any, obj: models.Model) -> SafeString | str:
+        value = getattr(obj, field_name)
+        if not value:
+            return EMPTY
+        return format_html('<pre style="margin:0;white-space:pre-wrap">{}</pre>', masked(value))
+
+    display.__name__ = f"{field_name}_display"
+    return display
 
 
 def json_display(field_name: str, description: str | None = None) -> Callable[[Any, models.Model], SafeString]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.utils.text import Truncator
 
-from orchestration.admin.base import RecordOnlyMixin, json_display
+from orchestration.admin.base import RecordOnlyMixin, json_display, masked, text_display
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, LargeTableAdmin
 from orchestration.models import AgentInteraction, AgentPlaygroundMessage, AgentPromptVersion
 
@@ -32,7 +32,7 @@ class AgentPlaygroundMessageAdmin(RecordOnlyMixin, LargeTableAdmin):
         "agent",
         "owner",
         "role",
-        "content",
+        "content_display",
         "tool_call_id",
         "is_error",
         ("execution", "attempt"),
@@ -41,14 +41,15 @@ class AgentPlaygroundMessageAdmin(RecordOnlyMixin, LargeTableAdmin):
         "tool_calls_display",
         "metadata_display",
     )
-    readonly_fields = ("tool_calls_display", "metadata_display")
+    readonly_fields = ("content_display", "tool_calls_display", "metadata_display")
 
+    content_display = text_display("content")
     tool_calls_display = json_display("tool_calls", "tool calls")
     metadata_display = json_display("metadata")
 
     @admin.display(description="content")
     def short_content(self, obj: AgentPlaygroundMessage) -> str:
-        return Truncator(obj.content).chars(80)
+        return Truncator(masked(obj.content)).chars(80)
 
 
 @admin.register(AgentInteraction)
@@ -64,17 +65,18 @@ class AgentInteractionAdmin(RecordOnlyMixin, LargeTableAdmin):
         "interaction_type",
         ("from_agent", "to_agent"),
         ("workflow", "execution"),
-        "message",
+        "message_display",
         "created_at",
         "payload_display",
     )
-    readonly_fields = ("payload_display",)
+    readonly_fields = ("message_display", "payload_display")
+    message_display = text_display("message")
 
     payload_display = json_display("payload")
 
     @admin.display(description="message")
     def short_message(self, obj: AgentInteraction) -> str:
-        return Truncator(obj.message or "").chars(80)
+        return Truncator(masked(obj.message or "")).chars(80)
 
 
 @admin.register(AgentPromptVersion)

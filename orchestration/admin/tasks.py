@@ -7,7 +7,6 @@ from django.contrib import admin
 from django.db.models import CharField, Field, Q, QuerySet
 from django.db.models.functions import Cast
 from django.http import HttpRequest
-from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from orchestration.admin.base import (
@@ -20,6 +19,7 @@ from orchestration.admin.base import (
     json_display,
     link,
     object_link,
+    text_display,
 )
 from orchestration.admin.operations import Operation, OperationsMixin, console_reason
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, LargeTableAdmin
@@ -48,7 +48,7 @@ class TaskAttemptInline(ReadOnlyTabularInline):
         "status",
         "cause",
         "error_class",
-        "error",
+        "error_display",
         "worker",
         "delivery_count",
         "redelivered",
@@ -61,6 +61,7 @@ class TaskAttemptInline(ReadOnlyTabularInline):
     )
     readonly_fields = fields
     ordering = ("attempt_number",)
+    error_display = text_display("error")
 
     @admin.display(description="attempt")
     def attempt_link(self, obj: TaskAttempt) -> SafeString:
@@ -160,7 +161,7 @@ class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmi
                     ("created_at", "updated_at"),
                     ("queued_at", "started_at", "completed_at"),
                     "execution_time_ms",
-                    "error",
+                    "error_display",
                 )
             },
         ),
@@ -186,7 +187,7 @@ class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmi
         "started_at",
         "completed_at",
         "execution_time_ms",
-        "error",
+        "error_display",
         "input_tokens",
         "output_tokens",
         "tokens_used",
@@ -198,6 +199,7 @@ class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmi
         "events_display",
     )
 
+    error_display = text_display("error")
     depends_on_display = json_display("depends_on", "depends on")
     input_data_display = json_display("input_data", "input data")
     output_data_display = json_display("output_data", "output data")
@@ -274,7 +276,7 @@ class TaskAttemptAdmin(RecordOnlyMixin, LargeTableAdmin):
                     "status",
                     ("cause", "retryable"),
                     "error_class",
-                    "error",
+                    "error_display",
                     "traceback_display",
                 )
             },
@@ -296,7 +298,9 @@ class TaskAttemptAdmin(RecordOnlyMixin, LargeTableAdmin):
         ),
         ("Events", {"fields": ("events_display",)}),
     )
-    readonly_fields = ("workflow_link", "traceback_display", "events_display")
+    readonly_fields = ("workflow_link", "error_display", "traceback_display", "events_display")
+    error_display = text_display("error")
+    traceback_display = text_display("traceback")
 
     @admin.display(description="task", ordering="execution__task_name")
     def execution_link(self, obj: TaskAttempt) -> SafeString:
@@ -306,10 +310,6 @@ class TaskAttemptAdmin(RecordOnlyMixin, LargeTableAdmin):
     def workflow_link(self, obj: TaskAttempt) -> SafeString | str:
         workflow = obj.execution.workflow
         return EMPTY if workflow is None else object_link(Workflow, workflow.pk, workflow.name)
-
-    @admin.display(description="traceback")
-    def traceback_display(self, obj: TaskAttempt) -> SafeString | str:
-        return format_html("<pre>{}</pre>", obj.traceback) if obj.traceback else EMPTY
 
     @admin.display(description="events of this attempt")
     def events_display(self, obj: TaskAttempt) -> SafeString:

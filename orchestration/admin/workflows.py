@@ -13,6 +13,7 @@ from orchestration.admin.base import (
     json_display,
     links,
     object_link,
+    text_display,
 )
 from orchestration.admin.operations import Operation, OperationsMixin, console_reason
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, IndexedValuesFieldListFilter, LargeTableAdmin
@@ -142,7 +143,7 @@ class WorkflowAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
                     "current_step",
                     ("total_steps", "completed_steps", "failed_steps"),
                     "error_count",
-                    "error",
+                    "error_display",
                 )
             },
         ),
@@ -183,7 +184,7 @@ class WorkflowAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
         "completed_steps",
         "failed_steps",
         "error_count",
-        "error",
+        "error_display",
         "created_at",
         "updated_at",
         "started_at",
@@ -200,6 +201,7 @@ class WorkflowAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
         "metadata_display",
     )
 
+    error_display = text_display("error")
     spec_display = json_display("spec")
     state_data_display = json_display("state_data", "state data")
     step_results_display = json_display("step_results", "step results")

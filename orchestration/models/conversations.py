@@ -77,7 +77,8 @@ class AgentPlaygroundMessage(CreatedModel):
         ]
 
     def __str__(self) -> str:
-        return f"{self.instance_id} {self.role}: {self.content[:40]}"
+        # Not the content: this text is every page title, log entry and choice label.
+        return f"{self.role} message {self.message_id} of {self.instance_id}"
 
 
 class AgentPromptVersion(CreatedModel):

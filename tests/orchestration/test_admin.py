@@ -651,6 +651,52 @@ def test_an_agent_nothing_was_recorded_for_can_be_deleted_in_the_console(su_clie
     assert not Agent.objects.filter(pk=agent.pk).exists()
 
 
+CONSOLE_CANARY = "canary-5d1e8b"
+
+
+def test_the_console_masks_secrets_in_every_users_data(su_client: Client) -> None:
+    """Staff see every user's inputs, outputs, errors and messages; the credentials in them
+    are masked as the training files mask them (key names, patterns), the rest stays."""
+    secret_input = {"password": f"pw-{CONSOLE_CANARY}", "prompt": f"use sk-{CONSOLE_CANARY}abcdefghijklmnop"}
+    workflow = WorkflowFactory(metadata={"api_key": CONSOLE_CANARY}, error=f"token={CONSOLE_CANARY} refused")
+    task = TaskExecutionFactory(
+        workflow=workflow,
+        input_data=secret_input,
+        output_data={"reply": f"Bearer {CONSOLE_CANARY}"},
+        error=f"password={CONSOLE_CANARY}",
+    )
+    attempt = TaskAttemptFactory(
+        execution=task,
+        failed=True,
+        error=f"password={CONSOLE_CANARY}",
+        traceback=f"Traceback ...\nValueError: api_key={CONSOLE_CANARY}",
+    )
+    event = EventFactory(
+        entity_id=task.pk, workflow_id=workflow.pk, payload={"input": secret_input, "note": "kept in view"}
+    )
+    message = MessageFactory(owner=UserFactory(), content=f"my key is sk-{CONSOLE_CANARY}abcdefghijklmnop, thanks")
+    interaction = InteractionFactory(message=f"secret={CONSOLE_CANARY}", payload={"token": CONSOLE_CANARY})
+
+    pages = [
+        _url(Workflow, "change", workflow.pk),
+        _url(TaskExecution, "change", task.pk),
+        _url(TaskAttempt, "change", attempt.pk),
+        _url(Event, "change", event.pk),
+        _url(AgentPlaygroundMessage, "change", message.pk),
+        _url(AgentPlaygroundMessage, "changelist"),
+        _url(AgentInteraction, "change", interaction.pk),
+        _url(AgentInteraction, "changelist"),
+    ]
+    for url in pages:
+        response = su_client.get(url)
+        page = response.content.decode()
+        assert response.status_code == 200, url
+        assert CONSOLE_CANARY not in page, url
+        assert "[REDACTED]" in page, url
+    assert "kept in view" in su_client.get(_url(Event, "change", event.pk)).content.decode()
+    assert "thanks" in su_client.get(_url(AgentPlaygroundMessage, "change", message.pk)).content.decode()
+
+
 def test_an_agent_made_in_the_console_is_checked_like_the_apis(su_client: Client) -> None:
     response = su_client.post(
         _url(Agent, "add"),
