@@ -141,14 +141,49 @@ def conversation_message_post(
     return message
 
 
+def _question(task: TaskExecution) -> AgentPlaygroundMessage | None:
+    """The message a conversation reply task answers; None for any other task (a workflow task
+    may name any task_type and any input), or when the message is gone."""
+    if task.task_type != TASK_TYPE or task.workflow_id is not None:
+        return None
+    message = AgentPlaygroundMessage.objects.filter(pk=(task.input_data or {}).get("message_id")).first()
+    if message is None or message.execution_id != task.execution_id:
+        return None
+    return message
+
+
+def conversation_attempt_closed(task: TaskExecution, *, attempt: TaskAttempt | None, error: str) -> None:
+    """In a conversation: the error message of a reply attempt closed without a record of its
+    own (its worker lost, its process killed at the hard limit, cancelled, timed out in the
+    queue), or of a reply cancelled before it ran. The thread then says what became of the
+    question, as a failed attempt's own error message does; what the attempt had said (its
+    tool calls) died with its process."""
+    question = _question(task)
+    if question is None:
+        return
+    AgentPlaygroundMessage.objects.create(
+        instance_id=question.instance_id,
+        agent_id=task.agent_id,
+        owner_id=question.owner_id,
+        execution_id=task.execution_id,
+        attempt=attempt,
+        role=Role.ASSISTANT,
+        content=error,
+        is_error=True,
+        input_tokens=attempt.input_tokens if attempt else 0,
+        output_tokens=attempt.output_tokens if attempt else 0,
+        tokens_used=attempt.tokens_used if attempt else 0,
+        metadata={"cost_usd": str(attempt.cost_usd if attempt else 0)},
+        created_at=_db_now(),
+    )
+
+
 def conversation_retry_check(task: TaskExecution) -> None:
     """A conversation reply may be retried only while its question is the thread's latest
     (taking the thread's lock, as a post does): a later answer would land after the newer
     turns, answer a question the thread has moved past, and could run beside their replies."""
-    if task.task_type != TASK_TYPE or task.workflow_id is not None:
-        return
-    message = AgentPlaygroundMessage.objects.filter(pk=(task.input_data or {}).get("message_id")).first()
-    if message is None or message.execution_id != task.execution_id:
+    message = _question(task)
+    if message is None:
         return
     _thread_lock(message.instance_id)
     later = (

@@ -35,7 +35,11 @@ from orchestration.runtime.context import AgentResult, TaskContext, Usage
 from orchestration.runtime.executors import agent_execute, usage_checked
 from orchestration.runtime.tools import storable_text
 from orchestration.services import fastpath
-from orchestration.services.conversations import conversation_for_task, conversation_turn_record
+from orchestration.services.conversations import (
+    conversation_attempt_closed,
+    conversation_for_task,
+    conversation_turn_record,
+)
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare
 from orchestration.services.events import TASK_STATE_FIELDS, entity_states, task_event
 from orchestration.services.progress import (
@@ -157,6 +161,7 @@ def attempt_abandon(
     if not _close_attempt(attempt, status=status, cause=cause, error=error, now=now, retryable=True):
         return None
     attempt.status = status
+    conversation_attempt_closed(task, attempt=attempt, error=error)
     if status == TaskAttempt.Status.LOST:  # a timed-out attempt gets its event from _fail_or_retry
         task_event(
             task,
@@ -316,6 +321,7 @@ def _attempt_claim(
             finished_at=now,
             duration_ms=0.0,
         )
+        conversation_attempt_closed(task, attempt=attempt, error=attempt.error)
         if task.workflow_id:  # a failed try like any other: the workflow's error_count counts it
             workflow_add_usage(task.workflow_id, tokens=0, cost=Decimal(0), error=True)
         _fail_or_retry(task, attempt=attempt, status=attempt.status, error=attempt.error, retryable=False, now=now)

@@ -21,6 +21,7 @@ from observability.metrics import tasks_cancelled_observe
 from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services import fastpath
+from orchestration.services.conversations import conversation_attempt_closed
 from orchestration.services.dispatch import revoke_after_commit, tasks_queue
 from orchestration.services.events import (
     TASK_STATE_FIELDS,
@@ -328,6 +329,9 @@ def tasks_cancel(
         task.status = TaskExecution.Status.CANCELLED
         task.error = reason
         task.completed_at = now
+        # A conversation reply: the thread says it was cancelled (its running attempt's turn).
+        own = next((a for a in running if a.execution_id == task.execution_id), None)
+        conversation_attempt_closed(task, attempt=own, error=reason)
     TaskExecution.objects.bulk_update(tasks, ["status", "error", "completed_at"])
     states = entity_states(TaskExecution, ids, TASK_STATE_FIELDS)
     Event.objects.bulk_create(

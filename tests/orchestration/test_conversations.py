@@ -3,6 +3,7 @@ the thread's history carried across turns."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import sys
@@ -26,6 +27,7 @@ from orchestration.services.conversations import (
     conversation_turn_record,
 )
 from orchestration.services.execution import attempt_abandon, attempt_claim, attempt_succeed
+from orchestration.services.workflows import task_cancel
 from tests.engine import wait_for
 from tests.fakes.servers import OpenAIServer, Reply
 
@@ -213,7 +215,54 @@ def test_no_reply_is_stored_for_an_attempt_that_was_closed_meanwhile(builtin_age
         also=writer,
     )
     assert recorded is False
-    assert list(AgentPlaygroundMessage.objects.filter(instance_id="late").values_list("role", flat=True)) == ["user"]
+    # The thread says what became of the attempt (the reaper's error), and nothing more.
+    assert thread("late") == [("user", "1+1", False, False), ("assistant", "worker lost", False, True)]
+    assert AgentPlaygroundMessage.objects.get(instance_id="late", role="assistant").attempt_id == claim.attempt.pk
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("running", [False, True], ids=["queued", "running"])
+def test_a_cancelled_reply_says_so_in_the_thread(builtin_agents, running):
+    """A client waiting for the reply as a new message must not wait forever: a cancelled
+    reply (before or while it ran) ends with an error message, linked to the attempt it cut."""
+    asked = conversation_message_post(agent=Agent.objects.get(pk="assistant"), instance_id="cut", content="1+1")
+    task = TaskExecution.objects.get(pk=asked.execution_id)
+    attempt = None
+    if running:
+        attempt = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w1").attempt
+    task_cancel(execution_id=task.pk, reason="cancelled by alice")
+
+    assert thread("cut") == [("user", "1+1", False, False), ("assistant", "cancelled by alice", False, True)]
+    error = AgentPlaygroundMessage.objects.get(instance_id="cut", role="assistant")
+    assert (error.attempt_id, error.execution_id, error.owner_id) == (
+        attempt.pk if attempt else None,
+        task.pk,
+        asked.owner_id,
+    )
+    assert conversation_history(instance_id="cut", up_to=asked) == [{"role": "user", "content": "1+1"}]
+
+
+@pytest.mark.django_db
+def test_a_reply_timed_out_in_the_queue_says_so_in_the_thread(builtin_agents, settings):
+    asked = conversation_message_post(agent=Agent.objects.get(pk="assistant"), instance_id="slow", content="1+1")
+    task = TaskExecution.objects.get(pk=asked.execution_id)
+    later = timezone.now() + dt.timedelta(seconds=settings.TASK_QUEUE_TIMEOUT_SECONDS + 5)
+
+    attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w1", now=later)
+
+    messages = thread("slow")
+    assert [m[0] for m in messages] == ["user", "assistant"] and messages[1][3] is True
+    assert "in the queue" in messages[1][1]
+
+
+@pytest.mark.django_db
+def test_an_ordinary_task_cancelled_writes_no_message(builtin_agents):
+    from orchestration.services.workflows import workflow_submit
+
+    workflow, _ = workflow_submit(spec={"name": "w", "tasks": [{"name": "a", "agent": "echo", "input": {}}]})
+    task = TaskExecution.objects.get(workflow=workflow)
+    task_cancel(execution_id=task.pk)
+    assert not AgentPlaygroundMessage.objects.exists()
 
 
 @pytest.mark.django_db(transaction=True)
