@@ -54,7 +54,11 @@ def synapse_client() -> redis.Redis:
 
 
 def event_to_entry(event: Event) -> dict[str, str]:
-    """The stream entry of an event: flat string fields, payload as JSON."""
+    """The stream entry of an event: flat string fields, payload as JSON with secrets masked
+    (DESIGN §7: redacted before anything leaves the database; a tool's arguments and an
+    agent interaction's input travel in payloads). The row keeps what was written."""
+    from training_export.services.redaction import redact
+
     return {
         "event_id": event.event_id,
         "sequence": str(event.sequence),
@@ -67,7 +71,7 @@ def event_to_entry(event: Event) -> dict[str, str]:
         "source": event.source,
         "severity": event.severity,
         "created_at": event.created_at.isoformat(),
-        "payload": json.dumps(event.payload, sort_keys=True, separators=(",", ":")),
+        "payload": json.dumps(redact(event.payload), sort_keys=True, separators=(",", ":")),
     }
 
 

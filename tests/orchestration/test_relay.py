@@ -4,6 +4,7 @@ is skipped."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -68,6 +69,19 @@ def test_events_are_published_in_order_with_their_ids(stream):
     assert [fields["event_id"] for _, fields in published] == [e.event_id for e in events]
     assert published[0][1] == event_to_entry(Event.objects.get(pk=events[0].pk))
     assert relay_until_quiet(stream) == 0, "nothing is published twice"
+
+
+def test_secrets_in_payloads_are_masked_on_the_stream_and_kept_in_the_database(stream):
+    canary = "canary-2b7f0e"
+    payload = {"input_params": {"api_key": canary, "query": f"mail {canary}@example.org"}, "tokens_used": 12}
+    event = event_record(event_type="tool_executed", entity_type="task", entity_id="t-1", payload=payload)
+
+    relay_until_quiet(stream, expect=1)
+
+    ((_, fields),) = entries(stream)
+    assert canary not in str(fields)
+    assert json.loads(fields["payload"])["tokens_used"] == 12
+    assert Event.objects.get(pk=event.pk).payload == payload
 
 
 def test_a_relay_that_crashed_mid_batch_resumes_without_gap_or_duplicate(stream):
