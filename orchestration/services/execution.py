@@ -116,7 +116,7 @@ def _fail_or_retry(
     timed_out = status == TaskAttempt.Status.TIMED_OUT
     if timed_out:
         task_event(task, EventType.TASK_TIMED_OUT, attempt=attempt, payload={"error": error}, severity=Severity.WARNING)
-    if retryable and task.retry_count < task.max_retries:
+    if retryable and task.retry_count < task.max_retries and _workflow_goes_on(task):
         task.retry_count += 1
         if retry_now:
             task.save(update_fields=["retry_count", "error"])
@@ -144,6 +144,15 @@ def _fail_or_retry(
     if task.workflow_id:
         workflow_on_task_failed(task, now=now)
     return False
+
+
+def _workflow_goes_on(task: TaskExecution) -> bool:
+    """Whether a retry of `task` could still matter: not when its workflow has ended (a
+    sibling's failure failed it while this task ran, and left it to finish)."""
+    if task.workflow_id is None:
+        return True
+    status = Workflow.objects.filter(pk=task.workflow_id).values_list("status", flat=True).first()
+    return status == Workflow.Status.RUNNING
 
 
 def attempt_abandon(

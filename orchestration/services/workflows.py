@@ -173,14 +173,23 @@ def workflow_resume(*, workflow_id: str) -> Workflow:
         raise TransitionError(f"workflow {workflow_id} is {workflow.status}; only a failed or cancelled one resumes")
     now = timezone.now()
     _deadline_check(workflow, now=now)
-    tasks = list(TaskExecution.objects.select_for_update().filter(workflow=workflow).order_by("execution_id"))
-    redo = [t for t in tasks if t.status != TaskExecution.Status.COMPLETED]
+    # A task left running when a sibling failed the workflow goes on as it is (its dependents
+    # run once it completes); only the ended ones run again. Those cannot change under the
+    # workflow's lock; a running one is not locked here (its completion takes its task row,
+    # then the workflow's: the other order would deadlock with it).
+    tasks = list(TaskExecution.objects.filter(workflow=workflow).only("execution_id", "status"))
+    ended = [t.pk for t in tasks if t.status not in (TaskExecution.Status.COMPLETED, TaskExecution.Status.RUNNING)]
+    redo = list(TaskExecution.objects.select_for_update().filter(pk__in=ended).order_by("execution_id"))
     if not redo:
         raise TransitionError(f"workflow {workflow_id} has no unfinished task to resume")
     for task in redo:
         _task_reset(task)
         task_event(task, EventType.TASK_RETRYING, payload={"reason": "workflow resumed"})
-    done = {t.task_name for t in tasks if t.status == TaskExecution.Status.COMPLETED}
+    done = set(
+        TaskExecution.objects.filter(workflow=workflow, status=TaskExecution.Status.COMPLETED).values_list(
+            "task_name", flat=True
+        )
+    )
     workflow.status = Workflow.Status.RUNNING
     workflow.error = None
     workflow.completed_at = None

@@ -10,7 +10,7 @@ import pytest
 
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.reaper import attempts_reap
-from orchestration.services.workflows import workflow_cancel, workflow_submit
+from orchestration.services.workflows import workflow_cancel, workflow_resume, workflow_submit
 from tests.engine import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -150,6 +150,73 @@ def test_continue_on_failure_runs_independent_branches(engine):
     assert wf.status == Workflow.Status.FAILED
     assert (task(wf, "free").status, task(wf, "blocked").status) == (T.COMPLETED, T.CANCELLED)
     assert (wf.completed_steps, wf.failed_steps) == (1, 1)
+
+
+@pytest.mark.parametrize("fast_path", ["true", "false"], ids=["fast-path", "general-path"])
+def test_a_failed_task_fails_the_workflow_and_lets_running_siblings_finish(engine, fast_path):
+    """DESIGN §5: a failed task with no retries left fails the workflow and cancels what has
+    not started. A sibling already running finishes and is recorded (its work and spend are
+    not thrown away); nothing that depends on it runs; the workflow keeps its first error."""
+    engine(env={"ENGINE_FAST_PATH": fast_path})
+    wf = submit(
+        {"name": "long", "agent": "sleep", "input": {"seconds": 3}},
+        {"name": "after_long", "agent": "echo", "depends_on": ["long"]},
+        {"name": "pause", "agent": "sleep", "input": {"seconds": 0.3}},
+        {"name": "bad", "agent": "fail", "input": {"retryable": False, "message": "no"}, "depends_on": ["pause"]},
+        {"name": "after_bad", "agent": "echo", "depends_on": ["bad"]},
+    )
+    long_attempt = running_attempt(wf, "long")
+    failed = finished(wf)
+    assert failed.status == Workflow.Status.FAILED and "task bad failed" in failed.error
+    assert task(wf, "long").status == T.RUNNING
+    assert {task(wf, name).status for name in ("after_long", "after_bad")} == {T.CANCELLED}
+    failed_event = Event.objects.get(entity_id=wf.workflow_id, event_type="workflow_failed")
+    assert failed_event.payload["still_running"] == ["long"]
+
+    wait_for(lambda: task(wf, "long").status == T.COMPLETED, what="long to complete")
+    long_attempt.refresh_from_db()
+    wf.refresh_from_db()
+    assert long_attempt.status == A.SUCCEEDED
+    assert task(wf, "after_long").status == T.CANCELLED and attempts(wf, "after_long") == []
+    assert (wf.status, wf.error) == (Workflow.Status.FAILED, failed.error)
+    assert (wf.completed_steps, wf.failed_steps) == (2, 1)
+    assert set(wf.step_results) == {"pause", "long"}
+
+
+def test_a_task_still_running_in_a_failed_workflow_is_not_retried(engine):
+    """Its retry could only be cancelled at its claim: it fails for good instead."""
+    engine()
+    wf = submit(
+        {"name": "slow_bad", "agent": "sleep", "input": {"seconds": 3}, "timeout_seconds": 1, "max_retries": 3},
+        {"name": "pause", "agent": "sleep", "input": {"seconds": 0.3}},
+        {"name": "bad", "agent": "fail", "input": {"retryable": False}, "depends_on": ["pause"]},
+    )
+    running_attempt(wf, "slow_bad")
+    finished(wf)
+    wait_for(lambda: task(wf, "slow_bad").is_terminal, what="slow_bad to end")
+    t = task(wf, "slow_bad")
+    assert (t.status, t.retry_count) == (T.TIMED_OUT, 0)
+    assert [a.status for a in attempts(wf, "slow_bad")] == [A.TIMED_OUT]
+    assert "task_retrying" not in event_types(t.execution_id)
+
+
+def test_resuming_a_failed_workflow_leaves_a_still_running_task_alone(engine):
+    engine()
+    wf = submit(
+        {"name": "long", "agent": "sleep", "input": {"seconds": 3}},
+        {"name": "after_long", "agent": "echo", "depends_on": ["long"]},
+        {"name": "pause", "agent": "sleep", "input": {"seconds": 0.3}},
+        {"name": "bad", "agent": "flaky", "input": {"fail_times": 1}, "max_retries": 0, "depends_on": ["pause"]},
+    )
+    running_attempt(wf, "long")
+    finished(wf)
+    assert task(wf, "long").status == T.RUNNING
+    workflow_resume(workflow_id=wf.workflow_id)
+    done = finished(wf)
+    assert done.status == Workflow.Status.COMPLETED
+    assert [a.status for a in attempts(wf, "long")] == [A.SUCCEEDED]  # not run twice
+    assert [a.status for a in attempts(wf, "after_long")] == [A.SUCCEEDED]
+    assert [a.status for a in attempts(wf, "bad")] == [A.FAILED, A.SUCCEEDED]
 
 
 def test_soft_timeout_is_recorded_then_the_retry_succeeds(engine):
