@@ -32,7 +32,8 @@ def run_task(self, execution_id: str) -> str:
 
 @shared_task(name="orchestration.reap_stale_tasks", acks_late=False, ignore_result=True)
 def reap_stale_tasks() -> dict[str, int]:
-    """Close abandoned attempts, fail workflows past their deadline, re-send lost messages."""
+    """Close abandoned attempts, fail workflows past their deadline, time out tasks no worker
+    took from the queue, re-send lost messages."""
     from observability.attempts import attempts_reaped
     from orchestration.services.reaper import attempts_reap, queued_sweep
 
@@ -43,6 +44,7 @@ def reap_stale_tasks() -> dict[str, int]:
         "timed_out": len(result.timed_out),
         "lost": len(result.lost),
         "workflows_failed": len(result.workflows_failed),
+        "queue_timed_out": len(result.queue_timed_out),
         "resent": len(resent),
     }
 

@@ -187,6 +187,52 @@ def attempt_abandon(
     )
 
 
+def queue_waited_since(task: TaskExecution, *, now: dt.datetime) -> dt.datetime | None:
+    """When `task` began waiting for a worker (its queueing, or its last deferral for its
+    agent's concurrency limit), if that is longer ago than TASK_QUEUE_TIMEOUT_SECONDS."""
+    since = max(filter(None, (task.queued_at, task.deferred_at)), default=None)
+    if since and now > since + dt.timedelta(seconds=settings.TASK_QUEUE_TIMEOUT_SECONDS):
+        return since
+    return None
+
+
+def queue_timeout_record(
+    task: TaskExecution,
+    *,
+    number: int,
+    now: dt.datetime,
+    worker: str = "",
+    celery_task_id: str = "",
+    redelivered: bool = False,
+) -> None:
+    """Record a try that never started: the task waited past the queue timeout (seen at its
+    claim, or by the reaper when no worker takes its queue). Not retried; the caller holds
+    the task row."""
+    since = queue_waited_since(task, now=now)
+    assert since is not None
+    attempt = TaskAttempt.objects.create(
+        execution=task,
+        attempt_number=number,
+        status=TaskAttempt.Status.TIMED_OUT,
+        cause=TaskAttempt.Cause.QUEUE_TIMEOUT,
+        retryable=False,
+        error=f"waited {(now - since).total_seconds():.0f} s in the queue "
+        f"(limit {settings.TASK_QUEUE_TIMEOUT_SECONDS} s)",
+        worker=worker,
+        celery_task_id=celery_task_id or task.celery_task_id or "",
+        redelivered=redelivered,
+        timeout_seconds=task.timeout_seconds,
+        started_at=now,
+        finished_at=now,
+        duration_ms=0.0,
+    )
+    conversation_attempt_closed(task, attempt=attempt, error=attempt.error)
+    if task.workflow_id:  # a failed try like any other: the workflow's error_count counts it
+        workflow_add_usage(task.workflow_id, tokens=0, cost=Decimal(0), error=True)
+    _fail_or_retry(task, attempt=attempt, status=attempt.status, error=attempt.error, retryable=False, now=now)
+    transaction.on_commit(lambda: attempts_reaped(attempt_ids=[attempt.pk]))
+
+
 def attempt_claim(
     *,
     execution_id: str,
@@ -311,30 +357,10 @@ def _attempt_claim(
         return Outcome.SKIPPED
 
     number = (TaskAttempt.objects.filter(execution=task).aggregate(n=Max("attempt_number"))["n"] or 0) + 1
-    queue_timeout = dt.timedelta(seconds=settings.TASK_QUEUE_TIMEOUT_SECONDS)
-    waiting_for_worker_since = max(filter(None, (task.queued_at, task.deferred_at)), default=None)
-    if waiting_for_worker_since and now > waiting_for_worker_since + queue_timeout:
-        attempt = TaskAttempt.objects.create(
-            execution=task,
-            attempt_number=number,
-            status=TaskAttempt.Status.TIMED_OUT,
-            cause=TaskAttempt.Cause.QUEUE_TIMEOUT,
-            retryable=False,
-            error=f"waited {(now - waiting_for_worker_since).total_seconds():.0f} s in the queue "
-            f"(limit {settings.TASK_QUEUE_TIMEOUT_SECONDS} s)",
-            worker=worker,
-            celery_task_id=celery_task_id,
-            redelivered=redelivered,
-            timeout_seconds=task.timeout_seconds,
-            started_at=now,
-            finished_at=now,
-            duration_ms=0.0,
+    if queue_waited_since(task, now=now) is not None:
+        queue_timeout_record(
+            task, number=number, now=now, worker=worker, celery_task_id=celery_task_id, redelivered=redelivered
         )
-        conversation_attempt_closed(task, attempt=attempt, error=attempt.error)
-        if task.workflow_id:  # a failed try like any other: the workflow's error_count counts it
-            workflow_add_usage(task.workflow_id, tokens=0, cost=Decimal(0), error=True)
-        _fail_or_retry(task, attempt=attempt, status=attempt.status, error=attempt.error, retryable=False, now=now)
-        transaction.on_commit(lambda: attempts_reaped(attempt_ids=[attempt.pk]))
         return Outcome.SKIPPED
 
     agent = task.agent

@@ -4,6 +4,8 @@
   limit hit: Celery does not always run on_failure then) are closed as timed_out or lost,
   and their task is retried or failed;
 - running workflows past their deadline are failed;
+- tasks waiting for a worker past the queue timeout are timed out even when no worker takes
+  their queue (the claim would time them out, but no claim comes);
 - tasks left queued with no message in the broker (a crash between commit and send) are
   sent again.
 
@@ -20,14 +22,14 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Max, Q
 from django.utils import timezone
 
 from orchestration.db import atomic_with_retry
 from orchestration.event_types import EventType
 from orchestration.models import TaskAttempt, TaskExecution, Workflow
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, hard_limit_seconds
-from orchestration.services.execution import attempt_abandon
+from orchestration.services.execution import attempt_abandon, queue_timeout_record, queue_waited_since
 from orchestration.services.progress import workflow_fail
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class ReapResult:
     timed_out: list[int] = field(default_factory=list)
     lost: list[int] = field(default_factory=list)
     workflows_failed: list[str] = field(default_factory=list)
+    queue_timed_out: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
 
 
@@ -113,7 +116,42 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
         if atomic_with_retry(reap) is not None:
             (result.timed_out if hard_timeout else result.lost).append(candidate.pk)
     result.workflows_failed = workflows_enforce_deadlines(now=now)
+    result.queue_timed_out = queue_timeouts_enforce(now=now)
     return result
+
+
+def queue_timeouts_enforce(*, now: dt.datetime) -> list[str]:
+    """Time out the tasks that waited for a worker past TASK_QUEUE_TIMEOUT_SECONDS (none
+    consumes their queue, or every worker is down), as their claim would: a timed-out try
+    with cause queue_timeout, the task failed, its workflow failed or going on. Returns the
+    ids of those tasks. A message that reaches a worker later runs nothing."""
+    cutoff = now - dt.timedelta(seconds=settings.TASK_QUEUE_TIMEOUT_SECONDS)
+    waiting = [TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING]
+    overdue = list(
+        TaskExecution.objects.filter(status__in=waiting, queued_at__lt=cutoff)
+        .filter(Q(deferred_at__isnull=True) | Q(deferred_at__lt=cutoff))
+        .values_list("execution_id", flat=True)
+    )
+    recorded = []
+    for execution_id in overdue:
+
+        def time_out(execution_id: str = execution_id) -> int | None:
+            task = (
+                TaskExecution.objects.select_for_update(skip_locked=True)
+                .filter(pk=execution_id, status__in=waiting)
+                .first()
+            )
+            if task is None or queue_waited_since(task, now=now) is None:
+                return None  # a worker claimed it, or it was sent again, meanwhile
+            number = (TaskAttempt.objects.filter(execution=task).aggregate(n=Max("attempt_number"))["n"] or 0) + 1
+            queue_timeout_record(task, number=number, now=now)
+            return number
+
+        if atomic_with_retry(time_out) is not None:
+            recorded.append(execution_id)
+    if recorded:
+        logger.warning("timed out %d task(s) that no worker took from the queue: %s", len(recorded), recorded)
+    return recorded
 
 
 def workflows_enforce_deadlines(*, now: dt.datetime) -> list[str]:

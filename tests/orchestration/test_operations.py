@@ -18,7 +18,7 @@ from config.settings.base import check_visibility_timeout
 from orchestration.errors import SpecError, TransitionError
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.execution import Claim, Outcome, attempt_claim, attempt_run
-from orchestration.services.reaper import queued_sweep
+from orchestration.services.reaper import attempts_reap, queued_sweep
 from orchestration.services.workflows import task_cancel, task_retry, workflow_resume
 from tests.engine import flush_redis
 from tests.orchestration.test_engine import attempts, finished, running_attempt, submit, task
@@ -384,6 +384,34 @@ def test_a_task_queued_past_the_queue_timeout_never_starts(db, builtin_agents, s
     assert wf.status == Workflow.Status.FAILED
     assert wf.error_count == 1, "a try timed out in the queue counts as a failed one"
     assert task(wf, "next").status == T.CANCELLED
+
+
+def test_a_task_no_worker_takes_is_timed_out_by_the_reaper(db, builtin_agents, settings):
+    """No worker consumes its queue (or none runs): no claim ever comes to time it out, and
+    the workflow would stay running forever. The reaper records what the claim would have."""
+    settings.TASK_QUEUE_TIMEOUT_SECONDS = 60
+    wf = submit({"name": "late", "agent": "echo"}, {"name": "next", "agent": "echo", "depends_on": ["late"]})
+    waiting = submit({"name": "deferred", "agent": "echo"})
+    late, deferred = task(wf, "late"), task(waiting, "deferred")
+    long_ago = timezone.now() - dt.timedelta(seconds=61)
+    TaskExecution.objects.filter(pk=late.pk).update(queued_at=long_ago)
+    # queued as long, but sent again a moment ago for its agent's concurrency limit
+    TaskExecution.objects.filter(pk=deferred.pk).update(queued_at=long_ago, deferred_at=timezone.now())
+
+    result = attempts_reap()
+
+    assert result.queue_timed_out == [late.execution_id]
+    [attempt] = attempts(wf, "late")
+    assert (attempt.status, attempt.cause, attempt.worker) == (A.TIMED_OUT, "queue_timeout", "")
+    assert "limit 60 s" in attempt.error
+    wf.refresh_from_db()
+    assert (wf.status, wf.error_count) == (Workflow.Status.FAILED, 1)
+    assert (task(wf, "late").status, task(wf, "next").status) == (T.TIMED_OUT, T.CANCELLED)
+    assert task(waiting, "deferred").status == T.QUEUED
+    assert attempts_reap().queue_timed_out == []
+    # its message, reaching a worker at last, runs nothing
+    outcome = attempt_claim(execution_id=late.execution_id, celery_task_id=late.celery_task_id, worker="w@h")
+    assert outcome == Outcome.SKIPPED and len(attempts(wf, "late")) == 1
 
 
 def test_a_claim_past_the_deadline_fails_the_workflow_and_records_why_running_attempts_ended(db, builtin_agents):
