@@ -233,6 +233,56 @@ def queue_timeout_record(
     transaction.on_commit(lambda: attempts_reaped(attempt_ids=[attempt.pk]))
 
 
+# How often a task whose agent is in maintenance looks again (jittered), as a new message.
+MAINTENANCE_RECHECK_SECONDS = 5.0
+
+
+def _agent_out_of_service(
+    task: TaskExecution,
+    agent: Agent,
+    *,
+    number: int,
+    now: dt.datetime,
+    worker: str,
+    celery_task_id: str,
+    redelivered: bool,
+) -> Outcome:
+    """The task's agent was taken out of service after the task was queued (submission refuses
+    such an agent). In maintenance, the task waits: its message comes back every few seconds
+    and the queue timeout counts on (queued_at stays), so an operator drains an agent without
+    failing its work, unless the maintenance outlasts TASK_QUEUE_TIMEOUT_SECONDS. Inactive (retired): the
+    try fails at once, not retried, naming the agent; a retry once it is active again runs it."""
+    if agent.status == Agent.Status.MAINTENANCE:
+        queued_at = task.queued_at
+        countdown = MAINTENANCE_RECHECK_SECONDS * random.uniform(0.8, 1.2)  # noqa: S311
+        dispatch = dispatch_prepare(task, now=now, countdown=countdown, status=task.status)
+        task.queued_at = queued_at
+        task.save(update_fields=["status", "celery_task_id"])
+        dispatch_after_commit([dispatch])
+        return Outcome.DEFERRED
+    attempt = TaskAttempt.objects.create(
+        execution=task,
+        attempt_number=number,
+        status=TaskAttempt.Status.FAILED,
+        cause=TaskAttempt.Cause.ERROR,
+        retryable=False,
+        error=f"agent {agent.id} is {agent.status}: it takes no work (make it active, then retry the task)",
+        worker=worker,
+        celery_task_id=celery_task_id,
+        redelivered=redelivered,
+        timeout_seconds=task.timeout_seconds,
+        started_at=now,
+        finished_at=now,
+        duration_ms=0.0,
+    )
+    conversation_attempt_closed(task, attempt=attempt, error=attempt.error)
+    if task.workflow_id:
+        workflow_add_usage(task.workflow_id, tokens=0, cost=Decimal(0), error=True)
+    _fail_or_retry(task, attempt=attempt, status=attempt.status, error=attempt.error, retryable=False, now=now)
+    transaction.on_commit(lambda: attempts_reaped(attempt_ids=[attempt.pk]))
+    return Outcome.SKIPPED
+
+
 def attempt_claim(
     *,
     execution_id: str,
@@ -364,6 +414,10 @@ def _attempt_claim(
         return Outcome.SKIPPED
 
     agent = task.agent
+    if agent.status != Agent.Status.ACTIVE:
+        return _agent_out_of_service(
+            task, agent, number=number, now=now, worker=worker, celery_task_id=celery_task_id, redelivered=redelivered
+        )
     if agent.max_concurrency:
         Agent.objects.select_for_update().filter(pk=agent.pk).first()
         running = TaskExecution.objects.filter(agent=agent, status=TaskExecution.Status.RUNNING).count()

@@ -55,6 +55,7 @@ WITH claimed AS (
        AND (w.deadline IS NULL OR w.deadline > %(now)s)
        AND (t.queued_at IS NULL OR t.queued_at + make_interval(secs => %(queue_timeout)s::float8) >= %(now)s)
        AND a.id = t.agent_id
+       AND a.status = 'active'
        AND a.max_concurrency IS NULL
     RETURNING t.execution_id, t.workflow_id, t.agent_id, t.task_name, t.input_data, t.depends_on,
               t.timeout_seconds, w.total_steps - w.completed_steps - w.failed_steps - w.cancelled_steps AS remaining,

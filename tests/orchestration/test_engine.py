@@ -457,6 +457,43 @@ def test_deadline_fails_the_workflow(engine):
     assert (cut.status, cut.cause) == (A.CANCELLED, "deadline"), "cut by the deadline, not by a user"
 
 
+@pytest.mark.parametrize("fast_path", ["true", "false"], ids=["fast-path", "general-path"])
+def test_a_task_of_an_agent_in_maintenance_waits_and_runs_once_it_is_active(engine, fast_path):
+    """An operator drains an agent: work already queued for it waits, is not failed, and runs
+    when the agent is back."""
+    engine(env={"ENGINE_FAST_PATH": fast_path})
+    Agent.objects.create(id="echo-2", name="Echo 2", executor="python", entrypoint="orchestration.runtime.builtin.echo")
+    wf = submit(
+        {"name": "first", "agent": "sleep", "input": {"seconds": 1}},
+        {"name": "then", "agent": "echo-2", "depends_on": ["first"]},
+    )
+    running_attempt(wf, "first")
+    Agent.objects.filter(pk="echo-2").update(status=Agent.Status.MAINTENANCE)
+    wait_for(lambda: task(wf, "first").status == T.COMPLETED, what="first to complete")
+    time.sleep(3)
+    assert task(wf, "then").status == T.QUEUED and attempts(wf, "then") == []
+    Agent.objects.filter(pk="echo-2").update(status=Agent.Status.ACTIVE)
+    done = finished(wf, timeout=30)
+    assert done.status == Workflow.Status.COMPLETED
+    assert [a.status for a in attempts(wf, "then")] == [A.SUCCEEDED]
+
+
+def test_a_task_of_an_agent_made_inactive_fails_naming_it(engine):
+    engine()
+    Agent.objects.create(id="echo-3", name="Echo 3", executor="python", entrypoint="orchestration.runtime.builtin.echo")
+    wf = submit(
+        {"name": "first", "agent": "sleep", "input": {"seconds": 1}},
+        {"name": "then", "agent": "echo-3", "depends_on": ["first"]},
+    )
+    running_attempt(wf, "first")
+    Agent.objects.filter(pk="echo-3").update(status=Agent.Status.INACTIVE)
+    done = finished(wf)
+    assert done.status == Workflow.Status.FAILED
+    [attempt] = attempts(wf, "then")
+    assert (attempt.status, attempt.retryable) == (A.FAILED, False)
+    assert "agent echo-3 is inactive" in attempt.error and "agent echo-3 is inactive" in done.error
+
+
 def test_per_agent_concurrency_limit_makes_excess_tasks_wait(engine):
     from orchestration.models import Agent
 
