@@ -40,6 +40,9 @@ class EventType(models.TextChoices):
     TOOL_EXECUTED = "tool_executed", "an agent called a tool"
     MESSAGE_CREATED = "message_created", "a conversation message was stored"
     AGENT_INTERACTION = "agent_interaction", "hand-off, collaboration, review or feedback between agents"
+    # Access
+    API_KEY_CREATED = "api_key_created", "an API key was created (or made by rotating another)"
+    API_KEY_REVOKED = "api_key_revoked", "an API key was revoked (or rotated out)"
     # Training data
     EXPORT_COMPLETED = "export_completed", "a training-data export finished"
     EXPORT_FAILED = "export_failed", "a training-data export failed"
@@ -53,6 +56,7 @@ class EntityType(models.TextChoices):
     TOOL = "tool"
     CONVERSATION = "conversation"
     EXPORT = "export"
+    API_KEY = "api_key"
     SYSTEM = "system"
 
 

@@ -16,6 +16,7 @@ from orchestration.admin.base import ChangedFieldsOnlyMixin, json_display
 from orchestration.errors import SpecError
 from orchestration.models import ApiKey
 from orchestration.services.access import KNOWN_PERMISSIONS, api_key_create, api_key_revoke, api_key_rotate
+from orchestration.services.events import actor_of
 
 
 class ApiKeyStateFilter(admin.SimpleListFilter):
@@ -151,6 +152,7 @@ class ApiKeyAdmin(ChangedFieldsOnlyMixin, admin.ModelAdmin):
                     name=form.cleaned_data["name"],
                     expires_at=form.cleaned_data["expires_at"],
                     permissions=form.cleaned_data["permissions"],
+                    actor=actor_of(request.user, "console"),
                 )
             except SpecError as exc:
                 for problem in exc.problems:
@@ -180,7 +182,11 @@ class ApiKeyAdmin(ChangedFieldsOnlyMixin, admin.ModelAdmin):
 
     @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
-        revoked = api_key_revoke(api_key_ids=queryset.values_list("pk", flat=True), now=timezone.now())
+        revoked = api_key_revoke(
+            api_key_ids=queryset.values_list("pk", flat=True),
+            now=timezone.now(),
+            actor=actor_of(request.user, "console"),
+        )
         for api_key in ApiKey.objects.filter(pk__in=revoked).select_related("owner"):
             self.log_change(request, api_key, "Revoked")
         skipped = queryset.count() - len(revoked)
@@ -202,7 +208,7 @@ class ApiKeyAdmin(ChangedFieldsOnlyMixin, admin.ModelAdmin):
                 self.message_user(request, problem, messages.ERROR)
                 continue
             try:
-                created = api_key_rotate(api_key_id=api_key.pk, now=now)
+                created = api_key_rotate(api_key_id=api_key.pk, now=now, actor=actor_of(request.user, "console"))
             except SpecError as exc:
                 self.message_user(request, "; ".join(exc.problems), messages.WARNING)
                 continue

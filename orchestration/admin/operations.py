@@ -19,6 +19,7 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllow
 from django.urls import URLPattern, path, reverse
 
 from orchestration.errors import ConversationError, SpecError, TransitionError
+from orchestration.services.events import Actor, actor_of
 
 # More than this many selected at once is refused: each is a transaction of its own (with row
 # locks and revocations), and "select all" on a big list would reach every matching row.
@@ -56,6 +57,10 @@ class Operation:
 
 def console_reason(request: HttpRequest, what: str) -> str:
     return f"{what} by {request.user.get_username()} in the console"
+
+
+def console_actor(request: HttpRequest) -> Actor:
+    return actor_of(request.user, "console")
 
 
 class OperationsMixin:

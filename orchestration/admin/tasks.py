@@ -21,7 +21,7 @@ from orchestration.admin.base import (
     object_link,
     text_display,
 )
-from orchestration.admin.operations import Operation, OperationsMixin, console_reason
+from orchestration.admin.operations import Operation, OperationsMixin, console_actor, console_reason
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, LargeTableAdmin
 from orchestration.event_types import EntityType
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
@@ -77,14 +77,16 @@ TASK_OPERATIONS = (
         "cancel",
         "cancel",
         "cancelled",
-        lambda request, task: task_cancel(execution_id=task.pk, reason=console_reason(request, "cancelled")),
+        lambda request, task: task_cancel(
+            execution_id=task.pk, reason=console_reason(request, "cancelled"), actor=console_actor(request)
+        ),
         lambda task: not task.is_terminal,
     ),
     Operation(
         "retry",
         "retry",
         "retried",
-        lambda request, task: task_retry(execution_id=task.pk),
+        lambda request, task: task_retry(execution_id=task.pk, actor=console_actor(request)),
         lambda task: task.status in RETRIABLE_TASK,
     ),
 )

@@ -15,7 +15,7 @@ from orchestration.admin.base import (
     object_link,
     text_display,
 )
-from orchestration.admin.operations import Operation, OperationsMixin, console_reason
+from orchestration.admin.operations import Operation, OperationsMixin, console_actor, console_reason
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, IndexedValuesFieldListFilter, LargeTableAdmin
 from orchestration.models import AgentInteraction, Event, TaskExecution, Workflow
 from orchestration.services.workflows import (
@@ -30,14 +30,16 @@ WORKFLOW_OPERATIONS = (
         "cancel",
         "cancel",
         "cancelled",
-        lambda request, workflow: workflow_cancel(workflow_id=workflow.pk, reason=console_reason(request, "cancelled")),
+        lambda request, workflow: workflow_cancel(
+            workflow_id=workflow.pk, reason=console_reason(request, "cancelled"), actor=console_actor(request)
+        ),
         lambda workflow: workflow.status in CANCELLABLE_WORKFLOW,
     ),
     Operation(
         "resume",
         "resume",
         "resumed",
-        lambda request, workflow: workflow_resume(workflow_id=workflow.pk),
+        lambda request, workflow: workflow_resume(workflow_id=workflow.pk, actor=console_actor(request)),
         lambda workflow: workflow.status in RESUMABLE_WORKFLOW,
     ),
 )

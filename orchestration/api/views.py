@@ -40,9 +40,17 @@ from orchestration.api.serializers import (
 )
 from orchestration.api.throttling import rate_limit_settle
 from orchestration.models import AgentPlaygroundMessage, ApiKey, Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.services.events import Actor, actor_of
 from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume
 
 logger = logging.getLogger(__name__)
+
+
+def request_actor(request: Request) -> Actor:
+    """Who an operation's events name: the user, and the API key the request came with."""
+    via = f"api_key:{request.auth.prefix}" if isinstance(request.auth, ApiKey) else "api"
+    return actor_of(request.user, via)
+
 
 READ = "workflow:read"
 WRITE = "workflow:create"
@@ -254,7 +262,7 @@ class WorkflowViewSet(
         workflow = self.get_object()
         data = CancelSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        workflow_cancel(workflow_id=workflow.pk, reason=data.validated_data["reason"])
+        workflow_cancel(workflow_id=workflow.pk, reason=data.validated_data["reason"], actor=request_actor(request))
         return self._workflow_response(workflow, status.HTTP_200_OK)
 
     @extend_schema(
@@ -267,7 +275,7 @@ class WorkflowViewSet(
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, workflow_id: str) -> Response:
         workflow = self.get_object()
-        workflow_resume(workflow_id=workflow.pk)
+        workflow_resume(workflow_id=workflow.pk, actor=request_actor(request))
         return self._workflow_response(workflow, status.HTTP_202_ACCEPTED)
 
     @extend_schema(
@@ -345,7 +353,7 @@ class TaskViewSet(ApiMixin, RowListMixin, mixins.ListModelMixin, mixins.Retrieve
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, execution_id: str) -> Response:
         task = self.get_object()
-        task_retry(execution_id=task.pk)
+        task_retry(execution_id=task.pk, actor=request_actor(request))
         return self._task_response(task, status.HTTP_202_ACCEPTED)
 
     @extend_schema(
@@ -358,7 +366,7 @@ class TaskViewSet(ApiMixin, RowListMixin, mixins.ListModelMixin, mixins.Retrieve
         task = self.get_object()
         data = CancelSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        task_cancel(execution_id=task.pk, reason=data.validated_data["reason"])
+        task_cancel(execution_id=task.pk, reason=data.validated_data["reason"], actor=request_actor(request))
         return self._task_response(task, status.HTTP_200_OK)
 
 

@@ -20,8 +20,10 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 
 from orchestration.errors import SpecError
+from orchestration.event_types import EntityType, EventType
 from orchestration.models import ApiKey
 from orchestration.roles import PERMISSIONS
+from orchestration.services.events import Actor, event_record
 
 KEY_SCHEME = "al"
 # Seed 004 has no name for creating, changing and deactivating agents; only the admin's
@@ -65,12 +67,15 @@ def api_key_create(
     expires_at: dt.datetime | None = None,
     permissions: list[str] | None = None,
     now: dt.datetime | None = None,
+    actor: Actor | None = None,
+    rotated_from: ApiKey | None = None,
 ) -> NewApiKey:
     """Create a key for `owner` and return it with its full text, which exists only here.
 
     `permissions` (seed 004 names) narrows the key below the owner's role; empty means the
     role's permissions. Raises SpecError naming each problem (blank or duplicate name,
-    expiry in the past, unknown permission).
+    expiry in the past, unknown permission). An api_key_created event names it (never its
+    secret) and `actor`, who made it.
     """
     problems = []
     name = (name or "").strip()
@@ -108,6 +113,12 @@ def api_key_create(
                     permissions=sorted(set(permissions or [])),
                     expires_at=expires_at,
                 )
+                _key_event(
+                    api_key,
+                    EventType.API_KEY_CREATED,
+                    actor,
+                    **({"rotated_from": rotated_from.prefix} if rotated_from else {}),
+                )
         except IntegrityError:
             if ApiKey.objects.filter(owner=owner, name=name).exists():
                 raise SpecError([f"name: {owner} already has a key named {name!r}"]) from None
@@ -128,8 +139,11 @@ def api_key_mark_used(*, api_key: ApiKey, now: dt.datetime) -> bool:
 
 
 @transaction.atomic
-def api_key_revoke(*, api_key_ids: Iterable[int], now: dt.datetime) -> list[int]:
-    """Revoke the given keys that are not revoked yet and return their ids.
+def api_key_revoke(
+    *, api_key_ids: Iterable[int], now: dt.datetime, actor: Actor | None = None, rotated_to: ApiKey | None = None
+) -> list[int]:
+    """Revoke the given keys that are not revoked yet and return their ids; each gets an
+    api_key_revoked event naming `actor`.
 
     A key revoked before keeps its original revoked_at. Expired keys are revoked too, so
     that extending expires_at later cannot bring them back. The rows are locked first, so
@@ -137,16 +151,19 @@ def api_key_revoke(*, api_key_ids: Iterable[int], now: dt.datetime) -> list[int]
     """
     revoked = list(
         ApiKey.objects.select_for_update()
+        .select_related("owner")
         .filter(pk__in=list(api_key_ids), revoked_at__isnull=True)
         .order_by("pk")
-        .values_list("pk", flat=True)
     )
-    ApiKey.objects.filter(pk__in=revoked).update(revoked_at=now)
-    return revoked
+    ApiKey.objects.filter(pk__in=[key.pk for key in revoked]).update(revoked_at=now)
+    for api_key in revoked:
+        extra = {"rotated_to": rotated_to.prefix} if rotated_to else {}
+        _key_event(api_key, EventType.API_KEY_REVOKED, actor, **extra)
+    return [key.pk for key in revoked]
 
 
 @transaction.atomic
-def api_key_rotate(*, api_key_id: int, now: dt.datetime) -> NewApiKey:
+def api_key_rotate(*, api_key_id: int, now: dt.datetime, actor: Actor | None = None) -> NewApiKey:
     """Replace a key: a new key for the same owner, permissions and expiry, named after the
     old one, and the old one revoked, in one transaction."""
     old = ApiKey.objects.select_for_update().select_related("owner").get(pk=api_key_id)
@@ -157,7 +174,30 @@ def api_key_rotate(*, api_key_id: int, now: dt.datetime) -> NewApiKey:
     suffix = f" (rotated {now:%Y-%m-%d %H:%M:%S})"
     name = old.name[: ApiKey._meta.get_field("name").max_length - len(suffix)] + suffix
     created = api_key_create(
-        owner=old.owner, name=name, expires_at=old.expires_at, permissions=old.permissions, now=now
+        owner=old.owner,
+        name=name,
+        expires_at=old.expires_at,
+        permissions=old.permissions,
+        now=now,
+        actor=actor,
+        rotated_from=old,
     )
-    api_key_revoke(api_key_ids=[old.pk], now=now)
+    api_key_revoke(api_key_ids=[old.pk], now=now, actor=actor, rotated_to=created.api_key)
     return created
+
+
+def _key_event(api_key: ApiKey, event_type: EventType, actor: Actor | None, **extra: Any) -> None:
+    event_record(
+        event_type=event_type,
+        entity_type=EntityType.API_KEY,
+        entity_id=str(api_key.pk),
+        payload={
+            "prefix": api_key.prefix,
+            "name": api_key.name,
+            "owner": api_key.owner.get_username() if api_key.owner_id else None,
+            "permissions": api_key.permissions,
+            "expires_at": api_key.expires_at.isoformat() if api_key.expires_at else None,
+            **extra,
+            **(actor or {}),
+        },
+    )

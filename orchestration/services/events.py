@@ -83,6 +83,16 @@ def entity_states(model: type[models.Model], pks: Iterable[str], fields: tuple[s
     }
 
 
+# Who asked for an operation (cancel, retry, resume, an API key's creation or revocation), as
+# its events name it: {"by": the user's name, "via": "console" | "api" | "api_key:<prefix>" |
+# "manage.py"}. None for what the platform does on its own.
+Actor = dict[str, str]
+
+
+def actor_of(user: Any, via: str) -> Actor:
+    return {"by": user.get_username() if user is not None else "", "via": via}
+
+
 def event_record(
     *,
     event_type: EventType | str,

@@ -26,6 +26,7 @@ from orchestration.services.dispatch import revoke_after_commit, tasks_queue
 from orchestration.services.events import (
     TASK_STATE_FIELDS,
     WORKFLOW_STATE_FIELDS,
+    Actor,
     entity_states,
     task_event_build,
     workflow_event,
@@ -268,13 +269,15 @@ def workflow_fail(
     event_type: EventType,
     cause: str = TaskAttempt.Cause.CANCELLED,
     keep_running: bool = False,
+    actor: Actor | None = None,
 ) -> None:
     """End a running workflow as failed (or cancelled) and cancel every task that has not
     finished, revoking their messages and running processes (caller holds the lock). `cause`:
     what the attempts still running are recorded cancelled for (the deadline, or a cancel).
-    `keep_running` (a task failed for good, DESIGN §5: "cancels what has not started"): tasks
-    running now are left to finish, their work and spend recorded; none of their dependents
-    runs, and a retry they would need is not made (execution._fail_or_retry)."""
+    `actor`: who ended it (a cancel), named in its events. `keep_running` (a task failed for
+    good, DESIGN §5: "cancels what has not started"): tasks running now are left to finish,
+    their work and spend recorded; none of their dependents runs, and a retry they would need
+    is not made (execution._fail_or_retry)."""
     cancelled = event_type == EventType.WORKFLOW_CANCELLED
     workflow.status = Workflow.Status.CANCELLED if cancelled else Workflow.Status.FAILED
     workflow.error = error
@@ -288,6 +291,7 @@ def workflow_fail(
         reason=error,
         now=now,
         cause=cause,
+        actor=actor,
     )
     workflow_event(
         workflow,
@@ -296,6 +300,7 @@ def workflow_fail(
             "error": error,
             "cancelled_tasks": count,
             **({"still_running": sorted(t.task_name for t in left_running)} if left_running is not None else {}),
+            **(actor or {}),
             "state": entity_states(Workflow, [workflow.pk], WORKFLOW_STATE_FIELDS)[workflow.pk],
         },
         severity=Severity.WARNING if cancelled else Severity.ERROR,
@@ -309,6 +314,7 @@ def tasks_cancel(
     now: dt.datetime,
     upstream: str | None = None,
     cause: str = TaskAttempt.Cause.CANCELLED,
+    actor: Actor | None = None,
 ) -> int:
     """Cancel the non-terminal tasks of a queryset: their running attempts are recorded
     cancelled (for `cause`), queued messages and running processes are revoked after commit.
@@ -363,6 +369,7 @@ def tasks_cancel(
                 payload={
                     "reason": reason,
                     **({"upstream": upstream} if upstream else {}),
+                    **(actor or {}),
                     "state": states[t.execution_id],
                 },
             )

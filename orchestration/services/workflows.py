@@ -16,7 +16,7 @@ from orchestration.models import TaskExecution, Workflow
 from orchestration.services import fastpath
 from orchestration.services.conversations import conversation_retry_check
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, tasks_queue
-from orchestration.services.events import task_event, task_event_build, workflow_event, workflow_event_build
+from orchestration.services.events import Actor, task_event, task_event_build, workflow_event, workflow_event_build
 from orchestration.services.progress import (
     FAILED_TASK,
     task_descendants,
@@ -117,18 +117,18 @@ RETRIABLE_TASK = (TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT, T
 
 
 @atomic_retried
-def workflow_cancel(*, workflow_id: str, reason: str = "cancelled by user") -> Workflow:
+def workflow_cancel(*, workflow_id: str, reason: str = "cancelled by user", actor: Actor | None = None) -> Workflow:
     """Cancel a running (or pending) workflow: unfinished tasks are cancelled, their queued
-    messages revoked and running processes terminated."""
+    messages revoked and running processes terminated. `actor`: who asked (the events say)."""
     workflow = Workflow.objects.select_for_update().get(pk=workflow_id)
     if workflow.status not in CANCELLABLE_WORKFLOW:
         raise TransitionError(f"workflow {workflow_id} is {workflow.status}; only a running workflow can be cancelled")
-    workflow_fail(workflow, error=reason, now=timezone.now(), event_type=EventType.WORKFLOW_CANCELLED)
+    workflow_fail(workflow, error=reason, now=timezone.now(), event_type=EventType.WORKFLOW_CANCELLED, actor=actor)
     return workflow
 
 
 @atomic_retried
-def task_cancel(*, execution_id: str, reason: str = "cancelled by user") -> TaskExecution:
+def task_cancel(*, execution_id: str, reason: str = "cancelled by user", actor: Actor | None = None) -> TaskExecution:
     """Cancel one task. In a workflow this cancels the workflow, unless it continues on
     failure: then the task's dependents, which can never run, are cancelled with it and the
     workflow finishes once nothing is left to run (failed if a task failed, else cancelled:
@@ -139,19 +139,20 @@ def task_cancel(*, execution_id: str, reason: str = "cancelled by user") -> Task
     now = timezone.now()
     if task.workflow_id:
         workflow = Workflow.objects.select_for_update().get(pk=task.workflow_id)
-        tasks_cancel(TaskExecution.objects.filter(pk=task.pk), reason=reason, now=now)
+        tasks_cancel(TaskExecution.objects.filter(pk=task.pk), reason=reason, now=now, actor=actor)
         if workflow.status == Workflow.Status.RUNNING and not workflow.continue_on_failure:
             workflow_fail(
                 workflow,
                 error=f"task {task.task_name} cancelled: {reason}",
                 now=now,
                 event_type=EventType.WORKFLOW_CANCELLED,
+                actor=actor,
             )
         elif workflow.status == Workflow.Status.RUNNING:
             task.status = TaskExecution.Status.CANCELLED
             workflow_skip_dependents(workflow, task, now=now)
     else:
-        tasks_cancel(TaskExecution.objects.filter(pk=task.pk), reason=reason, now=now)
+        tasks_cancel(TaskExecution.objects.filter(pk=task.pk), reason=reason, now=now, actor=actor)
     task.refresh_from_db()
     return task
 
@@ -165,7 +166,7 @@ def _task_reset(task: TaskExecution) -> None:
 
 
 @atomic_retried
-def workflow_resume(*, workflow_id: str) -> Workflow:
+def workflow_resume(*, workflow_id: str, actor: Actor | None = None) -> Workflow:
     """Resume a failed (or cancelled) workflow from its unfinished tasks: failed, timed-out
     and cancelled tasks get a fresh retry budget; completed ones keep their results."""
     workflow = Workflow.objects.select_for_update().get(pk=workflow_id)
@@ -184,7 +185,7 @@ def workflow_resume(*, workflow_id: str) -> Workflow:
         raise TransitionError(f"workflow {workflow_id} has no unfinished task to resume")
     for task in redo:
         _task_reset(task)
-        task_event(task, EventType.TASK_RETRYING, payload={"reason": "workflow resumed"})
+        task_event(task, EventType.TASK_RETRYING, payload={"reason": "workflow resumed", **(actor or {})})
     done = set(
         TaskExecution.objects.filter(workflow=workflow, status=TaskExecution.Status.COMPLETED).values_list(
             "task_name", flat=True
@@ -196,7 +197,9 @@ def workflow_resume(*, workflow_id: str) -> Workflow:
     workflow.failed_steps = 0
     workflow.cancelled_steps = 0
     workflow.save(update_fields=["status", "error", "completed_at", "failed_steps", "cancelled_steps"])
-    workflow_event(workflow, EventType.WORKFLOW_RESUMED, payload={"tasks": [t.task_name for t in redo]})
+    workflow_event(
+        workflow, EventType.WORKFLOW_RESUMED, payload={"tasks": [t.task_name for t in redo], **(actor or {})}
+    )
     tasks_queue([t for t in redo if set(t.depends_on) <= done], now=now)
     return workflow
 
@@ -210,7 +213,7 @@ def _deadline_check(workflow: Workflow, *, now: dt.datetime) -> None:
 
 
 @atomic_retried
-def task_retry(*, execution_id: str) -> TaskExecution:
+def task_retry(*, execution_id: str, actor: Actor | None = None) -> TaskExecution:
     """Retry one failed, timed-out or cancelled task; the tasks cancelled because it failed are
     made pending again, to run after it. One that also waits on another failed or cancelled
     task stays cancelled, as does one a user cancelled on its own; other failed tasks stay
@@ -227,7 +230,7 @@ def task_retry(*, execution_id: str) -> TaskExecution:
         workflow = Workflow.objects.select_for_update().get(pk=task.workflow_id)
         ended = workflow.status != Workflow.Status.RUNNING
         if ended and not workflow.continue_on_failure:
-            workflow_resume(workflow_id=workflow.workflow_id)
+            workflow_resume(workflow_id=workflow.workflow_id, actor=actor)
             task.refresh_from_db()
             return task
         if ended:
@@ -267,12 +270,18 @@ def task_retry(*, execution_id: str) -> TaskExecution:
         for dependent in revived:
             _task_reset(dependent)
             task_event(
-                dependent, EventType.TASK_RETRYING, payload={"reason": f"upstream task {task.task_name} retried"}
+                dependent,
+                EventType.TASK_RETRYING,
+                payload={"reason": f"upstream task {task.task_name} retried", **(actor or {})},
             )
     _task_reset(task)
-    task_event(task, EventType.TASK_RETRYING, payload={"reason": "retried by user"})
+    task_event(task, EventType.TASK_RETRYING, payload={"reason": "retried by user", **(actor or {})})
     if resumed:
-        workflow_event(workflow, EventType.WORKFLOW_RESUMED, payload={"tasks": resumed, "retried": task.task_name})
+        workflow_event(
+            workflow,
+            EventType.WORKFLOW_RESUMED,
+            payload={"tasks": resumed, "retried": task.task_name, **(actor or {})},
+        )
     tasks_queue([task], now=timezone.now())
     return task
 

@@ -354,3 +354,35 @@ def test_prepared_statements_can_be_turned_off_for_a_pooler_that_cannot_keep_the
         cursor.execute("SELECT statement FROM pg_prepared_statements")
         statements = [row[0] for row in cursor.fetchall()]
     assert any("api_keys" in statement for statement in statements) is prepared
+
+
+def test_keys_created_rotated_and_revoked_are_in_the_audit_log_without_their_secret(db, client):
+    from orchestration.models import Event
+
+    admin_user = UserFactory(username="root", is_staff=True, is_superuser=True)
+    caller = make_caller("svc", "developer", permissions=["workflow:read"])
+    old = ApiKey.objects.get(owner=caller.user)
+    client.force_login(admin_user)
+    client.post(
+        reverse("admin:orchestration_apikey_changelist"), {"action": "rotate_selected", "_selected_action": [old.pk]}
+    )
+    new = ApiKey.objects.exclude(pk=old.pk).get(owner=caller.user)
+    client.post(
+        reverse("admin:orchestration_apikey_changelist"), {"action": "revoke_selected", "_selected_action": [new.pk]}
+    )
+    out = io.StringIO()
+    call_command("create_api_key", "svc", "--name", "cli", stdout=out, stderr=io.StringIO())
+
+    events = list(Event.objects.filter(entity_type="api_key").order_by("sequence"))
+    summary = [(e.event_type, e.entity_id, e.payload.get("via"), e.payload.get("by")) for e in events]
+    assert summary[:4] == [
+        ("api_key_created", str(old.pk), None, None),  # made by the test itself, outside any console
+        ("api_key_created", str(new.pk), "console", "root"),
+        ("api_key_revoked", str(old.pk), "console", "root"),
+        ("api_key_revoked", str(new.pk), "console", "root"),
+    ]
+    assert summary[4][:3] == ("api_key_created", str(ApiKey.objects.get(name="cli").pk), "manage.py create_api_key")
+    assert events[1].payload["rotated_from"] == old.prefix and events[2].payload["rotated_to"] == new.prefix
+    assert events[0].payload["permissions"] == ["workflow:read"] and events[0].payload["owner"] == "svc"
+    secret_parts = [caller.key.split("_", 2)[2], out.getvalue().strip().split("_", 2)[2]]
+    assert not [part for part in secret_parts for e in events if part in str(e.payload)]

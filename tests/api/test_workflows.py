@@ -186,3 +186,26 @@ def test_a_serializer_that_reads_its_context_keeps_a_plan_per_instance():
     workflow = Workflow(workflow_id="w-1")
     assert WithContext(workflow, context={"who": "a"}).data == {"workflow_id": "w-1", "who": "a"}
     assert WithContext(workflow, context={"who": "b"}).data == {"workflow_id": "w-1", "who": "b"}
+
+
+def test_cancel_retry_and_resume_name_who_asked_in_their_events(callers, submit):
+    """The events are the audit trail: each operation says which user asked, and with which
+    API key; the console's say "console" (tests/orchestration/test_admin_operations.py)."""
+    caller = callers["developer"]
+    prefix = caller.key.split("_")[1]
+    asked = {"by": caller.user.username, "via": f"api_key:{prefix}"}
+    workflow_id = submit(caller).json()["workflow_id"]
+    task = TaskExecution.objects.get(workflow_id=workflow_id)
+    caller.client.post(f"/api/v1/tasks/{task.pk}/cancel/", {"reason": "wrong input"}, format="json")
+    caller.client.post(f"/api/v1/workflows/{workflow_id}/retry/")
+    caller.client.post(f"/api/v1/workflows/{workflow_id}/cancel/", format="json")
+    caller.client.post(f"/api/v1/tasks/{task.pk}/retry/")
+
+    def named(event_type: str, entity_id: str) -> list[dict]:
+        events = Event.objects.filter(event_type=event_type, entity_id=entity_id).order_by("sequence")
+        return [{key: e.payload.get(key) for key in ("by", "via")} for e in events]
+
+    assert named("task_cancelled", task.pk) == [asked, asked]
+    assert named("workflow_cancelled", workflow_id) == [asked, asked]
+    assert named("workflow_resumed", workflow_id) == [asked, asked]
+    assert named("task_retrying", task.pk) == [asked, asked]

@@ -74,6 +74,11 @@ def test_an_operator_cancels_a_running_workflow_and_retries_a_failed_task_on_rea
     assert failing.status == W.COMPLETED
     assert [(a.attempt_number, a.status) for a in attempts(failing, "bad")] == [(1, A.FAILED), (2, A.SUCCEEDED)]
     assert LogEntry.objects.filter(object_id=str(bad.pk), change_message="Retried in the console").count() == 1
+    # The events, the audit trail, name the operator as well.
+    ops = {"by": "ops", "via": "console"}
+    cancelled = Event.objects.get(entity_id=running.pk, event_type="workflow_cancelled")
+    retried = Event.objects.filter(event_type="workflow_resumed", entity_id=failing.pk).get()
+    assert {k: cancelled.payload[k] for k in ops} == ops and {k: retried.payload[k] for k in ops} == ops
 
 
 @pytest.mark.django_db

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import getpass
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -39,6 +40,7 @@ class Command(BaseCommand):
                 name=options["name"],
                 expires_at=self._expires(options["expires"]),
                 permissions=options["permissions"],
+                actor={"by": _os_user(), "via": "manage.py create_api_key"},
             )
         except SpecError as exc:
             raise CommandError("; ".join(exc.problems)) from None
@@ -64,3 +66,11 @@ class Command(BaseCommand):
         if parsed is None or timezone.is_naive(parsed):
             raise CommandError(f"--expires {value!r}: give a number of days or an ISO 8601 date-time with a time zone")
         return parsed
+
+
+def _os_user() -> str:
+    """The account that ran the command, for the api_key_created event ("" if it has none)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for the uid (a container), no environment to read
+        return ""
