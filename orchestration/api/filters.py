@@ -13,6 +13,7 @@ from django.core.exceptions import ValidationError
 from django_filters.fields import ChoiceField, IsoDateTimeField
 from django_filters.filters import QuerySetRequestMixin
 from django_filters.filterset import FilterSetMetaclass
+from rest_framework.exceptions import ValidationError as RequestInvalid
 
 from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.models import Agent, Event, TaskExecution, Workflow
@@ -89,6 +90,11 @@ class _SharedFormFields(dict):
         return dict(self)
 
 
+# Query parameters of a list that are not filters: the keyset pagination's, the ordering and
+# DRF's format override.
+LIST_PARAMETERS = frozenset({"cursor", "limit", "ordering", "format"})
+
+
 class StrictFilterSetMetaclass(FilterSetMetaclass):
     def __new__(cls, name: str, bases: tuple[type, ...], attrs: dict[str, Any]) -> type:
         new_class = super().__new__(cls, name, bases, attrs)
@@ -98,7 +104,8 @@ class StrictFilterSetMetaclass(FilterSetMetaclass):
 
 class StrictFilterSet(django_filters.FilterSet, metaclass=StrictFilterSetMetaclass):
     """A filter given with no value is an error, not "no filter": `?status=` most likely
-    means a client bug, and answering with everything would hide it.
+    means a client bug, and answering with everything would hide it. So is a parameter that
+    no filter reads.
 
     The form class is built once per filter set rather than on every request (django-filter
     builds one, with a new form field per filter, each time: about half its cost per
@@ -115,6 +122,12 @@ class StrictFilterSet(django_filters.FilterSet, metaclass=StrictFilterSetMetacla
 
     def is_valid(self) -> bool:
         valid = super().is_valid()
+        # A parameter no filter reads would be ignored: `?workflow_id=` (the answer's name for
+        # the `workflow` filter) would answer with every row.
+        unknown = sorted(set(self.data) - set(self.filters) - LIST_PARAMETERS)
+        if unknown:
+            allowed = ", ".join(sorted({*self.filters, *LIST_PARAMETERS}))
+            raise RequestInvalid({name: [f"unknown query parameter (allowed: {allowed})"] for name in unknown})
         for name in self.filters:
             # Blanks too: a text field strips them, which leaves no filter at all.
             if name in self.data and not str(self.data.get(name)).strip():

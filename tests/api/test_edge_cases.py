@@ -172,3 +172,34 @@ def test_the_schema_describes_objects_not_the_serializers_internals(db):
         description = component.get("description", "")
         # The mixins' docstrings (how rows are read, how bodies are checked) are not API documentation.
         assert "machinery" not in description and "JSON bodies are taken" not in description, name
+
+
+# --- 9. a query parameter no filter reads is ignored, and the list answers every row ------
+
+
+@pytest.mark.parametrize(
+    "path, name",
+    [
+        ("/api/v1/events/?workflow_id=01a2", "workflow_id"),  # the answer's field; the filter is `workflow`
+        ("/api/v1/tasks/?agent_id=echo", "agent_id"),
+        ("/api/v1/workflows/?state=failed", "state"),
+        ("/api/v1/agents/?name=Echo", "name"),
+        ("/api/v1/exports/?type=events", "type"),
+    ],
+)
+def test_an_unknown_query_parameter_is_refused_not_ignored(callers, path, name):
+    """`GET /events/?workflow_id=X` answered with every event: a client filtering by the
+    field's name in the answer got a page of other workflows' events and no error."""
+    EventFactory()
+    response = callers["admin"].client.get(path)
+    assert response.status_code == 400, response.json()
+    (error,) = response.json()["errors"]
+    assert error["field"] == name and error["detail"].startswith("unknown query parameter (allowed: ")
+
+
+def test_the_list_parameters_that_are_not_filters_are_still_accepted(callers):
+    EventFactory()
+    response = callers["admin"].client.get("/api/v1/events/?limit=1&ordering=-sequence&format=json")
+    assert response.status_code == 200, response.json()
+    cursor = response.json()["next"]
+    assert cursor is None or callers["admin"].client.get(cursor).status_code == 200
