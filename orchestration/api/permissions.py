@@ -95,6 +95,7 @@ class ActionPermission(BasePermission):
         if has_permission(request, required):
             return True
         self.message = f"Your role ({role}) does not grant {required}, which this operation needs."
-        if isinstance(request.auth, ApiKey) and request.auth.permissions:
+        role_grants = "*" in ROLES[role] or required in ROLES[role]
+        if role_grants and isinstance(request.auth, ApiKey) and request.auth.permissions:
             self.message = f"This API key does not grant {required}, which this operation needs."
         return False

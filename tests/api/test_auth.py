@@ -125,6 +125,15 @@ def test_a_key_narrowed_to_read_cannot_submit(db, agents):
     assert caller.client.get("/api/v1/me/").json()["permissions"] == ["workflow:read"]
 
 
+def test_a_refusal_blames_the_role_when_the_key_lists_a_permission_the_role_lacks(db, agents):
+    """A developer's key listing export:read was refused with "This API key does not grant
+    export:read": the key does list it; the developer role is what does not grant it."""
+    caller = make_caller("dev", "developer", permissions=["export:read", "workflow:read"])
+    response = caller.client.get("/api/v1/exports/")
+    assert response.status_code == 403
+    assert response.json()["detail"] == "Your role (developer) does not grant export:read, which this operation needs."
+
+
 def test_key_creation_reports_every_problem(db):
     user = UserFactory()
     api_key_create(owner=user, name="ci")
@@ -167,6 +176,23 @@ def test_create_api_key_command_errors_name_the_problem(db):
         call_command("create_api_key", "ops", "--name", "x", "--expires", "soon", stderr=io.StringIO())
     with pytest.raises(CommandError, match="permissions: unknown admin:all"):
         call_command("create_api_key", "ops", "--name", "x", "--permission", "admin:all", stderr=io.StringIO())
+    assert not ApiKey.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("expires", "problem"),
+    [
+        ("0", "--expires '0': give at least 1 day"),
+        ("2020-01-01T00:00:00Z", "--expires '2020-01-01T00:00:00Z' is in the past"),
+    ],
+)
+def test_create_api_key_command_names_its_option_for_an_expiry_not_in_the_future(db, expires, problem):
+    """It said "expires_at 2026-...: is in the past", a name the command does not have, and for
+    `--expires 0` a time the user never gave."""
+    UserFactory(username="ops")
+    with pytest.raises(CommandError) as refused:
+        call_command("create_api_key", "ops", "--name", "x", "--expires", expires, stderr=io.StringIO())
+    assert str(refused.value) == problem
     assert not ApiKey.objects.exists()
 
 

@@ -55,6 +55,8 @@ class Command(BaseCommand):
         if value is None:
             return None
         if value.isdigit():
+            if int(value) == 0:
+                raise CommandError(f"--expires {value!r}: give at least 1 day")
             try:
                 return timezone.now() + dt.timedelta(days=int(value))
             except OverflowError:
@@ -65,6 +67,8 @@ class Command(BaseCommand):
             raise CommandError(f"--expires {value!r}: {exc}") from None
         if parsed is None or timezone.is_naive(parsed):
             raise CommandError(f"--expires {value!r}: give a number of days or an ISO 8601 date-time with a time zone")
+        if parsed <= timezone.now():
+            raise CommandError(f"--expires {value!r} is in the past")
         return parsed
 
 
