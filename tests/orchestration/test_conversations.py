@@ -290,6 +290,52 @@ def test_chat_command_is_a_terminal_conversation(engine, monkeypatch):
     assert AgentPlaygroundMessage.objects.filter(instance_id="cli-1", role="user").count() == 2
 
 
+@pytest.mark.django_db(transaction=True)
+def test_chat_tells_how_to_continue_a_thread_started_as_a_user(engine, monkeypatch):
+    """The hint left out --user: following it was refused as another user's conversation."""
+    engine()
+    get_user_model().objects.create_user("alice")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("6 * 7\n\n"))
+    out = io.StringIO()
+    call_command("chat", "assistant", "--instance", "cli-2", "--user", "alice", stdout=out)
+    hint = out.getvalue().rsplit("(continue with: manage.py chat ", 1)[1].strip().removesuffix(")")
+    assert hint == "assistant --instance cli-2 --user alice"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("ans + 1\n\n"))
+    out = io.StringIO()
+    call_command("chat", *hint.split(), stdout=out)
+    assert "assistant> = 43" in out.getvalue()
+
+
+def test_chat_refuses_a_thread_it_cannot_continue_before_reading_any_message(builtin_agents, monkeypatch):
+    """Another owner's or another agent's thread was refused only once the first message was
+    typed, which was then lost; and the refusal did not say which --user would continue it."""
+    from django.core.management.base import CommandError
+
+    alice = get_user_model().objects.create_user("alice")
+    assistant = Agent.objects.get(pk="assistant")
+    conversation_message_post(agent=assistant, instance_id="hers", content="1 + 1", owner=alice)
+    conversation_message_post(agent=assistant, instance_id="nobodys", content="1 + 1")
+    cases = [
+        (["assistant", "--instance", "hers"], "conversation 'hers' is alice's: continue it with --user alice"),
+        (
+            ["assistant", "--instance", "nobodys", "--user", "alice"],
+            "conversation 'nobodys' was started without --user: continue it without --user",
+        ),
+        (
+            ["echo", "--instance", "hers", "--user", "alice"],
+            "conversation 'hers' is with agent 'assistant', not 'echo'",
+        ),
+    ]
+    for arguments, message in cases:
+        lines = io.StringIO("hello\n\n")
+        monkeypatch.setattr(sys, "stdin", lines)
+        with pytest.raises(CommandError) as refused:
+            call_command("chat", *arguments, stdout=io.StringIO())
+        assert str(refused.value) == message
+        assert lines.tell() == 0, "nothing was read"
+    assert AgentPlaygroundMessage.objects.count() == 2
+
+
 def _completion(message: dict, prompt_tokens: int = 10, completion_tokens: int = 5) -> dict:
     """A chat.completion body answering `message` (scripted into OpenAIServer)."""
     return {

@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand, CommandError
 from orchestration.errors import ConversationError
 from orchestration.management.arguments import seconds
 from orchestration.models import Agent, AgentPlaygroundMessage, TaskExecution
+from orchestration.selectors import conversation_thread
 from orchestration.services.conversations import INSTANCE_ID_RULE, conversation_message_post, instance_id_check
 
 Role = AgentPlaygroundMessage.Role
@@ -45,6 +46,7 @@ class Command(BaseCommand):
             instance_id_check(instance_id)  # before the user types a first message, not after
         except ConversationError:
             raise CommandError(f"--instance {instance_id!r}: {INSTANCE_ID_RULE}") from None
+        self._thread_check(instance_id, agent=agent, owner=owner)
         timeout = options["timeout"] or settings.CONVERSATION_TIMEOUT_SECONDS * (settings.CONVERSATION_MAX_RETRIES + 1)
         interactive = sys.stdin.isatty()
         self.stdout.write(f"conversation {instance_id} with {agent.name} ({agent.id}); an empty line ends")
@@ -57,7 +59,24 @@ class Command(BaseCommand):
                 raise CommandError(str(exc)) from None
             for message in self._replies(asked, timeout):
                 self._show(message)
-        self.stdout.write(f"(continue with: manage.py chat {agent.id} --instance {instance_id})")
+        as_user = f" --user {owner.get_username()}" if owner is not None else ""
+        self.stdout.write(f"(continue with: manage.py chat {agent.id} --instance {instance_id}{as_user})")
+
+    def _thread_check(self, instance_id: str, *, agent: Agent, owner) -> None:
+        """Refuse a thread this command cannot continue before the first message is typed, and
+        say how to continue it (the operator running manage.py may see whose it is)."""
+        thread = conversation_thread(instance_id=instance_id)
+        if thread is None:
+            return
+        if thread["owner_id"] != getattr(owner, "pk", None):
+            if thread["owner_id"] is None:
+                raise CommandError(
+                    f"conversation {instance_id!r} was started without --user: continue it without --user"
+                )
+            username = get_user_model().objects.get(pk=thread["owner_id"]).get_username()
+            raise CommandError(f"conversation {instance_id!r} is {username}'s: continue it with --user {username}")
+        if thread["agent_id"] != agent.id:
+            raise CommandError(f"conversation {instance_id!r} is with agent {thread['agent_id']!r}, not {agent.id!r}")
 
     def _lines(self, interactive: bool):
         while True:
