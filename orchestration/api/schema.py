@@ -14,7 +14,7 @@ _DETAILS = {
     401: ("not_authenticated", "Authentication credentials were not provided.", None),
     403: ("permission_denied", "Your role (viewer) does not grant workflow:create, which this operation needs.", None),
     404: ("not_found", "Not found.", None),
-    409: ("conflict", "workflow 0190... is completed; only a running workflow can be cancelled", None),
+    409: ("conflict", "workflow 0190... is completed; only a pending or running workflow can be cancelled", None),
     410: ("gone", "the data file of export run 42 no longer matches the sha256 it recorded", None),
     413: ("request_too_large", "The request body exceeds the limit of 2621440 bytes.", None),
     422: ("unprocessable", "Idempotency-Key 'k1' was already used for a different request body.", None),

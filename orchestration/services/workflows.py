@@ -122,7 +122,9 @@ def workflow_cancel(*, workflow_id: str, reason: str = "cancelled by user", acto
     messages revoked and running processes terminated. `actor`: who asked (the events say)."""
     workflow = Workflow.objects.select_for_update().get(pk=workflow_id)
     if workflow.status not in CANCELLABLE_WORKFLOW:
-        raise TransitionError(f"workflow {workflow_id} is {workflow.status}; only a running workflow can be cancelled")
+        raise TransitionError(
+            f"workflow {workflow_id} is {workflow.status}; only a pending or running workflow can be cancelled"
+        )
     workflow_fail(workflow, error=reason, now=timezone.now(), event_type=EventType.WORKFLOW_CANCELLED, actor=actor)
     return workflow
 
@@ -222,7 +224,9 @@ def task_retry(*, execution_id: str, actor: Actor | None = None) -> TaskExecutio
     which reruns every task that did not complete: its end cancelled them all."""
     task = TaskExecution.objects.select_for_update().get(pk=execution_id)
     if task.status not in RETRIABLE_TASK:
-        raise TransitionError(f"task {execution_id} is {task.status}; only a failed or cancelled task is retried")
+        raise TransitionError(
+            f"task {execution_id} is {task.status}; only a failed, timed-out or cancelled task is retried"
+        )
     if not task.workflow_id:
         conversation_retry_check(task)
     resumed: list[str] = []  # the tasks a workflow that ended runs again for

@@ -106,7 +106,7 @@ def test_cancel_then_resume(callers, submit):
 
     again = client.post(f"/api/v1/workflows/{workflow_id}/cancel/", format="json")
     assert again.status_code == 409
-    assert "only a running workflow can be cancelled" in again.json()["detail"]
+    assert "only a pending or running workflow can be cancelled" in again.json()["detail"]
 
     resumed = client.post(f"/api/v1/workflows/{workflow_id}/retry/")
     assert resumed.status_code == 202

@@ -73,10 +73,25 @@ def test_retrying_a_failed_task_resumes_its_workflow_and_keeps_earlier_attempts(
     assert [a.attempt_number for a in attempts(wf, "ok")] == [1], "completed tasks are not run again"
     assert task(wf, "after").status == T.COMPLETED
     assert "workflow_resumed" in Event.objects.filter(workflow_id=wf.pk).values_list("event_type", flat=True)
-    with pytest.raises(TransitionError, match="only a failed or cancelled task is retried"):
+    with pytest.raises(TransitionError, match="only a failed, timed-out or cancelled task is retried"):
         task_retry(execution_id=task(wf, "ok").execution_id)
     with pytest.raises(TransitionError, match="only a failed or cancelled one resumes"):
         workflow_resume(workflow_id=wf.workflow_id)
+
+
+@pytest.mark.django_db
+def test_refusals_name_every_state_the_operation_accepts():
+    """task_retry accepts a timed-out task and workflow_cancel a pending workflow, but their
+    refusals said "only a failed or cancelled task" and "only a running workflow"."""
+    from orchestration.services.workflows import workflow_cancel
+    from tests.factories import TaskExecutionFactory, WorkflowFactory
+
+    done = TaskExecutionFactory(status=T.COMPLETED)
+    with pytest.raises(TransitionError, match="only a failed, timed-out or cancelled task is retried"):
+        task_retry(execution_id=done.execution_id)
+    ended = WorkflowFactory(status=Workflow.Status.COMPLETED)
+    with pytest.raises(TransitionError, match="only a pending or running workflow can be cancelled"):
+        workflow_cancel(workflow_id=ended.workflow_id)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -164,6 +164,17 @@ def test_command_errors_name_the_problem(db, out):
         call_command("export_training_data", "--type", "nope", "--start", today, "--end", today)
 
 
+def test_command_errors_name_its_options_not_the_services_arguments(db, out):
+    """They said start_date and end_date, names the command does not have."""
+    with pytest.raises(CommandError, match=r"^--start='2024-13-01' is not a date; expected YYYY-MM-DD$"):
+        call_command("export_training_data", "--type", "events", "--start", "2024-13-01", "--end", "2024-03-05")
+    with pytest.raises(CommandError, match=r"^--end='x' is not a date; expected YYYY-MM-DD$"):
+        call_command("export_training_data", "--type", "events", "--start", "2024-03-05", "--end", "x")
+    with pytest.raises(CommandError, match=r"^--end 2024-03-01 is before --start 2024-03-05$"):
+        call_command("export_training_data", "--type", "events", "--start", "2024-03-05", "--end", "2024-03-01")
+    assert not ExportRun.objects.exists()
+
+
 def test_command_names_an_output_directory_it_cannot_write_to(db, out, tmp_path):
     seed_events(1)
     not_a_directory = tmp_path / "file"
@@ -199,6 +210,23 @@ def test_command_exports_all_types(db, out):
         assert f"{data_type}: " in text
         assert (out / data_type / "2024-03-05_2024-03-05" / "manifest.json").is_file()
     assert ExportRun.objects.filter(status="succeeded").count() == 5
+
+
+def test_command_says_when_it_kept_a_window_already_exported(db, out):
+    """A second run printed the same line as the first, as if it had exported the window
+    again; --force was the way to do that, and nothing said so."""
+    seed_events(2)
+    arguments = ("export_training_data", "--type", "events", "--start", "2024-03-05", "--end", "2024-03-05")
+    first, second, forced = io.StringIO(), io.StringIO(), io.StringIO()
+    call_command(*arguments, "--no-progress", stdout=first)
+    call_command(*arguments, "--no-progress", stdout=second)
+    call_command(*arguments, "--no-progress", "--force", stdout=forced)
+    run = ExportRun.objects.order_by("pk").first()
+    assert "already" not in first.getvalue()
+    assert second.getvalue().startswith("events: 2 rows, sha256 ")
+    assert second.getvalue().rstrip().endswith(f"(already exported by run {run.pk}; --force exports it again)")
+    assert "already" not in forced.getvalue()
+    assert ExportRun.objects.count() == 2
 
 
 def test_a_transaction_open_since_before_the_window_end_keeps_the_window_open(db, out, settings):

@@ -1,11 +1,13 @@
+import datetime as dt
 import sys
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
 from tqdm import tqdm
 
 from training_export.models import ExportRun
-from training_export.services.export import DATA_TYPES, ExportError, export_runs_for_window
+from training_export.services.export import DATA_TYPES, ExportError, export_runs_for_window, parse_day
 
 
 class Command(BaseCommand):
@@ -24,6 +26,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         data_types = list(DATA_TYPES) if options["data_type"] == "all" else [options["data_type"]]
+        start, end = self._days(options["start"], options["end"])
+        began = timezone.now()
         bar = tqdm(
             unit="rows",
             file=sys.stderr,
@@ -33,8 +37,8 @@ class Command(BaseCommand):
         try:
             runs = export_runs_for_window(
                 data_types=data_types,
-                start_date=options["start"],
-                end_date=options["end"],
+                start_date=start,
+                end_date=end,
                 output_dir=options["output"],
                 force=options["force"],
                 progress=bar.update,
@@ -48,8 +52,23 @@ class Command(BaseCommand):
         failed = [run for run in runs if run.status != ExportRun.Status.SUCCEEDED]
         for run in runs:
             if run not in failed:
-                self.stdout.write(f"{run.data_type}: {run.rows} rows, sha256 {run.checksum}, {run.path}")
+                # A window exported before, with its files intact, is returned as it was.
+                kept = ""
+                if run.finished_at < began:
+                    kept = f" (already exported by run {run.pk}; --force exports it again)"
+                self.stdout.write(f"{run.data_type}: {run.rows} rows, sha256 {run.checksum}, {run.path}{kept}")
         if failed:
             raise CommandError(
                 "; ".join(f"{run.data_type}: export run {run.pk} is {run.status}: {run.error or ''}" for run in failed)
             )
+
+    def _days(self, start: str, end: str) -> tuple[dt.date, dt.date]:
+        """--start and --end, checked here so that errors name the options, not the service's
+        arguments."""
+        try:
+            first, last = parse_day(start, name="--start"), parse_day(end, name="--end")
+        except ExportError as exc:
+            raise CommandError(str(exc)) from exc
+        if last < first:
+            raise CommandError(f"--end {last} is before --start {first}")
+        return first, last
