@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import signal
+import subprocess
+import sys
 
+import psycopg
 import pytest
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
 from config.celery import app
 from orchestration.event_types import EventType
 from orchestration.models import Event
-from tests.engine import wait_for
+from tests.engine import ROOT, database_url, wait_for
 from tests.factories import EventFactory
 from training_export.models import ExportRun
 from training_export.services.export import (
@@ -24,6 +30,7 @@ from training_export.services.export import (
     EXPORT_TIME_LIMIT_SECONDS,
     WindowNotClosed,
     export_run_execute,
+    export_runs_request,
     export_runs_sweep,
     window_for,
 )
@@ -64,7 +71,14 @@ def test_a_pending_run_whose_message_was_lost_is_queued_again_and_exported_by_a_
     assert Event.objects.filter(event_type=EventType.EXPORT_COMPLETED, entity_id=str(lost_message.pk)).count() == 1
 
 
-def test_a_running_run_past_its_deadline_is_recorded_lost_once(db):
+@pytest.fixture
+def session():
+    """Another database session: the process of a run that is alive holds its lock in it."""
+    with psycopg.connect(database_url(), autocommit=True) as conn:
+        yield conn
+
+
+def test_a_running_run_past_its_deadline_is_recorded_lost_once(db, session):
     started = timezone.now() - dt.timedelta(seconds=EXPORT_TIME_LIMIT_SECONDS + EXPORT_LOST_GRACE_SECONDS + 60)
     killed = run_row(status=ExportRun.Status.RUNNING, started_at=started, deadline_at=timezone.now())
     healthy = run_row(
@@ -72,10 +86,14 @@ def test_a_running_run_past_its_deadline_is_recorded_lost_once(db):
         started_at=timezone.now() - dt.timedelta(hours=1),
         deadline_at=timezone.now() + dt.timedelta(hours=5),
     )
-    # A long backfill from manage.py has no time limit, so no deadline: never swept.
+    # A long backfill from manage.py has no time limit, so no deadline: swept only once its
+    # process is gone.
     backfill = run_row(status=ExportRun.Status.RUNNING, started_at=started - dt.timedelta(days=1))
     finished = run_row(status=ExportRun.Status.FAILED, started_at=started, error="disk full")
 
+    # The processes exporting `healthy` and `backfill`, alive: their sessions hold the runs' locks.
+    for run in (healthy, backfill):
+        session.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [f"export_run:{run.pk}"])
     swept = export_runs_sweep()
     assert swept.lost == [killed.pk] and swept.requeued == []
     killed.refresh_from_db()
@@ -123,3 +141,72 @@ def test_the_sweeper_is_scheduled_and_registered(db):
     assert periodic.task == "training_export.sweep_export_runs" and periodic.task in app.tasks
     assert periodic.interval.every == 300 and periodic.queue == "critical"
     assert json.loads(periodic.kwargs) == {}
+
+
+def seed_events_sql(count: int) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO events (event_id, event_type, entity_type, entity_id, source, payload, severity, "
+            "created_at) SELECT 'ev-' || i, 'agent_started', 'agent', 'a', 'platform', "
+            "jsonb_build_object('i', i, 'text', repeat('x', 200)), 'info', %s + i * interval '1 millisecond' "
+            "FROM generate_series(1, %s) AS i",
+            [WINDOW.start + dt.timedelta(hours=1), count],
+        )
+
+
+def writing(directory) -> bool:
+    return directory.exists() and any(p.stat().st_size > 0 for p in directory.glob(".tmp-*"))
+
+
+def test_a_worker_killed_mid_export_is_recorded_lost_at_the_next_sweep_not_hours_later(worker, tmp_path):
+    """The OOM killer (or a hard time limit) takes a worker's child mid-export: its session, and
+    so the run's lock, is gone at once; the sweeper need not wait for the deadline 6 h later."""
+    seed_events_sql(60000)
+    [run] = export_runs_request(data_types=["events"], start_date=DAY, end_date=DAY).queued
+    directory = tmp_path / "exports" / "events" / f"{DAY}_{DAY}"
+    wait_for(lambda: writing(directory), timeout=60, interval=0.005, what=f"the export ({worker.log_path})")
+    assert export_runs_sweep().lost == []  # still exporting: left alone
+    assert worker.kill_children()
+    run.refresh_from_db()
+    assert run.status == ExportRun.Status.RUNNING and run.deadline_at > timezone.now() + dt.timedelta(hours=5)
+
+    swept = wait_for(lambda: export_runs_sweep().lost, timeout=10, what="the sweeper to see the session gone")
+    assert swept == [run.pk]
+    run.refresh_from_db()
+    assert run.status == ExportRun.Status.FAILED and run.error.startswith("lost:")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_manage_py_export_stopped_mid_write_is_recorded_lost_by_the_sweeper(tmp_path):
+    """A run from manage.py has no deadline; stopped (a container stop sends SIGTERM, the OOM
+    killer SIGKILL) it holds its advisory lock no longer, and the sweeper records it lost
+    instead of leaving it running for ever (retention never deletes a running row, nor may
+    the admin)."""
+    seed_events_sql(60000)
+    out = tmp_path / "exports"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DATABASE_URL": database_url()}
+    command = [sys.executable, "manage.py", "export_training_data", "--type", "events", "--start", DAY]
+    proc = subprocess.Popen(
+        [*command, "--end", DAY, "--output", str(out), "--no-progress"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    directory = out / "events" / f"{DAY}_{DAY}"
+    try:
+        wait_for(lambda: writing(directory), timeout=60, interval=0.005)
+        assert export_runs_sweep().lost == []  # still exporting: left alone
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run = ExportRun.objects.get()
+    assert run.status == ExportRun.Status.RUNNING and run.deadline_at is None
+
+    swept = wait_for(lambda: export_runs_sweep().lost, timeout=10, what="the sweeper to see the session gone")
+    assert swept == [run.pk]
+    run.refresh_from_db()
+    assert run.status == ExportRun.Status.FAILED and run.error.startswith("lost:")
+    assert Event.objects.get(event_type=EventType.EXPORT_FAILED).entity_id == str(run.pk)

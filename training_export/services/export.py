@@ -395,18 +395,19 @@ def _execute(
     directory: Path,
     progress: Callable[[int], None] | None,
 ) -> ExportRun:
-    """Write the files of a running row and record the outcome with its event."""
-    try:
-        with _run_alive(run):
+    """Write the files of a running row and record the outcome with its event (the run's lock
+    held until then: a running row without it is taken for lost, export_runs_sweep)."""
+    with _run_alive(run):
+        try:
             manifest = _write(exporter, window, directory, run.format, progress)
             return _record_success(run, window=window, directory=directory, manifest=manifest)
-    except BaseException as exc:
-        try:
-            _fail([run.pk], error=f"{type(exc).__name__}: {exc}")
-        except Exception:
-            # The original error is the one to report (a lost database takes both down).
-            logger.exception("could not record export run %s as failed", run.pk)
-        raise
+        except BaseException as exc:
+            try:
+                _fail([run.pk], error=f"{type(exc).__name__}: {exc}")
+            except Exception:
+                # The original error is the one to report (a lost database takes both down).
+                logger.exception("could not record export run %s as failed", run.pk)
+            raise
 
 
 def _record_success(run: ExportRun, *, window: Window, directory: Path, manifest: Manifest) -> ExportRun:
@@ -782,23 +783,31 @@ def export_runs_sweep(*, now: dt.datetime | None = None) -> ExportSweep:
       worker started it. It is queued again; a duplicate message is harmless, the first
       delivery claims the row and the other finds it taken.
     - `running` past its deadline (the hard time limit of the worker running it plus a grace;
-      runs from manage.py have none): the worker was killed or lost. It is recorded failed with
-      its export_failed event; its temporary file is removed by retention.
+      runs from manage.py have none), or, on PostgreSQL, whose process is gone (nobody holds
+      its lock, `_run_lock`: a killed worker, a stopped or killed manage.py): the worker was
+      killed or lost. It is recorded failed with its export_failed event; its temporary file is
+      removed by retention.
     """
     now = now or timezone.now()
     pending_before = now - dt.timedelta(
         seconds=settings.BROKER_VISIBILITY_TIMEOUT_SECONDS + EXPORT_RETRY_COUNTDOWN_SECONDS + EXPORT_LOST_GRACE_SECONDS
     )
-    stale_running = list(
-        ExportRun.objects.filter(status=ExportRun.Status.RUNNING, deadline_at__lt=now).values_list("pk", flat=True)
-    )
-    lost = _fail(
-        stale_running,
-        error=(
-            f"lost: no outcome recorded by its deadline (the worker's time limit plus {EXPORT_LOST_GRACE_SECONDS} "
-            "s); the worker running it was killed or lost"
-        ),
-    )
+    with transaction.atomic():  # the locks `_dead_runs` takes are held until the runs are recorded
+        running = dict(ExportRun.objects.filter(status=ExportRun.Status.RUNNING).values_list("pk", "deadline_at"))
+        past_deadline = sorted(pk for pk, deadline in running.items() if deadline is not None and deadline < now)
+        lost = _fail(
+            past_deadline,
+            error=(
+                f"lost: no outcome recorded by its deadline (the worker's time limit plus "
+                f"{EXPORT_LOST_GRACE_SECONDS} s); the worker running it was killed or lost"
+            ),
+        )
+        if connection.vendor == "postgresql":
+            gone = _dead_runs(sorted(set(running) - set(past_deadline)))
+            lost += _fail(
+                gone,
+                error="lost: the process running it ended without recording an outcome (killed, or stopped)",
+            )
     with transaction.atomic():
         stale_pending = list(
             ExportRun.objects.select_for_update(skip_locked=True)
