@@ -206,6 +206,7 @@ def test_list_filters_orders_newest_first_and_pages_by_cursor(callers, out):
     assert ids("") == [newest.pk, chat.pk, old.pk]
     assert ids("?ordering=created_at") == [old.pk, chat.pk, newest.pk]
     assert ids("?data_type=tasks") == [old.pk]
+    assert ids("?data_type=all") == [newest.pk, chat.pk, old.pk]  # every type, as in a trigger
     assert ids("?status=failed") == [newest.pk, old.pk]
     assert ids("?format=chat_jsonl") == [chat.pk]
     assert ids("?format=csv") == []

@@ -16,7 +16,11 @@ def _midnight(day: dt.date) -> dt.datetime:
 
 
 class ExportRunFilter(StrictFilterSet):
-    data_type = django_filters.ChoiceFilter(choices=ExportRunDataType.choices)
+    data_type = django_filters.ChoiceFilter(
+        choices=ExportRunDataType.choices,
+        method="filter_data_type",
+        help_text="runs of this type; `all`, as in a request to export, every type",
+    )
     status = django_filters.ChoiceFilter(choices=ExportRunStatus.choices)
     format = django_filters.ChoiceFilter(choices=ExportRunFormat.choices)
     start_date = django_filters.DateFilter(method="filter_start_date", help_text="windows starting on this UTC day")
@@ -26,6 +30,10 @@ class ExportRunFilter(StrictFilterSet):
     class Meta:
         model = ExportRun
         fields = ("data_type", "status", "format", "start_date", "end_date", "day")
+
+    def filter_data_type(self, queryset: QuerySet[ExportRun], name: str, value: str) -> QuerySet[ExportRun]:
+        # No run has the type `all`: a request for `all` records one run per type.
+        return queryset if value == ExportRunDataType.ALL else queryset.filter(data_type=value)
 
     def filter_start_date(self, queryset: QuerySet[ExportRun], name: str, value: dt.date) -> QuerySet[ExportRun]:
         return queryset.filter(window_start=_midnight(value))
