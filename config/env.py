@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from urllib.parse import urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -94,6 +95,27 @@ class Env:
         if not isinstance(parsed, list) or not all(isinstance(item, str) for item in parsed):
             raise ImproperlyConfigured(f"{name} must be a JSON array of strings")
         return parsed
+
+    def url(self, name: str, default: str | None, *, schemes: Collection[str]) -> str | None:
+        """A URL with one of `schemes` (None when unset without a default); `a+b://` is kombu's
+        transport-plus-URL form, checked by its `a`. Errors name the part at fault, never the
+        value: it may hold a password."""
+        value = self.raw(name) or default
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme.split("+", 1)[0] not in schemes:
+            allowed = ", ".join(f"{scheme}://" for scheme in sorted(schemes))
+            raise ImproperlyConfigured(f"{name} must be a URL starting with one of: {allowed}")
+        try:
+            parts.port  # noqa: B018 - parsed on access
+        except ValueError:
+            raise ImproperlyConfigured(f"{name} has a port that is not a number from 0 to 65535") from None
+        database = parts.path.strip("/")
+        if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
+            # redis-py would quietly use database 0.
+            raise ImproperlyConfigured(f"{name} names Redis database {database!r}; use a number (redis://HOST:6379/0)")
+        return value
 
     def choice(self, name: str, default: str, choices: set[str] | list[str]) -> str:
         value = self.raw(name) or default

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery import shared_task
+from django.conf import settings
 from django.db import InterfaceError, OperationalError, connections
 
 from orchestration.services.execution import attempt_run
@@ -27,7 +28,8 @@ def run_task(self, execution_id: str) -> str:
     except (InterfaceError, OperationalError) as exc:
         for connection in connections.all(initialized_only=True):
             connection.close()
-        raise self.retry(exc=exc, countdown=min(2 ** min(self.request.retries, 5), 30)) from exc
+        cap = settings.TASK_CONNECTION_RETRY_MAX_COUNTDOWN_SECONDS  # the visibility timeout covers it
+        raise self.retry(exc=exc, countdown=min(2 ** min(self.request.retries, 5), cap)) from exc
 
 
 @shared_task(name="orchestration.reap_stale_tasks", acks_late=False, ignore_result=True)

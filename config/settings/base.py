@@ -8,6 +8,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
+from kombu.transport import TRANSPORT_ALIASES
 
 from config.env import env
 
@@ -83,6 +84,8 @@ def _database(url: str) -> dict:
     except (ValueError, KeyError) as exc:
         raise ImproperlyConfigured(f"DATABASE_URL is not a usable database URL: {exc}") from None
     engine = config.get("ENGINE", "")
+    if engine == "django.db.backends.postgresql" and not config.get("NAME"):
+        raise ImproperlyConfigured("DATABASE_URL names no database (postgres://USER:PASSWORD@HOST:5432/NAME)")
     if engine not in ("django.db.backends.postgresql", "django.db.backends.sqlite3"):
         raise ImproperlyConfigured(
             f"DATABASE_URL names an unsupported database ({engine}); use postgres:// or sqlite://"
@@ -121,7 +124,7 @@ DATABASES = {"default": _database(env.str("DATABASE_URL", DEFAULT_SQLITE_URL))}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis, cache, Celery -------------------------------------------------------------
-REDIS_URL = env.optional_str("REDIS_URL")
+REDIS_URL = env.url("REDIS_URL", None, schemes={"redis", "rediss", "unix"})
 
 if REDIS_URL:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
@@ -131,7 +134,14 @@ else:
 # Without a broker configured, Celery uses kombu's filesystem transport under var/ so that
 # the first run works with nothing installed. Redis is used whenever it is configured.
 FILESYSTEM_BROKER_DIR = VAR_DIR / "celery"
-CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", REDIS_URL or "filesystem://localhost/")
+if REDIS_URL and REDIS_URL.startswith("unix://") and not env.is_set("CELERY_BROKER_URL"):
+    raise ImproperlyConfigured(
+        "REDIS_URL is a unix:// socket, which Celery cannot use as its broker: set CELERY_BROKER_URL "
+        "(redis+socket:///path/to/redis.sock)"
+    )
+CELERY_BROKER_URL = env.url(
+    "CELERY_BROKER_URL", REDIS_URL or "filesystem://localhost/", schemes={alias.lower() for alias in TRANSPORT_ALIASES}
+)
 if CELERY_BROKER_URL.startswith("filesystem://"):
     for _folder in ("out", "processed", "control"):
         (FILESYSTEM_BROKER_DIR / _folder).mkdir(parents=True, exist_ok=True)
@@ -192,8 +202,13 @@ if TASK_DEFAULT_TIMEOUT_SECONDS > TASK_MAX_TIMEOUT_SECONDS:
 # Redis redelivers an unacknowledged message after the visibility timeout. It must exceed
 # the longest hard time limit plus the longest retry countdown (messages with a countdown
 # wait unacknowledged in a worker), or a healthy long task would be delivered twice.
+# run_task also sends its message again, at most this long later, when the database
+# connection is lost (orchestration/tasks.py), whatever TASK_RETRY_BACKOFF_MAX_SECONDS says.
+TASK_CONNECTION_RETRY_MAX_COUNTDOWN_SECONDS = 30
+
+
 def longest_message_hold_seconds(max_timeout: int, hard_grace: int, backoff_max: int) -> int:
-    return max_timeout + hard_grace + backoff_max
+    return max_timeout + hard_grace + max(backoff_max, TASK_CONNECTION_RETRY_MAX_COUNTDOWN_SECONDS)
 
 
 def check_visibility_timeout(visibility: int, longest_hold: int) -> None:
@@ -201,7 +216,8 @@ def check_visibility_timeout(visibility: int, longest_hold: int) -> None:
         raise ImproperlyConfigured(
             f"BROKER_VISIBILITY_TIMEOUT_SECONDS={visibility} must exceed the longest hard time limit plus the "
             f"longest retry countdown ({longest_hold} s = TASK_MAX_TIMEOUT_SECONDS + "
-            "TASK_HARD_TIMEOUT_GRACE_SECONDS + TASK_RETRY_BACKOFF_MAX_SECONDS)"
+            "TASK_HARD_TIMEOUT_GRACE_SECONDS + TASK_RETRY_BACKOFF_MAX_SECONDS, or "
+            f"{TASK_CONNECTION_RETRY_MAX_COUNTDOWN_SECONDS} s after a lost database connection if that is longer)"
         )
 
 
@@ -212,6 +228,14 @@ BROKER_VISIBILITY_TIMEOUT_SECONDS = env.int("BROKER_VISIBILITY_TIMEOUT_SECONDS",
 check_visibility_timeout(BROKER_VISIBILITY_TIMEOUT_SECONDS, _LONGEST_HOLD_SECONDS)
 if not CELERY_BROKER_URL.startswith("filesystem://"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": BROKER_VISIBILITY_TIMEOUT_SECONDS}
+# kombu's Redis transport waits for a reply for ever by default: a broker that stops answering
+# without closing the connection (failover, a NAT or firewall timeout) would hold a publish,
+# and with it a web request or beat, indefinitely. Publishing retries a timed-out command.
+BROKER_SOCKET_TIMEOUT_SECONDS = env.int("BROKER_SOCKET_TIMEOUT_SECONDS", 5, minimum=2, maximum=300)
+if CELERY_BROKER_URL.startswith(("redis", "sentinel")):
+    CELERY_BROKER_TRANSPORT_OPTIONS.update(
+        socket_timeout=BROKER_SOCKET_TIMEOUT_SECONDS, socket_connect_timeout=BROKER_SOCKET_TIMEOUT_SECONDS
+    )
 
 # --- Agent executors: http and llm (orchestration/runtime) ----------------------------
 # Outbound requests to URLs from agent definitions. With a non-empty allow-list only those
@@ -234,6 +258,9 @@ AGENT_TOOL_MODULES = env.list("AGENT_TOOL_MODULES", ["orchestration.runtime.tool
 AGENT_MAX_DELEGATION_DEPTH = env.int("AGENT_MAX_DELEGATION_DEPTH", 3, minimum=1, maximum=20)
 CONVERSATION_MAX_MESSAGE_CHARS = env.int("CONVERSATION_MAX_MESSAGE_CHARS", 32_000, minimum=1, maximum=1_000_000)
 CONVERSATION_TIMEOUT_SECONDS = env.int("CONVERSATION_TIMEOUT_SECONDS", 120, minimum=1, maximum=86400)
+# A reply is a task: its hard limit must be one the broker's visibility timeout is sized for.
+if CONVERSATION_TIMEOUT_SECONDS > TASK_MAX_TIMEOUT_SECONDS:
+    raise ImproperlyConfigured("CONVERSATION_TIMEOUT_SECONDS must not exceed TASK_MAX_TIMEOUT_SECONDS")
 CONVERSATION_MAX_RETRIES = env.int("CONVERSATION_MAX_RETRIES", 2, minimum=0, maximum=100)
 # Replies are read in this many of the thread's most recent messages at most.
 CONVERSATION_HISTORY_MESSAGES = env.int("CONVERSATION_HISTORY_MESSAGES", 200, minimum=1, maximum=100_000)
@@ -323,6 +350,9 @@ INFLUXDB_MAX_RETRIES = env.int("INFLUXDB_MAX_RETRIES", 3, minimum=0, maximum=20)
 # here too so that the code serving /metrics knows the mode. Workers serve their pool's
 # metrics on WORKER_METRICS_PORT (0: not served), which needs PROMETHEUS_MULTIPROC_DIR.
 PROMETHEUS_MULTIPROC_DIR = env.optional_str("PROMETHEUS_MULTIPROC_DIR")
+if PROMETHEUS_MULTIPROC_DIR and not Path(PROMETHEUS_MULTIPROC_DIR).is_dir():
+    # prometheus_client would fail at the first metric, deep in a traceback.
+    raise ImproperlyConfigured(f"PROMETHEUS_MULTIPROC_DIR={PROMETHEUS_MULTIPROC_DIR!r} is not an existing directory")
 WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", 0, minimum=0, maximum=65535)
 WORKER_METRICS_ADDR = env.str("WORKER_METRICS_ADDR", "0.0.0.0")  # noqa: S104 - scraped from other containers
 METRICS_STATE_CACHE_SECONDS = env.int("METRICS_STATE_CACHE_SECONDS", 5, minimum=0, maximum=3600)

@@ -8,7 +8,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from config.env import env
 from config.settings.base import *  # noqa: F403
-from config.settings.base import DATABASES, database_vendor
+from config.settings.base import CELERY_BROKER_URL, DATABASES, REDIS_URL, database_vendor
 
 DEBUG = False
 SECRET_KEY = env.str("SECRET_KEY", required=True)
@@ -19,6 +19,15 @@ if not ALLOWED_HOSTS:
     raise ImproperlyConfigured("ALLOWED_HOSTS must be set in production")
 if database_vendor(DATABASES["default"]) != "postgresql":
     raise ImproperlyConfigured("Production runs on PostgreSQL: set DATABASE_URL to a postgres:// URL")
+# Without Redis the settings fall back to the single-process first-run mode: rate limits per
+# process, no Synapse stream, and a broker in each host's own VAR_DIR that no other host reads.
+if not REDIS_URL:
+    raise ImproperlyConfigured("REDIS_URL must be set in production (cache, rate limits, the Synapse stream)")
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    raise ImproperlyConfigured(
+        "CELERY_BROKER_URL names the filesystem transport, which only processes sharing one VAR_DIR can use: "
+        "use Redis or RabbitMQ in production"
+    )
 
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", True)

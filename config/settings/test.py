@@ -5,6 +5,7 @@ from django.core.exceptions import ImproperlyConfigured
 from config.env import env
 from config.settings.base import *  # noqa: F403
 from config.settings.base import (
+    BROKER_SOCKET_TIMEOUT_SECONDS,
     BROKER_VISIBILITY_TIMEOUT_SECONDS,
     MIDDLEWARE,
     STORAGES,
@@ -24,7 +25,11 @@ DATABASES["default"]["CONN_MAX_AGE"] = 0
 REDIS_URL = env.str("REDIS_URL", "redis://127.0.0.1:6379/9")
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", REDIS_URL)
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": BROKER_VISIBILITY_TIMEOUT_SECONDS}
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": BROKER_VISIBILITY_TIMEOUT_SECONDS,
+    "socket_timeout": BROKER_SOCKET_TIMEOUT_SECONDS,
+    "socket_connect_timeout": BROKER_SOCKET_TIMEOUT_SECONDS,
+}
 
 # Short limits so that retries, timeouts and the reaper play out in seconds. Worker
 # subprocesses started by the tests use these same settings.

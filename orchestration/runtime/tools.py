@@ -76,7 +76,11 @@ def tool(*, name: str, description: str, parameters: dict[str, Any]) -> Decorato
 @cache
 def _load_modules(modules: tuple[str, ...]) -> None:
     for module in modules:
-        import_module(module)
+        try:
+            import_module(module)
+        except ImportError as exc:
+            # Still an ImportError: an attempt that meets it fails without retrying.
+            raise ImportError(f"AGENT_TOOL_MODULES: cannot import {module!r} ({exc})") from exc
 
 
 def registry() -> dict[str, Tool]:

@@ -16,7 +16,7 @@ from config.env import Env
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run_manage(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "DJANGO_SETTINGS_MODULE"}}
     return subprocess.run(
         [sys.executable, "manage.py", *args],
@@ -24,7 +24,7 @@ def run_manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         env={**clean, **env},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
 
 
@@ -94,6 +94,18 @@ class TestSettingsModules:
         assert result.returncode != 0
         assert "Production runs on PostgreSQL" in result.stderr
 
+    def test_production_refuses_to_run_without_redis(self):
+        # Without it: a filesystem broker under each container's own VAR_DIR (web's messages
+        # never reach a worker), rate limits per process and no Synapse stream.
+        result = run_manage("check", **production_env(REDIS_URL=""))  # empty is unset
+        assert result.returncode != 0
+        assert "REDIS_URL must be set in production" in result.stderr
+
+    def test_production_refuses_the_filesystem_broker(self):
+        result = run_manage("check", **production_env(CELERY_BROKER_URL="filesystem://localhost/"))
+        assert result.returncode != 0
+        assert "CELERY_BROKER_URL names the filesystem transport" in result.stderr
+
     def test_unsupported_database_url_is_named(self):
         result = run_manage("check", DATABASE_URL="mysql://root@127.0.0.1/x")
         assert result.returncode != 0
@@ -131,3 +143,94 @@ def test_a_bad_connect_timeout_is_named():
     result = run_manage("check", DATABASE_URL="postgres://postgres@127.0.0.1:5432/x", DATABASE_CONNECT_TIMEOUT="0")
     assert result.returncode != 0
     assert "DATABASE_CONNECT_TIMEOUT=0 is below the minimum of 1" in result.stderr
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("REDIS_URL", "127.0.0.1:6379", "REDIS_URL must be a URL starting with one of: redis://, rediss://, unix://"),
+        # redis-py reads a database that is not a number as database 0, without a word.
+        ("REDIS_URL", "redis://:hunter2-secret@127.0.0.1:6379/1z", "REDIS_URL names Redis database '1z'"),
+        ("CELERY_BROKER_URL", "localhost:6379", "CELERY_BROKER_URL must be a URL starting with one of:"),
+        ("CELERY_BROKER_URL", "redis://127.0.0.1:6379/x", "CELERY_BROKER_URL names Redis database 'x'"),
+        ("CELERY_BROKER_URL", "redis://127.0.0.1:port/0", "CELERY_BROKER_URL has a port that is not a number"),
+        ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432", "DATABASE_URL names no database"),
+    ],
+)
+def test_a_malformed_service_url_stops_the_process_naming_the_variable(name, value, message):
+    result = run_manage("check", **production_env(**{name: value}))
+    assert result.returncode != 0, result.stdout
+    assert message in result.stderr, result.stderr
+    assert "hunter2-secret" not in result.stderr, "the error repeats the URL's password"
+
+
+@pytest.mark.subprocess
+def test_a_missing_prometheus_multiprocess_directory_is_named(tmp_path):
+    result = run_manage("check", **production_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "absent")))
+    assert result.returncode != 0
+    assert f"PROMETHEUS_MULTIPROC_DIR={str(tmp_path / 'absent')!r} is not an existing directory" in result.stderr
+
+
+@pytest.mark.subprocess
+def test_a_conversation_timeout_above_the_task_maximum_is_refused():
+    # A reply's hard limit would outlast what the broker's visibility timeout is sized for.
+    result = run_manage("check", **production_env(TASK_MAX_TIMEOUT_SECONDS="600", CONVERSATION_TIMEOUT_SECONDS="900"))
+    assert result.returncode != 0
+    assert "CONVERSATION_TIMEOUT_SECONDS must not exceed TASK_MAX_TIMEOUT_SECONDS" in result.stderr
+
+
+@pytest.mark.subprocess
+def test_the_visibility_timeout_covers_the_retry_after_a_lost_database_connection():
+    """run_task sends its message again up to 30 s later when the database connection is
+    lost: that countdown is held unacknowledged in a worker too, whatever the backoff cap."""
+    timeouts = ("TASK_MAX_TIMEOUT_SECONDS", "TASK_DEFAULT_TIMEOUT_SECONDS", "CONVERSATION_TIMEOUT_SECONDS")
+    limits = dict.fromkeys(timeouts, "60")
+    result = run_manage(
+        "check", **production_env(**limits, TASK_RETRY_BACKOFF_MAX_SECONDS="5", BROKER_VISIBILITY_TIMEOUT_SECONDS="80")
+    )
+    assert result.returncode != 0, result.stdout
+    assert "BROKER_VISIBILITY_TIMEOUT_SECONDS=80 must exceed" in result.stderr
+    assert "(100 s =" in result.stderr
+
+
+@pytest.mark.subprocess
+def test_a_publish_to_a_broker_that_stopped_answering_gives_up():
+    """A broker that keeps the TCP connection open but answers nothing (failover, a NAT or
+    firewall timeout) must fail a publish within the socket timeout, not hold the web request
+    or beat for ever."""
+    import contextlib
+    import socket
+    import threading
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    accepted = []
+
+    def accept_and_say_nothing() -> None:
+        with contextlib.suppress(OSError):  # closed at the end of the test
+            while True:
+                accepted.append(silent.accept()[0])
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
+    broker = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    script = "from config.celery import app; app.send_task('orchestration.relay_events', queue='critical')"
+    started = time.monotonic()
+    try:
+        result = run_manage(
+            "shell",
+            "--no-imports",
+            "-c",
+            script,
+            **production_env(CELERY_BROKER_URL=broker, BROKER_SOCKET_TIMEOUT_SECONDS="2"),
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the publish still waited after 60 s")
+    finally:
+        silent.close()
+    assert result.returncode != 0, result.stdout
+    assert "Timeout" in result.stderr, result.stderr[-2000:]
+    assert time.monotonic() - started < 60

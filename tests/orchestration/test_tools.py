@@ -264,6 +264,13 @@ def _unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+def test_a_tool_module_that_cannot_be_imported_is_named_with_its_setting(settings):
+    settings.AGENT_TOOL_MODULES = ["orchestration.runtime.toolkit", "no_such_tools.module"]
+    # An ImportError still (not retried when an attempt meets it), naming the setting.
+    with pytest.raises(ImportError, match=r"AGENT_TOOL_MODULES: cannot import 'no_such_tools.module'"):
+        registry()
+
+
 def test_tool_registration_refuses_bad_names_schemas_and_duplicates():
     with pytest.raises(ValueError, match="tool name 'Bad Name'"):
         tool(name="Bad Name", description="", parameters={"type": "object"})
