@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 DEFAULT_PORTS = {
     "postgres": 5432, "postgresql": 5432, "pgsql": 5432,
-    "redis": 6379, "rediss": 6380,
+    "redis": 6379, "rediss": 6379,  # redis-py and kombu: TLS on the same default port
     "amqp": 5672, "pyamqp": 5672, "amqps": 5671,
 }
 url = urlsplit(sys.argv[1])

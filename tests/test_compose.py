@@ -285,6 +285,44 @@ def test_static_files_are_collected_at_build_time_for_the_storage_production_ser
     assert storages(build[1], build_environment) == production
 
 
+def _dockerfile_environment() -> dict[str, str]:
+    """The ENV the image sets (`ENV A=1 \\ B=2` lines), as every container starts with."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    environment = {}
+    for line in re.findall(r"^ENV\s+(.+)$", text, re.MULTILINE):
+        environment.update(item.split("=", 1) for item in shlex.split(line))
+    return environment
+
+
+@pytest.mark.subprocess
+def test_the_image_runs_production_settings_unless_told_otherwise(tmp_path):
+    """platform/README runs the image on further hosts with just the service URLs (any
+    orchestrator): without compose's DJANGO_SETTINGS_MODULE it must not fall back to the
+    development settings (DEBUG on, a built-in SECRET_KEY, SQLite)."""
+    from django.conf import settings
+
+    environment = {
+        **_base_process_environment(),
+        **_dockerfile_environment(),
+        "VAR_DIR": str(tmp_path / "var"),
+        "STATIC_ROOT": str(tmp_path / "static"),
+        "TRAINING_DATA_DIR": str(tmp_path / "training"),
+        "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/agentledger",
+        "REDIS_URL": settings.REDIS_URL,
+    }
+    script = "from django.conf import settings; print(settings.DEBUG, settings.SETTINGS_MODULE)"
+    result = subprocess.run(
+        [sys.executable, "manage.py", "shell", "--no-imports", "-c", script],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0, f"the image started with {result.stdout.strip()}"
+    assert "SECRET_KEY must be set" in result.stderr, result.stderr
+
+
 def test_app_services_get_the_production_environment():
     for name in APP_SERVICES:
         environment = _environment(_services()[name])
@@ -306,6 +344,31 @@ def test_services_start_after_what_they_need_is_healthy():
     # beat's DatabaseScheduler and the consumers need the schema web's start-up migrates.
     for name in ("worker", "beat", "synapse"):
         assert "web" in services[name]["depends_on"], name
+
+
+@pytest.mark.parametrize("name", sorted(_services()))
+def test_published_ports_listen_on_loopback_unless_told_otherwise(name):
+    """web serves /metrics without authentication and trusts X-Forwarded-Proto: published
+    on every interface, both would be reachable around the TLS proxy meant to guard them."""
+    for port in _services()[name].get("ports") or []:
+        published = _interpolate(str(port), {})
+        assert published.startswith("127.0.0.1:"), f"{name} publishes {port!r} on every interface"
+
+
+def _seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration))
+
+
+def test_web_is_given_the_time_gunicorn_takes_to_stop_gracefully():
+    """On SIGTERM gunicorn lets running requests finish for its graceful timeout; Docker's
+    default 10 s grace would SIGKILL them first."""
+    from gunicorn.config import Config
+
+    web = _entrypoint_web_mode()
+    configured = re.search(r"--graceful-timeout[ =](\d+)", web)
+    graceful = int(configured[1]) if configured else Config().graceful_timeout
+    assert _seconds(str(_services()["web"].get("stop_grace_period", "10s"))) > graceful
 
 
 def test_worker_can_be_scaled_to_many_containers():
@@ -428,6 +491,29 @@ def test_the_entrypoint_waits_for_reachable_dependencies_then_runs_the_command()
     assert result.returncode == 0, result.stderr
     assert result.stdout == "ran\n"
     assert subprocess.run([str(ENTRYPOINT), "check-deps"], env=environment, timeout=60, check=False).returncode == 0
+
+
+@pytest.mark.subprocess
+def test_the_entrypoint_waits_on_the_port_the_clients_connect_to_for_a_tls_redis_url():
+    """redis-py and kombu connect a rediss:// URL without a port to 6379, as redis://."""
+    from django.conf import settings
+
+    if (urllib.parse.urlsplit(settings.REDIS_URL).port or 6379) != 6379:
+        pytest.skip("the test Redis does not listen on the default port")
+    environment = {
+        **_base_process_environment(),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "WAIT_TIMEOUT": "2",
+    }
+    result = subprocess.run(
+        [str(ENTRYPOINT), "python", "-c", "print('ran')"],
+        env={**environment, "REDIS_URL": "rediss://127.0.0.1/0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ran\n"
 
 
 @pytest.mark.subprocess
