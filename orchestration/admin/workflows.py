@@ -155,7 +155,7 @@ class WorkflowAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
                 "fields": (
                     ("created_at", "updated_at"),
                     ("started_at", "completed_at", "duration_ms"),
-                    ("total_tokens_used", "total_cost_usd"),
+                    ("total_tokens_used", "total_cost_usd", "wasted_cost_usd"),
                 )
             },
         ),
@@ -194,6 +194,7 @@ class WorkflowAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
         "duration_ms",
         "total_tokens_used",
         "total_cost_usd",
+        "wasted_cost_usd",
         "spec_display",
         "state_data_display",
         "step_results_display",

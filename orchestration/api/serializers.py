@@ -392,6 +392,7 @@ class WorkflowSerializer(FastReadMixin, serializers.ModelSerializer):
             "metadata",
             "total_tokens_used",
             "total_cost_usd",
+            "wasted_cost_usd",
             "deadline",
             "created_at",
             "started_at",

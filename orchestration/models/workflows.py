@@ -75,6 +75,12 @@ class Workflow(TimestampedModel):
     )
     total_tokens_used = models.BigIntegerField(default=0)
     total_cost_usd = models.DecimalField(max_digits=14, decimal_places=6, default=0)
+    wasted_cost_usd = models.DecimalField(
+        max_digits=14,
+        decimal_places=6,
+        default=0,
+        help_text="cost of its tries that failed, timed out or were lost (part of total_cost_usd)",
+    )
 
     class Meta:
         db_table = "workflows"
@@ -96,6 +102,7 @@ class Workflow(TimestampedModel):
                 condition=models.Q(total_tokens_used__gte=0, total_cost_usd__gte=0),
                 name="workflows_totals_non_negative",
             ),
+            models.CheckConstraint(condition=models.Q(wasted_cost_usd__gte=0), name="workflows_wasted_non_negative"),
             models.UniqueConstraint(
                 fields=["owner", "idempotency_key"],
                 condition=models.Q(idempotency_key__isnull=False),

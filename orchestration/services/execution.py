@@ -772,8 +772,8 @@ def _late_usage_add(attempt_id: int, usage: Usage) -> str | None:
         cost_usd=usage.cost_usd,
     )
     tokens, cost = abandoned_usage_add(task, [paid])
-    if task.workflow_id:
-        workflow_add_usage(task.workflow_id, tokens=tokens, cost=cost)
+    if task.workflow_id:  # a lost or timed-out try's late bill is wasted like the rest of it
+        workflow_add_usage(task.workflow_id, tokens=tokens, cost=cost, wasted=status != TaskAttempt.Status.CANCELLED)
     logger.info("attempt %s: %s tokens, $%s paid after it was closed %s", attempt_id, tokens, cost, status)
     return task.agent_id
 

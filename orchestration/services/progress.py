@@ -36,14 +36,20 @@ TERMINAL = TaskExecution.TERMINAL_STATUSES
 FAILED_TASK = (TaskExecution.Status.FAILED, TaskExecution.Status.TIMED_OUT)
 
 
-def workflow_add_usage(workflow_id: str, *, tokens: int, cost: Decimal, error: bool = False) -> None:
-    """Add an attempt's usage (failed tries included) to the workflow totals."""
+def workflow_add_usage(
+    workflow_id: str, *, tokens: int, cost: Decimal, error: bool = False, wasted: bool | None = None
+) -> None:
+    """Add an attempt's usage (failed tries included) to the workflow totals. `error`: a failed
+    try (counted in error_count); its cost is also wasted spend, as is (`wasted`) what a lost
+    or timed-out try was charged after it was closed."""
     if not tokens and not cost and not error:
         return
+    wasted = error if wasted is None else wasted
     Workflow.objects.filter(workflow_id=workflow_id).update(
         total_tokens_used=F("total_tokens_used") + tokens,
         total_cost_usd=F("total_cost_usd") + cost,
         error_count=F("error_count") + (1 if error else 0),
+        **({"wasted_cost_usd": F("wasted_cost_usd") + cost} if wasted and cost else {}),
     )
 
 

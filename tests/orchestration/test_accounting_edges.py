@@ -258,3 +258,63 @@ def test_spend_metered_after_a_final_record_is_not_added_again():
     task.refresh_from_db()
     assert (attempt.tokens_used, task.tokens_used) == (15, 15)
     assert Workflow.objects.get(pk=task.workflow_id).total_tokens_used == 15
+
+
+# --- wasted spend per workflow (DESIGN §4) --------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("ending", "wasted"),
+    [("failed", "0.030"), ("lost", "0.030"), ("cancelled", "0"), ("succeeded", "0")],
+)
+def test_a_workflows_wasted_spend_is_the_cost_of_its_tries_that_failed(ending, wasted):
+    """Round 1 is metered while the attempt runs, round 2 arrives with its end (or, for an
+    attempt closed from outside, after it): a failed or lost try's whole cost is wasted; a
+    cancelled one's was the user's choice, a succeeded one's bought the result."""
+    task, attempt = _claimed_task()
+    _meter(attempt.pk)(Usage(100, 50, Decimal("0.010")))
+    round_two = Usage(200, 80, Decimal("0.020"))
+    if ending == "failed":
+        attempt_fail(
+            attempt=attempt, exc=PermanentError("bad"), duration_ms=1, now=H, usage=Usage(300, 130, Decimal("0.030"))
+        )
+    elif ending == "succeeded":
+        attempt_succeed(
+            attempt=attempt,
+            result=AgentResult(output={}, usage=Usage(300, 130, Decimal("0.030"))),
+            duration_ms=1,
+            now=H,
+        )
+    else:
+        if ending == "cancelled":
+            task_cancel(execution_id=task.pk)
+        else:
+            TaskAttempt.objects.filter(pk=attempt.pk).update(started_at=H - dt.timedelta(days=1))
+            attempts_reap()
+        _meter(attempt.pk)(round_two)
+    workflow = Workflow.objects.get(pk=task.workflow_id)
+    assert workflow.total_cost_usd == Decimal("0.030")
+    assert workflow.wasted_cost_usd == Decimal(wasted)
+
+
+@pytest.mark.django_db
+def test_migration_0026_fills_the_wasted_spend_of_workflows_recorded_before_it():
+    import importlib
+
+    from django.db import connection
+
+    task, _ = _claimed_task()
+    TaskAttempt.objects.filter(execution=task).update(status="lost", cost_usd=Decimal("0.25"), finished_at=H)
+    TaskAttempt.objects.create(
+        execution=task, attempt_number=2, status="succeeded", cost_usd=Decimal("1"), started_at=H, finished_at=H
+    )
+    TaskAttempt.objects.create(
+        execution=task, attempt_number=3, status="timed_out", cost_usd=Decimal("0.5"), started_at=H, finished_at=H
+    )
+    other = _queued_task()  # no spend: untouched
+    migration = importlib.import_module("orchestration.migrations.0026_workflows_wasted_cost")
+    with connection.cursor() as cursor:
+        cursor.execute(migration.BACKFILL_SQL)
+    assert Workflow.objects.get(pk=task.workflow_id).wasted_cost_usd == Decimal("0.75")
+    assert Workflow.objects.get(pk=other.workflow_id).wasted_cost_usd == 0
