@@ -11,10 +11,10 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import connection
-from django.db.models import Avg, Count, DecimalField, Field, Q, QuerySet, Sum
+from django.db.models import Avg, Count, DecimalField, Field, OuterRef, Q, QuerySet, Subquery, Sum
 from django.utils import timezone
 
-from orchestration.models import AgentPlaygroundMessage, TaskExecution, Workflow
+from orchestration.models import AgentPlaygroundMessage, TaskAttempt, TaskExecution, Workflow
 
 DEFAULT_STATS_WINDOW = dt.timedelta(hours=24)
 
@@ -25,6 +25,15 @@ _FINISHED = (
 )
 
 
+# DESIGN §4's wasted spend of one task (OuterRef): what its failed, timed-out and lost tries cost.
+_wasted_of_task = (
+    TaskAttempt.objects.filter(execution=OuterRef("pk"), status__in=TaskAttempt.WASTED_STATUSES)
+    .values("execution")
+    .annotate(cost=Sum("cost_usd"))
+    .values("cost")
+)
+
+
 def agent_stats(*, agent_id: str, since: dt.datetime | None = None, until: dt.datetime | None = None) -> dict:
     """Statistics of one agent's tasks created in [since, until) (default: the last 24 hours).
 
@@ -32,7 +41,9 @@ def agent_stats(*, agent_id: str, since: dt.datetime | None = None, until: dt.da
     when there are none), total_tokens, total_cost_usd (Decimal). Over all finished tasks
     (completed, failed, timed_out): failed and timed_out counts and success_rate =
     completed / finished * 100, None when nothing finished. Cancelled tasks count nowhere.
-    One aggregate query, served by idx_tasks_agent_status (agent_id, status, created_at).
+    wasted_cost_usd (Decimal): what the failed, timed-out and lost tries of the finished tasks
+    cost (a retried task that completed too). One aggregate query, served by
+    idx_tasks_agent_status (agent_id, status, created_at) and, per task, by the attempts' index.
     """
     if since is None:
         since = timezone.now() - DEFAULT_STATS_WINDOW
@@ -49,10 +60,17 @@ def agent_stats(*, agent_id: str, since: dt.datetime | None = None, until: dt.da
         total_cost_usd=Sum("cost_usd", filter=completed, default=Decimal(0)),
         failed=Count("pk", filter=Q(status=TaskExecution.Status.FAILED)),
         timed_out=Count("pk", filter=Q(status=TaskExecution.Status.TIMED_OUT)),
+        wasted_cost_usd=Sum(Subquery(_wasted_of_task, output_field=DecimalField()), default=Decimal(0)),
     )
     finished = totals["total_tasks"] + totals["failed"] + totals["timed_out"]
     success_rate = totals["total_tasks"] * 100 / finished if finished else None
-    return {"agent_id": agent_id, "since": since, "until": until, **totals, "success_rate": success_rate}
+    return {
+        "agent_id": agent_id,
+        "since": since,
+        "until": until,
+        **totals,
+        "success_rate": success_rate,
+    }
 
 
 def agent_recent_tasks(*, agent_id: str, limit: int = 20) -> QuerySet[TaskExecution]:

@@ -579,6 +579,9 @@ class AgentStatsSerializer(serializers.Serializer):
     avg_latency_ms = serializers.FloatField(allow_null=True)
     total_tokens = serializers.IntegerField()
     total_cost_usd = serializers.DecimalField(max_digits=20, decimal_places=6)
+    wasted_cost_usd = serializers.DecimalField(
+        max_digits=20, decimal_places=6, help_text="cost of the failed, timed-out and lost tries of its tasks"
+    )
     failed = serializers.IntegerField()
     timed_out = serializers.IntegerField()
     success_rate = serializers.FloatField(allow_null=True, help_text="completed / finished * 100")

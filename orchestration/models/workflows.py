@@ -264,6 +264,10 @@ class TaskAttempt(TimestampedModel):
 
     Cause = TaskAttemptCause
 
+    # Tries whose cost bought nothing: "wasted spend" (DESIGN §4); a cancelled try's was the
+    # user's choice. Plain strings: the rollup writes the tuple into its SQL.
+    WASTED_STATUSES = ("failed", "timed_out", "lost")
+
     execution = models.ForeignKey(
         TaskExecution, on_delete=models.CASCADE, related_name="attempts", db_column="execution_id", db_index=False
     )

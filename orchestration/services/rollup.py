@@ -44,7 +44,7 @@ FINISHED = ("completed", "failed", "timed_out")
 # SQLite keeps decimals as doubles, so its SUM of costs drifts (0.1 + 0.2 = 0.30000000000000004);
 # rounding the sums to the columns' decimal places gives PostgreSQL's exact numeric sums there.
 COST_PLACES = TaskExecution._meta.get_field("cost_usd").decimal_places
-WASTED_ATTEMPTS = ("failed", "timed_out", "lost")
+WASTED_ATTEMPTS = TaskAttempt.WASTED_STATUSES
 
 # (metric_type, unit, SQL expression over the per-agent aggregates a.* and the p95 p.v)
 METRICS = (

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from orchestration.models import TaskExecution, Workflow
 from orchestration.selectors import agent_recent_tasks, agent_stats, workflow_with_tasks
-from tests.factories import AgentFactory, TaskExecutionFactory, WorkflowFactory
+from tests.factories import AgentFactory, TaskAttemptFactory, TaskExecutionFactory, WorkflowFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -84,6 +84,7 @@ def test_agent_stats_cover_the_last_24_hours_by_default(stats_data: None) -> Non
         "total_cost_usd": Decimal("0.003625"),
         "failed": 1,
         "timed_out": 1,
+        "wasted_cost_usd": Decimal(0),
         "success_rate": 60.0,
     }
     assert isinstance(stats["total_cost_usd"], Decimal)
@@ -131,6 +132,26 @@ def test_agent_stats_without_finished_tasks(now: dt.datetime) -> None:
     assert stats["total_cost_usd"] == Decimal(0)
     assert isinstance(stats["total_cost_usd"], Decimal)
     assert (stats["failed"], stats["timed_out"], stats["success_rate"]) == (0, 0, None)
+
+
+def test_agent_stats_wasted_spend_is_what_the_failed_tries_of_its_finished_tasks_cost(now: dt.datetime) -> None:
+    agent = AgentFactory()
+    retried = make_task(agent=agent, status=Status.COMPLETED, created_at=now)
+    failed = make_task(agent=agent, status=Status.FAILED, created_at=now)
+    cancelled = make_task(agent=agent, status=Status.CANCELLED, created_at=now)
+    for task, number, status, cost in [
+        (retried, 1, "lost", "0.10"),
+        (retried, 2, "timed_out", "0.20"),
+        (retried, 3, "succeeded", "1.00"),
+        (failed, 1, "failed", "0.40"),
+        (cancelled, 1, "failed", "8"),  # cancelled tasks count nowhere
+        (cancelled, 2, "cancelled", "9"),
+    ]:
+        TaskAttemptFactory(
+            execution=task, attempt_number=number, status=status, cost_usd=Decimal(cost), finished_at=now
+        )
+
+    assert agent_stats(agent_id=agent.id)["wasted_cost_usd"] == Decimal("0.70")
 
 
 def test_agent_stats_is_one_query(stats_data: None, django_assert_num_queries) -> None:
