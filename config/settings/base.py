@@ -329,6 +329,11 @@ RETENTION_DAYS_MESSAGES = env.int("RETENTION_DAYS_MESSAGES", 0, minimum=0)
 RETENTION_DAYS_WORKFLOWS = env.int("RETENTION_DAYS_WORKFLOWS", 0, minimum=0)
 RETENTION_DAYS_AGENT_METRICS = env.int("RETENTION_DAYS_AGENT_METRICS", 400, minimum=0)
 RETENTION_DAYS_EXPORT_RUNS = env.int("RETENTION_DAYS_EXPORT_RUNS", 400, minimum=0)
+# The consumer's daily CSV partitions under TRAINING_DATA_DIR, by their day (0: kept). Events
+# arrive up to the relay's lag late, so a partition still being written is never this old.
+RETENTION_DAYS_TRAINING_CSV = env.int("RETENTION_DAYS_TRAINING_CSV", 0, minimum=0)
+if 0 < RETENTION_DAYS_TRAINING_CSV < 2:
+    raise ImproperlyConfigured("RETENTION_DAYS_TRAINING_CSV must be 0 (keep) or at least 2 days")
 
 INFLUXDB_URL = env.optional_str("INFLUXDB_URL")
 INFLUXDB_TOKEN = env.optional_str("INFLUXDB_TOKEN")

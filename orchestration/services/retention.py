@@ -15,6 +15,8 @@ its own short transaction, so retention never holds long locks on a busy table.
   tells a failed turn.
 - workflows: finished ones by completed_at (their tasks and attempts go with them).
 - export_runs: failed and superseded runs; succeeded runs are the record of what was exported.
+- the consumer's daily CSV partitions (RETENTION_DAYS_TRAINING_CSV), by the day they hold: a
+  message or workflow retention deleted would otherwise live on in them.
 
 What was deleted is reported per table, cascaded rows included (deleting a workflow also
 deletes rows from task_executions, task_attempts and agent_interactions), as the row counts
@@ -52,6 +54,7 @@ class RetentionResult:
     deleted: dict[str, int] = field(default_factory=dict)  # table -> rows deleted, cascades included
     skipped: dict[str, str] = field(default_factory=dict)
     temp_files_removed: int = 0
+    csv_partitions_removed: int = 0
 
 
 def _delete_in_batches(model: type[Model], condition: Q, *, batch: int = BATCH) -> Counter[str]:
@@ -143,6 +146,15 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
     from training_export.services.files import stale_temp_files_remove
 
     result.temp_files_removed = len(stale_temp_files_remove(Path(settings.TRAINING_EXPORT_DIR)))
+    if (before := cutoff(settings.RETENTION_DAYS_TRAINING_CSV)) is not None:
+        from training_export.services.store import partitions_remove
+
+        removed = partitions_remove(Path(settings.TRAINING_DATA_DIR), before=before.date())
+        result.csv_partitions_removed = len(removed)
+        if removed:
+            logger.info(
+                "retention: %d training CSV partition(s) removed, the newest %s", len(removed), removed[-1].name
+            )
     result.deleted = dict(sorted(deleted.items()))
     for table, reason in result.skipped.items():
         logger.warning("retention: %s kept: %s", table, reason)

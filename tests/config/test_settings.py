@@ -234,3 +234,10 @@ def test_a_publish_to_a_broker_that_stopped_answering_gives_up():
     assert result.returncode != 0, result.stdout
     assert "Timeout" in result.stderr, result.stderr[-2000:]
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.subprocess
+def test_training_csv_retention_too_short_to_outlast_late_events_is_refused():
+    result = run_manage("check", DATABASE_URL="postgres://postgres@127.0.0.1:5432/x", RETENTION_DAYS_TRAINING_CSV="1")
+    assert result.returncode != 0
+    assert "RETENTION_DAYS_TRAINING_CSV must be 0 (keep) or at least 2 days" in result.stderr

@@ -164,6 +164,39 @@ def test_retention_removes_temp_files_of_killed_exports_but_not_fresh_ones(db, s
     assert not stale.exists() and fresh.exists() and final.exists()
 
 
+def test_retention_removes_training_csv_partitions_older_than_their_days_and_nothing_else(db, settings, tmp_path):
+    """A message or workflow deleted for retention would otherwise live on in the CSVs."""
+    from training_export.services.store import TrainingDataStore
+
+    settings.TRAINING_DATA_DIR = tmp_path
+    settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
+    now = timezone.now()
+    store = TrainingDataStore(tmp_path)
+    today = now.date()
+    old, kept = today - dt.timedelta(days=31), today - dt.timedelta(days=30)
+    for data_type in ("events", "tasks", "tool_executions", "workflows"):
+        for day in (old, kept):
+            store.path(data_type, day).parent.mkdir(parents=True, exist_ok=True)
+            store.path(data_type, day).write_text("header\n")
+    others = [
+        tmp_path / "exports" / "events" / f"events_{old.isoformat()}.csv",  # not a partition dir
+        tmp_path / "events" / f"events_{old.isoformat()}.csv.bak",
+        tmp_path / "events" / f"tasks_{old.isoformat()}.csv",  # not this directory's type
+    ]
+    for path in others:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+
+    settings.RETENTION_DAYS_TRAINING_CSV = 0
+    assert retention_apply(now=now).csv_partitions_removed == 0
+    settings.RETENTION_DAYS_TRAINING_CSV = 30
+    assert retention_apply(now=now).csv_partitions_removed == 4
+
+    for data_type in ("events", "tasks", "tool_executions", "workflows"):
+        assert not store.path(data_type, old).exists() and store.path(data_type, kept).exists()
+    assert all(path.exists() for path in others)
+
+
 TABLES = (
     "workflows",
     "task_executions",

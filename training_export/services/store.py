@@ -143,6 +143,32 @@ SCHEMAS: dict[str, Schema] = {
 }
 
 
+_PARTITION_NAME = re.compile(r"(?P<type>[a-z_]+)_(?P<day>\d{4}-\d{2}-\d{2})\.csv")
+
+
+def partitions_remove(root: Path, *, before: dt.date) -> list[Path]:
+    """Delete the daily CSV partitions (of every type, under `root`) of days before `before`,
+    for retention. Only files named as the store names them; the JSONL exports and anything
+    else under `root` are left alone."""
+    removed = []
+    for data_type in SCHEMAS:
+        directory = Path(root) / data_type
+        if not directory.is_dir():
+            continue
+        for path in directory.iterdir():
+            match = _PARTITION_NAME.fullmatch(path.name)
+            if match is None or match["type"] != data_type or not path.is_file():
+                continue
+            try:
+                day = dt.date.fromisoformat(match["day"])
+            except ValueError:
+                continue
+            if day < before:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return sorted(removed)
+
+
 def _schema(data_type: str) -> Schema:
     try:
         return SCHEMAS[data_type]
