@@ -51,6 +51,7 @@ TITLES = {
     422: "Unprocessable request",
     429: "Too many requests",
     500: "Internal server error",
+    503: "Service unavailable",
 }
 
 # "tasks[2] (fetch).depends_on: unknown task" -> "tasks[2].depends_on"

@@ -24,4 +24,10 @@ class RequestTooLarge(exceptions.APIException):
     default_code = "request_too_large"
 
 
-__all__ = ["Conflict", "RequestTooLarge", "Unprocessable"]
+class Unavailable(exceptions.APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "A service this request needs is unavailable."
+    default_code = "unavailable"
+
+
+__all__ = ["Conflict", "RequestTooLarge", "Unavailable", "Unprocessable"]

@@ -8,6 +8,7 @@ from functools import cache
 from typing import Any
 
 import django_filters
+import redis
 from django import forms
 from django.core.exceptions import ValidationError
 from django_filters.fields import ChoiceField, IsoDateTimeField
@@ -15,10 +16,12 @@ from django_filters.filters import QuerySetRequestMixin
 from django_filters.filterset import FilterSetMetaclass
 from rest_framework.exceptions import ValidationError as RequestInvalid
 
+from orchestration.api.exceptions import Unavailable
 from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.models import Agent, Event, TaskExecution, Workflow
 from orchestration.models.agents import AgentExecutor, AgentStatus
 from orchestration.models.workflows import Priority, TaskExecutionStatus, WorkflowStatus
+from orchestration.services.relay import settled_sequence
 
 
 class UtcDateTimeField(IsoDateTimeField):
@@ -192,11 +195,43 @@ class EventFilter(StrictFilterSet):
     severity = FixedChoiceFilter(choices=Severity.choices)
     since = UtcDateTimeFilter(field_name="created_at", lookup_expr="gte")
     until = UtcDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    after = django_filters.NumberFilter(
+        field_name="sequence",
+        lookup_expr="gt",
+        help_text="only events after this sequence: to follow the log, the last sequence read so far",
+    )
+    settled = django_filters.BooleanFilter(
+        method="filter_settled",
+        help_text="true: only events up to the relay's position on the Synapse stream, below which no "
+        "transaction can still commit: read with ordering=sequence and after=, no event is ever missed",
+    )
     ranges = (("since", "until"),)
 
     class Meta:
         model = Event
-        fields = ("entity_type", "entity_id", "event_type", "workflow", "agent", "severity", "since", "until")
+        fields = (
+            "entity_type",
+            "entity_id",
+            "event_type",
+            "workflow",
+            "agent",
+            "severity",
+            "since",
+            "until",
+            "after",
+            "settled",
+        )
+
+    def filter_settled(self, queryset: Any, name: str, value: bool | None) -> Any:
+        if not value:
+            return queryset
+        try:
+            settled = settled_sequence()
+        except (RuntimeError, redis.RedisError) as exc:
+            raise Unavailable(
+                f"settled=true needs the relay's position on the Synapse stream, which is unknown: {exc}"
+            ) from None
+        return queryset.filter(sequence__lte=settled)
 
 
 class AgentFilter(StrictFilterSet):

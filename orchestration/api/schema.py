@@ -19,6 +19,7 @@ _DETAILS = {
     413: ("request_too_large", "The request body exceeds the limit of 2621440 bytes.", None),
     422: ("unprocessable", "Idempotency-Key 'k1' was already used for a different request body.", None),
     429: ("throttled", "Request was throttled. Expected available in 12 seconds.", None),
+    503: ("unavailable", "settled=true needs the relay's position on the Synapse stream, which is unknown: ...", None),
 }
 
 

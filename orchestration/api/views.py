@@ -376,11 +376,13 @@ class TaskViewSet(ApiMixin, RowListMixin, mixins.ListModelMixin, mixins.Retrieve
         description=(
             "In sequence order. Non-admins see the events of their own workflows. A cursor is a "
             "position among committed events: one whose transaction commits after a page was read, "
-            "with a lower sequence than that page's last, is not on later pages; the Synapse stream "
-            "carries every event in order."
+            "with a lower sequence than that page's last, is not on later pages. To follow the log "
+            "without missing one, read with settled=true (pages end at the relay's settled "
+            "position) and resume with after= the last sequence read; the Synapse stream carries "
+            "every event in order too."
         ),
         parameters=[ordering_parameter(EVENT_ORDERINGS, "sequence")],
-        responses={200: EventSerializer(many=True), **problem_responses(400, 401, 403, 429)},
+        responses={200: EventSerializer(many=True), **problem_responses(400, 401, 403, 429, 503)},
     )
 )
 class EventViewSet(ApiMixin, RowListMixin, mixins.ListModelMixin, viewsets.GenericViewSet):

@@ -75,6 +75,14 @@ def event_to_entry(event: Event) -> dict[str, str]:
     }
 
 
+def settled_sequence() -> int:
+    """The last sequence the relay has put on the stream: every event up to it has been
+    published, and no event can commit below it any more (the relay passes a sequence hole
+    only once it is proven a rollback). 0 before the first. Raises RuntimeError without
+    Redis, redis.RedisError when it does not answer."""
+    return _stream_last_sequence(synapse_client(), settings.SYNAPSE_STREAM)
+
+
 def _stream_last_sequence(client: redis.Redis, stream: str) -> int:
     try:
         info = client.xinfo_stream(stream)
