@@ -45,6 +45,7 @@ _WITH_A_BODY = (413, 415)
 _MORE_DETAILS = {
     406: ("not_acceptable", "Could not satisfy the request Accept header."),
     415: ("unsupported_media_type", 'Unsupported media type "text/plain" in request.'),
+    503: ("unavailable", "Rate limits are counted in Redis, which is not answering; retry shortly."),
 }
 
 
@@ -65,11 +66,14 @@ def _problem_response(code: int, path: str) -> dict[str, Any]:
 
 def document_negotiation_problems(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict:
     """drf-spectacular postprocessing hook: the 406, 413 and 415 problems on every operation
-    that can answer them, where the operation's own responses do not list them already."""
+    that can answer them, and 503 on the rate-limited ones, where the operation's own
+    responses do not list them already."""
     for path, operations in result.get("paths", {}).items():
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
             codes = _EVERY_OPERATION + (_WITH_A_BODY if "requestBody" in operation else ())
+            # A rate-limited operation answers 503 when the counter's Redis does not answer.
+            codes += (503,) if "429" in responses else ()
             for code in codes:
                 responses.setdefault(str(code), _problem_response(code, path))
     return result

@@ -10,18 +10,41 @@ read in the throttle check.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import redis
 from django.conf import settings
 from rest_framework.exceptions import Throttled
 from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle
 
+from orchestration.api.exceptions import Unavailable
 from orchestration.api.permissions import request_role
 from orchestration.api.redis_store import Hit, store
 
+logger = logging.getLogger(__name__)
+
 WINDOW_SECONDS = 60
 _PENDING = "_rate_limit_pending"  # on the HttpRequest: (the hit, the limit)
+
+
+class RateLimitStoreDown(Unavailable):
+    default_detail = "Rate limits are counted in Redis, which is not answering; retry shortly."
+    wait = 5  # Retry-After
+
+
+@contextmanager
+def _store_answering() -> Iterator[None]:
+    """A Redis outage is a 503 saying so, not a 500: the request is not served uncounted (the
+    limit is a control, not a hint). The error's text names hosts and stays in the log."""
+    try:
+        yield
+    except redis.RedisError:
+        logger.warning("rate limit: Redis did not answer", exc_info=True)
+        raise RateLimitStoreDown() from None
 
 
 def rate_limit_key(user_id: int) -> str:
@@ -50,9 +73,11 @@ class RoleRateThrottle(BaseThrottle):
         deferrable = getattr(view, "rate_limit_deferrable", None)
         if deferrable is not None and deferrable():
             rate_limit_close(request)  # a second check of one request must not hold two connections
-            setattr(request._request, _PENDING, (store().hit_later(key, WINDOW_SECONDS), limit))
+            with _store_answering():
+                setattr(request._request, _PENDING, (store().hit_later(key, WINDOW_SECONDS), limit))
             return True
-        count, reset = store().hit(key, WINDOW_SECONDS)
+        with _store_answering():
+            count, reset = store().hit(key, WINDOW_SECONDS)
         self._wait = reset
         return _record(request, limit, count, reset)
 
@@ -71,7 +96,8 @@ def rate_limit_settle(request: Request) -> None:
         return
     hit, limit = pending
     try:
-        count, reset = hit.result()
+        with _store_answering():
+            count, reset = hit.result()
     finally:
         hit.close()
     if not _record(request, limit, count, reset):

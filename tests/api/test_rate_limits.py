@@ -148,14 +148,25 @@ def test_a_count_whose_reply_is_lost_fails_the_request_and_is_not_counted_again(
     viewer = callers["viewer"].client
     assert viewer.get(path).status_code == 200
     redis_relay.drop_next_reply()
-    viewer.raise_request_exception = False
-    assert viewer.get(path).status_code == 500
+    lost = viewer.get(path)
+    assert (lost.status_code, lost["Retry-After"]) == (503, "5")
+    assert "Rate limits are counted in Redis, which is not answering" in lost.json()["detail"]
     assert redis_relay.dropped == 1
     assert int(_redis().get(rate_limit_key(callers["viewer"].user.pk))) == 2
     answered = viewer.get(path)
     assert answered.status_code == 200
     assert answered["RateLimit-Remaining"] == "0"
     assert store().client.connection_pool._in_use_connections == set()
+
+
+@pytest.mark.parametrize("path", ["/api/v1/events/", "/api/v1/me/", "/api/v1/workflows/"])
+def test_with_redis_down_a_request_is_a_503_saying_so_not_served_uncounted(callers, settings, path):
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+    response = callers["developer"].client.get(path)
+    assert response.status_code == 503 and response["Retry-After"] == "5"
+    assert response["Content-Type"].startswith("application/problem+json")
+    assert response.json()["detail"] == "Rate limits are counted in Redis, which is not answering; retry shortly."
+    assert "127.0.0.1:1" not in response.content.decode()
 
 
 def test_a_deferred_count_closed_unread_leaves_its_connection_in_step(db):
