@@ -22,7 +22,7 @@ stop() {
 trap stop EXIT
 
 echo "== a worker and beat in the background (logs: $logs/demo-worker.log, $logs/demo-beat.log)"
-$PY -m celery -A config worker -P prefork -c 2 -l warning -Q critical,high,normal,low -n "demo-$$@%h" \
+$PY -m celery -A config worker -P prefork -c 2 -l warning -Q system,critical,high,normal,low -n "demo-$$@%h" \
   > "$logs/demo-worker.log" 2>&1 &
 pids+=($!)
 $PY -m celery -A config beat -l warning -s "$logs/demo-beat-schedule" --pidfile= > "$logs/demo-beat.log" 2>&1 &

@@ -58,7 +58,7 @@ class Worker:
         *,
         concurrency: int = 2,
         log_dir: Path,
-        queues: str = "critical,high,normal,low",
+        queues: str = "system,critical,high,normal,low",
         env: dict[str, str] | None = None,
     ) -> None:
         self.name = f"test-{uuid.uuid4().hex[:8]}@localhost"

@@ -443,12 +443,22 @@ def test_the_worker_consumes_every_priority_queue_and_the_default_queue():
     argv = _argv(_services()["worker"]["command"])
     assert argv[:4] == ["celery", "-A", "config", "worker"], argv
     queues = (_option(argv, "-Q", "--queues") or "").split(",")
-    assert queues == PRIORITY_QUEUES
+    assert queues == ["system", *PRIORITY_QUEUES]
     app = find_app("config")
     assert app.conf.task_default_queue in queues, "tasks without a route would wait forever"
     declared = {queue.name for queue in app.conf.task_queues or ()}
     assert declared <= set(queues), f"declared queues nobody consumes: {sorted(declared - set(queues))}"
     assert _option(argv, "--concurrency", "-c"), "worker concurrency is not set"
+
+
+def test_the_recovery_schedules_have_a_worker_no_user_task_can_occupy():
+    """The relay and the reaper go to `system` (migration 0027); worker-system consumes only
+    it, so a worker full of hour-long tasks does not stop the Synapse stream or the reaper."""
+    argv = _argv(_services()["worker-system"]["command"])
+    assert argv[:4] == ["celery", "-A", "config", "worker"], argv
+    assert _option(argv, "-Q", "--queues") == "system"
+    assert _option(argv, "-n", "--hostname").startswith("system@")
+    assert "system@" in " ".join(_services()["worker-system"]["healthcheck"]["test"])
 
 
 def test_the_beat_uses_the_database_scheduler():

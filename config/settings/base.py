@@ -173,7 +173,10 @@ CELERY_TASK_SEND_SENT_EVENT = False
 CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", 1000, minimum=0)
 # Queues per priority; a task execution goes to the queue named by its priority.
 TASK_QUEUES_BY_PRIORITY = ("critical", "high", "normal", "low")
-CELERY_TASK_QUEUES = tuple(Queue(name, routing_key=name) for name in TASK_QUEUES_BY_PRIORITY)
+# The recovery schedules (relay, reaper, export sweep; migration 0027): no user task waits in
+# it, so a worker with a process free for it is never blocked behind long user tasks.
+SYSTEM_QUEUE = "system"
+CELERY_TASK_QUEUES = tuple(Queue(name, routing_key=name) for name in (SYSTEM_QUEUE, *TASK_QUEUES_BY_PRIORITY))
 CELERY_TASK_DEFAULT_QUEUE = "normal"
 CELERY_TASK_CREATE_MISSING_QUEUES = True
 

@@ -559,9 +559,23 @@ def test_worker_settings_protect_against_lost_work():
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
-    assert [q.name for q in conf.task_queues] == ["critical", "high", "normal", "low"]
+    assert [q.name for q in conf.task_queues] == ["system", "critical", "high", "normal", "low"]
     hold = settings.TASK_MAX_TIMEOUT_SECONDS + settings.TASK_HARD_TIMEOUT_GRACE_SECONDS
     assert conf.broker_transport_options["visibility_timeout"] > hold + settings.TASK_RETRY_BACKOFF_MAX_SECONDS
+
+
+def test_the_relay_and_reaper_are_scheduled_on_the_system_queue_no_user_task_uses(db):
+    """Migration 0027: with every process of a worker on long user tasks of any priority, the
+    recovery schedules still have the `system` queue's workers (compose: worker-system)."""
+    from django_celery_beat.models import PeriodicTask
+
+    queues = dict(
+        PeriodicTask.objects.filter(
+            name__in=["synapse event relay", "reap stale tasks", "sweep export runs"]
+        ).values_list("name", "queue")
+    )
+    assert queues == {"synapse event relay": "system", "reap stale tasks": "system", "sweep export runs": "system"}
+    assert "system" not in settings.TASK_QUEUES_BY_PRIORITY  # no task execution is routed there
 
 
 def test_a_visibility_timeout_shorter_than_a_task_can_hold_its_message_is_refused():

@@ -139,7 +139,7 @@ def test_the_sweeper_is_scheduled_and_registered(db):
     app.loader.import_default_modules()
     periodic = PeriodicTask.objects.get(name="sweep export runs")
     assert periodic.task == "training_export.sweep_export_runs" and periodic.task in app.tasks
-    assert periodic.interval.every == 300 and periodic.queue == "critical"
+    assert periodic.interval.every == 300 and periodic.queue == "system"
     assert json.loads(periodic.kwargs) == {}
 
 
