@@ -639,7 +639,9 @@ def test_prometheus_scrapes_the_web_metrics_url_and_the_workers():
     ports |= {int(t.rsplit(":", 1)[1]) for c in worker.get("static_configs", []) for t in c["targets"]}
     assert ports == {WORKER_METRICS_PORT}
     for config in worker.get("dns_sd_configs", []):
-        assert config["names"] == ["worker"], "the scaled worker service is found by its service name"
+        # The scaled worker service is found by its service name, and worker-system's metrics too.
+        assert config["names"] == ["worker", "worker-system"]
+        assert all(name in _services() for name in config["names"])
 
 
 def test_prometheus_service_mounts_the_platform_scrape_config():
