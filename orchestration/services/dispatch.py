@@ -9,17 +9,22 @@ concurrency deferral) safe.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 from dataclasses import dataclass
 
+import redis
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from orchestration.event_types import EventType
 from orchestration.models import TaskExecution
 from orchestration.services.events import task_event_build
 from orchestration.services.fastpath import insert_rows
+
+logger = logging.getLogger(__name__)
 
 PUBLISH_BATCH = 100
 
@@ -67,7 +72,28 @@ def tasks_queue(tasks: list[TaskExecution], *, now: dt.datetime | None = None) -
 
 def dispatch_after_commit(dispatches: list[Dispatch]) -> None:
     if dispatches:
-        transaction.on_commit(lambda: dispatch_send(dispatches))
+        transaction.on_commit(lambda: _send_or_leave_to_the_sweeper(dispatches))
+
+
+# What a broker that cannot be reached raises (kombu wraps the transport's errors in its
+# OperationalError once its publish retries are spent).
+BROKER_DOWN = (KombuOperationalError, ConnectionError, TimeoutError, redis.RedisError)
+
+
+def _send_or_leave_to_the_sweeper(dispatches: list[Dispatch]) -> None:
+    """Send the committed tasks' messages. With the broker down, the record stands (the tasks
+    are queued, committed) and the dispatch sweeper (reaper.queued_sweep) sends them once it
+    answers again: the caller (an API request, the worker that completed their parent) is
+    not failed for it, and a client does not submit again what it was told had failed."""
+    try:
+        dispatch_send(dispatches)
+    except BROKER_DOWN:
+        logger.error(
+            "broker unreachable: %d task message(s) not sent, the dispatch sweeper sends them: %s",
+            len(dispatches),
+            [d.execution_id for d in dispatches],
+            exc_info=True,
+        )
 
 
 def dispatch_send(dispatches: list[Dispatch]) -> None:

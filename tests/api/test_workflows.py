@@ -3,9 +3,13 @@ the field; server-owned fields are refused; bodies over the limit are a 413."""
 
 from __future__ import annotations
 
+import datetime as dt
+import io
 import json
 
 import pytest
+from django.conf import settings
+from django.utils import timezone
 from rest_framework import serializers as drf_serializers
 from rest_framework.renderers import JSONRenderer
 
@@ -209,3 +213,32 @@ def test_cancel_retry_and_resume_name_who_asked_in_their_events(callers, submit)
     assert named("workflow_cancelled", workflow_id) == [asked, asked]
     assert named("workflow_resumed", workflow_id) == [asked, asked]
     assert named("task_retrying", task.pk) == [asked, asked]
+
+
+def test_a_workflow_submitted_while_the_broker_is_down_is_accepted_and_sent_by_the_sweeper(
+    transactional_db, monkeypatch
+):
+    """The workflow and its queued tasks are committed before their messages are sent: a
+    broker that does not answer then is no reason to tell the client it failed (it would
+    submit again); the dispatch sweeper sends the messages once the broker is back."""
+    from django.core.management import call_command
+
+    from orchestration.services.reaper import queued_sweep
+    from orchestration.tasks import run_task
+    from tests.api.conftest import make_caller
+
+    call_command("load_agents", stdout=io.StringIO())
+    caller = make_caller("dev", "developer")
+    app = run_task.app
+    monkeypatch.setattr(app.conf, "broker_url", "redis://127.0.0.1:1/0")  # nothing listens there
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+
+    response = caller.client.post("/api/v1/workflows/", SPEC, format="json")
+
+    assert response.status_code == 201, response.content
+    task = TaskExecution.objects.get(workflow_id=response.json()["workflow_id"])
+    assert task.status == "queued"
+    monkeypatch.undo()  # the broker answers again
+    later = timezone.now() + dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS + 1)
+    assert queued_sweep(now=later) == [task.pk]
