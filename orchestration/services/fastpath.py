@@ -128,7 +128,8 @@ WITH attempt AS (
     RETURNING w.status, w.total_steps - w.completed_steps - w.failed_steps - w.cancelled_steps AS remaining
 )
 SELECT task.workflow_id, task.task_name, workflow.status, workflow.remaining,
-       EXISTS (SELECT 1 FROM task_executions p WHERE p.workflow_id = task.workflow_id AND p.status = 'pending')
+       EXISTS (SELECT 1 FROM task_executions p WHERE p.workflow_id = task.workflow_id AND p.status = 'pending'),
+       (SELECT s.status FROM workflows s WHERE s.workflow_id = task.workflow_id)
   FROM task LEFT JOIN workflow ON true
 """  # noqa: S608 - only the constants above are interpolated
 
@@ -141,9 +142,15 @@ SELECT task.workflow_id, task.task_name, workflow.status, workflow.remaining,
 # When the workflow row was updated meanwhile, PostgreSQL re-checks the counters on its new
 # version, but the NOT EXISTS (pending) subquery keeps the statement's snapshot: sound because
 # a task made pending while another attempt of the workflow runs never waits on that attempt's
-# task (submit and resume happen with none running; a retry queues its task in the transaction
-# that makes it pending, and the dependents it makes pending again wait on that task, whose
-# completion starts after that commit), the same fact SUCCEED_SQL's own pending check rests on.
+# task (submit happens with none running; a retry queues its task in the transaction that makes
+# it pending, and the dependents it makes pending again wait on that task, whose completion
+# starts after that commit), the same fact SUCCEED_SQL's own pending check rests on. A resume
+# is the exception: it makes pending the dependents of a task a sibling's failure left running
+# (progress.workflow_fail, keep_running), whose completion may already be waiting for the
+# workflow row. The workflow is then running on the locked row but not in the snapshot (the
+# status subquery keeps the snapshot): this statement writes nothing, and SUCCEED_SQL, whose
+# caller advances the workflow when the two differ, re-reads what is pending. A completion in
+# a workflow that has ended (a task left running) takes SUCCEED_SQL too, which stores its result.
 SUCCEED_ALONE_SQL = f"""
 WITH locked AS (
     SELECT a.id, a.execution_id, a.attempt_number FROM task_attempts a
@@ -155,6 +162,8 @@ WITH locked AS (
            total_tokens_used = w.total_tokens_used + %(tokens)s, total_cost_usd = w.total_cost_usd + %(cost)s
       FROM locked l JOIN task_executions t ON t.execution_id = l.execution_id
      WHERE w.workflow_id = t.workflow_id
+       AND w.status = 'running'
+       AND (SELECT s.status FROM workflows s WHERE s.workflow_id = w.workflow_id) = 'running'
        AND w.total_steps - w.completed_steps - w.failed_steps - w.cancelled_steps > 1
        AND NOT EXISTS (SELECT 1 FROM task_executions p WHERE p.workflow_id = w.workflow_id AND p.status = 'pending')
     RETURNING w.workflow_id
@@ -366,7 +375,8 @@ def succeed(completion: Completion) -> tuple[str | None, str, str | None, bool] 
 
     Returns None if the attempt was no longer running, else (workflow_id, task_name,
     workflow status, whether the workflow must be advanced). Advancing (queueing dependents,
-    finishing) is needed only if some task is pending or no task remains unfinished; the
+    finishing, storing the result of a workflow that ended while the task ran) is needed only
+    if some task is pending, no task remains unfinished or the workflow is not running; the
     counters come from the locked, current workflow row, and "no task pending" read from the
     statement's snapshot stays true for this task's dependents (see SUCCEED_ALONE_SQL's note)."""
     if connection.vendor != "postgresql":
@@ -377,8 +387,11 @@ def succeed(completion: Completion) -> tuple[str | None, str, str | None, bool] 
     )
     if not rows:
         return None
-    workflow_id, task_name, status, remaining, pending = rows[0]
-    return workflow_id, task_name, status, bool(pending) or remaining == 0
+    workflow_id, task_name, status, remaining, pending, seen = rows[0]
+    # A workflow that ended while the task ran (a sibling failed) stores its result
+    # (progress.workflow_advance); one resumed while this statement waited for its row
+    # (`seen`: its status in the snapshot) may have pending tasks the snapshot does not show.
+    return workflow_id, task_name, status, bool(pending) or remaining == 0 or status != "running" or seen != "running"
 
 
 def succeed_alone(completion: Completion) -> bool | None:

@@ -505,3 +505,25 @@ def test_per_agent_concurrency_limit_makes_excess_tasks_wait(engine):
     assert len(spans) == 3, "excess tasks waited instead of failing or making extra attempts"
     for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end, "two attempts of the agent overlapped"
+
+
+@pytest.mark.parametrize("fast_path", ["true", "false"], ids=["fast-path", "general-path"])
+def test_a_sibling_completing_in_a_failed_workflow_joins_its_results_whatever_ends_last(engine, fast_path):
+    """Tasks left running when a sibling failed the workflow: one completes, the last one
+    fails. The completed one's result is in step_results all the same (the completion that
+    needs no advancing of a running workflow must still store it once the workflow ended)."""
+    engine(concurrency=3, env={"ENGINE_FAST_PATH": fast_path})
+    wf = submit(
+        {"name": "bad", "agent": "sleep", "input": {"seconds": 5}, "timeout_seconds": 1, "max_retries": 0},
+        {"name": "good", "agent": "sleep", "input": {"seconds": 2.5}},
+        {"name": "slow_bad", "agent": "sleep", "input": {"seconds": 8}, "timeout_seconds": 4},
+    )
+    for name in ("bad", "good", "slow_bad"):
+        running_attempt(wf, name)
+    assert finished(wf).status == Workflow.Status.FAILED
+    wait_for(lambda: task(wf, "slow_bad").is_terminal, what="slow_bad to end")
+    assert task(wf, "good").status == T.COMPLETED
+    wf.refresh_from_db()
+    assert (wf.completed_steps, wf.failed_steps) == (1, 2)
+    assert set(wf.step_results) == {"good"}
+    assert [c["task"] for c in wf.checkpoints] == ["good"]
