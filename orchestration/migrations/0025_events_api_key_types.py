@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db import migrations, models
+from django.db import IntegrityError, migrations, models, transaction
 
 EVENT_TYPES = [
     "workflow_created",
@@ -69,13 +69,17 @@ class ReplaceChecks(migrations.SeparateDatabaseAndState):
         if schema_editor.connection.vendor == "postgresql":
             _swap(schema_editor, self.forwards)
         else:
-            super().database_forwards(app_label, schema_editor, from_state, to_state)
+            # The table rebuild in one transaction (the migration is not atomic, for PostgreSQL):
+            # stopped midway, it would leave its copy (new__events) and every later try would fail.
+            with transaction.atomic(using=schema_editor.connection.alias):
+                super().database_forwards(app_label, schema_editor, from_state, to_state)
 
     def database_backwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
         if schema_editor.connection.vendor == "postgresql":
             _swap(schema_editor, self.backwards)
         else:
-            super().database_backwards(app_label, schema_editor, from_state, to_state)
+            with transaction.atomic(using=schema_editor.connection.alias):
+                super().database_backwards(app_label, schema_editor, from_state, to_state)
 
 
 def _swap(schema_editor: Any, checks: dict[str, str]) -> None:
@@ -84,7 +88,16 @@ def _swap(schema_editor: Any, checks: dict[str, str]) -> None:
         with connection.cursor() as cursor:
             cursor.execute(f"ALTER TABLE events DROP CONSTRAINT IF EXISTS {name}_new")
             cursor.execute(f"ALTER TABLE events ADD CONSTRAINT {name}_new CHECK ({condition}) NOT VALID")
-            cursor.execute(f"ALTER TABLE events VALIDATE CONSTRAINT {name}_new")
+            try:
+                cursor.execute(f"ALTER TABLE events VALIDATE CONSTRAINT {name}_new")
+            except IntegrityError as exc:
+                # Not valid, it would still refuse the new rows the current code writes.
+                for added in checks:
+                    cursor.execute(f"ALTER TABLE events DROP CONSTRAINT IF EXISTS {added}_new")
+                raise IntegrityError(
+                    f"events hold rows outside {name} ({condition}): the events table is append-only, "
+                    "so its vocabulary cannot go back to one without them; nothing was changed"
+                ) from exc
     with connection.cursor() as cursor:
         cursor.execute("BEGIN")
         for name in checks:
