@@ -53,10 +53,29 @@ def synapse_client() -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
 
 
-def event_to_entry(event: Event) -> dict[str, str]:
+def _payload_json(payload: Any) -> str:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+
+
+def events_to_entries(events: list[Event]) -> list[dict[str, str]]:
+    """`event_to_entry` of each event, the payloads checked for secrets in one scan of the
+    batch (Redactor.dirty, as the CSV store does): only those it cannot clear are walked."""
+    from training_export.services.redaction import current_redactor
+
+    redactor = current_redactor()
+    texts = [_payload_json(event.payload) for event in events]
+    dirty = redactor.dirty([[] for _ in events], [[text] for text in texts], [[event.payload] for event in events])
+    return [
+        event_to_entry(event, payload=_payload_json(redactor.value(event.payload)) if index in dirty else text)
+        for index, (event, text) in enumerate(zip(events, texts, strict=True))
+    ]
+
+
+def event_to_entry(event: Event, *, payload: str | None = None) -> dict[str, str]:
     """The stream entry of an event: flat string fields, payload as JSON with secrets masked
     (DESIGN §7: redacted before anything leaves the database; a tool's arguments and an
-    agent interaction's input travel in payloads). The row keeps what was written."""
+    agent interaction's input travel in payloads). The row keeps what was written.
+    `payload`: that JSON, already masked (events_to_entries)."""
     from training_export.services.redaction import redact
 
     return {
@@ -71,7 +90,7 @@ def event_to_entry(event: Event) -> dict[str, str]:
         "source": event.source,
         "severity": event.severity,
         "created_at": event.created_at.isoformat(),
-        "payload": json.dumps(redact(event.payload), sort_keys=True, separators=(",", ":")),
+        "payload": _payload_json(redact(event.payload)) if payload is None else payload,
     }
 
 
@@ -325,12 +344,8 @@ def _publish(client: redis.Redis, stream: str, events: list[Event], result: Rela
     if not events:
         return 0
     pipe = client.pipeline(transaction=False)
-    for event in events:
-        pipe.xadd(
-            stream,
-            event_to_entry(event),
-            id=f"{event.sequence}-1",
-        )
+    for event, entry in zip(events, events_to_entries(events), strict=True):
+        pipe.xadd(stream, entry, id=f"{event.sequence}-1")
     replies: list[Any] = pipe.execute(raise_on_error=False)
     published = 0
     for event, reply in zip(events, replies, strict=True):

@@ -21,7 +21,7 @@ from django.db import connection, transaction
 
 from orchestration.models import Event
 from orchestration.services.events import event_record
-from orchestration.services.relay import event_to_entry, events_relay
+from orchestration.services.relay import event_to_entry, events_relay, events_to_entries
 from tests.engine import ROOT, database_url, output_of, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -82,6 +82,23 @@ def test_secrets_in_payloads_are_masked_on_the_stream_and_kept_in_the_database(s
     assert canary not in str(fields)
     assert json.loads(fields["payload"])["tokens_used"] == 12
     assert Event.objects.get(pk=event.pk).payload == payload
+
+
+def test_a_batch_masks_its_payloads_as_each_event_alone_would():
+    payloads = [
+        {"tokens_used": 12, "output": {"text": "nothing secret here"}},
+        {"input_params": {"api_key": "k-1", "query": "mail someone@example.org"}},
+        {"note": "Bearer abc.def=="},
+        {"items": ["sk-" + "a" * 20, 1, None], "refreshToken": {"x": 1}},
+        {},
+    ]
+    events = [
+        event_record(event_type="tool_executed", entity_type="task", entity_id=f"t-{i}", payload=payload)
+        for i, payload in enumerate(payloads)
+    ]
+    events = list(Event.objects.filter(pk__in=[e.pk for e in events]).order_by("sequence"))
+    assert events_to_entries(events) == [event_to_entry(event) for event in events]
+    assert "someone@example.org" not in str(events_to_entries(events))
 
 
 def test_a_relay_that_crashed_mid_batch_resumes_without_gap_or_duplicate(stream):
