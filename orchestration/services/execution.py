@@ -50,6 +50,7 @@ from orchestration.services.progress import (
     workflow_fail,
     workflow_on_task_completed,
     workflow_on_task_failed,
+    workflow_stopping,
 )
 
 logger = logging.getLogger(__name__)
@@ -147,12 +148,15 @@ def _fail_or_retry(
 
 
 def _workflow_goes_on(task: TaskExecution) -> bool:
-    """Whether a retry of `task` could still matter: not when its workflow has ended (a
-    sibling's failure failed it while this task ran, and left it to finish)."""
+    """Whether a retry of `task` could still matter: not when its workflow has ended, nor
+    when it is stopping (a sibling failed for good while this task ran, and the workflow
+    waits only for its running tasks to end: workflow_on_task_failed)."""
     if task.workflow_id is None:
         return True
-    status = Workflow.objects.filter(pk=task.workflow_id).values_list("status", flat=True).first()
-    return status == Workflow.Status.RUNNING
+    workflow = (
+        Workflow.objects.filter(pk=task.workflow_id).only("status", "continue_on_failure", "failed_steps").first()
+    )
+    return workflow is not None and workflow.status == Workflow.Status.RUNNING and not workflow_stopping(workflow)
 
 
 def attempt_abandon(

@@ -144,13 +144,12 @@ SELECT task.workflow_id, task.task_name, workflow.status, workflow.remaining,
 # a task made pending while another attempt of the workflow runs never waits on that attempt's
 # task (submit happens with none running; a retry queues its task in the transaction that makes
 # it pending, and the dependents it makes pending again wait on that task, whose completion
-# starts after that commit), the same fact SUCCEED_SQL's own pending check rests on. A resume
-# is the exception: it makes pending the dependents of a task a sibling's failure left running
-# (progress.workflow_fail, keep_running), whose completion may already be waiting for the
-# workflow row. The workflow is then running on the locked row but not in the snapshot (the
-# status subquery keeps the snapshot): this statement writes nothing, and SUCCEED_SQL, whose
-# caller advances the workflow when the two differ, re-reads what is pending. A completion in
-# a workflow that has ended (a task left running) takes SUCCEED_SQL too, which stores its result.
+# starts after that commit), the same fact SUCCEED_SQL's own pending check rests on. A workflow
+# that stops at a failure ends only once its running tasks have (progress.workflow_on_task_failed),
+# and a cancel or the deadline closes the running attempts, so a resume never makes pending the
+# dependents of a task still running. Should one ever (the workflow running on the locked row
+# but not in the snapshot, whose status the subquery keeps), this statement writes nothing and
+# SUCCEED_SQL, whose caller then advances the workflow, re-reads what is pending.
 SUCCEED_ALONE_SQL = f"""
 WITH locked AS (
     SELECT a.id, a.execution_id, a.attempt_number FROM task_attempts a
@@ -375,8 +374,8 @@ def succeed(completion: Completion) -> tuple[str | None, str, str | None, bool] 
 
     Returns None if the attempt was no longer running, else (workflow_id, task_name,
     workflow status, whether the workflow must be advanced). Advancing (queueing dependents,
-    finishing, storing the result of a workflow that ended while the task ran) is needed only
-    if some task is pending, no task remains unfinished or the workflow is not running; the
+    finishing) is needed only if some task is pending, no task remains unfinished, or the
+    workflow's status is not the running one the snapshot saw; the
     counters come from the locked, current workflow row, and "no task pending" read from the
     statement's snapshot stays true for this task's dependents (see SUCCEED_ALONE_SQL's note)."""
     if connection.vendor != "postgresql":
@@ -388,9 +387,8 @@ def succeed(completion: Completion) -> tuple[str | None, str, str | None, bool] 
     if not rows:
         return None
     workflow_id, task_name, status, remaining, pending, seen = rows[0]
-    # A workflow that ended while the task ran (a sibling failed) stores its result
-    # (progress.workflow_advance); one resumed while this statement waited for its row
-    # (`seen`: its status in the snapshot) may have pending tasks the snapshot does not show.
+    # A workflow resumed while this statement waited for its row (`seen`: its status in the
+    # snapshot) may have pending tasks the snapshot does not show (see SUCCEED_ALONE_SQL's note).
     return workflow_id, task_name, status, bool(pending) or remaining == 0 or status != "running" or seen != "running"
 
 

@@ -88,10 +88,6 @@ def workflow_advance(*, workflow_id: str, completed_task: str, status: str, now:
     UPDATE): queue the dependents that became ready, or finish the workflow. Cost does not
     grow with the size of the workflow: only pending tasks that name this one are read."""
     if status != Workflow.Status.RUNNING:
-        if status == Workflow.Status.FAILED:
-            # A task a sibling's failure left running has finished after the workflow ended
-            # (workflow_on_task_failed): its result joins the workflow's record.
-            _results_store(workflow_id)
         return
     # Pending tasks only change under the workflow lock, which the caller holds.
     pending = TaskExecution.objects.filter(workflow_id=workflow_id, status=TaskExecution.Status.PENDING)
@@ -143,21 +139,38 @@ def task_failure_text(task: TaskExecution) -> str:
 
 
 def workflow_on_task_failed(task: TaskExecution, *, now: dt.datetime) -> None:
-    """A task failed for good: fail the workflow (cancelling what has not started; tasks
-    already running finish and are recorded), or, with continue_on_failure, cancel only what
-    depended on it. A workflow that already ended keeps the error it ended with."""
+    """A task failed for good. Without continue_on_failure the workflow fails (DESIGN §5):
+    what has not started is cancelled at once; tasks already running finish, are recorded and
+    are not retried (workflow_stopping), and the workflow ends `failed`, with the first
+    failure as its error, when the last of them ends (as a workflow that continues on failure
+    does: its end event then carries its final state). With continue_on_failure, only what
+    depended on the task is cancelled."""
     workflow = Workflow.objects.select_for_update().get(workflow_id=task.workflow_id)
-    running = workflow.status == Workflow.Status.RUNNING
-    error = {"error": task_failure_text(task)} if running else {}
-    Workflow.objects.filter(workflow_id=task.workflow_id).update(
-        failed_steps=F("failed_steps") + 1, current_step=task.task_name, **error
-    )
-    if not running:
+    if workflow.status != Workflow.Status.RUNNING:
+        Workflow.objects.filter(workflow_id=task.workflow_id).update(
+            failed_steps=F("failed_steps") + 1, current_step=task.task_name
+        )
         return
-    if not workflow.continue_on_failure:
-        workflow_fail(workflow, error=error["error"], now=now, event_type=EventType.WORKFLOW_FAILED, keep_running=True)
+    stopping = workflow_stopping(workflow)
+    changes: dict[str, Any] = {"failed_steps": F("failed_steps") + 1, "current_step": task.task_name}
+    if not stopping:  # the first failure of one that stops at it names the failure for good
+        changes["error"] = task_failure_text(task)
+    Workflow.objects.filter(workflow_id=task.workflow_id).update(**changes)
+    workflow.refresh_from_db(fields=["error", "failed_steps"])
+    if workflow.continue_on_failure:
+        workflow_skip_dependents(workflow, task, now=now)
         return
-    workflow_skip_dependents(workflow, task, now=now)
+    unfinished = TaskExecution.objects.filter(workflow_id=workflow.workflow_id).exclude(status__in=TERMINAL)
+    if unfinished.filter(status=TaskExecution.Status.RUNNING).exists():
+        tasks_cancel(unfinished.exclude(status=TaskExecution.Status.RUNNING), reason=workflow.error or "", now=now)
+        return
+    workflow_fail(workflow, error=workflow.error or "", now=now, event_type=EventType.WORKFLOW_FAILED)
+
+
+def workflow_stopping(workflow: Workflow) -> bool:
+    """A running workflow that stops at its first failure and has had one: it runs nothing
+    new, and ends once its running tasks have (workflow_on_task_failed)."""
+    return not workflow.continue_on_failure and workflow.failed_steps > 0
 
 
 def workflow_skip_dependents(workflow: Workflow, task: TaskExecution, *, now: dt.datetime) -> None:
@@ -258,15 +271,6 @@ def _record_results(workflow: Workflow) -> None:
     workflow.checkpoints = [{"task": name, "at": at.isoformat()} for name, _, at in done]
 
 
-def _results_store(workflow_id: str) -> None:
-    """Rewrite an ended workflow's step_results and checkpoints from its task rows."""
-    workflow = Workflow(workflow_id=workflow_id)
-    _record_results(workflow)
-    Workflow.objects.filter(workflow_id=workflow_id).update(
-        step_results=workflow.step_results, checkpoints=workflow.checkpoints
-    )
-
-
 def workflow_fail(
     workflow: Workflow,
     *,
@@ -274,26 +278,20 @@ def workflow_fail(
     now: dt.datetime,
     event_type: EventType,
     cause: str = TaskAttempt.Cause.CANCELLED,
-    keep_running: bool = False,
     actor: Actor | None = None,
 ) -> None:
     """End a running workflow as failed (or cancelled) and cancel every task that has not
     finished, revoking their messages and running processes (caller holds the lock). `cause`:
     what the attempts still running are recorded cancelled for (the deadline, or a cancel).
-    `actor`: who ended it (a cancel), named in its events. `keep_running` (a task failed for
-    good, DESIGN §5: "cancels what has not started"): tasks running now are left to finish,
-    their work and spend recorded; none of their dependents runs, and a retry they would need
-    is not made (execution._fail_or_retry)."""
+    `actor`: who ended it (a cancel), named in its events."""
     cancelled = event_type == EventType.WORKFLOW_CANCELLED
     workflow.status = Workflow.Status.CANCELLED if cancelled else Workflow.Status.FAILED
     workflow.error = error
     workflow.completed_at = now
     _record_results(workflow)
     workflow.save(update_fields=["status", "error", "completed_at", "step_results", "checkpoints", "updated_at"])
-    unfinished = TaskExecution.objects.filter(workflow_id=workflow.workflow_id).exclude(status__in=TERMINAL)
-    left_running = unfinished.filter(status=TaskExecution.Status.RUNNING) if keep_running else None
     count = tasks_cancel(
-        unfinished.exclude(status=TaskExecution.Status.RUNNING) if keep_running else unfinished,
+        TaskExecution.objects.filter(workflow_id=workflow.workflow_id).exclude(status__in=TERMINAL),
         reason=error,
         now=now,
         cause=cause,
@@ -305,7 +303,6 @@ def workflow_fail(
         payload={
             "error": error,
             "cancelled_tasks": count,
-            **({"still_running": sorted(t.task_name for t in left_running)} if left_running is not None else {}),
             **(actor or {}),
             "state": entity_states(Workflow, [workflow.pk], WORKFLOW_STATE_FIELDS)[workflow.pk],
         },

@@ -25,6 +25,7 @@ from orchestration.services.progress import (
     tasks_cancelled_for_upstream,
     workflow_fail,
     workflow_skip_dependents,
+    workflow_stopping,
 )
 from orchestration.services.specs import WorkflowSpec, spec_validate
 
@@ -233,6 +234,11 @@ def task_retry(*, execution_id: str, actor: Actor | None = None) -> TaskExecutio
     if task.workflow_id:
         workflow = Workflow.objects.select_for_update().get(pk=task.workflow_id)
         ended = workflow.status != Workflow.Status.RUNNING
+        if not ended and workflow_stopping(workflow):
+            raise TransitionError(
+                f"workflow {workflow.workflow_id} is stopping after a failure and waits for its running "
+                "tasks; retry the task once it has ended (that resumes the workflow)"
+            )
         if ended and not workflow.continue_on_failure:
             workflow_resume(workflow_id=workflow.workflow_id, actor=actor)
             task.refresh_from_db()

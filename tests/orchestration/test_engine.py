@@ -8,9 +8,10 @@ import time
 
 import pytest
 
+from orchestration.errors import TransitionError
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.reaper import attempts_reap
-from orchestration.services.workflows import workflow_cancel, workflow_resume, workflow_submit
+from orchestration.services.workflows import task_retry, workflow_cancel, workflow_resume, workflow_submit
 from tests.engine import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -156,7 +157,9 @@ def test_continue_on_failure_runs_independent_branches(engine):
 def test_a_failed_task_fails_the_workflow_and_lets_running_siblings_finish(engine, fast_path):
     """DESIGN §5: a failed task with no retries left fails the workflow and cancels what has
     not started. A sibling already running finishes and is recorded (its work and spend are
-    not thrown away); nothing that depends on it runs; the workflow keeps its first error."""
+    not thrown away), nothing that depends on it runs, and the workflow ends failed, with the
+    first failure as its error, when that sibling ends: its workflow_failed event carries the
+    final state."""
     engine(env={"ENGINE_FAST_PATH": fast_path})
     wf = submit(
         {"name": "long", "agent": "sleep", "input": {"seconds": 3}},
@@ -166,25 +169,29 @@ def test_a_failed_task_fails_the_workflow_and_lets_running_siblings_finish(engin
         {"name": "after_bad", "agent": "echo", "depends_on": ["bad"]},
     )
     long_attempt = running_attempt(wf, "long")
-    failed = finished(wf)
-    assert failed.status == Workflow.Status.FAILED and "task bad failed" in failed.error
-    assert task(wf, "long").status == T.RUNNING
+    wait_for(lambda: task(wf, "bad").status == T.FAILED, what="bad to fail")
+    stopping = Workflow.objects.get(pk=wf.pk)
+    assert (stopping.status, task(wf, "long").status) == (Workflow.Status.RUNNING, T.RUNNING)
+    assert "task bad failed" in stopping.error
     assert {task(wf, name).status for name in ("after_long", "after_bad")} == {T.CANCELLED}
-    failed_event = Event.objects.get(entity_id=wf.workflow_id, event_type="workflow_failed")
-    assert failed_event.payload["still_running"] == ["long"]
+    # Nothing of it may be retried meanwhile: the workflow only waits for what runs.
+    with pytest.raises(TransitionError, match="is stopping after a failure"):
+        task_retry(execution_id=task(wf, "bad").pk)
 
-    wait_for(lambda: task(wf, "long").status == T.COMPLETED, what="long to complete")
+    failed = finished(wf)
     long_attempt.refresh_from_db()
-    wf.refresh_from_db()
-    assert long_attempt.status == A.SUCCEEDED
-    assert task(wf, "after_long").status == T.CANCELLED and attempts(wf, "after_long") == []
-    assert (wf.status, wf.error) == (Workflow.Status.FAILED, failed.error)
-    assert (wf.completed_steps, wf.failed_steps) == (2, 1)
-    assert set(wf.step_results) == {"pause", "long"}
+    assert long_attempt.status == A.SUCCEEDED and task(wf, "long").status == T.COMPLETED
+    assert attempts(wf, "after_long") == []
+    assert (failed.status, failed.error) == (Workflow.Status.FAILED, stopping.error)
+    assert (failed.completed_steps, failed.failed_steps, failed.cancelled_steps) == (2, 1, 2)
+    assert set(failed.step_results) == {"pause", "long"}
+    [ended] = Event.objects.filter(entity_id=wf.workflow_id, event_type="workflow_failed")
+    assert ended.payload["state"]["completed_steps"] == 2
 
 
-def test_a_task_still_running_in_a_failed_workflow_is_not_retried(engine):
-    """Its retry could only be cancelled at its claim: it fails for good instead."""
+def test_a_task_still_running_in_a_stopping_workflow_is_not_retried(engine):
+    """A retry would only run work the workflow no longer wants: it fails for good, and
+    the workflow ends with it."""
     engine()
     wf = submit(
         {"name": "slow_bad", "agent": "sleep", "input": {"seconds": 3}, "timeout_seconds": 1, "max_retries": 3},
@@ -192,25 +199,24 @@ def test_a_task_still_running_in_a_failed_workflow_is_not_retried(engine):
         {"name": "bad", "agent": "fail", "input": {"retryable": False}, "depends_on": ["pause"]},
     )
     running_attempt(wf, "slow_bad")
-    finished(wf)
-    wait_for(lambda: task(wf, "slow_bad").is_terminal, what="slow_bad to end")
+    failed = finished(wf)
     t = task(wf, "slow_bad")
     assert (t.status, t.retry_count) == (T.TIMED_OUT, 0)
     assert [a.status for a in attempts(wf, "slow_bad")] == [A.TIMED_OUT]
     assert "task_retrying" not in event_types(t.execution_id)
+    assert "task bad failed" in failed.error and failed.failed_steps == 2
 
 
-def test_resuming_a_failed_workflow_leaves_a_still_running_task_alone(engine):
+def test_resuming_a_workflow_that_stopped_at_a_failure_reruns_what_did_not_complete(engine):
     engine()
     wf = submit(
-        {"name": "long", "agent": "sleep", "input": {"seconds": 3}},
+        {"name": "long", "agent": "sleep", "input": {"seconds": 2}},
         {"name": "after_long", "agent": "echo", "depends_on": ["long"]},
         {"name": "pause", "agent": "sleep", "input": {"seconds": 0.3}},
         {"name": "bad", "agent": "flaky", "input": {"fail_times": 1}, "max_retries": 0, "depends_on": ["pause"]},
     )
     running_attempt(wf, "long")
-    finished(wf)
-    assert task(wf, "long").status == T.RUNNING
+    assert finished(wf).status == Workflow.Status.FAILED
     workflow_resume(workflow_id=wf.workflow_id)
     done = finished(wf)
     assert done.status == Workflow.Status.COMPLETED
@@ -509,9 +515,9 @@ def test_per_agent_concurrency_limit_makes_excess_tasks_wait(engine):
 
 @pytest.mark.parametrize("fast_path", ["true", "false"], ids=["fast-path", "general-path"])
 def test_a_sibling_completing_in_a_failed_workflow_joins_its_results_whatever_ends_last(engine, fast_path):
-    """Tasks left running when a sibling failed the workflow: one completes, the last one
-    fails. The completed one's result is in step_results all the same (the completion that
-    needs no advancing of a running workflow must still store it once the workflow ended)."""
+    """Tasks left running when a sibling failed for good: one completes, the last one fails.
+    The workflow ends with the last of them, and the completed one's result is in its
+    step_results whatever ended last."""
     engine(concurrency=3, env={"ENGINE_FAST_PATH": fast_path})
     wf = submit(
         {"name": "bad", "agent": "sleep", "input": {"seconds": 5}, "timeout_seconds": 1, "max_retries": 0},
