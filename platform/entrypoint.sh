@@ -81,9 +81,14 @@ case "$1" in
     rm -rf "$PROMETHEUS_MULTIPROC_DIR"
     mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
     # Worker count: gunicorn reads WEB_CONCURRENCY itself. The control socket would go under
-    # $HOME, which the app user cannot write, and nothing in a container uses it.
+    # $HOME, which the app user cannot write, and nothing in a container uses it. Threaded
+    # workers: a sync worker is killed once a request has run 30 s (--timeout), which cuts a
+    # large export download off mid-file with a 200 already sent; a gthread worker's timeout
+    # only watches that the process is alive. Each thread holds its own database connection.
     exec gunicorn config.wsgi:application \
       --bind 0.0.0.0:8000 \
+      --worker-class gthread \
+      --threads 4 \
       --worker-tmp-dir /dev/shm \
       --no-control-socket \
       --access-logfile -

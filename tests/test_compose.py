@@ -482,6 +482,8 @@ def test_the_entrypoint_web_mode_migrates_and_serves_the_project_wsgi_app():
         warnings.simplefilter("ignore", UserWarning)
         assert callable(gunicorn.util.import_app(served[1]))
     assert re.search(rf"--bind 0\.0\.0\.0:{WEB_PORT}\b", web)
+    # A sync worker is killed 30 s into any request: a long export download would end early.
+    assert "--worker-class gthread" in web and re.search(r"--threads \d+", web)
 
 
 @pytest.mark.subprocess
