@@ -214,26 +214,54 @@ def queue_timeout_record(
     the task row."""
     since = queue_waited_since(task, now=now)
     assert since is not None
-    attempt = TaskAttempt.objects.create(
-        execution=task,
-        attempt_number=number,
+    _unstarted_try_fail(
+        task,
+        number=number,
+        now=now,
         status=TaskAttempt.Status.TIMED_OUT,
         cause=TaskAttempt.Cause.QUEUE_TIMEOUT,
-        retryable=False,
         error=f"waited {(now - since).total_seconds():.0f} s in the queue "
         f"(limit {settings.TASK_QUEUE_TIMEOUT_SECONDS} s)",
         worker=worker,
         celery_task_id=celery_task_id or task.celery_task_id or "",
+        redelivered=redelivered,
+    )
+
+
+def _unstarted_try_fail(
+    task: TaskExecution,
+    *,
+    number: int,
+    now: dt.datetime,
+    status: str,
+    cause: str,
+    error: str,
+    worker: str,
+    celery_task_id: str,
+    redelivered: bool,
+) -> None:
+    """Record a try that ended before it started (no time, no spend) and fail the task for
+    it, not retried: a failed try like any other for the workflow's error_count, the
+    conversation's thread and the metrics."""
+    attempt = TaskAttempt.objects.create(
+        execution=task,
+        attempt_number=number,
+        status=status,
+        cause=cause,
+        retryable=False,
+        error=error,
+        worker=worker,
+        celery_task_id=celery_task_id,
         redelivered=redelivered,
         timeout_seconds=task.timeout_seconds,
         started_at=now,
         finished_at=now,
         duration_ms=0.0,
     )
-    conversation_attempt_closed(task, attempt=attempt, error=attempt.error)
-    if task.workflow_id:  # a failed try like any other: the workflow's error_count counts it
+    conversation_attempt_closed(task, attempt=attempt, error=error)
+    if task.workflow_id:
         workflow_add_usage(task.workflow_id, tokens=0, cost=Decimal(0), error=True)
-    _fail_or_retry(task, attempt=attempt, status=attempt.status, error=attempt.error, retryable=False, now=now)
+    _fail_or_retry(task, attempt=attempt, status=status, error=error, retryable=False, now=now)
     transaction.on_commit(lambda: attempts_reaped(attempt_ids=[attempt.pk]))
 
 
@@ -254,8 +282,9 @@ def _agent_out_of_service(
     """The task's agent was taken out of service after the task was queued (submission refuses
     such an agent). In maintenance, the task waits: its message comes back every few seconds
     and the queue timeout counts on (queued_at stays), so an operator drains an agent without
-    failing its work, unless the maintenance outlasts TASK_QUEUE_TIMEOUT_SECONDS. Inactive (retired): the
-    try fails at once, not retried, naming the agent; a retry once it is active again runs it."""
+    failing its work, unless the maintenance outlasts TASK_QUEUE_TIMEOUT_SECONDS. Inactive
+    (retired): the try fails at once, not retried, naming the agent; a retry once it is active
+    again runs it."""
     if agent.status == Agent.Status.MAINTENANCE:
         queued_at = task.queued_at
         countdown = MAINTENANCE_RECHECK_SECONDS * random.uniform(0.8, 1.2)  # noqa: S311
@@ -264,26 +293,17 @@ def _agent_out_of_service(
         task.save(update_fields=["status", "celery_task_id"])
         dispatch_after_commit([dispatch])
         return Outcome.DEFERRED
-    attempt = TaskAttempt.objects.create(
-        execution=task,
-        attempt_number=number,
+    _unstarted_try_fail(
+        task,
+        number=number,
+        now=now,
         status=TaskAttempt.Status.FAILED,
         cause=TaskAttempt.Cause.ERROR,
-        retryable=False,
         error=f"agent {agent.id} is {agent.status}: it takes no work (make it active, then retry the task)",
         worker=worker,
         celery_task_id=celery_task_id,
         redelivered=redelivered,
-        timeout_seconds=task.timeout_seconds,
-        started_at=now,
-        finished_at=now,
-        duration_ms=0.0,
     )
-    conversation_attempt_closed(task, attempt=attempt, error=attempt.error)
-    if task.workflow_id:
-        workflow_add_usage(task.workflow_id, tokens=0, cost=Decimal(0), error=True)
-    _fail_or_retry(task, attempt=attempt, status=attempt.status, error=attempt.error, retryable=False, now=now)
-    transaction.on_commit(lambda: attempts_reaped(attempt_ids=[attempt.pk]))
     return Outcome.SKIPPED
 
 
