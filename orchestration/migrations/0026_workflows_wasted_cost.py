@@ -1,8 +1,8 @@
 """workflows.wasted_cost_usd: the cost of a workflow's tries that failed, timed out or were
 lost (DESIGN §4: "wasted spend" per workflow), kept as attempts finish
 (progress.workflow_add_usage) and filled here for the workflows recorded before it. The column
-is added with a constant default (no table rewrite on PostgreSQL); only workflows with such
-spend are updated."""
+is added with a constant database default, kept for INSERTs that do not name it (no table
+rewrite on PostgreSQL); only workflows with such spend are updated."""
 
 from typing import Any
 
@@ -36,6 +36,7 @@ class Migration(migrations.Migration):
             field=models.DecimalField(
                 decimal_places=6,
                 default=0,
+                db_default=0,
                 help_text="cost of its tries that failed, timed out or were lost (part of total_cost_usd)",
                 max_digits=14,
             ),

@@ -79,6 +79,7 @@ class Workflow(TimestampedModel):
         max_digits=14,
         decimal_places=6,
         default=0,
+        db_default=0,  # hand-written INSERTs (seed SQL, bulk loads) need not name it
         help_text="cost of its tries that failed, timed out or were lost (part of total_cost_usd)",
     )
 
