@@ -128,8 +128,7 @@ WITH attempt AS (
     RETURNING w.status, w.total_steps - w.completed_steps - w.failed_steps - w.cancelled_steps AS remaining
 )
 SELECT task.workflow_id, task.task_name, workflow.status, workflow.remaining,
-       EXISTS (SELECT 1 FROM task_executions p WHERE p.workflow_id = task.workflow_id AND p.status = 'pending'),
-       (SELECT s.status FROM workflows s WHERE s.workflow_id = task.workflow_id)
+       EXISTS (SELECT 1 FROM task_executions p WHERE p.workflow_id = task.workflow_id AND p.status = 'pending')
   FROM task LEFT JOIN workflow ON true
 """  # noqa: S608 - only the constants above are interpolated
 
@@ -142,14 +141,11 @@ SELECT task.workflow_id, task.task_name, workflow.status, workflow.remaining,
 # When the workflow row was updated meanwhile, PostgreSQL re-checks the counters on its new
 # version, but the NOT EXISTS (pending) subquery keeps the statement's snapshot: sound because
 # a task made pending while another attempt of the workflow runs never waits on that attempt's
-# task (submit happens with none running; a retry queues its task in the transaction that makes
-# it pending, and the dependents it makes pending again wait on that task, whose completion
-# starts after that commit), the same fact SUCCEED_SQL's own pending check rests on. A workflow
-# that stops at a failure ends only once its running tasks have (progress.workflow_on_task_failed),
-# and a cancel or the deadline closes the running attempts, so a resume never makes pending the
-# dependents of a task still running. Should one ever (the workflow running on the locked row
-# but not in the snapshot, whose status the subquery keeps), this statement writes nothing and
-# SUCCEED_SQL, whose caller then advances the workflow, re-reads what is pending.
+# task (submit and resume happen with none running: a workflow that stops at a failure ends
+# only once its running tasks have, progress.workflow_on_task_failed; a retry queues its task in
+# the transaction that makes it pending, and the dependents it makes pending again wait on that
+# task, whose completion starts after that commit), the same fact SUCCEED_SQL's own pending check
+# rests on (tests/orchestration/test_resume_races.py).
 SUCCEED_ALONE_SQL = f"""
 WITH locked AS (
     SELECT a.id, a.execution_id, a.attempt_number FROM task_attempts a
@@ -161,8 +157,6 @@ WITH locked AS (
            total_tokens_used = w.total_tokens_used + %(tokens)s, total_cost_usd = w.total_cost_usd + %(cost)s
       FROM locked l JOIN task_executions t ON t.execution_id = l.execution_id
      WHERE w.workflow_id = t.workflow_id
-       AND w.status = 'running'
-       AND (SELECT s.status FROM workflows s WHERE s.workflow_id = w.workflow_id) = 'running'
        AND w.total_steps - w.completed_steps - w.failed_steps - w.cancelled_steps > 1
        AND NOT EXISTS (SELECT 1 FROM task_executions p WHERE p.workflow_id = w.workflow_id AND p.status = 'pending')
     RETURNING w.workflow_id
@@ -374,8 +368,7 @@ def succeed(completion: Completion) -> tuple[str | None, str, str | None, bool] 
 
     Returns None if the attempt was no longer running, else (workflow_id, task_name,
     workflow status, whether the workflow must be advanced). Advancing (queueing dependents,
-    finishing) is needed only if some task is pending, no task remains unfinished, or the
-    workflow's status is not the running one the snapshot saw; the
+    finishing) is needed only if some task is pending or no task remains unfinished; the
     counters come from the locked, current workflow row, and "no task pending" read from the
     statement's snapshot stays true for this task's dependents (see SUCCEED_ALONE_SQL's note)."""
     if connection.vendor != "postgresql":
@@ -386,10 +379,8 @@ def succeed(completion: Completion) -> tuple[str | None, str, str | None, bool] 
     )
     if not rows:
         return None
-    workflow_id, task_name, status, remaining, pending, seen = rows[0]
-    # A workflow resumed while this statement waited for its row (`seen`: its status in the
-    # snapshot) may have pending tasks the snapshot does not show (see SUCCEED_ALONE_SQL's note).
-    return workflow_id, task_name, status, bool(pending) or remaining == 0 or status != "running" or seen != "running"
+    workflow_id, task_name, status, remaining, pending = rows[0]
+    return workflow_id, task_name, status, bool(pending) or remaining == 0
 
 
 def succeed_alone(completion: Completion) -> bool | None:
