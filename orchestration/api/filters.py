@@ -40,6 +40,29 @@ class UtcDateTimeFilter(django_filters.IsoDateTimeFilter):
     field_class = UtcDateTimeField
 
 
+class StrictBooleanField(forms.NullBooleanField):
+    """true/false (or 1/0) only: a NullBooleanField reads any other value as unset, so a
+    typo would quietly drop the filter (and so would its widgets, which map them to None)."""
+
+    widget = forms.TextInput
+
+    def to_python(self, value: Any) -> bool | None:
+        if value in (None, ""):
+            return None
+        if str(value).lower() in ("true", "1"):
+            return True
+        if str(value).lower() in ("false", "0"):
+            return False
+        raise ValidationError(f"{value!r} is not a boolean: use true or false", code="invalid")
+
+    def validate(self, value: Any) -> None:
+        pass
+
+
+class StrictBooleanFilter(django_filters.BooleanFilter):
+    field_class = StrictBooleanField
+
+
 class FixedChoiceField(ChoiceField):
     """A choice field whose choices are fixed in code: form instances share them, where a
     ChoiceField deep-copies its choices for every form instance (every request)."""
@@ -200,7 +223,7 @@ class EventFilter(StrictFilterSet):
         lookup_expr="gt",
         help_text="only events after this sequence: to follow the log, the last sequence read so far",
     )
-    settled = django_filters.BooleanFilter(
+    settled = StrictBooleanFilter(
         method="filter_settled",
         help_text="true: only events up to the relay's position on the Synapse stream, below which no "
         "transaction can still commit: read with ordering=sequence and after=, no event is ever missed",

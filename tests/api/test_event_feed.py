@@ -121,3 +121,12 @@ def test_after_must_be_a_number(admin):
     response = admin.client.get("/api/v1/events/?after=latest")
     assert response.status_code == 400
     assert response.json()["errors"][0]["field"] == "after"
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "2"])
+def test_settled_takes_true_or_false_only(admin, value):
+    """A value the filter would read as "unset" answered unsettled pages: the follower it
+    exists for would miss events without a word."""
+    response = admin.client.get(f"/api/v1/events/?settled={value}")
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["field"] == "settled"
