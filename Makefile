@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TEST_SETTINGS := DJANGO_SETTINGS_MODULE=config.settings.test
+# pytest-xdist processes: most tests wait on real workers, so more processes than cores pay.
+PYTEST_WORKERS ?= 4
 
 .PHONY: demo test venv venv-dev services migrate lint check-migrations pytest run worker beat clean
 
@@ -42,7 +44,7 @@ check-migrations:
 	$(TEST_SETTINGS) $(PY) manage.py makemigrations --check --dry-run
 
 pytest:
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 ## Processes by hand (see README).
 run: venv

@@ -230,7 +230,10 @@ def test_a_workflow_submitted_while_the_broker_is_down_is_accepted_and_sent_by_t
     call_command("load_agents", stdout=io.StringIO())
     caller = make_caller("dev", "developer")
     app = run_task.app
-    monkeypatch.setattr(app.conf, "broker_url", "redis://127.0.0.1:1/0")  # nothing listens there
+    # Nothing listens there. Celery reads CELERY_BROKER_URL from the environment before its
+    # configuration, when set (as the tests' settings set it under pytest-xdist).
+    monkeypatch.setattr(app.conf, "broker_url", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")
     monkeypatch.setattr(app, "_pool", None)
     monkeypatch.setattr(app.amqp, "_producer_pool", None)
 
