@@ -1,8 +1,12 @@
 """The training-data pipeline against its raw limits, side by side in one run.
 
-- consumer: the Synapse consumer (`SynapseConsumer.run(once=True)`: parse, redact, append to
-  the daily CSV partitions, fsync, then XACK) against a bare `XREADGROUP COUNT 100` + batched
-  `XACK` loop that writes nothing, both reading the same stream entries (separate groups);
+- consumer: the Synapse consumer (`SynapseConsumer.run(once=True)`: check each entry's rows,
+  append them to the daily CSV partitions, fsync, then XACK) against a bare `XREADGROUP COUNT
+  100` + batched `XACK` loop that writes nothing, both reading the same stream entries (separate
+  groups), the entries the relay publishes (`events_to_entries`, with the rows it makes); beside
+  them, the consumer on the same entries without those rows (it parses, redacts and encodes each
+  itself, as before the relay made them: the files must be identical) and the relay's CPU per
+  event with and without making the rows;
 - export: the JSONL exporter (`export_run`, events, a fresh process per run) against
   `COPY (SELECT row_to_json(t)::text FROM (...) t) TO STDOUT` in CSV format with quote and
   delimiter characters that never occur (the text format would double every backslash and
@@ -59,7 +63,9 @@ from django.db import connection  # noqa: E402
 
 from bench.database import database_ensure  # noqa: E402
 from orchestration.models import Event  # noqa: E402
-from orchestration.services.relay import event_to_entry  # noqa: E402
+from orchestration.services.relay import event_fields, events_to_entries  # noqa: E402
+from training_export.services.redaction import current_redactor  # noqa: E402
+from training_export.services.store import json_text  # noqa: E402
 
 PIPELINE_MODULES = ("redaction", "store", "jsonl", "synapse")  # in import order
 # What the export process loads besides them (files before store, which imports it).
@@ -105,6 +111,7 @@ def baseline_sources(revision: str) -> Path:
 
 
 STREAM = "bench-synapse"
+BUILT_STREAM = "bench-synapse-without-rows"
 FIRST_DAY = dt.date(2024, 1, 1)
 EVENT_TYPES = ("agent_started", "task_started", "task_queued", "tool_executed", "message_created")
 
@@ -157,16 +164,43 @@ def valid_jsonl(path: Path) -> int:
 # --- consumer -------------------------------------------------------------------------------
 
 
-def fill_stream(client: redis.Redis, day: dt.date, entries: int) -> None:
-    client.delete(STREAM, f"{STREAM}:dead")
+def fill_stream(client: redis.Redis, day: dt.date, entries: int) -> dict[str, float]:
+    """STREAM with the entries the relay publishes (its batches of SYNAPSE_RELAY_BATCH events,
+    `events_to_entries`: each with the CSV rows it makes), BUILT_STREAM with the same entries
+    as a relay that made no rows published them (the consumer builds the rows itself). Returns
+    the relay's CPU per event (µs) for each kind, measured on the same batches."""
+    client.delete(STREAM, f"{STREAM}:dead", BUILT_STREAM, f"{BUILT_STREAM}:dead")
     start, end = day_bounds(day)
     rows = Event.objects.filter(created_at__gte=start, created_at__lt=end).order_by("sequence")[:entries]
+    events = list(rows)
+    size = settings.SYNAPSE_RELAY_BATCH
+    cpu = {"relay_cpu_us": 0.0, "relay_without_rows_cpu_us": 0.0}
     pipe = client.pipeline(transaction=False)
-    for i, event in enumerate(rows.iterator(chunk_size=5000), 1):
-        pipe.xadd(STREAM, event_to_entry(event), id=f"{event.sequence}-1")
-        if i % 5000 == 0:
-            pipe.execute()
-    pipe.execute()
+    for first in range(0, len(events), size):
+        batch = events[first : first + size]
+        began = time.process_time()
+        with_rows = events_to_entries(batch)
+        cpu["relay_cpu_us"] += time.process_time() - began
+        began = time.process_time()
+        without = entries_without_rows(batch)
+        cpu["relay_without_rows_cpu_us"] += time.process_time() - began
+        for event, entry, bare_entry in zip(batch, with_rows, without, strict=True):
+            pipe.xadd(STREAM, entry, id=f"{event.sequence}-1")
+            pipe.xadd(BUILT_STREAM, bare_entry, id=f"{event.sequence}-1")
+        pipe.execute()
+    return {name: seconds / len(events) * 1e6 for name, seconds in cpu.items()}
+
+
+def entries_without_rows(events: list[Event]) -> list[dict[str, str]]:
+    """What a relay that makes no rows publishes (as before stream_rows): the event's fields and
+    its payload, masked after one check of the batch's payloads for secrets."""
+    redactor = current_redactor()
+    texts = [json_text(event.payload) for event in events]
+    dirty = redactor.dirty([[] for _ in events], [[text] for text in texts], [[event.payload] for event in events])
+    return [
+        event_fields(event) | {"payload": json_text(redactor.value(event.payload)) if index in dirty else text}
+        for index, (event, text) in enumerate(zip(events, texts, strict=True))
+    ]
 
 
 def run_bare(client: redis.Redis, group: str) -> tuple[float, float, int]:
@@ -185,7 +219,14 @@ def run_bare(client: redis.Redis, group: str) -> tuple[float, float, int]:
 
 
 def run_consumer(
-    client: redis.Redis, group: str, directory: Path, batch: int, *, name: str = "bench", alone: bool = True
+    client: redis.Redis,
+    group: str,
+    directory: Path,
+    batch: int,
+    *,
+    name: str = "bench",
+    alone: bool = True,
+    stream: str = STREAM,
 ) -> tuple[float, float, int]:
     """Seconds, CPU seconds of this process, entries. `alone`: no other consumer of the group
     runs, so nothing may be pending at the end (the caller checks that otherwise)."""
@@ -193,7 +234,7 @@ def run_consumer(
         # The client `consume_events` reads with (the consumer's own settings, as deployed).
         client=synapse_consumer_client(block_ms=2000),
         store=TrainingDataStore(directory),
-        stream=STREAM,
+        stream=stream,
         group=group,
         consumer=name,
         batch=batch,
@@ -201,7 +242,7 @@ def run_consumer(
     began, cpu_began = time.perf_counter(), time.process_time()
     result = consumer.run(once=True)
     seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu_began
-    if result.dead or (alone and client.xpending(STREAM, group)["pending"]):
+    if result.dead or (alone and client.xpending(stream, group)["pending"]):
         raise SystemExit(f"consumer left work behind: {result.summary()}")
     return seconds, cpu_seconds, result.entries
 
@@ -213,7 +254,7 @@ def files_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def child_consumer(group: str, directory: str, batch: int, sibling: str | None = None) -> None:
+def child_consumer(group: str, directory: str, batch: int, sibling: str | None = None, stream: str = STREAM) -> None:
     """One consumer run in this process. A `sibling` (its consumer name) is one of several
     consumers of the group: it says "ready", waits for a line on stdin so that all start
     together, and reports its wall-clock start and end."""
@@ -224,7 +265,7 @@ def child_consumer(group: str, directory: str, batch: int, sibling: str | None =
         sys.stdin.readline()
     started = time.time()
     seconds, cpu_seconds, done = run_consumer(
-        client, group, Path(directory), batch, name=sibling or "bench", alone=sibling is None
+        client, group, Path(directory), batch, name=sibling or "bench", alone=sibling is None, stream=stream
     )
     result = {"seconds": seconds, "cpu_seconds": cpu_seconds, "entries": done}
     print(json.dumps(result | {"started": started, "ended": started + seconds}))
@@ -283,7 +324,7 @@ def consumer_processes_round(
 
 
 def consumer_round(
-    client: redis.Redis, group: str, batch: int, baseline: Path | None, *, in_child: bool
+    client: redis.Redis, group: str, batch: int, baseline: Path | None, *, in_child: bool, stream: str = STREAM
 ) -> tuple[float, float, int, int, str, str]:
     """Seconds, CPU seconds, entries, CSV rows, the digest of the files of one consumer run and
     the same with each file's rows sorted."""
@@ -291,7 +332,7 @@ def consumer_round(
     try:
         if in_child:
             command = [sys.executable, "-m", "bench.pipeline", "--child-consumer", group, "--child-output"]
-            command += [str(directory), "--consumer-batch", str(batch)]
+            command += [str(directory), "--consumer-batch", str(batch), "--child-stream", stream]
             if baseline is not None:
                 command += ["--child-baseline", str(baseline)]
             proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -300,7 +341,7 @@ def consumer_round(
             child = json.loads(proc.stdout.strip().splitlines()[-1])
             seconds, cpu_seconds, done = child["seconds"], child["cpu_seconds"], child["entries"]
         else:
-            seconds, cpu_seconds, done = run_consumer(client, group, directory, batch)
+            seconds, cpu_seconds, done = run_consumer(client, group, directory, batch, stream=stream)
         csv_rows = sum(sum(1 for _ in path.open("rb")) - 1 for path in (directory / "events").glob("*.csv"))
         return seconds, cpu_seconds, done, csv_rows, files_digest(directory), sorted_lines_digest(directory)
     finally:
@@ -311,7 +352,12 @@ def bench_consumer(
     entries: int, repeat: int, batch: int, baseline: Path | None = None, processes: int = 1
 ) -> list[dict]:
     client = redis.Redis.from_url(settings.REDIS_URL)
-    fill_stream(client, FIRST_DAY, entries)
+    relay = fill_stream(client, FIRST_DAY, entries)
+    print(
+        f"  relay CPU per event: {relay['relay_cpu_us']:.1f} us making the rows, "
+        f"{relay['relay_without_rows_cpu_us']:.1f} us without",
+        flush=True,
+    )
     length = client.xlen(STREAM)
     rounds = []
     in_child = baseline is not None
@@ -322,17 +368,28 @@ def bench_consumer(
         )
         if not (bare_done == done == csv_rows == length):
             raise SystemExit(f"counts differ: bare {bare_done}, consumer {done}, csv {csv_rows}, {length}")
-        result = {
+        built_seconds, built_cpu, built_done, built_rows, built_digest, _ = consumer_round(
+            client, f"built-{n}", batch, None, in_child=in_child, stream=BUILT_STREAM
+        )
+        if not (built_done == built_rows == length):
+            raise SystemExit(f"building its rows, the consumer saw {built_done} entries, csv {built_rows}, {length}")
+        result = relay | {
             "entries": length,
             "bare_per_s": bare_done / bare_seconds,
             "consumer_per_s": done / seconds,
             "bare_cpu_us": bare_cpu / bare_done * 1e6,
             "consumer_cpu_us": cpu / done * 1e6,
+            "built_per_s": built_done / built_seconds,
+            "built_cpu_us": built_cpu / built_done * 1e6,
+            "built_same_files": built_digest == digest,
         }
         line = (
             f"  consumer round {n + 1}: bare {bare_done / bare_seconds:,.0f}/s, "
             f"consumer {done / seconds:,.0f}/s ({bare_seconds / seconds:.2f}x); CPU per entry: "
-            f"bare {result['bare_cpu_us']:.1f} us, consumer {result['consumer_cpu_us']:.1f} us"
+            f"bare {result['bare_cpu_us']:.1f} us, consumer {result['consumer_cpu_us']:.1f} us | "
+            f"entries without the relay's rows: {result['built_per_s']:,.0f}/s "
+            f"({bare_seconds / built_seconds:.2f}x), {result['built_cpu_us']:.1f} us; "
+            f"identical CSV files: {result['built_same_files']}"
         )
         if processes > 1:
             par_seconds, par_cpu, par_done, par_rows, par_digest = consumer_processes_round(
@@ -367,7 +424,7 @@ def bench_consumer(
             )
         rounds.append(result)
         print(line, flush=True)
-    client.delete(STREAM, f"{STREAM}:dead")
+    client.delete(STREAM, f"{STREAM}:dead", BUILT_STREAM, f"{BUILT_STREAM}:dead")
     return rounds
 
 
@@ -495,7 +552,7 @@ def main() -> None:
     parser.add_argument("--rows", default="200000,1000000", help="export sizes, comma-separated")
     parser.add_argument("--consumer-entries", type=int, default=200_000)
     parser.add_argument(
-        "--consumer-batch", type=int, default=2000, help="entries per read of the consumer (consume_events --batch)"
+        "--consumer-batch", type=int, default=500, help="entries per read of the consumer (consume_events --batch)"
     )
     parser.add_argument(
         "--consumer-processes",
@@ -514,12 +571,15 @@ def main() -> None:
     parser.add_argument("--child-output", help=argparse.SUPPRESS)
     parser.add_argument("--child-baseline", help=argparse.SUPPRESS)
     parser.add_argument("--child-sibling", help=argparse.SUPPRESS)
+    parser.add_argument("--child-stream", default=STREAM, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_export:
         child_export(args.child_export, args.child_output)
         return
     if args.child_consumer:
-        child_consumer(args.child_consumer, args.child_output, args.consumer_batch, args.child_sibling)
+        child_consumer(
+            args.child_consumer, args.child_output, args.consumer_batch, args.child_sibling, args.child_stream
+        )
         return
     sizes = [int(size) for size in args.rows.split(",")]
     database_ensure(load_agents=False)
@@ -550,6 +610,19 @@ def main() -> None:
         print(
             f"| consumer | {ours:,.0f} events/s | bare loop {bare:,.0f}/s | {ours / bare:.2f}x (target >= 0.5x) "
             f"| CPU per entry {cpu:.1f} us vs {bare_cpu:.1f} us |"
+        )
+        built = statistics.median(r["built_per_s"] for r in consumer)
+        built_cpu = statistics.median(r["built_cpu_us"] for r in consumer)
+        same = all(r["built_same_files"] for r in consumer)
+        print(
+            f"| consumer, entries without the relay's rows | {built:,.0f} events/s | | {built / bare:.2f}x "
+            f"| CPU per entry {built_cpu:.1f} us | identical CSV files: {same} |"
+        )
+        relay = statistics.median(r["relay_cpu_us"] for r in consumer)
+        relay_without = statistics.median(r["relay_without_rows_cpu_us"] for r in consumer)
+        print(
+            f"| relay CPU per event | {relay:.1f} us making the rows | {relay_without:.1f} us without | "
+            f"relay + consumer: {relay + cpu:.1f} us against {relay_without + built_cpu:.1f} us |"
         )
         if args.consumer_processes > 1:
             par = statistics.median(r["parallel_per_s"] for r in consumer)

@@ -53,31 +53,28 @@ def synapse_client() -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
 
 
-def _payload_json(payload: Any) -> str:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"))
-
-
 def events_to_entries(events: list[Event]) -> list[dict[str, str]]:
-    """`event_to_entry` of each event, the payloads checked for secrets in one scan of the
-    batch (Redactor.dirty, as the CSV store does): only those it cannot clear are walked."""
-    from training_export.services.redaction import current_redactor
+    """`event_to_entry` of each event, made in one batch with the entries' rows of the training
+    CSV files (stream_rows): one check of every event's cells for secrets, and only the events
+    it cannot clear are walked; a payload is masked on the stream as in its row."""
+    from training_export.services.stream_rows import entry_fields
 
-    redactor = current_redactor()
-    texts = [_payload_json(event.payload) for event in events]
-    dirty = redactor.dirty([[] for _ in events], [[text] for text in texts], [[event.payload] for event in events])
-    return [
-        event_to_entry(event, payload=_payload_json(redactor.value(event.payload)) if index in dirty else text)
-        for index, (event, text) in enumerate(zip(events, texts, strict=True))
-    ]
+    entries = [event_fields(event) for event in events]
+    for entry, fields in zip(entries, entry_fields(entries, [event.payload for event in events]), strict=True):
+        entry.update(fields)
+    return entries
 
 
-def event_to_entry(event: Event, *, payload: str | None = None) -> dict[str, str]:
-    """The stream entry of an event: flat string fields, payload as JSON with secrets masked
-    (DESIGN §7: redacted before anything leaves the database; a tool's arguments and an
-    agent interaction's input travel in payloads). The row keeps what was written.
-    `payload`: that JSON, already masked (events_to_entries)."""
-    from training_export.services.redaction import redact
+def event_to_entry(event: Event) -> dict[str, str]:
+    """The stream entry of an event: flat string fields, payload as JSON (compact, sorted keys)
+    with secrets masked (DESIGN §7: redacted before anything leaves the database; a tool's
+    arguments and an agent interaction's input travel in payloads), and its rows of the
+    training CSV files (stream_rows). The row keeps what was written."""
+    return events_to_entries([event])[0]
 
+
+def event_fields(event: Event) -> dict[str, str]:
+    """An event's stream fields but its payload and rows."""
     return {
         "event_id": event.event_id,
         "sequence": str(event.sequence),
@@ -90,7 +87,6 @@ def event_to_entry(event: Event, *, payload: str | None = None) -> dict[str, str
         "source": event.source,
         "severity": event.severity,
         "created_at": event.created_at.isoformat(),
-        "payload": _payload_json(redact(event.payload)) if payload is None else payload,
     }
 
 

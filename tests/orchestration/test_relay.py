@@ -23,6 +23,7 @@ from orchestration.models import Event
 from orchestration.services.events import event_record
 from orchestration.services.relay import event_to_entry, events_relay, events_to_entries
 from tests.engine import ROOT, database_url, output_of, wait_for
+from training_export.services import stream_rows
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -97,8 +98,10 @@ def test_a_batch_masks_its_payloads_as_each_event_alone_would():
         for i, payload in enumerate(payloads)
     ]
     events = list(Event.objects.filter(pk__in=[e.pk for e in events]).order_by("sequence"))
-    assert events_to_entries(events) == [event_to_entry(event) for event in events]
-    assert "someone@example.org" not in str(events_to_entries(events))
+    batch = events_to_entries(events)
+    assert batch == [event_to_entry(event) for event in events]
+    assert all(entry[stream_rows.TOOL_LINE] for entry in batch)
+    assert "someone@example.org" not in str(batch)
 
 
 def test_a_relay_that_crashed_mid_batch_resumes_without_gap_or_duplicate(stream):

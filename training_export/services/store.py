@@ -224,9 +224,10 @@ def _cell(value: Any, *, as_json: bool, redactor: Redactor) -> str:
     return redactor.text(str(value))
 
 
-def _encode_rows(schema: Schema, rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+def _encode_rows(schema: Schema, rows: Sequence[Mapping[str, Any]], *, clean: bool = False) -> list[tuple[str, str]]:
     """(event_id, CSV line) per row, every cell but the event_id redacted; the whole batch is
-    validated and encoded before any file is touched."""
+    validated and encoded before any file is touched. `clean`: the caller has checked that
+    redaction changes none of the values (they are parts of values it checked)."""
     redactor = current_redactor()
     known = frozenset(schema.columns)
     json_columns = schema.json_columns
@@ -275,7 +276,7 @@ def _encode_rows(schema: Schema, rows: Sequence[Mapping[str, Any]]) -> list[tupl
         texts.append(row_texts)
         json_texts.append(row_json)
         json_values.append(row_values)
-    for index in redactor.dirty(texts, json_texts, json_values):
+    for index in () if clean else redactor.dirty(texts, json_texts, json_values):
         row = rows[index]
         encoded[index] = [_cell(row.get(column), as_json=as_json, redactor=redactor) for column, as_json in plan]
     lines = []
@@ -300,23 +301,29 @@ class EventCells(NamedTuple):
 EVENT_TEXT_COLUMNS = SCHEMAS[EVENTS].columns[1:-2]
 
 
-def encode_rows(data_type: str, rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    """The rows as (event_id, CSV line), redacted, for `TrainingDataStore.write_encoded`."""
-    return _encode_rows(_schema(data_type), rows)
+def encode_rows(data_type: str, rows: Sequence[Mapping[str, Any]], *, clean: bool = False) -> list[tuple[str, str]]:
+    """The rows as (event_id, CSV line), redacted, for `TrainingDataStore.write_encoded`.
+    `clean`: redaction is known to change none of their values (see `_encode_rows`)."""
+    return _encode_rows(_schema(data_type), rows, clean=clean)
 
 
 def encode_event_cells(rows: Sequence[EventCells]) -> list[tuple[str, str]]:
     """`encode_rows` of events rows whose cells are text already (the stream consumer's hot
     path, which skips building a row dict per entry): the same redaction and the same bytes."""
-    return _encode_event_cells(rows)
+    return encode_event_cells_checked(rows)[0]
 
 
-def _encode_event_cells(rows: Sequence[EventCells]) -> list[tuple[str, str]]:
+def encode_event_cells_checked(rows: Sequence[EventCells]) -> tuple[list[tuple[str, str]], list[str], set[int]]:
+    """`encode_event_cells`, with each row's payload JSON as its line holds it (masked where
+    the row needed it) and the indexes of the rows redaction changed or may have changed: the
+    relay publishes those payloads, and a row that is not among them holds nothing to mask in
+    any of its values (a tool_executions row taken from its payload, say)."""
     redactor = current_redactor()
     dirty = redactor.dirty(
         [row.texts for row in rows], [[row.payload_json] for row in rows], [[row.payload] for row in rows]
     )
     lines = []
+    payloads = []
     for index, (event_id, texts, created_at, payload, payload_json) in enumerate(rows):
         if not event_id:
             raise ValueError("every row needs an event_id (the dedupe key)")
@@ -325,7 +332,8 @@ def _encode_event_cells(rows: Sequence[EventCells]) -> list[tuple[str, str]]:
             payload_json = json_text(redactor.value(payload))
         head = _csv_line([event_id, *texts, created_at])
         lines.append((event_id, f"{head[:-1]},{_csv_field(payload_json)}\n"))
-    return lines
+        payloads.append(payload_json)
+    return lines, payloads, dirty
 
 
 def _csv_field(cell: str) -> str:

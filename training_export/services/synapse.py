@@ -7,12 +7,17 @@ again after a crash (our own pending entries, read first on start, or a dead con
 claimed with XAUTOCLAIM) is skipped where it was written and written where it was not.
 
 Every event goes to the events file. `tool_executed` events also go to tool_executions (from
-the payload); terminal task and workflow events also go to tasks / workflows, with the row
-read from PostgreSQL when the batch is consumed and, for an ending the row can start again
-from (failed, cancelled: a retry or resume reruns it), the columns that ending left, which its
-event carries as `state`: the row as of the event, whatever happened to it since. An event of
-an earlier version without `state` whose row no longer shows its ending gets no row (counted as
-stale): the row would describe a later run.
+the payload). The relay makes those two rows as it publishes (stream_rows): an entry whose rows
+were made under this process's settings is written as it is; any other entry (a relay with
+other settings or of an earlier version, anything else added to the stream) is parsed, checked,
+redacted and encoded here, into the same bytes.
+
+Terminal task and workflow events also go to tasks / workflows, with the row read from
+PostgreSQL when the batch is consumed and, for an ending the row can start again from (failed,
+cancelled: a retry or resume reruns it), the columns that ending left, which its event carries
+as `state`: the row as of the event, whatever happened to it since. An event of an earlier
+version without `state` whose row no longer shows its ending gets no row (counted as stale):
+the row would describe a later run.
 
 An entry that cannot become a row (a required field missing, bad JSON, a bad timestamp) goes to
 the dead-letter stream `<stream>:dead` with a `reason` and its `original_id`, in the same MULTI
@@ -58,6 +63,10 @@ from training_export.services.store import (
     encode_rows,
     json_text,
 )
+from training_export.services.stream_rows import EVENTS_LINE as ROW_EVENTS_LINE
+from training_export.services.stream_rows import FORMAT as ROW_FORMAT
+from training_export.services.stream_rows import TOOL_LINE as ROW_TOOL_LINE
+from training_export.services.stream_rows import row_format, tool_row, whole_rows
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +84,6 @@ _TOOL_EXECUTED = str(EventType.TOOL_EXECUTED)
 
 _TASK_FIELDS = tuple(column for column in SCHEMAS[TASKS].columns if column != "event_id")
 _WORKFLOW_FIELDS = tuple(column for column in SCHEMAS[WORKFLOWS].columns if column != "event_id")
-_TOOL_PAYLOAD_FIELDS = (
-    "execution_id",
-    "agent_id",
-    "tool_name",
-    "input_params",
-    "output_result",
-    "execution_time_ms",
-    "error",
-)
-
 # The statuses a row has just after each terminal event.
 _ENDED_AS: dict[str, frozenset[str]] = {
     str(event_type): frozenset(map(str, statuses))
@@ -350,12 +349,70 @@ def parse_entry(entry_id: str, raw: Mapping[Any, Any]) -> StreamEvent:
 
 
 def _tool_row(event: StreamEvent) -> dict[str, Any]:
-    row = {name: event.payload.get(name) for name in _TOOL_PAYLOAD_FIELDS}
-    # The event's own columns name the tool call and the agent when the payload does not.
-    row["execution_id"] = row["execution_id"] or event.fields.get("entity_id")
-    row["agent_id"] = row["agent_id"] or event.fields.get("agent_id")
-    row.update(created_at=event.created_at, event_id=event.event_id)
-    return row
+    fields = event.fields
+    return tool_row(
+        event.payload,
+        entity_id=fields.get("entity_id"),
+        agent_id=fields.get("agent_id"),
+        created_at=event.created_at,
+        event_id=event.event_id,
+    )
+
+
+# Per entry whose rows the relay made: its position in the batch, event_id, event_type, UTC
+# day, events line, tool_executions line ("" but for tool_executed) and, for a terminal task or
+# workflow event, the StreamEvent its tasks / workflows row is made from (else None). Plain
+# tuples: one is built per entry, on the consumer's hot path.
+MadeRows = tuple[int, str, str, dt.date, str, str, "StreamEvent | None"]
+
+
+def made_rows(entries: Sequence[Entry]) -> tuple[list[MadeRows], list[tuple[int, Entry]]]:
+    """The entries whose rows the relay made under this process's settings (stream_rows), and
+    the rest (with their positions), which the consumer parses, checks and encodes itself."""
+    if not entries:
+        return [], []
+    made_here = row_format()
+    days: dict[str, dt.date] = {}
+    made: list[MadeRows] = []
+    rest = []
+    decode = type(next(iter(entries[0][1]), "")) is bytes  # a client that does not decode
+    for position, entry in enumerate(entries):
+        raw = entry[1]
+        try:
+            if decode:
+                raw = dict(zip(map(bytes.decode, raw.keys()), map(bytes.decode, raw.values()), strict=True))
+            if raw.get(ROW_FORMAT) != made_here:
+                raise ValueError
+            event_id = raw["event_id"]
+            event_type = raw["event_type"]
+            created_at = raw["created_at"]
+            events_line = raw[ROW_EVENTS_LINE]
+            tool_line = raw.get(ROW_TOOL_LINE, "")
+            if not whole_rows(event_id, events_line, tool_line):
+                raise ValueError
+            # The UTC text the relay writes ("…+00:00"): its day, parsed once per batch.
+            day = days.get(created_at[:10]) if created_at.endswith("+00:00") else None
+            if day is None:
+                day = days[created_at[:10]] = _utc_day_of(created_at)
+            terminal = None
+            if event_type in _TASK_TERMINAL or event_type in _WORKFLOW_TERMINAL:
+                # An entry whose payload is not an object goes the way of any entry (dead-lettered).
+                payload = json_load(raw["payload"])
+                if type(payload) is not dict:
+                    raise ValueError
+                terminal = StreamEvent(entry[0], raw, dt.datetime.fromisoformat(created_at), payload, day)
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError):
+            rest.append((position, entry))
+            continue
+        made.append((position, event_id, event_type, day, events_line, tool_line, terminal))
+    return made, rest
+
+
+def _utc_day_of(created_at: str) -> dt.date:
+    """The UTC day of a relay's created_at text ending in +00:00 (ValueError otherwise)."""
+    if not created_at.endswith("+00:00"):
+        raise ValueError(created_at)
+    return dt.datetime.fromisoformat(created_at).date()
 
 
 @dataclass
@@ -366,9 +423,11 @@ class BatchResult:
     dead: int = 0
     missing: int = 0  # terminal events whose task or workflow row no longer exists
     stale: int = 0  # terminal events without `state` whose row has started again since
+    relay_made: int = 0  # entries whose events and tool rows the relay made (stream_rows)
 
     def add(self, other: BatchResult) -> None:
         self.entries += other.entries
+        self.relay_made += other.relay_made
         self.written.update(other.written)
         self.duplicates += other.duplicates
         self.dead += other.dead
@@ -380,7 +439,8 @@ class BatchResult:
         return (
             f"{self.entries} entries; rows written: {written}; duplicates skipped: {self.duplicates}; "
             f"dead-lettered: {self.dead}; rows missing from the database: {self.missing}; "
-            f"rows run again since their event (no state recorded): {self.stale}"
+            f"rows run again since their event (no state recorded): {self.stale}; "
+            f"entries whose rows the relay made: {self.relay_made}"
         )
 
 
@@ -404,7 +464,7 @@ class SynapseConsumer:
         stream: str,
         group: str,
         consumer: str,
-        batch: int = 2000,
+        batch: int = 500,
         claim_idle_ms: int = 60_000,
     ) -> None:
         self.client = client
@@ -485,19 +545,80 @@ class SynapseConsumer:
     # --- writing and acknowledging ---------------------------------------------------------
 
     def write(self, entries: Sequence[Entry]) -> WrittenBatch:
-        """Write the rows of a batch durably, without acknowledging anything."""
+        """Write the rows of a batch durably, without acknowledging anything. The rows the
+        relay made (stream_rows) are written as they are; the consumer builds the others from
+        the entry's fields (the same bytes). Each file gets its rows in stream order."""
         result = BatchResult(entries=len(entries))
-        events, dead = parse_entries(entries)
+        made, rest = made_rows(entries)
+        result.relay_made = len(made)
+        # (position in the batch, event_id, line) per file.
+        files: dict[tuple[str, dt.date], list[tuple[int, str, str]]] = defaultdict(list)
+        tasks: list[tuple[int, StreamEvent]] = []
+        workflows: list[tuple[int, StreamEvent]] = []
+        for position, event_id, event_type, day, events_line, tool_line, terminal in made:
+            files[(EVENTS, day)].append((position, event_id, events_line))
+            if tool_line:
+                files[(TOOL_EXECUTIONS, day)].append((position, event_id, tool_line))
+            if terminal is not None:
+                (tasks if event_type in _TASK_TERMINAL else workflows).append((position, terminal))
+
+        dead: list[DeadEntry] = []
+        if rest:
+            dead = self._build_rows(rest, files, tasks, workflows)
+        result.dead = len(dead)
+        rows: Rows = defaultdict(list)
+        self._add_database_rows(
+            rows,
+            result,
+            TASKS,
+            TaskExecution,
+            _TASK_FIELDS,
+            [event for _, event in sorted(tasks, key=itemgetter(0))],
+            key=lambda e: e.fields.get("entity_id"),
+        )
+        self._add_database_rows(
+            rows,
+            result,
+            WORKFLOWS,
+            Workflow,
+            _WORKFLOW_FIELDS,
+            [event for _, event in sorted(workflows, key=itemgetter(0))],
+            key=lambda e: e.fields.get("entity_id") or e.fields.get("workflow_id"),
+        )
+        # Every file's rows are encoded before any file is written: a row that cannot be
+        # encoded fails the batch with nothing written (see process()).
+        encoded = []
+        for (data_type, day), lines in files.items():
+            if made and rest:
+                lines.sort(key=itemgetter(0))
+            encoded.append((data_type, day, [(event_id, line) for _, event_id, line in lines]))
+        encoded += [(data_type, day, encode_rows(data_type, file_rows)) for (data_type, day), file_rows in rows.items()]
+        for data_type, day, lines in encoded:
+            written = self.store.write_encoded(data_type, day, lines)
+            result.written[data_type] += written.written
+            result.duplicates += written.duplicates
+        return WrittenBatch(entry_ids=[entry_id for entry_id, _ in entries], dead=dead, result=result)
+
+    def _build_rows(
+        self,
+        rest: list[tuple[int, Entry]],
+        files: dict[tuple[str, dt.date], list[tuple[int, str, str]]],
+        tasks: list[tuple[int, StreamEvent]],
+        workflows: list[tuple[int, StreamEvent]],
+    ) -> list[DeadEntry]:
+        """Parse and check the entries whose rows the relay did not make (or not under this
+        consumer's settings), and encode their events and tool rows into `files`; returns the
+        entries to dead-letter."""
+        events, dead = parse_entries([entry for _, entry in rest])
         for entry_id, _raw, reason in dead:
             logger.warning("dead-lettering Synapse entry %s of %s: %s", entry_id, self.stream, reason)
-        result.dead = len(dead)
-
+        position_of = {entry[0]: position for position, entry in rest}
         event_cells: dict[dt.date, list[EventCells]] = defaultdict(list)
-        rows: Rows = defaultdict(list)
-        tasks: list[StreamEvent] = []
-        workflows: list[StreamEvent] = []
+        event_positions: dict[dt.date, list[int]] = defaultdict(list)
+        tool_rows: dict[dt.date, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
         utc = dt.UTC
         for event in events:
+            position = position_of[event.entry_id]
             fields = event.fields
             created_at = event.created_at
             if created_at.utcoffset():
@@ -509,35 +630,26 @@ class SynapseConsumer:
             event_cells[event.day].append(
                 EventCells(fields["event_id"], texts, created_at.isoformat(), event.payload, json_text(event.payload))
             )
+            event_positions[event.day].append(position)
             event_type = fields["event_type"]
             if event_type in _TASK_TERMINAL:
-                tasks.append(event)
+                tasks.append((position, event))
             elif event_type in _WORKFLOW_TERMINAL:
-                workflows.append(event)
+                workflows.append((position, event))
             elif event_type == _TOOL_EXECUTED:
-                rows[(TOOL_EXECUTIONS, event.day)].append(_tool_row(event))
-        self._add_database_rows(
-            rows, result, TASKS, TaskExecution, _TASK_FIELDS, tasks, key=lambda e: e.fields.get("entity_id")
-        )
-        self._add_database_rows(
-            rows,
-            result,
-            WORKFLOWS,
-            Workflow,
-            _WORKFLOW_FIELDS,
-            workflows,
-            key=lambda e: e.fields.get("entity_id") or e.fields.get("workflow_id"),
-        )
-
-        # Every file's rows are encoded before any file is written: a row that cannot be
-        # encoded fails the batch with nothing written (see process()).
-        encoded = [(EVENTS, day, encode_event_cells(cells)) for day, cells in event_cells.items()]
-        encoded += [(data_type, day, encode_rows(data_type, file_rows)) for (data_type, day), file_rows in rows.items()]
-        for data_type, day, lines in encoded:
-            written = self.store.write_encoded(data_type, day, lines)
-            result.written[data_type] += written.written
-            result.duplicates += written.duplicates
-        return WrittenBatch(entry_ids=[entry_id for entry_id, _ in entries], dead=dead, result=result)
+                tool_rows[event.day].append((position, _tool_row(event)))
+        for day, cells in event_cells.items():
+            lines = encode_event_cells(cells)
+            files[(EVENTS, day)] += [
+                (position, event_id, line)
+                for position, (event_id, line) in zip(event_positions[day], lines, strict=True)
+            ]
+        for day, items in tool_rows.items():
+            lines = encode_rows(TOOL_EXECUTIONS, [row for _, row in items])
+            files[(TOOL_EXECUTIONS, day)] += [
+                (position, event_id, line) for (position, _), (event_id, line) in zip(items, lines, strict=True)
+            ]
+        return dead
 
     def _add_database_rows(
         self,

@@ -72,7 +72,7 @@ class Command(BaseCommand):
             help="consumer name (default: hostname-pid, unique per process); with --processes, "
             "each process adds -1, -2, ... to it",
         )
-        parser.add_argument("--batch", type=int, default=2000, help="entries per read (default: 2000)")
+        parser.add_argument("--batch", type=int, default=500, help="entries per read (default: 500)")
         parser.add_argument(
             "--block-ms",
             type=int,

@@ -1,0 +1,203 @@
+"""The rows the relay makes for the consumer (training_export/services/stream_rows.py): the
+consumer writes them as they are only when they were made under its own settings and are whole
+rows of their event, and they are byte for byte the rows it would build itself."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from pathlib import Path
+
+import pytest
+import redis
+
+from orchestration.event_types import EventType
+from orchestration.models import Event
+from orchestration.services.events import event_record, task_event, workflow_event
+from tests.factories import EventFactory
+from tests.training_export.test_synapse_consumer import GROUP, T0, finished_workflow, synapse  # noqa: F401
+from training_export.services import stream_rows
+from training_export.services.store import TrainingDataStore
+from training_export.services.synapse import SynapseConsumer, synapse_consumer_client
+
+CANARY = "canary-7d41c9"
+
+
+def varied_events() -> list[Event]:
+    """Events of every kind the consumer files differently, with what makes encoding hard."""
+    workflow, done, failed = finished_workflow()
+    return [
+        task_event(done, EventType.TASK_STARTED),
+        task_event(done, EventType.TASK_COMPLETED),
+        task_event(failed, EventType.TASK_FAILED, payload={"error": 'boom, "quoted"\nsecond line\r'}),
+        workflow_event(workflow, EventType.WORKFLOW_FAILED, payload={"failed_steps": 1}),
+        event_record(
+            event_type=EventType.TOOL_EXECUTED,
+            entity_type="tool",
+            entity_id="tool-exec-1",
+            workflow_id=workflow.workflow_id,
+            agent_id=done.agent_id,
+            payload={
+                "tool_name": "search",
+                "input_params": {"api_key": CANARY, "query": f"mail {CANARY}@example.org, ünïcode ✓"},
+                "output_result": {"hits": [1, 2.5, None, True], "note": 'a \\ backslash and "quotes"'},
+                "execution_time_ms": 12.5,
+            },
+        ),
+        # No execution_id or agent in the payload: the event's own columns name them.
+        event_record(
+            event_type=EventType.TOOL_EXECUTED,
+            entity_type="tool",
+            entity_id="tool-exec-2",
+            agent_id=done.agent_id,
+            payload={"tool_name": "calculate", "error": f"Bearer {CANARY}"},
+        ),
+        # A secret outside the payload: the text cells are masked too.
+        event_record(
+            event_type=EventType.AGENT_INTERACTION,
+            entity_type="agent",
+            entity_id=f"{CANARY}@example.org",
+            payload={"tokens_used": 3, "max_tokens": 10, "text": "x" * 3000},
+        ),
+        EventFactory(created_at=T0 + dt.timedelta(days=1), payload={"day": "the next one"}),
+        # A line break in a text cell: a quoted multi-line row, which the consumer builds itself.
+        event_record(event_type=EventType.AGENT_INTERACTION, entity_type="agent", entity_id="two\nlines"),
+    ]
+
+
+def copy_stream(client: redis.Redis, source: str, target: str, *, keep_rows: bool) -> None:
+    for entry_id, fields in client.xrange(source):
+        if not keep_rows:
+            fields = {k: v for k, v in fields.items() if k.decode() not in stream_rows.FIELDS}
+        client.xadd(target, fields, id=entry_id)
+
+
+def consume_stream(stream: str, directory: Path, *, batch: int = 2000):
+    consumer = SynapseConsumer(
+        client=synapse_consumer_client(block_ms=100),  # as consume_events reads
+        store=TrainingDataStore(directory),
+        stream=stream,
+        group=GROUP,
+        consumer="test",
+        batch=batch,
+    )
+    return consumer.run(once=True)
+
+
+def tree(directory: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*.csv"))
+    }
+
+
+@pytest.fixture
+def streams(synapse):  # noqa: F811
+    names = [f"{synapse.stream}-{suffix}" for suffix in ("made", "built")]
+    yield names
+    synapse.client.delete(*names, *(f"{name}:dead" for name in names))
+
+
+def test_the_rows_the_relay_made_are_the_rows_the_consumer_builds(synapse, streams, tmp_path):  # noqa: F811
+    varied_events()
+    synapse.relay()
+    made, built = streams
+    copy_stream(synapse.client, synapse.stream, made, keep_rows=True)
+    copy_stream(synapse.client, synapse.stream, built, keep_rows=False)
+
+    with_rows = consume_stream(made, tmp_path / "made")
+    without = consume_stream(built, tmp_path / "built")
+
+    assert with_rows.entries == without.entries == 9
+    assert with_rows.relay_made == 8 and without.relay_made == 0
+    assert with_rows.written == without.written
+    assert dict(with_rows.written) == {"events": 9, "tasks": 2, "workflows": 1, "tool_executions": 2}
+    assert tree(tmp_path / "made") == tree(tmp_path / "built")
+    assert len(tree(tmp_path / "made")) == 5  # events of two days, tasks, workflows, tool_executions
+    for path in (tmp_path / "made").rglob("*.csv"):
+        assert CANARY not in path.read_text()
+
+
+def test_rows_not_made_under_this_consumers_settings_are_built_by_it(synapse, streams, tmp_path, settings):  # noqa: F811
+    """A relay with other redaction settings (or another SECRET_KEY, or another version of the
+    encoding) made rows this consumer would mask differently: it builds them itself."""
+    event_record(event_type="agent_interaction", entity_type="agent", entity_id="e-1", payload={"ticket": "T-99"})
+    synapse.relay()
+    made, _ = streams
+    copy_stream(synapse.client, synapse.stream, made, keep_rows=True)
+    settings.REDACT_KEYS = [*settings.REDACT_KEYS, "ticket"]
+
+    result = consume_stream(made, tmp_path)
+
+    assert result.relay_made == 0 and result.written["events"] == 1
+    (events_file,) = (tmp_path / "events").glob("*.csv")
+    assert "T-99" not in events_file.read_text()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda line, event_id: line.replace(event_id, "other-id", 1), id="another-events-id"),
+        pytest.param(lambda line, event_id: line[:-1], id="no-line-end"),
+        pytest.param(lambda line, event_id: line + line, id="two-rows"),
+    ],
+)
+def test_a_line_that_is_not_one_row_of_its_event_is_built_by_the_consumer(synapse, streams, tmp_path, change):  # noqa: F811
+    event = event_record(event_type="agent_interaction", entity_type="agent", entity_id="e-1", payload={"n": 1})
+    synapse.relay()
+    ((entry_id, fields),) = synapse.client.xrange(synapse.stream)
+    line = fields[stream_rows.EVENTS_LINE.encode()].decode()
+    changed = {**fields, stream_rows.EVENTS_LINE.encode(): change(line, event.event_id).encode()}
+    made, _ = streams
+    synapse.client.xadd(made, changed, id=entry_id)
+
+    result = consume_stream(made, tmp_path)
+
+    assert result.relay_made == 0 and result.written["events"] == 1
+    (events_file,) = (tmp_path / "events").glob("*.csv")
+    assert events_file.read_text().splitlines()[1:] == [line.rstrip("\n")]
+
+
+def test_a_batch_of_made_and_built_entries_keeps_stream_order_in_every_file(synapse, streams, tmp_path):  # noqa: F811
+    for n in range(12):
+        event_record(event_type="tool_executed", entity_type="tool", entity_id=f"t-{n}", payload={"tool_name": f"n{n}"})
+    synapse.relay()
+    made, _ = streams
+    for n, (entry_id, fields) in enumerate(synapse.client.xrange(synapse.stream)):
+        if n % 3 == 1:  # every third entry as a relay of an earlier version wrote it
+            fields = {k: v for k, v in fields.items() if k.decode() not in stream_rows.FIELDS}
+        synapse.client.xadd(made, fields, id=entry_id)
+
+    result = consume_stream(made, tmp_path)
+
+    assert result.relay_made == 8 and result.entries == 12
+    order = [f"t-{n}" for n in range(12)]
+    for data_type in ("events", "tool_executions"):
+        (path,) = (tmp_path / data_type).glob("*.csv")
+        lines = path.read_text().splitlines()[1:]
+        assert [next(cell for cell in line.split(",") if cell.startswith("t-")) for line in lines] == order
+
+
+def test_an_entry_made_by_the_relay_is_written_once_whichever_path_delivers_it_again(synapse, streams, tmp_path):  # noqa: F811
+    """Dedupe by event_id holds across the two paths: an entry redelivered without its rows
+    (or with them) is not written twice."""
+    event_record(event_type="agent_interaction", entity_type="agent", entity_id="e-1", payload={"n": 1})
+    synapse.relay()
+    made, built = streams
+    copy_stream(synapse.client, synapse.stream, made, keep_rows=True)
+    copy_stream(synapse.client, synapse.stream, built, keep_rows=False)
+
+    first = consume_stream(made, tmp_path)
+    again = consume_stream(built, tmp_path)
+
+    assert first.written["events"] == 1 and again.written["events"] == 0 and again.duplicates == 1
+
+
+def test_the_format_changes_with_each_setting_it_covers(settings):
+    made_under = stream_rows.row_format()
+    settings.SECRET_KEY = settings.SECRET_KEY + "-other"
+    assert stream_rows.row_format() != made_under
+    settings.SECRET_KEY = settings.SECRET_KEY.removesuffix("-other")
+    assert stream_rows.row_format() == made_under
+    settings.REDACT_PATTERNS = [*settings.REDACT_PATTERNS, r"T-\d+"]
+    assert stream_rows.row_format() != made_under
