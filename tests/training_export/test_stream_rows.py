@@ -201,3 +201,70 @@ def test_the_format_changes_with_each_setting_it_covers(settings):
     assert stream_rows.row_format() == made_under
     settings.REDACT_PATTERNS = [*settings.REDACT_PATTERNS, r"T-\d+"]
     assert stream_rows.row_format() != made_under
+
+
+def _made_and_built(synapse, streams, tmp_path):  # noqa: F811
+    synapse.relay()
+    made, built = streams
+    copy_stream(synapse.client, synapse.stream, made, keep_rows=True)
+    copy_stream(synapse.client, synapse.stream, built, keep_rows=False)
+    with_rows = consume_stream(made, tmp_path / "made")
+    without = consume_stream(built, tmp_path / "built")
+    return with_rows, without
+
+
+def test_a_redact_key_naming_a_tool_field_masks_it_both_ways(synapse, streams, tmp_path, settings):  # noqa: F811
+    """REDACT_KEYS with "input" masks the payload's top-level `input_params`: the relay's
+    stream payload and the consumer's own tool row (built from that masked payload) hold
+    [REDACTED]; the relay's tool row is encoded from the raw payload's parts, and
+    _encode_rows never masks by column name, so the fast path writes the value."""
+    settings.REDACT_KEYS = [*settings.REDACT_KEYS, "input"]
+    event_record(
+        event_type=EventType.TOOL_EXECUTED,
+        entity_type="tool",
+        entity_id="tool-exec-9",
+        payload={"tool_name": "lookup", "input_params": {"patient": "Jane Roe"}},
+    )
+    with_rows, without = _made_and_built(synapse, streams, tmp_path)
+    assert with_rows.relay_made == 1 and without.relay_made == 0
+    built_tools = next((tmp_path / "built" / "tool_executions").glob("*.csv")).read_text()
+    made_tools = next((tmp_path / "made" / "tool_executions").glob("*.csv")).read_text()
+    assert "Jane Roe" not in built_tools  # the slow path (the code before the commit) masks it
+    assert "Jane Roe" not in made_tools
+    assert tree(tmp_path / "made") == tree(tmp_path / "built")
+
+
+def test_a_payload_the_consumer_would_mask_twice_is_masked_twice_in_the_relays_rows(synapse, streams, tmp_path):  # noqa: F811
+    """Default REDACT_PATTERNS: the key=value pattern (last) uncovers a credential URL that the
+    URL pattern (earlier) only matches on a second pass. The slow path redacts the already
+    masked stream payload again (as the consumer always did); the fast path redacts once."""
+    text = "see https://secret=x/y&:pw123@host ok"
+    event_record(event_type="agent_interaction", entity_type="agent", entity_id="e-1", payload={"note": text})
+    with_rows, _ = _made_and_built(synapse, streams, tmp_path)
+    assert with_rows.relay_made == 1
+    built_events = next((tmp_path / "built" / "events").glob("*.csv")).read_text()
+    made_events = next((tmp_path / "made" / "events").glob("*.csv")).read_text()
+    assert "pw123" not in built_events
+    assert "pw123" not in made_events
+    assert tree(tmp_path / "made") == tree(tmp_path / "built")
+
+
+def test_tool_rows_with_nothing_to_mask_are_byte_identical_both_ways(synapse, streams, tmp_path):  # noqa: F811
+    """Every tool event of the first test holds a secret: this one's row is encoded without a
+    redaction check (its event's cells were cleared), and must still be the consumer's bytes."""
+    event_record(
+        event_type=EventType.TOOL_EXECUTED,
+        entity_type="tool",
+        entity_id="tool-exec-c",
+        agent_id="agent-x",
+        payload={
+            "tool_name": 'calc, "v2"',
+            "input_params": {"a": [1, 2.5, None, True], "ü": "✓ line\nbreak"},
+            "output_result": "plain text",
+            "execution_time_ms": 10**20,
+            "error": None,
+        },
+    )
+    with_rows, _ = _made_and_built(synapse, streams, tmp_path)
+    assert with_rows.relay_made == 1
+    assert tree(tmp_path / "made") == tree(tmp_path / "built")

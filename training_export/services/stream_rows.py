@@ -31,6 +31,7 @@ from typing import Any
 
 from django.conf import settings
 
+from training_export.services.jsonl import json_load
 from training_export.services.redaction import configured_secret_values
 from training_export.services.store import (
     EVENT_TEXT_COLUMNS,
@@ -38,6 +39,7 @@ from training_export.services.store import (
     SCHEMAS,
     TOOL_EXECUTIONS,
     EventCells,
+    encode_event_cells,
     encode_event_cells_checked,
     encode_rows,
     json_text,
@@ -141,6 +143,29 @@ def entry_fields(entries: Sequence[dict[str, str]], payloads: Sequence[Any]) -> 
                 event_id=entry["event_id"],
             )
     events_lines, payload_texts, dirty = encode_event_cells_checked(cells)
+    if dirty:
+        # The consumer's own path (synapse._build_rows) starts from the payload as the stream
+        # holds it, already masked: its tool row is taken from that masked payload (a key
+        # masked at the payload's top level, say "input" for input_params, is masked there and
+        # never by column name), and its events row redacts that payload a second time (which
+        # is not always a no-op). Do the same for the rows redaction touched or may touch.
+        redone = sorted(dirty)
+        masked = {index: json_load(payload_texts[index]) for index in redone}
+        again = encode_event_cells(
+            [cells[index]._replace(payload=masked[index], payload_json=json_text(masked[index])) for index in redone]
+        )
+        for index, line in zip(redone, again, strict=True):
+            events_lines[index] = line
+        for index in redone:
+            if index in tools and type(masked[index]) is dict:
+                entry = entries[index]
+                tools[index] = tool_row(
+                    masked[index],
+                    entity_id=entry["entity_id"],
+                    agent_id=entry["agent_id"],
+                    created_at=tools[index]["created_at"],
+                    event_id=entry["event_id"],
+                )
     # A tool row's values are parts of its event's payload and cells: clean where they are.
     clean = [index for index in tools if index not in dirty]
     checked = [index for index in tools if index in dirty]
