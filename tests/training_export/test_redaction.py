@@ -85,6 +85,15 @@ def test_default_patterns_mask_url_credentials_and_key_value_secrets():
     assert redact("tokens_used: 5 of 100") == "tokens_used: 5 of 100", "a word that merely starts like one is kept"
 
 
+def test_a_credential_that_a_mask_uncovers_is_masked_too_and_masking_twice_changes_nothing():
+    # The key=value pattern's mask turns this into a credential URL, which the URL pattern
+    # (tried before it) then matches: passes repeat while each masks more.
+    text = "see https://secret=x/y&:pw123@host ok"
+    masked = redact(text)
+    assert "pw123" not in masked and masked.startswith("see https://") and masked.endswith("host ok")
+    assert redact(masked) == masked
+
+
 @pytest.mark.parametrize(
     "patterns",
     [

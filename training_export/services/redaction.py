@@ -120,6 +120,23 @@ class Redactor:
         return result
 
     def _substitute(self, value: str) -> str:
+        masked = self._substitute_once(value)
+        if masked == value:
+            return value
+        # A mask can complete another pattern's match (`https://secret=x/y&:pw@host`: the
+        # key=value pattern's mask leaves a credential URL that the URL pattern, tried before
+        # it, did not match), so passes repeat while each masks more of the text than the one
+        # before (fewer characters outside masks): a pattern that matches inside a mask, or
+        # an empty string, cannot make it loop.
+        outside = len(masked.replace(MASK, ""))
+        while True:
+            again = self._substitute_once(masked)
+            again_outside = len(again.replace(MASK, ""))
+            if again == masked or again_outside >= outside:
+                return masked
+            masked, outside = again, again_outside
+
+    def _substitute_once(self, value: str) -> str:
         for secret in self.secrets:
             if secret in value:
                 value = value.replace(secret, MASK)
