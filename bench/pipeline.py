@@ -64,8 +64,6 @@ from django.db import connection  # noqa: E402
 from bench.database import database_ensure  # noqa: E402
 from orchestration.models import Event  # noqa: E402
 from orchestration.services.relay import event_fields, events_to_entries  # noqa: E402
-from training_export.services.redaction import current_redactor  # noqa: E402
-from training_export.services.store import json_text  # noqa: E402
 
 PIPELINE_MODULES = ("redaction", "store", "jsonl", "synapse")  # in import order
 # What the export process loads besides them (files before store, which imports it).
@@ -194,6 +192,10 @@ def fill_stream(client: redis.Redis, day: dt.date, entries: int) -> dict[str, fl
 def entries_without_rows(events: list[Event]) -> list[dict[str, str]]:
     """What a relay that makes no rows publishes (as before stream_rows): the event's fields and
     its payload, masked after one check of the batch's payloads for secrets."""
+    # Imported here: a --child-baseline process loads these modules from another revision first.
+    from training_export.services.redaction import current_redactor
+    from training_export.services.store import json_text
+
     redactor = current_redactor()
     texts = [json_text(event.payload) for event in events]
     dirty = redactor.dirty([[] for _ in events], [[text] for text in texts], [[event.payload] for event in events])
