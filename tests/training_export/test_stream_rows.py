@@ -17,6 +17,7 @@ from orchestration.services.events import event_record, task_event, workflow_eve
 from tests.factories import EventFactory
 from tests.training_export.test_synapse_consumer import GROUP, T0, finished_workflow, synapse  # noqa: F401
 from training_export.services import stream_rows
+from training_export.services import synapse as synapse_module
 from training_export.services.store import TrainingDataStore
 from training_export.services.synapse import SynapseConsumer, synapse_consumer_client
 
@@ -118,20 +119,33 @@ def test_the_rows_the_relay_made_are_the_rows_the_consumer_builds(synapse, strea
         assert CANARY not in path.read_text()
 
 
-def test_rows_not_made_under_this_consumers_settings_are_built_by_it(synapse, streams, tmp_path, settings):  # noqa: F811
+def test_rows_not_made_under_this_consumers_settings_are_built_by_it(
+    synapse,  # noqa: F811
+    streams,
+    tmp_path,
+    settings,
+    caplog,
+    monkeypatch,
+):
     """A relay with other redaction settings (or another SECRET_KEY, or another version of the
     encoding) made rows this consumer would mask differently: it builds them itself."""
-    event_record(event_type="agent_interaction", entity_type="agent", entity_id="e-1", payload={"ticket": "T-99"})
+    for n in (1, 2):
+        event_record(
+            event_type="agent_interaction", entity_type="agent", entity_id="e-1", payload={"ticket": f"T-9{n}"}
+        )
     synapse.relay()
     made, _ = streams
     copy_stream(synapse.client, synapse.stream, made, keep_rows=True)
     settings.REDACT_KEYS = [*settings.REDACT_KEYS, "ticket"]
+    monkeypatch.setattr(synapse_module, "_FORMATS_SEEN", set())
 
     result = consume_stream(made, tmp_path)
 
-    assert result.relay_made == 0 and result.written["events"] == 1
+    assert result.relay_made == 0 and result.written["events"] == 2
     (events_file,) = (tmp_path / "events").glob("*.csv")
-    assert "T-99" not in events_file.read_text()
+    assert "T-9" not in events_file.read_text()
+    warnings = [r.getMessage() for r in caplog.records if "made under other settings" in r.getMessage()]
+    assert len(warnings) == 1 and stream_rows.row_format() in warnings[0], "said once, naming both formats"
 
 
 @pytest.mark.parametrize(

@@ -366,6 +366,10 @@ def _tool_row(event: StreamEvent) -> dict[str, Any]:
 MadeRows = tuple[int, str, str, dt.date, str, str, "StreamEvent | None"]
 
 
+# The csv_format values of other settings this process has warned about (once each).
+_FORMATS_SEEN: set[Any] = set()
+
+
 def made_rows(entries: Sequence[Entry]) -> tuple[list[MadeRows], list[tuple[int, Entry]]]:
     """The entries whose rows the relay made under this process's settings (stream_rows), and
     the rest (with their positions), which the consumer parses, checks and encodes itself."""
@@ -381,7 +385,18 @@ def made_rows(entries: Sequence[Entry]) -> tuple[list[MadeRows], list[tuple[int,
         try:
             if decode:
                 raw = dict(zip(map(bytes.decode, raw.keys()), map(bytes.decode, raw.values()), strict=True))
-            if raw.get(ROW_FORMAT) != made_here:
+            made_under = raw.get(ROW_FORMAT)
+            if made_under != made_here:
+                if made_under and made_under not in _FORMATS_SEEN:
+                    _FORMATS_SEEN.add(made_under)
+                    logger.warning(
+                        "Synapse entries whose rows were made under other settings (csv_format %s; this "
+                        "process: %s): their rows are built here, at a higher cost. The relay's and this "
+                        "consumer's SECRET_KEY, REDACT_KEYS, REDACT_PATTERNS or agent definitions (their "
+                        "secret values) differ, or one of them runs another version",
+                        str(made_under)[:40],
+                        made_here,
+                    )
                 raise ValueError
             event_id = raw["event_id"]
             event_type = raw["event_type"]
