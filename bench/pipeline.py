@@ -549,6 +549,18 @@ def bench_export(sizes: list[int], repeat: int, baseline: Path | None = None) ->
     return rounds
 
 
+def print_subject(rounds: list[dict], bare: float, label: str, prefix: str, same_label: str, *, same: str = "") -> None:
+    """The medians line of a consumer subject beside the bare loop: its `<prefix>_per_s` and
+    `<prefix>_cpu_us`, and whether every round's files matched (`same`, else `<prefix>_same_files`)."""
+    rate = statistics.median(r[f"{prefix}_per_s"] for r in rounds)
+    cpu = statistics.median(r[f"{prefix}_cpu_us"] for r in rounds)
+    matched = all(r[same or f"{prefix}_same_files"] for r in rounds)
+    print(
+        f"| {label} | {rate:,.0f} events/s | | {rate / bare:.2f}x | CPU per entry {cpu:.1f} us "
+        f"| {same_label}: {matched} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="200000,1000000", help="export sizes, comma-separated")
@@ -605,43 +617,33 @@ def main() -> None:
 
     print("\nmedians")
     if consumer:
-        bare = statistics.median(r["bare_per_s"] for r in consumer)
-        ours = statistics.median(r["consumer_per_s"] for r in consumer)
-        cpu = statistics.median(r["consumer_cpu_us"] for r in consumer)
-        bare_cpu = statistics.median(r["bare_cpu_us"] for r in consumer)
+        bare, ours, cpu, bare_cpu, relay, relay_without, built_cpu = (
+            statistics.median(r[key] for r in consumer)
+            for key in (
+                "bare_per_s",
+                "consumer_per_s",
+                "consumer_cpu_us",
+                "bare_cpu_us",
+                "relay_cpu_us",
+                "relay_without_rows_cpu_us",
+                "built_cpu_us",
+            )
+        )
         print(
             f"| consumer | {ours:,.0f} events/s | bare loop {bare:,.0f}/s | {ours / bare:.2f}x (target >= 0.5x) "
             f"| CPU per entry {cpu:.1f} us vs {bare_cpu:.1f} us |"
         )
-        built = statistics.median(r["built_per_s"] for r in consumer)
-        built_cpu = statistics.median(r["built_cpu_us"] for r in consumer)
-        same = all(r["built_same_files"] for r in consumer)
-        print(
-            f"| consumer, entries without the relay's rows | {built:,.0f} events/s | | {built / bare:.2f}x "
-            f"| CPU per entry {built_cpu:.1f} us | identical CSV files: {same} |"
-        )
-        relay = statistics.median(r["relay_cpu_us"] for r in consumer)
-        relay_without = statistics.median(r["relay_without_rows_cpu_us"] for r in consumer)
+        print_subject(consumer, bare, "consumer, entries without the relay's rows", "built", "identical CSV files")
         print(
             f"| relay CPU per event | {relay:.1f} us making the rows | {relay_without:.1f} us without | "
             f"relay + consumer: {relay + cpu:.1f} us against {relay_without + built_cpu:.1f} us |"
         )
         if args.consumer_processes > 1:
-            par = statistics.median(r["parallel_per_s"] for r in consumer)
-            par_cpu = statistics.median(r["parallel_cpu_us"] for r in consumer)
-            same = all(r["parallel_same_rows"] for r in consumer)
-            print(
-                f"| consumer with {args.consumer_processes} processes | {par:,.0f} events/s | | {par / bare:.2f}x "
-                f"| CPU per entry {par_cpu:.1f} us (all processes) | same rows as 1 process: {same} |"
-            )
+            label = f"consumer with {args.consumer_processes} processes"
+            print_subject(consumer, bare, label, "parallel", "same rows as 1 process", same="parallel_same_rows")
         if baseline is not None:
-            old = statistics.median(r["baseline_per_s"] for r in consumer)
-            old_cpu = statistics.median(r["baseline_cpu_us"] for r in consumer)
-            same = all(r["same_files"] for r in consumer)
-            print(
-                f"| consumer at {args.compare_git} | {old:,.0f} events/s | | {old / bare:.2f}x "
-                f"| CPU per entry {old_cpu:.1f} us | identical CSV files: {same} |"
-            )
+            label = f"consumer at {args.compare_git}"
+            print_subject(consumer, bare, label, "baseline", "identical CSV files", same="same_files")
     for rows in sorted({r["rows"] for r in export}):
         mine = [r for r in export if r["rows"] == rows]
         copy = statistics.median(r["copy_per_s"] for r in mine)

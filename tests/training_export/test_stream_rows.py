@@ -99,15 +99,21 @@ def streams(synapse):  # noqa: F811
     synapse.client.delete(*names, *(f"{name}:dead" for name in names))
 
 
-def test_the_rows_the_relay_made_are_the_rows_the_consumer_builds(synapse, streams, tmp_path):  # noqa: F811
-    varied_events()
+def made_and_built(synapse, streams, tmp_path):  # noqa: F811
+    """Relay what the test recorded; consume it as published (made) and without the rows (built)."""
     synapse.relay()
     made, built = streams
     copy_stream(synapse.client, synapse.stream, made, keep_rows=True)
     copy_stream(synapse.client, synapse.stream, built, keep_rows=False)
-
     with_rows = consume_stream(made, tmp_path / "made")
     without = consume_stream(built, tmp_path / "built")
+    return with_rows, without
+
+
+def test_the_rows_the_relay_made_are_the_rows_the_consumer_builds(synapse, streams, tmp_path):  # noqa: F811
+    varied_events()
+
+    with_rows, without = made_and_built(synapse, streams, tmp_path)
 
     assert with_rows.entries == without.entries == 9
     assert with_rows.relay_made == 8 and without.relay_made == 0
@@ -217,16 +223,6 @@ def test_the_format_changes_with_each_setting_it_covers(settings):
     assert stream_rows.row_format() != made_under
 
 
-def _made_and_built(synapse, streams, tmp_path):  # noqa: F811
-    synapse.relay()
-    made, built = streams
-    copy_stream(synapse.client, synapse.stream, made, keep_rows=True)
-    copy_stream(synapse.client, synapse.stream, built, keep_rows=False)
-    with_rows = consume_stream(made, tmp_path / "made")
-    without = consume_stream(built, tmp_path / "built")
-    return with_rows, without
-
-
 def test_a_redact_key_naming_a_tool_field_masks_it_both_ways(synapse, streams, tmp_path, settings):  # noqa: F811
     """REDACT_KEYS with "input" masks the payload's top-level `input_params`: the relay's
     stream payload and the consumer's own tool row (built from that masked payload) hold
@@ -239,7 +235,7 @@ def test_a_redact_key_naming_a_tool_field_masks_it_both_ways(synapse, streams, t
         entity_id="tool-exec-9",
         payload={"tool_name": "lookup", "input_params": {"patient": "Jane Roe"}},
     )
-    with_rows, without = _made_and_built(synapse, streams, tmp_path)
+    with_rows, without = made_and_built(synapse, streams, tmp_path)
     assert with_rows.relay_made == 1 and without.relay_made == 0
     built_tools = next((tmp_path / "built" / "tool_executions").glob("*.csv")).read_text()
     made_tools = next((tmp_path / "made" / "tool_executions").glob("*.csv")).read_text()
@@ -254,7 +250,7 @@ def test_a_payload_the_consumer_would_mask_twice_is_masked_twice_in_the_relays_r
     masked stream payload again (as the consumer always did); the fast path redacts once."""
     text = "see https://secret=x/y&:pw123@host ok"
     event_record(event_type="agent_interaction", entity_type="agent", entity_id="e-1", payload={"note": text})
-    with_rows, _ = _made_and_built(synapse, streams, tmp_path)
+    with_rows, _ = made_and_built(synapse, streams, tmp_path)
     assert with_rows.relay_made == 1
     built_events = next((tmp_path / "built" / "events").glob("*.csv")).read_text()
     made_events = next((tmp_path / "made" / "events").glob("*.csv")).read_text()
@@ -279,6 +275,6 @@ def test_tool_rows_with_nothing_to_mask_are_byte_identical_both_ways(synapse, st
             "error": None,
         },
     )
-    with_rows, _ = _made_and_built(synapse, streams, tmp_path)
+    with_rows, _ = made_and_built(synapse, streams, tmp_path)
     assert with_rows.relay_made == 1
     assert tree(tmp_path / "made") == tree(tmp_path / "built")

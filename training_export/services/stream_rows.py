@@ -55,15 +55,8 @@ FORMAT = "csv_format"
 FIELDS = (EVENTS_LINE, TOOL_LINE, FORMAT)
 
 TOOL_EXECUTED = "tool_executed"
-TOOL_PAYLOAD_FIELDS = (
-    "execution_id",
-    "agent_id",
-    "tool_name",
-    "input_params",
-    "output_result",
-    "execution_time_ms",
-    "error",
-)
+# A tool row's columns taken from its event's payload: all but when and which event.
+TOOL_PAYLOAD_FIELDS = tuple(c for c in SCHEMAS[TOOL_EXECUTIONS].columns if c not in ("created_at", "event_id"))
 
 
 @lru_cache(maxsize=8)
