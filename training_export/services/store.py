@@ -445,15 +445,20 @@ class TrainingDataStore:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 state, first_look = self._catch_up(path, fd, schema)
                 new_file = state.end == 0
-                fresh_ids: set[str] = set()
                 fresh_lines = [_header_line(schema)] if new_file else []
                 seen = state.seen
-                for event_id, line in encoded:
-                    if event_id in seen or event_id in fresh_ids:
-                        result.duplicates += 1
-                        continue
-                    fresh_ids.add(event_id)
-                    fresh_lines.append(line)
+                ids = [event_id for event_id, _ in encoded]
+                fresh_ids = set(ids)
+                if len(fresh_ids) == len(ids) and seen.isdisjoint(fresh_ids):
+                    fresh_lines += [line for _, line in encoded]  # nothing to skip: the common case
+                else:
+                    fresh_ids = set()
+                    for event_id, line in encoded:
+                        if event_id in seen or event_id in fresh_ids:
+                            result.duplicates += 1
+                            continue
+                        fresh_ids.add(event_id)
+                        fresh_lines.append(line)
                 text = "".join(fresh_lines)
                 if text:
                     data = text.encode("utf-8")

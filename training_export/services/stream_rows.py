@@ -91,8 +91,7 @@ def whole_rows(event_id: str, events_line: str, tool_line: str) -> bool:
     consumer builds it): telling those apart would take parsing the line."""
     return (
         events_line.find("\n") == len(events_line) - 1
-        and events_line.startswith(event_id)
-        and events_line[len(event_id) : len(event_id) + 1] == ","
+        and events_line.startswith(f"{event_id},")
         and (not tool_line or (tool_line.find("\n") == len(tool_line) - 1 and tool_line.endswith(f",{event_id}\n")))
     )
 

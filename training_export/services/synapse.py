@@ -359,25 +359,36 @@ def _tool_row(event: StreamEvent) -> dict[str, Any]:
     )
 
 
-# Per entry whose rows the relay made: its position in the batch, event_id, event_type, UTC
-# day, events line, tool_executions line ("" but for tool_executed) and, for a terminal task or
-# workflow event, the StreamEvent its tasks / workflows row is made from (else None). Plain
-# tuples: one is built per entry, on the consumer's hot path.
-MadeRows = tuple[int, str, str, dt.date, str, str, "StreamEvent | None"]
+class FileRows(NamedTuple):
+    """One file's rows of a batch: (event_id, line) each, and each one's position in the batch."""
+
+    rows: list[tuple[str, str]]
+    positions: list[int]
+
+
+Files = dict[tuple[str, dt.date], FileRows]  # by (data type, UTC day)
+
+
+def _file_rows() -> FileRows:
+    return FileRows([], [])
 
 
 # The csv_format values of other settings this process has warned about (once each).
 _FORMATS_SEEN: set[Any] = set()
 
 
-def made_rows(entries: Sequence[Entry]) -> tuple[list[MadeRows], list[tuple[int, Entry]]]:
-    """The entries whose rows the relay made under this process's settings (stream_rows), and
-    the rest (with their positions), which the consumer parses, checks and encodes itself."""
+def made_rows(
+    entries: Sequence[Entry], files: Files, terminal: list[tuple[int, StreamEvent]]
+) -> tuple[int, list[tuple[int, Entry]]]:
+    """Add to `files` the rows the relay made under this process's settings (stream_rows), and
+    to `terminal` the terminal task and workflow events among those entries (their tasks /
+    workflows rows come from the database and the event's `state`). Returns how many entries
+    the relay made and the rest (with their positions), which the consumer builds itself."""
     if not entries:
-        return [], []
+        return 0, []
     made_here = row_format()
-    days: dict[str, dt.date] = {}
-    made: list[MadeRows] = []
+    days: dict[str, tuple[FileRows, FileRows]] = {}  # events, tool_executions files of a day
+    made = 0
     rest = []
     decode = type(next(iter(entries[0][1]), "")) is bytes  # a client that does not decode
     for position, entry in enumerate(entries):
@@ -405,21 +416,31 @@ def made_rows(entries: Sequence[Entry]) -> tuple[list[MadeRows], list[tuple[int,
             tool_line = raw.get(ROW_TOOL_LINE, "")
             if not whole_rows(event_id, events_line, tool_line):
                 raise ValueError
-            # The UTC text the relay writes ("…+00:00"): its day, parsed once per batch.
-            day = days.get(created_at[:10]) if created_at.endswith("+00:00") else None
-            if day is None:
-                day = days[created_at[:10]] = _utc_day_of(created_at)
-            terminal = None
+            # The UTC text the relay writes ("…+00:00"): its day's files, once per batch.
+            day_files = days.get(created_at[:10]) if created_at.endswith("+00:00") else None
+            if day_files is None:
+                day = _utc_day_of(created_at)
+                day_files = days[created_at[:10]] = (
+                    files.setdefault((EVENTS, day), _file_rows()),
+                    files.setdefault((TOOL_EXECUTIONS, day), _file_rows()),
+                )
             if event_type in _TASK_TERMINAL or event_type in _WORKFLOW_TERMINAL:
                 # An entry whose payload is not an object goes the way of any entry (dead-lettered).
                 payload = json_load(raw["payload"])
                 if type(payload) is not dict:
                     raise ValueError
-                terminal = StreamEvent(entry[0], raw, dt.datetime.fromisoformat(created_at), payload, day)
+                created = dt.datetime.fromisoformat(created_at)
+                terminal.append((position, StreamEvent(entry[0], raw, created, payload, created.date())))
         except (KeyError, TypeError, ValueError, AttributeError, RecursionError):
             rest.append((position, entry))
             continue
-        made.append((position, event_id, event_type, day, events_line, tool_line, terminal))
+        events_file, tools_file = day_files
+        events_file.rows.append((event_id, events_line))
+        events_file.positions.append(position)
+        if tool_line:
+            tools_file.rows.append((event_id, tool_line))
+            tools_file.positions.append(position)
+        made += 1
     return made, rest
 
 
@@ -564,23 +585,16 @@ class SynapseConsumer:
         relay made (stream_rows) are written as they are; the consumer builds the others from
         the entry's fields (the same bytes). Each file gets its rows in stream order."""
         result = BatchResult(entries=len(entries))
-        made, rest = made_rows(entries)
-        result.relay_made = len(made)
-        # (position in the batch, event_id, line) per file.
-        files: dict[tuple[str, dt.date], list[tuple[int, str, str]]] = defaultdict(list)
-        tasks: list[tuple[int, StreamEvent]] = []
-        workflows: list[tuple[int, StreamEvent]] = []
-        for position, event_id, event_type, day, events_line, tool_line, terminal in made:
-            files[(EVENTS, day)].append((position, event_id, events_line))
-            if tool_line:
-                files[(TOOL_EXECUTIONS, day)].append((position, event_id, tool_line))
-            if terminal is not None:
-                (tasks if event_type in _TASK_TERMINAL else workflows).append((position, terminal))
-
+        files: Files = {}
+        terminal: list[tuple[int, StreamEvent]] = []
+        result.relay_made, rest = made_rows(entries, files, terminal)
         dead: list[DeadEntry] = []
         if rest:
-            dead = self._build_rows(rest, files, tasks, workflows)
+            dead = self._build_rows(rest, files, terminal)
         result.dead = len(dead)
+        terminal.sort(key=itemgetter(0))
+        tasks = [event for _, event in terminal if event.event_type in _TASK_TERMINAL]
+        workflows = [event for _, event in terminal if event.event_type in _WORKFLOW_TERMINAL]
         rows: Rows = defaultdict(list)
         self._add_database_rows(
             rows,
@@ -588,7 +602,7 @@ class SynapseConsumer:
             TASKS,
             TaskExecution,
             _TASK_FIELDS,
-            [event for _, event in sorted(tasks, key=itemgetter(0))],
+            tasks,
             key=lambda e: e.fields.get("entity_id"),
         )
         self._add_database_rows(
@@ -597,16 +611,17 @@ class SynapseConsumer:
             WORKFLOWS,
             Workflow,
             _WORKFLOW_FIELDS,
-            [event for _, event in sorted(workflows, key=itemgetter(0))],
+            workflows,
             key=lambda e: e.fields.get("entity_id") or e.fields.get("workflow_id"),
         )
         # Every file's rows are encoded before any file is written: a row that cannot be
         # encoded fails the batch with nothing written (see process()).
         encoded = []
-        for (data_type, day), lines in files.items():
-            if made and rest:
-                lines.sort(key=itemgetter(0))
-            encoded.append((data_type, day, [(event_id, line) for _, event_id, line in lines]))
+        for (data_type, day), (lines, positions) in files.items():
+            if lines and result.relay_made and rest:  # both ways in one file: back to stream order
+                lines = [line for _, line in sorted(zip(positions, lines, strict=True), key=itemgetter(0))]
+            if lines:
+                encoded.append((data_type, day, lines))
         encoded += [(data_type, day, encode_rows(data_type, file_rows)) for (data_type, day), file_rows in rows.items()]
         for data_type, day, lines in encoded:
             written = self.store.write_encoded(data_type, day, lines)
@@ -615,11 +630,7 @@ class SynapseConsumer:
         return WrittenBatch(entry_ids=[entry_id for entry_id, _ in entries], dead=dead, result=result)
 
     def _build_rows(
-        self,
-        rest: list[tuple[int, Entry]],
-        files: dict[tuple[str, dt.date], list[tuple[int, str, str]]],
-        tasks: list[tuple[int, StreamEvent]],
-        workflows: list[tuple[int, StreamEvent]],
+        self, rest: list[tuple[int, Entry]], files: Files, terminal: list[tuple[int, StreamEvent]]
     ) -> list[DeadEntry]:
         """Parse and check the entries whose rows the relay did not make (or not under this
         consumer's settings), and encode their events and tool rows into `files`; returns the
@@ -647,23 +658,18 @@ class SynapseConsumer:
             )
             event_positions[event.day].append(position)
             event_type = fields["event_type"]
-            if event_type in _TASK_TERMINAL:
-                tasks.append((position, event))
-            elif event_type in _WORKFLOW_TERMINAL:
-                workflows.append((position, event))
+            if event_type in _TASK_TERMINAL or event_type in _WORKFLOW_TERMINAL:
+                terminal.append((position, event))
             elif event_type == _TOOL_EXECUTED:
                 tool_rows[event.day].append((position, _tool_row(event)))
         for day, cells in event_cells.items():
-            lines = encode_event_cells(cells)
-            files[(EVENTS, day)] += [
-                (position, event_id, line)
-                for position, (event_id, line) in zip(event_positions[day], lines, strict=True)
-            ]
+            file = files.setdefault((EVENTS, day), _file_rows())
+            file.rows.extend(encode_event_cells(cells))
+            file.positions.extend(event_positions[day])
         for day, items in tool_rows.items():
-            lines = encode_rows(TOOL_EXECUTIONS, [row for _, row in items])
-            files[(TOOL_EXECUTIONS, day)] += [
-                (position, event_id, line) for (position, _), (event_id, line) in zip(items, lines, strict=True)
-            ]
+            file = files.setdefault((TOOL_EXECUTIONS, day), _file_rows())
+            file.rows.extend(encode_rows(TOOL_EXECUTIONS, [row for _, row in items]))
+            file.positions.extend(position for position, _ in items)
         return dead
 
     def _add_database_rows(
@@ -938,5 +944,8 @@ def _original_bytes(value: Any) -> Any:
 def _entries(reply: Any) -> list[Entry]:
     entries: list[Entry] = []
     for _stream, stream_entries in reply or []:
-        entries += [(_text(entry_id), fields or {}) for entry_id, fields in stream_entries if entry_id]
+        if stream_entries and type(stream_entries[0][0]) is str and all(fields for _, fields in stream_entries):
+            entries += stream_entries  # a decoding client's entries, none deleted: as they are
+        else:
+            entries += [(_text(entry_id), fields or {}) for entry_id, fields in stream_entries if entry_id]
     return entries
