@@ -373,8 +373,10 @@ def _file_rows() -> FileRows:
     return FileRows([], [])
 
 
-# The csv_format values of other settings this process has warned about (once each).
-_FORMATS_SEEN: set[Any] = set()
+# The csv_format values of other settings this process has warned about (once each, and about
+# the first few only: the stream is trusted, but a flood of odd values must not grow this).
+_FORMATS_SEEN: set[str] = set()
+_FORMATS_WARNED = 8
 
 
 def made_rows(
@@ -390,7 +392,8 @@ def made_rows(
     days: dict[str, tuple[FileRows, FileRows]] = {}  # events, tool_executions files of a day
     made = 0
     rest = []
-    decode = type(next(iter(entries[0][1]), "")) is bytes  # a client that does not decode
+    # A client that does not decode (told by the first entry with fields: a deleted one has none).
+    decode = type(next(iter(next((raw for _, raw in entries if raw), {})), "")) is bytes
     for position, entry in enumerate(entries):
         raw = entry[1]
         try:
@@ -398,8 +401,8 @@ def made_rows(
                 raw = dict(zip(map(bytes.decode, raw.keys()), map(bytes.decode, raw.values()), strict=True))
             made_under = raw.get(ROW_FORMAT)
             if made_under != made_here:
-                if made_under and made_under not in _FORMATS_SEEN:
-                    _FORMATS_SEEN.add(made_under)
+                if made_under and len(_FORMATS_SEEN) < _FORMATS_WARNED and str(made_under)[:40] not in _FORMATS_SEEN:
+                    _FORMATS_SEEN.add(str(made_under)[:40])
                     logger.warning(
                         "Synapse entries whose rows were made under other settings (csv_format %s; this "
                         "process: %s): their rows are built here, at a higher cost. The relay's and this "
