@@ -258,3 +258,36 @@ def test_sigterm_while_the_consumers_are_being_started_stops_them_all(settings, 
 
     assert not processes_of(stream)
     assert_group_left_clean(stream)
+
+
+def test_the_alive_check_passes_while_a_consumer_reads_and_fails_once_it_stops_reading(
+    settings, stream, no_stray_processes, tmp_path
+):
+    """compose's synapse healthcheck (`synapse_groups --alive HOSTNAME-`) on a real consumer: a
+    hung one (SIGSTOP: its process exists, it reads nothing) is reported, by name and idle time."""
+    import io
+
+    from django.core.management import CommandError, call_command
+
+    settings.SYNAPSE_STREAM = stream
+    parent = consume_events(stream, tmp_path / "training", "--consumer", "host-a", "--block-ms", "100", once=False)
+    try:
+        wait_until(lambda: "host-a" in group_consumers(stream), "the consumer to join the group")
+        out = io.StringIO()
+        call_command("synapse_groups", "--alive", "host-", "--max-idle", "5", stdout=out)
+        assert out.getvalue().startswith(f"host-a read from '{stream}' ")
+        with pytest.raises(CommandError, match="no consumer of the group 'training' is named other-…"):
+            call_command("synapse_groups", "--alive", "other-")
+        with pytest.raises(CommandError, match="no consumer group 'elsewhere'"):
+            call_command("synapse_groups", "--alive", "host-", "--group", "elsewhere")
+
+        parent.send_signal(signal.SIGSTOP)
+        time.sleep(1.5)
+        with pytest.raises(CommandError, match=r"no consumer named host-… has read for 1\.\d s \(the latest: host-a\)"):
+            call_command("synapse_groups", "--alive", "host-", "--max-idle", "1")
+        parent.send_signal(signal.SIGCONT)
+        time.sleep(0.5)
+        call_command("synapse_groups", "--alive", "host-", "--max-idle", "1", stdout=io.StringIO())
+    finally:
+        parent.send_signal(signal.SIGCONT)
+        stop_parent(parent, signal.SIGTERM)

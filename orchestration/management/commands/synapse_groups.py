@@ -2,8 +2,14 @@ import redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from orchestration.management.arguments import synapse_reachable
-from orchestration.services.relay import StreamGroupError, stream_group_destroy, stream_groups, synapse_client
+from orchestration.management.arguments import seconds, synapse_reachable
+from orchestration.services.relay import (
+    StreamGroupError,
+    shown_name,
+    stream_group_destroy,
+    stream_groups,
+    synapse_client,
+)
 
 
 class Command(BaseCommand):
@@ -20,9 +26,48 @@ class Command(BaseCommand):
             "(its pending entries are dropped with it)",
         )
 
+        parser.add_argument(
+            "--alive",
+            metavar="PREFIX",
+            help="a liveness check (compose's synapse healthcheck, PREFIX the container's hostname and a "
+            "dash): exit 1 unless a consumer of --group whose name starts with PREFIX has read from the "
+            "stream within --max-idle seconds (a live consumer reads at least every --block-ms)",
+        )
+        parser.add_argument("--group", default="training", help="with --alive: the consumer group (default: training)")
+        parser.add_argument(
+            "--max-idle",
+            type=seconds(),
+            default=60.0,
+            help="with --alive: seconds since the freshest such consumer's last read (default: 60)",
+        )
+
     def handle(self, *args, **options):
         with synapse_reachable():
+            if options["alive"] is not None:
+                self.alive(synapse_client(), options["alive"], options["group"], options["max_idle"])
+                return
             self.report(synapse_client(), options["destroy"])
+
+    def alive(self, client: redis.Redis, prefix: str, group: str, max_idle: float) -> None:
+        stream = settings.SYNAPSE_STREAM
+        try:
+            consumers = client.xinfo_consumers(stream, group)
+        except redis.ResponseError as exc:  # no stream, or no such group
+            raise CommandError(f"no consumer group {group!r} on the stream {stream!r} ({exc})") from None
+        idle = sorted(
+            (int(consumer["idle"]), shown_name(consumer["name"]))
+            for consumer in consumers
+            if shown_name(consumer["name"]).startswith(prefix)
+        )
+        if not idle:
+            raise CommandError(f"no consumer of the group {group!r} is named {prefix}…: none has read yet")
+        milliseconds, name = idle[0]
+        if milliseconds > max_idle * 1000:
+            raise CommandError(
+                f"no consumer named {prefix}… has read for {milliseconds / 1000:.1f} s (the latest: {name}); "
+                f"--max-idle is {max_idle:g} s"
+            )
+        self.stdout.write(f"{name} read from {stream!r} {milliseconds / 1000:.1f} s ago")
 
     def report(self, client: redis.Redis, name: str | None) -> None:
         stream = settings.SYNAPSE_STREAM
