@@ -180,6 +180,14 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = 20.0
         time.sleep(0.01)
 
 
+def group_names(stream: str) -> list[str]:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        return [group["name"].decode() for group in client.xinfo_groups(stream)]
+    finally:
+        client.close()
+
+
 def group_consumers(stream: str) -> list[str]:
     client = redis.Redis.from_url(settings.REDIS_URL)
     try:
@@ -280,6 +288,11 @@ def test_the_alive_check_passes_while_a_consumer_reads_and_fails_once_it_stops_r
             call_command("synapse_groups", "--alive", "other-")
         with pytest.raises(CommandError, match="no consumer group 'elsewhere'"):
             call_command("synapse_groups", "--alive", "host-", "--group", "elsewhere")
+        with pytest.raises(CommandError, match="--group and --max-idle go with --alive"):
+            call_command("synapse_groups", "--max-idle", "5")
+        with pytest.raises(CommandError, match="--alive and --destroy are separate uses"):
+            call_command("synapse_groups", "--alive", "host-", "--destroy", "training")
+        assert "training" in group_names(stream), "nothing was destroyed"
 
         parent.send_signal(signal.SIGSTOP)
         time.sleep(1.5)

@@ -13,9 +13,9 @@ relay adds the finished rows to the entry, made by the same functions the consum
 
 A consumer writes the lines as they are only when `csv_format` is its own and each line is one
 whole row of its event (it begins, or for tool_executions ends, with the event_id, and holds one
-line break, at its end). Any other entry (a relay under other redaction settings, another SECRET_KEY or another
-version of the encoding; an entry of an earlier relay; one added by hand) is parsed, checked and
-redacted by the consumer, as before, into the same bytes.
+line break, at its end). Any other entry (a relay under other redaction settings, another
+SECRET_KEY or another version of the encoding; an entry of an earlier relay; one added by
+hand) is parsed, checked and redacted by the consumer, as before, into the same bytes.
 
 Like the broker, the stream is inside the trust boundary: whoever can write to this Redis can
 queue tasks for the workers, and so could also add an entry with rows of their choosing.

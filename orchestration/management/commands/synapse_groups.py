@@ -33,18 +33,23 @@ class Command(BaseCommand):
             "dash): exit 1 unless a consumer of --group whose name starts with PREFIX has read from the "
             "stream within --max-idle seconds (a live consumer reads at least every --block-ms)",
         )
-        parser.add_argument("--group", default="training", help="with --alive: the consumer group (default: training)")
+        parser.add_argument("--group", help="with --alive: the consumer group (default: training)")
         parser.add_argument(
             "--max-idle",
             type=seconds(),
-            default=60.0,
             help="with --alive: seconds since the freshest such consumer's last read (default: 60)",
         )
 
     def handle(self, *args, **options):
+        alive = options["alive"]
+        if alive is not None and options["destroy"] is not None:
+            raise CommandError("--alive and --destroy are separate uses: give one")
+        if alive is None and (options["group"] is not None or options["max_idle"] is not None):
+            raise CommandError("--group and --max-idle go with --alive")
         with synapse_reachable():
-            if options["alive"] is not None:
-                self.alive(synapse_client(), options["alive"], options["group"], options["max_idle"])
+            if alive is not None:
+                group, max_idle = options["group"] or "training", options["max_idle"] or 60.0
+                self.alive(synapse_client(), alive, group, max_idle)
                 return
             self.report(synapse_client(), options["destroy"])
 
