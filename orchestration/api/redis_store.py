@@ -213,6 +213,12 @@ class LocalStore:
 _local = LocalStore()
 
 
+def redis_client() -> redis.Redis | None:
+    """The API's Redis client (short timeouts, one per process), or None without REDIS_URL."""
+    url = settings.REDIS_URL
+    return _client(url) if url else None
+
+
 def store() -> RedisStore | LocalStore:
     url = settings.REDIS_URL
     if not url:

@@ -90,12 +90,12 @@ def event_fields(event: Event) -> dict[str, str]:
     }
 
 
-def settled_sequence() -> int:
+def settled_sequence(client: redis.Redis | None = None) -> int:
     """The last sequence the relay has put on the stream: every event up to it has been
     published, and no event can commit below it any more (the relay passes a sequence hole
     only once it is proven a rollback). 0 before the first. Raises RuntimeError without
-    Redis, redis.RedisError when it does not answer."""
-    return _stream_last_sequence(synapse_client(), settings.SYNAPSE_STREAM)
+    Redis, redis.RedisError when it does not answer. `client`: a caller's own (the API's)."""
+    return _stream_last_sequence(client or synapse_client(), settings.SYNAPSE_STREAM)
 
 
 def _stream_last_sequence(client: redis.Redis, stream: str) -> int:

@@ -115,10 +115,16 @@ def test_settled_without_a_reachable_stream_is_a_503_naming_why(admin, settings)
     assert response.status_code == 503
     assert response["Content-Type"].startswith("application/problem+json")
     assert "relay's position on the Synapse stream, which is unknown" in response.json()["detail"]
+    assert response["Retry-After"] == "5"
+    assert "127.0.0.1" not in response.content.decode(), "no host names in the answer"
+    settings.REDIS_URL = None
+    response = admin.client.get("/api/v1/events/?settled=true")
+    assert response.status_code == 503 and "REDIS_URL is not set" in response.json()["detail"]
 
 
-def test_after_must_be_a_number(admin):
-    response = admin.client.get("/api/v1/events/?after=latest")
+@pytest.mark.parametrize("value", ["latest", "1.5", "-3"])
+def test_after_must_be_a_whole_number_of_0_or_more(admin, value):
+    response = admin.client.get(f"/api/v1/events/?after={value}")
     assert response.status_code == 400
     assert response.json()["errors"][0]["field"] == "after"
 
