@@ -153,7 +153,7 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
         result.csv_partitions_removed = len(removed)
         if removed:
             logger.info(
-                "retention: %d training CSV partition(s) removed, the newest %s", len(removed), removed[-1].name
+                "retention: %d training CSV partition(s) of days before %s removed", len(removed), before.date()
             )
     result.deleted = dict(sorted(deleted.items()))
     for table, reason in result.skipped.items():
