@@ -245,12 +245,14 @@ def workflow_maybe_finish(workflow: Workflow, *, now: dt.datetime) -> None:
     workflow.completed_at = now
     _record_results(workflow)
     workflow.save(update_fields=["status", "completed_at", "step_results", "checkpoints", "updated_at"])
-    workflow.refresh_from_db(fields=["duration_ms", "completed_steps", "failed_steps", "cancelled_steps"])
+    workflow.refresh_from_db(fields=["duration_ms", "completed_steps", "failed_steps", "cancelled_steps", "error"])
     payload = {
         "completed_steps": workflow.completed_steps,
         "failed_steps": workflow.failed_steps,
         "duration_ms": workflow.duration_ms,
     }
+    if workflow.status == Workflow.Status.FAILED:  # as workflow_fail's event names it
+        payload["error"] = workflow.error or ""
     if workflow.status == Workflow.Status.CANCELLED:
         payload["cancelled_steps"] = workflow.cancelled_steps
     if workflow.status != Workflow.Status.COMPLETED:  # it can be resumed: record how it ended

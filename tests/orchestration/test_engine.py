@@ -187,6 +187,7 @@ def test_a_failed_task_fails_the_workflow_and_lets_running_siblings_finish(engin
     assert set(failed.step_results) == {"pause", "long"}
     [ended] = Event.objects.filter(entity_id=wf.workflow_id, event_type="workflow_failed")
     assert ended.payload["state"]["completed_steps"] == 2
+    assert ended.payload["error"] == stopping.error, "the same event, whichever task ends last"
 
 
 def test_a_task_still_running_in_a_stopping_workflow_is_not_retried(engine):
