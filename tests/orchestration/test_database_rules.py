@@ -324,3 +324,20 @@ def test_append_only_trigger_survives_the_flush_after_a_transactional_test() -> 
         Event.objects.filter(pk=event.pk).update(severity="error")
     assert_restrict_violation(raised.value, APPEND_ONLY.format("UPDATE"))
     assert Event.objects.get(pk=event.pk).severity == "info"
+
+
+@pytest.mark.django_db
+def test_an_insert_that_does_not_name_wasted_cost_gets_0() -> None:
+    """Seed SQL and bulk loads (bench.api's) write workflows without the column migration 0026
+    added: the database itself fills it in."""
+    workflow = WorkflowFactory()
+    columns = [f.column for f in Workflow._meta.concrete_fields if f.column != "wasted_cost_usd"]
+    quoted = [connection.ops.quote_name(column) for column in columns]
+    values = ["%s" if column == "workflow_id" else name for column, name in zip(columns, quoted, strict=True)]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO workflows ({', '.join(quoted)}) SELECT {', '.join(values)} "  # noqa: S608
+            "FROM workflows WHERE workflow_id = %s",
+            ["wf-copy", workflow.pk],
+        )
+    assert Workflow.objects.get(pk="wf-copy").wasted_cost_usd == 0
