@@ -235,7 +235,11 @@ def test_a_day_the_daily_export_gave_up_on_is_recorded_failed_and_exported_the_n
     transactional_db, out, monkeypatch
 ):
     real_now = timezone.now
-    shift = dt.timedelta(days=2)  # a clock for the beat two days ahead: "yesterday" ends after real now
+    # A clock for the beat at noon two days ahead: "yesterday" ends after real now, and is closed
+    # whatever the real time of day (at 00:04 UTC a plain two-day shift left it inside the safety lag).
+    start = real_now()
+    noon = dt.datetime.combine(start.date() + dt.timedelta(days=2), dt.time(12), tzinfo=dt.UTC)
+    shift = noon - start
     monkeypatch.setattr(timezone, "now", lambda: real_now() + shift)
     missed = (real_now() + shift).date() - dt.timedelta(days=1)
     # The day before was exported: the type has a last exported day to catch up from.
