@@ -14,9 +14,8 @@ import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from django.conf import settings
 
 from orchestration.errors import AgentError, PermanentError, RetryableError
@@ -24,6 +23,9 @@ from orchestration.models import Agent
 from orchestration.runtime import pricing
 from orchestration.runtime.context import AgentResult, TaskContext, Usage
 from orchestration.runtime.urlpolicy import Target, url_check
+
+if TYPE_CHECKING:
+    import httpx
 
 USER_AGENT = "agentledger/0.1"
 SNIPPET_CHARS = 300
@@ -115,6 +117,11 @@ def post_json(
         "Host": target.url.netloc.decode("ascii"),
     }
     extensions = {"sni_hostname": target.hostname} if target.url.scheme == "https" else {}
+    # Imported on the first request, not with this module: every Django process loads the
+    # module (through the agent registry) and httpx brings in about 15 MB (with rich and
+    # pygments for its command line), which the web, the exporter and the consumer never use.
+    import httpx
+
     timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
     limit = settings.AGENT_HTTP_MAX_RESPONSE_BYTES
     last_connect_error: Exception | None = None

@@ -16,15 +16,16 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.utils.module_loading import import_module
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 
 from orchestration.errors import RetryableError, ToolError
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 _NO_ARGUMENTS: Any = object()
@@ -58,6 +59,11 @@ def tool(*, name: str, description: str, parameters: dict[str, Any]) -> Decorato
         raise ValueError(f"tool name {name!r}: use 1-64 lowercase letters, digits, '_' or '-'")
     if parameters.get("type") != "object":
         raise ValueError(f"tool {name!r}: parameters must be a JSON schema of type object")
+    # Imported here, when tools are registered: processes that run no agent (the web, the
+    # exporter, the consumer) load the registry's module without it (about 10 MB resident).
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
     try:
         Draft202012Validator.check_schema(parameters)
     except SchemaError as exc:

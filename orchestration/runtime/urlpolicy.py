@@ -19,11 +19,14 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import httpx
 from django.conf import settings
 
 from orchestration.errors import PermanentError, RetryableError
+
+if TYPE_CHECKING:
+    import httpx
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -81,6 +84,8 @@ def url_check(url: str, *, always_allowed_hosts: Iterable[str] = (), resolve: bo
     credentials, a host), without a DNS lookup, and the Target has no addresses: the
     allow-list and the address rules belong to the deployment (AGENT_HTTP_ALLOWED_HOSTS,
     AGENT_HTTP_ALLOW_PRIVATE) and are applied where the request is made."""
+    import httpx  # here, not at module level: see http_agent's note on its import
+
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError) as exc:

@@ -1,0 +1,50 @@
+"""What a Django process of this project loads before it does anything: the exporter's peak
+resident set is held under 100 MB (bench/pipeline.py) and most of it is this baseline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Loaded only where they are used: httpx (with rich, pygments and click for its command line,
+# about 15 MB) for an http or llm agent's request, jsonschema (about 10 MB) when tools register.
+ON_DEMAND = ("httpx", "rich", "pygments", "jsonschema")
+
+
+def test_a_process_that_runs_no_agent_does_not_load_the_agent_clients():
+    script = (
+        "import json, sys, django; django.setup()\n"
+        "import training_export.services.export, training_export.services.synapse\n"
+        "import orchestration.services.agent_registry, orchestration.runtime.llm\n"
+        f"print(json.dumps(sorted(m for m in {ON_DEMAND!r} if m in sys.modules)))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(proc.stdout.splitlines()[-1]) == []
+
+
+def test_the_agent_clients_load_when_an_agent_url_is_checked():
+    script = (
+        "import sys, django; django.setup()\n"
+        "from orchestration.runtime.urlpolicy import url_check\n"
+        "url_check('https://api.example.com/v1', resolve=False)\n"
+        "from orchestration.runtime import toolkit\n"
+        "assert 'httpx' in sys.modules and 'jsonschema' in sys.modules, sorted(sys.modules)\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
