@@ -72,7 +72,10 @@ fi
 case "$1" in
   web)
     wait_for_dependencies
-    python manage.py migrate --noinput
+    # Migrations may rewrite or validate big tables: the web's statement and idle-transaction
+    # limits are for requests, not for them.
+    DATABASE_STATEMENT_TIMEOUT_SECONDS=0 DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS=0 \
+      python manage.py migrate --noinput
     python manage.py load_agents
     # gunicorn runs several worker processes; prometheus_client's multiprocess mode (which
     # django_prometheus's /metrics view honours) aggregates them. Set only after migrate,

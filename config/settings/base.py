@@ -94,6 +94,19 @@ def _database(url: str) -> dict:
         # psycopg waits for a connection indefinitely by default; readiness checks and
         # workers must not hang on an unreachable database.
         config.setdefault("OPTIONS", {})["connect_timeout"] = env.int("DATABASE_CONNECT_TIMEOUT", 5, minimum=1)
+        # Server-side limits for processes that answer people (compose sets them for web): a
+        # runaway query or a transaction left idle gives its connection and locks back. 0 (the
+        # default, and right for workers: an export reads for hours) sets nothing.
+        limits = {
+            "statement_timeout": env.int("DATABASE_STATEMENT_TIMEOUT_SECONDS", 0, minimum=0, maximum=2_147_483),
+            "idle_in_transaction_session_timeout": env.int(
+                "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", 0, minimum=0, maximum=2_147_483
+            ),
+        }
+        options = [f"-c {name}={seconds * 1000}" for name, seconds in limits.items() if seconds]
+        if options:
+            given = config["OPTIONS"].get("options")  # from the URL's ?options=
+            config["OPTIONS"]["options"] = " ".join([given, *options] if given else options)
     if engine == "django.db.backends.sqlite3":
         config["CONN_MAX_AGE"] = 0
         # The embedded mode runs web, worker and beat on one file: a transaction takes the

@@ -11,6 +11,7 @@ import logging
 import re
 from typing import Any
 
+import psycopg.errors
 from django.conf import settings
 from django.core.exceptions import (
     BadRequest,
@@ -19,6 +20,7 @@ from django.core.exceptions import (
     SuspiciousOperation,
     TooManyFieldsSent,
 )
+from django.db import DatabaseError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.urls import is_valid_path
 from django.views import defaults
@@ -26,7 +28,7 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
-from orchestration.api.exceptions import Conflict, RequestTooLarge
+from orchestration.api.exceptions import Conflict, RequestTooLarge, Unavailable
 from orchestration.api.renderers import FastJSONRenderer
 from orchestration.errors import SpecError, TransitionError
 
@@ -135,6 +137,15 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
         # Django answers these 400 outside DRF; inside a view they reach this handler.
         exc = exceptions.ParseError(
             f"The request has more than {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} query or form parameters."
+        )
+    elif isinstance(exc, DatabaseError) and isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
+        # DATABASE_STATEMENT_TIMEOUT_SECONDS cut a statement short (or an operator cancelled
+        # it): the request did nothing (its transaction is rolled back), which the client
+        # should know, rather than a bare 500.
+        logger.warning("a database statement was cancelled in %s: %s", instance, exc)
+        exc = Unavailable(
+            "The database did not finish this request in time and it was cancelled (nothing was changed); "
+            "narrow the filters or try again later."
         )
     elif isinstance(exc, SuspiciousOperation | BadRequest):
         logging.getLogger("django.security").warning("%s in %s: %s", type(exc).__name__, instance, exc)

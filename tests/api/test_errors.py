@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import logging
 
+import psycopg
 import pytest
+from django.db import connection
 from rest_framework.test import APIRequestFactory
 
 from orchestration.api.errors import problem_exception_handler
 from orchestration.models import Workflow
 from tests.api.conftest import SPEC
+from tests.engine import database_url
 
 
 @pytest.mark.parametrize(
@@ -79,3 +82,29 @@ def test_an_unexpected_exception_is_a_500_problem_without_internals(caplog):
         "instance": "/api/v1/workflows/",
     }
     assert "secret internals" in caplog.text  # logged for operators, not sent to the client
+
+
+def test_a_statement_the_statement_timeout_cancels_is_a_503_saying_nothing_changed(transactional_db, callers, caplog):
+    """DATABASE_STATEMENT_TIMEOUT_SECONDS (compose sets it for web): a list blocked behind a
+    lock until PostgreSQL cancels it answers a problem, not a bare 500."""
+    submit_body = json.dumps(SPEC)
+    with psycopg.connect(database_url(), autocommit=False) as other:
+        other.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")  # e.g. a migration's
+        with connection.cursor() as cursor:
+            cursor.execute("SET statement_timeout = '300ms'")  # what the setting's options do
+        try:
+            listed = callers["admin"].client.get("/api/v1/events/")
+            posted = callers["developer"].client.post(
+                "/api/v1/workflows/", submit_body, content_type="application/json"
+            )
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET statement_timeout")
+        other.rollback()
+    for response in (listed, posted):
+        assert response.status_code == 503, response.content
+        assert response["Content-Type"] == "application/problem+json"
+        assert "cancelled (nothing was changed)" in response.json()["detail"]
+    assert "a database statement was cancelled in /api/v1/events/" in caplog.text
+    # The submission's transaction was rolled back: no workflow without its workflow_created event.
+    assert Workflow.objects.count() == 0

@@ -241,3 +241,38 @@ def test_training_csv_retention_too_short_to_outlast_late_events_is_refused():
     result = run_manage("check", DATABASE_URL="postgres://postgres@127.0.0.1:5432/x", RETENTION_DAYS_TRAINING_CSV="1")
     assert result.returncode != 0
     assert "RETENTION_DAYS_TRAINING_CSV must be 0 (keep) or at least 2 days" in result.stderr
+
+
+def test_statement_and_idle_transaction_timeouts_reach_the_postgresql_session(monkeypatch):
+    """DATABASE_STATEMENT_TIMEOUT_SECONDS / DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS become
+    the session's settings on a real connection, beside options the URL gave; 0 sets nothing."""
+    import psycopg
+
+    from config.settings.base import _database
+    from tests.engine import database_url
+
+    assert "options" not in _database(database_url())["OPTIONS"]
+    monkeypatch.setenv("DATABASE_STATEMENT_TIMEOUT_SECONDS", "30")
+    monkeypatch.setenv("DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "60")
+    config = _database(database_url() + "?options=-c%20application_name%3Dweb-7")
+    with psycopg.connect(
+        dbname=config["NAME"],
+        host=config["HOST"],
+        port=config["PORT"] or 5432,
+        user=config["USER"],
+        **config["OPTIONS"],
+    ) as conn:
+        shown = [
+            conn.execute(f"SHOW {name}").fetchone()[0]
+            for name in ("statement_timeout", "idle_in_transaction_session_timeout", "application_name")
+        ]
+    assert shown == ["30s", "1min", "web-7"]
+
+
+@pytest.mark.parametrize("value, problem", [("-1", "is below the minimum of 0"), ("1e3", "is not an integer")])
+def test_a_bad_statement_timeout_is_named(monkeypatch, value, problem):
+    from config.settings.base import _database
+
+    monkeypatch.setenv("DATABASE_STATEMENT_TIMEOUT_SECONDS", value)
+    with pytest.raises(ImproperlyConfigured, match=f"DATABASE_STATEMENT_TIMEOUT_SECONDS=.* {problem}"):
+        _database("postgres://postgres@127.0.0.1:5432/x")
