@@ -9,6 +9,9 @@ task_cancelled, workflow_failed, workflow_cancelled: a retry or resume reruns th
 carry that row's changing columns as the ending left them, under the payload's `state`
 (orchestration.services.events.TASK_STATE_FIELDS / WORKFLOW_STATE_FIELDS).
 
+`agent_started` is written when an agent brings another into its attempt (hand-off, review,
+collaboration), as that agent begins; the attempt's own agent beginning is `task_started`.
+
 Seed 004's analytics names map onto these: `agent_task_completed` -> task_completed,
 `agent_task_failed` -> task_failed, `workflow_finished` -> workflow_completed /
 workflow_failed / workflow_cancelled.

@@ -106,7 +106,7 @@ class Peers:
 
     def _run(self, kind: str, to_agent: str, task_input: dict[str, Any], message: str) -> dict[str, Any]:
         from orchestration.runtime.executors import agent_execute
-        from orchestration.services.interactions import interaction_record
+        from orchestration.services.interactions import agent_started_record, interaction_record
 
         context = self._context
         if context.depth >= settings.AGENT_MAX_DELEGATION_DEPTH:
@@ -116,6 +116,14 @@ class Peers:
             )
         agent = self._target(to_agent, kind)
         sub = equip(context, agent, depth=context.depth + 1)
+        agent_started_record(
+            agent_id=to_agent,
+            from_agent_id=context.agent_id,
+            interaction_type=kind,
+            workflow_id=context.workflow_id,
+            execution_id=context.execution_id,
+            depth=sub.depth,
+        )
         started = time.monotonic()
         payload: dict[str, Any] = {"input": task_input}
         try:

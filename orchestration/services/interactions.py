@@ -38,6 +38,35 @@ def tool_call_record(*, call: ToolCall, execution_id: str, agent_id: str, workfl
     )
 
 
+def agent_started_record(
+    *,
+    agent_id: str,
+    from_agent_id: str,
+    interaction_type: str,
+    workflow_id: str | None,
+    execution_id: str | None,
+    depth: int,
+) -> None:
+    """Append the `agent_started` event of an agent that another one brought into its attempt
+    (hand-off, review, collaboration), committed before it starts: a delegated agent that works
+    for minutes shows on the stream as it begins, not only when its interaction is recorded.
+    (The attempt's own agent starting is its task_started.)"""
+    event_record(
+        event_type=EventType.AGENT_STARTED,
+        entity_type=EntityType.AGENT,
+        entity_id=agent_id,
+        workflow_id=workflow_id,
+        agent_id=agent_id,
+        payload={
+            "agent_id": agent_id,
+            "from_agent_id": from_agent_id,
+            "interaction_type": interaction_type,
+            "execution_id": execution_id,
+            "depth": depth,
+        },
+    )
+
+
 @transaction.atomic
 def interaction_record(
     *,

@@ -127,6 +127,16 @@ def test_reviewer_sends_feedback_and_hands_back_for_revision_until_approved(engi
         event_type=EventType.TOOL_EXECUTED, agent_id="summarizer", payload__execution_id=review.execution_id
     )
     assert revisions.count() >= 1
+    # the summarizer's start in the reviewer's attempt is on record before anything it did there
+    started = Event.objects.filter(event_type=EventType.AGENT_STARTED, workflow_id=workflow.pk).order_by("sequence")
+    assert [(e.entity_id, e.payload["from_agent_id"], e.payload["interaction_type"]) for e in started] == [
+        ("summarizer", "reviewer", "handoff")
+    ] * sum(i.interaction_type == "handoff" for i in interactions)
+    first = started[0]
+    assert first.agent_id == "summarizer" and first.payload["execution_id"] == review.execution_id
+    assert first.payload["depth"] == 1
+    handoff_event = events.filter(payload__interaction_type="handoff").order_by("sequence").first()
+    assert first.sequence < min(e.sequence for e in revisions) and first.sequence < handoff_event.sequence
 
 
 @pytest.mark.django_db
@@ -148,6 +158,9 @@ def test_handoffs_refuse_self_unknown_inactive_and_too_deep(builtin_agents, sett
         context.peers.handoff("summarizer", {})
     failed = AgentInteraction.objects.get(to_agent_id="summarizer")
     assert failed.payload["error"].startswith("PermanentError: input.text is required")
+    # only the hand-off that began has an agent_started: the refused ones never started anyone
+    started = Event.objects.filter(event_type=EventType.AGENT_STARTED)
+    assert [(e.entity_id, e.payload["from_agent_id"]) for e in started] == [("summarizer", "reviewer")]
 
 
 @pytest.mark.django_db
@@ -172,6 +185,12 @@ def test_review_and_collaboration_run_the_other_agent_and_are_recorded(builtin_a
     assert (collaboration.interaction_type, collaboration.to_agent_id) == ("collaboration", "calculator")
     calls = Event.objects.filter(event_type=EventType.TOOL_EXECUTED, agent_id="calculator")
     assert [c.payload["execution_id"] for c in calls] == [task.execution_id] * 2, "on the asking agent's task"
+    started = Event.objects.filter(event_type=EventType.AGENT_STARTED).order_by("sequence")
+    assert [(e.entity_id, e.payload["interaction_type"], e.payload["execution_id"]) for e in started] == [
+        ("reviewer", "review", task.execution_id),
+        ("calculator", "collaboration", task.execution_id),
+    ]
+    assert started[1].sequence < min(c.sequence for c in calls)
 
 
 # --- the llm executor's tool loop -------------------------------------------------------------
