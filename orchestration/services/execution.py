@@ -228,6 +228,16 @@ def queue_timeout_record(
     )
 
 
+def delivery_count(task: TaskExecution, *, celery_task_id: str, redelivered: bool) -> int:
+    """How many times this message has reached a worker that began a try with it, this time
+    included: 1 for a first delivery, else one more than the tries its earlier deliveries
+    recorded (a message the broker keeps redelivering, as after each SIGKILL of its worker,
+    counts 2, 3, ...). A delivery lost before its worker claimed the task left no try to count."""
+    if not redelivered:
+        return 1
+    return 1 + TaskAttempt.objects.filter(execution=task, celery_task_id=celery_task_id).count()
+
+
 def _unstarted_try_fail(
     task: TaskExecution,
     *,
@@ -253,6 +263,7 @@ def _unstarted_try_fail(
         worker=worker,
         celery_task_id=celery_task_id,
         redelivered=redelivered,
+        delivery_count=delivery_count(task, celery_task_id=celery_task_id, redelivered=redelivered),
         timeout_seconds=task.timeout_seconds,
         started_at=now,
         finished_at=now,
@@ -466,7 +477,7 @@ def _attempt_claim(
         worker=worker,
         celery_task_id=celery_task_id,
         redelivered=redelivered,
-        delivery_count=2 if redelivered else 1,
+        delivery_count=delivery_count(task, celery_task_id=celery_task_id, redelivered=redelivered),
         timeout_seconds=task.timeout_seconds,
         started_at=now,
     )

@@ -311,7 +311,7 @@ def claim(
             "celery_task_id": celery_task_id,
             "worker": worker,
             "redelivered": redelivered,
-            "delivery_count": 2 if redelivered else 1,
+            "delivery_count": 1,  # a redelivered message takes the general path (above)
             "now": now,
             "queue_timeout": settings.TASK_QUEUE_TIMEOUT_SECONDS,
             "event_id": new_id(),

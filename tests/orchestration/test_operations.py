@@ -629,6 +629,8 @@ def test_a_message_redelivered_in_a_loop_is_capped_by_the_attempts_recorded(db, 
     final = attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w4@h", redelivered=True)
     assert final == Outcome.SKIPPED
     assert [(a.status, a.cause) for a in attempts(wf, "poison")] == [(A.LOST, "worker_lost")] * 3
+    # each try says how many times the message had come: once, then twice, then three times
+    assert [(a.delivery_count, a.redelivered) for a in attempts(wf, "poison")] == [(1, False), (2, True), (3, True)]
     t.refresh_from_db()
     assert (t.status, t.retry_count) == (T.FAILED, 2)
     assert (
