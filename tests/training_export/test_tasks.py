@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import time
 from decimal import Decimal
 
 from django.core.management import call_command
@@ -19,6 +20,7 @@ from orchestration.models import AgentMetric
 from tests.engine import wait_for
 from tests.factories import AgentFactory, EventFactory, TaskExecutionFactory
 from training_export.models import ExportRun
+from training_export.services.export import STAMP_MARGIN
 
 PIPELINE_TASKS = {
     "rollup agent metrics hourly": ("orchestration.rollup_metrics", {"period": "hour"}),
@@ -28,8 +30,23 @@ PIPELINE_TASKS = {
 }
 
 
-def test_rollup_and_daily_export_run_on_a_real_worker(worker, tmp_path):
+def clear_of_midnight() -> dt.datetime:
+    """The worker runs export_previous_day on its own clock, which a test cannot move: from
+    midnight UTC until STAMP_MARGIN after it the previous day is not closed yet (the task is
+    retried 10 minutes later), and a test that straddles midnight expects another day than the
+    worker exports. Wait until clear of both (at most a few minutes, once a day)."""
     now = timezone.now()
+    midnight = dt.datetime.combine(now.astimezone(dt.UTC).date(), dt.time(), tzinfo=dt.UTC)
+    if now > midnight + dt.timedelta(days=1) - dt.timedelta(minutes=2):
+        midnight += dt.timedelta(days=1)
+    clear = midnight + STAMP_MARGIN + dt.timedelta(seconds=5)
+    if now < clear:
+        time.sleep((clear - now).total_seconds())
+    return timezone.now()
+
+
+def test_rollup_and_daily_export_run_on_a_real_worker(worker, tmp_path):
+    now = clear_of_midnight()
     last_hour = now.replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=1)
     yesterday = now.astimezone(dt.UTC).date() - dt.timedelta(days=1)
     noon = dt.datetime.combine(yesterday, dt.time(12), tzinfo=dt.UTC)
