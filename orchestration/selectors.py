@@ -73,6 +73,42 @@ def agent_stats(*, agent_id: str, since: dt.datetime | None = None, until: dt.da
     }
 
 
+def user_spend(*, user_id: int, since: dt.datetime | None = None, until: dt.datetime | None = None) -> dict:
+    """What one user's work cost in [since, until) (default: the last 24 hours), DESIGN §4's
+    wasted spend per user beside it: their workflows created in the window (all their tries'
+    tokens and cost, and what the failed, timed-out and lost tries cost) and the replies to
+    their conversation messages created in it (tasks outside any workflow). Two aggregate
+    queries, served by idx_workflows_owner_created and the messages' owner index."""
+    if since is None:
+        since = timezone.now() - DEFAULT_STATS_WINDOW
+    if until is not None and until <= since:
+        raise ValueError(f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
+    window = Q(created_at__gte=since) & (Q(created_at__lt=until) if until is not None else Q())
+    workflows = Workflow.objects.filter(window, owner_id=user_id).aggregate(
+        count=Count("pk"),
+        tokens=Sum("total_tokens_used", default=0),
+        cost_usd=Sum("total_cost_usd", default=Decimal(0)),
+        wasted_cost_usd=Sum("wasted_cost_usd", default=Decimal(0)),
+    )
+    asked = AgentPlaygroundMessage.objects.filter(owner_id=user_id, execution__isnull=False).values("execution")
+    replies = TaskExecution.objects.filter(window, workflow__isnull=True, pk__in=asked).aggregate(
+        count=Count("pk"),
+        tokens=Sum("tokens_used", default=0),
+        cost_usd=Sum("cost_usd", default=Decimal(0)),
+        wasted_cost_usd=Sum(Subquery(_wasted_of_task, output_field=DecimalField()), default=Decimal(0)),
+    )
+    return {
+        "user_id": user_id,
+        "since": since,
+        "until": until,
+        "workflows": workflows,
+        "conversation_replies": replies,
+        "total_tokens": workflows["tokens"] + replies["tokens"],
+        "total_cost_usd": workflows["cost_usd"] + replies["cost_usd"],
+        "wasted_cost_usd": workflows["wasted_cost_usd"] + replies["wasted_cost_usd"],
+    }
+
+
 def agent_recent_tasks(*, agent_id: str, limit: int = 20) -> QuerySet[TaskExecution]:
     """An agent's most recent tasks, newest first, with their workflow and agent joined.
 

@@ -603,6 +603,38 @@ class AgentStatsQuerySerializer(serializers.Serializer):
         return {**attrs, "since": since}
 
 
+class SpendPartSerializer(serializers.Serializer):
+    count = serializers.IntegerField()
+    tokens = serializers.IntegerField()
+    cost_usd = serializers.DecimalField(max_digits=20, decimal_places=6, help_text="every try's cost")
+    wasted_cost_usd = serializers.DecimalField(
+        max_digits=20, decimal_places=6, help_text="the cost of the failed, timed-out and lost tries"
+    )
+
+
+class UserSpendSerializer(serializers.Serializer):
+    """What a user's workflows and conversation replies cost over a window, and how much of
+    it went on tries that failed, timed out or were lost."""
+
+    user_id = serializers.IntegerField()
+    username = serializers.CharField()
+    since = serializers.DateTimeField()
+    until = serializers.DateTimeField(allow_null=True)
+    workflows = SpendPartSerializer(help_text="the user's workflows created in the window")
+    conversation_replies = SpendPartSerializer(help_text="replies to the user's messages, created in the window")
+    total_tokens = serializers.IntegerField()
+    total_cost_usd = serializers.DecimalField(max_digits=20, decimal_places=6)
+    wasted_cost_usd = serializers.DecimalField(max_digits=20, decimal_places=6)
+
+
+class UserSpendQuerySerializer(AgentStatsQuerySerializer):
+    """The window of a user's spend, and (admins only) whose."""
+
+    user = serializers.CharField(
+        required=False, max_length=150, help_text="the username to report on (admins; default: the caller)"
+    )
+
+
 # --- Conversations ----------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ from django.urls import path
 from rest_framework.routers import SimpleRouter
 
 from orchestration.api.agent_views import AgentViewSet, ConversationMessagesView
-from orchestration.api.views import EventViewSet, MeView, TaskViewSet, WorkflowViewSet
+from orchestration.api.views import EventViewSet, MeSpendView, MeView, TaskViewSet, WorkflowViewSet
 from training_export.api.views import ExportRunViewSet
 
 router = SimpleRouter()
@@ -18,6 +18,7 @@ router.register("exports", ExportRunViewSet, basename="export")
 
 urlpatterns = [
     path("me/", MeView.as_view(), name="me"),
+    path("me/spend/", MeSpendView.as_view(), name="me-spend"),
     path(
         "conversations/<str:instance_id>/messages/",
         ConversationMessagesView.as_view(),

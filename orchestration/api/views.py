@@ -8,12 +8,13 @@ import logging
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db.models import Exists, OuterRef, Prefetch, Q, QuerySet
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, Throttled, ValidationError
+from rest_framework.exceptions import NotFound, PermissionDenied, Throttled, ValidationError
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -33,6 +34,8 @@ from orchestration.api.serializers import (
     MeSerializer,
     TaskDetailSerializer,
     TaskSerializer,
+    UserSpendQuerySerializer,
+    UserSpendSerializer,
     WorkflowDetailSerializer,
     WorkflowSerializer,
     WorkflowSpecSerializer,
@@ -40,6 +43,7 @@ from orchestration.api.serializers import (
 )
 from orchestration.api.throttling import rate_limit_settle
 from orchestration.models import AgentPlaygroundMessage, ApiKey, Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.selectors import user_spend
 from orchestration.services.events import Actor, actor_of
 from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume
 
@@ -451,3 +455,46 @@ class MeView(ApiMixin, APIView):
             "rate_limit": getattr(request._request, "rate_limit", None),
         }
         return Response(MeSerializer(data).data)
+
+
+SPEND_EXAMPLE = {
+    "user_id": 7,
+    "username": "dev",
+    "since": "2026-12-04T12:00:00Z",
+    "until": None,
+    "workflows": {"count": 12, "tokens": 48210, "cost_usd": "1.284000", "wasted_cost_usd": "0.212000"},
+    "conversation_replies": {"count": 3, "tokens": 2900, "cost_usd": "0.031000", "wasted_cost_usd": "0.000000"},
+    "total_tokens": 51110,
+    "total_cost_usd": "1.315000",
+    "wasted_cost_usd": "0.212000",
+}
+
+
+class MeSpendView(ApiMixin, APIView):
+    """`me/spend/`: DESIGN §4's spend and wasted spend per user."""
+
+    permission_classes = [HasRole]
+
+    @extend_schema(
+        summary="What my work cost, and how much of it was wasted",
+        description="Tokens and cost of the caller's workflows created in [since, until) and of the replies to "
+        "their conversation messages created in it, with the cost of the tries that failed, timed out or were "
+        "lost (wasted spend). Default window: the last 24 hours. Admins may name another user with `user`.",
+        parameters=[UserSpendQuerySerializer],
+        responses={200: UserSpendSerializer, **problem_responses(400, 401, 403, 404, 429)},
+        examples=[OpenApiExample("a day's spend", value=SPEND_EXAMPLE, response_only=True)],
+    )
+    def get(self, request: Request) -> Response:
+        query = UserSpendQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        window = dict(query.validated_data)
+        user = request.user
+        username = window.pop("user", None)
+        if username is not None and username != user.get_username():
+            if not is_admin(request):
+                raise PermissionDenied("Only an admin may read another user's spend; leave out user= for your own.")
+            user = get_user_model().objects.filter(**{get_user_model().USERNAME_FIELD: username}).first()
+            if user is None:
+                raise NotFound(f"No user {username!r}.")
+        spend = user_spend(user_id=user.pk, **window)
+        return Response(UserSpendSerializer({**spend, "username": user.get_username()}).data)

@@ -56,6 +56,7 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
         {"admin": 202, "developer": 202, "viewer": 403},
     ),
     ("get", "/api/v1/me/", None, {"admin": 200, "developer": 200, "viewer": 200}),
+    ("get", "/api/v1/me/spend/", None, {"admin": 200, "developer": 200, "viewer": 200}),
     ("get", "/api/v1/exports/", None, {"admin": 200, "developer": 403, "viewer": 403}),
     ("get", "/api/v1/exports/X/", None, {"admin": 200, "developer": 403, "viewer": 403}),
     ("get", "/api/v1/exports/X/download/", None, {"admin": 409, "developer": 403, "viewer": 403}),
