@@ -587,7 +587,27 @@ class AgentStatsSerializer(serializers.Serializer):
     success_rate = serializers.FloatField(allow_null=True, help_text="completed / finished * 100")
 
 
-class AgentStatsQuerySerializer(serializers.Serializer):
+class StrictQuerySerializer(serializers.Serializer):
+    """Query parameters read by a serializer, as strictly as the lists' filters: a parameter
+    given with no value is an error (DRF reads `?since=` as absent, so `?user=` would answer
+    for the caller instead of refusing), and so is a parameter it does not read (`?username=`
+    would be ignored the same way). DRF's `format` is allowed."""
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        problems = {
+            name: ["must not be empty"] for name in self.fields if name in data and not str(data.get(name)).strip()
+        }
+        allowed = {*self.fields, "format"}
+        unknown = sorted(set(data) - allowed)
+        problems.update(
+            {name: [f"unknown query parameter (allowed: {', '.join(sorted(allowed))})"] for name in unknown}
+        )
+        if problems:
+            raise serializers.ValidationError(problems)
+        return super().to_internal_value(data)
+
+
+class AgentStatsQuerySerializer(StrictQuerySerializer):
     """The window of an agent's statistics."""
 
     since = serializers.DateTimeField(required=False, help_text="start of the window (default: 24 hours ago)")

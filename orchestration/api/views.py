@@ -471,9 +471,14 @@ SPEND_EXAMPLE = {
 
 
 class MeSpendView(ApiMixin, APIView):
-    """`me/spend/`: DESIGN §4's spend and wasted spend per user."""
+    """`me/spend/`: DESIGN §4's spend and wasted spend per user.
 
-    permission_classes = [HasRole]
+    The figures are workflows' and tasks' costs: like every other read of them it needs
+    workflow:read, so that an API key narrowed below its owner's role (an admin's key made
+    for exports only) reads no one's spend."""
+
+    permission_classes = [ActionPermission]
+    required_permissions = {"get": READ}
 
     @extend_schema(
         summary="What my work cost, and how much of it was wasted",

@@ -104,3 +104,38 @@ def test_admins_read_anyones_spend_others_only_their_own(recorded):
     viewer = spend(recorded["viewer"])
     assert viewer.status_code == 200 and viewer.json()["total_tokens"] == 0
     assert spend(recorded["norole"]).status_code == 403
+
+
+def test_a_narrowed_admin_key_cannot_read_anyones_spend(recorded):
+    """An admin's key narrowed to a permission that reads no workflow (here export:read) must
+    not read another user's workflow costs: every other read of workflows and tasks needs
+    workflow:read, which the key does not grant."""
+    from tests.api.conftest import make_caller
+
+    narrowed = make_caller("alice2", "admin", permissions=["export:read"])
+    assert narrowed.client.get("/api/v1/workflows/").status_code == 403, "the key reads no workflow"
+    response = spend(narrowed, "?user=dev")
+    assert response.status_code == 403, response.content
+
+
+def test_a_key_narrowed_to_workflow_read_still_reads_spend(recorded):
+    from tests.api.conftest import make_caller
+
+    scoped = make_caller("alice3", "admin", permissions=["workflow:read"])
+    body = spend(scoped, "?user=dev").json()
+    assert body["total_cost_usd"] == "0.780000"
+
+
+@pytest.mark.parametrize(
+    "query, field, detail",
+    [
+        ("?user=", "user", "must not be empty"),
+        ("?since=%20", "since", "must not be empty"),
+        ("?username=dev", "username", "unknown query parameter (allowed: format, since, until, user)"),
+    ],
+)
+def test_an_empty_or_unknown_parameter_is_refused_not_read_as_absent(recorded, query, field, detail):
+    """`?user=` answered the admin's own spend as if it were the user asked for."""
+    response = spend(recorded["admin"], query)
+    assert response.status_code == 400
+    assert response.json()["errors"] == [{"field": field, "detail": detail}]
