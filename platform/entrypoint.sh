@@ -88,6 +88,10 @@ case "$1" in
     # workers: a sync worker is killed once a request has run 30 s (--timeout), which cuts a
     # large export download off mid-file with a 200 already sent; a gthread worker's timeout
     # only watches that the process is alive. Each thread holds its own database connection.
+    # The request limits (compose's WEB_*; see docker-compose.yml) for the server only: a
+    # one-off command in this container (migrate, exec ... manage.py) runs without them.
+    export DATABASE_STATEMENT_TIMEOUT_SECONDS="${WEB_STATEMENT_TIMEOUT_SECONDS:-${DATABASE_STATEMENT_TIMEOUT_SECONDS:-0}}"
+    export DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS="${WEB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS:-${DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS:-0}}"
     exec gunicorn config.wsgi:application \
       --bind 0.0.0.0:8000 \
       --worker-class gthread \

@@ -711,3 +711,47 @@ def test_web_started_as_compose_configures_it_passes_its_healthcheck_and_prometh
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+STATEMENT_LIMITS = ("DATABASE_STATEMENT_TIMEOUT_SECONDS", "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS")
+
+
+@pytest.mark.subprocess
+def test_a_one_off_command_in_the_web_container_runs_without_the_requests_statement_limits():
+    """platform/README.md runs the release's migrations as `docker compose run --rm web python
+    manage.py migrate --noinput` (and `docker compose exec web python manage.py ...` for other
+    commands): the command gets the web service's environment and goes through the entrypoint's
+    generic branch, not its web mode. The limits meant for requests must not reach it: a
+    migration that rewrites a big table would be cancelled after 30 s."""
+    from django.conf import settings
+
+    web = {key: _interpolate(value, _test_variables()) for key, value in _environment(_services()["web"]).items()}
+    environment = {
+        **_base_process_environment(),
+        **{key: value for key, value in web.items() if key in STATEMENT_LIMITS},
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"),
+        "REDIS_URL": settings.REDIS_URL,
+        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+    }
+    script = (
+        "import django; django.setup()\n"
+        "from django.db import connection\n"
+        "with connection.cursor() as c:\n"
+        "    c.execute('SHOW statement_timeout'); s = c.fetchone()[0]\n"
+        "    c.execute('SHOW idle_in_transaction_session_timeout'); i = c.fetchone()[0]\n"
+        "print(s, i)\n"
+    )
+    result = subprocess.run(
+        [str(ENTRYPOINT), "python", "-c", script], env=environment, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "0"]
+
+
+def test_the_web_mode_serves_requests_with_the_statement_limits():
+    web = _entrypoint_web_mode()
+    serve = web[web.index("exec gunicorn") - 400 :]
+    assert 'DATABASE_STATEMENT_TIMEOUT_SECONDS="${WEB_STATEMENT_TIMEOUT_SECONDS' in serve
+    assert 'DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS="${WEB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS' in serve

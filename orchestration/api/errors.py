@@ -140,13 +140,22 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
         )
     elif isinstance(exc, DatabaseError) and isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
         # DATABASE_STATEMENT_TIMEOUT_SECONDS cut a statement short (or an operator cancelled
-        # it): the request did nothing (its transaction is rolled back), which the client
-        # should know, rather than a bare 500.
+        # it), which the client should know, rather than a bare 500. Only a read can promise
+        # that nothing was changed: a write may have committed its own transaction before the
+        # statement that was cancelled (a submission is stored, then read back for the answer),
+        # and a client told "nothing was changed" would send it again.
         logger.warning("a database statement was cancelled in %s: %s", instance, exc)
-        exc = Unavailable(
-            "The database did not finish this request in time and it was cancelled (nothing was changed); "
-            "narrow the filters or try again later."
-        )
+        if request is None or request.method in ("GET", "HEAD", "OPTIONS"):
+            exc = Unavailable(
+                "The database did not finish this request in time and it was cancelled (nothing was changed); "
+                "narrow the filters or try again later."
+            )
+        else:
+            exc = Unavailable(
+                "The database did not finish this request in time and it was cancelled; what it changed "
+                "before that may have been saved: read the resource before sending it again (or send it "
+                "again with the same Idempotency-Key)."
+            )
     elif isinstance(exc, SuspiciousOperation | BadRequest):
         logging.getLogger("django.security").warning("%s in %s: %s", type(exc).__name__, instance, exc)
         exc = exceptions.ParseError("The request is malformed.")

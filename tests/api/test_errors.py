@@ -104,7 +104,54 @@ def test_a_statement_the_statement_timeout_cancels_is_a_503_saying_nothing_chang
     for response in (listed, posted):
         assert response.status_code == 503, response.content
         assert response["Content-Type"] == "application/problem+json"
-        assert "cancelled (nothing was changed)" in response.json()["detail"]
+    assert "cancelled (nothing was changed)" in listed.json()["detail"]
+    assert "may have been saved" in posted.json()["detail"]  # a write cannot promise that
     assert "a database statement was cancelled in /api/v1/events/" in caplog.text
     # The submission's transaction was rolled back: no workflow without its workflow_created event.
     assert Workflow.objects.count() == 0
+
+
+def test_a_statement_cancelled_after_the_submission_committed_does_not_say_nothing_changed(
+    transactional_db, callers, monkeypatch
+):
+    """The submission commits in its own transaction, then the view reads the workflow back
+    for the answer. A statement cancelled in that read must not answer "nothing was changed"
+    (and "try again later"): the workflow is stored and queued, and a client that believes the
+    problem and sends the same body again (no Idempotency-Key) runs it twice."""
+    from orchestration.api.views import WorkflowViewSet
+
+    respond = WorkflowViewSet._workflow_response
+
+    def slow_read_back(self, workflow, code):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(1)")  # a read back that outlasts the statement timeout
+        return respond(self, workflow, code)
+
+    monkeypatch.setattr(WorkflowViewSet, "_workflow_response", slow_read_back)
+    with connection.cursor() as cursor:
+        cursor.execute("SET statement_timeout = '300ms'")
+    try:
+        posted = callers["developer"].client.post(
+            "/api/v1/workflows/", json.dumps(SPEC), content_type="application/json"
+        )
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET statement_timeout")
+    assert posted.status_code == 503, posted.content
+    assert Workflow.objects.count() == 1, "the submission was committed before the cancelled statement"
+    assert "nothing was changed" not in posted.json()["detail"], posted.json()["detail"]
+
+
+def test_a_read_whose_statement_is_cancelled_still_says_nothing_changed(transactional_db, callers):
+    with connection.cursor() as cursor:
+        cursor.execute("SET statement_timeout = '300ms'")
+    try:
+        with psycopg.connect(database_url(), autocommit=False) as other:
+            other.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            listed = callers["admin"].client.get("/api/v1/events/")
+            other.rollback()
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET statement_timeout")
+    assert listed.status_code == 503
+    assert "nothing was changed" in listed.json()["detail"]
