@@ -477,7 +477,9 @@ def _attempt_claim(
         worker=worker,
         celery_task_id=celery_task_id,
         redelivered=redelivered,
-        delivery_count=delivery_count(task, celery_task_id=celery_task_id, redelivered=redelivered),
+        # A message run_task sent again itself (its connection broke) comes again as much as
+        # one the broker redelivered: both follow the tries of the same id.
+        delivery_count=delivery_count(task, celery_task_id=celery_task_id, redelivered=redelivered or retried),
         timeout_seconds=task.timeout_seconds,
         started_at=now,
     )

@@ -784,3 +784,22 @@ def test_the_sweeper_leaves_a_task_just_deferred_for_its_agent(db, builtin_agent
         Outcome.DEFERRED
     )
     assert queued_sweep() == []
+
+
+def test_delivery_count_after_a_connection_lost_resend_then_a_redelivery(db, builtin_agents):
+    """run_task sends its own message again (same id) when its database connection breaks;
+    the broker may then redeliver that message after a lost worker. The counts of one id
+    must go up one at a time (1, 2, 3) - or count the resent message afresh (1, 1, 2) - not
+    1 then 3, which says a delivery happened that no try recorded."""
+    wf = submit({"name": "flaky", "agent": "echo", "max_retries": 3})
+    t = task(wf, "flaky")
+    first = attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w1@h")
+    assert first.attempt.attempt_number == 1
+    resent = attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w1@h", retried=True)
+    assert resent.attempt.attempt_number == 2
+    again = attempt_claim(
+        execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w2@h", retried=True, redelivered=True
+    )
+    assert again.attempt.attempt_number == 3
+    counts = [a.delivery_count for a in attempts(wf, "flaky")]
+    assert counts in ([1, 2, 3], [1, 1, 2]), counts
