@@ -8,6 +8,7 @@ from celery.signals import (
     setup_logging,
     task_postrun,
     task_prerun,
+    worker_init,
     worker_process_shutdown,
     worker_ready,
     worker_shutdown,
@@ -65,6 +66,19 @@ def _task_context_clear(**kwargs: object) -> None:
     from observability.worker import task_ended
 
     task_ended()
+
+
+@worker_init.connect
+def _agent_runtime_preload(**kwargs: object) -> None:
+    """Workers run agents: the HTTP client (about 0.1 s to import) and the tool registry with
+    its JSON-schema validators are loaded here, in the main process before the pool forks, so
+    that no child pays them inside its first attempt's time limit. Other processes (web,
+    exporter, consumer) import them only where an agent is used."""
+    import httpx  # noqa: F401
+
+    from orchestration.runtime.tools import registry
+
+    registry()
 
 
 @worker_ready.connect

@@ -48,3 +48,26 @@ def test_the_agent_clients_load_when_an_agent_url_is_checked():
         text=True,
         check=True,
     )
+
+
+def test_a_worker_loads_them_before_its_pool_forks():
+    """A worker runs agents: its main process loads them at worker_init, so no pool child pays
+    the imports (httpx about 0.1 s) inside its first attempt's time limit."""
+    script = (
+        "import sys, django; django.setup()\n"
+        "from config.celery import app\n"
+        "from celery.signals import worker_init\n"
+        "assert 'httpx' not in sys.modules\n"
+        "worker_init.send(sender=None)\n"
+        "from orchestration.runtime.tools import _REGISTRY\n"
+        "assert 'httpx' in sys.modules and 'jsonschema' in sys.modules, sorted(sys.modules)\n"
+        "assert 'calculator' in _REGISTRY, sorted(_REGISTRY)\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
