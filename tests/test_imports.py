@@ -14,6 +14,18 @@ ROOT = Path(__file__).resolve().parent.parent
 ON_DEMAND = ("httpx", "rich", "pygments", "jsonschema")
 
 
+def run(script: str) -> str:
+    """Run `script` in a fresh interpreter with the test settings; its stdout (it must succeed)."""
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 def test_a_process_that_runs_no_agent_does_not_load_the_agent_clients():
     script = (
         "import json, sys, django; django.setup()\n"
@@ -21,15 +33,7 @@ def test_a_process_that_runs_no_agent_does_not_load_the_agent_clients():
         "import orchestration.services.agent_registry, orchestration.runtime.llm\n"
         f"print(json.dumps(sorted(m for m in {ON_DEMAND!r} if m in sys.modules)))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert json.loads(proc.stdout.splitlines()[-1]) == []
+    assert json.loads(run(script).splitlines()[-1]) == []
 
 
 def test_the_agent_clients_load_when_an_agent_url_is_checked():
@@ -40,14 +44,7 @@ def test_the_agent_clients_load_when_an_agent_url_is_checked():
         "from orchestration.runtime import toolkit\n"
         "assert 'httpx' in sys.modules and 'jsonschema' in sys.modules, sorted(sys.modules)\n"
     )
-    subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    run(script)
 
 
 def test_a_worker_loads_them_before_its_pool_forks():
@@ -63,11 +60,4 @@ def test_a_worker_loads_them_before_its_pool_forks():
         "assert 'httpx' in sys.modules and 'jsonschema' in sys.modules, sorted(sys.modules)\n"
         "assert 'calculator' in _REGISTRY, sorted(_REGISTRY)\n"
     )
-    subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    run(script)
