@@ -1,20 +1,24 @@
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
+from django.utils.html import format_html, format_html_join
 
 from orchestration.admin.base import ChangedFieldsOnlyMixin, json_display
 from orchestration.errors import SpecError
 from orchestration.models import ApiKey
+from orchestration.selectors import user_spend
 from orchestration.services.access import KNOWN_PERMISSIONS, api_key_create, api_key_revoke, api_key_rotate
 from orchestration.services.events import actor_of
 
@@ -219,3 +223,53 @@ class ApiKeyAdmin(ChangedFieldsOnlyMixin, admin.ModelAdmin):
                 f"{api_key.owner}: new key {created.api_key.name!r}, copy it now, it is not shown again: {created.key}",
                 messages.SUCCESS,
             )
+
+
+SPEND_HELP = (
+    "Tokens and cost of the user's workflows and of the replies to their conversation messages created in "
+    "each window; wasted: what their failed, timed-out and lost tries cost."
+)
+
+SPEND_WINDOWS = (("last 24 hours", dt.timedelta(hours=24)), ("last 30 days", dt.timedelta(days=30)))
+
+
+class UserAdmin(DjangoUserAdmin):
+    """Django's user admin, with what the user's work cost beside it (DESIGN §4's wasted
+    spend per user; the API's `me/spend`)."""
+
+    readonly_fields = (*DjangoUserAdmin.readonly_fields, "spend")
+    fieldsets = (
+        *DjangoUserAdmin.fieldsets,
+        ("Spend", {"fields": ("spend",), "description": SPEND_HELP}),
+    )
+
+    @admin.display(description="spend")
+    def spend(self, user: Any) -> str:
+        if user.pk is None:
+            return "-"
+        now = timezone.now()
+        rows = []
+        for label, window in SPEND_WINDOWS:
+            spent = user_spend(user_id=user.pk, since=now - window)
+            rows.append(
+                (
+                    label,
+                    spent["workflows"]["count"],
+                    spent["conversation_replies"]["count"],
+                    spent["total_tokens"],
+                    spent["total_cost_usd"],
+                    spent["wasted_cost_usd"],
+                )
+            )
+        body = format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", rows)
+        return format_html(
+            "<table><thead><tr><th>window</th><th>workflows</th><th>conversation replies</th><th>tokens</th>"
+            "<th>cost (USD)</th><th>wasted (USD)</th></tr></thead><tbody>{}</tbody></table>",
+            body,
+        )
+
+
+User = get_user_model()
+if admin.site.is_registered(User):
+    admin.site.unregister(User)
+admin.site.register(User, UserAdmin)

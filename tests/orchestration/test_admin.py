@@ -797,3 +797,20 @@ def test_editing_a_workflow_or_task_keeps_what_the_engine_wrote_meanwhile(
         30,
     )
     assert (task.priority, task.status, task.tokens_used) == ("high", "completed", 30)
+
+
+def test_a_users_page_shows_their_spend_and_wasted_spend(su_client: Client) -> None:
+    """DESIGN §4's wasted spend per user, in the console (the API's me/spend/)."""
+    owner = UserFactory(username="spender")
+    WorkflowFactory(owner=owner, total_tokens_used=40, total_cost_usd="0.400000", wasted_cost_usd="0.150000")
+    old = WorkflowFactory(owner=owner, total_tokens_used=1, total_cost_usd="2.000000", wasted_cost_usd="2.000000")
+    Workflow.objects.filter(pk=old.pk).update(created_at=timezone.now() - dt.timedelta(days=10))
+    WorkflowFactory(total_cost_usd="9.000000", wasted_cost_usd="9.000000")  # another user's
+    page = su_client.get(reverse("admin:auth_user_change", args=[owner.pk]))
+    assert page.status_code == 200
+    html = page.content.decode()
+    day = "<td>last 24 hours</td><td>1</td><td>0</td><td>40</td><td>0.400000</td><td>0.150000</td>"
+    month = "<td>last 30 days</td><td>2</td><td>0</td><td>41</td><td>2.400000</td><td>2.150000</td>"
+    assert day in html and month in html
+    add = su_client.get(reverse("admin:auth_user_add"))
+    assert add.status_code == 200 and "last 24 hours" not in add.content.decode()
