@@ -84,8 +84,9 @@ class TaskContextFilter(logging.Filter):
         return True
 
 
-def configured_secrets() -> set[str]:
-    """Secret values known from settings and from the environment variables agents name."""
+def configured_secrets(extra_env_names: Iterable[str] = ()) -> set[str]:
+    """Secret values known from settings and from the environment variables agents name (in
+    their definition files, and `extra_env_names`: those only the agents table names)."""
     from django.conf import settings
 
     from config.env import env
@@ -98,7 +99,8 @@ def configured_secrets() -> set[str]:
     for database in getattr(settings, "DATABASES", {}).values():
         if database.get("PASSWORD"):
             values.add(str(database["PASSWORD"]))
-    for name in sorted(set(api_key_env_names()) | set(getattr(settings, "LOG_REDACT_ENV", []))):
+    names = set(api_key_env_names()) | set(getattr(settings, "LOG_REDACT_ENV", [])) | set(extra_env_names)
+    for name in sorted(names):
         value = env.optional_str(name)
         if value:
             values.add(value)

@@ -332,3 +332,51 @@ def json_text_decoded(text: str) -> str:
     """What decoding every escape of valid JSON text gives, from a JSON parser."""
     value = json.loads(text)
     return '{"k":"%s","v\\":["%s"]}' % (value["k"], value["v\\"][0])  # noqa: UP031
+
+
+API_AGENT_KEY = f"vllm{CANARY}token"  # no pattern knows it: only its value can mask it
+
+
+def test_the_key_of_an_agent_made_through_the_api_is_masked_by_value_within_the_refresh(db, monkeypatch):
+    """Agents made through the API have no definition file: the variable their api_key_env
+    names is read from the agents table, again every SECRETS_REFRESH_SECONDS."""
+    from training_export.services import redaction
+
+    monkeypatch.setenv("API_ONLY_PROVIDER_KEY", API_AGENT_KEY)
+    assert API_AGENT_KEY not in redaction.configured_secret_values(refresh=True)
+    AgentFactory(api_key_env="API_ONLY_PROVIDER_KEY")
+    assert API_AGENT_KEY not in redaction.configured_secret_values(), "read again only after the interval"
+    monkeypatch.setattr(redaction, "SECRETS_REFRESH_SECONDS", 0.0)
+    assert API_AGENT_KEY in redaction.configured_secret_values()
+    assert current_redactor().text(f"401 for key {API_AGENT_KEY}.") == f"401 for key {MASK}."
+
+
+def test_when_the_agents_table_cannot_be_read_its_names_as_last_read_are_kept(db, monkeypatch):
+    from django.db import OperationalError
+
+    from training_export.services import redaction
+
+    monkeypatch.setenv("API_ONLY_PROVIDER_KEY", API_AGENT_KEY)
+    AgentFactory(api_key_env="API_ONLY_PROVIDER_KEY")
+    assert API_AGENT_KEY in redaction.configured_secret_values(refresh=True)
+
+    def unreachable() -> tuple[str, ...]:
+        raise OperationalError("the database is not answering")
+
+    monkeypatch.setattr(redaction, "table_key_env_names", unreachable)
+    assert API_AGENT_KEY in redaction.configured_secret_values(refresh=True)
+
+
+def test_reading_the_agents_table_inside_a_failed_savepoint_leaves_the_transaction_usable(db, monkeypatch):
+    """The relay and the exporter ask for the redactor inside their transactions."""
+    from django.db import connection, transaction
+
+    from training_export.services import redaction
+
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        monkeypatch.setattr("orchestration.models.Agent._meta.db_table", "no_such_table")
+        redaction.configured_secret_values(refresh=True)  # the read fails in its savepoint
+        monkeypatch.undo()
+        assert TaskExecution.objects.count() == 0, "the transaction goes on"

@@ -278,3 +278,39 @@ def test_tool_rows_with_nothing_to_mask_are_byte_identical_both_ways(synapse, st
     with_rows, _ = made_and_built(synapse, streams, tmp_path)
     assert with_rows.relay_made == 1
     assert tree(tmp_path / "made") == tree(tmp_path / "built")
+
+
+def test_a_consumer_that_has_not_read_a_new_agents_key_yet_reads_it_and_writes_the_relays_rows(
+    synapse,  # noqa: F811
+    streams,
+    tmp_path,
+    monkeypatch,
+    caplog,
+):
+    """An agent made through the API names a key variable: the relay read it (its rows mask
+    the key, under a format that includes it) before this consumer's next reading. Meeting
+    that format, the consumer reads its secret values again instead of building the rows
+    under the older ones, which do not know the key."""
+    from training_export.services import redaction
+
+    key = f"vllm{CANARY}token"
+    monkeypatch.setenv("API_ONLY_PROVIDER_KEY", key)
+    stale = redaction.configured_secret_values(refresh=True)  # before the agent exists
+    EventFactory(created_at=T0, payload={"error": f"401 Unauthorized for {key}"}, agent_id="api-agent")
+    from tests.factories import AgentFactory
+
+    AgentFactory(id="api-agent", api_key_env="API_ONLY_PROVIDER_KEY")
+    redaction.configured_secret_values(refresh=True)  # the relay's reading
+    synapse.relay()
+    made, _ = streams
+    copy_stream(synapse.client, synapse.stream, made, keep_rows=True)
+    monkeypatch.setattr(redaction, "_secret_values", stale)  # the consumer's, read before
+    monkeypatch.setattr(synapse_module, "_FORMATS_REFRESHED", set())
+    monkeypatch.setattr(synapse_module, "_FORMATS_SEEN", set())
+
+    result = consume_stream(made, tmp_path)
+
+    assert result.relay_made == result.entries == 1
+    (events_file,) = (tmp_path / "events").glob("*.csv")
+    assert key not in events_file.read_text() and "401 Unauthorized for" in events_file.read_text()
+    assert not [r for r in caplog.records if "made under other settings" in r.getMessage()]

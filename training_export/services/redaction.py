@@ -19,7 +19,9 @@ would change anything, so the writers can skip the per-value walk for the record
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,14 +31,18 @@ from re import _constants as sre
 from re import _parser as sre_parse
 from typing import Any
 
+from django.apps import apps
 from django.conf import settings
 from django.core.signals import setting_changed
+from django.db import connection, transaction
 from django.dispatch import receiver
 
 MASK = "[REDACTED]"
 
 _WORD_SPLIT = re.compile(r"[^a-z0-9]+")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+logger = logging.getLogger(__name__)
 
 
 def _words(key: str) -> tuple[str, ...]:
@@ -656,17 +662,46 @@ def _redactor_for(keys: tuple[str, ...], patterns: tuple[str, ...], secrets: tup
     return build_redactor(keys, patterns, secrets)
 
 
+# Seconds between two readings of the secret values: an agent created or changed through the
+# API may name a variable no definition file names, and is masked by value within this long.
+SECRETS_REFRESH_SECONDS = 60.0
+
 _secret_values: tuple[str, ...] | None = None
+_secret_values_read_at = 0.0
+_table_env_names: tuple[str, ...] = ()  # the agents table's api_key_env names, as last read
 
 
-def configured_secret_values() -> tuple[str, ...]:
-    """This deployment's secret values, as the log filter masks them (read once per process
-    and again after a settings change: reading them loads the agent definitions)."""
-    global _secret_values
-    if _secret_values is None:
+def table_key_env_names() -> tuple[str, ...]:
+    """The `api_key_env` names in the agents table (agents made through the API have no file).
+    Inside a transaction, in a savepoint, so that a failure leaves the transaction usable.
+    Empty before the apps are loaded."""
+    if not apps.ready:
+        return ()
+    from orchestration.models import Agent
+
+    names = Agent.objects.exclude(api_key_env="").values_list("api_key_env", flat=True).distinct()
+    if not connection.in_atomic_block:
+        return tuple(sorted(names))
+    with transaction.atomic():
+        return tuple(sorted(names))
+
+
+def configured_secret_values(*, refresh: bool = False) -> tuple[str, ...]:
+    """This deployment's secret values, as the log filter masks them, and the values of the
+    variables that agents of the agents table name: read again every SECRETS_REFRESH_SECONDS,
+    after a settings change, or when `refresh` (the consumer, meeting rows made under other
+    settings). When the table cannot be read, its names as last read are used."""
+    global _secret_values, _secret_values_read_at, _table_env_names
+    now = time.monotonic()
+    if _secret_values is None or refresh or now - _secret_values_read_at >= SECRETS_REFRESH_SECONDS:
         from observability.logs import configured_secrets
 
-        _secret_values = tuple(sorted(configured_secrets()))
+        try:
+            _table_env_names = table_key_env_names()
+        except Exception:  # unreachable, not migrated, no database in this process: the names read before
+            logger.debug("the agents table's api_key_env names could not be read", exc_info=True)
+        _secret_values = tuple(sorted(configured_secrets(_table_env_names)))
+        _secret_values_read_at = now
     return _secret_values
 
 

@@ -50,6 +50,7 @@ from orchestration.models import TaskExecution, Workflow
 from orchestration.services.events import state_value
 from orchestration.services.relay import shown_name
 from training_export.services.jsonl import json_load, json_load_many
+from training_export.services.redaction import configured_secret_values
 from training_export.services.store import (
     EVENT_TEXT_COLUMNS,
     EVENTS,
@@ -377,6 +378,19 @@ def _file_rows() -> FileRows:
 # the first few only: the stream is trusted, but a flood of odd values must not grow this).
 _FORMATS_SEEN: set[str] = set()
 _FORMATS_WARNED = 8
+# The csv_format values this process read its secret values again for (once each, as many).
+_FORMATS_REFRESHED: set[str] = set()
+
+
+def _refresh_for(made_under: str) -> bool:
+    """Read the secret values again, once for each of the first few formats met that are not
+    this process's (True when it did)."""
+    key = made_under[:40]
+    if key in _FORMATS_REFRESHED or len(_FORMATS_REFRESHED) >= _FORMATS_WARNED:
+        return False
+    _FORMATS_REFRESHED.add(key)
+    configured_secret_values(refresh=True)
+    return True
 
 
 def made_rows(
@@ -400,6 +414,10 @@ def made_rows(
             if decode:
                 raw = dict(zip(map(bytes.decode, raw.keys()), map(bytes.decode, raw.values()), strict=True))
             made_under = raw.get(ROW_FORMAT)
+            if made_under and made_under != made_here and _refresh_for(str(made_under)):
+                # The relay may have read a secret this process has not yet: an agent made
+                # through the API since (redaction.SECRETS_REFRESH_SECONDS).
+                made_here = row_format()
             if made_under != made_here:
                 if made_under and len(_FORMATS_SEEN) < _FORMATS_WARNED and str(made_under)[:40] not in _FORMATS_SEEN:
                     _FORMATS_SEEN.add(str(made_under)[:40])
