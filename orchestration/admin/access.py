@@ -231,6 +231,8 @@ SPEND_HELP = (
 )
 
 SPEND_WINDOWS = (("last 24 hours", dt.timedelta(hours=24)), ("last 30 days", dt.timedelta(days=30)))
+# What a staff user needs to see a user's spend: what the workflows' and tasks' own pages need.
+SPEND_PERMISSIONS = ("orchestration.view_workflow", "orchestration.view_taskexecution")
 
 
 class UserAdmin(DjangoUserAdmin):
@@ -242,6 +244,12 @@ class UserAdmin(DjangoUserAdmin):
         *DjangoUserAdmin.fieldsets,
         ("Spend", {"fields": ("spend",), "description": SPEND_HELP}),
     )
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        if request.user.has_perms(SPEND_PERMISSIONS):
+            return fieldsets
+        return tuple(fieldset for fieldset in fieldsets if "spend" not in fieldset[1].get("fields", ()))
 
     @admin.display(description="spend")
     def spend(self, user: Any) -> str:

@@ -814,3 +814,20 @@ def test_a_users_page_shows_their_spend_and_wasted_spend(su_client: Client) -> N
     assert day in html and month in html
     add = su_client.get(reverse("admin:auth_user_add"))
     assert add.status_code == 200 and "last 24 hours" not in add.content.decode()
+
+
+def test_a_users_spend_is_shown_only_to_staff_who_may_see_what_workflows_cost(client: Client) -> None:
+    """Managing accounts (auth's user permissions) is not seeing what every user's work costs:
+    the workflows' and tasks' own pages need their view permissions."""
+    owner = UserFactory(username="spender")
+    WorkflowFactory(owner=owner, total_tokens_used=40, total_cost_usd="0.400000", wasted_cost_usd="0.150000")
+    page = reverse("admin:auth_user_change", args=[owner.pk])
+
+    accounts_only = _staff_with("view_user", "change_user")
+    client.force_login(accounts_only)
+    response = client.get(page)
+    assert response.status_code == 200
+    assert "last 24 hours" not in response.content.decode() and "0.400000" not in response.content.decode()
+
+    client.force_login(_staff_with("view_user", "view_workflow", "view_taskexecution"))
+    assert "<td>last 24 hours</td><td>1</td>" in client.get(page).content.decode()
