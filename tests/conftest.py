@@ -3,6 +3,7 @@ unreachable the run fails at once with the address it tried (no silent skips).""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -38,6 +39,22 @@ def _execute_sql_flush_with_append_only_events(self: DatabaseOperations, sql_lis
 
 
 DatabaseOperations.execute_sql_flush = _execute_sql_flush_with_append_only_events
+
+
+@pytest.fixture(autouse=True)
+def _secret_values_of_this_test_only() -> Iterator[None]:
+    """The secret values the redaction masks are cached per process (read again every minute,
+    from the environment and the agents table): a test's (its environment variables, its
+    agents) must not be the next one's, which pytest-django may run in another order."""
+    yield
+    redaction = sys.modules.get("training_export.services.redaction")
+    if redaction is not None:
+        redaction._secret_values = None
+        redaction._secret_values_read_at = 0.0
+        redaction._table_env_names = ()
+    synapse = sys.modules.get("training_export.services.synapse")
+    if synapse is not None:
+        synapse._FORMATS_REFRESHED.clear()
 
 
 @pytest.fixture

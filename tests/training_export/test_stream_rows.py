@@ -305,7 +305,7 @@ def test_a_consumer_that_has_not_read_a_new_agents_key_yet_reads_it_and_writes_t
     made, _ = streams
     copy_stream(synapse.client, synapse.stream, made, keep_rows=True)
     monkeypatch.setattr(redaction, "_secret_values", stale)  # the consumer's, read before
-    monkeypatch.setattr(synapse_module, "_FORMATS_REFRESHED", set())
+    monkeypatch.setattr(synapse_module, "_FORMATS_REFRESHED", {})
     monkeypatch.setattr(synapse_module, "_FORMATS_SEEN", set())
 
     result = consume_stream(made, tmp_path)
@@ -314,3 +314,58 @@ def test_a_consumer_that_has_not_read_a_new_agents_key_yet_reads_it_and_writes_t
     (events_file,) = (tmp_path / "events").glob("*.csv")
     assert key not in events_file.read_text() and "401 Unauthorized for" in events_file.read_text()
     assert not [r for r in caplog.records if "made under other settings" in r.getMessage()]
+
+
+def test_a_consumer_still_reads_a_new_agents_key_after_meeting_many_formats_before(
+    synapse,  # noqa: F811
+    streams,
+    tmp_path,
+    monkeypatch,
+    caplog,
+):
+    """A long-running consumer meets a new csv_format each time an agent's key variable is
+    added or renamed (and the old one from relays that have not read it yet): the refresh on
+    meeting a format must not stop for good after the first few of them."""
+    from tests.factories import AgentFactory
+    from training_export.services import redaction
+
+    key = f"vllm{CANARY}token"
+    monkeypatch.setenv("API_ONLY_PROVIDER_KEY", key)
+    stale = redaction.configured_secret_values(refresh=True)
+    EventFactory(created_at=T0, payload={"error": f"401 Unauthorized for {key}"}, agent_id="api-agent")
+    AgentFactory(id="api-agent", api_key_env="API_ONLY_PROVIDER_KEY")
+    redaction.configured_secret_values(refresh=True)  # the relay's reading
+    synapse.relay()
+    made, _ = streams
+    copy_stream(synapse.client, synapse.stream, made, keep_rows=True)
+    clock = FakeClock()
+    monkeypatch.setattr(synapse_module, "time", clock)
+    monkeypatch.setattr(synapse_module, "_FORMATS_REFRESHED", {})
+    monkeypatch.setattr(synapse_module, "_FORMATS_SEEN", set())
+    for n in range(2 * synapse_module._FORMATS_WARNED):  # formats met earlier: other agent changes
+        clock.now += 5.0
+        synapse_module._refresh_for(f"{n:032x}")
+    clock.now += 3600.0
+    monkeypatch.setattr(redaction, "_secret_values", stale)  # the consumer's, read before
+
+    result = consume_stream(made, tmp_path)
+
+    assert result.relay_made == result.entries == 1
+    (events_file,) = (tmp_path / "events").glob("*.csv")
+    assert key not in events_file.read_text()
+
+
+class FakeClock:
+    """The synapse module's `time`, with a monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._time = time
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str):
+        return getattr(self._time, name)

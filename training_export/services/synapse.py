@@ -49,6 +49,7 @@ from orchestration.event_types import EventType
 from orchestration.models import TaskExecution, Workflow
 from orchestration.services.events import state_value
 from orchestration.services.relay import shown_name
+from training_export.services import redaction
 from training_export.services.jsonl import json_load, json_load_many
 from training_export.services.redaction import configured_secret_values
 from training_export.services.store import (
@@ -378,17 +379,27 @@ def _file_rows() -> FileRows:
 # the first few only: the stream is trusted, but a flood of odd values must not grow this).
 _FORMATS_SEEN: set[str] = set()
 _FORMATS_WARNED = 8
-# The csv_format values this process read its secret values again for (once each, as many).
-_FORMATS_REFRESHED: set[str] = set()
+# The csv_format values this process read its secret values again for, and when (monotonic):
+# at most once per format per SECRETS_REFRESH_SECONDS, and for at most _FORMATS_REFRESHED_MAX
+# formats in that time (a flood of odd values costs at most that many readings a minute).
+# Time-bounded, not for the first few formats only: a long-running consumer meets new ones
+# every time an agent's key variable is added or renamed.
+_FORMATS_REFRESHED: dict[str, float] = {}
+_FORMATS_REFRESHED_MAX = 64
 
 
 def _refresh_for(made_under: str) -> bool:
-    """Read the secret values again, once for each of the first few formats met that are not
-    this process's (True when it did)."""
+    """Read the secret values again for a format met that is not this process's, unless this
+    process did so for it (or for too many formats) within SECRETS_REFRESH_SECONDS (True when
+    it did)."""
     key = made_under[:40]
-    if key in _FORMATS_REFRESHED or len(_FORMATS_REFRESHED) >= _FORMATS_WARNED:
+    now = time.monotonic()
+    horizon = now - redaction.SECRETS_REFRESH_SECONDS
+    for old in [old for old, at in _FORMATS_REFRESHED.items() if at <= horizon]:
+        del _FORMATS_REFRESHED[old]
+    if key in _FORMATS_REFRESHED or len(_FORMATS_REFRESHED) >= _FORMATS_REFRESHED_MAX:
         return False
-    _FORMATS_REFRESHED.add(key)
+    _FORMATS_REFRESHED[key] = now
     configured_secret_values(refresh=True)
     return True
 
