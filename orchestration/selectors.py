@@ -34,6 +34,16 @@ _wasted_of_task = (
 )
 
 
+def _window_start(since: dt.datetime | None, until: dt.datetime | None) -> dt.datetime:
+    """The start of a [since, until) window of the statistics (default: DEFAULT_STATS_WINDOW
+    ago); ValueError when until is not after it."""
+    if since is None:
+        since = timezone.now() - DEFAULT_STATS_WINDOW
+    if until is not None and until <= since:
+        raise ValueError(f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
+    return since
+
+
 def agent_stats(*, agent_id: str, since: dt.datetime | None = None, until: dt.datetime | None = None) -> dict:
     """Statistics of one agent's tasks created in [since, until) (default: the last 24 hours).
 
@@ -45,10 +55,7 @@ def agent_stats(*, agent_id: str, since: dt.datetime | None = None, until: dt.da
     cost (a retried task that completed too). One aggregate query, served by
     idx_tasks_agent_status (agent_id, status, created_at) and, per task, by the attempts' index.
     """
-    if since is None:
-        since = timezone.now() - DEFAULT_STATS_WINDOW
-    if until is not None and until <= since:
-        raise ValueError(f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
+    since = _window_start(since, until)
     tasks = TaskExecution.objects.filter(agent_id=agent_id, status__in=_FINISHED, created_at__gte=since)
     if until is not None:
         tasks = tasks.filter(created_at__lt=until)
@@ -79,10 +86,7 @@ def user_spend(*, user_id: int, since: dt.datetime | None = None, until: dt.date
     tokens and cost, and what the failed, timed-out and lost tries cost) and the replies to
     their conversation messages created in it (tasks outside any workflow). Two aggregate
     queries, served by idx_workflows_owner_created and the messages' owner index."""
-    if since is None:
-        since = timezone.now() - DEFAULT_STATS_WINDOW
-    if until is not None and until <= since:
-        raise ValueError(f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
+    since = _window_start(since, until)
     window = Q(created_at__gte=since) & (Q(created_at__lt=until) if until is not None else Q())
     workflows = Workflow.objects.filter(window, owner_id=user_id).aggregate(
         count=Count("pk"),

@@ -135,6 +135,13 @@ class _SharedFormFields(dict):
 LIST_PARAMETERS = frozenset({"cursor", "limit", "ordering", "format"})
 
 
+def unknown_parameters(data: Any, allowed: set[str]) -> dict[str, list[str]]:
+    """The query parameters in `data` that are not `allowed`, each with the problem to answer
+    (a parameter nothing reads would be ignored: the answer would not be what was asked)."""
+    listed = ", ".join(sorted(allowed))
+    return {name: [f"unknown query parameter (allowed: {listed})"] for name in sorted(set(data) - allowed)}
+
+
 class StrictFilterSetMetaclass(FilterSetMetaclass):
     def __new__(cls, name: str, bases: tuple[type, ...], attrs: dict[str, Any]) -> type:
         new_class = super().__new__(cls, name, bases, attrs)
@@ -164,10 +171,9 @@ class StrictFilterSet(django_filters.FilterSet, metaclass=StrictFilterSetMetacla
         valid = super().is_valid()
         # A parameter no filter reads would be ignored: `?workflow_id=` (the answer's name for
         # the `workflow` filter) would answer with every row.
-        unknown = sorted(set(self.data) - set(self.filters) - LIST_PARAMETERS)
+        unknown = unknown_parameters(self.data, {*self.filters, *LIST_PARAMETERS})
         if unknown:
-            allowed = ", ".join(sorted({*self.filters, *LIST_PARAMETERS}))
-            raise RequestInvalid({name: [f"unknown query parameter (allowed: {allowed})"] for name in unknown})
+            raise RequestInvalid(unknown)
         for name in self.filters:
             # Blanks too: a text field strips them, which leaves no filter at all.
             if name in self.data and not str(self.data.get(name)).strip():

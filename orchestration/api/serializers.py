@@ -16,6 +16,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import ISO_8601, serializers
 from rest_framework.settings import api_settings
 
+from orchestration.api.filters import unknown_parameters
 from orchestration.models import Agent, AgentPlaygroundMessage, ApiKey, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.models.workflows import Priority
 from orchestration.selectors import DEFAULT_STATS_WINDOW
@@ -597,11 +598,7 @@ class StrictQuerySerializer(serializers.Serializer):
         problems = {
             name: ["must not be empty"] for name in self.fields if name in data and not str(data.get(name)).strip()
         }
-        allowed = {*self.fields, "format"}
-        unknown = sorted(set(data) - allowed)
-        problems.update(
-            {name: [f"unknown query parameter (allowed: {', '.join(sorted(allowed))})"] for name in unknown}
-        )
+        problems.update(unknown_parameters(data, {*self.fields, "format"}))
         if problems:
             raise serializers.ValidationError(problems)
         return super().to_internal_value(data)

@@ -14,9 +14,9 @@ import redis
 from orchestration.event_types import EventType
 from orchestration.models import Event
 from orchestration.services.events import event_record, task_event, workflow_event
-from tests.factories import EventFactory
+from tests.factories import AgentFactory, EventFactory
 from tests.training_export.test_synapse_consumer import GROUP, T0, finished_workflow, synapse  # noqa: F401
-from training_export.services import stream_rows
+from training_export.services import redaction, stream_rows
 from training_export.services import synapse as synapse_module
 from training_export.services.store import TrainingDataStore
 from training_export.services.synapse import SynapseConsumer, synapse_consumer_client
@@ -280,6 +280,22 @@ def test_tool_rows_with_nothing_to_mask_are_byte_identical_both_ways(synapse, st
     assert tree(tmp_path / "made") == tree(tmp_path / "built")
 
 
+def relayed_after_a_new_agents_key(synapse, streams, monkeypatch) -> tuple[str, tuple[str, ...], str]:  # noqa: F811
+    """An event holding the key of an agent made through the API, relayed (rows made) after
+    the relay read the agents table: the key, the secret values read before the agent
+    existed, and the stream of the relay's entries."""
+    key = f"vllm{CANARY}token"
+    monkeypatch.setenv("API_ONLY_PROVIDER_KEY", key)
+    stale = redaction.configured_secret_values(refresh=True)  # before the agent exists
+    EventFactory(created_at=T0, payload={"error": f"401 Unauthorized for {key}"}, agent_id="api-agent")
+    AgentFactory(id="api-agent", api_key_env="API_ONLY_PROVIDER_KEY")
+    redaction.configured_secret_values(refresh=True)  # the relay's reading
+    synapse.relay()
+    made, _ = streams
+    copy_stream(synapse.client, synapse.stream, made, keep_rows=True)
+    return key, stale, made
+
+
 def test_a_consumer_that_has_not_read_a_new_agents_key_yet_reads_it_and_writes_the_relays_rows(
     synapse,  # noqa: F811
     streams,
@@ -291,19 +307,7 @@ def test_a_consumer_that_has_not_read_a_new_agents_key_yet_reads_it_and_writes_t
     the key, under a format that includes it) before this consumer's next reading. Meeting
     that format, the consumer reads its secret values again instead of building the rows
     under the older ones, which do not know the key."""
-    from training_export.services import redaction
-
-    key = f"vllm{CANARY}token"
-    monkeypatch.setenv("API_ONLY_PROVIDER_KEY", key)
-    stale = redaction.configured_secret_values(refresh=True)  # before the agent exists
-    EventFactory(created_at=T0, payload={"error": f"401 Unauthorized for {key}"}, agent_id="api-agent")
-    from tests.factories import AgentFactory
-
-    AgentFactory(id="api-agent", api_key_env="API_ONLY_PROVIDER_KEY")
-    redaction.configured_secret_values(refresh=True)  # the relay's reading
-    synapse.relay()
-    made, _ = streams
-    copy_stream(synapse.client, synapse.stream, made, keep_rows=True)
+    key, stale, made = relayed_after_a_new_agents_key(synapse, streams, monkeypatch)
     monkeypatch.setattr(redaction, "_secret_values", stale)  # the consumer's, read before
     monkeypatch.setattr(synapse_module, "_FORMATS_REFRESHED", {})
     monkeypatch.setattr(synapse_module, "_FORMATS_SEEN", set())
@@ -326,18 +330,7 @@ def test_a_consumer_still_reads_a_new_agents_key_after_meeting_many_formats_befo
     """A long-running consumer meets a new csv_format each time an agent's key variable is
     added or renamed (and the old one from relays that have not read it yet): the refresh on
     meeting a format must not stop for good after the first few of them."""
-    from tests.factories import AgentFactory
-    from training_export.services import redaction
-
-    key = f"vllm{CANARY}token"
-    monkeypatch.setenv("API_ONLY_PROVIDER_KEY", key)
-    stale = redaction.configured_secret_values(refresh=True)
-    EventFactory(created_at=T0, payload={"error": f"401 Unauthorized for {key}"}, agent_id="api-agent")
-    AgentFactory(id="api-agent", api_key_env="API_ONLY_PROVIDER_KEY")
-    redaction.configured_secret_values(refresh=True)  # the relay's reading
-    synapse.relay()
-    made, _ = streams
-    copy_stream(synapse.client, synapse.stream, made, keep_rows=True)
+    key, stale, made = relayed_after_a_new_agents_key(synapse, streams, monkeypatch)
     clock = FakeClock()
     monkeypatch.setattr(synapse_module, "time", clock)
     monkeypatch.setattr(synapse_module, "_FORMATS_REFRESHED", {})

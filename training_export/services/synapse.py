@@ -51,7 +51,6 @@ from orchestration.services.events import state_value
 from orchestration.services.relay import shown_name
 from training_export.services import redaction
 from training_export.services.jsonl import json_load, json_load_many
-from training_export.services.redaction import configured_secret_values
 from training_export.services.store import (
     EVENT_TEXT_COLUMNS,
     EVENTS,
@@ -400,7 +399,7 @@ def _refresh_for(made_under: str) -> bool:
     if key in _FORMATS_REFRESHED or len(_FORMATS_REFRESHED) >= _FORMATS_REFRESHED_MAX:
         return False
     _FORMATS_REFRESHED[key] = now
-    configured_secret_values(refresh=True)
+    redaction.configured_secret_values(refresh=True)
     return True
 
 
