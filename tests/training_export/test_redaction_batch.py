@@ -352,7 +352,7 @@ def test_the_key_of_an_agent_made_through_the_api_is_masked_by_value_within_the_
 
 
 def test_when_the_agents_table_cannot_be_read_its_names_as_last_read_are_kept(db, monkeypatch):
-    from django.db import OperationalError
+    from django.db import ProgrammingError
 
     from training_export.services import redaction
 
@@ -360,10 +360,10 @@ def test_when_the_agents_table_cannot_be_read_its_names_as_last_read_are_kept(db
     AgentFactory(api_key_env="API_ONLY_PROVIDER_KEY")
     assert API_AGENT_KEY in redaction.configured_secret_values(refresh=True)
 
-    def unreachable() -> tuple[str, ...]:
-        raise OperationalError("the database is not answering")
-
-    monkeypatch.setattr(redaction, "table_key_env_names", unreachable)
+    # A real failed read on PostgreSQL (the table gone, as before its migration ran).
+    monkeypatch.setattr("orchestration.models.Agent._meta.db_table", "no_such_table")
+    with pytest.raises(ProgrammingError):
+        redaction.table_key_env_names()
     assert API_AGENT_KEY in redaction.configured_secret_values(refresh=True)
 
 
