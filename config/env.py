@@ -21,8 +21,23 @@ _FALSE = {"0", "false", "no", "off"}
 class Env:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self._environ = os.environ if environ is None else environ
+        self._configuration: set[str] = set()
 
     def raw(self, name: str) -> str | None:
+        self._configuration.add(name)
+        return self._value(name)
+
+    def configuration_names(self) -> frozenset[str]:
+        """The variables the platform's own configuration has read (every getter but
+        `agent_secret`): no agent may name one of them as its key's variable."""
+        return frozenset(self._configuration)
+
+    def agent_secret(self, name: str) -> str | None:
+        """The value of a variable an agent definition names (its API key), unset or blank as
+        None; not counted among the platform's configuration."""
+        return self._value(name)
+
+    def _value(self, name: str) -> str | None:
         value = self._environ.get(name)
         if value is None or value.strip() == "":
             return None

@@ -99,12 +99,33 @@ def configured_secrets(extra_env_names: Iterable[str] = ()) -> set[str]:
     for database in getattr(settings, "DATABASES", {}).values():
         if database.get("PASSWORD"):
             values.add(str(database["PASSWORD"]))
-    names = set(api_key_env_names()) | set(getattr(settings, "LOG_REDACT_ENV", [])) | set(extra_env_names)
-    for name in sorted(names):
-        value = env.optional_str(name)
+    from orchestration.runtime.llm import api_key_env_problem
+
+    # The variables agents name, as far as agents may read them (an admin naming PATH would
+    # have its value masked everywhere); those LOG_REDACT_ENV names, whatever they are.
+    agent_names = {name for name in {*api_key_env_names(), *extra_env_names} if api_key_env_problem(name) is None}
+    for name in sorted(agent_names | set(getattr(settings, "LOG_REDACT_ENV", []))):
+        value = env.agent_secret(name)
         if value:
             values.add(value)
+    with _registered_lock:
+        values |= _registered
     return {value for value in values if len(value) >= MIN_SECRET_LENGTH}
+
+
+_registered: set[str] = set()  # secrets this process has read at run time (secret_register)
+_registered_version = 0
+_registered_lock = threading.Lock()
+
+
+def secret_register(value: str) -> None:
+    """Mask `value` in this process's log lines from now on: a secret read at run time, such
+    as the key of an agent made through the API, which no definition file names."""
+    global _registered_version
+    with _registered_lock:
+        if len(value) >= MIN_SECRET_LENGTH and value not in _registered:
+            _registered.add(value)
+            _registered_version += 1
 
 
 def configured_url_passwords() -> set[str]:
@@ -172,16 +193,22 @@ class RedactFilter(logging.Filter):
     def __init__(self, name: str = "") -> None:
         super().__init__(name)
         self._secrets: tuple[str, ...] | None = None
+        self._version = 0
         self._computing = threading.local()
 
     def secrets(self) -> tuple[str, ...]:
-        """The configured secret values, longest first (computed once)."""
+        """The configured secret values and those registered since (secret_register), longest
+        first (computed once, and again after a registration)."""
+        if self._secrets is not None and self._version != _registered_version:
+            self._secrets = None
         if self._secrets is None:
+            version = _registered_version
             if getattr(self._computing, "active", False):
                 return ()  # a record logged while the secrets are being read
             self._computing.active = True
             try:
                 self._secrets = tuple(sorted(configured_secrets(), key=len, reverse=True))
+                self._version = version
             except Exception:
                 # Settings or apps not ready yet (a record during start-up): patterns only,
                 # and try again on the next record.

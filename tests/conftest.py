@@ -44,8 +44,9 @@ DatabaseOperations.execute_sql_flush = _execute_sql_flush_with_append_only_event
 @pytest.fixture(autouse=True)
 def _secret_values_of_this_test_only() -> Iterator[None]:
     """The secret values the redaction masks are cached per process (read again every minute,
-    from the environment and the agents table): a test's (its environment variables, its
-    agents) must not be the next one's, which pytest-django may run in another order."""
+    from the environment and the agents table) and so are the keys agents read (the log
+    filter masks them): a test's (its environment variables, its agents) must not be the
+    next one's, which pytest-django may run in another order."""
     yield
     redaction = sys.modules.get("training_export.services.redaction")
     if redaction is not None:
@@ -55,6 +56,11 @@ def _secret_values_of_this_test_only() -> Iterator[None]:
     synapse = sys.modules.get("training_export.services.synapse")
     if synapse is not None:
         synapse._FORMATS_REFRESHED.clear()
+    logs = sys.modules.get("observability.logs")
+    if logs is not None and logs._registered:
+        with logs._registered_lock:
+            logs._registered.clear()
+            logs._registered_version += 1
 
 
 @pytest.fixture

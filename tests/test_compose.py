@@ -61,6 +61,7 @@ WORKER_METRICS_PORT = 9808
 _INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 _BARE_REFERENCE = re.compile(r"(?<!\$)\$(?![{$])(?=[A-Za-z_])")
 _SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|API_KEY|PRIVATE_KEY")
+_NOT_SECRETS = {"AGENT_API_KEY_ENV_ALLOWED"}  # names of variables, not their values
 _HIGH_ENTROPY = re.compile(r"[A-Za-z0-9+=_-]{24,}")
 
 
@@ -566,18 +567,24 @@ def test_every_variable_compose_references_is_documented_in_env_example():
 
 
 def test_compose_file_holds_no_literal_secrets():
-    """Secrets reach the containers only from required variables (.env or the shell)."""
+    """Secrets reach the containers only from variables (.env or the shell): required ones,
+    or optional ones that are empty unless set (an LLM provider's key a deployment may not
+    use); never a default value."""
     for match in _references(COMPOSE_FILE.read_text()):
-        if _SECRET_NAME.search(match["name"]):
-            assert (match["op"] or "").endswith("?"), f"${{{match['name']}}} must be required, with no default"
+        if _SECRET_NAME.search(match["name"]) and match["name"] not in _NOT_SECRETS:
+            required = (match["op"] or "").endswith("?")
+            optional = match["op"] in (":-", "-") and not match["arg"]
+            assert required or optional, f"${{{match['name']}}} must be required or empty by default"
     variables = _test_variables()
     from_required_variables = set(variables.values())
     for name, service in _services().items():
         assert "env_file" not in service, f"{name}: env_file would pass the whole .env into the container"
         for key, raw in _environment(service).items():
             value = _interpolate(raw, variables)
-            if _SECRET_NAME.search(key):
-                assert value in from_required_variables, f"{name}: {key} is not taken from a required variable"
+            if _SECRET_NAME.search(key) and key not in _NOT_SECRETS:
+                assert value in from_required_variables or (value == "" and raw == f"${{{key}:-}}"), (
+                    f"{name}: {key} is not taken from a variable of its own name"
+                )
             password = urllib.parse.urlsplit(value).password if "://" in value else None
             if password:
                 assert password in from_required_variables, f"{name}: {key} holds a literal password"

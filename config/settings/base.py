@@ -258,6 +258,11 @@ if CELERY_BROKER_URL.startswith(("redis", "sentinel")):
 # hosts are reached; addresses that are not globally routable (loopback, private,
 # link-local/metadata, ...) are refused unless AGENT_HTTP_ALLOW_PRIVATE is true.
 AGENT_HTTP_ALLOWED_HOSTS = env.list("AGENT_HTTP_ALLOWED_HOSTS", [])
+# The environment variables an llm agent may name in api_key_env (shell-style patterns, case
+# sensitive). Agents are also made through the API, and a key is sent to the agent's URL: an
+# agent naming DATABASE_URL would send it away. The platform's own configuration variables
+# are refused whatever the patterns say.
+AGENT_API_KEY_ENV_ALLOWED = env.list("AGENT_API_KEY_ENV_ALLOWED", ["*_API_KEY"])
 AGENT_HTTP_ALLOW_PRIVATE = env.bool("AGENT_HTTP_ALLOW_PRIVATE", False)
 AGENT_HTTP_CONNECT_TIMEOUT_SECONDS = env.int("AGENT_HTTP_CONNECT_TIMEOUT_SECONDS", 5, minimum=1, maximum=300)
 # Read timeouts are also capped by each task's timeout_seconds.

@@ -16,6 +16,7 @@ caller to run. In a conversation the thread's history is sent instead of the inp
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
 from config.env import env
+from observability.logs import secret_register
 from orchestration.errors import AgentError, PermanentError, ToolError
 from orchestration.models import Agent
 from orchestration.runtime import pricing
@@ -42,18 +44,38 @@ OPENAI_COMPATIBLE = {"", "openai", "openai-compatible", "ollama", "vllm", "lmstu
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def api_key_env_problem(name: str) -> str | None:
+    """Why an agent may not read its API key from the environment variable `name`, or None.
+
+    The key is sent to the agent's URL, which an admin may choose: only variables that
+    AGENT_API_KEY_ENV_ALLOWED admits are read, never one of the platform's own settings
+    (DATABASE_URL, SECRET_KEY, ...). The name is not echoed: a key pasted in its place by
+    mistake must not reach an error record."""
+    if not ENV_NAME.match(name):
+        return "api_key_env is not a valid environment variable name (such as OPENAI_API_KEY)"
+    if name in env.configuration_names():
+        return "api_key_env names one of the platform's own settings, which agents may not read"
+    allowed = settings.AGENT_API_KEY_ENV_ALLOWED
+    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in allowed):
+        return "api_key_env names a variable agents may not read: AGENT_API_KEY_ENV_ALLOWED admits " + (
+            ", ".join(allowed) if allowed else "none"
+        )
+    return None
+
+
 def _api_key(agent: Agent, *, required: bool) -> str | None:
     name = agent.api_key_env
     if not name:
         if required:
             raise PermanentError(f"agent {agent.id!r} needs an API key: set api_key_env in its definition")
         return None
-    if not ENV_NAME.match(name):
-        # Not echoed: a key pasted here by mistake must not reach the error record.
-        raise PermanentError(f"agent {agent.id!r}: api_key_env is not a valid environment variable name")
-    key = env.optional_str(name)
+    problem = api_key_env_problem(name)
+    if problem is not None:
+        raise PermanentError(f"agent {agent.id!r}: {problem}")
+    key = env.agent_secret(name)
     if key is None:
         raise PermanentError(f"agent {agent.id!r}: the API key variable {name} is not set")
+    secret_register(key)  # this process's log lines mask it from now on, whatever logs it
     return key
 
 

@@ -21,7 +21,7 @@ from django.utils.module_loading import import_string
 from orchestration.errors import PermanentError, SpecError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Agent
-from orchestration.runtime.llm import ENV_NAME, OPENAI_COMPATIBLE
+from orchestration.runtime.llm import ENV_NAME, OPENAI_COMPATIBLE, api_key_env_problem
 from orchestration.runtime.tools import jsonb_problem, registry
 from orchestration.runtime.urlpolicy import url_check
 from orchestration.services.events import event_record
@@ -172,8 +172,11 @@ def executor_problems(data: dict[str, Any]) -> list[str]:
             )
         elif not data.get("api_key_env") and (provider == "anthropic" or not data.get("url")):
             problems.append("api_key_env: required for this provider (the name of the variable holding the key)")
-    if data.get("api_key_env") and not ENV_NAME.match(data["api_key_env"]):
-        problems.append("api_key_env: must be an environment variable name such as OPENAI_API_KEY, not the key")
+    if data.get("api_key_env"):
+        if not ENV_NAME.match(data["api_key_env"]):
+            problems.append("api_key_env: must be an environment variable name such as OPENAI_API_KEY, not the key")
+        elif (problem := api_key_env_problem(data["api_key_env"])) is not None:
+            problems.append(f"api_key_env: {problem.removeprefix('api_key_env ')}")
     if "temperature" in data and not 0 <= data["temperature"] <= 2:
         problems.append("temperature: must be between 0 and 2")
     for key in ("max_tokens", "max_concurrency"):

@@ -72,6 +72,27 @@ def test_agents_created_through_the_api_get_the_checks_of_load_agents(callers):
     assert "sk-live-0123456789abcdef" not in str(list(Agent.objects.values_list("api_key_env", flat=True)))
 
 
+def test_an_agent_may_not_name_a_variable_agents_may_not_read(callers):
+    """An admin chooses an agent's URL and the variable whose value is sent there as its key:
+    the platform's own settings and names outside AGENT_API_KEY_ENV_ALLOWED are refused, on
+    creation and on update, and nothing is stored."""
+    admin = callers["admin"].client
+    llm = {"id": "courier-1", "name": "Courier", "executor": "llm", "model": "m", "url": "https://llm.example/v1"}
+    for name, problem in [
+        ("DATABASE_URL", "one of the platform's own settings"),
+        ("SECRET_KEY", "one of the platform's own settings"),
+        ("AWS_SECRET_ACCESS_KEY", "AGENT_API_KEY_ENV_ALLOWED admits *_API_KEY"),
+    ]:
+        response = admin.post("/api/v1/agents/", {**llm, "api_key_env": name}, format="json")
+        assert response.status_code == 400, response.json()
+        assert "api_key_env: names" in response.json()["detail"] and problem in response.json()["detail"]
+    assert not Agent.objects.filter(pk="courier-1").exists()
+    assert admin.post("/api/v1/agents/", {**llm, "api_key_env": "COURIER_API_KEY"}, format="json").status_code == 201
+    moved = admin.patch("/api/v1/agents/courier-1/", {"api_key_env": "REDIS_URL"}, format="json")
+    assert moved.status_code == 400 and "one of the platform's own settings" in moved.json()["detail"]
+    assert Agent.objects.get(pk="courier-1").api_key_env == "COURIER_API_KEY"
+
+
 def test_stats_aggregate_the_agents_tasks_over_the_window(callers):
     now = timezone.now()
     for status, ms, tokens, cost in [

@@ -118,14 +118,25 @@ def test_an_extra_that_holds_itself_is_logged_masked(capture):
 
 def test_the_api_key_variables_agent_definitions_name_are_masked(capture, settings, monkeypatch, tmp_path):
     (tmp_path / "writer.yaml").write_text(
-        "id: writer\nname: Writer\nexecutor: llm\nprovider: openai\nmodel: gpt-4o-mini\napi_key_env: WRITER_KEY\n"
+        "id: writer\nname: Writer\nexecutor: llm\nprovider: openai\nmodel: gpt-4o-mini\napi_key_env: WRITER_API_KEY\n"
     )
     monkeypatch.setattr("orchestration.services.agents.default_definitions_dir", lambda: tmp_path)
-    monkeypatch.setenv("WRITER_KEY", "plainvalue-without-prefix-42")
+    monkeypatch.setenv("WRITER_API_KEY", "plainvalue-without-prefix-42")
     assert "plainvalue-without-prefix-42" in logs.configured_secrets()
     configure, stream = capture
     configure("plain").info("calling with plainvalue-without-prefix-42")
     assert stream.getvalue().rstrip().endswith("calling with ***")
+
+
+def test_only_variables_agents_may_read_are_masked_as_agents_keys(settings, monkeypatch):
+    """A name an agent gives that agents may not read (an admin naming PATH) is not masked
+    everywhere by value; the operator's LOG_REDACT_ENV names are, whatever they are."""
+    monkeypatch.setenv("PLAIN_SETTING", "harmless-value-123")
+    monkeypatch.setenv("COURIER_API_KEY", "courier-value-456")
+    secrets = logs.configured_secrets(["PLAIN_SETTING", "COURIER_API_KEY"])
+    assert "courier-value-456" in secrets and "harmless-value-123" not in secrets
+    settings.LOG_REDACT_ENV = ["PLAIN_SETTING"]
+    assert "harmless-value-123" in logs.configured_secrets()
 
 
 @pytest.mark.parametrize(

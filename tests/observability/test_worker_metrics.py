@@ -37,7 +37,7 @@ def test_worker_metrics_move_with_real_tasks_and_logs_carry_the_task_context(eng
             provider="openai",
             model="gpt-4o-mini",
             url=openai.base_url,
-            api_key_env="OBS_TEST_LLM_KEY",
+            api_key_env="OBS_TEST_LLM_API_KEY",
         )
         (tmp_path / "prometheus").mkdir()
         worker = engine(
@@ -46,7 +46,7 @@ def test_worker_metrics_move_with_real_tasks_and_logs_carry_the_task_context(eng
                 "WORKER_METRICS_PORT": str(port),
                 "WORKER_METRICS_ADDR": "127.0.0.1",
                 "LOG_FORMAT": "json",
-                "OBS_TEST_LLM_KEY": LLM_KEY,
+                "OBS_TEST_LLM_API_KEY": LLM_KEY,
                 "AGENT_HTTP_ALLOW_PRIVATE": "true",
             }
         )

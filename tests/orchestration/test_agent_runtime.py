@@ -200,7 +200,7 @@ def test_review_and_collaboration_run_the_other_agent_and_are_recorded(builtin_a
 def local_net(settings, monkeypatch):
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
-    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     return settings
 
 
@@ -218,7 +218,7 @@ def tool_agent(url: str, provider: str = "openai", model: str = "gpt-4o-mini") -
         provider=provider,
         url=url,
         model=model,
-        api_key_env="TEST_LLM_KEY",
+        api_key_env="TEST_LLM_API_KEY",
         config={"tools": ["calculator"]},
     )
 

@@ -100,7 +100,7 @@ def test_a_failed_attempt_is_in_the_thread_as_an_error_but_not_in_the_history(en
 @pytest.mark.django_db(transaction=True)
 def test_llm_conversation_sends_the_whole_thread_and_records_tokens(engine):
     with OpenAIServer(api_key=KEY, prompt_tokens=100, completion_tokens=20) as llm:
-        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "CHAT_KEY": KEY})
+        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "CHAT_API_KEY": KEY})
         agent = Agent.objects.create(
             id="chatty",
             name="Chatty",
@@ -108,7 +108,7 @@ def test_llm_conversation_sends_the_whole_thread_and_records_tokens(engine):
             provider="openai",
             url=llm.base_url,
             model="gpt-4o-mini",
-            api_key_env="CHAT_KEY",
+            api_key_env="CHAT_API_KEY",
             system_prompt="Be brief.",
         )
         llm.script(Reply(status=500, body={"error": {"message": "overloaded"}}))
@@ -366,12 +366,12 @@ def _tool_agent(llm: OpenAIServer, tools: list[str]) -> Agent:
         provider="openai",
         url=llm.base_url,
         model="gpt-4o-mini",
-        api_key_env="CHAT_KEY",
+        api_key_env="CHAT_API_KEY",
         config={"tools": tools},
     )
 
 
-LLM_ENV = {"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "CHAT_KEY": KEY}
+LLM_ENV = {"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "CHAT_API_KEY": KEY}
 
 
 @pytest.mark.django_db(transaction=True)

@@ -15,6 +15,7 @@ from decimal import Decimal
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
+from observability.logs import RedactFilter
 from orchestration.errors import PermanentError, RetryableError
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
 from orchestration.runtime import pricing
@@ -76,7 +77,7 @@ def llm_agent(url: str, **fields: object) -> Agent:
     defaults: dict = {
         "provider": "openai",
         "model": "gpt-4o-mini",
-        "api_key_env": "TEST_LLM_KEY",
+        "api_key_env": "TEST_LLM_API_KEY",
         "system_prompt": "You are terse.",
         "temperature": 0.2,
         "max_tokens": 400,
@@ -303,7 +304,7 @@ def test_the_name_is_sent_as_host_while_connecting_to_the_checked_address(local_
 
 
 def test_openai_request_output_usage_and_cost(local_net, openai, monkeypatch):
-    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     result = agent_execute(
         agent=llm_agent(openai.base_url), task_input={"prompt": "Summarise the leads."}, context=ctx()
     )
@@ -325,7 +326,7 @@ def test_openai_request_output_usage_and_cost(local_net, openai, monkeypatch):
 
 
 def test_openai_user_message_renders_the_input_and_upstream_outputs(local_net, openai, monkeypatch):
-    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     agent = llm_agent(openai.base_url, system_prompt="", temperature=None, max_tokens=None)
     agent_execute(agent=agent, task_input={"industry": "fintech"}, context=ctx(upstream={"research": {"leads": 3}}))
     body = openai.requests[0].body
@@ -343,7 +344,7 @@ def test_openai_user_message_renders_the_input_and_upstream_outputs(local_net, o
     ids=["listed-snapshot", "unlisted-snapshot-priced-as-requested"],
 )
 def test_openai_dated_model_name_is_priced(local_net, openai, monkeypatch, suffix, cost):
-    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     openai.model_suffix = suffix
     result = agent_execute(agent=llm_agent(openai.base_url), task_input={"prompt": "x"}, context=ctx())
     assert result.output["model"] == "gpt-4o-mini" + suffix
@@ -351,7 +352,7 @@ def test_openai_dated_model_name_is_priced(local_net, openai, monkeypatch, suffi
 
 
 def test_openai_tools_are_passed_through_and_tool_calls_returned(local_net, openai, monkeypatch):
-    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     openai.tool_call = {"city": "Oslo"}
     tools = [
         {
@@ -388,7 +389,7 @@ def test_openai_tools_are_passed_through_and_tool_calls_returned(local_net, open
     ids=["429-retry-after", "429-retry-after-ms", "500", "400"],
 )
 def test_openai_errors_are_classified(local_net, openai, monkeypatch, reply, error, retry_after):
-    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     openai.script(reply)
     with pytest.raises(error, match=f"HTTP {reply.status}") as info:
         agent_execute(agent=llm_agent(openai.base_url), task_input={"prompt": "x"}, context=ctx())
@@ -397,7 +398,7 @@ def test_openai_errors_are_classified(local_net, openai, monkeypatch, reply, err
 
 
 def test_openai_failure_after_usage_was_reported_carries_the_usage(local_net, openai, monkeypatch):
-    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     body = {"model": "gpt-4o", "choices": [], "usage": {"prompt_tokens": 1000, "completion_tokens": 100}}
     openai.script(Reply(body=body))
     with pytest.raises(PermanentError, match="no choices") as info:
@@ -407,8 +408,8 @@ def test_openai_failure_after_usage_was_reported_carries_the_usage(local_net, op
 
 
 def test_missing_api_key_names_the_variable_and_sends_nothing(local_net, openai, monkeypatch):
-    monkeypatch.delenv("TEST_LLM_KEY", raising=False)
-    with pytest.raises(PermanentError, match="API key variable TEST_LLM_KEY is not set"):
+    monkeypatch.delenv("TEST_LLM_API_KEY", raising=False)
+    with pytest.raises(PermanentError, match="API key variable TEST_LLM_API_KEY is not set"):
         agent_execute(agent=llm_agent(openai.base_url), task_input={"prompt": "x"}, context=ctx())
     assert openai.requests == []
 
@@ -426,9 +427,62 @@ def test_a_key_pasted_into_api_key_env_is_not_echoed(local_net, openai):
     assert KEY not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("DATABASE_URL", "one of the platform's own settings"),  # the test settings read it
+        ("SECRET_KEY", "one of the platform's own settings"),
+        ("HOME", "AGENT_API_KEY_ENV_ALLOWED admits \\*_API_KEY"),
+        ("OPENAI_KEY", "AGENT_API_KEY_ENV_ALLOWED admits"),
+    ],
+)
+def test_an_agent_reads_no_variable_but_those_agents_may_name(local_net, openai, monkeypatch, name, problem):
+    """The key goes to the agent's URL, which an admin chooses through the API: naming
+    DATABASE_URL would send the database's password there."""
+    monkeypatch.setenv(name, KEY)
+    with pytest.raises(PermanentError, match=problem) as info:
+        agent_execute(agent=llm_agent(openai.base_url, api_key_env=name), task_input={"prompt": "x"}, context=ctx())
+    assert openai.requests == []
+    assert name not in str(info.value)  # not echoed: it may be a key pasted by mistake
+
+
+def test_widened_names_still_refuse_the_platform_settings(local_net, openai, monkeypatch):
+    local_net.AGENT_API_KEY_ENV_ALLOWED = ["*"]
+    monkeypatch.setenv("ANY_NAME", KEY)
+    result = agent_execute(
+        agent=llm_agent(openai.base_url, api_key_env="ANY_NAME"), task_input={"prompt": "x"}, context=ctx()
+    )
+    assert result.output is not None and len(openai.requests) == 1
+    with pytest.raises(PermanentError, match="one of the platform's own settings"):
+        agent_execute(
+            agent=llm_agent(openai.base_url, api_key_env="REDIS_URL"), task_input={"prompt": "x"}, context=ctx()
+        )
+    assert len(openai.requests) == 1
+
+
+def test_a_key_read_at_run_time_is_masked_in_the_logs_of_its_process(local_net, monkeypatch):
+    """An agent made through the API has no definition file naming its variable, and its key
+    need not look like one (no `sk-`, no `key=`): the log filter masks it once it is read."""
+    value = "Zq8" + "f3LmNp" * 4
+    monkeypatch.setenv("API_MADE_API_KEY", value)
+    redact_filter = RedactFilter()
+
+    def logged() -> str:
+        record = logging.makeLogRecord({"msg": "the provider answered %s", "args": (value,)})
+        redact_filter.filter(record)
+        return record.getMessage()
+
+    assert value in logged()  # nothing knew it yet
+    with OpenAIServer(api_key=value) as server:
+        agent_execute(
+            agent=llm_agent(server.base_url, api_key_env="API_MADE_API_KEY"), task_input={"prompt": "x"}, context=ctx()
+        )
+    assert logged() == "the provider answered ***"
+
+
 def test_api_key_never_appears_in_errors_or_logs(local_net, monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)
-    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     with OpenAIServer(api_key="sk-other") as server:  # refuses our key, quoting it back
         with pytest.raises(PermanentError, match="HTTP 401") as info:
             agent_execute(agent=llm_agent(server.base_url), task_input={"prompt": "x"}, context=ctx())
@@ -447,7 +501,7 @@ def test_unknown_provider_is_permanent(local_net):
 
 
 def test_anthropic_request_headers_body_output_and_cost(local_net, anthropic, monkeypatch):
-    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     agent = llm_agent(anthropic.url, provider="anthropic", model="claude-3-5-haiku-20241022", max_tokens=None)
     result = agent_execute(agent=agent, task_input={"prompt": "Greet."}, context=ctx())
     [request] = anthropic.requests
@@ -472,7 +526,7 @@ def test_anthropic_request_headers_body_output_and_cost(local_net, anthropic, mo
 
 
 def test_anthropic_overloaded_is_retryable(local_net, anthropic, monkeypatch):
-    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     anthropic.script(Reply(status=529, body={"type": "error", "error": {"type": "overloaded_error"}}))
     agent = llm_agent(anthropic.url, provider="anthropic", model="claude-3-5-haiku-20241022")
     with pytest.raises(RetryableError, match="HTTP 529"):
@@ -531,7 +585,7 @@ def test_workflow_with_http_and_llm_agents_records_retries_tokens_and_cost(engin
                 "ENGINE_FAST_PATH": fast_path,
                 "AGENT_HTTP_ALLOW_PRIVATE": "true",
                 "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
-                "FAKE_LLM_KEY": KEY,
+                "FAKE_LLM_API_KEY": KEY,
             }
         )
         Agent.objects.create(id="leads-svc", name="Lead service", executor=Agent.Executor.HTTP, url=service.url)
@@ -542,7 +596,7 @@ def test_workflow_with_http_and_llm_agents_records_retries_tokens_and_cost(engin
             provider="openai",
             url=llm.base_url,
             model="gpt-4o-mini",
-            api_key_env="FAKE_LLM_KEY",
+            api_key_env="FAKE_LLM_API_KEY",
             system_prompt="Write a summary.",
         )
         llm.script(Reply(status=429, body={"error": {"message": "Rate limit reached"}}, headers={"Retry-After": "1"}))

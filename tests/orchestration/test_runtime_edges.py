@@ -33,7 +33,7 @@ def llm_tool_agent(url: str) -> Agent:
         provider="openai",
         url=url,
         model="gpt-4o-mini",
-        api_key_env="EDGES_LLM_KEY",
+        api_key_env="EDGES_LLM_API_KEY",
         config={"tools": ["calculator"]},
     )
 
@@ -46,7 +46,9 @@ def test_cancel_during_second_model_round_keeps_the_first_rounds_spend_real_work
     """Round 1 is answered (1200 + 350 tokens, paid), the tool runs, round 2 hangs; the user
     cancels. The attempt is recorded cancelled: its first round's spend must stay on record."""
     with OpenAIServer(api_key=KEY, tool_call={"expression": "6 * 7"}) as llm:
-        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "EDGES_LLM_KEY": KEY})
+        engine(
+            env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "EDGES_LLM_API_KEY": KEY}
+        )
         llm_tool_agent(llm.base_url)
         llm.script(Reply(), Reply(delay=8))
         workflow, _ = workflow_submit(
@@ -378,7 +380,7 @@ def test_anthropic_conversation_keeps_answering_once_the_history_window_is_full(
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
     settings.CONVERSATION_HISTORY_MESSAGES = 4  # the default, 200, is even too: same at turn 101
-    os.environ["AUDIT_ANTHROPIC_KEY"] = KEY
+    os.environ["AUDIT_ANTHROPIC_API_KEY"] = KEY
     with AnthropicServer(api_key=KEY) as server:
         agent = Agent.objects.create(
             id="claude",
@@ -387,7 +389,7 @@ def test_anthropic_conversation_keeps_answering_once_the_history_window_is_full(
             provider="anthropic",
             url=server.url,
             model="claude-3-5-haiku-latest",
-            api_key_env="AUDIT_ANTHROPIC_KEY",
+            api_key_env="AUDIT_ANTHROPIC_API_KEY",
         )
         outcomes = []
         with mock.patch("orchestration.services.dispatch.dispatch_send"):
@@ -416,7 +418,7 @@ def test_killed_worker_keeps_the_paid_rounds_on_the_lost_attempt(engine):
 
     with OpenAIServer(api_key=KEY, tool_call={"expression": "6 * 7"}) as llm:
         worker = engine(
-            env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "EDGES_LLM_KEY": KEY}
+            env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "EDGES_LLM_API_KEY": KEY}
         )
         llm_tool_agent(llm.base_url)
         llm.script(Reply(), Reply(delay=8))
@@ -465,7 +467,9 @@ def test_model_answer_with_nul_keeps_the_paid_round(engine):
         "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
     }
     with OpenAIServer(api_key=KEY) as llm:
-        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "EDGES_LLM_KEY": KEY})
+        engine(
+            env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "EDGES_LLM_API_KEY": KEY}
+        )
         llm_tool_agent(llm.base_url)
         llm.script(Reply(body=body))
         workflow = finished(_submit_one("calc-llm", max_retries=0))

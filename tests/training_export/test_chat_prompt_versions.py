@@ -34,7 +34,7 @@ T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
 def llm(settings, monkeypatch) -> Iterator[OpenAIServer]:
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
-    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     with OpenAIServer(api_key=KEY, tool_call={"expression": "6 * 7"}) as server:
         yield server
 
@@ -47,7 +47,7 @@ def llm_agent(url: str) -> Agent:
         provider="openai",
         url=url,
         model="gpt-4o-mini",
-        api_key_env="TEST_LLM_KEY",
+        api_key_env="TEST_LLM_API_KEY",
         system_prompt="Be brief.",
         config={"tools": ["calculator"]},
     )

@@ -342,9 +342,9 @@ def test_the_key_of_an_agent_made_through_the_api_is_masked_by_value_within_the_
     names is read from the agents table, again every SECRETS_REFRESH_SECONDS."""
     from training_export.services import redaction
 
-    monkeypatch.setenv("API_ONLY_PROVIDER_KEY", API_AGENT_KEY)
+    monkeypatch.setenv("API_ONLY_PROVIDER_API_KEY", API_AGENT_KEY)
     assert API_AGENT_KEY not in redaction.configured_secret_values(refresh=True)
-    AgentFactory(api_key_env="API_ONLY_PROVIDER_KEY")
+    AgentFactory(api_key_env="API_ONLY_PROVIDER_API_KEY")
     assert API_AGENT_KEY not in redaction.configured_secret_values(), "read again only after the interval"
     monkeypatch.setattr(redaction, "SECRETS_REFRESH_SECONDS", 0.0)
     assert API_AGENT_KEY in redaction.configured_secret_values()
@@ -356,8 +356,8 @@ def test_when_the_agents_table_cannot_be_read_its_names_as_last_read_are_kept(db
 
     from training_export.services import redaction
 
-    monkeypatch.setenv("API_ONLY_PROVIDER_KEY", API_AGENT_KEY)
-    AgentFactory(api_key_env="API_ONLY_PROVIDER_KEY")
+    monkeypatch.setenv("API_ONLY_PROVIDER_API_KEY", API_AGENT_KEY)
+    AgentFactory(api_key_env="API_ONLY_PROVIDER_API_KEY")
     assert API_AGENT_KEY in redaction.configured_secret_values(refresh=True)
 
     # A real failed read on PostgreSQL (the table gone, as before its migration ran).

@@ -285,10 +285,10 @@ def relayed_after_a_new_agents_key(synapse, streams, monkeypatch) -> tuple[str, 
     the relay read the agents table: the key, the secret values read before the agent
     existed, and the stream of the relay's entries."""
     key = f"vllm{CANARY}token"
-    monkeypatch.setenv("API_ONLY_PROVIDER_KEY", key)
+    monkeypatch.setenv("API_ONLY_PROVIDER_API_KEY", key)
     stale = redaction.configured_secret_values(refresh=True)  # before the agent exists
     EventFactory(created_at=T0, payload={"error": f"401 Unauthorized for {key}"}, agent_id="api-agent")
-    AgentFactory(id="api-agent", api_key_env="API_ONLY_PROVIDER_KEY")
+    AgentFactory(id="api-agent", api_key_env="API_ONLY_PROVIDER_API_KEY")
     redaction.configured_secret_values(refresh=True)  # the relay's reading
     synapse.relay()
     made, _ = streams
