@@ -6,6 +6,9 @@ the same page (the statement the endpoint sends, replayed on a bare cursor):
 - GET /api/v1/workflows/?status=failed           first page, and a page 100 000 rows deep
 - GET /api/v1/events/?entity_id=<agent entity>   first page, and a page 50 000 events deep
 - GET /api/v1/events/?entity_id=<workflow id>    one workflow's events
+- GET /bench/events-bare/?entity_id=<workflow>   the same page without API-key authentication,
+                                                 rate limit, filter set or ownership rule
+                                                 (bench/api_urls.py): the rest of the request
 - POST /api/v1/workflows/                        a one-task workflow (validation, 3 inserts)
 - GET /bench/floor/                              the floor: the deep events page's body from
                                                  memory through Django and DRF alone (no
@@ -66,6 +69,9 @@ from bench.database import database_ensure  # noqa: E402
 from orchestration.models import ApiKey  # noqa: E402
 from orchestration.services.access import api_key_create  # noqa: E402
 
+# The four-event page without the platform's authentication, filters and rate limit
+# (bench/api_urls.py): what the rest of the request costs beside the same statement.
+BARE = "same, bare: no API key, filter set or rate limit"
 WORKFLOWS = 1_000_000
 EVENTS_PER_WORKFLOW = 4
 AGENT_ENTITIES = 10  # entities with a long history: the fifth million events, 100 000 each
@@ -243,8 +249,12 @@ def main() -> None:
         "events?entity_id=agent-3, first page": "/api/v1/events/?entity_id=agent-3",
         "events?entity_id=agent-3, 50 000 deep": f"/api/v1/events/?entity_id=agent-3&cursor={cursors['events']}",
         "events?entity_id=<workflow>": f"/api/v1/events/?entity_id={cursors['workflow']}",
+        BARE: f"{api_urls.BARE_EVENTS_PATH}?entity_id={cursors['workflow']}",
     }
     raw = {name: page_sql(client, path) for name, path in gets.items()}
+    workflow_page = "events?entity_id=<workflow>"
+    assert raw[BARE] == raw[workflow_page]  # the same statement, and the same answer
+    assert json.loads(client.get(gets[BARE]).content) == json.loads(client.get(gets[workflow_page]).content)
     FLOOR = "floor: Django + DRF alone, no auth, DB or serialization"
     api_urls.FLOOR_BODY.update(json.loads(client.get(gets["events?entity_id=agent-3, 50 000 deep"]).content))
     assert json.loads(client.get(api_urls.FLOOR_PATH).content) == api_urls.FLOOR_BODY
