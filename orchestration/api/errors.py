@@ -138,7 +138,7 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
         exc = exceptions.ParseError(
             f"The request has more than {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} query or form parameters."
         )
-    elif isinstance(exc, DatabaseError) and isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
+    elif statement_cancelled(exc):
         # DATABASE_STATEMENT_TIMEOUT_SECONDS cut a statement short (or an operator cancelled
         # it), which the client should know, rather than a bare 500. Only a read can promise
         # that nothing was changed: a write may have committed its own transaction before the
@@ -199,6 +199,12 @@ def _plain_problem(request: HttpRequest, status_code: int, detail: str, code: st
         status=status_code,
         content_type=PROBLEM_CONTENT_TYPE,
     )
+
+
+def statement_cancelled(exc: BaseException) -> bool:
+    """PostgreSQL cancelled one of the request's statements (DATABASE_STATEMENT_TIMEOUT_SECONDS,
+    or an operator's pg_cancel_backend)."""
+    return isinstance(exc, DatabaseError) and isinstance(exc.__cause__, psycopg.errors.QueryCanceled)
 
 
 def _is_api(request: HttpRequest) -> bool:

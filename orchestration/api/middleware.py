@@ -5,13 +5,24 @@ A 301 (or 302) makes HTTP clients repeat a POST, PUT, PATCH or DELETE as a GET: 
 Django raises instead of redirecting). Under /api/ such a request without its trailing slash
 is a 404 problem document that names the URL with the slash (errors.not_found).
 
-A path holding a NUL character is a 404 everywhere (the console's object pages too)."""
+A path holding a NUL character is a 404 everywhere (the console's object pages too).
+
+A console page whose statement PostgreSQL cancelled (StatementCancelledMiddleware) is a 503
+page that says so, not Django's bare "Server Error (500)"."""
 
 from __future__ import annotations
 
-from django.http import Http404, HttpRequest
+import logging
+from collections.abc import Callable
+
+from django.http import Http404, HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.middleware.common import CommonMiddleware
+from django.utils.html import escape
+
+from orchestration.api.errors import statement_cancelled
+
+logger = logging.getLogger(__name__)
 
 API_PREFIX = "/api/"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -29,3 +40,40 @@ class ApiCommonMiddleware(CommonMiddleware):
         if request.path_info.startswith(API_PREFIX) and request.method not in SAFE_METHODS:
             return False
         return super().should_redirect_with_slash(request)
+
+
+class StatementCancelledMiddleware:
+    """A view outside DRF (the console, chiefly) whose statement PostgreSQL cancelled: a
+    changelist filtered on an unindexed column, an action over many rows, blocked behind a
+    migration's lock until the web's statement timeout. The page says what happened and,
+    like the API's problem, promises nothing about a write: the console does not run every
+    action in one transaction, so part of it may have been saved. (DRF's views answer with a
+    problem document of their own, errors.problem_exception_handler.)"""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        return self.get_response(request)
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        if not statement_cancelled(exception):
+            return None
+        logger.warning("a database statement was cancelled in %s: %s", request.path, exception)
+        if request.method in SAFE_METHODS:
+            text = (
+                "The database did not finish this page in time and it was cancelled (nothing was changed). "
+                "Narrow the filters or the search, or try again later."
+            )
+        else:
+            text = (
+                "The database did not finish this request in time and it was cancelled. What it changed before "
+                "that may have been saved: look at the records before doing it again, on fewer of them."
+            )
+        response = HttpResponse(
+            f"<!doctype html>\n<title>Service unavailable (503)</title>\n<h1>Service unavailable (503)</h1>\n"
+            f"<p>{escape(text)}</p>\n",
+            status=503,
+        )
+        response["Retry-After"] = "5"
+        return response

@@ -831,3 +831,39 @@ def test_a_users_spend_is_shown_only_to_staff_who_may_see_what_workflows_cost(cl
 
     client.force_login(_staff_with("view_user", "view_workflow", "view_taskexecution"))
     assert "<td>last 24 hours</td><td>1</td>" in client.get(page).content.decode()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_console_page_whose_statement_is_cancelled_is_a_503_saying_so(su_client: Client, caplog) -> None:
+    """The web's statement timeout (compose: WEB_STATEMENT_TIMEOUT_SECONDS) cut a changelist or
+    an edit short, here behind a migration's lock: a page that says so, not a bare 500."""
+    import psycopg
+
+    from tests.engine import database_url
+
+    with connection.cursor() as cursor:
+        cursor.execute("SET statement_timeout = '300ms'")  # what the setting's options do
+    try:
+        with psycopg.connect(database_url(), autocommit=False) as other:
+            other.execute("LOCK TABLE events, agents IN ACCESS EXCLUSIVE MODE")
+            listed = su_client.get(_url(Event, "changelist"))
+            added = su_client.post(
+                _url(Agent, "add"),
+                {
+                    "id": "new-001",
+                    "name": "New",
+                    "executor": "python",
+                    "status": "active",
+                    "entrypoint": "builtins.len",
+                },
+            )
+            other.rollback()
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET statement_timeout")
+    assert listed.status_code == 503 and listed["Retry-After"] == "5"
+    assert "it was cancelled (nothing was changed)" in listed.content.decode()
+    assert added.status_code == 503
+    assert "may have been saved" in added.content.decode()  # the console promises nothing for a write
+    assert not Agent.objects.filter(pk="new-001").exists()
+    assert f"a database statement was cancelled in {_url(Event, 'changelist')}" in caplog.text
