@@ -99,11 +99,15 @@ def configured_secrets(extra_env_names: Iterable[str] = ()) -> set[str]:
     for database in getattr(settings, "DATABASES", {}).values():
         if database.get("PASSWORD"):
             values.add(str(database["PASSWORD"]))
-    from orchestration.runtime.llm import api_key_env_problem
+    from orchestration.runtime.llm import ENV_NAME
 
-    # The variables agents name, as far as agents may read them (an admin naming PATH would
-    # have its value masked everywhere); those LOG_REDACT_ENV names, whatever they are.
-    agent_names = {name for name in {*api_key_env_names(), *extra_env_names} if api_key_env_problem(name) is None}
+    # Every variable an agent names, whether or not AGENT_API_KEY_ENV_ALLOWED admits it now:
+    # the allow-list decides what is read and sent from now on (new agents naming PATH are
+    # refused on creation), but an agent made before it, or before the operator narrowed it,
+    # may have sent that value already, and the records of those calls are still exported.
+    # Read with agent_secret, never a recording getter: a name read here must not become one
+    # of the platform's own settings, which agents may not name.
+    agent_names = {name for name in {*api_key_env_names(), *extra_env_names} if ENV_NAME.match(name)}
     for name in sorted(agent_names | set(getattr(settings, "LOG_REDACT_ENV", []))):
         value = env.agent_secret(name)
         if value:
@@ -192,30 +196,33 @@ class RedactFilter(logging.Filter):
 
     def __init__(self, name: str = "") -> None:
         super().__init__(name)
-        self._secrets: tuple[str, ...] | None = None
-        self._version = 0
+        # (the registration version they were read at, the secret values): one attribute,
+        # replaced whole and read once per record, so that a thread logging while another
+        # re-reads them never sees the values of one reading with the version of another, nor
+        # None (an exception in a filter reaches the code that logged).
+        self._read: tuple[int, tuple[str, ...]] | None = None
         self._computing = threading.local()
 
     def secrets(self) -> tuple[str, ...]:
         """The configured secret values and those registered since (secret_register), longest
         first (computed once, and again after a registration)."""
-        if self._secrets is not None and self._version != _registered_version:
-            self._secrets = None
-        if self._secrets is None:
-            version = _registered_version
-            if getattr(self._computing, "active", False):
-                return ()  # a record logged while the secrets are being read
-            self._computing.active = True
-            try:
-                self._secrets = tuple(sorted(configured_secrets(), key=len, reverse=True))
-                self._version = version
-            except Exception:
-                # Settings or apps not ready yet (a record during start-up): patterns only,
-                # and try again on the next record.
-                return ()
-            finally:
-                self._computing.active = False
-        return self._secrets
+        read = self._read
+        if read is not None and read[0] == _registered_version:
+            return read[1]
+        if getattr(self._computing, "active", False):
+            return read[1] if read is not None else ()  # a record logged while they are being read
+        version = _registered_version
+        self._computing.active = True
+        try:
+            secrets = tuple(sorted(configured_secrets(), key=len, reverse=True))
+        except Exception:
+            # Settings or apps not ready yet (a record during start-up): what was read before
+            # (patterns only at first), and try again on the next record.
+            return read[1] if read is not None else ()
+        finally:
+            self._computing.active = False
+        self._read = (version, secrets)
+        return secrets
 
     def filter(self, record: logging.LogRecord) -> bool:
         secrets = self.secrets()

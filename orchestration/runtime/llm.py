@@ -41,7 +41,8 @@ ANTHROPIC_DEFAULT_BASE = "https://api.anthropic.com"
 ANTHROPIC_VERSION = "2023-06-01"
 ANTHROPIC_DEFAULT_MAX_TOKENS = 1024
 OPENAI_COMPATIBLE = {"", "openai", "openai-compatible", "ollama", "vllm", "lmstudio", "lm-studio"}
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# \Z, not $: "$" also matches before a trailing newline ("OPENAI_API_KEY\n" would pass).
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def api_key_env_problem(name: str) -> str | None:

@@ -12,6 +12,7 @@ from django.utils import timezone
 from orchestration.errors import TransitionError
 from orchestration.models import Agent, Event, TaskExecution
 from orchestration.services.agent_registry import agent_create, agent_deactivate, agent_update
+from orchestration.services.agents import executor_problems
 from tests.factories import TaskExecutionFactory
 
 NEW = {
@@ -91,6 +92,8 @@ def test_an_agent_may_not_name_a_variable_agents_may_not_read(callers):
     moved = admin.patch("/api/v1/agents/courier-1/", {"api_key_env": "REDIS_URL"}, format="json")
     assert moved.status_code == 400 and "one of the platform's own settings" in moved.json()["detail"]
     assert Agent.objects.get(pk="courier-1").api_key_env == "COURIER_API_KEY"
+    # "$" would have matched before the newline (a definition file can hold one; the API strips it).
+    assert any("not the key" in p for p in executor_problems({**llm, "api_key_env": "COURIER_API_KEY\n"}))
 
 
 def test_stats_aggregate_the_agents_tasks_over_the_window(callers):

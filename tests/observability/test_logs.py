@@ -128,15 +128,47 @@ def test_the_api_key_variables_agent_definitions_name_are_masked(capture, settin
     assert stream.getvalue().rstrip().endswith("calling with ***")
 
 
-def test_only_variables_agents_may_read_are_masked_as_agents_keys(settings, monkeypatch):
-    """A name an agent gives that agents may not read (an admin naming PATH) is not masked
-    everywhere by value; the operator's LOG_REDACT_ENV names are, whatever they are."""
-    monkeypatch.setenv("PLAIN_SETTING", "harmless-value-123")
+def test_the_keys_of_agents_made_before_the_allow_list_stay_masked(settings, monkeypatch):
+    """AGENT_API_KEY_ENV_ALLOWED decides what agents read from now on; an agent of the table
+    made before it (or before the operator narrowed it) may have sent its key already, and
+    the records of those calls are still logged and exported: its value stays masked."""
+    monkeypatch.setenv("LEGACY_VLLM_TOKEN", "legacy-value-456789")
     monkeypatch.setenv("COURIER_API_KEY", "courier-value-456")
-    secrets = logs.configured_secrets(["PLAIN_SETTING", "COURIER_API_KEY"])
-    assert "courier-value-456" in secrets and "harmless-value-123" not in secrets
+    secrets = logs.configured_secrets(["LEGACY_VLLM_TOKEN", "COURIER_API_KEY", "sk-pasted-by-mistake-0123"])
+    assert {"legacy-value-456789", "courier-value-456"} <= secrets
     settings.LOG_REDACT_ENV = ["PLAIN_SETTING"]
+    monkeypatch.setenv("PLAIN_SETTING", "harmless-value-123")
     assert "harmless-value-123" in logs.configured_secrets()
+
+
+def test_reading_the_agents_variables_does_not_make_them_platform_settings(settings, monkeypatch):
+    """The filter and the export read the variables agents name (and LOG_REDACT_ENV's): were
+    they counted among the platform's own settings, every agent naming one would be refused."""
+    from orchestration.runtime.llm import api_key_env_problem
+
+    monkeypatch.setenv("COURIER_API_KEY", "courier-value-456")
+    settings.LOG_REDACT_ENV = ["COURIER_API_KEY"]
+    assert "courier-value-456" in logs.configured_secrets(["COURIER_API_KEY"])
+    assert api_key_env_problem("COURIER_API_KEY") is None
+
+
+def test_a_secret_registered_while_the_filter_reads_them_is_masked_from_the_next_record(monkeypatch):
+    """A registration in another thread while the filter reads the secrets: the reading may
+    miss it, so the next record reads them again; a record never goes unfiltered meanwhile."""
+    registered = "registered-mid-read-0123"
+    real = logs.configured_secrets
+
+    def reading_while_another_thread_registers() -> set[str]:
+        secrets = real()
+        logs.secret_register(registered)  # after this reading's snapshot
+        return secrets
+
+    redact_filter = logs.RedactFilter()
+    monkeypatch.setattr(logs, "configured_secrets", reading_while_another_thread_registers)
+    assert registered not in redact_filter.secrets()
+    monkeypatch.setattr(logs, "configured_secrets", real)
+    assert registered in redact_filter.secrets()
+    assert redact_filter.secrets() is redact_filter.secrets()  # read once per registration
 
 
 @pytest.mark.parametrize(
@@ -158,13 +190,13 @@ def test_secret_looking_patterns_are_masked(text, expected):
 def test_celery_argument_reprs_are_masked_and_the_publish_time_stamped(settings):
     settings.SECRET_KEY = "django-secret-value-0123456789"
     logs_filter = __import__("observability.worker", fromlist=["_redactor"])._redactor
-    logs_filter._secrets = None  # settings changed: recompute
+    logs_filter._read = None  # settings changed: recompute
     headers = {"argsrepr": "('django-secret-value-0123456789',)", "kwargsrepr": "{'auth': 'Bearer abcdefghijklmnop'}"}
     before_publish(headers)
     assert headers["argsrepr"] == "('***',)"
     assert headers["kwargsrepr"] == "{'auth': 'Bearer ***'}"
     assert isinstance(headers["agentledger_published_at"], float)
-    logs_filter._secrets = None
+    logs_filter._read = None
 
 
 def test_public_redaction_also_masks_url_user_names_and_short_configured_passwords(settings):
