@@ -62,6 +62,8 @@ _INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op
 _BARE_REFERENCE = re.compile(r"(?<!\$)\$(?![{$])(?=[A-Za-z_])")
 _SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|API_KEY|PRIVATE_KEY")
 _NOT_SECRETS = {"AGENT_API_KEY_ENV_ALLOWED"}  # names of variables, not their values
+# Secrets a deployment may go without (an LLM provider it does not use): empty unless set.
+_OPTIONAL_SECRETS = {"OPENAI_API_KEY", "ANTHROPIC_API_KEY"}
 _HIGH_ENTROPY = re.compile(r"[A-Za-z0-9+=_-]{24,}")
 
 
@@ -568,12 +570,12 @@ def test_every_variable_compose_references_is_documented_in_env_example():
 
 def test_compose_file_holds_no_literal_secrets():
     """Secrets reach the containers only from variables (.env or the shell): required ones,
-    or optional ones that are empty unless set (an LLM provider's key a deployment may not
-    use); never a default value."""
+    or, for an LLM provider's key a deployment may not use, optional ones that are empty
+    unless set; never a default value."""
     for match in _references(COMPOSE_FILE.read_text()):
         if _SECRET_NAME.search(match["name"]) and match["name"] not in _NOT_SECRETS:
             required = (match["op"] or "").endswith("?")
-            optional = match["op"] in (":-", "-") and not match["arg"]
+            optional = match["name"] in _OPTIONAL_SECRETS and match["op"] in (":-", "-") and not match["arg"]
             assert required or optional, f"${{{match['name']}}} must be required or empty by default"
     variables = _test_variables()
     from_required_variables = set(variables.values())
@@ -762,3 +764,19 @@ def test_the_web_mode_serves_requests_with_the_statement_limits():
     serve = web[web.index("exec gunicorn") - 400 :]
     assert 'DATABASE_STATEMENT_TIMEOUT_SECONDS="${WEB_STATEMENT_TIMEOUT_SECONDS' in serve
     assert 'DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS="${WEB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS' in serve
+
+
+def test_every_app_service_knows_the_agents_keys_and_rules():
+    """Workers send the keys; web checks new agents against the same rules; and every service
+    masks the keys by value: the relay (a worker) and the consumer (synapse) make the same
+    training CSV rows only when they know the same keys."""
+    for name in ("web", "worker", "worker-system", "beat", "synapse"):
+        environment = _environment(_services()[name])
+        for key in (
+            "OPENAI_API_KEY",
+            "ANTHROPIC_API_KEY",
+            "AGENT_API_KEY_ENV_ALLOWED",
+            "AGENT_HTTP_ALLOWED_HOSTS",
+            "AGENT_HTTP_ALLOW_PRIVATE",
+        ):
+            assert key in environment, f"{name} lacks {key}"

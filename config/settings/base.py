@@ -277,6 +277,12 @@ LLM_MAX_TOOL_ROUNDS = env.int("LLM_MAX_TOOL_ROUNDS", 8, minimum=1, maximum=100)
 # --- Agent runtime: tools, hand-offs, conversations (orchestration/runtime) ------------
 # Modules that register tools with @tool (runtime/tools.py); imported on first use.
 AGENT_TOOL_MODULES = env.list("AGENT_TOOL_MODULES", ["orchestration.runtime.toolkit"])
+# Modules (and their submodules) whose functions `python` agents may run. An agent's
+# entrypoint is imported and called in a worker, and admins make agents through the API: a
+# dotted path outside these is refused before anything is imported.
+AGENT_ENTRYPOINT_MODULES = env.list(
+    "AGENT_ENTRYPOINT_MODULES", ["orchestration.runtime.builtin", "orchestration.runtime.analysts"]
+)
 AGENT_MAX_DELEGATION_DEPTH = env.int("AGENT_MAX_DELEGATION_DEPTH", 3, minimum=1, maximum=20)
 CONVERSATION_MAX_MESSAGE_CHARS = env.int("CONVERSATION_MAX_MESSAGE_CHARS", 32_000, minimum=1, maximum=1_000_000)
 CONVERSATION_TIMEOUT_SECONDS = env.int("CONVERSATION_TIMEOUT_SECONDS", 120, minimum=1, maximum=86400)

@@ -25,6 +25,9 @@ if database_vendor(DATABASES["default"]) != "postgresql":
     raise ImproperlyConfigured("The test suite runs against PostgreSQL; DATABASE_URL names another database")
 DATABASES["default"]["CONN_MAX_AGE"] = 0
 
+# The suite's own python agents (tests/orchestration/edge_agents.py) and the factories' builtins.
+AGENT_ENTRYPOINT_MODULES = [*AGENT_ENTRYPOINT_MODULES, "tests", "builtins"]  # noqa: F405
+
 REDIS_URL = env.str("REDIS_URL", "redis://127.0.0.1:6379/9")
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", REDIS_URL)
 

@@ -11,6 +11,7 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from functools import cache
 from typing import Any
 
+from django.conf import settings
 from django.utils.module_loading import import_string
 
 from orchestration.errors import PermanentError
@@ -28,8 +29,27 @@ MAX_TOKENS = 10**15
 MAX_COST = Decimal(10) ** 8  # task_attempts.cost_usd is numeric(14, 6)
 
 
-@cache
+def entrypoint_problem(path: str) -> str | None:
+    """Why a `python` agent may not run the callable at the dotted `path`, or None: only
+    functions of AGENT_ENTRYPOINT_MODULES (an admin making an agent through the API must not
+    have a worker import and call whatever is installed)."""
+    module = path.rpartition(".")[0]
+    allowed = settings.AGENT_ENTRYPOINT_MODULES
+    if any(module == name or module.startswith(f"{name}.") for name in allowed):
+        return None
+    return f"{path!r} is outside AGENT_ENTRYPOINT_MODULES ({', '.join(allowed) or 'none'})"
+
+
 def _load_callable(path: str) -> Callable[..., Any]:
+    # Checked on every call, before the import: the setting may have narrowed since the
+    # agent was made.
+    if (problem := entrypoint_problem(path)) is not None:
+        raise PermanentError(f"agent entrypoint {problem}")
+    return _import_callable(path)
+
+
+@cache
+def _import_callable(path: str) -> Callable[..., Any]:
     try:
         fn = import_string(path)
     except ImportError as exc:

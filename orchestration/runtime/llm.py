@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
@@ -62,6 +63,31 @@ def api_key_env_problem(name: str) -> str | None:
             ", ".join(allowed) if allowed else "none"
         )
     return None
+
+
+def provider_host(provider: str | None) -> str:
+    """The provider's own API host: its key may always be sent there."""
+    return "api.anthropic.com" if (provider or "").lower() == "anthropic" else "api.openai.com"
+
+
+def key_host_problem(url: str, provider: str | None) -> str | None:
+    """Why an agent's API key may not be sent to `url`, or None.
+
+    A key goes to its provider's own API host, or to a host the operator listed in
+    AGENT_HTTP_ALLOWED_HOSTS: an admin who may create agents through the API chooses the
+    URL, and an agent naming the deployment's OPENAI_API_KEY with a URL of their own would
+    otherwise hand them the key. (Keyless agents may reach any public host while the list
+    is empty.)"""
+    builtin = provider_host(provider)
+    if url.startswith(f"https://{builtin}/"):
+        return None
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if host and host in {h.rstrip(".").lower() for h in settings.AGENT_HTTP_ALLOWED_HOSTS}:
+        return None
+    return (
+        f"its API key is sent only to the provider's own host ({builtin}) or to a host listed in "
+        f"AGENT_HTTP_ALLOWED_HOSTS, and {host or 'this URL'} is neither"
+    )
 
 
 def _api_key(agent: Agent, *, required: bool) -> str | None:
@@ -148,8 +174,17 @@ def _body(reply: Reply) -> Any:
 
 
 def _send(
-    agent: Agent, url: str, payload: dict[str, Any], headers: dict[str, str], context: TaskContext, *, builtin: str
+    agent: Agent,
+    url: str,
+    payload: dict[str, Any],
+    headers: dict[str, str],
+    context: TaskContext,
+    *,
+    builtin: str,
+    keyed: bool,
 ) -> Reply:
+    if keyed and (problem := key_host_problem(url, agent.provider)) is not None:
+        raise PermanentError(f"agent {agent.id!r}: {problem}")
     target = url_check(url, always_allowed_hosts=(builtin,) if url.startswith(f"https://{builtin}/") else ())
     return post_json(
         target,
@@ -188,7 +223,7 @@ def _openai_turn(
     if tools:
         payload["tools"] = tools
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    reply = _send(agent, url, payload, headers, context, builtin="api.openai.com")
+    reply = _send(agent, url, payload, headers, context, builtin=provider_host(agent.provider), keyed=bool(key))
     body = _body(reply)
     model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else agent.model
     usage = _usage(
@@ -306,7 +341,7 @@ def _anthropic_turn(
     if tools:
         payload["tools"] = _anthropic_tools(tools)
     headers = {"x-api-key": key or "", "anthropic-version": ANTHROPIC_VERSION}
-    reply = _send(agent, url, payload, headers, context, builtin="api.anthropic.com")
+    reply = _send(agent, url, payload, headers, context, builtin=provider_host(agent.provider), keyed=True)
     body = _body(reply)
     model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else agent.model
     # Prompt-cache token fields are not read: this executor never asks for caching.

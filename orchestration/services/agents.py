@@ -21,7 +21,8 @@ from django.utils.module_loading import import_string
 from orchestration.errors import PermanentError, SpecError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Agent
-from orchestration.runtime.llm import ENV_NAME, OPENAI_COMPATIBLE, api_key_env_problem
+from orchestration.runtime.executors import entrypoint_problem
+from orchestration.runtime.llm import ENV_NAME, OPENAI_COMPATIBLE, api_key_env_problem, key_host_problem
 from orchestration.runtime.tools import jsonb_problem, registry
 from orchestration.runtime.urlpolicy import url_check
 from orchestration.services.events import event_record
@@ -146,6 +147,8 @@ def executor_problems(data: dict[str, Any]) -> list[str]:
         entrypoint = data.get("entrypoint")
         if not entrypoint:
             problems.append("entrypoint: required for the python executor")
+        elif (problem := entrypoint_problem(entrypoint)) is not None:
+            problems.append(f"entrypoint: {problem}")
         else:
             try:
                 fn = import_string(entrypoint)
@@ -177,6 +180,12 @@ def executor_problems(data: dict[str, Any]) -> list[str]:
             problems.append("api_key_env: must be an environment variable name such as OPENAI_API_KEY, not the key")
         elif (problem := api_key_env_problem(data["api_key_env"])) is not None:
             problems.append(f"api_key_env: {problem.removeprefix('api_key_env ')}")
+        elif (
+            executor == Agent.Executor.LLM
+            and data.get("url")
+            and (problem := key_host_problem(data["url"], data.get("provider"))) is not None
+        ):
+            problems.append(f"url: {problem}")
     if "temperature" in data and not 0 <= data["temperature"] <= 2:
         problems.append("temperature: must be between 0 and 2")
     for key in ("max_tokens", "max_concurrency"):

@@ -73,10 +73,11 @@ def test_agents_created_through_the_api_get_the_checks_of_load_agents(callers):
     assert "sk-live-0123456789abcdef" not in str(list(Agent.objects.values_list("api_key_env", flat=True)))
 
 
-def test_an_agent_may_not_name_a_variable_agents_may_not_read(callers):
+def test_an_agent_may_not_name_a_variable_agents_may_not_read(callers, settings):
     """An admin chooses an agent's URL and the variable whose value is sent there as its key:
     the platform's own settings and names outside AGENT_API_KEY_ENV_ALLOWED are refused, on
     creation and on update, and nothing is stored."""
+    settings.AGENT_HTTP_ALLOWED_HOSTS = ["llm.example"]
     admin = callers["admin"].client
     llm = {"id": "courier-1", "name": "Courier", "executor": "llm", "model": "m", "url": "https://llm.example/v1"}
     for name, problem in [
@@ -94,6 +95,44 @@ def test_an_agent_may_not_name_a_variable_agents_may_not_read(callers):
     assert Agent.objects.get(pk="courier-1").api_key_env == "COURIER_API_KEY"
     # "$" would have matched before the newline (a definition file can hold one; the API strips it).
     assert any("not the key" in p for p in executor_problems({**llm, "api_key_env": "COURIER_API_KEY\n"}))
+
+
+def test_an_agent_with_a_key_may_use_only_its_providers_host_or_one_the_operator_listed(callers, settings):
+    """The deployment's OPENAI_API_KEY is an allowed name; sent to a URL an admin chose, it
+    would be theirs. A key goes to the provider's own host or to AGENT_HTTP_ALLOWED_HOSTS."""
+    admin = callers["admin"].client
+    llm = {"id": "courier-2", "name": "Courier", "executor": "llm", "model": "m", "api_key_env": "OPENAI_API_KEY"}
+    refused = admin.post("/api/v1/agents/", {**llm, "url": "https://collector.example/v1"}, format="json")
+    assert refused.status_code == 400
+    assert "url: its API key is sent only to the provider's own host (api.openai.com)" in refused.json()["detail"]
+    assert "collector.example is neither" in refused.json()["detail"]
+    assert not Agent.objects.filter(pk="courier-2").exists()
+    assert admin.post("/api/v1/agents/", {**llm, "url": "https://api.openai.com/v1"}, format="json").status_code == 201
+    moved = admin.patch("/api/v1/agents/courier-2/", {"url": "https://collector.example/v1"}, format="json")
+    assert moved.status_code == 400 and Agent.objects.get(pk="courier-2").url == "https://api.openai.com/v1"
+    keyless = {**llm, "id": "local-1", "provider": "ollama", "api_key_env": "", "url": "https://ollama.example/v1"}
+    assert admin.post("/api/v1/agents/", keyless, format="json").status_code == 201  # no key to hand over
+    settings.AGENT_HTTP_ALLOWED_HOSTS = ["collector.example"]
+    assert (
+        admin.patch("/api/v1/agents/courier-2/", {"url": "https://collector.example/v1"}, format="json").status_code
+        == 200
+    )
+
+
+def test_a_python_agent_runs_only_functions_of_the_modules_the_operator_names(callers, settings):
+    """An admin making a python agent through the API names a dotted path that a worker would
+    import and call: outside AGENT_ENTRYPOINT_MODULES it is refused before anything is
+    imported (a module that does not exist says so, not "cannot be imported")."""
+    admin = callers["admin"].client
+    for entrypoint in ("subprocess.call", "evil_package.run", "orchestration.runtime.builtinX.echo"):
+        response = admin.post("/api/v1/agents/", {**NEW, "entrypoint": entrypoint}, format="json")
+        assert response.status_code == 400, response.json()
+        assert "is outside AGENT_ENTRYPOINT_MODULES" in response.json()["detail"], response.json()["detail"]
+    assert not Agent.objects.filter(pk=NEW["id"]).exists()
+    created = admin.post("/api/v1/agents/", {**NEW, "entrypoint": "orchestration.runtime.builtin.echo"}, format="json")
+    assert created.status_code == 201
+    moved = admin.patch(f"/api/v1/agents/{NEW['id']}/", {"entrypoint": "os.system"}, format="json")
+    assert moved.status_code == 400 and Agent.objects.get(pk=NEW["id"]).entrypoint.endswith(".echo")
 
 
 def test_stats_aggregate_the_agents_tasks_over_the_window(callers):

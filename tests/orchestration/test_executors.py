@@ -446,6 +446,39 @@ def test_an_agent_reads_no_variable_but_those_agents_may_name(local_net, openai,
     assert name not in str(info.value)  # not echoed: it may be a key pasted by mistake
 
 
+def test_a_key_goes_only_to_the_providers_host_or_one_the_operator_listed(openai, monkeypatch, settings):
+    """Checked again as the request is made (an agent stored before the rule, or the list
+    narrowed since): the server is never reached."""
+    settings.AGENT_HTTP_ALLOW_PRIVATE = True  # the address rules would refuse loopback otherwise
+    settings.AGENT_HTTP_ALLOWED_HOSTS = []
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
+    with pytest.raises(PermanentError, match=r"sent only to the provider's own host \(api.openai.com\)"):
+        agent_execute(agent=llm_agent(openai.base_url), task_input={"prompt": "x"}, context=ctx())
+    anthropic_agent = llm_agent(openai.base_url, provider="anthropic")
+    with pytest.raises(PermanentError, match=r"sent only to the provider's own host \(api.anthropic.com\)"):
+        agent_execute(agent=anthropic_agent, task_input={"prompt": "x"}, context=ctx())
+    assert openai.requests == []
+    settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
+    agent_execute(agent=llm_agent(openai.base_url), task_input={"prompt": "x"}, context=ctx())
+    assert len(openai.requests) == 1
+
+
+def test_a_python_agent_outside_the_entrypoint_modules_is_refused_at_call_time(settings):
+    """An agent stored before the setting narrowed: its attempt fails before the import."""
+    settings.AGENT_ENTRYPOINT_MODULES = ["orchestration.runtime.builtin"]
+    agent = Agent(
+        id="old", name="Old", executor=Agent.Executor.PYTHON, entrypoint="tests.orchestration.edge_agents.moody"
+    )
+    with pytest.raises(
+        PermanentError, match=r"'tests.orchestration.edge_agents.moody' is outside AGENT_ENTRYPOINT_MODULES"
+    ):
+        agent_execute(agent=agent, task_input={}, context=ctx())
+    echo = Agent(
+        id="echo", name="Echo", executor=Agent.Executor.PYTHON, entrypoint="orchestration.runtime.builtin.echo"
+    )
+    assert agent_execute(agent=echo, task_input={"a": 1}, context=ctx()).output == {"echo": {"a": 1}}
+
+
 def test_widened_names_still_refuse_the_platform_settings(local_net, openai, monkeypatch):
     local_net.AGENT_API_KEY_ENV_ALLOWED = ["*"]
     monkeypatch.setenv("ANY_NAME", KEY)
