@@ -174,17 +174,11 @@ def _body(reply: Reply) -> Any:
 
 
 def _send(
-    agent: Agent,
-    url: str,
-    payload: dict[str, Any],
-    headers: dict[str, str],
-    context: TaskContext,
-    *,
-    builtin: str,
-    keyed: bool,
+    agent: Agent, url: str, payload: dict[str, Any], headers: dict[str, str], context: TaskContext, *, keyed: bool
 ) -> Reply:
     if keyed and (problem := key_host_problem(url, agent.provider)) is not None:
         raise PermanentError(f"agent {agent.id!r}: {problem}")
+    builtin = provider_host(agent.provider)
     target = url_check(url, always_allowed_hosts=(builtin,) if url.startswith(f"https://{builtin}/") else ())
     return post_json(
         target,
@@ -223,7 +217,7 @@ def _openai_turn(
     if tools:
         payload["tools"] = tools
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    reply = _send(agent, url, payload, headers, context, builtin=provider_host(agent.provider), keyed=bool(key))
+    reply = _send(agent, url, payload, headers, context, keyed=bool(key))
     body = _body(reply)
     model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else agent.model
     usage = _usage(
@@ -341,7 +335,7 @@ def _anthropic_turn(
     if tools:
         payload["tools"] = _anthropic_tools(tools)
     headers = {"x-api-key": key or "", "anthropic-version": ANTHROPIC_VERSION}
-    reply = _send(agent, url, payload, headers, context, builtin=provider_host(agent.provider), keyed=True)
+    reply = _send(agent, url, payload, headers, context, keyed=True)
     body = _body(reply)
     model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else agent.model
     # Prompt-cache token fields are not read: this executor never asks for caching.
