@@ -778,5 +778,6 @@ def test_every_app_service_knows_the_agents_keys_and_rules():
             "AGENT_API_KEY_ENV_ALLOWED",
             "AGENT_HTTP_ALLOWED_HOSTS",
             "AGENT_HTTP_ALLOW_PRIVATE",
+            "AGENT_ENTRYPOINT_MODULES",
         ):
             assert key in environment, f"{name} lacks {key}"

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
@@ -29,15 +30,31 @@ MAX_TOKENS = 10**15
 MAX_COST = Decimal(10) ** 8  # task_attempts.cost_usd is numeric(14, 6)
 
 
+def _in_entrypoint_modules(module: str) -> bool:
+    return any(module == name or module.startswith(f"{name}.") for name in settings.AGENT_ENTRYPOINT_MODULES)
+
+
 def entrypoint_problem(path: str) -> str | None:
     """Why a `python` agent may not run the callable at the dotted `path`, or None: only
-    functions of AGENT_ENTRYPOINT_MODULES (an admin making an agent through the API must not
-    have a worker import and call whatever is installed)."""
-    module = path.rpartition(".")[0]
+    public functions of AGENT_ENTRYPOINT_MODULES (an admin making an agent through the API
+    must not have a worker import and call whatever is installed). Checked on the path,
+    before anything is imported; `entrypoint_function_problem` checks what it names."""
+    module, _, name = path.rpartition(".")
     allowed = settings.AGENT_ENTRYPOINT_MODULES
-    if any(module == name or module.startswith(f"{name}.") for name in allowed):
+    if _in_entrypoint_modules(module) and name and not name.startswith("_"):
         return None
     return f"{path!r} is outside AGENT_ENTRYPOINT_MODULES ({', '.join(allowed) or 'none'})"
+
+
+def entrypoint_function_problem(path: str, fn: Any) -> str | None:
+    """Why the object `path` imported may not be run, or None: a function defined in one of
+    AGENT_ENTRYPOINT_MODULES. The path's module being allowed is not enough: whatever that
+    module imports is an attribute of it (`allowed_module.TaskContext`, or a `run` imported
+    from subprocess), as are the module's own dunders (`allowed_module.__class__`)."""
+    owner = getattr(fn, "__module__", None)
+    if (inspect.isfunction(fn) or inspect.isbuiltin(fn)) and isinstance(owner, str) and _in_entrypoint_modules(owner):
+        return None
+    return f"{path!r} is not a function defined in AGENT_ENTRYPOINT_MODULES ({type(fn).__name__} of {owner})"
 
 
 def _load_callable(path: str) -> Callable[..., Any]:
@@ -45,7 +62,10 @@ def _load_callable(path: str) -> Callable[..., Any]:
     # agent was made.
     if (problem := entrypoint_problem(path)) is not None:
         raise PermanentError(f"agent entrypoint {problem}")
-    return _import_callable(path)
+    fn = _import_callable(path)
+    if (problem := entrypoint_function_problem(path, fn)) is not None:
+        raise PermanentError(f"agent entrypoint {problem}")
+    return fn
 
 
 @cache

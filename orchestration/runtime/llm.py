@@ -22,7 +22,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
@@ -70,6 +69,25 @@ def provider_host(provider: str | None) -> str:
     return "api.anthropic.com" if (provider or "").lower() == "anthropic" else "api.openai.com"
 
 
+def _parsed_host(url: str) -> tuple[str, str, int | None, bool] | None:
+    """(scheme, host, port, has_userinfo) of `url` as httpx, which sends the request, reads
+    it (urlsplit disagrees with it on backslashes, for one); None if httpx refuses it."""
+    import httpx  # here, not at module level: see http_agent's note on its import
+
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return None
+    return parsed.scheme, parsed.host.rstrip(".").lower(), parsed.port, bool(parsed.userinfo)
+
+
+def is_provider_url(url: str, provider: str | None) -> bool:
+    """Whether `url` is on the provider's own API host: https, its default port, no userinfo
+    (whatever the case of the host, with or without a path)."""
+    parts = _parsed_host(url)
+    return parts is not None and parts == ("https", provider_host(provider), None, False)
+
+
 def key_host_problem(url: str, provider: str | None) -> str | None:
     """Why an agent's API key may not be sent to `url`, or None.
 
@@ -77,11 +95,12 @@ def key_host_problem(url: str, provider: str | None) -> str | None:
     AGENT_HTTP_ALLOWED_HOSTS: an admin who may create agents through the API chooses the
     URL, and an agent naming the deployment's OPENAI_API_KEY with a URL of their own would
     otherwise hand them the key. (Keyless agents may reach any public host while the list
-    is empty.)"""
+    is empty.) The URL is read as httpx reads it when the request is made."""
     builtin = provider_host(provider)
-    if url.startswith(f"https://{builtin}/"):
+    if is_provider_url(url, provider):
         return None
-    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    parts = _parsed_host(url)
+    host = parts[1] if parts is not None and not parts[3] else ""
     if host and host in {h.rstrip(".").lower() for h in settings.AGENT_HTTP_ALLOWED_HOSTS}:
         return None
     return (
@@ -179,7 +198,7 @@ def _send(
     if keyed and (problem := key_host_problem(url, agent.provider)) is not None:
         raise PermanentError(f"agent {agent.id!r}: {problem}")
     builtin = provider_host(agent.provider)
-    target = url_check(url, always_allowed_hosts=(builtin,) if url.startswith(f"https://{builtin}/") else ())
+    target = url_check(url, always_allowed_hosts=(builtin,) if is_provider_url(url, agent.provider) else ())
     return post_json(
         target,
         payload,

@@ -21,7 +21,7 @@ from django.utils.module_loading import import_string
 from orchestration.errors import PermanentError, SpecError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Agent
-from orchestration.runtime.executors import entrypoint_problem
+from orchestration.runtime.executors import entrypoint_function_problem, entrypoint_problem
 from orchestration.runtime.llm import ENV_NAME, OPENAI_COMPATIBLE, api_key_env_problem, key_host_problem
 from orchestration.runtime.tools import jsonb_problem, registry
 from orchestration.runtime.urlpolicy import url_check
@@ -157,6 +157,8 @@ def executor_problems(data: dict[str, Any]) -> list[str]:
             else:
                 if not callable(fn):
                     problems.append(f"entrypoint: {entrypoint!r} is not callable")
+                elif (problem := entrypoint_function_problem(entrypoint, fn)) is not None:
+                    problems.append(f"entrypoint: {problem}")
     if executor == Agent.Executor.HTTP and not data.get("url"):
         problems.append("url: required for the http executor")
     if data.get("url"):

@@ -135,6 +135,61 @@ def test_a_python_agent_runs_only_functions_of_the_modules_the_operator_names(ca
     assert moved.status_code == 400 and Agent.objects.get(pk=NEW["id"]).entrypoint.endswith(".echo")
 
 
+def test_a_python_agent_runs_only_functions_defined_in_the_modules_the_operator_names(callers, settings):
+    """The path's module being allowed is not enough: what the module imports is one of its
+    attributes (classes, a function it took from subprocess), and so are its own dunders and
+    private helpers. Refused on creation and on update."""
+    settings.AGENT_ENTRYPOINT_MODULES = ["orchestration.runtime.builtin", "orchestration.runtime.analysts"]
+    admin = callers["admin"].client
+    for entrypoint in (
+        "orchestration.runtime.builtin.TaskContext",  # orchestration.runtime.context's class
+        "orchestration.runtime.builtin.SoftTimeLimitExceeded",  # billiard's
+        "orchestration.runtime.builtin.__class__",  # the module type
+        "orchestration.runtime.builtin.__init__",
+        "orchestration.runtime.analysts._tools",
+        "orchestration.runtime.builtin.",
+    ):
+        response = admin.post("/api/v1/agents/", {**NEW, "entrypoint": entrypoint}, format="json")
+        assert response.status_code == 400, (entrypoint, response.json())
+        assert "AGENT_ENTRYPOINT_MODULES" in response.json()["detail"], response.json()["detail"]
+    assert not Agent.objects.filter(pk=NEW["id"]).exists()
+    assert admin.post("/api/v1/agents/", NEW, format="json").status_code == 201
+    moved = admin.patch(
+        f"/api/v1/agents/{NEW['id']}/", {"entrypoint": "orchestration.runtime.builtin.PermanentError"}, format="json"
+    )
+    assert moved.status_code == 400 and Agent.objects.get(pk=NEW["id"]).entrypoint == NEW["entrypoint"]
+
+
+def test_a_key_host_is_read_as_the_request_is_sent(settings):
+    """The provider's own host however the URL spells it (the anthropic base without a path,
+    upper case, the default port), never over http, on another port or behind userinfo; a
+    listed host as httpx reads it (urlsplit takes the host after a backslash's '@')."""
+    settings.AGENT_HTTP_ALLOWED_HOSTS = ["llm.example"]
+    llm = {"id": "k", "name": "K", "executor": "llm", "model": "m", "api_key_env": "OPENAI_API_KEY"}
+
+    def url_problems(url: str, provider: str = "openai") -> list[str]:
+        return [p for p in executor_problems({**llm, "url": url, "provider": provider}) if p.startswith("url:")]
+
+    for url, provider in [
+        ("https://api.anthropic.com", "anthropic"),
+        ("https://api.openai.com", "openai"),
+        ("https://API.OpenAI.com/v1", "openai"),
+        ("https://api.openai.com:443/v1", "openai"),
+        ("https://llm.example/v1", "openai"),
+        ("https://LLM.example./v1", "anthropic"),
+    ]:
+        assert url_problems(url, provider) == [], url
+    for url, provider in [
+        ("http://api.openai.com/v1", "openai"),
+        ("https://api.openai.com:8443/v1", "openai"),
+        ("https://api.openai.com.evil.example/v1", "openai"),
+        ("https://api.openai.com@evil.example/v1", "openai"),
+        ("https://evil.example\\@llm.example/v1", "openai"),
+        ("https://api.openai.com/v1", "anthropic"),
+    ]:
+        assert any("is neither" in p for p in url_problems(url, provider)), url
+
+
 def test_stats_aggregate_the_agents_tasks_over_the_window(callers):
     now = timezone.now()
     for status, ms, tokens, cost in [

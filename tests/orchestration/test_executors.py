@@ -479,6 +479,34 @@ def test_a_python_agent_outside_the_entrypoint_modules_is_refused_at_call_time(s
     assert agent_execute(agent=echo, task_input={"a": 1}, context=ctx()).output == {"echo": {"a": 1}}
 
 
+def test_a_python_agent_runs_only_a_function_defined_in_the_entrypoint_modules(settings):
+    """An agent stored before the check: a class or function the allowed module imported is
+    refused at call time, before it is called."""
+    settings.AGENT_ENTRYPOINT_MODULES = ["orchestration.runtime.builtin"]
+    for entrypoint in ("orchestration.runtime.builtin.PermanentError", "orchestration.runtime.builtin.TaskContext"):
+        agent = Agent(id="old", name="Old", executor=Agent.Executor.PYTHON, entrypoint=entrypoint)
+        with pytest.raises(PermanentError, match="is not a function defined in AGENT_ENTRYPOINT_MODULES"):
+            agent_execute(agent=agent, task_input={}, context=ctx())
+
+
+def test_a_key_goes_to_the_providers_host_however_its_url_is_spelt(monkeypatch, settings):
+    """An upper-case provider host is the provider's host (the allow-list does not apply to
+    it); a backslash before '@' does not make a listed host of another one."""
+    settings.AGENT_HTTP_ALLOWED_HOSTS = ["llm.example"]
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
+    sent: list[object] = []
+    monkeypatch.setattr("orchestration.runtime.llm.post_json", lambda target, *a, **k: sent.append(target) or 1 / 0)
+    monkeypatch.setattr("orchestration.runtime.urlpolicy._resolve", lambda host, port: ["93.184.216.34"])
+    with pytest.raises(ZeroDivisionError):
+        agent_execute(agent=llm_agent("https://API.OPENAI.COM/v1"), task_input={"prompt": "x"}, context=ctx())
+    assert [t.hostname for t in sent] == ["api.openai.com"]
+    with pytest.raises(PermanentError, match="is neither"):
+        agent_execute(
+            agent=llm_agent("https://evil.example\\@llm.example/v1"), task_input={"prompt": "x"}, context=ctx()
+        )
+    assert len(sent) == 1
+
+
 def test_widened_names_still_refuse_the_platform_settings(local_net, openai, monkeypatch):
     local_net.AGENT_API_KEY_ENV_ALLOWED = ["*"]
     monkeypatch.setenv("ANY_NAME", KEY)
