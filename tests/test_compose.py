@@ -61,7 +61,7 @@ WORKER_METRICS_PORT = 9808
 _INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 _BARE_REFERENCE = re.compile(r"(?<!\$)\$(?![{$])(?=[A-Za-z_])")
 _SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|API_KEY|PRIVATE_KEY")
-_NOT_SECRETS = {"AGENT_API_KEY_ENV_ALLOWED"}  # names of variables, not their values
+_NOT_SECRETS = {"AGENT_API_KEY_ENV_ALLOWED", "AGENT_API_KEY_HOSTS"}  # names of variables and hosts, not secrets
 # Secrets a deployment may go without (an LLM provider it does not use): empty unless set.
 _OPTIONAL_SECRETS = {"OPENAI_API_KEY", "ANTHROPIC_API_KEY"}
 _HIGH_ENTROPY = re.compile(r"[A-Za-z0-9+=_-]{24,}")
@@ -777,6 +777,7 @@ def test_every_app_service_knows_the_agents_keys_and_rules():
             "ANTHROPIC_API_KEY",
             "AGENT_API_KEY_ENV_ALLOWED",
             "AGENT_HTTP_ALLOWED_HOSTS",
+            "AGENT_API_KEY_HOSTS",
             "AGENT_HTTP_ALLOW_PRIVATE",
             "AGENT_ENTRYPOINT_MODULES",
         ):

@@ -92,20 +92,21 @@ def key_host_problem(url: str, provider: str | None) -> str | None:
     """Why an agent's API key may not be sent to `url`, or None.
 
     A key goes to its provider's own API host, or to a host the operator listed in
-    AGENT_HTTP_ALLOWED_HOSTS: an admin who may create agents through the API chooses the
+    AGENT_API_KEY_HOSTS: an admin who may create agents through the API chooses the
     URL, and an agent naming the deployment's OPENAI_API_KEY with a URL of their own would
-    otherwise hand them the key. (Keyless agents may reach any public host while the list
-    is empty.) The URL is read as httpx reads it when the request is made."""
+    otherwise hand them the key. (Where any agent may connect at all is AGENT_HTTP_ALLOWED_HOSTS'
+    and the address rules' business, applied as well.) The URL is read as httpx reads it when
+    the request is made."""
     builtin = provider_host(provider)
     if is_provider_url(url, provider):
         return None
     parts = _parsed_host(url)
     host = parts[1] if parts is not None and not parts[3] else ""
-    if host and host in {h.rstrip(".").lower() for h in settings.AGENT_HTTP_ALLOWED_HOSTS}:
+    if host and host in {h.rstrip(".").lower() for h in settings.AGENT_API_KEY_HOSTS}:
         return None
     return (
         f"its API key is sent only to the provider's own host ({builtin}) or to a host listed in "
-        f"AGENT_HTTP_ALLOWED_HOSTS, and {host or 'this URL'} is neither"
+        f"AGENT_API_KEY_HOSTS, and {host or 'this URL'} is neither"
     )
 
 

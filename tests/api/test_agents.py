@@ -77,7 +77,7 @@ def test_an_agent_may_not_name_a_variable_agents_may_not_read(callers, settings)
     """An admin chooses an agent's URL and the variable whose value is sent there as its key:
     the platform's own settings and names outside AGENT_API_KEY_ENV_ALLOWED are refused, on
     creation and on update, and nothing is stored."""
-    settings.AGENT_HTTP_ALLOWED_HOSTS = ["llm.example"]
+    settings.AGENT_API_KEY_HOSTS = ["llm.example"]
     admin = callers["admin"].client
     llm = {"id": "courier-1", "name": "Courier", "executor": "llm", "model": "m", "url": "https://llm.example/v1"}
     for name, problem in [
@@ -99,7 +99,8 @@ def test_an_agent_may_not_name_a_variable_agents_may_not_read(callers, settings)
 
 def test_an_agent_with_a_key_may_use_only_its_providers_host_or_one_the_operator_listed(callers, settings):
     """The deployment's OPENAI_API_KEY is an allowed name; sent to a URL an admin chose, it
-    would be theirs. A key goes to the provider's own host or to AGENT_HTTP_ALLOWED_HOSTS."""
+    would be theirs. A key goes to the provider's own host or to AGENT_API_KEY_HOSTS, which is
+    not the list of hosts agents may reach (AGENT_HTTP_ALLOWED_HOSTS)."""
     admin = callers["admin"].client
     llm = {"id": "courier-2", "name": "Courier", "executor": "llm", "model": "m", "api_key_env": "OPENAI_API_KEY"}
     refused = admin.post("/api/v1/agents/", {**llm, "url": "https://collector.example/v1"}, format="json")
@@ -112,7 +113,12 @@ def test_an_agent_with_a_key_may_use_only_its_providers_host_or_one_the_operator
     assert moved.status_code == 400 and Agent.objects.get(pk="courier-2").url == "https://api.openai.com/v1"
     keyless = {**llm, "id": "local-1", "provider": "ollama", "api_key_env": "", "url": "https://ollama.example/v1"}
     assert admin.post("/api/v1/agents/", keyless, format="json").status_code == 201  # no key to hand over
-    settings.AGENT_HTTP_ALLOWED_HOSTS = ["collector.example"]
+    settings.AGENT_HTTP_ALLOWED_HOSTS = ["collector.example"]  # may be reached: not trusted with keys
+    assert (
+        admin.patch("/api/v1/agents/courier-2/", {"url": "https://collector.example/v1"}, format="json").status_code
+        == 400
+    )
+    settings.AGENT_API_KEY_HOSTS = ["collector.example"]
     assert (
         admin.patch("/api/v1/agents/courier-2/", {"url": "https://collector.example/v1"}, format="json").status_code
         == 200
@@ -164,7 +170,7 @@ def test_a_key_host_is_read_as_the_request_is_sent(settings):
     """The provider's own host however the URL spells it (the anthropic base without a path,
     upper case, the default port), never over http, on another port or behind userinfo; a
     listed host as httpx reads it (urlsplit takes the host after a backslash's '@')."""
-    settings.AGENT_HTTP_ALLOWED_HOSTS = ["llm.example"]
+    settings.AGENT_API_KEY_HOSTS = ["llm.example"]
     llm = {"id": "k", "name": "K", "executor": "llm", "model": "m", "api_key_env": "OPENAI_API_KEY"}
 
     def url_problems(url: str, provider: str = "openai") -> list[str]:

@@ -200,6 +200,7 @@ def test_review_and_collaboration_run_the_other_agent_and_are_recorded(builtin_a
 def local_net(settings, monkeypatch):
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
+    settings.AGENT_API_KEY_HOSTS = ["127.0.0.1"]
     monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     return settings
 

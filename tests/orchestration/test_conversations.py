@@ -100,7 +100,14 @@ def test_a_failed_attempt_is_in_the_thread_as_an_error_but_not_in_the_history(en
 @pytest.mark.django_db(transaction=True)
 def test_llm_conversation_sends_the_whole_thread_and_records_tokens(engine):
     with OpenAIServer(api_key=KEY, prompt_tokens=100, completion_tokens=20) as llm:
-        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "CHAT_API_KEY": KEY})
+        engine(
+            env={
+                "AGENT_HTTP_ALLOW_PRIVATE": "true",
+                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
+                "AGENT_API_KEY_HOSTS": "127.0.0.1",
+                "CHAT_API_KEY": KEY,
+            }
+        )
         agent = Agent.objects.create(
             id="chatty",
             name="Chatty",
@@ -371,7 +378,12 @@ def _tool_agent(llm: OpenAIServer, tools: list[str]) -> Agent:
     )
 
 
-LLM_ENV = {"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "CHAT_API_KEY": KEY}
+LLM_ENV = {
+    "AGENT_HTTP_ALLOW_PRIVATE": "true",
+    "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
+    "AGENT_API_KEY_HOSTS": "127.0.0.1",
+    "CHAT_API_KEY": KEY,
+}
 
 
 @pytest.mark.django_db(transaction=True)

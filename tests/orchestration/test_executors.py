@@ -48,6 +48,7 @@ def local_net(settings):
     """The fake servers listen on loopback: allow it, and only it."""
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
+    settings.AGENT_API_KEY_HOSTS = ["127.0.0.1"]
     return settings
 
 
@@ -450,7 +451,8 @@ def test_a_key_goes_only_to_the_providers_host_or_one_the_operator_listed(openai
     """Checked again as the request is made (an agent stored before the rule, or the list
     narrowed since): the server is never reached."""
     settings.AGENT_HTTP_ALLOW_PRIVATE = True  # the address rules would refuse loopback otherwise
-    settings.AGENT_HTTP_ALLOWED_HOSTS = []
+    settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]  # where agents may connect: not where keys may go
+    settings.AGENT_API_KEY_HOSTS = []
     monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     with pytest.raises(PermanentError, match=r"sent only to the provider's own host \(api.openai.com\)"):
         agent_execute(agent=llm_agent(openai.base_url), task_input={"prompt": "x"}, context=ctx())
@@ -458,7 +460,7 @@ def test_a_key_goes_only_to_the_providers_host_or_one_the_operator_listed(openai
     with pytest.raises(PermanentError, match=r"sent only to the provider's own host \(api.anthropic.com\)"):
         agent_execute(agent=anthropic_agent, task_input={"prompt": "x"}, context=ctx())
     assert openai.requests == []
-    settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
+    settings.AGENT_API_KEY_HOSTS = ["127.0.0.1"]
     agent_execute(agent=llm_agent(openai.base_url), task_input={"prompt": "x"}, context=ctx())
     assert len(openai.requests) == 1
 
@@ -492,7 +494,7 @@ def test_a_python_agent_runs_only_a_function_defined_in_the_entrypoint_modules(s
 def test_a_key_goes_to_the_providers_host_however_its_url_is_spelt(monkeypatch, settings):
     """An upper-case provider host is the provider's host (the allow-list does not apply to
     it); a backslash before '@' does not make a listed host of another one."""
-    settings.AGENT_HTTP_ALLOWED_HOSTS = ["llm.example"]
+    settings.AGENT_API_KEY_HOSTS = ["llm.example"]
     monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     sent: list[object] = []
     monkeypatch.setattr("orchestration.runtime.llm.post_json", lambda target, *a, **k: sent.append(target) or 1 / 0)
@@ -646,6 +648,7 @@ def test_workflow_with_http_and_llm_agents_records_retries_tokens_and_cost(engin
                 "ENGINE_FAST_PATH": fast_path,
                 "AGENT_HTTP_ALLOW_PRIVATE": "true",
                 "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
+                "AGENT_API_KEY_HOSTS": "127.0.0.1",
                 "FAKE_LLM_API_KEY": KEY,
             }
         )

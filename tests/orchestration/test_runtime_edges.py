@@ -47,7 +47,12 @@ def test_cancel_during_second_model_round_keeps_the_first_rounds_spend_real_work
     cancels. The attempt is recorded cancelled: its first round's spend must stay on record."""
     with OpenAIServer(api_key=KEY, tool_call={"expression": "6 * 7"}) as llm:
         engine(
-            env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "EDGES_LLM_API_KEY": KEY}
+            env={
+                "AGENT_HTTP_ALLOW_PRIVATE": "true",
+                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
+                "AGENT_API_KEY_HOSTS": "127.0.0.1",
+                "EDGES_LLM_API_KEY": KEY,
+            }
         )
         llm_tool_agent(llm.base_url)
         llm.script(Reply(), Reply(delay=8))
@@ -114,7 +119,13 @@ def test_agent_service_answering_a_nul_character_is_recorded_not_left_running(en
     from tests.fakes.servers import AgentService
 
     with AgentService() as service:
-        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1"})
+        engine(
+            env={
+                "AGENT_HTTP_ALLOW_PRIVATE": "true",
+                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
+                "AGENT_API_KEY_HOSTS": "127.0.0.1",
+            }
+        )
         Agent.objects.create(id="svc", name="Svc", executor=Agent.Executor.HTTP, url=service.url)
         service.script(Reply(body={"result": "col1\x00col2", "metadata": {"tokens_used": 10}}))
         workflow = _submit_one("svc", max_retries=1)
@@ -227,6 +238,7 @@ def test_server_error_with_a_large_error_page_stays_retryable(settings):
 
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
+    settings.AGENT_API_KEY_HOSTS = ["127.0.0.1"]
     settings.AGENT_HTTP_MAX_RESPONSE_BYTES = 4096
     context = ctx(workflow_id=None)
     with AgentService() as service:
@@ -287,7 +299,13 @@ def test_error_page_with_a_nul_byte_fails_the_attempt_instead_of_leaving_it_runn
     from tests.fakes.servers import AgentService
 
     with AgentService() as service:
-        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1"})
+        engine(
+            env={
+                "AGENT_HTTP_ALLOW_PRIVATE": "true",
+                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
+                "AGENT_API_KEY_HOSTS": "127.0.0.1",
+            }
+        )
         Agent.objects.create(id="svc", name="Svc", executor=Agent.Executor.HTTP, url=service.url)
         service.script(Reply(status=400, body=b"bad request\x00\x01 near byte 7"))
         workflow = _submit_one("svc")
@@ -345,6 +363,7 @@ def test_gzip_answer_is_decoded_and_a_nested_encoding_bomb_is_refused_without_in
 
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
+    settings.AGENT_API_KEY_HOSTS = ["127.0.0.1"]
     settings.AGENT_HTTP_MAX_RESPONSE_BYTES = 1 << 20
     ok = _Encoded(b'{"result": "fine"}', 1)
     try:
@@ -379,6 +398,7 @@ def test_anthropic_conversation_keeps_answering_once_the_history_window_is_full(
 
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
+    settings.AGENT_API_KEY_HOSTS = ["127.0.0.1"]
     settings.CONVERSATION_HISTORY_MESSAGES = 4  # the default, 200, is even too: same at turn 101
     os.environ["AUDIT_ANTHROPIC_API_KEY"] = KEY
     with AnthropicServer(api_key=KEY) as server:
@@ -418,7 +438,12 @@ def test_killed_worker_keeps_the_paid_rounds_on_the_lost_attempt(engine):
 
     with OpenAIServer(api_key=KEY, tool_call={"expression": "6 * 7"}) as llm:
         worker = engine(
-            env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "EDGES_LLM_API_KEY": KEY}
+            env={
+                "AGENT_HTTP_ALLOW_PRIVATE": "true",
+                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
+                "AGENT_API_KEY_HOSTS": "127.0.0.1",
+                "EDGES_LLM_API_KEY": KEY,
+            }
         )
         llm_tool_agent(llm.base_url)
         llm.script(Reply(), Reply(delay=8))
@@ -443,7 +468,13 @@ def test_refused_output_keeps_the_paid_usage(engine):
     from tests.fakes.servers import AgentService
 
     with AgentService() as service:
-        engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1"})
+        engine(
+            env={
+                "AGENT_HTTP_ALLOW_PRIVATE": "true",
+                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
+                "AGENT_API_KEY_HOSTS": "127.0.0.1",
+            }
+        )
         Agent.objects.create(id="svc", name="Svc", executor=Agent.Executor.HTTP, url=service.url)
         service.script(Reply(body={"result": "col1\x00col2", "metadata": {"tokens_used": 10}}))
         workflow = _submit_one("svc", max_retries=0)
@@ -468,7 +499,12 @@ def test_model_answer_with_nul_keeps_the_paid_round(engine):
     }
     with OpenAIServer(api_key=KEY) as llm:
         engine(
-            env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1", "EDGES_LLM_API_KEY": KEY}
+            env={
+                "AGENT_HTTP_ALLOW_PRIVATE": "true",
+                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
+                "AGENT_API_KEY_HOSTS": "127.0.0.1",
+                "EDGES_LLM_API_KEY": KEY,
+            }
         )
         llm_tool_agent(llm.base_url)
         llm.script(Reply(body=body))
@@ -486,7 +522,13 @@ def test_token_counts_whose_sum_overflows_fail_the_attempt_not_leave_it_running(
     from tests.fakes.servers import AgentService
 
     with AgentService() as service:
-        worker = engine(env={"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1"})
+        worker = engine(
+            env={
+                "AGENT_HTTP_ALLOW_PRIVATE": "true",
+                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
+                "AGENT_API_KEY_HOSTS": "127.0.0.1",
+            }
+        )
         Agent.objects.create(id="svc", name="Svc", executor=Agent.Executor.HTTP, url=service.url)
         service.script(Reply(body={"result": "ok", "metadata": {"input_tokens": 2**63 - 1, "output_tokens": 1}}))
         workflow = _submit_one("svc", max_retries=0)
