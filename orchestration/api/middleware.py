@@ -75,5 +75,6 @@ class StatementCancelledMiddleware:
             f"<p>{escape(text)}</p>\n",
             status=503,
         )
-        response["Retry-After"] = "5"
+        if request.method in SAFE_METHODS:
+            response["Retry-After"] = "5"  # not for a write: it may have been saved, look first
         return response
