@@ -43,6 +43,7 @@ ANTHROPIC_DEFAULT_MAX_TOKENS = 1024
 OPENAI_COMPATIBLE = {"", "openai", "openai-compatible", "ollama", "vllm", "lmstudio", "lm-studio"}
 # \Z, not $: "$" also matches before a trailing newline ("OPENAI_API_KEY\n" would pass).
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+CONVENTIONAL_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*\Z")
 
 
 def api_key_env_problem(name: str) -> str | None:
@@ -121,7 +122,10 @@ def _api_key(agent: Agent, *, required: bool) -> str | None:
         raise PermanentError(f"agent {agent.id!r}: {problem}")
     key = env.agent_secret(name)
     if key is None:
-        raise PermanentError(f"agent {agent.id!r}: the API key variable {name} is not set")
+        # Named when it reads like a variable (upper case, as the default patterns are): with
+        # patterns wider than those, a key pasted into api_key_env could pass them.
+        named = name if CONVENTIONAL_ENV_NAME.match(name) else "that api_key_env names"
+        raise PermanentError(f"agent {agent.id!r}: the API key variable {named} is not set")
     secret_register(key)  # this process's log lines mask it from now on, whatever logs it
     return key
 

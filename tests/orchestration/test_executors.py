@@ -415,6 +415,17 @@ def test_missing_api_key_names_the_variable_and_sends_nothing(local_net, openai,
     assert openai.requests == []
 
 
+def test_an_unset_key_variable_is_named_only_when_it_reads_like_one(local_net, openai, monkeypatch):
+    """With patterns wider than the default, a key pasted into api_key_env (hf_..., gsk_...)
+    passes them; unset as a variable, it must not reach the error record."""
+    local_net.AGENT_API_KEY_ENV_ALLOWED = ["*"]
+    pasted = "hf_" + "AbCdEfGh" * 4
+    monkeypatch.delenv(pasted, raising=False)
+    with pytest.raises(PermanentError, match="the API key variable that api_key_env names is not set") as info:
+        agent_execute(agent=llm_agent(openai.base_url, api_key_env=pasted), task_input={"prompt": "x"}, context=ctx())
+    assert pasted not in str(info.value) and openai.requests == []
+
+
 def test_default_endpoint_without_api_key_env_is_refused(settings):
     agent = llm_agent("", api_key_env="")
     with pytest.raises(PermanentError, match="needs an API key"):
