@@ -19,6 +19,13 @@ from tests.fakes.servers import OpenAIServer, Reply
 from tests.orchestration.test_executors import ctx
 
 KEY = "sk-test-" + "edges" * 5
+# A worker that reaches the local fake servers, and sends them the key.
+LOCAL_NET = {
+    "AGENT_HTTP_ALLOW_PRIVATE": "true",
+    "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
+    "AGENT_API_KEY_HOSTS": "127.0.0.1",
+}
+LLM_ENV = {**LOCAL_NET, "EDGES_LLM_API_KEY": KEY}
 
 
 def finished(workflow: Workflow, timeout: float = 40) -> Workflow:
@@ -46,14 +53,7 @@ def test_cancel_during_second_model_round_keeps_the_first_rounds_spend_real_work
     """Round 1 is answered (1200 + 350 tokens, paid), the tool runs, round 2 hangs; the user
     cancels. The attempt is recorded cancelled: its first round's spend must stay on record."""
     with OpenAIServer(api_key=KEY, tool_call={"expression": "6 * 7"}) as llm:
-        engine(
-            env={
-                "AGENT_HTTP_ALLOW_PRIVATE": "true",
-                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
-                "AGENT_API_KEY_HOSTS": "127.0.0.1",
-                "EDGES_LLM_API_KEY": KEY,
-            }
-        )
+        engine(env=LLM_ENV)
         llm_tool_agent(llm.base_url)
         llm.script(Reply(), Reply(delay=8))
         workflow, _ = workflow_submit(
@@ -119,13 +119,7 @@ def test_agent_service_answering_a_nul_character_is_recorded_not_left_running(en
     from tests.fakes.servers import AgentService
 
     with AgentService() as service:
-        engine(
-            env={
-                "AGENT_HTTP_ALLOW_PRIVATE": "true",
-                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
-                "AGENT_API_KEY_HOSTS": "127.0.0.1",
-            }
-        )
+        engine(env=LOCAL_NET)
         Agent.objects.create(id="svc", name="Svc", executor=Agent.Executor.HTTP, url=service.url)
         service.script(Reply(body={"result": "col1\x00col2", "metadata": {"tokens_used": 10}}))
         workflow = _submit_one("svc", max_retries=1)
@@ -299,13 +293,7 @@ def test_error_page_with_a_nul_byte_fails_the_attempt_instead_of_leaving_it_runn
     from tests.fakes.servers import AgentService
 
     with AgentService() as service:
-        engine(
-            env={
-                "AGENT_HTTP_ALLOW_PRIVATE": "true",
-                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
-                "AGENT_API_KEY_HOSTS": "127.0.0.1",
-            }
-        )
+        engine(env=LOCAL_NET)
         Agent.objects.create(id="svc", name="Svc", executor=Agent.Executor.HTTP, url=service.url)
         service.script(Reply(status=400, body=b"bad request\x00\x01 near byte 7"))
         workflow = _submit_one("svc")
@@ -437,14 +425,7 @@ def test_killed_worker_keeps_the_paid_rounds_on_the_lost_attempt(engine):
     from orchestration.services.reaper import attempts_reap
 
     with OpenAIServer(api_key=KEY, tool_call={"expression": "6 * 7"}) as llm:
-        worker = engine(
-            env={
-                "AGENT_HTTP_ALLOW_PRIVATE": "true",
-                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
-                "AGENT_API_KEY_HOSTS": "127.0.0.1",
-                "EDGES_LLM_API_KEY": KEY,
-            }
-        )
+        worker = engine(env=LLM_ENV)
         llm_tool_agent(llm.base_url)
         llm.script(Reply(), Reply(delay=8))
         workflow, _ = workflow_submit(
@@ -468,13 +449,7 @@ def test_refused_output_keeps_the_paid_usage(engine):
     from tests.fakes.servers import AgentService
 
     with AgentService() as service:
-        engine(
-            env={
-                "AGENT_HTTP_ALLOW_PRIVATE": "true",
-                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
-                "AGENT_API_KEY_HOSTS": "127.0.0.1",
-            }
-        )
+        engine(env=LOCAL_NET)
         Agent.objects.create(id="svc", name="Svc", executor=Agent.Executor.HTTP, url=service.url)
         service.script(Reply(body={"result": "col1\x00col2", "metadata": {"tokens_used": 10}}))
         workflow = _submit_one("svc", max_retries=0)
@@ -498,14 +473,7 @@ def test_model_answer_with_nul_keeps_the_paid_round(engine):
         "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
     }
     with OpenAIServer(api_key=KEY) as llm:
-        engine(
-            env={
-                "AGENT_HTTP_ALLOW_PRIVATE": "true",
-                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
-                "AGENT_API_KEY_HOSTS": "127.0.0.1",
-                "EDGES_LLM_API_KEY": KEY,
-            }
-        )
+        engine(env=LLM_ENV)
         llm_tool_agent(llm.base_url)
         llm.script(Reply(body=body))
         workflow = finished(_submit_one("calc-llm", max_retries=0))
@@ -522,13 +490,7 @@ def test_token_counts_whose_sum_overflows_fail_the_attempt_not_leave_it_running(
     from tests.fakes.servers import AgentService
 
     with AgentService() as service:
-        worker = engine(
-            env={
-                "AGENT_HTTP_ALLOW_PRIVATE": "true",
-                "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
-                "AGENT_API_KEY_HOSTS": "127.0.0.1",
-            }
-        )
+        worker = engine(env=LOCAL_NET)
         Agent.objects.create(id="svc", name="Svc", executor=Agent.Executor.HTTP, url=service.url)
         service.script(Reply(body={"result": "ok", "metadata": {"input_tokens": 2**63 - 1, "output_tokens": 1}}))
         workflow = _submit_one("svc", max_retries=0)
