@@ -41,9 +41,11 @@ def entrypoint_problem(path: str) -> str | None:
     before anything is imported; `entrypoint_function_problem` checks what it names."""
     module, _, name = path.rpartition(".")
     allowed = settings.AGENT_ENTRYPOINT_MODULES
-    if _in_entrypoint_modules(module) and name and not name.startswith("_"):
-        return None
-    return f"{path!r} is outside AGENT_ENTRYPOINT_MODULES ({', '.join(allowed) or 'none'})"
+    if not _in_entrypoint_modules(module):
+        return f"{path!r} is outside AGENT_ENTRYPOINT_MODULES ({', '.join(allowed) or 'none'})"
+    if not name or name.startswith("_"):
+        return f"{path!r} names no public function (a private or empty name) of AGENT_ENTRYPOINT_MODULES"
+    return None
 
 
 def entrypoint_function_problem(path: str, fn: Any) -> str | None:
