@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from typing import Any
 
 import psycopg.errors
@@ -23,6 +24,7 @@ from django.core.exceptions import (
 from django.db import DatabaseError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.urls import is_valid_path
+from django.utils.html import escape
 from django.views import defaults
 from rest_framework import exceptions
 from rest_framework.response import Response
@@ -35,6 +37,7 @@ from orchestration.errors import SpecError, TransitionError
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/api/"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 # RFC 9457 allows any URI as the type; a URN names the kind without promising a page.
 PROBLEM_TYPE_BASE = "urn:agentledger:problem:"
@@ -140,22 +143,9 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
         )
     elif statement_cancelled(exc):
         # DATABASE_STATEMENT_TIMEOUT_SECONDS cut a statement short (or an operator cancelled
-        # it), which the client should know, rather than a bare 500. Only a read can promise
-        # that nothing was changed: a write may have committed its own transaction before the
-        # statement that was cancelled (a submission is stored, then read back for the answer),
-        # and a client told "nothing was changed" would send it again.
+        # it), which the client should know, rather than a bare 500.
         logger.warning("a database statement was cancelled in %s: %s", instance, exc)
-        if request is None or request.method in ("GET", "HEAD", "OPTIONS"):
-            exc = Unavailable(
-                "The database did not finish this request in time and it was cancelled (nothing was changed); "
-                "narrow the filters or try again later."
-            )
-        else:
-            exc = Unavailable(
-                "The database did not finish this request in time and it was cancelled; what it changed "
-                "before that may have been saved: read the resource before sending it again (or send it "
-                "again with the same Idempotency-Key)."
-            )
+        exc = Unavailable(_cancelled_detail("GET" if request is None else request.method, api=True))
     elif isinstance(exc, SuspiciousOperation | BadRequest):
         logging.getLogger("django.security").warning("%s in %s: %s", type(exc).__name__, instance, exc)
         exc = exceptions.ParseError("The request is malformed.")
@@ -211,6 +201,53 @@ def _is_api(request: HttpRequest) -> bool:
     return request.path.startswith(API_PREFIX)
 
 
+def _cancelled_detail(method: str | None, *, api: bool) -> str:
+    """What a request whose statement PostgreSQL cancelled was told. Only a read can promise
+    that nothing was changed: a write may have committed a transaction of its own before the
+    statement that was cancelled (a submission is stored, then read back for the answer; the
+    console does not run every action in one transaction), and a client told "nothing was
+    changed" would send it again."""
+    if method in SAFE_METHODS:
+        if api:
+            return (
+                "The database did not finish this request in time and it was cancelled (nothing was changed); "
+                "narrow the filters or try again later."
+            )
+        return (
+            "The database did not finish this page in time and it was cancelled (nothing was changed). "
+            "Narrow the filters or the search, or try again later."
+        )
+    if api:
+        return (
+            "The database did not finish this request in time and it was cancelled; what it changed before "
+            "that may have been saved: read the resource before sending it again (or send it again with the "
+            "same Idempotency-Key)."
+        )
+    return (
+        "The database did not finish this request in time and it was cancelled. What it changed before "
+        "that may have been saved: look at the records before doing it again, on fewer of them."
+    )
+
+
+def statement_cancelled_response(request: HttpRequest, exc: BaseException) -> HttpResponse:
+    """The 503 for a request, outside DRF's views, one of whose statements PostgreSQL
+    cancelled (DRF's views answer through problem_exception_handler): a problem document
+    under /api/, a page elsewhere. A read may be tried again; a write is not invited to."""
+    logger.warning("a database statement was cancelled in %s: %s", request.path, exc)
+    detail = _cancelled_detail(request.method, api=_is_api(request))
+    if _is_api(request):
+        response: HttpResponse = _plain_problem(request, 503, detail, "unavailable")
+    else:
+        response = HttpResponse(
+            "<!doctype html>\n<title>Service unavailable (503)</title>\n<h1>Service unavailable (503)</h1>\n"
+            f"<p>{escape(detail)}</p>\n",
+            status=503,
+        )
+    if request.method in SAFE_METHODS:
+        response["Retry-After"] = "5"
+    return response
+
+
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
     """handler404: a problem document under /api/ (Django resolves unknown URLs before DRF
     is involved), Django's page elsewhere."""
@@ -239,7 +276,12 @@ def permission_denied(request: HttpRequest, exception: Exception | None = None) 
 
 
 def server_error(request: HttpRequest) -> HttpResponse:
-    """handler500: a problem document under /api/, Django's page elsewhere."""
+    """handler500: a problem document under /api/, Django's page elsewhere; a 503 saying so
+    when the error is a statement PostgreSQL cancelled outside any view (a middleware's, such
+    as the session's save), where neither DRF nor StatementCancelledMiddleware sees it."""
+    exc = sys.exc_info()[1]
+    if exc is not None and statement_cancelled(exc):
+        return statement_cancelled_response(request, exc)
     if _is_api(request):
         return _plain_problem(request, 500, "The server failed to handle this request.", "server_error")
     return defaults.server_error(request)

@@ -8,24 +8,21 @@ is a 404 problem document that names the URL with the slash (errors.not_found).
 A path holding a NUL character is a 404 everywhere (the console's object pages too).
 
 A console page whose statement PostgreSQL cancelled (StatementCancelledMiddleware) is a 503
-page that says so, not Django's bare "Server Error (500)"."""
+page that says so, not Django's bare "Server Error (500)"; a statement cancelled outside any
+view (a middleware's, such as the session's save) gets the same answer from handler500
+(errors.server_error)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 from django.http import Http404, HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.middleware.common import CommonMiddleware
-from django.utils.html import escape
 
-from orchestration.api.errors import statement_cancelled
-
-logger = logging.getLogger(__name__)
+from orchestration.api.errors import SAFE_METHODS, statement_cancelled, statement_cancelled_response
 
 API_PREFIX = "/api/"
-SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 class ApiCommonMiddleware(CommonMiddleware):
@@ -59,22 +56,4 @@ class StatementCancelledMiddleware:
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
         if not statement_cancelled(exception):
             return None
-        logger.warning("a database statement was cancelled in %s: %s", request.path, exception)
-        if request.method in SAFE_METHODS:
-            text = (
-                "The database did not finish this page in time and it was cancelled (nothing was changed). "
-                "Narrow the filters or the search, or try again later."
-            )
-        else:
-            text = (
-                "The database did not finish this request in time and it was cancelled. What it changed before "
-                "that may have been saved: look at the records before doing it again, on fewer of them."
-            )
-        response = HttpResponse(
-            f"<!doctype html>\n<title>Service unavailable (503)</title>\n<h1>Service unavailable (503)</h1>\n"
-            f"<p>{escape(text)}</p>\n",
-            status=503,
-        )
-        if request.method in SAFE_METHODS:
-            response["Retry-After"] = "5"  # not for a write: it may have been saved, look first
-        return response
+        return statement_cancelled_response(request, exception)

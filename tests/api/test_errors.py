@@ -10,6 +10,7 @@ import logging
 import psycopg
 import pytest
 from django.db import connection
+from django.test import Client, override_settings
 from rest_framework.test import APIRequestFactory
 
 from orchestration.api.errors import problem_exception_handler
@@ -155,3 +156,33 @@ def test_a_read_whose_statement_is_cancelled_still_says_nothing_changed(transact
             cursor.execute("RESET statement_timeout")
     assert listed.status_code == 503
     assert "nothing was changed" in listed.json()["detail"]
+
+
+@override_settings(ROOT_URLCONF="tests.api.session_urls")
+def test_a_statement_cancelled_in_a_middleware_is_a_503_saying_so(transactional_db, caplog):
+    """The session is saved by SessionMiddleware after the view returned, where neither DRF's
+    handler nor StatementCancelledMiddleware sees an error: behind a lock on the sessions
+    table until the statement timeout, the answer still says what happened (handler500)."""
+    from django.contrib.sessions.models import Session
+
+    client = Client(raise_request_exception=False)  # as a server would: answer, not re-raise
+    with connection.cursor() as cursor:
+        cursor.execute("SET statement_timeout = '300ms'")
+    try:
+        with psycopg.connect(database_url(), autocommit=False) as other:
+            other.execute("LOCK TABLE django_session IN ACCESS EXCLUSIVE MODE")  # e.g. a migration's
+            page = client.get("/remember/")
+            api = client.post("/api/v1/remember/")
+            other.rollback()
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET statement_timeout")
+    assert page.status_code == 503, page.content
+    assert page["Retry-After"] == "5"
+    assert "it was cancelled (nothing was changed)" in page.content.decode()
+    assert api.status_code == 503, api.content
+    assert api["Content-Type"] == "application/problem+json" and "Retry-After" not in api
+    assert api.json()["type"] == "urn:agentledger:problem:unavailable"
+    assert "may have been saved" in api.json()["detail"]  # a write cannot promise that
+    assert "a database statement was cancelled in /remember/" in caplog.text
+    assert not Session.objects.exists()
