@@ -21,3 +21,13 @@ CELERY_RESULT_EXTENDED = True
 # or the worker logs every task it receives and finishes (INFO) into the measured CPU time.
 LOG_LEVEL = "WARNING"
 LOGGING = {**LOGGING, "root": {**LOGGING["root"], "level": LOG_LEVEL}}
+
+# An experiment, not a setting to deploy: BENCH_SYNCHRONOUS_COMMIT=off lets every commit of
+# the benchmark's processes (this one and the worker it starts) return before its WAL reaches
+# the disk. A PostgreSQL crash then loses the last commits, which the broker may already have
+# acknowledged, so the record is no longer exact. It measures how much of a run is waiting
+# for the disk (docs/benchmarks.md).
+BENCH_SYNCHRONOUS_COMMIT = env.choice("BENCH_SYNCHRONOUS_COMMIT", "on", ["on", "off"])
+if BENCH_SYNCHRONOUS_COMMIT == "off":
+    _options = DATABASES["default"].setdefault("OPTIONS", {})
+    _options["options"] = " ".join(filter(None, [_options.get("options"), "-c synchronous_commit=off"]))

@@ -16,6 +16,9 @@ process (worker main, pool, this database's PostgreSQL backends, this process) f
 
     .venv/bin/pip install -r bench/requirements.txt
     .venv/bin/python -m bench.throughput --tasks 2000 --repeat 3
+
+BENCH_SYNCHRONOUS_COMMIT=off runs it with commits that do not wait for the disk (an experiment
+that gives up the record's exactness; see bench/settings.py).
 """
 
 from __future__ import annotations
@@ -335,10 +338,14 @@ def main() -> None:
         return sorted(runs[kind], key=lambda r: r.seconds)[len(runs[kind]) // 2]
 
     bare, dcr, platform = median_run("bare"), median_run("dcr"), median_run("platform")
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        synchronous_commit = cursor.fetchone()[0]
     print()
     print(
         f"N={n} tasks, {args.repeat} rounds (median shown), worker prefork concurrency {args.concurrency}, "
-        f"Redis broker, PostgreSQL {connection.pg_version // 10000}"
+        f"Redis broker, PostgreSQL {connection.pg_version // 10000}, synchronous_commit {synchronous_commit}"
+        + ("" if synchronous_commit == "on" else " (an experiment: the record is not exact this way)")
     )
     print(f"{'run':<10} {'tasks/s':>9} {'ms/task':>8} {'commits/task':>13} {'statements/task':>16}")
     for run in (bare, dcr, platform):
