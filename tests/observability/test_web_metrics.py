@@ -163,13 +163,20 @@ def test_a_retried_task_waiting_in_its_queue_counts_as_the_oldest_queued(client,
     assert value(get_metrics(client), "agentledger_task_oldest_queued_age_seconds") >= 3600
 
 
-def test_a_hung_broker_degrades_to_an_error_count_not_a_failed_scrape(client, db, settings, silent_port, stream_name):
+def test_a_hung_broker_degrades_to_an_error_count_not_a_failed_scrape(
+    client, db, settings, silent_port, stream_name, caplog
+):
     settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{silent_port}/0"
     settings.METRICS_COLLECTOR_TIMEOUT_MS = 300
     before = value(get_metrics(client), "agentledger_collector_errors_total", collector="queues")
+    caplog.clear()
     started = time.monotonic()
     samples = get_metrics(client)
-    assert time.monotonic() - started < 3
+    # The collector's socket timeout ended the read (without it, a broker that never answers
+    # holds the scrape forever). How long the scrape took is not asserted beyond "it returned":
+    # on a shared, loaded machine it took 3.1 s once (0.5 s idle).
+    assert "metrics collector queues failed: TimeoutError" in caplog.text
+    assert time.monotonic() - started < 60
     assert value(samples, "agentledger_collector_up", collector="queues") == 0
     assert value(samples, "agentledger_collector_up", collector="workflows") == 1
     assert value(samples, "agentledger_collector_errors_total", collector="queues") == before + 1
