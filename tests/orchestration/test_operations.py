@@ -484,7 +484,7 @@ def _status_rows(workflow: Workflow) -> dict[str, list[str]]:
     call_command("workflow_status", workflow.workflow_id, stdout=out)
     lines = out.getvalue().splitlines()
     rows = lines[[line.startswith("---") for line in lines].index(True) + 1 : -1]
-    return {row.split()[0]: row.split() for row in rows}
+    return {row.split()[0]: row.split() for row in rows if not row.startswith(" ")}  # not the attempts' lines
 
 
 def test_workflow_status_counts_the_tries_a_task_had(db, builtin_agents):
@@ -501,6 +501,36 @@ def test_workflow_status_counts_the_tries_a_task_had(db, builtin_agents):
     task_retry(execution_id=task(wf, "a").execution_id)
     assert _run(wf, "a") == Outcome.FAILED
     assert _status_rows(wf)["a"][2:4] == ["failed", "2"]
+
+
+def test_workflow_status_shows_every_attempt_as_recorded(db, builtin_agents):
+    """Under each task, one line per attempt: outcome and cause, duration beside the limit it
+    ran under, tokens and cost, worker, the first line of its error."""
+    wf = submit(
+        {
+            "name": "a",
+            "agent": "fail",
+            "input": {"retryable": True, "message": "upstream said no\nsecond line"},
+            "max_retries": 1,
+            "timeout_seconds": 30,
+        },
+    )
+    assert _run(wf, "a") == Outcome.FAILED
+    assert task(wf, "a").status == T.RETRYING
+    assert _run(wf, "a") == Outcome.FAILED  # the retry's message, delivered before its countdown ends
+    assert task(wf, "a").status == T.FAILED
+    out = io.StringIO()
+    call_command("workflow_status", wf.workflow_id, stdout=out)
+    lines = out.getvalue().splitlines()
+    task_row = next(i for i, line in enumerate(lines) if line.startswith("a "))
+    first, second = lines[task_row + 1], lines[task_row + 2]
+    for number, line in ((1, first), (2, second)):
+        recorded = TaskAttempt.objects.get(execution__workflow=wf, attempt_number=number)
+        assert line == (
+            f"    #{number} failed (error)  {recorded.duration_ms:.1f} ms (limit 30 s)  tokens 0  cost $0.000000"
+            "  on w@h  RetryableError: upstream said no"
+        ), line
+    assert lines[task_row + 3 :][0].startswith("events:"), "the error's second line is not shown under the attempts"
 
 
 @pytest.mark.parametrize("timeout", ["nan", "inf", "-1", "0", "soon"])
