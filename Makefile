@@ -25,7 +25,7 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
 venv: $(VENV)/.runtime
 venv-dev: $(VENV)/.dev
 
-## demo: set up (virtualenv, install, migrate), run a workflow on a real worker, print how to open the console.
+## demo: set up (virtualenv, install, migrate), run the demo workflow on a real worker and beat, print its record, load sample data for the console.
 demo: venv
 	PY=$(PY) bash scripts/demo.sh
 

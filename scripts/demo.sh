@@ -29,8 +29,13 @@ $PY -m celery -A config beat -l warning -s "$logs/demo-beat-schedule" --pidfile=
 pids+=($!)
 
 echo "== running examples/demo.yaml: a retried failure, fan-out, tool calls, a review hand-off, fan-in"
-$PY manage.py submit_workflow examples/demo.yaml --wait --timeout 180 | tee "$logs/demo-run.txt"
-workflow_id=$(head -n 1 "$logs/demo-run.txt" | cut -d' ' -f1)
+# Straight to the terminal, not through a pipe: submit_workflow redraws its progress only when
+# its output is a terminal (through `| tee` a user saw nothing until the workflow had ended).
+$PY manage.py submit_workflow examples/demo.yaml --wait --timeout 180
+workflow_id=$($PY manage.py shell --no-imports -c "
+from orchestration.models import Workflow
+print(Workflow.objects.filter(workflow_type='demo', initiator='manage.py').latest('created_at').pk)
+")
 echo
 echo "== the record: every task and every attempt, with durations, tokens and cost"
 $PY manage.py workflow_status "$workflow_id"
