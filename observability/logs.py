@@ -22,7 +22,7 @@ import re
 import threading
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
 
@@ -133,7 +133,8 @@ def secret_register(value: str) -> None:
 
 
 def configured_url_passwords() -> set[str]:
-    """The passwords in the configured service URLs (REDIS_URL, CELERY_BROKER_URL, INFLUXDB_URL)."""
+    """The passwords in the configured service URLs (REDIS_URL, CELERY_BROKER_URL, INFLUXDB_URL),
+    as the URL spells them and, when percent-encoded, as the clients send them (decoded)."""
     from django.conf import settings
 
     passwords = set()
@@ -142,6 +143,7 @@ def configured_url_passwords() -> set[str]:
         password = urlsplit(url).password if url else None
         if password:
             passwords.add(password)
+            passwords.add(unquote(password))
     return passwords
 
 

@@ -347,9 +347,11 @@ REDACT_PATTERNS = env.json_str_list(
         r"AKIA(?<![A-Za-z0-9_]AKIA)[0-9A-Z]{16}\b",
         r"xox(?<![A-Za-z0-9_]xox)[abprs]-[A-Za-z0-9\-]{10,}",
         r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}",
-        # credentials in a URL (user:password@) and key=value secrets in free text
-        r"(?<=://)[^/@\s:]+:[^/@\s]+@",
-        r"(?i:(?:password|passwd|secret|api[_-]?key|token)\s*[=:]\s*)[^\s&,;'\"]+",
+        # credentials in a URL (user:password@, the user possibly empty: redis://:password@host)
+        # and key=value secrets in free text, the key or the value possibly quoted (JSON or a
+        # Python literal inside a string: a tool's output, an error quoting a request body)
+        r"(?<=://)[^/@\s:]*:[^/@\s]+@",
+        r"(?i:(?:password|passwd|secret|api[_-]?key|token)[\"']?\s*[=:]\s*[\"']?)[^\s&,;'\"]+",
     ],
 )
 for _pattern in REDACT_PATTERNS:

@@ -47,7 +47,8 @@ def test_every_record_holding_a_secret_key_is_dirty(settings, seed):
 
 
 def test_keys_are_found_through_escapes_and_case_changes_and_values_are_not_keys(settings):
-    redactor = build_redactor(settings.REDACT_KEYS, settings.REDACT_PATTERNS)
+    # Keys alone: the default key=value pattern masks `"token": 1` inside a string's text.
+    redactor = build_redactor(settings.REDACT_KEYS, [])
     values = [
         {"a\ntoken": 1},  # \n in the raw text: the word starts after the escape
         {"x": {"myToken": 2}},  # camelCase

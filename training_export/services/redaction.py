@@ -193,8 +193,10 @@ class Redactor:
                 name = texts.get(key)
                 if name is None:
                     name = self.text(key)
-                if name != key and name in out:
-                    name = _unique_name(name, out)  # two masked keys: keep both values
+                if name in out:
+                    # Two masked keys, or a masked key and a key that is its mask already
+                    # (in either order): keep both values.
+                    name = _unique_name(name, out)
             if secret:
                 out[name] = MASK if item is not None else None
                 continue
