@@ -141,11 +141,18 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
 
         condition = Q(created_at__lt=before, status__in=[ExportRun.Status.FAILED, ExportRun.Status.SUPERSEDED])
         deleted.update(_delete_in_batches(ExportRun, condition))
-    # Temporary files of export writers that were killed mid-write (an hour old at least, so a
-    # write still in progress elsewhere is never touched).
+    # Temporary files of export writers that were killed mid-write: older than any export may
+    # run (its hard time limit, and the grace before its run is called lost), so neither a file
+    # being written nor one staged early in a long export and waiting for the final rename is
+    # ever touched.
+    from training_export.services.export import EXPORT_LOST_GRACE_SECONDS, EXPORT_TIME_LIMIT_SECONDS
     from training_export.services.files import stale_temp_files_remove
 
-    result.temp_files_removed = len(stale_temp_files_remove(Path(settings.TRAINING_EXPORT_DIR)))
+    result.temp_files_removed = len(
+        stale_temp_files_remove(
+            Path(settings.TRAINING_EXPORT_DIR), older_than_seconds=EXPORT_TIME_LIMIT_SECONDS + EXPORT_LOST_GRACE_SECONDS
+        )
+    )
     if (before := cutoff(settings.RETENTION_DAYS_TRAINING_CSV)) is not None:
         from training_export.services.store import partitions_remove
 

@@ -146,22 +146,29 @@ def test_zero_days_keeps_everything(db, settings):
     assert Event.objects.count() == 1 and AgentPlaygroundMessage.objects.count() == 1
 
 
-def test_retention_removes_temp_files_of_killed_exports_but_not_fresh_ones(db, settings, tmp_path):
+def test_retention_removes_temp_files_of_killed_exports_but_not_those_of_a_running_one(db, settings, tmp_path):
+    """An export stages each file (written, fsynced, closed) and renames them all at the end: a
+    file staged two hours into a long export is still waiting for its rename. Only a file older
+    than any export may run (its hard time limit and the grace before it is called lost) was
+    left by a killed one."""
     import os
     import time
+
+    from training_export.services.export import EXPORT_LOST_GRACE_SECONDS, EXPORT_TIME_LIMIT_SECONDS
 
     settings.TRAINING_EXPORT_DIR = tmp_path
     (tmp_path / "events" / "w").mkdir(parents=True)
     stale = tmp_path / "events" / "w" / ".tmp-events-train.jsonl"
+    staged = tmp_path / "events" / "w" / ".tmp-events-valid.jsonl"
     fresh = tmp_path / "events" / "w" / ".tmp-other.jsonl"
     final = tmp_path / "events" / "w" / "events-train.jsonl"
-    for path in (stale, fresh, final):
+    for path in (stale, staged, fresh, final):
         path.write_text("{}\n")
-    two_hours_ago = time.time() - 7200
-    os.utime(stale, (two_hours_ago, two_hours_ago))
-    os.utime(final, (two_hours_ago, two_hours_ago))
+    oldest_live = EXPORT_TIME_LIMIT_SECONDS + EXPORT_LOST_GRACE_SECONDS
+    for path, age in ((stale, oldest_live + 60), (staged, 7200), (final, oldest_live + 60)):
+        os.utime(path, (time.time() - age, time.time() - age))
     assert retention_apply(now=timezone.now()).temp_files_removed == 1
-    assert not stale.exists() and fresh.exists() and final.exists()
+    assert not stale.exists() and staged.exists() and fresh.exists() and final.exists()
 
 
 def test_retention_removes_training_csv_partitions_older_than_their_days_and_nothing_else(db, settings, tmp_path):

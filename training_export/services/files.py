@@ -131,9 +131,10 @@ def sha256_stream(fh: BinaryIO) -> hashlib._Hash:
     return digest
 
 
-def stale_temp_files_remove(directory: Path, *, older_than_seconds: float = 3600) -> list[Path]:
-    """Remove temporary files left by killed writers (older than the threshold, so a write in
-    progress in another process is never touched)."""
+def stale_temp_files_remove(directory: Path, *, older_than_seconds: float) -> list[Path]:
+    """Remove temporary files left by killed writers: those not modified for longer than any
+    writer may hold one (written, or staged and waiting for `commit`), so a file of a writer
+    still running in another process is never touched."""
     removed = []
     cutoff = time.time() - older_than_seconds
     if not Path(directory).exists():
