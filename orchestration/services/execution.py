@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import random
 import time
@@ -698,8 +699,10 @@ def attempt_run(
         error = storable_text("timed out" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}")
         also = _turn_writer(context, claim.attempt, output=None, error=error, usage=usage)
         now = timezone.now()
-        recorded = attempt_fail(
-            attempt=claim.attempt, exc=exc, duration_ms=duration_ms, now=now, usage=usage, also=also
+        recorded = _record_through_soft_limit(
+            functools.partial(
+                attempt_fail, attempt=claim.attempt, exc=exc, duration_ms=duration_ms, now=now, usage=usage, also=also
+            )
         )
         attempt_finished(
             attempt=claim.attempt,
@@ -716,13 +719,17 @@ def attempt_run(
     also = _turn_writer(context, claim.attempt, output=result.output, error=None, usage=result.usage)
     outcome, failure = Outcome.SUCCEEDED, None
     try:
-        recorded = attempt_succeed(
-            attempt=claim.attempt,
-            result=result,
-            duration_ms=duration_ms,
-            now=timezone.now(),
-            also=also,
-            standalone=claim.standalone,
+        now = timezone.now()
+        recorded = _record_through_soft_limit(
+            functools.partial(
+                attempt_succeed,
+                attempt=claim.attempt,
+                result=result,
+                duration_ms=duration_ms,
+                now=now,
+                also=also,
+                standalone=claim.standalone,
+            )
         )
     except (DataError, IntegrityError) as exc:
         # The database refused the result (a value the checks above missed): record the
@@ -731,13 +738,17 @@ def attempt_run(
         logger.exception("attempt %s of %s: its result could not be stored", claim.attempt.attempt_number, execution_id)
         failure = PermanentError(f"the agent's result could not be stored: {type(exc).__name__}: {exc}")
         also = _turn_writer(context, claim.attempt, output=None, error=storable_text(str(failure)), usage=result.usage)
-        recorded = attempt_fail(
-            attempt=claim.attempt,
-            exc=failure,
-            duration_ms=duration_ms,
-            now=timezone.now(),
-            usage=result.usage,
-            also=also,
+        now = timezone.now()
+        recorded = _record_through_soft_limit(
+            functools.partial(
+                attempt_fail,
+                attempt=claim.attempt,
+                exc=failure,
+                duration_ms=duration_ms,
+                now=now,
+                usage=result.usage,
+                also=also,
+            )
         )
         outcome = Outcome.FAILED
     attempt_finished(
@@ -750,6 +761,22 @@ def attempt_run(
         recorded=recorded,
     )
     return outcome
+
+
+def _record_through_soft_limit(record: Callable[[], bool]) -> bool:
+    """Record an attempt's known outcome (attempt_succeed or attempt_fail: one transaction,
+    conditional on the attempt still running) even if Celery's soft time limit fires meanwhile.
+    The limit is raised asynchronously, wherever the worker is, once per delivery: when it lands
+    while the outcome is being recorded (the completion waiting on a workflow row another
+    transaction holds, say), that transaction is rolled back, and without a second try the
+    attempt would stay running until the reaper recorded it as a hard time-out of a killed
+    process and ran the agent again. The hard limit's grace (TASK_HARD_TIMEOUT_GRACE_SECONDS)
+    is the time left for the second try."""
+    try:
+        return record()
+    except SoftTimeLimitExceeded:
+        logger.warning("the soft time limit fired while an attempt's outcome was recorded; recording it again")
+        return record()
 
 
 def _meter(attempt_id: int) -> Callable[[Usage], None]:

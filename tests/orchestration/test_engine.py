@@ -534,3 +534,36 @@ def test_a_sibling_completing_in_a_failed_workflow_joins_its_results_whatever_en
     assert (wf.completed_steps, wf.failed_steps) == (1, 2)
     assert set(wf.step_results) == {"good"}
     assert [c["task"] for c in wf.checkpoints] == ["good"]
+
+
+def test_a_soft_limit_that_fires_while_a_success_is_recorded_does_not_lose_it(engine):
+    """The agent finished well within its limit, but its completion waited on the workflow row
+    (held by another transaction: a cancel, a resume, a sibling's completion) until the soft
+    limit fired inside the recording transaction. Before, that transaction was rolled back and
+    the attempt stayed running until the reaper recorded a hard time-out of a process that was
+    never killed, and the agent ran again."""
+    from tests.orchestration.test_lock_races import waiting_on_lock
+    from tests.pg import other_connection
+
+    worker = engine(concurrency=1)
+    other = other_connection()
+    other.execute("BEGIN")
+    spec = {"name": "slow-record", "tasks": [{"name": "a", "agent": "echo", "timeout_seconds": 1}]}
+    wf, _ = workflow_submit(spec=spec)
+    other.execute("SELECT 1 FROM workflows WHERE workflow_id = %s FOR UPDATE", [wf.pk])  # the row is busy
+    a = TaskExecution.objects.get(workflow=wf, task_name="a")
+    assert any("task_attempts" in query for query in waiting_on_lock()), "the completion waits on the workflow row"
+    started = TaskAttempt.objects.get(execution=a).started_at.timestamp()
+    time.sleep(max(0.0, started + 1.6 - time.time()))  # past the 1 s soft limit, before the 2 s hard limit
+    other.execute("COMMIT")
+    other.close()
+    time.sleep(3.5)  # past the hard limit and the reaper's grace: a running attempt would be reaped now
+    attempts_reap()
+    wf = wait_for(lambda: (w := Workflow.objects.get(pk=wf.pk)).is_terminal and w, timeout=30, what="the end")
+    tries = list(TaskAttempt.objects.filter(execution=a).values_list("attempt_number", "status", "cause", "error"))
+    # Before the fix: [(1, timed_out, hard_timeout, "hard time limit of 2 s exceeded (process
+    # killed)"), (2, succeeded, None, None)].
+    assert tries == [(1, A.SUCCEEDED, None, None)], (tries, worker.log()[-4000:])
+    assert (wf.status, wf.completed_steps, wf.error_count) == (Workflow.Status.COMPLETED, 1, 0)
+    events = Event.objects.filter(entity_id=a.pk).order_by("sequence").values_list("event_type", flat=True)
+    assert list(events) == ["task_queued", "task_started", "task_completed"]
