@@ -7,7 +7,9 @@ Adding a type means adding it here and generating a migration.
 The events that end a task or workflow in a way it can start again from (task_failed,
 task_cancelled, workflow_failed, workflow_cancelled: a retry or resume reruns the same row)
 carry that row's changing columns as the ending left them, under the payload's `state`
-(orchestration.services.events.TASK_STATE_FIELDS / WORKFLOW_STATE_FIELDS).
+(orchestration.services.events.TASK_STATE_FIELDS / WORKFLOW_STATE_FIELDS). A workflow that had
+failed already, and was waiting for its running tasks, when someone cancelled it ends with
+workflow_failed (its failure stays its error), the cancel's reason under `cancelled`.
 
 `agent_started` is written when an agent brings another into its attempt (hand-off, review,
 collaboration), as that agent begins; the attempt's own agent beginning is `task_started`.

@@ -258,6 +258,9 @@ class WorkflowViewSet(
 
     @extend_schema(
         summary="Cancel a running workflow",
+        description="Its unfinished tasks are cancelled and it ends `cancelled`; one that had failed already "
+        "and was waiting for its running tasks ends `failed`, its failure kept as its error (the cancel is "
+        "in its workflow_failed event).",
         request=CancelSerializer,
         responses={200: WorkflowDetailSerializer, **problem_responses(400, 401, 403, 404, 409, 429)},
     )

@@ -285,8 +285,16 @@ def workflow_fail(
     """End a running workflow as failed (or cancelled) and cancel every task that has not
     finished, revoking their messages and running processes (caller holds the lock). `cause`:
     what the attempts still running are recorded cancelled for (the deadline, or a cancel).
-    `actor`: who ended it (a cancel), named in its events."""
+    `actor`: who ended it (a cancel), named in its events.
+
+    A cancel of a workflow that has failed already (it stops at its first failure and was
+    waiting for its running tasks to end, workflow_stopping) cancels those tasks, and the
+    workflow ends `failed` with that failure as its error, as it would have ended anyway: the
+    cancel is in its workflow_failed event (`cancelled`, and who asked), not over the failure."""
     cancelled = event_type == EventType.WORKFLOW_CANCELLED
+    reason, extra = error, {}
+    if cancelled and workflow_stopping(workflow) and workflow.error:
+        cancelled, event_type, error, extra = False, EventType.WORKFLOW_FAILED, workflow.error, {"cancelled": reason}
     workflow.status = Workflow.Status.CANCELLED if cancelled else Workflow.Status.FAILED
     workflow.error = error
     workflow.completed_at = now
@@ -294,7 +302,7 @@ def workflow_fail(
     workflow.save(update_fields=["status", "error", "completed_at", "step_results", "checkpoints", "updated_at"])
     count = tasks_cancel(
         TaskExecution.objects.filter(workflow_id=workflow.workflow_id).exclude(status__in=TERMINAL),
-        reason=error,
+        reason=reason,
         now=now,
         cause=cause,
         actor=actor,
@@ -304,6 +312,7 @@ def workflow_fail(
         event_type,
         payload={
             "error": error,
+            **extra,
             "cancelled_tasks": count,
             **(actor or {}),
             "state": entity_states(Workflow, [workflow.pk], WORKFLOW_STATE_FIELDS)[workflow.pk],

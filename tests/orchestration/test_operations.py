@@ -19,7 +19,7 @@ from orchestration.errors import SpecError, TransitionError
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.execution import Claim, Outcome, attempt_claim, attempt_run
 from orchestration.services.reaper import attempts_reap, queued_sweep
-from orchestration.services.workflows import task_cancel, task_retry, workflow_resume
+from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume
 from tests.engine import flush_redis
 from tests.orchestration.test_engine import attempts, finished, running_attempt, submit, task
 
@@ -166,6 +166,35 @@ def test_cancelling_a_running_task_fails_its_workflow_and_records_the_attempt(en
     assert task(wf, "other").status == T.CANCELLED
     with pytest.raises(TransitionError, match="cannot be cancelled"):
         task_cancel(execution_id=attempt.execution_id)
+
+
+@pytest.mark.parametrize("cancel", ["workflow", "running task"])
+def test_cancelling_a_workflow_that_has_failed_already_keeps_its_failure(db, builtin_agents, cancel):
+    """A workflow that stops at its first failure, waiting for a task still running to end:
+    the cancel ends that task, and the workflow ends failed with its failure, as it would have
+    ended anyway; the cancel is named in its workflow_failed event, not written over the failure."""
+    wf = submit(
+        {"name": "broken", "agent": "fail", "input": {"message": "no such table"}, "max_retries": 0},
+        {"name": "slow", "agent": "sleep", "input": {"seconds": 30}},
+    )
+    slow = task(wf, "slow")
+    assert isinstance(attempt_claim(execution_id=slow.pk, celery_task_id=slow.celery_task_id, worker="w@h"), Claim)
+    assert _run(wf, "broken") == Outcome.FAILED
+    wf.refresh_from_db()
+    assert (wf.status, wf.failed_steps) == (Workflow.Status.RUNNING, 1), "it waits for its running task"
+    if cancel == "workflow":
+        workflow_cancel(workflow_id=wf.pk, reason="operator gave up")
+    else:
+        task_cancel(execution_id=slow.pk, reason="operator gave up")
+    wf.refresh_from_db()
+    assert wf.status == Workflow.Status.FAILED
+    assert wf.error.startswith("task broken failed") and "no such table" in wf.error, wf.error
+    ended = Event.objects.filter(entity_id=wf.pk).order_by("sequence").last()
+    assert ended.event_type == "workflow_failed" and "operator gave up" in ended.payload["cancelled"]
+    assert ended.payload["error"] == wf.error
+    slow.refresh_from_db()
+    assert slow.status == T.CANCELLED and "operator gave up" in slow.error
+    assert TaskAttempt.objects.get(execution=slow).cause == "cancelled"
 
 
 def _run(workflow: Workflow, name: str) -> Outcome:
