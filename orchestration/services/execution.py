@@ -20,9 +20,10 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
+import psycopg
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import DatabaseError, DataError, IntegrityError, transaction
+from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
 from django.db.models import F, Max
 from django.utils import timezone
 
@@ -729,7 +730,9 @@ def attempt_run(
                 now=now,
                 also=also,
                 standalone=claim.standalone,
-            )
+            ),
+            attempt=claim.attempt,
+            succeeded=True,
         )
     except (DataError, IntegrityError) as exc:
         # The database refused the result (a value the checks above missed): record the
@@ -763,7 +766,9 @@ def attempt_run(
     return outcome
 
 
-def _record_through_soft_limit(record: Callable[[], bool]) -> bool:
+def _record_through_soft_limit(
+    record: Callable[[], bool], *, attempt: TaskAttempt | None = None, succeeded: bool = False
+) -> bool:
     """Record an attempt's known outcome (attempt_succeed or attempt_fail: one transaction,
     conditional on the attempt still running) even if Celery's soft time limit fires meanwhile.
     The limit is raised asynchronously, wherever the worker is, once per delivery: when it lands
@@ -771,12 +776,31 @@ def _record_through_soft_limit(record: Callable[[], bool]) -> bool:
     transaction holds, say), that transaction is rolled back, and without a second try the
     attempt would stay running until the reaper recorded it as a hard time-out of a killed
     process and ran the agent again. The hard limit's grace (TASK_HARD_TIMEOUT_GRACE_SECONDS)
-    is the time left for the second try."""
+    is the time left for the second try.
+
+    psycopg cancels an interrupted statement only for KeyboardInterrupt and SystemExit: after
+    SoftTimeLimitExceeded the statement is still in flight on the connection, which refuses any
+    other ("another command is already in progress"). Inside a transaction Django's failed
+    rollback closes it (the server then aborts the transaction), but the succeed_alone statement
+    (autocommit) leaves it busy, and on the server it still runs, and commits, once it has its
+    locks. So the connection is closed before the second try, which waits on the attempt row
+    the orphaned statement locked first; if that statement recorded the success, the second try
+    finds the attempt no longer running, and the success is ours (`succeeded`: only this
+    delivery records its attempt succeeded)."""
     try:
         return record()
     except SoftTimeLimitExceeded:
         logger.warning("the soft time limit fired while an attempt's outcome was recorded; recording it again")
-        return record()
+        if connection.in_atomic_block:
+            raise  # not this function's transaction to end
+        raw = connection.connection if connection.vendor == "postgresql" else None
+        if raw is not None and raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            connection.close()  # a statement in flight: the next one would be refused
+    if record():
+        return True
+    if succeeded and attempt is not None:
+        return TaskAttempt.objects.filter(pk=attempt.pk, status=TaskAttempt.Status.SUCCEEDED).exists()
+    return False
 
 
 def _meter(attempt_id: int) -> Callable[[Usage], None]:
