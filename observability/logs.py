@@ -35,14 +35,18 @@ _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar
     "agentledger_log_context", default=None
 )
 
+# A credential's label and separator ("password=", "api_key: ", '"token": '), group 1 of the patterns below.
+_CREDENTIAL_LABEL = r"(?i)((?:api[_-]?key|x-api-key|token|password|secret)[\"']?\s*[:=]\s*"
+_SECRET_WORDS = ("key", "token", "password", "secret")
 # (pattern, words one of which the lower-cased text must contain for the pattern to be tried:
 # most log lines contain none, and a substring test is much cheaper than a regex scan)
 PATTERNS = (
     (re.compile(r"(?i)(\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{8,}"), ("bearer", "basic")),
-    (
-        re.compile(r"(?i)((?:api[_-]?key|x-api-key|token|password|secret)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&]{6,}"),
-        ("key", "token", "password", "secret"),
-    ),
+    # key=value and "key": "value": a quoted value is masked up to its closing quote (a
+    # passphrase has spaces, a value may hold commas), an unquoted one up to a separator.
+    (re.compile(_CREDENTIAL_LABEL + r"\")[^\"\n]{6,}"), _SECRET_WORDS),
+    (re.compile(_CREDENTIAL_LABEL + r"')[^'\n]{6,}"), _SECRET_WORDS),
+    (re.compile(_CREDENTIAL_LABEL + r")[^\s\"',;&]{6,}"), _SECRET_WORDS),
     (re.compile(r"\b(sk-(?:ant-|proj-)?)[A-Za-z0-9_-]{12,}"), ("sk-",)),
     (re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^/@\s:]*:)[^/@\s]+(?=@)"), ("://",)),
 )

@@ -351,7 +351,10 @@ REDACT_PATTERNS = env.json_str_list(
         # and key=value secrets in free text, the key or the value possibly quoted (JSON or a
         # Python literal inside a string: a tool's output, an error quoting a request body)
         r"(?<=://)[^/@\s:]*:[^/@\s]+@",
-        r"(?i:(?:password|passwd|secret|api[_-]?key|token)[\"']?\s*[=:]\s*[\"']?)[^\s&,;'\"]+",
+        # (a quoted value is masked up to its closing quote, or the line's end: a passphrase has
+        # spaces; no look-ahead for that quote, which would make the pattern not joinable)
+        r"(?i:(?:password|passwd|secret|api[_-]?key|token)[\"']?\s*[=:]\s*)"
+        r"(?:\"[^\"\n]*|'[^'\n]*|[^\s&,;'\"]+)",
     ],
 )
 for _pattern in REDACT_PATTERNS:

@@ -208,3 +208,15 @@ def test_public_redaction_also_masks_url_user_names_and_short_configured_passwor
     # The logs keep user names and do not mask short values everywhere.
     assert logs.redact(text, logs.configured_secrets()) == "amqp://guest:***@mq:5672// refused pw5 with ***"
     assert logs.configured_url_passwords() == {"pw5"}
+
+
+def test_a_quoted_credential_is_masked_up_to_its_closing_quote(capture):
+    """A passphrase has spaces and a value may hold commas: a quoted value is masked whole (an
+    unquoted one up to a separator, and a short one, "true" or "1", not at all)."""
+    configure, stream = capture
+    logger = configure("plain")
+    logger.warning('upstream said {"password": "correct horse battery staple", "user": "bob"}')
+    logger.warning("config {'api_key': 'sk live, not a test'} token=abcdef123&page=2 secret=short")
+    first, second = stream.getvalue().splitlines()
+    assert '{"password": "***", "user": "bob"}' in first
+    assert "{'api_key': '***'} token=***&page=2 secret=short" in second

@@ -322,3 +322,18 @@ def test_a_percent_encoded_password_of_a_configured_url_is_masked_as_the_passwor
 def test_a_masked_key_and_a_key_spelled_as_the_mask_keep_both_values_in_either_order(db):
     assert sorted(redact({"alice@example.org": 1, "[REDACTED]": 2}).values()) == [1, 2]
     assert sorted(redact({"[REDACTED]": 2, "alice@example.org": 1}).values()) == [1, 2]
+
+
+def test_a_quoted_secret_value_is_masked_whole_not_only_up_to_its_first_space_or_comma(db):
+    # A value class that stops at a space, a comma or a semicolon leaked all of a quoted
+    # passphrase but its first word.
+    for text in (
+        '{"password": "correct horse battery staple"}',
+        "{'api_key': 'sk live, not a test'}",
+        'secret="a;b;c horse"',
+    ):
+        masked = redact(text)
+        assert "horse" not in masked and "live" not in masked and ";b" not in masked, masked
+    # Unquoted values still end at the first separator (a query string, free text).
+    assert redact("token=abc&x=1") == "[REDACTED]&x=1"
+    assert redact('{"tokens_used": 12, "max_tokens": 5}') == '{"tokens_used": 12, "max_tokens": 5}'
