@@ -47,12 +47,14 @@ class Operation:
         past: str,
         run: Callable[[HttpRequest, Any], object],
         offered: Callable[[Any], bool],
+        note: Callable[[list[Any]], str | None] | None = None,
     ) -> None:
         self.name = name
         self.verb = verb  # "retry": the action and the button
         self.past = past  # "retried": the messages
         self.run = run
         self.offered = offered
+        self.note = note  # from what `run` returned for the objects done: anything else to say
 
 
 def console_reason(request: HttpRequest, what: str) -> str:
@@ -100,10 +102,10 @@ class OperationsMixin:
                 request, f"Nothing done: select at most {MAX_SELECTED} {noun} to {operation.verb}.", messages.ERROR
             )
             return []
-        done, refused = [], []
+        done, refused, results = [], [], []
         for obj in objects:
             try:
-                operation.run(request, obj)
+                results.append(operation.run(request, obj))
             except REFUSALS as exc:
                 refused.append(f"{obj}: {refusal_text(exc)}")
             else:
@@ -111,6 +113,8 @@ class OperationsMixin:
                 self.log_change(request, obj, f"{operation.past.capitalize()} in the console")
         if done:
             self.message_user(request, f"{operation.past.capitalize()}: {len(done)} {noun}.", messages.SUCCESS)
+            if operation.note is not None and (note := operation.note(results)):
+                self.message_user(request, note, messages.INFO)
         if refused:
             shown = "; ".join(refused[:REFUSALS_SHOWN])
             more = f"; and {len(refused) - REFUSALS_SHOWN} more" if len(refused) > REFUSALS_SHOWN else ""

@@ -25,6 +25,18 @@ from orchestration.services.workflows import (
     workflow_resume,
 )
 
+
+def _failed_already(ended: list[Workflow]) -> str | None:
+    """A cancel of a workflow that had failed already ends it failed (workflow_fail): say so."""
+    failed = [str(workflow) for workflow in ended if workflow.status == Workflow.Status.FAILED]
+    if not failed:
+        return None
+    return (
+        f"Had failed already, so ended failed with their failure kept (their running tasks were cancelled): "
+        f"{', '.join(failed)}."
+    )
+
+
 WORKFLOW_OPERATIONS = (
     Operation(
         "cancel",
@@ -34,6 +46,7 @@ WORKFLOW_OPERATIONS = (
             workflow_id=workflow.pk, reason=console_reason(request, "cancelled"), actor=console_actor(request)
         ),
         lambda workflow: workflow.status in CANCELLABLE_WORKFLOW,
+        _failed_already,
     ),
     Operation(
         "resume",

@@ -115,6 +115,25 @@ def test_an_objects_page_offers_the_operations_its_state_allows_as_post_buttons(
 
 
 @pytest.mark.django_db
+def test_cancelling_a_workflow_that_had_failed_already_says_it_ended_failed(builtin_agents, operator):
+    from orchestration.services.execution import Claim, attempt_claim, attempt_run
+
+    workflow = submit(
+        {"name": "broken", "agent": "fail", "max_retries": 0},
+        {"name": "slow", "agent": "sleep", "input": {"seconds": 30}},
+    )
+    slow, broken = task(workflow, "slow"), task(workflow, "broken")
+    assert isinstance(attempt_claim(execution_id=slow.pk, celery_task_id=slow.celery_task_id, worker="w@h"), Claim)
+    attempt_run(execution_id=broken.pk, celery_task_id=broken.celery_task_id, worker="w@h")
+    response = operator.post(_url(Workflow, "cancel", workflow.pk), follow=True)
+    shown = _messages(response)
+    assert "Cancelled: 1 workflows." in shown
+    workflow.refresh_from_db()
+    said = "Had failed already, so ended failed with their failure kept (their running tasks were cancelled)"
+    assert workflow.status == W.FAILED and f"{said}: {workflow}." in shown, shown
+
+
+@pytest.mark.django_db
 def test_staff_who_may_only_view_get_no_operations(builtin_agents, client):
     viewer = UserFactory(is_staff=True, username="watcher")
     viewer.user_permissions.add(*Permission.objects.filter(codename__in=["view_workflow", "view_taskexecution"]))
