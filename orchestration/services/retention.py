@@ -141,10 +141,11 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
 
         condition = Q(created_at__lt=before, status__in=[ExportRun.Status.FAILED, ExportRun.Status.SUPERSEDED])
         deleted.update(_delete_in_batches(ExportRun, condition))
-    # Temporary files of export writers that were killed mid-write: older than any export may
-    # run (its hard time limit, and the grace before its run is called lost), so neither a file
-    # being written nor one staged early in a long export and waiting for the final rename is
-    # ever touched.
+    # Temporary files of export writers that were killed mid-write: older than an export on a
+    # worker may run (its hard time limit, and the grace before its run is called lost), so
+    # neither a file being written nor one staged early in a long export and waiting for the
+    # final rename is touched. (`manage.py export_training_data` has no limit: one running
+    # longer than that could lose a staged file to a retention pass, and fail at the rename.)
     from training_export.services.export import EXPORT_LOST_GRACE_SECONDS, EXPORT_TIME_LIMIT_SECONDS
     from training_export.services.files import stale_temp_files_remove
 
