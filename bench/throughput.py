@@ -89,6 +89,20 @@ def counters(statements: bool) -> tuple[int, int | None]:
     return int(commits), calls
 
 
+# The tables the runs write (the platform's and django-celery-results'). Vacuumed before each
+# round: a server with autovacuum off (this machine's) otherwise carries every earlier round's
+# dead row versions into the next one, and later rounds of both recording runs slow down.
+VACUUMED = ("workflows", "task_executions", "task_attempts", "events", "django_celery_results_taskresult")
+
+
+def vacuum() -> None:
+    """VACUUM (ANALYZE) the written tables, outside any measured window (one transaction per
+    table: at most a few thousandths of a commit per task if its statistics arrive late)."""
+    with connection.cursor() as cursor:
+        for table in VACUUMED:
+            cursor.execute(f"VACUUM (ANALYZE) {connection.ops.quote_name(table)}")
+
+
 def waiting(client: redis.Redis) -> int:
     """Messages not yet finished: in the queue, else delivered and not yet acknowledged."""
     return client.llen(QUEUE) or client.hlen("unacked")
@@ -325,6 +339,7 @@ def main() -> None:
         run_bare(200, client, False, "noop", "warm-up", worker)
         runs: dict[str, list[Run]] = {"bare": [], "dcr": [], "platform": []}
         for i in range(args.repeat):
+            vacuum()
             runs["bare"].append(run_bare(n, client, statements, "noop", "bare", worker))
             runs["dcr"].append(run_bare(n, client, statements, "noop_recorded", "dcr", worker))
             runs["platform"].append(run_platform(n, client, statements, worker))
