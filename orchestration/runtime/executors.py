@@ -59,14 +59,19 @@ def entrypoint_function_problem(path: str, fn: Any) -> str | None:
     return f"{path!r} is not a function defined in AGENT_ENTRYPOINT_MODULES ({type(fn).__name__} of {owner})"
 
 
-def _load_callable(path: str) -> Callable[..., Any]:
-    # Checked on every call, before the import: the setting may have narrowed since the
-    # agent was made.
+ENTRYPOINT_ERROR_PREFIX = "agent entrypoint "
+
+
+def entrypoint_load(path: str) -> Callable[..., Any]:
+    """The function a `python` agent's entrypoint names, or PermanentError saying why it may
+    not run (outside AGENT_ENTRYPOINT_MODULES, not importable, not a function defined there).
+    Checked on every call, before the import (the setting may have narrowed since the agent
+    was made), and when an agent is made or changed (services.agents.executor_problems)."""
     if (problem := entrypoint_problem(path)) is not None:
-        raise PermanentError(f"agent entrypoint {problem}")
+        raise PermanentError(f"{ENTRYPOINT_ERROR_PREFIX}{problem}")
     fn = _import_callable(path)
     if (problem := entrypoint_function_problem(path, fn)) is not None:
-        raise PermanentError(f"agent entrypoint {problem}")
+        raise PermanentError(f"{ENTRYPOINT_ERROR_PREFIX}{problem}")
     return fn
 
 
@@ -75,9 +80,9 @@ def _import_callable(path: str) -> Callable[..., Any]:
     try:
         fn = import_string(path)
     except ImportError as exc:
-        raise PermanentError(f"agent entrypoint {path!r} cannot be imported: {exc}") from None
+        raise PermanentError(f"{ENTRYPOINT_ERROR_PREFIX}{path!r} cannot be imported: {exc}") from None
     if not callable(fn):
-        raise PermanentError(f"agent entrypoint {path!r} is not callable")
+        raise PermanentError(f"{ENTRYPOINT_ERROR_PREFIX}{path!r} is not callable")
     return fn
 
 
@@ -148,7 +153,7 @@ def agent_execute(*, agent: Agent, task_input: dict[str, Any], context: TaskCont
     if context.conversation is not None and agent.executor != Agent.Executor.LLM:
         context.conversation.prompt = _definition_prompt(agent, context)
     if agent.executor == Agent.Executor.PYTHON:
-        return _as_result(_load_callable(agent.entrypoint)(task_input, context))
+        return _as_result(entrypoint_load(agent.entrypoint)(task_input, context))
     if agent.executor == Agent.Executor.HTTP:
         return _as_result(http_execute(agent=agent, task_input=task_input, context=context))
     if agent.executor == Agent.Executor.LLM:

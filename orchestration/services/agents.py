@@ -16,12 +16,11 @@ from typing import Any
 import yaml
 from django.conf import settings
 from django.db import transaction
-from django.utils.module_loading import import_string
 
 from orchestration.errors import PermanentError, SpecError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Agent
-from orchestration.runtime.executors import entrypoint_function_problem, entrypoint_problem
+from orchestration.runtime.executors import ENTRYPOINT_ERROR_PREFIX, entrypoint_load
 from orchestration.runtime.llm import ENV_NAME, OPENAI_COMPATIBLE, api_key_env_problem, key_host_problem
 from orchestration.runtime.tools import jsonb_problem, registry
 from orchestration.runtime.urlpolicy import url_check
@@ -147,18 +146,11 @@ def executor_problems(data: dict[str, Any]) -> list[str]:
         entrypoint = data.get("entrypoint")
         if not entrypoint:
             problems.append("entrypoint: required for the python executor")
-        elif (problem := entrypoint_problem(entrypoint)) is not None:
-            problems.append(f"entrypoint: {problem}")
         else:
             try:
-                fn = import_string(entrypoint)
-            except ImportError as exc:
-                problems.append(f"entrypoint: {entrypoint!r} cannot be imported: {exc}")
-            else:
-                if not callable(fn):
-                    problems.append(f"entrypoint: {entrypoint!r} is not callable")
-                elif (problem := entrypoint_function_problem(entrypoint, fn)) is not None:
-                    problems.append(f"entrypoint: {problem}")
+                entrypoint_load(entrypoint)  # what the worker will check before each call
+            except PermanentError as exc:
+                problems.append(f"entrypoint: {str(exc).removeprefix(ENTRYPOINT_ERROR_PREFIX)}")
     if executor == Agent.Executor.HTTP and not data.get("url"):
         problems.append("url: required for the http executor")
     if data.get("url"):
