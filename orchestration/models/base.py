@@ -1,3 +1,5 @@
+from typing import Any
+
 from django.db import models
 from django.db.models.functions import Now
 
@@ -28,3 +30,90 @@ class TimestampedModel(CreatedModel):
 
 def in_choices(field: str, choices: type[models.TextChoices]) -> models.Q:
     return models.Q(**{f"{field}__in": choices.values})
+
+
+class DomainCheck(models.CheckConstraint):
+    """A CHECK constraint on one column that PostgreSQL enforces through the column's type: a
+    domain over the column's own type (`<table>_<column>`) holding the check, under the
+    constraint's name. Elsewhere (SQLite) it is the table CHECK constraint it declares.
+
+    Why: PostgreSQL reads every CHECK constraint of a table back from its stored form and plans
+    it again for each INSERT or UPDATE statement on the table, whichever columns it writes (on
+    this project's tables 5 to 10 µs a constraint, 40 to 60 µs a statement; a quarter of the
+    database's CPU time per attempt in the throughput benchmark, docs/benchmarks.md). A domain's
+    checks are prepared once per session and run only when a value of that column is written.
+    Violations name the constraint as before (`diag.constraint_name`); the message says
+    "value for domain … violates check constraint …".
+
+    The domain stays when the constraint is removed (the column keeps it as its type, without
+    the check), so changing the condition (Django removes, then adds) swaps the domain's check
+    and neither rewrites the table nor rebuilds its indexes; the added check scans the rows,
+    as a table CHECK does. A later AlterField that changes the column's type would replace the
+    domain by Django's type and drop the check with it: tests/orchestration/test_schema.py
+    fails then.
+    """
+
+    def __init__(self, *, field: str, condition: Any, name: str, **kwargs: Any) -> None:
+        self.field = field
+        super().__init__(condition=condition, name=name, **kwargs)
+
+    def domain_name(self, model: Any) -> str:
+        return f"{model._meta.db_table}_{model._meta.get_field(self.field).column}"
+
+    def _domain_check_sql(self, model: Any, schema_editor: Any) -> str:
+        referenced = {name for name, *_ in model._get_expr_references(self.condition)}
+        if referenced != {self.field}:
+            raise ValueError(f"{self.name}: a domain check may name only its field {self.field!r}, not {referenced}")
+        column = schema_editor.quote_name(model._meta.get_field(self.field).column)
+        return self._get_check_sql(model, schema_editor).replace(column, "VALUE")
+
+    def _domain_sql(self, model: Any, schema_editor: Any) -> list[str]:
+        field = model._meta.get_field(self.field)
+        domain = self.domain_name(model)
+        table, column = model._meta.db_table, field.column
+        base = field.db_parameters(schema_editor.connection)["type"]
+        q = schema_editor.quote_name
+        # The domain and the column's type only if not there yet (a condition changed: the
+        # check alone is replaced). Only the model's own names go in, quoted by Django.
+        ensure = f"""DO $domain$ BEGIN
+            IF to_regtype({schema_editor.quote_value(q(domain))}) IS NULL THEN
+                CREATE DOMAIN {q(domain)} AS {base};
+            END IF;
+            IF (SELECT atttypid FROM pg_attribute
+                WHERE attrelid = {schema_editor.quote_value(q(table))}::regclass
+                AND attname = {schema_editor.quote_value(column)}) <> {schema_editor.quote_value(q(domain))}::regtype
+            THEN
+                ALTER TABLE {q(table)} ALTER COLUMN {q(column)} TYPE {q(domain)};
+            END IF;
+        END $domain$"""  # noqa: S608 (names from the model, quoted)
+        check = self._domain_check_sql(model, schema_editor)
+        return [ensure, f"ALTER DOMAIN {q(domain)} ADD CONSTRAINT {q(self.name)} CHECK ({check})"]
+
+    def constraint_sql(self, model: Any, schema_editor: Any) -> str | None:
+        if schema_editor.connection.vendor != "postgresql":
+            return super().constraint_sql(model, schema_editor)
+        # Inside CREATE TABLE: the domain becomes the column's type once the table exists.
+        # (Deferred statements are run with parameters: a literal % is written %%.)
+        schema_editor.deferred_sql.extend(sql.replace("%", "%%") for sql in self._domain_sql(model, schema_editor))
+        return None
+
+    def create_sql(self, model: Any, schema_editor: Any) -> Any:
+        if schema_editor.connection.vendor != "postgresql":
+            return super().create_sql(model, schema_editor)
+        return ";\n".join(self._domain_sql(model, schema_editor))
+
+    def remove_sql(self, model: Any, schema_editor: Any) -> Any:
+        if schema_editor.connection.vendor != "postgresql":
+            return super().remove_sql(model, schema_editor)
+        q = schema_editor.quote_name
+        return f"ALTER DOMAIN {q(self.domain_name(model))} DROP CONSTRAINT {q(self.name)}"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, models.CheckConstraint):
+            return super().__eq__(other) and getattr(other, "field", None) == self.field
+        return super().__eq__(other)
+
+    def deconstruct(self) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+        path, args, kwargs = super().deconstruct()
+        kwargs["field"] = self.field
+        return path, args, kwargs

@@ -2,7 +2,7 @@ from django.db import models
 
 from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.ids import new_id
-from orchestration.models.base import CreatedModel, in_choices
+from orchestration.models.base import CreatedModel, DomainCheck, in_choices
 
 
 class Event(CreatedModel):
@@ -42,12 +42,15 @@ class Event(CreatedModel):
             # A constraint rather than unique=True: same guarantee, without the extra
             # varchar_pattern_ops index Django adds for unique text fields on PostgreSQL.
             models.UniqueConstraint(fields=["event_id"], name="events_event_id_unique"),
-            models.CheckConstraint(condition=in_choices("event_type", EventType), name="events_event_type_valid"),
-            models.CheckConstraint(
+            DomainCheck(
+                field="event_type", condition=in_choices("event_type", EventType), name="events_event_type_valid"
+            ),
+            DomainCheck(
+                field="entity_type",
                 condition=models.Q(entity_type__isnull=True) | in_choices("entity_type", EntityType),
                 name="events_entity_type_valid",
             ),
-            models.CheckConstraint(condition=in_choices("severity", Severity), name="events_severity_valid"),
+            DomainCheck(field="severity", condition=in_choices("severity", Severity), name="events_severity_valid"),
         ]
 
     def __str__(self) -> str:

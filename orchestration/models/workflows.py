@@ -3,7 +3,7 @@ from django.db import models
 
 from orchestration.ids import new_id
 from orchestration.models.agents import Agent
-from orchestration.models.base import TimestampedModel, in_choices
+from orchestration.models.base import DomainCheck, TimestampedModel, in_choices
 
 
 class Priority(models.TextChoices):
@@ -93,8 +93,8 @@ class Workflow(TimestampedModel):
             models.Index(fields=["owner", "-created_at"], name="idx_workflows_owner_created"),
         ]
         constraints = [
-            models.CheckConstraint(condition=in_choices("status", WorkflowStatus), name="workflows_status_valid"),
-            models.CheckConstraint(condition=in_choices("priority", Priority), name="workflows_priority_valid"),
+            DomainCheck(field="status", condition=in_choices("status", WorkflowStatus), name="workflows_status_valid"),
+            DomainCheck(field="priority", condition=in_choices("priority", Priority), name="workflows_priority_valid"),
             models.CheckConstraint(
                 condition=models.Q(total_steps__gte=0, completed_steps__gte=0, failed_steps__gte=0, error_count__gte=0),
                 name="workflows_counters_non_negative",
@@ -103,7 +103,11 @@ class Workflow(TimestampedModel):
                 condition=models.Q(total_tokens_used__gte=0, total_cost_usd__gte=0),
                 name="workflows_totals_non_negative",
             ),
-            models.CheckConstraint(condition=models.Q(wasted_cost_usd__gte=0), name="workflows_wasted_non_negative"),
+            DomainCheck(
+                field="wasted_cost_usd",
+                condition=models.Q(wasted_cost_usd__gte=0),
+                name="workflows_wasted_non_negative",
+            ),
             models.UniqueConstraint(
                 fields=["owner", "idempotency_key"],
                 condition=models.Q(idempotency_key__isnull=False),
@@ -209,15 +213,18 @@ class TaskExecution(TimestampedModel):
             ),
         ]
         constraints = [
-            models.CheckConstraint(
-                condition=in_choices("status", TaskExecutionStatus), name="task_executions_status_valid"
+            DomainCheck(
+                field="status", condition=in_choices("status", TaskExecutionStatus), name="task_executions_status_valid"
             ),
-            models.CheckConstraint(condition=in_choices("priority", Priority), name="task_executions_priority_valid"),
+            DomainCheck(
+                field="priority", condition=in_choices("priority", Priority), name="task_executions_priority_valid"
+            ),
             models.CheckConstraint(
                 condition=models.Q(retry_count__gte=0, max_retries__gte=0, max_retries__lte=100),
                 name="task_executions_retries_range",
             ),
-            models.CheckConstraint(
+            DomainCheck(
+                field="timeout_seconds",
                 condition=models.Q(timeout_seconds__gt=0, timeout_seconds__lte=86400),
                 name="task_executions_timeout_range",
             ),
@@ -272,7 +279,9 @@ class TaskAttempt(TimestampedModel):
     execution = models.ForeignKey(
         TaskExecution, on_delete=models.CASCADE, related_name="attempts", db_column="execution_id", db_index=False
     )
-    attempt_number = models.PositiveIntegerField()
+    # Integer fields with their checks in Meta (DomainCheck): a PositiveIntegerField would add
+    # a table CHECK of its own, read back for every statement on the table.
+    attempt_number = models.IntegerField()
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.RUNNING)
     cause = models.CharField(max_length=20, choices=Cause.choices, null=True, blank=True)
     error_class = models.CharField(max_length=255, blank=True, default="")
@@ -281,7 +290,7 @@ class TaskAttempt(TimestampedModel):
     traceback = models.TextField(null=True, blank=True)
     worker = models.CharField(max_length=255, blank=True, default="")
     celery_task_id = models.CharField(max_length=255, null=True, blank=True)
-    delivery_count = models.PositiveIntegerField(default=1)
+    delivery_count = models.IntegerField(default=1)
     redelivered = models.BooleanField(default=False)
     timeout_seconds = models.IntegerField(null=True, blank=True, help_text="the limit this attempt ran under")
     input_tokens = models.BigIntegerField(default=0)
@@ -303,14 +312,22 @@ class TaskAttempt(TimestampedModel):
             models.UniqueConstraint(
                 fields=["execution", "attempt_number"], name="task_attempts_execution_number_unique"
             ),
-            models.CheckConstraint(
-                condition=in_choices("status", TaskAttemptStatus), name="task_attempts_status_valid"
+            DomainCheck(
+                field="status", condition=in_choices("status", TaskAttemptStatus), name="task_attempts_status_valid"
             ),
-            models.CheckConstraint(
+            DomainCheck(
+                field="cause",
                 condition=models.Q(cause__isnull=True) | in_choices("cause", TaskAttemptCause),
                 name="task_attempts_cause_valid",
             ),
-            models.CheckConstraint(condition=models.Q(attempt_number__gte=1), name="task_attempts_number_positive"),
+            DomainCheck(
+                field="attempt_number", condition=models.Q(attempt_number__gte=1), name="task_attempts_number_positive"
+            ),
+            DomainCheck(
+                field="delivery_count",
+                condition=models.Q(delivery_count__gte=0),
+                name="task_attempts_delivery_count_non_negative",
+            ),
             models.CheckConstraint(
                 condition=models.Q(status="running", finished_at__isnull=True)
                 | (~models.Q(status="running") & models.Q(finished_at__isnull=False)),

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from django.apps import apps as django_apps
 from django.db import IntegrityError, connection, models, transaction
+from django.test.utils import isolate_apps
 from django.utils import timezone
 
 from orchestration.event_types import EntityType, EventType, Severity
@@ -27,6 +29,7 @@ from orchestration.models import (
     TaskExecution,
     Workflow,
 )
+from orchestration.models.base import DomainCheck
 from tests.factories import (
     AgentFactory,
     EventFactory,
@@ -412,3 +415,126 @@ def test_the_cancelled_steps_backfill_counts_cancelled_tasks(builtin_agents):
     with connection.cursor() as cursor:
         cursor.execute(backfill)
     assert Workflow.objects.get(pk=workflow.pk).cancelled_steps == 2
+
+
+def domain_checks() -> list[tuple[type[models.Model], DomainCheck]]:
+    return [
+        (model, constraint)
+        for model in django_apps.get_models()
+        for constraint in model._meta.constraints
+        if isinstance(constraint, DomainCheck)
+    ]
+
+
+@pytest.mark.parametrize(("model", "check"), domain_checks(), ids=lambda v: getattr(v, "name", ""))
+def test_a_domain_check_is_its_columns_type_and_holds_its_check(model: type[models.Model], check: DomainCheck) -> None:
+    """Every DomainCheck's column has the domain as its type and the domain holds the check under
+    the constraint's name, validated; the table has no CHECK of that name. A later AlterField
+    that gives the column Django's own type again (and so drops the check) fails here."""
+    column = model._meta.get_field(check.field).column
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT a.atttypid::regtype::text,
+                   (SELECT array_agg(conname || ':' || convalidated) FROM pg_constraint WHERE contypid = a.atttypid),
+                   (SELECT count(*) FROM pg_constraint WHERE conrelid = a.attrelid AND conname = %s)
+            FROM pg_attribute a WHERE a.attrelid = %s::regclass AND a.attname = %s
+            """,
+            [check.name, model._meta.db_table, column],
+        )
+        column_type, domain_checks, table_checks = cursor.fetchone()
+
+    assert column_type == check.domain_name(model)
+    assert domain_checks == [f"{check.name}:true"]
+    assert table_checks == 0
+
+
+def test_the_hot_tables_keep_few_table_checks() -> None:
+    """PostgreSQL plans a table's CHECKs again for every statement on it: on the tables written
+    for every attempt, the ones a column's domain can hold are there."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT conrelid::regclass::text, array_agg(conname ORDER BY conname) FROM pg_constraint "
+            "WHERE contype = 'c' AND conrelid IN ('workflows'::regclass, 'task_executions'::regclass, "
+            "'task_attempts'::regclass, 'events'::regclass) GROUP BY 1"
+        )
+        checks = dict(cursor.fetchall())
+
+    assert checks == {
+        "workflows": ["workflows_counters_non_negative", "workflows_totals_non_negative"],
+        "task_executions": ["task_executions_retries_range", "task_executions_usage_non_negative"],
+        "task_attempts": ["task_attempts_finished_iff_not_running", "task_attempts_usage_non_negative"],
+    }
+
+
+@isolate_apps("orchestration")
+def test_a_domain_check_on_a_new_table_and_its_condition_changed() -> None:
+    """Created with its table (the domain applied once the table exists), enforced under its
+    name; its condition changed as a migration does it (removed, then added): the wider check
+    holds, and the table was neither rewritten nor its index rebuilt."""
+
+    class Probe(models.Model):
+        state = models.CharField(max_length=10, db_index=True)
+
+        class Meta:
+            app_label = "orchestration"
+            db_table = "probe_domain_check"
+            constraints = [
+                DomainCheck(field="state", condition=models.Q(state__in=["a", "b"]), name="probe_state_valid")
+            ]
+
+        def __str__(self) -> str:
+            return self.state
+
+    def files() -> list[int]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT relfilenode FROM pg_class WHERE oid = 'probe_domain_check'::regclass "
+                "UNION ALL SELECT c.relfilenode FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE i.indrelid = 'probe_domain_check'::regclass ORDER BY 1"
+            )
+            return [row[0] for row in cursor.fetchall()]
+
+    with connection.schema_editor() as editor:
+        editor.create_model(Probe)
+    Probe.objects.create(state="a")
+    with pytest.raises(IntegrityError) as raised, transaction.atomic():
+        Probe.objects.create(state="c")
+    assert violated_constraint(raised.value) == "probe_state_valid"
+    before = files()
+
+    old = Probe._meta.constraints[0]
+    wider = DomainCheck(field="state", condition=models.Q(state__in=["a", "b", "c"]), name="probe_state_valid")
+    with connection.schema_editor() as editor:
+        editor.remove_constraint(Probe, old)
+        editor.add_constraint(Probe, wider)
+
+    Probe.objects.create(state="c")
+    with pytest.raises(IntegrityError) as raised, transaction.atomic():
+        Probe.objects.create(state="d")
+    assert violated_constraint(raised.value) == "probe_state_valid"
+    assert files() == before
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_type WHERE typname = 'probe_domain_check_state'")
+        assert cursor.fetchone()[0] == 1
+
+
+@isolate_apps("orchestration")
+def test_a_domain_check_names_only_its_own_column() -> None:
+    class Pair(models.Model):
+        low = models.IntegerField()
+        high = models.IntegerField()
+
+        class Meta:
+            app_label = "orchestration"
+            db_table = "probe_domain_pair"
+            constraints = [DomainCheck(field="low", condition=models.Q(low__lte=models.F("high")), name="pair_order")]
+
+        def __str__(self) -> str:
+            return f"{self.low}..{self.high}"
+
+    with (
+        pytest.raises(ValueError, match="pair_order: a domain check may name only its field 'low'"),
+        connection.schema_editor() as editor,
+    ):
+        editor.create_model(Pair)
