@@ -54,6 +54,7 @@ from orchestration.services.progress import (
     workflow_on_task_failed,
     workflow_stopping,
 )
+from orchestration.soft_limit import SoftLimit, soft_limit_held
 
 logger = logging.getLogger(__name__)
 
@@ -654,7 +655,26 @@ def attempt_run(
     """Claim the delivered message, run the agent once, record the outcome.
 
     The agent gets its tools and peers; what it used through hand-offs is added to its own
-    usage. In a conversation it also gets the thread, and what it said is stored there."""
+    usage. In a conversation it also gets the thread, and what it said is stored there.
+
+    Celery's soft time limit interrupts the agent only: in a prefork pool child it is held off
+    everywhere else (orchestration.soft_limit). One that fires during the claim ends the try
+    as the agent starts, recorded timed out like an agent that ran out of time; one that fires
+    while the outcome is recorded is dropped once it is (its after-commit messages sent)."""
+    with soft_limit_held() as limit:
+        return _attempt_run(
+            limit,
+            execution_id=execution_id,
+            celery_task_id=celery_task_id,
+            worker=worker,
+            redelivered=redelivered,
+            retried=retried,
+        )
+
+
+def _attempt_run(
+    limit: SoftLimit, *, execution_id: str, celery_task_id: str, worker: str, redelivered: bool, retried: bool
+) -> Outcome:
     claim = attempt_claim(
         execution_id=execution_id,
         celery_task_id=celery_task_id,
@@ -677,9 +697,12 @@ def attempt_run(
         task_input = {**task_input, "messages": conversation.history}
     started = time.monotonic()
     try:
-        if conversation is not None and conversation.missing:
-            raise PermanentError(f"the message {conversation.message_id!r} this task answers no longer exists")
-        result = agent_execute(agent=claim.agent, task_input=task_input, context=context)
+        # A soft limit that fired during the claim (held off, the claim committed) is raised
+        # here, before the agent starts, and recorded below as if the agent had hit it.
+        with limit.released():
+            if conversation is not None and conversation.missing:
+                raise PermanentError(f"the message {conversation.message_id!r} this task answers no longer exists")
+            result = agent_execute(agent=claim.agent, task_input=task_input, context=context)
     except BaseException as exc:
         if not isinstance(exc, Exception | SoftTimeLimitExceeded):
             raise  # SystemExit, KeyboardInterrupt: the worker is going away; the reaper closes it
@@ -786,7 +809,14 @@ def _record_through_soft_limit(
     locks. So the connection is closed before the second try, which waits on the attempt row
     the orphaned statement locked first; if that statement recorded the success, the second try
     finds the attempt no longer running, and the success is ours (`succeeded`: only this
-    delivery records its attempt succeeded)."""
+    delivery records its attempt succeeded).
+
+    In a prefork pool child the limit is held off while an outcome is recorded (attempt_run,
+    orchestration.soft_limit), so it never lands here. This remains for a soft limit that is
+    not billiard's signal: the timer of the gevent and eventlet pools, which raises it in the
+    greenlet, or a task run in-process while something else raises it (the tests' SIGALRM).
+    It does not cover a limit that interrupts the COMMIT itself (Django then fails to restore
+    autocommit on the busy connection, and that error, not this one, escapes)."""
     try:
         return record()
     except SoftTimeLimitExceeded:

@@ -4,6 +4,7 @@ PostgreSQL database and Redis. No eager mode anywhere."""
 from __future__ import annotations
 
 import itertools
+import re
 import time
 
 import pytest
@@ -567,3 +568,162 @@ def test_a_soft_limit_that_fires_while_a_success_is_recorded_does_not_lose_it(en
     assert (wf.status, wf.completed_steps, wf.error_count) == (Workflow.Status.COMPLETED, 1, 0)
     events = Event.objects.filter(entity_id=a.pk).order_by("sequence").values_list("event_type", flat=True)
     assert list(events) == ["task_queued", "task_started", "task_completed"]
+
+
+def _finished_alone(wf: Workflow, worker) -> Workflow:
+    """The workflow once it ends, with no reaper and no sweeper run: the worker alone.
+    Otherwise the state it was left in."""
+    try:
+        return finished(wf, timeout=20)
+    except AssertionError as exc:
+        tasks = list(TaskExecution.objects.filter(workflow=wf).values_list("task_name", "status"))
+        tries = list(
+            TaskAttempt.objects.filter(execution__workflow=wf).values_list(
+                "execution__task_name", "attempt_number", "status", "cause"
+            )
+        )
+        raise AssertionError(f"{exc}: tasks {tasks}, attempts {tries}\n{worker.log()[-3000:]}") from exc
+
+
+def _soft_limit_sent(worker) -> None:
+    """Wait until the worker's main process has sent its pool child the soft limit (it logs
+    this just before the signal), then a moment for the child to take it."""
+    wait_for(lambda: "Soft time limit (1s) exceeded" in worker.log(), timeout=10, what="the soft limit to fire")
+    time.sleep(0.2)
+
+
+@pytest.mark.parametrize(
+    ("fast_path", "max_retries"),
+    [("true", 1), ("false", 1), ("true", 0)],
+    ids=["fast-path", "general-path", "no-retries-left"],
+)
+def test_a_soft_limit_during_the_claim_times_the_attempt_out_at_once(engine, fast_path, max_retries):
+    """The claim waited on the task row (held by another transaction: a cancel, the sweeper)
+    until the soft limit fired. Before, the limit interrupted the claim: the general path's
+    transaction was rolled back and the task stayed queued for the sweeper (60 s); the fast
+    path's statement, left in flight, committed later, and its attempt stayed running, with no
+    agent, for the reaper. Now the claim completes and the try is recorded timed out, as if the
+    agent had hit the limit, and retried at once (or failed when no retries remain), without
+    running the agent (which would sleep past the hard limit here)."""
+    from tests.orchestration.test_lock_races import waiting_on_lock
+    from tests.pg import other_connection
+
+    wf = submit(
+        {
+            "name": "a",
+            "agent": "sleep",
+            "input": {"seconds": 5, "on_attempts": [1]},
+            "timeout_seconds": 1,
+            "max_retries": max_retries,
+        }
+    )
+    a = task(wf, "a")
+    other = other_connection()
+    try:
+        other.execute("BEGIN")
+        other.execute("SELECT 1 FROM task_executions WHERE execution_id = %s FOR UPDATE", [a.pk])
+        worker = engine(concurrency=1, env={"ENGINE_FAST_PATH": fast_path})
+        assert any("task_executions" in query for query in waiting_on_lock()), "the claim waits on the task row"
+        _soft_limit_sent(worker)
+        other.execute("COMMIT")
+    finally:
+        other.close()
+    wf = _finished_alone(wf, worker)
+    tries = attempts(wf, "a")
+    timed_out = (1, A.TIMED_OUT, "soft_timeout", "soft time limit of 1 s exceeded")
+    recorded = [(t.attempt_number, t.status, t.cause, t.error) for t in tries]
+    a = task(wf, "a")
+    if max_retries:
+        assert recorded == [timed_out, (2, A.SUCCEEDED, None, None)], worker.log()[-4000:]
+        assert (wf.status, a.status, a.retry_count) == (Workflow.Status.COMPLETED, T.COMPLETED, 1)
+        assert event_types(a.pk) == [
+            "task_queued",
+            "task_started",
+            "task_timed_out",
+            "task_retrying",
+            "task_started",
+            "task_completed",
+        ]
+    else:
+        assert recorded == [timed_out], worker.log()[-4000:]
+        assert (wf.status, a.status, a.retry_count) == (Workflow.Status.FAILED, T.TIMED_OUT, 0)
+        assert event_types(a.pk) == ["task_queued", "task_started", "task_timed_out", "task_failed"]
+    # as an agent that ran out of time records it (test_soft_timeout_is_recorded_then_the_retry_succeeds)
+    assert (tries[0].error_class, tries[0].retryable, tries[0].timeout_seconds) == (
+        "billiard.exceptions.SoftTimeLimitExceeded",  # the class celery.exceptions re-exports
+        True,
+        1,
+    )
+    # ended as the agent was to start (the limit held off since the claim), the agent not entered
+    assert "orchestration/soft_limit.py" in tries[0].traceback and "builtin.py" not in tries[0].traceback
+    assert wf.error_count == 1
+
+
+@pytest.fixture
+def commit_waits_on_lock(transactional_db):
+    """While the returned session holds advisory lock 4242, the COMMIT of a transaction that
+    closed an attempt succeeded or failed waits for it (a deferred constraint trigger)."""
+    from tests.pg import other_connection
+
+    other = other_connection()
+    other.execute(
+        "CREATE FUNCTION test_commit_waits() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NULL; END $$"
+    )
+    other.execute(
+        "CREATE CONSTRAINT TRIGGER test_commit_waits AFTER UPDATE ON task_attempts "
+        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.status IN ('succeeded', 'failed')) "
+        "EXECUTE FUNCTION test_commit_waits()"
+    )
+    try:
+        yield other
+    finally:
+        other.execute("SELECT pg_advisory_unlock_all()")
+        other.execute("DROP TRIGGER test_commit_waits ON task_attempts")
+        other.execute("DROP FUNCTION test_commit_waits()")
+        other.close()
+
+
+@pytest.mark.parametrize(
+    ("fast_path", "first"),
+    [("true", "succeeds"), ("false", "succeeds"), ("false", "fails")],
+    ids=["success-fast-path", "success-general-path", "failure-retried"],
+)
+def test_a_soft_limit_during_the_commit_of_an_outcome_keeps_it_and_its_dispatches(
+    engine, commit_waits_on_lock, fast_path, first
+):
+    """The COMMIT that records a's outcome waits (here on a deferred trigger; in production on
+    a slow disk, a synchronous standby) until the soft limit fires. Before, the limit
+    interrupted the COMMIT, which went through on the server all the same, but the messages
+    it was to send after commit (b, now ready; or a's retry) never left: the task stayed
+    queued for the sweeper. Now the outcome is recorded once, its messages are sent, and the
+    delivery ends normally."""
+    from tests.orchestration.test_lock_races import waiting_on_lock
+
+    holder = commit_waits_on_lock
+    holder.execute("SELECT pg_advisory_lock(4242)")
+    worker = engine(concurrency=1, env={"ENGINE_FAST_PATH": fast_path})
+    a_input = {"fail_times": 1 if first == "fails" else 0}
+    wf = submit(
+        {"name": "a", "agent": "flaky", "input": a_input, "timeout_seconds": 1, "max_retries": 1},
+        {"name": "b", "agent": "echo", "depends_on": ["a"]},
+    )
+    assert "COMMIT" in waiting_on_lock(), "the outcome's COMMIT waits"
+    _soft_limit_sent(worker)
+    holder.execute("SELECT pg_advisory_unlock(4242)")
+    wf = _finished_alone(wf, worker)
+    assert (wf.status, wf.completed_steps) == (Workflow.Status.COMPLETED, 2), worker.log()[-4000:]
+    recorded = [(t.attempt_number, t.status) for t in attempts(wf, "a")]
+    if first == "fails":
+        assert recorded == [(1, A.FAILED), (2, A.SUCCEEDED)]
+        assert event_types(task(wf, "a").pk).count("task_retrying") == 1
+    else:
+        assert recorded == [(1, A.SUCCEEDED)]
+        assert event_types(task(wf, "a").pk) == ["task_queued", "task_started", "task_completed"]
+    assert [t.status for t in attempts(wf, "b")] == [A.SUCCEEDED]
+    log = worker.log()
+    assert "the soft time limit fired outside the agent's run, while held off" in log, "it fired in the COMMIT"
+    # the delivery ended as it would have without the limit, returning its outcome
+    first_delivery = attempts(wf, "a")[0].celery_task_id
+    outcome = "failed" if first == "fails" else "succeeded"
+    assert re.search(rf"run_task\[{first_delivery}\] succeeded in [0-9.]+s: '{outcome}'", log), log[-4000:]
