@@ -69,6 +69,16 @@ def _task_context_clear(**kwargs: object) -> None:
 
 
 @worker_init.connect
+def _worker_process_record(**kwargs: object) -> None:
+    """Which process this worker is (pid, start time), recorded before its pool forks: attempts
+    record it, and the reaper asks for it (orchestration/workers.py, which also registers that
+    remote-control command)."""
+    from orchestration.workers import worker_started
+
+    worker_started()
+
+
+@worker_init.connect
 def _agent_runtime_preload(**kwargs: object) -> None:
     """Workers run agents: the HTTP client (about 0.1 s to import) and the tool registry with
     its JSON-schema validators are loaded here, in the main process before the pool forks, so

@@ -18,30 +18,33 @@ UPDATED_AT_TABLES = {
     "api_keys": "id",
     "export_runs": "id",
 }
-# Every task_attempts column but updated_at: the updated_at trigger may still touch a row
-# that has just been finished.
-ATTEMPT_COLUMNS = (
-    "execution_id, attempt_number, status, cause, error_class, retryable, error, traceback, worker, "
-    "celery_task_id, delivery_count, redelivered, timeout_seconds, input_tokens, output_tokens, tokens_used, "
-    "cost_usd, started_at, finished_at, duration_ms, created_at"
-)
+# The task_attempts columns the finished-attempt rule keeps: every one but the key and
+# updated_at (the updated_at trigger may still touch a row that has just been finished). Read
+# from the table when the rule is installed: a migration that installs it sees the columns of
+# its own time, and one that adds a column installs the rule again (0028).
+ATTEMPT_COLUMNS_NOT_KEPT = ("id", "updated_at")
 
 USAGE_COLUMNS = ("input_tokens", "output_tokens", "tokens_used", "cost_usd")
 # Closed without a result: spend charged after the close is added to the usage columns (and
 # nothing else changes, and usage only grows); migration 0023 allows the same on PostgreSQL.
 ABANDONED_ATTEMPT = "('cancelled', 'lost', 'timed_out')"
-_LATE_SPEND = " AND ".join(
-    [
-        f"OLD.status IN {ABANDONED_ATTEMPT}",
-        *(f"NEW.{c} IS OLD.{c}" for c in ATTEMPT_COLUMNS.split(", ") if c not in USAGE_COLUMNS),
-        *(f"NEW.{c} >= OLD.{c}" for c in USAGE_COLUMNS),
-    ]
-)
+
+
+def _late_spend(attempt_columns: list[str]) -> str:
+    return " AND ".join(
+        [
+            f"OLD.status IN {ABANDONED_ATTEMPT}",
+            *(f"NEW.{c} IS OLD.{c}" for c in attempt_columns if c not in USAGE_COLUMNS),
+            *(f"NEW.{c} >= OLD.{c}" for c in USAGE_COLUMNS),
+        ]
+    )
+
+
 # Triggers of earlier versions of these rules, dropped when the rules are installed.
 OBSOLETE = ("task_attempts_immutable_once_finished",)
 
 
-def _rules() -> dict[str, tuple[str, str]]:
+def _rules(attempt_columns: list[str]) -> dict[str, tuple[str, str]]:
     """trigger name -> (table, CREATE TRIGGER statement)."""
     rules = {
         "events_append_only_update": (
@@ -56,8 +59,9 @@ def _rules() -> dict[str, tuple[str, str]]:
         ),
         "task_attempts_finished_keep": (
             "task_attempts",
-            f"CREATE TRIGGER IF NOT EXISTS task_attempts_finished_keep BEFORE UPDATE OF {ATTEMPT_COLUMNS} "
-            f"ON task_attempts WHEN OLD.status <> 'running' AND NOT ({_LATE_SPEND}) "
+            "CREATE TRIGGER IF NOT EXISTS task_attempts_finished_keep "
+            f"BEFORE UPDATE OF {', '.join(attempt_columns)} "
+            f"ON task_attempts WHEN OLD.status <> 'running' AND NOT ({_late_spend(attempt_columns)}) "
             "BEGIN SELECT RAISE(ABORT, 'task attempt is finished and cannot change'); END",
         ),
     }
@@ -91,7 +95,9 @@ def sqlite_rules_install(connection: Any) -> list[str]:
             if name in existing:
                 cursor.execute(f"DROP TRIGGER {name}")
         created = []
-        for name, (table, statement) in _rules().items():
+        cursor.execute("SELECT name FROM pragma_table_info('task_attempts')")
+        attempt_columns = [row[0] for row in cursor.fetchall() if row[0] not in ATTEMPT_COLUMNS_NOT_KEPT]
+        for name, (table, statement) in _rules(attempt_columns).items():
             if table in tables and name not in existing:
                 cursor.execute(statement)
                 created.append(name)
@@ -102,6 +108,6 @@ def sqlite_rules_install(connection: Any) -> list[str]:
 
 def sqlite_rules_remove(connection: Any) -> None:
     with connection.cursor() as cursor:
-        for name in (*_rules(), *OBSOLETE):
+        for name in (*_rules([]), *OBSOLETE):
             cursor.execute(f"DROP TRIGGER IF EXISTS {name}")
         cursor.execute("DROP INDEX IF EXISTS idx_events_created")

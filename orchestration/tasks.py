@@ -7,9 +7,18 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connections
 
 from orchestration.services.execution import attempt_run
+from orchestration.workers import current_process
 
 
-@shared_task(name="orchestration.run_task", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=30)
+@shared_task(
+    name="orchestration.run_task",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=30,
+    # In the worker's main process: remembers a hard time-out or a lost pool process for the reaper.
+    Request="orchestration.workers:RunTaskRequest",
+)
 def run_task(self, execution_id: str) -> str:
     """Run one attempt of a task execution (the message's id identifies the attempt).
 
@@ -24,6 +33,7 @@ def run_task(self, execution_id: str) -> str:
             worker=self.request.hostname or "",
             redelivered=bool(delivery.get("redelivered")),
             retried=self.request.retries > 0,
+            process=current_process(),
         ).value
     except (InterfaceError, OperationalError) as exc:
         for connection in connections.all(initialized_only=True):

@@ -60,9 +60,15 @@ class Worker:
         log_dir: Path,
         queues: str = "system,critical,high,normal,low",
         env: dict[str, str] | None = None,
+        name: str | None = None,
     ) -> None:
-        self.name = f"test-{uuid.uuid4().hex[:8]}@localhost"
-        self.log_path = log_dir / f"{self.name.split('@')[0]}.log"
+        """`name`: the node name (default a new one); a worker restarted as systemd or Kubernetes
+        would restart it takes the name of the one it replaces."""
+        self.name = name or f"test-{uuid.uuid4().hex[:8]}@localhost"
+        stem = self.name.split("@")[0]
+        self.log_path = log_dir / f"{stem}.log"
+        if self.log_path.exists():  # a restart under the same name keeps its predecessor's log
+            self.log_path = log_dir / f"{stem}-{uuid.uuid4().hex[:4]}.log"
         process_env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "config.settings.test",

@@ -114,12 +114,19 @@ def test_events_accept_insert(db_file: sqlite3.Connection) -> None:
     assert db_file.execute("SELECT count(*) FROM events").fetchone() == (2,)
 
 
-def test_finished_attempt_rejects_update(db_file: sqlite3.Connection, ids: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "change",
+    # worker_pid and pool_pid came with a later migration (0028), which installs the rule again
+    ["error = 'rewritten'", "worker_pid = 1", "pool_pid = 1"],
+)
+def test_finished_attempt_rejects_update(db_file: sqlite3.Connection, ids: dict[str, Any], change: str) -> None:
     with pytest.raises(sqlite3.IntegrityError, match="task attempt is finished and cannot change"):
-        db_file.execute("UPDATE task_attempts SET error = 'rewritten' WHERE id = ?", [ids["finished_attempt"]])
+        db_file.execute(f"UPDATE task_attempts SET {change} WHERE id = ?", [ids["finished_attempt"]])  # noqa: S608
 
-    row = db_file.execute("SELECT status, error FROM task_attempts WHERE id = ?", [ids["finished_attempt"]]).fetchone()
-    assert row == ("failed", None)
+    row = db_file.execute(
+        "SELECT status, error, worker_pid, pool_pid FROM task_attempts WHERE id = ?", [ids["finished_attempt"]]
+    ).fetchone()
+    assert row == ("failed", None, None, None)
 
 
 def test_an_attempt_closed_without_a_result_may_only_gain_spend(

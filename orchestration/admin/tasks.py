@@ -285,7 +285,14 @@ class TaskAttemptAdmin(RecordOnlyMixin, LargeTableAdmin):
         ),
         (
             "Delivery",
-            {"fields": (("worker", "celery_task_id"), ("delivery_count", "redelivered"), "timeout_seconds")},
+            {
+                "fields": (
+                    ("worker", "celery_task_id"),
+                    ("worker_pid", "worker_started_at", "pool_pid"),
+                    ("delivery_count", "redelivered"),
+                    "timeout_seconds",
+                )
+            },
         ),
         (
             "Timing and usage",

@@ -289,6 +289,11 @@ class TaskAttempt(TimestampedModel):
     error = models.TextField(null=True, blank=True)
     traceback = models.TextField(null=True, blank=True)
     worker = models.CharField(max_length=255, blank=True, default="")
+    # The process behind the node name: a restarted worker keeps its name (and in a container
+    # often its pid), so the reaper tells it from the one that ran the attempt by these.
+    worker_pid = models.IntegerField(null=True, blank=True, help_text="pid of the worker's main process")
+    worker_started_at = models.DateTimeField(null=True, blank=True, help_text="when the worker's main process started")
+    pool_pid = models.IntegerField(null=True, blank=True, help_text="pid of the pool process that ran the attempt")
     celery_task_id = models.CharField(max_length=255, null=True, blank=True)
     delivery_count = models.IntegerField(default=1)
     redelivered = models.BooleanField(default=False)

@@ -55,6 +55,7 @@ from orchestration.services.progress import (
     workflow_stopping,
 )
 from orchestration.soft_limit import SoftLimit, soft_limit_held
+from orchestration.workers import WorkerProcess, attempt_fields
 
 logger = logging.getLogger(__name__)
 
@@ -329,11 +330,13 @@ def attempt_claim(
     redelivered: bool = False,
     retried: bool = False,
     now: dt.datetime | None = None,
+    process: WorkerProcess | None = None,
 ) -> Claim | Outcome:
     """Start an attempt for a delivered message, or say why not (SKIPPED, DEFERRED).
 
     `retried`: the message was sent again by run_task itself after its worker lost the
-    database connection, so an attempt this message left running was abandoned."""
+    database connection, so an attempt this message left running was abandoned. `process`:
+    the worker process that runs the attempt, recorded with it for the reaper."""
     now = now or timezone.now()
     fast = fastpath.claim(
         execution_id=execution_id,
@@ -341,6 +344,7 @@ def attempt_claim(
         worker=worker,
         redelivered=redelivered or retried,
         now=now,
+        process=process,
     )
     if fast is not None:
         return _claim_from_fast(fast)
@@ -352,6 +356,7 @@ def attempt_claim(
             redelivered=redelivered,
             retried=retried,
             now=now,
+            process=process,
         )
     )
 
@@ -382,7 +387,14 @@ def _claim_from_fast(fast: fastpath.FastClaim) -> Claim:
 
 
 def _attempt_claim(
-    *, execution_id: str, celery_task_id: str, worker: str, redelivered: bool, retried: bool, now: dt.datetime
+    *,
+    execution_id: str,
+    celery_task_id: str,
+    worker: str,
+    redelivered: bool,
+    retried: bool,
+    now: dt.datetime,
+    process: WorkerProcess | None,
 ) -> Claim | Outcome:
     task = (
         TaskExecution.objects.select_for_update(of=("self",))
@@ -485,6 +497,7 @@ def _attempt_claim(
         delivery_count=delivery_count(task, celery_task_id=celery_task_id, redelivered=redelivered or retried),
         timeout_seconds=task.timeout_seconds,
         started_at=now,
+        **attempt_fields(process),
     )
     task.status = TaskExecution.Status.RUNNING
     task.started_at = task.started_at or now
@@ -650,7 +663,13 @@ def attempt_fail(
 
 
 def attempt_run(
-    *, execution_id: str, celery_task_id: str, worker: str, redelivered: bool = False, retried: bool = False
+    *,
+    execution_id: str,
+    celery_task_id: str,
+    worker: str,
+    redelivered: bool = False,
+    retried: bool = False,
+    process: WorkerProcess | None = None,
 ) -> Outcome:
     """Claim the delivered message, run the agent once, record the outcome.
 
@@ -669,11 +688,19 @@ def attempt_run(
             worker=worker,
             redelivered=redelivered,
             retried=retried,
+            process=process,
         )
 
 
 def _attempt_run(
-    limit: SoftLimit, *, execution_id: str, celery_task_id: str, worker: str, redelivered: bool, retried: bool
+    limit: SoftLimit,
+    *,
+    execution_id: str,
+    celery_task_id: str,
+    worker: str,
+    redelivered: bool,
+    retried: bool,
+    process: WorkerProcess | None,
 ) -> Outcome:
     claim = attempt_claim(
         execution_id=execution_id,
@@ -681,6 +708,7 @@ def _attempt_run(
         worker=worker,
         redelivered=redelivered,
         retried=retried,
+        process=process,
     )
     if not isinstance(claim, Claim):
         return claim

@@ -26,6 +26,7 @@ from django.db.models.fields import NOT_PROVIDED
 from orchestration.db import prepared_cursor
 from orchestration.ids import new_id
 from orchestration.models import Agent, TaskAttempt
+from orchestration.workers import WorkerProcess, attempt_fields
 
 AGENT_FIELDS = Agent._meta.concrete_fields
 ATTEMPT_FIELDS = TaskAttempt._meta.concrete_fields
@@ -63,9 +64,11 @@ WITH claimed AS (
                 WHERE p.execution_id = t.execution_id) AS attempt_number
 ), attempt AS (
     INSERT INTO task_attempts (
-        created_at, updated_at, execution_id, attempt_number, status, error_class, worker, celery_task_id,
-        delivery_count, redelivered, timeout_seconds, input_tokens, output_tokens, tokens_used, cost_usd, started_at)
-    SELECT now(), %(now)s, c.execution_id, c.attempt_number, 'running', '', %(worker)s, %(celery_task_id)s,
+        created_at, updated_at, execution_id, attempt_number, status, error_class, worker, worker_pid,
+        worker_started_at, pool_pid, celery_task_id, delivery_count, redelivered, timeout_seconds, input_tokens,
+        output_tokens, tokens_used, cost_usd, started_at)
+    SELECT now(), %(now)s, c.execution_id, c.attempt_number, 'running', '', %(worker)s, %(worker_pid)s::integer,
+           %(worker_started_at)s::timestamptz, %(pool_pid)s::integer, %(celery_task_id)s,
            %(delivery_count)s, %(redelivered)s, c.timeout_seconds, 0, 0, 0, 0, %(now)s
       FROM claimed c
     RETURNING *
@@ -299,7 +302,13 @@ def insert_rows(objs: Sequence[models.Model]) -> None:
 
 
 def claim(
-    *, execution_id: str, celery_task_id: str, worker: str, redelivered: bool, now: dt.datetime
+    *,
+    execution_id: str,
+    celery_task_id: str,
+    worker: str,
+    redelivered: bool,
+    now: dt.datetime,
+    process: WorkerProcess | None = None,
 ) -> FastClaim | None:
     """Claim a queued task's message in one statement (its own transaction), or None."""
     if not enabled() or redelivered:
@@ -315,6 +324,7 @@ def claim(
             "now": now,
             "queue_timeout": settings.TASK_QUEUE_TIMEOUT_SECONDS,
             "event_id": new_id(),
+            **attempt_fields(process),
         },
     )
     if not rows:

@@ -2,7 +2,7 @@
 
 - attempts still running past their hard limit plus grace (worker SIGKILLed, hard time
   limit hit: Celery does not always run on_failure then) are closed as timed_out or lost,
-  and their task is retried or failed;
+  and their task is retried or failed (attempt_verdict says which);
 - running workflows past their deadline are failed;
 - tasks waiting for a worker past the queue timeout are timed out even when no worker takes
   their queue (the claim would time them out, but no claim comes);
@@ -31,6 +31,7 @@ from orchestration.models import TaskAttempt, TaskExecution, Workflow
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, hard_limit_seconds
 from orchestration.services.execution import attempt_abandon, queue_timeout_record, queue_waited_since
 from orchestration.services.progress import workflow_fail
+from orchestration.workers import HARD_TIMEOUT, POOL_PROCESS_LOST, NodeReport, workers_ask
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +45,53 @@ class ReapResult:
     resent: list[str] = field(default_factory=list)
 
 
-def _workers_alive(hostnames: set[str]) -> set[str]:
-    """Worker node names (celery@host) that answer a ping within a second."""
-    if not hostnames:
-        return set()
-    from config.celery import app
+@dataclass(frozen=True)
+class Verdict:
+    hard_timeout: bool  # else lost
+    error: str
 
-    try:
-        replies = app.control.ping(destination=sorted(hostnames), timeout=1.0)
-    except Exception:  # broker unreachable: treat every worker as unknown, i.e. lost
-        logger.warning("worker ping failed", exc_info=True)
-        return set()
-    return {name for reply in replies for name in reply}
+
+def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) -> Verdict:
+    """How a running attempt past its hard limit plus grace was abandoned, from what its worker
+    node answered (orchestration/workers.py; a node that did not answer is absent):
+
+    - no answer: the worker is gone: lost;
+    - another process answers for the name (a restart, under systemd or Kubernetes): lost;
+    - the same process says its pool process died under the attempt (the OOM killer; its
+      message went back to the queue and waits there): lost;
+    - otherwise the worker lives on and, as it says or as is presumed when it cannot say (its
+      ending forgotten, or the attempt or the worker from before processes were recorded),
+      killed the attempt at its hard limit: timed_out (hard_timeout).
+    """
+    limit = hard_limit_seconds(attempt.timeout_seconds or 0)
+    name = attempt.worker or "?"
+    abandoned = f"attempt abandoned past its {limit} s limit"
+    reports = answers.get(attempt.worker, []) if attempt.worker else []
+    if not reports:
+        return Verdict(False, f"worker {name} stopped answering; {abandoned}")
+    presumed = Verdict(True, f"hard time limit of {limit} s exceeded (process killed)")
+    known = [r for r in reports if r.started_at is not None]
+    if attempt.worker_started_at is None or len(known) < len(reports):
+        return presumed  # which process ran it, or which answers, is unknown
+    ran = (attempt.worker_pid, attempt.worker_started_at)
+    same = next((r for r in known if (r.pid, r.started_at) == ran), None)
+    if same is None:
+        return Verdict(
+            False,
+            f"worker {name} was restarted: the process that ran the attempt (pid {attempt.worker_pid}, started "
+            f"{attempt.worker_started_at:%Y-%m-%d %H:%M:%S} UTC) is gone, pid "
+            f"{', '.join(str(r.pid) for r in known)} answers now; {abandoned}",
+        )
+    ending = same.ended.get(attempt.celery_task_id or "")
+    if ending is None or ending.pool_pid != attempt.pool_pid:  # another delivery of the same message
+        return presumed
+    if ending.how == POOL_PROCESS_LOST:
+        return Verdict(False, f"pool process {attempt.pool_pid} of worker {name} died ({ending.detail}); {abandoned}")
+    if ending.how == HARD_TIMEOUT:
+        return Verdict(
+            True, f"hard time limit of {limit} s exceeded (worker {name} killed its pool process {attempt.pool_pid})"
+        )
+    return presumed
 
 
 def _reap_after(attempt: TaskAttempt) -> dt.datetime:
@@ -66,8 +102,9 @@ def _reap_after(attempt: TaskAttempt) -> dt.datetime:
 def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
     """Close running attempts past hard limit + REAPER_GRACE_SECONDS; retry or fail their tasks.
 
-    An attempt whose worker still answers was killed by its hard time limit (timed_out,
-    hard_timeout); otherwise the worker is gone (lost, worker_lost).
+    Killed at its hard time limit by a worker that lives on: timed_out (hard_timeout); its
+    worker gone, restarted, or its pool process dead: lost (worker_lost). See attempt_verdict:
+    one remote-control round trip asks all their worker nodes.
     """
     now = now or timezone.now()
     result = ReapResult()
@@ -75,17 +112,28 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
     candidates = [
         a
         for a in TaskAttempt.objects.filter(status=TaskAttempt.Status.RUNNING, started_at__lt=floor).only(
-            "id", "started_at", "timeout_seconds", "worker"
+            "id",
+            "started_at",
+            "timeout_seconds",
+            "worker",
+            "worker_pid",
+            "worker_started_at",
+            "pool_pid",
+            "celery_task_id",
         )
         if a.started_at
         + dt.timedelta(seconds=hard_limit_seconds(a.timeout_seconds or 0) + settings.REAPER_GRACE_SECONDS)
         < now
     ]
-    alive = _workers_alive({a.worker for a in candidates if a.worker})
+    answers = workers_ask(
+        {a.worker for a in candidates if a.worker},
+        # how a message ended matters only where the process that ran it is known
+        {a.celery_task_id for a in candidates if a.celery_task_id and a.worker_started_at is not None},
+    )
     for candidate in candidates:
-        hard_timeout = candidate.worker in alive
+        verdict = attempt_verdict(candidate, answers)
 
-        def reap(attempt_id: int = candidate.pk, hard_timeout: bool = hard_timeout) -> bool | None:
+        def reap(attempt_id: int = candidate.pk, verdict: Verdict = verdict) -> bool | None:
             attempt = (
                 TaskAttempt.objects.select_for_update(skip_locked=True)
                 .filter(pk=attempt_id, status=TaskAttempt.Status.RUNNING)
@@ -94,14 +142,13 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
             if attempt is None:
                 return None
             task = TaskExecution.objects.select_for_update().get(pk=attempt.execution_id)
-            limit = hard_limit_seconds(attempt.timeout_seconds or 0)
-            if hard_timeout:
+            if verdict.hard_timeout:
                 return attempt_abandon(
                     task,
                     attempt,
                     status=TaskAttempt.Status.TIMED_OUT,
                     cause=TaskAttempt.Cause.HARD_TIMEOUT,
-                    error=f"hard time limit of {limit} s exceeded (process killed)",
+                    error=verdict.error,
                     now=now,
                 )
             return attempt_abandon(
@@ -109,12 +156,12 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
                 attempt,
                 status=TaskAttempt.Status.LOST,
                 cause=TaskAttempt.Cause.WORKER_LOST,
-                error=f"worker {attempt.worker or '?'} stopped answering; attempt abandoned past its {limit} s limit",
+                error=verdict.error,
                 now=now,
             )
 
         if atomic_with_retry(reap) is not None:
-            (result.timed_out if hard_timeout else result.lost).append(candidate.pk)
+            (result.timed_out if verdict.hard_timeout else result.lost).append(candidate.pk)
     result.workflows_failed = workflows_enforce_deadlines(now=now)
     result.queue_timed_out = queue_timeouts_enforce(now=now)
     return result

@@ -141,6 +141,19 @@ def test_finished_attempt_rejects_raw_update(status: str) -> None:
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("change", ["worker_pid = 1", "worker_started_at = now()", "pool_pid = 1"])
+def test_a_lost_attempt_gaining_spend_keeps_the_process_that_ran_it(change: str) -> None:
+    attempt = TaskAttemptFactory(status="lost", finished_at=timezone.now())
+
+    with pytest.raises(IntegrityError) as raised, transaction.atomic():
+        run_sql(f"UPDATE task_attempts SET tokens_used = tokens_used + 1, {change} WHERE id = %s", [attempt.pk])  # noqa: S608
+
+    assert_restrict_violation(raised.value, "is finished (lost) and cannot change")
+    attempt.refresh_from_db()
+    assert (attempt.worker_pid, attempt.worker_started_at, attempt.pool_pid) == (None, None, None)
+
+
+@pytest.mark.django_db
 def test_finished_attempt_rejects_orm_updates() -> None:
     attempt = TaskAttemptFactory(failed=True)
 

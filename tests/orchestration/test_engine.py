@@ -252,7 +252,7 @@ def test_soft_timeout_is_recorded_then_the_retry_succeeds(engine):
 
 
 def test_hard_timeout_kills_the_attempt_and_the_reaper_records_it(engine, settings):
-    engine()
+    worker = engine()
     wf = submit(
         {
             "name": "stuck",
@@ -268,6 +268,8 @@ def test_hard_timeout_kills_the_attempt_and_the_reaper_records_it(engine, settin
     first.refresh_from_db()
     assert (first.status, first.cause) == (A.TIMED_OUT, "hard_timeout")
     assert "hard time limit of 2 s" in first.error
+    assert f"worker {worker.name} killed its pool process {first.pool_pid}" in first.error
+    assert first.worker_pid == worker.process.pid
     wf = finished(wf)
     assert [(a.attempt_number, a.status) for a in attempts(wf, "stuck")] == [(1, A.TIMED_OUT), (2, A.SUCCEEDED)]
     assert wf.status == Workflow.Status.COMPLETED
@@ -322,6 +324,102 @@ def test_whole_worker_killed_the_reaper_recovers_and_a_new_worker_completes(engi
     assert wf.status == Workflow.Status.COMPLETED
     done = attempts(wf, "victim")[-1]
     assert (done.attempt_number, done.status, done.worker) == (2, A.SUCCEEDED, second.name)
+
+
+# A try that runs on after its soft limit (2 s): only a kill stops it, or the hard limit (3 s).
+STUCK_ONCE = {
+    "name": "victim",
+    "agent": "sleep",
+    "input": {"seconds": 60, "on_attempts": [1], "ignore_soft_timeout": True},
+    "timeout_seconds": 2,
+    "max_retries": 1,
+}
+
+
+def reaped() -> list[int]:
+    result = attempts_reap()
+    return [*result.lost, *result.timed_out]
+
+
+@pytest.mark.parametrize("fast_path", ["true", "false"], ids=["fast-path", "general-path"])
+def test_a_worker_killed_and_restarted_under_its_name_loses_the_attempt(engine, fast_path):
+    """systemd and Kubernetes restart a killed worker under the same node name: the new process
+    answers for the name, but the process that ran the attempt died long before its time limit.
+    The reaper records the attempt lost (worker_lost), not a hard time-out, and the task runs
+    again."""
+    env = {"ENGINE_FAST_PATH": fast_path}
+    first = engine(concurrency=1, env=env)
+    wf = submit(STUCK_ONCE)
+    lost = running_attempt(wf, "victim")
+    pool = first.children()
+    first.kill()
+    second = engine(concurrency=1, env=env, name=first.name)
+    wait_for(reaped, timeout=20, interval=0.5, what="the reaper to close the attempt")
+    lost.refresh_from_db()
+    assert (lost.status, lost.cause) == (A.LOST, "worker_lost"), lost.error
+    assert f"worker {first.name} was restarted" in lost.error
+    assert (lost.worker, lost.worker_pid, lost.pool_pid in pool) == (first.name, first.process.pid, True)
+    wf = finished(wf)
+    assert wf.status == Workflow.Status.COMPLETED
+    tries = attempts(wf, "victim")
+    assert [(a.attempt_number, a.status, a.worker) for a in tries] == [
+        (1, A.LOST, first.name),
+        (2, A.SUCCEEDED, first.name),
+    ]
+    assert tries[1].worker_pid == second.process.pid
+    assert tries[1].worker_started_at > tries[0].worker_started_at
+    assert task(wf, "victim").retry_count == 1
+    events = event_types(task(wf, "victim").execution_id)
+    assert "task_lost" in events and "task_timed_out" not in events
+
+
+@pytest.mark.parametrize("recorded", ["pid-reused", "identity-unknown"])
+def test_a_restarted_worker_is_told_by_its_start_time_and_unknown_identities_keep_the_old_rule(engine, recorded):
+    """In a container the restarted worker often gets the same pid (1): the start time tells the
+    processes apart. An attempt recorded without the identity (before it was recorded) cannot
+    be told apart: a worker answering for its name is taken to have killed it at its hard limit,
+    as before."""
+    first = engine(concurrency=1)
+    wf = submit(STUCK_ONCE)
+    attempt = running_attempt(wf, "victim")
+    first.kill()
+    second = engine(concurrency=1, name=first.name)
+    running = TaskAttempt.objects.filter(pk=attempt.pk, status=A.RUNNING)
+    if recorded == "pid-reused":
+        assert running.update(worker_pid=second.process.pid) == 1
+    else:
+        assert running.update(worker_pid=None, worker_started_at=None, pool_pid=None) == 1
+    wait_for(reaped, timeout=20, interval=0.5, what="the reaper to close the attempt")
+    attempt.refresh_from_db()
+    expected = (A.LOST, "worker_lost") if recorded == "pid-reused" else (A.TIMED_OUT, "hard_timeout")
+    assert (attempt.status, attempt.cause) == expected, attempt.error
+    assert finished(wf).status == Workflow.Status.COMPLETED
+
+
+def test_a_pool_process_killed_in_a_live_worker_is_lost_when_the_reaper_closes_it(engine):
+    """The OOM killer SIGKILLs a pool process; the worker lives on and answers for its name. The
+    message goes back to the end of its queue (reject_on_worker_lost), here behind a long task,
+    so the reaper reaches the attempt before the redelivery does: the worker says that process
+    died under it, not that it killed it at the hard limit. Lost, not a hard time-out."""
+    worker = engine(concurrency=1)
+    wf = submit(STUCK_ONCE)
+    victim = running_attempt(wf, "victim")
+    # Queued now, behind nothing: it takes the process that replaces the killed one.
+    blocker = submit({"name": "blocker", "agent": "sleep", "input": {"seconds": 60}, "timeout_seconds": 120})
+    [pid] = worker.kill_children()
+    wait_for(reaped, timeout=20, interval=0.5, what="the reaper to close the attempt")
+    victim.refresh_from_db()
+    assert (victim.status, victim.cause) == (A.LOST, "worker_lost"), victim.error
+    assert f"pool process {pid} of worker {worker.name} died" in victim.error
+    # Celery's WorkerLostError names the signal; on a loaded host the hard limit may come before
+    # the pool noticed the death, and the worker then says the process had already exited.
+    assert "SIGKILL" in victim.error or "the process had exited before its hard time limit" in victim.error
+    assert victim.pool_pid == pid
+    t = task(wf, "victim")
+    assert (t.status, t.retry_count) == (T.RETRYING, 1)
+    assert "task_lost" in event_types(t.execution_id)
+    assert task(blocker, "blocker").status == T.RUNNING  # what the redelivered message waits behind
+    worker.kill()
 
 
 def test_database_connection_cut_mid_task_is_retried_and_the_attempt_recorded_lost(engine):

@@ -1,0 +1,230 @@
+"""Which worker process ran an attempt, and what the live workers say about theirs.
+
+A worker's node name (celery@host) outlives its process: systemd and Kubernetes restart a
+killed worker under the same name, in a container often with the same pid too. So an attempt
+also records the process it ran in: the worker's main process (its pid and start time) and
+the pool process. The main process remembers how its recent run_task requests ended
+abnormally: killed by it at their hard time limit, or lost with a pool process that died
+under them (the OOM killer). The reaper asks the nodes of the attempts it closes for both, in
+one remote-control round trip (PROCESS_COMMAND), and so tells a restarted worker or a dead
+pool process (lost) from a hard time-out.
+
+Imported by the worker (config/celery.py, worker_init) before its pool starts, which
+registers the command; nothing here needs Django.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import WorkerLostError
+from celery.worker import state as worker_state
+from celery.worker.control import inspect_command
+from celery.worker.request import Request
+
+logger = logging.getLogger(__name__)
+
+PROCESS_COMMAND = "agentledger_process"
+HARD_TIMEOUT = "hard_timeout"
+POOL_PROCESS_LOST = "pool_process_lost"
+# Abnormal endings the main process remembers, the oldest forgotten first. The reaper asks
+# once the attempt is past its hard limit plus REAPER_GRACE_SECONDS; only hard time-outs and
+# dead pool processes are kept, so a worker rarely has this many in that time, and for one
+# forgotten the reaper falls back to its rule for a worker that cannot say.
+ENDINGS_KEPT = 1000
+
+
+@dataclass(frozen=True)
+class WorkerProcess:
+    """The process an attempt runs in."""
+
+    pid: int  # the worker's main process
+    started_at: dt.datetime  # when it started: a restarted worker keeps its name, often its pid
+    pool_pid: int  # the pool process running the attempt (the main one in a solo or threads pool)
+
+
+def attempt_fields(process: WorkerProcess | None) -> dict[str, Any]:
+    """The task_attempts columns that record `process` (all None when it is unknown)."""
+    if process is None:
+        return {"worker_pid": None, "worker_started_at": None, "pool_pid": None}
+    return {"worker_pid": process.pid, "worker_started_at": process.started_at, "pool_pid": process.pool_pid}
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a task's request ended in a worker's main process, when abnormally."""
+
+    how: str  # HARD_TIMEOUT or POOL_PROCESS_LOST
+    pool_pid: int | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """A worker node's answer: its main process (pid and started_at are None when it did not
+    say: a worker of an earlier release) and how the tasks asked about ended, if abnormally."""
+
+    pid: int | None
+    started_at: dt.datetime | None
+    ended: dict[str, Ending]
+
+
+_main: tuple[int, dt.datetime] | None = None
+_endings: OrderedDict[str, Ending] = OrderedDict()
+_endings_lock = threading.Lock()  # pool callbacks and the control command may run in different threads
+
+
+def worker_started() -> None:
+    """In the worker's main process, before its pool starts (worker_init): record which process
+    this is. The pool processes it forks inherit it."""
+    global _main
+    _main = (os.getpid(), dt.datetime.now(dt.UTC))
+
+
+def current_process() -> WorkerProcess | None:
+    """The worker process this code runs in; None outside a worker (or in a pool process that
+    was not forked from its worker, which then records no identity)."""
+    if _main is None:
+        return None
+    return WorkerProcess(pid=_main[0], started_at=_main[1], pool_pid=os.getpid())
+
+
+def _ending_record(task_id: str, ending: Ending) -> None:
+    with _endings_lock:
+        earlier = _endings.get(task_id)
+        if earlier is not None and earlier.how == HARD_TIMEOUT and earlier.pool_pid == ending.pool_pid:
+            return  # the process killed at the limit is not also a process lost
+        _endings[task_id] = ending
+        _endings.move_to_end(task_id)
+        while len(_endings) > ENDINGS_KEPT:
+            _endings.popitem(last=False)
+
+
+def process_exited(pid: int | None) -> bool:
+    """Whether the process `pid` has exited: gone, or a zombie its parent has not reaped yet
+    (which still answers kill(pid, 0)). Read from /proc where there is one."""
+    if not pid:
+        return False
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                # the state follows the command name, which is in parentheses and may hold any byte
+                state = fh.read().rsplit(b")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        except (OSError, IndexError):
+            return False
+        return state in (b"Z", b"X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+class RunTaskRequest(Request):
+    """run_task's request in the worker's main process, where Celery reports a hard time-out
+    (the pool kills the process) and a pool process that died mid-task (WorkerLostError):
+    each is remembered for the reaper before Celery handles it as usual."""
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        # During a cold shutdown Celery times out the running tasks itself: not their limit.
+        if not soft and not worker_state.should_terminate:
+            # Called before the pool kills the process. A process that died under the task
+            # (the OOM killer) shortly before its hard limit is reported here too when the
+            # limit comes before the pool noticed the death (a loaded host): it is already gone.
+            if process_exited(self.worker_pid):
+                ending = Ending(
+                    how=POOL_PROCESS_LOST,
+                    pool_pid=self.worker_pid,
+                    detail=f"the process had exited before its hard time limit ({timeout} s)",
+                )
+            else:
+                ending = Ending(how=HARD_TIMEOUT, pool_pid=self.worker_pid, detail=f"hard time limit {timeout} s")
+            _ending_record(self.id, ending)
+        super().on_timeout(soft, timeout)
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
+        exc = getattr(exc_info, "exception", None)
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        if isinstance(exc, WorkerLostError):
+            _ending_record(self.id, Ending(how=POOL_PROCESS_LOST, pool_pid=self.worker_pid, detail=str(exc)))
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
+@inspect_command(name=PROCESS_COMMAND)
+def _process_report(state: Any, task_ids: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """This worker's main process (pid, start time) and how the given tasks ended here, if abnormally."""
+    with _endings_lock:
+        ended = {task_id: _endings.get(task_id) for task_id in task_ids or []}
+    return {
+        "pid": _main[0] if _main else None,
+        "started_at": _main[1].isoformat() if _main else None,
+        "ended": {
+            task_id: {"how": e.how, "pool_pid": e.pool_pid, "detail": e.detail}
+            for task_id, e in ended.items()
+            if e is not None
+        },
+    }
+
+
+def node_report(reply: Any) -> NodeReport:
+    """A node's reply, read defensively: anything else (an error, as from a worker that does not
+    know the command) is an answer without an identity."""
+    unknown = NodeReport(pid=None, started_at=None, ended={})
+    if not isinstance(reply, dict) or "error" in reply:
+        return unknown
+    try:
+        pid = int(reply["pid"]) if reply.get("pid") is not None else None
+        started_at = dt.datetime.fromisoformat(reply["started_at"]) if reply.get("started_at") else None
+        ended = {
+            str(task_id): Ending(
+                how=str(e["how"]),
+                pool_pid=int(e["pool_pid"]) if e.get("pool_pid") is not None else None,
+                detail=str(e.get("detail") or ""),
+            )
+            for task_id, e in (reply.get("ended") or {}).items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError):
+        logger.warning("unreadable %s reply: %r", PROCESS_COMMAND, reply)
+        return unknown
+    if pid is None or started_at is None:
+        return NodeReport(pid=None, started_at=None, ended=ended)
+    return NodeReport(pid=pid, started_at=started_at, ended=ended)
+
+
+def workers_ask(hostnames: set[str], task_ids: set[str], *, timeout: float = 1.0) -> dict[str, list[NodeReport]]:
+    """Ask the named worker nodes, in one broadcast, which process each is and how the given
+    tasks ended there. Returns node name -> its answers (more than one if several processes
+    run under one name); a node that did not answer within `timeout` is absent, and so is
+    every node when the broker cannot be reached."""
+    if not hostnames:
+        return {}
+    from config.celery import app
+
+    try:
+        replies = app.control.broadcast(
+            PROCESS_COMMAND,
+            arguments={"task_ids": sorted(task_ids)},
+            destination=sorted(hostnames),
+            reply=True,
+            timeout=timeout,
+        )
+    except Exception:  # the broker unreachable, say: every node is as good as silent
+        logger.warning("%s broadcast failed", PROCESS_COMMAND, exc_info=True)
+        return {}
+    answers: dict[str, list[NodeReport]] = {}
+    for reply in replies or []:
+        for name, body in reply.items():
+            answers.setdefault(name, []).append(node_report(body))
+    return answers

@@ -1,0 +1,117 @@
+"""How the reaper tells a hard time-out from lost work, from what the attempt recorded and its
+worker node answered (the real workers: test_engine.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from orchestration.models import TaskAttempt
+from orchestration.services.dispatch import hard_limit_seconds
+from orchestration.services.reaper import attempt_verdict
+from orchestration.workers import HARD_TIMEOUT, POOL_PROCESS_LOST, Ending, NodeReport, node_report
+
+NODE = "celery@host"
+STARTED = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
+TASK_ID = "5b0c6a3e-task"
+LIMIT = hard_limit_seconds(60)
+
+
+def attempt(**fields: object) -> TaskAttempt:
+    recorded = {"worker_pid": 7, "worker_started_at": STARTED, "pool_pid": 11}
+    return TaskAttempt(worker=NODE, celery_task_id=TASK_ID, timeout_seconds=60, **{**recorded, **fields})
+
+
+def answer(pid: int | None = 7, started_at: dt.datetime | None = STARTED, **ended: Ending) -> dict:
+    return {NODE: [NodeReport(pid=pid, started_at=started_at, ended=ended)]}
+
+
+def verdict(a: TaskAttempt, answers: dict) -> tuple[bool, str]:
+    v = attempt_verdict(a, answers)
+    return v.hard_timeout, v.error
+
+
+def test_a_silent_node_lost_the_attempt():
+    assert verdict(attempt(), {}) == (
+        False,
+        f"worker {NODE} stopped answering; attempt abandoned past its {LIMIT} s limit",
+    )
+
+
+@pytest.mark.parametrize("pid", [9, 7], ids=["new-pid", "pid-reused"])
+def test_another_process_answering_for_the_name_lost_the_attempt(pid):
+    """Restarted under the same name, in a container often with the same pid: its start time differs."""
+    later = STARTED + dt.timedelta(minutes=3)
+    assert verdict(attempt(), answer(pid=pid, started_at=later)) == (
+        False,
+        f"worker {NODE} was restarted: the process that ran the attempt (pid 7, started 2026-01-02 03:04:05 UTC) "
+        f"is gone, pid {pid} answers now; attempt abandoned past its {LIMIT} s limit",
+    )
+
+
+def test_the_same_process_that_killed_its_pool_process_at_the_limit_timed_it_out():
+    killed = Ending(how=HARD_TIMEOUT, pool_pid=11, detail="hard time limit 61 s")
+    assert verdict(attempt(), answer(**{TASK_ID: killed})) == (
+        True,
+        f"hard time limit of {LIMIT} s exceeded (worker {NODE} killed its pool process 11)",
+    )
+
+
+def test_the_same_process_whose_pool_process_died_lost_the_attempt():
+    died = Ending(how=POOL_PROCESS_LOST, pool_pid=11, detail="Worker exited prematurely: signal 9 (SIGKILL) Job: 0.")
+    hard_timeout, error = verdict(attempt(), answer(**{TASK_ID: died}))
+    assert not hard_timeout
+    assert error.startswith(f"pool process 11 of worker {NODE} died (Worker exited prematurely: signal 9 (SIGKILL)")
+
+
+@pytest.mark.parametrize(
+    ("recorded", "answered"),
+    [
+        ({"worker_pid": None, "worker_started_at": None, "pool_pid": None}, answer()),
+        ({}, {NODE: [node_report({"error": "KeyError('agentledger_process')"})]}),
+        ({}, answer()),
+        ({}, answer(**{TASK_ID: Ending(how=POOL_PROCESS_LOST, pool_pid=12, detail="an earlier delivery")})),
+    ],
+    ids=["attempt-from-before", "worker-from-before", "ending-forgotten", "ending-of-another-delivery"],
+)
+def test_a_live_worker_that_cannot_say_more_is_presumed_to_have_hit_the_hard_limit(recorded, answered):
+    assert verdict(attempt(**recorded), answered) == (True, f"hard time limit of {LIMIT} s exceeded (process killed)")
+
+
+def test_a_reply_is_read_with_its_start_time_to_the_microsecond():
+    report = node_report(
+        {
+            "pid": 7,
+            "started_at": STARTED.isoformat(),
+            "ended": {TASK_ID: {"how": HARD_TIMEOUT, "pool_pid": 11, "detail": "hard time limit 61 s"}},
+        }
+    )
+    assert report == NodeReport(
+        pid=7, started_at=STARTED, ended={TASK_ID: Ending(how=HARD_TIMEOUT, pool_pid=11, detail="hard time limit 61 s")}
+    )
+    assert node_report({"pid": "x", "started_at": "not a time"}) == NodeReport(pid=None, started_at=None, ended={})
+
+
+def test_a_process_that_exited_is_told_from_a_live_one_zombie_included():
+    """What the worker's main process checks when the hard limit of a task comes: is the pool
+    process still there to kill, or had it died under the task (a zombie until reaped)."""
+    import os
+    import time
+
+    from orchestration.workers import process_exited
+
+    assert not process_exited(os.getpid())
+    assert not process_exited(None)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        for _ in range(200):  # the child exits at once; not yet reaped, it is a zombie
+            if process_exited(pid):
+                break
+            time.sleep(0.01)
+        assert process_exited(pid)
+    finally:
+        os.waitpid(pid, 0)
+    assert process_exited(pid)  # reaped: gone
