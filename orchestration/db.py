@@ -30,12 +30,19 @@ def atomic_with_retry(fn: Any, *, attempts: int = 8) -> Any:
     import random
     import time
 
-    from django.db import OperationalError, transaction
+    from django.db import NotSupportedError, OperationalError, connection, transaction
 
+    outermost = not connection.in_atomic_block
     for attempt in range(1, attempts + 1):
         try:
             with transaction.atomic():
                 return fn()
+        except NotSupportedError as exc:
+            # A prepared statement refused after a migration (plan_changed): its connection is
+            # closed; the transaction runs again on a new one, unless an outer one is open.
+            if not outermost or attempt == attempts or not plan_changed(exc):
+                raise
+            connection.close()
         except OperationalError as exc:
             sqlstate = getattr(exc.__cause__, "sqlstate", None)
             if sqlstate not in ("40P01", "40001") or attempt == attempts:
@@ -43,6 +50,17 @@ def atomic_with_retry(fn: Any, *, attempts: int = 8) -> Any:
             backoff = min(RETRY_BACKOFF_FIRST_SECONDS * 2 ** (attempt - 1), RETRY_BACKOFF_MAX_SECONDS)
             time.sleep(backoff * random.uniform(0.5, 1.5))  # noqa: S311 - jitter, not a secret
     raise AssertionError("unreachable")
+
+
+def plan_changed(exc: BaseException) -> bool:
+    """Whether `exc` (Django's error or psycopg's) is PostgreSQL refusing a prepared statement
+    because a migration changed the shape of the rows it returns ("cached plan must not change
+    result type"). prepared_cursor has then closed the connection; the statement can run again
+    on a new one, which prepares it afresh."""
+    cause = exc if isinstance(exc, psycopg.Error) else exc.__cause__
+    return (
+        isinstance(cause, psycopg.errors.FeatureNotSupported) and cause.diag.source_function == "RevalidateCachedQuery"
+    )
 
 
 def atomic_retried(fn: Any) -> Any:
@@ -120,6 +138,7 @@ def prepared_cursor(connection: Any) -> Iterator[psycopg.Cursor]:
             # a column the statement returns (a migration). psycopg keeps the statement and
             # the connection stays usable, so it would fail the same way until it expires:
             # close it, and Django replaces it as a failed connection (a pool discards it).
-            if exc.diag.source_function == "RevalidateCachedQuery":
+            # The worker's statements run again at once (execute_prepared, atomic_with_retry).
+            if plan_changed(exc):
                 raw.close()
             raise

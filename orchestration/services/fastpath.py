@@ -19,11 +19,11 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, OperationalError, connection, models
+from django.db import DEFAULT_DB_ALIAS, NotSupportedError, OperationalError, connection, models
 from django.db.models.expressions import DatabaseDefault
 from django.db.models.fields import NOT_PROVIDED
 
-from orchestration.db import prepared_cursor
+from orchestration.db import plan_changed, prepared_cursor
 from orchestration.ids import new_id
 from orchestration.models import Agent, TaskAttempt
 from orchestration.workers import WorkerProcess, attempt_fields
@@ -205,9 +205,19 @@ def execute_prepared(sql: str, params: dict[str, Any] | list[Any]) -> list[tuple
     # No pipeline mode: it would send the BEGIN with the statement, but psycopg's pipeline
     # costs more per statement (client and server CPU, and wall time) than the round trip
     # it saves.
-    with prepared_cursor(connection) as cursor:
-        cursor.execute(sql, params, prepare=True)
-        return cursor.fetchall()
+    # A statement refused because a migration changed the shape of its rows (a worker running
+    # across a deploy) runs again once on a new connection, outside a transaction; inside one,
+    # atomic_with_retry runs the whole transaction again.
+    for first_try in (True, False):
+        try:
+            with prepared_cursor(connection) as cursor:
+                cursor.execute(sql, params, prepare=True)
+                return cursor.fetchall()
+        except NotSupportedError as exc:
+            if not first_try or connection.in_atomic_block or not plan_changed(exc):
+                raise
+            connection.close()
+    raise AssertionError("unreachable")
 
 
 PASSED_AS_IS = frozenset(

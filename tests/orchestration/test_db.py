@@ -91,3 +91,66 @@ def test_retries_end_with_the_error_and_other_errors_are_not_retried(monkeypatch
     with pytest.raises(OperationalError):
         atomic_with_retry(lambda: always(psycopg.errors.LockNotAvailable))
     assert len(tries) == 1
+
+
+@pytest.fixture
+def reshaped_table(transactional_db):
+    """A table, and a function that changes the shape of its rows from another session, as a
+    migration deployed while workers run does (ADD COLUMN, ALTER COLUMN TYPE)."""
+    from tests.pg import other_connection
+
+    other = other_connection()
+    other.execute("CREATE TABLE probe_reshaped (id integer PRIMARY KEY, label varchar(10))")
+    other.execute("INSERT INTO probe_reshaped VALUES (1, 'a')")
+    try:
+        yield lambda sql: other.execute(sql)
+    finally:
+        connection.close()
+        other.execute("DROP TABLE probe_reshaped")
+        other.close()
+
+
+SELECT_RESHAPED = "SELECT * FROM probe_reshaped WHERE id = %s"
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["ALTER TABLE probe_reshaped ADD COLUMN extra integer", "ALTER TABLE probe_reshaped ALTER label TYPE text"],
+)
+def test_a_prepared_statement_whose_rows_a_migration_reshaped_runs_again_on_a_new_connection(reshaped_table, change):
+    """PostgreSQL refuses a prepared statement whose result's shape changed ("cached plan must
+    not change result type"), on every connection that prepared it: a worker's claim or
+    completion failed once per connection, and a completion lost so ran its agent again. Now
+    the statement runs again on a new connection (outside a transaction), and a transaction
+    through atomic_with_retry again as a whole."""
+    from orchestration.services.fastpath import execute_prepared
+
+    assert execute_prepared(SELECT_RESHAPED, [1]) == [(1, "a")]
+    pid = connection.connection.info.backend_pid
+    reshaped_table(change)
+    rows = execute_prepared(SELECT_RESHAPED, [1])
+    assert rows[0][:2] == (1, "a")
+    assert connection.connection.info.backend_pid != pid
+
+    pid = connection.connection.info.backend_pid
+    reshaped_table("ALTER TABLE probe_reshaped ADD COLUMN later integer")
+    tries = []
+
+    def transaction() -> list:
+        tries.append(1)
+        return execute_prepared(SELECT_RESHAPED, [1])
+
+    assert atomic_with_retry(transaction)[0][:2] == (1, "a")
+    assert len(tries) == 2 and connection.connection.info.backend_pid != pid
+
+
+def test_inside_an_outer_transaction_the_reshaped_statement_fails_as_before(reshaped_table):
+    """No retry where a caller's transaction is open: its work is gone with the connection."""
+    from django.db import NotSupportedError, transaction
+
+    from orchestration.services.fastpath import execute_prepared
+
+    execute_prepared(SELECT_RESHAPED, [1])
+    reshaped_table("ALTER TABLE probe_reshaped ADD COLUMN extra integer")
+    with pytest.raises(NotSupportedError, match="cached plan must not change result type"), transaction.atomic():
+        atomic_with_retry(lambda: execute_prepared(SELECT_RESHAPED, [1]))
