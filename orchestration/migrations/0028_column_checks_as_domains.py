@@ -1,15 +1,23 @@
 """The CHECK constraints of single columns of the tables written for every attempt (workflows,
 task_executions, task_attempts, events) move into domains, the columns' types on PostgreSQL
 (orchestration.models.base.DomainCheck): PostgreSQL re-reads and re-plans every table CHECK for
-each INSERT or UPDATE statement, a domain's checks once per session. Same names, same conditions;
-SQLite's tables are left as they are (the same table CHECKs; rebuilding four tables there would
-change nothing but drop and reinstall their rules). attempt_number and delivery_count become plain integer fields, their
-checks (>= 1, >= 0) named constraints: PositiveIntegerField added a table CHECK of its own.
+each INSERT or UPDATE statement, a domain's checks once per session. Same names, same
+conditions; SQLite's tables are left as they are (the same table CHECKs; rebuilding four tables
+there would change nothing but drop and reinstall their rules). attempt_number and
+delivery_count become plain integer fields, their checks (>= 1, >= 0) named constraints:
+PositiveIntegerField added a table CHECK of its own.
 
-On PostgreSQL nothing is rewritten and no index rebuilt (a domain over the column's own type);
-adding each domain's check reads the table once, inside the migration's transaction, so writers
-to the four tables wait for it. Reversed, the table CHECKs come back and the columns keep their
-(then unconstrained) domains as types.
+On PostgreSQL no table is rewritten (a domain over the column's own type), but the migration
+holds an exclusive lock on each of the four tables from its first change of it until it
+commits: readers wait too. In that time each domain's check reads its table once, the partial
+index on events.severity is rebuilt, and each column that had planner statistics is analyzed
+again (ALTER COLUMN TYPE drops them). A review measured about 2 s of waiting for a read with
+3 million events; plan the migration for a quiet moment on a large events table. Workers
+running across it fail one claim or completion per connection whose prepared statement
+returns these tables' rows, and retry it (orchestration.db.prepared_cursor).
+
+Reversed, the table CHECKs come back and the columns keep their (then unconstrained) domains as
+types.
 """
 
 from django.conf import settings

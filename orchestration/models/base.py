@@ -48,9 +48,13 @@ class DomainCheck(models.CheckConstraint):
     The domain stays when the constraint is removed (the column keeps it as its type, without
     the check), so changing the condition (Django removes, then adds) swaps the domain's check
     and neither rewrites the table nor rebuilds its indexes; the added check scans the rows,
-    as a table CHECK does. A later AlterField that changes the column's type would replace the
-    domain by Django's type and drop the check with it: tests/orchestration/test_schema.py
-    fails then.
+    as a table CHECK does. A later AlterField that changes the column's type alone would
+    replace the domain by Django's type and drop the check with it: tests/orchestration/
+    test_schema.py fails then. Changed together with the condition (RemoveConstraint,
+    AlterField, AddConstraint, as makemigrations orders them), the added check makes the domain
+    again over the new type. Giving an existing column its domain (ALTER COLUMN TYPE) rebuilds
+    the partial and expression indexes that name the column, and drops its statistics (the
+    column is analyzed again).
     """
 
     def __init__(self, *, field: str, condition: Any, name: str, **kwargs: Any) -> None:
@@ -72,18 +76,34 @@ class DomainCheck(models.CheckConstraint):
         domain = self.domain_name(model)
         table, column = model._meta.db_table, field.column
         base = field.db_parameters(schema_editor.connection)["type"]
-        q = schema_editor.quote_name
-        # The domain and the column's type only if not there yet (a condition changed: the
-        # check alone is replaced). Only the model's own names go in, quoted by Django.
-        ensure = f"""DO $domain$ BEGIN
-            IF to_regtype({schema_editor.quote_value(q(domain))}) IS NULL THEN
-                CREATE DOMAIN {q(domain)} AS {base};
-            END IF;
+        q, value = schema_editor.quote_name, schema_editor.quote_value
+        # Unless the column already has the domain as its type (a condition changed: the check
+        # alone is replaced), the domain is made anew over the column's type: the table is new,
+        # Django changed the column's type (an AlterField in the same migration, such as a
+        # longer max_length: the old domain would take the column back to its old type), or a
+        # dropped table left the domain behind with its checks. DROP DOMAIN fails if another
+        # column has it or the name is another kind of type. ALTER COLUMN TYPE drops the
+        # column's planner statistics: a column that had some is analyzed again. Only the
+        # model's own names go in, quoted by Django.
+        ensure = f"""DO $domain$
+        DECLARE
+            analyzed boolean;
+        BEGIN
             IF (SELECT atttypid FROM pg_attribute
-                WHERE attrelid = {schema_editor.quote_value(q(table))}::regclass
-                AND attname = {schema_editor.quote_value(column)}) <> {schema_editor.quote_value(q(domain))}::regtype
+                WHERE attrelid = {value(q(table))}::regclass AND attname = {value(column)})
+                IS DISTINCT FROM to_regtype({value(q(domain))})
             THEN
+                DROP DOMAIN IF EXISTS {q(domain)};
+                CREATE DOMAIN {q(domain)} AS {base};
+                analyzed := EXISTS (
+                    SELECT FROM pg_stats s
+                    JOIN pg_namespace n ON n.nspname = s.schemaname
+                    JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = s.tablename
+                    WHERE c.oid = {value(q(table))}::regclass AND s.attname = {value(column)});
                 ALTER TABLE {q(table)} ALTER COLUMN {q(column)} TYPE {q(domain)};
+                IF analyzed THEN
+                    ANALYZE {q(table)} ({q(column)});
+                END IF;
             END IF;
         END $domain$"""  # noqa: S608 (names from the model, quoted)
         check = self._domain_check_sql(model, schema_editor)
@@ -93,8 +113,9 @@ class DomainCheck(models.CheckConstraint):
         if schema_editor.connection.vendor != "postgresql":
             return super().constraint_sql(model, schema_editor)
         # Inside CREATE TABLE: the domain becomes the column's type once the table exists.
-        # (Deferred statements are run with parameters: a literal % is written %%.)
-        schema_editor.deferred_sql.extend(sql.replace("%", "%%") for sql in self._domain_sql(model, schema_editor))
+        # Django runs deferred statements without parameters (execute(sql, None)), as it runs
+        # create_sql: a literal % stays as it is.
+        schema_editor.deferred_sql.extend(self._domain_sql(model, schema_editor))
         return None
 
     def create_sql(self, model: Any, schema_editor: Any) -> Any:

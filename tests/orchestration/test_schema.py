@@ -443,10 +443,19 @@ def test_a_domain_check_is_its_columns_type_and_holds_its_check(model: type[mode
             [check.name, model._meta.db_table, column],
         )
         column_type, domain_checks, table_checks = cursor.fetchone()
+        # What the column holds (a domain is described by its base type and length, precision
+        # and scale) against what the field declares: a domain made for an older max_length.
+        quote = connection.ops.quote_name
+        field_type = model._meta.get_field(check.field).db_type(connection)
+        cursor.execute(
+            f"SELECT {quote(column)}, NULL::{field_type} FROM {quote(model._meta.db_table)} LIMIT 0"  # noqa: S608
+        )
+        held, declared = ((c.type_code, c.display_size, c.precision, c.scale) for c in cursor.description)
 
     assert column_type == check.domain_name(model)
     assert domain_checks == [f"{check.name}:true"]
     assert table_checks == 0
+    assert held == declared
 
 
 def test_the_hot_tables_keep_few_table_checks() -> None:
@@ -538,3 +547,151 @@ def test_a_domain_check_names_only_its_own_column() -> None:
         connection.schema_editor() as editor,
     ):
         editor.create_model(Pair)
+
+
+@isolate_apps("orchestration")
+def test_a_domain_check_created_with_its_table_keeps_a_percent_sign() -> None:
+    """The domain and its check are deferred statements of CREATE TABLE, which Django runs
+    without parameters: a % in the condition is written once."""
+
+    class Rate(models.Model):
+        label = models.CharField(max_length=10)
+
+        class Meta:
+            app_label = "orchestration"
+            db_table = "probe_domain_percent"
+            constraints = [
+                DomainCheck(field="label", condition=models.Q(label__in=["50%", "100%"]), name="probe_label_valid")
+            ]
+
+        def __str__(self) -> str:
+            return self.label
+
+    with connection.schema_editor() as editor:
+        editor.create_model(Rate)
+    Rate.objects.create(label="50%")
+    with pytest.raises(IntegrityError) as raised, transaction.atomic():
+        Rate.objects.create(label="50%%")
+    assert violated_constraint(raised.value) == "probe_label_valid"
+
+
+def _column_and_domain_types(table: str, column: str) -> tuple[str, str | None]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT format_type(a.atttypid, a.atttypmod), format_type(t.typbasetype, t.typtypmod) "
+            "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+            "WHERE a.attrelid = %s::regclass AND a.attname = %s",
+            [table, column],
+        )
+        return cursor.fetchone()
+
+
+@isolate_apps("orchestration")
+def test_a_domain_check_whose_condition_and_length_change_together() -> None:
+    """A migration that adds a choice and widens the column (RemoveConstraint, AlterField,
+    AddConstraint, as makemigrations writes it): the column ends with the new length, in its
+    domain, under the new check."""
+
+    class Probe(models.Model):
+        state = models.CharField(max_length=10)
+
+        class Meta:
+            app_label = "orchestration"
+            db_table = "probe_domain_widened"
+            constraints = [DomainCheck(field="state", condition=models.Q(state__in=["a", "b"]), name="probe_state_ok")]
+
+        def __str__(self) -> str:
+            return self.state
+
+    class Widened(models.Model):  # the same table, as the migration's new state has it
+        state = models.CharField(max_length=30)
+
+        class Meta:
+            app_label = "orchestration"
+            db_table = "probe_domain_widened"
+            constraints = [
+                DomainCheck(field="state", condition=models.Q(state__in=["a", "b", "a" * 25]), name="probe_state_ok")
+            ]
+
+        def __str__(self) -> str:
+            return self.state
+
+    with connection.schema_editor() as editor:
+        editor.create_model(Probe)
+    Probe.objects.create(state="a")
+    with connection.schema_editor() as editor:
+        editor.remove_constraint(Probe, Probe._meta.constraints[0])
+        editor.alter_field(Probe, Probe._meta.get_field("state"), Widened._meta.get_field("state"), strict=True)
+        editor.add_constraint(Widened, Widened._meta.constraints[0])
+
+    assert _column_and_domain_types("probe_domain_widened", "state") == (
+        "probe_domain_widened_state",
+        "character varying(30)",
+    )
+    Widened.objects.create(state="a" * 25)
+    with pytest.raises(IntegrityError) as raised, transaction.atomic():
+        Widened.objects.create(state="c")
+    assert violated_constraint(raised.value) == "probe_state_ok"
+
+
+@isolate_apps("orchestration")
+def test_a_domain_check_on_a_table_dropped_and_created_again() -> None:
+    """DROP TABLE leaves the domain, with its check: a table created again (a migration
+    reversed past its CreateModel and applied again) gets its domain and check anew."""
+
+    class Probe(models.Model):
+        state = models.CharField(max_length=10)
+
+        class Meta:
+            app_label = "orchestration"
+            db_table = "probe_domain_again"
+            constraints = [DomainCheck(field="state", condition=models.Q(state__in=["a"]), name="probe_again_ok")]
+
+        def __str__(self) -> str:
+            return self.state
+
+    with connection.schema_editor() as editor:
+        editor.create_model(Probe)
+    with connection.schema_editor() as editor:
+        editor.delete_model(Probe)
+    with connection.schema_editor() as editor:
+        editor.create_model(Probe)
+    Probe.objects.create(state="a")
+    with pytest.raises(IntegrityError) as raised, transaction.atomic():
+        Probe.objects.create(state="b")
+    assert violated_constraint(raised.value) == "probe_again_ok"
+
+
+@isolate_apps("orchestration")
+def test_a_domain_check_added_to_an_analyzed_table_keeps_the_columns_statistics() -> None:
+    """ALTER COLUMN TYPE drops the column's planner statistics; an existing table's column
+    that becomes its domain is analyzed again (autovacuum would wait for enough changed rows)."""
+
+    class Probe(models.Model):
+        state = models.CharField(max_length=10)
+
+        class Meta:
+            app_label = "orchestration"
+            db_table = "probe_domain_statistics"
+
+        def __str__(self) -> str:
+            return self.state
+
+    with connection.schema_editor() as editor:
+        editor.create_model(Probe)
+    Probe.objects.bulk_create([Probe(state="a" if i % 10 else "b") for i in range(200)])
+
+    def statistics() -> list[str]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT attname FROM pg_stats WHERE tablename = 'probe_domain_statistics' ORDER BY 1")
+            return [row[0] for row in cursor.fetchall()]
+
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE probe_domain_statistics")
+    assert statistics() == ["id", "state"]
+    with connection.schema_editor() as editor:
+        editor.add_constraint(
+            Probe, DomainCheck(field="state", condition=models.Q(state__in=["a", "b"]), name="probe_stats_ok")
+        )
+    assert _column_and_domain_types("probe_domain_statistics", "state")[0] == "probe_domain_statistics_state"
+    assert statistics() == ["id", "state"]
