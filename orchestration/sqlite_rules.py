@@ -21,7 +21,7 @@ UPDATED_AT_TABLES = {
 # The task_attempts columns the finished-attempt rule keeps: every one but the key and
 # updated_at (the updated_at trigger may still touch a row that has just been finished). Read
 # from the table when the rule is installed: a migration that installs it sees the columns of
-# its own time, and one that adds a column installs the rule again (0028).
+# its own time, and one that adds a column installs the rule again (0029).
 ATTEMPT_COLUMNS_NOT_KEPT = ("id", "updated_at")
 
 USAGE_COLUMNS = ("input_tokens", "output_tokens", "tokens_used", "cost_usd")

@@ -724,13 +724,33 @@ def _attempt_run(
     if conversation is not None:
         task_input = {**task_input, "messages": conversation.history}
     started = time.monotonic()
+    result: AgentResult | None = None
+    agent_error: BaseException | None = None
     try:
-        # A soft limit that fired during the claim (held off, the claim committed) is raised
-        # here, before the agent starts, and recorded below as if the agent had hit it.
-        with limit.released():
-            if conversation is not None and conversation.missing:
-                raise PermanentError(f"the message {conversation.message_id!r} this task answers no longer exists")
-            result = agent_execute(agent=claim.agent, task_input=task_input, context=context)
+        try:
+            # A soft limit that fired during the claim (held off, the claim committed) is raised
+            # here, before the agent starts, and recorded below as if the agent had hit it.
+            with limit.released():
+                if conversation is not None and conversation.missing:
+                    raise PermanentError(f"the message {conversation.message_id!r} this task answers no longer exists")
+                try:
+                    result = agent_execute(agent=claim.agent, task_input=task_input, context=context)
+                except BaseException as raised:
+                    agent_error = raised
+                    raise
+        except SoftTimeLimitExceeded as late:
+            if late is agent_error or (result is None and agent_error is None):
+                raise  # it interrupted the agent, or fired during the claim
+            # It fired once the agent had ended, before released() did (Python runs the handler
+            # at its next check point: the context manager's exit): nothing was left to
+            # interrupt. The agent's own outcome stands, with the usage it reported.
+            logger.warning(
+                "attempt %s of %s: the soft time limit fired as the agent ended; its outcome is kept",
+                claim.attempt.attempt_number,
+                execution_id,
+            )
+        if agent_error is not None:
+            raise agent_error
     except BaseException as exc:
         if not isinstance(exc, Exception | SoftTimeLimitExceeded):
             raise  # SystemExit, KeyboardInterrupt: the worker is going away; the reaper closes it
@@ -766,6 +786,7 @@ def _attempt_run(
             recorded=recorded,
         )
         return Outcome.FAILED
+    assert result is not None
     duration_ms = (time.monotonic() - started) * 1000
     result.usage = result.usage + context.spend
     also = _turn_writer(context, claim.attempt, output=result.output, error=None, usage=result.usage)

@@ -58,7 +58,8 @@ def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) 
     - no answer: the worker is gone: lost;
     - another process answers for the name (a restart, under systemd or Kubernetes): lost;
     - the same process says its pool process died under the attempt (the OOM killer; its
-      message went back to the queue and waits there): lost;
+      message went back to the queue, or, when the hard limit came before the pool noticed
+      the death, was acknowledged): lost;
     - otherwise the worker lives on and, as it says or as is presumed when it cannot say (its
       ending forgotten, or the attempt or the worker from before processes were recorded),
       killed the attempt at its hard limit: timed_out (hard_timeout).

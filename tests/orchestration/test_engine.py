@@ -418,7 +418,9 @@ def test_a_pool_process_killed_in_a_live_worker_is_lost_when_the_reaper_closes_i
     t = task(wf, "victim")
     assert (t.status, t.retry_count) == (T.RETRYING, 1)
     assert "task_lost" in event_types(t.execution_id)
-    assert task(blocker, "blocker").status == T.RUNNING  # what the redelivered message waits behind
+    # what the redelivered message waits behind: it reaches the process that replaces the killed
+    # one, which may still be starting when the reaper has closed the attempt (a loaded host)
+    wait_for(lambda: task(blocker, "blocker").status == T.RUNNING, timeout=10, what="the blocker to start")
     worker.kill()
 
 
