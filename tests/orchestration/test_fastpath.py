@@ -345,27 +345,3 @@ def test_a_claim_of_the_only_task_or_with_pending_tasks_is_not_standalone(commit
     assert claim.standalone is False
     (only,) = _claimed(["only"]).values()
     assert only.standalone is False  # its completion finishes the workflow: the transaction does
-
-
-def test_a_statement_whose_result_type_changed_is_refused_once_then_prepared_again(persistent_connection):
-    """Another session changes the type of a column a prepared statement returns (a
-    migration): PostgreSQL refuses it on the connection that prepared it; that connection is
-    closed, so Django replaces it (here at the end of the task) instead of keeping a usable
-    connection that fails the same way on every statement until it expires."""
-    from django.db import NotSupportedError, close_old_connections
-
-    from tests.pg import other_connection
-
-    with other_connection() as other:
-        other.execute("CREATE TABLE fastpath_probe_typed (s varchar(5))")
-        try:
-            sql = "SELECT s FROM fastpath_probe_typed WHERE s = %s"
-            assert execute_prepared(sql, ["a"]) == []
-            other.execute("ALTER TABLE fastpath_probe_typed ALTER COLUMN s TYPE varchar(6)")
-            with pytest.raises(NotSupportedError):
-                execute_prepared(sql, ["a"])  # outside a transaction: no rollback clears it
-            close_old_connections()  # what Django runs between requests and Celery between tasks
-            assert execute_prepared(sql, ["a"]) == []
-        finally:
-            connection.close()
-            other.execute("DROP TABLE fastpath_probe_typed")
