@@ -16,6 +16,15 @@ def builtin_agents(db: None) -> None:
 
 
 @pytest.fixture
+def committed(transactional_db: None) -> Iterator[None]:
+    """Committed data, a clean broker and the built-in agents, for a task run in-process."""
+    flush_redis()
+    call_command("load_agents", stdout=io.StringIO())
+    yield
+    flush_redis()
+
+
+@pytest.fixture
 def engine(transactional_db: None, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     """Committed data (the workers read it from other processes), a clean broker, the built-in
     agents, and a factory for real worker processes that are stopped after the test."""

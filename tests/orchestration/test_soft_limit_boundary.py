@@ -9,7 +9,6 @@ handler is installed on SIGUSR1 as in a pool child, and the signal is sent at th
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 from collections.abc import Iterator
@@ -18,7 +17,6 @@ from decimal import Decimal
 
 import pytest
 from billiard.pool import soft_timeout_sighandler
-from django.core.management import call_command
 
 from orchestration.errors import RetryableError
 from orchestration.models import TaskAttempt, TaskExecution
@@ -26,16 +24,7 @@ from orchestration.runtime.context import AgentResult, Usage
 from orchestration.services import execution
 from orchestration.services.execution import Outcome, attempt_run
 from orchestration.soft_limit import SoftLimit
-from tests.engine import flush_redis
 from tests.orchestration.test_engine import submit, task
-
-
-@pytest.fixture
-def committed(transactional_db):
-    flush_redis()
-    call_command("load_agents", stdout=io.StringIO())
-    yield
-    flush_redis()
 
 
 @pytest.fixture

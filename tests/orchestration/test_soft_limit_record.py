@@ -14,25 +14,13 @@ import time
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
-from django.core.management import call_command
 from django.db import connection
 
 from orchestration.models import TaskAttempt, TaskExecution, Workflow
 from orchestration.services.execution import Claim, Outcome, attempt_claim, attempt_run
-from tests.engine import flush_redis
 from tests.orchestration.test_engine import submit, task
 from tests.orchestration.test_lock_races import waiting_on_lock
 from tests.pg import other_connection
-
-
-@pytest.fixture
-def committed(transactional_db):
-    import io
-
-    flush_redis()
-    call_command("load_agents", stdout=io.StringIO())
-    yield
-    flush_redis()
 
 
 def _raise_soft_limit(signum, frame):
