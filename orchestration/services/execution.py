@@ -770,12 +770,7 @@ def _attempt_run(
         usage = usage + context.spend
         error = storable_text("timed out" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}")
         also = _turn_writer(context, claim.attempt, output=None, error=error, usage=usage)
-        now = timezone.now()
-        recorded = _record_through_soft_limit(
-            functools.partial(
-                attempt_fail, attempt=claim.attempt, exc=exc, duration_ms=duration_ms, now=now, usage=usage, also=also
-            )
-        )
+        recorded = _fail_recorded(claim.attempt, exc, duration_ms=duration_ms, usage=usage, also=also)
         attempt_finished(
             attempt=claim.attempt,
             agent_id=claim.agent.id,
@@ -813,18 +808,7 @@ def _attempt_run(
         logger.exception("attempt %s of %s: its result could not be stored", claim.attempt.attempt_number, execution_id)
         failure = PermanentError(f"the agent's result could not be stored: {type(exc).__name__}: {exc}")
         also = _turn_writer(context, claim.attempt, output=None, error=storable_text(str(failure)), usage=result.usage)
-        now = timezone.now()
-        recorded = _record_through_soft_limit(
-            functools.partial(
-                attempt_fail,
-                attempt=claim.attempt,
-                exc=failure,
-                duration_ms=duration_ms,
-                now=now,
-                usage=result.usage,
-                also=also,
-            )
-        )
+        recorded = _fail_recorded(claim.attempt, failure, duration_ms=duration_ms, usage=result.usage, also=also)
         outcome = Outcome.FAILED
     attempt_finished(
         attempt=claim.attempt,
@@ -836,6 +820,23 @@ def _attempt_run(
         recorded=recorded,
     )
     return outcome
+
+
+def _fail_recorded(
+    attempt: TaskAttempt, exc: BaseException, *, duration_ms: float, usage: Usage, also: Callable[[], object] | None
+) -> bool:
+    """attempt_fail, through the soft limit (_record_through_soft_limit)."""
+    return _record_through_soft_limit(
+        functools.partial(
+            attempt_fail,
+            attempt=attempt,
+            exc=exc,
+            duration_ms=duration_ms,
+            now=timezone.now(),
+            usage=usage,
+            also=also,
+        )
+    )
 
 
 def _record_through_soft_limit(
