@@ -16,6 +16,7 @@ from rest_framework.renderers import JSONRenderer
 from orchestration.api.serializers import FastReadMixin, TaskSerializer, WorkflowDetailSerializer
 from orchestration.models import Event, TaskExecution, Workflow
 from tests.api.conftest import SPEC
+from tests.factories import TaskAttemptFactory
 
 PROBLEM = "application/problem+json"
 
@@ -129,6 +130,31 @@ def test_task_cancel_and_retry(callers, submit):
     retried = client.post(f"/api/v1/tasks/{task.pk}/retry/")
     assert retried.status_code == 202 and retried.json()["status"] == "queued"
     assert client.post(f"/api/v1/tasks/{task.pk}/retry/").status_code == 409
+
+
+def test_a_task_shows_each_attempt_with_the_worker_process_that_ran_it(callers, submit):
+    """The process identity the reaper decides by (worker_pid, worker_started_at, pool_pid) is
+    part of the record a client reads, not only the console's."""
+    client = callers["developer"].client
+    task = TaskExecution.objects.get(workflow_id=submit(callers["developer"]).json()["workflow_id"])
+    started = timezone.now() - dt.timedelta(hours=1)
+    TaskAttemptFactory(
+        execution=task,
+        attempt_number=1,
+        failed=True,
+        worker="w1@host",
+        worker_pid=4242,
+        worker_started_at=started,
+        pool_pid=4250,
+    )
+    TaskAttemptFactory(execution=task, attempt_number=2, worker="w2@host")  # recorded by an older worker
+    attempts = client.get(f"/api/v1/tasks/{task.pk}/").json()["attempts"]
+    assert [(a["attempt_number"], a["worker"], a["worker_pid"], a["pool_pid"]) for a in attempts] == [
+        (1, "w1@host", 4242, 4250),
+        (2, "w2@host", None, None),
+    ]
+    assert dt.datetime.fromisoformat(attempts[0]["worker_started_at"]) == started
+    assert attempts[1]["worker_started_at"] is None
 
 
 def test_list_filters_by_status_and_rejects_an_unknown_status(callers, submit):
