@@ -51,6 +51,9 @@ def stream_name(settings) -> Iterator[str]:
 
 
 def readyz(client: Client) -> tuple[int, dict, float]:
+    """Status, body and seconds taken. Each check gives up after 2 s; one without a bound would
+    hold the probe for good (a silent broker) or through kombu's retries: the tests' 30 s bound
+    tells those apart with a margin no pause of a loaded machine comes near."""
     started = time.monotonic()
     response = client.get("/readyz")
     elapsed = time.monotonic() - started
@@ -117,7 +120,7 @@ def test_readyz_is_503_naming_the_broker_when_it_refuses_connections(client, db,
     assert isinstance(broker["latency_ms"], float)
     assert body["checks"]["database"]["ok"] is True
     assert body["checks"]["stream"]["ok"] is True
-    assert elapsed < 6
+    assert elapsed < 30
     assert "s3cret-pw" not in client.get("/readyz").content.decode()
 
 
@@ -128,7 +131,7 @@ def test_readyz_gives_up_on_a_broker_that_never_answers(client, db, settings, si
     assert body["checks"]["broker"]["ok"] is False
     assert "timeout" in body["checks"]["broker"]["error"].lower()
     assert body["checks"]["stream"]["ok"] is True
-    assert elapsed < 6
+    assert elapsed < 30
 
 
 def test_readyz_is_503_naming_a_non_redis_broker_that_refuses_connections(client, db, settings, dead_port):
@@ -138,7 +141,7 @@ def test_readyz_is_503_naming_a_non_redis_broker_that_refuses_connections(client
     assert body["checks"]["broker"]["ok"] is False
     assert "s3cret-pw" not in body["checks"]["broker"]["error"]
     assert body["checks"]["database"]["ok"] is True
-    assert elapsed < 6
+    assert elapsed < 30
 
 
 def test_readyz_is_503_naming_the_stream_when_redis_is_unreachable(client, db, settings, dead_port):
@@ -148,7 +151,7 @@ def test_readyz_is_503_naming_the_stream_when_redis_is_unreachable(client, db, s
     assert body["checks"]["stream"]["ok"] is False
     assert "refused" in body["checks"]["stream"]["error"].lower()
     assert body["checks"]["broker"]["ok"] is True
-    assert elapsed < 6
+    assert elapsed < 30
 
 
 def test_readyz_skips_the_stream_in_embedded_mode_with_the_filesystem_broker(client, db, settings, tmp_path):
