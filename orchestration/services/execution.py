@@ -46,10 +46,11 @@ from orchestration.services.dispatch import dispatch_after_commit, dispatch_prep
 from orchestration.services.events import TASK_STATE_FIELDS, entity_states, task_event
 from orchestration.services.progress import (
     abandoned_usage_add,
+    deadline_passed,
     tasks_cancel,
     workflow_add_usage,
     workflow_advance,
-    workflow_fail,
+    workflow_fail_past_deadline,
     workflow_on_task_completed,
     workflow_on_task_failed,
     workflow_stopping,
@@ -444,16 +445,10 @@ def _attempt_claim(
     if workflow is not None and workflow.status != Workflow.Status.RUNNING:
         tasks_cancel(TaskExecution.objects.filter(pk=task.pk), reason=f"workflow is {workflow.status}", now=now)
         return Outcome.SKIPPED
-    if workflow is not None and workflow.deadline and now > workflow.deadline:
+    if workflow is not None and deadline_passed(workflow.deadline, now):
         locked = Workflow.objects.select_for_update().get(pk=workflow.pk)
         if locked.status == Workflow.Status.RUNNING:
-            workflow_fail(
-                locked,
-                error=f"deadline {locked.deadline.isoformat()} passed",
-                now=now,
-                event_type=EventType.WORKFLOW_FAILED,
-                cause=TaskAttempt.Cause.DEADLINE,
-            )
+            workflow_fail_past_deadline(locked, now=now)
         return Outcome.SKIPPED
 
     number = (TaskAttempt.objects.filter(execution=task).aggregate(n=Max("attempt_number"))["n"] or 0) + 1
@@ -557,9 +552,11 @@ def attempt_succeed(
                 return False
             if also is not None:
                 also()
-            workflow_id, task_name, status, advance = done
+            workflow_id, task_name, status, advance, deadline = done
             if workflow_id and advance:
-                workflow_advance(workflow_id=workflow_id, completed_task=task_name, status=status, now=now)
+                workflow_advance(
+                    workflow_id=workflow_id, completed_task=task_name, status=status, now=now, deadline=deadline
+                )
             return True
         if not _close_attempt(
             attempt,

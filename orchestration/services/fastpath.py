@@ -128,10 +128,12 @@ WITH attempt AS (
            total_tokens_used = w.total_tokens_used + %(tokens)s, total_cost_usd = w.total_cost_usd + %(cost)s
       FROM task
      WHERE w.workflow_id = task.workflow_id
-    RETURNING w.status, w.total_steps - w.completed_steps - w.failed_steps - w.cancelled_steps AS remaining
+    RETURNING w.status, w.total_steps - w.completed_steps - w.failed_steps - w.cancelled_steps AS remaining,
+              w.deadline
 )
 SELECT task.workflow_id, task.task_name, workflow.status, workflow.remaining,
-       EXISTS (SELECT 1 FROM task_executions p WHERE p.workflow_id = task.workflow_id AND p.status = 'pending')
+       EXISTS (SELECT 1 FROM task_executions p WHERE p.workflow_id = task.workflow_id AND p.status = 'pending'),
+       workflow.deadline
   FROM task LEFT JOIN workflow ON true
 """  # noqa: S608 - only the constants above are interpolated
 
@@ -139,8 +141,9 @@ SELECT task.workflow_id, task.task_name, workflow.status, workflow.remaining,
 # Succeed in a statement of its own (autocommit), when the completion cannot need advancing
 # the workflow: the attempt row is locked first, then the workflow's counters are updated only
 # while, on the current (locked, re-checked) workflow row, another task stays unfinished after
-# this one and no task is pending. Otherwise nothing is written and the caller takes the
-# transaction of SUCCEED_SQL (BEGIN and COMMIT are two more round trips).
+# this one, no task is pending and the workflow's deadline has not passed. Otherwise nothing
+# is written and the caller takes the transaction of SUCCEED_SQL (BEGIN and COMMIT are two
+# more round trips).
 # When the workflow row was updated meanwhile, PostgreSQL re-checks the counters on its new
 # version, but the NOT EXISTS (pending) subquery keeps the statement's snapshot: sound because
 # a task made pending while another attempt of the workflow runs never waits on that attempt's
@@ -161,6 +164,7 @@ WITH locked AS (
       FROM locked l JOIN task_executions t ON t.execution_id = l.execution_id
      WHERE w.workflow_id = t.workflow_id
        AND w.total_steps - w.completed_steps - w.failed_steps - w.cancelled_steps > 1
+       AND (w.deadline IS NULL OR w.deadline >= %(now)s)
        AND NOT EXISTS (SELECT 1 FROM task_executions p WHERE p.workflow_id = w.workflow_id AND p.status = 'pending')
     RETURNING w.workflow_id
 ), attempt AS (
@@ -382,15 +386,18 @@ class Completion:
         }
 
 
-def succeed(completion: Completion) -> tuple[str | None, str, str | None, bool] | None:
+def succeed(
+    completion: Completion,
+) -> tuple[str | None, str, str | None, bool, dt.datetime | None] | None:
     """Record a successful attempt, complete its task and count it on the workflow, in one
     statement of the caller's transaction. The workflow row stays locked until commit.
 
     Returns None if the attempt was no longer running, else (workflow_id, task_name,
-    workflow status, whether the workflow must be advanced). Advancing (queueing dependents,
-    finishing) is needed only if some task is pending or no task remains unfinished; the
-    counters come from the locked, current workflow row, and "no task pending" read from the
-    statement's snapshot stays true for this task's dependents (see SUCCEED_ALONE_SQL's note)."""
+    workflow status, whether the workflow must be advanced, its deadline). Advancing (queueing
+    dependents, finishing, failing it past its deadline) is needed only if some task is pending,
+    no task remains unfinished or the deadline has passed; the counters come from the locked,
+    current workflow row, and "no task pending" read from the statement's snapshot stays true
+    for this task's dependents (see SUCCEED_ALONE_SQL's note)."""
     if connection.vendor != "postgresql":
         return None
     rows = execute_prepared(
@@ -399,8 +406,9 @@ def succeed(completion: Completion) -> tuple[str | None, str, str | None, bool] 
     )
     if not rows:
         return None
-    workflow_id, task_name, status, remaining, pending = rows[0]
-    return workflow_id, task_name, status, bool(pending) or remaining == 0
+    workflow_id, task_name, status, remaining, pending, deadline = rows[0]
+    past_deadline = deadline is not None and completion.now > deadline
+    return workflow_id, task_name, status, bool(pending) or remaining == 0 or past_deadline, deadline
 
 
 def succeed_alone(completion: Completion) -> bool | None:

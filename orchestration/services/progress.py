@@ -79,15 +79,40 @@ def workflow_on_task_completed(
         total_tokens_used=F("total_tokens_used") + tokens,
         total_cost_usd=F("total_cost_usd") + cost,
     )
-    status = Workflow.objects.filter(workflow_id=task.workflow_id).values_list("status", flat=True).get()
-    workflow_advance(workflow_id=task.workflow_id, completed_task=task.task_name, status=status, now=now)
+    status, deadline = Workflow.objects.filter(workflow_id=task.workflow_id).values_list("status", "deadline").get()
+    workflow_advance(
+        workflow_id=task.workflow_id, completed_task=task.task_name, status=status, now=now, deadline=deadline
+    )
 
 
-def workflow_advance(*, workflow_id: str, completed_task: str, status: str, now: dt.datetime) -> None:
+def deadline_passed(deadline: dt.datetime | None, now: dt.datetime) -> bool:
+    return deadline is not None and now > deadline
+
+
+def workflow_fail_past_deadline(workflow: Workflow, *, now: dt.datetime) -> None:
+    """Fail a running workflow past its deadline (caller holds the lock): what is unfinished is
+    cancelled, running attempts recorded cancelled for the deadline. Whichever sees the deadline
+    passed first does it: a claim, a completion, a workflow finishing, or the reaper's pass."""
+    workflow_fail(
+        workflow,
+        error=f"deadline {workflow.deadline.isoformat()} passed",
+        now=now,
+        event_type=EventType.WORKFLOW_FAILED,
+        cause=TaskAttempt.Cause.DEADLINE,
+    )
+
+
+def workflow_advance(
+    *, workflow_id: str, completed_task: str, status: str, now: dt.datetime, deadline: dt.datetime | None
+) -> None:
     """After a completion (the caller's transaction holds the workflow row, locked by its
-    UPDATE): queue the dependents that became ready, or finish the workflow. Cost does not
-    grow with the size of the workflow: only pending tasks that name this one are read."""
+    UPDATE): queue the dependents that became ready, or finish the workflow; past the
+    workflow's deadline, fail it instead (what the completed task did stays recorded). Cost does
+    not grow with the size of the workflow: only pending tasks that name this one are read."""
     if status != Workflow.Status.RUNNING:
+        return
+    if deadline_passed(deadline, now):
+        workflow_fail_past_deadline(Workflow.objects.select_for_update().get(workflow_id=workflow_id), now=now)
         return
     # Pending tasks only change under the workflow lock, which the caller holds.
     pending = TaskExecution.objects.filter(workflow_id=workflow_id, status=TaskExecution.Status.PENDING)
@@ -230,10 +255,16 @@ def workflow_maybe_finish(workflow: Workflow, *, now: dt.datetime) -> None:
     if TaskExecution.objects.filter(workflow_id=workflow.workflow_id, status__in=unfinished).exists():
         return
     tasks = TaskExecution.objects.filter(workflow_id=workflow.workflow_id)
-    # Failed when a task failed; cancelled when, with none failed, a task was cancelled (a
-    # user's cancel in a workflow that continues on failure: it can be resumed); else completed.
+    # Failed when a task failed, or for its deadline when it ends past it; cancelled when a task
+    # was cancelled (a user's cancel in a workflow that continues on failure: it can be
+    # resumed); else completed.
     if tasks.filter(status__in=FAILED_TASK).exists():
         workflow.status, event_type, severity = Workflow.Status.FAILED, EventType.WORKFLOW_FAILED, Severity.ERROR
+    elif deadline_passed(workflow.deadline, now):
+        # Its last task ended after the deadline: it did not complete in time, whether the
+        # reaper's pass came first or not.
+        workflow_fail_past_deadline(workflow, now=now)
+        return
     elif tasks.filter(status=TaskExecution.Status.CANCELLED).exists():
         workflow.status, event_type, severity = (
             Workflow.Status.CANCELLED,

@@ -26,11 +26,10 @@ from django.db.models import Max, Q
 from django.utils import timezone
 
 from orchestration.db import atomic_with_retry
-from orchestration.event_types import EventType
 from orchestration.models import TaskAttempt, TaskExecution, Workflow
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, hard_limit_seconds
 from orchestration.services.execution import attempt_abandon, queue_timeout_record, queue_waited_since
-from orchestration.services.progress import workflow_fail
+from orchestration.services.progress import workflow_fail_past_deadline
 from orchestration.workers import HARD_TIMEOUT, POOL_PROCESS_LOST, NodeReport, workers_ask
 
 logger = logging.getLogger(__name__)
@@ -217,13 +216,7 @@ def workflows_enforce_deadlines(*, now: dt.datetime) -> list[str]:
             )
             if workflow is None:
                 return False
-            workflow_fail(
-                workflow,
-                error=f"deadline {workflow.deadline.isoformat()} passed",
-                now=now,
-                event_type=EventType.WORKFLOW_FAILED,
-                cause=TaskAttempt.Cause.DEADLINE,
-            )
+            workflow_fail_past_deadline(workflow, now=now)
             return True
 
         if atomic_with_retry(fail):

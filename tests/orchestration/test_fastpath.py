@@ -63,7 +63,9 @@ def test_engine_fast_path_false_leaves_workflow_advance_on_the_orm(builtin_agent
     TaskExecution.objects.filter(workflow=workflow, task_name="a").update(status=TaskExecution.Status.COMPLETED)
     with connection.cursor() as cursor:
         cursor.execute("DEALLOCATE ALL")
-    workflow_advance(workflow_id=workflow.pk, completed_task="a", status=Workflow.Status.RUNNING, now=timezone.now())
+    workflow_advance(
+        workflow_id=workflow.pk, completed_task="a", status=Workflow.Status.RUNNING, now=timezone.now(), deadline=None
+    )
     assert TaskExecution.objects.get(workflow=workflow, task_name="b").status == TaskExecution.Status.QUEUED
     assert bool(_prepared("depends_on")) is fast_path
 
