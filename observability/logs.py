@@ -6,7 +6,8 @@
 - `RedactFilter` masks secrets by value in the message, its arguments and the traceback:
   SECRET_KEY, INFLUXDB_TOKEN, passwords in configured URLs, the values of the API-key
   variables that agent definitions name (`api_key_env`) and of LOG_REDACT_ENV, plus
-  bearer tokens, `sk-...` style keys and credentials inside URLs wherever they appear.
+  bearer tokens, Authorization header credentials of any scheme, `sk-...` style keys and
+  credentials inside URLs wherever they appear.
 - `redact_public` masks text meant for readers outside the deployment (the unauthenticated
   /readyz, command errors) further: configured URL passwords whatever their length, and the
   whole user part of any URL (`scheme://***@host`), user names included.
@@ -38,9 +39,32 @@ _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar
 # A credential's label and separator ("password=", "api_key: ", '"token": '), group 1 of the patterns below.
 _CREDENTIAL_LABEL = r"(?i)((?:api[_-]?key|x-api-key|token|password|secret)[\"']?\s*[:=]\s*"
 _SECRET_WORDS = ("key", "token", "password", "secret")
+
+
+def _authorization_patterns() -> list[tuple[re.Pattern[str], tuple[str, ...]]]:
+    """HTTP Authorization (and Proxy-Authorization) credentials, whatever the scheme, as a header
+    line, key=value, JSON, a Python literal or a pair ("Authorization", "Basic ...") whose value
+    has a scheme (a list of header names has none). The label and the scheme are kept
+    ("Authorization: Digest ***"); a quoted credential is masked up to its closing quote, a bare
+    one is the header's parameters (Digest, AWS4-HMAC-SHA256) or one token."""
+    key = r"(?i)(authorization[\"']?\]?\s*[:=]\s*"
+    pair = r"(?i)(authorization[\"']\s*,\s*"
+    scheme = r"[a-z][a-z0-9!#$%&*+.^_`|~-]*[ \t]+"
+    param = r"[a-z0-9!#$%*+.^_`|~-]+[ \t]*=[ \t]*(?:\"(?:[^\"\\\n]|\\.)*\"?|[^\s\"',]*)"
+    patterns = []
+    for quote in ('"', "'"):
+        quoted = rf"(?:[^{quote}\\\n]|\\.){{6,}}"
+        patterns.append(key + rf"[bfru]{{0,2}}{quote}(?:{scheme})?)" + quoted)
+        patterns.append(pair + rf"[bfru]{{0,2}}{quote}{scheme})" + quoted)
+    patterns.append(key + rf"(?:{scheme})?)(?:{param}(?:[ \t]*,[ \t]*{param})*|[^\s\"',;&*]{{6,}})")
+    return [(re.compile(pattern), ("authorization",)) for pattern in patterns]
+
+
 # (pattern, words one of which the lower-cased text must contain for the pattern to be tried:
 # most log lines contain none, and a substring test is much cheaper than a regex scan)
 PATTERNS = (
+    # (before the bearer/basic pattern: a header's scheme is kept, and its credential masked once)
+    *_authorization_patterns(),
     (re.compile(r"(?i)(\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{8,}"), ("bearer", "basic")),
     # key=value and "key": "value": a quoted value is masked up to its closing quote (a
     # passphrase has spaces, a value may hold commas), an unquoted one up to a separator.

@@ -335,6 +335,19 @@ REDACT_KEYS = env.list(
         "credentials",
     ],
 )
+# One parameter of a credential in the Authorization header's parameter form (RFC 9110:
+# `name=token` or `name="quoted"`; Digest and AWS4-HMAC-SHA256 use it, AWS with ';' in a value).
+_AUTH_PARAM = r"[a-z0-9!#$%*+.^_`|~-]+[ \t]*=[ \t]*(?:\"(?:[^\"\\\n]|\\.)*\"?|[^\s\"',]*)"
+# The label and separator, then the value: quoted (up to its closing quote, escapes included;
+# a b/f/r/u prefix of a Python literal allowed), or bare (a scheme or a bare key, then the
+# parameters or a token68 credential, up to the line's end or a quote, comma, ';' or '&').
+_AUTHORIZATION = (
+    r"(?i:authorization(?:[\"']?\]?\s*[=:]\s*"
+    r"(?:[bfru]{0,2}\"(?:[^\"\\\n]|\\.)*|[bfru]{0,2}'(?:[^'\\\n]|\\.)*"
+    r"|[^\s\"',;&{\[][^\s\"',;&]*(?:[ \t]+(?:" + _AUTH_PARAM + r"(?:[ \t]*,[ \t]*" + _AUTH_PARAM + r")*"
+    r"|[^\s\"',;&]+))?)"
+    r"|[\"']\s*,\s*[bfru]{0,2}(?:\"[^\"\s\\]+[ \t]+(?:[^\"\\\n]|\\.)*|'[^'\s\\]+[ \t]+(?:[^'\\\n]|\\.)*)))"
+)
 # Each pattern starts with a literal where it can (a literal prefix lets the regex engine skip
 # ahead; the look-behind after it keeps the word boundary): redaction runs on every string.
 REDACT_PATTERNS = env.json_str_list(
@@ -347,6 +360,15 @@ REDACT_PATTERNS = env.json_str_list(
         r"AKIA(?<![A-Za-z0-9_]AKIA)[0-9A-Z]{16}\b",
         r"xox(?<![A-Za-z0-9_]xox)[abprs]-[A-Za-z0-9\-]{10,}",
         r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}",
+        # HTTP Authorization (and Proxy-Authorization) credentials, whatever the scheme (Basic,
+        # Token, Digest, AWS4-HMAC-SHA256, a bare key), masked with their label: a header line,
+        # key=value, JSON or a Python literal (`'Authorization': 'Basic ...'`,
+        # `headers["Authorization"] = ...`), and a pair `("Authorization", "Basic ...")` when its
+        # value has a scheme (a list of header names has none). Whatever follows "Authorization:"
+        # is taken for a credential, "Authorization: required" too (a bare key looks the same);
+        # the word elsewhere ("the authorization step failed") is kept. No word-start look-behind:
+        # "Proxy-", "HTTP_" or "proxy" before it name the same header.
+        _AUTHORIZATION,
         # credentials in a URL (user:password@, the user possibly empty: redis://:password@host)
         # and key=value secrets in free text, the key or the value possibly quoted (JSON or a
         # Python literal inside a string: a tool's output, an error quoting a request body)

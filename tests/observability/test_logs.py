@@ -187,6 +187,35 @@ def test_secret_looking_patterns_are_masked(text, expected):
     assert logs.redact(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "authorization: Token 9944b09199c62bcf9418ad846dd0e4bbdfc6ee4b after the authorization step",
+            "authorization: Token *** after the authorization step",
+        ),
+        (
+            'Authorization: Digest username="bob", realm="api", response="6629fae49393a053974509", opaque="5ccc"',
+            "Authorization: Digest ***",
+        ),
+        ("Authorization: rawapikey123456", "Authorization: ***"),
+        (
+            "{'Proxy-Authorization': 'ApiKey abc123def456', 'Accept': '*/*'}",
+            "{'Proxy-Authorization': 'ApiKey ***', 'Accept': '*/*'}",
+        ),
+        ('{"Authorization": "Digest response=\\"abcdef123\\"", "n": 1}', '{"Authorization": "Digest ***", "n": 1}'),
+        ("[(b'authorization', b'SSWS 00abcdefghijkl')]", "[(b'authorization', b'SSWS ***')]"),
+        (
+            "Authorization: AWS4-HMAC-SHA256 Credential=AKID/20240305/us-east-1/s3/aws4_request, "
+            "SignedHeaders=host;x-amz-date, Signature=fe5f80f77d5fa3be\r\nHost: s3",
+            "Authorization: AWS4-HMAC-SHA256 ***\r\nHost: s3",
+        ),
+    ],
+)
+def test_authorization_credentials_of_any_scheme_are_masked_and_the_scheme_kept(text, expected):
+    assert logs.redact(text) == expected
+
+
 def test_celery_argument_reprs_are_masked_and_the_publish_time_stamped(settings):
     settings.SECRET_KEY = "django-secret-value-0123456789"
     logs_filter = __import__("observability.worker", fromlist=["_redactor"])._redactor

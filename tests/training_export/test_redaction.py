@@ -337,3 +337,66 @@ def test_a_quoted_secret_value_is_masked_whole_not_only_up_to_its_first_space_or
     # Unquoted values still end at the first separator (a query string, free text).
     assert redact("token=abc&x=1") == "[REDACTED]&x=1"
     assert redact('{"tokens_used": 12, "max_tokens": 5}') == '{"tokens_used": 12, "max_tokens": 5}'
+
+
+AUTH = "c4n4ryAuthCredential9f"  # shaped like no other default pattern
+AUTHORIZATION_TEXTS = {
+    "basic": (f"Authorization: Basic {AUTH}==", MASK),
+    "drf_token": (f"authorization: Token {AUTH}", MASK),
+    "bare_key": (f"Authorization: {AUTH}", MASK),
+    "proxy": (f"Proxy-Authorization: Basic {AUTH}", f"Proxy-{MASK}"),
+    "django_meta": (f"'HTTP_AUTHORIZATION': 'Basic {AUTH}', 'HTTP_HOST': 'api'", f"'HTTP_{MASK}', 'HTTP_HOST': 'api'"),
+    "digest": (
+        f'Authorization: Digest username="bob", realm="api", nonce="n1", uri="/x", qop=auth, response="{AUTH}"',
+        MASK,
+    ),
+    "aws_sigv4": (
+        "Authorization: AWS4-HMAC-SHA256 Credential=AKID/20240305/us-east-1/s3/aws4_request, "
+        f"SignedHeaders=host;x-amz-date, Signature={AUTH}",
+        MASK,
+    ),
+    "json_text": (
+        f'{{"Authorization": "ApiKey {AUTH}", "Accept": "application/json"}}',
+        f'{{"{MASK}", "Accept": "application/json"}}',
+    ),
+    "json_escaped_quotes": (
+        f'{{"Authorization": "Digest username=\\"bob\\", response=\\"{AUTH}\\"", "n": 1}}',
+        f'{{"{MASK}", "n": 1}}',
+    ),
+    "python_repr": (f"{{'Authorization': 'Basic {AUTH}', 'Accept': '*/*'}}", f"{{'{MASK}', 'Accept': '*/*'}}"),
+    "python_code": (f"headers['Authorization'] = 'Token {AUTH}'", f"headers['{MASK}'"),
+    "header_pairs": (f"[(b'host', b'api'), (b'authorization', b'Basic {AUTH}')]", f"[(b'host', b'api'), (b'{MASK}')]"),
+    "add_header": (f'req.add_header("Authorization", "Bearer-ish {AUTH}")', f'req.add_header("{MASK}")'),
+    "request_dump": (
+        f"POST /v1/charges HTTP/1.1\r\nHost: api.example.com\r\nAuthorization: Token {AUTH}\r\n"
+        "Content-Length: 2\r\n\r\n{}",
+        f"POST /v1/charges HTTP/1.1\r\nHost: api.example.com\r\n{MASK}\r\nContent-Length: 2\r\n\r\n{{}}",
+    ),
+    "curl": (
+        f"curl -H 'Authorization: Basic {AUTH}' https://api.example.com/v1",
+        f"curl -H '{MASK}' https://api.example.com/v1",
+    ),
+    "query_string": (f"GET /x?authorization=Basic%20{AUTH}&page=2", f"GET /x?{MASK}&page=2"),
+}
+
+
+@pytest.mark.parametrize("name", AUTHORIZATION_TEXTS)
+def test_authorization_credentials_are_masked_whatever_the_scheme(db, name):
+    text, expected = AUTHORIZATION_TEXTS[name]
+    masked = redact(text)
+    assert AUTH not in masked
+    assert masked == expected
+    assert redact(masked) == masked
+
+
+def test_authorization_in_prose_is_kept_and_whatever_follows_the_header_label_is_masked(db):
+    """The word, a list of header names or a Vary header are no credential; "Authorization:"
+    followed by a word is taken for a header carrying a key sent without a scheme, which is
+    what it looks like ("required" may be one)."""
+    prose = (
+        "basic arithmetic first; the authorization step failed.\n"
+        "Vary: Authorization, Accept\n"
+        'allow_headers: ["authorization", "content-type"]\n'
+        "see {'authorization': {'scheme': 'basic'}}\n"
+    )
+    assert redact(prose + "Authorization: required") == prose + MASK

@@ -380,3 +380,75 @@ def test_reading_the_agents_table_inside_a_failed_savepoint_leaves_the_transacti
         redaction.configured_secret_values(refresh=True)  # the read fails in its savepoint
         monkeypatch.undo()
         assert TaskExecution.objects.count() == 0, "the transaction goes on"
+
+
+def authorization_fragments() -> list[str]:
+    """Pieces of Authorization headers in every shape the default pattern knows, and of the
+    texts around them; nothing another default pattern matches."""
+    return [
+        "Authorization",
+        "authorization",
+        "Proxy-",
+        "HTTP_",
+        '"',
+        "'",
+        "b'",
+        "(",
+        "]",
+        ": ",
+        ":",
+        "=",
+        ", ",
+        " ",
+        "\t",
+        "\n",
+        "\r\n",
+        "Basic ",
+        "Digest ",
+        'realm="x"',
+        "dXNlcjpw",
+        "==",
+        "\\",
+        "{",
+        "[",
+        ";",
+        "&",
+        "é",
+        "",
+    ]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_batch_check_finds_authorization_credentials_and_clears_only_unchanged_records(settings, seed):
+    """The Authorization pattern keeps the batch check on: it is joinable, and it is searched
+    only where its literal prefix stands. A record it clears is unchanged by the full redaction;
+    the records holding a header are found."""
+    redactor = build_redactor(settings.REDACT_KEYS, settings.REDACT_PATTERNS, [CANARY])
+    assert redactor.joinable
+    (scan,) = [scan for scan in redactor.pattern_scans if scan.prefixes == ("authorization",)]
+    assert scan.needed == (("authorization",),)
+    rng = random.Random(seed)
+    pieces = authorization_fragments()
+    texts, json_texts, values = [], [], []
+    for _ in range(400):
+        texts.append(["".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))])
+        value = {"note": "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))}
+        values.append([value])
+        encode = json.dumps if rng.random() < 0.5 else (lambda v: orjson.dumps(v).decode())
+        json_texts.append([encode(value)])
+    dirty = redactor.dirty(texts, json_texts, values)
+    changed = {
+        index
+        for index in range(400)
+        if redactor.text(texts[index][0]) != texts[index][0] or redactor.value(values[index][0]) != values[index][0]
+    }
+    assert changed, "the fragments make headers"
+    assert changed <= dirty < set(range(400))
+    # A header in a text, prose around the word, a header in a JSON text (its quotes escaped).
+    records = [
+        ['GET / HTTP/1.1\r\nAuthorization: Digest username="bob", response="abc"'],
+        ["the authorization step failed; basic arithmetic"],
+        [],
+    ]
+    header = {"dump": 'Proxy-Authorization: Digest response="abc"'}
+    assert redactor.dirty(records, [[], [], [json.dumps(header)]], [[], [], [header]]) == {0, 2}

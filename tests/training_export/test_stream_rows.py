@@ -280,6 +280,35 @@ def test_tool_rows_with_nothing_to_mask_are_byte_identical_both_ways(synapse, st
     assert tree(tmp_path / "made") == tree(tmp_path / "built")
 
 
+def test_authorization_headers_are_masked_alike_in_the_relays_rows_and_the_consumers(synapse, streams, tmp_path):  # noqa: F811
+    """An Authorization header in a tool's output, a tool's error and an event's payload: the
+    relay's one batch check finds it (its rows mask it), and they are the consumer's bytes."""
+    event_record(
+        event_type=EventType.TOOL_EXECUTED,
+        entity_type="tool",
+        entity_id="tool-exec-a",
+        payload={
+            "tool_name": "http_get",
+            "input_params": {"url": "https://api.example.com/v1/me"},
+            "output_result": f"GET /v1/me HTTP/1.1\r\nHost: api.example.com\r\nAuthorization: Token {CANARY}\r\n",
+            "error": f"401 for {{'Authorization': 'Basic {CANARY}'}}",
+        },
+    )
+    event_record(
+        event_type=EventType.AGENT_INTERACTION,
+        entity_type="agent",
+        entity_id="e-2",
+        payload={"note": f'Proxy-Authorization: Digest username="bob", response="{CANARY}"'},
+    )
+    with_rows, without = made_and_built(synapse, streams, tmp_path)
+    assert with_rows.relay_made == 2 and without.relay_made == 0
+    assert tree(tmp_path / "made") == tree(tmp_path / "built")
+    events = next((tmp_path / "made" / "events").glob("*.csv")).read_text()
+    tools = next((tmp_path / "made" / "tool_executions").glob("*.csv")).read_text()
+    assert CANARY not in events + tools
+    assert f"Proxy-{redaction.MASK}" in events and "Host: api.example.com" in tools
+
+
 def relayed_after_a_new_agents_key(synapse, streams, monkeypatch) -> tuple[str, tuple[str, ...], str]:  # noqa: F811
     """An event holding the key of an agent made through the API, relayed (rows made) after
     the relay read the agents table: the key, the secret values read before the agent
