@@ -16,6 +16,12 @@ the tool registry (`orchestration.runtime.tools`), and is counted in the manifes
 gets a minimal schema. So a re-export of a window gives the same bytes after an agent or a
 tool schema is edited, legacy threads aside.
 
+Everything written is redacted (`training_export.services.redaction`): contents, tool call ids,
+names, types and arguments, the system prompt, and the tools, recorded or from the registry,
+which are data too (a caller's input.tools may hold a key as a parameter's default, example or
+enum value, or in a description). A tool's parameters keep their schema's shape: a parameter
+named like a secret (`api_key`) keeps its schema, and only the values it may take are masked.
+
 A thread is exported with its history up to the window end, trimmed to its last final
 assistant answer (an assistant message without tool calls): anything after it has no
 training target. Assistant turns from before the window's start are in the example as
@@ -38,7 +44,7 @@ from typing import Any
 from orchestration.models import AgentPlaygroundMessage, AgentPromptVersion, TaskAttempt
 from orchestration.runtime.tools import registry as tool_registry
 from training_export.services.jsonl import CHUNK_SIZE, json_line
-from training_export.services.redaction import Redactor, current_redactor
+from training_export.services.redaction import MASK, Redactor, current_redactor, unique_name
 
 ROLES = ("system", "user", "assistant", "tool")
 _ALLOWED_KEYS = {
@@ -183,20 +189,106 @@ def _minimal_tool(name: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
 
 
+# JSON-schema keywords whose value is a schema (or a list of them), and those whose value maps
+# names to schemas: a tool's parameter names, which are data, and which make what their schema
+# holds secret when they name one ("api_key", "password").
+_SUBSCHEMAS = frozenset(
+    {
+        "additionalItems",
+        "additionalProperties",
+        "allOf",
+        "anyOf",
+        "contains",
+        "else",
+        "if",
+        "items",
+        "not",
+        "oneOf",
+        "prefixItems",
+        "propertyNames",
+        "then",
+        "unevaluatedItems",
+        "unevaluatedProperties",
+    }
+)
+_SUBSCHEMA_MAPS = frozenset({"$defs", "definitions", "dependentSchemas", "patternProperties", "properties"})
+# Keywords whose value is a value of the parameter itself.
+_INSTANCES = frozenset({"const", "default", "enum", "example", "examples"})
+
+
+def _masked(value: Any) -> Any:
+    """A value of a secret parameter: masked whatever it looks like, a list keeping its length
+    (an enum stays a list)."""
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return None if value is None else MASK
+
+
+def _schema(schema: Any, redactor: Redactor, *, secret: bool = False) -> Any:
+    """A tool's parameters schema with its data redacted and its shape kept. Redacting it as
+    any JSON value would mask the whole schema of a parameter named `password` or `api_key`
+    (REDACT_KEYS) and leave a schema the fine-tuning API rejects; here parameter names are
+    redacted as text, and the values a secret parameter may take (default, const, enum,
+    examples) are masked whatever they look like. Everything else (descriptions, titles, the
+    values of other parameters, unknown keywords) is redacted as any JSON value."""
+    if isinstance(schema, list):
+        return [_schema(item, redactor, secret=secret) for item in schema]
+    if not isinstance(schema, dict):
+        return redactor.value(schema)
+    out: dict[str, Any] = {}
+    for keyword, value in schema.items():
+        if keyword in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            schemas: dict[str, Any] = {}
+            for name, item in value.items():
+                masked = redactor.text(str(name))
+                if masked in schemas:
+                    masked = unique_name(masked, schemas)
+                schemas[masked] = _schema(item, redactor, secret=secret or redactor.key_is_secret(str(name)))
+            out[keyword] = schemas
+        elif keyword in _SUBSCHEMAS:
+            out[keyword] = _schema(value, redactor, secret=secret)
+        elif keyword in _INSTANCES:
+            out[keyword] = _masked(value) if secret else redactor.value(value)
+        else:
+            out.update(redactor.value({keyword: value}))
+    return out
+
+
+def _tool(tool: Any, redactor: Redactor) -> Any:
+    """A tool as written to a file: its parameters through `_schema`, everything else (name,
+    description, other keys) redacted as any JSON value. What is not a function tool (input.tools
+    also takes a bare `{"name": ...}`) is redacted as any JSON value, for the validator to name."""
+    if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+        return redactor.value(tool)
+    function = tool["function"]
+    out = redactor.value({key: value for key, value in tool.items() if key != "function"})
+    out["function"] = redactor.value({key: value for key, value in function.items() if key != "parameters"})
+    if "parameters" in function:
+        out["function"]["parameters"] = _schema(function["parameters"], redactor)
+    return out
+
+
 def _tools(agent_config: Any, called: list[str], redactor: Redactor) -> list[dict[str, Any]]:
-    """The agent's tools as the registry describes them, plus any function called in the
-    thread that the registry does not know (a tool since removed): a minimal schema. `called`
-    is already redacted; a configured name the registry does not know is data and redacted too."""
+    """The agent's tools as the registry describes them (redacted: a schema in code may hold a
+    default or an example), plus any function called in the thread that the registry does not
+    know (a tool since removed): a minimal schema. `called` is already redacted; a configured
+    name the registry does not know is data and redacted too."""
     known = tool_registry()
     configured = agent_config.get("tools", []) if isinstance(agent_config, dict) else []
     names = {name if name in known else redactor.text(name) for name in map(str, configured)} | set(called)
-    return [known[name].schema() if name in known else _minimal_tool(name) for name in sorted(names)]
+    return [_tool(known[name].schema(), redactor) if name in known else _minimal_tool(name) for name in sorted(names)]
 
 
-def _with_called(tools: list[dict[str, Any]], called: list[str]) -> list[dict[str, Any]]:
-    """A recorded version's tools as they were sent, plus a minimal schema for each function
-    called in the thread that they do not describe."""
-    names = {tool["function"]["name"] for tool in tools}
+def _with_called(tools: Any, called: list[str], redactor: Redactor) -> Any:
+    """A recorded version's tools as they were sent, redacted (they are data: a caller's
+    input.tools may hold a key as a default, an example or an enum value, or in a description),
+    plus a minimal schema for each function called in the thread that they do not describe.
+    Tools that are not a list are left to the validator."""
+    if not isinstance(tools, list):
+        return redactor.value(tools)
+    tools = [_tool(tool, redactor) for tool in tools]
+    functions = [tool.get("function") for tool in tools if isinstance(tool, dict)]
+    names = {function.get("name") for function in functions if isinstance(function, dict)}
     return [*tools, *(_minimal_tool(name) for name in called if name not in names)]
 
 
@@ -237,7 +329,8 @@ def _tool_calls(calls: Any, redactor: Redactor) -> list[dict[str, Any]]:
         out.append(
             {
                 "id": _redacted(call.get("id"), redactor) if isinstance(call, dict) else None,
-                "type": call.get("type", "function") if isinstance(call, dict) else None,
+                # (redacted too: the validator quotes a wrong one in the manifest's skip reasons)
+                "type": _redacted(call.get("type", "function"), redactor) if isinstance(call, dict) else None,
                 "function": {
                     "name": _redacted(function.get("name"), redactor),
                     "arguments": _arguments(function.get("arguments"), redactor),
@@ -313,14 +406,14 @@ def conversation_example(
     version = versions[trained[-1]] if trained else None
     recorded = prompt_version(version) if isinstance(version, str) else None
     if recorded is not None:
-        system_prompt, tools = recorded[0], _with_called(recorded[1], sorted(set(called)))
+        system_prompt, tools = recorded[0], _with_called(recorded[1], sorted(set(called)), redactor)
         for i in trained:
             if versions[i] != version:
                 messages[i]["weight"] = 0
     else:
         tools = _tools(agent_config, sorted(set(called)), redactor)
     if not has_system and system_prompt and messages:
-        messages.insert(0, {"role": "system", "content": redactor.text(system_prompt)})
+        messages.insert(0, {"role": "system", "content": _content(system_prompt, redactor)})
     _unique_call_ids(messages)
     return {"messages": messages, "tools": tools}, recorded is not None
 

@@ -10,8 +10,9 @@ write. It masks:
 - the configured secret values of this deployment wherever they appear verbatim inside a
   string (SECRET_KEY, the database and Redis passwords, provider API keys: the values the
   log filter masks, `observability.logs.configured_secrets`);
-- every match of `settings.REDACT_PATTERNS` inside any string (bearer tokens, API key shapes,
-  emails), including strings inside lists and JSON-looking text.
+- every match of `settings.REDACT_PATTERNS` inside any string (bearer tokens, Authorization
+  header credentials of any scheme, API key shapes, emails), including strings inside lists and
+  JSON-looking text.
 
 `Redactor.dirty` rules out, for a whole batch of records with a few scans, that redaction
 would change anything, so the writers can skip the per-value walk for the records it clears.
@@ -196,7 +197,7 @@ class Redactor:
                 if name in out:
                     # Two masked keys, or a masked key and a key that is its mask already
                     # (in either order): keep both values.
-                    name = _unique_name(name, out)
+                    name = unique_name(name, out)
             if secret:
                 out[name] = MASK if item is not None else None
                 continue
@@ -376,7 +377,9 @@ class Redactor:
 _SCALARS = frozenset({int, float, bool})
 
 
-def _unique_name(name: str, taken: dict[Any, Any]) -> str:
+def unique_name(name: str, taken: dict[Any, Any]) -> str:
+    """`name` with the first free suffix #2, #3, ... among the keys of `taken`: two keys masked
+    alike keep both values."""
     number = 2
     while f"{name}#{number}" in taken:
         number += 1

@@ -1,0 +1,202 @@
+"""Nothing the chat export writes bypasses redaction: the tool schemas (recorded with a prompt
+version, or read from the registry for a legacy thread), the system prompt, and the manifest's
+skip reasons, which quote what the validator refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from orchestration.models import AgentPromptVersion
+from orchestration.runtime import tools as tools_module
+from orchestration.services.conversations import prompt_version_record
+from tests.factories import AgentFactory, MessageFactory
+from tests.training_export.test_chat_prompt_versions import (  # noqa: F401
+    DAY,
+    T0,
+    examples,
+    llm,
+    llm_agent,
+    move_to_window,
+    reply,
+)
+from training_export.services.chat import chat_example_validate
+from training_export.services.export import export_run
+from training_export.services.redaction import MASK
+
+# Shaped like no default pattern: only the schema's structure (a parameter named api_key) can
+# tell that they are keys.
+PLAIN_KEY = "plainkey7c1f0e9a4b"
+OTHER_KEY = "plainkey2d8e6b3c5a"
+CANARY = "c4n4ry5e8d2f"
+
+
+def billing_parameters() -> dict:
+    return {
+        "type": "object",
+        "properties": {
+            "api_key": {
+                "type": "string",
+                "description": "the billing key",
+                "default": PLAIN_KEY,
+                "enum": [PLAIN_KEY, OTHER_KEY],
+            },
+            "account": {"type": "string", "examples": [f"{CANARY}@example.org"]},
+            "headers": {"type": "object", "default": {"Cookie": f"session={CANARY}"}},
+        },
+        "required": ["api_key", "account"],
+    }
+
+
+REDACTED_BILLING_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        # The parameter keeps its schema; the values it may take are masked.
+        "api_key": {"type": "string", "description": "the billing key", "default": MASK, "enum": [MASK, MASK]},
+        "account": {"type": "string", "examples": [MASK]},
+        "headers": {"type": "object", "default": {"Cookie": MASK}},
+    },
+    "required": ["api_key", "account"],
+}
+
+
+@pytest.fixture
+def billing_tool(monkeypatch) -> str:
+    """A tool of the deployment's own (AGENT_TOOL_MODULES) whose schema holds keys."""
+    calculator = tools_module.registry()["calculator"]
+    parameters = billing_parameters()
+    billing = dataclasses.replace(
+        calculator,
+        name="billing_lookup",
+        description=f"Looks an invoice up. Sends Authorization: Token {CANARY}",
+        parameters=parameters,
+        validator=Draft202012Validator(parameters),
+    )
+    monkeypatch.setitem(tools_module._REGISTRY, "billing_lookup", billing)
+    return "billing_lookup"
+
+
+def assert_no_secret(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            text = path.read_text("utf-8")
+            for secret in (PLAIN_KEY, OTHER_KEY, CANARY):
+                assert secret not in text, f"{path.name} leaks {secret}"
+
+
+@pytest.mark.django_db
+def test_a_recorded_tool_schema_holding_keys_is_written_redacted_with_its_shape(llm, out, billing_tool):  # noqa: F811
+    agent = llm_agent(llm.base_url)
+    agent.config = {"tools": ["calculator", billing_tool]}
+    agent.save(update_fields=["config"])
+    reply(agent, "t-1", "What is 6 * 7?")
+    sent = llm.requests[0].body["tools"]
+    assert PLAIN_KEY in json.dumps(sent), "the runtime sent the schema as the registry has it"
+    assert AgentPromptVersion.objects.get().tools == sent
+
+    move_to_window("t-1")
+    run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+
+    assert_no_secret(Path(run.path).parent)
+    [example] = examples(run)
+    chat_example_validate(example)
+    tools = {tool["function"]["name"]: tool["function"] for tool in example["tools"]}
+    assert tools["billing_lookup"] == {
+        "name": "billing_lookup",
+        "description": f"Looks an invoice up. Sends {MASK}",
+        "parameters": REDACTED_BILLING_PARAMETERS,
+    }
+    assert example["tools"][0] == sent[0], "the calculator's schema holds nothing to mask"
+
+
+@pytest.mark.django_db
+def test_a_legacy_threads_tool_schemas_from_the_registry_are_written_redacted(out, billing_tool):
+    agent = AgentFactory(system_prompt="Be brief.", config={"tools": [billing_tool]})
+    for i, (role, content) in enumerate([("user", "invoice 7?"), ("assistant", "Paid.")]):
+        MessageFactory(
+            instance_id="old", agent=agent, role=role, content=content, created_at=T0 + dt.timedelta(seconds=i)
+        )
+
+    run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+
+    assert_no_secret(Path(run.path).parent)
+    [example] = examples(run)
+    chat_example_validate(example)
+    [tool] = example["tools"]
+    assert tool["function"]["parameters"] == REDACTED_BILLING_PARAMETERS
+    assert json.loads((Path(run.path).parent / "manifest.json").read_text())["legacy_prompt"] == 1
+
+
+@pytest.mark.django_db
+def test_a_recorded_tool_that_is_no_function_tool_skips_its_thread_with_a_reason(out):
+    """input.tools takes a bare `{"name": ...}`; such a tool, recorded, is not OpenAI's shape:
+    the thread is skipped and counted, and the export goes on."""
+    agent = AgentFactory()
+    bare = {"name": "lookup", "description": f"uses {PLAIN_KEY}", "parameters": {"type": "object"}}
+    good = prompt_version_record({"system_prompt": "Be brief.", "tools": []})
+    broken = prompt_version_record({"system_prompt": "Be brief.", "tools": [bare]})
+    for thread, version in (("good", good), ("broken", broken)):
+        MessageFactory(instance_id=thread, agent=agent, role="user", content="hi", created_at=T0)
+        MessageFactory(
+            instance_id=thread,
+            agent=agent,
+            role="assistant",
+            content="Hello!",
+            metadata={"prompt_version": version},
+            created_at=T0 + dt.timedelta(seconds=1),
+        )
+
+    run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+
+    assert run.rows == 1
+    manifest = json.loads((Path(run.path).parent / "manifest.json").read_text())
+    assert manifest["skipped"] == {"each tool must be {'type': 'function', 'function': {...}}": 1}
+    assert_no_secret(Path(run.path).parent)
+
+
+@pytest.mark.django_db
+def test_a_tool_call_type_the_manifest_quotes_is_redacted(out):
+    """The validator names a wrong tool call type in its skip reason, which the manifest holds."""
+    agent = AgentFactory()
+    call = {"id": "c1", "type": f"token={CANARY}", "function": {"name": "calculator", "arguments": "{}"}}
+    for i, fields in enumerate(
+        [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "4", "tool_call_id": "c1"},
+            {"role": "assistant", "content": "4"},
+        ]
+    ):
+        MessageFactory(instance_id="t-1", agent=agent, created_at=T0 + dt.timedelta(seconds=i), **fields)
+
+    run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+
+    assert run.rows == 0
+    manifest = json.loads((Path(run.path).parent / "manifest.json").read_text())
+    assert manifest["skipped"] == {f"tool call type must be 'function', not '{MASK}'": 1}
+    assert_no_secret(Path(run.path).parent)
+
+
+@pytest.mark.django_db
+def test_a_system_prompt_that_is_json_is_redacted_as_a_message_holding_it_is(out):
+    """A JSON content gets the JSON rules (values under REDACT_KEYS masked): the agent's system
+    prompt too, not only the text patterns."""
+    prompt = json.dumps({"role": "support bot", "cookie": f"sessionid={CANARY}"})
+    agent = AgentFactory(system_prompt=prompt)
+    for i, (role, content) in enumerate([("user", prompt), ("assistant", "Hello!")]):
+        MessageFactory(
+            instance_id="t-1", agent=agent, role=role, content=content, created_at=T0 + dt.timedelta(seconds=i)
+        )
+
+    run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+
+    assert_no_secret(Path(run.path).parent)
+    [example] = examples(run)
+    system, user = example["messages"][:2]
+    assert system["role"] == "system" and system["content"] == user["content"]
+    assert json.loads(system["content"]) == {"role": "support bot", "cookie": MASK}
