@@ -4,10 +4,14 @@ A worker's node name (celery@host) outlives its process: systemd and Kubernetes 
 killed worker under the same name, in a container often with the same pid too. So an attempt
 also records the process it ran in: the worker's main process (its pid and start time) and
 the pool process. The main process remembers how its recent run_task requests ended
-abnormally: killed by it at their hard time limit, or lost with a pool process that died
-under them (the OOM killer). The reaper asks the nodes of the attempts it closes for both, in
-one remote-control round trip (PROCESS_COMMAND), and so tells a restarted worker or a dead
-pool process (lost) from a hard time-out.
+abnormally: killed by it at their hard time limit, lost with a pool process that died under
+them (the OOM killer), or stopped by it when its broker connection broke (Celery's
+worker_cancel_long_running_tasks_on_connection_loss: the message is redelivered). It also
+says which of the asked tasks its pool processes are running now. The reaper asks the nodes
+of the attempts it closes, and a claim the node of an attempt whose message came back while
+it was recorded running, in one remote-control round trip (PROCESS_COMMAND): so a restarted
+worker or a dead pool process (lost) is told from a hard time-out, and a try stopped for a
+broken broker connection, or still running, from a lost worker.
 
 Imported by the worker (config/celery.py, worker_init) before its pool starts, which
 registers the command; nothing here needs Django.
@@ -34,10 +38,12 @@ logger = logging.getLogger(__name__)
 PROCESS_COMMAND = "agentledger_process"
 HARD_TIMEOUT = "hard_timeout"
 POOL_PROCESS_LOST = "pool_process_lost"
+BROKER_CONNECTION_LOST = "broker_connection_lost"
 # Abnormal endings the main process remembers, the oldest forgotten first. The reaper asks
-# once the attempt is past its hard limit plus REAPER_GRACE_SECONDS; only hard time-outs and
-# dead pool processes are kept, so a worker rarely has this many in that time, and for one
-# forgotten the reaper falls back to its rule for a worker that cannot say.
+# once the attempt is past its hard limit plus REAPER_GRACE_SECONDS (a redelivered message's
+# claim, at once); only hard time-outs, dead pool processes and tries stopped for a lost broker
+# connection are kept, so a worker rarely has this many in that time, and for one forgotten
+# the reaper falls back to its rule for a worker that cannot say.
 ENDINGS_KEPT = 1000
 
 
@@ -61,7 +67,7 @@ def attempt_fields(process: WorkerProcess | None) -> dict[str, Any]:
 class Ending:
     """How a task's request ended in a worker's main process, when abnormally."""
 
-    how: str  # HARD_TIMEOUT or POOL_PROCESS_LOST
+    how: str  # HARD_TIMEOUT, POOL_PROCESS_LOST or BROKER_CONNECTION_LOST
     pool_pid: int | None
     detail: str
 
@@ -69,11 +75,13 @@ class Ending:
 @dataclass(frozen=True)
 class NodeReport:
     """A worker node's answer: its main process (pid and started_at are None when it did not
-    say: a worker of an earlier release) and how the tasks asked about ended, if abnormally."""
+    say: a worker of an earlier release), how the tasks asked about ended, if abnormally, and
+    which pool processes run them now (None when it did not say)."""
 
     pid: int | None
     started_at: dt.datetime | None
     ended: dict[str, Ending]
+    running: dict[str, frozenset[int]] | None = None
 
 
 _main: tuple[int, dt.datetime] | None = None
@@ -99,8 +107,12 @@ def current_process() -> WorkerProcess | None:
 def _ending_record(task_id: str, ending: Ending) -> None:
     with _endings_lock:
         earlier = _endings.get(task_id)
-        if earlier is not None and earlier.how == HARD_TIMEOUT and earlier.pool_pid == ending.pool_pid:
-            return  # the process killed at the limit is not also a process lost
+        if (
+            earlier is not None
+            and earlier.how in (HARD_TIMEOUT, BROKER_CONNECTION_LOST)
+            and earlier.pool_pid == ending.pool_pid
+        ):
+            return  # the process this worker killed is not also a process lost
         _endings[task_id] = ending
         _endings.move_to_end(task_id)
         while len(_endings) > ENDINGS_KEPT:
@@ -133,8 +145,23 @@ def process_exited(pid: int | None) -> bool:
 
 class RunTaskRequest(Request):
     """run_task's request in the worker's main process, where Celery reports a hard time-out
-    (the pool kills the process) and a pool process that died mid-task (WorkerLostError):
-    each is remembered for the reaper before Celery handles it as usual."""
+    (the pool kills the process), a pool process that died mid-task (WorkerLostError) and a
+    task it stops because its broker connection broke: each is remembered for the reaper and
+    the claim before Celery handles it as usual."""
+
+    def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
+        # Celery cancels a running acks_late task when the broker connection is lost (the
+        # message, unacknowledged, is redelivered) and at a shutdown, which nobody will ask about.
+        if self.time_start and not (worker_state.should_stop or worker_state.should_terminate):
+            _ending_record(
+                self.id,
+                Ending(
+                    how=BROKER_CONNECTION_LOST,
+                    pool_pid=self.worker_pid,
+                    detail="stopped when the worker's broker connection was lost",
+                ),
+            )
+        super().cancel(pool, signal=signal, emit_retry=emit_retry)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         # During a cold shutdown Celery times out the running tasks itself: not their limit.
@@ -164,9 +191,15 @@ class RunTaskRequest(Request):
 
 @inspect_command(name=PROCESS_COMMAND)
 def _process_report(state: Any, task_ids: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
-    """This worker's main process (pid, start time) and how the given tasks ended here, if abnormally."""
+    """This worker's main process (pid, start time), how the given tasks ended here, if
+    abnormally, and the pool processes that run them now."""
+    asked = set(task_ids or [])
     with _endings_lock:
-        ended = {task_id: _endings.get(task_id) for task_id in task_ids or []}
+        ended = {task_id: _endings.get(task_id) for task_id in asked}
+    running: dict[str, list[int]] = {}
+    for request in list(worker_state.active_requests):
+        if request.id in asked and request.worker_pid:
+            running.setdefault(request.id, []).append(request.worker_pid)
     return {
         "pid": _main[0] if _main else None,
         "started_at": _main[1].isoformat() if _main else None,
@@ -175,6 +208,7 @@ def _process_report(state: Any, task_ids: list[str] | None = None, **kwargs: Any
             for task_id, e in ended.items()
             if e is not None
         },
+        "running": running,
     }
 
 
@@ -195,19 +229,27 @@ def node_report(reply: Any) -> NodeReport:
             )
             for task_id, e in (reply.get("ended") or {}).items()
         }
+        running = (
+            {str(task_id): frozenset(int(p) for p in pids) for task_id, pids in reply["running"].items()}
+            if isinstance(reply.get("running"), dict)
+            else None
+        )
     except (KeyError, TypeError, ValueError, AttributeError):
         logger.warning("unreadable %s reply: %r", PROCESS_COMMAND, reply)
         return unknown
     if pid is None or started_at is None:
         return NodeReport(pid=None, started_at=None, ended=ended)
-    return NodeReport(pid=pid, started_at=started_at, ended=ended)
+    return NodeReport(pid=pid, started_at=started_at, ended=ended, running=running)
 
 
-def workers_ask(hostnames: set[str], task_ids: set[str], *, timeout: float = 1.0) -> dict[str, list[NodeReport]]:
-    """Ask the named worker nodes, in one broadcast, which process each is and how the given
-    tasks ended there. Returns node name -> its answers (more than one if several processes
-    run under one name); a node that did not answer within `timeout` is absent, and so is
-    every node when the broker cannot be reached."""
+def workers_ask(
+    hostnames: set[str], task_ids: set[str], *, timeout: float = 1.0, limit: int | None = None
+) -> dict[str, list[NodeReport]]:
+    """Ask the named worker nodes, in one broadcast, which process each is, how the given
+    tasks ended there and which of them run there now. Returns node name -> its answers (more
+    than one if several processes run under one name); a node that did not answer within
+    `timeout` is absent, and so is every node when the broker cannot be reached. With `limit`,
+    the wait ends at that many answers."""
     if not hostnames:
         return {}
     from config.celery import app
@@ -219,6 +261,7 @@ def workers_ask(hostnames: set[str], task_ids: set[str], *, timeout: float = 1.0
             destination=sorted(hostnames),
             reply=True,
             timeout=timeout,
+            limit=limit,
         )
     except Exception:  # the broker unreachable, say: every node is as good as silent
         logger.warning("%s broadcast failed", PROCESS_COMMAND, exc_info=True)

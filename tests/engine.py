@@ -127,6 +127,18 @@ class Worker:
             os.kill(pid, signal.SIGKILL)
         return pids
 
+    def broker_connections_cut(self) -> int:
+        """Close, on the Redis server, the connections of the worker's main process (its broker
+        consumer, producers and remote control), as a network cut or a Redis failover would:
+        the worker lives on and reconnects. Returns how many were closed."""
+        client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+        ports = _local_tcp_ports(self.process.pid)
+        cut = 0
+        for entry in client.client_list():
+            if int(entry["addr"].rsplit(":", 1)[1]) in ports:
+                cut += client.client_kill_filter(_id=entry["id"])
+        return cut
+
     def kill(self) -> None:
         """SIGKILL the whole worker: the main process and its pool."""
         if self.process.poll() is None:
@@ -145,6 +157,25 @@ class Worker:
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text()
+
+
+def _local_tcp_ports(pid: int) -> set[int]:
+    """The local ports of the TCP sockets process `pid` holds (from /proc: Linux)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target.removeprefix("socket:[").removesuffix("]"))
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            columns = line.split()
+            if columns[9] in inodes:
+                ports.add(int(columns[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def flush_redis() -> None:

@@ -55,6 +55,7 @@ from orchestration.services.progress import (
     workflow_on_task_failed,
     workflow_stopping,
 )
+from orchestration.services.redelivery import PreviousTry, previous_try_check
 from orchestration.soft_limit import SoftLimit, soft_limit_held
 from orchestration.workers import WorkerProcess, attempt_fields
 
@@ -337,7 +338,9 @@ def attempt_claim(
 
     `retried`: the message was sent again by run_task itself after its worker lost the
     database connection, so an attempt this message left running was abandoned. `process`:
-    the worker process that runs the attempt, recorded with it for the reaper."""
+    the worker process that runs the attempt, recorded with it for the reaper. A redelivered
+    message whose attempt is still recorded running first asks that attempt's worker what
+    became of it (services/redelivery.py)."""
     now = now or timezone.now()
     fast = fastpath.claim(
         execution_id=execution_id,
@@ -349,6 +352,13 @@ def attempt_claim(
     )
     if fast is not None:
         return _claim_from_fast(fast)
+    # Asked before the transaction, holding no lock (a remote-control round trip); the claim
+    # checks under its locks that the attempt asked about is still the running one.
+    previous = (
+        previous_try_check(execution_id=execution_id, celery_task_id=celery_task_id, process=process)
+        if redelivered and not retried
+        else None
+    )
     return atomic_with_retry(
         lambda: _attempt_claim(
             execution_id=execution_id,
@@ -358,6 +368,7 @@ def attempt_claim(
             retried=retried,
             now=now,
             process=process,
+            previous=previous,
         )
     )
 
@@ -396,6 +407,7 @@ def _attempt_claim(
     retried: bool,
     now: dt.datetime,
     process: WorkerProcess | None,
+    previous: PreviousTry | None = None,
 ) -> Claim | Outcome:
     task = (
         TaskExecution.objects.select_for_update(of=("self",))
@@ -409,6 +421,7 @@ def _attempt_claim(
         last = TaskAttempt.objects.select_for_update().filter(execution=task).order_by("-attempt_number").first()
         if last is None or last.status != TaskAttempt.Status.RUNNING or not (redelivered or retried):
             return Outcome.SKIPPED  # a duplicate delivery: the attempt is recorded already
+        status = TaskAttempt.Status.LOST
         if retried and last.celery_task_id == celery_task_id:
             # run_task sent its own message again after the connection broke: whatever the
             # attempt did was not recorded, and the delivery that ran it has ended.
@@ -417,15 +430,27 @@ def _attempt_claim(
                 f"worker {last.worker or '?'} lost its database connection during attempt {last.attempt_number} "
                 "(message sent again)"
             )
+        elif redelivered and previous is not None and previous.attempt_id == last.pk:
+            # The broker redelivered the message of a running attempt, and its worker said what
+            # became of it (services/redelivery.py).
+            if previous.running:
+                logger.warning(
+                    "attempt %s of %s: its message was redelivered while worker %s still runs it "
+                    "(pool process %s); this delivery is a duplicate and runs nothing",
+                    last.attempt_number,
+                    task.execution_id,
+                    last.worker,
+                    last.pool_pid,
+                )
+                return Outcome.SKIPPED
+            status, cause, error = previous.status, previous.cause, previous.error
         elif redelivered:
             # The broker redelivered the message of a running attempt: its worker was lost.
             cause = TaskAttempt.Cause.WORKER_LOST
             error = f"worker {last.worker or '?'} was lost during attempt {last.attempt_number} (message redelivered)"
         else:
             return Outcome.SKIPPED
-        again = attempt_abandon(
-            task, last, status=TaskAttempt.Status.LOST, cause=cause, error=error, now=now, retry_now=True
-        )
+        again = attempt_abandon(task, last, status=status, cause=cause, error=error, now=now, retry_now=True)
         if again is not None:
             closed = last.pk
             transaction.on_commit(lambda: attempts_reaped(attempt_ids=[closed]))
@@ -768,6 +793,8 @@ def _attempt_run(
         error = storable_text("timed out" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}")
         also = _turn_writer(context, claim.attempt, output=None, error=error, usage=usage)
         recorded = _fail_recorded(claim.attempt, exc, duration_ms=duration_ms, usage=usage, also=also)
+        if not recorded:
+            _refused_outcome_record(claim.attempt, usage=usage, outcome=error)
         attempt_finished(
             attempt=claim.attempt,
             agent_id=claim.agent.id,
@@ -807,6 +834,8 @@ def _attempt_run(
         also = _turn_writer(context, claim.attempt, output=None, error=storable_text(str(failure)), usage=result.usage)
         recorded = _fail_recorded(claim.attempt, failure, duration_ms=duration_ms, usage=result.usage, also=also)
         outcome = Outcome.FAILED
+    if not recorded:
+        _refused_outcome_record(claim.attempt, usage=result.usage, outcome=outcome.value)
     attempt_finished(
         attempt=claim.attempt,
         agent_id=claim.agent.id,
@@ -880,6 +909,29 @@ def _record_through_soft_limit(
     return False
 
 
+def _refused_outcome_record(attempt: TaskAttempt, *, usage: Usage, outcome: str) -> None:
+    """The try ended, but its attempt had been closed meanwhile without a result (lost: its
+    message was redelivered and its worker did not say it still ran it, or the reaper closed
+    it; cancelled), and the task may have been completed by a later attempt: its outcome is not
+    recorded a second time. What it paid is: the usage it reported, beyond what its meter had
+    added, goes to the attempt, its task and its workflow as late usage (wasted, unless
+    cancelled), as a bill that arrives after the close."""
+    try:
+        added = atomic_with_retry(lambda: _late_usage_add(attempt.pk, usage, whole=True))
+    except DatabaseError:
+        logger.warning("attempt %s: could not record the spend of its refused outcome", attempt.pk, exc_info=True)
+        return
+    logger.warning(
+        "attempt %s of %s ended (%s) after it had been closed: its outcome is not recorded%s",
+        attempt.attempt_number,
+        attempt.execution_id,
+        outcome,
+        f"; {added[1].tokens} tokens, ${added[1].cost_usd} it reported were added to it" if added else "",
+    )
+    if added is not None:
+        late_usage_recorded(agent_id=added[0], usage=added[1])
+
+
 def _meter(attempt_id: int) -> Callable[[Usage], None]:
     """Add paid usage to the attempt's row while it runs (one autocommitted UPDATE, only
     while it is running), so a cancelled, reaped or killed attempt keeps what it spent;
@@ -889,9 +941,9 @@ def _meter(attempt_id: int) -> Callable[[Usage], None]:
         try:
             running = TaskAttempt.objects.filter(pk=attempt_id, status=TaskAttempt.Status.RUNNING)
             if not running.update(**_usage_added(usage)):
-                agent_id = atomic_with_retry(lambda: _late_usage_add(attempt_id, usage))
-                if agent_id is not None:
-                    late_usage_recorded(agent_id=agent_id, usage=usage)
+                added = atomic_with_retry(lambda: _late_usage_add(attempt_id, usage))
+                if added is not None:
+                    late_usage_recorded(agent_id=added[0], usage=added[1])
         except DatabaseError:  # never fail the agent's work for the meter: the final record follows
             logger.warning("attempt %s: could not meter its usage", attempt_id, exc_info=True)
 
@@ -911,24 +963,42 @@ def _usage_added(usage: Usage) -> dict[str, Any]:
 _ABANDONED = (TaskAttempt.Status.CANCELLED, TaskAttempt.Status.LOST, TaskAttempt.Status.TIMED_OUT)
 
 
-def _late_usage_add(attempt_id: int, usage: Usage) -> str | None:
+def _late_usage_add(attempt_id: int, usage: Usage, *, whole: bool = False) -> tuple[str, Usage] | None:
     """Usage paid after its attempt was closed without a result: a model's answer that arrived
     after the user cancelled (before the worker's process was stopped), or while the reaper
     closed the attempt as lost or timed out. The provider charged it, so it is added to the
     attempt, its task and its workflow, as the close added what was metered before. An attempt
     closed with a result (succeeded, failed) already carries its whole usage. Returns the
-    agent's id when the usage was added to a closed attempt (the metrics count it then)."""
+    agent's id and the usage added, when some was added to a closed attempt (the metrics
+    count it then).
+
+    `whole`: `usage` is the whole usage the try reported as it ended (it replaces what was
+    metered, DESIGN §4): only what exceeds the attempt's row is added."""
     execution_id = TaskAttempt.objects.filter(pk=attempt_id).values_list("execution_id", flat=True).first()
     if execution_id is None or not (usage.tokens or usage.cost_usd):
         return None
     # The task row first, then the attempt: the order every transition takes them in.
     task = TaskExecution.objects.select_for_update().get(pk=execution_id)
-    status = TaskAttempt.objects.select_for_update().filter(pk=attempt_id).values_list("status", flat=True).get()
+    status, *recorded = (
+        TaskAttempt.objects.select_for_update()
+        .filter(pk=attempt_id)
+        .values_list("status", "input_tokens", "output_tokens", "cost_usd")
+        .get()
+    )
     if status == TaskAttempt.Status.RUNNING:  # the first UPDATE raced a retry of its own transaction
-        TaskAttempt.objects.filter(pk=attempt_id).update(**_usage_added(usage))
+        if not whole:
+            TaskAttempt.objects.filter(pk=attempt_id).update(**_usage_added(usage))
         return None
     if status not in _ABANDONED:
         return None
+    if whole:
+        usage = Usage(
+            input_tokens=max(usage.input_tokens - recorded[0], 0),
+            output_tokens=max(usage.output_tokens - recorded[1], 0),
+            cost_usd=max(usage.cost_usd - recorded[2], Decimal(0)),
+        )
+        if not (usage.tokens or usage.cost_usd):
+            return None
     TaskAttempt.objects.filter(pk=attempt_id).update(**_usage_added(usage))
     paid = TaskAttempt(
         input_tokens=usage.input_tokens,
@@ -940,7 +1010,7 @@ def _late_usage_add(attempt_id: int, usage: Usage) -> str | None:
     if task.workflow_id:  # a lost or timed-out try's late bill is wasted like the rest of it
         workflow_add_usage(task.workflow_id, tokens=tokens, cost=cost, wasted=status != TaskAttempt.Status.CANCELLED)
     logger.info("attempt %s: %s tokens, $%s paid after it was closed %s", attempt_id, tokens, cost, status)
-    return task.agent_id
+    return task.agent_id, usage
 
 
 def _turn_writer(

@@ -30,7 +30,7 @@ from orchestration.models import TaskAttempt, TaskExecution, Workflow
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, hard_limit_seconds
 from orchestration.services.execution import attempt_abandon, queue_timeout_record, queue_waited_since
 from orchestration.services.progress import workflow_fail_past_deadline
-from orchestration.workers import HARD_TIMEOUT, POOL_PROCESS_LOST, NodeReport, workers_ask
+from orchestration.workers import BROKER_CONNECTION_LOST, HARD_TIMEOUT, POOL_PROCESS_LOST, NodeReport, workers_ask
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class ReapResult:
 class Verdict:
     hard_timeout: bool  # else lost
     error: str
+    cause: str = TaskAttempt.Cause.WORKER_LOST  # of a lost attempt
 
 
 def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) -> Verdict:
@@ -59,6 +60,8 @@ def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) 
     - the same process says its pool process died under the attempt (the OOM killer; its
       message went back to the queue, or, when the hard limit came before the pool noticed
       the death, was acknowledged): lost;
+    - the same process says it stopped the attempt when its broker connection was lost (the
+      message, unacknowledged, comes back from the broker): lost, cause redelivery;
     - otherwise the worker lives on and, as it says or as is presumed when it cannot say (its
       ending forgotten, or the attempt or the worker from before processes were recorded),
       killed the attempt at its hard limit: timed_out (hard_timeout).
@@ -87,6 +90,13 @@ def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) 
         return presumed
     if ending.how == POOL_PROCESS_LOST:
         return Verdict(False, f"pool process {attempt.pool_pid} of worker {name} died ({ending.detail}); {abandoned}")
+    if ending.how == BROKER_CONNECTION_LOST:
+        return Verdict(
+            False,
+            f"worker {name} lost its broker connection and stopped the attempt (pool process {attempt.pool_pid}); "
+            f"{abandoned}",
+            cause=TaskAttempt.Cause.REDELIVERY,
+        )
     if ending.how == HARD_TIMEOUT:
         return Verdict(
             True, f"hard time limit of {limit} s exceeded (worker {name} killed its pool process {attempt.pool_pid})"
@@ -103,7 +113,8 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
     """Close running attempts past hard limit + REAPER_GRACE_SECONDS; retry or fail their tasks.
 
     Killed at its hard time limit by a worker that lives on: timed_out (hard_timeout); its
-    worker gone, restarted, or its pool process dead: lost (worker_lost). See attempt_verdict:
+    worker gone, restarted, or its pool process dead: lost (worker_lost); stopped by its worker
+    for a lost broker connection: lost (redelivery). See attempt_verdict:
     one remote-control round trip asks all their worker nodes.
     """
     now = now or timezone.now()
@@ -155,7 +166,7 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
                 task,
                 attempt,
                 status=TaskAttempt.Status.LOST,
-                cause=TaskAttempt.Cause.WORKER_LOST,
+                cause=verdict.cause,
                 error=verdict.error,
                 now=now,
             )

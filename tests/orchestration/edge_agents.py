@@ -23,3 +23,22 @@ def moody(task_input, context):
         raise PermanentError("provider down")
     question = task_input["messages"][-1]["content"]
     return {"content": f"answer to {question!r}"}
+
+
+def held(task_input, context):
+    """Pays for a first call at once (metered, as a model's answer is), then, on the attempts in
+    `input.hold_attempts`, waits until the file `input.release` exists (at most two minutes);
+    reports its whole usage, that call included, with its result."""
+    import os
+    import time
+    from decimal import Decimal
+
+    context.paid(Usage(input_tokens=10, output_tokens=0, cost_usd=Decimal("0.001")))
+    if context.attempt_number in task_input.get("hold_attempts", [1]):
+        deadline = time.monotonic() + 120
+        while not os.path.exists(task_input["release"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return AgentResult(
+        output={"attempt": context.attempt_number},
+        usage=Usage(input_tokens=100, output_tokens=20, cost_usd=Decimal("0.0123")),
+    )

@@ -293,6 +293,8 @@ def test_sigkill_of_the_worker_process_mid_task_records_a_lost_attempt_and_compl
         (1, A.LOST, "worker_lost"),
         (2, A.SUCCEEDED, None),
     ]
+    # the redelivered message asked the worker, which lives on: its pool process died
+    assert f"pool process {tries[0].pool_pid} of worker {worker.name} died during attempt 1" in tries[0].error
     assert (tries[1].redelivered, tries[1].delivery_count) == (True, 2)
     assert task(wf, "victim").retry_count == 1
     assert "task_lost" in event_types(task(wf, "victim").execution_id)

@@ -10,7 +10,14 @@ import pytest
 from orchestration.models import TaskAttempt
 from orchestration.services.dispatch import hard_limit_seconds
 from orchestration.services.reaper import attempt_verdict
-from orchestration.workers import HARD_TIMEOUT, POOL_PROCESS_LOST, Ending, NodeReport, node_report
+from orchestration.workers import (
+    BROKER_CONNECTION_LOST,
+    HARD_TIMEOUT,
+    POOL_PROCESS_LOST,
+    Ending,
+    NodeReport,
+    node_report,
+)
 
 NODE = "celery@host"
 STARTED = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
@@ -63,6 +70,15 @@ def test_the_same_process_whose_pool_process_died_lost_the_attempt():
     hard_timeout, error = verdict(attempt(), answer(**{TASK_ID: died}))
     assert not hard_timeout
     assert error.startswith(f"pool process 11 of worker {NODE} died (Worker exited prematurely: signal 9 (SIGKILL)")
+
+
+def test_the_same_process_that_stopped_the_attempt_for_a_lost_broker_connection_lost_it_to_redelivery():
+    """Celery's worker_cancel_long_running_tasks_on_connection_loss: the worker lives on; the
+    message, never acknowledged, comes back from the broker. Not a hard time-out."""
+    stopped = Ending(how=BROKER_CONNECTION_LOST, pool_pid=11, detail="stopped when the broker connection was lost")
+    v = attempt_verdict(attempt(), answer(**{TASK_ID: stopped}))
+    assert (v.hard_timeout, v.cause) == (False, TaskAttempt.Cause.REDELIVERY)
+    assert v.error.startswith(f"worker {NODE} lost its broker connection and stopped the attempt (pool process 11)")
 
 
 @pytest.mark.parametrize(

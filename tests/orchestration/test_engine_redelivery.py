@@ -1,0 +1,151 @@
+"""A worker that lives on but loses its broker connection mid-task: kombu restores the
+unacknowledged message and the broker delivers it again while the first try is recorded
+running (real workers, their Redis connections closed on the server)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.services.workflows import workflow_submit
+from tests.engine import wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+A = TaskAttempt.Status
+RUNS_ON = {"CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS": "false"}
+# What the held agent reports: 10 tokens ($0.001) metered at once, 120 ($0.0123) in all at its end.
+METERED = (10, Decimal("0.001000"))
+WHOLE = (120, Decimal("0.012300"))
+
+
+@pytest.fixture
+def held(engine: object, tmp_path: Path) -> Path:
+    """The held agent (tests/orchestration/edge_agents.py); its first try waits for the file returned."""
+    Agent.objects.create(
+        id="held", name="Held", executor=Agent.Executor.PYTHON, entrypoint="tests.orchestration.edge_agents.held"
+    )
+    return tmp_path / "release"
+
+
+def submit(release: Path) -> Workflow:
+    workflow, _ = workflow_submit(
+        spec={
+            "name": "redelivered",
+            "tasks": [
+                {"name": "t", "agent": "held", "input": {"release": str(release)}, "max_retries": 2},
+                {"name": "after", "agent": "echo", "depends_on": ["t"]},
+            ],
+        }
+    )
+    return workflow
+
+
+def tries(workflow: Workflow) -> list[TaskAttempt]:
+    return list(TaskAttempt.objects.filter(execution__workflow=workflow, execution__task_name="t"))
+
+
+def running_first(workflow: Workflow) -> TaskAttempt:
+    return wait_for(
+        lambda: TaskAttempt.objects.filter(execution__workflow=workflow, attempt_number=1, status=A.RUNNING).first(),
+        what="the first try to run",
+    )
+
+
+def finished(workflow: Workflow) -> Workflow:
+    return wait_for(
+        lambda: (w := Workflow.objects.get(pk=workflow.pk)).is_terminal and w, timeout=60, what="the workflow to end"
+    )
+
+
+def events(workflow: Workflow) -> list[Event]:
+    execution_id = TaskExecution.objects.get(workflow=workflow, task_name="t").pk
+    return list(Event.objects.filter(entity_id=execution_id).order_by("sequence"))
+
+
+def test_a_try_its_worker_stopped_for_a_lost_broker_connection_is_recorded_redelivered_not_lost(engine, held):
+    """Our configuration: the worker stops the try it can no longer acknowledge (Celery's
+    worker_cancel_long_running_tasks_on_connection_loss) and lives on. The redelivered message
+    records that (cause redelivery, not a lost worker) and runs the next try."""
+    worker = engine(concurrency=2)
+    wf = submit(held)
+    running_first(wf)
+    assert worker.broker_connections_cut()
+    wf = finished(wf)
+    assert wf.status == Workflow.Status.COMPLETED and wf.completed_steps == 2
+    first, second = tries(wf)
+    assert [(a.attempt_number, a.status, a.cause) for a in (first, second)] == [
+        (1, A.LOST, "redelivery"),
+        (2, A.SUCCEEDED, None),
+    ]
+    assert f"worker {worker.name} lost its broker connection during attempt 1 and stopped it" in first.error
+    assert first.worker_pid == second.worker_pid == worker.process.pid  # one worker process throughout
+    assert (first.tokens_used, first.cost_usd) == METERED  # what the stopped try had paid
+    assert (second.redelivered, second.delivery_count) == (True, 2)
+    t = TaskExecution.objects.get(workflow=wf, task_name="t")
+    assert (t.output_data, t.retry_count, t.tokens_used) == ({"attempt": 2}, 1, METERED[0] + WHOLE[0])
+    assert wf.wasted_cost_usd == METERED[1]
+    [lost] = [e for e in events(wf) if e.event_type == "task_lost"]
+    assert lost.payload["cause"] == "redelivery"
+    assert [e.event_type for e in events(wf)].count("task_completed") == 1
+
+
+def test_a_try_still_running_when_its_message_is_redelivered_runs_once_and_keeps_its_record(engine, held):
+    """A worker that lets its tries run on through a lost broker connection: the redelivered
+    message finds its try still running in the same worker process and runs nothing. The try
+    finishes and records its own outcome, with all it spent; the task runs once."""
+    worker = engine(concurrency=2, env=RUNS_ON)
+    wf = submit(held)
+    first = running_first(wf)
+    assert worker.broker_connections_cut()
+    wait_for(
+        lambda: "this delivery is a duplicate" in worker.log() or len(tries(wf)) > 1,
+        timeout=30,
+        what="the redelivered message to be claimed",
+    )
+    assert [a.attempt_number for a in tries(wf)] == [1], "a second try started beside the running one"
+    held.touch()
+    wf = finished(wf)
+    assert wf.status == Workflow.Status.COMPLETED and wf.completed_steps == 2
+    [only] = tries(wf)
+    assert (only.pk, only.status, only.cause) == (first.pk, A.SUCCEEDED, None)
+    assert (only.tokens_used, only.cost_usd) == WHOLE
+    t = TaskExecution.objects.get(workflow=wf, task_name="t")
+    assert (t.output_data, t.retry_count, t.tokens_used, t.cost_usd) == ({"attempt": 1}, 0, *WHOLE)
+    assert (wf.total_cost_usd, wf.wasted_cost_usd) == (WHOLE[1], 0)
+    kinds = [e.event_type for e in events(wf)]
+    assert (kinds.count("task_started"), kinds.count("task_completed"), kinds.count("task_lost")) == (1, 1, 0)
+
+
+def test_a_superseded_try_that_finishes_later_keeps_its_spend_and_completes_nothing(engine, held):
+    """When the worker cannot tell (here: an attempt recorded before worker processes were), the
+    redelivered message presumes the try lost and runs the next. The first try still finishes:
+    its outcome is not recorded over the task's, but what it reported spending is added to its
+    attempt, task and workflow (wasted), not dropped."""
+    worker = engine(concurrency=2, env=RUNS_ON)
+    wf = submit(held)
+    first = running_first(wf)
+    unknown = {"worker_pid": None, "worker_started_at": None, "pool_pid": None}
+    assert TaskAttempt.objects.filter(pk=first.pk, status=A.RUNNING).update(**unknown) == 1
+    assert worker.broker_connections_cut()
+    wf = finished(wf)
+    assert wf.status == Workflow.Status.COMPLETED
+    assert [(a.attempt_number, a.status, a.cause) for a in tries(wf)] == [
+        (1, A.LOST, "worker_lost"),
+        (2, A.SUCCEEDED, None),
+    ]
+    held.touch()
+    ended = f"orchestration.run_task[{first.celery_task_id}] succeeded"
+    wait_for(lambda: worker.log().count(ended) == 2, timeout=30, what="the first try to end")
+    first.refresh_from_db()
+    assert (first.status, first.cause) == (A.LOST, "worker_lost")
+    assert (first.tokens_used, first.cost_usd) == WHOLE
+    t = TaskExecution.objects.get(workflow=wf, task_name="t")
+    assert (t.status, t.output_data) == (TaskExecution.Status.COMPLETED, {"attempt": 2})
+    assert (t.tokens_used, t.cost_usd) == (2 * WHOLE[0], 2 * WHOLE[1])
+    wf.refresh_from_db()
+    assert (wf.completed_steps, wf.total_cost_usd, wf.wasted_cost_usd) == (2, 2 * WHOLE[1], WHOLE[1])
+    assert [e.event_type for e in events(wf)].count("task_completed") == 1
