@@ -269,11 +269,12 @@ if CELERY_BROKER_URL.startswith(("redis", "sentinel")):
 # hosts are reached; addresses that are not globally routable (loopback, private,
 # link-local/metadata, ...) are refused unless AGENT_HTTP_ALLOW_PRIVATE is true.
 AGENT_HTTP_ALLOWED_HOSTS = env.list("AGENT_HTTP_ALLOWED_HOSTS", [])
-# Hosts besides the providers' own (api.openai.com, api.anthropic.com) that an llm agent's
-# API key may be sent to: a gateway, a vLLM server. A list of its own: the hosts http agents
-# may reach (above) are not thereby trusted with the deployment's keys, and listing a
-# gateway here does not narrow where keyless agents may go.
-AGENT_API_KEY_HOSTS = env.list("AGENT_API_KEY_HOSTS", [])
+# Origins besides the providers' own (https://api.openai.com, https://api.anthropic.com) that
+# an llm agent's API key may be sent to: a gateway, a vLLM server. A bare host admits https on
+# port 443 only; http or another port is listed as an origin (http://vllm.internal:8000). A
+# list of its own: the hosts http agents may reach (above) are not thereby trusted with the
+# deployment's keys, and listing a gateway here does not narrow where keyless agents may go.
+AGENT_API_KEY_HOSTS = env.origin_list("AGENT_API_KEY_HOSTS", [])
 # The environment variables an llm agent may name in api_key_env (shell-style patterns, case
 # sensitive). Agents are also made through the API, and a key is sent to the agent's URL: an
 # agent naming DATABASE_URL would send it away. The platform's own configuration variables

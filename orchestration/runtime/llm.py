@@ -25,8 +25,9 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
-from config.env import env
+from config.env import DEFAULT_PORTS, Origin, env, host_normalize, origin_parse
 from observability.logs import secret_register
 from orchestration.errors import AgentError, PermanentError, ToolError
 from orchestration.models import Agent
@@ -72,14 +73,17 @@ def provider_host(provider: str | None) -> str:
 
 def _parsed_host(url: str) -> tuple[str, str, int | None, bool] | None:
     """(scheme, host, port, has_userinfo) of `url` as httpx, which sends the request, reads
-    it (urlsplit disagrees with it on backslashes, for one); None if httpx refuses it."""
+    it (urlsplit disagrees with it on backslashes, for one); None if httpx refuses it. The
+    host is the one looked up and sent (an internationalized name in its xn-- form), compared
+    as origins compare hosts (host_normalize); the port is None when it is the default."""
     import httpx  # here, not at module level: see http_agent's note on its import
 
     try:
         parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError):
+        host = parsed.raw_host.decode("ascii")
+    except (httpx.InvalidURL, TypeError, UnicodeDecodeError):
         return None
-    return parsed.scheme, parsed.host.rstrip(".").lower(), parsed.port, bool(parsed.userinfo)
+    return parsed.scheme, host_normalize(host), parsed.port, bool(parsed.userinfo)
 
 
 def is_provider_url(url: str, provider: str | None) -> bool:
@@ -89,26 +93,45 @@ def is_provider_url(url: str, provider: str | None) -> bool:
     return parts is not None and parts == ("https", provider_host(provider), None, False)
 
 
+def key_origins() -> set[Origin]:
+    """The origins AGENT_API_KEY_HOSTS lists (checked when the settings load)."""
+    try:
+        return {origin_parse(entry) for entry in settings.AGENT_API_KEY_HOSTS}
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"AGENT_API_KEY_HOSTS: an entry {exc}") from None
+
+
 def key_host_problem(url: str, provider: str | None) -> str | None:
     """Why an agent's API key may not be sent to `url`, or None.
 
-    A key goes to its provider's own API host, or to a host the operator listed in
-    AGENT_API_KEY_HOSTS: an admin who may create agents through the API chooses the
-    URL, and an agent naming the deployment's OPENAI_API_KEY with a URL of their own would
-    otherwise hand them the key. (Where any agent may connect at all is AGENT_HTTP_ALLOWED_HOSTS'
-    and the address rules' business, applied as well.) The URL is read as httpx reads it when
-    the request is made."""
-    builtin = provider_host(provider)
+    A key goes to its provider's own API host, or to an origin the operator listed in
+    AGENT_API_KEY_HOSTS (a bare host name there admits https on port 443 only, as the
+    providers' hosts): an admin who may create agents through the API chooses the URL, and
+    an agent naming the deployment's OPENAI_API_KEY with a URL of their own would otherwise
+    hand them the key. (Where any agent may connect at all is AGENT_HTTP_ALLOWED_HOSTS' and
+    the address rules' business, applied as well.) The URL is read as httpx reads it when
+    the request is made; the message names its origin, never its userinfo or path."""
     if is_provider_url(url, provider):
         return None
-    parts = _parsed_host(url)
-    host = parts[1] if parts is not None and not parts[3] else ""
-    if host and host in {h.rstrip(".").lower() for h in settings.AGENT_API_KEY_HOSTS}:
-        return None
-    return (
-        f"its API key is sent only to the provider's own host ({builtin}) or to a host listed in "
-        f"AGENT_API_KEY_HOSTS, and {host or 'this URL'} is neither"
+    refusal = (
+        f"its API key is sent only to the provider's own host ({provider_host(provider)}) "
+        "or to an origin listed in AGENT_API_KEY_HOSTS"
     )
+    parts = _parsed_host(url)
+    if parts is None or parts[0] not in DEFAULT_PORTS or not parts[1]:
+        return f"{refusal}, and this URL is neither"
+    scheme, host, port, has_userinfo = parts
+    if has_userinfo:
+        return f"{refusal}, and a URL with userinfo (user@) is neither"
+    origin = Origin(scheme, host, port if port is not None else DEFAULT_PORTS[scheme])
+    if origin in key_origins():
+        return None
+    if scheme == "https" and port is None:
+        shown, reasons = str(origin).removeprefix("https://").removesuffix(":443"), ["to it"]
+    else:
+        shown = str(origin)
+        reasons = (["over http"] if scheme == "http" else []) + ([f"to port {port}"] if port is not None else [])
+    return f"{refusal}, and {shown} is neither: list {shown} in AGENT_API_KEY_HOSTS to send the key {' '.join(reasons)}"
 
 
 def _api_key(agent: Agent, *, required: bool) -> str | None:

@@ -310,3 +310,58 @@ def test_put_replaces_the_settings_and_patch_changes_only_those_sent(callers):
     assert missing.status_code == 400
     assert [e["field"] for e in missing.json()["errors"]] == ["entrypoint"]
     assert admin.get(url).json()["name"] == NEW["name"]  # nothing half-written
+
+
+def test_a_listed_key_host_means_what_the_operator_wrote(callers, settings):
+    """A bare host admits https on port 443 only, as the providers' hosts; an origin
+    (scheme://host[:port]) admits that scheme and port, IPv6 literals included, whatever the
+    case, a trailing dot or the spelling of the address. A refused URL is told what to list,
+    without its path or userinfo; through the API nothing is stored until it is listed."""
+    settings.AGENT_API_KEY_HOSTS = [
+        "gateway.example.com",
+        "https://gateway.example.com:8443",
+        "http://vllm.internal:8000",
+        "http://[::1]:8000",
+    ]
+    llm = {"id": "k", "name": "K", "executor": "llm", "model": "m", "api_key_env": "OPENAI_API_KEY"}
+
+    def url_problems(url: str) -> list[str]:
+        return [p for p in executor_problems({**llm, "url": url}) if p.startswith("url:")]
+
+    for url in (
+        "https://gateway.example.com/v1",
+        "https://GATEWAY.example.com.:443/v1",
+        "https://gateway.example.com:8443/v1",
+        "http://vllm.internal:8000/v1",
+        "http://VLLM.internal.:8000",
+        "http://[::1]:8000/v1",
+        "http://[0:0::1]:8000/v1",
+    ):
+        assert url_problems(url) == [], url
+    for url, origin, why in (
+        ("http://gateway.example.com/v1", "http://gateway.example.com:80", "over http"),
+        ("https://gateway.example.com:9443/v1", "https://gateway.example.com:9443", "to port 9443"),
+        ("https://vllm.internal:8000/v1", "https://vllm.internal:8000", "to port 8000"),
+        ("http://vllm.internal/v1", "http://vllm.internal:80", "over http"),
+        ("http://[::1]:8001/v1", "http://[::1]:8001", "over http to port 8001"),
+        ("https://[::1]:8000/v1", "https://[::1]:8000", "to port 8000"),
+        ("https://llm.example/v1", "llm.example", "to it"),
+    ):
+        problems = url_problems(url)
+        hint = f"is neither: list {origin} in AGENT_API_KEY_HOSTS to send the key {why}"
+        assert len(problems) == 1 and problems[0].endswith(hint), (url, problems)
+        assert "/v1" not in problems[0]
+    assert any("userinfo" in p for p in url_problems("http://sk-live-0123456789abcdef@vllm.internal:8000/v1"))
+    assert "sk-live" not in str(url_problems("http://sk-live-0123456789abcdef@vllm.internal:8000/v1"))
+
+    admin = callers["admin"].client
+    agent = {**llm, "id": "vllm-1", "url": "http://vllm.internal:8001/v1"}
+    refused = admin.post("/api/v1/agents/", agent, format="json")
+    assert refused.status_code == 400
+    assert (
+        "list http://vllm.internal:8001 in AGENT_API_KEY_HOSTS to send the key over http to port 8001"
+        in refused.json()["detail"]
+    )
+    assert not Agent.objects.filter(pk="vllm-1").exists()
+    settings.AGENT_API_KEY_HOSTS = ["vllm.internal", "http://vllm.internal:8001"]
+    assert admin.post("/api/v1/agents/", agent, format="json").status_code == 201

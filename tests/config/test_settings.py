@@ -69,6 +69,41 @@ class TestEnvHelper:
     def test_list_splits_on_commas(self):
         assert Env({"H": "a.example, b.example,,"}).list("H") == ["a.example", "b.example"]
 
+    def test_origin_list_reads_bare_hosts_as_https_on_443_and_origins_as_written(self):
+        from config.env import Origin, origin_parse
+
+        value = "Gateway.Example.com., http://vllm.internal:8000, https://gw.example:8443/, HTTP://[0:0::1]:8000, ::1"
+        entries = Env({"H": value}).origin_list("H")
+        assert [origin_parse(entry) for entry in entries] == [
+            Origin("https", "gateway.example.com", 443),
+            Origin("http", "vllm.internal", 8000),
+            Origin("https", "gw.example", 8443),
+            Origin("http", "::1", 8000),
+            Origin("https", "::1", 443),
+        ]
+
+    @pytest.mark.parametrize(
+        ("entry", "shown", "problem"),
+        [
+            ("http://vllm.internal:8000/v1", "http://vllm.internal:8000/v1", "has a path"),
+            ("https://gw.example?token=hunter2-secret", "https://gw.example?***", "has a query"),
+            ("https://user:hunter2-secret@gw.example", "https://***@gw.example", "has userinfo"),
+            ("user:hunter2-secret@gw.example", "***@gw.example", "has userinfo"),
+            ("ftp://gw.example", "ftp://gw.example", "has the scheme ftp://; only http:// and https://"),
+            ("gw.example:8443", "gw.example:8443", "has a port but no scheme: write http://HOST:PORT"),
+            ("http://gw.example:99999", "http://gw.example:99999", "has a port that is not a number"),
+            ("http://[::1", "http://[::1", "is not a host name or an origin"),
+            ("http://::1:8000", "http://::1:8000", "has more than one ':' (an IPv6 address is written in brackets"),
+            ("gw example", "gw example", "has a host that is not a host name or an IP address"),
+            ("http://", "http://", "has no host"),
+        ],
+    )
+    def test_origin_list_names_the_entry_and_its_fault_without_its_secrets(self, entry, shown, problem):
+        with pytest.raises(ImproperlyConfigured) as info:
+            Env({"AGENT_API_KEY_HOSTS": f"gw.example,{entry}"}).origin_list("AGENT_API_KEY_HOSTS")
+        assert str(info.value).startswith(f"AGENT_API_KEY_HOSTS: {shown!r} {problem}"), str(info.value)
+        assert "hunter2-secret" not in str(info.value)
+
 
 @pytest.mark.subprocess
 class TestSettingsModules:
@@ -163,6 +198,16 @@ def test_a_malformed_service_url_stops_the_process_naming_the_variable(name, val
     assert result.returncode != 0, result.stdout
     assert message in result.stderr, result.stderr
     assert "hunter2-secret" not in result.stderr, "the error repeats the URL's password"
+
+
+@pytest.mark.subprocess
+def test_a_key_host_entry_with_a_path_stops_the_process_naming_it():
+    result = run_manage("check", **production_env(AGENT_API_KEY_HOSTS="gw.example,http://vllm.internal:8000/v1"))
+    assert result.returncode != 0, result.stdout
+    assert "AGENT_API_KEY_HOSTS: 'http://vllm.internal:8000/v1' has a path" in result.stderr, result.stderr
+    listed = "gw.example,https://gw.example:8443,http://vllm.internal:8000,http://[::1]:8000"
+    result = run_manage("check", **production_env(AGENT_API_KEY_HOSTS=listed))
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.subprocess

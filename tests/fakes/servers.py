@@ -1,15 +1,16 @@
 """Local HTTP servers that speak the protocols of what lies outside the project: a seed 004
 agent service, an OpenAI-compatible chat-completions API and the Anthropic messages API.
 
-Each listens on 127.0.0.1 on an ephemeral port in a thread, checks the requests it gets the
-way the real service would (path, headers, body), records them, and answers with
-real-shaped bodies. `script(...)` queues answers for the next requests (failures, delays,
-Retry-After); once the queue is empty the server answers normally.
+Each listens on 127.0.0.1 (or the `host` given, such as ::1) on an ephemeral port in a thread,
+checks the requests it gets the way the real service would (path, headers, body), records
+them, and answers with real-shaped bodies. `script(...)` queues answers for the next
+requests (failures, delays, Retry-After); once the queue is empty the server answers normally.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -42,7 +43,8 @@ class Recorded:
 class FakeServer:
     """Base: a threaded server, a script of answers, a record of requests."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.requests: list[Recorded] = []
         self._script: deque[Reply] = deque()
         self._lock = threading.Lock()
@@ -60,7 +62,10 @@ class FakeServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server_class = ThreadingHTTPServer
+        if ":" in host:
+            server_class = type("IPv6Server", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+        self._httpd = server_class((host, 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
@@ -70,7 +75,9 @@ class FakeServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """The server's origin: http, its host and port."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def start(self) -> FakeServer:
         self._thread.start()
@@ -173,8 +180,9 @@ class OpenAIServer(FakeServer):
         completion_tokens: int = 350,
         model_suffix: str = "",
         tool_call: dict[str, Any] | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
-        super().__init__()
+        super().__init__(host=host)
         self.api_key = api_key
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens

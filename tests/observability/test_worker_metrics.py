@@ -48,7 +48,7 @@ def test_worker_metrics_move_with_real_tasks_and_logs_carry_the_task_context(eng
                 "LOG_FORMAT": "json",
                 "OBS_TEST_LLM_API_KEY": LLM_KEY,
                 "AGENT_HTTP_ALLOW_PRIVATE": "true",
-                "AGENT_API_KEY_HOSTS": "127.0.0.1",  # a key goes only to a listed host
+                "AGENT_API_KEY_HOSTS": openai.url,  # a key goes only to a listed origin
             }
         )
         url = f"http://127.0.0.1:{port}/metrics"

@@ -200,14 +200,14 @@ def test_review_and_collaboration_run_the_other_agent_and_are_recorded(builtin_a
 def local_net(settings, monkeypatch):
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
-    settings.AGENT_API_KEY_HOSTS = ["127.0.0.1"]
     monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     return settings
 
 
 @pytest.fixture
-def openai() -> Iterator[OpenAIServer]:
+def openai(settings) -> Iterator[OpenAIServer]:
     with OpenAIServer(api_key=KEY, tool_call={"expression": "6 * 7"}) as server:
+        settings.AGENT_API_KEY_HOSTS = [server.url]  # its origin: http, its port
         yield server
 
 
@@ -295,6 +295,7 @@ def test_tool_rounds_are_bounded(local_net, openai, settings):
 @pytest.mark.django_db
 def test_anthropic_tool_loop_uses_tool_use_and_tool_result_blocks(local_net):
     with AnthropicServer(api_key=KEY, tool_call={"expression": "2 ** 5"}) as server:
+        local_net.AGENT_API_KEY_HOSTS = [server.url]
         agent = tool_agent(server.url, provider="anthropic", model="claude-3-5-haiku-latest")
         result, _ = run(agent, {"prompt": "2 to the 5th?"})
     first, second = (r.body for r in server.requests)

@@ -104,7 +104,7 @@ def test_llm_conversation_sends_the_whole_thread_and_records_tokens(engine):
             env={
                 "AGENT_HTTP_ALLOW_PRIVATE": "true",
                 "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
-                "AGENT_API_KEY_HOSTS": "127.0.0.1",
+                "AGENT_API_KEY_HOSTS": llm.url,
                 "CHAT_API_KEY": KEY,
             }
         )
@@ -378,18 +378,20 @@ def _tool_agent(llm: OpenAIServer, tools: list[str]) -> Agent:
     )
 
 
-LLM_ENV = {
-    "AGENT_HTTP_ALLOW_PRIVATE": "true",
-    "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
-    "AGENT_API_KEY_HOSTS": "127.0.0.1",
-    "CHAT_API_KEY": KEY,
-}
+def llm_env(llm: OpenAIServer) -> dict[str, str]:
+    """A worker that reaches the fake server and sends it the key (its origin is listed)."""
+    return {
+        "AGENT_HTTP_ALLOW_PRIVATE": "true",
+        "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
+        "AGENT_API_KEY_HOSTS": llm.url,
+        "CHAT_API_KEY": KEY,
+    }
 
 
 @pytest.mark.django_db(transaction=True)
 def test_two_tool_calls_of_one_turn_one_refused_are_sent_back_paired_on_the_next_turn(engine):
     with OpenAIServer(api_key=KEY) as llm:
-        engine(env=LLM_ENV)
+        engine(env=llm_env(llm))
         agent = _tool_agent(llm, ["calculator", "text_stats"])
         llm.script(
             Reply(
@@ -433,7 +435,7 @@ def test_a_tool_calling_answer_the_database_cannot_store_fails_the_reply_instead
     stored, nor then the failure that stores it too; the attempt stayed running (the thread
     "still answering") until the reaper timed it out and ran the model again."""
     with OpenAIServer(api_key=KEY) as llm:
-        engine(env=LLM_ENV)
+        engine(env=llm_env(llm))
         agent = _tool_agent(llm, ["calculator"])
         llm.script(
             Reply(
@@ -460,7 +462,7 @@ def test_a_tool_call_with_a_nul_in_its_arguments_is_refused_to_the_model_not_a_f
     """The tool_executed event could not store the arguments: the attempt failed with a
     DataError quoting SQL into the thread, and was run again."""
     with OpenAIServer(api_key=KEY) as llm:
-        engine(env=LLM_ENV)
+        engine(env=llm_env(llm))
         agent = _tool_agent(llm, ["text_stats"])
         llm.script(
             Reply(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import time
 import uuid
@@ -45,10 +46,10 @@ def ctx(**overrides: object) -> TaskContext:
 
 @pytest.fixture
 def local_net(settings):
-    """The fake servers listen on loopback: allow it, and only it."""
+    """The fake servers listen on loopback: allow it, and only it. (A fake provider's fixture
+    lists its origin, http://127.0.0.1:PORT, as one its key may go to.)"""
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
-    settings.AGENT_API_KEY_HOSTS = ["127.0.0.1"]
     return settings
 
 
@@ -59,14 +60,16 @@ def service() -> Iterator[AgentService]:
 
 
 @pytest.fixture
-def openai() -> Iterator[OpenAIServer]:
+def openai(settings) -> Iterator[OpenAIServer]:
     with OpenAIServer(api_key=KEY) as server:
+        settings.AGENT_API_KEY_HOSTS = [server.url]
         yield server
 
 
 @pytest.fixture
-def anthropic() -> Iterator[AnthropicServer]:
+def anthropic(settings) -> Iterator[AnthropicServer]:
     with AnthropicServer(api_key=KEY) as server:
+        settings.AGENT_API_KEY_HOSTS = [server.url]
         yield server
 
 
@@ -473,9 +476,49 @@ def test_a_key_goes_only_to_the_providers_host_or_one_the_operator_listed(openai
     with pytest.raises(PermanentError, match=r"sent only to the provider's own host \(api.anthropic.com\)"):
         agent_execute(agent=anthropic_agent, task_input={"prompt": "x"}, context=ctx())
     assert openai.requests == []
-    settings.AGENT_API_KEY_HOSTS = ["127.0.0.1"]
+    settings.AGENT_API_KEY_HOSTS = [openai.url]
     agent_execute(agent=llm_agent(openai.base_url), task_input={"prompt": "x"}, context=ctx())
     assert len(openai.requests) == 1
+
+
+def test_a_listed_host_name_admits_https_on_443_only_and_an_origin_its_own_scheme_and_port(
+    local_net, openai, monkeypatch
+):
+    """Listing the fake server's host does not send the key to it over http on its port:
+    that takes its origin, listed as the operator writes it (case, trailing dot, a lone "/").
+    The error says what to list, and the server is never reached before."""
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
+    hint = f"list {openai.url} in AGENT_API_KEY_HOSTS to send the key over http to port {openai.port}"
+    for listed in (
+        ["127.0.0.1"],
+        [f"https://127.0.0.1:{openai.port}"],
+        ["http://127.0.0.1"],
+        [f"http://127.0.0.1:{openai.port + 1}"],
+    ):
+        local_net.AGENT_API_KEY_HOSTS = listed
+        with pytest.raises(PermanentError, match=re.escape(hint)) as info:
+            agent_execute(agent=llm_agent(openai.base_url), task_input={"prompt": "x"}, context=ctx())
+        assert "/v1" not in str(info.value) and KEY not in str(info.value)
+    assert openai.requests == []
+    local_net.AGENT_API_KEY_HOSTS = ["127.0.0.1", f"HTTP://127.0.0.1.:{openai.port}/"]
+    agent_execute(agent=llm_agent(openai.base_url), task_input={"prompt": "x"}, context=ctx())
+    assert [r.headers["authorization"] for r in openai.requests] == [f"Bearer {KEY}"]
+
+
+def test_a_key_goes_to_a_listed_ipv6_origin(local_net, monkeypatch):
+    """http://[::1]:PORT listed (however the address is spelt) sends the key to a server on
+    ::1; the bare address admits https on 443 only."""
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
+    local_net.AGENT_HTTP_ALLOWED_HOSTS = ["::1"]
+    with OpenAIServer(api_key=KEY, host="::1") as server:
+        agent = llm_agent(server.base_url)
+        local_net.AGENT_API_KEY_HOSTS = ["::1", "[::1]"]
+        with pytest.raises(PermanentError, match=re.escape(f"list http://[::1]:{server.port} in AGENT_API_KEY_HOSTS")):
+            agent_execute(agent=agent, task_input={"prompt": "x"}, context=ctx())
+        assert server.requests == []
+        local_net.AGENT_API_KEY_HOSTS = [f"http://[0:0::1]:{server.port}"]
+        agent_execute(agent=agent, task_input={"prompt": "x"}, context=ctx())
+    assert [r.headers["authorization"] for r in server.requests] == [f"Bearer {KEY}"]
 
 
 def test_a_python_agent_outside_the_entrypoint_modules_is_refused_at_call_time(settings):
@@ -550,6 +593,7 @@ def test_a_key_read_at_run_time_is_masked_in_the_logs_of_its_process(local_net, 
 
     assert value in logged()  # nothing knew it yet
     with OpenAIServer(api_key=value) as server:
+        local_net.AGENT_API_KEY_HOSTS = [server.url]
         agent_execute(
             agent=llm_agent(server.base_url, api_key_env="API_MADE_API_KEY"), task_input={"prompt": "x"}, context=ctx()
         )
@@ -560,6 +604,7 @@ def test_api_key_never_appears_in_errors_or_logs(local_net, monkeypatch, caplog)
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     with OpenAIServer(api_key="sk-other") as server:  # refuses our key, quoting it back
+        local_net.AGENT_API_KEY_HOSTS = [server.url]
         with pytest.raises(PermanentError, match="HTTP 401") as info:
             agent_execute(agent=llm_agent(server.base_url), task_input={"prompt": "x"}, context=ctx())
         assert KEY in server.requests[0].headers["authorization"]
@@ -661,7 +706,7 @@ def test_workflow_with_http_and_llm_agents_records_retries_tokens_and_cost(engin
                 "ENGINE_FAST_PATH": fast_path,
                 "AGENT_HTTP_ALLOW_PRIVATE": "true",
                 "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
-                "AGENT_API_KEY_HOSTS": "127.0.0.1",
+                "AGENT_API_KEY_HOSTS": llm.url,
                 "FAKE_LLM_API_KEY": KEY,
             }
         )

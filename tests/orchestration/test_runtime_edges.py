@@ -19,13 +19,13 @@ from tests.fakes.servers import OpenAIServer, Reply
 from tests.orchestration.test_executors import ctx
 
 KEY = "sk-test-" + "edges" * 5
-# A worker that reaches the local fake servers, and sends them the key.
-LOCAL_NET = {
-    "AGENT_HTTP_ALLOW_PRIVATE": "true",
-    "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1",
-    "AGENT_API_KEY_HOSTS": "127.0.0.1",
-}
-LLM_ENV = {**LOCAL_NET, "EDGES_LLM_API_KEY": KEY}
+# A worker that reaches the local fake servers.
+LOCAL_NET = {"AGENT_HTTP_ALLOW_PRIVATE": "true", "AGENT_HTTP_ALLOWED_HOSTS": "127.0.0.1"}
+
+
+def llm_env(llm: OpenAIServer) -> dict[str, str]:
+    """LOCAL_NET, and the key, sent to the fake server's origin (http, its port)."""
+    return {**LOCAL_NET, "AGENT_API_KEY_HOSTS": llm.url, "EDGES_LLM_API_KEY": KEY}
 
 
 def finished(workflow: Workflow, timeout: float = 40) -> Workflow:
@@ -53,7 +53,7 @@ def test_cancel_during_second_model_round_keeps_the_first_rounds_spend_real_work
     """Round 1 is answered (1200 + 350 tokens, paid), the tool runs, round 2 hangs; the user
     cancels. The attempt is recorded cancelled: its first round's spend must stay on record."""
     with OpenAIServer(api_key=KEY, tool_call={"expression": "6 * 7"}) as llm:
-        engine(env=LLM_ENV)
+        engine(env=llm_env(llm))
         llm_tool_agent(llm.base_url)
         llm.script(Reply(), Reply(delay=8))
         workflow, _ = workflow_submit(
@@ -232,7 +232,6 @@ def test_server_error_with_a_large_error_page_stays_retryable(settings):
 
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
-    settings.AGENT_API_KEY_HOSTS = ["127.0.0.1"]
     settings.AGENT_HTTP_MAX_RESPONSE_BYTES = 4096
     context = ctx(workflow_id=None)
     with AgentService() as service:
@@ -351,7 +350,6 @@ def test_gzip_answer_is_decoded_and_a_nested_encoding_bomb_is_refused_without_in
 
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
-    settings.AGENT_API_KEY_HOSTS = ["127.0.0.1"]
     settings.AGENT_HTTP_MAX_RESPONSE_BYTES = 1 << 20
     ok = _Encoded(b'{"result": "fine"}', 1)
     try:
@@ -386,10 +384,10 @@ def test_anthropic_conversation_keeps_answering_once_the_history_window_is_full(
 
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
-    settings.AGENT_API_KEY_HOSTS = ["127.0.0.1"]
     settings.CONVERSATION_HISTORY_MESSAGES = 4  # the default, 200, is even too: same at turn 101
     os.environ["AUDIT_ANTHROPIC_API_KEY"] = KEY
     with AnthropicServer(api_key=KEY) as server:
+        settings.AGENT_API_KEY_HOSTS = [server.url]
         agent = Agent.objects.create(
             id="claude",
             name="Claude",
@@ -425,7 +423,7 @@ def test_killed_worker_keeps_the_paid_rounds_on_the_lost_attempt(engine):
     from orchestration.services.reaper import attempts_reap
 
     with OpenAIServer(api_key=KEY, tool_call={"expression": "6 * 7"}) as llm:
-        worker = engine(env=LLM_ENV)
+        worker = engine(env=llm_env(llm))
         llm_tool_agent(llm.base_url)
         llm.script(Reply(), Reply(delay=8))
         workflow, _ = workflow_submit(
@@ -473,7 +471,7 @@ def test_model_answer_with_nul_keeps_the_paid_round(engine):
         "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
     }
     with OpenAIServer(api_key=KEY) as llm:
-        engine(env=LLM_ENV)
+        engine(env=llm_env(llm))
         llm_tool_agent(llm.base_url)
         llm.script(Reply(body=body))
         workflow = finished(_submit_one("calc-llm", max_retries=0))

@@ -34,9 +34,9 @@ T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
 def llm(settings, monkeypatch) -> Iterator[OpenAIServer]:
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["127.0.0.1"]
-    settings.AGENT_API_KEY_HOSTS = ["127.0.0.1"]
     monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     with OpenAIServer(api_key=KEY, tool_call={"expression": "6 * 7"}) as server:
+        settings.AGENT_API_KEY_HOSTS = [server.url]  # its origin: http, its port
         yield server
 
 
