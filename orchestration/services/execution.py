@@ -123,7 +123,7 @@ def _fail_or_retry(
     timed_out = status == TaskAttempt.Status.TIMED_OUT
     if timed_out:
         task_event(task, EventType.TASK_TIMED_OUT, attempt=attempt, payload={"error": error}, severity=Severity.WARNING)
-    if retryable and task.retry_count < task.max_retries and _workflow_goes_on(task):
+    if retryable and task.retry_count < task.max_retries and _workflow_goes_on(task, now=now):
         task.retry_count += 1
         if retry_now:
             task.save(update_fields=["retry_count", "error"])
@@ -153,16 +153,24 @@ def _fail_or_retry(
     return False
 
 
-def _workflow_goes_on(task: TaskExecution) -> bool:
+def _workflow_goes_on(task: TaskExecution, *, now: dt.datetime) -> bool:
     """Whether a retry of `task` could still matter: not when its workflow has ended, nor
     when it is stopping (a sibling failed for good while this task ran, and the workflow
-    waits only for its running tasks to end: workflow_on_task_failed)."""
+    waits only for its running tasks to end: workflow_on_task_failed), nor past its deadline
+    (the task then fails for good, and the workflow for its deadline)."""
     if task.workflow_id is None:
         return True
     workflow = (
-        Workflow.objects.filter(pk=task.workflow_id).only("status", "continue_on_failure", "failed_steps").first()
+        Workflow.objects.filter(pk=task.workflow_id)
+        .only("status", "continue_on_failure", "failed_steps", "deadline")
+        .first()
     )
-    return workflow is not None and workflow.status == Workflow.Status.RUNNING and not workflow_stopping(workflow)
+    return (
+        workflow is not None
+        and workflow.status == Workflow.Status.RUNNING
+        and not workflow_stopping(workflow)
+        and not deadline_passed(workflow.deadline, now)
+    )
 
 
 def attempt_abandon(
@@ -353,10 +361,11 @@ def attempt_claim(
     if fast is not None:
         return _claim_from_fast(fast)
     # Asked before the transaction, holding no lock (a remote-control round trip); the claim
-    # checks under its locks that the attempt asked about is still the running one.
+    # checks under its locks that the attempt asked about is still the running one. A message
+    # run_task once sent again (retried) keeps that mark through the broker's redeliveries.
     previous = (
         previous_try_check(execution_id=execution_id, celery_task_id=celery_task_id, process=process)
-        if redelivered and not retried
+        if redelivered
         else None
     )
     return atomic_with_retry(
@@ -422,6 +431,17 @@ def _attempt_claim(
         if last is None or last.status != TaskAttempt.Status.RUNNING or not (redelivered or retried):
             return Outcome.SKIPPED  # a duplicate delivery: the attempt is recorded already
         status = TaskAttempt.Status.LOST
+        asked = previous if redelivered and previous is not None and previous.attempt_id == last.pk else None
+        if asked is not None and asked.running:
+            logger.warning(
+                "attempt %s of %s: its message was redelivered while worker %s still runs it "
+                "(pool process %s); this delivery is a duplicate and runs nothing",
+                last.attempt_number,
+                task.execution_id,
+                last.worker,
+                last.pool_pid,
+            )
+            return Outcome.SKIPPED
         if retried and last.celery_task_id == celery_task_id:
             # run_task sent its own message again after the connection broke: whatever the
             # attempt did was not recorded, and the delivery that ran it has ended.
@@ -430,20 +450,10 @@ def _attempt_claim(
                 f"worker {last.worker or '?'} lost its database connection during attempt {last.attempt_number} "
                 "(message sent again)"
             )
-        elif redelivered and previous is not None and previous.attempt_id == last.pk:
+        elif asked is not None:
             # The broker redelivered the message of a running attempt, and its worker said what
             # became of it (services/redelivery.py).
-            if previous.running:
-                logger.warning(
-                    "attempt %s of %s: its message was redelivered while worker %s still runs it "
-                    "(pool process %s); this delivery is a duplicate and runs nothing",
-                    last.attempt_number,
-                    task.execution_id,
-                    last.worker,
-                    last.pool_pid,
-                )
-                return Outcome.SKIPPED
-            status, cause, error = previous.status, previous.cause, previous.error
+            status, cause, error = asked.status, asked.cause, asked.error
         elif redelivered:
             # The broker redelivered the message of a running attempt: its worker was lost.
             cause = TaskAttempt.Cause.WORKER_LOST

@@ -92,7 +92,8 @@ def deadline_passed(deadline: dt.datetime | None, now: dt.datetime) -> bool:
 def workflow_fail_past_deadline(workflow: Workflow, *, now: dt.datetime) -> None:
     """Fail a running workflow past its deadline (caller holds the lock): what is unfinished is
     cancelled, running attempts recorded cancelled for the deadline. Whichever sees the deadline
-    passed first does it: a claim, a completion, a workflow finishing, or the reaper's pass."""
+    passed first does it: a claim, a completion, a task failing for good (past the deadline
+    no retry is queued), a workflow finishing, or the reaper's pass."""
     workflow_fail(
         workflow,
         error=f"deadline {workflow.deadline.isoformat()} passed",
@@ -169,12 +170,15 @@ def workflow_on_task_failed(task: TaskExecution, *, now: dt.datetime) -> None:
     are not retried (workflow_stopping), and the workflow ends `failed`, with the first
     failure as its error, when the last of them ends (as a workflow that continues on failure
     does: its end event then carries its final state). With continue_on_failure, only what
-    depended on the task is cancelled."""
+    depended on the task is cancelled. Past the workflow's deadline, it fails for that at once,
+    cutting what still runs, as after a completion (workflow_advance)."""
     workflow = Workflow.objects.select_for_update().get(workflow_id=task.workflow_id)
-    if workflow.status != Workflow.Status.RUNNING:
+    if workflow.status != Workflow.Status.RUNNING or deadline_passed(workflow.deadline, now):
         Workflow.objects.filter(workflow_id=task.workflow_id).update(
             failed_steps=F("failed_steps") + 1, current_step=task.task_name
         )
+        if workflow.status == Workflow.Status.RUNNING:
+            workflow_fail_past_deadline(workflow, now=now)
         return
     stopping = workflow_stopping(workflow)
     changes: dict[str, Any] = {"failed_steps": F("failed_steps") + 1, "current_step": task.task_name}

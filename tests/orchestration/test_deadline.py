@@ -11,9 +11,10 @@ import datetime as dt
 import pytest
 from django.utils import timezone
 
+from orchestration.errors import PermanentError, RetryableError
 from orchestration.models import TaskAttempt, TaskExecution, Workflow
 from orchestration.runtime.context import AgentResult
-from orchestration.services.execution import Claim, attempt_claim, attempt_succeed
+from orchestration.services.execution import Claim, attempt_claim, attempt_fail, attempt_succeed
 from tests.engine import wait_for
 from tests.orchestration.test_engine import attempts, event_types, running_attempt, submit, task
 
@@ -128,3 +129,54 @@ def test_a_worker_completing_a_task_after_the_deadline_fails_the_workflow_withou
     assert [x.status for x in attempts(wf, "slow")] == [A.SUCCEEDED]
     long.refresh_from_db()
     assert (task(wf, "long").status, long.status, long.cause) == (T.CANCELLED, A.CANCELLED, "deadline")
+
+
+def fail(claim: Claim, exc: Exception) -> bool:
+    """Record the claim's attempt failed as a worker does."""
+    return attempt_fail(attempt=claim.attempt, exc=exc, duration_ms=5.0, now=timezone.now())
+
+
+def test_a_retryable_failure_after_the_deadline_queues_no_retry_and_cuts_the_tasks_still_running(
+    committed, settings, fast_path
+):
+    """A failed try past the deadline is not tried again (its retry could only be cancelled for
+    the deadline when it arrives): the workflow fails for its deadline then and there, as after
+    a completion, and what still runs is cut."""
+    settings.ENGINE_FAST_PATH = fast_path
+    wf = submit({"name": "a", "agent": "echo", "max_retries": 3}, {"name": "b", "agent": "echo"}, deadline=in_an_hour())
+    first, _ = claimed(wf, "a"), claimed(wf, "b")
+    deadline_passes(wf)
+    assert fail(first, RetryableError("provider busy"))
+    wf.refresh_from_db()
+    assert wf.status == Workflow.Status.FAILED and "deadline" in wf.error
+    a = task(wf, "a")
+    assert (a.status, a.retry_count) == (T.FAILED, 0)
+    assert [x.status for x in attempts(wf, "a")] == [A.FAILED]
+    [cut] = attempts(wf, "b")
+    assert (task(wf, "b").status, cut.status, cut.cause) == (T.CANCELLED, A.CANCELLED, "deadline")
+    assert "task_retrying" not in event_types(a.execution_id)
+
+
+def test_a_last_failure_after_the_deadline_in_a_workflow_that_continues_cuts_what_still_runs(
+    committed, settings, fast_path
+):
+    """continue_on_failure: a task failing for good past the deadline fails the workflow for it
+    at once, as a completion does, instead of leaving it running (its siblings too) until the
+    reaper's pass."""
+    settings.ENGINE_FAST_PATH = fast_path
+    wf = submit(
+        {"name": "a", "agent": "echo"},
+        {"name": "b", "agent": "echo"},
+        deadline=in_an_hour(),
+        continue_on_failure=True,
+    )
+    first, _ = claimed(wf, "a"), claimed(wf, "b")
+    deadline_passes(wf)
+    assert fail(first, PermanentError("bad input"))
+    wf.refresh_from_db()
+    assert wf.status == Workflow.Status.FAILED and "deadline" in wf.error
+    assert (wf.failed_steps, wf.cancelled_steps) == (1, 1)
+    assert (task(wf, "a").status, task(wf, "b").status) == (T.FAILED, T.CANCELLED)
+    [cut] = attempts(wf, "b")
+    assert (cut.status, cut.cause) == (A.CANCELLED, "deadline")
+    assert event_types(wf.workflow_id)[-1] == "workflow_failed"

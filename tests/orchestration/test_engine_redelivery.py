@@ -149,3 +149,36 @@ def test_a_superseded_try_that_finishes_later_keeps_its_spend_and_completes_noth
     wf.refresh_from_db()
     assert (wf.completed_steps, wf.total_cost_usd, wf.wasted_cost_usd) == (2, 2 * WHOLE[1], WHOLE[1])
     assert [e.event_type for e in events(wf)].count("task_completed") == 1
+
+
+def test_a_message_once_sent_again_by_run_task_still_asks_the_worker_when_the_broker_redelivers_it(engine, held):
+    """run_task sends its message again (same id, retries=1) after a lost database connection;
+    that message keeps its retries count through later deliveries. When the broker then
+    redelivers it while its try still runs, the claim asks the worker as for any redelivered
+    message: the try still runs, the delivery runs nothing (not a second try beside it, recorded
+    as a lost database connection)."""
+    import redis
+    from django.conf import settings
+
+    from orchestration.tasks import run_task
+
+    wf = submit(held)
+    t = TaskExecution.objects.get(workflow=wf, task_name="t")
+    # The message as run_task's own retry sends it: same id, retries 1 (no worker runs yet).
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    assert broker.delete(t.priority) == 1
+    run_task.apply_async(args=[t.pk], task_id=t.celery_task_id, queue=t.priority, routing_key=t.priority, retries=1)
+    worker = engine(concurrency=2, env=RUNS_ON)
+    first = running_first(wf)
+    assert worker.broker_connections_cut()
+    wait_for(
+        lambda: "this delivery is a duplicate" in worker.log() or len(tries(wf)) > 1,
+        timeout=30,
+        what="the redelivered message to be claimed",
+    )
+    assert [(a.attempt_number, a.status) for a in tries(wf)] == [(1, A.RUNNING)], "a second try started"
+    held.touch()
+    wf = finished(wf)
+    assert wf.status == Workflow.Status.COMPLETED
+    [only] = tries(wf)
+    assert (only.pk, only.status) == (first.pk, A.SUCCEEDED)
