@@ -47,15 +47,23 @@ def _authorization_patterns() -> list[tuple[re.Pattern[str], tuple[str, ...]]]:
     has a scheme (a list of header names has none). The label and the scheme are kept
     ("Authorization: Digest ***"); a quoted credential is masked up to its closing quote, a bare
     one is the header's parameters (Digest, AWS4-HMAC-SHA256) or one token."""
-    key = r"(?i)(authorization[\"']?\]?\s*[:=]\s*"
+    # (the label's quote escaped in a JSON text inside a string, `=>` of a Ruby or PHP hash, the
+    # first value of a list: multiValueHeaders, Go's Authorization:[...])
+    key = r"(?i)(authorization(?:\\?[\"'])?\]?\s*(?:=>|[:=])\s*(?:\[\s*)?"
     pair = r"(?i)(authorization[\"']\s*,\s*"
     scheme = r"[a-z][a-z0-9!#$%&*+.^_`|~-]*[ \t]+"
-    param = r"[a-z0-9!#$%*+.^_`|~-]+[ \t]*=[ \t]*(?:\"(?:[^\"\\\n]|\\.)*\"?|[^\s\"',]*)"
+    param = (
+        r"[a-z0-9!#$%*+.^_`|~-]+[ \t]*=[ \t]*"
+        r"(?:\"(?:[^\"\\\n]|\\.)*\"?|\\\"(?:[^\"\\\n]|\\[^\"\n])*(?:\\\")?|[^\s\"',]*)"
+    )
     patterns = []
     for quote in ('"', "'"):
-        quoted = rf"(?:[^{quote}\\\n]|\\.){{6,}}"
+        char = rf"(?:[^{quote}\\\n]|\\.)"
+        # (or continued by adjacent literals, as pprint splits a long value)
+        quoted = rf"(?:{char}*(?:{quote}\s*{quote}{char}*)+|{char}{{6,}})"
         patterns.append(key + rf"[bfru]{{0,2}}{quote}(?:{scheme})?)" + quoted)
         patterns.append(pair + rf"[bfru]{{0,2}}{quote}{scheme})" + quoted)
+    patterns.append(key + rf"\\\"(?:{scheme})?)(?:[^\"\\\n]|\\[^\"\n]){{6,}}")
     patterns.append(key + rf"(?:{scheme})?)(?:{param}(?:[ \t]*,[ \t]*{param})*|[^\s\"',;&*]{{6,}})")
     return [(re.compile(pattern), ("authorization",)) for pattern in patterns]
 

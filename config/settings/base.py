@@ -343,16 +343,35 @@ REDACT_KEYS = env.list(
     ],
 )
 # One parameter of a credential in the Authorization header's parameter form (RFC 9110:
-# `name=token` or `name="quoted"`; Digest and AWS4-HMAC-SHA256 use it, AWS with ';' in a value).
-_AUTH_PARAM = r"[a-z0-9!#$%*+.^_`|~-]+[ \t]*=[ \t]*(?:\"(?:[^\"\\\n]|\\.)*\"?|[^\s\"',]*)"
-# The label and separator, then the value: quoted (up to its closing quote, escapes included;
-# a b/f/r/u prefix of a Python literal allowed), or bare (a scheme or a bare key, then the
-# parameters or a token68 credential, up to the line's end or a quote, comma, ';' or '&').
+# `name=token` or `name="quoted"`; Digest and AWS4-HMAC-SHA256 use it, AWS with ';' in a value),
+# its quotes possibly escaped (the header inside a JSON string: `response=\"...\"`).
+_AUTH_PARAM = (
+    r"[a-z0-9!#$%*+.^_`|~-]+[ \t]*=[ \t]*"
+    r"(?:\"(?:[^\"\\\n]|\\.)*\"?|\\\"(?:[^\"\\\n]|\\[^\"\n])*(?:\\\")?|[^\s\"',]*)"
+)
+
+
+def _auth_bare(stop: str) -> str:
+    """A bare value (a scheme or a bare key, then the parameters or a token68 credential), its
+    characters none of `stop`."""
+    return (
+        rf"[^\s\"',;&{{\[{stop}][^\s\"',;&{stop}]*(?:[ \t]+(?:{_AUTH_PARAM}(?:[ \t]*,[ \t]*{_AUTH_PARAM})*"
+        rf"|[^\s\"',;&{stop}]+))?"
+    )
+
+
+# The label, its quote (escaped in a JSON text inside a JSON string) and separator (`=>` too),
+# then the value: quoted (up to its closing quote, escapes included, and the literals that
+# continue it, as pprint splits a long one; a b/f/r/u prefix allowed), possibly the first of a
+# list (`["Basic ..."]`); or, on the same line (a header's value never starts the next one:
+# "if not authorization:" ending a line is code), bare, possibly in brackets (Go's
+# `Authorization:[Basic ...]`; not a mask already there).
 _AUTHORIZATION = (
-    r"(?i:authorization(?:[\"']?\]?\s*[=:]\s*"
-    r"(?:[bfru]{0,2}\"(?:[^\"\\\n]|\\.)*|[bfru]{0,2}'(?:[^'\\\n]|\\.)*"
-    r"|[^\s\"',;&{\[][^\s\"',;&]*(?:[ \t]+(?:" + _AUTH_PARAM + r"(?:[ \t]*,[ \t]*" + _AUTH_PARAM + r")*"
-    r"|[^\s\"',;&]+))?)"
+    r"(?i:authorization(?:(?:\\?[\"'])?\]?\s*(?:=>|[=:])"
+    r"(?:\s*(?:\[\s*)?(?:[bfru]{0,2}\"(?:[^\"\\\n]|\\.)*(?:\"\s*\"(?:[^\"\\\n]|\\.)*)*"
+    r"|[bfru]{0,2}'(?:[^'\\\n]|\\.)*(?:'\s*'(?:[^'\\\n]|\\.)*)*"
+    r"|\\\"(?:[^\"\\\n]|\\[^\"\n])*)"
+    r"|[ \t]*(?:" + _auth_bare("") + r"|\[(?!redacted\])[ \t]*" + _auth_bare(r"\]") + r"\]?))"
     r"|[\"']\s*,\s*[bfru]{0,2}(?:\"[^\"\s\\]+[ \t]+(?:[^\"\\\n]|\\.)*|'[^'\s\\]+[ \t]+(?:[^'\\\n]|\\.)*)))"
 )
 # Each pattern starts with a literal where it can (a literal prefix lets the regex engine skip
@@ -372,7 +391,7 @@ REDACT_PATTERNS = env.json_str_list(
         # key=value, JSON or a Python literal (`'Authorization': 'Basic ...'`,
         # `headers["Authorization"] = ...`), and a pair `("Authorization", "Basic ...")` when its
         # value has a scheme (a list of header names has none). Whatever follows "Authorization:"
-        # is taken for a credential, "Authorization: required" too (a bare key looks the same);
+        # on its line is taken for a credential, "Authorization: required" too (a bare key looks the same);
         # the word elsewhere ("the authorization step failed") is kept. No word-start look-behind:
         # "Proxy-", "HTTP_" or "proxy" before it name the same header.
         _AUTHORIZATION,

@@ -210,6 +210,20 @@ def test_secret_looking_patterns_are_masked(text, expected):
             "SignedHeaders=host;x-amz-date, Signature=fe5f80f77d5fa3be\r\nHost: s3",
             "Authorization: AWS4-HMAC-SHA256 ***\r\nHost: s3",
         ),
+        # A header in a JSON string (its quotes escaped), a JSON text inside a JSON string, a
+        # list of values, a Ruby/PHP hash, a long value pprint splits into adjacent literals.
+        (
+            '{"msg": "Authorization: Digest username=\\"bob\\", response=\\"6629fae49393a0\\""}',
+            '{"msg": "Authorization: Digest ***"}',
+        ),
+        (
+            '{"body": "{\\"Authorization\\": \\"Token 9944b09199c6\\"}"}',
+            '{"body": "{\\"Authorization\\": \\"Token ***\\"}"}',
+        ),
+        ("map[Authorization:[Token 9944b09199c6] Accept:[*/*]]", "map[Authorization:[Token *** Accept:[*/*]]"),
+        ('{"Authorization": ["Token 9944b09199c6"]}', '{"Authorization": ["Token ***"]}'),
+        ("{ 'Authorization' => 'Token 9944b09199c6' }", "{ 'Authorization' => 'Token ***' }"),
+        ("{'Authorization': 'Token '\n                  '9944b09199c62bcf9418ad'}", "{'Authorization': 'Token ***'}"),
     ],
 )
 def test_authorization_credentials_of_any_scheme_are_masked_and_the_scheme_kept(text, expected):

@@ -200,3 +200,107 @@ def test_a_system_prompt_that_is_json_is_redacted_as_a_message_holding_it_is(out
     system, user = example["messages"][:2]
     assert system["role"] == "system" and system["content"] == user["content"]
     assert json.loads(system["content"]) == {"role": "support bot", "cookie": MASK}
+
+
+def exported_parameters(out_parameters: dict) -> tuple[dict, Path]:
+    """Export a thread whose recorded prompt version has one tool with these parameters: the
+    written example's parameters, and the export's directory."""
+    agent = AgentFactory()
+    tool = {"type": "function", "function": {"name": "notify", "parameters": out_parameters}}
+    version = prompt_version_record({"system_prompt": "Be brief.", "tools": [tool]})
+    for i, (role, content) in enumerate([("user", "hi"), ("assistant", "Hello!")]):
+        MessageFactory(
+            instance_id="t-1",
+            agent=agent,
+            role=role,
+            content=content,
+            metadata={"prompt_version": version},
+            created_at=T0 + dt.timedelta(seconds=i),
+        )
+    run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+    [example] = examples(run)
+    chat_example_validate(example)
+    [written] = example["tools"]
+    return written["function"]["parameters"], Path(run.path).parent
+
+
+@pytest.mark.django_db
+def test_required_names_the_parameters_as_written_when_two_names_are_masked_alike(out):
+    """Two parameter names masked alike are told apart (`[REDACTED]#2`); `required` names them
+    as written, so the schema stays valid (unique items, each a property)."""
+    parameters = {
+        "type": "object",
+        "properties": {f"{CANARY}@example.org": {"type": "boolean"}, f"ops.{CANARY}@example.org": {"type": "boolean"}},
+        "required": [f"{CANARY}@example.org", f"ops.{CANARY}@example.org"],
+    }
+
+    written, directory = exported_parameters(parameters)
+
+    assert_no_secret(directory)
+    Draft202012Validator.check_schema(written)
+    assert list(written["properties"]) == [MASK, f"{MASK}#2"]
+    assert written["required"] == [MASK, f"{MASK}#2"]
+
+
+@pytest.mark.django_db
+def test_the_values_a_secret_parameter_takes_through_a_ref_are_masked(out):
+    """A secret parameter whose schema is a `$ref` (pydantic writes an enum so) has the values
+    of the definition it refers to masked, and of what that one refers to."""
+    parameters = {
+        "type": "object",
+        "$defs": {
+            "Choice": {"anyOf": [{"$ref": "#/$defs/Plain"}, {"const": OTHER_KEY}], "title": "Choice"},
+            "Plain": {"type": "string", "enum": [PLAIN_KEY]},
+            "Region": {"type": "string", "enum": ["eu", "us"]},
+        },
+        "properties": {
+            "api_key": {"$ref": "#/$defs/Choice"},
+            "region": {"$ref": "#/$defs/Region"},
+            "password": "hunter2-not-a-schema",
+        },
+        "required": ["api_key"],
+    }
+
+    written, directory = exported_parameters(parameters)
+
+    assert_no_secret(directory)
+    assert "hunter2" not in json.dumps(written)
+    assert written["$defs"] == {
+        "Choice": {"anyOf": [{"$ref": "#/$defs/Plain"}, {"const": MASK}], "title": "Choice"},
+        "Plain": {"type": "string", "enum": [MASK]},
+        "Region": {"type": "string", "enum": ["eu", "us"]},
+    }
+    assert written["properties"]["api_key"] == {"$ref": "#/$defs/Choice"}
+
+
+@pytest.mark.django_db
+def test_a_versions_tools_are_redacted_once_per_export_and_the_lines_are_the_same(out, monkeypatch):
+    """Threads under one prompt version share its tools: redacted once for the export (a
+    version's schemas cost more to redact than a thread's messages), each line the same bytes."""
+    from training_export.services import chat
+
+    calls = []
+    tool_redacted = chat._tool
+    monkeypatch.setattr(chat, "_tool", lambda tool, redactor: calls.append(tool) or tool_redacted(tool, redactor))
+    agent = AgentFactory()
+    tool = {"type": "function", "function": {"name": "notify", "parameters": billing_parameters()}}
+    version = prompt_version_record({"system_prompt": "Be brief.", "tools": [tool]})
+    for thread in ("t-1", "t-2", "t-3"):
+        for i, (role, content) in enumerate([("user", "hi"), ("assistant", "Hello!")]):
+            MessageFactory(
+                instance_id=thread,
+                agent=agent,
+                role=role,
+                content=content,
+                metadata={"prompt_version": version},
+                created_at=T0 + dt.timedelta(seconds=i),
+            )
+
+    run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+
+    assert run.rows == 3
+    assert len(calls) == 1
+    written = [example["tools"] for example in examples(run)]
+    assert written[0][0]["function"]["parameters"] == REDACTED_BILLING_PARAMETERS
+    assert written == [written[0]] * 3
+    assert_no_secret(Path(run.path).parent)

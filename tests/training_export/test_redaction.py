@@ -400,3 +400,58 @@ def test_authorization_in_prose_is_kept_and_whatever_follows_the_header_label_is
         "see {'authorization': {'scheme': 'basic'}}\n"
     )
     assert redact(prose + "Authorization: required") == prose + MASK
+
+
+# Shapes found in review: a header inside a JSON-encoded string (its quotes escaped), a JSON text
+# inside a JSON string, a header's values as a list (API Gateway's multiValueHeaders, Go's
+# http.Header, Java's Map<String, List<String>>), a Ruby/PHP hash and a long value that pprint
+# splits into adjacent literals.
+AUTHORIZATION_LEAKS = {
+    "digest_in_json_string": (
+        f'{{"msg": "Authorization: Digest username=\\"bob\\", response=\\"{AUTH}\\"", "n": 1}}',
+        f'{{"msg": "{MASK}", "n": 1}}',
+    ),
+    "json_in_json_string": (
+        f'{{"body": "{{\\"Authorization\\": \\"Basic {AUTH}\\", \\"Accept\\": \\"*/*\\"}}"}}',
+        f'{{"body": "{{\\"{MASK}\\", \\"Accept\\": \\"*/*\\"}}"}}',
+    ),
+    "multi_value_json": (
+        f'{{"multiValueHeaders": {{"Authorization": ["Basic {AUTH}"], "Accept": ["*/*"]}}}}',
+        f'{{"multiValueHeaders": {{"{MASK}"], "Accept": ["*/*"]}}}}',
+    ),
+    "go_header": (
+        f"map[Accept:[*/*] Authorization:[Basic {AUTH}]]",
+        f"map[Accept:[*/*] {MASK}]",
+    ),
+    "java_map": (f"{{Authorization=[Token {AUTH}], Accept=[*/*]}}", f"{{{MASK}, Accept=[*/*]}}"),
+    "ruby_hash": (f'{{ "Authorization" => "Basic {AUTH}" }}', f'{{ "{MASK}" }}'),
+    "pprint_split": (
+        f"{{'Authorization': 'Basic '\n                  '{AUTH * 4}'}}",
+        f"{{'{MASK}'}}",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", AUTHORIZATION_LEAKS)
+def test_authorization_credentials_are_masked_in_nested_list_and_split_shapes(db, name):
+    text, expected = AUTHORIZATION_LEAKS[name]
+    masked = redact(text)
+    assert AUTH not in masked
+    assert masked == expected
+    assert redact(masked) == masked
+
+
+def test_authorization_at_a_line_end_masks_nothing_of_the_next_line(db):
+    """A header's value is on its line: "Authorization:" ending a line (a heading, Python code,
+    an empty header in a request dump) leaves the next line alone."""
+    texts = [
+        "## Authorization:\nUsers must sign in before they can edit a page.",
+        "    if not authorization:\n        raise HTTPException(status_code=401)\n",
+        "GET / HTTP/1.1\r\nAuthorization: \r\nHost: api.example.com\r\n",
+    ]
+    for text in texts:
+        assert redact(text) == text
+    # A quoted value may follow on the next line (pretty-printed JSON or Python).
+    assert AUTH not in redact(f'{{"Authorization":\n    "Basic {AUTH}"}}')
+    # A value already masked stays as it is.
+    assert redact(f"Authorization: {MASK}") == f"Authorization: {MASK}"

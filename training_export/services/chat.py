@@ -224,18 +224,23 @@ def _masked(value: Any) -> Any:
     return None if value is None else MASK
 
 
-def _schema(schema: Any, redactor: Redactor, *, secret: bool = False) -> Any:
+def _schema(
+    schema: Any, redactor: Redactor, *, secret: bool = False, defs: frozenset[tuple[str, str]] = frozenset()
+) -> Any:
     """A tool's parameters schema with its data redacted and its shape kept. Redacting it as
     any JSON value would mask the whole schema of a parameter named `password` or `api_key`
     (REDACT_KEYS) and leave a schema the fine-tuning API rejects; here parameter names are
-    redacted as text, and the values a secret parameter may take (default, const, enum,
-    examples) are masked whatever they look like. Everything else (descriptions, titles, the
+    redacted as text (`required` names them as written), and the values a secret parameter may
+    take (default, const, enum, examples, in the definitions its `$ref` leads to too: `defs`, of
+    the root) are masked whatever they look like. Everything else (descriptions, titles, the
     values of other parameters, unknown keywords) is redacted as any JSON value."""
     if isinstance(schema, list):
         return [_schema(item, redactor, secret=secret) for item in schema]
     if not isinstance(schema, dict):
-        return redactor.value(schema)
+        # (a string where a secret parameter's schema should be is its value)
+        return MASK if secret and isinstance(schema, str) else redactor.value(schema)
     out: dict[str, Any] = {}
+    written: dict[str, str] = {}  # a parameter's name (`properties`) as written
     for keyword, value in schema.items():
         if keyword in _SUBSCHEMA_MAPS and isinstance(value, dict):
             schemas: dict[str, Any] = {}
@@ -243,7 +248,10 @@ def _schema(schema: Any, redactor: Redactor, *, secret: bool = False) -> Any:
                 masked = redactor.text(str(name))
                 if masked in schemas:
                     masked = unique_name(masked, schemas)
-                schemas[masked] = _schema(item, redactor, secret=secret or redactor.key_is_secret(str(name)))
+                if keyword == "properties":
+                    written[str(name)] = masked
+                hidden = secret or redactor.key_is_secret(str(name)) or (keyword, str(name)) in defs
+                schemas[masked] = _schema(item, redactor, secret=hidden)
             out[keyword] = schemas
         elif keyword in _SUBSCHEMAS:
             out[keyword] = _schema(value, redactor, secret=secret)
@@ -251,7 +259,52 @@ def _schema(schema: Any, redactor: Redactor, *, secret: bool = False) -> Any:
             out[keyword] = _masked(value) if secret else redactor.value(value)
         else:
             out.update(redactor.value({keyword: value}))
+    required = schema.get("required")
+    if written and isinstance(required, list):
+        # Two names masked alike were told apart: required names them as the properties do.
+        out["required"] = [
+            written.get(name, redactor.text(name)) if isinstance(name, str) else name for name in required
+        ]
     return out
+
+
+_DEFS = frozenset({"$defs", "definitions"})
+
+
+def _refs(schema: Any, redactor: Redactor, secret: bool, found: set[tuple[str, str]]) -> None:
+    """Add to `found` the root definitions (keyword, name) that a `$ref` in a secret part of
+    `schema` leads to (parts as `_schema` tells them secret)."""
+    if isinstance(schema, list):
+        for item in schema:
+            _refs(item, redactor, secret, found)
+    if not isinstance(schema, dict):
+        return
+    for keyword, value in schema.items():
+        if keyword == "$ref" and secret and isinstance(value, str):
+            parts = value.split("/")
+            if len(parts) == 3 and parts[0] == "#" and parts[1] in _DEFS:
+                found.add((parts[1], parts[2].replace("~1", "/").replace("~0", "~")))
+        elif keyword in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            for name, item in value.items():
+                _refs(item, redactor, secret or redactor.key_is_secret(str(name)), found)
+        elif keyword in _SUBSCHEMAS:
+            _refs(value, redactor, secret, found)
+
+
+def _secret_defs(schema: Any, redactor: Redactor) -> frozenset[tuple[str, str]]:
+    """The root definitions a secret parameter refers to, directly or through other ones."""
+    found: set[tuple[str, str]] = set()
+    _refs(schema, redactor, False, found)
+    pending = list(found)
+    while pending and isinstance(schema, dict):
+        keyword, name = pending.pop()
+        definitions = schema.get(keyword)
+        if isinstance(definitions, dict) and name in definitions:
+            more: set[tuple[str, str]] = set()
+            _refs(definitions[name], redactor, True, more)
+            pending += more - found
+            found |= more
+    return frozenset(found)
 
 
 def _tool(tool: Any, redactor: Redactor) -> Any:
@@ -264,29 +317,48 @@ def _tool(tool: Any, redactor: Redactor) -> Any:
     out = redactor.value({key: value for key, value in tool.items() if key != "function"})
     out["function"] = redactor.value({key: value for key, value in function.items() if key != "parameters"})
     if "parameters" in function:
-        out["function"]["parameters"] = _schema(function["parameters"], redactor)
+        parameters = function["parameters"]
+        out["function"]["parameters"] = _schema(parameters, redactor, defs=_secret_defs(parameters, redactor))
     return out
 
 
-def _tools(agent_config: Any, called: list[str], redactor: Redactor) -> list[dict[str, Any]]:
+def _tools(
+    agent_config: Any, called: list[str], redactor: Redactor, cache: dict[Any, Any] | None = None
+) -> list[dict[str, Any]]:
     """The agent's tools as the registry describes them (redacted: a schema in code may hold a
     default or an example), plus any function called in the thread that the registry does not
     know (a tool since removed): a minimal schema. `called` is already redacted; a configured
-    name the registry does not know is data and redacted too."""
+    name the registry does not know is data and redacted too. `cache` keeps a registry tool
+    redacted for the next thread of the export."""
     known = tool_registry()
     configured = agent_config.get("tools", []) if isinstance(agent_config, dict) else []
     names = {name if name in known else redactor.text(name) for name in map(str, configured)} | set(called)
-    return [_tool(known[name].schema(), redactor) if name in known else _minimal_tool(name) for name in sorted(names)]
+    cache = {} if cache is None else cache
+    tools = []
+    for name in sorted(names):
+        if name not in known:
+            tools.append(_minimal_tool(name))
+            continue
+        if ("registry", name) not in cache:
+            cache["registry", name] = _tool(known[name].schema(), redactor)
+        tools.append(cache["registry", name])
+    return tools
 
 
-def _with_called(tools: Any, called: list[str], redactor: Redactor) -> Any:
-    """A recorded version's tools as they were sent, redacted (they are data: a caller's
-    input.tools may hold a key as a default, an example or an enum value, or in a description),
-    plus a minimal schema for each function called in the thread that they do not describe.
-    Tools that are not a list are left to the validator."""
+def _redacted_tools(tools: Any, redactor: Redactor) -> Any:
+    """A recorded version's tools, redacted (they are data: a caller's input.tools may hold a key
+    as a default, an example or an enum value, or in a description)."""
     if not isinstance(tools, list):
         return redactor.value(tools)
-    tools = [_tool(tool, redactor) for tool in tools]
+    return [_tool(tool, redactor) for tool in tools]
+
+
+def _with_called(tools: Any, called: list[str]) -> Any:
+    """A recorded version's tools as they were sent (`_redacted_tools`), plus a minimal schema
+    for each function called in the thread that they do not describe. Tools that are not a list
+    are left to the validator."""
+    if not isinstance(tools, list):
+        return tools
     functions = [tool.get("function") for tool in tools if isinstance(tool, dict)]
     names = {function.get("name") for function in functions if isinstance(function, dict)}
     return [*tools, *(_minimal_tool(name) for name in called if name not in names)]
@@ -352,13 +424,16 @@ def conversation_example(
     prompt_version: PromptLookup,
     *,
     since: dt.datetime | None = None,
+    tools_cache: dict[Any, Any] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """The chat example of one thread's messages (rows in `_COLUMNS` order, oldest first), and
     whether its prompt is the recorded one (False: the agent's current one, a legacy thread).
     `prompt_version` gives a version's system prompt and tools, None for an unknown key.
     Assistant turns from before `since` (the window's start) are context, weight 0: the export
     of the window they were written in trains them, so consecutive windows' files train each
-    turn once."""
+    turn once. `tools_cache` (one per export) keeps the tools redacted for the next thread under
+    the same version or with the same registry tools: a window's threads share a few, and
+    redacting a version's schemas costs more than a thread's messages."""
     messages: list[dict[str, Any]] = []
     versions: list[str | None] = []  # of each message, for its assistant turns
     called: list[str] = []
@@ -406,12 +481,15 @@ def conversation_example(
     version = versions[trained[-1]] if trained else None
     recorded = prompt_version(version) if isinstance(version, str) else None
     if recorded is not None:
-        system_prompt, tools = recorded[0], _with_called(recorded[1], sorted(set(called)), redactor)
+        cache = {} if tools_cache is None else tools_cache
+        if ("version", version) not in cache:
+            cache["version", version] = _redacted_tools(recorded[1], redactor)
+        system_prompt, tools = recorded[0], _with_called(cache["version", version], sorted(set(called)))
         for i in trained:
             if versions[i] != version:
                 messages[i]["weight"] = 0
     else:
-        tools = _tools(agent_config, sorted(set(called)), redactor)
+        tools = _tools(agent_config, sorted(set(called)), redactor, tools_cache)
     if not has_system and system_prompt and messages:
         messages.insert(0, {"role": "system", "content": _content(system_prompt, redactor)})
     _unique_call_ids(messages)
@@ -499,8 +577,11 @@ class ChatExporter:
     def lines(self, start: dt.datetime, end: dt.datetime) -> Iterator[bytes]:
         redactor = current_redactor()
         prompt_version = _prompt_versions()
+        tools_cache: dict[Any, Any] = {}
         for _thread, rows in groupby(_thread_rows(start, end), key=lambda row: row[0]):
-            example, recorded = conversation_example(list(rows), redactor, prompt_version, since=start)
+            example, recorded = conversation_example(
+                list(rows), redactor, prompt_version, since=start, tools_cache=tools_cache
+            )
             try:
                 chat_example_validate(example)
             except ChatFormatError as exc:
