@@ -55,6 +55,16 @@ def running_first(workflow: Workflow) -> TaskAttempt:
     )
 
 
+def cut_and_claimed_again(worker, wf) -> None:
+    """Cut the worker's broker connections and wait for the redelivered message's claim."""
+    assert worker.broker_connections_cut()
+    wait_for(
+        lambda: "this delivery is a duplicate" in worker.log() or len(tries(wf)) > 1,
+        timeout=30,
+        what="the redelivered message to be claimed",
+    )
+
+
 def finished(workflow: Workflow) -> Workflow:
     return wait_for(
         lambda: (w := Workflow.objects.get(pk=workflow.pk)).is_terminal and w, timeout=60, what="the workflow to end"
@@ -100,12 +110,7 @@ def test_a_try_still_running_when_its_message_is_redelivered_runs_once_and_keeps
     worker = engine(concurrency=2, env=RUNS_ON)
     wf = submit(held)
     first = running_first(wf)
-    assert worker.broker_connections_cut()
-    wait_for(
-        lambda: "this delivery is a duplicate" in worker.log() or len(tries(wf)) > 1,
-        timeout=30,
-        what="the redelivered message to be claimed",
-    )
+    cut_and_claimed_again(worker, wf)
     assert [a.attempt_number for a in tries(wf)] == [1], "a second try started beside the running one"
     held.touch()
     wf = finished(wf)
@@ -170,12 +175,7 @@ def test_a_message_once_sent_again_by_run_task_still_asks_the_worker_when_the_br
     run_task.apply_async(args=[t.pk], task_id=t.celery_task_id, queue=t.priority, routing_key=t.priority, retries=1)
     worker = engine(concurrency=2, env=RUNS_ON)
     first = running_first(wf)
-    assert worker.broker_connections_cut()
-    wait_for(
-        lambda: "this delivery is a duplicate" in worker.log() or len(tries(wf)) > 1,
-        timeout=30,
-        what="the redelivered message to be claimed",
-    )
+    cut_and_claimed_again(worker, wf)
     assert [(a.attempt_number, a.status) for a in tries(wf)] == [(1, A.RUNNING)], "a second try started"
     held.touch()
     wf = finished(wf)

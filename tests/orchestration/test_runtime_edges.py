@@ -72,6 +72,20 @@ def test_cancel_during_second_model_round_keeps_the_first_rounds_spend_real_work
 # --- an output PostgreSQL cannot store leaves the attempt running --------------------
 
 
+def closed_by_the_worker(workflow: Workflow) -> TaskAttempt:
+    """The workflow's first attempt once closed: by the worker when its try ends, long before the
+    reaper's time (it would be left running otherwise, and this times out)."""
+    return wait_for(
+        lambda: (
+            TaskAttempt.objects.filter(execution__workflow=workflow, attempt_number=1)
+            .exclude(status=TaskAttempt.Status.RUNNING)
+            .first()
+        ),
+        timeout=30,
+        what="the worker to close the attempt (not the reaper)",
+    )
+
+
 def _submit_one(agent_id: str, **task: object) -> Workflow:
     workflow, _ = workflow_submit(
         spec={"name": "one", "tasks": [{"name": "only", "agent": agent_id, "input": {"description": "x"}, **task}]}
@@ -88,16 +102,7 @@ def test_unstorable_result_fails_the_attempt_instead_of_leaving_it_running(engin
     Agent.objects.create(id="odd", name="Odd", executor=Agent.Executor.PYTHON, entrypoint=entrypoint)
     workflow = _submit_one("odd", max_retries=1)
     wait_for(lambda: TaskAttempt.objects.filter(execution__workflow=workflow).exists(), timeout=20)
-    # closed by the worker when the agent returns, not left running for the reaper
-    first = wait_for(
-        lambda: (
-            TaskAttempt.objects.filter(execution__workflow=workflow, attempt_number=1)
-            .exclude(status=TaskAttempt.Status.RUNNING)
-            .first()
-        ),
-        timeout=30,
-        what="the worker to close the attempt (not the reaper)",
-    )
+    first = closed_by_the_worker(workflow)
     # closed either way: a NUL output fails it, a float cost is recorded as the decimal it is
     assert first.status in (TaskAttempt.Status.FAILED, TaskAttempt.Status.SUCCEEDED), first.error
 
@@ -113,15 +118,7 @@ def test_agent_service_answering_a_nul_character_is_recorded_not_left_running(en
         service.script(Reply(body={"result": "col1\x00col2", "metadata": {"tokens_used": 10}}))
         workflow = _submit_one("svc", max_retries=1)
         wait_for(lambda: service.requests, timeout=20)
-        first = wait_for(
-            lambda: (
-                TaskAttempt.objects.filter(execution__workflow=workflow, attempt_number=1)
-                .exclude(status=TaskAttempt.Status.RUNNING)
-                .first()
-            ),
-            timeout=30,
-            what="the worker to close the attempt (not the reaper)",
-        )
+        first = closed_by_the_worker(workflow)
     assert first.status == TaskAttempt.Status.FAILED and "NUL" in (first.error or "")
 
 
@@ -283,15 +280,7 @@ def test_error_page_with_a_nul_byte_fails_the_attempt_instead_of_leaving_it_runn
         service.script(Reply(status=400, body=b"bad request\x00\x01 near byte 7"))
         workflow = _submit_one("svc")
         wait_for(lambda: service.requests, timeout=20)
-        first = wait_for(
-            lambda: (
-                TaskAttempt.objects.filter(execution__workflow=workflow, attempt_number=1)
-                .exclude(status=TaskAttempt.Status.RUNNING)
-                .first()
-            ),
-            timeout=30,
-            what="the worker to close the attempt (not the reaper)",
-        )
+        first = closed_by_the_worker(workflow)
     assert first.status == TaskAttempt.Status.FAILED and "HTTP 400" in first.error
 
 
@@ -479,13 +468,5 @@ def test_token_counts_whose_sum_overflows_fail_the_attempt_not_leave_it_running(
         service.script(Reply(body={"result": "ok", "metadata": {"input_tokens": 2**63 - 1, "output_tokens": 1}}))
         workflow = _submit_one("svc", max_retries=0)
         wait_for(lambda: service.requests, timeout=20)
-        attempt = wait_for(
-            lambda: (
-                TaskAttempt.objects.filter(execution__workflow=workflow)
-                .exclude(status=TaskAttempt.Status.RUNNING)
-                .first()
-            ),
-            timeout=30,
-            what="the worker to close the attempt (not the reaper)",
-        )
+        attempt = closed_by_the_worker(workflow)
     assert attempt.status == TaskAttempt.Status.FAILED, attempt.error
