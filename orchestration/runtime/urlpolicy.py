@@ -100,6 +100,9 @@ def url_check(url: str, *, always_allowed_hosts: Iterable[str] = (), resolve: bo
     hostname = parsed.host.rstrip(".").lower()
     if not hostname:
         raise PermanentError(f"agent URL {url!r} refused: it has no host")
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        # httpx takes any number; 0 would be checked here as the scheme's default port
+        raise PermanentError(f"agent URL {url!r} refused: port {parsed.port} is not a port number (1 to 65535)")
     if not resolve:
         return Target(url=parsed, hostname=hostname, addresses=())
     allowed = {h.rstrip(".").lower() for h in settings.AGENT_HTTP_ALLOWED_HOSTS}

@@ -289,6 +289,8 @@ def test_an_offline_check_refuses_what_the_url_itself_gets_wrong_without_a_looku
         ("https://user:hunter2@example.com/", "credentials in a URL are not allowed"),
         ("https:///run", "it has no host"),
         ("http://[::1/run", "is not a valid URL"),
+        ("http://agents.example.com:0/run", "port 0 is not a port number"),
+        ("https://agents.example.com:65536/run", "port 65536 is not a port number"),
     ]:
         with pytest.raises(PermanentError, match=reason) as info:
             url_check(url, resolve=False)
