@@ -11,6 +11,14 @@ carry that row's changing columns as the ending left them, under the payload's `
 failed already, and was waiting for its running tasks, when someone cancelled it ends with
 workflow_failed (its failure stays its error), the cancel's reason under `cancelled`.
 
+`task_ended_late` records what became of a try whose attempt had been closed without it
+(lost: its message was redelivered, or the reaper closed it; timed out; cancelled) and that
+still ended on its worker: its outcome (`succeeded`, `failed`, `timed_out`, with the error),
+its duration and the spend it reported beyond its meter (added to the attempt as late usage).
+The outcome is not applied: the task and its workflow went on without it (a later attempt may
+have completed the task). Its output stays out of the record (the stream carries events to
+consumers that never see task outputs).
+
 `agent_started` is written when an agent brings another into its attempt (hand-off, review,
 collaboration), as that agent begins; the attempt's own agent beginning is `task_started`.
 
@@ -38,7 +46,8 @@ class EventType(models.TextChoices):
     TASK_FAILED = "task_failed", "task failed with no retries left (or a non-retryable error)"
     TASK_TIMED_OUT = "task_timed_out", "an attempt exceeded its time limit"
     TASK_CANCELLED = "task_cancelled", "task cancelled"
-    TASK_LOST = "task_lost", "an attempt was found abandoned (worker lost) by the reaper"
+    TASK_LOST = "task_lost", "an attempt was closed as lost (its worker or pool process gone, its message redelivered)"
+    TASK_ENDED_LATE = "task_ended_late", "a try ended after its attempt had been closed without it (not applied)"
     # Agents, tools, conversations, interactions
     AGENT_STARTED = "agent_started", "an agent began working on a task or message"
     AGENT_REGISTERED = "agent_registered", "an agent definition was loaded or changed"

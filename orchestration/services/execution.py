@@ -804,7 +804,13 @@ def _attempt_run(
         also = _turn_writer(context, claim.attempt, output=None, error=error, usage=usage)
         recorded = _fail_recorded(claim.attempt, exc, duration_ms=duration_ms, usage=usage, also=also)
         if not recorded:
-            _refused_outcome_record(claim.attempt, usage=usage, outcome=error)
+            _refused_outcome_record(
+                claim.attempt,
+                usage=usage,
+                outcome="timed_out" if isinstance(exc, SoftTimeLimitExceeded) else Outcome.FAILED.value,
+                error=error,
+                duration_ms=duration_ms,
+            )
         attempt_finished(
             attempt=claim.attempt,
             agent_id=claim.agent.id,
@@ -845,7 +851,13 @@ def _attempt_run(
         recorded = _fail_recorded(claim.attempt, failure, duration_ms=duration_ms, usage=result.usage, also=also)
         outcome = Outcome.FAILED
     if not recorded:
-        _refused_outcome_record(claim.attempt, usage=result.usage, outcome=outcome.value)
+        _refused_outcome_record(
+            claim.attempt,
+            usage=result.usage,
+            outcome=outcome.value,
+            error=None if failure is None else storable_text(str(failure)),
+            duration_ms=duration_ms,
+        )
     attempt_finished(
         attempt=claim.attempt,
         agent_id=claim.agent.id,
@@ -919,27 +931,65 @@ def _record_through_soft_limit(
     return False
 
 
-def _refused_outcome_record(attempt: TaskAttempt, *, usage: Usage, outcome: str) -> None:
+def _refused_outcome_record(
+    attempt: TaskAttempt, *, usage: Usage, outcome: str, error: str | None, duration_ms: float
+) -> None:
     """The try ended, but its attempt had been closed meanwhile without a result (lost: its
     message was redelivered and its worker did not say it still ran it, or the reaper closed
-    it; cancelled), and the task may have been completed by a later attempt: its outcome is not
-    recorded a second time. What it paid is: the usage it reported, beyond what its meter had
+    it; timed out; cancelled), and the task may have been completed by a later attempt: its
+    outcome is not applied a second time. It is recorded as it happened, in one transaction:
+    a task_ended_late event with the outcome (`succeeded`, `failed`, `timed_out`), its error
+    and duration, and what the try paid: the usage it reported, beyond what its meter had
     added, goes to the attempt, its task and its workflow as late usage (wasted, unless
     cancelled), as a bill that arrives after the close."""
+
+    def record() -> tuple[str, Usage] | None:
+        added = _late_usage_add(attempt.pk, usage, whole=True)
+        _late_end_event(
+            attempt.pk, outcome=outcome, error=error, duration_ms=duration_ms, added=added[1] if added else None
+        )
+        return added
+
     try:
-        added = atomic_with_retry(lambda: _late_usage_add(attempt.pk, usage, whole=True))
+        added = atomic_with_retry(record)
     except DatabaseError:
-        logger.warning("attempt %s: could not record the spend of its refused outcome", attempt.pk, exc_info=True)
+        logger.warning("attempt %s: could not record the end of its refused outcome", attempt.pk, exc_info=True)
         return
     logger.warning(
-        "attempt %s of %s ended (%s) after it had been closed: its outcome is not recorded%s",
+        "attempt %s of %s ended (%s) after it had been closed: its outcome is not applied%s",
         attempt.attempt_number,
         attempt.execution_id,
-        outcome,
+        error or outcome,
         f"; {added[1].tokens} tokens, ${added[1].cost_usd} it reported were added to it" if added else "",
     )
     if added is not None:
         late_usage_recorded(agent_id=added[0], usage=added[1])
+
+
+def _late_end_event(
+    attempt_id: int, *, outcome: str, error: str | None, duration_ms: float, added: Usage | None
+) -> None:
+    """The task_ended_late event of an attempt closed without its try (see
+    _refused_outcome_record), in the caller's transaction. Nothing for an attempt that is not
+    closed that way (recorded with a result, or gone)."""
+    closed = TaskAttempt.objects.select_related("execution").filter(pk=attempt_id).first()
+    if closed is None or closed.status not in _ABANDONED:
+        return
+    payload: dict[str, Any] = {
+        "closed_as": closed.status,
+        "cause": closed.cause,
+        "outcome": outcome,
+        "duration_ms": round(duration_ms, 3),
+    }
+    if error is not None:
+        payload["error"] = error
+    if added is not None:
+        payload["late_usage"] = {
+            "input_tokens": added.input_tokens,
+            "output_tokens": added.output_tokens,
+            "cost_usd": str(added.cost_usd),
+        }
+    task_event(closed.execution, EventType.TASK_ENDED_LATE, attempt=closed, payload=payload, severity=Severity.WARNING)
 
 
 def _meter(attempt_id: int) -> Callable[[Usage], None]:

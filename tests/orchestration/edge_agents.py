@@ -42,3 +42,22 @@ def held(task_input, context):
         output={"attempt": context.attempt_number},
         usage=Usage(input_tokens=100, output_tokens=20, cost_usd=Decimal("0.0123")),
     )
+
+
+def cancelled_midway(task_input, context):
+    """Pays for a first call at once (metered), then its task is cancelled while it runs (a
+    user's cancel landing mid-try); it still pays for a second call and ends as `input.end`
+    says: `succeed` with a result, or `fail` with a permanent error."""
+    from decimal import Decimal
+
+    from orchestration.errors import PermanentError
+    from orchestration.services.workflows import task_cancel
+
+    context.paid(Usage(input_tokens=10, output_tokens=0, cost_usd=Decimal("0.001")))
+    task_cancel(execution_id=context.execution_id, reason="stopped by the operator")
+    spent = Usage(input_tokens=100, output_tokens=20, cost_usd=Decimal("0.0123"))
+    if task_input["end"] == "fail":
+        error = PermanentError("the provider refused the second call")
+        error.usage = spent
+        raise error
+    return AgentResult(output={"answer": 42}, usage=spent)

@@ -318,3 +318,54 @@ def test_migration_0026_fills_the_wasted_spend_of_workflows_recorded_before_it()
         cursor.execute(migration.BACKFILL_SQL)
     assert Workflow.objects.get(pk=task.workflow_id).wasted_cost_usd == Decimal("0.75")
     assert Workflow.objects.get(pk=other.workflow_id).wasted_cost_usd == 0
+
+
+# --- a try that ends after its attempt was closed without it --------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("end", ["succeed", "fail"])
+def test_a_try_that_ends_after_its_attempt_was_cancelled_is_recorded_as_it_ended(end):
+    """The task is cancelled while its agent runs; the agent still ends, with a result or an
+    error, and with what it paid after the cancel. Its outcome is not applied (the task stays
+    cancelled, no task_completed), but how and when it ended is on record (task_ended_late,
+    in the transaction that adds its late spend): before, only a log line said so."""
+    from orchestration.event_types import EventType
+    from orchestration.models import Event
+    from orchestration.services.execution import Outcome, attempt_run
+    from orchestration.services.workflows import workflow_submit
+
+    Agent.objects.create(
+        id="midway",
+        name="Midway",
+        executor=Agent.Executor.PYTHON,
+        entrypoint="tests.orchestration.edge_agents.cancelled_midway",
+    )
+    workflow, _ = workflow_submit(
+        spec={"name": "late", "tasks": [{"name": "t", "agent": "midway", "input": {"end": end}}]}
+    )
+    task = TaskExecution.objects.get(workflow=workflow)
+    outcome = attempt_run(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@h")
+    assert outcome == (Outcome.SUCCEEDED if end == "succeed" else Outcome.FAILED)
+    task.refresh_from_db()
+    attempt = TaskAttempt.objects.get(execution=task)
+    assert (task.status, attempt.status, attempt.cause) == ("cancelled", "cancelled", "cancelled")
+    assert task.output_data is None
+    assert (attempt.input_tokens, attempt.output_tokens, attempt.cost_usd) == (100, 20, Decimal("0.0123"))
+    kinds = list(Event.objects.filter(entity_id=task.pk).order_by("sequence").values_list("event_type", flat=True))
+    assert "task_completed" not in kinds and "task_failed" not in kinds
+    assert kinds[-2:] == ["task_cancelled", EventType.TASK_ENDED_LATE]
+    late = Event.objects.get(entity_id=task.pk, event_type=EventType.TASK_ENDED_LATE)
+    assert late.severity == "warning"
+    error = None if end == "succeed" else "PermanentError: the provider refused the second call"
+    assert {k: v for k, v in late.payload.items() if k != "duration_ms"} == {
+        "task_name": "t",
+        "status": "cancelled",
+        "attempt": 1,
+        "closed_as": "cancelled",
+        "cause": "cancelled",
+        "outcome": "succeeded" if end == "succeed" else "failed",
+        **({} if error is None else {"error": error}),
+        "late_usage": {"input_tokens": 90, "output_tokens": 20, "cost_usd": "0.011300"},
+    }
+    assert late.payload["duration_ms"] >= 0

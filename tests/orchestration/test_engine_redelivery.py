@@ -129,7 +129,7 @@ def test_a_superseded_try_that_finishes_later_keeps_its_spend_and_completes_noth
     """When the worker cannot tell (here: an attempt recorded before worker processes were), the
     redelivered message presumes the try lost and runs the next. The first try still finishes:
     its outcome is not recorded over the task's, but what it reported spending is added to its
-    attempt, task and workflow (wasted), not dropped."""
+    attempt, task and workflow (wasted), not dropped, and how it ended is an event."""
     worker = engine(concurrency=2, env=RUNS_ON)
     wf = submit(held)
     first = running_first(wf)
@@ -154,6 +154,11 @@ def test_a_superseded_try_that_finishes_later_keeps_its_spend_and_completes_noth
     wf.refresh_from_db()
     assert (wf.completed_steps, wf.total_cost_usd, wf.wasted_cost_usd) == (2, 2 * WHOLE[1], WHOLE[1])
     assert [e.event_type for e in events(wf)].count("task_completed") == 1
+    # How the first try really ended is on record beside its lost attempt.
+    [late] = [e for e in events(wf) if e.event_type == "task_ended_late"]
+    assert (late.payload["attempt"], late.payload["closed_as"], late.payload["cause"]) == (1, A.LOST, "worker_lost")
+    assert late.payload["outcome"] == "succeeded" and "error" not in late.payload
+    assert late.payload["late_usage"] == {"input_tokens": 90, "output_tokens": 20, "cost_usd": "0.011300"}
 
 
 def test_a_message_once_sent_again_by_run_task_still_asks_the_worker_when_the_broker_redelivers_it(engine, held):
