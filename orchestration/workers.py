@@ -11,7 +11,9 @@ says which of the asked tasks its pool processes are running now. The reaper ask
 of the attempts it closes, and a claim the node of an attempt whose message came back while
 it was recorded running, in one remote-control round trip (PROCESS_COMMAND): so a restarted
 worker or a dead pool process (lost) is told from a hard time-out, and a try stopped for a
-broken broker connection, or still running, from a lost worker.
+broken broker connection, or still running, from a lost worker. The dispatch sweeper asks all
+live workers which messages they hold (HELD_COMMAND): a message waiting out its countdown in a
+worker that was killed is re-sent, not left to the broker's visibility timeout.
 
 Imported by the worker (config/celery.py, worker_init) before its pool starts, which
 registers the command; nothing here needs Django.
@@ -36,6 +38,7 @@ from celery.worker.request import Request
 logger = logging.getLogger(__name__)
 
 PROCESS_COMMAND = "agentledger_process"
+HELD_COMMAND = "agentledger_held"
 HARD_TIMEOUT = "hard_timeout"
 POOL_PROCESS_LOST = "pool_process_lost"
 BROKER_CONNECTION_LOST = "broker_connection_lost"
@@ -210,6 +213,45 @@ def _process_report(state: Any, task_ids: list[str] | None = None, **kwargs: Any
         },
         "running": running,
     }
+
+
+@inspect_command(name=HELD_COMMAND)
+def _held_report(state: Any, task_ids: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Which of the given tasks' messages this worker holds unacknowledged: waiting for their
+    countdown (its timer), reserved, or running."""
+    asked = set(task_ids or [])
+    held = {request.id for request in [*worker_state.reserved_requests, *worker_state.active_requests]}
+    timer = getattr(getattr(state, "consumer", None), "timer", None)
+    for waiting in list(getattr(getattr(timer, "schedule", None), "queue", None) or []):
+        args = getattr(getattr(waiting, "entry", None), "args", None) or ()
+        if args and isinstance(args[0], Request):
+            held.add(args[0].id)
+    return {"held": sorted(asked & held)}
+
+
+def workers_holding(task_ids: set[str], *, timeout: float = 1.0) -> set[str] | None:
+    """Which of `task_ids` the live workers, all asked in one broadcast, hold unacknowledged.
+    None when that cannot be told: the broker unreachable, or a worker that does not know the
+    command (an earlier release, during a rolling deploy). A worker that does not answer within
+    `timeout` holds nothing."""
+    if not task_ids:
+        return set()
+    from config.celery import app
+
+    try:
+        replies = app.control.broadcast(
+            HELD_COMMAND, arguments={"task_ids": sorted(task_ids)}, reply=True, timeout=timeout
+        )
+    except Exception:
+        logger.warning("%s broadcast failed", HELD_COMMAND, exc_info=True)
+        return None
+    held: set[str] = set()
+    for reply in replies or []:
+        for body in reply.values():
+            if not isinstance(body, dict) or not isinstance(body.get("held"), list):
+                return None
+            held.update(str(task_id) for task_id in body["held"])
+    return held
 
 
 def node_report(reply: Any) -> NodeReport:

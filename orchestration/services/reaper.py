@@ -6,8 +6,8 @@
 - running workflows past their deadline are failed;
 - tasks waiting for a worker past the queue timeout are timed out even when no worker takes
   their queue (the claim would time them out, but no claim comes);
-- tasks left queued with no message in the broker (a crash between commit and send) are
-  sent again.
+- tasks left queued with no message in the broker (a crash between commit and send), or
+  whose message only a killed worker held (waiting for its countdown), are sent again.
 
 Safe to run concurrently: rows are claimed with SKIP LOCKED and closed with conditional
 updates.
@@ -30,7 +30,14 @@ from orchestration.models import TaskAttempt, TaskExecution, Workflow
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, hard_limit_seconds
 from orchestration.services.execution import attempt_abandon, queue_timeout_record, queue_waited_since
 from orchestration.services.progress import workflow_fail_past_deadline
-from orchestration.workers import BROKER_CONNECTION_LOST, HARD_TIMEOUT, POOL_PROCESS_LOST, NodeReport, workers_ask
+from orchestration.workers import (
+    BROKER_CONNECTION_LOST,
+    HARD_TIMEOUT,
+    POOL_PROCESS_LOST,
+    NodeReport,
+    workers_ask,
+    workers_holding,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -235,9 +242,9 @@ def workflows_enforce_deadlines(*, now: dt.datetime) -> list[str]:
     return failed
 
 
-def _broker_message_ids(queues: set[str]) -> set[str] | None:
-    """Task ids of the messages waiting in the Redis broker's queues or held unacknowledged
-    by workers; None if the broker is not Redis (nothing can be checked)."""
+def _broker_message_ids(queues: set[str]) -> tuple[set[str], set[str]] | None:
+    """Task ids of the messages waiting in the Redis broker's queues, and of those delivered to
+    a worker and not yet acknowledged; None if the broker is not Redis (nothing can be checked)."""
     url = settings.CELERY_BROKER_URL
     if not url.startswith(("redis://", "rediss://")):
         return None
@@ -246,7 +253,7 @@ def _broker_message_ids(queues: set[str]) -> set[str] | None:
     client = redis.Redis.from_url(url, socket_timeout=5)
     ids: set[str] = set()
 
-    def collect(raw: bytes) -> None:
+    def collect(raw: bytes, ids: set[str] = ids) -> None:
         try:
             payload = json.loads(raw)
         except ValueError:
@@ -262,14 +269,19 @@ def _broker_message_ids(queues: set[str]) -> set[str] | None:
         for key in [queue, *(f"{queue}{sep}{p}" for p in range(1, 10))]:
             for raw in client.lrange(key, 0, -1):
                 collect(raw)
+    unacked: set[str] = set()
     for raw in client.hvals("unacked"):
-        collect(raw)
-    return ids
+        collect(raw, unacked)
+    return ids, unacked
 
 
 def queued_sweep(*, now: dt.datetime | None = None) -> list[str]:
     """Send again the tasks left queued past DISPATCH_SWEEP_AFTER_SECONDS whose message is in
-    neither a queue nor a worker's hands (lost between commit and send)."""
+    neither a queue nor a live worker's hands: lost between commit and send, or held, waiting
+    for its countdown (a retry's backoff, a deferral), by a worker that was killed. Redis
+    would give the latter back only after its visibility timeout, which exceeds the queue
+    timeout: the task would fail for waiting in the queue while idle workers wait for work.
+    The message left behind is superseded (its id is no longer the task's) and runs nothing."""
     now = now or timezone.now()
     cutoff = now - dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS)
     stale = list(
@@ -282,9 +294,15 @@ def queued_sweep(*, now: dt.datetime | None = None) -> list[str]:
     )
     if not stale:
         return []
-    present = _broker_message_ids({priority for _, _, priority in stale})
-    if present is None:
+    found = _broker_message_ids({priority for _, _, priority in stale})
+    if found is None:
         return []
+    present, unacked = found
+    unacked_only = {celery_task_id for _, celery_task_id, _ in stale if celery_task_id not in present} & unacked
+    if unacked_only:
+        held = workers_holding(unacked_only)
+        # Cannot tell: left to the broker's visibility timeout, as a message held by a live worker.
+        present |= unacked_only if held is None else held
     resent = []
     for execution_id, celery_task_id, _ in stale:
         if celery_task_id in present:

@@ -61,3 +61,13 @@ def cancelled_midway(task_input, context):
         error.usage = spent
         raise error
     return AgentResult(output={"answer": 42}, usage=spent)
+
+
+def busy_provider(task_input, context):
+    """A provider that answers the first attempt "busy, try again in input.retry_after seconds"
+    (Retry-After), then succeeds."""
+    from orchestration.errors import RetryableError
+
+    if context.attempt_number == 1:
+        raise RetryableError("provider busy", retry_after=task_input.get("retry_after", 2))
+    return {"attempt": context.attempt_number}

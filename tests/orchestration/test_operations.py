@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import time
 
 import pytest
+import redis
 from celery.app.defaults import DEFAULTS
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -20,7 +22,7 @@ from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workf
 from orchestration.services.execution import Claim, Outcome, attempt_claim, attempt_run
 from orchestration.services.reaper import attempts_reap, queued_sweep
 from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume
-from tests.engine import flush_redis
+from tests.engine import flush_redis, wait_for
 from tests.orchestration.test_engine import attempts, finished, running_attempt, submit, task
 
 A, T = TaskAttempt.Status, TaskExecution.Status
@@ -39,6 +41,39 @@ def test_a_message_lost_between_commit_and_send_is_sent_again_by_the_sweeper(eng
     engine()
     assert finished(wf).status == Workflow.Status.COMPLETED
     assert [a.status for a in attempts(wf, "a")] == [A.SUCCEEDED]
+
+
+def unacked_message_ids() -> set[str]:
+    """The task ids of the messages Redis counts as delivered to a worker and not acknowledged."""
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    return {json.loads(raw)[0]["headers"]["id"] for raw in client.hvals("unacked")}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("holder", ["killed", "alive"])
+def test_a_retry_whose_message_a_killed_worker_held_is_sent_again_not_timed_out(engine, settings, holder):
+    """A retry's message waits out its backoff unacknowledged in the worker that took it. A
+    worker SIGKILLed meanwhile takes it along, and Redis gives it back only after its visibility
+    timeout, which exceeds the queue timeout: the task then failed for waiting in the queue while
+    a live worker idled. The sweeper sends it again; one that a live worker holds it leaves alone."""
+    Agent.objects.create(
+        id="busy", name="Busy", executor="python", entrypoint="tests.orchestration.edge_agents.busy_provider"
+    )
+    first = engine(concurrency=1)
+    wf = submit({"name": "r", "agent": "busy", "max_retries": 3})
+    wait_for(lambda: task(wf, "r").status == T.RETRYING, interval=0.02, what="the first try to fail")
+    held = task(wf, "r").celery_task_id
+    wait_for(lambda: held in unacked_message_ids(), interval=0.02, what="the worker to hold the retry's message")
+    if holder == "killed":
+        first.kill()
+        engine(concurrency=1)
+    later = timezone.now() + dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS + 5)
+    assert queued_sweep(now=later) == ([task(wf, "r").execution_id] if holder == "killed" else [])
+    assert (task(wf, "r").celery_task_id == held) is (holder == "alive")
+    wf = finished(wf)
+    assert wf.status == Workflow.Status.COMPLETED
+    assert [(a.attempt_number, a.status) for a in attempts(wf, "r")] == [(1, A.FAILED), (2, A.SUCCEEDED)]
+    assert task(wf, "r").retry_count == 1
 
 
 @pytest.mark.django_db(transaction=True)
