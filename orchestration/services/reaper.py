@@ -18,10 +18,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 
@@ -275,6 +277,39 @@ def _broker_message_ids(queues: set[str]) -> tuple[set[str], set[str]] | None:
     return ids, unacked
 
 
+# The session advisory lock that lets one dispatch sweep run at a time.
+SWEEP_LOCK = "orchestration.queued_sweep"
+
+
+@contextmanager
+def _sweep_alone() -> Iterator[bool]:
+    """Whether this is the only sweep running (a session advisory lock on PostgreSQL, held
+    until the sweep's messages are sent). A task the sweep re-sends keeps its first queued_at,
+    so until its new message is published it looks lost to any other sweep, which would send
+    it once more (a second message, superseded: it runs nothing, but the task was re-sent
+    twice). A sweep that finds another running returns at once: the next pass comes seconds
+    later."""
+    if connection.vendor != "postgresql":
+        yield True
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", [SWEEP_LOCK])
+        alone = bool(cursor.fetchone()[0])
+    try:
+        yield alone
+    finally:
+        if alone:
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [SWEEP_LOCK])
+            except DatabaseError:
+                # A connection that cannot run the unlock is closed, which ends its session and the
+                # lock with it: a worker reusing it would keep every later sweep out.
+                logger.warning("could not release the dispatch sweep's lock", exc_info=True)
+                if not connection.in_atomic_block:
+                    connection.close()
+
+
 def queued_sweep(*, now: dt.datetime | None = None) -> list[str]:
     """Send again the tasks left queued past DISPATCH_SWEEP_AFTER_SECONDS whose message is in
     neither a queue nor a live worker's hands: lost between commit and send, or held, waiting
@@ -282,6 +317,11 @@ def queued_sweep(*, now: dt.datetime | None = None) -> list[str]:
     would give the latter back only after its visibility timeout, which exceeds the queue
     timeout: the task would fail for waiting in the queue while idle workers wait for work.
     The message left behind is superseded (its id is no longer the task's) and runs nothing."""
+    with _sweep_alone() as alone:
+        return _queued_sweep(now=now) if alone else []
+
+
+def _queued_sweep(*, now: dt.datetime | None) -> list[str]:
     now = now or timezone.now()
     cutoff = now - dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS)
     stale = list(

@@ -897,3 +897,48 @@ def test_delivery_count_after_a_connection_lost_resend_then_a_redelivery(db, bui
     assert again.attempt.attempt_number == 3
     counts = [a.delivery_count for a in attempts(wf, "flaky")]
     assert counts in ([1, 2, 3], [1, 1, 2]), counts
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_sweeps_at_once_send_a_lost_message_once(builtin_agents, monkeypatch):
+    """A re-sent task keeps its first queued_at, so between the first sweep's commit and its
+    publish (a slow broker, here 1 s) a second sweep found it lost too and sent it again: two
+    messages for one task. One sweep runs at a time now; the other returns at once."""
+    import threading
+
+    from django.db import connection
+
+    from orchestration.services import dispatch
+
+    flush_redis()
+    wf = submit({"name": "a", "agent": "echo"})
+    flush_redis()  # the message never reached the broker
+    TaskExecution.objects.filter(workflow=wf).update(queued_at=timezone.now() - dt.timedelta(minutes=5))
+    send = dispatch.dispatch_send
+    sending = threading.Event()
+
+    def slow_send(dispatches):
+        sending.set()
+        time.sleep(1.0)
+        send(dispatches)
+
+    monkeypatch.setattr(dispatch, "dispatch_send", slow_send)
+    swept: dict[str, list[str]] = {}
+
+    def sweep(name: str) -> None:
+        try:
+            swept[name] = queued_sweep()
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=sweep, args=("first",))
+    first.start()
+    assert sending.wait(10), "the first sweep did not send"
+    second = threading.Thread(target=sweep, args=("second",))
+    second.start()
+    first.join()
+    second.join()
+    assert swept == {"first": [task(wf, "a").execution_id], "second": []}
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    assert client.llen("normal") == 1
+    assert queued_sweep() == [], "the re-sent message is in the queue"
