@@ -39,14 +39,19 @@ _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar
 # A credential's label and separator ("password=", "api_key: ", '"token": '), group 1 of the patterns below.
 _CREDENTIAL_LABEL = r"(?i)((?:api[_-]?key|x-api-key|token|password|secret)[\"']?\s*[:=]\s*"
 _SECRET_WORDS = ("key", "token", "password", "secret")
+# A key sent without a scheme as the second of a pair: what no header name has (the training
+# data's _AUTH_PAIR_KEY in config/settings/base.py, which says why).
+_PAIR_KEY = r"(?>[0-9]|[a-z0-9_-]*?(?:[^a-z0-9_\-\s\"'\\,)\]]|[0-9](?:[a-z]|[0-9]{3})))[^\s\"'\\]*+"
 
 
 def _authorization_patterns() -> list[tuple[re.Pattern[str], tuple[str, ...]]]:
     """HTTP Authorization (and Proxy-Authorization) credentials, whatever the scheme, as a header
-    line, key=value, JSON, a Python literal or a pair ("Authorization", "Basic ...") whose value
-    has a scheme (a list of header names has none). The label and the scheme are kept
-    ("Authorization: Digest ***"); a quoted credential is masked up to its closing quote, a bare
-    one is the header's parameters (Digest, AWS4-HMAC-SHA256) or one token."""
+    line, key=value, JSON, a Python literal, a pair ("Authorization", "Basic ...") whose value
+    has a scheme or is shaped like a key (a list of header names has neither: see _AUTH_PAIR_KEY
+    in the settings), print arguments (`print("Authorization:", "...")`), an XML element or a
+    YAML block scalar. The label and the scheme are kept ("Authorization: Digest ***"); a quoted
+    credential is masked up to its closing quote, a bare one is the header's parameters (Digest,
+    AWS4-HMAC-SHA256) or one token."""
     # (the label's quote escaped in a JSON text inside a string, `=>` of a Ruby or PHP hash, the
     # first value of a list: multiValueHeaders, Go's Authorization:[...])
     key = r"(?i)(authorization(?:\\?[\"'])?\]?\s*(?:=>|[:=])\s*(?:\[\s*)?"
@@ -56,14 +61,25 @@ def _authorization_patterns() -> list[tuple[re.Pattern[str], tuple[str, ...]]]:
         r"[a-z0-9!#$%*+.^_`|~-]+[ \t]*=[ \t]*"
         r"(?:\"(?:[^\"\\\n]|\\.)*\"?|\\\"(?:[^\"\\\n]|\\[^\"\n])*(?:\\\")?|[^\s\"',]*)"
     )
-    patterns = []
+    # (the label and its separator as one string, the value the next argument)
+    split = r"(?i)(authorization[ \t]*[:=][ \t]*\\?[\"'][ \t]*,\s*"
+    # (a YAML block scalar: the value on the next, indented line)
+    block = key + rf"[|>][0-9+-]{{0,2}}[ \t]*\r?\n[ \t]+(?:{scheme})?)\S[^\r\n]*"
+    xml = (
+        rf"(?i)(authorization[ \t]*>\s*(?:{scheme})?)[^<>\s][^<>]*?"
+        r"(?=\s*</(?:[a-z0-9_.-]+:)?(?:proxy-|http_)?authorization[ \t]*>)"
+    )
+    patterns = [block, xml, pair + r"[bfru]{0,2}[\"'])" + _PAIR_KEY]
     for quote in ('"', "'"):
         char = rf"(?:[^{quote}\\\n]|\\.)"
         # (or continued by adjacent literals, as pprint splits a long value)
         quoted = rf"(?:{char}*(?:{quote}\s*{quote}{char}*)+|{char}{{6,}})"
-        patterns.append(key + rf"[bfru]{{0,2}}{quote}(?:{scheme})?)" + quoted)
+        patterns.append(split + rf"[bfru]{{0,2}}{quote}(?:{scheme})?)" + quoted)
+        # (not the label's own closing quote before a comma: `print("Authorization:", value)`)
+        patterns.append(key + rf"[bfru]{{0,2}}{quote}(?![ \t]*,)(?:{scheme})?)" + quoted)
         patterns.append(pair + rf"[bfru]{{0,2}}{quote}{scheme})" + quoted)
-    patterns.append(key + rf"\\\"(?:{scheme})?)(?:[^\"\\\n]|\\[^\"\n]){{6,}}")
+    patterns.append(split + rf"\\\"(?:{scheme})?)(?:[^\"\\\n]|\\[^\"\n]){{6,}}")
+    patterns.append(key + rf"\\\"(?![ \t]*,)(?:{scheme})?)(?:[^\"\\\n]|\\[^\"\n]){{6,}}")
     patterns.append(key + rf"(?:{scheme})?)(?:{param}(?:[ \t]*,[ \t]*{param})*|[^\s\"',;&*]{{6,}})")
     return [(re.compile(pattern), ("authorization",)) for pattern in patterns]
 

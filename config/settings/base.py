@@ -360,19 +360,45 @@ def _auth_bare(stop: str) -> str:
     )
 
 
+# A key sent without a scheme as the second of a pair (`("Authorization", "<key>")`): it has
+# what no header name has (a list of header names has none: "content-type", "x-b3-traceid",
+# "content-md5", "HTTP_X_API_KEY"), a character other than a letter, digit, '-' or '_', a digit
+# first, a digit followed by a letter, or four digits in a row. A key of letters alone, or of
+# letters then up to three digits, looks like a header name and is kept. (Atomic and possessive:
+# one scan of the value, whatever follows it.)
+_AUTH_PAIR_KEY = r"(?>[0-9]|[a-z0-9_-]*?(?:[^a-z0-9_\-\s\"'\\,)\]]|[0-9](?:[a-z]|[0-9]{3})))[^\s\"'\\]*+"
 # The label, its quote (escaped in a JSON text inside a JSON string) and separator (`=>` too),
-# then the value: quoted (up to its closing quote, escapes included, and the literals that
-# continue it, as pprint splits a long one; a b/f/r/u prefix allowed), possibly the first of a
-# list (`["Basic ..."]`); or, on the same line (a header's value never starts the next one:
+# then the value: the next argument when the label and its separator are one string
+# (`print("Authorization:", "<key>")`); a YAML block scalar (`authorization: >-` and the value on
+# the next, indented line); quoted (up to its closing quote, escapes included, and the literals
+# that continue it, as pprint splits a long one; a b/f/r/u prefix allowed; not the label's own
+# closing quote before a comma: `print("Authorization:", value)` is code), possibly the first of
+# a list (`["Basic ..."]`); or, on the same line (a header's value never starts the next one:
 # "if not authorization:" ending a line is code), bare, possibly in brackets (Go's
-# `Authorization:[Basic ...]`; not a mask already there).
+# `Authorization:[Basic ...]`; not a mask already there). Or a pair whose value has a scheme, or
+# is shaped like a key (_AUTH_PAIR_KEY). Or an XML element's text, up to its closing tag.
 _AUTHORIZATION = (
     r"(?i:authorization(?:(?:\\?[\"'])?\]?\s*(?:=>|[=:])"
-    r"(?:\s*(?:\[\s*)?(?:[bfru]{0,2}\"(?:[^\"\\\n]|\\.)*(?:\"\s*\"(?:[^\"\\\n]|\\.)*)*"
-    r"|[bfru]{0,2}'(?:[^'\\\n]|\\.)*(?:'\s*'(?:[^'\\\n]|\\.)*)*"
+    r"(?:[ \t]*\\?[\"'][ \t]*,\s*(?:[bfru]{0,2}\"(?:[^\"\\\n]|\\.)*|[bfru]{0,2}'(?:[^'\\\n]|\\.)*"
+    r"|\\\"(?:[^\"\\\n]|\\[^\"\n])*)"
+    r"|[ \t]*[|>][0-9+-]{0,2}[ \t]*\r?\n[ \t]+[^\s][^\r\n]*"
+    r"|\s*(?:\[\s*)?(?:[bfru]{0,2}\"(?![ \t]*,)(?:[^\"\\\n]|\\.)*(?:\"\s*\"(?:[^\"\\\n]|\\.)*)*"
+    r"|[bfru]{0,2}'(?![ \t]*,)(?:[^'\\\n]|\\.)*(?:'\s*'(?:[^'\\\n]|\\.)*)*"
     r"|\\\"(?:[^\"\\\n]|\\[^\"\n])*)"
     r"|[ \t]*(?:" + _auth_bare("") + r"|\[(?!redacted\])[ \t]*" + _auth_bare(r"\]") + r"\]?))"
-    r"|[\"']\s*,\s*[bfru]{0,2}(?:\"[^\"\s\\]+[ \t]+(?:[^\"\\\n]|\\.)*|'[^'\s\\]+[ \t]+(?:[^'\\\n]|\\.)*)))"
+    r"|[\"']\s*,\s*[bfru]{0,2}(?:\"[^\"\s\\]+[ \t]+(?:[^\"\\\n]|\\.)*|'[^'\s\\]+[ \t]+(?:[^'\\\n]|\\.)*"
+    r"|[\"']" + _AUTH_PAIR_KEY + r")"
+    r"|[ \t]*>\s*+[^<>\s][^<>]*+(?=</(?:[a-z0-9_.-]+:)?(?:proxy-|http_)?authorization[ \t]*>)))"
+)
+# A YAML key at the start of its line (indented, quoted, a list item) whose value is on the next,
+# indented line: masked when that line is a credential and nothing else, a bare key or a scheme
+# and its token68 or parameters. (An indented sentence under "Authorization:" is not, nor a
+# nested mapping, `authorization:` then `  type: oauth2`: a credential's first word never ends
+# with a colon; Python's "if not authorization:" is no key at the start of its line.)
+_AUTHORIZATION_NEXT_LINE = (
+    r"(?<![^\n\"])(?i:[ \t]*(?:-[ \t]+)?[\"']?(?:proxy-|http_)?authorization[\"']?[ \t]*:[ \t]*\r?\n"
+    r"[ \t]+[^\s\"',;&{\[][^\s\"',;&]*+(?<!:)(?:[ \t]+(?:[a-z0-9!#$%*+.^_`|~-]+[ \t]*=[^\r\n]*"
+    r"|[^\s\"',;&]++[ \t]*(?![^\r\n\"]))|[ \t]*(?![^\r\n\"])))"
 )
 # Each pattern starts with a literal where it can (a literal prefix lets the regex engine skip
 # ahead; the look-behind after it keeps the word boundary): redaction runs on every string.
@@ -393,7 +419,10 @@ REDACT_PATTERNS = env.json_str_list(
         # value has a scheme (a list of header names has none). Whatever follows "Authorization:"
         # on its line is taken for a credential, "Authorization: required" too (a bare key looks the same);
         # the word elsewhere ("the authorization step failed") is kept. No word-start look-behind:
-        # "Proxy-", "HTTP_" or "proxy" before it name the same header.
+        # "Proxy-", "HTTP_" or "proxy" before it name the same header. Also a pair whose value is
+        # shaped like a key, an XML element, print arguments and YAML (a value on the next line;
+        # before the same-line pattern, which would take a block scalar's `>-` for the value).
+        _AUTHORIZATION_NEXT_LINE,
         _AUTHORIZATION,
         # credentials in a URL (user:password@, the user possibly empty: redis://:password@host)
         # and key=value secrets in free text, the key or the value possibly quoted (JSON or a

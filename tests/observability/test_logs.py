@@ -224,10 +224,34 @@ def test_secret_looking_patterns_are_masked(text, expected):
         ('{"Authorization": ["Token 9944b09199c6"]}', '{"Authorization": ["Token ***"]}'),
         ("{ 'Authorization' => 'Token 9944b09199c6' }", "{ 'Authorization' => 'Token ***' }"),
         ("{'Authorization': 'Token '\n                  '9944b09199c62bcf9418ad'}", "{'Authorization': 'Token ***'}"),
+        # A pair whose value is a key sent without a scheme, an XML element, a label and its
+        # value as two print arguments, a YAML value on the next line.
+        ('dict([("Authorization", "rawapikey123456")])', 'dict([("Authorization", "***")])'),
+        ("xhr.setRequestHeader('Authorization', 'rawapikey123456')", "xhr.setRequestHeader('Authorization', '***')"),
+        ("<Authorization>Token 9944b09199c6</Authorization>", "<Authorization>Token ***</Authorization>"),
+        ("<authorization>rawapikey123456</authorization>", "<authorization>***</authorization>"),
+        ('print("Authorization:", "rawapikey123456")', 'print("Authorization:", "***")'),
+        ('print("Authorization:", "Token 9944b09199c6")', 'print("Authorization:", "Token ***")'),
+        ("headers:\n  Authorization:\n    Token 9944b09199c6\n", "headers:\n  Authorization:\n    Token ***\n"),
+        ("authorization: >-\n    rawapikey123456\n", "authorization: >-\n    ***\n"),
     ],
 )
 def test_authorization_credentials_of_any_scheme_are_masked_and_the_scheme_kept(text, expected):
     assert logs.redact(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'CORS_ALLOW_HEADERS = ("authorization", "content-type", "x-b3-traceid", "content-md5")',
+        '["authorization", "Content-Type"]',
+        "Use the <authorization> element; it holds the header's value.",
+        'print("Authorization:", header_value)',
+        "the authorization step failed",
+    ],
+)
+def test_header_names_and_prose_around_the_word_are_kept(text):
+    assert logs.redact(text) == text
 
 
 def test_celery_argument_reprs_are_masked_and_the_publish_time_stamped(settings):

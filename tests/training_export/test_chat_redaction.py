@@ -304,3 +304,46 @@ def test_a_versions_tools_are_redacted_once_per_export_and_the_lines_are_the_sam
     assert written[0][0]["function"]["parameters"] == REDACTED_BILLING_PARAMETERS
     assert written == [written[0]] * 3
     assert_no_secret(Path(run.path).parent)
+
+
+@pytest.mark.django_db
+def test_a_secret_parameters_unknown_keywords_are_masked_and_dependent_required_names_it_as_written(out):
+    """Vendor keywords (`x-default`, `x-example`) of a secret parameter hold the values it may
+    take as default/examples do: masked whatever they look like (another parameter's are kept).
+    `dependentRequired` names parameters as `required` does: kept a valid schema, naming them as
+    the properties are written."""
+    parameters = {
+        "type": "object",
+        "properties": {
+            "api_key": {"type": "string", "description": "the key", "x-default": PLAIN_KEY, "x-example": [OTHER_KEY]},
+            "credentials": {
+                "type": "object",
+                "properties": {"user": {"type": "string"}, "secret": {"type": "string"}},
+                "dependentRequired": {"user": ["secret"]},
+                "x-examples": {"live": {"user": "bob", "secret": CANARY}},
+            },
+            "account": {"type": "string", "x-example": "acme"},
+            f"{CANARY}@example.org": {"type": "boolean"},
+            f"ops.{CANARY}@example.org": {"type": "boolean"},
+        },
+        "dependentRequired": {"api_key": ["account"], f"{CANARY}@example.org": [f"ops.{CANARY}@example.org"]},
+    }
+
+    written, directory = exported_parameters(parameters)
+
+    assert_no_secret(directory)
+    Draft202012Validator.check_schema(written)
+    assert written["properties"]["api_key"] == {
+        "type": "string",
+        "description": "the key",
+        "x-default": MASK,
+        "x-example": [MASK],
+    }
+    assert written["properties"]["credentials"] == {
+        "type": "object",
+        "properties": {"user": {"type": "string"}, "secret": {"type": "string"}},
+        "dependentRequired": {"user": ["secret"]},
+        "x-examples": MASK,
+    }
+    assert written["properties"]["account"] == {"type": "string", "x-example": "acme"}
+    assert written["dependentRequired"] == {"api_key": ["account"], MASK: [f"{MASK}#2"]}

@@ -393,6 +393,25 @@ def test_authorization_in_prose_is_kept_and_whatever_follows_the_header_label_is
     assert redact(prose + "Authorization: required") == prose + MASK
 
 
+def test_header_names_xml_and_code_around_the_word_are_kept(db):
+    """A list of header names whose second one follows "authorization" (a key sent without a
+    scheme looks like no header name), an element that is not closed, a block of code or an
+    indented sentence under "Authorization:" are no credential."""
+    texts = [
+        'CORS_ALLOW_HEADERS = ("authorization", "content-type", "x-b3-traceid", "content-md5")',
+        'for name in ("HTTP_AUTHORIZATION", "HTTP_X_API_KEY"):',
+        '["authorization", "Content-Type"]',
+        "Use the <authorization> element; it holds the header's value.",
+        "<p>Send the <code>Authorization</code> header.</p>",
+        "<authorization></authorization>",
+        "    if not authorization:\n        return None\n",
+        "Authorization:\n  Users must sign in before they can edit a page.\n",
+        'print("Authorization:", header_value)',
+    ]
+    for text in texts:
+        assert redact(text) == text
+
+
 # Shapes found in review: a header inside a JSON-encoded string (its quotes escaped), a JSON text
 # inside a JSON string, a header's values as a list (API Gateway's multiValueHeaders, Go's
 # http.Header, Java's Map<String, List<String>>), a Ruby/PHP hash and a long value that pprint
@@ -423,11 +442,46 @@ AUTHORIZATION_LEAKS = {
 }
 
 
-@pytest.mark.parametrize("name", [*AUTHORIZATION_TEXTS, *AUTHORIZATION_LEAKS])
+# Shapes the patterns above still missed: a pair whose value is a key sent without a scheme, an
+# XML element, a label and its value as two print arguments, a YAML value on the next line.
+AUTHORIZATION_MORE_LEAKS = {
+    "pair_bare_key": (
+        f'conn.request("GET", "/", headers=dict([("Authorization", "{AUTH}")]))',
+        f'conn.request("GET", "/", headers=dict([("{MASK}")]))',
+    ),
+    "list_pair_bare_key": (
+        f'new Headers([["Accept", "*/*"], ["Authorization", "{AUTH}"]])',
+        f'new Headers([["Accept", "*/*"], ["{MASK}"]])',
+    ),
+    "set_header_bare_key": (f"xhr.setRequestHeader('Authorization', '{AUTH}')", f"xhr.setRequestHeader('{MASK}')"),
+    "xml_basic": (
+        f"<Headers><Authorization>Basic {AUTH}</Authorization></Headers>",
+        f"<Headers><{MASK}</Authorization></Headers>",
+    ),
+    "xml_token": (f"<authorization>{AUTH}</authorization>", f"<{MASK}</authorization>"),
+    "print_arguments": (f'print("Authorization:", "{AUTH}")', f'print("{MASK}")'),
+    "print_arguments_in_json": (
+        f'{{"code": "print(\\"Authorization:\\", \\"{AUTH}\\")"}}',
+        f'{{"code": "print(\\"{MASK}\\")"}}',
+    ),
+    "yaml_next_line": (
+        f"headers:\n  Authorization:\n    Basic {AUTH}\n  Accept: '*/*'\n",
+        f"headers:\n{MASK}\n  Accept: '*/*'\n",
+    ),
+    "yaml_next_line_bare_key": (f"Authorization:\n  {AUTH}", MASK),
+    "yaml_block_scalar": (f"authorization: >-\n    Basic {AUTH}\nnext: 1", f"{MASK}\nnext: 1"),
+    "yaml_digest_next_line": (
+        f'proxy-authorization:\r\n  Digest username="bob", response="{AUTH}"\r\nnext: 1',
+        f"{MASK}\r\nnext: 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", [*AUTHORIZATION_TEXTS, *AUTHORIZATION_LEAKS, *AUTHORIZATION_MORE_LEAKS])
 def test_authorization_credentials_are_masked_whatever_the_scheme(db, name):
     """Every scheme and shape: header lines, JSON, literals, dumps, and the nested, listed and
-    split shapes (AUTHORIZATION_LEAKS)."""
-    text, expected = {**AUTHORIZATION_TEXTS, **AUTHORIZATION_LEAKS}[name]
+    split shapes (AUTHORIZATION_LEAKS, AUTHORIZATION_MORE_LEAKS)."""
+    text, expected = {**AUTHORIZATION_TEXTS, **AUTHORIZATION_LEAKS, **AUTHORIZATION_MORE_LEAKS}[name]
     masked = redact(text)
     assert AUTH not in masked
     assert masked == expected
@@ -441,6 +495,9 @@ def test_authorization_at_a_line_end_masks_nothing_of_the_next_line(db):
         "## Authorization:\nUsers must sign in before they can edit a page.",
         "    if not authorization:\n        raise HTTPException(status_code=401)\n",
         "GET / HTTP/1.1\r\nAuthorization: \r\nHost: api.example.com\r\n",
+        # a nested YAML mapping (an OpenAPI security section, a config): keys, not a credential
+        "security:\n  authorization:\n    type: oauth2\n    flow: implicit\n",
+        "authorization:\n  enabled: true\n",
     ]
     for text in texts:
         assert redact(text) == text

@@ -415,6 +415,16 @@ def authorization_fragments() -> list[str]:
         "&",
         "é",
         "",
+        # (a pair's bare key, an XML element, print arguments, a YAML value on the next line)
+        "<",
+        "</",
+        ">",
+        ">-",
+        "|",
+        "  ",
+        ")",
+        "k3y.",
+        "- ",
     ]
 
 
@@ -452,3 +462,29 @@ def test_the_batch_check_finds_authorization_credentials_and_clears_only_unchang
     ]
     header = {"dump": 'Proxy-Authorization: Digest response="abc"'}
     assert redactor.dirty(records, [[], [], [json.dumps(header)]], [[], [], [header]]) == {0, 2}
+
+
+def test_the_batch_check_finds_the_pair_xml_print_and_yaml_shapes(settings):
+    """A record holding a header in one of these shapes is found (redaction changes it); the
+    prose and code around the word are cleared."""
+    redactor = build_redactor(settings.REDACT_KEYS, settings.REDACT_PATTERNS, [CANARY])
+    assert redactor.joinable
+    found = [
+        'headers=[("Authorization", "k3yvalue0a1b2c")]',
+        "<Authorization>Basic dXNlcjpw</Authorization>",
+        'print("Authorization:", "k3yvalue0a1b2c")',
+        "headers:\n  Authorization:\n    Basic dXNlcjpw\n",
+        "authorization: >-\n  k3yvalue0a1b2c",
+    ]
+    kept = ['("authorization", "content-type")', "    if not authorization:\n        return None", "<authorization>"]
+    # (the kept first: a match found in the joined text may run on into the records after it)
+    texts = [[text] for text in kept + found]
+    values = [{"note": text} for text in kept + found]
+    for text in found:
+        assert redactor.text(text) != text
+    for text in kept:
+        assert redactor.text(text) == text
+    expected = set(range(len(kept), len(texts)))
+    assert redactor.dirty(texts, [[]] * len(texts), [[]] * len(texts)) == expected
+    json_texts = [[json.dumps(value)] for value in values]
+    assert redactor.dirty([[]] * len(values), json_texts, [[value] for value in values]) == expected

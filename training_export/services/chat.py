@@ -214,6 +214,48 @@ _SUBSCHEMAS = frozenset(
 _SUBSCHEMA_MAPS = frozenset({"$defs", "definitions", "dependentSchemas", "patternProperties", "properties"})
 # Keywords whose value is a value of the parameter itself.
 _INSTANCES = frozenset({"const", "default", "enum", "example", "examples"})
+# Keywords whose value describes the parameter (a type, a bound, a text for the reader, names
+# of parameters). Any other keyword of a secret parameter (`x-default`, `x-example`: vendor
+# extensions) may hold a value it takes, and is masked as the instances are.
+_DESCRIPTIVE = frozenset(
+    {
+        "$anchor",
+        "$comment",
+        "$dynamicAnchor",
+        "$dynamicRef",
+        "$id",
+        "$ref",
+        "$schema",
+        "$vocabulary",
+        "contentEncoding",
+        "contentMediaType",
+        "dependentRequired",
+        "deprecated",
+        "description",
+        "exclusiveMaximum",
+        "exclusiveMinimum",
+        "format",
+        "maxContains",
+        "maxItems",
+        "maxLength",
+        "maxProperties",
+        "maximum",
+        "minContains",
+        "minItems",
+        "minLength",
+        "minProperties",
+        "minimum",
+        "multipleOf",
+        "nullable",
+        "pattern",
+        "readOnly",
+        "required",
+        "title",
+        "type",
+        "uniqueItems",
+        "writeOnly",
+    }
+)
 
 
 def _masked(value: Any) -> Any:
@@ -232,8 +274,10 @@ def _schema(
     (REDACT_KEYS) and leave a schema the fine-tuning API rejects; here parameter names are
     redacted as text (`required` names them as written), and the values a secret parameter may
     take (default, const, enum, examples, in the definitions its `$ref` leads to too: `defs`, of
-    the root) are masked whatever they look like. Everything else (descriptions, titles, the
-    values of other parameters, unknown keywords) is redacted as any JSON value."""
+    the root, and any keyword the schema does not describe it with, such as `x-default`) are
+    masked whatever they look like. `dependentRequired` names parameters as `required` does.
+    Everything else (descriptions, titles, the values of other parameters, their unknown
+    keywords) is redacted as any JSON value."""
     if isinstance(schema, list):
         return [_schema(item, redactor, secret=secret) for item in schema]
     if not isinstance(schema, dict):
@@ -255,16 +299,28 @@ def _schema(
             out[keyword] = schemas
         elif keyword in _SUBSCHEMAS:
             out[keyword] = _schema(value, redactor, secret=secret)
-        elif keyword in _INSTANCES:
+        elif keyword in _INSTANCES or (secret and keyword not in _DESCRIPTIVE):
             out[keyword] = _masked(value) if secret else redactor.value(value)
         else:
             out.update(redactor.value({keyword: value}))
+
+    def as_written(name: Any) -> Any:
+        # Two names masked alike were told apart: a name is written as the properties write it.
+        return written.get(name, redactor.text(name)) if isinstance(name, str) else name
+
     required = schema.get("required")
     if written and isinstance(required, list):
-        # Two names masked alike were told apart: required names them as the properties do.
-        out["required"] = [
-            written.get(name, redactor.text(name)) if isinstance(name, str) else name for name in required
-        ]
+        out["required"] = [as_written(item) for item in required]
+    dependent = schema.get("dependentRequired")
+    if isinstance(dependent, dict) and all(isinstance(names, list) for names in dependent.values()):
+        # Names, not values: redacted as a value, the list under a secret name ("api_key") would
+        # be masked into a string, a schema the fine-tuning API rejects.
+        out["dependentRequired"] = {}
+        for key, names in dependent.items():
+            masked = as_written(str(key))
+            if masked in out["dependentRequired"]:
+                masked = unique_name(masked, out["dependentRequired"])
+            out["dependentRequired"][masked] = [as_written(item) for item in names]
     return out
 
 
