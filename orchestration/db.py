@@ -63,6 +63,24 @@ def plan_changed(exc: BaseException) -> bool:
     )
 
 
+def interruption(exc: BaseException) -> BaseException | None:
+    """The SystemExit or KeyboardInterrupt `exc` was raised while handling, if any.
+
+    Django's atomic() restores autocommit in a `finally`: a SystemExit raised during its COMMIT
+    (billiard's SIGTERM handler, in a pool process a cancel terminates) leaves the connection
+    busy, and is replaced there by a DatabaseError ("can't change 'autocommit' now"). Code
+    that carries on after a database error must not carry on after that one: its process was
+    told to stop."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if not isinstance(current, Exception):
+            return current
+        seen.add(id(current))
+        current = current.__context__
+    return None
+
+
 def atomic_retried(fn: Any) -> Any:
     """Decorator: `fn` runs through atomic_with_retry. For operations that lock a workflow
     before its tasks and their attempts (cancel, retry, resume), the reverse of the workers'

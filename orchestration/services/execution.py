@@ -28,7 +28,7 @@ from django.db.models import F, Max
 from django.utils import timezone
 
 from observability.attempts import attempt_finished, attempt_started, attempts_reaped, late_usage_recorded
-from orchestration.db import atomic_with_retry
+from orchestration.db import atomic_with_retry, interruption
 from orchestration.errors import PermanentError, RetryableError, is_retryable
 from orchestration.event_types import EventType, Severity
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
@@ -952,7 +952,9 @@ def _refused_outcome_record(
 
     try:
         added = atomic_with_retry(record)
-    except DatabaseError:
+    except DatabaseError as exc:
+        if (stop := interruption(exc)) is not None:
+            raise type(stop)(*stop.args) from exc  # the process was told to stop (see _meter)
         logger.warning("attempt %s: could not record the end of its refused outcome", attempt.pk, exc_info=True)
         return
     logger.warning(
@@ -1004,7 +1006,11 @@ def _meter(attempt_id: int) -> Callable[[Usage], None]:
                 added = atomic_with_retry(lambda: _late_usage_add(attempt_id, usage))
                 if added is not None:
                     late_usage_recorded(agent_id=added[0], usage=added[1])
-        except DatabaseError:  # never fail the agent's work for the meter: the final record follows
+        except DatabaseError as exc:  # never fail the agent's work for the meter: the final record follows
+            if (stop := interruption(exc)) is not None:
+                # A cancel's SIGTERM that landed in the late-usage COMMIT: stop the agent, as
+                # anywhere else in its run, instead of letting it run on unmetered.
+                raise type(stop)(*stop.args) from exc
             logger.warning("attempt %s: could not meter its usage", attempt_id, exc_info=True)
 
     return add

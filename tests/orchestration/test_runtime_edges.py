@@ -4,18 +4,24 @@ cannot store, hostile HTTP answers, conversation isolation and order, bad agent 
 from __future__ import annotations
 
 import io
+import signal
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection, connections
 
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
-from orchestration.services.execution import attempt_run
+from orchestration.runtime.context import Usage
+from orchestration.services import execution
+from orchestration.services.execution import Claim, attempt_claim, attempt_run
 from orchestration.services.workflows import workflow_cancel, workflow_submit
 from tests.engine import wait_for
 from tests.fakes.servers import OpenAIServer, Reply
+from tests.orchestration.test_engine import submit, task
 from tests.orchestration.test_executors import ctx
 
 KEY = "sk-test-" + "edges" * 5
@@ -470,3 +476,48 @@ def test_token_counts_whose_sum_overflows_fail_the_attempt_not_leave_it_running(
         wait_for(lambda: service.requests, timeout=20)
         attempt = closed_by_the_worker(workflow)
     assert attempt.status == TaskAttempt.Status.FAILED, attempt.error
+
+
+# --- a cancel's SIGTERM that lands in the COMMIT of the meter's write -------------------
+
+
+def _exit_as_billiard_does(signum, frame):
+    # billiard.common._shutdown_cleanup, the pool process's SIGTERM handler (without its module state)
+    raise SystemExit(-(256 - signum))
+
+
+def test_a_cancel_whose_sigterm_lands_in_the_meters_commit_still_stops_the_agent(committed):
+    """A cancel revokes the running attempt with terminate=True: the pool process gets SIGTERM,
+    whose handler raises SystemExit wherever Python is. Landing in the COMMIT of the meter's
+    late-usage transaction (the agent paid again after the cancel closed its attempt), Django's
+    atomic() replaced the SystemExit with the ProgrammingError of its `finally` on the busy
+    connection ("can't change 'autocommit' now"), which the meter swallowed as a database error:
+    the cancelled agent ran on to its end, every later payment unmetered on the broken connection
+    ("another command is already in progress"). Seen on a real worker: SIGTERM sent to the pool
+    process of an agent metering without pause after its cancel went on in 1 try of 34."""
+    wf = submit({"name": "a", "agent": "echo"})
+    a = task(wf, "a")
+    claim = attempt_claim(execution_id=a.pk, celery_task_id=a.celery_task_id, worker="w@h")
+    assert isinstance(claim, Claim)
+    with mock.patch("orchestration.services.progress.revoke_after_commit"):
+        workflow_cancel(workflow_id=wf.pk)
+    meter = execution._meter(claim.attempt.pk)
+    meter(Usage(input_tokens=3))  # paid after the cancel: recorded on the closed attempt
+    assert TaskAttempt.objects.get(pk=claim.attempt.pk).tokens_used == 3
+
+    wrapper = type(connections["default"])
+    commit = wrapper._commit
+
+    def commit_terminated(self):
+        signal.raise_signal(signal.SIGTERM)  # the revoke's SIGTERM, as the COMMIT is sent
+        return commit(self)
+
+    previous = signal.signal(signal.SIGTERM, _exit_as_billiard_does)
+    try:
+        with mock.patch.object(wrapper, "_commit", commit_terminated), pytest.raises(SystemExit):
+            meter(Usage(input_tokens=5))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        connection.close()  # left busy by the interrupted COMMIT, as the dying process leaves it
+    attempt = TaskAttempt.objects.get(pk=claim.attempt.pk)
+    assert (attempt.status, attempt.tokens_used) == (TaskAttempt.Status.CANCELLED, 3)
