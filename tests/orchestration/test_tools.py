@@ -371,3 +371,24 @@ def test_toolbox_in_a_conversation_writes_the_call_and_its_reply_to_the_transcri
         },
         {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"expression": "1+1", "result": 2})},
     ]
+
+
+def test_a_stop_that_interrupted_a_tools_commit_stops_the_agent_not_reported_as_a_tool_failure():
+    """A cancel's SIGTERM raises SystemExit in the pool process; landing in the COMMIT of a tool's
+    own database write, Django replaces it with a database error ("can't change 'autocommit'
+    now", the SystemExit its context). That is no failure of the tool to hand back to the agent,
+    which would run on: the exit goes on."""
+    from django.db import ProgrammingError
+
+    name = _unique("committing")
+
+    @tool(name=name, description="", parameters={"type": "object"})
+    def committing() -> None:
+        try:
+            raise SystemExit(-15)  # billiard's SIGTERM handler, as the COMMIT is sent
+        finally:
+            raise ProgrammingError("can't change 'autocommit' now")  # as Django's atomic() does
+
+    box = ToolBox(agent_id="a1", allowed=[name])
+    with pytest.raises(SystemExit):
+        box.call(name)
