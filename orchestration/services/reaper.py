@@ -244,37 +244,51 @@ def workflows_enforce_deadlines(*, now: dt.datetime) -> list[str]:
     return failed
 
 
-def _broker_message_ids(queues: set[str]) -> tuple[set[str], set[str]] | None:
+def _broker_message_ids(queues: set[str]) -> tuple[set[str], dict[str, dt.datetime | None]] | None:
     """Task ids of the messages waiting in the Redis broker's queues, and of those delivered to
-    a worker and not yet acknowledged; None if the broker is not Redis (nothing can be checked)."""
+    a worker and not yet acknowledged, with the time each was to run at (its ETA: a retry's
+    backoff, a deferral; None for one to run at once); None if the broker is not Redis
+    (nothing can be checked)."""
     url = settings.CELERY_BROKER_URL
     if not url.startswith(("redis://", "rediss://")):
         return None
     import redis
 
     client = redis.Redis.from_url(url, socket_timeout=5)
-    ids: set[str] = set()
 
-    def collect(raw: bytes, ids: set[str] = ids) -> None:
+    def headers(raw: bytes) -> dict:
         try:
             payload = json.loads(raw)
         except ValueError:
-            return
-        if isinstance(payload, list):  # unacked entries are [message, exchange, routing_key]
+            return {}
+        if isinstance(payload, list) and payload:  # unacked entries are [message, exchange, routing_key]
             payload = payload[0]
-        task_id = payload.get("headers", {}).get("id") if isinstance(payload, dict) else None
-        if task_id:
-            ids.add(task_id)
+        found = payload.get("headers") if isinstance(payload, dict) else None
+        return found if isinstance(found, dict) and found.get("id") else {}
 
+    ids: set[str] = set()
     sep = "\x06\x16"
     for queue in queues:
         for key in [queue, *(f"{queue}{sep}{p}" for p in range(1, 10))]:
             for raw in client.lrange(key, 0, -1):
-                collect(raw)
-    unacked: set[str] = set()
+                if found := headers(raw):
+                    ids.add(str(found["id"]))
+    unacked: dict[str, dt.datetime | None] = {}
     for raw in client.hvals("unacked"):
-        collect(raw, unacked)
+        if found := headers(raw):
+            unacked[str(found["id"])] = _eta(found.get("eta"))
     return ids, unacked
+
+
+def _eta(value: object) -> dt.datetime | None:
+    """A message's ETA header (ISO 8601; naive is UTC), None when absent or unreadable."""
+    if not isinstance(value, str):
+        return None
+    try:
+        eta = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return eta if eta.tzinfo is not None else eta.replace(tzinfo=dt.UTC)
 
 
 # The session advisory lock that lets one dispatch sweep run at a time.
@@ -313,7 +327,8 @@ def _sweep_alone() -> Iterator[bool]:
 def queued_sweep(*, now: dt.datetime | None = None) -> list[str]:
     """Send again the tasks left queued past DISPATCH_SWEEP_AFTER_SECONDS whose message is in
     neither a queue nor a live worker's hands: lost between commit and send, or held, waiting
-    for its countdown (a retry's backoff, a deferral), by a worker that was killed. Redis
+    for its countdown (a retry's backoff, a deferral), by a worker that was killed (re-sent once
+    the countdown has ended; until then the message is where it belongs). Redis
     would give the latter back only after its visibility timeout, which exceeds the queue
     timeout: the task would fail for waiting in the queue while idle workers wait for work.
     The message left behind is superseded (its id is no longer the task's) and runs nothing."""
@@ -338,11 +353,21 @@ def _queued_sweep(*, now: dt.datetime | None) -> list[str]:
     if found is None:
         return []
     present, unacked = found
-    unacked_only = {celery_task_id for _, celery_task_id, _ in stale if celery_task_id not in present} & unacked
-    if unacked_only:
-        held = workers_holding(unacked_only)
+    # A message held until its countdown ends is where it belongs until then. Past its ETA (or
+    # without one) a live worker holding it has it reserved, running or about to start: only
+    # about those are the workers asked.
+    due = {
+        celery_task_id
+        for _, celery_task_id, _ in stale
+        if celery_task_id not in present
+        and celery_task_id in unacked
+        and (unacked[celery_task_id] is None or unacked[celery_task_id] <= now)
+    }
+    present |= set(unacked) - due
+    if due:
+        held = workers_holding(due)
         # Cannot tell: left to the broker's visibility timeout, as a message held by a live worker.
-        present |= unacked_only if held is None else held
+        present |= due if held is None else held
     resent = []
     for execution_id, celery_task_id, _ in stale:
         if celery_task_id in present:

@@ -942,3 +942,33 @@ def test_two_sweeps_at_once_send_a_lost_message_once(builtin_agents, monkeypatch
     client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     assert client.llen("normal") == 1
     assert queued_sweep() == [], "the re-sent message is in the queue"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_held_message_is_asked_about_only_once_its_countdown_has_ended(builtin_agents, monkeypatch):
+    """A message a worker holds unacknowledged until its ETA (a retry's backoff) is where it
+    belongs until then: the sweeper neither asks the workers about it on every pass (a broadcast
+    that waits its whole timeout) nor re-sends it early. Past its ETA it asks, and re-sends it
+    when no live worker holds it."""
+    from orchestration.services import reaper
+
+    flush_redis()
+    wf = submit({"name": "a", "agent": "echo"})
+    flush_redis()
+    now = timezone.now()
+    TaskExecution.objects.filter(workflow=wf).update(queued_at=now - dt.timedelta(minutes=5))
+    held = task(wf, "a")
+    eta = now + dt.timedelta(seconds=300)
+    message = {
+        "body": "",
+        "headers": {"id": held.celery_task_id, "task": "orchestration.run_task", "eta": eta.isoformat()},
+    }
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).hset("unacked", "tag-1", json.dumps([message, "", "normal"]))
+    asked: list[set[str]] = []
+    monkeypatch.setattr(reaper, "workers_holding", lambda ids: asked.append(set(ids)) or set())
+    assert queued_sweep(now=now) == []
+    assert asked == [] and task(wf, "a").celery_task_id == held.celery_task_id
+    assert queued_sweep(now=eta + dt.timedelta(seconds=1)) == [held.execution_id]
+    assert asked == [{held.celery_task_id}]
+    assert task(wf, "a").celery_task_id != held.celery_task_id
+    flush_redis()
