@@ -66,7 +66,8 @@ def _authorization_patterns() -> list[tuple[re.Pattern[str], tuple[str, ...]]]:
     # (a YAML block scalar: the value on the next, indented line)
     block = key + rf"[|>][0-9+-]{{0,2}}[ \t]*\r?\n[ \t]+(?:{scheme})?)\S[^\r\n]*"
     xml = (
-        rf"(?i)(authorization[ \t]*>\s*(?:{scheme})?)[^<>\s][^<>]*?"
+        r"(?i)(authorization(?:\s+[a-z_][a-z0-9_.:-]*[ \t]*=[ \t]*(?:\"[^\"<>]*+\"|'[^'<>]*+'))*+"
+        rf"[ \t]*>\s*(?:{scheme})?)[^<>\s][^<>]*?"
         r"(?=\s*</(?:[a-z0-9_.-]+:)?(?:proxy-|http_)?authorization[ \t]*>)"
     )
     patterns = [block, xml, pair + r"[bfru]{0,2}[\"'])" + _PAIR_KEY]

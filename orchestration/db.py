@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 from django.conf import settings
+from django.db import DatabaseError
 
 # A prepare_threshold no statement reaches: psycopg prepares only what is asked for.
 UNREACHABLE_THRESHOLD = 2**31
@@ -70,11 +71,18 @@ def interruption(exc: BaseException) -> BaseException | None:
     (billiard's SIGTERM handler, in a pool process a cancel terminates) leaves the connection
     busy, and is replaced there by a DatabaseError ("can't change 'autocommit' now"). Code
     that carries on after a database error must not carry on after that one: its process was
-    told to stop."""
+    told to stop.
+
+    Only a database error stands for a stop, and only a SystemExit or KeyboardInterrupt is one:
+    other failures have BaseExceptions in their context that stop nothing (asyncio.wait_for's
+    TimeoutError, raised while its CancelledError is handled; a tool's ValueError raised on
+    catching argparse's SystemExit), and must not end the agent, or its process."""
+    if not isinstance(exc, DatabaseError):
+        return None
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if not isinstance(current, Exception):
+        if isinstance(current, SystemExit | KeyboardInterrupt):
             return current
         seen.add(id(current))
         current = current.__context__

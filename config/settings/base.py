@@ -376,7 +376,8 @@ _AUTH_PAIR_KEY = r"(?>[0-9]|[a-z0-9_-]*?(?:[^a-z0-9_\-\s\"'\\,)\]]|[0-9](?:[a-z]
 # a list (`["Basic ..."]`); or, on the same line (a header's value never starts the next one:
 # "if not authorization:" ending a line is code), bare, possibly in brackets (Go's
 # `Authorization:[Basic ...]`; not a mask already there). Or a pair whose value has a scheme, or
-# is shaped like a key (_AUTH_PAIR_KEY). Or an XML element's text, up to its closing tag.
+# is shaped like a key (_AUTH_PAIR_KEY). Or an XML element's text (its attributes too: `xmlns`,
+# `type`), up to its closing tag.
 _AUTHORIZATION = (
     r"(?i:authorization(?:(?:\\?[\"'])?\]?\s*(?:=>|[=:])"
     r"(?:[ \t]*\\?[\"'][ \t]*,\s*(?:[bfru]{0,2}\"(?:[^\"\\\n]|\\.)*|[bfru]{0,2}'(?:[^'\\\n]|\\.)*"
@@ -388,16 +389,21 @@ _AUTHORIZATION = (
     r"|[ \t]*(?:" + _auth_bare("") + r"|\[(?!redacted\])[ \t]*" + _auth_bare(r"\]") + r"\]?))"
     r"|[\"']\s*,\s*[bfru]{0,2}(?:\"[^\"\s\\]+[ \t]+(?:[^\"\\\n]|\\.)*|'[^'\s\\]+[ \t]+(?:[^'\\\n]|\\.)*"
     r"|[\"']" + _AUTH_PAIR_KEY + r")"
-    r"|[ \t]*>\s*+[^<>\s][^<>]*+(?=</(?:[a-z0-9_.-]+:)?(?:proxy-|http_)?authorization[ \t]*>)))"
+    r"|(?:\s+[a-z_][a-z0-9_.:-]*[ \t]*=[ \t]*(?:\"[^\"<>]*+\"|'[^'<>]*+'))*+"
+    r"[ \t]*>\s*+[^<>\s][^<>]*+(?=</(?:[a-z0-9_.-]+:)?(?:proxy-|http_)?authorization[ \t]*>)))"
 )
 # A YAML key at the start of its line (indented, quoted, a list item) whose value is on the next,
 # indented line: masked when that line is a credential and nothing else, a bare key or a scheme
 # and its token68 or parameters. (An indented sentence under "Authorization:" is not, nor a
 # nested mapping, `authorization:` then `  type: oauth2`: a credential's first word never ends
-# with a colon; Python's "if not authorization:" is no key at the start of its line.)
+# with a colon; Python's "if not authorization:" is no key at the start of its line; nor is a
+# sequence item, `- admin`, or a comment. A string prefix before a quote, `f"Token ..."`, is a
+# literal continued on the next line, masked by _AUTHORIZATION: taken for a bare key, `f` alone
+# was masked and the literal left in clear.)
 _AUTHORIZATION_NEXT_LINE = (
     r"(?<![^\n\"])(?i:[ \t]*(?:-[ \t]+)?[\"']?(?:proxy-|http_)?authorization[\"']?[ \t]*:[ \t]*\r?\n"
-    r"[ \t]+[^\s\"',;&{\[][^\s\"',;&]*+(?<!:)(?:[ \t]+(?:[a-z0-9!#$%*+.^_`|~-]+[ \t]*=[^\r\n]*"
+    r"[ \t]+(?![bfru]{1,2}(?![^\s\"',;&])|[-#][ \t])"
+    r"[^\s\"',;&{\[][^\s\"',;&]*+(?<!:)(?:[ \t]+(?:[a-z0-9!#$%*+.^_`|~-]+[ \t]*=[^\r\n]*"
     r"|[^\s\"',;&]++[ \t]*(?![^\r\n\"]))|[ \t]*(?![^\r\n\"])))"
 )
 # Each pattern starts with a literal where it can (a literal prefix lets the regex engine skip

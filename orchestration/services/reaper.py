@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 
@@ -291,37 +291,38 @@ def _eta(value: object) -> dt.datetime | None:
     return eta if eta.tzinfo is not None else eta.replace(tzinfo=dt.UTC)
 
 
-# The session advisory lock that lets one dispatch sweep run at a time.
-SWEEP_LOCK = "orchestration.queued_sweep"
+# The broker-side lock that lets one dispatch sweep run at a time, and how long it may be held
+# (a sweep takes well under a second; one that dies holding it is forgotten after this).
+SWEEP_LOCK = "agentledger:queued_sweep"
+SWEEP_LOCK_SECONDS = 120
 
 
 @contextmanager
 def _sweep_alone() -> Iterator[bool]:
-    """Whether this is the only sweep running (a session advisory lock on PostgreSQL, held
-    until the sweep's messages are sent). A task the sweep re-sends keeps its first queued_at,
-    so until its new message is published it looks lost to any other sweep, which would send
-    it once more (a second message, superseded: it runs nothing, but the task was re-sent
-    twice). A sweep that finds another running returns at once: the next pass comes seconds
-    later."""
-    if connection.vendor != "postgresql":
+    """Whether this is the only sweep running: a lock in the Redis broker (the sweep reads the
+    broker's queues anyway, and only with a Redis broker does it run), held until the sweep's
+    messages are sent. A task the sweep re-sends keeps its first queued_at, so until its new
+    message is published it looks lost to any other sweep, which would send it once more (a
+    second message, superseded: it runs nothing, but the task was re-sent twice). A sweep that
+    finds another running returns at once: the next pass comes seconds later. (Not a
+    PostgreSQL session lock: behind a transaction-mode pooler its release could reach another
+    session and leave it held.)"""
+    url = settings.CELERY_BROKER_URL
+    if not url.startswith(("redis://", "rediss://")):
         yield True
         return
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", [SWEEP_LOCK])
-        alone = bool(cursor.fetchone()[0])
+    import redis
+
+    lock = redis.Redis.from_url(url, socket_timeout=5).lock(SWEEP_LOCK, timeout=SWEEP_LOCK_SECONDS, blocking=False)
+    alone = lock.acquire()
     try:
         yield alone
     finally:
         if alone:
             try:
-                with connection.cursor() as cursor:
-                    cursor.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [SWEEP_LOCK])
-            except DatabaseError:
-                # A connection that cannot run the unlock is closed, which ends its session and the
-                # lock with it: a worker reusing it would keep every later sweep out.
+                lock.release()
+            except redis.RedisError:  # expired (a sweep past SWEEP_LOCK_SECONDS) or the broker gone
                 logger.warning("could not release the dispatch sweep's lock", exc_info=True)
-                if not connection.in_atomic_block:
-                    connection.close()
 
 
 def queued_sweep(*, now: dt.datetime | None = None) -> list[str]:

@@ -230,6 +230,10 @@ def test_secret_looking_patterns_are_masked(text, expected):
         ("xhr.setRequestHeader('Authorization', 'rawapikey123456')", "xhr.setRequestHeader('Authorization', '***')"),
         ("<Authorization>Token 9944b09199c6</Authorization>", "<Authorization>Token ***</Authorization>"),
         ("<authorization>rawapikey123456</authorization>", "<authorization>***</authorization>"),
+        (
+            '<Authorization type="Bearer">Token 9944b09199c6</Authorization>',
+            '<Authorization type="Bearer">Token ***</Authorization>',
+        ),
         ('print("Authorization:", "rawapikey123456")', 'print("Authorization:", "***")'),
         ('print("Authorization:", "Token 9944b09199c6")', 'print("Authorization:", "Token ***")'),
         ("headers:\n  Authorization:\n    Token 9944b09199c6\n", "headers:\n  Authorization:\n    Token ***\n"),

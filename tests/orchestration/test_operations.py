@@ -903,12 +903,13 @@ def test_delivery_count_after_a_connection_lost_resend_then_a_redelivery(db, bui
 def test_two_sweeps_at_once_send_a_lost_message_once(builtin_agents, monkeypatch):
     """A re-sent task keeps its first queued_at, so between the first sweep's commit and its
     publish (a slow broker, here 1 s) a second sweep found it lost too and sent it again: two
-    messages for one task. One sweep runs at a time now; the other returns at once."""
+    messages for one task. One sweep runs at a time now (a lock in the broker, released when it
+    ends); the other returns at once."""
     import threading
 
     from django.db import connection
 
-    from orchestration.services import dispatch
+    from orchestration.services import dispatch, reaper
 
     flush_redis()
     wf = submit({"name": "a", "agent": "echo"})
@@ -941,6 +942,7 @@ def test_two_sweeps_at_once_send_a_lost_message_once(builtin_agents, monkeypatch
     assert swept == {"first": [task(wf, "a").execution_id], "second": []}
     client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     assert client.llen("normal") == 1
+    assert not client.exists(reaper.SWEEP_LOCK), "the lock outlived its sweep"
     assert queued_sweep() == [], "the re-sent message is in the queue"
 
 

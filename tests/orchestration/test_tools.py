@@ -392,3 +392,44 @@ def test_a_stop_that_interrupted_a_tools_commit_stops_the_agent_not_reported_as_
     box = ToolBox(agent_id="a1", allowed=[name])
     with pytest.raises(SystemExit):
         box.call(name)
+
+
+def test_a_tools_asyncio_timeout_is_its_failure_not_a_stop():
+    """asyncio.wait_for (and aiohttp's timeouts) raise TimeoutError while handling the
+    CancelledError they cancelled the call with, a BaseException in its context: no stop. Taken
+    for one, it was raised out of the tool to end the agent and the attempt was left running."""
+    import asyncio
+
+    name = _unique("slow-async")
+
+    @tool(name=name, description="", parameters={"type": "object"})
+    def slow_async() -> None:
+        async def call() -> None:
+            await asyncio.sleep(5)
+
+        asyncio.run(asyncio.wait_for(call(), 0.01))
+
+    box = ToolBox(agent_id="a1", allowed=[name])
+    with pytest.raises(ToolError, match="TimeoutError"):
+        box.call(name)
+
+
+def test_a_tools_error_raised_on_catching_a_parsers_exit_is_its_failure_not_a_stop():
+    """A tool that runs a command-line parser and turns its exit (SystemExit) into an error
+    reports that error; the pool process is not told to exit."""
+    import argparse
+
+    name = _unique("cli")
+
+    @tool(name=name, description="", parameters={"type": "object"})
+    def cli() -> None:
+        parser = argparse.ArgumentParser(prog="cli")
+        parser.add_argument("--n", type=int, required=True)
+        try:
+            parser.parse_args([])
+        except SystemExit:
+            raise ValueError("bad arguments") from None
+
+    box = ToolBox(agent_id="a1", allowed=[name])
+    with pytest.raises(ToolError, match="bad arguments"):
+        box.call(name)

@@ -347,3 +347,38 @@ def test_a_secret_parameters_unknown_keywords_are_masked_and_dependent_required_
     }
     assert written["properties"]["account"] == {"type": "string", "x-example": "acme"}
     assert written["dependentRequired"] == {"api_key": ["account"], MASK: [f"{MASK}#2"]}
+
+
+@pytest.mark.django_db
+def test_a_secret_parameters_content_schema_and_dependencies_stay_schemas(out):
+    """Of a secret parameter, `contentSchema` (a schema: a JWT's header and claims) and
+    `dependencies` (names or schemas, still in 2020-12's meta-schema) are no values it takes:
+    masked into a string, they made a schema the fine-tuning API rejects. The values the
+    schemas inside allow are masked all the same."""
+    parameters = {
+        "type": "object",
+        "properties": {
+            "token": {
+                "type": "string",
+                "contentMediaType": "application/jwt",
+                "contentSchema": {"type": "array", "prefixItems": [{"const": {"kid": CANARY}}, {"type": "object"}]},
+            },
+            "credentials": {
+                "type": "object",
+                "dependencies": {"user": ["secret"], "secret": {"properties": {"user": {"default": PLAIN_KEY}}}},
+            },
+        },
+    }
+
+    written, directory = exported_parameters(parameters)
+
+    assert_no_secret(directory)
+    Draft202012Validator.check_schema(written)
+    assert written["properties"]["token"]["contentSchema"] == {
+        "type": "array",
+        "prefixItems": [{"const": MASK}, {"type": "object"}],
+    }
+    assert written["properties"]["credentials"]["dependencies"] == {
+        "user": ["secret"],
+        "secret": {"properties": {"user": {"default": MASK}}},
+    }

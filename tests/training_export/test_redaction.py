@@ -459,6 +459,10 @@ AUTHORIZATION_MORE_LEAKS = {
         f"<Headers><{MASK}</Authorization></Headers>",
     ),
     "xml_token": (f"<authorization>{AUTH}</authorization>", f"<{MASK}</authorization>"),
+    "xml_attributes": (
+        f"<ns:Authorization xmlns:ns=\"urn:x\" type='Bearer'>{AUTH}</ns:Authorization>",
+        f"<ns:{MASK}</ns:Authorization>",
+    ),
     "print_arguments": (f'print("Authorization:", "{AUTH}")', f'print("{MASK}")'),
     "print_arguments_in_json": (
         f'{{"code": "print(\\"Authorization:\\", \\"{AUTH}\\")"}}',
@@ -498,10 +502,17 @@ def test_authorization_at_a_line_end_masks_nothing_of_the_next_line(db):
         # a nested YAML mapping (an OpenAPI security section, a config): keys, not a credential
         "security:\n  authorization:\n    type: oauth2\n    flow: implicit\n",
         "authorization:\n  enabled: true\n",
+        # a YAML sequence under the key (roles, an OpenAPI security requirement's scopes)
+        "roles:\n  authorization:\n    - admin\n    - editor\n",
+        "security:\n  - authorization:\n      - read:pets\n      - write:pets\n",
+        "authorization:\n  # admin\n",
     ]
     for text in texts:
         assert redact(text) == text
-    # A quoted value may follow on the next line (pretty-printed JSON or Python).
+    # A quoted value may follow on the next line (pretty-printed JSON or Python), a string
+    # prefix before its quote too (not taken for a bare key, the literal left in clear).
     assert AUTH not in redact(f'{{"Authorization":\n    "Basic {AUTH}"}}')
+    for prefix in ("f", "b", "r", "rb"):
+        assert AUTH not in redact(f'headers = {{\n    "Authorization":\n        {prefix}"Token {AUTH}",\n}}')
     # A value already masked stays as it is.
     assert redact(f"Authorization: {MASK}") == f"Authorization: {MASK}"

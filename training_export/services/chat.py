@@ -199,6 +199,7 @@ _SUBSCHEMAS = frozenset(
         "allOf",
         "anyOf",
         "contains",
+        "contentSchema",
         "else",
         "if",
         "items",
@@ -230,6 +231,7 @@ _DESCRIPTIVE = frozenset(
         "contentEncoding",
         "contentMediaType",
         "dependentRequired",
+        "dependencies",
         "deprecated",
         "description",
         "exclusiveMaximum",
@@ -311,16 +313,23 @@ def _schema(
     required = schema.get("required")
     if written and isinstance(required, list):
         out["required"] = [as_written(item) for item in required]
-    dependent = schema.get("dependentRequired")
-    if isinstance(dependent, dict) and all(isinstance(names, list) for names in dependent.values()):
-        # Names, not values: redacted as a value, the list under a secret name ("api_key") would
-        # be masked into a string, a schema the fine-tuning API rejects.
-        out["dependentRequired"] = {}
-        for key, names in dependent.items():
+    # Names, not values: redacted as a value, the list under a secret name ("api_key") would be
+    # masked into a string, a schema the fine-tuning API rejects. `dependencies` (before
+    # draft 2019-09, still in 2020-12's meta-schema) maps a name to names or to a schema.
+    for keyword, shapes in (("dependentRequired", list), ("dependencies", list | dict | bool)):
+        dependent = schema.get(keyword)
+        if not isinstance(dependent, dict) or not all(isinstance(item, shapes) for item in dependent.values()):
+            continue
+        out[keyword] = {}
+        for key, item in dependent.items():
             masked = as_written(str(key))
-            if masked in out["dependentRequired"]:
-                masked = unique_name(masked, out["dependentRequired"])
-            out["dependentRequired"][masked] = [as_written(item) for item in names]
+            if masked in out[keyword]:
+                masked = unique_name(masked, out[keyword])
+            out[keyword][masked] = (
+                [as_written(name) for name in item]
+                if isinstance(item, list)
+                else _schema(item, redactor, secret=secret)
+            )
     return out
 
 
