@@ -4,6 +4,7 @@ task, queue timeouts, the commands, and the Celery configuration itself."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import io
 import json
 import time
@@ -51,7 +52,7 @@ def unacked_message_ids() -> set[str]:
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("holder", ["killed", "alive"])
-def test_a_retry_whose_message_a_killed_worker_held_is_sent_again_not_timed_out(engine, settings, holder):
+def test_a_retry_whose_message_a_killed_worker_held_is_sent_again_not_timed_out(engine, settings, monkeypatch, holder):
     """A retry's message waits out its backoff unacknowledged in the worker that took it. A
     worker SIGKILLed meanwhile takes it along, and Redis gives it back only after its visibility
     timeout, which exceeds the queue timeout: the task then failed for waiting in the queue while
@@ -67,6 +68,11 @@ def test_a_retry_whose_message_a_killed_worker_held_is_sent_again_not_timed_out(
     if holder == "killed":
         first.kill()
         engine(concurrency=1)
+    else:  # the live worker's answer may take more than the usual second on a loaded machine
+        from orchestration.services import reaper
+        from orchestration.workers import workers_holding
+
+        monkeypatch.setattr(reaper, "workers_holding", functools.partial(workers_holding, timeout=5))
     later = timezone.now() + dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS + 5)
     assert queued_sweep(now=later) == ([task(wf, "r").execution_id] if holder == "killed" else [])
     assert (task(wf, "r").celery_task_id == held) is (holder == "alive")
@@ -902,9 +908,9 @@ def test_delivery_count_after_a_connection_lost_resend_then_a_redelivery(db, bui
 @pytest.mark.django_db(transaction=True)
 def test_two_sweeps_at_once_send_a_lost_message_once(builtin_agents, monkeypatch):
     """A re-sent task keeps its first queued_at, so between the first sweep's commit and its
-    publish (a slow broker, here 1 s) a second sweep found it lost too and sent it again: two
-    messages for one task. One sweep runs at a time now (a lock in the broker, released when it
-    ends); the other returns at once."""
+    publish (a slow broker: here it waits for the second sweep to end) a second sweep found it
+    lost too and sent it again: two messages for one task. One sweep runs at a time now (a lock
+    in the broker, released when it ends); the other returns at once."""
     import threading
 
     from django.db import connection
@@ -916,11 +922,12 @@ def test_two_sweeps_at_once_send_a_lost_message_once(builtin_agents, monkeypatch
     flush_redis()  # the message never reached the broker
     TaskExecution.objects.filter(workflow=wf).update(queued_at=timezone.now() - dt.timedelta(minutes=5))
     send = dispatch.dispatch_send
-    sending = threading.Event()
+    sending, second_done = threading.Event(), threading.Event()
 
     def slow_send(dispatches):
-        sending.set()
-        time.sleep(1.0)
+        if threading.current_thread() is first:  # committed, not yet sent: until the second sweep ends
+            sending.set()
+            second_done.wait(10)
         send(dispatches)
 
     monkeypatch.setattr(dispatch, "dispatch_send", slow_send)
@@ -931,6 +938,8 @@ def test_two_sweeps_at_once_send_a_lost_message_once(builtin_agents, monkeypatch
             swept[name] = queued_sweep()
         finally:
             connection.close()
+            if name == "second":
+                second_done.set()
 
     first = threading.Thread(target=sweep, args=("first",))
     first.start()
