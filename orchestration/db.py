@@ -64,8 +64,8 @@ def plan_changed(exc: BaseException) -> bool:
     )
 
 
-def interruption(exc: BaseException) -> BaseException | None:
-    """The SystemExit or KeyboardInterrupt `exc` was raised while handling, if any.
+def stop_if_interrupted(exc: BaseException) -> None:
+    """Raise again the SystemExit or KeyboardInterrupt that `exc`, a database error, replaced.
 
     Django's atomic() restores autocommit in a `finally`: a SystemExit raised during its COMMIT
     (billiard's SIGTERM handler, in a pool process a cancel terminates) leaves the connection
@@ -78,7 +78,14 @@ def interruption(exc: BaseException) -> BaseException | None:
     TimeoutError, raised while its CancelledError is handled; a tool's ValueError raised on
     catching argparse's SystemExit), and must not end the agent, or its process."""
     if not isinstance(exc, DatabaseError):
-        return None
+        return
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, SystemExit | KeyboardInterrupt):
+            raise type(current)(*current.args) from exc
+        seen.add(id(current))
+        current = current.__context__
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:

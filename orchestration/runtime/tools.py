@@ -22,7 +22,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.utils.module_loading import import_module
 
-from orchestration.db import interruption
+from orchestration.db import stop_if_interrupted
 from orchestration.errors import RetryableError, ToolError
 
 if TYPE_CHECKING:
@@ -201,10 +201,9 @@ class ToolBox:
         except (ToolError, RetryableError, SoftTimeLimitExceeded) as exc:
             error = exc
         except Exception as exc:  # the tool's own failure: recorded, then refused to the agent
-            if (stop := interruption(exc)) is not None:
-                # Not the tool's failure: the process was told to stop while the tool's database
-                # write committed (a cancel's SIGTERM), and Django replaced the exit (see interruption).
-                raise type(stop)(*stop.args) from exc
+            # Not the tool's failure when the process was told to stop while the tool's database
+            # write committed (a cancel's SIGTERM), and Django replaced the exit.
+            stop_if_interrupted(exc)
             error = ToolError(f"tool {name!r} failed: {type(exc).__name__}: {exc}")
             error.__cause__ = exc
         elapsed_ms = (time.perf_counter() - started) * 1000

@@ -28,7 +28,7 @@ from django.db.models import F, Max
 from django.utils import timezone
 
 from observability.attempts import attempt_finished, attempt_started, attempts_reaped, late_usage_recorded
-from orchestration.db import atomic_with_retry, interruption
+from orchestration.db import atomic_with_retry, stop_if_interrupted
 from orchestration.errors import PermanentError, RetryableError, is_retryable
 from orchestration.event_types import EventType, Severity
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
@@ -588,7 +588,7 @@ def attempt_succeed(
             if also is not None:
                 also()
             workflow_id, task_name, status, advance, deadline = done
-            if workflow_id and advance:
+            if workflow_id and (advance or deadline_passed(deadline, now)):
                 workflow_advance(
                     workflow_id=workflow_id, completed_task=task_name, status=status, now=now, deadline=deadline
                 )
@@ -953,8 +953,7 @@ def _refused_outcome_record(
     try:
         added = atomic_with_retry(record)
     except DatabaseError as exc:
-        if (stop := interruption(exc)) is not None:
-            raise type(stop)(*stop.args) from exc  # the process was told to stop (see _meter)
+        stop_if_interrupted(exc)  # the process was told to stop (see _meter)
         logger.warning("attempt %s: could not record the end of its refused outcome", attempt.pk, exc_info=True)
         return
     logger.warning(
@@ -1007,10 +1006,9 @@ def _meter(attempt_id: int) -> Callable[[Usage], None]:
                 if added is not None:
                     late_usage_recorded(agent_id=added[0], usage=added[1])
         except DatabaseError as exc:  # never fail the agent's work for the meter: the final record follows
-            if (stop := interruption(exc)) is not None:
-                # A cancel's SIGTERM that landed in the late-usage COMMIT: stop the agent, as
-                # anywhere else in its run, instead of letting it run on unmetered.
-                raise type(stop)(*stop.args) from exc
+            # A cancel's SIGTERM that landed in the late-usage COMMIT stops the agent, as anywhere
+            # else in its run, instead of letting it run on unmetered.
+            stop_if_interrupted(exc)
             logger.warning("attempt %s: could not meter its usage", attempt_id, exc_info=True)
 
     return add

@@ -394,10 +394,10 @@ def succeed(
 
     Returns None if the attempt was no longer running, else (workflow_id, task_name,
     workflow status, whether the workflow must be advanced, its deadline). Advancing (queueing
-    dependents, finishing, failing it past its deadline) is needed only if some task is pending,
-    no task remains unfinished or the deadline has passed; the counters come from the locked,
-    current workflow row, and "no task pending" read from the statement's snapshot stays true
-    for this task's dependents (see SUCCEED_ALONE_SQL's note)."""
+    dependents, finishing) is needed only if some task is pending or no task remains unfinished
+    (or, the caller checks, the deadline has passed: then the workflow fails); the counters come
+    from the locked, current workflow row, and "no task pending" read from the statement's
+    snapshot stays true for this task's dependents (see SUCCEED_ALONE_SQL's note)."""
     if connection.vendor != "postgresql":
         return None
     rows = execute_prepared(
@@ -407,8 +407,7 @@ def succeed(
     if not rows:
         return None
     workflow_id, task_name, status, remaining, pending, deadline = rows[0]
-    past_deadline = deadline is not None and completion.now > deadline
-    return workflow_id, task_name, status, bool(pending) or remaining == 0 or past_deadline, deadline
+    return workflow_id, task_name, status, bool(pending) or remaining == 0, deadline
 
 
 def succeed_alone(completion: Completion) -> bool | None:
