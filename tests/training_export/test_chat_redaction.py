@@ -202,21 +202,27 @@ def test_a_system_prompt_that_is_json_is_redacted_as_a_message_holding_it_is(out
     assert json.loads(system["content"]) == {"role": "support bot", "cookie": MASK}
 
 
+def threads_with_tool(parameters: dict, threads: tuple[str, ...] = ("t-1",)) -> None:
+    """Record one short thread per name under a prompt version with one tool of these parameters."""
+    agent = AgentFactory()
+    tool = {"type": "function", "function": {"name": "notify", "parameters": parameters}}
+    version = prompt_version_record({"system_prompt": "Be brief.", "tools": [tool]})
+    for thread in threads:
+        for i, (role, content) in enumerate([("user", "hi"), ("assistant", "Hello!")]):
+            MessageFactory(
+                instance_id=thread,
+                agent=agent,
+                role=role,
+                content=content,
+                metadata={"prompt_version": version},
+                created_at=T0 + dt.timedelta(seconds=i),
+            )
+
+
 def exported_parameters(out_parameters: dict) -> tuple[dict, Path]:
     """Export a thread whose recorded prompt version has one tool with these parameters: the
     written example's parameters, and the export's directory."""
-    agent = AgentFactory()
-    tool = {"type": "function", "function": {"name": "notify", "parameters": out_parameters}}
-    version = prompt_version_record({"system_prompt": "Be brief.", "tools": [tool]})
-    for i, (role, content) in enumerate([("user", "hi"), ("assistant", "Hello!")]):
-        MessageFactory(
-            instance_id="t-1",
-            agent=agent,
-            role=role,
-            content=content,
-            metadata={"prompt_version": version},
-            created_at=T0 + dt.timedelta(seconds=i),
-        )
+    threads_with_tool(out_parameters)
     run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
     [example] = examples(run)
     chat_example_validate(example)
@@ -282,19 +288,7 @@ def test_a_versions_tools_are_redacted_once_per_export_and_the_lines_are_the_sam
     calls = []
     tool_redacted = chat._tool
     monkeypatch.setattr(chat, "_tool", lambda tool, redactor: calls.append(tool) or tool_redacted(tool, redactor))
-    agent = AgentFactory()
-    tool = {"type": "function", "function": {"name": "notify", "parameters": billing_parameters()}}
-    version = prompt_version_record({"system_prompt": "Be brief.", "tools": [tool]})
-    for thread in ("t-1", "t-2", "t-3"):
-        for i, (role, content) in enumerate([("user", "hi"), ("assistant", "Hello!")]):
-            MessageFactory(
-                instance_id=thread,
-                agent=agent,
-                role=role,
-                content=content,
-                metadata={"prompt_version": version},
-                created_at=T0 + dt.timedelta(seconds=i),
-            )
+    threads_with_tool(billing_parameters(), ("t-1", "t-2", "t-3"))
 
     run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
 
