@@ -216,8 +216,8 @@ def _token_count(metadata: dict[str, Any], key: str, what: str) -> int:
 
 def usage_from_result(body: dict[str, Any], *, default_model: str, what: str) -> Usage:
     """Usage from a seed 004 §3.2 result: metadata.input_tokens/output_tokens when given,
-    else metadata.tokens_used counted as output; priced by metadata.model (else the agent's
-    model) when the price table knows it."""
+    else metadata.tokens_used counted as output; priced by metadata.model when the price table
+    knows it, else by the agent's model."""
     metadata = body.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise PermanentError(f"{what}: metadata must be an object, got {type(metadata).__name__}")
@@ -227,7 +227,10 @@ def usage_from_result(body: dict[str, Any], *, default_model: str, what: str) ->
     else:
         input_tokens, output_tokens = 0, _token_count(metadata, "tokens_used", what)
     model = metadata.get("model") if isinstance(metadata.get("model"), str) else ""
-    cost = pricing.cost_usd(model or default_model or None, input_tokens, output_tokens)
+    # As the llm executor does: a model name the table does not list (a dated snapshot, say)
+    # is priced as the agent's model, not recorded at cost 0.
+    priced = model if pricing.is_priced(model) else default_model or model
+    cost = pricing.cost_usd(priced or None, input_tokens, output_tokens)
     return Usage(input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost)
 
 

@@ -799,7 +799,7 @@ def _attempt_run(
                 execution_id,
             )
             usage = Usage()
-        usage = usage + context.spend
+        usage = _at_least_metered(claim.attempt.pk, usage + context.spend)
         error = storable_text("timed out" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}")
         also = _turn_writer(context, claim.attempt, output=None, error=error, usage=usage)
         recorded = _fail_recorded(claim.attempt, exc, duration_ms=duration_ms, usage=usage, also=also)
@@ -1000,6 +1000,14 @@ def _meter(attempt_id: int) -> Callable[[Usage], None]:
 
     def add(usage: Usage) -> None:
         try:
+            # Checked as the final usage is (whole tokens, a finite cost, rounded as recorded):
+            # a NaN cost passes the column's check and would spread to the task's and workflow's
+            # totals if the attempt were closed before its final record replaced it.
+            usage = usage_checked(usage)
+        except PermanentError as exc:
+            logger.warning("attempt %s: a payment it reported was not metered: %s", attempt_id, exc)
+            return
+        try:
             running = TaskAttempt.objects.filter(pk=attempt_id, status=TaskAttempt.Status.RUNNING)
             if not running.update(**_usage_added(usage)):
                 added = atomic_with_retry(lambda: _late_usage_add(attempt_id, usage))
@@ -1012,6 +1020,30 @@ def _meter(attempt_id: int) -> Callable[[Usage], None]:
             logger.warning("attempt %s: could not meter its usage", attempt_id, exc_info=True)
 
     return add
+
+
+def _at_least_metered(attempt_id: int, usage: Usage) -> Usage:
+    """The usage a failed try is recorded with: what it reported, or what its meter had added
+    to its row while it ran where that is more (an agent that paid, `context.paid`, and then
+    failed without attaching the usage to its error). The final record replaces the meter, so
+    without this the try's paid spend would be erased from the attempt and never reach its
+    task and workflow."""
+    try:
+        metered = (
+            TaskAttempt.objects.filter(pk=attempt_id, status=TaskAttempt.Status.RUNNING)
+            .values_list("input_tokens", "output_tokens", "cost_usd")
+            .first()
+        )
+    except DatabaseError as exc:  # the record that follows meets the same database, and says so
+        stop_if_interrupted(exc)
+        return usage
+    if metered is None:
+        return usage  # closed meanwhile: _refused_outcome_record adds only what exceeds its row
+    return Usage(
+        input_tokens=max(usage.input_tokens, metered[0]),
+        output_tokens=max(usage.output_tokens, metered[1]),
+        cost_usd=max(usage.cost_usd, metered[2]),
+    )
 
 
 def _usage_added(usage: Usage) -> dict[str, Any]:

@@ -19,7 +19,9 @@ totals of the workflows that finished in the period with the sum of their tasks.
 The beat's entry point, `rollup_previous`, rolls up the last complete period, and before it
 the earlier ones that saw activity but have no metrics: a run that came late (a worker down, a
 backlog on its queue) takes the period before the time it runs, and the one it was sent for
-would otherwise never be rolled up.
+would otherwise never be rolled up. It rolls up again the earlier periods whose attempts were
+charged more since their metrics were written (an answer that arrived after its attempt was
+closed), so that summing the periods still gives what was spent.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Sum
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
@@ -297,7 +300,37 @@ def periods_missed(*, period: str, before: dt.datetime, now: dt.datetime) -> lis
 
     active = starts(TaskExecution, "completed_at", status__in=FINISHED) | starts(TaskAttempt, "finished_at")
     rolled = AgentMetric.objects.filter(period=period, period_start__gte=since, period_start__lt=before)
-    return sorted(active - set(rolled.order_by().values_list("period_start", flat=True).distinct()))
+    missed = active - set(rolled.order_by().values_list("period_start", flat=True).distinct())
+    return sorted(missed | _spend_grown(period=period, since=since, before=before))
+
+
+def _spend_grown(*, period: str, since: dt.datetime, before: dt.datetime) -> set[dt.datetime]:
+    """The periods in [since, before) whose attempts now hold more tokens or cost than their
+    metrics say: an attempt closed without a result (cancelled, lost, timed out) is charged the
+    answer that was on its way when it arrives, after the rollup of the period it ended in may
+    have run. Spend only grows; a sum below the metrics is retention's deletion, not rolled up
+    again."""
+    ended = (
+        TaskAttempt.objects.filter(finished_at__gte=since, finished_at__lt=before)
+        .annotate(start=Trunc("finished_at", period, tzinfo=dt.UTC))
+        .values("start", "execution__agent_id")
+        .annotate(tokens=Sum("tokens_used"), cost=Sum("cost_usd"))
+        .order_by()
+    )
+    recorded = {
+        (start, agent_id, metric): value
+        for start, agent_id, metric, value in AgentMetric.objects.filter(
+            period=period, period_start__gte=since, period_start__lt=before, metric_type__in=("tokens", "cost")
+        ).values_list("period_start", "agent_id", "metric_type", "metric_value")
+    }
+    grown = set()
+    for row in ended:
+        key = (row["start"], row["execution__agent_id"])
+        if float(row["tokens"] or 0) > recorded.get((*key, "tokens"), 0.0) or float(
+            round(row["cost"] or 0, COST_PLACES)
+        ) > recorded.get((*key, "cost"), 0.0):
+            grown.add(row["start"])
+    return grown
 
 
 def rollup_previous(*, period: str, now: dt.datetime | None = None) -> RollupResult:

@@ -71,3 +71,14 @@ def busy_provider(task_input, context):
     if context.attempt_number == 1:
         raise RetryableError("provider busy", retry_after=task_input.get("retry_after", 2))
     return {"attempt": context.attempt_number}
+
+
+def paid_then_failed(task_input, context):
+    """Pays for a provider call (metered, as a model's answer is), then fails without
+    attaching the usage to its error."""
+    from decimal import Decimal
+
+    from orchestration.errors import PermanentError
+
+    context.paid(Usage(input_tokens=100, output_tokens=20, cost_usd=Decimal("0.0123")))
+    raise PermanentError("the provider's answer made no sense")

@@ -369,3 +369,90 @@ def test_a_try_that_ends_after_its_attempt_was_cancelled_is_recorded_as_it_ended
         "late_usage": {"input_tokens": 90, "output_tokens": 20, "cost_usd": "0.011300"},
     }
     assert late.payload["duration_ms"] >= 0
+
+
+# --- what a failed try paid, and the meter's checks ------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_try_that_paid_and_then_failed_keeps_its_paid_spend():
+    """A python agent reports a payment as it is made (context.paid), then fails without
+    attaching the usage to its error. The failure's record replaced the metered usage with
+    the error's (none): the paid call vanished from the attempt and never reached the task
+    or the workflow, wasted spend included."""
+    from orchestration.services.execution import Outcome, attempt_run
+    from orchestration.services.workflows import workflow_submit
+
+    Agent.objects.create(
+        id="payer",
+        name="Payer",
+        executor=Agent.Executor.PYTHON,
+        entrypoint="tests.orchestration.edge_agents.paid_then_failed",
+    )
+    workflow, _ = workflow_submit(spec={"name": "paid", "tasks": [{"name": "t", "agent": "payer", "input": {}}]})
+    task = TaskExecution.objects.get(workflow=workflow)
+    assert attempt_run(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@h") == Outcome.FAILED
+    attempt = TaskAttempt.objects.get(execution=task)
+    task.refresh_from_db()
+    workflow.refresh_from_db()
+    assert (attempt.status, attempt.input_tokens, attempt.output_tokens, attempt.tokens_used, attempt.cost_usd) == (
+        "failed",
+        100,
+        20,
+        120,
+        Decimal("0.0123"),
+    )
+    assert (task.tokens_used, task.cost_usd) == (120, Decimal("0.0123"))
+    assert (workflow.total_tokens_used, workflow.total_cost_usd, workflow.wasted_cost_usd) == (
+        120,
+        Decimal("0.0123"),
+        Decimal("0.0123"),
+    )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "usage",
+    [Usage(1, 1, Decimal("NaN")), Usage(1, 1, float("nan")), Usage(-5, 1, Decimal("0.01")), Usage(1, 1, "lots")],
+    ids=["nan-decimal", "nan-float", "negative-tokens", "not-a-number"],
+)
+def test_a_malformed_payment_is_not_metered_and_never_reaches_the_totals(usage):
+    """Usage reported with context.paid is checked as the final usage is. A NaN cost passed the
+    column's check (NaN >= 0 in PostgreSQL): the attempt's cost became NaN, and once the
+    attempt was cancelled, its task's and workflow's totals too."""
+    task, attempt = _claimed_task()
+    meter = _meter(attempt.pk)
+    meter(Usage(10, 5, Decimal("0.001")))
+    meter(usage)
+    task_cancel(execution_id=task.pk)
+    meter(usage)  # after the close: the late-usage path
+    attempt.refresh_from_db()
+    task.refresh_from_db()
+    workflow = Workflow.objects.get(pk=task.workflow_id)
+    assert (attempt.tokens_used, attempt.cost_usd) == (15, Decimal("0.001"))
+    assert (task.tokens_used, task.cost_usd) == (15, Decimal("0.001"))
+    assert (workflow.total_tokens_used, workflow.total_cost_usd) == (15, Decimal("0.001"))
+
+
+@pytest.mark.django_db
+def test_spend_charged_after_its_period_was_rolled_up_is_rolled_up_again():
+    """A cancelled attempt's answer arrives after the hourly rollup of the hour it was
+    cancelled in: the attempt, its task and workflow gain it, but the hour's metrics kept the
+    spend of the first rollup (only periods without metrics were rolled up again), so summing
+    the periods no longer gave what was spent."""
+    from orchestration.services.rollup import rollup_previous
+
+    task, attempt = _claimed_task()
+    meter = _meter(attempt.pk)
+    meter(Usage(100, 50, Decimal("0.010")))
+    task_cancel(execution_id=task.pk)
+    attempt.refresh_from_db()
+    hour = attempt.finished_at.replace(minute=0, second=0, microsecond=0)
+    rollup_previous(period="hour", now=hour + dt.timedelta(hours=1, minutes=5))
+    meter(Usage(200, 80, Decimal("0.020")))  # the answer that was on its way, after the rollup
+    rollup_previous(period="hour", now=hour + dt.timedelta(hours=2, minutes=5))
+    hourly = AgentMetric.objects.filter(agent=task.agent, period="hour")
+    assert sum(m.metric_value for m in hourly.filter(metric_type="tokens")) == 430
+    assert sum(m.metric_value for m in hourly.filter(metric_type="cost")) == pytest.approx(0.03)
+    rollup_previous(period="hour", now=hour + dt.timedelta(hours=2, minutes=6))  # nothing grew since
+    assert sum(m.metric_value for m in hourly.filter(metric_type="cost")) == pytest.approx(0.03)

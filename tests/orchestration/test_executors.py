@@ -134,6 +134,16 @@ def test_http_agent_usage_prefers_input_and_output_tokens(local_net, service):
     assert service.requests[0].body["task_details"]["task_description"] == ""
 
 
+def test_http_agent_unlisted_model_name_is_priced_as_the_agents_model(local_net, service):
+    """A service names a model snapshot the price table does not list: its tokens are priced as
+    the agent's model, as the llm executor prices an unlisted snapshot (they were recorded at
+    cost 0)."""
+    body = {"result": "ok", "metadata": {"model": "gpt-4o-2099-01-01", "input_tokens": 1000, "output_tokens": 200}}
+    service.script(Reply(body=body))
+    result = agent_execute(agent=http_agent(service.url, model="gpt-4o"), task_input={}, context=ctx())
+    assert result.usage.cost_usd == Decimal("0.004500")  # 1000 x $2.50 + 200 x $10 per million
+
+
 def test_http_agent_unknown_model_costs_nothing_and_is_logged_once(local_net, service, caplog):
     model = f"house-model-{uuid.uuid4().hex[:6]}"
     service.model = model

@@ -251,3 +251,46 @@ def test_the_sqlite_rollup_computes_the_same_figures_as_postgresql(db, tmp_path)
     assert [row[3] for row in lite_agents] == [approx(row[3]) for row in postgres_agents]  # average latency
     assert lite == postgres  # the rollup results (rows written, agents refreshed, workflows reconciled), totals
     assert postgres["results"][2][2] == 0  # a second run finds every workflow total right
+
+
+def test_spend_that_arrives_after_its_hour_was_rolled_up_is_rolled_up_by_the_next_run(
+    db, django_capture_on_commit_callbacks
+):
+    """A model's answer that arrives after its attempt was cancelled (or reaped) is added to the
+    attempt, which ended in an hour that may already be rolled up. The next run rolls that hour
+    up again, or its cost misses the late bill for good and the hours no longer add up to what
+    the attempts cost."""
+    from django.utils import timezone
+
+    from orchestration.runtime.context import Usage
+    from orchestration.services.execution import _meter
+    from orchestration.services.rollup import period_floor
+    from orchestration.services.workflows import task_cancel
+
+    agent = AgentFactory()
+    execution = TaskExecutionFactory(agent=agent, workflow=None, status="running", celery_task_id="m-late")
+    attempt = TaskAttemptFactory(
+        execution=execution,
+        started_at=timezone.now() - dt.timedelta(seconds=3),
+        input_tokens=700,
+        output_tokens=50,
+        tokens_used=750,
+        cost_usd=Decimal("0.0125"),
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        task_cancel(execution_id=execution.pk)
+    attempt.refresh_from_db()
+    hour = period_floor(attempt.finished_at, "hour")
+    rollup_previous(period="hour", now=hour + dt.timedelta(hours=1, minutes=5))
+    assert metrics(agent, start=hour)["cost"] == approx(0.0125)
+
+    _meter(attempt.pk)(Usage(200, 80, Decimal("0.020")))  # the answer, paid, after the close
+
+    result = rollup_previous(period="hour", now=hour + dt.timedelta(hours=2, minutes=5))
+    attempt.refresh_from_db()
+    assert attempt.cost_usd == Decimal("0.0325")
+    assert metrics(agent, start=hour)["cost"] == approx(0.0325)
+    assert metrics(agent, start=hour)["tokens"] == 1030
+    assert result.caught_up == [hour]
+    # rolled up again once: nothing changed since
+    assert rollup_previous(period="hour", now=hour + dt.timedelta(hours=3, minutes=5)).caught_up == []
