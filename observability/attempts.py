@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from observability import influx, logs, metrics
@@ -63,6 +64,7 @@ def attempt_finished(
             agent_id=agent_id,
             status=status,
             cause=cause,
+            attempt_id=attempt.pk,
             execution_id=str(attempt.execution_id),
             workflow_id=workflow_id,
             attempt_number=attempt.attempt_number,
@@ -83,21 +85,33 @@ def attempts_reaped(*, attempt_ids: list[int]) -> None:
     from orchestration.models import TaskAttempt
 
     with metrics.guarded("attempts_reaped"):
-        rows = TaskAttempt.objects.filter(pk__in=attempt_ids).values_list(
-            "execution_id",
-            "execution__agent_id",
-            "execution__workflow_id",
-            "execution__status",
-            "attempt_number",
-            "status",
-            "cause",
-            "duration_ms",
-            "finished_at",
-            "input_tokens",
-            "output_tokens",
-            "cost_usd",
+        # Read after the closes committed (the reaper reports after its whole pass): a later
+        # attempt may have started, and even ended the task, meanwhile; that ending is its own.
+        later = TaskAttempt.objects.filter(
+            execution_id=OuterRef("execution_id"), attempt_number__gt=OuterRef("attempt_number")
+        )
+        rows = (
+            TaskAttempt.objects.filter(pk__in=attempt_ids)
+            .annotate(superseded=Exists(later))
+            .values_list(
+                "pk",
+                "execution_id",
+                "execution__agent_id",
+                "execution__workflow_id",
+                "execution__status",
+                "attempt_number",
+                "status",
+                "cause",
+                "duration_ms",
+                "finished_at",
+                "input_tokens",
+                "output_tokens",
+                "cost_usd",
+                "superseded",
+            )
         )
         for (
+            attempt_id,
             execution_id,
             agent_id,
             workflow_id,
@@ -110,6 +124,7 @@ def attempts_reaped(*, attempt_ids: list[int]) -> None:
             input_tokens,
             output_tokens,
             cost,
+            superseded,
         ) in rows:
             metrics.attempt_outcome_observe(
                 agent_id=agent_id,
@@ -119,12 +134,13 @@ def attempts_reaped(*, attempt_ids: list[int]) -> None:
                 input_tokens=input_tokens,  # metered while it ran, before it was abandoned
                 output_tokens=output_tokens,
                 cost_usd=cost,
-                task_status=task_status if task_status in FINAL_TASK_STATUSES else None,
+                task_status=task_status if task_status in FINAL_TASK_STATUSES and not superseded else None,
             )
             influx.attempt_point_write(
                 agent_id=agent_id,
                 status=status,
                 cause=cause or status,
+                attempt_id=attempt_id,
                 execution_id=str(execution_id),
                 workflow_id=workflow_id,
                 attempt_number=number,

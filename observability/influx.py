@@ -12,7 +12,10 @@ Measurement `task_attempt` (one point per finished attempt):
           soft_timeout, hard_timeout, worker_lost, ...)
   fields  duration_ms (float), input_tokens, output_tokens, attempt (integers), cost_usd (float),
           execution_id, workflow_id (strings: unbounded ids stay out of the tag index)
-  time    when the attempt finished (millisecond precision)
+  time    when the attempt finished, to the millisecond, written in nanoseconds with the
+          attempt's id (modulo 10**6) added as nanoseconds: InfluxDB keeps one point per
+          series and timestamp, and attempts of one agent closed together (a reaper pass, a
+          cancelled workflow) end at the same instant
 
 Measurement `agent_rollup` (one point per agent and rolled-up period, written after the
 hourly/daily rollup into agent_metrics):
@@ -127,27 +130,34 @@ class InfluxWriter:
             return False
         return True
 
-    def _settle(self, count: int) -> None:
+    def _settle(self, count: int) -> int:
+        """Take `count` points off the pending ones; how many were still pending (none once
+        close() has counted what it left unwritten)."""
         with self._lock:
-            self._pending = max(self._pending - count, 0)
+            settled = min(count, self._pending)
+            self._pending -= settled
+        return settled
 
     def _on_success(self, conf: Any, data: Any) -> None:
-        count = _lines(data)
-        self._settle(count)
-        POINTS_WRITTEN.inc(count)
+        POINTS_WRITTEN.inc(self._settle(_lines(data)))
 
     def _on_error(self, conf: Any, data: Any, exception: Exception) -> None:
         count = _lines(data)
-        self._settle(count)
-        POINTS_DROPPED.labels(reason="write_failed").inc(count)
+        POINTS_DROPPED.labels(reason="write_failed").inc(self._settle(count))
         logger.warning("InfluxDB write of %d points failed: %s", count, exception)
 
     def close(self) -> None:
-        """Flush what is buffered (bounded by the timeouts) and release the client."""
+        """Flush what is buffered (bounded by the timeouts) and release the client. Points
+        still unwritten then (a batch waiting for a retry past max_close_wait) are lost with
+        the process: counted as dropped here, as no callback will count them."""
         try:
             self._write_api.close()
         finally:
             self._client.close()
+            unwritten = self._settle(self.max_buffered_points)
+            if unwritten:
+                POINTS_DROPPED.labels(reason="write_failed").inc(unwritten)
+                logger.warning("InfluxDB writer closed with %d points unwritten: dropped", unwritten)
 
 
 _writer: InfluxWriter | None = None
@@ -202,11 +212,23 @@ def writer_close() -> None:
 atexit.register(writer_close)
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def attempt_point_time(at: dt.datetime, attempt_id: int) -> int:
+    """The point's time in nanoseconds: `at` to the millisecond, plus the attempt's id modulo
+    10**6 as nanoseconds, so that attempts ending at the same instant stay distinct points
+    (and a batch written again overwrites its own points, not another attempt's)."""
+    milliseconds = (at - _EPOCH) // dt.timedelta(milliseconds=1)
+    return milliseconds * 1_000_000 + attempt_id % 1_000_000
+
+
 def attempt_point(
     *,
     agent_id: str,
     status: str,
     cause: str,
+    attempt_id: int,
     execution_id: str,
     workflow_id: str | None,
     attempt_number: int,
@@ -231,7 +253,7 @@ def attempt_point(
         .field("attempt", int(attempt_number))
         .field("execution_id", execution_id)
         .field("workflow_id", workflow_id or "")
-        .time(at, WritePrecision.MS)
+        .time(attempt_point_time(at, attempt_id), WritePrecision.NS)
     )
 
 

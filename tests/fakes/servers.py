@@ -423,7 +423,11 @@ class InfluxDBServer(FakeServer):
     """InfluxDB v2's write endpoint: POST /api/v2/write?org=&bucket=&precision= with
     `Authorization: Token <token>` and a line-protocol body (gzip allowed). Parses every line
     (a malformed one fails the whole request with 400, as InfluxDB does), keeps the points and
-    answers 204."""
+    answers 204.
+
+    `stored` is what InfluxDB keeps of them: one point per measurement, tag set and timestamp
+    (in nanoseconds, whatever the request's precision); a point written again with the same
+    three replaces the fields it names ("duplicate points", InfluxDB's documentation)."""
 
     def __init__(self, *, token: str, org: str = "agentledger", bucket: str = "tasks") -> None:
         super().__init__()
@@ -432,6 +436,7 @@ class InfluxDBServer(FakeServer):
         self.bucket = bucket
         self.points: list[LinePoint] = []
         self.precisions: list[str] = []
+        self.stored: dict[tuple[str, frozenset[tuple[str, str]], int], dict[str, Any]] = {}
 
     def answer(self, request: Recorded) -> tuple[int, Any]:
         import gzip
@@ -457,7 +462,13 @@ class InfluxDBServer(FakeServer):
             points = parse_line_protocol(raw.decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
             return 400, {"code": "invalid", "message": f"unable to parse points: {exc}"}
+        scale = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}[precision]
+        received_ns = time.time_ns()
         with self._lock:
             self.points.extend(points)
             self.precisions.append(precision)
+            for point in points:
+                at = point.timestamp * scale if point.timestamp is not None else received_ns
+                key = (point.measurement, frozenset(point.tags.items()), at)
+                self.stored.setdefault(key, {}).update(point.fields)
         return 204, b""

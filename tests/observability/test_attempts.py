@@ -190,3 +190,43 @@ def test_spend_paid_after_a_cancellation_is_counted_as_it_is_recorded(django_cap
     attempt.refresh_from_db()
     assert (attempt.input_tokens, attempt.output_tokens, attempt.cost_usd) == (900, 130, Decimal("0.0325"))
     assert [b - a for a, b in zip(before, after, strict=True)] == [900, 130, pytest.approx(0.0325)]
+
+
+@pytest.mark.django_db
+def test_a_reaped_attempt_whose_retry_has_completed_the_task_is_not_counted_as_finishing_it():
+    """reap_stale_tasks reports the attempts it closed after its whole pass. By then the retry
+    one of them was given may have run and completed the task: that completion is counted by
+    the retry's own attempt, and must not be counted a second time for the lost one."""
+    import uuid
+
+    from orchestration.models import Workflow
+    from orchestration.runtime.context import AgentResult, Usage
+    from orchestration.services.execution import attempt_claim, attempt_succeed
+    from orchestration.services.reaper import attempts_reap
+    from tests.factories import WorkflowFactory
+
+    agent = AgentFactory(id="reaped-then-retried")
+    start = timezone.now() - dt.timedelta(minutes=5)
+    task = TaskExecution.objects.create(
+        workflow=WorkflowFactory(status=Workflow.Status.RUNNING, started_at=start, total_steps=1),
+        agent=agent,
+        task_name="t",
+        status=TaskExecution.Status.QUEUED,
+        celery_task_id=str(uuid.uuid4()),
+        queued_at=start,
+        max_retries=1,
+        timeout_seconds=5,
+    )
+    first = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="gone@host", now=start)
+    result = attempts_reap()  # its worker does not answer: lost, and retried
+    assert result.lost == [first.attempt.pk]
+    task.refresh_from_db()
+    second = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@host")
+    done = AgentResult(output={}, usage=Usage())
+    attempt_succeed(attempt=second.attempt, result=done, duration_ms=10, now=timezone.now())
+    assert TaskExecution.objects.get(pk=task.pk).status == TaskExecution.Status.COMPLETED
+
+    before = sample("agentledger_tasks_finished_total", agent=agent.id, status="completed")
+    attempts_reaped(attempt_ids=result.lost)  # as reap_stale_tasks does, after its pass
+    assert sample("agentledger_task_attempts_total", agent=agent.id, status="lost", cause="worker_lost") == 1
+    assert sample("agentledger_tasks_finished_total", agent=agent.id, status="completed") == before

@@ -47,6 +47,7 @@ def point(n: int = 1, **fields: object):
         "agent_id": "echo",
         "status": "succeeded",
         "cause": "success",
+        "attempt_id": 1000 + n,
         "execution_id": f"exec {n}",
         "workflow_id": 'wf "quoted"',
         "attempt_number": n,
@@ -89,7 +90,7 @@ def test_points_are_batched_and_written_as_valid_line_protocol(server):
     finally:
         writer.close()
     assert len(server.requests) == 1  # one batch
-    assert server.precisions == ["ms"]
+    assert server.precisions == ["ns"]
     first = server.points[0]
     assert first.measurement == "task_attempt"
     assert first.tags == {"agent_id": "echo", "status": "succeeded", "cause": "success"}
@@ -103,7 +104,8 @@ def test_points_are_batched_and_written_as_valid_line_protocol(server):
         "workflow_id": 'wf "quoted"',
     }
     assert isinstance(first.fields["input_tokens"], int) and isinstance(first.fields["duration_ms"], float)
-    assert first.timestamp == int(dt.datetime(2026, 11, 22, 4, 0, tzinfo=dt.UTC).timestamp() * 1000)
+    # the finish time to the millisecond, plus the attempt's id in nanoseconds
+    assert first.timestamp == int(dt.datetime(2026, 11, 22, 4, 0, tzinfo=dt.UTC).timestamp() * 1000) * 10**6 + 1001
     assert written() == before + 3
     assert writer.pending == 0
 
@@ -219,7 +221,7 @@ def test_worker_writes_one_point_per_attempt(engine, server):
         assert p.tags["cause"] == (attempt.cause or "success")
         assert p.fields["workflow_id"] == workflow.pk
         assert p.fields["duration_ms"] == pytest.approx(attempt.duration_ms, abs=0.01)
-        assert abs(p.timestamp / 1000 - attempt.finished_at.timestamp()) < 5
+        assert abs(p.timestamp / 10**9 - attempt.finished_at.timestamp()) < 5
     assert sorted(p.tags["status"] for p in server.points) == ["failed", "succeeded", "succeeded"]
 
 
@@ -314,3 +316,48 @@ def test_reaped_attempts_are_written_with_what_they_spent(server, settings):
     assert (written_point.fields["input_tokens"], written_point.fields["output_tokens"]) == (900, 120)
     assert written_point.fields["cost_usd"] == 0.0125
     assert written_point.fields["duration_ms"] == 31000.0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_attempts_the_reaper_closes_in_one_pass_are_each_kept_by_influxdb(engine, server, settings):
+    """A killed worker's attempts are closed by one reaper pass, all at the pass's time. InfluxDB
+    keeps one point per measurement, tag set and timestamp: the points of two attempts of one
+    agent closed alike must not share a timestamp, or the second overwrites the first."""
+    from orchestration.tasks import reap_stale_tasks
+
+    settings.INFLUXDB_URL, settings.INFLUXDB_TOKEN = server.url, TOKEN
+    settings.INFLUXDB_ORG, settings.INFLUXDB_BUCKET = "agentledger", "tasks"
+    settings.INFLUXDB_FLUSH_INTERVAL_MS = 50
+    worker = engine(concurrency=2)
+    sleeper = {"agent": "sleep", "input": {"seconds": 30}, "timeout_seconds": 1, "max_retries": 0}
+    tasks = [{"name": "a", **sleeper}, {"name": "b", **sleeper}]
+    workflow, _ = workflow_submit(spec={"name": "killed", "tasks": tasks})
+    running = TaskAttempt.objects.filter(execution__workflow=workflow, status=TaskAttempt.Status.RUNNING)
+    wait_for(lambda: running.count() == 2, what="both attempts to run")
+    worker.kill()
+    # past both attempts' hard limit (2 s) and the reaper's grace (1 s): one pass closes both
+    time.sleep(max(a.started_at for a in running).timestamp() + 3.5 - time.time())
+    try:
+        assert reap_stale_tasks()["lost"] == 2
+        wait_for(lambda: len(server.points) == 2, timeout=10, what="the two reaped attempts' points")
+    finally:
+        influx.writer_close()
+    closed = TaskAttempt.objects.filter(execution__workflow=workflow)
+    assert {(a.status, a.cause) for a in closed} == {("lost", "worker_lost")}
+    assert len({a.finished_at for a in closed}) == 1
+    kept = {fields["execution_id"] for (measurement, _, _), fields in server.stored.items()}
+    assert kept == {a.execution_id for a in closed}
+
+
+def test_points_still_waiting_for_a_retry_at_close_are_counted_as_dropped(dead_port):
+    """A pool process that exits (max-tasks-per-child, a shutdown) closes its writer: what
+    InfluxDB did not take by then goes with the process, and must show in the dropped count."""
+    writer = make_writer(f"http://127.0.0.1:{dead_port}", max_retries=3, timeout_ms=1000)
+    before = dropped("write_failed")
+    for n in range(3):
+        assert writer.write(point(n))
+    writer.close()
+    assert dropped("write_failed") == before + 3
+    assert writer.pending == 0
+    time.sleep(3)  # the client's retries, still running in its thread, end: nothing counted twice
+    assert dropped("write_failed") == before + 3
