@@ -15,7 +15,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from orchestration.admin.base import ChangedFieldsOnlyMixin, json_display
+from orchestration.admin.base import ChangedFieldsOnlyMixin, MaskedLookupsMixin, json_display
 from orchestration.errors import SpecError
 from orchestration.models import ApiKey
 from orchestration.selectors import user_spend
@@ -86,12 +86,13 @@ class ApiKeyCreateForm(forms.Form):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(ChangedFieldsOnlyMixin, admin.ModelAdmin):
+class ApiKeyAdmin(MaskedLookupsMixin, ChangedFieldsOnlyMixin, admin.ModelAdmin):
     """API keys. The secret's hash is never shown. A key is created on its own page (the
     "Create API key" button, or `manage.py create_api_key`), which shows the secret once;
     the model's add form stays off because it would ask for a prefix and hash."""
 
     form = ApiKeyAdminForm
+    unfilterable_fields = ("secret_hash",)
     list_display = ("prefix", "name", "owner", "is_active", "last_used_at", "expires_at", "revoked_at", "created_at")
     list_display_links = ("prefix", "name")
     list_filter = (ApiKeyStateFilter, ("owner", admin.RelatedOnlyFieldListFilter), "expires_at", "created_at")

@@ -12,6 +12,7 @@ from django.utils.safestring import SafeString
 from orchestration.admin.base import (
     EMPTY,
     ChangedFieldsOnlyMixin,
+    MaskedLookupsMixin,
     RecordOnlyMixin,
     changelist_url,
     json_display,
@@ -52,7 +53,7 @@ class AgentAdminForm(forms.ModelForm):
 
 
 @admin.register(Agent)
-class AgentAdmin(ChangedFieldsOnlyMixin, admin.ModelAdmin):
+class AgentAdmin(MaskedLookupsMixin, ChangedFieldsOnlyMixin, admin.ModelAdmin):
     """Agents are synced from their definition files; the stats columns belong to the rollup.
     An agent made here (or through the API) is checked like the API's and every change is an
     agent_registered event, as the API records it."""
@@ -202,7 +203,7 @@ class AgentAdmin(ChangedFieldsOnlyMixin, admin.ModelAdmin):
 
 
 @admin.register(AgentMetric)
-class AgentMetricAdmin(RecordOnlyMixin, admin.ModelAdmin):
+class AgentMetricAdmin(MaskedLookupsMixin, RecordOnlyMixin, admin.ModelAdmin):
     """Metrics are written by the rollup."""
 
     list_display = ("recorded_at", "agent", "metric_type", "metric_value", "metric_unit", "period", "period_start")

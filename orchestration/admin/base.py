@@ -9,6 +9,7 @@ from typing import Any
 from django.contrib import admin
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
+from django.db.models.constants import LOOKUP_SEP
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
@@ -48,6 +49,7 @@ def text_display(field_name: str, description: str | None = None) -> Callable[[A
         return format_html('<pre style="margin:0;white-space:pre-wrap">{}</pre>', masked(value))
 
     display.__name__ = f"{field_name}_display"
+    display.masked_field = field_name  # type: ignore[attr-defined]
     return display
 
 
@@ -59,6 +61,7 @@ def json_display(field_name: str, description: str | None = None) -> Callable[[A
         return pretty_json(getattr(obj, field_name))
 
     display.__name__ = f"{field_name}_display"
+    display.masked_field = field_name  # type: ignore[attr-defined]
     return display
 
 
@@ -118,6 +121,25 @@ def events_table(events: Iterable[Event], *, limit: int) -> SafeString:
         rows or format_html('<tr><td colspan="6">{}</td></tr>', "no events"),
         more,
     )
+
+
+class MaskedLookupsMixin:
+    """Refuses a list's lookups on what the console shows masked (or not at all, as
+    `unfilterable_fields`): Django lets any changelist URL filter on any of the model's own
+    fields, so `?input_data__api_key__startswith=sk-a` would tell, a character at a time,
+    the secret the page masks. Django's own UserAdmin refuses lookups on passwords so."""
+
+    unfilterable_fields: tuple[str, ...] = ()
+
+    def lookup_allowed(self, lookup: str, value: Any, request: HttpRequest | None = None) -> bool:
+        hidden = set(self.unfilterable_fields)
+        for name in getattr(self, "readonly_fields", ()):
+            field_name = getattr(getattr(self, name, None), "masked_field", None) if isinstance(name, str) else None
+            if field_name:
+                hidden.add(field_name)
+        if lookup.split(LOOKUP_SEP, 1)[0] in hidden:
+            return False
+        return super().lookup_allowed(lookup, value, request)  # type: ignore[misc]
 
 
 class ChangedFieldsOnlyMixin:

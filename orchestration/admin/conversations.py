@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.utils.text import Truncator
 
-from orchestration.admin.base import RecordOnlyMixin, json_display, masked, text_display
+from orchestration.admin.base import MaskedLookupsMixin, RecordOnlyMixin, json_display, masked, text_display
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, LargeTableAdmin
 from orchestration.models import AgentInteraction, AgentPlaygroundMessage, AgentPromptVersion
 
@@ -80,7 +80,7 @@ class AgentInteractionAdmin(RecordOnlyMixin, LargeTableAdmin):
 
 
 @admin.register(AgentPromptVersion)
-class AgentPromptVersionAdmin(RecordOnlyMixin, admin.ModelAdmin):
+class AgentPromptVersionAdmin(MaskedLookupsMixin, RecordOnlyMixin, admin.ModelAdmin):
     """Prompt versions are recorded with the replies that ran under them; an exported window
     depends on them."""
 

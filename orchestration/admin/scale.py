@@ -17,6 +17,10 @@ from typing import Any
 from django.contrib import admin
 from django.core.paginator import Paginator
 from django.db import connections, models
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from orchestration.admin.base import MaskedLookupsMixin
 
 ADMIN_COUNT_LIMIT = 10_000
 # At most this many values in a filter's list (a column with more is searched instead).
@@ -36,13 +40,29 @@ class CappedCountPaginator(Paginator):
         return self.count > ADMIN_COUNT_LIMIT
 
 
-class LargeTableAdmin(admin.ModelAdmin):
+class LargeTableAdmin(MaskedLookupsMixin, admin.ModelAdmin):
     """A ModelAdmin for a table of millions of rows: capped count, no count of the whole table.
     Leave `date_hierarchy` unset on such tables (it reads every row's date); a date
     `list_filter` offers the same ranges without reading any."""
 
     paginator = CappedCountPaginator
     show_full_result_count = False
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
+        """An id pasted whole (the `=` search fields) is found by its index. Django's search reads
+        every row for it: its `=` compares UPPER(column), which no index holds, OR-ed with the
+        substring fields, which none can serve either (0.7 s for one id at 300 000 workflows,
+        twice per page). Each id column is probed on its own (an OR across joined tables is no
+        index condition); the substring search runs only when no row has the id."""
+        term = search_term.strip()
+        ids = [name[1:] for name in self.get_search_fields(request) if name.startswith("=")]
+        if term and ids:
+            pks: set[Any] = set()
+            for name in ids:
+                pks.update(queryset.filter(**{name: term}).values_list("pk", flat=True)[: ADMIN_COUNT_LIMIT + 1])
+            if pks:
+                return queryset.filter(pk__in=pks), False
+        return super().get_search_results(request, queryset, search_term)
 
 
 def distinct_indexed_values(

@@ -3,8 +3,9 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin
-from django.db.models import CharField, Field, Q, QuerySet
+from django.db.models import CharField, Q, QuerySet
 from django.db.models.functions import Cast
 from django.http import HttpRequest
 from django.utils.safestring import SafeString
@@ -23,9 +24,16 @@ from orchestration.admin.base import (
 )
 from orchestration.admin.operations import Operation, OperationsMixin, console_actor, console_reason
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, LargeTableAdmin
+from orchestration.errors import TransitionError
 from orchestration.event_types import EntityType
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
-from orchestration.services.workflows import RETRIABLE_TASK, task_cancel, task_retry
+from orchestration.services.workflows import (
+    RETRIABLE_TASK,
+    TASK_DISPATCH_FIELDS,
+    task_cancel,
+    task_dispatch_change_check,
+    task_retry,
+)
 
 TASK_EVENTS_SHOWN = 200
 
@@ -68,8 +76,33 @@ class TaskAttemptInline(ReadOnlyTabularInline):
         return object_link(TaskAttempt, obj.pk, obj.attempt_number)
 
 
-# The database CHECKs these ranges; the form says so before the database has to.
-TASK_LIMITS = {"max_retries": (0, 100), "timeout_seconds": (1, 86400)}
+def task_limits() -> dict[str, tuple[int, int, str]]:
+    """The ranges a submitted spec is held to (specs.py), with the setting that bounds each: a
+    timeout above TASK_MAX_TIMEOUT_SECONDS outlasts the broker's visibility timeout, which is
+    sized for it, and a healthy task would be delivered twice."""
+    return {
+        "max_retries": (0, settings.TASK_MAX_RETRIES_LIMIT, "TASK_MAX_RETRIES_LIMIT"),
+        "timeout_seconds": (1, settings.TASK_MAX_TIMEOUT_SECONDS, "TASK_MAX_TIMEOUT_SECONDS"),
+    }
+
+
+class TaskExecutionAdminForm(forms.ModelForm):
+    """Holds a changed limit to the range the API holds it to, and refuses a new timeout or
+    priority while the task's message is in the broker (task_dispatch_change_check)."""
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        for name, (low, high, setting) in task_limits().items():
+            value = cleaned.get(name)
+            if name in self.changed_data and value is not None and not low <= value <= high:
+                self.add_error(name, f"must be between {low} and {high} ({setting})")
+        if self.instance.pk and not self.errors and set(TASK_DISPATCH_FIELDS) & set(self.changed_data):
+            # The change view's transaction holds the locks taken here until the change is saved.
+            try:
+                task_dispatch_change_check(execution_id=self.instance.pk)
+            except TransitionError as exc:
+                raise forms.ValidationError(str(exc)) from None
+        return cleaned
 
 
 TASK_OPERATIONS = (
@@ -101,6 +134,7 @@ class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmi
     failed, timed-out or cancelled one (orchestration.admin.operations)."""
 
     operations = TASK_OPERATIONS
+    form = TaskExecutionAdminForm
 
     list_display = (
         "execution_id",
@@ -131,7 +165,8 @@ class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmi
         "task_name",
         "=workflow__workflow_id",
         "workflow__name",
-        "=celery_task_id",
+        # The Celery id a worker logged is its attempt's (indexed there; not on the task).
+        "=attempts__celery_task_id",
         "worker",
     )
     ordering = ("-created_at",)
@@ -212,11 +247,6 @@ class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmi
 
     def has_delete_permission(self, request: HttpRequest, obj: TaskExecution | None = None) -> bool:
         return False
-
-    def formfield_for_dbfield(self, db_field: Field, request: HttpRequest, **kwargs: Any) -> forms.Field | None:
-        if db_field.name in TASK_LIMITS:
-            kwargs["min_value"], kwargs["max_value"] = TASK_LIMITS[db_field.name]
-        return super().formfield_for_dbfield(db_field, request, **kwargs)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[TaskExecution]:
         return super().get_queryset(request).select_related("workflow", "agent", "parent_task")

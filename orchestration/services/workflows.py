@@ -333,3 +333,28 @@ def _dependents_to_revive(workflow: Workflow, task: TaskExecution) -> list[TaskE
         .filter(workflow=workflow, task_name__in=names, status=TaskExecution.Status.CANCELLED)
         .order_by("execution_id")
     )
+
+
+# What a task's message is sent with (Celery's time limits and the queue): changed while a
+# message is on its way, the attempt it starts would record a limit the worker does not apply,
+# and the reaper would close it as abandoned while it still runs, then run the task again.
+TASK_DISPATCH_FIELDS = ("timeout_seconds", "priority")
+IN_BROKER_TASK = (TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING)
+
+
+def task_dispatch_change_check(*, execution_id: str) -> TaskExecution:
+    """Lock a task whose timeout or priority is about to change, or raise TransitionError while
+    a message for it is in the broker (queued, retrying). Call it inside the transaction that
+    writes the change: a pending task changes only under its workflow's lock (the dispatch of
+    the dependents that became ready reads them under it), so that is taken first; a running,
+    failed or cancelled one is sent again only under its own row lock, which is held here."""
+    status, workflow_id = TaskExecution.objects.values_list("status", "workflow_id").get(pk=execution_id)
+    if status == TaskExecution.Status.PENDING and workflow_id:
+        Workflow.objects.select_for_update().filter(pk=workflow_id).first()
+    task = TaskExecution.objects.select_for_update().get(pk=execution_id)
+    if task.status in IN_BROKER_TASK:
+        raise TransitionError(
+            f"task {execution_id} is {task.status}: its message was sent with the timeout and queue it had; "
+            "change them once the task has started or ended (or cancel it first)"
+        )
+    return task

@@ -400,6 +400,68 @@ def test_task_form_edits_limits_but_not_engine_state(su_client: Client) -> None:
     assert (task.status, task.retry_count, task.worker) == ("pending", 0, "")
 
 
+def test_task_form_holds_limits_to_the_ranges_a_submitted_spec_is_held_to(su_client: Client, settings) -> None:
+    """A timeout above TASK_MAX_TIMEOUT_SECONDS outlasts the broker's visibility timeout (sized
+    for it): the message of a healthy task would be delivered again while it runs."""
+    settings.TASK_MAX_TIMEOUT_SECONDS, settings.TASK_MAX_RETRIES_LIMIT = 3600, 20
+    task = TaskExecutionFactory(status=TaskExecution.Status.FAILED)
+    url = _url(TaskExecution, "change", task.pk)
+    data = {
+        **_management_data(su_client.get(url)),
+        "description": "",
+        "priority": "normal",
+        "max_retries": "3",
+        "timeout_seconds": "300",
+    }
+
+    too_long = su_client.post(url, {**data, "timeout_seconds": "86400"})
+    too_many = su_client.post(url, {**data, "max_retries": "21"})
+
+    assert too_long.status_code == 200
+    assert too_long.context["adminform"].form.errors["timeout_seconds"] == [
+        "must be between 1 and 3600 (TASK_MAX_TIMEOUT_SECONDS)"
+    ]
+    assert too_many.context["adminform"].form.errors["max_retries"] == [
+        "must be between 0 and 20 (TASK_MAX_RETRIES_LIMIT)"
+    ]
+    task.refresh_from_db()
+    assert (task.timeout_seconds, task.max_retries) == (300, 3)
+
+
+@pytest.mark.parametrize(
+    ("model", "lookup"),
+    [
+        (TaskExecution, "input_data__api_key__startswith"),
+        (Workflow, "spec__tasks__0__input__api_key__startswith"),
+        (Event, "payload__api_key__regex"),
+        (TaskAttempt, "traceback__contains"),
+        (AgentPlaygroundMessage, "content__startswith"),
+        (ApiKey, "secret_hash__startswith"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else value.__name__,
+)
+def test_a_list_cannot_be_filtered_on_what_the_console_masks(
+    su_client: Client, model: type[models.Model], lookup: str
+) -> None:
+    """Django lets a changelist URL filter on any of the model's own fields: the count of
+    `?input_data__api_key__startswith=sk-a`, then `sk-ab`, ... spells out the secret the page masks."""
+    secret = "sk-live-0123456789abcdef0123"
+    task = TaskExecutionFactory(input_data={"api_key": secret})
+    task.workflow.spec = {"tasks": [{"input": {"api_key": secret}}]}
+    task.workflow.save(update_fields=["spec"])
+    EventFactory(payload={"api_key": secret})
+    TaskAttemptFactory(execution=task, failed=True, traceback=f"Traceback: {secret}")
+    MessageFactory(content=secret)
+    ApiKeyFactory(secret_hash="ab" * 32)
+
+    response = su_client.get(_url(model, "changelist"), {lookup: secret[:4] if model is not ApiKey else "ab"})
+
+    assert response.status_code == 400
+    # The links between the console's pages filter on ids, which stay allowed.
+    assert su_client.get(_url(Event, "changelist"), {"workflow_id": task.workflow_id}).status_code == 200
+    assert su_client.get(_url(TaskExecution, "changelist"), {"agent__id__exact": task.agent_id}).status_code == 200
+
+
 def test_agent_stats_are_read_only(su_client: Client) -> None:
     agent = AgentFactory(total_tasks_completed=4)
 

@@ -3,9 +3,12 @@ actions and as buttons on an object's page, through the same services as the RES
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+import redis
+from django.conf import settings
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission
 from django.test import Client
@@ -173,3 +176,39 @@ def test_an_operation_on_a_missing_or_malformed_id_is_a_404(operator):
         assert operator.post(_url(Workflow, "cancel", object_id)).status_code == 404
     for model in (Workflow, TaskExecution, TaskAttempt, Agent):  # every object page, not only operations
         assert operator.get(_url(model, "change", "bad\x00id")).status_code == 404
+
+
+def _sent_soft_limit(execution: TaskExecution) -> int:
+    """The soft time limit of the task's message waiting in the broker (Celery's `timelimit`
+    header is [hard, soft])."""
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    for raw in broker.lrange(execution.priority, 0, -1):
+        message = json.loads(raw)
+        if message["headers"]["id"] == execution.celery_task_id:
+            return message["headers"]["timelimit"][1]
+    raise AssertionError(f"no message for {execution.pk} in queue {execution.priority}")
+
+
+def test_a_queued_tasks_timeout_is_not_changed_under_its_message(committed, operator):
+    """A queued task's message carries the time limits it was sent with; its attempt records
+    the row's. Lowered in between, the reaper closes the attempt as past its (recorded) limit
+    while the worker still runs it, and runs the task a second time."""
+    workflow = submit({"name": "slow", "agent": "sleep", "input": {"seconds": 30}, "timeout_seconds": 300})
+    queued = task(workflow, "slow")
+    assert queued.status == T.QUEUED and _sent_soft_limit(queued) == 300
+    url = _url(TaskExecution, "change", queued.pk)
+    data = {"description": "", "priority": "normal", "max_retries": "3", "timeout_seconds": "5"}
+    data |= {f"attempts-{k}": v for k, v in {"TOTAL_FORMS": 0, "INITIAL_FORMS": 0}.items()}
+
+    response = operator.post(url, data)
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.non_field_errors()
+    assert f"task {queued.pk} is queued: its message was sent with the timeout and queue it had" in errors[0]
+    queued.refresh_from_db()
+    assert queued.timeout_seconds == _sent_soft_limit(queued) == 300
+    # A task that has ended is sent again with the row's limits: there the change is taken.
+    TaskExecution.objects.filter(pk=queued.pk).update(status=T.FAILED)
+    assert operator.post(url, data).status_code == 302
+    queued.refresh_from_db()
+    assert queued.timeout_seconds == 5
