@@ -725,7 +725,9 @@ def test_a_soft_limit_during_the_claim_times_the_attempt_out_at_once(engine, fas
         other.execute("BEGIN")
         other.execute("SELECT 1 FROM task_executions WHERE execution_id = %s FOR UPDATE", [a.pk])
         worker = engine(concurrency=1, env={"ENGINE_FAST_PATH": fast_path})
-        assert any("task_executions" in query for query in waiting_on_lock()), "the claim waits on the task row"
+        # (30 s: under load the check once found no claim waiting within 10 s)
+        blocked = waiting_on_lock(timeout=30)
+        assert any("task_executions" in query for query in blocked), f"the claim waits on the task row: {blocked}"
         _soft_limit_sent(worker)
         other.execute("COMMIT")
     finally:
