@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from django.contrib import admin
@@ -127,19 +127,29 @@ class MaskedLookupsMixin:
     """Refuses a list's lookups on what the console shows masked (or not at all, as
     `unfilterable_fields`): Django lets any changelist URL filter on any of the model's own
     fields, so `?input_data__api_key__startswith=sk-a` would tell, a character at a time,
-    the secret the page masks. Django's own UserAdmin refuses lookups on passwords so."""
+    the secret the page masks. Django's own UserAdmin refuses lookups on passwords so. The
+    search box is the same oracle (`?q=sk-live-0`, `?q=sk-live-01`, ...): those fields are left
+    out of the search too."""
 
     unfilterable_fields: tuple[str, ...] = ()
 
-    def lookup_allowed(self, lookup: str, value: Any, request: HttpRequest | None = None) -> bool:
+    def masked_fields(self) -> set[str]:
         hidden = set(self.unfilterable_fields)
         for name in getattr(self, "readonly_fields", ()):
             field_name = getattr(getattr(self, name, None), "masked_field", None) if isinstance(name, str) else None
             if field_name:
                 hidden.add(field_name)
-        if lookup.split(LOOKUP_SEP, 1)[0] in hidden:
+        return hidden
+
+    def lookup_allowed(self, lookup: str, value: Any, request: HttpRequest | None = None) -> bool:
+        if lookup.split(LOOKUP_SEP, 1)[0] in self.masked_fields():
             return False
         return super().lookup_allowed(lookup, value, request)  # type: ignore[misc]
+
+    def get_search_fields(self, request: HttpRequest) -> Sequence[str]:
+        hidden = self.masked_fields()
+        fields = super().get_search_fields(request)  # type: ignore[misc]
+        return [name for name in fields if name.lstrip("^=@").split(LOOKUP_SEP, 1)[0] not in hidden]
 
 
 class ChangedFieldsOnlyMixin:

@@ -47,6 +47,9 @@ class LargeTableAdmin(MaskedLookupsMixin, admin.ModelAdmin):
 
     paginator = CappedCountPaginator
     show_full_result_count = False
+    # `=` search fields whose values a client chooses (an idempotency key): one may be another
+    # row's name, so a row found by it does not end the search as a generated id does.
+    client_chosen_ids: tuple[str, ...] = ()
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
         """An id pasted whole (the `=` search fields) is found by its index. Django's search reads
@@ -55,7 +58,11 @@ class LargeTableAdmin(MaskedLookupsMixin, admin.ModelAdmin):
         twice per page). Each id column is probed on its own (an OR across joined tables is no
         index condition); the substring search runs only when no row has the id."""
         term = search_term.strip()
-        ids = [name[1:] for name in self.get_search_fields(request) if name.startswith("=")]
+        ids = [
+            name[1:]
+            for name in self.get_search_fields(request)
+            if name.startswith("=") and name[1:] not in self.client_chosen_ids
+        ]
         if term and ids:
             pks: set[Any] = set()
             for name in ids:

@@ -129,6 +129,7 @@ class WorkflowAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
     )
     list_select_related = ("owner",)
     search_fields = ("=workflow_id", "name", "=idempotency_key", "owner__username", "initiator")
+    client_chosen_ids = ("idempotency_key",)
     ordering = ("-created_at",)
     inlines = (TaskExecutionInline,)
     fieldsets = (

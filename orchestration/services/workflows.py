@@ -349,9 +349,17 @@ def task_dispatch_change_check(*, execution_id: str) -> TaskExecution:
     the dependents that became ready reads them under it), so that is taken first; a running,
     failed or cancelled one is sent again only under its own row lock, which is held here."""
     status, workflow_id = TaskExecution.objects.values_list("status", "workflow_id").get(pk=execution_id)
-    if status == TaskExecution.Status.PENDING and workflow_id:
+    workflow_locked = status == TaskExecution.Status.PENDING and workflow_id is not None
+    if workflow_locked:
         Workflow.objects.select_for_update().filter(pk=workflow_id).first()
     task = TaskExecution.objects.select_for_update().get(pk=execution_id)
+    if task.status == TaskExecution.Status.PENDING and task.workflow_id and not workflow_locked:
+        # Made pending (a retry, a resume) after the status was read: its workflow's lock, which
+        # its dispatch takes, cannot be taken after the task's now (the engine's order is the
+        # workflow's first for a pending task), so the change is refused, to be made again.
+        raise TransitionError(
+            f"task {execution_id} became pending while its change was checked; submit the change again"
+        )
     if task.status in IN_BROKER_TASK:
         raise TransitionError(
             f"task {execution_id} is {task.status}: its message was sent with the timeout and queue it had; "

@@ -929,3 +929,30 @@ def test_a_console_page_whose_statement_is_cancelled_is_a_503_saying_so(su_clien
     assert "may have been saved" in added.content.decode()  # the console promises nothing for a write
     assert not Agent.objects.filter(pk="new-001").exists()
     assert f"a database statement was cancelled in {_url(Event, 'changelist')}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("model", "make"),
+    [
+        (AgentInteraction, lambda secret: InteractionFactory(message=f"use {secret} for the call")),
+        (AgentPlaygroundMessage, lambda secret: MessageFactory(content=f"my key is {secret}")),
+    ],
+    ids=lambda value: value.__name__ if isinstance(value, type) else "",
+)
+def test_a_list_cannot_be_searched_for_what_the_console_masks(
+    request: pytest.FixtureRequest, model: type[models.Model], make: Callable[[str], Any]
+) -> None:
+    """The search box is the same oracle as a lookup in the URL: `?q=sk-live-0`, then
+    `?q=sk-live-01`, ... finds the row for as long as the guess is right, and so spells out the
+    secret the page masks."""
+    secret = "sk-live-0123456789abcdef0123"
+    row = make(secret)
+    client = request.getfixturevalue("viewer_client" if model in VIEWER_MODELS else "su_client")
+    page = client.get(_url(model, "change", row.pk))
+    assert secret not in page.content.decode()  # the page masks it
+
+    right = client.get(_url(model, "changelist"), {"q": secret[:12]})
+    wrong = client.get(_url(model, "changelist"), {"q": secret[:11] + "x"})
+
+    assert right.status_code == wrong.status_code == 200
+    assert right.context["cl"].result_count == wrong.context["cl"].result_count == 0

@@ -163,3 +163,13 @@ def test_an_id_pasted_in_the_search_is_found_by_its_index(su_client, model):
     # A name is still searched by substring, as before.
     response, _ = _statements(su_client, f"{_url(Workflow)}?q=workflow")
     assert response.context["cl"].result_count >= 1
+
+
+def test_a_term_that_is_an_id_still_finds_the_rows_it_names(su_client):
+    """A term that is one row's id (an idempotency key is the client's own string) and another
+    row's name finds both, as Django's search does: an operator searching a name is not shown
+    only the row whose key happens to be that name."""
+    keyed = WorkflowFactory(name="nightly-report", idempotency_key="nightly-report")
+    other = WorkflowFactory(name="nightly-report")
+    response, _ = _statements(su_client, f"{_url(Workflow)}?q=nightly-report")
+    assert {row.pk for row in response.context["cl"].result_list} == {keyed.pk, other.pk}

@@ -13,7 +13,7 @@ from django.db import connection, connections, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
-from orchestration.errors import PermanentError
+from orchestration.errors import PermanentError, TransitionError
 from orchestration.models import TaskExecution, Workflow
 from orchestration.runtime.context import AgentResult, Usage
 from orchestration.services import dispatch
@@ -418,3 +418,48 @@ def test_migration_0017_keeps_each_ownerless_key_on_the_first_workflow_before_in
                 "WHERE idempotency_key IS NOT NULL AND owner_id IS NULL"
             )
         transaction.set_rollback(True)
+
+
+def test_a_timeout_change_holds_the_workflow_lock_of_a_task_made_pending_meanwhile():
+    """task_dispatch_change_check reads the status without a lock, then locks the task row. A
+    task made pending between the two (a retry reviving it, a resume) is locked without its
+    workflow's lock: the dispatch of the dependents that became ready (workflow_advance, under the
+    workflow's lock only) reads the old timeout and sends it while the new one is saved."""
+    from orchestration.services.workflows import task_dispatch_change_check
+    from tests.factories import TaskExecutionFactory
+
+    task = TaskExecutionFactory(status=TaskExecution.Status.CANCELLED)
+    reviver = other_connection()
+    reviver.execute("BEGIN")
+    reviver.execute("UPDATE task_executions SET status = 'pending' WHERE execution_id = %s", [task.pk])
+    checked, release = threading.Event(), threading.Event()
+    accepted: list[str] = []
+
+    def change() -> str:
+        with transaction.atomic():
+            try:
+                accepted.append(task_dispatch_change_check(execution_id=task.pk).status)
+            except TransitionError as exc:
+                return f"refused: {exc}"
+            finally:
+                checked.set()
+            release.wait(20)
+            return accepted[0]
+
+    thread, box = in_thread(change)
+    probe = other_connection()
+    try:
+        assert waiting_on_lock(), "the check waits on the task row"
+        reviver.execute("COMMIT")
+        assert checked.wait(20), box
+        # A change accepted for a pending task holds its workflow's row until it is saved.
+        free = probe.execute(
+            "SELECT 1 FROM workflows WHERE workflow_id = %s FOR UPDATE SKIP LOCKED", [task.workflow_id]
+        ).fetchall()
+    finally:
+        release.set()
+        thread.join(20)
+        probe.close()
+        reviver.close()
+    assert not (accepted and free), f"the workflow row is free while a pending task's timeout changes: {box}"
+    assert box["result"].startswith(f"refused: task {task.pk} became pending"), box
