@@ -693,7 +693,9 @@ class MessagePostSerializer(StrictFieldsMixin, serializers.Serializer):
     """A user message for an agent."""
 
     agent = serializers.CharField(max_length=50, help_text="id of the agent to talk to")
-    content = serializers.CharField(max_length=100_000, help_text="the user's message")
+    # As written: not trimmed (an indented first line, trailing newlines are what was said);
+    # its size is CONVERSATION_MAX_MESSAGE_CHARS', checked by the service, naming the limit.
+    content = serializers.CharField(trim_whitespace=False, help_text="the user's message")
 
 
 class MessageAcceptedSerializer(serializers.Serializer):

@@ -30,7 +30,7 @@ from django.core.exceptions import ImproperlyConfigured
 from config.env import DEFAULT_PORTS, Origin, env, host_normalize, origin_parse
 from observability.logs import secret_register
 from orchestration.errors import AgentError, PermanentError, ToolError
-from orchestration.models import Agent
+from orchestration.models import Agent, AgentPlaygroundMessage
 from orchestration.runtime import pricing
 from orchestration.runtime.context import AgentResult, TaskContext, Usage
 from orchestration.runtime.http_agent import Reply, post_json, read_timeout_for, status_error
@@ -474,7 +474,10 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
         # The final answer is checked as the attempt's output; one that calls tools is kept in
         # the conversation's transcript, which must be storable too, or even the failure's
         # record of the thread could not be written (and the attempt would stay running).
-        if problem := jsonb_problem({"content": answer.content, "tool_calls": calls}, "answer"):
+        problem = jsonb_problem({"content": answer.content, "tool_calls": calls}, "answer")
+        if problem is None and conversation is not None:
+            problem = _call_id_problem(calls)
+        if problem:
             raise _with_usage(
                 PermanentError(f"agent {agent.id!r}: the model's answer cannot be stored: {problem}"), total
             )
@@ -490,6 +493,16 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
         if conversation is not None:
             conversation.transcript.extend([asked, *replies])
     raise AssertionError("unreachable")
+
+
+def _call_id_problem(calls: list[dict[str, Any]]) -> str | None:
+    """Why a thread could not store the tool replies to `calls` (an id longer than its
+    tool_call_id column), or None."""
+    limit = AgentPlaygroundMessage._meta.get_field("tool_call_id").max_length
+    for i, call in enumerate(calls):
+        if len(call["id"]) > limit:
+            return f"answer.tool_calls[{i}].id: a tool call id of {len(call['id'])} characters (at most {limit})"
+    return None
 
 
 def _tool_reply(context: TaskContext, call: dict[str, Any]) -> dict[str, Any]:

@@ -178,6 +178,26 @@ def conversation_attempt_closed(task: TaskExecution, *, attempt: TaskAttempt | N
     )
 
 
+def conversation_attempt_usage_sync(attempt_id: int) -> None:
+    """Spend added to a reply attempt after it was closed from outside (a bill that arrived
+    after a cancel or the reaper's close): the thread's error message for that close says what
+    the attempt cost, as a recorded reply does, so it takes the attempt's usage again. In the
+    caller's transaction, which holds the attempt's row."""
+    usage = (
+        TaskAttempt.objects.filter(pk=attempt_id)
+        .values("input_tokens", "output_tokens", "tokens_used", "cost_usd")
+        .first()
+    )
+    if usage is None:
+        return
+    for message in AgentPlaygroundMessage.objects.filter(attempt_id=attempt_id, role=Role.ASSISTANT, is_error=True):
+        message.input_tokens = usage["input_tokens"]
+        message.output_tokens = usage["output_tokens"]
+        message.tokens_used = usage["tokens_used"]
+        message.metadata = {**(message.metadata or {}), "cost_usd": str(usage["cost_usd"])}
+        message.save(update_fields=["input_tokens", "output_tokens", "tokens_used", "metadata"])
+
+
 def conversation_retry_check(task: TaskExecution) -> None:
     """A conversation reply may be retried only while its question is the thread's latest
     (taking the thread's lock, as a post does): a later answer would land after the newer

@@ -39,6 +39,7 @@ from orchestration.runtime.tools import storable_text
 from orchestration.services import fastpath
 from orchestration.services.conversations import (
     conversation_attempt_closed,
+    conversation_attempt_usage_sync,
     conversation_for_task,
     conversation_turn_record,
 )
@@ -1096,6 +1097,7 @@ def _late_usage_add(attempt_id: int, usage: Usage, *, whole: bool = False) -> tu
         if not (usage.tokens or usage.cost_usd):
             return None
     TaskAttempt.objects.filter(pk=attempt_id).update(**_usage_added(usage))
+    conversation_attempt_usage_sync(attempt_id)
     paid = TaskAttempt(
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,

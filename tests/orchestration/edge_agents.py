@@ -56,7 +56,7 @@ def cancelled_midway(task_input, context):
     context.paid(Usage(input_tokens=10, output_tokens=0, cost_usd=Decimal("0.001")))
     task_cancel(execution_id=context.execution_id, reason="stopped by the operator")
     spent = Usage(input_tokens=100, output_tokens=20, cost_usd=Decimal("0.0123"))
-    if task_input["end"] == "fail":
+    if task_input.get("end", "succeed") == "fail":
         error = PermanentError("the provider refused the second call")
         error.usage = spent
         raise error
