@@ -337,17 +337,19 @@ def _dependents_to_revive(workflow: Workflow, task: TaskExecution) -> list[TaskE
 
 # What a task's message is sent with (Celery's time limits and the queue): changed while a
 # message is on its way, the attempt it starts would record a limit the worker does not apply,
-# and the reaper would close it as abandoned while it still runs, then run the task again.
+# and the reaper would close it as abandoned while it still runs, then run the task again. A
+# running task's message is the broker's until its try ends: a lost worker's is delivered again,
+# with the limits it was sent with.
 TASK_DISPATCH_FIELDS = ("timeout_seconds", "priority")
-IN_BROKER_TASK = (TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING)
+IN_BROKER_TASK = (TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING, TaskExecution.Status.RUNNING)
 
 
 def task_dispatch_change_check(*, execution_id: str) -> TaskExecution:
     """Lock a task whose timeout or priority is about to change, or raise TransitionError while
-    a message for it is in the broker (queued, retrying). Call it inside the transaction that
+    a message for it is in the broker (queued, retrying, running). Call it inside the transaction that
     writes the change: a pending task changes only under its workflow's lock (the dispatch of
-    the dependents that became ready reads them under it), so that is taken first; a running,
-    failed or cancelled one is sent again only under its own row lock, which is held here."""
+    the dependents that became ready reads them under it), so that is taken first; a failed or
+    cancelled one is sent again only under its own row lock, which is held here."""
     status, workflow_id = TaskExecution.objects.values_list("status", "workflow_id").get(pk=execution_id)
     workflow_locked = status == TaskExecution.Status.PENDING and workflow_id is not None
     if workflow_locked:
@@ -363,6 +365,6 @@ def task_dispatch_change_check(*, execution_id: str) -> TaskExecution:
     if task.status in IN_BROKER_TASK:
         raise TransitionError(
             f"task {execution_id} is {task.status}: its message was sent with the timeout and queue it had; "
-            "change them once the task has started or ended (or cancel it first)"
+            "change them once the task has ended (or cancel it first)"
         )
     return task

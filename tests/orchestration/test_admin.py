@@ -823,7 +823,8 @@ def test_editing_a_workflow_or_task_keeps_what_the_engine_wrote_meanwhile(
     su_client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     workflow = WorkflowFactory(name="before", status="running", total_steps=1)
-    task = TaskExecutionFactory(workflow=workflow, status="running")
+    # (failed: a running task's priority and timeout are its message's, not to be changed)
+    task = TaskExecutionFactory(workflow=workflow, status="failed")
 
     _racing_save(
         monkeypatch,

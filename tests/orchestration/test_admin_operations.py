@@ -207,6 +207,12 @@ def test_a_queued_tasks_timeout_is_not_changed_under_its_message(committed, oper
     assert f"task {queued.pk} is queued: its message was sent with the timeout and queue it had" in errors[0]
     queued.refresh_from_db()
     assert queued.timeout_seconds == _sent_soft_limit(queued) == 300
+    # Running, its message is still the broker's: a lost worker's is delivered again with it.
+    TaskExecution.objects.filter(pk=queued.pk).update(status=T.RUNNING)
+    response = operator.post(url, data)
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.non_field_errors()
+    assert f"task {queued.pk} is running: its message was sent with the timeout and queue it had" in errors[0]
     # A task that has ended is sent again with the row's limits: there the change is taken.
     TaskExecution.objects.filter(pk=queued.pk).update(status=T.FAILED)
     assert operator.post(url, data).status_code == 302
