@@ -1,10 +1,13 @@
 """The outbox relay: publishes committed events to the Synapse Redis Stream, in order.
 
-Each event becomes a stream entry whose id is `<sequence>-1`. Redis only accepts ids above
-the stream's last one, so the stream itself is the checkpoint: a relay that crashes after
-publishing and before doing anything else re-reads from the stream's last id and can
-neither skip nor duplicate an entry (and a second relay running at the same time is
-refused by Redis for every entry the first one already added).
+Each event becomes a stream entry whose id is `<sequence>-1`. The stream itself is the
+checkpoint: a relay that crashes after publishing and before doing anything else re-reads from
+the stream's last id and can neither skip nor duplicate an entry. A batch is added only if the
+stream is still where the relay last saw it (one script): a second relay running at the same
+time, or a stream that was deleted meanwhile (Redis restarted empty, the key removed), makes it
+read the stream's position again and go on from there. A pass that went on from where it was
+before the stream vanished would put the next events on the new stream above every event the
+consumers had not yet read, and the stream, its checkpoint, would then say those were published.
 
 The watermark trap: sequence values are taken when a row is inserted, not when its
 transaction commits, so a transaction that commits late leaves a temporary hole below rows
@@ -28,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 from django.conf import settings
@@ -44,6 +46,7 @@ class RelayResult:
     published: int = 0
     last_sequence: int = 0
     waiting_on_gap: tuple[int, int] | None = None
+    restarted_from: int | None = None  # the stream was behind this pass's position: it went on from here
 
 
 def synapse_client() -> redis.Redis:
@@ -167,6 +170,8 @@ def events_relay(*, client: redis.Redis | None = None, batch: int | None = None,
     result = RelayResult(last_sequence=_stream_last_sequence(client, stream))
     for _ in range(max_batches):
         published, blocked, first_seen = _relay_batch(client, stream, gaps_key, result, batch)
+        if published is None:
+            continue  # the stream was not where this pass saw it: on from its position
         if blocked and first_seen:
             # A hole seen for the first time: its writers are recorded, and the next batch
             # proves it at once if they have all ended (a rollback's hole usually has). Waiting
@@ -304,8 +309,9 @@ def stream_trim(*, client: redis.Redis, stream: str, approximate: bool = True) -
 
 def _relay_batch(
     client: redis.Redis, stream: str, gaps_key: str, result: RelayResult, batch: int
-) -> tuple[int, bool, bool]:
-    """(events published, blocked by a hole, that hole's writers recorded just now)."""
+) -> tuple[int | None, bool, bool]:
+    """(events published, None when the stream had moved; blocked by a hole; that hole's
+    writers recorded just now)."""
     # SQLite serialises writers: no transaction can commit a lower sequence late there.
     holes_possible = connection.vendor == "postgresql"
     settled = _settled_gaps(client, gaps_key) if holes_possible else set()  # before reading rows
@@ -336,21 +342,59 @@ def _relay_batch(
     return published, blocked, first_seen
 
 
-def _publish(client: redis.Redis, stream: str, events: list[Event], result: RelayResult) -> int:
+# Add a batch of entries only if the stream's last id is still the one the relay knows.
+# KEYS = stream; ARGV = that id's sequence (0: no entry yet), then per entry its id, the number
+# of its field and value arguments, and those. Returns nothing when the batch was added, else
+# the stream's last id (another relay added entries, or the stream was deleted and begins again).
+_APPEND_IF_AT = """
+    local last = '0-0'
+    if redis.call('EXISTS', KEYS[1]) == 1 then
+        local info = redis.call('XINFO', 'STREAM', KEYS[1])
+        for i = 1, #info, 2 do
+            if info[i] == 'last-generated-id' then
+                last = info[i + 1]
+            end
+        end
+    end
+    if string.match(last, '^%d+') ~= ARGV[1] then
+        return last
+    end
+    local i = 2
+    while i <= #ARGV do
+        local n = tonumber(ARGV[i + 1])
+        redis.call('XADD', KEYS[1], ARGV[i], unpack(ARGV, i + 2, i + 1 + n))
+        i = i + 2 + n
+    end
+    return false
+"""
+
+
+def _publish(client: redis.Redis, stream: str, events: list[Event], result: RelayResult) -> int | None:
+    """Add the events' entries if the stream is at result.last_sequence; otherwise move
+    result.last_sequence to where the stream is and return None (nothing added)."""
     if not events:
         return 0
-    pipe = client.pipeline(transaction=False)
+    args: list[str | int] = [str(result.last_sequence)]
     for event, entry in zip(events, events_to_entries(events), strict=True):
-        pipe.xadd(stream, entry, id=f"{event.sequence}-1")
-    replies: list[Any] = pipe.execute(raise_on_error=False)
-    published = 0
-    for event, reply in zip(events, replies, strict=True):
-        if isinstance(reply, redis.ResponseError):
-            if "equal or smaller" not in str(reply):
-                raise reply
-            logger.info("event %s already on the stream (another relay)", event.sequence)
+        args += [f"{event.sequence}-1", 2 * len(entry)]
+        for name, value in entry.items():
+            args += [name, value]
+    moved = client.register_script(_APPEND_IF_AT)(keys=[stream], args=args)
+    if moved is not None:
+        position = int(_text(moved).split("-")[0])
+        if position < result.last_sequence:
+            logger.warning(
+                "the Synapse stream %r is at %d, behind the relay's %d (Redis restarted empty, or the stream was "
+                "deleted): publishing again from there",
+                stream,
+                position,
+                result.last_sequence,
+            )
+            result.restarted_from = position
         else:
-            published += 1
-        result.last_sequence = max(result.last_sequence, event.sequence)
-    result.published += published
-    return published
+            logger.info("the Synapse stream %r is at %d (another relay): going on from there", stream, position)
+        result.last_sequence = position
+        return None
+    result.last_sequence = events[-1].sequence
+    result.published += len(events)
+    return len(events)

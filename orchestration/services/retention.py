@@ -5,9 +5,11 @@ its own short transaction, so retention never holds long locks on a busy table.
 
 - events: only through the database function `prune_events(before, max_sequence, batch)`
   (migration 0013), the one path the append-only trigger lets a DELETE through. It never
-  prunes past the last sequence the relay has put on the Synapse stream, so no event is
-  lost to the consumers. On SQLite (the embedded first-run database) events are kept: the
-  append-only rule has no privileged exception there.
+  prunes past the last sequence the relay has put on the Synapse stream, nor past the oldest
+  entry a consumer group of the stream has not acknowledged: the stream lives in Redis, which
+  may restart empty, and the relay then publishes again from PostgreSQL what it still holds,
+  so an event a consumer has not yet written stays there. On SQLite (the embedded first-run
+  database) events are kept: the append-only rule has no privileged exception there.
 - agent_playground_messages, agent_metrics: by created_at / period start. With the messages
   go the finished tasks outside any workflow (conversation replies, whose input and output
   hold the thread's text) that no message refers to any more, with their attempts and
@@ -40,7 +42,7 @@ from django.db.models import Exists, Model, OuterRef, Q
 from django.utils import timezone
 
 from orchestration.models import AgentInteraction, AgentMetric, AgentPlaygroundMessage, TaskExecution, Workflow
-from orchestration.services.relay import _stream_last_sequence, synapse_client
+from orchestration.services.relay import _stream_last_sequence, stream_groups, synapse_client
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +98,23 @@ def events_prune(*, before: dt.datetime, max_sequence: int, batch: int = BATCH) 
 
 
 def _relayed_sequence() -> int | None:
+    """The last sequence that every consumer group has acknowledged and the relay published
+    (only the latter while no group exists); None when the stream cannot be read."""
     if not settings.REDIS_URL:
         return None
     try:
-        return _stream_last_sequence(synapse_client(), settings.SYNAPSE_STREAM)
+        client = synapse_client()
+        relayed = _stream_last_sequence(client, settings.SYNAPSE_STREAM)
+        groups = stream_groups(client, settings.SYNAPSE_STREAM)
     except redis.RedisError as exc:
         logger.warning("retention: cannot read the Synapse stream (%s); events are kept this time", exc)
         return None
+    if groups:
+        # Entry ids are <sequence>-1: an oldest needed id S-1 leaves S-1 done, S-2 (after S-1 was
+        # delivered and acknowledged) leaves S done.
+        sequence, part = min(group.keeps_from for group in groups)
+        relayed = min(relayed, sequence if part > 1 else sequence - 1)
+    return max(relayed, 0)
 
 
 def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:

@@ -349,3 +349,33 @@ def test_holes_whose_writers_have_ended_are_passed_in_one_relay_pass(stream):
     sequences = [int(entry_id.split("-")[0]) for entry_id, _ in entries(stream)]
     assert sequences[-5:] == kept and not set(holes) & set(sequences)
     assert stream.hgetall(f"{settings.SYNAPSE_STREAM}:relay:gaps") == {}
+
+
+@pytest.mark.parametrize("reset", ["deleted", "recreated empty by a consumer group"])
+def test_a_stream_reset_during_a_pass_is_published_again_from_its_start(stream, reset):
+    """Redis restarted empty (it keeps nothing on disk) or the stream was deleted between two
+    batches of one pass. The pass went on from its own position: the events of the batches
+    before the reset, which the consumers had not read, were on no stream, and the new stream's
+    last id, the relay's checkpoint, said they were published, so no pass published them again
+    and they never reached the training files."""
+    events = record(1)
+    assert relay_until_quiet(stream, expect=1) == 1
+    events += record(6)
+    reads = []
+
+    def reset_after_the_first_batch(execute, sql, params, many, context):
+        if sql.lstrip().startswith("SELECT") and 'FROM "events"' in sql and "ORDER BY" in sql:
+            reads.append(sql)
+            if len(reads) == 2:  # the pass's first batch is on the stream; it reads the second
+                stream.delete(settings.SYNAPSE_STREAM)
+                if reset != "deleted":
+                    stream.xgroup_create(settings.SYNAPSE_STREAM, "training", id="0", mkstream=True)
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(reset_after_the_first_batch):
+        result = events_relay(client=stream, batch=3)
+    relay_until_quiet(stream)
+    assert len(reads) >= 2, "the pass read a second batch"
+    published = [fields["event_id"] for _, fields in entries(stream)]
+    assert published == [e.event_id for e in events], "every event is on the new stream, once, in order"
+    assert result.restarted_from == 0

@@ -137,6 +137,26 @@ def test_retention_applies_each_tables_days(db, settings, stream):
     assert ExportRun.objects.get().status == ExportRun.Status.SUCCEEDED
 
 
+def test_events_a_consumer_group_has_not_acknowledged_are_kept(db, settings, stream):
+    """The relay published them, but the consumer (stopped, or behind) has not written them to
+    the training files. Redis keeps the stream in memory only: once it restarts empty the relay
+    publishes again from PostgreSQL, and an event pruned from there was in no file for good."""
+    settings.RETENTION_DAYS_EVENTS = 30
+    old = [EventFactory(created_at=OLD) for _ in range(4)]
+    for event in old:
+        stream.xadd(settings.SYNAPSE_STREAM, {"x": "1"}, id=f"{event.sequence}-1")
+    stream.xgroup_create(settings.SYNAPSE_STREAM, "training", id="0")
+    (_, delivered), *_ = stream.xreadgroup("training", "c1", {settings.SYNAPSE_STREAM: ">"}, count=2)
+    stream.xack(settings.SYNAPSE_STREAM, "training", delivered[0][0])  # the second is pending
+
+    assert retention_apply(now=NOW).deleted["events"] == 1
+    assert set(Event.objects.values_list("sequence", flat=True)) == {e.sequence for e in old[1:]}
+
+    stream.xack(settings.SYNAPSE_STREAM, "training", delivered[1][0])  # written: none pending
+    assert retention_apply(now=NOW).deleted["events"] == 1
+    assert set(Event.objects.values_list("sequence", flat=True)) == {e.sequence for e in old[2:]}
+
+
 def test_zero_days_keeps_everything(db, settings):
     for name in ("EVENTS", "MESSAGES", "AGENT_METRICS", "WORKFLOWS", "EXPORT_RUNS"):
         setattr(settings, f"RETENTION_DAYS_{name}", 0)
