@@ -216,7 +216,10 @@ def relay_families() -> Families:
 
 def consumer_families() -> Families:
     """Per consumer group of the Synapse stream: entries not yet delivered (XINFO GROUPS
-    `lag`) and delivered but not acknowledged (`pending`)."""
+    `lag`) and delivered but not acknowledged (`pending`); and the entries the consumer could
+    not write, in the dead-letter stream (they are in PostgreSQL, not in the training files)."""
+    from orchestration.services.relay import dead_letter_stream
+
     if not settings.REDIS_URL:
         return []
     client = _redis(settings.REDIS_URL)
@@ -227,6 +230,7 @@ def consumer_families() -> Families:
             if "no such key" not in str(exc).lower():
                 raise
             groups = []
+        dead_letters = client.xlen(dead_letter_stream(settings.SYNAPSE_STREAM))
     finally:
         client.close()
     lag = GaugeMetricFamily(
@@ -244,7 +248,13 @@ def consumer_families() -> Families:
         if group.get("lag") is not None:  # Redis answers nil when it cannot tell (after XDEL/trim)
             lag.add_metric([name], int(group["lag"]))
         pending.add_metric([name], int(group["pending"]))
-    return [lag, pending]
+    dead = GaugeMetricFamily(
+        "agentledger_synapse_dead_letters",
+        "Entries of the Synapse stream the consumer could not write to the training files, kept in "
+        "the dead-letter stream (<stream>:dead).",
+    )
+    dead.add_metric([], dead_letters)
+    return [lag, pending, dead]
 
 
 def export_families() -> Families:

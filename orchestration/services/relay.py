@@ -224,6 +224,12 @@ class GroupState:
     keeps_from: tuple[int, int]  # the oldest entry it still needs: its oldest pending, or the next
 
 
+def dead_letter_stream(stream: str) -> str:
+    """Where the consumer puts the entries of `stream` it could not write (a reason and the
+    entry's original id with each)."""
+    return f"{stream}:dead"
+
+
 def stream_groups(client: redis.Redis, stream: str) -> list[GroupState]:
     """The stream's consumer groups (none when there is no stream)."""
     try:

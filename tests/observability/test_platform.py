@@ -76,7 +76,8 @@ def test_every_alert_rule_is_complete():
         assert rule["labels"]["severity"] in ("info", "warning", "critical"), rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
     covered = " ".join(rule["expr"] for rule in rules)
-    for needed in ("tasks_finished_total", "queue_depth_messages", "attempts_overdue", "relay_lag", "consumer_lag"):
+    needed_names = ("tasks_finished_total", "queue_depth_messages", "attempts_overdue", "relay_lag", "consumer_lag")
+    for needed in (*needed_names, "dead_letters"):
         assert needed in covered, f"no alert on {needed}"
 
 

@@ -118,6 +118,16 @@ def test_consumer_lag_and_pending_per_group(client, db, settings, stream_name):
     samples = get_metrics(client)
     assert value(samples, "agentledger_consumer_lag_entries", group="training") == 2
     assert value(samples, "agentledger_consumer_pending_entries", group="training") == 1
+    assert value(samples, "agentledger_synapse_dead_letters") == 0
+
+
+def test_dead_letters_are_counted(client, db, settings, stream_name):
+    """The entries the consumer could not write are in the dead-letter stream, in Redis only:
+    a gauge, and an alert when it grows, are how anyone learns of them."""
+    stream = redis.Redis.from_url(settings.REDIS_URL)
+    stream.xadd(f"{stream_name}:dead", {"reason": "not JSON", "original_id": "7-1"})
+    stream.xadd(f"{stream_name}:dead", {"reason": "not JSON", "original_id": "9-1"})
+    assert value(get_metrics(client), "agentledger_synapse_dead_letters") == 2
 
 
 def test_export_rows_sum_successful_runs_by_data_type(client, db, stream_name):

@@ -130,3 +130,28 @@ def test_removing_a_group_whose_shown_name_two_groups_share_is_refused(client, s
     with pytest.raises(CommandError, match=r"2 consumer groups of .* show as 'g\\\\xff'"):
         call_command("synapse_groups", "--destroy", "g\\xff")
     assert len(client.xinfo_groups(client.stream)) == 2
+
+
+def test_the_groups_report_names_the_dead_letters(client, settings):
+    """Entries the consumer could not write live only in the dead-letter stream: the operator's
+    report of the stream says how many there are (nothing when there are none)."""
+    import io
+
+    from django.core.management import call_command
+
+    settings.SYNAPSE_STREAM = client.stream
+    client.xgroup_create(client.stream, "training", id="0")
+    out = io.StringIO()
+    call_command("synapse_groups", stdout=out)
+    assert "dead letters" not in out.getvalue()
+    client.xadd(f"{client.stream}:dead", {"reason": "not JSON", "original_id": "3-1"})
+    try:
+        out = io.StringIO()
+        call_command("synapse_groups", stdout=out)
+        assert (
+            out.getvalue()
+            .splitlines()[-1]
+            .startswith(f"dead letters '{client.stream}:dead': 1 entry no consumer could write to the training files")
+        )
+    finally:
+        client.delete(f"{client.stream}:dead")

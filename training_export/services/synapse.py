@@ -48,7 +48,7 @@ from django.db import DataError, close_old_connections, models
 from orchestration.event_types import EventType
 from orchestration.models import TaskExecution, Workflow
 from orchestration.services.events import state_value
-from orchestration.services.relay import shown_name
+from orchestration.services.relay import dead_letter_stream, shown_name
 from training_export.services import redaction
 from training_export.services.jsonl import json_load, json_load_many
 from training_export.services.store import (
@@ -541,7 +541,7 @@ class SynapseConsumer:
         self.consumer = consumer
         self.batch = batch
         self.claim_idle_ms = claim_idle_ms
-        self.dead_stream = f"{stream}:dead"
+        self.dead_stream = dead_letter_stream(stream)
         self._scripts: dict[str, Any] = {}
 
     def _script(self, source: str) -> Any:

@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from orchestration.management.arguments import seconds, synapse_reachable
 from orchestration.services.relay import (
     StreamGroupError,
+    dead_letter_stream,
     shown_name,
     stream_group_destroy,
     stream_groups,
@@ -93,6 +94,7 @@ class Command(BaseCommand):
         )
         if not groups:
             self.stdout.write("no consumer group: nothing is trimmed until one reads")
+            self.dead_letters(client, stream)
             return
         # The group the trim stops at, when it alone keeps entries the others are done with.
         points = sorted(g.keeps_from for g in groups)
@@ -103,4 +105,14 @@ class Command(BaseCommand):
             mark = "  <- holds the stream" if g.keeps_from == holder else ""
             self.stdout.write(
                 f"{g.name:<24} {g.consumers:>9} {g.pending:>8} {lag:>13}  {g.keeps_from[0]}-{g.keeps_from[1]}{mark}"
+            )
+        self.dead_letters(client, stream)
+
+    def dead_letters(self, client: redis.Redis, stream: str) -> None:
+        dead = dead_letter_stream(stream)
+        count = client.xlen(dead)
+        if count:
+            self.stdout.write(
+                f"dead letters {dead!r}: {count} entr{'y' if count == 1 else 'ies'} no consumer could write to the "
+                "training files (each with its reason and original_id: XRANGE it)"
             )
