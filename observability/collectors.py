@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis
@@ -28,7 +29,7 @@ from django.db.models import Count, Max, Min, Sum
 from django.utils import timezone
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 from prometheus_client import Counter
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -217,22 +218,24 @@ def relay_families() -> Families:
 def consumer_families() -> Families:
     """Per consumer group of the Synapse stream: entries not yet delivered (XINFO GROUPS
     `lag`) and delivered but not acknowledged (`pending`); and the entries the consumer could
-    not write, in the dead-letter stream (they are in PostgreSQL, not in the training files)."""
+    not write, in the dead-letter stream (they are in PostgreSQL, not in the training files):
+    how many it holds, and how many were ever added to it (Redis 7's `entries-added`: the
+    stream is capped at SYNAPSE_STREAM_MAXLEN, so at its cap its length no longer grows however
+    many are added). One round trip."""
     from orchestration.services.relay import dead_letter_stream
 
     if not settings.REDIS_URL:
         return []
     client = _redis(settings.REDIS_URL)
     try:
-        try:
-            groups = client.xinfo_groups(settings.SYNAPSE_STREAM)
-        except redis.ResponseError as exc:
-            if "no such key" not in str(exc).lower():
-                raise
-            groups = []
-        dead_letters = client.xlen(dead_letter_stream(settings.SYNAPSE_STREAM))
+        pipe = client.pipeline(transaction=False)
+        pipe.xinfo_groups(settings.SYNAPSE_STREAM)
+        pipe.xinfo_stream(dead_letter_stream(settings.SYNAPSE_STREAM))
+        groups, dead_info = pipe.execute(raise_on_error=False)
     finally:
         client.close()
+    groups = _unless_no_key(groups, [])
+    dead_info = _unless_no_key(dead_info, {"length": 0, "entries-added": 0})
     lag = GaugeMetricFamily(
         "agentledger_consumer_lag_entries",
         "Synapse stream entries not yet delivered to the consumer group.",
@@ -253,8 +256,26 @@ def consumer_families() -> Families:
         "Entries of the Synapse stream the consumer could not write to the training files, kept in "
         "the dead-letter stream (<stream>:dead).",
     )
-    dead.add_metric([], dead_letters)
-    return [lag, pending, dead]
+    dead.add_metric([], int(dead_info["length"]))
+    families: Families = [lag, pending, dead]
+    if dead_info.get("entries-added") is not None:  # Redis 7 and later
+        added = CounterMetricFamily(
+            "agentledger_synapse_dead_lettered",
+            "Entries ever added to the Synapse dead-letter stream (<stream>:dead), trimmed ones included; "
+            "it starts again from 0 when that stream is deleted.",
+        )
+        added.add_metric([], int(dead_info["entries-added"]))
+        families.append(added)
+    return families
+
+
+def _unless_no_key(reply: Any, default: Any) -> Any:
+    """A pipeline's reply, or `default` for the error of a key that does not exist."""
+    if isinstance(reply, redis.ResponseError):
+        if "no such key" not in str(reply).lower():
+            raise reply
+        return default
+    return reply
 
 
 def export_families() -> Families:

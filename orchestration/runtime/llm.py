@@ -30,11 +30,11 @@ from django.core.exceptions import ImproperlyConfigured
 from config.env import DEFAULT_PORTS, Origin, env, host_normalize, origin_parse
 from observability.logs import secret_register
 from orchestration.errors import AgentError, PermanentError, ToolError
-from orchestration.models import Agent, AgentPlaygroundMessage
+from orchestration.models import Agent
 from orchestration.runtime import pricing
 from orchestration.runtime.context import AgentResult, TaskContext, Usage
 from orchestration.runtime.http_agent import Reply, post_json, read_timeout_for, status_error
-from orchestration.runtime.tools import json_loads_strict, jsonb_problem
+from orchestration.runtime.tools import call_id_problem, json_loads_strict, jsonb_problem
 from orchestration.runtime.urlpolicy import url_check
 
 OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
@@ -498,10 +498,9 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
 def _call_id_problem(calls: list[dict[str, Any]]) -> str | None:
     """Why a thread could not store the tool replies to `calls` (an id longer than its
     tool_call_id column), or None."""
-    limit = AgentPlaygroundMessage._meta.get_field("tool_call_id").max_length
     for i, call in enumerate(calls):
-        if len(call["id"]) > limit:
-            return f"answer.tool_calls[{i}].id: a tool call id of {len(call['id'])} characters (at most {limit})"
+        if problem := call_id_problem(call["id"]):
+            return f"answer.tool_calls[{i}].id: {problem}"
     return None
 
 

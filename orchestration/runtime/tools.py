@@ -177,10 +177,16 @@ class ToolBox:
         the soft time limit, so the attempt ends as timed out)."""
         arguments = {} if arguments is _NO_ARGUMENTS else arguments
         call_id = call_id or f"call_{uuid.uuid4().hex[:24]}"
+        # A call kept in a conversation's transcript under an id its thread cannot store would
+        # fail the turn's record, and the failure's with it (the attempt stays running).
+        in_transcript = self.transcript is not None and in_transcript
+        id_problem = call_id_problem(call_id) if in_transcript else None
         started = time.perf_counter()
         output: Any = None
         error: BaseException | None = None
         try:
+            if id_problem:
+                raise ToolError(f"tool {name!r}: {id_problem}")
             if name not in self.allowed:
                 raise ToolError(
                     f"agent {self.agent_id!r} may not call tool {name!r} "
@@ -222,7 +228,7 @@ class ToolBox:
         self.calls.append(record)
         if self._recorder is not None:
             self._recorder(record)
-        if self.transcript is not None and in_transcript:
+        if self.transcript is not None and in_transcript and not id_problem:
             self.transcript.append(
                 {
                     "role": "assistant",
@@ -240,6 +246,17 @@ class ToolBox:
         if error is not None:
             raise error
         return output
+
+
+def call_id_problem(call_id: str) -> str | None:
+    """Why a conversation could not store a tool reply to the call `call_id` (an id longer than
+    the thread's tool_call_id column), or None."""
+    from orchestration.models import AgentPlaygroundMessage
+
+    limit = AgentPlaygroundMessage._meta.get_field("tool_call_id").max_length
+    if len(call_id) > limit:
+        return f"a tool call id of {len(call_id)} characters (at most {limit})"
+    return None
 
 
 def json_loads_strict(text: str) -> Any:

@@ -104,8 +104,10 @@ def _relayed_sequence() -> int | None:
         return None
     try:
         client = synapse_client()
-        relayed = _stream_last_sequence(client, settings.SYNAPSE_STREAM)
+        # The groups first: a stream lost after they were read reads as 0 then (nothing pruned),
+        # where, read the other way round, the groups would be gone and the last id not.
         groups = stream_groups(client, settings.SYNAPSE_STREAM)
+        relayed = _stream_last_sequence(client, settings.SYNAPSE_STREAM)
     except redis.RedisError as exc:
         logger.warning("retention: cannot read the Synapse stream (%s); events are kept this time", exc)
         return None

@@ -77,7 +77,7 @@ def test_every_alert_rule_is_complete():
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
     covered = " ".join(rule["expr"] for rule in rules)
     needed_names = ("tasks_finished_total", "queue_depth_messages", "attempts_overdue", "relay_lag", "consumer_lag")
-    for needed in (*needed_names, "dead_letters"):
+    for needed in (*needed_names, "dead_lettered_total"):
         assert needed in covered, f"no alert on {needed}"
 
 

@@ -34,7 +34,7 @@ def fresh_state(settings) -> Iterator[None]:
 def stream_name(settings) -> Iterator[str]:
     settings.SYNAPSE_STREAM = f"metrics-test-{uuid.uuid4().hex[:8]}"
     yield settings.SYNAPSE_STREAM
-    redis.Redis.from_url(settings.REDIS_URL).delete(settings.SYNAPSE_STREAM)
+    redis.Redis.from_url(settings.REDIS_URL).delete(settings.SYNAPSE_STREAM, f"{settings.SYNAPSE_STREAM}:dead")
 
 
 def get_metrics(client) -> Samples:
@@ -128,6 +128,30 @@ def test_dead_letters_are_counted(client, db, settings, stream_name):
     stream.xadd(f"{stream_name}:dead", {"reason": "not JSON", "original_id": "7-1"})
     stream.xadd(f"{stream_name}:dead", {"reason": "not JSON", "original_id": "9-1"})
     assert value(get_metrics(client), "agentledger_synapse_dead_letters") == 2
+    assert value(get_metrics(client), "agentledger_synapse_dead_lettered_total") == 2
+
+
+def test_dead_letters_are_counted_past_the_dead_letter_streams_cap(client, db, settings, stream_name):
+    """The consumer caps the dead-letter stream at SYNAPSE_STREAM_MAXLEN (`MAXLEN ~`): at its
+    cap its length no longer grows, and the alert, on the length's growth, stayed silent
+    however many entries went on being dead-lettered. What was ever added is counted too."""
+    settings.SYNAPSE_STREAM_MAXLEN = 1000
+    stream = redis.Redis.from_url(settings.REDIS_URL)
+    dead = f"{stream_name}:dead"
+
+    def dead_letter(n: int) -> None:  # as the consumer's scripts add them
+        for _ in range(n):
+            stream.xadd(dead, {"reason": "not JSON", "original_id": "7-1"}, maxlen=1000, approximate=True)
+
+    try:
+        dead_letter(1000)
+        before = value(get_metrics(client), "agentledger_synapse_dead_lettered_total")
+        dead_letter(500)
+        samples = get_metrics(client)
+        assert value(samples, "agentledger_synapse_dead_lettered_total") - before == 500
+        assert 1000 <= value(samples, "agentledger_synapse_dead_letters") < 1100
+    finally:
+        stream.delete(dead)
 
 
 def test_export_rows_sum_successful_runs_by_data_type(client, db, stream_name):

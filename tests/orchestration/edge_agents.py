@@ -82,3 +82,10 @@ def paid_then_failed(task_input, context):
 
     context.paid(Usage(input_tokens=100, output_tokens=20, cost_usd=Decimal("0.0123")))
     raise PermanentError("the provider's answer made no sense")
+
+
+def long_call_id(task_input, context):
+    """Calls a tool of its own in a conversation under a call id it chose, longer than the
+    thread's tool_call_id column, then answers."""
+    result = context.tools.call("calculator", {"expression": "2+2"}, call_id="call_" + "x" * 300)
+    return {"content": f"it is {result}"}

@@ -76,3 +76,28 @@ def test_a_reply_cancelled_while_it_ran_has_its_attempts_whole_spend_on_its_erro
     assert error.is_error and error.attempt_id == attempt.pk
     assert (error.input_tokens, error.output_tokens, error.tokens_used) == (100, 20, 120)
     assert Decimal(error.metadata["cost_usd"]) == attempt.cost_usd == Decimal("0.0123")
+
+
+@pytest.mark.django_db
+def test_a_python_agents_tool_call_id_too_long_to_store_fails_the_reply_instead_of_leaving_it_running():
+    """A python agent in a conversation calls a tool of its own under a call id it chose, longer
+    than the thread's tool_call_id column: the tool box put the call in the transcript, whose
+    record (the reply's, and the failure's alike) the database refused, so the attempt stayed
+    running until the reaper. The call is refused to the agent instead, and kept out of the
+    transcript."""
+    agent = Agent.objects.create(
+        id="long-id",
+        name="Long id",
+        executor=Agent.Executor.PYTHON,
+        entrypoint="tests.orchestration.edge_agents.long_call_id",
+        config={"tools": ["calculator"]},
+    )
+    asked = conversation_message_post(agent=agent, instance_id="long-py-id", content="2+2?")
+    task = TaskExecution.objects.get(pk=asked.execution_id)
+    assert attempt_run(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@h") == Outcome.FAILED
+    task.refresh_from_db()
+    assert task.status == TaskExecution.Status.FAILED and "tool call id of 305 characters" in task.error
+    assert TaskAttempt.objects.get(execution=task).status == TaskAttempt.Status.FAILED
+    [error] = AgentPlaygroundMessage.objects.filter(instance_id="long-py-id", role="assistant")
+    assert error.is_error and "tool call id" in error.content
+    assert not AgentPlaygroundMessage.objects.filter(instance_id="long-py-id", role="tool").exists()

@@ -157,6 +157,35 @@ def test_events_a_consumer_group_has_not_acknowledged_are_kept(db, settings, str
     assert set(Event.objects.values_list("sequence", flat=True)) == {e.sequence for e in old[2:]}
 
 
+def test_a_stream_lost_between_the_retention_reads_of_it_keeps_the_events(db, settings, stream, monkeypatch):
+    """Redis restarts empty (or the stream is deleted) between retention's read of the stream's
+    last id and its read of the consumer groups. The groups, gone with the stream, no longer
+    held the unacknowledged events back: they were pruned up to the last id read before, while
+    no stream held them any more and the relay, publishing again from what PostgreSQL holds,
+    could not bring them back."""
+    settings.RETENTION_DAYS_EVENTS = 30
+    old = [EventFactory(created_at=OLD) for _ in range(3)]
+    for event in old:
+        stream.xadd(settings.SYNAPSE_STREAM, {"x": "1"}, id=f"{event.sequence}-1")
+    stream.xgroup_create(settings.SYNAPSE_STREAM, "training", id="0")  # nothing acknowledged
+    name = settings.SYNAPSE_STREAM
+
+    class LosesTheStream(redis.Redis):
+        reads = 0
+
+        def execute_command(self, *args, **options):
+            reply = super().execute_command(*args, **options)
+            if str(args[0]).upper().startswith("XINFO"):
+                LosesTheStream.reads += 1
+                if LosesTheStream.reads == 1:
+                    stream.delete(name)  # after the first read of the stream, whichever it is
+            return reply
+
+    monkeypatch.setattr(retention, "synapse_client", lambda: LosesTheStream.from_url(settings.REDIS_URL))
+    assert retention_apply(now=NOW).deleted.get("events", 0) == 0
+    assert Event.objects.count() == len(old)
+
+
 def test_zero_days_keeps_everything(db, settings):
     for name in ("EVENTS", "MESSAGES", "AGENT_METRICS", "WORKFLOWS", "EXPORT_RUNS"):
         setattr(settings, f"RETENTION_DAYS_{name}", 0)
