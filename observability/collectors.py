@@ -189,6 +189,7 @@ def relay_families() -> Families:
     if not settings.REDIS_URL:
         return []
     from orchestration.models import Event
+    from orchestration.services.relay import stream_ahead_of
 
     client = _redis(settings.REDIS_URL)
     try:
@@ -196,7 +197,7 @@ def relay_families() -> Families:
     finally:
         client.close()
     with _bounded_queries():
-        newest = Event.objects.aggregate(n=Max("sequence"))["n"] or 0
+        newest = Event.objects.aggregate(n=Max("sequence"))["n"]
         oldest_unpublished = (
             Event.objects.filter(sequence__gt=published)
             .order_by("sequence")
@@ -206,13 +207,20 @@ def relay_families() -> Families:
     lag = GaugeMetricFamily(
         "agentledger_relay_lag_events", "Events committed to PostgreSQL and not yet published to the Synapse stream."
     )
-    lag.add_metric([], max(newest - published, 0))
+    lag.add_metric([], max((newest or 0) - published, 0))
+    ahead = GaugeMetricFamily(
+        "agentledger_relay_stream_ahead_events",
+        "How far the Synapse stream's last id is above the newest event in PostgreSQL (0 normally): events "
+        "numbered below it are never published (PostgreSQL restored from an older state, or another database's "
+        "stream).",
+    )
+    ahead.add_metric([], stream_ahead_of(newest, published))
     age = GaugeMetricFamily(
         "agentledger_relay_lag_seconds",
         "Age of the oldest event not yet published to the Synapse stream (0 when none).",
     )
     age.add_metric([], max((timezone.now() - oldest_unpublished).total_seconds(), 0.0) if oldest_unpublished else 0.0)
-    return [lag, age]
+    return [lag, age, ahead]
 
 
 def consumer_families() -> Families:

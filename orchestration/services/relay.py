@@ -47,6 +47,9 @@ class RelayResult:
     last_sequence: int = 0
     waiting_on_gap: tuple[int, int] | None = None
     restarted_from: int | None = None  # the stream was behind this pass's position: it went on from here
+    # The stream's last id is above every event in the table: nothing numbered below it would
+    # ever be published (PostgreSQL restored from an older backup, or another database's stream).
+    stream_ahead: int = 0
 
 
 def synapse_client() -> redis.Redis:
@@ -182,8 +185,36 @@ def events_relay(*, client: redis.Redis | None = None, batch: int | None = None,
             break
     if result.published:
         _forget_passed_gaps(client, gaps_key, result.last_sequence)
+    else:
+        _stream_ahead_check(stream, result)
     stream_trim(client=client, stream=stream)
     return result
+
+
+def stream_ahead_of(newest: int | None, published: int) -> int:
+    """How far the stream's last id (`published`) is above the newest event in the table, 0 when
+    it is not. The table's newest is the newest ever committed: retention deletes the oldest
+    first, and an empty table (all of it past retention) tells nothing."""
+    return max(published - newest, 0) if newest else 0
+
+
+def _stream_ahead_check(stream: str, result: RelayResult) -> None:
+    """With nothing to publish, whether the stream is ahead of the table: then the events the
+    table numbers below the stream's last id are never published, and the relay says so at
+    every pass (a single index lookup, on idle passes only)."""
+    newest = Event.objects.order_by("-sequence").values_list("sequence", flat=True).first()
+    result.stream_ahead = stream_ahead_of(newest, result.last_sequence)
+    if result.stream_ahead:
+        logger.error(
+            "the Synapse stream %r is at %d, above the newest event in PostgreSQL (%d): events numbered up to %d "
+            "would never be published. PostgreSQL was restored from an older state, or the stream belongs to "
+            "another database: delete the stream (its consumer groups go with it; the relay publishes again what "
+            "PostgreSQL holds, and the training files skip what they already have)",
+            stream,
+            result.last_sequence,
+            newest,
+            result.last_sequence,
+        )
 
 
 def _forget_passed_gaps(client: redis.Redis, gaps_key: str, last_sequence: int) -> None:

@@ -107,6 +107,18 @@ def test_relay_lag_is_the_events_past_the_streams_last_id(client, db, settings, 
     samples = get_metrics(client)
     assert value(samples, "agentledger_relay_lag_events") == 0
     assert value(samples, "agentledger_relay_lag_seconds") == 0
+    assert value(samples, "agentledger_relay_stream_ahead_events") == 0
+
+
+def test_a_stream_ahead_of_the_database_is_measured(client, db, settings, stream_name):
+    """PostgreSQL restored from a backup older than the stream: the events it numbers below the
+    stream's last id would never be published, and the lag read 0."""
+    events = EventFactory.create_batch(2)
+    stream = redis.Redis.from_url(settings.REDIS_URL)
+    stream.xadd(stream_name, {"event_id": "from-before-the-restore"}, id=f"{events[-1].sequence + 40}-1")
+    samples = get_metrics(client)
+    assert value(samples, "agentledger_relay_lag_events") == 0
+    assert value(samples, "agentledger_relay_stream_ahead_events") == 40
 
 
 def test_consumer_lag_and_pending_per_group(client, db, settings, stream_name):

@@ -379,3 +379,20 @@ def test_a_stream_reset_during_a_pass_is_published_again_from_its_start(stream, 
     published = [fields["event_id"] for _, fields in entries(stream)]
     assert published == [e.event_id for e in events], "every event is on the new stream, once, in order"
     assert result.restarted_from == 0
+
+
+def test_a_stream_ahead_of_the_database_is_reported_at_every_pass(stream, caplog):
+    """PostgreSQL restored from a backup older than the stream: the events it numbers below the
+    stream's last id were never published, silently (the lag read 0). The relay says so, and
+    deleting the stream, as it advises, publishes them."""
+    events = record(2)
+    stream.xadd(settings.SYNAPSE_STREAM, {"event_id": "from-before-the-restore"}, id=f"{events[-1].sequence + 50}-1")
+    with caplog.at_level("ERROR", logger="orchestration.services.relay"):
+        result = events_relay(client=stream)
+    assert (result.published, result.stream_ahead) == (0, 50)
+    assert "above the newest event in PostgreSQL" in caplog.text and "delete the stream" in caplog.text
+    stream.delete(settings.SYNAPSE_STREAM)
+    relay_until_quiet(stream, expect=2)
+    published = [fields["event_id"] for _, fields in entries(stream)]
+    assert published[-2:] == [e.event_id for e in events]
+    assert events_relay(client=stream).stream_ahead == 0
