@@ -325,11 +325,15 @@ def workflow_fail(
     A cancel of a workflow that has failed already (it stops at its first failure and was
     waiting for its running tasks to end, workflow_stopping) cancels those tasks, and the
     workflow ends `failed` with that failure as its error, as it would have ended anyway: the
-    cancel is in its workflow_failed event (`cancelled`, and who asked), not over the failure."""
+    cancel is in its workflow_failed event (`cancelled`, and who asked), not over the failure.
+    So does its deadline passing meanwhile (`deadline` in the event): the failure came first."""
     cancelled = event_type == EventType.WORKFLOW_CANCELLED
     reason, extra = error, {}
-    if cancelled and workflow_stopping(workflow) and workflow.error:
+    failed_already = workflow_stopping(workflow) and workflow.error
+    if cancelled and failed_already:
         cancelled, event_type, error, extra = False, EventType.WORKFLOW_FAILED, workflow.error, {"cancelled": reason}
+    elif cause == TaskAttempt.Cause.DEADLINE and failed_already:
+        error, extra = workflow.error, {"deadline": reason}
     workflow.status = Workflow.Status.CANCELLED if cancelled else Workflow.Status.FAILED
     workflow.error = error
     workflow.completed_at = now

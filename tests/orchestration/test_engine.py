@@ -567,6 +567,41 @@ def test_deadline_fails_the_workflow(engine):
     assert (cut.status, cut.cause) == (A.CANCELLED, "deadline"), "cut by the deadline, not by a user"
 
 
+@pytest.mark.parametrize("ends_it", ["completion", "reaper"])
+def test_a_deadline_passing_while_a_failed_workflow_waits_for_its_running_task_keeps_the_failure(engine, ends_it):
+    """A workflow that stopped at its first failure ends failed with that failure as its error
+    whatever ends the task it waits for; a deadline passing meanwhile (the task completing past
+    it, or the reaper's pass cutting it) is named in the workflow_failed event, not written
+    over the failure, as a cancel is (before, the error became "deadline ... passed")."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    engine(concurrency=3)
+    wf = submit(
+        {"name": "long", "agent": "sleep", "input": {"seconds": 4 if ends_it == "completion" else 30}},
+        {"name": "bad", "agent": "fail", "input": {"message": "no such table"}, "max_retries": 0},
+        deadline=(timezone.now() + dt.timedelta(seconds=2.5)).isoformat(),
+    )
+    running_attempt(wf, "long")
+    wait_for(lambda: task(wf, "bad").status == T.FAILED, what="bad to fail")
+    failure = Workflow.objects.get(pk=wf.pk).error
+    assert failure.startswith("task bad failed") and "no such table" in failure
+    if ends_it == "reaper":
+        wait_for(lambda: attempts_reap().workflows_failed, timeout=15, interval=0.5, what="the deadline to be enforced")
+    ended = finished(wf)
+    assert (ended.status, ended.error) == (Workflow.Status.FAILED, failure)
+    [event] = Event.objects.filter(entity_id=wf.pk, event_type="workflow_failed")
+    assert event.payload["error"] == failure and "deadline" in event.payload["deadline"], event.payload
+    assert event.payload["state"]["error"] == failure
+    long = task(wf, "long")
+    if ends_it == "completion":  # what it did stays recorded, and the deadline ended the workflow
+        assert long.status == T.COMPLETED and set(ended.step_results) == {"long"}
+    else:  # cut by the deadline, which its record says
+        assert long.status == T.CANCELLED and "deadline" in long.error
+        assert [(a.status, a.cause) for a in attempts(wf, "long")] == [(A.CANCELLED, "deadline")]
+
+
 @pytest.mark.parametrize("fast_path", ["true", "false"], ids=["fast-path", "general-path"])
 def test_a_task_of_an_agent_in_maintenance_waits_and_runs_once_it_is_active(engine, fast_path):
     """An operator drains an agent: work already queued for it waits, is not failed, and runs
