@@ -55,6 +55,21 @@ class SpecError(Exception):
         self.problems = problems
 
 
+class IdempotencyKeyReused(SpecError):
+    """A workflow was submitted under an idempotency key its owner already used for another
+    spec: the key names that first workflow, and this spec would silently not run."""
+
+    def __init__(self, key: str, workflow_id: str) -> None:
+        super().__init__(
+            [
+                f"idempotency_key {key!r} was already used for a different spec (workflow {workflow_id}); "
+                "use a new key for a new workflow"
+            ]
+        )
+        self.key = key
+        self.workflow_id = workflow_id
+
+
 class TransitionError(Exception):
     """An operation is not allowed in the current state (e.g. retrying a completed task)."""
 

@@ -12,27 +12,22 @@ constraint remains the last word if a lock ever expires early.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from django.db import connections
 from rest_framework.exceptions import ValidationError
 
 from orchestration.api.exceptions import Conflict, Unprocessable
 from orchestration.api.redis_store import store
+from orchestration.errors import IdempotencyKeyReused
 from orchestration.models import Workflow
-from orchestration.services.workflows import workflow_submit
+from orchestration.services.workflows import workflow_spec_is, workflow_submit
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
 LOCK_SECONDS = 60
-
-
-def canonical(body: dict[str, Any]) -> str:
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def replay(*, owner: Any, key: str, spec: dict[str, Any]) -> Workflow | None:
@@ -41,22 +36,16 @@ def replay(*, owner: Any, key: str, spec: dict[str, Any]) -> Workflow | None:
     existing = Workflow.objects.filter(owner=owner, idempotency_key=key).first()
     if existing is None:
         return None
-    body = json.loads(canonical(spec))
-    if connections[Workflow.objects.db].vendor == "postgresql":
-        # Compared by jsonb's equality: the stored spec went through jsonb, which rewrites
-        # numbers (1e16 comes back as 10000000000000000, -0.0 as 0.0), so comparing texts
-        # would refuse a retry of the very same body.
-        same = Workflow.objects.filter(pk=existing.pk, spec=body).exists()
-    else:
-        # SQLite keeps the text as written (its JSON equality is a text comparison, in
-        # whatever key order the body came in): the canonical texts are compared.
-        same = canonical(existing.spec) == canonical(body)
-    if not same:
-        raise Unprocessable(
-            f"Idempotency-Key {key!r} was already used for a different request body "
-            f"(workflow {existing.workflow_id}); use a new key for a new workflow."
-        )
+    if not workflow_spec_is(existing, spec):
+        raise _reused(key, existing.workflow_id)
     return existing
+
+
+def _reused(key: str, workflow_id: str) -> Unprocessable:
+    return Unprocessable(
+        f"Idempotency-Key {key!r} was already used for a different request body "
+        f"(workflow {workflow_id}); use a new key for a new workflow."
+    )
 
 
 @contextmanager
@@ -109,8 +98,9 @@ def workflow_submit_idempotent(*, owner: Any, body: Any, header_key: str | None)
     with in_flight_guard(owner_id=owner.pk, key=key, on_busy=stored) as finished:
         if finished is not None:
             return finished, False
-        workflow, created = workflow_submit(spec=spec, owner=owner)
-    if not created:
-        # Stored by a request whose lock had expired: still the same key, so the same rules.
-        replay(owner=owner, key=key, spec=spec)
-    return workflow, created
+        try:
+            # Stored meanwhile by a request whose lock had expired: still the same key, so the
+            # same rules (workflow_submit compares the specs).
+            return workflow_submit(spec=spec, owner=owner)
+        except IdempotencyKeyReused as exc:
+            raise _reused(key, exc.workflow_id) from None

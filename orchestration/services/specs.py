@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,9 +154,68 @@ def _cycle(tasks: list[TaskSpec]) -> list[str] | None:
     return [*path[path.index(node) :], node]
 
 
+# What json.dumps turns into a JSON object key (the text of the key); any other key type fails.
+_JSON_KEY_TYPES = (str, int, float, bool, type(None))
+
+
+def _unstorable(value: Any, where: str, problems: list[str]) -> None:
+    """Name each value under `where` that the JSON columns cannot hold: a YAML spec may carry a
+    date (`since: 2026-01-01`), binary data or a set, and a JSON or YAML one NaN or an
+    infinity, none of which JSON (or jsonb) has; PostgreSQL takes no NUL character nor an
+    unpaired surrogate in any text. Found here they are problems of the spec, named by path,
+    not an error of the database after validation (the API's parser refuses the latter two
+    already; the submit_workflow command reads files)."""
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        children: list[tuple[Any, str]] = []
+        if isinstance(item, str):
+            if "\x00" in item:
+                problems.append(f"{path} contains a NUL character (\\u0000)")
+            elif not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    problems.append(f"{path} contains an unpaired UTF-16 surrogate")
+        elif isinstance(item, bool | int) or item is None:
+            continue
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                problems.append(f"{path} is {item!r}: JSON has no NaN or infinity")
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, _JSON_KEY_TYPES):
+                    problems.append(f"{path}: a key must be a string, got {type(key).__name__} {key!r}")
+                    continue
+                if isinstance(key, float) and not math.isfinite(key):
+                    problems.append(f"{path}: a key is {key!r}: JSON has no NaN or infinity")
+                    continue
+                children.extend([(key, f"{path} (a key)"), (child, f"{path}.{key}")])
+        elif isinstance(item, list | tuple):
+            children.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+        elif isinstance(item, dt.date):  # datetime too
+            problems.append(
+                f"{path} is a {type(item).__name__} ({item.isoformat()}), which JSON has not: quote it "
+                f"to pass it as text ('{item.isoformat()}')"
+            )
+        else:
+            problems.append(f"{path} is a {type(item).__name__}, which JSON has not")
+        stack.extend(reversed(children))  # each problem in the order of the document
+
+
 def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
     """Validate a parsed spec against the agents table and the configured limits."""
     problems: list[str] = []
+    for key in ("name", "workflow_type", "description", "tags", "metadata", "state", "idempotency_key"):
+        if key in data:
+            _unstorable(data[key], key, problems)
+    if isinstance(data.get("tasks"), list):
+        for i, raw in enumerate(data["tasks"]):
+            if isinstance(raw, dict):
+                # Names, agents, dependencies and priorities are checked against what exists.
+                for key in ("input", "description", "task_type"):
+                    if key in raw:
+                        _unstorable(raw[key], f"tasks[{i}].{key}", problems)
     for key in sorted(set(data) - WORKFLOW_FIELDS):
         problems.append(f"{key}: unknown field (allowed: {', '.join(sorted(WORKFLOW_FIELDS))})")
 
@@ -221,7 +281,12 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
         problems.append(f"tasks has {len(raw_tasks)} entries; at most {settings.WORKFLOW_MAX_TASKS} are allowed")
         raw_tasks = []
 
-    agent_ids = {t.get("agent") for t in raw_tasks if isinstance(t, dict) and isinstance(t.get("agent"), str)}
+    # A NUL cannot even be sent in a query: such an id is an unknown agent.
+    agent_ids = {
+        t["agent"]
+        for t in raw_tasks
+        if isinstance(t, dict) and isinstance(t.get("agent"), str) and "\x00" not in t["agent"]
+    }
     agents = {a.id: a for a in Agent.objects.filter(id__in=agent_ids)}
     seen_names: set[str] = set()
     for i, raw in enumerate(raw_tasks):

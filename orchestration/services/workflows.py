@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from orchestration.db import atomic_retried
-from orchestration.errors import SpecError, TransitionError
+from orchestration.errors import IdempotencyKeyReused, SpecError, TransitionError
 from orchestration.event_types import EventType
 from orchestration.models import TaskExecution, Workflow
 from orchestration.services import fastpath
@@ -35,10 +36,11 @@ def workflow_submit(
 ) -> tuple[Workflow, bool]:
     """Validate and store a workflow with its tasks and first events, and queue its root
     tasks after commit. Returns (workflow, created); the same idempotency key from the same
-    owner returns the workflow stored first, with created False."""
+    owner with the same spec returns the workflow stored first, with created False, and with
+    another spec raises IdempotencyKeyReused (that spec would not run)."""
     validated = spec if isinstance(spec, WorkflowSpec) else spec_validate(spec)
     if validated.idempotency_key:
-        existing = Workflow.objects.filter(owner=owner, idempotency_key=validated.idempotency_key).first()
+        existing = _idempotent_replay(validated, owner=owner)
         if existing is not None:
             return existing, False
     try:
@@ -47,10 +49,36 @@ def workflow_submit(
     except IntegrityError:
         # A concurrent submission with the same idempotency key won the race.
         if validated.idempotency_key:
-            existing = Workflow.objects.filter(owner=owner, idempotency_key=validated.idempotency_key).first()
+            existing = _idempotent_replay(validated, owner=owner)
             if existing is not None:
                 return existing, False
         raise
+
+
+def _idempotent_replay(spec: WorkflowSpec, *, owner: Any) -> Workflow | None:
+    """The workflow the owner already stored under the spec's idempotency key, if any; raises
+    IdempotencyKeyReused if it was stored for another spec."""
+    existing = Workflow.objects.filter(owner=owner, idempotency_key=spec.idempotency_key).first()
+    if existing is not None and not workflow_spec_is(existing, spec.raw):
+        raise IdempotencyKeyReused(spec.idempotency_key or "", existing.workflow_id)
+    return existing
+
+
+def spec_canonical(spec: Any) -> str:
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def workflow_spec_is(workflow: Workflow, spec: dict[str, Any]) -> bool:
+    """Whether `workflow` was submitted with this spec (as submitted, a JSON document)."""
+    body = json.loads(spec_canonical(spec))
+    if connections[Workflow.objects.db].vendor == "postgresql":
+        # Compared by jsonb's equality: the stored spec went through jsonb, which rewrites
+        # numbers (1e16 comes back as 10000000000000000, -0.0 as 0.0), so comparing texts
+        # would refuse a retry of the very same body.
+        return Workflow.objects.filter(pk=workflow.pk, spec=body).exists()
+    # SQLite keeps the text as written (its JSON equality is a text comparison, in whatever
+    # key order the body came in): the canonical texts are compared.
+    return spec_canonical(workflow.spec) == spec_canonical(body)
 
 
 def _workflow_store(spec: WorkflowSpec, *, owner: Any, initiator: str) -> Workflow:

@@ -4,6 +4,7 @@ a valid spec is stored with its tasks and events in one transaction."""
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 
 import pytest
@@ -154,6 +155,80 @@ def test_same_idempotency_key_from_same_owner_returns_the_first_workflow(db):
     assert (created, created_again, created_theirs) == (True, False, True)
     assert again.pk == first.pk and theirs.pk != first.pk
     assert Workflow.objects.count() == 2
+
+
+def test_the_same_idempotency_key_with_another_spec_is_refused_naming_the_first_workflow(db, tmp_path):
+    """As the API answers 422: a spec changed under a reused key would otherwise not run, and
+    submit_workflow --wait would follow (and exit by) the first workflow instead."""
+    owner = UserFactory()
+    spec = {"name": "once", "idempotency_key": "k-1", "tasks": [{"name": "a", "agent": "echo"}]}
+    first, _ = workflow_submit(spec=spec, owner=owner)
+    changed = {**spec, "tasks": [{"name": "a", "agent": "echo", "input": {"n": 2}}]}
+    with pytest.raises(
+        SpecError, match=f"idempotency_key 'k-1' was already used for a different spec \\(workflow {first.pk}\\)"
+    ):
+        workflow_submit(spec=changed, owner=owner)
+    assert workflow_submit(spec=json.loads(json.dumps(spec)), owner=owner) == (first, False)
+
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    one.write_text("name: first\nidempotency_key: pr-42\ntasks:\n  - {name: a, agent: echo}\n")
+    two.write_text("name: second\nidempotency_key: pr-42\ntasks:\n  - {name: a, agent: fail}\n")
+    out = io.StringIO()
+    call_command("submit_workflow", str(one), stdout=out)
+    stored = out.getvalue().strip()
+    call_command("submit_workflow", str(one), stdout=(again := io.StringIO()))
+    assert again.getvalue().strip() == f"{stored} (existing, same idempotency key)"
+    with pytest.raises(CommandError, match=f"'pr-42' was already used for a different spec \\(workflow {stored}\\)"):
+        call_command("submit_workflow", str(two), stdout=io.StringIO())
+    assert Workflow.objects.filter(owner=None).count() == 1
+    flush_redis()
+
+
+@pytest.mark.parametrize(
+    ("document", "fmt", "problem"),
+    [
+        (
+            "name: x\ntasks:\n  - {name: a, agent: echo, input: {since: 2026-01-01}}\n",
+            "yaml",
+            "tasks[0].input.since is a date (2026-01-01), which JSON has not: quote it",
+        ),
+        (
+            "name: x\nstate: {at: 2026-01-01T10:00:00Z}\ntasks: [{name: a, agent: echo}]\n",
+            "yaml",
+            "state.at is a datetime",
+        ),
+        (
+            "name: x\nmetadata: {raw: !!binary aGk=}\ntasks: [{name: a, agent: echo}]\n",
+            "yaml",
+            "metadata.raw is a bytes",
+        ),
+        ("name: x\ntasks: [{name: a, agent: echo, input: {s: !!set {p, q}}}]\n", "yaml", "tasks[0].input.s is a set"),
+        ("name: x\ntasks: [{name: a, agent: echo, input: {n: .nan}}]\n", "yaml", "tasks[0].input.n is nan"),
+        (
+            '{"name": "x", "tasks": [{"name": "a", "agent": "echo", "input": {"n": [1, Infinity]}}]}',
+            "json",
+            "tasks[0].input.n[1] is inf",
+        ),
+        ('{"name": "x\\u0000", "tasks": [{"name": "a", "agent": "echo"}]}', "json", "name contains a NUL character"),
+        (
+            '{"name": "x", "tasks": [{"name": "a", "agent": "echo", "description": "\\ud800"}]}',
+            "json",
+            "tasks[0].description contains an unpaired",
+        ),
+    ],
+    ids=["date", "datetime", "binary", "set", "nan", "infinity", "nul", "surrogate"],
+)
+def test_values_no_json_column_can_hold_are_named_and_nothing_is_stored(db, tmp_path, document, fmt, problem):
+    """A YAML spec may hold a date, binary data or a set, a JSON or YAML one NaN or an infinity:
+    each is a problem named by its path (before, a TypeError or a DataError of the database
+    escaped validation, and submit_workflow ended in a traceback)."""
+    problems = problems_of(spec_parse(document, fmt=fmt))
+    assert any(p.startswith(problem) for p in problems), problems
+    path = tmp_path / f"spec.{fmt}"
+    path.write_text(document)
+    with pytest.raises(CommandError, match="invalid workflow spec"):
+        call_command("submit_workflow", str(path), stdout=io.StringIO())
+    assert Workflow.objects.count() == 0
 
 
 def test_yaml_and_json_documents_parse_and_bad_ones_are_named():
