@@ -9,7 +9,8 @@ task_cancelled, workflow_failed, workflow_cancelled: a retry or resume reruns th
 carry that row's changing columns as the ending left them, under the payload's `state`
 (orchestration.services.events.TASK_STATE_FIELDS / WORKFLOW_STATE_FIELDS). A workflow that had
 failed already, and was waiting for its running tasks, when someone cancelled it ends with
-workflow_failed (its failure stays its error), the cancel's reason under `cancelled`.
+workflow_failed (its failure stays its error), the cancel's reason under `cancelled`; so does
+one whose deadline passed meanwhile, the deadline's error under `deadline`.
 
 `task_ended_late` records what became of a try whose attempt had been closed without it
 (lost: its message was redelivered, or the reaper closed it; timed out; cancelled) and that

@@ -156,6 +156,7 @@ def _cycle(tasks: list[TaskSpec]) -> list[str] | None:
 
 # What json.dumps turns into a JSON object key (the text of the key); any other key type fails.
 _JSON_KEY_TYPES = (str, int, float, bool, type(None))
+_LEAVE = object()  # _unstorable's marker: the walk has left the container under it
 
 
 def _unstorable(value: Any, where: str, problems: list[str]) -> None:
@@ -164,11 +165,23 @@ def _unstorable(value: Any, where: str, problems: list[str]) -> None:
     infinity, none of which JSON (or jsonb) has; PostgreSQL takes no NUL character nor an
     unpaired surrogate in any text. Found here they are problems of the spec, named by path,
     not an error of the database after validation (the API's parser refuses the latter two
-    already; the submit_workflow command reads files)."""
-    stack: list[tuple[Any, str]] = [(value, where)]
+    already; the submit_workflow command reads files). A YAML alias inside the node it names
+    (`input: &x {self: *x}`) makes a value that contains itself, which no JSON document is: it
+    is named too, and not walked for ever."""
+    stack: list[tuple[Any, Any]] = [(value, where)]  # (value, its path), or (_LEAVE, a container id)
+    enclosing: set[int] = set()  # ids of the containers being walked (the current node's ancestors)
     while stack:
         item, path = stack.pop()
+        if item is _LEAVE:
+            enclosing.discard(path)
+            continue
         children: list[tuple[Any, str]] = []
+        if isinstance(item, dict | list | tuple):
+            if id(item) in enclosing:
+                problems.append(f"{path} contains itself (a YAML alias inside the node it names), which JSON has not")
+                continue
+            enclosing.add(id(item))
+            stack.append((_LEAVE, id(item)))  # popped once every child of it has been walked
         if isinstance(item, str):
             if "\x00" in item:
                 problems.append(f"{path} contains a NUL character (\\u0000)")
@@ -201,6 +214,17 @@ def _unstorable(value: Any, where: str, problems: list[str]) -> None:
         else:
             problems.append(f"{path} is a {type(item).__name__}, which JSON has not")
         stack.extend(reversed(children))  # each problem in the order of the document
+
+
+def _sendable(text: str) -> bool:
+    """Whether PostgreSQL can be sent this text (no NUL character, no unpaired surrogate)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
@@ -281,11 +305,11 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
         problems.append(f"tasks has {len(raw_tasks)} entries; at most {settings.WORKFLOW_MAX_TASKS} are allowed")
         raw_tasks = []
 
-    # A NUL cannot even be sent in a query: such an id is an unknown agent.
+    # A NUL or an unpaired surrogate cannot even be sent in a query: such an id is an unknown agent.
     agent_ids = {
         t["agent"]
         for t in raw_tasks
-        if isinstance(t, dict) and isinstance(t.get("agent"), str) and "\x00" not in t["agent"]
+        if isinstance(t, dict) and isinstance(t.get("agent"), str) and _sendable(t["agent"])
     }
     agents = {a.id: a for a in Agent.objects.filter(id__in=agent_ids)}
     seen_names: set[str] = set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import signal
 
 import pytest
 import redis
@@ -215,8 +216,13 @@ def test_the_same_idempotency_key_with_another_spec_is_refused_naming_the_first_
             "json",
             "tasks[0].description contains an unpaired",
         ),
+        (
+            '{"name": "x", "tasks": [{"name": "a", "agent": "\\ud800"}]}',
+            "json",
+            "tasks[0] (a).agent: unknown agent '\\ud800'",
+        ),
     ],
-    ids=["date", "datetime", "binary", "set", "nan", "infinity", "nul", "surrogate"],
+    ids=["date", "datetime", "binary", "set", "nan", "infinity", "nul", "surrogate", "surrogate-agent"],
 )
 def test_values_no_json_column_can_hold_are_named_and_nothing_is_stored(db, tmp_path, document, fmt, problem):
     """A YAML spec may hold a date, binary data or a set, a JSON or YAML one NaN or an infinity:
@@ -229,6 +235,45 @@ def test_values_no_json_column_can_hold_are_named_and_nothing_is_stored(db, tmp_
     with pytest.raises(CommandError, match="invalid workflow spec"):
         call_command("submit_workflow", str(path), stdout=io.StringIO())
     assert Workflow.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("document", "problem"),
+    [
+        ("name: x\ntasks:\n  - {name: a, agent: echo, input: &x {self: *x}}\n", "tasks[0].input.self contains itself"),
+        (
+            "name: x\nmetadata: {log: &l [1, [*l]]}\ntasks: [{name: a, agent: echo}]\n",
+            "metadata.log[1][0] contains itself",
+        ),
+    ],
+    ids=["mapping", "list"],
+)
+def test_a_yaml_value_that_contains_itself_is_named_not_walked_for_ever(db, tmp_path, document, problem):
+    """A YAML alias inside the node it names makes a value that contains itself: before, the walk
+    for unstorable values never ended (its stack and paths growing without bound) and
+    submit_workflow hung. An alias used twice, not inside itself, is still a plain value."""
+
+    def stuck(signum, frame):
+        raise AssertionError("validation still walking the spec after 10 s")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(10)
+    try:
+        problems = problems_of(spec_parse(document, fmt="yaml"))
+        path = tmp_path / "spec.yaml"
+        path.write_text(document)
+        with pytest.raises(CommandError, match="contains itself"):
+            call_command("submit_workflow", str(path), stdout=io.StringIO())
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert any(p.startswith(problem) for p in problems), problems
+    assert Workflow.objects.count() == 0
+
+    shared = "name: x\ntasks:\n  - {name: a, agent: echo, input: {one: &s {k: [1]}, two: *s}}\n"
+    workflow, _ = workflow_submit(spec=spec_parse(shared, fmt="yaml"))
+    assert TaskExecution.objects.get(workflow=workflow).input_data == {"one": {"k": [1]}, "two": {"k": [1]}}
+    flush_redis()
 
 
 def test_yaml_and_json_documents_parse_and_bad_ones_are_named():
