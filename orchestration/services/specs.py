@@ -157,9 +157,20 @@ def _cycle(tasks: list[TaskSpec]) -> list[str] | None:
 # What json.dumps turns into a JSON object key (the text of the key); any other key type fails.
 _JSON_KEY_TYPES = (str, int, float, bool, type(None))
 _LEAVE = object()  # _unstorable's marker: the walk has left the container under it
+# The values a spec may expand to: YAML aliases repeat what they name, and nine nested lists of
+# ten aliases each ("billion laughs") are a few hundred bytes of YAML and 10**9 values in JSON.
+# An API request's body is at most MAX_REQUEST_BODY_BYTES (2.5 MB by default), fewer values.
+SPEC_MAX_VALUES = 1_000_000
 
 
-def _unstorable(value: Any, where: str, problems: list[str]) -> None:
+@dataclass
+class _Walk:
+    """What the walks of one spec's values share: how many values they may still visit."""
+
+    left: int = SPEC_MAX_VALUES
+
+
+def _unstorable(value: Any, where: str, problems: list[str], walk: _Walk) -> None:
     """Name each value under `where` that the JSON columns cannot hold: a YAML spec may carry a
     date (`since: 2026-01-01`), binary data or a set, and a JSON or YAML one NaN or an
     infinity, none of which JSON (or jsonb) has; PostgreSQL takes no NUL character nor an
@@ -167,7 +178,8 @@ def _unstorable(value: Any, where: str, problems: list[str]) -> None:
     not an error of the database after validation (the API's parser refuses the latter two
     already; the submit_workflow command reads files). A YAML alias inside the node it names
     (`input: &x {self: *x}`) makes a value that contains itself, which no JSON document is: it
-    is named too, and not walked for ever."""
+    is named too, and not walked for ever; nor is a spec whose aliases expand it past
+    SPEC_MAX_VALUES values (the walk stops there: storing it would expand it whole)."""
     stack: list[tuple[Any, Any]] = [(value, where)]  # (value, its path), or (_LEAVE, a container id)
     enclosing: set[int] = set()  # ids of the containers being walked (the current node's ancestors)
     while stack:
@@ -175,6 +187,14 @@ def _unstorable(value: Any, where: str, problems: list[str]) -> None:
         if item is _LEAVE:
             enclosing.discard(path)
             continue
+        walk.left -= 1
+        if walk.left < 0:
+            if walk.left == -1:
+                problems.append(
+                    f"the spec expands to more than {SPEC_MAX_VALUES:,} values (at {path}; YAML aliases repeat "
+                    "what they name)"
+                )
+            return
         children: list[tuple[Any, str]] = []
         if isinstance(item, dict | list | tuple):
             if id(item) in enclosing:
@@ -230,17 +250,18 @@ def _sendable(text: str) -> bool:
 def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
     """Validate a parsed spec against the agents table and the configured limits."""
     problems: list[str] = []
+    walk = _Walk()
     for key in ("name", "workflow_type", "description", "tags", "metadata", "state", "idempotency_key"):
         if key in data:
-            _unstorable(data[key], key, problems)
+            _unstorable(data[key], key, problems, walk)
     if isinstance(data.get("tasks"), list):
         for i, raw in enumerate(data["tasks"]):
             if isinstance(raw, dict):
                 # Names, agents, dependencies and priorities are checked against what exists.
                 for key in ("input", "description", "task_type"):
                     if key in raw:
-                        _unstorable(raw[key], f"tasks[{i}].{key}", problems)
-    for key in sorted(set(data) - WORKFLOW_FIELDS):
+                        _unstorable(raw[key], f"tasks[{i}].{key}", problems, walk)
+    for key in sorted(set(data) - WORKFLOW_FIELDS, key=str):  # (a YAML key may be a number)
         problems.append(f"{key}: unknown field (allowed: {', '.join(sorted(WORKFLOW_FIELDS))})")
 
     name = _str(data.get("name"), "name", problems, required=True)
@@ -318,7 +339,7 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
         if not isinstance(raw, dict):
             problems.append(f"{where} must be a mapping")
             continue
-        for key in sorted(set(raw) - TASK_FIELDS):
+        for key in sorted(set(raw) - TASK_FIELDS, key=str):
             problems.append(f"{where}.{key}: unknown field (allowed: {', '.join(sorted(TASK_FIELDS))})")
         task_name = _str(raw.get("name"), f"{where}.name", problems, required=True)
         if task_name:

@@ -7,6 +7,7 @@ import datetime as dt
 import io
 import json
 import signal
+import time
 
 import pytest
 import redis
@@ -301,3 +302,32 @@ def test_a_workflow_larger_than_the_configured_limit_is_refused(db, settings):
     settings.WORKFLOW_MAX_TASKS = 3
     problems = problems_of({"name": "big", "tasks": [{"name": f"t{i}", "agent": "echo"} for i in range(4)]})
     assert problems == ["tasks has 4 entries; at most 3 are allowed"]
+
+
+def test_a_yaml_spec_whose_aliases_expand_it_past_the_limit_is_refused(db, tmp_path):
+    """Nine nested lists of ten aliases each ("billion laughs") are a few hundred bytes of YAML
+    and 10**9 values: the walk for unstorable values (and storing the spec, which expands it)
+    would run for hours. It stops at SPEC_MAX_VALUES with a problem naming it."""
+    from orchestration.services.specs import SPEC_MAX_VALUES
+
+    lines = ["name: x", "metadata:", "  l0: &l0 [lol]"]
+    for level in range(1, 10):
+        lines.append(f"  l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 10)}]")
+    lines.append("tasks: [{name: a, agent: echo}]")
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    started = time.monotonic()
+    with pytest.raises(CommandError, match=f"the spec expands to more than {SPEC_MAX_VALUES:,} values"):
+        call_command("submit_workflow", str(path), stdout=io.StringIO())
+    assert time.monotonic() - started < 60, "stopped at the limit, not after walking 10**9 values"
+    assert Workflow.objects.count() == 0
+
+
+def test_a_yaml_key_that_is_not_text_is_an_unknown_field_not_a_traceback(db):
+    """A YAML mapping may have numbers as keys: sorting the unknown fields, named and numbered,
+    raised a TypeError."""
+    document = "name: x\n1: one\nextra: two\ntasks: [{name: a, agent: echo, 2: two, other: three}]\n"
+    problems = problems_of(spec_parse(document, fmt="yaml"))
+    assert any(p.startswith("1: unknown field") for p in problems), problems
+    assert any(p.startswith("extra: unknown field") for p in problems), problems
+    assert any(p.startswith("tasks[0].2: unknown field") for p in problems), problems
