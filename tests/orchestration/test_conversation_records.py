@@ -12,7 +12,7 @@ from orchestration.models import Agent, AgentPlaygroundMessage, TaskAttempt, Tas
 from orchestration.services.conversations import conversation_message_post
 from orchestration.services.execution import Outcome, attempt_run
 from tests.fakes.servers import OpenAIServer, Reply
-from tests.orchestration.test_conversations import KEY, _call, _completion, _tool_agent, llm_env, reply_to
+from tests.orchestration.test_conversations import KEY, _calls_tool, _completion, _tool_agent, llm_env, reply_to
 
 
 @pytest.mark.django_db(transaction=True)
@@ -26,15 +26,7 @@ def test_a_tool_call_id_too_long_to_store_fails_the_reply_instead_of_leaving_it_
         engine(env=llm_env(llm))
         agent = _tool_agent(llm, ["calculator"])
         llm.script(
-            Reply(
-                body=_completion(
-                    {
-                        "role": "assistant",
-                        "content": None,
-                        "tool_calls": [_call(long_id, "calculator", {"expression": "2+2"})],
-                    }
-                )
-            ),
+            _calls_tool(long_id, "calculator", {"expression": "2+2"}),
             Reply(body=_completion({"role": "assistant", "content": "four"})),
         )
         asked = conversation_message_post(agent=agent, instance_id="long-id", content="2+2?")

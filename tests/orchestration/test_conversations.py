@@ -365,6 +365,13 @@ def _call(call_id: str, name: str, arguments: dict) -> dict:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
 
 
+def _calls_tool(call_id: str, name: str, arguments: dict) -> Reply:
+    """The model's answer that calls one tool."""
+    return Reply(
+        body=_completion({"role": "assistant", "content": None, "tool_calls": [_call(call_id, name, arguments)]})
+    )
+
+
 def _tool_agent(llm: OpenAIServer, tools: list[str]) -> Agent:
     return Agent.objects.create(
         id="tooly",
@@ -465,15 +472,7 @@ def test_a_tool_call_with_a_nul_in_its_arguments_is_refused_to_the_model_not_a_f
         engine(env=llm_env(llm))
         agent = _tool_agent(llm, ["text_stats"])
         llm.script(
-            Reply(
-                body=_completion(
-                    {
-                        "role": "assistant",
-                        "content": None,
-                        "tool_calls": [_call("c1", "text_stats", {"text": "a\x00b"})],
-                    }
-                )
-            ),
+            _calls_tool("c1", "text_stats", {"text": "a\x00b"}),
         )
         asked = conversation_message_post(agent=agent, instance_id="nul-args", content="stats?")
         task = reply_to(asked)
