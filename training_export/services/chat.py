@@ -478,6 +478,8 @@ def _tool_calls(calls: Any, redactor: Redactor) -> list[dict[str, Any]]:
 
 
 _GOOD_ATTEMPT = {None, TaskAttempt.Status.SUCCEEDED}
+# What `conversation_example` leaves out of a thread, as the manifest names it.
+EMPTY_REPLY = "empty assistant message"
 
 
 PromptLookup = Callable[[str], tuple[str, list[dict[str, Any]]] | None]
@@ -490,6 +492,7 @@ def conversation_example(
     *,
     since: dt.datetime | None = None,
     tools_cache: dict[Any, Any] | None = None,
+    left_out: Counter[str] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """The chat example of one thread's messages (rows in `_COLUMNS` order, oldest first), and
     whether its prompt is the recorded one (False: the agent's current one, a legacy thread).
@@ -498,7 +501,10 @@ def conversation_example(
     of the window they were written in trains them, so consecutive windows' files train each
     turn once. `tools_cache` (one per export) keeps the tools redacted for the next thread under
     the same version or with the same registry tools: a window's threads share a few, and
-    redacting a version's schemas costs more than a thread's messages."""
+    redacting a version's schemas costs more than a thread's messages. An assistant message
+    with neither content nor tool calls (a model that answered "") is left out, and counted in
+    `left_out`: it has nothing to train or to show as context, and the format refuses it (the
+    whole thread would be skipped, in its own window and every later one, its history)."""
     messages: list[dict[str, Any]] = []
     versions: list[str | None] = []  # of each message, for its assistant turns
     called: list[str] = []
@@ -513,6 +519,10 @@ def conversation_example(
             system_prompt = record["agent__system_prompt"] or ""
         role = record["role"]
         content = _content(record["content"] or "", redactor)
+        if role == "assistant" and not content and not record["tool_calls"]:
+            if left_out is not None:
+                left_out[EMPTY_REPLY] += 1
+            continue
         if role == "assistant":
             message: dict[str, Any] = {"role": "assistant"}
             if content or not record["tool_calls"]:
@@ -622,6 +632,8 @@ class ChatExporter:
         self.skipped: Counter[str] = Counter()
         self.legacy_prompt = 0
         """Examples written with the agent's current prompt and tools (no recorded version)."""
+        self.left_out: Counter[str] = Counter()
+        """Messages left out of the examples written, by reason (see `conversation_example`)."""
 
     def count(self, start: dt.datetime, end: dt.datetime) -> int:
         return (
@@ -644,8 +656,9 @@ class ChatExporter:
         prompt_version = _prompt_versions()
         tools_cache: dict[Any, Any] = {}
         for _thread, rows in groupby(_thread_rows(start, end), key=lambda row: row[0]):
+            left_out: Counter[str] = Counter()
             example, recorded = conversation_example(
-                list(rows), redactor, prompt_version, since=start, tools_cache=tools_cache
+                list(rows), redactor, prompt_version, since=start, tools_cache=tools_cache, left_out=left_out
             )
             try:
                 chat_example_validate(example)
@@ -653,4 +666,5 @@ class ChatExporter:
                 self.skipped[str(exc)] += 1
                 continue
             self.legacy_prompt += not recorded
+            self.left_out.update(left_out)
             yield json_line(example)

@@ -505,6 +505,7 @@ def _write(
             watermark=watermark,
             skipped=skipped,
             legacy_prompt=getattr(exporter, "legacy_prompt", None),
+            left_out=dict(getattr(exporter, "left_out", {})),
         )
         # Every file is complete and fsynced before any is renamed into place: a failure (a full
         # disk) leaves no data file without its card and manifest, nor a new one beside old ones.

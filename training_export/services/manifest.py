@@ -25,7 +25,8 @@ _DESCRIPTIONS = {
     "conversations": (
         "AgentLedger agent conversations in OpenAI's chat fine-tuning format: one conversation per line, "
         '`{"messages": [...], "tools": [...]}`; assistant turns of failed or retried attempts carry `weight: 0`, '
-        "as do turns generated under another system prompt or tools than the ones the example carries."
+        "as do turns generated under another system prompt or tools than the ones the example carries. "
+        "Assistant messages with neither content nor tool calls are left out (counted in the manifest)."
     ),
 }
 
@@ -51,9 +52,14 @@ class Manifest:
     legacy_prompt: int | None = None
     """Conversations only: examples written with the agent's current prompt and tools, their
     threads having no recorded prompt version (older than the recording of versions)."""
+    left_out: Mapping[str, int] = field(default_factory=dict)
+    """Conversations only: messages left out of the examples written, by reason (an empty
+    assistant message); absent when none was."""
 
     def as_dict(self) -> dict[str, Any]:
-        optional = {} if self.legacy_prompt is None else {"legacy_prompt": self.legacy_prompt}
+        optional: dict[str, Any] = {} if self.legacy_prompt is None else {"legacy_prompt": self.legacy_prompt}
+        if self.left_out:
+            optional["left_out"] = dict(sorted(self.left_out.items()))
         return {
             "data_type": self.data_type,
             "format": self.format,
