@@ -22,6 +22,7 @@ from orchestration.errors import AgentError, PermanentError, RetryableError
 from orchestration.models import Agent
 from orchestration.runtime import pricing
 from orchestration.runtime.context import AgentResult, TaskContext, Usage
+from orchestration.runtime.tools import json_loads_strict
 from orchestration.runtime.urlpolicy import Target, url_check
 
 if TYPE_CHECKING:
@@ -51,12 +52,9 @@ class Reply:
         return text
 
     def json(self) -> Any:
-        """The body as JSON (NaN and Infinity refused: they are not JSON); ValueError if not."""
-
-        def refuse(constant: str) -> Any:
-            raise ValueError(f"{constant} is not valid JSON")
-
-        return json.loads(self.content.decode("utf-8"), parse_constant=refuse)
+        """The body as JSON (NaN and Infinity refused: they are not JSON, nor is nesting too
+        deep to parse); ValueError if not."""
+        return json_loads_strict(self.content.decode("utf-8"))
 
 
 def retry_after_seconds(headers: httpx.Headers) -> float | None:
@@ -106,7 +104,12 @@ def post_json(
 ) -> Reply:
     """POST `payload` as JSON to a checked target, connecting to its checked addresses in
     turn (the Host header and TLS SNI carry the name). Transport failures and timeouts raise
-    RetryableError; an answer over AGENT_HTTP_MAX_RESPONSE_BYTES raises PermanentError."""
+    RetryableError; an answer over AGENT_HTTP_MAX_RESPONSE_BYTES raises PermanentError.
+
+    `read_timeout` bounds each read and, with the connect timeout, the whole body: httpx's
+    read timeout is per read, so a server sending a byte now and then would otherwise hold
+    the attempt until the task's time limit (checked as each chunk arrives; the status line
+    and headers are bounded per read and by the parser's size limit)."""
     body = json.dumps(payload, allow_nan=False).encode()
     request_headers = {
         "Content-Type": "application/json",
@@ -127,12 +130,13 @@ def post_json(
     last_connect_error: Exception | None = None
     for address in target.addresses:
         url = target.url.copy_with(host=address)
+        deadline = time.monotonic() + connect_timeout + read_timeout
         try:
             with (
                 httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client,
                 client.stream("POST", url, content=body, headers=request_headers, extensions=extensions) as response,
             ):
-                content = _read_body(response, limit=limit, what=what)
+                content = _read_body(response, limit=limit, what=what, deadline=deadline)
                 return Reply(
                     url=str(target.url), status=response.status_code, headers=response.headers, content=content
                 )
@@ -148,12 +152,14 @@ def post_json(
     )
 
 
-def _read_body(response: httpx.Response, *, limit: int, what: str) -> bytes:
+def _read_body(response: httpx.Response, *, limit: int, what: str, deadline: float) -> bytes:
     """The answer's body, decoded, never holding more than `limit` decoded bytes (+1) in
     memory: a compressed body is inflated here chunk by chunk with a bound on each step
     (httpx would inflate each received chunk whole, and nest encodings, before any size
     check). A 2xx answer over the limit is an error; of any other only the first
-    ERROR_BODY_BYTES are kept."""
+    ERROR_BODY_BYTES are kept. Past `deadline` (time.monotonic()) it raises httpx.ReadTimeout."""
+    import httpx
+
     success = 200 <= response.status_code < 300
     cap = limit if success else min(limit, ERROR_BODY_BYTES)
     encoding = response.headers.get("content-encoding", "").strip().lower()
@@ -165,6 +171,8 @@ def _read_body(response: httpx.Response, *, limit: int, what: str) -> bytes:
         raise PermanentError(f"{what}: answered with Content-Encoding {encoding!r}; only gzip or deflate is accepted")
     content = bytearray()
     for raw in response.iter_raw():
+        if time.monotonic() > deadline:
+            raise httpx.ReadTimeout("the answer took longer than its deadline")
         data = raw
         while data:
             if decoder is None:

@@ -45,6 +45,9 @@ OPENAI_COMPATIBLE = {"", "openai", "openai-compatible", "ollama", "vllm", "lmstu
 # \Z, not $: "$" also matches before a trailing newline ("OPENAI_API_KEY\n" would pass).
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 CONVENTIONAL_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*\Z")
+# What a key may hold to be sent as a header value: visible ASCII. Anything else fails in the
+# HTTP client with an error quoting the header, key and all, escaped past the redaction.
+HEADER_SAFE_KEY = re.compile(r"[\x21-\x7e]+\Z")
 
 
 def api_key_env_problem(name: str) -> str | None:
@@ -150,6 +153,11 @@ def _api_key(agent: Agent, *, required: bool) -> str | None:
         named = name if CONVENTIONAL_ENV_NAME.match(name) else "that api_key_env names"
         raise PermanentError(f"agent {agent.id!r}: the API key variable {named} is not set")
     secret_register(key)  # this process's log lines mask it from now on, whatever logs it
+    if not HEADER_SAFE_KEY.match(key):
+        raise PermanentError(
+            f"agent {agent.id!r}: the API key holds a character a header cannot carry (a space, a line "
+            "break, a control or non-ASCII character); check the variable's value"
+        )
     return key
 
 
@@ -271,6 +279,9 @@ def _openai_turn(
         reply, body, ("prompt_tokens", "completion_tokens"), model=model, fallback_model=agent.model, what=what
     )
     if (error := status_error(reply, what=what, redact=[key or ""])) is not None:
+        if reply.status == 429 and _openai_error_code(body) == "insufficient_quota":
+            # OpenAI's "exceeded your current quota": a 429 that billing ends, not waiting.
+            error = PermanentError(str(error))
         raise _with_usage(error, usage)
     choices = body.get("choices") if isinstance(body, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
@@ -289,6 +300,11 @@ def _openai_turn(
         model=model,
         usage=usage,
     )
+
+
+def _openai_error_code(body: Any) -> Any:
+    error = body.get("error") if isinstance(body, dict) else None
+    return (error.get("code") or error.get("type")) if isinstance(error, dict) else None
 
 
 def _is_tool_call(call: Any) -> bool:

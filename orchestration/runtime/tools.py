@@ -260,12 +260,17 @@ def call_id_problem(call_id: str) -> str | None:
 
 
 def json_loads_strict(text: str) -> Any:
-    """JSON as PostgreSQL's jsonb accepts it: NaN and Infinity are refused (ValueError)."""
+    """JSON as PostgreSQL's jsonb accepts it: NaN and Infinity are refused (ValueError), as is
+    nesting deeper than the parser's recursion limit (a RecursionError would be taken for a
+    transient failure and retried)."""
 
     def refuse(constant: str) -> Any:
         raise ValueError(f"{constant} is not valid JSON")
 
-    return json.loads(text, parse_constant=refuse)
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply to parse") from None
 
 
 def jsonb_problem(value: Any, where: str = "") -> str | None:

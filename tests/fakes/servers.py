@@ -9,6 +9,7 @@ requests (failures, delays, Retry-After); once the queue is empty the server ans
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -472,3 +473,59 @@ class InfluxDBServer(FakeServer):
                 key = (point.measurement, frozenset(point.tags.items()), at)
                 self.stored.setdefault(key, {}).update(point.fields)
         return 204, b""
+
+
+class RawServer:
+    """A server that reads one HTTP/1.1 request per connection and hands the socket to
+    `respond`, which writes whatever bytes it likes, when it likes (a trickle, a reset): for
+    what a well-behaved http.server cannot send."""
+
+    def __init__(self, respond: Any) -> None:
+        self.respond = respond
+        self.requests: list[bytes] = []
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
+            while len(body) < length:
+                body += conn.recv(65536)
+            self.requests.append(head + b"\r\n\r\n" + body)
+            with contextlib.suppress(OSError):  # the client gave up
+                self.respond(conn)
+
+    def __enter__(self) -> RawServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closed.set()
+        self._sock.close()
