@@ -14,7 +14,7 @@ from rest_framework.views import APIView
 
 from orchestration.api.errors import spec_field
 from orchestration.api.exceptions import Conflict
-from orchestration.api.filters import AgentFilter
+from orchestration.api.filters import AgentFilter, check_list_parameters
 from orchestration.api.pagination import KeysetPagination
 from orchestration.api.permissions import ActionPermission, HasRole, is_admin
 from orchestration.api.schema import problem_responses
@@ -212,6 +212,7 @@ class ConversationMessagesView(ApiMixin, APIView):
         responses={200: MESSAGE_PAGE, **problem_responses(400, 401, 403, 404, 429)},
     )
     def get(self, request: Request, instance_id: str) -> Response:
+        check_list_parameters(request.query_params)
         messages = self._thread(request, instance_id)
         paginator = KeysetPagination()
         page = paginator.paginate_queryset(messages, request, view=self)

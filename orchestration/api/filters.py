@@ -142,6 +142,15 @@ def unknown_parameters(data: Any, allowed: set[str]) -> dict[str, list[str]]:
     return {name: [f"unknown query parameter (allowed: {listed})"] for name in sorted(set(data) - allowed)}
 
 
+def check_list_parameters(data: Any) -> None:
+    """For a list without filters (a workflow's events, a conversation's messages): a query
+    parameter that is not the page's, the ordering's or the format's is refused, as a
+    StrictFilterSet refuses one no filter reads (`?event_type=` would answer every event)."""
+    unknown = unknown_parameters(data, set(LIST_PARAMETERS))
+    if unknown:
+        raise RequestInvalid(unknown)
+
+
 class StrictFilterSetMetaclass(FilterSetMetaclass):
     def __new__(cls, name: str, bases: tuple[type, ...], attrs: dict[str, Any]) -> type:
         new_class = super().__new__(cls, name, bases, attrs)

@@ -72,6 +72,20 @@ class HasRole(BasePermission):
         return request_role(request) is not None
 
 
+def _action(request: Request, view: Any) -> str | None:
+    """The action a request runs: a viewset's (None for a method it does not map), else the
+    handler's method name. HEAD is GET without the body, so it needs what GET needs: Django
+    gives an APIView a `head` that is its `get`, which no `required_permissions` names. An
+    OPTIONS answer (DRF's metadata) asks the permission of each method it would list with a
+    copy of the request under that method: the action that method maps to."""
+    method = "get" if request.method == "HEAD" else request.method.lower()
+    if not hasattr(view, "action"):
+        return method if hasattr(view, method) else None
+    if view.action == "metadata" and request.method != "OPTIONS":
+        return getattr(view, "action_map", {}).get(method)
+    return view.action
+
+
 class ActionPermission(BasePermission):
     """The seed permission a view names for the current action in `required_permissions`
     ({action: permission}); an action the mapping does not name is refused."""
@@ -81,10 +95,7 @@ class ActionPermission(BasePermission):
         if role is None:
             self.message = HasRole.message
             return False
-        if hasattr(view, "action"):
-            action = view.action
-        else:
-            action = request.method.lower() if hasattr(view, request.method.lower()) else None
+        action = _action(request, view)
         if action is None:
             return True  # no handler for this method: the view answers 405
         if action in ("options", "metadata"):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from drf_spectacular.utils import OpenApiExample, OpenApiResponse
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+from django.http import HttpResponse
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
+from drf_spectacular.views import SpectacularAPIView
+from rest_framework.request import Request
 
 from orchestration.api.errors import PROBLEM_CONTENT_TYPE, TITLES, problem
 from orchestration.api.serializers import ProblemSerializer
@@ -77,3 +82,43 @@ def document_negotiation_problems(result: dict[str, Any], generator: Any, reques
             for code in codes:
                 responses.setdefault(str(code), _problem_response(code, path))
     return result
+
+
+class CachedSchemaView(SpectacularAPIView):
+    """`/api/v1/schema/`, served to anyone (like the docs page that reads it), so it must cost
+    next to nothing: drf-spectacular generates the schema on every request (a quarter to a
+    third of a second of CPU, plus a fifth for YAML) and an anonymous caller has no rate
+    limit. The schema is the same for every caller (SERVE_PUBLIC) and changes only with the
+    code, so each format is rendered once per process. `?lang=` and `?version=` are not
+    honoured: the API has no translations and its version is in the path, and a cache keyed
+    on them would be as easy to miss as none."""
+
+    _rendered: ClassVar[dict[type, tuple[bytes, str, str]]] = {}
+
+    @extend_schema(exclude=True)  # as SpectacularAPIView's own (SERVE_INCLUDE_SCHEMA is off)
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> HttpResponse:
+        # By renderer, rendered with its plain media type: parameters of the Accept header
+        # (`; indent=8`, any other) would make as many cache entries as a client cares to ask for.
+        renderer = request.accepted_renderer
+        cached = self._rendered.get(type(renderer))
+        if cached is None:
+            response = self._get_schema_response(request)
+            response.accepted_renderer = renderer
+            response.accepted_media_type = renderer.media_type
+            response.renderer_context = self.get_renderer_context()
+            response.render()
+            cached = (response.content, response["Content-Type"], response["Content-Disposition"])
+            self._rendered[type(renderer)] = cached
+        content, content_type, disposition = cached
+        answer = HttpResponse(content, content_type=content_type)
+        answer["Content-Disposition"] = disposition
+        return answer
+
+    def _get_version_parameter(self, request: Request) -> None:
+        return None
+
+
+@receiver(setting_changed)
+def _forget_rendered_schema(**kwargs: Any) -> None:
+    """Settings shape the schema (page sizes, body limit): a test that changes one gets a new one."""
+    CachedSchemaView._rendered.clear()

@@ -22,7 +22,7 @@ from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from orchestration.api import idempotency
-from orchestration.api.filters import EventFilter, TaskFilter, WorkflowFilter
+from orchestration.api.filters import EventFilter, TaskFilter, WorkflowFilter, check_list_parameters
 from orchestration.api.parsers import unstorable_text
 from orchestration.api.permissions import ActionPermission, HasRole, effective_permissions, is_admin, request_role
 from orchestration.api.renderers import FastJSONRenderer
@@ -293,6 +293,7 @@ class WorkflowViewSet(
     )
     @action(detail=True, methods=["get"], orderings=EVENT_ORDERINGS, default_ordering="sequence", filterset_class=None)
     def events(self, request: Request, workflow_id: str) -> Response:
+        check_list_parameters(request.query_params)
         workflow = self.get_object()
         return self.paginated_rows(Event.objects.filter(workflow_id=workflow.pk), EventSerializer)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from django.http import FileResponse
+from django.http import FileResponse, HttpResponseBase
 from django.urls import reverse
+from django.utils.cache import get_conditional_response
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiExample,
@@ -180,7 +181,8 @@ class ExportRunViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixi
         summary="Download the data file of a succeeded export run (admins)",
         description=(
             "The JSONL file as an attachment, checked against the sha256 its run recorded before it is sent; "
-            "`ETag` is that sha256 and `Repr-Digest` (RFC 9530) carries it for the client to verify. 409 while "
+            "`ETag` is that sha256 (`If-None-Match` with it: 304 while the file is intact) and `Repr-Digest` "
+            "(RFC 9530) carries it for the client to verify. 409 while "
             "the run has not succeeded (or was superseded by a later run of the window); 410 when the file is "
             "gone or no longer matches its sha256 (export the window again with `force`)."
         ),
@@ -188,6 +190,7 @@ class ExportRunViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixi
         parameters=[OpenApiParameter("format", exclude=True)],
         responses={
             (200, JSONL_CONTENT_TYPE): OpenApiResponse(OpenApiTypes.BINARY, description="the JSONL data file"),
+            304: OpenApiResponse(description="the file is the one `If-None-Match` names, and intact"),
             **problem_responses(401, 403, 404, 409, 410, 429),
         },
     )
@@ -197,14 +200,22 @@ class ExportRunViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixi
         filterset_class=None,
         renderer_classes=[JSONRenderer, JsonLinesRenderer],
     )
-    def download(self, request: Request, pk: str) -> FileResponse:
+    def download(self, request: Request, pk: str) -> HttpResponseBase:
         try:
             download = export_file_open(run=self.get_object())
         except ExportFileGone as exc:
             raise Gone(str(exc)) from None
+        etag = f'"{download.sha256.hex()}"'
+        # If-None-Match (304) and If-Match (412), answered once the file on disk is checked: a
+        # changed file is a 410 above, not a 304 that would vouch for a stale copy.
+        conditional = get_conditional_response(request, etag=etag)
+        if conditional is not None:
+            download.file.close()
+            conditional["ETag"] = etag
+            return conditional
         response = FileResponse(
             download.file, as_attachment=True, filename=download.filename, content_type=JSONL_CONTENT_TYPE
         )
-        response["ETag"] = f'"{download.sha256.hex()}"'
+        response["ETag"] = etag
         response["Repr-Digest"] = f"sha-256=:{base64.b64encode(download.sha256).decode()}:"
         return response

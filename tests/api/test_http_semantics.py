@@ -1,0 +1,149 @@
+"""What an HTTP client relies on beyond each endpoint's own answer: HEAD answers as GET does,
+OPTIONS lists only the methods the caller may use, a list refuses a parameter it does not
+read, the public schema costs one generation per format, and a download's ETag answers a
+conditional GET."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+from drf_spectacular.generators import SchemaGenerator
+
+from orchestration.models import Agent
+from orchestration.services.conversations import conversation_message_post
+from tests.api.conftest import make_caller
+from tests.factories import ExportRunFactory
+from training_export.models import ExportRun
+
+
+@pytest.fixture
+def thread(callers) -> str:
+    echo = Agent.objects.get(pk="echo")
+    conversation_message_post(agent=echo, instance_id="dev-thread", content="hello", owner=callers["developer"].user)
+    return "dev-thread"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/api/v1/me/", "/api/v1/me/spend/", "/api/v1/conversations/{thread}/messages/", "/api/v1/workflows/"],
+)
+def test_head_needs_what_get_needs(callers, thread, path):
+    client = callers["developer"].client
+    path = path.format(thread=thread)
+    get = client.get(path)
+    head = client.head(path)
+    assert get.status_code == 200, get.content
+    assert head.status_code == 200, head.content
+    assert head.content == b""
+    assert head["Content-Type"] == get["Content-Type"]
+
+
+def test_head_is_refused_where_get_is(callers, thread):
+    reader = make_caller("reader", "developer", permissions=["workflow:read"])
+    assert reader.client.get(f"/api/v1/conversations/{thread}/messages/").status_code == 403
+    assert reader.client.head(f"/api/v1/conversations/{thread}/messages/").status_code == 403
+    assert callers["viewer"].client.head("/api/v1/exports/").status_code == 403
+
+
+@pytest.mark.parametrize(
+    "role, path, method, listed",
+    [
+        ("viewer", "/api/v1/workflows/", "POST", False),
+        ("developer", "/api/v1/workflows/", "POST", True),
+        ("developer", "/api/v1/agents/", "POST", False),
+        ("developer", "/api/v1/agents/echo/", "PUT", False),
+        ("admin", "/api/v1/agents/", "POST", True),
+        ("admin", "/api/v1/agents/echo/", "PUT", True),
+    ],
+)
+def test_options_lists_only_the_writes_the_caller_may_make(callers, role, path, method, listed):
+    response = callers[role].client.options(path)
+    assert response.status_code == 200, response.content
+    assert (method in response.json().get("actions", {})) is listed
+
+
+@pytest.mark.parametrize(
+    "path, parameter",
+    [
+        ("/api/v1/workflows/{workflow}/events/?event_type=task_failed", "event_type"),
+        ("/api/v1/workflows/{workflow}/events/?after=100", "after"),
+        ("/api/v1/conversations/{thread}/messages/?role=assistant", "role"),
+    ],
+)
+def test_a_list_without_filters_refuses_a_parameter_it_does_not_read(callers, submit, thread, path, parameter):
+    workflow = submit(callers["developer"]).json()["workflow_id"]
+    client = callers["developer"].client
+    response = client.get(path.format(workflow=workflow, thread=thread))
+    assert response.status_code == 400, response.content
+    assert response["Content-Type"] == "application/problem+json"
+    (error,) = response.json()["errors"]
+    assert error["field"] == parameter
+    assert error["detail"] == "unknown query parameter (allowed: cursor, format, limit, ordering)"
+    page = client.get(path.format(workflow=workflow, thread=thread).split("?")[0] + "?limit=1")
+    assert page.status_code == 200, page.content
+
+
+def test_the_public_schema_is_generated_once_per_format(db, monkeypatch):
+    generated = []
+    real = SchemaGenerator.get_schema
+
+    def counting(self, *args, **kwargs):
+        generated.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SchemaGenerator, "get_schema", counting)
+    anonymous = Client()
+    first = anonymous.get("/api/v1/schema/?format=json")
+    assert first.status_code == 200 and first.json()["openapi"].startswith("3.")
+    for query in ("?format=json", "?format=json&lang=de", "?format=json&version=x9", "?format=json&lang=zz-1"):
+        again = anonymous.get(f"/api/v1/schema/{query}")
+        assert again.status_code == 200 and again.content == first.content
+    assert anonymous.get("/api/v1/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json; indent=9").content == (
+        first.content
+    )
+    assert len(generated) == 1
+    yaml = anonymous.get("/api/v1/schema/")
+    assert yaml.status_code == 200 and yaml["Content-Type"].startswith("application/vnd.oai.openapi")
+    assert anonymous.get("/api/v1/schema/").content == yaml.content
+    assert len(generated) == 2
+    assert first.json() == SchemaGenerator().get_schema(request=None, public=True)
+
+
+@pytest.fixture
+def succeeded_run(settings, tmp_path):
+    settings.TRAINING_EXPORT_DIR = tmp_path
+    data = tmp_path / "events-train.jsonl"
+    data.write_bytes(b'{"event_id": "e1"}\n' * 100)
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    run = ExportRunFactory(
+        status=ExportRun.Status.SUCCEEDED,
+        path=str(data),
+        checksum=digest,
+        rows=100,
+        bytes=data.stat().st_size,
+        finished_at=timezone.now(),
+    )
+    return run, data
+
+
+def test_a_download_answers_if_none_match_with_304_while_the_file_is_intact(callers, succeeded_run):
+    run, data = succeeded_run
+    admin = callers["admin"].client
+    url = f"/api/v1/exports/{run.pk}/download/"
+    full = admin.get(url)
+    assert full.status_code == 200 and b"".join(full.streaming_content) == data.read_bytes()
+    etag = full["ETag"]
+    assert etag == f'"{run.checksum}"'
+
+    cached = admin.get(url, HTTP_IF_NONE_MATCH=etag)
+    assert cached.status_code == 304, cached.status_code
+    assert cached["ETag"] == etag and cached.content == b""
+    other = admin.get(url, HTTP_IF_NONE_MATCH='"0000"')
+    assert other.status_code == 200 and b"".join(other.streaming_content) == data.read_bytes()
+
+    data.write_bytes(data.read_bytes().replace(b"e1", b"e2"))
+    changed = admin.get(url, HTTP_IF_NONE_MATCH=etag)
+    assert changed.status_code == 410, changed.content  # never a 304 for a file that changed
