@@ -130,12 +130,14 @@ def post_json(
     last_connect_error: Exception | None = None
     for address in target.addresses:
         url = target.url.copy_with(host=address)
-        deadline = time.monotonic() + connect_timeout + read_timeout
         try:
             with (
                 httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client,
                 client.stream("POST", url, content=body, headers=request_headers, extensions=extensions) as response,
             ):
+                # From the headers' arrival: the wait for them is bounded per read, and a server
+                # answering late (a model's whole generation first) keeps its time for the body.
+                deadline = time.monotonic() + connect_timeout + read_timeout
                 content = _read_body(response, limit=limit, what=what, deadline=deadline)
                 return Reply(
                     url=str(target.url), status=response.status_code, headers=response.headers, content=content
