@@ -12,6 +12,7 @@ from django.test import Client
 from django.utils import timezone
 from drf_spectacular.generators import SchemaGenerator
 
+from orchestration.api.schema import CachedSchemaView
 from orchestration.models import Agent
 from orchestration.services.conversations import conversation_message_post
 from tests.api.conftest import make_caller
@@ -95,6 +96,8 @@ def test_the_public_schema_is_generated_once_per_format(db, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(SchemaGenerator, "get_schema", counting)
+    # (a fresh cache: another test of this process may have rendered the schema already)
+    monkeypatch.setattr(CachedSchemaView, "_rendered", {})
     anonymous = Client()
     first = anonymous.get("/api/v1/schema/?format=json")
     assert first.status_code == 200 and first.json()["openapi"].startswith("3.")
