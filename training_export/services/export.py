@@ -583,6 +583,37 @@ def export_previous_day(
     exported the next night instead of never. A window still open raises WindowNotClosed; on
     the `final_try` each export it stops is first recorded failed, with the reason, so that the
     admin, the API and the metrics show the missing day."""
+    with _daily_export_alone() as alone:
+        if not alone:
+            # Two beats send the entry twice, or a retry of last night's export still runs: the
+            # other one exports these windows; a day it leaves out is caught up the next night.
+            logger.warning("another daily export is running: this one is skipped")
+            return []
+        return _export_days(now=now, time_limit_seconds=time_limit_seconds, final_try=final_try)
+
+
+# The session-level advisory lock that lets one daily export run at a time.
+DAILY_EXPORT_LOCK = "training_export.export_previous_day"
+
+
+@contextmanager
+def _daily_export_alone() -> Iterator[bool]:
+    """Whether this is the only daily export running (PostgreSQL; SQLite runs one process)."""
+    if connection.vendor != "postgresql":
+        yield True
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", [DAILY_EXPORT_LOCK])
+        alone = bool(cursor.fetchone()[0])
+    try:
+        yield alone
+    finally:
+        if alone:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [DAILY_EXPORT_LOCK])
+
+
+def _export_days(*, now: dt.datetime | None, time_limit_seconds: int | None, final_try: bool) -> list[ExportRun]:
     yesterday = (now or timezone.now()).astimezone(dt.UTC).date() - dt.timedelta(days=1)
     pending = [(day, data_type) for data_type in DATA_TYPES for day in _days_missed(data_type, yesterday)]
     pending += [(yesterday, data_type) for data_type in DATA_TYPES]
