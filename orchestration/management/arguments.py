@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import redis
+from django.conf import settings
 from django.core.management.base import CommandError
 
 
@@ -36,7 +37,10 @@ def seconds(*, zero: bool = False, maximum: float | None = None) -> Callable[[st
 
 @contextmanager
 def synapse_reachable() -> Iterator[None]:
-    """Redis errors of the Synapse stream's client as a CommandError naming them."""
+    """Redis errors of the Synapse stream's client as a CommandError naming them; without
+    REDIS_URL (the embedded SQLite mode) there is no stream to reach."""
+    if not settings.REDIS_URL:
+        raise CommandError("the Synapse stream needs Redis: set REDIS_URL")
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:

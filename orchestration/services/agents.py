@@ -79,6 +79,8 @@ def definition_load(path: Path, *, root: Path | None = None) -> dict[str, Any]:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
         raise SpecError([f"{path}: cannot be read as {path.suffix[1:].upper()}: {exc}"]) from None
+    except RecursionError:  # the parsers recurse once per level of nesting
+        raise SpecError([f"{path}: nested too deeply to read as {path.suffix[1:].upper()}"]) from None
     if not isinstance(data, dict):
         raise SpecError([f"{path}: must contain a mapping"])
     data.setdefault("id", path.stem)
@@ -215,7 +217,7 @@ def agents_sync(*, directory: Path | None = None) -> SyncResult:
     # root wherever the project is checked out.
     root = "" if directory.resolve() == default_definitions_dir().resolve() else str(directory.resolve())
     if not directory.is_dir():
-        raise SpecError([f"{directory}: no such directory"])
+        raise SpecError([f"{directory}: {'not a directory' if directory.exists() else 'no such directory'}"])
     files = sorted(p for p in directory.rglob("*") if p.suffix in (".json", ".yaml", ".yml"))
     definitions: dict[str, tuple[Path, dict[str, Any]]] = {}
     problems: list[str] = []

@@ -84,6 +84,8 @@ def spec_parse(text: str, *, fmt: str) -> dict[str, Any]:
         data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise SpecError([f"spec is not valid {fmt.upper()}: {exc}"]) from None
+    except RecursionError:  # the parsers recurse once per level of nesting
+        raise SpecError([f"spec is nested too deeply to read as {fmt.upper()}"]) from None
     if not isinstance(data, dict):
         raise SpecError(["spec must be a mapping with at least 'name' and 'tasks'"])
     return data

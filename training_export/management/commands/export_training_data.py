@@ -71,4 +71,8 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         if last < first:
             raise CommandError(f"--end {last} is before --start {first}")
+        if last >= dt.date.max:
+            raise CommandError(
+                f"--end {last}: the last day that can be exported is {dt.date.max - dt.timedelta(days=1)}"
+            )
         return first, last

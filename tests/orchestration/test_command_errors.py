@@ -1,0 +1,94 @@
+"""Operator mistakes and missing services give a one-line CommandError and exit 1, never a
+traceback: the management commands as an operator runs them."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from tests.engine import ROOT, sqlite_manage
+
+DEPTH = 100_000
+
+
+def _embedded_manage(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`manage.py *args` on the embedded default (SQLite, no Redis), whatever its exit code."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE"}
+    }
+    env |= {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
+        "DJANGO_SETTINGS_MODULE": "config.settings.local",
+        "VAR_DIR": str(tmp_path / "var"),
+        "TRAINING_DATA_DIR": str(tmp_path / "training"),
+    }
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("args", [["relay_events"], ["synapse_groups"], ["synapse_groups", "--alive", "host-"]])
+def test_stream_commands_without_redis_say_so_in_one_line(tmp_path: Path, args: list[str]) -> None:
+    sqlite_manage(tmp_path, "migrate", "--no-input")
+    result = _embedded_manage(tmp_path, *args)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == "CommandError: the Synapse stream needs Redis: set REDIS_URL"
+
+
+def test_a_workflow_spec_nested_too_deeply_is_refused_by_name(tmp_path: Path) -> None:
+    spec = tmp_path / "deep.json"
+    spec.write_text("[" * DEPTH + "]" * DEPTH)
+    with pytest.raises(CommandError, match="spec is nested too deeply to read as JSON"):
+        call_command("submit_workflow", str(spec))
+    spec = tmp_path / "deep.yaml"
+    spec.write_text("name: " + "[" * DEPTH + "]" * DEPTH)
+    with pytest.raises(CommandError, match="spec is nested too deeply to read as YAML"):
+        call_command("submit_workflow", str(spec))
+
+
+@pytest.mark.django_db
+def test_an_agent_definition_nested_too_deeply_is_refused_by_file(tmp_path: Path) -> None:
+    definition = tmp_path / "deep.yaml"
+    definition.write_text("executor: python\nconfig: " + "[" * DEPTH + "]" * DEPTH)
+    with pytest.raises(CommandError, match=f"{definition}: nested too deeply to read as YAML"):
+        call_command("load_agents", str(tmp_path))
+
+
+@pytest.mark.django_db
+def test_reap_stale_tasks_with_the_broker_down_reports_the_pass_and_names_the_broker(settings) -> None:
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/5"
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="cannot reach the Celery broker to re-send lost messages"):
+        call_command("reap_stale_tasks", stdout=out)
+    assert out.getvalue().strip() == (
+        "timed out: 0  lost: 0  workflows failed (deadline): 0  queue timeouts: 0  re-sent: -"
+    )
+
+
+@pytest.mark.django_db
+def test_load_agents_given_a_file_says_it_is_not_a_directory(tmp_path: Path) -> None:
+    definition = tmp_path / "echo.yaml"
+    definition.write_text("executor: python\n")
+    with pytest.raises(CommandError, match=f"{definition}: not a directory"):
+        call_command("load_agents", str(definition))
+
+
+def test_export_training_data_names_the_option_for_the_last_day_there_is() -> None:
+    with pytest.raises(CommandError, match=r"^--end 9999-12-31: the last day that can be exported is 9999-12-30$"):
+        call_command("export_training_data", "--type", "events", "--start", "2026-01-01", "--end", "9999-12-31")
