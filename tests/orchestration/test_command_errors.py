@@ -4,48 +4,21 @@ traceback: the management commands as an operator runs them."""
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
 
-from tests.engine import ROOT, sqlite_manage
+from tests.engine import sqlite_manage
 
 DEPTH = 100_000
-
-
-def _embedded_manage(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`manage.py *args` on the embedded default (SQLite, no Redis), whatever its exit code."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE"}
-    }
-    env |= {
-        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
-        "DJANGO_SETTINGS_MODULE": "config.settings.local",
-        "VAR_DIR": str(tmp_path / "var"),
-        "TRAINING_DATA_DIR": str(tmp_path / "training"),
-    }
-    return subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 @pytest.mark.subprocess
 @pytest.mark.parametrize("args", [["relay_events"], ["synapse_groups"], ["synapse_groups", "--alive", "host-"]])
 def test_stream_commands_without_redis_say_so_in_one_line(tmp_path: Path, args: list[str]) -> None:
     sqlite_manage(tmp_path, "migrate", "--no-input")
-    result = _embedded_manage(tmp_path, *args)
+    result = sqlite_manage(tmp_path, *args, check=False)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == "CommandError: the Synapse stream needs Redis: set REDIS_URL"

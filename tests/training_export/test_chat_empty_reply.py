@@ -7,17 +7,10 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from tests.factories import AgentFactory, MessageFactory
+from tests.factories import AgentFactory
+from tests.training_export.test_chat import DAY, T0, thread
 from training_export.services.chat import chat_example_validate
 from training_export.services.export import export_run
-
-DAY = dt.date(2024, 3, 5)
-T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
-
-
-def thread(instance_id: str, agent, messages: list[dict], *, at: dt.datetime = T0) -> None:
-    for i, fields in enumerate(messages):
-        MessageFactory(instance_id=instance_id, agent=agent, created_at=at + dt.timedelta(seconds=i), **fields)
 
 
 def examples(run) -> list[dict]:
