@@ -87,12 +87,15 @@ def _send_or_leave_to_the_sweeper(dispatches: list[Dispatch]) -> None:
     not failed for it, and a client does not submit again what it was told had failed."""
     try:
         dispatch_send(dispatches)
-    except BROKER_DOWN:
+    except BROKER_DOWN as exc:
+        # One line: the cause is the broker, named; where in kombu it gave up tells an operator
+        # nothing (and `submit_workflow` printed it above the id it then printed, exit 0).
         logger.error(
-            "broker unreachable: %d task message(s) not sent, the dispatch sweeper sends them: %s",
+            "broker unreachable (%s: %s): %d task message(s) not sent, the dispatch sweeper sends them: %s",
+            type(exc).__name__,
+            exc,
             len(dispatches),
-            [d.execution_id for d in dispatches],
-            exc_info=True,
+            ", ".join(str(d.execution_id) for d in dispatches),
         )
 
 
