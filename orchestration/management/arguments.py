@@ -9,7 +9,10 @@ from contextlib import contextmanager
 
 import redis
 from django.conf import settings
-from django.core.management.base import CommandError
+from django.core.management.base import BaseCommand, CommandError
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, ProgrammingError, connections
+
+from observability.logs import redact_public
 
 
 def seconds(*, zero: bool = False, maximum: float | None = None) -> Callable[[str], float]:
@@ -45,3 +48,60 @@ def synapse_reachable() -> Iterator[None]:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise CommandError(f"cannot reach the Synapse stream: {type(exc).__name__}: {exc}") from None
+
+
+# What PostgreSQL and SQLite say when a statement names a table or column the schema lacks.
+_UNDEFINED_SQLSTATES = ("42P01", "42703")  # undefined_table, undefined_column
+_UNDEFINED_SQLITE = ("no such table", "no such column")
+
+
+class DatabaseCommand(BaseCommand):
+    """A command that uses the database: one it cannot reach, or whose schema lacks the
+    migrations this code needs, is a one-line error naming which database and what to do
+    (`CommandError`: exit status 1, no traceback unless `--traceback`), not a traceback from
+    deep inside the ORM. Any other database error is raised as it was."""
+
+    def execute(self, *args: object, **options: object) -> str | None:
+        try:
+            return super().execute(*args, **options)
+        except (OperationalError, ProgrammingError) as exc:
+            problem = database_problem(exc)
+            if problem is None:
+                raise
+            raise CommandError(problem) from exc
+
+
+def database_problem(exc: DatabaseError, alias: str = DEFAULT_DB_ALIAS) -> str | None:
+    """What an operator needs to read for `exc`: the database unreachable, or not migrated;
+    None for any other error."""
+    connection = connections[alias]
+    where = _database_named(connection.settings_dict)
+    text = redact_public(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    if connection.connection is None:
+        return f"cannot connect to the database {where}: {text}"
+    sqlstate = getattr(exc.__cause__, "sqlstate", None)
+    if sqlstate not in _UNDEFINED_SQLSTATES and not str(exc).startswith(_UNDEFINED_SQLITE):
+        return None
+    try:
+        from django.db.migrations.executor import MigrationExecutor
+
+        executor = MigrationExecutor(connection)
+        plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    except DatabaseError:
+        return None
+    if not plan:
+        return None
+    first = plan[0][0]
+    return (
+        f"the database {where} is not migrated ({text}): {len(plan)} migration(s) not applied, "
+        f"the first {first.app_label}.{first.name}; run `manage.py migrate`"
+    )
+
+
+def _database_named(settings_dict: dict) -> str:
+    name = settings_dict.get("NAME") or "?"
+    if settings_dict.get("ENGINE", "").endswith("sqlite3"):
+        return f"{name} (SQLite)"
+    host = settings_dict.get("HOST") or "the local socket"
+    port = settings_dict.get("PORT")
+    return f"{name} on {host}:{port}" if port else f"{name} on {host}"

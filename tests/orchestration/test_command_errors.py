@@ -4,12 +4,15 @@ traceback: the management commands as an operator runs them."""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
 
-from tests.engine import sqlite_manage
+from tests.engine import ROOT, sqlite_manage
 
 DEPTH = 100_000
 
@@ -65,3 +68,54 @@ def test_load_agents_given_a_file_says_it_is_not_a_directory(tmp_path: Path) -> 
 def test_export_training_data_names_the_option_for_the_last_day_there_is() -> None:
     with pytest.raises(CommandError, match=r"^--end 9999-12-31: the last day that can be exported is 9999-12-30$"):
         call_command("export_training_data", "--type", "events", "--start", "2026-01-01", "--end", "9999-12-31")
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["submit_workflow", "examples/demo.yaml"],
+        ["workflow_status", "01a24b83-24ba-7091-b2a0-c871789ac701"],
+        ["load_agents"],
+        ["export_training_data", "--type", "events", "--start", "2026-01-01", "--end", "2026-01-01"],
+    ],
+)
+def test_a_command_on_a_database_not_migrated_says_to_migrate(tmp_path: Path, args: list[str]) -> None:
+    result = sqlite_manage(tmp_path, *args, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.rstrip().splitlines()[-1]  # (the export's progress bars come before it)
+    database = f"{tmp_path}/db.sqlite3 (SQLite)"
+    assert last.startswith(f"CommandError: the database {database} is not migrated (no such table: ")
+    assert last.endswith("migration(s) not applied, the first contenttypes.0001_initial; run `manage.py migrate`")
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("args", [["reap_stale_tasks"], ["workflow_status", "01a24b83-24ba-7091-b2a0-c871789ac701"]])
+def test_a_command_with_postgresql_unreachable_names_the_database(tmp_path: Path, args: list[str]) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "DJANGO_SETTINGS_MODULE"}
+    env |= {
+        "DATABASE_URL": "postgres://agentledger@127.0.0.1:1/agentledger_nowhere",
+        "DJANGO_SETTINGS_MODULE": "config.settings.local",
+        "VAR_DIR": str(tmp_path / "var"),
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("CommandError: cannot connect to the database agentledger_nowhere on 127.0.0.1:1: ")
+
+
+@pytest.mark.django_db
+def test_other_database_errors_of_a_command_are_raised_as_they_were() -> None:
+    from django.db import ProgrammingError, connection, transaction
+
+    from orchestration.management.arguments import database_problem
+
+    with pytest.raises(ProgrammingError) as caught, transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELEC 1")
+    assert database_problem(caught.value) is None
+    with pytest.raises(ProgrammingError) as caught, transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELECT * FROM agentledger_no_such_table")
+    assert database_problem(caught.value) is None  # a missing table, but nothing left to migrate

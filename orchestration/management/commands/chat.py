@@ -4,10 +4,10 @@ import uuid
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from orchestration.errors import ConversationError
-from orchestration.management.arguments import seconds
+from orchestration.management.arguments import DatabaseCommand, seconds
 from orchestration.models import Agent, AgentPlaygroundMessage, TaskExecution
 from orchestration.selectors import conversation_thread
 from orchestration.services.conversations import INSTANCE_ID_RULE, conversation_message_post, instance_id_check
@@ -15,7 +15,7 @@ from orchestration.services.conversations import INSTANCE_ID_RULE, conversation_
 Role = AgentPlaygroundMessage.Role
 
 
-class Command(BaseCommand):
+class Command(DatabaseCommand):
     help = (
         "Chat with an agent in the terminal. Each line you type is posted to the conversation "
         "(the agent answers on a Celery worker, like every task); an empty line or EOF ends."

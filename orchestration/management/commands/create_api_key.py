@@ -5,15 +5,16 @@ import getpass
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from orchestration.errors import SpecError
+from orchestration.management.arguments import DatabaseCommand
 from orchestration.services.access import KNOWN_PERMISSIONS, api_key_create
 
 
-class Command(BaseCommand):
+class Command(DatabaseCommand):
     help = "Create an API key for USER and print it. The key is shown this once; only its hash is stored."
 
     def add_arguments(self, parser: CommandParser) -> None:

@@ -1,12 +1,13 @@
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from orchestration.errors import SpecError
+from orchestration.management.arguments import DatabaseCommand
 from orchestration.services.agents import agents_sync, default_definitions_dir
 
 
-class Command(BaseCommand):
+class Command(DatabaseCommand):
     help = "Sync agent definitions (JSON/YAML files) into the agents table and print what changed."
 
     def add_arguments(self, parser):

@@ -1,9 +1,8 @@
-from django.core.management.base import BaseCommand
-
+from orchestration.management.arguments import DatabaseCommand
 from orchestration.services.sample_data import sample_data_load
 
 
-class Command(BaseCommand):
+class Command(DatabaseCommand):
     help = "Load sample agents, an admin user and one recorded workflow for a first look at the console."
 
     def handle(self, *args: object, **options: object) -> None:

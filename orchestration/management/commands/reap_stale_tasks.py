@@ -1,12 +1,13 @@
 import redis
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from kombu.exceptions import OperationalError
 
 from observability.logs import redact_public
+from orchestration.management.arguments import DatabaseCommand
 from orchestration.services.reaper import attempts_reap, queued_sweep
 
 
-class Command(BaseCommand):
+class Command(DatabaseCommand):
     help = (
         "Close abandoned attempts, fail workflows past their deadline, time out tasks no worker took "
         "from the queue and re-send lost task messages, once."

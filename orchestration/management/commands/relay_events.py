@@ -1,15 +1,13 @@
 import signal
 import threading
 
-from django.core.management.base import BaseCommand
-
-from orchestration.management.arguments import seconds, synapse_reachable
+from orchestration.management.arguments import DatabaseCommand, seconds, synapse_reachable
 from orchestration.services.relay import events_relay
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class Command(BaseCommand):
+class Command(DatabaseCommand):
     help = (
         "Publish committed events to the Synapse stream in order (once, or continuously with --follow "
         "until SIGTERM/SIGINT, which end it after the pass under way)."

@@ -2,10 +2,10 @@ import sys
 import time
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from orchestration.errors import SpecError
-from orchestration.management.arguments import seconds
+from orchestration.management.arguments import DatabaseCommand, seconds
 from orchestration.models import TaskExecution, Workflow
 from orchestration.services.specs import spec_parse
 from orchestration.services.workflows import workflow_submit
@@ -23,7 +23,7 @@ SYMBOL = {
 }
 
 
-class Command(BaseCommand):
+class Command(DatabaseCommand):
     help = "Submit a workflow spec (JSON or YAML) and print its id; with --wait, follow it until it ends."
 
     def add_arguments(self, parser):

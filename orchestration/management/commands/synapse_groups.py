@@ -1,8 +1,8 @@
 import redis
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
-from orchestration.management.arguments import seconds, synapse_reachable
+from orchestration.management.arguments import DatabaseCommand, seconds, synapse_reachable
 from orchestration.services.relay import (
     StreamGroupError,
     dead_letter_stream,
@@ -13,7 +13,7 @@ from orchestration.services.relay import (
 )
 
 
-class Command(BaseCommand):
+class Command(DatabaseCommand):
     help = (
         "The consumer groups of the Synapse stream: what each still needs and which one holds the "
         "stream back from being trimmed; --destroy NAME removes a group that was abandoned."

@@ -1,7 +1,8 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.db.models import Count
 
 from orchestration.event_types import EventType
+from orchestration.management.arguments import DatabaseCommand
 from orchestration.models import AgentInteraction, Event, Workflow
 from orchestration.selectors import workflow_tasks_with_attempts
 
@@ -32,7 +33,7 @@ def _attempt_line(attempt) -> str:
     return line
 
 
-class Command(BaseCommand):
+class Command(DatabaseCommand):
     help = "Show a workflow's tasks and, under each, every attempt at it as recorded."
 
     def add_arguments(self, parser):

@@ -11,10 +11,10 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import connections
 
-from orchestration.management.arguments import synapse_reachable
+from orchestration.management.arguments import DatabaseCommand, synapse_reachable
 from training_export.services.store import TrainingDataStore
 from training_export.services.synapse import (
     BatchResult,
@@ -59,7 +59,7 @@ def ask_for_sigterm_when_parent_dies() -> None:
         pass
 
 
-class Command(BaseCommand):
+class Command(DatabaseCommand):
     help = (
         "Consume the Synapse event stream (Redis consumer group) into the daily training-data CSV files. "
         "Runs until SIGTERM/SIGINT, or with --once until nothing is left."

@@ -2,15 +2,16 @@ import datetime as dt
 import sys
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.utils import timezone
 from tqdm import tqdm
 
+from orchestration.management.arguments import DatabaseCommand
 from training_export.models import ExportRun
 from training_export.services.export import DATA_TYPES, ExportError, export_runs_for_window, parse_day
 
 
-class Command(BaseCommand):
+class Command(DatabaseCommand):
     help = (
         "Export training data from the database to JSONL for the UTC days --start..--end (both included). "
         "Only closed windows are exported; a window already exported is kept unless --force."
