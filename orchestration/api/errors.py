@@ -51,6 +51,7 @@ TITLES = {
     406: "Not acceptable",
     409: "Conflict",
     410: "Gone",
+    412: "Precondition failed",
     413: "Request body too large",
     415: "Unsupported media type",
     422: "Unprocessable request",

@@ -21,6 +21,7 @@ _DETAILS = {
     404: ("not_found", "Not found.", None),
     409: ("conflict", "workflow 0190... is completed; only a pending or running workflow can be cancelled", None),
     410: ("gone", "the data file of export run 42 no longer matches the sha256 it recorded", None),
+    412: ("precondition_failed", 'If-Match names no version of this file; its ETag is "9f86d0..."', None),
     413: ("request_too_large", "The request body exceeds the limit of 2621440 bytes.", None),
     422: ("unprocessable", "Idempotency-Key 'k1' was already used for a different request body.", None),
     429: ("throttled", "Request was throttled. Expected available in 12 seconds.", None),

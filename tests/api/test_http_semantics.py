@@ -146,6 +146,13 @@ def test_a_download_answers_if_none_match_with_304_while_the_file_is_intact(call
     assert cached["ETag"] == etag and cached.content == b""
     other = admin.get(url, HTTP_IF_NONE_MATCH='"0000"')
     assert other.status_code == 200 and b"".join(other.streaming_content) == data.read_bytes()
+    matched = admin.get(url, HTTP_IF_MATCH=etag)
+    assert matched.status_code == 200 and b"".join(matched.streaming_content) == data.read_bytes()
+    failed = admin.get(url, HTTP_IF_MATCH='"0000"')
+    assert failed.status_code == 412, failed.status_code
+    assert failed["Content-Type"] == "application/problem+json"
+    assert failed.json()["type"] == "urn:agentledger:problem:precondition-failed"
+    assert failed.json()["detail"] == f"If-Match names no version of this file; its ETag is {etag}"
 
     data.write_bytes(data.read_bytes().replace(b"e1", b"e2"))
     changed = admin.get(url, HTTP_IF_NONE_MATCH=etag)

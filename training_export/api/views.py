@@ -56,6 +56,12 @@ class Gone(exceptions.APIException):
     default_code = "gone"
 
 
+class PreconditionFailed(exceptions.APIException):
+    status_code = status.HTTP_412_PRECONDITION_FAILED
+    default_detail = "The resource is not in the state the request's preconditions name."
+    default_code = "precondition_failed"
+
+
 class JsonLinesRenderer(BaseRenderer):
     """Lets a download ask for `Accept: application/x-ndjson`. The file itself is a
     FileResponse; only problem documents (409, 410, ...) pass through a renderer."""
@@ -181,7 +187,8 @@ class ExportRunViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixi
         summary="Download the data file of a succeeded export run (admins)",
         description=(
             "The JSONL file as an attachment, checked against the sha256 its run recorded before it is sent; "
-            "`ETag` is that sha256 (`If-None-Match` with it: 304 while the file is intact) and `Repr-Digest` "
+            "`ETag` is that sha256 (`If-None-Match` with it: 304 while the file is intact; `If-Match` without it: 412) "
+            "and `Repr-Digest` "
             "(RFC 9530) carries it for the client to verify. 409 while "
             "the run has not succeeded (or was superseded by a later run of the window); 410 when the file is "
             "gone or no longer matches its sha256 (export the window again with `force`)."
@@ -191,7 +198,7 @@ class ExportRunViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixi
         responses={
             (200, JSONL_CONTENT_TYPE): OpenApiResponse(OpenApiTypes.BINARY, description="the JSONL data file"),
             304: OpenApiResponse(description="the file is the one `If-None-Match` names, and intact"),
-            **problem_responses(401, 403, 404, 409, 410, 429),
+            **problem_responses(401, 403, 404, 409, 410, 412, 429),
         },
     )
     @action(
@@ -211,6 +218,10 @@ class ExportRunViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixi
         conditional = get_conditional_response(request, etag=etag)
         if conditional is not None:
             download.file.close()
+            if conditional.status_code == status.HTTP_412_PRECONDITION_FAILED:
+                # Django's is an empty body: a problem document like every other error here,
+                # naming the version the file is.
+                raise PreconditionFailed(f"If-Match names no version of this file; its ETag is {etag}")
             conditional["ETag"] = etag
             return conditional
         response = FileResponse(
