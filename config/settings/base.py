@@ -565,6 +565,11 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Failed console sign-ins per user name in a fixed window, counted in Redis like the API's rate
+# limits: past the limit the login form refuses the name, without checking a password (a
+# PBKDF2 hash, a third of a second of CPU each), until the window ends.
+CONSOLE_LOGIN_FAILURE_LIMIT = env.int("CONSOLE_LOGIN_FAILURE_LIMIT", 10, minimum=1)
+CONSOLE_LOGIN_FAILURE_WINDOW_SECONDS = env.int("CONSOLE_LOGIN_FAILURE_WINDOW_SECONDS", 900, minimum=1)
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

@@ -1,13 +1,21 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import redis
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -16,11 +24,59 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from orchestration.admin.base import ChangedFieldsOnlyMixin, MaskedLookupsMixin, json_display
+from orchestration.api.redis_store import store
 from orchestration.errors import SpecError
 from orchestration.models import ApiKey
 from orchestration.selectors import user_spend
 from orchestration.services.access import KNOWN_PERMISSIONS, api_key_create, api_key_revoke, api_key_rotate
 from orchestration.services.events import actor_of
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _failures_counted() -> Iterator[None]:
+    """A Redis outage refuses the sign-in, saying so: a limit that cannot be counted is not
+    silently lifted (the API answers 503 for the same reason). The error's text names hosts
+    and stays in the log."""
+    try:
+        yield
+    except redis.RedisError:
+        logger.warning("console sign-in: Redis did not answer", exc_info=True)
+        raise ValidationError(
+            "Failed sign-ins are counted in Redis, which is not answering; retry shortly.", code="unavailable"
+        ) from None
+
+
+class ConsoleLoginForm(AdminAuthenticationForm):
+    """The console's login form, with failed sign-ins counted per user name in Redis (shared by
+    every web process). Past CONSOLE_LOGIN_FAILURE_LIMIT in a window of
+    CONSOLE_LOGIN_FAILURE_WINDOW_SECONDS the name is refused without checking a password: a
+    password is not guessed at request speed, and a refused guess costs no hash. Names that
+    exist and names that do not are counted alike, so the answer tells neither apart. (Guesses
+    already past the check when the limit is reached are still checked: a window allows at most
+    the web's concurrency more.)"""
+
+    def clean(self) -> dict[str, Any]:
+        username = self.cleaned_data.get("username")
+        if username is None or not self.cleaned_data.get("password"):
+            return super().clean()  # a field is missing: nothing is checked
+        key = "console_login_failures:" + hashlib.sha256(username.encode()).hexdigest()
+        with _failures_counted():
+            failures, wait = store().peek(key)
+        if failures >= settings.CONSOLE_LOGIN_FAILURE_LIMIT:
+            raise ValidationError(
+                "Too many failed sign-ins for this user name; try again in %(minutes)d minute(s).",
+                code="throttled",
+                params={"minutes": math.ceil(wait / 60)},
+            )
+        try:
+            return super().clean()
+        except ValidationError as exc:
+            if exc.code == "invalid_login":
+                with _failures_counted():
+                    store().hit(key, settings.CONSOLE_LOGIN_FAILURE_WINDOW_SECONDS)
+            raise
 
 
 class ApiKeyStateFilter(admin.SimpleListFilter):
@@ -282,3 +338,4 @@ User = get_user_model()
 if admin.site.is_registered(User):
     admin.site.unregister(User)
 admin.site.register(User, UserAdmin)
+admin.site.login_form = ConsoleLoginForm

@@ -249,6 +249,19 @@ def statement_cancelled_response(request: HttpRequest, exc: BaseException) -> Ht
     return response
 
 
+def request_too_large(request: HttpRequest) -> HttpResponse:
+    """The 413 for a body over DATA_UPLOAD_MAX_MEMORY_SIZE, answered before anything reads it
+    (ApiCommonMiddleware): a problem document under /api/, a page elsewhere."""
+    detail = f"The request body exceeds the limit of {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes."
+    if _is_api(request):
+        return _plain_problem(request, 413, detail, "request_too_large")
+    return HttpResponse(
+        "<!doctype html>\n<title>Request body too large (413)</title>\n<h1>Request body too large (413)</h1>\n"
+        f"<p>{escape(detail)}</p>\n",
+        status=413,
+    )
+
+
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
     """handler404: a problem document under /api/ (Django resolves unknown URLs before DRF
     is involved), Django's page elsewhere."""

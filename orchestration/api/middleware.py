@@ -5,7 +5,8 @@ A 301 (or 302) makes HTTP clients repeat a POST, PUT, PATCH or DELETE as a GET: 
 Django raises instead of redirecting). Under /api/ such a request without its trailing slash
 is a 404 problem document that names the URL with the slash (errors.not_found).
 
-A path holding a NUL character is a 404 everywhere (the console's object pages too).
+A path holding a NUL character is a 404 everywhere (the console's object pages too), and a
+body longer than DATA_UPLOAD_MAX_MEMORY_SIZE a 413 everywhere, before anything reads it.
 
 A console page whose statement PostgreSQL cancelled (StatementCancelledMiddleware) is a 503
 page that says so, not Django's bare "Server Error (500)"; a statement cancelled outside any
@@ -16,11 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.middleware.common import CommonMiddleware
 
-from orchestration.api.errors import SAFE_METHODS, statement_cancelled, statement_cancelled_response
+from orchestration.api.errors import (
+    SAFE_METHODS,
+    request_too_large,
+    statement_cancelled,
+    statement_cancelled_response,
+)
 
 API_PREFIX = "/api/"
 
@@ -31,6 +38,16 @@ class ApiCommonMiddleware(CommonMiddleware):
         # given: a path with one is no page (a 404) before any view looks an object up by it.
         if "\x00" in request.path_info:
             raise Http404("no page has a NUL character in its path")
+        # Django holds a form's fields to DATA_UPLOAD_MAX_MEMORY_SIZE but streams its files to
+        # temporary files whatever their size: any form (the login page, to anyone holding a
+        # CSRF cookie) would take a file of any size onto the web's disk. Nothing here takes an
+        # upload. (Without a Content-Length, Django reads no body at all.)
+        try:
+            length = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+            return request_too_large(request)
         return super().process_request(request)
 
     def should_redirect_with_slash(self, request: HttpRequest) -> bool:

@@ -1,4 +1,5 @@
-"""The Redis client the API uses for rate limits and idempotency locks.
+"""The Redis client the API uses for rate limits and idempotency locks (and the console for
+its count of failed sign-ins).
 
 Without REDIS_URL (the embedded first-run setup, one process) an in-process store with the
 same semantics stands in; every deployment with Redis configured uses Redis.

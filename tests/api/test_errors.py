@@ -4,11 +4,13 @@ offsets PostgreSQL refuses, values of the wrong JSON type."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 
 import psycopg
 import pytest
+from django.core.files.uploadhandler import FileUploadHandler
 from django.db import connection
 from django.test import Client, override_settings
 from rest_framework.test import APIRequestFactory
@@ -52,6 +54,54 @@ def test_text_postgresql_cannot_store_is_refused_before_anything_is_written(call
 
 def test_a_nul_in_a_path_is_a_404(callers):
     assert callers["developer"].client.get("/api/v1/workflows/a%00b/").status_code == 404
+
+
+class RecordingUploadHandler(FileUploadHandler):
+    """Stands in for Django's handlers, which write an uploaded file to memory or a temporary
+    file: records the bytes of every file part it is given."""
+
+    received: list[int] = []
+
+    def receive_data_chunk(self, raw_data: bytes, start: int) -> None:
+        self.received.append(len(raw_data))
+
+    def file_complete(self, file_size: int) -> None:
+        return None
+
+
+@pytest.fixture
+def uploads(settings) -> list[int]:
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2048
+    settings.FILE_UPLOAD_HANDLERS = [f"{__name__}.RecordingUploadHandler"]
+    RecordingUploadHandler.received = []
+    return RecordingUploadHandler.received
+
+
+def test_a_file_over_the_body_limit_posted_to_the_console_is_a_413_and_is_not_read(db, uploads):
+    """Django limits a form's fields, not its files, which it streams to temporary files: any
+    form, the login page to anyone with a CSRF cookie, would take a file of any size. Nothing
+    here takes an upload; the documented limit holds for every body."""
+    client = Client(enforce_csrf_checks=True)
+    token = client.get("/admin/login/").cookies["csrftoken"].value
+    upload = io.BytesIO(b"x" * 8192)
+    upload.name = "big.bin"
+    response = client.post(
+        "/admin/login/", {"csrfmiddlewaretoken": token, "username": "x", "password": "y", "file": upload}
+    )
+    assert response.status_code == 413
+    assert uploads == []
+
+
+def test_a_form_over_the_body_limit_is_a_413_page_and_an_api_body_a_413_problem(callers, uploads):
+    form = Client().post("/admin/login/", {"username": "x", "password": "y" * 4096})
+    assert form.status_code == 413
+    assert "2048 bytes" in form.content.decode()
+    anonymous = Client().post(
+        "/api/v1/workflows/", {**SPEC, "description": "x" * 4096}, content_type="application/json"
+    )
+    assert anonymous.status_code == 413
+    assert anonymous["Content-Type"] == "application/problem+json"
+    assert anonymous.json()["detail"] == "The request body exceeds the limit of 2048 bytes."
 
 
 @pytest.mark.parametrize("value", [0, True, ["echo"]])
