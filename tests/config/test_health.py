@@ -4,6 +4,7 @@ broker and the Synapse stream against the real services (or a port where nothing
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -250,7 +251,7 @@ def test_production_settings_serve_probes_on_plain_http():
     env = {
         **{k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"},
         "DJANGO_SETTINGS_MODULE": "config.settings.production",
-        "SECRET_KEY": "x" * 64,
+        "SECRET_KEY": secrets.token_urlsafe(64),
         "ALLOWED_HOSTS": "ops.example.com",
         "DATABASE_URL": os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/agentledger"),
         "REDIS_URL": settings.REDIS_URL,

@@ -124,6 +124,11 @@ class TestSettingsModules:
         assert result.returncode != 0
         assert "at least 50 characters" in result.stderr
 
+    def test_production_refuses_a_long_secret_key_of_few_characters(self):
+        result = run_manage("check", **production_env(SECRET_KEY="ab" * 30))
+        assert result.returncode != 0
+        assert "at least 50 characters (5 or more of them distinct)" in result.stderr
+
     def test_production_refuses_sqlite(self):
         result = run_manage("check", **production_env(DATABASE_URL="sqlite:////tmp/x.sqlite3"))
         assert result.returncode != 0
