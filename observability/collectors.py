@@ -26,7 +26,6 @@ import redis
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Count, Max, Min, Sum
-from django.utils import timezone
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 from prometheus_client import Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -133,19 +132,22 @@ def workflow_families() -> Families:
 
 def work_families() -> Families:
     """What may be stuck: attempts running past their hard limit plus the reaper's grace, the
-    oldest running attempt, and the oldest task waiting to start."""
+    oldest running attempt, and the oldest task waiting to start. Attempts are aged as the
+    reaper ages them: on the database's clock, from their rows' created_at (the claim there),
+    not on this host's clock against the started_at of the worker's."""
+    from orchestration.db import database_now
     from orchestration.models import TaskAttempt, TaskExecution
 
-    now = timezone.now()
     with _bounded_queries():
+        now = database_now()
         running = TaskAttempt.objects.filter(status=TaskAttempt.Status.RUNNING)
-        summary = running.aggregate(n=Count("*"), oldest=Min("started_at"))
+        summary = running.aggregate(n=Count("*"), oldest=Min("created_at"))
         overdue = 0
         if summary["n"]:
             slack = settings.TASK_HARD_TIMEOUT_GRACE_SECONDS + settings.REAPER_GRACE_SECONDS
-            for started_at, timeout in running.values_list("started_at", "timeout_seconds").iterator():
+            for created_at, timeout in running.values_list("created_at", "timeout_seconds").iterator():
                 limit = (timeout or settings.TASK_DEFAULT_TIMEOUT_SECONDS) + slack
-                if (now - started_at).total_seconds() > limit:
+                if (now - created_at).total_seconds() > limit:
                     overdue += 1
         # A retrying task waits in its queue too, from the end of its countdown (its queued_at).
         oldest_queued = TaskExecution.objects.filter(
@@ -185,9 +187,10 @@ def _stream_last_sequence(client: redis.Redis, stream: str) -> int:
 def relay_families() -> Families:
     """Events committed but not yet on the Synapse stream: the newest event's sequence minus
     the stream's last id (the relay's checkpoint is the stream itself: `<sequence>-1`), and
-    the age of the oldest such event."""
+    the age of the oldest such event, on the database's clock (its created_at's)."""
     if not settings.REDIS_URL:
         return []
+    from orchestration.db import database_now
     from orchestration.models import Event
     from orchestration.services.relay import stream_ahead_of
 
@@ -204,6 +207,7 @@ def relay_families() -> Families:
             .values_list("created_at", flat=True)
             .first()
         )
+        now = database_now()
     lag = GaugeMetricFamily(
         "agentledger_relay_lag_events", "Events committed to PostgreSQL and not yet published to the Synapse stream."
     )
@@ -219,7 +223,7 @@ def relay_families() -> Families:
         "agentledger_relay_lag_seconds",
         "Age of the oldest event not yet published to the Synapse stream (0 when none).",
     )
-    age.add_metric([], max((timezone.now() - oldest_unpublished).total_seconds(), 0.0) if oldest_unpublished else 0.0)
+    age.add_metric([], max((now - oldest_unpublished).total_seconds(), 0.0) if oldest_unpublished else 0.0)
     return [lag, age, ahead]
 
 

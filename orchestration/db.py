@@ -20,6 +20,19 @@ RETRY_BACKOFF_FIRST_SECONDS = 0.01
 RETRY_BACKOFF_MAX_SECONDS = 0.5
 
 
+def database_now() -> dt.datetime:
+    """The database's clock right now (not the transaction's start): the one clock every web
+    and worker host shares (their own may be off it, and off each other's)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SELECT clock_timestamp()")
+            return cursor.fetchone()[0]
+        cursor.execute("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")
+        return dt.datetime.fromisoformat(cursor.fetchone()[0]).replace(tzinfo=dt.UTC)
+
+
 def atomic_with_retry(fn: Any, *, attempts: int = 8) -> Any:
     """Run fn() in a transaction, retrying when PostgreSQL aborts it as a deadlock victim or a
     serialization failure (both are safe to retry: nothing of the aborted try was kept).

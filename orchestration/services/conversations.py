@@ -22,6 +22,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from orchestration.db import database_now
 from orchestration.errors import ConversationBusy, ConversationError, ConversationTaken, TransitionError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Agent, AgentPlaygroundMessage, AgentPromptVersion, Priority, TaskAttempt, TaskExecution
@@ -33,17 +34,6 @@ from orchestration.services.events import event_record
 TASK_TYPE = "conversation"
 INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
 Role = AgentPlaygroundMessage.Role
-
-
-def _db_now() -> dt.datetime:
-    """The database's clock right now (not the transaction's start), the one clock every
-    web and worker host shares; messages are ordered by it."""
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute("SELECT clock_timestamp()")
-            return cursor.fetchone()[0]
-        cursor.execute("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")
-        return dt.datetime.fromisoformat(cursor.fetchone()[0]).replace(tzinfo=dt.UTC)
 
 
 def _thread_lock(instance_id: str) -> None:
@@ -115,7 +105,7 @@ def conversation_message_post(
             f"(task {last_asked['execution_id']}); wait for the reply, or cancel that task"
         )
     message = AgentPlaygroundMessage.objects.create(
-        instance_id=instance_id, agent=agent, owner=owner, role=Role.USER, content=content, created_at=_db_now()
+        instance_id=instance_id, agent=agent, owner=owner, role=Role.USER, content=content, created_at=database_now()
     )
     task = TaskExecution.objects.create(
         agent=agent,
@@ -174,7 +164,7 @@ def conversation_attempt_closed(task: TaskExecution, *, attempt: TaskAttempt | N
         output_tokens=attempt.output_tokens if attempt else 0,
         tokens_used=attempt.tokens_used if attempt else 0,
         metadata={"cost_usd": str(attempt.cost_usd if attempt else 0)},
-        created_at=_db_now(),
+        created_at=database_now(),
     )
 
 
@@ -310,7 +300,7 @@ def conversation_turn_record(
     owner_id = (
         AgentPlaygroundMessage.objects.filter(pk=conversation.message_id).values_list("owner_id", flat=True).first()
     )
-    base = _db_now()
+    base = database_now()
     common = {
         "instance_id": conversation.instance_id,
         "agent_id": context.agent_id,

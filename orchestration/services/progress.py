@@ -277,7 +277,7 @@ def workflow_maybe_finish(workflow: Workflow, *, now: dt.datetime) -> None:
         )
     else:
         workflow.status, event_type, severity = Workflow.Status.COMPLETED, EventType.WORKFLOW_COMPLETED, Severity.INFO
-    workflow.completed_at = now
+    workflow.completed_at = _ended_at(workflow, now)
     _record_results(workflow)
     workflow.save(update_fields=["status", "completed_at", "step_results", "checkpoints", "updated_at"])
     workflow.refresh_from_db(fields=["duration_ms", "completed_steps", "failed_steps", "cancelled_steps", "error"])
@@ -293,6 +293,14 @@ def workflow_maybe_finish(workflow: Workflow, *, now: dt.datetime) -> None:
     if workflow.status != Workflow.Status.COMPLETED:  # it can be resumed: record how it ended
         payload["state"] = entity_states(Workflow, [workflow.pk], WORKFLOW_STATE_FIELDS)[workflow.pk]
     workflow_event(workflow, event_type, payload=payload, severity=severity)
+
+
+def _ended_at(workflow: Workflow, now: dt.datetime) -> dt.datetime:
+    """When a workflow ends: `now`, on the clock of the process ending it (a worker, the
+    reaper, the web for a cancel), but never before its start, which the submitting host's
+    clock stamped: a clock running behind that one would record it ending before it started,
+    with a negative duration (workflows.duration_ms is completed_at - started_at)."""
+    return max(now, workflow.started_at) if workflow.started_at else now
 
 
 def _record_results(workflow: Workflow) -> None:
@@ -336,7 +344,7 @@ def workflow_fail(
         error, extra = workflow.error, {"deadline": reason}
     workflow.status = Workflow.Status.CANCELLED if cancelled else Workflow.Status.FAILED
     workflow.error = error
-    workflow.completed_at = now
+    workflow.completed_at = _ended_at(workflow, now)
     _record_results(workflow)
     workflow.save(update_fields=["status", "error", "completed_at", "step_results", "checkpoints", "updated_at"])
     count = tasks_cancel(

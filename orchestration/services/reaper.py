@@ -27,7 +27,7 @@ from django.db import transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 
-from orchestration.db import atomic_with_retry
+from orchestration.db import atomic_with_retry, database_now
 from orchestration.models import TaskAttempt, TaskExecution, Workflow
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, hard_limit_seconds
 from orchestration.services.execution import attempt_abandon, queue_timeout_record, queue_waited_since
@@ -114,8 +114,11 @@ def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) 
 
 
 def _reap_after(attempt: TaskAttempt) -> dt.datetime:
+    """When a running attempt is past its hard limit plus the grace, on the database's clock:
+    from its row's created_at (the database's time when the claim began), not its started_at
+    (the claiming worker's clock, which may run behind the reaper's)."""
     limit = hard_limit_seconds(attempt.timeout_seconds or 0) + settings.REAPER_GRACE_SECONDS
-    return attempt.started_at + dt.timedelta(seconds=limit)
+    return attempt.created_at + dt.timedelta(seconds=limit)
 
 
 def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
@@ -125,14 +128,19 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
     worker gone, restarted, or its pool process dead: lost (worker_lost); stopped by its worker
     for a lost broker connection: lost (redelivery). See attempt_verdict:
     one remote-control round trip asks all their worker nodes.
+
+    Time is the database's (`now`, by default its clock): an attempt is measured from when its
+    claim began there (`_reap_after`), so a reaper or a worker whose clock is off reaps nothing
+    early (a live attempt closed and run again beside itself) or late.
     """
-    now = now or timezone.now()
+    now = now or database_now()
     result = ReapResult()
     floor = now - dt.timedelta(seconds=settings.TASK_HARD_TIMEOUT_GRACE_SECONDS + settings.REAPER_GRACE_SECONDS + 1)
     candidates = [
         a
-        for a in TaskAttempt.objects.filter(status=TaskAttempt.Status.RUNNING, started_at__lt=floor).only(
+        for a in TaskAttempt.objects.filter(status=TaskAttempt.Status.RUNNING, created_at__lt=floor).only(
             "id",
+            "created_at",
             "started_at",
             "timeout_seconds",
             "worker",
@@ -141,9 +149,7 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
             "pool_pid",
             "celery_task_id",
         )
-        if a.started_at
-        + dt.timedelta(seconds=hard_limit_seconds(a.timeout_seconds or 0) + settings.REAPER_GRACE_SECONDS)
-        < now
+        if _reap_after(a) < now
     ]
     answers = workers_ask(
         {a.worker for a in candidates if a.worker},

@@ -230,6 +230,21 @@ def test_list_filters_orders_newest_first_and_pages_by_cursor(callers, out):
     assert admin.get("/api/v1/exports/99999999999999999999999/").status_code == 404
 
 
+def test_list_dates_are_read_only_as_yyyy_mm_dd_as_a_request_to_export_reads_them(callers, out):
+    """`?day=05/03/2024` (5 March, written day first) answered the runs of 3 May: the list read
+    its dates in Django's default formats, month first (`05/03/2024`, `Mar 5 2024`, ...), which a
+    request to export refuses. A day the API does not take must be a 400, not another day."""
+    admin = callers["admin"].client
+    may_3 = midnight("2024-05-03")
+    ExportRunFactory(data_type="events", window_start=may_3, window_end=may_3 + dt.timedelta(days=1))
+    for name in ("day", "start_date", "end_date"):
+        for written in ("05/03/2024", "May 3 2024"):
+            assert problem_fields(admin.get("/api/v1/exports/", {name: written})) == [name]
+    refused = admin.post("/api/v1/exports/", {**EVENTS, "start_date": "05/03/2024"}, format="json")
+    assert problem_fields(refused) == ["start_date"]
+    assert [r["start_date"] for r in admin.get("/api/v1/exports/?day=2024-05-03").json()["results"]] == ["2024-05-03"]
+
+
 def test_download_of_a_run_not_succeeded_is_a_conflict(callers, out):
     admin = callers["admin"].client
     for status in ("pending", "running", "failed"):

@@ -218,6 +218,7 @@ def test_a_reaped_attempt_whose_retry_has_completed_the_task_is_not_counted_as_f
         timeout_seconds=5,
     )
     first = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="gone@host", now=start)
+    TaskAttempt.objects.filter(pk=first.attempt.pk).update(created_at=start)  # claimed then, on the database's clock
     result = attempts_reap()  # its worker does not answer: lost, and retried
     assert result.lost == [first.attempt.pk]
     task.refresh_from_db()

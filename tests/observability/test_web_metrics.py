@@ -110,6 +110,23 @@ def test_relay_lag_is_the_events_past_the_streams_last_id(client, db, settings, 
     assert value(samples, "agentledger_relay_stream_ahead_events") == 0
 
 
+def test_ages_are_measured_on_the_databases_clock_not_the_web_hosts(client, db, stream_name, monkeypatch):
+    """The web host's clock 2 minutes ahead of the database's and the workers': an event just
+    committed and an attempt just claimed were reported 120 s old, past AgentLedgerRelayLagging's
+    60 s, and the attempt overdue (AgentLedgerStuckAttempts), while the relay and the reaper had
+    nothing to do. The web host's clock behind would hide a relay that stopped."""
+    EventFactory()
+    TaskAttemptFactory(status=TaskAttempt.Status.RUNNING, timeout_seconds=60)  # its worker's clock is right
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + dt.timedelta(minutes=2))
+    samples = get_metrics(client)
+    assert value(samples, "agentledger_relay_lag_events") >= 1
+    assert value(samples, "agentledger_relay_lag_seconds") < 60
+    assert value(samples, "agentledger_attempts_running") == 1
+    assert value(samples, "agentledger_attempts_overdue") == 0
+    assert value(samples, "agentledger_attempt_oldest_running_age_seconds") < 60
+
+
 def test_a_stream_ahead_of_the_database_is_measured(client, db, settings, stream_name):
     """PostgreSQL restored from a backup older than the stream: the events it numbers below the
     stream's last id would never be published, and the lag read 0."""
@@ -188,10 +205,9 @@ def test_export_rows_sum_successful_runs_by_data_type(client, db, stream_name):
 
 def test_attempts_running_past_their_limit_are_reported_as_overdue(client, db, settings, stream_name):
     now = timezone.now()
-    TaskAttemptFactory(status=TaskAttempt.Status.RUNNING, timeout_seconds=1, started_at=now - dt.timedelta(minutes=5))
-    TaskAttemptFactory(
-        status=TaskAttempt.Status.RUNNING, timeout_seconds=3600, started_at=now - dt.timedelta(minutes=1)
-    )
+    five, one = now - dt.timedelta(minutes=5), now - dt.timedelta(minutes=1)
+    TaskAttemptFactory(status=TaskAttempt.Status.RUNNING, timeout_seconds=1, started_at=five, created_at=five)
+    TaskAttemptFactory(status=TaskAttempt.Status.RUNNING, timeout_seconds=3600, started_at=one, created_at=one)
     TaskAttemptFactory(succeeded=True, timeout_seconds=1, started_at=now - dt.timedelta(hours=1))
     samples = get_metrics(client)
     assert value(samples, "agentledger_attempts_running") == 2

@@ -26,6 +26,7 @@ from orchestration.services.workflows import task_cancel, workflow_resume
 from tests.factories import AgentFactory, WorkflowFactory
 
 H = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
+DAY_BEFORE = H - dt.timedelta(days=1)  # claimed then: reaped as abandoned
 
 
 # --- 1. rollup: a resumed task's spend is counted again in the period it finishes again -------
@@ -228,7 +229,7 @@ def test_spend_paid_after_the_attempt_was_closed_stays_on_record(closed_by):
     if closed_by == "cancel":
         task_cancel(execution_id=task.pk)
     else:
-        TaskAttempt.objects.filter(pk=attempt.pk).update(started_at=H - dt.timedelta(days=1))
+        TaskAttempt.objects.filter(pk=attempt.pk).update(started_at=DAY_BEFORE, created_at=DAY_BEFORE)
         attempts_reap()
         assert TaskAttempt.objects.get(pk=attempt.pk).status != TaskAttempt.Status.RUNNING
     meter(Usage(200, 80, Decimal("0.020")))
@@ -290,7 +291,7 @@ def test_a_workflows_wasted_spend_is_the_cost_of_its_tries_that_failed(ending, w
         if ending == "cancelled":
             task_cancel(execution_id=task.pk)
         else:
-            TaskAttempt.objects.filter(pk=attempt.pk).update(started_at=H - dt.timedelta(days=1))
+            TaskAttempt.objects.filter(pk=attempt.pk).update(started_at=DAY_BEFORE, created_at=DAY_BEFORE)
             attempts_reap()
         _meter(attempt.pk)(round_two)
     workflow = Workflow.objects.get(pk=task.workflow_id)

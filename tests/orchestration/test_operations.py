@@ -846,7 +846,8 @@ def test_two_reapers_at_once_close_an_abandoned_attempt_once(builtin_agents):
     wf = submit({"name": "orphan", "agent": "echo", "max_retries": 1, "timeout_seconds": 1})
     t = task(wf, "orphan")
     claim = attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="gone@nowhere")
-    TaskAttempt.objects.filter(pk=claim.attempt.pk).update(started_at=timezone.now() - dt.timedelta(minutes=5))
+    five_minutes_ago = timezone.now() - dt.timedelta(minutes=5)
+    TaskAttempt.objects.filter(pk=claim.attempt.pk).update(started_at=five_minutes_ago, created_at=five_minutes_ago)
     results = []
 
     def reap() -> None:

@@ -10,6 +10,8 @@ from django.db.models import QuerySet
 from orchestration.api.filters import StrictFilterSet
 from training_export.models import ExportRun, ExportRunDataType, ExportRunFormat, ExportRunStatus
 
+DAY_FORMATS = ["%Y-%m-%d"]
+
 
 def _midnight(day: dt.date) -> dt.datetime:
     return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
@@ -23,9 +25,19 @@ class ExportRunFilter(StrictFilterSet):
     )
     status = django_filters.ChoiceFilter(choices=ExportRunStatus.choices)
     format = django_filters.ChoiceFilter(choices=ExportRunFormat.choices)
-    start_date = django_filters.DateFilter(method="filter_start_date", help_text="windows starting on this UTC day")
-    end_date = django_filters.DateFilter(method="filter_end_date", help_text="windows whose last UTC day is this one")
-    day = django_filters.DateFilter(method="filter_day", help_text="windows that include this UTC day")
+    # YYYY-MM-DD only, as a request to export reads its days: Django's default formats also
+    # take month-first dates (05/03/2024 is 3 May), which would answer another day's runs.
+    start_date = django_filters.DateFilter(
+        method="filter_start_date", input_formats=DAY_FORMATS, help_text="windows starting on this UTC day, YYYY-MM-DD"
+    )
+    end_date = django_filters.DateFilter(
+        method="filter_end_date",
+        input_formats=DAY_FORMATS,
+        help_text="windows whose last UTC day is this one, YYYY-MM-DD",
+    )
+    day = django_filters.DateFilter(
+        method="filter_day", input_formats=DAY_FORMATS, help_text="windows that include this UTC day, YYYY-MM-DD"
+    )
 
     class Meta:
         model = ExportRun
