@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 from django.conf import settings
@@ -80,8 +79,10 @@ def queue_families() -> Families:
     """Messages waiting per Celery queue (LLEN of the queue and of kombu's priority
     sub-queues `<queue>\\x06\\x16<step>`), and messages reserved by workers but not yet
     acknowledged (the transport's `unacked` hash)."""
-    url = settings.CELERY_BROKER_URL
-    if urlsplit(url).scheme not in ("redis", "rediss"):
+    from orchestration.services.reaper import broker_redis_url
+
+    url = broker_redis_url()
+    if url is None:
         return []
     options = getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {}) or {}
     steps = options.get("priority_steps", PRIORITY_STEPS)

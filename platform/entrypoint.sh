@@ -2,6 +2,7 @@
 # Entrypoint of the application image (web, worker, beat, synapse).
 #
 #   entrypoint.sh web           wait for the dependencies, migrate, sync agent definitions, serve with gunicorn on :8000
+#   entrypoint.sh serve         the same without migrating or syncing: further web containers of a release
 #   entrypoint.sh check-deps    one quick try at every configured dependency; exit 1 if one is
 #                               unreachable (used as a container healthcheck)
 #   entrypoint.sh CMD [ARG...]  wait for the dependencies, then exec CMD (a `celery ... worker`
@@ -70,13 +71,16 @@ if [[ $# -eq 0 ]]; then
 fi
 
 case "$1" in
-  web)
+  web | serve)
     wait_for_dependencies
-    # Migrations may rewrite or validate big tables: the web's statement and idle-transaction
-    # limits are for requests, not for them.
-    DATABASE_STATEMENT_TIMEOUT_SECONDS=0 DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS=0 \
-      python manage.py migrate --noinput
-    python manage.py load_agents
+    # One container per release migrates (web); the others only serve, as it does.
+    if [[ $1 == web ]]; then
+      # Migrations may rewrite or validate big tables: the web's statement and idle-transaction
+      # limits are for requests, not for them.
+      DATABASE_STATEMENT_TIMEOUT_SECONDS=0 DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS=0 \
+        python manage.py migrate --noinput
+      python manage.py load_agents
+    fi
     # gunicorn runs several worker processes; prometheus_client's multiprocess mode (which
     # django_prometheus's /metrics view honours) aggregates them. Set only after migrate,
     # and emptied first, so no other or earlier process's samples are reported.

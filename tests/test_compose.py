@@ -160,7 +160,7 @@ def _app_commands() -> list[tuple[str, list[str]]]:
 
 
 def _entrypoint_web_mode() -> str:
-    match = re.search(r"^\s*web\)\n(?P<body>.*?)^\s*;;", ENTRYPOINT.read_text(), re.MULTILINE | re.DOTALL)
+    match = re.search(r"^\s*web(?: \| serve)?\)\n(?P<body>.*?)^\s*;;", ENTRYPOINT.read_text(), re.MULTILINE | re.DOTALL)
     assert match, "platform/entrypoint.sh has no `web)` mode"
     return match["body"]
 
@@ -489,6 +489,48 @@ def test_the_entrypoint_web_mode_migrates_and_serves_the_project_wsgi_app():
     assert "--worker-class gthread" in web and re.search(r"--threads \d+", web)
 
 
+def _entrypoint_run(mode: str, tmp_path: Path) -> tuple[list[str], list[str]]:
+    """Run the entrypoint in `mode` with no dependency to wait for, and stand-ins for what it
+    starts (python's manage.py commands, gunicorn) and for the rm/mkdir of its metrics
+    directory: (the manage.py commands it ran, gunicorn's arguments)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir(parents=True)
+    stand_ins = {
+        "python": f'[ "$1" = manage.py ] && {{ echo "manage.py $2" >> {calls}; exit 0; }}\nexec {sys.executable} "$@"',
+        "gunicorn": f'echo "gunicorn $*" >> {calls}',
+        "rm": "exit 0",
+        "mkdir": "exit 0",
+    }
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    environment = {**_base_process_environment(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run([str(ENTRYPOINT), mode], env=environment, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = calls.read_text().splitlines()
+    gunicorn = [line.split()[1:] for line in lines if line.startswith("gunicorn ")]
+    assert len(gunicorn) == 1, lines
+    return [line.split()[1] for line in lines if line.startswith("manage.py ")], gunicorn[0]
+
+
+@pytest.mark.subprocess
+def test_web_containers_beyond_the_first_serve_as_web_does_without_migrating(tmp_path):
+    """platform/README (Several hosts): only one process migrates; the other web containers
+    serve without. It named the plain `gunicorn config.wsgi:application` for them: sync
+    workers, which cut off an export download after 30 s with its 200 already sent, none of
+    the web's statement limits, and each process answering /metrics for itself alone. The
+    mode it names serves with the web mode's gunicorn and runs no migration."""
+    section = (PLATFORM_DIR / "README.md").read_text().split("- **Migrations.**", 1)[1].split("\n- **", 1)[0]
+    named = re.search(r"`entrypoint\.sh (\w+)`", section)
+    assert named, "platform/README names no entrypoint mode for the web containers beyond the first"
+    commands, served = _entrypoint_run(named[1], tmp_path / "further")
+    assert commands == []
+    web_commands, web_served = _entrypoint_run("web", tmp_path / "first")
+    assert web_commands == ["migrate", "load_agents"]
+    assert served == web_served
+    assert "config.wsgi:application" in served and served[served.index("--worker-class") + 1] == "gthread"
+
+
 @pytest.mark.subprocess
 def test_the_entrypoint_waits_for_reachable_dependencies_then_runs_the_command():
     from django.conf import settings
@@ -566,6 +608,15 @@ def test_every_variable_compose_references_is_documented_in_env_example():
     documented = set(re.findall(r"^[#\s]*([A-Za-z_][A-Za-z0-9_]*)=", ENV_EXAMPLE.read_text(), re.MULTILINE))
     undocumented = sorted(_referenced_variables() - documented)
     assert not undocumented, f"docker-compose.yml references variables .env.example does not list: {undocumented}"
+
+
+def test_the_readme_names_every_variable_compose_requires():
+    """README's docker compose section says what to put in .env before `docker compose up`:
+    it named three of the five variables compose refuses to start without."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## docker compose\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", section))
+    assert not _required_variables() - named, f"README's docker compose section omits {_required_variables() - named}"
 
 
 def test_compose_file_holds_no_literal_secrets():

@@ -370,7 +370,12 @@ class TaskDetailSerializer(TaskSerializer):
 class WorkflowSerializer(FastReadMixin, serializers.ModelSerializer):
     """A workflow: its status, progress counters, timings, token and cost totals."""
 
-    owner = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
+    owner = serializers.SlugRelatedField(
+        slug_field="username",
+        read_only=True,
+        allow_null=True,
+        help_text="username of who submitted it (null: submitted with manage.py)",
+    )
     tags = StringListField(read_only=True)
     metadata = JSONObjectField(read_only=True)
 
@@ -439,11 +444,27 @@ class TaskSpecSerializer(serializers.Serializer):
     agent = serializers.CharField(max_length=50, help_text="id of an active agent")
     input = JSONObjectField(required=False)
     depends_on = serializers.ListField(child=serializers.CharField(), required=False)
-    max_retries = serializers.IntegerField(min_value=0, max_value=settings.TASK_MAX_RETRIES_LIMIT, required=False)
-    timeout_seconds = serializers.IntegerField(min_value=1, max_value=settings.TASK_MAX_TIMEOUT_SECONDS, required=False)
-    priority = serializers.ChoiceField(choices=Priority.choices, required=False)
+    max_retries = serializers.IntegerField(
+        min_value=0,
+        max_value=settings.TASK_MAX_RETRIES_LIMIT,
+        required=False,
+        default=3,
+        help_text="tries after the first, for a retryable error",
+    )
+    timeout_seconds = serializers.IntegerField(
+        min_value=1,
+        max_value=settings.TASK_MAX_TIMEOUT_SECONDS,
+        required=False,
+        default=settings.TASK_DEFAULT_TIMEOUT_SECONDS,
+        help_text="each try's soft time limit, in seconds (default: TASK_DEFAULT_TIMEOUT_SECONDS)",
+    )
+    priority = serializers.ChoiceField(
+        choices=Priority.choices, required=False, help_text="its Celery queue (default: the workflow's priority)"
+    )
     description = serializers.CharField(max_length=10_000, required=False, allow_blank=True)
-    task_type = serializers.CharField(max_length=100, required=False, allow_blank=True)
+    task_type = serializers.CharField(
+        max_length=100, required=False, allow_blank=True, help_text="free-form; `conversation` is reserved"
+    )
 
 
 class WorkflowSpecSerializer(serializers.Serializer):
@@ -457,11 +478,17 @@ class WorkflowSpecSerializer(serializers.Serializer):
     metadata = JSONObjectField(required=False)
     state = JSONObjectField(required=False)
     deadline = serializers.DateTimeField(required=False, allow_null=True, help_text="with a time zone, in the future")
-    priority = serializers.ChoiceField(choices=Priority.choices, required=False)
+    priority = serializers.ChoiceField(
+        choices=Priority.choices, required=False, default=Priority.NORMAL, help_text="its tasks' Celery queue"
+    )
     idempotency_key = serializers.CharField(
         max_length=255, required=False, help_text="same as the Idempotency-Key header; use one of the two"
     )
-    continue_on_failure = serializers.BooleanField(required=False)
+    continue_on_failure = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="true: a failed (or cancelled) task cancels only what depends on it; false: it fails the workflow",
+    )
 
 
 # --- Events -----------------------------------------------------------------------------

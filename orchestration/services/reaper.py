@@ -21,6 +21,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from django.conf import settings
 from django.db import transaction
@@ -250,13 +251,27 @@ def workflows_enforce_deadlines(*, now: dt.datetime) -> list[str]:
     return failed
 
 
+def broker_redis_url() -> str | None:
+    """The Celery broker as a URL redis-py connects to, when the broker is Redis; None when it
+    is not (RabbitMQ, the filesystem transport: their queues cannot be read here). A Redis on a
+    unix socket is kombu's `redis+socket:///path?virtual_host=N`, redis-py's `unix:///path?db=N`."""
+    url = settings.CELERY_BROKER_URL
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "rediss"):
+        return url
+    if parts.scheme != "redis+socket":
+        return None
+    query = urlencode([("db" if name == "virtual_host" else name, value) for name, value in parse_qsl(parts.query)])
+    return f"unix://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
 def _broker_message_ids(queues: set[str]) -> tuple[set[str], dict[str, dt.datetime | None]] | None:
     """Task ids of the messages waiting in the Redis broker's queues, and of those delivered to
     a worker and not yet acknowledged, with the time each was to run at (its ETA: a retry's
     backoff, a deferral; None for one to run at once); None if the broker is not Redis
     (nothing can be checked)."""
-    url = settings.CELERY_BROKER_URL
-    if not url.startswith(("redis://", "rediss://")):
+    url = broker_redis_url()
+    if url is None:
         return None
     import redis
 
@@ -313,8 +328,8 @@ def _sweep_alone() -> Iterator[bool]:
     finds another running returns at once: the next pass comes seconds later. (Not a
     PostgreSQL session lock: behind a transaction-mode pooler its release could reach another
     session and leave it held.)"""
-    url = settings.CELERY_BROKER_URL
-    if not url.startswith(("redis://", "rediss://")):
+    url = broker_redis_url()
+    if url is None:
         yield True
         return
     import redis

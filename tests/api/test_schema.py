@@ -53,6 +53,26 @@ def test_the_schema_is_valid_openapi_with_an_example_per_operation():
     assert "examples" in schema["paths"]["/api/v1/workflows/"]["post"]["requestBody"]["content"]["application/json"]
 
 
+def test_the_schema_describes_the_spec_defaults_and_who_owns_a_workflow():
+    """A spec's task retries 3 times and runs under TASK_DEFAULT_TIMEOUT_SECONDS unless it says
+    otherwise, in its workflow's priority queue: the schema showed none of it. And a
+    workflow's `owner` was described by the username column's form help ("Required. 150
+    characters or fewer...") although it is read-only and null for a workflow submitted with
+    manage.py."""
+    from django.conf import settings
+
+    schema = SchemaGenerator().get_schema(request=None, public=True)["components"]["schemas"]
+    task = schema["TaskSpecRequest"]["properties"]
+    assert task["max_retries"]["default"] == 3
+    assert task["timeout_seconds"]["default"] == settings.TASK_DEFAULT_TIMEOUT_SECONDS
+    assert "the workflow's" in task["priority"]["description"]
+    assert schema["WorkflowSpecRequest"]["properties"]["priority"]["default"] == "normal"
+    for name in ("Workflow", "WorkflowDetail"):
+        owner = schema[name]["properties"]["owner"]
+        assert owner["nullable"] and "Required" not in owner["description"], owner
+        assert "manage.py" in owner["description"]
+
+
 def test_negotiation_problems_are_documented_as_answered(callers, settings):
     """406 (Accept), 413 (body size) and 415 (Content-Type) come before any view's code: each
     operation documents those it can give, with the problem type the live API answers."""

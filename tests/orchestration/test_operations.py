@@ -7,7 +7,11 @@ import datetime as dt
 import functools
 import io
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -23,7 +27,7 @@ from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workf
 from orchestration.services.execution import Claim, Outcome, attempt_claim, attempt_run
 from orchestration.services.reaper import attempts_reap, queued_sweep
 from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume
-from tests.engine import flush_redis, wait_for
+from tests.engine import ROOT, database_url, flush_redis, wait_for
 from tests.orchestration.test_engine import attempts, finished, running_attempt, submit, task
 
 A, T = TaskAttempt.Status, TaskExecution.Status
@@ -89,6 +93,79 @@ def test_the_sweeper_leaves_alone_a_task_whose_message_is_still_queued(engine):
     assert queued_sweep() == []
     engine()
     assert finished(wf).status == Workflow.Status.COMPLETED
+
+
+@pytest.fixture
+def socket_redis(tmp_path):
+    """A Redis of the test's own that listens on a unix socket only, as a broker on the same
+    host is often reached: its path (a broker URL redis+socket://<path>, as config/settings asks
+    of a unix-socket Redis)."""
+    path = tmp_path / "redis.sock"
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--unixsocket", str(path), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+
+    def answers() -> bool:
+        try:
+            return redis.Redis(unix_socket_path=str(path)).ping()
+        except redis.ConnectionError:
+            return False
+
+    try:
+        wait_for(answers, what="the socket Redis to answer")
+        yield path
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _reap_with_broker(broker_url: str) -> str:
+    """`manage.py reap_stale_tasks` as an operator runs it, its broker at `broker_url`."""
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": settings.REDIS_URL,
+        "CELERY_BROKER_URL": broker_url,
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "reap_stale_tasks"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.subprocess
+def test_the_sweeper_reads_a_broker_reached_on_a_unix_socket(committed, socket_redis: Path, settings):
+    """A Redis on a unix socket is a Celery broker as redis+socket://<path> (what the settings
+    tell a unix:// REDIS_URL to set). The sweeper read only redis:// and rediss:// brokers and
+    found nothing to re-send anywhere else: a message lost between commit and send was never
+    sent again (the task timed out in the queue an hour later), and the queue gauges were
+    missing. It reads the broker's queues there too, and leaves a message it finds alone."""
+    broker = f"redis+socket://{socket_redis}"
+    wf = submit({"name": "a", "agent": "echo"})  # its message went to the suite's broker, not this one
+    TaskExecution.objects.filter(workflow=wf).update(queued_at=timezone.now() - dt.timedelta(minutes=5))
+    lost = task(wf, "a")
+    assert _reap_with_broker(broker).endswith("re-sent: 1")
+    resent = task(wf, "a")
+    assert resent.celery_task_id != lost.celery_task_id
+    queue = redis.Redis(unix_socket_path=str(socket_redis)).lrange("normal", 0, -1)
+    assert [json.loads(raw)["headers"]["id"] for raw in queue] == [resent.celery_task_id]
+    assert _reap_with_broker(broker).endswith("re-sent: 0"), "the re-sent message is in the queue"
+
+    from observability.collectors import queue_families
+
+    settings.CELERY_BROKER_URL = broker
+    depth = {sample.labels["queue"]: sample.value for sample in queue_families()[0].samples}
+    assert depth["normal"] == 1
 
 
 @pytest.mark.django_db(transaction=True)
@@ -610,6 +687,37 @@ def test_submit_command_refuses_a_wait_timeout_that_could_never_pass(db, builtin
     with pytest.raises(CommandError, match="is not a positive number of seconds"):
         call_command("submit_workflow", str(spec), "--wait", "--timeout", timeout, stdout=io.StringIO())
     assert not Workflow.objects.exists()
+
+
+def test_submit_command_waits_without_a_limit_unless_given_one(db, builtin_agents, tmp_path, monkeypatch):
+    """README: --wait exits 0 only if the workflow completed (within --timeout seconds, if
+    given). Without --timeout it follows the workflow however long it runs: it gave up after
+    an hour it never named, failing a workflow that was still running fine."""
+    from orchestration.management.commands import submit_workflow as command
+
+    spec = tmp_path / "long.json"
+    spec.write_text('{"name": "long", "tasks": [{"name": "a", "agent": "echo"}]}')
+
+    class Clock:
+        """Three hours pass between two looks; after the second, the workflow is cancelled."""
+
+        now = 0.0
+        looks = 0
+
+        def monotonic(self) -> float:
+            return self.now
+
+        def sleep(self, seconds: float) -> None:
+            self.now += 3 * 3600
+            self.looks += 1
+            if self.looks == 2:
+                workflow_cancel(workflow_id=Workflow.objects.get(name="long").pk, reason="operator")
+
+    monkeypatch.setattr(command, "time", Clock())
+    with pytest.raises(CommandError, match=r"ended cancelled"):
+        call_command("submit_workflow", str(spec), "--wait", stdout=io.StringIO())
+    with pytest.raises(CommandError, match=r"still running after 60 s"):
+        call_command("submit_workflow", str(spec), "--wait", "--timeout", "60", stdout=io.StringIO())
 
 
 def test_submit_command_names_a_spec_it_cannot_read(db, builtin_agents, tmp_path):

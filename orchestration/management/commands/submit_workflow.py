@@ -29,7 +29,9 @@ class Command(DatabaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("file", help="workflow spec, .json or .yaml/.yml ('-' reads JSON from stdin)")
         parser.add_argument("--wait", action="store_true", help="show progress until the workflow ends")
-        parser.add_argument("--timeout", type=seconds(), default=3600, help="seconds to wait at most with --wait")
+        parser.add_argument(
+            "--timeout", type=seconds(), help="seconds to wait at most with --wait (default: until the workflow ends)"
+        )
 
     def handle(self, *args, **options):
         source = options["file"]
@@ -58,8 +60,8 @@ class Command(DatabaseCommand):
             if final != Workflow.Status.COMPLETED:
                 raise CommandError(f"workflow {workflow.workflow_id} ended {final}")
 
-    def _follow(self, workflow_id: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
+    def _follow(self, workflow_id: str, timeout: float | None) -> str:
+        deadline = None if timeout is None else time.monotonic() + timeout
         tty = self.stdout.isatty()
         lines = 0
         while True:
@@ -76,7 +78,7 @@ class Command(DatabaseCommand):
                 if workflow.error:
                     self.stdout.write(f"error: {workflow.error}")
                 return workflow.status
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 raise CommandError(f"workflow {workflow_id} still {workflow.status} after {timeout:.0f} s")
             time.sleep(0.5)
 

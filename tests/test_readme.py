@@ -1,0 +1,45 @@
+"""README.md against the code it describes: what a user copies from it must be what the
+platform does."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+
+from orchestration.models import TaskAttempt
+from orchestration.services.specs import TASK_FIELDS, WORKFLOW_FIELDS, spec_validate
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def _section(heading: str) -> str:
+    """The text under `heading`, up to the next heading, its lines joined."""
+    return " ".join(README.split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0].split())
+
+
+@pytest.mark.django_db
+def test_the_spec_section_names_every_field_and_the_defaults_a_task_gets():
+    """A task's spec fields beyond name, agent, input and the example's limits were not
+    documented, nor what a task left without them gets (three retries among them)."""
+    call_command("load_agents", stdout=io.StringIO())
+    section = _section("### Workflow specs")
+    named = set(re.findall(r"\b([a-z_]+)\b", section))
+    assert not (WORKFLOW_FIELDS | TASK_FIELDS) - named, (WORKFLOW_FIELDS | TASK_FIELDS) - named
+    spec = spec_validate({"name": "w", "tasks": [{"name": "a", "agent": "echo"}]})
+    task = spec.tasks[0]
+    assert f"`max_retries` (default {task.max_retries}" in section
+    assert "`timeout_seconds` (default `TASK_DEFAULT_TIMEOUT_SECONDS`" in section
+    assert f"`priority` (default the workflow's, `{spec.priority}` unless it says" in section
+
+
+def test_the_attempts_metric_names_every_cause_an_attempt_is_counted_with():
+    """agentledger_task_attempts_total is labelled with the attempt's cause; the table listed
+    five of them, and a user alerting on queue timeouts or lost connections found no word of
+    their labels."""
+    row = next(line for line in README.splitlines() if line.startswith("| `agentledger_task_attempts_total`"))
+    missing = [cause for cause in ("success", *TaskAttempt.Cause.values) if f"`{cause}`" not in row]
+    assert not missing, f"the attempts metric's row does not name the causes {missing}"
