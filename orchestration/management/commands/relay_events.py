@@ -16,7 +16,7 @@ class Command(DatabaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--follow", action="store_true", help="keep relaying until interrupted")
         parser.add_argument(
-            "--interval", type=seconds(zero=True), default=0.5, help="seconds between polls with --follow"
+            "--interval", type=seconds(zero=True), default=0.5, help="seconds between polls with --follow (default 0.5)"
         )
 
     def handle(self, *args, **options):
