@@ -15,7 +15,9 @@ from django.contrib import admin, messages
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
+from django.contrib.auth.models import Permission
 from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -241,6 +243,20 @@ class ApiKeyAdmin(MaskedLookupsMixin, ChangedFieldsOnlyMixin, admin.ModelAdmin):
     def is_active(self, obj: ApiKey) -> bool:
         return obj.is_active
 
+    def delete_model(self, request: HttpRequest, obj: ApiKey) -> None:
+        self.delete_queryset(request, ApiKey.objects.filter(pk=obj.pk))
+
+    @transaction.atomic
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        """A key is revoked before it is deleted: its api_key_revoked event says, as a revocation's
+        does, when and by whom it stopped working; the audit log keeps its api_key_created."""
+        api_key_revoke(
+            api_key_ids=queryset.values_list("pk", flat=True),
+            now=timezone.now(),
+            actor=actor_of(request.user, "console"),
+        )
+        super().delete_queryset(request, queryset)
+
     @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         revoked = api_key_revoke(
@@ -292,6 +308,25 @@ SPEND_WINDOWS = (("last 24 hours", dt.timedelta(hours=24)), ("last 30 days", dt.
 SPEND_PERMISSIONS = ("orchestration.view_workflow", "orchestration.view_taskexecution")
 
 
+def _may_manage(user: Any, account: Any) -> bool:
+    """Whether `user` may change or delete `account`: it holds no right `user` lacks, counted
+    from its permissions and groups whether it is active or not (reactivating an account is
+    handing out its rights; a superuser's are all)."""
+    if user.is_superuser:
+        return True
+    if account.is_superuser:
+        return False
+    rights = Permission.objects.filter(Q(user=account) | Q(group__user=account)).values_list(
+        "content_type__app_label", "codename"
+    )
+    return {f"{app}.{codename}" for app, codename in rights} <= user.get_all_permissions()
+
+
+def _permission_name(permission: Any) -> str:
+    """`app_label.codename`, as User.get_all_permissions names it."""
+    return f"{permission.content_type.app_label}.{permission.codename}"
+
+
 class UserAdmin(DjangoUserAdmin):
     """Django's user admin, with what the user's work cost beside it (DESIGN §4's wasted
     spend per user; the API's `me/spend`)."""
@@ -301,6 +336,44 @@ class UserAdmin(DjangoUserAdmin):
         *DjangoUserAdmin.fieldsets,
         ("Spend", {"fields": ("spend",), "description": SPEND_HELP}),
     )
+
+    # Managing accounts is no way to more rights than one's own, the rule the console's API keys
+    # follow (may_mint_keys_for): Django's user admin lets anyone who may change users tick
+    # "superuser status" on their own account, grant any permission or group, and set the
+    # password of a superuser (then sign in as one). Here a staff user who is not a superuser
+    # cannot make one, grants only permissions (and groups of permissions) they hold, and may
+    # change or delete only accounts that hold no right they lack (others are read-only).
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        fields = super().get_readonly_fields(request, obj)
+        return fields if request.user.is_superuser else (*fields, "is_superuser")
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        allowed = super().has_change_permission(request, obj)
+        return allowed and (obj is None or _may_manage(request.user, obj))
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        allowed = super().has_delete_permission(request, obj)
+        return allowed and (obj is None or _may_manage(request.user, obj))
+
+    def formfield_for_manytomany(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        field = super().formfield_for_manytomany(db_field, request, **kwargs)
+        if request.user.is_superuser or field is None:
+            return field
+        held = request.user.get_all_permissions()
+        if db_field.name == "user_permissions":
+            field.queryset = field.queryset.filter(
+                pk__in=[p.pk for p in field.queryset.select_related("content_type") if _permission_name(p) in held]
+            )
+        elif db_field.name == "groups":
+            field.queryset = field.queryset.filter(
+                pk__in=[
+                    group.pk
+                    for group in field.queryset.prefetch_related("permissions__content_type")
+                    if {_permission_name(p) for p in group.permissions.all()} <= held
+                ]
+            )
+        return field
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         fieldsets = super().get_fieldsets(request, obj)

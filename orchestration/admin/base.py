@@ -34,7 +34,13 @@ def masked(value: Any) -> Any:
 
 def pretty_json(value: Any) -> SafeString:
     """`value`, masked, as indented, key-sorted JSON in a <pre>, HTML-escaped."""
-    text = json.dumps(masked(value), indent=2, sort_keys=True, ensure_ascii=False, cls=DjangoJSONEncoder)
+    try:
+        text = json.dumps(masked(value), indent=2, sort_keys=True, ensure_ascii=False, cls=DjangoJSONEncoder)
+    except RecursionError:
+        # A spec's JSON may nest as deep as its parser reads (about a thousand levels); masking
+        # takes a call or two a level, on top of the page's own calls. Not shown rather than
+        # shown unmasked, or the whole page a 500.
+        return format_html("<p>{}</p>", "not shown: nested too deeply to mask")
     return format_html('<pre class="json" style="margin:0;white-space:pre-wrap">{}</pre>', text)
 
 

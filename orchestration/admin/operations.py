@@ -134,15 +134,28 @@ class OperationsMixin:
 
     def _operation_view(self, operation: Operation) -> Callable[..., HttpResponse]:
         def view(request: HttpRequest, object_id: str) -> HttpResponse:
+            opts = self.model._meta
+            if request.method == "GET":
+                # A link or a crawler changes nothing. Nor does the login page, which sends an
+                # operator whose session had ended (expired, or logged out in another tab) to
+                # the address their button posted to: show them the object's page, where it is.
+                self.message_user(
+                    request,
+                    f"Nothing was {operation.past}: the {operation.verb.capitalize()} button on this page does "
+                    "that, opening its address does not.",
+                    messages.WARNING,
+                )
+                return HttpResponseRedirect(
+                    reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[quote(unquote(object_id))])
+                )
             if request.method != "POST":
-                return HttpResponseNotAllowed(["POST"])  # a link or a crawler changes nothing
+                return HttpResponseNotAllowed(["POST"])
             obj = self.get_object(request, unquote(object_id))  # None for a malformed id too
             if obj is None:
                 raise Http404(f"no {self.model._meta.verbose_name} {object_id!r}")
             if not self.has_change_permission(request, obj):
                 raise PermissionDenied
             self.operate(request, operation, [obj])
-            opts = self.model._meta
             return HttpResponseRedirect(
                 reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[quote(obj.pk)])
             )

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
-from django.contrib import admin
+from typing import Any
+
+from django.contrib import admin, messages
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.utils.safestring import SafeString
 
 from orchestration.admin.base import (
@@ -24,6 +26,12 @@ from orchestration.services.workflows import (
     workflow_cancel,
     workflow_resume,
 )
+
+# The tasks a workflow's page lists (the first ones); the task list has them all. A workflow may
+# have thousands (WORKFLOW_MAX_TASKS): each is a row of the page's form, some milliseconds to draw
+# and two fields posted with every save, and past about 500 of them the save is refused whole
+# (DATA_UPLOAD_MAX_NUMBER_FIELDS).
+WORKFLOW_TASKS_SHOWN = 100
 
 
 def _failed_already(ended: list[Workflow]) -> str | None:
@@ -75,7 +83,7 @@ class TaskExecutionInline(ReadOnlyTabularInline):
         "execution_time_ms",
     )
     readonly_fields = fields
-    ordering = ("created_at",)
+    ordering = ("created_at", "execution_id")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[TaskExecution]:
         return super().get_queryset(request).select_related("agent")
@@ -232,6 +240,25 @@ class WorkflowAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Workflow | None = None) -> bool:
         return False
+
+    def get_formset_kwargs(self, request: HttpRequest, obj: Workflow, inline: Any, prefix: str) -> dict[str, Any]:
+        kwargs = super().get_formset_kwargs(request, obj, inline, prefix)
+        if isinstance(inline, TaskExecutionInline):
+            first = TaskExecution.objects.filter(workflow=obj).order_by(*inline.ordering).values("pk")
+            kwargs["queryset"] = kwargs["queryset"].filter(pk__in=first[:WORKFLOW_TASKS_SHOWN])
+        return kwargs
+
+    def render_change_form(
+        self, request: HttpRequest, context: dict[str, Any], *args: Any, obj: Workflow | None = None, **kwargs: Any
+    ) -> HttpResponse:
+        if request.method == "GET" and obj is not None and obj.total_steps > WORKFLOW_TASKS_SHOWN:
+            self.message_user(
+                request,
+                f"This workflow has {obj.total_steps} tasks: its page lists the first {WORKFLOW_TASKS_SHOWN}, "
+                "the task list (related: tasks) all of them.",
+                messages.INFO,
+            )
+        return super().render_change_form(request, context, *args, obj=obj, **kwargs)
 
     @admin.display(description="steps done/total (failed)")
     def progress(self, obj: Workflow) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Callable
+from html.parser import HTMLParser
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import escape
 
+from orchestration.admin.workflows import WORKFLOW_TASKS_SHOWN
 from orchestration.models import (
     Agent,
     AgentInteraction,
@@ -29,7 +31,9 @@ from orchestration.models import (
     TaskExecution,
     Workflow,
 )
-from orchestration.services.access import api_key_revoke
+from orchestration.services.access import api_key_create, api_key_revoke
+from orchestration.services.specs import spec_parse
+from orchestration.services.workflows import workflow_submit
 from tests.factories import (
     AgentFactory,
     ApiKeyFactory,
@@ -251,6 +255,73 @@ def test_workflow_change_query_count_does_not_grow_with_tasks(su_client: Client)
     assert _count_queries(su_client, url) == with_2_tasks
 
 
+class _FormData(HTMLParser):
+    """What a browser posts from the form `form_id` of a page: its inputs (checkboxes only when
+    checked, no buttons), selected options and textareas."""
+
+    def __init__(self, form_id: str) -> None:
+        super().__init__()
+        self.form_id, self.inside, self.data = form_id, False, {}
+        self.select: str | None = None
+        self.textarea: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "form":
+            self.inside = a.get("id") == self.form_id
+        elif not self.inside:
+            return
+        elif tag == "option" and self.select and "selected" in a:
+            self.data[self.select] = a.get("value") or ""
+        elif tag == "input" and a.get("name") and a.get("type") not in ("submit", "button"):
+            if a.get("type") != "checkbox" or "checked" in a:
+                self.data[a["name"]] = a.get("value") or ""
+        elif tag in ("select", "textarea") and a.get("name"):
+            setattr(self, tag, a["name"])
+            self.data[a["name"]] = ""
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "form":
+            self.inside = False
+        elif tag in ("select", "textarea"):
+            setattr(self, tag, None)
+
+    def handle_data(self, data: str) -> None:
+        if self.textarea:
+            # A browser drops the newline that opens a textarea's text.
+            self.data[self.textarea] += data.removeprefix("\n") if not self.data[self.textarea] else data
+
+
+def _posted(page: Any, form_id: str) -> dict[str, str]:
+    parser = _FormData(form_id)
+    parser.feed(page.content.decode())
+    return parser.data
+
+
+def test_a_workflow_with_many_tasks_lists_the_first_and_its_page_saves(su_client: Client) -> None:
+    """A workflow may have thousands of tasks (WORKFLOW_MAX_TASKS). Its page drew them all, each
+    a row of the page's form (seconds per hundreds of rows) posted with every save: past about
+    500 tasks, saving a change of its description was a 400 (too many fields)."""
+    workflow = WorkflowFactory(name="big", total_steps=600)
+    agent = AgentFactory()
+    TaskExecution.objects.bulk_create(TaskExecutionFactory.build_batch(600, workflow=workflow, agent=agent))
+    url = _url(Workflow, "change", workflow.pk)
+    page = su_client.get(url)
+
+    saved = su_client.post(url, {**_posted(page, "workflow_form"), "description": "edited"})
+
+    assert saved.status_code == 302
+    workflow.refresh_from_db()
+    assert workflow.description == "edited"
+    shown = [form.instance for form in page.context["inline_admin_formsets"][0].formset.forms]
+    first = list(TaskExecution.objects.filter(workflow=workflow).order_by("created_at", "execution_id"))
+    assert shown == first[:WORKFLOW_TASKS_SHOWN]
+    listed = f"This workflow has 600 tasks: its page lists the first {WORKFLOW_TASKS_SHOWN}"
+    assert any(listed in str(message) for message in page.context["messages"])
+    tasks_link = escape(f"{_url(TaskExecution, 'changelist')}?workflow__workflow_id__exact={workflow.pk}")
+    assert tasks_link in page.content.decode()
+
+
 def test_task_change_query_count_does_not_grow_with_attempts(su_client: Client) -> None:
     task = TaskExecutionFactory()
     TaskAttemptFactory(execution=task, attempt_number=1, failed=True)
@@ -335,6 +406,30 @@ def test_json_fields_are_pretty_printed_and_escaped(su_client: Client) -> None:
         assert expected in page
         assert "<script>alert" not in page
     assert escape(json.dumps({"answer": 42}, indent=2)) in task_page
+
+
+def test_a_workflow_whose_data_nests_deeply_still_has_its_pages(su_client: Client, builtin_agents: None) -> None:
+    """A spec's JSON nests as deep as its parser reads (about a thousand levels), and the worker
+    runs it. Masking walks a level of lists in two calls, on top of the page's own: a few hundred
+    levels made the workflow's and the task's pages a 500 (with DEBUG on, minutes of the debug
+    page printing each frame)."""
+    deep: Any = "sk-live-0123456789abcdef0123"
+    for _ in range(600):
+        deep = [deep]
+    text = json.dumps({"name": "deep", "tasks": [{"name": "t", "agent": "echo", "input": {"deep": deep}}]})
+    workflow, _ = workflow_submit(spec=spec_parse(text, fmt="json"))
+    task = TaskExecution.objects.get(workflow=workflow)
+
+    pages = [
+        su_client.get(_url(Workflow, "change", workflow.pk)),
+        su_client.get(_url(TaskExecution, "change", task.pk)),
+    ]
+
+    for page in pages:
+        assert page.status_code == 200
+        content = page.content.decode()
+        assert "not shown: nested too deeply to mask" in content
+        assert "sk-live-0123456789abcdef0123" not in content
 
 
 def test_workflow_form_edits_descriptive_fields_but_not_engine_state(su_client: Client) -> None:
@@ -568,6 +663,29 @@ def test_secret_hash_never_appears_in_admin_pages(su_client: Client) -> None:
         assert secret_hash not in response.content.decode()
         assert "secret_hash" not in response.content.decode()
     assert key.prefix in responses[1].content.decode()
+
+
+def test_a_key_deleted_in_the_console_is_recorded_revoked_first(su_client: Client, superuser: Any) -> None:
+    """Deleting a key ends it as revoking it does: the audit log, which says it was created,
+    also says when and by whom it stopped working (a key revoked before is not revoked again)."""
+    owner = UserFactory(role="viewer")
+    one, two, revoked = (api_key_create(owner=owner, name=name).api_key for name in ("one", "two", "revoked"))
+    api_key_revoke(api_key_ids=[revoked.pk], now=timezone.now())
+
+    deleted = su_client.post(_url(ApiKey, "delete", one.pk), {"post": "yes"})
+    deleted_selected = su_client.post(
+        _url(ApiKey, "changelist"),
+        {"action": "delete_selected", "_selected_action": [two.pk, revoked.pk], "post": "yes"},
+    )
+
+    assert (deleted.status_code, deleted_selected.status_code) == (302, 302)
+    assert not ApiKey.objects.filter(owner=owner).exists()
+    ended = Event.objects.filter(event_type="api_key_revoked").order_by("sequence")
+    assert [(e.payload["prefix"], e.payload.get("by"), e.payload.get("via")) for e in ended] == [
+        (revoked.prefix, None, None),
+        (one.prefix, superuser.username, "console"),
+        (two.prefix, superuser.username, "console"),
+    ]
 
 
 def test_revoking_only_keys_already_revoked_is_not_reported_as_a_success(su_client: Client) -> None:
@@ -957,3 +1075,52 @@ def test_a_list_cannot_be_searched_for_what_the_console_masks(
 
     assert right.status_code == wrong.status_code == 200
     assert right.context["cl"].result_count == wrong.context["cl"].result_count == 0
+
+
+def test_a_staff_user_who_may_change_users_gains_no_rights_through_them(client: Client) -> None:
+    """Django's user admin lets whoever may change users tick their own superuser status,
+    grant any permission or group and set a superuser's password: here none of that, the rule
+    the console's API keys follow (may_mint_keys_for)."""
+    from django.contrib.auth.models import Group
+
+    staff = _staff_with("view_user", "change_user", "delete_user", "view_workflow")
+    boss = UserFactory(is_staff=True, is_superuser=True)
+    powerful = Group.objects.create(name="powerful")
+    powerful.permissions.add(*Permission.objects.filter(codename__in=["change_workflow", "view_workflow"]))
+    dormant = UserFactory(is_staff=True, is_active=False)
+    dormant.groups.add(powerful)
+    client.force_login(staff)
+    own = reverse("admin:auth_user_change", args=[staff.pk])
+
+    form = client.get(own).context["adminform"].form
+    assert "is_superuser" not in form.fields
+    assert set(form.fields["user_permissions"].queryset.values_list("codename", flat=True)) == {
+        "view_user",
+        "change_user",
+        "delete_user",
+        "view_workflow",
+    }
+    assert powerful not in form.fields["groups"].queryset
+    change_workflow = list(Permission.objects.filter(codename="change_workflow").values_list("pk", flat=True))
+    response = client.post(
+        own,
+        {
+            "username": staff.username,
+            "is_active": "on",
+            "is_staff": "on",
+            "is_superuser": "on",
+            "user_permissions": change_workflow,
+            "date_joined_0": "2026-01-01",
+            "date_joined_1": "00:00:00",
+        },
+    )
+    assert response.status_code == 200 and "user_permissions" in response.context["adminform"].form.errors
+    staff.refresh_from_db()
+    assert not staff.is_superuser and not staff.has_perm("orchestration.change_workflow")
+
+    for account in (boss, dormant):  # a superuser; an inactive account whose group holds more
+        assert client.get(reverse("admin:auth_user_password_change", args=[account.pk])).status_code == 403
+        assert client.post(reverse("admin:auth_user_delete", args=[account.pk]), {"post": "yes"}).status_code == 403
+        page = client.get(reverse("admin:auth_user_change", args=[account.pk]))
+        assert page.status_code == 200 and "is_active" not in page.context["adminform"].form.fields  # read-only
+    assert type(staff).objects.filter(pk__in=[boss.pk, dormant.pk]).count() == 2

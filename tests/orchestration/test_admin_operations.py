@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import redis
@@ -92,8 +93,8 @@ def test_an_objects_page_offers_the_operations_its_state_allows_as_post_buttons(
     assert _url(Workflow, "resume", workflow.pk) not in page
     assert 'method="post"' in page and "csrfmiddlewaretoken" in page
 
-    # A GET of an operation's URL (a link, a crawler) changes nothing.
-    assert operator.get(_url(Workflow, "cancel", workflow.pk)).status_code == 405
+    # A GET of an operation's URL (a link, a crawler) changes nothing: it shows the object's page.
+    assert operator.get(_url(Workflow, "cancel", workflow.pk))["Location"] == _url(Workflow, "change", workflow.pk)
     assert Workflow.objects.get(pk=workflow.pk).status == W.RUNNING
 
     response = operator.post(_url(Workflow, "cancel", workflow.pk), follow=True)
@@ -115,6 +116,31 @@ def test_an_objects_page_offers_the_operations_its_state_allows_as_post_buttons(
     # A refusal is the service's, in its words.
     response = operator.post(_url(Workflow, "resume", workflow.pk), follow=True)
     assert f"Not resumed (1): {workflow}: workflow {workflow.pk} is running" in _messages(response)
+
+
+@pytest.mark.django_db
+def test_an_operation_pressed_after_the_session_ended_leads_back_to_the_objects_page(builtin_agents, client):
+    """An operator whose session ended (it expired, or they logged out in another tab) presses
+    Cancel on a page left open: the console asks them to log in, then sends them on to the
+    address the button posted to, with a GET. That shows the workflow's page, still running,
+    saying nothing was done, not the browser's "HTTP ERROR 405" over an empty answer."""
+    workflow = submit({"name": "a", "agent": "echo"})
+    cancel, change = _url(Workflow, "cancel", workflow.pk), _url(Workflow, "change", workflow.pk)
+
+    to_login = client.post(cancel)
+    assert to_login.status_code == 302
+    login_url = to_login["Location"]
+    assert parse_qs(urlsplit(login_url).query)["next"] == [cancel]
+    UserFactory(is_staff=True, is_superuser=True, username="ops")
+    after_login = client.post(
+        login_url, {"username": "ops", "password": "correct horse battery staple", "next": cancel}, follow=True
+    )
+
+    assert [url for url, _ in after_login.redirect_chain] == [cancel, change]
+    assert after_login.status_code == 200
+    assert "Nothing was cancelled: the Cancel button on this page does that" in _messages(after_login)
+    assert _url(Workflow, "cancel", workflow.pk) in after_login.content.decode()  # the button, to press again
+    assert Workflow.objects.get(pk=workflow.pk).status == W.RUNNING
 
 
 @pytest.mark.django_db
