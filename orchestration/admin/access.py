@@ -375,6 +375,20 @@ class UserAdmin(DjangoUserAdmin):
             )
         return field
 
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        self.delete_queryset(request, type(obj).objects.filter(pk=obj.pk))
+
+    @transaction.atomic
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        """A deleted account's API keys go with it (on_delete CASCADE); they are revoked first,
+        so the audit log says when and by whom they stopped working, as for a key deleted."""
+        api_key_revoke(
+            api_key_ids=ApiKey.objects.filter(owner__in=queryset).values_list("pk", flat=True),
+            now=timezone.now(),
+            actor=actor_of(request.user, "console"),
+        )
+        super().delete_queryset(request, queryset)
+
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         fieldsets = super().get_fieldsets(request, obj)
         if request.user.has_perms(SPEND_PERMISSIONS):

@@ -688,6 +688,23 @@ def test_a_key_deleted_in_the_console_is_recorded_revoked_first(su_client: Clien
     ]
 
 
+def test_the_keys_of_a_user_deleted_in_the_console_are_recorded_revoked_first(
+    su_client: Client, superuser: Any
+) -> None:
+    leaving, staying = UserFactory(role="viewer"), UserFactory(role="viewer")
+    theirs = api_key_create(owner=leaving, name="theirs").api_key
+    kept = api_key_create(owner=staying, name="kept").api_key
+
+    deleted = su_client.post(reverse("admin:auth_user_delete", args=[leaving.pk]), {"post": "yes"})
+
+    assert deleted.status_code == 302
+    assert list(ApiKey.objects.values_list("pk", flat=True)) == [kept.pk]
+    ended = Event.objects.filter(event_type="api_key_revoked")
+    assert [(e.payload["prefix"], e.payload.get("by"), e.payload.get("via")) for e in ended] == [
+        (theirs.prefix, superuser.username, "console")
+    ]
+
+
 def test_revoking_only_keys_already_revoked_is_not_reported_as_a_success(su_client: Client) -> None:
     revoked = ApiKeyFactory(revoked_at=timezone.now() - dt.timedelta(days=1))
 
