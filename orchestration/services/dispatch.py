@@ -138,6 +138,18 @@ def revoke_after_commit(celery_task_ids: list[str], *, terminate: bool) -> None:
     def send() -> None:
         from config.celery import app
 
-        app.control.revoke(ids, terminate=terminate, signal="SIGTERM")
+        try:
+            app.control.revoke(ids, terminate=terminate, signal="SIGTERM")
+        except BROKER_DOWN as exc:
+            # The cancel is committed, and stands: a message left unrevoked runs nothing (its
+            # task is no longer queued), a process left running ends as it would, recorded
+            # late. The caller (an API request, the console) is not failed for it.
+            logger.error(
+                "broker unreachable (%s: %s): %d message(s) not revoked: %s",
+                type(exc).__name__,
+                exc,
+                len(ids),
+                ", ".join(ids),
+            )
 
     transaction.on_commit(send)

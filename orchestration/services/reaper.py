@@ -116,7 +116,7 @@ def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) 
 
 def _reap_after(attempt: TaskAttempt) -> dt.datetime:
     """When a running attempt is past its hard limit plus the grace, on the database's clock:
-    from its row's created_at (the database's time when the claim began), not its started_at
+    from its row's created_at (the database's time when the claim inserted it), not its started_at
     (the claiming worker's clock, which may run behind the reaper's)."""
     limit = hard_limit_seconds(attempt.timeout_seconds or 0) + settings.REAPER_GRACE_SECONDS
     return attempt.created_at + dt.timedelta(seconds=limit)

@@ -175,6 +175,36 @@ def test_all_queues_one_pending_run_per_type(callers, out, django_capture_on_com
     assert len(callbacks) == 1  # the tasks are sent after commit, never inside the transaction
 
 
+@pytest.mark.django_db(transaction=True)
+def test_an_export_requested_while_the_broker_is_down_is_accepted_and_queued_by_the_sweep(out, monkeypatch, caplog):
+    """The pending run is committed before its task is sent. A broker that did not answer then
+    failed the request with a 500, kombu's traceback in the log, although the run was recorded:
+    a client retrying got that pending run back, queued by nothing until the export sweep. It
+    is accepted, as a workflow is, and the sweep sends it once the broker answers."""
+    from training_export.services.export import export_runs_sweep
+    from training_export.tasks import export_run_task
+
+    admin = make_caller("exporter", "admin").client
+    app = export_run_task.app
+    monkeypatch.setattr(app.conf, "broker_url", "redis://127.0.0.1:1/0")  # nothing listens there
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    admin.raise_request_exception = False
+
+    response = admin.post("/api/v1/exports/", EVENTS, format="json")
+
+    assert response.status_code == 202, response.content
+    [run_id] = response.json()["queued"]
+    assert ExportRun.objects.get(pk=run_id).status == ExportRun.Status.PENDING
+    [record] = [r for r in caplog.records if r.getMessage().startswith("broker unreachable")]
+    assert record.exc_info is None and not record.exc_text
+    assert "OperationalError: Error 111 connecting to 127.0.0.1:1" in record.getMessage()
+    assert f"1 export run(s) not queued, the export sweep queues them: {run_id}" in record.getMessage()
+    monkeypatch.undo()  # the broker answers again
+    assert export_runs_sweep(now=timezone.now() + dt.timedelta(days=1)).requeued == [run_id]
+
+
 def test_list_filters_orders_newest_first_and_pages_by_cursor(callers, out):
     admin = callers["admin"].client
     start = midnight(DAY)

@@ -276,3 +276,39 @@ def test_a_workflow_submitted_while_the_broker_is_down_is_accepted_and_sent_by_t
     monkeypatch.undo()  # the broker answers again
     later = timezone.now() + dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS + 1)
     assert queued_sweep(now=later) == [task.pk]
+
+
+def test_a_workflow_cancelled_while_the_broker_is_down_is_cancelled_and_answered_so(
+    transactional_db, monkeypatch, caplog
+):
+    """A cancel is committed before its tasks' messages are revoked (and their processes
+    terminated) through the broker. A broker that does not answer then failed the request
+    with a 500, kombu's traceback in the log, although the workflow was cancelled: the client
+    (or the console's button) was told the cancel failed, and its retry answered 409, "is
+    cancelled". A message left unrevoked runs nothing (its task is no longer queued); a
+    process left running ends as it would, recorded late."""
+    from django.core.management import call_command
+
+    from orchestration.tasks import run_task
+    from tests.api.conftest import make_caller
+
+    call_command("load_agents", stdout=io.StringIO())
+    caller = make_caller("dev", "developer")
+    workflow_id = caller.client.post("/api/v1/workflows/", SPEC, format="json").json()["workflow_id"]
+    app = run_task.app
+    monkeypatch.setattr(app.conf, "broker_url", "redis://127.0.0.1:1/0")  # nothing listens there
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    caller.client.raise_request_exception = False
+
+    response = caller.client.post(f"/api/v1/workflows/{workflow_id}/cancel/", format="json")
+
+    assert response.status_code == 200, response.content
+    assert response.json()["status"] == "cancelled"
+    task = TaskExecution.objects.get(workflow_id=workflow_id)
+    assert task.status == "cancelled"
+    [record] = [r for r in caplog.records if r.getMessage().startswith("broker unreachable")]
+    assert record.exc_info is None and not record.exc_text
+    assert "OperationalError: Error 111 connecting to 127.0.0.1:1" in record.getMessage()
+    assert f"1 message(s) not revoked: {task.celery_task_id}" in record.getMessage()

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 from django.conf import settings as django_settings
-from django.contrib.auth.signals import user_login_failed
+from django.contrib.auth.hashers import get_hashers
 from django.test import Client
 
 from tests.engine import flush_redis
@@ -35,20 +35,36 @@ def _sign_in(client: Client, username: str, password: str):
     return client.post("/admin/login/", {"username": username, "password": password, "next": "/admin/"})
 
 
-def test_past_the_limit_of_failed_sign_ins_even_the_right_password_is_refused(low_limit):
+def _hashes_counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The passwords hashed from now on: every check of one, right or wrong, and of a name
+    that does not exist, hashes it (`encode`, which `verify` calls too)."""
+    hashed: list[str] = []
+    for hasher in get_hashers():
+        encode = type(hasher).encode
+
+        def counted(self, password, *args, encode=encode, **kwargs):
+            hashed.append(password)
+            return encode(self, password, *args, **kwargs)
+
+        monkeypatch.setattr(type(hasher), "encode", counted)
+    return hashed
+
+
+def test_past_the_limit_of_failed_sign_ins_even_the_right_password_is_refused(low_limit, monkeypatch):
     UserFactory(username="ops", role="admin")
     client = Client()
+    hashed = _hashes_counted(monkeypatch)
     for guess in ("a", "b", "c"):
         assert _sign_in(client, "ops", guess).status_code == 200  # the form again, with its error
-    checked = []
-    user_login_failed.connect(lambda **kwargs: checked.append(kwargs), weak=False, dispatch_uid="t")
-    try:
-        refused = _sign_in(client, "ops", PASSWORD)
-    finally:
-        user_login_failed.disconnect(dispatch_uid="t")
-    assert refused.status_code == 200
-    assert "Too many failed sign-ins" in refused.content.decode()
-    assert not checked  # no password was checked (each check is a slow hash)
+    assert hashed[-3:] == ["a", "b", "c"]  # each guess below the limit was checked
+    hashed.clear()
+    for password in (PASSWORD, "d"):
+        refused = _sign_in(client, "ops", password)
+        assert refused.status_code == 200
+        assert "Too many failed sign-ins" in refused.content.decode()
+    # No password was checked, the right one or another (each check is a slow hash; the
+    # answer to a right password must not differ from a wrong one's by its cost either).
+    assert hashed == []
     assert "_auth_user_id" not in client.session
     # Another user name has its own count.
     UserFactory(username="dev", role="developer")

@@ -119,3 +119,28 @@ def test_other_database_errors_of_a_command_are_raised_as_they_were() -> None:
     with pytest.raises(ProgrammingError) as caught, transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SELECT * FROM agentledger_no_such_table")
     assert database_problem(caught.value) is None  # a missing table, but nothing left to migrate
+
+
+@pytest.mark.django_db
+def test_a_postgresql_database_without_this_versions_migrations_is_told_to_migrate() -> None:
+    """PostgreSQL, production's database, upgraded without `migrate`: the new code names a
+    column the last migration adds. PostgreSQL says so by its SQLSTATE (not SQLite's
+    message, the only one the commands' test above reads)."""
+    from django.db import ProgrammingError, connection, transaction
+
+    from orchestration.management.arguments import database_problem
+
+    with connection.cursor() as cursor:  # the newest migration not applied (rolled back with the test)
+        cursor.execute(
+            "DELETE FROM django_migrations WHERE id = (SELECT max(id) FROM django_migrations WHERE app = "
+            "'orchestration') RETURNING name"
+        )
+        (newest,) = cursor.fetchone()
+    with pytest.raises(ProgrammingError) as caught, transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELECT agentledger_not_yet_added FROM task_attempts")
+    where = connection.settings_dict
+    database = f"{where['NAME']} on {where['HOST']}:{where['PORT']}"
+    assert database_problem(caught.value) == (
+        f'the database {database} is not migrated (column "agentledger_not_yet_added" does not exist): '
+        f"1 migration(s) not applied, the first orchestration.{newest}; run `manage.py migrate`"
+    )

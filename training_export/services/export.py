@@ -792,11 +792,23 @@ def _pending_run(*, data_type: str, window: Window, requested_by_id: int | None)
 
 
 def _enqueue(run_ids: list[int]) -> None:
+    """Send the committed pending runs' tasks. With the broker down the runs stand, pending,
+    and the export sweep sends them again: the caller (an API request) is not failed for it."""
+    from orchestration.services.dispatch import BROKER_DOWN
     from training_export.tasks import export_run_task
 
-    with export_run_task.app.producer_or_acquire() as producer:
-        for run_id in run_ids:
-            export_run_task.apply_async(args=[run_id], queue="low", routing_key="low", producer=producer)
+    try:
+        with export_run_task.app.producer_or_acquire() as producer:
+            for run_id in run_ids:
+                export_run_task.apply_async(args=[run_id], queue="low", routing_key="low", producer=producer)
+    except BROKER_DOWN as exc:
+        logger.error(
+            "broker unreachable (%s: %s): %d export run(s) not queued, the export sweep queues them: %s",
+            type(exc).__name__,
+            exc,
+            len(run_ids),
+            ", ".join(str(run_id) for run_id in run_ids),
+        )
 
 
 @dataclass(frozen=True)
