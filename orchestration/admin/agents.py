@@ -18,6 +18,7 @@ from orchestration.admin.base import (
     json_display,
     links,
 )
+from orchestration.admin.scale import LargeTableAdmin
 from orchestration.errors import SpecError
 from orchestration.models import Agent, AgentMetric, Event, TaskExecution
 from orchestration.services.agent_registry import agent_change_record, agent_check
@@ -203,14 +204,15 @@ class AgentAdmin(MaskedLookupsMixin, ChangedFieldsOnlyMixin, admin.ModelAdmin):
 
 
 @admin.register(AgentMetric)
-class AgentMetricAdmin(MaskedLookupsMixin, RecordOnlyMixin, admin.ModelAdmin):
-    """Metrics are written by the rollup."""
+class AgentMetricAdmin(RecordOnlyMixin, LargeTableAdmin):
+    """Metrics are written by the rollup: eleven rows per agent and period, millions of them
+    over the retention's 400 days (read as the other big tables are, `admin/scale.py`; newest
+    first by the index of migration 0032)."""
 
     list_display = ("recorded_at", "agent", "metric_type", "metric_value", "metric_unit", "period", "period_start")
     list_filter = ("metric_type", "period", "agent", "recorded_at")
     list_select_related = ("agent",)
     search_fields = ("agent__id", "agent__name")
-    date_hierarchy = "recorded_at"
     ordering = ("-recorded_at",)
     fields = (
         "agent",

@@ -10,6 +10,7 @@ from django.contrib import admin
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.db.models.constants import LOOKUP_SEP
+from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
@@ -203,3 +204,41 @@ class ReadOnlyTabularInline(admin.TabularInline):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class BoundedInlineFormSet(BaseInlineFormSet):
+    """The first `shown` rows of the inline's queryset (BoundedTabularInline sets it)."""
+
+    shown = 0
+
+    def get_queryset(self) -> models.QuerySet:
+        if not hasattr(self, "_bounded"):
+            self._bounded = super().get_queryset()[: self.shown]
+        return self._bounded
+
+
+class BoundedTabularInline(ReadOnlyTabularInline):
+    """A read-only inline of at most `shown` rows, whose heading says so and links to the list
+    of them all when there are more: the page renders a form for every row (a workflow of
+    5,000 tasks was a 14.5 MB page that took 47 s, a task tried 1,000 times 3.3 MB in 13 s)."""
+
+    formset = BoundedInlineFormSet
+    shown = 100
+
+    def all_url(self, obj: models.Model) -> str:
+        """The list of every row of `obj`'s inline."""
+        raise NotImplementedError
+
+    def get_formset(self, request: HttpRequest, obj: Any = None, **kwargs: Any) -> type[BoundedInlineFormSet]:
+        formset = super().get_formset(request, obj, **kwargs)
+        formset.shown = self.shown  # a class made for this request (inlineformset_factory)
+        rows = self.get_queryset(request).filter(**{formset.fk.name: obj}) if obj is not None else None
+        if rows is not None and rows[self.shown : self.shown + 1].exists():
+            # Inline instances are made per request, so this heading is this page's own.
+            self.verbose_name_plural = format_html(
+                '{} (the first {}: <a href="{}">all of them</a>)',
+                self.model._meta.verbose_name_plural,
+                self.shown,
+                self.all_url(obj),
+            )
+        return formset

@@ -12,8 +12,8 @@ from django.utils.safestring import SafeString
 
 from orchestration.admin.base import (
     EMPTY,
+    BoundedTabularInline,
     ChangedFieldsOnlyMixin,
-    ReadOnlyTabularInline,
     RecordOnlyMixin,
     changelist_url,
     events_table,
@@ -24,6 +24,7 @@ from orchestration.admin.base import (
 )
 from orchestration.admin.operations import Operation, OperationsMixin, console_actor, console_reason
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, LargeTableAdmin
+from orchestration.admin.workflows import WORKFLOW_DOCUMENTS
 from orchestration.errors import TransitionError
 from orchestration.event_types import EntityType
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
@@ -36,6 +37,8 @@ from orchestration.services.workflows import (
 )
 
 TASK_EVENTS_SHOWN = 200
+# A task's input and output (a model's whole answer), which no list shows.
+TASK_DOCUMENTS = ("input_data", "output_data", "metadata")
 
 
 def task_events(execution: TaskExecution) -> QuerySet[Event]:
@@ -49,7 +52,7 @@ def task_events(execution: TaskExecution) -> QuerySet[Event]:
     ).order_by("sequence")
 
 
-class TaskAttemptInline(ReadOnlyTabularInline):
+class TaskAttemptInline(BoundedTabularInline):
     model = TaskAttempt
     fields = (
         "attempt_link",
@@ -74,6 +77,9 @@ class TaskAttemptInline(ReadOnlyTabularInline):
     @admin.display(description="attempt")
     def attempt_link(self, obj: TaskAttempt) -> SafeString:
         return object_link(TaskAttempt, obj.pk, obj.attempt_number)
+
+    def all_url(self, obj: TaskExecution) -> str:
+        return changelist_url(TaskAttempt, {"execution__execution_id__exact": obj.pk})
 
 
 def task_limits() -> dict[str, tuple[int, int, str]]:
@@ -160,6 +166,11 @@ class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmi
         "completed_at",
     )
     list_select_related = ("workflow", "agent")
+    list_deferred = (
+        *TASK_DOCUMENTS,
+        *(f"workflow__{name}" for name in WORKFLOW_DOCUMENTS),
+        *(f"parent_task__{name}" for name in TASK_DOCUMENTS),
+    )
     search_fields = (
         "=execution_id",
         "task_name",
@@ -288,6 +299,11 @@ class TaskAttemptAdmin(RecordOnlyMixin, LargeTableAdmin):
     )
     list_filter = ("status", "cause", "redelivered", "retryable", "execution__agent", "started_at", "finished_at")
     list_select_related = ("execution__workflow",)
+    list_deferred = (
+        "traceback",
+        *(f"execution__{name}" for name in TASK_DOCUMENTS),
+        *(f"execution__workflow__{name}" for name in WORKFLOW_DOCUMENTS),
+    )
     search_fields = (
         "=execution__execution_id",
         "execution__task_name",
@@ -296,7 +312,9 @@ class TaskAttemptAdmin(RecordOnlyMixin, LargeTableAdmin):
         "worker",
         "error_class",
     )
-    ordering = ("-started_at",)
+    # The order they started in (an attempt is written as it starts), read from the primary key:
+    # started_at has no index of its own, and sorting the table for a page took seconds.
+    ordering = ("-id",)
     fieldsets = (
         (
             None,

@@ -1,16 +1,14 @@
 from __future__ import annotations
 
-from typing import Any
-
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest
 from django.utils.safestring import SafeString
 
 from orchestration.admin.base import (
     EMPTY,
+    BoundedTabularInline,
     ChangedFieldsOnlyMixin,
-    ReadOnlyTabularInline,
     changelist_url,
     json_display,
     links,
@@ -27,12 +25,6 @@ from orchestration.services.workflows import (
     workflow_resume,
 )
 
-# The tasks a workflow's page lists (the first ones); the task list has them all. A workflow may
-# have thousands (WORKFLOW_MAX_TASKS): each is a row of the page's form, some milliseconds to draw
-# and two fields posted with every save, and past about 500 of them the save is refused whole
-# (DATA_UPLOAD_MAX_NUMBER_FIELDS).
-WORKFLOW_TASKS_SHOWN = 100
-
 
 def _failed_already(ended: list[Workflow]) -> str | None:
     """A cancel of a workflow that had failed already ends it failed (workflow_fail): say so."""
@@ -44,6 +36,10 @@ def _failed_already(ended: list[Workflow]) -> str | None:
         f"{', '.join(failed)}."
     )
 
+
+# A workflow's JSON documents that grow with its tasks (a list of workflows, or of what joins
+# them, shows none of them).
+WORKFLOW_DOCUMENTS = ("spec", "state_data", "step_results", "checkpoints", "metadata")
 
 WORKFLOW_OPERATIONS = (
     Operation(
@@ -66,7 +62,7 @@ WORKFLOW_OPERATIONS = (
 )
 
 
-class TaskExecutionInline(ReadOnlyTabularInline):
+class TaskExecutionInline(BoundedTabularInline):
     model = TaskExecution
     fk_name = "workflow"
     fields = (
@@ -87,6 +83,9 @@ class TaskExecutionInline(ReadOnlyTabularInline):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[TaskExecution]:
         return super().get_queryset(request).select_related("agent")
+
+    def all_url(self, obj: Workflow) -> str:
+        return changelist_url(TaskExecution, {"workflow__workflow_id__exact": obj.pk})
 
     @admin.display(description="task")
     def task_link(self, obj: TaskExecution) -> SafeString:
@@ -136,6 +135,7 @@ class WorkflowAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
         "completed_at",
     )
     list_select_related = ("owner",)
+    list_deferred = WORKFLOW_DOCUMENTS
     search_fields = ("=workflow_id", "name", "=idempotency_key", "owner__username", "initiator")
     client_chosen_ids = ("idempotency_key",)
     ordering = ("-created_at",)
@@ -240,25 +240,6 @@ class WorkflowAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Workflow | None = None) -> bool:
         return False
-
-    def get_formset_kwargs(self, request: HttpRequest, obj: Workflow, inline: Any, prefix: str) -> dict[str, Any]:
-        kwargs = super().get_formset_kwargs(request, obj, inline, prefix)
-        if isinstance(inline, TaskExecutionInline):
-            first = TaskExecution.objects.filter(workflow=obj).order_by(*inline.ordering).values("pk")
-            kwargs["queryset"] = kwargs["queryset"].filter(pk__in=first[:WORKFLOW_TASKS_SHOWN])
-        return kwargs
-
-    def render_change_form(
-        self, request: HttpRequest, context: dict[str, Any], *args: Any, obj: Workflow | None = None, **kwargs: Any
-    ) -> HttpResponse:
-        if request.method == "GET" and obj is not None and obj.total_steps > WORKFLOW_TASKS_SHOWN:
-            self.message_user(
-                request,
-                f"This workflow has {obj.total_steps} tasks: its page lists the first {WORKFLOW_TASKS_SHOWN}, "
-                "the task list (related: tasks) all of them.",
-                messages.INFO,
-            )
-        return super().render_change_form(request, context, *args, obj=obj, **kwargs)
 
     @admin.display(description="steps done/total (failed)")
     def progress(self, obj: Workflow) -> str:

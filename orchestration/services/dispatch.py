@@ -22,7 +22,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from orchestration.event_types import EventType
 from orchestration.models import TaskExecution
 from orchestration.services.events import task_event_build
-from orchestration.services.fastpath import insert_rows
+from orchestration.services.fastpath import insert_rows, update_rows
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def tasks_queue(tasks: list[TaskExecution], *, now: dt.datetime | None = None) -
     dispatches = [dispatch_prepare(task, now=now) for task in tasks]
     if not dispatches:
         return []
-    TaskExecution.objects.bulk_update(tasks, ["status", "celery_task_id", "queued_at"])
+    update_rows(tasks, ["status", "celery_task_id", "queued_at"])
     insert_rows([task_event_build(task, EventType.TASK_QUEUED) for task in tasks])
     dispatch_after_commit(dispatches)
     return dispatches

@@ -6,7 +6,8 @@ unusual, and returns None when anything is: a stale or duplicate message, a work
 is not running or is past its deadline, a queue timeout, a concurrency-limited agent, a
 task outside a workflow. The caller then takes the general path, which handles every case.
 
-insert_rows stores many new rows (a submission's tasks and events) in one statement.
+insert_rows stores many new rows (a submission's tasks and events) in one statement, and
+update_rows writes columns of many existing rows (the tasks a fan-out queues or a cancel ends).
 """
 
 from __future__ import annotations
@@ -313,6 +314,37 @@ def insert_rows(objs: Sequence[models.Model]) -> None:
     for obj in objs:
         obj._state.adding = False
         obj._state.db = connection.alias
+
+
+def update_rows(objs: Sequence[models.Model], fields: Sequence[str]) -> None:
+    """Write `fields` of existing rows of one model, as the objects hold them, in one statement:
+    on PostgreSQL the values travel as one JSON parameter (as in insert_rows), joined to the
+    rows by primary key. bulk_update sends a CASE with one WHEN per row for every field, which
+    PostgreSQL walks for each row it updates, and Django builds an expression per value: its
+    cost grows with the square of the rows (the 4,999 tasks a fan-out made ready kept their
+    parent's completion running for 68 s; cancelling a workflow of 5,000 tasks took 58 s).
+    Elsewhere (SQLite), or for field types not handled here, bulk_update does it."""
+    if not objs:
+        return
+    model = type(objs[0])
+    written = [model._meta.pk, *(model._meta.get_field(name) for name in fields)]
+    converters = [_to_json(f) for f in written]
+    if connection.vendor != "postgresql" or None in converters:
+        model.objects.bulk_update(objs, fields)
+        return
+    columns = [(f.column, f.attname, convert) for f, convert in zip(written, converters, strict=True)]
+    rows = [{column: convert(getattr(obj, attname)) for column, attname, convert in columns} for obj in objs]
+    quote = connection.ops.quote_name
+    table, key = quote(model._meta.db_table), quote(model._meta.pk.column)
+    record = ", ".join(f"{quote(f.column)} {f.db_type(connection)}" for f in written)
+    assignments = ", ".join(f"{quote(f.column)} = r.{quote(f.column)}" for f in written[1:])
+    # Identifiers and types come from the model's metadata, quoted; the rows are a parameter.
+    sql = (
+        f"UPDATE {table} SET {assignments} FROM json_to_recordset(%s::json) AS r({record}) "  # noqa: S608
+        f"WHERE {table}.{key} = r.{key}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [json.dumps(rows)])
 
 
 def claim(

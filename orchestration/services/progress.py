@@ -394,13 +394,14 @@ def tasks_cancel(
         attempt.error = reason
         attempt.finished_at = now
         attempt.duration_ms = max((now - attempt.started_at).total_seconds() * 1000, 0.0)
-    if running:
-        TaskAttempt.objects.bulk_update(running, ["status", "cause", "error", "finished_at", "duration_ms"])
+    fastpath.update_rows(running, ["status", "cause", "error", "finished_at", "duration_ms"])
+    running_of: dict[str, list[TaskAttempt]] = {}
+    for attempt in running:
+        running_of.setdefault(attempt.execution_id, []).append(attempt)
     # What the cancelled attempts had paid for (metered while they ran) stays on record.
     spent: dict[str, tuple[int, Decimal]] = {}
     for task in tasks:
-        own = [a for a in running if a.execution_id == task.execution_id]
-        if own:
+        if own := running_of.get(task.execution_id):
             spent[task.execution_id] = abandoned_usage_add(task, own)
     for task in tasks:
         tokens, cost = spent.get(task.execution_id, (0, Decimal(0)))
@@ -418,11 +419,11 @@ def tasks_cancel(
         task.error = reason
         task.completed_at = now
         # A conversation reply: the thread says it was cancelled (its running attempt's turn).
-        own = next((a for a in running if a.execution_id == task.execution_id), None)
-        conversation_attempt_closed(task, attempt=own, error=reason)
-    TaskExecution.objects.bulk_update(tasks, ["status", "error", "completed_at"])
+        own = running_of.get(task.execution_id)
+        conversation_attempt_closed(task, attempt=own[0] if own else None, error=reason)
+    fastpath.update_rows(tasks, ["status", "error", "completed_at"])
     states = entity_states(TaskExecution, ids, TASK_STATE_FIELDS)
-    Event.objects.bulk_create(
+    fastpath.insert_rows(
         [
             task_event_build(
                 t,

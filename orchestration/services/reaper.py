@@ -32,6 +32,7 @@ from orchestration.db import atomic_with_retry, database_now
 from orchestration.models import TaskAttempt, TaskExecution, Workflow
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, hard_limit_seconds
 from orchestration.services.execution import attempt_abandon, queue_timeout_record, queue_waited_since
+from orchestration.services.fastpath import update_rows
 from orchestration.services.progress import workflow_fail_past_deadline
 from orchestration.workers import (
     BROKER_CONNECTION_LOST,
@@ -316,6 +317,9 @@ def _eta(value: object) -> dt.datetime | None:
 # (a sweep takes well under a second; one that dies holding it is forgotten after this).
 SWEEP_LOCK = "agentledger:queued_sweep"
 SWEEP_LOCK_SECONDS = 120
+# Tasks re-sent per transaction and per publishing batch: one at a time, the 4,776 messages a
+# broker lost took over SWEEP_LOCK_SECONDS to send again (14 ms each), and another sweep began.
+RESEND_BATCH = 500
 
 
 @contextmanager
@@ -390,28 +394,28 @@ def _queued_sweep(*, now: dt.datetime | None) -> list[str]:
         held = workers_holding(due)
         # Cannot tell: left to the broker's visibility timeout, as a message held by a live worker.
         present |= due if held is None else held
-    resent = []
-    for execution_id, celery_task_id, _ in stale:
-        if celery_task_id in present:
-            continue
+    missing = [
+        (execution_id, celery_task_id) for execution_id, celery_task_id, _ in stale if celery_task_id not in present
+    ]
+    resent: list[str] = []
+    for start in range(0, len(missing), RESEND_BATCH):
+        expected = dict(missing[start : start + RESEND_BATCH])
         with transaction.atomic():
-            task = (
-                TaskExecution.objects.select_for_update(skip_locked=True)
-                .filter(
-                    pk=execution_id,
-                    celery_task_id=celery_task_id,
-                    status__in=[TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING],
-                )
-                .first()
-            )
-            if task is None:
-                continue
-            queued_at = task.queued_at
-            dispatch = dispatch_prepare(task, now=now, status=task.status)
-            task.queued_at = queued_at  # the queue timeout still counts from the first queueing
-            task.save(update_fields=["celery_task_id"])
-            dispatch_after_commit([dispatch])
-            resent.append(execution_id)
+            tasks = [
+                task
+                for task in TaskExecution.objects.select_for_update(skip_locked=True)
+                .filter(pk__in=expected, status__in=[TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING])
+                .order_by("execution_id")
+                if task.celery_task_id == expected[task.pk]  # not sent again meanwhile
+            ]
+            dispatches = []
+            for task in tasks:
+                queued_at = task.queued_at
+                dispatches.append(dispatch_prepare(task, now=now, status=task.status))
+                task.queued_at = queued_at  # the queue timeout still counts from the first queueing
+            update_rows(tasks, ["celery_task_id"])
+            dispatch_after_commit(dispatches)
+        resent += [task.pk for task in tasks]
     if resent:
         logger.warning("re-sent %d task(s) whose messages were missing: %s", len(resent), resent)
     return resent

@@ -47,8 +47,12 @@ from orchestration.services.relay import _stream_last_sequence, stream_groups, s
 logger = logging.getLogger(__name__)
 
 BATCH = 5000
-# Smaller batches for workflows: each one also deletes its tasks, attempts and interactions.
+# Smaller batches for workflows: each one also deletes its tasks, attempts and interactions,
+# which the ORM collects in memory first, so a batch also stops at WORKFLOW_BATCH_TASKS tasks (by
+# the workflows' total_steps; one workflow at least): 500 workflows of 1,000 tasks each were a
+# million rows in one transaction, and 1.5 GB held by the process.
 WORKFLOW_BATCH = 500
+WORKFLOW_BATCH_TASKS = 5000
 
 
 @dataclass
@@ -59,27 +63,42 @@ class RetentionResult:
     csv_partitions_removed: int = 0
 
 
-def _delete_in_batches(model: type[Model], condition: Q, *, batch: int = BATCH) -> Counter[str]:
+def _delete_in_batches(
+    model: type[Model], condition: Q, *, batch: int = BATCH, weight: str | None = None, weight_limit: int = 0
+) -> Counter[str]:
     """Delete the rows matching `condition`, `batch` at a time, each batch its own transaction;
-    rows deleted per table (the model's own and every table the ORM cascaded to)."""
+    rows deleted per table (the model's own and every table the ORM cascaded to). `weight`: a
+    column counting the rows that go with each one (a workflow's total_steps); a batch then
+    also stops before their sum passes `weight_limit`, with one row at least."""
     deleted: Counter[str] = Counter({model._meta.db_table: 0})
     while True:
         with transaction.atomic():
             # Locked with the condition (re-checked by PostgreSQL on a row changed meanwhile;
             # rows another transaction holds are left for the next run): a workflow resumed
             # between this SELECT and the DELETE is no longer old and finished, and is kept.
-            ids = list(
+            rows = list(
                 model.objects.select_for_update(skip_locked=True, of=("self",))
                 .filter(condition)
-                .values_list("pk", flat=True)[:batch]
+                .values_list("pk", *([weight] if weight else []))[:batch]
             )
-            if not ids:
+            if not rows:
                 return deleted
-            _, per_model = model.objects.filter(condition, pk__in=ids).delete()
-        for label, rows in per_model.items():
-            deleted[apps.get_model(label)._meta.db_table] += rows
-        if len(ids) < batch:
+            taken = _within(rows, weight_limit) if weight else len(rows)
+            _, per_model = model.objects.filter(condition, pk__in=[row[0] for row in rows[:taken]]).delete()
+        for label, count in per_model.items():
+            deleted[apps.get_model(label)._meta.db_table] += count
+        if len(rows) < batch and taken == len(rows):
             return deleted
+
+
+def _within(rows: list[tuple], limit: int) -> int:
+    """How many of the first (pk, weight) rows keep their weights' sum within `limit` (one at least)."""
+    total = 0
+    for taken, (_, weight) in enumerate(rows):
+        total += weight
+        if total > limit and taken:
+            return taken
+    return len(rows)
 
 
 def events_prune(*, before: dt.datetime, max_sequence: int, batch: int = BATCH) -> int:
@@ -149,7 +168,11 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
         deleted.update(_delete_in_batches(AgentMetric, condition))
     if (before := cutoff(settings.RETENTION_DAYS_WORKFLOWS)) is not None:
         condition = Q(status__in=Workflow.TERMINAL_STATUSES, completed_at__lt=before)
-        deleted.update(_delete_in_batches(Workflow, condition, batch=WORKFLOW_BATCH))
+        deleted.update(
+            _delete_in_batches(
+                Workflow, condition, batch=WORKFLOW_BATCH, weight="total_steps", weight_limit=WORKFLOW_BATCH_TASKS
+            )
+        )
     if (before := cutoff(settings.RETENTION_DAYS_EXPORT_RUNS)) is not None:
         from training_export.models import ExportRun
 

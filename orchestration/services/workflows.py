@@ -17,7 +17,7 @@ from orchestration.models import TaskExecution, Workflow
 from orchestration.services import fastpath
 from orchestration.services.conversations import conversation_retry_check
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, tasks_queue
-from orchestration.services.events import Actor, task_event, task_event_build, workflow_event, workflow_event_build
+from orchestration.services.events import Actor, task_event_build, workflow_event, workflow_event_build
 from orchestration.services.progress import (
     FAILED_TASK,
     task_descendants,
@@ -188,12 +188,19 @@ def task_cancel(*, execution_id: str, reason: str = "cancelled by user", actor: 
     return task
 
 
-def _task_reset(task: TaskExecution) -> None:
-    task.status = TaskExecution.Status.PENDING
-    task.retry_count = 0
-    task.error = None
-    task.completed_at = None
-    task.save(update_fields=["status", "retry_count", "error", "completed_at"])
+def _tasks_reset(tasks: list[TaskExecution], *, reason: str, actor: Actor | None) -> None:
+    """Make the tasks pending again with a fresh retry budget, each with its task_retrying
+    event: one UPDATE and one INSERT however many there are (a resume reruns thousands)."""
+    if not tasks:
+        return
+    changes = {"status": TaskExecution.Status.PENDING, "retry_count": 0, "error": None, "completed_at": None}
+    TaskExecution.objects.filter(pk__in=[task.pk for task in tasks]).update(**changes)
+    for task in tasks:
+        for name, value in changes.items():
+            setattr(task, name, value)
+    fastpath.insert_rows(
+        [task_event_build(task, EventType.TASK_RETRYING, payload={"reason": reason, **(actor or {})}) for task in tasks]
+    )
 
 
 @atomic_retried
@@ -214,9 +221,7 @@ def workflow_resume(*, workflow_id: str, actor: Actor | None = None) -> Workflow
     redo = list(TaskExecution.objects.select_for_update().filter(pk__in=ended).order_by("execution_id"))
     if not redo:
         raise TransitionError(f"workflow {workflow_id} has no unfinished task to resume")
-    for task in redo:
-        _task_reset(task)
-        task_event(task, EventType.TASK_RETRYING, payload={"reason": "workflow resumed", **(actor or {})})
+    _tasks_reset(redo, reason="workflow resumed", actor=actor)
     done = set(
         TaskExecution.objects.filter(workflow=workflow, status=TaskExecution.Status.COMPLETED).values_list(
             "task_name", flat=True
@@ -305,15 +310,8 @@ def task_retry(*, execution_id: str, actor: Actor | None = None) -> TaskExecutio
             changes |= {"status": Workflow.Status.RUNNING, "completed_at": None}
             resumed = [task.task_name, *(t.task_name for t in revived)]
         Workflow.objects.filter(pk=workflow.pk).update(**changes)
-        for dependent in revived:
-            _task_reset(dependent)
-            task_event(
-                dependent,
-                EventType.TASK_RETRYING,
-                payload={"reason": f"upstream task {task.task_name} retried", **(actor or {})},
-            )
-    _task_reset(task)
-    task_event(task, EventType.TASK_RETRYING, payload={"reason": "retried by user", **(actor or {})})
+        _tasks_reset(revived, reason=f"upstream task {task.task_name} retried", actor=actor)
+    _tasks_reset([task], reason="retried by user", actor=actor)
     if resumed:
         workflow_event(
             workflow,

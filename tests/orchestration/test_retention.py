@@ -9,6 +9,7 @@ import uuid
 import pytest
 import redis
 from django.db import DatabaseError, connection, transaction
+from django.db.models import deletion
 from django.utils import timezone
 
 from orchestration.models import AgentMetric, AgentPlaygroundMessage, Event, TaskExecution, Workflow
@@ -318,6 +319,34 @@ def test_rows_deleted_are_reported_per_table_cascades_included_as_measured(db, s
         "retention: rows deleted per table: agent_interactions=2, task_attempts=20, task_executions=10, workflows=5"
         in caplog.messages
     )
+
+
+def test_a_workflow_batch_holds_a_bounded_number_of_tasks_not_only_of_workflows(db, settings, monkeypatch):
+    """The ORM collects a batch's tasks and attempts in memory before deleting them, in one
+    transaction: 500 workflows of 1,000 tasks each were a million rows and 1.5 GB at once. A
+    batch stops at WORKFLOW_BATCH_TASKS tasks (a workflow bigger than that goes alone)."""
+    for name in ("EVENTS", "MESSAGES", "AGENT_METRICS", "EXPORT_RUNS"):
+        setattr(settings, f"RETENTION_DAYS_{name}", 0)
+    settings.RETENTION_DAYS_WORKFLOWS = 30
+    monkeypatch.setattr(retention, "WORKFLOW_BATCH_TASKS", 6, raising=False)
+    agent = AgentFactory()
+    for size in (3, 3, 3, 3, 7):
+        workflow = WorkflowFactory(status=Workflow.Status.COMPLETED, total_steps=size, completed_at=OLD)
+        for _ in range(size):
+            execution = TaskExecutionFactory(workflow=workflow, agent=agent, status="completed", completed_at=OLD)
+            TaskAttemptFactory(execution=execution, attempt_number=1, started_at=OLD)
+    held: list[int] = []  # tasks the ORM collected for each DELETE
+    collect = deletion.Collector.delete
+
+    def counted(collector: deletion.Collector) -> tuple[int, dict[str, int]]:
+        held.append(len(collector.data.get(TaskExecution, ())))
+        return collect(collector)
+
+    monkeypatch.setattr(deletion.Collector, "delete", counted)
+
+    assert retention_apply(now=NOW).deleted == {"task_attempts": 19, "task_executions": 19, "workflows": 5}
+    assert max(held) == 7 and sorted(held) == [6, 6, 7], held
+    assert not Workflow.objects.exists()
 
 
 def test_a_table_whose_rule_ran_is_reported_even_when_nothing_was_old_enough(db, settings, stream):
