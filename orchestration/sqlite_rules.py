@@ -40,6 +40,17 @@ def _late_spend(attempt_columns: list[str]) -> str:
     )
 
 
+# Indexes of events that migrations make in SQL, outside the models' state, by migration: a
+# later migration that alters events (SQLite copies the table to a new one: 0025, 0030) drops
+# them, so they are made again, once their migration is applied.
+EVENTS_SQL_INDEXES = {
+    "0014_api_events_entity_id_index": "idx_events_entity_id_sequence ON events (entity_id, sequence)",
+    "0019_events_severity_index": (
+        "idx_events_severity_flagged ON events (severity, sequence) "
+        "WHERE severity IN ('debug', 'warning', 'error', 'critical')"
+    ),
+}
+
 # Triggers of earlier versions of these rules, dropped when the rules are installed.
 OBSOLETE = ("task_attempts_immutable_once_finished",)
 
@@ -85,7 +96,8 @@ def _rules(attempt_columns: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def sqlite_rules_install(connection: Any) -> list[str]:
-    """Create the missing triggers (and the events.created_at index) on existing tables."""
+    """Create the missing triggers (and the events.created_at index, and the events indexes of
+    applied migrations) on existing tables."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         tables = {row[0] for row in cursor.fetchall()}
@@ -103,6 +115,12 @@ def sqlite_rules_install(connection: Any) -> list[str]:
                 created.append(name)
         if "events" in tables:
             cursor.execute("CREATE INDEX IF NOT EXISTS idx_events_created ON events (created_at)")
+        if "events" in tables and "django_migrations" in tables:
+            cursor.execute("SELECT name FROM django_migrations WHERE app = 'orchestration'")
+            applied = {row[0] for row in cursor.fetchall()}
+            for migration, index in EVENTS_SQL_INDEXES.items():
+                if migration in applied:
+                    cursor.execute(f"CREATE INDEX IF NOT EXISTS {index}")
     return created
 
 

@@ -91,6 +91,21 @@ def test_migrate_creates_the_sqlite_file_with_the_tables(db_file: sqlite3.Connec
     assert {"workflows", "task_executions", "task_attempts", "events", "agents", "export_runs"} <= tables
 
 
+def test_migrate_keeps_the_events_indexes_migrations_made_in_sql(db_file: sqlite3.Connection) -> None:
+    """Migrations 0014 and 0019 index events in SQL, outside the models' state: a later migration
+    that alters the table (SQLite copies it to a new one: 0025, 0030) dropped them, and the
+    API's pages of an entity's events, or of its warnings and errors, read the whole table."""
+    indexes = {
+        row[0] for row in db_file.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'")
+    }
+    plan = db_file.execute(
+        "EXPLAIN QUERY PLAN SELECT sequence FROM events WHERE entity_id = 'x' ORDER BY sequence LIMIT 50"
+    ).fetchall()
+
+    assert {"idx_events_entity_id_sequence", "idx_events_severity_flagged"} <= indexes
+    assert "idx_events_entity_id_sequence" in plan[-1][-1]
+
+
 def test_events_reject_update(db_file: sqlite3.Connection, ids: dict[str, Any]) -> None:
     with pytest.raises(sqlite3.IntegrityError, match="events is append-only: UPDATE is not allowed"):
         db_file.execute("UPDATE events SET severity = 'error' WHERE sequence = ?", [ids["event"]])

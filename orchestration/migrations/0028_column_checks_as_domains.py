@@ -14,7 +14,10 @@ index on events.severity is rebuilt, and each column that had planner statistics
 again (ALTER COLUMN TYPE drops them). A review measured about 2 s of waiting for a read with
 3 million events; plan the migration for a quiet moment on a large events table. Workers
 running across it fail one claim or completion per connection whose prepared statement
-returns these tables' rows, and retry it (orchestration.db.prepared_cursor).
+returns these tables' rows, and retry it (orchestration.db.prepared_cursor). The tables'
+PL/pgSQL trigger functions are made again as they are (DomainCheck): a session that had run one
+(calc_workflow_duration, on every workflow written) kept it planned for the old column type and
+had every later write refused until it reconnected.
 
 Reversed, the table CHECKs come back and the columns keep their (then unconstrained) domains as
 types.

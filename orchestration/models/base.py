@@ -83,11 +83,16 @@ class DomainCheck(models.CheckConstraint):
         # longer max_length: the old domain would take the column back to its old type), or a
         # dropped table left the domain behind with its checks. DROP DOMAIN fails if another
         # column has it or the name is another kind of type. ALTER COLUMN TYPE drops the
-        # column's planner statistics: a column that had some is analyzed again. Only the
-        # model's own names go in, quoted by Django.
+        # column's planner statistics: a column that had some is analyzed again. A session
+        # that ran a PL/pgSQL trigger of the table keeps its expressions planned for the old
+        # type, and PostgreSQL refuses its every later write through it until it reconnects
+        # ("type of parameter ... does not match that when preparing the plan"): the table's
+        # PL/pgSQL trigger functions are made again as they are, which every session then
+        # compiles anew. Only the model's own names go in, quoted by Django.
         ensure = f"""DO $domain$
         DECLARE
             analyzed boolean;
+            definition text;
         BEGIN
             IF (SELECT atttypid FROM pg_attribute
                 WHERE attrelid = {value(q(table))}::regclass AND attname = {value(column)})
@@ -104,6 +109,15 @@ class DomainCheck(models.CheckConstraint):
                 IF analyzed THEN
                     ANALYZE {q(table)} ({q(column)});
                 END IF;
+                FOR definition IN
+                    SELECT pg_get_functiondef(p.oid) FROM pg_proc p
+                    JOIN pg_language l ON l.oid = p.prolang AND l.lanname = 'plpgsql'
+                    WHERE p.oid IN (SELECT tgfoid FROM pg_trigger
+                                    WHERE tgrelid = {value(q(table))}::regclass AND NOT tgisinternal)
+                      AND pg_has_role(p.proowner, 'USAGE')
+                LOOP
+                    EXECUTE definition;
+                END LOOP;
             END IF;
         END $domain$"""  # noqa: S608 (names from the model, quoted)
         check = self._domain_check_sql(model, schema_editor)

@@ -300,7 +300,7 @@ def test_a_workflows_wasted_spend_is_the_cost_of_its_tries_that_failed(ending, w
 
 
 @pytest.mark.django_db
-def test_migration_0026_fills_the_wasted_spend_of_workflows_recorded_before_it():
+def test_migration_0026_fills_the_wasted_spend_of_workflows_recorded_before_it(monkeypatch):
     import importlib
 
     from django.db import connection
@@ -315,8 +315,8 @@ def test_migration_0026_fills_the_wasted_spend_of_workflows_recorded_before_it()
     )
     other = _queued_task()  # no spend: untouched
     migration = importlib.import_module("orchestration.migrations.0026_workflows_wasted_cost")
-    with connection.cursor() as cursor:
-        cursor.execute(migration.BACKFILL_SQL)
+    monkeypatch.setattr(migration, "BATCH_WORKFLOWS", 1)  # a batch per workflow: each one written once
+    migration.backfill(None, connection.schema_editor())
     assert Workflow.objects.get(pk=task.workflow_id).wasted_cost_usd == Decimal("0.75")
     assert Workflow.objects.get(pk=other.workflow_id).wasted_cost_usd == 0
 

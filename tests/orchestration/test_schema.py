@@ -41,6 +41,7 @@ from tests.factories import (
     TaskExecutionFactory,
     WorkflowFactory,
 )
+from tests.pg import other_connection
 from training_export.models import ExportRun
 
 pytestmark = pytest.mark.django_db
@@ -695,3 +696,58 @@ def test_a_domain_check_added_to_an_analyzed_table_keeps_the_columns_statistics(
         )
     assert _column_and_domain_types("probe_domain_statistics", "state")[0] == "probe_domain_statistics_state"
     assert statistics() == ["id", "state"]
+
+
+@isolate_apps("orchestration")
+@pytest.mark.django_db(transaction=True)
+def test_a_column_given_its_domain_keeps_the_tables_triggers_working_in_other_sessions() -> None:
+    """A session that ran a PL/pgSQL trigger of the table before one of its columns became its
+    domain (a worker's, the web's: a migration runs while they do) had the trigger's expressions
+    planned for the old type: PostgreSQL refused each later write of that session through the
+    trigger ("type of parameter ... does not match that when preparing the plan") until it
+    reconnected (workflows: calc_workflow_duration, every submission and transition)."""
+
+    class Probe(models.Model):
+        state = models.CharField(max_length=10)
+        done = models.BooleanField(null=True)
+
+        class Meta:
+            app_label = "orchestration"
+            db_table = "probe_domain_trigger"
+
+        def __str__(self) -> str:
+            return self.state
+
+    with connection.schema_editor() as editor:
+        editor.create_model(Probe)
+    other = other_connection()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "CREATE FUNCTION probe_domain_trigger_done() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                "BEGIN NEW.done := NEW.state IN ('b', 'c'); RETURN NEW; END $$"
+            )
+            cursor.execute(
+                "CREATE TRIGGER probe_domain_trigger_done BEFORE INSERT OR UPDATE ON probe_domain_trigger "
+                "FOR EACH ROW EXECUTE FUNCTION probe_domain_trigger_done()"
+            )
+        other.execute("INSERT INTO probe_domain_trigger (state) VALUES ('a')")
+        with connection.schema_editor() as editor:
+            editor.add_constraint(
+                Probe, DomainCheck(field="state", condition=models.Q(state__in=["a", "b"]), name="probe_trigger_ok")
+            )
+
+        other.execute("UPDATE probe_domain_trigger SET state = 'b'")
+        other.execute("INSERT INTO probe_domain_trigger (state) VALUES ('a')")
+        assert other.execute("SELECT state, done FROM probe_domain_trigger ORDER BY id").fetchall() == [
+            ("b", True),
+            ("a", False),
+        ]
+        assert _column_and_domain_types("probe_domain_trigger", "state")[0] == "probe_domain_trigger_state"
+    finally:
+        other.close()
+        with connection.schema_editor() as editor:
+            editor.delete_model(Probe)
+        with connection.cursor() as cursor:
+            cursor.execute("DROP FUNCTION IF EXISTS probe_domain_trigger_done()")
+            cursor.execute("DROP DOMAIN IF EXISTS probe_domain_trigger_state")
