@@ -4,7 +4,9 @@ and Redis, and polling for the outcome."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from django.conf import settings
 from django.db import connection
@@ -157,6 +160,76 @@ class Worker:
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text()
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, on a free port, to stop, restart empty or pause at will
+    (never the shared one). Without redis-server on PATH the test fails, saying so."""
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail(
+                "redis-server is not on PATH: this test runs a Redis server of its own "
+                "(install the redis-server package; scripts/ensure_services.sh does)"
+            )
+        self.binary = binary
+        self.directory = directory
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                str(self.directory / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+
+        def up() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"redis-server exited with {self.process.returncode}: see its log")
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        try:
+            wait_for(up, timeout=30, interval=0.05, what=f"the private Redis on port {self.port}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()  # nothing is kept: as `shutdown nosave`
+            self.process.wait(timeout=10)
+
+    def restart(self) -> None:
+        """Kill and start again: every queue, unacknowledged message and lock is gone."""
+        self.stop()
+        self.start()
+        self.restarts += 1
 
 
 def _local_tcp_ports(pid: int) -> set[int]:

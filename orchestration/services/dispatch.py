@@ -17,6 +17,7 @@ import redis
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from kombu.exceptions import BatchPublishError
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from orchestration.event_types import EventType
@@ -76,8 +77,10 @@ def dispatch_after_commit(dispatches: list[Dispatch]) -> None:
 
 
 # What a broker that cannot be reached raises (kombu wraps the transport's errors in its
-# OperationalError once its publish retries are spent).
-BROKER_DOWN = (KombuOperationalError, ConnectionError, TimeoutError, redis.RedisError)
+# OperationalError once its publish retries are spent). A batch's messages are written when it
+# is flushed, without kombu's retries, on the producer's pooled connection: a broker that went
+# away since its last use (restarted, failed over) fails the flush with BatchPublishError.
+BROKER_DOWN = (KombuOperationalError, BatchPublishError, ConnectionError, TimeoutError, redis.RedisError)
 
 
 def _send_or_leave_to_the_sweeper(dispatches: list[Dispatch]) -> None:
@@ -109,12 +112,16 @@ def dispatch_send(dispatches: list[Dispatch]) -> None:
     # would declare it before its first message (kombu remembers declarations per connection);
     # the messages then skip Celery's declaration, which re-binds a copy of the queue for each
     # one before finding it declared (a third of the cost of sending a message).
+    # The declarations are retried as the producer's own operation: a reconnection moves the
+    # producer to the new channel. kombu's retry of a declaration (maybe_declare(retry=True))
+    # moves only the queue, and the messages then went to the channel it had closed.
     app = run_task.app
     with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
+        declare = producer.maybe_declare
+        if app.conf.task_publish_retry:
+            declare = producer.connection.ensure(producer, declare, **(app.conf.task_publish_retry_policy or {}))
         for name in dict.fromkeys(d.queue for d in dispatches):
-            producer.maybe_declare(
-                app.amqp.queues[name], retry=app.conf.task_publish_retry, **(app.conf.task_publish_retry_policy or {})
-            )
+            declare(app.amqp.queues[name])
         for d in dispatches:
             run_task.apply_async(
                 args=[d.execution_id],
@@ -130,7 +137,10 @@ def dispatch_send(dispatches: list[Dispatch]) -> None:
 
 
 def revoke_after_commit(celery_task_ids: list[str], *, terminate: bool) -> None:
-    """Revoke messages (and, with terminate, kill the processes running them) after commit."""
+    """Revoke messages (and, with terminate, kill the processes running them) after commit.
+    With the broker down, the record stands: the caller (a cancel through the API, a worker or
+    the reaper failing a workflow) is not failed for it. Their tasks are recorded ended, so a
+    message delivered later runs nothing and a try running on is refused its outcome."""
     ids = [i for i in celery_task_ids if i]
     if not ids:
         return

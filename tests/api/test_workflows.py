@@ -278,6 +278,94 @@ def test_a_workflow_submitted_while_the_broker_is_down_is_accepted_and_sent_by_t
     assert queued_sweep(now=later) == [task.pk]
 
 
+@pytest.fixture
+def private_broker(transactional_db, monkeypatch, tmp_path):
+    """A Redis server of the test's own as the broker, to pause or stop, with a 2 s socket
+    timeout (a paused write waits this long)."""
+    from orchestration.tasks import run_task
+    from tests.engine import PrivateRedis
+
+    broker = PrivateRedis(tmp_path)
+    app = run_task.app
+    # Celery's configuration first: it reads Django's settings when it is first read, and would
+    # keep the URL set below as the one to restore.
+    monkeypatch.setattr(app.conf, "broker_url", broker.url)
+    monkeypatch.setattr(settings, "CELERY_BROKER_URL", broker.url)
+    monkeypatch.setenv("CELERY_BROKER_URL", broker.url)
+    monkeypatch.setitem(app.conf.broker_transport_options, "socket_timeout", 2)
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    yield broker
+    broker.stop()
+
+
+def queued_ids(client, queue: str = "normal") -> list[str]:
+    return [json.loads(raw)["headers"]["id"] for raw in client.lrange(queue, 0, -1)]
+
+
+def test_a_workflow_submitted_while_the_broker_stops_taking_writes_is_accepted_and_sent_by_the_sweeper(
+    private_broker,
+):
+    """A submission's messages are written to Redis in one batch when it is flushed, on the
+    producer's pooled connection, after their routes are read. A broker that stops taking
+    writes meanwhile (a failover pauses them; a restart closes the connection) fails the flush:
+    the client is not failed for that either, and the sweeper sends the messages once the broker
+    takes writes again."""
+    import redis
+    from django.core.management import call_command
+
+    from orchestration.services.reaper import queued_sweep
+    from tests.api.conftest import make_caller
+
+    call_command("load_agents", stdout=io.StringIO())
+    caller = make_caller("dev", "developer")
+    client = redis.Redis.from_url(private_broker.url)
+    # A first submission: its queue is declared on the pooled connection, which is reused.
+    assert caller.client.post("/api/v1/workflows/", SPEC, format="json").status_code == 201
+    assert client.llen("normal") == 1
+    client.client_pause(60_000, all=False)  # writes wait, reads are answered
+
+    response = caller.client.post("/api/v1/workflows/", SPEC, format="json")
+
+    assert response.status_code == 201, response.content
+    task = TaskExecution.objects.get(workflow_id=response.json()["workflow_id"])
+    assert task.status == "queued"
+    client.client_unpause()
+    later = timezone.now() + dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS + 1)
+    assert queued_sweep(now=later) == [task.pk]
+    task.refresh_from_db()
+    assert task.celery_task_id in queued_ids(client)
+
+
+def test_a_submission_whose_queue_declaration_is_retried_over_a_new_connection_sends_its_message(
+    private_broker, monkeypatch
+):
+    """A connection's first submission declares its queue, retried over a new connection when
+    the broker fails it: here writes stop (a failover pauses them) and resume by the retry. The
+    producer must then publish over the new connection, not on the channel the retry closed
+    (kombu then raised an AttributeError after the commit: a 500 for a stored workflow)."""
+    import redis
+    from django.core.management import call_command
+
+    from orchestration.tasks import run_task
+    from tests.api.conftest import make_caller
+
+    call_command("load_agents", stdout=io.StringIO())
+    caller = make_caller("dev", "developer")
+    client = redis.Redis.from_url(private_broker.url)
+    app = run_task.app
+    # kombu calls the policy's errback when a try has failed: the writes resume then.
+    policy = {**(app.conf.task_publish_retry_policy or {}), "errback": lambda exc, interval: client.client_unpause()}
+    monkeypatch.setitem(app.conf, "task_publish_retry_policy", policy)
+    client.client_pause(60_000, all=False)
+
+    response = caller.client.post("/api/v1/workflows/", SPEC, format="json")
+
+    assert response.status_code == 201, response.content
+    task = TaskExecution.objects.get(workflow_id=response.json()["workflow_id"])
+    assert queued_ids(client) == [task.celery_task_id]
+
+
 def test_a_workflow_cancelled_while_the_broker_is_down_is_cancelled_and_answered_so(
     transactional_db, monkeypatch, caplog
 ):
