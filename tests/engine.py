@@ -255,6 +255,24 @@ def flush_redis() -> None:
     redis.Redis.from_url(settings.REDIS_URL).flushdb()
 
 
+def manage(
+    *args: str, env: dict[str, str], check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`manage.py *args` in a subprocess with environment `env`, as an operator runs it. With
+    `check`, it must exit 0."""
+    result = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert not check or result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
 def sqlite_manage(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """`manage.py *args` in a subprocess on the embedded default: a fresh SQLite file (and
     var/ and training directories) under tmp_path, none of the suite's services. With `check`,
@@ -270,14 +288,4 @@ def sqlite_manage(tmp_path: Path, *args: str, check: bool = True) -> subprocess.
         "VAR_DIR": str(tmp_path / "var"),
         "TRAINING_DATA_DIR": str(tmp_path / "training"),
     }
-    result = subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert not check or result.returncode == 0, result.stdout + result.stderr
-    return result
+    return manage(*args, env=env, check=check)

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
 
-from tests.engine import ROOT, sqlite_manage
+from tests.engine import manage, sqlite_manage
 
 DEPTH = 100_000
 
@@ -99,9 +97,7 @@ def test_a_command_with_postgresql_unreachable_names_the_database(tmp_path: Path
         "DJANGO_SETTINGS_MODULE": "config.settings.local",
         "VAR_DIR": str(tmp_path / "var"),
     }
-    result = subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
+    result = manage(*args, env=env, check=False, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("CommandError: cannot connect to the database agentledger_nowhere on 127.0.0.1:1: ")

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workf
 from orchestration.services.execution import Claim, Outcome, attempt_claim, attempt_run
 from orchestration.services.reaper import attempts_reap, queued_sweep
 from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume
-from tests.engine import ROOT, database_url, flush_redis, wait_for
+from tests.engine import database_url, flush_redis, manage, wait_for
 from tests.orchestration.test_engine import attempts, finished, running_attempt, submit, task
 
 A, T = TaskAttempt.Status, TaskExecution.Status
@@ -130,17 +129,7 @@ def _reap_with_broker(broker_url: str) -> str:
         "REDIS_URL": settings.REDIS_URL,
         "CELERY_BROKER_URL": broker_url,
     }
-    result = subprocess.run(
-        [sys.executable, "manage.py", "reap_stale_tasks"],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    return manage("reap_stale_tasks", env=environment, timeout=120).stdout.strip()
 
 
 @pytest.mark.subprocess
