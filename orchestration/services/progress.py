@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Max
 
 from observability.attempts import attempts_reaped
 from observability.metrics import tasks_cancelled_observe
@@ -298,9 +298,15 @@ def workflow_maybe_finish(workflow: Workflow, *, now: dt.datetime) -> None:
 def _ended_at(workflow: Workflow, now: dt.datetime) -> dt.datetime:
     """When a workflow ends: `now`, on the clock of the process ending it (a worker, the
     reaper, the web for a cancel), but never before its start, which the submitting host's
-    clock stamped: a clock running behind that one would record it ending before it started,
-    with a negative duration (workflows.duration_ms is completed_at - started_at)."""
-    return max(now, workflow.started_at) if workflow.started_at else now
+    clock stamped (a clock running behind that one would record it ending before it started,
+    with a negative duration: workflows.duration_ms is completed_at - started_at), nor before
+    the end of any of its tasks, which other hosts' clocks stamped, or a cancel's own, read
+    before the locks it then waited for (tasks_cancel). Read under the workflow lock, after
+    the tasks' ends are written."""
+    latest = TaskExecution.objects.filter(workflow_id=workflow.workflow_id).aggregate(latest=Max("completed_at"))[
+        "latest"
+    ]
+    return max(t for t in (now, workflow.started_at, latest) if t is not None)
 
 
 def _record_results(workflow: Workflow) -> None:
@@ -330,23 +336,20 @@ def workflow_fail(
     what the attempts still running are recorded cancelled for (the deadline, or a cancel).
     `actor`: who ended it (a cancel), named in its events.
 
-    A cancel of a workflow that has failed already (it stops at its first failure and was
-    waiting for its running tasks to end, workflow_stopping) cancels those tasks, and the
+    A cancel of a workflow that has failed already (a task of it failed for good: one that
+    stops at its first failure was waiting for its running tasks to end, workflow_stopping; one
+    that continues on failure was running its other branches) cancels those tasks, and the
     workflow ends `failed` with that failure as its error, as it would have ended anyway: the
     cancel is in its workflow_failed event (`cancelled`, and who asked), not over the failure.
     So does its deadline passing meanwhile (`deadline` in the event): the failure came first."""
     cancelled = event_type == EventType.WORKFLOW_CANCELLED
     reason, extra = error, {}
-    failed_already = workflow_stopping(workflow) and workflow.error
+    failed_already = workflow.failed_steps > 0 and workflow.error
     if cancelled and failed_already:
         cancelled, event_type, error, extra = False, EventType.WORKFLOW_FAILED, workflow.error, {"cancelled": reason}
     elif cause == TaskAttempt.Cause.DEADLINE and failed_already:
         error, extra = workflow.error, {"deadline": reason}
-    workflow.status = Workflow.Status.CANCELLED if cancelled else Workflow.Status.FAILED
-    workflow.error = error
-    workflow.completed_at = _ended_at(workflow, now)
-    _record_results(workflow)
-    workflow.save(update_fields=["status", "error", "completed_at", "step_results", "checkpoints", "updated_at"])
+    # Its tasks end first: the workflow's end is read after theirs (_ended_at).
     count = tasks_cancel(
         TaskExecution.objects.filter(workflow_id=workflow.workflow_id).exclude(status__in=TERMINAL),
         reason=reason,
@@ -354,6 +357,11 @@ def workflow_fail(
         cause=cause,
         actor=actor,
     )
+    workflow.status = Workflow.Status.CANCELLED if cancelled else Workflow.Status.FAILED
+    workflow.error = error
+    workflow.completed_at = _ended_at(workflow, now)
+    _record_results(workflow)
+    workflow.save(update_fields=["status", "error", "completed_at", "step_results", "checkpoints", "updated_at"])
     workflow_event(
         workflow,
         event_type,
@@ -388,12 +396,22 @@ def tasks_cancel(
     running = list(
         TaskAttempt.objects.select_for_update().filter(execution_id__in=ids, status=TaskAttempt.Status.RUNNING)
     )
+    # `now` was read before the locks above were granted: an attempt claimed meanwhile (its
+    # claim held the row we waited for), or stamped by a worker whose clock runs ahead, started
+    # after it. Nothing ends before it started, nor a task before its latest attempt ended.
     for attempt in running:
         attempt.status = TaskAttempt.Status.CANCELLED
         attempt.cause = cause
         attempt.error = reason
-        attempt.finished_at = now
-        attempt.duration_ms = max((now - attempt.started_at).total_seconds() * 1000, 0.0)
+        attempt.finished_at = max(now, attempt.started_at)
+        attempt.duration_ms = (attempt.finished_at - attempt.started_at).total_seconds() * 1000
+    attempts_ended = {
+        execution_id: max(t for t in times if t is not None)
+        for execution_id, *times in TaskAttempt.objects.filter(execution_id__in=ids)
+        .values("execution_id")
+        .annotate(started=Max("started_at"), finished=Max("finished_at"))
+        .values_list("execution_id", "started", "finished")
+    }
     fastpath.update_rows(running, ["status", "cause", "error", "finished_at", "duration_ms"])
     running_of: dict[str, list[TaskAttempt]] = {}
     for attempt in running:
@@ -417,7 +435,9 @@ def tasks_cancel(
     for task in tasks:
         task.status = TaskExecution.Status.CANCELLED
         task.error = reason
-        task.completed_at = now
+        task.completed_at = max(
+            t for t in (now, task.started_at, attempts_ended.get(task.execution_id)) if t is not None
+        )
         # A conversation reply: the thread says it was cancelled (its running attempt's turn).
         own = running_of.get(task.execution_id)
         conversation_attempt_closed(task, attempt=own[0] if own else None, error=reason)

@@ -11,9 +11,10 @@ import pytest
 from django.utils import timezone
 
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
-from orchestration.services.execution import attempt_claim
+from orchestration.runtime.context import AgentResult
+from orchestration.services.execution import attempt_claim, attempt_succeed
 from orchestration.services.reaper import attempts_reap
-from orchestration.services.workflows import workflow_submit
+from orchestration.services.workflows import workflow_cancel, workflow_submit
 from tests.engine import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -97,3 +98,45 @@ def test_a_workflow_submitted_on_a_host_whose_clock_runs_ahead_does_not_end_befo
     assert workflow.duration_ms >= 0
     completed = Event.objects.get(entity_id=workflow.pk, event_type="workflow_completed")
     assert completed.payload["duration_ms"] >= 0
+
+
+def test_a_cancel_whose_clock_is_behind_the_worker_ends_nothing_before_it_started(committed):
+    """The web host that cancels 5 s behind the worker that claimed the attempt (or, the same on
+    one clock, a cancel whose time was read before it waited for the row a claim held): the
+    attempt was recorded finishing 5 s before it started, its task likewise, and the workflow
+    ending before its own task had."""
+    workflow, _ = workflow_submit(
+        spec={"name": "skew", "tasks": [{"name": "a", "agent": "sleep", "input": {"seconds": 30}}]}
+    )
+    task = TaskExecution.objects.get(workflow=workflow)
+    ahead = timezone.now() + dt.timedelta(seconds=5)
+    claim = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@ahead", now=ahead)
+    workflow_cancel(workflow_id=workflow.pk, reason="stop")
+    attempt = TaskAttempt.objects.get(pk=claim.attempt.pk)
+    task.refresh_from_db()
+    workflow.refresh_from_db()
+    assert attempt.status == A.CANCELLED
+    assert attempt.finished_at >= attempt.started_at == ahead
+    assert attempt.duration_ms >= 0
+    assert task.completed_at >= attempt.finished_at
+    assert workflow.completed_at >= task.completed_at
+
+
+def test_a_workflow_ends_no_earlier_than_a_task_a_worker_ahead_completed(committed):
+    """Two tasks completed by two workers, the first 20 s ahead of the second: the workflow,
+    ended by the second, was recorded ending 20 s before one of its tasks had."""
+    workflow, _ = workflow_submit(
+        spec={"name": "skew", "tasks": [{"name": n, "agent": "echo", "input": {}} for n in ("a", "b")]}
+    )
+    tasks = {t.task_name: t for t in TaskExecution.objects.filter(workflow=workflow)}
+    ahead = timezone.now() + dt.timedelta(seconds=20)
+    claims = {
+        name: attempt_claim(execution_id=t.pk, celery_task_id=t.celery_task_id, worker=f"w@{name}", now=now)
+        for (name, t), now in zip(sorted(tasks.items()), (ahead, timezone.now()), strict=True)
+    }
+    attempt_succeed(attempt=claims["a"].attempt, result=AgentResult(output={}), duration_ms=1.0, now=ahead)
+    attempt_succeed(attempt=claims["b"].attempt, result=AgentResult(output={}), duration_ms=1.0, now=timezone.now())
+    workflow.refresh_from_db()
+    assert workflow.status == Workflow.Status.COMPLETED
+    latest = max(TaskExecution.objects.filter(workflow=workflow).values_list("completed_at", flat=True))
+    assert workflow.completed_at >= latest == ahead

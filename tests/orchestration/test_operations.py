@@ -275,14 +275,20 @@ def test_cancelling_a_running_task_fails_its_workflow_and_records_the_attempt(en
         task_cancel(execution_id=attempt.execution_id)
 
 
-@pytest.mark.parametrize("cancel", ["workflow", "running task"])
-def test_cancelling_a_workflow_that_has_failed_already_keeps_its_failure(db, builtin_agents, cancel):
-    """A workflow that stops at its first failure, waiting for a task still running to end:
-    the cancel ends that task, and the workflow ends failed with its failure, as it would have
-    ended anyway; the cancel is named in its workflow_failed event, not written over the failure."""
+@pytest.mark.parametrize(
+    ("cancel", "continue_on_failure"), [("workflow", False), ("running task", False), ("workflow", True)]
+)
+def test_cancelling_a_workflow_that_has_failed_already_keeps_its_failure(
+    db, builtin_agents, cancel, continue_on_failure
+):
+    """A workflow that stops at its first failure, waiting for a task still running to end (or
+    that continues on failure, running its other branches): the cancel ends that task, and the
+    workflow ends failed with its failure, as it would have ended anyway; the cancel is named in
+    its workflow_failed event, not written over the failure."""
     wf = submit(
         {"name": "broken", "agent": "fail", "input": {"message": "no such table"}, "max_retries": 0},
         {"name": "slow", "agent": "sleep", "input": {"seconds": 30}},
+        continue_on_failure=continue_on_failure,
     )
     slow = task(wf, "slow")
     assert isinstance(attempt_claim(execution_id=slow.pk, celery_task_id=slow.celery_task_id, worker="w@h"), Claim)
