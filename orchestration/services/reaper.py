@@ -266,11 +266,18 @@ def broker_redis_url() -> str | None:
     return f"unix://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
-def _broker_message_ids(queues: set[str]) -> tuple[set[str], dict[str, dt.datetime | None]] | None:
-    """Task ids of the messages waiting in the Redis broker's queues, and of those delivered to
-    a worker and not yet acknowledged, with the time each was to run at (its ETA: a retry's
-    backoff, a deferral; None for one to run at once); None if the broker is not Redis
-    (nothing can be checked)."""
+# Messages read per LRANGE (and unacknowledged entries per HSCAN) while looking for the lost:
+# a backlog of a million messages is read a thousand at a time, never held whole.
+BROKER_READ_CHUNK = 1000
+
+
+def _broker_message_ids(queues: set[str], wanted: set[str]) -> tuple[set[str], dict[str, dt.datetime | None]] | None:
+    """Which of the task ids `wanted` have a message waiting in the Redis broker's queues, and
+    which are delivered to a worker and not yet acknowledged, with the time each was to run at
+    (its ETA: a retry's backoff, a deferral; None for one to run at once); None if the broker
+    is not Redis (nothing can be checked). The queues are read in chunks, from their heads (new
+    messages go in there, so a message is never skipped for one pushed meanwhile; one taken
+    from the tail meanwhile is among the unacknowledged, read after)."""
     url = broker_redis_url()
     if url is None:
         return None
@@ -292,12 +299,15 @@ def _broker_message_ids(queues: set[str]) -> tuple[set[str], dict[str, dt.dateti
     sep = "\x06\x16"
     for queue in queues:
         for key in [queue, *(f"{queue}{sep}{p}" for p in range(1, 10))]:
-            for raw in client.lrange(key, 0, -1):
-                if found := headers(raw):
-                    ids.add(str(found["id"]))
+            start = 0
+            while chunk := client.lrange(key, start, start + BROKER_READ_CHUNK - 1):
+                for raw in chunk:
+                    if (found := headers(raw)) and str(found["id"]) in wanted:
+                        ids.add(str(found["id"]))
+                start += BROKER_READ_CHUNK
     unacked: dict[str, dt.datetime | None] = {}
-    for raw in client.hvals("unacked"):
-        if found := headers(raw):
+    for _, raw in client.hscan_iter("unacked", count=BROKER_READ_CHUNK):
+        if (found := headers(raw)) and str(found["id"]) in wanted:
             unacked[str(found["id"])] = _eta(found.get("eta"))
     return ids, unacked
 
@@ -375,7 +385,9 @@ def _queued_sweep(*, now: dt.datetime | None) -> list[str]:
     )
     if not stale:
         return []
-    found = _broker_message_ids({priority for _, _, priority in stale})
+    found = _broker_message_ids(
+        {priority for _, _, priority in stale}, {celery_task_id for _, celery_task_id, _ in stale if celery_task_id}
+    )
     if found is None:
         return []
     present, unacked = found

@@ -94,6 +94,31 @@ def test_the_sweeper_leaves_alone_a_task_whose_message_is_still_queued(engine):
     assert finished(wf).status == Workflow.Status.COMPLETED
 
 
+@pytest.mark.django_db(transaction=True)
+def test_the_sweeper_reads_a_long_queue_in_chunks_and_finds_a_message_at_its_end(committed, monkeypatch):
+    """A backlog of messages was read whole by every sweep (LRANGE 0 -1, each message kept and
+    parsed at once): a million waiting messages, 1.5 GB in the reaper, every few seconds."""
+    from orchestration.services import reaper
+
+    wf = submit({"name": "a", "agent": "echo"})
+    TaskExecution.objects.filter(workflow=wf).update(queued_at=timezone.now() - dt.timedelta(minutes=5))
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    others = [json.dumps({"headers": {"id": f"other-{i}"}, "body": "x" * 100}) for i in range(2500)]
+    for start in range(0, len(others), 500):
+        client.lpush("normal", *others[start : start + 500])  # ahead of the task's message
+    ranges: list[tuple[int, int]] = []
+    lrange = redis.Redis.lrange
+
+    def recorded(self, name, start, end):
+        ranges.append((start, end))
+        return lrange(self, name, start, end)
+
+    monkeypatch.setattr(redis.Redis, "lrange", recorded)
+    assert queued_sweep() == [], "its message is in the queue, behind 2 500 others"
+    assert ranges and all(0 <= start <= end < start + reaper.BROKER_READ_CHUNK for start, end in ranges), ranges
+    assert task(wf, "a").celery_task_id in {json.loads(raw)["headers"]["id"] for raw in client.lrange("normal", -1, -1)}
+
+
 @pytest.fixture
 def socket_redis(tmp_path):
     """A Redis of the test's own that listens on a unix socket only, as a broker on the same
