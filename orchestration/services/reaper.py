@@ -262,7 +262,13 @@ def broker_redis_url() -> str | None:
         return url
     if parts.scheme != "redis+socket":
         return None
-    query = urlencode([("db" if name == "virtual_host" else name, value) for name, value in parse_qsl(parts.query)])
+    pairs = []
+    for name, value in parse_qsl(parts.query):
+        if name == "virtual_host":
+            # kombu reads "/3" as database 3 and "" or "/" as database 0; redis-py wants "3".
+            name, value = "db", value.removeprefix("/") or "0"
+        pairs.append((name, value))
+    query = urlencode(pairs)
     return f"unix://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
 
 

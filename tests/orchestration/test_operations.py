@@ -182,6 +182,20 @@ def test_the_sweeper_reads_a_broker_reached_on_a_unix_socket(committed, socket_r
     assert depth["normal"] == 1
 
 
+@pytest.mark.parametrize(
+    ("query", "db"), [("", 0), ("?virtual_host=3", 3), ("?virtual_host=/3", 3), ("?virtual_host=/", 0)]
+)
+def test_a_socket_brokers_database_is_read_as_kombu_reads_it(settings, query, db):
+    """kombu takes `virtual_host=/3` for database 3 (and `/` for 0); redis-py refused the
+    `db=/3` the sweep passed it on: each sweep (and the queue gauges) raised ValueError."""
+    from orchestration.services.reaper import broker_redis_url
+
+    settings.CELERY_BROKER_URL = f"redis+socket:///run/redis/redis.sock{query}"
+    client = redis.Redis.from_url(broker_redis_url())
+    assert client.connection_pool.connection_kwargs.get("db", 0) == db
+    assert client.connection_pool.connection_kwargs["path"] == "/run/redis/redis.sock"
+
+
 @pytest.mark.django_db(transaction=True)
 def test_retrying_a_failed_task_resumes_its_workflow_and_keeps_earlier_attempts(engine):
     engine()
