@@ -184,9 +184,11 @@ def _respond(status_code: int, detail: str, code: str, instance: str, errors: li
     )
 
 
-def _plain_problem(request: HttpRequest, status_code: int, detail: str, code: str) -> JsonResponse:
+def _plain_problem(
+    request: HttpRequest, status_code: int, detail: str, code: str, errors: list[dict[str, str]] | None = None
+) -> JsonResponse:
     return JsonResponse(
-        problem(status_code=status_code, detail=detail, code=code, instance=request.get_full_path()),
+        problem(status_code=status_code, detail=detail, code=code, instance=request.get_full_path(), errors=errors),
         status=status_code,
         content_type=PROBLEM_CONTENT_TYPE,
     )
@@ -259,6 +261,21 @@ def request_too_large(request: HttpRequest) -> HttpResponse:
         "<!doctype html>\n<title>Request body too large (413)</title>\n<h1>Request body too large (413)</h1>\n"
         f"<p>{escape(detail)}</p>\n",
         status=413,
+    )
+
+
+def query_parameter_refused(request: HttpRequest, name: str, reason: str) -> HttpResponse:
+    """The 400 for a query parameter no view can take (ApiCommonMiddleware), naming it: a
+    problem document under /api/ shaped as a serializer's or a filter's validation error, a
+    page elsewhere."""
+    if _is_api(request):
+        return _plain_problem(
+            request, 400, f"{name}: {reason}", "validation_error", [{"field": name, "detail": reason}]
+        )
+    return HttpResponse(
+        "<!doctype html>\n<title>Bad request (400)</title>\n<h1>Bad request (400)</h1>\n"
+        f"<p>The query parameter {escape(name)} {escape(reason)}.</p>\n",
+        status=400,
     )
 
 

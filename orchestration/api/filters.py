@@ -57,7 +57,9 @@ class StrictBooleanField(forms.NullBooleanField):
             return True
         if str(value).lower() in ("false", "0"):
             return False
-        raise ValidationError(f"{value!r} is not a boolean: use true or false", code="invalid")
+        # The value as a parameter, not in the message: django-filter formats every message with
+        # its parameters, and a `%` in the message itself (`?settled=%`) would make that a 500.
+        raise ValidationError("%(value)r is not a boolean: use true or false", code="invalid", params={"value": value})
 
     def validate(self, value: Any) -> None:
         pass

@@ -5,8 +5,9 @@ A 301 (or 302) makes HTTP clients repeat a POST, PUT, PATCH or DELETE as a GET: 
 Django raises instead of redirecting). Under /api/ such a request without its trailing slash
 is a 404 problem document that names the URL with the slash (errors.not_found).
 
-A path holding a NUL character is a 404 everywhere (the console's object pages too), and a
-body longer than DATA_UPLOAD_MAX_MEMORY_SIZE a 413 everywhere, before anything reads it.
+A path holding a NUL character is a 404 everywhere (the console's object pages too), a query
+string holding one a 400 naming its parameter everywhere (the console's list filters too), and
+a body longer than DATA_UPLOAD_MAX_MEMORY_SIZE a 413 everywhere, before anything reads it.
 
 A console page whose statement PostgreSQL cancelled (StatementCancelledMiddleware) is a 503
 page that says so, not Django's bare "Server Error (500)"; a statement cancelled outside any
@@ -18,12 +19,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from django.conf import settings
+from django.core.exceptions import TooManyFieldsSent
 from django.http import Http404, HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.middleware.common import CommonMiddleware
 
 from orchestration.api.errors import (
     SAFE_METHODS,
+    query_parameter_refused,
     request_too_large,
     statement_cancelled,
     statement_cancelled_response,
@@ -38,6 +41,12 @@ class ApiCommonMiddleware(CommonMiddleware):
         # given: a path with one is no page (a 404) before any view looks an object up by it.
         if "\x00" in request.path_info:
             raise Http404("no page has a NUL character in its path")
+        # Nor does any query parameter: PostgreSQL would refuse it in whatever lookup took it,
+        # a 500 wherever the value reaches a query unchecked (the console's list takes any
+        # `field__lookup=value` of the model's own fields: `?id__gt=%00`).
+        name = _nul_parameter(request)
+        if name is not None:
+            return query_parameter_refused(request, name, "contains a NUL character (\\u0000)")
         # Django holds a form's fields to DATA_UPLOAD_MAX_MEMORY_SIZE but streams its files to
         # temporary files whatever their size: any form (the login page, to anyone holding a
         # CSRF cookie) would take a file of any size onto the web's disk. Nothing here takes an
@@ -54,6 +63,24 @@ class ApiCommonMiddleware(CommonMiddleware):
         if request.path_info.startswith(API_PREFIX) and request.method not in SAFE_METHODS:
             return False
         return super().should_redirect_with_slash(request)
+
+
+def _nul_parameter(request: HttpRequest) -> str | None:
+    """The name of the first query parameter whose name or value holds a NUL character, or
+    None. The query string is parsed only when it holds one (as %00, or raw)."""
+    query = request.META.get("QUERY_STRING", "")
+    if "%00" not in query and "\x00" not in query:
+        return None
+    try:
+        parameters = request.GET.lists()
+    except TooManyFieldsSent:
+        return None  # answered as such where the view reads them, the limit named
+    for name, values in parameters:
+        if "\x00" in name:
+            return repr(name)[1:-1]
+        if any("\x00" in value for value in values):
+            return name
+    return None
 
 
 class StatementCancelledMiddleware:

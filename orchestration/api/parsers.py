@@ -11,10 +11,23 @@ import math
 from typing import Any
 
 from django.conf import settings
-from rest_framework.exceptions import ParseError
+from rest_framework.exceptions import ParseError, ValidationError
 from rest_framework.parsers import JSONParser
 
 from orchestration.api.exceptions import RequestTooLarge
+
+
+def _scalar_problem(item: Any) -> str | None:
+    if isinstance(item, str):
+        if "\x00" in item:
+            return "contains a NUL character (\\u0000)"
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains an unpaired UTF-16 surrogate"
+    elif isinstance(item, float) and not math.isfinite(item):
+        return "is a number out of range (JSON has no infinities)"
+    return None
 
 
 def unstorable_text(value: Any) -> str | None:
@@ -24,21 +37,32 @@ def unstorable_text(value: Any) -> str | None:
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return "contains a NUL character (\\u0000)"
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return "contains an unpaired UTF-16 surrogate"
-        elif isinstance(item, float) and not math.isfinite(item):
-            return "contains a number out of range (JSON has no infinities)"
-        elif isinstance(item, dict):
+        if isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
+        elif problem := _scalar_problem(item):
+            return problem
     return None
+
+
+def unstorable_field(value: Any) -> tuple[str, str]:
+    """The path (`tasks[0].input.text`, as a validation error names a field) of the first value
+    in `value` that unstorable_text refuses, and why. Walked again, with paths, only once a
+    body is known to hold one: naming every value of every body would cost for nothing."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                stack.append((child, f"{path}.{key}" if path else str(key)))
+                stack.append((key, f"{path} (a key)" if path else "(a key)"))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in reversed(list(enumerate(item))))
+        elif problem := _scalar_problem(item):
+            return path, problem
+    return "", "cannot be stored"
 
 
 class LimitedJSONParser(JSONParser):
@@ -53,7 +77,7 @@ class LimitedJSONParser(JSONParser):
             parsed = super().parse(io.BytesIO(data), media_type, parser_context)
         except RecursionError:
             raise ParseError("JSON parse error - the document is nested too deeply.") from None
-        problem = unstorable_text(parsed)
-        if problem:
-            raise ParseError(f"The request body {problem}.")
+        if unstorable_text(parsed):
+            field, problem = unstorable_field(parsed)
+            raise ValidationError({field: [problem]} if field else [f"The request body {problem}."])
         return parsed

@@ -79,9 +79,8 @@ class ApiMixin:
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)  # type: ignore[misc]
-        for name, values in request.query_params.lists():
-            if unstorable_text([name, *values]):
-                raise ValidationError({name: ["contains a NUL character or an unpaired surrogate"]})
+        # (A query parameter holding a NUL was answered by ApiCommonMiddleware already; Django
+        # decodes a query string's bytes that are not UTF-8 to U+FFFD, never to a surrogate.)
         if unstorable_text(list(kwargs.values())):
             raise NotFound()
 

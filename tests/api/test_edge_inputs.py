@@ -68,3 +68,47 @@ def test_a_key_prefix_with_a_nul_is_an_invalid_key_not_a_500(db):
     answer = client.get("/api/v1/me/")
     assert answer.status_code == 401
     assert answer["Content-Type"].startswith("application/problem+json")
+
+
+def test_a_percent_sign_in_a_filter_value_is_a_400_naming_the_filter(callers):
+    """django-filter formats every error message with its parameters: a message holding the
+    value itself (`'%' is not a boolean`) raised TypeError, a 500."""
+    answer = callers["admin"].client.get("/api/v1/events/?settled=%25")
+    assert answer.status_code == 400, answer.content
+    assert answer.json()["errors"] == [{"field": "settled", "detail": "'%' is not a boolean: use true or false"}]
+
+
+@pytest.mark.parametrize(
+    "query, field",
+    [("entity_id=a%00b", "entity_id"), ("cursor=%00", "cursor"), ("limit=1%00", "limit"), ("a%00b=1", "a\\x00b")],
+)
+def test_a_nul_in_any_query_parameter_is_a_400_naming_it(callers, query, field):
+    answer = callers["admin"].client.get(f"/api/v1/events/?{query}")
+    assert answer.status_code == 400, answer.content
+    assert answer["Content-Type"].startswith("application/problem+json")
+    assert answer.json()["errors"] == [{"field": field, "detail": "contains a NUL character (\\u0000)"}]
+
+
+@pytest.mark.parametrize(
+    "fields, field, problem",
+    [
+        (
+            '"tasks": [{"name": "a", "agent": "echo", "input": {"t": ["ok", "a\\u0000b"]}}]',
+            "tasks[0].input.t[1]",
+            "NUL",
+        ),
+        ('"metadata": {"a\\u0000": 1}', "metadata (a key)", "NUL character"),
+        ('"description": "\\ud800"', "description", "unpaired UTF-16 surrogate"),
+        ('"metadata": {"x": [1e400]}', "metadata.x[0]", "number out of range"),
+    ],
+)
+def test_a_value_postgresql_cannot_store_is_refused_naming_where_it_is(callers, fields, field, problem):
+    """The body is refused whole, before any view reads it (nothing is written), and the
+    problem names the value's place in it, as a validation error names a field."""
+    tasks = "" if fields.startswith('"tasks"') else ', "tasks": [{"name": "a", "agent": "echo"}]'
+    refused = _post(callers["developer"], '{"name": "n", ' + fields + tasks + "}")
+    assert refused.status_code == 400, refused.content
+    (error,) = refused.json()["errors"]
+    assert error["field"] == field
+    assert problem in error["detail"]
+    assert not Workflow.objects.exists()
