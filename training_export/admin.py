@@ -3,12 +3,12 @@ from __future__ import annotations
 from django.contrib import admin
 from django.http import HttpRequest
 
-from orchestration.admin.base import NoAddChangeMixin
+from orchestration.admin.base import CheckedFiltersMixin, NoAddChangeMixin
 from training_export.models import ExportRun
 
 
 @admin.register(ExportRun)
-class ExportRunAdmin(NoAddChangeMixin, admin.ModelAdmin):
+class ExportRunAdmin(CheckedFiltersMixin, NoAddChangeMixin, admin.ModelAdmin):
     """Export runs are written by the export service; the admin shows what was exported. Only
     the runs retention would delete (failed, superseded) can be deleted here: a succeeded run is
     the record of its files (and what the API downloads), a pending or running one has a worker

@@ -25,7 +25,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from orchestration.admin.base import ChangedFieldsOnlyMixin, MaskedLookupsMixin, json_display
+from orchestration.admin.base import ChangedFieldsOnlyMixin, CheckedFiltersMixin, MaskedLookupsMixin, json_display
 from orchestration.api.redis_store import store
 from orchestration.errors import SpecError
 from orchestration.models import ApiKey
@@ -144,7 +144,7 @@ class ApiKeyCreateForm(forms.Form):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(MaskedLookupsMixin, ChangedFieldsOnlyMixin, admin.ModelAdmin):
+class ApiKeyAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixin, admin.ModelAdmin):
     """API keys. The secret's hash is never shown. A key is created on its own page (the
     "Create API key" button, or `manage.py create_api_key`), which shows the secret once;
     the model's add form stays off because it would ask for a prefix and hash."""
@@ -327,7 +327,7 @@ def _permission_name(permission: Any) -> str:
     return f"{permission.content_type.app_label}.{permission.codename}"
 
 
-class UserAdmin(DjangoUserAdmin):
+class UserAdmin(CheckedFiltersMixin, DjangoUserAdmin):
     """Django's user admin, with what the user's work cost beside it (DESIGN §4's wasted
     spend per user; the API's `me/spend`)."""
 

@@ -12,6 +12,7 @@ from django.utils.safestring import SafeString
 from orchestration.admin.base import (
     EMPTY,
     ChangedFieldsOnlyMixin,
+    CheckedFiltersMixin,
     MaskedLookupsMixin,
     RecordOnlyMixin,
     changelist_url,
@@ -54,7 +55,7 @@ class AgentAdminForm(forms.ModelForm):
 
 
 @admin.register(Agent)
-class AgentAdmin(MaskedLookupsMixin, ChangedFieldsOnlyMixin, admin.ModelAdmin):
+class AgentAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixin, admin.ModelAdmin):
     """Agents are synced from their definition files; the stats columns belong to the rollup.
     An agent made here (or through the API) is checked like the API's and every change is an
     agent_registered event, as the API records it."""

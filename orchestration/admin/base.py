@@ -6,9 +6,12 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from django.contrib import admin
+from django.apps import apps
+from django.contrib import admin, messages
+from django.contrib.admin.options import IncorrectLookupParameters
+from django.contrib.admin.views.main import ChangeList
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import models
+from django.db import DataError, models, transaction
 from django.db.models.constants import LOOKUP_SEP
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
@@ -128,6 +131,61 @@ def events_table(events: Iterable[Event], *, limit: int) -> SafeString:
         rows or format_html('<tr><td colspan="6">{}</td></tr>', "no events"),
         more,
     )
+
+
+class CheckedChangeList(ChangeList):
+    """A changelist whose URL filters are refused with a message naming them, the list shown
+    again unfiltered (Django's `?e=1`, as for a filter it refuses while building the query),
+    where Django would answer 500: a `__range` (Django does not split the URL's value, so each
+    character of it is a bound), a value PostgreSQL or Django refuses only once the rows are
+    counted (`?name__regex=(`, `?created_at__year=0`, an integer past any year)."""
+
+    def get_filters(self, request: HttpRequest) -> Any:
+        for name, values in self.get_filters_params().items():
+            if name.split(LOOKUP_SEP)[-1] == "range":
+                self._refuse(request, name, values, "a range cannot be given in a URL (use __gte and __lte)")
+        return super().get_filters(request)
+
+    def get_results(self, request: HttpRequest) -> None:
+        try:
+            # A savepoint: the refused statement leaves the request's transaction usable.
+            with transaction.atomic(using=self.queryset.db):
+                super().get_results(request)
+        except (DataError, ValueError, OverflowError) as exc:
+            params = self.get_filters_params()
+            if not params:  # no filter of the URL's: a fault of ours, not the request's
+                raise
+            name = ", ".join(sorted(params))
+            reason = "a number is out of range" if isinstance(exc, OverflowError) else str(exc)
+            self._refuse(request, name, [v for values in params.values() for v in values], reason)
+
+    @staticmethod
+    def _refuse(request: HttpRequest, name: str, values: list[str], reason: str) -> None:
+        shown = ", ".join(values)
+        messages.error(request, f"The list cannot be filtered by {name} = {shown[:100]!r}: {reason}.")
+        raise IncorrectLookupParameters(reason)
+
+
+class CheckedFiltersMixin:
+    """A ModelAdmin whose list is a CheckedChangeList."""
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return CheckedChangeList
+
+
+def checked_filters_everywhere(site: admin.AdminSite) -> None:
+    """Registers again, as CheckedFiltersMixin admins, the models other apps registered with a
+    plain changelist (Django's groups, django-celery-beat's schedules): their lists take the
+    same URL filters, and the same ones were 500s."""
+    for model in apps.get_models():
+        if not site.is_registered(model):
+            continue
+        model_admin = type(site.get_model_admin(model))
+        own_changelist = model_admin.get_changelist is not admin.ModelAdmin.get_changelist
+        if issubclass(model_admin, CheckedFiltersMixin) or own_changelist:
+            continue
+        site.unregister(model)
+        site.register(model, type(model_admin.__name__, (CheckedFiltersMixin, model_admin), {}))
 
 
 class MaskedLookupsMixin:

@@ -3,7 +3,14 @@ from __future__ import annotations
 from django.contrib import admin
 from django.utils.text import Truncator
 
-from orchestration.admin.base import MaskedLookupsMixin, RecordOnlyMixin, json_display, masked, text_display
+from orchestration.admin.base import (
+    CheckedFiltersMixin,
+    MaskedLookupsMixin,
+    RecordOnlyMixin,
+    json_display,
+    masked,
+    text_display,
+)
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, LargeTableAdmin
 from orchestration.admin.workflows import WORKFLOW_DOCUMENTS
 from orchestration.models import AgentInteraction, AgentPlaygroundMessage, AgentPromptVersion
@@ -84,7 +91,7 @@ class AgentInteractionAdmin(RecordOnlyMixin, LargeTableAdmin):
 
 
 @admin.register(AgentPromptVersion)
-class AgentPromptVersionAdmin(MaskedLookupsMixin, RecordOnlyMixin, admin.ModelAdmin):
+class AgentPromptVersionAdmin(CheckedFiltersMixin, MaskedLookupsMixin, RecordOnlyMixin, admin.ModelAdmin):
     """Prompt versions are recorded with the replies that ran under them; an exported window
     depends on them."""
 

@@ -15,13 +15,12 @@ from functools import cached_property
 from typing import Any
 
 from django.contrib import admin
-from django.contrib.admin.views.main import ChangeList
 from django.core.paginator import Paginator
 from django.db import connections, models
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from orchestration.admin.base import MaskedLookupsMixin
+from orchestration.admin.base import CheckedChangeList, MaskedLookupsMixin
 
 ADMIN_COUNT_LIMIT = 10_000
 # At most this many values in a filter's list (a column with more is searched instead).
@@ -41,7 +40,7 @@ class CappedCountPaginator(Paginator):
         return self.count > ADMIN_COUNT_LIMIT
 
 
-class DeferringChangeList(ChangeList):
+class DeferringChangeList(CheckedChangeList):
     """A changelist whose rows leave out what its page does not show (its ModelAdmin's
     `list_deferred`): JSON documents of the row or of the rows `list_select_related` joins
     (a workflow's spec and step results grow with its tasks), which the database would send
@@ -66,7 +65,7 @@ class LargeTableAdmin(MaskedLookupsMixin, admin.ModelAdmin):
     # Columns (of the row, or `relation__column` of a joined row) the list does not show.
     list_deferred: tuple[str, ...] = ()
 
-    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[CheckedChangeList]:
         return DeferringChangeList
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:

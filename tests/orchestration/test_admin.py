@@ -1139,3 +1139,51 @@ def test_a_staff_user_who_may_change_users_gains_no_rights_through_them(client: 
         page = client.get(reverse("admin:auth_user_change", args=[account.pk]))
         assert page.status_code == 200 and "is_active" not in page.context["adminform"].form.fields  # read-only
     assert type(staff).objects.filter(pk__in=[boss.pk, dormant.pk]).count() == 2
+
+
+def test_a_nul_in_a_list_filter_is_a_400_naming_it(su_client: Client) -> None:
+    """The console's lists take any lookup of the model's own fields from the URL, and
+    PostgreSQL refuses a NUL character in any text it is given: `?workflow_id__gt=%00` was a 500."""
+    WorkflowFactory()
+    response = su_client.get(_url(Workflow, "changelist") + "?workflow_id__gt=%00")
+    assert response.status_code == 400
+    assert "The query parameter workflow_id__gt contains a NUL character" in response.content.decode()
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("created_at__range=2024-01-01,2024-02-01", "a range cannot be given in a URL"),
+        ("name__range=", "a range cannot be given in a URL"),
+        ("name__regex=(", "invalid regular expression"),
+        ("created_at__year=0", "year 0 is out of range"),
+        ("created_at__year=99999999999999999999", "a number is out of range"),
+    ],
+)
+def test_a_list_filter_the_database_cannot_run_is_refused_with_a_message_naming_it(
+    su_client: Client, query: str, reason: str
+) -> None:
+    """Filters Django accepts while building the list's query but that fail when its rows are
+    counted (Django does not split a range's bounds; PostgreSQL refuses a bad regular
+    expression; a year outside 1-9999 has no date): each was a 500. Now the list is shown
+    unfiltered, as for any filter Django refuses, with a message naming it."""
+    WorkflowFactory()
+    url = _url(Workflow, "changelist")
+    response = su_client.get(f"{url}?{query}")
+    assert (response.status_code, response["Location"]) == (302, f"{url}?e=1")
+    page = su_client.get(response["Location"])
+    assert page.status_code == 200
+    (message,) = [str(m) for m in page.context["messages"]]
+    assert message.startswith(f"The list cannot be filtered by {query.split('=')[0]} = ")
+    assert reason in message
+
+
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [("/admin/auth/group/", "name__regex=("), ("/admin/django_celery_beat/periodictask/", "last_run_at__year=0")],
+)
+def test_the_lists_of_other_apps_refuse_such_filters_too(su_client: Client, path: str, query: str) -> None:
+    response = su_client.get(f"{path}?{query}")
+    assert (response.status_code, response["Location"]) == (302, f"{path}?e=1")
+    (message,) = [str(m) for m in su_client.get(response["Location"]).context["messages"]]
+    assert message.startswith(f"The list cannot be filtered by {query.split('=')[0]} = ")
