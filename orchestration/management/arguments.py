@@ -38,6 +38,22 @@ def seconds(*, zero: bool = False, maximum: float | None = None) -> Callable[[st
     return parse
 
 
+def text(value: str) -> str:
+    """An argparse type for text the database is sent (an id, a name): an argument whose bytes
+    are not UTF-8 reaches Python as unpaired surrogates (PEP 383), which no query can carry."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            shown = repr(value.encode("utf-8", "surrogateescape"))  # the bytes as given
+        except UnicodeEncodeError:
+            shown = ascii(value)
+        raise argparse.ArgumentTypeError(f"{shown} is not UTF-8 text") from None
+    if "\x00" in value:
+        raise argparse.ArgumentTypeError(f"{value!r} contains a NUL character")
+    return value
+
+
 @contextmanager
 def synapse_reachable() -> Iterator[None]:
     """Redis errors of the Synapse stream's client as a CommandError naming them; without

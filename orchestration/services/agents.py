@@ -25,6 +25,7 @@ from orchestration.runtime.llm import ENV_NAME, OPENAI_COMPATIBLE, api_key_env_p
 from orchestration.runtime.tools import jsonb_problem, registry
 from orchestration.runtime.urlpolicy import url_check
 from orchestration.services.events import event_record
+from orchestration.services.specs import document_load
 
 DEFINITION_FIELDS = {
     "id": str,
@@ -76,8 +77,8 @@ def definition_load(path: Path, *, root: Path | None = None) -> dict[str, Any]:
     its directory below `root`."""
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        data = document_load(text, fmt="json" if path.suffix == ".json" else "yaml")
+    except (OSError, ValueError, yaml.YAMLError) as exc:
         raise SpecError([f"{path}: cannot be read as {path.suffix[1:].upper()}: {exc}"]) from None
     except RecursionError:  # the parsers recurse once per level of nesting
         raise SpecError([f"{path}: nested too deeply to read as {path.suffix[1:].upper()}"]) from None

@@ -78,11 +78,38 @@ class WorkflowSpec:
     raw: dict[str, Any] = field(default_factory=dict)
 
 
+class StrictYamlLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: YAML forbids it, and
+    PyYAML would keep the last value (`name: a` then `name: b` is a workflow named b, the
+    first line silently ignored). A merge (`<<: *base`) may still be overridden key by key."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def document_load(text: str, *, fmt: str) -> Any:
+    """A JSON or YAML document (fmt 'json' or 'yaml'), YAML with StrictYamlLoader. Raises
+    ValueError or yaml.YAMLError for a document that is not one: besides their syntax errors,
+    PyYAML raises ValueError for a date it cannot represent (`2026-02-30`, year 0) and json
+    one for an integer of more than 4,300 digits."""
+    return json.loads(text) if fmt == "json" else yaml.load(text, Loader=StrictYamlLoader)  # noqa: S506
+
+
 def spec_parse(text: str, *, fmt: str) -> dict[str, Any]:
     """Parse a spec document; fmt is 'json' or 'yaml'."""
     try:
-        data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        data = document_load(text, fmt=fmt)
+    except (ValueError, yaml.YAMLError) as exc:
         raise SpecError([f"spec is not valid {fmt.upper()}: {exc}"]) from None
     except RecursionError:  # the parsers recurse once per level of nesting
         raise SpecError([f"spec is nested too deeply to read as {fmt.upper()}"]) from None

@@ -58,6 +58,11 @@ def test_creates_updates_deactivates_and_reports_unchanged(db, tmp_path):
         ({"a.json": json.dumps({**ECHO, "entrypoint": ""})}, "a.json: entrypoint: required for the python executor"),
         ({"a.json": json.dumps({**ECHO, "executor": "magic"})}, "a.json: executor: must be one of python, http, llm"),
         ({"a.yaml": "id: [unclosed"}, "a.yaml: cannot be read as YAML"),
+        (
+            {"a.yaml": "id: a\nname: A\nname: B\nexecutor: python\nentrypoint: orchestration.runtime.builtin.echo\n"},
+            "found duplicate key 'name'",
+        ),
+        ({"a.yaml": "id: a\nname: A\nmetadata: {since: 0000-01-01}\n"}, "a.yaml: cannot be read as YAML: year 0"),
         ({"a.json": json.dumps(ECHO), "b.json": json.dumps(ECHO)}, "b.json: id: 'echo-x' is also defined in"),
         (
             {"a.json": json.dumps({**ECHO, "entrypoint": "orchestration.runtime.builtin.nope"})},

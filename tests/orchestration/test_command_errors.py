@@ -140,3 +140,22 @@ def test_a_postgresql_database_without_this_versions_migrations_is_told_to_migra
         f'the database {database} is not migrated (column "agentledger_not_yet_added" does not exist): '
         f"1 migration(s) not applied, the first orchestration.{newest}; run `manage.py migrate`"
     )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["workflow_status", "\udcff"], "argument workflow_id: b'\\xff' is not UTF-8 text"),
+        (["create_api_key", "\udcffx", "--name", "k"], "argument user: b'\\xffx' is not UTF-8 text"),
+        (["create_api_key", "someone", "--name", "k\udce9"], "argument --name: b'k\\xe9' is not UTF-8 text"),
+        (["chat", "echo", "--instance", "a\x00b"], "argument --instance: 'a\\x00b' contains a NUL character"),
+    ],
+)
+def test_an_argument_that_is_not_text_is_named_not_a_traceback(args: list[str], error: str) -> None:
+    """An argument whose bytes are not UTF-8 (a Latin-1 terminal, a pasted binary) reaches the
+    command as unpaired surrogates (PEP 383), which the query it was put into could not encode:
+    a UnicodeEncodeError traceback."""
+    with pytest.raises(CommandError) as info:
+        call_command(*args, stdout=io.StringIO())
+    assert str(info.value) == f"Error: {error}"

@@ -331,3 +331,42 @@ def test_a_yaml_key_that_is_not_text_is_an_unknown_field_not_a_traceback(db):
     assert any(p.startswith("1: unknown field") for p in problems), problems
     assert any(p.startswith("extra: unknown field") for p in problems), problems
     assert any(p.startswith("tasks[0].2: unknown field") for p in problems), problems
+
+
+NAME_AND_TASK = "name: x\ntasks: [{name: a, agent: echo}]\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "document", "problem"),
+    [
+        ("year0.yaml", f"{NAME_AND_TASK}deadline: 0000-01-01T00:00:00Z\n", "year 0 is out of range"),
+        ("day.yaml", f"{NAME_AND_TASK}metadata: {{since: 2026-02-30}}\n", "day is out of range"),
+        (
+            "digits.json",
+            '{"name": "x", "metadata": {"n": 1' + "0" * 5000 + '}, "tasks": [{"name": "a", "agent": "echo"}]}',
+            "Exceeds the limit (4300 digits)",
+        ),
+    ],
+)
+def test_a_document_its_parser_refuses_with_a_value_error_is_named(db, tmp_path, name, document, problem):
+    """PyYAML raises ValueError, not a YAMLError, for a date no Python date can hold, and json
+    one for an integer of more than 4,300 digits: the command ended in a traceback."""
+    path = tmp_path / name
+    path.write_text(document)
+    with pytest.raises(CommandError, match="spec is not valid") as info:
+        call_command("submit_workflow", str(path), stdout=io.StringIO())
+    assert problem in str(info.value)
+    assert Workflow.objects.count() == 0
+
+
+def test_a_yaml_key_given_twice_is_refused_not_read_as_the_last(db, tmp_path):
+    """YAML forbids a key twice in one mapping; PyYAML kept the last value, so the first line
+    was silently ignored (here: a workflow named "second" submitted)."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: first\nname: second\ntasks: [{name: a, agent: echo}]\n")
+    with pytest.raises(CommandError, match="found duplicate key 'name'"):
+        call_command("submit_workflow", str(path), stdout=io.StringIO())
+    assert Workflow.objects.count() == 0
+    # A merge may still be overridden key by key, as YAML's merge key says.
+    merged = "name: x\ntasks:\n  - &base {name: a, agent: echo}\n  - {<<: *base, name: b}\n"
+    assert [t["name"] for t in spec_parse(merged, fmt="yaml")["tasks"]] == ["a", "b"]

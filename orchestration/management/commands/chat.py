@@ -7,7 +7,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import CommandError
 
 from orchestration.errors import ConversationError
-from orchestration.management.arguments import DatabaseCommand, seconds
+from orchestration.management.arguments import DatabaseCommand, seconds, text
 from orchestration.models import Agent, AgentPlaygroundMessage, TaskExecution
 from orchestration.selectors import conversation_thread
 from orchestration.services.conversations import INSTANCE_ID_RULE, conversation_message_post, instance_id_check
@@ -22,9 +22,9 @@ class Command(DatabaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("agent", help="agent id")
-        parser.add_argument("--instance", help="conversation id to continue (default: a new one)")
-        parser.add_argument("--user", help="username to chat as (the thread's owner)")
+        parser.add_argument("agent", type=text, help="agent id")
+        parser.add_argument("--instance", type=text, help="conversation id to continue (default: a new one)")
+        parser.add_argument("--user", type=text, help="username to chat as (the thread's owner)")
         parser.add_argument(
             "--timeout",
             type=seconds(),

@@ -10,7 +10,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from orchestration.errors import SpecError
-from orchestration.management.arguments import DatabaseCommand
+from orchestration.management.arguments import DatabaseCommand, text
 from orchestration.services.access import KNOWN_PERMISSIONS, api_key_create
 
 
@@ -18,8 +18,8 @@ class Command(DatabaseCommand):
     help = "Create an API key for USER and print it. The key is shown this once; only its hash is stored."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("user", help="username of the key's owner")
-        parser.add_argument("--name", required=True, help="a name for the key, unique per user")
+        parser.add_argument("user", type=text, help="username of the key's owner")
+        parser.add_argument("--name", type=text, required=True, help="a name for the key, unique per user")
         parser.add_argument("--expires", help="ISO 8601 date-time with a time zone, or a number of days")
         parser.add_argument(
             "--permission",

@@ -2,7 +2,7 @@ from django.core.management.base import CommandError
 from django.db.models import Count
 
 from orchestration.event_types import EventType
-from orchestration.management.arguments import DatabaseCommand
+from orchestration.management.arguments import DatabaseCommand, text
 from orchestration.models import AgentInteraction, Event, Workflow
 from orchestration.selectors import workflow_tasks_with_attempts
 
@@ -37,7 +37,7 @@ class Command(DatabaseCommand):
     help = "Show a workflow's tasks and, under each, every attempt at it as recorded."
 
     def add_arguments(self, parser):
-        parser.add_argument("workflow_id")
+        parser.add_argument("workflow_id", type=text)
 
     def handle(self, *args, **options):
         workflow = Workflow.objects.filter(pk=options["workflow_id"]).first()
