@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -277,13 +277,17 @@ def broker_redis_url() -> str | None:
 BROKER_READ_CHUNK = 1000
 
 
-def _broker_message_ids(queues: set[str], wanted: set[str]) -> tuple[set[str], dict[str, dt.datetime | None]] | None:
+def _broker_message_ids(
+    queues: set[str], wanted: set[str], *, renew: Callable[[], bool] = lambda: True
+) -> tuple[set[str], dict[str, dt.datetime | None]] | None:
     """Which of the task ids `wanted` have a message waiting in the Redis broker's queues, and
     which are delivered to a worker and not yet acknowledged, with the time each was to run at
     (its ETA: a retry's backoff, a deferral; None for one to run at once); None if the broker
-    is not Redis (nothing can be checked). The queues are read in chunks, from their heads (new
-    messages go in there, so a message is never skipped for one pushed meanwhile; one taken
-    from the tail meanwhile is among the unacknowledged, read after)."""
+    is not Redis (nothing can be checked) or if `renew`, called after each chunk read (a long
+    backlog takes seconds: the sweep's lease is renewed meanwhile), says the sweep lost its
+    lock. The queues are read in chunks, from their heads (new messages go in there, so a
+    message is never skipped for one pushed meanwhile; one taken from the tail meanwhile is
+    among the unacknowledged, read after)."""
     url = broker_redis_url()
     if url is None:
         return None
@@ -311,6 +315,8 @@ def _broker_message_ids(queues: set[str], wanted: set[str]) -> tuple[set[str], d
                     if (found := headers(raw)) and str(found["id"]) in wanted:
                         ids.add(str(found["id"]))
                 start += BROKER_READ_CHUNK
+                if not renew():
+                    return None
     unacked: dict[str, dt.datetime | None] = {}
     for _, raw in client.hscan_iter("unacked", count=BROKER_READ_CHUNK):
         if (found := headers(raw)) and str(found["id"]) in wanted:
@@ -329,17 +335,20 @@ def _eta(value: object) -> dt.datetime | None:
     return eta if eta.tzinfo is not None else eta.replace(tzinfo=dt.UTC)
 
 
-# The broker-side lock that lets one dispatch sweep run at a time, and how long it may be held
-# (a sweep takes well under a second; one that dies holding it is forgotten after this).
+# The broker-side lock that lets one dispatch sweep run at a time: a lease of this many seconds,
+# renewed by the sweep before each batch it re-sends. A sweep that ends without releasing it
+# (its process killed, or the broker gone at that moment and back with its data, the lock
+# included) holds off the next sweeps this long at most: with a lock held for minutes, the
+# messages lost in a broker restart waited minutes more to be sent again.
 SWEEP_LOCK = "agentledger:queued_sweep"
-SWEEP_LOCK_SECONDS = 120
+SWEEP_LOCK_SECONDS = 15
 # Tasks re-sent per transaction and per publishing batch: one at a time, the 4,776 messages a
-# broker lost took over SWEEP_LOCK_SECONDS to send again (14 ms each), and another sweep began.
+# broker lost took over two minutes to send again (14 ms each).
 RESEND_BATCH = 500
 
 
 @contextmanager
-def _sweep_alone() -> Iterator[bool]:
+def _sweep_alone() -> Iterator[Callable[[], bool] | None]:
     """Whether this is the only sweep running: a lock in the Redis broker (the sweep reads the
     broker's queues anyway, and only with a Redis broker does it run), held until the sweep's
     messages are sent. A task the sweep re-sends keeps its first queued_at, so until its new
@@ -347,23 +356,36 @@ def _sweep_alone() -> Iterator[bool]:
     second message, superseded: it runs nothing, but the task was re-sent twice). A sweep that
     finds another running returns at once: the next pass comes seconds later. (Not a
     PostgreSQL session lock: behind a transaction-mode pooler its release could reach another
-    session and leave it held.)"""
+    session and leave it held.)
+
+    Yields None when another sweep holds the lock, else `renew`: it puts the lease back to
+    SWEEP_LOCK_SECONDS and says whether the lock is still this sweep's (False once it expired,
+    another sweep may have it)."""
     url = broker_redis_url()
     if url is None:
-        yield True
+        yield lambda: True
         return
     import redis
 
     lock = redis.Redis.from_url(url, socket_timeout=5).lock(SWEEP_LOCK, timeout=SWEEP_LOCK_SECONDS, blocking=False)
-    alone = lock.acquire()
+    if not lock.acquire():
+        yield None
+        return
+
+    def renew() -> bool:
+        try:
+            lock.reacquire()
+        except redis.exceptions.LockNotOwnedError:
+            return False
+        return True
+
     try:
-        yield alone
+        yield renew
     finally:
-        if alone:
-            try:
-                lock.release()
-            except redis.RedisError:  # expired (a sweep past SWEEP_LOCK_SECONDS) or the broker gone
-                logger.warning("could not release the dispatch sweep's lock", exc_info=True)
+        try:
+            lock.release()
+        except redis.RedisError:  # expired (a sweep past its lease) or the broker gone
+            logger.warning("could not release the dispatch sweep's lock", exc_info=True)
 
 
 def queued_sweep(*, now: dt.datetime | None = None) -> list[str]:
@@ -374,11 +396,11 @@ def queued_sweep(*, now: dt.datetime | None = None) -> list[str]:
     would give the latter back only after its visibility timeout, which exceeds the queue
     timeout: the task would fail for waiting in the queue while idle workers wait for work.
     The message left behind is superseded (its id is no longer the task's) and runs nothing."""
-    with _sweep_alone() as alone:
-        return _queued_sweep(now=now) if alone else []
+    with _sweep_alone() as renew:
+        return _queued_sweep(now=now, renew=renew) if renew is not None else []
 
 
-def _queued_sweep(*, now: dt.datetime | None) -> list[str]:
+def _queued_sweep(*, now: dt.datetime | None, renew: Callable[[], bool]) -> list[str]:
     now = now or timezone.now()
     cutoff = now - dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS)
     stale = list(
@@ -392,7 +414,9 @@ def _queued_sweep(*, now: dt.datetime | None) -> list[str]:
     if not stale:
         return []
     found = _broker_message_ids(
-        {priority for _, _, priority in stale}, {celery_task_id for _, celery_task_id, _ in stale if celery_task_id}
+        {priority for _, _, priority in stale},
+        {celery_task_id for _, celery_task_id, _ in stale if celery_task_id},
+        renew=renew,
     )
     if found is None:
         return []
@@ -417,6 +441,11 @@ def _queued_sweep(*, now: dt.datetime | None) -> list[str]:
     ]
     resent: list[str] = []
     for start in range(0, len(missing), RESEND_BATCH):
+        if not renew():
+            logger.warning(
+                "the dispatch sweep outlived its lock: %d task(s) left to the next sweep", len(missing) - start
+            )
+            break
         expected = dict(missing[start : start + RESEND_BATCH])
         with transaction.atomic():
             tasks = [

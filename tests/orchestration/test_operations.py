@@ -119,6 +119,33 @@ def test_the_sweeper_reads_a_long_queue_in_chunks_and_finds_a_message_at_its_end
     assert task(wf, "a").celery_task_id in {json.loads(raw)["headers"]["id"] for raw in client.lrange("normal", -1, -1)}
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_sweep_reading_a_long_backlog_keeps_its_lease_and_re_sends_what_it_found_lost(committed, monkeypatch):
+    """The sweep's lock is a lease renewed before each batch it re-sends; a backlog long enough
+    to take longer than the lease to read left the sweep without its lock when it came to
+    re-send, and it re-sent nothing, sweep after sweep, for as long as the backlog lasted."""
+    import time as time_module
+
+    from orchestration.services import reaper
+
+    wf = submit({"name": "a", "agent": "echo"})
+    flush_redis()  # its message never reached the broker
+    TaskExecution.objects.filter(workflow=wf).update(queued_at=timezone.now() - dt.timedelta(minutes=5))
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    client.lpush("normal", *[json.dumps({"headers": {"id": f"other-{i}"}}) for i in range(2500)])
+    monkeypatch.setattr(reaper, "SWEEP_LOCK_SECONDS", 1)
+    lrange = redis.Redis.lrange
+
+    def slow(self, name, start, end):  # a backlog of a million messages, in miniature
+        chunk = lrange(self, name, start, end)
+        if chunk:
+            time_module.sleep(0.4)
+        return chunk
+
+    monkeypatch.setattr(redis.Redis, "lrange", slow)
+    assert queued_sweep() == [task(wf, "a").execution_id]
+
+
 @pytest.fixture
 def socket_redis(tmp_path):
     """A Redis of the test's own that listens on a unix socket only, as a broker on the same
@@ -1096,6 +1123,51 @@ def test_two_sweeps_at_once_send_a_lost_message_once(builtin_agents, monkeypatch
     assert client.llen("normal") == 1
     assert not client.exists(reaper.SWEEP_LOCK), "the lock outlived its sweep"
     assert queued_sweep() == [], "the re-sent message is in the queue"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_sweep_cut_off_by_a_broker_restart_holds_off_the_next_ones_for_seconds_not_minutes(
+    builtin_agents, monkeypatch, tmp_path
+):
+    """A sweep holds a lock in the broker while it runs. A broker restarted under it (one that
+    keeps its data, as a durable broker does) refuses the release, and the lock, back from disk,
+    held off every sweep for its whole 120 s: a message lost meanwhile waited two minutes more to
+    be sent again (the chaos soak's drain waited for it). The lock is a lease of a few seconds
+    now, renewed by the sweep as it goes."""
+    from orchestration.services import reaper
+    from orchestration.tasks import run_task
+    from tests.engine import PrivateRedis
+
+    broker = PrivateRedis(tmp_path, keep_data=True)
+    app = run_task.app
+    monkeypatch.setattr(app.conf, "broker_url", broker.url)
+    monkeypatch.setattr(settings, "CELERY_BROKER_URL", broker.url)
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    try:
+        wf = submit({"name": "a", "agent": "echo"})
+        client = redis.Redis.from_url(broker.url)
+        client.delete("normal")  # the message was lost
+        TaskExecution.objects.filter(workflow=wf).update(queued_at=timezone.now() - dt.timedelta(minutes=5))
+        lost = task(wf, "a")
+
+        def cut_off(**kwargs):
+            broker.stop()
+            raise redis.ConnectionError("the broker went away under the sweep")
+
+        with monkeypatch.context() as during:
+            during.setattr(reaper, "_queued_sweep", cut_off)
+            with pytest.raises(redis.ConnectionError):
+                queued_sweep()
+        broker.start()
+        assert client.exists(reaper.SWEEP_LOCK), "the lock came back with the broker's data"
+
+        started = time.monotonic()
+        wait_for(lambda: queued_sweep() == [lost.execution_id], timeout=25, interval=0.5, what="a sweep to run")
+        assert time.monotonic() - started < 25
+        assert task(wf, "a").celery_task_id != lost.celery_task_id
+    finally:
+        broker.stop()
 
 
 @pytest.mark.django_db(transaction=True)
