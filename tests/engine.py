@@ -64,10 +64,13 @@ class Worker:
         queues: str = "system,critical,high,normal,low",
         env: dict[str, str] | None = None,
         name: str | None = None,
+        wait: bool = True,
     ) -> None:
         """`name`: the node name (default a new one); a worker restarted as systemd or Kubernetes
-        would restart it takes the name of the one it replaces."""
+        would restart it takes the name of the one it replaces. `wait`: until it answers pings
+        (else the caller calls wait_ready)."""
         self.name = name or f"test-{uuid.uuid4().hex[:8]}@localhost"
+        self.env = env or {}  # what it was started with besides the test's settings (a restart takes it again)
         stem = self.name.split("@")[0]
         self.log_path = log_dir / f"{stem}.log"
         if self.log_path.exists():  # a restart under the same name keeps its predecessor's log
@@ -108,7 +111,8 @@ class Worker:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         from config.celery import app
@@ -142,6 +146,26 @@ class Worker:
                 cut += client.client_kill_filter(_id=entry["id"])
         return cut
 
+    def database_connections_cut(self) -> int:
+        """Terminate, on the PostgreSQL server, the connections of the worker's processes (main
+        and pool), as a failover or a network cut would: the worker lives on. Returns how many
+        were terminated."""
+        ports: set[int] = set()
+        for pid in [self.process.pid, *self.children()]:
+            try:
+                ports |= _local_tcp_ports(pid)
+            except OSError:  # a pool process that has just exited
+                continue
+        if not ports:
+            return 0
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND client_port = ANY(%s) AND pid <> pg_backend_pid()",
+                [sorted(ports)],
+            )
+            return cursor.fetchone()[0]
+
     def kill(self) -> None:
         """SIGKILL the whole worker: the main process and its pool."""
         if self.process.poll() is None:
@@ -166,7 +190,11 @@ class PrivateRedis:
     """A redis-server of the test's own, on a free port, to stop, restart empty or pause at will
     (never the shared one). Without redis-server on PATH the test fails, saying so."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, keep_data: bool = False) -> None:
+        """`keep_data`: every write is appended to a file and synced before it is answered
+        (appendonly, appendfsync always), so a server killed and started again (`restart`) comes
+        back with all it had, as a crashed Redis with a durable AOF does; without, it comes
+        back empty."""
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail(
@@ -175,6 +203,7 @@ class PrivateRedis:
             )
         self.binary = binary
         self.directory = directory
+        self.keep_data = keep_data
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -194,7 +223,9 @@ class PrivateRedis:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.keep_data else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.directory),
                 "--logfile",
@@ -226,7 +257,8 @@ class PrivateRedis:
             self.process.wait(timeout=10)
 
     def restart(self) -> None:
-        """Kill and start again: every queue, unacknowledged message and lock is gone."""
+        """Kill and start again: every queue, unacknowledged message and lock is gone, unless
+        the server keeps its data (`keep_data`)."""
         self.stop()
         self.start()
         self.restarts += 1

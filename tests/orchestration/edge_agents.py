@@ -89,3 +89,22 @@ def long_call_id(task_input, context):
     thread's tool_call_id column, then answers."""
     result = context.tools.call("calculator", {"expression": "2+2"}, call_id="call_" + "x" * 300)
     return {"content": f"it is {result}"}
+
+
+def metered(task_input, context):
+    """Pays for a first call at once (metered, as a model's answer is), sleeps `input.seconds`,
+    then reports its whole usage: with its result, or, on its first `input.fail_times` attempts,
+    with a retryable error (the chaos soak's agent with spend)."""
+    import time
+    from decimal import Decimal
+
+    from orchestration.errors import RetryableError
+
+    context.paid(Usage(input_tokens=10, output_tokens=0, cost_usd=Decimal("0.001")))
+    time.sleep(task_input.get("seconds", 0))
+    spent = Usage(input_tokens=100, output_tokens=20, cost_usd=Decimal("0.0123"))
+    if context.attempt_number <= task_input.get("fail_times", 0):
+        error = RetryableError(f"metered: planned failure {context.attempt_number}")
+        error.usage = spent
+        raise error
+    return AgentResult(output={"attempt": context.attempt_number}, usage=spent)
