@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from django.conf import settings
@@ -47,21 +48,52 @@ def unstorable_text(value: Any) -> str | None:
     return None
 
 
+def _entries(item: dict | list) -> Iterator[tuple[str | int | None, Any]]:
+    """(step, child) of a JSON object or array, in document order: a key (its step None) before
+    its value (its step the key), an element with its index."""
+    if isinstance(item, dict):
+        for key, child in item.items():
+            yield None, key
+            yield key, child
+    else:
+        yield from enumerate(item)
+
+
+def _path(steps: list[str | int | None]) -> str:
+    path = ""
+    for step in steps:
+        if step is None:
+            path = f"{path} (a key)" if path else "(a key)"
+        elif isinstance(step, int):
+            path += f"[{step}]"
+        else:
+            path = f"{path}.{step}" if path else step
+    return path
+
+
 def unstorable_field(value: Any) -> tuple[str, str]:
     """The path (`tasks[0].input.text`, as a validation error names a field) of the first value
     in `value` that unstorable_text refuses, and why. Walked again, with paths, only once a
-    body is known to hold one: naming every value of every body would cost for nothing."""
-    stack: list[tuple[Any, str]] = [(value, "")]
-    while stack:
-        item, path = stack.pop()
-        if isinstance(item, dict):
-            for key, child in reversed(item.items()):
-                stack.append((child, f"{path}.{key}" if path else str(key)))
-                stack.append((key, f"{path} (a key)" if path else "(a key)"))
-        elif isinstance(item, list):
-            stack.extend((child, f"{path}[{i}]") for i, child in reversed(list(enumerate(item))))
-        elif problem := _scalar_problem(item):
-            return path, problem
+    body is known to hold one: naming every value of every body would cost for nothing. The
+    walk holds one step per level, the path is spelled for the value refused alone: a path
+    per value, each repeating its parents', took memory of the values times the depth (a body
+    of 2.4 MB took 3.5 GB)."""
+    if not isinstance(value, dict | list):
+        return "", _scalar_problem(value) or "cannot be stored"
+    steps: list[str | int | None] = []
+    walk = [_entries(value)]
+    while walk:
+        for step, child in walk[-1]:
+            if isinstance(child, dict | list):
+                steps.append(step)
+                walk.append(_entries(child))
+                break
+            if problem := _scalar_problem(child):
+                return _path([*steps, step]), problem
+        else:
+            walk.pop()
+            if steps:
+                steps.pop()
     return "", "cannot be stored"
 
 
