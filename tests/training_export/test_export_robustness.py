@@ -17,6 +17,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 from django.utils import timezone
 
+from orchestration.db import database_now
 from orchestration.event_types import EventType
 from orchestration.models import Event
 from orchestration.runtime.tools import tool_schemas
@@ -25,6 +26,7 @@ from tests.factories import AgentFactory, EventFactory
 from tests.training_export.test_chat import call, thread
 from training_export.management.commands import export_training_data as command_module
 from training_export.models import ExportRun
+from training_export.services import export as export_service
 from training_export.services.export import DATA_TYPES, export_previous_day, export_run
 from training_export.services.files import commit, sha256_file, staged_writer
 from training_export.tasks import export_previous_day_task
@@ -232,13 +234,14 @@ def test_a_relative_output_directory_is_recorded_as_an_absolute_path(db, out, tm
 def test_a_day_the_daily_export_gave_up_on_is_recorded_failed_and_exported_the_next_night(
     transactional_db, out, monkeypatch
 ):
-    real_now = timezone.now
-    # A clock for the beat at noon two days ahead: "yesterday" ends after real now, and is closed
-    # whatever the real time of day (at 00:04 UTC a plain two-day shift left it inside the safety lag).
+    real_now = database_now
+    # The database's clock, as the export reads it, at noon two days ahead: "yesterday" ends after
+    # real now, and is closed whatever the real time of day (at 00:04 UTC a plain two-day shift
+    # left it inside the safety lag).
     start = real_now()
     noon = dt.datetime.combine(start.date() + dt.timedelta(days=2), dt.time(12), tzinfo=dt.UTC)
     shift = noon - start
-    monkeypatch.setattr(timezone, "now", lambda: real_now() + shift)
+    monkeypatch.setattr(export_service, "database_now", lambda: real_now() + shift)
     missed = (real_now() + shift).date() - dt.timedelta(days=1)
     # The day before was exported: the type has a last exported day to catch up from.
     before = missed - dt.timedelta(days=1)
@@ -257,14 +260,14 @@ def test_a_day_the_daily_export_gave_up_on_is_recorded_failed_and_exported_the_n
     assert all("gave up" in run.error and "open" in run.error for run in gave_up)
     assert Event.objects.filter(event_type=EventType.EXPORT_FAILED).count() == len(DATA_TYPES)
     # The next night the backup is over: both days are exported, the missed one first.
-    monkeypatch.setattr(timezone, "now", lambda: real_now() + shift + dt.timedelta(days=1))
+    monkeypatch.setattr(export_service, "database_now", lambda: real_now() + shift + dt.timedelta(days=1))
     runs = [ExportRun.objects.get(pk=pk) for pk in export_previous_day_task.apply().get()]
     assert [(run.window_start.date(), run.data_type) for run in runs] == [
         (day, data_type) for day in (missed, missed + dt.timedelta(days=1)) for data_type in DATA_TYPES
     ]
     assert {run.status for run in runs} == {ExportRun.Status.SUCCEEDED}
     # A third night finds nothing missed: only its own day is exported.
-    monkeypatch.setattr(timezone, "now", lambda: real_now() + shift + dt.timedelta(days=2))
+    monkeypatch.setattr(export_service, "database_now", lambda: real_now() + shift + dt.timedelta(days=2))
     runs = [ExportRun.objects.get(pk=pk) for pk in export_previous_day_task.apply().get()]
     assert {run.window_start.date() for run in runs} == {missed + dt.timedelta(days=2)}
 

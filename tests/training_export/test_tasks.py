@@ -31,7 +31,7 @@ PIPELINE_TASKS = {
 
 
 def clear_of_midnight() -> dt.datetime:
-    """The worker runs export_previous_day on its own clock, which a test cannot move: from
+    """The worker runs export_previous_day on the database's clock, which a test cannot move: from
     midnight UTC until STAMP_MARGIN after it the previous day is not closed yet (the task is
     retried 10 minutes later), and a test that straddles midnight expects another day than the
     worker exports. Wait until clear of both (at most a few minutes, once a day)."""

@@ -13,8 +13,9 @@ TRAINING_EXPORT_SAFETY_LAG_SECONDS in the past and, on PostgreSQL, no transactio
 before its end plus STAMP_MARGIN is still open in this database. Rows carry the time their
 transaction started (`created_at` defaults to now(), the transaction start) or a time the
 application took for it: just before its first statement, kept through the retries of a
-deadlock victim (under 2 s of backoff), on the application's clock, which may be a little off
-the database's. So a transaction that began more than STAMP_MARGIN after the end cannot add rows
+deadlock victim (under 2 s of backoff), on the database's clock as the application carries it
+(orchestration.db.DatabaseClock: read at the attempt's claim, then on the host's monotonic
+clock). So a transaction that began more than STAMP_MARGIN after the end cannot add rows
 to the window, and one that began before that and commits late is waited for instead of missed.
 The check runs before the export's own snapshot is taken, so every such transaction has ended
 by then and is in the snapshot.
@@ -44,8 +45,9 @@ from typing import BinaryIO
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Max
-from django.utils import timezone
+from django.db.models.functions import Now
 
+from orchestration.db import database_now
 from orchestration.errors import TransitionError
 from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.services.events import event_record
@@ -130,7 +132,7 @@ def format_for(data_type: str) -> str:
 
 # How long after a window's end a transaction may begin and still stamp rows inside the window
 # (see the module doc): the application takes a completion's time before the transaction's first
-# statement and keeps it through deadlock retries, and its clock may be off the database's.
+# statement and keeps it through deadlock retries.
 STAMP_MARGIN = dt.timedelta(seconds=60)
 
 
@@ -139,8 +141,10 @@ EXPORT_SESSION_NAME = "agentledger export (read only)"
 
 
 def window_check_closed(window: Window, *, now: dt.datetime | None = None) -> None:
-    """Raise WindowNotClosed unless no row can still be added to the window (see module doc)."""
-    now = now or timezone.now()
+    """Raise WindowNotClosed unless no row can still be added to the window (see module doc).
+    Its end is compared with the database's clock, which stamps the rows: on a host whose clock
+    ran ahead, a window whose rows were still being written looked closed."""
+    now = now or database_now()
     # Never before STAMP_MARGIN has passed: a transaction that may still stamp rows into the
     # window must have begun, to be seen below.
     lag = max(dt.timedelta(seconds=settings.TRAINING_EXPORT_SAFETY_LAG_SECONDS), STAMP_MARGIN)
@@ -243,7 +247,7 @@ def _fail(run_ids: list[int], *, error: str, expected: tuple[str, ...] = (Export
     one transaction. Returns the ids that changed."""
     with transaction.atomic():
         runs = list(ExportRun.objects.select_for_update().filter(pk__in=run_ids, status__in=expected).order_by("pk"))
-        now = timezone.now()
+        now = database_now()
         for run in runs:
             run.status = ExportRun.Status.FAILED
             run.error = error
@@ -287,7 +291,7 @@ def export_run(
             status=ExportRun.Status.RUNNING,
             schema_version=SCHEMA_VERSION,
             requested_by_id=requested_by_id,
-            started_at=(started := timezone.now()),
+            started_at=(started := database_now()),
             deadline_at=_deadline(started, time_limit_seconds),
         )
         # Before the row is seen running: a run without its lock looks dead to the others.
@@ -319,9 +323,9 @@ def export_run_execute(
             _fail([run.pk], error=str(exc), expected=(ExportRun.Status.PENDING,))
         else:
             # A sign of life for export_runs_sweep: this row still has a message (its retry).
-            ExportRun.objects.filter(pk=run.pk, status=ExportRun.Status.PENDING).update(updated_at=timezone.now())
+            ExportRun.objects.filter(pk=run.pk, status=ExportRun.Status.PENDING).update(updated_at=Now())
         raise
-    now = timezone.now()
+    now = database_now()  # started_at and deadline_at, which export_runs_sweep compares with its clock
     deadline = _deadline(now, time_limit_seconds)
     with transaction.atomic():
         _run_lock(run.pk)  # before the claim is seen: a running row without its lock looks dead
@@ -448,7 +452,7 @@ def _record_success(run: ExportRun, *, window: Window, directory: Path, manifest
         run.bytes = manifest.bytes
         run.checksum = manifest.sha256
         run.watermark = manifest.watermark
-        run.finished_at = timezone.now()
+        run.finished_at = database_now()
         run.save(
             update_fields=["status", "path", "rows", "bytes", "checksum", "watermark", "finished_at", "updated_at"]
         )
@@ -614,7 +618,9 @@ def _daily_export_alone() -> Iterator[bool]:
 
 
 def _export_days(*, now: dt.datetime | None, time_limit_seconds: int | None, final_try: bool) -> list[ExportRun]:
-    yesterday = (now or timezone.now()).astimezone(dt.UTC).date() - dt.timedelta(days=1)
+    # The database's day, the one that stamps the rows (a beat host's clock a little behind it
+    # past midnight took the day before yesterday for yesterday, and yesterday waited a night).
+    yesterday = (now or database_now()).astimezone(dt.UTC).date() - dt.timedelta(days=1)
     pending = [(day, data_type) for data_type in DATA_TYPES for day in _days_missed(data_type, yesterday)]
     pending += [(yesterday, data_type) for data_type in DATA_TYPES]
     pending.sort(key=lambda item: (item[0], DATA_TYPES.index(item[1])))
@@ -664,7 +670,7 @@ def _days_missed(data_type: str, yesterday: dt.date) -> list[dt.date]:
 def _record_gave_up(pending: list[tuple[dt.date, str]], *, error: str) -> None:
     """Record the daily exports the last try could not run as failed runs, each with its
     export_failed event."""
-    now = timezone.now()
+    now = database_now()
     rows = []
     for day, data_type in pending:
         window = window_for(day, day)
@@ -831,8 +837,12 @@ def export_runs_sweep(*, now: dt.datetime | None = None) -> ExportSweep:
       its lock, `_run_lock`: a killed worker, a stopped or killed manage.py): the worker was
       killed or lost. It is recorded failed with its export_failed event; its temporary file is
       removed by retention.
+
+    Times are the database's (`now`, by default its clock, and the runs' deadline_at): a sweeping
+    host whose clock ran ahead recorded live runs lost. (A pending row's first updated_at is its
+    inserting host's, Django's auto_now: a skew of minutes against hours of silence.)
     """
-    now = now or timezone.now()
+    now = now or database_now()
     pending_before = now - dt.timedelta(
         seconds=settings.BROKER_VISIBILITY_TIMEOUT_SECONDS + EXPORT_RETRY_COUNTDOWN_SECONDS + EXPORT_LOST_GRACE_SECONDS
     )
