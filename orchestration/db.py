@@ -7,6 +7,7 @@ import functools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -31,6 +32,20 @@ def database_now() -> dt.datetime:
             return cursor.fetchone()[0]
         cursor.execute("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")
         return dt.datetime.fromisoformat(cursor.fetchone()[0]).replace(tzinfo=dt.UTC)
+
+
+@dataclass(frozen=True)
+class DatabaseClock:
+    """The database's clock as a statement the caller ran anyway read it (`at`), carried on
+    this host's monotonic clock: `now()` is the database's time later on, without another
+    round trip, whatever this host's wall clock says. A worker reads it in its claim and
+    stamps the attempt's outcome, its task's retry and its dependents' queueing with it."""
+
+    at: dt.datetime
+    read: float = field(default_factory=time.monotonic)
+
+    def now(self) -> dt.datetime:
+        return self.at + dt.timedelta(seconds=time.monotonic() - self.read)
 
 
 def atomic_with_retry(fn: Any, *, attempts: int = 8) -> Any:

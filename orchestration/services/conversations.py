@@ -20,7 +20,6 @@ from typing import Any
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Q
-from django.utils import timezone
 
 from orchestration.db import database_now
 from orchestration.errors import ConversationBusy, ConversationError, ConversationTaken, TransitionError
@@ -127,7 +126,7 @@ def conversation_message_post(
         session_id=instance_id,
         payload={"message_id": message.message_id, "role": Role.USER, "execution_id": task.execution_id},
     )
-    tasks_queue([task], now=timezone.now())
+    tasks_queue([task], now=message.created_at)  # the database's clock, as the queue timeout's
     return message
 
 

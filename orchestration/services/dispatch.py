@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import redis
 from django.conf import settings
 from django.db import transaction
-from django.utils import timezone
 from kombu.exceptions import BatchPublishError
 from kombu.exceptions import OperationalError as KombuOperationalError
 
@@ -59,9 +58,10 @@ def dispatch_prepare(
     )
 
 
-def tasks_queue(tasks: list[TaskExecution], *, now: dt.datetime | None = None) -> list[Dispatch]:
-    """Mark pending tasks queued, record task_queued events and send them after commit."""
-    now = now or timezone.now()
+def tasks_queue(tasks: list[TaskExecution], *, now: dt.datetime) -> list[Dispatch]:
+    """Mark pending tasks queued, record task_queued events and send them after commit. `now`
+    is on the database's clock (queued_at: the queue timeout counts from it, wherever it is
+    checked)."""
     dispatches = [dispatch_prepare(task, now=now) for task in tasks]
     if not dispatches:
         return []

@@ -25,10 +25,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
 from django.db.models import F, Max
-from django.utils import timezone
+from django.db.models.functions import Now
 
 from observability.attempts import attempt_finished, attempt_started, attempts_reaped, late_usage_recorded
-from orchestration.db import atomic_with_retry, stop_if_interrupted
+from orchestration.db import DatabaseClock, atomic_with_retry, stop_if_interrupted
 from orchestration.errors import PermanentError, RetryableError, is_retryable
 from orchestration.event_types import EventType, Severity
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
@@ -76,6 +76,8 @@ class Claim:
     agent: Agent
     task_input: dict[str, Any]
     context: TaskContext
+    # The database's clock, read by the claim: the attempt's outcome is recorded at its now().
+    clock: DatabaseClock
     # The fast claim saw other unfinished tasks in the workflow and none pending: the
     # completion tries fastpath.succeed_alone (one statement, no transaction block) first.
     standalone: bool = False
@@ -208,7 +210,8 @@ def attempt_abandon(
 
 def queue_waited_since(task: TaskExecution, *, now: dt.datetime) -> dt.datetime | None:
     """When `task` began waiting for a worker (its queueing, or its last deferral for its
-    agent's concurrency limit), if that is longer ago than TASK_QUEUE_TIMEOUT_SECONDS."""
+    agent's concurrency limit), if that is longer ago than TASK_QUEUE_TIMEOUT_SECONDS. Both
+    stamps and `now` are on the database's clock (wherever they were taken: see Claim.clock)."""
     since = max(filter(None, (task.queued_at, task.deferred_at)), default=None)
     if since and now > since + dt.timedelta(seconds=settings.TASK_QUEUE_TIMEOUT_SECONDS):
         return since
@@ -349,8 +352,12 @@ def attempt_claim(
     database connection, so an attempt this message left running was abandoned. `process`:
     the worker process that runs the attempt, recorded with it for the reaper. A redelivered
     message whose attempt is still recorded running first asks that attempt's worker what
-    became of it (services/redelivery.py)."""
-    now = now or timezone.now()
+    became of it (services/redelivery.py).
+
+    Its time is the database's (read by the claim's first statement, at no extra cost), not this
+    host's: the workflow's deadline and the queue timeout are checked, and the attempt starts, on
+    the clock the reaper and every other worker use, and the rest of the attempt keeps to it
+    (Claim.clock). `now` replaces it (tests that place attempts in the past)."""
     fast = fastpath.claim(
         execution_id=execution_id,
         celery_task_id=celery_task_id,
@@ -395,6 +402,7 @@ def _upstream_outputs(workflow_id: str | None, depends_on: list[str]) -> dict[st
 
 def _claim_from_fast(fast: fastpath.FastClaim) -> Claim:
     attempt, agent = fast.attempt, fast.agent
+    clock = DatabaseClock(attempt.started_at)  # before the upstream outputs' query
     context = TaskContext(
         execution_id=attempt.execution_id,
         workflow_id=fast.workflow_id,
@@ -405,7 +413,14 @@ def _claim_from_fast(fast: fastpath.FastClaim) -> Claim:
         upstream=_upstream_outputs(fast.workflow_id, fast.depends_on),
         agent_config=agent.config,
     )
-    return Claim(attempt=attempt, agent=agent, task_input=fast.input_data, context=context, standalone=fast.standalone)
+    return Claim(
+        attempt=attempt,
+        agent=agent,
+        task_input=fast.input_data,
+        context=context,
+        clock=clock,
+        standalone=fast.standalone,
+    )
 
 
 def _attempt_claim(
@@ -415,18 +430,21 @@ def _attempt_claim(
     worker: str,
     redelivered: bool,
     retried: bool,
-    now: dt.datetime,
+    now: dt.datetime | None,
     process: WorkerProcess | None,
     previous: PreviousTry | None = None,
 ) -> Claim | Outcome:
     task = (
         TaskExecution.objects.select_for_update(of=("self",))
         .select_related("agent", "workflow")
+        .annotate(database_now=Now())
         .filter(pk=execution_id)
         .first()
     )
     if task is None or task.celery_task_id != celery_task_id:
         return Outcome.SKIPPED  # unknown, or a stale message superseded by a newer one
+    clock = DatabaseClock(now or task.database_now)
+    now = clock.at
     if task.status == TaskExecution.Status.RUNNING:
         last = TaskAttempt.objects.select_for_update().filter(execution=task).order_by("-attempt_number").first()
         if last is None or last.status != TaskAttempt.Status.RUNNING or not (redelivered or retried):
@@ -514,7 +532,7 @@ def _attempt_claim(
             return Outcome.DEFERRED
         # The attempt starts now, once the limit admitted it: the wait for the agent row
         # lock is not part of it, and its start is after the end of the attempt it waited on.
-        now = timezone.now()
+        now = clock.now()
 
     attempt = TaskAttempt.objects.create(
         execution=task,
@@ -547,7 +565,7 @@ def _attempt_claim(
         agent_config=agent.config,
         conversation=conversation_for_task(task),
     )
-    return Claim(attempt=attempt, agent=agent, task_input=task.input_data, context=context)
+    return Claim(attempt=attempt, agent=agent, task_input=task.input_data, context=context, clock=clock)
 
 
 def attempt_succeed(
@@ -803,7 +821,9 @@ def _attempt_run(
         usage = _at_least_metered(claim.attempt.pk, usage + context.spend)
         error = storable_text("timed out" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}")
         also = _turn_writer(context, claim.attempt, output=None, error=error, usage=usage)
-        recorded = _fail_recorded(claim.attempt, exc, duration_ms=duration_ms, usage=usage, also=also)
+        recorded = _fail_recorded(
+            claim.attempt, exc, duration_ms=duration_ms, now=claim.clock.now(), usage=usage, also=also
+        )
         if not recorded:
             _refused_outcome_record(
                 claim.attempt,
@@ -827,8 +847,8 @@ def _attempt_run(
     result.usage = result.usage + context.spend
     also = _turn_writer(context, claim.attempt, output=result.output, error=None, usage=result.usage)
     outcome, failure = Outcome.SUCCEEDED, None
+    now = claim.clock.now()
     try:
-        now = timezone.now()
         recorded = _record_through_soft_limit(
             functools.partial(
                 attempt_succeed,
@@ -849,7 +869,9 @@ def _attempt_run(
         logger.exception("attempt %s of %s: its result could not be stored", claim.attempt.attempt_number, execution_id)
         failure = PermanentError(f"the agent's result could not be stored: {type(exc).__name__}: {exc}")
         also = _turn_writer(context, claim.attempt, output=None, error=storable_text(str(failure)), usage=result.usage)
-        recorded = _fail_recorded(claim.attempt, failure, duration_ms=duration_ms, usage=result.usage, also=also)
+        recorded = _fail_recorded(
+            claim.attempt, failure, duration_ms=duration_ms, now=now, usage=result.usage, also=also
+        )
         outcome = Outcome.FAILED
     if not recorded:
         _refused_outcome_record(
@@ -872,7 +894,13 @@ def _attempt_run(
 
 
 def _fail_recorded(
-    attempt: TaskAttempt, exc: BaseException, *, duration_ms: float, usage: Usage, also: Callable[[], object] | None
+    attempt: TaskAttempt,
+    exc: BaseException,
+    *,
+    duration_ms: float,
+    now: dt.datetime,
+    usage: Usage,
+    also: Callable[[], object] | None,
 ) -> bool:
     """attempt_fail, through the soft limit (_record_through_soft_limit)."""
     return _record_through_soft_limit(
@@ -881,7 +909,7 @@ def _fail_recorded(
             attempt=attempt,
             exc=exc,
             duration_ms=duration_ms,
-            now=timezone.now(),
+            now=now,
             usage=usage,
             also=also,
         )

@@ -44,18 +44,23 @@ def _columns(fields: Any, alias: str) -> str:
 # are built as loaded rows (Model.from_db) without another query. Only column names from
 # the models' metadata are interpolated. Whitespace is collapsed: psycopg caches the
 # conversion of statements up to 4 kB only.
+# Its time (`clock`) is the database's, unless the caller gives one: the deadline and the queue
+# timeout are checked, and the attempt starts, on the clock every host shares (the worker's may
+# be off it), and the attempt's started_at gives that clock to the rest of the attempt.
 CLAIM_SQL = f"""
-WITH claimed AS (
+WITH clock AS (
+    SELECT COALESCE(%(now)s::timestamptz, statement_timestamp()) AS now
+), claimed AS (
     UPDATE task_executions t
-       SET status = 'running', started_at = COALESCE(t.started_at, %(now)s), worker = %(worker)s
-      FROM workflows w, agents a
+       SET status = 'running', started_at = COALESCE(t.started_at, k.now), worker = %(worker)s
+      FROM workflows w, agents a, clock k
      WHERE t.execution_id = %(execution_id)s
        AND t.celery_task_id = %(celery_task_id)s
        AND t.status IN ('queued', 'retrying')
        AND w.workflow_id = t.workflow_id
        AND w.status = 'running'
-       AND (w.deadline IS NULL OR w.deadline > %(now)s)
-       AND (t.queued_at IS NULL OR t.queued_at + make_interval(secs => %(queue_timeout)s::float8) >= %(now)s)
+       AND (w.deadline IS NULL OR w.deadline > k.now)
+       AND (t.queued_at IS NULL OR t.queued_at + make_interval(secs => %(queue_timeout)s::float8) >= k.now)
        AND a.id = t.agent_id
        AND a.status = 'active'
        AND a.max_concurrency IS NULL
@@ -68,10 +73,10 @@ WITH claimed AS (
         created_at, updated_at, execution_id, attempt_number, status, error_class, worker, worker_pid,
         worker_started_at, pool_pid, celery_task_id, delivery_count, redelivered, timeout_seconds, input_tokens,
         output_tokens, tokens_used, cost_usd, started_at)
-    SELECT now(), %(now)s, c.execution_id, c.attempt_number, 'running', '', %(worker)s, %(worker_pid)s::integer,
+    SELECT now(), k.now, c.execution_id, c.attempt_number, 'running', '', %(worker)s, %(worker_pid)s::integer,
            %(worker_started_at)s::timestamptz, %(pool_pid)s::integer, %(celery_task_id)s,
-           %(delivery_count)s, %(redelivered)s, c.timeout_seconds, 0, 0, 0, 0, %(now)s
-      FROM claimed c
+           %(delivery_count)s, %(redelivered)s, c.timeout_seconds, 0, 0, 0, 0, k.now
+      FROM claimed c, clock k
     RETURNING *
 ), event AS (
     INSERT INTO events (event_id, event_type, entity_type, entity_id, workflow_id, agent_id, source, payload, severity)
@@ -353,10 +358,11 @@ def claim(
     celery_task_id: str,
     worker: str,
     redelivered: bool,
-    now: dt.datetime,
+    now: dt.datetime | None,
     process: WorkerProcess | None = None,
 ) -> FastClaim | None:
-    """Claim a queued task's message in one statement (its own transaction), or None."""
+    """Claim a queued task's message in one statement (its own transaction), or None. `now`:
+    None for the database's clock (see CLAIM_SQL)."""
     if not enabled() or redelivered:
         return None
     rows = execute_prepared(

@@ -26,7 +26,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Max, Q
-from django.utils import timezone
 
 from orchestration.db import atomic_with_retry, database_now
 from orchestration.models import TaskAttempt, TaskExecution, Workflow
@@ -199,7 +198,8 @@ def queue_timeouts_enforce(*, now: dt.datetime) -> list[str]:
     """Time out the tasks that waited for a worker past TASK_QUEUE_TIMEOUT_SECONDS (none
     consumes their queue, or every worker is down), as their claim would: a timed-out try
     with cause queue_timeout, the task failed, its workflow failed or going on. Returns the
-    ids of those tasks. A message that reaches a worker later runs nothing."""
+    ids of those tasks. A message that reaches a worker later runs nothing. `now` is the
+    database's clock, on which queued_at and deferred_at are stamped and the claim checks."""
     cutoff = now - dt.timedelta(seconds=settings.TASK_QUEUE_TIMEOUT_SECONDS)
     waiting = [TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING]
     overdue = list(
@@ -401,7 +401,8 @@ def queued_sweep(*, now: dt.datetime | None = None) -> list[str]:
 
 
 def _queued_sweep(*, now: dt.datetime | None, renew: Callable[[], bool]) -> list[str]:
-    now = now or timezone.now()
+    # The database's clock, on which the tasks' queued_at and deferred_at are stamped.
+    now = now or database_now()
     cutoff = now - dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS)
     stale = list(
         TaskExecution.objects.filter(

@@ -19,6 +19,7 @@ from django.conf import settings
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from orchestration.db import database_now
 from orchestration.errors import SpecError
 from orchestration.models import Agent, Priority
 
@@ -341,7 +342,9 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
             except OverflowError:
                 problems.append(f"deadline {raw_deadline!r} is out of range (outside the years 1 to 9999 in UTC)")
             else:
-                if parsed <= timezone.now():
+                # On the database's clock, which every claim checks the deadline on: a web host
+                # whose clock ran ahead refused a deadline that had not passed.
+                if parsed <= database_now():
                     problems.append(f"deadline {parsed.isoformat()} is in the past")
                 else:
                     deadline = parsed

@@ -8,9 +8,9 @@ from typing import Any
 
 from django.db import IntegrityError, connections, transaction
 from django.db.models import F
-from django.utils import timezone
+from django.db.models.functions import Now
 
-from orchestration.db import atomic_retried
+from orchestration.db import atomic_retried, database_now
 from orchestration.errors import IdempotencyKeyReused, SpecError, TransitionError
 from orchestration.event_types import EventType
 from orchestration.models import TaskExecution, Workflow
@@ -83,14 +83,18 @@ def workflow_spec_is(workflow: Workflow, spec: dict[str, Any]) -> bool:
 
 def _workflow_store(spec: WorkflowSpec, *, owner: Any, initiator: str) -> Workflow:
     """Workflow, tasks and first events, each in one INSERT; root tasks are created queued,
-    with their message ids, and sent after commit."""
-    now = timezone.now()
+    with their message ids, and sent after commit.
+
+    The workflow starts, and its root tasks are queued, at the database's time of its INSERT,
+    which returns it (created_at; started_at is the same statement's time): the queue timeout,
+    the deadline and the workflow's duration are measured on that clock by whichever host
+    looks, not on this host's, which may be off it."""
     workflow = Workflow.objects.create(
         name=spec.name,
         description=spec.description,
         workflow_type=spec.workflow_type,
         status=Workflow.Status.RUNNING,
-        started_at=now,
+        started_at=Now(),
         priority=spec.priority,
         tags=spec.tags,
         metadata=spec.metadata,
@@ -104,6 +108,7 @@ def _workflow_store(spec: WorkflowSpec, *, owner: Any, initiator: str) -> Workfl
         total_steps=len(spec.tasks),
         assigned_agents=list(dict.fromkeys(t.agent_id for t in spec.tasks)),
     )
+    now = workflow.started_at = workflow.created_at
     tasks = [
         TaskExecution(
             workflow=workflow,
@@ -154,7 +159,7 @@ def workflow_cancel(*, workflow_id: str, reason: str = "cancelled by user", acto
         raise TransitionError(
             f"workflow {workflow_id} is {workflow.status}; only a pending or running workflow can be cancelled"
         )
-    workflow_fail(workflow, error=reason, now=timezone.now(), event_type=EventType.WORKFLOW_CANCELLED, actor=actor)
+    workflow_fail(workflow, error=reason, now=database_now(), event_type=EventType.WORKFLOW_CANCELLED, actor=actor)
     return workflow
 
 
@@ -167,7 +172,7 @@ def task_cancel(*, execution_id: str, reason: str = "cancelled by user", actor: 
     task = TaskExecution.objects.select_for_update().get(pk=execution_id)
     if task.is_terminal:
         raise TransitionError(f"task {execution_id} is {task.status}; it cannot be cancelled")
-    now = timezone.now()
+    now = database_now()
     if task.workflow_id:
         workflow = Workflow.objects.select_for_update().get(pk=task.workflow_id)
         tasks_cancel(TaskExecution.objects.filter(pk=task.pk), reason=reason, now=now, actor=actor)
@@ -210,7 +215,7 @@ def workflow_resume(*, workflow_id: str, actor: Actor | None = None) -> Workflow
     workflow = Workflow.objects.select_for_update().get(pk=workflow_id)
     if workflow.status not in RESUMABLE_WORKFLOW:
         raise TransitionError(f"workflow {workflow_id} is {workflow.status}; only a failed or cancelled one resumes")
-    now = timezone.now()
+    now = database_now()
     _deadline_check(workflow, now=now)
     # A task left running when a sibling failed the workflow goes on as it is (its dependents
     # run once it completes); only the ended ones run again. Those cannot change under the
@@ -241,7 +246,8 @@ def workflow_resume(*, workflow_id: str, actor: Actor | None = None) -> Workflow
 
 
 def _deadline_check(workflow: Workflow, *, now: dt.datetime) -> None:
-    """A workflow past its deadline cannot run again: its first claim would fail it at once."""
+    """A workflow past its deadline cannot run again: its first claim would fail it at once.
+    `now` is the database's, the clock that claim checks the deadline on."""
     if workflow.deadline and now > workflow.deadline:
         raise TransitionError(
             f"workflow {workflow.workflow_id} is past its deadline {workflow.deadline.isoformat()}; it cannot run again"
@@ -263,6 +269,7 @@ def task_retry(*, execution_id: str, actor: Actor | None = None) -> TaskExecutio
         )
     if not task.workflow_id:
         conversation_retry_check(task)
+    now = database_now()
     resumed: list[str] = []  # the tasks a workflow that ended runs again for
     if task.workflow_id:
         workflow = Workflow.objects.select_for_update().get(pk=task.workflow_id)
@@ -277,7 +284,7 @@ def task_retry(*, execution_id: str, actor: Actor | None = None) -> TaskExecutio
             task.refresh_from_db()
             return task
         if ended:
-            _deadline_check(workflow, now=timezone.now())
+            _deadline_check(workflow, now=now)
         done = set(
             TaskExecution.objects.filter(workflow=workflow, status=TaskExecution.Status.COMPLETED).values_list(
                 "task_name", flat=True
@@ -318,7 +325,7 @@ def task_retry(*, execution_id: str, actor: Actor | None = None) -> TaskExecutio
             EventType.WORKFLOW_RESUMED,
             payload={"tasks": resumed, "retried": task.task_name, **(actor or {})},
         )
-    tasks_queue([task], now=timezone.now())
+    tasks_queue([task], now=now)
     return task
 
 

@@ -14,8 +14,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from observability import collectors
 from observability.collectors import StateCollector, state_collector
 from orchestration.models import TaskAttempt, Workflow
+from orchestration.services.workflows import workflow_submit
 from tests.engine import flush_redis
-from tests.factories import EventFactory, ExportRunFactory, TaskAttemptFactory, TaskExecutionFactory, WorkflowFactory
+from tests.factories import (
+    AgentFactory,
+    EventFactory,
+    ExportRunFactory,
+    TaskAttemptFactory,
+    TaskExecutionFactory,
+    WorkflowFactory,
+)
 from tests.observability.conftest import Samples, parse_samples, value
 
 
@@ -223,6 +231,20 @@ def test_a_retried_task_waiting_in_its_queue_counts_as_the_oldest_queued(client,
     TaskExecutionFactory(status="retrying", queued_at=now + dt.timedelta(minutes=5))  # still in its countdown
     TaskExecutionFactory(status="queued", queued_at=now - dt.timedelta(minutes=2))
     assert value(get_metrics(client), "agentledger_task_oldest_queued_age_seconds") >= 3600
+
+
+def test_a_task_queued_by_a_host_whose_clock_runs_behind_is_not_reported_waiting_for_long(
+    client, db, stream_name, monkeypatch
+):
+    """The web host that submitted it 10 minutes behind the database: the task, just queued, was
+    reported waiting for 600 s (past AgentLedgerTasksWaitTooLong's threshold) because its
+    queued_at was that host's time, the gauge's the database's."""
+    agent = AgentFactory()
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() - dt.timedelta(minutes=10))
+    workflow_submit(spec={"name": "behind", "tasks": [{"name": "a", "agent": agent.id}]})
+    monkeypatch.setattr(timezone, "now", real_now)
+    assert value(get_metrics(client), "agentledger_task_oldest_queued_age_seconds") < 60
 
 
 def test_a_hung_broker_degrades_to_an_error_count_not_a_failed_scrape(

@@ -1,21 +1,25 @@
 """Hosts whose clocks disagree: the web host that submits, the worker that claims an attempt,
 the one that runs the reaper. Each host's clock is that process's `timezone.now`; the
-database's clock is the one they share. Real workers, real PostgreSQL."""
+database's clock is the one they share. Real workers, or a worker's services run in this
+process (attempt_claim, attempt_run) on its moved clock; real PostgreSQL."""
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from django.utils import timezone
 
+from orchestration.db import database_now
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.runtime.context import AgentResult
-from orchestration.services.execution import attempt_claim, attempt_succeed
-from orchestration.services.reaper import attempts_reap
-from orchestration.services.workflows import workflow_cancel, workflow_submit
-from tests.engine import wait_for
+from orchestration.services.execution import Claim, Outcome, attempt_claim, attempt_run, attempt_succeed
+from orchestration.services.reaper import attempts_reap, queued_sweep
+from orchestration.services.workflows import workflow_cancel, workflow_resume, workflow_submit
+from tests.engine import flush_redis, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -140,3 +144,146 @@ def test_a_workflow_ends_no_earlier_than_a_task_a_worker_ahead_completed(committ
     assert workflow.status == Workflow.Status.COMPLETED
     latest = max(TaskExecution.objects.filter(workflow=workflow).values_list("completed_at", flat=True))
     assert workflow.completed_at >= latest == ahead
+
+
+def submit_one(task: dict[str, Any] | None = None, **spec: Any) -> tuple[Workflow, TaskExecution]:
+    workflow, _ = workflow_submit(
+        spec={"name": "skew", "tasks": [{"name": "a", "agent": "echo", "input": {}, **(task or {})}], **spec}
+    )
+    return workflow, TaskExecution.objects.get(workflow=workflow)
+
+
+def claim_of(task: TaskExecution) -> Claim | Outcome:
+    """A worker in this process claims the task, on whatever clock this process has."""
+    task.refresh_from_db()
+    return attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@h")
+
+
+def database_in(seconds: float) -> str:
+    return (database_now() + dt.timedelta(seconds=seconds)).isoformat()
+
+
+fast_or_general = pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "general-path"])
+
+
+@fast_or_general
+def test_a_task_submitted_on_a_host_whose_clock_runs_behind_is_not_timed_out_at_its_claim(
+    committed, host_clock, settings, fast_path
+):
+    """The web host two minutes behind the worker, the queue timeout one minute: the task was
+    queued at the web's time, and the worker's claim, a moment later, found it two minutes in
+    the queue and failed it (queue_timeout) without running it. Every task that host submitted
+    failed so."""
+    settings.ENGINE_FAST_PATH = fast_path
+    settings.TASK_QUEUE_TIMEOUT_SECONDS = 60
+    host_clock(-120)
+    workflow, task = submit_one()
+    host_clock(0)
+    claim = claim_of(task)
+    assert isinstance(claim, Claim), TaskAttempt.objects.filter(execution=task).values_list("cause", "error").first()
+    assert Workflow.objects.get(pk=workflow.pk).status == Workflow.Status.RUNNING
+
+
+@fast_or_general
+def test_a_worker_whose_clock_runs_ahead_claims_a_task_just_queued(committed, host_clock, settings, fast_path):
+    """The worker two minutes ahead of the web host that queued the task a moment ago: its claim
+    found the task past the one-minute queue timeout and failed it unrun. The attempt starts on
+    the database's clock, which the reaper measures it by."""
+    settings.ENGINE_FAST_PATH = fast_path
+    settings.TASK_QUEUE_TIMEOUT_SECONDS = 60
+    _, task = submit_one()
+    host_clock(120)
+    claim = claim_of(task)
+    assert isinstance(claim, Claim), TaskAttempt.objects.filter(execution=task).values_list("cause", "error").first()
+    host_clock(0)
+    assert abs((claim.attempt.started_at - database_now()).total_seconds()) < 5
+
+
+def test_the_reaper_leaves_alone_a_task_queued_by_a_host_whose_clock_runs_behind(committed, host_clock, settings):
+    """The reaper measures on the database's clock; the task's queued_at was the submitting
+    host's, two minutes behind it: a task queued a moment ago was timed out as two minutes in
+    the queue (no worker had even had the time to take it)."""
+    settings.TASK_QUEUE_TIMEOUT_SECONDS = 60
+    host_clock(-120)
+    _, task = submit_one()
+    host_clock(0)
+    assert attempts_reap().queue_timed_out == []
+    task.refresh_from_db()
+    assert task.status == TaskExecution.Status.QUEUED
+
+
+@fast_or_general
+def test_a_worker_whose_clock_runs_ahead_does_not_fail_a_workflow_before_its_deadline(
+    committed, host_clock, settings, fast_path
+):
+    """The deadline is 30 s away on the database's clock (the reaper's); the worker, a minute
+    ahead, took it as passed at its claim and failed the workflow at once."""
+    settings.ENGINE_FAST_PATH = fast_path
+    workflow, task = submit_one(deadline=database_in(30))
+    host_clock(60)
+    assert isinstance(claim_of(task), Claim)
+    workflow.refresh_from_db()
+    assert workflow.status == Workflow.Status.RUNNING and workflow.error is None
+
+
+@fast_or_general
+def test_a_worker_whose_clock_runs_behind_fails_a_workflow_that_ends_past_its_deadline(
+    committed, host_clock, settings, fast_path
+):
+    """The task ends a second past the workflow's deadline; its worker's clock, a minute behind,
+    said the deadline was still ahead, and the workflow completed, which the reaper, or a
+    worker on time, would have failed for its deadline (and did, when it looked first)."""
+    settings.ENGINE_FAST_PATH = fast_path
+    workflow, task = submit_one({"agent": "sleep", "input": {"seconds": 2.5}}, deadline=database_in(1.5))
+    host_clock(-60)
+    assert attempt_run(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@h") == Outcome.SUCCEEDED
+    host_clock(0)
+    workflow.refresh_from_db()
+    assert workflow.status == Workflow.Status.FAILED and "deadline" in workflow.error
+    task.refresh_from_db()
+    assert task.status == TaskExecution.Status.COMPLETED and task.completed_at >= workflow.deadline
+
+
+def test_a_cancel_from_a_host_whose_clock_runs_behind_does_not_end_an_attempt_before_it_started(committed, host_clock):
+    """The web host a minute behind the worker: the cancelled attempt was recorded finished a
+    minute before it started (duration 0), its task completed before it started."""
+    workflow, task = submit_one({"agent": "sleep", "input": {"seconds": 30}})
+    claim = claim_of(task)
+    assert isinstance(claim, Claim)
+    host_clock(-60)
+    workflow_cancel(workflow_id=workflow.pk)
+    attempt = TaskAttempt.objects.get(pk=claim.attempt.pk)
+    task.refresh_from_db()
+    assert attempt.status == TaskAttempt.Status.CANCELLED
+    assert attempt.finished_at >= attempt.started_at
+    assert task.completed_at >= task.started_at
+
+
+def test_a_web_host_whose_clock_runs_ahead_resumes_a_workflow_before_its_deadline(committed, host_clock):
+    """The deadline 30 s away on the database's clock, which every claim checks: the web host,
+    a minute ahead, refused the resume as past the deadline."""
+    workflow, _ = submit_one(deadline=database_in(30))
+    workflow_cancel(workflow_id=workflow.pk)
+    host_clock(60)
+    assert workflow_resume(workflow_id=workflow.pk).status == Workflow.Status.RUNNING
+
+
+def test_a_web_host_whose_clock_runs_ahead_accepts_a_deadline_not_yet_passed(committed, host_clock):
+    """A deadline 30 s away on the database's clock; the web host, a minute ahead, refused the
+    submission: "deadline ... is in the past"."""
+    host_clock(60)
+    workflow, _ = submit_one(deadline=database_in(30))
+    assert workflow.deadline is not None
+
+
+def test_the_dispatch_sweep_on_a_host_whose_clock_runs_behind_resends_a_lost_message(committed, host_clock, settings):
+    """A task's message lost between commit and send (here: the broker emptied); the sweep
+    re-sends it once it has been queued DISPATCH_SWEEP_AFTER_SECONDS. On a beat host two minutes
+    behind the web host that queued it, the task looked queued in the future: it was re-sent
+    two minutes late (with the production's 60 s, three minutes instead of one)."""
+    settings.DISPATCH_SWEEP_AFTER_SECONDS = 1
+    _, task = submit_one()
+    flush_redis()
+    time.sleep(1.5)
+    host_clock(-120)
+    assert queued_sweep() == [task.pk]
