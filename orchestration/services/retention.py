@@ -39,8 +39,8 @@ from django.apps import apps
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Exists, Model, OuterRef, Q
-from django.utils import timezone
 
+from orchestration.db import database_now
 from orchestration.models import AgentInteraction, AgentMetric, AgentPlaygroundMessage, TaskExecution, Workflow
 from orchestration.services.relay import _stream_last_sequence, stream_groups, synapse_client
 
@@ -139,8 +139,10 @@ def _relayed_sequence() -> int | None:
 
 
 def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
-    """Delete what is older than each table's RETENTION_DAYS_* (see module doc)."""
-    now = now or timezone.now()
+    """Delete what is older than each table's RETENTION_DAYS_* (see module doc), on the database's
+    clock: the one that stamps the rows, and the rollup's, which writes again the periods with
+    activity and no metrics back to this cutoff."""
+    now = now or database_now()
     result = RetentionResult()
 
     def cutoff(days: int) -> dt.datetime | None:

@@ -36,6 +36,7 @@ from django.db.models import Sum
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
+from orchestration.db import database_now
 from orchestration.models import AgentMetric, TaskAttempt, TaskExecution
 
 logger = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ def metrics_rollup(*, period: str, period_start: dt.datetime, now: dt.datetime |
         raise RuntimeError(f"no rollup for {vendor}; use PostgreSQL or SQLite")
     start = period_start.astimezone(dt.UTC)
     end = start + PERIODS[period]
-    now = now or timezone.now()
+    now = now or database_now()
     adapt = connection.ops.adapt_datetimefield_value
     params = {
         "start": adapt(start),
@@ -335,8 +336,10 @@ def _spend_grown(*, period: str, since: dt.datetime, before: dt.datetime) -> set
 
 def rollup_previous(*, period: str, now: dt.datetime | None = None) -> RollupResult:
     """Roll up the last complete hour or day (the beat entry point), after the earlier periods
-    that were missed (`periods_missed`)."""
-    now = now or timezone.now()
+    that were missed (`periods_missed`). The last complete period is the database's, whose clock
+    stamps what is rolled up: on a host ahead of it, the hour still being written was rolled up
+    short and, having metrics, never again."""
+    now = now or database_now()
     last = period_floor(now, period) - PERIODS[period]
     missed = periods_missed(period=period, before=last, now=now)
     for start in missed:

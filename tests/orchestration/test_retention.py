@@ -12,6 +12,7 @@ from django.db import DatabaseError, connection, transaction
 from django.db.models import deletion
 from django.utils import timezone
 
+from orchestration.db import database_now
 from orchestration.models import AgentMetric, AgentPlaygroundMessage, Event, TaskExecution, Workflow
 from orchestration.services import retention
 from orchestration.services.retention import events_prune, retention_apply
@@ -409,3 +410,17 @@ def test_conversation_reply_tasks_go_with_their_messages(db, settings):
     assert set(TaskExecution.objects.values_list("pk", flat=True)) == {straddling.pk, running.pk, recent.pk}
     # No kept message lost its attempt (a message without one counts as a good turn).
     assert not AgentPlaygroundMessage.objects.filter(role="assistant", attempt__isnull=True).exists()
+
+
+def test_retention_on_a_host_whose_clock_runs_ahead_keeps_what_the_rollup_keeps(db, settings, monkeypatch):
+    """Retention's cutoff is on the database's clock, as the rollup's (`periods_missed`, which
+    writes again what has activity and no metrics, back to its own cutoff): a retention host a
+    day ahead deleted a day of metrics the rollup then wrote again, after every retention run."""
+    settings.RETENTION_DAYS_AGENT_METRICS = 30
+    settings.RETENTION_DAYS_EXPORT_RUNS = 0
+    kept = database_now() - dt.timedelta(days=30) + dt.timedelta(hours=2)
+    MetricFactory(agent=AgentFactory(), period="hour", period_start=kept, recorded_at=kept)
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + dt.timedelta(days=1))
+    assert retention_apply().deleted.get("agent_metrics", 0) == 0
+    assert AgentMetric.objects.count() == 1

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
+from orchestration.db import database_now
 from orchestration.models import AgentMetric, TaskAttempt, TaskExecution, Workflow
-from orchestration.services.rollup import metrics_rollup, rollup_previous
+from orchestration.services.rollup import metrics_rollup, period_floor, rollup_previous
 from tests.engine import sqlite_manage
 from tests.factories import AgentFactory, TaskAttemptFactory, TaskExecutionFactory, WorkflowFactory
 from tests.orchestration.rollup_scenario import rollup_figures, rollup_scenario_build
@@ -161,6 +163,18 @@ def test_rollup_previous_rolls_up_the_last_complete_period(activity):
     result = rollup_previous(period="hour", now=H + dt.timedelta(hours=1, minutes=7))
     assert result.period_start == H
     assert metrics(agent)["tasks"] == 4
+
+
+def test_rollup_previous_on_a_host_whose_clock_runs_ahead_rolls_up_the_databases_last_hour(db, monkeypatch):
+    """The beat's worker an hour ahead of the database, which stamps completed_at: it took the
+    hour still being written for the last complete one, rolled it up short of the tasks that
+    finished after, and never came back to it (a period with metrics is not missed)."""
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + dt.timedelta(hours=1))
+    before = period_floor(database_now(), "hour")
+    result = rollup_previous(period="hour")
+    after = period_floor(database_now(), "hour")  # an hour may begin meanwhile
+    assert result.period_start in {before - dt.timedelta(hours=1), after - dt.timedelta(hours=1)}
 
 
 def test_a_period_the_beat_ran_late_for_is_rolled_up_by_the_next_run(activity, settings):

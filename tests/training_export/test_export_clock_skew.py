@@ -5,10 +5,12 @@ this process's `timezone.now`, moved as in tests/orchestration/test_clock_skew.p
 from __future__ import annotations
 
 import datetime as dt
+import io
 from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
+from django.core.management import call_command
 from django.utils import timezone
 
 from orchestration.db import database_now
@@ -98,3 +100,24 @@ def test_the_sweep_on_a_host_whose_clock_runs_ahead_does_not_record_a_live_run_l
         assert export_runs_sweep().lost == []
     run.refresh_from_db()
     assert run.status == ExportRun.Status.RUNNING
+
+
+def test_the_command_on_a_host_whose_clock_runs_ahead_does_not_call_its_own_export_an_earlier_one(db, out, host_clock):
+    """manage.py took its start on its host's clock and the run's end on the database's: two
+    minutes ahead, the export it had just written was printed as one already there ("--force
+    exports it again")."""
+    host_clock(dt.timedelta(minutes=2))
+    stdout = io.StringIO()
+    call_command(
+        "export_training_data",
+        "--type",
+        "events",
+        "--start",
+        "2024-03-05",
+        "--end",
+        "2024-03-05",
+        "--no-progress",
+        stdout=stdout,
+    )
+    assert stdout.getvalue().startswith("events: 0 rows, sha256 ")
+    assert "already" not in stdout.getvalue()

@@ -3,9 +3,9 @@ import sys
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
-from django.utils import timezone
 from tqdm import tqdm
 
+from orchestration.db import database_now
 from orchestration.management.arguments import DatabaseCommand
 from training_export.models import ExportRun
 from training_export.services.export import DATA_TYPES, ExportError, export_runs_for_window, parse_day
@@ -28,7 +28,9 @@ class Command(DatabaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         data_types = list(DATA_TYPES) if options["data_type"] == "all" else [options["data_type"]]
         start, end = self._days(options["start"], options["end"])
-        began = timezone.now()
+        # On the database's clock, as the runs' finished_at: a run finished before this one began
+        # was already there.
+        began = database_now()
         bar = tqdm(
             unit="rows",
             file=sys.stderr,
