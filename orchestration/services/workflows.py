@@ -172,9 +172,9 @@ def task_cancel(*, execution_id: str, reason: str = "cancelled by user", actor: 
     task = TaskExecution.objects.select_for_update().get(pk=execution_id)
     if task.is_terminal:
         raise TransitionError(f"task {execution_id} is {task.status}; it cannot be cancelled")
-    now = database_now()
-    if task.workflow_id:
-        workflow = Workflow.objects.select_for_update().get(pk=task.workflow_id)
+    workflow = Workflow.objects.select_for_update().get(pk=task.workflow_id) if task.workflow_id else None
+    now = database_now()  # after the locks, as in task_retry
+    if workflow is not None:
         tasks_cancel(TaskExecution.objects.filter(pk=task.pk), reason=reason, now=now, actor=actor)
         if workflow.status == Workflow.Status.RUNNING and not workflow.continue_on_failure:
             workflow_fail(
@@ -269,10 +269,11 @@ def task_retry(*, execution_id: str, actor: Actor | None = None) -> TaskExecutio
         )
     if not task.workflow_id:
         conversation_retry_check(task)
-    now = database_now()
     resumed: list[str] = []  # the tasks a workflow that ended runs again for
-    if task.workflow_id:
-        workflow = Workflow.objects.select_for_update().get(pk=task.workflow_id)
+    workflow = Workflow.objects.select_for_update().get(pk=task.workflow_id) if task.workflow_id else None
+    # After the locks: a workflow that ended while this waited for its row ended before `now`.
+    now = database_now()
+    if workflow is not None:
         ended = workflow.status != Workflow.Status.RUNNING
         if not ended and workflow_stopping(workflow):
             raise TransitionError(

@@ -463,3 +463,44 @@ def test_a_timeout_change_holds_the_workflow_lock_of_a_task_made_pending_meanwhi
         reviver.close()
     assert not (accepted and free), f"the workflow row is free while a pending task's timeout changes: {box}"
     assert box["result"].startswith(f"refused: task {task.pk} became pending"), box
+
+
+# ---------------------------------------------------------------------------------------------
+# A retry reads the database's clock after the locks it waits for: a workflow whose deadline
+# passed while the retry waited for its row was retried past it, its task queued to be failed
+# by its first claim.
+# ---------------------------------------------------------------------------------------------
+def test_a_retry_that_waited_for_the_workflow_row_checks_the_deadline_after_the_wait():
+    import datetime as dt
+
+    from orchestration.db import database_now
+    from orchestration.services import workflows
+    from orchestration.services.execution import attempt_run
+
+    deadline = database_now() + dt.timedelta(seconds=3)
+    with mock.patch.object(dispatch, "dispatch_send"):
+        workflow, _ = workflows.workflow_submit(
+            spec={
+                "name": "late",
+                "continue_on_failure": True,
+                "deadline": deadline.isoformat(),
+                "tasks": [{"name": "a", "agent": "fail", "input": {"message": "no"}, "max_retries": 0}],
+            }
+        )
+        task = TaskExecution.objects.get(workflow=workflow)
+        attempt_run(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@h")
+        assert Workflow.objects.get(pk=workflow.pk).status == Workflow.Status.FAILED
+        other = other_connection()
+        try:
+            with other.transaction():
+                other.execute("SELECT 1 FROM workflows WHERE workflow_id = %s FOR UPDATE", [workflow.pk])
+                retry, box = in_thread(lambda: workflows.task_retry(execution_id=task.pk))
+                assert waiting_on_lock()  # the retry waits for the workflow's row
+                while database_now() <= deadline:
+                    time.sleep(0.1)
+            retry.join(20)
+        finally:
+            other.close()
+    assert isinstance(box.get("error"), TransitionError), box
+    assert "past its deadline" in str(box["error"])
+    assert TaskExecution.objects.get(pk=task.pk).status == TaskExecution.Status.FAILED
