@@ -921,20 +921,17 @@ class SynapseConsumer:
 
     def leave(self) -> bool:
         """Remove this consumer from the group if it holds no pending entry: names are per
-        process, so they would otherwise pile up. (Only this process adds to its own list.)"""
+        process, so they would otherwise pile up. The check and the removal are one script: a
+        name is not always this process's alone (a restarted `--processes N --consumer NAME`
+        beside the children its killed predecessor left finishing their batch), and an entry
+        another process of the name read between the two would leave the group with the name."""
         try:
-            pending = self.client.xpending_range(
-                self.stream, self.group, min="-", max="+", count=1, consumername=self.consumer
-            )
-            if pending:
-                return False
-            self.client.xgroup_delconsumer(self.stream, self.group, self.consumer)
+            return self._script(_FORGET_IF_NOTHING_PENDING)(keys=[self.stream], args=[self.group, self.consumer]) == 1
         except redis.ResponseError as exc:
-            # The stream or group is gone (deleted even between the two commands): nothing to leave.
+            # The stream or group is gone: nothing to leave.
             if "NOGROUP" not in str(exc) and "requires the key to exist" not in str(exc):
                 raise
             return False
-        return True
 
 
 DELETED_REASON = "the entry was deleted from the stream before it was consumed"
