@@ -3,14 +3,17 @@ and Redis, and polling for the outcome."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -262,6 +265,38 @@ class PrivateRedis:
         self.stop()
         self.start()
         self.restarts += 1
+
+
+class Loop(threading.Thread):
+    """A function called again and again in a thread of its own (with its own database
+    connection) until stopped, `interval` seconds apart; what it raises is counted in `errors`
+    (by loop and exception type) and the loop goes on, as a supervisor would start the process
+    again. For the soaks, whose faults make any pass fail now and then."""
+
+    def __init__(self, name: str, body: Callable[[], Any], *, interval: float, errors: Counter[str]) -> None:
+        super().__init__(name=name, daemon=True)
+        self.body, self.interval, self.errors = body, interval, errors
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        from django.db import connections
+
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self.body()
+                except Exception as exc:  # a fault under way: counted, tried again
+                    self.errors[f"{self.name}: {type(exc).__name__}"] += 1
+                    logging.getLogger(__name__).debug("%s", self.name, exc_info=True)
+                    connections.close_all()  # a terminated session, say: the next pass opens another
+                self.stopping.wait(self.interval)
+        finally:
+            connections.close_all()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=60)
+        assert not self.is_alive(), f"the {self.name} loop did not stop"
 
 
 def _local_tcp_ports(pid: int) -> set[int]:

@@ -36,7 +36,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -49,12 +48,11 @@ import pytest
 import redis
 from django.conf import settings
 from django.core.management import call_command
-from django.db import connections
 from django.utils import timezone
 
 from orchestration.errors import SpecError, TransitionError
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
-from tests.engine import ROOT, PrivateRedis, Worker, database_url, wait_for
+from tests.engine import ROOT, Loop, PrivateRedis, Worker, database_url, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.subprocess]
 
@@ -128,35 +126,6 @@ class Relay:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.log.close()
-
-
-class Loop(threading.Thread):
-    """A function called again and again in a thread of its own (with its own database
-    connection) until stopped; what it raises is counted and the loop goes on, as a supervisor
-    would start the process again."""
-
-    def __init__(self, name: str, body: Any, *, interval: float, chaos: Chaos) -> None:
-        super().__init__(name=name, daemon=True)
-        self.body, self.interval, self.chaos = body, interval, chaos
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        try:
-            while not self.stopping.is_set():
-                try:
-                    self.body()
-                except Exception as exc:  # a fault under way: counted, tried again
-                    self.chaos.errors[f"{self.name}: {type(exc).__name__}"] += 1
-                    logger.debug("%s", self.name, exc_info=True)
-                    connections.close_all()  # a terminated session, say: the next pass opens another
-                self.stopping.wait(self.interval)
-        finally:
-            connections.close_all()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(timeout=60)
-        assert not self.is_alive(), f"the {self.name} loop did not stop"
 
 
 # --- the workload ----------------------------------------------------------------------
@@ -487,8 +456,8 @@ def test_the_engine_keeps_an_exact_record_under_random_faults(soak_broker, tmp_p
     )
     faults = Faults(random.Random(seed), chaos, soak_broker, workers, relay, log_dir=tmp_path)
     loops = [
-        Loop("submitter", Submitter(random.Random(seed + 1), chaos), interval=0.3, chaos=chaos),
-        Loop("reaper", recover, interval=0.5, chaos=chaos),
+        Loop("submitter", Submitter(random.Random(seed + 1), chaos), interval=0.3, errors=chaos.errors),
+        Loop("reaper", recover, interval=0.5, errors=chaos.errors),
     ]
     try:
         began = chaos.phase("start", began)
