@@ -267,6 +267,54 @@ class PrivateRedis:
         self.restarts += 1
 
 
+class ManageProcess:
+    """A `manage.py` command in a subprocess of its own session (signals reach its children too),
+    with its output appended to a log; for the soaks, which kill, stop and restart them."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args, self.env, self.log_path = args, env, log
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stopped = False  # SIGSTOPped and not yet continued
+        self.start()
+
+    def start(self) -> None:
+        with self.log_path.open("a") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "manage.py", *self.args],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.stopped = False
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            os.killpg(self.process.pid, signum)
+
+    def kill(self) -> None:
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.stopped = False
+
+    def stop(self) -> int | None:
+        """SIGTERM (after SIGCONT), as a supervisor stops it; its exit code."""
+        if self.alive():
+            self.signal(signal.SIGCONT)
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return None
+        return self.process.returncode if self.process else None
+
+
 class Loop(threading.Thread):
     """A function called again and again in a thread of its own (with its own database
     connection) until stopped, `interval` seconds apart; what it raises is counted in `errors`

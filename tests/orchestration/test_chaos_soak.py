@@ -33,15 +33,11 @@ import logging
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,7 +48,7 @@ from django.utils import timezone
 
 from orchestration.errors import SpecError, TransitionError
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
-from tests.engine import ROOT, Loop, PrivateRedis, Worker, database_url, wait_for
+from tests.engine import Loop, ManageProcess, PrivateRedis, Worker, database_url, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.subprocess]
 
@@ -88,44 +84,6 @@ class Chaos:
         now = time.monotonic()
         self.phases[name] = round(now - started, 1)
         return now
-
-
-class Relay:
-    """`manage.py relay_events --follow` in a subprocess, started again whenever it ends (it exits
-    when the stream or the database does not answer, as under a supervisor)."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env = env
-        self.log = (log_dir / "relay.log").open("a")
-        self.process: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "manage.py", "relay_events", "--follow", "--interval", "0.2"],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.alive():
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
 
 
 # --- the workload ----------------------------------------------------------------------
@@ -286,7 +244,7 @@ class Faults:
         chaos: Chaos,
         broker: PrivateRedis,
         workers: list[Worker],
-        relay: Relay,
+        relay: ManageProcess,
         **worker_kwargs,
     ) -> None:
         self.rng, self.chaos, self.broker, self.workers, self.relay = rng, chaos, broker, workers, relay
@@ -445,14 +403,10 @@ def test_the_engine_keeps_an_exact_record_under_random_faults(soak_broker, tmp_p
                 ],
             )
         )
-    relay = Relay(
-        {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "config.settings.test",
-            "DATABASE_URL": database_url(),
-            **env,
-        },
-        tmp_path,
+    relay = ManageProcess(
+        ["relay_events", "--follow", "--interval", "0.2"],
+        {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DATABASE_URL": database_url(), **env},
+        tmp_path / "relay.log",
     )
     faults = Faults(random.Random(seed), chaos, soak_broker, workers, relay, log_dir=tmp_path)
     loops = [
@@ -591,7 +545,7 @@ def _answers(client: redis.Redis) -> bool:
     return True
 
 
-def _relay_caught_up(relay: Relay, faults: Faults) -> bool:
+def _relay_caught_up(relay: ManageProcess, faults: Faults) -> bool:
     newest = Event.objects.order_by("-sequence").values_list("sequence", flat=True).first()
     client = faults.client()
 

@@ -35,8 +35,6 @@ import io
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -50,7 +48,7 @@ from django.core.management import call_command
 
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Event, Workflow
-from tests.engine import ROOT, Loop, PrivateRedis, Worker, database_url, flush_redis, wait_for
+from tests.engine import Loop, ManageProcess, PrivateRedis, Worker, database_url, flush_redis, wait_for
 from training_export.services.store import EVENTS, SCHEMAS, TASKS, TOOL_EXECUTIONS, WORKFLOWS, _scan_lines
 from training_export.services.synapse import _ENDED_AS, TASK_TERMINAL_EVENTS, WORKFLOW_TERMINAL_EVENTS
 
@@ -84,54 +82,7 @@ class Soak:
         return now
 
 
-class Process:
-    """A `manage.py` command in a subprocess of its own session, with its output in a log."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.args, self.env, self.log_path = args, env, log
-        self.process: subprocess.Popen[bytes] | None = None
-        self.stopped = False  # SIGSTOPped and not yet continued
-        self.start()
-
-    def start(self) -> None:
-        with self.log_path.open("a") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "manage.py", *self.args],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.stopped = False
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def signal(self, signum: int) -> None:
-        if self.alive():
-            os.killpg(self.process.pid, signum)
-
-    def kill(self) -> None:
-        if self.alive():
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        self.stopped = False
-
-    def stop(self) -> int | None:
-        """SIGTERM (after SIGCONT), as a supervisor stops it; its exit code."""
-        if self.alive():
-            self.signal(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return None
-        return self.process.returncode if self.process else None
-
-
-class Consumer(Process):
+class Consumer(ManageProcess):
     """One `consume_events` command of the group, at random a consumer in its own process or
     `--processes 2` (two forked consumers); started again under its slot's fixed name
     (`--consumer`) or under new ones (hostname-pid, the default), at random."""
@@ -281,7 +232,7 @@ class Faults:
     """One fault at random at a time; starts again what a fault, or a crash, ended."""
 
     def __init__(
-        self, rng: random.Random, soak: Soak, stream: PrivateRedis, consumers: list[Consumer], relay: Process
+        self, rng: random.Random, soak: Soak, stream: PrivateRedis, consumers: list[Consumer], relay: ManageProcess
     ) -> None:
         self.rng, self.soak, self.stream, self.consumers, self.relay = rng, soak, stream, consumers, relay
         self.resume_at: dict[int, float] = {}  # slot -> when a stopped consumer goes on
@@ -592,7 +543,7 @@ def test_the_consumers_write_every_event_once_under_random_faults(stream_redis, 
         "TRAINING_DATA_DIR": str(root),
     }
     worker = Worker(log_dir=tmp_path, concurrency=2)
-    relay = Process(["relay_events", "--follow", "--interval", "0.2"], env, tmp_path / "relay.log")
+    relay = ManageProcess(["relay_events", "--follow", "--interval", "0.2"], env, tmp_path / "relay.log")
     rng = random.Random(seed)
     consumers = [Consumer(slot, env, tmp_path, random.Random(seed + 10 + slot)) for slot in (1, 2)]
     faults = Faults(rng, soak, stream_redis, consumers, relay)
