@@ -6,16 +6,20 @@ stream instead, so without this a body of any size would be parsed.
 
 from __future__ import annotations
 
+import codecs
 import io
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
 
 from django.conf import settings
 from rest_framework.exceptions import ParseError, ValidationError
-from rest_framework.parsers import JSONParser
+from rest_framework.parsers import JSONParser, get_encoding
+from rest_framework.utils.json import strict_constant
 
 from orchestration.api.exceptions import RequestTooLarge
+from orchestration.services.specs import json_object_without_duplicates
 
 
 def _scalar_problem(item: Any) -> str | None:
@@ -98,15 +102,23 @@ def unstorable_field(value: Any) -> tuple[str, str]:
 
 
 class LimitedJSONParser(JSONParser):
-    """JSON with the body size limit enforced and text PostgreSQL cannot store refused."""
+    """JSON with the body size limit enforced, a name given twice in one object and text
+    PostgreSQL cannot store refused."""
 
     def parse(self, stream: Any, media_type: str | None = None, parser_context: dict | None = None) -> Any:
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         data = stream.read(limit + 1) if stream is not None else b""
         if len(data) > limit:
             raise RequestTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+        # DRF's parse, with a name given twice in one object refused (json keeps the last).
         try:
-            parsed = super().parse(io.BytesIO(data), media_type, parser_context)
+            parsed = json.load(
+                codecs.getreader(get_encoding(parser_context or {}))(io.BytesIO(data)),
+                parse_constant=strict_constant if self.strict else None,
+                object_pairs_hook=json_object_without_duplicates,
+            )
+        except ValueError as exc:
+            raise ParseError(f"JSON parse error - {exc}") from None
         except RecursionError:
             raise ParseError("JSON parse error - the document is nested too deeply.") from None
         if unstorable_text(parsed):

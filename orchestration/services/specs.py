@@ -98,12 +98,27 @@ class StrictYamlLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def json_object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's `object_pairs_hook` refusing a name given twice in one object: RFC 8259 leaves
+    what such an object means to the reader; json keeps the last, so the first is silently
+    ignored (for spec and definition files, and request bodies)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"found duplicate key {key!r} in one object")
+        seen[key] = value
+    return seen
+
+
 def document_load(text: str, *, fmt: str) -> Any:
-    """A JSON or YAML document (fmt 'json' or 'yaml'), YAML with StrictYamlLoader. Raises
-    ValueError or yaml.YAMLError for a document that is not one: besides their syntax errors,
-    PyYAML raises ValueError for a date it cannot represent (`2026-02-30`, year 0) and json
-    one for an integer of more than 4,300 digits."""
-    return json.loads(text) if fmt == "json" else yaml.load(text, Loader=StrictYamlLoader)  # noqa: S506
+    """A JSON or YAML document (fmt 'json' or 'yaml'), YAML with StrictYamlLoader, either
+    refusing a key given twice in one mapping. Raises ValueError or yaml.YAMLError for a
+    document that is not one: besides their syntax errors, PyYAML raises ValueError for a date
+    it cannot represent (`2026-02-30`, year 0) and json one for an integer of more than 4,300
+    digits."""
+    if fmt == "json":
+        return json.loads(text, object_pairs_hook=json_object_without_duplicates)
+    return yaml.load(text, Loader=StrictYamlLoader)  # noqa: S506
 
 
 def spec_parse(text: str, *, fmt: str) -> dict[str, Any]:

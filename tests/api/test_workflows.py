@@ -75,6 +75,17 @@ def test_malformed_json_is_a_400_problem(callers):
     assert "JSON parse error" in response.json()["detail"]
 
 
+def test_a_name_given_twice_in_one_object_is_a_400_not_the_last_kept(callers):
+    """json keeps the last of a name given twice: the task below ran `echo`, its `fail`
+    silently dropped."""
+    body = '{"name": "w", "tasks": [{"name": "a", "agent": "fail", "agent": "echo"}]}'
+    response = callers["developer"].client.post("/api/v1/workflows/", body, content_type="application/json")
+    assert response.status_code == 400, response.content
+    assert response["Content-Type"] == PROBLEM
+    assert "found duplicate key 'agent'" in response.json()["detail"]
+    assert Workflow.objects.count() == 0
+
+
 def test_a_body_over_the_limit_is_a_413_and_stores_nothing(callers, settings):
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2048
     spec = {**SPEC, "description": "x" * 4096}

@@ -62,6 +62,10 @@ def test_creates_updates_deactivates_and_reports_unchanged(db, tmp_path):
             {"a.yaml": "id: a\nname: A\nname: B\nexecutor: python\nentrypoint: orchestration.runtime.builtin.echo\n"},
             "found duplicate key 'name'",
         ),
+        (
+            {"a.json": '{"id": "a", "name": "A", "executor": "python", "executor": "http"}'},
+            "a.json: cannot be read as JSON: found duplicate key 'executor'",
+        ),
         ({"a.yaml": "id: a\nname: A\nmetadata: {since: 0000-01-01}\n"}, "a.yaml: cannot be read as YAML: year 0"),
         ({"a.json": json.dumps(ECHO), "b.json": json.dumps(ECHO)}, "b.json: id: 'echo-x' is also defined in"),
         (

@@ -370,3 +370,15 @@ def test_a_yaml_key_given_twice_is_refused_not_read_as_the_last(db, tmp_path):
     # A merge may still be overridden key by key, as YAML's merge key says.
     merged = "name: x\ntasks:\n  - &base {name: a, agent: echo}\n  - {<<: *base, name: b}\n"
     assert [t["name"] for t in spec_parse(merged, fmt="yaml")["tasks"]] == ["a", "b"]
+
+
+def test_a_json_key_given_twice_is_refused_not_read_as_the_last(db, tmp_path):
+    """json kept the last of a name given twice in one object, as PyYAML did: a task's
+    second `agent` silently replaced its first."""
+    path = tmp_path / "twice.json"
+    path.write_text('{"name": "x", "tasks": [{"name": "a", "agent": "fail", "agent": "echo"}]}')
+    with pytest.raises(CommandError, match="spec is not valid JSON: found duplicate key 'agent'"):
+        call_command("submit_workflow", str(path), stdout=io.StringIO())
+    assert Workflow.objects.count() == 0
+    # The same name in two objects is no duplicate.
+    assert spec_parse('{"name": "x", "tasks": [{"name": "a"}, {"name": "b"}]}', fmt="json")["name"] == "x"
