@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import connection
-from django.db.models import Avg, Count, DecimalField, Field, OuterRef, Q, QuerySet, Subquery, Sum
+from django.db.models import Avg, Count, DecimalField, Exists, Field, OuterRef, Q, QuerySet, Subquery, Sum
 from django.utils import timezone
 
 from orchestration.models import AgentPlaygroundMessage, TaskAttempt, TaskExecution, Workflow
@@ -44,8 +44,12 @@ def _window_start(since: dt.datetime | None, until: dt.datetime | None) -> dt.da
     return since
 
 
-def agent_stats(*, agent_id: str, since: dt.datetime | None = None, until: dt.datetime | None = None) -> dict:
-    """Statistics of one agent's tasks created in [since, until) (default: the last 24 hours).
+def agent_stats(
+    *, agent_id: str, since: dt.datetime | None = None, until: dt.datetime | None = None, owner_id: int | None = None
+) -> dict:
+    """Statistics of one agent's tasks created in [since, until) (default: the last 24 hours);
+    with `owner_id`, of that user's tasks only (their workflows' tasks and the replies to their
+    conversation messages).
 
     Over completed tasks (seed 003's "agent statistics"): total_tasks, avg_latency_ms (None
     when there are none), total_tokens, total_cost_usd (Decimal). Over all finished tasks
@@ -59,6 +63,9 @@ def agent_stats(*, agent_id: str, since: dt.datetime | None = None, until: dt.da
     tasks = TaskExecution.objects.filter(agent_id=agent_id, status__in=_FINISHED, created_at__gte=since)
     if until is not None:
         tasks = tasks.filter(created_at__lt=until)
+    if owner_id is not None:
+        asked = AgentPlaygroundMessage.objects.filter(owner_id=owner_id, execution=OuterRef("pk"))
+        tasks = tasks.filter(Q(workflow__owner_id=owner_id) | Q(workflow__isnull=True) & Exists(asked))
     completed = Q(status=TaskExecution.Status.COMPLETED)
     totals = tasks.aggregate(
         total_tasks=Count("pk", filter=completed),

@@ -164,7 +164,8 @@ class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, v
     @extend_schema(
         summary="An agent's statistics over a window",
         description="Seed 003's aggregates over tasks created in [since, until): completed tasks, average "
-        "latency, tokens, cost, failures and success rate. Default window: the last 24 hours.",
+        "latency, tokens, cost, failures and success rate. Default window: the last 24 hours. Non-admins get "
+        "those of their own tasks (their workflows' and their conversations' replies); admins, every user's.",
         parameters=[AgentStatsQuerySerializer],
         filters=False,
         responses={200: AgentStatsSerializer, **problem_responses(400, 401, 403, 404, 429)},
@@ -174,7 +175,10 @@ class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, v
         agent = self.get_object()
         query = AgentStatsQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
-        stats = agent_stats(agent_id=agent.pk, **query.validated_data)
+        # Of the caller's own tasks unless an admin asks: over every user's, a window as narrow as
+        # one task's created_at (a microsecond) would tell another user's task, its tokens and cost.
+        owner_id = None if is_admin(request) else request.user.pk
+        stats = agent_stats(agent_id=agent.pk, owner_id=owner_id, **query.validated_data)
         return Response(AgentStatsSerializer(stats).data)
 
 

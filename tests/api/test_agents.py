@@ -13,7 +13,7 @@ from orchestration.errors import TransitionError
 from orchestration.models import Agent, Event, TaskExecution
 from orchestration.services.agent_registry import agent_create, agent_deactivate, agent_update
 from orchestration.services.agents import executor_problems
-from tests.factories import TaskExecutionFactory
+from tests.factories import TaskExecutionFactory, WorkflowFactory
 
 NEW = {
     "id": "summariser-001",
@@ -206,6 +206,7 @@ def test_stats_aggregate_the_agents_tasks_over_the_window(callers):
         ("failed", 0, 5, "0"),
     ]:
         TaskExecutionFactory(
+            workflow=WorkflowFactory(owner=callers["viewer"].user),
             agent=Agent.objects.get(pk="echo"),
             status=status,
             execution_time_ms=ms,
@@ -225,6 +226,32 @@ def test_stats_aggregate_the_agents_tasks_over_the_window(callers):
     backwards = callers["viewer"].client.get(f"/api/v1/agents/echo/stats/?since={later}&until=2000-01-01T00:00:00Z")
     assert backwards.status_code == 400 and backwards.json()["errors"][0]["field"] == "until"
     assert TaskExecution.objects.count() == 3
+
+
+def test_stats_tell_a_non_admin_nothing_of_another_users_tasks(callers):
+    """Over every user's tasks, a window around one task's created_at would be that task alone:
+    its latency, tokens and cost. A non-admin's statistics are of their own tasks."""
+    echo = Agent.objects.get(pk="echo")
+    theirs = TaskExecutionFactory(
+        workflow=WorkflowFactory(owner=callers["other"].user),
+        agent=echo,
+        status="completed",
+        execution_time_ms=4321,
+        tokens_used=1234,
+        cost_usd=Decimal("0.5678"),
+    )
+    TaskExecutionFactory(workflow=WorkflowFactory(owner=callers["developer"].user), agent=echo, status="failed")
+
+    def window(delta: dt.timedelta) -> str:
+        since, until = ((theirs.created_at + d).isoformat().replace("+00:00", "Z") for d in (-delta, delta))
+        return f"/api/v1/agents/echo/stats/?since={since}&until={until}"
+
+    narrow = callers["viewer"].client.get(window(dt.timedelta(microseconds=1))).json()
+    assert (narrow["total_tasks"], narrow["total_tokens"], narrow["avg_latency_ms"]) == (0, 0, None)
+    own = callers["developer"].client.get(window(dt.timedelta(hours=1))).json()
+    assert (own["total_tasks"], own["failed"], own["total_tokens"]) == (0, 1, 0)
+    every = callers["admin"].client.get(window(dt.timedelta(hours=1))).json()
+    assert (every["total_tasks"], every["failed"], every["total_tokens"]) == (1, 1, 1234)
 
 
 def test_agents_list_filters_by_status(callers):
