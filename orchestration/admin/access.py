@@ -14,18 +14,25 @@ from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import GroupAdmin as DjangoGroupAdmin
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
-from django.contrib.auth.models import Permission
+from django.contrib.auth.models import Group, Permission
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.db.models import Q, QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
-from django.urls import URLPattern, path, reverse
+from django.urls import URLPattern, path
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from orchestration.admin.base import ChangedFieldsOnlyMixin, CheckedFiltersMixin, MaskedLookupsMixin, json_display
+from orchestration.admin.base import (
+    ChangedFieldsOnlyMixin,
+    CheckedFiltersMixin,
+    MaskedLookupsMixin,
+    change_url,
+    json_display,
+)
 from orchestration.api.redis_store import store
 from orchestration.errors import SpecError
 from orchestration.models import ApiKey
@@ -186,6 +193,14 @@ class ApiKeyAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixi
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
+    def has_change_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
+        """A key's expiry is how long it acts as its owner: extending it, or bringing an expired
+        key back, hands out the owner's rights as minting a key does, so only those who may mint
+        keys for its owner change it (others see it read-only). Revoking, a list action, stays
+        open to whoever may change keys."""
+        allowed = super().has_change_permission(request, obj)
+        return allowed and (obj is None or may_mint_keys_for(request.user, obj.owner))
+
     def _can_create_key(self, request: HttpRequest) -> bool:
         return request.user.has_perm("orchestration.add_apikey")
 
@@ -227,10 +242,7 @@ class ApiKeyAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixi
                     f"API key created. Copy it now, it is not shown again: {created.key}",
                     messages.SUCCESS,
                 )
-                opts = self.model._meta
-                return HttpResponseRedirect(
-                    reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[created.api_key.pk])
-                )
+                return self._keys_shown(request, [created.api_key])
         context = {
             **self.admin_site.each_context(request),
             "opts": self.model._meta,
@@ -238,6 +250,20 @@ class ApiKeyAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixi
             "form": form,
         }
         return TemplateResponse(request, "admin/orchestration/apikey/create_key.html", context)
+
+    def _keys_shown(self, request: HttpRequest, api_keys: list[ApiKey]) -> TemplateResponse:
+        """A page showing the messages that carry new keys, in the answer to the request that
+        made them. A redirect would hand them to the next page through the message storage:
+        the messages cookie (signed, not encrypted), a copy of the secret the browser keeps and
+        sends back, where only its hash is ever to be stored."""
+        opts = self.model._meta
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": opts,
+            "title": "API key created" if len(api_keys) == 1 else "API keys created",
+            "api_keys": [(api_key, change_url(ApiKey, api_key.pk)) for api_key in api_keys],
+        }
+        return TemplateResponse(request, "admin/orchestration/apikey/keys_shown.html", context)
 
     @admin.display(description="active", boolean=True)
     def is_active(self, obj: ApiKey) -> bool:
@@ -277,8 +303,9 @@ class ApiKeyAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixi
         return self._can_create_key(request) and self.has_change_permission(request)
 
     @admin.action(description="Rotate selected keys (new key shown once, old one revoked)", permissions=["rotate"])
-    def rotate_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+    def rotate_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> TemplateResponse | None:
         now = timezone.now()
+        rotated = []
         for api_key in queryset.select_related("owner").order_by("pk"):
             if not may_mint_keys_for(request.user, api_key.owner):
                 problem = f"{api_key}: not rotated, its owner {api_key.owner} has permissions you lack"
@@ -296,6 +323,8 @@ class ApiKeyAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixi
                 f"{api_key.owner}: new key {created.api_key.name!r}, copy it now, it is not shown again: {created.key}",
                 messages.SUCCESS,
             )
+            rotated.append(created.api_key)
+        return self._keys_shown(request, rotated) if rotated else None
 
 
 SPEND_HELP = (
@@ -421,8 +450,43 @@ class UserAdmin(CheckedFiltersMixin, DjangoUserAdmin):
         )
 
 
+class GroupAdmin(CheckedFiltersMixin, DjangoGroupAdmin):
+    """Django's group admin under the user admin's rule: a staff user who is not a superuser
+    grants a group only permissions they hold, and may change or delete only groups holding no
+    right they lack (others are read-only). Django's own lets anyone who may change groups
+    tick every permission on a group they belong to (a role's group, say), and have them."""
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        allowed = super().has_change_permission(request, obj)
+        return allowed and (obj is None or _may_manage_group(request.user, obj))
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        allowed = super().has_delete_permission(request, obj)
+        return allowed and (obj is None or _may_manage_group(request.user, obj))
+
+    def formfield_for_manytomany(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        field = super().formfield_for_manytomany(db_field, request, **kwargs)
+        if request.user.is_superuser or field is None or db_field.name != "permissions":
+            return field
+        held = request.user.get_all_permissions()
+        field.queryset = field.queryset.filter(
+            pk__in=[p.pk for p in field.queryset.select_related("content_type") if _permission_name(p) in held]
+        )
+        return field
+
+
+def _may_manage_group(user: Any, group: Group) -> bool:
+    if user.is_superuser:
+        return True
+    rights = {_permission_name(p) for p in group.permissions.select_related("content_type")}
+    return rights <= user.get_all_permissions()
+
+
 User = get_user_model()
 if admin.site.is_registered(User):
     admin.site.unregister(User)
 admin.site.register(User, UserAdmin)
+if admin.site.is_registered(Group):
+    admin.site.unregister(Group)
+admin.site.register(Group, GroupAdmin)
 admin.site.login_form = ConsoleLoginForm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Callable
 from html.parser import HTMLParser
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from django.contrib import admin
 from django.contrib.admin.models import LogEntry
-from django.contrib.auth.models import Permission
+from django.contrib.auth.models import Group, Permission
 from django.db import connection, models
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -736,7 +737,7 @@ def test_a_staff_user_cannot_create_a_key_for_a_user_with_permissions_they_lack(
         assert "owner" in response.context["form"].errors
     own = client.post(create, {"owner": staff.pk, "name": "mine"})
 
-    assert own.status_code == 302
+    assert own.status_code == 200  # the page showing the new key
     assert list(ApiKey.objects.values_list("owner", flat=True)) == [staff.pk]
 
 
@@ -756,6 +757,76 @@ def test_a_staff_user_cannot_rotate_the_key_of_a_user_with_permissions_they_lack
     old.refresh_from_db()
     assert old.revoked_at is None
     assert ApiKey.objects.filter(owner=boss).count() == 1
+
+
+def test_a_staff_user_cannot_bring_back_the_expired_key_of_a_user_with_permissions_they_lack(
+    client: Client,
+) -> None:
+    """Extending a key's expiry hands out its owner's rights for longer, as minting one does."""
+    staff = _staff_with("change_apikey", "view_apikey")
+    boss = UserFactory(is_staff=True, is_superuser=True)
+    now = timezone.now()
+    created = api_key_create(owner=boss, name="ci", expires_at=now + dt.timedelta(seconds=1), now=now)
+    ApiKey.objects.filter(pk=created.api_key.pk).update(expires_at=now - dt.timedelta(days=30))
+    client.force_login(staff)
+
+    response = client.post(
+        _url(ApiKey, "change", created.api_key.pk),
+        {"name": "ci", "expires_at_0": "2099-01-01", "expires_at_1": "00:00:00"},
+    )
+
+    assert response.status_code == 403
+    assert ApiKey.objects.get(pk=created.api_key.pk).expires_at < now
+    assert client.get(_url(ApiKey, "change", created.api_key.pk)).context["has_change_permission"] is False
+    own = api_key_create(owner=staff, name="mine", expires_at=now + dt.timedelta(days=1), now=now).api_key
+    extended = client.post(
+        _url(ApiKey, "change", own.pk), {"name": "mine", "expires_at_0": "2099-01-01", "expires_at_1": "00:00:00"}
+    )
+    assert extended.status_code == 302
+    assert ApiKey.objects.get(pk=own.pk).expires_at.year == 2099
+
+
+def test_a_new_key_is_shown_in_the_answer_that_made_it_never_put_in_a_cookie(su_client: Client) -> None:
+    """The key's secret exists only in the page that shows it: a redirect would carry it to the
+    next page in the messages cookie, which is signed, not encrypted."""
+    owner = UserFactory(role="developer")
+
+    created = su_client.post(_url(ApiKey, "create_key"), {"owner": owner.pk, "name": "deploy"})
+    old = ApiKey.objects.get(owner=owner)
+    rotated = su_client.post(_url(ApiKey, "changelist"), {"action": "rotate_selected", "_selected_action": [old.pk]})
+
+    for response in (created, rotated):
+        assert "messages" not in response.cookies, "the message with the key is not stored for a later page"
+        assert response.status_code == 200
+        key = re.search(rb"al_[0-9a-f]{8}_[\w-]+", response.content).group(0)
+        assert _url(ApiKey, "change", ApiKey.objects.get(prefix=key.split(b"_")[1].decode()).pk).encode() in (
+            response.content
+        )
+    assert ApiKey.objects.filter(owner=owner, revoked_at__isnull=True).count() == 1
+
+
+def test_a_staff_user_cannot_grant_a_group_permissions_they_lack(client: Client) -> None:
+    """Django's group admin would let anyone who may change groups tick every permission on a
+    group of their own, and so hold them: groups follow the user admin's rule."""
+    staff = _staff_with("change_group", "view_group", "view_workflow")
+    own = Group.objects.create(name="operators")
+    own.permissions.add(Permission.objects.get(codename="view_workflow"))
+    staff.groups.add(own)
+    client.force_login(staff)
+
+    response = client.post(
+        _url(Group, "change", own.pk),
+        {"name": "operators", "permissions": list(Permission.objects.values_list("pk", flat=True))},
+    )
+
+    assert response.status_code == 200, "the form refuses the permissions the staff user lacks"
+    assert set(own.permissions.values_list("codename", flat=True)) == {"view_workflow"}
+    staff = type(staff).objects.get(pk=staff.pk)
+    assert not staff.has_perm("orchestration.add_apikey")
+    admin_group = Group.objects.get(name="admin")
+    assert client.get(_url(Group, "change", admin_group.pk)).context["has_change_permission"] is False
+    assert client.post(_url(Group, "delete", admin_group.pk), {"post": "yes"}).status_code == 403
+    assert Group.objects.filter(name="admin").exists()
 
 
 @pytest.mark.parametrize("model", [Workflow, TaskExecution, TaskAttempt], ids=_ids)
