@@ -441,13 +441,17 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
         )
 
     names = {t.name for t in tasks}
+    self_dependent = False
     for i, task in enumerate(tasks):
         for dep in task.depends_on:
             if dep == task.name:
+                self_dependent = True
                 problems.append(f"tasks[{i}] ({task.name}).depends_on: a task cannot depend on itself")
             elif dep not in names:
                 problems.append(f"tasks[{i}] ({task.name}).depends_on: unknown task {dep!r}")
-    if not problems:
+    # The graph is defined once every task has a name of its own (an unknown dependency is no
+    # edge), so a cycle is reported beside the other problems; a self-dependency is named above.
+    if len(names) == len(tasks) and "" not in names and not self_dependent:
         cycle = _cycle(tasks)
         if cycle:
             problems.append(f"tasks: dependency cycle {' -> '.join(cycle)} (each task depends on the next)")

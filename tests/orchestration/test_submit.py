@@ -81,6 +81,22 @@ def test_a_cycle_is_named(db):
     assert problems == ["tasks: dependency cycle a -> c -> b -> a (each task depends on the next)"]
 
 
+def test_a_cycle_is_reported_beside_the_other_problems(db):
+    problems = problems_of(
+        {
+            "name": "loop",
+            "colour": "blue",
+            "tasks": [
+                {"name": "a", "agent": "echo", "depends_on": ["b", "zzz"]},
+                {"name": "b", "agent": "echo", "depends_on": ["a"], "max_retries": 500},
+            ],
+        }
+    )
+    assert "tasks: dependency cycle a -> b -> a (each task depends on the next)" in problems, problems
+    assert any("colour: unknown field" in p for p in problems), problems
+    assert any("tasks[0] (a).depends_on: unknown task 'zzz'" in p for p in problems), problems
+
+
 def test_past_or_naive_deadline_and_inactive_agent_are_refused(db):
     from orchestration.models import Agent
 
