@@ -619,6 +619,14 @@ def test_the_readme_names_every_variable_compose_requires():
     assert not _required_variables() - named, f"README's docker compose section omits {_required_variables() - named}"
 
 
+def test_platform_readme_names_every_variable_compose_reads():
+    """platform/README lists what an operator may set in .env for compose; it left out
+    SYNAPSE_CONSUMER_PROCESSES, which sets how many consumers the synapse service runs."""
+    readme = (PLATFORM_DIR / "README.md").read_text()
+    named = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", readme))
+    assert not _referenced_variables() - named, f"platform/README.md omits {sorted(_referenced_variables() - named)}"
+
+
 def test_compose_file_holds_no_literal_secrets():
     """Secrets reach the containers only from variables (.env or the shell): required ones,
     or, for an LLM provider's key a deployment may not use, optional ones that are empty

@@ -43,3 +43,38 @@ def test_the_attempts_metric_names_every_cause_an_attempt_is_counted_with():
     row = next(line for line in README.splitlines() if line.startswith("| `agentledger_task_attempts_total`"))
     missing = [cause for cause in ("success", *TaskAttempt.Cause.values) if f"`{cause}`" not in row]
     assert not missing, f"the attempts metric's row does not name the causes {missing}"
+
+
+def _metrics_rows() -> dict[str, tuple[str, ...]]:
+    """Each metric of the Prometheus table with the labels its row names (a label's values, in
+    parentheses, left out)."""
+    rows = {}
+    for line in README.splitlines():
+        if not line.startswith("| `agentledger_"):
+            continue
+        names, _, labels = (cell.strip() for cell in line.strip("|").split("|")[:3])
+        labels = tuple(word.strip() for word in re.sub(r"\([^)]*\)", "", labels).split(",") if word.strip())
+        for name in re.findall(r"`(agentledger_[a-z_]+)`", names):
+            rows[name] = labels
+    return rows
+
+
+def test_the_metrics_table_names_each_counter_and_histogram_with_its_labels():
+    """The table gave the InfluxDB writer's two counters one row labelled `reason`: only the
+    dropped points have it, and a query on the written points by reason finds nothing."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from observability import collectors, influx, metrics
+
+    rows = _metrics_rows()
+    defined = [
+        metric
+        for module in (metrics, influx, collectors)
+        for metric in vars(module).values()
+        if isinstance(metric, MetricWrapperBase)
+    ]
+    assert defined
+    for metric in defined:
+        name = f"{metric._name}_total" if metric._type == "counter" else metric._name
+        assert name in rows, f"{name} is not in the README's metrics table"
+        assert rows[name] == tuple(metric._labelnames), (name, rows[name], metric._labelnames)
