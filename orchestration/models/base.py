@@ -2,6 +2,7 @@ from typing import Any
 
 from django.db import models
 from django.db.models.functions import Now
+from django.utils import timezone
 
 
 class CreatedModel(models.Model):
@@ -14,15 +15,33 @@ class CreatedModel(models.Model):
         abstract = True
 
 
+class UpdatedAtField(models.DateTimeField):
+    """When the row last changed, on the database's clock: a new row's is its INSERT's time
+    (the database's default, read back as created_at is: the two are equal), and on PostgreSQL
+    and SQLite a BEFORE/AFTER UPDATE trigger (migration 0002) sets it on every UPDATE, including
+    conditional `.update()` calls that bypass save(). save() of an existing row also sets the
+    instance's to this host's time, as auto_now would, so that the object a caller holds is not
+    left with the previous one (the row holds the trigger's). An auto_now field took this host's
+    time for a new row too: on a host behind the database, a row updated before it was created."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("db_default", Now())
+        kwargs.setdefault("editable", False)  # as auto_now's: no form or serializer writes it
+        kwargs.setdefault("blank", True)
+        super().__init__(*args, **kwargs)
+
+    def pre_save(self, model_instance: models.Model, add: bool) -> Any:
+        if add:
+            return getattr(model_instance, self.attname)  # the database's default unless given
+        value = timezone.now()
+        setattr(model_instance, self.attname, value)
+        return value
+
+
 class TimestampedModel(CreatedModel):
-    """created_at plus updated_at.
+    """created_at plus updated_at (UpdatedAtField)."""
 
-    updated_at is set by Django on save() and, on PostgreSQL and SQLite, by a BEFORE/AFTER
-    UPDATE trigger as well (see migration 0002), so conditional `.update()` calls, which
-    bypass auto_now, keep it true too.
-    """
-
-    updated_at = models.DateTimeField(auto_now=True)
+    updated_at = UpdatedAtField()
 
     class Meta:
         abstract = True

@@ -14,12 +14,14 @@ import pytest
 from django.utils import timezone
 
 from orchestration.db import database_now
-from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.models import ApiKey, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.runtime.context import AgentResult
+from orchestration.services.access import api_key_create
 from orchestration.services.execution import Claim, Outcome, attempt_claim, attempt_run, attempt_succeed
 from orchestration.services.reaper import attempts_reap, queued_sweep
 from orchestration.services.workflows import workflow_cancel, workflow_resume, workflow_submit
 from tests.engine import flush_redis, wait_for
+from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -287,3 +289,25 @@ def test_the_dispatch_sweep_on_a_host_whose_clock_runs_behind_resends_a_lost_mes
     time.sleep(1.5)
     host_clock(-120)
     assert queued_sweep() == [task.pk]
+
+
+def test_rows_made_on_a_host_whose_clock_runs_behind_were_not_updated_before_they_were_created(committed, host_clock):
+    """created_at is the INSERT's time on the database's clock; updated_at was this host's
+    (auto_now): on a web host a minute behind, a new workflow, its tasks and an API key read as
+    updated a minute before they were created. A new row's updated_at is its INSERT's time now,
+    and a save() on such a host leaves the row's to the database's trigger."""
+    host_clock(-60)
+    workflow, task = submit_one()
+    created = api_key_create(owner=UserFactory(), name="skew")
+    rows = [Workflow.objects.get(pk=workflow.pk), task, ApiKey.objects.get(pk=created.api_key.pk)]
+    assert [(type(row).__name__, row.updated_at - row.created_at) for row in rows] == [
+        (type(row).__name__, dt.timedelta(0)) for row in rows
+    ]
+    # The objects the caller holds have the rows' own times, not this host's.
+    assert (workflow.updated_at, created.api_key.updated_at) == (rows[0].updated_at, rows[2].updated_at)
+    assert isinstance(claim_of(task), Claim)
+    attempt = TaskAttempt.objects.get(execution=task)
+    assert attempt.updated_at >= attempt.created_at
+    workflow.description = "changed"
+    workflow.save(update_fields=["description", "updated_at"])
+    assert Workflow.objects.get(pk=workflow.pk).updated_at >= rows[0].created_at
