@@ -332,6 +332,8 @@ REDACT_KEYS = env.list(
         "secret",
         "password",
         "passwd",
+        "pwd",
+        "passphrase",
         "token",
         "api_key",
         "apikey",

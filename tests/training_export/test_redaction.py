@@ -163,6 +163,12 @@ def test_a_pattern_is_skipped_only_when_a_literal_every_match_holds_is_missing(s
     assert redactor.text("task-42 of wf-7") == "task-42 of wf-7"
 
 
+def test_the_default_keys_mask_the_usual_spellings_of_a_password(settings):
+    redactor = build_redactor(settings.REDACT_KEYS, [])
+    value = {"db_pwd": "a", "PWD": "b", "ssh_passphrase": "c", "pwds_tried": 2}
+    assert redactor.value(value) == {"db_pwd": MASK, "PWD": MASK, "ssh_passphrase": MASK, "pwds_tried": 2}
+
+
 def test_configured_keys_and_patterns_replace_the_defaults(settings):
     settings.REDACT_KEYS = ["ssn"]
     settings.REDACT_PATTERNS = [r"\d{3}-\d{2}-\d{4}"]
