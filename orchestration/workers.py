@@ -5,15 +5,17 @@ killed worker under the same name, in a container often with the same pid too. S
 also records the process it ran in: the worker's main process (its pid and start time) and
 the pool process. The main process remembers how its recent run_task requests ended
 abnormally: killed by it at their hard time limit, lost with a pool process that died under
-them (the OOM killer), or stopped by it when its broker connection broke (Celery's
-worker_cancel_long_running_tasks_on_connection_loss: the message is redelivered). It also
-says which of the asked tasks its pool processes are running now. The reaper asks the nodes
-of the attempts it closes, and a claim the node of an attempt whose message came back while
-it was recorded running, in one remote-control round trip (PROCESS_COMMAND): so a restarted
-worker or a dead pool process (lost) is told from a hard time-out, and a try stopped for a
-broken broker connection, or still running, from a lost worker. The dispatch sweeper asks all
-live workers which messages they hold (HELD_COMMAND): a message waiting out its countdown in a
-worker that was killed is re-sent, not left to the broker's visibility timeout.
+them (the OOM killer), stopped by it when its broker connection broke (Celery's
+worker_cancel_long_running_tasks_on_connection_loss: the message is redelivered), or ended
+by run_task itself when its database connection was lost (the message is sent again). It
+also says which of the asked tasks its pool processes are running now. The reaper asks the
+nodes of the attempts it closes, and a claim the node of an attempt whose message came back
+while it was recorded running, in one remote-control round trip (PROCESS_COMMAND): so a
+restarted worker or a dead pool process (lost) is told from a hard time-out, and a try
+stopped for a broken broker connection or a lost database connection, or still running, from
+a lost worker. The dispatch sweeper asks all live workers which messages they hold
+(HELD_COMMAND): a message waiting out its countdown in a worker that was killed is re-sent,
+not left to the broker's visibility timeout.
 
 Imported by the worker (config/celery.py, worker_init) before its pool starts, which
 registers the command; nothing here needs Django.
@@ -42,11 +44,13 @@ HELD_COMMAND = "agentledger_held"
 HARD_TIMEOUT = "hard_timeout"
 POOL_PROCESS_LOST = "pool_process_lost"
 BROKER_CONNECTION_LOST = "broker_connection_lost"
+DATABASE_CONNECTION_LOST = "database_connection_lost"
 # Abnormal endings the main process remembers, the oldest forgotten first. The reaper asks
 # once the attempt is past its hard limit plus REAPER_GRACE_SECONDS (a redelivered message's
-# claim, at once); only hard time-outs, dead pool processes and tries stopped for a lost broker
-# connection are kept, so a worker rarely has this many in that time, and for one forgotten
-# the reaper falls back to its rule for a worker that cannot say.
+# claim, at once); only hard time-outs, dead pool processes, tries stopped for a lost broker
+# connection and deliveries that lost their database connection are kept, so a worker rarely
+# has this many in that time, and for one forgotten the reaper falls back to its rule for a
+# worker that cannot say.
 ENDINGS_KEPT = 1000
 
 
@@ -70,7 +74,7 @@ def attempt_fields(process: WorkerProcess | None) -> dict[str, Any]:
 class Ending:
     """How a task's request ended in a worker's main process, when abnormally."""
 
-    how: str  # HARD_TIMEOUT, POOL_PROCESS_LOST or BROKER_CONNECTION_LOST
+    how: str  # HARD_TIMEOUT, POOL_PROCESS_LOST, BROKER_CONNECTION_LOST or DATABASE_CONNECTION_LOST
     pool_pid: int | None
     detail: str
 
@@ -148,9 +152,10 @@ def process_exited(pid: int | None) -> bool:
 
 class RunTaskRequest(Request):
     """run_task's request in the worker's main process, where Celery reports a hard time-out
-    (the pool kills the process), a pool process that died mid-task (WorkerLostError) and a
-    task it stops because its broker connection broke: each is remembered for the reaper and
-    the claim before Celery handles it as usual."""
+    (the pool kills the process), a pool process that died mid-task (WorkerLostError), a
+    task it stops because its broker connection broke and a delivery that sent its message
+    again for a lost database connection (a retry): each is remembered for the reaper and the
+    claim before Celery handles it as usual."""
 
     def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
         # Celery cancels a running acks_late task when the broker connection is lost (the
@@ -182,6 +187,21 @@ class RunTaskRequest(Request):
                 ending = Ending(how=HARD_TIMEOUT, pool_pid=self.worker_pid, detail=f"hard time limit {timeout} s")
             _ending_record(self.id, ending)
         super().on_timeout(soft, timeout)
+
+    def on_retry(self, exc_info: Any) -> None:
+        # run_task retries only when its database connection was lost: its message is sent
+        # again (with a countdown that may outlast the outage), and until it comes back its
+        # attempt, if the claim had committed, is recorded running with nothing to say how it
+        # ended but this.
+        _ending_record(
+            self.id,
+            Ending(
+                how=DATABASE_CONNECTION_LOST,
+                pool_pid=self.worker_pid,
+                detail="lost its database connection; the message was sent again",
+            ),
+        )
+        super().on_retry(exc_info)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
         exc = getattr(exc_info, "exception", None)

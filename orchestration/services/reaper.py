@@ -35,6 +35,7 @@ from orchestration.services.fastpath import update_rows
 from orchestration.services.progress import workflow_fail_past_deadline
 from orchestration.workers import (
     BROKER_CONNECTION_LOST,
+    DATABASE_CONNECTION_LOST,
     HARD_TIMEOUT,
     POOL_PROCESS_LOST,
     NodeReport,
@@ -72,6 +73,9 @@ def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) 
       the death, was acknowledged): lost;
     - the same process says it stopped the attempt when its broker connection was lost (the
       message, unacknowledged, comes back from the broker): lost, cause redelivery;
+    - the same process says the message's last delivery lost its database connection and sent
+      it again (run_task), which has not come back to close the attempt: lost, cause
+      connection_lost, as that delivery's claim would have recorded it;
     - otherwise the worker lives on and, as it says or as is presumed when it cannot say (its
       ending forgotten, or the attempt or the worker from before processes were recorded),
       killed the attempt at its hard limit: timed_out (hard_timeout).
@@ -96,6 +100,16 @@ def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) 
             f"{', '.join(str(r.pid) for r in known)} answers now; {abandoned}",
         )
     ending = same.ended.get(attempt.celery_task_id or "")
+    if ending is not None and ending.how == DATABASE_CONNECTION_LOST:
+        # The delivery that ran the attempt, or a later one whose claim could not reach the
+        # database either (from whichever pool process), sent the message again: the attempt's
+        # outcome was not recorded, and the message has not come back to close it yet.
+        return Verdict(
+            False,
+            f"worker {name} lost its database connection during attempt {attempt.attempt_number} (message sent "
+            f"again, not yet back); {abandoned}",
+            cause=TaskAttempt.Cause.CONNECTION_LOST,
+        )
     if ending is None or ending.pool_pid != attempt.pool_pid:  # another delivery of the same message
         return presumed
     if ending.how == POOL_PROCESS_LOST:
@@ -141,6 +155,7 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
         a
         for a in TaskAttempt.objects.filter(status=TaskAttempt.Status.RUNNING, created_at__lt=floor).only(
             "id",
+            "attempt_number",
             "created_at",
             "started_at",
             "timeout_seconds",

@@ -461,6 +461,31 @@ def test_database_connection_cut_mid_task_is_retried_and_the_attempt_recorded_lo
     assert len(attempts(wf, "after")) == 1 and task(wf, "after").status == T.COMPLETED
 
 
+def test_an_attempt_whose_message_is_away_after_a_lost_database_connection_is_reaped_lost_not_timed_out(engine):
+    """PostgreSQL fails over while the agent runs: its success cannot be recorded, and run_task
+    sends its message again with a countdown that grows while the database stays away (up to
+    30 s). The reaper may reach the attempt before the message comes back to close it; the
+    worker says the delivery lost its database connection: lost (connection_lost), as the
+    claim would have recorded it, not a hard time-out of a process it killed. Here the message
+    waits behind a task that took the only pool process."""
+    worker = engine(concurrency=1)
+    wf = submit({"name": "cut", "agent": "sleep", "input": {"seconds": 2, "on_attempts": [1]}, "timeout_seconds": 3})
+    first = running_attempt(wf, "cut")
+    assert worker.database_connections_cut()
+    blocker = submit({"name": "blocker", "agent": "sleep", "input": {"seconds": 8}, "timeout_seconds": 30})
+    wait_for(lambda: "retry: Retry in" in worker.log(), timeout=10, what="run_task to send its message again")
+    wait_for(lambda: task(blocker, "blocker").status == T.RUNNING, timeout=10, what="the blocker to start")
+    wait_for(reaped, timeout=20, interval=0.5, what="the reaper to close the attempt")
+    first.refresh_from_db()
+    assert (first.status, first.cause) == (A.LOST, "connection_lost"), first.error
+    assert f"worker {worker.name} lost its database connection during attempt 1" in first.error
+    wf = finished(wf, timeout=30)
+    assert wf.status == Workflow.Status.COMPLETED
+    assert [(a.attempt_number, a.status) for a in attempts(wf, "cut")] == [(1, A.LOST), (2, A.SUCCEEDED)]
+    events = event_types(task(wf, "cut").execution_id)
+    assert (events.count("task_lost"), events.count("task_timed_out"), events.count("task_completed")) == (1, 0, 1)
+
+
 def test_duplicate_delivery_runs_nothing_and_records_nothing_new(engine):
     from orchestration.tasks import run_task
 

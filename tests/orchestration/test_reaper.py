@@ -12,6 +12,7 @@ from orchestration.services.dispatch import hard_limit_seconds
 from orchestration.services.reaper import attempt_verdict
 from orchestration.workers import (
     BROKER_CONNECTION_LOST,
+    DATABASE_CONNECTION_LOST,
     HARD_TIMEOUT,
     POOL_PROCESS_LOST,
     Ending,
@@ -79,6 +80,19 @@ def test_the_same_process_that_stopped_the_attempt_for_a_lost_broker_connection_
     v = attempt_verdict(attempt(), answer(**{TASK_ID: stopped}))
     assert (v.hard_timeout, v.cause) == (False, TaskAttempt.Cause.REDELIVERY)
     assert v.error.startswith(f"worker {NODE} lost its broker connection and stopped the attempt (pool process 11)")
+
+
+@pytest.mark.parametrize("pool_pid", [11, 12], ids=["its-delivery", "a-later-delivery"])
+def test_a_message_sent_again_for_a_lost_database_connection_lost_the_attempt(pool_pid):
+    """run_task sent the message again (its database connection broke) from the delivery that
+    ran the attempt, or from a later one whose claim could not connect either: not a hard time-out."""
+    sent_again = Ending(how=DATABASE_CONNECTION_LOST, pool_pid=pool_pid, detail="lost its database connection")
+    v = attempt_verdict(attempt(attempt_number=1), answer(**{TASK_ID: sent_again}))
+    assert (v.hard_timeout, v.cause) == (False, TaskAttempt.Cause.CONNECTION_LOST)
+    assert v.error == (
+        f"worker {NODE} lost its database connection during attempt 1 (message sent again, not yet back); "
+        f"attempt abandoned past its {LIMIT} s limit"
+    )
 
 
 @pytest.mark.parametrize(
