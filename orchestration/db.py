@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, InterfaceError, OperationalError
 
 # A prepare_threshold no statement reaches: psycopg prepares only what is asked for.
 UNREACHABLE_THRESHOLD = 2**31
@@ -90,6 +90,26 @@ def plan_changed(exc: BaseException) -> bool:
     return (
         isinstance(cause, psycopg.errors.FeatureNotSupported) and cause.diag.source_function == "RevalidateCachedQuery"
     )
+
+
+# What PostgreSQL says as it goes away or before it is back: shutting down (admin, crash), not
+# yet accepting connections (starting, recovering), no connection slot left. psycopg's own
+# connection errors (refused, closed under a statement) have no SQLSTATE; class 08 is a
+# connection exception.
+_UNREACHABLE_SQLSTATES = ("57P01", "57P02", "57P03", "53300")
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """`exc` (Django's error) says the database connection could not be made, or was lost:
+    PostgreSQL down, restarting or failing over (or out of connection slots); not a fault of
+    the statement, nor of whoever asked for it."""
+    if not isinstance(exc, OperationalError | InterfaceError):
+        return False
+    cause = exc.__cause__
+    if not isinstance(cause, psycopg.OperationalError | psycopg.InterfaceError):
+        return False
+    sqlstate = cause.sqlstate
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate in _UNREACHABLE_SQLSTATES
 
 
 def stop_if_interrupted(exc: BaseException) -> None:

@@ -153,21 +153,7 @@ class Worker:
         """Terminate, on the PostgreSQL server, the connections of the worker's processes (main
         and pool), as a failover or a network cut would: the worker lives on. Returns how many
         were terminated."""
-        ports: set[int] = set()
-        for pid in [self.process.pid, *self.children()]:
-            try:
-                ports |= _local_tcp_ports(pid)
-            except OSError:  # a pool process that has just exited
-                continue
-        if not ports:
-            return 0
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND client_port = ANY(%s) AND pid <> pg_backend_pid()",
-                [sorted(ports)],
-            )
-            return cursor.fetchone()[0]
+        return _database_connections_cut([self.process.pid, *self.children()])
 
     def kill(self) -> None:
         """SIGKILL the whole worker: the main process and its pool."""
@@ -302,6 +288,11 @@ class ManageProcess:
             self.process.wait(timeout=10)
         self.stopped = False
 
+    def database_connections_cut(self) -> int:
+        """Terminate, on the PostgreSQL server, the command's connections, as a failover would.
+        Returns how many were terminated."""
+        return _database_connections_cut([self.process.pid]) if self.alive() else 0
+
     def stop(self) -> int | None:
         """SIGTERM (after SIGCONT), as a supervisor stops it; its exit code."""
         if self.alive():
@@ -345,6 +336,24 @@ class Loop(threading.Thread):
         self.stopping.set()
         self.join(timeout=60)
         assert not self.is_alive(), f"the {self.name} loop did not stop"
+
+
+def _database_connections_cut(pids: list[int]) -> int:
+    ports: set[int] = set()
+    for pid in pids:
+        try:
+            ports |= _local_tcp_ports(pid)
+        except OSError:  # a pool process that has just exited
+            continue
+    if not ports:
+        return 0
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND client_port = ANY(%s) AND pid <> pg_backend_pid()",
+            [sorted(ports)],
+        )
+        return cursor.fetchone()[0]
 
 
 def _local_tcp_ports(pid: int) -> set[int]:

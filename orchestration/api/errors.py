@@ -32,6 +32,7 @@ from rest_framework.views import exception_handler
 
 from orchestration.api.exceptions import Conflict, RequestTooLarge, Unavailable
 from orchestration.api.renderers import FastJSONRenderer
+from orchestration.db import database_unreachable
 from orchestration.errors import SpecError, TransitionError
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,9 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
         # it), which the client should know, rather than a bare 500.
         logger.warning("a database statement was cancelled in %s: %s", instance, exc)
         exc = Unavailable(_cancelled_detail("GET" if request is None else request.method, api=True))
+    elif database_unreachable(exc):
+        logger.warning("the database could not be reached in %s: %s", instance, exc)
+        exc = Unavailable(_unreachable_detail("GET" if request is None else request.method))
     elif isinstance(exc, SuspiciousOperation | BadRequest):
         logging.getLogger("django.security").warning("%s in %s: %s", type(exc).__name__, instance, exc)
         exc = exceptions.ParseError("The request is malformed.")
@@ -198,6 +202,17 @@ def statement_cancelled(exc: BaseException) -> bool:
     """PostgreSQL cancelled one of the request's statements (DATABASE_STATEMENT_TIMEOUT_SECONDS,
     or an operator's pg_cancel_backend)."""
     return isinstance(exc, DatabaseError) and isinstance(exc.__cause__, psycopg.errors.QueryCanceled)
+
+
+def _unreachable_detail(method: str | None) -> str:
+    """What a request that lost the database was told: a read changed nothing; a write may have
+    committed before the connection was lost (as for a cancelled statement)."""
+    if method in SAFE_METHODS:
+        return "The database is not answering (nothing was changed); try again shortly."
+    return (
+        "The database is not answering; what this request changed before the connection was lost may have been "
+        "saved: read the resource before sending it again (or send it again with the same Idempotency-Key)."
+    )
 
 
 def _is_api(request: HttpRequest) -> bool:
@@ -313,6 +328,9 @@ def server_error(request: HttpRequest) -> HttpResponse:
     exc = sys.exc_info()[1]
     if exc is not None and statement_cancelled(exc):
         return statement_cancelled_response(request, exc)
+    if exc is not None and database_unreachable(exc) and _is_api(request):
+        logger.warning("the database could not be reached in %s: %s", request.path, exc)
+        return _plain_problem(request, 503, _unreachable_detail(request.method), "unavailable")
     if _is_api(request):
         return _plain_problem(request, 500, "The server failed to handle this request.", "server_error")
     return defaults.server_error(request)

@@ -13,6 +13,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, ProgrammingError, connections
 
 from observability.logs import redact_public
+from orchestration.db import database_unreachable
 
 
 def seconds(*, zero: bool = False, maximum: float | None = None) -> Callable[[str], float]:
@@ -95,6 +96,10 @@ def database_problem(exc: DatabaseError, alias: str = DEFAULT_DB_ALIAS) -> str |
     text = redact_public(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     if connection.connection is None:
         return f"cannot connect to the database {where}: {text}"
+    if database_unreachable(exc):
+        # Gone under a command that was using it (a restart, a failover): a supervisor starts
+        # the command again, which connects once the database is back.
+        return f"lost the connection to the database {where}: {text}"
     sqlstate = getattr(exc.__cause__, "sqlstate", None)
     if sqlstate not in _UNDEFINED_SQLSTATES and not str(exc).startswith(_UNDEFINED_SQLITE):
         return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 
 import psycopg
 import pytest
@@ -236,3 +237,41 @@ def test_a_statement_cancelled_in_a_middleware_is_a_503_saying_so(transactional_
     assert "may have been saved" in api.json()["detail"]  # a write cannot promise that
     assert "a database statement was cancelled in /remember/" in caplog.text
     assert not Session.objects.exists()
+
+
+@pytest.fixture
+def database_away(transactional_db, callers):
+    """The callers and their keys are stored; then PostgreSQL goes away (down, restarting,
+    failing over): `lose("refused")` points the connection at a port nothing listens on,
+    `lose("terminated")` has the server end this session, as a failover does."""
+    saved = dict(connection.settings_dict)
+
+    def lose(how: str) -> None:
+        if how == "refused":
+            connection.close()
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                connection.settings_dict.update(HOST="127.0.0.1", PORT=sock.getsockname()[1])
+        else:
+            connection.ensure_connection()
+            with psycopg.connect(database_url(), autocommit=True) as other:
+                other.execute("SELECT pg_terminate_backend(%s)", [connection.connection.info.backend_pid])
+
+    yield lose
+    connection.close()
+    connection.settings_dict.update(saved)
+
+
+@pytest.mark.parametrize("how", ["refused", "terminated"])
+def test_a_request_while_the_database_is_away_is_a_503_problem_not_a_500(database_away, callers, how, caplog):
+    database_away(how)
+    listed = callers["admin"].client.get("/api/v1/workflows/")
+    assert listed.status_code == 503, listed.content
+    assert listed["Content-Type"] == "application/problem+json"
+    assert listed.json()["type"] == "urn:agentledger:problem:unavailable"
+    assert listed.json()["detail"] == "The database is not answering (nothing was changed); try again shortly."
+    database_away(how)
+    posted = callers["developer"].client.post("/api/v1/workflows/", json.dumps(SPEC), content_type="application/json")
+    assert posted.status_code == 503, posted.content
+    assert "may have been saved" in posted.json()["detail"]  # a write cannot promise that
+    assert "the database could not be reached in /api/v1/workflows/" in caplog.text

@@ -159,3 +159,27 @@ def test_an_argument_that_is_not_text_is_named_not_a_traceback(args: list[str], 
     with pytest.raises(CommandError) as info:
         call_command(*args, stdout=io.StringIO())
     assert str(info.value) == f"Error: {error}"
+
+
+@pytest.mark.subprocess
+def test_a_following_command_whose_database_goes_away_names_it_in_one_line(transactional_db, tmp_path: Path) -> None:
+    """PostgreSQL restarts or fails over under `relay_events --follow`: it exits 1 with a
+    CommandError naming the database, for its supervisor to start it again, not a traceback."""
+    from django.db import connection
+
+    from tests.engine import ManageProcess, database_url, wait_for
+
+    log = tmp_path / "relay.log"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DATABASE_URL": database_url()}
+    relay = ManageProcess(["relay_events", "--follow", "--interval", "0.1"], env, log)
+    try:
+        wait_for(relay.database_connections_cut, timeout=30, what="the relay's database session to terminate")
+        relay.process.wait(timeout=30)
+    finally:
+        relay.kill()
+    output = log.read_text()
+    assert relay.process.returncode == 1, output
+    assert "Traceback" not in output, output
+    database = connection.settings_dict
+    where = f"{database['NAME']} on {database['HOST']}:{database['PORT']}"
+    assert output.startswith(f"CommandError: lost the connection to the database {where}: "), output

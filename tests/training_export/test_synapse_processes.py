@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,8 +67,15 @@ def stream(settings) -> Iterator[str]:
     client.close()
 
 
-def consume_events(stream: str, data_dir: Path, *args: str, once: bool = True) -> subprocess.Popen[str]:
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "REDIS_URL": settings.REDIS_URL}
+def consume_events(
+    stream: str, data_dir: Path, *args: str, once: bool = True, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "REDIS_URL": settings.REDIS_URL,
+        **(env or {}),
+    }
     env.update(SYNAPSE_STREAM=stream, TRAINING_DATA_DIR=str(data_dir))
     return subprocess.Popen(
         [sys.executable, "manage.py", "consume_events", *(["--once"] if once else []), "--batch", "50", *args],
@@ -315,3 +323,28 @@ def test_the_alive_check_passes_while_a_consumer_reads_and_fails_once_it_stops_r
     finally:
         parent.send_signal(signal.SIGCONT)
         stop_parent(parent, signal.SIGTERM)
+
+
+def test_a_consumer_process_whose_database_is_away_says_so_in_one_line(settings, tmp_path):
+    """A finished task's row is read from PostgreSQL: with the database down (a restart, a
+    failover), the forked consumer that meets one fails as the command does, in one line naming
+    the database (then the command, for its supervisor), not with multiprocessing's traceback."""
+    name = f"synapse-test-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    fields = {"event_id": "ev-1", "sequence": "1", "event_type": "task_completed", "entity_type": "task"}
+    fields |= {"entity_id": "task-1", "source": "platform", "severity": "info", "created_at": T0.isoformat()}
+    client.xadd(name, {**fields, "payload": "{}"}, id="1-1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    away = {"DATABASE_URL": f"postgres://postgres@127.0.0.1:{port}/agentledger_away"}
+    process = consume_events(name, tmp_path / "training", "--processes", "2", env=away)
+    try:
+        output = output_of(process, timeout=120)
+    finally:
+        client.delete(name, f"{name}:dead")
+        client.close()
+    assert process.returncode == 1, output
+    assert "Traceback" not in output, output
+    assert f"CommandError: cannot connect to the database agentledger_away on 127.0.0.1:{port}: " in output
+    assert re.search(r"CommandError: consume_events-\d exited with 1", output), output

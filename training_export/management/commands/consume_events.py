@@ -12,9 +12,9 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management.base import CommandError, CommandParser
-from django.db import connections
+from django.db import OperationalError, ProgrammingError, connections
 
-from orchestration.management.arguments import DatabaseCommand, synapse_reachable
+from orchestration.management.arguments import DatabaseCommand, database_problem, synapse_reachable
 from training_export.services.store import TrainingDataStore
 from training_export.services.synapse import (
     BatchResult,
@@ -187,6 +187,14 @@ class Command(DatabaseCommand):
 
         try:
             self.consume(options, name or default_consumer_name(), also_stop_if=orphaned)
+        except (CommandError, OperationalError, ProgrammingError) as exc:
+            # As the command itself says it (DatabaseCommand), in one line, not multiprocessing's
+            # traceback: the database or the stream went away (a restart, a failover).
+            problem = str(exc) if isinstance(exc, CommandError) else database_problem(exc)
+            if problem is None:
+                raise
+            self.stderr.write(f"CommandError: {problem}")
+            sys.exit(1)
         finally:
             self.stdout.flush()
 
