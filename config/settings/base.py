@@ -73,6 +73,15 @@ TEMPLATES = [
 
 
 # --- Database -------------------------------------------------------------------------
+# libpq's TCP options for PostgreSQL connections (see _database).
+DATABASE_TCP_OPTIONS = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+
 # With nothing configured, an embedded SQLite file under var/ so a first run needs nothing
 # installed. PostgreSQL (psycopg 3) whenever DATABASE_URL says so.
 def _database(url: str) -> dict:
@@ -95,6 +104,16 @@ def _database(url: str) -> dict:
         # psycopg waits for a connection indefinitely by default; readiness checks and
         # workers must not hang on an unreachable database.
         config.setdefault("OPTIONS", {})["connect_timeout"] = env.int("DATABASE_CONNECT_TIMEOUT", 5, minimum=1)
+        # A server that vanished without closing its connections (a failover that moved its
+        # address, a cut network) is noticed within about a minute, not the two hours of the
+        # kernel's keepalive defaults: a relay, consumer or reaper waiting on it would hang that
+        # long. Probes start after 30 s of silence, three unanswered 10 s apart close the
+        # connection. A busy server's kernel still answers them: a long query is not cut. (No
+        # tcp_user_timeout: Linux also applies it to a peer that keeps its receive window shut,
+        # which a live server does while it is busy.) The URL's query string
+        # (?keepalives_idle=...) overrides each.
+        for name, value in DATABASE_TCP_OPTIONS.items():
+            config["OPTIONS"].setdefault(name, value)
         # Server-side limits for processes that answer people (compose sets them for web): a
         # runaway query or a transaction left idle gives its connection and locks back. 0 (the
         # default, and right for workers: an export reads for hours) sets nothing.

@@ -178,6 +178,32 @@ def test_postgresql_connections_give_up_after_the_connect_timeout():
     assert _database("postgres://postgres@127.0.0.1:5432/x")["OPTIONS"]["connect_timeout"] == 5
 
 
+def test_a_postgresql_connection_notices_a_server_gone_silent_within_a_minute(db):
+    """Without keepalive settings, libpq leaves a connection to the kernel's defaults: a server
+    that vanished without closing it (a failover that moved its address, a cut network) was
+    noticed after two hours of silence, a relay or consumer waiting on it hung that long. The
+    socket of a real connection carries the options; a URL's own value is kept."""
+    import socket
+
+    from django.db import connection
+
+    from config.settings.base import _database
+
+    connection.ensure_connection()
+    held = socket.socket(fileno=os.dup(connection.connection.pgconn.socket))
+    try:
+        assert {
+            "idle": held.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            "interval": held.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            "count": held.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            "keepalive": held.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        } == {"idle": 30, "interval": 10, "count": 3, "keepalive": 1}
+    finally:
+        held.detach()
+    options = _database("postgres://postgres@127.0.0.1:5432/x?keepalives_idle=5")["OPTIONS"]
+    assert (options["keepalives_idle"], options["keepalives_count"]) == (5, 3)
+
+
 @pytest.mark.subprocess
 def test_a_bad_connect_timeout_is_named():
     result = run_manage("check", DATABASE_URL="postgres://postgres@127.0.0.1:5432/x", DATABASE_CONNECT_TIMEOUT="0")
