@@ -348,3 +348,78 @@ def test_a_consumer_process_whose_database_is_away_says_so_in_one_line(settings,
     assert "Traceback" not in output, output
     assert f"CommandError: cannot connect to the database agentledger_away on 127.0.0.1:{port}: " in output
     assert re.search(r"CommandError: consume_events-\d exited with 1", output), output
+
+
+# Run in a process of its own (a deadlock there must not hang the suite): enter
+# stop_on_signals, send SIGTERM, and send a second one while the handler of the first is
+# at its nth bytecode (counting those of the functions it calls), for every n it reaches.
+SECOND_SIGNAL_DURING_THE_HANDLER = """
+import faulthandler, itertools, os, signal, sys
+
+import django
+
+django.setup()
+from training_export.management.commands.consume_events import stop_on_signals
+
+faulthandler.dump_traceback_later(20, exit=True)
+
+
+def second_signal_at(step):
+    handler = signal.getsignal(signal.SIGTERM)
+    code = getattr(handler, "__func__", handler).__code__
+    first = None
+    count = 0
+
+    def in_handler(frame, event, arg):
+        nonlocal first, count
+        if event == "opcode":
+            count += 1
+            if count == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+        elif event == "return" and frame is first:
+            first = None
+        return in_handler
+
+    def calls(frame, event, arg):
+        nonlocal first
+        if first is None and count == 0 and frame.f_code is code:
+            first = frame
+        if first is None:
+            return None
+        frame.f_trace_opcodes = True
+        return in_handler
+
+    sys.settrace(calls)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        sys.settrace(None)
+    return count >= step
+
+
+for step in itertools.count(1):
+    with stop_on_signals() as stop:
+        reached = second_signal_at(step)
+        assert stop.is_set(), step
+    if not reached:
+        break
+print(f"stopped at each of {step - 1} steps")
+"""
+
+
+@pytest.mark.subprocess
+def test_a_second_stop_signal_while_the_handler_of_the_first_runs_still_stops_the_consumer():
+    # A `--processes` child is sent SIGTERM twice at once when its command is stopped (by the
+    # supervisor, to the process group, and by its parent). Python runs a handler again for
+    # a signal that arrives while it runs: a handler taking a lock (threading.Event.set)
+    # then waits for itself, and the consumer never stops.
+    result = subprocess.run(
+        [sys.executable, "-c", SECOND_SIGNAL_DURING_THE_HANDLER],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.fullmatch(r"stopped at each of \d+ steps\n", result.stdout), result.stdout + result.stderr

@@ -1,10 +1,8 @@
-import signal
-import threading
+import contextlib
 
 from orchestration.management.arguments import DatabaseCommand, seconds, synapse_reachable
+from orchestration.management.stopping import stop_on_signals
 from orchestration.services.relay import events_relay
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Command(DatabaseCommand):
@@ -20,19 +18,12 @@ class Command(DatabaseCommand):
         )
 
     def handle(self, *args, **options):
-        stop = threading.Event()
-        previous = {}
-        if options["follow"]:
-            previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in STOP_SIGNALS}
-        try:
+        with stop_on_signals() if options["follow"] else contextlib.nullcontext() as stop:
             while True:
                 with synapse_reachable():
                     result = events_relay()
                 if result.published or not options["follow"]:
                     gap = f"  waiting on uncommitted sequence {result.waiting_on_gap}" if result.waiting_on_gap else ""
                     self.stdout.write(f"published {result.published}; stream at sequence {result.last_sequence}{gap}")
-                if not options["follow"] or stop.wait(options["interval"]):
+                if stop is None or stop.wait(options["interval"]):
                     return
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)

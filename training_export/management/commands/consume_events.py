@@ -1,12 +1,10 @@
-import contextlib
 import ctypes
 import gc
 import multiprocessing
 import os
 import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -15,6 +13,7 @@ from django.core.management.base import CommandError, CommandParser
 from django.db import OperationalError, ProgrammingError, connections
 
 from orchestration.management.arguments import DatabaseCommand, database_problem, synapse_reachable
+from orchestration.management.stopping import STOP_SIGNALS, stop_on_signals
 from training_export.services.store import TrainingDataStore
 from training_export.services.synapse import (
     BatchResult,
@@ -26,25 +25,7 @@ from training_export.services.synapse import (
 MAX_PROCESSES = 64
 MAX_BLOCK_MS = 60_000
 MAX_CLAIM_IDLE_MS = 30 * 24 * 3600 * 1000  # 30 days
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """Turn SIGTERM/SIGINT into a stop request (the consumer finishes its batch and leaves
-    the group) for the duration, then unblock them: a forked consumer starts with them
-    blocked, so that one sent before this point waits here instead of killing it mid-batch."""
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in STOP_SIGNALS}
-    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    try:
-        yield stop
-    finally:
-        # Mask first: in a forked consumer the handler underneath is the parent's.
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def ask_for_sigterm_when_parent_dies() -> None:
