@@ -263,6 +263,11 @@ class ManageProcess:
         self.stopped = False  # SIGSTOPped and not yet continued
         self.start()
 
+    def note(self, what: str) -> None:
+        """A line in the command's log, with the time: what was done to it, among what it wrote."""
+        with self.log_path.open("a") as log:
+            log.write(f"--- {time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {what}\n")
+
     def start(self) -> None:
         with self.log_path.open("a") as log:
             self.process = subprocess.Popen(
@@ -274,16 +279,19 @@ class ManageProcess:
                 start_new_session=True,
             )
         self.stopped = False
+        self.note(f"started: pid {self.process.pid}, {' '.join(self.args)}")
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def signal(self, signum: int) -> None:
         if self.alive():
+            self.note(f"{signal.Signals(signum).name} to the process group")
             os.killpg(self.process.pid, signum)
 
     def kill(self) -> None:
         if self.alive():
+            self.note("SIGKILL to the process group")
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
         self.stopped = False
@@ -300,7 +308,9 @@ class ManageProcess:
             self.signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
+                self.note(f"exited {self.process.returncode}")
             except subprocess.TimeoutExpired:
+                self.note("still running 30 s after SIGTERM")
                 self.kill()
                 return None
         return self.process.returncode if self.process else None
