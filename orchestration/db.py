@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError
+from django.db import DatabaseError, OperationalError
 
 # A prepare_threshold no statement reaches: psycopg prepares only what is asked for.
 UNREACHABLE_THRESHOLD = 2**31
@@ -95,7 +95,8 @@ def plan_changed(exc: BaseException) -> bool:
 # What PostgreSQL says as it goes away or before it is back: shutting down (admin, crash), not
 # yet accepting connections (starting, recovering), no connection slot left. psycopg's own
 # connection errors (refused, closed under a statement) have no SQLSTATE; class 08 is a
-# connection exception.
+# connection exception. psycopg's InterfaceError is not one: it is raised for a misuse (a
+# closed cursor, a result that is not there), a fault of the code, not of the database.
 _UNREACHABLE_SQLSTATES = ("57P01", "57P02", "57P03", "53300")
 
 
@@ -103,10 +104,10 @@ def database_unreachable(exc: BaseException) -> bool:
     """`exc` (Django's error) says the database connection could not be made, or was lost:
     PostgreSQL down, restarting or failing over (or out of connection slots); not a fault of
     the statement, nor of whoever asked for it."""
-    if not isinstance(exc, OperationalError | InterfaceError):
+    if not isinstance(exc, OperationalError):
         return False
     cause = exc.__cause__
-    if not isinstance(cause, psycopg.OperationalError | psycopg.InterfaceError):
+    if not isinstance(cause, psycopg.OperationalError):
         return False
     sqlstate = cause.sqlstate
     return sqlstate is None or sqlstate.startswith("08") or sqlstate in _UNREACHABLE_SQLSTATES
@@ -223,3 +224,4 @@ def prepared_cursor(connection: Any) -> Iterator[psycopg.Cursor]:
             if plan_changed(exc):
                 raw.close()
             raise
+

@@ -34,7 +34,10 @@ class UpdatedAtField(models.DateTimeField):
         if add:
             return getattr(model_instance, self.attname)  # the database's default unless given
         value = timezone.now()
-        setattr(model_instance, self.attname, value)
+        if not model_instance._state.adding:
+            # A new row whose key is given (an agent added in the console) is saved by an UPDATE
+            # tried first: the INSERT that follows when it matches nothing keeps the default.
+            setattr(model_instance, self.attname, value)
         return value
 
 

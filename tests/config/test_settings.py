@@ -199,7 +199,7 @@ def test_a_postgresql_connection_notices_a_server_gone_silent_within_a_minute(db
             "keepalive": held.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
         } == {"idle": 30, "interval": 10, "count": 3, "keepalive": 1}
     finally:
-        held.detach()
+        held.close()  # the duplicate; the connection keeps its own
     options = _database("postgres://postgres@127.0.0.1:5432/x?keepalives_idle=5")["OPTIONS"]
     assert (options["keepalives_idle"], options["keepalives_count"]) == (5, 3)
 

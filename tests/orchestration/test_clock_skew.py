@@ -14,7 +14,7 @@ import pytest
 from django.utils import timezone
 
 from orchestration.db import database_now
-from orchestration.models import ApiKey, Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.models import Agent, ApiKey, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.runtime.context import AgentResult
 from orchestration.services.access import api_key_create
 from orchestration.services.execution import Claim, Outcome, attempt_claim, attempt_run, attempt_succeed
@@ -311,3 +311,15 @@ def test_rows_made_on_a_host_whose_clock_runs_behind_were_not_updated_before_the
     workflow.description = "changed"
     workflow.save(update_fields=["description", "updated_at"])
     assert Workflow.objects.get(pk=workflow.pk).updated_at >= rows[0].created_at
+
+
+def test_a_new_row_saved_under_a_key_it_was_given_was_not_updated_before_it_was_created(host_clock):
+    """save() of a new agent (the console's add form saves one so) tries an UPDATE first, its
+    id being given: updated_at took this host's time there, and the INSERT that followed kept
+    it, a minute before the row's created_at on a host behind."""
+    host_clock(-60)
+    agent = Agent(id="skew-added", name="Skew", executor=Agent.Executor.PYTHON, entrypoint="builtins.print")
+    agent.save()
+    created_at, updated_at = Agent.objects.values_list("created_at", "updated_at").get(pk=agent.pk)
+    assert updated_at - created_at == dt.timedelta(0)
+    assert agent.updated_at == updated_at

@@ -8,12 +8,13 @@ import time
 
 import psycopg
 import pytest
-from django.db import OperationalError, connection
+from django.db import IntegrityError, InterfaceError, OperationalError, connection
 
 from orchestration.db import (
     RETRY_BACKOFF_FIRST_SECONDS,
     RETRY_BACKOFF_MAX_SECONDS,
     atomic_with_retry,
+    database_unreachable,
     timestamptz_fast_loader,
 )
 
@@ -154,3 +155,29 @@ def test_inside_an_outer_transaction_the_reshaped_statement_fails_as_before(resh
     reshaped_table("ALTER TABLE probe_reshaped ADD COLUMN extra integer")
     with pytest.raises(NotSupportedError, match="cached plan must not change result type"), transaction.atomic():
         atomic_with_retry(lambda: execute_prepared(SELECT_RESHAPED, [1]))
+
+
+def _closed_cursor_used() -> None:
+    with connection.cursor() as cursor:
+        pass
+    cursor.execute("SELECT 1")
+
+
+def _constraint_violated() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TEMPORARY TABLE unique_x (x int PRIMARY KEY)")
+        cursor.execute("INSERT INTO unique_x VALUES (1), (1)")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [(_closed_cursor_used, InterfaceError), (_constraint_violated, IntegrityError)],
+    ids=["closed-cursor", "constraint"],
+)
+def test_a_fault_of_the_code_or_of_the_statement_is_not_an_unreachable_database(fault, error):
+    """The API answers an unreachable database with a 503 and a warning (try again shortly): a
+    bug, as a cursor used once closed (psycopg's InterfaceError), stays a 500 and an error."""
+    with pytest.raises(error) as info:
+        fault()
+    assert not database_unreachable(info.value), repr(info.value.__cause__)

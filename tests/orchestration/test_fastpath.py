@@ -128,9 +128,9 @@ def test_insert_rows_stores_what_bulk_create_stores_in_list_order(builtin_agents
     # events are numbered in list order (the relay publishes in sequence order)
     stored = Event.objects.filter(workflow_id=fast.pk).order_by("sequence").values_list("entity_id", flat=True)
     assert list(stored) == [t.execution_id for t in tasks]
-    # the database's clock fills created_at; updated_at is set as by auto_now
+    # the database's clock fills created_at and updated_at (their INSERT's time)
     first = TaskExecution.objects.get(pk=tasks[0].pk)
-    assert first.created_at and first.updated_at and first.queued_at is None
+    assert first.created_at and first.updated_at == first.created_at and first.queued_at is None
     assert TaskExecution.objects.get(pk=tasks[1].pk).queued_at == now
 
 

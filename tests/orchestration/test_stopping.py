@@ -18,7 +18,7 @@ from tests.engine import ROOT
 # for a stop (the wait between two polls, and the handler of a first SIGTERM), until a pass
 # ends before its step is reached. A deadlock ends the process after 20 s, with its stack.
 A_SIGNAL_AT_EVERY_STEP = """
-import faulthandler, itertools, os, signal, sys
+import faulthandler, itertools, os, signal, sys, time
 
 from orchestration.management.stopping import StopRequest, stop_on_signals
 
@@ -26,13 +26,17 @@ faulthandler.dump_traceback_later(20, exit=True)
 
 
 def signal_at(step, wait):
+    # Whether the step was reached; a wait the signal came during ends with it, not at its
+    # timeout (one between the flag's check and the select is seen through the pipe).
     count = 0
+    sent = None
 
     def each_opcode(frame, event, arg):
-        nonlocal count
+        nonlocal count, sent
         if event == "opcode":
             count += 1
             if count == step:
+                sent = time.monotonic()
                 os.kill(os.getpid(), signal.SIGTERM)
         return each_opcode
 
@@ -43,8 +47,10 @@ def signal_at(step, wait):
     sys.settrace(calls)
     try:
         wait()
+        ended = time.monotonic()
     finally:
         sys.settrace(None)
+    assert sent is None or sent > ended or ended - sent < 0.5, (step, ended - sent)
     return count >= step
 
 
@@ -52,7 +58,7 @@ for what in ("wait", "handler"):
     for step in itertools.count(1):
         with stop_on_signals() as stop:
             if what == "wait":  # a signal while waiting between two polls
-                reached = signal_at(step, lambda: stop.wait(0.05))
+                reached = signal_at(step, lambda: stop.wait(1))
             else:  # a second signal while the first one's handler runs
                 reached = signal_at(step, lambda: os.kill(os.getpid(), signal.SIGTERM))
             if reached:

@@ -840,7 +840,7 @@ def export_runs_sweep(*, now: dt.datetime | None = None) -> ExportSweep:
 
     Times are the database's (`now`, by default its clock, and the runs' deadline_at): a sweeping
     host whose clock ran ahead recorded live runs lost. (A pending row's first updated_at is its
-    inserting host's, Django's auto_now: a skew of minutes against hours of silence.)
+    INSERT's time on the database's clock too, as is each later touch.)
     """
     now = now or database_now()
     pending_before = now - dt.timedelta(
