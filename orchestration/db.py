@@ -225,3 +225,21 @@ def prepared_cursor(connection: Any) -> Iterator[psycopg.Cursor]:
                 raw.close()
             raise
 
+
+def lock_timeout_operation(seconds: int | None) -> Any:
+    """A migration operation (RunPython) setting, on PostgreSQL, how long each later statement
+    of the migration's session waits for a table lock (None: back to the server's default).
+
+    For a migration that is not atomic and takes a table's ACCESS EXCLUSIVE lock for a moment
+    (ALTER ... SET DEFAULT): each statement then locks its own table only, and one that finds
+    the table held (an export reading it for an hour) fails after `seconds`, naming the lock,
+    instead of queueing every other reader and writer of the table behind it meanwhile. The
+    migration is run again at a quieter moment; the statements already done are harmless to
+    repeat."""
+    from django.db import migrations
+
+    def apply(apps: Any, schema_editor: Any) -> None:
+        if schema_editor.connection.vendor == "postgresql":
+            schema_editor.execute("RESET lock_timeout" if seconds is None else f"SET lock_timeout = '{int(seconds)}s'")
+
+    return migrations.RunPython(apply, apply, elidable=True)

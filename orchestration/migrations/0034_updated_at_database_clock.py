@@ -4,14 +4,21 @@ import django.db.models.functions.datetime
 from django.db import migrations
 
 import orchestration.models.base
+from orchestration.db import lock_timeout_operation
 
 
 class Migration(migrations.Migration):
+    # A default on each table, each in its own transaction, each waiting at most 10 s for its
+    # table's lock (see lock_timeout_operation): not one transaction holding every table while
+    # it waits for the last.
+    atomic = False
+
     dependencies = [
         ("orchestration", "0033_task_executions_workflow_created_index"),
     ]
 
     operations = [
+        lock_timeout_operation(10),
         migrations.AlterField(
             model_name="agent",
             name="updated_at",
@@ -47,4 +54,5 @@ class Migration(migrations.Migration):
                 blank=True, db_default=django.db.models.functions.datetime.Now(), editable=False
             ),
         ),
+        lock_timeout_operation(None),
     ]

@@ -4,14 +4,21 @@ import django.db.models.functions.datetime
 from django.db import migrations
 
 import orchestration.models.base
+from orchestration.db import lock_timeout_operation
 
 
 class Migration(migrations.Migration):
+    # A default on each table, each in its own transaction, each waiting at most 10 s for its
+    # table's lock (see lock_timeout_operation): not one transaction holding every table while
+    # it waits for the last.
+    atomic = False
+
     dependencies = [
         ("training_export", "0006_export_runs_one_pending_per_window"),
     ]
 
     operations = [
+        lock_timeout_operation(10),
         migrations.AlterField(
             model_name="exportrun",
             name="updated_at",
@@ -19,4 +26,5 @@ class Migration(migrations.Migration):
                 blank=True, db_default=django.db.models.functions.datetime.Now(), editable=False
             ),
         ),
+        lock_timeout_operation(None),
     ]

@@ -1,0 +1,93 @@
+"""Migration 0034 (updated_at's database default) on a database in use: each table's ALTER is
+its own transaction and waits at most 10 s for its table's lock. In one transaction, the
+migration took agents, api_keys and task_attempts and held them while it waited for
+task_executions, which an export was reading: every API request's key check waited with it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from tests.engine import ROOT, database_url, output_of, wait_for
+from tests.pg import other_connection
+
+pytestmark = pytest.mark.django_db
+
+DEFAULTS = """
+SELECT c.relname FROM pg_attrdef d
+JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum AND a.attname = 'updated_at'
+JOIN pg_class c ON c.oid = d.adrelid ORDER BY 1
+"""
+
+
+@pytest.fixture
+def database_at_0033() -> Iterator[tuple[str, dict[str, str]]]:
+    """A database of its own, migrated to 0033 by manage.py."""
+    name = f"{connection.settings_dict['NAME']}_0034"
+    url = f"{database_url().rsplit('/', 1)[0]}/{name}"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DATABASE_URL": url}
+    env["REDIS_URL"] = settings.REDIS_URL
+    with other_connection() as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        migrated = manage(env, "migrate", "orchestration", "0033", "--no-input")
+        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+        yield url.replace("postgres://", "postgresql://"), env
+    finally:
+        with other_connection() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_the_migration_holds_no_other_table_while_it_waits_for_one_and_gives_up_after_its_lock_timeout(
+    database_at_0033: tuple[str, dict[str, str]],
+) -> None:
+    url, env = database_at_0033
+    with psycopg.connect(url) as export, psycopg.connect(url, autocommit=True) as test:
+        # An export's snapshot: task_executions read, the transaction open.
+        export.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        export.execute("SELECT count(*) FROM task_executions").fetchone()
+        run = subprocess.Popen(
+            [sys.executable, "manage.py", "migrate", "orchestration", "0034", "--no-input"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            wait_for(
+                lambda: test.execute(
+                    "SELECT 1 FROM pg_locks WHERE relation = 'task_executions'::regclass AND NOT granted"
+                ).fetchone(),
+                timeout=120,
+                what="the migration to wait for task_executions",
+            )
+            with psycopg.connect(url, autocommit=True) as api:  # a key check, meanwhile
+                api.execute("SET lock_timeout = '2s'")
+                assert api.execute("SELECT count(*) FROM api_keys").fetchone() == (0,)
+                assert api.execute("SELECT count(*) FROM agents").fetchone() == (0,)
+            output = output_of(run, timeout=60)  # gives up after its 10 s
+        finally:
+            run.kill()
+            export.rollback()
+        assert run.returncode != 0, output
+        assert "lock timeout" in output, output
+        # Run again once the export is over: done, the tables before it not altered twice.
+        again = manage(env, "migrate", "orchestration", "0034", "--no-input")
+        assert again.returncode == 0, again.stdout + again.stderr
+        altered = [name for (name,) in test.execute(DEFAULTS).fetchall()]
+        assert altered == ["agents", "api_keys", "task_attempts", "task_executions", "workflows"]
