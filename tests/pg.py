@@ -3,7 +3,14 @@ kill a backend, alter a table, hold a transaction open)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
 import psycopg
+from django.conf import settings
 from django.db import connection
 
 
@@ -11,4 +18,35 @@ def other_connection() -> psycopg.Connection:
     s = connection.settings_dict
     return psycopg.connect(
         host=s["HOST"] or "127.0.0.1", port=s["PORT"] or 5432, user=s["USER"], dbname=s["NAME"], autocommit=True
+    )
+
+
+@contextlib.contextmanager
+def database_migrated_to(app: str, migration: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """A database of its own (dropped after), migrated to `app`'s `migration` by manage.py:
+    its URL for psycopg and the environment for manage.py commands on it."""
+    from tests.engine import database_url
+
+    name = f"{connection.settings_dict['NAME']}_{app}_{migration}"
+    url = f"{database_url().rsplit('/', 1)[0]}/{name}"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DATABASE_URL": url}
+    env["REDIS_URL"] = settings.REDIS_URL
+    with other_connection() as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        migrated = manage(env, "migrate", app, migration, "--no-input")
+        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+        yield url.replace("postgres://", "postgresql://"), env
+    finally:
+        with other_connection() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`manage.py` with `args`, in `env`; its result, output captured."""
+    from tests.engine import ROOT
+
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )

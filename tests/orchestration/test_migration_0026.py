@@ -6,7 +6,6 @@ the backfill is run again."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,11 +13,9 @@ from decimal import Decimal
 
 import psycopg
 import pytest
-from django.conf import settings
-from django.db import connection
 
-from tests.engine import ROOT, database_url, output_of, wait_for
-from tests.pg import other_connection
+from tests.engine import ROOT, output_of, wait_for
+from tests.pg import database_migrated_to, manage
 
 pytestmark = pytest.mark.django_db
 
@@ -65,28 +62,10 @@ CREATE TRIGGER probe_backfill_gate BEFORE UPDATE ON workflows
 @pytest.fixture
 def database_at_0025() -> Iterator[tuple[str, dict[str, str]]]:
     """A database of its own, migrated to 0025 by manage.py, holding ROWS_AT_0025."""
-    name = f"{connection.settings_dict['NAME']}_0026"
-    url = f"{database_url().rsplit('/', 1)[0]}/{name}"
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DATABASE_URL": url}
-    env["REDIS_URL"] = settings.REDIS_URL
-    with other_connection() as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        migrated = manage(env, "migrate", "orchestration", "0025", "--no-input")
-        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
-        with psycopg.connect(url.replace("postgres://", "postgresql://"), autocommit=True) as db:
+    with database_migrated_to("orchestration", "0025") as (url, env):
+        with psycopg.connect(url, autocommit=True) as db:
             db.execute(ROWS_AT_0025)
-        yield url.replace("postgres://", "postgresql://"), env
-    finally:
-        with other_connection() as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+        yield url, env
 
 
 def test_the_backfill_lets_workflows_be_read_and_a_stopped_run_is_run_again(

@@ -5,18 +5,15 @@ task_executions, which an export was reading: every API request's key check wait
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import psycopg
 import pytest
-from django.conf import settings
-from django.db import connection
 
-from tests.engine import ROOT, database_url, output_of, wait_for
-from tests.pg import other_connection
+from tests.engine import ROOT, output_of, wait_for
+from tests.pg import database_migrated_to, manage
 
 pytestmark = pytest.mark.django_db
 
@@ -29,27 +26,8 @@ JOIN pg_class c ON c.oid = d.adrelid ORDER BY 1
 
 @pytest.fixture
 def database_at_0033() -> Iterator[tuple[str, dict[str, str]]]:
-    """A database of its own, migrated to 0033 by manage.py."""
-    name = f"{connection.settings_dict['NAME']}_0034"
-    url = f"{database_url().rsplit('/', 1)[0]}/{name}"
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DATABASE_URL": url}
-    env["REDIS_URL"] = settings.REDIS_URL
-    with other_connection() as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        migrated = manage(env, "migrate", "orchestration", "0033", "--no-input")
-        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
-        yield url.replace("postgres://", "postgresql://"), env
-    finally:
-        with other_connection() as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    with database_migrated_to("orchestration", "0033") as database:
+        yield database
 
 
 def test_the_migration_holds_no_other_table_while_it_waits_for_one_and_gives_up_after_its_lock_timeout(
