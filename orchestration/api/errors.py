@@ -204,15 +204,39 @@ def statement_cancelled(exc: BaseException) -> bool:
     return isinstance(exc, DatabaseError) and isinstance(exc.__cause__, psycopg.errors.QueryCanceled)
 
 
-def _unreachable_detail(method: str | None) -> str:
+def _unreachable_detail(method: str | None, *, api: bool = True) -> str:
     """What a request that lost the database was told: a read changed nothing; a write may have
     committed before the connection was lost (as for a cancelled statement)."""
     if method in SAFE_METHODS:
         return "The database is not answering (nothing was changed); try again shortly."
+    if not api:
+        return (
+            "The database is not answering; what this form changed before the connection was lost may have been "
+            "saved: look at the page again before sending the form again."
+        )
     return (
         "The database is not answering; what this request changed before the connection was lost may have been "
         "saved: read the resource before sending it again (or send it again with the same Idempotency-Key)."
     )
+
+
+def database_unreachable_response(request: HttpRequest, exc: BaseException) -> HttpResponse:
+    """The 503 for a request, outside DRF's views (the console, a middleware), that lost the
+    database or could not reach it: a problem document under /api/, a page elsewhere; a read
+    is invited to try again."""
+    logger.warning("the database could not be reached in %s: %s", request.path, exc)
+    detail = _unreachable_detail(request.method, api=_is_api(request))
+    if _is_api(request):
+        response: HttpResponse = _plain_problem(request, 503, detail, "unavailable")
+    else:
+        response = HttpResponse(
+            "<!doctype html>\n<title>Service unavailable (503)</title>\n<h1>Service unavailable (503)</h1>\n"
+            f"<p>{escape(detail)}</p>\n",
+            status=503,
+        )
+    if request.method in SAFE_METHODS:
+        response["Retry-After"] = "5"
+    return response
 
 
 def _is_api(request: HttpRequest) -> bool:
@@ -324,13 +348,13 @@ def permission_denied(request: HttpRequest, exception: Exception | None = None) 
 def server_error(request: HttpRequest) -> HttpResponse:
     """handler500: a problem document under /api/, Django's page elsewhere; a 503 saying so
     when the error is a statement PostgreSQL cancelled outside any view (a middleware's, such
-    as the session's save), where neither DRF nor StatementCancelledMiddleware sees it."""
+    as the session's save), where neither DRF nor StatementCancelledMiddleware sees it, or a
+    database that could not be reached (a console page, a middleware's session read)."""
     exc = sys.exc_info()[1]
     if exc is not None and statement_cancelled(exc):
         return statement_cancelled_response(request, exc)
-    if exc is not None and database_unreachable(exc) and _is_api(request):
-        logger.warning("the database could not be reached in %s: %s", request.path, exc)
-        return _plain_problem(request, 503, _unreachable_detail(request.method), "unavailable")
+    if exc is not None and database_unreachable(exc):
+        return database_unreachable_response(request, exc)
     if _is_api(request):
         return _plain_problem(request, 500, "The server failed to handle this request.", "server_error")
     return defaults.server_error(request)

@@ -20,6 +20,7 @@ from orchestration.api.errors import problem_exception_handler
 from orchestration.models import Workflow
 from tests.api.conftest import SPEC
 from tests.engine import database_url
+from tests.factories import UserFactory
 
 
 @pytest.mark.parametrize(
@@ -275,3 +276,17 @@ def test_a_request_while_the_database_is_away_is_a_503_problem_not_a_500(databas
     assert posted.status_code == 503, posted.content
     assert "may have been saved" in posted.json()["detail"]  # a write cannot promise that
     assert "the database could not be reached in /api/v1/workflows/" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["refused", "terminated"])
+def test_a_console_page_while_the_database_is_away_is_a_503_page_not_a_500(database_away, how, caplog):
+    """The API's fix first covered /api/ alone: a console page answered Django's 500 page, and
+    a traceback was logged as an internal server error."""
+    client = Client(raise_request_exception=False)
+    client.force_login(UserFactory(is_staff=True, is_superuser=True))
+    database_away(how)
+    page = client.get("/admin/orchestration/workflow/")
+    assert page.status_code == 503, page.content[:500]
+    assert b"The database is not answering (nothing was changed); try again shortly." in page.content
+    assert page["Retry-After"] == "5"
+    assert "the database could not be reached in /admin/orchestration/workflow/" in caplog.text
