@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import redis
 from celery import shared_task
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connections
+from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
+from orchestration.db import database_unreachable
 from orchestration.services.execution import attempt_run
 from orchestration.workers import current_process
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def skipped_while_away(task: str) -> Iterator[None]:
+    """For the beat's every-few-seconds tasks: while PostgreSQL or Redis is away (restarting,
+    failing over), a run ends with one warning line and the next one tries again, instead of a
+    failure and its traceback every few seconds burying whatever else the log says (`/readyz`
+    and the relay-lag gauges say the outage). Any other error fails the run as before."""
+    try:
+        yield
+    except DatabaseError as exc:
+        if not database_unreachable(exc):
+            raise
+        for connection in connections.all(initialized_only=True):
+            connection.close()
+        logger.warning("%s skipped: the database is not answering (%s)", task, str(exc).strip().splitlines()[0])
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        logger.warning("%s skipped: Redis is not answering (%s)", task, exc)
 
 
 @shared_task(
@@ -49,16 +75,18 @@ def reap_stale_tasks() -> dict[str, int]:
     from observability.attempts import attempts_reaped
     from orchestration.services.reaper import attempts_reap, queued_sweep
 
-    result = attempts_reap()
-    attempts_reaped(attempt_ids=[*result.timed_out, *result.lost])
-    resent = queued_sweep()
-    return {
-        "timed_out": len(result.timed_out),
-        "lost": len(result.lost),
-        "workflows_failed": len(result.workflows_failed),
-        "queue_timed_out": len(result.queue_timed_out),
-        "resent": len(resent),
-    }
+    with skipped_while_away("reap_stale_tasks"):
+        result = attempts_reap()
+        attempts_reaped(attempt_ids=[*result.timed_out, *result.lost])
+        resent = queued_sweep()
+        return {
+            "timed_out": len(result.timed_out),
+            "lost": len(result.lost),
+            "workflows_failed": len(result.workflows_failed),
+            "queue_timed_out": len(result.queue_timed_out),
+            "resent": len(resent),
+        }
+    return {}
 
 
 @shared_task(name="orchestration.relay_events", acks_late=False, ignore_result=True)
@@ -71,7 +99,9 @@ def relay_events() -> int:
 
     if not settings.REDIS_URL:
         return 0
-    return events_relay().published
+    with skipped_while_away("relay_events"):
+        return events_relay().published
+    return 0
 
 
 @shared_task(name="orchestration.rollup_metrics", acks_late=False, ignore_result=True, time_limit=1800)
