@@ -225,18 +225,7 @@ def database_unreachable_response(request: HttpRequest, exc: BaseException) -> H
     database or could not reach it: a problem document under /api/, a page elsewhere; a read
     is invited to try again."""
     logger.warning("the database could not be reached in %s: %s", request.path, exc)
-    detail = _unreachable_detail(request.method, api=_is_api(request))
-    if _is_api(request):
-        response: HttpResponse = _plain_problem(request, 503, detail, "unavailable")
-    else:
-        response = HttpResponse(
-            "<!doctype html>\n<title>Service unavailable (503)</title>\n<h1>Service unavailable (503)</h1>\n"
-            f"<p>{escape(detail)}</p>\n",
-            status=503,
-        )
-    if request.method in SAFE_METHODS:
-        response["Retry-After"] = "5"
-    return response
+    return _unavailable(request, _unreachable_detail(request.method, api=_is_api(request)))
 
 
 def _is_api(request: HttpRequest) -> bool:
@@ -276,7 +265,12 @@ def statement_cancelled_response(request: HttpRequest, exc: BaseException) -> Ht
     cancelled (DRF's views answer through problem_exception_handler): a problem document
     under /api/, a page elsewhere. A read may be tried again; a write is not invited to."""
     logger.warning("a database statement was cancelled in %s: %s", request.path, exc)
-    detail = _cancelled_detail(request.method, api=_is_api(request))
+    return _unavailable(request, _cancelled_detail(request.method, api=_is_api(request)))
+
+
+def _unavailable(request: HttpRequest, detail: str) -> HttpResponse:
+    """A 503 saying `detail`: a problem document under /api/, a page elsewhere; a read is
+    invited to try again in a few seconds."""
     if _is_api(request):
         response: HttpResponse = _plain_problem(request, 503, detail, "unavailable")
     else:
