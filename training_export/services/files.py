@@ -42,18 +42,30 @@ def makedirs_durable(directory: Path) -> None:
         fsync_dir(path.parent)
 
 
+def naming(exc: OSError, path: Path) -> OSError:
+    """`exc` with the path it failed on, when it names none (os.write, a flush and fsync report
+    only the cause: "[Errno 28] No space left on device"), so that the error says which file."""
+    if exc.filename is not None or exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror, str(path))
+
+
 @dataclass
 class HashingWriter:
-    """Counts and hashes what is written through it."""
+    """Counts and hashes what is written through it; `path` is named in its errors."""
 
     fh: BinaryIO
     bytes: int = 0
+    path: Path | None = None
 
     def __post_init__(self) -> None:
         self._sha256 = hashlib.sha256()
 
     def write(self, data: bytes) -> None:
-        self.fh.write(data)
+        try:
+            self.fh.write(data)
+        except OSError as exc:
+            raise naming(exc, self.path or Path(self.fh.name)) from exc
         self._sha256.update(data)
         self.bytes += len(data)
 
@@ -90,11 +102,14 @@ def staged_writer(path: Path, *, buffering: int = 1024 * 1024) -> Iterator[tuple
     fh = open(temp, "wb", buffering=buffering)  # noqa: SIM115 - closed below
     out: list[Staged] = []
     try:
-        writer = HashingWriter(fh)
+        writer = HashingWriter(fh, path=path)
         yield writer, out
-        fh.flush()
-        os.fsync(fh.fileno())
-        fh.close()
+        try:
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+        except OSError as exc:
+            raise naming(exc, path) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             fh.close()  # may fail again (the flush of a full disk): the file is removed anyway

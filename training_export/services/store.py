@@ -42,7 +42,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from orchestration.ids import new_id
-from training_export.services.files import fsync_dir, makedirs_durable
+from training_export.services.files import fsync_dir, makedirs_durable, naming
 from training_export.services.redaction import Redactor, current_redactor
 
 logger = logging.getLogger(__name__)
@@ -501,6 +501,8 @@ class TrainingDataStore:
                         )
                 elif isinstance(exc, OSError):
                     logger.error("%s: %s", path, exc)  # an fsync of rows found in the file, say
+                if isinstance(exc, OSError):
+                    raise naming(exc, path) from exc
                 raise
             finally:
                 os.close(fd)  # also releases the flock

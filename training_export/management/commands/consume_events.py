@@ -1,10 +1,11 @@
+import contextlib
 import ctypes
 import gc
 import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -38,6 +39,16 @@ def ask_for_sigterm_when_parent_dies() -> None:
         prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+@contextlib.contextmanager
+def _files_writable() -> Iterator[None]:
+    """A file the consumer cannot write (a full disk, a read-only volume) stops it with one line
+    naming the file and the cause; what it wrote and did not acknowledge is read again on restart."""
+    try:
+        yield
+    except OSError as exc:
+        raise CommandError(f"cannot write the training data: {exc}") from exc
 
 
 class Command(DatabaseCommand):
@@ -209,7 +220,7 @@ class Command(DatabaseCommand):
                 return stop.is_set() or also_stop_if()
 
             # What was written and not acknowledged is read again by name on restart.
-            with synapse_reachable():
+            with synapse_reachable(), _files_writable():
                 if options["once"]:
                     total = consumer.run(once=True, should_stop=should_stop, on_batch=on_batch)
                 else:
