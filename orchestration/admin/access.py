@@ -337,6 +337,12 @@ SPEND_WINDOWS = (("last 24 hours", dt.timedelta(hours=24)), ("last 30 days", dt.
 SPEND_PERMISSIONS = ("orchestration.view_workflow", "orchestration.view_taskexecution")
 
 
+def _within_rights_of(user: Any, permissions: QuerySet[Permission]) -> bool:
+    """Whether `user` holds every one of `permissions`."""
+    rights = permissions.values_list("content_type__app_label", "codename")
+    return {f"{app}.{codename}" for app, codename in rights} <= user.get_all_permissions()
+
+
 def _may_manage(user: Any, account: Any) -> bool:
     """Whether `user` may change or delete `account`: it holds no right `user` lacks, counted
     from its permissions and groups whether it is active or not (reactivating an account is
@@ -345,10 +351,12 @@ def _may_manage(user: Any, account: Any) -> bool:
         return True
     if account.is_superuser:
         return False
-    rights = Permission.objects.filter(Q(user=account) | Q(group__user=account)).values_list(
-        "content_type__app_label", "codename"
-    )
-    return {f"{app}.{codename}" for app, codename in rights} <= user.get_all_permissions()
+    return _within_rights_of(user, Permission.objects.filter(Q(user=account) | Q(group__user=account)))
+
+
+def _may_manage_group(user: Any, group: Group) -> bool:
+    """Whether `user` may change or delete `group`: it holds no right `user` lacks."""
+    return user.is_superuser or _within_rights_of(user, group.permissions.all())
 
 
 def _permission_name(permission: Any) -> str:
@@ -356,7 +364,30 @@ def _permission_name(permission: Any) -> str:
     return f"{permission.content_type.app_label}.{permission.codename}"
 
 
-class UserAdmin(CheckedFiltersMixin, DjangoUserAdmin):
+def _held_only(permissions: QuerySet[Permission], held: set[str]) -> QuerySet[Permission]:
+    """The permissions of `permissions` named in `held`: what a form offers a staff user to grant."""
+    return permissions.filter(
+        pk__in=[p.pk for p in permissions.select_related("content_type") if _permission_name(p) in held]
+    )
+
+
+class WithinOwnRightsMixin:
+    """Managing accounts or groups is no way to more rights than one's own: an object holding a
+    right the staff user lacks is read-only to them and cannot be deleted (`may_manage`)."""
+
+    def may_manage(self, user: Any, obj: Any) -> bool:
+        raise NotImplementedError
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        allowed = super().has_change_permission(request, obj)  # type: ignore[misc]
+        return allowed and (obj is None or self.may_manage(request.user, obj))
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        allowed = super().has_delete_permission(request, obj)  # type: ignore[misc]
+        return allowed and (obj is None or self.may_manage(request.user, obj))
+
+
+class UserAdmin(CheckedFiltersMixin, WithinOwnRightsMixin, DjangoUserAdmin):
     """Django's user admin, with what the user's work cost beside it (DESIGN §4's wasted
     spend per user; the API's `me/spend`)."""
 
@@ -377,13 +408,8 @@ class UserAdmin(CheckedFiltersMixin, DjangoUserAdmin):
         fields = super().get_readonly_fields(request, obj)
         return fields if request.user.is_superuser else (*fields, "is_superuser")
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        allowed = super().has_change_permission(request, obj)
-        return allowed and (obj is None or _may_manage(request.user, obj))
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        allowed = super().has_delete_permission(request, obj)
-        return allowed and (obj is None or _may_manage(request.user, obj))
+    def may_manage(self, user: Any, obj: Any) -> bool:
+        return _may_manage(user, obj)
 
     def formfield_for_manytomany(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
         field = super().formfield_for_manytomany(db_field, request, **kwargs)
@@ -391,9 +417,7 @@ class UserAdmin(CheckedFiltersMixin, DjangoUserAdmin):
             return field
         held = request.user.get_all_permissions()
         if db_field.name == "user_permissions":
-            field.queryset = field.queryset.filter(
-                pk__in=[p.pk for p in field.queryset.select_related("content_type") if _permission_name(p) in held]
-            )
+            field.queryset = _held_only(field.queryset, held)
         elif db_field.name == "groups":
             field.queryset = field.queryset.filter(
                 pk__in=[
@@ -450,36 +474,21 @@ class UserAdmin(CheckedFiltersMixin, DjangoUserAdmin):
         )
 
 
-class GroupAdmin(CheckedFiltersMixin, DjangoGroupAdmin):
+class GroupAdmin(CheckedFiltersMixin, WithinOwnRightsMixin, DjangoGroupAdmin):
     """Django's group admin under the user admin's rule: a staff user who is not a superuser
     grants a group only permissions they hold, and may change or delete only groups holding no
     right they lack (others are read-only). Django's own lets anyone who may change groups
     tick every permission on a group they belong to (a role's group, say), and have them."""
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        allowed = super().has_change_permission(request, obj)
-        return allowed and (obj is None or _may_manage_group(request.user, obj))
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        allowed = super().has_delete_permission(request, obj)
-        return allowed and (obj is None or _may_manage_group(request.user, obj))
+    def may_manage(self, user: Any, obj: Any) -> bool:
+        return _may_manage_group(user, obj)
 
     def formfield_for_manytomany(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
         field = super().formfield_for_manytomany(db_field, request, **kwargs)
         if request.user.is_superuser or field is None or db_field.name != "permissions":
             return field
-        held = request.user.get_all_permissions()
-        field.queryset = field.queryset.filter(
-            pk__in=[p.pk for p in field.queryset.select_related("content_type") if _permission_name(p) in held]
-        )
+        field.queryset = _held_only(field.queryset, request.user.get_all_permissions())
         return field
-
-
-def _may_manage_group(user: Any, group: Group) -> bool:
-    if user.is_superuser:
-        return True
-    rights = {_permission_name(p) for p in group.permissions.select_related("content_type")}
-    return rights <= user.get_all_permissions()
 
 
 User = get_user_model()
