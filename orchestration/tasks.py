@@ -29,8 +29,7 @@ def skipped_while_away(task: str) -> Iterator[None]:
     except DatabaseError as exc:
         if not database_unreachable(exc):
             raise
-        for connection in connections.all(initialized_only=True):
-            connection.close()
+        connections.close_all()
         logger.warning("%s skipped: the database is not answering (%s)", task, str(exc).strip().splitlines()[0])
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         logger.warning("%s skipped: Redis is not answering (%s)", task, exc)
@@ -62,8 +61,7 @@ def run_task(self, execution_id: str) -> str:
             process=current_process(),
         ).value
     except (InterfaceError, OperationalError) as exc:
-        for connection in connections.all(initialized_only=True):
-            connection.close()
+        connections.close_all()
         cap = settings.TASK_CONNECTION_RETRY_MAX_COUNTDOWN_SECONDS  # the visibility timeout covers it
         raise self.retry(exc=exc, countdown=min(2 ** min(self.request.retries, 5), cap)) from exc
 
