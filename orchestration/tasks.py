@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterator
 
 import redis
-from celery import shared_task
+from celery import Task, shared_task
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
@@ -18,21 +18,56 @@ from orchestration.workers import current_process
 logger = logging.getLogger(__name__)
 
 
+# An hourly or daily run that met PostgreSQL or Redis away is tried again this much later (it
+# would otherwise wait for the next hour or night), at most this many times before it fails.
+AWAY_RETRY_COUNTDOWN_SECONDS = 60
+AWAY_MAX_RETRIES = 30
+
+
+def _away(exc: BaseException) -> str | None:
+    """What is away, if `exc` says PostgreSQL or Redis is not answering (down, restarting,
+    failing over); None for any other error (a fault of the statement or of the code)."""
+    if isinstance(exc, DatabaseError):
+        if not database_unreachable(exc):
+            return None
+        connections.close_all()
+        return f"the database is not answering ({str(exc).strip().splitlines()[0]})"
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return f"Redis is not answering ({exc})"
+    return None
+
+
 @contextlib.contextmanager
 def skipped_while_away(task: str) -> Iterator[None]:
-    """For the beat's every-few-seconds tasks: while PostgreSQL or Redis is away (restarting,
-    failing over), a run ends with one warning line and the next one tries again, instead of a
-    failure and its traceback every few seconds burying whatever else the log says (`/readyz`
-    and the relay-lag gauges say the outage). Any other error fails the run as before."""
+    """For the beat's frequent tasks (relay and reaper every few seconds, the export sweep every
+    minute) and the daily retention, whose next run does the same work: while PostgreSQL or
+    Redis is away (restarting, failing over), a run ends with one warning line and the next one
+    tries again, instead of a failure and its traceback every few seconds burying whatever else
+    the log says (`/readyz` and the relay-lag gauges say the outage). Any other error fails the
+    run as before."""
     try:
         yield
-    except DatabaseError as exc:
-        if not database_unreachable(exc):
+    except (DatabaseError, redis.ConnectionError, redis.TimeoutError) as exc:
+        what = _away(exc)
+        if what is None:
             raise
-        connections.close_all()
-        logger.warning("%s skipped: the database is not answering (%s)", task, str(exc).strip().splitlines()[0])
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        logger.warning("%s skipped: Redis is not answering (%s)", task, exc)
+        logger.warning("%s skipped: %s", task, what)
+
+
+@contextlib.contextmanager
+def retried_while_away(task: Task) -> Iterator[None]:
+    """For the hourly rollup and the daily export, which would otherwise wait an hour or a
+    night: while PostgreSQL or Redis is away, the run is sent again AWAY_RETRY_COUNTDOWN_SECONDS
+    later, with one warning line; once AWAY_MAX_RETRIES are spent (or the retry cannot be sent:
+    Redis away) it fails, with its error. Any other error fails the run as before."""
+    try:
+        yield
+    except (DatabaseError, redis.ConnectionError, redis.TimeoutError) as exc:
+        what = _away(exc)
+        if what is None or task.request.retries >= AWAY_MAX_RETRIES:
+            raise
+        logger.warning("%s tried again in %d s: %s", task.name, AWAY_RETRY_COUNTDOWN_SECONDS, what)
+        raise task.retry(exc=exc, countdown=AWAY_RETRY_COUNTDOWN_SECONDS, max_retries=AWAY_MAX_RETRIES) from exc
 
 
 @shared_task(
@@ -102,8 +137,8 @@ def relay_events() -> int:
     return 0
 
 
-@shared_task(name="orchestration.rollup_metrics", acks_late=False, ignore_result=True, time_limit=1800)
-def rollup_metrics(period: str = "hour", period_start: str | None = None) -> dict[str, int]:
+@shared_task(name="orchestration.rollup_metrics", bind=True, acks_late=False, ignore_result=True, time_limit=1800)
+def rollup_metrics(self, period: str = "hour", period_start: str | None = None) -> dict[str, int]:
     """Roll up the last complete hour or day, or the one starting at `period_start` (ISO 8601,
     for backfills), into agent_metrics (and agents, workflow totals)."""
     import datetime as dt
@@ -111,10 +146,11 @@ def rollup_metrics(period: str = "hour", period_start: str | None = None) -> dic
     from observability.influx import rollup_points_write
     from orchestration.services.rollup import metrics_rollup, rollup_previous
 
-    if period_start is None:
-        result = rollup_previous(period=period)
-    else:
-        result = metrics_rollup(period=period, period_start=dt.datetime.fromisoformat(period_start))
+    with retried_while_away(self):
+        if period_start is None:
+            result = rollup_previous(period=period)
+        else:
+            result = metrics_rollup(period=period, period_start=dt.datetime.fromisoformat(period_start))
     for start in [*result.caught_up, result.period_start]:
         rollup_points_write(period=result.period, period_start=start)
     return {
@@ -126,7 +162,10 @@ def rollup_metrics(period: str = "hour", period_start: str | None = None) -> dic
 
 @shared_task(name="orchestration.apply_retention", acks_late=False, ignore_result=True, time_limit=3600)
 def apply_retention() -> dict[str, int]:
-    """Delete rows older than each table's RETENTION_DAYS_* setting."""
+    """Delete rows older than each table's RETENTION_DAYS_* setting (a run that meets the
+    database away is skipped: the next night's deletes the same rows)."""
     from orchestration.services.retention import retention_apply
 
-    return retention_apply().deleted
+    with skipped_while_away("apply_retention"):
+        return retention_apply().deleted
+    return {}

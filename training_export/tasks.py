@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from orchestration.tasks import retried_while_away, skipped_while_away
 from training_export.services.export import (
     EXPORT_RETRY_COUNTDOWN_SECONDS,
     EXPORT_TIME_LIMIT_SECONDS,
@@ -29,11 +30,13 @@ from training_export.services.export import (
 def export_previous_day_task(self) -> list[int]:
     """Export every data type for the previous UTC day and the days missed before it (the
     daily beat entry). A window still held open by a long transaction is retried later; after
-    the last retry its exports are recorded failed, and the next night exports the day."""
+    the last retry its exports are recorded failed, and the next night exports the day. A run
+    that meets PostgreSQL or Redis away is tried again a minute later (`retried_while_away`)."""
     try:
-        runs = export_previous_day(
-            time_limit_seconds=EXPORT_TIME_LIMIT_SECONDS, final_try=self.request.retries >= self.max_retries
-        )
+        with retried_while_away(self):
+            runs = export_previous_day(
+                time_limit_seconds=EXPORT_TIME_LIMIT_SECONDS, final_try=self.request.retries >= self.max_retries
+            )
         return [run.pk for run in runs]
     except WindowNotClosed as exc:
         raise self.retry(exc=exc, countdown=EXPORT_RETRY_COUNTDOWN_SECONDS) from exc
@@ -63,6 +66,9 @@ def export_run_task(self, run_id: int) -> int:
 
 @shared_task(name="training_export.sweep_export_runs", acks_late=False, ignore_result=True, time_limit=300)
 def sweep_export_runs() -> dict[str, int]:
-    """Queue again pending exports whose message was lost; record running ones past their limit lost."""
-    result = export_runs_sweep()
-    return {"requeued": len(result.requeued), "lost": len(result.lost)}
+    """Queue again pending exports whose message was lost; record running ones past their limit
+    lost (skipped, with one warning line, while PostgreSQL or Redis is away)."""
+    with skipped_while_away("sweep_export_runs"):
+        result = export_runs_sweep()
+        return {"requeued": len(result.requeued), "lost": len(result.lost)}
+    return {}

@@ -63,3 +63,58 @@ def test_another_database_error_still_fails_the_run():
                 relay_events.run()
         finally:
             connection.close()  # its session's timeout with it
+
+
+def test_the_daily_retention_and_the_export_sweep_skip_a_run_while_the_database_is_away(database_away, caplog):
+    from orchestration.tasks import apply_retention
+    from training_export.tasks import sweep_export_runs
+
+    caplog.set_level(logging.WARNING, logger="orchestration.tasks")
+    assert apply_retention.run() == {}
+    assert sweep_export_runs.run() == {}
+    said = [r.getMessage() for r in caplog.records if r.name == "orchestration.tasks"]
+    assert [m.split(":")[0] for m in said] == ["apply_retention skipped", "sweep_export_runs skipped"]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "task_path", ["orchestration.tasks.rollup_metrics", "training_export.tasks.export_previous_day_task"]
+)
+def test_the_hourly_rollup_and_the_daily_export_are_tried_again_while_the_database_is_away(
+    database_away, caplog, task_path
+):
+    """They would otherwise wait for the next hour or night: each try that finds the database away
+    is sent again a minute later (run at once here: Celery runs an eager task's retries in place),
+    with one warning line, until AWAY_MAX_RETRIES are spent; then the run fails with its error."""
+    from django.db import OperationalError
+    from django.utils.module_loading import import_string
+
+    from orchestration.tasks import AWAY_MAX_RETRIES, AWAY_RETRY_COUNTDOWN_SECONDS
+
+    task = import_string(task_path)
+    caplog.set_level(logging.WARNING, logger="orchestration.tasks")
+    result = task.apply()
+    assert result.failed() and isinstance(result.result, OperationalError), result.result
+    said = [r.getMessage() for r in caplog.records if r.name == "orchestration.tasks"]
+    assert len(said) == AWAY_MAX_RETRIES, said
+    assert all(
+        m.startswith(f"{task.name} tried again in {AWAY_RETRY_COUNTDOWN_SECONDS} s: the database is not answering")
+        for m in said
+    ), said[0]
+
+
+def test_another_database_error_fails_the_rollup_without_a_retry(caplog):
+    from django.db import OperationalError
+
+    from orchestration.tasks import rollup_metrics
+
+    with other_connection() as other, other.transaction():
+        other.execute("LOCK TABLE agent_metrics IN ACCESS EXCLUSIVE MODE")
+        with connection.cursor() as cursor:
+            cursor.execute("SET statement_timeout = '200ms'")
+        try:
+            with pytest.raises(OperationalError, match="statement timeout"):
+                rollup_metrics.run()
+        finally:
+            connection.close()  # its session's timeout with it
+    assert not [r for r in caplog.records if r.name == "orchestration.tasks"]
