@@ -737,3 +737,11 @@ def redact_record(record: dict[str, Any], *, columns_exempt: frozenset[str] = fr
         else:
             out[key] = redactor.value(value)
     return out
+
+
+def secrets_masked(value: Any) -> Any:
+    """A copy of `value` with only this deployment's configured secret values masked (not the
+    patterns nor the keys `redact` masks): what the API answers users about their own records,
+    which hold their own e-mail addresses and tokens as they wrote them, but never the
+    deployment's credentials."""
+    return _redactor_for((), (), configured_secret_values()).value(value)
