@@ -630,4 +630,8 @@ LOGGING = {
         }
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    # Django's DEFAULT_LOGGING gives `django` handlers of its own (a console one while DEBUG is
+    # on) before this configuration runs: its records would be printed twice, once unformatted
+    # and unmasked. Listed without handlers, it keeps its level and reaches only the root's.
+    "loggers": {"django": {"handlers": [], "propagate": True}},
 }

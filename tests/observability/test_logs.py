@@ -291,3 +291,26 @@ def test_a_quoted_credential_is_masked_up_to_its_closing_quote(capture):
     first, second = stream.getvalue().splitlines()
     assert '{"password": "***", "user": "bob"}' in first
     assert "{'api_key': '***'} token=***&page=2 secret=short" in second
+
+
+def test_every_handler_a_django_record_reaches_masks_it(settings):
+    """Django configures its own `django` logger (DEFAULT_LOGGING) before settings.LOGGING:
+    its console handler (on while DEBUG is, the local default) printed every django.request
+    line a second time, unformatted (not JSON under LOG_FORMAT=json) and unmasked (a bearer
+    key, a password). Configured as Django does it, a django.* record reaches only handlers
+    that mask."""
+    from django.utils.log import configure_logging
+
+    settings.DEBUG = True
+    try:
+        configure_logging(settings.LOGGING_CONFIG, settings.LOGGING)
+        handlers = []
+        logger: logging.Logger | None = logging.getLogger("django.request")
+        while logger is not None:
+            handlers.extend(logger.handlers)
+            logger = logger.parent if logger.propagate else None
+        assert handlers
+        for handler in handlers:
+            assert any(isinstance(f, logs.RedactFilter) for f in handler.filters), handler
+    finally:
+        logging.config.dictConfig(settings.LOGGING)
