@@ -84,7 +84,9 @@ def workflow_submit_idempotent(*, owner: Any, body: Any, header_key: str | None)
     if key is None:
         return workflow_submit(spec=body, owner=owner)
     if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isprintable():
-        raise ValidationError({HEADER: [f"must be 1 to {MAX_KEY_LENGTH} printable characters"]})
+        # Named as the request gave it: the header, or the body's field.
+        field = HEADER if header_key is not None else "idempotency_key"
+        raise ValidationError({field: [f"must be 1 to {MAX_KEY_LENGTH} printable characters"]})
     if body.get("idempotency_key") not in (None, key):
         raise ValidationError({"idempotency_key": ["differs from the Idempotency-Key header"]})
     spec = {**body, "idempotency_key": key}

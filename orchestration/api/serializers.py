@@ -68,21 +68,30 @@ def _type_problem(field: serializers.Field, value: Any) -> str | None:
 class StrictFieldsMixin:
     """JSON bodies are taken as typed: fields the serializer does not accept (server-owned
     ones included) are refused instead of silently dropped, so a client learns that its
-    `status` was not applied, and values of the wrong JSON type are refused, not coerced."""
+    `status` was not applied, and values of the wrong JSON type are refused, not coerced. The
+    other fields are still checked, so one answer names every field that is wrong."""
 
     def to_internal_value(self, data: Any) -> Any:
-        if isinstance(data, dict):
-            fields = self.fields  # type: ignore[attr-defined]
-            errors = {
-                name: ["is not accepted here"] for name in sorted(data) if name not in fields or fields[name].read_only
-            }
-            for name, value in data.items():
-                problem = _type_problem(fields[name], value) if name in fields else None
-                if problem:
-                    errors[name] = [problem]
-            if errors:
-                raise serializers.ValidationError(errors)
-        return super().to_internal_value(data)  # type: ignore[misc]
+        if not isinstance(data, dict):
+            return super().to_internal_value(data)  # type: ignore[misc]
+        fields = self.fields  # type: ignore[attr-defined]
+        errors = {
+            name: ["is not accepted here"] for name in sorted(data) if name not in fields or fields[name].read_only
+        }
+        for name, value in data.items():
+            problem = _type_problem(fields[name], value) if name in fields else None
+            if problem:
+                errors[name] = [problem]
+        if not errors:
+            return super().to_internal_value(data)  # type: ignore[misc]
+        try:
+            # The fields not refused above, checked as usual (a wrongly typed one would only be
+            # named again, coerced).
+            super().to_internal_value({name: value for name, value in data.items() if name not in errors})  # type: ignore[misc]
+        except serializers.ValidationError as exc:
+            if isinstance(exc.detail, dict):
+                errors.update({name: detail for name, detail in exc.detail.items() if name not in errors})
+        raise serializers.ValidationError(errors)
 
 
 # Fields whose output depends on the request (their serializer's context) or on the
@@ -590,7 +599,13 @@ class AgentWriteSerializer(StrictFieldsMixin, serializers.ModelSerializer):
 class AgentCreateSerializer(AgentWriteSerializer):
     """A new agent."""
 
-    id = serializers.RegexField(r"^[a-z0-9][a-z0-9_.\-]{0,49}$", help_text="e.g. akira-001")
+    id = serializers.RegexField(
+        r"^[a-z0-9][a-z0-9_.\-]{0,49}$",
+        help_text="e.g. akira-001",
+        error_messages={
+            "invalid": "use 1-50 lowercase letters, digits, '.', '_' or '-', beginning with a letter or digit"
+        },
+    )
 
 
 class AgentUpdateSerializer(AgentWriteSerializer):

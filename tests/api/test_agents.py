@@ -48,6 +48,10 @@ def test_agent_input_problems_are_named_and_server_owned_fields_refused(callers)
     no_entrypoint = admin.post("/api/v1/agents/", {**NEW, "entrypoint": ""}, format="json")
     assert no_entrypoint.status_code == 400
     assert no_entrypoint.json()["errors"][0]["field"] == "entrypoint"
+    # The id's rule is told, not only that "this value does not match the required pattern".
+    bad_id = admin.post("/api/v1/agents/", {**NEW, "id": "my agent!"}, format="json")
+    rule = "use 1-50 lowercase letters, digits, '.', '_' or '-', beginning with a letter or digit"
+    assert bad_id.status_code == 400 and bad_id.json()["errors"] == [{"field": "id", "detail": rule}]
     duplicate = admin.post("/api/v1/agents/", {**NEW, "id": "echo"}, format="json")
     assert duplicate.status_code == 400 and "already exists" in duplicate.json()["detail"]
     agent_create(fields={**NEW, "id": "tempered-001"})

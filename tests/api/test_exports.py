@@ -152,6 +152,12 @@ def test_trigger_input_problems_name_their_field_and_record_nothing(callers, out
     assert problem_fields(post(force="yes")) == ["force"]
     assert problem_fields(post(status="succeeded", rows=5)) == ["rows", "status"]
     assert problem_fields(admin.post("/api/v1/exports/", {}, format="json")) == ["data_type", "start_date", "end_date"]
+    # A field the request may not send is named beside the fields it got wrong, not instead of them.
+    assert sorted(problem_fields(post(data_type="evnts", force="yes", status="succeeded"))) == [
+        "data_type",
+        "force",
+        "status",
+    ]
 
     today = timezone.now().date().isoformat()
     early = post(start_date=today, end_date=today)

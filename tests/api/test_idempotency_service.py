@@ -67,8 +67,22 @@ def test_a_key_in_flight_is_a_conflict(callers):
         (SPEC, "", HEADER),
         (SPEC, "k" * 256, HEADER),
         (SPEC, "line\nbreak", HEADER),
+        # A key given in the body alone is named as the body's field, not as a header the
+        # request did not send.
+        ({**SPEC, "idempotency_key": "k" * 256}, None, "idempotency_key"),
+        ({**SPEC, "idempotency_key": ""}, None, "idempotency_key"),
     ],
-    ids=["list", "string", "key-not-a-string", "keys-differ", "empty-key", "long-key", "unprintable-key"],
+    ids=[
+        "list",
+        "string",
+        "key-not-a-string",
+        "keys-differ",
+        "empty-key",
+        "long-key",
+        "unprintable-key",
+        "long-body-key",
+        "empty-body-key",
+    ],
 )
 def test_bad_bodies_and_keys_name_the_field_and_store_nothing(callers, body, header_key, field):
     with pytest.raises(ValidationError) as error:
