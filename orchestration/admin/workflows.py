@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import datetime as dt
+
+from django import forms
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -17,6 +20,7 @@ from orchestration.admin.base import (
 )
 from orchestration.admin.operations import Operation, OperationsMixin, console_actor, console_reason
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, IndexedValuesFieldListFilter, LargeTableAdmin
+from orchestration.db import database_now
 from orchestration.models import AgentInteraction, Event, TaskExecution, Workflow
 from orchestration.services.workflows import (
     CANCELLABLE_WORKFLOW,
@@ -100,6 +104,18 @@ class TaskExecutionInline(BoundedTabularInline):
         return f"{obj.retry_count}/{obj.max_retries}"
 
 
+class WorkflowAdminForm(forms.ModelForm):
+    """Refuses a new deadline already past, as a submission does (specs.py, on the database's
+    clock, which every claim checks it on): the workflow would fail at its next claim, and a
+    finished one could never be resumed."""
+
+    def clean_deadline(self) -> dt.datetime | None:
+        deadline = self.cleaned_data.get("deadline")
+        if "deadline" in self.changed_data and deadline is not None and deadline <= database_now():
+            raise forms.ValidationError(f"{deadline.astimezone(dt.UTC).isoformat()} is in the past")
+        return deadline
+
+
 @admin.register(Workflow)
 class WorkflowAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
     """Workflows are submitted through the REST API (`workflow_submit`), which validates the
@@ -110,6 +126,7 @@ class WorkflowAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
     resume a failed or cancelled one (orchestration.admin.operations)."""
 
     operations = WORKFLOW_OPERATIONS
+    form = WorkflowAdminForm
 
     list_display = (
         "workflow_id",

@@ -467,6 +467,29 @@ def test_workflow_form_edits_descriptive_fields_but_not_engine_state(su_client: 
     assert form_fields == {"name", "description", "workflow_type", "priority", "deadline", "continue_on_failure"}
 
 
+def test_workflow_form_refuses_a_deadline_already_past(su_client: Client) -> None:
+    """Submission refuses a deadline already past; the console stored one, and the workflow then
+    failed at its next claim, or could never be resumed, without a word. A deadline left as it
+    was, or a future one, is saved."""
+    workflow = WorkflowFactory(name="before")
+    TaskExecutionFactory(workflow=workflow)
+    url = _url(Workflow, "change", workflow.pk)
+    page = su_client.get(url)
+    data = {**_management_data(page), "name": "after", "description": "", "workflow_type": "", "priority": "normal"}
+
+    past = su_client.post(url, {**data, "deadline_0": "2020-01-01", "deadline_1": "00:00:00"})
+    assert past.status_code == 200
+    assert "is in the past" in str(past.context["adminform"].form.errors["deadline"])
+    workflow.refresh_from_db()
+    assert (workflow.name, workflow.deadline) == ("before", None)
+
+    future = (timezone.now() + dt.timedelta(days=1)).astimezone(dt.UTC)
+    saved = su_client.post(url, {**data, "deadline_0": future.date().isoformat(), "deadline_1": "12:00:00"})
+    assert saved.status_code == 302
+    workflow.refresh_from_db()
+    assert workflow.name == "after" and workflow.deadline is not None
+
+
 def test_task_form_edits_limits_but_not_engine_state(su_client: Client) -> None:
     task = TaskExecutionFactory()
     TaskAttemptFactory(execution=task, attempt_number=1, failed=True)
