@@ -122,6 +122,9 @@ def sample_data_load(*, now: dt.datetime | None = None) -> SampleDataResult:
 def _create_sample_workflow(*, owner: object, now: dt.datetime) -> None:
     t0 = now - dt.timedelta(minutes=10)
     ms = dt.timedelta(milliseconds=1)
+    # The record is backdated: its rows say when they were created (the INSERT's time would put
+    # the workflow's creation after its end), at its workflow_created event.
+    created = t0 - 5 * ms
     akira, yuki = Agent.objects.get(id="akira-001"), Agent.objects.get(id="yuki-002")
     review_cost, retry_cost, tests_cost = Decimal("0.004215"), Decimal("0.000900"), Decimal("0.001830")
 
@@ -147,6 +150,7 @@ def _create_sample_workflow(*, owner: object, now: dt.datetime) -> None:
             ],
         },
         step_results={"review": {"verdict": "changes requested"}, "tests": {"tests_written": 3}},
+        created_at=created,
         started_at=t0,
         completed_at=t0 + 9200 * ms,
         total_tokens_used=1523 + 310 + 880,
@@ -170,6 +174,7 @@ def _create_sample_workflow(*, owner: object, now: dt.datetime) -> None:
         cost_usd=review_cost + retry_cost,
         worker="celery@worker-1",
         metadata=SAMPLE,
+        created_at=created,
         queued_at=t0,
         started_at=t0 + 20 * ms,
         completed_at=t0 + 6000 * ms,
@@ -192,6 +197,7 @@ def _create_sample_workflow(*, owner: object, now: dt.datetime) -> None:
         cost_usd=tests_cost,
         worker="celery@worker-2",
         metadata=SAMPLE,
+        created_at=created,
         queued_at=t0 + 6010 * ms,
         started_at=t0 + 6040 * ms,
         completed_at=t0 + 9190 * ms,
@@ -211,6 +217,7 @@ def _create_sample_workflow(*, owner: object, now: dt.datetime) -> None:
                 input_tokens=310,
                 tokens_used=310,
                 cost_usd=retry_cost,
+                created_at=t0 + 20 * ms,
                 started_at=t0 + 20 * ms,
                 finished_at=t0 + 900 * ms,
                 duration_ms=880.0,
@@ -225,6 +232,7 @@ def _create_sample_workflow(*, owner: object, now: dt.datetime) -> None:
                 output_tokens=423,
                 tokens_used=1523,
                 cost_usd=review_cost,
+                created_at=t0 + 1780 * ms,
                 started_at=t0 + 1780 * ms,
                 finished_at=t0 + 6000 * ms,
                 duration_ms=4220.0,
@@ -239,6 +247,7 @@ def _create_sample_workflow(*, owner: object, now: dt.datetime) -> None:
                 output_tokens=280,
                 tokens_used=880,
                 cost_usd=tests_cost,
+                created_at=t0 + 6040 * ms,
                 started_at=t0 + 6040 * ms,
                 finished_at=t0 + 9190 * ms,
                 duration_ms=3150.0,
