@@ -60,6 +60,32 @@ def api_key_matches(api_key: ApiKey, secret: str) -> bool:
     return hmac.compare_digest(api_key.secret_hash, api_key_secret_hash(secret))
 
 
+def _beyond_role(owner: Any, permissions: set[str]) -> str | None:
+    """The problem with listing `permissions` on a key of `owner`, if their role does not grant
+    some of them (None if it grants all, or none are listed)."""
+    from orchestration.api.permissions import user_role
+    from orchestration.roles import ROLES
+
+    if not permissions:
+        return None
+    role = user_role(owner)
+    if role is None:
+        return (
+            f"permissions: {owner} has no role (admin, developer or viewer), so the key could not "
+            f"grant {', '.join(sorted(permissions))}; give them a role first"
+        )
+    granted = ROLES[role]
+    if "*" in granted:
+        return None
+    missing = sorted(p for p in permissions if p not in granted)
+    if not missing:
+        return None
+    return (
+        f"permissions: {owner}'s role ({role}) does not grant {', '.join(missing)}, so the key never "
+        f"could (the role grants {', '.join(sorted(granted))})"
+    )
+
+
 def api_key_create(
     *,
     owner: Any,
@@ -74,8 +100,8 @@ def api_key_create(
 
     `permissions` (seed 004 names) narrows the key below the owner's role; empty means the
     role's permissions. Raises SpecError naming each problem (blank or duplicate name,
-    expiry in the past, unknown permission). An api_key_created event names it (never its
-    secret) and `actor`, who made it.
+    expiry in the past, unknown permission, one the owner's role does not grant). An
+    api_key_created event names it (never its secret) and `actor`, who made it.
     """
     problems = []
     name = (name or "").strip()
@@ -96,6 +122,12 @@ def api_key_create(
     unknown = sorted(set(permissions or []) - set(KNOWN_PERMISSIONS))
     if unknown:
         problems.append(f"permissions: unknown {', '.join(unknown)} (known: {', '.join(KNOWN_PERMISSIONS)})")
+    # A key grants only what its owner's role grants too: it could never be used for these. A
+    # rotation keeps the key as it was (its owner's role may have narrowed since): replacing a
+    # leaked key must not be refused.
+    beyond = _beyond_role(owner, set(permissions or []) - set(unknown)) if rotated_from is None else None
+    if beyond:
+        problems.append(beyond)
     if name and ApiKey.objects.filter(owner=owner, name=name).exists():
         problems.append(f"name: {owner} already has a key named {name!r}")
     if problems:

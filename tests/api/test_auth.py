@@ -128,7 +128,11 @@ def test_a_key_narrowed_to_read_cannot_submit(db, agents):
 def test_a_refusal_blames_the_role_when_the_key_lists_a_permission_the_role_lacks(db, agents):
     """A developer's key listing export:read was refused with "This API key does not grant
     export:read": the key does list it; the developer role is what does not grant it."""
-    caller = make_caller("dev", "developer", permissions=["export:read", "workflow:read"])
+    from django.contrib.auth.models import Group
+
+    # Made while they were an admin; then their role became developer.
+    caller = make_caller("dev", "admin", permissions=["export:read", "workflow:read"])
+    caller.user.groups.set([Group.objects.get(name="developer")])
     response = caller.client.get("/api/v1/exports/")
     assert response.status_code == 403
     assert response.json()["detail"] == "Your role (developer) does not grant export:read, which this operation needs."
@@ -143,6 +147,28 @@ def test_key_creation_reports_every_problem(db):
     assert "already has a key named 'ci'" in problems
     assert "is in the past" in problems
     assert "permissions: unknown root" in problems
+
+
+def test_a_key_cannot_list_a_permission_its_owner_s_role_does_not_grant(db, agents):
+    """It could never be used for it: `create_api_key vic --permission workflow:create` made a
+    key whose /me/ listed no permission, and said nothing."""
+    viewer = UserFactory(username="vic", role="viewer")
+    with pytest.raises(SpecError) as info:
+        api_key_create(owner=viewer, name="ci", permissions=["workflow:read", "workflow:create", "export:read"])
+    assert info.value.problems == [
+        "permissions: vic's role (viewer) does not grant export:read, workflow:create, so the key never "
+        "could (the role grants agent:list, workflow:read)"
+    ]
+    roleless = UserFactory(username="nobody")
+    with pytest.raises(SpecError, match=r"nobody has no role .* could not grant workflow:read; give them a role first"):
+        api_key_create(owner=roleless, name="ci", permissions=["workflow:read"])
+    with pytest.raises(CommandError, match=r"vic's role \(viewer\) does not grant workflow:create"):
+        call_command("create_api_key", "vic", "--name", "ci", "--permission", "workflow:create", stdout=io.StringIO())
+    assert not ApiKey.objects.exists()
+    # Within the role, or none listed (the role's own, whatever it becomes), a key is made.
+    api_key_create(owner=viewer, name="reader", permissions=["workflow:read"])
+    api_key_create(owner=roleless, name="later")
+    assert ApiKey.objects.count() == 2
 
 
 def test_session_authentication_needs_the_csrf_token_for_writes(db, agents):
@@ -413,3 +439,14 @@ def test_keys_created_rotated_and_revoked_are_in_the_audit_log_without_their_sec
     assert events[0].payload["permissions"] == ["workflow:read"] and events[0].payload["owner"] == "svc"
     secret_parts = [caller.key.split("_", 2)[2], out.getvalue().strip().split("_", 2)[2]]
     assert not [part for part in secret_parts for e in events if part in str(e.payload)]
+
+
+def test_a_key_whose_owner_s_role_narrowed_is_rotated_as_it_was(db, agents):
+    """Replacing a leaked key is never refused: it keeps its permissions though the role no
+    longer grants one (the role still decides what the key does)."""
+    from django.contrib.auth.models import Group
+
+    caller = make_caller("dev", "admin", permissions=["export:read", "workflow:read"])
+    caller.user.groups.set([Group.objects.get(name="developer")])
+    rotated = api_key_rotate(api_key_id=ApiKey.objects.get(owner=caller.user).pk, now=timezone.now())
+    assert rotated.api_key.permissions == ["export:read", "workflow:read"]
