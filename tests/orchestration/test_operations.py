@@ -8,6 +8,7 @@ import functools
 import io
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -677,8 +678,12 @@ def test_submit_command_waits_and_exits_by_the_outcome(engine, tmp_path):
     workflow_id = out.getvalue().splitlines()[0]
     assert Workflow.objects.get(pk=workflow_id).status == Workflow.Status.COMPLETED
     assert "ok [completed] 1/1" in out.getvalue()
+    # Not a terminal (a CI log, a pipe): a line per change of a task's state, not only the end.
+    assert re.search(r"^\d\d:\d\d:\d\d a completed \(retries 0/\d+\)$", out.getvalue(), re.M), out.getvalue()
+    failing = io.StringIO()
     with pytest.raises(CommandError, match="ended failed"):
-        call_command("submit_workflow", str(bad), "--wait", stdout=io.StringIO())
+        call_command("submit_workflow", str(bad), "--wait", stdout=failing)
+    assert re.search(r"^\d\d:\d\d:\d\d a failed \(retries 0/0\)$", failing.getvalue(), re.M), failing.getvalue()
     status = io.StringIO()
     call_command("workflow_status", workflow_id, stdout=status)
     assert "a" in status.getvalue() and "#1 succeeded" in status.getvalue()
@@ -777,8 +782,11 @@ def test_submit_command_waits_without_a_limit_unless_given_one(db, builtin_agent
     monkeypatch.setattr(command, "time", Clock())
     with pytest.raises(CommandError, match=r"ended cancelled"):
         call_command("submit_workflow", str(spec), "--wait", stdout=io.StringIO())
+    out = io.StringIO()
     with pytest.raises(CommandError, match=r"still running after 60 s"):
-        call_command("submit_workflow", str(spec), "--wait", "--timeout", "60", stdout=io.StringIO())
+        call_command("submit_workflow", str(spec), "--wait", "--timeout", "60", stdout=out)
+    # Where it stood when the wait gave up, not only that it did.
+    assert "long [running] 0/1\n  [" in out.getvalue(), out.getvalue()
 
 
 def test_submit_command_names_a_spec_it_cannot_read(db, builtin_agents, tmp_path):

@@ -3,6 +3,7 @@ import time
 from pathlib import Path
 
 from django.core.management.base import CommandError
+from django.utils import timezone
 
 from orchestration.errors import SpecError
 from orchestration.management.arguments import DatabaseCommand, seconds
@@ -64,23 +65,37 @@ class Command(DatabaseCommand):
         deadline = None if timeout is None else time.monotonic() + timeout
         tty = self.stdout.isatty()
         lines = 0
+        seen: dict[str, tuple[str, int]] = {}  # not on a terminal: each task's last state printed
         while True:
             workflow = Workflow.objects.get(pk=workflow_id)
             tasks = list(TaskExecution.objects.filter(workflow_id=workflow_id).order_by("created_at", "task_name"))
             rows = [self._row(t) for t in tasks]
             header = f"{workflow.name} [{workflow.status}] {workflow.completed_steps}/{workflow.total_steps}"
+            timed_out = deadline is not None and time.monotonic() > deadline and not workflow.is_terminal
             if tty and lines:
                 self.stdout.write(f"\x1b[{lines}F", ending="")
-            if tty or workflow.is_terminal:
+            if not tty:
+                # A log (CI, a pipe) gets a line per change of a task's state instead of redrawn bars.
+                for task in tasks:
+                    state = (task.status, task.retry_count)
+                    if seen.get(task.task_name) != state:
+                        seen[task.task_name] = state
+                        self.stdout.write(self._change(task))
+            if tty or workflow.is_terminal or timed_out:
                 self.stdout.write("\n".join([header, *rows]))
                 lines = len(rows) + 1
             if workflow.is_terminal:
                 if workflow.error:
                     self.stdout.write(f"error: {workflow.error}")
                 return workflow.status
-            if deadline is not None and time.monotonic() > deadline:
+            if timed_out:
                 raise CommandError(f"workflow {workflow_id} still {workflow.status} after {timeout:.0f} s")
             time.sleep(0.5)
+
+    @staticmethod
+    def _change(task: TaskExecution) -> str:
+        at = timezone.localtime().strftime("%H:%M:%S")
+        return f"{at} {task.task_name} {task.status} (retries {task.retry_count}/{task.max_retries})"
 
     @staticmethod
     def _row(task: TaskExecution) -> str:
