@@ -31,11 +31,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 from celery.worker.request import Request
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +251,10 @@ def _held_report(state: Any, task_ids: list[str] | None = None, **kwargs: Any) -
     return {"held": sorted(asked & held)}
 
 
+# What a broadcast raises when the broker cannot be reached (refused, reset, timed out, paused).
+BROKER_UNREACHABLE = (KombuOperationalError, redis.ConnectionError, redis.TimeoutError, OSError)
+
+
 def workers_holding(task_ids: set[str], *, timeout: float = 1.0) -> set[str] | None:
     """Which of `task_ids` the live workers, all asked in one broadcast, hold unacknowledged.
     None when that cannot be told: the broker unreachable, or a worker that does not know the
@@ -262,6 +268,9 @@ def workers_holding(task_ids: set[str], *, timeout: float = 1.0) -> set[str] | N
         replies = app.control.broadcast(
             HELD_COMMAND, arguments={"task_ids": sorted(task_ids)}, reply=True, timeout=timeout
         )
+    except BROKER_UNREACHABLE as exc:
+        logger.warning("%s broadcast failed (%s: %s)", HELD_COMMAND, type(exc).__name__, exc)
+        return None
     except Exception:
         logger.warning("%s broadcast failed", HELD_COMMAND, exc_info=True)
         return None
@@ -306,12 +315,12 @@ def node_report(reply: Any) -> NodeReport:
 
 def workers_ask(
     hostnames: set[str], task_ids: set[str], *, timeout: float = 1.0, limit: int | None = None
-) -> dict[str, list[NodeReport]]:
+) -> dict[str, list[NodeReport]] | None:
     """Ask the named worker nodes, in one broadcast, which process each is, how the given
     tasks ended there and which of them run there now. Returns node name -> its answers (more
     than one if several processes run under one name); a node that did not answer within
-    `timeout` is absent, and so is every node when the broker cannot be reached. With `limit`,
-    the wait ends at that many answers."""
+    `timeout` is absent. None when the broker could not be reached: then no node's silence
+    says anything about it. With `limit`, the wait ends at that many answers."""
     if not hostnames:
         return {}
     from config.celery import app
@@ -325,7 +334,10 @@ def workers_ask(
             timeout=timeout,
             limit=limit,
         )
-    except Exception:  # the broker unreachable, say: every node is as good as silent
+    except BROKER_UNREACHABLE as exc:
+        logger.warning("%s broadcast failed (%s: %s)", PROCESS_COMMAND, type(exc).__name__, exc)
+        return None
+    except Exception:  # anything else: every node is as good as silent, as before
         logger.warning("%s broadcast failed", PROCESS_COMMAND, exc_info=True)
         return {}
     answers: dict[str, list[NodeReport]] = {}

@@ -172,6 +172,18 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
         # how a message ended matters only where the process that ran it is known
         {a.celery_task_id for a in candidates if a.celery_task_id and a.worker_started_at is not None},
     )
+    if answers is None:
+        # The broker did not take the question: a worker's silence would say nothing (it may
+        # live on, and know how the attempt ended). Its attempts wait for a pass that can ask;
+        # closed now, they were recorded lost, "worker stopped answering", while the broker was away.
+        left = [a for a in candidates if a.worker]
+        logger.warning(
+            "the reaper could not ask the workers (the broker is not answering): %d attempt(s) past their "
+            "limit left to the next pass",
+            len(left),
+        )
+        candidates = [a for a in candidates if not a.worker]
+        answers = {}
     for candidate in candidates:
         verdict = attempt_verdict(candidate, answers)
 

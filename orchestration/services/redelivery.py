@@ -70,6 +70,8 @@ def previous_try_check(*, execution_id: str, celery_task_id: str, process: Worke
     ):
         return None
     answers = workers_ask({last.worker}, {celery_task_id}, limit=1)
+    if answers is None:  # the broker unreachable: nothing was told (the claim's own rules apply)
+        return None
     return previous_try_verdict(last, answers, process=process)
 
 

@@ -3,12 +3,19 @@ warning line a run, the next run tries again; they failed with a traceback every
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import socket
 
 import pytest
+import redis
 from django.db import connection
 
+from orchestration.db import database_now
+from orchestration.models import TaskAttempt, TaskExecution
+from orchestration.services.execution import attempt_claim
+from orchestration.services.reaper import attempts_reap
+from orchestration.services.workflows import workflow_submit
 from orchestration.tasks import reap_stale_tasks, relay_events
 from tests.pg import other_connection
 
@@ -118,3 +125,47 @@ def test_another_database_error_fails_the_rollup_without_a_retry(caplog):
         finally:
             connection.close()  # its session's timeout with it
     assert not [r for r in caplog.records if r.name == "orchestration.tasks"]
+
+
+@pytest.mark.parametrize("away", ["refused", "paused"])
+def test_the_reaper_leaves_an_attempt_past_its_limit_to_a_pass_that_can_ask_its_worker(
+    committed, monkeypatch, caplog, away
+):
+    """The broker away when the reaper runs (`manage.py reap_stale_tasks` during a Redis outage,
+    a beat run caught by a pause): its broadcast to the attempt's worker failed, that was read
+    as the worker's silence, and every attempt past its limit was closed lost, "worker ...
+    stopped answering", and its task retried, while the worker lived on and could have said
+    how the attempt ended (stopped for the lost broker connection, killed at its hard limit).
+    Once the broker takes the question, the node's silence counts again."""
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    from config.celery import app
+
+    workflow, _ = workflow_submit(
+        spec={"name": "away", "tasks": [{"name": "a", "agent": "echo", "timeout_seconds": 1, "max_retries": 1}]}
+    )
+    task = TaskExecution.objects.get(workflow=workflow)
+    claim = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@alive")
+    past = database_now() + dt.timedelta(minutes=1)  # past its hard limit and the grace
+
+    def broker_away(*args: object, **kwargs: object) -> None:
+        if away == "refused":
+            raise KombuOperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        raise redis.TimeoutError("Timeout reading from 127.0.0.1:6379")  # a Redis pausing its clients
+
+    with monkeypatch.context() as patched:
+        patched.setattr(app.control, "broadcast", broker_away)
+        caplog.set_level(logging.WARNING)
+        result = attempts_reap(now=past)
+    assert (result.lost, result.timed_out) == ([], [])
+    attempt = TaskAttempt.objects.get(pk=claim.attempt.pk)
+    assert attempt.status == TaskAttempt.Status.RUNNING
+    said = [r.getMessage() for r in caplog.records]
+    assert any("1 attempt(s) past their limit left to the next pass" in m for m in said), said
+    assert not any(r.exc_info for r in caplog.records)
+
+    result = attempts_reap(now=past)  # the broker back, the node silent: lost
+    assert result.lost == [attempt.pk]
+    attempt.refresh_from_db()
+    assert (attempt.status, attempt.cause) == (TaskAttempt.Status.LOST, TaskAttempt.Cause.WORKER_LOST)
+    assert "worker w@alive stopped answering" in attempt.error
