@@ -300,6 +300,42 @@ class RedactFilter(logging.Filter):
         return True
 
 
+def _broker_unreachable(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from or while handling, says the broker
+    could not be reached (kombu's OperationalError, redis-py's connection errors, a socket's)."""
+    import redis
+    from kombu.exceptions import OperationalError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OperationalError | redis.ConnectionError | redis.TimeoutError | OSError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+class BeatBrokerAwayFilter(logging.Filter):
+    """celery beat logs each run it could not send with the stack it was sent from and the whole
+    exception chain: with the broker away, some 130 lines a second (the relay's schedule), for
+    every second of the outage. Those records become their one line, the run it could not send
+    and the broker's error; any other failure to send keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "celery.beat" or not record.exc_info or record.exc_info[1] is None:
+            return True
+        exc = record.exc_info[1]
+        if not _broker_unreachable(exc):
+            return True
+        record.msg = "%s (the broker is not answering: this run was not sent)"
+        record.args = (exc,)
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        return True
+
+
 _EXTRA_DEPTH = 8  # containers nested deeper (or holding themselves) are masked as their text
 
 

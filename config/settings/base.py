@@ -617,6 +617,7 @@ LOGGING = {
     "filters": {
         "task_context": {"()": "observability.logs.TaskContextFilter"},
         "redact": {"()": "observability.logs.RedactFilter"},
+        "beat_broker_away": {"()": "observability.logs.BeatBrokerAwayFilter"},
     },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s%(task_context)s %(message)s"},
@@ -626,7 +627,7 @@ LOGGING = {
         "console": {
             "class": "logging.StreamHandler",
             "formatter": LOG_FORMAT,
-            "filters": ["task_context", "redact"],
+            "filters": ["task_context", "beat_broker_away", "redact"],
         }
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},

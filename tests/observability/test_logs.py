@@ -314,3 +314,47 @@ def test_every_handler_a_django_record_reaches_masks_it(settings):
             assert any(isinstance(f, logs.RedactFilter) for f in handler.filters), handler
     finally:
         logging.config.dictConfig(settings.LOGGING)
+
+
+@pytest.mark.parametrize(
+    "error, one_line",
+    [
+        ("broker", True),  # kombu's error for a broker that refuses connections
+        ("other", False),  # anything else keeps its traceback
+    ],
+)
+def test_beat_logs_a_run_it_could_not_send_to_an_absent_broker_in_one_line(capture, error, one_line):
+    """celery beat logged each run it could not send while Redis was away with the stack it was
+    sent from and the exception chain: about 130 lines for each, every second (the relay's
+    schedule), some 1,300 lines for an outage of eight seconds."""
+    import datetime as dt
+
+    from celery.beat import ScheduleEntry, Scheduler
+    from kombu.exceptions import OperationalError
+
+    from config.celery import app
+
+    configure, stream = capture
+    configure("plain", name="celery.beat")
+    scheduler = Scheduler(app, lazy=True)
+    entry = ScheduleEntry(name="synapse event relay", task="audit.not_registered", schedule=dt.timedelta(seconds=1))
+
+    def send_task(*args: object, **kwargs: object) -> None:
+        if error == "broker":
+            raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        raise ValueError("not a broker's error")
+
+    scheduler.send_task = send_task
+    scheduler.apply_entry(entry)
+    lines = stream.getvalue().splitlines()
+    errors = [line for line in lines if " ERROR " in line]
+    assert len(errors) == 1, lines
+    if one_line:
+        assert len(lines) == 2, lines  # "Sending due task ..." and the error
+        assert errors[0].endswith(
+            "ERROR celery.beat Couldn't apply scheduled task synapse event relay: Error 111 connecting to "
+            "127.0.0.1:6379. Connection refused. (the broker is not answering: this run was not sent)"
+        ), errors
+    else:
+        assert "Traceback (most recent call last)" in stream.getvalue()
+        assert "ValueError: not a broker's error" in stream.getvalue()
