@@ -325,8 +325,13 @@ class BeatBrokerAwayFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != "celery.beat" or not record.exc_info or record.exc_info[1] is None:
             return True
+        from celery.beat import SchedulingError
+
         exc = record.exc_info[1]
-        if not _broker_unreachable(exc):
+        # Only a run it could not send (apply_async's SchedulingError): beat's other records
+        # (its schedule file unreadable, the disk full: OSErrors too) keep their message and
+        # traceback.
+        if not isinstance(exc, SchedulingError) or not _broker_unreachable(exc):
             return True
         record.msg = "%s (the broker is not answering: this run was not sent)"
         record.args = (exc,)

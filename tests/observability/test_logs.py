@@ -358,3 +358,26 @@ def test_beat_logs_a_run_it_could_not_send_to_an_absent_broker_in_one_line(captu
     else:
         assert "Traceback (most recent call last)" in stream.getvalue()
         assert "ValueError: not a broker's error" in stream.getvalue()
+
+
+@pytest.mark.parametrize(
+    "message, args, error",
+    [
+        # beat's own files and its remote control: no run to send, the record is kept whole
+        ("Removing corrupted schedule file %r: %r", ("/var/lib/beat/schedule",), PermissionError(13, "denied")),
+        ("beat: Store cleanup failed after scheduler error", (), OSError(28, "No space left on device")),
+    ],
+)
+def test_beat_s_other_errors_keep_their_message_and_traceback(capture, message, args, error):
+    """Only a run beat could not send becomes one line: another celery.beat record whose error is
+    an OSError (its schedule file unreadable, the disk full) kept neither its own message nor its
+    traceback, and said "the broker is not answering: this run was not sent"."""
+    configure, stream = capture
+    logger = configure("plain", name="celery.beat")
+    try:
+        raise error
+    except OSError as exc:
+        logger.error(message, *args, *([exc] if "%r: %r" in message else []), exc_info=True)
+    text = stream.getvalue()
+    assert "the broker is not answering" not in text, text
+    assert message.split("%")[0] in text and "Traceback (most recent call last)" in text, text
