@@ -32,11 +32,13 @@ class FastJSONRenderer(JSONRenderer):
         if _holds_secret(content):
             # A provider's error quoting the key it was sent, a connection error its URL: users
             # see their own records, never the deployment's credentials (the console and the
-            # training files mask them too). The values are masked, then rendered again, so
-            # the document stays what it was in every other character.
+            # training files mask them too). The document as rendered is read back, masked and
+            # rendered again, so it stays what it was in every other character: read back, as
+            # the encoder spelled them, values the masking does not walk (a set, a lazy string,
+            # bytes) are masked too, and a generator the first rendering consumed is not lost.
             from training_export.services.redaction import secrets_masked
 
-            content = self._render(secrets_masked(data), accepted_media_type, renderer_context)
+            content = self._render(secrets_masked(json.loads(content)), accepted_media_type, renderer_context)
         return content
 
     def _render(self, data: Any, accepted_media_type: str | None, renderer_context: dict[str, Any] | None) -> bytes:

@@ -100,3 +100,29 @@ def test_an_answer_without_a_secret_is_rendered_once(callers, leaked):
         assert masked.call_count == 0
         assert callers["developer"].client.get(f"/api/v1/workflows/{leaked.pk}/").status_code == 200
         assert masked.call_count == 1
+
+
+def test_a_secret_the_encoder_spells_from_a_value_masking_does_not_walk_is_masked_too(db, settings):
+    """The renderer's encoder spells more than dicts, lists and strings (a set or a generator as
+    a list, a lazy string, bytes): the check found the value in the document, but the data,
+    masked and rendered again, still held it there, or had nothing left to render (a generator
+    is consumed by the first rendering)."""
+    from django.utils.functional import lazy
+
+    from orchestration.api.renderers import FastJSONRenderer
+
+    settings.SECRET_KEY = secret = "renderer-secret-9Xq2Lm7Vb4"
+    assert secret in configured_secret_values()
+    renderer = FastJSONRenderer()
+    for data, expected in [
+        ({"set": {f"is {secret}"}}, {"set": [f"is {MASK}"]}),
+        ({"lazy": lazy(lambda: f"is {secret}", str)()}, {"lazy": f"is {MASK}"}),
+        ({"bytes": f"is {secret}".encode()}, {"bytes": f"is {MASK}"}),
+        ({"gen": (f"is {secret}" for _ in range(2)), "n": 1}, {"gen": [f"is {MASK}"] * 2, "n": 1}),
+    ]:
+        for media_type in ("application/json", "application/json; indent=2"):
+            content = renderer.render(data, media_type, {})
+            assert secret.encode() not in content, content
+            assert json.loads(content) == expected, content
+            if "gen" in data:
+                break  # consumed
