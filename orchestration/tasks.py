@@ -55,19 +55,31 @@ def skipped_while_away(task: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def retried_while_away(task: Task) -> Iterator[None]:
+def retried_while_away(task: Task, away_tries: int) -> Iterator[None]:
     """For the hourly rollup and the daily export, which would otherwise wait an hour or a
     night: while PostgreSQL or Redis is away, the run is sent again AWAY_RETRY_COUNTDOWN_SECONDS
-    later, with one warning line; once AWAY_MAX_RETRIES are spent (or the retry cannot be sent:
-    Redis away) it fails, with its error. Any other error fails the run as before."""
+    later, with one warning line; once AWAY_MAX_RETRIES are spent it fails, with its error. A
+    retry that cannot be sent (the broker away: the same Redis, as deployed) makes Celery reject
+    the message (acks_late is off: the run is dropped; the next hour or night catches up). Any
+    other error fails the run as before.
+
+    `away_tries` is the task's own keyword argument of that name (0 when the beat sends it):
+    these tries are counted apart from the task's other retries (the export's for a window
+    still open), which they neither spend nor are spent by."""
     try:
         yield
     except (DatabaseError, redis.ConnectionError, redis.TimeoutError) as exc:
         what = _away(exc)
-        if what is None or task.request.retries >= AWAY_MAX_RETRIES:
+        if what is None or away_tries >= AWAY_MAX_RETRIES:
             raise
         logger.warning("%s tried again in %d s: %s", task.name, AWAY_RETRY_COUNTDOWN_SECONDS, what)
-        raise task.retry(exc=exc, countdown=AWAY_RETRY_COUNTDOWN_SECONDS, max_retries=AWAY_MAX_RETRIES) from exc
+        raise task.retry(
+            args=task.request.args or (),
+            kwargs={**(task.request.kwargs or {}), "away_tries": away_tries + 1},
+            exc=exc,
+            countdown=AWAY_RETRY_COUNTDOWN_SECONDS,
+            max_retries=task.request.retries + 1,  # the count above decides
+        ) from exc
 
 
 @shared_task(
@@ -138,15 +150,16 @@ def relay_events() -> int:
 
 
 @shared_task(name="orchestration.rollup_metrics", bind=True, acks_late=False, ignore_result=True, time_limit=1800)
-def rollup_metrics(self, period: str = "hour", period_start: str | None = None) -> dict[str, int]:
+def rollup_metrics(self, period: str = "hour", period_start: str | None = None, away_tries: int = 0) -> dict[str, int]:
     """Roll up the last complete hour or day, or the one starting at `period_start` (ISO 8601,
-    for backfills), into agent_metrics (and agents, workflow totals)."""
+    for backfills), into agent_metrics (and agents, workflow totals). `away_tries`: see
+    retried_while_away."""
     import datetime as dt
 
     from observability.influx import rollup_points_write
     from orchestration.services.rollup import metrics_rollup, rollup_previous
 
-    with retried_while_away(self):
+    with retried_while_away(self, away_tries):
         if period_start is None:
             result = rollup_previous(period=period)
         else:

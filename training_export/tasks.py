@@ -27,19 +27,23 @@ from training_export.services.export import (
     time_limit=EXPORT_TIME_LIMIT_SECONDS,
     max_retries=12,
 )
-def export_previous_day_task(self) -> list[int]:
+def export_previous_day_task(self, away_tries: int = 0) -> list[int]:
     """Export every data type for the previous UTC day and the days missed before it (the
     daily beat entry). A window still held open by a long transaction is retried later; after
     the last retry its exports are recorded failed, and the next night exports the day. A run
-    that meets PostgreSQL or Redis away is tried again a minute later (`retried_while_away`)."""
+    that meets PostgreSQL or Redis away is tried again a minute later (`retried_while_away`):
+    those tries, `away_tries` of the retries, do not count among the window's."""
+    window_retries = self.request.retries - away_tries
     try:
-        with retried_while_away(self):
+        with retried_while_away(self, away_tries):
             runs = export_previous_day(
-                time_limit_seconds=EXPORT_TIME_LIMIT_SECONDS, final_try=self.request.retries >= self.max_retries
+                time_limit_seconds=EXPORT_TIME_LIMIT_SECONDS, final_try=window_retries >= self.max_retries
             )
         return [run.pk for run in runs]
     except WindowNotClosed as exc:
-        raise self.retry(exc=exc, countdown=EXPORT_RETRY_COUNTDOWN_SECONDS) from exc
+        raise self.retry(
+            exc=exc, countdown=EXPORT_RETRY_COUNTDOWN_SECONDS, max_retries=self.max_retries + away_tries
+        ) from exc
 
 
 @shared_task(

@@ -169,3 +169,54 @@ def test_the_reaper_leaves_an_attempt_past_its_limit_to_a_pass_that_can_ask_its_
     attempt.refresh_from_db()
     assert (attempt.status, attempt.cause) == (TaskAttempt.Status.LOST, TaskAttempt.Cause.WORKER_LOST)
     assert "worker w@alive stopped answering" in attempt.error
+
+
+def _unreachable() -> None:
+    import psycopg
+    from django.db import OperationalError
+
+    try:
+        raise psycopg.OperationalError("connection failed: Connection refused")
+    except psycopg.OperationalError as cause:
+        raise OperationalError("connection failed: Connection refused") from cause
+
+
+@pytest.mark.parametrize("minutes_away", [0, 5, 13])
+def test_the_tries_while_the_database_is_away_do_not_spend_the_export_s_window_retries(minutes_away):
+    """The daily export retries a window still held open by a long transaction max_retries
+    times, then records its exports failed (`final_try`). The tries made while the database was
+    away counted among them: five minutes of outage took five of the twelve, and after twelve the
+    first try that found the window open gave the night up at once."""
+    from unittest import mock
+
+    from training_export import tasks as export_tasks
+    from training_export.services.export import WindowNotClosed
+
+    task = export_tasks.export_previous_day_task
+    final_tries: list[bool] = []
+
+    def export_previous_day(*, time_limit_seconds: int, final_try: bool) -> list:
+        final_tries.append(final_try)
+        if len(final_tries) <= minutes_away:
+            _unreachable()
+        raise WindowNotClosed("a transaction holds the window open")
+
+    with mock.patch.object(export_tasks, "export_previous_day", side_effect=export_previous_day):
+        result = task.apply()
+    assert isinstance(result.result, WindowNotClosed), result.result
+    assert final_tries[minutes_away:] == [False] * task.max_retries + [True]
+
+
+def test_the_rollup_tried_again_keeps_its_arguments(monkeypatch):
+    from orchestration.services import rollup
+    from orchestration.tasks import AWAY_MAX_RETRIES, rollup_metrics
+
+    periods = []
+
+    def rollup_previous(*, period: str) -> None:
+        periods.append(period)
+        _unreachable()
+
+    monkeypatch.setattr(rollup, "rollup_previous", rollup_previous)
+    assert rollup_metrics.apply(args=("day",)).failed()
+    assert periods == ["day"] * (AWAY_MAX_RETRIES + 1)
