@@ -1,7 +1,8 @@
 """Conversations as chat fine-tuning JSONL in OpenAI's format, and a validator of its rules.
 
 One line per conversation thread (`instance_id`):
-`{"messages": [...], "tools": [...]}` with system/user/assistant/tool messages, assistant
+`{"messages": [...], "tools": [...]}` (no `tools` for an agent without any: OpenAI's API
+refuses an empty array) with system/user/assistant/tool messages, assistant
 `tool_calls`, tool replies carrying `tool_call_id`, and `weight` on every assistant message:
 0 for a turn from a failed or retried attempt (its attempt did not succeed) or marked
 `is_error`, else 1.
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from itertools import groupby
@@ -69,6 +71,12 @@ _COLUMNS = (
 )
 
 
+# OpenAI's rule for a function's name ("a-z, A-Z, 0-9, or underscores and dashes, with a
+# maximum length of 64"): a file naming another one (a model's "functions.calculator", a name
+# masked as "[REDACTED]") is refused as a whole.
+_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
 class ChatFormatError(ValueError):
     """A chat example that breaks one of OpenAI's fine-tuning format rules."""
 
@@ -95,6 +103,8 @@ def _check_tool_calls(calls: Any, seen_ids: set[str], tool_names: set[str] | Non
             _fail("a tool call's function must have exactly the keys name, arguments")
         if not isinstance(function["name"], str) or not function["name"]:
             _fail("a tool call's function name must be a non-empty string")
+        if not _FUNCTION_NAME.fullmatch(function["name"]):
+            _fail(f"tool call to {function['name'][:80]!r}: a function name is 1-64 letters, digits, _ or -")
         if tool_names is not None and function["name"] not in tool_names:
             _fail(f"tool call to {function['name']!r}, which is not among the example's tools")
         if not isinstance(function["arguments"], str):
@@ -111,6 +121,9 @@ def _check_tool_calls(calls: Any, seen_ids: set[str], tool_names: set[str] | Non
 def _check_tools(tools: Any) -> set[str]:
     if not isinstance(tools, list):
         _fail("tools must be a list")
+    if not tools:
+        # (OpenAI's API refuses an empty `tools` array: an example without tools has no key)
+        _fail("tools must not be empty")
     names: set[str] = set()
     for tool in tools:
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
@@ -119,6 +132,8 @@ def _check_tools(tools: Any) -> set[str]:
         name = function.get("name")
         if not isinstance(name, str) or not name:
             _fail("each tool function needs a name")
+        if not _FUNCTION_NAME.fullmatch(name):
+            _fail(f"tool {name[:80]!r}: a function name is 1-64 letters, digits, _ or -")
         if name in names:
             _fail(f"tool {name!r} is defined twice")
         parameters = function.get("parameters", {"type": "object"})
@@ -131,8 +146,9 @@ def _check_tools(tools: Any) -> set[str]:
 def chat_example_validate(example: Any) -> None:
     """Raise ChatFormatError unless `example` follows OpenAI's chat fine-tuning format:
     known top-level keys, known roles and per-role keys, string contents, a system message
-    only first, weights 0/1 on assistant messages only, well-formed tool calls with unique ids
-    and JSON arguments, each answered by exactly one tool reply right after it, tool calls only
+    only first, weights 0/1 on assistant messages only, a non-empty tools list, function names
+    of 1-64 letters, digits, `_` or `-`, well-formed tool calls with unique ids and JSON
+    arguments, each answered by exactly one tool reply right after it, tool calls only
     to declared tools, and at least one assistant message with weight 1."""
     if not isinstance(example, dict):
         _fail("an example must be a JSON object")
@@ -568,7 +584,9 @@ def conversation_example(
     if not has_system and system_prompt and messages:
         messages.insert(0, {"role": "system", "content": _content(system_prompt, redactor)})
     _unique_call_ids(messages)
-    return {"messages": messages, "tools": tools}, recorded is not None
+    # An agent without tools: no `tools` key (OpenAI's API refuses an empty array).
+    example = {"messages": messages, "tools": tools} if tools != [] else {"messages": messages}
+    return example, recorded is not None
 
 
 def _unique_call_ids(messages: list[dict[str, Any]]) -> None:
