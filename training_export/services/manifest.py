@@ -87,7 +87,12 @@ def manifest_read(directory: Path) -> dict[str, Any]:
 
 def dataset_card(manifest: Manifest) -> bytes:
     """A Hugging Face dataset card: YAML front matter naming the data file per split, so
-    `datasets.load_dataset("json", ...)` or `load_dataset(<directory>)` reads it."""
+    `datasets.load_dataset("json", ...)` or `load_dataset(<directory>)` reads it, and its rows
+    and bytes (`dataset_info`). `datasets` caches what it read from a directory under the
+    directory's name and the card's `configs` and `dataset_info`, not under the file's contents
+    or its path: without the sizes, the same window exported under another root, or exported
+    again (`--force`), would load the rows first read from the cache (with them, only a file
+    of the same rows and bytes would). `datasets` also checks the rows against `num_examples`."""
     start = manifest.window_start.astimezone(dt.UTC).isoformat()
     end = manifest.window_end.astimezone(dt.UTC).isoformat()
     text = f"""---
@@ -96,6 +101,13 @@ configs:
   data_files:
   - split: {SPLIT}
     path: {manifest.file}
+dataset_info:
+  splits:
+  - name: {SPLIT}
+    num_bytes: {manifest.bytes}
+    num_examples: {manifest.rows}
+  download_size: {manifest.bytes}
+  dataset_size: {manifest.bytes}
 ---
 
 # AgentLedger {manifest.data_type} export
