@@ -56,20 +56,27 @@ def test_the_relay_skips_a_run_while_redis_is_away(settings, caplog):
     assert len(said) == 1 and said[0].startswith("relay_events skipped: Redis is not answering"), said
 
 
-def test_another_database_error_still_fails_the_run():
+@pytest.mark.parametrize(
+    ("table", "task_path"),
+    [("events", "orchestration.tasks.relay_events"), ("agent_metrics", "orchestration.tasks.rollup_metrics")],
+)
+def test_another_database_error_still_fails_the_run(caplog, table, task_path):
     """A statement cancelled (its timeout, waiting for a lock another session holds) is an
-    OperationalError too, but not an unreachable database: the run fails, as before."""
+    OperationalError too, but not an unreachable database: the run fails, as before, neither
+    skipped nor tried again."""
     from django.db import OperationalError
+    from django.utils.module_loading import import_string
 
     with other_connection() as other, other.transaction():
-        other.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        other.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
         with connection.cursor() as cursor:
             cursor.execute("SET statement_timeout = '200ms'")
         try:
             with pytest.raises(OperationalError, match="statement timeout"):
-                relay_events.run()
+                import_string(task_path).run()
         finally:
             connection.close()  # its session's timeout with it
+    assert not [r for r in caplog.records if r.name == "orchestration.tasks"]
 
 
 def test_the_daily_retention_and_the_export_sweep_skip_a_run_while_the_database_is_away(database_away, caplog):
@@ -108,23 +115,6 @@ def test_the_hourly_rollup_and_the_daily_export_are_tried_again_while_the_databa
         m.startswith(f"{task.name} tried again in {AWAY_RETRY_COUNTDOWN_SECONDS} s: the database is not answering")
         for m in said
     ), said[0]
-
-
-def test_another_database_error_fails_the_rollup_without_a_retry(caplog):
-    from django.db import OperationalError
-
-    from orchestration.tasks import rollup_metrics
-
-    with other_connection() as other, other.transaction():
-        other.execute("LOCK TABLE agent_metrics IN ACCESS EXCLUSIVE MODE")
-        with connection.cursor() as cursor:
-            cursor.execute("SET statement_timeout = '200ms'")
-        try:
-            with pytest.raises(OperationalError, match="statement timeout"):
-                rollup_metrics.run()
-        finally:
-            connection.close()  # its session's timeout with it
-    assert not [r for r in caplog.records if r.name == "orchestration.tasks"]
 
 
 @pytest.mark.parametrize("away", ["refused", "paused"])
