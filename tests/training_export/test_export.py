@@ -164,6 +164,15 @@ def test_command_errors_name_the_problem(db, out):
         call_command("export_training_data", "--type", "nope", "--start", today, "--end", today)
 
 
+def test_a_window_not_closed_is_refused_before_any_progress_bar(db, out, capsys):
+    """An empty bar (`0rows ...`, drawn at its start and again at its close) came before the
+    refusal."""
+    today = timezone.now().date().isoformat()
+    with pytest.raises(CommandError, match="not closed yet"):
+        call_command("export_training_data", "--type", "all", "--start", today, "--end", today)
+    assert capsys.readouterr().err == ""
+
+
 def test_command_errors_name_its_options_not_the_services_arguments(db, out):
     """They said start_date and end_date, names the command does not have."""
     with pytest.raises(CommandError, match=r"^--start='2024-13-01' is not a date; expected YYYY-MM-DD$"):

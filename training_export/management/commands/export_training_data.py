@@ -8,7 +8,14 @@ from tqdm import tqdm
 from orchestration.db import database_now
 from orchestration.management.arguments import DatabaseCommand
 from training_export.models import ExportRun
-from training_export.services.export import DATA_TYPES, ExportError, export_runs_for_window, parse_day
+from training_export.services.export import (
+    DATA_TYPES,
+    ExportError,
+    export_runs_for_window,
+    parse_day,
+    window_check_closed,
+    window_for,
+)
 
 
 class Command(DatabaseCommand):
@@ -28,6 +35,12 @@ class Command(DatabaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         data_types = list(DATA_TYPES) if options["data_type"] == "all" else [options["data_type"]]
         start, end = self._days(options["start"], options["end"])
+        try:
+            # Here, before the progress bar is drawn: the refusal is all that is printed. (The
+            # export checks it again; a window closed once stays closed.)
+            window_check_closed(window_for(start, end))
+        except ExportError as exc:
+            raise CommandError(str(exc)) from exc
         # On the database's clock, as the runs' finished_at: a run finished before this one began
         # was already there.
         began = database_now()
