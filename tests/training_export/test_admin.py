@@ -80,12 +80,32 @@ def test_only_runs_retention_would_delete_can_be_deleted(su_client: Client) -> N
     failed = ExportRunFactory(status="failed")
 
     for run in kept.values():
-        assert su_client.post(_delete(run), {"post": "yes"}).status_code == 403
+        refused = su_client.post(_delete(run), {"post": "yes"})
+        assert refused.status_code == 200 and refused.context["protected"], run.status
     mixed = su_client.post(
         CHANGELIST, {"action": "delete_selected", "_selected_action": [failed.pk, kept["succeeded"].pk], "post": "yes"}
     )
+    assert mixed.status_code == 200 and mixed.context["protected"]
+    assert ExportRun.objects.count() == 4
     deleted = su_client.post(_delete(failed), {"post": "yes"})
 
-    assert mixed.status_code == 403
     assert deleted.status_code == 302
     assert set(ExportRun.objects.values_list("status", flat=True)) == set(kept)
+
+
+@pytest.mark.parametrize("how", ["delete page", "delete selected"])
+def test_a_run_that_may_not_be_deleted_is_refused_saying_why(su_client: Client, how: str) -> None:
+    """Even a superuser was told "your account doesn't have permission to delete ... export
+    run" (the delete page answered 403): the page says why the run is kept."""
+    run = ExportRunFactory(status="succeeded")
+    if how == "delete page":
+        page = su_client.get(_delete(run))
+    else:
+        page = su_client.post(CHANGELIST, {"action": "delete_selected", "_selected_action": [run.pk]})
+    text = page.content.decode()
+
+    assert page.status_code == 200
+    assert "doesn&#x27;t have permission" not in text and "have permission" not in text
+    assert f"Export run {run.pk}, {run}: a succeeded run is the record of its files" in text.replace("&#x27;", "'")
+    assert "only failed and superseded runs can be deleted" in text
+    assert ExportRun.objects.filter(pk=run.pk).exists()
