@@ -9,8 +9,10 @@ connects to one of the checked addresses itself (see http_agent.post_json), so a
 answer cannot swap in another address between the check and the connection.
 
 `url_check` is the one place these rules live: the runtime calls it before each request,
-and load_agents calls it with `resolve=False` to refuse a definition whose URL could never
-be used, offline (no DNS lookup).
+and load_agents, the API and the console call it with `resolve=False` to refuse an agent
+whose URL could never be used, offline (no DNS lookup): a host that is an address (or
+`localhost`) is checked as the request would check it; a name is resolved at request time
+only, where its answer may have changed.
 """
 
 from __future__ import annotations
@@ -81,9 +83,10 @@ def url_check(url: str, *, always_allowed_hosts: Iterable[str] = (), resolve: bo
     never the address check.
 
     With `resolve=False` only what the URL itself says is checked (http or https, no
-    credentials, a host), without a DNS lookup, and the Target has no addresses: the
-    allow-list and the address rules belong to the deployment (AGENT_HTTP_ALLOWED_HOSTS,
-    AGENT_HTTP_ALLOW_PRIVATE) and are applied where the request is made."""
+    credentials, a host, and a host that is an IP address or `localhost` against
+    AGENT_HTTP_ALLOW_PRIVATE: every request would refuse it), without a DNS lookup, and the
+    Target has no addresses: the allow-list and the addresses a name resolves to are applied
+    where the request is made."""
     import httpx  # here, not at module level: see http_agent's note on its import
 
     try:
@@ -104,6 +107,15 @@ def url_check(url: str, *, always_allowed_hosts: Iterable[str] = (), resolve: bo
         # httpx takes any number; 0 would be checked here as the scheme's default port
         raise PermanentError(f"agent URL {url!r} refused: port {parsed.port} is not a port number (1 to 65535)")
     if not resolve:
+        if hostname == "localhost":  # a loopback address wherever it is looked up (RFC 6761)
+            _address_check(url, hostname, ["127.0.0.1"], literal=True)
+        else:
+            try:
+                address = ipaddress.ip_address(hostname)
+            except ValueError:  # a name: resolved, and its addresses checked, at request time
+                address = None
+            if address is not None:
+                _address_check(url, hostname, [str(address)], literal=True)
         return Target(url=parsed, hostname=hostname, addresses=())
     allowed = {h.rstrip(".").lower() for h in settings.AGENT_HTTP_ALLOWED_HOSTS}
     if allowed and hostname not in allowed and hostname not in {h.lower() for h in always_allowed_hosts}:
@@ -119,12 +131,19 @@ def url_check(url: str, *, always_allowed_hosts: Iterable[str] = (), resolve: bo
         raise PermanentError(f"agent URL {url!r} refused: host {hostname!r} does not resolve ({exc})") from None
     if not addresses:
         raise PermanentError(f"agent URL {url!r} refused: host {hostname!r} has no address")
-    if not settings.AGENT_HTTP_ALLOW_PRIVATE:
-        for address in addresses:
-            reason = address_refusal(ipaddress.ip_address(address))
-            if reason:
-                raise PermanentError(
-                    f"agent URL {url!r} refused: {hostname!r} resolves to {address}, a {reason} "
-                    "(set AGENT_HTTP_ALLOW_PRIVATE=true to allow)"
-                )
+    _address_check(url, hostname, addresses, literal=False)
     return Target(url=parsed, hostname=hostname, addresses=tuple(addresses))
+
+
+def _address_check(url: str, hostname: str, addresses: list[str], *, literal: bool) -> None:
+    """PermanentError if one of `addresses` (those `hostname` resolves to, or, `literal`, the
+    address it is) may not be reached, unless AGENT_HTTP_ALLOW_PRIVATE."""
+    if settings.AGENT_HTTP_ALLOW_PRIVATE:
+        return
+    for address in addresses:
+        reason = address_refusal(ipaddress.ip_address(address))
+        if reason:
+            host = f"{hostname!r} is" if literal else f"{hostname!r} resolves to {address},"
+            raise PermanentError(
+                f"agent URL {url!r} refused: {host} a {reason} (set AGENT_HTTP_ALLOW_PRIVATE=true to allow)"
+            )

@@ -348,6 +348,7 @@ def test_a_listed_key_host_means_what_the_operator_wrote(callers, settings):
     (scheme://host[:port]) admits that scheme and port, IPv6 literals included, whatever the
     case, a trailing dot or the spelling of the address. A refused URL is told what to list,
     without its path or userinfo; through the API nothing is stored until it is listed."""
+    settings.AGENT_HTTP_ALLOW_PRIVATE = True  # (a server on [::1])
     settings.AGENT_API_KEY_HOSTS = [
         "gateway.example.com",
         "https://gateway.example.com:8443",
@@ -396,3 +397,32 @@ def test_a_listed_key_host_means_what_the_operator_wrote(callers, settings):
     assert not Agent.objects.filter(pk="vllm-1").exists()
     settings.AGENT_API_KEY_HOSTS = ["vllm.internal", "http://vllm.internal:8001"]
     assert admin.post("/api/v1/agents/", agent, format="json").status_code == 201
+
+
+@pytest.mark.parametrize(
+    "url, address",
+    [
+        ("http://127.0.0.1:9000/", "'127.0.0.1' is a loopback address"),
+        ("http://localhost/", "'localhost' is a loopback address"),
+        ("http://[::1]/", "'::1' is a loopback address"),
+        ("http://10.0.0.5/", "'10.0.0.5' is a private address"),
+    ],
+)
+def test_an_http_agent_at_an_address_every_request_would_refuse_is_refused_when_made(callers, settings, url, address):
+    """Accepted (201), such an agent failed every task with this explanation: a literal
+    address (or localhost) is checked when the agent is made or changed. A name is not looked
+    up then: what it resolves to is checked per request."""
+    settings.AGENT_HTTP_ALLOW_PRIVATE = False
+    admin = callers["admin"].client
+    http = {"id": "svc", "name": "Svc", "executor": "http"}
+    why = f"agent URL {url!r} refused: {address} (set AGENT_HTTP_ALLOW_PRIVATE=true to allow)"
+    refused = admin.post("/api/v1/agents/", {**http, "url": url}, format="json")
+    assert refused.status_code == 400, refused.content
+    assert refused.json()["errors"] == [{"field": "url", "detail": f"url: {why}"}]
+    assert not Agent.objects.filter(pk="svc").exists()
+    assert admin.post("/api/v1/agents/", {**http, "url": "http://svc.internal:9000/"}, format="json").status_code == 201
+    changed = admin.patch("/api/v1/agents/svc/", {"url": url}, format="json")
+    assert changed.status_code == 400 and changed.json()["errors"][0]["detail"] == f"url: {why}"
+    assert Agent.objects.get(pk="svc").url == "http://svc.internal:9000/"
+    settings.AGENT_HTTP_ALLOW_PRIVATE = True
+    assert admin.patch("/api/v1/agents/svc/", {"url": url}, format="json").status_code == 200

@@ -148,6 +148,21 @@ def test_superuser_adds_an_agent(su_client: Client) -> None:
     assert Agent.objects.get(pk="new-001").name == "New"
 
 
+def test_an_http_agent_at_a_loopback_address_is_refused_in_the_console(su_client: Client, settings: Any) -> None:
+    """As through the API: the agent would fail every task with this very explanation."""
+    settings.AGENT_HTTP_ALLOW_PRIVATE = False
+    response = su_client.post(
+        _url(Agent, "add"),
+        {"id": "svc-001", "name": "Svc", "executor": "http", "status": "active", "url": "http://127.0.0.1:9000/"},
+    )
+    assert response.status_code == 200
+    assert response.context["adminform"].form.non_field_errors() == [
+        "url: agent URL 'http://127.0.0.1:9000/' refused: '127.0.0.1' is a loopback address "
+        "(set AGENT_HTTP_ALLOW_PRIVATE=true to allow)"
+    ]
+    assert not Agent.objects.filter(pk="svc-001").exists()
+
+
 @pytest.mark.parametrize("model", VIEWER_MODELS, ids=_ids)
 def test_viewer_sees_changelist_and_change_page_without_edit_controls(
     viewer_client: Client, model: type[models.Model]

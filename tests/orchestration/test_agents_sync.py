@@ -125,6 +125,7 @@ def test_a_definition_url_is_refused_with_the_request_time_policys_own_words(db,
 
 def test_definition_urls_are_checked_offline(db, tmp_path, monkeypatch, settings):
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["elsewhere.example.com"]  # the deployment's rule, applied per request
+    settings.AGENT_HTTP_ALLOW_PRIVATE = True  # (else 127.0.0.1 is refused, below)
 
     def no_dns(*args, **kwargs):
         raise AssertionError("load_agents looked a host up")
@@ -143,7 +144,20 @@ def test_a_missing_directory_is_named(db, tmp_path):
         sync(tmp_path / "nope")
 
 
-def test_a_local_openai_compatible_server_needs_no_key_but_anthropic_does(db, tmp_path):
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/run", "http://localhost:11434/v1", "http://[fd00::1]/"])
+def test_a_definition_url_at_an_address_every_request_would_refuse_is_refused(db, tmp_path, settings, url):
+    """As through the API and the console: the agent would fail every task, saying this."""
+    settings.AGENT_HTTP_ALLOW_PRIVATE = False
+    (tmp_path / "a.json").write_text(json.dumps({**ECHO, "executor": "http", "url": url}))
+    refusal = r"a\.json: url: agent URL .* refused: .* \(set AGENT_HTTP_ALLOW_PRIVATE=true"
+    with pytest.raises(CommandError, match=refusal):
+        sync(tmp_path)
+    settings.AGENT_HTTP_ALLOW_PRIVATE = True
+    assert "1 created" in sync(tmp_path)
+
+
+def test_a_local_openai_compatible_server_needs_no_key_but_anthropic_does(db, tmp_path, settings):
+    settings.AGENT_HTTP_ALLOW_PRIVATE = True  # (the server is on 127.0.0.1)
     local = {**LLM, "id": "local", "provider": "ollama", "url": "http://127.0.0.1:11434/v1", "api_key_env": ""}
     del local["api_key_env"]
     (tmp_path / "local.json").write_text(json.dumps(local))

@@ -293,6 +293,7 @@ def test_an_offline_check_refuses_what_the_url_itself_gets_wrong_without_a_looku
     settings.AGENT_HTTP_ALLOWED_HOSTS = ["elsewhere.example.com"]  # applied per request, not offline
     target = url_check("https://Agents.Example.com./run", resolve=False)
     assert (target.hostname, target.addresses) == ("agents.example.com", ())
+    settings.AGENT_HTTP_ALLOW_PRIVATE = True
     assert url_check("http://169.254.169.254/latest", resolve=False).addresses == ()
     for url, reason in [
         ("file:///etc/passwd", "only http and https"),
@@ -305,6 +306,30 @@ def test_an_offline_check_refuses_what_the_url_itself_gets_wrong_without_a_looku
         with pytest.raises(PermanentError, match=reason) as info:
             url_check(url, resolve=False)
         assert "hunter2" not in str(info.value)
+
+
+def test_an_offline_check_refuses_an_address_or_localhost_as_the_request_would(settings, monkeypatch):
+    """A literal address, or localhost, is refused offline in the words of the request's
+    refusal; a name is not looked up: what it resolves to is checked per request."""
+
+    def no_dns(*args, **kwargs):
+        raise AssertionError("the offline check looked a host up")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    settings.AGENT_HTTP_ALLOW_PRIVATE = False
+    for url, host in [
+        ("http://127.0.0.1:9000/", "'127.0.0.1' is a loopback address"),
+        ("http://LocalHost./run", "'localhost' is a loopback address"),
+        ("http://[::1]/", "'::1' is a loopback address"),
+        ("http://10.0.0.5/", "'10.0.0.5' is a private address"),
+        ("http://169.254.169.254/latest", "'169.254.169.254' is a link-local address"),
+    ]:
+        with pytest.raises(PermanentError, match=rf"refused: {re.escape(host)}.*\(set AGENT_HTTP_ALLOW_PRIVATE=true"):
+            url_check(url, resolve=False)
+    assert url_check("http://svc.internal:9000/", resolve=False).addresses == ()
+    assert url_check("https://8.8.8.8/", resolve=False).hostname == "8.8.8.8"
+    settings.AGENT_HTTP_ALLOW_PRIVATE = True
+    assert url_check("http://127.0.0.1:9000/", resolve=False).hostname == "127.0.0.1"
 
 
 def test_public_addresses_pass_the_policy(settings):
