@@ -61,8 +61,11 @@ TITLES = {
     503: "Service unavailable",
 }
 
-# "tasks[2] (fetch).depends_on: unknown task" -> "tasks[2].depends_on"
-_FIELD_RE = re.compile(r"^(?P<field>[A-Za-z_][\w]*(?:\[\d+\])?(?: \([^)]*\))?(?:\.[A-Za-z_]\w*)*)")
+# "tasks[2] (fetch).depends_on: unknown task" -> "tasks[2].depends_on"; a value's path as the
+# request's parser names it ("tasks[0].input.t[1]", "metadata (a key)") is kept whole.
+_FIELD_RE = re.compile(
+    r"^(?P<field>[A-Za-z_]\w*(?:\[\d+\])*(?: \([^)]*\))?(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*(?: \(a key\))?)"
+)
 
 
 def problem_type(code: str) -> str:
@@ -89,7 +92,8 @@ def spec_field(text: str) -> str:
     match = _FIELD_RE.match(text)
     if not match:
         return ""
-    return re.sub(r" \([^)]*\)", "", match.group("field"))
+    field = match.group("field")
+    return re.sub(r"^(tasks\[\d+\]) \((?!a key\)$)[^)]*\)", r"\1", field)
 
 
 def _flatten(data: Any, prefix: str = "") -> list[dict[str, str]]:

@@ -12,6 +12,7 @@ import django_filters
 import redis
 from django import forms
 from django.core.exceptions import ValidationError
+from django.utils.dateparse import parse_datetime
 from django_filters.fields import ChoiceField, IsoDateTimeField
 from django_filters.filters import QuerySetRequestMixin
 from django_filters.filterset import FilterSetMetaclass
@@ -28,9 +29,34 @@ from orchestration.services.relay import settled_sequence
 logger = logging.getLogger(__name__)
 
 
+# What a date-time refused for a space where its offset's '+' was is told.
+PLUS_AS_SPACE = "a '+' in a query string means a space; write it as %2B"
+
+
+def plus_read_as_space(value: Any) -> bool:
+    """Whether `value`, not a date-time, is one with its last space a '+': a query string
+    decodes an unencoded '+' into a space (`?since=2026-12-01T00:00:00+00:00`)."""
+    if not isinstance(value, str) or " " not in value:
+        return False
+    head, _, tail = value.rpartition(" ")
+    try:
+        return parse_datetime(f"{head}+{tail}") is not None
+    except ValueError:  # ISO 8601 in form, not a date
+        return False
+
+
 class UtcDateTimeField(IsoDateTimeField):
     def clean(self, value: Any) -> dt.datetime | None:
-        parsed = super().clean(value)
+        try:
+            parsed = super().clean(value)
+        except ValidationError as exc:
+            if exc.code == "invalid" and plus_read_as_space(value):
+                # The hint as a parameter: django-filter formats every message with its
+                # parameters, and the `%` of %2B in the message itself would break that.
+                raise ValidationError(
+                    "Enter a valid date/time: %(hint)s.", code="invalid", params={"hint": PLUS_AS_SPACE}
+                ) from None
+            raise
         if parsed is None:
             return None
         try:

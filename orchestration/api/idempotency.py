@@ -20,9 +20,11 @@ from typing import Any
 from rest_framework.exceptions import ValidationError
 
 from orchestration.api.exceptions import Conflict, Unprocessable
+from orchestration.api.parsers import unstorable_field, unstorable_text
 from orchestration.api.redis_store import store
 from orchestration.errors import IdempotencyKeyReused
 from orchestration.models import Workflow
+from orchestration.services.specs import spec_validate
 from orchestration.services.workflows import workflow_spec_is, workflow_submit
 
 HEADER = "Idempotency-Key"
@@ -78,6 +80,11 @@ def workflow_submit_idempotent(*, owner: Any, body: Any, header_key: str | None)
     object, a malformed key, or a body key that differs from the header's."""
     if not isinstance(body, dict):
         raise ValidationError({"spec": ["must be a JSON object with at least 'name' and 'tasks'"]})
+    if unstorable_text(body):
+        # Not to be looked up, nor stored: the spec's problems, this among them, all at once.
+        spec_validate(body)
+        field, problem = unstorable_field(body)  # (spec_validate names it: never reached)
+        raise ValidationError({field: [problem]} if field else [f"The request body {problem}."])
     if "idempotency_key" in body and not isinstance(body["idempotency_key"], str):
         raise ValidationError({"idempotency_key": ["must be a string"]})
     key = header_key if header_key is not None else body.get("idempotency_key")

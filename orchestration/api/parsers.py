@@ -103,7 +103,8 @@ def unstorable_field(value: Any) -> tuple[str, str]:
 
 class LimitedJSONParser(JSONParser):
     """JSON with the body size limit enforced, a name given twice in one object and text
-    PostgreSQL cannot store refused."""
+    PostgreSQL cannot store refused (but in a workflow spec, a view's `body_is_spec`, whose
+    validation names it among every other problem of the spec)."""
 
     def parse(self, stream: Any, media_type: str | None = None, parser_context: dict | None = None) -> Any:
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
@@ -121,6 +122,9 @@ class LimitedJSONParser(JSONParser):
             raise ParseError(f"JSON parse error - {exc}") from None
         except RecursionError:
             raise ParseError("JSON parse error - the document is nested too deeply.") from None
+        if getattr((parser_context or {}).get("view"), "body_is_spec", False):
+            # A workflow spec: spec_validate names such text among the spec's other problems.
+            return parsed
         if unstorable_text(parsed):
             field, problem = unstorable_field(parsed)
             raise ValidationError({field: [problem]} if field else [f"The request body {problem}."])

@@ -16,7 +16,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import ISO_8601, serializers
 from rest_framework.settings import api_settings
 
-from orchestration.api.filters import unknown_parameters
+from orchestration.api.filters import PLUS_AS_SPACE, plus_read_as_space, unknown_parameters
 from orchestration.models import Agent, AgentPlaygroundMessage, ApiKey, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.models.workflows import Priority
 from orchestration.selectors import DEFAULT_STATS_WINDOW
@@ -649,11 +649,24 @@ class StrictQuerySerializer(serializers.Serializer):
         return super().to_internal_value(data)
 
 
+class QueryDateTimeField(serializers.DateTimeField):
+    """A date-time of a query string: one refused for a space where its offset's '+' was (a
+    query string decodes an unencoded '+' into a space) says so."""
+
+    def to_internal_value(self, value: Any) -> Any:
+        try:
+            return super().to_internal_value(value)
+        except serializers.ValidationError:
+            if plus_read_as_space(value):
+                raise serializers.ValidationError(f"Datetime has wrong format: {PLUS_AS_SPACE}.") from None
+            raise
+
+
 class AgentStatsQuerySerializer(StrictQuerySerializer):
     """The window of an agent's statistics."""
 
-    since = serializers.DateTimeField(required=False, help_text="start of the window (default: 24 hours ago)")
-    until = serializers.DateTimeField(required=False, help_text="end of the window (default: now)")
+    since = QueryDateTimeField(required=False, help_text="start of the window (default: 24 hours ago)")
+    until = QueryDateTimeField(required=False, help_text="end of the window (default: now)")
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         # The default since is fixed here, once, so that it is the one `until` is checked against.

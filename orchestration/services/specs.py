@@ -215,69 +215,92 @@ class _Walk:
     left: int = SPEC_MAX_VALUES
 
 
-def _unstorable(value: Any, where: str, problems: list[str], walk: _Walk) -> None:
+def _at(base: str, kind: str, step: Any) -> str:
+    """The path of a value from its container's path: `kind` "" for the container itself, "k"
+    for a key of it, "." for a value under a key, "[" for an element (a path at the top has no
+    leading dot, as a validation error names a field)."""
+    if kind == "k":
+        return f"{base} (a key)" if base else "(a key)"
+    if kind == ".":
+        return f"{base}.{step}" if base else str(step)
+    if kind == "[":
+        return f"{base}[{step}]"
+    return base
+
+
+def _unstorable(value: Any, where: str, problems: list[str], walk: _Walk, *, text_only: bool = False) -> None:
     """Name each value under `where` that the JSON columns cannot hold: a YAML spec may carry a
     date (`since: 2026-01-01`), binary data or a set, and a JSON or YAML one NaN or an
     infinity, none of which JSON (or jsonb) has; PostgreSQL takes no NUL character nor an
     unpaired surrogate in any text. Found here they are problems of the spec, named by path,
-    not an error of the database after validation (the API's parser refuses the latter two
-    already; the submit_workflow command reads files). A YAML alias inside the node it names
-    (`input: &x {self: *x}`) makes a value that contains itself, which no JSON document is: it
-    is named too, and not walked for ever; nor is a spec whose aliases expand it past
-    SPEC_MAX_VALUES values (the walk stops there: storing it would expand it whole)."""
-    stack: list[tuple[Any, Any]] = [(value, where)]  # (value, its path), or (_LEAVE, a container id)
+    not an error of the database after validation (the API's parser leaves a spec's body to
+    this walk; the submit_workflow command reads files). With `text_only`, only text is
+    checked: for fields whose other checks name a wrong type. A YAML alias inside the node it
+    names (`input: &x {self: *x}`) makes a value that contains itself, which no JSON document
+    is: it is named too, and not walked for ever; nor is a spec whose aliases expand it past
+    SPEC_MAX_VALUES values (the walk stops there: storing it would expand it whole). A value's
+    path is spelled only when it is named or holds values: a path per value, each repeating
+    its parents', took memory of the values times the depth."""
+    # (value, its container's path, kind, step: see _at), or (_LEAVE, a container id, "", None)
+    stack: list[tuple[Any, Any, str, Any]] = [(value, where, "", None)]
     enclosing: set[int] = set()  # ids of the containers being walked (the current node's ancestors)
     while stack:
-        item, path = stack.pop()
+        item, base, kind, step = stack.pop()
         if item is _LEAVE:
-            enclosing.discard(path)
+            enclosing.discard(base)
             continue
         walk.left -= 1
         if walk.left < 0:
             if walk.left == -1:
                 problems.append(
-                    f"the spec expands to more than {SPEC_MAX_VALUES:,} values (at {path}; YAML aliases repeat "
-                    "what they name)"
+                    f"the spec expands to more than {SPEC_MAX_VALUES:,} values (at {_at(base, kind, step)}; YAML "
+                    "aliases repeat what they name)"
                 )
             return
-        children: list[tuple[Any, str]] = []
+        children: list[tuple[Any, Any, str, Any]] = []
         if isinstance(item, dict | list | tuple):
+            path = _at(base, kind, step)
             if id(item) in enclosing:
                 problems.append(f"{path} contains itself (a YAML alias inside the node it names), which JSON has not")
                 continue
             enclosing.add(id(item))
-            stack.append((_LEAVE, id(item)))  # popped once every child of it has been walked
+            stack.append((_LEAVE, id(item), "", None))  # popped once every child of it has been walked
         if isinstance(item, str):
             if "\x00" in item:
-                problems.append(f"{path} contains a NUL character (\\u0000)")
+                problems.append(f"{_at(base, kind, step)} contains a NUL character (\\u0000)")
             elif not item.isascii():
                 try:
                     item.encode("utf-8")
                 except UnicodeEncodeError:
-                    problems.append(f"{path} contains an unpaired UTF-16 surrogate")
+                    problems.append(f"{_at(base, kind, step)} contains an unpaired UTF-16 surrogate")
         elif isinstance(item, bool | int) or item is None:
             continue
         elif isinstance(item, float):
-            if not math.isfinite(item):
-                problems.append(f"{path} is {item!r}: JSON has no NaN or infinity")
+            if not math.isfinite(item) and not text_only:
+                # (A JSON number too large for a float, 1e400, reads as an infinity.)
+                large = " (a number out of range)" if math.isinf(item) else ""
+                problems.append(f"{_at(base, kind, step)} is {item!r}{large}: JSON has no NaN or infinity")
         elif isinstance(item, dict):
             for key, child in item.items():
-                if not isinstance(key, _JSON_KEY_TYPES):
-                    problems.append(f"{path}: a key must be a string, got {type(key).__name__} {key!r}")
-                    continue
-                if isinstance(key, float) and not math.isfinite(key):
-                    problems.append(f"{path}: a key is {key!r}: JSON has no NaN or infinity")
-                    continue
-                children.extend([(key, f"{path} (a key)"), (child, f"{path}.{key}")])
+                if not text_only:
+                    if not isinstance(key, _JSON_KEY_TYPES):
+                        problems.append(f"{path}: a key must be a string, got {type(key).__name__} {key!r}")
+                        continue
+                    if isinstance(key, float) and not math.isfinite(key):
+                        problems.append(f"{path}: a key is {key!r}: JSON has no NaN or infinity")
+                        continue
+                children.extend([(key, path, "k", None), (child, path, ".", key)])
         elif isinstance(item, list | tuple):
-            children.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+            children.extend((child, path, "[", i) for i, child in enumerate(item))
+        elif text_only:
+            continue
         elif isinstance(item, dt.date):  # datetime too
             problems.append(
-                f"{path} is a {type(item).__name__} ({item.isoformat()}), which JSON has not: quote it "
-                f"to pass it as text ('{item.isoformat()}')"
+                f"{_at(base, kind, step)} is a {type(item).__name__} ({item.isoformat()}), which JSON has not: quote "
+                f"it to pass it as text ('{item.isoformat()}')"
             )
         else:
-            problems.append(f"{path} is a {type(item).__name__}, which JSON has not")
+            problems.append(f"{_at(base, kind, step)} is a {type(item).__name__}, which JSON has not")
         stack.extend(reversed(children))  # each problem in the order of the document
 
 
@@ -292,20 +315,36 @@ def _sendable(text: str) -> bool:
     return True
 
 
+# The fields whose every value _unstorable checks; the others are checked for text alone.
+_WALKED_FIELDS = ("name", "workflow_type", "description", "tags", "metadata", "state", "idempotency_key")
+_WALKED_TASK_FIELDS = ("input", "description", "task_type")
+
+
 def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
     """Validate a parsed spec against the agents table and the configured limits."""
     problems: list[str] = []
     walk = _Walk()
-    for key in ("name", "workflow_type", "description", "tags", "metadata", "state", "idempotency_key"):
+    for key in _WALKED_FIELDS:
         if key in data:
             _unstorable(data[key], key, problems, walk)
     if isinstance(data.get("tasks"), list):
         for i, raw in enumerate(data["tasks"]):
             if isinstance(raw, dict):
                 # Names, agents, dependencies and priorities are checked against what exists.
-                for key in ("input", "description", "task_type"):
+                for key in _WALKED_TASK_FIELDS:
                     if key in raw:
                         _unstorable(raw[key], f"tasks[{i}].{key}", problems, walk)
+    # Text PostgreSQL cannot take anywhere else (a NUL in an agent's id, in an unknown field's
+    # name): named by path among the other problems, which say what else is wrong there.
+    rest = {key: value for key, value in data.items() if key not in _WALKED_FIELDS and key != "tasks"}
+    _unstorable(rest, "", problems, walk, text_only=True)
+    if isinstance(data.get("tasks"), list):
+        for i, raw in enumerate(data["tasks"]):
+            if isinstance(raw, dict):
+                raw = {key: value for key, value in raw.items() if key not in _WALKED_TASK_FIELDS}
+            _unstorable(raw, f"tasks[{i}]", problems, walk, text_only=True)
+    elif "tasks" in data:
+        _unstorable(data["tasks"], "tasks", problems, walk, text_only=True)
     for key in sorted(set(data) - WORKFLOW_FIELDS, key=str):  # (a YAML key may be a number)
         problems.append(f"{key}: unknown field (allowed: {', '.join(sorted(WORKFLOW_FIELDS))})")
 

@@ -104,8 +104,8 @@ def test_a_nul_in_any_query_parameter_is_a_400_naming_it(callers, query, field):
     ],
 )
 def test_a_value_postgresql_cannot_store_is_refused_naming_where_it_is(callers, fields, field, problem):
-    """The body is refused whole, before any view reads it (nothing is written), and the
-    problem names the value's place in it, as a validation error names a field."""
+    """The spec is refused whole, nothing written, and the problem names the value's place in
+    it, as a validation error names a field."""
     tasks = "" if fields.startswith('"tasks"') else ', "tasks": [{"name": "a", "agent": "echo"}]'
     refused = _post(callers["developer"], '{"name": "n", ' + fields + tasks + "}")
     assert refused.status_code == 400, refused.content
@@ -113,6 +113,36 @@ def test_a_value_postgresql_cannot_store_is_refused_naming_where_it_is(callers, 
     assert error["field"] == field
     assert problem in error["detail"]
     assert not Workflow.objects.exists()
+
+
+@pytest.mark.parametrize("header", [{}, {"HTTP_IDEMPOTENCY_KEY": "once"}], ids=["no-key", "key-used-before"])
+def test_a_nul_in_a_spec_is_named_among_its_other_problems_and_nothing_is_stored(callers, header):
+    """README: every problem of a spec at once. The parser refused the body for its NUL alone,
+    hiding the spec's other problems; nor may a key's stored workflow be compared with a body
+    PostgreSQL cannot be sent (jsonb takes no NUL)."""
+    if header:
+        assert _post(callers["developer"], json.dumps({**SPEC, "idempotency_key": "once"})).status_code == 201
+    body = {
+        "name": "",
+        "priority": "urgent",
+        "metadata": {"a": ["ok", "x\u0000y"]},
+        "tasks": [{"name": "a", "agent": "no\u0000such"}, {"name": "b", "agent": "echo", "depends_on": ["zz"]}],
+    }
+    refused = _post(callers["developer"], json.dumps(body), **header)
+    assert refused.status_code == 400, refused.content
+    errors = [(e["field"], e["detail"]) for e in refused.json()["errors"]]
+    assert ("metadata.a[1]", "metadata.a[1] contains a NUL character (\\u0000)") in errors
+    assert ("tasks[0].agent", "tasks[0].agent contains a NUL character (\\u0000)") in errors
+    assert {"name", "priority", "tasks[1].depends_on"} <= {field for field, _ in errors}
+    assert Workflow.objects.count() == (1 if header else 0)
+
+
+def test_a_nul_in_the_body_of_another_request_is_still_refused_by_the_parser(callers, submit):
+    workflow = submit(callers["developer"]).json()
+    cancel = f"/api/v1/workflows/{workflow['workflow_id']}/cancel/"
+    answer = callers["developer"].client.post(cancel, '{"reason": "a\\u0000"}', content_type="application/json")
+    assert answer.status_code == 400
+    assert answer.json()["errors"] == [{"field": "reason", "detail": "contains a NUL character (\\u0000)"}]
 
 
 def test_naming_where_a_value_postgresql_cannot_store_is_takes_no_memory_per_value_and_level(callers):
@@ -128,6 +158,33 @@ def test_naming_where_a_value_postgresql_cannot_store_is_takes_no_memory_per_val
     finally:
         tracemalloc.stop()
     assert refused.status_code == 400, refused.content
-    (error,) = refused.json()["errors"]
+    (error,) = [e for e in refused.json()["errors"] if "NUL" in e["detail"]]  # (the spec has no tasks either)
     assert error["field"] == "metadata.x" + "[0]" * (depth - 1) + f"[{zeros}]"
     assert peak < 20_000_000, f"{peak / 1e6:.0f} MB"
+
+
+@pytest.mark.parametrize(
+    "path, parameter",
+    [
+        ("/api/v1/workflows/?created_after=", "created_after"),
+        ("/api/v1/workflows/?created_before=", "created_before"),
+        ("/api/v1/tasks/?created_after=", "created_after"),
+        ("/api/v1/tasks/?created_before=", "created_before"),
+        ("/api/v1/events/?since=", "since"),
+        ("/api/v1/events/?until=", "until"),
+        ("/api/v1/agents/echo/stats/?since=", "since"),
+        ("/api/v1/me/spend/?until=", "until"),
+    ],
+)
+def test_a_time_whose_plus_a_query_string_read_as_a_space_says_so(callers, path, parameter):
+    """README documents the %2B rule; the error only said "Enter a valid date/time."."""
+    client = callers["admin"].client
+    refused = client.get(path + "2026-12-01T00:00:00+05:30")  # the '+' arrives as a space
+    assert refused.status_code == 400, refused.content
+    (error,) = refused.json()["errors"]
+    assert error["field"] == parameter
+    assert error["detail"].endswith(": a '+' in a query string means a space; write it as %2B.")
+    other = client.get(path + "2026-12-01T00:00:00x05:30")  # no space: wrong otherwise
+    assert other.status_code == 400 and "%2B" not in other.json()["errors"][0]["detail"]
+    assert client.get(path + "2036-12-01T00:00:00%2B05:30").status_code == 200
+    assert client.get(path + "2036-12-01+00:00:00Z").status_code == 200  # a space before the time is one

@@ -238,8 +238,28 @@ def test_the_same_idempotency_key_with_another_spec_is_refused_naming_the_first_
             "json",
             "tasks[0] (a).agent: unknown agent '\\ud800'",
         ),
+        ('{"name": "x", "tasks": [{"name": "a", "agent": "e\\u0000"}]}', "json", "tasks[0].agent contains a NUL"),
+        (
+            'name: x\ntasks: [{name: a, agent: echo, depends_on: ["b\\0"]}]\n',
+            "yaml",
+            "tasks[0].depends_on[0] contains a NUL",
+        ),
+        ('{"name": "x", "x\\u0000": 1, "tasks": [{"name": "a", "agent": "echo"}]}', "json", "(a key) contains a NUL"),
     ],
-    ids=["date", "datetime", "binary", "set", "nan", "infinity", "nul", "surrogate", "surrogate-agent"],
+    ids=[
+        "date",
+        "datetime",
+        "binary",
+        "set",
+        "nan",
+        "infinity",
+        "nul",
+        "surrogate",
+        "surrogate-agent",
+        "nul-agent",
+        "nul-yaml-dependency",
+        "nul-field-name",
+    ],
 )
 def test_values_no_json_column_can_hold_are_named_and_nothing_is_stored(db, tmp_path, document, fmt, problem):
     """A YAML spec may hold a date, binary data or a set, a JSON or YAML one NaN or an infinity:
