@@ -5,12 +5,21 @@ Worker metrics use prometheus_client's multiprocess mode. The prefork pool proce
 write their samples to files under PROMETHEUS_MULTIPROC_DIR; the worker's main process
 serves their sum on WORKER_METRICS_PORT (`/metrics`), and a pool process that exits is
 marked dead so its live gauges stop counting (its counters keep adding up, as they should).
+The counter and histogram files of processes that have exited (recycled by
+--max-tasks-per-child, killed at a hard time limit or a cancellation) are merged into one
+file per type at the next scrape, so the directory and the scrape's cost stay bounded by the
+pool's size rather than growing with every process the worker ever ran.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
+import threading
 import time
+from collections.abc import Callable, Iterable
+from contextlib import suppress
 from typing import Any
 
 from django.conf import settings
@@ -40,10 +49,10 @@ def metrics_server_start() -> int | None:
             "cannot be collected; worker metrics are not served"
         )
         return None
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=settings.PROMETHEUS_MULTIPROC_DIR)
+    registry.register(PoolMetricsCollector(settings.PROMETHEUS_MULTIPROC_DIR))
     try:
         _server, _thread = start_http_server(port, addr=settings.WORKER_METRICS_ADDR, registry=registry)
     except OSError as exc:
@@ -51,6 +60,76 @@ def metrics_server_start() -> int | None:
         return None
     logger.info("worker metrics on http://%s:%s/metrics", settings.WORKER_METRICS_ADDR, port)
     return port
+
+
+# Types whose samples from several processes add up (gauges do not: each mode keeps its own).
+SUMMED_TYPES = ("counter", "histogram", "summary")
+ARCHIVE = "archive"  # <type>_archive.db: what the exited processes had written
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dead_process_files_merge(path: str, *, alive: Callable[[int], bool] = process_alive) -> int:
+    """Merge the counter, histogram and summary files of processes that no longer exist into
+    `<type>_archive.db` (values of the same sample added up, as MultiProcessCollector adds them)
+    and remove them; how many files were merged. Not safe against a concurrent read of the
+    directory: the caller serializes it with the scrape."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    merged = 0
+    for kind in SUMMED_TYPES:
+        dead = []
+        for name in glob.glob(os.path.join(path, f"{kind}_*.db")):
+            pid = os.path.basename(name)[len(kind) + 1 : -len(".db")]
+            if pid.isdigit() and not alive(int(pid)):
+                dead.append(name)
+        if not dead:
+            continue
+        archive = os.path.join(path, f"{kind}_{ARCHIVE}.db")
+        totals: dict[str, float] = {}
+        for name in [archive, *dead] if os.path.exists(archive) else dead:
+            for key, number, _timestamp, _pos in MmapedDict.read_all_values_from_file(name):
+                totals[key] = totals.get(key, 0.0) + number
+        staging = f"{archive}.tmp"  # not *.db: never read as samples
+        with suppress(FileNotFoundError):
+            os.remove(staging)
+        values = MmapedDict(staging)
+        try:
+            for key, number in totals.items():
+                values.write_value(key, number, 0.0)
+        finally:
+            values.close()
+        os.replace(staging, archive)
+        for name in dead:
+            os.remove(name)
+        merged += len(dead)
+    return merged
+
+
+class PoolMetricsCollector:
+    """The sum of what every process wrote under `path` (prometheus_client's
+    MultiProcessCollector), after merging the files of processes that have exited."""
+
+    def __init__(self, path: str) -> None:
+        from prometheus_client import multiprocess
+
+        self.path = path
+        self._collector = multiprocess.MultiProcessCollector(None, path=path)
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterable[Any]:
+        with self._lock:
+            with metrics.guarded("merge_dead_process_files"):
+                dead_process_files_merge(self.path)
+            return list(self._collector.collect())
 
 
 def metrics_server_stop() -> None:

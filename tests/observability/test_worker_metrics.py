@@ -129,3 +129,68 @@ def test_a_metrics_port_in_use_leaves_the_worker_running_without_it(settings, ca
         settings.PROMETHEUS_MULTIPROC_DIR = str(tmp_path)
         assert worker.metrics_server_start() is None
     assert "cannot listen" in caplog.text
+
+
+POOL_PROCESS = """
+import sys
+from prometheus_client import Counter, Histogram
+Counter("pool_test_attempts", "attempts", ["agent"]).labels("echo").inc(int(sys.argv[1]))
+Histogram("pool_test_seconds", "durations", buckets=(1, 10)).observe(float(sys.argv[2]))
+"""
+
+
+def _pool_process(directory, count: int, seconds: float) -> None:
+    """A process that records like a pool process (multiprocess mode) and exits."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    subprocess.run([sys.executable, "-c", POOL_PROCESS, str(count), str(seconds)], env=env, check=True)
+
+
+def test_files_of_exited_pool_processes_are_merged_and_their_counts_kept(settings, tmp_path):
+    """Every recycled pool process (--max-tasks-per-child, a hard time limit, a cancellation)
+    leaves its files behind; without merging, the directory and each scrape's cost grow with
+    every process the worker ever ran."""
+    from observability import worker
+
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    settings.WORKER_METRICS_PORT = free_port()
+    settings.WORKER_METRICS_ADDR = "127.0.0.1"
+    settings.PROMETHEUS_MULTIPROC_DIR = str(directory)
+    for count, seconds in ((1, 0.5), (2, 5.0), (3, 50.0)):
+        _pool_process(directory, count, seconds)
+    assert len(list(directory.glob("*.db"))) == 6
+    port = worker.metrics_server_start()
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        samples = scrape(url)
+        assert value(samples, "pool_test_attempts_total", agent="echo") == 6
+        assert value(samples, "pool_test_seconds_count") == 3
+        assert value(samples, "pool_test_seconds_bucket", le="1.0") == 1
+        assert value(samples, "pool_test_seconds_bucket", le="10.0") == 2
+        assert sorted(p.name for p in directory.glob("*.db")) == ["counter_archive.db", "histogram_archive.db"]
+
+        # More processes come and go: merged into the same files, nothing counted twice.
+        for count, seconds in ((4, 0.1), (5, 0.2)):
+            _pool_process(directory, count, seconds)
+        assert scrape(url) == scrape(url)
+        samples = scrape(url)
+        assert value(samples, "pool_test_attempts_total", agent="echo") == 15
+        assert value(samples, "pool_test_seconds_count") == 5
+        assert value(samples, "pool_test_seconds_bucket", le="1.0") == 3
+        assert value(samples, "pool_test_seconds_sum") == pytest.approx(55.8)
+        assert len(list(directory.glob("*.db"))) == 2
+    finally:
+        worker.metrics_server_stop()
+
+
+def test_files_of_live_processes_are_left_alone(tmp_path):
+    from observability.worker import dead_process_files_merge
+
+    _pool_process(tmp_path, 2, 1.0)
+    names = sorted(p.name for p in tmp_path.glob("*.db"))
+    assert dead_process_files_merge(str(tmp_path), alive=lambda pid: True) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == names
