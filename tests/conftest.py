@@ -63,6 +63,18 @@ def _secret_values_of_this_test_only() -> Iterator[None]:
             logs._registered_version += 1
 
 
+@pytest.fixture(autouse=True)
+def _log_context_of_this_test_only() -> Iterator[None]:
+    """A worker clears the log context (workflow, execution, attempt) before and after each
+    task (task_prerun, task_postrun); a test that runs an attempt in-process has no such end,
+    and its context was on the next test's log lines (a test of the lines' text then failed by
+    the order the tests ran in)."""
+    yield
+    logs = sys.modules.get("observability.logs")
+    if logs is not None:
+        logs.log_context_clear()
+
+
 @pytest.fixture
 def persistent_connection(transactional_db: None) -> Iterator[None]:
     """The default connection as a server keeps it: reused between requests and tasks
