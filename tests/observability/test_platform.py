@@ -81,6 +81,18 @@ def test_every_alert_rule_is_complete():
         assert needed in covered, f"no alert on {needed}"
 
 
+def test_every_scraped_job_has_an_alert_for_having_no_target_at_all():
+    """`up == 0` fires for a target that is down, not for a job whose service discovery finds
+    none (every worker gone): its `up` series do not exist."""
+    prometheus = yaml.safe_load((PLATFORM / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in prometheus["scrape_configs"]} & {"web", "worker"}
+    assert jobs == {"web", "worker"}
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    covered = " ".join(rule["expr"] for group in groups for rule in group["rules"])
+    for job in sorted(jobs):
+        assert f'absent(up{{job="{job}"}})' in covered, f"no alert when no {job} target is scraped"
+
+
 def test_prometheus_loads_the_alert_rules_docker_compose_mounts():
     prometheus = yaml.safe_load((PLATFORM / "prometheus" / "prometheus.yml").read_text())
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
