@@ -15,6 +15,26 @@ ROLES: dict[str, list[str]] = {
     "viewer": ["workflow:read", "agent:list"],
 }
 
+# The strongest first: a user in several role groups has the first of them.
+ROLE_ORDER = ("admin", "developer", "viewer")
+ADMIN = "admin"
+
+
+def user_role(user: Any) -> str | None:
+    """The user's role: the strongest of their role groups (a superuser is admin), None for
+    none; cached on the user object (for the request, or the key being made)."""
+    if not getattr(user, "is_authenticated", False):
+        return None
+    if not hasattr(user, "_api_role"):
+        if user.is_superuser:
+            role = ADMIN
+        else:
+            names = set(user.groups.filter(name__in=ROLE_ORDER).values_list("name", flat=True))
+            role = next((r for r in ROLE_ORDER if r in names), None)
+        user._api_role = role
+    return user._api_role
+
+
 # seed permission -> Django permissions as "app_label.codename"
 PERMISSIONS: dict[str, list[str]] = {
     "workflow:read": [

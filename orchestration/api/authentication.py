@@ -15,9 +15,9 @@ from rest_framework.authentication import BaseAuthentication, get_authorization_
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.request import Request
 
-from orchestration.api.permissions import ADMIN, ROLE_ORDER
 from orchestration.db import prepared_cursor, timestamptz_fast_loader
 from orchestration.models import ApiKey
+from orchestration.roles import ADMIN, ROLE_ORDER
 from orchestration.services.access import api_key_mark_used, api_key_matches, api_key_parse
 
 Converter = Callable[[Any, Any, Any], Any]

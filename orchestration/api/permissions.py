@@ -13,25 +13,8 @@ from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
 from orchestration.models import ApiKey
-from orchestration.roles import ROLES
+from orchestration.roles import ADMIN, ROLES, user_role
 from orchestration.services.access import KNOWN_PERMISSIONS
-
-ROLE_ORDER = ("admin", "developer", "viewer")
-ADMIN = "admin"
-
-
-def user_role(user: Any) -> str | None:
-    """The user's role, cached on the user object for the request."""
-    if not getattr(user, "is_authenticated", False):
-        return None
-    if not hasattr(user, "_api_role"):
-        if user.is_superuser:
-            role = ADMIN
-        else:
-            names = set(user.groups.filter(name__in=ROLE_ORDER).values_list("name", flat=True))
-            role = next((r for r in ROLE_ORDER if r in names), None)
-        user._api_role = role
-    return user._api_role
 
 
 def request_role(request: Request) -> str | None:

@@ -22,7 +22,7 @@ from django.db.models import Q
 from orchestration.errors import SpecError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import ApiKey
-from orchestration.roles import PERMISSIONS
+from orchestration.roles import PERMISSIONS, ROLES, user_role
 from orchestration.services.events import Actor, event_record
 
 KEY_SCHEME = "al"
@@ -63,9 +63,6 @@ def api_key_matches(api_key: ApiKey, secret: str) -> bool:
 def _beyond_role(owner: Any, permissions: set[str]) -> str | None:
     """The problem with listing `permissions` on a key of `owner`, if their role does not grant
     some of them (None if it grants all, or none are listed)."""
-    from orchestration.api.permissions import user_role
-    from orchestration.roles import ROLES
-
     if not permissions:
         return None
     role = user_role(owner)
