@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import psycopg
@@ -25,7 +23,7 @@ def other_connection() -> psycopg.Connection:
 def database_migrated_to(app: str, migration: str) -> Iterator[tuple[str, dict[str, str]]]:
     """A database of its own (dropped after), migrated to `app`'s `migration` by manage.py:
     its URL for psycopg and the environment for manage.py commands on it."""
-    from tests.engine import database_url
+    from tests.engine import database_url, manage
 
     name = f"{connection.settings_dict['NAME']}_{app}_{migration}"
     url = f"{database_url().rsplit('/', 1)[0]}/{name}"
@@ -35,18 +33,8 @@ def database_migrated_to(app: str, migration: str) -> Iterator[tuple[str, dict[s
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        migrated = manage(env, "migrate", app, migration, "--no-input")
-        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+        manage("migrate", app, migration, "--no-input", env=env)
         yield url.replace("postgres://", "postgresql://"), env
     finally:
         with other_connection() as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """`manage.py` with `args`, in `env`; its result, output captured."""
-    from tests.engine import ROOT
-
-    return subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
