@@ -294,6 +294,9 @@ def _unstarted_try_fail(
     transaction.on_commit(lambda: attempts_reaped(attempt_ids=[attempt.pk]))
 
 
+ERROR_CLASS_MAX_LENGTH = TaskAttempt._meta.get_field("error_class").max_length
+
+
 # How often a task whose agent is in maintenance looks again (jittered), as a new message.
 MAINTENANCE_RECHECK_SECONDS = 5.0
 
@@ -461,7 +464,13 @@ def _attempt_claim(
                 last.pool_pid,
             )
             return Outcome.SKIPPED
-        if retried and last.celery_task_id == celery_task_id:
+        if asked is not None:
+            # The broker redelivered the message of a running attempt, and its worker said what
+            # became of it (services/redelivery.py). First even for a message run_task once sent
+            # again (retried, a mark it keeps): the attempt may be a later delivery's, stopped
+            # for another cause (its broker connection lost, its pool process dead).
+            status, cause, error = asked.status, asked.cause, asked.error
+        elif retried and last.celery_task_id == celery_task_id:
             # run_task sent its own message again after the connection broke: whatever the
             # attempt did was not recorded, and the delivery that ran it has ended.
             cause = TaskAttempt.Cause.CONNECTION_LOST
@@ -469,10 +478,6 @@ def _attempt_claim(
                 f"worker {last.worker or '?'} lost its database connection during attempt {last.attempt_number} "
                 "(message sent again)"
             )
-        elif asked is not None:
-            # The broker redelivered the message of a running attempt, and its worker said what
-            # became of it (services/redelivery.py).
-            status, cause, error = asked.status, asked.cause, asked.error
         elif redelivered:
             # The broker redelivered the message of a running attempt: its worker was lost.
             cause = TaskAttempt.Cause.WORKER_LOST
@@ -668,6 +673,9 @@ def attempt_fail(
         f"soft time limit of {attempt.timeout_seconds} s exceeded" if timed_out else f"{type(exc).__name__}: {exc}"
     )
     trace = storable_text("".join(tb.format_exception(exc))[-20_000:])
+    # Cut to its column: a longer name (a generated class's) made the record itself fail, and
+    # the attempt was left running for the reaper to take for a hard time-out and run again.
+    error_class = f"{type(exc).__module__}.{type(exc).__qualname__}"[:ERROR_CLASS_MAX_LENGTH]
     usage = usage or Usage()
 
     def run() -> bool:
@@ -678,7 +686,7 @@ def attempt_fail(
             error=message,
             now=now,
             duration_ms=duration_ms,
-            error_class=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            error_class=error_class,
             retryable=retryable,
             traceback=trace,
             input_tokens=usage.input_tokens,
@@ -803,8 +811,11 @@ def _attempt_run(
         if agent_error is not None:
             raise agent_error
     except BaseException as exc:
-        if not isinstance(exc, Exception | SoftTimeLimitExceeded):
-            raise  # SystemExit, KeyboardInterrupt: the worker is going away; the reaper closes it
+        if isinstance(exc, SystemExit | KeyboardInterrupt):
+            raise  # the worker is going away (a cancel's SIGTERM, a shutdown); the reaper closes it
+        # Any other BaseException is the agent's failure (asyncio's CancelledError from its
+        # client, say), recorded as such: raised on, it escaped Celery's task with nothing
+        # recorded, and the attempt stayed running until the reaper took it for a hard time-out.
         duration_ms = (time.monotonic() - started) * 1000
         logger.info("attempt %s of %s failed: %r", claim.attempt.attempt_number, execution_id, exc)
         # An executor that spent tokens before failing attaches them as `exc.usage`: a failed

@@ -18,6 +18,8 @@ worker node (one remote-control round trip, orchestration/workers.py) and passes
 - that process says it stopped the try when its broker connection was lost, or no longer runs
   it: `lost`, cause `redelivery`;
 - it says the pool process died under the try: `lost`, cause `worker_lost`, naming it;
+- it says a delivery of the message lost its database connection and sent it again (run_task):
+  `lost`, cause `connection_lost`, as the reaper records it;
 - no answer, another process answering for the name, or a try from before processes were
   recorded: `lost`, cause `worker_lost`, as before.
 
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from orchestration.models import TaskAttempt
 from orchestration.workers import (
     BROKER_CONNECTION_LOST,
+    DATABASE_CONNECTION_LOST,
     HARD_TIMEOUT,
     POOL_PROCESS_LOST,
     NodeReport,
@@ -101,6 +104,15 @@ def previous_try_verdict(
     if attempt.pool_pid in runs:
         return PreviousTry(attempt_id=attempt.pk, running=True)
     ending = same.ended.get(attempt.celery_task_id or "")
+    if ending is not None and ending.how == DATABASE_CONNECTION_LOST:
+        # A delivery of this message (the attempt's, or a later one whose claim could not reach
+        # the database either, from whichever pool process) sent it again, as the reaper reads it.
+        return PreviousTry(
+            attempt_id=attempt.pk,
+            running=False,
+            cause=TaskAttempt.Cause.CONNECTION_LOST,
+            error=f"worker {name} lost its database connection during attempt {number} (message sent again)",
+        )
     if ending is not None and ending.pool_pid == attempt.pool_pid:
         if ending.how == POOL_PROCESS_LOST:
             return PreviousTry(

@@ -108,3 +108,19 @@ def metered(task_input, context):
         error.usage = spent
         raise error
     return AgentResult(output={"attempt": context.attempt_number}, usage=spent)
+
+
+def long_error_class(task_input, context):
+    """Fails with an exception whose class name (module and qualified name) is longer than the
+    attempt's error_class column, as a generated exception class's can be."""
+    raise type("Refused" + "X" * 300, (ValueError,), {})("the provider refused the request")
+
+
+def cancelled_inside(task_input, context):
+    """Fails with asyncio's CancelledError (a BaseException, not an Exception), as an agent
+    whose async client's request was cancelled does; succeeds from attempt `input.succeed_on`."""
+    import asyncio
+
+    if context.attempt_number < task_input.get("succeed_on", 99):
+        raise asyncio.CancelledError("the provider's stream was cancelled")
+    return {"attempt": context.attempt_number}

@@ -457,3 +457,28 @@ def test_spend_charged_after_its_period_was_rolled_up_is_rolled_up_again():
     assert sum(m.metric_value for m in hourly.filter(metric_type="cost")) == pytest.approx(0.03)
     rollup_previous(period="hour", now=hour + dt.timedelta(hours=2, minutes=6))  # nothing grew since
     assert sum(m.metric_value for m in hourly.filter(metric_type="cost")) == pytest.approx(0.03)
+
+
+@pytest.mark.django_db
+def test_a_failure_whose_exception_class_name_outgrows_its_column_is_still_recorded_failed():
+    """The failed try's record stores the exception's class name; one longer than the column
+    made the record itself fail (DataError, out of attempt_run): the attempt stayed running,
+    for the reaper to misreport as a hard time-out and run the agent again."""
+    from orchestration.services.execution import Outcome, attempt_run
+    from orchestration.services.workflows import workflow_submit
+
+    Agent.objects.create(
+        id="longerr",
+        name="Long error",
+        executor=Agent.Executor.PYTHON,
+        entrypoint="tests.orchestration.edge_agents.long_error_class",
+    )
+    workflow, _ = workflow_submit(spec={"name": "long", "tasks": [{"name": "t", "agent": "longerr", "input": {}}]})
+    task = TaskExecution.objects.get(workflow=workflow)
+    assert attempt_run(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@h") == Outcome.FAILED
+    attempt = TaskAttempt.objects.get(execution=task)
+    task.refresh_from_db()
+    assert (attempt.status, task.status) == ("failed", "failed")
+    assert attempt.error_class.startswith("tests.orchestration.edge_agents.RefusedXXX")
+    assert len(attempt.error_class) == TaskAttempt._meta.get_field("error_class").max_length
+    assert attempt.retryable is False

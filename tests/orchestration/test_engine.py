@@ -891,3 +891,30 @@ def test_a_soft_limit_during_the_commit_of_an_outcome_keeps_it_and_its_dispatche
     first_delivery = attempts(wf, "a")[0].celery_task_id
     outcome = "failed" if first == "fails" else "succeeded"
     assert re.search(rf"run_task\[{first_delivery}\] succeeded in [0-9.]+s: '{outcome}'", log), log[-4000:]
+
+
+def test_an_agent_failing_with_a_base_exception_of_its_own_is_recorded_failed_not_lost(engine):
+    """asyncio's CancelledError is a BaseException, not an Exception. The attempt took it for
+    the worker going away (as SystemExit or KeyboardInterrupt) and recorded nothing: it escaped
+    Celery's task, its pool process died, the message came back and the attempt was recorded
+    lost, the agent's error nowhere. It is the agent's failure: recorded failed, with its error,
+    and retried as any other."""
+    Agent.objects.create(
+        id="cancelled-inside",
+        name="Cancelled inside",
+        executor=Agent.Executor.PYTHON,
+        entrypoint="tests.orchestration.edge_agents.cancelled_inside",
+    )
+    engine(concurrency=1)
+    wf = submit({"name": "c", "agent": "cancelled-inside", "input": {"succeed_on": 2}, "max_retries": 1})
+    wf = finished(wf, timeout=60)
+    assert wf.status == Workflow.Status.COMPLETED
+    first, second = attempts(wf, "c")
+    assert (first.status, first.cause, first.error_class) == (
+        TaskAttempt.Status.FAILED,
+        "error",
+        "asyncio.exceptions.CancelledError",
+    ), first.error
+    assert first.error == "CancelledError: the provider's stream was cancelled"
+    assert (second.status, second.redelivered) == (TaskAttempt.Status.SUCCEEDED, False)
+    assert wf.error_count == 1

@@ -187,3 +187,32 @@ def test_a_message_once_sent_again_by_run_task_still_asks_the_worker_when_the_br
     assert wf.status == Workflow.Status.COMPLETED
     [only] = tries(wf)
     assert (only.pk, only.status) == (first.pk, A.SUCCEEDED)
+
+
+def test_a_message_once_sent_again_by_run_task_records_what_its_worker_says_when_redelivered(engine, held):
+    """The same message (retries=1, as run_task sends it again after a lost database
+    connection) claims a try normally; its worker then loses its broker connection and stops
+    that try. The redelivered message's claim records what the worker said (redelivery), not a
+    lost database connection the try never had."""
+    import redis
+    from django.conf import settings
+
+    from orchestration.tasks import run_task
+
+    wf = submit(held)
+    t = TaskExecution.objects.get(workflow=wf, task_name="t")
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    assert broker.delete(t.priority) == 1
+    run_task.apply_async(args=[t.pk], task_id=t.celery_task_id, queue=t.priority, routing_key=t.priority, retries=1)
+    worker = engine(concurrency=2)
+    running_first(wf)
+    assert worker.broker_connections_cut()
+    wf = finished(wf)
+    assert wf.status == Workflow.Status.COMPLETED
+    first, second = tries(wf)
+    assert [(a.attempt_number, a.status, a.cause) for a in (first, second)] == [
+        (1, A.LOST, "redelivery"),
+        (2, A.SUCCEEDED, None),
+    ]
+    assert "lost its database connection" not in first.error
+    assert f"worker {worker.name} lost its broker connection during attempt 1 and stopped it" in first.error

@@ -145,3 +145,19 @@ def test_a_process_that_exited_is_told_from_a_live_one_zombie_included():
     finally:
         os.waitpid(pid, 0)
     assert process_exited(pid)  # reaped: gone
+
+
+@pytest.mark.parametrize("pool_pid", [11, 12], ids=["its-delivery", "a-later-delivery"])
+def test_a_redelivered_message_once_sent_again_for_a_lost_database_connection_lost_the_attempt_to_it(pool_pid):
+    """The claim of a redelivered message asks the attempt's worker too (services/redelivery.py),
+    and takes its word before its own rule for a message run_task sent again: when the worker
+    says a delivery of the message lost its database connection, that is the cause, as the
+    reaper records it (not a redelivery of a try the worker stopped)."""
+    from orchestration.services.redelivery import previous_try_verdict
+
+    sent_again = Ending(how=DATABASE_CONNECTION_LOST, pool_pid=pool_pid, detail="lost its database connection")
+    answers = {NODE: [NodeReport(pid=7, started_at=STARTED, ended={TASK_ID: sent_again}, running={})]}
+    v = previous_try_verdict(attempt(attempt_number=1), answers, process=None)
+    assert v is not None and not v.running
+    assert (v.status, v.cause) == (TaskAttempt.Status.LOST, TaskAttempt.Cause.CONNECTION_LOST)
+    assert v.error == f"worker {NODE} lost its database connection during attempt 1 (message sent again)"
