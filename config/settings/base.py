@@ -278,9 +278,16 @@ if not CELERY_BROKER_URL.startswith("filesystem://"):
 # without closing the connection (failover, a NAT or firewall timeout) would hold a publish,
 # and with it a web request or beat, indefinitely. Publishing retries a timed-out command.
 BROKER_SOCKET_TIMEOUT_SECONDS = env.int("BROKER_SOCKET_TIMEOUT_SECONDS", 5, minimum=2, maximum=300)
+# How a worker consuming several queues chooses the next message. kombu's Redis transport takes
+# them in turn by default (round robin): behind a backlog of low tasks every other task a worker
+# started was a low one, however urgent the rest. `priority`: in the order its -Q lists them
+# (system,critical,high,normal,low), a message from a queue only when none before it has one.
+BROKER_QUEUE_ORDER = env.choice("BROKER_QUEUE_ORDER", "priority", {"priority", "round_robin"})
 if CELERY_BROKER_URL.startswith(("redis", "sentinel")):
     CELERY_BROKER_TRANSPORT_OPTIONS.update(
-        socket_timeout=BROKER_SOCKET_TIMEOUT_SECONDS, socket_connect_timeout=BROKER_SOCKET_TIMEOUT_SECONDS
+        socket_timeout=BROKER_SOCKET_TIMEOUT_SECONDS,
+        socket_connect_timeout=BROKER_SOCKET_TIMEOUT_SECONDS,
+        queue_order_strategy=BROKER_QUEUE_ORDER,
     )
 
 # --- Agent executors: http and llm (orchestration/runtime) ----------------------------

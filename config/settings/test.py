@@ -8,6 +8,7 @@ from django.core.exceptions import ImproperlyConfigured
 from config.env import env
 from config.settings.base import *  # noqa: F403
 from config.settings.base import (
+    BROKER_QUEUE_ORDER,
     BROKER_SOCKET_TIMEOUT_SECONDS,
     BROKER_VISIBILITY_TIMEOUT_SECONDS,
     MIDDLEWARE,
@@ -65,6 +66,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": BROKER_VISIBILITY_TIMEOUT_SECONDS,
     "socket_timeout": BROKER_SOCKET_TIMEOUT_SECONDS,
     "socket_connect_timeout": BROKER_SOCKET_TIMEOUT_SECONDS,
+    "queue_order_strategy": BROKER_QUEUE_ORDER,
 }
 
 # Short limits so that retries, timeouts and the reaper play out in seconds. Worker

@@ -191,9 +191,10 @@ class TaskExecution(TimestampedModel):
     worker = models.CharField(max_length=255, blank=True, default="")
     metadata = models.JSONField(default=dict, blank=True)
     queued_at = models.DateTimeField(null=True, blank=True)
-    # When a claim last found the agent at its max_concurrency and sent the message again to
-    # wait: waiting for the agent is not waiting for a worker, so the queue timeout counts from
-    # here; queued_at keeps when the task began to wait.
+    # When the task's last wait for its agent's max_concurrency ends: a claim that found the
+    # agent at its limit sent the message again with a countdown, and sets this to when it comes
+    # back (or to when a freed slot woke the task). Waiting for the agent is not waiting for a
+    # worker, so the queue timeout counts from here; queued_at keeps when the task began to wait.
     deferred_at = models.DateTimeField(null=True, blank=True, editable=False)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)

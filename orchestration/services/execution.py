@@ -299,6 +299,63 @@ ERROR_CLASS_MAX_LENGTH = TaskAttempt._meta.get_field("error_class").max_length
 
 # How often a task whose agent is in maintenance looks again (jittered), as a new message.
 MAINTENANCE_RECHECK_SECONDS = 5.0
+# A task deferred for its agent's max_concurrency looks again after about this long for each
+# slot's worth of tasks waiting before it (jittered), at least once and at most
+# AGENT_SLOT_RECHECK_MAX_SECONDS: the line looks again about max_concurrency times a second in
+# all, whatever its length. A task that ends wakes the longest waiting one (agent_slot_hand_on).
+AGENT_SLOT_RECHECK_SECONDS = 1.0
+AGENT_SLOT_RECHECK_MAX_SECONDS = 30.0
+
+
+def _waiting_for_agent(agent_id: str, *, now: dt.datetime) -> Any:
+    """The tasks of an agent deferred for its max_concurrency whose message has not come back
+    yet: waiting (queued, or between tries) with a deferral still running (a retry's countdown
+    sets queued_at past the last deferral)."""
+    return TaskExecution.objects.filter(
+        agent_id=agent_id,
+        status__in=[TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING],
+        deferred_at__gt=now,
+        deferred_at__gte=F("queued_at"),
+    )
+
+
+def agent_slot_recheck_seconds(agent: Agent, *, now: dt.datetime) -> float:
+    """How long a task deferred for its agent's limit waits before its message comes back."""
+    waiting = _waiting_for_agent(agent.pk, now=now).count()
+    delay = min(AGENT_SLOT_RECHECK_MAX_SECONDS, AGENT_SLOT_RECHECK_SECONDS * (1 + waiting / agent.max_concurrency))
+    return round(delay * random.uniform(0.75, 1.25), 3)  # noqa: S311 - jitter, not security
+
+
+def agent_slot_hand_on(agent: Agent, *, now: dt.datetime) -> None:
+    """After an attempt of a concurrency-limited agent ended (its slot is free): send the
+    message of the task that has waited longest for the agent at once, instead of letting the
+    slot stay idle until some deferred message comes back. Its deferred message, superseded,
+    runs nothing. A slot freed elsewhere (the reaper, a cancel) is found by the next deferred
+    message that comes back. Outside the outcome's transaction, after its commit."""
+    if not agent.max_concurrency:
+        return
+
+    def wake() -> None:
+        task = (
+            _waiting_for_agent(agent.pk, now=now)
+            .select_for_update(skip_locked=True)
+            .order_by("queued_at", "execution_id")
+            .first()
+        )
+        if task is None:
+            return
+        queued_at = task.queued_at
+        dispatch = dispatch_prepare(task, now=now, status=task.status)
+        task.queued_at = queued_at
+        task.deferred_at = now  # waiting for a worker from now: the queue timeout counts on
+        task.save(update_fields=["celery_task_id", "deferred_at"])
+        dispatch_after_commit([dispatch])
+
+    try:
+        atomic_with_retry(wake)
+    except DatabaseError:
+        # The outcome is recorded; the waiting tasks look again on their own.
+        logger.warning("agent %s: the task waiting longest could not be woken", agent.pk, exc_info=True)
 
 
 def _agent_out_of_service(
@@ -526,12 +583,16 @@ def _attempt_claim(
         Agent.objects.select_for_update().filter(pk=agent.pk).first()
         running = TaskExecution.objects.filter(agent=agent, status=TaskExecution.Status.RUNNING).count()
         if running >= agent.max_concurrency:
-            dispatch = dispatch_prepare(task, now=now, countdown=0.5 + random.uniform(0, 1.0), status=task.status)  # noqa: S311
+            countdown = agent_slot_recheck_seconds(agent, now=now)
+            queued_at = task.queued_at
+            dispatch = dispatch_prepare(task, now=now, countdown=countdown, status=task.status)
             # Waiting for the agent is not waiting for a worker: the queue timeout counts from
-            # the last deferral, so a task that waits its turn is not failed for it (DESIGN:
-            # excess tasks wait, they are not failed). queued_at stays: the task has waited
-            # since then (the queued-age gauge, submit-to-start).
-            task.deferred_at = now
+            # the end of this deferral, when its message comes back (or the task is woken
+            # earlier: agent_slot_hand_on), so a task that waits its turn is not failed for it
+            # (DESIGN: excess tasks wait, they are not failed). queued_at stays: the task has
+            # waited since then (the queued-age gauge, submit-to-start, the order of the line).
+            task.queued_at = queued_at
+            task.deferred_at = now + dt.timedelta(seconds=countdown)
             task.save(update_fields=["status", "celery_task_id", "deferred_at"])
             dispatch_after_commit([dispatch])
             return Outcome.DEFERRED
@@ -852,6 +913,7 @@ def _attempt_run(
             error=exc,
             recorded=recorded,
         )
+        agent_slot_hand_on(claim.agent, now=claim.clock.now())
         return Outcome.FAILED
     assert result is not None
     duration_ms = (time.monotonic() - started) * 1000
@@ -901,6 +963,7 @@ def _attempt_run(
         error=failure,
         recorded=recorded,
     )
+    agent_slot_hand_on(claim.agent, now=claim.clock.now())
     return outcome
 
 

@@ -677,6 +677,50 @@ def test_per_agent_concurrency_limit_makes_excess_tasks_wait(engine):
         assert start >= end, "two attempts of the agent overlapped"
 
 
+def test_a_worker_takes_urgent_work_before_a_backlog_of_bulk_work(engine):
+    """A worker consuming every priority queue takes a critical task before the low ones
+    queued before it. Before, kombu's Redis transport took the queues in turn (round robin):
+    behind a backlog, every other task a worker started was a low one, so 60 critical tasks
+    took twice as long to start as with the low backlog gone."""
+    engine(concurrency=1)
+    bulk = ({"name": f"l{i}", "agent": "sleep", "input": {"seconds": 0.1}} for i in range(30))
+    backlog = submit(*bulk, priority="low")
+    running_attempt(backlog, "l0")
+    urgent = submit(*({"name": f"c{i}", "agent": "echo"} for i in range(6)), priority="critical")
+    assert finished(urgent).status == Workflow.Status.COMPLETED
+    started = list(
+        TaskAttempt.objects.filter(execution__workflow__in=[backlog, urgent])
+        .order_by("started_at")
+        .values_list("execution__priority", flat=True)
+    )
+    first = started.index("critical")
+    assert started[first : first + 6] == ["critical"] * 6, started
+    low_after_submission = started[:first].count("low") - 1  # l0 was running
+    assert low_after_submission <= 2, f"{low_after_submission} low tasks started before the first critical one"
+    finished(backlog)
+
+
+def test_tasks_waiting_for_a_limited_agent_do_not_spin_and_take_a_freed_slot_at_once(engine):
+    """Before, every waiting task's message came back about once a second, each time taking a
+    pool process for a claim that deferred it again (a backlog of 300 tasks of an agent limited
+    to 2 ran 27 such claims a second, half a core, and every free pool process spun on them),
+    and a freed slot stayed idle until some waiting message happened to come back. Now the
+    task that ends hands its slot to the longest waiting task, and the others look again at
+    intervals that grow with the line."""
+    Agent.objects.filter(pk="sleep").update(max_concurrency=1)
+    worker = engine(concurrency=2)
+    n = 8
+    wf = submit(*({"name": f"s{i}", "agent": "sleep", "input": {"seconds": 1}} for i in range(n)))
+    assert finished(wf, timeout=60).status == Workflow.Status.COMPLETED
+    spans = sorted((a.started_at, a.finished_at) for a in TaskAttempt.objects.filter(execution__workflow=wf))
+    assert len(spans) == n, "excess tasks waited instead of failing or making extra attempts"
+    gaps = [(start - end).total_seconds() for (_, end), (start, _) in itertools.pairwise(spans)]
+    assert min(gaps) >= 0, "two attempts of the agent overlapped"
+    assert max(gaps) < 0.4, f"the freed slot stayed idle: {gaps}"
+    deferrals = worker.log().count("'deferred'")
+    assert deferrals <= 2 * n, f"{deferrals} deferrals for {n - 1} waiting tasks"
+
+
 @pytest.mark.parametrize("fast_path", ["true", "false"], ids=["fast-path", "general-path"])
 def test_a_sibling_completing_in_a_failed_workflow_joins_its_results_whatever_ends_last(engine, fast_path):
     """Tasks left running when a sibling failed for good: one completes, the last one fails.

@@ -841,6 +841,25 @@ def test_worker_settings_protect_against_lost_work():
     assert conf.broker_transport_options["visibility_timeout"] > hold + settings.TASK_RETRY_BACKOFF_MAX_SECONDS
 
 
+@pytest.mark.parametrize("order", [None, "round_robin", "sideways"])
+def test_a_redis_broker_takes_the_queues_in_the_order_of_precedence_unless_told_otherwise(order):
+    """kombu's Redis transport takes a worker's queues in turn unless told otherwise: a
+    deployment's settings (not only the tests') ask for the order its -Q lists them."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.local", "REDIS_URL": "redis://127.0.0.1:6379/0"}
+    env.pop("CELERY_BROKER_URL", None)
+    env.pop("BROKER_QUEUE_ORDER", None)
+    if order:
+        env["BROKER_QUEUE_ORDER"] = order
+    code = "from django.conf import settings; print(settings.CELERY_BROKER_TRANSPORT_OPTIONS['queue_order_strategy'])"
+    result = manage("shell", "-c", code, env=env, check=False, timeout=60)
+    if order == "sideways":
+        assert result.returncode == 1
+        assert "BROKER_QUEUE_ORDER='sideways' is not one of: priority, round_robin" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split()[-1] == (order or "priority")
+
+
 def test_the_relay_and_reaper_are_scheduled_on_the_system_queue_no_user_task_uses(db):
     """Migration 0027: with every process of a worker on long user tasks of any priority, the
     recovery schedules still have the `system` queue's workers (compose: worker-system)."""
@@ -963,18 +982,64 @@ def test_a_task_waiting_for_its_agent_longer_than_the_queue_timeout_is_not_faile
         assert outcome == Outcome.DEFERRED, f"after {50 + waited} s of waiting"
     x.refresh_from_db()
     assert x.status == T.QUEUED and not attempts(wf, "x")
-    # it has waited since it was first queued (the queued-age gauge, submit-to-start) ...
-    assert x.queued_at == start - dt.timedelta(seconds=50) and x.deferred_at == start + dt.timedelta(seconds=80)
+    # it has waited since it was first queued (the queued-age gauge, submit-to-start); it waits
+    # for the agent until its deferred message comes back, a second or so later ...
+    assert x.queued_at == start - dt.timedelta(seconds=50)
+    back = x.deferred_at - (start + dt.timedelta(seconds=80))
+    assert dt.timedelta(seconds=0.75) <= back <= dt.timedelta(seconds=1.25)
     # ... and a deferred message that then waits for a worker past the limit times out
     late = attempt_claim(
         execution_id=x.execution_id,
         celery_task_id=x.celery_task_id,
         worker="w2@h",
-        now=start + dt.timedelta(seconds=141),
+        now=x.deferred_at + dt.timedelta(seconds=61),
     )
     assert late == Outcome.SKIPPED
     [timed_out] = attempts(wf, "x")
     assert (timed_out.cause, timed_out.error) == ("queue_timeout", "waited 61 s in the queue (limit 60 s)")
+
+
+def test_a_freed_slot_wakes_the_task_that_waited_longest_for_the_agent_and_no_other(db, builtin_agents):
+    """Deferrals look again later the longer the line (not every second each); the task that
+    ends hands its slot to the task waiting longest. A task between tries waits out its
+    backoff, and one already woken is not woken again."""
+    from orchestration.services.execution import agent_slot_hand_on
+
+    Agent.objects.filter(pk="echo").update(max_concurrency=1)
+    wf = submit(*({"name": name, "agent": "echo"} for name in ("run", "old", "new", "backoff")))
+    run, old, new, backoff = (task(wf, name) for name in ("run", "old", "new", "backoff"))
+    claim = attempt_claim(execution_id=run.execution_id, celery_task_id=run.celery_task_id, worker="w")
+    assert isinstance(claim, Claim)
+    start = timezone.now()
+    TaskExecution.objects.filter(pk=old.pk).update(queued_at=start - dt.timedelta(seconds=30))
+    for t in (old, new, backoff):
+        t.refresh_from_db()
+        assert attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w") == (
+            Outcome.DEFERRED
+        )
+    deferred = {t.task_name: t for t in TaskExecution.objects.filter(workflow=wf)}
+    # the line's length sets the wait: one second per task before it (one slot), jittered
+    delays = [(deferred[n].deferred_at - start).total_seconds() for n in ("old", "new", "backoff")]
+    assert 0.7 <= delays[0] <= 1.4 and 1.4 <= delays[1] <= 2.6 and 2.2 <= delays[2] <= 3.9, delays
+    # backoff's next try failed meanwhile and waits out its countdown: not the agent's line
+    TaskExecution.objects.filter(pk=backoff.pk).update(
+        status=T.RETRYING, queued_at=start + dt.timedelta(seconds=10), celery_task_id="retry-message"
+    )
+    agent = Agent.objects.get(pk="echo")
+    now = start + dt.timedelta(seconds=0.5)
+    agent_slot_hand_on(agent, now=now)
+    after = {t.task_name: t for t in TaskExecution.objects.filter(workflow=wf)}
+    assert after["old"].celery_task_id != deferred["old"].celery_task_id, "the longest waiting task is sent again"
+    assert after["old"].deferred_at == now and after["old"].queued_at == start - dt.timedelta(seconds=30)
+    assert after["new"].celery_task_id == deferred["new"].celery_task_id
+    assert after["backoff"].celery_task_id == "retry-message"
+    agent_slot_hand_on(agent, now=now)  # old's message is on its way: the next one in line
+    again = {t.task_name: t for t in TaskExecution.objects.filter(workflow=wf)}
+    assert again["old"].celery_task_id == after["old"].celery_task_id
+    assert again["new"].celery_task_id != deferred["new"].celery_task_id
+    # the old deferred message is superseded and runs nothing
+    stale = attempt_claim(execution_id=old.execution_id, celery_task_id=deferred["old"].celery_task_id, worker="w")
+    assert stale == Outcome.SKIPPED
 
 
 def test_a_redelivered_message_of_an_agent_at_its_limit_does_not_wait_behind_itself(db, builtin_agents):
