@@ -19,6 +19,9 @@ its own short transaction, so retention never holds long locks on a busy table.
 - export_runs: failed and superseded runs; succeeded runs are the record of what was exported.
 - the consumer's daily CSV partitions (RETENTION_DAYS_TRAINING_CSV), by the day they hold: a
   message or workflow retention deleted would otherwise live on in them.
+- django_session: the console's expired sessions, at every run whatever the settings (Django
+  deletes a session only at its sign-out, so one left to expire would stay for good: a row per
+  sign-in; what `manage.py clearsessions` does). Listed only when rows went.
 
 What was deleted is reported per table, cascaded rows included (deleting a workflow also
 deletes rows from task_executions, task_attempts and agent_interactions), as the row counts
@@ -37,6 +40,7 @@ from pathlib import Path
 import redis
 from django.apps import apps
 from django.conf import settings
+from django.contrib.sessions.models import Session
 from django.db import connection, transaction
 from django.db.models import Exists, Model, OuterRef, Q
 
@@ -180,6 +184,7 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
 
         condition = Q(created_at__lt=before, status__in=[ExportRun.Status.FAILED, ExportRun.Status.SUPERSEDED])
         deleted.update(_delete_in_batches(ExportRun, condition))
+    deleted.update(+_delete_in_batches(Session, Q(expire_date__lt=now)))  # only when rows went
     # Temporary files of export writers that were killed mid-write: older than an export on a
     # worker may run (its hard time limit, and the grace before its run is called lost), so
     # neither a file being written nor one staged early in a long export and waiting for the

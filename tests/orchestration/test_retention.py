@@ -8,8 +8,10 @@ import uuid
 
 import pytest
 import redis
+from django.contrib.sessions.models import Session
 from django.db import DatabaseError, connection, transaction
 from django.db.models import deletion
+from django.test import Client
 from django.utils import timezone
 
 from orchestration.db import database_now
@@ -25,6 +27,7 @@ from tests.factories import (
     MetricFactory,
     TaskAttemptFactory,
     TaskExecutionFactory,
+    UserFactory,
     WorkflowFactory,
 )
 from training_export.models import ExportRun
@@ -195,6 +198,24 @@ def test_zero_days_keeps_everything(db, settings):
     MessageFactory(created_at=OLD)
     assert retention_apply(now=timezone.now()).deleted == {}
     assert Event.objects.count() == 1 and AgentPlaygroundMessage.objects.count() == 1
+
+
+def test_expired_console_sessions_are_deleted_whatever_the_days(db, settings):
+    """Django deletes a session only at its sign-out: one left to expire stayed in
+    django_session for good, a row per console sign-in."""
+    for name in ("EVENTS", "MESSAGES", "AGENT_METRICS", "WORKFLOWS", "EXPORT_RUNS"):
+        setattr(settings, f"RETENTION_DAYS_{name}", 0)
+    left, signed_in = Client(), Client()
+    left.force_login(UserFactory(role="admin"))
+    signed_in.force_login(UserFactory(role="viewer"))
+    now = database_now()
+    Session.objects.filter(session_key=left.session.session_key).update(expire_date=now - dt.timedelta(seconds=1))
+
+    assert retention_apply(now=now).deleted == {"django_session": 1}
+
+    assert list(Session.objects.values_list("session_key", flat=True)) == [signed_in.session.session_key]
+    assert signed_in.get("/admin/").status_code == 200  # the live session still signs its user in
+    assert retention_apply(now=now).deleted == {}  # listed only when rows went
 
 
 def test_retention_removes_temp_files_of_killed_exports_but_not_those_of_a_running_one(db, settings, tmp_path):
