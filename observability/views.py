@@ -7,17 +7,20 @@ from django.contrib.auth.decorators import login_not_required
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from observability.collectors import state_registry
 
 
 def process_registry() -> CollectorRegistry:
     """This process's metrics, or with PROMETHEUS_MULTIPROC_DIR (gunicorn's several
-    processes) the sum over every process writing to that directory."""
+    processes) the sum over every process writing to that directory, the files of those that
+    have exited merged first (as a worker's: a reload replaces every process)."""
     if settings.PROMETHEUS_MULTIPROC_DIR:
+        from observability.worker import PoolMetricsCollector
+
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=settings.PROMETHEUS_MULTIPROC_DIR)
+        registry.register(PoolMetricsCollector(settings.PROMETHEUS_MULTIPROC_DIR))
         return registry
     return REGISTRY
 

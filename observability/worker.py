@@ -8,18 +8,20 @@ marked dead so its live gauges stop counting (its counters keep adding up, as th
 The counter and histogram files of processes that have exited (recycled by
 --max-tasks-per-child, killed at a hard time limit or a cancellation) are merged into one
 file per type at the next scrape, so the directory and the scrape's cost stay bounded by the
-pool's size rather than growing with every process the worker ever ran.
+pool's size rather than growing with every process the worker ever ran. The web's /metrics
+does the same for gunicorn's processes (replaced at every reload, crash or timeout).
 """
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
-from contextlib import suppress
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from django.conf import settings
@@ -65,6 +67,7 @@ def metrics_server_start() -> int | None:
 # Types whose samples from several processes add up (gauges do not: each mode keeps its own).
 SUMMED_TYPES = ("counter", "histogram", "summary")
 ARCHIVE = "archive"  # <type>_archive.db: what the exited processes had written
+MERGE_LOCK = ".merge.lock"  # not *.db: never read as samples
 
 
 def process_alive(pid: int) -> bool:
@@ -116,7 +119,9 @@ def dead_process_files_merge(path: str, *, alive: Callable[[int], bool] = proces
 
 class PoolMetricsCollector:
     """The sum of what every process wrote under `path` (prometheus_client's
-    MultiProcessCollector), after merging the files of processes that have exited."""
+    MultiProcessCollector), after merging the files of processes that have exited. Each
+    merge and read holds the directory's lock: the worker serves its scrapes in threads, and
+    the web's gunicorn processes each serve them from one directory."""
 
     def __init__(self, path: str) -> None:
         from prometheus_client import multiprocess
@@ -126,10 +131,21 @@ class PoolMetricsCollector:
         self._lock = threading.Lock()
 
     def collect(self) -> Iterable[Any]:
-        with self._lock:
+        with self._lock, directory_locked(self.path):
             with metrics.guarded("merge_dead_process_files"):
                 dead_process_files_merge(self.path)
             return list(self._collector.collect())
+
+
+@contextmanager
+def directory_locked(path: str) -> Iterator[None]:
+    """An exclusive lock on the metrics directory, across processes (flock on MERGE_LOCK)."""
+    fd = os.open(os.path.join(path, MERGE_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def metrics_server_stop() -> None:

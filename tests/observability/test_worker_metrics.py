@@ -13,7 +13,7 @@ from orchestration.services.workflows import workflow_submit
 from tests.engine import wait_for
 from tests.factories import AgentFactory
 from tests.fakes.servers import OpenAIServer
-from tests.observability.conftest import free_port, scrape, value
+from tests.observability.conftest import free_port, parse_samples, scrape, value
 
 LLM_KEY = "sk-obs-" + "k3y" * 8
 
@@ -194,3 +194,25 @@ def test_files_of_live_processes_are_left_alone(tmp_path):
     names = sorted(p.name for p in tmp_path.glob("*.db"))
     assert dead_process_files_merge(str(tmp_path), alive=lambda pid: True) == 0
     assert sorted(p.name for p in tmp_path.glob("*.db")) == names
+
+
+def test_the_web_merges_the_files_of_exited_gunicorn_processes(db, client, settings, tmp_path):
+    """gunicorn replaces its processes at every reload (SIGHUP), crash or timeout; each left
+    its two files in the web's directory until the container restarted, read at every scrape."""
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    settings.PROMETHEUS_MULTIPROC_DIR = str(directory)
+    for count, seconds in ((1, 0.5), (2, 5.0), (3, 50.0)):
+        _pool_process(directory, count, seconds)
+    assert len(list(directory.glob("*.db"))) == 6
+
+    samples = parse_samples(client.get("/metrics").content.decode())
+
+    assert value(samples, "pool_test_attempts_total", agent="echo") == 6
+    assert value(samples, "pool_test_seconds_count") == 3
+    assert sorted(p.name for p in directory.glob("*.db")) == ["counter_archive.db", "histogram_archive.db"]
+    _pool_process(directory, 4, 0.1)  # another reload
+    samples = parse_samples(client.get("/metrics").content.decode())
+    assert value(samples, "pool_test_attempts_total", agent="echo") == 10
+    assert value(samples, "pool_test_seconds_bucket", le="1.0") == 2
+    assert len(list(directory.glob("*.db"))) == 2
