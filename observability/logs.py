@@ -341,6 +341,21 @@ class BeatBrokerAwayFilter(logging.Filter):
         return True
 
 
+class RevokeWithoutBackendFilter(logging.Filter):
+    """Celery 5.6+ marks a revoked task in the result backend on every worker the revoke reaches
+    (a broadcast: each of them), and with no result backend configured (this project records a
+    cancellation itself, in PostgreSQL) logs "Failed to mark task ... as revoked in backend: No
+    result backend is configured" as a WARNING for each task of each cancel, on each worker.
+    Those records are dropped; a backend that is configured and fails keeps its warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "celery.worker.control" or not str(record.msg).startswith("Failed to mark task"):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        # celery.backends.base.DisabledBackend raises NotImplementedError for every call.
+        return not (len(args) == 2 and isinstance(args[1], NotImplementedError))
+
+
 _EXTRA_DEPTH = 8  # containers nested deeper (or holding themselves) are masked as their text
 
 

@@ -625,6 +625,7 @@ LOGGING = {
         "task_context": {"()": "observability.logs.TaskContextFilter"},
         "redact": {"()": "observability.logs.RedactFilter"},
         "beat_broker_away": {"()": "observability.logs.BeatBrokerAwayFilter"},
+        "revoke_without_backend": {"()": "observability.logs.RevokeWithoutBackendFilter"},
     },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s%(task_context)s %(message)s"},
@@ -634,7 +635,7 @@ LOGGING = {
         "console": {
             "class": "logging.StreamHandler",
             "formatter": LOG_FORMAT,
-            "filters": ["task_context", "beat_broker_away", "redact"],
+            "filters": ["task_context", "beat_broker_away", "revoke_without_backend", "redact"],
         }
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},

@@ -381,3 +381,39 @@ def test_beat_s_other_errors_keep_their_message_and_traceback(capture, message, 
     text = stream.getvalue()
     assert "the broker is not answering" not in text, text
     assert message.split("%")[0] in text and "Traceback (most recent call last)" in text, text
+
+
+@pytest.mark.parametrize("backend", ["none", "failing"])
+def test_a_revoke_logs_no_warning_for_the_result_backend_the_project_does_not_have(capture, backend):
+    """Celery marks a revoked task in the result backend on every worker the broadcast reaches;
+    with none configured (the project records a cancellation itself) each worker logged "Failed
+    to mark task ... as revoked in backend: No result backend is configured" for each task of
+    each cancel. A configured backend that fails keeps its warning."""
+    from types import SimpleNamespace
+
+    from celery.worker import control
+
+    from config.celery import app
+
+    configure, stream = capture
+    configure("plain", name="celery.worker.control")
+    if backend == "none":
+        state = SimpleNamespace(app=app, consumer=None)
+    else:
+
+        class Failing:
+            def get_state(self, task_id: str) -> str:
+                raise ConnectionError("result backend unreachable")
+
+        state = SimpleNamespace(app=SimpleNamespace(backend=Failing()), consumer=None)
+    task_id = "revoke-filter-test"
+    try:
+        control._revoke(state, [task_id])
+    finally:
+        control.worker_state.revoked.discard(task_id)
+    text = stream.getvalue()
+    assert "Tasks flagged as revoked: revoke-filter-test" in text, text  # the revoke's own line stays
+    if backend == "none":
+        assert "Failed to mark task" not in text, text
+    else:
+        assert "Failed to mark task revoke-filter-test as revoked in backend: result backend unreachable" in text
