@@ -37,6 +37,7 @@ NON_RETRYABLE_BUILTINS: tuple[type[BaseException], ...] = (
     ImportError,
     LookupError,
     ArithmeticError,
+    SystemExit,  # an agent's own sys.exit(): its code would exit again
 )
 
 

@@ -21,6 +21,7 @@ from enum import StrEnum
 from typing import Any
 
 import psycopg
+from billiard import common as billiard_common
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
@@ -812,6 +813,22 @@ def attempt_run(
         )
 
 
+def _process_stopping(exc: BaseException) -> bool:
+    """Whether `exc` stops this process (a KeyboardInterrupt; a SystemExit of a terminate signal's
+    handler, which a cancel sends a running try's pool process, or Celery's own shutdown) rather
+    than being the agent's: a SystemExit the agent raised itself (its `sys.exit()`, a command-line
+    library's) is its failure, and its pool process lives on."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    if not isinstance(exc, SystemExit):
+        return False
+    if type(exc) is not SystemExit:
+        return True  # celery.exceptions.WorkerShutdown, WorkerTerminate: a worker stopping
+    fired = getattr(billiard_common, "terminate_handler_fired", None)
+    # A billiard without the flag cannot tell: every SystemExit stops the process, as before.
+    return fired is None or fired()
+
+
 def _attempt_run(
     limit: SoftLimit,
     *,
@@ -872,11 +889,12 @@ def _attempt_run(
         if agent_error is not None:
             raise agent_error
     except BaseException as exc:
-        if isinstance(exc, SystemExit | KeyboardInterrupt):
+        if _process_stopping(exc):
             raise  # the worker is going away (a cancel's SIGTERM, a shutdown); the reaper closes it
         # Any other BaseException is the agent's failure (asyncio's CancelledError from its
-        # client, say), recorded as such: raised on, it escaped Celery's task with nothing
-        # recorded, and the attempt stayed running until the reaper took it for a hard time-out.
+        # client, say; its own sys.exit()), recorded as such: raised on, it escaped Celery's task
+        # with nothing recorded, and the attempt stayed running until the reaper took it for a
+        # hard time-out, or the exit ended the pool process and the try was recorded lost.
         duration_ms = (time.monotonic() - started) * 1000
         logger.info("attempt %s of %s failed: %r", claim.attempt.attempt_number, execution_id, exc)
         # An executor that spent tokens before failing attaches them as `exc.usage`: a failed

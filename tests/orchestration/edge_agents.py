@@ -124,3 +124,10 @@ def cancelled_inside(task_input, context):
     if context.attempt_number < task_input.get("succeed_on", 99):
         raise asyncio.CancelledError("the provider's stream was cancelled")
     return {"attempt": context.attempt_number}
+
+
+def exits(task_input, context):
+    """Calls sys.exit, as a wrapped command-line tool does on an error (argparse exits with 2)."""
+    import sys
+
+    sys.exit(task_input.get("code", 2))

@@ -962,3 +962,32 @@ def test_an_agent_failing_with_a_base_exception_of_its_own_is_recorded_failed_no
     assert first.error == "CancelledError: the provider's stream was cancelled"
     assert (second.status, second.redelivered) == (TaskAttempt.Status.SUCCEEDED, False)
     assert wf.error_count == 1
+
+
+def test_an_agent_calling_sys_exit_is_recorded_failed_and_its_pool_process_lives_on(engine):
+    """An agent's own sys.exit() (a wrapped command-line tool's) was taken for the worker going
+    away: it ended the pool process, each try was recorded lost ("lives on and no longer runs
+    it"), the exit nowhere, and retried until none were left, each killing a process. It is the
+    agent's failure, not retried (its code would exit again), and the process runs on."""
+    Agent.objects.create(
+        id="exits",
+        name="Exits",
+        executor=Agent.Executor.PYTHON,
+        entrypoint="tests.orchestration.edge_agents.exits",
+    )
+    engine(concurrency=1)
+    wf = submit({"name": "x", "agent": "exits", "input": {"code": 2}, "max_retries": 2})
+    wf = finished(wf, timeout=60)
+    assert wf.status == Workflow.Status.FAILED
+    (only,) = attempts(wf, "x")
+    assert (only.status, only.cause, only.error_class, only.retryable) == (
+        TaskAttempt.Status.FAILED,
+        "error",
+        "builtins.SystemExit",
+        False,
+    ), only.error
+    assert only.error == "SystemExit: 2"
+    # The same pool process runs the next task: the exit did not end it.
+    wf2 = finished(submit({"name": "e", "agent": "echo", "input": {"n": 1}}), timeout=60)
+    assert wf2.status == Workflow.Status.COMPLETED
+    assert attempts(wf2, "e")[0].pool_pid == only.pool_pid
