@@ -45,11 +45,13 @@ class Reply:
     content: bytes
 
     def snippet(self, redact: Iterable[str] = ()) -> str:
-        text = " ".join(self.content.decode("utf-8", errors="replace").split())[:SNIPPET_CHARS]
+        """The start of the body, on one line, with the `redact` values masked: before it is
+        cut, or a value quoted across the cut would keep its first characters."""
+        text = " ".join(self.content.decode("utf-8", errors="replace").split())
         for secret in redact:
             if secret:
                 text = text.replace(secret, "[redacted]")
-        return text
+        return text[:SNIPPET_CHARS]
 
     def json(self) -> Any:
         """The body as JSON (NaN and Infinity refused: they are not JSON, nor is nesting too

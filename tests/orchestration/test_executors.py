@@ -650,6 +650,22 @@ def test_api_key_never_appears_in_errors_or_logs(local_net, monkeypatch, caplog)
     assert KEY not in caplog.text
 
 
+def test_a_key_quoted_where_the_errors_snippet_ends_is_not_cut_into_a_prefix(local_net, monkeypatch):
+    """The answer's snippet is cut to SNIPPET_CHARS: a key quoted across that point was cut
+    first, then no longer matched the redaction, and its first characters were stored."""
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
+    with OpenAIServer(api_key=KEY) as server:
+        local_net.AGENT_API_KEY_HOSTS = [server.url]
+        # A gateway's refusal whose message quotes the key near the snippet's end.
+        padding = "x" * 250
+        server.script(Reply(status=401, body={"error": {"message": f"{padding} bad key {KEY} for this project"}}))
+        with pytest.raises(PermanentError, match="HTTP 401") as info:
+            agent_execute(agent=llm_agent(server.base_url), task_input={"prompt": "x"}, context=ctx())
+    text = str(info.value)
+    assert "[redacted]" in text
+    assert KEY[:12] not in text
+
+
 def test_unknown_provider_is_permanent(local_net):
     with pytest.raises(PermanentError, match="provider 'cohere' is not supported"):
         agent_execute(agent=llm_agent("http://127.0.0.1:1", provider="cohere"), task_input={}, context=ctx())
