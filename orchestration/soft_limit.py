@@ -22,6 +22,12 @@ runs the handler of a signal already received, so none falls between the two.
 The hard limit is unaffected: billiard's main process ends the child with SIGTERM, then
 SIGKILL, which nothing here touches; the reaper records the attempt (DESIGN §5).
 
+Inside released(), the platform's own writes for the agent (its meter's UPDATE of what a model
+billed, a tool call's or a hand-off's record) are held off too (`held_off()`): interrupted in
+a statement, psycopg leaves it in flight on the connection, which then refuses the attempt's
+record ("connection in transaction status ACTIVE"), and the attempt stayed running for the
+reaper, its spend possibly lost. A limit that fires in one is raised as it ends.
+
 Nothing is held where SIGUSR1 is not billiard's soft limit: in the worker's main process it
 is Celery's "cry" handler; a task run in-process (tests), the solo and threads pools have no
 such signal; gevent and eventlet raise the limit from a timer in the greenlet. There a soft
@@ -45,6 +51,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 logger = logging.getLogger(__name__)
 
+_agent_running: SoftLimit | None = None
+"""The limit whose released() the main thread is in (the agent runs), for held_off()."""
+
 
 class SoftLimit:
     """The soft limit of one delivery, inside soft_limit_held(). `holding` is False where
@@ -64,10 +73,12 @@ class SoftLimit:
     def released(self) -> Iterator[None]:
         """Let the soft limit interrupt what runs inside; one that fired while it was held
         is raised on entry."""
+        global _agent_running
         if not self.holding:
             yield
             return
         self._released = True
+        _agent_running = self
         try:
             if self.pending:  # read once released: from there on, the handler raises itself
                 self.pending = False
@@ -75,6 +86,30 @@ class SoftLimit:
             yield
         finally:
             self._released = False
+            _agent_running = None
+
+    def raise_if_pending(self) -> None:
+        if self.pending:
+            self.pending = False
+            raise SoftTimeLimitExceeded()
+
+
+@contextmanager
+def held_off() -> Iterator[None]:
+    """Hold the soft limit off around a write the platform makes while an agent runs (see the
+    module's docstring); one that fires meanwhile is raised once the write is done, in the
+    agent's run, as if it had fired just after. Anywhere else (nothing released, another
+    thread, a pool that cannot hold) it does nothing."""
+    limit = _agent_running
+    if limit is None or not limit._released or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    limit._released = False
+    try:
+        yield
+    finally:
+        limit._released = True
+        limit.raise_if_pending()  # the time is up, whatever the write did
 
 
 @contextmanager

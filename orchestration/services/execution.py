@@ -58,7 +58,7 @@ from orchestration.services.progress import (
     workflow_stopping,
 )
 from orchestration.services.redelivery import PreviousTry, previous_try_check
-from orchestration.soft_limit import SoftLimit, soft_limit_held
+from orchestration.soft_limit import SoftLimit, held_off, soft_limit_held
 from orchestration.workers import WorkerProcess, attempt_fields
 
 logger = logging.getLogger(__name__)
@@ -908,6 +908,11 @@ def _attempt_run(
                 execution_id,
             )
             usage = Usage()
+        if not connection.in_atomic_block:
+            # The soft limit (or the agent's own error) may have interrupted a query of the
+            # agent's (the platform's own writes hold the limit off): without this the record
+            # below was refused, and the attempt left running for the reaper.
+            _connection_freed()
         usage = _at_least_metered(claim.attempt.pk, usage + context.spend)
         error = storable_text("timed out" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}")
         also = _turn_writer(context, claim.attempt, output=None, error=error, usage=usage)
@@ -1042,14 +1047,23 @@ def _record_through_soft_limit(
         logger.warning("the soft time limit fired while an attempt's outcome was recorded; recording it again")
         if connection.in_atomic_block:
             raise  # not this function's transaction to end
-        raw = connection.connection if connection.vendor == "postgresql" else None
-        if raw is not None and raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            connection.close()  # a statement in flight: the next one would be refused
+        _connection_freed()
     if record():
         return True
     if succeeded and attempt is not None:
         return TaskAttempt.objects.filter(pk=attempt.pk, status=TaskAttempt.Status.SUCCEEDED).exists()
     return False
+
+
+def _connection_freed() -> None:
+    """Close the database connection if a statement interrupted by an exception (the soft
+    limit, raised inside psycopg's wait) is still in flight on it: any other statement would be
+    refused ("another command is already in progress", or atomic()'s "can't change 'autocommit'
+    now"). The next statement opens a new connection. Only outside a transaction block."""
+    raw = connection.connection if connection.vendor == "postgresql" else None
+    if raw is not None and raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        logger.warning("an interrupted statement is still in flight on the connection; closing it")
+        connection.close()
 
 
 def _refused_outcome_record(
@@ -1128,19 +1142,27 @@ def _meter(attempt_id: int) -> Callable[[Usage], None]:
         except PermanentError as exc:
             logger.warning("attempt %s: a payment it reported was not metered: %s", attempt_id, exc)
             return
-        try:
-            running = TaskAttempt.objects.filter(pk=attempt_id, status=TaskAttempt.Status.RUNNING)
-            if not running.update(**_usage_added(usage)):
-                added = atomic_with_retry(lambda: _late_usage_add(attempt_id, usage))
-                if added is not None:
-                    late_usage_recorded(agent_id=added[0], usage=added[1])
-        except DatabaseError as exc:  # never fail the agent's work for the meter: the final record follows
-            # A cancel's SIGTERM that landed in the late-usage COMMIT stops the agent, as anywhere
-            # else in its run, instead of letting it run on unmetered.
-            stop_if_interrupted(exc)
-            logger.warning("attempt %s: could not meter its usage", attempt_id, exc_info=True)
+        # The soft limit waits for the write (orchestration.soft_limit.held_off): interrupting
+        # it left the statement in flight, the attempt unrecordable, and what was paid unsure.
+        with held_off():
+            _meter_write(attempt_id, usage)
 
     return add
+
+
+def _meter_write(attempt_id: int, usage: Usage) -> None:
+    """Add `usage` to the running attempt's row, or as late usage to one closed meanwhile."""
+    try:
+        running = TaskAttempt.objects.filter(pk=attempt_id, status=TaskAttempt.Status.RUNNING)
+        if not running.update(**_usage_added(usage)):
+            added = atomic_with_retry(lambda: _late_usage_add(attempt_id, usage))
+            if added is not None:
+                late_usage_recorded(agent_id=added[0], usage=added[1])
+    except DatabaseError as exc:  # never fail the agent's work for the meter: the final record follows
+        # A cancel's SIGTERM that landed in the late-usage COMMIT stops the agent, as anywhere
+        # else in its run, instead of letting it run on unmetered.
+        stop_if_interrupted(exc)
+        logger.warning("attempt %s: could not meter its usage", attempt_id, exc_info=True)
 
 
 def _at_least_metered(attempt_id: int, usage: Usage) -> Usage:

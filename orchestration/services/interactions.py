@@ -2,6 +2,7 @@
 
 Both are written while the attempt runs, each in its own short transaction, so they stay
 on record even when the attempt later fails: the tool did run, the hand-off did happen.
+The soft time limit is held off while each is written (orchestration.soft_limit.held_off).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.models import AgentInteraction
 from orchestration.runtime.tools import ToolCall
 from orchestration.services.events import event_record
+from orchestration.soft_limit import held_off
 
 
+@held_off()
 def tool_call_record(*, call: ToolCall, execution_id: str, agent_id: str, workflow_id: str | None) -> None:
     """Append the `tool_executed` event of one call, with seed 002's fields."""
     event_record(
@@ -38,6 +41,7 @@ def tool_call_record(*, call: ToolCall, execution_id: str, agent_id: str, workfl
     )
 
 
+@held_off()
 def agent_started_record(
     *,
     agent_id: str,
@@ -67,6 +71,7 @@ def agent_started_record(
     )
 
 
+@held_off()
 @transaction.atomic
 def interaction_record(
     *,

@@ -131,3 +131,13 @@ def exits(task_input, context):
     import sys
 
     sys.exit(task_input.get("code", 2))
+
+
+def slow_query(task_input, context):
+    """Waits `input.seconds` in a query of its own on the platform's database connection (an
+    agent reading the record, say): the soft limit interrupts it inside the statement."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(%s)", [task_input.get("seconds", 3)])
+    return {"slept": True}
