@@ -3,6 +3,18 @@
 from orchestration.runtime.context import AgentResult, Usage
 
 
+def edge_agent(agent_id: str, function: str):
+    """A python agent whose entrypoint is `function` of this module, in the agents table."""
+    from orchestration.models import Agent
+
+    return Agent.objects.create(
+        id=agent_id,
+        name=agent_id.replace("-", " ").capitalize(),
+        executor=Agent.Executor.PYTHON,
+        entrypoint=f"tests.orchestration.edge_agents.{function}",
+    )
+
+
 def float_cost(task_input, context):
     # A python agent that reports what its own provider call cost, as a float.
     return AgentResult(output={"ok": True}, usage=Usage(input_tokens=100, output_tokens=20, cost_usd=0.0123))

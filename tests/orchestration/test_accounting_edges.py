@@ -24,6 +24,7 @@ from orchestration.services.reaper import attempts_reap
 from orchestration.services.rollup import metrics_rollup
 from orchestration.services.workflows import task_cancel, workflow_resume
 from tests.factories import AgentFactory, WorkflowFactory
+from tests.orchestration.edge_agents import edge_agent
 
 H = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
 DAY_BEFORE = H - dt.timedelta(days=1)  # claimed then: reaped as abandoned
@@ -336,12 +337,7 @@ def test_a_try_that_ends_after_its_attempt_was_cancelled_is_recorded_as_it_ended
     from orchestration.services.execution import Outcome, attempt_run
     from orchestration.services.workflows import workflow_submit
 
-    Agent.objects.create(
-        id="midway",
-        name="Midway",
-        executor=Agent.Executor.PYTHON,
-        entrypoint="tests.orchestration.edge_agents.cancelled_midway",
-    )
+    edge_agent("midway", "cancelled_midway")
     workflow, _ = workflow_submit(
         spec={"name": "late", "tasks": [{"name": "t", "agent": "midway", "input": {"end": end}}]}
     )
@@ -384,12 +380,7 @@ def test_a_try_that_paid_and_then_failed_keeps_its_paid_spend():
     from orchestration.services.execution import Outcome, attempt_run
     from orchestration.services.workflows import workflow_submit
 
-    Agent.objects.create(
-        id="payer",
-        name="Payer",
-        executor=Agent.Executor.PYTHON,
-        entrypoint="tests.orchestration.edge_agents.paid_then_failed",
-    )
+    edge_agent("payer", "paid_then_failed")
     workflow, _ = workflow_submit(spec={"name": "paid", "tasks": [{"name": "t", "agent": "payer", "input": {}}]})
     task = TaskExecution.objects.get(workflow=workflow)
     assert attempt_run(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@h") == Outcome.FAILED
@@ -467,12 +458,7 @@ def test_a_failure_whose_exception_class_name_outgrows_its_column_is_still_recor
     from orchestration.services.execution import Outcome, attempt_run
     from orchestration.services.workflows import workflow_submit
 
-    Agent.objects.create(
-        id="longerr",
-        name="Long error",
-        executor=Agent.Executor.PYTHON,
-        entrypoint="tests.orchestration.edge_agents.long_error_class",
-    )
+    edge_agent("longerr", "long_error_class")
     workflow, _ = workflow_submit(spec={"name": "long", "tasks": [{"name": "t", "agent": "longerr", "input": {}}]})
     task = TaskExecution.objects.get(workflow=workflow)
     assert attempt_run(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@h") == Outcome.FAILED

@@ -14,6 +14,7 @@ from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workf
 from orchestration.services.reaper import attempts_reap
 from orchestration.services.workflows import task_retry, workflow_cancel, workflow_resume, workflow_submit
 from tests.engine import wait_for
+from tests.orchestration.edge_agents import edge_agent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -943,12 +944,7 @@ def test_an_agent_failing_with_a_base_exception_of_its_own_is_recorded_failed_no
     Celery's task, its pool process died, the message came back and the attempt was recorded
     lost, the agent's error nowhere. It is the agent's failure: recorded failed, with its error,
     and retried as any other."""
-    Agent.objects.create(
-        id="cancelled-inside",
-        name="Cancelled inside",
-        executor=Agent.Executor.PYTHON,
-        entrypoint="tests.orchestration.edge_agents.cancelled_inside",
-    )
+    edge_agent("cancelled-inside", "cancelled_inside")
     engine(concurrency=1)
     wf = submit({"name": "c", "agent": "cancelled-inside", "input": {"succeed_on": 2}, "max_retries": 1})
     wf = finished(wf, timeout=60)
@@ -969,12 +965,7 @@ def test_an_agent_calling_sys_exit_is_recorded_failed_and_its_pool_process_lives
     away: it ended the pool process, each try was recorded lost ("lives on and no longer runs
     it"), the exit nowhere, and retried until none were left, each killing a process. It is the
     agent's failure, not retried (its code would exit again), and the process runs on."""
-    Agent.objects.create(
-        id="exits",
-        name="Exits",
-        executor=Agent.Executor.PYTHON,
-        entrypoint="tests.orchestration.edge_agents.exits",
-    )
+    edge_agent("exits", "exits")
     engine(concurrency=1)
     wf = submit({"name": "x", "agent": "exits", "input": {"code": 2}, "max_retries": 2})
     wf = finished(wf, timeout=60)
