@@ -107,9 +107,17 @@ def held_off() -> Iterator[None]:
     limit._released = False
     try:
         yield
-    finally:
+    except (SystemExit, KeyboardInterrupt):
+        # The process is stopping (a cancel's SIGTERM: billiard's handler): raised here, the limit
+        # would replace that, and the try be recorded timed out instead of the process stopping.
+        limit._released = True
+        raise
+    except BaseException:
         limit._released = True
         limit.raise_if_pending()  # the time is up, whatever the write did
+        raise
+    limit._released = True
+    limit.raise_if_pending()
 
 
 @contextmanager

@@ -153,3 +153,14 @@ def slow_query(task_input, context):
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_sleep(%s)", [task_input.get("seconds", 3)])
     return {"slept": True}
+
+
+def cleanup_raises(task_input, context):
+    """Waits `input.seconds`; its cleanup fails, as a client's close() does on a connection torn
+    down while a terminate signal's SystemExit unwinds through it."""
+    import time
+
+    try:
+        time.sleep(task_input.get("seconds", 20))
+    finally:
+        raise RuntimeError("cleanup failed")

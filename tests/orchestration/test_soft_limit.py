@@ -18,7 +18,7 @@ import pytest
 from billiard.pool import soft_timeout_sighandler
 from celery.exceptions import SoftTimeLimitExceeded
 
-from orchestration.soft_limit import soft_limit_held
+from orchestration.soft_limit import held_off, soft_limit_held
 
 
 @pytest.fixture
@@ -100,3 +100,24 @@ def test_nothing_is_held_off_the_main_thread(pool_child):
     thread.join()
     assert seen == [False]
     assert signal.getsignal(signal.SIGUSR1) is soft_timeout_sighandler
+
+
+def test_a_limit_held_off_in_a_write_is_raised_as_the_write_ends(pool_child):
+    with soft_limit_held() as limit:
+        with pytest.raises(SoftTimeLimitExceeded) as raised, limit.released(), held_off():
+            soft_limit()
+            assert limit.pending  # held off: the write goes on
+            raise ValueError("the write failed")
+        assert isinstance(raised.value.__context__, ValueError)
+        assert not limit.pending
+
+
+def test_a_process_stopping_in_a_held_write_is_not_replaced_by_the_limit(pool_child):
+    """A cancel's SIGTERM (billiard's handler raises SystemExit) that lands in a write the limit
+    waits for: the process stops. Raised from the write's end, the limit replaced the SystemExit:
+    the engine took the try for the agent's time-out and recorded it, instead of stopping."""
+    with soft_limit_held() as limit:
+        with pytest.raises(SystemExit), limit.released(), held_off():
+            soft_limit()
+            raise SystemExit(-15)
+        limit.pending = False
