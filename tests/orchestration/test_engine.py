@@ -984,15 +984,19 @@ def test_an_agent_calling_sys_exit_is_recorded_failed_and_its_pool_process_lives
     assert attempts(wf2, "e")[0].pool_pid == only.pool_pid
 
 
-def test_a_cancelled_try_ends_its_pool_process_and_the_next_agents_exit_is_its_own(engine):
+@pytest.mark.parametrize("long_agent", ["sleep", "cleans-up"])
+def test_a_cancelled_try_ends_its_pool_process_and_the_next_agents_exit_is_its_own(engine, long_agent):
     """A cancel's SIGTERM: billiard's handler raises SystemExit in the agent and sets its flag;
-    the try is recorded cancelled and the process ends. The process that replaces it starts with
-    the flag clear: an agent's own sys.exit() there is its failure, not a stop."""
-    Agent.objects.create(
-        id="exits", name="Exits", executor=Agent.Executor.PYTHON, entrypoint="tests.orchestration.edge_agents.exits"
-    )
+    the try is recorded cancelled and the process ends, also when the agent's cleanup raises
+    another exception on its way out (`cleans-up`). That one lived on (Celery took the cleanup's
+    error for the task's failure), its handler's flag set: the next agent's own sys.exit() there
+    was taken for a stop, and that try was left running, unrecorded, its process gone. The
+    process that replaces a cancelled one starts with the flag clear: an agent's own sys.exit()
+    there is its failure, not a stop."""
+    edge_agent("cleans-up", "cleanup_raises")
+    edge_agent("exits", "exits")
     engine(concurrency=1)
-    wf = submit({"name": "long", "agent": "sleep", "input": {"seconds": 20}})
+    wf = submit({"name": "long", "agent": long_agent, "input": {"seconds": 20}})
     attempt = running_attempt(wf, "long")
     workflow_cancel(workflow_id=wf.workflow_id, reason="operator said stop")
     attempt.refresh_from_db()
@@ -1004,28 +1008,3 @@ def test_a_cancelled_try_ends_its_pool_process_and_the_next_agents_exit_is_its_o
     time.sleep(1)
     attempt.refresh_from_db()
     assert attempt.status == A.CANCELLED
-
-
-def test_a_cancel_whose_exit_the_agents_cleanup_replaced_still_ends_the_pool_process(engine):
-    """A cancel's SIGTERM: billiard's handler raises SystemExit in the agent, and the agent's
-    cleanup raises another exception on its way out. The process was told to stop, and does.
-    It lived on (Celery took the cleanup's error for the task's failure), its handler's flag set:
-    the next agent's own sys.exit() there was taken for a stop, and that try was left running,
-    unrecorded, its process gone."""
-    for agent_id, entrypoint in (("cleans-up", "cleanup_raises"), ("exits", "exits")):
-        Agent.objects.create(
-            id=agent_id,
-            name=agent_id,
-            executor=Agent.Executor.PYTHON,
-            entrypoint=f"tests.orchestration.edge_agents.{entrypoint}",
-        )
-    engine(concurrency=1)
-    wf = submit({"name": "long", "agent": "cleans-up", "input": {"seconds": 20}})
-    attempt = running_attempt(wf, "long")
-    workflow_cancel(workflow_id=wf.workflow_id, reason="operator said stop")
-    attempt.refresh_from_db()
-    assert (attempt.status, attempt.cause) == (A.CANCELLED, "cancelled")
-    wf2 = finished(submit({"name": "x", "agent": "exits", "input": {"code": 2}, "max_retries": 2}), timeout=30)
-    (only,) = attempts(wf2, "x")
-    assert (only.status, only.cause, only.error) == (A.FAILED, "error", "SystemExit: 2")
-    assert only.pool_pid != attempt.pool_pid, "the cancelled try's process ended"
