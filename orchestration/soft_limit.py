@@ -80,15 +80,14 @@ class SoftLimit:
         self._released = True
         _agent_running = self
         try:
-            if self.pending:  # read once released: from there on, the handler raises itself
-                self.pending = False
-                raise SoftTimeLimitExceeded()
+            self.raise_if_pending()  # read once released: from there on, the handler raises itself
             yield
         finally:
             self._released = False
             _agent_running = None
 
     def raise_if_pending(self) -> None:
+        """Raise the limit that fired while it was held, once."""
         if self.pending:
             self.pending = False
             raise SoftTimeLimitExceeded()
@@ -105,19 +104,18 @@ def held_off() -> Iterator[None]:
         yield
         return
     limit._released = False
+    stopping = False
     try:
         yield
     except (SystemExit, KeyboardInterrupt):
         # The process is stopping (a cancel's SIGTERM: billiard's handler): raised here, the limit
         # would replace that, and the try be recorded timed out instead of the process stopping.
-        limit._released = True
+        stopping = True
         raise
-    except BaseException:
+    finally:
         limit._released = True
-        limit.raise_if_pending()  # the time is up, whatever the write did
-        raise
-    limit._released = True
-    limit.raise_if_pending()
+        if not stopping:
+            limit.raise_if_pending()  # the time is up, whatever the write did
 
 
 @contextmanager
