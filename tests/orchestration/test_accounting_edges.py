@@ -33,6 +33,19 @@ DAY_BEFORE = H - dt.timedelta(days=1)  # claimed then: reaped as abandoned
 # --- 1. rollup: a resumed task's spend is counted again in the period it finishes again -------
 
 
+def _run_in_process(agent_id: str, task_input: dict) -> tuple[Workflow, TaskExecution, str]:
+    """A one-task workflow of `agent_id`, its one try run here (attempt_run, no worker): the
+    workflow, the task and the try's outcome."""
+    from orchestration.services.execution import attempt_run
+    from orchestration.services.workflows import workflow_submit
+
+    workflow, _ = workflow_submit(
+        spec={"name": agent_id, "tasks": [{"name": "t", "agent": agent_id, "input": task_input}]}
+    )
+    task = TaskExecution.objects.get(workflow=workflow)
+    return workflow, task, attempt_run(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@h")
+
+
 def _run_attempt(task: TaskExecution, *, start: dt.datetime, usage: Usage, fail: bool) -> None:
     task.refresh_from_db()
     claim = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w", now=start)
@@ -334,15 +347,10 @@ def test_a_try_that_ends_after_its_attempt_was_cancelled_is_recorded_as_it_ended
     in the transaction that adds its late spend): before, only a log line said so."""
     from orchestration.event_types import EventType
     from orchestration.models import Event
-    from orchestration.services.execution import Outcome, attempt_run
-    from orchestration.services.workflows import workflow_submit
+    from orchestration.services.execution import Outcome
 
     edge_agent("midway", "cancelled_midway")
-    workflow, _ = workflow_submit(
-        spec={"name": "late", "tasks": [{"name": "t", "agent": "midway", "input": {"end": end}}]}
-    )
-    task = TaskExecution.objects.get(workflow=workflow)
-    outcome = attempt_run(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@h")
+    _, task, outcome = _run_in_process("midway", {"end": end})
     assert outcome == (Outcome.SUCCEEDED if end == "succeed" else Outcome.FAILED)
     task.refresh_from_db()
     attempt = TaskAttempt.objects.get(execution=task)
@@ -377,13 +385,11 @@ def test_a_try_that_paid_and_then_failed_keeps_its_paid_spend():
     attaching the usage to its error. The failure's record replaced the metered usage with
     the error's (none): the paid call vanished from the attempt and never reached the task
     or the workflow, wasted spend included."""
-    from orchestration.services.execution import Outcome, attempt_run
-    from orchestration.services.workflows import workflow_submit
+    from orchestration.services.execution import Outcome
 
     edge_agent("payer", "paid_then_failed")
-    workflow, _ = workflow_submit(spec={"name": "paid", "tasks": [{"name": "t", "agent": "payer", "input": {}}]})
-    task = TaskExecution.objects.get(workflow=workflow)
-    assert attempt_run(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@h") == Outcome.FAILED
+    workflow, task, outcome = _run_in_process("payer", {})
+    assert outcome == Outcome.FAILED
     attempt = TaskAttempt.objects.get(execution=task)
     task.refresh_from_db()
     workflow.refresh_from_db()
@@ -455,13 +461,11 @@ def test_a_failure_whose_exception_class_name_outgrows_its_column_is_still_recor
     """The failed try's record stores the exception's class name; one longer than the column
     made the record itself fail (DataError, out of attempt_run): the attempt stayed running,
     for the reaper to misreport as a hard time-out and run the agent again."""
-    from orchestration.services.execution import Outcome, attempt_run
-    from orchestration.services.workflows import workflow_submit
+    from orchestration.services.execution import Outcome
 
     edge_agent("longerr", "long_error_class")
-    workflow, _ = workflow_submit(spec={"name": "long", "tasks": [{"name": "t", "agent": "longerr", "input": {}}]})
-    task = TaskExecution.objects.get(workflow=workflow)
-    assert attempt_run(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="w@h") == Outcome.FAILED
+    _, task, outcome = _run_in_process("longerr", {})
+    assert outcome == Outcome.FAILED
     attempt = TaskAttempt.objects.get(execution=task)
     task.refresh_from_db()
     assert (attempt.status, task.status) == ("failed", "failed")
