@@ -113,6 +113,21 @@ def database_unreachable(exc: BaseException) -> bool:
     return sqlstate is None or sqlstate.startswith("08") or sqlstate in _UNREACHABLE_SQLSTATES
 
 
+def database_error_described(exc: BaseException) -> dict[str, str]:
+    """The class and message of a database error (Django's, or psycopg's) as an attempt records
+    them, JSON-safe: psycopg's own class, which names the condition (LockNotAvailable,
+    QueryCanceled, DeadlockDetected, SerializationFailure, DiskFull), not Django's wrapper."""
+    shown = exc.__cause__ if isinstance(exc.__cause__, psycopg.Error) else exc
+    message = " ".join(str(shown).split())[:ERROR_DESCRIBED_MAX_LENGTH]
+    return {
+        "error_class": f"{type(shown).__module__}.{type(shown).__qualname__}"[:255],
+        "error": f"{type(shown).__name__}: {message}",
+    }
+
+
+ERROR_DESCRIBED_MAX_LENGTH = 2000
+
+
 def stop_if_interrupted(exc: BaseException) -> None:
     """Raise again the SystemExit or KeyboardInterrupt that `exc`, a database error, replaced.
 

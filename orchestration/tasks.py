@@ -11,9 +11,9 @@ from celery import Task, shared_task
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
-from orchestration.db import database_unreachable
+from orchestration.db import database_error_described, database_unreachable
 from orchestration.services.execution import attempt_run
-from orchestration.workers import current_process
+from orchestration.workers import DatabaseErrorMet, current_process
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +91,16 @@ def retried_while_away(task: Task, away_tries: int) -> Iterator[None]:
     # In the worker's main process: remembers a hard time-out or a lost pool process for the reaper.
     Request="orchestration.workers:RunTaskRequest",
 )
-def run_task(self, execution_id: str) -> str:
+def run_task(self, execution_id: str, database_error: dict[str, str] | None = None) -> str:
     """Run one attempt of a task execution (the message's id identifies the attempt).
 
     If the database connection is lost, the message is sent again (same id) and this delivery
     ends. Nothing of it was recorded, except a claim that committed: the retried delivery then
-    closes that attempt as lost (connection_lost) and starts the next one."""
+    closes that attempt as lost (connection_lost) and starts the next one. So too when the
+    database answered a write with an error (a lock or statement timeout, a deadlock that
+    outlasted atomic_with_retry, a full disk): the message sent again carries that error
+    (`database_error`, its class and message), and the attempt is closed lost with it, cause
+    database_error."""
     delivery = self.request.delivery_info or {}
     try:
         return attempt_run(
@@ -105,12 +109,20 @@ def run_task(self, execution_id: str) -> str:
             worker=self.request.hostname or "",
             redelivered=bool(delivery.get("redelivered")),
             retried=self.request.retries > 0,
+            database_error=database_error,
             process=current_process(),
         ).value
     except (InterfaceError, OperationalError) as exc:
         connections.close_all()
         cap = settings.TASK_CONNECTION_RETRY_MAX_COUNTDOWN_SECONDS  # the visibility timeout covers it
-        raise self.retry(exc=exc, countdown=min(2 ** min(self.request.retries, 5), cap)) from exc
+        answered = isinstance(exc, OperationalError) and not database_unreachable(exc)
+        met = database_error_described(exc) if answered else None
+        raise self.retry(
+            args=[execution_id],
+            kwargs={"database_error": met} if met else {},
+            exc=DatabaseErrorMet(**met) if met else exc,  # the worker's main process remembers which (workers.py)
+            countdown=min(2 ** min(self.request.retries, 5), cap),
+        ) from exc
 
 
 @shared_task(name="orchestration.reap_stale_tasks", acks_late=False, ignore_result=True)

@@ -47,6 +47,7 @@ HARD_TIMEOUT = "hard_timeout"
 POOL_PROCESS_LOST = "pool_process_lost"
 BROKER_CONNECTION_LOST = "broker_connection_lost"
 DATABASE_CONNECTION_LOST = "database_connection_lost"
+DATABASE_ERROR = "database_error"
 # Abnormal endings the main process remembers, the oldest forgotten first. The reaper asks
 # once the attempt is past its hard limit plus REAPER_GRACE_SECONDS (a redelivered message's
 # claim, at once); only hard time-outs, dead pool processes, tries stopped for a lost broker
@@ -76,9 +77,24 @@ def attempt_fields(process: WorkerProcess | None) -> dict[str, Any]:
 class Ending:
     """How a task's request ended in a worker's main process, when abnormally."""
 
-    how: str  # HARD_TIMEOUT, POOL_PROCESS_LOST, BROKER_CONNECTION_LOST or DATABASE_CONNECTION_LOST
+    how: str  # HARD_TIMEOUT, POOL_PROCESS_LOST, BROKER_CONNECTION_LOST, DATABASE_CONNECTION_LOST or DATABASE_ERROR
     pool_pid: int | None
     detail: str
+    error_class: str = ""  # of a DATABASE_ERROR
+
+
+class DatabaseErrorMet(Exception):
+    """What run_task's retry carries when the database answered a write with an error (a lock or
+    statement timeout, a deadlock, a full disk), not for a lost connection: `error_class` and
+    `error` (orchestration.db.database_error_described). The worker's main process remembers it
+    for the reaper and a redelivery's claim (RunTaskRequest.on_retry)."""
+
+    def __init__(self, error_class: str, error: str) -> None:
+        super().__init__(error_class, error)
+        self.error_class, self.error = error_class, error
+
+    def __str__(self) -> str:
+        return self.error
 
 
 @dataclass(frozen=True)
@@ -191,18 +207,20 @@ class RunTaskRequest(Request):
         super().on_timeout(soft, timeout)
 
     def on_retry(self, exc_info: Any) -> None:
-        # run_task retries only when its database connection was lost: its message is sent
-        # again (with a countdown that may outlast the outage), and until it comes back its
-        # attempt, if the claim had committed, is recorded running with nothing to say how it
-        # ended but this.
-        _ending_record(
-            self.id,
-            Ending(
+        # run_task retries only when its database connection was lost, or the database answered
+        # a write with an error (DatabaseErrorMet): its message is sent again (with a countdown
+        # that may outlast the outage), and until it comes back its attempt, if the claim had
+        # committed, is recorded running with nothing to say how it ended but this.
+        met = getattr(getattr(exc_info, "exception", None), "exc", None)
+        if isinstance(met, DatabaseErrorMet):
+            ending = Ending(how=DATABASE_ERROR, pool_pid=self.worker_pid, detail=met.error, error_class=met.error_class)
+        else:
+            ending = Ending(
                 how=DATABASE_CONNECTION_LOST,
                 pool_pid=self.worker_pid,
                 detail="lost its database connection; the message was sent again",
-            ),
-        )
+            )
+        _ending_record(self.id, ending)
         super().on_retry(exc_info)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
@@ -229,7 +247,7 @@ def _process_report(state: Any, task_ids: list[str] | None = None, **kwargs: Any
         "pid": _main[0] if _main else None,
         "started_at": _main[1].isoformat() if _main else None,
         "ended": {
-            task_id: {"how": e.how, "pool_pid": e.pool_pid, "detail": e.detail}
+            task_id: {"how": e.how, "pool_pid": e.pool_pid, "detail": e.detail, "error_class": e.error_class}
             for task_id, e in ended.items()
             if e is not None
         },
@@ -297,6 +315,7 @@ def node_report(reply: Any) -> NodeReport:
                 how=str(e["how"]),
                 pool_pid=int(e["pool_pid"]) if e.get("pool_pid") is not None else None,
                 detail=str(e.get("detail") or ""),
+                error_class=str(e.get("error_class") or ""),
             )
             for task_id, e in (reply.get("ended") or {}).items()
         }

@@ -261,6 +261,7 @@ class TaskAttemptCause(models.TextChoices):
     DEADLINE = "deadline", "the workflow deadline passed"
     WORKER_LOST = "worker_lost", "the worker died or vanished mid-attempt"
     CONNECTION_LOST = "connection_lost", "the worker lost its database connection mid-attempt"
+    DATABASE_ERROR = "database_error", "the database refused a write of the worker's (not a lost connection)"
     REDELIVERY = "redelivery", "the broker redelivered the message"
     CANCELLED = "cancelled", "cancelled by a user"
 

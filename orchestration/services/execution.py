@@ -186,10 +186,14 @@ def attempt_abandon(
     error: str,
     now: dt.datetime,
     retry_now: bool = False,
+    error_class: str = "",
 ) -> bool | None:
     """Close an abandoned running attempt (lost worker, hard limit). Returns None if it was
-    no longer running, else whether the task will be tried again."""
-    if not _close_attempt(attempt, status=status, cause=cause, error=error, now=now, retryable=True):
+    no longer running, else whether the task will be tried again. `error_class`: of the
+    error that abandoned it, when one is known (a database error's)."""
+    if not _close_attempt(
+        attempt, status=status, cause=cause, error=error, now=now, retryable=True, error_class=error_class
+    ):
         return None
     attempt.status = status
     conversation_attempt_closed(task, attempt=attempt, error=error)
@@ -414,11 +418,14 @@ def attempt_claim(
     retried: bool = False,
     now: dt.datetime | None = None,
     process: WorkerProcess | None = None,
+    database_error: dict[str, str] | None = None,
 ) -> Claim | Outcome:
     """Start an attempt for a delivered message, or say why not (SKIPPED, DEFERRED).
 
     `retried`: the message was sent again by run_task itself after its worker lost the
-    database connection, so an attempt this message left running was abandoned. `process`:
+    database connection, so an attempt this message left running was abandoned;
+    `database_error` (db.database_error_described): not for a lost connection, but for this
+    error the database answered a write with. `process`:
     the worker process that runs the attempt, recorded with it for the reaper. A redelivered
     message whose attempt is still recorded running first asks that attempt's worker what
     became of it (services/redelivery.py).
@@ -455,6 +462,7 @@ def attempt_claim(
             now=now,
             process=process,
             previous=previous,
+            database_error=database_error,
         )
     )
 
@@ -502,6 +510,7 @@ def _attempt_claim(
     now: dt.datetime | None,
     process: WorkerProcess | None,
     previous: PreviousTry | None = None,
+    database_error: dict[str, str] | None = None,
 ) -> Claim | Outcome:
     task = (
         TaskExecution.objects.select_for_update(of=("self",))
@@ -518,7 +527,7 @@ def _attempt_claim(
         last = TaskAttempt.objects.select_for_update().filter(execution=task).order_by("-attempt_number").first()
         if last is None or last.status != TaskAttempt.Status.RUNNING or not (redelivered or retried):
             return Outcome.SKIPPED  # a duplicate delivery: the attempt is recorded already
-        status = TaskAttempt.Status.LOST
+        status, error_class = TaskAttempt.Status.LOST, ""
         asked = previous if redelivered and previous is not None and previous.attempt_id == last.pk else None
         if asked is not None and asked.running:
             logger.warning(
@@ -535,7 +544,16 @@ def _attempt_claim(
             # became of it (services/redelivery.py). First even for a message run_task once sent
             # again (retried, a mark it keeps): the attempt may be a later delivery's, stopped
             # for another cause (its broker connection lost, its pool process dead).
-            status, cause, error = asked.status, asked.cause, asked.error
+            status, cause, error, error_class = asked.status, asked.cause, asked.error, asked.error_class
+        elif retried and last.celery_task_id == celery_task_id and database_error:
+            # run_task sent its own message again after the database answered a write with an
+            # error (a lock or statement timeout, a deadlock, a full disk): the connection was
+            # not lost, and the record says what was met instead.
+            cause, error_class = TaskAttempt.Cause.DATABASE_ERROR, database_error["error_class"]
+            error = (
+                f"worker {last.worker or '?'} met a database error during attempt {last.attempt_number}, "
+                f"which was not recorded (message sent again): {database_error['error']}"
+            )
         elif retried and last.celery_task_id == celery_task_id:
             # run_task sent its own message again after the connection broke: whatever the
             # attempt did was not recorded, and the delivery that ran it has ended.
@@ -550,7 +568,9 @@ def _attempt_claim(
             error = f"worker {last.worker or '?'} was lost during attempt {last.attempt_number} (message redelivered)"
         else:
             return Outcome.SKIPPED
-        again = attempt_abandon(task, last, status=status, cause=cause, error=error, now=now, retry_now=True)
+        again = attempt_abandon(
+            task, last, status=status, cause=cause, error=error, now=now, retry_now=True, error_class=error_class
+        )
         if again is not None:
             closed = last.pk
             transaction.on_commit(lambda: attempts_reaped(attempt_ids=[closed]))
@@ -799,6 +819,7 @@ def attempt_run(
     redelivered: bool = False,
     retried: bool = False,
     process: WorkerProcess | None = None,
+    database_error: dict[str, str] | None = None,
 ) -> Outcome:
     """Claim the delivered message, run the agent once, record the outcome.
 
@@ -818,6 +839,7 @@ def attempt_run(
             redelivered=redelivered,
             retried=retried,
             process=process,
+            database_error=database_error,
         )
 
 
@@ -848,6 +870,7 @@ def _attempt_run(
     redelivered: bool,
     retried: bool,
     process: WorkerProcess | None,
+    database_error: dict[str, str] | None,
 ) -> Outcome:
     claim = attempt_claim(
         execution_id=execution_id,
@@ -856,6 +879,7 @@ def _attempt_run(
         redelivered=redelivered,
         retried=retried,
         process=process,
+        database_error=database_error,
     )
     if not isinstance(claim, Claim):
         return claim

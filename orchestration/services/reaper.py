@@ -36,6 +36,7 @@ from orchestration.services.progress import workflow_fail_past_deadline
 from orchestration.workers import (
     BROKER_CONNECTION_LOST,
     DATABASE_CONNECTION_LOST,
+    DATABASE_ERROR,
     HARD_TIMEOUT,
     POOL_PROCESS_LOST,
     NodeReport,
@@ -60,6 +61,7 @@ class Verdict:
     hard_timeout: bool  # else lost
     error: str
     cause: str = TaskAttempt.Cause.WORKER_LOST  # of a lost attempt
+    error_class: str = ""
 
 
 def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) -> Verdict:
@@ -75,7 +77,8 @@ def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) 
       message, unacknowledged, comes back from the broker): lost, cause redelivery;
     - the same process says the message's last delivery lost its database connection and sent
       it again (run_task), which has not come back to close the attempt: lost, cause
-      connection_lost, as that delivery's claim would have recorded it;
+      connection_lost, as that delivery's claim would have recorded it; or that it sent it again
+      when the database answered a write with an error: lost, cause database_error, with it;
     - otherwise the worker lives on and, as it says or as is presumed when it cannot say (its
       ending forgotten, or the attempt or the worker from before processes were recorded),
       killed the attempt at its hard limit: timed_out (hard_timeout).
@@ -109,6 +112,14 @@ def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) 
             f"worker {name} lost its database connection during attempt {attempt.attempt_number} (message sent "
             f"again, not yet back); {abandoned}",
             cause=TaskAttempt.Cause.CONNECTION_LOST,
+        )
+    if ending is not None and ending.how == DATABASE_ERROR:
+        return Verdict(
+            False,
+            f"worker {name} met a database error during attempt {attempt.attempt_number}, which was not recorded "
+            f"(message sent again, not yet back): {ending.detail}; {abandoned}",
+            cause=TaskAttempt.Cause.DATABASE_ERROR,
+            error_class=ending.error_class,
         )
     if ending is None or ending.pool_pid != attempt.pool_pid:  # another delivery of the same message
         return presumed
@@ -212,6 +223,7 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
                 cause=verdict.cause,
                 error=verdict.error,
                 now=now,
+                error_class=verdict.error_class,
             )
 
         if atomic_with_retry(reap) is not None:

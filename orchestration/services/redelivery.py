@@ -19,7 +19,8 @@ worker node (one remote-control round trip, orchestration/workers.py) and passes
   it: `lost`, cause `redelivery`;
 - it says the pool process died under the try: `lost`, cause `worker_lost`, naming it;
 - it says a delivery of the message lost its database connection and sent it again (run_task):
-  `lost`, cause `connection_lost`, as the reaper records it;
+  `lost`, cause `connection_lost`, as the reaper records it; or sent it again when the database
+  answered a write with an error: `lost`, cause `database_error`, with that error;
 - no answer, another process answering for the name, or a try from before processes were
   recorded: `lost`, cause `worker_lost`, as before.
 
@@ -35,6 +36,7 @@ from orchestration.models import TaskAttempt
 from orchestration.workers import (
     BROKER_CONNECTION_LOST,
     DATABASE_CONNECTION_LOST,
+    DATABASE_ERROR,
     HARD_TIMEOUT,
     POOL_PROCESS_LOST,
     NodeReport,
@@ -54,6 +56,7 @@ class PreviousTry:
     status: str = TaskAttempt.Status.LOST  # else how to close it
     cause: str = TaskAttempt.Cause.WORKER_LOST
     error: str = ""
+    error_class: str = ""
 
 
 def previous_try_check(*, execution_id: str, celery_task_id: str, process: WorkerProcess | None) -> PreviousTry | None:
@@ -112,6 +115,15 @@ def previous_try_verdict(
             running=False,
             cause=TaskAttempt.Cause.CONNECTION_LOST,
             error=f"worker {name} lost its database connection during attempt {number} (message sent again)",
+        )
+    if ending is not None and ending.how == DATABASE_ERROR:
+        return PreviousTry(
+            attempt_id=attempt.pk,
+            running=False,
+            cause=TaskAttempt.Cause.DATABASE_ERROR,
+            error=f"worker {name} met a database error during attempt {number}, which was not recorded "
+            f"(message sent again): {ending.detail}",
+            error_class=ending.error_class,
         )
     if ending is not None and ending.pool_pid == attempt.pool_pid:
         if ending.how == POOL_PROCESS_LOST:

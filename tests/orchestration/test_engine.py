@@ -13,7 +13,7 @@ from orchestration.errors import TransitionError
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.reaper import attempts_reap
 from orchestration.services.workflows import task_retry, workflow_cancel, workflow_resume, workflow_submit
-from tests.engine import wait_for
+from tests.engine import database_url, wait_for
 from tests.orchestration.edge_agents import edge_agent
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -460,6 +460,45 @@ def test_database_connection_cut_mid_task_is_retried_and_the_attempt_recorded_lo
     assert event_types(cut.execution_id).count("task_lost") == 1
     assert event_types(cut.execution_id).count("task_completed") == 1
     assert len(attempts(wf, "after")) == 1 and task(wf, "after").status == T.COMPLETED
+
+
+def test_a_completion_refused_by_a_lock_timeout_is_recorded_with_that_error_not_as_a_lost_connection(engine):
+    """An operator's lock_timeout on the worker's connections, and a lock held on the attempt's
+    row (an admin's transaction, say) past the agent's end: the completion's write fails with
+    LockNotAvailable while the connection stays up. run_task sends the message again, as for a
+    lost connection; its next delivery closes the attempt lost, with the error the database
+    answered (its class and message), cause database_error: not connection_lost, which says
+    the database was away."""
+    from django.db import transaction
+
+    from orchestration.workers import workers_ask
+
+    worker = engine(concurrency=1, env={"DATABASE_URL": f"{database_url()}?options=-c%20lock_timeout%3D300"})
+    wf = submit({"name": "held", "agent": "sleep", "input": {"seconds": 1.5, "on_attempts": [1]}, "max_retries": 2})
+    first = running_attempt(wf, "held")
+    with transaction.atomic():
+        TaskAttempt.objects.select_for_update().get(pk=first.pk)
+        wait_for(lambda: "retry: Retry in" in worker.log(), timeout=15, what="run_task to send its message again")
+    wf = finished(wf, timeout=30)
+    assert wf.status == Workflow.Status.COMPLETED
+    tries = attempts(wf, "held")
+    assert [(a.attempt_number, a.status, a.cause) for a in tries] == [
+        (1, A.LOST, "database_error"),
+        (2, A.SUCCEEDED, None),
+    ], tries[0].error
+    assert tries[0].pk == first.pk and tries[0].retryable is True
+    assert tries[0].error_class == "psycopg.errors.LockNotAvailable"
+    assert tries[0].error.startswith(f"worker {worker.name} met a database error during attempt 1")
+    assert "LockNotAvailable: canceling statement due to lock timeout" in tries[0].error
+    assert "lost its database connection" not in tries[0].error
+    held = task(wf, "held")
+    assert held.retry_count == 1
+    [lost] = Event.objects.filter(entity_id=held.execution_id, event_type="task_lost")
+    assert lost.payload["cause"] == "database_error"
+    # What the worker says of that delivery, for the reaper and a redelivery's claim.
+    ended = workers_ask({worker.name}, {held.celery_task_id})[worker.name][0].ended[held.celery_task_id]
+    assert (ended.how, ended.error_class) == ("database_error", "psycopg.errors.LockNotAvailable")
+    assert ended.detail.startswith("LockNotAvailable: canceling statement due to lock timeout")
 
 
 def test_an_attempt_whose_message_is_away_after_a_lost_database_connection_is_reaped_lost_not_timed_out(engine):

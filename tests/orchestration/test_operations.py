@@ -1131,6 +1131,41 @@ def test_run_tasks_own_retry_closes_the_attempt_its_message_left_running_as_conn
     assert t.status == T.FAILED and [a.status for a in attempts(wf, "cut")] == [A.LOST, A.LOST]
 
 
+def test_run_tasks_own_retry_for_a_database_error_closes_the_attempt_with_that_error(db, builtin_agents):
+    """The message sent again carries the error the database answered (run_task): the attempt it
+    left running is closed lost with that error's class and message, cause database_error, and
+    spends a retry as a lost connection does."""
+    from django.db import OperationalError, connection, transaction
+
+    from orchestration.db import database_error_described, database_unreachable
+
+    with pytest.raises(OperationalError) as raised, transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL statement_timeout = 1")
+        cursor.execute("SELECT pg_sleep(1)")
+    assert not database_unreachable(raised.value)
+    met = database_error_described(raised.value)
+    assert met == {
+        "error_class": "psycopg.errors.QueryCanceled",
+        "error": "QueryCanceled: canceling statement due to statement timeout",
+    }
+    wf = submit({"name": "timed", "agent": "echo", "max_retries": 1})
+    t = task(wf, "timed")
+    attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w1@h")
+    second = attempt_claim(
+        execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w1@h", retried=True, database_error=met
+    )
+    assert second.attempt.attempt_number == 2
+    closed = attempts(wf, "timed")[0]
+    assert (closed.status, closed.cause, closed.retryable) == (A.LOST, "database_error", True)
+    assert closed.error_class == "psycopg.errors.QueryCanceled"
+    assert closed.error == (
+        "worker w1@h met a database error during attempt 1, which was not recorded (message sent again): "
+        "QueryCanceled: canceling statement due to statement timeout"
+    )
+    t.refresh_from_db()
+    assert (t.status, t.retry_count) == (T.RUNNING, 1)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_two_reapers_at_once_close_an_abandoned_attempt_once(builtin_agents):
     import threading

@@ -13,6 +13,7 @@ from orchestration.services.reaper import attempt_verdict
 from orchestration.workers import (
     BROKER_CONNECTION_LOST,
     DATABASE_CONNECTION_LOST,
+    DATABASE_ERROR,
     HARD_TIMEOUT,
     POOL_PROCESS_LOST,
     Ending,
@@ -95,6 +96,28 @@ def test_a_message_sent_again_for_a_lost_database_connection_lost_the_attempt(po
     )
 
 
+def test_a_message_sent_again_for_a_database_error_lost_the_attempt_to_that_error():
+    """run_task sent the message again because the database answered a write with an error (a
+    lock timeout), its connection up: the attempt is lost to that error, not to a lost connection."""
+    sent_again = Ending(
+        how=DATABASE_ERROR,
+        pool_pid=11,
+        detail="LockNotAvailable: canceling statement due to lock timeout",
+        error_class="psycopg.errors.LockNotAvailable",
+    )
+    v = attempt_verdict(attempt(attempt_number=1), answer(**{TASK_ID: sent_again}))
+    assert (v.hard_timeout, v.cause, v.error_class) == (
+        False,
+        TaskAttempt.Cause.DATABASE_ERROR,
+        "psycopg.errors.LockNotAvailable",
+    )
+    assert v.error == (
+        f"worker {NODE} met a database error during attempt 1, which was not recorded (message sent again, not "
+        "yet back): LockNotAvailable: canceling statement due to lock timeout; "
+        f"attempt abandoned past its {LIMIT} s limit"
+    )
+
+
 @pytest.mark.parametrize(
     ("recorded", "answered"),
     [
@@ -161,3 +184,26 @@ def test_a_redelivered_message_once_sent_again_for_a_lost_database_connection_lo
     assert v is not None and not v.running
     assert (v.status, v.cause) == (TaskAttempt.Status.LOST, TaskAttempt.Cause.CONNECTION_LOST)
     assert v.error == f"worker {NODE} lost its database connection during attempt 1 (message sent again)"
+
+
+def test_a_redelivered_message_once_sent_again_for_a_database_error_lost_the_attempt_to_that_error():
+    from orchestration.services.redelivery import previous_try_verdict
+
+    sent_again = Ending(
+        how=DATABASE_ERROR,
+        pool_pid=11,
+        detail="DiskFull: could not extend file",
+        error_class="psycopg.errors.DiskFull",
+    )
+    answers = {NODE: [NodeReport(pid=7, started_at=STARTED, ended={TASK_ID: sent_again}, running={})]}
+    v = previous_try_verdict(attempt(attempt_number=1), answers, process=None)
+    assert v is not None and not v.running
+    assert (v.status, v.cause, v.error_class) == (
+        TaskAttempt.Status.LOST,
+        TaskAttempt.Cause.DATABASE_ERROR,
+        "psycopg.errors.DiskFull",
+    )
+    assert v.error == (
+        f"worker {NODE} met a database error during attempt 1, which was not recorded (message sent again): "
+        "DiskFull: could not extend file"
+    )
