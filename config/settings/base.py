@@ -246,24 +246,31 @@ if TASK_DEFAULT_TIMEOUT_SECONDS > TASK_MAX_TIMEOUT_SECONDS:
 
 
 # Redis redelivers an unacknowledged message after the visibility timeout. It must exceed
-# the longest hard time limit plus the longest retry countdown (messages with a countdown
-# wait unacknowledged in a worker), or a healthy long task would be delivered twice.
+# the longest hard time limit plus the longest countdown of a message (a worker holds a message
+# with a countdown unacknowledged until it runs it: kombu stamps the delivery, and Celery puts
+# the message on a timer for its ETA), or a healthy long task would be delivered twice.
 # run_task also sends its message again, at most this long later, when the database
 # connection is lost (orchestration/tasks.py), whatever TASK_RETRY_BACKOFF_MAX_SECONDS says.
 TASK_CONNECTION_RETRY_MAX_COUNTDOWN_SECONDS = 30
+# A task deferred for its agent's max_concurrency comes back as a new message with a countdown
+# of at most this long, its jitter included (orchestration/services/execution.py: 30 s plus a
+# quarter; 6 s while its agent is in maintenance), whatever the retries' backoff.
+TASK_DEFERRAL_MAX_COUNTDOWN_SECONDS = 38
 
 
 def longest_message_hold_seconds(max_timeout: int, hard_grace: int, backoff_max: int) -> int:
-    return max_timeout + hard_grace + max(backoff_max, TASK_CONNECTION_RETRY_MAX_COUNTDOWN_SECONDS)
+    countdown = max(backoff_max, TASK_CONNECTION_RETRY_MAX_COUNTDOWN_SECONDS, TASK_DEFERRAL_MAX_COUNTDOWN_SECONDS)
+    return max_timeout + hard_grace + countdown
 
 
 def check_visibility_timeout(visibility: int, longest_hold: int) -> None:
     if visibility <= longest_hold:
         raise ImproperlyConfigured(
             f"BROKER_VISIBILITY_TIMEOUT_SECONDS={visibility} must exceed the longest hard time limit plus the "
-            f"longest retry countdown ({longest_hold} s = TASK_MAX_TIMEOUT_SECONDS + "
-            "TASK_HARD_TIMEOUT_GRACE_SECONDS + TASK_RETRY_BACKOFF_MAX_SECONDS, or "
-            f"{TASK_CONNECTION_RETRY_MAX_COUNTDOWN_SECONDS} s after a lost database connection if that is longer)"
+            f"longest countdown of a message ({longest_hold} s = TASK_MAX_TIMEOUT_SECONDS + "
+            "TASK_HARD_TIMEOUT_GRACE_SECONDS + the longest of TASK_RETRY_BACKOFF_MAX_SECONDS, "
+            f"{TASK_CONNECTION_RETRY_MAX_COUNTDOWN_SECONDS} s after a lost database connection and "
+            f"{TASK_DEFERRAL_MAX_COUNTDOWN_SECONDS} s for a task deferred for its agent's max_concurrency)"
         )
 
 

@@ -212,6 +212,16 @@ class TaskExecution(TimestampedModel):
             models.Index(
                 fields=["parent_task"], name="idx_tasks_parent", condition=models.Q(parent_task__isnull=False)
             ),
+            # The line of tasks waiting for their agent's max_concurrency, in the order a freed
+            # slot wakes them (services/execution.py, agent_slot_hand_on): only the waiting tasks
+            # of limited agents, the only ones with deferred_at set (migration 0036).
+            models.Index(
+                fields=["agent", "queued_at", "execution_id"],
+                name="idx_tasks_agent_line",
+                condition=models.Q(
+                    status__in=[TaskExecutionStatus.QUEUED, TaskExecutionStatus.RETRYING], deferred_at__isnull=False
+                ),
+            ),
         ]
         constraints = [
             DomainCheck(

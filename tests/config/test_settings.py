@@ -267,7 +267,22 @@ def test_the_visibility_timeout_covers_the_retry_after_a_lost_database_connectio
     )
     assert result.returncode != 0, result.stdout
     assert "BROKER_VISIBILITY_TIMEOUT_SECONDS=80 must exceed" in result.stderr
-    assert "(100 s =" in result.stderr
+    assert "(108 s =" in result.stderr  # 60 + 10 + 38: a deferral's countdown is longer still
+
+
+@pytest.mark.subprocess
+def test_the_visibility_timeout_covers_a_deferral_for_the_agents_concurrency_limit():
+    """A task deferred for its agent's max_concurrency comes back up to 37.5 s later, held
+    unacknowledged in a worker meanwhile, then runs up to its hard limit: 60 + 10 + 30 s (the
+    lost connection's retry) is not enough."""
+    timeouts = ("TASK_MAX_TIMEOUT_SECONDS", "TASK_DEFAULT_TIMEOUT_SECONDS", "CONVERSATION_TIMEOUT_SECONDS")
+    limits = dict.fromkeys(timeouts, "60")
+    result = run_manage(
+        "check", **production_env(**limits, TASK_RETRY_BACKOFF_MAX_SECONDS="5", BROKER_VISIBILITY_TIMEOUT_SECONDS="105")
+    )
+    assert result.returncode != 0, result.stdout
+    assert "BROKER_VISIBILITY_TIMEOUT_SECONDS=105 must exceed" in result.stderr
+    assert "38 s for a task deferred for its agent's max_concurrency" in result.stderr
 
 
 @pytest.mark.subprocess

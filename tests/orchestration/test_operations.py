@@ -888,6 +888,26 @@ def test_settings_refuse_to_load_with_a_short_visibility_timeout():
     assert "BROKER_VISIBILITY_TIMEOUT_SECONDS=60 must exceed" in result.stderr
 
 
+def test_the_visibility_timeout_covers_a_deferred_messages_countdown_whatever_the_backoff(db, builtin_agents):
+    """A task deferred for its agent's max_concurrency comes back as a message with a countdown
+    of up to 37.5 s, which a worker holds unacknowledged, then runs up to its hard limit: with
+    retries' backoff capped below that, a visibility timeout sized for the backoff alone let
+    Redis deliver a healthy task again while it ran."""
+    from config.settings.base import TASK_DEFERRAL_MAX_COUNTDOWN_SECONDS, longest_message_hold_seconds
+    from orchestration.services.execution import agent_slot_recheck_seconds
+
+    assert longest_message_hold_seconds(3600, 10, 1) == 3600 + 10 + 38
+    with pytest.raises(ImproperlyConfigured, match="38 s for a task deferred for its agent's max_concurrency"):
+        check_visibility_timeout(3645, longest_message_hold_seconds(3600, 10, 1))
+    # The longest line's deferral, jitter included, stays within what the timeout is sized for.
+    Agent.objects.filter(pk="echo").update(max_concurrency=1)
+    wf = submit(*({"name": f"t{n}", "agent": "echo"} for n in range(40)))
+    now = timezone.now()
+    TaskExecution.objects.filter(workflow=wf).update(deferred_at=now + dt.timedelta(seconds=60))
+    agent = Agent.objects.get(pk="echo")
+    assert max(agent_slot_recheck_seconds(agent, now=now) for _ in range(200)) <= TASK_DEFERRAL_MAX_COUNTDOWN_SECONDS
+
+
 def test_beat_schedules_for_the_relay_and_the_reaper_exist(db):
     from django_celery_beat.models import PeriodicTask
 
@@ -1094,6 +1114,59 @@ def test_a_deferral_counts_the_line_only_as_far_as_it_sets_the_wait(db, builtin_
     assert 0.75 * AGENT_SLOT_RECHECK_MAX_SECONDS <= delay <= 1.25 * AGENT_SLOT_RECHECK_MAX_SECONDS
     (count,) = queries.captured_queries
     assert "LIMIT 30" in count["sql"], count["sql"]
+
+
+def test_the_wake_and_the_deferral_read_the_agents_line_on_its_index_and_stop_at_the_limit(db, builtin_agents):
+    """Migration 0035: each ended attempt of a limited agent looks for the task waiting longest,
+    each deferral counts the line before it. Without idx_tasks_agent_line the first read every
+    waiting task and sorted them, on disk past a few thousand (0.1 to 0.16 s a freed slot with
+    50,000 waiting), and the second, in the model's order, walked the agent's finished tasks
+    before its line (60 ms a deferral beside 75,000 of them). Checked on the
+    statements as Django writes them: the index's condition must follow from their filters."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from orchestration.services.execution import agent_slot_hand_on, agent_slot_recheck_seconds
+
+    Agent.objects.filter(pk="echo").update(max_concurrency=2)
+    agent = Agent.objects.get(pk="echo")
+    now = timezone.now()
+    TaskExecution.objects.bulk_create(
+        [
+            TaskExecution(
+                agent=agent,
+                task_name=f"done{n}",
+                status=T.COMPLETED,
+                created_at=now - dt.timedelta(days=1, seconds=n),
+                queued_at=now - dt.timedelta(days=1, seconds=n),
+                deferred_at=now - dt.timedelta(days=1, seconds=n) if n % 3 == 0 else None,
+            )
+            for n in range(3000)
+        ]
+        + [
+            TaskExecution(
+                agent=agent,
+                task_name=f"waiting{n}",
+                status=T.RETRYING if n % 10 == 0 else T.QUEUED,
+                queued_at=now - dt.timedelta(seconds=n),
+                deferred_at=now + dt.timedelta(seconds=30 + n % 8),
+            )
+            for n in range(3000)
+        ]
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE task_executions")
+    with CaptureQueriesContext(connection) as queries:
+        agent_slot_recheck_seconds(agent, now=now)
+        agent_slot_hand_on(agent, now=now)
+    count = next(q["sql"] for q in queries.captured_queries if q["sql"].startswith("SELECT COUNT(*)"))
+    wake = next(q["sql"] for q in queries.captured_queries if "FOR UPDATE SKIP LOCKED" in q["sql"])
+    for sql in (count, wake):
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL enable_seqscan = off")  # a table this small is read whole otherwise
+            cursor.execute("EXPLAIN " + sql)
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+        assert "Index Scan using idx_tasks_agent_line" in plan and "Sort" not in plan, f"{sql}\n{plan}"
 
 
 def test_a_redelivered_message_of_an_agent_at_its_limit_does_not_wait_behind_itself(db, builtin_agents):
