@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import redis
 from celery import Task, shared_task
@@ -91,7 +92,7 @@ def retried_while_away(task: Task, away_tries: int) -> Iterator[None]:
     # In the worker's main process: remembers a hard time-out or a lost pool process for the reaper.
     Request="orchestration.workers:RunTaskRequest",
 )
-def run_task(self, execution_id: str, database_error: dict[str, str] | None = None) -> str:
+def run_task(self, execution_id: str, database_error: dict[str, Any] | None = None) -> str:
     """Run one attempt of a task execution (the message's id identifies the attempt).
 
     If the database connection is lost, the message is sent again (same id) and this delivery
@@ -99,9 +100,10 @@ def run_task(self, execution_id: str, database_error: dict[str, str] | None = No
     closes that attempt as lost (connection_lost) and starts the next one. So too when the
     database answered a write with an error (a lock or statement timeout, a deadlock that
     outlasted atomic_with_retry, a full disk): the message sent again carries that error
-    (`database_error`, its class and message), and the attempt is closed lost with it, cause
-    database_error."""
+    (`database_error`: its class and message, and the number of the attempt this delivery had
+    started, if it had), and that attempt is closed lost with it, cause database_error."""
     delivery = self.request.delivery_info or {}
+    claimed: list[int] = []
     try:
         return attempt_run(
             execution_id=execution_id,
@@ -111,16 +113,20 @@ def run_task(self, execution_id: str, database_error: dict[str, str] | None = No
             retried=self.request.retries > 0,
             database_error=database_error,
             process=current_process(),
+            claimed=claimed.append,
         ).value
     except (InterfaceError, OperationalError) as exc:
         connections.close_all()
         cap = settings.TASK_CONNECTION_RETRY_MAX_COUNTDOWN_SECONDS  # the visibility timeout covers it
         answered = isinstance(exc, OperationalError) and not database_unreachable(exc)
-        met = database_error_described(exc) if answered else None
+        met, sent = None, exc
+        if answered:
+            met = {**database_error_described(exc), "attempt_number": claimed[-1] if claimed else None}
+            sent = DatabaseErrorMet(met["error_class"], met["error"])  # the worker's main process remembers it
         raise self.retry(
             args=[execution_id],
             kwargs={"database_error": met} if met else {},
-            exc=DatabaseErrorMet(**met) if met else exc,  # the worker's main process remembers which (workers.py)
+            exc=sent,
             countdown=min(2 ** min(self.request.retries, 5), cap),
         ) from exc
 

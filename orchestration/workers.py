@@ -211,7 +211,10 @@ class RunTaskRequest(Request):
         # a write with an error (DatabaseErrorMet): its message is sent again (with a countdown
         # that may outlast the outage), and until it comes back its attempt, if the claim had
         # committed, is recorded running with nothing to say how it ended but this.
-        met = getattr(getattr(exc_info, "exception", None), "exc", None)
+        retry = getattr(exc_info, "exception", None)
+        if isinstance(retry, ExceptionWithTraceback):  # as the solo and threads pools hand it over
+            retry = retry.exc
+        met = getattr(retry, "exc", None)
         if isinstance(met, DatabaseErrorMet):
             ending = Ending(how=DATABASE_ERROR, pool_pid=self.worker_pid, detail=met.error, error_class=met.error_class)
         else:

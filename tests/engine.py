@@ -57,7 +57,7 @@ def database_url() -> str:
 
 
 class Worker:
-    """A `celery worker` subprocess (prefork pool) on the test database."""
+    """A `celery worker` subprocess (prefork pool, unless `pool` says another) on the test database."""
 
     def __init__(
         self,
@@ -68,6 +68,7 @@ class Worker:
         env: dict[str, str] | None = None,
         name: str | None = None,
         wait: bool = True,
+        pool: str = "prefork",
     ) -> None:
         """`name`: the node name (default a new one); a worker restarted as systemd or Kubernetes
         would restart it takes the name of the one it replaces. `wait`: until it answers pings
@@ -96,7 +97,7 @@ class Worker:
                 "config",
                 "worker",
                 "-P",
-                "prefork",
+                pool,
                 "-c",
                 str(concurrency),
                 "-Q",

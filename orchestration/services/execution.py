@@ -423,14 +423,14 @@ def attempt_claim(
     retried: bool = False,
     now: dt.datetime | None = None,
     process: WorkerProcess | None = None,
-    database_error: dict[str, str] | None = None,
+    database_error: dict[str, Any] | None = None,
 ) -> Claim | Outcome:
     """Start an attempt for a delivered message, or say why not (SKIPPED, DEFERRED).
 
     `retried`: the message was sent again by run_task itself after its worker lost the
     database connection, so an attempt this message left running was abandoned;
-    `database_error` (db.database_error_described): not for a lost connection, but for this
-    error the database answered a write with. `process`:
+    `database_error` (db.database_error_described, and `attempt_number`): not for a lost
+    connection, but for this error the database answered a write of that attempt with. `process`:
     the worker process that runs the attempt, recorded with it for the reaper. A redelivered
     message whose attempt is still recorded running first asks that attempt's worker what
     became of it (services/redelivery.py).
@@ -515,7 +515,7 @@ def _attempt_claim(
     now: dt.datetime | None,
     process: WorkerProcess | None,
     previous: PreviousTry | None = None,
-    database_error: dict[str, str] | None = None,
+    database_error: dict[str, Any] | None = None,
 ) -> Claim | Outcome:
     task = (
         TaskExecution.objects.select_for_update(of=("self",))
@@ -550,10 +550,17 @@ def _attempt_claim(
             # again (retried, a mark it keeps): the attempt may be a later delivery's, stopped
             # for another cause (its broker connection lost, its pool process dead).
             status, cause, error, error_class = asked.status, asked.cause, asked.error, asked.error_class
-        elif retried and last.celery_task_id == celery_task_id and database_error:
-            # run_task sent its own message again after the database answered a write with an
-            # error (a lock or statement timeout, a deadlock, a full disk): the connection was
-            # not lost, and the record says what was met instead.
+        elif (
+            retried
+            and last.celery_task_id == celery_task_id
+            and database_error
+            and database_error.get("attempt_number") == last.attempt_number
+        ):
+            # run_task sent its own message again after the database answered a write of this
+            # attempt's with an error (a lock or statement timeout, a deadlock, a full disk): the
+            # connection was not lost, and the record says what was met instead. Only of the
+            # attempt that met it: a later one this message started (its worker since lost, the
+            # message redelivered) did not.
             cause, error_class = TaskAttempt.Cause.DATABASE_ERROR, database_error["error_class"]
             error = (
                 f"worker {last.worker or '?'} met a database error during attempt {last.attempt_number}, "
@@ -824,9 +831,11 @@ def attempt_run(
     redelivered: bool = False,
     retried: bool = False,
     process: WorkerProcess | None = None,
-    database_error: dict[str, str] | None = None,
+    database_error: dict[str, Any] | None = None,
+    claimed: Callable[[int], object] | None = None,
 ) -> Outcome:
-    """Claim the delivered message, run the agent once, record the outcome.
+    """Claim the delivered message, run the agent once, record the outcome. `claimed` is given
+    the number of the attempt this delivery started, once its claim has committed.
 
     The agent gets its tools and peers; what it used through hand-offs is added to its own
     usage. In a conversation it also gets the thread, and what it said is stored there.
@@ -845,6 +854,7 @@ def attempt_run(
             retried=retried,
             process=process,
             database_error=database_error,
+            claimed=claimed,
         )
 
 
@@ -875,7 +885,8 @@ def _attempt_run(
     redelivered: bool,
     retried: bool,
     process: WorkerProcess | None,
-    database_error: dict[str, str] | None,
+    database_error: dict[str, Any] | None,
+    claimed: Callable[[int], object] | None,
 ) -> Outcome:
     claim = attempt_claim(
         execution_id=execution_id,
@@ -888,6 +899,8 @@ def _attempt_run(
     )
     if not isinstance(claim, Claim):
         return claim
+    if claimed is not None:
+        claimed(claim.attempt.attempt_number)
     attempt_started(
         execution_id=execution_id,
         workflow_id=claim.context.workflow_id,

@@ -1117,7 +1117,7 @@ def test_a_deferral_counts_the_line_only_as_far_as_it_sets_the_wait(db, builtin_
 
 
 def test_the_wake_and_the_deferral_read_the_agents_line_on_its_index_and_stop_at_the_limit(db, builtin_agents):
-    """Migration 0035: each ended attempt of a limited agent looks for the task waiting longest,
+    """Migration 0036: each ended attempt of a limited agent looks for the task waiting longest,
     each deferral counts the line before it. Without idx_tasks_agent_line the first read every
     waiting task and sorted them, on disk past a few thousand (0.1 to 0.16 s a freed slot with
     50,000 waiting), and the second, in the model's order, walked the agent's finished tasks
@@ -1224,6 +1224,7 @@ def test_run_tasks_own_retry_for_a_database_error_closes_the_attempt_with_that_e
     wf = submit({"name": "timed", "agent": "echo", "max_retries": 1})
     t = task(wf, "timed")
     attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w1@h")
+    met = {**met, "attempt_number": 1}  # the attempt the delivery that met it had started
     second = attempt_claim(
         execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w1@h", retried=True, database_error=met
     )
@@ -1237,6 +1238,20 @@ def test_run_tasks_own_retry_for_a_database_error_closes_the_attempt_with_that_e
     )
     t.refresh_from_db()
     assert (t.status, t.retry_count) == (T.RUNNING, 1)
+
+    # The same message again, redelivered after the worker running attempt 2 was lost (it cannot
+    # answer): the error it carries was attempt 1's, not attempt 2's.
+    attempt_claim(
+        execution_id=t.execution_id,
+        celery_task_id=t.celery_task_id,
+        worker="w2@h",
+        redelivered=True,
+        retried=True,
+        database_error=met,
+    )
+    later = attempts(wf, "timed")[1]
+    assert (later.attempt_number, later.status) == (2, A.LOST)
+    assert later.cause != "database_error" and later.error_class == ""
 
 
 @pytest.mark.django_db(transaction=True)
