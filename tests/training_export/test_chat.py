@@ -234,6 +234,38 @@ def test_a_thread_spanning_days_is_exported_with_its_history_up_to_each_window_e
     assert [m.get("weight") for m in whole["messages"] if m["role"] == "assistant"] == [1, 1]
 
 
+def test_a_tool_call_answered_after_midnight_is_trained_in_the_file_of_the_day_of_its_answer(db, out):
+    # The day's file ends at the thread's last answer, so the tool call of 23:59:58 is not in
+    # it; the next day's file had it as context (weight 0): it was trained in neither.
+    agent = AgentFactory(config={"tools": ["calculator"]})
+    thread(
+        "t-1",
+        agent,
+        [
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "", "tool_calls": [call("c1", "calculator", {"x": "2+2"})]},
+            {"role": "tool", "content": "4", "tool_call_id": "c1"},
+        ],
+        at=dt.datetime(2024, 3, 5, 23, 59, 57, tzinfo=dt.UTC),
+    )
+    thread("t-1", agent, [{"role": "assistant", "content": "2+2 = 4."}], at=dt.datetime(2024, 3, 6, tzinfo=dt.UTC))
+    first = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+    second = export_run(data_type="conversations", start_date="2024-03-06", end_date="2024-03-06")
+    assert first.rows == 0, "no answer on the first day: nothing of the thread to train yet"
+    (example,) = [json.loads(line) for line in Path(second.path).read_text().splitlines()]
+    chat_example_validate(example)
+    assert [(m.get("content"), m.get("weight")) for m in example["messages"] if m["role"] == "assistant"] == [
+        (None, 1),
+        ("2+2 = 4.", 1),
+    ]
+    # A turn an answer of the day before closed stays context.
+    thread("t-1", agent, [{"role": "user", "content": "and 3+3?"}], at=dt.datetime(2024, 3, 7, 9, tzinfo=dt.UTC))
+    thread("t-1", agent, [{"role": "assistant", "content": "6."}], at=dt.datetime(2024, 3, 7, 9, 1, tzinfo=dt.UTC))
+    third = export_run(data_type="conversations", start_date="2024-03-07", end_date="2024-03-07")
+    (example,) = [json.loads(line) for line in Path(third.path).read_text().splitlines()]
+    assert [m.get("weight") for m in example["messages"] if m["role"] == "assistant"] == [0, 0, 1]
+
+
 def test_a_thread_with_no_answer_of_its_own_in_the_window_is_skipped(db, out):
     agent = AgentFactory()
     thread("t-1", agent, [{"role": "user", "content": "day one"}, {"role": "assistant", "content": "answer one"}])

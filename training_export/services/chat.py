@@ -25,8 +25,10 @@ named like a secret (`api_key`) keeps its schema, and only the values it may tak
 
 A thread is exported with its history up to the window end, trimmed to its last final
 assistant answer (an assistant message without tool calls): anything after it has no
-training target. Assistant turns from before the window's start are in the example as
-context with weight 0, so that the files of consecutive windows train each turn once; a
+training target. Assistant turns answered before the window's start (followed by an answer
+written before it) are in the example as context with weight 0: the file of the window of that
+answer, which ends there, trains them, so the files of consecutive windows train each turn
+once (a tool call of 23:59:58 answered after midnight is the next day's to train); a
 thread with no assistant turn of its own in the window has nothing to train and is skipped
 (counted as having no weight-1 assistant message). A thread that still breaks a format rule
 is skipped and counted by reason in the manifest rather than written as a line the
@@ -513,16 +515,17 @@ def conversation_example(
     """The chat example of one thread's messages (rows in `_COLUMNS` order, oldest first), and
     whether its prompt is the recorded one (False: the agent's current one, a legacy thread).
     `prompt_version` gives a version's system prompt and tools, None for an unknown key.
-    Assistant turns from before `since` (the window's start) are context, weight 0: the export
-    of the window they were written in trains them, so consecutive windows' files train each
-    turn once. `tools_cache` (one per export) keeps the tools redacted for the next thread under
-    the same version or with the same registry tools: a window's threads share a few, and
-    redacting a version's schemas costs more than a thread's messages. An assistant message
+    Assistant turns answered before `since` (the window's start) are context, weight 0: the
+    export of the window of their answer trains them, so consecutive windows' files train each
+    turn once (`_context_before`). `tools_cache` (one per export) keeps the tools redacted for
+    the next thread under the same version or with the same registry tools: a window's threads
+    share a few, and redacting a version's schemas costs more than a thread's messages. An assistant message
     with neither content nor tool calls (a model that answered "") is left out, and counted in
     `left_out`: it has nothing to train or to show as context, and the format refuses it (the
     whole thread would be skipped, in its own window and every later one, its history)."""
     messages: list[dict[str, Any]] = []
     versions: list[str | None] = []  # of each message, for its assistant turns
+    times: list[dt.datetime] = []  # of each message
     called: list[str] = []
     system_prompt = ""
     agent_config: Any = None
@@ -547,7 +550,6 @@ def conversation_example(
                 message["tool_calls"] = _tool_calls(record["tool_calls"], redactor)
                 called.extend(call["function"]["name"] for call in message["tool_calls"] if call["function"]["name"])
             good = not record["is_error"] and record["attempt__status"] in _GOOD_ATTEMPT
-            good = good and (since is None or record["created_at"] >= since)
             message["weight"] = 1 if good else 0
         elif role == "tool":
             message = {
@@ -564,10 +566,13 @@ def conversation_example(
             message = {"role": "user", "content": content}
         messages.append(message)
         versions.append(record["metadata__prompt_version"])
+        times.append(record["created_at"])
     last_answer = max(
         (i for i, m in enumerate(messages) if m["role"] == "assistant" and "tool_calls" not in m), default=None
     )
     messages = messages[: last_answer + 1] if last_answer is not None else []
+    if since is not None:
+        _context_before(messages, times, since)
     trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["weight"]]
     version = versions[trained[-1]] if trained else None
     recorded = prompt_version(version) if isinstance(version, str) else None
@@ -587,6 +592,22 @@ def conversation_example(
     # An agent without tools: no `tools` key (OpenAI's API refuses an empty array).
     example = {"messages": messages, "tools": tools} if tools != [] else {"messages": messages}
     return example, recorded is not None
+
+
+def _context_before(messages: list[dict[str, Any]], times: list[dt.datetime], since: dt.datetime) -> None:
+    """Weight 0 for the assistant turns the file of an earlier window trained: those closed by an
+    answer (an assistant message without tool calls) written before `since`, the earlier file
+    ending at its thread's last answer. A turn answered only from `since` on (a tool call at
+    23:59:58 whose answer came at 00:00:01) was left out of that file, and is this one's to train.
+    `messages` end with an answer; `times` are their created_at."""
+    answered_at = None
+    for message, at in zip(reversed(messages), reversed(times[: len(messages)]), strict=True):
+        if message["role"] != "assistant":
+            continue
+        if "tool_calls" not in message:
+            answered_at = at
+        if answered_at < since:
+            message["weight"] = 0
 
 
 def _unique_call_ids(messages: list[dict[str, Any]]) -> None:
