@@ -452,6 +452,27 @@ REDACT_PATTERNS = env.json_str_list(
         r"gh(?<![A-Za-z0-9_]gh)[pousr]_[A-Za-z0-9]{30,}",
         r"AKIA(?<![A-Za-z0-9_]AKIA)[0-9A-Z]{16}\b",
         r"xox(?<![A-Za-z0-9_]xox)[abprs]-[A-Za-z0-9\-]{10,}",
+        # a PEM private key, its armour and body (up to the text's end when its END line is cut off)
+        r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----(?:[^-]|-(?!----END ))*"
+        r"(?:-----END [A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----)?",
+        # more providers' key shapes: Google API keys, GitHub fine-grained and GitLab personal
+        # tokens, Hugging Face tokens, Stripe secret and restricted keys, Slack webhooks
+        r"AIza(?<![A-Za-z0-9_]AIza)[0-9A-Za-z_\-]{35}",
+        r"github_pat_(?<![A-Za-z0-9_]github_pat_)[A-Za-z0-9_]{22,}",
+        r"glpat-(?<![A-Za-z0-9_]glpat-)[A-Za-z0-9_\-]{20,}",
+        r"hf_(?<![A-Za-z0-9_]hf_)[A-Za-z0-9]{30,}",
+        r"[rs]k_(?<![A-Za-z0-9_][rs]k_)(?:live|test)_[A-Za-z0-9]{16,}",
+        r"hooks\.slack\.com/services/[A-Za-z0-9_/]+",
+        r"npm_(?<![A-Za-z0-9_]npm_)[A-Za-z0-9]{36}",
+        r"SG\.(?<![A-Za-z0-9_.]SG\.)[A-Za-z0-9_\-]{16,}\.[A-Za-z0-9_\-]{16,}",
+        # a JSON Web Token (an id or session token sent without its "Bearer")
+        r"eyJ(?<![A-Za-z0-9_\-]eyJ)[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*",
+        # credentials on a command line: curl -u user:password, --user user:password (not a
+        # numeric user:group, docker's -u 1000:1000)
+        r"-u(?<![A-Za-z0-9_\-]-u)[ =]+[^\s:'\"]+:[^\s'\"]*[^\s'\"0-9][^\s'\"]*",
+        r"--user(?<![A-Za-z0-9_\-]--user)[ =]+[^\s:'\"]+:[^\s'\"]+",
+        # a Cookie or Set-Cookie header: the session it carries
+        r"(?i:cookie(?<![a-z0-9_]cookie)[\"']?\s*:\s*[\"']?)[^\r\n\"']+",
         r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}",
         # HTTP Authorization (and Proxy-Authorization) credentials, whatever the scheme (Basic,
         # Token, Digest, AWS4-HMAC-SHA256, a bare key), masked with their label: a header line,
@@ -470,9 +491,15 @@ REDACT_PATTERNS = env.json_str_list(
         # Python literal inside a string: a tool's output, an error quoting a request body)
         r"(?<=://)[^/@\s:]*:[^/@\s]+@",
         # (a quoted value is masked up to its closing quote, or the line's end: a passphrase has
-        # spaces; no look-ahead for that quote, which would make the pattern not joinable)
-        r"(?i:(?:password|passwd|secret|api[_-]?key|token)[\"']?\s*[=:]\s*)"
-        r"(?:\"[^\"\n]*|'[^'\n]*|[^\s&,;'\"]+)",
+        # spaces; no look-ahead for that quote, which would make the pattern not joinable). The
+        # key's word may be followed by more words of it (SECRET_KEY, AWS_SECRET_ACCESS_KEY,
+        # private_key_pem), as REDACT_KEYS matches keys, but not "token" (token_type and
+        # token_count are no credentials); AccountKey= of an Azure connection string too. Its
+        # quotes may be escaped (a request body quoted inside JSON text: `{\"password\": \"...\"}`).
+        r"(?i:(?:(?:password|passwd|passphrase|secret|api[_-]?key|private[_-]?key|credentials?|accountkey"
+        r"|sharedaccesskey)"
+        r"(?:[_-][a-z0-9]+)*|token)(?:\\?[\"'])?\s*[=:]\s*)"
+        r"(?:\\\"(?:[^\"\\\n]|\\[^\"\n])*|\"[^\"\n]*|'[^'\n]*|[^\s&,;'\"]+)",
     ],
 )
 for _pattern in REDACT_PATTERNS:

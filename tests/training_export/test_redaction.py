@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import subprocess
@@ -157,7 +158,20 @@ def test_a_pattern_is_skipped_only_when_a_literal_every_match_holds_is_missing(s
     redactor = build_redactor([], settings.REDACT_PATTERNS)
     needed = {scan.pattern.pattern: scan.needed for scan in redactor.pattern_scans}
     assert needed[settings.REDACT_PATTERNS[1]] == (("sk-",),)
-    assert needed[settings.REDACT_PATTERNS[-1]] == (("password", "passwd", "secret", "api", "token"),)
+    assert needed[settings.REDACT_PATTERNS[-1]] == (
+        (
+            "password",
+            "passwd",
+            "passphrase",
+            "secret",
+            "api",
+            "private",
+            "credential",
+            "accountkey",
+            "sharedaccesskey",
+            "token",
+        ),
+    )
     for name in ("openai", "platform", "bearer", "email"):
         assert redactor.text(f"x {SECRETS[name]}") == f"x {MASK}", name
     assert redactor.text("task-42 of wf-7") == "task-42 of wf-7"
@@ -522,3 +536,65 @@ def test_authorization_at_a_line_end_masks_nothing_of_the_next_line(db):
         assert AUTH not in redact(f'headers = {{\n    "Authorization":\n        {prefix}"Token {AUTH}",\n}}')
     # A value already masked stays as it is.
     assert redact(f"Authorization: {MASK}") == f"Authorization: {MASK}"
+
+
+# Common shapes of credentials in free text (a tool's output, an error, a pasted config) that
+# the default patterns let through.
+COMMON_SECRET_TEXTS = {
+    "env_secret_key": f"DJANGO_SECRET_KEY={CANARY}",
+    "aws_secret": f"AWS_SECRET_ACCESS_KEY = {CANARY}",
+    "python_setting": f"SECRET_KEY = '{CANARY}'",
+    "private_key_value": f"private_key={CANARY}",
+    "escaped_json_body": f'request body: {{\\"password\\": \\"{CANARY}\\"}}',
+    "pem": f"-----BEGIN RSA PRIVATE KEY-----\nMIIEow{CANARY}\nAKCAQEA\n-----END RSA PRIVATE KEY-----",
+    "pem_cut_off": f"-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn{CANARY}",
+    "google": f"key AIzaSy{CANARY}0123456789abcdefghijklmn",
+    "github_fine_grained": f"github_pat_11ABCDEFG0_{CANARY.replace('-', '')}abcdefghijklmnop",
+    "gitlab": f"glpat-{CANARY}0123456789",
+    "token_secret": f"oauth_token_secret: {CANARY}",
+    "hugging_face": f"hf_{CANARY.replace('-', '')}abcdefghijklmnopqrstu",
+    "stripe": f"sk_live_{CANARY.replace('-', '')}0123456789",
+    "slack_webhook": f"https://hooks.slack.com/services/T000/B000/{CANARY}",
+    "cookie": f"Cookie: sessionid={CANARY}; csrftoken=abc",
+    "jwt": f"id eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.{CANARY}",
+    "azure": f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={CANARY}==;EndpointSuffix=x",
+    "curl_user": f"curl -u admin:{CANARY} https://api.example.org",
+    "wget_user": f"wget --user=admin:{CANARY} https://api.example.org",
+    "npm": f"npm_{CANARY.replace('-', '')}0123456789abcdefghij",
+}
+
+
+def test_default_patterns_mask_common_secret_shapes_in_free_text(db):
+    for name, text in COMMON_SECRET_TEXTS.items():
+        masked = redact(text)
+        assert CANARY not in masked and CANARY.replace("-", "") not in masked, f"{name}: {masked!r}"
+    # Words that only look like the keys, and token counts, are kept.
+    kept = (
+        "tokens_used: 5 of 100",
+        "token_type: bearer",
+        "the cookie jar",
+        "max_tokens=5",
+        "docker run -u 1000:1000 app",
+    )
+    for text in kept:
+        assert redact(text) == text
+
+
+def test_common_secret_shapes_never_reach_a_jsonl_export_and_the_lines_stay_json(db, settings, tmp_path: Path):
+    settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
+    TaskExecutionFactory(
+        status=TaskExecution.Status.COMPLETED,
+        input_data={"texts": list(COMMON_SECRET_TEXTS.values())},
+        output_data=COMMON_SECRET_TEXTS,
+        started_at=T0,
+        completed_at=T0,
+    )
+    call_command(
+        "export_training_data", "--type", "tasks", "--start", "2024-03-05", "--end", "2024-03-05", "--no-progress"
+    )
+
+    (path,) = (tmp_path / "exports").rglob("*.jsonl")
+    text = path.read_text("utf-8")
+    assert CANARY not in text and CANARY.replace("-", "") not in text
+    (record,) = [json.loads(line) for line in text.splitlines()]
+    assert set(record["output_data"]) == set(COMMON_SECRET_TEXTS)
