@@ -469,7 +469,7 @@ REDACT_PATTERNS = env.json_str_list(
         r"eyJ(?<![A-Za-z0-9_\-]eyJ)[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*",
         # credentials on a command line: curl -u user:password, --user user:password (not a
         # numeric user:group, docker's -u 1000:1000)
-        r"-u(?<![A-Za-z0-9_\-]-u)[ =]+[^\s:'\"]+:[^\s'\"]*[^\s'\"0-9][^\s'\"]*",
+        r"-u(?<![A-Za-z0-9_\-]-u)[ =]+[^\s:'\"]+:[0-9]*[^\s'\"0-9][^\s'\"]*",
         r"--user(?<![A-Za-z0-9_\-]--user)[ =]+[^\s:'\"]+:[^\s'\"]+",
         # a Cookie or Set-Cookie header: the session it carries
         r"(?i:cookie(?<![a-z0-9_]cookie)[\"']?\s*:\s*[\"']?)[^\r\n\"']+",
@@ -496,7 +496,9 @@ REDACT_PATTERNS = env.json_str_list(
         # private_key_pem), as REDACT_KEYS matches keys, but not "token" (token_type and
         # token_count are no credentials); AccountKey= of an Azure connection string too. Its
         # quotes may be escaped (a request body quoted inside JSON text: `{\"password\": \"...\"}`).
-        r"(?i:(?:(?:password|passwd|passphrase|secret|api[_-]?key|private[_-]?key|credentials?|accountkey"
+        # The look-ahead for the words' first letters lets the search skip every other position
+        # (without it, the pattern took twice as long over text holding none of them).
+        r"(?=[AaCcPpSsTt])(?i:(?:(?:password|passwd|passphrase|secret|api[_-]?key|private[_-]?key|credentials?|accountkey"
         r"|sharedaccesskey)"
         r"(?:[_-][a-z0-9]+)*|token)(?:\\?[\"'])?\s*[=:]\s*)"
         r"(?:\\\"(?:[^\"\\\n]|\\[^\"\n])*|\"[^\"\n]*|'[^'\n]*|[^\s&,;'\"]+)",
