@@ -3,6 +3,7 @@ and Redis, and polling for the outcome."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -424,3 +425,69 @@ def sqlite_manage(tmp_path: Path, *args: str, check: bool = True) -> subprocess.
         "TRAINING_DATA_DIR": str(tmp_path / "training"),
     }
     return manage(*args, env=env, check=check)
+
+
+# --- what a soak prints of the record ---------------------------------------------------
+
+
+def event_text(event: Any) -> str:
+    """An event on one line: its sequence, type and payload (less what every one repeats)."""
+    payload = {k: v for k, v in event.payload.items() if k not in ("task_name", "state")}
+    return f"#{event.sequence} {event.event_type} {payload}"
+
+
+def broker_messages(client: redis.Redis) -> dict[str, str]:
+    """Celery task id -> where its message is on a Redis broker: "in queue <name>", or
+    "unacked" (delivered to a worker, which holds it, with an ETA or running)."""
+    where = {json.loads(raw)[0]["headers"]["id"]: "unacked" for raw in client.hvals("unacked")}
+    for queue in ("critical", "high", "normal", "low"):
+        where |= {json.loads(raw)["headers"]["id"]: f"in queue {queue}" for raw in client.lrange(queue, 0, -1)}
+    return where
+
+
+def record_lines(
+    ids: list[str], *, last_events: int | None = None, messages: dict[str, str] | None = None
+) -> list[str]:
+    """The rows of the workflows `ids` names (workflow or task ids), a line each: the workflow,
+    its events, and each task (marked `*` if named) with its attempts and events. With
+    `last_events`, only an entity's last so many events, and none of a task that ended; with
+    `messages` (broker_messages), where an unfinished task's message is."""
+    from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+
+    def events_of(entity_id: str) -> list[str]:
+        events = Event.objects.filter(entity_id=entity_id).order_by("-sequence" if last_events else "sequence")
+        texts = [f"{event.created_at:%H:%M:%S.%f} {event_text(event)}" for event in events[:last_events]]
+        return texts[::-1] if last_events else texts
+
+    workflow_ids = set(Workflow.objects.filter(pk__in=ids).values_list("pk", flat=True))
+    workflow_ids |= set(TaskExecution.objects.filter(pk__in=ids).values_list("workflow_id", flat=True))
+    lines = []
+    for workflow in Workflow.objects.filter(pk__in=workflow_ids).order_by("created_at"):
+        lines.append(
+            f"workflow {workflow.pk} {workflow.status} continue_on_failure={workflow.continue_on_failure} "
+            f"deadline={workflow.deadline} steps total/completed/failed/cancelled {workflow.total_steps}/"
+            f"{workflow.completed_steps}/{workflow.failed_steps}/{workflow.cancelled_steps} "
+            f"errors {workflow.error_count} tokens {workflow.total_tokens_used} ${workflow.total_cost_usd} "
+            f"wasted ${workflow.wasted_cost_usd} {workflow.started_at} - {workflow.completed_at} "
+            f"error={workflow.error!r}"
+        )
+        lines += [f"  {text}" for text in events_of(workflow.pk)]
+        for task in TaskExecution.objects.filter(workflow_id=workflow.pk).order_by("task_name"):
+            mark = "*" if task.pk in ids else " "
+            where = ""
+            if messages is not None and task.celery_task_id and not task.is_terminal:  # sent, not ended
+                where = f" message {messages.get(task.celery_task_id, 'not on the broker')}"
+            lines.append(
+                f" {mark}task {task.task_name} {task.pk} {task.agent_id} {task.status} retries {task.retry_count}/"
+                f"{task.max_retries} deps {task.depends_on} tokens {task.tokens_used} ${task.cost_usd} "
+                f"queued {task.queued_at} {task.started_at} - {task.completed_at}{where}"
+            )
+            lines += [
+                f"    attempt {a.attempt_number} {a.status} {a.cause} {a.worker} pid {a.pool_pid} "
+                f"{a.started_at} - {a.finished_at} {a.duration_ms} ms tokens {a.tokens_used} ${a.cost_usd} "
+                f"{(a.error or '')[:100]!r}"
+                for a in TaskAttempt.objects.filter(execution=task).order_by("attempt_number")
+            ]
+            if not (last_events and task.is_terminal):
+                lines += [f"    {text}" for text in events_of(task.pk)]
+    return lines

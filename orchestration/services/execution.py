@@ -845,17 +845,30 @@ def attempt_run(
     as the agent starts, recorded timed out like an agent that ran out of time; one that fires
     while the outcome is recorded is dropped once it is (its after-commit messages sent)."""
     with soft_limit_held() as limit:
-        return _attempt_run(
-            limit,
-            execution_id=execution_id,
-            celery_task_id=celery_task_id,
-            worker=worker,
-            redelivered=redelivered,
-            retried=retried,
-            process=process,
-            database_error=database_error,
-            claimed=claimed,
-        )
+        try:
+            return _attempt_run(
+                limit,
+                execution_id=execution_id,
+                celery_task_id=celery_task_id,
+                worker=worker,
+                redelivered=redelivered,
+                retried=retried,
+                process=process,
+                database_error=database_error,
+                claimed=claimed,
+            )
+        except Exception as exc:
+            # A cancel's SIGTERM that landed in a COMMIT outside the agent (the claim's, an
+            # outcome's): Django's atomic() replaced the handler's SystemExit with the error of its
+            # `finally` on the busy connection ("can't change 'autocommit' now"). Raised as the
+            # task's failure, it left the pool process running with the handler's flag set, and
+            # the next task's agent error there was taken for a stop: that process ended under it,
+            # which Celery, the process marked terminated, acknowledged as revoked (its attempt
+            # left running for the reaper).
+            stop_if_interrupted(exc)
+            if _process_stopping(exc):
+                raise SystemExit(f"stopped by a terminate signal ({type(exc).__name__}: {exc})") from exc
+            raise
 
 
 def _process_stopping(exc: BaseException) -> bool:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import itertools
-import json
 import logging
 import os
 import random
@@ -48,7 +47,17 @@ from django.utils import timezone
 
 from orchestration.errors import SpecError, TransitionError
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
-from tests.engine import Loop, ManageProcess, PrivateRedis, Worker, database_url, wait_for
+from tests.engine import (
+    Loop,
+    ManageProcess,
+    PrivateRedis,
+    Worker,
+    broker_messages,
+    database_url,
+    event_text,
+    record_lines,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.subprocess]
 
@@ -518,21 +527,16 @@ def _drain(chaos: Chaos, faults: Faults) -> bool:
 
 def _waiting(chaos: Chaos, client: redis.Redis) -> list[str]:
     """The unfinished tasks of the unfinished workflows, and where their messages are."""
-    queued = set()
-    for queue in ("critical", "high", "normal", "low"):
-        queued |= {json.loads(raw)["headers"]["id"] for raw in client.lrange(queue, 0, -1)}
-    unacked = {json.loads(raw)[0]["headers"]["id"] for raw in client.hvals("unacked")}
+    messages = broker_messages(client)
     lines = []
     for task in TaskExecution.objects.filter(
         workflow_id__in=chaos.submitted, workflow__status=Workflow.Status.RUNNING
     ).exclude(status__in=ENDED_TASK)[:20]:
-        where = (
-            "in its queue" if task.celery_task_id in queued else "unacked" if task.celery_task_id in unacked else "-"
-        )
         last = Event.objects.filter(entity_id=task.pk).order_by("-sequence").first()
+        where = messages.get(task.celery_task_id, "-")
         lines.append(
             f"  {task.workflow_id} {task.task_name} {task.pk} {task.status} queued {task.queued_at} message {where}; "
-            f"last event {_event_text(last) if last else None} at {last.created_at if last else None}"
+            f"last event {event_text(last) if last else None} at {last.created_at if last else None}"
         )
     return lines
 
@@ -859,7 +863,7 @@ def _task_event_violations(task: TaskExecution, attempts: list[TaskAttempt], eve
             Violation(
                 "a task's events follow its life cycle",
                 ids,
-                f"{problem}: {[_event_text(e) for e in events]}",
+                f"{problem}: {[event_text(e) for e in events]}",
             )
         )
     closed = {a.attempt_number: a.status for a in attempts}
@@ -947,11 +951,6 @@ def _stream_violations(broker: PrivateRedis, streamed: bool) -> list[Violation]:
 # --- the diagnosis ---------------------------------------------------------------------
 
 
-def _event_text(event: Event) -> str:
-    payload = {k: v for k, v in event.payload.items() if k not in ("task_name", "state")}
-    return f"#{event.sequence} {event.event_type} {payload}"
-
-
 def _diagnosis(problems: list[Violation], limit: int = 8) -> str:
     by_invariant: dict[str, list[Violation]] = defaultdict(list)
     for problem in problems:
@@ -966,36 +965,5 @@ def _diagnosis(problems: list[Violation], limit: int = 8) -> str:
                 continue
             shown.add(tuple(problem.ids))
             lines.append(f"\n== {invariant} ({', '.join(problem.ids)}) ==\n{problem.detail}")
-            lines += _rows_of(problem.ids)
+            lines += record_lines(problem.ids)
     return "\n".join(lines)
-
-
-def _rows_of(ids: list[str]) -> list[str]:
-    workflow_ids = set(Workflow.objects.filter(pk__in=ids).values_list("pk", flat=True))
-    workflow_ids |= set(TaskExecution.objects.filter(pk__in=ids).values_list("workflow_id", flat=True))
-    lines = []
-    for workflow in Workflow.objects.filter(pk__in=workflow_ids):
-        lines.append(
-            f"workflow {workflow.pk} {workflow.status} continue_on_failure={workflow.continue_on_failure} "
-            f"deadline={workflow.deadline} steps total/completed/failed/cancelled {workflow.total_steps}/"
-            f"{workflow.completed_steps}/{workflow.failed_steps}/{workflow.cancelled_steps} "
-            f"errors {workflow.error_count} tokens {workflow.total_tokens_used} ${workflow.total_cost_usd} "
-            f"wasted ${workflow.wasted_cost_usd} {workflow.started_at} - {workflow.completed_at} "
-            f"error={workflow.error!r}"
-        )
-        lines += [f"  {_event_text(e)}" for e in Event.objects.filter(entity_id=workflow.pk).order_by("sequence")]
-        for task in TaskExecution.objects.filter(workflow_id=workflow.pk).order_by("task_name"):
-            mark = "*" if task.pk in ids else " "
-            lines.append(
-                f" {mark}task {task.task_name} {task.pk} {task.agent_id} {task.status} retries {task.retry_count}/"
-                f"{task.max_retries} deps {task.depends_on} tokens {task.tokens_used} ${task.cost_usd} "
-                f"{task.started_at} - {task.completed_at}"
-            )
-            lines += [
-                f"    attempt {a.attempt_number} {a.status} {a.cause} {a.worker} pid {a.pool_pid} "
-                f"{a.started_at} - {a.finished_at} {a.duration_ms} ms tokens {a.tokens_used} ${a.cost_usd} "
-                f"{(a.error or '')[:100]!r}"
-                for a in TaskAttempt.objects.filter(execution=task).order_by("attempt_number")
-            ]
-            lines += [f"    {_event_text(e)}" for e in Event.objects.filter(entity_id=task.pk).order_by("sequence")]
-    return lines

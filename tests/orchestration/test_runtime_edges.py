@@ -11,6 +11,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from billiard import common as billiard_common
 from django.core.management import CommandError, call_command
 from django.db import connection, connections
 
@@ -521,3 +522,41 @@ def test_a_cancel_whose_sigterm_lands_in_the_meters_commit_still_stops_the_agent
         connection.close()  # left busy by the interrupted COMMIT, as the dying process leaves it
     attempt = TaskAttempt.objects.get(pk=claim.attempt.pk)
     assert (attempt.status, attempt.tokens_used) == (TaskAttempt.Status.CANCELLED, 3)
+
+
+# --- a cancel's SIGTERM that lands in the COMMIT of a claim -----------------------------
+
+
+@pytest.mark.parametrize("handler", ["billiard", "bare"])
+def test_a_cancel_whose_sigterm_lands_in_the_claims_commit_stops_the_process(committed, handler):
+    """The cancel of a workflow revokes its tasks' messages with terminate=True: a pool process
+    claiming one of them then gets SIGTERM, whose handler raises SystemExit wherever Python is.
+    Landing in the COMMIT of the claim (which found the task cancelled), Django's atomic()
+    replaced the SystemExit with the ProgrammingError of its `finally` on the busy connection,
+    and run_task raised it as the task's failure: the process ran on, billiard's flag set, and
+    took the next task's agent error for a stop. It ended under that task, which Celery (the
+    process marked terminated) acknowledged as revoked: its attempt stayed running with no
+    message, until the reaper, past its time limit (the consumer soak's drain, seed 1465621206)."""
+    wf = submit({"name": "a", "agent": "echo"})
+    a = task(wf, "a")
+    with mock.patch("orchestration.services.progress.revoke_after_commit"):
+        workflow_cancel(workflow_id=wf.pk)
+
+    wrapper = type(connections["default"])
+    commit = wrapper._commit
+
+    def commit_terminated(self):
+        signal.raise_signal(signal.SIGTERM)  # the revoke's SIGTERM, as the claim's COMMIT is sent
+        return commit(self)
+
+    exit_handler = billiard_common._shutdown_cleanup if handler == "billiard" else _exit_as_billiard_does
+    previous = signal.signal(signal.SIGTERM, exit_handler)
+    try:
+        with mock.patch.object(wrapper, "_commit", commit_terminated), pytest.raises(SystemExit):
+            attempt_run(execution_id=a.pk, celery_task_id=a.celery_task_id, worker="w@h")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        billiard_common.clear_terminate_handler_fired()
+        connection.close()  # left busy by the interrupted COMMIT, as the dying process leaves it
+    assert TaskExecution.objects.get(pk=a.pk).status == TaskExecution.Status.CANCELLED
+    assert not TaskAttempt.objects.filter(execution_id=a.pk).exists()

@@ -23,7 +23,9 @@ no row of an event PostgreSQL lacks; every file parses whole with the csv module
 store's own reader; the group holds no pending entry and has delivered the whole stream,
 nothing was dead-lettered, and the children of killed parents stopped. A failure prints which
 check, which event ids, and the seed: CONSUMER_SOAK_SEED=<seed> replays the same fault and
-submission schedule (the timing differs from run to run).
+submission schedule (the timing differs from run to run). Workflows that did not end within the
+drain are listed with their tasks, attempts and last events, where their messages are on the
+broker, and the end of the worker's log.
 """
 
 from __future__ import annotations
@@ -45,10 +47,21 @@ import pytest
 import redis
 from django.conf import settings
 from django.core.management import call_command
+from django.utils import timezone
 
 from orchestration.event_types import EntityType, EventType
-from orchestration.models import Event, Workflow
-from tests.engine import Loop, ManageProcess, PrivateRedis, Worker, database_url, flush_redis, wait_for
+from orchestration.models import Event, TaskExecution, Workflow
+from tests.engine import (
+    Loop,
+    ManageProcess,
+    PrivateRedis,
+    Worker,
+    broker_messages,
+    database_url,
+    flush_redis,
+    record_lines,
+    wait_for,
+)
 from training_export.services.store import EVENTS, SCHEMAS, TASKS, TOOL_EXECUTIONS, WORKFLOWS, _scan_lines
 from training_export.services.synapse import _ENDED_AS, TASK_TERMINAL_EVENTS, WORKFLOW_TERMINAL_EVENTS
 
@@ -364,6 +377,64 @@ def _catches(pid: int, signum: int) -> bool:
     return bool(int(caught, 16) >> (signum - 1) & 1)
 
 
+def _unfinished(soak: Soak) -> list[str]:
+    """The submitted workflows not yet in a terminal status, oldest first."""
+    return list(
+        Workflow.objects.filter(pk__in=soak.submitted)
+        .exclude(status__in=Workflow.TERMINAL_STATUSES)
+        .order_by("created_at")
+        .values_list("pk", flat=True)
+    )
+
+
+def _task_statuses(workflow_ids: list[str]) -> dict[str, int]:
+    return dict(
+        Counter(TaskExecution.objects.filter(workflow_id__in=workflow_ids).values_list("status", flat=True).order_by())
+    )
+
+
+def _workflows_end(soak: Soak, worker: Worker) -> Violation | None:
+    """Wait (bounded) until every submitted workflow has ended, saying every 15 s how many have
+    not (slow from stuck); those that did not, as a violation."""
+    began = shown = time.monotonic()
+    while (unfinished := _unfinished(soak)) and time.monotonic() < began + DRAIN_SECONDS:
+        if time.monotonic() - shown >= 15:
+            shown = time.monotonic()
+            print(
+                f"consumer soak, drain {shown - began:.0f} s: {len(unfinished)} workflows unfinished, "
+                f"their tasks {_task_statuses(unfinished)}"
+            )
+        time.sleep(0.5)
+    return _unended(soak, worker, unfinished) if unfinished else None
+
+
+# What a worker's log says of a task that went wrong: Celery's and the engine's warnings and
+# errors, a process ended under a task (a cancel's SIGTERM, a lost one), a lost broker connection.
+_NOTABLE = (" WARNING ", " ERROR ", " CRITICAL ", "Terminating ", "exited with", "WorkerLostError")
+
+
+def _unended(soak: Soak, worker: Worker, unfinished: list[str], shown: int = 40) -> Violation:
+    """The workflows the drain waited for in vain, with their tasks, attempts and last events,
+    where the tasks' messages are on the broker, and the worker log's notable lines and its end."""
+    messages = broker_messages(redis.Redis.from_url(settings.CELERY_BROKER_URL))
+    lines = [
+        f"{len(unfinished)} of {len(soak.submitted)} workflows unfinished after {DRAIN_SECONDS} s "
+        f"(at {timezone.now()}), their tasks {_task_statuses(unfinished)}; {len(messages)} messages on the "
+        f"broker; the worker {'runs' if worker.process.poll() is None else f'exited {worker.process.returncode}'}"
+    ]
+    lines += record_lines(unfinished[:shown], last_events=4, messages=messages)
+    if len(unfinished) > shown:
+        lines.append(f"(+{len(unfinished) - shown} more workflows)")
+    log = worker.log().splitlines()
+    notable = [line for line in log if any(mark in line for mark in _NOTABLE)]
+    name = worker.log_path.name
+    lines.append(f"the worker's log ({name}): the last {min(len(notable), 20)} of its {len(notable)} notable lines:")
+    lines += notable[-20:]
+    lines.append("and its end:")
+    lines += log[-30:]
+    return Violation("every workflow ends (within the drain)", unfinished, "\n".join(lines))
+
+
 def _handling_sigterm(consumers: list[Consumer], timeout: float = 30.0) -> None:
     """Wait (bounded) until every running command has its SIGTERM handler in place: one that
     a fault or a crash ended is started again until the drain is over, and a SIGTERM that
@@ -574,6 +645,7 @@ def test_the_consumers_write_every_event_once_under_random_faults(stream_redis, 
         Loop("backdated", Backdated(random.Random(seed + 2)), interval=0.3, errors=soak.errors),
     ]
     state = None
+    unended: Violation | None = None
     exit_codes: list[int | None] = []
     lingering: list[int] = []
     try:
@@ -589,16 +661,8 @@ def test_the_consumers_write_every_event_once_under_random_faults(stream_redis, 
             loop.stop()
         began = soak.phase("soak", began)
         faults.calm()
-        wait_for(
-            lambda: (
-                not Workflow.objects.filter(pk__in=soak.submitted)
-                .exclude(status__in=Workflow.TERMINAL_STATUSES)
-                .exists()
-            ),
-            timeout=DRAIN_SECONDS,
-            interval=0.5,
-            what="every workflow to end",
-        )
+        unended = _workflows_end(soak, worker)
+        began = soak.phase("workflows", began)
         worker.stop()
         newest = Event.objects.order_by("-sequence").values_list("sequence", flat=True).first() or 0
         state = _drained(faults, newest)
@@ -616,6 +680,8 @@ def test_the_consumers_write_every_event_once_under_random_faults(stream_redis, 
     files = read_partitions(root)
     expected = expected_rows()
     problems = _violations(files, expected, state)
+    if unended:
+        problems.insert(0, unended)
     if any(code != 0 for code in exit_codes):
         problems.append(Violation("a consumer stopped by SIGTERM exits 0", [], f"exit codes {exit_codes}"))
     if lingering:
