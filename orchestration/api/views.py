@@ -84,6 +84,17 @@ class ApiMixin:
         if unstorable_text(list(kwargs.values())):
             raise NotFound()
 
+    def check_throttles(self, request: Request) -> None:
+        self._throttles_checked = True
+        super().check_throttles(request)  # type: ignore[misc]
+
+    def permission_denied(self, request: Request, message: str | None = None, code: str | None = None) -> None:
+        # DRF checks permissions before throttles: a refused request was not counted, and its
+        # answer had no RateLimit-* headers. Counted here, over the limit it is a 429.
+        if not getattr(self, "_throttles_checked", False) and getattr(request.user, "is_authenticated", False):
+            self.check_throttles(request)
+        super().permission_denied(request, message=message, code=code)  # type: ignore[misc]
+
     def handle_exception(self, exc: Exception) -> Response:
         # A request whose rate-limit count was deferred (RowListMixin) and failed before its
         # view read it: over the limit, the answer is the 429 the throttle check would have

@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 
 from orchestration.api.redis_store import store
 from orchestration.api.throttling import rate_limit_key
-from tests.api.conftest import make_caller
+from tests.api.conftest import SPEC, make_caller
 from tests.fakes.relay import TcpRelay
 
 
@@ -102,6 +102,23 @@ def test_a_list_that_fails_validation_is_counted_and_over_the_limit_answers_429(
     refused = viewer.get("/api/v1/events/?severity=bogus")
     assert refused.status_code == 429
     assert refused.json()["title"] == "Too many requests"
+    assert int(_redis().get(rate_limit_key(callers["viewer"].user.pk))) == 4
+
+
+def test_a_request_its_role_does_not_grant_is_counted_and_says_what_is_left(callers, low_limits):
+    """DRF checks permissions before throttles: a refused request was neither counted nor given
+    the RateLimit-* headers every other answer has, so a key could be used for nothing but
+    refused requests, without limit."""
+    viewer = callers["viewer"].client
+    refused = viewer.post("/api/v1/workflows/", SPEC, format="json")
+    assert refused.status_code == 403
+    assert refused["RateLimit-Remaining"] == "2"
+    listed = viewer.get("/api/v1/exports/")  # a list, whose count is read after its filters
+    assert listed.status_code == 403
+    assert listed["RateLimit-Remaining"] == "1"
+    assert viewer.get("/api/v1/me/")["RateLimit-Remaining"] == "0"
+    over = viewer.post("/api/v1/workflows/", SPEC, format="json")
+    assert over.status_code == 429
     assert int(_redis().get(rate_limit_key(callers["viewer"].user.pk))) == 4
 
 
