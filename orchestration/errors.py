@@ -52,8 +52,19 @@ class SpecError(Exception):
     found, each naming the field, so a client can fix them all at once."""
 
     def __init__(self, problems: list[str]) -> None:
+        problems = [_printable(problem) for problem in problems]
         super().__init__("; ".join(problems))
         self.problems = problems
+
+
+def _printable(text: str) -> str:
+    """`text` with each unpaired UTF-16 surrogate spelled as its escape (`\\ud800`). A problem
+    quotes what the client sent (a task's name, an unknown field's, the keys on a value's
+    path), and a JSON body may hold such a character, which UTF-8 cannot carry: the answer
+    that named the problem could not be written."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class IdempotencyKeyReused(SpecError):

@@ -254,6 +254,9 @@ class ConversationMessagesView(ApiMixin, APIView):
         except (ConversationBusy, ConversationTaken) as exc:
             raise Conflict(str(exc)) from None
         except ConversationError as exc:
-            raise ValidationError({spec_field(str(exc)) or "conversation": [str(exc)]}) from None
+            # The service's message begins with the field it names, which the answer names once.
+            field = spec_field(str(exc))
+            detail = str(exc).removeprefix(f"{field}: ") if field else str(exc)
+            raise ValidationError({field or "conversation": [detail]}) from None
         body = {"message_id": message.message_id, "instance_id": instance_id, "status": "accepted"}
         return Response(MessageAcceptedSerializer(body).data, status=status.HTTP_202_ACCEPTED)

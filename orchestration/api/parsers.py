@@ -10,6 +10,7 @@ import codecs
 import io
 import json
 import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -101,6 +102,17 @@ def unstorable_field(value: Any) -> tuple[str, str]:
     return "", "cannot be stored"
 
 
+# Python's error for an integer of more digits than it reads tells how to raise its limit
+# (sys.set_int_max_str_digits), a setting of the server's interpreter, not the client's.
+_LONG_INTEGER = re.compile(r"^Exceeds the limit \((\d+) digits\) for integer string conversion: value has (\d+) digits")
+
+
+def _in_clients_terms(exc: ValueError) -> str:
+    if match := _LONG_INTEGER.match(str(exc)):
+        return f"a number has {match[2]} digits; at most {match[1]} are read"
+    return str(exc)
+
+
 class LimitedJSONParser(JSONParser):
     """JSON with the body size limit enforced, a name given twice in one object and text
     PostgreSQL cannot store refused (but in a workflow spec, a view's `body_is_spec`, whose
@@ -119,7 +131,7 @@ class LimitedJSONParser(JSONParser):
                 object_pairs_hook=json_object_without_duplicates,
             )
         except ValueError as exc:
-            raise ParseError(f"JSON parse error - {exc}") from None
+            raise ParseError(f"JSON parse error - {_in_clients_terms(exc)}") from None
         except RecursionError:
             raise ParseError("JSON parse error - the document is nested too deeply.") from None
         if getattr((parser_context or {}).get("view"), "body_is_spec", False):

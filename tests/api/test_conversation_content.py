@@ -35,3 +35,16 @@ def test_the_message_size_limit_is_the_configured_one(callers, settings):
     assert too_big.json()["errors"][0]["field"] == "content"
     assert "the limit is 150000" in too_big.json()["errors"][0]["detail"]
     assert not AgentPlaygroundMessage.objects.filter(instance_id="bigger").exists()
+
+
+def test_a_refused_message_names_its_field_once_as_the_other_validation_errors_do(callers):
+    """The service's message begins with the field it names: the answer said it twice
+    ("content: content: 40000 characters; …"), unlike every other validation error."""
+    dev = callers["developer"].client
+    refused = dev.post("/api/v1/conversations/c%20x/messages/", {"agent": "echo", "content": "hi"}, format="json")
+    assert refused.status_code == 400
+    (error,) = refused.json()["errors"]
+    assert error["field"] == "instance_id"
+    assert error["detail"].startswith("use 1-255 letters")
+    assert refused.json()["detail"] == f"instance_id: {error['detail']}"
+    assert not AgentPlaygroundMessage.objects.exists()

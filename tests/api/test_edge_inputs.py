@@ -43,6 +43,18 @@ def test_a_number_too_large_for_json_storage_is_refused(callers, number):
     assert not Workflow.objects.exists()
 
 
+def test_an_integer_too_long_to_read_is_refused_in_the_clients_terms(callers):
+    """Python reads integers of at most 4300 digits; its error told the client to call
+    sys.set_int_max_str_digits(), a setting of the server's interpreter."""
+    body = '{"name": "n", "metadata": {"x": ' + "9" * 5000 + '}, "tasks": [{"name": "a", "agent": "echo"}]}'
+    refused = _post(callers["developer"], body)
+    assert refused.status_code == 400
+    detail = refused.json()["detail"]
+    assert "a number has 5000 digits; at most 4300 are read" in detail
+    assert "sys." not in detail
+    assert not Workflow.objects.exists()
+
+
 @pytest.mark.parametrize("value", ["1e16", "-0.0", "1.50"])
 def test_the_same_body_again_with_the_same_key_is_a_replay_whatever_jsonb_made_of_its_numbers(callers, value):
     body = '{"name": "n", "tasks": [{"name": "a", "agent": "echo", "input": {"x": ' + value + "}}]}"
@@ -112,6 +124,27 @@ def test_a_value_postgresql_cannot_store_is_refused_naming_where_it_is(callers, 
     (error,) = refused.json()["errors"]
     assert error["field"] == field
     assert problem in error["detail"]
+    assert not Workflow.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("fields", "quoted"),
+    [
+        ('"tasks": [{"name": "a\\udc80", "agent": "echo"}]', "tasks[0] (a\\udc80).name may contain only"),
+        ('"x\\ud800": 1, "tasks": [{"name": "a", "agent": "echo"}]', "x\\ud800: unknown field"),
+        ('"tasks": [{"name": "a", "agent": "echo", "x\\ud800": 1}]', "tasks[0].x\\ud800: unknown field"),
+        ('"metadata": {"k\\ud800": [1e400]}', "metadata.k\\ud800[0] is inf"),
+    ],
+    ids=["task-name", "unknown-field", "unknown-task-field", "path-through-a-key"],
+)
+def test_a_spec_problem_quoting_an_unpaired_surrogate_spells_it_as_its_escape(callers, fields, quoted):
+    """A problem quotes what the client sent (a task's name, an unknown field's, the keys on a
+    value's path), which in a JSON body may hold an unpaired surrogate that UTF-8, and so the
+    answer, cannot carry: the answer was a 500, with nothing said of the spec's problems."""
+    tasks = "" if '"tasks"' in fields else ', "tasks": [{"name": "a", "agent": "echo"}]'
+    refused = _post(callers["developer"], '{"name": "n", ' + fields + tasks + "}")
+    assert refused.status_code == 400, refused.content
+    assert any(error["detail"].startswith(quoted) for error in refused.json()["errors"]), refused.json()
     assert not Workflow.objects.exists()
 
 
