@@ -462,18 +462,22 @@ def test_database_connection_cut_mid_task_is_retried_and_the_attempt_recorded_lo
     assert len(attempts(wf, "after")) == 1 and task(wf, "after").status == T.COMPLETED
 
 
-def test_a_completion_refused_by_a_lock_timeout_is_recorded_with_that_error_not_as_a_lost_connection(engine):
+@pytest.mark.parametrize("pool", ["prefork", "solo", "threads"])
+def test_a_completion_refused_by_a_lock_timeout_is_recorded_with_that_error_not_as_a_lost_connection(engine, pool):
     """An operator's lock_timeout on the worker's connections, and a lock held on the attempt's
     row (an admin's transaction, say) past the agent's end: the completion's write fails with
     LockNotAvailable while the connection stays up. run_task sends the message again, as for a
     lost connection; its next delivery closes the attempt lost, with the error the database
     answered (its class and message), cause database_error: not connection_lost, which says
-    the database was away."""
+    the database was away. In every pool: the solo and threads pools hand the retry's exception
+    to the worker's main process as the trace left it, the Retry wrapped with its traceback (the
+    prefork pool's pipe unwraps it), and the delivery is remembered as a database error all the
+    same, for the reaper and a redelivery's claim."""
     from django.db import transaction
 
     from orchestration.workers import workers_ask
 
-    worker = engine(concurrency=1, env={"DATABASE_URL": f"{database_url()}?options=-c%20lock_timeout%3D300"})
+    worker = engine(concurrency=1, pool=pool, env={"DATABASE_URL": f"{database_url()}?options=-c%20lock_timeout%3D300"})
     wf = submit({"name": "held", "agent": "sleep", "input": {"seconds": 1.5, "on_attempts": [1]}, "max_retries": 2})
     first = running_attempt(wf, "held")
     with transaction.atomic():
@@ -499,30 +503,6 @@ def test_a_completion_refused_by_a_lock_timeout_is_recorded_with_that_error_not_
     ended = workers_ask({worker.name}, {held.celery_task_id})[worker.name][0].ended[held.celery_task_id]
     assert (ended.how, ended.error_class) == ("database_error", "psycopg.errors.LockNotAvailable")
     assert ended.detail.startswith("LockNotAvailable: canceling statement due to lock timeout")
-
-
-@pytest.mark.parametrize("pool", ["solo", "threads"])
-def test_a_database_error_in_a_pool_that_runs_tasks_in_the_main_process_is_remembered_as_one(engine, pool):
-    """In the solo and threads pools the retry's exception info reaches the worker's main
-    process as the trace left it, the Retry wrapped with its traceback (the prefork pool's pipe
-    unwraps it): the delivery that met a lock timeout is remembered as a database error for the
-    reaper and a redelivery's claim, not as a lost connection."""
-    from django.db import transaction
-
-    from orchestration.workers import workers_ask
-
-    url = f"{database_url()}?options=-c%20lock_timeout%3D300"
-    worker = engine(concurrency=1, pool=pool, env={"DATABASE_URL": url})
-    wf = submit({"name": "held", "agent": "sleep", "input": {"seconds": 1.5, "on_attempts": [1]}, "max_retries": 2})
-    first = running_attempt(wf, "held")
-    with transaction.atomic():
-        TaskAttempt.objects.select_for_update().get(pk=first.pk)
-        wait_for(lambda: "retry: Retry in" in worker.log(), timeout=15, what="run_task to send its message again")
-    wf = finished(wf, timeout=30)
-    assert [(a.status, a.cause) for a in attempts(wf, "held")] == [(A.LOST, "database_error"), (A.SUCCEEDED, None)]
-    held = task(wf, "held")
-    ended = workers_ask({worker.name}, {held.celery_task_id})[worker.name][0].ended[held.celery_task_id]
-    assert (ended.how, ended.error_class) == ("database_error", "psycopg.errors.LockNotAvailable"), ended
 
 
 def test_an_attempt_whose_message_is_away_after_a_lost_database_connection_is_reaped_lost_not_timed_out(engine):
