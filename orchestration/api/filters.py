@@ -12,7 +12,6 @@ import django_filters
 import redis
 from django import forms
 from django.core.exceptions import ValidationError
-from django.utils.dateparse import parse_datetime
 from django_filters.fields import ChoiceField, IsoDateTimeField
 from django_filters.filters import QuerySetRequestMixin
 from django_filters.filterset import FilterSetMetaclass
@@ -21,6 +20,7 @@ from rest_framework.exceptions import ValidationError as RequestInvalid
 from orchestration.api.exceptions import Unavailable
 from orchestration.api.redis_store import redis_client
 from orchestration.event_types import EntityType, EventType, Severity
+from orchestration.isodates import is_iso_datetime_form, parse_iso_datetime
 from orchestration.models import Agent, Event, TaskExecution, Workflow
 from orchestration.models.agents import AgentExecutor, AgentStatus
 from orchestration.models.workflows import Priority, TaskExecutionStatus, WorkflowStatus
@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 # What a date-time refused for a space where its offset's '+' was is told.
 PLUS_AS_SPACE = "a '+' in a query string means a space; write it as %2B"
+# What one in another form is told (orchestration.isodates).
+DATETIME_FORM = "YYYY-MM-DD, or YYYY-MM-DDThh:mm[:ss[.f]] with an optional offset (Z, +hh:mm)"
 
 
 def plus_read_as_space(value: Any) -> bool:
@@ -40,12 +42,19 @@ def plus_read_as_space(value: Any) -> bool:
         return False
     head, _, tail = value.rpartition(" ")
     try:
-        return parse_datetime(f"{head}+{tail}") is not None
+        return parse_iso_datetime(f"{head}+{tail}") is not None
     except ValueError:  # ISO 8601 in form, not a date
         return False
 
 
 class UtcDateTimeField(IsoDateTimeField):
+    def to_python(self, value: Any) -> dt.datetime | None:
+        if isinstance(value, str) and value.strip() and not is_iso_datetime_form(value.strip()):
+            if plus_read_as_space(value):
+                raise ValidationError(self.error_messages["invalid"], code="invalid")  # clean() says why
+            raise ValidationError("Enter a valid date/time: %(hint)s.", code="invalid", params={"hint": DATETIME_FORM})
+        return super().to_python(value)
+
     def clean(self, value: Any) -> dt.datetime | None:
         try:
             parsed = super().clean(value)

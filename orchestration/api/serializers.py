@@ -16,7 +16,8 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import ISO_8601, serializers
 from rest_framework.settings import api_settings
 
-from orchestration.api.filters import PLUS_AS_SPACE, plus_read_as_space, unknown_parameters
+from orchestration.api.filters import DATETIME_FORM, PLUS_AS_SPACE, plus_read_as_space, unknown_parameters
+from orchestration.isodates import is_iso_datetime_form
 from orchestration.models import Agent, AgentPlaygroundMessage, ApiKey, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.models.workflows import Priority
 from orchestration.selectors import DEFAULT_STATS_WINDOW
@@ -655,6 +656,8 @@ class QueryDateTimeField(serializers.DateTimeField):
 
     def to_internal_value(self, value: Any) -> Any:
         try:
+            if isinstance(value, str) and not is_iso_datetime_form(value):
+                raise serializers.ValidationError(f"Datetime has wrong format: use {DATETIME_FORM}.")
             return super().to_internal_value(value)
         except serializers.ValidationError:
             if plus_read_as_space(value):

@@ -17,10 +17,10 @@ from typing import Any
 import yaml
 from django.conf import settings
 from django.utils import timezone
-from django.utils.dateparse import parse_datetime
 
 from orchestration.db import database_now
 from orchestration.errors import SpecError
+from orchestration.isodates import parse_iso_datetime
 from orchestration.models import Agent, Priority
 
 WORKFLOW_FIELDS = {
@@ -379,13 +379,15 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
     if data.get("deadline") is not None:
         raw_deadline = data["deadline"]
         try:
-            parsed = parse_datetime(raw_deadline) if isinstance(raw_deadline, str) else None
+            parsed = parse_iso_datetime(raw_deadline) if isinstance(raw_deadline, str) else None
         except ValueError:  # ISO 8601 in form, not a date (month 13, day 45)
             parsed = None
         if isinstance(raw_deadline, dt.datetime):
             parsed = raw_deadline
         if parsed is None:
-            problems.append(f"deadline must be an ISO 8601 date-time, got {raw_deadline!r}")
+            problems.append(
+                f"deadline must be an ISO 8601 date-time, YYYY-MM-DDThh:mm[:ss] with a time zone, got {raw_deadline!r}"
+            )
         elif timezone.is_naive(parsed):
             problems.append("deadline must include a time zone (e.g. 2026-01-01T12:00:00Z)")
         else:

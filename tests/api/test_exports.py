@@ -301,3 +301,14 @@ def test_a_key_narrowed_to_export_read_lists_but_cannot_trigger(callers, out):
     assert developer.status_code == 403
     assert developer.json()["detail"] == "Your role (developer) does not grant export:read, which this operation needs."
     assert "export:create" in callers["admin"].client.get("/api/v1/me/").json()["permissions"]
+
+
+@pytest.mark.parametrize("day", ["2024-W10-2", "20240305", "2024-03-05T00:00:00"])
+@pytest.mark.parametrize("field", ["start_date", "end_date"])
+def test_a_day_in_another_iso_8601_form_is_refused_naming_the_field(db, out, field, day):
+    """`2024-W10-2` is 5 March 2024 as an ISO week date: it was exported as that day."""
+    admin = make_caller("exporter", "admin").client
+    refused = admin.post("/api/v1/exports/", {**EVENTS, field: day}, format="json")
+    assert problem_fields(refused) == [field]
+    assert "YYYY-MM-DD" in refused.json()["errors"][0]["detail"]
+    assert not ExportRun.objects.exists()

@@ -11,6 +11,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from orchestration.api.serializers import StrictFieldsMixin
+from training_export.api.filters import DAY_FORMATS
 from training_export.models import ExportRun
 from training_export.services.export import DATA_TYPES, export_relative_path, run_days
 
@@ -25,8 +26,10 @@ class ExportRequestSerializer(StrictFieldsMixin, serializers.Serializer):
     data_type = serializers.ChoiceField(
         choices=[*DATA_TYPES, ALL], help_text="the type to export, or `all` for every type"
     )
-    start_date = serializers.DateField(input_formats=["iso-8601"], help_text="first UTC day, YYYY-MM-DD")
-    end_date = serializers.DateField(input_formats=["iso-8601"], help_text="last UTC day (included), YYYY-MM-DD")
+    # YYYY-MM-DD only (as the list's filters): DRF's ISO 8601 reads `2020-W01-1` as 30 December
+    # 2019 and takes `20200101` too, days the client may not have meant.
+    start_date = serializers.DateField(input_formats=DAY_FORMATS, help_text="first UTC day, YYYY-MM-DD")
+    end_date = serializers.DateField(input_formats=DAY_FORMATS, help_text="last UTC day (included), YYYY-MM-DD")
     force = serializers.BooleanField(
         required=False, default=False, help_text="export again even if the window was exported and is intact"
     )
