@@ -6,7 +6,8 @@ Django raises instead of redirecting). Under /api/ such a request without its tr
 is a 404 problem document that names the URL with the slash (errors.not_found).
 
 A path holding a NUL character is a 404 everywhere (the console's object pages too), a query
-string holding one a 400 naming its parameter everywhere (the console's list filters too), and
+string holding one a 400 naming its parameter everywhere (the console's list filters too), a
+query parameter of the API given more than once a 400 naming it, and
 a body longer than DATA_UPLOAD_MAX_MEMORY_SIZE a 413 everywhere, before anything reads it.
 
 A console page whose statement PostgreSQL cancelled (StatementCancelledMiddleware) is a 503
@@ -47,6 +48,13 @@ class ApiCommonMiddleware(CommonMiddleware):
         name = _nul_parameter(request)
         if name is not None:
             return query_parameter_refused(request, name, "contains a NUL character (\\u0000)")
+        # Every parameter of the API takes one value, and a QueryDict answers its last:
+        # `?status=running&status=failed` would filter on `failed` alone, said nowhere.
+        if request.path_info.startswith(API_PREFIX):
+            repeated = _repeated_parameter(request)
+            if repeated is not None:
+                name, count = repeated
+                return query_parameter_refused(request, name, f"is given {count} times; it takes one value")
         # Django holds a form's fields to DATA_UPLOAD_MAX_MEMORY_SIZE but streams its files to
         # temporary files whatever their size: any form (the login page, to anyone holding a
         # CSRF cookie) would take a file of any size onto the web's disk. Nothing here takes an
@@ -80,6 +88,22 @@ def _nul_parameter(request: HttpRequest) -> str | None:
             return repr(name)[1:-1]
         if any("\x00" in value for value in values):
             return name
+    return None
+
+
+def _repeated_parameter(request: HttpRequest) -> tuple[str, int] | None:
+    """The name of the first query parameter given more than once and how many times, or
+    None. The query string is parsed only when it has two parameters or more (the view
+    parses it anyway, and Django keeps the result)."""
+    if "&" not in request.META.get("QUERY_STRING", ""):
+        return None
+    try:
+        parameters = request.GET.lists()
+    except TooManyFieldsSent:
+        return None  # answered as such where the view reads them, the limit named
+    for name, values in parameters:
+        if len(values) > 1:
+            return name, len(values)
     return None
 
 

@@ -221,3 +221,59 @@ def test_a_time_whose_plus_a_query_string_read_as_a_space_says_so(callers, path,
     assert other.status_code == 400 and "%2B" not in other.json()["errors"][0]["detail"]
     assert client.get(path + "2036-12-01T00:00:00%2B05:30").status_code == 200
     assert client.get(path + "2036-12-01+00:00:00Z").status_code == 200  # a space before the time is one
+
+
+@pytest.mark.parametrize(
+    ("path", "parameter"),
+    [
+        ("/api/v1/workflows/?created_after=", "created_after"),
+        ("/api/v1/tasks/?created_before=", "created_before"),
+        ("/api/v1/events/?since=", "since"),
+        ("/api/v1/agents/echo/stats/?since=", "since"),
+        ("/api/v1/me/spend/?until=", "until"),
+    ],
+)
+def test_a_time_in_another_iso_8601_form_is_refused_naming_the_parameter(callers, path, parameter):
+    """Python reads ISO week dates (2020-W01-1 is 30 December 2019), the basic format and a
+    bare hour; the documented form is YYYY-MM-DD[Thh:mm[:ss]][offset]."""
+    client = callers["admin"].client
+    for value in ("2020-W01-1", "20200101", "20200101T000000Z", "2020-01-01T10", "2020-01-01T10:00%2B0530x"):
+        refused = client.get(path + value)
+        assert refused.status_code == 400, (value, refused.content)
+        (error,) = refused.json()["errors"]
+        assert error["field"] == parameter and "YYYY-MM-DD" in error["detail"], (value, error)
+    for value in ("2036-01-01", "2036-01-01T10:00", "2036-01-01%2010:00:00.5Z", "2036-01-01T10:00:00%2B05:30"):
+        assert client.get(path + value).status_code == 200, value
+
+
+@pytest.mark.parametrize("deadline", ["2030-W01-1T00:00:00Z", "20300101T000000Z", "2030-01-01T10Z"])
+def test_a_deadline_in_another_iso_8601_form_is_refused_and_stores_nothing(callers, deadline):
+    refused = _post(callers["developer"], json.dumps({**SPEC, "deadline": deadline}))
+    assert refused.status_code == 400, refused.content
+    (error,) = refused.json()["errors"]
+    assert error["field"] == "deadline" and "YYYY-MM-DD" in error["detail"]
+    assert not Workflow.objects.exists()
+    accepted = _post(callers["developer"], json.dumps({**SPEC, "deadline": "2030-01-01T10:00+05:30"}))
+    assert accepted.status_code == 201, accepted.content
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("/api/v1/workflows/?limit=1&limit=2", "limit"),
+        ("/api/v1/workflows/?status=running&status=failed", "status"),
+        ("/api/v1/tasks/?ordering=created_at&ordering=-created_at", "ordering"),
+        ("/api/v1/events/?limit=5&severity=info&severity=error", "severity"),
+        ("/api/v1/agents/?status=active&status=active", "status"),
+        ("/api/v1/exports/?day=2024-03-05&day=2024-03-06", "day"),
+        ("/api/v1/agents/echo/stats/?since=2020-01-01&since=2021-01-01", "since"),
+        ("/api/v1/me/spend/?cursor=x&cursor=y", "cursor"),
+    ],
+)
+def test_a_query_parameter_given_twice_is_a_400_naming_it(callers, query, field):
+    """A QueryDict answers a repeated parameter's last value: `status=running&status=failed`
+    listed the failed workflows alone, to a client that thought it asked for both."""
+    refused = callers["admin"].client.get(query)
+    assert refused.status_code == 400, refused.content
+    assert refused["Content-Type"] == "application/problem+json"
+    assert refused.json()["errors"] == [{"field": field, "detail": "is given 2 times; it takes one value"}]
