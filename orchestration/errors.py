@@ -47,14 +47,33 @@ def is_retryable(exc: BaseException) -> bool:
     return not isinstance(exc, NON_RETRYABLE_BUILTINS)
 
 
+# How many problems an answer lists. Every problem is found, but a spec with 50 000 unknown
+# dependencies would get an answer ten times its size; past the first ones a count says
+# how many more there are.
+LISTED_PROBLEMS = 100
+
+
+def more_problems(count: int) -> str:
+    """The line that stands for `count` problems not listed."""
+    return f"and {count} more problem{'s' if count != 1 else ''}, not listed"
+
+
 class SpecError(Exception):
     """A workflow spec (or another client input) is invalid. `problems` lists every problem
-    found, each naming the field, so a client can fix them all at once."""
+    found, each naming the field, so a client can fix them all at once; `listed` is what an
+    answer shows of them."""
 
     def __init__(self, problems: list[str]) -> None:
         problems = [_printable(problem) for problem in problems]
         super().__init__("; ".join(problems))
         self.problems = problems
+
+    @property
+    def listed(self) -> list[str]:
+        """The first LISTED_PROBLEMS problems, then a line counting the rest, if any."""
+        if len(self.problems) <= LISTED_PROBLEMS:
+            return self.problems
+        return [*self.problems[:LISTED_PROBLEMS], more_problems(len(self.problems) - LISTED_PROBLEMS)]
 
 
 def _printable(text: str) -> str:

@@ -33,7 +33,7 @@ from rest_framework.views import exception_handler
 from orchestration.api.exceptions import Conflict, RequestTooLarge, Unavailable
 from orchestration.api.renderers import FastJSONRenderer
 from orchestration.db import database_unreachable
-from orchestration.errors import SpecError, TransitionError
+from orchestration.errors import LISTED_PROBLEMS, SpecError, TransitionError, more_problems
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,14 @@ def _flatten(data: Any, prefix: str = "") -> list[dict[str, str]]:
     return [{"field": prefix, "detail": str(data)}]
 
 
+def _listed(errors: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The first LISTED_PROBLEMS errors, then one (naming no field) counting the rest: an
+    answer is not to grow with however many problems a large body holds."""
+    if len(errors) <= LISTED_PROBLEMS:
+        return errors
+    return [*errors[:LISTED_PROBLEMS], {"field": "", "detail": more_problems(len(errors) - LISTED_PROBLEMS)}]
+
+
 def _code_of(exc: exceptions.APIException) -> str:
     codes = exc.get_codes()
     return codes if isinstance(codes, str) else exc.default_code
@@ -129,8 +137,7 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
         request.accepted_renderer = FastJSONRenderer()
         request.accepted_media_type = PROBLEM_CONTENT_TYPE
     if isinstance(exc, SpecError):
-        exc = exceptions.ValidationError({"spec": exc.problems})
-        errors = [{"field": spec_field(p), "detail": p} for p in exc.detail["spec"]]
+        errors = _listed([{"field": spec_field(p), "detail": p} for p in exc.problems])
         return _respond(
             400,
             "The request is invalid: " + "; ".join(e["detail"] for e in errors),
@@ -171,7 +178,7 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
     assert isinstance(exc, exceptions.APIException)
     errors = None
     if isinstance(exc, exceptions.ValidationError):
-        errors = _flatten(exc.detail)
+        errors = _listed(_flatten(exc.detail))
         detail = "; ".join(f"{e['field']}: {e['detail']}" if e["field"] else e["detail"] for e in errors)
         code = "validation_error"
     else:

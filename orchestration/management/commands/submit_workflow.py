@@ -52,7 +52,7 @@ class Command(DatabaseCommand):
         try:
             workflow, created = workflow_submit(spec=spec_parse(text, fmt=fmt), initiator="manage.py")
         except SpecError as exc:
-            raise CommandError("invalid workflow spec:\n  " + "\n  ".join(exc.problems)) from None
+            raise CommandError("invalid workflow spec:\n  " + "\n  ".join(exc.listed)) from None
         self.stdout.write(
             workflow.workflow_id if created else f"{workflow.workflow_id} (existing, same idempotency key)"
         )
