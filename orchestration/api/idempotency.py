@@ -90,6 +90,12 @@ def workflow_submit_idempotent(*, owner: Any, body: Any, header_key: str | None)
     key = header_key if header_key is not None else body.get("idempotency_key")
     if key is None:
         return workflow_submit(spec=body, owner=owner)
+    if header_key is not None and not header_key.isascii():
+        # The server hands a header's bytes over as Latin-1 (WSGI), whatever the client meant
+        # by them: `é` sent as UTF-8 would be stored as `Ã©`, and the same key sent in the body
+        # would not match it. Keys beyond ASCII go in the body, which is UTF-8 by definition.
+        problem = f"must be 1 to {MAX_KEY_LENGTH} printable ASCII characters (others go in the body's idempotency_key)"
+        raise ValidationError({HEADER: [problem]})
     if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isprintable():
         # Named as the request gave it: the header, or the body's field.
         field = HEADER if header_key is not None else "idempotency_key"

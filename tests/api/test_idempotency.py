@@ -82,3 +82,15 @@ def test_concurrent_duplicates_store_one_workflow(transactional_db, live_server)
     ids = {r.json()["workflow_id"] for r in responses if r.status_code in (200, 201)}
     assert len(ids) == 1
     assert Workflow.objects.filter(owner=caller.user).count() == 1
+
+
+def test_a_header_key_beyond_ascii_is_refused_naming_the_header(callers, submit):
+    """WSGI hands a header over decoded as Latin-1: `é` sent as UTF-8 was stored as `Ã©`."""
+    as_received = "clé".encode().decode("latin-1")
+    refused = submit(callers["developer"], HTTP_IDEMPOTENCY_KEY=as_received)
+    assert refused.status_code == 400, refused.content
+    (error,) = refused.json()["errors"]
+    assert error["field"] == "Idempotency-Key" and "ASCII" in error["detail"]
+    assert not Workflow.objects.exists()
+    in_body = submit(callers["developer"], {**SPEC, "idempotency_key": "clé"})
+    assert in_body.status_code == 201 and Workflow.objects.get().idempotency_key == "clé"
