@@ -25,7 +25,7 @@ from django.conf import settings
 from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import connection, connections
-from django.db.models import JSONField, Model, Q, QuerySet
+from django.db.models import IntegerField, JSONField, Model, Q, QuerySet
 from django.db.models.sql import Query
 from django.db.models.sql.datastructures import Join
 from rest_framework.exceptions import ValidationError
@@ -264,9 +264,18 @@ class KeysetPagination(BasePagination):
                 raise ValueError
             if unstorable_text(values):  # NUL, a lone surrogate, 1e400: PostgreSQL takes none of them
                 raise ValueError
-            values = [
-                model._meta.get_field(name).to_python(value) for (name, _), value in zip(fields, values, strict=True)
-            ]
+            model_fields = [model._meta.get_field(name) for name, _ in fields]
+            # Each value as handed out (an integer column's an integer, any other's a string) and
+            # in its column's range: to_python reads `true` as 1 and an object as its repr, and
+            # 2**70 reaches PostgreSQL, which answers a page that no cursor here led to.
+            if any(
+                type(value) is not (int if isinstance(field, IntegerField) else str)
+                for field, value in zip(model_fields, values, strict=True)
+            ):
+                raise ValueError
+            values = [field.to_python(value) for field, value in zip(model_fields, values, strict=True)]
+            for field, value in zip(model_fields, values, strict=True):
+                field.run_validators(value)
             if any(value is None for value in values):
                 raise ValueError
             # In UTC, as handed out: PostgreSQL refuses UTC offsets beyond 15:59.

@@ -242,3 +242,31 @@ def test_a_row_reader_passes_through_only_what_the_field_would_return_unchanged(
     assert identity(drf_serializers.BigIntegerField(), integer_column)
     assert not identity(drf_serializers.BigIntegerField(coerce_to_string=True), integer_column)
     assert not identity(drf_serializers.BigIntegerField(), text_column)
+
+
+@pytest.mark.parametrize(
+    ("query", "values"),
+    [
+        ("", [True]),
+        ("", [{"sequence": 1}]),
+        ("", [2**70]),
+        ("", ["5"]),
+        ("", [1.0]),
+        ("&entity_id=agent-m", ["agent-m", True]),
+        ("&entity_id=agent-m", [{"a": 1}, 5]),
+        ("&entity_id=agent-m", ["agent-m", -(2**63) - 1]),
+    ],
+)
+def test_a_tampered_cursor_is_a_400_not_an_odd_page(callers, query, values):
+    """`true` was read as 1, an object as its repr, 2**70 passed on to PostgreSQL."""
+    EventFactory(entity_id="agent-m")
+    refused = callers["admin"].client.get(f"/api/v1/events/?cursor={_cursor(values)}{query}")
+    assert refused.status_code == 400, refused.content
+    assert refused.json()["errors"] == [{"field": "cursor", "detail": "is not a cursor this endpoint handed out"}]
+
+
+def test_a_workflow_cursor_with_a_number_for_its_id_is_a_400(callers, submit):
+    submit(callers["developer"])
+    client = callers["developer"].client
+    refused = client.get(f"/api/v1/workflows/?cursor={_cursor(['2026-01-01T00:00:00+00:00', 5])}")
+    assert refused.status_code == 400 and refused.json()["errors"][0]["field"] == "cursor"
