@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -377,14 +379,23 @@ def test_a_soft_time_limit_during_a_later_model_request_carries_the_paid_usage(l
     def soft_limit(signum: int, frame: object) -> None:
         raise SoftTimeLimitExceeded()
 
+    def limit_on_the_second_request() -> None:
+        # The limit fires once the second request has reached the model, however long the
+        # first round took (a fixed timer fired before it on a loaded machine).
+        deadline = time.monotonic() + 30
+        while len(openai.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+
     previous = signal.signal(signal.SIGALRM, soft_limit)
+    firing = threading.Thread(target=limit_on_the_second_request, daemon=True)
     try:
-        openai.script(Reply(body=looping_tool_call()), Reply(delay=3.0))
-        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        openai.script(Reply(body=looping_tool_call()), Reply(delay=30.0))
+        firing.start()
         with pytest.raises(SoftTimeLimitExceeded) as caught:
             run(tool_agent(openai.base_url), {"prompt": "go"})
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        firing.join(timeout=35)
         signal.signal(signal.SIGALRM, previous)
     assert len(openai.requests) == 2
     usage = getattr(caught.value, "usage", None)
