@@ -452,8 +452,12 @@ REDACT_PATTERNS = env.json_str_list(
         r"gh(?<![A-Za-z0-9_]gh)[pousr]_[A-Za-z0-9]{30,}",
         r"AKIA(?<![A-Za-z0-9_]AKIA)[0-9A-Z]{16}\b",
         r"xox(?<![A-Za-z0-9_]xox)[abprs]-[A-Za-z0-9\-]{10,}",
-        # a PEM private key, its armour and body (up to the text's end when its END line is cut off)
-        r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----(?:[^-]|-(?!----END ))*"
+        # a PEM private key, its armour and body (up to the text's end when its END line is cut off,
+        # or up to a quote, escaped or not: a body holds none, code naming the armour line does,
+        # `line.startswith("-----BEGIN PRIVATE KEY-----")`, and a key cut off in JSON text ends
+        # at its string's quote). The label's words are bounded: a run
+        # of "PRIVATE KEY PRIVATE KEY ..." was searched again from each of them.
+        r"-----BEGIN [A-Z0-9 ]{0,40}PRIVATE KEY[A-Z ]{0,20}-----(?:[^-\"'`\\]|\\[^\"'`]|-(?!----END ))*"
         r"(?:-----END [A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----)?",
         # more providers' key shapes: Google API keys, GitHub fine-grained and GitLab personal
         # tokens, Hugging Face tokens, Stripe secret and restricted keys, Slack webhooks
@@ -468,11 +472,16 @@ REDACT_PATTERNS = env.json_str_list(
         # a JSON Web Token (an id or session token sent without its "Bearer")
         r"eyJ(?<![A-Za-z0-9_\-]eyJ)[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*",
         # credentials on a command line: curl -u user:password, --user user:password (not a
-        # numeric user:group, docker's -u 1000:1000)
-        r"-u(?<![A-Za-z0-9_\-]-u)[ =]+[^\s:'\"]+:[0-9]*[^\s'\"0-9][^\s'\"]*",
-        r"--user(?<![A-Za-z0-9_\-]--user)[ =]+[^\s:'\"]+:[^\s'\"]+",
-        # a Cookie or Set-Cookie header: the session it carries
-        r"(?i:cookie(?<![a-z0-9_]cookie)[\"']?\s*:\s*[\"']?)[^\r\n\"']+",
+        # numeric user:group, docker's -u 1000:1000 or --user 1000:1000). The user is bounded:
+        # a word holding many "-u=" was searched again from each of them. A value stops before
+        # an escaped quote, as the key=value pattern's does (a command in JSON text inside JSON
+        # text: `\"curl -u admin:pw\"`), where eating its backslash broke the text.
+        r"-u(?<![A-Za-z0-9_\-]-u)[ =]++(?![0-9]++:[0-9]*+(?![^\s'\"\\]))[^\s:'\"]{1,128}+:(?:[^\s'\"\\]|\\[^\s'\"])+",
+        r"--user(?<![A-Za-z0-9_\-]--user)[ =]++(?![0-9]++:[0-9]*+(?![^\s'\"\\]))[^\s:'\"]{1,128}+:"
+        r"(?:[^\s'\"\\]|\\[^\s'\"])+",
+        # a Cookie or Set-Cookie header: the session it carries, when it starts with a cookie's
+        # name= (not prose: "a fortune cookie: you will be rich")
+        r"(?i:cookie(?<![a-z0-9_]cookie)[\"']?\s*:\s*[\"']?)(?=[^\s=;,\"']{1,256}+=)(?:[^\r\n\"'\\]|\\[^\r\n\"'])+",
         r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}",
         # HTTP Authorization (and Proxy-Authorization) credentials, whatever the scheme (Basic,
         # Token, Digest, AWS4-HMAC-SHA256, a bare key), masked with their label: a header line,
@@ -497,10 +506,12 @@ REDACT_PATTERNS = env.json_str_list(
         # token_count are no credentials); AccountKey= of an Azure connection string too. Its
         # quotes may be escaped (a request body quoted inside JSON text: `{\"password\": \"...\"}`).
         # The look-ahead for the words' first letters lets the search skip every other position
-        # (without it, the pattern took twice as long over text holding none of them).
+        # (without it, the pattern took twice as long over text holding none of them). The
+        # words after the key's are bounded: a run of "secret_secret_..." without a "=" was
+        # searched to its end again from each of them.
         r"(?=[AaCcPpSsTt])(?i:(?:(?:password|passwd|passphrase|secret|api[_-]?key|private[_-]?key|credentials?|accountkey"
         r"|sharedaccesskey)"
-        r"(?:[_-][a-z0-9]+)*|token)(?:\\?[\"'])?\s*[=:]\s*)"
+        r"(?:[_-][a-z0-9]{1,40}){0,6}+|token)(?:\\?[\"'])?\s*[=:]\s*)"
         r"(?:\\\"(?:[^\"\\\n]|\\[^\"\n])*|\"[^\"\n]*|'[^'\n]*|[^\s&,;'\"]+)",
     ],
 )

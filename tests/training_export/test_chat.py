@@ -336,3 +336,89 @@ def test_tool_call_ids_a_server_repeats_are_made_unique_with_their_replies(db, o
     replies = [(m["tool_call_id"], m["content"]) for m in example["messages"] if m["role"] == "tool"]
     assert pairs == [("call_0", "2+2"), ("call_0-1", "3+3"), ("call_0-2", "4+4")]
     assert replies == [("call_0", "4"), ("call_0-1", "6"), ("call_0-2", "8")]
+
+
+def test_consecutive_windows_train_each_assistant_turn_once(db, out):
+    agent = AgentFactory(config={"tools": ["calculator"]})
+    execution = TaskExecutionFactory(agent=agent)
+    failed = TaskAttemptFactory(execution=execution, attempt_number=1, failed=True, started_at=T0)
+    retried = TaskAttemptFactory(execution=execution, attempt_number=2, succeeded=True, started_at=T0)
+    day = [dt.datetime(2024, 3, 5 + n, tzinfo=dt.UTC) for n in range(4)]
+    second = dt.timedelta(seconds=1)
+
+    def tool_turn(call_id: str, **fields) -> list[dict]:
+        return [
+            {"role": "assistant", "content": "", "tool_calls": [call(call_id, "calculator", {"x": "1"})], **fields},
+            {"role": "tool", "content": "1", "tool_call_id": call_id, **fields},
+        ]
+
+    # Answered exactly at the second window's start.
+    thread("t-start", agent, [{"role": "user", "content": "q"}, *tool_turn("s1")], at=day[1] - 3 * second)
+    thread("t-start", agent, [{"role": "assistant", "content": "start answer"}], at=day[1])
+    # Tool calls at the first window's end, a reply in the second, the answer two days later.
+    thread("t-late", agent, [{"role": "user", "content": "q"}, *tool_turn("l1")[:1]], at=day[1] - 2 * second)
+    thread("t-late", agent, [tool_turn("l1")[1], *tool_turn("l2")], at=day[1] + 3600 * second)
+    thread("t-late", agent, [{"role": "assistant", "content": "late answer"}], at=day[3] - 60 * second)
+    # Several answers in one window, then one more the next day.
+    thread(
+        "t-many",
+        agent,
+        [
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "many 1"},
+            {"role": "user", "content": "q2"},
+            *tool_turn("m1"),
+            {"role": "assistant", "content": "many 2"},
+        ],
+        at=day[0] + 3600 * second,
+    )
+    thread("t-many", agent, [{"role": "user", "content": "q3"}, *tool_turn("m2")], at=day[0] + 7200 * second)
+    thread("t-many", agent, [{"role": "assistant", "content": "many 3"}], at=day[1] + 7200 * second)
+    # A failed attempt answered at the first window's end, retried in the second.
+    thread(
+        "t-retry",
+        agent,
+        [
+            {"role": "user", "content": "q"},
+            *tool_turn("r1", attempt=failed),
+            {"role": "assistant", "content": "failed answer", "attempt": failed, "is_error": True},
+        ],
+        at=day[1] - 5 * second,
+    )
+    thread("t-retry", agent, [*tool_turn("r2", attempt=retried)], at=day[1] + second)
+    thread("t-retry", agent, [{"role": "assistant", "content": "retried answer", "attempt": retried}], at=day[2])
+    # Imported out of order: the later rows were written first.
+    thread("t-import", agent, [{"role": "assistant", "content": "import 2"}], at=day[1] + 60 * second)
+    thread("t-import", agent, [{"role": "user", "content": "q2"}], at=day[1] + 30 * second)
+    thread("t-import", agent, [{"role": "user", "content": "q1"}, *tool_turn("i1")], at=day[0] + 60 * second)
+    thread("t-import", agent, [{"role": "assistant", "content": "import 1"}], at=day[1] - second)
+
+    trained: dict[str, int] = {}
+    for start in day:
+        run = export_run(data_type="conversations", start_date=start.date(), end_date=start.date())
+        lines = Path(run.path).read_text("utf-8").splitlines() if run.path else []
+        for example in map(json.loads, lines):
+            chat_example_validate(example)
+            for message in example["messages"]:
+                if message["role"] == "assistant":
+                    name = message.get("content") or message["tool_calls"][0]["id"]
+                    trained[name] = trained.get(name, 0) + message["weight"]
+    assert trained == {
+        "s1": 1,
+        "start answer": 1,
+        "l1": 1,
+        "l2": 1,
+        "late answer": 1,
+        "many 1": 1,
+        "m1": 1,
+        "many 2": 1,
+        "m2": 1,
+        "many 3": 1,
+        "r1": 0,
+        "failed answer": 0,
+        "r2": 1,
+        "retried answer": 1,
+        "i1": 1,
+        "import 1": 1,
+        "import 2": 1,
+    }

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -598,3 +599,74 @@ def test_common_secret_shapes_never_reach_a_jsonl_export_and_the_lines_stay_json
     assert CANARY not in text and CANARY.replace("-", "") not in text
     (record,) = [json.loads(line) for line in text.splitlines()]
     assert set(record["output_data"]) == set(COMMON_SECRET_TEXTS)
+
+
+def test_a_numeric_user_group_and_a_cookie_in_prose_are_kept_and_a_numeric_password_is_masked(db):
+    kept = (
+        "docker run --user 1000:1000 app",
+        "docker run --user=1000:1000 app",
+        "docker run -u 0:0 app",
+        "a fortune cookie: you will be rich",
+        "I'd like a cookie: chocolate chip",
+    )
+    for text in kept:
+        assert redact(text) == text
+    # A password of digits is still a password; a cookie header still carries its session.
+    assert redact("curl -u admin:482913 https://x.org") == f"curl {MASK} https://x.org"
+    assert redact("curl --user bob:123456 https://x.org") == f"curl {MASK} https://x.org"
+    assert redact(f"Set-Cookie: sid={CANARY}; Path=/; HttpOnly") == f"Set-{MASK}"
+    assert CANARY not in redact(f'headers = {{"Cookie": "sessionid={CANARY}"}}')
+
+
+def test_a_pem_armour_line_in_code_or_a_cut_off_key_in_json_text_masks_no_further_than_its_quote(db):
+    code = (
+        'if pem.startswith("-----BEGIN RSA PRIVATE KEY-----"):\n'
+        '    kind = "rsa"\n'
+        'elif pem.startswith("-----BEGIN CERTIFICATE-----"):\n'
+        '    kind = "certificate"\n'
+    )
+    assert redact(code) == code.replace("-----BEGIN RSA PRIVATE KEY-----", MASK)
+    # A key cut off inside a JSON text: masked up to its string's end, the text stays JSON.
+    text = json.dumps({"pem": f"-----BEGIN PRIVATE KEY-----\nMIIE{CANARY}", "project_id": "demo"})
+    masked = redact(text)
+    assert CANARY not in masked
+    assert json.loads(masked) == {"pem": MASK, "project_id": "demo"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "-u=" * 20_000 + ":",
+        "--user=" * 9_000 + ":",
+        "secret_" * 9_000,
+        "password-" * 7_000,
+        "-----BEGIN " + "PRIVATE KEY " * 10_000,
+    ],
+    ids=["-u", "--user", "secret_", "password-", "pem-label"],
+)
+def test_the_default_patterns_take_linear_time_over_runs_of_their_own_words(db, text):
+    # Each word of the run was a new start searched to the run's end: seconds for 60 KB
+    # (minutes for a megabyte), now milliseconds.
+    started = time.perf_counter()
+    redact(text)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_a_mask_inside_json_text_inside_json_text_keeps_both_texts_json(db):
+    # A tool's output quoting a request whose body is JSON text: the masks stop before an
+    # escaped quote (eating its backslash left a bare quote that ended the outer string).
+    body = {
+        "cmd": f"curl https://x.org -u admin:{CANARY}",
+        "header": f"Cookie: sid={CANARY}",
+        "pem": f"-----BEGIN PRIVATE KEY-----\nMIIE{CANARY}",
+        "run": "docker run -u 1000:1000 app",
+    }
+    text = json.dumps({"request": json.dumps(body)})
+    masked = redact(text)
+    assert CANARY not in masked
+    assert json.loads(json.loads(masked)["request"]) == {
+        "cmd": f"curl https://x.org {MASK}",
+        "header": MASK,
+        "pem": MASK,
+        "run": "docker run -u 1000:1000 app",
+    }
