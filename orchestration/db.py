@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from billiard import common as billiard_common
 from django.conf import settings
 from django.db import DatabaseError, OperationalError
 
@@ -137,27 +138,40 @@ def stop_if_interrupted(exc: BaseException) -> None:
     that carries on after a database error must not carry on after that one: its process was
     told to stop.
 
-    Only a database error stands for a stop, and only a SystemExit or KeyboardInterrupt is one:
-    other failures have BaseExceptions in their context that stop nothing (asyncio.wait_for's
-    TimeoutError, raised while its CancelledError is handled; a tool's ValueError raised on
-    catching argparse's SystemExit), and must not end the agent, or its process."""
+    Only a database error stands for a stop, and only a SystemExit or KeyboardInterrupt that
+    stops the process (`stopping`) is one: other failures have BaseExceptions in their context
+    that stop nothing (asyncio.wait_for's TimeoutError, raised while its CancelledError is
+    handled; a tool's ValueError raised on catching argparse's SystemExit), and must not end
+    the agent, or its process. Nor must a database error met while an agent's own sys.exit()
+    is handled (its failure being recorded), which has that SystemExit in its context."""
     if not isinstance(exc, DatabaseError):
         return
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, SystemExit | KeyboardInterrupt):
+        if isinstance(current, SystemExit | KeyboardInterrupt) and stopping(current):
             raise type(current)(*current.args) from exc
         seen.add(id(current))
         current = current.__context__
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, SystemExit | KeyboardInterrupt):
-            return current
-        seen.add(id(current))
-        current = current.__context__
-    return None
+
+
+def stopping(exc: SystemExit | KeyboardInterrupt) -> bool:
+    """Whether `exc` stops this process: a KeyboardInterrupt; Celery's WorkerShutdown or
+    WorkerTerminate; a SystemExit raised once billiard's terminate-signal handler has fired (its
+    own, which a cancel's SIGTERM raises in a pool process). Not a plain SystemExit before that:
+    an agent's own sys.exit() (a command-line library's), its failure. A billiard without the
+    flag cannot tell: every SystemExit stops the process."""
+    if isinstance(exc, KeyboardInterrupt) or type(exc) is not SystemExit:
+        return True
+    fired = getattr(billiard_common, "terminate_handler_fired", None)
+    return fired is None or fired()
+
+
+def terminate_handler_fired() -> bool:
+    """Whether billiard's terminate-signal handler has fired in this process (False for a
+    billiard that does not tell, and where it is not the handler: the solo and threads pools)."""
+    fired = getattr(billiard_common, "terminate_handler_fired", None)
+    return fired is not None and fired()
 
 
 def atomic_retried(fn: Any) -> Any:

@@ -12,7 +12,7 @@ from celery import Task, shared_task
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
-from orchestration.db import database_error_described, database_unreachable
+from orchestration.db import database_error_described, database_unreachable, stop_if_interrupted
 from orchestration.services.execution import attempt_run
 from orchestration.workers import DatabaseErrorMet, current_process
 
@@ -27,7 +27,14 @@ AWAY_MAX_RETRIES = 30
 
 def _away(exc: BaseException) -> str | None:
     """What is away, if `exc` says PostgreSQL or Redis is not answering (down, restarting,
-    failing over); None for any other error (a fault of the statement or of the code)."""
+    failing over); None for any other error (a fault of the statement or of the code).
+
+    A database error that replaced a terminate signal's SystemExit (Django's atomic() on the
+    busy connection of an interrupted COMMIT) is raised again as that SystemExit: the beat's
+    tasks run in the pool processes too, where a revoke's SIGTERM reaches whatever runs when it
+    arrives. Raised as the run's failure, it left the process running with billiard's handler
+    flag set, and the next attempt's agent error there was taken for a stop."""
+    stop_if_interrupted(exc)
     if isinstance(exc, DatabaseError):
         if not database_unreachable(exc):
             return None

@@ -21,7 +21,6 @@ from enum import StrEnum
 from typing import Any
 
 import psycopg
-from billiard import common as billiard_common
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
@@ -29,7 +28,7 @@ from django.db.models import F, Max
 from django.db.models.functions import Now
 
 from observability.attempts import attempt_finished, attempt_started, attempts_reaped, late_usage_recorded
-from orchestration.db import DatabaseClock, atomic_with_retry, stop_if_interrupted
+from orchestration.db import DatabaseClock, atomic_with_retry, stop_if_interrupted, stopping, terminate_handler_fired
 from orchestration.errors import PermanentError, RetryableError, is_retryable
 from orchestration.event_types import EventType, Severity
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
@@ -371,7 +370,10 @@ def agent_slot_hand_on(agent: Agent, *, now: dt.datetime) -> None:
 
     try:
         atomic_with_retry(wake)
-    except DatabaseError:
+    except DatabaseError as exc:
+        # A cancel's SIGTERM that landed in the wake's COMMIT stops the process (see _meter):
+        # swallowed here, it ran on with the handler's flag set.
+        stop_if_interrupted(exc)
         # The outcome is recorded; the waiting tasks look again on their own.
         logger.warning("agent %s: the task waiting longest could not be woken", agent.pk, exc_info=True)
 
@@ -846,7 +848,7 @@ def attempt_run(
     while the outcome is recorded is dropped once it is (its after-commit messages sent)."""
     with soft_limit_held() as limit:
         try:
-            return _attempt_run(
+            outcome = _attempt_run(
                 limit,
                 execution_id=execution_id,
                 celery_task_id=celery_task_id,
@@ -869,24 +871,24 @@ def attempt_run(
             if _process_stopping(exc):
                 raise SystemExit(f"stopped by a terminate signal ({type(exc).__name__}: {exc})") from exc
             raise
+    if terminate_handler_fired():
+        # The terminate signal's SystemExit was swallowed on its way (an agent that catches
+        # BaseException around its work, and answers): its outcome is recorded, and the process
+        # stops now. Returned as any other try, it ran on with the handler's flag set, and the
+        # next task's agent error there was taken for a stop, ending the process under that try.
+        raise SystemExit("stopped by a terminate signal (its exit was caught on the way)")
+    return outcome
 
 
 def _process_stopping(exc: BaseException) -> bool:
     """Whether `exc` stops this process (a KeyboardInterrupt; a SystemExit of a terminate signal's
     handler, which a cancel sends a running try's pool process, or Celery's own shutdown) rather
     than being the agent's: a SystemExit the agent raised itself (its `sys.exit()`, a command-line
-    library's) is its failure, and its pool process lives on."""
-    if isinstance(exc, KeyboardInterrupt):
+    library's) is its failure, and its pool process lives on. Once the handler has fired, any
+    exception: the handler's SystemExit may have been replaced on its way."""
+    if terminate_handler_fired():
         return True
-    fired = getattr(billiard_common, "terminate_handler_fired", None)
-    if fired is not None and fired():
-        return True  # whatever the exception: the handler's SystemExit may have been replaced
-    if not isinstance(exc, SystemExit):
-        return False
-    if type(exc) is not SystemExit:
-        return True  # celery.exceptions.WorkerShutdown, WorkerTerminate: a worker stopping
-    # A billiard without the flag cannot tell: every SystemExit stops the process, as before.
-    return fired is None
+    return isinstance(exc, SystemExit | KeyboardInterrupt) and stopping(exc)
 
 
 def _attempt_run(

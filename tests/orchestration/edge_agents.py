@@ -164,3 +164,15 @@ def cleanup_raises(task_input, context):
         time.sleep(task_input.get("seconds", 20))
     finally:
         raise RuntimeError("cleanup failed")
+
+
+def swallows_exit(task_input, context):
+    """Waits `input.seconds`, catching whatever ends the wait (a terminate signal's SystemExit
+    too), and answers, as an agent whose code catches BaseException around its work does."""
+    import time
+
+    try:
+        time.sleep(task_input.get("seconds", 20))
+    except BaseException as exc:  # what such an agent does
+        return {"interrupted": type(exc).__name__}
+    return {"interrupted": None}

@@ -3,8 +3,12 @@ cannot store, hostile HTTP answers, conversation isolation and order, bad agent 
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import io
+import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +17,8 @@ from unittest import mock
 import pytest
 from billiard import common as billiard_common
 from django.core.management import CommandError, call_command
-from django.db import connection, connections
+from django.db import OperationalError, connection, connections
+from django.utils import timezone
 
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
 from orchestration.runtime.context import Usage
@@ -482,11 +487,6 @@ def test_token_counts_whose_sum_overflows_fail_the_attempt_not_leave_it_running(
 # --- a cancel's SIGTERM that lands in the COMMIT of the meter's write -------------------
 
 
-def _exit_as_billiard_does(signum, frame):
-    # billiard.common._shutdown_cleanup, the pool process's SIGTERM handler (without its module state)
-    raise SystemExit(-(256 - signum))
-
-
 def test_a_cancel_whose_sigterm_lands_in_the_meters_commit_still_stops_the_agent(committed):
     """A cancel revokes the running attempt with terminate=True: the pool process gets SIGTERM,
     whose handler raises SystemExit wherever Python is. Landing in the COMMIT of the meter's
@@ -513,12 +513,13 @@ def test_a_cancel_whose_sigterm_lands_in_the_meters_commit_still_stops_the_agent
         signal.raise_signal(signal.SIGTERM)  # the revoke's SIGTERM, as the COMMIT is sent
         return commit(self)
 
-    previous = signal.signal(signal.SIGTERM, _exit_as_billiard_does)
+    previous = signal.signal(signal.SIGTERM, billiard_common._shutdown_cleanup)
     try:
         with mock.patch.object(wrapper, "_commit", commit_terminated), pytest.raises(SystemExit):
             meter(Usage(input_tokens=5))
     finally:
         signal.signal(signal.SIGTERM, previous)
+        billiard_common.clear_terminate_handler_fired()
         connection.close()  # left busy by the interrupted COMMIT, as the dying process leaves it
     attempt = TaskAttempt.objects.get(pk=claim.attempt.pk)
     assert (attempt.status, attempt.tokens_used) == (TaskAttempt.Status.CANCELLED, 3)
@@ -527,8 +528,8 @@ def test_a_cancel_whose_sigterm_lands_in_the_meters_commit_still_stops_the_agent
 # --- a cancel's SIGTERM that lands in the COMMIT of a claim -----------------------------
 
 
-@pytest.mark.parametrize("handler", ["billiard", "bare"])
-def test_a_cancel_whose_sigterm_lands_in_the_claims_commit_stops_the_process(committed, handler):
+@pytest.mark.parametrize("billiard", ["flagged", "without-the-flag"])
+def test_a_cancel_whose_sigterm_lands_in_the_claims_commit_stops_the_process(committed, billiard):
     """The cancel of a workflow revokes its tasks' messages with terminate=True: a pool process
     claiming one of them then gets SIGTERM, whose handler raises SystemExit wherever Python is.
     Landing in the COMMIT of the claim (which found the task cancelled), Django's atomic()
@@ -549,10 +550,17 @@ def test_a_cancel_whose_sigterm_lands_in_the_claims_commit_stops_the_process(com
         signal.raise_signal(signal.SIGTERM)  # the revoke's SIGTERM, as the claim's COMMIT is sent
         return commit(self)
 
-    exit_handler = billiard_common._shutdown_cleanup if handler == "billiard" else _exit_as_billiard_does
-    previous = signal.signal(signal.SIGTERM, exit_handler)
+    # Without the flag (a billiard that does not tell whether its handler fired), every SystemExit is a stop.
+    flag = (
+        mock.patch.object(billiard_common, "terminate_handler_fired", None) if billiard == "without-the-flag" else None
+    )
+    previous = signal.signal(signal.SIGTERM, billiard_common._shutdown_cleanup)
     try:
-        with mock.patch.object(wrapper, "_commit", commit_terminated), pytest.raises(SystemExit):
+        with (
+            flag or contextlib.nullcontext(),
+            mock.patch.object(wrapper, "_commit", commit_terminated),
+            pytest.raises(SystemExit),
+        ):
             attempt_run(execution_id=a.pk, celery_task_id=a.celery_task_id, worker="w@h")
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -560,3 +568,136 @@ def test_a_cancel_whose_sigterm_lands_in_the_claims_commit_stops_the_process(com
         connection.close()  # left busy by the interrupted COMMIT, as the dying process leaves it
     assert TaskExecution.objects.get(pk=a.pk).status == TaskExecution.Status.CANCELLED
     assert not TaskAttempt.objects.filter(execution_id=a.pk).exists()
+
+
+# --- a cancel's SIGTERM that lands in a COMMIT after the outcome, or in a beat task's ----
+
+
+def _terminated_in_commit_of(function: str):
+    """A Django `_commit` that raises SIGTERM (the revoke's) as the COMMIT of a transaction run
+    under `function` is sent, and commits every other one as it is."""
+    commit = type(connections["default"])._commit
+
+    def commit_terminated(self):
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_name != function:
+            frame = frame.f_back
+        if frame is not None:
+            signal.raise_signal(signal.SIGTERM)
+        return commit(self)
+
+    return commit_terminated
+
+
+def test_a_cancel_whose_sigterm_lands_in_the_commit_that_wakes_the_next_in_line_stops_the_process(committed, caplog):
+    """Once an attempt of an agent with max_concurrency is recorded, its worker wakes the task
+    waiting longest for the freed slot (agent_slot_hand_on), in a transaction of its own. A
+    cancel's SIGTERM landing in that COMMIT was replaced by Django's atomic() with "can't change
+    'autocommit' now", which the wake swallowed as a database error: the try returned as if
+    nothing had happened, and its pool process ran on with billiard's flag set, taking the next
+    task's agent error there for a stop (that try left running, its message acked as revoked).
+    It stops the process there, not logged as a wake the database failed."""
+    Agent.objects.filter(pk="echo").update(max_concurrency=2)
+    wf = submit({"name": "a", "agent": "echo", "input": {"n": 1}})
+    a = task(wf, "a")
+    wrapper = type(connections["default"])
+    previous = signal.signal(signal.SIGTERM, billiard_common._shutdown_cleanup)
+    try:
+        with (
+            mock.patch.object(wrapper, "_commit", _terminated_in_commit_of("agent_slot_hand_on")),
+            pytest.raises(SystemExit),
+        ):
+            attempt_run(execution_id=a.pk, celery_task_id=a.celery_task_id, worker="w@h")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        billiard_common.clear_terminate_handler_fired()
+        connection.close()  # left busy by the interrupted COMMIT, as the dying process leaves it
+    (attempt,) = TaskAttempt.objects.filter(execution_id=a.pk)
+    assert attempt.status == TaskAttempt.Status.SUCCEEDED  # recorded before the wake
+    assert "could not be woken" not in caplog.text  # a stop, not a database failure
+
+
+def test_a_sigterm_that_lands_in_a_commit_of_the_reaper_stops_its_pool_process(committed):
+    """The beat's tasks run in the same pool processes as the attempts, and a revoke's SIGTERM
+    meant for an attempt reaches whatever its process runs when it arrives. Landing in a COMMIT
+    of the reaper (here: a workflow failed past its deadline), Django's atomic() replaced the
+    SystemExit with "can't change 'autocommit' now", which skipped_while_away raised as the
+    run's failure (not the database away): the process ran on with billiard's flag set, and took
+    the next task's agent error there for a stop."""
+    from orchestration.tasks import reap_stale_tasks
+
+    wf = submit({"name": "a", "agent": "echo"})
+    Workflow.objects.filter(pk=wf.pk).update(deadline=timezone.now() - dt.timedelta(minutes=1))
+    wrapper = type(connections["default"])
+    previous = signal.signal(signal.SIGTERM, billiard_common._shutdown_cleanup)
+    try:
+        with (
+            mock.patch.object(wrapper, "_commit", _terminated_in_commit_of("workflows_enforce_deadlines")),
+            pytest.raises(SystemExit),
+        ):
+            reap_stale_tasks()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        billiard_common.clear_terminate_handler_fired()
+        connection.close()  # left busy by the interrupted COMMIT, as the dying process leaves it
+
+
+# --- an agent's own exit, then a database error as its failure is recorded --------------
+
+
+def test_an_agents_own_exit_then_a_database_error_in_its_record_is_that_error_not_a_stop(committed):
+    """An agent's own sys.exit() is its failure (the process lives on). When the record of that
+    failure met a database error (here: a lock held past lock_timeout), the error, raised while
+    the agent's SystemExit was handled, had it in its context, and stop_if_interrupted took it
+    for a terminate signal's exit that Django had replaced: the pool process was stopped, its
+    message came back and the try was recorded lost, worker_lost, instead of run_task sending
+    its message again with the database error the attempt is closed with."""
+    import psycopg
+
+    from tests.engine import database_url
+    from tests.orchestration.edge_agents import edge_agent
+
+    edge_agent("exits", "exits")
+    wf = submit({"name": "x", "agent": "exits", "input": {"code": 2}})
+    a = task(wf, "x")
+    with psycopg.connect(database_url()) as other:
+        other.execute("SELECT 1 FROM workflows WHERE workflow_id = %s FOR SHARE", [wf.pk])
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '200ms'")
+        try:
+            with pytest.raises(OperationalError) as raised:
+                attempt_run(execution_id=a.pk, celery_task_id=a.celery_task_id, worker="w@h")
+        finally:
+            connection.close()
+    assert "lock timeout" in str(raised.value)
+    (attempt,) = TaskAttempt.objects.filter(execution_id=a.pk)
+    assert attempt.status == TaskAttempt.Status.RUNNING  # for run_task's retry to close, with the error
+
+
+# --- a cancel's SIGTERM whose SystemExit an agent swallows ------------------------------
+
+
+def test_a_cancel_whose_exit_the_agent_swallows_still_stops_the_process_once_recorded(committed):
+    """billiard's handler raises SystemExit in the agent; one that catches BaseException around
+    its work swallows it and answers. Its outcome is recorded (here: succeeded, the cancel not
+    committed yet), and the try returned as any other: its pool process ran on with the
+    handler's flag set, and took the next task's agent error there for a stop (that try ended
+    with its process, unrecorded). The process stops once the outcome is recorded."""
+    from tests.orchestration.edge_agents import edge_agent
+
+    edge_agent("swallows-exit", "swallows_exit")
+    wf = submit({"name": "s", "agent": "swallows-exit", "input": {"seconds": 20}})
+    s = task(wf, "s")
+    previous = signal.signal(signal.SIGTERM, billiard_common._shutdown_cleanup)
+    revoke = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))  # the revoke's SIGTERM
+    revoke.start()
+    try:
+        with pytest.raises(SystemExit):
+            attempt_run(execution_id=s.pk, celery_task_id=s.celery_task_id, worker="w@h")
+    finally:
+        revoke.cancel()
+        signal.signal(signal.SIGTERM, previous)
+        billiard_common.clear_terminate_handler_fired()
+    (attempt,) = TaskAttempt.objects.filter(execution_id=s.pk)
+    assert attempt.status == TaskAttempt.Status.SUCCEEDED
+    assert TaskExecution.objects.get(pk=s.pk).output_data == {"interrupted": "SystemExit"}

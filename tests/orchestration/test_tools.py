@@ -378,6 +378,9 @@ def test_a_stop_that_interrupted_a_tools_commit_stops_the_agent_not_reported_as_
     own database write, Django replaces it with a database error ("can't change 'autocommit'
     now", the SystemExit its context). That is no failure of the tool to hand back to the agent,
     which would run on: the exit goes on."""
+    import signal
+
+    from billiard import common as billiard_common
     from django.db import ProgrammingError
 
     name = _unique("committing")
@@ -385,13 +388,18 @@ def test_a_stop_that_interrupted_a_tools_commit_stops_the_agent_not_reported_as_
     @tool(name=name, description="", parameters={"type": "object"})
     def committing() -> None:
         try:
-            raise SystemExit(-15)  # billiard's SIGTERM handler, as the COMMIT is sent
+            signal.raise_signal(signal.SIGTERM)  # billiard's SIGTERM handler, as the COMMIT is sent
         finally:
             raise ProgrammingError("can't change 'autocommit' now")  # as Django's atomic() does
 
     box = ToolBox(agent_id="a1", allowed=[name])
-    with pytest.raises(SystemExit):
-        box.call(name)
+    previous = signal.signal(signal.SIGTERM, billiard_common._shutdown_cleanup)
+    try:
+        with pytest.raises(SystemExit):
+            box.call(name)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        billiard_common.clear_terminate_handler_fired()
 
 
 def test_a_tools_asyncio_timeout_is_its_failure_not_a_stop():
