@@ -1,6 +1,6 @@
 """The one form of date-time the API and specs read: ISO 8601's calendar date in the
 extended format (2026-03-05), alone (its midnight) or with a time, hh:mm[:ss[.f]], after a
-`T` or a space, and an optional offset (Z, +hh:mm, +hhmm, +hh).
+`T` (or RFC 3339's lowercase `t`) or a space, and an optional offset (Z, +hh:mm, +hhmm, +hh).
 
 Python's fromisoformat, and so Django's and DRF's parsers, also read week dates
 (2020-W01-1 is 30 December 2019), the basic format (20200101T0000) and a bare hour
@@ -16,7 +16,7 @@ from django.utils.dateparse import parse_datetime
 
 _DATETIME_FORM = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
-    r"(?:[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:[.,][0-9]+)?)?(?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)?)?"
+    r"(?:[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:[.,][0-9]+)?)?(?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)?)?"
 )
 
 
