@@ -233,7 +233,7 @@ class ApiKeyAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixi
                     actor=actor_of(request.user, "console"),
                 )
             except SpecError as exc:
-                for problem in exc.problems:
+                for problem in exc.listed:
                     form.add_error(None, problem)
             else:
                 self.log_addition(request, created.api_key, "Created")
@@ -314,7 +314,7 @@ class ApiKeyAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixi
             try:
                 created = api_key_rotate(api_key_id=api_key.pk, now=now, actor=actor_of(request.user, "console"))
             except SpecError as exc:
-                self.message_user(request, "; ".join(exc.problems), messages.WARNING)
+                self.message_user(request, "; ".join(exc.listed), messages.WARNING)
                 continue
             self.log_change(request, api_key, "Rotated")
             self.log_addition(request, created.api_key, "Created by rotation")

@@ -50,7 +50,7 @@ class AgentAdminForm(forms.ModelForm):
         try:
             agent_check(self.instance)
         except SpecError as exc:
-            for problem in exc.problems:
+            for problem in exc.listed:
                 self.add_error(None, problem)
 
 

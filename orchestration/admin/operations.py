@@ -31,7 +31,7 @@ REFUSALS = (TransitionError, SpecError, ConversationError, ObjectDoesNotExist)
 
 def refusal_text(exc: Exception) -> str:
     if isinstance(exc, SpecError):
-        return "; ".join(exc.problems)
+        return "; ".join(exc.listed)
     if isinstance(exc, ObjectDoesNotExist):
         return "it no longer exists"
     return str(exc)

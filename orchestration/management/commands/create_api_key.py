@@ -44,7 +44,7 @@ class Command(DatabaseCommand):
                 actor={"by": _os_user(), "via": "manage.py create_api_key"},
             )
         except SpecError as exc:
-            raise CommandError("; ".join(exc.problems)) from None
+            raise CommandError("; ".join(exc.listed)) from None
         api_key = created.api_key
         expiry = api_key.expires_at.isoformat() if api_key.expires_at else "never"
         self.stderr.write(f"API key {api_key.name!r} for {user} (prefix {api_key.prefix}, expires {expiry}).")

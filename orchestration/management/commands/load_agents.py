@@ -17,7 +17,7 @@ class Command(DatabaseCommand):
         try:
             result = agents_sync(directory=Path(options["path"]) if options["path"] else None)
         except SpecError as exc:
-            raise CommandError("invalid agent definitions:\n  " + "\n  ".join(exc.problems)) from None
+            raise CommandError("invalid agent definitions:\n  " + "\n  ".join(exc.listed)) from None
         for label, ids in (
             ("created", result.created),
             ("updated", result.updated),
