@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -96,6 +97,21 @@ def closed_by_the_worker(workflow: Workflow) -> TaskAttempt:
         timeout=30,
         what="the worker to close the attempt (not the reaper)",
     )
+
+
+@contextlib.contextmanager
+def _billiard_terminate_handler(*, close: bool = True) -> Iterator[None]:
+    """billiard's own SIGTERM handler, as a pool process has it; after it, the signal's handler
+    restored, its flag cleared and (`close`) the connection an interrupted COMMIT left busy
+    closed, as the dying process leaves it."""
+    previous = signal.signal(signal.SIGTERM, billiard_common._shutdown_cleanup)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        billiard_common.clear_terminate_handler_fired()
+        if close:
+            connection.close()
 
 
 def _submit_one(agent_id: str, **task: object) -> Workflow:
@@ -513,14 +529,12 @@ def test_a_cancel_whose_sigterm_lands_in_the_meters_commit_still_stops_the_agent
         signal.raise_signal(signal.SIGTERM)  # the revoke's SIGTERM, as the COMMIT is sent
         return commit(self)
 
-    previous = signal.signal(signal.SIGTERM, billiard_common._shutdown_cleanup)
-    try:
-        with mock.patch.object(wrapper, "_commit", commit_terminated), pytest.raises(SystemExit):
-            meter(Usage(input_tokens=5))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        billiard_common.clear_terminate_handler_fired()
-        connection.close()  # left busy by the interrupted COMMIT, as the dying process leaves it
+    with (
+        _billiard_terminate_handler(),
+        mock.patch.object(wrapper, "_commit", commit_terminated),
+        pytest.raises(SystemExit),
+    ):
+        meter(Usage(input_tokens=5))
     attempt = TaskAttempt.objects.get(pk=claim.attempt.pk)
     assert (attempt.status, attempt.tokens_used) == (TaskAttempt.Status.CANCELLED, 3)
 
@@ -554,18 +568,13 @@ def test_a_cancel_whose_sigterm_lands_in_the_claims_commit_stops_the_process(com
     flag = (
         mock.patch.object(billiard_common, "terminate_handler_fired", None) if billiard == "without-the-flag" else None
     )
-    previous = signal.signal(signal.SIGTERM, billiard_common._shutdown_cleanup)
-    try:
-        with (
-            flag or contextlib.nullcontext(),
-            mock.patch.object(wrapper, "_commit", commit_terminated),
-            pytest.raises(SystemExit),
-        ):
-            attempt_run(execution_id=a.pk, celery_task_id=a.celery_task_id, worker="w@h")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        billiard_common.clear_terminate_handler_fired()
-        connection.close()  # left busy by the interrupted COMMIT, as the dying process leaves it
+    with (
+        _billiard_terminate_handler(),
+        flag or contextlib.nullcontext(),
+        mock.patch.object(wrapper, "_commit", commit_terminated),
+        pytest.raises(SystemExit),
+    ):
+        attempt_run(execution_id=a.pk, celery_task_id=a.celery_task_id, worker="w@h")
     assert TaskExecution.objects.get(pk=a.pk).status == TaskExecution.Status.CANCELLED
     assert not TaskAttempt.objects.filter(execution_id=a.pk).exists()
 
@@ -601,17 +610,12 @@ def test_a_cancel_whose_sigterm_lands_in_the_commit_that_wakes_the_next_in_line_
     wf = submit({"name": "a", "agent": "echo", "input": {"n": 1}})
     a = task(wf, "a")
     wrapper = type(connections["default"])
-    previous = signal.signal(signal.SIGTERM, billiard_common._shutdown_cleanup)
-    try:
-        with (
-            mock.patch.object(wrapper, "_commit", _terminated_in_commit_of("agent_slot_hand_on")),
-            pytest.raises(SystemExit),
-        ):
-            attempt_run(execution_id=a.pk, celery_task_id=a.celery_task_id, worker="w@h")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        billiard_common.clear_terminate_handler_fired()
-        connection.close()  # left busy by the interrupted COMMIT, as the dying process leaves it
+    with (
+        _billiard_terminate_handler(),
+        mock.patch.object(wrapper, "_commit", _terminated_in_commit_of("agent_slot_hand_on")),
+        pytest.raises(SystemExit),
+    ):
+        attempt_run(execution_id=a.pk, celery_task_id=a.celery_task_id, worker="w@h")
     (attempt,) = TaskAttempt.objects.filter(execution_id=a.pk)
     assert attempt.status == TaskAttempt.Status.SUCCEEDED  # recorded before the wake
     assert "could not be woken" not in caplog.text  # a stop, not a database failure
@@ -629,17 +633,12 @@ def test_a_sigterm_that_lands_in_a_commit_of_the_reaper_stops_its_pool_process(c
     wf = submit({"name": "a", "agent": "echo"})
     Workflow.objects.filter(pk=wf.pk).update(deadline=timezone.now() - dt.timedelta(minutes=1))
     wrapper = type(connections["default"])
-    previous = signal.signal(signal.SIGTERM, billiard_common._shutdown_cleanup)
-    try:
-        with (
-            mock.patch.object(wrapper, "_commit", _terminated_in_commit_of("workflows_enforce_deadlines")),
-            pytest.raises(SystemExit),
-        ):
-            reap_stale_tasks()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        billiard_common.clear_terminate_handler_fired()
-        connection.close()  # left busy by the interrupted COMMIT, as the dying process leaves it
+    with (
+        _billiard_terminate_handler(),
+        mock.patch.object(wrapper, "_commit", _terminated_in_commit_of("workflows_enforce_deadlines")),
+        pytest.raises(SystemExit),
+    ):
+        reap_stale_tasks()
 
 
 # --- an agent's own exit, then a database error as its failure is recorded --------------
@@ -688,16 +687,14 @@ def test_a_cancel_whose_exit_the_agent_swallows_still_stops_the_process_once_rec
     edge_agent("swallows-exit", "swallows_exit")
     wf = submit({"name": "s", "agent": "swallows-exit", "input": {"seconds": 20}})
     s = task(wf, "s")
-    previous = signal.signal(signal.SIGTERM, billiard_common._shutdown_cleanup)
     revoke = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))  # the revoke's SIGTERM
-    revoke.start()
-    try:
-        with pytest.raises(SystemExit):
-            attempt_run(execution_id=s.pk, celery_task_id=s.celery_task_id, worker="w@h")
-    finally:
-        revoke.cancel()
-        signal.signal(signal.SIGTERM, previous)
-        billiard_common.clear_terminate_handler_fired()
+    with _billiard_terminate_handler(close=False):
+        revoke.start()
+        try:
+            with pytest.raises(SystemExit):
+                attempt_run(execution_id=s.pk, celery_task_id=s.celery_task_id, worker="w@h")
+        finally:
+            revoke.cancel()
     (attempt,) = TaskAttempt.objects.filter(execution_id=s.pk)
     assert attempt.status == TaskAttempt.Status.SUCCEEDED
     assert TaskExecution.objects.get(pk=s.pk).output_data == {"interrupted": "SystemExit"}
