@@ -15,6 +15,8 @@ from billiard import common as billiard_common
 from django.conf import settings
 from django.db import DatabaseError, OperationalError
 
+from orchestration.errors import error_class_name
+
 # A prepare_threshold no statement reaches: psycopg prepares only what is asked for.
 UNREACHABLE_THRESHOLD = 2**31
 
@@ -114,19 +116,26 @@ def database_unreachable(exc: BaseException) -> bool:
     return sqlstate is None or sqlstate.startswith("08") or sqlstate in _UNREACHABLE_SQLSTATES
 
 
+ERROR_DESCRIBED_MAX_LENGTH = 2000
+
+
 def database_error_described(exc: BaseException) -> dict[str, str]:
     """The class and message of a database error (Django's, or psycopg's) as an attempt records
     them, JSON-safe: psycopg's own class, which names the condition (LockNotAvailable,
     QueryCanceled, DeadlockDetected, SerializationFailure, DiskFull), not Django's wrapper."""
     shown = exc.__cause__ if isinstance(exc.__cause__, psycopg.Error) else exc
     message = " ".join(str(shown).split())[:ERROR_DESCRIBED_MAX_LENGTH]
-    return {
-        "error_class": f"{type(shown).__module__}.{type(shown).__qualname__}"[:255],
-        "error": f"{type(shown).__name__}: {message}",
-    }
+    return {"error_class": error_class_name(shown), "error": f"{type(shown).__name__}: {message}"}
 
 
-ERROR_DESCRIBED_MAX_LENGTH = 2000
+def database_error_met(exc: BaseException, *, attempt_number: int | None) -> dict[str, Any] | None:
+    """What a delivery's message sent again carries when the database answered one of its writes
+    with an error (`exc`, not a lost or unreachable connection): the error described, and the
+    number of the attempt the delivery had started (None: none), whose record it is. None for a
+    lost connection."""
+    if not isinstance(exc, OperationalError) or database_unreachable(exc):
+        return None
+    return {**database_error_described(exc), "attempt_number": attempt_number}
 
 
 def stop_if_interrupted(exc: BaseException) -> None:

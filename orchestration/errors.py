@@ -58,6 +58,16 @@ def more_problems(count: int) -> str:
     return f"and {count} more problem{'s' if count != 1 else ''}, not listed"
 
 
+# The length of task_attempts.error_class (the model's field takes it from here).
+ERROR_CLASS_MAX_LENGTH = 255
+
+
+def error_class_name(exc: BaseException) -> str:
+    """`exc`'s class as an attempt records it, module and qualified name, cut to its column: a
+    longer name (a generated class's) made the record itself fail."""
+    return f"{type(exc).__module__}.{type(exc).__qualname__}"[:ERROR_CLASS_MAX_LENGTH]
+
+
 class SpecError(Exception):
     """A workflow spec (or another client input) is invalid. `problems` lists every problem
     found, each naming the field, so a client can fix them all at once; `listed` is what an

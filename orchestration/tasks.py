@@ -12,7 +12,7 @@ from celery import Task, shared_task
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
-from orchestration.db import database_error_described, database_unreachable, stop_if_interrupted
+from orchestration.db import database_error_met, database_unreachable, stop_if_interrupted
 from orchestration.services.execution import attempt_run
 from orchestration.workers import DatabaseErrorMet, current_process
 
@@ -125,15 +125,12 @@ def run_task(self, execution_id: str, database_error: dict[str, Any] | None = No
     except (InterfaceError, OperationalError) as exc:
         connections.close_all()
         cap = settings.TASK_CONNECTION_RETRY_MAX_COUNTDOWN_SECONDS  # the visibility timeout covers it
-        answered = isinstance(exc, OperationalError) and not database_unreachable(exc)
-        met, sent = None, exc
-        if answered:
-            met = {**database_error_described(exc), "attempt_number": claimed[-1] if claimed else None}
-            sent = DatabaseErrorMet(met["error_class"], met["error"])  # the worker's main process remembers it
+        met = database_error_met(exc, attempt_number=claimed[-1] if claimed else None)
         raise self.retry(
             args=[execution_id],
             kwargs={"database_error": met} if met else {},
-            exc=sent,
+            # the worker's main process remembers which (RunTaskRequest.on_retry)
+            exc=DatabaseErrorMet(met["error_class"], met["error"]) if met else exc,
             countdown=min(2 ** min(self.request.retries, 5), cap),
         ) from exc
 

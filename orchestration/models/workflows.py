@@ -1,6 +1,7 @@
 from django.conf import settings
 from django.db import models
 
+from orchestration.errors import ERROR_CLASS_MAX_LENGTH
 from orchestration.ids import new_id
 from orchestration.models.agents import Agent
 from orchestration.models.base import DomainCheck, TimestampedModel, in_choices
@@ -296,7 +297,7 @@ class TaskAttempt(TimestampedModel):
     attempt_number = models.IntegerField()
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.RUNNING)
     cause = models.CharField(max_length=20, choices=Cause.choices, null=True, blank=True)
-    error_class = models.CharField(max_length=255, blank=True, default="")
+    error_class = models.CharField(max_length=ERROR_CLASS_MAX_LENGTH, blank=True, default="")
     retryable = models.BooleanField(null=True, blank=True)
     error = models.TextField(null=True, blank=True)
     traceback = models.TextField(null=True, blank=True)

@@ -29,7 +29,7 @@ from django.db.models.functions import Now
 
 from observability.attempts import attempt_finished, attempt_started, attempts_reaped, late_usage_recorded
 from orchestration.db import DatabaseClock, atomic_with_retry, stop_if_interrupted, stopping, terminate_handler_fired
-from orchestration.errors import PermanentError, RetryableError, is_retryable
+from orchestration.errors import PermanentError, RetryableError, error_class_name, is_retryable
 from orchestration.event_types import EventType, Severity
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
 from orchestration.runtime.collaboration import equip
@@ -296,9 +296,6 @@ def _unstarted_try_fail(
         workflow_add_usage(task.workflow_id, tokens=0, cost=Decimal(0), error=True)
     _fail_or_retry(task, attempt=attempt, status=status, error=error, retryable=False, now=now)
     transaction.on_commit(lambda: attempts_reaped(attempt_ids=[attempt.pk]))
-
-
-ERROR_CLASS_MAX_LENGTH = TaskAttempt._meta.get_field("error_class").max_length
 
 
 # How often a task whose agent is in maintenance looks again (jittered), as a new message.
@@ -777,9 +774,9 @@ def attempt_fail(
         f"soft time limit of {attempt.timeout_seconds} s exceeded" if timed_out else f"{type(exc).__name__}: {exc}"
     )
     trace = storable_text("".join(tb.format_exception(exc))[-20_000:])
-    # Cut to its column: a longer name (a generated class's) made the record itself fail, and
-    # the attempt was left running for the reaper to take for a hard time-out and run again.
-    error_class = f"{type(exc).__module__}.{type(exc).__qualname__}"[:ERROR_CLASS_MAX_LENGTH]
+    # Cut to its column: a longer name left the attempt running for the reaper to take for a
+    # hard time-out and run again.
+    error_class = error_class_name(exc)
     usage = usage or Usage()
 
     def run() -> bool:
@@ -862,7 +859,8 @@ def attempt_run(
         except Exception as exc:
             # A cancel's SIGTERM that landed in a COMMIT outside the agent (the claim's, an
             # outcome's): Django's atomic() replaced the handler's SystemExit with the error of its
-            # `finally` on the busy connection ("can't change 'autocommit' now"). Raised as the
+            # `finally` on the busy connection ("can't change 'autocommit' now"); or one that the
+            # agent's cleanup replaced (a `finally` raising). Raised as the
             # task's failure, it left the pool process running with the handler's flag set, and
             # the next task's agent error there was taken for a stop: that process ended under it,
             # which Celery, the process marked terminated, acknowledged as revoked (its attempt
@@ -957,13 +955,10 @@ def _attempt_run(
             raise agent_error
     except BaseException as exc:
         if _process_stopping(exc):
-            if isinstance(exc, Exception):
-                # The terminate handler's SystemExit, replaced on its way out (the agent's cleanup
-                # raised): Celery would take this for the task's failure and the process ran on,
-                # its handler's flag set, taking the next agent's own sys.exit() for a stop (the
-                # process ended under that try, left running, unrecorded).
-                raise SystemExit(f"stopped by a terminate signal ({type(exc).__name__}: {exc})") from exc
-            raise  # the worker is going away (a cancel's SIGTERM, a shutdown); the reaper closes it
+            # The worker is going away (a cancel's SIGTERM, a shutdown); the reaper closes it. A
+            # stop replaced on its way out (the agent's cleanup raised) is raised again as a
+            # SystemExit by attempt_run.
+            raise
         # Any other BaseException is the agent's failure (asyncio's CancelledError from its
         # client, say; its own sys.exit()), recorded as such: raised on, it escaped Celery's task
         # with nothing recorded, and the attempt stayed running until the reaper took it for a
