@@ -79,11 +79,7 @@ def _nul_parameter(request: HttpRequest) -> str | None:
     query = request.META.get("QUERY_STRING", "")
     if "%00" not in query and "\x00" not in query:
         return None
-    try:
-        parameters = request.GET.lists()
-    except TooManyFieldsSent:
-        return None  # answered as such where the view reads them, the limit named
-    for name, values in parameters:
+    for name, values in _parameters(request):
         if "\x00" in name:
             return repr(name)[1:-1]
         if any("\x00" in value for value in values):
@@ -97,14 +93,19 @@ def _repeated_parameter(request: HttpRequest) -> tuple[str, int] | None:
     parses it anyway, and Django keeps the result)."""
     if "&" not in request.META.get("QUERY_STRING", ""):
         return None
-    try:
-        parameters = request.GET.lists()
-    except TooManyFieldsSent:
-        return None  # answered as such where the view reads them, the limit named
-    for name, values in parameters:
+    for name, values in _parameters(request):
         if len(values) > 1:
             return name, len(values)
     return None
+
+
+def _parameters(request: HttpRequest) -> list[tuple[str, list[str]]]:
+    """The query's parameters and their values; none when there are more than Django reads
+    (answered as such where the view reads them, the limit named)."""
+    try:
+        return list(request.GET.lists())
+    except TooManyFieldsSent:
+        return []
 
 
 class StatementCancelledMiddleware:
