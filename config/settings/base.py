@@ -322,6 +322,10 @@ LLM_CONNECT_TIMEOUT_SECONDS = env.int("LLM_CONNECT_TIMEOUT_SECONDS", 10, minimum
 LLM_READ_TIMEOUT_SECONDS = env.int("LLM_READ_TIMEOUT_SECONDS", 300, minimum=1, maximum=86400)
 # A model may call tools this many rounds in one attempt before the attempt fails.
 LLM_MAX_TOOL_ROUNDS = env.int("LLM_MAX_TOOL_ROUNDS", 8, minimum=1, maximum=100)
+# Tool calls one answer of the model may hold (parallel tool calls). Neither OpenAI nor
+# Anthropic caps them, and every call is run and recorded: an answer with more fails the
+# attempt before any of them runs (its tokens are still recorded: the provider billed them).
+LLM_MAX_TOOL_CALLS_PER_ANSWER = env.int("LLM_MAX_TOOL_CALLS_PER_ANSWER", 64, minimum=1, maximum=1000)
 
 # --- Agent runtime: tools, hand-offs, conversations (orchestration/runtime) ------------
 # Modules that register tools with @tool (runtime/tools.py); imported on first use.

@@ -192,6 +192,11 @@ def _read_body(response: httpx.Response, *, limit: int, what: str, deadline: flo
                 if success:
                     raise PermanentError(f"{what}: the answer exceeds AGENT_HTTP_MAX_RESPONSE_BYTES ({limit})")
                 return bytes(content[:cap])
+    if success and decoder is not None and not decoder.eof:
+        # A body without Content-Length ends when the connection closes: cut there, only the
+        # compressed stream's own end tells it is incomplete (read as a whole, it would be
+        # taken for a malformed answer and failed for good instead of retried).
+        raise httpx.RemoteProtocolError(f"the {encoding} answer ended before its compressed stream did")
     return bytes(content)
 
 
@@ -246,6 +251,31 @@ def usage_from_result(body: dict[str, Any], *, default_model: str, what: str) ->
     return Usage(input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost)
 
 
+def with_usage(error: AgentError, usage: Usage) -> AgentError:
+    """The error carrying what its try used, read by attempt_run as the try's spend."""
+    if usage.tokens:
+        error.usage = usage  # type: ignore[attr-defined]
+    return error
+
+
+def error_usage(reply: Reply, *, default_model: str, what: str) -> Usage:
+    """What an error answer says its try used. Seed 004 defines no error answer; one whose body
+    carries §3.2's `metadata` is read as a result's would be (the service's model may have been
+    paid before it failed), as the llm executor reads a provider's error answer. A body that
+    is not that shape, or whose counts are malformed, counts as none: the error stays the
+    answer's status, not a complaint about its usage."""
+    try:
+        body = reply.json()
+    except ValueError:
+        return Usage()
+    if not isinstance(body, dict) or not isinstance(body.get("metadata"), dict):
+        return Usage()
+    try:
+        return usage_from_result(body, default_model=default_model, what=what)
+    except PermanentError:
+        return Usage()
+
+
 def http_execute(*, agent: Agent, task_input: dict[str, Any], context: TaskContext) -> AgentResult:
     """POST the task to the agent's service and return its seed 004 §3.2 result as output."""
     if not agent.url:
@@ -261,7 +291,9 @@ def http_execute(*, agent: Agent, task_input: dict[str, Any], context: TaskConte
         what=what,
     )
     if (error := status_error(reply, what=what)) is not None:
-        raise error
+        usage = error_usage(reply, default_model=agent.model, what=what)
+        context.paid(usage)
+        raise with_usage(error, usage)
     try:
         body = reply.json()
     except ValueError as exc:

@@ -9,9 +9,10 @@ The API key is read from the environment variable named by agent.api_key_env at 
 it is never stored, logged or put in an error message (answers quoted in errors have it
 redacted). Tool calling: the tools of the agent's definition (config.tools, see tools.py)
 are offered to the model, run when it calls them (each call recorded) and their results
-sent back, up to LLM_MAX_TOOL_ROUNDS rounds; tools given in `input["tools"]` are offered
-too, but a call of one of those ends the attempt with the calls in the output, for the
-caller to run. In a conversation the thread's history is sent instead of the input.
+sent back, up to LLM_MAX_TOOL_ROUNDS rounds of at most LLM_MAX_TOOL_CALLS_PER_ANSWER calls
+each (an answer with more fails the attempt, none of its calls run); tools given in
+`input["tools"]` are offered too, but a call of one of those ends the attempt with the calls
+in the output, for the caller to run. In a conversation the thread's history is sent instead of the input.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from orchestration.errors import AgentError, PermanentError, ToolError
 from orchestration.models import Agent
 from orchestration.runtime import pricing
 from orchestration.runtime.context import AgentResult, TaskContext, Usage
-from orchestration.runtime.http_agent import Reply, post_json, read_timeout_for, status_error
+from orchestration.runtime.http_agent import Reply, post_json, read_timeout_for, status_error, with_usage
 from orchestration.runtime.tools import call_id_problem, json_loads_strict, jsonb_problem
 from orchestration.runtime.urlpolicy import url_check
 
@@ -215,17 +216,23 @@ def _usage(reply: Reply, body: Any, keys: tuple[str, str], *, model: str, fallba
     return Usage(input_tokens, output_tokens, pricing.cost_usd(priced, input_tokens, output_tokens))
 
 
-def _with_usage(error: AgentError, usage: Usage) -> AgentError:
-    if usage.tokens:
-        error.usage = usage  # type: ignore[attr-defined]  # read by attempt_run: the try's spend
-    return error
-
-
 def _body(reply: Reply) -> Any:
     try:
         return reply.json()
     except ValueError:
         return None
+
+
+def _not_json(reply: Reply, what: str, key: str | None) -> PermanentError:
+    """The error for a 2xx answer that is not JSON (a proxy's HTML page, an event stream),
+    naming its Content-Type rather than a missing field."""
+    content_type = reply.headers.get("content-type") or "no Content-Type"
+    try:
+        reply.json()
+        reason = ""
+    except ValueError as exc:
+        reason = f", {exc}"
+    return PermanentError(f"{what}: the answer is not JSON ({content_type}{reason}): {reply.snippet([key or ''])}")
 
 
 def _send(
@@ -282,17 +289,19 @@ def _openai_turn(
         if reply.status == 429 and _openai_error_code(body) == "insufficient_quota":
             # OpenAI's "exceeded your current quota": a 429 that billing ends, not waiting.
             error = PermanentError(str(error))
-        raise _with_usage(error, usage)
+        raise with_usage(error, usage)
+    if body is None:
+        raise _not_json(reply, what, key)
     choices = body.get("choices") if isinstance(body, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise _with_usage(PermanentError(f"{what}: the answer has no choices: {reply.snippet([key or ''])}"), usage)
+        raise with_usage(PermanentError(f"{what}: the answer has no choices: {reply.snippet([key or ''])}"), usage)
     message = choices[0].get("message")
     if not isinstance(message, dict):
-        raise _with_usage(PermanentError(f"{what}: the first choice has no message"), usage)
+        raise with_usage(PermanentError(f"{what}: the first choice has no message"), usage)
     content = message.get("content")
     tool_calls = message.get("tool_calls") or []
     if not isinstance(tool_calls, list) or not all(_is_tool_call(c) for c in tool_calls):
-        raise _with_usage(PermanentError(f"{what}: the answer's tool_calls are malformed"), usage)
+        raise with_usage(PermanentError(f"{what}: the answer's tool_calls are malformed"), usage)
     return Turn(
         content=content if isinstance(content, str) else "",
         tool_calls=tool_calls,
@@ -404,10 +413,12 @@ def _anthropic_turn(
     # Prompt-cache token fields are not read: this executor never asks for caching.
     usage = _usage(reply, body, ("input_tokens", "output_tokens"), model=model, fallback_model=agent.model, what=what)
     if (error := status_error(reply, what=what, redact=[key or ""])) is not None:
-        raise _with_usage(error, usage)
+        raise with_usage(error, usage)
+    if body is None:
+        raise _not_json(reply, what, key)
     blocks = body.get("content") if isinstance(body, dict) else None
     if not isinstance(blocks, list):
-        raise _with_usage(PermanentError(f"{what}: the answer has no content: {reply.snippet([key or ''])}"), usage)
+        raise with_usage(PermanentError(f"{what}: the answer has no content: {reply.snippet([key or ''])}"), usage)
     blocks = [b for b in blocks if isinstance(b, dict)]
     tool_calls = [
         {
@@ -419,7 +430,7 @@ def _anthropic_turn(
         if b.get("type") == "tool_use"
     ]
     if not all(_is_tool_call(c) for c in tool_calls):
-        raise _with_usage(PermanentError(f"{what}: the answer's tool_use blocks are malformed"), usage)
+        raise with_usage(PermanentError(f"{what}: the answer's tool_use blocks are malformed"), usage)
     return Turn(
         content="".join(b.get("text", "") for b in blocks if b.get("type") == "text"),
         tool_calls=tool_calls,
@@ -456,7 +467,7 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
             answer = turn(agent, messages, tools, context)
         except AgentError as exc:
             context.paid(getattr(exc, "usage", Usage()))  # an error answer may report usage too
-            raise _with_usage(exc, total + getattr(exc, "usage", Usage())) from None
+            raise with_usage(exc, total + getattr(exc, "usage", Usage())) from None
         except (Exception, SoftTimeLimitExceeded) as exc:
             # The time limit (raised wherever the worker is, often while it waits for the
             # model) or anything unexpected: the rounds paid so far go with it.
@@ -466,6 +477,16 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
         total.add(answer.usage)
         context.paid(answer.usage)
         calls = answer.tool_calls
+        if len(calls) > settings.LLM_MAX_TOOL_CALLS_PER_ANSWER:
+            # Refused whole, before any call runs (each would be a recorded tool execution) or
+            # is handed to the caller: a cap on rounds does not bound the calls within one.
+            raise with_usage(
+                PermanentError(
+                    f"agent {agent.id!r}: the model's answer calls {len(calls)} tools at once, more than "
+                    f"LLM_MAX_TOOL_CALLS_PER_ANSWER ({settings.LLM_MAX_TOOL_CALLS_PER_ANSWER}); none of them was run"
+                ),
+                total,
+            )
         # Calls of the caller's tools (input.tools) end the attempt: the caller runs them.
         # Any other call is ours to answer, a name we do not know with an error the model sees.
         if not calls or any(c["function"]["name"] in extra_names for c in calls):
@@ -480,7 +501,7 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
                 output["tool_rounds"] = round_number
             return AgentResult(output=output, usage=total)
         if round_number == settings.LLM_MAX_TOOL_ROUNDS:
-            raise _with_usage(
+            raise with_usage(
                 PermanentError(
                     f"agent {agent.id!r}: the model still called tools after {round_number} rounds "
                     "(LLM_MAX_TOOL_ROUNDS)"
@@ -494,7 +515,7 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
         if problem is None and conversation is not None:
             problem = _call_id_problem(calls)
         if problem:
-            raise _with_usage(
+            raise with_usage(
                 PermanentError(f"agent {agent.id!r}: the model's answer cannot be stored: {problem}"), total
             )
         asked = {"role": "assistant", "content": answer.content or None, "tool_calls": calls}

@@ -56,7 +56,7 @@ def test_a_model_answering_json_nested_too_deeply_fails_for_good(local_net, monk
     with OpenAIServer(api_key=KEY) as server:
         local_net.AGENT_API_KEY_HOSTS = [server.url]
         server.script(Reply(body=DEEP))
-        with pytest.raises(PermanentError, match="no choices"):
+        with pytest.raises(PermanentError, match=r"not JSON.*nested too deeply"):
             agent_execute(agent=llm_agent(server.base_url), task_input={"prompt": "x"}, context=ctx())
 
 
