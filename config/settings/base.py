@@ -361,7 +361,8 @@ TRAINING_EXPORT_SAFETY_LAG_SECONDS = env.int("TRAINING_EXPORT_SAFETY_LAG_SECONDS
 # last exported day: a night whose export gave up on a window held open is not lost.
 TRAINING_EXPORT_CATCHUP_DAYS = env.int("TRAINING_EXPORT_CATCHUP_DAYS", 7, minimum=0, maximum=366)
 # Redaction of everything written to training files: JSON keys containing one of these words
-# (case-insensitive, whole words of the key: `token` masks `access_token`, not `tokens_used`),
+# (case-insensitive, whole words of the key: `token` masks `access_token`, not `tokens_used`, nor
+# `token_count`: see training_export.services.redaction.NOT_SECRET_LAST_WORDS),
 # and string values matching one of these regular expressions (a JSON array).
 REDACT_KEYS = env.list(
     "REDACT_KEYS",
@@ -445,6 +446,22 @@ _AUTHORIZATION_NEXT_LINE = (
     r"[^\s\"',;&{\[][^\s\"',;&]*+(?<!:)(?:[ \t]+(?:[a-z0-9!#$%*+.^_`|~-]+[ \t]*=[^\r\n]*"
     r"|[^\s\"',;&]++[ \t]*(?![^\r\n\"]))|[ \t]*(?![^\r\n\"])))"
 )
+# The key=value pattern's key may end in a word saying it names something about a secret, not
+# the secret: `secret_hash = ...`, `MIN_SECRET_LENGTH = 6`, `api_key_env: OPENAI_API_KEY`,
+# `private_key_path = ...` are kept (code and config discussions are common in the training data).
+# Not `secret_id` (Vault AppRole's secret_id is the credential) nor a password's hash (a
+# low-entropy secret, crackable from it). The words are those of
+# training_export.services.redaction.NOT_SECRET_LAST_WORDS, which applies them to JSON keys.
+_KEY_NAMES_NO_SECRET = (
+    r"(?<!(?<!secret)[_-]id)(?<!(?<!secret)[_-]ids)(?<!(?<!password)(?<!passwd)(?<!passphrase)[_-]hash)"
+    + "".join(
+        rf"(?<![_-]{word})"
+        for word in (
+            "count", "dir", "env", "field", "fields", "file", "kind", "len", "length", "max", "min", "name",
+            "names", "path", "size", "type", "uri", "url", "version",
+        )
+    )
+)  # fmt: skip
 # Each pattern starts with a literal where it can (a literal prefix lets the regex engine skip
 # ahead; the look-behind after it keeps the word boundary): redaction runs on every string.
 REDACT_PATTERNS = env.json_str_list(
@@ -507,7 +524,8 @@ REDACT_PATTERNS = env.json_str_list(
         # spaces; no look-ahead for that quote, which would make the pattern not joinable). The
         # key's word may be followed by more words of it (SECRET_KEY, AWS_SECRET_ACCESS_KEY,
         # private_key_pem), as REDACT_KEYS matches keys, but not "token" (token_type and
-        # token_count are no credentials); AccountKey= of an Azure connection string too. Its
+        # token_count are no credentials), nor a last one of _KEY_NAMES_NO_SECRET (secret_hash,
+        # api_key_env); AccountKey= of an Azure connection string too. Its
         # quotes may be escaped (a request body quoted inside JSON text: `{\"password\": \"...\"}`).
         # The look-ahead for the words' first letters lets the search skip every other position
         # (without it, the pattern took twice as long over text holding none of them). The
@@ -515,7 +533,7 @@ REDACT_PATTERNS = env.json_str_list(
         # searched to its end again from each of them.
         r"(?=[AaCcPpSsTt])(?i:(?:(?:password|passwd|passphrase|secret|api[_-]?key|private[_-]?key|credentials?|accountkey"
         r"|sharedaccesskey)"
-        r"(?:[_-][a-z0-9]{1,40}){0,6}+|token)(?:\\?[\"'])?\s*[=:]\s*)"
+        r"(?:[_-][a-z0-9]{1,40}){0,6}+" + _KEY_NAMES_NO_SECRET + r"|token)(?:\\?[\"'])?\s*[=:]\s*)"
         r"(?:\\\"(?:[^\"\\\n]|\\[^\"\n])*|\"[^\"\n]*|'[^'\n]*|[^\s&,;'\"]+)",
     ],
 )

@@ -20,7 +20,7 @@ from orchestration.event_types import EventType
 from orchestration.models import TaskExecution
 from tests.engine import ROOT
 from tests.factories import AgentFactory, EventFactory, MessageFactory, TaskExecutionFactory
-from training_export.services.redaction import MASK, build_redactor, redact
+from training_export.services.redaction import MASK, NOT_SECRET_LAST_WORDS, build_redactor, redact
 from training_export.services.store import store_agent_event, store_agent_task, store_tool_execution
 
 T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
@@ -641,8 +641,10 @@ def test_a_pem_armour_line_in_code_or_a_cut_off_key_in_json_text_masks_no_furthe
         "secret_" * 9_000,
         "password-" * 7_000,
         "-----BEGIN " + "PRIVATE KEY " * 10_000,
+        "secret_length_" * 7_000,
+        "password_hash-" * 7_000 + "=",
     ],
-    ids=["-u", "--user", "secret_", "password-", "pem-label"],
+    ids=["-u", "--user", "secret_", "password-", "pem-label", "secret_length_", "password_hash-"],
 )
 def test_the_default_patterns_take_linear_time_over_runs_of_their_own_words(db, text):
     # Each word of the run was a new start searched to the run's end: seconds for 60 KB
@@ -670,3 +672,140 @@ def test_a_mask_inside_json_text_inside_json_text_keeps_both_texts_json(db):
         "pem": MASK,
         "run": "docker run -u 1000:1000 app",
     }
+
+
+# Keys whose first word is a secret's but whose last word says they name something about it (code
+# and config discussed in agent conversations): the key=value pattern masked them, and the text
+# with them (`MIN_SECRET_LENGTH = 6` became `MIN_[REDACTED]`).
+KEYS_NAMING_NO_SECRET = (
+    "secret_hash = abc123",
+    "MIN_SECRET_LENGTH = 6",
+    "api_key_env: OPENAI_API_KEY",
+    "private_key_path = /etc/x.pem",
+    "credentials_url = https://example.org/creds",
+    "password_min_length=8",
+    "secret_name: prod-db",
+    "api_key_id = 42",
+    "SECRET_KEY_LENGTH = 50",
+    '"credentials_file": "~/.aws/credentials"',
+    "token_count: 512",
+    "max_tokens=1024",
+    "token_type: bearer",
+)
+# ...and the keys next to them that name a secret: masked as before.
+NEAR_MISSES = {
+    "db_password": f"DB_PASSWORD={CANARY}",
+    "aws_secret": f"AWS_SECRET_ACCESS_KEY = {CANARY}",
+    "api_key_sk": f"api_key: sk-{CANARY}",
+    "rails_secret_key_base": f"secret_key_base={CANARY}",
+    "password_hash": f"password_hash = pbkdf2_sha256$600000${CANARY}",
+    "db_password_hash": f"DB_PASSWORD_HASH: {CANARY}",
+    "passwd_hash": f"passwd-hash={CANARY}",
+    "vault_secret_id": f"VAULT_SECRET_ID={CANARY}",
+    "secret_id_quoted": f'"secret_id": "{CANARY}"',
+    "hash_not_last": f"secret_hash_value = {CANARY}",
+    "env_not_last": f"API_KEY_ENV_VALUE={CANARY}",
+    "word_not_whole": f"secret_idx={CANARY}",
+    "name_run_on": f"secret_names2={CANARY}",
+    "url_with_credentials": f"credentials_url = https://bob:{CANARY}@example.org/x",
+    "path_holding_a_key": f"private_key_path = '-----BEGIN PRIVATE KEY-----\\nMIIE{CANARY}'",
+    "token": f"token: {CANARY}",
+    "secret_token": f"secret_token={CANARY}",
+}
+
+
+@pytest.mark.parametrize("text", KEYS_NAMING_NO_SECRET)
+def test_a_key_naming_something_about_a_secret_is_kept_in_free_text(db, text):
+    assert redact(text) == text
+
+
+@pytest.mark.parametrize("name", NEAR_MISSES)
+def test_a_key_naming_a_secret_next_to_the_kept_ones_is_still_masked(db, name):
+    masked = redact(NEAR_MISSES[name])
+    assert CANARY not in masked, masked
+
+
+@pytest.mark.parametrize("word", sorted(NOT_SECRET_LAST_WORDS))
+def test_the_default_pattern_and_the_json_keys_keep_the_same_last_words(db, settings, word):
+    # The default key=value pattern (settings) spells the words of NOT_SECRET_LAST_WORDS.
+    redactor = build_redactor(settings.REDACT_KEYS, settings.REDACT_PATTERNS)
+    for key in (f"api_key_{word}", f"CLIENT_SECRET_KEY_{word.upper()}", f"private-key-{word}"):
+        assert redactor.text(f"{key} = value1") == f"{key} = value1"
+        assert not redactor.key_is_secret(key), key
+    assert redactor.text(f"api_key_{word}_x = value1") == MASK
+    assert redactor.key_is_secret(f"api_key_{word}_x")
+
+
+def test_token_accounting_and_keys_naming_something_about_a_secret_are_kept_as_json_keys(db):
+    kept = {
+        "usage": {"max_tokens": 1024, "token_count": 512, "total_tokens": 900, "prompt_tokens": 400},
+        "token_type": "bearer",
+        "tokenCount": 3,
+        "api_key_env": "OPENAI_API_KEY",
+        "secret_name": "prod-db",
+        "credentials_path": "/etc/creds.json",
+    }
+    assert redact(kept) == kept
+    masked = {
+        "secret_id": "a",
+        "secretId": "b",
+        "password_hash": "c",
+        "pwdHash": "d",
+        "access_token": "e",
+        "client_secret": "f",
+        "api_key": "g",
+        "private_key_pem": "h",
+    }
+    assert redact(masked) == dict.fromkeys(masked, MASK)
+
+
+def test_a_configured_key_ending_in_a_kept_word_is_still_masked():
+    redactor = build_redactor(["session_id", "token"], [])
+    assert redactor.value({"session_id": "a", "user_session_id": "b", "token_id": 1}) == {
+        "session_id": MASK,
+        "user_session_id": MASK,
+        "token_id": 1,
+    }
+
+
+def test_a_configured_word_of_personal_data_masks_its_hash_and_name_too():
+    # The last words say a credential's key names no secret (a token's count, an API key's hash):
+    # a hash or a type of personal data (an SSN, an email address) can be turned back into it.
+    redactor = build_redactor(["ssn", "email", "token"], [])
+    assert redactor.value({"ssn_hash": "h", "email_hash": "e", "email_type": "work", "token_count": 3}) == {
+        "ssn_hash": MASK,
+        "email_hash": MASK,
+        "email_type": MASK,
+        "token_count": 3,
+    }
+
+
+def test_keys_naming_no_secret_reach_a_jsonl_export_unmasked_and_their_neighbours_do_not(db, settings, tmp_path):
+    settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
+    TaskExecutionFactory(
+        status=TaskExecution.Status.COMPLETED,
+        input_data={"prompt": "call it with max_tokens=1024; secret_hash = 5f2a9c", "max_tokens": 1024},
+        output_data={"usage": {"token_count": 512, "total_tokens": 900}, "token_type": "bearer", **NEAR_MISSES},
+        started_at=T0,
+        completed_at=T0,
+    )
+    call_command(
+        "export_training_data", "--type", "tasks", "--start", "2024-03-05", "--end", "2024-03-05", "--no-progress"
+    )
+
+    (path,) = (tmp_path / "exports").rglob("*.jsonl")
+    text = path.read_text("utf-8")
+    assert CANARY not in text
+    (record,) = [json.loads(line) for line in text.splitlines()]
+    assert record["input_data"] == {"prompt": "call it with max_tokens=1024; secret_hash = 5f2a9c", "max_tokens": 1024}
+    assert record["output_data"]["usage"] == {"token_count": 512, "total_tokens": 900}
+    assert record["output_data"]["token_type"] == "bearer"
+
+
+def test_the_gate_needs_a_url_scheme_for_the_url_credentials_pattern_not_a_colon(settings):
+    # Nearly every text holds a colon: the gate let ~94% of plain text through to the patterns.
+    redactor = build_redactor([], settings.REDACT_PATTERNS)
+    (url_scan,) = [scan for scan in redactor.pattern_scans if scan.pattern.pattern.startswith("(?<=://)")]
+    assert ("://",) in url_scan.needed
+    assert redactor.gate.search("note: step 2 of 3 is done, see the log: nothing failed") is None
+    assert redactor.text("connect to redis://:pw123@cache:6379 failed") == f"connect to redis://{MASK}cache:6379 failed"

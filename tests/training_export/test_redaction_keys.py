@@ -14,6 +14,7 @@ from training_export.services.redaction import Redactor, build_redactor
 
 KEY_FRAGMENTS = ["token", "Token", "TOKEN", "tokens", "my", "_", "-", "\n", "\t", "\\", '"', "é", "api", "Key"]
 KEY_FRAGMENTS += ["key", "x", "1", "\u212a", "/", "s", "pass", "word", "Password", "credential", "credentials", " "]
+KEY_FRAGMENTS += ["_count", "Type", "_id", "Id", "hash", "secret", "_env"]  # last words that make a key no secret's
 
 
 def random_key(rng: random.Random) -> str:

@@ -223,6 +223,18 @@ def test_the_format_changes_with_each_setting_it_covers(settings):
     assert stream_rows.row_format() != made_under
 
 
+def test_the_format_changes_with_the_last_words_that_make_a_key_no_secrets(settings, monkeypatch):
+    # They decide which keys the rows mask, as REDACT_KEYS does: a relay of another version
+    # masks other keys, and its rows must not be written as they are.
+    made_under = stream_rows.row_format()
+    monkeypatch.setattr(stream_rows, "NOT_SECRET_LAST_WORDS", redaction.NOT_SECRET_LAST_WORDS - {"count"})
+    stream_rows._format_for.cache_clear()
+    try:
+        assert stream_rows.row_format() != made_under
+    finally:
+        stream_rows._format_for.cache_clear()  # nothing cached under the patched words
+
+
 def test_a_redact_key_naming_a_tool_field_masks_it_both_ways(synapse, streams, tmp_path, settings):  # noqa: F811
     """REDACT_KEYS with "input" masks the payload's top-level `input_params`: the relay's
     stream payload and the consumer's own tool row (built from that masked payload) hold

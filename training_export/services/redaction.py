@@ -6,7 +6,10 @@ write. It masks:
 - the whole value under any JSON key (at any depth) containing one of `settings.REDACT_KEYS`
   as whole words of the key, case-insensitively: with `token` configured, `access_token`,
   `X-Auth-Token` and `refreshToken` are masked but `tokens_used` and `max_tokens` are not
-  (token counts are training signal, not credentials);
+  (token counts are training signal, not credentials), nor a key whose last word, after the
+  configured words, says it names something about a secret (NOT_SECRET_LAST_WORDS:
+  `token_count`, `token_type`, `secret_name`, `api_key_env`), except `secret_id` (Vault's
+  AppRole credential) and a password's hash (crackable);
 - the configured secret values of this deployment wherever they appear verbatim inside a
   string (SECRET_KEY, the database and Redis passwords, provider API keys: the values the
   log filter masks, `observability.logs.configured_secrets`);
@@ -48,6 +51,30 @@ logger = logging.getLogger(__name__)
 
 def _words(key: str) -> tuple[str, ...]:
     return tuple(word for word in _WORD_SPLIT.split(_CAMEL.sub("_", key).lower()) if word)
+
+
+# The last words of a key that names something about a secret, not the secret itself (the
+# default key=value pattern of settings.REDACT_PATTERNS spells the same words).
+NOT_SECRET_LAST_WORDS = frozenset(
+    {"count", "dir", "env", "field", "fields", "file", "hash", "id", "ids", "kind", "len", "length", "max", "min"}
+    | {"name", "names", "path", "size", "type", "uri", "url", "version"}
+)
+# ...except after these: Vault's AppRole `secret_id` is a credential, and a password's hash can be
+# cracked back to the password.
+_SECRET_AFTER = {"id": {"secret"}, "ids": {"secret"}, "hash": {"password", "passwd", "passphrase", "pwd"}}
+# The configured words the last words apply to: credentials, whose name, count or high-entropy
+# hash tells nothing of them. Any other configured word (personal data: `ssn`, `email`) masks
+# every key holding it: `ssn_hash` or `email_hash` can be turned back into the value.
+CREDENTIAL_WORDS = frozenset(
+    {"secret", "password", "passwd", "pwd", "passphrase", "token", "api_key", "apikey", "authorization", "cookie"}
+    | {"private_key", "credential", "credentials", "access_key", "accountkey", "sharedaccesskey"}
+)
+
+
+def _names_no_secret(words: tuple[str, ...]) -> bool:
+    """Whether a key of these words ends in a word of NOT_SECRET_LAST_WORDS (outside its
+    exceptions): only a configured key ending with that word too makes it a secret's."""
+    return len(words) > 1 and words[-1] in NOT_SECRET_LAST_WORDS and words[-2] not in _SECRET_AFTER.get(words[-1], ())
 
 
 _CACHE_LIMIT = 50_000
@@ -105,8 +132,17 @@ class Redactor:
         if cached is None:
             words = _words(key)
             joined = f"_{'_'.join(words)}_"
-            # An entry matches as a run of whole words of the key: "api_key" in "openai_api_key".
-            cached = bool(words) and any(f"_{'_'.join(needle)}_" in joined for needle in self.key_words)
+            # An entry matches as a run of whole words of the key: "api_key" in "openai_api_key";
+            # a credential's word at its end only when the key's last word says it is no secret
+            # ("token" in "token_count"; "ssn" still in "ssn_hash").
+            if _names_no_secret(words):
+                cached = any(
+                    joined.endswith(f"_{'_'.join(needle)}_")
+                    or ("_".join(needle) not in CREDENTIAL_WORDS and f"_{'_'.join(needle)}_" in joined)
+                    for needle in self.key_words
+                )
+            else:
+                cached = bool(words) and any(f"_{'_'.join(needle)}_" in joined for needle in self.key_words)
             if len(self._keys) >= _CACHE_LIMIT:
                 self._keys.clear()
             self._keys[key] = cached
@@ -580,6 +616,9 @@ def _needed(items: Any) -> list[tuple[str, ...]]:
             run = ""
         if op is sre.SUBPATTERN:
             needed += _needed(arg[3])
+        elif op is sre.ASSERT:
+            # What a look-ahead or look-behind must see is in the text too (`(?<=://)`).
+            needed += _needed(arg[1])
         elif op is sre.BRANCH:
             choices = [_needed(branch) for branch in arg[1]]
             if all(choices):
