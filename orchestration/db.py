@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,8 @@ from django.conf import settings
 from django.db import DatabaseError, OperationalError
 
 from orchestration.errors import error_class_name
+
+logger = logging.getLogger(__name__)
 
 # A prepare_threshold no statement reaches: psycopg prepares only what is asked for.
 UNREACHABLE_THRESHOLD = 2**31
@@ -181,6 +184,60 @@ def terminate_handler_fired() -> bool:
     billiard that does not tell, and where it is not the handler: the solo and threads pools)."""
     fired = getattr(billiard_common, "terminate_handler_fired", None)
     return fired is not None and fired()
+
+
+def process_stopping(exc: BaseException) -> bool:
+    """Whether `exc`, met while work runs, means this process was told to stop: a stop
+    (`stopping`), such a stop replaced by a database error on its way (`stop_if_interrupted`),
+    or anything once billiard's terminate-signal handler has fired (its SystemExit may have been
+    replaced by a `finally` that raised)."""
+    if terminate_handler_fired():
+        return True
+    if isinstance(exc, SystemExit | KeyboardInterrupt):
+        return stopping(exc)
+    try:
+        stop_if_interrupted(exc)
+    except (SystemExit, KeyboardInterrupt):
+        return True
+    return False
+
+
+def stop_raised(exc: BaseException) -> None:
+    """Raise the stop that `exc` stands for, if it does (`process_stopping`): `exc` itself, the
+    SystemExit or KeyboardInterrupt a database error replaced, or a SystemExit for whatever was
+    met once billiard's terminate-signal handler had fired. Code that carries on after an error
+    calls this first: it must not carry on after a stop."""
+    if not process_stopping(exc):
+        return
+    if isinstance(exc, SystemExit | KeyboardInterrupt):
+        raise exc
+    stop_if_interrupted(exc)
+    raise SystemExit(f"stopped by a terminate signal ({type(exc).__name__}: {exc})") from exc
+
+
+# How long each statement of a stopping process's last write may wait for a lock or run.
+STOPPING_WRITE_TIMEOUT_MS = 2000
+
+
+def stopping_write(what: str, write: Any) -> None:
+    """Run `write()`, the last write of a process told to stop (what it was doing, recorded
+    interrupted), in a transaction of its own whose statements each wait at most
+    STOPPING_WRITE_TIMEOUT_MS (for a lock, or to run): a row another transaction holds must not
+    hold the stop up. A write that fails (on the connection the stop left busy, a lock held too
+    long) is logged, not raised: it must not replace the stop under way. `what` names it there."""
+    from django.db import connection, transaction
+
+    try:
+        with transaction.atomic():
+            if connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute(
+                        "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+                        [f"{STOPPING_WRITE_TIMEOUT_MS}ms"] * 2,
+                    )
+            write()
+    except Exception as exc:
+        logger.warning("%s not recorded as the process stops: %s: %s", what, type(exc).__name__, exc)
 
 
 def atomic_retried(fn: Any) -> Any:

@@ -15,10 +15,14 @@ from typing import Any
 
 from django.conf import settings
 
+from orchestration.db import process_stopping, stopping_write
 from orchestration.errors import PermanentError
 from orchestration.models import Agent, AgentInteraction
 from orchestration.runtime.context import TaskContext, Usage
 from orchestration.runtime.tools import ToolBox, ToolCall
+
+# The error of a hand-off, review or collaboration cut short by a stop of its process.
+INTERRUPTED = "interrupted: the process running it was told to stop before the other agent finished"
 
 
 def equip(context: TaskContext, agent: Agent, *, depth: int = 0) -> TaskContext:
@@ -126,10 +130,14 @@ class Peers:
         )
         started = time.monotonic()
         payload: dict[str, Any] = {"input": task_input}
+        stopped = False
         try:
             result = agent_execute(agent=agent, task_input=task_input, context=sub)
-        except Exception as exc:
-            payload["error"] = f"{type(exc).__name__}: {exc}"
+        except BaseException as exc:
+            # A stop (a cancel's SIGTERM, a worker's shutdown, ^C) is not the other agent's
+            # failure, nor its success: the hand-off was interrupted.
+            stopped = process_stopping(exc)
+            payload["error"] = INTERRUPTED if stopped else f"{type(exc).__name__}: {exc}"
             usage = getattr(exc, "usage", None)
             if isinstance(usage, Usage):
                 # Counted here, once: the exception goes on up and must not carry it again.
@@ -147,12 +155,20 @@ class Peers:
             return result.output
         finally:
             payload["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
-            interaction_record(
-                interaction_type=kind,
-                from_agent_id=context.agent_id,
-                to_agent_id=to_agent,
-                workflow_id=context.workflow_id,
-                execution_id=context.execution_id,
-                message=message,
-                payload=payload,
-            )
+
+            def record() -> None:
+                interaction_record(
+                    interaction_type=kind,
+                    from_agent_id=context.agent_id,
+                    to_agent_id=to_agent,
+                    workflow_id=context.workflow_id,
+                    execution_id=context.execution_id,
+                    message=message,
+                    payload=payload,
+                )
+
+            if stopped:
+                # Briefly, and never raising in place of the stop (see stopping_write).
+                stopping_write(f"the interrupted {kind} from {context.agent_id!r} to {to_agent!r}", record)
+            else:
+                record()

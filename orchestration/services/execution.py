@@ -28,7 +28,14 @@ from django.db.models import F, Max
 from django.db.models.functions import Now
 
 from observability.attempts import attempt_finished, attempt_started, attempts_reaped, late_usage_recorded
-from orchestration.db import DatabaseClock, atomic_with_retry, stop_if_interrupted, stopping, terminate_handler_fired
+from orchestration.db import (
+    DatabaseClock,
+    atomic_with_retry,
+    process_stopping,
+    stop_if_interrupted,
+    stop_raised,
+    terminate_handler_fired,
+)
 from orchestration.errors import PermanentError, RetryableError, error_class_name, is_retryable
 from orchestration.event_types import EventType, Severity
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
@@ -865,9 +872,7 @@ def attempt_run(
             # the next task's agent error there was taken for a stop: that process ended under it,
             # which Celery, the process marked terminated, acknowledged as revoked (its attempt
             # left running for the reaper).
-            stop_if_interrupted(exc)
-            if _process_stopping(exc):
-                raise SystemExit(f"stopped by a terminate signal ({type(exc).__name__}: {exc})") from exc
+            stop_raised(exc)
             raise
     if terminate_handler_fired():
         # The terminate signal's SystemExit was swallowed on its way (an agent that catches
@@ -876,17 +881,6 @@ def attempt_run(
         # next task's agent error there was taken for a stop, ending the process under that try.
         raise SystemExit("stopped by a terminate signal (its exit was caught on the way)")
     return outcome
-
-
-def _process_stopping(exc: BaseException) -> bool:
-    """Whether `exc` stops this process (a KeyboardInterrupt; a SystemExit of a terminate signal's
-    handler, which a cancel sends a running try's pool process, or Celery's own shutdown) rather
-    than being the agent's: a SystemExit the agent raised itself (its `sys.exit()`, a command-line
-    library's) is its failure, and its pool process lives on. Once the handler has fired, any
-    exception: the handler's SystemExit may have been replaced on its way."""
-    if terminate_handler_fired():
-        return True
-    return isinstance(exc, SystemExit | KeyboardInterrupt) and stopping(exc)
 
 
 def _attempt_run(
@@ -954,7 +948,7 @@ def _attempt_run(
         if agent_error is not None:
             raise agent_error
     except BaseException as exc:
-        if _process_stopping(exc):
+        if process_stopping(exc):
             # The worker is going away (a cancel's SIGTERM, a shutdown); the reaper closes it. A
             # stop replaced on its way out (the agent's cleanup raised) is raised again as a
             # SystemExit by attempt_run.

@@ -176,3 +176,9 @@ def swallows_exit(task_input, context):
     except BaseException as exc:  # what such an agent does
         return {"interrupted": type(exc).__name__}
     return {"interrupted": None}
+
+
+def hands_off(task_input, context):
+    """Hands the task to the agent `input.to` (with the rest of its input), and returns its output."""
+    to = task_input["to"]
+    return context.peers.handoff(to, {k: v for k, v in task_input.items() if k != "to"}, message="over to you")

@@ -28,6 +28,7 @@ from training_export.services.export import (
     EXPORT_LOST_GRACE_SECONDS,
     EXPORT_RETRY_COUNTDOWN_SECONDS,
     EXPORT_TIME_LIMIT_SECONDS,
+    RUN_STOPPED_ERROR,
     WindowNotClosed,
     export_run_execute,
     export_runs_request,
@@ -173,7 +174,7 @@ def test_a_worker_killed_mid_export_is_recorded_lost_at_the_next_sweep_not_hours
     swept = wait_for(lambda: export_runs_sweep().lost, timeout=10, what="the sweeper to see the session gone")
     assert swept == [run.pk]
     run.refresh_from_db()
-    assert run.status == ExportRun.Status.FAILED and run.error.startswith("lost:")
+    assert (run.status, run.error) == (ExportRun.Status.FAILED, RUN_STOPPED_ERROR)
 
 
 @pytest.mark.django_db(transaction=True)

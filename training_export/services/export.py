@@ -47,7 +47,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Max
 from django.db.models.functions import Now
 
-from orchestration.db import database_now
+from orchestration.db import database_now, process_stopping, stop_raised, stopping_write
 from orchestration.errors import TransitionError
 from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.services.events import event_record
@@ -67,6 +67,10 @@ EXPORT_TIME_LIMIT_SECONDS = 6 * 3600
 EXPORT_RETRY_COUNTDOWN_SECONDS = 600
 # How long past its limit a run must be before export_runs_sweep decides it was lost.
 EXPORT_LOST_GRACE_SECONDS = 900
+# The error of a run whose process was stopped (a terminate signal, a worker's shutdown, ^C) or
+# killed before it finished: recorded by that process as it stops, or by export_runs_sweep once
+# the process is gone, whichever comes first. The window is exported again by the next run.
+RUN_STOPPED_ERROR = "lost: the process running it was stopped or killed before it finished"
 
 
 class ExportError(ValueError):
@@ -406,6 +410,12 @@ def _execute(
             manifest = _write(exporter, window, directory, run.format, progress)
             return _record_success(run, window=window, directory=directory, manifest=manifest)
         except BaseException as exc:
+            if process_stopping(exc):
+                # Recorded as export_runs_sweep records a run whose process is gone, not as the
+                # SystemExit or database error the stop showed up as here; briefly, on a connection
+                # the stop may have left busy: the sweep records it if this cannot.
+                stopping_write(f"the stop of export run {run.pk}", lambda: _fail([run.pk], error=RUN_STOPPED_ERROR))
+                stop_raised(exc)  # as the stop, not as the database error it may have become
             try:
                 _fail([run.pk], error=f"{type(exc).__name__}: {exc}")
             except Exception:
@@ -636,6 +646,10 @@ def _export_days(*, now: dt.datetime | None, time_limit_seconds: int | None, fin
                 _record_gave_up(pending[index:], error=str(exc))
             raise
         except Exception as exc:
+            # A stop, even one that Django's atomic() replaced with the error of the connection it
+            # left busy (a terminate signal in a COMMIT), ends the catch-up: the process was told
+            # to stop, and every later day would only fail at once on that connection.
+            stop_raised(exc)
             # Recorded failed with its event by export_run; the other days and types go on (a day
             # that fails on its own would otherwise stop every night of the catch-up).
             logger.exception("the daily export of %s for %s failed", data_type, day)
@@ -836,7 +850,8 @@ def export_runs_sweep(*, now: dt.datetime | None = None) -> ExportSweep:
       runs from manage.py have none), or, on PostgreSQL, whose process is gone (nobody holds
       its lock, `_run_lock`: a killed worker, a stopped or killed manage.py): the worker was
       killed or lost. It is recorded failed with its export_failed event; its temporary file is
-      removed by retention.
+      removed by retention. A process that is stopped (not killed) records its run so itself,
+      with the same error (RUN_STOPPED_ERROR), as it stops.
 
     Times are the database's (`now`, by default its clock, and the runs' deadline_at): a sweeping
     host whose clock ran ahead recorded live runs lost. (A pending row's first updated_at is its
@@ -860,7 +875,7 @@ def export_runs_sweep(*, now: dt.datetime | None = None) -> ExportSweep:
             gone = _dead_runs(sorted(set(running) - set(past_deadline)))
             lost += _fail(
                 gone,
-                error="lost: the process running it ended without recording an outcome (killed, or stopped)",
+                error=RUN_STOPPED_ERROR,
             )
     with transaction.atomic():
         stale_pending = list(
