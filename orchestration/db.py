@@ -131,14 +131,42 @@ def database_error_described(exc: BaseException) -> dict[str, str]:
     return {"error_class": error_class_name(shown), "error": f"{type(shown).__name__}: {message}"}
 
 
-def database_error_met(exc: BaseException, *, attempt_number: int | None) -> dict[str, Any] | None:
-    """What a delivery's message sent again carries when the database answered one of its writes
-    with an error (`exc`, not a lost or unreachable connection): the error described, and the
-    number of the attempt the delivery had started (None: none), whose record it is. None for a
-    lost connection."""
-    if not isinstance(exc, OperationalError) or database_unreachable(exc):
+SENT_AGAIN_CAUSES = ("connection_lost", "database_error")
+
+
+def sent_again_record(
+    exc: BaseException, *, attempt_number: int | None, carried: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What a delivery's message sent again carries (run_task, in a message header): what ended the
+    attempt the delivery leaves running, for the next delivery's claim to record. `cause`
+    connection_lost (the connection lost or unreachable) or database_error (the database
+    answered a write with `exc`: its class and message), and `attempt_number`, the attempt it
+    concerns.
+
+    A delivery that started no attempt (`attempt_number` None: its claim did not commit) closed
+    none either: the record it received (`carried`), of the attempt an earlier delivery left
+    running, is sent on as it was, so that attempt keeps its own cause; without one, the record
+    names no attempt."""
+    if attempt_number is None and carried is not None:
+        return carried
+    if isinstance(exc, OperationalError) and not database_unreachable(exc):
+        return {"cause": "database_error", **database_error_described(exc), "attempt_number": attempt_number}
+    return {"cause": "connection_lost", "attempt_number": attempt_number}
+
+
+def sent_again_read(record: Any) -> dict[str, Any] | None:
+    """A record of sent_again_record read from a message (its header, or the `database_error`
+    keyword argument of messages sent by the release before the header, which has no cause);
+    None for anything else (a message sent again by an earlier release carries none)."""
+    if not isinstance(record, dict):
         return None
-    return {**database_error_described(exc), "attempt_number": attempt_number}
+    cause = record.get("cause", "database_error")
+    number = record.get("attempt_number")
+    if cause not in SENT_AGAIN_CAUSES or not (number is None or isinstance(number, int)):
+        return None
+    if cause == "database_error" and not (isinstance(record.get("error_class"), str) and "error" in record):
+        return None
+    return {**record, "cause": cause}
 
 
 def stop_if_interrupted(exc: BaseException) -> None:

@@ -12,7 +12,7 @@ from celery import Task, shared_task
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
-from orchestration.db import database_error_met, database_unreachable, stop_if_interrupted
+from orchestration.db import database_unreachable, sent_again_read, sent_again_record, stop_if_interrupted
 from orchestration.services.execution import attempt_run
 from orchestration.workers import DatabaseErrorMet, current_process
 
@@ -90,6 +90,38 @@ def retried_while_away(task: Task, away_tries: int) -> Iterator[None]:
         ) from exc
 
 
+# The header of a message run_task sends again: what ended the attempt its delivery leaves
+# running (db.sent_again_record), with the `retries` of the message it is on. A header, not a
+# keyword argument: a worker of an earlier release, during a rolling deploy, runs the message
+# all the same (its run_task takes no such argument), and records the attempt by its own rules.
+SENT_AGAIN_HEADER = "agentledger_sent_again"
+
+_unknown_arguments_logged: set[str] = set()
+
+
+def _unknown_arguments(names: list[str]) -> None:
+    """Log, once in this process for each name, keyword arguments run_task does not know: sent
+    by a later release (a rolling deploy, or one rolled back), and ignored."""
+    new = [name for name in names if name not in _unknown_arguments_logged]
+    if new:
+        _unknown_arguments_logged.update(new)
+        logger.warning("run_task ignores keyword arguments it does not know (a later release's?): %s", ", ".join(new))
+
+
+def _sent_again(request: Any, database_error: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the message says ended the attempt an earlier delivery of it left running: its header,
+    when this release's run_task sent it again; the keyword argument of the release before (a
+    database error), for messages it queued. A header that a worker of an earlier release
+    carried on unchanged in its own retry (Celery keeps a message's headers) is another
+    delivery's: its `retries` is not this message's."""
+    header = (request.headers or {}).get(SENT_AGAIN_HEADER)
+    if isinstance(header, dict) and header.get("retries") == request.retries:
+        return sent_again_read({k: v for k, v in header.items() if k != "retries"})
+    if database_error is not None:
+        return sent_again_read(database_error)
+    return None
+
+
 @shared_task(
     name="orchestration.run_task",
     bind=True,
@@ -99,17 +131,21 @@ def retried_while_away(task: Task, away_tries: int) -> Iterator[None]:
     # In the worker's main process: remembers a hard time-out or a lost pool process for the reaper.
     Request="orchestration.workers:RunTaskRequest",
 )
-def run_task(self, execution_id: str, database_error: dict[str, Any] | None = None) -> str:
+def run_task(self, execution_id: str, database_error: dict[str, Any] | None = None, **unknown: Any) -> str:
     """Run one attempt of a task execution (the message's id identifies the attempt).
 
     If the database connection is lost, the message is sent again (same id) and this delivery
     ends. Nothing of it was recorded, except a claim that committed: the retried delivery then
     closes that attempt as lost (connection_lost) and starts the next one. So too when the
     database answered a write with an error (a lock or statement timeout, a deadlock that
-    outlasted atomic_with_retry, a full disk): the message sent again carries that error
-    (`database_error`: its class and message, and the number of the attempt this delivery had
-    started, if it had), and that attempt is closed lost with it, cause database_error."""
+    outlasted atomic_with_retry, a full disk), cause database_error with that error. The message
+    sent again says which in its SENT_AGAIN_HEADER (`database_error`: the keyword argument
+    that said it before, read for the messages that release queued). Keyword arguments of a
+    later release are ignored (logged once)."""
+    if unknown:
+        _unknown_arguments(sorted(unknown))
     delivery = self.request.delivery_info or {}
+    sent_again = _sent_again(self.request, database_error)
     claimed: list[int] = []
     try:
         return attempt_run(
@@ -118,19 +154,32 @@ def run_task(self, execution_id: str, database_error: dict[str, Any] | None = No
             worker=self.request.hostname or "",
             redelivered=bool(delivery.get("redelivered")),
             retried=self.request.retries > 0,
-            database_error=database_error,
+            sent_again=sent_again,
             process=current_process(),
             claimed=claimed.append,
         ).value
     except (InterfaceError, OperationalError) as exc:
         connections.close_all()
         cap = settings.TASK_CONNECTION_RETRY_MAX_COUNTDOWN_SECONDS  # the visibility timeout covers it
-        met = database_error_met(exc, attempt_number=claimed[-1] if claimed else None)
+        record = sent_again_record(exc, attempt_number=claimed[-1] if claimed else None, carried=sent_again)
+        if record is sent_again:
+            logger.warning(
+                "run_task %s: this delivery started no attempt (%s: %s); its message is sent again "
+                "with what ended attempt %s (%s)",
+                self.request.id,
+                type(exc).__name__,
+                exc,
+                record["attempt_number"],
+                record["cause"],
+            )
+        database = record["cause"] == "database_error"
+        header = {**record, "retries": self.request.retries + 1}
         raise self.retry(
             args=[execution_id],
-            kwargs={"database_error": met} if met else {},
+            kwargs=unknown,
+            headers={**(self.request.headers or {}), SENT_AGAIN_HEADER: header},
             # the worker's main process remembers which (RunTaskRequest.on_retry)
-            exc=DatabaseErrorMet(met["error_class"], met["error"]) if met else exc,
+            exc=DatabaseErrorMet(record["error_class"], record["error"]) if database else exc,
             countdown=min(2 ** min(self.request.retries, 5), cap),
         ) from exc
 

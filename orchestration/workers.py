@@ -86,8 +86,10 @@ class Ending:
 class DatabaseErrorMet(Exception):
     """What run_task's retry carries when the database answered a write with an error (a lock or
     statement timeout, a deadlock, a full disk), not for a lost connection: `error_class` and
-    `error` (orchestration.db.database_error_described). The worker's main process remembers it
-    for the reaper and a redelivery's claim (RunTaskRequest.on_retry)."""
+    `error` (orchestration.db.database_error_described). Also when a later delivery that started
+    no attempt sends the message on (whatever it met): the attempt still running met this. The
+    worker's main process remembers it for the reaper and a redelivery's claim
+    (RunTaskRequest.on_retry)."""
 
     def __init__(self, error_class: str, error: str) -> None:
         super().__init__(error_class, error)

@@ -70,10 +70,12 @@ class Worker:
         name: str | None = None,
         wait: bool = True,
         pool: str = "prefork",
+        app: str = "config",
     ) -> None:
         """`name`: the node name (default a new one); a worker restarted as systemd or Kubernetes
         would restart it takes the name of the one it replaces. `wait`: until it answers pings
-        (else the caller calls wait_ready)."""
+        (else the caller calls wait_ready). `app`: the module of its Celery app (another release's
+        tasks, in a rolling deploy's tests)."""
         self.name = name or f"test-{uuid.uuid4().hex[:8]}@localhost"
         self.env = env or {}  # what it was started with besides the test's settings (a restart takes it again)
         stem = self.name.split("@")[0]
@@ -95,7 +97,7 @@ class Worker:
                 "-m",
                 "celery",
                 "-A",
-                "config",
+                app,
                 "worker",
                 "-P",
                 pool,

@@ -429,14 +429,14 @@ def attempt_claim(
     retried: bool = False,
     now: dt.datetime | None = None,
     process: WorkerProcess | None = None,
-    database_error: dict[str, Any] | None = None,
+    sent_again: dict[str, Any] | None = None,
 ) -> Claim | Outcome:
     """Start an attempt for a delivered message, or say why not (SKIPPED, DEFERRED).
 
     `retried`: the message was sent again by run_task itself after its worker lost the
-    database connection, so an attempt this message left running was abandoned;
-    `database_error` (db.database_error_described, and `attempt_number`): not for a lost
-    connection, but for this error the database answered a write of that attempt with. `process`:
+    database connection, or met an error the database answered a write with, so an attempt this
+    message left running was abandoned; `sent_again` (db.sent_again_record, None from an
+    earlier release: a lost connection) says which, and of which attempt. `process`:
     the worker process that runs the attempt, recorded with it for the reaper. A redelivered
     message whose attempt is still recorded running first asks that attempt's worker what
     became of it (services/redelivery.py).
@@ -473,7 +473,7 @@ def attempt_claim(
             now=now,
             process=process,
             previous=previous,
-            database_error=database_error,
+            sent_again=sent_again,
         )
     )
 
@@ -521,7 +521,7 @@ def _attempt_claim(
     now: dt.datetime | None,
     process: WorkerProcess | None,
     previous: PreviousTry | None = None,
-    database_error: dict[str, Any] | None = None,
+    sent_again: dict[str, Any] | None = None,
 ) -> Claim | Outcome:
     task = (
         TaskExecution.objects.select_for_update(of=("self",))
@@ -559,29 +559,38 @@ def _attempt_claim(
         elif (
             retried
             and last.celery_task_id == celery_task_id
-            and database_error
-            and database_error.get("attempt_number") == last.attempt_number
+            and sent_again is not None
+            and sent_again["attempt_number"] == last.attempt_number
         ):
-            # run_task sent its own message again after the database answered a write of this
-            # attempt's with an error (a lock or statement timeout, a deadlock, a full disk): the
-            # connection was not lost, and the record says what was met instead. Only of the
-            # attempt that met it: a later one this message started (its worker since lost, the
-            # message redelivered) did not.
-            cause, error_class = TaskAttempt.Cause.DATABASE_ERROR, database_error["error_class"]
-            error = (
-                f"worker {last.worker or '?'} met a database error during attempt {last.attempt_number}, "
-                f"which was not recorded (message sent again): {database_error['error']}"
-            )
-        elif retried and last.celery_task_id == celery_task_id:
-            # run_task sent its own message again after the connection broke: whatever the
-            # attempt did was not recorded, and the delivery that ran it has ended.
+            # run_task sent its own message again after the delivery that ran this attempt lost
+            # its database connection, or met an error the database answered a write with (a
+            # lock or statement timeout, a deadlock, a full disk): whatever the attempt did was
+            # not recorded, and that delivery has ended. Only of the attempt it names: a later
+            # one this message started (its worker since lost, the message redelivered) did not.
+            if sent_again["cause"] == TaskAttempt.Cause.DATABASE_ERROR:
+                cause, error_class = TaskAttempt.Cause.DATABASE_ERROR, sent_again["error_class"]
+                error = (
+                    f"worker {last.worker or '?'} met a database error during attempt {last.attempt_number}, "
+                    f"which was not recorded (message sent again): {sent_again['error']}"
+                )
+            else:
+                cause = TaskAttempt.Cause.CONNECTION_LOST
+                error = (
+                    f"worker {last.worker or '?'} lost its database connection during attempt "
+                    f"{last.attempt_number} (message sent again)"
+                )
+        elif retried and sent_again is None and last.celery_task_id == celery_task_id:
+            # Sent again by an earlier release's run_task, which says nothing of why: it did so
+            # only when its connection broke.
             cause = TaskAttempt.Cause.CONNECTION_LOST
             error = (
                 f"worker {last.worker or '?'} lost its database connection during attempt {last.attempt_number} "
                 "(message sent again)"
             )
-        elif redelivered:
-            # The broker redelivered the message of a running attempt: its worker was lost.
+        elif redelivered or (retried and last.celery_task_id == celery_task_id):
+            # The broker redelivered the message of a running attempt: its worker was lost. So too
+            # for a message run_task sent again that does not name this attempt: a delivery that
+            # did not send it again, itself redelivered since, started it.
             cause = TaskAttempt.Cause.WORKER_LOST
             error = f"worker {last.worker or '?'} was lost during attempt {last.attempt_number} (message redelivered)"
         else:
@@ -837,7 +846,7 @@ def attempt_run(
     redelivered: bool = False,
     retried: bool = False,
     process: WorkerProcess | None = None,
-    database_error: dict[str, Any] | None = None,
+    sent_again: dict[str, Any] | None = None,
     claimed: Callable[[int], object] | None = None,
 ) -> Outcome:
     """Claim the delivered message, run the agent once, record the outcome. `claimed` is given
@@ -860,7 +869,7 @@ def attempt_run(
                 redelivered=redelivered,
                 retried=retried,
                 process=process,
-                database_error=database_error,
+                sent_again=sent_again,
                 claimed=claimed,
             )
         except Exception as exc:
@@ -892,7 +901,7 @@ def _attempt_run(
     redelivered: bool,
     retried: bool,
     process: WorkerProcess | None,
-    database_error: dict[str, Any] | None,
+    sent_again: dict[str, Any] | None,
     claimed: Callable[[int], object] | None,
 ) -> Outcome:
     claim = attempt_claim(
@@ -902,7 +911,7 @@ def _attempt_run(
         redelivered=redelivered,
         retried=retried,
         process=process,
-        database_error=database_error,
+        sent_again=sent_again,
     )
     if not isinstance(claim, Claim):
         return claim

@@ -1224,9 +1224,9 @@ def test_run_tasks_own_retry_for_a_database_error_closes_the_attempt_with_that_e
     wf = submit({"name": "timed", "agent": "echo", "max_retries": 1})
     t = task(wf, "timed")
     attempt_claim(execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w1@h")
-    met = {**met, "attempt_number": 1}  # the attempt the delivery that met it had started
+    met = {"cause": "database_error", **met, "attempt_number": 1}  # of the attempt the delivery had started
     second = attempt_claim(
-        execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w1@h", retried=True, database_error=met
+        execution_id=t.execution_id, celery_task_id=t.celery_task_id, worker="w1@h", retried=True, sent_again=met
     )
     assert second.attempt.attempt_number == 2
     closed = attempts(wf, "timed")[0]
@@ -1247,11 +1247,51 @@ def test_run_tasks_own_retry_for_a_database_error_closes_the_attempt_with_that_e
         worker="w2@h",
         redelivered=True,
         retried=True,
-        database_error=met,
+        sent_again=met,
     )
     later = attempts(wf, "timed")[1]
-    assert (later.attempt_number, later.status) == (2, A.LOST)
-    assert later.cause != "database_error" and later.error_class == ""
+    assert (later.attempt_number, later.status, later.cause, later.error_class) == (2, A.LOST, "worker_lost", "")
+
+
+def test_a_record_of_an_earlier_attempt_closes_the_running_one_as_lost_with_its_worker(db, builtin_agents):
+    """run_task's message names the attempt its delivery left running (attempt 1, lost connection);
+    the next delivery started attempt 2 and was lost with its worker; the broker redelivered the
+    message to a worker whose claim lost its connection before it committed, which sent the
+    record on as it was. The next delivery (retried, not redelivered) finds attempt 2 running:
+    its worker was lost, not its database connection."""
+    wf = submit({"name": "t", "agent": "echo", "max_retries": 3})
+    t = task(wf, "t")
+    ids = {"execution_id": t.execution_id, "celery_task_id": t.celery_task_id}
+    attempt_claim(**ids, worker="w1@h")
+    record = {"cause": "connection_lost", "attempt_number": 1}
+    assert attempt_claim(**ids, worker="w1@h", retried=True, sent_again=record).attempt.attempt_number == 2
+    assert attempt_claim(**ids, worker="w2@h", retried=True, sent_again=record).attempt.attempt_number == 3
+    first, second, _ = attempts(wf, "t")
+    assert (first.status, first.cause) == (A.LOST, "connection_lost")
+    assert (second.status, second.cause) == (A.LOST, "worker_lost"), second.error
+    assert second.error == "worker w1@h was lost during attempt 2 (message redelivered)"
+
+
+def test_a_header_that_an_earlier_releases_retry_carried_on_is_not_read():
+    """Celery keeps a message's headers when a task retries: a worker of an earlier release that
+    sends the message again carries this release's header on unchanged, about another delivery.
+    Its `retries` is not the message's: not read (the earlier release's keyword argument is)."""
+    from celery.app.task import Context
+
+    from orchestration.tasks import SENT_AGAIN_HEADER, _sent_again
+
+    header = {"cause": "connection_lost", "attempt_number": 1, "retries": 1}
+    assert _sent_again(Context(headers={SENT_AGAIN_HEADER: header}, retries=1), None) == {
+        "cause": "connection_lost",
+        "attempt_number": 1,
+    }
+    assert _sent_again(Context(headers={SENT_AGAIN_HEADER: header}, retries=2), None) is None
+    old = {"error_class": "psycopg.errors.LockNotAvailable", "error": "LockNotAvailable: x", "attempt_number": 2}
+    assert _sent_again(Context(headers={SENT_AGAIN_HEADER: header}, retries=2), old) == {
+        **old,
+        "cause": "database_error",
+    }
+    assert _sent_again(Context(headers={SENT_AGAIN_HEADER: "?"}, retries=1), None) is None
 
 
 @pytest.mark.django_db(transaction=True)
