@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from django.urls import include, path
-from drf_spectacular.views import SpectacularSwaggerView
 
-from orchestration.api.schema import CachedSchemaView
+from orchestration.api.schema import CachedSchemaView, DocsView
 
 app_name = "api"
 
 urlpatterns = [
     path("schema/", CachedSchemaView.as_view(), name="schema"),
-    path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),
+    path("docs/", DocsView.as_view(url_name="api:schema"), name="docs"),
     path("", include("orchestration.api.urls")),
 ]

@@ -17,13 +17,14 @@ import redis
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
 from django.db import connection
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
 from observability.collectors import redis_client
 from observability.logs import redact_public
+from orchestration.api.errors import json_response
 
 CHECK_TIMEOUT_SECONDS = 2.0
 
@@ -101,20 +102,20 @@ def run_check(check: Check) -> dict[str, Any]:
     return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 3), **details}
 
 
-def _probe(view: Callable[[HttpRequest], JsonResponse]) -> Callable[[HttpRequest], JsonResponse]:
+def _probe(view: Callable[[HttpRequest], HttpResponse]) -> Callable[[HttpRequest], HttpResponse]:
     """Open to anyone (no login, no CSRF), GET/HEAD only, never cached."""
     return login_not_required(csrf_exempt(require_http_methods(["GET", "HEAD"])(never_cache(view))))
 
 
 @_probe
-def healthz(request: HttpRequest) -> JsonResponse:
+def healthz(request: HttpRequest) -> HttpResponse:
     """Liveness: the process answers. Touches no database, broker or cache."""
-    return JsonResponse({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 @_probe
-def readyz(request: HttpRequest) -> JsonResponse:
+def readyz(request: HttpRequest) -> HttpResponse:
     """Readiness: every dependency check passes (200) or at least one fails (503)."""
     results = {name: run_check(check) for name, check in CHECKS.items()}
     ready = all(result["ok"] for result in results.values())
-    return JsonResponse({"status": "ok" if ready else "unavailable", "checks": results}, status=200 if ready else 503)
+    return json_response({"status": "ok" if ready else "unavailable", "checks": results}, status=200 if ready else 503)

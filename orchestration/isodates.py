@@ -30,3 +30,12 @@ def parse_iso_datetime(value: str) -> dt.datetime | None:
     """django.utils.dateparse.parse_datetime for the documented form only: None for any
     other; ValueError, as Django's, for one in form that is no date (month 13)."""
     return parse_datetime(value) if is_iso_datetime_form(value) else None
+
+
+_DAY_FORM = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def is_iso_day_form(value: str) -> bool:
+    """Whether `value` is a day in the documented form, YYYY-MM-DD: strptime's `%Y-%m-%d`
+    also reads `2024-3-5`, and fromisoformat `20240305` and week dates."""
+    return _DAY_FORM.fullmatch(value) is not None

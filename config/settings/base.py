@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 
@@ -592,6 +593,20 @@ API_RATE_LIMITS = {
     "developer": env.int("API_RATE_LIMIT_DEVELOPER", 300, minimum=1),
     "viewer": env.int("API_RATE_LIMIT_VIEWER", 120, minimum=1),
 }
+# Requests without credentials, or whose credentials are refused, per client address per
+# 60-second window (an IPv6 client per /64): a 401 costs a key lookup, and keys may be probed.
+API_RATE_LIMIT_ANONYMOUS = env.int("API_RATE_LIMIT_ANONYMOUS", 60, minimum=1)
+# Reverse proxies (addresses or networks) whose X-Forwarded-For names the client: the client
+# is the address nearest to us in that header that is not one of them. Empty: the peer's
+# address is the client's, and X-Forwarded-For is ignored (anyone can write it).
+API_TRUSTED_PROXIES = env.list("API_TRUSTED_PROXIES")
+for _proxy in API_TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_proxy, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"API_TRUSTED_PROXIES: {_proxy!r} is not an IP address or network (such as 10.0.0.5 or 10.0.0.0/24)"
+        ) from None
 API_PAGE_SIZE = env.int("API_PAGE_SIZE", 50, minimum=1, maximum=1000)
 API_MAX_PAGE_SIZE = env.int("API_MAX_PAGE_SIZE", 200, minimum=1, maximum=1000)
 if API_PAGE_SIZE > API_MAX_PAGE_SIZE:

@@ -12,7 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from orchestration.api.errors import spec_field
+from orchestration.api.errors import spec_problem
 from orchestration.api.exceptions import Conflict
 from orchestration.api.filters import AgentFilter, check_list_parameters
 from orchestration.api.pagination import KeysetPagination
@@ -28,6 +28,7 @@ from orchestration.api.serializers import (
     MessageAcceptedSerializer,
     MessagePostSerializer,
     MessageSerializer,
+    NoBodySerializer,
 )
 from orchestration.api.views import PAGE_PARAMETERS, ApiMixin
 from orchestration.errors import ConversationBusy, ConversationError, ConversationTaken
@@ -152,13 +153,15 @@ class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, v
 
     @extend_schema(
         summary="Deactivate an agent (admins)",
-        description=FILE_DEFINED,
+        description="Takes no body (none, or `{}`): any other is a 400. " + FILE_DEFINED,
         request=None,
-        responses={200: AgentSerializer, **problem_responses(401, 403, 404, 409, 429)},
+        responses={200: AgentSerializer, **problem_responses(400, 401, 403, 404, 409, 429)},
     )
     @action(detail=True, methods=["post"])
     def deactivate(self, request: Request, pk: str) -> Response:
-        agent = agent_deactivate(agent_id=self.get_object().pk, actor=request.user)
+        agent = self.get_object()
+        NoBodySerializer(data=request.data).is_valid(raise_exception=True)
+        agent = agent_deactivate(agent_id=agent.pk, actor=request.user)
         return Response(AgentSerializer(agent).data)
 
     @extend_schema(
@@ -255,8 +258,7 @@ class ConversationMessagesView(ApiMixin, APIView):
             raise Conflict(str(exc)) from None
         except ConversationError as exc:
             # The service's message begins with the field it names, which the answer names once.
-            field = spec_field(str(exc))
-            detail = str(exc).removeprefix(f"{field}: ") if field else str(exc)
-            raise ValidationError({field or "conversation": [detail]}) from None
+            problem = spec_problem(str(exc))
+            raise ValidationError({problem["field"] or "conversation": [problem["detail"]]}) from None
         body = {"message_id": message.message_id, "instance_id": instance_id, "status": "accepted"}
         return Response(MessageAcceptedSerializer(body).data, status=status.HTTP_202_ACCEPTED)

@@ -1,7 +1,8 @@
 """RFC 9457 problem details: the one error shape of the API.
 
 Every error answer is `application/problem+json` with type, title, status, detail and
-instance; validation errors add `errors`, a list of {field, detail}. Unexpected exceptions
+instance; every 400 adds `errors`, a list of {field, detail} (a workflow spec's problems as a
+serializer's: the field's path, and the problem without it). Unexpected exceptions
 are logged and answered 500 without any trace of the code.
 """
 
@@ -22,7 +23,7 @@ from django.core.exceptions import (
     TooManyFieldsSent,
 )
 from django.db import DatabaseError
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.urls import is_valid_path
 from django.utils.html import escape
 from django.views import defaults
@@ -82,6 +83,10 @@ def problem(
         "detail": detail,
         "instance": instance,
     }
+    if errors is None and status_code == 400:
+        # Every 400 lists its problems, so that a client reads any of them one way: one that
+        # names no field (a body that is not JSON) is listed under the empty field.
+        errors = [{"field": "", "detail": detail}]
     if errors is not None:
         body["errors"] = errors
     return body
@@ -94,6 +99,17 @@ def spec_field(text: str) -> str:
         return ""
     field = match.group("field")
     return re.sub(r"^(tasks\[\d+\]) \((?!a key\)$)[^)]*\)", r"\1", field)
+
+
+def spec_problem(text: str) -> dict[str, str]:
+    """A SpecError problem as a validation error's {field, detail}: "tasks[2] (fetch).depends_on:
+    unknown task 'x'" is {"field": "tasks[2].depends_on", "detail": "unknown task 'x'"}; a
+    problem that does not begin with its field and a colon keeps its whole text."""
+    field = spec_field(text)
+    match = _FIELD_RE.match(text)
+    if match and text[match.end() :].startswith(": "):
+        return {"field": field, "detail": text[match.end() + 2 :]}
+    return {"field": field, "detail": text}
 
 
 def _flatten(data: Any, prefix: str = "") -> list[dict[str, str]]:
@@ -137,14 +153,10 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
         request.accepted_renderer = FastJSONRenderer()
         request.accepted_media_type = PROBLEM_CONTENT_TYPE
     if isinstance(exc, SpecError):
-        errors = _listed([{"field": spec_field(p), "detail": p} for p in exc.problems])
-        return _respond(
-            400,
-            "The request is invalid: " + "; ".join(e["detail"] for e in errors),
-            "invalid_request",
-            instance,
-            errors,
-        )
+        # The shape of a serializer's validation error: each problem under the field it names,
+        # the field said once; `detail` lists the problems as written (with a task's name).
+        errors = _listed([spec_problem(p) for p in exc.problems])
+        return _respond(400, "; ".join(exc.listed), "validation_error", instance, errors)
     if isinstance(exc, TransitionError):
         exc = Conflict(str(exc))
     elif isinstance(exc, RequestDataTooBig):
@@ -199,10 +211,16 @@ def _respond(status_code: int, detail: str, code: str, instance: str, errors: li
     )
 
 
+def json_response(data: Any, *, status: int = 200, content_type: str = "application/json") -> HttpResponse:
+    """A JSON answer built outside DRF's views (a handler, a middleware, a probe), rendered as
+    DRF's are: compact, by the same renderer."""
+    return HttpResponse(FastJSONRenderer().render(data), status=status, content_type=content_type)
+
+
 def _plain_problem(
     request: HttpRequest, status_code: int, detail: str, code: str, errors: list[dict[str, str]] | None = None
-) -> JsonResponse:
-    return JsonResponse(
+) -> HttpResponse:
+    return json_response(
         problem(status_code=status_code, detail=detail, code=code, instance=request.get_full_path(), errors=errors),
         status=status_code,
         content_type=PROBLEM_CONTENT_TYPE,

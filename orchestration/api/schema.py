@@ -8,11 +8,12 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.http import HttpResponse
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
-from drf_spectacular.views import SpectacularAPIView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.request import Request
 
 from orchestration.api.errors import PROBLEM_CONTENT_TYPE, TITLES, problem
 from orchestration.api.serializers import ProblemSerializer
+from orchestration.api.throttling import RateLimitedMixin
 
 _DETAILS = {
     400: ("validation_error", "name: must not be empty", [{"field": "name", "detail": "must not be empty"}]),
@@ -85,14 +86,15 @@ def document_negotiation_problems(result: dict[str, Any], generator: Any, reques
     return result
 
 
-class CachedSchemaView(SpectacularAPIView):
+class CachedSchemaView(RateLimitedMixin, SpectacularAPIView):
     """`/api/v1/schema/`, served to anyone (like the docs page that reads it), so it must cost
     next to nothing: drf-spectacular generates the schema on every request (a quarter to a
-    third of a second of CPU, plus a fifth for YAML) and an anonymous caller has no rate
-    limit. The schema is the same for every caller (SERVE_PUBLIC) and changes only with the
-    code, so each format is rendered once per process. `?lang=` and `?version=` are not
-    honoured: the API has no translations and its version is in the path, and a cache keyed
-    on them would be as easy to miss as none."""
+    third of a second of CPU, plus a fifth for YAML) and an anonymous caller's limit is per
+    address (API_RATE_LIMIT_ANONYMOUS), shared by every client behind one. The schema is the
+    same for every caller (SERVE_PUBLIC) and changes only with the code, so each format is
+    rendered once per process. `?lang=` and `?version=` are not honoured: the API has no
+    translations and its version is in the path, and a cache keyed on them would be as easy
+    to miss as none."""
 
     _rendered: ClassVar[dict[type, tuple[bytes, str, str]]] = {}
 
@@ -117,6 +119,10 @@ class CachedSchemaView(SpectacularAPIView):
 
     def _get_version_parameter(self, request: Request) -> None:
         return None
+
+
+class DocsView(RateLimitedMixin, SpectacularSwaggerView):
+    """`/api/v1/docs/`: the interactive docs, with the RateLimit-* headers of every answer."""
 
 
 @receiver(setting_changed)

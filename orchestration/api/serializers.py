@@ -773,6 +773,29 @@ class CancelSerializer(StrictFieldsMixin, serializers.Serializer):
     reason = serializers.CharField(max_length=1000, required=False, default="cancelled by user")
 
 
+NO_BODY = "this operation takes no request body: send none, or an empty JSON object"
+_JSON_KINDS = {
+    type(None): "null",
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+}
+
+
+class NoBodySerializer(StrictFieldsMixin, serializers.Serializer):
+    """The body of a command that takes none (retry, deactivate): nothing, or `{}`. Anything
+    else is refused, naming what was sent, rather than ignored: a client that sent a `reason`
+    learns that it was not recorded."""
+
+    def run_validation(self, data: Any = serializers.empty) -> Any:
+        if data is not serializers.empty and not isinstance(data, dict):
+            kind = _JSON_KINDS.get(type(data), "such a value")
+            raise serializers.ValidationError({api_settings.NON_FIELD_ERRORS_KEY: [f"{NO_BODY}, not {kind}"]})
+        return super().run_validation(data)
+
+
 class RateLimitSerializer(serializers.Serializer):
     """The caller's rate-limit window."""
 
@@ -806,8 +829,14 @@ class MeSerializer(serializers.Serializer):
 
 
 class ProblemErrorSerializer(serializers.Serializer):
-    field = serializers.CharField(allow_blank=True)
-    detail = serializers.CharField()
+    """One problem of a 400."""
+
+    field = serializers.CharField(
+        allow_blank=True,
+        help_text="the path of the field or parameter (`tasks[0].depends_on`), or empty for the request as a "
+        "whole (a body that is not JSON)",
+    )
+    detail = serializers.CharField(help_text="the problem (its field is `field`, not repeated here)")
 
 
 class ProblemSerializer(serializers.Serializer):
@@ -818,4 +847,9 @@ class ProblemSerializer(serializers.Serializer):
     status = serializers.IntegerField()
     detail = serializers.CharField()
     instance = serializers.CharField()
-    errors = ProblemErrorSerializer(many=True, required=False)
+    errors = ProblemErrorSerializer(
+        many=True,
+        required=False,
+        help_text="on every 400 (and only there): each problem found, a workflow spec's and a serializer's alike; "
+        "`detail` joins them",
+    )

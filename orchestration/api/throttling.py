@@ -1,4 +1,6 @@
-"""Rate limits per user per 60-second window (seed 004 §5.1), limits per role from settings.
+"""Rate limits per user per 60-second window (seed 004 §5.1), limits per role from settings;
+requests without credentials, or with refused ones, per client address
+(API_RATE_LIMIT_ANONYMOUS).
 
 A view may take the count's reply later than DRF's throttle check (`rate_limit_deferrable`):
 the count is sent to Redis then, and the view reads the reply with `rate_limit_settle` before
@@ -10,14 +12,18 @@ read in the throttle check.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Any
 
 import redis
 from django.conf import settings
-from rest_framework.exceptions import Throttled
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
+from rest_framework.exceptions import APIException, Throttled
 from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle
 
@@ -51,6 +57,49 @@ def rate_limit_key(user_id: int) -> str:
     return f"rate_limit:{user_id}"
 
 
+def anonymous_rate_limit_key(address: str) -> str:
+    return f"rate_limit:anonymous:{address}"
+
+
+@lru_cache(maxsize=8)
+def _networks(proxies: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(proxy, strict=False) for proxy in proxies)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def client_address(request: HttpRequest) -> str:
+    """The address an unauthenticated request is counted by: the peer's, or, when the peer is
+    one of API_TRUSTED_PROXIES, the nearest address in X-Forwarded-For that is not a trusted
+    proxy (each proxy appends the address it was reached from; what lies further left, the
+    client wrote). An IPv6 client is its /64, which one subscriber holds whole."""
+    peer = _address(request.META.get("REMOTE_ADDR", ""))
+    if peer is None:
+        return "unknown"
+    networks = _networks(tuple(settings.API_TRUSTED_PROXIES))
+    client = peer
+    if any(client in network for network in networks):
+        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")
+        for hop in reversed(forwarded):
+            address = _address(hop)
+            if address is None:
+                break  # not written by a proxy we trust: the last trusted hop is the client
+            client = address
+            if not any(address in network for network in networks):
+                break
+    if isinstance(client, ipaddress.IPv6Address):
+        return str(ipaddress.ip_network(f"{client}/64", strict=False))
+    return str(client)
+
+
 def rate_limit_for(role: str | None) -> int | None:
     return settings.API_RATE_LIMITS.get(role) if role else None
 
@@ -66,12 +115,19 @@ class RoleRateThrottle(BaseThrottle):
 
     def allow_request(self, request: Request, view: Any) -> bool:
         user = request.user
-        limit = rate_limit_for(request_role(request))
-        if not getattr(user, "is_authenticated", False) or limit is None:
-            return True
-        key = rate_limit_key(user.pk)
+        authenticated = getattr(user, "is_authenticated", False)
+        if not authenticated:
+            # Without credentials, or with refused ones (ApiMixin counts a request refused for
+            # either before it answers 401): per client address.
+            limit = settings.API_RATE_LIMIT_ANONYMOUS
+            key = anonymous_rate_limit_key(client_address(request._request))
+        else:
+            limit = rate_limit_for(request_role(request))
+            if limit is None:
+                return True
+            key = rate_limit_key(user.pk)
         deferrable = getattr(view, "rate_limit_deferrable", None)
-        if deferrable is not None and deferrable():
+        if authenticated and deferrable is not None and deferrable():
             rate_limit_close(request)  # a second check of one request must not hold two connections
             with _store_answering():
                 setattr(request._request, _PENDING, (store().hit_later(key, WINDOW_SECONDS), limit))
@@ -102,6 +158,34 @@ def rate_limit_settle(request: Request) -> None:
         hit.close()
     if not _record(request, limit, count, reset):
         raise Throttled(wait=reset)
+
+
+def rate_limit_headers(request: Request, response: HttpResponseBase) -> None:
+    """The RateLimit-* headers of the window the request was counted in, if it was."""
+    state = getattr(request._request, "rate_limit", None)
+    if state:
+        response["RateLimit-Limit"] = str(state["limit"])
+        response["RateLimit-Remaining"] = str(state["remaining"])
+        response["RateLimit-Reset"] = str(state["reset"])
+
+
+class RateLimitedMixin:
+    """For an API view: a request whose credentials are refused (an unknown or revoked key) is
+    counted against its client's address before its 401, as one without any is (keys are not
+    to be probed at any rate; over the limit it is a 429), and every answer carries the
+    RateLimit-* headers of the window it was counted in."""
+
+    def perform_authentication(self, request: Request) -> None:
+        try:
+            super().perform_authentication(request)  # type: ignore[misc]
+        except APIException:
+            self.check_throttles(request)  # type: ignore[attr-defined]
+            raise
+
+    def finalize_response(self, request: Request, response: Any, *args: Any, **kwargs: Any) -> Any:
+        response = super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
+        rate_limit_headers(request, response)
+        return response
 
 
 def rate_limit_close(request: Request) -> None:

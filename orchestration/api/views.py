@@ -32,6 +32,7 @@ from orchestration.api.serializers import (
     CancelSerializer,
     EventSerializer,
     MeSerializer,
+    NoBodySerializer,
     TaskDetailSerializer,
     TaskSerializer,
     UserSpendQuerySerializer,
@@ -41,7 +42,7 @@ from orchestration.api.serializers import (
     WorkflowSpecSerializer,
     row_reader,
 )
-from orchestration.api.throttling import rate_limit_settle
+from orchestration.api.throttling import RateLimitedMixin, rate_limit_settle
 from orchestration.models import AgentPlaygroundMessage, ApiKey, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.selectors import user_spend
 from orchestration.services.events import Actor, actor_of
@@ -60,7 +61,7 @@ READ = "workflow:read"
 WRITE = "workflow:create"
 
 
-class ApiMixin:
+class ApiMixin(RateLimitedMixin):
     """Rate-limit headers on every answer, a choice of keyset orderings, JSON by orjson."""
 
     renderer_classes = [
@@ -90,8 +91,9 @@ class ApiMixin:
 
     def permission_denied(self, request: Request, message: str | None = None, code: str | None = None) -> None:
         # DRF checks permissions before throttles: a refused request was not counted, and its
-        # answer had no RateLimit-* headers. Counted here, over the limit it is a 429.
-        if not getattr(self, "_throttles_checked", False) and getattr(request.user, "is_authenticated", False):
+        # answer had no RateLimit-* headers. Counted here (one without credentials by its
+        # client's address), over the limit it is a 429.
+        if not getattr(self, "_throttles_checked", False):
             self.check_throttles(request)
         super().permission_denied(request, message=message, code=code)  # type: ignore[misc]
 
@@ -112,13 +114,7 @@ class ApiMixin:
             rate_limit_settle(request)  # a view that deferred the count and never read it
         except Throttled as throttled:
             response = self.handle_exception(throttled)
-        response = super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
-        state = getattr(request._request, "rate_limit", None)
-        if state:
-            response["RateLimit-Limit"] = str(state["limit"])
-            response["RateLimit-Remaining"] = str(state["remaining"])
-            response["RateLimit-Reset"] = str(state["reset"])
-        return response
+        return super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
 
 
 class RowListMixin:
@@ -291,13 +287,14 @@ class WorkflowViewSet(
     @extend_schema(
         summary="Resume a failed or cancelled workflow",
         description="Failed, timed-out and cancelled tasks get a fresh retry budget and are queued again. "
-        "Answers 202: follow the workflow's status.",
+        "Answers 202: follow the workflow's status. Takes no body (none, or `{}`): any other is a 400.",
         request=None,
-        responses={202: WorkflowDetailSerializer, **problem_responses(401, 403, 404, 409, 429)},
+        responses={202: WorkflowDetailSerializer, **problem_responses(400, 401, 403, 404, 409, 429)},
     )
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, workflow_id: str) -> Response:
         workflow = self.get_object()
+        NoBodySerializer(data=request.data).is_valid(raise_exception=True)
         workflow_resume(workflow_id=workflow.pk, actor=request_actor(request))
         return self._workflow_response(workflow, status.HTTP_202_ACCEPTED)
 
@@ -370,13 +367,15 @@ class TaskViewSet(ApiMixin, RowListMixin, mixins.ListModelMixin, mixins.Retrieve
 
     @extend_schema(
         summary="Retry a failed, timed-out or cancelled task",
-        description="Answers 202: the task is queued again; follow its status.",
+        description="Answers 202: the task is queued again; follow its status. Takes no body (none, or `{}`): "
+        "any other is a 400.",
         request=None,
         responses={202: TaskDetailSerializer, **problem_responses(400, 401, 403, 404, 409, 429)},
     )
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, execution_id: str) -> Response:
         task = self.get_object()
+        NoBodySerializer(data=request.data).is_valid(raise_exception=True)
         task_retry(execution_id=task.pk, actor=request_actor(request))
         return self._task_response(task, status.HTTP_202_ACCEPTED)
 

@@ -37,6 +37,19 @@ def test_admin_creates_changes_and_deactivates_an_agent(callers):
     assert [e.payload["change"] for e in changes.order_by("sequence")] == ["created", "updated", "deactivated"]
 
 
+@pytest.mark.parametrize("body", ['{"reason": 5}', "[1]", "not json"], ids=["field", "array", "not-json"])
+def test_deactivate_refuses_a_body_and_leaves_the_agent_active(callers, body):
+    """Deactivate ignored its body (a `reason` it never recorded, a body that was not JSON)."""
+    admin = callers["admin"].client
+    assert admin.post("/api/v1/agents/", NEW, format="json").status_code == 201
+    refused = admin.post("/api/v1/agents/summariser-001/deactivate/", body, content_type="application/json")
+    assert refused.status_code == 400, refused.content
+    assert len(refused.json()["errors"]) == 1
+    assert Agent.objects.get(pk="summariser-001").status == "active"
+    accepted = admin.post("/api/v1/agents/summariser-001/deactivate/", "{}", content_type="application/json")
+    assert accepted.status_code == 200 and accepted.json()["status"] == "inactive"
+
+
 def test_agent_input_problems_are_named_and_server_owned_fields_refused(callers):
     admin = callers["admin"].client
     response = admin.post(
@@ -418,11 +431,11 @@ def test_an_http_agent_at_an_address_every_request_would_refuse_is_refused_when_
     why = f"agent URL {url!r} refused: {address} (set AGENT_HTTP_ALLOW_PRIVATE=true to allow)"
     refused = admin.post("/api/v1/agents/", {**http, "url": url}, format="json")
     assert refused.status_code == 400, refused.content
-    assert refused.json()["errors"] == [{"field": "url", "detail": f"url: {why}"}]
+    assert refused.json()["errors"] == [{"field": "url", "detail": why}]
     assert not Agent.objects.filter(pk="svc").exists()
     assert admin.post("/api/v1/agents/", {**http, "url": "http://svc.internal:9000/"}, format="json").status_code == 201
     changed = admin.patch("/api/v1/agents/svc/", {"url": url}, format="json")
-    assert changed.status_code == 400 and changed.json()["errors"][0]["detail"] == f"url: {why}"
+    assert changed.status_code == 400 and changed.json()["errors"][0]["detail"] == why
     assert Agent.objects.get(pk="svc").url == "http://svc.internal:9000/"
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     assert admin.patch("/api/v1/agents/svc/", {"url": url}, format="json").status_code == 200

@@ -281,6 +281,25 @@ def test_list_dates_are_read_only_as_yyyy_mm_dd_as_a_request_to_export_reads_the
     assert [r["start_date"] for r in admin.get("/api/v1/exports/?day=2024-05-03").json()["results"]] == ["2024-05-03"]
 
 
+def test_a_day_with_one_digit_month_or_day_is_refused_not_read(callers, out):
+    """`%Y-%m-%d` reads `2024-3-5` as 5 March: the list answered that day's runs and a request
+    to export queued it, though only YYYY-MM-DD is documented."""
+    admin = callers["admin"].client
+    march_5 = midnight("2024-03-05")
+    ExportRunFactory(data_type="events", window_start=march_5, window_end=march_5 + dt.timedelta(days=1))
+    for name in ("day", "start_date", "end_date"):
+        for written in ("2024-3-5", "2024-03-5", "2024-3-05"):
+            refused = admin.get("/api/v1/exports/", {name: written})
+            assert problem_fields(refused) == [name]
+            assert "YYYY-MM-DD" in refused.json()["errors"][0]["detail"]
+        assert len(admin.get("/api/v1/exports/", {name: "2024-03-05"}).json()["results"]) == 1
+    for field in ("start_date", "end_date"):
+        refused = admin.post("/api/v1/exports/", {**EVENTS, field: "2024-3-5"}, format="json")
+        assert problem_fields(refused) == [field]
+        assert "YYYY-MM-DD" in refused.json()["errors"][0]["detail"]
+    assert ExportRun.objects.count() == 1
+
+
 def test_download_of_a_run_not_succeeded_is_a_conflict(callers, out):
     admin = callers["admin"].client
     for status in ("pending", "running", "failed"):

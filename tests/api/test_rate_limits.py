@@ -11,6 +11,7 @@ import pytest
 import redis
 from django.conf import settings as django_settings
 from django.db import connection
+from django.test import RequestFactory
 from django.test.utils import CaptureQueriesContext
 
 from orchestration.api.redis_store import store
@@ -195,3 +196,61 @@ def test_a_deferred_count_closed_unread_leaves_its_connection_in_step(db):
     assert counter.client.get("rate_limit:closed-unread") == b"1"
     assert counter.hit_later("rate_limit:closed-unread", 60).result() == (2, 60)
     assert counter.client.connection_pool._in_use_connections == set()
+
+
+# --- Requests without credentials, or with refused ones: per client address ---------------
+
+
+@pytest.fixture
+def anonymous_limit(settings):
+    settings.API_RATE_LIMIT_ANONYMOUS = 3
+
+
+def test_requests_without_or_with_refused_credentials_are_limited_per_address(callers, anonymous, anonymous_limit):
+    """A 401 was never counted: a client without a key, or probing keys, had no limit."""
+    answers = [anonymous.get("/api/v1/workflows/") for _ in range(2)]
+    anonymous.credentials(HTTP_AUTHORIZATION="Bearer al_abcdefgh_not-a-key")  # same address, same count
+    answers.append(anonymous.get("/api/v1/me/"))
+    assert [(a.status_code, a["RateLimit-Remaining"]) for a in answers] == [(401, "2"), (401, "1"), (401, "0")]
+    assert answers[0]["RateLimit-Limit"] == "3"
+    refused = anonymous.post("/api/v1/workflows/", SPEC, format="json")
+    assert refused.status_code == 429
+    assert refused["Content-Type"] == "application/problem+json"
+    assert 1 <= int(refused["Retry-After"]) <= 60 and refused["RateLimit-Remaining"] == "0"
+    anonymous.credentials()
+    assert anonymous.get("/api/v1/schema/").status_code == 429
+    # Another address has its own count; a key that authenticates has its user's.
+    assert anonymous.get("/api/v1/me/", REMOTE_ADDR="192.0.2.7").status_code == 401
+    assert callers["viewer"].client.get("/api/v1/me/").status_code == 200
+    assert int(_redis().get("rate_limit:anonymous:127.0.0.1")) == 5
+
+
+def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy(db, anonymous, anonymous_limit, settings):
+    def spoofed(n: int) -> int:
+        return anonymous.get("/api/v1/me/", HTTP_X_FORWARDED_FOR=f"198.51.100.{n}").status_code
+
+    assert [spoofed(n) for n in range(4)] == [401, 401, 401, 429]  # written by the client: ignored
+    settings.API_TRUSTED_PROXIES = ["127.0.0.0/8", "10.0.0.2"]
+    through_proxies = {"REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_FOR": "1.2.3.4, 203.0.113.9, 10.0.0.2"}
+    answers = [anonymous.get("/api/v1/me/", **through_proxies).status_code for _ in range(4)]
+    assert answers == [401, 401, 401, 429]
+    assert int(_redis().get("rate_limit:anonymous:203.0.113.9")) == 4
+    assert spoofed(9) == 401  # from the trusted proxy, a client of its own
+
+
+@pytest.mark.parametrize(
+    "meta, expected",
+    [
+        ({"REMOTE_ADDR": "192.0.2.1", "HTTP_X_FORWARDED_FOR": "203.0.113.9"}, "192.0.2.1"),
+        ({"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": "203.0.113.9"}, "203.0.113.9"),
+        ({"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": "203.0.113.9, junk"}, "10.0.0.2"),
+        ({"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": "10.0.0.3, 10.0.0.2"}, "10.0.0.3"),
+        ({"REMOTE_ADDR": "2001:db8:1:2:3:4:5:6"}, "2001:db8:1:2::/64"),
+        ({"REMOTE_ADDR": "::ffff:192.0.2.1"}, "192.0.2.1"),
+    ],
+)
+def test_the_client_address_a_request_is_counted_by(settings, meta, expected):
+    from orchestration.api.throttling import client_address
+
+    settings.API_TRUSTED_PROXIES = ["10.0.0.2"]
+    assert client_address(RequestFactory().get("/api/v1/me/", **meta)) == expected

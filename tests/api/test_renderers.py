@@ -8,10 +8,13 @@ import uuid
 from decimal import Decimal
 
 import pytest
+from django.db import OperationalError
+from django.test import Client, RequestFactory
 from django.utils.translation import gettext_lazy
 from rest_framework.renderers import JSONRenderer
 from rest_framework.utils.serializer_helpers import ReturnDict, ReturnList
 
+from orchestration.api import errors
 from orchestration.api.renderers import FastJSONRenderer
 
 DOCUMENTS = {
@@ -69,3 +72,25 @@ def test_the_api_answers_with_it(callers):
     problem = callers["developer"].client.get("/api/v1/workflows/?status=sleeping")
     assert problem["Content-Type"] == "application/problem+json"
     assert problem.json()["status"] == 400
+
+
+def _compact(response) -> bytes:
+    return json.dumps(json.loads(response.content), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def test_answers_built_outside_drf_are_as_compact_as_drfs(callers, settings):
+    """The 404, 413, 500 and 503 problems of handlers and middleware (and the probes' JSON)
+    were Django's JsonResponse, `{"type": "...", "title": ...}`, where DRF's are compact."""
+    client = callers["developer"].client
+    answers = [(client.get("/api/v1/workflows/nope/"), 404), (client.get("/api/v1/nothing/"), 404)]
+    request = RequestFactory().get("/api/v1/workflows/")
+    answers.append((errors.server_error(request), 500))
+    answers.append((errors.database_unreachable_response(request, OperationalError("gone")), 503))
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1024
+    answers.append((client.post("/api/v1/workflows/", "x" * 2048, content_type="application/json"), 413))
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+    answers.append((Client().get("/readyz"), 503))
+    for response, status in answers:
+        assert response.status_code == status
+        assert b'", "' not in response.content and b'": ' not in response.content
+        assert response.content == _compact(response)

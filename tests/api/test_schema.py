@@ -127,6 +127,7 @@ def connection_kept_open() -> Iterator[None]:
 def keys(agents, settings) -> dict[str, str]:
     """A key per role, and a workflow of the developer's so reads find something."""
     settings.API_RATE_LIMITS = {role: 1_000_000 for role in ROLES}
+    settings.API_RATE_LIMIT_ANONYMOUS = 1_000_000  # its requests without a key, by address
     callers = {role: make_caller(f"fuzz-{role}", role) for role in ROLES}
     spec = {"name": "fuzz", "tasks": [{"name": "a", "agent": "echo"}]}
     callers["developer"].client.post("/api/v1/workflows/", spec, format="json")

@@ -42,13 +42,34 @@ def test_every_spec_problem_is_reported_naming_its_field_and_nothing_is_stored(c
     assert response.status_code == 400
     assert response["Content-Type"] == PROBLEM
     body = response.json()
-    assert body["type"] == "urn:agentledger:problem:invalid-request"
+    assert body["type"] == "urn:agentledger:problem:validation-error"
     assert body["status"] == 400 and body["title"] == "Invalid request"
     assert body["instance"] == "/api/v1/workflows/"
     fields = {e["field"] for e in body["errors"]}
     assert {"name", "tasks[0].agent", "tasks[1].depends_on"} <= fields
-    assert "unknown agent 'nobody'" in body["detail"]
+    assert {"field": "tasks[0].agent", "detail": "unknown agent 'nobody'"} in body["errors"]
+    assert "tasks[0] (a).agent: unknown agent 'nobody'" in body["detail"]
     assert Workflow.objects.count() == 0
+
+
+def test_a_spec_problem_and_a_serializer_error_are_one_shape(callers, submit):
+    """A spec's problems (SpecError) were `invalid-request`, each error's detail repeating its
+    field, a serializer's `validation-error` naming it once: two shapes for a client to read."""
+    dev = callers["developer"]
+    spec_problem = submit(dev, {"name": "x", "tasks": [{"name": "a", "agent": "nobody"}]})
+    workflow_id = submit(dev).json()["workflow_id"]
+    serializer_error = dev.client.post(f"/api/v1/workflows/{workflow_id}/cancel/", {"reason": 5}, format="json")
+    expected = [
+        (spec_problem, {"field": "tasks[0].agent", "detail": "unknown agent 'nobody'"}),
+        (serializer_error, {"field": "reason", "detail": "must be a string"}),
+    ]
+    for response, error in expected:
+        assert response.status_code == 400
+        body = response.json()
+        assert set(body) == {"type", "title", "status", "detail", "instance", "errors"}
+        assert body["type"] == "urn:agentledger:problem:validation-error"
+        assert body["errors"] == [error]
+        assert body["detail"].endswith(f": {error['detail']}")
 
 
 @pytest.mark.parametrize(
@@ -73,6 +94,8 @@ def test_malformed_json_is_a_400_problem(callers):
     assert response.status_code == 400
     assert response["Content-Type"] == PROBLEM
     assert "JSON parse error" in response.json()["detail"]
+    # Listed as every 400's problems are, under no field.
+    assert response.json()["errors"] == [{"field": "", "detail": response.json()["detail"]}]
 
 
 def test_a_name_given_twice_in_one_object_is_a_400_not_the_last_kept(callers):
@@ -141,6 +164,36 @@ def test_task_cancel_and_retry(callers, submit):
     retried = client.post(f"/api/v1/tasks/{task.pk}/retry/")
     assert retried.status_code == 202 and retried.json()["status"] == "queued"
     assert client.post(f"/api/v1/tasks/{task.pk}/retry/").status_code == 409
+
+
+BODIES_REFUSED = [
+    ('{"reason": 5}', "reason", "is not accepted here"),
+    ('{"reason": "because"}', "reason", "is not accepted here"),
+    ("[1, 2]", "", "this operation takes no request body: send none, or an empty JSON object, not an array"),
+    ("null", "", "this operation takes no request body: send none, or an empty JSON object, not null"),
+    ("not json", "", "JSON parse error"),
+]
+
+
+@pytest.mark.parametrize("body, field, detail", BODIES_REFUSED, ids=["number", "reason", "array", "null", "not-json"])
+def test_retry_refuses_a_body_naming_the_problem_and_changes_nothing(callers, submit, body, field, detail):
+    """Workflow and task retry took no body and ignored whatever came: a `reason` was not
+    recorded, a body that was not JSON at all answered 202."""
+    client = callers["developer"].client
+    workflow_id = submit(callers["developer"]).json()["workflow_id"]
+    task = TaskExecution.objects.get(workflow_id=workflow_id)
+    client.post(f"/api/v1/workflows/{workflow_id}/cancel/", format="json")
+    for url in (f"/api/v1/workflows/{workflow_id}/retry/", f"/api/v1/tasks/{task.pk}/retry/"):
+        refused = client.post(url, body, content_type="application/json")
+        assert refused.status_code == 400, refused.content
+        (error,) = refused.json()["errors"]
+        assert error["field"] == field and error["detail"].startswith(detail)
+        assert Workflow.objects.get(pk=workflow_id).status == "cancelled"
+        assert TaskExecution.objects.get(pk=task.pk).status == "cancelled"
+    # No body, or an empty object, is a retry.
+    assert client.post(f"/api/v1/tasks/{task.pk}/retry/", "{}", content_type="application/json").status_code == 202
+    client.post(f"/api/v1/workflows/{workflow_id}/cancel/", format="json")
+    assert client.post(f"/api/v1/workflows/{workflow_id}/retry/").status_code == 202
 
 
 def test_a_task_shows_each_attempt_with_the_worker_process_that_ran_it(callers, submit):

@@ -184,6 +184,14 @@ def test_command_errors_name_its_options_not_the_services_arguments(db, out):
     assert not ExportRun.objects.exists()
 
 
+@pytest.mark.parametrize("day", ["2024-W10-2", "20240305", "2024-3-5"])
+def test_command_reads_a_day_only_as_yyyy_mm_dd(db, out, day):
+    """date.fromisoformat read the week date 2024-W10-2 and 20240305 as 5 March 2024."""
+    with pytest.raises(CommandError, match=rf"^--start='{day}' is not a date; expected YYYY-MM-DD$"):
+        call_command("export_training_data", "--type", "events", "--start", day, "--end", "2024-03-05")
+    assert not ExportRun.objects.exists()
+
+
 def test_command_names_an_output_directory_it_cannot_write_to(db, out, tmp_path):
     seed_events(1)
     not_a_directory = tmp_path / "file"

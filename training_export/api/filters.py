@@ -3,14 +3,37 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import django_filters
+from django import forms
+from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
 from orchestration.api.filters import StrictFilterSet
+from orchestration.isodates import is_iso_day_form
 from training_export.models import ExportRun, ExportRunDataType, ExportRunFormat, ExportRunStatus
 
 DAY_FORMATS = ["%Y-%m-%d"]
+DAY_FORM = "YYYY-MM-DD"
+
+
+class IsoDayField(forms.DateField):
+    """A UTC day written YYYY-MM-DD (orchestration.isodates): `%Y-%m-%d` alone would read
+    `2024-3-5` too."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["input_formats"] = DAY_FORMATS
+        super().__init__(**kwargs)
+
+    def to_python(self, value: Any) -> dt.date | None:
+        if isinstance(value, str) and value.strip() and not is_iso_day_form(value.strip()):
+            raise ValidationError("Enter a valid date: %(form)s.", code="invalid", params={"form": DAY_FORM})
+        return super().to_python(value)
+
+
+class IsoDayFilter(django_filters.DateFilter):
+    field_class = IsoDayField
 
 
 def _midnight(day: dt.date) -> dt.datetime:
@@ -27,17 +50,9 @@ class ExportRunFilter(StrictFilterSet):
     format = django_filters.ChoiceFilter(choices=ExportRunFormat.choices)
     # YYYY-MM-DD only, as a request to export reads its days: Django's default formats also
     # take month-first dates (05/03/2024 is 3 May), which would answer another day's runs.
-    start_date = django_filters.DateFilter(
-        method="filter_start_date", input_formats=DAY_FORMATS, help_text="windows starting on this UTC day, YYYY-MM-DD"
-    )
-    end_date = django_filters.DateFilter(
-        method="filter_end_date",
-        input_formats=DAY_FORMATS,
-        help_text="windows whose last UTC day is this one, YYYY-MM-DD",
-    )
-    day = django_filters.DateFilter(
-        method="filter_day", input_formats=DAY_FORMATS, help_text="windows that include this UTC day, YYYY-MM-DD"
-    )
+    start_date = IsoDayFilter(method="filter_start_date", help_text="windows starting on this UTC day, YYYY-MM-DD")
+    end_date = IsoDayFilter(method="filter_end_date", help_text="windows whose last UTC day is this one, YYYY-MM-DD")
+    day = IsoDayFilter(method="filter_day", help_text="windows that include this UTC day, YYYY-MM-DD")
 
     class Meta:
         model = ExportRun

@@ -11,13 +11,27 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from orchestration.api.serializers import StrictFieldsMixin
-from training_export.api.filters import DAY_FORMATS
+from orchestration.isodates import is_iso_day_form
+from training_export.api.filters import DAY_FORM, DAY_FORMATS
 from training_export.models import ExportRun
 from training_export.services.export import DATA_TYPES, export_relative_path, run_days
 
 ALL = "all"
 # An API export runs on a shared worker queue; longer backfills are for the command.
 MAX_WINDOW_DAYS = 366
+
+
+class IsoDayField(serializers.DateField):
+    """A UTC day written YYYY-MM-DD (orchestration.isodates): `%Y-%m-%d` alone would read
+    `2024-3-5` too."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(input_formats=DAY_FORMATS, **kwargs)
+
+    def to_internal_value(self, value: Any) -> dt.date:
+        if isinstance(value, str) and not is_iso_day_form(value):
+            self.fail("invalid", format=DAY_FORM)
+        return super().to_internal_value(value)
 
 
 class ExportRequestSerializer(StrictFieldsMixin, serializers.Serializer):
@@ -28,8 +42,8 @@ class ExportRequestSerializer(StrictFieldsMixin, serializers.Serializer):
     )
     # YYYY-MM-DD only (as the list's filters): DRF's ISO 8601 reads `2020-W01-1` as 30 December
     # 2019 and takes `20200101` too, days the client may not have meant.
-    start_date = serializers.DateField(input_formats=DAY_FORMATS, help_text="first UTC day, YYYY-MM-DD")
-    end_date = serializers.DateField(input_formats=DAY_FORMATS, help_text="last UTC day (included), YYYY-MM-DD")
+    start_date = IsoDayField(help_text="first UTC day, YYYY-MM-DD")
+    end_date = IsoDayField(help_text="last UTC day (included), YYYY-MM-DD")
     force = serializers.BooleanField(
         required=False, default=False, help_text="export again even if the window was exported and is intact"
     )

@@ -50,6 +50,7 @@ from django.db.models.functions import Now
 from orchestration.db import database_now, process_stopping, stop_raised, stopping_write
 from orchestration.errors import TransitionError
 from orchestration.event_types import EntityType, EventType, Severity
+from orchestration.isodates import is_iso_day_form
 from orchestration.services.events import event_record
 from training_export.models import ExportRun
 from training_export.services.chat import ChatExporter
@@ -102,10 +103,14 @@ def parse_day(value: str | dt.date, *, name: str) -> dt.date:
         raise ExportError(f"{name} must be a date (YYYY-MM-DD), not a datetime")
     if isinstance(value, dt.date):
         return value
-    try:
-        return dt.date.fromisoformat(str(value).strip())
-    except ValueError:
-        raise ExportError(f"{name}={value!r} is not a date; expected YYYY-MM-DD") from None
+    text = str(value).strip()
+    # fromisoformat alone also reads 20240305 and the week date 2024-W10-2 (5 March).
+    if is_iso_day_form(text):
+        try:
+            return dt.date.fromisoformat(text)
+        except ValueError:
+            pass  # in form, but no day (2024-13-01)
+    raise ExportError(f"{name}={value!r} is not a date; expected YYYY-MM-DD")
 
 
 def window_for(start_date: str | dt.date, end_date: str | dt.date) -> Window:
