@@ -34,7 +34,11 @@ def equip(context: TaskContext, agent: Agent, *, depth: int = 0) -> TaskContext:
 
     def record(call: ToolCall) -> None:
         tool_call_record(
-            call=call, execution_id=context.execution_id, agent_id=agent.id, workflow_id=context.workflow_id
+            call=call,
+            execution_id=context.execution_id,
+            agent_id=agent.id,
+            workflow_id=context.workflow_id,
+            attempt_number=context.attempt_number,
         )
 
     conversation = context.conversation if depth == 0 else None

@@ -19,8 +19,12 @@ from orchestration.soft_limit import held_off
 
 
 @held_off()
-def tool_call_record(*, call: ToolCall, execution_id: str, agent_id: str, workflow_id: str | None) -> None:
-    """Append the `tool_executed` event of one call, with seed 002's fields."""
+def tool_call_record(
+    *, call: ToolCall, execution_id: str, agent_id: str, workflow_id: str | None, attempt_number: int | None = None
+) -> None:
+    """Append the `tool_executed` event of one call, with seed 002's fields, the call's id and
+    the number of the attempt that made it: with the task's execution_id, the keys that join
+    the call to the assistant message that asked for it (a conversation's tool_calls)."""
     event_record(
         event_type=EventType.TOOL_EXECUTED,
         entity_type=EntityType.TOOL,
@@ -32,6 +36,7 @@ def tool_call_record(*, call: ToolCall, execution_id: str, agent_id: str, workfl
             "agent_id": agent_id,
             "tool_name": call.tool_name,
             "tool_call_id": call.call_id,
+            "attempt_number": attempt_number,
             "input_params": call.input_params,
             "output_result": call.output_result,
             "execution_time_ms": call.execution_time_ms,

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import redis
 from django.conf import settings
 from django.db import connection
+from django.db.models import QuerySet, TextField
+from django.db.models.functions import Cast
 
 from orchestration.models import Event
 
@@ -63,12 +65,26 @@ def events_to_entries(events: list[Event]) -> list[dict[str, str]]:
     """`event_to_entry` of each event, made in one batch with the entries' rows of the training
     CSV files (stream_rows): one check of every event's cells for secrets, and only the events
     it cannot clear are walked; a payload is masked on the stream as in its row."""
+    from training_export.services.jsonl import json_load
     from training_export.services.stream_rows import entry_fields
 
     entries = [event_fields(event) for event in events]
-    for entry, fields in zip(entries, entry_fields(entries, [event.payload for event in events]), strict=True):
+    # The payload as PostgreSQL holds it when the event was read with its text (`_relay_batch`):
+    # parsed with every number exact, where the ORM's parser turns a number a float cannot hold
+    # into a rounded float, or into Infinity, which the rows would write as null.
+    payloads = [
+        json_load(event.payload_text) if getattr(event, "payload_text", None) is not None else event.payload
+        for event in events
+    ]
+    for entry, fields in zip(entries, entry_fields(entries, payloads), strict=True):
         entry.update(fields)
     return entries
+
+
+def with_payload_text(events: QuerySet[Event]) -> QuerySet[Event]:
+    """The events with their payload as PostgreSQL's text (`payload_text`), the ORM's parsed
+    copy deferred: what `events_to_entries` reads exactly."""
+    return events.defer("payload").annotate(payload_text=Cast("payload", TextField()))
 
 
 def event_to_entry(event: Event) -> dict[str, str]:
@@ -352,7 +368,7 @@ def _relay_batch(
     # SQLite serialises writers: no transaction can commit a lower sequence late there.
     holes_possible = connection.vendor == "postgresql"
     settled = _settled_gaps(client, gaps_key) if holes_possible else set()  # before reading rows
-    rows = list(Event.objects.filter(sequence__gt=result.last_sequence).order_by("sequence")[:batch])
+    rows = list(with_payload_text(Event.objects.filter(sequence__gt=result.last_sequence)).order_by("sequence")[:batch])
     to_publish: list[Event] = []
     expected = result.last_sequence + 1
     blocked = first_seen = False

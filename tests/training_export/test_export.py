@@ -103,7 +103,7 @@ def test_exported_rows_equal_the_sql_counts_per_type(db, out):
         manifest = manifest_read(Path(run.path).parent)
         assert manifest["rows"] == {data_type: count}
         assert manifest["files"][0]["sha256"] == run.checksum
-        assert manifest["schema_version"] == run.schema_version == "1"
+        assert manifest["schema_version"] == run.schema_version == "2"
 
     events = lines(out / "events" / "2024-03-05_2024-03-05" / "events-train.jsonl")
     assert [e["sequence"] for e in events] == sorted(e["sequence"] for e in events)

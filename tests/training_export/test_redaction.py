@@ -249,7 +249,7 @@ def test_a_canary_secret_in_task_input_never_appears_in_any_csv_or_jsonl(db, set
 
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert {p.suffix for p in files} >= {".csv", ".jsonl", ".json", ".md"}
-    assert len([p for p in files if p.suffix == ".jsonl"]) == 5
+    assert len([p for p in files if p.suffix == ".jsonl"]) == 6  # the conversations' keys file too
     for path in files:
         text = path.read_text("utf-8")
         assert CANARY not in text, f"{path} leaks the canary"

@@ -109,12 +109,16 @@ def test_store_tool_execution_writes_seed_002s_fields(data_dir):
         execution_time_ms=12.5,
         created_at=T0,
         event_id="ev-2",
+        tool_call_id="call_1",
+        attempt_number=2,
     )
 
     assert path == data_dir / "tool_executions" / "tool_executions_2024-03-05.csv"
     assert path.read_text() == (
-        "execution_id,agent_id,tool_name,input_params,output_result,execution_time_ms,error,created_at,event_id\n"
-        'exec-456,agent-123,calculate,"{""expression"":""2+2""}","{""result"":4}",12.5,,2024-03-05T10:00:00+00:00,ev-2\n'
+        "execution_id,attempt_number,agent_id,tool_name,tool_call_id,input_params,output_result,execution_time_ms,"
+        "error,created_at,event_id\n"
+        'exec-456,2,agent-123,calculate,call_1,"{""expression"":""2+2""}","{""result"":4}",12.5,,'
+        "2024-03-05T10:00:00+00:00,ev-2\n"
     )
 
 
@@ -284,8 +288,10 @@ def test_cells_are_encoded_by_type_and_redacted_except_the_event_id(data_dir):
     assert row == {
         "event_id": "ev-mail@example.org",
         "execution_id": "tool-1",
+        "attempt_number": "",
         "agent_id": "agent-1",
         "tool_name": "mailer",
+        "tool_call_id": "",
         # Compact, sorted keys, UTF-8; integers beyond 64 bits are kept exactly.
         "input_params": '{"a":1180591620717411303424,"b":[1.5,true,null],"city":"Zürich","to":"[REDACTED]"}',
         "output_result": '"sent to [REDACTED]"',

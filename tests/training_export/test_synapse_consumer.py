@@ -275,8 +275,10 @@ def test_every_event_and_each_finished_task_workflow_and_tool_call_is_written_ex
     assert synapse.rows("tool_executions", day) == [
         {
             "execution_id": "tool-exec-1",
+            "attempt_number": "",
             "agent_id": done.agent_id,
             "tool_name": "calculate",
+            "tool_call_id": "",
             "input_params": '{"expression":"2+2"}',
             "output_result": '{"result":4}',
             "execution_time_ms": "",

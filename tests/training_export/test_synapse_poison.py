@@ -18,10 +18,16 @@ import redis
 from orchestration.event_types import EventType
 from orchestration.models import Event, TaskExecution
 from orchestration.services.events import TASK_STATE_FIELDS, entity_states, task_event
-from orchestration.services.relay import event_to_entry, stream_trim
+from orchestration.services.relay import event_to_entry, stream_trim, with_payload_text
 from tests.factories import TaskExecutionFactory
 from training_export.services.store import SCHEMAS, TASKS, TrainingDataStore, _encode_rows
-from training_export.services.synapse import _TASK_FIELDS, SynapseConsumer, _state_columns, parse_entries
+from training_export.services.synapse import (
+    _TASK_FIELDS,
+    SynapseConsumer,
+    _state_columns,
+    database_rows,
+    parse_entries,
+)
 
 GROUP = "training"
 T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
@@ -287,10 +293,10 @@ def test_a_state_gives_the_csv_line_the_row_gives(values):
     task = TaskExecutionFactory(status=TaskExecution.Status.FAILED, **values)
     state = entity_states(TaskExecution, [task.pk], TASK_STATE_FIELDS)[task.pk]
     event = task_event(task, EventType.TASK_FAILED, payload={"state": state})
-    event = Event.objects.get(pk=event.pk)  # as the relay reads it
+    event = with_payload_text(Event.objects.filter(pk=event.pk)).get()  # as the relay reads it
     events, dead = parse_entries([("1-1", event_to_entry(event))])
     assert not dead
-    row = TaskExecution.objects.filter(pk=task.pk).values(*_TASK_FIELDS).get()
+    row = database_rows(TaskExecution, _TASK_FIELDS, [task.pk])[task.pk]  # as the consumer reads it
     from_state = {**row, **_state_columns(TaskExecution, _TASK_FIELDS, events[0].payload["state"])}
     schema = SCHEMAS[TASKS]
     assert _encode_rows(schema, [{**from_state, "event_id": "e"}]) == _encode_rows(schema, [{**row, "event_id": "e"}])

@@ -23,6 +23,11 @@ which are data too (a caller's input.tools may hold a key as a parameter's defau
 enum value, or in a description). A tool's parameters keep their schema's shape: a parameter
 named like a secret (`api_key`) keeps its schema, and only the values it may take are masked.
 
+The format allows no key of ours in an example: each example's join keys (its thread, the
+stored message, task and attempt behind each message, and for each tool call id as written the
+id the model gave it, with its task and attempt: the keys of its tool_executions row) are a line
+of the keys file (`KEYS_FILE`, `example_keys`), in the same order as the examples.
+
 A thread is exported with its history up to the window end, trimmed to its last final
 assistant answer (an assistant message without tool calls): anything after it has no
 training target. Assistant turns answered before the window's start (followed by an answer
@@ -38,7 +43,6 @@ fine-tuning API would reject.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -47,8 +51,9 @@ from typing import Any
 
 from orchestration.models import AgentPlaygroundMessage, AgentPromptVersion, TaskAttempt
 from orchestration.runtime.tools import registry as tool_registry
-from training_export.services.jsonl import CHUNK_SIZE, json_line
+from training_export.services.jsonl import CHUNK_SIZE, json_line, json_load_exact
 from training_export.services.redaction import MASK, Redactor, current_redactor, unique_name
+from training_export.services.store import json_dumps_exact
 
 ROLES = ("system", "user", "assistant", "tool")
 _ALLOWED_KEYS = {
@@ -70,6 +75,8 @@ _COLUMNS = (
     "agent__system_prompt",
     "agent__config",
     "metadata__prompt_version",
+    "execution_id",
+    "attempt__attempt_number",
 )
 
 
@@ -112,8 +119,8 @@ def _check_tool_calls(calls: Any, seen_ids: set[str], tool_names: set[str] | Non
         if not isinstance(function["arguments"], str):
             _fail("a tool call's arguments must be a JSON string")
         try:
-            json.loads(function["arguments"])
-        except ValueError:
+            json_load_exact(function["arguments"])  # strict: NaN and Infinity are not JSON
+        except (ValueError, RecursionError):
             _fail(f"the arguments of tool call {call['id']!r} are not valid JSON")
         seen_ids.add(call["id"])
         ids.append(call["id"])
@@ -457,24 +464,27 @@ def _content(text: str, redactor: Redactor) -> str:
     masked too; it keeps its text unless that changes something."""
     if text[:1] in ("{", "[") or text.lstrip()[:1] in ("{", "["):
         try:
-            parsed = json.loads(text)
-        except ValueError:
+            parsed = json_load_exact(text)
+        except (ValueError, RecursionError):
             parsed = None
         if isinstance(parsed, dict | list):
             redacted = redactor.value(parsed)
             if redacted != parsed:
-                return json.dumps(redacted, sort_keys=True, ensure_ascii=False)
+                return json_dumps_exact(redacted, separators=(", ", ": "))
     return redactor.text(text)
 
 
 def _arguments(text: Any, redactor: Redactor) -> str:
+    """A tool call's arguments, redacted, as compact JSON text with every number as written
+    (`1e400` is not made Infinity, nor a long integer rounded). Text that is not JSON (NaN or
+    Infinity included) is kept, redacted, and the validator skips its example."""
     if not isinstance(text, str):
-        text = json.dumps(text, sort_keys=True, separators=(",", ":"))
+        text = json_dumps_exact(text)
     try:
-        parsed = json.loads(text)
-    except ValueError:
+        parsed = json_load_exact(text)
+    except (ValueError, RecursionError):
         return redactor.text(text)
-    return json.dumps(redactor.value(parsed), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json_dumps_exact(redactor.value(parsed))
 
 
 def _tool_calls(calls: Any, redactor: Redactor) -> list[dict[str, Any]]:
@@ -511,6 +521,7 @@ def conversation_example(
     since: dt.datetime | None = None,
     tools_cache: dict[Any, Any] | None = None,
     left_out: Counter[str] | None = None,
+    keys: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """The chat example of one thread's messages (rows in `_COLUMNS` order, oldest first), and
     whether its prompt is the recorded one (False: the agent's current one, a legacy thread).
@@ -522,8 +533,10 @@ def conversation_example(
     share a few, and redacting a version's schemas costs more than a thread's messages. An assistant message
     with neither content nor tool calls (a model that answered "") is left out, and counted in
     `left_out`: it has nothing to train or to show as context, and the format refuses it (the
-    whole thread would be skipped, in its own window and every later one, its history)."""
+    whole thread would be skipped, in its own window and every later one, its history).
+    `keys` is filled with the example's join keys (`example_keys`)."""
     messages: list[dict[str, Any]] = []
+    sources: list[dict[str, Any]] = []  # of each message: the row it came from (`example_keys`)
     versions: list[str | None] = []  # of each message, for its assistant turns
     times: list[dt.datetime] = []  # of each message
     called: list[str] = []
@@ -565,12 +578,20 @@ def conversation_example(
         else:
             message = {"role": "user", "content": content}
         messages.append(message)
+        sources.append(
+            {
+                "message_id": _redacted(record["message_id"], redactor),
+                "execution_id": _redacted(record["execution_id"], redactor),
+                "attempt_number": record["attempt__attempt_number"],
+            }
+        )
         versions.append(record["metadata__prompt_version"])
         times.append(record["created_at"])
     last_answer = max(
         (i for i, m in enumerate(messages) if m["role"] == "assistant" and "tool_calls" not in m), default=None
     )
     messages = messages[: last_answer + 1] if last_answer is not None else []
+    sources = sources[: len(messages)]
     if since is not None:
         _context_before(messages, times, since)
     trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["weight"]]
@@ -588,10 +609,42 @@ def conversation_example(
         tools = _tools(agent_config, sorted(set(called)), redactor, tools_cache)
     if not has_system and system_prompt and messages:
         messages.insert(0, {"role": "system", "content": _content(system_prompt, redactor)})
+        sources.insert(0, {"message_id": None, "execution_id": None, "attempt_number": None})
+    recorded_ids = [[call["id"] for call in m.get("tool_calls", [])] for m in messages]
     _unique_call_ids(messages)
+    if keys is not None:
+        keys.update(example_keys(rows[0][0] if rows else None, messages, sources, recorded_ids, redactor))
     # An agent without tools: no `tools` key (OpenAI's API refuses an empty array).
     example = {"messages": messages, "tools": tools} if tools != [] else {"messages": messages}
     return example, recorded is not None
+
+
+def example_keys(
+    instance_id: str | None,
+    messages: list[dict[str, Any]],
+    sources: list[dict[str, Any]],
+    recorded_ids: list[list[Any]],
+    redactor: Redactor,
+) -> dict[str, Any]:
+    """The join keys of one example, a line of the keys file beside the data file (the chat
+    format allows no key of ours in the example itself): the thread (`instance_id`); for each
+    message, in the example's order, the stored message it is (`message_id`, None for the system
+    prompt the export adds), the reply task (`execution_id`; a user's message names the task
+    that answers it) and the attempt that wrote it (`attempt_number`, None for a user's message);
+    and for each tool call id as the example
+    writes it (renamed `<id>-1`, ... when the thread repeats one), the id the model gave it
+    (`tool_call_id`) with the task and attempt that made the call: the keys of its row in the
+    tool_executions export. All as redacted as the export's other values."""
+    calls = {}
+    for message, source, recorded in zip(messages, sources, recorded_ids, strict=True):
+        for call, original in zip(message.get("tool_calls", []), recorded, strict=True):
+            if isinstance(call["id"], str):
+                calls[call["id"]] = {
+                    "tool_call_id": original,
+                    "execution_id": source["execution_id"],
+                    "attempt_number": source["attempt_number"],
+                }
+    return {"instance_id": _redacted(instance_id, redactor), "messages": sources, "tool_calls": calls}
 
 
 def _context_before(messages: list[dict[str, Any]], times: list[dt.datetime], since: dt.datetime) -> None:
@@ -662,12 +715,19 @@ def _prompt_versions() -> PromptLookup:
     return lookup
 
 
+KEYS_FILE = "conversations-keys.jsonl"
+
+
 class ChatExporter:
-    """The conversations exporter (same interface as jsonl.Exporter, plus skip counts)."""
+    """The conversations exporter (same interface as jsonl.Exporter, plus skip counts and the
+    keys file: `keys_lines` holds the keys line of each example `lines` yielded, in order, for
+    the caller to take as it writes them)."""
 
     data_type = "conversations"
+    keys_file = KEYS_FILE
 
     def __init__(self) -> None:
+        self.keys_lines: list[bytes] = []
         self.skipped: Counter[str] = Counter()
         self.legacy_prompt = 0
         """Examples written with the agent's current prompt and tools (no recorded version)."""
@@ -696,8 +756,15 @@ class ChatExporter:
         tools_cache: dict[Any, Any] = {}
         for _thread, rows in groupby(_thread_rows(start, end), key=lambda row: row[0]):
             left_out: Counter[str] = Counter()
+            keys: dict[str, Any] = {}
             example, recorded = conversation_example(
-                list(rows), redactor, prompt_version, since=start, tools_cache=tools_cache, left_out=left_out
+                list(rows),
+                redactor,
+                prompt_version,
+                since=start,
+                tools_cache=tools_cache,
+                left_out=left_out,
+                keys=keys,
             )
             try:
                 chat_example_validate(example)
@@ -706,4 +773,5 @@ class ChatExporter:
                 continue
             self.legacy_prompt += not recorded
             self.left_out.update(left_out)
+            self.keys_lines.append(json_line(keys))
             yield json_line(example)

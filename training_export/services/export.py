@@ -54,9 +54,16 @@ from orchestration.isodates import is_iso_day_form
 from orchestration.services.events import event_record
 from training_export.models import ExportRun
 from training_export.services.chat import ChatExporter
-from training_export.services.files import commit, sha256_file, sha256_stream, stage_bytes, staged_writer
+from training_export.services.files import (
+    HashingWriter,
+    commit,
+    sha256_file,
+    sha256_stream,
+    stage_bytes,
+    staged_writer,
+)
 from training_export.services.jsonl import EXPORTERS, SCHEMA_VERSION, Exporter
-from training_export.services.manifest import MANIFEST_NAME, Manifest, data_file_name, dataset_card
+from training_export.services.manifest import MANIFEST_NAME, KeysFile, Manifest, data_file_name, dataset_card
 
 logger = logging.getLogger(__name__)
 
@@ -488,6 +495,7 @@ def _write(
     # function owns the transaction (inside an outer one, e.g. a test's, it reads that one's).
     owns_transaction = not connection.in_atomic_block
     staged: list = []
+    keys_staged: list = []
     try:
         with transaction.atomic():
             if owns_transaction and connection.vendor == "postgresql":
@@ -500,9 +508,16 @@ def _write(
             expected = exporter.count(window.start, window.end)
             watermark = exporter.watermark(window.start, window.end)
             rows = 0
-            with staged_writer(directory / name) as (writer, staged):
+            with (
+                staged_writer(directory / name) as (writer, staged),
+                _keys_writer(exporter, directory) as (keys_writer, keys_staged),
+            ):
                 for lines in _line_batches(exporter, window):
                     writer.write(b"".join(lines))  # one write and one hash update per chunk
+                    if keys_writer is not None:
+                        # The keys of exactly these lines: the exporter made them as it yielded them.
+                        keys_writer.write(b"".join(exporter.keys_lines))
+                        exporter.keys_lines.clear()
                     rows += len(lines)
                     if progress is not None:
                         progress(len(lines))
@@ -525,17 +540,35 @@ def _write(
             skipped=skipped,
             legacy_prompt=getattr(exporter, "legacy_prompt", None),
             left_out=dict(getattr(exporter, "left_out", {})),
+            columns=getattr(exporter, "record_columns", None),
+            keys_file=(
+                None
+                if keys_writer is None
+                else KeysFile(path=exporter.keys_file, bytes=keys_writer.bytes, sha256=keys_writer.sha256)
+            ),
         )
+        staged += keys_staged
         # Every file is complete and fsynced before any is renamed into place: a failure (a full
         # disk) leaves no data file without its card and manifest, nor a new one beside old ones.
         staged.append(stage_bytes(directory / "README.md", dataset_card(manifest)))
         staged.append(stage_bytes(directory / MANIFEST_NAME, manifest.encode()))
         commit(staged)
     except BaseException:
-        for item in staged:
+        for item in [*staged, *keys_staged]:
             item.discard()
         raise
     return manifest
+
+
+@contextmanager
+def _keys_writer(exporter: Exporter | ChatExporter, directory: Path) -> Iterator[tuple[HashingWriter | None, list]]:
+    """The staged writer of the exporter's keys file (the conversations'), or None."""
+    name = getattr(exporter, "keys_file", None)
+    if name is None:
+        yield None, []
+        return
+    with staged_writer(directory / name) as (writer, staged):
+        yield writer, staged
 
 
 def _line_batches(exporter: Exporter | ChatExporter, window: Window) -> Iterator[list[bytes]]:

@@ -6,11 +6,13 @@ fetched in a thread while the current one is encoded, in a stable order with a u
 tiebreaker, and encodes each record as JSON with sorted keys and fixed separators, so the same
 rows always give the same bytes (however they are chunked). Every record is redacted before it
 is encoded: every text value (the event_id, the dedupe key the CSV partitions keep as it is
-too, aside) and every JSON value.
+too, aside) and every JSON value. JSON values are read from their text (`json_load`), so a number
+a float cannot hold is written as PostgreSQL stores it (`store.json_dumps_exact`).
 
 Which rows belong to a window [start, end):
 - events: created_at in the window, ordered by sequence;
-- tool_executions: `tool_executed` events in the window, the call read from the payload;
+- tool_executions: `tool_executed` events in the window, the call read from the payload (its
+  execution_id, attempt_number and tool_call_id join it to the conversations' tool calls);
 - tasks / workflows: finished (terminal status) with completed_at in the window, ordered by
   completed_at then id;
 - conversations (chat format, services/chat.py): threads with a message in the window, each
@@ -39,14 +41,14 @@ from orchestration.db import timestamptz_fast_loader
 from orchestration.event_types import EventType
 from orchestration.models import Event, TaskExecution, Workflow
 from training_export.services.redaction import Redactor, current_redactor
-from training_export.services.store import EVENTS, SCHEMAS, TASKS, TOOL_EXECUTIONS, WORKFLOWS
+from training_export.services.store import EVENTS, SCHEMAS, TASKS, TOOL_EXECUTIONS, WORKFLOWS, json_dumps_exact
 
 # Rows per FETCH, decoded and encoded together: decoded rows take several times the memory of
 # fetched ones, and with the next chunk fetched meanwhile, a larger chunk saves no time.
 CHUNK_SIZE = 500
 
 # A change to any record layout below is a new schema version (recorded in every manifest).
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 
 def _default(value: Any) -> Any:
@@ -54,12 +56,10 @@ def _default(value: Any) -> Any:
         return value.astimezone(dt.UTC).isoformat()
     if isinstance(value, dt.date):
         return value.isoformat()
-    if isinstance(value, Decimal):
-        return float(value)
+    # A Decimal is a JSON number parsed exactly (json_load): written by json_dumps_exact.
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-_encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_default)
 _ORJSON_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATETIME
 
 
@@ -68,8 +68,9 @@ def json_line(record: Any) -> bytes:
     try:
         return orjson.dumps(record, default=_default, option=_ORJSON_OPTIONS)
     except TypeError:
-        # orjson refuses integers beyond 64 bits (valid JSON): the standard library, same layout.
-        return (_encoder.encode(record) + "\n").encode("utf-8")
+        # orjson refuses integers beyond 64 bits and Decimals (exact JSON numbers, json_load):
+        # the standard library, same layout, every number exact.
+        return (json_dumps_exact(record, default=_default) + "\n").encode("utf-8")
 
 
 # Every ASCII digit but 0 maps to 0: a run of 19 zeros afterwards is a run of 19 digits. One
@@ -84,12 +85,32 @@ def _may_hold_long_number(text: str) -> bool:
     return _NINETEEN_DIGITS in text.encode("utf-8", "surrogatepass").translate(_DIGITS_TO_ZERO)
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def json_load_exact(text: str) -> Any:
+    """Parse JSON text keeping every number exact: integers as int, numbers with a fraction or
+    an exponent as Decimal (written back digit for digit by json_dumps_exact). NaN and
+    Infinity, which Python's parser accepts, are refused (ValueError): they are not JSON."""
+    return json.loads(text, parse_float=Decimal, parse_constant=_not_json)
+
+
 def json_load(text: str) -> Any:
-    """Parse JSON text; orjson unless it may hold an integer beyond 64 bits, which orjson
-    would turn into a float (the standard library keeps it exact)."""
+    """Parse JSON text (a jsonb value as PostgreSQL writes it, or a stream payload).
+
+    Numbers: orjson reads them as int or float, which is exact for any number a 64-bit float
+    holds to 15 significant digits or more. Text that may hold a number a float cannot hold
+    (any run of 19 digits: an integer beyond 64 bits, a magnitude beyond a float's range, which
+    would become Infinity and be written `null`, or one below 1e-18, which would become 0;
+    PostgreSQL writes jsonb numbers without exponents, so their digits show), and text orjson
+    refuses (`1e400`), is parsed by `json_load_exact`: its numbers stay exact."""
     if _may_hold_long_number(text):
-        return json.loads(text)
-    return orjson.loads(text)
+        return json_load_exact(text)
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json_load_exact(text)  # a number beyond a float's range, or an error to report
 
 
 def json_load_many(texts: list[str]) -> list[Any]:
@@ -98,7 +119,10 @@ def json_load_many(texts: list[str]) -> list[Any]:
     if _may_hold_long_number("\n".join(texts)):
         return [json_load(text) for text in texts]
     loads = orjson.loads
-    return [loads(text) for text in texts]
+    try:
+        return [loads(text) for text in texts]
+    except orjson.JSONDecodeError:
+        return [json_load(text) for text in texts]
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -122,7 +146,7 @@ def record_line(record: Any) -> bytes:
     try:
         return orjson.dumps(record, default=_default, option=_RECORD_OPTIONS)
     except TypeError:
-        return (_encoder.encode(record) + "\n").encode("utf-8")
+        return (json_dumps_exact(record, default=_default) + "\n").encode("utf-8")
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -169,6 +193,8 @@ class Exporter:
     record: Callable[[tuple[Any, ...], Redactor], dict[str, Any]]
     watermark_column: str
     json_columns: frozenset[str] = frozenset()
+    record_columns: tuple[str, ...] = ()
+    """The keys of every record, as the manifest lists them (`columns`: the rows' source)."""
 
     def count(self, start: dt.datetime, end: dt.datetime) -> int:
         return self.queryset(start, end).count()
@@ -267,7 +293,18 @@ def _tool_queryset(start: dt.datetime, end: dt.datetime) -> QuerySet:
 
 
 _TOOL_SOURCE_COLUMNS = ("sequence", "event_id", "entity_id", "agent_id", "workflow_id", "created_at", "payload")
-_TOOL_PAYLOAD_FIELDS = ("execution_id", "agent_id", "tool_name", "input_params", "output_result", "execution_time_ms")
+# With execution_id, `attempt_number` and `tool_call_id` join a call to the assistant message
+# that asked for it (the conversations export's keys file names the same three for each call).
+_TOOL_PAYLOAD_FIELDS = (
+    "execution_id",
+    "attempt_number",
+    "agent_id",
+    "tool_name",
+    "tool_call_id",
+    "input_params",
+    "output_result",
+    "execution_time_ms",
+)
 
 
 def _tool_record(row: tuple[Any, ...], redactor: Redactor) -> dict[str, Any]:
@@ -301,14 +338,16 @@ _TASK_COLUMNS = tuple(column for column in SCHEMAS[TASKS].columns if column != "
 _DATETIME_COLUMNS = frozenset({"created_at", "started_at", "completed_at"})
 
 
-def _plain_record(columns: tuple[str, ...]) -> Callable[[tuple[Any, ...], Redactor], dict[str, Any]]:
+def _plain_record(
+    columns: tuple[str, ...], json_columns: frozenset[str] = frozenset()
+) -> Callable[[tuple[Any, ...], Redactor], dict[str, Any]]:
     def record(row: tuple[Any, ...], redactor: Redactor) -> dict[str, Any]:
         out = {}
         for column, value in zip(columns, row, strict=True):
             if column in _DATETIME_COLUMNS:
                 out[column] = _utc(value)
-            elif isinstance(value, Decimal):
-                out[column] = float(value)
+            elif isinstance(value, Decimal) and column not in json_columns:
+                out[column] = float(value)  # a numeric(14, 6) cost: 14 digits, which a float prints back
             else:
                 out[column] = redactor.value(value)
         return out
@@ -324,20 +363,42 @@ def _workflows_queryset(start: dt.datetime, end: dt.datetime) -> QuerySet:
 
 _WORKFLOW_COLUMNS = tuple(column for column in SCHEMAS[WORKFLOWS].columns if column != "event_id")
 
+TOOL_RECORD_COLUMNS = (*_TOOL_PAYLOAD_FIELDS, "error", "workflow_id", "created_at", "event_id", "sequence")
+
 EXPORTERS: dict[str, Exporter] = {
-    EVENTS: Exporter(EVENTS, _EVENT_COLUMNS, _events_queryset, _event_record, "sequence", frozenset({"payload"})),
+    EVENTS: Exporter(
+        EVENTS,
+        _EVENT_COLUMNS,
+        _events_queryset,
+        _event_record,
+        "sequence",
+        frozenset({"payload"}),
+        record_columns=_EVENT_COLUMNS,
+    ),
     TOOL_EXECUTIONS: Exporter(
-        TOOL_EXECUTIONS, _TOOL_SOURCE_COLUMNS, _tool_queryset, _tool_record, "sequence", frozenset({"payload"})
+        TOOL_EXECUTIONS,
+        _TOOL_SOURCE_COLUMNS,
+        _tool_queryset,
+        _tool_record,
+        "sequence",
+        frozenset({"payload"}),
+        record_columns=TOOL_RECORD_COLUMNS,
     ),
     TASKS: Exporter(
         TASKS,
         _TASK_COLUMNS,
         _tasks_queryset,
-        _plain_record(_TASK_COLUMNS),
+        _plain_record(_TASK_COLUMNS, frozenset({"input_data", "output_data"})),
         "completed_at",
         frozenset({"input_data", "output_data"}),
+        record_columns=_TASK_COLUMNS,
     ),
     WORKFLOWS: Exporter(
-        WORKFLOWS, _WORKFLOW_COLUMNS, _workflows_queryset, _plain_record(_WORKFLOW_COLUMNS), "completed_at"
+        WORKFLOWS,
+        _WORKFLOW_COLUMNS,
+        _workflows_queryset,
+        _plain_record(_WORKFLOW_COLUMNS),
+        "completed_at",
+        record_columns=_WORKFLOW_COLUMNS,
     ),
 }

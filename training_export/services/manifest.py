@@ -20,13 +20,18 @@ SPLIT = "train"
 _DESCRIPTIONS = {
     "events": "AgentLedger events (the append-only audit log), one JSON object per event, in sequence order.",
     "tasks": "AgentLedger finished task executions, one JSON object per task, by completion time.",
-    "tool_executions": "AgentLedger tool calls (tool_executed events), one JSON object per call.",
+    "tool_executions": (
+        "AgentLedger tool calls (tool_executed events), one JSON object per call; `execution_id`, "
+        "`attempt_number` and `tool_call_id` join a call to the assistant message that made it."
+    ),
     "workflows": "AgentLedger finished workflows, one JSON object per workflow, by completion time.",
     "conversations": (
         "AgentLedger agent conversations in OpenAI's chat fine-tuning format: one conversation per line, "
         '`{"messages": [...], "tools": [...]}`; assistant turns of failed or retried attempts carry `weight: 0`, '
         "as do turns generated under another system prompt or tools than the ones the example carries. "
-        "Assistant messages with neither content nor tool calls are left out (counted in the manifest)."
+        "Assistant messages with neither content nor tool calls are left out (counted in the manifest). "
+        "`conversations-keys.jsonl` holds each example's join keys (thread, messages, tasks, attempts, "
+        "tool calls), a line per example in the same order."
     ),
 }
 
@@ -34,6 +39,15 @@ _DESCRIPTIONS = {
 def data_file_name(data_type: str) -> str:
     """The data file of an export: the split in the name, so `datasets` maps it to `train`."""
     return f"{data_type}-{SPLIT}.jsonl"
+
+
+@dataclass(frozen=True)
+class KeysFile:
+    """The keys file beside a conversations export: one line per example, in the same order."""
+
+    path: str
+    bytes: int
+    sha256: str
 
 
 @dataclass
@@ -55,6 +69,10 @@ class Manifest:
     left_out: Mapping[str, int] = field(default_factory=dict)
     """Conversations only: messages left out of the examples written, by reason (an empty
     assistant message); absent when none was."""
+    keys_file: KeysFile | None = None
+    """Conversations only: the join keys of each example (services/chat.py, `example_keys`)."""
+    columns: tuple[str, ...] | None = None
+    """The keys of every record (JSONL of the operational types; the chat format has its own)."""
 
     def as_dict(self) -> dict[str, Any]:
         optional: dict[str, Any] = {} if self.legacy_prompt is None else {"legacy_prompt": self.legacy_prompt}
@@ -71,8 +89,22 @@ class Manifest:
             "watermark": self.watermark,
             "rows": {self.data_type: self.rows},
             "files": [
-                {"path": self.file, "split": SPLIT, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
+                {"path": self.file, "split": SPLIT, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256},
+                *(
+                    []
+                    if self.keys_file is None
+                    else [
+                        {
+                            "path": self.keys_file.path,
+                            "keys_of": self.file,
+                            "rows": self.rows,
+                            "bytes": self.keys_file.bytes,
+                            "sha256": self.keys_file.sha256,
+                        }
+                    ]
+                ),
             ],
+            **({} if self.columns is None else {"columns": list(self.columns)}),
             "skipped": dict(sorted(self.skipped.items())),
             **optional,
         }

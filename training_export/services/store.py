@@ -13,24 +13,32 @@ flock, then the file is fsynced (and its directory, when the file is new). The l
 several processes share a file (consumers of one group, workers calling the store API): under
 it a process first reads whatever the others appended since it last looked, so its set of
 written event_ids is complete before it filters. A torn last row (power lost between write and
-fsync, so nothing acknowledged depends on it) is cut off before the next append.
+fsync, so nothing acknowledged depends on it) is cut off before the next append. A file begun
+under an earlier version's columns (`Schema.previous_columns`) is rewritten with the current
+ones, under its lock, before anything is appended to it.
+
+JSON values are written with every number exact (`json_dumps_exact`); a float that is not
+finite (NaN, Infinity: JSON has none) as no value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import fcntl
 import io
 import json
 import logging
+import math
 import os
 import re
+import secrets
 import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from itertools import repeat
@@ -42,7 +50,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from orchestration.ids import new_id
-from training_export.services.files import fsync_dir, makedirs_durable, naming
+from training_export.services.files import commit, fsync_dir, makedirs_durable, naming, staged_writer
 from training_export.services.redaction import Redactor, current_redactor
 
 logger = logging.getLogger(__name__)
@@ -61,6 +69,9 @@ WORKFLOWS = "workflows"
 class Schema:
     columns: tuple[str, ...]
     json_columns: frozenset[str] = frozenset()
+    # The columns of earlier versions: a day's file begun under one of them is rewritten with
+    # these columns (the new ones empty in its rows) before a row is appended to it.
+    previous_columns: tuple[tuple[str, ...], ...] = ()
 
 
 SCHEMAS: dict[str, Schema] = {
@@ -108,10 +119,14 @@ SCHEMAS: dict[str, Schema] = {
         json_columns=frozenset({"input_data", "output_data"}),
     ),
     TOOL_EXECUTIONS: Schema(
+        # With execution_id, attempt_number and tool_call_id join a call to the assistant
+        # message that asked for it (as in the JSONL export).
         columns=(
             "execution_id",
+            "attempt_number",
             "agent_id",
             "tool_name",
+            "tool_call_id",
             "input_params",
             "output_result",
             "execution_time_ms",
@@ -120,6 +135,19 @@ SCHEMAS: dict[str, Schema] = {
             "event_id",
         ),
         json_columns=frozenset({"input_params", "output_result"}),
+        previous_columns=(
+            (
+                "execution_id",
+                "agent_id",
+                "tool_name",
+                "input_params",
+                "output_result",
+                "execution_time_ms",
+                "error",
+                "created_at",
+                "event_id",
+            ),
+        ),
     ),
     WORKFLOWS: Schema(
         columns=(
@@ -181,13 +209,77 @@ class StoreError(RuntimeError):
 
 
 def json_text(value: Any) -> str:
-    """Compact JSON with sorted keys, UTF-8 (non-ASCII characters are not escaped)."""
+    """Compact JSON with sorted keys, UTF-8 (non-ASCII characters are not escaped); numbers
+    as `json_dumps_exact` writes them."""
     try:
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
     except TypeError:
-        # What orjson refuses and the standard library encodes: integers beyond 64 bits and
-        # non-string keys (which JSON turns into strings).
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        # What orjson refuses: integers beyond 64 bits, Decimals (exact JSON numbers, see
+        # jsonl.json_load) and non-string keys (which JSON turns into strings).
+        return json_dumps_exact(value)
+
+
+def json_dumps_exact(
+    value: Any, *, separators: tuple[str, str] = (",", ":"), default: Callable[[Any], Any] | None = None
+) -> str:
+    """JSON text with sorted keys, non-ASCII characters as they are, and every number exact:
+    an int as its digits whatever its size, a Decimal (a JSON number parsed exactly,
+    `jsonl.json_load_exact`) as its digits (`decimal_text`). A float that is not finite
+    (NaN, Infinity: JSON has none) is written `null`, as orjson writes it on the fast path.
+    `default` serializes other types."""
+    numbers: list[str] = []
+    token = secrets.token_hex(8)
+
+    def number(item: Any) -> Any:
+        if isinstance(item, Decimal):
+            if not item.is_finite():
+                return None
+            numbers.append(decimal_text(item))
+            return f"\x00{token}{len(numbers) - 1}\x00"
+        if default is None:
+            raise TypeError(f"{type(item).__name__} is not JSON serializable")
+        return default(item)
+
+    try:
+        text = json.dumps(
+            value, sort_keys=True, separators=separators, ensure_ascii=False, allow_nan=False, default=number
+        )
+    except ValueError:
+        numbers.clear()
+        text = json.dumps(
+            finite_or_none(value), sort_keys=True, separators=separators, ensure_ascii=False, default=number
+        )
+    if not numbers:
+        return text
+    # Each Decimal was written as a string holding a NUL, the token and its index (a NUL is
+    # written escaped, so no string of the value can read as one): the digits go in its place.
+    placeholder = re.compile(f'"\\\\u0000{token}(\\d+)\\\\u0000"')
+    return placeholder.sub(lambda match: numbers[int(match[1])], text)
+
+
+# A Decimal is written without an exponent unless that takes more zeros than this beyond its
+# digits (`1e1000000000`, from a tool call's arguments, would be a gigabyte of zeros).
+PLAIN_DECIMAL_MAX_ZEROS = 1000
+
+
+def decimal_text(value: Decimal) -> str:
+    """A finite Decimal as JSON number text: its digits as PostgreSQL writes a jsonb number
+    (no exponent), or with an exponent past PLAIN_DECIMAL_MAX_ZEROS zeros."""
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and abs(exponent) <= len(value.as_tuple().digits) + PLAIN_DECIMAL_MAX_ZEROS:
+        return format(value, "f")
+    return str(value)
+
+
+def finite_or_none(value: Any) -> Any:
+    """`value` with every float that is not finite (NaN, Infinity) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(item) for item in value]
+    return value
 
 
 def utc_isoformat(value: dt.datetime) -> str:
@@ -211,8 +303,10 @@ def _cell(value: Any, *, as_json: bool, redactor: Redactor) -> str:
         return redactor.text(value)
     if as_json or kind is dict or kind is list:
         return json_text(redactor.value(value))
-    if kind is int or kind is float:
+    if kind is int:
         return str(value)
+    if kind is float:
+        return str(value) if math.isfinite(value) else ""  # JSON's rule: not a number, none
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dt.datetime):
@@ -261,8 +355,10 @@ def _encode_rows(schema: Schema, rows: Sequence[Mapping[str, Any]], *, clean: bo
                 cells.append(text)
                 row_json.append(text)
                 row_values.append(value)
-            elif kind is int or kind is float:
+            elif kind is int:
                 cells.append(str(value))
+            elif kind is float:
+                cells.append(str(value) if math.isfinite(value) else "")
             elif isinstance(value, bool):
                 cells.append("true" if value else "false")
             elif isinstance(value, dt.datetime):
@@ -439,10 +535,9 @@ class TrainingDataStore:
         result = WriteResult(path=path)
         with self._lock:
             makedirs_durable(path.parent)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            fd = self._open_locked(path, schema)
             written_from: int | None = None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
                 state, first_look = self._catch_up(path, fd, schema)
                 new_file = state.end == 0
                 fresh_lines = [_header_line(schema)] if new_file else []
@@ -508,6 +603,36 @@ class TrainingDataStore:
                 os.close(fd)  # also releases the flock
         return result
 
+    def _open_locked(self, path: Path, schema: Schema) -> int:
+        """The partition file, open for appending under an exclusive flock: the file now at
+        `path` (another writer may have replaced it while this one waited for the lock, see
+        `_upgrade`), and with the schema's columns (a file an earlier version began is
+        upgraded first)."""
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                stat = os.fstat(fd)
+                try:
+                    current = os.stat(path)
+                except FileNotFoundError:
+                    current = None
+                if current is None or (current.st_ino, current.st_dev) != (stat.st_ino, stat.st_dev):
+                    os.close(fd)  # replaced or removed meanwhile: open what is there now
+                    continue
+                known = self._files.get(path)
+                if schema.previous_columns and (known is None or (known.ino, known.dev) != (stat.st_ino, stat.st_dev)):
+                    previous = _previous_header(fd, schema)
+                    if previous is not None:
+                        _upgrade(path, fd, schema, previous)
+                        os.close(fd)  # the lock goes with it: writers waiting on it reopen
+                        continue
+                return fd
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                raise
+
     def _catch_up(self, path: Path, fd: int, schema: Schema) -> tuple[_FileState, bool]:
         """The file's state, with the rows others appended since this process last looked;
         and whether this is the process's first look at the file (as it is now)."""
@@ -537,6 +662,41 @@ class TrainingDataStore:
         ):
             files.popitem(last=False)
         return state, first_look
+
+
+def _previous_header(fd: int, schema: Schema) -> tuple[str, ...] | None:
+    """The columns of an earlier version the file's header names, or None."""
+    longest = max(len(_csv_line(list(columns))) for columns in schema.previous_columns)
+    head = os.pread(fd, longest, 0)
+    for columns in schema.previous_columns:
+        if head == _csv_line(list(columns)).encode("utf-8"):
+            return columns
+    return None
+
+
+def _upgrade(path: Path, fd: int, schema: Schema, previous: tuple[str, ...]) -> None:
+    """Rewrite a file an earlier version began (header `previous`) with the schema's columns,
+    its rows' cells kept byte for byte and the new columns empty, then rename it over the
+    file (under the old file's lock: writers waiting on it find the new file, `_open_locked`).
+    A torn last row (an interrupted write, never acknowledged) is left out, as `_catch_up`
+    would cut it off."""
+    good_end = _scan_lines(path, fd, 0, os.fstat(fd).st_size, Schema(columns=previous), set())
+    text = os.pread(fd, good_end, 0).decode("utf-8")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    next(reader)  # the header
+    rows = list(reader)
+    index = {name: i for i, name in enumerate(previous)}
+    lines = [_header_line(schema)]
+    lines += [_csv_line([row[index[name]] if name in index else "" for name in schema.columns]) for row in rows]
+    with staged_writer(path) as (writer, staged):
+        writer.write("".join(lines).encode("utf-8"))
+    commit(staged)
+    logger.warning(
+        "%s: rewritten with the columns %s (it had those of an earlier version; %d rows kept)",
+        path,
+        ", ".join(schema.columns),
+        len(rows),
+    )
 
 
 def _scan(path: Path, fd: int, start: int, size: int, schema: Schema, seen: set[str]) -> int:
@@ -754,13 +914,17 @@ def store_tool_execution(
     error: str | None = None,
     created_at: dt.datetime | None = None,
     event_id: str | None = None,
+    tool_call_id: str | None = None,
+    attempt_number: int | None = None,
 ) -> Path:
     """Append one tool call to the tool_executions file of its day (created_at, default now)."""
     created_at = created_at or timezone.now()
     row = {
         "execution_id": execution_id,
+        "attempt_number": attempt_number,
         "agent_id": agent_id,
         "tool_name": tool_name,
+        "tool_call_id": tool_call_id,
         "input_params": input_params,
         "output_result": output_result,
         "execution_time_ms": execution_time_ms,

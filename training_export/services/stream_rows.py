@@ -48,7 +48,7 @@ from training_export.services.store import (
 
 # Bumped whenever the bytes of a row change for the same columns (quoting, number or time
 # formats): a consumer of another version then builds the rows itself.
-ROW_ENCODING = "1"
+ROW_ENCODING = "2"
 
 EVENTS_LINE = "csv_events"
 TOOL_LINE = "csv_tool_executions"

@@ -35,7 +35,7 @@ import os
 import socket
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 import redis
 from django.conf import settings
 from django.db import DataError, close_old_connections, models
+from django.db.models.functions import Cast
 
 from orchestration.event_types import EventType
 from orchestration.models import TaskExecution, Workflow
@@ -520,6 +521,23 @@ class WrittenBatch:
     result: BatchResult
 
 
+def database_rows(model: type[models.Model], fields: tuple[str, ...], ids: Iterable[str]) -> dict[str, dict]:
+    """The rows (`fields`, the primary key among them) by primary key, their JSON columns read as
+    text and parsed with every number exact (json_load): the ORM's parser rounds a number a
+    float cannot hold, or makes it Infinity, which the files would write as null."""
+    pk = model._meta.pk.name
+    json_fields = [name for name in fields if isinstance(model._meta.get_field(name), models.JSONField)]
+    texts = {f"{name}__exact_text": Cast(name, models.TextField()) for name in json_fields}
+    plain = [name for name in fields if name not in json_fields]
+    found = {}
+    for row in model.objects.filter(pk__in=ids).annotate(**texts).values(*plain, *texts):
+        for name in json_fields:
+            text = row.pop(f"{name}__exact_text")
+            row[name] = None if text is None else json_load(text)
+        found[row[pk]] = row
+    return found
+
+
 class SynapseConsumer:
     """One consumer of a Redis consumer group on the Synapse stream, writing `store`."""
 
@@ -720,8 +738,7 @@ class SynapseConsumer:
             return
         # PostgreSQL text holds no NUL: such an id names no row (and would fail the query).
         ids = {i for i in map(key, events) if i and "\x00" not in i}
-        pk = model._meta.pk.name
-        found = {row[pk]: row for row in model.objects.filter(pk__in=ids).values(*fields)}
+        found = database_rows(model, fields, ids)
         for event in events:
             row = found.get(key(event))
             if row is None:
