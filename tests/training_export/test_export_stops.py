@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
-import subprocess
 import sys
 from unittest import mock
 
@@ -18,9 +17,9 @@ from django.db import connections
 from config.celery import app
 from orchestration.event_types import EventType
 from orchestration.models import Event
-from tests.engine import ROOT, database_url, wait_for
+from tests.engine import wait_for
 from tests.orchestration.test_runtime_edges import _billiard_terminate_handler
-from tests.training_export.test_export_sweep import DAY, writing
+from tests.training_export.test_export_sweep import DAY, export_command, writing
 from tests.training_export.test_tasks import clear_of_midnight
 from training_export.models import ExportRun
 from training_export.services.export import (
@@ -174,15 +173,7 @@ def test_an_export_interrupted_on_the_command_line_is_recorded_lost(tmp_path):
     as "KeyboardInterrupt: "."""
     seed_day_events(dt.date.fromisoformat(DAY), 60000)
     out = tmp_path / "exports"
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DATABASE_URL": database_url()}
-    command = [sys.executable, "manage.py", "export_training_data", "--type", "events", "--start", DAY]
-    proc = subprocess.Popen(
-        [*command, "--end", DAY, "--output", str(out), "--no-progress"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = export_command(out)
     try:
         wait_for(lambda: writing(out / "events" / f"{DAY}_{DAY}"), timeout=60, interval=0.005)
         proc.send_signal(signal.SIGINT)

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -155,6 +156,19 @@ def seed_events_sql(count: int) -> None:
         )
 
 
+def export_command(out: Path) -> subprocess.Popen:
+    """`manage.py export_training_data` of DAY's events into `out`, started in a process of its own."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DATABASE_URL": database_url()}
+    command = [sys.executable, "manage.py", "export_training_data", "--type", "events", "--start", DAY]
+    return subprocess.Popen(
+        [*command, "--end", DAY, "--output", str(out), "--no-progress"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def writing(directory) -> bool:
     return directory.exists() and any(p.stat().st_size > 0 for p in directory.glob(".tmp-*"))
 
@@ -185,15 +199,7 @@ def test_a_manage_py_export_stopped_mid_write_is_recorded_lost_by_the_sweeper(tm
     the admin)."""
     seed_events_sql(60000)
     out = tmp_path / "exports"
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DATABASE_URL": database_url()}
-    command = [sys.executable, "manage.py", "export_training_data", "--type", "events", "--start", DAY]
-    proc = subprocess.Popen(
-        [*command, "--end", DAY, "--output", str(out), "--no-progress"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = export_command(out)
     directory = out / "events" / f"{DAY}_{DAY}"
     try:
         wait_for(lambda: writing(directory), timeout=60, interval=0.005)

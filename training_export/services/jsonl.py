@@ -293,18 +293,10 @@ def _tool_queryset(start: dt.datetime, end: dt.datetime) -> QuerySet:
 
 
 _TOOL_SOURCE_COLUMNS = ("sequence", "event_id", "entity_id", "agent_id", "workflow_id", "created_at", "payload")
-# With execution_id, `attempt_number` and `tool_call_id` join a call to the assistant message
-# that asked for it (the conversations export's keys file names the same three for each call).
-_TOOL_PAYLOAD_FIELDS = (
-    "execution_id",
-    "attempt_number",
-    "agent_id",
-    "tool_name",
-    "tool_call_id",
-    "input_params",
-    "output_result",
-    "execution_time_ms",
-)
+# The call's fields in the event's payload: the CSV partitions' columns up to the error (with
+# execution_id, `attempt_number` and `tool_call_id` join a call to the assistant message that
+# asked for it; the conversations export's keys file names the same three for each call).
+_TOOL_PAYLOAD_FIELDS = SCHEMAS[TOOL_EXECUTIONS].columns[: SCHEMAS[TOOL_EXECUTIONS].columns.index("error")]
 
 
 def _tool_record(row: tuple[Any, ...], redactor: Redactor) -> dict[str, Any]:
