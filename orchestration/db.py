@@ -214,15 +214,24 @@ def terminate_handler_fired() -> bool:
     return fired is not None and fired()
 
 
+def agent_stopping(exc: BaseException) -> bool:
+    """Whether `exc`, raised out of an agent's code (or a hand-off's), means this process was told
+    to stop: as process_stopping, but a database error with a KeyboardInterrupt in its context is
+    the agent's failure. A pool process ignores SIGINT, so that interrupt was the agent's own
+    code's (caught, and a query of its own failed while it was handled); a stop that an agent's
+    query error replaced is a terminate signal's, whose handler has fired."""
+    if terminate_handler_fired():
+        return True
+    return isinstance(exc, SystemExit | KeyboardInterrupt) and stopping(exc)
+
+
 def process_stopping(exc: BaseException) -> bool:
     """Whether `exc`, met while work runs, means this process was told to stop: a stop
     (`stopping`), such a stop replaced by a database error on its way (`stop_if_interrupted`),
     or anything once billiard's terminate-signal handler has fired (its SystemExit may have been
-    replaced by a `finally` that raised)."""
-    if terminate_handler_fired():
+    replaced by a `finally` that raised). An agent's error: `agent_stopping`."""
+    if agent_stopping(exc):
         return True
-    if isinstance(exc, SystemExit | KeyboardInterrupt):
-        return stopping(exc)
     try:
         stop_if_interrupted(exc)
     except (SystemExit, KeyboardInterrupt):

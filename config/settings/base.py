@@ -448,13 +448,15 @@ _AUTHORIZATION_NEXT_LINE = (
     r"|[^\s\"',;&]++[ \t]*(?![^\r\n\"]))|[ \t]*(?![^\r\n\"])))"
 )
 # The key=value pattern's key may end in a word saying it names something about a secret, not
-# the secret: `secret_hash = ...`, `MIN_SECRET_LENGTH = 6`, `api_key_env: OPENAI_API_KEY`,
+# the secret: `api_key_hash = ...`, `MIN_SECRET_LENGTH = 6`, `api_key_env: OPENAI_API_KEY`,
 # `private_key_path = ...` are kept (code and config discussions are common in the training data).
-# Not `secret_id` (Vault AppRole's secret_id is the credential) nor a password's hash (a
-# low-entropy secret, crackable from it). The words are those of
+# Not `secret_id` nor `token_id` (Vault AppRole's and Keystone's credentials), nor a password's
+# hash (a low-entropy secret, crackable from it), a token's (a magic link's) or a secret's
+# (Cognito's SECRET_HASH, sent to sign in). The words are those of
 # training_export.services.redaction.NOT_SECRET_LAST_WORDS, which applies them to JSON keys.
 _KEY_NAMES_NO_SECRET = (
-    r"(?<!(?<!secret)[_-]id)(?<!(?<!secret)[_-]ids)(?<!(?<!password)(?<!passwd)(?<!passphrase)[_-]hash)"
+    r"(?<!(?<!secret)(?<!token)[_-]id)(?<!(?<!secret)(?<!token)[_-]ids)"
+    r"(?<!(?<!password)(?<!passwd)(?<!passphrase)(?<!token)(?<!secret)[_-]hash)"
     + "".join(
         rf"(?<![_-]{word})"
         for word in (
@@ -525,8 +527,9 @@ REDACT_PATTERNS = env.json_str_list(
         # spaces; no look-ahead for that quote, which would make the pattern not joinable). The
         # key's word may be followed by more words of it (SECRET_KEY, AWS_SECRET_ACCESS_KEY,
         # private_key_pem), as REDACT_KEYS matches keys, but not "token" (token_type and
-        # token_count are no credentials), nor a last one of _KEY_NAMES_NO_SECRET (secret_hash,
-        # api_key_env); AccountKey= of an Azure connection string too. Its
+        # token_count are no credentials; token_hash and token_id are: a magic link's, Keystone's),
+        # nor a last one of _KEY_NAMES_NO_SECRET (api_key_hash, api_key_env); AccountKey= of an Azure
+        # connection string too. Its
         # quotes may be escaped (a request body quoted inside JSON text: `{\"password\": \"...\"}`).
         # The look-ahead for the words' first letters lets the search skip every other position
         # (without it, the pattern took twice as long over text holding none of them). The
@@ -534,7 +537,9 @@ REDACT_PATTERNS = env.json_str_list(
         # searched to its end again from each of them.
         r"(?=[AaCcPpSsTt])(?i:(?:(?:password|passwd|passphrase|secret|api[_-]?key|private[_-]?key|credentials?|accountkey"
         r"|sharedaccesskey)"
-        r"(?:[_-][a-z0-9]{1,40}){0,6}+" + _KEY_NAMES_NO_SECRET + r"|token)(?:\\?[\"'])?\s*[=:]\s*)"
+        r"(?:[_-][a-z0-9]{1,40}){0,6}+"
+        + _KEY_NAMES_NO_SECRET
+        + r"|token(?:[_-](?:hash|ids?))?)(?:\\?[\"'])?\s*[=:]\s*)"
         r"(?:\\\"(?:[^\"\\\n]|\\[^\"\n])*|\"[^\"\n]*|'[^'\n]*|[^\s&,;'\"]+)",
     ],
 )

@@ -15,7 +15,7 @@ from typing import Any
 
 from django.conf import settings
 
-from orchestration.db import process_stopping, stopping_write
+from orchestration.db import agent_stopping, stopping_write
 from orchestration.errors import PermanentError
 from orchestration.models import Agent, AgentInteraction
 from orchestration.runtime.context import TaskContext, Usage
@@ -140,7 +140,7 @@ class Peers:
         except BaseException as exc:
             # A stop (a cancel's SIGTERM, a worker's shutdown, ^C) is not the other agent's
             # failure, nor its success: the hand-off was interrupted.
-            stopped = process_stopping(exc)
+            stopped = agent_stopping(exc)
             payload["error"] = INTERRUPTED if stopped else f"{type(exc).__name__}: {exc}"
             usage = getattr(exc, "usage", None)
             if isinstance(usage, Usage):

@@ -174,9 +174,11 @@ def _read_body(response: httpx.Response, *, limit: int, what: str, deadline: flo
     else:
         raise PermanentError(f"{what}: answered with Content-Encoding {encoding!r}; only gzip or deflate is accepted")
     content = bytearray()
+    received = False
     for raw in response.iter_raw():
         if time.monotonic() > deadline:
             raise httpx.ReadTimeout("the answer took longer than its deadline")
+        received = received or bool(raw)
         data = raw
         while data:
             if decoder is None:
@@ -192,10 +194,11 @@ def _read_body(response: httpx.Response, *, limit: int, what: str, deadline: flo
                 if success:
                     raise PermanentError(f"{what}: the answer exceeds AGENT_HTTP_MAX_RESPONSE_BYTES ({limit})")
                 return bytes(content[:cap])
-    if success and decoder is not None and not decoder.eof:
+    if success and decoder is not None and received and not decoder.eof:
         # A body without Content-Length ends when the connection closes: cut there, only the
         # compressed stream's own end tells it is incomplete (read as a whole, it would be
-        # taken for a malformed answer and failed for good instead of retried).
+        # taken for a malformed answer and failed for good instead of retried). No body at all
+        # (a 204, Content-Length: 0, with the header a proxy adds to any answer) was not cut.
         raise httpx.RemoteProtocolError(f"the {encoding} answer ended before its compressed stream did")
     return bytes(content)
 

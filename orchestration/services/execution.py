@@ -30,8 +30,8 @@ from django.db.models.functions import Now
 from observability.attempts import attempt_finished, attempt_started, attempts_reaped, late_usage_recorded
 from orchestration.db import (
     DatabaseClock,
+    agent_stopping,
     atomic_with_retry,
-    process_stopping,
     stop_if_interrupted,
     stop_raised,
     terminate_handler_fired,
@@ -957,7 +957,7 @@ def _attempt_run(
         if agent_error is not None:
             raise agent_error
     except BaseException as exc:
-        if process_stopping(exc):
+        if agent_stopping(exc):
             # The worker is going away (a cancel's SIGTERM, a shutdown); the reaper closes it. A
             # stop replaced on its way out (the agent's cleanup raised) is raised again as a
             # SystemExit by attempt_run.

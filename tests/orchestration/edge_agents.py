@@ -182,3 +182,15 @@ def hands_off(task_input, context):
     """Hands the task to the agent `input.to` (with the rest of its input), and returns its output."""
     to = task_input["to"]
     return context.peers.handoff(to, {k: v for k, v in task_input.items() if k != "to"}, message="over to you")
+
+
+def interrupt_then_query_fails(task_input, context):
+    """Catches a KeyboardInterrupt of its own code's (in a pool process SIGINT is ignored: no ^C
+    reaches it) and fails in a query of its own while it handles it: its failure, no stop."""
+    from django.db import connection
+
+    try:
+        raise KeyboardInterrupt  # a library's way to abandon a call, say
+    except KeyboardInterrupt:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 / 0")

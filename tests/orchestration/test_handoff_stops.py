@@ -84,3 +84,18 @@ def test_a_stopped_handoffs_record_does_not_hold_up_the_stop_behind_a_lock(commi
     assert stopped_after < 10, f"the stop waited {stopped_after:.1f} s for the lock"
     assert "not recorded as the process stops" in caplog.text
     assert not AgentInteraction.objects.filter(workflow_id=workflow.pk).exists()
+
+
+def test_a_handoff_whose_agent_fails_in_a_query_on_catching_its_own_interrupt_records_that_error(committed):
+    """A pool process ignores SIGINT: a KeyboardInterrupt there is the agent's own code's. The
+    other agent caught one and failed in a query of its own while handling it; its database
+    error, that interrupt in its context, was taken for a stop: the hand-off was recorded
+    interrupted, not failed with the other agent's error."""
+    edge_agent("hands-off", "hands_off")
+    edge_agent("interrupted", "interrupt_then_query_fails")
+    workflow = submit({"name": "h", "agent": "hands-off", "input": {"to": "interrupted"}})
+    handing = task(workflow, "h")
+    attempt_run(execution_id=handing.pk, celery_task_id=handing.celery_task_id, worker="w@h")
+    interaction = AgentInteraction.objects.get(workflow_id=workflow.pk)
+    assert interaction.payload["error"].startswith("DataError: division by zero"), interaction.payload
+    assert TaskAttempt.objects.get(execution__workflow=workflow).status == TaskAttempt.Status.FAILED

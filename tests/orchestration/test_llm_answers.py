@@ -203,6 +203,25 @@ def test_a_compressed_answer_cut_mid_way_is_retryable_not_a_malformed_answer(loc
 
 
 @pytest.mark.parametrize(
+    "head",
+    [b"HTTP/1.1 204 No Content\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"],
+    ids=["204", "content-length-0"],
+)
+def test_a_compressed_answer_with_no_body_at_all_fails_for_good_not_retried_as_cut(local_net, head):
+    # Nothing was cut: the answer says it has no body (a proxy adds Content-Encoding to any).
+    # Retried as a cut answer, each try ran the agent again for the same empty answer.
+    def respond(conn: socket.socket) -> None:
+        conn.sendall(head + b"Content-Type: application/json\r\nContent-Encoding: gzip\r\n\r\n")
+
+    with RawServer(respond) as server:
+        with pytest.raises(PermanentError):
+            agent_execute(agent=http_agent(server.url), task_input={}, context=ctx())
+        local_net.AGENT_API_KEY_HOSTS = [server.url]
+        with pytest.raises(PermanentError):
+            agent_execute(agent=llm_agent(server.url), task_input={"prompt": "x"}, context=ctx())
+
+
+@pytest.mark.parametrize(
     ("content_type", "body"),
     [
         ("text/html", b"<html><body>Sign in to the proxy</body></html>"),

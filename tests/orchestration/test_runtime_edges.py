@@ -24,7 +24,7 @@ from django.utils import timezone
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
 from orchestration.runtime.context import Usage
 from orchestration.services import execution
-from orchestration.services.execution import Claim, attempt_claim, attempt_run
+from orchestration.services.execution import Claim, Outcome, attempt_claim, attempt_run
 from orchestration.services.workflows import workflow_cancel, workflow_submit
 from tests.engine import wait_for
 from tests.fakes.servers import OpenAIServer, Reply
@@ -669,6 +669,23 @@ def test_an_agents_own_exit_then_a_database_error_in_its_record_is_that_error_no
     assert "lock timeout" in str(raised.value)
     (attempt,) = TaskAttempt.objects.filter(execution_id=a.pk)
     assert attempt.status == TaskAttempt.Status.RUNNING  # for run_task's retry to close, with the error
+
+
+def test_an_agents_own_database_error_raised_on_catching_its_interrupt_is_its_failure_not_a_stop(committed):
+    """A pool process ignores SIGINT: a KeyboardInterrupt there is the agent's code's own. One
+    that the agent caught, then failed in a query of its own while handling it, had the
+    KeyboardInterrupt in its database error's context, and process_stopping took the error for a
+    stop that Django had replaced: attempt_run raised the KeyboardInterrupt (ending the pool
+    process, the try recorded lost) instead of recording the agent's failure."""
+    from tests.orchestration.edge_agents import edge_agent
+
+    edge_agent("interrupt-then-query-fails", "interrupt_then_query_fails")
+    wf = submit({"name": "i", "agent": "interrupt-then-query-fails"})
+    i = task(wf, "i")
+    outcome = attempt_run(execution_id=i.pk, celery_task_id=i.celery_task_id, worker="w@h")
+    (attempt,) = TaskAttempt.objects.filter(execution_id=i.pk)
+    assert (outcome, attempt.status) == (Outcome.FAILED, TaskAttempt.Status.FAILED)
+    assert "division by zero" in attempt.error
 
 
 # --- a cancel's SIGTERM whose SystemExit an agent swallows ------------------------------

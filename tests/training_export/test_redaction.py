@@ -678,7 +678,7 @@ def test_a_mask_inside_json_text_inside_json_text_keeps_both_texts_json(db):
 # and config discussed in agent conversations): the key=value pattern masked them, and the text
 # with them (`MIN_SECRET_LENGTH = 6` became `MIN_[REDACTED]`).
 KEYS_NAMING_NO_SECRET = (
-    "secret_hash = abc123",
+    "api_key_hash = abc123",
     "MIN_SECRET_LENGTH = 6",
     "api_key_env: OPENAI_API_KEY",
     "private_key_path = /etc/x.pem",
@@ -703,7 +703,11 @@ NEAR_MISSES = {
     "passwd_hash": f"passwd-hash={CANARY}",
     "vault_secret_id": f"VAULT_SECRET_ID={CANARY}",
     "secret_id_quoted": f'"secret_id": "{CANARY}"',
-    "hash_not_last": f"secret_hash_value = {CANARY}",
+    "hash_not_last": f"api_key_hash_value = {CANARY}",
+    "cognito_secret_hash": f"SECRET_HASH={CANARY}",
+    "keystone_token_id": f"token_id: {CANARY}",
+    "token_ids": f"token-ids={CANARY}",
+    "client_secret_hash": f"client_secret_hash = {CANARY}",
     "env_not_last": f"API_KEY_ENV_VALUE={CANARY}",
     "word_not_whole": f"secret_idx={CANARY}",
     "name_run_on": f"secret_names2={CANARY}",
@@ -755,16 +759,19 @@ def test_token_accounting_and_keys_naming_something_about_a_secret_are_kept_as_j
         "client_secret": "f",
         "api_key": "g",
         "private_key_pem": "h",
+        "SECRET_HASH": "i",
+        "token_id": "j",
+        "subjectTokenId": "k",
     }
     assert redact(masked) == dict.fromkeys(masked, MASK)
 
 
 def test_a_configured_key_ending_in_a_kept_word_is_still_masked():
     redactor = build_redactor(["session_id", "token"], [])
-    assert redactor.value({"session_id": "a", "user_session_id": "b", "token_id": 1}) == {
+    assert redactor.value({"session_id": "a", "user_session_id": "b", "token_count": 1}) == {
         "session_id": MASK,
         "user_session_id": MASK,
-        "token_id": 1,
+        "token_count": 1,
     }
 
 
@@ -784,7 +791,7 @@ def test_keys_naming_no_secret_reach_a_jsonl_export_unmasked_and_their_neighbour
     settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
     TaskExecutionFactory(
         status=TaskExecution.Status.COMPLETED,
-        input_data={"prompt": "call it with max_tokens=1024; secret_hash = 5f2a9c", "max_tokens": 1024},
+        input_data={"prompt": "call it with max_tokens=1024; api_key_hash = 5f2a9c", "max_tokens": 1024},
         output_data={"usage": {"token_count": 512, "total_tokens": 900}, "token_type": "bearer", **NEAR_MISSES},
         started_at=T0,
         completed_at=T0,
@@ -797,7 +804,7 @@ def test_keys_naming_no_secret_reach_a_jsonl_export_unmasked_and_their_neighbour
     text = path.read_text("utf-8")
     assert CANARY not in text
     (record,) = [json.loads(line) for line in text.splitlines()]
-    assert record["input_data"] == {"prompt": "call it with max_tokens=1024; secret_hash = 5f2a9c", "max_tokens": 1024}
+    assert record["input_data"] == {"prompt": "call it with max_tokens=1024; api_key_hash = 5f2a9c", "max_tokens": 1024}
     assert record["output_data"]["usage"] == {"token_count": 512, "total_tokens": 900}
     assert record["output_data"]["token_type"] == "bearer"
 
@@ -809,3 +816,18 @@ def test_the_gate_needs_a_url_scheme_for_the_url_credentials_pattern_not_a_colon
     assert ("://",) in url_scan.needed
     assert redactor.gate.search("note: step 2 of 3 is done, see the log: nothing failed") is None
     assert redactor.text("connect to redis://:pw123@cache:6379 failed") == f"connect to redis://{MASK}cache:6379 failed"
+
+
+def test_a_tokens_hash_is_masked_it_is_what_a_magic_link_logs_in_with(db):
+    # Supabase's sign-in links carry `?token_hash=...`, which its verify endpoint takes in a JSON
+    # body as the login: kept as a key naming something about a token (its last word "hash").
+    link = f"https://abc.supabase.co/auth/v1/verify?token_hash=pkce_{CANARY}&type=magiclink"
+    assert CANARY not in redact(link)
+    assert CANARY not in redact(f"secret_token_hash={CANARY}")
+    body = {"type": "email", "token_hash": CANARY, "tokenHash": CANARY, "refresh_token_hash": CANARY}
+    assert redact(body) == {"type": "email", **dict.fromkeys(["token_hash", "tokenHash", "refresh_token_hash"], MASK)}
+    # the hash of an API key, or of a secret, stays kept (stored to compare, not sent to log in)
+    assert redact({"api_key_hash": "5f2a", "text": "api_key_hash = 5f2a"}) == {
+        "api_key_hash": "5f2a",
+        "text": "api_key_hash = 5f2a",
+    }

@@ -235,6 +235,18 @@ def test_the_format_changes_with_the_last_words_that_make_a_key_no_secrets(setti
         stream_rows._format_for.cache_clear()  # nothing cached under the patched words
 
 
+def test_the_format_changes_with_the_words_before_a_last_word_that_keep_a_key_secret(settings, monkeypatch):
+    # `token` before `hash` makes token_hash a secret's key: a relay whose words differ masks
+    # other keys (it kept token_hash), and its rows must not be written as they are.
+    made_under = stream_rows.row_format()
+    monkeypatch.setitem(redaction.SECRET_AFTER, "hash", redaction.SECRET_AFTER["hash"] - {"token"})
+    stream_rows._format_for.cache_clear()
+    try:
+        assert stream_rows.row_format() != made_under
+    finally:
+        stream_rows._format_for.cache_clear()  # nothing cached under the patched words
+
+
 def test_a_redact_key_naming_a_tool_field_masks_it_both_ways(synapse, streams, tmp_path, settings):  # noqa: F811
     """REDACT_KEYS with "input" masks the payload's top-level `input_params`: the relay's
     stream payload and the consumer's own tool row (built from that masked payload) hold

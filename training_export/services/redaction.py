@@ -8,8 +8,9 @@ write. It masks:
   `X-Auth-Token` and `refreshToken` are masked but `tokens_used` and `max_tokens` are not
   (token counts are training signal, not credentials), nor a key whose last word, after the
   configured words, says it names something about a secret (NOT_SECRET_LAST_WORDS:
-  `token_count`, `token_type`, `secret_name`, `api_key_env`), except `secret_id` (Vault's
-  AppRole credential) and a password's hash (crackable);
+  `token_count`, `token_type`, `secret_name`, `api_key_env`), except `secret_id` and `token_id`
+  (Vault's and Keystone's credentials), a password's hash (crackable), a token's and a secret's
+  (a sign-in link's, Cognito's `SECRET_HASH`);
 - the configured secret values of this deployment wherever they appear verbatim inside a
   string (SECRET_KEY, the database and Redis passwords, provider API keys: the values the
   log filter masks, `observability.logs.configured_secrets`);
@@ -59,9 +60,15 @@ NOT_SECRET_LAST_WORDS = frozenset(
     {"count", "dir", "env", "field", "fields", "file", "hash", "id", "ids", "kind", "len", "length", "max", "min"}
     | {"name", "names", "path", "size", "type", "uri", "url", "version"}
 )
-# ...except after these: Vault's AppRole `secret_id` is a credential, and a password's hash can be
-# cracked back to the password.
-_SECRET_AFTER = {"id": {"secret"}, "ids": {"secret"}, "hash": {"password", "passwd", "passphrase", "pwd"}}
+# ...except after these: Vault's AppRole `secret_id` and OpenStack Keystone's `token_id` are the
+# credential, a password's hash can be cracked back to the password, a token's hash is what a
+# magic link carries to log in with (Supabase's `token_hash`, sent to its verify endpoint), and a
+# secret's is one too (AWS Cognito's `SECRET_HASH`, sent with each sign-in).
+SECRET_AFTER = {
+    "id": {"secret", "token"},
+    "ids": {"secret", "token"},
+    "hash": {"password", "passwd", "passphrase", "pwd", "token", "secret"},
+}
 # The configured words the last words apply to: credentials, whose name, count or high-entropy
 # hash tells nothing of them. Any other configured word (personal data: `ssn`, `email`) masks
 # every key holding it: `ssn_hash` or `email_hash` can be turned back into the value.
@@ -74,7 +81,7 @@ CREDENTIAL_WORDS = frozenset(
 def _names_no_secret(words: tuple[str, ...]) -> bool:
     """Whether a key of these words ends in a word of NOT_SECRET_LAST_WORDS (outside its
     exceptions): only a configured key ending with that word too makes it a secret's."""
-    return len(words) > 1 and words[-1] in NOT_SECRET_LAST_WORDS and words[-2] not in _SECRET_AFTER.get(words[-1], ())
+    return len(words) > 1 and words[-1] in NOT_SECRET_LAST_WORDS and words[-2] not in SECRET_AFTER.get(words[-1], ())
 
 
 _CACHE_LIMIT = 50_000

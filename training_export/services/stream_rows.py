@@ -9,7 +9,8 @@ relay adds the finished rows to the entry, made by the same functions the consum
 - `csv_tool_executions`: the line of the tool_executions file (`tool_executed` events only);
 - `csv_format`: which settings made them: a keyed BLAKE2b (key: SECRET_KEY) of ROW_ENCODING,
   the files' columns and the redaction settings (keys, the last words that make a key no
-  secret's and the credential words they apply to, patterns, the configured secret values).
+  secret's, the words before them that do not, and the credential words they apply to,
+  patterns, the configured secret values).
   One value per configuration; it reveals nothing about the settings behind it.
 
 A consumer writes the lines as they are only when `csv_format` is its own and each line is one
@@ -33,7 +34,12 @@ from typing import Any
 from django.conf import settings
 
 from training_export.services.jsonl import json_load
-from training_export.services.redaction import CREDENTIAL_WORDS, NOT_SECRET_LAST_WORDS, configured_secret_values
+from training_export.services.redaction import (
+    CREDENTIAL_WORDS,
+    NOT_SECRET_LAST_WORDS,
+    SECRET_AFTER,
+    configured_secret_values,
+)
 from training_export.services.store import (
     EVENT_TEXT_COLUMNS,
     EVENTS,
@@ -69,6 +75,7 @@ def _format_for(secret_key: str, keys: tuple[str, ...], patterns: tuple[str, ...
             SCHEMAS[TOOL_EXECUTIONS].columns,
             keys,
             sorted(NOT_SECRET_LAST_WORDS),
+            sorted((word, sorted(before)) for word, before in SECRET_AFTER.items()),
             sorted(CREDENTIAL_WORDS),
             patterns,
             secrets,
