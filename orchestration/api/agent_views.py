@@ -155,7 +155,7 @@ class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, v
         summary="Deactivate an agent (admins)",
         description="Takes no body (none, or `{}`): any other is a 400. " + FILE_DEFINED,
         request=None,
-        responses={200: AgentSerializer, **problem_responses(400, 401, 403, 404, 409, 429)},
+        responses={200: AgentSerializer, **problem_responses(400, 401, 403, 404, 409, 413, 415, 429)},
     )
     @action(detail=True, methods=["post"])
     def deactivate(self, request: Request, pk: str) -> Response:

@@ -24,6 +24,7 @@ _DETAILS = {
     410: ("gone", "the data file of export run 42 no longer matches the sha256 it recorded", None),
     412: ("precondition_failed", 'If-Match names no version of this file; its ETag is "9f86d0..."', None),
     413: ("request_too_large", "The request body exceeds the limit of 2621440 bytes.", None),
+    415: ("unsupported_media_type", 'Unsupported media type "text/plain" in request.', None),
     422: ("unprocessable", "Idempotency-Key 'k1' was already used for a different request body.", None),
     429: ("throttled", "Request was throttled. Expected available in 12 seconds.", None),
     503: ("unavailable", "settled=true needs the relay's position on the Synapse stream, which is unknown: ...", None),
@@ -45,20 +46,22 @@ def problem_responses(*codes: int) -> dict[Any, Any]:
     return responses
 
 
-# Answers any operation can give before its view runs: content negotiation (406) for every
-# one, and for those taking a body its size limit (413) and media type (415).
-_EVERY_OPERATION = (406,)
+# Answers any operation can give before its view runs: a query parameter given twice or
+# holding a NUL (400, ApiCommonMiddleware) and content negotiation (406) for every one, and
+# for those taking a body its size limit (413) and media type (415).
+_EVERY_OPERATION = (400, 406)
 _WITH_A_BODY = (413, 415)
+_REPEATED = "is given 2 times; it takes one value"
 _MORE_DETAILS = {
-    406: ("not_acceptable", "Could not satisfy the request Accept header."),
-    415: ("unsupported_media_type", 'Unsupported media type "text/plain" in request.'),
-    503: ("unavailable", "Rate limits are counted in Redis, which is not answering; retry shortly."),
+    400: ("validation_error", f"status: {_REPEATED}", [{"field": "status", "detail": _REPEATED}]),
+    406: ("not_acceptable", "Could not satisfy the request Accept header.", None),
+    503: ("unavailable", "Rate limits are counted in Redis, which is not answering; retry shortly.", None),
 }
 
 
 def _problem_response(code: int, path: str) -> dict[str, Any]:
-    kind, detail = _MORE_DETAILS[code] if code in _MORE_DETAILS else _DETAILS[code][:2]
-    example = problem(status_code=code, detail=detail, code=kind, instance=path)
+    kind, detail, errors = _MORE_DETAILS[code] if code in _MORE_DETAILS else _DETAILS[code]
+    example = problem(status_code=code, detail=detail, code=kind, instance=path, errors=errors)
     name = TITLES[code].title().replace(" ", "")
     return {
         "description": TITLES[code],
@@ -72,8 +75,8 @@ def _problem_response(code: int, path: str) -> dict[str, Any]:
 
 
 def document_negotiation_problems(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict:
-    """drf-spectacular postprocessing hook: the 406, 413 and 415 problems on every operation
-    that can answer them, and 503 on the rate-limited ones, where the operation's own
+    """drf-spectacular postprocessing hook: the 400, 406, 413 and 415 problems on every
+    operation that can answer them, and 503 on the rate-limited ones, where the operation's own
     responses do not list them already."""
     for path, operations in result.get("paths", {}).items():
         for operation in operations.values():

@@ -63,7 +63,18 @@ def anonymous_rate_limit_key(address: str) -> str:
 
 @lru_cache(maxsize=8)
 def _networks(proxies: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(proxy, strict=False) for proxy in proxies)
+    return tuple(_ipv4_if_mapped(ipaddress.ip_network(proxy, strict=False)) for proxy in proxies)
+
+
+def _ipv4_if_mapped(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """`::ffff:10.0.0.0/120` as `10.0.0.0/24`: an address is compared as _address reads it,
+    an IPv4-mapped one as IPv4."""
+    mapped = network.network_address.ipv4_mapped if isinstance(network, ipaddress.IPv6Network) else None
+    if mapped is None or network.prefixlen < 96:
+        return network
+    return ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

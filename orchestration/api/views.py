@@ -289,7 +289,7 @@ class WorkflowViewSet(
         description="Failed, timed-out and cancelled tasks get a fresh retry budget and are queued again. "
         "Answers 202: follow the workflow's status. Takes no body (none, or `{}`): any other is a 400.",
         request=None,
-        responses={202: WorkflowDetailSerializer, **problem_responses(400, 401, 403, 404, 409, 429)},
+        responses={202: WorkflowDetailSerializer, **problem_responses(400, 401, 403, 404, 409, 413, 415, 429)},
     )
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, workflow_id: str) -> Response:
@@ -370,7 +370,7 @@ class TaskViewSet(ApiMixin, RowListMixin, mixins.ListModelMixin, mixins.Retrieve
         description="Answers 202: the task is queued again; follow its status. Takes no body (none, or `{}`): "
         "any other is a 400.",
         request=None,
-        responses={202: TaskDetailSerializer, **problem_responses(400, 401, 403, 404, 409, 429)},
+        responses={202: TaskDetailSerializer, **problem_responses(400, 401, 403, 404, 409, 413, 415, 429)},
     )
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, execution_id: str) -> Response:

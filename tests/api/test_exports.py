@@ -288,7 +288,7 @@ def test_a_day_with_one_digit_month_or_day_is_refused_not_read(callers, out):
     march_5 = midnight("2024-03-05")
     ExportRunFactory(data_type="events", window_start=march_5, window_end=march_5 + dt.timedelta(days=1))
     for name in ("day", "start_date", "end_date"):
-        for written in ("2024-3-5", "2024-03-5", "2024-3-05"):
+        for written in ("2024-3-5", "2024-03-5", "2024-3-05", " 2024-03-05 "):
             refused = admin.get("/api/v1/exports/", {name: written})
             assert problem_fields(refused) == [name]
             assert "YYYY-MM-DD" in refused.json()["errors"][0]["detail"]

@@ -254,3 +254,16 @@ def test_the_client_address_a_request_is_counted_by(settings, meta, expected):
 
     settings.API_TRUSTED_PROXIES = ["10.0.0.2"]
     assert client_address(RequestFactory().get("/api/v1/me/", **meta)) == expected
+
+
+@pytest.mark.parametrize("proxy", ["::ffff:10.0.0.2", "::ffff:10.0.0.0/120"])
+def test_a_trusted_proxy_written_as_an_ipv4_mapped_address_is_trusted(settings, proxy):
+    """A peer's IPv4-mapped address (a dual-stack socket's `::ffff:10.0.0.2`) is read as its
+    IPv4 one; the same proxy listed that way in API_TRUSTED_PROXIES matched no peer, so its
+    clients shared its budget, said nowhere."""
+    from orchestration.api.throttling import client_address
+
+    settings.API_TRUSTED_PROXIES = [proxy]
+    for peer in ("::ffff:10.0.0.2", "10.0.0.2"):
+        request = RequestFactory().get("/api/v1/me/", REMOTE_ADDR=peer, HTTP_X_FORWARDED_FOR="203.0.113.9")
+        assert client_address(request) == "203.0.113.9"

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import CHECKS, load_all_checks
 
-from tests.api.conftest import ROLES, make_caller
+from tests.api.conftest import ROLES, SPEC, make_caller
 
 # Valid-per-schema data can still be refused for reasons a schema cannot state: an agent id
 # that does not exist (400), a state that forbids the command (409), a key reused with
@@ -97,6 +97,57 @@ def test_negotiation_problems_are_documented_as_answered(callers, settings):
         assert response.status_code == code, (path, response.content)
         assert response["Content-Type"] == "application/problem+json"
         assert response.json()["type"] == documented(path, method, code)
+
+
+def test_commands_that_take_no_body_document_the_media_type_and_size_problems_they_answer(callers, settings):
+    """retry and deactivate read their body (none, or `{}`) since they refuse one they would
+    ignore: one in another media type is a 415, one over the size limit a 413, which the
+    schema did not list for them (it has no requestBody, so the hook added neither)."""
+    schema = SchemaGenerator().get_schema(request=None, public=True)
+    admin = callers["admin"].client
+    workflow_id = admin.post("/api/v1/workflows/", SPEC, format="json").json()["workflow_id"]
+    execution_id = admin.get(f"/api/v1/workflows/{workflow_id}/").json()["tasks"][0]["execution_id"]
+    commands = {
+        "/api/v1/workflows/{workflow_id}/retry/": f"/api/v1/workflows/{workflow_id}/retry/",
+        "/api/v1/tasks/{execution_id}/retry/": f"/api/v1/tasks/{execution_id}/retry/",
+        "/api/v1/agents/{id}/deactivate/": "/api/v1/agents/echo/deactivate/",
+    }
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1024
+    for path, url in commands.items():
+        answers = {
+            415: admin.post(url, "{}", content_type="application/x-www-form-urlencoded"),
+            413: admin.post(url, {"reason": "x" * 2000}, format="json"),
+        }
+        for code, response in answers.items():
+            assert response.status_code == code, (url, response.content)
+            documented = schema["paths"][path]["post"]["responses"].get(str(code))
+            assert documented is not None, (path, code)
+            example = next(iter(documented["content"]["application/problem+json"]["examples"].values()))
+            assert response.json()["type"] == example["value"]["type"], (path, code)
+
+
+def test_every_operation_documents_the_400_for_a_repeated_or_nul_query_parameter(callers):
+    """ApiCommonMiddleware answers a query parameter given twice, or holding a NUL, with a 400
+    before any view runs, on every operation: those that take no filters (`GET /me/`, an
+    object's page) did not list a 400 at all."""
+    schema = SchemaGenerator().get_schema(request=None, public=True)
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            assert "400" in operation["responses"], (method, path)
+    admin = callers["admin"].client
+    workflow_id = admin.post("/api/v1/workflows/", SPEC, format="json").json()["workflow_id"]
+    answers = {
+        "/api/v1/me/": admin.get("/api/v1/me/?a=1&a=2"),
+        "/api/v1/workflows/{workflow_id}/": admin.get(f"/api/v1/workflows/{workflow_id}/?a=%00"),
+    }
+    for path, response in answers.items():
+        assert response.status_code == 400, (path, response.content)
+        documented = schema["paths"][path]["get"]["responses"]["400"]["content"]["application/problem+json"]
+        example = next(iter(documented["examples"].values()))["value"]
+        body = response.json()
+        assert body["type"] == example["type"]
+        assert body["errors"] == [{"field": "a", "detail": body["detail"].removeprefix("a: ")}]
+        assert example["errors"][0]["field"] and example["detail"].startswith(example["errors"][0]["field"] + ": ")
 
 
 def test_schema_and_docs_are_served(client):

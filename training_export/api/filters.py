@@ -27,7 +27,8 @@ class IsoDayField(forms.DateField):
         super().__init__(**kwargs)
 
     def to_python(self, value: Any) -> dt.date | None:
-        if isinstance(value, str) and value.strip() and not is_iso_day_form(value.strip()):
+        # Refused with spaces around it too, as the export request's serializer refuses it.
+        if isinstance(value, str) and value and not is_iso_day_form(value):
             raise ValidationError("Enter a valid date: %(form)s.", code="invalid", params={"form": DAY_FORM})
         return super().to_python(value)
 
