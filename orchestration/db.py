@@ -16,7 +16,7 @@ from billiard import common as billiard_common
 from django.conf import settings
 from django.db import DatabaseError, OperationalError
 
-from orchestration.errors import error_class_name
+from orchestration.errors import ERROR_CLASS_MAX_LENGTH, error_class_name
 
 logger = logging.getLogger(__name__)
 
@@ -154,19 +154,35 @@ def sent_again_record(
     return {"cause": "connection_lost", "attempt_number": attempt_number}
 
 
+# The longest error text a record of sent_again_record holds: database_error_described's
+# message, after its class's name.
+SENT_AGAIN_ERROR_MAX_LENGTH = ERROR_DESCRIBED_MAX_LENGTH + ERROR_CLASS_MAX_LENGTH + 2
+
+
+def _recordable(text: Any, max_length: int) -> bool:
+    return isinstance(text, str) and 0 < len(text) <= max_length and "\x00" not in text
+
+
 def sent_again_read(record: Any) -> dict[str, Any] | None:
     """A record of sent_again_record read from a message (its header, or the `database_error`
-    keyword argument of messages sent by the release before the header, which has no cause);
-    None for anything else (a message sent again by an earlier release carries none)."""
+    keyword argument of messages sent by the release before the header, which has no cause):
+    its known keys only. None for anything else (a message sent again by an earlier release
+    carries none), and for a record run_task never writes (a tampered message, another shape),
+    which the claim must not write into an attempt: a cause it does not know, an attempt number
+    that is not a positive integer, an error class or message that is not text, is longer than
+    an attempt records or holds a NUL (PostgreSQL refuses it)."""
     if not isinstance(record, dict):
         return None
     cause = record.get("cause", "database_error")
     number = record.get("attempt_number")
-    if cause not in SENT_AGAIN_CAUSES or not (number is None or isinstance(number, int)):
+    if cause not in SENT_AGAIN_CAUSES or not (number is None or (type(number) is int and number > 0)):
         return None
-    if cause == "database_error" and not (isinstance(record.get("error_class"), str) and "error" in record):
+    if cause == "connection_lost":
+        return {"cause": cause, "attempt_number": number}
+    error_class, error = record.get("error_class"), record.get("error")
+    if not (_recordable(error_class, ERROR_CLASS_MAX_LENGTH) and _recordable(error, SENT_AGAIN_ERROR_MAX_LENGTH)):
         return None
-    return {**record, "cause": cause}
+    return {"cause": cause, "error_class": error_class, "error": error, "attempt_number": number}
 
 
 def stop_if_interrupted(exc: BaseException) -> None:

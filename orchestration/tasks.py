@@ -9,12 +9,13 @@ from typing import Any
 
 import redis
 from celery import Task, shared_task
+from celery.app.task import X_DEATH_HEADERS
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
 from orchestration.db import database_unreachable, sent_again_read, sent_again_record, stop_if_interrupted
 from orchestration.services.execution import attempt_run
-from orchestration.workers import DatabaseErrorMet, current_process
+from orchestration.workers import DatabaseErrorMet, NoAttemptStarted, current_process
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +116,17 @@ def _sent_again(request: Any, database_error: dict[str, Any] | None) -> dict[str
     carried on unchanged in its own retry (Celery keeps a message's headers) is another
     delivery's: its `retries` is not this message's."""
     header = (request.headers or {}).get(SENT_AGAIN_HEADER)
-    if isinstance(header, dict) and header.get("retries") == request.retries:
-        return sent_again_read({k: v for k, v in header.items() if k != "retries"})
+    if isinstance(header, dict) and type(header.get("retries")) is int and header["retries"] == request.retries:
+        record = sent_again_read(header)
+        if record is None:
+            logger.warning(
+                "run_task %s: its %s header is not readable (not as this release writes it), read as an earlier "
+                "release's retry: %.300r",
+                request.id,
+                SENT_AGAIN_HEADER,
+                header,
+            )
+        return record
     if database_error is not None:
         return sent_again_read(database_error)
     return None
@@ -172,14 +182,22 @@ def run_task(self, execution_id: str, database_error: dict[str, Any] | None = No
                 record["attempt_number"],
                 record["cause"],
             )
-        database = record["cause"] == "database_error"
-        header = {**record, "retries": self.request.retries + 1}
+        if not claimed:
+            # No attempt of this delivery's is left running: the worker's main process keeps
+            # what it remembers of the one that is, if it ran here (RunTaskRequest.on_retry).
+            met: Exception = NoAttemptStarted(f"{type(exc).__name__}: {exc}")
+        elif record["cause"] == "database_error":
+            met = DatabaseErrorMet(record["error_class"], record["error"])  # the main process remembers it
+        else:
+            met = exc
+        # The message's own headers go on, as Celery's retry keeps them, but not RabbitMQ's
+        # dead-letter ones, which Celery's retry drops (else a dead-letter cycle to RabbitMQ).
+        headers = {k: v for k, v in (self.request.headers or {}).items() if k not in X_DEATH_HEADERS}
         raise self.retry(
             args=[execution_id],
             kwargs=unknown,
-            headers={**(self.request.headers or {}), SENT_AGAIN_HEADER: header},
-            # the worker's main process remembers which (RunTaskRequest.on_retry)
-            exc=DatabaseErrorMet(record["error_class"], record["error"]) if database else exc,
+            headers={**headers, SENT_AGAIN_HEADER: {**record, "retries": self.request.retries + 1}},
+            exc=met,
             countdown=min(2 ** min(self.request.retries, 5), cap),
         ) from exc
 

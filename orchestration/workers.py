@@ -86,9 +86,8 @@ class Ending:
 class DatabaseErrorMet(Exception):
     """What run_task's retry carries when the database answered a write with an error (a lock or
     statement timeout, a deadlock, a full disk), not for a lost connection: `error_class` and
-    `error` (orchestration.db.database_error_described). Also when a later delivery that started
-    no attempt sends the message on (whatever it met): the attempt still running met this. The
-    worker's main process remembers it for the reaper and a redelivery's claim
+    `error` (orchestration.db.database_error_described), of the attempt the delivery started.
+    The worker's main process remembers it for the reaper and a redelivery's claim
     (RunTaskRequest.on_retry)."""
 
     def __init__(self, error_class: str, error: str) -> None:
@@ -97,6 +96,14 @@ class DatabaseErrorMet(Exception):
 
     def __str__(self) -> str:
         return self.error
+
+
+class NoAttemptStarted(Exception):
+    """What run_task's retry carries when its delivery started no attempt (its claim did not
+    commit), whatever it met: the worker's main process remembers nothing of it. The attempt
+    still running, if any, is another delivery's, and what this process remembers of that
+    one, if it ran here (a dead pool process, a lost broker connection, a database error), is
+    what ended it; the message sent again names it, or names none (RunTaskRequest.on_retry)."""
 
 
 @dataclass(frozen=True)
@@ -211,12 +218,16 @@ class RunTaskRequest(Request):
     def on_retry(self, exc_info: Any) -> None:
         # run_task retries only when its database connection was lost, or the database answered
         # a write with an error (DatabaseErrorMet): its message is sent again (with a countdown
-        # that may outlast the outage), and until it comes back its attempt, if the claim had
-        # committed, is recorded running with nothing to say how it ended but this.
+        # that may outlast the outage), and until it comes back its attempt is recorded running
+        # with nothing to say how it ended but this. A delivery whose claim did not commit
+        # (NoAttemptStarted) left none: what is remembered of the running one stays.
         retry = getattr(exc_info, "exception", None)
         if isinstance(retry, ExceptionWithTraceback):  # as the solo and threads pools hand it over
             retry = retry.exc
         met = getattr(retry, "exc", None)
+        if isinstance(met, NoAttemptStarted):
+            super().on_retry(exc_info)
+            return
         if isinstance(met, DatabaseErrorMet):
             ending = Ending(how=DATABASE_ERROR, pool_pid=self.worker_pid, detail=met.error, error_class=met.error_class)
         else:

@@ -104,9 +104,9 @@ def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) 
         )
     ending = same.ended.get(attempt.celery_task_id or "")
     if ending is not None and ending.how == DATABASE_CONNECTION_LOST:
-        # The delivery that ran the attempt, or a later one whose claim could not reach the
-        # database either (from whichever pool process), sent the message again: the attempt's
-        # outcome was not recorded, and the message has not come back to close it yet.
+        # The delivery that ran the attempt sent the message again (a later one that started no
+        # attempt leaves this as it was): the attempt's outcome was not recorded, and the
+        # message has not come back to close it yet.
         return Verdict(
             False,
             f"worker {name} lost its database connection during attempt {attempt.attempt_number} (message sent "

@@ -108,8 +108,8 @@ def previous_try_verdict(
         return PreviousTry(attempt_id=attempt.pk, running=True)
     ending = same.ended.get(attempt.celery_task_id or "")
     if ending is not None and ending.how == DATABASE_CONNECTION_LOST:
-        # A delivery of this message (the attempt's, or a later one whose claim could not reach
-        # the database either, from whichever pool process) sent it again, as the reaper reads it.
+        # The attempt's delivery sent this message again (a later one that started no attempt
+        # leaves this as it was), as the reaper reads it.
         return PreviousTry(
             attempt_id=attempt.pk,
             running=False,

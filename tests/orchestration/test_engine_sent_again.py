@@ -5,38 +5,23 @@ and Redis."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+
 import pytest
 import redis
 from django.conf import settings
 from django.db import connection, transaction
 
 from orchestration.models import TaskAttempt, TaskExecution, Workflow
-from orchestration.services.workflows import workflow_submit
 from tests.engine import database_url, wait_for
+from tests.orchestration.test_engine import attempts, finished, submit, task
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 A = TaskAttempt.Status
 PREVIOUS_RELEASE = "tests.orchestration.previous_release"
-
-
-def submit(*tasks: dict) -> Workflow:
-    workflow, _ = workflow_submit(spec={"name": "sent-again", "tasks": list(tasks)})
-    return workflow
-
-
-def finished(workflow: Workflow, timeout: float = 40) -> Workflow:
-    return wait_for(
-        lambda: (w := Workflow.objects.get(pk=workflow.pk)).is_terminal and w,
-        timeout=timeout,
-        what=f"workflow {workflow.pk} to finish",
-    )
-
-
-def tries(workflow: Workflow, name: str) -> list[TaskAttempt]:
-    return list(
-        TaskAttempt.objects.filter(execution__workflow=workflow, execution__task_name=name).order_by("attempt_number")
-    )
 
 
 def running(workflow: Workflow, name: str, number: int) -> TaskAttempt:
@@ -77,7 +62,7 @@ def test_a_message_sent_again_for_a_database_error_runs_on_a_worker_of_the_previ
     wait_for(lambda: "succeeded" in old.log(), timeout=10, what="the previous release's worker to log its success")
     assert "TypeError" not in old.log(), old.log()
     assert wf.status == Workflow.Status.COMPLETED
-    assert [(a.attempt_number, a.status, a.cause, a.worker) for a in tries(wf, "held")] == [
+    assert [(a.attempt_number, a.status, a.cause, a.worker) for a in attempts(wf, "held")] == [
         (1, A.LOST, "connection_lost", new.name),
         (2, A.SUCCEEDED, None, old.name),
     ]
@@ -117,7 +102,7 @@ def test_each_of_two_failed_deliveries_in_a_row_keeps_its_own_cause(engine):
 
     worker = engine(concurrency=1, env={"DATABASE_URL": f"{database_url()}?options=-c%20lock_timeout%3D2000"})
     wf = submit({"name": "held", "agent": "sleep", "input": {"seconds": 1, "on_attempts": [1]}, "max_retries": 3})
-    t = TaskExecution.objects.get(workflow=wf, task_name="held")
+    t = task(wf, "held")
     first = running(wf, "held", 1)
     with transaction.atomic():
         TaskAttempt.objects.select_for_update().get(pk=first.pk)
@@ -127,13 +112,13 @@ def test_each_of_two_failed_deliveries_in_a_row_keeps_its_own_cause(engine):
         wait_for(lambda: worker.log().count("retry: Retry in") == 2, timeout=15, what="the second retry")
     wf = finished(wf, timeout=30)
     assert wf.status == Workflow.Status.COMPLETED
-    attempts = tries(wf, "held")
-    assert [(a.attempt_number, a.status, a.cause) for a in attempts] == [
+    tried = attempts(wf, "held")
+    assert [(a.attempt_number, a.status, a.cause) for a in tried] == [
         (1, A.LOST, "database_error"),
         (2, A.SUCCEEDED, None),
-    ], attempts[0].error
-    assert attempts[0].error_class == "psycopg.errors.LockNotAvailable"
-    assert "LockNotAvailable: canceling statement due to lock timeout" in attempts[0].error
+    ], tried[0].error
+    assert tried[0].error_class == "psycopg.errors.LockNotAvailable"
+    assert "LockNotAvailable: canceling statement due to lock timeout" in tried[0].error
     ended = workers_ask({worker.name}, {t.celery_task_id})[worker.name][0].ended[t.celery_task_id]
     assert (ended.how, ended.error_class) == ("database_error", "psycopg.errors.LockNotAvailable")
 
@@ -158,12 +143,102 @@ def test_a_message_sent_again_for_a_lost_connection_then_redelivered_records_the
     second_worker = engine(concurrency=1)
     wf = finished(wf, timeout=40)
     assert wf.status == Workflow.Status.COMPLETED
-    attempts = tries(wf, "cut")
-    assert [(a.attempt_number, a.status, a.cause) for a in attempts] == [
+    tried = attempts(wf, "cut")
+    assert [(a.attempt_number, a.status, a.cause) for a in tried] == [
         (1, A.LOST, "connection_lost"),
         (2, A.LOST, "worker_lost"),
         (3, A.SUCCEEDED, None),
-    ], [a.error for a in attempts]
-    assert f"worker {first_worker.name} lost its database connection during attempt 1" in attempts[0].error
-    assert f"worker {first_worker.name} was lost during attempt 2" in attempts[1].error
-    assert attempts[2].worker == second_worker.name
+    ], [a.error for a in tried]
+    assert f"worker {first_worker.name} lost its database connection during attempt 1" in tried[0].error
+    assert f"worker {first_worker.name} was lost during attempt 2" in tried[1].error
+    assert tried[2].worker == second_worker.name
+
+
+def replace_message(t: TaskExecution, **options: object) -> None:
+    """Send task `t`'s message again as `options` say (another release's, a tampered one), in place
+    of the one queued."""
+    from orchestration.tasks import run_task
+
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    assert broker.delete(t.priority) == 1
+    run_task.app.send_task(  # not apply_async, which checks the arguments against this release's
+        run_task.name, args=[t.pk], task_id=t.celery_task_id, queue=t.priority, routing_key=t.priority, **options
+    )
+
+
+def test_a_sent_again_header_out_of_its_domain_does_not_reach_the_record(engine):
+    """A message sent again whose header names the running attempt but says what run_task never
+    writes (an error class longer than an attempt records, an error text of a megabyte, keys it
+    does not know): the claim reads none of it (logged), closes the attempt as it does for an
+    earlier release's retry, and runs the next one; it did not fail the delivery on the write."""
+    from orchestration.services.execution import attempt_claim
+    from orchestration.tasks import SENT_AGAIN_HEADER
+
+    wf = submit({"name": "t", "agent": "echo", "max_retries": 2})
+    t = task(wf, "t")
+    header = {
+        "cause": "database_error",
+        "attempt_number": 1,
+        "error_class": "x" * 300,
+        "error": "y" * 1_000_000,
+        "more": ["z" * 1000] * 100,
+        "retries": 1,
+    }
+    replace_message(t, retries=1, headers={SENT_AGAIN_HEADER: header})
+    attempt_claim(execution_id=t.pk, celery_task_id=t.celery_task_id, worker="w1@h")  # the delivery that sent it
+    worker = engine(concurrency=1)
+    wf = finished(wf, timeout=30)
+    assert wf.status == Workflow.Status.COMPLETED
+    tried = attempts(wf, "t")
+    assert [(a.attempt_number, a.status, a.cause, a.error_class) for a in tried] == [
+        (1, A.LOST, "connection_lost", ""),
+        (2, A.SUCCEEDED, None, ""),
+    ]
+    assert len(tried[0].error) < 200
+    assert f"its {SENT_AGAIN_HEADER} header is not readable" in worker.log()
+
+
+def test_run_tasks_retry_keeps_a_messages_headers_but_not_rabbitmqs_dead_letter_ones(engine):
+    """run_task's own retry sends the message on with the headers it came with, as Celery's retry
+    does, but not RabbitMQ's dead-letter headers (x-death: Celery's retry drops them, else
+    RabbitMQ takes the message sent again for a dead-letter cycle), nor a header that grows."""
+    from orchestration.tasks import SENT_AGAIN_HEADER
+
+    wf = submit({"name": "cut", "agent": "sleep", "input": {"seconds": 3, "on_attempts": [1, 2]}, "max_retries": 3})
+    t = task(wf, "cut")
+    dead = {"x-death": [{"count": 1}], "x-first-death-queue": "dead", "x-first-death-reason": "expired"}
+    replace_message(t, headers={**dead, "trace": "kept"})
+    worker = engine(concurrency=1)
+    running(wf, "cut", 1)
+    assert worker.database_connections_cut()
+    running(wf, "cut", 2)
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    held = [json.loads(raw)[0]["headers"] for raw in broker.hvals("unacked")]
+    (headers,) = [h for h in held if h["id"] == t.celery_task_id]
+    assert headers["retries"] == 1
+    assert headers["trace"] == "kept"
+    assert headers[SENT_AGAIN_HEADER] == {"cause": "connection_lost", "attempt_number": 1, "retries": 1}
+    assert not set(dead) & set(headers), headers
+    assert finished(wf).status == Workflow.Status.COMPLETED
+
+
+def test_a_delivery_that_started_no_attempt_leaves_the_workers_memory_of_the_running_one(engine):
+    """Attempt 1's pool process dies (the OOM killer); its message, requeued, comes to a delivery
+    whose claim meets a lock timeout before it started an attempt, and is sent again. The worker
+    still says what ended attempt 1 (its pool process died), not that it met that database
+    error, which it did not: the reaper, asking before the message is back, would close it so."""
+    from orchestration.workers import workers_ask
+
+    worker = engine(concurrency=2, env={"DATABASE_URL": f"{database_url()}?options=-c%20lock_timeout%3D500"})
+    wf = submit({"name": "oom", "agent": "sleep", "input": {"seconds": 30, "on_attempts": [1]}, "max_retries": 3})
+    t = task(wf, "oom")
+    first = running(wf, "oom", 1)
+    with transaction.atomic():
+        TaskExecution.objects.select_for_update().get(pk=t.pk)
+        os.kill(first.pool_pid, signal.SIGKILL)
+        wait_for(lambda: "retry: Retry in" in worker.log(), timeout=15, what="run_task to send its message again")
+        ended = workers_ask({worker.name}, {t.celery_task_id})[worker.name][0].ended[t.celery_task_id]
+        assert (ended.how, ended.pool_pid, ended.error_class) == ("pool_process_lost", first.pool_pid, ""), ended
+    wf = finished(wf, timeout=30)
+    assert wf.status == Workflow.Status.COMPLETED
+    assert [(a.attempt_number, a.status) for a in attempts(wf, "oom")] == [(1, A.LOST), (2, A.SUCCEEDED)]

@@ -1294,6 +1294,41 @@ def test_a_header_that_an_earlier_releases_retry_carried_on_is_not_read():
     assert _sent_again(Context(headers={SENT_AGAIN_HEADER: "?"}, retries=1), None) is None
 
 
+def test_a_sent_again_record_out_of_its_domain_is_not_read():
+    """A record as run_task writes it is read with its known keys only; one that says what
+    run_task never writes (a tampered message, a later release's other shape) is not read at all,
+    nothing of it reaching the attempt's record: an attempt number that is not a positive integer
+    (a boolean is not one), an error class or message that is not text, longer than an attempt
+    records or holding a NUL, a `retries` that is not the message's integer."""
+    from celery.app.task import Context
+
+    from orchestration.db import sent_again_read
+    from orchestration.errors import ERROR_CLASS_MAX_LENGTH
+    from orchestration.tasks import SENT_AGAIN_HEADER, _sent_again
+
+    met = {"cause": "database_error", "error_class": "psycopg.errors.DiskFull", "error": "DiskFull: no space"}
+    assert sent_again_read({**met, "attempt_number": 3, "padding": "z" * 10_000}) == {**met, "attempt_number": 3}
+    assert sent_again_read({"cause": "connection_lost", "attempt_number": None, "error": "?"}) == {
+        "cause": "connection_lost",
+        "attempt_number": None,
+    }
+    for bad in (
+        {**met, "attempt_number": True},
+        {**met, "attempt_number": 0},
+        {**met, "attempt_number": "1"},
+        {**met, "attempt_number": 1, "error_class": "x" * (ERROR_CLASS_MAX_LENGTH + 1)},
+        {**met, "attempt_number": 1, "error_class": ""},
+        {**met, "attempt_number": 1, "error_class": "psycopg\x00errors"},
+        {**met, "attempt_number": 1, "error": {"a": 1}},
+        {**met, "attempt_number": 1, "error": "y" * 1_000_000},
+        {**met, "attempt_number": 1, "error": "DiskFull: \x00"},
+        {"cause": "worker_lost", "attempt_number": 1},
+    ):
+        assert sent_again_read(bad) is None, bad
+    header = {"cause": "connection_lost", "attempt_number": 1, "retries": True}
+    assert _sent_again(Context(headers={SENT_AGAIN_HEADER: header}, retries=1), None) is None
+
+
 @pytest.mark.django_db(transaction=True)
 def test_two_reapers_at_once_close_an_abandoned_attempt_once(builtin_agents):
     import threading

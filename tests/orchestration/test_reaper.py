@@ -86,7 +86,9 @@ def test_the_same_process_that_stopped_the_attempt_for_a_lost_broker_connection_
 @pytest.mark.parametrize("pool_pid", [11, 12], ids=["its-delivery", "a-later-delivery"])
 def test_a_message_sent_again_for_a_lost_database_connection_lost_the_attempt(pool_pid):
     """run_task sent the message again (its database connection broke) from the delivery that
-    ran the attempt, or from a later one whose claim could not connect either: not a hard time-out."""
+    ran the attempt: not a hard time-out. Whichever pool process the worker names (a later
+    delivery that started no attempt leaves the memory as it was: tests/orchestration/
+    test_engine_sent_again.py)."""
     sent_again = Ending(how=DATABASE_CONNECTION_LOST, pool_pid=pool_pid, detail="lost its database connection")
     v = attempt_verdict(attempt(attempt_number=1), answer(**{TASK_ID: sent_again}))
     assert (v.hard_timeout, v.cause) == (False, TaskAttempt.Cause.CONNECTION_LOST)
