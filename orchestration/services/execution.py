@@ -457,10 +457,15 @@ def attempt_claim(
         return _claim_from_fast(fast)
     # Asked before the transaction, holding no lock (a remote-control round trip); the claim
     # checks under its locks that the attempt asked about is still the running one. A message
-    # run_task once sent again (retried) keeps that mark through the broker's redeliveries.
+    # run_task once sent again (retried) keeps that mark through the broker's redeliveries. One
+    # run_task sent again asks too, unless its record names the running attempt: a delivery that
+    # started none sent it on, and the attempt running may be another delivery's, still running.
+    named = sent_again["attempt_number"] if sent_again is not None and not redelivered else None
     previous = (
-        previous_try_check(execution_id=execution_id, celery_task_id=celery_task_id, process=process)
-        if redelivered
+        previous_try_check(
+            execution_id=execution_id, celery_task_id=celery_task_id, process=process, unless_attempt=named
+        )
+        if redelivered or (retried and sent_again is not None)
         else None
     )
     return atomic_with_retry(
@@ -539,10 +544,10 @@ def _attempt_claim(
         if last is None or last.status != TaskAttempt.Status.RUNNING or not (redelivered or retried):
             return Outcome.SKIPPED  # a duplicate delivery: the attempt is recorded already
         status, error_class = TaskAttempt.Status.LOST, ""
-        asked = previous if redelivered and previous is not None and previous.attempt_id == last.pk else None
+        asked = previous if previous is not None and previous.attempt_id == last.pk else None
         if asked is not None and asked.running:
             logger.warning(
-                "attempt %s of %s: its message was redelivered while worker %s still runs it "
+                "attempt %s of %s: its message was delivered again while worker %s still runs it "
                 "(pool process %s); this delivery is a duplicate and runs nothing",
                 last.attempt_number,
                 task.execution_id,

@@ -59,16 +59,21 @@ class PreviousTry:
     error_class: str = ""
 
 
-def previous_try_check(*, execution_id: str, celery_task_id: str, process: WorkerProcess | None) -> PreviousTry | None:
-    """For a redelivered message: ask the worker of the task's last attempt, if that attempt is
-    running and was started by this message in a known worker process, what became of it.
-    None when there is nothing to ask (the claim then applies its own rules). Never inside a
-    transaction: the claim locks the rows afterwards and checks the attempt is the same one."""
+def previous_try_check(
+    *, execution_id: str, celery_task_id: str, process: WorkerProcess | None, unless_attempt: int | None = None
+) -> PreviousTry | None:
+    """For a redelivered message, or one run_task sent again: ask the worker of the task's last
+    attempt, if that attempt is running and was started by this message in a known worker
+    process, what became of it. None when there is nothing to ask (the claim then applies its
+    own rules), or when that attempt is `unless_attempt` (the message sent again says what ended
+    it). Never inside a transaction: the claim locks the rows afterwards and checks the attempt
+    is the same one."""
     last = (
         TaskAttempt.objects.filter(execution_id=execution_id).order_by("-attempt_number").only(*_ASKED_FIELDS).first()
     )
     if (
         last is None
+        or last.attempt_number == unless_attempt
         or last.status != TaskAttempt.Status.RUNNING
         or last.celery_task_id != celery_task_id
         or not last.worker

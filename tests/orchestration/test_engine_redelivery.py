@@ -216,3 +216,33 @@ def test_a_message_once_sent_again_by_run_task_records_what_its_worker_says_when
     ]
     assert "lost its database connection" not in first.error
     assert f"worker {worker.name} lost its broker connection during attempt 1 and stopped it" in first.error
+
+
+def test_a_message_sent_again_naming_no_running_attempt_asks_its_worker_and_runs_nothing_beside_it(engine, held):
+    """A delivery that started no attempt (its claim lost its database connection or met a
+    database error) sends its message on naming none: the attempt still running is another
+    delivery's, perhaps still running (here: the first delivery's, on a live worker). The next
+    delivery asks that attempt's worker as a redelivered message's does, and runs nothing
+    beside it, where it closed the live attempt `worker_lost` and ran a second try at once."""
+    from orchestration.tasks import SENT_AGAIN_HEADER, run_task
+
+    worker = engine(concurrency=2, env=RUNS_ON)
+    wf = submit(held)
+    first = running_first(wf)
+    t = TaskExecution.objects.get(workflow=wf, task_name="t")
+    record = {"cause": "connection_lost", "attempt_number": None, "retries": 1}
+    run_task.apply_async(
+        args=[t.pk],
+        task_id=t.celery_task_id,
+        queue=t.priority,
+        routing_key=t.priority,
+        retries=1,
+        headers={SENT_AGAIN_HEADER: record},
+    )
+    wait_for(lambda: "this delivery is a duplicate" in worker.log() or len(tries(wf)) > 1, timeout=30, what="a claim")
+    assert [(a.attempt_number, a.status) for a in tries(wf)] == [(1, A.RUNNING)], "a second try started"
+    held.touch()
+    wf = finished(wf)
+    assert wf.status == Workflow.Status.COMPLETED
+    [only] = tries(wf)
+    assert (only.pk, only.status, only.cause) == (first.pk, A.SUCCEEDED, None)
