@@ -146,7 +146,11 @@ def test_tool_executions_records_carry_the_call_id_and_attempt_and_the_manifest_
     assert sorted(record) == sorted(TOOL_RECORD_COLUMNS)
 
 
-def test_a_tool_executions_partition_an_earlier_version_began_is_upgraded_before_rows_are_added(tmp_path):
+def test_a_tool_executions_partition_an_earlier_version_began_keeps_its_columns_to_the_days_end(tmp_path):
+    """A day's file begun by the earlier release (before attempt_number and tool_call_id) is
+    appended to in its own columns, in place: a rewrite with the new columns replaced the file,
+    and a writer of that release waiting for its lock (a rolling deploy) appended to the
+    replaced one, losing rows it acknowledged. The next day's file has the new columns."""
     old_header = (
         "execution_id,agent_id,tool_name,input_params,output_result,execution_time_ms,error,created_at,event_id\n"
     )
@@ -154,34 +158,45 @@ def test_a_tool_executions_partition_an_earlier_version_began_is_upgraded_before
     path = tmp_path / "tool_executions" / "tool_executions_2024-03-05.csv"
     path.parent.mkdir()
     path.write_text(old_header + old_row + "ex-torn,a,calc")  # a torn last row, never acknowledged
+    inode = path.stat().st_ino
+
+    def call_row(n: int, day: dt.date = DAY) -> dict:
+        return {
+            "event_id": f"ev-{n}",
+            "execution_id": "ex-1",
+            "attempt_number": n,
+            "agent_id": "a",
+            "tool_name": "calculator",
+            "tool_call_id": f"call_{n}",
+            "input_params": {"x": n, "note": 'a, "quoted"\nline'},
+            "output_result": {"result": n},
+            "created_at": dt.datetime.combine(day, dt.time(10), tzinfo=dt.UTC),
+        }
+
     stores = [TrainingDataStore(tmp_path), TrainingDataStore(tmp_path)]  # two writers (consumers)
     for n, store in enumerate(stores, start=1):
-        store.write_rows(
-            "tool_executions",
-            DAY,
-            [
-                {
-                    "event_id": f"ev-{n}",
-                    "execution_id": "ex-1",
-                    "attempt_number": n,
-                    "agent_id": "a",
-                    "tool_name": "calculator",
-                    "tool_call_id": f"call_{n}",
-                    "input_params": {"x": n},
-                    "output_result": {"result": n},
-                    "created_at": T0,
-                }
-            ],
-        )
+        store.write_rows("tool_executions", DAY, [call_row(n)])
     stores[0].write_rows("tool_executions", DAY, [{"event_id": "ev-0", "execution_id": "ex-0", "created_at": T0}])
+    with path.open("a") as earlier_release:  # its writer appends in the same columns, to the same file
+        earlier_release.write('ex-9,a,calculator,"{}","{}",1.5,,2024-03-05T11:00:00+00:00,ev-9\n')
+    stores[1].write_rows("tool_executions", DAY, [call_row(3)])
+    assert path.stat().st_ino == inode
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == list(SCHEMAS["tool_executions"].columns)
-    assert [(r["event_id"], r["attempt_number"], r["tool_call_id"], r["input_params"]) for r in rows] == [
-        ("ev-0", "", "", '{"x":1}'),  # kept as it was, the new columns empty; written once
-        ("ev-1", "1", "call_1", '{"x":1}'),
-        ("ev-2", "2", "call_2", '{"x":2}'),
+    assert list(rows[0]) == list(old_header.strip().split(","))
+    assert [(r["event_id"], r["input_params"]) for r in rows] == [
+        ("ev-0", '{"x":1}'),  # written once
+        ("ev-1", '{"note":"a, \\"quoted\\"\\nline","x":1}'),
+        ("ev-2", '{"note":"a, \\"quoted\\"\\nline","x":2}'),
+        ("ev-9", "{}"),
+        ("ev-3", '{"note":"a, \\"quoted\\"\\nline","x":3}'),
     ]
+    next_day = DAY + dt.timedelta(days=1)
+    stores[0].write_rows("tool_executions", next_day, [call_row(4, next_day)])
+    with stores[0].path("tool_executions", next_day).open(newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert list(row) == list(SCHEMAS["tool_executions"].columns)
+    assert (row["attempt_number"], row["tool_call_id"]) == ("4", "call_4")
 
 
 def test_the_consumer_writes_the_call_id_and_attempt_of_each_tool_call(synapse):  # noqa: F811

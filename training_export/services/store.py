@@ -23,7 +23,6 @@ finite (NaN, Infinity: JSON has none) as no value.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime as dt
 import fcntl
@@ -50,7 +49,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from orchestration.ids import new_id
-from training_export.services.files import commit, fsync_dir, makedirs_durable, naming, staged_writer
+from training_export.services.files import fsync_dir, makedirs_durable, naming
 from training_export.services.redaction import Redactor, current_redactor
 
 logger = logging.getLogger(__name__)
@@ -69,8 +68,8 @@ WORKFLOWS = "workflows"
 class Schema:
     columns: tuple[str, ...]
     json_columns: frozenset[str] = frozenset()
-    # The columns of earlier versions: a day's file begun under one of them is rewritten with
-    # these columns (the new ones empty in its rows) before a row is appended to it.
+    # The columns of earlier versions: a day's file begun under one of them keeps them to its end
+    # (rows appended to it leave the new columns out, `_begun_with`).
     previous_columns: tuple[tuple[str, ...], ...] = ()
 
 
@@ -228,7 +227,7 @@ def json_dumps_exact(
     (NaN, Infinity: JSON has none) is written `null`, as orjson writes it on the fast path.
     `default` serializes other types."""
     numbers: list[str] = []
-    token = secrets.token_hex(8)
+    token = ""
 
     def number(item: Any) -> Any:
         if isinstance(item, Decimal):
@@ -240,19 +239,26 @@ def json_dumps_exact(
             raise TypeError(f"{type(item).__name__} is not JSON serializable")
         return default(item)
 
-    try:
-        text = json.dumps(
-            value, sort_keys=True, separators=separators, ensure_ascii=False, allow_nan=False, default=number
-        )
-    except ValueError:
+    while True:
+        token = secrets.token_hex(8)
         numbers.clear()
-        text = json.dumps(
-            finite_or_none(value), sort_keys=True, separators=separators, ensure_ascii=False, default=number
-        )
-    if not numbers:
-        return text
-    # Each Decimal was written as a string holding a NUL, the token and its index (a NUL is
-    # written escaped, so no string of the value can read as one): the digits go in its place.
+        try:
+            text = json.dumps(
+                value, sort_keys=True, separators=separators, ensure_ascii=False, allow_nan=False, default=number
+            )
+        except ValueError:
+            numbers.clear()
+            text = json.dumps(
+                finite_or_none(value), sort_keys=True, separators=separators, ensure_ascii=False, default=number
+            )
+        if not numbers:
+            return text
+        # Each Decimal was written as a string holding a NUL, the token and its index, and the
+        # digits go in its place. A string of the value may hold the same text (a NUL is written
+        # escaped like the placeholder's): one holding the token, a chance of 2**-64, takes
+        # another token rather than a number.
+        if text.count(f"\\u0000{token}") == len(numbers):
+            break
     placeholder = re.compile(f'"\\\\u0000{token}(\\d+)\\\\u0000"')
     return placeholder.sub(lambda match: numbers[int(match[1])], text)
 
@@ -535,9 +541,14 @@ class TrainingDataStore:
         result = WriteResult(path=path)
         with self._lock:
             makedirs_durable(path.parent)
-            fd = self._open_locked(path, schema)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
             written_from: int | None = None
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                begun = _begun_with(fd, schema)
+                if begun is not schema:
+                    encoded = _relaid(encoded, schema, begun)
+                    schema = begun
                 state, first_look = self._catch_up(path, fd, schema)
                 new_file = state.end == 0
                 fresh_lines = [_header_line(schema)] if new_file else []
@@ -603,36 +614,6 @@ class TrainingDataStore:
                 os.close(fd)  # also releases the flock
         return result
 
-    def _open_locked(self, path: Path, schema: Schema) -> int:
-        """The partition file, open for appending under an exclusive flock: the file now at
-        `path` (another writer may have replaced it while this one waited for the lock, see
-        `_upgrade`), and with the schema's columns (a file an earlier version began is
-        upgraded first)."""
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                stat = os.fstat(fd)
-                try:
-                    current = os.stat(path)
-                except FileNotFoundError:
-                    current = None
-                if current is None or (current.st_ino, current.st_dev) != (stat.st_ino, stat.st_dev):
-                    os.close(fd)  # replaced or removed meanwhile: open what is there now
-                    continue
-                known = self._files.get(path)
-                if schema.previous_columns and (known is None or (known.ino, known.dev) != (stat.st_ino, stat.st_dev)):
-                    previous = _previous_header(fd, schema)
-                    if previous is not None:
-                        _upgrade(path, fd, schema, previous)
-                        os.close(fd)  # the lock goes with it: writers waiting on it reopen
-                        continue
-                return fd
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                raise
-
     def _catch_up(self, path: Path, fd: int, schema: Schema) -> tuple[_FileState, bool]:
         """The file's state, with the rows others appended since this process last looked;
         and whether this is the process's first look at the file (as it is now)."""
@@ -664,39 +645,30 @@ class TrainingDataStore:
         return state, first_look
 
 
-def _previous_header(fd: int, schema: Schema) -> tuple[str, ...] | None:
-    """The columns of an earlier version the file's header names, or None."""
-    longest = max(len(_csv_line(list(columns))) for columns in schema.previous_columns)
-    head = os.pread(fd, longest, 0)
+def _begun_with(fd: int, schema: Schema) -> Schema:
+    """The layout of the file: the schema's, or the earlier one its header names (a file begun
+    by an earlier release keeps its columns to the day's end; the next day's file has the new
+    ones). Rewriting it with the new columns would replace the file, and a writer of the
+    earlier release waiting for its lock would append to the replaced one, rows it then
+    acknowledges lost: a rolling deploy must be safe."""
+    if not schema.previous_columns:
+        return schema
     for columns in schema.previous_columns:
-        if head == _csv_line(list(columns)).encode("utf-8"):
-            return columns
-    return None
+        header = _csv_line(list(columns)).encode("utf-8")
+        if os.pread(fd, len(header), 0) == header:
+            return Schema(columns=columns, json_columns=schema.json_columns)
+    return schema
 
 
-def _upgrade(path: Path, fd: int, schema: Schema, previous: tuple[str, ...]) -> None:
-    """Rewrite a file an earlier version began (header `previous`) with the schema's columns,
-    its rows' cells kept byte for byte and the new columns empty, then rename it over the
-    file (under the old file's lock: writers waiting on it find the new file, `_open_locked`).
-    A torn last row (an interrupted write, never acknowledged) is left out, as `_catch_up`
-    would cut it off."""
-    good_end = _scan_lines(path, fd, 0, os.fstat(fd).st_size, Schema(columns=previous), set())
-    text = os.pread(fd, good_end, 0).decode("utf-8")
-    reader = csv.reader(io.StringIO(text, newline=""))
-    next(reader)  # the header
-    rows = list(reader)
-    index = {name: i for i, name in enumerate(previous)}
-    lines = [_header_line(schema)]
-    lines += [_csv_line([row[index[name]] if name in index else "" for name in schema.columns]) for row in rows]
-    with staged_writer(path) as (writer, staged):
-        writer.write("".join(lines).encode("utf-8"))
-    commit(staged)
-    logger.warning(
-        "%s: rewritten with the columns %s (it had those of an earlier version; %d rows kept)",
-        path,
-        ", ".join(schema.columns),
-        len(rows),
-    )
+def _relaid(encoded: list[tuple[str, str]], schema: Schema, begun: Schema) -> list[tuple[str, str]]:
+    """Lines encoded in the schema's columns, in the columns of a file begun with earlier ones:
+    the cells of its columns, as they were (a column it lacks is left out)."""
+    index = {name: i for i, name in enumerate(schema.columns)}
+    relaid = []
+    for event_id, line in encoded:
+        cells = next(csv.reader(io.StringIO(line, newline="")))
+        relaid.append((event_id, _csv_line([cells[index[name]] for name in begun.columns])))
+    return relaid
 
 
 def _scan(path: Path, fd: int, start: int, size: int, schema: Schema, seen: set[str]) -> int:
