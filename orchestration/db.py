@@ -374,9 +374,11 @@ def prepared_cursor(connection: Any) -> Iterator[psycopg.Cursor]:
             raise
 
 
-def lock_timeout_operation(seconds: int | None) -> Any:
+def lock_timeout_operation(seconds: int | None, *, backwards: int | None = None) -> Any:
     """A migration operation (RunPython) setting, on PostgreSQL, how long each later statement
-    of the migration's session waits for a table lock (None: back to the server's default).
+    of the migration's session waits for a table lock (None: back to the server's default);
+    `backwards`: the setting when the migration is reversed, whose operations run in the
+    opposite order (the closing reset then opens with the timeout, the opening one resets).
 
     For a migration that is not atomic and takes a table's ACCESS EXCLUSIVE lock for a moment
     (ALTER ... SET DEFAULT): each statement then locks its own table only, and one that finds
@@ -386,8 +388,11 @@ def lock_timeout_operation(seconds: int | None) -> Any:
     repeat."""
     from django.db import migrations
 
-    def apply(apps: Any, schema_editor: Any) -> None:
-        if schema_editor.connection.vendor == "postgresql":
-            schema_editor.execute("RESET lock_timeout" if seconds is None else f"SET lock_timeout = '{int(seconds)}s'")
+    def setting(value: int | None) -> Any:
+        def apply(apps: Any, schema_editor: Any) -> None:
+            if schema_editor.connection.vendor == "postgresql":
+                schema_editor.execute("RESET lock_timeout" if value is None else f"SET lock_timeout = '{int(value)}s'")
 
-    return migrations.RunPython(apply, apply, elidable=True)
+        return apply
+
+    return migrations.RunPython(setting(seconds), setting(backwards), elidable=True)

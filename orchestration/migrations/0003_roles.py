@@ -17,7 +17,9 @@ def forwards(apps, schema_editor):
 
 
 def backwards(apps, schema_editor):
-    apps.get_model("auth", "Group").objects.filter(name__in=["admin", "developer", "viewer"]).delete()
+    # The groups stay, with their members: deleting them took every user's role with them, and
+    # migrating forward again made the groups anew, empty (roles_sync keeps the ones it finds).
+    pass
 
 
 class Migration(migrations.Migration):

@@ -2,6 +2,8 @@
 
 from django.db import migrations, models
 
+from orchestration.migrations._reverse_guard import refuse_reverse_while
+
 
 class Migration(migrations.Migration):
     dependencies = [
@@ -56,5 +58,12 @@ class Migration(migrations.Migration):
                 ),
                 name="task_attempts_cause_valid",
             ),
+        ),
+        refuse_reverse_while(
+            "orchestration 0016",
+            table="task_attempts",
+            column="cause",
+            values=["connection_lost"],
+            why="finished attempts are immutable",
         ),
     ]

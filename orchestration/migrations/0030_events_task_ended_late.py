@@ -5,13 +5,14 @@ On PostgreSQL the check is the domain of events.event_type (orchestration.models
 DomainCheck): the old check is dropped and the new one added in one transaction; adding it
 reads every event's type while holding a SHARE lock on the events table, so inserts of events
 (every transition) wait for that scan (0.45 s for 3 million events, measured on a 2-core machine).
-Reversed while task_ended_late events exist, the old check refuses them and nothing changes
+Reversed while task_ended_late events exist, it is refused (IrreversibleError naming them) and nothing changes
 (the events table is append-only). SQLite rebuilds the events table, in the migration's
 transaction."""
 
 from django.db import migrations, models
 
 import orchestration.models.base
+from orchestration.migrations._reverse_guard import refuse_reverse_while
 
 
 class Migration(migrations.Migration):
@@ -97,5 +98,12 @@ class Migration(migrations.Migration):
                 field="event_type",
                 name="events_event_type_valid",
             ),
+        ),
+        refuse_reverse_while(
+            "orchestration 0030",
+            table="events",
+            column="event_type",
+            values=["task_ended_late"],
+            why="events are append-only",
         ),
     ]

@@ -7,6 +7,7 @@ the added check reads the column once."""
 from django.db import migrations, models
 
 import orchestration.models.base
+from orchestration.migrations._reverse_guard import refuse_reverse_while
 
 
 class Migration(migrations.Migration):
@@ -65,5 +66,12 @@ class Migration(migrations.Migration):
                 field="cause",
                 name="task_attempts_cause_valid",
             ),
+        ),
+        refuse_reverse_while(
+            "orchestration 0035",
+            table="task_attempts",
+            column="cause",
+            values=["database_error"],
+            why="finished attempts are immutable",
         ),
     ]

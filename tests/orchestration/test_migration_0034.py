@@ -68,3 +68,50 @@ def test_the_migration_holds_no_other_table_while_it_waits_for_one_and_gives_up_
         manage("migrate", "orchestration", "0034", "--no-input", env=env)
         altered = [name for (name,) in test.execute(DEFAULTS).fetchall()]
         assert altered == ["agents", "api_keys", "task_attempts", "task_executions", "workflows"]
+
+
+@pytest.fixture
+def database_at_0034() -> Iterator[tuple[str, dict[str, str]]]:
+    with database_migrated_to("orchestration", "0034") as database:
+        yield database
+
+
+def test_reversed_it_also_gives_up_after_its_lock_timeout_and_leaves_the_session_as_it_was(
+    database_at_0034: tuple[str, dict[str, str]],
+) -> None:
+    """Reversed, the operations run in the opposite order: the reset came first and the 10 s
+    last, so the defaults were dropped with no lock timeout (queued behind the export, every
+    task transition queued behind them) and the migrations reversed after it in the same run
+    kept the 10 s."""
+    url, env = database_at_0034
+    with psycopg.connect(url) as export:
+        export.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        export.execute("SELECT count(*) FROM task_executions").fetchone()
+        run = subprocess.Popen(
+            [sys.executable, "manage.py", "migrate", "orchestration", "0033", "--no-input"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            output = output_of(run, timeout=60)  # gives up after its 10 s
+        finally:
+            export.rollback()
+        assert run.returncode != 0, output
+        assert "lock timeout" in output, output
+    shell = "from django.db import connection, migrations\n" + "\n".join(
+        [
+            "import importlib",
+            "m = importlib.import_module('orchestration.migrations.0034_updated_at_database_clock').Migration",
+            "with connection.schema_editor(atomic=False) as editor:",
+            "    for op in reversed(m.operations):",
+            "        if isinstance(op, migrations.RunPython):",
+            "            op.reverse_code(None, editor)",
+            "print(connection.cursor().execute('SHOW lock_timeout').fetchone()[0])",
+        ]
+    )
+    assert manage("shell", "-c", shell, env=env).stdout.strip().splitlines()[-1] == "0"
+    manage("migrate", "orchestration", "0033", "--no-input", env=env)
+    assert [name for (name,) in psycopg.connect(url).execute(DEFAULTS).fetchall()] == []

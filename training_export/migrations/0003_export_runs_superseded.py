@@ -3,6 +3,8 @@
 from django.conf import settings
 from django.db import migrations, models
 
+from orchestration.migrations._reverse_guard import refuse_reverse_while
+
 
 class Migration(migrations.Migration):
     dependencies = [
@@ -36,5 +38,12 @@ class Migration(migrations.Migration):
                 condition=models.Q(("status__in", ["pending", "running", "succeeded", "failed", "superseded"])),
                 name="export_runs_status_valid",
             ),
+        ),
+        refuse_reverse_while(
+            "training_export 0003",
+            table="export_runs",
+            column="status",
+            values=["superseded"],
+            why="delete those runs (a later run of each window replaced them) to reverse it",
         ),
     ]

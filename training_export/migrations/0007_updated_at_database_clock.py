@@ -26,5 +26,5 @@ class Migration(migrations.Migration):
                 blank=True, db_default=django.db.models.functions.datetime.Now(), editable=False
             ),
         ),
-        lock_timeout_operation(None),
+        lock_timeout_operation(None, backwards=10),
     ]
