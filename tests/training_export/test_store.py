@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import errno
+import fcntl
 import os
+import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pytest
 from training_export.services.store import (
     StoreError,
     TrainingDataStore,
+    partitions_remove,
     store_agent_event,
     store_agent_task,
     store_tool_execution,
@@ -560,3 +564,25 @@ def test_a_store_that_keeps_no_ids_reads_each_file_again(data_dir):
     store.write_rows("events", T0.date(), [event_row("ev-1")])
     again = store.write_rows("events", T0.date(), [event_row("ev-1"), event_row("ev-2")])
     assert (again.written, again.duplicates) == (1, 1)
+
+
+def test_a_writer_waiting_for_the_lock_of_a_file_removed_meanwhile_writes_to_the_file_now_there(data_dir):
+    """Retention removes a day's file (partitions_remove) while a writer of a late row for that
+    day waits for its lock: the writer must not append to the removed file and call its row
+    written (it was lost: nothing names that file any more)."""
+    store = TrainingDataStore(data_dir)
+    path = store.write_rows("events", T0.date(), [event_row("ev-1")]).path
+    holder = os.open(path, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another writer, in the middle of its append
+    results = []
+    late = threading.Thread(target=lambda: results.append(store.write_rows("events", T0.date(), [event_row("ev-2")])))
+    late.start()
+    time.sleep(0.3)
+    assert late.is_alive(), "the writer did not wait for the lock"
+    assert partitions_remove(data_dir, before=T0.date() + dt.timedelta(days=1)) == [path]
+    os.close(holder)  # the lock goes with it
+    late.join(10)
+
+    [result] = results
+    assert result.written == 1
+    assert event_ids(path) == ["ev-2"], "the row acknowledged went to the removed file"

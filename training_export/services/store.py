@@ -14,8 +14,8 @@ several processes share a file (consumers of one group, workers calling the stor
 it a process first reads whatever the others appended since it last looked, so its set of
 written event_ids is complete before it filters. A torn last row (power lost between write and
 fsync, so nothing acknowledged depends on it) is cut off before the next append. A file begun
-under an earlier version's columns (`Schema.previous_columns`) is rewritten with the current
-ones, under its lock, before anything is appended to it.
+under an earlier version's columns (`Schema.previous_columns`) keeps them to the day's end:
+rows are appended to it in place, without the new columns (`_begun_with`).
 
 JSON values are written with every number exact (`json_dumps_exact`); a float that is not
 finite (NaN, Infinity: JSON has none) as no value.
@@ -541,10 +541,9 @@ class TrainingDataStore:
         result = WriteResult(path=path)
         with self._lock:
             makedirs_durable(path.parent)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            fd = _open_locked(path)
             written_from: int | None = None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
                 begun = _begun_with(fd, schema)
                 if begun is not schema:
                     encoded = _relaid(encoded, schema, begun)
@@ -643,6 +642,27 @@ class TrainingDataStore:
         ):
             files.popitem(last=False)
         return state, first_look
+
+
+def _open_locked(path: Path) -> int:
+    """The partition file, open for appending under an exclusive flock: the file now at `path`.
+    Retention (`partitions_remove`) may remove it while this writer waits for the lock; rows
+    appended to the removed file would be acknowledged and lost."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            stat = os.fstat(fd)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if current is not None and (current.st_ino, current.st_dev) == (stat.st_ino, stat.st_dev):
+            return fd
+        os.close(fd)  # removed or replaced meanwhile: open what is there now
 
 
 def _begun_with(fd: int, schema: Schema) -> Schema:
