@@ -331,3 +331,44 @@ def test_a_day_in_another_iso_8601_form_is_refused_naming_the_field(db, out, fie
     assert problem_fields(refused) == [field]
     assert "YYYY-MM-DD" in refused.json()["errors"][0]["detail"]
     assert not ExportRun.objects.exists()
+
+
+def test_a_conversations_exports_keys_file_downloads_checked_against_its_manifest(callers, out):
+    """The keys file that joins a conversations export to its threads, tasks, attempts and tool
+    calls was written beside the data file and listed in the manifest, but a client of the API
+    could download only the data file."""
+    from tests.factories import AgentFactory
+    from tests.training_export.test_chat import thread
+    from training_export.services.chat import KEYS_FILE
+    from training_export.services.export import export_run
+
+    admin = callers["admin"].client
+    agent = AgentFactory()
+    thread("t-1", agent, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}])
+    run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+    directory = Path(run.path).parent
+    keys = (directory / KEYS_FILE).read_bytes()
+    sha256 = manifest_read(directory)["files"][1]["sha256"]
+
+    download = admin.get(f"/api/v1/exports/{run.pk}/download/", {"file": "keys"})
+    assert download.status_code == 200, download.content
+    assert b"".join(download.streaming_content) == keys
+    assert json.loads(keys)["instance_id"] == "t-1"
+    assert download["ETag"] == f'"{sha256}"'
+    assert f"conversations_{DAY}_{DAY}-keys.jsonl" in download["Content-Disposition"]
+    data = admin.get(f"/api/v1/exports/{run.pk}/download/", {"file": "data"})
+    assert b"".join(data.streaming_content) == Path(run.path).read_bytes()
+
+    assert problem_fields(admin.get(f"/api/v1/exports/{run.pk}/download/", {"file": "manifest"})) == ["file"]
+    events = ExportRunFactory(status=ExportRun.Status.SUCCEEDED, data_type="events")
+    absent = admin.get(f"/api/v1/exports/{events.pk}/download/", {"file": "keys"})
+    assert absent.status_code == 404 and "only a conversations export has a keys file" in absent.json()["detail"]
+
+    (directory / KEYS_FILE).write_bytes(keys.replace(b"t-1", b"t-9"))
+    tampered = admin.get(f"/api/v1/exports/{run.pk}/download/", {"file": "keys"})
+    assert tampered.status_code == 410 and "keys file" in tampered.json()["detail"]
+    manifest = manifest_read(directory)
+    manifest["files"] = manifest["files"][:1]  # as a run written before keys files were
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    before = admin.get(f"/api/v1/exports/{run.pk}/download/", {"file": "keys"})
+    assert before.status_code == 404 and "before keys files were" in before.json()["detail"]

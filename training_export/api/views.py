@@ -37,8 +37,10 @@ from training_export.api.serializers import ALL, ExportAcceptedSerializer, Expor
 from training_export.models import ExportRun
 from training_export.services.export import (
     DATA_TYPES,
+    DOWNLOAD_FILES,
     ExportError,
     ExportFileGone,
+    ExportFileNone,
     WindowNotClosed,
     export_file_open,
     export_runs_request,
@@ -184,9 +186,12 @@ class ExportRunViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixi
         return response
 
     @extend_schema(
-        summary="Download the data file of a succeeded export run (admins)",
+        summary="Download the data file (or keys file) of a succeeded export run (admins)",
         description=(
             "The JSONL file as an attachment, checked against the sha256 its run recorded before it is sent; "
+            "`?file=keys` gives a conversations export's keys file instead (each example's thread, messages, "
+            "tasks, attempts and tool call ids, a line per example in the data file's order), checked against "
+            "the sha256 its manifest lists (404 for another type, or a run written before keys files were); "
             "`ETag` is that sha256 (`If-None-Match` with it: 304 while the file is intact; `If-Match` without it: 412) "
             "and `Repr-Digest` "
             "(RFC 9530) carries it for the client to verify. 409 while "
@@ -194,11 +199,20 @@ class ExportRunViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixi
             "gone or no longer matches its sha256 (export the window again with `force`)."
         ),
         filters=False,
-        parameters=[OpenApiParameter("format", exclude=True)],
+        parameters=[
+            OpenApiParameter("format", exclude=True),
+            OpenApiParameter(
+                "file",
+                str,
+                enum=list(DOWNLOAD_FILES),
+                default="data",
+                description="which file: the data file, or a conversations export's keys file",
+            ),
+        ],
         responses={
-            (200, JSONL_CONTENT_TYPE): OpenApiResponse(OpenApiTypes.BINARY, description="the JSONL data file"),
+            (200, JSONL_CONTENT_TYPE): OpenApiResponse(OpenApiTypes.BINARY, description="the JSONL file"),
             304: OpenApiResponse(description="the file is the one `If-None-Match` names, and intact"),
-            **problem_responses(401, 403, 404, 409, 410, 412, 429),
+            **problem_responses(400, 401, 403, 404, 409, 410, 412, 429),
         },
     )
     @action(
@@ -208,8 +222,13 @@ class ExportRunViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixi
         renderer_classes=[JSONRenderer, JsonLinesRenderer],
     )
     def download(self, request: Request, pk: str) -> HttpResponseBase:
+        file = request.query_params.get("file", "data")
+        if file not in DOWNLOAD_FILES:
+            raise exceptions.ValidationError({"file": [f"must be one of {', '.join(DOWNLOAD_FILES)}, not {file!r}"]})
         try:
-            download = export_file_open(run=self.get_object())
+            download = export_file_open(run=self.get_object(), file=file)
+        except ExportFileNone as exc:
+            raise exceptions.NotFound(str(exc)) from None
         except ExportFileGone as exc:
             raise Gone(str(exc)) from None
         etag = f'"{download.sha256.hex()}"'

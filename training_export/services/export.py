@@ -63,7 +63,14 @@ from training_export.services.files import (
     staged_writer,
 )
 from training_export.services.jsonl import EXPORTERS, SCHEMA_VERSION, Exporter
-from training_export.services.manifest import MANIFEST_NAME, KeysFile, Manifest, data_file_name, dataset_card
+from training_export.services.manifest import (
+    MANIFEST_NAME,
+    KeysFile,
+    Manifest,
+    data_file_name,
+    dataset_card,
+    manifest_read,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +98,15 @@ class WindowNotClosed(ExportError):
 
 class ExportFileGone(ExportError):
     """The data file of a succeeded run is missing or is no longer the file it wrote."""
+
+
+class ExportFileNone(ExportError):
+    """A file a run does not have (the keys file of a type other than conversations, or of a run
+    written before keys files were)."""
+
+
+# The files of a run a client may download: its data file, and a conversations export's keys file.
+DOWNLOAD_FILES = ("data", "keys")
 
 
 @dataclass(frozen=True)
@@ -943,22 +959,32 @@ def run_days(run: ExportRun) -> tuple[dt.date, dt.date]:
     return run.window_start.astimezone(dt.UTC).date(), (run.window_end.astimezone(dt.UTC) - dt.timedelta(days=1)).date()
 
 
-def export_file_open(*, run: ExportRun) -> ExportDownload:
-    """The data file of a succeeded run, open and checked against the sha256 the run recorded.
-    The open file is the one checked, even if its path is replaced meanwhile.
+def export_file_open(*, run: ExportRun, file: str = "data") -> ExportDownload:
+    """A file of a succeeded run (DOWNLOAD_FILES: its data file, or a conversations export's keys
+    file), open and checked against the sha256 recorded for it: the run's own for the data file,
+    the manifest's for the keys file once the manifest is shown to be the run's (its data file's
+    sha256 is the run's). The open file is the one checked, even if its path is replaced meanwhile.
 
-    Raises TransitionError for a run that has not succeeded (or was superseded) and
-    ExportFileGone for a file that is missing or changed (export the window again with force)."""
+    Raises TransitionError for a run that has not succeeded (or was superseded), ExportFileNone
+    for a file the run does not have, and ExportFileGone for a file that is missing or changed
+    (export the window again with force)."""
     if run.status != ExportRun.Status.SUCCEEDED:
         detail = f"export run {run.pk} is {run.status}; only a succeeded run can be downloaded"
         if run.status == ExportRun.Status.SUPERSEDED:
             detail += " (a later run of the same window replaced it: download that one)"
         raise TransitionError(detail)
+    first, last = run_days(run)
+    if file == "keys":
+        (path, checksum), what = _keys_file(run), "keys file"
+        filename = f"{run.data_type}_{first}_{last}-keys.jsonl"
+    else:
+        path, checksum, what = Path(run.path), run.checksum, "data file"
+        filename = f"{run.data_type}_{first}_{last}.jsonl"
     try:
-        fh = open(run.path, "rb")  # noqa: SIM115  (returned open)
+        fh = open(path, "rb")  # noqa: SIM115  (returned open)
     except OSError:
         raise ExportFileGone(
-            f"the data file of export run {run.pk} is missing; export the window again with force"
+            f"the {what} of export run {run.pk} is missing; export the window again with force"
         ) from None
     try:
         digest = sha256_stream(fh)
@@ -966,11 +992,37 @@ def export_file_open(*, run: ExportRun) -> ExportDownload:
     except BaseException:
         fh.close()
         raise
-    if digest.hexdigest() != run.checksum:
+    if digest.hexdigest() != checksum:
         fh.close()
         raise ExportFileGone(
-            f"the data file of export run {run.pk} no longer matches the sha256 it recorded; export the "
+            f"the {what} of export run {run.pk} no longer matches the sha256 it recorded; export the "
             "window again with force"
         )
-    first, last = run_days(run)
-    return ExportDownload(file=fh, sha256=digest.digest(), filename=f"{run.data_type}_{first}_{last}.jsonl")
+    return ExportDownload(file=fh, sha256=digest.digest(), filename=filename)
+
+
+def _keys_file(run: ExportRun) -> tuple[Path, str]:
+    """The path and sha256 of a conversations run's keys file, from its manifest (the run's own:
+    it names the run's data file with the run's sha256)."""
+    if run.data_type != "conversations":
+        raise ExportFileNone(f"export run {run.pk} is of {run.data_type}: only a conversations export has a keys file")
+    directory = Path(run.path).parent
+    try:
+        manifest = manifest_read(directory)
+        files = manifest["files"]
+        data = files[0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        raise ExportFileGone(
+            f"the manifest of export run {run.pk} is missing or unreadable; export the window again with force"
+        ) from None
+    if not isinstance(data, dict) or data.get("sha256") != run.checksum:
+        raise ExportFileGone(
+            f"the manifest of export run {run.pk} is not the run's (another export wrote it); export the window "
+            "again with force"
+        )
+    keys = next((f for f in files if isinstance(f, dict) and f.get("keys_of") == data.get("path")), None)
+    if keys is None or not isinstance(keys.get("path"), str) or not isinstance(keys.get("sha256"), str):
+        raise ExportFileNone(
+            f"export run {run.pk} was written before keys files were; export the window again with force for one"
+        )
+    return directory / Path(keys["path"]).name, keys["sha256"]
