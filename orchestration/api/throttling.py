@@ -112,7 +112,10 @@ def client_address(request: HttpRequest) -> str:
 
 
 def rate_limit_for(role: str | None) -> int | None:
-    return settings.API_RATE_LIMITS.get(role) if role else None
+    """A role's budget (None: a role API_RATE_LIMITS leaves unlimited). An account without a
+    role, whose every request is refused (403), has the budget of a request without
+    credentials: a key is not to be used without limit because its owner was given no role."""
+    return settings.API_RATE_LIMITS.get(role) if role else settings.API_RATE_LIMIT_ANONYMOUS
 
 
 def _record(request: Request, limit: int, count: int, reset: int) -> bool:

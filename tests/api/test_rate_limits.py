@@ -267,3 +267,14 @@ def test_a_trusted_proxy_written_as_an_ipv4_mapped_address_is_trusted(settings, 
     for peer in ("::ffff:10.0.0.2", "10.0.0.2"):
         request = RequestFactory().get("/api/v1/me/", REMOTE_ADDR=peer, HTTP_X_FORWARDED_FOR="203.0.113.9")
         assert client_address(request) == "203.0.113.9"
+
+
+def test_an_account_without_a_role_is_counted_with_the_anonymous_budget_of_its_own(callers, anonymous_limit):
+    """Every request of a key whose owner has no role is a 403, and none was counted: such a key
+    could be used without limit (each request a key lookup and a permission check)."""
+    norole = callers["norole"]
+    answers = [norole.client.get("/api/v1/workflows/") for _ in range(3)]
+    assert [(a.status_code, a["RateLimit-Remaining"]) for a in answers] == [(403, "2"), (403, "1"), (403, "0")]
+    assert norole.client.get("/api/v1/me/").status_code == 429
+    assert int(_redis().get(rate_limit_key(norole.user.pk))) == 4
+    assert callers["viewer"].client.get("/api/v1/me/").status_code == 200  # others keep their own
