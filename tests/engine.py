@@ -411,6 +411,19 @@ def manage(
     return result
 
 
+def manage_started(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """`manage.py *args` started in a subprocess with environment `env`, its output (stdout and
+    stderr together) to read once it ends (`output_of`)."""
+    return subprocess.Popen(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def sqlite_manage(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """`manage.py *args` in a subprocess on the embedded default: a fresh SQLite file (and
     var/ and training directories) under tmp_path, none of the suite's services. With `check`,

@@ -6,15 +6,13 @@ the backfill is run again."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from decimal import Decimal
 
 import psycopg
 import pytest
 
-from tests.engine import ROOT, manage, output_of, wait_for
+from tests.engine import manage, manage_started, output_of, wait_for
 from tests.pg import database_migrated_to
 
 pytestmark = pytest.mark.django_db
@@ -75,14 +73,7 @@ def test_the_backfill_lets_workflows_be_read_and_a_stopped_run_is_run_again(
     with psycopg.connect(url, autocommit=True) as test:
         test.execute(GATE_TRIGGER)
         test.execute("SELECT pg_advisory_lock(%s)", [GATE])
-        run = subprocess.Popen(
-            [sys.executable, "manage.py", "migrate", "orchestration", "0026", "--no-input"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        run = manage_started("migrate", "orchestration", "0026", "--no-input", env=env)
         try:
             backfilling = wait_for(
                 lambda: test.execute(

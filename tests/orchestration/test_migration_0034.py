@@ -5,14 +5,12 @@ task_executions, which an export was reading: every API request's key check wait
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 
-from tests.engine import ROOT, manage, output_of, wait_for
+from tests.engine import manage, manage_started, output_of, wait_for
 from tests.pg import database_migrated_to
 
 pytestmark = pytest.mark.django_db
@@ -38,14 +36,7 @@ def test_the_migration_holds_no_other_table_while_it_waits_for_one_and_gives_up_
         # An export's snapshot: task_executions read, the transaction open.
         export.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         export.execute("SELECT count(*) FROM task_executions").fetchone()
-        run = subprocess.Popen(
-            [sys.executable, "manage.py", "migrate", "orchestration", "0034", "--no-input"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        run = manage_started("migrate", "orchestration", "0034", "--no-input", env=env)
         try:
             wait_for(
                 lambda: test.execute(
@@ -87,14 +78,7 @@ def test_reversed_it_also_gives_up_after_its_lock_timeout_and_leaves_the_session
     with psycopg.connect(url) as export:
         export.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         export.execute("SELECT count(*) FROM task_executions").fetchone()
-        run = subprocess.Popen(
-            [sys.executable, "manage.py", "migrate", "orchestration", "0033", "--no-input"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        run = manage_started("migrate", "orchestration", "0033", "--no-input", env=env)
         try:
             output = output_of(run, timeout=60)  # gives up after its 10 s
         finally:

@@ -19,7 +19,7 @@ from orchestration.event_types import EventType
 from orchestration.models import Event
 from tests.engine import wait_for
 from tests.orchestration.test_runtime_edges import _billiard_terminate_handler
-from tests.training_export.test_export_sweep import DAY, export_command, writing
+from tests.training_export.test_export_sweep import DAY, export_command, seed_events_sql, writing
 from tests.training_export.test_tasks import clear_of_midnight
 from training_export.models import ExportRun
 from training_export.services.export import (
@@ -33,19 +33,6 @@ from training_export.services.export import (
 )
 
 
-def seed_day_events(day: dt.date, count: int) -> None:
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO events (event_id, event_type, entity_type, entity_id, source, payload, severity, "
-            "created_at) SELECT 'ev-' || i, 'agent_started', 'agent', 'a', 'platform', "
-            "jsonb_build_object('i', i, 'text', repeat('x', 200)), 'info', %s + i * interval '1 millisecond' "
-            "FROM generate_series(1, %s) AS i",
-            [dt.datetime.combine(day, dt.time(1), tzinfo=dt.UTC), count],
-        )
-
-
 def test_an_export_stopped_by_sigterm_in_its_worker_is_recorded_lost_and_the_next_night_exports_the_day(
     worker, tmp_path
 ):
@@ -54,7 +41,7 @@ def test_an_export_stopped_by_sigterm_in_its_worker_is_recorded_lost_and_the_nex
     "SystemExit: -241", where the sweep, had the process died first, said it was lost. One state
     and one wording, whoever records it; and the day is exported by the next daily run."""
     yesterday = clear_of_midnight().astimezone(dt.UTC).date() - dt.timedelta(days=1)
-    seed_day_events(yesterday, 60000)
+    seed_events_sql(60000, yesterday)
     app.send_task("training_export.export_previous_day")
     directory = tmp_path / "exports" / "events" / f"{yesterday}_{yesterday}"
     wait_for(lambda: writing(directory), timeout=60, interval=0.005, what=f"the export ({worker.log_path})")
@@ -154,7 +141,7 @@ def test_a_stop_replaced_in_a_commit_ends_the_daily_catch_up_there_and_the_next_
 def test_an_export_stopped_by_a_cold_shutdown_is_recorded_lost_and_a_new_request_queues_the_window(worker, tmp_path):
     """A warm shutdown (SIGTERM to the worker) waits for the export; a cold one (SIGQUIT) ends the
     pool process under it, whose SystemExit recorded the run failed as "SystemExit: ..."."""
-    seed_day_events(dt.date.fromisoformat(DAY), 60000)
+    seed_events_sql(60000)
     [run] = export_runs_request(data_types=["events"], start_date=DAY, end_date=DAY).queued
     directory = tmp_path / "exports" / "events" / f"{DAY}_{DAY}"
     wait_for(lambda: writing(directory), timeout=60, interval=0.005, what=f"the export ({worker.log_path})")
@@ -171,7 +158,7 @@ def test_an_export_stopped_by_a_cold_shutdown_is_recorded_lost_and_a_new_request
 def test_an_export_interrupted_on_the_command_line_is_recorded_lost(tmp_path):
     """^C (SIGINT: KeyboardInterrupt) in manage.py export_training_data recorded the run failed
     as "KeyboardInterrupt: "."""
-    seed_day_events(dt.date.fromisoformat(DAY), 60000)
+    seed_events_sql(60000)
     out = tmp_path / "exports"
     proc = export_command(out)
     try:

@@ -145,14 +145,15 @@ def test_the_sweeper_is_scheduled_and_registered(db):
     assert json.loads(periodic.kwargs) == {}
 
 
-def seed_events_sql(count: int) -> None:
+def seed_events_sql(count: int, day: dt.date = WINDOW.first_day) -> None:
+    """`count` events of 200 characters each from 01:00 of `day`, one a millisecond, in one statement."""
     with connection.cursor() as cursor:
         cursor.execute(
             "INSERT INTO events (event_id, event_type, entity_type, entity_id, source, payload, severity, "
             "created_at) SELECT 'ev-' || i, 'agent_started', 'agent', 'a', 'platform', "
             "jsonb_build_object('i', i, 'text', repeat('x', 200)), 'info', %s + i * interval '1 millisecond' "
             "FROM generate_series(1, %s) AS i",
-            [WINDOW.start + dt.timedelta(hours=1), count],
+            [dt.datetime.combine(day, dt.time(1), tzinfo=dt.UTC), count],
         )
 
 
