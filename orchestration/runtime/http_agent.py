@@ -55,8 +55,13 @@ class Reply:
 
     def json(self) -> Any:
         """The body as JSON (NaN and Infinity refused: they are not JSON, nor is nesting too
-        deep to parse); ValueError if not."""
-        return json_loads_strict(self.content.decode("utf-8"))
+        deep to parse); ValueError if not.
+
+        Its encoding is told as json.loads tells a body's, which is what the providers' SDKs
+        read (httpx's Response.json()): a UTF-8 byte order mark, which some proxies put before
+        an answer, is skipped (RFC 8259 §8.1 lets a parser ignore it), and UTF-16 and UTF-32
+        are read. Decoded strictly: an unpaired surrogate is refused here, not stored."""
+        return json_loads_strict(self.content.decode(json.detect_encoding(self.content)))
 
 
 def retry_after_seconds(headers: httpx.Headers) -> float | None:

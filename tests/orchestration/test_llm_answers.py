@@ -243,6 +243,26 @@ def test_a_model_answer_that_is_not_json_names_its_content_type(local_net, conte
             agent_execute(agent=agent, task_input={"prompt": "x"}, context=ctx())
 
 
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.django_db
+def test_a_model_answer_after_a_utf8_byte_order_mark_is_read_as_the_sdks_read_it(local_net, openai):
+    # RFC 8259 §8.1 lets a parser ignore the mark (a proxy may add it); httpx's Response.json(),
+    # which the OpenAI and Anthropic SDKs read answers with, does. It failed the attempt for good.
+    openai.script(*(Reply(body=BOM + json.dumps(calls_answer(count)).encode()) for count in (1, 0)))
+    result, _ = run(tool_agent(openai.base_url), {"prompt": "go"})
+    assert result.output["tool_rounds"] == 1
+    assert result.usage.input_tokens == 100 + 100, "both answers are read and paid"
+
+
+def test_an_agent_service_answer_after_a_utf8_byte_order_mark_is_read(local_net):
+    with AgentService() as service:
+        service.script(Reply(body=BOM + json.dumps({"result": "ok", "metadata": {"tokens_used": 7}}).encode()))
+        result = agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
+    assert (result.output["result"], result.usage.output_tokens) == ("ok", 7)
+
+
 # --- answers the executor already handles (kept so) ----------------------------------------------
 
 
