@@ -21,7 +21,7 @@ from django.utils import timezone
 from orchestration.event_types import EventType
 from orchestration.models import Event, TaskExecution, Workflow
 from tests.engine import ROOT, database_url, wait_for
-from tests.factories import AgentFactory, EventFactory, TaskExecutionFactory, WorkflowFactory
+from tests.factories import AgentFactory, EventFactory, MessageFactory, TaskExecutionFactory, WorkflowFactory
 from training_export.models import ExportRun
 from training_export.services.export import (
     ExportError,
@@ -131,6 +131,26 @@ def test_rerunning_a_window_gives_byte_identical_files(db, out):
     Path(forced.path).unlink()  # a lost file is exported again, identically
     restored = export_run(data_type="events", start_date=DAY, end_date=DAY)
     assert restored.pk != forced.pk and restored.checksum == first.checksum
+
+
+@pytest.mark.parametrize("data_type", ["tasks", "events", "conversations"])
+def test_a_value_holding_a_unicode_line_break_keeps_its_record_on_one_line(db, out, data_type):
+    # JSON lets these stand unescaped in a string; str.splitlines() ends a line at each.
+    text = "one\u2028two\u2029three\x85four"
+    # A task whose output holds an integer beyond 64 bits is written by the exact encoder.
+    finished_task(at=T0, output_data={"text": text})
+    finished_task(at=T0 + dt.timedelta(seconds=1), output_data={"text": text, "id": 10**25})
+    EventFactory(event_type=EventType.AGENT_STARTED, created_at=T0, payload={"text": text})
+    agent = AgentFactory()
+    MessageFactory(instance_id="t-1", agent=agent, role="user", content=text, created_at=T0)
+    MessageFactory(
+        instance_id="t-1", agent=agent, role="assistant", content=text, created_at=T0 + dt.timedelta(seconds=1)
+    )
+
+    run = export_run(data_type=data_type, start_date=DAY, end_date=DAY)
+    read = Path(run.path).read_text("utf-8").splitlines()
+    assert run.rows and len(read) == run.rows
+    assert text in json.dumps([json.loads(line) for line in read], ensure_ascii=False)
 
 
 def test_export_for_training_returns_the_jsonl_path(db, out):

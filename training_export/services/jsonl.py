@@ -64,14 +64,33 @@ def _default(value: Any) -> Any:
 _ORJSON_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATETIME
 
 
+# The characters JSON lets a string hold unescaped that Python's str.splitlines() (and any reader
+# splitting on Unicode line boundaries) ends a line at: written as they are, they cut their record
+# in two pieces, neither of them JSON. Their escapes read back as the same text. (The other
+# characters splitlines() breaks at are control characters, which JSON escapes.) Each UTF-8 form
+# begins with a lead byte, so it matches only the character itself.
+_UNICODE_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
+def _line_breaks_escaped(line: bytes) -> bytes:
+    """`line` with the Unicode line breaks above written as JSON escapes."""
+    if line.isascii():
+        return line
+    for raw, escaped in _UNICODE_LINE_BREAKS:
+        line = line.replace(raw, escaped)
+    return line
+
+
 def json_line(record: Any) -> bytes:
-    """One deterministic JSONL line (UTF-8, sorted keys, no spaces, trailing newline)."""
+    """One deterministic JSONL line (UTF-8, sorted keys, no spaces, trailing newline, no other
+    line break)."""
     try:
-        return orjson.dumps(record, default=_default, option=_ORJSON_OPTIONS)
+        line = orjson.dumps(record, default=_default, option=_ORJSON_OPTIONS)
     except TypeError:
         # orjson refuses integers beyond 64 bits and Decimals (exact JSON numbers, json_load):
         # the standard library, same layout, every number exact.
-        return (json_dumps_exact(record, default=_default) + "\n").encode("utf-8")
+        line = (json_dumps_exact(record, default=_default) + "\n").encode("utf-8")
+    return _line_breaks_escaped(line)
 
 
 # Every ASCII digit but 0 maps to 0: a run of 19 zeros afterwards is a run of 19 digits. One
@@ -163,9 +182,10 @@ def record_line(record: Any) -> bytes:
     itself, exactly as `isoformat()` does (`2024-01-01T00:00:00.5+00:00`, no fraction when the
     microseconds are 0), instead of calling back into Python for each."""
     try:
-        return orjson.dumps(record, default=_default, option=_RECORD_OPTIONS)
+        line = orjson.dumps(record, default=_default, option=_RECORD_OPTIONS)
     except TypeError:
-        return (json_dumps_exact(record, default=_default) + "\n").encode("utf-8")
+        line = (json_dumps_exact(record, default=_default) + "\n").encode("utf-8")
+    return _line_breaks_escaped(line)
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
