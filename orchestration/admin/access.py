@@ -32,6 +32,7 @@ from orchestration.admin.base import (
     MaskedLookupsMixin,
     change_url,
     json_display,
+    selected_rows,
 )
 from orchestration.api.redis_store import store
 from orchestration.errors import SpecError
@@ -285,17 +286,17 @@ class ApiKeyAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixi
 
     @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
-        revoked = api_key_revoke(
-            api_key_ids=queryset.values_list("pk", flat=True),
-            now=timezone.now(),
-            actor=actor_of(request.user, "console"),
-        )
+        rows, gone = selected_rows(self, request, queryset)
+        selected = list(rows.values_list("pk", flat=True))
+        revoked = api_key_revoke(api_key_ids=selected, now=timezone.now(), actor=actor_of(request.user, "console"))
         for api_key in ApiKey.objects.filter(pk__in=revoked).select_related("owner"):
             self.log_change(request, api_key, "Revoked")
-        skipped = queryset.count() - len(revoked)
+        skipped = len(selected) - len(revoked)
         message = f"Revoked {len(revoked)} key(s)."
         if skipped:
             message += f" {skipped} already revoked."
+        if gone:
+            message += f" {len(gone)} selected no longer exist."
         self.message_user(request, message, messages.SUCCESS if revoked else messages.WARNING)
 
     def has_rotate_permission(self, request: HttpRequest) -> bool:
@@ -306,7 +307,10 @@ class ApiKeyAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixi
     def rotate_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> TemplateResponse | None:
         now = timezone.now()
         rotated = []
-        for api_key in queryset.select_related("owner").order_by("pk"):
+        rows, gone = selected_rows(self, request, queryset)
+        if gone:
+            self.message_user(request, f"Not rotated: key(s) {', '.join(gone)} no longer exist.", messages.WARNING)
+        for api_key in rows.select_related("owner"):
             if not may_mint_keys_for(request.user, api_key.owner):
                 problem = f"{api_key}: not rotated, its owner {api_key.owner} has permissions you lack"
                 self.message_user(request, problem, messages.ERROR)

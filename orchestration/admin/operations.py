@@ -8,7 +8,7 @@ workflow past its deadline, ...) is reported per object, by the service's own wo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from django.contrib import admin, messages
@@ -18,6 +18,7 @@ from django.db import models
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import URLPattern, path, reverse
 
+from orchestration.admin.base import selected_rows
 from orchestration.errors import ConversationError, SpecError, TransitionError
 from orchestration.services.events import Actor, actor_of
 
@@ -78,6 +79,7 @@ class OperationsMixin:
     log_change: Callable[..., None]
     has_change_permission: Callable[..., bool]
     get_object: Callable[..., Any]
+    list_deferred: tuple[str, ...]  # LargeTableAdmin's
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
         actions = super().get_actions(request)  # type: ignore[misc]
@@ -86,15 +88,19 @@ class OperationsMixin:
         for operation in self.operations:
 
             def act(modeladmin: Any, request: HttpRequest, queryset: Any, operation: Operation = operation) -> None:
-                modeladmin.operate(request, operation, queryset.order_by("pk"))
+                rows, gone = selected_rows(modeladmin, request, queryset)
+                modeladmin.operate(request, operation, rows.defer(*modeladmin.list_deferred), gone)
 
             description = f"{operation.verb.capitalize()} selected {self.model._meta.verbose_name_plural}"
             actions[operation.name] = (act, operation.name, description)
         return actions
 
-    def operate(self, request: HttpRequest, operation: Operation, objects: Iterable[Any]) -> list[Any]:
+    def operate(
+        self, request: HttpRequest, operation: Operation, objects: Iterable[Any], gone: Sequence[str] = ()
+    ) -> list[Any]:
         """Run `operation` on each object (at most MAX_SELECTED); report what was done and, by
-        name, what was refused. Returns the objects done."""
+        name, what was refused, and the ids in `gone` as no longer existing. Returns the
+        objects done."""
         objects = list(objects[: MAX_SELECTED + 1] if hasattr(objects, "__getitem__") else objects)
         noun = self.model._meta.verbose_name_plural
         if len(objects) > MAX_SELECTED:
@@ -102,7 +108,8 @@ class OperationsMixin:
                 request, f"Nothing done: select at most {MAX_SELECTED} {noun} to {operation.verb}.", messages.ERROR
             )
             return []
-        done, refused, results = [], [], []
+        done, results = [], []
+        refused = [f"{pk}: {refusal_text(ObjectDoesNotExist())}" for pk in gone]
         for obj in objects:
             try:
                 results.append(operation.run(request, obj))

@@ -754,6 +754,25 @@ def test_revoking_only_keys_already_revoked_is_not_reported_as_a_success(su_clie
     assert message.level_tag == "warning"
 
 
+def test_revoking_from_the_list_of_active_keys_revokes_every_key_selected_and_says_so(su_client: Client) -> None:
+    """The action counted the keys the list still matched after revoking them: from the list of
+    active keys (the list a leaked key is revoked from) it said "Revoked 1 key(s). -1 already
+    revoked.", and a key that had expired since the page was shown was left out unrevoked (an
+    expiry extended later would bring it back)."""
+    active = ApiKeyFactory()
+    expired_meanwhile = ApiKeyFactory(expires_at=timezone.now() - dt.timedelta(seconds=1))
+
+    response = su_client.post(
+        _url(ApiKey, "changelist") + "?state=active",
+        {"action": "revoke_selected", "_selected_action": [active.pk, expired_meanwhile.pk, 0]},
+        follow=True,
+    )
+
+    [message] = list(response.context["messages"])
+    assert str(message) == "Revoked 2 key(s). 1 selected no longer exist."
+    assert ApiKey.objects.filter(pk__in=[active.pk, expired_meanwhile.pk], revoked_at__isnull=True).count() == 0
+
+
 def _staff_with(*codenames: str) -> Any:
     staff = UserFactory(is_staff=True)
     staff.user_permissions.add(*Permission.objects.filter(codename__in=codenames))

@@ -17,7 +17,7 @@ from django.urls import reverse
 
 from orchestration.admin import operations
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
-from tests.factories import UserFactory
+from tests.factories import UserFactory, WorkflowFactory
 from tests.orchestration.test_engine import attempts, finished, running_attempt, submit, task
 
 A, T, W = TaskAttempt.Status, TaskExecution.Status, Workflow.Status
@@ -194,6 +194,39 @@ def test_a_selection_too_large_is_refused_whole(builtin_agents, operator, monkey
     assert set(Workflow.objects.filter(pk__in=[w.pk for w in workflows]).values_list("status", flat=True)) == {
         W.RUNNING
     }
+
+
+@pytest.mark.django_db
+def test_an_action_runs_on_every_row_selected_whatever_the_list_matches_now(operator):
+    """Django hands an action only the selected rows the list's filters still match: of two
+    workflows selected in the list of pending ones, one that started meanwhile was left out
+    without a word ("Cancelled: 1 workflows") and ran on."""
+    started, waiting = WorkflowFactory(status=W.PENDING), WorkflowFactory(status=W.PENDING)
+    Workflow.objects.filter(pk=started.pk).update(status=W.RUNNING)
+    response = operator.post(
+        _url(Workflow, "changelist") + "?status__exact=pending",
+        {"action": "cancel", "_selected_action": [started.pk, waiting.pk, "deleted-meanwhile"]},
+        follow=True,
+    )
+    assert "Cancelled: 2 workflows." in _messages(response)
+    assert "deleted-meanwhile: it no longer exists" in _messages(response)
+    for workflow in (started, waiting):
+        workflow.refresh_from_db()
+        assert workflow.status == W.CANCELLED
+        assert _events(workflow)[-1] == "workflow_cancelled"
+
+
+@pytest.mark.django_db
+def test_select_all_runs_an_action_on_the_rows_the_list_matches(operator):
+    pending, running = WorkflowFactory(status=W.PENDING), WorkflowFactory(status=W.RUNNING)
+    response = operator.post(
+        _url(Workflow, "changelist") + "?status__exact=pending",
+        {"action": "cancel", "select_across": "1", "_selected_action": [pending.pk]},
+        follow=True,
+    )
+    assert "Cancelled: 1 workflows." in _messages(response)
+    assert Workflow.objects.get(pk=pending.pk).status == W.CANCELLED
+    assert Workflow.objects.get(pk=running.pk).status == W.RUNNING
 
 
 @pytest.mark.django_db
