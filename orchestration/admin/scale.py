@@ -33,7 +33,11 @@ class CappedCountPaginator(Paginator):
 
     @cached_property
     def count(self) -> int:
-        return self.object_list[: ADMIN_COUNT_LIMIT + 1].count()
+        # Any n rows count the same: without the list's order, the database stops at the n-th
+        # row it reads. With it (a LIMIT keeps the ORDER BY), a list sorted by a column no
+        # index holds sorted the whole table to count it (0.5 s of events by "created at" at
+        # 4 M events, as much again as the page itself).
+        return self.object_list.order_by()[: ADMIN_COUNT_LIMIT + 1].count()
 
     @property
     def capped(self) -> bool:
