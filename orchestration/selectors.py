@@ -54,13 +54,17 @@ def agent_stats(
     Over completed tasks (seed 003's "agent statistics"): total_tasks, avg_latency_ms (None
     when there are none), total_tokens, total_cost_usd (Decimal). Over all finished tasks
     (completed, failed, timed_out): failed and timed_out counts and success_rate =
-    completed / finished * 100, None when nothing finished. Cancelled tasks count nowhere.
-    wasted_cost_usd (Decimal): what the failed, timed-out and lost tries of the finished tasks
-    cost (a retried task that completed too). One aggregate query, served by
-    idx_tasks_agent_status (agent_id, status, created_at) and, per task, by the attempts' index.
+    completed / finished * 100, None when nothing finished. Cancelled tasks count in none of
+    these. wasted_cost_usd (Decimal): what the failed, timed-out and lost tries of the finished
+    and the cancelled tasks cost (a retried task that completed too; a task cancelled after a
+    failed try, whose cost the workflow, the user's spend and the rollup count as wasted too).
+    One aggregate query, served by idx_tasks_agent_status (agent_id, status, created_at) and, per
+    task, by the attempts' index.
     """
     since = _window_start(since, until)
-    tasks = TaskExecution.objects.filter(agent_id=agent_id, status__in=_FINISHED, created_at__gte=since)
+    tasks = TaskExecution.objects.filter(
+        agent_id=agent_id, status__in=(*_FINISHED, TaskExecution.Status.CANCELLED), created_at__gte=since
+    )
     if until is not None:
         tasks = tasks.filter(created_at__lt=until)
     if owner_id is not None:

@@ -134,7 +134,11 @@ def test_agent_stats_without_finished_tasks(now: dt.datetime) -> None:
     assert (stats["failed"], stats["timed_out"], stats["success_rate"]) == (0, 0, None)
 
 
-def test_agent_stats_wasted_spend_is_what_the_failed_tries_of_its_finished_tasks_cost(now: dt.datetime) -> None:
+def test_agent_stats_wasted_spend_is_what_the_failed_tries_of_its_finished_and_cancelled_tasks_cost(
+    now: dt.datetime,
+) -> None:
+    """A task cancelled after a failed try: that try's cost is wasted spend of the agent, as it
+    is of the workflow, of the user and in the rollup (a cancelled try's cost is not)."""
     agent = AgentFactory()
     retried = make_task(agent=agent, status=Status.COMPLETED, created_at=now)
     failed = make_task(agent=agent, status=Status.FAILED, created_at=now)
@@ -144,14 +148,16 @@ def test_agent_stats_wasted_spend_is_what_the_failed_tries_of_its_finished_tasks
         (retried, 2, "timed_out", "0.20"),
         (retried, 3, "succeeded", "1.00"),
         (failed, 1, "failed", "0.40"),
-        (cancelled, 1, "failed", "8"),  # cancelled tasks count nowhere
+        (cancelled, 1, "failed", "8"),
         (cancelled, 2, "cancelled", "9"),
     ]:
         TaskAttemptFactory(
             execution=task, attempt_number=number, status=status, cost_usd=Decimal(cost), finished_at=now
         )
 
-    assert agent_stats(agent_id=agent.id)["wasted_cost_usd"] == Decimal("0.70")
+    stats = agent_stats(agent_id=agent.id)
+    assert stats["wasted_cost_usd"] == Decimal("8.70")
+    assert (stats["total_tasks"], stats["failed"], stats["success_rate"]) == (1, 1, 50)
 
 
 def test_agent_stats_is_one_query(stats_data: None, django_assert_num_queries) -> None:
