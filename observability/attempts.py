@@ -5,6 +5,7 @@ after each transaction has committed; nothing here can fail or roll back the rec
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -76,14 +77,18 @@ def attempt_finished(
         )
 
 
-def attempts_reaped(*, attempt_ids: list[int]) -> None:
+def attempts_reaped(*, attempts: Sequence[Any]) -> None:
     """Attempts closed outside attempt_run: by the reaper (timed_out / hard_timeout, lost /
     worker_lost), at a claim (lost on redelivery, timed_out / queue_timeout), or by a
-    cancellation (cancelled, while they ran)."""
-    if not attempt_ids:
+    cancellation (cancelled, while they ran). `attempts` are the rows as their close read them,
+    under its lock: their tokens and cost are what the close added to the task and workflow, and
+    what is counted here. Their rows may hold more by now (a charge that arrived after the close,
+    counted as it was added: late_usage_recorded)."""
+    if not attempts:
         return
     from orchestration.models import TaskAttempt
 
+    closed = {attempt.pk: attempt for attempt in attempts}
     with metrics.guarded("attempts_reaped"):
         # Read after the closes committed (the reaper reports after its whole pass): a later
         # attempt may have started, and even ended the task, meanwhile; that ending is its own.
@@ -91,76 +96,81 @@ def attempts_reaped(*, attempt_ids: list[int]) -> None:
             execution_id=OuterRef("execution_id"), attempt_number__gt=OuterRef("attempt_number")
         )
         rows = (
-            TaskAttempt.objects.filter(pk__in=attempt_ids)
+            TaskAttempt.objects.filter(pk__in=closed)
             .annotate(superseded=Exists(later))
-            .values_list(
-                "pk",
-                "execution_id",
-                "execution__agent_id",
-                "execution__workflow_id",
-                "execution__status",
-                "attempt_number",
-                "status",
-                "cause",
-                "duration_ms",
-                "finished_at",
-                "input_tokens",
-                "output_tokens",
-                "cost_usd",
-                "superseded",
-            )
+            .values(*_CLOSED_COLUMNS, "execution__status", "superseded")
         )
-        for (
-            attempt_id,
-            execution_id,
-            agent_id,
-            workflow_id,
-            task_status,
-            number,
-            status,
-            cause,
-            duration_ms,
-            at,
-            input_tokens,
-            output_tokens,
-            cost,
-            superseded,
-        ) in rows:
+        for row in rows:
+            task_status = row["execution__status"]
+            at_close = closed[row["pk"]]  # what it had metered while it ran, before it was abandoned
             metrics.attempt_outcome_observe(
-                agent_id=agent_id,
-                status=status,
-                cause=cause or status,
-                duration_ms=duration_ms,
-                input_tokens=input_tokens,  # metered while it ran, before it was abandoned
-                output_tokens=output_tokens,
-                cost_usd=cost,
-                task_status=task_status if task_status in FINAL_TASK_STATUSES and not superseded else None,
+                agent_id=row["execution__agent_id"],
+                status=row["status"],
+                cause=row["cause"] or row["status"],
+                duration_ms=row["duration_ms"],
+                input_tokens=at_close.input_tokens,
+                output_tokens=at_close.output_tokens,
+                cost_usd=at_close.cost_usd,
+                task_status=task_status if task_status in FINAL_TASK_STATUSES and not row["superseded"] else None,
             )
-            influx.attempt_point_write(
-                agent_id=agent_id,
-                status=status,
-                cause=cause or status,
-                attempt_id=attempt_id,
-                execution_id=str(execution_id),
-                workflow_id=workflow_id,
-                attempt_number=number,
-                duration_ms=duration_ms or 0.0,
-                input_tokens=input_tokens or 0,
-                output_tokens=output_tokens or 0,
-                cost_usd=cost or 0,
-                at=at or timezone.now(),
-            )
+            _closed_point_write(row)
 
 
-def late_usage_recorded(*, agent_id: str, usage: Any) -> None:
+# What the point of an attempt closed without a result is written from (attempts_reaped).
+_CLOSED_COLUMNS = (
+    "pk",
+    "execution_id",
+    "execution__agent_id",
+    "execution__workflow_id",
+    "attempt_number",
+    "status",
+    "cause",
+    "duration_ms",
+    "finished_at",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+)
+
+
+def _closed_point_write(row: dict[str, Any]) -> None:
+    """The InfluxDB point of an attempt closed without a result, from its row. Its tags and time
+    depend only on how and when it was closed, so writing it again with the row's later totals
+    replaces the point (InfluxDB keeps one per series and timestamp) instead of adding one."""
+    influx.attempt_point_write(
+        agent_id=row["execution__agent_id"],
+        status=row["status"],
+        cause=row["cause"] or row["status"],
+        attempt_id=row["pk"],
+        execution_id=str(row["execution_id"]),
+        workflow_id=row["execution__workflow_id"],
+        attempt_number=row["attempt_number"],
+        duration_ms=row["duration_ms"] or 0.0,
+        input_tokens=row["input_tokens"] or 0,
+        output_tokens=row["output_tokens"] or 0,
+        cost_usd=row["cost_usd"] or 0,
+        at=row["finished_at"] or timezone.now(),
+    )
+
+
+def late_usage_recorded(*, attempt_id: int, agent_id: str, usage: Any) -> None:
     """Usage paid after its attempt was closed without a result, now added to its row: the
-    close already counted what was metered before it; this counts the rest."""
+    close already counted what was metered before it; this counts the rest, and writes the
+    attempt's InfluxDB point again with its row's new totals (in place of the close's)."""
     metrics.late_usage_observe(
         agent_id=agent_id,
         input_tokens=int(usage.input_tokens or 0),
         output_tokens=int(usage.output_tokens or 0),
         cost_usd=usage.cost_usd or Decimal(0),
     )
+    if not influx.enabled():
+        return
+    from orchestration.models import TaskAttempt
+
+    with metrics.guarded("late_usage"):
+        row = TaskAttempt.objects.filter(pk=attempt_id).values(*_CLOSED_COLUMNS).first()
+        if row is not None:
+            _closed_point_write(row)
 
 
 def _final_task_status(execution_id: Any) -> str | None:

@@ -15,7 +15,9 @@ Measurement `task_attempt` (one point per finished attempt):
   time    when the attempt finished, to the millisecond, written in nanoseconds with the
           attempt's id (modulo 10**6) added as nanoseconds: InfluxDB keeps one point per
           series and timestamp, and attempts of one agent closed together (a reaper pass, a
-          cancelled workflow) end at the same instant
+          cancelled workflow) end at the same instant. An attempt charged after it was closed
+          has its point written again, same time and tags, with its new totals: InfluxDB keeps
+          that one in place of the first.
 
 Measurement `agent_rollup` (one point per agent and rolled-up period, written after the
 hourly/daily rollup into agent_metrics):

@@ -211,7 +211,7 @@ def reap_stale_tasks() -> dict[str, int]:
 
     with skipped_while_away("reap_stale_tasks"):
         result = attempts_reap()
-        attempts_reaped(attempt_ids=[*result.timed_out, *result.lost])
+        attempts_reaped(attempts=result.closed)
         resent = queued_sweep()
         return {
             "timed_out": len(result.timed_out),

@@ -302,7 +302,7 @@ def _unstarted_try_fail(
     if task.workflow_id:
         workflow_add_usage(task.workflow_id, tokens=0, cost=Decimal(0), error=True)
     _fail_or_retry(task, attempt=attempt, status=status, error=error, retryable=False, now=now)
-    transaction.on_commit(lambda: attempts_reaped(attempt_ids=[attempt.pk]))
+    transaction.on_commit(lambda: attempts_reaped(attempts=[attempt]))
 
 
 # How often a task whose agent is in maintenance looks again (jittered), as a new message.
@@ -604,8 +604,7 @@ def _attempt_claim(
             task, last, status=status, cause=cause, error=error, now=now, retry_now=True, error_class=error_class
         )
         if again is not None:
-            closed = last.pk
-            transaction.on_commit(lambda: attempts_reaped(attempt_ids=[closed]))
+            transaction.on_commit(lambda: attempts_reaped(attempts=[last]))
         if not again:
             return Outcome.SKIPPED
         # Between attempts now: the concurrency limit below must not count it as running,
@@ -1175,7 +1174,7 @@ def _refused_outcome_record(
         f"; {added[1].tokens} tokens, ${added[1].cost_usd} it reported were added to it" if added else "",
     )
     if added is not None:
-        late_usage_recorded(agent_id=added[0], usage=added[1])
+        late_usage_recorded(attempt_id=attempt.pk, agent_id=added[0], usage=added[1])
 
 
 def _late_end_event(
@@ -1233,7 +1232,7 @@ def _meter_write(attempt_id: int, usage: Usage) -> None:
         if not running.update(**_usage_added(usage)):
             added = atomic_with_retry(lambda: _late_usage_add(attempt_id, usage))
             if added is not None:
-                late_usage_recorded(agent_id=added[0], usage=added[1])
+                late_usage_recorded(attempt_id=attempt_id, agent_id=added[0], usage=added[1])
     except DatabaseError as exc:  # never fail the agent's work for the meter: the final record follows
         # A cancel's SIGTERM that landed in the late-usage COMMIT stops the agent, as anywhere
         # else in its run, instead of letting it run on unmetered.

@@ -463,6 +463,5 @@ def tasks_cancel(
     transaction.on_commit(lambda: tasks_cancelled_observe(agent_ids=agent_ids))
     # The running attempts are reported here, with what they had spent: their processes are
     # terminated (above), so they never get back to attempt_run to report themselves.
-    cancelled_attempts = [a.pk for a in running]
-    transaction.on_commit(lambda: attempts_reaped(attempt_ids=cancelled_attempts))
+    transaction.on_commit(lambda: attempts_reaped(attempts=running))
     return len(tasks)

@@ -54,6 +54,8 @@ class ReapResult:
     workflows_failed: list[str] = field(default_factory=list)
     queue_timed_out: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
+    # The attempts timed out or lost, as their close read them (for attempts_reaped).
+    closed: list[TaskAttempt] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,8 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
     for candidate in candidates:
         verdict = attempt_verdict(candidate, answers)
 
-        def reap(attempt_id: int = candidate.pk, verdict: Verdict = verdict) -> bool | None:
+        def reap(attempt_id: int = candidate.pk, verdict: Verdict = verdict) -> TaskAttempt | None:
+            """The attempt, closed; None if it was no longer running."""
             attempt = (
                 TaskAttempt.objects.select_for_update(skip_locked=True)
                 .filter(pk=attempt_id, status=TaskAttempt.Status.RUNNING)
@@ -208,7 +211,7 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
                 return None
             task = TaskExecution.objects.select_for_update().get(pk=attempt.execution_id)
             if verdict.hard_timeout:
-                return attempt_abandon(
+                again = attempt_abandon(
                     task,
                     attempt,
                     status=TaskAttempt.Status.TIMED_OUT,
@@ -216,18 +219,21 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
                     error=verdict.error,
                     now=now,
                 )
-            return attempt_abandon(
-                task,
-                attempt,
-                status=TaskAttempt.Status.LOST,
-                cause=verdict.cause,
-                error=verdict.error,
-                now=now,
-                error_class=verdict.error_class,
-            )
+            else:
+                again = attempt_abandon(
+                    task,
+                    attempt,
+                    status=TaskAttempt.Status.LOST,
+                    cause=verdict.cause,
+                    error=verdict.error,
+                    now=now,
+                    error_class=verdict.error_class,
+                )
+            return None if again is None else attempt
 
-        if atomic_with_retry(reap) is not None:
+        if (closed := atomic_with_retry(reap)) is not None:
             (result.timed_out if verdict.hard_timeout else result.lost).append(candidate.pk)
+            result.closed.append(closed)
     result.workflows_failed = workflows_enforce_deadlines(now=now)
     result.queue_timed_out = queue_timeouts_enforce(now=now)
     return result

@@ -37,7 +37,7 @@ def test_reaped_attempts_are_counted_with_their_cause_and_the_tasks_final_status
         ),
         "failed": sample("agentledger_tasks_finished_total", agent=agent.id, status="failed"),
     }
-    attempts_reaped(attempt_ids=[lost.pk, timed_out.pk])
+    attempts_reaped(attempts=[lost, timed_out])
     assert (
         sample("agentledger_task_attempts_total", agent=agent.id, status="lost", cause="worker_lost")
         == before["lost"] + 1
@@ -228,6 +228,56 @@ def test_a_reaped_attempt_whose_retry_has_completed_the_task_is_not_counted_as_f
     assert TaskExecution.objects.get(pk=task.pk).status == TaskExecution.Status.COMPLETED
 
     before = sample("agentledger_tasks_finished_total", agent=agent.id, status="completed")
-    attempts_reaped(attempt_ids=result.lost)  # as reap_stale_tasks does, after its pass
+    attempts_reaped(attempts=result.closed)  # as reap_stale_tasks does, after its pass
     assert sample("agentledger_task_attempts_total", agent=agent.id, status="lost", cause="worker_lost") == 1
     assert sample("agentledger_tasks_finished_total", agent=agent.id, status="completed") == before
+
+
+@pytest.mark.django_db
+def test_spend_charged_during_the_reapers_pass_is_counted_once():
+    """reap_stale_tasks reports the attempts it closed after its whole pass. A worker taken for
+    lost that still lives may be charged for the answer it waited for meanwhile: that charge is
+    counted as it is added to the closed attempt's row, and must not be counted again by the
+    report, which finds it on the row."""
+    import uuid
+
+    from orchestration.models import Workflow
+    from orchestration.runtime.context import Usage
+    from orchestration.services.execution import _meter, attempt_claim
+    from orchestration.services.reaper import attempts_reap
+    from tests.factories import WorkflowFactory
+
+    agent = AgentFactory(id="charged-while-reaped")
+    start = timezone.now() - dt.timedelta(minutes=5)
+    task = TaskExecution.objects.create(
+        workflow=WorkflowFactory(status=Workflow.Status.RUNNING, started_at=start, total_steps=1),
+        agent=agent,
+        task_name="t",
+        status=TaskExecution.Status.QUEUED,
+        celery_task_id=str(uuid.uuid4()),
+        queued_at=start,
+        max_retries=0,
+        timeout_seconds=5,
+    )
+    claim = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="gone@host", now=start)
+    TaskAttempt.objects.filter(pk=claim.attempt.pk).update(created_at=start)  # claimed then, on the database's clock
+    meter = _meter(claim.attempt.pk)
+    meter(Usage(10, 0, Decimal("0.001")))
+
+    def counted() -> tuple[float, ...]:
+        return (
+            sample("agentledger_tokens_total", agent=agent.id, direction="input"),
+            sample("agentledger_tokens_total", agent=agent.id, direction="output"),
+            sample("agentledger_cost_usd_total", agent=agent.id),
+        )
+
+    before = counted()
+    result = attempts_reap()  # its worker does not answer: lost
+    assert result.lost == [claim.attempt.pk]
+    meter(Usage(100, 20, Decimal("0.0123")))  # the answer it waited for, charged before the pass reports
+    attempts_reaped(attempts=result.closed)  # as reap_stale_tasks does, after its pass
+    after = counted()
+
+    lost = TaskAttempt.objects.get(pk=claim.attempt.pk)
+    assert (lost.status, lost.input_tokens, lost.output_tokens, lost.cost_usd) == ("lost", 110, 20, Decimal("0.0133"))
+    assert [b - a for a, b in zip(before, after, strict=True)] == [110, 20, pytest.approx(0.0133)]

@@ -9,11 +9,12 @@ from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
+from django.db.models import Sum
 from prometheus_client import REGISTRY
 
 from observability import influx
 from observability.influx import InfluxWriter, attempt_point
-from orchestration.models import TaskAttempt, Workflow
+from orchestration.models import Agent, TaskAttempt, Workflow
 from orchestration.services.workflows import workflow_submit
 from tests.engine import wait_for
 from tests.fakes.servers import InfluxDBServer, parse_line_protocol
@@ -307,7 +308,7 @@ def test_reaped_attempts_are_written_with_what_they_spent(server, settings):
         cost_usd=Decimal("0.0125"),
     )
     try:
-        attempts_reaped(attempt_ids=[lost.pk])
+        attempts_reaped(attempts=[lost])
         wait_for(lambda: len(server.points) == 1, timeout=10, what="the reaped attempt's point")
     finally:
         influx.writer_close()
@@ -361,3 +362,50 @@ def test_points_still_waiting_for_a_retry_at_close_are_counted_as_dropped(dead_p
     assert writer.pending == 0
     time.sleep(3)  # the client's retries, still running in its thread, end: nothing counted twice
     assert dropped("write_failed") == before + 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_charge_that_arrives_after_its_attempt_was_closed_is_in_its_point(engine, server, tmp_path):
+    """A try presumed lost when its message was redelivered (its worker could not say it still
+    ran it) finishes later: what it reported spending is added to its lost attempt. The points
+    InfluxDB keeps then add up to the attempts' tokens and cost, as the database's totals do."""
+    Agent.objects.create(
+        id="held", name="Held", executor=Agent.Executor.PYTHON, entrypoint="tests.orchestration.edge_agents.held"
+    )
+    release = tmp_path / "release"
+    worker = engine(
+        concurrency=2, env=influx_env(server.url, CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS="false")
+    )
+    workflow, _ = workflow_submit(
+        spec={
+            "name": "late",
+            "tasks": [{"name": "t", "agent": "held", "input": {"release": str(release)}, "max_retries": 1}],
+        }
+    )
+    first = wait_for(
+        lambda: TaskAttempt.objects.filter(execution__workflow=workflow, status=TaskAttempt.Status.RUNNING).first(),
+        what="the first try to run",
+    )
+    # Recorded before worker processes were: the redelivered message cannot ask whether it still runs.
+    unknown = {"worker_pid": None, "worker_started_at": None, "pool_pid": None}
+    assert TaskAttempt.objects.filter(pk=first.pk).update(**unknown) == 1
+    assert worker.broker_connections_cut()
+    run_to_completion(workflow, timeout=60)
+    release.touch()
+    ended = f"orchestration.run_task[{first.celery_task_id}] succeeded"
+    wait_for(lambda: worker.log().count(ended) == 2, timeout=30, what="the first try to end")
+
+    attempts = TaskAttempt.objects.filter(execution__workflow=workflow)
+    assert sorted(attempts.values_list("status", "tokens_used")) == [("lost", 120), ("succeeded", 120)]
+    paid = attempts.aggregate(input=Sum("input_tokens"), output=Sum("output_tokens"), cost=Sum("cost_usd"))
+    assert (paid["input"], paid["output"], paid["cost"]) == (200, 40, Decimal("0.0246"))
+
+    def kept() -> tuple[int, int, float]:
+        fields = [f for (measurement, _, _), f in server.stored.items() if measurement == "task_attempt"]
+        return (
+            sum(f["input_tokens"] for f in fields),
+            sum(f["output_tokens"] for f in fields),
+            round(sum(f["cost_usd"] for f in fields), 6),
+        )
+
+    wait_for(lambda: kept() == (200, 40, 0.0246), timeout=10, what="the points to add up to the attempts' spend")
