@@ -20,6 +20,13 @@ The outcome is not applied: the task and its workflow went on without it (a late
 have completed the task). Its output stays out of the record (the stream carries events to
 consumers that never see task outputs).
 
+`workflow_changed`, `task_changed` and `api_key_changed` record an edit on the console's change
+page (only there: the API edits none of these fields): under `changes`, each field changed with
+its value before and after (`old`, `new`; a date-time as ISO 8601, a decimal as its text), and
+who made it (`by`, `via`). An API key's event names it as its other events do (prefix, name,
+owner, permissions, expiry), never its secret: extending a key's expiry hands its owner's
+rights out again, as minting one does.
+
 `agent_started` is written when an agent brings another into its attempt (hand-off, review,
 collaboration), as that agent begins; the attempt's own agent beginning is `task_started`.
 
@@ -39,6 +46,7 @@ class EventType(models.TextChoices):
     WORKFLOW_FAILED = "workflow_failed", "workflow failed (a task failed for good, or the deadline passed)"
     WORKFLOW_CANCELLED = "workflow_cancelled", "workflow cancelled by a user"
     WORKFLOW_RESUMED = "workflow_resumed", "failed workflow resumed from its failed tasks"
+    WORKFLOW_CHANGED = "workflow_changed", "a workflow's name, description, type, priority or deadline was edited"
     # Task (task_executions) and attempt (task_attempts) lifecycle
     TASK_QUEUED = "task_queued", "task sent to a Celery queue"
     TASK_STARTED = "task_started", "an attempt of the task started on a worker"
@@ -49,6 +57,7 @@ class EventType(models.TextChoices):
     TASK_CANCELLED = "task_cancelled", "task cancelled"
     TASK_LOST = "task_lost", "an attempt was closed as lost (its worker or pool process gone, its message redelivered)"
     TASK_ENDED_LATE = "task_ended_late", "a try ended after its attempt had been closed without it (not applied)"
+    TASK_CHANGED = "task_changed", "a task's description, priority, retries or timeout was edited"
     # Agents, tools, conversations, interactions
     AGENT_STARTED = "agent_started", "an agent began working on a task or message"
     AGENT_REGISTERED = "agent_registered", "an agent definition was loaded or changed"
@@ -58,6 +67,7 @@ class EventType(models.TextChoices):
     # Access
     API_KEY_CREATED = "api_key_created", "an API key was created (or made by rotating another)"
     API_KEY_REVOKED = "api_key_revoked", "an API key was revoked (or rotated out)"
+    API_KEY_CHANGED = "api_key_changed", "an API key's name or expiry was edited"
     # Training data
     EXPORT_COMPLETED = "export_completed", "a training-data export finished"
     EXPORT_FAILED = "export_failed", "a training-data export failed"

@@ -36,10 +36,17 @@ from orchestration.admin.base import (
 )
 from orchestration.api.redis_store import store
 from orchestration.errors import SpecError
+from orchestration.event_types import EventType
 from orchestration.models import ApiKey
 from orchestration.selectors import user_spend
-from orchestration.services.access import KNOWN_PERMISSIONS, api_key_create, api_key_revoke, api_key_rotate
-from orchestration.services.events import actor_of
+from orchestration.services.access import (
+    KNOWN_PERMISSIONS,
+    api_key_create,
+    api_key_event,
+    api_key_revoke,
+    api_key_rotate,
+)
+from orchestration.services.events import Actor, actor_of
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +165,7 @@ class ApiKeyAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixi
     the model's add form stays off because it would ask for a prefix and hash."""
 
     form = ApiKeyAdminForm
+    change_event = EventType.API_KEY_CHANGED
     unfilterable_fields = ("secret_hash",)
     list_display = ("prefix", "name", "owner", "is_active", "last_used_at", "expires_at", "revoked_at", "created_at")
     list_display_links = ("prefix", "name")
@@ -193,6 +201,9 @@ class ApiKeyAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixi
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+    def change_record(self, obj: ApiKey, changes: dict[str, dict[str, Any]], actor: Actor) -> None:
+        api_key_event(obj, EventType.API_KEY_CHANGED, actor, changes=changes)
 
     def has_change_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
         """A key's expiry is how long it acts as its owner: extending it, or bringing an expired

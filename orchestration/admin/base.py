@@ -23,7 +23,9 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
+from orchestration.event_types import EventType
 from orchestration.models import Event
+from orchestration.services.events import Actor, actor_of, json_value
 
 EMPTY = "-"
 
@@ -238,13 +240,32 @@ class MaskedLookupsMixin:
 class ChangedFieldsOnlyMixin:
     """A change form writes only the fields it changed. A plain save writes every column as it
     was read when the form was posted, so whatever the engine (counters, status, usage) or
-    another operator (a revocation) wrote in between would be undone."""
+    another operator (a revocation) wrote in between would be undone.
+
+    An admin whose `change_event` names an event type appends one for each edit, in the change
+    view's transaction: who made it and each field changed, its value before (read under the
+    row's lock) and after. Django's own log of it (django_admin_log) is no part of the audit
+    log, which the API and the event stream read."""
+
+    change_event: EventType | None = None
 
     def save_model(self, request: HttpRequest, obj: models.Model, form: Any, change: bool) -> None:
-        if change:
-            obj.save(update_fields=form.changed_data)
-        else:
+        if not change:
             super().save_model(request, obj, form, change)  # type: ignore[misc]
+            return
+        fields = form.changed_data
+        if self.change_event is None or not fields:
+            obj.save(update_fields=fields)
+            return
+        rows = type(obj)._default_manager.select_for_update().filter(pk=obj.pk)
+        before = rows.values(*fields).get()
+        obj.save(update_fields=fields)
+        changes = {name: {"old": json_value(before[name]), "new": json_value(getattr(obj, name))} for name in fields}
+        self.change_record(obj, changes, actor_of(request.user, "console"))
+
+    def change_record(self, obj: models.Model, changes: dict[str, dict[str, Any]], actor: Actor) -> None:
+        """Appends `self.change_event` for `obj` with `changes` and `actor`."""
+        raise NotImplementedError
 
 
 class NoAddChangeMixin:

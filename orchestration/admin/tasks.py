@@ -26,8 +26,9 @@ from orchestration.admin.operations import Operation, OperationsMixin, console_a
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, LargeTableAdmin
 from orchestration.admin.workflows import WORKFLOW_DOCUMENTS
 from orchestration.errors import TransitionError
-from orchestration.event_types import EntityType
+from orchestration.event_types import EntityType, EventType
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.services.events import Actor, task_event
 from orchestration.services.workflows import (
     RETRIABLE_TASK,
     TASK_DISPATCH_FIELDS,
@@ -141,6 +142,7 @@ class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmi
 
     operations = TASK_OPERATIONS
     form = TaskExecutionAdminForm
+    change_event = EventType.TASK_CHANGED
 
     list_display = (
         "execution_id",
@@ -261,6 +263,9 @@ class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmi
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[TaskExecution]:
         return super().get_queryset(request).select_related("workflow", "agent", "parent_task")
+
+    def change_record(self, obj: TaskExecution, changes: dict[str, dict[str, Any]], actor: Actor) -> None:
+        task_event(obj, EventType.TASK_CHANGED, payload={"changes": changes, **actor})
 
     @admin.display(description="workflow", ordering="workflow__name")
     def workflow_link(self, obj: TaskExecution) -> SafeString | str:

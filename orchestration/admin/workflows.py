@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from django import forms
 from django.contrib import admin
@@ -21,7 +22,9 @@ from orchestration.admin.base import (
 from orchestration.admin.operations import Operation, OperationsMixin, console_actor, console_reason
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, IndexedValuesFieldListFilter, LargeTableAdmin
 from orchestration.db import database_now
+from orchestration.event_types import EventType
 from orchestration.models import AgentInteraction, Event, TaskExecution, Workflow
+from orchestration.services.events import Actor, workflow_event
 from orchestration.services.workflows import (
     CANCELLABLE_WORKFLOW,
     RESUMABLE_WORKFLOW,
@@ -127,6 +130,7 @@ class WorkflowAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
 
     operations = WORKFLOW_OPERATIONS
     form = WorkflowAdminForm
+    change_event = EventType.WORKFLOW_CHANGED
 
     list_display = (
         "workflow_id",
@@ -257,6 +261,9 @@ class WorkflowAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Workflow | None = None) -> bool:
         return False
+
+    def change_record(self, obj: Workflow, changes: dict[str, dict[str, Any]], actor: Actor) -> None:
+        workflow_event(obj, EventType.WORKFLOW_CHANGED, payload={"changes": changes, **actor})
 
     @admin.display(description="steps done/total (failed)")
     def progress(self, obj: Workflow) -> str:

@@ -142,7 +142,7 @@ def api_key_create(
                     permissions=sorted(set(permissions or [])),
                     expires_at=expires_at,
                 )
-                _key_event(
+                api_key_event(
                     api_key,
                     EventType.API_KEY_CREATED,
                     actor,
@@ -187,7 +187,7 @@ def api_key_revoke(
     ApiKey.objects.filter(pk__in=[key.pk for key in revoked]).update(revoked_at=now)
     for api_key in revoked:
         extra = {"rotated_to": rotated_to.prefix} if rotated_to else {}
-        _key_event(api_key, EventType.API_KEY_REVOKED, actor, **extra)
+        api_key_event(api_key, EventType.API_KEY_REVOKED, actor, **extra)
     return [key.pk for key in revoked]
 
 
@@ -215,7 +215,7 @@ def api_key_rotate(*, api_key_id: int, now: dt.datetime, actor: Actor | None = N
     return created
 
 
-def _key_event(api_key: ApiKey, event_type: EventType, actor: Actor | None, **extra: Any) -> None:
+def api_key_event(api_key: ApiKey, event_type: EventType, actor: Actor | None, **extra: Any) -> None:
     event_record(
         event_type=event_type,
         entity_type=EntityType.API_KEY,

@@ -45,7 +45,7 @@ WORKFLOW_STATE_FIELDS = (
 )
 
 
-def _state_value(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     """A column value as JSON: a datetime as ISO 8601 (UTC from the database), a decimal as its
     exact text; read back with `state_value`."""
     if isinstance(value, dt.datetime):
@@ -78,7 +78,7 @@ def entity_states(model: type[models.Model], pks: Iterable[str], fields: tuple[s
     its writes (some columns are kept by triggers or F() updates, not on the instance)."""
     pk = model._meta.pk.name
     return {
-        row[pk]: {name: _state_value(row[name]) for name in fields}
+        row[pk]: {name: json_value(row[name]) for name in fields}
         for row in model.objects.filter(pk__in=list(pks)).values(pk, *fields)
     }
 

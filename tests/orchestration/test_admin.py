@@ -1050,6 +1050,48 @@ def test_agent_changes_in_the_console_are_recorded_as_events(su_client: Client, 
     assert changes() == [("created", name), ("updated", name), ("deactivated", name)]
 
 
+def test_workflow_task_and_key_edits_in_the_console_are_recorded_as_events(su_client: Client, superuser: Any) -> None:
+    """These edits were recorded only in django_admin_log, which neither the API nor the event
+    stream reads: extending a key's expiry hands out its owner's rights again unrecorded. Each
+    appends an event naming who and each field changed, old and new (never the key's secret)."""
+    workflow = WorkflowFactory(name="before")
+    task = TaskExecutionFactory(workflow=workflow, status=TaskExecution.Status.FAILED)
+    key = ApiKeyFactory(name="ci", expires_at=timezone.now() - dt.timedelta(days=1))
+    url = _url(Workflow, "change", workflow.pk)
+    data = {
+        **_management_data(su_client.get(url)),
+        "name": "after",
+        "description": "",
+        "workflow_type": workflow.workflow_type,
+    }
+    assert su_client.post(url, {**data, "priority": "normal"}).status_code == 302
+    url = _url(TaskExecution, "change", task.pk)
+    data = {**_management_data(su_client.get(url)), "description": "", "priority": "normal", "timeout_seconds": "300"}
+    assert su_client.post(url, {**data, "max_retries": "5"}).status_code == 302
+    url = _url(ApiKey, "change", key.pk)
+    assert (
+        su_client.post(url, {"name": "ci", "expires_at_0": "2099-01-01", "expires_at_1": "00:00:00"}).status_code == 302
+    )
+
+    by = {"by": superuser.username, "via": "console"}
+    edits = {event.event_type: event for event in Event.objects.filter(event_type__endswith="_changed")}
+    assert set(edits) == {"workflow_changed", "task_changed", "api_key_changed"}
+    assert edits["workflow_changed"].entity_id == edits["workflow_changed"].workflow_id == workflow.pk
+    assert edits["workflow_changed"].payload == {"changes": {"name": {"old": "before", "new": "after"}}, **by}
+    assert (edits["task_changed"].entity_id, edits["task_changed"].workflow_id) == (task.pk, workflow.pk)
+    assert edits["task_changed"].payload["changes"] == {"max_retries": {"old": 3, "new": 5}}
+    assert edits["task_changed"].payload["by"] == superuser.username
+    payload = edits["api_key_changed"].payload
+    assert (edits["api_key_changed"].entity_id, payload["prefix"], payload["by"]) == (
+        str(key.pk),
+        key.prefix,
+        superuser.username,
+    )
+    assert payload["changes"]["expires_at"]["old"] == key.expires_at.isoformat()
+    assert payload["changes"]["expires_at"]["new"].startswith("2099-01-01")
+    assert key.secret_hash not in json.dumps(payload)
+
+
 def _racing_save(monkeypatch: pytest.MonkeyPatch, model_admin: Any, meanwhile: Callable[[], Any]) -> None:
     """Runs `meanwhile` between the change view reading the row and saving it, as a concurrent
     write committed in that moment would."""
