@@ -17,8 +17,10 @@ from typing import Any
 from django.contrib import admin
 from django.core.paginator import Paginator
 from django.db import connections, models
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
+from django.db.models.constants import LOOKUP_SEP
 from django.http import HttpRequest
+from django.utils.text import smart_split, unescape_string_literal
 
 from orchestration.admin.base import CheckedChangeList, MaskedLookupsMixin
 
@@ -66,6 +68,12 @@ class LargeTableAdmin(MaskedLookupsMixin, admin.ModelAdmin):
     # `=` search fields whose values a client chooses (an idempotency key): one may be another
     # row's name, so a row found by it does not end the search as a generated id does.
     client_chosen_ids: tuple[str, ...] = ()
+    # `=` search fields holding ids the platform writes lower-case (the UUIDs it generates,
+    # Celery's message ids): a term is matched to them as typed and lower-cased, each by the
+    # column's index, never by Django's UPPER(column), and through a to-many relation by a
+    # subquery, not by a join the list must read DISTINCT. Any other `=` field keeps Django's
+    # case-insensitive match (a client's own string may differ in case from what is pasted).
+    lower_case_ids: tuple[str, ...] = ()
     # Columns (of the row, or `relation__column` of a joined row) the list does not show.
     list_deferred: tuple[str, ...] = ()
 
@@ -85,12 +93,58 @@ class LargeTableAdmin(MaskedLookupsMixin, admin.ModelAdmin):
             if name.startswith("=") and name[1:] not in self.client_chosen_ids
         ]
         if term and ids:
-            pks: set[Any] = set()
-            for name in ids:
-                pks.update(queryset.filter(**{name: term}).values_list("pk", flat=True)[: ADMIN_COUNT_LIMIT + 1])
+            pks = self._found_by_id(queryset, ids, term)
             if pks:
                 return queryset.filter(pk__in=pks), False
-        return super().get_search_results(request, queryset, search_term)
+        if not self.lower_case_ids:
+            return super().get_search_results(request, queryset, search_term)
+        return queryset.filter(self._words_match(request, queryset, search_term)), False
+
+    def _found_by_id(self, queryset: QuerySet, ids: list[str], value: str) -> set[Any]:
+        """The rows (at most ADMIN_COUNT_LIMIT + 1 per column) whose id columns hold `value`,
+        each column probed on its own (an OR across joined tables is no index condition)."""
+        pks: set[Any] = set()
+        for name in ids:
+            values = {value, value.lower()} if name in self.lower_case_ids else {value}
+            matching = queryset.filter(**{f"{name}__in": sorted(values)})
+            pks.update(matching.values_list("pk", flat=True)[: ADMIN_COUNT_LIMIT + 1])
+        return pks
+
+    def _words_match(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> Q:
+        """Django's search (each word of the term in one of the search fields, a quoted phrase
+        as one word), with the `lower_case_ids` looked up first by their indexes and the rows
+        found named by their primary keys: a word in no row then costs one read of the table
+        for the substring fields. Left in the statement (as an IN subquery, or an OR-ed
+        UPPER(id) that Django writes), they turned the planner to the list's date index, read
+        backwards to its end for the first rows that match: 1.1 s of a page at 900 000 tasks."""
+        words = [
+            unescape_string_literal(bit) if bit.startswith(('"', "'")) and bit[0] == bit[-1] else bit
+            for bit in smart_split(search_term)
+        ]
+        condition = Q()
+        for word in words:
+            either = Q()
+            for name in self.get_search_fields(request):
+                path = name.lstrip("^=@")
+                if name.startswith("=") and path in self.lower_case_ids:
+                    continue
+                either |= self._substring_match(name, path, word)
+            pks = self._found_by_id(queryset, list(self.lower_case_ids), word)
+            condition &= either | Q(pk__in=pks) if pks else either
+        return condition
+
+    def _substring_match(self, name: str, path: str, word: str) -> Q:
+        lookup = {"^": "istartswith", "=": "iexact", "@": "search"}.get(name[0], "icontains")
+        relation, _, column = path.partition(LOOKUP_SEP)
+        if not column:
+            return Q(**{f"{path}__{lookup}": word})
+        # A joined row's column (the workflow's name) is matched in its own table first: across
+        # the join, every row of the list was joined to its workflow to compare it (1.2 s of a
+        # count's 1.6 s at 900 000 tasks). A few rows found are named; more, by a subquery.
+        related = self.opts.get_field(relation).related_model._default_manager
+        matching = related.filter(**{f"{column}__{lookup}": word}).values_list("pk", flat=True)
+        found = list(matching[: FILTER_VALUES_LIMIT + 1])
+        return Q(**{f"{relation}__in": found if len(found) <= FILTER_VALUES_LIMIT else matching})
 
 
 def distinct_indexed_values(
