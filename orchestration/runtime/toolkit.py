@@ -23,6 +23,8 @@ from typing import Any
 import regex
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError, ValidationError
+from referencing import Registry
+from referencing.exceptions import Unresolvable
 
 from orchestration.errors import ToolError
 from orchestration.runtime.tools import tool
@@ -525,9 +527,17 @@ def json_validate(document: Any, schema: dict[str, Any] | bool) -> dict[str, Any
         where = "/".join(map(str, exc.absolute_path)) or "(root)"
         raise ToolError(f"json_validate: the schema is invalid at {where}: {exc.message}") from None
     try:
-        found = list(SchemaValidator(schema).iter_errors(document))
+        # An empty registry: a $ref resolves within the schema (and the drafts' meta-schemas)
+        # only. jsonschema's default fetches any other URL a $ref names with urllib, which a
+        # model's schema would have the worker do past the URL policy (a metadata service, a
+        # loopback port, a file:// path), through the proxy variables and with no timeout.
+        found = list(SchemaValidator(schema, registry=Registry()).iter_errors(document))
     except RecursionError:
         raise ToolError("json_validate: the document or schema is nested too deeply") from None
+    except Unresolvable as exc:
+        raise ToolError(
+            f"json_validate: the schema's $ref {exc.ref!r} is not in the schema (no URL is fetched)"
+        ) from None
     errors = [
         {"path": "/" + "/".join(map(str, e.absolute_path)), "message": e.message, "keyword": e.validator} for e in found
     ]

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
@@ -21,7 +22,7 @@ from orchestration.runtime.context import TaskContext
 from orchestration.runtime.executors import agent_execute
 from orchestration.services.workflows import workflow_submit
 from tests.engine import wait_for
-from tests.fakes.servers import AnthropicServer, OpenAIServer, Reply
+from tests.fakes.servers import AnthropicServer, FakeServer, OpenAIServer, Recorded, Reply
 
 KEY = "sk-test-" + "k3y" * 6
 
@@ -272,6 +273,30 @@ def test_a_refused_tool_call_is_told_to_the_model_which_can_recover(local_net, o
     assert told == {"error": "tool 'calculator': invalid arguments: expression: 6 is not of type 'string'"}
     assert result.output["tool_rounds"] == 1
     assert Event.objects.get(event_type=EventType.TOOL_EXECUTED).payload["error"] == told["error"]
+
+
+class MetadataService(FakeServer):
+    """A cloud metadata service's credentials answer, to any request."""
+
+    def answer(self, request: Recorded) -> tuple[int, Any]:
+        return 200, {"AccessKeyId": "AKIAEXAMPLE", "SecretAccessKey": "s3cr3t"}
+
+
+@pytest.mark.django_db
+def test_a_schema_given_to_json_validate_fetches_nothing(local_net, openai):
+    # The schema is the model's: a $ref to a URL would have the worker fetch it (jsonschema's
+    # default), past the URL policy, with no timeout. Here the "metadata service" is on an
+    # address the policy does not allow (only 127.0.0.1 is).
+    with MetadataService(host="127.0.0.2") as metadata:
+        ref = f"{metadata.url}/latest/meta-data/iam/security-credentials/role"
+        openai.tool_call = {"document": {"a": 1}, "schema": {"$ref": ref}}
+        agent = tool_agent(openai.base_url)
+        agent.config = {"tools": ["json_validate"]}
+        result, _ = run(agent, {"prompt": "validate"})
+    assert metadata.requests == []
+    told = json.loads(openai.requests[1].body["messages"][-1]["content"])
+    assert told == {"error": f"json_validate: the schema's $ref {ref!r} is not in the schema (no URL is fetched)"}
+    assert result.output["tool_rounds"] == 1
 
 
 @pytest.mark.django_db

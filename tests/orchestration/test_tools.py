@@ -249,6 +249,13 @@ def test_json_validate_refuses_an_invalid_schema():
         toolkit.json_validate({}, {"properties": {"x": {"type": "number-ish"}}})
 
 
+def test_json_validate_resolves_references_within_the_schema_only():
+    schema = {"$defs": {"n": {"type": "integer"}}, "properties": {"n": {"$ref": "#/$defs/n"}}}
+    assert toolkit.json_validate({"n": "x"}, schema)["errors"][0]["message"] == "'x' is not of type 'integer'"
+    with pytest.raises(ToolError, match=r"the schema's \$ref 'file:///etc/hostname' is not in the schema"):
+        toolkit.json_validate({}, {"$ref": "file:///etc/hostname"})
+
+
 # --- registry and ToolBox -------------------------------------------------------------------
 
 
