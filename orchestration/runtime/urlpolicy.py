@@ -3,10 +3,10 @@
 A URL taken from an agent definition is checked before any byte is sent: http or https
 only, no credentials in it, the host in AGENT_HTTP_ALLOWED_HOSTS when that list is set, and
 every address the host resolves to globally routable (no loopback, private, link-local such
-as the 169.254.169.254 metadata service, multicast, reserved or unspecified address, IPv4
-or IPv6, IPv4-mapped included) unless AGENT_HTTP_ALLOW_PRIVATE is true. The caller then
-connects to one of the checked addresses itself (see http_agent.post_json), so a second DNS
-answer cannot swap in another address between the check and the connection.
+as the 169.254.169.254 metadata service, site-local, multicast, reserved or unspecified
+address, IPv4 or IPv6, IPv4-mapped included) unless AGENT_HTTP_ALLOW_PRIVATE is true. The
+caller then connects to one of the checked addresses itself (see http_agent.post_json), so a
+second DNS answer cannot swap in another address between the check and the connection.
 
 `url_check` is the one place these rules live: the runtime calls it before each request,
 and load_agents, the API and the console call it with `resolve=False` to refuse an agent
@@ -50,6 +50,10 @@ def address_refusal(ip: IPAddress) -> str | None:
             return f"IPv4-mapped {reason}" if reason else None
         if ip.sixtofour is not None and (reason := address_refusal(ip.sixtofour)):
             return f"6to4 {reason}"
+        if ip.is_site_local:
+            # fec0::/10, IPv6's first private range: deprecated, still routed by networks that
+            # use it, and neither private nor reserved to the ipaddress module.
+            return "site-local address"
     checks = (
         ("is_unspecified", "unspecified address"),
         ("is_loopback", "loopback address"),
@@ -100,7 +104,11 @@ def url_check(url: str, *, always_allowed_hosts: Iterable[str] = (), resolve: bo
             "agent URL refused: credentials in a URL are not allowed (they would be logged; "
             "an LLM agent names the variable holding its key in api_key_env)"
         )
-    hostname = parsed.host.rstrip(".").lower()
+    # The host as it is sent (Host header, TLS SNI) and looked up: an internationalized name
+    # in its xn-- form. httpx's `host` decodes it, and the resolver would encode that again by
+    # IDNA 2003, which maps some names onto other domains (faß.de onto fass.de): the request,
+    # and an API key with it, would go to that other domain's address.
+    hostname = parsed.raw_host.decode("ascii").rstrip(".").lower()
     if not hostname:
         raise PermanentError(f"agent URL {url!r} refused: it has no host")
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
@@ -117,7 +125,7 @@ def url_check(url: str, *, always_allowed_hosts: Iterable[str] = (), resolve: bo
             if address is not None:
                 _address_check(url, hostname, [str(address)], literal=True)
         return Target(url=parsed, hostname=hostname, addresses=())
-    allowed = {h.rstrip(".").lower() for h in settings.AGENT_HTTP_ALLOWED_HOSTS}
+    allowed = {_ascii_host(h) for h in settings.AGENT_HTTP_ALLOWED_HOSTS}
     if allowed and hostname not in allowed and hostname not in {h.lower() for h in always_allowed_hosts}:
         raise PermanentError(f"agent URL {url!r} refused: host {hostname!r} is not in AGENT_HTTP_ALLOWED_HOSTS")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
@@ -133,6 +141,18 @@ def url_check(url: str, *, always_allowed_hosts: Iterable[str] = (), resolve: bo
         raise PermanentError(f"agent URL {url!r} refused: host {hostname!r} has no address")
     _address_check(url, hostname, addresses, literal=False)
     return Target(url=parsed, hostname=hostname, addresses=tuple(addresses))
+
+
+def _ascii_host(host: str) -> str:
+    """An allow-list entry as a URL's host compares with it: lower case, no trailing dot, an
+    internationalized name in its xn-- form (encoded as httpx encodes a URL's)."""
+    import httpx  # here, not at module level: see url_check
+
+    host = host.rstrip(".").lower()
+    try:
+        return httpx.URL(scheme="http", host=host).raw_host.decode("ascii")
+    except httpx.InvalidURL:  # no URL's host is this entry: it matches none
+        return host
 
 
 def _address_check(url: str, hostname: str, addresses: list[str], *, literal: bool) -> None:

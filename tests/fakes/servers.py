@@ -1,9 +1,9 @@
 """Local HTTP servers that speak the protocols of what lies outside the project: a seed 004
 agent service, an OpenAI-compatible chat-completions API and the Anthropic messages API.
 
-Each listens on 127.0.0.1 (or the `host` given, such as ::1) on an ephemeral port in a thread,
-checks the requests it gets the way the real service would (path, headers, body), records
-them, and answers with real-shaped bodies. `script(...)` queues answers for the next
+Each listens on 127.0.0.1 (or the `host` given, such as ::1) on an ephemeral port (or the
+`port` given) in a thread, checks the requests it gets the way the real service would (path,
+headers, body), records them, and answers with real-shaped bodies. `script(...)` queues answers for the next
 requests (failures, delays, Retry-After); once the queue is empty the server answers normally.
 """
 
@@ -44,7 +44,7 @@ class Recorded:
 class FakeServer:
     """Base: a threaded server, a script of answers, a record of requests."""
 
-    def __init__(self, *, host: str = "127.0.0.1") -> None:
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
         self.requests: list[Recorded] = []
         self._script: deque[Reply] = deque()
@@ -66,7 +66,7 @@ class FakeServer:
         server_class = ThreadingHTTPServer
         if ":" in host:
             server_class = type("IPv6Server", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
-        self._httpd = server_class((host, 0), Handler)
+        self._httpd = server_class((host, port), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
@@ -182,8 +182,9 @@ class OpenAIServer(FakeServer):
         model_suffix: str = "",
         tool_call: dict[str, Any] | None = None,
         host: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
-        super().__init__(host=host)
+        super().__init__(host=host, port=port)
         self.api_key = api_key
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens

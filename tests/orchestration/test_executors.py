@@ -244,6 +244,7 @@ def test_http_agent_answer_over_the_size_cap_is_permanent(local_net, service):
         ("http://[::ffff:127.0.0.1]/run", "IPv4-mapped loopback"),
         ("http://[::ffff:169.254.169.254]/run", "IPv4-mapped link-local"),
         ("http://[fd00::1]/run", "private"),
+        ("http://[fec0::1]/run", "site-local"),
         ("http://0.0.0.0/run", "unspecified"),
         ("http://224.0.0.1/run", "multicast"),
         ("http://240.0.0.1/run", "reserved"),
@@ -600,6 +601,36 @@ def test_a_key_goes_to_the_providers_host_however_its_url_is_spelt(monkeypatch, 
             agent=llm_agent("https://evil.example\\@llm.example/v1"), task_input={"prompt": "x"}, context=ctx()
         )
     assert len(sent) == 1
+
+
+def test_an_internationalized_host_is_looked_up_as_it_is_sent(local_net, monkeypatch):
+    """faß.de (xn--fa-hia.de) and fass.de are two domains, which IDNA 2003, the socket
+    module's encoding of a name given as text, takes for one: the host is looked up in its
+    xn-- form, as the Host header and TLS name carry it, and the key goes to its address."""
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
+    with OpenAIServer(api_key=KEY) as gateway, OpenAIServer(api_key=None, host="127.0.0.2", port=gateway.port) as other:
+        addresses = {"xn--fa-hia.de": "127.0.0.1", "fass.de": "127.0.0.2"}
+        system_lookup = socket.getaddrinfo
+
+        def resolver(host, port, *args, **kwargs):
+            name = host.encode("idna").decode("ascii")  # what the socket module sends the resolver
+            return system_lookup(addresses.get(name, name), port, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", resolver)
+        local_net.AGENT_HTTP_ALLOWED_HOSTS = ["Faß.de"]  # listed as written, or in its xn-- form
+        local_net.AGENT_API_KEY_HOSTS = [f"http://xn--fa-hia.de:{gateway.port}"]
+        url = f"http://xn--fa-hia.de:{gateway.port}/v1"
+        agent_execute(agent=llm_agent(url), task_input={"prompt": "x"}, context=ctx())
+    assert other.requests == []
+    [request] = gateway.requests
+    assert (request.headers["host"], request.headers["authorization"]) == (
+        f"xn--fa-hia.de:{gateway.port}",
+        f"Bearer {KEY}",
+    )
+
+
+def test_a_malformed_xn_label_is_a_name_that_does_not_resolve(settings):
+    assert url_check("http://xn--zz.example/run", resolve=False).hostname == "xn--zz.example"
 
 
 def test_widened_names_still_refuse_the_platform_settings(local_net, openai, monkeypatch):
