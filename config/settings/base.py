@@ -50,7 +50,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "orchestration.api.middleware.StatementCancelledMiddleware",
-    "django_prometheus.middleware.PrometheusAfterMiddleware",
+    "observability.middleware.PrometheusAfterMiddleware",  # django_prometheus', its labels bounded
 ]
 
 ROOT_URLCONF = "config.urls"

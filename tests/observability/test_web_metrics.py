@@ -282,3 +282,18 @@ def test_slow_queries_are_cancelled_by_the_collector_timeout(db, settings):
     families = list(StateCollector({"slow": slow}).collect())
     up = next(f for f in families if f.name == "agentledger_collector_up")
     assert [(s.labels, s.value) for s in up.samples] == [({"collector": "slow"}, 0)]
+
+
+def test_a_request_method_a_client_invents_makes_no_series_of_its_own(client, db, stream_name):
+    """The method is the client's to choose, signed in or not: each one invented would be a
+    latency histogram of its own in every web process's file for good."""
+    methods = [f"INVENTED{uuid.uuid4().hex[:8].upper()}" for _ in range(3)]
+    before = get_metrics(client)
+    for method in methods:
+        client.generic(method, "/healthz")
+    samples = get_metrics(client)
+    labelled = {dict(labels).get("method") for _, labels in samples}
+    assert not labelled & set(methods)
+    name = "django_http_requests_latency_seconds_by_view_method_count"
+    invalid = {"view": "healthz", "method": "<invalid method>"}
+    assert value(samples, name, **invalid) - value(before, name, **invalid) == 3
