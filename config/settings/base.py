@@ -731,5 +731,13 @@ LOGGING = {
     # Django's DEFAULT_LOGGING gives `django` handlers of its own (a console one while DEBUG is
     # on) before this configuration runs: its records would be printed twice, once unformatted
     # and unmasked. Listed without handlers, it keeps its level and reaches only the root's.
-    "loggers": {"django": {"handlers": [], "propagate": True}},
+    # gunicorn's workers inherit its master's plain-text handlers, which print the access log's
+    # request line as the client sent it, query string and its credentials included
+    # (`?api_key=...`); without them its records, like django's, reach the root's handler
+    # (this format, secrets masked) once the application is loaded.
+    "loggers": {
+        "django": {"handlers": [], "propagate": True},
+        "gunicorn.access": {"handlers": [], "propagate": True},
+        "gunicorn.error": {"handlers": [], "propagate": True},
+    },
 }

@@ -417,3 +417,45 @@ def test_a_revoke_logs_no_warning_for_the_result_backend_the_project_does_not_ha
         assert "Failed to mark task" not in text, text
     else:
         assert "Failed to mark task revoke-filter-test as revoked in backend: result backend unreachable" in text
+
+
+@pytest.mark.subprocess
+def test_gunicorn_s_access_lines_are_formatted_and_masked_as_the_application_s(tmp_path):
+    """gunicorn's workers inherit its master's plain-text handlers: the access log printed each
+    request line as the client sent it, query string and credentials included, and not as JSON.
+    gunicorn here as platform/entrypoint.sh runs it."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.engine import ROOT, output_of, wait_for
+    from tests.observability.conftest import free_port
+
+    port = free_port()
+    key = "sk-live-" + "gun1corn" * 3
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "LOG_FORMAT": "json"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "config.wsgi:application", "--bind", f"127.0.0.1:{port}",
+         "--workers", "1", "--worker-class", "gthread", "--threads", "2", "--no-control-socket",
+         "--access-logfile", "-"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+
+        def answered() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz?api_key={key}", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return server.poll() is not None  # exited: its output says why
+
+        wait_for(answered, timeout=30, what="gunicorn to answer")
+    finally:
+        server.terminate()
+    output = output_of(server, timeout=30)
+    assert key not in output
+    access = [json.loads(line) for line in output.splitlines() if '"gunicorn.access"' in line]
+    assert len(access) == 1, output
+    assert access[0]["level"] == "INFO" and "GET /healthz?api_key=*** HTTP/1.1" in access[0]["message"]
