@@ -20,6 +20,7 @@ import redis
 from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.db.models import Max, Min
+from django.utils import timezone
 
 from orchestration.event_types import EventType
 from orchestration.models import Event, TaskExecution, Workflow
@@ -656,3 +657,43 @@ def test_consume_command_names_an_unreachable_stream(synapse, settings):
     settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
     with pytest.raises(CommandError, match="cannot reach the Synapse stream: ConnectionError"):
         consume()
+
+
+def test_a_stream_published_again_does_not_bring_back_the_days_retention_removed(synapse, settings):
+    """Redis restarted empty: the relay publishes again every event PostgreSQL holds, however
+    old. The days RETENTION_DAYS_TRAINING_CSV removed stay removed (their files were written
+    again, the whole history back to the first event kept, until the next night's retention);
+    the days it keeps absorb their entries as duplicates."""
+    from orchestration.services.retention import retention_apply
+    from training_export.services.store import SCHEMAS
+
+    settings.TRAINING_EXPORT_DIR = synapse.data_dir.parent / "exports"
+    now = timezone.now()
+    old_day, recent = now - dt.timedelta(days=40), now - dt.timedelta(minutes=5)
+    old_task = TaskExecutionFactory(status=TaskExecution.Status.COMPLETED)
+    EventFactory(created_at=old_day)
+    EventFactory(
+        event_type=EventType.TASK_COMPLETED,
+        entity_type="task",
+        entity_id=old_task.pk,
+        payload={"state": {"status": "completed"}},
+        created_at=old_day,
+    )
+    kept = EventFactory(created_at=recent)
+    synapse.relay()
+    consume()  # the old day's files were written when it was live
+    settings.RETENTION_DAYS_TRAINING_CSV = 30
+    assert retention_apply().csv_partitions_removed == 2  # the old day's events and tasks files
+    kept_text = synapse.path("events", recent.date()).read_text()
+
+    synapse.client.delete(synapse.stream)  # the stream and its group, lost with Redis's data
+    synapse.relay()
+    output = consume("-v", "2")
+
+    assert not any(synapse.path(data_type, old_day.date()).exists() for data_type in SCHEMAS), (
+        "a day retention removed was written again"
+    )
+    assert synapse.path("events", recent.date()).read_text() == kept_text
+    assert synapse.event_ids("events", recent.date()) == [kept.event_id]
+    assert "entries of days retention removed: 2" in output
+    assert synapse.pending() == 0

@@ -19,6 +19,10 @@ as `state`: the row as of the event, whatever happened to it since. An event of 
 version without `state` whose row no longer shows its ending gets no row (counted as stale):
 the row would describe a later run.
 
+The rows of a day before RETENTION_DAYS_TRAINING_CSV's cutoff are not written: retention removed
+that day's files, and the relay publishes again from the first event PostgreSQL holds when the
+stream is lost (Redis restarted empty). The entry is acknowledged and counted (`expired`).
+
 An entry that cannot become a row (a required field missing, bad JSON, a bad timestamp) goes to
 the dead-letter stream `<stream>:dead` with a `reason` and its `original_id`, in the same MULTI
 as the acknowledgement: it is dead-lettered exactly once and never blocks the group. The
@@ -45,7 +49,9 @@ import redis
 from django.conf import settings
 from django.db import DataError, close_old_connections, models
 from django.db.models.functions import Cast
+from django.utils import timezone
 
+from orchestration.db import database_now
 from orchestration.event_types import EventType
 from orchestration.models import TaskExecution, Workflow
 from orchestration.services.events import state_value
@@ -483,6 +489,32 @@ def _utc_day_of(created_at: str) -> dt.date:
     return dt.datetime.fromisoformat(created_at).date()
 
 
+def _first_day_kept(oldest: dt.date) -> dt.date | None:
+    """The first day whose files retention keeps (RETENTION_DAYS_TRAINING_CSV), when a batch's
+    `oldest` day may be before it; None otherwise. Retention's cutoff is on the database's clock
+    (retention_apply), read only for a batch that holds a day near it: live entries never do,
+    old ones come when the relay publishes again from the first event PostgreSQL holds (Redis
+    restarted empty, the stream deleted) or after a consumer stopped for weeks."""
+    days = settings.RETENTION_DAYS_TRAINING_CSV
+    if not days or oldest > timezone.now().date() - dt.timedelta(days=days - 1):
+        return None
+    return (database_now() - dt.timedelta(days=days)).astimezone(dt.UTC).date()
+
+
+def _drop_days_before(first_kept: dt.date, files: Files, terminal: list[tuple[int, StreamEvent]]) -> int:
+    """Take the rows of days before `first_kept` out of a batch: their files were removed by
+    retention, and writing them again would bring back, until its next run, what it removed
+    (the whole history at once, after the stream was published again). Returns how many
+    entries they were (each entry's rows are of its event's day)."""
+    dropped = 0
+    for data_type, day in [key for key in files if key[1] < first_kept]:
+        rows = files.pop((data_type, day))
+        if data_type == EVENTS:
+            dropped += len(rows.positions)
+    terminal[:] = [(position, event) for position, event in terminal if event.day >= first_kept]
+    return dropped
+
+
 @dataclass
 class BatchResult:
     entries: int = 0
@@ -492,6 +524,7 @@ class BatchResult:
     missing: int = 0  # terminal events whose task or workflow row no longer exists
     stale: int = 0  # terminal events without `state` whose row has started again since
     relay_made: int = 0  # entries whose events and tool rows the relay made (stream_rows)
+    expired: int = 0  # entries of days whose files retention removed: not written again
 
     def add(self, other: BatchResult) -> None:
         self.entries += other.entries
@@ -501,6 +534,7 @@ class BatchResult:
         self.dead += other.dead
         self.missing += other.missing
         self.stale += other.stale
+        self.expired += other.expired
 
     def summary(self) -> str:
         written = " ".join(f"{data_type}={self.written[data_type]}" for data_type in SCHEMAS)
@@ -508,7 +542,8 @@ class BatchResult:
             f"{self.entries} entries; rows written: {written}; duplicates skipped: {self.duplicates}; "
             f"dead-lettered: {self.dead}; rows missing from the database: {self.missing}; "
             f"rows run again since their event (no state recorded): {self.stale}; "
-            f"entries whose rows the relay made: {self.relay_made}"
+            f"entries whose rows the relay made: {self.relay_made}; "
+            f"entries of days retention removed: {self.expired}"
         )
 
 
@@ -641,6 +676,15 @@ class SynapseConsumer:
         if rest:
             dead = self._build_rows(rest, files, terminal)
         result.dead = len(dead)
+        if files and (first_kept := _first_day_kept(min(day for _, day in files))) is not None:
+            result.expired = _drop_days_before(first_kept, files, terminal)
+            if result.expired:
+                logger.info(
+                    "%d entries of days before %s not written: retention removed their files (the stream was "
+                    "published again from older events, or this consumer is that far behind)",
+                    result.expired,
+                    first_kept,
+                )
         terminal.sort(key=itemgetter(0))
         tasks = [event for _, event in terminal if event.event_type in _TASK_TERMINAL]
         workflows = [event for _, event in terminal if event.event_type in _WORKFLOW_TERMINAL]
