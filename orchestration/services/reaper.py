@@ -7,7 +7,9 @@
 - tasks waiting for a worker past the queue timeout are timed out even when no worker takes
   their queue (the claim would time them out, but no claim comes);
 - tasks left queued with no message in the broker (a crash between commit and send), or
-  whose message only a killed worker held (waiting for its countdown), are sent again.
+  whose message only a killed worker held (waiting for its countdown), are sent again;
+- running attempts whose message the broker lost (Redis restarted empty) are closed as soon as
+  their worker says how they ended there, not past their hard limit.
 
 Safe to run concurrently: rows are claimed with SKIP LOCKED and closed with conditional
 updates.
@@ -27,6 +29,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Max, Q
 
+from observability.attempts import attempts_reaped
 from orchestration.db import atomic_with_retry, database_now
 from orchestration.models import TaskAttempt, TaskExecution, Workflow
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, hard_limit_seconds
@@ -66,7 +69,9 @@ class Verdict:
     error_class: str = ""
 
 
-def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) -> Verdict:
+def attempt_verdict(
+    attempt: TaskAttempt, answers: dict[str, list[NodeReport]], *, abandoned: str | None = None
+) -> Verdict:
     """How a running attempt past its hard limit plus grace was abandoned, from what its worker
     node answered (orchestration/workers.py; a node that did not answer is absent):
 
@@ -84,10 +89,12 @@ def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) 
     - otherwise the worker lives on and, as it says or as is presumed when it cannot say (its
       ending forgotten, or the attempt or the worker from before processes were recorded),
       killed the attempt at its hard limit: timed_out (hard_timeout).
+
+    `abandoned`: why the attempt is closed now, for its error (by default: past its limit).
     """
     limit = hard_limit_seconds(attempt.timeout_seconds or 0)
     name = attempt.worker or "?"
-    abandoned = f"attempt abandoned past its {limit} s limit"
+    abandoned = abandoned or f"attempt abandoned past its {limit} s limit"
     reports = answers.get(attempt.worker, []) if attempt.worker else []
     if not reports:
         return Verdict(False, f"worker {name} stopped answering; {abandoned}")
@@ -141,6 +148,21 @@ def attempt_verdict(attempt: TaskAttempt, answers: dict[str, list[NodeReport]]) 
     return presumed
 
 
+# What attempt_verdict and the close read of an attempt.
+_VERDICT_FIELDS = (
+    "id",
+    "attempt_number",
+    "created_at",
+    "started_at",
+    "timeout_seconds",
+    "worker",
+    "worker_pid",
+    "worker_started_at",
+    "pool_pid",
+    "celery_task_id",
+)
+
+
 def _reap_after(attempt: TaskAttempt) -> dt.datetime:
     """When a running attempt is past its hard limit plus the grace, on the database's clock:
     from its row's created_at (the database's time when the claim inserted it), not its started_at
@@ -167,16 +189,7 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
     candidates = [
         a
         for a in TaskAttempt.objects.filter(status=TaskAttempt.Status.RUNNING, created_at__lt=floor).only(
-            "id",
-            "attempt_number",
-            "created_at",
-            "started_at",
-            "timeout_seconds",
-            "worker",
-            "worker_pid",
-            "worker_started_at",
-            "pool_pid",
-            "celery_task_id",
+            *_VERDICT_FIELDS
         )
         if _reap_after(a) < now
     ]
@@ -199,44 +212,49 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
         answers = {}
     for candidate in candidates:
         verdict = attempt_verdict(candidate, answers)
-
-        def reap(attempt_id: int = candidate.pk, verdict: Verdict = verdict) -> TaskAttempt | None:
-            """The attempt, closed; None if it was no longer running."""
-            attempt = (
-                TaskAttempt.objects.select_for_update(skip_locked=True)
-                .filter(pk=attempt_id, status=TaskAttempt.Status.RUNNING)
-                .first()
-            )
-            if attempt is None:
-                return None
-            task = TaskExecution.objects.select_for_update().get(pk=attempt.execution_id)
-            if verdict.hard_timeout:
-                again = attempt_abandon(
-                    task,
-                    attempt,
-                    status=TaskAttempt.Status.TIMED_OUT,
-                    cause=TaskAttempt.Cause.HARD_TIMEOUT,
-                    error=verdict.error,
-                    now=now,
-                )
-            else:
-                again = attempt_abandon(
-                    task,
-                    attempt,
-                    status=TaskAttempt.Status.LOST,
-                    cause=verdict.cause,
-                    error=verdict.error,
-                    now=now,
-                    error_class=verdict.error_class,
-                )
-            return None if again is None else attempt
-
-        if (closed := atomic_with_retry(reap)) is not None:
+        if (closed := _attempt_close(candidate.pk, verdict, now=now)) is not None:
             (result.timed_out if verdict.hard_timeout else result.lost).append(candidate.pk)
             result.closed.append(closed)
     result.workflows_failed = workflows_enforce_deadlines(now=now)
     result.queue_timed_out = queue_timeouts_enforce(now=now)
     return result
+
+
+def _attempt_close(attempt_id: int, verdict: Verdict, *, now: dt.datetime) -> TaskAttempt | None:
+    """Close a running attempt as `verdict` says, retrying or failing its task (attempt_abandon):
+    the attempt as closed; None when it was no longer running."""
+
+    def close() -> TaskAttempt | None:
+        attempt = (
+            TaskAttempt.objects.select_for_update(skip_locked=True)
+            .filter(pk=attempt_id, status=TaskAttempt.Status.RUNNING)
+            .first()
+        )
+        if attempt is None:
+            return None
+        task = TaskExecution.objects.select_for_update().get(pk=attempt.execution_id)
+        if verdict.hard_timeout:
+            again = attempt_abandon(
+                task,
+                attempt,
+                status=TaskAttempt.Status.TIMED_OUT,
+                cause=TaskAttempt.Cause.HARD_TIMEOUT,
+                error=verdict.error,
+                now=now,
+            )
+        else:
+            again = attempt_abandon(
+                task,
+                attempt,
+                status=TaskAttempt.Status.LOST,
+                cause=verdict.cause,
+                error=verdict.error,
+                now=now,
+                error_class=verdict.error_class,
+            )
+        return None if again is None else attempt
+
+    return atomic_with_retry(close)
 
 
 def queue_timeouts_enforce(*, now: dt.datetime) -> list[str]:
@@ -433,6 +451,48 @@ def _sweep_alone() -> Iterator[Callable[[], bool] | None]:
             logger.warning("could not release the dispatch sweep's lock", exc_info=True)
 
 
+def _stopped_attempts_close(celery_task_ids: set[str], *, now: dt.datetime) -> list[int]:
+    """Close now the running attempts whose message the broker no longer has, once their worker
+    says the attempt ended there: Redis restarted empty, and the worker, its connection broken,
+    stopped the attempt (worker_cancel_long_running_tasks_on_connection_loss). No delivery of
+    the message comes back to close the attempt, which the reaper closed only past its hard
+    limit plus the grace (340 s for the default timeout), its task held running, its dependents
+    waiting and its agent's max_concurrency slot taken meanwhile. Only the process that ran the
+    attempt is believed: silence says nothing here (a worker cut off from the broker may still
+    run it), nor does another process answering for the name (two workers given one name would
+    run the task twice at once). One that says the attempt still runs, or cannot say, is left
+    alone: the attempt records its own outcome, or the reaper closes it as before. Returns the
+    ids of the attempts closed."""
+    attempts = list(
+        TaskAttempt.objects.filter(status=TaskAttempt.Status.RUNNING, celery_task_id__in=celery_task_ids).only(
+            *_VERDICT_FIELDS
+        )
+    )
+    answers = workers_ask(
+        {a.worker for a in attempts},
+        {a.celery_task_id for a in attempts if a.worker_started_at is not None},
+    )
+    closed = []
+    for attempt in attempts:
+        ran = (attempt.worker_pid, attempt.worker_started_at)
+        reports = (answers or {}).get(attempt.worker, [])
+        if attempt.worker_started_at is None or not any((r.pid, r.started_at) == ran for r in reports):
+            continue
+        verdict = attempt_verdict(attempt, answers, abandoned="its message is gone from the broker")
+        if verdict.hard_timeout:
+            continue  # running there, or ended in a way the worker cannot tell: not for now
+        if (done := _attempt_close(attempt.pk, verdict, now=now)) is not None:
+            closed.append(done)
+    if closed:
+        attempts_reaped(attempts=closed)
+        logger.warning(
+            "closed %d running attempt(s) whose worker stopped them and whose messages the broker lost: %s",
+            len(closed),
+            [attempt.pk for attempt in closed],
+        )
+    return [attempt.pk for attempt in closed]
+
+
 def queued_sweep(*, now: dt.datetime | None = None) -> list[str]:
     """Send again the tasks left queued past DISPATCH_SWEEP_AFTER_SECONDS whose message is in
     neither a queue nor a live worker's hands: lost between commit and send, or held, waiting
@@ -457,16 +517,35 @@ def _queued_sweep(*, now: dt.datetime | None, renew: Callable[[], bool]) -> list
         .filter(Q(deferred_at__isnull=True) | Q(deferred_at__lt=cutoff))
         .values_list("execution_id", "celery_task_id", "priority")
     )
-    if not stale:
+    # The messages of running attempts: unacknowledged until the attempt has ended (acks_late).
+    running = dict(
+        TaskAttempt.objects.filter(status=TaskAttempt.Status.RUNNING, celery_task_id__isnull=False)
+        .exclude(worker="")
+        .values_list("celery_task_id", "execution__priority")
+    )
+    if running:
+        # Looked for among the unacknowledged first (the messages workers hold): only one
+        # missing there is looked for in the queues too, which a backlog makes long (every
+        # message read and parsed), so that they are read when something is missing, not on
+        # every sweep of a busy broker.
+        found = _broker_message_ids(set(), set(running), renew=renew)
+        if found is None:
+            return []
+        running = {
+            celery_task_id: priority for celery_task_id, priority in running.items() if celery_task_id not in found[1]
+        }
+    if not stale and not running:
         return []
     found = _broker_message_ids(
-        {priority for _, _, priority in stale},
-        {celery_task_id for _, celery_task_id, _ in stale if celery_task_id},
+        {priority for _, _, priority in stale} | set(running.values()),
+        {celery_task_id for _, celery_task_id, _ in stale if celery_task_id} | set(running),
         renew=renew,
     )
     if found is None:
         return []
     present, unacked = found
+    if gone := set(running) - present - set(unacked):
+        _stopped_attempts_close(gone, now=now)
     # A message held until its countdown ends is where it belongs until then. Past its ETA (or
     # without one) a live worker holding it has it reserved, running or about to start: only
     # about those are the workers asked.

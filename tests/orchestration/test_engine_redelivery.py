@@ -4,14 +4,16 @@ running (real workers, their Redis connections closed on the server)."""
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.services.reaper import queued_sweep
 from orchestration.services.workflows import workflow_submit
-from tests.engine import wait_for
+from tests.engine import flush_redis, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -246,3 +248,35 @@ def test_a_message_sent_again_naming_no_running_attempt_asks_its_worker_and_runs
     assert wf.status == Workflow.Status.COMPLETED
     [only] = tries(wf)
     assert (only.pk, only.status, only.cause) == (first.pk, A.SUCCEEDED, None)
+
+
+def test_a_try_its_worker_stopped_when_redis_restarted_empty_is_closed_by_the_next_sweep(engine, held):
+    """Redis restarted empty under a running try (its data dropped, every connection broken):
+    the worker stops the try and its unacknowledged message is gone, so no delivery comes back
+    to close it. The dispatch sweep finds the message neither queued nor unacknowledged, asks
+    the worker and closes the try at once (lost, redelivery), and the next one runs. The reaper
+    closed it only past its hard limit plus the grace (302 s here, 340 s for the default
+    timeout), the task held running, its dependent waiting and its agent's slot taken meanwhile."""
+    worker = engine(concurrency=2)
+    wf = submit(held)
+    first = running_first(wf)
+    flush_redis()
+    assert worker.broker_connections_cut()
+    wait_for(lambda: "cannot be acknowledged after a connection loss" in worker.log(), what="the try to be stopped")
+    started = time.monotonic()
+
+    def closed() -> bool:
+        queued_sweep()
+        return TaskAttempt.objects.get(pk=first.pk).status != A.RUNNING
+
+    wait_for(closed, timeout=30, interval=0.5, what="the stopped try to be closed")
+    assert time.monotonic() - started < 30
+    wf = finished(wf)
+    assert wf.status == Workflow.Status.COMPLETED and wf.completed_steps == 2
+    first, second = tries(wf)
+    assert [(a.attempt_number, a.status, a.cause) for a in (first, second)] == [
+        (1, A.LOST, "redelivery"),
+        (2, A.SUCCEEDED, None),
+    ]
+    assert first.error.endswith("its message is gone from the broker"), first.error
+    assert TaskExecution.objects.get(workflow=wf, task_name="t").retry_count == 1
