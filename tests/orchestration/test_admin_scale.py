@@ -373,3 +373,31 @@ def test_a_task_is_found_by_any_of_its_ids_pasted_in_another_case_or_beside_a_na
     assert response.context["cl"].result_count == 2
     response, _ = _statements(su_client, f"{_url(TaskExecution)}?q={task.workflow.name}")
     assert [row.pk for row in response.context["cl"].result_list] == [task.pk]
+
+
+def test_a_word_in_no_field_finds_no_task_when_the_search_fields_are_all_ids(su_client, monkeypatch):
+    """A word that is no id and that no other search field holds matched every task: the ids'
+    condition, with no row found, was an empty Q() (Django's search lists none)."""
+    monkeypatch.setattr(
+        type(admin.site._registry[TaskExecution]), "search_fields", ("=execution_id", "=attempts__celery_task_id")
+    )
+    TaskAttemptFactory(celery_task_id="c3d2a1b0-celery-message-id")
+    TaskExecutionFactory()
+    response, _ = _statements(su_client, f"{_url(TaskExecution)}?q=nothing")
+    assert response.context["cl"].result_count == 0
+    assert list(response.context["cl"].result_list) == []
+
+
+def test_a_task_found_by_several_of_its_attempts_is_listed_once(su_client, monkeypatch):
+    """A substring field through a to-many relation was matched across a join: a task two of
+    whose attempts matched was listed twice and counted twice, the search having told Django's
+    list there were no duplicates to remove."""
+    task_admin = type(admin.site._registry[TaskExecution])
+    monkeypatch.setattr(task_admin, "search_fields", (*task_admin.search_fields, "attempts__worker"))
+    task = TaskExecutionFactory()
+    TaskAttemptFactory(execution=task, attempt_number=1, worker="celery@host-7")
+    TaskAttemptFactory(execution=task, attempt_number=2, worker="celery@host-7")
+    TaskAttemptFactory(worker="celery@host-8")
+    response, _ = _statements(su_client, f"{_url(TaskExecution)}?q=host-7")
+    assert response.context["cl"].result_count == 1
+    assert [row.pk for row in response.context["cl"].result_list] == [task.pk]
