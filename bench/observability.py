@@ -40,6 +40,8 @@ def _child(mode: str, tasks: int) -> None:
     django.setup()
     from decimal import Decimal
 
+    from django.utils import timezone
+
     from observability import attempts, influx, worker
     from orchestration.runtime.context import Usage
 
@@ -59,6 +61,7 @@ def _child(mode: str, tasks: int) -> None:
 
     usage = Usage(input_tokens=1200, output_tokens=350, cost_usd=Decimal("0.00039"))
     task, attempt = Task(), Attempt()
+    finished_at = timezone.now()
 
     def run(count: int) -> None:
         for _ in range(count):
@@ -71,7 +74,14 @@ def _child(mode: str, tasks: int) -> None:
             attempts.attempt_started(
                 execution_id=attempt.execution_id, workflow_id="wf", agent_id="echo", attempt_number=1
             )
-            attempts.attempt_finished(attempt=attempt, agent_id="echo", workflow_id="wf", duration_ms=3.2, usage=usage)
+            attempts.attempt_finished(
+                attempt=attempt,
+                agent_id="echo",
+                workflow_id="wf",
+                duration_ms=3.2,
+                finished_at=finished_at,
+                usage=usage,
+            )
             worker.task_ended()
 
     run(200)  # warm-up: imports, the secret list, first label children

@@ -31,6 +31,7 @@ def attempt_finished(
     agent_id: str,
     workflow_id: str | None,
     duration_ms: float,
+    finished_at: dt.datetime,
     usage: Any = None,
     error: BaseException | None = None,
     recorded: bool = True,
@@ -38,7 +39,9 @@ def attempt_finished(
     """The outcome of attempt_succeed / attempt_fail. `recorded` False means the attempt had
     already been closed by someone else, who reported it (attempts_reaped: the reaper, a
     claim, or the cancellation, whose process kill usually stops the attempt before it gets
-    here): nothing more to count."""
+    here): nothing more to count. `finished_at`: the end its record holds; the InfluxDB point
+    is written at it, so that a charge added to a timed-out attempt later (late_usage_recorded,
+    from its row) replaces the point instead of adding a second one."""
     if not recorded:
         return
     with metrics.guarded("attempt_finished"):
@@ -73,7 +76,7 @@ def attempt_finished(
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             cost_usd=cost,
-            at=timezone.now(),
+            at=finished_at,
         )
 
 

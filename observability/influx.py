@@ -12,12 +12,12 @@ Measurement `task_attempt` (one point per finished attempt):
           soft_timeout, hard_timeout, worker_lost, ...)
   fields  duration_ms (float), input_tokens, output_tokens, attempt (integers), cost_usd (float),
           execution_id, workflow_id (strings: unbounded ids stay out of the tag index)
-  time    when the attempt finished, to the millisecond, written in nanoseconds with the
-          attempt's id (modulo 10**6) added as nanoseconds: InfluxDB keeps one point per
-          series and timestamp, and attempts of one agent closed together (a reaper pass, a
-          cancelled workflow) end at the same instant. An attempt charged after it was closed
-          has its point written again, same time and tags, with its new totals: InfluxDB keeps
-          that one in place of the first.
+  time    when the attempt finished (its row's finished_at), to the millisecond, written in
+          nanoseconds with the attempt's id (modulo 10**6) added as nanoseconds: InfluxDB
+          keeps one point per series and timestamp, and attempts of one agent closed together
+          (a reaper pass, a cancelled workflow) end at the same instant. An attempt charged
+          after it was closed has its point written again, same time and tags, with its new
+          totals: InfluxDB keeps that one in place of the first.
 
 Measurement `agent_rollup` (one point per agent and rolled-up period, written after the
 hourly/daily rollup into agent_metrics):

@@ -991,9 +991,8 @@ def _attempt_run(
         usage = _at_least_metered(claim.attempt.pk, usage + context.spend)
         error = storable_text("timed out" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}")
         also = _turn_writer(context, claim.attempt, output=None, error=error, usage=usage)
-        recorded = _fail_recorded(
-            claim.attempt, exc, duration_ms=duration_ms, now=claim.clock.now(), usage=usage, also=also
-        )
+        now = claim.clock.now()
+        recorded = _fail_recorded(claim.attempt, exc, duration_ms=duration_ms, now=now, usage=usage, also=also)
         if not recorded:
             _refused_outcome_record(
                 claim.attempt,
@@ -1007,6 +1006,7 @@ def _attempt_run(
             agent_id=claim.agent.id,
             workflow_id=claim.context.workflow_id,
             duration_ms=duration_ms,
+            finished_at=now,
             usage=usage,
             error=exc,
             recorded=recorded,
@@ -1057,6 +1057,7 @@ def _attempt_run(
         agent_id=claim.agent.id,
         workflow_id=claim.context.workflow_id,
         duration_ms=duration_ms,
+        finished_at=now,
         usage=result.usage,
         error=failure,
         recorded=recorded,

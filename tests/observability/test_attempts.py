@@ -85,13 +85,22 @@ def test_an_attempt_cancelled_while_it_ran_is_counted_once_by_the_cancellation(d
     assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 700, pytest.approx(0.0125), 1]
     assert sample("agentledger_task_duration_seconds_sum", agent=agent.id, status="cancelled") >= 3
     attempt.refresh_from_db()
-    attempt_finished(attempt=attempt, agent_id=agent.id, workflow_id=None, duration_ms=5.0, recorded=False)
+    attempt_finished(
+        attempt=attempt,
+        agent_id=agent.id,
+        workflow_id=None,
+        duration_ms=5.0,
+        finished_at=attempt.finished_at,
+        recorded=False,
+    )
     assert counted() == after
 
 
 def test_a_hook_that_fails_is_counted_and_never_raises():
     before = sample("agentledger_observability_errors_total", component="attempt_finished")
-    attempt_finished(attempt=object(), agent_id="x", workflow_id=None, duration_ms=1.0)  # no execution_id: breaks
+    attempt_finished(  # no execution_id: breaks
+        attempt=object(), agent_id="x", workflow_id=None, duration_ms=1.0, finished_at=timezone.now()
+    )
     assert sample("agentledger_observability_errors_total", component="attempt_finished") == before + 1
 
 

@@ -409,3 +409,43 @@ def test_a_charge_that_arrives_after_its_attempt_was_closed_is_in_its_point(engi
         )
 
     wait_for(lambda: kept() == (200, 40, 0.0246), timeout=10, what="the points to add up to the attempts' spend")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_charge_after_a_soft_time_out_is_not_a_second_point(engine, server, tmp_path):
+    """A try recorded timed out at its soft limit has its point written as it ends; a call it
+    had left running in a thread of its own is paid later, and added to the attempt as late
+    usage. InfluxDB then keeps one point of that attempt, with its whole spend: the points add
+    up to what the attempts cost, as the database's totals do."""
+    Agent.objects.create(
+        id="late-thread",
+        name="Late thread",
+        executor=Agent.Executor.PYTHON,
+        entrypoint="tests.orchestration.edge_agents.paid_after_its_soft_limit",
+    )
+    release = tmp_path / "release"
+    engine(env=influx_env(server.url))
+    workflow, _ = workflow_submit(
+        spec={
+            "name": "soft",
+            "tasks": [
+                {
+                    "name": "t",
+                    "agent": "late-thread",
+                    "input": {"release": str(release)},
+                    "timeout_seconds": 1,
+                    "max_retries": 0,
+                }
+            ],
+        }
+    )
+    wait_for(lambda: Workflow.objects.get(pk=workflow.pk).is_terminal, timeout=60, what="the workflow to fail")
+    attempt = TaskAttempt.objects.get(execution__workflow=workflow)
+    assert (attempt.status, attempt.cause, attempt.input_tokens) == ("timed_out", "soft_timeout", 10)
+    wait_for(lambda: len(server.points) == 1, timeout=10, what="the timed-out attempt's point")
+    release.touch()
+    wait_for(lambda: len(server.points) == 2, timeout=30, what="the point written with the late charge")
+    assert TaskAttempt.objects.get(pk=attempt.pk).input_tokens == 110
+
+    kept = [f for (measurement, _, _), f in server.stored.items() if measurement == "task_attempt"]
+    assert [(f["input_tokens"], f["output_tokens"], f["cost_usd"]) for f in kept] == [(110, 20, 0.0133)]

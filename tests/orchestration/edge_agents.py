@@ -56,6 +56,28 @@ def held(task_input, context):
     )
 
 
+def paid_after_its_soft_limit(task_input, context):
+    """Pays for a first call at once (metered), leaves a second call to a thread of its own,
+    and runs past its soft time limit: the thread's call, answered once the file
+    `input.release` exists (at most two minutes), is paid after the attempt was recorded
+    timed out."""
+    import os
+    import threading
+    import time
+    from decimal import Decimal
+
+    context.paid(Usage(input_tokens=10, output_tokens=0, cost_usd=Decimal("0.001")))
+
+    def second_call() -> None:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(task_input["release"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        context.paid(Usage(input_tokens=100, output_tokens=20, cost_usd=Decimal("0.0123")))
+
+    threading.Thread(target=second_call, daemon=True).start()
+    time.sleep(120)
+
+
 def cancelled_midway(task_input, context):
     """Pays for a first call at once (metered), then its task is cancelled while it runs (a
     user's cancel landing mid-try); it still pays for a second call and ends as `input.end`
