@@ -239,6 +239,45 @@ def test_create_api_key_command_refuses_an_expiry_out_of_range(db, expires, prob
     assert not ApiKey.objects.exists()
 
 
+@pytest.mark.parametrize(
+    "expires",
+    [
+        "2030-W01-1T00:00Z",  # a week date: Monday 31 December 2029
+        "20300101T000000Z",  # the basic format
+        "2030-01-01T10Z",  # an hour alone
+        "2030-01-01T00:00:00+05:30:15",  # an offset with seconds
+        "\u0663",  # ARABIC-INDIC DIGIT THREE: int() reads it as 3
+        "\uff15",  # FULLWIDTH DIGIT FIVE
+        "\u00b2",  # SUPERSCRIPT TWO: a digit to str.isdigit(), a ValueError to int()
+    ],
+)
+def test_create_api_key_command_reads_only_the_documented_forms_of_expiry(db, expires):
+    """Django's parser, which the command used, reads week dates, the basic format and a bare
+    hour (and str.isdigit() other scripts' digits): each made a key, expiring at a moment the
+    operator may not have meant; a superscript digit was a traceback."""
+    UserFactory(username="ops")
+    with pytest.raises(CommandError) as refused:
+        call_command("create_api_key", "ops", "--name", "x", "--expires", expires, stderr=io.StringIO())
+    assert str(refused.value) == (
+        f"--expires {expires!r}: give a number of days or an ISO 8601 date-time with a time zone, "
+        "YYYY-MM-DDThh:mm[:ss] and Z or +hh:mm"
+    )
+    assert not ApiKey.objects.exists()
+    # The documented forms are read as before.
+    for name, expires in (
+        ("space", "2030-01-01 00:00+00:00"),
+        ("offset", "2030-01-01T05:30:00.5+05:30"),
+        ("days", "007"),
+    ):
+        call_command(
+            "create_api_key", "ops", "--name", name, "--expires", expires, stdout=io.StringIO(), stderr=io.StringIO()
+        )
+    stored = dict(ApiKey.objects.values_list("name", "expires_at"))
+    assert stored["space"] == dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    assert stored["offset"] == dt.datetime(2030, 1, 1, 0, 0, 0, 500000, tzinfo=dt.UTC)
+    assert dt.timedelta(days=6, hours=23) < stored["days"] - timezone.now() <= dt.timedelta(days=7)
+
+
 def test_an_expiry_past_year_9999_in_utc_is_refused_not_stored_unreadable(db):
     # 9999-12-31T23:00-01:00 is 10000-01-01 UTC: PostgreSQL stores it, psycopg cannot read it
     # back, and every query loading the row (the key's own requests, the console's list) fails.

@@ -7,9 +7,9 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.management.base import CommandError, CommandParser
 from django.utils import timezone
-from django.utils.dateparse import parse_datetime
 
 from orchestration.errors import SpecError
+from orchestration.isodates import parse_iso_datetime
 from orchestration.management.arguments import DatabaseCommand, text
 from orchestration.services.access import KNOWN_PERMISSIONS, api_key_create
 
@@ -20,7 +20,9 @@ class Command(DatabaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("user", type=text, help="username of the key's owner")
         parser.add_argument("--name", type=text, required=True, help="a name for the key, unique per user")
-        parser.add_argument("--expires", help="ISO 8601 date-time with a time zone, or a number of days")
+        parser.add_argument(
+            "--expires", help="a number of days, or an ISO 8601 date-time with a time zone (YYYY-MM-DDThh:mm[:ss]Z)"
+        )
         parser.add_argument(
             "--permission",
             action="append",
@@ -55,7 +57,9 @@ class Command(DatabaseCommand):
     def _expires(value: str | None) -> dt.datetime | None:
         if value is None:
             return None
-        if value.isdigit():
+        # ASCII digits only: str.isdigit() is also true of other scripts' digits (Arabic-Indic,
+        # fullwidth), which int() reads as days, and of superscripts, which it refuses.
+        if value.isascii() and value.isdigit():
             if int(value) == 0:
                 raise CommandError(f"--expires {value!r}: give at least 1 day")
             try:
@@ -63,11 +67,16 @@ class Command(DatabaseCommand):
             except OverflowError:
                 raise CommandError(f"--expires {value!r}: too many days (the latest expiry is 9999-12-31)") from None
         try:
-            parsed = parse_datetime(value)
+            # The form the API and specs read (orchestration.isodates): Django's parser also
+            # reads week dates and the basic format, another moment than one meant, silently.
+            parsed = parse_iso_datetime(value)
         except ValueError as exc:  # well formed but out of range: month 13, an offset of 25 h
             raise CommandError(f"--expires {value!r}: {exc}") from None
         if parsed is None or timezone.is_naive(parsed):
-            raise CommandError(f"--expires {value!r}: give a number of days or an ISO 8601 date-time with a time zone")
+            raise CommandError(
+                f"--expires {value!r}: give a number of days or an ISO 8601 date-time with a time zone, "
+                "YYYY-MM-DDThh:mm[:ss] and Z or +hh:mm"
+            )
         if parsed <= timezone.now():
             raise CommandError(f"--expires {value!r} is in the past")
         return parsed
