@@ -8,6 +8,8 @@ import io
 import json
 import sys
 import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -482,6 +484,41 @@ def test_a_tool_call_with_a_nul_in_its_arguments_is_refused_to_the_model_not_a_f
     assert told["role"] == "tool" and "NUL" in json.loads(told["content"])["error"]
     event = Event.objects.get(event_type=EventType.TOOL_EXECUTED, payload__execution_id=task.pk)
     assert "NUL" in event.payload["error"] and event.payload["input_params"] == {"arguments": repr({"text": "a\x00b"})}
+
+
+class _Interrupted(io.StringIO):
+    """stdin whose next read after its lines is a ^C."""
+
+    def readline(self, *args):
+        return super().readline(*args) or self._interrupt()
+
+    @staticmethod
+    def _interrupt():
+        raise KeyboardInterrupt
+
+
+@pytest.mark.django_db
+def test_chat_left_by_ctrl_c_says_how_to_continue_not_a_traceback(builtin_agents, monkeypatch):
+    """^C, at the prompt or while a reply was awaited, was a KeyboardInterrupt's traceback, and
+    the thread's id, which only the parting line gives, was lost with it."""
+    from orchestration.management.commands import chat
+
+    monkeypatch.setattr(sys, "stdin", _Interrupted(""))
+    out = io.StringIO()
+    call_command("chat", "echo", "--instance", "at-prompt", stdout=out)
+    assert out.getvalue().endswith("\n(continue with: manage.py chat echo --instance at-prompt)\n")
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "stdin", _Interrupted("hello\n"))
+    # ^C while the reply is awaited (the module's own clock, not the time module everyone shares)
+    monkeypatch.setattr(chat, "time", SimpleNamespace(monotonic=time.monotonic, sleep=interrupted))
+    out = io.StringIO()
+    call_command("chat", "echo", "--instance", "awaiting", stdout=out)
+    assert out.getvalue().endswith("\n(continue with: manage.py chat echo --instance awaiting)\n")
+    [asked] = AgentPlaygroundMessage.objects.filter(instance_id="awaiting", role="user")
+    assert asked.content == "hello" and TaskExecution.objects.get(pk=asked.execution_id).status == "queued"
 
 
 @pytest.mark.django_db

@@ -50,15 +50,20 @@ class Command(DatabaseCommand):
         timeout = options["timeout"] or settings.CONVERSATION_TIMEOUT_SECONDS * (settings.CONVERSATION_MAX_RETRIES + 1)
         interactive = sys.stdin.isatty()
         self.stdout.write(f"conversation {instance_id} with {agent.name} ({agent.id}); an empty line ends")
-        for line in self._lines(interactive):
-            if not line.strip():
-                break
-            try:
-                asked = conversation_message_post(agent=agent, instance_id=instance_id, content=line, owner=owner)
-            except ConversationError as exc:
-                raise CommandError(str(exc)) from None
-            for message in self._replies(asked, timeout):
-                self._show(message)
+        try:
+            for line in self._lines(interactive):
+                if not line.strip():
+                    break
+                try:
+                    asked = conversation_message_post(agent=agent, instance_id=instance_id, content=line, owner=owner)
+                except ConversationError as exc:
+                    raise CommandError(str(exc)) from None
+                for message in self._replies(asked, timeout):
+                    self._show(message)
+        except KeyboardInterrupt:
+            # ^C leaves as an empty line does, at the prompt or while a reply is awaited (its
+            # task goes on and is recorded in the thread): it was a traceback.
+            self.stdout.write("")
         as_user = f" --user {owner.get_username()}" if owner is not None else ""
         self.stdout.write(f"(continue with: manage.py chat {agent.id} --instance {instance_id}{as_user})")
 
