@@ -21,7 +21,12 @@ def seconds(*, zero: bool = False, maximum: float | None = None) -> Callable[[st
     `zero`), at most `maximum`. NaN and infinity are refused: a deadline computed from either
     never passes, so the command would wait for ever."""
     if maximum is not None:
-        wanted = f"a number of seconds between 0 and {maximum:g}"
+        # Not "between 0 and 60" for one that refuses 0 (`worker_health --timeout 0` was told so).
+        wanted = (
+            f"a number of seconds from 0 to {maximum:g}"
+            if zero
+            else f"a positive number of seconds, at most {maximum:g}"
+        )
     else:
         wanted = "a number of seconds (0 or more)" if zero else "a positive number of seconds"
 

@@ -224,6 +224,13 @@ def agents_sync(*, directory: Path | None = None) -> SyncResult:
     problems: list[str] = []
     for path in files:
         try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:
+            # Bytes that are not UTF-8 in a file's name (or its directory's) reach Python as lone
+            # surrogates, which the agents table, where the file is recorded, cannot store.
+            problems.append(f"{path}: the file's path is not UTF-8 text")
+            continue
+        try:
             data = definition_load(path, root=directory)
         except SpecError as exc:
             problems.extend(exc.problems)

@@ -63,6 +63,27 @@ def test_load_agents_given_a_file_says_it_is_not_a_directory(tmp_path: Path) -> 
         call_command("load_agents", str(definition))
 
 
+@pytest.mark.django_db
+def test_load_agents_names_a_definition_whose_path_is_not_utf8_and_stores_nothing(tmp_path: Path) -> None:
+    """A file name (or a directory's) with bytes that are not UTF-8 reached the agents table as
+    lone surrogates: a UnicodeEncodeError traceback. (`export_training_data --output` likewise
+    wrote its files, then failed recording their path.)"""
+    from orchestration.models import Agent
+
+    (tmp_path / "good.yaml").write_text(
+        "name: Good\nexecutor: python\nentrypoint: orchestration.runtime.builtin.echo\n"
+    )
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.yaml"))
+    odd.write_text("id: cafe\nname: Cafe\nexecutor: python\nentrypoint: orchestration.runtime.builtin.echo\n")
+    with pytest.raises(CommandError) as refused:
+        call_command("load_agents", str(tmp_path), stdout=io.StringIO())
+    assert (
+        str(refused.value)
+        == f"invalid agent definitions:\n  {tmp_path}/caf\\udce9.yaml: the file's path is not UTF-8 text"
+    )
+    assert not Agent.objects.filter(id__in=["good", "cafe"]).exists()
+
+
 def test_export_training_data_names_the_option_for_the_last_day_there_is() -> None:
     with pytest.raises(CommandError, match=r"^--end 9999-12-31: the last day that can be exported is 9999-12-30$"):
         call_command("export_training_data", "--type", "events", "--start", "2026-01-01", "--end", "9999-12-31")
@@ -142,6 +163,19 @@ def test_a_postgresql_database_without_this_versions_migrations_is_told_to_migra
     )
 
 
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [
+        ("0", "'0' is not a positive number of seconds, at most 60"),  # it said "between 0 and 60"
+        ("61", "'61' is not a positive number of seconds, at most 60"),
+    ],
+)
+def test_worker_health_names_the_timeouts_it_takes(timeout: str, error: str) -> None:
+    with pytest.raises(CommandError) as info:
+        call_command("worker_health", "--timeout", timeout, stdout=io.StringIO())
+    assert str(info.value) == f"Error: argument --timeout: {error}"
+
+
 @pytest.mark.django_db
 @pytest.mark.parametrize(
     ("args", "error"),
@@ -150,6 +184,13 @@ def test_a_postgresql_database_without_this_versions_migrations_is_told_to_migra
         (["create_api_key", "\udcffx", "--name", "k"], "argument user: b'\\xffx' is not UTF-8 text"),
         (["create_api_key", "someone", "--name", "k\udce9"], "argument --name: b'k\\xe9' is not UTF-8 text"),
         (["chat", "echo", "--instance", "a\x00b"], "argument --instance: 'a\\x00b' contains a NUL character"),
+        (["load_agents", "/tmp/\udcff"], "argument path: b'/tmp/\\xff' is not UTF-8 text"),
+        (["consume_events", "--once", "--group", "\udcff"], "argument --group: b'\\xff' is not UTF-8 text"),
+        (["consume_events", "--once", "--consumer", "\udcff"], "argument --consumer: b'\\xff' is not UTF-8 text"),
+        (
+            ["export_training_data", "--type=events", "--start=2026-01-01", "--end=2026-01-01", "--output=/tmp/\udcff"],
+            "argument --output: b'/tmp/\\xff' is not UTF-8 text",
+        ),
     ],
 )
 def test_an_argument_that_is_not_text_is_named_not_a_traceback(args: list[str], error: str) -> None:

@@ -3,7 +3,7 @@ from pathlib import Path
 from django.core.management.base import CommandError
 
 from orchestration.errors import SpecError
-from orchestration.management.arguments import DatabaseCommand
+from orchestration.management.arguments import DatabaseCommand, text
 from orchestration.services.agents import agents_sync, default_definitions_dir
 
 
@@ -11,7 +11,9 @@ class Command(DatabaseCommand):
     help = "Sync agent definitions (JSON/YAML files) into the agents table and print what changed."
 
     def add_arguments(self, parser):
-        parser.add_argument("path", nargs="?", help=f"definitions directory (default: {default_definitions_dir()})")
+        parser.add_argument(
+            "path", nargs="?", type=text, help=f"definitions directory (default: {default_definitions_dir()})"
+        )
 
     def handle(self, *args, **options):
         try:

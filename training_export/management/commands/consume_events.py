@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.management.base import CommandError, CommandParser
 from django.db import OperationalError, ProgrammingError, connections
 
-from orchestration.management.arguments import DatabaseCommand, database_problem, synapse_reachable
+from orchestration.management.arguments import DatabaseCommand, database_problem, synapse_reachable, text
 from orchestration.management.stopping import STOP_SIGNALS, stop_on_signals
 from training_export.services.store import TrainingDataStore
 from training_export.services.synapse import (
@@ -58,9 +58,10 @@ class Command(DatabaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--group", default="training", help="consumer group (default: training)")
+        parser.add_argument("--group", type=text, default="training", help="consumer group (default: training)")
         parser.add_argument(
             "--consumer",
+            type=text,
             help="consumer name (default: hostname-pid, unique per process); with --processes, "
             "each process adds -1, -2, ... to it",
         )

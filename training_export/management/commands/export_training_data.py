@@ -6,7 +6,7 @@ from django.core.management.base import CommandError, CommandParser
 from tqdm import tqdm
 
 from orchestration.db import database_now
-from orchestration.management.arguments import DatabaseCommand
+from orchestration.management.arguments import DatabaseCommand, text
 from training_export.models import ExportRun
 from training_export.services.export import (
     DATA_TYPES,
@@ -28,7 +28,7 @@ class Command(DatabaseCommand):
         parser.add_argument("--type", required=True, choices=[*DATA_TYPES, "all"], dest="data_type")
         parser.add_argument("--start", required=True, help="first UTC day, YYYY-MM-DD")
         parser.add_argument("--end", required=True, help="last UTC day, YYYY-MM-DD (included)")
-        parser.add_argument("--output", help="directory to write to (default: TRAINING_EXPORT_DIR)")
+        parser.add_argument("--output", type=text, help="directory to write to (default: TRAINING_EXPORT_DIR)")
         parser.add_argument("--force", action="store_true", help="export again even if the window was exported")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
