@@ -9,7 +9,9 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workf
 from orchestration.services.execution import Claim, Outcome, attempt_claim, attempt_run
 from orchestration.services.reaper import attempts_reap, queued_sweep
 from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume
-from tests.engine import database_url, flush_redis, manage, wait_for
+from tests.engine import ROOT, database_url, flush_redis, manage, manage_started, output_of, wait_for
 from tests.orchestration.test_engine import attempts, finished, running_attempt, submit, task
 
 A, T = TaskAttempt.Status, TaskExecution.Status
@@ -755,6 +757,16 @@ def test_submit_command_refuses_a_wait_timeout_that_could_never_pass(db, builtin
     assert not Workflow.objects.exists()
 
 
+def test_submit_command_refuses_a_timeout_without_wait(db, builtin_agents, tmp_path):
+    """It was ignored: the workflow was submitted and the command returned at once."""
+    spec = tmp_path / "ok.json"
+    spec.write_text('{"name": "ok", "tasks": [{"name": "a", "agent": "echo"}]}')
+    with pytest.raises(CommandError) as refused:
+        call_command("submit_workflow", str(spec), "--timeout", "60", stdout=io.StringIO())
+    assert str(refused.value) == "--timeout is how long --wait waits: give --wait too"
+    assert not Workflow.objects.exists()
+
+
 def test_submit_command_waits_without_a_limit_unless_given_one(db, builtin_agents, tmp_path, monkeypatch):
     """README: --wait exits 0 only if the workflow completed (within --timeout seconds, if
     given). Without --timeout it follows the workflow however long it runs: it gave up after
@@ -789,12 +801,82 @@ def test_submit_command_waits_without_a_limit_unless_given_one(db, builtin_agent
     assert "long [running] 0/1\n  [" in out.getvalue(), out.getvalue()
 
 
+@pytest.mark.subprocess
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_wait_not_the_workflow_in_one_line(builtin_agents, tmp_path, signum):
+    """^C under `submit_workflow --wait` was a KeyboardInterrupt's traceback, and SIGTERM ended
+    it without a word: either stops the waiting only, says so and where the workflow stood."""
+    spec = tmp_path / "queued.json"
+    spec.write_text('{"name": "queued", "tasks": [{"name": "a", "agent": "echo"}]}')  # no worker: it stays queued
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DATABASE_URL": database_url()}
+    waiting = manage_started("submit_workflow", str(spec), "--wait", env=env)
+    workflow = wait_for(lambda: Workflow.objects.filter(name="queued").first(), what="the workflow")
+    time.sleep(1)  # into the wait's loop
+    waiting.send_signal(signum)
+    output = output_of(waiting, timeout=30)
+    assert waiting.returncode == 1, output
+    assert "Traceback" not in output, output
+    assert "queued [running] 0/1\n  [                    ] a " in output, output  # where it stood
+    assert output.splitlines()[-1] == (
+        f"CommandError: stopped waiting: workflow {workflow.pk} is still running and goes on "
+        f"(manage.py workflow_status {workflow.pk} shows it)"
+    )
+    assert Workflow.objects.get(pk=workflow.pk).status == Workflow.Status.RUNNING
+    assert task(workflow, "a").status == TaskExecution.Status.QUEUED
+
+
 def test_submit_command_names_a_spec_it_cannot_read(db, builtin_agents, tmp_path):
     spec = tmp_path / "latin1.yaml"
     spec.write_bytes("name: caf\xe9\ntasks: []\n".encode("latin-1"))
     with pytest.raises(CommandError, match=r"latin1\.yaml: cannot be read: 'utf-8' codec can't decode"):
         call_command("submit_workflow", str(spec), stdout=io.StringIO())
     assert not Workflow.objects.exists()
+
+
+def test_submit_command_refuses_a_spec_larger_than_the_api_would_before_reading_it(
+    db, builtin_agents, tmp_path, settings
+):
+    """A 300 MB spec was read whole (5 GB of memory) and then refused by PostgreSQL with a
+    traceback: "string too long to represent as jsonb string". It is refused by its size, at
+    the limit the API has for a body."""
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    spec = tmp_path / "big.json"
+    spec.write_text(json.dumps({"name": "big", "tasks": [{"name": "a", "agent": "echo", "input": {"t": "x" * 1000}}]}))
+    with pytest.raises(CommandError) as refused:
+        call_command("submit_workflow", str(spec), stdout=io.StringIO())
+    assert str(refused.value) == f"{spec}: larger than 1000 bytes, the most a spec may have (MAX_REQUEST_BODY_BYTES)"
+    assert not Workflow.objects.exists()
+    spec.write_text(json.dumps({"name": "small", "tasks": [{"name": "a", "agent": "echo", "input": {"t": "x"}}]}))
+    call_command("submit_workflow", str(spec), stdout=io.StringIO())
+    assert Workflow.objects.get().name == "small"
+
+
+def test_submit_command_says_a_directory_is_not_a_file(db, builtin_agents, tmp_path):
+    (tmp_path / "specs.yaml").mkdir()
+    with pytest.raises(CommandError) as refused:
+        call_command("submit_workflow", str(tmp_path / "specs.yaml"), stdout=io.StringIO())
+    assert str(refused.value) == f"{tmp_path / 'specs.yaml'}: not a file"  # it said "no such file"
+
+
+@pytest.mark.subprocess
+def test_submit_command_names_stdin_that_is_not_utf8(tmp_path):
+    """Read through stdin's text layer, bytes that are not UTF-8 became lone surrogates, named
+    as "name contains an unpaired UTF-16 surrogate"; as a file's, they are named as the bytes."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DATABASE_URL": database_url()}
+    result = subprocess.run(
+        [sys.executable, "manage.py", "submit_workflow", "-"],
+        cwd=ROOT,
+        env=env,
+        input='{"name": "caf\xe9", "tasks": [{"name": "a", "agent": "echo"}]}'.encode("latin-1"),
+        capture_output=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.decode() == (
+        "CommandError: stdin: cannot be read: 'utf-8' codec can't decode byte 0xe9 in position 13: "
+        "invalid continuation byte\n"
+    )
 
 
 @pytest.mark.django_db(transaction=True)

@@ -2,11 +2,13 @@ import sys
 import time
 from pathlib import Path
 
+from django.conf import settings
 from django.core.management.base import CommandError
 from django.utils import timezone
 
 from orchestration.errors import SpecError
 from orchestration.management.arguments import DatabaseCommand, seconds
+from orchestration.management.stopping import StopRequest, stop_on_signals
 from orchestration.models import TaskExecution, Workflow
 from orchestration.services.specs import spec_parse
 from orchestration.services.workflows import workflow_submit
@@ -35,20 +37,37 @@ class Command(DatabaseCommand):
         )
 
     def handle(self, *args, **options):
+        if options["timeout"] is not None and not options["wait"]:
+            # Before anything is submitted: without --wait it limited nothing, and said nothing.
+            raise CommandError("--timeout is how long --wait waits: give --wait too")
         source = options["file"]
+        shown = "stdin" if source == "-" else source
+        # At most the API's limit on a request body: a bigger file was read whole (gigabytes of
+        # memory for a few hundred megabytes of spec) and then refused by PostgreSQL with a
+        # traceback (no jsonb string exceeds 256 MB).
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         try:
             if source == "-":
-                text, fmt = sys.stdin.read(), "json"
+                data, fmt = sys.stdin.buffer.read(limit + 1), "json"
             else:
                 path = Path(source)
                 if not path.is_file():
-                    raise CommandError(f"{source}: no such file")
+                    raise CommandError(f"{source}: {'not a file' if path.exists() else 'no such file'}")
                 fmt = "json" if path.suffix == ".json" else "yaml" if path.suffix in (".yaml", ".yml") else None
                 if fmt is None:
                     raise CommandError(f"{source}: use a .json, .yaml or .yml file")
-                text = path.read_text(encoding="utf-8")
+                with path.open("rb") as file:
+                    data = file.read(limit + 1)
+            if len(data) > limit:
+                raise CommandError(
+                    f"{shown}: larger than {limit} bytes, the most a spec may have (MAX_REQUEST_BODY_BYTES)"
+                )
+            # Decoded here, not by stdin's text layer: its error handler (surrogateescape in the
+            # C and C.UTF-8 locales) read bytes that are not UTF-8 as lone surrogates, which the
+            # spec's checks then named as "an unpaired UTF-16 surrogate" in some field.
+            text = data.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise CommandError(f"{source}: cannot be read: {exc}") from None
+            raise CommandError(f"{shown}: cannot be read: {exc}") from None
         try:
             workflow, created = workflow_submit(spec=spec_parse(text, fmt=fmt), initiator="manage.py")
         except SpecError as exc:
@@ -62,6 +81,12 @@ class Command(DatabaseCommand):
                 raise CommandError(f"workflow {workflow.workflow_id} ended {final}")
 
     def _follow(self, workflow_id: str, timeout: float | None) -> str:
+        # ^C or SIGTERM stops the waiting, not the workflow: said in one line, as a wait that
+        # gives up is, not by a KeyboardInterrupt's traceback or a silent end.
+        with stop_on_signals() as stop:
+            return self._poll(workflow_id, timeout, stop)
+
+    def _poll(self, workflow_id: str, timeout: float | None, stop: StopRequest) -> str:
         deadline = None if timeout is None else time.monotonic() + timeout
         tty = self.stdout.isatty()
         lines = 0
@@ -72,6 +97,7 @@ class Command(DatabaseCommand):
             rows = [self._row(t) for t in tasks]
             header = f"{workflow.name} [{workflow.status}] {workflow.completed_steps}/{workflow.total_steps}"
             timed_out = deadline is not None and time.monotonic() > deadline and not workflow.is_terminal
+            stopped = stop.is_set() and not workflow.is_terminal
             if tty and lines:
                 self.stdout.write(f"\x1b[{lines}F", ending="")
             if not tty:
@@ -81,7 +107,7 @@ class Command(DatabaseCommand):
                     if seen.get(task.task_name) != state:
                         seen[task.task_name] = state
                         self.stdout.write(self._change(task))
-            if tty or workflow.is_terminal or timed_out:
+            if tty or workflow.is_terminal or timed_out or stopped:
                 self.stdout.write("\n".join([header, *rows]))
                 lines = len(rows) + 1
             if workflow.is_terminal:
@@ -90,7 +116,12 @@ class Command(DatabaseCommand):
                 return workflow.status
             if timed_out:
                 raise CommandError(f"workflow {workflow_id} still {workflow.status} after {timeout:.0f} s")
-            time.sleep(0.5)
+            if stopped:
+                raise CommandError(
+                    f"stopped waiting: workflow {workflow_id} is still {workflow.status} and goes on "
+                    f"(manage.py workflow_status {workflow_id} shows it)"
+                )
+            time.sleep(0.5)  # a stop asked for meanwhile is seen at the next look
 
     @staticmethod
     def _change(task: TaskExecution) -> str:
