@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
 
-from tests.engine import manage, sqlite_manage
+from tests.engine import ROOT, manage, sqlite_manage
 
 DEPTH = 100_000
 
@@ -225,3 +227,21 @@ def test_a_following_command_whose_database_goes_away_names_it_in_one_line(trans
     where = f"{database['NAME']} on {database['HOST']}:{database['PORT']}"
     said = [line for line in output.splitlines() if not line.startswith("--- ")]  # ManageProcess's own notes
     assert said[0].startswith(f"CommandError: lost the connection to the database {where}: "), output
+
+
+@pytest.mark.subprocess
+def test_a_command_whose_reader_left_ends_without_a_traceback() -> None:
+    """`manage.py … | head -1`: the reader is gone before the output is written. Python's flush
+    at exit failed on the broken pipe with a message no handler could catch (exit status 120),
+    and a command that wrote more meanwhile ended with a BrokenPipeError traceback."""
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "help"],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()  # long before Django has started and written its help
+    stderr = process.stderr.read().decode()
+    assert process.wait(60) == 1
+    assert "BrokenPipeError" not in stderr and "Traceback" not in stderr, stderr
