@@ -7,6 +7,10 @@ written are counted, and past INFLUXDB_MAX_BUFFERED_POINTS new points are droppe
 or dead InfluxDB costs a bounded amount of memory and never blocks or fails a task. Every
 dropped point is counted in `agentledger_influxdb_points_dropped_total`.
 
+A process that exits sends what it holds and waits for InfluxDB at most
+INFLUXDB_EXIT_WAIT_MS, and not at all when InfluxDB's last answer to it was a failure: a pool
+process that exits holds its worker's slot until it is gone.
+
 Measurement `task_attempt` (one point per finished attempt):
   tags    agent_id, status (succeeded, failed, timed_out, lost, ...), cause (success, error,
           soft_timeout, hard_timeout, worker_lost, ...)
@@ -27,7 +31,7 @@ hourly/daily rollup into agent_metrics):
   time    the start of the period (second precision)
 
 One writer per process, created on first use (after a prefork worker forked its pool
-processes) and flushed when the process ends.
+processes) and flushed when the process ends (above: bounded by INFLUXDB_EXIT_WAIT_MS).
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ POINTS_WRITTEN = Counter("agentledger_influxdb_points_written", "Points InfluxDB
 POINTS_DROPPED = Counter(
     "agentledger_influxdb_points_dropped",
     "Points never written to InfluxDB, by reason (buffer_full: too many unwritten points; "
-    "write_failed: InfluxDB refused or was unreachable after the retries; error: the point could not be built).",
+    "write_failed: InfluxDB refused or was unreachable after the retries; process_exit: still unwritten when "
+    "the process exited; error: the point could not be built).",
     ["reason"],
 )
 
@@ -80,6 +85,7 @@ class InfluxWriter:
         max_buffered_points: int,
         timeout_ms: int,
         max_retries: int,
+        exit_wait_ms: int,
     ) -> None:
         from influxdb_client import InfluxDBClient, WriteOptions
         from reactivex.scheduler import ThreadPoolScheduler
@@ -88,6 +94,9 @@ class InfluxWriter:
         self.bucket = bucket
         self.max_buffered_points = max_buffered_points
         self._pending = 0
+        # Whether InfluxDB's last answer (a try of a batch) was a failure: refused, unreachable,
+        # timed out. close() then does not wait for it.
+        self._failing = False
         self._lock = threading.Lock()
         self._client = InfluxDBClient(url=url, token=token, org=org, timeout=timeout_ms, enable_gzip=False)
         options = WriteOptions(
@@ -99,16 +108,19 @@ class InfluxWriter:
             max_retry_delay=max(timeout_ms, 1000),
             max_retry_time=max(timeout_ms, 1000) * (max_retries + 1),
             exponential_base=2,
-            # At process exit one more bounded try, then what is left is dropped.
-            max_close_wait=timeout_ms + flush_interval_ms,
+            # At process exit one more try, waited for this long at most (see close()), then what
+            # is left is dropped.
+            max_close_wait=exit_wait_ms,
             # A scheduler of our own: the library's default is one object created at import
             # and shared by every writer, including across fork.
             write_scheduler=ThreadPoolScheduler(max_workers=1),
         )
+        self._options = options
         self._write_api = self._client.write_api(
             write_options=options,
             success_callback=self._on_success,
             error_callback=self._on_error,
+            retry_callback=self._on_retry,
         )
 
     @property
@@ -141,24 +153,35 @@ class InfluxWriter:
         return settled
 
     def _on_success(self, conf: Any, data: Any) -> None:
+        self._failing = False
         POINTS_WRITTEN.inc(self._settle(_lines(data)))
 
+    def _on_retry(self, conf: Any, data: Any, exception: Exception) -> None:
+        self._failing = True
+
     def _on_error(self, conf: Any, data: Any, exception: Exception) -> None:
+        self._failing = True
         count = _lines(data)
         POINTS_DROPPED.labels(reason="write_failed").inc(self._settle(count))
         logger.warning("InfluxDB write of %d points failed: %s", count, exception)
 
     def close(self) -> None:
-        """Flush what is buffered (bounded by the timeouts) and release the client. Points
-        still unwritten then (a batch waiting for a retry past max_close_wait) are lost with
-        the process: counted as dropped here, as no callback will count them."""
+        """Send what is buffered and release the client, waiting for the writes at most
+        exit_wait_ms, and not at all when InfluxDB's last answer was a failure: a pool
+        process that exits holds its worker's slot until this returns, and a write to a
+        failing InfluxDB would most likely wait its whole timeout to fail again. Points still
+        unwritten then are lost with the process: counted as dropped here, as no callback
+        will count them (one that comes later finds them settled)."""
+        if self._failing:
+            # influxdb-client reads it when closing; it still polls once (0.1 s) before giving up.
+            self._options.max_close_wait = 0
         try:
             self._write_api.close()
         finally:
             self._client.close()
             unwritten = self._settle(self.max_buffered_points)
             if unwritten:
-                POINTS_DROPPED.labels(reason="write_failed").inc(unwritten)
+                POINTS_DROPPED.labels(reason="process_exit").inc(unwritten)
                 logger.warning("InfluxDB writer closed with %d points unwritten: dropped", unwritten)
 
 
@@ -192,6 +215,7 @@ def writer() -> InfluxWriter | None:
                 max_buffered_points=settings.INFLUXDB_MAX_BUFFERED_POINTS,
                 timeout_ms=settings.INFLUXDB_TIMEOUT_MS,
                 max_retries=settings.INFLUXDB_MAX_RETRIES,
+                exit_wait_ms=settings.INFLUXDB_EXIT_WAIT_MS,
             )
             _writer_pid = pid
     return _writer

@@ -578,6 +578,9 @@ INFLUXDB_FLUSH_INTERVAL_MS = env.int("INFLUXDB_FLUSH_INTERVAL_MS", 1000, minimum
 INFLUXDB_MAX_BUFFERED_POINTS = env.int("INFLUXDB_MAX_BUFFERED_POINTS", 10_000, minimum=1, maximum=10_000_000)
 INFLUXDB_TIMEOUT_MS = env.int("INFLUXDB_TIMEOUT_MS", 5000, minimum=100, maximum=600_000)
 INFLUXDB_MAX_RETRIES = env.int("INFLUXDB_MAX_RETRIES", 3, minimum=0, maximum=20)
+# A process that exits (a pool process recycled or replaced) waits this long at most for its
+# last points to be written, holding its worker's slot meanwhile; not at all once InfluxDB failed.
+INFLUXDB_EXIT_WAIT_MS = env.int("INFLUXDB_EXIT_WAIT_MS", 500, minimum=0, maximum=600_000)
 
 # Prometheus. prometheus_client reads PROMETHEUS_MULTIPROC_DIR itself at import; it is read
 # here too so that the code serving /metrics knows the mode. Workers serve their pool's

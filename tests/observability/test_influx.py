@@ -15,9 +15,9 @@ from prometheus_client import REGISTRY
 from observability import influx
 from observability.influx import InfluxWriter, attempt_point
 from orchestration.models import Agent, TaskAttempt, Workflow
-from orchestration.services.workflows import workflow_submit
+from orchestration.services.workflows import workflow_cancel, workflow_submit
 from tests.engine import wait_for
-from tests.fakes.servers import InfluxDBServer, parse_line_protocol
+from tests.fakes.servers import InfluxDBServer, Reply, parse_line_protocol
 from tests.observability.conftest import free_port, scrape, value
 
 TOKEN = "influx-test-token-0123456789"
@@ -38,6 +38,7 @@ def make_writer(url: str, **overrides: int) -> InfluxWriter:
         "max_buffered_points": 1000,
         "timeout_ms": 500,
         "max_retries": 0,
+        "exit_wait_ms": 500,
         **overrides,
     }
     return InfluxWriter(url=url, token=TOKEN, org="agentledger", bucket="tasks", **options)
@@ -115,6 +116,7 @@ def test_a_refused_write_is_counted_as_dropped(server):
     writer = InfluxWriter(
         url=server.url, token="wrong", org="agentledger", bucket="tasks",
         batch_size=10, flush_interval_ms=50, max_buffered_points=100, timeout_ms=500, max_retries=0,
+        exit_wait_ms=500,
     )  # fmt: skip
     before = dropped("write_failed")
     try:
@@ -143,7 +145,7 @@ def test_a_closed_port_drops_points_after_the_retries_without_blocking_writes(de
 def test_a_server_that_never_answers_fills_the_bounded_buffer_then_drops(silent_port):
     # Each request waits 5 s for an answer: ten writes that waited would take 50 s.
     writer = make_writer(f"http://127.0.0.1:{silent_port}", max_buffered_points=3, timeout_ms=5000, max_retries=0)
-    before = dropped("buffer_full")
+    before, before_exit = dropped("buffer_full"), dropped("process_exit")
     try:
         started = time.monotonic()
         accepted = [writer.write(point(n)) for n in range(10)]
@@ -154,7 +156,8 @@ def test_a_server_that_never_answers_fills_the_bounded_buffer_then_drops(silent_
     finally:
         started = time.monotonic()
         writer.close()
-        assert time.monotonic() - started < 20  # closing is bounded too (about 5 s here)
+        assert time.monotonic() - started < 2  # closing is bounded too (by exit_wait_ms here)
+        assert dropped("process_exit") == before_exit + 3  # the three InfluxDB never answered for
 
 
 def test_writer_is_off_without_influxdb_url(settings):
@@ -257,6 +260,47 @@ def test_a_dead_influxdb_does_not_slow_tasks(engine, endpoint, dead_port, silent
     assert lost >= 4
 
 
+def cancel_a_running_task() -> None:
+    """Cancel a task while it runs: its pool process is terminated, and replaced."""
+    workflow, _ = workflow_submit(
+        spec={"name": "cancelled", "tasks": [{"name": "s", "agent": "sleep", "input": {"seconds": 30}}]}
+    )
+    running = TaskAttempt.objects.filter(execution__workflow=workflow, status=TaskAttempt.Status.RUNNING)
+    wait_for(running.exists, what="the task to run")
+    workflow_cancel(workflow_id=workflow.pk)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pool_process_replaced_while_influxdb_is_slow_frees_its_slot_at_once(engine):
+    """The process a cancel terminates closes its writer, a write still waiting for InfluxDB:
+    its slot (the only one) is not free until that returns. It waits the exit wait (0.5 s),
+    not the write's timeout (20 s here)."""
+    with InfluxDBServer(token=TOKEN) as slow:
+        slow.script(*[Reply(delay=60) for _ in range(10)])
+        engine(concurrency=1, env=influx_env(slow.url, INFLUXDB_TIMEOUT_MS="20000", INFLUXDB_MAX_RETRIES="0"))
+        run_to_completion(chain(1))
+        wait_for(lambda: len(slow.requests) == 1, timeout=10, what="its point to be sent")
+        cancel_a_running_task()
+        started = time.monotonic()
+        run_to_completion(chain(1))
+        elapsed = time.monotonic() - started
+    assert elapsed < 12, f"the next task took {elapsed:.1f} s"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pool_process_replaced_sends_the_points_it_held_to_a_healthy_influxdb(engine, server):
+    """Not waiting for a failing InfluxDB must not lose what a healthy one would take: the
+    point of the last task a terminated process ran, held for a flush a minute away, is sent
+    as the process exits."""
+    engine(concurrency=1, env=influx_env(server.url, INFLUXDB_FLUSH_INTERVAL_MS="60000"))
+    workflow = chain(1)
+    run_to_completion(workflow)
+    assert server.requests == []  # its point waits for the next flush, a minute away
+    cancel_a_running_task()
+    wait_for(lambda: len(server.points) == 1, timeout=15, what="the point to be sent as its process exits")
+    assert server.points[0].fields["workflow_id"] == workflow.pk
+
+
 @pytest.mark.django_db
 def test_rollup_points_carry_every_metric_of_each_agent_for_the_period(server, settings):
     from tests.factories import AgentFactory, MetricFactory
@@ -354,14 +398,62 @@ def test_points_still_waiting_for_a_retry_at_close_are_counted_as_dropped(dead_p
     """A pool process that exits (max-tasks-per-child, a shutdown) closes its writer: what
     InfluxDB did not take by then goes with the process, and must show in the dropped count."""
     writer = make_writer(f"http://127.0.0.1:{dead_port}", max_retries=3, timeout_ms=1000)
-    before = dropped("write_failed")
+    before = {reason: dropped(reason) for reason in ("process_exit", "write_failed")}
     for n in range(3):
         assert writer.write(point(n))
     writer.close()
-    assert dropped("write_failed") == before + 3
+    assert dropped("process_exit") == before["process_exit"] + 3
     assert writer.pending == 0
     time.sleep(3)  # the client's retries, still running in its thread, end: nothing counted twice
-    assert dropped("write_failed") == before + 3
+    assert {reason: dropped(reason) for reason in before} == {**before, "process_exit": before["process_exit"] + 3}
+
+
+def test_closing_sends_what_the_writer_held_to_a_healthy_influxdb(server):
+    """A pool process recycled between two flushes holds points no batch has carried yet:
+    closing sends them, and a healthy InfluxDB answers within the exit wait."""
+    writer = make_writer(server.url, flush_interval_ms=60_000)
+    before = written()
+    for n in range(3):
+        assert writer.write(point(n))
+    assert server.requests == []  # the next flush would be a minute away
+    started = time.monotonic()
+    writer.close()
+    assert time.monotonic() - started < 1
+    assert len(server.points) == 3
+    assert written() == before + 3 and writer.pending == 0
+
+
+def test_closing_waits_no_longer_than_the_exit_wait_for_a_slow_influxdb(server):
+    """InfluxDB answers, but slowly: a pool process that exits holds its worker's slot while
+    it waits, so it waits exit_wait_ms, not the write's timeout, and counts what it leaves."""
+    server.script(Reply(delay=3))
+    writer = make_writer(server.url, timeout_ms=10_000, exit_wait_ms=300)
+    before = {"written": written(), "process_exit": dropped("process_exit")}
+    assert writer.write(point(1)) and writer.write(point(2))
+    wait_for(lambda: len(server.requests) == 1, timeout=10, what="the batch to be sent")
+    started = time.monotonic()
+    writer.close()
+    assert time.monotonic() - started < 1.5  # the answer comes 3 s after the request
+    assert {"written": written(), "process_exit": dropped("process_exit")} == {
+        "written": before["written"],
+        "process_exit": before["process_exit"] + 2,
+    }
+    assert writer.pending == 0
+
+
+def test_closing_does_not_wait_for_an_influxdb_whose_last_answer_was_a_failure(silent_port):
+    """Once a write timed out, the next one most likely will too: a process that exits then
+    drops what it holds at once, whatever its exit wait."""
+    writer = make_writer(f"http://127.0.0.1:{silent_port}", timeout_ms=2000, exit_wait_ms=10_000)
+    before = {reason: dropped(reason) for reason in ("process_exit", "write_failed")}
+    assert writer.write(point(1))
+    wait_for(lambda: dropped("write_failed") == before["write_failed"] + 1, timeout=10, what="the write to time out")
+    assert writer.write(point(2))
+    started = time.monotonic()
+    writer.close()
+    assert time.monotonic() - started < 0.7  # the write it would wait for times out after 2 s
+    assert dropped("process_exit") == before["process_exit"] + 1
+    assert writer.pending == 0
 
 
 @pytest.mark.django_db(transaction=True)
