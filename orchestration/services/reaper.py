@@ -476,7 +476,17 @@ def _stopped_attempts_close(celery_task_ids: set[str], *, now: dt.datetime) -> l
     for attempt in attempts:
         ran = (attempt.worker_pid, attempt.worker_started_at)
         reports = (answers or {}).get(attempt.worker, [])
-        if attempt.worker_started_at is None or not any((r.pid, r.started_at) == ran for r in reports):
+        same = next((r for r in reports if (r.pid, r.started_at) == ran), None)
+        # The process must also say the message runs nowhere in it now: how it remembers the
+        # message ended may be an earlier delivery's (run_task sends it again under the same id
+        # after a lost database connection), and the attempt the next delivery started there
+        # runs on through a broken broker connection unless the worker stops it.
+        if (
+            attempt.worker_started_at is None
+            or same is None
+            or same.running is None
+            or attempt.celery_task_id in same.running
+        ):
             continue
         verdict = attempt_verdict(attempt, answers, abandoned="its message is gone from the broker")
         if verdict.hard_timeout:
@@ -518,8 +528,12 @@ def _queued_sweep(*, now: dt.datetime | None, renew: Callable[[], bool]) -> list
         .values_list("execution_id", "celery_task_id", "priority")
     )
     # The messages of running attempts: unacknowledged until the attempt has ended (acks_late).
+    # Only those running past the cutoff are looked for, as only tasks queued before it are: a
+    # busy system's short tries never make the sweep read the broker.
     running = dict(
-        TaskAttempt.objects.filter(status=TaskAttempt.Status.RUNNING, celery_task_id__isnull=False)
+        TaskAttempt.objects.filter(
+            status=TaskAttempt.Status.RUNNING, celery_task_id__isnull=False, created_at__lt=cutoff
+        )
         .exclude(worker="")
         .values_list("celery_task_id", "execution__priority")
     )

@@ -250,13 +250,14 @@ def test_a_message_sent_again_naming_no_running_attempt_asks_its_worker_and_runs
     assert (only.pk, only.status, only.cause) == (first.pk, A.SUCCEEDED, None)
 
 
-def test_a_try_its_worker_stopped_when_redis_restarted_empty_is_closed_by_the_next_sweep(engine, held):
+def test_a_try_its_worker_stopped_when_redis_restarted_empty_is_closed_by_the_next_sweep(engine, held, settings):
     """Redis restarted empty under a running try (its data dropped, every connection broken):
     the worker stops the try and its unacknowledged message is gone, so no delivery comes back
     to close it. The dispatch sweep finds the message neither queued nor unacknowledged, asks
     the worker and closes the try at once (lost, redelivery), and the next one runs. The reaper
     closed it only past its hard limit plus the grace (302 s here, 340 s for the default
     timeout), the task held running, its dependent waiting and its agent's slot taken meanwhile."""
+    settings.DISPATCH_SWEEP_AFTER_SECONDS = 1  # the sweep looks for the tries running longer
     worker = engine(concurrency=2)
     wf = submit(held)
     first = running_first(wf)
@@ -280,3 +281,40 @@ def test_a_try_its_worker_stopped_when_redis_restarted_empty_is_closed_by_the_ne
     ]
     assert first.error.endswith("its message is gone from the broker"), first.error
     assert TaskExecution.objects.get(workflow=wf, task_name="t").retry_count == 1
+
+
+def test_a_try_running_on_when_redis_restarted_empty_is_left_to_run_whatever_its_message_ended_as_before(
+    engine, settings
+):
+    """run_task sent its message again (same id) when attempt 1 lost its database connection,
+    and the worker remembers that ending of the message; the next delivery runs attempt 2 in the
+    same worker process. Redis then restarts empty under it, and the worker lets it run on: the
+    sweep finds its message gone, and the worker says it runs there now. The try is left to
+    record its own outcome, where the sweep closed it for attempt 1's lost connection and a
+    third try ran beside it."""
+    from orchestration.workers import workers_ask
+
+    worker = engine(concurrency=2, env=RUNS_ON)
+    spec = {"name": "t", "agent": "sleep", "input": {"seconds": 8, "on_attempts": [1, 2]}, "max_retries": 3}
+    wf, _ = workflow_submit(spec={"name": "cut", "tasks": [spec]})
+    running_first(wf)
+    assert worker.database_connections_cut()
+    second = wait_for(
+        lambda: TaskAttempt.objects.filter(execution__workflow=wf, attempt_number=2, status=A.RUNNING).first(),
+        timeout=30,
+        what="the second try to run",
+    )
+    flush_redis()
+    assert worker.broker_connections_cut()
+    wait_for(lambda: (workers_ask({worker.name}, set()) or {}).get(worker.name), what="the worker to answer again")
+    settings.DISPATCH_SWEEP_AFTER_SECONDS = 1
+    time.sleep(1.5)  # the try has run longer than that: the sweep looks for its message
+    queued_sweep()
+    assert [(a.attempt_number, a.status) for a in tries(wf)] == [(1, A.LOST), (2, A.RUNNING)], tries(wf)[1].error
+    wf = finished(wf)
+    assert wf.status == Workflow.Status.COMPLETED
+    assert [(a.attempt_number, a.status, a.cause) for a in tries(wf)] == [
+        (1, A.LOST, "connection_lost"),
+        (2, A.SUCCEEDED, None),
+    ]
+    assert second.celery_task_id == tries(wf)[0].celery_task_id  # one message throughout
