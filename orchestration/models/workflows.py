@@ -16,6 +16,15 @@ class Priority(models.TextChoices):
     LOW = "low"
 
 
+def priority_rank() -> models.Case:
+    """A priority as its place in the queue order (critical 0, high 1, normal 2, low 3), for
+    ordering tasks by urgency: the values' own (alphabetical) order puts low before normal."""
+    return models.Case(
+        *(models.When(priority=value, then=models.Value(rank)) for rank, value in enumerate(Priority.values)),
+        output_field=models.SmallIntegerField(),
+    )
+
+
 class WorkflowStatus(models.TextChoices):
     PENDING = "pending"
     RUNNING = "running"
@@ -214,11 +223,15 @@ class TaskExecution(TimestampedModel):
                 fields=["parent_task"], name="idx_tasks_parent", condition=models.Q(parent_task__isnull=False)
             ),
             # The line of tasks waiting for their agent's max_concurrency, in the order a freed
-            # slot wakes them (services/execution.py, agent_slot_hand_on): only the waiting tasks
-            # of limited agents, the only ones with deferred_at set (migration 0036).
+            # slot wakes them (services/execution.py, agent_slot_hand_on: the most urgent
+            # priority first, then the longest waiting): only the waiting tasks of limited
+            # agents, the only ones with deferred_at set (migrations 0036, 0039).
             models.Index(
-                fields=["agent", "queued_at", "execution_id"],
-                name="idx_tasks_agent_line",
+                models.F("agent"),
+                priority_rank(),
+                models.F("queued_at"),
+                models.F("execution_id"),
+                name="idx_tasks_agent_priority_line",
                 condition=models.Q(
                     status__in=[TaskExecutionStatus.QUEUED, TaskExecutionStatus.RETRYING], deferred_at__isnull=False
                 ),

@@ -39,6 +39,7 @@ from orchestration.db import (
 from orchestration.errors import PermanentError, RetryableError, error_class_name, is_retryable
 from orchestration.event_types import EventType, Severity
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
+from orchestration.models.workflows import priority_rank
 from orchestration.runtime.collaboration import equip
 from orchestration.runtime.context import AgentResult, TaskContext, Usage
 from orchestration.runtime.executors import agent_execute, usage_checked
@@ -310,7 +311,7 @@ MAINTENANCE_RECHECK_SECONDS = 5.0
 # A task deferred for its agent's max_concurrency looks again after about this long for each
 # slot's worth of tasks waiting before it (jittered), at least once and at most
 # AGENT_SLOT_RECHECK_MAX_SECONDS: the line looks again about max_concurrency times a second in
-# all, whatever its length. A task that ends wakes the longest waiting one (agent_slot_hand_on).
+# all, whatever its length. A task that ends wakes the first in line (agent_slot_hand_on).
 # The wait is at most TASK_DEFERRAL_MAX_COUNTDOWN_SECONDS, jitter included: the broker's
 # visibility timeout is sized for it (a worker holds the message unacknowledged meanwhile).
 AGENT_SLOT_RECHECK_SECONDS = 1.0
@@ -320,14 +321,15 @@ AGENT_SLOT_RECHECK_MAX_SECONDS = 30.0
 def _waiting_for_agent(agent_id: str, *, now: dt.datetime) -> Any:
     """The tasks of an agent deferred for its max_concurrency whose message has not come back
     yet: waiting (queued, or between tries) with a deferral still running (a retry's countdown
-    sets queued_at past the last deferral). In the line's order, the longest waiting first: a
-    walk of idx_tasks_agent_line, whose condition these filters imply, that stops at a LIMIT."""
+    sets queued_at past the last deferral). In the line's order, the most urgent priority first
+    (as a worker takes the queues), then the longest waiting: a walk of
+    idx_tasks_agent_priority_line, whose condition these filters imply, that stops at a LIMIT."""
     return TaskExecution.objects.filter(
         agent_id=agent_id,
         status__in=[TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING],
         deferred_at__gt=now,
         deferred_at__gte=F("queued_at"),
-    ).order_by("queued_at", "execution_id")
+    ).order_by(priority_rank(), "queued_at", "execution_id")
 
 
 def agent_slot_recheck_seconds(agent: Agent, *, now: dt.datetime) -> float:
@@ -345,10 +347,11 @@ def agent_slot_recheck_seconds(agent: Agent, *, now: dt.datetime) -> float:
 
 def agent_slot_hand_on(agent: Agent, *, now: dt.datetime) -> None:
     """After an attempt of a concurrency-limited agent ended (its slot is free): send the
-    message of the task that has waited longest for the agent at once, instead of letting the
-    slot stay idle until some deferred message comes back. Its deferred message, superseded,
-    runs nothing. A slot freed elsewhere (the reaper, a cancel) is found by the next deferred
-    message that comes back. Outside the outcome's transaction, after its commit."""
+    message of the first task in the agent's line (the most urgent priority, then the longest
+    waiting) at once, instead of letting the slot stay idle until some deferred message comes
+    back. Its deferred message, superseded, runs nothing. A slot freed elsewhere (the reaper, a
+    cancel) is found by the next deferred message that comes back. Outside the outcome's
+    transaction, after its commit."""
     if not agent.max_concurrency:
         return
 
@@ -379,7 +382,7 @@ def agent_slot_hand_on(agent: Agent, *, now: dt.datetime) -> None:
         # swallowed here, it ran on with the handler's flag set.
         stop_if_interrupted(exc)
         # The outcome is recorded; the waiting tasks look again on their own.
-        logger.warning("agent %s: the task waiting longest could not be woken", agent.pk, exc_info=True)
+        logger.warning("agent %s: the first task in its line could not be woken", agent.pk, exc_info=True)
 
 
 def _agent_out_of_service(

@@ -765,6 +765,31 @@ def test_tasks_waiting_for_a_limited_agent_do_not_spin_and_take_a_freed_slot_at_
     assert deferrals <= 2 * n, f"{deferrals} deferrals for {n - 1} waiting tasks"
 
 
+def test_a_freed_slot_of_a_limited_agent_goes_to_its_urgent_task_before_its_backlog_of_bulk_work(engine):
+    """The line of tasks waiting for an agent's max_concurrency is in priority order, as a
+    worker takes the queues. Before, a freed slot went to the task of the agent that had waited
+    longest whatever its priority: a critical task behind eight low tasks of 0.5 s started
+    after all of them, 4 s late."""
+    Agent.objects.filter(pk="sleep").update(max_concurrency=1)
+    engine(concurrency=3)
+    backlog = submit(
+        *({"name": f"l{i}", "agent": "sleep", "input": {"seconds": 0.5}} for i in range(8)), priority="low"
+    )
+    running_attempt(backlog, "l0")
+    wait_for(
+        lambda: TaskExecution.objects.filter(workflow=backlog, deferred_at__isnull=False).count() == 7,
+        what="the rest of the backlog to wait for the agent",
+    )
+    urgent = submit({"name": "c", "agent": "sleep", "input": {"seconds": 0.1}}, priority="critical")
+    assert finished(urgent).status == Workflow.Status.COMPLETED
+    [c] = attempts(urgent, "c")
+    low_before = TaskAttempt.objects.filter(
+        execution__workflow=backlog, started_at__gt=task(urgent, "c").queued_at, started_at__lt=c.started_at
+    ).count()
+    assert low_before <= 1, f"{low_before} low tasks of the agent started before the critical one"
+    assert finished(backlog).status == Workflow.Status.COMPLETED
+
+
 @pytest.mark.parametrize("fast_path", ["true", "false"], ids=["fast-path", "general-path"])
 def test_a_sibling_completing_in_a_failed_workflow_joins_its_results_whatever_ends_last(engine, fast_path):
     """Tasks left running when a sibling failed for good: one completes, the last one fails.

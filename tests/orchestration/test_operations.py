@@ -1199,10 +1199,10 @@ def test_a_deferral_counts_the_line_only_as_far_as_it_sets_the_wait(db, builtin_
 
 
 def test_the_wake_and_the_deferral_read_the_agents_line_on_its_index_and_stop_at_the_limit(db, builtin_agents):
-    """Migration 0036: each ended attempt of a limited agent looks for the task waiting longest,
-    each deferral counts the line before it. Without idx_tasks_agent_line the first read every
-    waiting task and sorted them, on disk past a few thousand (0.1 to 0.16 s a freed slot with
-    50,000 waiting), and the second, in the model's order, walked the agent's finished tasks
+    """Migrations 0036, 0039: each ended attempt of a limited agent looks for the first task in
+    its line, each deferral counts the line before it. Without idx_tasks_agent_priority_line the
+    first read every waiting task and sorted them, on disk past a few thousand (0.1 to 0.16 s a
+    freed slot with 50,000 waiting), and the second, in the model's order, walked the agent's finished tasks
     before its line (60 ms a deferral beside 75,000 of them). Checked on the
     statements as Django writes them: the index's condition must follow from their filters."""
     from django.db import connection
@@ -1248,7 +1248,7 @@ def test_the_wake_and_the_deferral_read_the_agents_line_on_its_index_and_stop_at
             cursor.execute("SET LOCAL enable_seqscan = off")  # a table this small is read whole otherwise
             cursor.execute("EXPLAIN " + sql)
             plan = "\n".join(row[0] for row in cursor.fetchall())
-        assert "Index Scan using idx_tasks_agent_line" in plan and "Sort" not in plan, f"{sql}\n{plan}"
+        assert "Index Scan using idx_tasks_agent_priority_line" in plan and "Sort" not in plan, f"{sql}\n{plan}"
 
 
 def test_a_redelivered_message_of_an_agent_at_its_limit_does_not_wait_behind_itself(db, builtin_agents):
