@@ -348,3 +348,37 @@ def test_a_consumer_process_whose_database_is_away_says_so_in_one_line(settings,
     assert "Traceback" not in output, output
     assert f"CommandError: cannot connect to the database agentledger_away on 127.0.0.1:{port}: " in output
     assert re.search(r"CommandError: consume_events-\d exited with 1", output), output
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_consumer_whose_output_reader_left_says_nothing_of_the_training_files(
+    settings, stream, no_stray_processes, tmp_path, processes
+):
+    """Its stdout a pipe whose reader left (a log collector restarted): the broken pipe was
+    named "cannot write the training data: [Errno 32] Broken pipe", sending an operator to the
+    disk. It ends as manage.py ends any command whose reader left: status 1, no traceback; the
+    parent of forked consumers names their exits, for its supervisor."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "REDIS_URL": settings.REDIS_URL,
+        "SYNAPSE_STREAM": stream,
+        "TRAINING_DATA_DIR": str(tmp_path / "training"),
+        "PYTHONUNBUFFERED": "1",  # as platform/Dockerfile runs it: the first line fails at once
+    }
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "consume_events", "--processes", processes, "--block-ms", "200"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    process.stdout.close()  # before it has written its first line
+    stderr = process.stderr.read()
+    assert process.wait(120) == 1, stderr
+    assert "training data" not in stderr and "Traceback" not in stderr, stderr
+    if processes == "2":
+        assert re.fullmatch(r"CommandError: consume_events-\d exited with 1; consume_events-\d exited with 1\n", stderr)
+    else:
+        assert stderr == "", stderr

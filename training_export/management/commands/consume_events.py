@@ -47,6 +47,10 @@ def _files_writable() -> Iterator[None]:
     naming the file and the cause; what it wrote and did not acknowledge is read again on restart."""
     try:
         yield
+    except BrokenPipeError:
+        # The reader of the consumer's own output left (a log collector restarted): ended as
+        # manage.py ends any command then, not named as the files' fault (no file is a pipe).
+        raise
     except OSError as exc:
         raise CommandError(f"cannot write the training data: {exc}") from exc
 
@@ -187,6 +191,13 @@ class Command(DatabaseCommand):
             if problem is None:
                 raise
             self.stderr.write(f"CommandError: {problem}")
+            sys.exit(1)
+        except BrokenPipeError:
+            # The reader of the output left: as manage.py ends a command then, without
+            # multiprocessing's traceback (the parent names the exit). Nothing else here writes
+            # to a pipe (Redis' and PostgreSQL's clients raise their own errors for a socket's).
+            # stdout goes nowhere from here: the flush below would fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
         finally:
             self.stdout.flush()
