@@ -19,6 +19,10 @@ from collections.abc import Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+# The status of a command that ^C stopped, as shells give it: manage.py ends a command that
+# exits with it by SIGINT itself, which is what tells a shell running a script to stop too.
+INTERRUPTED = 128 + signal.SIGINT
+
 
 class StopRequest:
     """A stop asked for by a signal handler (set), seen between pieces of work (is_set) and
@@ -28,12 +32,14 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None  # the signal that asked, if one did
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
 
-    def set(self) -> None:
+    def set(self, signum: int | None = None) -> None:
         self.requested = True
+        self.signum = self.signum or signum  # the first: ^C then SIGTERM was still a ^C
         with contextlib.suppress(BlockingIOError, OSError):  # full: a wake-up is pending; closed: over
             os.write(self._write, b"\0")
 
@@ -58,7 +64,7 @@ def stop_on_signals() -> Iterator[StopRequest]:
     consumer starts with them blocked, so that one sent before this point waits here instead
     of killing it mid-batch. The previous handlers and mask are restored on the way out."""
     stop = StopRequest()
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set(signum)) for sig in STOP_SIGNALS}
     mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         yield stop

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 
-from tests.engine import ROOT, manage, sqlite_manage
+from tests.engine import ROOT, database_url, manage, sqlite_manage
 
 DEPTH = 100_000
 
@@ -230,14 +231,17 @@ def test_a_following_command_whose_database_goes_away_names_it_in_one_line(trans
 
 
 @pytest.mark.subprocess
-def test_a_command_whose_reader_left_ends_without_a_traceback() -> None:
+@pytest.mark.parametrize("args", [["help"], ["submit_workflow", "--help"]])
+def test_a_command_whose_reader_left_ends_without_a_traceback(args) -> None:
     """`manage.py … | head -1`: the reader is gone before the output is written. Python's flush
     at exit failed on the broken pipe with a message no handler could catch (exit status 120),
-    and a command that wrote more meanwhile ended with a BrokenPipeError traceback."""
+    and a command that wrote more meanwhile ended with a BrokenPipeError traceback. argparse's
+    --help ends by SystemExit, as a CommandError does: its output was still flushed at exit."""
     process = subprocess.Popen(
-        [sys.executable, "manage.py", "help"],
+        [sys.executable, "manage.py", *args],
         cwd=ROOT,
-        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test"},
+        # Not unbuffered, as stdout is for an operator's pipe (the suite may run with PYTHONUNBUFFERED)
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "PYTHONUNBUFFERED": ""},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -245,3 +249,48 @@ def test_a_command_whose_reader_left_ends_without_a_traceback() -> None:
     stderr = process.stderr.read().decode()
     assert process.wait(60) == 1
     assert "BrokenPipeError" not in stderr and "Traceback" not in stderr, stderr
+
+
+@pytest.mark.subprocess
+def test_a_command_whose_output_socket_was_closed_ends_without_a_traceback() -> None:
+    """stdout a socket (a log shipper's connection) whose peer left: poll reports a hang-up
+    there, not the error a pipe's end reports, and the broken pipe was a traceback."""
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    with ours:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "help"],
+            cwd=ROOT,
+            env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test"},
+            stdout=ours,
+            stderr=subprocess.PIPE,
+        )
+    stderr = process.stderr.read().decode()
+    assert process.wait(60) == 1
+    assert "BrokenPipeError" not in stderr and "Traceback" not in stderr, stderr
+
+
+@pytest.mark.subprocess
+@pytest.mark.django_db(transaction=True)
+def test_a_command_error_after_output_whose_reader_left_keeps_its_line_and_status(builtin_agents, tmp_path) -> None:
+    """`submit_workflow F --wait --timeout 1 | head -1` whose workflow did not end in time: the
+    CommandError's line was on stderr, then the flush at exit failed on the broken pipe (its
+    uncatchable message, exit status 120 instead of the error's 1)."""
+    spec = tmp_path / "queued.json"
+    spec.write_text('{"name": "queued", "tasks": [{"name": "a", "agent": "echo"}]}')  # no worker: it stays queued
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "submit_workflow", str(spec), "--wait", "--timeout", "1"],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "config.settings.test",
+            "DATABASE_URL": database_url(),
+            "PYTHONUNBUFFERED": "",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(60) == 1
+    assert stderr.startswith("CommandError: workflow ") and stderr.endswith(" still running after 1 s\n"), stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import signal
 import sys
 import threading
 import time
@@ -500,12 +501,15 @@ class _Interrupted(io.StringIO):
 @pytest.mark.django_db
 def test_chat_left_by_ctrl_c_says_how_to_continue_not_a_traceback(builtin_agents, monkeypatch):
     """^C, at the prompt or while a reply was awaited, was a KeyboardInterrupt's traceback, and
-    the thread's id, which only the parting line gives, was lost with it."""
+    the thread's id, which only the parting line gives, was lost with it. Its status stays ^C's
+    (manage.py then ends the process by SIGINT): with 0 a script running chat in a loop went on."""
     from orchestration.management.commands import chat
 
     monkeypatch.setattr(sys, "stdin", _Interrupted(""))
     out = io.StringIO()
-    call_command("chat", "echo", "--instance", "at-prompt", stdout=out)
+    with pytest.raises(SystemExit) as ended:
+        call_command("chat", "echo", "--instance", "at-prompt", stdout=out)
+    assert ended.value.code == 128 + signal.SIGINT
     assert out.getvalue().endswith("\n(continue with: manage.py chat echo --instance at-prompt)\n")
 
     def interrupted(seconds):
@@ -515,7 +519,9 @@ def test_chat_left_by_ctrl_c_says_how_to_continue_not_a_traceback(builtin_agents
     # ^C while the reply is awaited (the module's own clock, not the time module everyone shares)
     monkeypatch.setattr(chat, "time", SimpleNamespace(monotonic=time.monotonic, sleep=interrupted))
     out = io.StringIO()
-    call_command("chat", "echo", "--instance", "awaiting", stdout=out)
+    with pytest.raises(SystemExit) as ended:
+        call_command("chat", "echo", "--instance", "awaiting", stdout=out)
+    assert ended.value.code == 128 + signal.SIGINT
     assert out.getvalue().endswith("\n(continue with: manage.py chat echo --instance awaiting)\n")
     [asked] = AgentPlaygroundMessage.objects.filter(instance_id="awaiting", role="user")
     assert asked.content == "hello" and TaskExecution.objects.get(pk=asked.execution_id).status == "queued"

@@ -8,6 +8,7 @@ from django.core.management.base import CommandError
 
 from orchestration.errors import ConversationError
 from orchestration.management.arguments import DatabaseCommand, seconds, text
+from orchestration.management.stopping import INTERRUPTED
 from orchestration.models import Agent, AgentPlaygroundMessage, TaskExecution
 from orchestration.selectors import conversation_thread
 from orchestration.services.conversations import INSTANCE_ID_RULE, conversation_message_post, instance_id_check
@@ -50,6 +51,7 @@ class Command(DatabaseCommand):
         timeout = options["timeout"] or settings.CONVERSATION_TIMEOUT_SECONDS * (settings.CONVERSATION_MAX_RETRIES + 1)
         interactive = sys.stdin.isatty()
         self.stdout.write(f"conversation {instance_id} with {agent.name} ({agent.id}); an empty line ends")
+        interrupted = False
         try:
             for line in self._lines(interactive):
                 if not line.strip():
@@ -64,8 +66,13 @@ class Command(DatabaseCommand):
             # ^C leaves as an empty line does, at the prompt or while a reply is awaited (its
             # task goes on and is recorded in the thread): it was a traceback.
             self.stdout.write("")
+            interrupted = True
         as_user = f" --user {owner.get_username()}" if owner is not None else ""
         self.stdout.write(f"(continue with: manage.py chat {agent.id} --instance {instance_id}{as_user})")
+        if interrupted:
+            # ^C's status, not 0: a script running chat in a loop stopped at ^C before, by the
+            # KeyboardInterrupt; with 0 it went on to the next chat, posting its input again.
+            sys.exit(INTERRUPTED)
 
     def _thread_check(self, instance_id: str, *, agent: Agent, owner) -> None:
         """Refuse a thread this command cannot continue before the first message is typed, and

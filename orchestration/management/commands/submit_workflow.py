@@ -1,3 +1,4 @@
+import signal
 import sys
 import time
 from pathlib import Path
@@ -8,7 +9,7 @@ from django.utils import timezone
 
 from orchestration.errors import SpecError
 from orchestration.management.arguments import DatabaseCommand, seconds
-from orchestration.management.stopping import StopRequest, stop_on_signals
+from orchestration.management.stopping import INTERRUPTED, StopRequest, stop_on_signals
 from orchestration.models import TaskExecution, Workflow
 from orchestration.services.specs import spec_parse
 from orchestration.services.workflows import workflow_submit
@@ -117,9 +118,12 @@ class Command(DatabaseCommand):
             if timed_out:
                 raise CommandError(f"workflow {workflow_id} still {workflow.status} after {timeout:.0f} s")
             if stopped:
+                # ^C's status, not 1: a script running this command in a loop stopped at ^C
+                # before, by the KeyboardInterrupt; with 1 it went on to submit the next spec.
                 raise CommandError(
                     f"stopped waiting: workflow {workflow_id} is still {workflow.status} and goes on "
-                    f"(manage.py workflow_status {workflow_id} shows it)"
+                    f"(manage.py workflow_status {workflow_id} shows it)",
+                    returncode=INTERRUPTED if stop.signum == signal.SIGINT else 1,
                 )
             time.sleep(0.5)  # a stop asked for meanwhile is seen at the next look
 
