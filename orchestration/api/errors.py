@@ -103,12 +103,16 @@ def spec_field(text: str) -> str:
 
 def spec_problem(text: str) -> dict[str, str]:
     """A SpecError problem as a validation error's {field, detail}: "tasks[2] (fetch).depends_on:
-    unknown task 'x'" is {"field": "tasks[2].depends_on", "detail": "unknown task 'x'"}; a
-    problem that does not begin with its field and a colon keeps its whole text."""
+    unknown task 'x'" is {"field": "tasks[2].depends_on", "detail": "unknown task 'x'"}, and
+    "tasks[1] (a).max_retries must be between 0 and 20, got 50" is {"field":
+    "tasks[1].max_retries", "detail": "must be between 0 and 20, got 50"}: the detail says the
+    field no more than a serializer's does. A problem that names no field keeps its whole text."""
     field = spec_field(text)
     match = _FIELD_RE.match(text)
-    if match and text[match.end() :].startswith(": "):
-        return {"field": field, "detail": text[match.end() + 2 :]}
+    if match:
+        for separator in (": ", " "):
+            if text[match.end() :].startswith(separator):
+                return {"field": field, "detail": text[match.end() + len(separator) :]}
     return {"field": field, "detail": text}
 
 

@@ -253,7 +253,7 @@ def _unstorable(value: Any, where: str, problems: list[str], walk: _Walk, *, tex
         if walk.left < 0:
             if walk.left == -1:
                 problems.append(
-                    f"the spec expands to more than {SPEC_MAX_VALUES:,} values (at {_at(base, kind, step)}; YAML "
+                    f"spec expands to more than {SPEC_MAX_VALUES:,} values (at {_at(base, kind, step)}; YAML "
                     "aliases repeat what they name)"
                 )
             return
@@ -431,9 +431,13 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
             problems.append(f"{where}.{key}: unknown field (allowed: {', '.join(sorted(TASK_FIELDS))})")
         task_name = _str(raw.get("name"), f"{where}.name", problems, required=True)
         if task_name:
-            where = f"tasks[{i}] ({task_name})"
-            if not TASK_NAME_RE.match(task_name):
-                problems.append(f"{where}.name may contain only letters, digits, '_', '.' and '-'")
+            if TASK_NAME_RE.match(task_name):
+                where = f"tasks[{i}] ({task_name})"
+            else:
+                # Quoted in its own problem, not said in the path: a name holding ')' or ': '
+                # ("x) y") was read as part of the path, each problem of its task then named
+                # under another field ("tasks[0]", the detail "y).agent: ...").
+                problems.append(f"{where}.name {task_name!r} may contain only letters, digits, '_', '.' and '-'")
             if task_name in seen_names:
                 problems.append(f"{where}.name is a duplicate task name")
             seen_names.add(task_name)

@@ -130,7 +130,7 @@ def test_a_value_postgresql_cannot_store_is_refused_naming_where_it_is(callers, 
 @pytest.mark.parametrize(
     ("fields", "quoted"),
     [
-        ('"tasks": [{"name": "a\\udc80", "agent": "echo"}]', "tasks[0] (a\\udc80).name may contain only"),
+        ('"tasks": [{"name": "a\\udc80", "agent": "echo"}]', "tasks[0].name 'a\\udc80' may contain only"),
         ('"x\\ud800": 1, "tasks": [{"name": "a", "agent": "echo"}]', "x\\ud800: unknown field"),
         ('"tasks": [{"name": "a", "agent": "echo", "x\\ud800": 1}]', "tasks[0].x\\ud800: unknown field"),
         ('"metadata": {"k\\ud800": [1e400]}', "metadata.k\\ud800[0] is inf"),
@@ -144,7 +144,7 @@ def test_a_spec_problem_quoting_an_unpaired_surrogate_spells_it_as_its_escape(ca
     tasks = "" if '"tasks"' in fields else ', "tasks": [{"name": "a", "agent": "echo"}]'
     refused = _post(callers["developer"], '{"name": "n", ' + fields + tasks + "}")
     assert refused.status_code == 400, refused.content
-    assert any(error["detail"].startswith(quoted) for error in refused.json()["errors"]), refused.json()
+    assert quoted in refused.json()["detail"], refused.json()
     assert not Workflow.objects.exists()
 
 
@@ -164,8 +164,8 @@ def test_a_nul_in_a_spec_is_named_among_its_other_problems_and_nothing_is_stored
     refused = _post(callers["developer"], json.dumps(body), **header)
     assert refused.status_code == 400, refused.content
     errors = [(e["field"], e["detail"]) for e in refused.json()["errors"]]
-    assert ("metadata.a[1]", "metadata.a[1] contains a NUL character (\\u0000)") in errors
-    assert ("tasks[0].agent", "tasks[0].agent contains a NUL character (\\u0000)") in errors
+    assert ("metadata.a[1]", "contains a NUL character (\\u0000)") in errors
+    assert ("tasks[0].agent", "contains a NUL character (\\u0000)") in errors
     assert {"name", "priority", "tasks[1].depends_on"} <= {field for field, _ in errors}
     assert Workflow.objects.count() == (1 if header else 0)
 

@@ -33,6 +33,18 @@ def test_submit_stores_the_workflow_for_the_caller_and_returns_it_with_tasks(cal
     assert body["spec"] == SPEC
 
 
+def test_a_submitted_workflow_is_named_by_its_location_and_a_replay_is_not(callers, submit):
+    """A 201 said what it made only in its body: a client following Location (as it does an
+    export's 202) had nothing to follow."""
+    dev = callers["developer"]
+    created = submit(dev, SPEC, HTTP_IDEMPOTENCY_KEY="order-1")
+    workflow_id = created.json()["workflow_id"]
+    assert created["Location"] == f"http://testserver/api/v1/workflows/{workflow_id}/"
+    assert dev.client.get(created["Location"]).json()["workflow_id"] == workflow_id
+    replayed = submit(dev, SPEC, HTTP_IDEMPOTENCY_KEY="order-1")
+    assert replayed.status_code == 200 and "Location" not in replayed
+
+
 def test_every_spec_problem_is_reported_naming_its_field_and_nothing_is_stored(callers, submit):
     spec = {
         "name": "",
@@ -70,6 +82,35 @@ def test_a_spec_problem_and_a_serializer_error_are_one_shape(callers, submit):
         assert body["type"] == "urn:agentledger:problem:validation-error"
         assert body["errors"] == [error]
         assert body["detail"].endswith(f": {error['detail']}")
+
+
+def test_each_spec_problem_is_named_by_its_path_and_says_it_once(callers, submit):
+    """Only a problem written "field: detail" lost its field: "tasks[1] (a).name is a duplicate
+    task name" came back with that whole text as its detail, a body of more than a million
+    values was listed under the field "the", and every problem of a task named "x) y" under
+    "tasks[0]", its detail beginning "y).agent"."""
+    spec = {
+        "name": "",
+        "tasks": [
+            {"name": "a", "agent": "echo", "max_retries": 50},
+            {"name": "a", "agent": "echo", "input": [1]},
+        ],
+    }
+    assert submit(callers["developer"], spec).json()["errors"] == [
+        {"field": "name", "detail": "must not be empty"},
+        {"field": "tasks[0].max_retries", "detail": f"must be between 0 and {settings.TASK_MAX_RETRIES_LIMIT}, got 50"},
+        {"field": "tasks[1].name", "detail": "is a duplicate task name"},
+        {"field": "tasks[1].input", "detail": "must be a mapping"},
+    ]
+    # A name that is not one is quoted, not read as part of the path of its task's problems.
+    odd = submit(callers["developer"], {"name": "n", "tasks": [{"name": "x) y", "agent": "nobody"}]}).json()
+    assert odd["errors"] == [
+        {"field": "tasks[0].name", "detail": "'x) y' may contain only letters, digits, '_', '.' and '-'"},
+        {"field": "tasks[0].agent", "detail": "unknown agent 'nobody'"},
+    ]
+    many = submit(callers["developer"], {**SPEC, "metadata": {"values": [0] * 1_000_001}}).json()
+    assert [e["field"] for e in many["errors"]] == ["spec"]
+    assert many["errors"][0]["detail"].startswith("expands to more than 1,000,000 values (at metadata.values[")
 
 
 @pytest.mark.parametrize(

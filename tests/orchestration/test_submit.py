@@ -353,7 +353,7 @@ def test_a_yaml_spec_whose_aliases_expand_it_past_the_limit_is_refused(db, tmp_p
     path = tmp_path / "laughs.yaml"
     path.write_text("\n".join(lines) + "\n")
     started = time.monotonic()
-    with pytest.raises(CommandError, match=f"the spec expands to more than {SPEC_MAX_VALUES:,} values"):
+    with pytest.raises(CommandError, match=f"spec expands to more than {SPEC_MAX_VALUES:,} values"):
         call_command("submit_workflow", str(path), stdout=io.StringIO())
     assert time.monotonic() - started < 60, "stopped at the limit, not after walking 10**9 values"
     assert Workflow.objects.count() == 0
