@@ -87,6 +87,25 @@ def test_a_list_without_filters_refuses_a_parameter_it_does_not_read(callers, su
     assert page.status_code == 200, page.content
 
 
+@pytest.mark.parametrize(
+    "path, formats",
+    [
+        ("/api/v1/workflows/?format=csv", "api, json"),
+        ("/api/v1/workflows/{workflow}/?format=csv", "api, json"),
+        ("/api/v1/me/?format=csv", "api, json"),
+        ("/api/v1/schema/?format=csv", "json, yaml"),
+    ],
+)
+def test_a_format_no_renderer_has_is_a_400_naming_the_formats_not_a_404(callers, submit, path, formats):
+    """DRF answered `?format=csv` with a bare 404: a workflow that exists was "not found"."""
+    workflow = submit(callers["developer"]).json()["workflow_id"]
+    response = callers["developer"].client.get(path.format(workflow=workflow))
+    assert response.status_code == 400, response.content
+    assert response["Content-Type"] == "application/problem+json"
+    assert response.json()["errors"] == [{"field": "format", "detail": f"must be one of: {formats}"}]
+    assert callers["developer"].client.get(path.format(workflow=workflow).replace("csv", "json")).status_code == 200
+
+
 def test_the_public_schema_is_generated_once_per_format(db, monkeypatch):
     generated = []
     real = SchemaGenerator.get_schema
