@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.db.models import QuerySet
+from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
@@ -113,6 +114,11 @@ class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, v
     @extend_schema(
         summary="Create an agent (admins)",
         request=AgentCreateSerializer,
+        parameters=[
+            OpenApiParameter(
+                "Location", OpenApiTypes.URI, OpenApiParameter.HEADER, description="the agent created", response=[201]
+            )
+        ],
         examples=[OpenApiExample("an llm agent", value=AGENT_EXAMPLE, request_only=True)],
         responses={201: AgentSerializer, **problem_responses(400, 401, 403, 429)},
     )
@@ -120,7 +126,8 @@ class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, v
         data = AgentCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         agent = agent_create(fields=dict(data.validated_data), actor=request.user)
-        return Response(AgentSerializer(agent).data, status=status.HTTP_201_CREATED)
+        location = request.build_absolute_uri(reverse("api:agent-detail", kwargs={"pk": agent.pk}))
+        return Response(AgentSerializer(agent).data, status=status.HTTP_201_CREATED, headers={"Location": location})
 
     @extend_schema(
         summary="Replace an agent's settings (admins)",
@@ -231,8 +238,13 @@ class ConversationMessagesView(ApiMixin, APIView):
         summary="Post a user message",
         description="Stores the message and queues the agent's reply, which arrives as a new message of "
         "the thread. A new instance_id starts a thread.",
-        parameters=[OpenApiParameter("instance_id", OpenApiTypes.STR, OpenApiParameter.PATH)],
         request=MessagePostSerializer,
+        parameters=[
+            OpenApiParameter("instance_id", OpenApiTypes.STR, OpenApiParameter.PATH),
+            OpenApiParameter(
+                "Location", OpenApiTypes.URI, OpenApiParameter.HEADER, description="the reply's task", response=[202]
+            ),
+        ],
         examples=[OpenApiExample("hello", value={"agent": "echo", "content": "Hello!"}, request_only=True)],
         responses={202: MessageAcceptedSerializer, **problem_responses(400, 401, 403, 404, 409, 413, 429)},
     )
@@ -260,5 +272,15 @@ class ConversationMessagesView(ApiMixin, APIView):
             # The service's message begins with the field it names, which the answer names once.
             problem = spec_problem(str(exc))
             raise ValidationError({problem["field"] or "conversation": [problem["detail"]]}) from None
-        body = {"message_id": message.message_id, "instance_id": instance_id, "status": "accepted"}
-        return Response(MessageAcceptedSerializer(body).data, status=status.HTTP_202_ACCEPTED)
+        # The id to poll is the reply's task: a message has no page of its own, and the thread's
+        # list was the only way to learn the task to follow or cancel.
+        body = {
+            "message_id": message.message_id,
+            "instance_id": instance_id,
+            "execution_id": message.execution_id,
+            "status": "accepted",
+        }
+        location = request.build_absolute_uri(reverse("api:task-detail", kwargs={"execution_id": message.execution_id}))
+        return Response(
+            MessageAcceptedSerializer(body).data, status=status.HTTP_202_ACCEPTED, headers={"Location": location}
+        )

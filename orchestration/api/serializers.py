@@ -761,6 +761,9 @@ class MessageAcceptedSerializer(serializers.Serializer):
 
     message_id = serializers.CharField()
     instance_id = serializers.CharField()
+    execution_id = serializers.CharField(
+        help_text="the task that replies (`GET /tasks/{execution_id}/` follows or cancels it; also `Location`)"
+    )
     status = serializers.CharField(help_text="'accepted': the agent's reply arrives as a new message")
 
 

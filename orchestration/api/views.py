@@ -10,6 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db.models import Exists, OuterRef, Prefetch, Q, QuerySet
+from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
@@ -245,7 +246,14 @@ class WorkflowViewSet(
         parameters=[
             OpenApiParameter(
                 idempotency.HEADER, OpenApiTypes.STR, OpenApiParameter.HEADER, description="any unique string"
-            )
+            ),
+            OpenApiParameter(
+                "Location",
+                OpenApiTypes.URI,
+                OpenApiParameter.HEADER,
+                description="the workflow created",
+                response=[201],
+            ),
         ],
         examples=[OpenApiExample("two tasks", value=SPEC_EXAMPLE, request_only=True)],
         responses={
@@ -258,7 +266,14 @@ class WorkflowViewSet(
         workflow, created = idempotency.workflow_submit_idempotent(
             owner=request.user, body=request.data, header_key=request.headers.get(idempotency.HEADER)
         )
-        return self._workflow_response(workflow, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+        if not created:
+            return self._workflow_response(workflow, status.HTTP_200_OK)
+        response = self._workflow_response(workflow, status.HTTP_201_CREATED)
+        # A 201 names what it created (RFC 9110 §15.3.2), as an export's 202 names its run.
+        response["Location"] = request.build_absolute_uri(
+            reverse("api:workflow-detail", kwargs={"workflow_id": workflow.pk})
+        )
+        return response
 
     def _workflow_response(self, workflow: Workflow, code: int) -> Response:
         workflow = (

@@ -37,6 +37,13 @@ def test_admin_creates_changes_and_deactivates_an_agent(callers):
     assert [e.payload["change"] for e in changes.order_by("sequence")] == ["created", "updated", "deactivated"]
 
 
+def test_a_created_agent_is_named_by_its_location(callers):
+    admin = callers["admin"].client
+    created = admin.post("/api/v1/agents/", NEW, format="json")
+    assert created["Location"] == "http://testserver/api/v1/agents/summariser-001/"
+    assert admin.get(created["Location"]).json()["id"] == "summariser-001"
+
+
 @pytest.mark.parametrize("body", ['{"reason": 5}', "[1]", "not json"], ids=["field", "array", "not-json"])
 def test_deactivate_refuses_a_body_and_leaves_the_agent_active(callers, body):
     """Deactivate ignored its body (a `reason` it never recorded, a body that was not JSON)."""

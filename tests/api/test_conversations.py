@@ -17,7 +17,15 @@ def test_post_is_accepted_with_the_message_id_and_bad_input_names_the_field(call
     body = response.json()
     message = AgentPlaygroundMessage.objects.get(pk=body["message_id"])
     assert (message.instance_id, message.role, message.owner) == ("t-1", "user", callers["developer"].user)
-    assert body == {"message_id": message.pk, "instance_id": "t-1", "status": "accepted"}
+    assert body == {
+        "message_id": message.pk,
+        "instance_id": "t-1",
+        "execution_id": message.execution_id,
+        "status": "accepted",
+    }
+    # The reply's task, to follow or cancel, without reading the thread for its id.
+    assert response["Location"] == f"http://testserver/api/v1/tasks/{message.execution_id}/"
+    assert dev.get(response["Location"]).json()["task_type"] == "conversation"
 
     listed = dev.get("/api/v1/conversations/t-1/messages/").json()["results"]
     assert [(m["role"], m["content"]) for m in listed] == [("user", "hello")]
