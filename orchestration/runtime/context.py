@@ -52,7 +52,7 @@ class TaskContext:
     attempt_number: int
     timeout_seconds: int
     upstream: dict[str, Any]
-    """Outputs of the tasks this one depends on, by task name."""
+    """Outputs of the tasks this one depends on, by task name, in its depends_on order."""
     agent_config: dict[str, Any] = field(default_factory=dict)
     tools: ToolBox | None = None
     """The tools this agent may call (its definition's config.tools); each call is recorded."""

@@ -487,13 +487,17 @@ def attempt_claim(
 
 
 def _upstream_outputs(workflow_id: str | None, depends_on: list[str]) -> dict[str, Any]:
+    """The outputs of the tasks `depends_on` names, by name, in the spec's order: the rows come
+    in whatever order the table holds them (a fan-in's parents in the order their completions
+    rewrote them), which an agent iterating them, or an agent service sent them, took as given."""
     if not depends_on or not workflow_id:
         return {}
-    return dict(
+    outputs = dict(
         TaskExecution.objects.filter(workflow_id=workflow_id, task_name__in=depends_on).values_list(
             "task_name", "output_data"
         )
     )
+    return {name: outputs[name] for name in depends_on if name in outputs}
 
 
 def _claim_from_fast(fast: fastpath.FastClaim) -> Claim:

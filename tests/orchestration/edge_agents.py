@@ -216,3 +216,13 @@ def interrupt_then_query_fails(task_input, context):
     except KeyboardInterrupt:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1 / 0")
+
+
+def colliding_keys(task_input, context):
+    # 1 and "1" are one key in JSON: jsonb would keep only the last value.
+    return {"counts": {1: "from the int key", "1": "from the str key"}}
+
+
+def upstream_names(task_input, context):
+    """The names of the upstream outputs it was given, in the order it was given them."""
+    return {"names": list(context.upstream)}

@@ -89,6 +89,21 @@ def test_dag_fans_out_and_in_with_upstream_outputs(engine, fast_path):
     assert event_types(wf.workflow_id) == ["workflow_created", "workflow_started", "workflow_completed"]
 
 
+def test_a_fan_in_gets_its_upstream_outputs_in_the_order_its_depends_on_names_them(engine):
+    engine(concurrency=2)
+    edge_agent("names", "upstream_names")
+    parents = [f"p{i:02d}" for i in range(12)]
+    order = [*parents[1::2], *reversed(parents[::2])]  # neither the rows' order nor the names'
+    wf = finished(
+        submit(
+            *({"name": name, "agent": "echo"} for name in parents),
+            {"name": "join", "agent": "names", "depends_on": order},
+        )
+    )
+    assert wf.status == Workflow.Status.COMPLETED
+    assert task(wf, "join").output_data == {"names": order}
+
+
 @pytest.mark.parametrize("fast_path", ["true", "false"], ids=["fast-path", "general-path"])
 def test_retryable_errors_are_retried_with_backoff_and_every_attempt_is_recorded(engine, fast_path):
     engine(env={"ENGINE_FAST_PATH": fast_path})
