@@ -275,7 +275,10 @@ def json_loads_strict(text: str) -> Any:
 
 def jsonb_problem(value: Any, where: str = "") -> str | None:
     """Why PostgreSQL's jsonb (and text columns) would refuse a JSON value, or None: a NUL
-    character or an unpaired UTF-16 surrogate in a string or a key. `where` names the path."""
+    character or an unpaired UTF-16 surrogate in a string or a key; or would not keep it: two
+    keys of one mapping that JSON writes as one (json.dumps writes 1, True and None as "1",
+    "true" and "null", and jsonb keeps the last of a key given twice, the other value lost
+    without a word). `where` names the path. For a value json.dumps takes."""
 
     def text_problem(text: str, at: str) -> str | None:
         if "\x00" in text:
@@ -293,6 +296,8 @@ def jsonb_problem(value: Any, where: str = "") -> str | None:
             if problem := text_problem(item, at):
                 return problem
         elif isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item) and (problem := _keys_collide(item, at)):
+                return problem
             for key, child in item.items():
                 path = f"{at}.{key}" if at else str(key)
                 if isinstance(key, str) and (problem := text_problem(key, f"{at or '(value)'} key {key!r}")):
@@ -300,6 +305,18 @@ def jsonb_problem(value: Any, where: str = "") -> str | None:
                 stack.append((child, path))
         elif isinstance(item, list | tuple):
             stack.extend((child, f"{at}[{i}]") for i, child in enumerate(item))
+    return None
+
+
+def _keys_collide(mapping: dict[Any, Any], at: str) -> str | None:
+    """Two keys of `mapping` that are one text in JSON (1 and "1", True and "true"), or None."""
+    seen: dict[str, Any] = {}
+    for key in mapping:
+        text = key if isinstance(key, str) else json.dumps(key)
+        if text in seen:
+            where = at or "(value)"
+            return f"{where}: keys {seen[text]!r} and {key!r} are both {text!r} in JSON (one value would be lost)"
+        seen[text] = key
     return None
 
 

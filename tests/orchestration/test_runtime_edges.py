@@ -28,6 +28,7 @@ from orchestration.services.execution import Claim, Outcome, attempt_claim, atte
 from orchestration.services.workflows import workflow_cancel, workflow_submit
 from tests.engine import wait_for
 from tests.fakes.servers import OpenAIServer, Reply
+from tests.orchestration.edge_agents import edge_agent
 from tests.orchestration.test_engine import submit, task
 from tests.orchestration.test_executors import ctx
 
@@ -133,6 +134,19 @@ def test_unstorable_result_fails_the_attempt_instead_of_leaving_it_running(engin
     first = closed_by_the_worker(workflow)
     # closed either way: a NUL output fails it, a float cost is recorded as the decimal it is
     assert first.status in (TaskAttempt.Status.FAILED, TaskAttempt.Status.SUCCEEDED), first.error
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_output_whose_keys_are_one_in_json_fails_the_attempt_instead_of_losing_a_value(engine):
+    engine()
+    edge_agent("odd", "colliding_keys")
+    workflow = finished(_submit_one("odd", max_retries=0))
+    only = task(workflow, "only")
+    assert (only.status, only.output_data) == (TaskExecution.Status.FAILED, None)
+    assert only.error == (
+        "PermanentError: agent output cannot be stored: output.counts: keys 1 and '1' are both '1' in JSON "
+        "(one value would be lost)"
+    )
 
 
 @pytest.mark.django_db(transaction=True)
