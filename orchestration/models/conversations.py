@@ -65,6 +65,8 @@ class AgentPlaygroundMessage(CreatedModel):
         indexes = [
             models.Index(fields=["instance_id", "created_at"], name="idx_messages_instance_created"),
             models.Index(fields=["agent", "-created_at"], name="idx_messages_agent_created"),
+            # Retention's batches, oldest first up to its cutoff (migration 0040).
+            models.Index(fields=["created_at"], name="idx_messages_created_at"),
         ]
         constraints = [
             models.CheckConstraint(

@@ -1,4 +1,5 @@
 from django.db import models
+from django.db.models.functions import Coalesce
 
 from orchestration.ids import uuid7
 from orchestration.models.agents import Agent
@@ -52,6 +53,8 @@ class AgentMetric(CreatedModel):
         ordering = ["-recorded_at"]
         indexes = [
             models.Index(fields=["agent", "metric_type", "-recorded_at"], name="idx_metrics_agent_type_time"),
+            # Retention's batches, the oldest first up to its cutoff (migration 0040).
+            models.Index(Coalesce("period_start", "recorded_at"), name="idx_metrics_age"),
         ]
         constraints = [
             models.CheckConstraint(

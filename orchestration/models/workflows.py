@@ -101,6 +101,12 @@ class Workflow(TimestampedModel):
             models.Index(fields=["-created_at"], name="idx_workflows_created_at"),
             models.Index(fields=["workflow_type"], name="idx_workflows_type"),
             models.Index(fields=["owner", "-created_at"], name="idx_workflows_owner_created"),
+            # Retention's batches, the longest ended first up to its cutoff (migration 0040).
+            models.Index(
+                fields=["completed_at"],
+                name="idx_workflows_ended",
+                condition=models.Q(status__in=["completed", "failed", "cancelled"]),
+            ),
         ]
         constraints = [
             DomainCheck(field="status", condition=in_choices("status", WorkflowStatus), name="workflows_status_valid"),

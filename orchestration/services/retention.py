@@ -42,7 +42,9 @@ from django.apps import apps
 from django.conf import settings
 from django.contrib.sessions.models import Session
 from django.db import connection, transaction
-from django.db.models import Exists, Model, OuterRef, Q
+from django.db.models import Exists, Expression, Model, OuterRef, Q
+from django.db.models.functions import Coalesce
+from django.db.models.lookups import LessThan
 
 from orchestration.db import database_now
 from orchestration.models import AgentInteraction, AgentMetric, AgentPlaygroundMessage, TaskExecution, Workflow
@@ -68,12 +70,23 @@ class RetentionResult:
 
 
 def _delete_in_batches(
-    model: type[Model], condition: Q, *, batch: int = BATCH, weight: str | None = None, weight_limit: int = 0
+    model: type[Model],
+    condition: Q,
+    *,
+    oldest_first: str | Expression,
+    batch: int = BATCH,
+    weight: str | None = None,
+    weight_limit: int = 0,
 ) -> Counter[str]:
     """Delete the rows matching `condition`, `batch` at a time, each batch its own transaction;
-    rows deleted per table (the model's own and every table the ORM cascaded to). `weight`: a
-    column counting the rows that go with each one (a workflow's total_steps); a batch then
-    also stops before their sum passes `weight_limit`, with one row at least."""
+    rows deleted per table (the model's own and every table the ORM cascaded to). `oldest_first`:
+    the indexed time (column or expression) the batches are taken in ascending order of, which
+    `condition` bounds where it can, so that a batch reads the old rows from the index: in the
+    model's own ordering (newest first for workflows and metrics) every batch read past all the
+    rows kept before the first old one (0.7 s a batch of 500 of 2 M workflows, one day old of
+    400; migration 0040). `weight`: a column counting the rows that go with each one (a
+    workflow's total_steps); a batch then also stops before their sum passes `weight_limit`,
+    with one row at least."""
     deleted: Counter[str] = Counter({model._meta.db_table: 0})
     while True:
         with transaction.atomic():
@@ -83,6 +96,7 @@ def _delete_in_batches(
             rows = list(
                 model.objects.select_for_update(skip_locked=True, of=("self",))
                 .filter(condition)
+                .order_by(oldest_first)
                 .values_list("pk", *([weight] if weight else []))[:batch]
             )
             if not rows:
@@ -161,30 +175,43 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
         else:
             deleted["events"] += events_prune(before=before, max_sequence=relayed)
     if (before := cutoff(settings.RETENTION_DAYS_MESSAGES)) is not None:
-        deleted.update(_delete_in_batches(AgentPlaygroundMessage, Q(created_at__lt=before)))
+        deleted.update(_delete_in_batches(AgentPlaygroundMessage, Q(created_at__lt=before), oldest_first="created_at"))
         condition = Q(
             workflow__isnull=True, status__in=TaskExecution.TERMINAL_STATUSES, completed_at__lt=before
         ) & ~Exists(AgentPlaygroundMessage.objects.filter(execution=OuterRef("pk")))
         # Their hand-offs (outside any workflow too) go with them, as a workflow's go with it.
         replies = TaskExecution.objects.filter(condition).values("pk")
-        deleted.update(_delete_in_batches(AgentInteraction, Q(workflow__isnull=True, execution__in=replies)))
-        deleted.update(_delete_in_batches(TaskExecution, condition, batch=WORKFLOW_BATCH))
+        deleted.update(
+            _delete_in_batches(
+                AgentInteraction, Q(workflow__isnull=True, execution__in=replies), oldest_first="created_at"
+            )
+        )
+        deleted.update(_delete_in_batches(TaskExecution, condition, oldest_first="created_at", batch=WORKFLOW_BATCH))
     if (before := cutoff(settings.RETENTION_DAYS_AGENT_METRICS)) is not None:
-        condition = Q(period_start__lt=before) | Q(period_start__isnull=True, recorded_at__lt=before)
-        deleted.update(_delete_in_batches(AgentMetric, condition))
+        # By the period's start, or when it was recorded for a metric of no period.
+        age = Coalesce("period_start", "recorded_at")
+        deleted.update(_delete_in_batches(AgentMetric, Q(LessThan(age, before)), oldest_first=age))
     if (before := cutoff(settings.RETENTION_DAYS_WORKFLOWS)) is not None:
+        # Old by completed_at: a workflow resumed (completed_at cleared) and ended again is as old
+        # as its last end.
         condition = Q(status__in=Workflow.TERMINAL_STATUSES, completed_at__lt=before)
         deleted.update(
             _delete_in_batches(
-                Workflow, condition, batch=WORKFLOW_BATCH, weight="total_steps", weight_limit=WORKFLOW_BATCH_TASKS
+                Workflow,
+                condition,
+                oldest_first="completed_at",
+                batch=WORKFLOW_BATCH,
+                weight="total_steps",
+                weight_limit=WORKFLOW_BATCH_TASKS,
             )
         )
     if (before := cutoff(settings.RETENTION_DAYS_EXPORT_RUNS)) is not None:
         from training_export.models import ExportRun
 
         condition = Q(created_at__lt=before, status__in=[ExportRun.Status.FAILED, ExportRun.Status.SUPERSEDED])
-        deleted.update(_delete_in_batches(ExportRun, condition))
-    deleted.update(+_delete_in_batches(Session, Q(expire_date__lt=now)))  # only when rows went
+        deleted.update(_delete_in_batches(ExportRun, condition, oldest_first="created_at"))
+    sessions = _delete_in_batches(Session, Q(expire_date__lt=now), oldest_first="expire_date")
+    deleted.update(+sessions)  # only when rows went
     # Temporary files of export writers that were killed mid-write: older than an export on a
     # worker may run (its hard time limit, and the grace before its run is called lost), so
     # neither a file being written nor one staged early in a long export and waiting for the

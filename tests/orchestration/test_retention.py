@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import uuid
 
 import pytest
@@ -445,3 +446,47 @@ def test_retention_on_a_host_whose_clock_runs_ahead_keeps_what_the_rollup_keeps(
     monkeypatch.setattr(timezone, "now", lambda: real_now() + dt.timedelta(days=1))
     assert retention_apply().deleted.get("agent_metrics", 0) == 0
     assert AgentMetric.objects.count() == 1
+
+
+def test_a_batch_reads_the_old_rows_from_an_index_and_none_of_those_kept(db, settings, monkeypatch):
+    """Each batch takes the oldest rows up to the cutoff from an index on the time column they
+    are judged by. In the models' own order (workflows and metrics newest first, messages by
+    thread) a batch read every row retention keeps before the first old one: 0.7 s a batch of
+    500 of 2 M workflows, for the one day of 400 past the cutoff, and the whole table again at
+    every batch of the run."""
+    settings.RETENTION_DAYS_EVENTS = settings.RETENTION_DAYS_EXPORT_RUNS = 0
+    settings.RETENTION_DAYS_WORKFLOWS = settings.RETENTION_DAYS_MESSAGES = settings.RETENTION_DAYS_AGENT_METRICS = 30
+    agent = AgentFactory()
+    for when, count, thread in ((RECENT, 20, "a-kept"), (OLD, 2, "z-old")):
+        for _ in range(count):
+            WorkflowFactory(status=Workflow.Status.COMPLETED, completed_at=when, total_steps=0)
+            MessageFactory(agent=agent, instance_id=thread, created_at=when)
+            MetricFactory(agent=agent, recorded_at=when)
+    plans: dict[str, str] = {}
+
+    def explained(execute, sql, params, many, context):
+        table = re.search(r'FROM "(\w+)"', sql)
+        if sql.startswith("SELECT") and "FOR UPDATE" in sql and table and table[1] not in plans:
+            with context["connection"].cursor() as cursor:
+                cursor.execute("SET LOCAL enable_seqscan = off")  # as on a big table
+                cursor.execute("EXPLAIN (ANALYZE, COSTS OFF) " + sql, params)
+                plans[table[1]] = "\n".join(row[0] for row in cursor.fetchall())
+                cursor.execute("SET LOCAL enable_seqscan = on")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(explained):
+        deleted = retention_apply(now=NOW).deleted
+
+    assert (deleted["workflows"], deleted["agent_playground_messages"], deleted["agent_metrics"]) == (2, 2, 2)
+    # The index on the time they are judged by (migration 0040), its range up to the cutoff.
+    indexes = {
+        "workflows": "idx_workflows_ended",
+        "agent_playground_messages": "idx_messages_created_at",
+        "agent_metrics": "idx_metrics_age",
+    }
+    read_otherwise = [
+        table
+        for table, index in indexes.items()
+        if index not in plans[table] or "Rows Removed by Filter" in plans[table]
+    ]
+    assert read_otherwise == [], plans
