@@ -990,7 +990,8 @@ def test_the_visibility_timeout_covers_a_deferred_messages_countdown_whatever_th
     now = timezone.now()
     TaskExecution.objects.filter(workflow=wf).update(deferred_at=now + dt.timedelta(seconds=60))
     agent = Agent.objects.get(pk="echo")
-    assert max(agent_slot_recheck_seconds(agent, now=now) for _ in range(200)) <= TASK_DEFERRAL_MAX_COUNTDOWN_SECONDS
+    delays = [agent_slot_recheck_seconds(agent, priority="low", now=now) for _ in range(200)]
+    assert max(delays) <= TASK_DEFERRAL_MAX_COUNTDOWN_SECONDS
 
 
 def test_beat_schedules_for_the_relay_and_the_reaper_exist(db):
@@ -1195,10 +1196,36 @@ def test_a_deferral_counts_the_line_only_as_far_as_it_sets_the_wait(db, builtin_
     TaskExecution.objects.filter(workflow=wf).update(deferred_at=now + dt.timedelta(seconds=60))
     agent = Agent.objects.get(pk="echo")
     with CaptureQueriesContext(connection) as queries:
-        delay = agent_slot_recheck_seconds(agent, now=now)
+        delay = agent_slot_recheck_seconds(agent, priority="normal", now=now)
     assert 0.75 * AGENT_SLOT_RECHECK_MAX_SECONDS <= delay <= 1.25 * AGENT_SLOT_RECHECK_MAX_SECONDS
     (count,) = queries.captured_queries
     assert "LIMIT 30" in count["sql"], count["sql"]
+
+
+def test_a_deferral_counts_only_the_tasks_ahead_of_it_in_the_priority_ordered_line(db, builtin_agents):
+    """Migration 0039 put the line in priority order, but a deferral still counted every task
+    waiting for the agent: a critical task arriving behind 40 low ones was deferred 30 s though
+    none was ahead of it (a slot freed by a cancel went to the low tasks coming back before it).
+    A task of a less urgent priority is behind it, whenever it was queued."""
+    from orchestration.services.execution import AGENT_SLOT_RECHECK_MAX_SECONDS, AGENT_SLOT_RECHECK_SECONDS
+
+    Agent.objects.filter(pk="echo").update(max_concurrency=1)
+    r = task(submit({"name": "r", "agent": "echo"}), "r")
+    assert isinstance(attempt_claim(execution_id=r.pk, celery_task_id=r.celery_task_id, worker="w"), Claim)
+    backlog = submit(*({"name": f"t{n}", "agent": "echo"} for n in range(40)), priority="low")
+    start = timezone.now()
+    TaskExecution.objects.filter(workflow=backlog).update(deferred_at=start + dt.timedelta(seconds=60))
+
+    def deferral(wf: Workflow, name: str) -> float:
+        t = task(wf, name)
+        assert attempt_claim(execution_id=t.pk, celery_task_id=t.celery_task_id, worker="w") == Outcome.DEFERRED
+        return (task(wf, name).deferred_at - start).total_seconds()
+
+    critical = submit({"name": "c", "agent": "echo"}, {"name": "c2", "agent": "echo"}, priority="critical")
+    assert deferral(critical, "c") <= 1.25 * AGENT_SLOT_RECHECK_SECONDS + 1, "no task is ahead of it"
+    # c is ahead of c2 (and the low ones behind both); a low task still waits behind the line.
+    assert deferral(critical, "c2") <= 1.25 * 2 * AGENT_SLOT_RECHECK_SECONDS + 1
+    assert deferral(backlog, "t0") >= 0.75 * AGENT_SLOT_RECHECK_MAX_SECONDS
 
 
 def test_the_wake_and_the_deferral_read_the_agents_line_on_its_index_and_stop_at_the_limit(db, builtin_agents):
@@ -1242,11 +1269,12 @@ def test_the_wake_and_the_deferral_read_the_agents_line_on_its_index_and_stop_at
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE task_executions")
     with CaptureQueriesContext(connection) as queries:
-        agent_slot_recheck_seconds(agent, now=now)
+        agent_slot_recheck_seconds(agent, priority="critical", now=now)
+        agent_slot_recheck_seconds(agent, priority="low", now=now)
         agent_slot_hand_on(agent, now=now)
-    count = next(q["sql"] for q in queries.captured_queries if q["sql"].startswith("SELECT COUNT(*)"))
+    counts = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("SELECT COUNT(*)")]
     wake = next(q["sql"] for q in queries.captured_queries if "FOR UPDATE SKIP LOCKED" in q["sql"])
-    for sql in (count, wake):
+    for sql in (*counts, wake):
         with connection.cursor() as cursor:
             cursor.execute("SET LOCAL enable_seqscan = off")  # a table this small is read whole otherwise
             cursor.execute("EXPLAIN " + sql)
