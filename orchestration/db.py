@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from billiard import common as billiard_common
 from django.conf import settings
-from django.db import DatabaseError, OperationalError
+from django.db import DatabaseError, DataError, IntegrityError, OperationalError
 
 from orchestration.errors import ERROR_CLASS_MAX_LENGTH, error_class_name
 
@@ -117,6 +117,17 @@ def database_unreachable(exc: BaseException) -> bool:
         return False
     sqlstate = cause.sqlstate
     return sqlstate is None or sqlstate.startswith("08") or sqlstate in _UNREACHABLE_SQLSTATES
+
+
+def database_error_permanent(exc: BaseException) -> bool:
+    """Whether the database refused a write for what it holds, and would refuse it the same way
+    every time: a value it cannot store (DataError), a broken constraint (IntegrityError), or a
+    limit of PostgreSQL's (SQLSTATE class 54: a jsonb over 256 MiB, an index row too large).
+    Trying again only spends retries, and re-runs the agent each time."""
+    if isinstance(exc, DataError | IntegrityError):
+        return True
+    sqlstate = getattr(exc.__cause__, "sqlstate", None)
+    return isinstance(exc, OperationalError) and isinstance(sqlstate, str) and sqlstate.startswith("54")
 
 
 ERROR_DESCRIBED_MAX_LENGTH = 2000

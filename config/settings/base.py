@@ -232,7 +232,15 @@ TASK_HARD_TIMEOUT_GRACE_SECONDS = env.int("TASK_HARD_TIMEOUT_GRACE_SECONDS", 10,
 # Claim and complete attempts with single-statement fast paths on PostgreSQL (off: always the
 # general path, which handles every case; the test suite runs both).
 ENGINE_FAST_PATH = env.bool("ENGINE_FAST_PATH", True)
-WORKFLOW_MAX_TASKS = env.int("WORKFLOW_MAX_TASKS", 5000, minimum=1)
+# A workflow's step_results copy its tasks' outputs up to WORKFLOW_STEP_RESULTS_MAX_BYTES of JSON
+# in all; an output beyond it is a reference to its task (services/progress.py). PostgreSQL
+# refuses a jsonb value over 256 MiB, and a jsonb value takes up to 4 times its JSON text (an
+# array of small numbers): the two maximums keep the copies (128 MiB as jsonb at most) and one
+# reference per task (2.2 KB at most, a name of 255 four-byte characters twice) below it.
+WORKFLOW_MAX_TASKS = env.int("WORKFLOW_MAX_TASKS", 5000, minimum=1, maximum=50_000)
+WORKFLOW_STEP_RESULTS_MAX_BYTES = env.int(
+    "WORKFLOW_STEP_RESULTS_MAX_BYTES", 16 * 1024 * 1024, minimum=0, maximum=32 * 1024 * 1024
+)
 TASK_MAX_RETRIES_LIMIT = env.int("TASK_MAX_RETRIES_LIMIT", 20, minimum=0, maximum=100)
 TASK_RETRY_BACKOFF_BASE_SECONDS = float(env.int("TASK_RETRY_BACKOFF_BASE_MS", 1000, minimum=1)) / 1000
 TASK_RETRY_BACKOFF_MAX_SECONDS = env.int("TASK_RETRY_BACKOFF_MAX_SECONDS", 300, minimum=1)
@@ -319,6 +327,12 @@ AGENT_HTTP_CONNECT_TIMEOUT_SECONDS = env.int("AGENT_HTTP_CONNECT_TIMEOUT_SECONDS
 # Read timeouts are also capped by each task's timeout_seconds.
 AGENT_HTTP_READ_TIMEOUT_SECONDS = env.int("AGENT_HTTP_READ_TIMEOUT_SECONDS", 60, minimum=1, maximum=86400)
 AGENT_HTTP_MAX_RESPONSE_BYTES = env.int("AGENT_HTTP_MAX_RESPONSE_BYTES", 10 * 1024 * 1024, minimum=1024)
+# The largest output (bytes of its JSON) an agent of any executor may return; a larger one fails
+# the attempt for good, before anything is stored. Not the response cap above: that one bounds
+# what a worker reads off the network (an error page, a model's whole answer), this one what a
+# task stores, whatever produced it (a python agent reads nothing). The maximum keeps one
+# output's jsonb (up to 4 times its JSON) below PostgreSQL's 256 MiB.
+AGENT_MAX_OUTPUT_BYTES = env.int("AGENT_MAX_OUTPUT_BYTES", 10 * 1024 * 1024, minimum=1024, maximum=32 * 1024 * 1024)
 LLM_CONNECT_TIMEOUT_SECONDS = env.int("LLM_CONNECT_TIMEOUT_SECONDS", 10, minimum=1, maximum=300)
 LLM_READ_TIMEOUT_SECONDS = env.int("LLM_READ_TIMEOUT_SECONDS", 300, minimum=1, maximum=86400)
 # A model may call tools this many rounds in one attempt before the attempt fails.

@@ -427,7 +427,11 @@ class WorkflowDetailSerializer(WorkflowSerializer):
 
     spec = JSONObjectField(read_only=True)
     state_data = JSONObjectField(read_only=True)
-    step_results = JSONObjectField(read_only=True)
+    step_results = JSONObjectField(
+        read_only=True,
+        help_text="outputs by task name, recorded when the workflow ends; past WORKFLOW_STEP_RESULTS_MAX_BYTES "
+        'in all, an output is {"output_omitted": {"task_name", "execution_id", "bytes"}}: read it from its task',
+    )
     assigned_agents = StringListField(read_only=True)
     checkpoints = JSONListField(read_only=True)
     tasks = TaskSerializer(many=True, read_only=True)

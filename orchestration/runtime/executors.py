@@ -105,9 +105,14 @@ def _as_result(value: Any) -> AgentResult:
     if not isinstance(result.output, dict):
         raise refused(f"agent output is {type(result.output).__name__}; expected a mapping")
     try:
-        json.dumps(result.output, allow_nan=False)
+        text = json.dumps(result.output, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise refused(f"agent output is not JSON-serialisable: {exc}") from None
+    # Counted before anything is stored: a python agent's output has no response cap to pass,
+    # and outputs beyond PostgreSQL's jsonb limits failed the writes of the workflow's end.
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > (limit := settings.AGENT_MAX_OUTPUT_BYTES):
+        raise refused(f"agent output is {size} bytes of JSON, more than AGENT_MAX_OUTPUT_BYTES ({limit})")
     if problem := jsonb_problem(result.output, "output"):
         raise refused(f"agent output cannot be stored: {problem}")
     result.usage = usage

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import F, Max
 from django.db.models.functions import Now
 
@@ -32,6 +32,7 @@ from orchestration.db import (
     DatabaseClock,
     agent_stopping,
     atomic_with_retry,
+    database_error_permanent,
     stop_if_interrupted,
     stop_raised,
     terminate_handler_fired,
@@ -1044,10 +1045,12 @@ def _attempt_run(
             attempt=claim.attempt,
             succeeded=True,
         )
-    except (DataError, IntegrityError) as exc:
-        # The database refused the result (a value the checks above missed): record the
-        # attempt failed, with its spend, rather than leave it running for the reaper to
-        # misreport as a hard time-out and run again.
+    except DatabaseError as exc:
+        if not database_error_permanent(exc):
+            raise  # run_task sends the message again: the next delivery closes the attempt
+        # The database refused the result, and would every time (a value the checks above
+        # missed, a limit of PostgreSQL's): record the attempt failed for good, with its spend,
+        # rather than leave it running, or sent again, to be run again and refused again.
         logger.exception("attempt %s of %s: its result could not be stored", claim.attempt.attempt_number, execution_id)
         failure = PermanentError(f"the agent's result could not be stored: {type(exc).__name__}: {exc}")
         also = _turn_writer(context, claim.attempt, output=None, error=storable_text(str(failure)), usage=result.usage)

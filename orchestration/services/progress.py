@@ -13,8 +13,10 @@ import json
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Max
+from django.db.models import Case, F, Func, IntegerField, Max, Sum, When, Window
+from django.db.models.functions import Coalesce
 
 from observability.attempts import attempts_reaped
 from observability.metrics import tasks_cancelled_observe
@@ -309,17 +311,54 @@ def _ended_at(workflow: Workflow, now: dt.datetime) -> dt.datetime:
     return max(t for t in (now, workflow.started_at, latest) if t is not None)
 
 
+class _JSONBytes(Func):
+    """The size in bytes of a JSON column's text (what the API serves of it)."""
+
+    template = "octet_length((%(expressions)s)::text)"
+    output_field = IntegerField()
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        return super().as_sql(compiler, connection, template="length(CAST(%(expressions)s AS BLOB))", **extra)
+
+
+def output_reference(*, task_name: str, execution_id: str, size: int) -> dict[str, Any]:
+    """What step_results holds for an output not copied there: where to read it, and its size."""
+    return {"output_omitted": {"task_name": task_name, "execution_id": execution_id, "bytes": size}}
+
+
 def _record_results(workflow: Workflow) -> None:
     """step_results (output by task name) and checkpoints (completed tasks in completion
     order) from the task rows, once, when the workflow ends. Writing them on every
-    completion would rewrite an ever-growing JSON value under the workflow lock."""
-    done = (
+    completion would rewrite an ever-growing JSON value under the workflow lock.
+
+    The outputs are copied up to WORKFLOW_STEP_RESULTS_MAX_BYTES of JSON in all, in completion
+    order; one that does not fit in what is left is an output_reference (a later, smaller one
+    may still fit). Copied whole, three outputs of 100 MB made a value PostgreSQL refuses (a
+    jsonb over 256 MiB), and the workflow could never end. The sizes are read by the database:
+    an output that is not copied never leaves it, and when all fit (almost always) one query
+    reads them all, as before."""
+    budget = settings.WORKFLOW_STEP_RESULTS_MAX_BYTES
+    json_bytes = Coalesce(_JSONBytes("output_data"), 0)
+    rows = list(
         TaskExecution.objects.filter(workflow_id=workflow.workflow_id, status=TaskExecution.Status.COMPLETED)
         .order_by("completed_at", "execution_id")
-        .values_list("task_name", "output_data", "completed_at")
+        .annotate(size=json_bytes, total=Window(Sum(json_bytes)))
+        .annotate(copied=Case(When(total__lte=budget, then="output_data")))
+        .values_list("execution_id", "task_name", "completed_at", "size", "total", "copied")
     )
-    workflow.step_results = {name: output for name, output, _ in done}
-    workflow.checkpoints = [{"task": name, "at": at.isoformat()} for name, _, at in done]
+    outputs = {pk: copied for pk, _, _, _, _, copied in rows}
+    if rows and rows[0][4] > budget:
+        kept, left = [], budget
+        for pk, _, _, size, _, _ in rows:
+            if size <= left:
+                kept.append(pk)
+                left -= size
+        outputs = dict(TaskExecution.objects.filter(pk__in=kept).values_list("execution_id", "output_data"))
+    workflow.step_results = {
+        name: outputs[pk] if pk in outputs else output_reference(task_name=name, execution_id=pk, size=size)
+        for pk, name, _, size, _, _ in rows
+    }
+    workflow.checkpoints = [{"task": name, "at": at.isoformat()} for _, name, at, _, _, _ in rows]
 
 
 def workflow_fail(

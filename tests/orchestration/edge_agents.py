@@ -226,3 +226,13 @@ def colliding_keys(task_input, context):
 def upstream_names(task_input, context):
     """The names of the upstream outputs it was given, in the order it was given them."""
     return {"names": list(context.upstream)}
+
+
+def blob(task_input, context):
+    """An output of `input.bytes` characters (the audit's parents returned 100 MB each)."""
+    return {"blob": "x" * task_input["bytes"]}
+
+
+def small_sink(task_input, context):
+    """A small output naming the upstream tasks it was given."""
+    return {"parents": sorted(context.upstream)}
