@@ -222,10 +222,20 @@ def _at(base: str, kind: str, step: Any) -> str:
     if kind == "k":
         return f"{base} (a key)" if base else "(a key)"
     if kind == ".":
-        return f"{base}.{step}" if base else str(step)
+        return _keyed(base, step)
     if kind == "[":
         return f"{base}[{step}]"
     return base
+
+
+def _keyed(base: str, key: Any) -> str:
+    """The path of the value under `key` in the mapping at `base`. A key holding a space is
+    quoted in brackets (`metadata['my note']`): a problem reads "<path> <what is wrong>", and
+    spelled bare the path would end at the key's space (field "metadata.my", detail "note
+    contains a NUL character")."""
+    if isinstance(key, str) and " " in key:
+        return f"{base}[{key!r}]"
+    return f"{base}.{key}" if base else str(key)
 
 
 def _unstorable(value: Any, where: str, problems: list[str], walk: _Walk, *, text_only: bool = False) -> None:
@@ -346,7 +356,7 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
     elif "tasks" in data:
         _unstorable(data["tasks"], "tasks", problems, walk, text_only=True)
     for key in sorted(set(data) - WORKFLOW_FIELDS, key=str):  # (a YAML key may be a number)
-        problems.append(f"{key}: unknown field (allowed: {', '.join(sorted(WORKFLOW_FIELDS))})")
+        problems.append(f"{_keyed('', key)}: unknown field (allowed: {', '.join(sorted(WORKFLOW_FIELDS))})")
 
     name = _str(data.get("name"), "name", problems, required=True)
     workflow_type = _str(data.get("workflow_type"), "workflow_type", problems, max_length=100)
@@ -428,7 +438,7 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
             problems.append(f"{where} must be a mapping")
             continue
         for key in sorted(set(raw) - TASK_FIELDS, key=str):
-            problems.append(f"{where}.{key}: unknown field (allowed: {', '.join(sorted(TASK_FIELDS))})")
+            problems.append(f"{_keyed(where, key)}: unknown field (allowed: {', '.join(sorted(TASK_FIELDS))})")
         task_name = _str(raw.get("name"), f"{where}.name", problems, required=True)
         if task_name:
             if TASK_NAME_RE.match(task_name):

@@ -15,6 +15,7 @@ from rest_framework.renderers import JSONRenderer
 
 from orchestration.api.serializers import FastReadMixin, TaskSerializer, WorkflowDetailSerializer
 from orchestration.models import Event, TaskExecution, Workflow
+from orchestration.services.specs import TASK_FIELDS, WORKFLOW_FIELDS
 from tests.api.conftest import SPEC
 from tests.factories import TaskAttemptFactory
 
@@ -111,6 +112,24 @@ def test_each_spec_problem_is_named_by_its_path_and_says_it_once(callers, submit
     many = submit(callers["developer"], {**SPEC, "metadata": {"values": [0] * 1_000_001}}).json()
     assert [e["field"] for e in many["errors"]] == ["spec"]
     assert many["errors"][0]["detail"].startswith("expands to more than 1,000,000 values (at metadata.values[")
+
+
+def test_a_problem_under_a_key_holding_a_space_keeps_the_key_whole(callers, submit):
+    """Read as "<path> <detail>", the path ended at the key's space: a NUL under "my note" was
+    the field "metadata.my" with the detail "note contains a NUL character", and an unknown
+    field "bad field" the detail "field: unknown field"."""
+    spec = {
+        **SPEC,
+        "metadata": {"my note": "a\x00"},
+        "work flow_type": "x",
+        "tasks": [{"name": "a", "agent": "echo", "input": {"first run": {"x": "\x00"}}, "bad field": 1}],
+    }
+    assert [(e["field"], e["detail"]) for e in submit(callers["developer"], spec).json()["errors"]] == [
+        ("metadata", "metadata['my note'] contains a NUL character (\\u0000)"),
+        ("tasks[0].input", "tasks[0].input['first run'].x contains a NUL character (\\u0000)"),
+        ("", f"['work flow_type']: unknown field (allowed: {', '.join(sorted(WORKFLOW_FIELDS))})"),
+        ("tasks[0]", f"tasks[0]['bad field']: unknown field (allowed: {', '.join(sorted(TASK_FIELDS))})"),
+    ]
 
 
 @pytest.mark.parametrize(
