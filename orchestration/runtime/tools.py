@@ -309,14 +309,17 @@ def jsonb_problem(value: Any, where: str = "") -> str | None:
 
 
 def _keys_collide(mapping: dict[Any, Any], at: str) -> str | None:
-    """Two keys of `mapping` that are one text in JSON (1 and "1", True and "true"), or None."""
-    seen: dict[str, Any] = {}
+    """Two keys of `mapping` that are one text in JSON (1 and "1", True and "true"), or None.
+    Only a key that is not a string can be written as a string key's text: keys that are not
+    strings cannot be written alike (equal numbers, True and 1, are one key of the mapping),
+    so a mapping without string keys is not looked at (200 000 integer keys: 300 ms each)."""
+    texts = {key for key in mapping if isinstance(key, str)}
+    if not texts:
+        return None
     for key in mapping:
-        text = key if isinstance(key, str) else json.dumps(key)
-        if text in seen:
+        if not isinstance(key, str) and (text := json.dumps(key)) in texts:
             where = at or "(value)"
-            return f"{where}: keys {seen[text]!r} and {key!r} are both {text!r} in JSON (one value would be lost)"
-        seen[text] = key
+            return f"{where}: keys {key!r} and {text!r} are both {text!r} in JSON (one value would be lost)"
     return None
 
 
