@@ -370,9 +370,20 @@ def main() -> None:
     groups = ("worker main", "worker pool", "postgres", "bench")
     print("CPU ms per task by process (median over rounds; postgres: this database's backends only)")
     print(f"{'run':<10} " + " ".join(f"{g:>12}" for g in groups) + f" {'total':>8}")
+    totals: dict[str, float] = {}
     for kind in ("bare", "dcr", "platform"):
         medians = [statistics.median(r.cpu_ms.get(g, 0.0) for r in runs[kind]) for g in groups]
         print(f"{kind:<10} " + " ".join(f"{m:>12.2f}" for m in medians) + f" {sum(medians):>8.2f}")
+        totals[kind] = sum(medians)
+    # However well the processes overlap, a run cannot go faster than the machine's cores can
+    # do the CPU work of its tasks (Redis's own CPU, not measured, only lowers that ceiling).
+    cores = len(os.sched_getaffinity(0))
+    ceiling = {kind: cores / total * 1000 for kind, total in totals.items()}
+    print(
+        f"CPU ceiling ({cores} cores / total CPU per task): "
+        + ", ".join(f"{kind} {rate:.0f}/s" for kind, rate in ceiling.items())
+        + f"; the platform's is {ceiling['platform'] / bare.rate(n):.2f}x bare Celery's measured rate"
+    )
     print()
 
     # Ratios and differences are taken within each round (the runs of a round are seconds
