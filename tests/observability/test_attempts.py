@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.utils import timezone
@@ -206,28 +207,12 @@ def test_a_reaped_attempt_whose_retry_has_completed_the_task_is_not_counted_as_f
     """reap_stale_tasks reports the attempts it closed after its whole pass. By then the retry
     one of them was given may have run and completed the task: that completion is counted by
     the retry's own attempt, and must not be counted a second time for the lost one."""
-    import uuid
-
-    from orchestration.models import Workflow
     from orchestration.runtime.context import AgentResult, Usage
     from orchestration.services.execution import attempt_claim, attempt_succeed
     from orchestration.services.reaper import attempts_reap
-    from tests.factories import WorkflowFactory
 
     agent = AgentFactory(id="reaped-then-retried")
-    start = timezone.now() - dt.timedelta(minutes=5)
-    task = TaskExecution.objects.create(
-        workflow=WorkflowFactory(status=Workflow.Status.RUNNING, started_at=start, total_steps=1),
-        agent=agent,
-        task_name="t",
-        status=TaskExecution.Status.QUEUED,
-        celery_task_id=str(uuid.uuid4()),
-        queued_at=start,
-        max_retries=1,
-        timeout_seconds=5,
-    )
-    first = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="gone@host", now=start)
-    TaskAttempt.objects.filter(pk=first.attempt.pk).update(created_at=start)  # claimed then, on the database's clock
+    task, first = _claimed_five_minutes_ago(agent, max_retries=1)
     result = attempts_reap()  # its worker does not answer: lost, and retried
     assert result.lost == [first.attempt.pk]
     task.refresh_from_db()
@@ -248,28 +233,12 @@ def test_spend_charged_during_the_reapers_pass_is_counted_once():
     lost that still lives may be charged for the answer it waited for meanwhile: that charge is
     counted as it is added to the closed attempt's row, and must not be counted again by the
     report, which finds it on the row."""
-    import uuid
-
-    from orchestration.models import Workflow
     from orchestration.runtime.context import Usage
-    from orchestration.services.execution import _meter, attempt_claim
+    from orchestration.services.execution import _meter
     from orchestration.services.reaper import attempts_reap
-    from tests.factories import WorkflowFactory
 
     agent = AgentFactory(id="charged-while-reaped")
-    start = timezone.now() - dt.timedelta(minutes=5)
-    task = TaskExecution.objects.create(
-        workflow=WorkflowFactory(status=Workflow.Status.RUNNING, started_at=start, total_steps=1),
-        agent=agent,
-        task_name="t",
-        status=TaskExecution.Status.QUEUED,
-        celery_task_id=str(uuid.uuid4()),
-        queued_at=start,
-        max_retries=0,
-        timeout_seconds=5,
-    )
-    claim = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="gone@host", now=start)
-    TaskAttempt.objects.filter(pk=claim.attempt.pk).update(created_at=start)  # claimed then, on the database's clock
+    _, claim = _claimed_five_minutes_ago(agent, max_retries=0)
     meter = _meter(claim.attempt.pk)
     meter(Usage(10, 0, Decimal("0.001")))
 
@@ -290,3 +259,28 @@ def test_spend_charged_during_the_reapers_pass_is_counted_once():
     lost = TaskAttempt.objects.get(pk=claim.attempt.pk)
     assert (lost.status, lost.input_tokens, lost.output_tokens, lost.cost_usd) == ("lost", 110, 20, Decimal("0.0133"))
     assert [b - a for a, b in zip(before, after, strict=True)] == [110, 20, pytest.approx(0.0133)]
+
+
+def _claimed_five_minutes_ago(agent: Any, *, max_retries: int) -> tuple[TaskExecution, Any]:
+    """A task of a running workflow whose attempt a worker claimed five minutes ago (on the
+    database's clock too) with a 5 s timeout, and that worker not answering: the reaper's."""
+    import uuid
+
+    from orchestration.models import Workflow
+    from orchestration.services.execution import attempt_claim
+    from tests.factories import WorkflowFactory
+
+    start = timezone.now() - dt.timedelta(minutes=5)
+    task = TaskExecution.objects.create(
+        workflow=WorkflowFactory(status=Workflow.Status.RUNNING, started_at=start, total_steps=1),
+        agent=agent,
+        task_name="t",
+        status=TaskExecution.Status.QUEUED,
+        celery_task_id=str(uuid.uuid4()),
+        queued_at=start,
+        max_retries=max_retries,
+        timeout_seconds=5,
+    )
+    claim = attempt_claim(execution_id=task.pk, celery_task_id=task.celery_task_id, worker="gone@host", now=start)
+    TaskAttempt.objects.filter(pk=claim.attempt.pk).update(created_at=start)  # claimed then, on the database's clock
+    return task, claim
