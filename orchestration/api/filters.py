@@ -21,9 +21,15 @@ from orchestration.api.exceptions import Unavailable
 from orchestration.api.redis_store import redis_client
 from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.isodates import is_iso_datetime_form, parse_iso_datetime
-from orchestration.models import Agent, Event, TaskExecution, Workflow
+from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.models.agents import AgentExecutor, AgentStatus
-from orchestration.models.workflows import Priority, TaskExecutionStatus, WorkflowStatus
+from orchestration.models.workflows import (
+    Priority,
+    TaskAttemptCause,
+    TaskAttemptStatus,
+    TaskExecutionStatus,
+    WorkflowStatus,
+)
 from orchestration.services.relay import settled_sequence
 
 logger = logging.getLogger(__name__)
@@ -273,6 +279,17 @@ class TaskFilter(StrictFilterSet):
     class Meta:
         model = TaskExecution
         fields = ("status", "workflow", "agent", "created_after", "created_before")
+
+
+class AttemptFilter(StrictFilterSet):
+    """A workflow's attempts (`workflows/{id}/attempts/`): the workflow is the URL's."""
+
+    status = FixedChoiceFilter(choices=TaskAttemptStatus.choices)
+    cause = FixedChoiceFilter(choices=TaskAttemptCause.choices)
+
+    class Meta:
+        model = TaskAttempt
+        fields = ("status", "cause")
 
 
 class EventFilter(StrictFilterSet):

@@ -323,6 +323,17 @@ class AttemptSerializer(FastReadMixin, serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class WorkflowAttemptSerializer(AttemptSerializer):
+    """An attempt among its workflow's, naming its task."""
+
+    execution_id = serializers.CharField(read_only=True, help_text="its task (`GET /tasks/{execution_id}/`)")
+    task_name = serializers.SlugRelatedField(source="execution", slug_field="task_name", read_only=True)
+
+    class Meta(AttemptSerializer.Meta):
+        fields = ("execution_id", "task_name", *AttemptSerializer.Meta.fields)
+        read_only_fields = fields
+
+
 class TaskSerializer(FastReadMixin, serializers.ModelSerializer):
     """A task of a workflow (a task execution): its agent, status, retries, timings, usage and cost."""
 

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db.models import Exists, OuterRef, Prefetch, Q, QuerySet
 from django.urls import reverse
+from django_filters.utils import translate_validation
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
@@ -23,7 +24,7 @@ from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from orchestration.api import idempotency
-from orchestration.api.filters import EventFilter, TaskFilter, WorkflowFilter, check_list_parameters
+from orchestration.api.filters import AttemptFilter, EventFilter, TaskFilter, WorkflowFilter, check_list_parameters
 from orchestration.api.parsers import unstorable_text
 from orchestration.api.permissions import ActionPermission, HasRole, effective_permissions, is_admin, request_role
 from orchestration.api.renderers import FastJSONRenderer
@@ -38,6 +39,7 @@ from orchestration.api.serializers import (
     TaskSerializer,
     UserSpendQuerySerializer,
     UserSpendSerializer,
+    WorkflowAttemptSerializer,
     WorkflowDetailSerializer,
     WorkflowSerializer,
     WorkflowSpecSerializer,
@@ -45,6 +47,7 @@ from orchestration.api.serializers import (
 )
 from orchestration.api.throttling import RateLimitedMixin, rate_limit_settle
 from orchestration.models import AgentPlaygroundMessage, ApiKey, Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.models.workflows import TaskAttemptCause, TaskAttemptStatus
 from orchestration.selectors import user_spend
 from orchestration.services.events import Actor, actor_of
 from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume
@@ -158,6 +161,7 @@ PAGE_PARAMETERS = [
 WORKFLOW_ORDERINGS = {"-created_at": ("-created_at", "-workflow_id"), "created_at": ("created_at", "workflow_id")}
 TASK_ORDERINGS = {"-created_at": ("-created_at", "-execution_id"), "created_at": ("created_at", "execution_id")}
 EVENT_ORDERINGS = {"sequence": ("sequence",), "-sequence": ("-sequence",)}
+ATTEMPT_ORDERINGS = {"started_at": ("started_at", "id"), "-started_at": ("-started_at", "-id")}
 
 SPEC_EXAMPLE = {
     "name": "summarise and translate",
@@ -195,13 +199,14 @@ def _owned_events(request: Request) -> QuerySet[Event]:
 class WorkflowViewSet(
     ApiMixin, RowListMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
 ):
-    """Workflows: submit, list, read with tasks, cancel, resume, and their events."""
+    """Workflows: submit, list, read with tasks, cancel, resume, and their events and attempts."""
 
     permission_classes = [ActionPermission]
     required_permissions = {
         "list": READ,
         "retrieve": READ,
         "events": READ,
+        "attempts": READ,
         "create": WRITE,
         "cancel": WRITE,
         "retry": WRITE,
@@ -324,6 +329,34 @@ class WorkflowViewSet(
         check_list_parameters(request.query_params)
         workflow = self.get_object()
         return self.paginated_rows(Event.objects.filter(workflow_id=workflow.pk), EventSerializer)
+
+    @extend_schema(
+        summary="The workflow's attempts, in the order they started",
+        description="Every try at each of its tasks, with its task's id and name: the attempts the tasks' own "
+        "pages show, in one list (`ordering=-started_at` for the latest first).",
+        parameters=[
+            *PAGE_PARAMETERS,
+            ordering_parameter(ATTEMPT_ORDERINGS, "started_at"),
+            OpenApiParameter("status", OpenApiTypes.STR, enum=TaskAttemptStatus.values),
+            OpenApiParameter("cause", OpenApiTypes.STR, enum=TaskAttemptCause.values, description="why it ended"),
+        ],
+        filters=False,
+        responses={200: WorkflowAttemptSerializer(many=True), **problem_responses(400, 401, 403, 404, 429)},
+    )
+    @action(
+        detail=True, methods=["get"], orderings=ATTEMPT_ORDERINGS, default_ordering="started_at", filterset_class=None
+    )
+    def attempts(self, request: Request, workflow_id: str) -> Response:
+        # The filter set applied here, not by the view's filter backend: that one would filter
+        # get_object's workflows with it too.
+        filters = AttemptFilter(request.query_params, queryset=TaskAttempt.objects.all(), request=request)
+        if not filters.is_valid():
+            raise translate_validation(filters.errors)
+        workflow = self.get_object()
+        # One join to task_executions, by its workflow index, reads the task name too (a
+        # task_name slug of the same relation): one statement per page however many tasks.
+        attempts = filters.qs.filter(execution__workflow_id=workflow.pk)
+        return self.paginated_rows(attempts, WorkflowAttemptSerializer)
 
 
 @extend_schema_view(

@@ -34,6 +34,7 @@ def test_lists_show_only_the_callers_rows(callers, mine_and_theirs):
     [
         ("get", "/api/v1/workflows/{w}/"),
         ("get", "/api/v1/workflows/{w}/events/"),
+        ("get", "/api/v1/workflows/{w}/attempts/"),
         ("post", "/api/v1/workflows/{w}/cancel/"),
         ("post", "/api/v1/workflows/{w}/retry/"),
         ("get", "/api/v1/tasks/{t}/"),
