@@ -206,12 +206,10 @@ def run_task(self, execution_id: str, database_error: dict[str, Any] | None = No
 def reap_stale_tasks() -> dict[str, int]:
     """Close abandoned attempts, fail workflows past their deadline, time out tasks no worker
     took from the queue, re-send lost messages."""
-    from observability.attempts import attempts_reaped
-    from orchestration.services.reaper import attempts_reap, queued_sweep
+    from orchestration.services.reaper import attempts_reap_reported, queued_sweep
 
     with skipped_while_away("reap_stale_tasks"):
-        result = attempts_reap()
-        attempts_reaped(attempts=result.closed)
+        result = attempts_reap_reported()
         resent = queued_sweep()
         return {
             "timed_out": len(result.timed_out),

@@ -220,6 +220,15 @@ def attempts_reap(*, now: dt.datetime | None = None) -> ReapResult:
     return result
 
 
+def attempts_reap_reported() -> ReapResult:
+    """attempts_reap, then the attempts it closed reported (attempts_reaped: metrics and
+    InfluxDB points), after the whole pass has committed: one pass of the beat's
+    reap_stale_tasks and of `manage.py reap_stale_tasks` alike."""
+    result = attempts_reap()
+    attempts_reaped(attempts=result.closed)
+    return result
+
+
 def _attempt_close(attempt_id: int, verdict: Verdict, *, now: dt.datetime) -> TaskAttempt | None:
     """Close a running attempt as `verdict` says, retrying or failing its task (attempt_abandon):
     the attempt as closed; None when it was no longer running."""

@@ -4,6 +4,7 @@ endpoints that refuse connections or never answer."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -392,6 +393,42 @@ def test_attempts_the_reaper_closes_in_one_pass_are_each_kept_by_influxdb(engine
     assert len({a.finished_at for a in closed}) == 1
     kept = {fields["execution_id"] for (measurement, _, _), fields in server.stored.items()}
     assert kept == {a.execution_id for a in closed}
+
+
+@pytest.mark.subprocess
+@pytest.mark.django_db(transaction=True)
+def test_attempts_manage_py_reap_stale_tasks_closes_are_counted_and_written(server, settings, tmp_path):
+    """`manage.py reap_stale_tasks` run by hand closed attempts and reported nothing: no count,
+    no point (the beat's task reported its closes). Its InfluxDB writer's own close at exit
+    came after the interpreter had stopped its threads, and dropped what it held: the command
+    sends it before it ends."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from tests.engine import database_url, manage
+    from tests.factories import AgentFactory
+    from tests.observability.test_attempts import _claimed_five_minutes_ago
+
+    _, claim = _claimed_five_minutes_ago(AgentFactory(id="reaped-by-hand"), max_retries=0)
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": settings.REDIS_URL,
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+        # A flush interval longer than the command: only its close sends the point.
+        **influx_env(server.url, INFLUXDB_FLUSH_INTERVAL_MS="60000"),
+    }
+    out = manage("reap_stale_tasks", env=environment, timeout=120).stdout
+    assert out.startswith("timed out: 0  lost: 1  "), out
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    labels = {"agent": "reaped-by-hand", "status": "lost", "cause": "worker_lost"}
+    assert registry.get_sample_value("agentledger_task_attempts_total", labels) == 1
+    (written_point,) = server.points  # sent before the command ended
+    assert written_point.tags == {"agent_id": "reaped-by-hand", "status": "lost", "cause": "worker_lost"}
+    assert written_point.fields["execution_id"] == str(claim.attempt.execution_id)
 
 
 def test_points_still_waiting_for_a_retry_at_close_are_counted_as_dropped(dead_port):
