@@ -3,7 +3,7 @@
 
 - same key, same body: the workflow stored first, again (200);
 - same key, different body: 422;
-- same key while the first request is still being processed: 409.
+- same key while the first request is still being processed: 409, with Retry-After.
 
 The stored workflow keeps the spec as submitted, so the body is compared with that. The
 in-flight check is a short Redis lock per (owner, key); the unique (owner, idempotency_key)
@@ -30,6 +30,14 @@ from orchestration.services.workflows import workflow_spec_is, workflow_submit
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
 LOCK_SECONDS = 60
+
+
+class StillInFlight(Conflict):
+    # Retry-After: a submission is one transaction, done well within a second; LOCK_SECONDS
+    # bounds only one that hangs, and a client told to wait that long for the usual case would
+    # wait a minute for a workflow stored long before. A retry that comes too soon is this
+    # answer again, and as cheap.
+    wait = 1
 
 
 def replay(*, owner: Any, key: str, spec: dict[str, Any]) -> Workflow | None:
@@ -60,7 +68,7 @@ def in_flight_guard(*, owner_id: int, key: str, on_busy: Callable[[], Workflow |
     if not backend.acquire(lock_key, token, LOCK_SECONDS):
         finished = on_busy()
         if finished is None:
-            raise Conflict(f"A request with Idempotency-Key {key!r} is still being processed; retry shortly.")
+            raise StillInFlight(f"A request with Idempotency-Key {key!r} is still being processed; retry shortly.")
         yield finished
         return
     try:

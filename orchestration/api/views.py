@@ -245,7 +245,7 @@ class WorkflowViewSet(
             "stored unless it is valid), stores the workflow and its tasks, and queues the tasks without "
             "dependencies. With an `Idempotency-Key` header, the same key and body return the workflow "
             "stored first (200); the same key with another body is a 422; while the first request with a "
-            "key is still being processed, another is a 409."
+            "key is still being processed, another is a 409 whose `Retry-After` says when to try again."
         ),
         request=WorkflowSpecSerializer,
         parameters=[

@@ -34,13 +34,14 @@ def test_same_key_with_another_body_is_a_422(callers, submit):
     assert Workflow.objects.count() == 1
 
 
-def test_a_request_in_flight_with_the_key_is_a_409(callers, submit):
+def test_a_request_in_flight_with_the_key_is_a_409_to_retry_shortly(callers, submit):
     owner = callers["developer"].user
     lock = f"idempotency:{owner.pk}:order-42"
     assert store().acquire(lock, "another-request", 60)
     busy = submit(callers["developer"], **KEY)
     assert busy.status_code == 409
     assert "still being processed" in busy.json()["detail"]
+    assert busy["Retry-After"] == "1"  # when the first has most likely stored its workflow
     assert Workflow.objects.count() == 0
     store().release(lock, "another-request")
     assert submit(callers["developer"], **KEY).status_code == 201
