@@ -829,6 +829,63 @@ def test_a_signal_stops_the_wait_not_the_workflow_in_one_line(builtin_agents, tm
     assert task(workflow, "a").status == TaskExecution.Status.QUEUED
 
 
+# `manage.py submit_workflow`, its workflow_submit sending the process a signal once the
+# workflow is committed: the stop lands after the commit, before the id is printed.
+_SIGNALLED_IN_SUBMISSION = """
+import os, sys
+import django
+django.setup()
+from orchestration.management.commands import submit_workflow
+submitted = submit_workflow.workflow_submit
+def signalled(**kwargs):
+    answer = submitted(**kwargs)
+    os.kill(os.getpid(), int(os.environ["STOP_SIGNAL"]))
+    return answer
+submit_workflow.workflow_submit = signalled
+import manage
+sys.argv = ["manage.py", "submit_workflow", *sys.argv[1:]]
+manage.main()
+"""
+
+
+@pytest.mark.subprocess
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("wait", [True, False])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_submission_stops_the_command_once_the_id_is_printed(
+    builtin_agents, tmp_path, signum, wait
+):
+    """^C or SIGTERM arriving while `submit_workflow` stored the workflow was a KeyboardInterrupt's
+    traceback or a silent end, and after the commit the id of the workflow, which runs, was lost.
+    The id is printed, then the command stops in one line (by SIGINT for ^C, as manage.py ends
+    an interrupted command)."""
+    spec = tmp_path / "queued.json"
+    spec.write_text('{"name": "queued", "tasks": [{"name": "a", "agent": "echo"}]}')  # no worker: it stays queued
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": database_url(),
+        "STOP_SIGNAL": str(int(signum)),
+    }
+    process = subprocess.run(
+        [sys.executable, "-c", _SIGNALLED_IN_SUBMISSION, str(spec), *(["--wait"] if wait else [])],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = process.stdout + process.stderr
+    (workflow,) = Workflow.objects.filter(name="queued")
+    assert process.returncode == (-signal.SIGINT if signum == signal.SIGINT else 1), output
+    assert "Traceback" not in output, output
+    assert process.stdout.splitlines()[0] == workflow.pk, output
+    stopped = "stopped waiting: workflow {} is still running" if wait else "stopped: workflow {} was stored"
+    assert process.stderr.startswith("CommandError: " + stopped.format(workflow.pk)), output
+    assert Workflow.objects.get(pk=workflow.pk).status == Workflow.Status.RUNNING
+
+
 def test_submit_command_names_a_spec_it_cannot_read(db, builtin_agents, tmp_path):
     spec = tmp_path / "latin1.yaml"
     spec.write_bytes("name: caf\xe9\ntasks: []\n".encode("latin-1"))

@@ -69,23 +69,27 @@ class Command(DatabaseCommand):
             text = data.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise CommandError(f"{shown}: cannot be read: {exc}") from None
-        try:
-            workflow, created = workflow_submit(spec=spec_parse(text, fmt=fmt), initiator="manage.py")
-        except SpecError as exc:
-            raise CommandError("invalid workflow spec:\n  " + "\n  ".join(exc.listed)) from None
-        self.stdout.write(
-            workflow.workflow_id if created else f"{workflow.workflow_id} (existing, same idempotency key)"
-        )
-        if options["wait"]:
-            final = self._follow(workflow.workflow_id, options["timeout"])
-            if final != Workflow.Status.COMPLETED:
-                raise CommandError(f"workflow {workflow.workflow_id} ended {final}")
-
-    def _follow(self, workflow_id: str, timeout: float | None) -> str:
-        # ^C or SIGTERM stops the waiting, not the workflow: said in one line, as a wait that
-        # gives up is, not by a KeyboardInterrupt's traceback or a silent end.
+        # ^C or SIGTERM while the workflow is stored is heeded once its id is printed: it was a
+        # KeyboardInterrupt's traceback or a silent end, and one after the commit lost the id of
+        # a workflow that runs. Under --wait it stops the waiting, not the workflow: said in one
+        # line, as a wait that gives up is.
         with stop_on_signals() as stop:
-            return self._poll(workflow_id, timeout, stop)
+            try:
+                workflow, created = workflow_submit(spec=spec_parse(text, fmt=fmt), initiator="manage.py")
+            except SpecError as exc:
+                raise CommandError("invalid workflow spec:\n  " + "\n  ".join(exc.listed)) from None
+            self.stdout.write(
+                workflow.workflow_id if created else f"{workflow.workflow_id} (existing, same idempotency key)"
+            )
+            if options["wait"]:
+                final = self._poll(workflow.workflow_id, options["timeout"], stop)
+                if final != Workflow.Status.COMPLETED:
+                    raise CommandError(f"workflow {workflow.workflow_id} ended {final}")
+            elif stop.is_set():
+                raise CommandError(
+                    f"stopped: workflow {workflow.workflow_id} was stored before the stop and goes on",
+                    returncode=_stopped_status(stop),
+                )
 
     def _poll(self, workflow_id: str, timeout: float | None, stop: StopRequest) -> str:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -118,12 +122,10 @@ class Command(DatabaseCommand):
             if timed_out:
                 raise CommandError(f"workflow {workflow_id} still {workflow.status} after {timeout:.0f} s")
             if stopped:
-                # ^C's status, not 1: a script running this command in a loop stopped at ^C
-                # before, by the KeyboardInterrupt; with 1 it went on to submit the next spec.
                 raise CommandError(
                     f"stopped waiting: workflow {workflow_id} is still {workflow.status} and goes on "
                     f"(manage.py workflow_status {workflow_id} shows it)",
-                    returncode=INTERRUPTED if stop.signum == signal.SIGINT else 1,
+                    returncode=_stopped_status(stop),
                 )
             time.sleep(0.5)  # a stop asked for meanwhile is seen at the next look
 
@@ -137,3 +139,9 @@ class Command(DatabaseCommand):
         filled = BAR if task.is_terminal else BAR // 2 if task.status == "running" else 0
         bar = SYMBOL.get(task.status, "?") * filled + " " * (BAR - filled)
         return f"  [{bar}] {task.task_name:<24} {task.status:<10} retries {task.retry_count}/{task.max_retries}"
+
+
+def _stopped_status(stop: StopRequest) -> int:
+    """^C's status, not 1: a script running this command in a loop stopped at ^C before, by the
+    KeyboardInterrupt; with 1 it went on to submit the next spec."""
+    return INTERRUPTED if stop.signum == signal.SIGINT else 1
