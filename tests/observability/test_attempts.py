@@ -19,6 +19,15 @@ def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+def spent(agent_id: str) -> tuple[float, ...]:
+    """The tokens (input, output) and cost counted for an agent."""
+    return (
+        sample("agentledger_tokens_total", agent=agent_id, direction="input"),
+        sample("agentledger_tokens_total", agent=agent_id, direction="output"),
+        sample("agentledger_cost_usd_total", agent=agent_id),
+    )
+
+
 @pytest.mark.django_db
 def test_reaped_attempts_are_counted_with_their_cause_and_the_tasks_final_status():
     agent = AgentFactory(id="reaped-agent")
@@ -184,18 +193,11 @@ def test_spend_paid_after_a_cancellation_is_counted_as_it_is_recorded(django_cap
         cost_usd="0.0125",
     )
 
-    def counted() -> tuple[float, ...]:
-        return (
-            sample("agentledger_tokens_total", agent=agent.id, direction="input"),
-            sample("agentledger_tokens_total", agent=agent.id, direction="output"),
-            sample("agentledger_cost_usd_total", agent=agent.id),
-        )
-
-    before = counted()
+    before = spent(agent.id)
     with django_capture_on_commit_callbacks(execute=True):
         task_cancel(execution_id=task.pk)
     _meter(attempt.pk)(Usage(200, 80, Decimal("0.020")))
-    after = counted()
+    after = spent(agent.id)
 
     attempt.refresh_from_db()
     assert (attempt.input_tokens, attempt.output_tokens, attempt.cost_usd) == (900, 130, Decimal("0.0325"))
@@ -242,19 +244,12 @@ def test_spend_charged_during_the_reapers_pass_is_counted_once():
     meter = _meter(claim.attempt.pk)
     meter(Usage(10, 0, Decimal("0.001")))
 
-    def counted() -> tuple[float, ...]:
-        return (
-            sample("agentledger_tokens_total", agent=agent.id, direction="input"),
-            sample("agentledger_tokens_total", agent=agent.id, direction="output"),
-            sample("agentledger_cost_usd_total", agent=agent.id),
-        )
-
-    before = counted()
+    before = spent(agent.id)
     result = attempts_reap()  # its worker does not answer: lost
     assert result.lost == [claim.attempt.pk]
     meter(Usage(100, 20, Decimal("0.0123")))  # the answer it waited for, charged before the pass reports
     attempts_reaped(attempts=result.closed)  # as reap_stale_tasks does, after its pass
-    after = counted()
+    after = spent(agent.id)
 
     lost = TaskAttempt.objects.get(pk=claim.attempt.pk)
     assert (lost.status, lost.input_tokens, lost.output_tokens, lost.cost_usd) == ("lost", 110, 20, Decimal("0.0133"))
