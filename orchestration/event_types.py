@@ -46,7 +46,10 @@ class EventType(models.TextChoices):
     WORKFLOW_FAILED = "workflow_failed", "workflow failed (a task failed for good, or the deadline passed)"
     WORKFLOW_CANCELLED = "workflow_cancelled", "workflow cancelled by a user"
     WORKFLOW_RESUMED = "workflow_resumed", "failed workflow resumed from its failed tasks"
-    WORKFLOW_CHANGED = "workflow_changed", "a workflow's name, description, type, priority or deadline was edited"
+    WORKFLOW_CHANGED = (
+        "workflow_changed",
+        "a workflow's name, description, type, priority, continue_on_failure or deadline was edited",
+    )
     # Task (task_executions) and attempt (task_attempts) lifecycle
     TASK_QUEUED = "task_queued", "task sent to a Celery queue"
     TASK_STARTED = "task_started", "an attempt of the task started on a worker"

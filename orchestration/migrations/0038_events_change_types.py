@@ -35,7 +35,10 @@ class Migration(migrations.Migration):
                     ("workflow_failed", "workflow failed (a task failed for good, or the deadline passed)"),
                     ("workflow_cancelled", "workflow cancelled by a user"),
                     ("workflow_resumed", "failed workflow resumed from its failed tasks"),
-                    ("workflow_changed", "a workflow's name, description, type, priority or deadline was edited"),
+                    (
+                        "workflow_changed",
+                        "a workflow's name, description, type, priority, continue_on_failure or deadline was edited",
+                    ),
                     ("task_queued", "task sent to a Celery queue"),
                     ("task_started", "an attempt of the task started on a worker"),
                     ("task_retrying", "an attempt failed and the task will be tried again"),
