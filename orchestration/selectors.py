@@ -18,13 +18,6 @@ from orchestration.models import AgentPlaygroundMessage, TaskAttempt, TaskExecut
 
 DEFAULT_STATS_WINDOW = dt.timedelta(hours=24)
 
-_FINISHED = (
-    TaskExecution.Status.COMPLETED,
-    TaskExecution.Status.FAILED,
-    TaskExecution.Status.TIMED_OUT,
-)
-
-
 # DESIGN §4's wasted spend of one task (OuterRef): what its failed, timed-out and lost tries cost.
 _wasted_of_task = (
     TaskAttempt.objects.filter(execution=OuterRef("pk"), status__in=TaskAttempt.WASTED_STATUSES)
@@ -63,7 +56,7 @@ def agent_stats(
     """
     since = _window_start(since, until)
     tasks = TaskExecution.objects.filter(
-        agent_id=agent_id, status__in=(*_FINISHED, TaskExecution.Status.CANCELLED), created_at__gte=since
+        agent_id=agent_id, status__in=TaskExecution.TERMINAL_STATUSES, created_at__gte=since
     )
     if until is not None:
         tasks = tasks.filter(created_at__lt=until)
