@@ -30,6 +30,13 @@ def applied(app: str, env: dict[str, str]) -> str:
     ("target", "reversed_", "rows", "named"),
     [
         (
+            "0037",
+            "0038",
+            "EventFactory(event_type='workflow_changed', entity_type='workflow')",
+            "events holds rows whose event_type the schema before it refuses (1 with 'workflow_changed'); "
+            "events are append-only",
+        ),
+        (
             "0034",
             "0035",
             "TaskAttemptFactory(status='lost', cause='database_error', finished_at=timezone.now())",
@@ -55,7 +62,7 @@ def applied(app: str, env: dict[str, str]) -> str:
 def test_a_reverse_that_the_rows_forbid_is_refused_by_name_and_the_migration_stays(
     target: str, reversed_: str, rows: str, named: str
 ) -> None:
-    with database_migrated_to("orchestration", "0036") as (_, env):
+    with database_migrated_to("orchestration", "0038") as (_, env):
         shell(f"from django.utils import timezone\nfrom tests.factories import *\n{rows}", env)
         result = manage("migrate", "orchestration", target, "--no-input", env=env, check=False)
         assert result.returncode != 0
