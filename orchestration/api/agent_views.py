@@ -17,7 +17,7 @@ from orchestration.api.errors import spec_problem
 from orchestration.api.exceptions import Conflict
 from orchestration.api.filters import AgentFilter, check_list_parameters
 from orchestration.api.pagination import KeysetPagination
-from orchestration.api.permissions import ActionPermission, HasRole, is_admin
+from orchestration.api.permissions import ActionPermission, HasRole, has_permission, is_admin
 from orchestration.api.schema import problem_responses
 from orchestration.api.serializers import (
     AGENT_WRITABLE,
@@ -31,7 +31,7 @@ from orchestration.api.serializers import (
     MessageSerializer,
     NoBodySerializer,
 )
-from orchestration.api.views import PAGE_PARAMETERS, ApiMixin
+from orchestration.api.views import PAGE_PARAMETERS, READ, ApiMixin
 from orchestration.errors import ConversationBusy, ConversationError, ConversationTaken
 from orchestration.models import Agent, AgentPlaygroundMessage, ApiKey
 from orchestration.selectors import agent_stats, conversation_messages, conversation_thread
@@ -51,7 +51,8 @@ AGENT_LIST = "agent:list"
 
 class AgentPermission(ActionPermission):
     """Reading agents is open to every role (seed 004's agent:list is the viewer's, and a
-    developer must see what it can run); changing them needs agent:manage (admins)."""
+    developer must see what it can run), their statistics (tasks' tokens and cost) need
+    workflow:read too; changing them needs agent:manage (admins)."""
 
     def has_permission(self, request: Request, view: object) -> bool:
         if getattr(view, "action", None) in ("list", "retrieve", "stats"):
@@ -62,6 +63,11 @@ class AgentPermission(ActionPermission):
             narrowed = request.auth.permissions if isinstance(request.auth, ApiKey) else None
             if narrowed and "*" not in narrowed and AGENT_LIST not in narrowed:
                 self.message = f"This API key does not grant {AGENT_LIST}, which this operation needs."
+                return False
+            # Statistics are the tokens and cost of tasks: like every other read of them (me/spend)
+            # they need workflow:read, which every role has but a narrowed key may not.
+            if view.action == "stats" and not has_permission(request, READ):
+                self.message = f"This API key does not grant {READ}, which this operation needs."
                 return False
             return True
         return super().has_permission(request, view)

@@ -13,6 +13,7 @@ from orchestration.errors import TransitionError
 from orchestration.models import Agent, Event, TaskExecution
 from orchestration.services.agent_registry import agent_create, agent_deactivate, agent_update
 from orchestration.services.agents import executor_problems
+from tests.api.conftest import make_caller
 from tests.factories import TaskExecutionFactory, WorkflowFactory
 
 NEW = {
@@ -276,6 +277,27 @@ def test_stats_tell_a_non_admin_nothing_of_another_users_tasks(callers):
     assert (own["total_tasks"], own["failed"], own["total_tokens"]) == (0, 1, 0)
     every = callers["admin"].client.get(window(dt.timedelta(hours=1))).json()
     assert (every["total_tasks"], every["failed"], every["total_tokens"]) == (1, 1, 1234)
+
+
+def test_stats_need_workflow_read_as_spend_does_a_key_narrowed_to_agent_list_reads_no_cost(callers):
+    """An agent's statistics are its tasks' tokens and cost, an admin's over every user's tasks:
+    a key narrowed to agent:list (an admin's, say) reads the agents, not what anyone's work
+    cost, as me/spend refuses it; with workflow:read too it reads them."""
+    TaskExecutionFactory(
+        workflow=WorkflowFactory(owner=callers["other"].user),
+        agent=Agent.objects.get(pk="echo"),
+        status="completed",
+        tokens_used=1234,
+        cost_usd=Decimal("0.5678"),
+    )
+    listing = make_caller("lister", "admin", permissions=["agent:list"])
+    assert listing.client.get("/api/v1/agents/echo/").status_code == 200
+    assert listing.client.get("/api/v1/me/spend/").status_code == 403
+    refused = listing.client.get("/api/v1/agents/echo/stats/")
+    assert refused.status_code == 403
+    assert refused.json()["detail"] == "This API key does not grant workflow:read, which this operation needs."
+    reading = make_caller("reader", "admin", permissions=["agent:list", "workflow:read"])
+    assert reading.client.get("/api/v1/agents/echo/stats/").json()["total_tokens"] == 1234
 
 
 def test_agents_list_filters_by_status(callers):
