@@ -289,6 +289,23 @@ class RecordOnlyMixin(NoAddChangeMixin):
         return False
 
 
+class EventsShownMixin:
+    """For a page whose `events_display` field shows the object's events (events_table): the
+    audit log is a model of its own, so the events are shown only to staff who may view events
+    (the event list refuses the others); a fieldset left empty is dropped."""
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)  # type: ignore[misc]
+        if request.user.has_perm("orchestration.view_event"):
+            return fieldsets
+        shown = []
+        for name, options in fieldsets:
+            fields = tuple(field for field in options.get("fields", ()) if field != "events_display")
+            if fields:
+                shown.append((name, {**options, "fields": fields}))
+        return shown
+
+
 class ReadOnlyTabularInline(admin.TabularInline):
     extra = 0
     can_delete = False

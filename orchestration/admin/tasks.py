@@ -14,6 +14,7 @@ from orchestration.admin.base import (
     EMPTY,
     BoundedTabularInline,
     ChangedFieldsOnlyMixin,
+    EventsShownMixin,
     RecordOnlyMixin,
     changelist_url,
     events_table,
@@ -133,7 +134,7 @@ TASK_OPERATIONS = (
 
 
 @admin.register(TaskExecution)
-class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmin):
+class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, EventsShownMixin, LargeTableAdmin):
     """Tasks are created with their workflow (REST API); the admin edits only the task's
     description, priority and limits, never the state the engine owns. A task is not deleted
     here: its workflow counts it (total_steps, the progress counters, usage) and its attempts
@@ -287,7 +288,7 @@ class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, LargeTableAdmi
 
 
 @admin.register(TaskAttempt)
-class TaskAttemptAdmin(RecordOnlyMixin, LargeTableAdmin):
+class TaskAttemptAdmin(RecordOnlyMixin, EventsShownMixin, LargeTableAdmin):
     """Attempts are written by the execution engine; a finished one is immutable in the database,
     and none is deleted here (the database's rule is on UPDATE: a DELETE would go through)."""
 

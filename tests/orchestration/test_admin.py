@@ -406,6 +406,28 @@ def test_attempt_page_shows_the_events_of_that_attempt(su_client: Client) -> Non
     assert _url(Event, "change", completed.pk) not in content
 
 
+def test_a_task_or_attempt_page_shows_events_only_to_staff_who_may_view_events(client: Client) -> None:
+    """The audit log is its own model: a staff user who may view tasks and attempts but not
+    events does not read the events' payloads on their pages (the event list would refuse them)."""
+    task = TaskExecutionFactory()
+    attempt = TaskAttemptFactory(execution=task, attempt_number=1, failed=True)
+    EventFactory(
+        event_type="task_retrying", entity_type="task", entity_id=task.pk, payload={"attempt": 1, "k": "PAYLOAD"}
+    )
+    pages = [_url(TaskExecution, "change", task.pk), _url(TaskAttempt, "change", attempt.pk)]
+
+    client.force_login(_staff_with("view_taskexecution", "view_taskattempt"))
+    assert client.get(_url(Event, "changelist")).status_code == 403
+    for page in pages:
+        response = client.get(page)
+        assert response.status_code == 200
+        assert "PAYLOAD" not in response.content.decode()
+
+    client.force_login(_staff_with("view_taskexecution", "view_taskattempt", "view_event"))
+    for page in pages:
+        assert "PAYLOAD" in client.get(page).content.decode()
+
+
 def test_json_fields_are_pretty_printed_and_escaped(su_client: Client) -> None:
     hostile = {"z": [1, 2], "a": "<script>alert('x')</script>", "nested": {"y": True}}
     task = TaskExecutionFactory(input_data=hostile, output_data={"answer": 42})
