@@ -30,10 +30,36 @@ def _drop_unusable_connections(**kwargs: object) -> None:
     close_old_connections()
     # close_old_connections re-arms Django's per-request health check (a SELECT 1 round trip).
     # A worker does not pay it per task: a connection that breaks mid-task raises, is marked
-    # errored and is checked (and dropped) here before the next one, and run_task retries.
+    # errored and is checked (and dropped) here before the next one, and run_task retries. One
+    # that the server closed while the process waited for a task (PostgreSQL restarted or
+    # crashed, pg_terminate_backend) is dropped here too (`_closed_by_server`): the next task's
+    # first statement failed on it, and its delivery with it.
     for connection in connections.all(initialized_only=True):
-        if connection.connection is not None:
+        if connection.connection is None:
+            continue
+        if _closed_by_server(connection):
+            connection.close()
+        else:
             connection.health_check_done = True
+
+
+def _closed_by_server(connection: object) -> bool:
+    """Whether the server has written to, or closed, the socket of a PostgreSQL connection
+    that is idle between tasks, asked without a round trip: nothing is due on it then but a
+    termination notice ("terminating connection due to administrator command") or the end of
+    the stream. (The workers LISTEN for nothing; anything else there would only cost a new
+    connection.)"""
+    import select
+
+    if connection.vendor != "postgresql":
+        return False
+    try:
+        socket = connection.connection.pgconn.socket
+    except Exception:  # psycopg's OperationalError: the connection is closed already
+        return True
+    poll = select.poll()  # not select.select, which refuses a descriptor above 1023
+    poll.register(socket, select.POLLIN)
+    return bool(poll.poll(0))
 
 
 @setup_logging.connect
