@@ -63,9 +63,13 @@ ERROR_CLASS_MAX_LENGTH = 255
 
 
 def error_class_name(exc: BaseException) -> str:
-    """`exc`'s class as an attempt records it, module and qualified name, cut to its column: a
-    longer name (a generated class's) made the record itself fail."""
-    return f"{type(exc).__module__}.{type(exc).__qualname__}"[:ERROR_CLASS_MAX_LENGTH]
+    """`exc`'s class as an attempt records it, module and qualified name, cut to its column, as
+    its column takes it: a longer name (a generated class's) made the record itself fail, and so
+    did a NUL character or an unpaired surrogate, which a class's __qualname__ and __module__ may
+    hold (unlike its __name__)."""
+    from orchestration.runtime.tools import storable_text
+
+    return storable_text(f"{type(exc).__module__}.{type(exc).__qualname__}")[:ERROR_CLASS_MAX_LENGTH]
 
 
 class SpecError(Exception):

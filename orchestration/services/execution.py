@@ -29,9 +29,11 @@ from django.db.models.functions import Now
 
 from observability.attempts import attempt_finished, attempt_started, attempts_reaped, late_usage_recorded
 from orchestration.db import (
+    ERROR_DESCRIBED_MAX_LENGTH,
     DatabaseClock,
     agent_stopping,
     atomic_with_retry,
+    database_error_described,
     database_error_permanent,
     stop_if_interrupted,
     stop_raised,
@@ -1002,9 +1004,10 @@ def _attempt_run(
             _connection_freed()
         usage = _at_least_metered(claim.attempt.pk, usage + context.spend)
         error = storable_text("timed out" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}")
-        also = _turn_writer(context, claim.attempt, output=None, error=error, usage=usage)
         now = claim.clock.now()
-        recorded = _fail_recorded(claim.attempt, exc, duration_ms=duration_ms, now=now, usage=usage, also=also)
+        recorded, exc, usage, error = _fail_recorded(
+            context, claim.attempt, exc, duration_ms=duration_ms, now=now, usage=usage, error=error
+        )
         if not recorded:
             _refused_outcome_record(
                 claim.attempt,
@@ -1053,9 +1056,14 @@ def _attempt_run(
         # rather than leave it running, or sent again, to be run again and refused again.
         logger.exception("attempt %s of %s: its result could not be stored", claim.attempt.attempt_number, execution_id)
         failure = PermanentError(f"the agent's result could not be stored: {type(exc).__name__}: {exc}")
-        also = _turn_writer(context, claim.attempt, output=None, error=storable_text(str(failure)), usage=result.usage)
-        recorded = _fail_recorded(
-            claim.attempt, failure, duration_ms=duration_ms, now=now, usage=result.usage, also=also
+        recorded, failure, result.usage, _ = _fail_recorded(
+            context,
+            claim.attempt,
+            failure,
+            duration_ms=duration_ms,
+            now=now,
+            usage=result.usage,
+            error=storable_text(str(failure)),
         )
         outcome = Outcome.FAILED
     if not recorded:
@@ -1081,26 +1089,50 @@ def _attempt_run(
 
 
 def _fail_recorded(
+    context: TaskContext,
     attempt: TaskAttempt,
     exc: BaseException,
     *,
     duration_ms: float,
     now: dt.datetime,
     usage: Usage,
-    also: Callable[[], object] | None,
-) -> bool:
-    """attempt_fail, through the soft limit (_record_through_soft_limit)."""
-    return _record_through_soft_limit(
-        functools.partial(
-            attempt_fail,
-            attempt=attempt,
-            exc=exc,
-            duration_ms=duration_ms,
-            now=now,
-            usage=usage,
-            also=also,
+    error: str,
+) -> tuple[bool, BaseException, Usage, str]:
+    """attempt_fail, through the soft limit (_record_through_soft_limit), with the
+    conversation's turn (`error`, what the turn says). Returns whether it was recorded, and the
+    failure, usage and error it was recorded with.
+
+    When the database refuses that record for good (database_error_permanent: the usage past
+    what a task's or workflow's total holds, a value the failure carries that it cannot store),
+    the attempt is recorded failed for good by a PermanentError that names the refusal and the
+    failure, without the usage, which the message gives: raised on, the refusal left the
+    attempt running, for the reaper to take for a hard time-out and run the agent again, to be
+    refused again."""
+
+    def record(failure: BaseException, usage: Usage, error: str) -> bool:
+        also = _turn_writer(context, attempt, output=None, error=error, usage=usage)
+        return _record_through_soft_limit(
+            functools.partial(
+                attempt_fail, attempt=attempt, exc=failure, duration_ms=duration_ms, now=now, usage=usage, also=also
+            )
         )
+
+    try:
+        return record(exc, usage, error), exc, usage, error
+    except DatabaseError as refused:
+        if not database_error_permanent(refused):
+            raise  # run_task sends the message again: the next delivery closes the attempt
+        described = database_error_described(refused)
+        logger.exception(
+            "attempt %s of %s: its failure could not be stored", attempt.attempt_number, attempt.execution_id
+        )
+    failure = PermanentError(
+        f"the attempt's failure could not be stored ({described['error']}); it is recorded without its "
+        f"usage ({usage.input_tokens} input + {usage.output_tokens} output tokens, ${usage.cost_usd}). "
+        f"It failed with {error[:ERROR_DESCRIBED_MAX_LENGTH]}"
     )
+    error = storable_text(str(failure))
+    return record(failure, Usage(), error), failure, Usage(), error
 
 
 def _record_through_soft_limit(

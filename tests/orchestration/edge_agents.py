@@ -150,6 +150,33 @@ def long_error_class(task_input, context):
     raise type("Refused" + "X" * 300, (ValueError,), {})("the provider refused the request")
 
 
+def unstorable_error_class(task_input, context):
+    """Fails with an exception whose class's qualified name or module (`input.in`) holds text
+    PostgreSQL cannot store (`input.bad`: a NUL, an unpaired surrogate), which both may, unlike
+    a class's __name__. The spec refuses such text in the input: the agent makes it."""
+    bad = {"nul": "\x00", "surrogate": "\ud800"}[task_input["bad"]]
+    refused = type("Refused", (ValueError,), {})
+    if task_input["in"] == "module":
+        refused.__module__ = f"generated{bad}"
+    else:
+        refused.__qualname__ = f"Bad{bad}Name"
+    raise refused("the provider refused the request")
+
+
+def costly(task_input, context):
+    """Reports `input.cost` USD spent: with its result, or (`input.fail`) with a retryable error."""
+    from decimal import Decimal
+
+    from orchestration.errors import RetryableError
+
+    usage = Usage(input_tokens=10, output_tokens=5, cost_usd=Decimal(task_input["cost"]))
+    if task_input.get("fail"):
+        error = RetryableError("the provider timed out")
+        error.usage = usage
+        raise error
+    return AgentResult(output={"ok": True}, usage=usage)
+
+
 def cancelled_inside(task_input, context):
     """Fails with asyncio's CancelledError (a BaseException, not an Exception), as an agent
     whose async client's request was cancelled does; succeeds from attempt `input.succeed_on`."""

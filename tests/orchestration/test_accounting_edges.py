@@ -472,3 +472,29 @@ def test_a_failure_whose_exception_class_name_outgrows_its_column_is_still_recor
     assert attempt.error_class.startswith("tests.orchestration.edge_agents.RefusedXXX")
     assert len(attempt.error_class) == TaskAttempt._meta.get_field("error_class").max_length
     assert attempt.retryable is False
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("task_input", "error_class"),
+    [
+        ({"in": "qualname", "bad": "nul"}, "tests.orchestration.edge_agents.Bad\ufffdName"),
+        ({"in": "qualname", "bad": "surrogate"}, "tests.orchestration.edge_agents.Bad\ufffd\ufffd\ufffdName"),
+        ({"in": "module", "bad": "surrogate"}, "generated\ufffd\ufffd\ufffd.Refused"),
+    ],
+)
+def test_a_failure_whose_exception_class_name_is_not_storable_text_is_still_recorded_failed(task_input, error_class):
+    """A class's __qualname__ and __module__ may hold a NUL or an unpaired surrogate: recorded as
+    its error class, the NUL made the record itself fail (DataError), the surrogate raised
+    UnicodeEncodeError out of attempt_run, and the attempt stayed running, for the reaper to
+    misreport as a hard time-out and run the agent again."""
+    from orchestration.services.execution import Outcome
+
+    edge_agent("oddclass", "unstorable_error_class")
+    _, task, outcome = _run_in_process("oddclass", task_input)
+    assert outcome == Outcome.FAILED
+    attempt = TaskAttempt.objects.get(execution=task)
+    task.refresh_from_db()
+    assert (attempt.status, task.status) == ("failed", "failed")
+    assert (attempt.error_class, attempt.error) == (error_class, "Refused: the provider refused the request")
+    assert attempt.retryable is False

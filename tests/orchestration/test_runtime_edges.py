@@ -21,7 +21,7 @@ from django.core.management import CommandError, call_command
 from django.db import OperationalError, connection, connections
 from django.utils import timezone
 
-from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
+from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.runtime.context import Usage
 from orchestration.services import execution
 from orchestration.services.execution import Claim, Outcome, attempt_claim, attempt_run
@@ -512,6 +512,41 @@ def test_token_counts_whose_sum_overflows_fail_the_attempt_not_leave_it_running(
         wait_for(lambda: service.requests, timeout=20)
         attempt = closed_by_the_worker(workflow)
     assert attempt.status == TaskAttempt.Status.FAILED, attempt.error
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("ending", ["fails", "succeeds"])
+def test_a_try_whose_failure_record_is_refused_for_good_is_recorded_failed_without_its_usage(engine, ending):
+    """Each try's cost fits its column (numeric(14, 6), under $1e8); the second one's added to
+    the total its task (a retried failure) or workflow (a second task's success) holds does
+    not. Its success refused, the failure that said so was refused the same way, and a refused
+    failure escaped the worker: the attempt stayed running, for the reaper to take for a hard
+    time-out and run the agent again, to be refused again. It is recorded failed for good,
+    naming the refusal and the usage left out, and the workflow ends, its totals those of its
+    attempts."""
+    engine()
+    edge_agent("costly", "costly")
+    costly = {"agent": "costly", "input": {"cost": "60000000", "fail": ending == "fails"}}
+    if ending == "fails":
+        workflow = submit({"name": "a", **costly, "max_retries": 1})
+    else:
+        workflow = submit({"name": "a", **costly}, {"name": "b", **costly, "depends_on": ["a"]})
+    workflow = finished(workflow)
+    refused = TaskAttempt.objects.get(execution__workflow=workflow, tokens_used=0)
+    assert (refused.status, refused.retryable, refused.cost_usd) == ("failed", False, 0)
+    assert refused.error_class == "orchestration.errors.PermanentError"
+    assert refused.error.startswith(
+        "PermanentError: the attempt's failure could not be stored (NumericValueOutOfRange: numeric field overflow"
+    )
+    assert "it is recorded without its usage (10 input + 5 output tokens, $60000000.000000)" in refused.error
+    assert refused.execution.status == TaskExecution.Status.FAILED
+    assert refused.execution.error == refused.error
+    failed = Event.objects.filter(event_type="task_failed", entity_id=refused.execution_id).get()
+    assert failed.payload["error"] == refused.error
+    assert workflow.status == Workflow.Status.FAILED
+    paid = TaskAttempt.objects.filter(execution__workflow=workflow).exclude(pk=refused.pk).get()
+    assert paid.cost_usd == workflow.total_cost_usd == 60_000_000
+    assert workflow.total_tokens_used == 15
 
 
 # --- a cancel's SIGTERM that lands in the COMMIT of the meter's write -------------------
