@@ -12,6 +12,7 @@ import django_filters
 import redis
 from django import forms
 from django.core.exceptions import ValidationError
+from django.utils import timezone
 from django_filters.fields import ChoiceField, IsoDateTimeField
 from django_filters.filters import QuerySetRequestMixin
 from django_filters.filterset import FilterSetMetaclass
@@ -59,7 +60,10 @@ class UtcDateTimeField(IsoDateTimeField):
             if plus_read_as_space(value):
                 raise ValidationError(self.error_messages["invalid"], code="invalid")  # clean() says why
             raise ValidationError("Enter a valid date/time: %(hint)s.", code="invalid", params={"hint": DATETIME_FORM})
-        return super().to_python(value)
+        # One without an offset is UTC (README), not TIME_ZONE's: Django's field reads it in the
+        # current time zone, and refuses one a daylight-saving change skips or repeats there.
+        with timezone.override(dt.UTC):
+            return super().to_python(value)
 
     def clean(self, value: Any) -> dt.datetime | None:
         try:

@@ -667,7 +667,12 @@ class StrictQuerySerializer(serializers.Serializer):
 
 class QueryDateTimeField(serializers.DateTimeField):
     """A date-time of a query string: one refused for a space where its offset's '+' was (a
-    query string decodes an unencoded '+' into a space) says so."""
+    query string decodes an unencoded '+' into a space) says so. One without an offset is UTC
+    (README), as the filters read it, not TIME_ZONE's (DRF's default)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("default_timezone", dt.UTC)
+        super().__init__(**kwargs)
 
     def to_internal_value(self, value: Any) -> Any:
         try:

@@ -4,6 +4,7 @@ nothing is stored that could not be read back."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import tracemalloc
 
@@ -278,3 +279,30 @@ def test_a_query_parameter_given_twice_is_a_400_naming_it(callers, query, field)
     assert refused.status_code == 400, refused.content
     assert refused["Content-Type"] == "application/problem+json"
     assert refused.json()["errors"] == [{"field": field, "detail": "is given 2 times; it takes one value"}]
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Europe/Berlin"])
+def test_a_time_without_an_offset_is_utc_whatever_the_time_zone_setting(callers, submit, settings, zone):
+    """README: a time without an offset is read as UTC. The filters read it in TIME_ZONE,
+    refusing one a daylight-saving change skips or repeats there, and agent stats and spend
+    (DRF) read it there too, taking such a time silently."""
+    settings.TIME_ZONE = zone
+    client = callers["admin"].client
+    assert submit(callers["admin"]).status_code == 201
+    created = Workflow.objects.get().created_at.astimezone(dt.UTC)
+    before, after = ((created + dt.timedelta(minutes=m)).strftime("%Y-%m-%dT%H:%M:%S") for m in (-1, 1))
+    listed = client.get(f"/api/v1/workflows/?created_after={before}&created_before={after}")
+    assert listed.status_code == 200, listed.content
+    assert len(listed.json()["results"]) == 1
+    assert client.get(f"/api/v1/workflows/?created_after={after}").json()["results"] == []
+    for path in ("/api/v1/agents/echo/stats/", "/api/v1/me/spend/"):
+        window = client.get(f"{path}?since={before}&until={after}")
+        assert window.status_code == 200, window.content
+        since = dt.datetime.fromisoformat(window.json()["since"])
+        assert since == created.replace(microsecond=0) - dt.timedelta(minutes=1), (path, window.json()["since"])
+    # 02:30 on the day New York, then Berlin, springs forward; 01:30 on the day New York falls back.
+    for moment in ("2026-03-08T02:30:00", "2026-03-29T02:30:00", "2026-11-01T01:30:00"):
+        for query in (f"/api/v1/workflows/?created_after={moment}", f"/api/v1/events/?until={moment}"):
+            assert client.get(query).status_code == 200, (query, client.get(query).content)
+        spend = client.get(f"/api/v1/me/spend/?since={moment}&until=2026-12-01")
+        assert dt.datetime.fromisoformat(spend.json()["since"]) == dt.datetime.fromisoformat(moment + "Z")
