@@ -114,8 +114,16 @@ class WorkflowAdminForm(forms.ModelForm):
 
     def clean_deadline(self) -> dt.datetime | None:
         deadline = self.cleaned_data.get("deadline")
-        if "deadline" in self.changed_data and deadline is not None and deadline <= database_now():
-            raise forms.ValidationError(f"{deadline.astimezone(dt.UTC).isoformat()} is in the past")
+        if "deadline" not in self.changed_data or deadline is None:
+            return deadline
+        try:
+            # Read in TIME_ZONE: 9999-12-31 23:59 west of UTC is in the year 10000 in UTC, which
+            # PostgreSQL would store and then no query could read back.
+            deadline = deadline.astimezone(dt.UTC)
+        except OverflowError:
+            raise forms.ValidationError(f"{deadline.isoformat()} is after 9999-12-31 UTC") from None
+        if deadline <= database_now():
+            raise forms.ValidationError(f"{deadline.isoformat()} is in the past")
         return deadline
 
 

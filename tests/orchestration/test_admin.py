@@ -527,6 +527,30 @@ def test_workflow_form_refuses_a_deadline_already_past(su_client: Client) -> Non
     assert workflow.name == "after" and workflow.deadline is not None
 
 
+def test_workflow_form_refuses_a_deadline_past_the_year_9999_in_utc(su_client: Client, settings) -> None:
+    """The console reads a deadline in TIME_ZONE: 9999-12-31 23:59 in New York is in the year
+    10000 in UTC, which PostgreSQL stored and then no query could read back (the workflow's
+    pages, the list, the engine). Submission refuses it so (specs.py)."""
+    settings.TIME_ZONE = "America/New_York"
+    workflow = WorkflowFactory(name="before")
+    TaskExecutionFactory(workflow=workflow)
+    url = _url(Workflow, "change", workflow.pk)
+    page = su_client.get(url)
+    data = {**_management_data(page), "name": "after", "description": "", "workflow_type": "", "priority": "normal"}
+
+    refused = su_client.post(url, {**data, "deadline_0": "9999-12-31", "deadline_1": "23:59:00"})
+    assert refused.status_code == 200
+    assert "after 9999-12-31 UTC" in str(refused.context["adminform"].form.errors["deadline"])
+    workflow.refresh_from_db()
+    assert (workflow.name, workflow.deadline) == ("before", None)
+    assert su_client.get(_url(Workflow, "changelist")).status_code == 200
+
+    saved = su_client.post(url, {**data, "deadline_0": "9999-12-31", "deadline_1": "18:59:00"})
+    assert saved.status_code == 302
+    workflow.refresh_from_db()
+    assert workflow.deadline == dt.datetime(9999, 12, 31, 23, 59, tzinfo=dt.UTC)
+
+
 def test_task_form_edits_limits_but_not_engine_state(su_client: Client) -> None:
     task = TaskExecutionFactory()
     TaskAttemptFactory(execution=task, attempt_number=1, failed=True)
