@@ -7,12 +7,20 @@ import sys
 
 def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+    from django.core.exceptions import ImproperlyConfigured
     from django.core.management import execute_from_command_line
 
     from orchestration.management.stopping import INTERRUPTED
 
     try:
         execute_from_command_line(sys.argv)
+    except ImproperlyConfigured as exc:
+        # A setting the environment gives wrong (config/env.py names the variable): one line, as
+        # a command's own errors are, unless --traceback asks for the whole story.
+        if "--traceback" in sys.argv:
+            raise
+        sys.stderr.write(f"ImproperlyConfigured: {exc}\n")
+        sys.exit(1)
     except SystemExit as exc:
         # How a command's error ends (a CommandError: its line on stderr, then its status), and
         # argparse's --help: what it wrote to stdout before is still to flush, and failed at exit

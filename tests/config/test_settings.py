@@ -156,6 +156,18 @@ class TestSettingsModules:
         assert result.returncode != 0
         assert "DEBUG='perhaps' is not a boolean" in result.stderr
 
+    def test_a_bad_setting_stops_a_command_in_one_line_unless_traceback_is_asked_for(self):
+        """The README says an operator's mistake is one line on stderr and exit status 1, never a
+        traceback; a malformed variable was a 30-line traceback ending in the message."""
+        result = run_manage("check", DEBUG="perhaps")
+        assert result.returncode == 1
+        assert result.stderr.strip() == (
+            "ImproperlyConfigured: DEBUG='perhaps' is not a boolean (use one of: true, false, 1, 0, yes, no, on, off)"
+        )
+        result = run_manage("check", "--traceback", DEBUG="perhaps")
+        assert result.returncode == 1
+        assert "Traceback" in result.stderr and "DEBUG='perhaps' is not a boolean" in result.stderr
+
     def test_influxdb_url_alone_is_refused(self):
         result = run_manage("check", INFLUXDB_URL="http://127.0.0.1:8086")
         assert result.returncode != 0
