@@ -637,9 +637,11 @@ def _attempt_claim(
         return Outcome.SKIPPED
     if workflow is not None and deadline_passed(workflow.deadline, now):
         locked = Workflow.objects.select_for_update().get(pk=workflow.pk)
-        if locked.status == Workflow.Status.RUNNING:
-            workflow_fail_past_deadline(locked, now=now)
-        return Outcome.SKIPPED
+        # The deadline is read again under the lock: an operator may have extended it since.
+        if locked.status != Workflow.Status.RUNNING or deadline_passed(locked.deadline, now):
+            if locked.status == Workflow.Status.RUNNING:
+                workflow_fail_past_deadline(locked, now=now)
+            return Outcome.SKIPPED
 
     number = (TaskAttempt.objects.filter(execution=task).aggregate(n=Max("attempt_number"))["n"] or 0) + 1
     if queue_waited_since(task, now=now) is not None:

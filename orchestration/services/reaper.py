@@ -308,10 +308,11 @@ def workflows_enforce_deadlines(*, now: dt.datetime) -> list[str]:
     ):
 
         def fail(workflow_id: str = workflow_id) -> bool:
-            # Locks the workflow, then its tasks and attempts: a deadlock victim is retried.
+            # Locks the workflow, then its tasks and attempts: a deadlock victim is retried. Its
+            # deadline is read again under the lock: an operator may have extended it since the list.
             workflow = (
                 Workflow.objects.select_for_update(skip_locked=True)
-                .filter(pk=workflow_id, status=Workflow.Status.RUNNING)
+                .filter(pk=workflow_id, status=Workflow.Status.RUNNING, deadline__lt=now)
                 .first()
             )
             if workflow is None:

@@ -284,8 +284,10 @@ def task_retry(*, execution_id: str, actor: Actor | None = None) -> TaskExecutio
             workflow_resume(workflow_id=workflow.workflow_id, actor=actor)
             task.refresh_from_db()
             return task
-        if ended:
-            _deadline_check(workflow, now=now)
+        # Running too: one past its deadline that nothing has seen yet (no claim, completion or
+        # reaper's pass since) fails for it at the retry's first claim, the task recorded
+        # cancelled, never run, and its failure gone from the workflow.
+        _deadline_check(workflow, now=now)
         done = set(
             TaskExecution.objects.filter(workflow=workflow, status=TaskExecution.Status.COMPLETED).values_list(
                 "task_name", flat=True
