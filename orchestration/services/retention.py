@@ -16,6 +16,11 @@ its own short transaction, so retention never holds long locks on a busy table.
   interactions: a task a kept message names stays, or the message would lose the attempt that
   tells a failed turn.
 - workflows: finished ones by completed_at (their tasks and attempts go with them).
+- events, messages (and their replies), workflows (and their tasks): never past the first day the
+  daily export has still to export from them (the day after the last one-day window exported of
+  a data type read from them: the days its catch-up exports), or the catch-up would export those
+  days empty, and succeed; reported in `kept`, with a warning. A type never exported day by day
+  holds nothing back (nor does the catch-up export anything for it).
 - export_runs: failed and superseded runs; succeeded runs are the record of what was exported.
 - the consumer's daily CSV partitions (RETENTION_DAYS_TRAINING_CSV), by the day they hold: a
   message or workflow retention deleted would otherwise live on in them.
@@ -65,6 +70,7 @@ WORKFLOW_BATCH_TASKS = 5000
 class RetentionResult:
     deleted: dict[str, int] = field(default_factory=dict)  # table -> rows deleted, cascades included
     skipped: dict[str, str] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)  # table -> why days past its cutoff were kept
     temp_files_removed: int = 0
     csv_partitions_removed: int = 0
 
@@ -166,15 +172,48 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
     def cutoff(days: int) -> dt.datetime | None:
         return None if days <= 0 else now - dt.timedelta(days=days)
 
+    def exported_cutoff(days: int, table: str, data_types: tuple[str, ...]) -> dt.datetime | None:
+        """The cutoff, moved back to the first day the daily export has still to export for one
+        of `data_types` (the day after its last exported day: the days its catch-up exports from
+        these rows), so that no row goes before its day is exported. A type never exported day by
+        day waits for nothing (as the catch-up), nor does a day older than the catch-up reaches
+        (TRAINING_EXPORT_CATCHUP_DAYS before the next daily export's day, whether it runs before
+        or after this pass): with the daily export stopped, rows are kept that many days longer,
+        not for good."""
+        from training_export.services.export import last_exported_day
+
+        if (before := cutoff(days)) is None:
+            return None
+        reached = now.astimezone(dt.UTC).date() - dt.timedelta(days=settings.TRAINING_EXPORT_CATCHUP_DAYS + 1)
+        for data_type in data_types:
+            if (last := last_exported_day(data_type)) is None:
+                continue
+            day = max(last + dt.timedelta(days=1), reached)
+            first = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+            if first < before:
+                before = first
+                result.kept[table] = (
+                    f"rows of {first.date()} and later kept: the daily export of {data_type} has not exported them yet"
+                )
+        return before
+
+    from training_export.models import ExportRun
+
+    types = ExportRun.DataType
     deleted: Counter[str] = Counter()
-    if (before := cutoff(settings.RETENTION_DAYS_EVENTS)) is not None:
+    events_types = (types.EVENTS, types.TOOL_EXECUTIONS)
+    if (before := exported_cutoff(settings.RETENTION_DAYS_EVENTS, "events", events_types)) is not None:
         if connection.vendor != "postgresql":
             result.skipped["events"] = "events are pruned only on PostgreSQL"
         elif (relayed := _relayed_sequence()) is None:
             result.skipped["events"] = "the relayed position on the Synapse stream is unknown"
         else:
             deleted["events"] += events_prune(before=before, max_sequence=relayed)
-    if (before := cutoff(settings.RETENTION_DAYS_MESSAGES)) is not None:
+    # The messages' rule deletes conversation replies (tasks) too.
+    messages_types = (types.CONVERSATIONS, types.TASKS)
+    if (
+        before := exported_cutoff(settings.RETENTION_DAYS_MESSAGES, "agent_playground_messages", messages_types)
+    ) is not None:
         deleted.update(_delete_in_batches(AgentPlaygroundMessage, Q(created_at__lt=before), oldest_first="created_at"))
         condition = Q(
             workflow__isnull=True, status__in=TaskExecution.TERMINAL_STATUSES, completed_at__lt=before
@@ -191,7 +230,9 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
         # By the period's start, or when it was recorded for a metric of no period.
         age = Coalesce("period_start", "recorded_at")
         deleted.update(_delete_in_batches(AgentMetric, Q(LessThan(age, before)), oldest_first=age))
-    if (before := cutoff(settings.RETENTION_DAYS_WORKFLOWS)) is not None:
+    # A workflow's tasks go with it.
+    workflows_types = (types.WORKFLOWS, types.TASKS)
+    if (before := exported_cutoff(settings.RETENTION_DAYS_WORKFLOWS, "workflows", workflows_types)) is not None:
         # Old by completed_at: a workflow resumed (completed_at cleared) and ended again is as old
         # as its last end.
         condition = Q(status__in=Workflow.TERMINAL_STATUSES, completed_at__lt=before)
@@ -206,8 +247,6 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
             )
         )
     if (before := cutoff(settings.RETENTION_DAYS_EXPORT_RUNS)) is not None:
-        from training_export.models import ExportRun
-
         condition = Q(created_at__lt=before, status__in=[ExportRun.Status.FAILED, ExportRun.Status.SUPERSEDED])
         deleted.update(_delete_in_batches(ExportRun, condition, oldest_first="created_at"))
     sessions = _delete_in_batches(Session, Q(expire_date__lt=now), oldest_first="expire_date")
@@ -237,6 +276,8 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
     result.deleted = dict(sorted(deleted.items()))
     for table, reason in result.skipped.items():
         logger.warning("retention: %s kept: %s", table, reason)
+    for table, reason in result.kept.items():
+        logger.warning("retention: %s: %s", table, reason)
     if result.deleted:
         logger.info(
             "retention: rows deleted per table: %s",

@@ -490,3 +490,80 @@ def test_a_batch_reads_the_old_rows_from_an_index_and_none_of_those_kept(db, set
         if index not in plans[table] or "Rows Removed by Filter" in plans[table]
     ]
     assert read_otherwise == [], plans
+
+
+def test_days_the_daily_export_has_not_exported_yet_are_kept_until_it_has(db, settings, tmp_path, caplog):
+    """The daily export of workflows gave up on the 7th and the 8th (a window held open past every
+    retry; the next nights catch them up): retention with 2 days, at 03:00 on the 10th, must not
+    delete the rows those days' exports still have to read, or the catch-up exports them empty and
+    succeeds, and the training data is gone with no trace."""
+    from training_export.services.export import export_previous_day
+
+    settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
+    settings.TRAINING_EXPORT_SAFETY_LAG_SECONDS = 0
+    settings.RETENTION_DAYS_WORKFLOWS = 2
+    now = dt.datetime(2024, 6, 10, 3, 0, tzinfo=dt.UTC)
+    day = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
+    for n in range(6):  # the 1st..the 6th exported by the beat, one-day windows
+        start = day + dt.timedelta(days=n)
+        ExportRunFactory(
+            data_type=ExportRun.DataType.WORKFLOWS,
+            format="jsonl",
+            status=ExportRun.Status.SUCCEEDED,
+            window_start=start,
+            window_end=start + dt.timedelta(days=1),
+        )
+    exported = WorkflowFactory(status=Workflow.Status.COMPLETED, completed_at=day + dt.timedelta(days=5, hours=9))
+    pending = WorkflowFactory(status=Workflow.Status.COMPLETED, completed_at=day + dt.timedelta(days=6, hours=9))
+    TaskExecutionFactory(workflow=pending, status="completed", completed_at=pending.completed_at)
+
+    with caplog.at_level(logging.WARNING, logger="orchestration.services.retention"):
+        result = retention_apply(now=now)
+
+    assert result.deleted["workflows"] == 1  # the 6th's, exported
+    assert not Workflow.objects.filter(pk=exported.pk).exists()
+    assert Workflow.objects.filter(pk=pending.pk).exists()
+    assert TaskExecution.objects.filter(workflow=pending).exists()
+    assert result.kept == {
+        "workflows": "rows of 2024-06-07 and later kept: the daily export of workflows has not exported them yet"
+    }
+    assert "retention: workflows: rows of 2024-06-07 and later kept" in caplog.text
+    # The catch-up then exports the 7th with its workflow, and the next retention deletes it.
+    runs = export_previous_day(now=now)
+    exported_rows = {run.window_start.date(): run.rows for run in runs if run.data_type == "workflows"}
+    assert exported_rows == {dt.date(2024, 6, 7): 1, dt.date(2024, 6, 8): 0, dt.date(2024, 6, 9): 0}
+    assert retention_apply(now=now).deleted["workflows"] == 1
+    assert not Workflow.objects.filter(pk=pending.pk).exists()
+
+
+def test_a_daily_export_stopped_for_good_holds_rows_back_only_as_far_as_its_catch_up_reaches(db, settings):
+    """The daily export of workflows last exported the 1st and then stopped (its beat entry
+    disabled, say): its catch-up would export at most TRAINING_EXPORT_CATCHUP_DAYS back, so
+    retention keeps what it could still export, not every row after the 1st for good."""
+    settings.RETENTION_DAYS_WORKFLOWS = 2
+    settings.TRAINING_EXPORT_CATCHUP_DAYS = 7
+    now = dt.datetime(2024, 6, 30, 3, 0, tzinfo=dt.UTC)
+    start = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
+    ExportRunFactory(
+        data_type=ExportRun.DataType.WORKFLOWS,
+        format="jsonl",
+        status=ExportRun.Status.SUCCEEDED,
+        window_start=start,
+        window_end=start + dt.timedelta(days=1),
+    )
+    # The next daily export (the 30th's at 00:30 has run; the 1st of July's) reaches back to the
+    # 23rd at most; this pass keeps one day more, in case it runs before that night's export.
+    unreachable = WorkflowFactory(
+        status=Workflow.Status.COMPLETED, completed_at=dt.datetime(2024, 6, 21, 9, tzinfo=dt.UTC)
+    )
+    reachable = WorkflowFactory(
+        status=Workflow.Status.COMPLETED, completed_at=dt.datetime(2024, 6, 22, 9, tzinfo=dt.UTC)
+    )
+
+    result = retention_apply(now=now)
+
+    assert not Workflow.objects.filter(pk=unreachable.pk).exists()
+    assert Workflow.objects.filter(pk=reachable.pk).exists()
+    assert result.kept == {
+        "workflows": "rows of 2024-06-22 and later kept: the daily export of workflows has not exported them yet"
+    }

@@ -718,21 +718,29 @@ def _days_missed(data_type: str, yesterday: dt.date) -> list[dt.date]:
     one-day window, by the beat, by hand or through the API), at most
     TRAINING_EXPORT_CATCHUP_DAYS back. A type never exported day by day (a new deployment)
     missed nothing."""
-    before = dt.datetime.combine(yesterday, dt.time(), tzinfo=dt.UTC)
-    last = ExportRun.objects.filter(
-        data_type=data_type,
-        format=format_for(data_type),
-        status=ExportRun.Status.SUCCEEDED,
-        window_start__lt=before,
-        window_end=F("window_start") + dt.timedelta(days=1),
-    ).aggregate(last=Max("window_start"))["last"]
+    last = last_exported_day(data_type, before=yesterday)
     if last is None:
         return []
     first = max(
-        last.astimezone(dt.UTC).date() + dt.timedelta(days=1),
+        last + dt.timedelta(days=1),
         yesterday - dt.timedelta(days=settings.TRAINING_EXPORT_CATCHUP_DAYS),
     )
     return [first + dt.timedelta(days=n) for n in range((yesterday - first).days)]
+
+
+def last_exported_day(data_type: str, *, before: dt.date | None = None) -> dt.date | None:
+    """The last day (before `before`, if given) of the type that a succeeded export of a one-day
+    window holds (by the beat, by hand or through the API); None when there is none."""
+    runs = ExportRun.objects.filter(
+        data_type=data_type,
+        format=format_for(data_type),
+        status=ExportRun.Status.SUCCEEDED,
+        window_end=F("window_start") + dt.timedelta(days=1),
+    )
+    if before is not None:
+        runs = runs.filter(window_start__lt=dt.datetime.combine(before, dt.time(), tzinfo=dt.UTC))
+    last = runs.aggregate(last=Max("window_start"))["last"]
+    return None if last is None else last.astimezone(dt.UTC).date()
 
 
 def _record_gave_up(pending: list[tuple[dt.date, str]], *, error: str) -> None:
