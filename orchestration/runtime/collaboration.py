@@ -10,6 +10,7 @@ its outcome and how long it took, whether it succeeded or not. Feedback is a mes
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from orchestration.db import agent_stopping, stopping_write
 from orchestration.errors import PermanentError
 from orchestration.models import Agent, AgentInteraction
 from orchestration.runtime.context import TaskContext, Usage
-from orchestration.runtime.tools import ToolBox, ToolCall
+from orchestration.runtime.tools import ToolBox, ToolCall, jsonb_problem
 
 # The error of a hand-off, review or collaboration cut short by a stop of its process.
 INTERRUPTED = "interrupted: the process running it was told to stop before the other agent finished"
@@ -57,6 +58,15 @@ def equip(context: TaskContext, agent: Agent, *, depth: int = 0) -> TaskContext:
         depth=depth,
     )
     return dataclasses.replace(equipped, peers=Peers(equipped))
+
+
+def _record_problem(task_input: Any, message: str) -> str | None:
+    """Why an interaction's record could not store its input or message, or None."""
+    try:
+        json.dumps(task_input, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return f"input is not JSON: {exc}"
+    return jsonb_problem(task_input, "input") or jsonb_problem(message, "message")
 
 
 class Peers:
@@ -99,6 +109,7 @@ class Peers:
             execution_id=context.execution_id,
             message=message,
             payload=payload or {},
+            attempt_number=context.attempt_number,
         )
 
     def _target(self, agent_id: str, kind: str) -> Agent:
@@ -123,6 +134,12 @@ class Peers:
                 f"{settings.AGENT_MAX_DELEGATION_DEPTH} nested hand-offs (AGENT_MAX_DELEGATION_DEPTH)"
             )
         agent = self._target(to_agent, kind)
+        # Checked before the other agent runs: its record could not be written afterwards, and
+        # the failed write took the place of the other agent's outcome (which had been paid for).
+        if problem := _record_problem(task_input, message):
+            raise PermanentError(
+                f"{kind} from {context.agent_id!r} to {to_agent!r}: its input cannot be stored: {problem}"
+            )
         sub = equip(context, agent, depth=context.depth + 1)
         agent_started_record(
             agent_id=to_agent,
@@ -131,9 +148,11 @@ class Peers:
             workflow_id=context.workflow_id,
             execution_id=context.execution_id,
             depth=sub.depth,
+            attempt_number=context.attempt_number,
         )
         started = time.monotonic()
-        payload: dict[str, Any] = {"input": task_input}
+        # The attempt that made it: a retried task's attempts each hand off anew.
+        payload: dict[str, Any] = {"input": task_input, "attempt_number": context.attempt_number}
         stopped = False
         try:
             result = agent_execute(agent=agent, task_input=task_input, context=sub)
@@ -169,6 +188,7 @@ class Peers:
                     execution_id=context.execution_id,
                     message=message,
                     payload=payload,
+                    attempt_number=context.attempt_number,
                 )
 
             if stopped:

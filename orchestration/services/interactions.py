@@ -12,7 +12,7 @@ from typing import Any
 from django.db import transaction
 
 from orchestration.event_types import EntityType, EventType, Severity
-from orchestration.models import AgentInteraction
+from orchestration.models import AgentInteraction, Event
 from orchestration.runtime.tools import ToolCall
 from orchestration.services.events import event_record
 from orchestration.soft_limit import held_off
@@ -24,11 +24,14 @@ def tool_call_record(
 ) -> None:
     """Append the `tool_executed` event of one call, with seed 002's fields, the call's id and
     the number of the attempt that made it: with the task's execution_id, the keys that join
-    the call to the assistant message that asked for it (a conversation's tool_calls)."""
+    the call to the assistant message that asked for it (a conversation's tool_calls). A name
+    longer than the event's entity_id column (a model's, refused: no tool is named so) is in
+    the payload only: written there, it failed the attempt in place of the refusal."""
+    fits = len(call.tool_name) <= Event._meta.get_field("entity_id").max_length
     event_record(
         event_type=EventType.TOOL_EXECUTED,
         entity_type=EntityType.TOOL,
-        entity_id=call.tool_name,
+        entity_id=call.tool_name if fits else None,
         workflow_id=workflow_id,
         agent_id=agent_id,
         payload={
@@ -55,11 +58,13 @@ def agent_started_record(
     workflow_id: str | None,
     execution_id: str | None,
     depth: int,
+    attempt_number: int | None = None,
 ) -> None:
     """Append the `agent_started` event of an agent that another one brought into its attempt
     (hand-off, review, collaboration), committed before it starts: a delegated agent that works
     for minutes shows on the stream as it begins, not only when its interaction is recorded.
-    (The attempt's own agent starting is its task_started.)"""
+    With the task's execution_id, `attempt_number` names the attempt it runs in (a retried
+    task's attempts each start their own). (The attempt's own agent starting is its task_started.)"""
     event_record(
         event_type=EventType.AGENT_STARTED,
         entity_type=EntityType.AGENT,
@@ -71,6 +76,7 @@ def agent_started_record(
             "from_agent_id": from_agent_id,
             "interaction_type": interaction_type,
             "execution_id": execution_id,
+            "attempt_number": attempt_number,
             "depth": depth,
         },
     )
@@ -87,8 +93,11 @@ def interaction_record(
     execution_id: str | None,
     message: str = "",
     payload: dict[str, Any] | None = None,
+    attempt_number: int | None = None,
 ) -> AgentInteraction:
-    """Store an agent_interactions row (handoff, collaboration, review, feedback) and its event."""
+    """Store an agent_interactions row (handoff, collaboration, review, feedback) and its event.
+    The event's `attempt_number` (with its execution_id) names the attempt that made it: a
+    retried task's attempts each make their own."""
     interaction = AgentInteraction.objects.create(
         interaction_type=interaction_type,
         from_agent_id=from_agent_id,
@@ -111,6 +120,7 @@ def interaction_record(
             "from_agent_id": from_agent_id,
             "to_agent_id": to_agent_id,
             "execution_id": execution_id,
+            "attempt_number": attempt_number,
             "message": message,
             "error": (payload or {}).get("error"),
         },

@@ -263,3 +263,8 @@ def blob(task_input, context):
 def small_sink(task_input, context):
     """A small output naming the upstream tasks it was given."""
     return {"parents": sorted(context.upstream)}
+
+
+def hands_off_unstorable(task_input, context):
+    """Hands work to `flaky` with an input the record cannot store (a NUL character)."""
+    return context.peers.handoff("flaky", {"fail_times": 0, "note": "before\x00after"})
