@@ -33,6 +33,7 @@ from orchestration.admin.base import (
     change_url,
     json_display,
     selected_rows,
+    utc_storable,
 )
 from orchestration.api.redis_store import store
 from orchestration.errors import SpecError
@@ -126,6 +127,12 @@ class ApiKeyAdminForm(forms.ModelForm):
         if taken.exists():
             raise forms.ValidationError("The owner already has a key with this name.")
         return name
+
+    def clean_expires_at(self) -> dt.datetime | None:
+        expires_at = self.cleaned_data.get("expires_at")
+        if expires_at is None:
+            return None
+        return utc_storable(expires_at)  # read in TIME_ZONE, as a workflow's deadline
 
 
 def may_mint_keys_for(user: Any, owner: Any) -> bool:

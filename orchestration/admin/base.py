@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from django import forms
 from django.apps import apps
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
@@ -106,6 +108,17 @@ def links(items: Iterable[tuple[str, Any]]) -> SafeString:
 def local_datetime(value: Any) -> str:
     """To the second: events of one task often fall within the same minute."""
     return date_format(timezone.localtime(value), "Y-m-d H:i:s") if value else EMPTY
+
+
+def utc_storable(moment: dt.datetime) -> dt.datetime:
+    """A date-time the console read in TIME_ZONE, in UTC, or a form error: 9999-12-31 23:59 west
+    of UTC is in the year 10000 in UTC (0001-01-01 00:00 east of it in the year 0), which
+    PostgreSQL would store and then no query could read back."""
+    try:
+        return moment.astimezone(dt.UTC)
+    except OverflowError:
+        edge = "after 9999-12-31" if moment.year == dt.MAXYEAR else "before 0001-01-01"
+        raise forms.ValidationError(f"{moment.isoformat()} is {edge} UTC") from None
 
 
 def events_table(events: Iterable[Event], *, limit: int) -> SafeString:

@@ -18,6 +18,7 @@ from orchestration.admin.base import (
     links,
     object_link,
     text_display,
+    utc_storable,
 )
 from orchestration.admin.operations import Operation, OperationsMixin, console_actor, console_reason
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, IndexedValuesFieldListFilter, LargeTableAdmin
@@ -116,12 +117,7 @@ class WorkflowAdminForm(forms.ModelForm):
         deadline = self.cleaned_data.get("deadline")
         if "deadline" not in self.changed_data or deadline is None:
             return deadline
-        try:
-            # Read in TIME_ZONE: 9999-12-31 23:59 west of UTC is in the year 10000 in UTC, which
-            # PostgreSQL would store and then no query could read back.
-            deadline = deadline.astimezone(dt.UTC)
-        except OverflowError:
-            raise forms.ValidationError(f"{deadline.isoformat()} is after 9999-12-31 UTC") from None
+        deadline = utc_storable(deadline)  # read in TIME_ZONE
         if deadline <= database_now():
             raise forms.ValidationError(f"{deadline.isoformat()} is in the past")
         return deadline

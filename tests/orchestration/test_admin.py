@@ -722,6 +722,36 @@ def test_api_key_rename_to_a_taken_name_is_a_form_error(su_client: Client) -> No
     assert "name" in response.context["adminform"].form.errors
 
 
+def test_api_key_form_refuses_an_expiry_past_the_year_9999_in_utc(su_client: Client, settings) -> None:
+    """As a workflow's deadline: read in TIME_ZONE, 9999-12-31 23:59 in New York is in the year
+    10000 in UTC (0001-01-01 00:30 in Berlin in the year 0), which PostgreSQL stored and then no
+    query could read back (the key list, the key's own page, every request the key signed)."""
+    settings.TIME_ZONE = "America/New_York"
+    key = ApiKeyFactory(name="laptop")
+    url = _url(ApiKey, "change", key.pk)
+
+    refused = su_client.post(url, {"name": "renamed", "expires_at_0": "9999-12-31", "expires_at_1": "23:59:00"})
+    assert refused.status_code == 200
+    assert "after 9999-12-31 UTC" in str(refused.context["adminform"].form.errors["expires_at"])
+    key.refresh_from_db()
+    assert (key.name, key.expires_at) == ("laptop", None)
+    assert su_client.get(_url(ApiKey, "changelist")).status_code == 200
+
+    settings.TIME_ZONE = "Europe/Berlin"
+    refused = su_client.post(url, {"name": "renamed", "expires_at_0": "0001-01-01", "expires_at_1": "00:30:00"})
+    assert refused.status_code == 200
+    assert "before 0001-01-01 UTC" in str(refused.context["adminform"].form.errors["expires_at"])
+    key.refresh_from_db()
+    assert (key.name, key.expires_at) == ("laptop", None)
+    assert su_client.get(_url(ApiKey, "changelist")).status_code == 200
+
+    settings.TIME_ZONE = "America/New_York"
+    saved = su_client.post(url, {"name": "laptop", "expires_at_0": "9999-12-31", "expires_at_1": "18:59:00"})
+    assert saved.status_code == 302
+    key.refresh_from_db()
+    assert key.expires_at == dt.datetime(9999, 12, 31, 23, 59, tzinfo=dt.UTC)
+
+
 def test_secret_hash_never_appears_in_admin_pages(su_client: Client) -> None:
     secret_hash = "5ec12e7" * 9
     key = ApiKeyFactory(secret_hash=secret_hash)
