@@ -23,8 +23,12 @@ PRICES_PATH = Path(__file__).with_name("prices.json")
 MILLION = Decimal(1_000_000)
 COST_QUANTUM = Decimal("0.000001")
 
+# The unpriced models this process has warned about (once each, and about the first few only:
+# an HTTP agent's service names the model it ran in each result, and a name that changes with
+# every result (a build, a date, a run id) must not grow this for the life of the worker).
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
+WARNED_MODELS_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -89,13 +93,15 @@ def is_priced(model: str | None) -> bool:
 
 def cost_usd(model: str | None, input_tokens: int, output_tokens: int) -> Decimal:
     """Cost in USD, quantized to 6 decimal places. An unknown model costs 0 and is logged
-    once per process and model (a missing price must be noticed, not fail the task)."""
+    once per process and model, for the first WARNED_MODELS_MAX models (a missing price must
+    be noticed, not fail the task)."""
     price = price_table().get(model or "")
     if price is None:
         if model:
             with _warned_lock:
-                first = model not in _warned
-                _warned.add(model)
+                first = model not in _warned and len(_warned) < WARNED_MODELS_MAX
+                if first:
+                    _warned.add(model)
             if first:
                 logger.warning("no price for model %r in %s: its tokens are recorded at cost 0", model, PRICES_PATH)
         return Decimal(0).quantize(COST_QUANTUM)

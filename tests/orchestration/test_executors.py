@@ -155,6 +155,19 @@ def test_http_agent_unknown_model_costs_nothing_and_is_logged_once(local_net, se
     assert model in caplog.text
 
 
+def test_http_agent_models_named_anew_in_each_result_do_not_grow_the_warned_set(local_net, service, caplog):
+    """A service whose every result names another unpriced model (a build or run id in the
+    name): the worker's pool process remembers the first few it warned about, not each one for
+    the life of the process."""
+    caplog.set_level(logging.WARNING, logger="orchestration.runtime.pricing")
+    run = uuid.uuid4().hex[:6]
+    for i in range(200):
+        service.model = f"house-model-{run}-build-{i}"
+        assert agent_execute(agent=http_agent(service.url), task_input={}, context=ctx()).usage.cost_usd == 0
+    assert len(pricing._warned) <= 64
+    assert not any(model.endswith("-build-199") for model in pricing._warned)
+
+
 @pytest.mark.parametrize(
     ("status", "headers", "retry_after"),
     [(500, {}, None), (503, {"Retry-After": "7"}, 7.0), (429, {"Retry-After": "2"}, 2.0), (502, {}, None)],
