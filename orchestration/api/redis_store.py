@@ -170,12 +170,26 @@ class RedisStore:
 
 
 class LocalStore:
-    """Single-process stand-in (no REDIS_URL): dicts under a lock, same semantics."""
+    """Single-process stand-in (no REDIS_URL): dicts under a lock, same semantics. Expired
+    entries are dropped, as Redis expires its keys, whenever an entry would double what the
+    last sweep left (at least SWEEP_AT entries): a counter per client address, signed-in user
+    or sign-in attempt would otherwise be kept for the life of the process."""
+
+    SWEEP_AT = 1024
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: dict[str, tuple[int, float]] = {}
         self._locks: dict[str, tuple[str, float]] = {}
+        self._sweep_at = {"counts": self.SWEEP_AT, "locks": self.SWEEP_AT}
+
+    def _swept(self, name: str, entries: dict[str, tuple[Any, float]], now: float) -> None:
+        """Drop `entries`' expired ones when it has reached its sweep size (under the lock)."""
+        if len(entries) < self._sweep_at[name]:
+            return
+        for key in [key for key, (_, expires) in entries.items() if expires <= now]:
+            del entries[key]
+        self._sweep_at[name] = max(self.SWEEP_AT, 2 * len(entries))
 
     def hit_later(self, key: str, window_seconds: int) -> Hit:
         return CountedHit(self.hit(key, window_seconds))
@@ -187,6 +201,7 @@ class LocalStore:
             if expires <= now:
                 count, expires = 0, now + window_seconds
             self._counts[key] = (count + 1, expires)
+            self._swept("counts", self._counts, now)
         return count + 1, max(int(expires - now + 0.999), 1)
 
     def peek(self, key: str) -> tuple[int, int]:
@@ -202,6 +217,7 @@ class LocalStore:
             if held is not None and held[1] > now:
                 return False
             self._locks[key] = (token, now + seconds)
+            self._swept("locks", self._locks, now)
             return True
 
     def release(self, key: str, token: str) -> None:

@@ -3,7 +3,9 @@ role, answered 429 with Retry-After and a problem body; counting is atomic."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -236,6 +238,29 @@ def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy(db, anonymous, an
     assert answers == [401, 401, 401, 429]
     assert int(_redis().get("rate_limit:anonymous:203.0.113.9")) == 4
     assert spoofed(9) == 401  # from the trusted proxy, a client of its own
+
+
+def test_without_redis_the_counts_of_addresses_whose_window_ended_are_not_kept(
+    db, anonymous, anonymous_limit, settings, monkeypatch
+):
+    """The single-process store (no REDIS_URL) kept a counter for every client address it ever
+    counted, its window long ended: a web process's memory grew with each new address."""
+    from orchestration.api import redis_store
+
+    settings.REDIS_URL = None
+    clock = [time.monotonic()]
+    monkeypatch.setattr(redis_store, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    local = redis_store.store()
+    for n in range(1500):
+        address = f"198.18.{n // 250}.{n % 250 + 1}"
+        assert anonymous.get("/api/v1/me/", REMOTE_ADDR=address).status_code == 401
+        clock[0] += 61  # the address's 60-second window ends
+    assert len(local._counts) <= 1024  # LocalStore.SWEEP_AT
+    # A window not yet ended keeps its count through a sweep.
+    assert [anonymous.get("/api/v1/me/", REMOTE_ADDR="198.51.100.1").status_code for _ in range(4)][-1] == 429
+    for n in range(2048):
+        local.hit(f"rate_limit:sweep-{n}", 60)
+    assert local.peek("rate_limit:anonymous:198.51.100.1") == (4, 60)
 
 
 @pytest.mark.parametrize(
