@@ -19,7 +19,8 @@ its own short transaction, so retention never holds long locks on a busy table.
 - events, messages (and their replies), workflows (and their tasks): never past the first day the
   daily export has still to export from them (the day after the last one-day window exported of
   a data type read from them: the days its catch-up exports), or the catch-up would export those
-  days empty, and succeed; reported in `kept`, with a warning. A type never exported day by day
+  days empty, and succeed; the messages as many days more (a day's threads are exported with
+  their history); reported in `kept`, with a warning. A type never exported day by day
   holds nothing back (nor does the catch-up export anything for it).
 - export_runs: failed and superseded runs; succeeded runs are the record of what was exported.
 - the consumer's daily CSV partitions (RETENTION_DAYS_TRAINING_CSV), by the day they hold: a
@@ -172,23 +173,30 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
     def cutoff(days: int) -> dt.datetime | None:
         return None if days <= 0 else now - dt.timedelta(days=days)
 
-    def exported_cutoff(days: int, table: str, data_types: tuple[str, ...]) -> dt.datetime | None:
+    def exported_cutoff(
+        days: int, table: str, data_types: tuple[str, ...], *, with_history: tuple[str, ...] = ()
+    ) -> dt.datetime | None:
         """The cutoff, moved back to the first day the daily export has still to export for one
         of `data_types` (the day after its last exported day: the days its catch-up exports from
         these rows), so that no row goes before its day is exported. A type never exported day by
         day waits for nothing (as the catch-up), nor does a day older than the catch-up reaches
         (TRAINING_EXPORT_CATCHUP_DAYS before the next daily export's day, whether it runs before
         or after this pass): with the daily export stopped, rows are kept that many days longer,
-        not for good."""
+        not for good. A type of `with_history` (conversations: a thread with its messages from
+        before the day) reads `days` more of them, as this pass's cutoff leaves them to the
+        export of today's rows."""
         from training_export.services.export import last_exported_day
 
         if (before := cutoff(days)) is None:
             return None
-        reached = now.astimezone(dt.UTC).date() - dt.timedelta(days=settings.TRAINING_EXPORT_CATCHUP_DAYS + 1)
+        today = now.astimezone(dt.UTC).date()
+        reached = today - dt.timedelta(days=settings.TRAINING_EXPORT_CATCHUP_DAYS + 1)
         for data_type in data_types:
             if (last := last_exported_day(data_type)) is None:
                 continue
             day = max(last + dt.timedelta(days=1), reached)
+            if data_type in with_history and day < today:
+                day -= dt.timedelta(days=days)
             first = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
             if first < before:
                 before = first
@@ -212,7 +220,12 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
     # The messages' rule deletes conversation replies (tasks) too.
     messages_types = (types.CONVERSATIONS, types.TASKS)
     if (
-        before := exported_cutoff(settings.RETENTION_DAYS_MESSAGES, "agent_playground_messages", messages_types)
+        before := exported_cutoff(
+            settings.RETENTION_DAYS_MESSAGES,
+            "agent_playground_messages",
+            messages_types,
+            with_history=(types.CONVERSATIONS,),
+        )
     ) is not None:
         deleted.update(_delete_in_batches(AgentPlaygroundMessage, Q(created_at__lt=before), oldest_first="created_at"))
         condition = Q(

@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 import re
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
@@ -567,3 +568,42 @@ def test_a_daily_export_stopped_for_good_holds_rows_back_only_as_far_as_its_catc
     assert result.kept == {
         "workflows": "rows of 2024-06-22 and later kept: the daily export of workflows has not exported them yet"
     }
+
+
+def test_a_thread_the_catch_up_exports_keeps_the_history_the_daily_export_would_have_read(db, settings, tmp_path):
+    """The conversations export of a day writes each thread active that day with its history
+    from before it (DAYS of it, as retention leaves it the night before the export): after a
+    night the export gave up on, retention kept the day but not the question asked the evening
+    before, and the catch-up wrote the answer alone (an on-time export writes both)."""
+    from training_export.services.export import export_previous_day
+
+    settings.TRAINING_EXPORT_DIR = tmp_path / "exports"
+    settings.TRAINING_EXPORT_SAFETY_LAG_SECONDS = 0
+    settings.RETENTION_DAYS_MESSAGES = 2
+    day = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
+    for n in range(6):  # the 1st..the 6th exported by the beat; it gave up on the 7th and the 8th
+        start = day + dt.timedelta(days=n)
+        ExportRunFactory(
+            data_type=ExportRun.DataType.CONVERSATIONS,
+            format=ExportRun.Format.CHAT_JSONL,
+            status=ExportRun.Status.SUCCEEDED,
+            window_start=start,
+            window_end=start + dt.timedelta(days=1),
+        )
+    agent = AgentFactory()
+    asked = MessageFactory(
+        agent=agent, content="what is 2+2?", created_at=dt.datetime(2024, 6, 6, 23, 59, tzinfo=dt.UTC)
+    )
+    MessageFactory(agent=agent, role="assistant", content="4", created_at=dt.datetime(2024, 6, 7, 0, 1, tzinfo=dt.UTC))
+
+    now = dt.datetime(2024, 6, 10, 3, 0, tzinfo=dt.UTC)
+
+    retention_apply(now=now)
+
+    assert AgentPlaygroundMessage.objects.filter(pk=asked.pk).exists()
+    (run,) = [run for run in export_previous_day(now=now) if run.data_type == "conversations" and run.rows]
+    assert (run.window_start.date(), run.rows) == (dt.date(2024, 6, 7), 1)
+    assert "what is 2+2?" in Path(run.path).read_text()
+    # Caught up, the thread is held no longer (nor is anything on a night the export is on time).
+    assert retention_apply(now=now).kept == {}
+    assert not AgentPlaygroundMessage.objects.exists()
