@@ -20,7 +20,7 @@ from orchestration.db import agent_stopping, stopping_write
 from orchestration.errors import PermanentError
 from orchestration.models import Agent, AgentInteraction
 from orchestration.runtime.context import TaskContext, Usage
-from orchestration.runtime.tools import ToolBox, ToolCall, jsonb_problem
+from orchestration.runtime.tools import ToolBox, ToolCall, jsonb_problem, storable_text
 
 # The error of a hand-off, review or collaboration cut short by a stop of its process.
 INTERRUPTED = "interrupted: the process running it was told to stop before the other agent finished"
@@ -60,13 +60,14 @@ def equip(context: TaskContext, agent: Agent, *, depth: int = 0) -> TaskContext:
     return dataclasses.replace(equipped, peers=Peers(equipped))
 
 
-def _record_problem(task_input: Any, message: str) -> str | None:
-    """Why an interaction's record could not store its input or message, or None."""
+def _record_problem(value: Any, message: str, what: str = "input") -> str | None:
+    """Why an interaction's record could not store its input (a feedback's payload) or
+    message, or None."""
     try:
-        json.dumps(task_input, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        return f"input is not JSON: {exc}"
-    return jsonb_problem(task_input, "input") or jsonb_problem(message, "message")
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:  # nested too deep: a transient failure else
+        return f"{what} is not JSON: {exc}"
+    return jsonb_problem(value, what) or jsonb_problem(message, "message")
 
 
 class Peers:
@@ -99,10 +100,16 @@ class Peers:
         """Send feedback (a message, nothing runs)."""
         from orchestration.services.interactions import interaction_record
 
-        self._target(to_agent, AgentInteraction.InteractionType.FEEDBACK)
+        kind = AgentInteraction.InteractionType.FEEDBACK
+        self._target(to_agent, kind)
         context = self._context
+        # Refused for good, as a hand-off's input is: the failed write was retried as transient.
+        if problem := _record_problem(payload or {}, message, "payload"):
+            raise PermanentError(
+                f"{kind} from {context.agent_id!r} to {to_agent!r}: its payload cannot be stored: {problem}"
+            )
         interaction_record(
-            interaction_type=AgentInteraction.InteractionType.FEEDBACK,
+            interaction_type=kind,
             from_agent_id=context.agent_id,
             to_agent_id=to_agent,
             workflow_id=context.workflow_id,
@@ -160,7 +167,9 @@ class Peers:
             # A stop (a cancel's SIGTERM, a worker's shutdown, ^C) is not the other agent's
             # failure, nor its success: the hand-off was interrupted.
             stopped = agent_stopping(exc)
-            payload["error"] = INTERRUPTED if stopped else f"{type(exc).__name__}: {exc}"
+            # Stored as text takes it: a message with a NUL (a binary error page) failed the
+            # record in place of the other agent's failure, and the attempt was retried.
+            payload["error"] = INTERRUPTED if stopped else storable_text(f"{type(exc).__name__}: {exc}")
             usage = getattr(exc, "usage", None)
             if isinstance(usage, Usage):
                 # Counted here, once: the exception goes on up and must not carry it again.

@@ -106,7 +106,7 @@ def _as_result(value: Any) -> AgentResult:
         raise refused(f"agent output is {type(result.output).__name__}; expected a mapping")
     try:
         text = json.dumps(result.output, allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # nested too deep: a transient failure else
         raise refused(f"agent output is not JSON-serialisable: {exc}") from None
     # Counted before anything is stored: a python agent's output has no response cap to pass,
     # and outputs beyond PostgreSQL's jsonb limits failed the writes of the workflow's end.

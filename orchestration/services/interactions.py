@@ -13,7 +13,7 @@ from django.db import transaction
 
 from orchestration.event_types import EntityType, EventType, Severity
 from orchestration.models import AgentInteraction, Event
-from orchestration.runtime.tools import ToolCall
+from orchestration.runtime.tools import ToolCall, storable_text
 from orchestration.services.events import event_record
 from orchestration.soft_limit import held_off
 
@@ -43,7 +43,8 @@ def tool_call_record(
             "input_params": call.input_params,
             "output_result": call.output_result,
             "execution_time_ms": call.execution_time_ms,
-            "error": call.error,
+            # A tool's own failure may name a NUL (a binary page): written so, it failed the attempt.
+            "error": None if call.error is None else storable_text(call.error),
         },
         severity=Severity.INFO if call.error is None else Severity.WARNING,
     )

@@ -268,3 +268,51 @@ def small_sink(task_input, context):
 def hands_off_unstorable(task_input, context):
     """Hands work to `flaky` with an input the record cannot store (a NUL character)."""
     return context.peers.handoff("flaky", {"fail_times": 0, "note": "before\x00after"})
+
+
+def fails_with_nul(task_input, context):
+    """Fails for good with a message holding a NUL character (a provider's binary error page)."""
+    from orchestration.errors import PermanentError
+
+    raise PermanentError("provider said: bin\x00ary")
+
+
+def feedback_unstorable(task_input, context):
+    """Sends `flaky` feedback whose payload the record cannot store (a NUL character)."""
+    context.peers.feedback("flaky", "see the note", payload={"note": "before\x00after"})
+    return {"sent": True}
+
+
+def calls_a_tool_failing_with_nul(task_input, context):
+    """Calls its tool `nul_crash` (registered here, in the worker), which fails with a message
+    holding a NUL character; returns what it was told (its NUL written as <NUL>)."""
+    from orchestration.errors import ToolError
+    from orchestration.runtime.tools import registry, tool
+
+    if "nul_crash" not in registry():
+
+        @tool(name="nul_crash", description="Fails.", parameters={"type": "object"})
+        def nul_crash() -> None:
+            raise ValueError("bin\x00ary")
+
+    try:
+        context.tools.call("nul_crash")
+    except ToolError as exc:
+        return {"told": str(exc).replace("\x00", "<NUL>")}
+    return {"told": None}
+
+
+def hands_off_too_deep(task_input, context):
+    """Hands work to `flaky` with an input nested deeper than JSON is written (5 000 lists)."""
+    nested: list = []
+    for _ in range(5000):
+        nested = [nested]
+    return context.peers.handoff("flaky", {"fail_times": 0, "nested": nested})
+
+
+def deep_output(task_input, context):
+    """An output nested deeper than JSON is written (5 000 lists)."""
+    nested: list = []
+    for _ in range(5000):
+        nested = [nested]
+    return {"nested": nested}

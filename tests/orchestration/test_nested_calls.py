@@ -92,3 +92,81 @@ def test_a_handoff_with_an_input_the_record_cannot_store_is_refused_before_the_o
     )
     assert not Event.objects.filter(event_type=EventType.AGENT_STARTED).exists(), "flaky never ran"
     assert not AgentInteraction.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_handoff_whose_other_agent_fails_with_a_nul_in_its_message_is_recorded_and_fails_the_attempt(engine):
+    engine()
+    edge_agent("relay", "hands_off")
+    edge_agent("nul-failure", "fails_with_nul")
+    workflow, _ = workflow_submit(
+        spec={
+            "name": "relay",
+            "tasks": [{"name": "relay", "agent": "relay", "input": {"to": "nul-failure"}, "max_retries": 2}],
+        }
+    )
+    assert finished(workflow).status == Workflow.Status.FAILED
+    attempts = list(TaskAttempt.objects.filter(execution__workflow=workflow))
+    assert [(a.status, a.retryable, a.error) for a in attempts] == [
+        ("failed", False, "PermanentError: provider said: bin\ufffdary")
+    ]
+    [handoff] = AgentInteraction.objects.all()
+    assert handoff.payload["error"] == "PermanentError: provider said: bin\ufffdary"
+    event = Event.objects.get(event_type=EventType.AGENT_INTERACTION)
+    assert event.payload["error"] == handoff.payload["error"] and event.payload["attempt_number"] == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_feedback_with_a_payload_the_record_cannot_store_is_refused_for_good(engine):
+    engine()
+    edge_agent("critic", "feedback_unstorable")
+    workflow, _ = workflow_submit(
+        spec={"name": "critic", "tasks": [{"name": "critic", "agent": "critic", "input": {}, "max_retries": 2}]}
+    )
+    assert finished(workflow).status == Workflow.Status.FAILED
+    attempts = list(TaskAttempt.objects.filter(execution__workflow=workflow))
+    assert [(a.status, a.retryable, a.error) for a in attempts] == [
+        (
+            "failed",
+            False,
+            "PermanentError: feedback from 'critic' to 'flaky': its payload cannot be stored: "
+            "payload.note: contains a NUL character (\\u0000)",
+        )
+    ]
+    assert not AgentInteraction.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_tool_failing_with_a_nul_in_its_message_is_recorded_and_told_to_the_agent(engine):
+    engine()
+    agent = edge_agent("tooled", "calls_a_tool_failing_with_nul")
+    agent.config = {"tools": ["nul_crash"]}
+    agent.save(update_fields=["config"])
+    workflow, _ = workflow_submit(
+        spec={"name": "tooled", "tasks": [{"name": "tooled", "agent": "tooled", "input": {}, "max_retries": 2}]}
+    )
+    workflow = finished(workflow)
+    task = TaskExecution.objects.get(workflow=workflow)
+    attempts = TaskAttempt.objects.filter(execution=task)
+    assert [(a.status, a.error) for a in attempts] == [("succeeded", None)]
+    assert workflow.status == Workflow.Status.COMPLETED
+    assert task.output_data == {"told": "tool 'nul_crash' failed: ValueError: bin<NUL>ary"}
+    event = Event.objects.get(event_type=EventType.TOOL_EXECUTED)
+    assert event.payload["error"] == "tool 'nul_crash' failed: ValueError: bin\ufffdary"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_handoff_with_an_input_nested_too_deep_to_write_is_refused_for_good(engine):
+    engine()
+    edge_agent("deep", "hands_off_too_deep")
+    workflow, _ = workflow_submit(
+        spec={"name": "deep", "tasks": [{"name": "deep", "agent": "deep", "input": {}, "max_retries": 2}]}
+    )
+    assert finished(workflow).status == Workflow.Status.FAILED
+    attempts = list(TaskAttempt.objects.filter(execution__workflow=workflow))
+    assert [(a.status, a.retryable) for a in attempts] == [("failed", False)]
+    assert attempts[0].error.startswith(
+        "PermanentError: handoff from 'deep' to 'flaky': its input cannot be stored: input is not JSON: "
+        "maximum recursion depth exceeded"
+    )
+    assert not Event.objects.filter(event_type=EventType.AGENT_STARTED).exists(), "flaky never ran"

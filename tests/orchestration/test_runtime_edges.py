@@ -150,6 +150,18 @@ def test_an_output_whose_keys_are_one_in_json_fails_the_attempt_instead_of_losin
 
 
 @pytest.mark.django_db(transaction=True)
+def test_an_output_nested_too_deep_to_write_fails_the_attempt_for_good(engine):
+    engine()
+    edge_agent("odd", "deep_output")
+    workflow = finished(_submit_one("odd", max_retries=2))
+    attempts = list(TaskAttempt.objects.filter(execution__workflow=workflow))
+    assert [(a.status, a.retryable) for a in attempts] == [("failed", False)]
+    assert attempts[0].error.startswith(
+        "PermanentError: agent output is not JSON-serialisable: maximum recursion depth exceeded"
+    )
+
+
+@pytest.mark.django_db(transaction=True)
 def test_agent_service_answering_a_nul_character_is_recorded_not_left_running(engine):
 
     from tests.fakes.servers import AgentService
