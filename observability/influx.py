@@ -31,7 +31,9 @@ hourly/daily rollup into agent_metrics):
   time    the start of the period (second precision)
 
 One writer per process, created on first use (after a prefork worker forked its pool
-processes) and flushed when the process ends (above: bounded by INFLUXDB_EXIT_WAIT_MS).
+processes) and flushed when the process ends (above: bounded by INFLUXDB_EXIT_WAIT_MS): a pool
+process closes it as it exits (observability/worker.py), any other process (a gunicorn worker, a
+management command) at interpreter exit (atexit), its threads being daemon ones (_DaemonExecutor).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ import atexit
 import datetime as dt
 import logging
 import os
+import queue
 import threading
+from concurrent.futures import Future
 from decimal import Decimal
 from typing import Any
 
@@ -70,6 +74,56 @@ def _lines(data: Any) -> int:
     return 1
 
 
+class _DaemonExecutor:
+    """What reactivex's ThreadPoolScheduler asks of its executor (submit, shutdown): what is
+    submitted runs in order on one daemon thread. A ThreadPoolExecutor does not do for the
+    writer: the interpreter that exits joins its threads, then refuses it any new work, before
+    atexit functions run. A process that ended between two flushes (a management command, a
+    gunicorn worker) waited for the batching window's timer, up to the flush interval, then
+    dropped its points ("cannot schedule new futures after interpreter shutdown"); one whose
+    write to a slow or unreachable InfluxDB was under way waited for its timeout and retries."""
+
+    def __init__(self) -> None:
+        self._work: queue.SimpleQueue[tuple[Future[Any], Any] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="influxdb-writer", daemon=True)
+                self._thread.start()
+        self._work.put((future, fn))
+        return future
+
+    def shutdown(self, wait: bool = True, **kwargs: Any) -> None:
+        self._work.put(None)
+        if wait and self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, fn = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+
+def _daemon_scheduler(max_workers: int | None = 1) -> Any:
+    """A ThreadPoolScheduler of one worker whose thread does not hold the process's exit."""
+    from reactivex.scheduler import ThreadPoolScheduler
+
+    scheduler = ThreadPoolScheduler(max_workers=1)
+    scheduler.executor = _DaemonExecutor()  # the ThreadPoolExecutor replaced has started no thread
+    return scheduler
+
+
+_client_lock = threading.Lock()
+
+
 class InfluxWriter:
     """A batching influxdb-client write API with a bound on points not yet written."""
 
@@ -88,7 +142,7 @@ class InfluxWriter:
         exit_wait_ms: int,
     ) -> None:
         from influxdb_client import InfluxDBClient, WriteOptions
-        from reactivex.scheduler import ThreadPoolScheduler
+        from influxdb_client.client import write_api
 
         self.org = org
         self.bucket = bucket
@@ -113,15 +167,23 @@ class InfluxWriter:
             max_close_wait=exit_wait_ms,
             # A scheduler of our own: the library's default is one object created at import
             # and shared by every writer, including across fork.
-            write_scheduler=ThreadPoolScheduler(max_workers=1),
+            write_scheduler=_daemon_scheduler(),
         )
         self._options = options
-        self._write_api = self._client.write_api(
-            write_options=options,
-            success_callback=self._on_success,
-            error_callback=self._on_error,
-            retry_callback=self._on_retry,
-        )
+        # The client makes its batching window's scheduler itself, a ThreadPoolScheduler(1) that
+        # starts its first timer here: it gets a daemon one too.
+        with _client_lock:
+            library_scheduler = write_api.ThreadPoolScheduler
+            write_api.ThreadPoolScheduler = _daemon_scheduler
+            try:
+                self._write_api = self._client.write_api(
+                    write_options=options,
+                    success_callback=self._on_success,
+                    error_callback=self._on_error,
+                    retry_callback=self._on_retry,
+                )
+            finally:
+                write_api.ThreadPoolScheduler = library_scheduler
 
     @property
     def pending(self) -> int:

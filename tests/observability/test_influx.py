@@ -11,7 +11,8 @@ from decimal import Decimal
 
 import pytest
 from django.db.models import Sum
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from observability import influx
 from observability.influx import InfluxWriter, attempt_point
@@ -429,6 +430,72 @@ def test_attempts_manage_py_reap_stale_tasks_closes_are_counted_and_written(serv
     (written_point,) = server.points  # sent before the command ended
     assert written_point.tags == {"agent_id": "reaped-by-hand", "status": "lost", "cause": "worker_lost"}
     assert written_point.fields["execution_id"] == str(claim.attempt.execution_id)
+
+
+# What a process that writes points runs, then ends the way a short-lived one does (a
+# management command, a gunicorn worker past max_requests): by returning, with the writer
+# still holding them. It prints when it ends, to time the interpreter's exit.
+EXITING_PROCESS = """
+import datetime as dt, time
+from observability import influx
+for n in range(3):
+    influx.attempt_point_write(
+        agent_id="exiting", status="succeeded", cause="success", attempt_id=n, execution_id=f"exec {{n}}",
+        workflow_id=None, attempt_number=1, duration_ms=1.0, at=dt.datetime(2026, 12, 7, tzinfo=dt.UTC),
+    )
+time.sleep({sleep})
+print("ending at", time.time())
+"""
+
+
+def exiting_process(server_url: str, tmp_path, *, sleep: float = 0, **extra: str) -> tuple[float, CollectorRegistry]:
+    """Run EXITING_PROCESS under `manage.py shell`; how long its exit took (after its last
+    line), and the metrics it left."""
+    from tests.engine import manage
+
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+        **influx_env(server_url, **extra),
+    }
+    result = manage("shell", "-c", EXITING_PROCESS.format(sleep=sleep), env=environment, timeout=180)
+    ended = time.time()
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("ending at ")]
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    return ended - float(line.split()[-1]), registry
+
+
+@pytest.mark.subprocess
+def test_a_process_that_exits_sends_the_points_it_holds(server, tmp_path):
+    """A process that ends between two flushes (a management command, a gunicorn worker
+    recycled) sends what it holds as it exits. Its writer's close used to come after the
+    interpreter had stopped its threads: the points were dropped (as write_failed), and only
+    after the exit had waited for the flush interval, a minute here."""
+    took, registry = exiting_process(server.url, tmp_path, INFLUXDB_FLUSH_INTERVAL_MS="60000")
+    assert sorted(p.fields["execution_id"] for p in server.points) == ["exec 0", "exec 1", "exec 2"]
+    assert registry.get_sample_value("agentledger_influxdb_points_written_total") == 3
+    assert took < 15, took  # the interpreter's own teardown, on a loaded machine
+
+
+@pytest.mark.subprocess
+def test_a_process_that_exits_while_influxdb_is_slow_waits_at_most_the_exit_wait(server, tmp_path):
+    """InfluxDB takes a minute to answer the batch a process sent before it ended: the exit
+    waits INFLUXDB_EXIT_WAIT_MS for it, not the write's timeout, and counts the points it
+    leaves. The client's threads were joined at exit: it waited for the answer."""
+    server.script(Reply(delay=60))
+    took, registry = exiting_process(
+        server.url,
+        tmp_path,
+        sleep=2,  # the batch is sent (50 ms flush interval) and waits for its answer
+        INFLUXDB_TIMEOUT_MS="60000",
+        INFLUXDB_MAX_RETRIES="0",
+        INFLUXDB_EXIT_WAIT_MS="300",
+    )
+    assert len(server.requests) == 1
+    assert took < 15, took  # 60 s before
+    assert registry.get_sample_value("agentledger_influxdb_points_dropped_total", {"reason": "process_exit"}) == 3
 
 
 def test_points_still_waiting_for_a_retry_at_close_are_counted_as_dropped(dead_port):

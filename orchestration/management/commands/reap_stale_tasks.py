@@ -2,7 +2,6 @@ import redis
 from django.core.management.base import CommandError
 from kombu.exceptions import OperationalError
 
-from observability import influx
 from observability.logs import redact_public
 from orchestration.management.arguments import DatabaseCommand
 from orchestration.services.reaper import attempts_reap_reported, queued_sweep
@@ -15,15 +14,6 @@ class Command(DatabaseCommand):
     )
 
     def handle(self, *args, **options):
-        try:
-            self._reap()
-        finally:
-            # The points of the attempts closed are sent now, waiting at most INFLUXDB_EXIT_WAIT_MS:
-            # the writer's own close at exit comes after the interpreter has stopped its threads,
-            # and fails ("cannot schedule new futures after interpreter shutdown"), dropping them.
-            influx.writer_close()
-
-    def _reap(self) -> None:
         result = attempts_reap_reported()
         summary = (
             f"timed out: {len(result.timed_out)}  lost: {len(result.lost)}  "
