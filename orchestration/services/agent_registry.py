@@ -15,7 +15,7 @@ from django.db import transaction
 from orchestration.errors import SpecError, TransitionError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Agent
-from orchestration.services.agents import DEFINITION_FIELDS, executor_problems
+from orchestration.services.agents import DEFINITION_FIELDS, definition_snapshot, executor_problems
 from orchestration.services.events import event_record
 
 SERVER_OWNED = {
@@ -49,12 +49,21 @@ def agent_check(agent: Agent) -> None:
 
 
 def agent_change_record(agent: Agent, change: str, actor: Any) -> None:
+    """After a change of the agent is saved: its row's `definition_hash` set to the hash of the
+    definition it now holds (what each attempt's task_started event records), and an
+    agent_registered event with that definition. Read again under the row's lock: the console
+    writes only the fields its form changed."""
+    saved = Agent.objects.select_for_update().get(pk=agent.pk)
+    snapshot = definition_snapshot(saved)
+    if saved.definition_hash != snapshot["definition_sha256"]:
+        Agent.objects.filter(pk=agent.pk).update(definition_hash=snapshot["definition_sha256"])
+    agent.definition_hash = snapshot["definition_sha256"]
     event_record(
         event_type=EventType.AGENT_REGISTERED,
         entity_type=EntityType.AGENT,
         entity_id=agent.id,
         agent_id=agent.id,
-        payload={"change": change, "by": getattr(actor, "username", None)},
+        payload={"change": change, "by": getattr(actor, "username", None), **snapshot},
     )
 
 

@@ -54,6 +54,25 @@ DEFINITION_FIELDS = {
 }
 
 
+# What an agent runs as, of its definition: every field but its id (the same definition under
+# another id is the same definition) and its status (deactivating it changes nothing it runs).
+SNAPSHOT_FIELDS = tuple(name for name in DEFINITION_FIELDS if name not in ("id", "status"))
+
+
+def definition_snapshot(agent: Agent) -> dict[str, Any]:
+    """The agent's definition as its row holds it, for the agent_registered event of each of
+    its changes: `fields`, every definition field but the id and status, and
+    `definition_sha256`, the sha256 of their canonical JSON (kept in the row's
+    `definition_hash`, which each attempt's `task_started` event records). Each version of a
+    definition, however it was changed (API, console, load_agents), is thus on record with its
+    content, and a change undone later has its earlier hash again."""
+    # As the column reads it back (a definition's temperature of 1 is 1.0), so that the same
+    # definition hashes the same whether the row was just written or read.
+    fields = {name: Agent._meta.get_field(name).to_python(getattr(agent, name)) for name in SNAPSHOT_FIELDS}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return {"definition_sha256": hashlib.sha256(canonical.encode("utf-8")).hexdigest(), "fields": fields}
+
+
 @dataclass
 class SyncResult:
     created: list[str] = field(default_factory=list)
@@ -248,23 +267,29 @@ def agents_sync(*, directory: Path | None = None) -> SyncResult:
             digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
             fields = {k: v for k, v in data.items() if k != "id"}
             fields.setdefault("status", Agent.Status.ACTIVE)
-            fields.update(
-                definition_path=str(path.relative_to(directory)), definition_hash=digest, definition_root=root
-            )
+            fields.update(definition_path=str(path.relative_to(directory)), definition_root=root)
             agent = existing.get(agent_id)
+            created = agent is None
             if agent is None:
-                Agent.objects.create(id=agent_id, **fields)
+                agent = Agent(id=agent_id)
+            loaded = (agent.definition_hash, agent.status, agent.definition_root, agent.definition_path)
+            # A field the definition no longer sets goes back to its default (the table is
+            # the definition's copy, not a merge of every version of it).
+            for key in DEFINITION_FIELDS.keys() - fields.keys() - {"id"}:
+                setattr(agent, key, Agent._meta.get_field(key).get_default())
+            for key, value in fields.items():
+                setattr(agent, key, value)
+            # The hash of the definition as the row holds it (each attempt records its agent's):
+            # a file whose definition is the row's already leaves the row alone.
+            snapshot = definition_snapshot(agent)
+            agent.definition_hash = snapshot["definition_sha256"]
+            if created:
+                agent.save(force_insert=True)
                 result.created.append(agent_id)
-            elif agent.definition_hash == digest and agent.status == fields["status"] and agent.definition_root == root:
+            elif loaded == (agent.definition_hash, agent.status, agent.definition_root, agent.definition_path):
                 result.unchanged.append(agent_id)
                 continue
             else:
-                # A field the definition no longer sets goes back to its default (the table is
-                # the definition's copy, not a merge of every version of it).
-                for key in DEFINITION_FIELDS.keys() - fields.keys() - {"id"}:
-                    setattr(agent, key, Agent._meta.get_field(key).get_default())
-                for key, value in fields.items():
-                    setattr(agent, key, value)
                 agent.save()
                 result.updated.append(agent_id)
             event_record(
@@ -272,7 +297,7 @@ def agents_sync(*, directory: Path | None = None) -> SyncResult:
                 entity_type=EntityType.AGENT,
                 entity_id=agent_id,
                 agent_id=agent_id,
-                payload={"definition": str(path.relative_to(directory)), "hash": digest},
+                payload={"definition": str(path.relative_to(directory)), "hash": digest, **snapshot},
             )
         read = directory.resolve()
         for agent_id, agent in existing.items():
@@ -285,4 +310,17 @@ def agents_sync(*, directory: Path | None = None) -> SyncResult:
                 agent.status = Agent.Status.INACTIVE
                 agent.save(update_fields=["status", "updated_at"])
                 result.deactivated.append(agent_id)
+                # Its file is gone (deleted, or renamed: a file without an `id` names a new agent):
+                # recorded as the API and the console record a deactivation.
+                event_record(
+                    event_type=EventType.AGENT_REGISTERED,
+                    entity_type=EntityType.AGENT,
+                    entity_id=agent_id,
+                    agent_id=agent_id,
+                    payload={
+                        "change": "deactivated",
+                        "definition": agent.definition_path,
+                        **definition_snapshot(agent),
+                    },
+                )
     return result

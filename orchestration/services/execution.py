@@ -694,7 +694,10 @@ def _attempt_claim(
     task.started_at = task.started_at or now
     task.worker = worker
     task.save(update_fields=["status", "started_at", "worker"])
-    task_event(task, EventType.TASK_STARTED, attempt=attempt, payload={"worker": worker, "redelivered": redelivered})
+    # The definition the attempt runs with (the agent row read above): agent_registered events
+    # record each definition under its hash (services/agents.py, definition_snapshot).
+    started = {"worker": worker, "redelivered": redelivered, "agent_definition_sha256": agent.definition_hash}
+    task_event(task, EventType.TASK_STARTED, attempt=attempt, payload=started)
 
     context = TaskContext(
         execution_id=task.execution_id,

@@ -82,9 +82,10 @@ WITH clock AS (
     INSERT INTO events (event_id, event_type, entity_type, entity_id, workflow_id, agent_id, source, payload, severity)
     SELECT %(event_id)s, 'task_started', 'task', c.execution_id, c.workflow_id, c.agent_id, 'platform',
            jsonb_build_object('task_name', c.task_name, 'status', 'running', 'attempt', a.attempt_number,
-                              'worker', %(worker)s::text, 'redelivered', %(redelivered)s::boolean),
+                              'worker', %(worker)s::text, 'redelivered', %(redelivered)s::boolean,
+                              'agent_definition_sha256', g.definition_hash),
            'info'
-      FROM claimed c, attempt a
+      FROM claimed c JOIN agents g ON g.id = c.agent_id, attempt a
 )
 SELECT c.workflow_id, c.task_name, c.input_data, c.depends_on,
        {_columns(ATTEMPT_FIELDS, "a")}, {_columns(AGENT_FIELDS, "g")},

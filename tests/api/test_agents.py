@@ -468,3 +468,26 @@ def test_an_http_agent_at_an_address_every_request_would_refuse_is_refused_when_
     assert Agent.objects.get(pk="svc").url == "http://svc.internal:9000/"
     settings.AGENT_HTTP_ALLOW_PRIVATE = True
     assert admin.patch("/api/v1/agents/svc/", {"url": url}, format="json").status_code == 200
+
+
+def test_each_change_records_the_definition_it_leaves(callers):
+    """The API's and the console's agent_registered events said only who changed the agent:
+    the definition an attempt ran with was nowhere once the agent was changed again."""
+    admin = callers["admin"].client
+    body = {**NEW, "executor": "llm", "provider": "ollama", "model": "llama3", "url": "https://llm.example/v1"}
+    body.pop("entrypoint")
+    assert admin.post("/api/v1/agents/", {**body, "temperature": 1}, format="json").status_code == 201
+    url = "/api/v1/agents/summariser-001/"
+    changed = admin.patch(url, {"model": "llama3.1", "system_prompt": "Summarise."}, format="json")
+    assert changed.status_code == 200, changed.content
+    assert admin.patch(url, {"model": "llama3", "system_prompt": ""}, format="json").status_code == 200
+    assert admin.post(f"{url}deactivate/").status_code == 200
+
+    events = Event.objects.filter(event_type="agent_registered", entity_id="summariser-001").order_by("sequence")
+    created, edited, undone, deactivated = [e.payload for e in events]
+    assert created["fields"]["model"] == "llama3" and created["fields"]["temperature"] == 1.0
+    assert edited["fields"]["model"] == "llama3.1" and edited["fields"]["system_prompt"] == "Summarise."
+    assert edited["definition_sha256"] != created["definition_sha256"]
+    assert undone["definition_sha256"] == created["definition_sha256"] == deactivated["definition_sha256"]
+    assert set(created["fields"]) == set(edited["fields"]) and "status" not in created["fields"]
+    assert Agent.objects.get(pk="summariser-001").definition_hash == created["definition_sha256"]

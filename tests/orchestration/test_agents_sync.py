@@ -257,3 +257,30 @@ def test_a_subdirectory_sync_deactivates_a_default_agent_whose_file_it_reads(db,
     (default / "team" / "echo.json").unlink()
     assert "1 deactivated" in sync(default / "team")
     assert Agent.objects.get(pk="other-x").status == Agent.Status.ACTIVE
+
+
+def test_every_definition_a_sync_loads_or_retires_is_on_record_with_its_content(db, tmp_path):
+    """What an attempt ran with can only be told from the record if each version of its agent's
+    definition is there: a sync's events carry the definition, an edit undone has its first
+    hash again, and an agent whose file was removed (or renamed) is recorded as deactivated."""
+    (tmp_path / "llm.json").write_text(json.dumps({**LLM, "temperature": 1, "system_prompt": "Be brief."}))
+    sync(tmp_path)
+    (tmp_path / "llm.json").write_text(json.dumps({**LLM, "temperature": 0.2, "system_prompt": "Be thorough."}))
+    sync(tmp_path)
+    (tmp_path / "llm.json").write_text(json.dumps({**LLM, "temperature": 1, "system_prompt": "Be brief."}))
+    sync(tmp_path)
+    (tmp_path / "llm.json").unlink()
+    assert "1 deactivated" in sync(tmp_path)
+
+    events = list(Event.objects.filter(event_type="agent_registered", entity_id="llm-x").order_by("sequence"))
+    payloads = [e.payload for e in events]
+    assert len(payloads) == 4, payloads
+    first, edited, undone, retired = payloads
+    assert first["fields"]["system_prompt"] == "Be brief." and first["fields"]["temperature"] == 1.0
+    assert edited["fields"]["system_prompt"] == "Be thorough." and edited["fields"]["temperature"] == 0.2
+    assert edited["definition_sha256"] != first["definition_sha256"]
+    assert undone["definition_sha256"] == first["definition_sha256"]
+    assert retired["change"] == "deactivated" and retired["definition"] == "llm.json"
+    assert retired["definition_sha256"] == undone["definition_sha256"]
+    assert retired["fields"]["model"] == "gpt-4o-mini"
+    assert Agent.objects.get(pk="llm-x").definition_hash == first["definition_sha256"]
