@@ -64,3 +64,44 @@ def test_each_attempt_names_the_definition_it_ran_with(engine, settings, fast_pa
         ("gpt-4o", "Be thorough."),
     ]
     assert Agent.objects.get(pk="writer").definition_hash == ran[2]
+
+
+@pytest.mark.django_db
+def test_an_agent_made_before_the_hashes_has_its_definition_recorded_by_the_migration():
+    """An agent made by the API or the console before definition hashes had none, one loaded
+    from a file its file's: an attempt of it would name a definition no agent_registered event
+    holds. Migration 0041 gives each its definition's hash, with the event holding it."""
+    from django.apps import apps as global_apps
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    from orchestration.services.agents import definition_snapshot
+
+    made = Agent.objects.create(
+        id="made", name="Made", executor="python", entrypoint="orchestration.runtime.builtin.echo", temperature=1
+    )
+    loaded = Agent.objects.create(
+        id="loaded",
+        name="Loaded",
+        executor="python",
+        entrypoint="orchestration.runtime.builtin.echo",
+        definition_path="loaded.yaml",
+        definition_hash="f" * 64,  # its file's digest, as load_agents kept it before
+    )
+    from orchestration.services.agents import SNAPSHOT_FIELDS
+
+    migration = MigrationExecutor(connection).loader.get_migration("orchestration", "0041_agents_definition_hash")
+    # The migration's frozen copy is the application's: a change of what a definition's hash
+    # covers needs a migration recording every agent's again.
+    assert __import__(migration.__module__, fromlist=["SNAPSHOT_FIELDS"]).SNAPSHOT_FIELDS == SNAPSHOT_FIELDS
+    migration.operations[0].code(global_apps, connection.schema_editor())
+    migration.operations[0].code(global_apps, connection.schema_editor())  # again: nothing more
+
+    for agent in (made, loaded):
+        agent.refresh_from_db()
+        snapshot = definition_snapshot(agent)
+        assert agent.definition_hash == snapshot["definition_sha256"]
+        recorded = Event.objects.filter(event_type="agent_registered", agent_id=agent.pk)
+        assert [(e.payload["change"], e.payload["definition_sha256"], e.payload["fields"]) for e in recorded] == [
+            ("recorded", agent.definition_hash, snapshot["fields"])
+        ]
