@@ -44,6 +44,7 @@ import logging
 import os
 import queue
 import threading
+import weakref
 from concurrent.futures import Future
 from decimal import Decimal
 from typing import Any
@@ -87,12 +88,18 @@ class _DaemonExecutor:
         self._work: queue.SimpleQueue[tuple[Future[Any], Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # As a ThreadPoolExecutor's, the thread ends once the executor is gone (a writer
+        # closed and dropped): it holds the queue only, not the executor. Not at exit: the
+        # writer's close, an atexit function too, still has work for it.
+        weakref.finalize(self, self._work.put, None).atexit = False
 
     def submit(self, fn: Any) -> Future[Any]:
         future: Future[Any] = Future()
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="influxdb-writer", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._work,), name="influxdb-writer", daemon=True
+                )
                 self._thread.start()
         self._work.put((future, fn))
         return future
@@ -102,14 +109,16 @@ class _DaemonExecutor:
         if wait and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
-    def _run(self) -> None:
-        while (item := self._work.get()) is not None:
+    @staticmethod
+    def _run(work: queue.SimpleQueue[tuple[Future[Any], Any] | None]) -> None:
+        while (item := work.get()) is not None:
             future, fn = item
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn())
                 except BaseException as exc:
                     future.set_exception(exc)
+            del item, future, fn  # what ran refers to the executor: not held while waiting
 
 
 def _daemon_scheduler(max_workers: int | None = 1) -> Any:

@@ -4,7 +4,9 @@ endpoints that refuse connections or never answer."""
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import os
+import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -558,6 +560,29 @@ def test_closing_does_not_wait_for_an_influxdb_whose_last_answer_was_a_failure(s
     assert time.monotonic() - started < 0.7  # the write it would wait for times out after 2 s
     assert dropped("process_exit") == before["process_exit"] + 1
     assert writer.pending == 0
+
+
+def writer_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name == "influxdb-writer"}
+
+
+def test_the_threads_of_a_writer_closed_and_gone_end(server):
+    """As a ThreadPoolExecutor's do, a writer's threads end once it is closed and no longer
+    referred to: each writer made again in a process (a test, a process whose writer was
+    closed) kept one waiting for work for the life of the process."""
+    before = writer_threads()
+    for n in range(5):
+        writer = make_writer(server.url)
+        assert writer.write(point(n))
+        wait_for(lambda count=n + 1: len(server.points) == count, timeout=10, what="the point to be written")
+        writer.close()
+    del writer
+
+    def ended() -> bool:
+        gc.collect()
+        return not writer_threads() - before
+
+    wait_for(ended, timeout=10, what="the closed writers' threads to end")
 
 
 @pytest.mark.django_db(transaction=True)
