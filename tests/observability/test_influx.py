@@ -663,7 +663,7 @@ def test_a_charge_after_a_soft_time_out_is_not_a_second_point(engine, server, tm
     wait_for(lambda: Workflow.objects.get(pk=workflow.pk).is_terminal, timeout=60, what="the workflow to fail")
     attempt = TaskAttempt.objects.get(execution__workflow=workflow)
     assert (attempt.status, attempt.cause, attempt.input_tokens) == ("timed_out", "soft_timeout", 10)
-    wait_for(lambda: len(server.points) == 1, timeout=10, what="the timed-out attempt's point")
+    wait_for(lambda: len(server.points) == 1, timeout=30, what="the timed-out attempt's point")
     release.touch()
     wait_for(lambda: len(server.points) == 2, timeout=30, what="the point written with the late charge")
     assert TaskAttempt.objects.get(pk=attempt.pk).input_tokens == 110

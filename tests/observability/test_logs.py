@@ -456,6 +456,9 @@ def test_gunicorn_s_access_lines_are_formatted_and_masked_as_the_application_s(t
         server.terminate()
     output = output_of(server, timeout=30)
     assert key not in output
+    # One line a request; a loaded machine may answer requests the wait gave up on too (each a
+    # line of its own, as the worker takes them from the listen queue).
     access = [json.loads(line) for line in output.splitlines() if '"gunicorn.access"' in line]
-    assert len(access) == 1, output
-    assert access[0]["level"] == "INFO" and "GET /healthz?api_key=*** HTTP/1.1" in access[0]["message"]
+    assert access, output
+    for line in access:
+        assert line["level"] == "INFO" and "GET /healthz?api_key=*** HTTP/1.1" in line["message"]
