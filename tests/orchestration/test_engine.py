@@ -784,11 +784,14 @@ def test_a_freed_slot_of_a_limited_agent_goes_to_its_urgent_task_before_its_back
     """The line of tasks waiting for an agent's max_concurrency is in priority order, as a
     worker takes the queues. Before, a freed slot went to the task of the agent that had waited
     longest whatever its priority: a critical task behind eight low tasks of 0.5 s started
-    after all of them, 4 s late."""
+    after all of them, 4 s late. The first holds the slot for 5 s, so that every other one is
+    deferred first (with 0.5 s, a slow machine freed the slot before the last were taken, and
+    one ran without waiting)."""
     Agent.objects.filter(pk="sleep").update(max_concurrency=1)
     engine(concurrency=3)
     backlog = submit(
-        *({"name": f"l{i}", "agent": "sleep", "input": {"seconds": 0.5}} for i in range(8)), priority="low"
+        *({"name": f"l{i}", "agent": "sleep", "input": {"seconds": 5 if i == 0 else 0.5}} for i in range(8)),
+        priority="low",
     )
     running_attempt(backlog, "l0")
     wait_for(
