@@ -796,6 +796,7 @@ def test_a_freed_slot_of_a_limited_agent_goes_to_its_urgent_task_before_its_back
     running_attempt(backlog, "l0")
     wait_for(
         lambda: TaskExecution.objects.filter(workflow=backlog, deferred_at__isnull=False).count() == 7,
+        timeout=90,
         what="the rest of the backlog to wait for the agent",
     )
     urgent = submit({"name": "c", "agent": "sleep", "input": {"seconds": 0.1}}, priority="critical")
