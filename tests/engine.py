@@ -38,6 +38,16 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, interval: f
         time.sleep(interval)
 
 
+def longer_hard_grace(settings: Any, seconds: int = 10) -> dict[str, str]:
+    """Give the hard time limit `seconds` of grace past a task's soft one, in this process (which
+    dispatches the test's tasks, and sets the limit on their messages) and, through the
+    environment returned, in the workers the test starts: for a test whose soft time-out has work
+    to record before the hard limit, which one second (the suite's grace) does not always leave
+    on a loaded machine. `settings`: pytest-django's fixture."""
+    settings.TASK_HARD_TIMEOUT_GRACE_SECONDS = seconds
+    return {"TASK_HARD_TIMEOUT_GRACE_SECONDS": str(seconds)}
+
+
 def output_of(process: subprocess.Popen[str], *, timeout: float) -> str:
     """A subprocess's output once it exits; one still running after `timeout` is killed (and
     the test fails on its TimeoutExpired)."""

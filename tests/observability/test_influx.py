@@ -20,7 +20,7 @@ from observability import influx
 from observability.influx import InfluxWriter, attempt_point
 from orchestration.models import Agent, TaskAttempt, Workflow
 from orchestration.services.workflows import workflow_cancel, workflow_submit
-from tests.engine import wait_for
+from tests.engine import longer_hard_grace, wait_for
 from tests.fakes.servers import InfluxDBServer, Reply, parse_line_protocol
 from tests.observability.conftest import free_port, scrape, value
 
@@ -633,7 +633,7 @@ def test_a_charge_that_arrives_after_its_attempt_was_closed_is_in_its_point(engi
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_charge_after_a_soft_time_out_is_not_a_second_point(engine, server, tmp_path):
+def test_a_charge_after_a_soft_time_out_is_not_a_second_point(engine, server, tmp_path, settings):
     """A try recorded timed out at its soft limit has its point written as it ends; a call it
     had left running in a thread of its own is paid later, and added to the attempt as late
     usage. InfluxDB then keeps one point of that attempt, with its whole spend: the points add
@@ -645,7 +645,8 @@ def test_a_charge_after_a_soft_time_out_is_not_a_second_point(engine, server, tm
         entrypoint="tests.orchestration.edge_agents.paid_after_its_soft_limit",
     )
     release = tmp_path / "release"
-    engine(env=influx_env(server.url))
+    # Its record and point are written after the soft limit: not cut short by the hard one.
+    engine(env=influx_env(server.url, **longer_hard_grace(settings)))
     workflow, _ = workflow_submit(
         spec={
             "name": "soft",

@@ -20,7 +20,7 @@ import pytest
 from orchestration.models import Agent, TaskAttempt, TaskExecution, Workflow
 from orchestration.runtime import pricing
 from orchestration.services.workflows import workflow_submit
-from tests.engine import database_url, wait_for
+from tests.engine import database_url, longer_hard_grace, wait_for
 from tests.factories import AgentFactory
 from tests.fakes.servers import OpenAIServer, Recorded
 
@@ -52,7 +52,10 @@ class RowLockingOpenAIServer(OpenAIServer):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_soft_limit_during_the_meters_write_records_the_attempt_timed_out_with_its_spend(engine):
+def test_a_soft_limit_during_the_meters_write_records_the_attempt_timed_out_with_its_spend(engine, settings):
+    # The row is held past the soft limit (1 s) for 1.5 s after the request: with the suite's
+    # one-second grace, a request that reached the server half a second late on a loaded machine
+    # saw the hard limit kill the process before its record was written.
     with RowLockingOpenAIServer(api_key=LLM_KEY, hold=1.5) as openai:
         AgentFactory(
             id="metered",
@@ -68,6 +71,7 @@ def test_a_soft_limit_during_the_meters_write_records_the_attempt_timed_out_with
                 "HELD_TEST_LLM_API_KEY": LLM_KEY,
                 "AGENT_HTTP_ALLOW_PRIVATE": "true",
                 "AGENT_API_KEY_HOSTS": openai.url,
+                **longer_hard_grace(settings),
             }
         )
         workflow, _ = workflow_submit(
