@@ -97,6 +97,9 @@ PATTERNS = (
     (re.compile(_CREDENTIAL_LABEL + r"')[^'\n]{6,}"), _SECRET_WORDS),
     (re.compile(_CREDENTIAL_LABEL + r")[^\s\"',;&]{6,}"), _SECRET_WORDS),
     (re.compile(r"\b(sk-(?:ant-|proj-)?)[A-Za-z0-9_-]{12,}"), ("sk-",)),
+    # The platform's own API keys (al_<prefix>_<secret>): the prefix names the key (as the
+    # console and the audit log do), the secret is masked.
+    (re.compile(r"\b(al_[0-9a-f]{8}_)[A-Za-z0-9_-]{16,}"), ("al_",)),
     (re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^/@\s:]*:)[^/@\s]+(?=@)"), ("://",)),
 )
 _ANY_WORD = re.compile("|".join(re.escape(word) for _, words in PATTERNS for word in words))

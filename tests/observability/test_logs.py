@@ -178,6 +178,15 @@ def test_a_secret_registered_while_the_filter_reads_them_is_masked_from_the_next
         ("Authorization: Basic dXNlcjpwYXNzd29yZA==", "Authorization: Basic ***"),
         ("sent bearer abcdefghijklmnop", "sent bearer ***"),
         ("key sk-proj-abcdefghijklmnopqrstu used", "key sk-proj-*** used"),
+        (
+            "curl -d @spec.json localhost/api/v1/workflows/ al_1f2e3d4c_Zk3-q9_xY2wVb7LmN0pQrStUvWxYz0123456789abcd",
+            "curl -d @spec.json localhost/api/v1/workflows/ al_1f2e3d4c_***",
+        ),
+        ("input={'key': 'al_1f2e3d4c_Zk3-q9_xY2wVb7LmN0pQrStU'}", "input={'key': 'al_1f2e3d4c_***'}"),
+        (
+            "normal_1f2e3d4c_identifiers and al_prefix_names stay",
+            "normal_1f2e3d4c_identifiers and al_prefix_names stay",
+        ),
         ("redis://user:pa55word@redis:6379/0", "redis://user:***@redis:6379/0"),
         ('{"api_key": "abcdef123456"}', '{"api_key": "***"}'),
         ("tokens_used=1523 max_tokens: 400", "tokens_used=1523 max_tokens: 400"),
