@@ -21,7 +21,7 @@ from rest_framework.exceptions import ValidationError as RequestInvalid
 from orchestration.api.exceptions import Unavailable
 from orchestration.api.redis_store import redis_client
 from orchestration.event_types import EntityType, EventType, Severity
-from orchestration.isodates import is_iso_datetime_form, parse_iso_datetime
+from orchestration.isodates import is_iso_datetime_form, iso_datetime_canonical, parse_iso_datetime
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.models.agents import AgentExecutor, AgentStatus
 from orchestration.models.workflows import (
@@ -62,6 +62,8 @@ class UtcDateTimeField(IsoDateTimeField):
             raise ValidationError("Enter a valid date/time: %(hint)s.", code="invalid", params={"hint": DATETIME_FORM})
         # One without an offset is UTC (README), not TIME_ZONE's: Django's field reads it in the
         # current time zone, and refuses one a daylight-saving change skips or repeats there.
+        if isinstance(value, str):
+            value = iso_datetime_canonical(value.strip())
         with timezone.override(dt.UTC):
             return super().to_python(value)
 

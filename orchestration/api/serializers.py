@@ -17,7 +17,7 @@ from rest_framework import ISO_8601, serializers
 from rest_framework.settings import api_settings
 
 from orchestration.api.filters import DATETIME_FORM, PLUS_AS_SPACE, plus_read_as_space, unknown_parameters
-from orchestration.isodates import is_iso_datetime_form
+from orchestration.isodates import is_iso_datetime_form, iso_datetime_canonical
 from orchestration.models import Agent, AgentPlaygroundMessage, ApiKey, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.models.workflows import Priority
 from orchestration.selectors import DEFAULT_STATS_WINDOW
@@ -678,7 +678,7 @@ class QueryDateTimeField(serializers.DateTimeField):
         try:
             if isinstance(value, str) and not is_iso_datetime_form(value):
                 raise serializers.ValidationError(f"Datetime has wrong format: use {DATETIME_FORM}.")
-            return super().to_internal_value(value)
+            return super().to_internal_value(iso_datetime_canonical(value) if isinstance(value, str) else value)
         except serializers.ValidationError:
             if plus_read_as_space(value):
                 raise serializers.ValidationError(f"Datetime has wrong format: {PLUS_AS_SPACE}.") from None

@@ -244,7 +244,8 @@ def test_a_time_in_another_iso_8601_form_is_refused_naming_the_parameter(callers
         (error,) = refused.json()["errors"]
         assert error["field"] == parameter and "YYYY-MM-DD" in error["detail"], (value, error)
     accepted = ("2036-01-01", "2036-01-01T10:00", "2036-01-01%2010:00:00.5Z", "2036-01-01T10:00:00%2B05:30")
-    for value in (*accepted, "2036-01-01t10:00:00Z"):  # RFC 3339 (the schema's date-time) allows a lowercase t
+    # RFC 3339 (the schema's date-time) allows a lowercase t and z.
+    for value in (*accepted, "2036-01-01t10:00:00Z", "2036-01-01T10:00:00z", "2036-01-01t10:00:00.5z"):
         assert client.get(path + value).status_code == 200, value
 
 
@@ -257,6 +258,9 @@ def test_a_deadline_in_another_iso_8601_form_is_refused_and_stores_nothing(calle
     assert not Workflow.objects.exists()
     accepted = _post(callers["developer"], json.dumps({**SPEC, "deadline": "2030-01-01T10:00+05:30"}))
     assert accepted.status_code == 201, accepted.content
+    lowercase = _post(callers["developer"], json.dumps({**SPEC, "name": "rfc3339", "deadline": "2030-01-01t10:00:00z"}))
+    assert lowercase.status_code == 201, lowercase.content
+    assert Workflow.objects.get(name="rfc3339").deadline == dt.datetime(2030, 1, 1, 10, tzinfo=dt.UTC)
 
 
 @pytest.mark.parametrize(
