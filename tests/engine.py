@@ -38,6 +38,14 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, interval: f
         time.sleep(interval)
 
 
+# For a test of what follows a lost database connection (the message sent again, the attempt
+# closed `connection_lost`, the agent run again): a try's success whose write lost the
+# connection is not written again on a new one, as when the database stays away longer than
+# TASK_RESULT_WRITE_RETRY_SECONDS. Cutting the worker's sessions while its agent runs then
+# stands for that.
+RESULT_WRITE_NOT_RETRIED = {"TASK_RESULT_WRITE_RETRY_SECONDS": "0"}
+
+
 def longer_hard_grace(settings: Any, seconds: int = 10) -> dict[str, str]:
     """Give the hard time limit `seconds` of grace past a task's soft one, in this process (which
     dispatches the test's tasks, and sets the limit on their messages) and, through the

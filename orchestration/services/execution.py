@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, Max
 from django.db.models.functions import Now
 
@@ -35,6 +35,7 @@ from orchestration.db import (
     atomic_with_retry,
     database_error_described,
     database_error_permanent,
+    database_unreachable,
     stop_if_interrupted,
     stop_raised,
     terminate_handler_fired,
@@ -1040,16 +1041,17 @@ def _attempt_run(
     outcome, failure = Outcome.SUCCEEDED, None
     now = claim.clock.now()
     try:
+        succeed = functools.partial(
+            attempt_succeed,
+            attempt=claim.attempt,
+            result=result,
+            duration_ms=duration_ms,
+            now=now,
+            also=also,
+            standalone=claim.standalone,
+        )
         recorded = _record_through_soft_limit(
-            functools.partial(
-                attempt_succeed,
-                attempt=claim.attempt,
-                result=result,
-                duration_ms=duration_ms,
-                now=now,
-                also=also,
-                standalone=claim.standalone,
-            ),
+            functools.partial(_result_record_through_lost_connection, succeed, attempt=claim.attempt),
             attempt=claim.attempt,
             succeeded=True,
         )
@@ -1180,6 +1182,53 @@ def _record_through_soft_limit(
     if succeeded and attempt is not None:
         return TaskAttempt.objects.filter(pk=attempt.pk, status=TaskAttempt.Status.SUCCEEDED).exists()
     return False
+
+
+def _result_record_through_lost_connection(record: Callable[[], bool], *, attempt: TaskAttempt) -> bool:
+    """Record a try's success (attempt_succeed) through a lost database connection: PostgreSQL
+    restarting or failing over, a proxy or an operator ending the session while the agent ran.
+    The write is tried again on a new connection for up to TASK_RESULT_WRITE_RETRY_SECONDS.
+    Raised on at once (run_task then sends its message again, and the next delivery closes the
+    attempt lost and runs the agent again), the agent's result, paid for, was thrown away for a
+    blip of a second. An error the database answered (a lock timeout, a value refused) is not
+    a lost connection, and is raised on as before; so is a connection still lost at the end.
+
+    A write whose COMMIT reached the server before the connection went is found on the next
+    try: the attempt is no longer running, and if it is recorded succeeded, that was this
+    try's own write (only this delivery records its attempt succeeded). Its dependents were
+    not dispatched by it (the commit's callbacks never ran): the dispatch sweep sends them."""
+    budget = settings.TASK_RESULT_WRITE_RETRY_SECONDS
+    started = time.monotonic()
+    delay = 0.25
+    lost = 0
+    while True:
+        try:
+            done = record()
+        except (InterfaceError, OperationalError) as exc:
+            waited = time.monotonic() - started
+            if (
+                connection.in_atomic_block
+                or not (isinstance(exc, InterfaceError) or database_unreachable(exc))
+                or waited + delay > budget
+            ):
+                raise
+            lost += 1
+            logger.warning(
+                "attempt %s of %s: the database connection was lost while its result was recorded "
+                "(%s: %s); recording it again on a new connection in %.2f s",
+                attempt.attempt_number,
+                attempt.execution_id,
+                type(exc).__name__,
+                str(exc).strip(),
+                delay,
+            )
+            connection.close()
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        if done or not lost:
+            return done
+        return TaskAttempt.objects.filter(pk=attempt.pk, status=TaskAttempt.Status.SUCCEEDED).exists()
 
 
 def _connection_freed() -> None:

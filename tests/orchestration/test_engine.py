@@ -13,7 +13,7 @@ from orchestration.errors import TransitionError
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.reaper import attempts_reap
 from orchestration.services.workflows import task_retry, workflow_cancel, workflow_resume, workflow_submit
-from tests.engine import database_url, wait_for
+from tests.engine import RESULT_WRITE_NOT_RETRIED, database_url, wait_for
 from tests.orchestration.edge_agents import edge_agent
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -442,10 +442,46 @@ def test_a_pool_process_killed_in_a_live_worker_is_lost_when_the_reaper_closes_i
     worker.kill()
 
 
+@pytest.mark.parametrize(
+    ("fast_path", "dependent"),
+    [("true", True), ("true", False), ("false", True)],
+    ids=["fast-path", "fast-path-alone", "general-path"],
+)
+def test_a_success_whose_write_lost_the_connection_is_written_again_not_run_again(engine, fast_path, dependent):
+    """PostgreSQL restarts, fails over or ends the worker's session while the agent runs: the
+    first write of its result fails on the dead connection. It is written again on a new one
+    (TASK_RESULT_WRITE_RETRY_SECONDS): the attempt succeeds, once, and the agent (paid for, in
+    real use) does not run again. Before, the message was sent again, and its next delivery
+    recorded the attempt lost and ran the agent a second time. `alone`: the task's success is
+    one statement in autocommit (no dependents to advance)."""
+    worker = engine(concurrency=1, env={"ENGINE_FAST_PATH": fast_path})
+    tasks = [{"name": "cut", "agent": "sleep", "input": {"seconds": 2}, "timeout_seconds": 30}]
+    if dependent:
+        tasks.append({"name": "after", "agent": "echo", "depends_on": ["cut"]})
+    wf = submit(*tasks)
+    first = running_attempt(wf, "cut")
+    assert worker.database_connections_cut(), "no connection of the worker's to cut"
+    wf = finished(wf, timeout=25)
+    assert wf.status == Workflow.Status.COMPLETED, wf.error
+    tries = attempts(wf, "cut")
+    assert [(a.pk, a.attempt_number, a.status) for a in tries] == [(first.pk, 1, A.SUCCEEDED)]
+    cut = task(wf, "cut")
+    assert cut.retry_count == 0 and cut.output_data["slept_seconds"] >= 2
+    events = event_types(cut.execution_id)
+    assert (events.count("task_started"), events.count("task_lost"), events.count("task_completed")) == (1, 0, 1)
+    log = worker.log()
+    assert "the database connection was lost while its result was recorded" in log, log
+    assert "retry: Retry in" not in log
+    if dependent:
+        assert [a.status for a in attempts(wf, "after")] == [A.SUCCEEDED]
+
+
 def test_database_connection_cut_mid_task_is_retried_and_the_attempt_recorded_lost(engine):
+    """The database stays away longer than the result's write is tried again (here not at all:
+    TASK_RESULT_WRITE_RETRY_SECONDS=0)."""
     from django.db import connection
 
-    worker = engine(concurrency=1)
+    worker = engine(concurrency=1, env=RESULT_WRITE_NOT_RETRIED)
     wf = submit(
         {"name": "cut", "agent": "sleep", "input": {"seconds": 2, "on_attempts": [1]}, "timeout_seconds": 30},
         {"name": "after", "agent": "echo", "depends_on": ["cut"]},
@@ -526,8 +562,9 @@ def test_an_attempt_whose_message_is_away_after_a_lost_database_connection_is_re
     30 s). The reaper may reach the attempt before the message comes back to close it; the
     worker says the delivery lost its database connection: lost (connection_lost), as the
     claim would have recorded it, not a hard time-out of a process it killed. Here the message
-    waits behind a task that took the only pool process."""
-    worker = engine(concurrency=1)
+    waits behind a task that took the only pool process (and the result's write is not tried
+    again on a new connection: TASK_RESULT_WRITE_RETRY_SECONDS=0, the database away longer)."""
+    worker = engine(concurrency=1, env=RESULT_WRITE_NOT_RETRIED)
     wf = submit({"name": "cut", "agent": "sleep", "input": {"seconds": 2, "on_attempts": [1]}, "timeout_seconds": 3})
     first = running_attempt(wf, "cut")
     assert worker.database_connections_cut()

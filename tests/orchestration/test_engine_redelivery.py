@@ -13,7 +13,7 @@ import pytest
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.reaper import queued_sweep
 from orchestration.services.workflows import workflow_submit
-from tests.engine import flush_redis, wait_for
+from tests.engine import RESULT_WRITE_NOT_RETRIED, flush_redis, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -294,7 +294,7 @@ def test_a_try_running_on_when_redis_restarted_empty_is_left_to_run_whatever_its
     third try ran beside it."""
     from orchestration.workers import workers_ask
 
-    worker = engine(concurrency=2, env=RUNS_ON)
+    worker = engine(concurrency=2, env={**RUNS_ON, **RESULT_WRITE_NOT_RETRIED})
     spec = {"name": "t", "agent": "sleep", "input": {"seconds": 8, "on_attempts": [1, 2]}, "max_retries": 3}
     wf, _ = workflow_submit(spec={"name": "cut", "tasks": [spec]})
     running_first(wf)

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from orchestration.models import TaskAttempt, TaskExecution, Workflow
-from tests.engine import database_url, wait_for
+from tests.engine import RESULT_WRITE_NOT_RETRIED, database_url, wait_for
 from tests.orchestration.test_engine import attempts, finished, submit, task
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -128,7 +128,7 @@ def test_a_message_sent_again_for_a_lost_connection_then_redelivered_records_the
     delivery starts attempt 2, and its whole worker is then killed. The broker redelivers the
     message (past its visibility timeout: here made so at once), and no one answers for the dead
     worker: attempt 2 was lost with its worker (worker_lost); the lost connection was attempt 1's."""
-    first_worker = engine(concurrency=1)
+    first_worker = engine(concurrency=1, env=RESULT_WRITE_NOT_RETRIED)
     wf = submit(
         {"name": "cut", "agent": "sleep", "input": {"seconds": 3, "on_attempts": [1, 2]}, "max_retries": 3},
     )
@@ -208,7 +208,7 @@ def test_run_tasks_retry_keeps_a_messages_headers_but_not_rabbitmqs_dead_letter_
     t = task(wf, "cut")
     dead = {"x-death": [{"count": 1}], "x-first-death-queue": "dead", "x-first-death-reason": "expired"}
     replace_message(t, headers={**dead, "trace": "kept"})
-    worker = engine(concurrency=1)
+    worker = engine(concurrency=1, env=RESULT_WRITE_NOT_RETRIED)
     running(wf, "cut", 1)
     assert worker.database_connections_cut()
     running(wf, "cut", 2)
