@@ -422,3 +422,44 @@ def test_consecutive_windows_train_each_assistant_turn_once(db, out):
         "import 1": 1,
         "import 2": 1,
     }
+
+
+def test_a_lone_surrogate_escaped_in_json_text_is_written_escaped_not_failing_the_export(db, out):
+    """A model's tool call arguments (JSON text, stored as a string) may escape half of a
+    surrogate pair, as may a user's message holding JSON; Python's parser reads it as a lone
+    surrogate, which no UTF-8 line can hold."""
+    agent = AgentFactory(system_prompt="calc", config={"tools": ["calculator"]})
+    cut_emoji = '{"expression": "\\ud83d"}'
+    thread(
+        "t-1",
+        agent,
+        [
+            {"role": "user", "content": "What is 2+2?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": cut_emoji}}
+                ],
+            },
+            {"role": "tool", "content": "4", "tool_call_id": "c1"},
+            {"role": "assistant", "content": "4."},
+        ],
+    )
+    # Redaction rewrites this content (a password under its key), with the lone surrogate in it.
+    thread(
+        "t-2",
+        agent,
+        [
+            {"role": "user", "content": '{"password": "hunter2", "q": "\\udc00"}'},
+            {"role": "assistant", "content": "ok"},
+        ],
+    )
+
+    run = export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+
+    assert run.status == "succeeded" and run.rows == 2
+    first, second = exported(out)
+    assert json.loads(first["messages"][2]["tool_calls"][0]["function"]["arguments"]) == {"expression": "\ud83d"}
+    assert first["messages"][2]["tool_calls"][0]["function"]["arguments"] == '{"expression":"\\ud83d"}'
+    assert json.loads(second["messages"][1]["content"]) == {"password": "[REDACTED]", "q": "\udc00"}

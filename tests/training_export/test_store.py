@@ -329,6 +329,18 @@ def test_naive_datetimes_and_unknown_columns_are_refused_before_any_write(data_d
     assert not data_dir.exists()
 
 
+def test_a_lone_surrogate_is_refused_naming_its_row_before_any_write(data_dir):
+    """What Python's json parser makes of `"\\ud83d"` (half of an emoji's pair)."""
+    with pytest.raises(ValueError, match=r"ev-1.*lone surrogate"):
+        store_agent_event(event_type="agent_started", event_id="ev-1", created_at=T0, payload={"text": "\ud83d"})
+    with pytest.raises(ValueError, match=r"ev-2.*lone surrogate"):
+        store_agent_event(event_type="agent_started", event_id="ev-2", created_at=T0, entity_id="a\udc00")
+
+    assert not data_dir.exists()  # no day's partition without its header
+    store_agent_event(event_type="agent_started", event_id="ev-3", created_at=T0)
+    assert event_ids(data_dir / "events" / "events_2024-03-05.csv") == ["ev-3"]
+
+
 @pytest.fixture
 def fsynced(monkeypatch) -> list[str]:
     """The paths fsynced from now on."""

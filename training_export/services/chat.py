@@ -458,6 +458,20 @@ def _redacted(value: Any, redactor: Redactor) -> Any:
     return redactor.text(value) if isinstance(value, str) else value
 
 
+# A lone surrogate: JSON text may escape one (`"\\ud800"`, a model's emoji cut in half), Python's
+# parser reads it as such, and no UTF-8 file can hold it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _json_text(value: Any, *, separators: tuple[str, str] = (",", ":")) -> str:
+    """`json_dumps_exact` of a value parsed from JSON text, with each lone surrogate written back
+    as the escape it was read from: written as a character, it would fail the whole export (the
+    line cannot be encoded as UTF-8), in this window and in every later one the thread's history
+    reaches. Pairs were read as one character; what is left is lone."""
+    text = json_dumps_exact(value, separators=separators)
+    return _LONE_SURROGATE.sub(lambda match: f"\\u{ord(match[0]):04x}", text)
+
+
 def _content(text: str, redactor: Redactor) -> str:
     """A message's content, redacted. A content that is a JSON object or array (every tool
     reply is the tool's JSON result) gets what JSON values get, the values under secret keys
@@ -470,7 +484,7 @@ def _content(text: str, redactor: Redactor) -> str:
         if isinstance(parsed, dict | list):
             redacted = redactor.value(parsed)
             if redacted != parsed:
-                return json_dumps_exact(redacted, separators=(", ", ": "))
+                return _json_text(redacted, separators=(", ", ": "))
     return redactor.text(text)
 
 
@@ -484,7 +498,7 @@ def _arguments(text: Any, redactor: Redactor) -> str:
         parsed = json_load_exact(text)
     except (ValueError, RecursionError):
         return redactor.text(text)
-    return json_dumps_exact(redactor.value(parsed))
+    return _json_text(redactor.value(parsed))
 
 
 def _tool_calls(calls: Any, redactor: Redactor) -> list[dict[str, Any]]:

@@ -388,6 +388,22 @@ def _encode_rows(schema: Schema, rows: Sequence[Mapping[str, Any]], *, clean: bo
     return lines
 
 
+def _check_encodable(encoded: list[tuple[str, str]]) -> None:
+    """Refuse, before any file is touched, a row holding text no UTF-8 file can hold: a lone
+    surrogate (from JSON text that escapes half of a pair, read by Python's parser). Found only
+    when the batch was written, it failed the write with a UnicodeEncodeError naming no row,
+    and left a new day's partition behind empty, without its header. (The consumer's rows come
+    from PostgreSQL, or are dead-lettered when not UTF-8: they cannot hold one.)"""
+    for event_id, line in encoded:
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"the row of event_id {event_id!r} holds {line[exc.start : exc.end]!r}, a lone surrogate, which no "
+                "UTF-8 file can hold: nothing was written"
+            ) from None
+
+
 class EventCells(NamedTuple):
     """An events row as text: `texts` are the cells from sequence to severity, in column order;
     `created_at` is the UTC ISO text; `payload_json` is `json_text(payload)`."""
@@ -527,7 +543,9 @@ class TrainingDataStore:
 
     def write_rows(self, data_type: str, day: dt.date, rows: Sequence[Mapping[str, Any]]) -> WriteResult:
         """Append the rows whose event_id the file does not hold yet; durable on return."""
-        return self._append(data_type, day, encode_rows(data_type, rows))
+        encoded = encode_rows(data_type, rows)
+        _check_encodable(encoded)
+        return self._append(data_type, day, encoded)
 
     def write_encoded(self, data_type: str, day: dt.date, encoded: list[tuple[str, str]]) -> WriteResult:
         """`write_rows` of rows encoded beforehand (`encode_rows`, `encode_event_cells`), so that
