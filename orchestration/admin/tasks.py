@@ -29,6 +29,7 @@ from orchestration.admin.workflows import WORKFLOW_DOCUMENTS
 from orchestration.errors import TransitionError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.services.conversations import TASK_TYPE as CONVERSATION_TASK_TYPE
 from orchestration.services.events import Actor, task_event
 from orchestration.services.workflows import (
     RETRIABLE_TASK,
@@ -41,6 +42,15 @@ from orchestration.services.workflows import (
 TASK_EVENTS_SHOWN = 200
 # A task's input and output (a model's whole answer), which no list shows.
 TASK_DOCUMENTS = ("input_data", "output_data", "metadata")
+# Who may read the conversations (the message list refuses the others).
+VIEW_MESSAGES = "orchestration.view_agentplaygroundmessage"
+
+
+def is_conversation_reply(task: TaskExecution) -> bool:
+    """Whether `task` is the reply to a conversation message (conversation_message_post makes
+    one outside any workflow): its input is the user's message, its output the agent's reply.
+    A workflow task may name any task_type (services.conversations.conversation_for_task)."""
+    return task.workflow_id is None and task.task_type == CONVERSATION_TASK_TYPE
 
 
 def task_events(execution: TaskExecution) -> QuerySet[Event]:
@@ -268,6 +278,15 @@ class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, EventsShownMix
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[TaskExecution]:
         return super().get_queryset(request).select_related("workflow", "agent", "parent_task")
+
+    def get_fieldsets(self, request: HttpRequest, obj: TaskExecution | None = None) -> Any:
+        """A conversation's reply task shows its data (the user's message, the agent's reply)
+        only to staff who may view the conversation messages: the viewer role may view tasks,
+        not conversations, and read every user's here."""
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None or not is_conversation_reply(obj) or request.user.has_perm(VIEW_MESSAGES):
+            return fieldsets
+        return [(name, options) for name, options in fieldsets if name != "Data"]
 
     def change_record(self, obj: TaskExecution, changes: dict[str, dict[str, Any]], actor: Actor) -> None:
         task_event(obj, EventType.TASK_CHANGED, payload={"changes": changes, **actor})
