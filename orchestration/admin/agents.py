@@ -4,7 +4,7 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.admin.utils import flatten_fieldsets
+from django.contrib.admin.utils import flatten_fieldsets, unquote
 from django.db import models
 from django.http import HttpRequest
 from django.utils.safestring import SafeString
@@ -165,6 +165,13 @@ class AgentAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixin
             deactivated = "status" in form.changed_data and obj.status == Agent.Status.INACTIVE
             agent_change_record(obj, "deactivated" if deactivated else "updated", request.user)
 
+    def delete_model(self, request: HttpRequest, obj: Agent) -> None:
+        """A deletion is a change of the agent too, recorded as the others are (an
+        agent_registered event with the definition deleted), in the delete view's transaction:
+        otherwise the audit log ends at the agent's creation, as if it were still there."""
+        agent_change_record(obj, "deleted", request.user)
+        super().delete_model(request, obj)
+
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
         # Deletion goes one agent at a time, where has_delete_permission sees which agent.
         actions = super().get_actions(request)
@@ -182,8 +189,15 @@ class AgentAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixin
     def change_view(
         self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict[str, Any] | None = None
     ) -> Any:
-        agent = self.get_object(request, object_id)
-        if request.method == "GET" and agent is not None and agent.definition_path:
+        agent = self.get_object(request, unquote(object_id))
+        # Only to staff who may see the agent: Django refuses the page after this (403), and a
+        # message queued here would show the agent's file on the next page they open.
+        if (
+            request.method == "GET"
+            and agent is not None
+            and agent.definition_path
+            and self.has_view_or_change_permission(request, agent)
+        ):
             messages.info(
                 request,
                 f"This agent is defined in {agent.definition_path}: edit that file and run "

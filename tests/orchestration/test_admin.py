@@ -33,8 +33,10 @@ from orchestration.models import (
     Workflow,
 )
 from orchestration.services.access import api_key_create, api_key_revoke
+from orchestration.services.conversations import conversation_message_post
 from orchestration.services.specs import spec_parse
 from orchestration.services.workflows import workflow_submit
+from tests.engine import wait_for
 from tests.factories import (
     AgentFactory,
     ApiKeyFactory,
@@ -428,6 +430,33 @@ def test_a_task_or_attempt_page_shows_events_only_to_staff_who_may_view_events(c
         assert "PAYLOAD" in client.get(page).content.decode()
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_conversation_is_read_on_its_reply_tasks_page_only_by_staff_who_may_view_messages(engine, client) -> None:
+    """A conversation's reply task holds the user's message as its input and the agent's reply
+    as its output. A staff user who may view tasks but not conversation messages (the viewer
+    role: the message list answers them 403) read every user's conversations there."""
+    engine()
+    asked = conversation_message_post(
+        agent=Agent.objects.get(pk="assistant"),
+        instance_id="alice-1",
+        content="keywords: diagnosis hemoglobin",
+        owner=UserFactory(username="alice"),
+    )
+    task = wait_for(lambda: (t := TaskExecution.objects.get(pk=asked.execution_id)).is_terminal and t, what="the reply")
+    assert task.status == TaskExecution.Status.COMPLETED
+    page = _url(TaskExecution, "change", task.pk)
+
+    client.force_login(UserFactory(role="viewer"))
+    assert client.get(_url(AgentPlaygroundMessage, "changelist")).status_code == 403
+    response = client.get(page)
+    assert response.status_code == 200
+    assert "hemoglobin" not in response.content.decode()
+    assert client.get(_url(TaskExecution, "changelist")).status_code == 200
+
+    client.force_login(_staff_with("view_taskexecution", "view_agentplaygroundmessage"))
+    assert "hemoglobin" in client.get(page).content.decode()
+
+
 def test_json_fields_are_pretty_printed_and_escaped(su_client: Client) -> None:
     hostile = {"z": [1, 2], "a": "<script>alert('x')</script>", "nested": {"y": True}}
     task = TaskExecutionFactory(input_data=hostile, output_data={"answer": 42})
@@ -664,6 +693,19 @@ def test_an_agent_loaded_from_a_definition_file_is_read_only_in_the_console(su_c
     assert {"name", "status", "system_prompt"} <= set(
         su_client.get(_url(Agent, "change", api_made.pk)).context["adminform"].form.fields
     )
+
+
+def test_staff_who_may_not_view_agents_learn_nothing_of_one_from_its_page(client: Client) -> None:
+    """The note that an agent is defined in a file was queued before the page's permission
+    check: a staff user refused the page (403) read the agent's definition file on the next
+    page they opened, for any id they tried."""
+    AgentFactory(id="secret-agent", definition_path="internal/secret-agent.yaml", definition_hash="0" * 64)
+    client.force_login(_staff_with("view_workflow"))
+
+    assert client.get(_url(Agent, "change", "secret-agent")).status_code == 403
+
+    page = client.get(reverse("admin:index")).content.decode()
+    assert "secret-agent" not in page
 
 
 def test_event_search_matches_ids_exactly(su_client: Client) -> None:
@@ -1048,6 +1090,24 @@ def test_an_agent_nothing_was_recorded_for_can_be_deleted_in_the_console(su_clie
 
     assert delete.status_code == 302
     assert not Agent.objects.filter(pk=agent.pk).exists()
+
+
+def test_an_agent_deleted_in_the_console_is_recorded_as_an_event(su_client: Client, superuser: Any) -> None:
+    """Every change of an agent is an agent_registered event (README), its deletion too: the
+    audit log said it had been created (in the console, or through the API) and nothing more,
+    while the agent was gone and its id could be taken by another definition."""
+    fields = {"id": "oops-001", "name": "Oops", "executor": "python", "status": "active", "entrypoint": "builtins.len"}
+    assert su_client.post(_url(Agent, "add"), fields).status_code == 302
+
+    assert su_client.post(_url(Agent, "delete", "oops-001"), {"post": "yes"}).status_code == 302
+
+    assert not Agent.objects.filter(pk="oops-001").exists()
+    events = Event.objects.filter(event_type="agent_registered", agent_id="oops-001").order_by("sequence")
+    assert [(event.payload["change"], event.payload["by"]) for event in events] == [
+        ("created", superuser.username),
+        ("deleted", superuser.username),
+    ]
+    assert events.last().payload["fields"]["name"] == "Oops"  # the definition that was deleted
 
 
 CONSOLE_CANARY = "canary-5d1e8b"
