@@ -155,6 +155,10 @@ def _create_sample_workflow(*, owner: object, now: dt.datetime) -> None:
         completed_at=t0 + 9200 * ms,
         total_tokens_used=1523 + 310 + 880,
         total_cost_usd=review_cost + retry_cost + tests_cost,
+        # The review's first try failed after paying: an error, and wasted spend, as the engine
+        # records such a try (its agent's rolled-up wasted_cost below counts it too).
+        error_count=1,
+        wasted_cost_usd=retry_cost,
     )
     review = TaskExecution.objects.create(
         workflow=workflow,

@@ -1,12 +1,16 @@
-"""load_sample_data: one recorded workflow whose times read in order, as the engine writes them."""
+"""load_sample_data: one recorded workflow whose times read in order and whose spend adds up, as the
+engine writes them."""
 
 from __future__ import annotations
 
 import io
+from decimal import Decimal
 
 from django.core.management import call_command
+from django.db.models import Sum
 
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.selectors import agent_stats, user_spend
 from orchestration.services.sample_data import SAMPLE_WORKFLOW_ID
 
 
@@ -27,3 +31,22 @@ def test_the_sample_workflow_is_created_before_it_starts_and_ends(db):
     assert attempts.count() == 3
     for attempt in attempts:
         assert attempt.execution.queued_at <= attempt.created_at <= attempt.started_at <= attempt.finished_at
+
+
+def test_the_sample_workflows_spend_adds_up_as_the_engine_records_it(db):
+    """Its review's first try failed on a rate limit after paying $0.0009: the sample's metrics
+    counted that as the agent's wasted spend, but the workflow said it wasted nothing and had no
+    error (wasted_cost_usd 0, error_count 0), so its owner's spend (me/spend) and the agent's
+    statistics disagreed about the same try."""
+    call_command("load_sample_data", stdout=io.StringIO())
+    workflow = Workflow.objects.get(pk=SAMPLE_WORKFLOW_ID)
+    attempts = TaskAttempt.objects.filter(execution__workflow=workflow)
+    wasted = attempts.filter(status__in=TaskAttempt.WASTED_STATUSES)
+    paid = attempts.aggregate(tokens=Sum("tokens_used"), cost=Sum("cost_usd"))
+    assert (workflow.total_tokens_used, workflow.total_cost_usd) == (paid["tokens"], paid["cost"])
+    wasted_cost = wasted.aggregate(cost=Sum("cost_usd"))["cost"]
+    assert (workflow.wasted_cost_usd, workflow.error_count) == (wasted_cost, wasted.count())
+    assert workflow.wasted_cost_usd == Decimal("0.000900")
+    owner_spend = user_spend(user_id=workflow.owner_id)["wasted_cost_usd"]
+    agents_wasted = sum(agent_stats(agent_id=agent)["wasted_cost_usd"] for agent in ("akira-001", "yuki-002"))
+    assert owner_spend == agents_wasted == Decimal("0.000900")
