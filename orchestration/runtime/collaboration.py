@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from typing import Any
 
@@ -21,6 +22,8 @@ from orchestration.errors import PermanentError
 from orchestration.models import Agent, AgentInteraction
 from orchestration.runtime.context import TaskContext, Usage
 from orchestration.runtime.tools import ToolBox, ToolCall, jsonb_problem, storable_text
+
+logger = logging.getLogger(__name__)
 
 # The error of a hand-off, review or collaboration cut short by a stop of its process.
 INTERRUPTED = "interrupted: the process running it was told to stop before the other agent finished"
@@ -131,7 +134,7 @@ class Peers:
         return agent
 
     def _run(self, kind: str, to_agent: str, task_input: dict[str, Any], message: str) -> dict[str, Any]:
-        from orchestration.runtime.executors import agent_execute
+        from orchestration.runtime.executors import agent_execute, usage_checked
         from orchestration.services.interactions import agent_started_record, interaction_record
 
         context = self._context
@@ -171,9 +174,22 @@ class Peers:
             # record in place of the other agent's failure, and the attempt was retried.
             payload["error"] = INTERRUPTED if stopped else storable_text(f"{type(exc).__name__}: {exc}")
             usage = getattr(exc, "usage", None)
-            if isinstance(usage, Usage):
+            if usage is not None:
+                # Checked as the attempt's own failure's usage is (whole tokens, a finite cost in
+                # USD, rounded as recorded): added as it came, a float cost raised a TypeError in
+                # place of the other agent's error (recorded not retryable, its cost lost) and a
+                # NaN one made the attempt's record fail, leaving it running for the reaper.
+                try:
+                    context.spend.add(usage_checked(usage))
+                except PermanentError as malformed:
+                    logger.warning(
+                        "%s from %r to %r: the usage its failure reported is malformed; not recorded: %s",
+                        kind,
+                        context.agent_id,
+                        to_agent,
+                        malformed,
+                    )
                 # Counted here, once: the exception goes on up and must not carry it again.
-                context.spend.add(usage)
                 exc.usage = Usage()  # type: ignore[attr-defined]
             raise
         else:

@@ -144,6 +144,19 @@ def metered(task_input, context):
     return AgentResult(output={"attempt": context.attempt_number}, usage=spent)
 
 
+def fails_having_paid(task_input, context):
+    """Fails with a retryable error carrying what its provider call cost, given as
+    `input.cost`: a float, or the text of a Decimal."""
+    from decimal import Decimal
+
+    from orchestration.errors import RetryableError
+
+    cost = task_input["cost"]
+    error = RetryableError("the provider timed out after answering")
+    error.usage = Usage(input_tokens=100, output_tokens=20, cost_usd=Decimal(cost) if isinstance(cost, str) else cost)
+    raise error
+
+
 def long_error_class(task_input, context):
     """Fails with an exception whose class name (module and qualified name) is longer than the
     attempt's error_class column, as a generated exception class's can be."""

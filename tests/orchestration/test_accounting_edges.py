@@ -433,6 +433,38 @@ def test_a_malformed_payment_is_not_metered_and_never_reaches_the_totals(usage):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("cost", "recorded"),
+    [(0.0123, (120, Decimal("0.0123"))), ("NaN", (0, Decimal(0)))],
+    ids=["float-cost", "nan-cost"],
+)
+def test_a_handed_off_agents_failure_records_its_usage_as_the_attempts_own_failure_would(cost, recorded):
+    """The other agent of a hand-off fails with a retryable error carrying its usage, its cost a
+    float (as a python agent may report it) or NaN. The hand-off added that usage to the attempt's
+    spend unchecked: the float's addition raised a TypeError in place of the other agent's error,
+    recorded not retryable with its cost lost (120 tokens at $0), and the NaN made the record of
+    the failure raise, leaving the attempt running for the reaper. Checked as the attempt's own
+    failure's usage is, a float is counted and a malformed one is not."""
+    from orchestration.services.execution import Outcome
+
+    edge_agent("paid-failer", "fails_having_paid")
+    edge_agent("delegator", "hands_off")
+    workflow, task, outcome = _run_in_process("delegator", {"to": "paid-failer", "cost": cost})
+    assert outcome == Outcome.FAILED
+    attempt = TaskAttempt.objects.get(execution=task)
+    task.refresh_from_db()
+    workflow.refresh_from_db()
+    assert (attempt.status, attempt.error, attempt.retryable) == (
+        "failed",
+        "RetryableError: the provider timed out after answering",
+        True,
+    )
+    assert (attempt.tokens_used, attempt.cost_usd) == recorded
+    assert (task.tokens_used, task.cost_usd) == recorded
+    assert (workflow.total_tokens_used, workflow.total_cost_usd, workflow.wasted_cost_usd) == (*recorded, recorded[1])
+
+
+@pytest.mark.django_db
 def test_spend_charged_after_its_period_was_rolled_up_is_rolled_up_again():
     """A cancelled attempt's answer arrives after the hourly rollup of the hour it was
     cancelled in: the attempt, its task and workflow gain it, but the hour's metrics kept the
