@@ -31,7 +31,7 @@ from orchestration.api.serializers import (
     MessageSerializer,
     NoBodySerializer,
 )
-from orchestration.api.views import PAGE_PARAMETERS, READ, ApiMixin
+from orchestration.api.views import PAGE_PARAMETERS, READ, ApiMixin, WriteBodyMixin
 from orchestration.errors import ConversationBusy, ConversationError, ConversationTaken
 from orchestration.models import Agent, AgentPlaygroundMessage, ApiKey
 from orchestration.selectors import agent_stats, conversation_messages, conversation_thread
@@ -100,7 +100,7 @@ AGENT_EXAMPLE = {
         summary="An agent", responses={200: AgentSerializer, **problem_responses(401, 403, 404, 429)}
     ),
 )
-class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class AgentViewSet(ApiMixin, WriteBodyMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Agents: every role reads them; admins create, change and deactivate them."""
 
     permission_classes = [AgentPermission]
@@ -112,6 +112,12 @@ class AgentViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, v
     }
     queryset = Agent.objects.all()
     serializer_class = AgentSerializer
+    request_serializers = {
+        "create": AgentCreateSerializer,
+        "update": AgentUpdateSerializer,
+        "partial_update": AgentUpdateSerializer,
+        "deactivate": NoBodySerializer,
+    }
     filterset_class = AgentFilter
     lookup_value_regex = "[^/]+"
     orderings = {"id": ("id",)}

@@ -187,8 +187,8 @@ LIST_PARAMETERS = frozenset({"cursor", "limit", "ordering", "format"})
 def unknown_parameters(data: Any, allowed: set[str]) -> dict[str, list[str]]:
     """The query parameters in `data` that are not `allowed`, each with the problem to answer
     (a parameter nothing reads would be ignored: the answer would not be what was asked)."""
-    listed = ", ".join(sorted(allowed))
-    return {name: [f"unknown query parameter (allowed: {listed})"] for name in sorted(set(data) - allowed)}
+    listed = f"allowed: {', '.join(sorted(allowed))}" if allowed else "this operation takes none"
+    return {name: [f"unknown query parameter ({listed})"] for name in sorted(set(data) - allowed)}
 
 
 def check_list_parameters(data: Any) -> None:
@@ -334,7 +334,9 @@ class EventFilter(StrictFilterSet):
             "settled",
         )
 
-    def filter_settled(self, queryset: Any, name: str, value: bool | None) -> Any:
+    # `value: bool`, not `bool | None`: the schema's type for the parameter is this hint's (a
+    # union is documented as a string), and django-filter never calls a method without a value.
+    def filter_settled(self, queryset: Any, name: str, value: bool) -> Any:
         if not value:
             return queryset
         client = redis_client()

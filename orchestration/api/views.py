@@ -20,11 +20,19 @@ from rest_framework.exceptions import NotFound, PermissionDenied, Throttled, Val
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.serializers import Serializer
 from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from orchestration.api import idempotency
-from orchestration.api.filters import AttemptFilter, EventFilter, TaskFilter, WorkflowFilter, check_list_parameters
+from orchestration.api.filters import (
+    AttemptFilter,
+    EventFilter,
+    TaskFilter,
+    WorkflowFilter,
+    check_list_parameters,
+    unknown_parameters,
+)
 from orchestration.api.parsers import unstorable_text
 from orchestration.api.permissions import ActionPermission, HasRole, effective_permissions, is_admin, request_role
 from orchestration.api.renderers import FastJSONRenderer
@@ -89,6 +97,22 @@ class ApiMixin(RateLimitedMixin):
         if unstorable_text(list(kwargs.values())):
             raise NotFound()
 
+    def filter_queryset(self, queryset: QuerySet) -> QuerySet:
+        # get_object() filters its queryset too: an object's page or a command on it applied
+        # the list's filters (`GET /workflows/{id}/?status=completed` was a 404 for a running
+        # workflow that exists) and refused any other parameter naming the list's. Such an
+        # operation reads no query parameter; those that read their own (`events`, `stats`,
+        # `download`) have no filter set and check them themselves.
+        if self.action == "list" or getattr(self, "filterset_class", None) is None:  # type: ignore[attr-defined]
+            return super().filter_queryset(queryset)  # type: ignore[misc]
+        # `format` chooses the renderer, unless the viewset's negotiation leaves it to a filter (exports).
+        override = self.get_content_negotiator().settings.URL_FORMAT_OVERRIDE  # type: ignore[attr-defined]
+        request = self.request  # type: ignore[attr-defined]
+        unknown = unknown_parameters(request.query_params, {override} if override else set())
+        if unknown:
+            raise ValidationError(unknown)
+        return queryset
+
     def check_throttles(self, request: Request) -> None:
         self._throttles_checked = True
         super().check_throttles(request)  # type: ignore[misc]
@@ -119,6 +143,26 @@ class ApiMixin(RateLimitedMixin):
         except Throttled as throttled:
             response = self.handle_exception(throttled)
         return super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
+
+
+class WriteBodyMixin:
+    """A viewset whose writes take a body other than their answer's serializer. OPTIONS (DRF's
+    metadata) and the browsable API's forms describe a write by get_serializer() under the
+    write's method, which gave the answer's fields, every one read-only: `POST /workflows/`
+    seemed to take nothing, a task's `cancel` no `reason`, an export request to require
+    `sha256`. `request_serializers` names the body of each such action."""
+
+    request_serializers: dict[str, type[Serializer]] = {}
+
+    def get_serializer(self, *args: Any, **kwargs: Any) -> Serializer:
+        # The action of the request's method: OPTIONS runs as `metadata` with a copy of the
+        # request under each method it describes.
+        action = getattr(self, "action_map", {}).get(self.request.method.lower())  # type: ignore[attr-defined]
+        body = self.request_serializers.get(action)
+        if body is None:
+            return super().get_serializer(*args, **kwargs)  # type: ignore[misc]
+        kwargs.setdefault("context", self.get_serializer_context())  # type: ignore[attr-defined]
+        return body(*args, **kwargs)
 
 
 class RowListMixin:
@@ -197,7 +241,7 @@ def _owned_events(request: Request) -> QuerySet[Event]:
     ),
 )
 class WorkflowViewSet(
-    ApiMixin, RowListMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
+    ApiMixin, WriteBodyMixin, RowListMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
 ):
     """Workflows: submit, list, read with tasks, cancel, resume, and their events and attempts."""
 
@@ -215,6 +259,7 @@ class WorkflowViewSet(
     filterset_class = WorkflowFilter
     lookup_field = "workflow_id"
     lookup_value_regex = "[^/]+"
+    request_serializers = {"create": WorkflowSpecSerializer, "cancel": CancelSerializer, "retry": NoBodySerializer}
     orderings = WORKFLOW_ORDERINGS
     default_ordering = "-created_at"
 
@@ -370,7 +415,9 @@ class WorkflowViewSet(
         responses={200: TaskDetailSerializer, **problem_responses(401, 403, 404, 429)},
     ),
 )
-class TaskViewSet(ApiMixin, RowListMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class TaskViewSet(
+    ApiMixin, WriteBodyMixin, RowListMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
+):
     """Task executions with their attempts."""
 
     permission_classes = [ActionPermission]
@@ -379,6 +426,7 @@ class TaskViewSet(ApiMixin, RowListMixin, mixins.ListModelMixin, mixins.Retrieve
     filterset_class = TaskFilter
     lookup_field = "execution_id"
     lookup_value_regex = "[^/]+"
+    request_serializers = {"cancel": CancelSerializer, "retry": NoBodySerializer}
     orderings = TASK_ORDERINGS
     default_ordering = "-created_at"
 

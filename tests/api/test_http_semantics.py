@@ -13,10 +13,18 @@ from django.utils import timezone
 from drf_spectacular.generators import SchemaGenerator
 
 from orchestration.api.schema import CachedSchemaView
-from orchestration.models import Agent
+from orchestration.api.serializers import (
+    AgentCreateSerializer,
+    AgentUpdateSerializer,
+    CancelSerializer,
+    NoBodySerializer,
+    WorkflowSpecSerializer,
+)
+from orchestration.models import Agent, Workflow
 from orchestration.services.conversations import conversation_message_post
 from tests.api.conftest import make_caller
 from tests.factories import ExportRunFactory
+from training_export.api.serializers import ExportRequestSerializer
 from training_export.models import ExportRun
 
 
@@ -67,6 +75,53 @@ def test_options_lists_only_the_writes_the_caller_may_make(callers, role, path, 
 
 
 @pytest.mark.parametrize(
+    "role, path, method, body",
+    [
+        ("developer", "/api/v1/workflows/", "POST", WorkflowSpecSerializer),
+        ("developer", "/api/v1/workflows/{workflow}/cancel/", "POST", CancelSerializer),
+        ("developer", "/api/v1/workflows/{workflow}/retry/", "POST", NoBodySerializer),
+        ("developer", "/api/v1/tasks/{task}/cancel/", "POST", CancelSerializer),
+        ("admin", "/api/v1/agents/", "POST", AgentCreateSerializer),
+        ("admin", "/api/v1/agents/echo/", "PUT", AgentUpdateSerializer),
+        ("admin", "/api/v1/agents/echo/deactivate/", "POST", NoBodySerializer),
+        ("admin", "/api/v1/exports/", "POST", ExportRequestSerializer),
+    ],
+)
+def test_options_describes_the_body_each_write_takes(callers, submit, role, path, method, body):
+    """OPTIONS described a write by the serializer of its answer: `POST /workflows/` listed the
+    workflow's fields, every one read-only, and no `tasks`; a cancel no `reason`; an export
+    request `sha256` as a required field (which the request refuses)."""
+    workflow = submit(callers["developer"]).json()["workflow_id"]
+    task = callers["developer"].client.get(f"/api/v1/workflows/{workflow}/").json()["tasks"][0]["execution_id"]
+    response = callers[role].client.options(path.format(workflow=workflow, task=task))
+    assert response.status_code == 200, response.content
+    described = response.json()["actions"][method]
+    fields = body().fields
+    assert set(described) == set(fields), sorted(described)
+    for name, field in fields.items():
+        assert described[name]["read_only"] is False, name
+        assert described[name]["required"] is field.required, name
+
+
+@pytest.mark.parametrize(
+    "role, path",
+    [
+        ("developer", "/api/v1/workflows/"),
+        ("developer", "/api/v1/workflows/{workflow}/"),
+        ("admin", "/api/v1/agents/"),
+        ("admin", "/api/v1/agents/echo/"),
+        ("admin", "/api/v1/exports/"),
+    ],
+)
+def test_the_browsable_api_renders_the_form_of_each_write_from_its_body(callers, submit, role, path):
+    """The browsable API builds its forms as OPTIONS describes the writes (get_serializer)."""
+    workflow = submit(callers["developer"]).json()["workflow_id"]
+    response = callers[role].client.get(path.format(workflow=workflow), HTTP_ACCEPT="text/html")
+    assert response.status_code == 200, response.content[:500]
+    assert response["Content-Type"].startswith("text/html")
+
+
+@pytest.mark.parametrize(
     "path, parameter",
     [
         ("/api/v1/workflows/{workflow}/events/?event_type=task_failed", "event_type"),
@@ -85,6 +140,43 @@ def test_a_list_without_filters_refuses_a_parameter_it_does_not_read(callers, su
     assert error["detail"] == "unknown query parameter (allowed: cursor, format, limit, ordering)"
     page = client.get(path.format(workflow=workflow, thread=thread).split("?")[0] + "?limit=1")
     assert page.status_code == 200, page.content
+
+
+FORMAT = "allowed: format"
+
+
+@pytest.mark.parametrize(
+    "who, method, path, parameter, allowed",
+    [
+        ("developer", "get", "/api/v1/workflows/{workflow}/?status=completed", "status", FORMAT),
+        ("developer", "get", "/api/v1/workflows/{workflow}/?created_before=2000-01-01", "created_before", FORMAT),
+        ("developer", "post", "/api/v1/workflows/{workflow}/cancel/?status=completed", "status", FORMAT),
+        ("developer", "get", "/api/v1/tasks/{task}/?status=completed", "status", FORMAT),
+        ("developer", "post", "/api/v1/tasks/{task}/retry/?status=failed", "status", FORMAT),
+        ("developer", "get", "/api/v1/agents/echo/?status=inactive", "status", FORMAT),
+        ("admin", "patch", "/api/v1/agents/echo/?executor=http", "executor", FORMAT),
+        ("admin", "get", "/api/v1/exports/{run}/?status=succeeded", "status", "this operation takes none"),
+    ],
+)
+def test_an_objects_page_or_command_refuses_the_lists_filters_rather_than_hiding_the_object(
+    callers, submit, who, method, path, parameter, allowed
+):
+    """get_object() ran the list's filter set: `GET /workflows/{id}/?status=completed` of a
+    running workflow was a 404 "Not found" for one that exists (a cancel so addressed too),
+    and a parameter the list does not read was refused naming the list's filters."""
+    workflow = submit(callers["developer"]).json()["workflow_id"]
+    task = callers["developer"].client.get(f"/api/v1/workflows/{workflow}/").json()["tasks"][0]["execution_id"]
+    run = ExportRunFactory(status=ExportRun.Status.PENDING).pk
+    url = path.format(workflow=workflow, task=task, run=run)
+    client = callers[who].client
+    response = getattr(client, method)(url, {}, format="json") if method != "get" else client.get(url)
+    assert response.status_code == 400, response.content
+    assert response.json()["errors"] == [{"field": parameter, "detail": f"unknown query parameter ({allowed})"}]
+    assert Workflow.objects.get(pk=workflow).status == "running"
+    assert Agent.objects.get(pk="echo").executor != "http"
+    if method == "get":
+        plain = url.split("?")[0] + ("?format=json" if "takes none" not in allowed else "")
+        assert client.get(plain).status_code == 200
 
 
 @pytest.mark.parametrize(

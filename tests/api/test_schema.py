@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 import schemathesis
+from django import forms
 from django.core import signals
 from django.core.handlers.wsgi import WSGIHandler
 from django.db import close_old_connections
@@ -19,7 +20,9 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import CHECKS, load_all_checks
 
+from orchestration.api.filters import AgentFilter, AttemptFilter, EventFilter, TaskFilter, WorkflowFilter
 from tests.api.conftest import ROLES, SPEC, make_caller
+from training_export.api.filters import ExportRunFilter
 
 # Valid-per-schema data can still be refused for reasons a schema cannot state: an agent id
 # that does not exist (400), a state that forbids the command (409), a key reused with
@@ -71,6 +74,31 @@ def test_the_schema_describes_the_spec_defaults_and_who_owns_a_workflow():
         owner = schema[name]["properties"]["owner"]
         assert owner["nullable"] and "Required" not in owner["description"], owner
         assert "manage.py" in owner["description"]
+
+
+def test_every_boolean_filter_is_documented_as_a_boolean():
+    """`settled` (true or false, anything else a 400) was documented as any string: its filter
+    method's `bool | None` hint is no type drf-spectacular maps, so a generated client typed
+    it as text."""
+    schema = SchemaGenerator().get_schema(request=None, public=True)
+    booleans = {
+        name
+        for filterset in (AgentFilter, AttemptFilter, EventFilter, ExportRunFilter, TaskFilter, WorkflowFilter)
+        for name, filter_ in filterset.base_filters.items()
+        if isinstance(filter_.field, forms.NullBooleanField)
+    }
+    assert "settled" in booleans
+    documented = {
+        (path, parameter["name"]): parameter
+        for path, item in schema["paths"].items()
+        for operation in item.values()
+        for parameter in operation.get("parameters", [])
+        if parameter["in"] == "query" and parameter["name"] in booleans
+    }
+    assert documented
+    for (path, name), parameter in documented.items():
+        assert parameter["schema"] == {"type": "boolean"}, (path, name, parameter)
+        assert parameter["description"], (path, name)
 
 
 def test_negotiation_problems_are_documented_as_answered(callers, settings):

@@ -30,7 +30,7 @@ from rest_framework.response import Response
 from orchestration.api.exceptions import Conflict
 from orchestration.api.permissions import ActionPermission
 from orchestration.api.schema import problem_responses
-from orchestration.api.views import ApiMixin, ordering_parameter
+from orchestration.api.views import ApiMixin, WriteBodyMixin, ordering_parameter
 from orchestration.services.access import EXPORT_CREATE, EXPORT_READ
 from training_export.api.filters import ExportRunFilter
 from training_export.api.serializers import ALL, ExportAcceptedSerializer, ExportRequestSerializer, ExportRunSerializer
@@ -100,7 +100,9 @@ class FormatIsAFilter(DefaultContentNegotiation):
         responses={200: ExportRunSerializer, **problem_responses(401, 403, 404, 429)},
     ),
 )
-class ExportRunViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class ExportRunViewSet(
+    ApiMixin, WriteBodyMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
+):
     """Training-data export runs (admins only: an export holds every user's data)."""
 
     permission_classes = [ActionPermission]
@@ -113,6 +115,7 @@ class ExportRunViewSet(ApiMixin, mixins.ListModelMixin, mixins.RetrieveModelMixi
     content_negotiation_class = FormatIsAFilter
     queryset = ExportRun.objects.select_related("requested_by")
     serializer_class = ExportRunSerializer
+    request_serializers = {"create": ExportRequestSerializer}
     filterset_class = ExportRunFilter
     lookup_value_regex = "[0-9]+"
     orderings = EXPORT_ORDERINGS
