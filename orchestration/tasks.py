@@ -239,11 +239,10 @@ def relay_events() -> int:
 @shared_task(name="orchestration.rollup_metrics", bind=True, acks_late=False, ignore_result=True, time_limit=1800)
 def rollup_metrics(self, period: str = "hour", period_start: str | None = None, away_tries: int = 0) -> dict[str, int]:
     """Roll up the last complete hour or day, or the one starting at `period_start` (ISO 8601,
-    for backfills), into agent_metrics (and agents, workflow totals). `away_tries`: see
-    retried_while_away."""
+    for backfills), into agent_metrics (and agents, workflow totals; InfluxDB as each period is
+    committed). `away_tries`: see retried_while_away."""
     import datetime as dt
 
-    from observability.influx import rollup_points_write
     from orchestration.services.rollup import metrics_rollup, rollup_previous
 
     with retried_while_away(self, away_tries):
@@ -251,8 +250,6 @@ def rollup_metrics(self, period: str = "hour", period_start: str | None = None, 
             result = rollup_previous(period=period)
         else:
             result = metrics_rollup(period=period, period_start=dt.datetime.fromisoformat(period_start))
-    for start in [*result.caught_up, result.period_start]:
-        rollup_points_write(period=result.period, period_start=start)
     return {
         "metrics": result.metrics,
         "agents_refreshed": result.agents_refreshed,

@@ -14,7 +14,8 @@ in the period (completed, failed or timed out; cancelled ones never ran to an ou
 - wasted_cost: the cost of the attempts that failed, timed out or were lost in the period.
 
 It then refreshes the agents' summary columns (all time) and reconciles the token and cost
-totals of the workflows that finished in the period with the sum of their tasks.
+totals of the workflows that finished in the period with the sum of their tasks. Once the
+period is committed, its points go to InfluxDB (when configured).
 
 The beat's entry point, `rollup_previous`, rolls up the last complete period, and before it
 the earlier ones that saw activity but have no metrics: a run that came late (a worker down, a
@@ -36,6 +37,7 @@ from django.db.models import Sum
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
+from observability.influx import rollup_points_write
 from orchestration.db import database_now
 from orchestration.models import AgentMetric, TaskAttempt, TaskExecution
 
@@ -262,6 +264,16 @@ def metrics_rollup(*, period: str, period_start: dt.datetime, now: dt.datetime |
     sql = _rollup_sql(vendor) if vendor == "postgresql" else _sqlite_rollup_sql()
     result = RollupResult(period=period, period_start=start)
     with connection.cursor() as cursor:
+        if vendor == "postgresql":
+            # One rollup of a period at a time (two beats, a backfill, a run overlapping the
+            # next). Each replaces the period's rows: its DELETE takes them in the table's order,
+            # its upsert in the query's. A run whose DELETE waited for another, which then
+            # committed, found nothing to delete and upserted that run's rows while a third
+            # deleted them: each waited for rows the other held, and PostgreSQL aborted one
+            # ("deadlock detected"). SQLite serialises writers.
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"rollup:{period}:{start.isoformat()}"]
+            )
         # Replace, not merge: a metric that no longer has a value (tasks deleted, no p95) goes.
         AgentMetric.objects.filter(period=period, period_start=start).delete()
         cursor.execute(sql, params)
@@ -270,6 +282,10 @@ def metrics_rollup(*, period: str, period_start: dt.datetime, now: dt.datetime |
         cursor.execute(WORKFLOWS_RECONCILE_SQL.format(**_RECONCILE_VERSION[vendor]), params)
         result.workflows_reconciled = cursor.rowcount
     result.metrics = AgentMetric.objects.filter(period=period, period_start=start).count()
+    # Period by period, as each is committed: a run that fails part way (the database away, its
+    # time limit) has rolled up the periods before, which the next run, finding their metrics,
+    # does not roll up again; written after the run, their points never reached InfluxDB.
+    transaction.on_commit(lambda: rollup_points_write(period=period, period_start=start))
     if result.workflows_reconciled:
         logger.warning(
             "%d workflow(s) finished %s..%s had token/cost totals different from the sum of their tasks; corrected",

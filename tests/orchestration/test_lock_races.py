@@ -1,6 +1,6 @@
 """Races on PostgreSQL row locks and snapshots, forced with threads, events and a second
-connection (no sleep decides an outcome): the first three tests failed before their fixes
-(an audit's reproductions); the others pin interleavings found correct."""
+connection (no sleep decides an outcome): the first three tests, and the last (section 4),
+failed before their fixes (an audit's reproductions); the others pin interleavings found correct."""
 
 from __future__ import annotations
 
@@ -504,3 +504,85 @@ def test_a_retry_that_waited_for_the_workflow_row_checks_the_deadline_after_the_
     assert isinstance(box.get("error"), TransitionError), box
     assert "past its deadline" in str(box["error"])
     assert TaskExecution.objects.get(pk=task.pk).status == TaskExecution.Status.FAILED
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Rollups of one period at once (two beats, a manual backfill, a run overlapping the next):
+#    each replaces the period's rows, a DELETE walking them in the table's order, then an
+#    INSERT ... ON CONFLICT DO UPDATE taking them in the query's. One whose DELETE found the
+#    rows an earlier run had just committed upserts them while a third deletes them, each
+#    holding rows the other waits for: PostgreSQL aborted one of them, "deadlock detected".
+# ---------------------------------------------------------------------------------------------
+def test_rollups_of_one_period_at_once_are_not_deadlock_victims(monkeypatch):
+    import datetime as dt
+
+    from django.db.models.query import QuerySet
+
+    from orchestration.models import AgentMetric
+    from orchestration.services.rollup import METRICS, metrics_rollup
+    from tests.factories import AgentFactory, TaskAttemptFactory, TaskExecutionFactory
+
+    hour = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
+    task = TaskExecutionFactory(
+        agent=AgentFactory(), status="completed", completed_at=hour + dt.timedelta(minutes=1), execution_time_ms=5
+    )
+    TaskAttemptFactory(execution=task, succeeded=True, started_at=hour)
+    metrics_rollup(period="hour", period_start=hour)
+    upsert_order = [name for name, _, _ in METRICS]
+
+    # A run replacing the period's rows, its transaction still open. The rows it writes lie in
+    # the reverse of the query's order, as updates leave a table's rows in any order.
+    earlier = other_connection()
+    earlier.execute("CREATE TEMP TABLE previous AS SELECT * FROM agent_metrics WHERE period_start = %s", [hour])
+    earlier.execute("BEGIN")
+    earlier.execute("DELETE FROM agent_metrics WHERE period = 'hour' AND period_start = %s", [hour])
+    for name in reversed(upsert_order):
+        earlier.execute(
+            "INSERT INTO agent_metrics (id, agent_id, metric_type, metric_value, metric_unit, period, period_start, "
+            "recorded_at, context, created_at) SELECT gen_random_uuid(), agent_id, metric_type, metric_value, "
+            "metric_unit, period, period_start, recorded_at, context, created_at FROM previous WHERE metric_type = %s",
+            [name],
+        )
+
+    # The second run pauses after its DELETE (which waited for the earlier run and then found
+    # nothing left to delete), so that its upsert starts once the rows it takes are held.
+    second_run, deleted, go_on = threading.local(), threading.Event(), threading.Event()
+    original_delete = QuerySet.delete
+
+    def delete(self):
+        done = original_delete(self)
+        if getattr(second_run, "is_it", False):
+            deleted.set()
+            go_on.wait(20)
+        return done
+
+    monkeypatch.setattr(QuerySet, "delete", delete)
+
+    def second() -> object:
+        second_run.is_it = True
+        return metrics_rollup(period="hour", period_start=hour)
+
+    def blocked(count: int) -> list[str]:
+        deadline = time.monotonic() + 10
+        while len(queries := waiting_on_lock()) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return queries
+
+    thread_two, box_two = in_thread(second)
+    assert any("DELETE" in query for query in waiting_on_lock()), "the second run did not wait for the earlier one"
+    earlier.execute("COMMIT")
+    assert deleted.wait(20)
+    holder = other_connection()  # holds one row half-way through the upsert's order
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1 FROM agent_metrics WHERE period_start = %s AND metric_type = 'latency' FOR UPDATE", [hour])
+    go_on.set()
+    assert blocked(1)
+    thread_three, box_three = in_thread(lambda: metrics_rollup(period="hour", period_start=hour))
+    assert len(blocked(2)) == 2
+    holder.execute("COMMIT")
+    thread_two.join(30)
+    thread_three.join(30)
+    earlier.close()
+    holder.close()
+    assert "error" not in box_two and "error" not in box_three, (box_two.get("error"), box_three.get("error"))
+    assert AgentMetric.objects.filter(period="hour", period_start=hour).count() == len(upsert_order)

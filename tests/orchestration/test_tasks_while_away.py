@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import socket
+import time
 
 import pytest
 import redis
@@ -210,3 +211,55 @@ def test_the_rollup_tried_again_keeps_its_arguments(monkeypatch):
     monkeypatch.setattr(rollup, "rollup_previous", rollup_previous)
     assert rollup_metrics.apply(args=("day",)).failed()
     assert periods == ["day"] * (AWAY_MAX_RETRIES + 1)
+
+
+def test_the_periods_a_rollup_caught_up_before_the_database_went_away_reach_influxdb(settings, monkeypatch):
+    """The hourly run catches up two hours that were never rolled up, then the last one. The
+    database goes away after the first is committed: the run is tried again, finds only the
+    second one missed (the first has its metrics), and InfluxDB got the points of the periods
+    of the try that finished only. The first hour's points were never written, for good."""
+    from observability import influx
+    from orchestration.services import rollup
+    from orchestration.services.rollup import period_floor
+    from orchestration.tasks import rollup_metrics
+    from tests.engine import wait_for
+    from tests.factories import AgentFactory, TaskAttemptFactory, TaskExecutionFactory
+    from tests.fakes.servers import InfluxDBServer
+
+    token = "influx-test-token-0123456789"
+    last = period_floor(database_now(), "hour") - dt.timedelta(hours=1)
+    hours = [last - dt.timedelta(hours=2), last - dt.timedelta(hours=1), last]
+    agent = AgentFactory()
+    for hour in hours:
+        task = TaskExecutionFactory(
+            agent=agent, status="completed", started_at=hour, completed_at=hour + dt.timedelta(minutes=1)
+        )
+        TaskAttemptFactory(execution=task, succeeded=True, started_at=hour + dt.timedelta(seconds=30))
+
+    real_rollup, saved, calls = rollup.metrics_rollup, dict(connection.settings_dict), []
+
+    def away_after_the_first_period(**kwargs):
+        calls.append(kwargs["period_start"])
+        if len(calls) != 2:
+            return real_rollup(**kwargs)
+        connection.close()  # PostgreSQL restarts between the first missed hour and the second
+        connection.settings_dict.update(HOST="127.0.0.1", PORT=_closed_port())
+        try:
+            return real_rollup(**kwargs)
+        finally:
+            connection.settings_dict.update(saved)  # back for the try a minute later
+
+    monkeypatch.setattr(rollup, "metrics_rollup", away_after_the_first_period)
+    with InfluxDBServer(token=token) as server:
+        settings.INFLUXDB_URL, settings.INFLUXDB_TOKEN = server.url, token
+        settings.INFLUXDB_ORG, settings.INFLUXDB_BUCKET = "agentledger", "tasks"
+        settings.INFLUXDB_FLUSH_INTERVAL_MS = 50
+        try:
+            assert rollup_metrics.apply(kwargs={"period": "hour"}).successful()
+            assert calls == [hours[0], hours[1], hours[1], hours[2]]  # the try again rolled up what was left
+            wait_for(lambda: len(server.points) >= 2, timeout=10, what="the rollup's points")
+            time.sleep(0.3)  # and any later batch
+        finally:
+            influx.writer_close()
+    written = sorted({point.timestamp for point in server.points if point.measurement == "agent_rollup"})
+    assert written == [int(hour.timestamp()) for hour in hours], "a rolled-up hour never reached InfluxDB"
