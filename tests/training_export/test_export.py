@@ -103,7 +103,7 @@ def test_exported_rows_equal_the_sql_counts_per_type(db, out):
         manifest = manifest_read(Path(run.path).parent)
         assert manifest["rows"] == {data_type: count}
         assert manifest["files"][0]["sha256"] == run.checksum
-        assert manifest["schema_version"] == run.schema_version == "2"
+        assert manifest["schema_version"] == run.schema_version == "3"
 
     events = lines(out / "events" / "2024-03-05_2024-03-05" / "events-train.jsonl")
     assert [e["sequence"] for e in events] == sorted(e["sequence"] for e in events)
@@ -111,6 +111,30 @@ def test_exported_rows_equal_the_sql_counts_per_type(db, out):
     assert tools[0]["tool_name"] == "calculate" and tools[0]["execution_id"] == "call-0"
     tasks = lines(out / "tasks" / "2024-03-05_2024-03-05" / "tasks-train.jsonl")
     assert tasks[0]["cost_usd"] == 0.0015 and tasks[0]["completed_at"] == T0.isoformat()
+
+
+def test_a_workflows_record_has_its_cancelled_steps_and_wasted_spend(db, out):
+    """A workflow that went on past a failure (continue_on_failure) cancelled what depended on
+    it, and paid for a try that failed: its record says both, as the API does, so that its
+    steps add up to total_steps and its spend splits into what produced results and what was
+    wasted. (Schema 3: the records of schema 2 had neither.)"""
+    WorkflowFactory(
+        status=Workflow.Status.FAILED,
+        total_steps=4,
+        completed_steps=1,
+        failed_steps=1,
+        cancelled_steps=2,
+        total_cost_usd=Decimal("0.0420"),
+        wasted_cost_usd=Decimal("0.0125"),
+        started_at=T0,
+        completed_at=T0 + dt.timedelta(minutes=1),
+    )
+    run = export_run(data_type="workflows", start_date=DAY, end_date=DAY)
+    (record,) = lines(run.path)
+    assert (record["completed_steps"], record["failed_steps"], record["cancelled_steps"]) == (1, 1, 2)
+    assert (record["total_cost_usd"], record["wasted_cost_usd"]) == (0.042, 0.0125)
+    assert sorted(manifest_read(Path(run.path).parent)["columns"]) == sorted(record)
+    assert {"cancelled_steps", "wasted_cost_usd"} <= set(record)
 
 
 def test_rerunning_a_window_gives_byte_identical_files(db, out):

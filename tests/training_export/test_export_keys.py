@@ -218,3 +218,44 @@ def test_the_consumer_writes_the_call_id_and_attempt_of_each_tool_call(synapse):
     consume()
     (row,) = synapse.rows("tool_executions", timezone.now().astimezone(dt.UTC).date())
     assert (row["execution_id"], row["attempt_number"], row["tool_call_id"]) == ("ex-7", "3", "call_7")
+
+
+def test_a_workflows_partition_an_earlier_version_began_keeps_its_columns_to_the_days_end(tmp_path):
+    """As a tool_executions one: a day's workflows file begun before cancelled_steps and
+    wasted_cost_usd is appended to in its own columns, in place; the next day's has them."""
+    old_columns = [c for c in SCHEMAS["workflows"].columns if c not in ("cancelled_steps", "wasted_cost_usd")]
+    path = tmp_path / "workflows" / "workflows_2024-03-05.csv"
+    path.parent.mkdir()
+    path.write_text(",".join(old_columns) + "\nwf-0,first,,completed,1,1,0,,10,5,0.001000,,,,ev-0\n")
+    inode = path.stat().st_ino
+
+    def workflow_row(n: int) -> dict:
+        return {
+            "event_id": f"ev-{n}",
+            "workflow_id": f"wf-{n}",
+            "name": "w",
+            "status": "failed",
+            "total_steps": 3,
+            "completed_steps": 1,
+            "failed_steps": 1,
+            "cancelled_steps": 1,
+            "total_cost_usd": "0.004000",
+            "wasted_cost_usd": "0.002000",
+        }
+
+    store = TrainingDataStore(tmp_path)
+    store.write_rows("workflows", DAY, [workflow_row(1)])
+    assert path.stat().st_ino == inode
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == old_columns
+    assert [(r["event_id"], r["failed_steps"], r["total_cost_usd"]) for r in rows] == [
+        ("ev-0", "0", "0.001000"),
+        ("ev-1", "1", "0.004000"),
+    ]
+    next_day = DAY + dt.timedelta(days=1)
+    store.write_rows("workflows", next_day, [workflow_row(2)])
+    with store.path("workflows", next_day).open(newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert list(row) == list(SCHEMAS["workflows"].columns)
+    assert (row["cancelled_steps"], row["wasted_cost_usd"]) == ("1", "0.002000")

@@ -137,6 +137,7 @@ def test_store_workflow_data_writes_the_workflows_row(data_dir):
         duration_ms=5250,
         total_tokens_used=420,
         total_cost_usd=Decimal("0.125000"),
+        wasted_cost_usd=Decimal("0.025000"),
         created_at=T0,
         started_at=T0,
         completed_at=T0 + dt.timedelta(seconds=5.25),
@@ -146,9 +147,9 @@ def test_store_workflow_data_writes_the_workflows_row(data_dir):
 
     assert path == data_dir / "workflows" / "workflows_2024-03-05.csv"
     assert path.read_text() == (
-        "workflow_id,name,workflow_type,status,total_steps,completed_steps,failed_steps,error,duration_ms,"
-        "total_tokens_used,total_cost_usd,created_at,started_at,completed_at,event_id\n"
-        "wf-1,research,pipeline,completed,3,3,0,,5250,420,0.125000,2024-03-05T10:00:00+00:00,"
+        "workflow_id,name,workflow_type,status,total_steps,completed_steps,failed_steps,cancelled_steps,error,"
+        "duration_ms,total_tokens_used,total_cost_usd,wasted_cost_usd,created_at,started_at,completed_at,event_id\n"
+        "wf-1,research,pipeline,completed,3,3,0,0,,5250,420,0.125000,0.025000,2024-03-05T10:00:00+00:00,"
         "2024-03-05T10:00:00+00:00,2024-03-05T10:00:05.250000+00:00,ev-3\n"
     )
 

@@ -49,7 +49,7 @@ from training_export.services.store import EVENTS, SCHEMAS, TASKS, TOOL_EXECUTIO
 CHUNK_SIZE = 500
 
 # A change to any record layout below is a new schema version (recorded in every manifest).
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 
 def _default(value: Any) -> Any:
