@@ -117,13 +117,8 @@ def url_check(url: str, *, always_allowed_hosts: Iterable[str] = (), resolve: bo
     if not resolve:
         if hostname == "localhost":  # a loopback address wherever it is looked up (RFC 6761)
             _address_check(url, hostname, ["127.0.0.1"], literal=True)
-        else:
-            try:
-                address = ipaddress.ip_address(hostname)
-            except ValueError:  # a name: resolved, and its addresses checked, at request time
-                address = None
-            if address is not None:
-                _address_check(url, hostname, [str(address)], literal=True)
+        elif (address := _numeric_host(hostname)) is not None:  # else a name: resolved at request time
+            _address_check(url, hostname, [str(address)], literal=True)
         return Target(url=parsed, hostname=hostname, addresses=())
     allowed = {_ascii_host(h) for h in settings.AGENT_HTTP_ALLOWED_HOSTS}
     if allowed and hostname not in allowed and hostname not in {h.lower() for h in always_allowed_hosts}:
@@ -141,6 +136,23 @@ def url_check(url: str, *, always_allowed_hosts: Iterable[str] = (), resolve: bo
         raise PermanentError(f"agent URL {url!r} refused: host {hostname!r} has no address")
     _address_check(url, hostname, addresses, literal=False)
     return Target(url=parsed, hostname=hostname, addresses=tuple(addresses))
+
+
+def _numeric_host(hostname: str) -> IPAddress | None:
+    """The address a host spells, as the resolver reads it without asking DNS, or None for a
+    name. Besides the usual forms, the resolver takes IPv4's older ones (inet_aton's: `127.1`,
+    `2130706433`, `0x7f.1`, `017700000001`), which ipaddress does not: an agent made with one
+    of those for 127.0.0.1 was accepted, then refused by every request."""
+    try:
+        return ipaddress.ip_address(hostname)
+    except ValueError:
+        pass
+    if hostname and hostname[0].isdigit() and all(c in "0123456789abcdefx." for c in hostname):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(hostname))
+        except OSError:  # a name made of such characters (`1abc.de`)
+            return None
+    return None
 
 
 def _ascii_host(host: str) -> str:

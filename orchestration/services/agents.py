@@ -25,7 +25,7 @@ from orchestration.runtime.llm import ENV_NAME, OPENAI_COMPATIBLE, api_key_env_p
 from orchestration.runtime.tools import jsonb_problem, registry
 from orchestration.runtime.urlpolicy import url_check
 from orchestration.services.events import event_record
-from orchestration.services.specs import document_load
+from orchestration.services.specs import ValueWalk, document_load, unstorable_values
 
 DEFINITION_FIELDS = {
     "id": str,
@@ -128,9 +128,10 @@ def definition_load(path: Path, *, root: Path | None = None) -> dict[str, Any]:
         problems.extend(f"{path}: {problem}" for problem in executor_problems(data))
     # What the agents table cannot store, checked last so that a more specific problem of the
     # same field (an invalid URL, a temperature out of range) is named first.
+    walk = ValueWalk(document="definition")
     for key, value in data.items():
-        if key in DEFINITION_FIELDS and (problem := _storable_problem(key, value)):
-            problems.append(f"{path}: {problem}")
+        if key in DEFINITION_FIELDS:
+            problems.extend(f"{path}: {problem}" for problem in _storable_problems(key, value, walk))
     if problems:
         raise SpecError(problems)
     return data
@@ -139,20 +140,19 @@ def definition_load(path: Path, *, root: Path | None = None) -> dict[str, Any]:
 MAX_INTEGER = 2**31 - 1  # the columns of max_tokens and max_concurrency are integer
 
 
-def _storable_problem(key: str, value: Any) -> str | None:
-    """What the agents table cannot store of a field's value (naming the field), or None:
-    YAML values JSON has no type for (dates, sets, binary), infinities and NaN, NUL
-    characters and unpaired surrogates, integers beyond the column's range."""
+def _storable_problems(key: str, value: Any, walk: ValueWalk) -> list[str]:
+    """What the agents table cannot store of a field's value (naming the field and the path
+    in it): YAML values JSON has no type for (dates, sets, binary), infinities and NaN, NUL
+    characters and unpaired surrogates, integers beyond the column's range. Walked as a
+    spec's values are, within what one file may expand to (`walk`): a YAML alias inside the
+    node it names was told as "infinity and NaN", and nine nested lists of ten aliases each, a
+    few hundred bytes, were expanded whole by json.dumps (gigabytes, then a MemoryError)."""
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INTEGER:
-        return f"{key}: {value} is out of range (at most {MAX_INTEGER})"
-    try:
-        json.dumps(value, allow_nan=False)
-    except ValueError:
-        return f"{key}: infinity and NaN are not allowed"
-    except TypeError as exc:
-        return f"{key}: {exc} (quote dates and other such YAML values)"
-    problem = jsonb_problem(value, key)
-    return f"{problem}" if problem else None
+        return [f"{key}: {value} is out of range (at most {MAX_INTEGER})"]
+    if problems := unstorable_values(value, key, walk):
+        return problems
+    problem = jsonb_problem(value, key)  # (keys that JSON writes alike: 1 and "1")
+    return [problem] if problem else []
 
 
 def _max_length(key: str) -> float:

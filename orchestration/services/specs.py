@@ -206,13 +206,22 @@ _LEAVE = object()  # _unstorable's marker: the walk has left the container under
 # ten aliases each ("billion laughs") are a few hundred bytes of YAML and 10**9 values in JSON.
 # An API request's body is at most MAX_REQUEST_BODY_BYTES (2.5 MB by default), fewer values.
 SPEC_MAX_VALUES = 1_000_000
+# The text (strings and keys, in characters) a spec may expand to: ten thousand aliases of one
+# string of 200 000 characters are 200 kB of YAML, far fewer values than SPEC_MAX_VALUES, and
+# 2 GB of JSON when the spec is stored. Several times what a spec through the API may hold
+# (MAX_REQUEST_BODY_BYTES), a few hundred MB of memory at most to store.
+SPEC_MAX_TEXT_CHARS = 16 * 1024 * 1024
 
 
 @dataclass
-class _Walk:
-    """What the walks of one spec's values share: how many values they may still visit."""
+class ValueWalk:
+    """What the walks of one document's values share: how many values and characters of text
+    they may still visit, and what the document is called in a problem ("spec")."""
 
     left: int = SPEC_MAX_VALUES
+    text_left: int = SPEC_MAX_TEXT_CHARS
+    document: str = "spec"
+    exhausted: bool = False
 
 
 def _at(base: str, kind: str, step: Any) -> str:
@@ -238,7 +247,7 @@ def _keyed(base: str, key: Any) -> str:
     return f"{base}.{key}" if base else str(key)
 
 
-def _unstorable(value: Any, where: str, problems: list[str], walk: _Walk, *, text_only: bool = False) -> None:
+def _unstorable(value: Any, where: str, problems: list[str], walk: ValueWalk, *, text_only: bool = False) -> None:
     """Name each value under `where` that the JSON columns cannot hold: a YAML spec may carry a
     date (`since: 2026-01-01`), binary data or a set, and a JSON or YAML one NaN or an
     infinity, none of which JSON (or jsonb) has; PostgreSQL takes no NUL character nor an
@@ -248,24 +257,30 @@ def _unstorable(value: Any, where: str, problems: list[str], walk: _Walk, *, tex
     checked: for fields whose other checks name a wrong type. A YAML alias inside the node it
     names (`input: &x {self: *x}`) makes a value that contains itself, which no JSON document
     is: it is named too, and not walked for ever; nor is a spec whose aliases expand it past
-    SPEC_MAX_VALUES values (the walk stops there: storing it would expand it whole). A value's
-    path is spelled only when it is named or holds values: a path per value, each repeating
-    its parents', took memory of the values times the depth."""
+    SPEC_MAX_VALUES values or SPEC_MAX_TEXT_CHARS characters of text (the walk stops there:
+    storing it would expand it whole). A value's path is spelled only when it is named or holds
+    values: a path per value, each repeating its parents', took memory of the values times the
+    depth."""
     # (value, its container's path, kind, step: see _at), or (_LEAVE, a container id, "", None)
     stack: list[tuple[Any, Any, str, Any]] = [(value, where, "", None)]
     enclosing: set[int] = set()  # ids of the containers being walked (the current node's ancestors)
     while stack:
+        if walk.exhausted:
+            return
         item, base, kind, step = stack.pop()
         if item is _LEAVE:
             enclosing.discard(base)
             continue
         walk.left -= 1
-        if walk.left < 0:
-            if walk.left == -1:
-                problems.append(
-                    f"spec expands to more than {SPEC_MAX_VALUES:,} values (at {_at(base, kind, step)}; YAML "
-                    "aliases repeat what they name)"
-                )
+        if isinstance(item, str):
+            walk.text_left -= len(item)
+        if walk.left < 0 or walk.text_left < 0:
+            walk.exhausted = True
+            size = f"{SPEC_MAX_VALUES:,} values" if walk.left < 0 else f"{SPEC_MAX_TEXT_CHARS:,} characters of text"
+            problems.append(
+                f"{walk.document} expands to more than {size} (at {_at(base, kind, step)}; YAML aliases repeat "
+                "what they name)"
+            )
             return
         children: list[tuple[Any, Any, str, Any]] = []
         if isinstance(item, dict | list | tuple):
@@ -314,6 +329,14 @@ def _unstorable(value: Any, where: str, problems: list[str], walk: _Walk, *, tex
         stack.extend(reversed(children))  # each problem in the order of the document
 
 
+def unstorable_values(value: Any, where: str, walk: ValueWalk) -> list[str]:
+    """The problems _unstorable names in `value` (at `where`), within what `walk` has left:
+    for other documents read as specs are (agent definition files)."""
+    problems: list[str] = []
+    _unstorable(value, where, problems, walk)
+    return problems
+
+
 def _sendable(text: str) -> bool:
     """Whether PostgreSQL can be sent this text (no NUL character, no unpaired surrogate)."""
     if "\x00" in text:
@@ -333,7 +356,7 @@ _WALKED_TASK_FIELDS = ("input", "description", "task_type")
 def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
     """Validate a parsed spec against the agents table and the configured limits."""
     problems: list[str] = []
-    walk = _Walk()
+    walk = ValueWalk()
     for key in _WALKED_FIELDS:
         if key in data:
             _unstorable(data[key], key, problems, walk)

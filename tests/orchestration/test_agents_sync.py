@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import time
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -113,6 +114,37 @@ def test_invalid_definitions_are_named_and_nothing_is_written(db, tmp_path, file
     assert not Agent.objects.filter(pk__in=["good", "echo-x"]).exists(), "a valid file beside a bad one is not synced"
 
 
+LAUGHS = "".join(
+    f"  l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 10)}]\n" for level in range(1, 10)
+)  # nine nested lists of ten aliases each: 10**9 values
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ("metadata: &m {self: *m}\n", "a.yaml: metadata.self contains itself (a YAML alias inside the node it names)"),
+        (
+            "metadata:\n  l0: &l0 [lol]\n" + LAUGHS,
+            "a.yaml: definition expands to more than 1,000,000 values (at metadata.",
+        ),
+    ],
+    ids=["contains-itself", "billion-laughs"],
+)
+def test_a_definition_whose_yaml_aliases_no_json_can_hold_is_named_within_bounds(db, tmp_path, document, message):
+    """A definition file is read as a spec is: an alias inside the node it names was told as
+    "infinity and NaN are not allowed", and a few hundred bytes of aliases were expanded whole
+    (gigabytes, minutes, then a MemoryError's traceback)."""
+    (tmp_path / "a.yaml").write_text(
+        "id: a\nname: A\nexecutor: python\nentrypoint: orchestration.runtime.builtin.echo\n" + document
+    )
+    started = time.monotonic()
+    with pytest.raises(CommandError, match="invalid agent definitions") as info:
+        sync(tmp_path)
+    assert message in str(info.value)
+    assert time.monotonic() - started < 30, "stopped at the limit, not after expanding every alias"
+    assert not Agent.objects.filter(pk="a").exists()
+
+
 @pytest.mark.parametrize("url", ["ftp://svc/", "https://u:p@svc/", "https:///run", "http://[::1/run"])
 def test_a_definition_url_is_refused_with_the_request_time_policys_own_words(db, tmp_path, url):
     (tmp_path / "a.json").write_text(json.dumps({**ECHO, "executor": "http", "url": url}))
@@ -144,7 +176,19 @@ def test_a_missing_directory_is_named(db, tmp_path):
         sync(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:9/run", "http://localhost:11434/v1", "http://[fd00::1]/"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/run",
+        "http://localhost:11434/v1",
+        "http://[fd00::1]/",
+        # 127.0.0.1 in the forms the resolver reads without asking DNS (inet_aton's)
+        "http://2130706433:9/run",
+        "http://127.1:9/run",
+        "http://0x7f.1/",
+        "http://017700000001/",
+    ],
+)
 def test_a_definition_url_at_an_address_every_request_would_refuse_is_refused(db, tmp_path, settings, url):
     """As through the API and the console: the agent would fail every task, saying this."""
     settings.AGENT_HTTP_ALLOW_PRIVATE = False

@@ -359,6 +359,24 @@ def test_a_yaml_spec_whose_aliases_expand_it_past_the_limit_is_refused(db, tmp_p
     assert Workflow.objects.count() == 0
 
 
+def test_a_yaml_spec_whose_aliases_repeat_a_long_text_past_the_limit_is_refused(db, tmp_path):
+    """Few values, much text: a thousand aliases of one string of 100 000 characters are a
+    100 kB file and 10**8 characters of JSON (ten thousand aliases of 200 000, 200 kB of YAML:
+    2 GB, and a MemoryError). The count of values stops far below its limit; the text's stops
+    at SPEC_MAX_TEXT_CHARS, naming it, before anything is encoded or stored."""
+    from orchestration.services.specs import SPEC_MAX_TEXT_CHARS
+
+    lines = ["name: x", "metadata:", f"  l0: &l0 {'x' * 100_000}"]
+    for level in range(1, 4):
+        lines.append(f"  l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 10)}]")
+    lines.append("tasks: [{name: a, agent: echo}]")
+    path = tmp_path / "long.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CommandError, match=f"spec expands to more than {SPEC_MAX_TEXT_CHARS:,} characters of text"):
+        call_command("submit_workflow", str(path), stdout=io.StringIO())
+    assert Workflow.objects.count() == 0
+
+
 def test_a_yaml_key_that_is_not_text_is_an_unknown_field_not_a_traceback(db):
     """A YAML mapping may have numbers as keys: sorting the unknown fields, named and numbered,
     raised a TypeError."""
