@@ -30,6 +30,12 @@ from orchestration.services.progress import (
 )
 from orchestration.services.specs import WorkflowSpec, spec_validate
 
+# The parsers read a document as deeply nested as the recursion limit lets them where they
+# run; the encoders that compare and store it recurse once per level too, deeper in the
+# caller's stack (a request's), and may not reach its bottom: a body nested 900 levels deep was
+# read by the API and then a RecursionError, a 500.
+SPEC_TOO_DEEP = "spec is nested too deeply to store (nest its values less deeply)"
+
 
 def workflow_submit(
     *, spec: dict[str, Any] | WorkflowSpec, owner: Any = None, initiator: str = ""
@@ -37,7 +43,15 @@ def workflow_submit(
     """Validate and store a workflow with its tasks and first events, and queue its root
     tasks after commit. Returns (workflow, created); the same idempotency key from the same
     owner with the same spec returns the workflow stored first, with created False, and with
-    another spec raises IdempotencyKeyReused (that spec would not run)."""
+    another spec raises IdempotencyKeyReused (that spec would not run). A spec nested too
+    deeply to encode is a SpecError, nothing stored (its transaction rolled back)."""
+    try:
+        return _workflow_submit(spec=spec, owner=owner, initiator=initiator)
+    except RecursionError:
+        raise SpecError([SPEC_TOO_DEEP]) from None
+
+
+def _workflow_submit(*, spec: dict[str, Any] | WorkflowSpec, owner: Any, initiator: str) -> tuple[Workflow, bool]:
     validated = spec if isinstance(spec, WorkflowSpec) else spec_validate(spec)
     if validated.idempotency_key:
         existing = _idempotent_replay(validated, owner=owner)
@@ -69,16 +83,21 @@ def spec_canonical(spec: Any) -> str:
 
 
 def workflow_spec_is(workflow: Workflow, spec: dict[str, Any]) -> bool:
-    """Whether `workflow` was submitted with this spec (as submitted, a JSON document)."""
-    body = json.loads(spec_canonical(spec))
-    if connections[Workflow.objects.db].vendor == "postgresql":
-        # Compared by jsonb's equality: the stored spec went through jsonb, which rewrites
-        # numbers (1e16 comes back as 10000000000000000, -0.0 as 0.0), so comparing texts
-        # would refuse a retry of the very same body.
-        return Workflow.objects.filter(pk=workflow.pk, spec=body).exists()
-    # SQLite keeps the text as written (its JSON equality is a text comparison, in whatever
-    # key order the body came in): the canonical texts are compared.
-    return spec_canonical(workflow.spec) == spec_canonical(body)
+    """Whether `workflow` was submitted with this spec (as submitted, a JSON document). A spec
+    nested too deeply to encode (see SPEC_TOO_DEEP) is a SpecError: the API compares a body
+    with the spec stored under its Idempotency-Key before it validates it."""
+    try:
+        body = json.loads(spec_canonical(spec))
+        if connections[Workflow.objects.db].vendor == "postgresql":
+            # Compared by jsonb's equality: the stored spec went through jsonb, which rewrites
+            # numbers (1e16 comes back as 10000000000000000, -0.0 as 0.0), so comparing texts
+            # would refuse a retry of the very same body.
+            return Workflow.objects.filter(pk=workflow.pk, spec=body).exists()
+        # SQLite keeps the text as written (its JSON equality is a text comparison, in whatever
+        # key order the body came in): the canonical texts are compared.
+        return spec_canonical(workflow.spec) == spec_canonical(body)
+    except RecursionError:
+        raise SpecError([SPEC_TOO_DEEP]) from None
 
 
 def _workflow_store(spec: WorkflowSpec, *, owner: Any, initiator: str) -> Workflow:

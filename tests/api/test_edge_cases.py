@@ -59,6 +59,29 @@ def test_a_deeply_nested_json_body_is_a_400_not_a_500(callers):
     assert Workflow.objects.count() == 0
 
 
+@pytest.mark.parametrize("replay", [False, True], ids=["new", "key-in-use"])
+def test_a_json_body_the_parser_reads_but_too_deep_to_store_is_a_400(callers, replay):
+    """A body 900 levels deep is within the parser's reach but not the encoder's, deeper in
+    the request's stack: storing it, or comparing it with the spec stored under its
+    Idempotency-Key, raised a RecursionError (a 500). Refused, nothing stored, and the next
+    request is served."""
+    dev = callers["developer"].client
+    headers = {"HTTP_IDEMPOTENCY_KEY": "deep"} if replay else {}
+    if replay:
+        assert dev.post("/api/v1/workflows/", SPEC, format="json", **headers).status_code == 201
+    depth = 900
+    body = '{"name": "deep", "tasks": [{"name": "a", "agent": "echo", "input": {"x": %s}}]}'
+    response = dev.post(
+        "/api/v1/workflows/", body % ("[" * depth + "]" * depth), content_type="application/json", **headers
+    )
+    assert response.status_code == 400, response.content
+    assert response["Content-Type"] == "application/problem+json"
+    detail = response.json()["errors"][0]["detail"]
+    assert "nested too deep" in detail, detail
+    assert Workflow.objects.count() == (1 if replay else 0)
+    assert dev.post("/api/v1/workflows/", body % "[[]]", content_type="application/json").status_code == 201
+
+
 # --- 3. more query parameters than DATA_UPLOAD_MAX_NUMBER_FIELDS is a 500 -----------------
 
 
