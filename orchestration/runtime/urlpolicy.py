@@ -115,7 +115,9 @@ def url_check(url: str, *, always_allowed_hosts: Iterable[str] = (), resolve: bo
         # httpx takes any number; 0 would be checked here as the scheme's default port
         raise PermanentError(f"agent URL {url!r} refused: port {parsed.port} is not a port number (1 to 65535)")
     if not resolve:
-        if hostname == "localhost":  # a loopback address wherever it is looked up (RFC 6761)
+        # `localhost` and every name under it: a loopback address wherever it is looked up
+        # (RFC 6761; glibc's resolver and systemd-resolved answer 127.0.0.1 for `x.localhost`).
+        if hostname == "localhost" or hostname.endswith(".localhost"):
             _address_check(url, hostname, ["127.0.0.1"], literal=True)
         elif (address := _numeric_host(hostname)) is not None:  # else a name: resolved at request time
             _address_check(url, hostname, [str(address)], literal=True)

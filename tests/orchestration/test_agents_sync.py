@@ -181,6 +181,7 @@ def test_a_missing_directory_is_named(db, tmp_path):
     [
         "http://127.0.0.1:9/run",
         "http://localhost:11434/v1",
+        "http://agent.localhost:8080/run",  # every name under localhost (RFC 6761)
         "http://[fd00::1]/",
         # 127.0.0.1 in the forms the resolver reads without asking DNS (inet_aton's)
         "http://2130706433:9/run",
