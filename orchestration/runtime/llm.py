@@ -10,7 +10,8 @@ it is never stored, logged or put in an error message (answers quoted in errors 
 redacted). Tool calling: the tools of the agent's definition (config.tools, see tools.py)
 are offered to the model, run when it calls them (each call recorded) and their results
 sent back, up to LLM_MAX_TOOL_ROUNDS rounds of at most LLM_MAX_TOOL_CALLS_PER_ANSWER calls
-each (an answer with more fails the attempt, none of its calls run); tools given in
+each (an answer with more fails the attempt, none of its calls run, as does one cut off at the
+output token limit while it calls tools); tools given in
 `input["tools"]` are offered too, but a call of one of those ends the attempt with the calls
 in the output, for the caller to run. In a conversation the thread's history is sent instead of the input.
 """
@@ -43,6 +44,12 @@ ANTHROPIC_DEFAULT_BASE = "https://api.anthropic.com"
 ANTHROPIC_VERSION = "2023-06-01"
 ANTHROPIC_DEFAULT_MAX_TOKENS = 1024
 OPENAI_COMPATIBLE = {"", "openai", "openai-compatible", "ollama", "vllm", "lmstudio", "lm-studio"}
+# OpenAI's reasoning models (o1, o3-mini, o4-mini, gpt-5, ...) refuse max_tokens with a 400
+# ("Use 'max_completion_tokens' instead"): their limit also bounds the reasoning tokens.
+OPENAI_REASONING_MODEL = re.compile(r"^(o[1-9]|gpt-5)")
+# Why an answer stopped when the model's output ran into its token limit (OpenAI's "length",
+# Anthropic's "max_tokens", or its context window): a tool call in it may be cut off.
+TRUNCATED_FINISH_REASONS = {"length", "max_tokens", "model_context_window_exceeded"}
 # \Z, not $: "$" also matches before a trailing newline ("OPENAI_API_KEY\n" would pass).
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 CONVENTIONAL_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*\Z")
@@ -202,18 +209,36 @@ def _tokens(mapping: dict[str, Any], key: str, what: str, *, strict: bool) -> in
     return value
 
 
-def _usage(reply: Reply, body: Any, keys: tuple[str, str], *, model: str, fallback_model: str, what: str) -> Usage:
-    """The usage the provider reported (an error answer's malformed usage counts as none)."""
+def _usage(reply: Reply, body: Any, *, anthropic: bool, model: str, fallback_model: str, what: str) -> Usage:
+    """The usage the provider reported (an error answer's malformed usage counts as none),
+    every prompt token counted as input and those its prompt cache served or stored priced
+    as it bills them."""
     usage = body.get("usage") if isinstance(body, dict) else None
     if not isinstance(usage, dict):
         return Usage()
     strict = 200 <= reply.status < 300
-    input_tokens = _tokens(usage, keys[0], what, strict=strict)
-    output_tokens = _tokens(usage, keys[1], what, strict=strict)
+    if anthropic:
+        # Anthropic's input_tokens leaves out the prompt tokens read from its cache and those
+        # written to it: each is reported (and billed, at its own rate) beside it.
+        written = _tokens(usage, "cache_creation_input_tokens", what, strict=strict)
+        cached = _tokens(usage, "cache_read_input_tokens", what, strict=strict)
+        input_tokens = _tokens(usage, "input_tokens", what, strict=strict) + written + cached
+        output_tokens = _tokens(usage, "output_tokens", what, strict=strict)
+    else:
+        # OpenAI caches long prompts by itself: prompt_tokens includes the tokens its cache
+        # served, billed at the cached-input price. (Reasoning tokens are part of
+        # completion_tokens, billed as output.)
+        input_tokens = _tokens(usage, "prompt_tokens", what, strict=strict)
+        output_tokens = _tokens(usage, "completion_tokens", what, strict=strict)
+        details = usage.get("prompt_tokens_details")
+        # A detail, not a count of its own: unreadable, those tokens are priced as input.
+        cached = _tokens(details, "cached_tokens", what, strict=False) if isinstance(details, dict) else 0
+        written = 0
     # Providers answer with a dated snapshot name ("gpt-4o-mini-2024-07-18"); the table
     # lists the common ones as aliases, else the requested model's price applies.
     priced = model if pricing.is_priced(model) else fallback_model
-    return Usage(input_tokens, output_tokens, pricing.cost_usd(priced, input_tokens, output_tokens))
+    cost = pricing.cost_usd(priced, input_tokens, output_tokens, cached_input_tokens=cached, cache_write_tokens=written)
+    return Usage(input_tokens, output_tokens, cost)
 
 
 def _body(reply: Reply) -> Any:
@@ -275,16 +300,15 @@ def _openai_turn(
     if agent.temperature is not None:
         payload["temperature"] = agent.temperature
     if agent.max_tokens:
-        payload["max_tokens"] = agent.max_tokens
+        limit_key = "max_completion_tokens" if OPENAI_REASONING_MODEL.match(agent.model) else "max_tokens"
+        payload[limit_key] = agent.max_tokens
     if tools:
         payload["tools"] = tools
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     reply = _send(agent, url, payload, headers, context, keyed=bool(key))
     body = _body(reply)
     model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else agent.model
-    usage = _usage(
-        reply, body, ("prompt_tokens", "completion_tokens"), model=model, fallback_model=agent.model, what=what
-    )
+    usage = _usage(reply, body, anthropic=False, model=model, fallback_model=agent.model, what=what)
     if (error := status_error(reply, what=what, redact=[key or ""])) is not None:
         if reply.status == 429 and _openai_error_code(body) == "insufficient_quota":
             # OpenAI's "exceeded your current quota": a 429 that billing ends, not waiting.
@@ -410,8 +434,7 @@ def _anthropic_turn(
     reply = _send(agent, url, payload, headers, context, keyed=True)
     body = _body(reply)
     model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else agent.model
-    # Prompt-cache token fields are not read: this executor never asks for caching.
-    usage = _usage(reply, body, ("input_tokens", "output_tokens"), model=model, fallback_model=agent.model, what=what)
+    usage = _usage(reply, body, anthropic=True, model=model, fallback_model=agent.model, what=what)
     if (error := status_error(reply, what=what, redact=[key or ""])) is not None:
         raise with_usage(error, usage)
     if body is None:
@@ -484,6 +507,22 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
                 PermanentError(
                     f"agent {agent.id!r}: the model's answer calls {len(calls)} tools at once, more than "
                     f"LLM_MAX_TOOL_CALLS_PER_ANSWER ({settings.LLM_MAX_TOOL_CALLS_PER_ANSWER}); none of them was run"
+                ),
+                total,
+            )
+        if calls and isinstance(answer.finish_reason, str) and answer.finish_reason in TRUNCATED_FINISH_REASONS:
+            # The model was stopped while it wrote its calls: the last one's arguments are cut
+            # (OpenAI: JSON that ends mid-way; Anthropic: an input missing what it had not
+            # written yet). Run, or told to the model as an error, it would be asked again
+            # round after round under the same limit, each round paid for.
+            anthropic = (agent.provider or "").lower() == "anthropic"
+            sent = agent.max_tokens or (ANTHROPIC_DEFAULT_MAX_TOKENS if anthropic else None)
+            limit = f" ({sent})" if sent else ""
+            raise with_usage(
+                PermanentError(
+                    f"agent {agent.id!r}: the model's answer was cut off at its output token limit{limit} "
+                    f"(finish_reason {answer.finish_reason!r}) while it called tools; none of them was run: "
+                    "raise the agent's max_tokens"
                 ),
                 total,
             )

@@ -33,10 +33,14 @@ WARNED_MODELS_MAX = 64
 
 @dataclass(frozen=True)
 class Price:
-    """USD per million input and output tokens."""
+    """USD per million input and output tokens; and, where the provider bills them otherwise,
+    per million input tokens read from its prompt cache and written to it (None: at the
+    input price)."""
 
     input_per_million: Decimal
     output_per_million: Decimal
+    cached_input_per_million: Decimal | None = None
+    cache_write_per_million: Decimal | None = None
 
 
 def _decimal(value: Any, where: str) -> Decimal:
@@ -60,13 +64,22 @@ def parse_price_table(data: Any, *, source: str) -> dict[str, Price]:
         where = f"{source}: models.{model}"
         if not isinstance(entry, dict):
             raise ImproperlyConfigured(f"{where}: must be an object with 'input' and 'output'")
-        unknown = set(entry) - {"input", "output", "aliases"}
+        unknown = set(entry) - {"input", "output", "cached_input", "cache_write", "aliases"}
         if unknown:
             raise ImproperlyConfigured(f"{where}: unknown keys {sorted(unknown)}")
         for key in ("input", "output"):
             if key not in entry:
                 raise ImproperlyConfigured(f"{where}: '{key}' is required (USD per million tokens)")
-        price = Price(_decimal(entry["input"], f"{where}.input"), _decimal(entry["output"], f"{where}.output"))
+        cache_rates = {
+            key: _decimal(entry[key], f"{where}.{key}") if key in entry else None
+            for key in ("cached_input", "cache_write")
+        }
+        price = Price(
+            _decimal(entry["input"], f"{where}.input"),
+            _decimal(entry["output"], f"{where}.output"),
+            cache_rates["cached_input"],
+            cache_rates["cache_write"],
+        )
         aliases = entry.get("aliases", [])
         if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
             raise ImproperlyConfigured(f"{where}.aliases: must be a list of model names")
@@ -91,10 +104,20 @@ def is_priced(model: str | None) -> bool:
     return bool(model) and model in price_table()
 
 
-def cost_usd(model: str | None, input_tokens: int, output_tokens: int) -> Decimal:
-    """Cost in USD, quantized to 6 decimal places. An unknown model costs 0 and is logged
-    once per process and model, for the first WARNED_MODELS_MAX models (a missing price must
-    be noticed, not fail the task)."""
+def cost_usd(
+    model: str | None,
+    input_tokens: int,
+    output_tokens: int,
+    *,
+    cached_input_tokens: int = 0,
+    cache_write_tokens: int = 0,
+) -> Decimal:
+    """Cost in USD, quantized to 6 decimal places. `input_tokens` counts every input token,
+    those of them the provider's prompt cache served (`cached_input_tokens`) or stored
+    (`cache_write_tokens`) included: these are priced at the model's cached_input and
+    cache_write prices when it lists them. An unknown model costs 0 and is logged once per
+    process and model, for the first WARNED_MODELS_MAX models (a missing price must be
+    noticed, not fail the task)."""
     price = price_table().get(model or "")
     if price is None:
         if model:
@@ -105,5 +128,14 @@ def cost_usd(model: str | None, input_tokens: int, output_tokens: int) -> Decima
             if first:
                 logger.warning("no price for model %r in %s: its tokens are recorded at cost 0", model, PRICES_PATH)
         return Decimal(0).quantize(COST_QUANTUM)
-    cost = (input_tokens * price.input_per_million + output_tokens * price.output_per_million) / MILLION
+    cached = min(cached_input_tokens, input_tokens)
+    written = min(cache_write_tokens, input_tokens - cached)
+    cached_rate = price.cached_input_per_million
+    write_rate = price.cache_write_per_million
+    cost = (
+        (input_tokens - cached - written) * price.input_per_million
+        + cached * (price.input_per_million if cached_rate is None else cached_rate)
+        + written * (price.input_per_million if write_rate is None else write_rate)
+        + output_tokens * price.output_per_million
+    ) / MILLION
     return cost.quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)

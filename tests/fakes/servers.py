@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -171,7 +172,9 @@ def _openai_error(message: str, kind: str, code: str | None = None) -> dict[str,
 class OpenAIServer(FakeServer):
     """An OpenAI-compatible server: POST /v1/chat/completions with a Bearer key (base URL
     `{url}/v1`). Answers a chat.completion object with usage; with `tool_call` set and tools
-    in the request, answers a call of the first tool instead of text."""
+    in the request, answers a call of the first tool instead of text. As OpenAI's, its usage
+    details the prompt tokens its cache served (`cached_tokens`, part of prompt_tokens) and
+    the reasoning tokens (`reasoning_tokens`, part of completion_tokens)."""
 
     def __init__(
         self,
@@ -179,6 +182,8 @@ class OpenAIServer(FakeServer):
         api_key: str | None = "sk-test",
         prompt_tokens: int = 1200,
         completion_tokens: int = 350,
+        cached_tokens: int = 0,
+        reasoning_tokens: int = 0,
         model_suffix: str = "",
         tool_call: dict[str, Any] | None = None,
         host: str = "127.0.0.1",
@@ -188,6 +193,8 @@ class OpenAIServer(FakeServer):
         self.api_key = api_key
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
+        self.cached_tokens = cached_tokens
+        self.reasoning_tokens = reasoning_tokens
         self.model_suffix = model_suffix
         self.tool_call = tool_call
 
@@ -207,6 +214,14 @@ class OpenAIServer(FakeServer):
         body = request.body
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return 400, _openai_error("you must provide a model parameter", "invalid_request_error")
+        if body.get("max_tokens") is not None and re.match(r"o[1-9]|gpt-5", body["model"]):
+            # OpenAI's reasoning models take max_completion_tokens only.
+            return 400, _openai_error(
+                "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                "Use 'max_completion_tokens' instead.",
+                "invalid_request_error",
+                "unsupported_parameter",
+            )
         messages = body.get("messages")
         if (
             not isinstance(messages, list)
@@ -248,6 +263,13 @@ class OpenAIServer(FakeServer):
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens, "audio_tokens": 0},
+                "completion_tokens_details": {
+                    "reasoning_tokens": self.reasoning_tokens,
+                    "audio_tokens": 0,
+                    "accepted_prediction_tokens": 0,
+                    "rejected_prediction_tokens": 0,
+                },
             },
             "system_fingerprint": "fp_test",
         }
@@ -258,7 +280,10 @@ def _anthropic_error(kind: str, message: str) -> dict[str, Any]:
 
 
 class AnthropicServer(FakeServer):
-    """The Anthropic messages API: POST /v1/messages with x-api-key and anthropic-version."""
+    """The Anthropic messages API: POST /v1/messages with x-api-key and anthropic-version.
+    As Anthropic's, its usage reports the prompt tokens written to its cache
+    (`cache_write_tokens`) and read from it (`cache_read_tokens`) beside input_tokens, which
+    leaves them out."""
 
     def __init__(
         self,
@@ -266,12 +291,16 @@ class AnthropicServer(FakeServer):
         api_key: str = "sk-ant-test",
         input_tokens: int = 2000,
         output_tokens: int = 500,
+        cache_write_tokens: int = 0,
+        cache_read_tokens: int = 0,
         tool_call: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.api_key = api_key
         self.input_tokens = input_tokens
         self.output_tokens = output_tokens
+        self.cache_write_tokens = cache_write_tokens
+        self.cache_read_tokens = cache_read_tokens
         self.tool_call = tool_call
 
     def answer(self, request: Recorded) -> tuple[int, Any]:
@@ -322,7 +351,17 @@ class AnthropicServer(FakeServer):
             "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": None,
-            "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens},
+            "usage": {
+                "input_tokens": self.input_tokens,
+                "cache_creation_input_tokens": self.cache_write_tokens,
+                "cache_read_input_tokens": self.cache_read_tokens,
+                "cache_creation": {
+                    "ephemeral_5m_input_tokens": self.cache_write_tokens,
+                    "ephemeral_1h_input_tokens": 0,
+                },
+                "output_tokens": self.output_tokens,
+                "service_tier": "standard",
+            },
         }
 
 

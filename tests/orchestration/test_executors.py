@@ -408,6 +408,33 @@ def test_openai_dated_model_name_is_priced(local_net, openai, monkeypatch, suffi
     assert result.usage.cost_usd == Decimal(cost)
 
 
+def test_openai_prompt_tokens_its_cache_served_are_priced_at_the_cached_input_price(local_net, openai, monkeypatch):
+    """OpenAI caches long prompts by itself: prompt_tokens includes the tokens its cache served
+    (prompt_tokens_details.cached_tokens), billed at half gpt-4o's input price. Reasoning
+    tokens are part of completion_tokens, not added to them."""
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
+    openai.prompt_tokens, openai.cached_tokens = 10_000, 8_192
+    openai.completion_tokens, openai.reasoning_tokens = 100, 60
+    openai.model_suffix = "-2024-08-06"
+    agent = llm_agent(openai.base_url, model="gpt-4o")
+    result = agent_execute(agent=agent, task_input={"prompt": "x"}, context=ctx())
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (10_000, 100)
+    # 1808 x $2.50 + 8192 x $1.25 + 100 x $10 per million (all 10,000 at $2.50: $0.026000)
+    assert result.usage.cost_usd == Decimal("0.015760")
+
+
+def test_openai_reasoning_model_is_sent_max_tokens_as_max_completion_tokens(local_net, openai, monkeypatch):
+    """o3-mini (in the price table) refuses max_tokens with a 400: the agent's max_tokens is
+    sent as max_completion_tokens, which also bounds the reasoning tokens."""
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
+    openai.completion_tokens, openai.reasoning_tokens = 350, 300
+    agent = llm_agent(openai.base_url, model="o3-mini", temperature=None)
+    result = agent_execute(agent=agent, task_input={"prompt": "x"}, context=ctx())
+    body = openai.requests[0].body
+    assert body["max_completion_tokens"] == 400 and "max_tokens" not in body
+    assert result.usage.cost_usd == Decimal("0.002860")  # 1200 x $1.10 + 350 x $4.40 per million
+
+
 def test_openai_tools_are_passed_through_and_tool_calls_returned(local_net, openai, monkeypatch):
     monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     openai.tool_call = {"city": "Oslo"}
@@ -751,6 +778,19 @@ def test_anthropic_overloaded_is_retryable(local_net, anthropic, monkeypatch):
         agent_execute(agent=agent, task_input={"prompt": "x"}, context=ctx())
 
 
+def test_anthropic_cache_tokens_are_input_tokens_priced_at_the_cache_prices(local_net, anthropic, monkeypatch):
+    """Anthropic's input_tokens leaves out the prompt tokens written to its cache and read from
+    it: they are reported beside it, billed at 1.25 and 0.1 times the input price."""
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
+    anthropic.input_tokens, anthropic.output_tokens = 50, 100
+    anthropic.cache_write_tokens, anthropic.cache_read_tokens = 2_000, 8_000
+    agent = llm_agent(anthropic.url, provider="anthropic", model="claude-sonnet-4-20250514")
+    result = agent_execute(agent=agent, task_input={"prompt": "x"}, context=ctx())
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (10_050, 100)
+    # 50 x $3 + 2000 x $3.75 + 8000 x $0.30 + 100 x $15 per million
+    assert result.usage.cost_usd == Decimal("0.011550")
+
+
 # --- price table ----------------------------------------------------------------------
 
 
@@ -760,6 +800,12 @@ def test_price_table_prices_the_listed_models():
     assert pricing.cost_usd("llama3:8b", 50_000, 50_000) == Decimal("0.000000")
     assert pricing.cost_usd("gpt-4o-mini", 3, 0) == Decimal("0.000000")  # 0.00000045 rounds to 0
     assert pricing.cost_usd("gpt-4o-mini", 4, 0) == Decimal("0.000001")  # 0.0000006 rounds up
+    # Cache tokens are part of the input; a model without cache prices bills them as input.
+    assert pricing.cost_usd("gpt-4o", 1_000_000, 0, cached_input_tokens=400_000) == Decimal("2.000000")
+    assert pricing.cost_usd(
+        "claude-opus-4-20250514", 3_000_000, 0, cached_input_tokens=1_000_000, cache_write_tokens=1_000_000
+    ) == Decimal("35.250000")
+    assert pricing.cost_usd("llama3:8b", 10, 0, cached_input_tokens=10) == Decimal("0.000000")
 
 
 @pytest.mark.parametrize(
@@ -769,6 +815,7 @@ def test_price_table_prices_the_listed_models():
         ({"models": {"m": {"input": "-1", "output": "1"}}}, r"models\.m\.input: must be a non-negative"),
         ({"models": {"m": {"input": "cheap", "output": "1"}}}, r"models\.m\.input: 'cheap' is not a number"),
         ({"models": {"m": {"input": True, "output": "1"}}}, r"models\.m\.input"),
+        ({"models": {"m": {"input": 1, "output": 1, "cache_write": "-1"}}}, r"models\.m\.cache_write: must be a"),
         ({"models": {"m": [1, 2]}}, r"models\.m: must be an object"),
         ({"models": {"a": {"input": 1, "output": 1}, "b": {"input": 1, "output": 1, "aliases": ["a"]}}}, "twice"),
         ([], "must be an object with a 'models' object"),

@@ -1,7 +1,7 @@
 """What the agent executors do with the answers they get: too many tool calls in one answer,
-an agent service's error answer that reports what it used, bodies cut mid-way or not JSON,
-empty choices, tool arguments that are not JSON. Tokens and cost recorded are what the fake
-server billed."""
+tool calls cut off at the output token limit, an agent service's error answer that reports
+what it used, bodies cut mid-way or not JSON, empty choices, tool arguments that are not
+JSON, prompt-cache tokens. Tokens and cost recorded are what the fake server billed."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workf
 from orchestration.runtime.executors import agent_execute
 from orchestration.services.workflows import workflow_submit
 from tests.engine import wait_for
-from tests.fakes.servers import AgentService, OpenAIServer, RawServer, Reply
+from tests.fakes.servers import AgentService, AnthropicServer, OpenAIServer, RawServer, Reply
 from tests.orchestration.test_agent_runtime import KEY, run, tool_agent
 from tests.orchestration.test_executors import ctx, http_agent, llm_agent
 
@@ -133,6 +133,112 @@ def test_too_many_calls_of_the_callers_own_tools_are_refused_too(local_net, open
     with pytest.raises(PermanentError, match="calls 4 tools at once") as caught:
         run(tool_agent(openai.base_url), {"prompt": "go", "tools": [lookup]})
     assert caught.value.usage.tokens == 105
+
+
+# --- prompt-cache tokens -------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_tool_loop_records_every_rounds_prompt_cache_tokens_at_their_prices(engine):
+    """Each request of an Anthropic tool loop writes 1000 prompt tokens to the cache and reads
+    4000 from it, reported beside input_tokens (20): all are input, billed at $3.75, $0.30
+    and $3 per million for Sonnet."""
+    with AnthropicServer(
+        api_key=KEY,
+        input_tokens=20,
+        cache_write_tokens=1000,
+        cache_read_tokens=4000,
+        output_tokens=50,
+        tool_call={"expression": "6 * 7"},
+    ) as llm:
+        engine(env={**LOCAL_NET, "AGENT_API_KEY_HOSTS": llm.url, "ANSWERS_LLM_API_KEY": KEY})
+        Agent.objects.create(
+            id="calc-claude",
+            name="Calc",
+            executor=Agent.Executor.LLM,
+            provider="anthropic",
+            url=llm.url,
+            model=SONNET,
+            api_key_env="ANSWERS_LLM_API_KEY",
+            config={"tools": ["calculator"]},
+        )
+        workflow, _ = workflow_submit(
+            spec={"name": "cached", "tasks": [{"name": "calc", "agent": "calc-claude", "input": {"prompt": "6 * 7?"}}]}
+        )
+        workflow = finished(workflow)
+    assert workflow.status == Workflow.Status.COMPLETED
+    assert len(llm.requests) == 2
+    attempt = TaskAttempt.objects.get(execution__workflow=workflow)
+    # per request: 20 x $3 + 1000 x $3.75 + 4000 x $0.30 + 50 x $15 per million = $0.005760
+    assert (attempt.input_tokens, attempt.output_tokens, attempt.cost_usd) == (10_040, 100, Decimal("0.011520"))
+    task = TaskExecution.objects.get(workflow=workflow)
+    assert (task.tokens_used, task.cost_usd) == (10_140, Decimal("0.011520"))
+    assert (workflow.total_tokens_used, workflow.total_cost_usd) == (10_140, Decimal("0.011520"))
+
+
+# --- tool calls cut off at the output token limit ----------------------------------------------
+
+
+def cut_off_call_answer(arguments: str, *, completion_tokens: int) -> dict:
+    """A chat.completion stopped at max_tokens while the model wrote a call's arguments."""
+    body = calls_answer(1, completion_tokens=completion_tokens)
+    body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] = arguments
+    body["choices"][0]["finish_reason"] = "length"
+    return body
+
+
+@pytest.mark.django_db
+def test_an_openai_tool_call_cut_off_at_max_tokens_is_not_run_and_the_model_not_asked_again(local_net, openai):
+    """Asked again under the same max_tokens, the model is cut off again: each round was paid,
+    its call refused, and the attempt failed blaming LLM_MAX_TOOL_ROUNDS."""
+    local_net.LLM_MAX_TOOL_ROUNDS = 3
+    cut = cut_off_call_answer('{"expression": "123456789 * 987654321 + ', completion_tokens=40)
+    openai.script(*[Reply(body=cut) for _ in range(4)])
+    agent = tool_agent(openai.base_url)
+    agent.max_tokens = 40
+    with pytest.raises(
+        PermanentError,
+        match=r"cut off at its output token limit \(40\) \(finish_reason 'length'\) while it called tools; "
+        "none of them was run: raise the agent's max_tokens",
+    ) as caught:
+        run(agent, {"prompt": "go"})
+    assert len(openai.requests) == 1, "the model was not asked again"
+    assert not Event.objects.filter(event_type=EventType.TOOL_EXECUTED).exists()
+    assert (caught.value.usage.input_tokens, caught.value.usage.output_tokens) == (100, 40)
+
+
+@pytest.mark.django_db
+def test_an_anthropic_tool_use_cut_off_at_max_tokens_is_not_run(local_net):
+    """Anthropic answers the tool_use block it was writing, its input short of what the model
+    had not written yet (here all of it)."""
+    cut = {
+        "id": "msg_cut",
+        "type": "message",
+        "role": "assistant",
+        "model": SONNET,
+        "content": [
+            {"type": "text", "text": "I will compute it."},
+            {"type": "tool_use", "id": "toolu_cut", "name": "calculator", "input": {}},
+        ],
+        "stop_reason": "max_tokens",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": 300,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": 1024,
+        },
+    }
+    with AnthropicServer(api_key=KEY) as server:
+        local_net.AGENT_API_KEY_HOSTS = [server.url]
+        server.script(Reply(body=cut))
+        agent = tool_agent(server.url, provider="anthropic", model=SONNET)
+        with pytest.raises(PermanentError, match=r"limit \(1024\) \(finish_reason 'max_tokens'\)") as caught:
+            run(agent, {"prompt": "go"})
+    assert len(server.requests) == 1
+    assert not Event.objects.filter(event_type=EventType.TOOL_EXECUTED).exists()
+    # 300 x $3 + 1024 x $15 per million
+    assert caught.value.usage.cost_usd == Decimal("0.016260")
 
 
 # --- an agent service's error answer that reports usage ---------------------------------------
