@@ -6,7 +6,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from django.db import IntegrityError, connections, transaction
+from django.db import DataError, IntegrityError, connections, transaction
 from django.db.models import F
 from django.db.models.functions import Now
 
@@ -42,9 +42,10 @@ def workflow_submit(
 ) -> tuple[Workflow, bool]:
     """Validate and store a workflow with its tasks and first events, and queue its root
     tasks after commit. Returns (workflow, created); the same idempotency key from the same
-    owner with the same spec returns the workflow stored first, with created False, and with
-    another spec raises IdempotencyKeyReused (that spec would not run). A spec nested too
-    deeply to encode is a SpecError, nothing stored (its transaction rolled back)."""
+    owner with the same spec returns the workflow stored first, with created False (whether or
+    not that spec would validate now), and with another spec raises IdempotencyKeyReused (that
+    spec would not run). A spec nested too deeply to encode is a SpecError, nothing stored (its
+    transaction rolled back)."""
     try:
         return _workflow_submit(spec=spec, owner=owner, initiator=initiator)
     except RecursionError:
@@ -52,7 +53,20 @@ def workflow_submit(
 
 
 def _workflow_submit(*, spec: dict[str, Any] | WorkflowSpec, owner: Any, initiator: str) -> tuple[Workflow, bool]:
-    validated = spec if isinstance(spec, WorkflowSpec) else spec_validate(spec)
+    if isinstance(spec, WorkflowSpec):
+        validated = spec
+    else:
+        try:
+            validated = spec_validate(spec)
+        except SpecError:
+            # The workflow stored under the spec's key was valid when it was stored: the same
+            # spec sent again (a job retried later) returns it, as the API does, rather than
+            # being refused for what changed since (its deadline passed, an agent taken out
+            # of service).
+            existing = _replay_as_sent(spec, owner=owner)
+            if existing is not None:
+                return existing, False
+            raise
     if validated.idempotency_key:
         existing = _idempotent_replay(validated, owner=owner)
         if existing is not None:
@@ -76,6 +90,22 @@ def _idempotent_replay(spec: WorkflowSpec, *, owner: Any) -> Workflow | None:
     if existing is not None and not workflow_spec_is(existing, spec.raw):
         raise IdempotencyKeyReused(spec.idempotency_key or "", existing.workflow_id)
     return existing
+
+
+def _replay_as_sent(spec: dict[str, Any], *, owner: Any) -> Workflow | None:
+    """The workflow the owner stored under the key of `spec`, a spec that did not validate, if
+    it was stored for this very spec; else None (its problems are then named)."""
+    key = spec.get("idempotency_key") if isinstance(spec, dict) else None
+    if not isinstance(key, str) or not key:
+        return None
+    try:
+        with transaction.atomic():
+            existing = Workflow.objects.filter(owner=owner, idempotency_key=key).first()
+            return existing if existing is not None and workflow_spec_is(existing, spec) else None
+    except (DataError, ValueError):
+        # Text PostgreSQL cannot be sent (a NUL character, an unpaired surrogate), in the key
+        # or the spec: no workflow was ever stored for it.
+        return None
 
 
 def spec_canonical(spec: Any) -> str:
@@ -314,11 +344,11 @@ def task_retry(*, execution_id: str, actor: Actor | None = None) -> TaskExecutio
         )
         missing = [name for name in task.depends_on if name not in done]
         if missing:
-            raise SpecError(
-                [
-                    f"task {task.task_name} depends on {', '.join(missing)}, not completed: retry "
-                    f"{'it' if len(missing) == 1 else 'them'} first (or resume the workflow once it has ended)"
-                ]
+            # Refused for the state of the workflow, as every other retry refused (a 409 through
+            # the API): the request itself is valid.
+            raise TransitionError(
+                f"task {task.task_name} depends on {', '.join(missing)}, not completed: retry "
+                f"{'it' if len(missing) == 1 else 'them'} first (or resume the workflow once it has ended)"
             )
         revived = _dependents_to_revive(workflow, task)
         uncancelled = len(revived) + (task.status == TaskExecution.Status.CANCELLED)

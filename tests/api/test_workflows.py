@@ -226,6 +226,29 @@ def test_task_cancel_and_retry(callers, submit):
     assert client.post(f"/api/v1/tasks/{task.pk}/retry/").status_code == 409
 
 
+def test_retrying_a_task_whose_upstream_did_not_complete_is_a_conflict_naming_the_upstream(callers, submit):
+    """The request is valid (it has no body); the task's state refuses it, as every other refused
+    retry: a 409. It was a 400 "Invalid request" whose error named a field `task` that no request
+    has, with the detail cut after that word ("b depends on a, ...")."""
+    client = callers["developer"].client
+    spec = {
+        "name": "branches",
+        "continue_on_failure": True,
+        "tasks": [{"name": "a", "agent": "echo"}, {"name": "b", "agent": "echo", "depends_on": ["a"]}],
+    }
+    workflow_id = submit(callers["developer"], spec).json()["workflow_id"]
+    a, b = (TaskExecution.objects.get(workflow_id=workflow_id, task_name=name) for name in ("a", "b"))
+    assert client.post(f"/api/v1/tasks/{a.pk}/cancel/", format="json").status_code == 200
+    refused = client.post(f"/api/v1/tasks/{b.pk}/retry/")
+    assert refused.status_code == 409, refused.content
+    assert refused["Content-Type"] == PROBLEM
+    assert refused.json()["detail"] == (
+        "task b depends on a, not completed: retry it first (or resume the workflow once it has ended)"
+    )
+    assert "errors" not in refused.json()
+    assert TaskExecution.objects.get(pk=b.pk).status == "cancelled"
+
+
 BODIES_REFUSED = [
     ('{"reason": 5}', "reason", "is not accepted here"),
     ('{"reason": "because"}', "reason", "is not accepted here"),

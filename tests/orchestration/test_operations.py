@@ -24,7 +24,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from config.settings.base import check_visibility_timeout
-from orchestration.errors import SpecError, TransitionError
+from orchestration.errors import TransitionError
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.execution import Claim, Outcome, attempt_claim, attempt_run
 from orchestration.services.reaper import attempts_reap, queued_sweep
@@ -504,7 +504,7 @@ def test_retrying_a_task_whose_upstream_did_not_complete_names_the_upstream(db, 
         continue_on_failure=True,
     )
     task_cancel(execution_id=task(wf, "a").execution_id)
-    with pytest.raises(SpecError, match=r"task b depends on a, not completed: retry it first"):
+    with pytest.raises(TransitionError, match=r"task b depends on a, not completed: retry it first"):
         task_retry(execution_id=task(wf, "b").execution_id)
     task_retry(execution_id=task(wf, "a").execution_id)  # brings b back
     assert _statuses(wf) == {"a": T.QUEUED, "b": T.PENDING, "c": T.QUEUED}

@@ -202,6 +202,36 @@ def test_the_same_idempotency_key_with_another_spec_is_refused_naming_the_first_
     flush_redis()
 
 
+def test_a_spec_sent_again_under_its_key_returns_its_workflow_once_its_deadline_passed_or_its_agent_left(db, tmp_path):
+    """The workflow stored under the key was valid when it was stored: the same spec sent again
+    (a CI job retried an hour later) returns it, as the API does, rather than being refused for
+    what changed since. Before, submit_workflow said "deadline ... is in the past" (or named the
+    agent taken out of service) and stored nothing, exit 1, for a workflow that was there."""
+    from orchestration.db import database_now
+    from orchestration.models import Agent
+
+    deadline = (database_now() + dt.timedelta(seconds=1)).isoformat()
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(
+        f"name: nightly\nidempotency_key: run-7\ndeadline: '{deadline}'\ntasks:\n  - {{name: a, agent: fail}}\n"
+    )
+    call_command("submit_workflow", str(spec_file), stdout=(first := io.StringIO()))
+    stored = first.getvalue().strip()
+    time.sleep(1.2)
+    Agent.objects.filter(pk="fail").update(status="maintenance")
+    call_command("submit_workflow", str(spec_file), stdout=(again := io.StringIO()))
+    assert again.getvalue().strip() == f"{stored} (existing, same idempotency key)"
+    # Another spec under the key is refused as before, for its problems.
+    other = {**spec_parse(spec_file.read_text(), fmt="yaml"), "name": "other"}
+    with pytest.raises(SpecError, match="is in the past"):
+        workflow_submit(spec=other)
+    # A spec no column can hold is never compared with the stored one: its problems are named.
+    with pytest.raises(SpecError, match="NUL"):
+        workflow_submit(spec={**other, "description": "a\x00b"})
+    assert Workflow.objects.count() == 1
+    flush_redis()
+
+
 @pytest.mark.parametrize(
     ("document", "fmt", "problem"),
     [
