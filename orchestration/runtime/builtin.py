@@ -15,7 +15,12 @@ from orchestration.runtime.context import TaskContext
 
 
 def echo(task_input: dict[str, Any], context: TaskContext) -> dict[str, Any]:
-    """Return the input, and the upstream outputs it was given."""
+    """Return the input, and the upstream outputs it was given. In a conversation, the turn's
+    input without the thread's history the runtime adds to it (`messages`): that history holds
+    echo's earlier replies, so each reply echoing it held them all, escaped again, and the
+    thread grew about threefold a turn (megabytes by the twelfth)."""
+    if context.conversation is not None:
+        task_input = {key: value for key, value in task_input.items() if key != "messages"}
     result: dict[str, Any] = {"echo": task_input}
     if context.upstream:
         result["upstream"] = context.upstream

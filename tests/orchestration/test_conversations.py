@@ -140,6 +140,26 @@ def test_llm_conversation_sends_the_whole_thread_and_records_tokens(engine):
     assert "HTTP 500" in error.content and KEY not in error.content
 
 
+@pytest.mark.django_db(transaction=True)
+def test_echo_replies_stay_the_size_of_their_turn_not_of_the_whole_thread(engine):
+    """echo returns its input; the history the runtime adds to a turn's input is the thread,
+    which holds echo's earlier replies: echoed too, each reply held all of them (escaped), and
+    grew about threefold a turn (6 MB by the twelfth)."""
+    engine()
+    echo = Agent.objects.get(pk="echo")
+    turns = []
+    for n in range(6):
+        asked = conversation_message_post(agent=echo, instance_id="t-echo", content=f"hello {n}")
+        assert reply_to(asked).status == TaskExecution.Status.COMPLETED
+        turns.append((asked, AgentPlaygroundMessage.objects.get(execution_id=asked.execution_id, role="assistant")))
+    sizes = [len(answer.content) for _, answer in turns]
+    assert max(sizes) - min(sizes) <= 1, sizes
+    for n, (asked, answer) in enumerate(turns):
+        assert json.loads(answer.content) == {
+            "echo": {"instance_id": "t-echo", "message_id": asked.message_id, "message": f"hello {n}"}
+        }
+
+
 @pytest.mark.django_db
 def test_posting_refuses_bad_input_other_owners_other_agents_and_a_pending_reply(builtin_agents):
     assistant = Agent.objects.get(pk="assistant")
