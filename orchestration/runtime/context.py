@@ -88,6 +88,9 @@ class Conversation:
     """Messages produced by this attempt before the final reply (tool calls and results)."""
     missing: bool = False
     """The user message was deleted (retention) while its reply waited: nothing to answer."""
+    history_from: str | None = None
+    """The message_id of the history's first message: where what the agent was sent began,
+    stored on its turns for the chat export."""
     prompt: dict[str, Any] | None = None
     """What the agent answered with besides the thread, {"system_prompt", "tools"}: set by
     the executor (the llm executor: what it sent), stored as the reply's prompt version."""

@@ -220,23 +220,27 @@ def as_chat_message(message: AgentPlaygroundMessage) -> dict[str, Any]:
     return chat
 
 
-def conversation_history(*, instance_id: str, up_to: AgentPlaygroundMessage) -> list[dict[str, Any]]:
-    """The thread as the agent sees it: messages up to and including `up_to`, without error
-    messages and without messages of attempts that did not succeed, oldest first."""
-    messages = (
+def _history_messages(*, instance_id: str, up_to: AgentPlaygroundMessage) -> list[AgentPlaygroundMessage]:
+    messages = list(
         AgentPlaygroundMessage.objects.filter(instance_id=instance_id, is_error=False)
         .filter(Q(attempt__isnull=True) | Q(attempt__status=TaskAttempt.Status.SUCCEEDED))
         .filter(Q(created_at__lt=up_to.created_at) | Q(created_at=up_to.created_at, message_id__lte=up_to.message_id))
         .order_by("-created_at", "-message_id")[: settings.CONVERSATION_HISTORY_MESSAGES]
     )
-    history = [as_chat_message(m) for m in reversed(list(messages))]
+    messages.reverse()
     # A window starts at a user message: tool replies cut from their call cannot be sent, and
     # a leading assistant turn is refused by Anthropic ("first message must use the user
     # role"); with alternating turns and an even CONVERSATION_HISTORY_MESSAGES (200) every
     # full window would start with one.
-    while history and history[0]["role"] != "user":
-        history.pop(0)
-    return history
+    while messages and messages[0].role != Role.USER:
+        messages.pop(0)
+    return messages
+
+
+def conversation_history(*, instance_id: str, up_to: AgentPlaygroundMessage) -> list[dict[str, Any]]:
+    """The thread as the agent sees it: messages up to and including `up_to`, without error
+    messages and without messages of attempts that did not succeed, oldest first."""
+    return [as_chat_message(m) for m in _history_messages(instance_id=instance_id, up_to=up_to)]
 
 
 def conversation_for_task(task: TaskExecution) -> Conversation | None:
@@ -252,10 +256,12 @@ def conversation_for_task(task: TaskExecution) -> Conversation | None:
     if message is None:
         instance_id = (task.metadata or {}).get("instance_id", "")
         return Conversation(instance_id=instance_id, message_id=str(message_id), history=[], missing=True)
+    history = _history_messages(instance_id=message.instance_id, up_to=message)
     return Conversation(
         instance_id=message.instance_id,
         message_id=message.message_id,
-        history=conversation_history(instance_id=message.instance_id, up_to=message),
+        history=[as_chat_message(m) for m in history],
+        history_from=history[0].message_id if history else None,
     )
 
 
@@ -309,7 +315,11 @@ def conversation_turn_record(
     }
     # What the agent ran with, named on each of its turns (see AgentPromptVersion); none when
     # the attempt failed before the executor set it.
-    version = {"prompt_version": prompt_version_record(conversation.prompt)} if conversation.prompt else {}
+    ran_with = {"prompt_version": prompt_version_record(conversation.prompt)} if conversation.prompt else {}
+    # And where the history it was sent began (CONVERSATION_HISTORY_MESSAGES back, at a user
+    # message): the chat export starts a turn's context there, whatever the setting is later.
+    if conversation.history_from:
+        ran_with["history_from"] = conversation.history_from
     rows = []
     for item in conversation.transcript:
         rows.append(
@@ -318,7 +328,7 @@ def conversation_turn_record(
                 content=item.get("content") or "",
                 tool_calls=item.get("tool_calls"),
                 tool_call_id=item.get("tool_call_id"),
-                metadata=dict(version) if item["role"] == Role.ASSISTANT else {},
+                metadata=dict(ran_with) if item["role"] == Role.ASSISTANT else {},
                 **common,
             )
         )
@@ -332,7 +342,7 @@ def conversation_turn_record(
         metadata={
             "cost_usd": str(usage.cost_usd),
             **({"model": output["model"]} if output and "model" in output else {}),
-            **version,
+            **ran_with,
         },
         **common,
     )

@@ -463,3 +463,26 @@ def test_a_lone_surrogate_escaped_in_json_text_is_written_escaped_not_failing_th
     assert json.loads(first["messages"][2]["tool_calls"][0]["function"]["arguments"]) == {"expression": "\ud83d"}
     assert first["messages"][2]["tool_calls"][0]["function"]["arguments"] == '{"expression":"\\ud83d"}'
     assert json.loads(second["messages"][1]["content"]) == {"password": "[REDACTED]", "q": "\udc00"}
+
+
+def test_a_long_threads_example_holds_the_history_its_trained_turn_was_sent_not_the_whole_thread(db, out, settings):
+    """The agent is sent the last CONVERSATION_HISTORY_MESSAGES of its thread; the example
+    training its answer must hold that context, not every message the thread ever had (which
+    the model never saw, and which every later day's file would repeat, growing without end)."""
+    from orchestration.services.conversations import conversation_history
+
+    settings.CONVERSATION_HISTORY_MESSAGES = 4
+    agent = AgentFactory(system_prompt="")
+    earlier = []
+    for n in range(1, 6):
+        earlier += [{"role": "user", "content": f"q{n}"}, {"role": "assistant", "content": f"a{n}"}]
+    thread("t-long", agent, earlier, at=T0 - dt.timedelta(days=1))
+    thread("t-long", agent, [{"role": "user", "content": "q6"}, {"role": "assistant", "content": "a6"}])
+
+    export_run(data_type="conversations", start_date=DAY, end_date=DAY)
+    (example,) = exported(out)
+    question = AgentPlaygroundMessage.objects.get(instance_id="t-long", content="q6")
+    sent = conversation_history(instance_id="t-long", up_to=question)
+    assert [m["content"] for m in sent] == ["q5", "a5", "q6"]
+    assert [m["content"] for m in example["messages"]] == ["q5", "a5", "q6", "a6"]
+    assert [m.get("weight") for m in example["messages"] if m["role"] == "assistant"] == [0, 1]

@@ -223,3 +223,32 @@ def test_concurrent_records_of_one_version_do_not_fail():
     assert errors == []
     assert len(set(keys)) == 1 and len(keys) == 2
     assert AgentPromptVersion.objects.get().system_prompt == "Shared."
+
+
+@pytest.mark.django_db
+def test_a_long_threads_example_starts_where_the_history_its_turn_was_sent_began(llm, out, settings):
+    """The example of a turn holds the context the model was sent (the last
+    CONVERSATION_HISTORY_MESSAGES, as the turn recorded it), not the whole thread, whatever
+    the setting says when the export runs."""
+    settings.CONVERSATION_HISTORY_MESSAGES = 6
+    agent = llm_agent(llm.base_url)
+    reply(agent, "t-long", "one")
+    reply(agent, "t-long", "two")
+    move_to_window("t-long")
+    day_before = F("created_at") - dt.timedelta(days=1)
+    AgentPlaygroundMessage.objects.filter(instance_id="t-long").update(created_at=day_before)
+    reply(agent, "t-long", "three")
+    AgentPlaygroundMessage.objects.filter(instance_id="t-long", created_at__gt=T0).update(
+        created_at=F("created_at") - (AgentPlaygroundMessage.objects.get(content="three").created_at - T0)
+    )
+    sent = llm.requests[-2].body["messages"]  # the first request of the third turn
+    assert [m["content"] for m in sent if m["role"] == "user"] == ["two", "three"]
+
+    settings.CONVERSATION_HISTORY_MESSAGES = 200  # changed since: the turn's record decides
+    [example] = examples(export_run(data_type="conversations", start_date=DAY, end_date=DAY))
+    chat_example_validate(example)
+    assert [(m["role"], m.get("content")) for m in example["messages"][: len(sent)]] == [
+        (m["role"], m["content"]) for m in sent
+    ]
+    assert [m["content"] for m in example["messages"] if m["role"] == "user"] == ["two", "three"]
+    assert [m["weight"] for m in example["messages"] if m["role"] == "assistant"] == [0, 0, 1, 1]

@@ -30,7 +30,9 @@ of the keys file (`KEYS_FILE`, `example_keys`), in the same order as the example
 
 A thread is exported with its history up to the window end, trimmed to its last final
 assistant answer (an assistant message without tool calls): anything after it has no
-training target. Assistant turns answered before the window's start (followed by an answer
+training target. It starts where the history sent to the agent for the first turn it trains
+started (CONVERSATION_HISTORY_MESSAGES, as the turn recorded it): the model never saw what
+came before. Assistant turns answered before the window's start (followed by an answer
 written before it) are in the example as context with weight 0: the file of the window of that
 answer, which ends there, trains them, so the files of consecutive windows train each turn
 once (a tool call of 23:59:58 answered after midnight is the next day's to train); a
@@ -48,6 +50,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from itertools import groupby
 from typing import Any
+
+from django.conf import settings
 
 from orchestration.models import AgentPlaygroundMessage, AgentPromptVersion, TaskAttempt
 from orchestration.runtime.tools import registry as tool_registry
@@ -77,6 +81,7 @@ _COLUMNS = (
     "metadata__prompt_version",
     "execution_id",
     "attempt__attempt_number",
+    "metadata__history_from",
 )
 
 
@@ -553,7 +558,12 @@ def conversation_example(
     sources: list[dict[str, Any]] = []  # of each message: the row it came from (`example_keys`)
     versions: list[str | None] = []  # of each message, for its assistant turns
     times: list[dt.datetime] = []  # of each message
-    called: list[str] = []
+    # Of each message: its id and, for a turn, where the history its agent was sent began; how
+    # many messages up to it a history holds (the window of turns recorded before that was).
+    ids: list[str] = []
+    sent_from: list[str | None] = []
+    sent_counts: list[int] = []
+    sent = 0
     system_prompt = ""
     agent_config: Any = None
     has_system = False
@@ -564,6 +574,9 @@ def conversation_example(
             agent_config = record["agent__config"]
             system_prompt = record["agent__system_prompt"] or ""
         role = record["role"]
+        # What conversation_history sends the agent: no error message, no message of an attempt
+        # that did not succeed (an empty reply counts, left out below or not).
+        sent += not record["is_error"] and record["attempt__status"] in _GOOD_ATTEMPT
         content = _content(record["content"] or "", redactor)
         if role == "assistant" and not content and not record["tool_calls"]:
             if left_out is not None:
@@ -575,7 +588,6 @@ def conversation_example(
                 message["content"] = content
             if record["tool_calls"]:
                 message["tool_calls"] = _tool_calls(record["tool_calls"], redactor)
-                called.extend(call["function"]["name"] for call in message["tool_calls"] if call["function"]["name"])
             good = not record["is_error"] and record["attempt__status"] in _GOOD_ATTEMPT
             message["weight"] = 1 if good else 0
         elif role == "tool":
@@ -601,6 +613,9 @@ def conversation_example(
         )
         versions.append(record["metadata__prompt_version"])
         times.append(record["created_at"])
+        ids.append(record["message_id"])
+        sent_from.append(record["metadata__history_from"])
+        sent_counts.append(sent)
     last_answer = max(
         (i for i, m in enumerate(messages) if m["role"] == "assistant" and "tool_calls" not in m), default=None
     )
@@ -608,6 +623,11 @@ def conversation_example(
     sources = sources[: len(messages)]
     if since is not None:
         _context_before(messages, times, since)
+    first = _sent_window(messages, ids, sent_from, sent_counts)
+    messages, sources, versions = messages[first:], sources[first:], versions[first:]
+    called = [
+        call["function"]["name"] for m in messages for call in m.get("tool_calls", []) if call["function"]["name"]
+    ]
     trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["weight"]]
     version = versions[trained[-1]] if trained else None
     recorded = prompt_version(version) if isinstance(version, str) else None
@@ -659,6 +679,32 @@ def example_keys(
                     "attempt_number": source["attempt_number"],
                 }
     return {"instance_id": _redacted(instance_id, redactor), "messages": sources, "tool_calls": calls}
+
+
+def _sent_window(
+    messages: list[dict[str, Any]], ids: list[str], sent_from: list[str | None], sent_counts: list[int]
+) -> int:
+    """Where the example starts: at the history the agent was sent for the first turn it trains
+    (conversation_history: the last CONVERSATION_HISTORY_MESSAGES of the thread up to the
+    question, from a user message on). What came before, the model never saw when it answered,
+    and a thread's every later file would repeat it all. Later turns of the example were sent
+    windows that start later; what lies between is context of weight 0, as the failed attempts'
+    messages are. The turn names the history's first message (`history_from`); for a turn
+    recorded before it did, the window is worked out under the current setting. Of each
+    message: `ids`, `sent_from` (its turn's `history_from`), `sent_counts` (how many messages
+    up to it a history holds: error messages and failed attempts' messages are never sent)."""
+    trained = next((i for i, m in enumerate(messages) if m["role"] == "assistant" and m["weight"]), None)
+    if trained is None:
+        return 0
+    question = next((i for i in range(trained, -1, -1) if messages[i]["role"] == "user"), None)
+    if question is None:
+        return 0
+    if sent_from[trained] in ids[: question + 1]:
+        return ids.index(sent_from[trained])
+    # The history's oldest message is the first whose count passes the question's, less the limit.
+    oldest = sent_counts[question] - settings.CONVERSATION_HISTORY_MESSAGES
+    start = next(i for i in range(question + 1) if sent_counts[i] > oldest)
+    return next(i for i in range(start, question + 1) if messages[i]["role"] == "user")
 
 
 def _context_before(messages: list[dict[str, Any]], times: list[dt.datetime], since: dt.datetime) -> None:
