@@ -3,6 +3,7 @@ and Redis, and polling for the outcome."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,27 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, interval: f
 # TASK_RESULT_WRITE_RETRY_SECONDS. Cutting the worker's sessions while its agent runs then
 # stands for that.
 RESULT_WRITE_NOT_RETRIED = {"TASK_RESULT_WRITE_RETRY_SECONDS": "0"}
+
+
+@contextlib.contextmanager
+def database_connections_refused() -> Iterator[None]:
+    """Inside, the test database refuses new connections, as PostgreSQL restarting (or a
+    failover under way) refuses them; the sessions already open, this process's among them, go
+    on. With Worker.database_connections_cut, the database is away for the worker for as long
+    as the test stays inside."""
+    import psycopg
+
+    s = connection.settings_dict
+    name = connection.ops.quote_name(s["NAME"])
+    # From a session on another database: PostgreSQL refuses it from one on this database.
+    admin = {"host": s["HOST"] or "127.0.0.1", "port": s["PORT"] or 5432, "user": s["USER"], "dbname": "postgres"}
+    with psycopg.connect(**admin, autocommit=True) as other:
+        other.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+    try:
+        yield
+    finally:
+        with psycopg.connect(**admin, autocommit=True) as other:
+            other.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
 
 
 def longer_hard_grace(settings: Any, seconds: int = 10) -> dict[str, str]:

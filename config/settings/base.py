@@ -248,8 +248,9 @@ TASK_RETRY_BACKOFF_MAX_SECONDS = env.int("TASK_RETRY_BACKOFF_MAX_SECONDS", 300, 
 TASK_QUEUE_TIMEOUT_SECONDS = env.int("TASK_QUEUE_TIMEOUT_SECONDS", 3600, minimum=1)
 # The reaper closes attempts still running this long past their hard limit.
 REAPER_GRACE_SECONDS = env.int("REAPER_GRACE_SECONDS", 30, minimum=0)
-# A try's success whose write lost the database connection is written again on a new one for
-# up to this long, before its message is sent again (and the agent, paid for, runs again).
+# A try's outcome (success or failure) whose write lost the database connection is written
+# again on a new one for up to this long (never up to its hard time limit), before its message
+# is sent again (and the agent, paid for, runs again).
 TASK_RESULT_WRITE_RETRY_SECONDS = env.int("TASK_RESULT_WRITE_RETRY_SECONDS", 10, minimum=0, maximum=300)
 # A task left queued this long with no message in the broker is sent again.
 DISPATCH_SWEEP_AFTER_SECONDS = env.int("DISPATCH_SWEEP_AFTER_SECONDS", 60, minimum=1)

@@ -55,7 +55,7 @@ from orchestration.services.conversations import (
     conversation_for_task,
     conversation_turn_record,
 )
-from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare
+from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, hard_limit_seconds
 from orchestration.services.events import TASK_STATE_FIELDS, entity_states, task_event
 from orchestration.services.progress import (
     abandoned_usage_add,
@@ -928,6 +928,10 @@ def _attempt_run(
     sent_again: dict[str, Any] | None,
     claimed: Callable[[int], object] | None,
 ) -> Outcome:
+    # Where the delivery's hard time limit falls, near enough (billiard counts it from the pool
+    # process's acknowledgement of the message, a moment before this): the outcome's write is
+    # not tried again past it (_result_record_through_lost_connection).
+    began = time.monotonic()
     claim = attempt_claim(
         execution_id=execution_id,
         celery_task_id=celery_task_id,
@@ -939,6 +943,8 @@ def _attempt_run(
     )
     if not isinstance(claim, Claim):
         return claim
+    timeout = claim.attempt.timeout_seconds
+    hard_limit_at = began + hard_limit_seconds(timeout) if timeout else None
     if claimed is not None:
         claimed(claim.attempt.attempt_number)
     attempt_started(
@@ -1008,11 +1014,12 @@ def _attempt_run(
             # agent's (the platform's own writes hold the limit off): without this the record
             # below was refused, and the attempt left running for the reaper.
             _connection_freed()
-        usage = _at_least_metered(claim.attempt.pk, usage + context.spend)
+        until = _result_write_until(hard_limit_at)
+        usage = _at_least_metered(claim.attempt, usage + context.spend, until=until)
         error = storable_text("timed out" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}")
         now = claim.clock.now()
         recorded, exc, usage, error = _fail_recorded(
-            context, claim.attempt, exc, duration_ms=duration_ms, now=now, usage=usage, error=error
+            context, claim.attempt, exc, duration_ms=duration_ms, now=now, usage=usage, error=error, until=until
         )
         if not recorded:
             _refused_outcome_record(
@@ -1051,7 +1058,13 @@ def _attempt_run(
             standalone=claim.standalone,
         )
         recorded = _record_through_soft_limit(
-            functools.partial(_result_record_through_lost_connection, succeed, attempt=claim.attempt),
+            functools.partial(
+                _result_record_through_lost_connection,
+                succeed,
+                attempt=claim.attempt,
+                recorded_as={"status": TaskAttempt.Status.SUCCEEDED},
+                until=_result_write_until(hard_limit_at),
+            ),
             attempt=claim.attempt,
             succeeded=True,
         )
@@ -1071,6 +1084,7 @@ def _attempt_run(
             now=now,
             usage=result.usage,
             error=storable_text(str(failure)),
+            until=_result_write_until(hard_limit_at),
         )
         outcome = Outcome.FAILED
     if not recorded:
@@ -1104,8 +1118,12 @@ def _fail_recorded(
     now: dt.datetime,
     usage: Usage,
     error: str,
+    until: float | None = None,
 ) -> tuple[bool, BaseException, Usage, str]:
-    """attempt_fail, through the soft limit (_record_through_soft_limit), with the
+    """attempt_fail, through the soft limit (_record_through_soft_limit) and a lost connection
+    (_result_record_through_lost_connection, as a success's: sent again, the next delivery
+    closed the attempt lost with what its meter had added, the failure's error and the rest of
+    what it paid gone from the record, and ran the agent again, retryable or not), with the
     conversation's turn (`error`, what the turn says). Returns whether it was recorded, and the
     failure, usage and error it was recorded with.
 
@@ -1118,9 +1136,24 @@ def _fail_recorded(
 
     def record(failure: BaseException, usage: Usage, error: str) -> bool:
         also = _turn_writer(context, attempt, output=None, error=error, usage=usage)
+        fail = functools.partial(
+            attempt_fail, attempt=attempt, exc=failure, duration_ms=duration_ms, now=now, usage=usage, also=also
+        )
+        timed_out = isinstance(failure, SoftTimeLimitExceeded)
+        # As attempt_fail records it: no one else closes an attempt so (the reaper's time-out is
+        # a hard one, and the claims' failures are of tries they start).
+        recorded_as = (
+            {"status": TaskAttempt.Status.TIMED_OUT, "cause": TaskAttempt.Cause.SOFT_TIMEOUT}
+            if timed_out
+            else {"status": TaskAttempt.Status.FAILED, "cause": TaskAttempt.Cause.ERROR}
+        )
         return _record_through_soft_limit(
             functools.partial(
-                attempt_fail, attempt=attempt, exc=failure, duration_ms=duration_ms, now=now, usage=usage, also=also
+                _result_record_through_lost_connection,
+                fail,
+                attempt=attempt,
+                recorded_as=recorded_as,
+                until=until,
             )
         )
 
@@ -1184,35 +1217,49 @@ def _record_through_soft_limit(
     return False
 
 
-def _result_record_through_lost_connection(record: Callable[[], bool], *, attempt: TaskAttempt) -> bool:
-    """Record a try's success (attempt_succeed) through a lost database connection: PostgreSQL
-    restarting or failing over, a proxy or an operator ending the session while the agent ran.
-    The write is tried again on a new connection for up to TASK_RESULT_WRITE_RETRY_SECONDS.
-    Raised on at once (run_task then sends its message again, and the next delivery closes the
-    attempt lost and runs the agent again), the agent's result, paid for, was thrown away for a
-    blip of a second. An error the database answered (a lock timeout, a value refused) is not
-    a lost connection, and is raised on as before; so is a connection still lost at the end.
+# Left before the hard time limit by the last try of an outcome's write, beyond the time its
+# connection may take to be refused (DATABASE_CONNECT_TIMEOUT): for run_task to send the message
+# again, and the pool's timer (which looks once a second) to find it ended.
+RESULT_WRITE_HARD_LIMIT_MARGIN_SECONDS = 2.0
 
-    A write whose COMMIT reached the server before the connection went is found on the next
-    try: the attempt is no longer running, and if it is recorded succeeded, that was this
-    try's own write (only this delivery records its attempt succeeded). Its dependents were
-    not dispatched by it (the commit's callbacks never ran): the dispatch sweep sends them."""
-    budget = settings.TASK_RESULT_WRITE_RETRY_SECONDS
-    started = time.monotonic()
+
+def _result_write_until(hard_limit_at: float | None) -> float:
+    """Until when (time.monotonic()) a try's outcome may be written again through a lost
+    database connection (_result_record_through_lost_connection), from now: for
+    TASK_RESULT_WRITE_RETRY_SECONDS, and never past the delivery's hard time limit
+    (`hard_limit_at`). There the pool kills the process, mid-try or asleep, its message is
+    acknowledged as failed, and the attempt, whose outcome was known, waited for the reaper
+    (past the limit plus REAPER_GRACE_SECONDS) to be recorded a hard time-out (timed_out,
+    hard_timeout) instead of closed lost (connection_lost) by the message sent again at once. So
+    a try is begun only while it can end, its connection refused after DATABASE_CONNECT_TIMEOUT
+    at worst, with RESULT_WRITE_HARD_LIMIT_MARGIN_SECONDS to spare before the limit."""
+    until = time.monotonic() + settings.TASK_RESULT_WRITE_RETRY_SECONDS
+    if hard_limit_at is not None:
+        connect_timeout = connection.settings_dict.get("OPTIONS", {}).get("connect_timeout") or 0
+        until = min(until, hard_limit_at - float(connect_timeout) - RESULT_WRITE_HARD_LIMIT_MARGIN_SECONDS)
+    return until
+
+
+def _through_lost_connection(fn: Callable[[], Any], *, attempt: TaskAttempt, until: float) -> tuple[Any, bool]:
+    """fn() (a statement or a transaction of the attempt's outcome), tried again on a new
+    connection while the database connection is lost and the next try can begin by `until`
+    (_result_write_until). Returns its value and whether a connection was lost on the way. An
+    error the database answered (a lock timeout, a value refused) is not a lost connection, and
+    is raised at once; so is a connection still lost at the end, and one inside a transaction
+    (not this function's to end)."""
     delay = 0.25
-    lost = 0
+    lost = False
     while True:
         try:
-            done = record()
+            return fn(), lost
         except (InterfaceError, OperationalError) as exc:
-            waited = time.monotonic() - started
             if (
                 connection.in_atomic_block
                 or not (isinstance(exc, InterfaceError) or database_unreachable(exc))
-                or waited + delay > budget
+                or time.monotonic() + delay > until
             ):
                 raise
-            lost += 1
+            lost = True
             logger.warning(
                 "attempt %s of %s: the database connection was lost while its result was recorded "
                 "(%s: %s); recording it again on a new connection in %.2f s",
@@ -1225,10 +1272,35 @@ def _result_record_through_lost_connection(record: Callable[[], bool], *, attemp
             connection.close()
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
-            continue
-        if done or not lost:
-            return done
-        return TaskAttempt.objects.filter(pk=attempt.pk, status=TaskAttempt.Status.SUCCEEDED).exists()
+
+
+def _result_record_through_lost_connection(
+    record: Callable[[], bool],
+    *,
+    attempt: TaskAttempt,
+    recorded_as: dict[str, Any] | None = None,
+    until: float | None = None,
+) -> bool:
+    """Record a try's outcome (attempt_succeed, attempt_fail) through a lost database
+    connection: PostgreSQL restarting or failing over, a proxy or an operator ending the session
+    while the agent ran. The write is tried again on a new connection until `until`
+    (_result_write_until: for up to TASK_RESULT_WRITE_RETRY_SECONDS, never up to the hard time
+    limit). Raised on at once (run_task then sends its message again, and the next delivery
+    closes the attempt lost and runs the agent again), the agent's result, or its failure and
+    what it paid, was thrown away for a blip of a second.
+
+    A write whose COMMIT reached the server before the connection went is found on the next
+    try: the attempt is no longer running, and if it is recorded as the write records it
+    (`recorded_as`, its fields: succeeded by default), that was this try's own write (only this
+    delivery records its attempt so). Its dependents, or its retry, were not dispatched by it
+    (the commit's callbacks never ran): the dispatch sweep sends them."""
+    done, lost = _through_lost_connection(
+        record, attempt=attempt, until=_result_write_until(None) if until is None else until
+    )
+    if done or not lost:
+        return done
+    ours = recorded_as or {"status": TaskAttempt.Status.SUCCEEDED}
+    return TaskAttempt.objects.filter(pk=attempt.pk, **ours).exists()
 
 
 def _connection_freed() -> None:
@@ -1341,18 +1413,23 @@ def _meter_write(attempt_id: int, usage: Usage) -> None:
         logger.warning("attempt %s: could not meter its usage", attempt_id, exc_info=True)
 
 
-def _at_least_metered(attempt_id: int, usage: Usage) -> Usage:
+def _at_least_metered(attempt: TaskAttempt, usage: Usage, *, until: float) -> Usage:
     """The usage a failed try is recorded with: what it reported, or what its meter had added
     to its row while it ran where that is more (an agent that paid, `context.paid`, and then
     failed without attaching the usage to its error). The final record replaces the meter, so
     without this the try's paid spend would be erased from the attempt and never reach its
-    task and workflow."""
-    try:
-        metered = (
-            TaskAttempt.objects.filter(pk=attempt_id, status=TaskAttempt.Status.RUNNING)
+    task and workflow. Read through a lost connection as the record is written (until `until`):
+    a read that failed on it left the meter out of a record then written on a new connection."""
+
+    def read() -> tuple[int, int, Decimal] | None:
+        return (
+            TaskAttempt.objects.filter(pk=attempt.pk, status=TaskAttempt.Status.RUNNING)
             .values_list("input_tokens", "output_tokens", "cost_usd")
             .first()
         )
+
+    try:
+        metered, _ = _through_lost_connection(read, attempt=attempt, until=until)
     except DatabaseError as exc:  # the record that follows meets the same database, and says so
         stop_if_interrupted(exc)
         return usage

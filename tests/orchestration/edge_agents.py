@@ -118,6 +118,19 @@ def paid_then_failed(task_input, context):
     raise PermanentError("the provider's answer made no sense")
 
 
+def paid_slept_then_failed(task_input, context):
+    """Pays for a provider call (metered, as a model's answer is), waits `input.seconds`, then
+    fails for good without attaching the usage to its error."""
+    import time
+    from decimal import Decimal
+
+    from orchestration.errors import PermanentError
+
+    context.paid(Usage(input_tokens=100, output_tokens=20, cost_usd=Decimal("0.0123")))
+    time.sleep(task_input.get("seconds", 0))
+    raise PermanentError("the provider's answer made no sense")
+
+
 def long_call_id(task_input, context):
     """Calls a tool of its own in a conversation under a call id it chose, longer than the
     thread's tool_call_id column, then answers."""

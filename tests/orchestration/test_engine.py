@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
+from decimal import Decimal
 
 import pytest
 
@@ -13,7 +14,13 @@ from orchestration.errors import TransitionError
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.reaper import attempts_reap
 from orchestration.services.workflows import task_retry, workflow_cancel, workflow_resume, workflow_submit
-from tests.engine import RESULT_WRITE_NOT_RETRIED, database_url, wait_for
+from tests.engine import (
+    RESULT_WRITE_NOT_RETRIED,
+    database_connections_refused,
+    database_url,
+    longer_hard_grace,
+    wait_for,
+)
 from tests.orchestration.edge_agents import edge_agent
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -474,6 +481,97 @@ def test_a_success_whose_write_lost_the_connection_is_written_again_not_run_agai
     assert "retry: Retry in" not in log
     if dependent:
         assert [a.status for a in attempts(wf, "after")] == [A.SUCCEEDED]
+
+
+@pytest.mark.parametrize("fast_path", ["true", "false"], ids=["fast-path", "general-path"])
+def test_a_failure_whose_write_lost_the_connection_is_written_again_with_its_error_and_spend(engine, fast_path):
+    """As a success's (above): the database ends the worker's session while the agent runs, and
+    the agent then fails (retryably), reporting what it paid (120 tokens, $0.0123, of which its
+    meter had added 10 tokens, $0.001, as it ran). The failure's write is tried again on a new
+    connection: the attempt is recorded failed with its error and its whole spend, and retried
+    after its backoff. Before, the message was sent again, and its next delivery closed the
+    attempt lost (connection_lost) with only what had been metered: the failure's error was
+    gone from the record, and $0.0113 of what the provider charged from every total."""
+    edge_agent("metered", "metered")
+    worker = engine(concurrency=1, env={"ENGINE_FAST_PATH": fast_path})
+    spec = {"seconds": 2, "fail_times": 1}
+    wf = submit({"name": "cut", "agent": "metered", "input": spec, "timeout_seconds": 30, "max_retries": 1})
+    running_attempt(wf, "cut")
+    assert worker.database_connections_cut(), "no connection of the worker's to cut"
+    wf = finished(wf, timeout=25)
+    assert wf.status == Workflow.Status.COMPLETED, wf.error
+    tries = attempts(wf, "cut")
+    assert [(a.attempt_number, a.status, a.cause, a.error) for a in tries] == [
+        (1, A.FAILED, "error", "RetryableError: metered: planned failure 1"),
+        (2, A.SUCCEEDED, None, None),
+    ]
+    assert [(a.tokens_used, a.cost_usd) for a in tries] == [(120, Decimal("0.0123"))] * 2
+    cut = task(wf, "cut")
+    assert (cut.tokens_used, cut.cost_usd) == (240, Decimal("0.0246"))
+    assert (wf.total_tokens_used, wf.total_cost_usd) == (240, Decimal("0.0246"))
+    assert event_types(cut.execution_id).count("task_lost") == 0
+    log = worker.log()
+    assert "the database connection was lost while its result was recorded" in log, log
+    assert "retry: Retry in" not in log
+
+
+def test_a_failure_whose_meter_read_lost_the_connection_keeps_what_was_metered(engine):
+    """The agent pays (metered: 120 tokens, $0.0123), the database ends the worker's session,
+    and the agent fails for good without attaching that usage to its error. The failure is
+    recorded with what its meter had added (read, like the write, again on a new connection),
+    not with the nothing its error reports: the spend stays on the attempt, its task and its
+    workflow. Not retried: the failure is permanent."""
+    edge_agent("payer", "paid_slept_then_failed")
+    worker = engine(concurrency=1)
+    wf = submit({"name": "cut", "agent": "payer", "input": {"seconds": 2}, "timeout_seconds": 30, "max_retries": 2})
+    wait_for(
+        lambda: TaskAttempt.objects.filter(execution__workflow=wf, status=A.RUNNING, tokens_used=120).exists(),
+        what="the agent's payment to be metered",
+    )
+    assert worker.database_connections_cut(), "no connection of the worker's to cut"
+    wf = finished(wf, timeout=25)
+    assert wf.status == Workflow.Status.FAILED
+    [only] = attempts(wf, "cut")
+    assert (only.status, only.cause) == (A.FAILED, "error")
+    assert only.error == "PermanentError: the provider's answer made no sense"
+    assert (only.tokens_used, only.cost_usd) == (120, Decimal("0.0123"))
+    cut = task(wf, "cut")
+    assert (cut.retry_count, cut.tokens_used, cut.cost_usd) == (0, 120, Decimal("0.0123"))
+    assert (wf.total_tokens_used, wf.total_cost_usd) == (120, Decimal("0.0123"))
+    assert "the database connection was lost while its result was recorded" in worker.log()
+
+
+def test_a_success_whose_write_is_not_back_before_the_hard_limit_is_sent_again_not_killed_there(engine, settings):
+    """The database stays away (refusing connections, as while PostgreSQL restarts) from just
+    before the agent ends until past its hard time limit: the result's write is tried again only
+    while a try can end before that limit, then the message is sent again, and the attempt is
+    closed lost (connection_lost), as for any write that lost its connection. Before, the write
+    was tried again for the whole of TASK_RESULT_WRITE_RETRY_SECONDS (10 s, past the hard limit
+    of 3 + 8 s): the pool killed the process asleep between tries, the message was acknowledged
+    as failed, and the attempt, whose agent had succeeded, was left to the reaper, which
+    recorded it a hard time-out (timed_out, hard_timeout)."""
+    worker = engine(concurrency=1, env={**longer_hard_grace(settings, 8), "TASK_RESULT_WRITE_RETRY_SECONDS": "10"})
+    spec = {"seconds": 2.5, "on_attempts": [1]}
+    wf = submit({"name": "cut", "agent": "sleep", "input": spec, "timeout_seconds": 3, "max_retries": 1})
+    first = running_attempt(wf, "cut")
+    with database_connections_refused():
+        assert worker.database_connections_cut(), "no connection of the worker's to cut"
+        time.sleep(max(first.started_at.timestamp() + 13 - time.time(), 0))  # past the hard limit
+
+    def done() -> Workflow | None:
+        attempts_reap()  # as the beat's reaper would, every few seconds
+        return finished(wf, timeout=0.5) if Workflow.objects.get(pk=wf.pk).is_terminal else None
+
+    wf = wait_for(done, timeout=40, interval=0.5, what="the workflow to finish")
+    assert wf.status == Workflow.Status.COMPLETED, wf.error
+    tries = attempts(wf, "cut")
+    assert [(a.attempt_number, a.status, a.cause) for a in tries] == [
+        (1, A.LOST, "connection_lost"),
+        (2, A.SUCCEEDED, None),
+    ], tries[0].error
+    log = worker.log()
+    assert "the database connection was lost while its result was recorded" in log, log
+    assert "Hard time limit" not in log, log
 
 
 def test_database_connection_cut_mid_task_is_retried_and_the_attempt_recorded_lost(engine):

@@ -5,13 +5,22 @@ ran, is in test_engine.py."""
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
-from django.db import OperationalError
+from django.db import OperationalError, connection
 from django.utils import timezone
 
+from orchestration.errors import PermanentError
 from orchestration.models import Event, TaskAttempt, TaskExecution
-from orchestration.services.execution import _result_record_through_lost_connection
+from orchestration.runtime.context import Usage
+from orchestration.services.execution import (
+    RESULT_WRITE_HARD_LIMIT_MARGIN_SECONDS,
+    _result_record_through_lost_connection,
+    _result_write_until,
+    attempt_fail,
+)
 from tests.orchestration.test_fastpath import _claimed, _succeed
 
 
@@ -93,3 +102,47 @@ def test_a_connection_still_lost_after_the_retry_window_is_raised(committed, set
     # Tried again after 0.25 s and 0.5 s; the next wait (1 s) would have passed the second.
     assert len(calls) == 3
     assert TaskAttempt.objects.get(pk=claim.attempt.pk).status == "running"
+
+
+def test_no_try_is_begun_that_could_end_past_the_hard_time_limit(committed, settings):
+    """The hard limit comes before TASK_RESULT_WRITE_RETRY_SECONDS ends: a try is begun only
+    while it could end there, its connection refused after the connect timeout at worst, with
+    the margin to spare (for run_task to send the message again before the pool kills the
+    process)."""
+    settings.TASK_RESULT_WRITE_RETRY_SECONDS = 10
+    claim = _claimed(["a"])["a"]
+    calls = []
+
+    def record() -> bool:
+        calls.append(1)
+        raise lost("connection refused")
+
+    connect_timeout = connection.settings_dict["OPTIONS"]["connect_timeout"]
+    hard_limit_at = time.monotonic() + connect_timeout + RESULT_WRITE_HARD_LIMIT_MARGIN_SECONDS + 0.5
+    with pytest.raises(OperationalError, match="connection refused"):
+        _result_record_through_lost_connection(record, attempt=claim.attempt, until=_result_write_until(hard_limit_at))
+    # Tried again after 0.25 s; the next try, 0.5 s later, could have ended past the margin.
+    assert len(calls) == 2
+
+
+def test_a_failure_whose_commit_landed_before_the_answer_was_lost_is_ours(committed):
+    """As a success's: the failure's COMMIT reached the server, its answer did not come back;
+    the next try finds the attempt recorded failed (error), as only this delivery records it."""
+    claim = _claimed(["a"], continue_on_failure=True)["a"]
+    calls = []
+
+    def record() -> bool:
+        calls.append(1)
+        done = attempt_fail(
+            attempt=claim.attempt, exc=PermanentError("refused"), duration_ms=2.5, now=timezone.now(), usage=Usage()
+        )
+        if len(calls) == 1:
+            raise lost()
+        return done
+
+    recorded_as = {"status": "failed", "cause": "error"}
+    assert _result_record_through_lost_connection(record, attempt=claim.attempt, recorded_as=recorded_as) is True
+    assert len(calls) == 2
+    attempt = TaskAttempt.objects.get(pk=claim.attempt.pk)
+    assert (attempt.status, attempt.error) == ("failed", "PermanentError: refused")
+    assert Event.objects.filter(event_type="task_failed").count() == 1
