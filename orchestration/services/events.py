@@ -40,6 +40,7 @@ WORKFLOW_STATE_FIELDS = (
     "duration_ms",
     "total_tokens_used",
     "total_cost_usd",
+    "wasted_cost_usd",
     "started_at",
     "completed_at",
 )

@@ -365,6 +365,41 @@ def test_the_rows_of_a_failure_are_as_it_ended_after_the_task_and_workflow_ran_a
     assert failed["retry_count"] == str(state["retry_count"]) and failed["started_at"] == state["started_at"]
 
 
+def test_a_workflow_failures_row_has_the_wasted_spend_it_ended_with_after_it_ran_again(synapse):
+    """A workflow failed (a try paid $0.01 for nothing), was resumed and failed again (another
+    $0.004) before the consumer read the first failure: that failure's row says what was
+    wasted when it ended, as its total_cost_usd does, not the later run's wasted spend (more
+    wasted than the row's total cost)."""
+    workflow = WorkflowFactory(status=Workflow.Status.RUNNING, started_at=T0, total_steps=1)
+    task = TaskExecution.objects.create(
+        workflow=workflow,
+        agent=AgentFactory(),
+        task_name="t",
+        status=TaskExecution.Status.QUEUED,
+        celery_task_id=str(uuid.uuid4()),
+        queued_at=T0,
+        max_retries=0,
+    )
+    _run_attempt(task, start=T0, usage=Usage(100, 50, Decimal("0.01")), fail=True)
+    task_retry(execution_id=task.pk)  # resumes the workflow
+    _run_attempt(task, start=T0 + dt.timedelta(hours=1), usage=Usage(10, 5, Decimal("0.004")), fail=True)
+    failures = Event.objects.filter(event_type=EventType.WORKFLOW_FAILED, sequence__gt=synapse.baseline)
+    first, second = failures.order_by("sequence")
+    synapse.relay()
+    consume()
+
+    days = {event.created_at.astimezone(dt.UTC).date() for event in (first, second)}
+    rows = {r["event_id"]: r for day in days for r in synapse.rows("workflows", day)}
+    assert (rows[first.event_id]["total_cost_usd"], rows[first.event_id]["wasted_cost_usd"]) == (
+        "0.010000",
+        "0.010000",
+    )
+    assert (rows[second.event_id]["total_cost_usd"], rows[second.event_id]["wasted_cost_usd"]) == (
+        "0.014000",
+        "0.014000",
+    )
+
+
 def synapse_terminal_types() -> list[str]:
     return ["task_failed", "task_completed", "workflow_failed", "workflow_completed"]
 
