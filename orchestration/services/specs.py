@@ -213,13 +213,22 @@ SPEC_MAX_VALUES = 1_000_000
 SPEC_MAX_TEXT_CHARS = 16 * 1024 * 1024
 
 
+def spec_max_text_chars() -> int:
+    """The text a document's values may expand to: SPEC_MAX_TEXT_CHARS, or the largest request
+    body where an operator raised MAX_REQUEST_BODY_BYTES past it. A document holds no more
+    characters than it has bytes (JSON and YAML spend at least one on each) unless aliases
+    repeat them: a JSON spec within the body limit, which the API reads, is never refused as
+    expanding past this."""
+    return max(SPEC_MAX_TEXT_CHARS, settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
+
+
 @dataclass
 class ValueWalk:
     """What the walks of one document's values share: how many values and characters of text
     they may still visit, and what the document is called in a problem ("spec")."""
 
     left: int = SPEC_MAX_VALUES
-    text_left: int = SPEC_MAX_TEXT_CHARS
+    text_left: int = field(default_factory=spec_max_text_chars)
     document: str = "spec"
     exhausted: bool = False
 
@@ -257,7 +266,7 @@ def _unstorable(value: Any, where: str, problems: list[str], walk: ValueWalk, *,
     checked: for fields whose other checks name a wrong type. A YAML alias inside the node it
     names (`input: &x {self: *x}`) makes a value that contains itself, which no JSON document
     is: it is named too, and not walked for ever; nor is a spec whose aliases expand it past
-    SPEC_MAX_VALUES values or SPEC_MAX_TEXT_CHARS characters of text (the walk stops there:
+    SPEC_MAX_VALUES values or spec_max_text_chars() characters of text (the walk stops there:
     storing it would expand it whole). A value's path is spelled only when it is named or holds
     values: a path per value, each repeating its parents', took memory of the values times the
     depth."""
@@ -276,7 +285,7 @@ def _unstorable(value: Any, where: str, problems: list[str], walk: ValueWalk, *,
             walk.text_left -= len(item)
         if walk.left < 0 or walk.text_left < 0:
             walk.exhausted = True
-            size = f"{SPEC_MAX_VALUES:,} values" if walk.left < 0 else f"{SPEC_MAX_TEXT_CHARS:,} characters of text"
+            size = f"{SPEC_MAX_VALUES:,} values" if walk.left < 0 else f"{spec_max_text_chars():,} characters of text"
             problems.append(
                 f"{walk.document} expands to more than {size} (at {_at(base, kind, step)}; YAML aliases repeat "
                 "what they name)"

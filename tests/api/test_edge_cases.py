@@ -82,6 +82,20 @@ def test_a_json_body_the_parser_reads_but_too_deep_to_store_is_a_400(callers, re
     assert dev.post("/api/v1/workflows/", body % "[[]]", content_type="application/json").status_code == 201
 
 
+def test_a_json_body_within_a_raised_body_limit_is_not_refused_as_an_alias_bomb(callers, settings):
+    """An operator who raised MAX_REQUEST_BODY_BYTES past 16 MiB takes bodies that large: a JSON
+    spec of 17 MiB of text (a document to process) was stored, then refused as expanding "to
+    more than 16,777,216 characters of text (...; YAML aliases repeat what they name)". A body
+    holds no more characters than it has bytes unless aliases repeat them: the bound is at
+    least the body limit."""
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 24 * 1024 * 1024
+    text = "x" * (17 * 1024 * 1024)
+    body = json.dumps({"name": "large", "tasks": [{"name": "a", "agent": "echo", "input": {"text": text}}]})
+    response = callers["developer"].client.post("/api/v1/workflows/", body, content_type="application/json")
+    assert response.status_code == 201, response.content[:500]
+    assert len(Workflow.objects.get().tasks.get().input_data["text"]) == len(text)
+
+
 # --- 3. more query parameters than DATA_UPLOAD_MAX_NUMBER_FIELDS is a 500 -----------------
 
 
