@@ -45,8 +45,9 @@ ANTHROPIC_VERSION = "2023-06-01"
 ANTHROPIC_DEFAULT_MAX_TOKENS = 1024
 OPENAI_COMPATIBLE = {"", "openai", "openai-compatible", "ollama", "vllm", "lmstudio", "lm-studio"}
 # OpenAI's reasoning models (o1, o3-mini, o4-mini, gpt-5, ...) refuse max_tokens with a 400
-# ("Use 'max_completion_tokens' instead"): their limit also bounds the reasoning tokens.
-OPENAI_REASONING_MODEL = re.compile(r"^(o[1-9]|gpt-5)")
+# ("Use 'max_completion_tokens' instead"): their limit also bounds the reasoning tokens. So do
+# the models fine-tuned from them, named `ft:<base model>:<org>:<suffix>:<id>`.
+OPENAI_REASONING_MODEL = re.compile(r"^(ft:)?(o[1-9]|gpt-5)")
 # Why an answer stopped when the model's output ran into its token limit (OpenAI's "length",
 # Anthropic's "max_tokens", or its context window): a tool call in it may be cut off.
 TRUNCATED_FINISH_REASONS = {"length", "max_tokens", "model_context_window_exceeded"}

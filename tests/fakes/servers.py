@@ -214,8 +214,8 @@ class OpenAIServer(FakeServer):
         body = request.body
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return 400, _openai_error("you must provide a model parameter", "invalid_request_error")
-        if body.get("max_tokens") is not None and re.match(r"o[1-9]|gpt-5", body["model"]):
-            # OpenAI's reasoning models take max_completion_tokens only.
+        if body.get("max_tokens") is not None and re.match(r"(ft:)?(o[1-9]|gpt-5)", body["model"]):
+            # OpenAI's reasoning models take max_completion_tokens only, fine-tuned ones too.
             return 400, _openai_error(
                 "Unsupported parameter: 'max_tokens' is not supported with this model. "
                 "Use 'max_completion_tokens' instead.",

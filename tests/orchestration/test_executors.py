@@ -435,6 +435,18 @@ def test_openai_reasoning_model_is_sent_max_tokens_as_max_completion_tokens(loca
     assert result.usage.cost_usd == Decimal("0.002860")  # 1200 x $1.10 + 350 x $4.40 per million
 
 
+def test_a_fine_tuned_openai_reasoning_model_is_sent_max_completion_tokens(local_net, openai, monkeypatch):
+    """A fine-tuned model is named `ft:<base model>:<org>:<suffix>:<id>` and takes what its base
+    model takes: a fine-tuned o4-mini refuses max_tokens as o4-mini does (every request of the
+    agent was a 400)."""
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
+    agent = llm_agent(openai.base_url, model="ft:o4-mini-2025-04-16:acme::BZx8Kq2L", temperature=None)
+    result = agent_execute(agent=agent, task_input={"prompt": "x"}, context=ctx())
+    body = openai.requests[0].body
+    assert body["max_completion_tokens"] == 400 and "max_tokens" not in body
+    assert result.output["content"]
+
+
 def test_openai_tools_are_passed_through_and_tool_calls_returned(local_net, openai, monkeypatch):
     monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
     openai.tool_call = {"city": "Oslo"}
