@@ -26,6 +26,7 @@ from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, Max
 from django.db.models.functions import Now
+from kombu.utils.compat import detect_environment
 
 from observability.attempts import attempt_finished, attempt_started, attempts_reaped, late_usage_recorded
 from orchestration.db import (
@@ -930,7 +931,7 @@ def _attempt_run(
 ) -> Outcome:
     # Where the delivery's hard time limit falls, near enough (billiard counts it from the pool
     # process's acknowledgement of the message, a moment before this): the outcome's write is
-    # not tried again past it (_result_record_through_lost_connection).
+    # not tried again past it (_result_record_through_lost_connection), in a pool that enforces it.
     began = time.monotonic()
     claim = attempt_claim(
         execution_id=execution_id,
@@ -944,7 +945,7 @@ def _attempt_run(
     if not isinstance(claim, Claim):
         return claim
     timeout = claim.attempt.timeout_seconds
-    hard_limit_at = began + hard_limit_seconds(timeout) if timeout else None
+    hard_limit_at = began + hard_limit_seconds(timeout) if timeout and _hard_limit_enforced(limit) else None
     if claimed is not None:
         claimed(claim.attempt.attempt_number)
     attempt_started(
@@ -1221,6 +1222,16 @@ def _record_through_soft_limit(
 # connection may take to be refused (DATABASE_CONNECT_TIMEOUT): for run_task to send the message
 # again, and the pool's timer (which looks once a second) to find it ended.
 RESULT_WRITE_HARD_LIMIT_MARGIN_SECONDS = 2.0
+
+
+def _hard_limit_enforced(limit: SoftLimit) -> bool:
+    """Whether the pool running this try ends it at its hard time limit: the prefork pool kills
+    the process (one of its processes, where billiard's soft limit handler is what `limit`
+    holds), the gevent and eventlet pools the greenlet. The solo and threads pools enforce no
+    time limit: there nothing ends an outcome's write, which is then tried again for the whole of
+    TASK_RESULT_WRITE_RETRY_SECONDS. Cut at a limit that never comes, a success of a task with
+    a short timeout was not written again at all: sent again, the agent, paid for, ran again."""
+    return limit.holding or detect_environment() != "default"
 
 
 def _result_write_until(hard_limit_at: float | None) -> float:

@@ -574,6 +574,28 @@ def test_a_success_whose_write_is_not_back_before_the_hard_limit_is_sent_again_n
     assert "Hard time limit" not in log, log
 
 
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_a_success_whose_write_lost_the_connection_is_written_again_where_no_hard_limit_is_enforced(engine, pool):
+    """The solo and threads pools kill nothing at the hard time limit: the write of a success
+    that lost its connection is tried again for TASK_RESULT_WRITE_RETRY_SECONDS whatever the
+    limit. Before, it was cut at the limit all the same (here 3 + 1 s, less the connect
+    timeout of 5 s and the margin: no second try at all), and an agent that had succeeded in
+    2 s, its result paid for, was recorded lost (connection_lost) and run again."""
+    worker = engine(concurrency=1, pool=pool, env={"TASK_RESULT_WRITE_RETRY_SECONDS": "10"})
+    spec = {"seconds": 2, "on_attempts": [1]}
+    wf = submit({"name": "cut", "agent": "sleep", "input": spec, "timeout_seconds": 3, "max_retries": 1})
+    running_attempt(wf, "cut")
+    assert worker.database_connections_cut(), "no connection of the worker's to cut"
+    wf = finished(wf, timeout=25)
+    assert wf.status == Workflow.Status.COMPLETED, wf.error
+    tries = attempts(wf, "cut")
+    assert [(a.attempt_number, a.status, a.cause) for a in tries] == [(1, A.SUCCEEDED, None)], tries[0].error
+    assert event_types(task(wf, "cut").execution_id).count("task_lost") == 0
+    log = worker.log()
+    assert "the database connection was lost while its result was recorded" in log, log
+    assert "retry: Retry in" not in log
+
+
 def test_database_connection_cut_mid_task_is_retried_and_the_attempt_recorded_lost(engine):
     """The database stays away longer than the result's write is tried again (here not at all:
     TASK_RESULT_WRITE_RETRY_SECONDS=0)."""
