@@ -252,3 +252,32 @@ def test_a_long_threads_example_starts_where_the_history_its_turn_was_sent_began
     ]
     assert [m["content"] for m in example["messages"] if m["role"] == "user"] == ["two", "three"]
     assert [m["weight"] for m in example["messages"] if m["role"] == "assistant"] == [0, 0, 1, 1]
+
+
+@pytest.mark.django_db
+def test_a_long_threads_example_starts_at_the_history_of_its_first_turn_trained_under_its_prompt(llm, out, settings):
+    """The turns under an earlier prompt are context (weight 0), not trained: the example starts
+    where the history sent for the first turn it does train began, the one under the prompt it
+    carries. Before, it started at the history of the first turn of the window, of the earlier
+    prompt, and held messages the trained turn was never sent."""
+    settings.CONVERSATION_HISTORY_MESSAGES = 2
+    agent = llm_agent(llm.base_url)
+    llm.tool_call = None  # plain answers
+    reply(agent, "t-long", "one")
+    reply(agent, "t-long", "two")
+    Agent.objects.filter(pk=agent.pk).update(system_prompt="Be kind.")
+    agent.refresh_from_db()
+    reply(agent, "t-long", "three")
+    move_to_window("t-long")
+    sent = llm.requests[-1].body["messages"]
+    assert sent == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "three"}]
+
+    answer = AgentPlaygroundMessage.objects.filter(instance_id="t-long", role="assistant").latest("created_at")
+
+    [example] = examples(export_run(data_type="conversations", start_date=DAY, end_date=DAY))
+    chat_example_validate(example)
+    assert [(m["role"], m.get("content"), m.get("weight")) for m in example["messages"]] == [
+        ("system", "Be kind.", None),
+        ("user", "three", None),
+        ("assistant", answer.content, 1),
+    ]

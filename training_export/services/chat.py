@@ -623,22 +623,25 @@ def conversation_example(
     sources = sources[: len(messages)]
     if since is not None:
         _context_before(messages, times, since)
-    first = _sent_window(messages, ids, sent_from, sent_counts)
-    messages, sources, versions = messages[first:], sources[first:], versions[first:]
-    called = [
-        call["function"]["name"] for m in messages for call in m.get("tool_calls", []) if call["function"]["name"]
-    ]
     trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["weight"]]
     version = versions[trained[-1]] if trained else None
     recorded = prompt_version(version) if isinstance(version, str) else None
+    if recorded is not None:
+        for i in trained:
+            if versions[i] != version:
+                messages[i]["weight"] = 0
+    # Found once the turns under another prompt are context: cut at the history of the first of
+    # those, the example held what the turns it trains were never sent.
+    first = _sent_window(messages, ids, sent_from, sent_counts)
+    messages, sources = messages[first:], sources[first:]
+    called = [
+        call["function"]["name"] for m in messages for call in m.get("tool_calls", []) if call["function"]["name"]
+    ]
     if recorded is not None:
         cache = {} if tools_cache is None else tools_cache
         if ("version", version) not in cache:
             cache["version", version] = _redacted_tools(recorded[1], redactor)
         system_prompt, tools = recorded[0], _with_called(cache["version", version], sorted(set(called)))
-        for i in trained:
-            if versions[i] != version:
-                messages[i]["weight"] = 0
     else:
         tools = _tools(agent_config, sorted(set(called)), redactor, tools_cache)
     if not has_system and system_prompt and messages:
