@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,12 +135,24 @@ def spec_parse(text: str, *, fmt: str) -> dict[str, Any]:
     return data
 
 
+# A value a problem quotes is cut in its middle past 80 characters (a number past 40 digits):
+# the problem names the field, and a megabyte string sent back whole says nothing more.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlong = 40
+
+
+def _shown(value: Any) -> str:
+    """`value` as a problem quotes it: its repr, cut in the middle when long."""
+    return _SHOWN.repr(value)
+
+
 def _int_in_range(value: Any, where: str, low: int, high: int, problems: list[str]) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
-        problems.append(f"{where} must be an integer, got {value!r}")
+        problems.append(f"{where} must be an integer, got {_shown(value)}")
         return None
     if not low <= value <= high:
-        problems.append(f"{where} must be between {low} and {high}, got {value}")
+        problems.append(f"{where} must be between {low} and {high}, got {_shown(value)}")
         return None
     return value
 
@@ -166,7 +179,7 @@ def _task_type(value: Any, where: str, problems: list[str]) -> str:
     """A task's free-form type; the types the platform gives its own tasks are refused."""
     task_type = _str(value, where, problems, max_length=100)
     if task_type in RESERVED_TASK_TYPES:
-        problems.append(f"{where}: {task_type!r} is reserved for the platform's own tasks")
+        problems.append(f"{where}: {_shown(task_type)} is reserved for the platform's own tasks")
     return task_type
 
 
@@ -250,9 +263,9 @@ def _keyed(base: str, key: Any) -> str:
     """The path of the value under `key` in the mapping at `base`. A key holding a space is
     quoted in brackets (`metadata['my note']`): a problem reads "<path> <what is wrong>", and
     spelled bare the path would end at the key's space (field "metadata.my", detail "note
-    contains a NUL character")."""
-    if isinstance(key, str) and " " in key:
-        return f"{base}[{key!r}]"
+    contains a NUL character"); a key past 80 characters is quoted too, cut in its middle."""
+    if isinstance(key, str) and (" " in key or len(key) > _SHOWN.maxstring):
+        return f"{base}[{_shown(key)}]"
     return f"{base}.{key}" if base else str(key)
 
 
@@ -318,10 +331,10 @@ def _unstorable(value: Any, where: str, problems: list[str], walk: ValueWalk, *,
             for key, child in item.items():
                 if not text_only:
                     if not isinstance(key, _JSON_KEY_TYPES):
-                        problems.append(f"{path}: a key must be a string, got {type(key).__name__} {key!r}")
+                        problems.append(f"{path}: a key must be a string, got {type(key).__name__} {_shown(key)}")
                         continue
                     if isinstance(key, float) and not math.isfinite(key):
-                        problems.append(f"{path}: a key is {key!r}: JSON has no NaN or infinity")
+                        problems.append(f"{path}: a key is {_shown(key)}: JSON has no NaN or infinity")
                         continue
                 children.extend([(key, path, "k", None), (child, path, ".", key)])
         elif isinstance(item, list | tuple):
@@ -395,7 +408,7 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
     description = _str(data.get("description"), "description", problems, max_length=10_000)
     priority = data.get("priority", Priority.NORMAL)
     if priority not in Priority.values:
-        problems.append(f"priority must be one of {', '.join(Priority.values)}, got {priority!r}")
+        problems.append(f"priority must be one of {', '.join(Priority.values)}, got {_shown(priority)}")
         priority = Priority.NORMAL
     tags = data.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
@@ -428,7 +441,8 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
             parsed = raw_deadline
         if parsed is None:
             problems.append(
-                f"deadline must be an ISO 8601 date-time, YYYY-MM-DDThh:mm[:ss] with a time zone, got {raw_deadline!r}"
+                "deadline must be an ISO 8601 date-time, YYYY-MM-DDThh:mm[:ss] with a time zone, "
+                f"got {_shown(raw_deadline)}"
             )
         elif timezone.is_naive(parsed):
             problems.append("deadline must include a time zone (e.g. 2026-01-01T12:00:00Z)")
@@ -438,7 +452,7 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
                 # PostgreSQL would store and Python could not read back.
                 parsed = parsed.astimezone(dt.UTC)
             except OverflowError:
-                problems.append(f"deadline {raw_deadline!r} is out of range (outside the years 1 to 9999 in UTC)")
+                problems.append(f"deadline {_shown(raw_deadline)} is out of range (outside the years 1 to 9999 in UTC)")
             else:
                 # On the database's clock, which every claim checks the deadline on: a web host
                 # whose clock ran ahead refused a deadline that had not passed.
@@ -479,7 +493,7 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
                 # Quoted in its own problem, not said in the path: a name holding ')' or ': '
                 # ("x) y") was read as part of the path, each problem of its task then named
                 # under another field ("tasks[0]", the detail "y).agent: ...").
-                problems.append(f"{where}.name {task_name!r} may contain only letters, digits, '_', '.' and '-'")
+                problems.append(f"{where}.name {_shown(task_name)} may contain only letters, digits, '_', '.' and '-'")
             if task_name in seen_names:
                 problems.append(f"{where}.name is a duplicate task name")
             seen_names.add(task_name)
@@ -487,9 +501,9 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
         if agent_id:
             agent = agents.get(agent_id)
             if agent is None:
-                problems.append(f"{where}.agent: unknown agent {agent_id!r}")
+                problems.append(f"{where}.agent: unknown agent {_shown(agent_id)}")
             elif agent.status != Agent.Status.ACTIVE:
-                problems.append(f"{where}.agent: agent {agent_id!r} is {agent.status}, not active")
+                problems.append(f"{where}.agent: agent {_shown(agent_id)} is {agent.status}, not active")
         task_input = raw.get("input", {})
         if not isinstance(task_input, dict):
             problems.append(f"{where}.input must be a mapping")
@@ -512,7 +526,8 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
         )
         task_priority = raw.get("priority", priority)
         if task_priority not in Priority.values:
-            problems.append(f"{where}.priority must be one of {', '.join(Priority.values)}, got {task_priority!r}")
+            choices = ", ".join(Priority.values)
+            problems.append(f"{where}.priority must be one of {choices}, got {_shown(task_priority)}")
         tasks.append(
             TaskSpec(
                 name=task_name,
@@ -535,7 +550,7 @@ def spec_validate(data: dict[str, Any]) -> WorkflowSpec:
                 self_dependent = True
                 problems.append(f"tasks[{i}] ({task.name}).depends_on: a task cannot depend on itself")
             elif dep not in names:
-                problems.append(f"tasks[{i}] ({task.name}).depends_on: unknown task {dep!r}")
+                problems.append(f"tasks[{i}] ({task.name}).depends_on: unknown task {_shown(dep)}")
     # The graph is defined once every task has a name of its own (an unknown dependency is no
     # edge), so a cycle is reported beside the other problems; a self-dependency is named above.
     if len(names) == len(tasks) and "" not in names and not self_dependent:

@@ -466,3 +466,36 @@ def test_a_json_key_given_twice_is_refused_not_read_as_the_last(db, tmp_path):
     assert Workflow.objects.count() == 0
     # The same name in two objects is no duplicate.
     assert spec_parse('{"name": "x", "tasks": [{"name": "a"}, {"name": "b"}]}', fmt="json")["name"] == "x"
+
+
+def test_a_long_value_or_key_is_quoted_cut_in_its_problem_not_sent_back_whole(db):
+    """Every problem quoted its value whole: a 100 000-character priority, agent id, dependency
+    or unknown key came back in full in the problem (and the API's answer), a 4 000-digit
+    max_retries as 4 000 digits."""
+    long = "p" * 100_000
+    problems = problems_of(
+        {
+            "name": "x",
+            "priority": long,
+            long: 1,
+            "metadata": {"k" * 100_000: "\x00"},
+            "tasks": [
+                {"name": "a", "agent": "a" * 100_000, "max_retries": 10**4000, "depends_on": ["d" * 100_000]},
+                {"name": "b" * 100_000 + "!", "agent": "echo", "priority": long},
+            ],
+        }
+    )
+    assert len(problems) == 10, [p[:120] for p in problems]
+    assert all(len(problem) < 400 for problem in problems), [len(p) for p in problems]
+    expected = [
+        "priority must be one of critical, high, normal, low, got 'ppppp",
+        "['ppppp",  # the unknown key, quoted
+        "metadata['kkkkk",
+        "tasks[0] (a).agent: unknown agent 'aaaaa",
+        f"tasks[0] (a).max_retries must be between 0 and {settings.TASK_MAX_RETRIES_LIMIT}, got 1000",
+        "tasks[0] (a).depends_on: unknown task 'ddddd",
+        "tasks[1].name 'bbbbb",
+        "tasks[1].priority must be one of critical, high, normal, low, got 'ppppp",
+    ]
+    for text in expected:
+        assert any(p.startswith(text) and "..." in p for p in problems), (text, [p[:120] for p in problems])
