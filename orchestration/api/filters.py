@@ -116,10 +116,24 @@ class StrictBooleanFilter(django_filters.BooleanFilter):
     field_class = StrictBooleanField
 
 
+class DigitsField(forms.IntegerField):
+    """A whole number written in the digits 0-9 only: an IntegerField also reads "10.0", "1_0",
+    " 5 " and other scripts' digits."""
+
+    def to_python(self, value: Any) -> int | None:
+        if value in self.empty_values:
+            return None
+        if not (isinstance(value, str) and value.isascii() and value.isdigit()):
+            raise ValidationError(
+                "%(value)r is not a whole number written in digits 0-9", code="invalid", params={"value": value}
+            )
+        return int(value)
+
+
 class IntegerFilter(django_filters.NumberFilter):
     """A whole number of 0 or more (NumberFilter takes any decimal: `after=1.5` read as `> 1`)."""
 
-    field_class = forms.IntegerField
+    field_class = DigitsField
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("min_value", 0)

@@ -234,10 +234,8 @@ class KeysetPagination(BasePagination):
         raw = request.query_params.get(self.page_size_query_param)
         if raw is None:
             return settings.API_PAGE_SIZE
-        try:
-            size = int(raw)
-        except ValueError:
-            size = 0
+        # Digits 0-9 only: int() also reads "1_0", " 5 " and other scripts' digits.
+        size = int(raw) if raw.isascii() and raw.isdigit() else 0
         if not 1 <= size <= settings.API_MAX_PAGE_SIZE:
             raise ValidationError({"limit": [f"must be an integer between 1 and {settings.API_MAX_PAGE_SIZE}"]})
         return size

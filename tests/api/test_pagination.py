@@ -270,3 +270,15 @@ def test_a_workflow_cursor_with_a_number_for_its_id_is_a_400(callers, submit):
     client = callers["developer"].client
     refused = client.get(f"/api/v1/workflows/?cursor={_cursor(['2026-01-01T00:00:00+00:00', 5])}")
     assert refused.status_code == 400 and refused.json()["errors"][0]["field"] == "cursor"
+
+
+@pytest.mark.parametrize("written", ["1_0", " 5", "\u0661\u0660", "10.0", "+3"])
+def test_a_page_size_or_sequence_not_written_in_digits_is_refused_naming_itself(callers, written):
+    """`limit` and `after` were read by int() and Django's IntegerField: "1_0" as 10, " 5" as 5,
+    Arabic-Indic ten as 10, "10.0" as 10 (after=), where a client meant something else or nothing."""
+    client = callers["admin"].client
+    for parameter in ("limit", "after"):
+        response = client.get("/api/v1/events/", {parameter: written})
+        assert response.status_code == 400, (parameter, written, response.content)
+        assert response.json()["errors"][0]["field"] == parameter
+    assert client.get("/api/v1/events/", {"limit": "10", "after": "0"}).status_code == 200
