@@ -31,11 +31,19 @@ from django.core.exceptions import ImproperlyConfigured
 
 from config.env import DEFAULT_PORTS, Origin, env, host_normalize, origin_parse
 from observability.logs import secret_register
-from orchestration.errors import AgentError, PermanentError, ToolError
+from orchestration.errors import AgentError, PermanentError, RetryableError, ToolError
 from orchestration.models import Agent
 from orchestration.runtime import pricing
 from orchestration.runtime.context import AgentResult, TaskContext, Usage
-from orchestration.runtime.http_agent import Reply, post_json, read_timeout_for, status_error, with_usage
+from orchestration.runtime.http_agent import (
+    SNIPPET_CHARS,
+    Reply,
+    post_json,
+    read_timeout_for,
+    retry_after_seconds,
+    status_error,
+    with_usage,
+)
 from orchestration.runtime.tools import call_id_problem, json_loads_strict, jsonb_problem
 from orchestration.runtime.urlpolicy import url_check
 
@@ -225,6 +233,12 @@ def _usage(reply: Reply, body: Any, *, anthropic: bool, model: str, fallback_mod
         cached = _tokens(usage, "cache_read_input_tokens", what, strict=strict)
         input_tokens = _tokens(usage, "input_tokens", what, strict=strict) + written + cached
         output_tokens = _tokens(usage, "output_tokens", what, strict=strict)
+        # Of the tokens written, those written to the 1-hour cache are billed at twice the input
+        # price (the 5-minute cache's at 1.25 times). A detail: unreadable, they are 5-minute ones.
+        creation = usage.get("cache_creation")
+        written_1h = (
+            _tokens(creation, "ephemeral_1h_input_tokens", what, strict=False) if isinstance(creation, dict) else 0
+        )
     else:
         # OpenAI caches long prompts by itself: prompt_tokens includes the tokens its cache
         # served, billed at the cached-input price. (Reasoning tokens are part of
@@ -234,11 +248,18 @@ def _usage(reply: Reply, body: Any, *, anthropic: bool, model: str, fallback_mod
         details = usage.get("prompt_tokens_details")
         # A detail, not a count of its own: unreadable, those tokens are priced as input.
         cached = _tokens(details, "cached_tokens", what, strict=False) if isinstance(details, dict) else 0
-        written = 0
+        written = written_1h = 0
     # Providers answer with a dated snapshot name ("gpt-4o-mini-2024-07-18"); the table
     # lists the common ones as aliases, else the requested model's price applies.
     priced = model if pricing.is_priced(model) else fallback_model
-    cost = pricing.cost_usd(priced, input_tokens, output_tokens, cached_input_tokens=cached, cache_write_tokens=written)
+    cost = pricing.cost_usd(
+        priced,
+        input_tokens,
+        output_tokens,
+        cached_input_tokens=cached,
+        cache_write_tokens=written,
+        cache_write_1h_tokens=written_1h,
+    )
     return Usage(input_tokens, output_tokens, cost)
 
 
@@ -317,6 +338,8 @@ def _openai_turn(
         raise with_usage(error, usage)
     if body is None:
         raise _not_json(reply, what, key)
+    if isinstance(body, dict) and not body.get("choices") and isinstance(body.get("error"), dict):
+        raise with_usage(_embedded_error(reply, body["error"], what=what, key=key), usage)
     choices = body.get("choices") if isinstance(body, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise with_usage(PermanentError(f"{what}: the answer has no choices: {reply.snippet([key or ''])}"), usage)
@@ -334,6 +357,23 @@ def _openai_turn(
         model=model,
         usage=usage,
     )
+
+
+def _embedded_error(reply: Reply, error: dict[str, Any], *, what: str, key: str | None) -> AgentError:
+    """The error for a 2xx answer that holds an error object instead of choices, as a gateway
+    (OpenRouter) sends when the provider behind it failed after the gateway had answered 200:
+    retryable when its code is a status that is (408, 429, 5xx), else permanent. The
+    provider's message is quoted, the key redacted."""
+    code = error.get("code")
+    status = int(code) if isinstance(code, str) and code.isdigit() else code
+    message = error.get("message")
+    text = " ".join(message.split()) if isinstance(message, str) and message.strip() else reply.snippet([key or ""])
+    if key:
+        text = text.replace(key, "[redacted]")
+    quoted = f"{what} answered HTTP {reply.status} with an error (code {code!r}): {text[:SNIPPET_CHARS]}"
+    if isinstance(status, int) and not isinstance(status, bool) and (status in (408, 429) or 500 <= status < 600):
+        return RetryableError(quoted, retry_after=retry_after_seconds(reply.headers))
+    return PermanentError(quoted)
 
 
 def _openai_error_code(body: Any) -> Any:
@@ -527,6 +567,22 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
                 ),
                 total,
             )
+        if (
+            not calls
+            and not answer.content.strip()
+            and isinstance(answer.finish_reason, str)
+            and answer.finish_reason in TRUNCATED_FINISH_REASONS
+        ):
+            # Nothing written before the limit: a reasoning model (OpenAI's o-series, gpt-5) can
+            # spend all of max_completion_tokens on its reasoning. Not an answer to record as one.
+            raise with_usage(
+                PermanentError(
+                    f"agent {agent.id!r}: the model's answer was cut off at its output token limit"
+                    f"{_output_limit(agent)} (finish_reason {answer.finish_reason!r}) before it wrote any "
+                    "content (a reasoning model may have spent it all on reasoning): raise the agent's max_tokens"
+                ),
+                total,
+            )
         # Calls of the caller's tools (input.tools) end the attempt: the caller runs them.
         # Any other call is ours to answer, a name we do not know with an error the model sees.
         if not calls or any(c["function"]["name"] in extra_names for c in calls):
@@ -570,6 +626,16 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
         if conversation is not None:
             conversation.transcript.extend([asked, *replies])
     raise AssertionError("unreachable")
+
+
+def _output_limit(agent: Agent) -> str:
+    """The output token limit sent for `agent`, as " (max_tokens N)", or "" when none was."""
+    if (agent.provider or "").lower() == "anthropic":
+        return f" (max_tokens {agent.max_tokens or ANTHROPIC_DEFAULT_MAX_TOKENS})"
+    if not agent.max_tokens:
+        return ""
+    name = "max_completion_tokens" if OPENAI_REASONING_MODEL.match(agent.model) else "max_tokens"
+    return f" ({name} {agent.max_tokens})"
 
 
 def _call_id_problem(calls: list[dict[str, Any]]) -> str | None:

@@ -34,13 +34,15 @@ WARNED_MODELS_MAX = 64
 @dataclass(frozen=True)
 class Price:
     """USD per million input and output tokens; and, where the provider bills them otherwise,
-    per million input tokens read from its prompt cache and written to it (None: at the
-    input price)."""
+    per million input tokens read from its prompt cache, written to it, and written to it for
+    an hour (Anthropic's 1-hour cache writes, billed above its 5-minute ones) (None: at the
+    input price; a 1-hour write without its own price, at the cache_write price)."""
 
     input_per_million: Decimal
     output_per_million: Decimal
     cached_input_per_million: Decimal | None = None
     cache_write_per_million: Decimal | None = None
+    cache_write_1h_per_million: Decimal | None = None
 
 
 def _decimal(value: Any, where: str) -> Decimal:
@@ -64,7 +66,7 @@ def parse_price_table(data: Any, *, source: str) -> dict[str, Price]:
         where = f"{source}: models.{model}"
         if not isinstance(entry, dict):
             raise ImproperlyConfigured(f"{where}: must be an object with 'input' and 'output'")
-        unknown = set(entry) - {"input", "output", "cached_input", "cache_write", "aliases"}
+        unknown = set(entry) - {"input", "output", "cached_input", "cache_write", "cache_write_1h", "aliases"}
         if unknown:
             raise ImproperlyConfigured(f"{where}: unknown keys {sorted(unknown)}")
         for key in ("input", "output"):
@@ -72,13 +74,14 @@ def parse_price_table(data: Any, *, source: str) -> dict[str, Price]:
                 raise ImproperlyConfigured(f"{where}: '{key}' is required (USD per million tokens)")
         cache_rates = {
             key: _decimal(entry[key], f"{where}.{key}") if key in entry else None
-            for key in ("cached_input", "cache_write")
+            for key in ("cached_input", "cache_write", "cache_write_1h")
         }
         price = Price(
             _decimal(entry["input"], f"{where}.input"),
             _decimal(entry["output"], f"{where}.output"),
             cache_rates["cached_input"],
             cache_rates["cache_write"],
+            cache_rates["cache_write_1h"],
         )
         aliases = entry.get("aliases", [])
         if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
@@ -111,11 +114,13 @@ def cost_usd(
     *,
     cached_input_tokens: int = 0,
     cache_write_tokens: int = 0,
+    cache_write_1h_tokens: int = 0,
 ) -> Decimal:
     """Cost in USD, quantized to 6 decimal places. `input_tokens` counts every input token,
     those of them the provider's prompt cache served (`cached_input_tokens`) or stored
-    (`cache_write_tokens`) included: these are priced at the model's cached_input and
-    cache_write prices when it lists them. An unknown model costs 0 and is logged once per
+    (`cache_write_tokens`, of which `cache_write_1h_tokens` for an hour) included: these are
+    priced at the model's cached_input, cache_write and cache_write_1h prices when it lists
+    them. An unknown model costs 0 and is logged once per
     process and model, for the first WARNED_MODELS_MAX models (a missing price must be
     noticed, not fail the task)."""
     price = price_table().get(model or "")
@@ -130,12 +135,15 @@ def cost_usd(
         return Decimal(0).quantize(COST_QUANTUM)
     cached = min(cached_input_tokens, input_tokens)
     written = min(cache_write_tokens, input_tokens - cached)
+    written_1h = min(cache_write_1h_tokens, written)
     cached_rate = price.cached_input_per_million
-    write_rate = price.cache_write_per_million
+    write_rate = price.input_per_million if price.cache_write_per_million is None else price.cache_write_per_million
+    write_1h_rate = write_rate if price.cache_write_1h_per_million is None else price.cache_write_1h_per_million
     cost = (
         (input_tokens - cached - written) * price.input_per_million
         + cached * (price.input_per_million if cached_rate is None else cached_rate)
-        + written * (price.input_per_million if write_rate is None else write_rate)
+        + (written - written_1h) * write_rate
+        + written_1h * write_1h_rate
         + output_tokens * price.output_per_million
     ) / MILLION
     return cost.quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)

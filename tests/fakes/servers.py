@@ -282,8 +282,9 @@ def _anthropic_error(kind: str, message: str) -> dict[str, Any]:
 class AnthropicServer(FakeServer):
     """The Anthropic messages API: POST /v1/messages with x-api-key and anthropic-version.
     As Anthropic's, its usage reports the prompt tokens written to its cache
-    (`cache_write_tokens`) and read from it (`cache_read_tokens`) beside input_tokens, which
-    leaves them out."""
+    (`cache_write_tokens` to the 5-minute cache, `cache_write_1h_tokens` to the 1-hour one,
+    summed in cache_creation_input_tokens and told apart in cache_creation) and read from it
+    (`cache_read_tokens`) beside input_tokens, which leaves them out."""
 
     def __init__(
         self,
@@ -292,6 +293,7 @@ class AnthropicServer(FakeServer):
         input_tokens: int = 2000,
         output_tokens: int = 500,
         cache_write_tokens: int = 0,
+        cache_write_1h_tokens: int = 0,
         cache_read_tokens: int = 0,
         tool_call: dict[str, Any] | None = None,
     ) -> None:
@@ -300,6 +302,7 @@ class AnthropicServer(FakeServer):
         self.input_tokens = input_tokens
         self.output_tokens = output_tokens
         self.cache_write_tokens = cache_write_tokens
+        self.cache_write_1h_tokens = cache_write_1h_tokens
         self.cache_read_tokens = cache_read_tokens
         self.tool_call = tool_call
 
@@ -353,11 +356,11 @@ class AnthropicServer(FakeServer):
             "stop_sequence": None,
             "usage": {
                 "input_tokens": self.input_tokens,
-                "cache_creation_input_tokens": self.cache_write_tokens,
+                "cache_creation_input_tokens": self.cache_write_tokens + self.cache_write_1h_tokens,
                 "cache_read_input_tokens": self.cache_read_tokens,
                 "cache_creation": {
                     "ephemeral_5m_input_tokens": self.cache_write_tokens,
-                    "ephemeral_1h_input_tokens": 0,
+                    "ephemeral_1h_input_tokens": self.cache_write_1h_tokens,
                 },
                 "output_tokens": self.output_tokens,
                 "service_tier": "standard",

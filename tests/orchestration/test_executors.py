@@ -803,6 +803,20 @@ def test_anthropic_cache_tokens_are_input_tokens_priced_at_the_cache_prices(loca
     assert result.usage.cost_usd == Decimal("0.011550")
 
 
+def test_anthropic_one_hour_cache_writes_are_priced_at_twice_the_input_price(local_net, anthropic, monkeypatch):
+    """cache_creation_input_tokens sums the writes to the 5-minute cache (1.25 times the input
+    price) and to the 1-hour cache (2 times); cache_creation tells them apart. The 1-hour
+    writes were priced as 5-minute ones: $3.75 instead of $6 per million for Sonnet 4."""
+    monkeypatch.setenv("TEST_LLM_API_KEY", KEY)
+    anthropic.input_tokens, anthropic.output_tokens = 0, 0
+    anthropic.cache_write_tokens, anthropic.cache_write_1h_tokens = 1_000_000, 1_000_000
+    agent = llm_agent(anthropic.url, provider="anthropic", model="claude-sonnet-4-20250514")
+    result = agent_execute(agent=agent, task_input={"prompt": "x"}, context=ctx())
+    assert result.usage.input_tokens == 2_000_000
+    # 1 000 000 x $3.75 + 1 000 000 x $6 per million
+    assert result.usage.cost_usd == Decimal("9.750000")
+
+
 # --- price table ----------------------------------------------------------------------
 
 
@@ -818,6 +832,10 @@ def test_price_table_prices_the_listed_models():
         "claude-opus-4-20250514", 3_000_000, 0, cached_input_tokens=1_000_000, cache_write_tokens=1_000_000
     ) == Decimal("35.250000")
     assert pricing.cost_usd("llama3:8b", 10, 0, cached_input_tokens=10) == Decimal("0.000000")
+    # 1-hour writes are part of the writes: 1M at $18.75, 1M at $30, 1M at $15 for Opus 4.
+    assert pricing.cost_usd(
+        "claude-opus-4-20250514", 3_000_000, 0, cache_write_tokens=2_000_000, cache_write_1h_tokens=1_000_000
+    ) == Decimal("63.750000")
 
 
 @pytest.mark.parametrize(

@@ -241,6 +241,123 @@ def test_an_anthropic_tool_use_cut_off_at_max_tokens_is_not_run(local_net):
     assert caught.value.usage.cost_usd == Decimal("0.016260")
 
 
+# --- an answer with no content, cut off at the output token limit ------------------------------
+
+
+def spent_on_reasoning_answer(*, reasoning_tokens: int) -> dict:
+    """A reasoning model's chat.completion that spent all of max_completion_tokens thinking."""
+    return {
+        "id": "chatcmpl-thought",
+        "object": "chat.completion",
+        "model": "o3-mini-2025-01-31",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "", "refusal": None},
+                "finish_reason": "length",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 1000,
+            "completion_tokens": reasoning_tokens,
+            "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        },
+    }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reasoning_model_that_spends_its_whole_limit_thinking_fails_the_attempt_with_its_cost(engine):
+    """The empty answer was recorded as the task's successful output."""
+    with OpenAIServer(api_key=KEY) as llm:
+        engine(env={**LOCAL_NET, "AGENT_API_KEY_HOSTS": llm.url, "ANSWERS_LLM_API_KEY": KEY})
+        Agent.objects.create(
+            id="thinker",
+            name="Thinker",
+            executor=Agent.Executor.LLM,
+            provider="openai",
+            url=llm.base_url,
+            model="o3-mini",
+            max_tokens=2000,
+            api_key_env="ANSWERS_LLM_API_KEY",
+        )
+        llm.script(Reply(body=spent_on_reasoning_answer(reasoning_tokens=2000)))
+        workflow, _ = workflow_submit(
+            spec={"name": "think", "tasks": [{"name": "t", "agent": "thinker", "input": {"prompt": "prove it"}}]}
+        )
+        workflow = finished(workflow)
+    assert llm.requests[0].body["max_completion_tokens"] == 2000
+    assert workflow.status == Workflow.Status.FAILED
+    attempt = TaskAttempt.objects.get(execution__workflow=workflow)
+    assert (attempt.status, attempt.retryable) == (TaskAttempt.Status.FAILED, False)
+    assert (
+        "cut off at its output token limit (max_completion_tokens 2000) (finish_reason 'length') "
+        "before it wrote any content"
+    ) in attempt.error
+    # 1000 x $1.10 + 2000 x $4.40 per million: the reasoning was billed
+    assert (attempt.input_tokens, attempt.output_tokens, attempt.cost_usd) == (1000, 2000, Decimal("0.009900"))
+    assert (workflow.total_tokens_used, workflow.total_cost_usd) == (3000, Decimal("0.009900"))
+
+
+def test_an_anthropic_answer_with_no_text_at_max_tokens_fails_naming_the_limit(local_net):
+    """Extended thinking spends max_tokens the same way: only a thinking block comes back."""
+    body = {
+        "id": "msg_thought",
+        "type": "message",
+        "role": "assistant",
+        "model": SONNET,
+        "content": [{"type": "thinking", "thinking": "Let me consider...", "signature": "sig"}],
+        "stop_reason": "max_tokens",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 300, "output_tokens": 1024},
+    }
+    with AnthropicServer(api_key=KEY) as server:
+        local_net.AGENT_API_KEY_HOSTS = [server.url]
+        server.script(Reply(body=body))
+        agent = llm_agent(server.url, provider="anthropic", model=SONNET, max_tokens=None)
+        with pytest.raises(PermanentError, match=r"limit \(max_tokens 1024\) \(finish_reason 'max_tokens'\)") as caught:
+            agent_execute(agent=agent, task_input={"prompt": "x"}, context=ctx())
+    assert caught.value.usage.cost_usd == Decimal("0.016260")
+
+
+def test_an_answer_cut_off_after_some_text_is_still_the_answer(local_net, openai):
+    body = spent_on_reasoning_answer(reasoning_tokens=100)
+    body["choices"][0]["message"]["content"] = "The proof goes"
+    openai.script(Reply(body=body))
+    result = agent_execute(agent=llm_agent(openai.base_url, model="o3-mini"), task_input={"prompt": "x"}, context=ctx())
+    assert (result.output["content"], result.output["finish_reason"]) == ("The proof goes", "length")
+
+
+# --- a gateway's error inside a 200 answer -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        (429, RetryableError),
+        (502, RetryableError),
+        ("503", RetryableError),
+        (400, PermanentError),
+        (None, PermanentError),
+    ],
+)
+def test_a_gateways_error_in_a_200_answer_is_classified_by_its_code(local_net, openai, code, error):
+    """OpenRouter answers 200 with {"error": {...}} when the provider behind it fails: it was
+    failed for good as "the answer has no choices", a rate limit or an outage included."""
+    body = {
+        "error": {"message": f"Provider returned error {KEY}", "code": code, "metadata": {"provider_name": "X"}},
+        "user_id": "user_1",
+        "usage": {"prompt_tokens": 10, "completion_tokens": 0},
+    }
+    openai.script(Reply(body=body, headers={"Retry-After": "3"}))
+    with pytest.raises(error) as caught:
+        agent_execute(agent=llm_agent(openai.base_url), task_input={"prompt": "x"}, context=ctx())
+    message = str(caught.value)
+    assert f"answered HTTP 200 with an error (code {code!r}): Provider returned error [redacted]" in message
+    assert KEY not in message
+    assert getattr(caught.value, "retry_after", None) == (3.0 if error is RetryableError else None)
+    assert caught.value.usage.input_tokens == 10
+
+
 # --- an agent service's error answer that reports usage ---------------------------------------
 
 
