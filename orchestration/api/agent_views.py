@@ -13,6 +13,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from orchestration.api import idempotency
 from orchestration.api.errors import spec_problem
 from orchestration.api.exceptions import Conflict
 from orchestration.api.filters import AgentFilter, check_list_parameters
@@ -42,7 +43,6 @@ from orchestration.services.agent_registry import (
     agent_deactivate,
     agent_update,
 )
-from orchestration.services.conversations import conversation_message_post
 
 ANY_ROLE = "any"
 EXECUTE = "agent:execute"
@@ -249,16 +249,24 @@ class ConversationMessagesView(ApiMixin, APIView):
     @extend_schema(
         summary="Post a user message",
         description="Stores the message and queues the agent's reply, which arrives as a new message of "
-        "the thread. A new instance_id starts a thread.",
+        "the thread. A new instance_id starts a thread. With an `Idempotency-Key` header, a post sent again "
+        "with the same key, thread and body gets the first one's answer (202, the same `message_id`, "
+        "`execution_id` and `Location`) and stores and queues nothing, whether its reply is pending or "
+        "finished; the same key with another thread or body is a 422; while the first request with a key "
+        "is still being processed, another is a 409 whose `Retry-After` says when to try again. Keys are "
+        "per user, and apart from those of workflows.",
         request=MessagePostSerializer,
         parameters=[
             OpenApiParameter("instance_id", OpenApiTypes.STR, OpenApiParameter.PATH),
+            OpenApiParameter(
+                idempotency.HEADER, OpenApiTypes.STR, OpenApiParameter.HEADER, description="any unique string"
+            ),
             OpenApiParameter(
                 "Location", OpenApiTypes.URI, OpenApiParameter.HEADER, description="the reply's task", response=[202]
             ),
         ],
         examples=[OpenApiExample("hello", value={"agent": "echo", "content": "Hello!"}, request_only=True)],
-        responses={202: MessageAcceptedSerializer, **problem_responses(400, 401, 403, 404, 409, 413, 429)},
+        responses={202: MessageAcceptedSerializer, **problem_responses(400, 401, 403, 404, 409, 413, 422, 429)},
     )
     def post(self, request: Request, instance_id: str) -> Response:
         # Thread ids are one namespace: another user's is a conflict to resolve with another
@@ -275,8 +283,12 @@ class ConversationMessagesView(ApiMixin, APIView):
         if agent is None:
             raise ValidationError({"agent": [f"unknown agent {data.validated_data['agent']!r}"]})
         try:
-            message = conversation_message_post(
-                agent=agent, instance_id=instance_id, content=data.validated_data["content"], owner=request.user
+            message, _ = idempotency.conversation_message_post_idempotent(
+                owner=request.user,
+                agent=agent,
+                instance_id=instance_id,
+                content=data.validated_data["content"],
+                header_key=request.headers.get(idempotency.HEADER),
             )
         except (ConversationBusy, ConversationTaken) as exc:
             raise Conflict(str(exc)) from None

@@ -22,16 +22,18 @@ def _invalid(schema_editor: Any, name: str) -> bool:
     return bool(row and row[0])
 
 
-def index_create(name: str, definition: str) -> Operation:
+def index_create(name: str, definition: str, *, unique: bool = False) -> Operation:
     """A RunPython function creating index `name` (`definition`: what follows `ON`, e.g.
-    "events (entity_id, sequence)"), concurrently on PostgreSQL, replacing an invalid leftover."""
+    "events (entity_id, sequence)"), concurrently on PostgreSQL, replacing an invalid leftover;
+    `unique` for a UNIQUE one (a partial UniqueConstraint is such an index)."""
 
     def run(apps: Any, schema_editor: Any) -> None:
         postgresql = schema_editor.connection.vendor == "postgresql"
         concurrently = "CONCURRENTLY" if postgresql else ""
         if postgresql and _invalid(schema_editor, name):
             schema_editor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
-        schema_editor.execute(f"CREATE INDEX {concurrently} IF NOT EXISTS {name} ON {definition}")
+        kind = "UNIQUE INDEX" if unique else "INDEX"
+        schema_editor.execute(f"CREATE {kind} {concurrently} IF NOT EXISTS {name} ON {definition}")
 
     return run
 

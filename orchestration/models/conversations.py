@@ -58,6 +58,9 @@ class AgentPlaygroundMessage(CreatedModel):
     output_tokens = models.BigIntegerField(default=0)
     tokens_used = models.BigIntegerField(default=0)
     metadata = models.JSONField(default=dict, blank=True)
+    idempotency_key = models.CharField(
+        max_length=255, null=True, blank=True, help_text="the Idempotency-Key a user message was posted with"
+    )
 
     class Meta:
         db_table = "agent_playground_messages"
@@ -75,6 +78,12 @@ class AgentPlaygroundMessage(CreatedModel):
             models.CheckConstraint(
                 condition=models.Q(input_tokens__gte=0, output_tokens__gte=0, tokens_used__gte=0),
                 name="agent_playground_messages_tokens_non_negative",
+            ),
+            # Built CONCURRENTLY (migration 0042): a unique index, as Django makes a partial one.
+            models.UniqueConstraint(
+                fields=["owner", "idempotency_key"],
+                condition=models.Q(idempotency_key__isnull=False),
+                name="messages_owner_idempotency_key_unique",
             ),
         ]
 

@@ -73,12 +73,13 @@ def _validate(*, agent: Agent, instance_id: str, content: Any) -> str:
 
 @transaction.atomic
 def conversation_message_post(
-    *, agent: Agent, instance_id: str, content: str, owner: Any = None
+    *, agent: Agent, instance_id: str, content: str, owner: Any = None, idempotency_key: str | None = None
 ) -> AgentPlaygroundMessage:
     """Store a user message in the thread `instance_id` and queue the agent's reply.
 
     A thread belongs to one agent and one owner; while a reply is pending, the next message
-    is refused (the agent answers one message at a time, in order)."""
+    is refused (the agent answers one message at a time, in order). `idempotency_key` is
+    stored with the message, unique per owner (api/idempotency.py looks it up)."""
     content = _validate(agent=agent, instance_id=instance_id, content=content)
     _thread_lock(instance_id)
     first = conversation_thread(instance_id=instance_id)
@@ -104,7 +105,13 @@ def conversation_message_post(
             f"(task {last_asked['execution_id']}); wait for the reply, or cancel that task"
         )
     message = AgentPlaygroundMessage.objects.create(
-        instance_id=instance_id, agent=agent, owner=owner, role=Role.USER, content=content, created_at=database_now()
+        instance_id=instance_id,
+        agent=agent,
+        owner=owner,
+        role=Role.USER,
+        content=content,
+        idempotency_key=idempotency_key,
+        created_at=database_now(),
     )
     task = TaskExecution.objects.create(
         agent=agent,
