@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib import admin
+from django.http import HttpRequest
 from django.utils.text import Truncator
 
 from orchestration.admin.base import (
@@ -12,6 +15,7 @@ from orchestration.admin.base import (
     text_display,
 )
 from orchestration.admin.scale import IndexedRelatedOnlyFieldListFilter, LargeTableAdmin
+from orchestration.admin.tasks import VIEW_MESSAGES
 from orchestration.admin.workflows import WORKFLOW_DOCUMENTS
 from orchestration.models import AgentInteraction, AgentPlaygroundMessage, AgentPromptVersion
 
@@ -85,9 +89,34 @@ class AgentInteractionAdmin(RecordOnlyMixin, LargeTableAdmin):
 
     payload_display = json_display("payload")
 
+    def get_list_display(self, request: HttpRequest) -> Any:
+        list_display = super().get_list_display(request)
+        if request.user.has_perm(VIEW_MESSAGES):
+            return list_display
+        return tuple("message_unless_conversation" if name == "short_message" else name for name in list_display)
+
+    def get_fields(self, request: HttpRequest, obj: AgentInteraction | None = None) -> Any:
+        """An interaction of a conversation's reply task (a hand-off it made while answering)
+        carries the conversation (its message, the input and output in its payload): shown only
+        to staff who may view the conversation messages, as the reply task's own data is."""
+        fields = super().get_fields(request, obj)
+        if obj is None or not _of_conversation(obj) or request.user.has_perm(VIEW_MESSAGES):
+            return fields
+        return [name for name in fields if name not in ("message_display", "payload_display")]
+
     @admin.display(description="message")
     def short_message(self, obj: AgentInteraction) -> str:
         return Truncator(masked(obj.message or "")).chars(80)
+
+    @admin.display(description="message")
+    def message_unless_conversation(self, obj: AgentInteraction) -> str:
+        return "(a conversation's: hidden)" if _of_conversation(obj) else self.short_message(obj)
+
+
+def _of_conversation(interaction: AgentInteraction) -> bool:
+    """Whether `interaction` was made by a conversation's reply task, the only task outside
+    any workflow (services.conversations)."""
+    return interaction.workflow_id is None and interaction.execution_id is not None
 
 
 @admin.register(AgentPromptVersion)

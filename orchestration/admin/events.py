@@ -10,8 +10,10 @@ from django.utils.safestring import SafeString
 
 from orchestration.admin.base import EMPTY, json_display, local_datetime, object_link
 from orchestration.admin.scale import LargeTableAdmin
+from orchestration.admin.tasks import VIEW_MESSAGES
 from orchestration.event_types import EntityType
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.services.conversations import event_holds_conversation
 
 ENTITY_MODELS = {
     EntityType.WORKFLOW: Workflow,
@@ -57,6 +59,17 @@ class EventAdmin(LargeTableAdmin):
     readonly_fields = fields
 
     payload_display = json_display("payload")
+
+    def get_fields(self, request: HttpRequest, obj: Event | None = None) -> Any:
+        """A conversation's tool calls and hand-offs show their payload only to staff who may
+        view the conversation messages, as its reply task's data is
+        (admin.tasks.TaskExecutionAdmin.get_fieldsets)."""
+        fields = super().get_fields(request, obj)
+        if obj is None or request.user.has_perm(VIEW_MESSAGES):
+            return fields
+        if not event_holds_conversation(event_type=obj.event_type, workflow_id=obj.workflow_id, payload=obj.payload):
+            return fields
+        return [name for name in fields if name != "payload_display"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

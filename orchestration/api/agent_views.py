@@ -32,7 +32,7 @@ from orchestration.api.serializers import (
     MessageSerializer,
     NoBodySerializer,
 )
-from orchestration.api.views import PAGE_PARAMETERS, READ, ApiMixin, WriteBodyMixin
+from orchestration.api.views import EXECUTE, PAGE_PARAMETERS, READ, ApiMixin, WriteBodyMixin
 from orchestration.errors import ConversationBusy, ConversationError, ConversationTaken
 from orchestration.models import Agent, AgentPlaygroundMessage, ApiKey
 from orchestration.selectors import agent_stats, conversation_messages, conversation_thread
@@ -45,7 +45,6 @@ from orchestration.services.agent_registry import (
 )
 
 ANY_ROLE = "any"
-EXECUTE = "agent:execute"
 AGENT_LIST = "agent:list"
 
 

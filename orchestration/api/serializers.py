@@ -334,14 +334,20 @@ class WorkflowAttemptSerializer(AttemptSerializer):
         read_only_fields = fields
 
 
+CONVERSATION_DATA = (
+    "null on a conversation's reply task (task_type conversation, no workflow) to a caller who may not "
+    "read conversations (agent:execute): its input is the user's message, its output the agent's reply"
+)
+
+
 class TaskSerializer(FastReadMixin, serializers.ModelSerializer):
     """A task of a workflow (a task execution): its agent, status, retries, timings, usage and cost."""
 
     workflow_id = serializers.CharField(read_only=True, allow_null=True)
     agent_id = serializers.CharField(read_only=True)
     depends_on = StringListField(read_only=True)
-    input_data = JSONObjectField(read_only=True)
-    output_data = serializers.JSONField(read_only=True, allow_null=True)
+    input_data = NullableJSONField(read_only=True, help_text=CONVERSATION_DATA)
+    output_data = serializers.JSONField(read_only=True, allow_null=True, help_text=CONVERSATION_DATA)
     metadata = JSONObjectField(read_only=True)
 
     class Meta:
@@ -522,7 +528,11 @@ class WorkflowSpecSerializer(serializers.Serializer):
 class EventSerializer(FastReadMixin, serializers.ModelSerializer):
     """An entry of the append-only audit log."""
 
-    payload = JSONObjectField(read_only=True)
+    payload = NullableJSONField(
+        read_only=True,
+        help_text="null on a conversation's tool_executed and agent_interaction events to a caller who may not "
+        "read conversations (agent:execute)",
+    )
 
     class Meta:
         model = Event

@@ -34,7 +34,14 @@ from orchestration.api.filters import (
     unknown_parameters,
 )
 from orchestration.api.parsers import unstorable_text
-from orchestration.api.permissions import ActionPermission, HasRole, effective_permissions, is_admin, request_role
+from orchestration.api.permissions import (
+    ActionPermission,
+    HasRole,
+    effective_permissions,
+    has_permission,
+    is_admin,
+    request_role,
+)
 from orchestration.api.renderers import FastJSONRenderer
 from orchestration.api.schema import problem_responses
 from orchestration.api.serializers import (
@@ -57,6 +64,8 @@ from orchestration.api.throttling import RateLimitedMixin, rate_limit_settle
 from orchestration.models import AgentPlaygroundMessage, ApiKey, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.models.workflows import TaskAttemptCause, TaskAttemptStatus
 from orchestration.selectors import user_spend
+from orchestration.services.conversations import TASK_TYPE as CONVERSATION_TASK_TYPE
+from orchestration.services.conversations import event_holds_conversation
 from orchestration.services.events import Actor, actor_of
 from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume
 
@@ -71,6 +80,7 @@ def request_actor(request: Request) -> Actor:
 
 READ = "workflow:read"
 WRITE = "workflow:create"
+EXECUTE = "agent:execute"
 
 
 class ApiMixin(RateLimitedMixin):
@@ -453,13 +463,33 @@ class TaskViewSet(
     def get_serializer_class(self) -> type:
         return TaskSerializer if self.action == "list" else TaskDetailSerializer
 
+    def _conversation_data_hidden(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The tasks, with a conversation's reply task's input (the user's message) and output
+        (the agent's reply) null unless the caller may read conversations (the
+        thread's messages need agent:execute: a viewer, or a key narrowed to workflow:read, is
+        refused them), as the console hides them (admin.tasks.TaskExecutionAdmin)."""
+        if has_permission(self.request, EXECUTE):
+            return tasks
+        for task in tasks:
+            if task["workflow_id"] is None and task["task_type"] == CONVERSATION_TASK_TYPE:
+                task["input_data"] = task["output_data"] = None
+        return tasks
+
+    def paginated_rows(self, queryset: QuerySet, serializer_class: type) -> Response:
+        response = super().paginated_rows(queryset, serializer_class)
+        self._conversation_data_hidden(response.data["results"])
+        return response
+
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return Response(self._conversation_data_hidden([self.get_serializer(self.get_object()).data])[0])
+
     def _task_response(self, task: TaskExecution, code: int) -> Response:
         task = (
             self.get_queryset()
             .prefetch_related(Prefetch("attempts", queryset=TaskAttempt.objects.order_by("attempt_number")))
             .get(pk=task.pk)
         )
-        return Response(TaskDetailSerializer(task).data, status=code)
+        return Response(self._conversation_data_hidden([TaskDetailSerializer(task).data])[0], status=code)
 
     @extend_schema(
         summary="Retry a failed, timed-out or cancelled task",
@@ -545,6 +575,18 @@ class EventViewSet(ApiMixin, RowListMixin, mixins.ListModelMixin, viewsets.Gener
 
     def get_queryset(self) -> QuerySet[Event]:
         return _owned_events(self.request)
+
+    def paginated_rows(self, queryset: QuerySet, serializer_class: type) -> Response:
+        """A page whose conversation tool calls and hand-offs (an admin's: nobody else's events
+        list them) hold their payload null unless the caller may read conversations: a key
+        narrowed to workflow:read read every user's there, as TaskViewSet hides their tasks' data."""
+        response = super().paginated_rows(queryset, serializer_class)
+        if not has_permission(self.request, EXECUTE):
+            for event in response.data["results"]:
+                kind, workflow_id, payload = event["event_type"], event["workflow_id"], event["payload"]
+                if event_holds_conversation(event_type=kind, workflow_id=workflow_id, payload=payload):
+                    event["payload"] = None
+        return response
 
 
 class MeView(ApiMixin, APIView):

@@ -31,6 +31,9 @@ from orchestration.services.dispatch import tasks_queue
 from orchestration.services.events import event_record
 
 TASK_TYPE = "conversation"
+# Events an agent records while it works on a task whose payload holds what it worked on: a
+# tool call's input and result, a hand-off's message.
+CONTENT_EVENTS = (EventType.TOOL_EXECUTED, EventType.AGENT_INTERACTION)
 INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
 Role = AgentPlaygroundMessage.Role
 
@@ -135,6 +138,14 @@ def conversation_message_post(
     )
     tasks_queue([task], now=message.created_at)  # the database's clock, as the queue timeout's
     return message
+
+
+def event_holds_conversation(*, event_type: str, workflow_id: str | None, payload: dict[str, Any] | None) -> bool:
+    """Whether an event is one of CONTENT_EVENTS recorded by a conversation's reply task: its
+    payload holds the conversation (the user's message, what the agent made of it). Such a
+    task is the only one outside any workflow; the event names it by its execution_id, and
+    stays when retention has deleted it."""
+    return event_type in CONTENT_EVENTS and workflow_id is None and bool((payload or {}).get("execution_id"))
 
 
 def _question(task: TaskExecution) -> AgentPlaygroundMessage | None:

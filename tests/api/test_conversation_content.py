@@ -1,9 +1,23 @@
 """A user message posted through the API is stored as it was written, within the configured
-limit. (Found by an audit and failing before its fix.)"""
+limit, and read only by who may read its conversation. (Found by audits and failing before
+their fixes.)"""
 
 from __future__ import annotations
 
+import pytest
+from django.contrib.auth.models import Group
+from rest_framework.test import APIClient
+
 from orchestration.models import AgentPlaygroundMessage
+from orchestration.services.access import api_key_create
+from tests.api.conftest import make_caller
+from tests.engine import wait_for
+
+
+def _client(key: str) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    return client
 
 
 def test_a_posted_message_is_stored_as_written_whitespace_included(callers):
@@ -48,3 +62,69 @@ def test_a_refused_message_names_its_field_once_as_the_other_validation_errors_d
     assert error["detail"].startswith("use 1-255 letters")
     assert refused.json()["detail"] == f"instance_id: {error['detail']}"
     assert not AgentPlaygroundMessage.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reply_tasks_message_and_reply_are_read_only_by_who_may_read_the_conversation(engine):
+    """A conversation's reply task holds the user's message as its input and the agent's reply
+    as its output. The thread needs agent:execute (a viewer, a key narrowed to workflow:read,
+    is refused it), but its reply task answered them both with workflow:read alone: its asker's
+    narrowed key, its asker once a viewer, an admin's key narrowed to workflow:read (in the
+    task list too)."""
+    engine()
+    alice = make_caller("alice", "developer")
+    posted = alice.client.post(
+        "/api/v1/conversations/alice-1/messages/", {"agent": "echo", "content": "my PIN is 4321"}, format="json"
+    )
+    assert posted.status_code == 202, posted.json()
+    url = f"/api/v1/tasks/{posted.json()['execution_id']}/"
+    wait_for(lambda: alice.client.get(url).json()["status"] == "completed", what="the reply")
+    read_only = _client(api_key_create(owner=alice.user, name="ro", permissions=["workflow:read"]).key)
+    root = make_caller("root", "admin")
+    root_read_only = _client(api_key_create(owner=root.user, name="ro", permissions=["workflow:read"]).key)
+
+    for client in (alice.client, root.client):
+        assert "4321" in str(client.get(url).json()["input_data"])
+        assert "4321" in str(client.get(url).json()["output_data"])
+    assert "4321" in str(root.client.get("/api/v1/tasks/").json()["results"])
+    assert read_only.get("/api/v1/conversations/alice-1/messages/").status_code == 403  # as designed
+    for client in (read_only, root_read_only):
+        task = client.get(url)
+        assert task.status_code == 200
+        assert task.json()["status"] == "completed"
+        assert task.json()["input_data"] is None
+        assert task.json()["output_data"] is None
+    assert "4321" not in str(root_read_only.get("/api/v1/tasks/").json())
+
+    alice.user.groups.set([Group.objects.get(name="viewer")])
+    assert "4321" not in str(alice.client.get(url).json())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_conversations_tool_calls_are_in_the_events_list_without_their_payload_to_a_key_that_may_not_converse(
+    engine,
+):
+    """The tool_executed event of a tool a conversation's reply called holds the user's text
+    (its input_params) and the tool's result. An admin's key narrowed to workflow:read, refused
+    the threads, read every user's conversations there."""
+    engine()
+    alice = make_caller("alice", "developer")
+    posted = alice.client.post(
+        "/api/v1/conversations/alice-1/messages/",
+        {"agent": "assistant", "content": "stats: diagnosis hemoglobin"},
+        format="json",
+    )
+    assert posted.status_code == 202, posted.json()
+    url = f"/api/v1/tasks/{posted.json()['execution_id']}/"
+    wait_for(lambda: alice.client.get(url).json()["status"] == "completed", what="the reply")
+    root = make_caller("root", "admin")
+    read_only = _client(api_key_create(owner=root.user, name="ro", permissions=["workflow:read"]).key)
+    events = "/api/v1/events/?event_type=tool_executed"
+
+    (called,) = root.client.get(events).json()["results"]
+    assert called["payload"]["input_params"] == {"text": "diagnosis hemoglobin"}
+    assert read_only.get("/api/v1/conversations/alice-1/messages/").status_code == 403  # as designed
+    (hidden,) = read_only.get(events).json()["results"]
+    assert hidden["payload"] is None
+    assert {k: v for k, v in hidden.items() if k != "payload"} == {k: v for k, v in called.items() if k != "payload"}
+    assert "hemoglobin" not in str(read_only.get("/api/v1/events/").json())

@@ -342,3 +342,8 @@ def deep_output(task_input, context):
     for _ in range(5000):
         nested = [nested]
     return {"nested": nested}
+
+
+def relays(task_input, context):
+    """In a conversation, hands the user's message to echo and answers with its output."""
+    return context.peers.handoff("echo", {"text": task_input.get("message", "")}, message=task_input.get("message", ""))

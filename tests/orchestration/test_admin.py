@@ -49,6 +49,7 @@ from tests.factories import (
     UserFactory,
     WorkflowFactory,
 )
+from tests.orchestration.edge_agents import edge_agent
 
 pytestmark = pytest.mark.django_db
 
@@ -455,6 +456,75 @@ def test_a_conversation_is_read_on_its_reply_tasks_page_only_by_staff_who_may_vi
 
     client.force_login(_staff_with("view_taskexecution", "view_agentplaygroundmessage"))
     assert "hemoglobin" in client.get(page).content.decode()
+
+
+def _conversation_replied(agent_id: str, content: str) -> TaskExecution:
+    asked = conversation_message_post(
+        agent=Agent.objects.get(pk=agent_id),
+        instance_id=f"alice-{agent_id}",
+        content=content,
+        owner=UserFactory(username="alice"),
+    )
+    task = wait_for(lambda: (t := TaskExecution.objects.get(pk=asked.execution_id)).is_terminal and t, what="the reply")
+    assert task.status == TaskExecution.Status.COMPLETED
+    return task
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_conversations_hand_offs_are_read_in_the_interactions_only_by_staff_who_may_view_messages(
+    engine, client
+) -> None:
+    """A hand-off made by a conversation's reply task holds the user's message (the hand-off's
+    input and its output in the payload, here its message too). The viewer role may view
+    interactions, not conversations: it read every user's there, in the list and on the page."""
+    engine()
+    edge_agent("relay", "relays")
+    task = _conversation_replied("relay", "diagnosis hemoglobin")
+    interaction = AgentInteraction.objects.get(execution=task)
+    of_workflow = InteractionFactory(message="a workflow's hand-off")
+    lists, page = _url(AgentInteraction, "changelist"), _url(AgentInteraction, "change", interaction.pk)
+
+    client.force_login(UserFactory(role="viewer"))
+    assert client.get(_url(AgentPlaygroundMessage, "changelist")).status_code == 403
+    listed = client.get(lists).content.decode()
+    assert "hemoglobin" not in listed
+    assert "a workflow&#x27;s hand-off" in listed  # the rest of the list is as it was
+    shown = client.get(page)
+    assert shown.status_code == 200
+    assert "hemoglobin" not in shown.content.decode()
+    assert "a workflow&#x27;s hand-off" in client.get(_url(AgentInteraction, "change", of_workflow.pk)).content.decode()
+
+    client.force_login(_staff_with("view_agentinteraction", "view_agentplaygroundmessage"))
+    assert "hemoglobin" in client.get(lists).content.decode()
+    assert "hemoglobin" in client.get(page).content.decode()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_conversations_tool_calls_and_hand_offs_show_their_payload_only_to_staff_who_may_view_messages(
+    engine, client
+) -> None:
+    """The tool_executed event of a tool a conversation's reply called holds the user's text
+    (its input_params), an agent_interaction event the hand-off's message: the viewer role may
+    view events, not conversations, and read every user's on the event's page."""
+    engine()
+    edge_agent("relay", "relays")
+    _conversation_replied("assistant", "stats: diagnosis hemoglobin")
+    _conversation_replied("relay", "diagnosis anaemia")
+    tool = Event.objects.get(event_type="tool_executed")
+    handoff = Event.objects.get(event_type="agent_interaction")
+    of_workflow = EventFactory(event_type="tool_executed", workflow_id=WorkflowFactory().pk, payload={"x": "PAYLOAD"})
+    pages = {_url(Event, "change", event.pk): word for event, word in ((tool, "hemoglobin"), (handoff, "anaemia"))}
+
+    client.force_login(UserFactory(role="viewer"))
+    for page, word in pages.items():
+        shown = client.get(page)
+        assert shown.status_code == 200
+        assert word not in shown.content.decode()
+    assert "PAYLOAD" in client.get(_url(Event, "change", of_workflow.pk)).content.decode()
+
+    client.force_login(_staff_with("view_event", "view_agentplaygroundmessage"))
+    for page, word in pages.items():
+        assert word in client.get(page).content.decode()
 
 
 def test_json_fields_are_pretty_printed_and_escaped(su_client: Client) -> None:
