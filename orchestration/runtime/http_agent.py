@@ -113,10 +113,10 @@ def post_json(
     turn (the Host header and TLS SNI carry the name). Transport failures and timeouts raise
     RetryableError; an answer over AGENT_HTTP_MAX_RESPONSE_BYTES raises PermanentError.
 
-    `read_timeout` bounds each read and, with the connect timeout, the whole body: httpx's
-    read timeout is per read, so a server sending a byte now and then would otherwise hold
-    the attempt until the task's time limit (checked as each chunk arrives; the status line
-    and headers are bounded per read and by the parser's size limit)."""
+    `read_timeout` bounds each read, the wait for the whole status line and headers, and, with
+    the connect timeout, the whole body: httpx's read timeout is per read, so a server sending
+    a byte now and then (or a `100 Continue` after another) would otherwise hold the attempt
+    until the task's time limit."""
     body = json.dumps(payload, allow_nan=False).encode()
     request_headers = {
         "Content-Type": "application/json",
@@ -130,21 +130,28 @@ def post_json(
     # Imported on the first request, not with this module: every Django process loads the
     # module (through the agent registry) and httpx brings in about 15 MB (with rich and
     # pygments for its command line), which the web, the exporter and the consumer never use.
+    import httpcore
     import httpx
 
     timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+    ssl_context = httpx.create_ssl_context(trust_env=False)
     limit = settings.AGENT_HTTP_MAX_RESPONSE_BYTES
     last_connect_error: Exception | None = None
     for address in target.addresses:
         url = target.url.copy_with(host=address)
+        reads = _BoundedReads(first=read_timeout)
+        transport = httpx.HTTPTransport(verify=ssl_context, trust_env=False)
+        # httpx takes no network backend: its pool, made as it makes it, with ours.
+        transport._pool = httpcore.ConnectionPool(ssl_context=ssl_context, network_backend=reads)
         try:
             with (
-                httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client,
+                httpx.Client(transport=transport, timeout=timeout, follow_redirects=False, trust_env=False) as client,
                 client.stream("POST", url, content=body, headers=request_headers, extensions=extensions) as response,
             ):
-                # From the headers' arrival: the wait for them is bounded per read, and a server
-                # answering late (a model's whole generation first) keeps its time for the body.
+                # From the headers' arrival: a server answering late (a model's whole generation
+                # first) keeps its time for the body.
                 deadline = time.monotonic() + connect_timeout + read_timeout
+                reads.deadline = deadline
                 content = _read_body(response, limit=limit, what=what, deadline=deadline)
                 return Reply(
                     url=str(target.url), status=response.status_code, headers=response.headers, content=content
@@ -161,12 +168,66 @@ def post_json(
     )
 
 
+class _BoundedReads:
+    """A network backend (httpcore's, wrapped) whose connections' reads end by `deadline`
+    (time.monotonic()), which starts `first` seconds after the first read, the wait for the
+    answer's status line and headers, and the caller moves once they have arrived."""
+
+    def __init__(self, *, first: float) -> None:
+        import httpcore
+
+        self._backend = httpcore.SyncBackend()
+        self._first = first
+        self.deadline: float | None = None
+
+    def connect_tcp(self, *args: Any, **kwargs: Any) -> _BoundedStream:
+        return _BoundedStream(self._backend.connect_tcp(*args, **kwargs), self)
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+    def read_timeout(self, timeout: float | None) -> float | None:
+        """`timeout` cut to what is left before the deadline; httpcore's ReadTimeout past it."""
+        import httpcore
+
+        now = time.monotonic()
+        if self.deadline is None:
+            self.deadline = now + self._first
+        if (left := self.deadline - now) <= 0:
+            raise httpcore.ReadTimeout("the answer took longer than its deadline")
+        return left if timeout is None else min(timeout, left)
+
+
+class _BoundedStream:
+    """A connection's stream whose reads end by its backend's deadline."""
+
+    def __init__(self, stream: Any, reads: _BoundedReads) -> None:
+        self._stream = stream
+        self._reads = reads
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, self._reads.read_timeout(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, *args: Any, **kwargs: Any) -> _BoundedStream:
+        return _BoundedStream(self._stream.start_tls(*args, **kwargs), self._reads)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
 def _read_body(response: httpx.Response, *, limit: int, what: str, deadline: float) -> bytes:
     """The answer's body, decoded, never holding more than `limit` decoded bytes (+1) in
     memory: a compressed body is inflated here chunk by chunk with a bound on each step
     (httpx would inflate each received chunk whole, and nest encodings, before any size
-    check). A 2xx answer over the limit is an error; of any other only the first
-    ERROR_BODY_BYTES are kept. Past `deadline` (time.monotonic()) it raises httpx.ReadTimeout."""
+    check). A 2xx answer over the limit, or in an encoding that cannot be decoded, is an
+    error; of any other only the first ERROR_BODY_BYTES are kept (as they came, if they cannot
+    be decoded). Past `deadline` (time.monotonic()) it raises httpx.ReadTimeout."""
     import httpx
 
     success = 200 <= response.status_code < 300
@@ -176,10 +237,15 @@ def _read_body(response: httpx.Response, *, limit: int, what: str, deadline: flo
         decoder = None
     elif encoding in ("gzip", "x-gzip", "deflate"):
         decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header, detected
-    else:
+    elif success:
         raise PermanentError(f"{what}: answered with Content-Encoding {encoding!r}; only gzip or deflate is accepted")
+    else:
+        # An error answer is classified by its status, its body only quoted: a 503 or a 429 a
+        # proxy sent compressed some other way (or mislabelled) failed the task for good.
+        decoder = None
     content = bytearray()
     received = False
+    fresh = True  # nothing given to the decoder yet
     for raw in response.iter_raw():
         if time.monotonic() > deadline:
             raise httpx.ReadTimeout("the answer took longer than its deadline")
@@ -193,7 +259,17 @@ def _read_body(response: httpx.Response, *, limit: int, what: str, deadline: flo
                 try:
                     content.extend(decoder.decompress(data, cap + 1 - len(content)))
                 except zlib.error as exc:
-                    raise PermanentError(f"{what}: the answer is not valid {encoding} ({exc})") from None
+                    if encoding == "deflate" and fresh:
+                        # `deflate` is the zlib format (RFC 9110), but some servers send the bare
+                        # stream, which httpx, urllib3 and browsers read: a paid result failed
+                        # for good.
+                        decoder, fresh = zlib.decompressobj(-zlib.MAX_WBITS), False
+                        continue
+                    if success:
+                        raise PermanentError(f"{what}: the answer is not valid {encoding} ({exc})") from None
+                    decoder = None  # an error answer's body, quoted as it came (above)
+                    continue
+                fresh = False
                 data = decoder.unconsumed_tail
             if len(content) > cap:
                 if success:

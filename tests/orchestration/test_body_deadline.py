@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from orchestration.errors import RetryableError
 from orchestration.runtime.executors import agent_execute
 from tests.fakes.servers import RawServer
 from tests.orchestration.test_executors import ctx, http_agent
@@ -50,3 +51,27 @@ def test_a_large_body_sent_steadily_is_read_whole(local_net):
     with RawServer(_large_steady) as server:
         result = agent_execute(agent=http_agent(server.url), task_input={}, context=ctx())
     assert len(result.output["result"]) == 10 * 1024 * 1024 - 100
+
+
+def _headers_trickled(conn: socket.socket) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 100 + b"\r\n\r\n"
+    for byte in head:  # each read comes well within the read timeout; the whole takes 40 s
+        conn.sendall(bytes([byte]))
+        time.sleep(0.25)
+
+
+def _continue_after_continue(conn: socket.socket) -> None:
+    for _ in range(40):  # each a whole answer, within the read timeout: 40 s of them
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        time.sleep(1)
+
+
+@pytest.mark.parametrize("respond", [_headers_trickled, _continue_after_continue], ids=["trickled", "100-continue"])
+def test_an_answer_whose_headers_never_end_is_cut_off_near_the_read_timeout(local_net, respond):
+    # Bounded per read only, it held the attempt until the task's time limit (20 s on a worker
+    # with these settings, the attempt recorded a soft time-out instead of a retryable failure).
+    with RawServer(respond) as server:
+        started = time.monotonic()
+        with pytest.raises(RetryableError, match="timed out"):
+            agent_execute(agent=http_agent(server.url), task_input={}, context=ctx())
+    assert time.monotonic() - started < 5  # cut at about 2 s, the read timeout

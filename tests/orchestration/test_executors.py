@@ -10,6 +10,7 @@ import re
 import socket
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from decimal import Decimal
 
@@ -177,6 +178,35 @@ def test_http_agent_server_errors_and_rate_limits_are_retryable(local_net, servi
     with pytest.raises(RetryableError, match=f"HTTP {status}") as info:
         agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
     assert info.value.retry_after == retry_after
+
+
+@pytest.mark.parametrize(
+    ("status", "encoding"), [(503, "br"), (429, "gzip"), (502, "zstd")], ids=["br", "not-gzip", "zstd"]
+)
+def test_http_agent_error_answer_whose_body_cannot_be_decoded_is_classified_by_its_status(
+    local_net, service, status, encoding
+):
+    # A proxy's error page compressed as we did not ask, or labelled gzip and sent plain: the
+    # status says the failure is transient, the body is only quoted.
+    body = b"<html>upstream busy</html>"
+    service.script(Reply(status=status, body=body, headers={"Content-Encoding": encoding, "Retry-After": "7"}))
+    with pytest.raises(RetryableError, match=f"HTTP {status}: <html>upstream busy") as info:
+        agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
+    assert info.value.retry_after == 7.0
+
+
+@pytest.mark.parametrize("wbits", [zlib.MAX_WBITS, -zlib.MAX_WBITS], ids=["zlib", "bare"])
+def test_http_agent_deflate_answer_is_read_in_either_form_servers_send(local_net, service, wbits):
+    local_net.AGENT_HTTP_MAX_RESPONSE_BYTES = 1024
+    for text, cap in (("done", False), ("x" * 5000, True)):
+        compressor = zlib.compressobj(wbits=wbits)
+        body = compressor.compress(json.dumps({"result": text}).encode()) + compressor.flush()
+        service.script(Reply(body=body, headers={"Content-Encoding": "deflate"}))
+        if cap:  # the bare stream is inflated within the cap as well
+            with pytest.raises(PermanentError, match="exceeds AGENT_HTTP_MAX_RESPONSE_BYTES"):
+                agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
+        else:
+            assert agent_execute(agent=http_agent(service.url), task_input={}, context=ctx()).output == {"result": text}
 
 
 def test_http_agent_client_error_is_permanent_and_quotes_the_body(local_net, service):
