@@ -28,7 +28,7 @@ from orchestration.runtime.context import Usage
 from orchestration.services.events import event_record, task_event, workflow_event
 from orchestration.services.relay import event_to_entry, events_relay
 from orchestration.services.workflows import task_retry
-from tests.engine import ROOT, output_of, wait_for
+from tests.engine import ROOT, PrivateRedis, output_of, wait_for
 from tests.factories import AgentFactory, EventFactory, TaskExecutionFactory, WorkflowFactory
 from tests.orchestration.test_accounting_edges import _run_attempt
 from training_export.services.store import TrainingDataStore
@@ -735,3 +735,45 @@ def test_a_stream_published_again_does_not_bring_back_the_days_retention_removed
     assert synapse.event_ids("events", recent.date()) == [kept.event_id]
     assert "entries of days retention removed: 2" in output
     assert synapse.pending() == 0
+
+
+def test_a_group_created_again_after_redis_restarted_empty_gets_what_another_group_let_be_trimmed(
+    synapse, settings, tmp_path
+):
+    """Redis keeps nothing on disk and restarts: the stream and both consumer groups are gone, and
+    the relay publishes again every event PostgreSQL holds. The `replay` group comes back first,
+    reads them all and the relay trims what it acknowledged, before `training` comes back: its
+    group, made again at the start of the stream, began past the trimmed entries, and the events
+    it had not yet written before the restart never reached its files, silently."""
+    private = PrivateRedis(tmp_path)  # --save '': a restart comes back empty
+    shared = synapse.client
+    settings.REDIS_URL = private.url
+    synapse.client = redis.Redis.from_url(private.url)
+    training_dir, replay_dir = settings.TRAINING_DATA_DIR, tmp_path / "replay"
+
+    def consume_as(group: str) -> str:
+        settings.TRAINING_DATA_DIR = training_dir if group == GROUP else replay_dir
+        return consume("--group", group, "-v", "2")
+
+    try:
+        written = [EventFactory(created_at=T0) for _ in range(3)]
+        synapse.relay()
+        consume_as(GROUP)
+        consume_as("replay")
+        unread = [EventFactory(created_at=T0) for _ in range(4)]  # neither group has read these
+        synapse.relay()
+
+        private.restart()
+        synapse.relay()  # the whole table again, on a new stream without groups
+        consume_as("replay")
+        synapse.relay()  # trims what every group (replay alone) acknowledged
+        assert synapse.client.xlen(synapse.stream) == 0
+        output = consume_as(GROUP)
+
+        assert synapse.event_ids("events", T0.date()) == [event.event_id for event in written + unread]
+        assert "rows written: events=4 " in output
+        assert synapse.pending() == 0
+    finally:
+        synapse.client.close()
+        synapse.client = shared
+        private.stop()

@@ -53,9 +53,9 @@ from django.utils import timezone
 
 from orchestration.db import database_now
 from orchestration.event_types import EventType
-from orchestration.models import TaskExecution, Workflow
+from orchestration.models import Event, TaskExecution, Workflow
 from orchestration.services.events import state_value
-from orchestration.services.relay import dead_letter_stream, shown_name
+from orchestration.services.relay import dead_letter_stream, events_to_entries, shown_name, with_payload_text
 from training_export.services import redaction
 from training_export.services.jsonl import json_load, json_load_many
 from training_export.services.store import (
@@ -596,6 +596,7 @@ class SynapseConsumer:
         self.claim_idle_ms = claim_idle_ms
         self.dead_stream = dead_letter_stream(stream)
         self._scripts: dict[str, Any] = {}
+        self._made_group = False  # by this consumer, since its last write_trimmed
 
     def _script(self, source: str) -> Any:
         """The client's Script for `source`, registered once (a name for its SHA; nothing is
@@ -607,14 +608,18 @@ class SynapseConsumer:
 
     # --- reading -------------------------------------------------------------------------
 
-    def ensure_group(self) -> None:
+    def ensure_group(self) -> bool:
         """Create the group (and the stream) unless they exist; a new group starts at the
-        beginning of the stream, and the files' dedupe absorbs what was already written."""
+        beginning of the stream, and the files' dedupe absorbs what was already written (and
+        `write_trimmed` what was trimmed from the stream before). True if it created it."""
         try:
             self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+            return False
+        self._made_group = True
+        return True
 
     def read_pending(self, *, after: str = "0") -> list[Entry]:
         """Entries delivered to this consumer name earlier and never acknowledged."""
@@ -661,6 +666,66 @@ class SynapseConsumer:
         deleted = [_text(entry_id) for entry_id in deleted_ids or []]
         entries += [(entry_id, {}) for entry_id in deleted]
         return _text(cursor), entries
+
+    def trimmed_range(self, *, made_group: bool = False) -> tuple[int, int] | None:
+        """The sequences strictly between which the stream lost entries this group may never
+        have read (`after`, `before`), or None. The relay trims only what every group then on
+        the stream acknowledged, but a group made after that trim (Redis restarted empty and the
+        relay published the table again, or the stream was deleted, and another group read and
+        acknowledged it all before this one was made again; a new group) starts past the entries
+        trimmed before it existed. From the start of the stream for a group this consumer made
+        (`made_group`: another consumer of the group may have read since), else from where the
+        group has read to: entries removed since it exists were delivered to it. Entry ids are
+        `<sequence>-1`; a sequence hole in the range is a rollback (no event there)."""
+        try:
+            info = self.client.xinfo_stream(self.stream)
+            groups = self.client.xinfo_groups(self.stream)
+        except redis.ResponseError:
+            return None  # no stream
+        if not info.get("entries-added") or info["entries-added"] <= info["length"]:
+            return None  # nothing was ever removed (or Redis before 7 cannot tell)
+        delivered = next((g["last-delivered-id"] for g in groups if shown_name(g["name"]) == self.group), None)
+        if delivered is None:
+            return None
+        after = 0 if made_group else _id_key(_text(delivered))[0]
+        first = info.get("first-entry")
+        before = _id_key(_text(first[0]))[0] if first else _id_key(_text(info["last-generated-id"]))[0] + 1
+        return (after, before) if before > after + 1 else None
+
+    def write_trimmed(self, handle: Callable[[list[Entry]], None], should_stop: Callable[[], bool]) -> int:
+        """Write the events PostgreSQL holds in `trimmed_range`, as the relay made their entries,
+        before this consumer reads new entries: the group does not move until a consumer reads,
+        so a consumer killed meanwhile finds the same range on restart. Their acknowledgement
+        acknowledges nothing (they are not pending). Returns how many events were written."""
+        gap = self.trimmed_range(made_group=self._made_group)
+        self._made_group = False
+        if gap is None:
+            return 0
+        after, before = gap
+        done = 0
+        while not should_stop():
+            events = list(
+                with_payload_text(Event.objects.filter(sequence__gt=after, sequence__lt=before)).order_by("sequence")[
+                    : self.batch
+                ]
+            )
+            if not events:
+                break
+            if not done:
+                logger.warning(
+                    "the stream %s lost entries after %d-1 and before %d-1 that the group %s may never have read "
+                    "(trimmed before the group was made: Redis restarted empty or the stream was deleted, and "
+                    "another group read them first; or the group is new): writing their events from PostgreSQL",
+                    self.stream,
+                    after,
+                    before,
+                    self.group,
+                )
+            with collector_paused():
+                handle([(f"{e.sequence}-1", entry) for e, entry in zip(events, events_to_entries(events), strict=True)])
+            done += len(events)
+            after = events[-1].sequence
+        return done
 
     # --- writing and acknowledging ---------------------------------------------------------
 
@@ -898,6 +963,7 @@ class SynapseConsumer:
             if not entries:
                 break
             after = entries[-1][0]
+        self.write_trimmed(handle, should_stop)
 
         if once:
             stop_at = self._last_generated_id()
@@ -917,6 +983,8 @@ class SynapseConsumer:
                 if time.monotonic() >= next_claim:
                     self._claim_all(handle, should_stop)
                     next_claim = time.monotonic() + max(self.claim_idle_ms, 1000) / 1000
+                if self._made_group:
+                    self.write_trimmed(handle, should_stop)
                 with collector_paused():
                     handle(self._read_new_or_regroup(block_ms=block_ms))
         self.leave()
