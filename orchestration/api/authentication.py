@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -10,7 +11,6 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.db import DatabaseError, connections
 from django.db.models import Field, Model
-from django.utils import timezone
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.request import Request
@@ -72,19 +72,25 @@ class _KeyLookup:
             f"WHERE ug.{quote(groups.m2m_column_name())} = {owner_id} AND {group_name} IN ({roles}) "
             f"ORDER BY CASE {group_name} {rank} END LIMIT 1"
         )
+        # The database's clock, read by the statement that runs anyway: a key expires at the
+        # same moment on every web host, whatever its own clock says (% doubled: the SQL takes
+        # parameters).
+        self.postgresql = connections[using].vendor == "postgresql"
+        clock = "clock_timestamp()" if self.postgresql else "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now')"
         # Table and column names come from the models; every value is a parameter.
         self.sql = (
-            f"SELECT {', '.join(self.key.sql + self.owner.sql)}, ({role}) "  # noqa: S608
+            f"SELECT {', '.join(self.key.sql + self.owner.sql)}, ({role}), {clock} "  # noqa: S608
             f"FROM {quote(ApiKey._meta.db_table)} k INNER JOIN {quote(user_model._meta.db_table)} u "
             f"ON u.{quote(user_model._meta.pk.column)} = {owner_id} "
             f"WHERE k.{quote(ApiKey._meta.get_field('prefix').column)} = %s LIMIT 1"
         )
         self.using = using
 
-    def fetch(self, prefix: str) -> tuple[ApiKey, str | None] | None:
+    def fetch(self, prefix: str) -> tuple[ApiKey, str | None, dt.datetime] | None:
+        """The key, its owner's role and the database's time, or None for an unknown prefix."""
         connection = connections[self.using]
         params = [*ROLE_ORDER, *ROLE_ORDER, prefix]
-        if connection.vendor == "postgresql":
+        if self.postgresql:
             row = self._fetch_prepared(connection, params)
         else:
             with connection.cursor() as cursor:
@@ -94,8 +100,9 @@ class _KeyLookup:
             return None
         split = len(self.key.fields)
         api_key = self.key.instance(row[:split])
-        api_key.owner = self.owner.instance(row[split:-1])
-        return api_key, row[-1]
+        api_key.owner = self.owner.instance(row[split:-2])
+        now = row[-1] if self.postgresql else dt.datetime.fromisoformat(row[-1]).replace(tzinfo=dt.UTC)
+        return api_key, row[-2], now
 
     def _fetch_prepared(self, connection: Any, params: list[str]) -> tuple[Any, ...] | None:
         """The lookup as a prepared statement: planning this join cost twice what running it
@@ -162,8 +169,7 @@ class ApiKeyAuthentication(BaseAuthentication):
         # The same answer for an unknown prefix and a wrong secret: nothing to probe.
         if found is None or not api_key_matches(found[0], secret):
             raise AuthenticationFailed("Invalid API key.")
-        api_key, role = found
-        now = timezone.now()
+        api_key, role, now = found
         if api_key.revoked_at is not None:
             raise AuthenticationFailed("This API key has been revoked.")
         if api_key.expires_at is not None and api_key.expires_at <= now:

@@ -17,13 +17,15 @@ from django.conf import settings
 from redis.connection import Connection
 
 # INCR and, on the first hit of a window, EXPIRE: one atomic step, so concurrent requests
-# can neither lose a count nor leave a counter without its expiry.
+# can neither lose a count nor leave a counter without its expiry. The time left is read in
+# milliseconds: TTL rounds to the nearest second, and a Retry-After rounded down sends the
+# client back before the window ends, to be refused again.
 _COUNT_SCRIPT = """
 local count = redis.call('INCR', KEYS[1])
-local ttl = redis.call('TTL', KEYS[1])
+local ttl = redis.call('PTTL', KEYS[1])
 if ttl < 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[1])
-  ttl = tonumber(ARGV[1])
+  ttl = tonumber(ARGV[1]) * 1000
 end
 return {count, ttl}
 """
@@ -35,8 +37,9 @@ def _client(url: str) -> redis.Redis:
 
 
 def _hit_reply(reply: Any) -> tuple[int, int]:
-    count, ttl = reply
-    return int(count), max(int(ttl), 1)
+    """(hits so far, seconds until the window ends, rounded up)."""
+    count, ttl_ms = reply
+    return int(count), max(-(-int(ttl_ms) // 1000), 1)
 
 
 class Hit(Protocol):

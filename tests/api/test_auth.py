@@ -16,6 +16,7 @@ from django.urls import reverse
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from orchestration.db import database_now
 from orchestration.errors import SpecError
 from orchestration.models import ApiKey
 from orchestration.services.access import api_key_create, api_key_rotate, api_key_secret_hash
@@ -89,6 +90,23 @@ def test_revoked_and_expired_keys_are_refused(db):
     response = expired.client.get("/api/v1/me/")
     assert response.status_code == 401
     assert response.json()["detail"] == "This API key has expired."
+
+
+def test_a_key_expires_on_the_database_s_clock_not_the_web_host_s(db, monkeypatch):
+    """A web host whose clock ran two minutes behind served a key that had expired a minute
+    before, for as long as its clock was off (the times hosts compare are the database's)."""
+    expired = make_caller("x", "developer")
+    ApiKey.objects.filter(owner=expired.user).update(expires_at=database_now() - dt.timedelta(seconds=60))
+    unexpired = make_caller("y", "developer")
+    ApiKey.objects.filter(owner=unexpired.user).update(expires_at=database_now() + dt.timedelta(seconds=60))
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() - dt.timedelta(seconds=120))
+    response = expired.client.get("/api/v1/me/")
+    assert response.status_code == 401
+    assert response.json()["detail"] == "This API key has expired."
+    # ...and one whose host runs ahead serves a key until its expiry.
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + dt.timedelta(seconds=120))
+    assert unexpired.client.get("/api/v1/me/").status_code == 200
 
 
 def test_an_inactive_owner_cannot_use_their_key(db):

@@ -52,6 +52,21 @@ def test_the_counter_lives_in_redis_with_a_60_second_expiry(callers, low_limits)
     assert body["rate_limit"] == {"limit": 3, "remaining": 2, "reset": 60}
 
 
+def test_a_client_that_waits_its_retry_after_is_not_refused_again(callers, low_limits):
+    """Retry-After and RateLimit-Reset are the seconds left in the window rounded up: Redis's
+    TTL rounds to the nearest second, so with 1.45 s left they said 1, and a client that waited
+    exactly that long was refused again (and told 1 again)."""
+    viewer = callers["viewer"].client
+    for _ in range(3):
+        assert viewer.get("/api/v1/me/").status_code == 200
+    _redis().pexpire(rate_limit_key(callers["viewer"].user.pk), 1450)
+    refused = viewer.get("/api/v1/me/")
+    assert refused.status_code == 429
+    assert refused["Retry-After"] == refused["RateLimit-Reset"] == "2"
+    time.sleep(int(refused["Retry-After"]))
+    assert viewer.get("/api/v1/me/").status_code == 200
+
+
 def test_counting_is_atomic_under_concurrent_hits(db):
     key = "rate_limit:test-concurrency"
     with ThreadPoolExecutor(max_workers=8) as pool:
