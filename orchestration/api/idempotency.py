@@ -15,11 +15,13 @@ last word if a lock ever expires early. Workflows and messages are separate key 
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import redis
 from django.db import IntegrityError
 from rest_framework.exceptions import ValidationError
 
@@ -31,6 +33,8 @@ from orchestration.models import Agent, AgentPlaygroundMessage, Workflow
 from orchestration.services.conversations import conversation_message_post
 from orchestration.services.specs import spec_validate
 from orchestration.services.workflows import workflow_spec_is, workflow_submit
+
+logger = logging.getLogger(__name__)
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
@@ -99,7 +103,13 @@ def in_flight_guard(
     try:
         yield None
     finally:
-        backend.release(lock_key, token)
+        try:
+            backend.release(lock_key, token)
+        except redis.RedisError as exc:
+            # Redis went away while the body ran: the workflow may be committed by now, and a
+            # client answered 500 for it would send it again. The lock expires by itself (a
+            # request with the key meanwhile is answered from what is stored, by on_busy).
+            logger.warning("idempotency lock %s not released, Redis did not answer: %s", lock_key, exc)
 
 
 def workflow_submit_idempotent(*, owner: Any, body: Any, header_key: str | None) -> tuple[Workflow, bool]:

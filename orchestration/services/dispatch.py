@@ -12,6 +12,7 @@ import datetime as dt
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 from django.conf import settings
@@ -23,6 +24,10 @@ from orchestration.event_types import EventType
 from orchestration.models import TaskExecution
 from orchestration.services.events import task_event_build
 from orchestration.services.fastpath import insert_rows, update_rows
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from kombu import Producer
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +122,7 @@ def dispatch_send(dispatches: list[Dispatch]) -> None:
     # moves only the queue, and the messages then went to the channel it had closed.
     app = run_task.app
     with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
-        declare = producer.maybe_declare
-        if app.conf.task_publish_retry:
-            declare = producer.connection.ensure(producer, declare, **(app.conf.task_publish_retry_policy or {}))
-        for name in dict.fromkeys(d.queue for d in dispatches):
-            declare(app.amqp.queues[name])
+        queues_declare(app, producer, [d.queue for d in dispatches])
         for d in dispatches:
             run_task.apply_async(
                 args=[d.execution_id],
@@ -134,6 +135,16 @@ def dispatch_send(dispatches: list[Dispatch]) -> None:
                 producer=producer,
                 declare=[],
             )
+
+
+def queues_declare(app: Celery, producer: Producer, names: list[str]) -> None:
+    """Declare the queues `names` on the producer's connection, retried as the producer's own
+    operation (see dispatch_send); its messages are then sent with `declare=[]`."""
+    declare = producer.maybe_declare
+    if app.conf.task_publish_retry:
+        declare = producer.connection.ensure(producer, declare, **(app.conf.task_publish_retry_policy or {}))
+    for name in dict.fromkeys(names):
+        declare(app.amqp.queues[name])
 
 
 def revoke_after_commit(celery_task_ids: list[str], *, terminate: bool) -> None:

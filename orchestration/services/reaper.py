@@ -461,6 +461,36 @@ def _sweep_alone() -> Iterator[Callable[[], bool] | None]:
             logger.warning("could not release the dispatch sweep's lock", exc_info=True)
 
 
+# Per broker URL, the Redis server's run_id (INFO: a new one at each start) the last sweep in
+# this process read, and when a sweep here found it changed.
+_broker_runs: dict[str, tuple[str, dt.datetime | None]] = {}
+
+
+def _broker_restarted_at(*, now: dt.datetime) -> dt.datetime | None:
+    """When a sweep in this process found the Redis broker restarted since its pass before
+    (another run_id), if within DISPATCH_SWEEP_AFTER_SECONDS of `now`; else None. Every message
+    published before then is gone when it restarted empty, whatever its age, and so is the
+    unacknowledged message of every try then running. A process that never read the broker
+    before cannot tell: its sweeps wait as long as ever."""
+    url = broker_redis_url()
+    if url is None:
+        return None
+    import redis
+
+    try:
+        run_id = str(redis.Redis.from_url(url, socket_timeout=5).info("server").get("run_id", ""))
+    except redis.ResponseError:  # INFO refused (a managed Redis may rename or forbid it)
+        return None
+    previous, restarted_at = _broker_runs.get(url, (run_id, None))
+    if run_id != previous:
+        restarted_at = now
+        logger.warning("the broker restarted: what was queued and running before is looked for at once")
+    _broker_runs[url] = (run_id, restarted_at)
+    if restarted_at is not None and now - restarted_at < dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS):
+        return restarted_at
+    return None
+
+
 def _stopped_attempts_close(celery_task_ids: set[str], *, now: dt.datetime) -> list[int]:
     """Close now the running attempts whose message the broker no longer has, once their worker
     says the attempt ended there: Redis restarted empty, and the worker, its connection broken,
@@ -529,6 +559,12 @@ def _queued_sweep(*, now: dt.datetime | None, renew: Callable[[], bool]) -> list
     # The database's clock, on which the tasks' queued_at and deferred_at are stamped.
     now = now or database_now()
     cutoff = now - dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS)
+    if (restarted_at := _broker_restarted_at(now=now)) is not None:
+        # What was queued, or started running, before the restart was found has lost its message
+        # with the server that went away (or failed to send it), whatever its age. One sent to
+        # the new server meanwhile is found there; one still on its way is sent again, and the
+        # first, superseded, runs nothing.
+        cutoff = max(cutoff, restarted_at)
     stale = list(
         TaskExecution.objects.filter(
             status__in=[TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING], queued_at__lt=cutoff

@@ -211,6 +211,48 @@ def test_an_export_requested_while_the_broker_is_down_is_accepted_and_queued_by_
     assert export_runs_sweep(now=timezone.now() + dt.timedelta(days=1)).requeued == [run_id]
 
 
+def test_an_export_whose_queue_declaration_is_retried_over_a_new_connection_is_queued(
+    out, monkeypatch, tmp_path, transactional_db
+):
+    """A connection's first export request declares the `low` queue, retried over a new
+    connection when the broker fails it: here writes stop (a failover pauses them) and resume by
+    the retry. The message must then go out over the new connection, as a workflow's does: kombu
+    published it on the channel the retry had closed, and raised an AttributeError after the
+    commit, a 500 for a pending run."""
+    import redis
+    from django.conf import settings
+
+    from tests.engine import PrivateRedis
+    from training_export.tasks import export_run_task
+
+    broker = PrivateRedis(tmp_path)
+    app = export_run_task.app
+    monkeypatch.setattr(app.conf, "broker_url", broker.url)
+    monkeypatch.setattr(settings, "CELERY_BROKER_URL", broker.url)
+    monkeypatch.setenv("CELERY_BROKER_URL", broker.url)
+    monkeypatch.setitem(app.conf.broker_transport_options, "socket_timeout", 2)
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    client = redis.Redis.from_url(broker.url)
+    # kombu calls the policy's errback when a try has failed: the writes resume then.
+    policy = {**(app.conf.task_publish_retry_policy or {}), "errback": lambda exc, interval: client.client_unpause()}
+    monkeypatch.setitem(app.conf, "task_publish_retry_policy", policy)
+    admin = make_caller("exporter", "admin").client
+    admin.raise_request_exception = False
+    client.client_pause(60_000, all=False)
+    try:
+        response = admin.post("/api/v1/exports/", EVENTS, format="json")
+
+        assert response.status_code == 202, response.content
+        [run_id] = response.json()["queued"]
+        [message] = client.lrange("low", 0, -1)
+        assert json.loads(message)["headers"]["argsrepr"] == f"[{run_id}]"
+    finally:
+        client.client_unpause()
+        monkeypatch.undo()
+        broker.stop()
+
+
 def test_list_filters_orders_newest_first_and_pages_by_cursor(callers, out):
     admin = callers["admin"].client
     start = midnight(DAY)

@@ -7,6 +7,7 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+from django.conf import settings
 from django.core.management import call_command
 
 from orchestration.api.redis_store import store
@@ -95,3 +96,48 @@ def test_a_header_key_beyond_ascii_is_refused_naming_the_header(callers, submit)
     assert not Workflow.objects.exists()
     in_body = submit(callers["developer"], {**SPEC, "idempotency_key": "clé"})
     assert in_body.status_code == 201 and Workflow.objects.get().idempotency_key == "clé"
+
+
+def test_redis_gone_once_the_workflow_is_stored_answers_201_and_the_key_finds_it_again(
+    transactional_db, monkeypatch, tmp_path
+):
+    """Redis (the API's store and the broker, one server as deployed) goes away while a keyed
+    submission is stored: its messages are left to the dispatch sweeper, and the lock's release
+    fails. The workflow is committed, so the client is told so (it was told 500, the workflow
+    stored); the lock expires by itself, and the key finds the workflow once Redis is back."""
+    from orchestration.api import idempotency
+    from orchestration.models import TaskExecution
+    from orchestration.tasks import run_task
+    from tests.engine import PrivateRedis
+
+    redis_server = PrivateRedis(tmp_path)
+    app = run_task.app
+    monkeypatch.setattr(app.conf, "broker_url", redis_server.url)
+    monkeypatch.setattr(settings, "CELERY_BROKER_URL", redis_server.url)
+    monkeypatch.setattr(settings, "REDIS_URL", redis_server.url)
+    monkeypatch.setenv("CELERY_BROKER_URL", redis_server.url)
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    call_command("load_agents", stdout=io.StringIO())
+    caller = make_caller("dev", "developer")
+    caller.client.raise_request_exception = False
+    submit = idempotency.workflow_submit
+
+    def submit_as_redis_goes(**kwargs: object) -> object:
+        redis_server.stop()  # after the rate limit and the lock, before the workflow is stored
+        return submit(**kwargs)
+
+    monkeypatch.setattr(idempotency, "workflow_submit", submit_as_redis_goes)
+    try:
+        response = caller.client.post("/api/v1/workflows/", SPEC, format="json", HTTP_IDEMPOTENCY_KEY="order-7")
+
+        assert response.status_code == 201, response.content
+        workflow = Workflow.objects.get()
+        assert response.json()["workflow_id"] == workflow.pk
+        assert TaskExecution.objects.get(workflow=workflow).status == "queued"  # for the sweeper
+        redis_server.start()  # back, empty
+        again = caller.client.post("/api/v1/workflows/", SPEC, format="json", HTTP_IDEMPOTENCY_KEY="order-7")
+        assert again.status_code == 200 and again.json()["workflow_id"] == workflow.pk
+    finally:
+        monkeypatch.undo()  # the suite's Redis again, for the flush after the test
+        redis_server.stop()

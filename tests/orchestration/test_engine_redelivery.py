@@ -9,6 +9,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.reaper import queued_sweep
@@ -318,3 +319,66 @@ def test_a_try_running_on_when_redis_restarted_empty_is_left_to_run_whatever_its
         (2, A.SUCCEEDED, None),
     ]
     assert second.celery_task_id == tries(wf)[0].celery_task_id  # one message throughout
+
+
+def test_after_redis_restarted_empty_the_next_sweeps_send_again_what_it_lost_not_a_minute_later(
+    engine, monkeypatch, tmp_path
+):
+    """Redis, the broker, restarts empty (no persistence) just after a workflow was submitted:
+    the queued task's message and the running try's are gone, and the worker stops the try. The
+    sweep looked only at tasks queued, and tries started, DISPATCH_SWEEP_AFTER_SECONDS before
+    (a message may still be on its way for a younger one), so the workflow stood still for a
+    minute with its worker idle (70 s for 8 s of work). A sweep that finds the broker restarted
+    since its last pass knows what was queued before is lost: it is sent again, and the stopped
+    try closed, at once; each task still completes once."""
+    from orchestration.tasks import run_task
+    from tests.engine import PrivateRedis
+
+    broker = PrivateRedis(tmp_path)
+    app = run_task.app
+    monkeypatch.setattr(app.conf, "broker_url", broker.url)
+    monkeypatch.setattr(settings, "CELERY_BROKER_URL", broker.url)
+    monkeypatch.setenv("CELERY_BROKER_URL", broker.url)
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    assert settings.DISPATCH_SWEEP_AFTER_SECONDS == 60
+    worker = engine(concurrency=1)
+    try:
+        queued_sweep()  # the beat's sweeps every few seconds: one has seen this broker
+        sleeping = {"agent": "sleep", "input": {"seconds": 3}}
+        wf, _ = workflow_submit(
+            spec={
+                "name": "restarted",
+                "tasks": [
+                    {"name": "first", **sleeping},
+                    {"name": "second", **sleeping},
+                    {"name": "after", "agent": "echo", "depends_on": ["first", "second"]},
+                ],
+            }
+        )
+        running = wait_for(
+            lambda: TaskAttempt.objects.filter(execution__workflow=wf, status=A.RUNNING).first(),
+            what="a try to run",
+        )
+        broker.restart()
+        back = time.monotonic()
+
+        def ended() -> bool:
+            queued_sweep()
+            return Workflow.objects.get(pk=wf.pk).is_terminal
+
+        wait_for(ended, timeout=40, interval=1, what="the workflow to end")
+        assert time.monotonic() - back < 40
+        assert Workflow.objects.get(pk=wf.pk).status == Workflow.Status.COMPLETED
+        attempts = TaskAttempt.objects.filter(execution__workflow=wf)
+        assert sorted((a.execution.task_name, a.status) for a in attempts if a.status != A.LOST) == [
+            ("after", A.SUCCEEDED),
+            ("first", A.SUCCEEDED),
+            ("second", A.SUCCEEDED),
+        ]
+        [stopped] = [a for a in attempts if a.status == A.LOST]
+        assert (stopped.pk, stopped.cause) == (running.pk, "redelivery")
+    finally:
+        worker.stop()
+        monkeypatch.undo()  # the suite's broker again, for the flush after the test
+        broker.stop()

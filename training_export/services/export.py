@@ -876,13 +876,18 @@ def _pending_run(*, data_type: str, window: Window, requested_by_id: int | None)
 def _enqueue(run_ids: list[int]) -> None:
     """Send the committed pending runs' tasks. With the broker down the runs stand, pending,
     and the export sweep sends them again: the caller (an API request) is not failed for it."""
-    from orchestration.services.dispatch import BROKER_DOWN
+    from orchestration.services.dispatch import BROKER_DOWN, queues_declare
     from training_export.tasks import export_run_task
 
     try:
         with export_run_task.app.producer_or_acquire() as producer:
+            # Declared as a workflow's queues are: Celery's own declaration, retried, moved only
+            # the queue to a new connection, and the message then failed on the closed channel.
+            queues_declare(export_run_task.app, producer, ["low"])
             for run_id in run_ids:
-                export_run_task.apply_async(args=[run_id], queue="low", routing_key="low", producer=producer)
+                export_run_task.apply_async(
+                    args=[run_id], queue="low", routing_key="low", producer=producer, declare=[]
+                )
     except BROKER_DOWN as exc:
         logger.error(
             "broker unreachable (%s: %s): %d export run(s) not queued, the export sweep queues them: %s",
