@@ -467,7 +467,7 @@ def test_the_recovery_schedules_have_a_worker_no_user_task_can_occupy():
 def test_the_beat_uses_the_database_scheduler():
     argv = _argv(_services()["beat"]["command"])
     assert argv[:4] == ["celery", "-A", "config", "beat"]
-    assert _option(argv, "-S", "--scheduler") == "django_celery_beat.schedulers:DatabaseScheduler"
+    assert _option(argv, "-S", "--scheduler") == "config.beat:DatabaseScheduler"
 
 
 def test_the_entrypoint_web_mode_migrates_and_serves_the_project_wsgi_app():

@@ -195,7 +195,8 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_TASK_IGNORE_RESULT = True  # durable state lives in our tables, not a result backend
 CELERY_TIMEZONE = "UTC"
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's, reading every entry (config/beat.py).
+CELERY_BEAT_SCHEDULER = "config.beat:DatabaseScheduler"
 # A message is acknowledged only after its task body returns; if the worker process dies
 # mid-task the message goes back to the queue (marked redelivered) instead of vanishing.
 CELERY_TASK_ACKS_LATE = True
@@ -376,8 +377,9 @@ TRAINING_DATA_DIR = Path(env.str("TRAINING_DATA_DIR", str(BASE_DIR / "data" / "t
 # this far in the past and no transaction that began before its end is still open.
 TRAINING_EXPORT_DIR = Path(env.str("TRAINING_EXPORT_DIR", str(TRAINING_DATA_DIR / "exports")))
 TRAINING_EXPORT_SAFETY_LAG_SECONDS = env.int("TRAINING_EXPORT_SAFETY_LAG_SECONDS", 300, minimum=0)
-# The daily export also exports the days (at most this many back) a data type missed since its
-# last exported day: a night whose export gave up on a window held open is not lost.
+# The daily export also exports the days (at most this many back) a data type has not exported
+# since its first exported day: a night whose export gave up on a window held open is not lost,
+# nor a day that failed in a catch-up whose later days were exported.
 TRAINING_EXPORT_CATCHUP_DAYS = env.int("TRAINING_EXPORT_CATCHUP_DAYS", 7, minimum=0, maximum=366)
 # Redaction of everything written to training files: JSON keys containing one of these words
 # (case-insensitive, whole words of the key: `token` masks `access_token`, not `tokens_used`, nor

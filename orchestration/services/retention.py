@@ -177,15 +177,15 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
         days: int, table: str, data_types: tuple[str, ...], *, with_history: tuple[str, ...] = ()
     ) -> dt.datetime | None:
         """The cutoff, moved back to the first day the daily export has still to export for one
-        of `data_types` (the day after its last exported day: the days its catch-up exports from
-        these rows), so that no row goes before its day is exported. A type never exported day by
-        day waits for nothing (as the catch-up), nor does a day older than the catch-up reaches
-        (TRAINING_EXPORT_CATCHUP_DAYS before the next daily export's day, whether it runs before
-        or after this pass): with the daily export stopped, rows are kept that many days longer,
-        not for good. A type of `with_history` (conversations: a thread with its messages from
-        before the day) reads `days` more of them, as this pass's cutoff leaves them to the
-        export of today's rows."""
-        from training_export.services.export import last_exported_day
+        of `data_types` (the day after its last exported day, or an earlier one a catch-up failed
+        to export: the days its catch-up exports from these rows), so that no row goes before its
+        day is exported. A type never exported day by day waits for nothing (as the catch-up),
+        nor does a day older than the catch-up reaches (TRAINING_EXPORT_CATCHUP_DAYS before the
+        next daily export's day, whether it runs before or after this pass): with the daily
+        export stopped, rows are kept that many days longer, not for good. A type of
+        `with_history` (conversations: a thread with its messages from before the day) reads
+        `days` more of them, as this pass's cutoff leaves them to the export of today's rows."""
+        from training_export.services.export import days_not_exported, last_exported_day
 
         if (before := cutoff(days)) is None:
             return None
@@ -194,7 +194,9 @@ def retention_apply(*, now: dt.datetime | None = None) -> RetentionResult:
         for data_type in data_types:
             if (last := last_exported_day(data_type)) is None:
                 continue
-            day = max(last + dt.timedelta(days=1), reached)
+            # A day before the last exported one that failed in a catch-up is exported again.
+            missed = days_not_exported(data_type, since=reached, before=last)
+            day = missed[0] if missed else max(last + dt.timedelta(days=1), reached)
             if data_type in with_history and day < today:
                 day -= dt.timedelta(days=days)
             first = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)

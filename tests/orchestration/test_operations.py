@@ -1057,7 +1057,7 @@ def test_beat_schedules_for_the_relay_and_the_reaper_exist(db):
     tasks = dict(PeriodicTask.objects.values_list("task", "interval__every"))
     assert tasks["orchestration.relay_events"] == 1
     assert tasks["orchestration.reap_stale_tasks"] == 5
-    assert settings.CELERY_BEAT_SCHEDULER.startswith("django_celery_beat")
+    assert settings.CELERY_BEAT_SCHEDULER == "config.beat:DatabaseScheduler"
 
 
 def test_backoff_grows_exponentially_with_jitter_and_honours_retry_after(settings):

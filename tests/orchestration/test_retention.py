@@ -537,6 +537,32 @@ def test_days_the_daily_export_has_not_exported_yet_are_kept_until_it_has(db, se
     assert not Workflow.objects.filter(pk=pending.pk).exists()
 
 
+def test_a_day_a_catch_up_failed_to_export_before_later_days_is_kept_until_it_is_exported(db, settings):
+    """A catch-up exported the 7th..the 9th but the 7th failed on its own (the later days
+    succeeded): the next night's export tries the 7th again, so retention must keep its rows, or
+    that export finds them gone and succeeds empty."""
+    settings.RETENTION_DAYS_WORKFLOWS = 2
+    now = dt.datetime(2024, 6, 10, 3, 0, tzinfo=dt.UTC)
+    day = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
+    for n in (*range(6), 7, 8):  # the 1st..the 6th, the 8th and the 9th; the 7th failed
+        start = day + dt.timedelta(days=n)
+        ExportRunFactory(
+            data_type=ExportRun.DataType.WORKFLOWS,
+            format="jsonl",
+            status=ExportRun.Status.SUCCEEDED,
+            window_start=start,
+            window_end=start + dt.timedelta(days=1),
+        )
+    failed_day = WorkflowFactory(status=Workflow.Status.COMPLETED, completed_at=day + dt.timedelta(days=6, hours=9))
+
+    result = retention_apply(now=now)
+
+    assert Workflow.objects.filter(pk=failed_day.pk).exists()
+    assert result.kept == {
+        "workflows": "rows of 2024-06-07 and later kept: the daily export of workflows has not exported them yet"
+    }
+
+
 def test_a_daily_export_stopped_for_good_holds_rows_back_only_as_far_as_its_catch_up_reaches(db, settings):
     """The daily export of workflows last exported the 1st and then stopped (its beat entry
     disabled, say): its catch-up would export at most TRAINING_EXPORT_CATCHUP_DAYS back, so

@@ -295,6 +295,30 @@ def test_the_daily_export_catches_up_from_the_last_exported_day_at_most_the_conf
     assert {run.window_start.date() for run in runs} == {dt.date(2024, 3, 24)}
 
 
+def test_a_day_that_failed_in_a_catch_up_is_exported_the_next_night_though_later_days_succeeded(db, out):
+    """Beat was away three nights; its catch-up exports the 17th, 18th and 19th. The 17th's events
+    fail on their own (here their directory cannot be made: a file is in its place), the later days
+    succeed. The next night must export the 17th again: counted from the last exported day (the
+    19th), it was never tried again, a day of events missing from the training data for good."""
+    for data_type in DATA_TYPES:
+        export_run(data_type=data_type, start_date=dt.date(2024, 3, 16), end_date=dt.date(2024, 3, 16))
+    blocker = out / "events" / "2024-03-17_2024-03-17"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError):
+        export_previous_day(now=dt.datetime(2024, 3, 20, 0, 30, tzinfo=dt.UTC))
+    failed = ExportRun.objects.get(status=ExportRun.Status.FAILED)
+    assert (failed.data_type, failed.window_start.date()) == ("events", dt.date(2024, 3, 17))
+    blocker.unlink()  # the operator clears it
+    runs = export_previous_day(now=dt.datetime(2024, 3, 21, 0, 30, tzinfo=dt.UTC))
+    exported = {(run.window_start.date(), run.data_type) for run in runs if run.status == ExportRun.Status.SUCCEEDED}
+    assert exported == {(dt.date(2024, 3, 17), "events")} | {(dt.date(2024, 3, 20), t) for t in DATA_TYPES}
+    assert (out / "events" / "2024-03-17_2024-03-17" / "events-train.jsonl").is_file()
+    # Once exported, the day is not exported again.
+    runs = export_previous_day(now=dt.datetime(2024, 3, 22, 0, 30, tzinfo=dt.UTC))
+    assert {run.window_start.date() for run in runs} == {dt.date(2024, 3, 21)}
+
+
 # --- temporary names of concurrent writers ---------------------------------------------------------
 
 

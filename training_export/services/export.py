@@ -44,7 +44,7 @@ from typing import BinaryIO
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Max
+from django.db.models import F, Max, Min, QuerySet
 from django.db.models.functions import Now
 
 from orchestration.db import database_now, process_stopping, stop_raised, stopping_write
@@ -714,29 +714,49 @@ def _export_days(*, now: dt.datetime | None, time_limit_seconds: int | None, fin
 
 
 def _days_missed(data_type: str, yesterday: dt.date) -> list[dt.date]:
-    """The days before `yesterday` after the type's last exported day (a succeeded export of a
-    one-day window, by the beat, by hand or through the API), at most
-    TRAINING_EXPORT_CATCHUP_DAYS back. A type never exported day by day (a new deployment)
+    """The days before `yesterday`, at most TRAINING_EXPORT_CATCHUP_DAYS back, that no succeeded
+    export of a one-day window holds (by the beat, by hand or through the API), after the type's
+    first such day: the nights the beat was away, and a day whose export failed on its own in a
+    catch-up that exported the later days. A type never exported day by day (a new deployment)
     missed nothing."""
-    last = last_exported_day(data_type, before=yesterday)
-    if last is None:
-        return []
-    first = max(
-        last + dt.timedelta(days=1),
-        yesterday - dt.timedelta(days=settings.TRAINING_EXPORT_CATCHUP_DAYS),
-    )
-    return [first + dt.timedelta(days=n) for n in range((yesterday - first).days)]
+    first = yesterday - dt.timedelta(days=settings.TRAINING_EXPORT_CATCHUP_DAYS)
+    return days_not_exported(data_type, since=first, before=yesterday) or []
 
 
-def last_exported_day(data_type: str, *, before: dt.date | None = None) -> dt.date | None:
-    """The last day (before `before`, if given) of the type that a succeeded export of a one-day
-    window holds (by the beat, by hand or through the API); None when there is none."""
-    runs = ExportRun.objects.filter(
+def _one_day_runs(data_type: str) -> QuerySet[ExportRun]:
+    return ExportRun.objects.filter(
         data_type=data_type,
         format=format_for(data_type),
         status=ExportRun.Status.SUCCEEDED,
         window_end=F("window_start") + dt.timedelta(days=1),
     )
+
+
+def days_not_exported(data_type: str, *, since: dt.date, before: dt.date) -> list[dt.date] | None:
+    """The days in [since, before) after the type's first exported day (see `last_exported_day`)
+    that no succeeded export of a one-day window holds; None when the type has none."""
+    runs = _one_day_runs(data_type)
+    earliest = runs.aggregate(first=Min("window_start"))["first"]
+    if earliest is None:
+        return None
+    start = max(since, earliest.astimezone(dt.UTC).date() + dt.timedelta(days=1))
+    if start >= before:
+        return []
+    exported = {
+        value.astimezone(dt.UTC).date()
+        for value in runs.filter(
+            window_start__gte=dt.datetime.combine(start, dt.time(), tzinfo=dt.UTC),
+            window_start__lt=dt.datetime.combine(before, dt.time(), tzinfo=dt.UTC),
+        ).values_list("window_start", flat=True)
+    }
+    days = (start + dt.timedelta(days=n) for n in range((before - start).days))
+    return [day for day in days if day not in exported]
+
+
+def last_exported_day(data_type: str, *, before: dt.date | None = None) -> dt.date | None:
+    """The last day (before `before`, if given) of the type that a succeeded export of a one-day
+    window holds (by the beat, by hand or through the API); None when there is none."""
+    runs = _one_day_runs(data_type)
     if before is not None:
         runs = runs.filter(window_start__lt=dt.datetime.combine(before, dt.time(), tzinfo=dt.UTC))
     last = runs.aggregate(last=Max("window_start"))["last"]
