@@ -61,17 +61,31 @@ def atomic_with_retry(fn: Any, *, attempts: int = 8) -> Any:
     The budget is generous, with jittered exponential backoff (under 2 s in all):
     an error that escapes a task's completion makes the worker treat it as a lost connection,
     so the attempt is recorded lost and the agent runs again, which costs far more than
-    waiting for the other transaction."""
+    waiting for the other transaction.
+
+    An error its COMMIT raised carries, as `commit_callbacks`, the functions the transaction
+    had registered to run after it (transaction.on_commit): a COMMIT whose answer was lost may
+    have landed, and the caller that finds it did (_result_record_through_lost_connection) runs
+    them, as Django, seeing an error, does not."""
     import random
     import time
 
-    from django.db import NotSupportedError, OperationalError, connection, transaction
+    from django.db import Error, NotSupportedError, OperationalError, connection, transaction
 
     outermost = not connection.in_atomic_block
     for attempt in range(1, attempts + 1):
+        callbacks = None
         try:
-            with transaction.atomic():
-                return fn()
+            try:
+                with transaction.atomic():
+                    value = fn()
+                    if outermost:
+                        callbacks = [func for _, func, *_ in connection.run_on_commit]
+                return value
+            except Error as exc:
+                if callbacks is not None:  # fn() returned: its COMMIT raised
+                    exc.commit_callbacks = callbacks
+                raise
         except NotSupportedError as exc:
             # A prepared statement refused after a migration (plan_changed): its connection is
             # closed; the transaction runs again on a new one, unless an outer one is open.

@@ -20,6 +20,15 @@ The outcome is not applied: the task and its workflow went on without it (a late
 have completed the task). Its output stays out of the record (the stream carries events to
 consumers that never see task outputs).
 
+`task_paid_late` records what such a try paid, as its meter reported it, after its attempt had
+been closed (a model's answer that arrived after the cancel, before the worker stopped the try,
+or that a try timed out or lost went on to pay for): under `late_usage`, what was added to the
+attempt, its task and its workflow in that event's transaction (wasted, unless `closed_as` is
+cancelled), with `closed_as` and `cause` as task_ended_late has them. The task's and workflow's
+`state` in their ending events, plus the `late_usage` of both types after them, is what their
+rows say they cost. (task_ended_late's `late_usage` is only what the try reported at its end
+beyond its row.)
+
 `workflow_changed`, `task_changed` and `api_key_changed` record an edit on the console's change
 page (only there: the API edits none of these fields): under `changes`, each field changed with
 its value before and after (`old`, `new`; a date-time as ISO 8601, a decimal as its text), and
@@ -60,6 +69,10 @@ class EventType(models.TextChoices):
     TASK_CANCELLED = "task_cancelled", "task cancelled"
     TASK_LOST = "task_lost", "an attempt was closed as lost (its worker or pool process gone, its message redelivered)"
     TASK_ENDED_LATE = "task_ended_late", "a try ended after its attempt had been closed without it (not applied)"
+    TASK_PAID_LATE = (
+        "task_paid_late",
+        "a try paid after its attempt had been closed without it (added to the attempt, task and workflow)",
+    )
     TASK_CHANGED = "task_changed", "a task's description, priority, retries or timeout was edited"
     # Agents, tools, conversations, interactions
     AGENT_STARTED = "agent_started", "an agent began working on a task or message"

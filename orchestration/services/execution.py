@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
+from django.db import DatabaseError, Error, InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, Max
 from django.db.models.functions import Now
 from kombu.utils.compat import detect_environment
@@ -1303,15 +1303,34 @@ def _result_record_through_lost_connection(
     A write whose COMMIT reached the server before the connection went is found on the next
     try: the attempt is no longer running, and if it is recorded as the write records it
     (`recorded_as`, its fields: succeeded by default), that was this try's own write (only this
-    delivery records its attempt so). Its dependents, or its retry, were not dispatched by it
-    (the commit's callbacks never ran): the dispatch sweep sends them."""
+    delivery records its attempt so). What that COMMIT was to do after it (send its dependents
+    or its retry, revoke what it cancelled) is done then: Django, seeing the error, dropped it,
+    and the task waited for the dispatch sweep (past DISPATCH_SWEEP_AFTER_SECONDS)."""
+    committed: list[Callable[[], object]] = []
+
+    def tried() -> bool:
+        try:
+            return record()
+        except Error as exc:
+            # The last COMMIT that may have landed with something to do: a later try's, that
+            # found the attempt closed, had nothing.
+            committed[:] = getattr(exc, "commit_callbacks", None) or committed
+            raise
+
     done, lost = _through_lost_connection(
-        record, attempt=attempt, until=_result_write_until(None) if until is None else until
+        tried, attempt=attempt, until=_result_write_until(None) if until is None else until
     )
     if done or not lost:
         return done
     ours = recorded_as or {"status": TaskAttempt.Status.SUCCEEDED}
-    return TaskAttempt.objects.filter(pk=attempt.pk, **ours).exists()
+    if not TaskAttempt.objects.filter(pk=attempt.pk, **ours).exists():
+        return False
+    for callback in committed:
+        try:
+            callback()
+        except Exception:
+            logger.exception("attempt %s: what its record's COMMIT was to do after it failed", attempt.pk)
+    return True
 
 
 def _connection_freed() -> None:
@@ -1379,12 +1398,12 @@ def _late_end_event(
     if error is not None:
         payload["error"] = error
     if added is not None:
-        payload["late_usage"] = {
-            "input_tokens": added.input_tokens,
-            "output_tokens": added.output_tokens,
-            "cost_usd": str(added.cost_usd),
-        }
+        payload["late_usage"] = _usage_payload(added)
     task_event(closed.execution, EventType.TASK_ENDED_LATE, attempt=closed, payload=payload, severity=Severity.WARNING)
+
+
+def _usage_payload(usage: Usage) -> dict[str, Any]:
+    return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens, "cost_usd": str(usage.cost_usd)}
 
 
 def _meter(attempt_id: int) -> Callable[[Usage], None]:
@@ -1473,19 +1492,21 @@ def _late_usage_add(attempt_id: int, usage: Usage, *, whole: bool = False) -> tu
     attempt, its task and its workflow, as the close added what was metered before. An attempt
     closed with a result (succeeded, failed) already carries its whole usage. Returns the
     agent's id and the usage added, when some was added to a closed attempt (the metrics
-    count it then).
+    count it then). A payment its meter reported is recorded as a task_paid_late event, in the
+    caller's transaction: without it the rows held spend no event explained.
 
     `whole`: `usage` is the whole usage the try reported as it ended (it replaces what was
-    metered, DESIGN §4): only what exceeds the attempt's row is added."""
+    metered, DESIGN §4): only what exceeds the attempt's row is added (the caller's
+    task_ended_late records it)."""
     execution_id = TaskAttempt.objects.filter(pk=attempt_id).values_list("execution_id", flat=True).first()
     if execution_id is None or not (usage.tokens or usage.cost_usd):
         return None
     # The task row first, then the attempt: the order every transition takes them in.
     task = TaskExecution.objects.select_for_update().get(pk=execution_id)
-    status, *recorded = (
+    status, cause, number, *recorded = (
         TaskAttempt.objects.select_for_update()
         .filter(pk=attempt_id)
-        .values_list("status", "input_tokens", "output_tokens", "cost_usd")
+        .values_list("status", "cause", "attempt_number", "input_tokens", "output_tokens", "cost_usd")
         .get()
     )
     if status == TaskAttempt.Status.RUNNING:  # the first UPDATE raced a retry of its own transaction
@@ -1513,6 +1534,9 @@ def _late_usage_add(attempt_id: int, usage: Usage, *, whole: bool = False) -> tu
     tokens, cost = abandoned_usage_add(task, [paid])
     if task.workflow_id:  # a lost or timed-out try's late bill is wasted like the rest of it
         workflow_add_usage(task.workflow_id, tokens=tokens, cost=cost, wasted=status != TaskAttempt.Status.CANCELLED)
+    if not whole:  # the whole usage's excess is in the try's task_ended_late (_late_end_event)
+        payload = {"attempt": number, "closed_as": status, "cause": cause, "late_usage": _usage_payload(usage)}
+        task_event(task, EventType.TASK_PAID_LATE, payload=payload, severity=Severity.WARNING)
     logger.info("attempt %s: %s tokens, $%s paid after it was closed %s", attempt_id, tokens, cost, status)
     return task.agent_id, usage
 

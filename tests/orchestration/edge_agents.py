@@ -78,6 +78,34 @@ def paid_after_its_soft_limit(task_input, context):
     time.sleep(120)
 
 
+def paid_after_its_close(task_input, context):
+    """A model's two rounds, each metered as its answer arrives (as the llm executor meters
+    them): the first at once, the second once the file `input.release` exists (at most two
+    minutes), meant to come after its attempt was closed without it (a cancel its pool does not
+    stop, a soft time-out it runs past in a thread of its own, `input.in_thread`). Reports the
+    two rounds as its whole usage as it ends."""
+    import os
+    import threading
+    import time
+    from decimal import Decimal
+
+    context.paid(Usage(input_tokens=10, output_tokens=0, cost_usd=Decimal("0.001")))
+
+    def second_round() -> None:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(task_input["release"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        context.paid(Usage(input_tokens=90, output_tokens=20, cost_usd=Decimal("0.0113")))
+
+    if task_input.get("in_thread"):
+        threading.Thread(target=second_round, daemon=True).start()
+        time.sleep(120)
+    second_round()
+    return AgentResult(
+        output={"answer": 42}, usage=Usage(input_tokens=100, output_tokens=20, cost_usd=Decimal("0.0123"))
+    )
+
+
 def cancelled_midway(task_input, context):
     """Pays for a first call at once (metered), then its task is cancelled while it runs (a
     user's cancel landing mid-try); it still pays for a second call and ends as `input.end`
@@ -95,6 +123,22 @@ def cancelled_midway(task_input, context):
         error.usage = spent
         raise error
     return AgentResult(output={"answer": 42}, usage=spent)
+
+
+def held_then_retryable(task_input, context):
+    """Its first try waits until the file `input.release` exists (at most two minutes), then
+    fails with a retryable error; later tries succeed."""
+    import os
+    import time
+
+    from orchestration.errors import RetryableError
+
+    if context.attempt_number == 1:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(task_input["release"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise RetryableError("the provider is busy")
+    return {"attempt": context.attempt_number}
 
 
 def busy_provider(task_input, context):

@@ -848,7 +848,7 @@ def _task_event_violations(task: TaskExecution, attempts: list[TaskAttempt], eve
     ids = [task.pk, task.workflow_id]
     state, problem = "P", None
     for event in events:
-        if event.event_type == "task_ended_late":
+        if event.event_type in ("task_ended_late", "task_paid_late"):
             continue
         key = "reset" if _is_reset(event) else event.event_type
         following = TRANSITIONS.get((state, key))
@@ -870,12 +870,13 @@ def _task_event_violations(task: TaskExecution, attempts: list[TaskAttempt], eve
     wrong = [
         (e.sequence, e.payload.get("attempt"), closed.get(e.payload.get("attempt")))
         for e in events
-        if e.event_type == "task_ended_late" and closed.get(e.payload.get("attempt")) not in _ABANDONED
+        if e.event_type in ("task_ended_late", "task_paid_late")
+        and closed.get(e.payload.get("attempt")) not in _ABANDONED
     ]
     if wrong:
         found.append(
             Violation(
-                "task_ended_late is only for an attempt closed without its try",
+                "task_ended_late and task_paid_late are only for an attempt closed without its try",
                 ids,
                 f"(sequence, attempt, its status): {wrong}",
             )
