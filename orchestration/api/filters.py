@@ -127,7 +127,12 @@ class DigitsField(forms.IntegerField):
             raise ValidationError(
                 "%(value)r is not a whole number written in digits 0-9", code="invalid", params={"value": value}
             )
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:  # more digits than int() reads (4 300): no sequence or size has them
+            raise ValidationError(
+                "%(digits)d digits: too many for a number here", code="invalid", params={"digits": len(value)}
+            ) from None
 
 
 class IntegerFilter(django_filters.NumberFilter):

@@ -235,7 +235,10 @@ class KeysetPagination(BasePagination):
         if raw is None:
             return settings.API_PAGE_SIZE
         # Digits 0-9 only: int() also reads "1_0", " 5 " and other scripts' digits.
-        size = int(raw) if raw.isascii() and raw.isdigit() else 0
+        try:
+            size = int(raw) if raw.isascii() and raw.isdigit() else 0
+        except ValueError:  # more digits than int() reads (4 300)
+            size = 0
         if not 1 <= size <= settings.API_MAX_PAGE_SIZE:
             raise ValidationError({"limit": [f"must be an integer between 1 and {settings.API_MAX_PAGE_SIZE}"]})
         return size

@@ -282,3 +282,16 @@ def test_a_page_size_or_sequence_not_written_in_digits_is_refused_naming_itself(
         assert response.status_code == 400, (parameter, written, response.content)
         assert response.json()["errors"][0]["field"] == parameter
     assert client.get("/api/v1/events/", {"limit": "10", "after": "0"}).status_code == 200
+
+
+@pytest.mark.parametrize("digits", [4301, 10_000])
+def test_a_page_size_or_sequence_of_too_many_digits_is_refused_naming_itself(callers, digits):
+    """int() refuses a string of more than 4 300 digits (a ValueError): read unguarded, such a
+    `limit` or `after` was a 500 (IntegerField and the old int() had made it a 400)."""
+    client = callers["admin"].client
+    for parameter in ("limit", "after"):
+        response = client.get("/api/v1/events/", {parameter: "9" * digits})
+        assert response.status_code == 400, (parameter, digits, response.content[:200])
+        assert response.json()["errors"][0]["field"] == parameter
+    # Past a bigint, not past int(): an empty page after it.
+    assert client.get("/api/v1/events/", {"after": "9" * 20}).json()["results"] == []
