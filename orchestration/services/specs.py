@@ -93,7 +93,10 @@ class StrictYamlLoader(yaml.SafeLoader):
             key = self.construct_object(key_node)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {_shown(key)}",
+                    key_node.start_mark,
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -106,7 +109,7 @@ def json_object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, An
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"found duplicate key {key!r} in one object")
+            raise ValueError(f"found duplicate key {_shown(key)} in one object")
         seen[key] = value
     return seen
 

@@ -499,3 +499,17 @@ def test_a_long_value_or_key_is_quoted_cut_in_its_problem_not_sent_back_whole(db
     ]
     for text in expected:
         assert any(p.startswith(text) and "..." in p for p in problems), (text, [p[:120] for p in problems])
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_a_long_key_given_twice_is_quoted_cut_in_its_problem(db, fmt):
+    """The duplicate key's problem (the parser's, JSON request bodies' too) quoted it whole: a
+    100 000-character key given twice came back as 100 000 characters, twice in the API's answer."""
+    key = "k" * 100_000
+    # (YAML: explicit keys, a plain one ends at 1 024 characters)
+    text = f'{{"name": "x", "{key}": 1, "{key}": 2}}' if fmt == "json" else f"name: x\n? {key}\n: 1\n? {key}\n: 2\n"
+    with pytest.raises(SpecError) as info:
+        spec_parse(text, fmt=fmt)
+    (problem,) = info.value.problems
+    assert "duplicate key 'kkkkk" in problem and "..." in problem
+    assert len(problem) < 400, len(problem)
