@@ -245,7 +245,9 @@ def _read_body(response: httpx.Response, *, limit: int, what: str, deadline: flo
         decoder = None
     content = bytearray()
     received = False
-    fresh = True  # nothing given to the decoder yet
+    # The bytes given to the decoder until it has the two that its header check reads (None
+    # after): a first read of one byte is taken without an error, bare deflate or not.
+    head: bytes | None = b""
     for raw in response.iter_raw():
         if time.monotonic() > deadline:
             raise httpx.ReadTimeout("the answer took longer than its deadline")
@@ -259,17 +261,18 @@ def _read_body(response: httpx.Response, *, limit: int, what: str, deadline: flo
                 try:
                     content.extend(decoder.decompress(data, cap + 1 - len(content)))
                 except zlib.error as exc:
-                    if encoding == "deflate" and fresh:
+                    if encoding == "deflate" and head is not None:
                         # `deflate` is the zlib format (RFC 9110), but some servers send the bare
                         # stream, which httpx, urllib3 and browsers read: a paid result failed
-                        # for good.
-                        decoder, fresh = zlib.decompressobj(-zlib.MAX_WBITS), False
+                        # for good. Read again from its first byte.
+                        decoder, data, head = zlib.decompressobj(-zlib.MAX_WBITS), head + data, None
                         continue
                     if success:
                         raise PermanentError(f"{what}: the answer is not valid {encoding} ({exc})") from None
                     decoder = None  # an error answer's body, quoted as it came (above)
                     continue
-                fresh = False
+                if head is not None:
+                    head = head + data if len(head) + len(data) < 2 else None
                 data = decoder.unconsumed_tail
             if len(content) > cap:
                 if success:

@@ -26,7 +26,7 @@ from orchestration.runtime.executors import agent_execute
 from orchestration.runtime.urlpolicy import url_check
 from orchestration.services.workflows import workflow_submit
 from tests.engine import wait_for
-from tests.fakes.servers import AgentService, AnthropicServer, OpenAIServer, Reply
+from tests.fakes.servers import AgentService, AnthropicServer, OpenAIServer, RawServer, Reply
 
 KEY = "sk-test-" + "s3cr3t" * 4
 
@@ -207,6 +207,23 @@ def test_http_agent_deflate_answer_is_read_in_either_form_servers_send(local_net
                 agent_execute(agent=http_agent(service.url), task_input={}, context=ctx())
         else:
             assert agent_execute(agent=http_agent(service.url), task_input={}, context=ctx()).output == {"result": text}
+
+
+@pytest.mark.parametrize("wbits", [zlib.MAX_WBITS, -zlib.MAX_WBITS, zlib.MAX_WBITS | 16], ids=["zlib", "bare", "gzip"])
+def test_http_agent_deflate_answer_whose_first_read_is_one_byte_is_read(local_net, wbits):
+    # One byte passes zlib's header check unread (it needs two): the bare stream was told
+    # apart only when the first read failed, and failed for good when the second did.
+    compressor = zlib.compressobj(wbits=wbits)
+    body = compressor.compress(json.dumps({"result": "done"}).encode()) + compressor.flush()
+
+    def respond(conn: socket.socket) -> None:
+        head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: deflate\r\n"
+        conn.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[:1])
+        time.sleep(0.2)  # the first byte read on its own
+        conn.sendall(body[1:])
+
+    with RawServer(respond) as server:
+        assert agent_execute(agent=http_agent(server.url), task_input={}, context=ctx()).output == {"result": "done"}
 
 
 def test_http_agent_client_error_is_permanent_and_quotes_the_body(local_net, service):
