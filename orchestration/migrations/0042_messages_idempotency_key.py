@@ -8,7 +8,7 @@ built CONCURRENTLY on PostgreSQL (`_concurrent_index`): conversations go on mean
 from django.conf import settings
 from django.db import migrations, models
 
-from orchestration.migrations._concurrent_index import index_create, index_drop
+from orchestration.migrations._concurrent_index import AddFieldOnce, index_create, index_drop
 
 NAME = "messages_owner_idempotency_key_unique"
 DEFINITION = "agent_playground_messages (owner_id, idempotency_key) WHERE idempotency_key IS NOT NULL"
@@ -23,7 +23,7 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
-        migrations.AddField(
+        AddFieldOnce(
             model_name="agentplaygroundmessage",
             name="idempotency_key",
             field=models.CharField(

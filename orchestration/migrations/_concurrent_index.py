@@ -4,7 +4,7 @@ while it builds). Not a migration itself: the loader skips modules whose name st
 A CREATE INDEX CONCURRENTLY that fails or is cancelled (a statement timeout, a killed migrate)
 leaves an INVALID index of its name behind, which `IF NOT EXISTS` would then take for the
 index: the planner never uses it, while every write still maintains it. Such a leftover is
-dropped and built again.
+dropped and built again. A column added in the same migration is added by `AddFieldOnce`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from django.db import migrations
+
 Operation = Callable[[Any, Any], None]
+
+
+class AddFieldOnce(migrations.AddField):
+    """AddField, for a migration that also builds an index CONCURRENTLY (atomic = False): a run
+    stopped during the build (killed while it waited for older transactions) has committed the
+    column without recording the migration, and each run after failed on it ("column ... already
+    exists"). The column found there is taken as added."""
+
+    def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        model = to_state.apps.get_model(app_label, self.model_name)
+        connection = schema_editor.connection
+        with connection.cursor() as cursor:
+            columns = {c.name for c in connection.introspection.get_table_description(cursor, model._meta.db_table)}
+        if model._meta.get_field(self.name).column not in columns:
+            super().database_forwards(app_label, schema_editor, from_state, to_state)
 
 
 def _invalid(schema_editor: Any, name: str) -> bool:
