@@ -61,6 +61,13 @@ wait_for() {
 
 wait_for_dependencies() {
   local limit=${1:-${WAIT_TIMEOUT:-60}}
+  # Checked here: bash's arithmetic would read "60s" or "abc" with an error naming neither the
+  # variable nor what it wants, a negative number as no wait, and "08" as octal.
+  if [[ ! $limit =~ ^[0-9]+$ ]]; then
+    log "WAIT_TIMEOUT='$limit' is not a whole number of seconds"
+    exit 1
+  fi
+  limit=$((10#$limit))
   wait_for DATABASE_URL "${DATABASE_URL:-}" "$limit"
   wait_for REDIS_URL "${REDIS_URL:-}" "$limit"
   wait_for CELERY_BROKER_URL "${CELERY_BROKER_URL:-}" "$limit"

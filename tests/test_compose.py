@@ -593,6 +593,42 @@ def test_the_entrypoint_gives_up_on_an_unreachable_dependency_and_names_it():
     assert check.returncode != 0
 
 
+@pytest.mark.subprocess
+@pytest.mark.parametrize("value", ["60s", "abc", "-5", "1.5"])
+def test_the_entrypoint_names_a_wait_timeout_that_is_not_a_number_of_seconds(value):
+    """bash's arithmetic read WAIT_TIMEOUT: "60s" stopped the container with "value too great for
+    base (error token is "60s")", "abc" with "abc: unbound variable", neither naming the
+    variable, and "-5" gave up at once, "after -5s"."""
+    environment = {
+        **_base_process_environment(),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "REDIS_URL": f"redis://127.0.0.1:{_free_port()}/0",
+        "WAIT_TIMEOUT": value,
+    }
+    result = subprocess.run(
+        [str(ENTRYPOINT), "python", "-c", "print('ran')"], env=environment, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr == f"entrypoint: WAIT_TIMEOUT={value!r} is not a whole number of seconds\n"
+
+
+@pytest.mark.subprocess
+def test_the_entrypoint_reads_a_wait_timeout_with_a_leading_zero_as_decimal():
+    """ "08" was an octal number to bash's arithmetic, which stopped the container."""
+    environment = {
+        **_base_process_environment(),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "REDIS_URL": f"redis://127.0.0.1:{_free_port()}/0",
+        "WAIT_TIMEOUT": "02",
+    }
+    result = subprocess.run(
+        [str(ENTRYPOINT), "python", "-c", "print('ran')"], env=environment, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "REDIS_URL" in result.stderr and "gave up after 2s" in result.stderr, result.stderr
+
+
 # --- variables and secrets ----------------------------------------------------------------
 
 

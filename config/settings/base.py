@@ -20,6 +20,9 @@ SECRET_KEY = env.str("SECRET_KEY", "insecure-local-development-key-never-use-in-
 DEBUG = env.bool("DEBUG", False)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", [])
+# `load_sample_data` writes a made-up history (events cannot be deleted; exports make training
+# data of them), two llm agents and a superuser: for a first look, never a real deployment's.
+SAMPLE_DATA_ALLOWED = True
 
 INSTALLED_APPS = [
     "django.contrib.admin",

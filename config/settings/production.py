@@ -49,3 +49,6 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SESSION_COOKIE_SECURE = True
 CSRF_COOKIE_SECURE = True
 X_FRAME_OPTIONS = "DENY"
+
+# The sample history would join the real record for good (and the nightly training export).
+SAMPLE_DATA_ALLOWED = False

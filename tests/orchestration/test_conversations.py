@@ -321,6 +321,23 @@ def test_chat_command_is_a_terminal_conversation(engine, monkeypatch):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_chat_whose_reply_failed_does_not_exit_0(engine, monkeypatch):
+    """A reply that failed was shown and the command ended with status 0, as after answers: a
+    script feeding it questions (`manage.py chat AGENT < questions`) could not tell, while one
+    that waited too long for its reply did exit 1."""
+    from django.core.management.base import CommandError
+
+    engine()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n\n"))
+    out = io.StringIO()
+    with pytest.raises(CommandError, match=r"2 of 2 replies did not complete \(failed 2\)"):
+        call_command("chat", "fail", "--instance", "cli-failed", stdout=out)
+    assert "(the reply failed: PermanentError: first)" in out.getvalue()
+    assert out.getvalue().endswith("(continue with: manage.py chat fail --instance cli-failed)\n")
+    assert AgentPlaygroundMessage.objects.filter(instance_id="cli-failed", role="user").count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
 def test_chat_tells_how_to_continue_a_thread_started_as_a_user(engine, monkeypatch):
     """The hint left out --user: following it was refused as another user's conversation."""
     engine()

@@ -6,12 +6,16 @@ from __future__ import annotations
 import io
 from decimal import Decimal
 
+from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
+from django.db import connection
 from django.db.models import Sum
 
-from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.selectors import agent_stats, user_spend
 from orchestration.services.sample_data import SAMPLE_WORKFLOW_ID
+from tests.config.test_settings import production_env, run_manage
 
 
 def test_the_sample_workflow_is_created_before_it_starts_and_ends(db):
@@ -50,3 +54,19 @@ def test_the_sample_workflows_spend_adds_up_as_the_engine_records_it(db):
     owner_spend = user_spend(user_id=workflow.owner_id)["wasted_cost_usd"]
     agents_wasted = sum(agent_stats(agent_id=agent)["wasted_cost_usd"] for agent in ("akira-001", "yuki-002"))
     assert owner_spend == agents_wasted == Decimal("0.000900")
+
+
+def test_production_settings_refuse_to_load_the_sample_history(transactional_db):
+    """Under production settings the command wrote its made-up history into the real record (a
+    backdated workflow, its attempts and events: events cannot be deleted, and the nightly
+    export turns them into training data), two active llm agents that spend the deployment's
+    keys, and a superuser whose password it printed: exit 0, nothing said. It refuses, saying
+    why, and writes nothing."""
+    database = connection.settings_dict
+    url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+    result = run_manage("load_sample_data", **production_env(DATABASE_URL=url, REDIS_URL=settings.REDIS_URL))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "production" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not Workflow.objects.filter(pk=SAMPLE_WORKFLOW_ID).exists()
+    assert not Agent.objects.filter(pk__in=["akira-001", "yuki-002"]).exists()
+    assert not get_user_model().objects.filter(username="admin").exists()

@@ -1,6 +1,7 @@
 import sys
 import time
 import uuid
+from collections import Counter
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -19,7 +20,8 @@ Role = AgentPlaygroundMessage.Role
 class Command(DatabaseCommand):
     help = (
         "Chat with an agent in the terminal. Each line you type is posted to the conversation "
-        "(the agent answers on a Celery worker, like every task); an empty line or EOF ends."
+        "(the agent answers on a Celery worker, like every task); an empty line or EOF ends, with exit "
+        "status 1 if a reply did not complete."
     )
 
     def add_arguments(self, parser):
@@ -52,6 +54,7 @@ class Command(DatabaseCommand):
         interactive = sys.stdin.isatty()
         self.stdout.write(f"conversation {instance_id} with {agent.name} ({agent.id}); an empty line ends")
         interrupted = False
+        ended: list[str] = []  # each reply's final status
         try:
             for line in self._lines(interactive):
                 if not line.strip():
@@ -60,7 +63,7 @@ class Command(DatabaseCommand):
                     asked = conversation_message_post(agent=agent, instance_id=instance_id, content=line, owner=owner)
                 except ConversationError as exc:
                     raise CommandError(str(exc)) from None
-                for message in self._replies(asked, timeout):
+                for message in self._replies(asked, timeout, ended):
                     self._show(message)
         except KeyboardInterrupt:
             # ^C leaves as an empty line does, at the prompt or while a reply is awaited (its
@@ -73,6 +76,15 @@ class Command(DatabaseCommand):
             # ^C's status, not 0: a script running chat in a loop stopped at ^C before, by the
             # KeyboardInterrupt; with 0 it went on to the next chat, posting its input again.
             sys.exit(INTERRUPTED)
+        unanswered = Counter(status for status in ended if status != TaskExecution.Status.COMPLETED)
+        if unanswered:
+            # Shown above as it happened; said again in the status, or a script feeding questions
+            # in could not tell a failed reply from an answer.
+            raise CommandError(
+                f"{sum(unanswered.values())} of {len(ended)} repl{'y' if len(ended) == 1 else 'ies'} did not complete ("
+                + ", ".join(f"{status} {count}" for status, count in sorted(unanswered.items()))
+                + ")"
+            )
 
     def _thread_check(self, instance_id: str, *, agent: Agent, owner) -> None:
         """Refuse a thread this command cannot continue before the first message is typed, and
@@ -103,8 +115,9 @@ class Command(DatabaseCommand):
                 self.stdout.write(f"you> {line}")
             yield line
 
-    def _replies(self, asked: AgentPlaygroundMessage, timeout: float):
-        """Yield the messages of each attempt at answering, until the reply task ends."""
+    def _replies(self, asked: AgentPlaygroundMessage, timeout: float, ended: list[str]):
+        """Yield the messages of each attempt at answering, until the reply task ends (its status
+        appended to `ended`)."""
         deadline = time.monotonic() + timeout
         seen: set[str] = set()
         while True:
@@ -119,6 +132,7 @@ class Command(DatabaseCommand):
                 seen.add(message.pk)
                 yield message
             if task.status in TaskExecution.TERMINAL_STATUSES:
+                ended.append(task.status)
                 if task.status != TaskExecution.Status.COMPLETED:
                     self.stdout.write(self.style.ERROR(f"(the reply {task.status}: {task.error})"))
                 return
