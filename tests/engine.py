@@ -176,10 +176,16 @@ class Worker:
         return [int(pid) for pid in out.split()]
 
     def kill_children(self) -> list[int]:
-        pids = self.children()
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        return pids
+        """SIGKILL the pool processes; those that ended meanwhile (between pgrep and the kill: the
+        pool replacing one, the worker shutting down) are not counted."""
+        killed = []
+        for pid in self.children():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            killed.append(pid)
+        return killed
 
     def broker_connections_cut(self) -> int:
         """Close, on the Redis server, the connections of the worker's main process (its broker
