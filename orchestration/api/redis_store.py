@@ -155,9 +155,10 @@ class RedisStore:
         return PendingHit(self, connection, key, window_seconds)
 
     def peek(self, key: str) -> tuple[int, int]:
+        """(hits so far, seconds until the window ends, rounded up, as a hit's are)."""
         with self.client.pipeline() as pipe:
-            count, ttl = pipe.get(key).ttl(key).execute()
-        return int(count or 0), max(int(ttl), 0)
+            count, ttl_ms = pipe.get(key).pttl(key).execute()
+        return int(count or 0), max(-(-int(ttl_ms) // 1000), 0)
 
     def acquire(self, key: str, token: str, seconds: int) -> bool:
         return bool(self.client.set(key, token, nx=True, ex=seconds))

@@ -318,3 +318,20 @@ def test_an_account_without_a_role_is_counted_with_the_anonymous_budget_of_its_o
     assert norole.client.get("/api/v1/me/").status_code == 429
     assert int(_redis().get(rate_limit_key(norole.user.pk))) == 4
     assert callers["viewer"].client.get("/api/v1/me/").status_code == 200  # others keep their own
+
+
+def test_a_peek_at_a_window_rounds_its_time_left_up_as_a_hit_does(db):
+    """The console's sign-in lockout reads a window by `peek`, which read Redis's TTL (rounded to
+    the nearest second: 1.45 s left said 1), where a hit's time left is rounded up."""
+    key = "rate_limit:peek-rounding"
+    backend = store()
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    try:
+        client.set(key, 3, px=1450)
+        assert backend.peek(key) == (3, 2)
+        client.set(key, 3, px=60_000)
+        assert backend.peek(key) == (3, 60)
+        client.delete(key)
+        assert backend.peek(key) == (0, 0)
+    finally:
+        client.delete(key)
