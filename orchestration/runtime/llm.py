@@ -556,15 +556,9 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
             # (OpenAI: JSON that ends mid-way; Anthropic: an input missing what it had not
             # written yet). Run, or told to the model as an error, it would be asked again
             # round after round under the same limit, each round paid for.
-            anthropic = (agent.provider or "").lower() == "anthropic"
-            sent = agent.max_tokens or (ANTHROPIC_DEFAULT_MAX_TOKENS if anthropic else None)
-            limit = f" ({sent})" if sent else ""
+            cut, remedy = _cut_off(agent, answer.finish_reason)
             raise with_usage(
-                PermanentError(
-                    f"agent {agent.id!r}: the model's answer was cut off at its output token limit{limit} "
-                    f"(finish_reason {answer.finish_reason!r}) while it called tools; none of them was run: "
-                    "raise the agent's max_tokens"
-                ),
+                PermanentError(f"agent {agent.id!r}: {cut} while it called tools; none of them was run: {remedy}"),
                 total,
             )
         if (
@@ -575,12 +569,10 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
         ):
             # Nothing written before the limit: a reasoning model (OpenAI's o-series, gpt-5) can
             # spend all of max_completion_tokens on its reasoning. Not an answer to record as one.
+            cut, remedy = _cut_off(agent, answer.finish_reason)
+            thinking = " (a reasoning model may have spent it all on reasoning)" if remedy == RAISE_MAX_TOKENS else ""
             raise with_usage(
-                PermanentError(
-                    f"agent {agent.id!r}: the model's answer was cut off at its output token limit"
-                    f"{_output_limit(agent)} (finish_reason {answer.finish_reason!r}) before it wrote any "
-                    "content (a reasoning model may have spent it all on reasoning): raise the agent's max_tokens"
-                ),
+                PermanentError(f"agent {agent.id!r}: {cut} before it wrote any content{thinking}: {remedy}"),
                 total,
             )
         # Calls of the caller's tools (input.tools) end the attempt: the caller runs them.
@@ -626,6 +618,24 @@ def _converse(agent: Agent, task_input: dict[str, Any], context: TaskContext, tu
         if conversation is not None:
             conversation.transcript.extend([asked, *replies])
     raise AssertionError("unreachable")
+
+
+RAISE_MAX_TOKENS = "raise the agent's max_tokens"
+
+
+def _cut_off(agent: Agent, finish_reason: str) -> tuple[str, str]:
+    """How an answer in TRUNCATED_FINISH_REASONS was cut off, and what would let it finish: a
+    context window filled by the prompt is not helped by a higher output limit."""
+    if finish_reason == "model_context_window_exceeded":
+        return (
+            f"the model's answer was cut off at its context window (finish_reason {finish_reason!r})",
+            "shorten the task's input (in a conversation, CONVERSATION_HISTORY_MESSAGES)",
+        )
+    return (
+        f"the model's answer was cut off at its output token limit{_output_limit(agent)} "
+        f"(finish_reason {finish_reason!r})",
+        RAISE_MAX_TOKENS,
+    )
 
 
 def _output_limit(agent: Agent) -> str:

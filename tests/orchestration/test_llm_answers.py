@@ -198,7 +198,7 @@ def test_an_openai_tool_call_cut_off_at_max_tokens_is_not_run_and_the_model_not_
     agent.max_tokens = 40
     with pytest.raises(
         PermanentError,
-        match=r"cut off at its output token limit \(40\) \(finish_reason 'length'\) while it called tools; "
+        match=r"cut off at its output token limit \(max_tokens 40\) \(finish_reason 'length'\) while it called tools; "
         "none of them was run: raise the agent's max_tokens",
     ) as caught:
         run(agent, {"prompt": "go"})
@@ -233,7 +233,7 @@ def test_an_anthropic_tool_use_cut_off_at_max_tokens_is_not_run(local_net):
         local_net.AGENT_API_KEY_HOSTS = [server.url]
         server.script(Reply(body=cut))
         agent = tool_agent(server.url, provider="anthropic", model=SONNET)
-        with pytest.raises(PermanentError, match=r"limit \(1024\) \(finish_reason 'max_tokens'\)") as caught:
+        with pytest.raises(PermanentError, match=r"limit \(max_tokens 1024\) \(finish_reason 'max_tokens'\)") as caught:
             run(agent, {"prompt": "go"})
     assert len(server.requests) == 1
     assert not Event.objects.filter(event_type=EventType.TOOL_EXECUTED).exists()
@@ -317,6 +317,30 @@ def test_an_anthropic_answer_with_no_text_at_max_tokens_fails_naming_the_limit(l
         with pytest.raises(PermanentError, match=r"limit \(max_tokens 1024\) \(finish_reason 'max_tokens'\)") as caught:
             agent_execute(agent=agent, task_input={"prompt": "x"}, context=ctx())
     assert caught.value.usage.cost_usd == Decimal("0.016260")
+
+
+def test_an_answer_cut_off_at_the_context_window_says_so_not_raise_max_tokens(local_net):
+    """Anthropic's model_context_window_exceeded (the prompt filled the window) was told "raise the
+    agent's max_tokens", which would not have let it finish."""
+    body = {
+        "id": "msg_full",
+        "type": "message",
+        "role": "assistant",
+        "model": SONNET,
+        "content": [],
+        "stop_reason": "model_context_window_exceeded",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 199_990, "output_tokens": 10},
+    }
+    with AnthropicServer(api_key=KEY) as server:
+        local_net.AGENT_API_KEY_HOSTS = [server.url]
+        server.script(Reply(body=body))
+        agent = llm_agent(server.url, provider="anthropic", model=SONNET, max_tokens=4096)
+        with pytest.raises(PermanentError) as caught:
+            agent_execute(agent=agent, task_input={"prompt": "x"}, context=ctx())
+    message = str(caught.value)
+    assert "cut off at its context window (finish_reason 'model_context_window_exceeded')" in message
+    assert "shorten the task's input" in message and "max_tokens" not in message
 
 
 def test_an_answer_cut_off_after_some_text_is_still_the_answer(local_net, openai):
