@@ -462,31 +462,43 @@ def _sweep_alone() -> Iterator[Callable[[], bool] | None]:
 
 
 # Per broker URL, the Redis server's run_id (INFO: a new one at each start) the last sweep in
-# this process read, and when a sweep here found it changed.
+# this process read, and when the server restarted, as far as a sweep here found.
 _broker_runs: dict[str, tuple[str, dt.datetime | None]] = {}
 
 
 def _broker_restarted_at(*, now: dt.datetime) -> dt.datetime | None:
-    """When a sweep in this process found the Redis broker restarted since its pass before
-    (another run_id), if within DISPATCH_SWEEP_AFTER_SECONDS of `now`; else None. Every message
-    published before then is gone when it restarted empty, whatever its age, and so is the
-    unacknowledged message of every try then running. A process that never read the broker
-    before cannot tell: its sweeps wait as long as ever."""
+    """When the Redis broker restarted, if within DISPATCH_SWEEP_AFTER_SECONDS of `now`, plus the
+    longest countdown of a waiting task's message (a retry's backoff, a deferral: one sent before
+    the restart is looked for once it ends); else None. Every message published before then is
+    gone when it restarted empty, whatever its age, and so is the unacknowledged message of every
+    try then running. The server's uptime (INFO) says when it started, to any process: one that
+    never read it before too (a worker restarted with it, `reap_stale_tasks` run by hand, which
+    waited as long as ever). Another run_id than this process's sweep read before, on a server up
+    longer (another one answers: a failover), counts from the sweep that found it."""
     url = broker_redis_url()
     if url is None:
         return None
     import redis
 
     try:
-        run_id = str(redis.Redis.from_url(url, socket_timeout=5).info("server").get("run_id", ""))
+        info = redis.Redis.from_url(url, socket_timeout=5).info("server")
     except redis.ResponseError:  # INFO refused (a managed Redis may rename or forbid it)
         return None
-    previous, restarted_at = _broker_runs.get(url, (run_id, None))
-    if run_id != previous:
+    run_id, uptime = str(info.get("run_id", "")), info.get("uptime_in_seconds")
+    countdown = max(settings.TASK_RETRY_BACKOFF_MAX_SECONDS, settings.TASK_DEFERRAL_MAX_COUNTDOWN_SECONDS)
+    window = dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS + countdown)
+    previous, restarted_at = _broker_runs.get(url, (None, None))
+    if isinstance(uptime, int) and dt.timedelta(seconds=uptime) < window:
+        # Whole seconds, both ends cut: it may have been up almost a second less than it says,
+        # and a task queued 0.1 s before the restart was taken for one sent after it. Counted
+        # from up to 2 s later: what was sent to the new server meanwhile is found there.
+        restarted_at = min(now - dt.timedelta(seconds=uptime - 2), now)
+    elif previous is not None and run_id != previous:
         restarted_at = now
+    if run_id != previous and restarted_at is not None:
         logger.warning("the broker restarted: what was queued and running before is looked for at once")
     _broker_runs[url] = (run_id, restarted_at)
-    if restarted_at is not None and now - restarted_at < dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS):
+    if restarted_at is not None and now - restarted_at < window:
         return restarted_at
     return None
 
@@ -565,12 +577,20 @@ def _queued_sweep(*, now: dt.datetime | None, renew: Callable[[], bool]) -> list
         # the new server meanwhile is found there; one still on its way is sent again, and the
         # first, superseded, runs nothing.
         cutoff = max(cutoff, restarted_at)
-    stale = list(
-        TaskExecution.objects.filter(
-            status__in=[TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING], queued_at__lt=cutoff
+    # a deferral sends a new message without moving queued_at: not lost until it too is old
+    lost = Q(queued_at__lt=cutoff) & (Q(deferred_at__isnull=True) | Q(deferred_at__lt=cutoff))
+    if restarted_at is not None:
+        # So has a retry or a deferral sent before it, its countdown running then (queued_at,
+        # or deferred_at, is when it ends): the worker holding its message dropped it with its
+        # broken connection. Looked for once the countdown has ended, not
+        # DISPATCH_SWEEP_AFTER_SECONDS later (a 2 s backoff took 64 s). A row written since
+        # (updated_at: a write that may have sent it again) is left to the rule above.
+        lost |= Q(updated_at__lt=restarted_at, queued_at__lte=now) & (
+            Q(deferred_at__isnull=True) | Q(deferred_at__lte=now)
         )
-        # a deferral sends a new message without moving queued_at: not lost until it too is old
-        .filter(Q(deferred_at__isnull=True) | Q(deferred_at__lt=cutoff))
+    stale = list(
+        TaskExecution.objects.filter(status__in=[TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING])
+        .filter(lost)
         .values_list("execution_id", "celery_task_id", "priority")
     )
     # The messages of running attempts: unacknowledged until the attempt has ended (acks_late).

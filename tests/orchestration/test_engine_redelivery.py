@@ -4,6 +4,7 @@ running (real workers, their Redis connections closed on the server)."""
 
 from __future__ import annotations
 
+import os
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -380,5 +381,112 @@ def test_after_redis_restarted_empty_the_next_sweeps_send_again_what_it_lost_not
         assert (stopped.pk, stopped.cause) == (running.pk, "redelivery")
     finally:
         worker.stop()
+        monkeypatch.undo()  # the suite's broker again, for the flush after the test
+        broker.stop()
+
+
+def test_a_retry_whose_countdown_ran_when_redis_restarted_empty_is_sent_again_once_it_ends(
+    engine, monkeypatch, tmp_path
+):
+    """The try fails, retryable, and its retry is sent with a countdown (the provider's
+    Retry-After); Redis, the broker, restarts empty during it. The worker that held the retry's
+    message drops it with its broken connection (Celery cancels the countdowns it holds), and the
+    broker has lost it. The sweep that found the restart looked only at tasks queued before it,
+    and a retry's queued_at is when its countdown ends, after the restart: the task waited,
+    retrying, DISPATCH_SWEEP_AFTER_SECONDS past its countdown with its worker idle (62 s for a
+    2 s backoff). Sent again once its countdown has ended, it completes once."""
+    from orchestration.tasks import run_task
+    from tests.engine import PrivateRedis
+
+    broker = PrivateRedis(tmp_path)
+    app = run_task.app
+    monkeypatch.setattr(app.conf, "broker_url", broker.url)
+    monkeypatch.setattr(settings, "CELERY_BROKER_URL", broker.url)
+    monkeypatch.setenv("CELERY_BROKER_URL", broker.url)
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    assert settings.DISPATCH_SWEEP_AFTER_SECONDS == 60
+    Agent.objects.create(
+        id="busy",
+        name="Busy",
+        executor=Agent.Executor.PYTHON,
+        entrypoint="tests.orchestration.edge_agents.busy_provider",
+    )
+    worker = engine(concurrency=1)
+    try:
+        queued_sweep()  # the beat's sweeps every few seconds: one has seen this broker
+        wf, _ = workflow_submit(
+            spec={
+                "name": "retry lost",
+                "tasks": [{"name": "t", "agent": "busy", "input": {"retry_after": 2}, "max_retries": 1}],
+            }
+        )
+        task = wait_for(
+            lambda: TaskExecution.objects.filter(workflow=wf, status=TaskExecution.Status.RETRYING).first(),
+            interval=0.02,
+            what="the first try to fail and its retry to be sent",
+        )
+        broker.restart()
+        assert queued_sweep() == []  # the countdown runs: its message is not missed yet
+        back = time.monotonic()
+
+        def ended() -> bool:
+            queued_sweep()
+            return Workflow.objects.get(pk=wf.pk).is_terminal
+
+        wait_for(ended, timeout=30, interval=1, what="the retry to run and the workflow to end")
+        assert time.monotonic() - back < 30
+        assert Workflow.objects.get(pk=wf.pk).status == Workflow.Status.COMPLETED
+        assert [(a.attempt_number, a.status) for a in TaskAttempt.objects.filter(execution=task)] == [
+            (1, A.FAILED),
+            (2, A.SUCCEEDED),
+        ]
+    finally:
+        worker.stop()
+        monkeypatch.undo()  # the suite's broker again, for the flush after the test
+        broker.stop()
+
+
+def test_a_sweep_in_a_process_started_after_redis_restarted_empty_sends_again_what_it_lost(
+    engine, monkeypatch, tmp_path
+):
+    """Redis, the broker, restarts empty with the task's message in its queue; the sweep that
+    follows runs in a process that never read the broker before: an operator's
+    `reap_stale_tasks`, or a worker restarted with Redis (a host's reboot). Only a process that
+    had read the server's run_id before it restarted could tell (`_broker_runs`): this one
+    re-sent nothing ("re-sent: 0"), and the task waited DISPATCH_SWEEP_AFTER_SECONDS with idle
+    workers. The server's own uptime tells any process when it started."""
+    from orchestration.tasks import run_task
+    from tests.engine import PrivateRedis, database_url, manage
+
+    broker = PrivateRedis(tmp_path)
+    app = run_task.app
+    monkeypatch.setattr(app.conf, "broker_url", broker.url)
+    monkeypatch.setattr(settings, "CELERY_BROKER_URL", broker.url)
+    monkeypatch.setenv("CELERY_BROKER_URL", broker.url)
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    assert settings.DISPATCH_SWEEP_AFTER_SECONDS == 60
+    wf, _ = workflow_submit(spec={"name": "lost", "tasks": [{"name": "t", "agent": "echo"}]})
+    task = TaskExecution.objects.get(workflow=wf)
+    assert task.status == TaskExecution.Status.QUEUED
+    broker.restart()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": database_url(),
+        "CELERY_BROKER_URL": broker.url,
+    }
+    try:
+        out = manage("reap_stale_tasks", env=env).stdout
+        assert "re-sent: 1" in out, out
+        worker = engine(concurrency=1)
+        try:
+            wait_for(lambda: Workflow.objects.get(pk=wf.pk).is_terminal, timeout=30, what="the workflow to end")
+        finally:
+            worker.stop()
+        assert Workflow.objects.get(pk=wf.pk).status == Workflow.Status.COMPLETED
+        assert [a.status for a in TaskAttempt.objects.filter(execution=task)] == [A.SUCCEEDED]
+    finally:
         monkeypatch.undo()  # the suite's broker again, for the flush after the test
         broker.stop()
