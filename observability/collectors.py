@@ -2,7 +2,8 @@
 status, stuck work, relay lag, consumer lag, export rows.
 
 Each collector runs under a short bound (Redis socket timeouts, a PostgreSQL statement
-timeout of METRICS_COLLECTOR_TIMEOUT_MS) and its result is cached for
+timeout of METRICS_COLLECTOR_TIMEOUT_MS, and a connection that stops answering altogether cut
+on our side soon after) and its result is cached for
 METRICS_STATE_CACHE_SECONDS, so frequent scrapes cost one query per period. A collector that
 fails reports `agentledger_collector_up{collector} 0`, counts the failure in
 `agentledger_collector_errors_total` and leaves its other metrics out of that scrape; the
@@ -15,15 +16,17 @@ workers); with several web replicas, aggregate them with max(), not sum().
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import redis
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
 from django.db.models import Count, Max, Min, Sum
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 from prometheus_client import Counter
@@ -62,14 +65,58 @@ def _redis(url: str) -> redis.Redis:
     return redis_client(url, timeout_seconds=_timeout_seconds())
 
 
+class DatabaseUnanswered(Exception):
+    """PostgreSQL did not answer an earlier collector of the same scrape."""
+
+
+_scrape = threading.local()  # per scraping thread: `database_unanswered` during one collect()
+
+
 @contextmanager
 def _bounded_queries() -> Iterator[None]:
-    """A transaction whose statements PostgreSQL cancels past the collector timeout."""
-    with transaction.atomic():
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                cursor.execute("SET LOCAL statement_timeout = %s", [int(settings.METRICS_COLLECTOR_TIMEOUT_MS)])
-        yield
+    """A transaction whose statements PostgreSQL cancels past the collector timeout. A server
+    that does not answer at all (stopped, its storage stalled) cancels nothing, and its kernel
+    answers the keepalives: the connection is then cut on our side after twice the timeout
+    and a second, and the scrape's later database collectors fail at once (a new connection
+    would wait DATABASE_CONNECT_TIMEOUT each). Without that the scrape would hold its thread,
+    and every later scrape of the process waiting on StateCollector's lock one thread more,
+    until the web had none left (/healthz included)."""
+    if getattr(_scrape, "database_unanswered", False):
+        raise DatabaseUnanswered("PostgreSQL did not answer an earlier collector of this scrape")
+    wrapper = connections[DEFAULT_DB_ALIAS]  # this thread's: the timer's thread has its own
+    guard = threading.Lock()
+    state = {"done": False, "cut": False}
+
+    def cut() -> None:
+        with guard:
+            raw = wrapper.connection
+            if state["done"] or raw is None or raw.closed:
+                return
+            with suppress(Exception), socket.socket(fileno=os.dup(raw.pgconn.socket)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)  # the blocked read sees the connection closed
+                state["cut"] = True
+
+    timer = threading.Timer(2 * _timeout_seconds() + 1, cut) if wrapper.vendor == "postgresql" else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        with transaction.atomic():
+            if connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute("SET LOCAL statement_timeout = %s", [int(settings.METRICS_COLLECTOR_TIMEOUT_MS)])
+            yield
+    except Exception:
+        # Cut, or no connection left (it could not be opened, or was dropped as broken); a
+        # statement the server cancelled leaves it open: that server answers.
+        if state["cut"] or wrapper.connection is None:
+            _scrape.database_unanswered = True
+        raise
+    finally:
+        with guard:
+            state["done"] = True
+        if timer is not None:
+            timer.cancel()
 
 
 # --- the collectors ---------------------------------------------------------------------
@@ -355,10 +402,14 @@ class StateCollector(Collector):
             "agentledger_collector_up", "1 if the scrape-time collector answered in time, else 0.", labels=["collector"]
         )
         with self._lock:
-            for name, collect in self.collectors.items():
-                families = self._run(name, collect)
-                up.add_metric([name], 0 if families is None else 1)
-                yield from families or []
+            _scrape.database_unanswered = False
+            try:
+                for name, collect in self.collectors.items():
+                    families = self._run(name, collect)
+                    up.add_metric([name], 0 if families is None else 1)
+                    yield from families or []
+            finally:
+                _scrape.database_unanswered = False
         yield up
 
 

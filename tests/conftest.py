@@ -12,6 +12,8 @@ from django.conf import settings
 from django.db import connection
 from django.db.backends.postgresql.operations import DatabaseOperations
 
+from tests.fakes.relay import TcpRelay
+
 
 def pytest_configure(config: pytest.Config) -> None:
     try:
@@ -89,3 +91,20 @@ def persistent_connection(transactional_db: None) -> Iterator[None]:
     finally:
         settings_dict["CONN_MAX_AGE"], settings_dict["CONN_HEALTH_CHECKS"] = saved
         connection.close()
+
+
+@pytest.fixture
+def database_relay(persistent_connection, monkeypatch) -> Iterator[TcpRelay]:
+    """The default connection reaches PostgreSQL through a TcpRelay (reopened through it), as a
+    web thread's persistent connection does; the relay is resumed and closed afterwards."""
+    settings_dict = connection.settings_dict
+    relay = TcpRelay((settings_dict["HOST"] or "127.0.0.1", int(settings_dict["PORT"] or 5432)))
+    monkeypatch.setitem(settings_dict, "HOST", "127.0.0.1")
+    monkeypatch.setitem(settings_dict, "PORT", str(relay.port))
+    connection.close()
+    try:
+        yield relay
+    finally:
+        relay.resume()
+        connection.close()
+        relay.close()

@@ -8,6 +8,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 from django.conf import settings
+from django.db import connection
 from django.test import Client
 
 from config import health
@@ -133,6 +135,52 @@ def test_readyz_gives_up_on_a_broker_that_never_answers(client, db, settings, si
     assert "timeout" in body["checks"]["broker"]["error"].lower()
     assert body["checks"]["stream"]["ok"] is True
     assert elapsed < 30
+
+
+@pytest.mark.parametrize("connected_before", [True, False], ids=["connection-in-use", "new-connection"])
+def test_readyz_answers_within_its_bound_when_postgresql_stops_answering(
+    client, database_relay, monkeypatch, stream_name, connected_before
+):
+    # A PostgreSQL that accepts connections and never answers (stopped, frozen): the probe is
+    # 503 within a few seconds, whether the server stopped under a connection already open (no
+    # statement_timeout fires, and its kernel answers the keepalives: Django's connection waits
+    # for good) or before one is made (which would wait the whole connect_timeout, longer here).
+    monkeypatch.setitem(connection.settings_dict["OPTIONS"], "connect_timeout", 20)
+    if connected_before:
+        status, body, _ = readyz(client)
+        assert status == 200, body
+    database_relay.pause()
+    watchdog = threading.Timer(30, database_relay.resume)  # a probe that hung answers after it
+    watchdog.start()
+    try:
+        status, body, elapsed = readyz(client)
+    finally:
+        watchdog.cancel()
+    assert status == 503, body
+    assert body["checks"]["database"]["ok"] is False
+    assert body["checks"]["broker"]["ok"] is True
+    assert elapsed < 10
+
+
+def test_healthz_answers_at_once_when_postgresql_stops_answering(client, database_relay, settings):
+    # Liveness touches no database, not even to mask secrets in its answer: the API's renderer
+    # reads the agents table once a minute (here at each settings change) on the thread's
+    # connection, which a stopped server holds for good.
+    settings.LOG_REDACT_ENV = []
+    assert client.get("/healthz").status_code == 200
+    database_relay.pause()
+    settings.LOG_REDACT_ENV = ["NOT_SET_ANYWHERE"]
+    watchdog = threading.Timer(30, database_relay.resume)
+    watchdog.start()
+    try:
+        started = time.monotonic()
+        response = client.get("/healthz")
+        elapsed = time.monotonic() - started
+    finally:
+        watchdog.cancel()
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+    assert elapsed < 10
 
 
 def test_readyz_is_503_naming_a_non_redis_broker_that_refuses_connections(client, db, settings, dead_port):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -265,6 +266,32 @@ def test_a_hung_broker_degrades_to_an_error_count_not_a_failed_scrape(
     assert value(samples, "agentledger_collector_up", collector="workflows") == 1
     assert value(samples, "agentledger_collector_errors_total", collector="queues") == before + 1
     assert not any(name == "agentledger_queue_depth_messages" for name, _ in samples)
+
+
+def test_a_database_that_stops_answering_fails_its_collectors_and_the_scrape_returns(
+    client, database_relay, settings, monkeypatch, stream_name
+):
+    # PostgreSQL stopped (SIGSTOP, a storage stall) under the scrape's open connection: no
+    # statement_timeout fires and its kernel answers the keepalives. The scrape still answers,
+    # the database collectors down, the Redis ones up; it held a web thread for good before
+    # (and every later scrape of the process one more, behind the collectors' lock).
+    settings.METRICS_COLLECTOR_TIMEOUT_MS = 500
+    monkeypatch.setitem(connection.settings_dict["OPTIONS"], "connect_timeout", 2)
+    assert value(get_metrics(client), "agentledger_collector_up", collector="workflows") == 1
+    database_relay.pause()
+    watchdog = threading.Timer(30, database_relay.resume)  # a scrape that hung answers after it
+    watchdog.start()
+    try:
+        started = time.monotonic()
+        samples = get_metrics(client)
+        elapsed = time.monotonic() - started
+    finally:
+        watchdog.cancel()
+    for collector in ("workflows", "work", "relay", "exports"):
+        assert value(samples, "agentledger_collector_up", collector=collector) == 0, collector
+    for collector in ("queues", "consumer"):
+        assert value(samples, "agentledger_collector_up", collector=collector) == 1, collector
+    assert elapsed < 15
 
 
 def test_slow_queries_are_cancelled_by_the_collector_timeout(db, settings):
