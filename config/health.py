@@ -11,7 +11,7 @@ Celery app's cached configuration).
 from __future__ import annotations
 
 import math
-import select
+import selectors
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -56,11 +56,15 @@ def check_database() -> dict[str, Any]:
         pgconn = conn.pgconn
         pgconn.send_query(b"SELECT 1")
         deadline = time.monotonic() + CHECK_TIMEOUT_SECONDS
-        while pgconn.is_busy():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([pgconn.socket], [], [], remaining)[0]:
-                raise TimeoutError(f"PostgreSQL did not answer SELECT 1 within {CHECK_TIMEOUT_SECONDS} s")
-            pgconn.consume_input()
+        # A selector, not select(): a busy process's descriptor may be past 1023, which select()
+        # refuses (the database was reported down).
+        with selectors.DefaultSelector() as selector:
+            selector.register(pgconn.socket, selectors.EVENT_READ)
+            while pgconn.is_busy():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    raise TimeoutError(f"PostgreSQL did not answer SELECT 1 within {CHECK_TIMEOUT_SECONDS} s")
+                pgconn.consume_input()
         result = pgconn.get_result()
         if result is None or result.status != psycopg.pq.ExecStatus.TUPLES_OK:
             message = result.error_message.decode(errors="replace") if result is not None else "no result"

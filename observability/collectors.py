@@ -76,8 +76,8 @@ _scrape = threading.local()  # per scraping thread: `database_unanswered` during
 def _bounded_queries() -> Iterator[None]:
     """A transaction whose statements PostgreSQL cancels past the collector timeout. A server
     that does not answer at all (stopped, its storage stalled) cancels nothing, and its kernel
-    answers the keepalives: the connection is then cut on our side after twice the timeout
-    and a second, and the scrape's later database collectors fail at once (a new connection
+    answers the keepalives: the connection is then cut on our side once a statement has waited
+    twice the timeout and a second, and the scrape's later database collectors fail at once (a new connection
     would wait DATABASE_CONNECT_TIMEOUT each). Without that the scrape would hold its thread,
     and every later scrape of the process waiting on StateCollector's lock one thread more,
     until the web had none left (/healthz included)."""
@@ -85,23 +85,37 @@ def _bounded_queries() -> Iterator[None]:
         raise DatabaseUnanswered("PostgreSQL did not answer an earlier collector of this scrape")
     wrapper = connections[DEFAULT_DB_ALIAS]  # this thread's: the timer's thread has its own
     guard = threading.Lock()
-    state = {"done": False, "cut": False}
+    bound = 2 * _timeout_seconds() + 1
+    # Counted from the statement last sent: a collector of several statements, each answered
+    # in time by a loaded server, may take longer than the bound in all (it was cut, and the
+    # scrape's other database collectors reported down, while the server answered).
+    state: dict[str, Any] = {"done": False, "cut": False, "sent": time.monotonic(), "timer": None}
+
+    def arm(delay: float) -> None:
+        state["timer"] = threading.Timer(delay, cut)
+        state["timer"].daemon = True
+        state["timer"].start()
 
     def cut() -> None:
         with guard:
             raw = wrapper.connection
             if state["done"] or raw is None or raw.closed:
                 return
+            if (waited := time.monotonic() - state["sent"]) < bound:
+                arm(bound - waited)  # a later statement: the server answered those before it
+                return
             with suppress(Exception), socket.socket(fileno=os.dup(raw.pgconn.socket)) as sock:
                 sock.shutdown(socket.SHUT_RDWR)  # the blocked read sees the connection closed
                 state["cut"] = True
 
-    timer = threading.Timer(2 * _timeout_seconds() + 1, cut) if wrapper.vendor == "postgresql" else None
-    if timer is not None:
-        timer.daemon = True
-        timer.start()
+    def sent(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict[str, Any]) -> Any:
+        state["sent"] = time.monotonic()
+        return execute(sql, params, many, context)
+
+    if wrapper.vendor == "postgresql":
+        arm(bound)
     try:
-        with transaction.atomic():
+        with wrapper.execute_wrapper(sent), transaction.atomic():
             if connection.vendor == "postgresql":
                 with connection.cursor() as cursor:
                     cursor.execute("SET LOCAL statement_timeout = %s", [int(settings.METRICS_COLLECTOR_TIMEOUT_MS)])
@@ -115,8 +129,8 @@ def _bounded_queries() -> Iterator[None]:
     finally:
         with guard:
             state["done"] = True
-        if timer is not None:
-            timer.cancel()
+        if state["timer"] is not None:
+            state["timer"].cancel()
 
 
 # --- the collectors ---------------------------------------------------------------------

@@ -4,6 +4,7 @@ broker and the Synapse stream against the real services (or a port where nothing
 from __future__ import annotations
 
 import os
+import resource
 import secrets
 import socket
 import subprocess
@@ -85,6 +86,26 @@ def test_readyz_reports_every_check_ok_with_latencies(client, db, stream_name):
         assert isinstance(check["latency_ms"], float), name
         assert check["latency_ms"] >= 0, name
         assert "error" not in check, name
+
+
+def test_database_check_answers_on_a_descriptor_past_select_s_limit(db):
+    # A web process with a thousand files and sockets open (a raised ulimit, as in containers):
+    # the probe's connection gets a descriptor past 1023, which select() refuses ("filedescriptor
+    # out of range"): the database was reported down, and the replica taken out of service.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard limit on open files ({hard}) keeps every descriptor under select()'s")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
+    held = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        result = health.run_check(health.check_database)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert result["ok"] is True, result
 
 
 def test_readyz_describes_an_existing_stream(client, db, stream_name):

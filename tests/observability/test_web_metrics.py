@@ -311,6 +311,24 @@ def test_slow_queries_are_cancelled_by_the_collector_timeout(db, settings):
     assert [(s.labels, s.value) for s in up.samples] == [({"collector": "slow"}, 0)]
 
 
+def test_a_collector_whose_statements_each_answer_in_time_is_not_cut(transactional_db, settings):
+    # A loaded PostgreSQL answers each statement under the timeout, a collector of several
+    # (work_families sends five, and COMMIT) taking longer than the cut's 2 x timeout + 1 s in
+    # all: the server answers, its connection is not cut, nor the scrape's other database
+    # collectors reported down without trying. It was cut after 2 s here, the next one skipped.
+    settings.METRICS_COLLECTOR_TIMEOUT_MS = 500
+
+    def slow_but_answering() -> list:
+        with collectors._bounded_queries(), connection.cursor() as cursor:
+            for _ in range(6):
+                cursor.execute("SELECT pg_sleep(0.4)")
+        return []
+
+    families = list(StateCollector({"slow": slow_but_answering, "workflows": collectors.workflow_families}).collect())
+    up = next(f for f in families if f.name == "agentledger_collector_up")
+    assert {s.labels["collector"]: s.value for s in up.samples} == {"slow": 1, "workflows": 1}
+
+
 def test_a_request_method_a_client_invents_makes_no_series_of_its_own(client, db, stream_name):
     """The method is the client's to choose, signed in or not: each one invented would be a
     latency histogram of its own in every web process's file for good."""
