@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from django.conf import settings
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.reaper import queued_sweep
 from orchestration.services.workflows import workflow_submit
-from tests.engine import RESULT_WRITE_NOT_RETRIED, flush_redis, wait_for
+from tests.engine import RESULT_WRITE_NOT_RETRIED, PrivateRedis, flush_redis, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -33,6 +34,25 @@ def held(engine: object, tmp_path: Path) -> Path:
         id="held", name="Held", executor=Agent.Executor.PYTHON, entrypoint="tests.orchestration.edge_agents.held"
     )
     return tmp_path / "release"
+
+
+@pytest.fixture
+def broker(engine: object, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A Redis of the test's own as the broker, to restart empty (it keeps nothing on disk); the
+    suite's again after the test (its workers stopped first: requested after `engine`)."""
+    from orchestration.tasks import run_task
+
+    private = PrivateRedis(tmp_path)
+    app = run_task.app
+    monkeypatch.setattr(app.conf, "broker_url", private.url)
+    monkeypatch.setattr(settings, "CELERY_BROKER_URL", private.url)
+    monkeypatch.setenv("CELERY_BROKER_URL", private.url)
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    assert settings.DISPATCH_SWEEP_AFTER_SECONDS == 60
+    yield private
+    monkeypatch.undo()  # the suite's broker again, for the flush after the test
+    private.stop()
 
 
 def submit(release: Path) -> Workflow:
@@ -322,9 +342,7 @@ def test_a_try_running_on_when_redis_restarted_empty_is_left_to_run_whatever_its
     assert second.celery_task_id == tries(wf)[0].celery_task_id  # one message throughout
 
 
-def test_after_redis_restarted_empty_the_next_sweeps_send_again_what_it_lost_not_a_minute_later(
-    engine, monkeypatch, tmp_path
-):
+def test_after_redis_restarted_empty_the_next_sweeps_send_again_what_it_lost_not_a_minute_later(engine, broker):
     """Redis, the broker, restarts empty (no persistence) just after a workflow was submitted:
     the queued task's message and the running try's are gone, and the worker stops the try. The
     sweep looked only at tasks queued, and tries started, DISPATCH_SWEEP_AFTER_SECONDS before
@@ -332,17 +350,6 @@ def test_after_redis_restarted_empty_the_next_sweeps_send_again_what_it_lost_not
     minute with its worker idle (70 s for 8 s of work). A sweep that finds the broker restarted
     since its last pass knows what was queued before is lost: it is sent again, and the stopped
     try closed, at once; each task still completes once."""
-    from orchestration.tasks import run_task
-    from tests.engine import PrivateRedis
-
-    broker = PrivateRedis(tmp_path)
-    app = run_task.app
-    monkeypatch.setattr(app.conf, "broker_url", broker.url)
-    monkeypatch.setattr(settings, "CELERY_BROKER_URL", broker.url)
-    monkeypatch.setenv("CELERY_BROKER_URL", broker.url)
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
-    assert settings.DISPATCH_SWEEP_AFTER_SECONDS == 60
     worker = engine(concurrency=1)
     try:
         queued_sweep()  # the beat's sweeps every few seconds: one has seen this broker
@@ -381,13 +388,9 @@ def test_after_redis_restarted_empty_the_next_sweeps_send_again_what_it_lost_not
         assert (stopped.pk, stopped.cause) == (running.pk, "redelivery")
     finally:
         worker.stop()
-        monkeypatch.undo()  # the suite's broker again, for the flush after the test
-        broker.stop()
 
 
-def test_a_retry_whose_countdown_ran_when_redis_restarted_empty_is_sent_again_once_it_ends(
-    engine, monkeypatch, tmp_path
-):
+def test_a_retry_whose_countdown_ran_when_redis_restarted_empty_is_sent_again_once_it_ends(engine, broker):
     """The try fails, retryable, and its retry is sent with a countdown (the provider's
     Retry-After); Redis, the broker, restarts empty during it. The worker that held the retry's
     message drops it with its broken connection (Celery cancels the countdowns it holds), and the
@@ -395,17 +398,6 @@ def test_a_retry_whose_countdown_ran_when_redis_restarted_empty_is_sent_again_on
     and a retry's queued_at is when its countdown ends, after the restart: the task waited,
     retrying, DISPATCH_SWEEP_AFTER_SECONDS past its countdown with its worker idle (62 s for a
     2 s backoff). Sent again once its countdown has ended, it completes once."""
-    from orchestration.tasks import run_task
-    from tests.engine import PrivateRedis
-
-    broker = PrivateRedis(tmp_path)
-    app = run_task.app
-    monkeypatch.setattr(app.conf, "broker_url", broker.url)
-    monkeypatch.setattr(settings, "CELERY_BROKER_URL", broker.url)
-    monkeypatch.setenv("CELERY_BROKER_URL", broker.url)
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
-    assert settings.DISPATCH_SWEEP_AFTER_SECONDS == 60
     Agent.objects.create(
         id="busy",
         name="Busy",
@@ -443,30 +435,17 @@ def test_a_retry_whose_countdown_ran_when_redis_restarted_empty_is_sent_again_on
         ]
     finally:
         worker.stop()
-        monkeypatch.undo()  # the suite's broker again, for the flush after the test
-        broker.stop()
 
 
-def test_a_sweep_in_a_process_started_after_redis_restarted_empty_sends_again_what_it_lost(
-    engine, monkeypatch, tmp_path
-):
+def test_a_sweep_in_a_process_started_after_redis_restarted_empty_sends_again_what_it_lost(engine, broker):
     """Redis, the broker, restarts empty with the task's message in its queue; the sweep that
     follows runs in a process that never read the broker before: an operator's
     `reap_stale_tasks`, or a worker restarted with Redis (a host's reboot). Only a process that
     had read the server's run_id before it restarted could tell (`_broker_runs`): this one
     re-sent nothing ("re-sent: 0"), and the task waited DISPATCH_SWEEP_AFTER_SECONDS with idle
     workers. The server's own uptime tells any process when it started."""
-    from orchestration.tasks import run_task
-    from tests.engine import PrivateRedis, database_url, manage
+    from tests.engine import database_url, manage
 
-    broker = PrivateRedis(tmp_path)
-    app = run_task.app
-    monkeypatch.setattr(app.conf, "broker_url", broker.url)
-    monkeypatch.setattr(settings, "CELERY_BROKER_URL", broker.url)
-    monkeypatch.setenv("CELERY_BROKER_URL", broker.url)
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
-    assert settings.DISPATCH_SWEEP_AFTER_SECONDS == 60
     wf, _ = workflow_submit(spec={"name": "lost", "tasks": [{"name": "t", "agent": "echo"}]})
     task = TaskExecution.objects.get(workflow=wf)
     assert task.status == TaskExecution.Status.QUEUED
@@ -477,16 +456,12 @@ def test_a_sweep_in_a_process_started_after_redis_restarted_empty_sends_again_wh
         "DATABASE_URL": database_url(),
         "CELERY_BROKER_URL": broker.url,
     }
+    out = manage("reap_stale_tasks", env=env).stdout
+    assert "re-sent: 1" in out, out
+    worker = engine(concurrency=1)
     try:
-        out = manage("reap_stale_tasks", env=env).stdout
-        assert "re-sent: 1" in out, out
-        worker = engine(concurrency=1)
-        try:
-            wait_for(lambda: Workflow.objects.get(pk=wf.pk).is_terminal, timeout=30, what="the workflow to end")
-        finally:
-            worker.stop()
-        assert Workflow.objects.get(pk=wf.pk).status == Workflow.Status.COMPLETED
-        assert [a.status for a in TaskAttempt.objects.filter(execution=task)] == [A.SUCCEEDED]
+        wait_for(lambda: Workflow.objects.get(pk=wf.pk).is_terminal, timeout=30, what="the workflow to end")
     finally:
-        monkeypatch.undo()  # the suite's broker again, for the flush after the test
-        broker.stop()
+        worker.stop()
+    assert Workflow.objects.get(pk=wf.pk).status == Workflow.Status.COMPLETED
+    assert [a.status for a in TaskAttempt.objects.filter(execution=task)] == [A.SUCCEEDED]
