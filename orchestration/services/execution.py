@@ -24,8 +24,8 @@ import psycopg
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import DatabaseError, Error, InterfaceError, OperationalError, connection, transaction
-from django.db.models import F, Max
-from django.db.models.functions import Now
+from django.db.models import Count, F, Max, OuterRef, Subquery
+from django.db.models.functions import Coalesce, Now
 from kombu.utils.compat import detect_environment
 
 from observability.attempts import attempt_finished, attempt_started, attempts_reaped, late_usage_recorded
@@ -58,6 +58,7 @@ from orchestration.services.conversations import (
 )
 from orchestration.services.dispatch import dispatch_after_commit, dispatch_prepare, hard_limit_seconds
 from orchestration.services.events import TASK_STATE_FIELDS, entity_states, task_event
+from orchestration.services.fastpath import update_rows
 from orchestration.services.progress import (
     abandoned_usage_add,
     deadline_passed,
@@ -96,15 +97,33 @@ class Claim:
     standalone: bool = False
 
 
-def retry_countdown(retry_count: int, retry_after: float | None = None) -> float:
+def retry_countdown(retry_count: int, retry_after: object = None) -> float:
     """Exponential backoff with jitter: half of base * 2**n, plus a random half; at least
     the provider's Retry-After; at most TASK_RETRY_BACKOFF_MAX_SECONDS."""
     cap = float(settings.TASK_RETRY_BACKOFF_MAX_SECONDS)
     delay = min(cap, settings.TASK_RETRY_BACKOFF_BASE_SECONDS * (2**retry_count))
     delay = delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - jitter, not security
-    if retry_after:
+    if retry_after := _retry_after_as_seconds(retry_after):
         delay = max(delay, retry_after)
     return round(min(delay, cap), 3)
+
+
+def _retry_after_as_seconds(value: object) -> float | None:
+    """A RetryableError's retry_after as seconds: a number, a timedelta, or a number's text (a
+    Retry-After header's value passed on as it came); anything else (an HTTP date's text, NaN)
+    says nothing. A python agent's own RetryableError may carry any of them: compared as it came,
+    a text failed the record of the try (TypeError), which stayed running until the reaper
+    closed it as a hard time-out, its error lost, its agent's slot held meanwhile."""
+    if isinstance(value, dt.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal) or value != value:  # NaN
+        return None
+    return float(value)
 
 
 def _close_attempt(
@@ -130,7 +149,7 @@ def _fail_or_retry(
     error: str,
     retryable: bool,
     now: dt.datetime,
-    retry_after: float | None = None,
+    retry_after: object = None,
     retry_now: bool = False,
 ) -> bool:
     """After a failed attempt: schedule the next one (True) or fail the task for good (False).
@@ -357,32 +376,47 @@ def agent_slot_recheck_seconds(agent: Agent, *, priority: str, now: dt.datetime)
 def agent_slot_hand_on(agent: Agent, *, now: dt.datetime) -> None:
     """After an attempt of a concurrency-limited agent ended (its slot is free): send the
     message of the first task in the agent's line (the most urgent priority, then the longest
-    waiting) at once, instead of letting the slot stay idle until some deferred message comes
-    back. Its deferred message, superseded, runs nothing. A slot freed elsewhere (the reaper, a
-    cancel) is found by the next deferred message that comes back. Outside the outcome's
-    transaction, after its commit."""
+    waiting) at once, and of the next ones for the slots the agent's limit gained meanwhile,
+    instead of letting the slots stay idle until some deferred message comes back. Their
+    deferred messages, superseded, run nothing. A slot freed elsewhere (the reaper, a cancel) is
+    found by the next deferred message that comes back. Outside the outcome's transaction, after
+    its commit."""
     if not agent.max_concurrency:
         return
 
     def wake() -> None:
-        task = (
+        # The slot this attempt freed, and one for each slot the agent's limit gained since the
+        # claim read it, as far as they are free: the line took those only as its deferred
+        # messages came back, up to AGENT_SLOT_RECHECK_MAX_SECONDS later (a limit raised from 1
+        # to 8 under a line of 17 one-second tasks kept one running for 3 s more, the line taking
+        # 9.2 s instead of 3). Not more: the tasks woken by attempts that ended just before are
+        # on their way, not yet running, and a task woken twice over is only deferred again.
+        running = TaskExecution.objects.filter(agent_id=OuterRef("pk"), status=TaskExecution.Status.RUNNING)
+        limit, taken = (
+            Agent.objects.filter(pk=agent.pk)
+            .annotate(taken=Coalesce(Subquery(running.values("agent_id").annotate(n=Count("*")).values("n")), 0))
+            .values_list("max_concurrency", "taken")
+            .first()
+        ) or (agent.max_concurrency, 0)
+        limit = limit or agent.max_concurrency
+        free = max(min(limit - taken, 1 + max(limit - agent.max_concurrency, 0)), 1)
+        tasks = list(
             _waiting_for_agent(agent.pk, now=now)
             # and on the database's clock: a task just woken by an attempt that ended at the same
             # moment in another process (deferred_at: that one's `now`, which may read a little
             # later than this one's) is on its way, not to be woken again while the next in line
             # waits on for this freed slot.
             .filter(deferred_at__gt=Now())
-            .select_for_update(skip_locked=True)
-            .first()
+            .select_for_update(skip_locked=True)[:free]
         )
-        if task is None:
-            return
-        queued_at = task.queued_at
-        dispatch = dispatch_prepare(task, now=now, status=task.status)
-        task.queued_at = queued_at
-        task.deferred_at = now  # waiting for a worker from now: the queue timeout counts on
-        task.save(update_fields=["celery_task_id", "deferred_at"])
-        dispatch_after_commit([dispatch])
+        dispatches = []
+        for task in tasks:
+            queued_at = task.queued_at
+            dispatches.append(dispatch_prepare(task, now=now, status=task.status))
+            task.queued_at = queued_at
+            task.deferred_at = now  # waiting for a worker from now: the queue timeout counts on
+        update_rows(tasks, ["celery_task_id", "deferred_at"])
+        dispatch_after_commit(dispatches)
 
     try:
         atomic_with_retry(wake)

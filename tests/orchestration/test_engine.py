@@ -135,6 +135,27 @@ def test_retryable_errors_are_retried_with_backoff_and_every_attempt_is_recorded
     assert wf.error_count == 2
 
 
+@pytest.mark.parametrize("retry_after", ["1.5", 1.5], ids=["text", "number"])
+def test_a_retry_after_an_agent_gives_as_text_is_honoured_not_a_failed_record(engine, retry_after):
+    """A python agent's RetryableError whose retry_after is the Retry-After header's text, as
+    it came. Before, comparing it with the backoff raised TypeError in the record of the failure:
+    the try stayed running until the reaper closed it as a hard time-out of a process never
+    killed (its error lost, its agent's slot held meanwhile: 5 s here, 340 s with the default
+    limits), and the retry came after the backoff alone, not the 1.5 s the provider asked."""
+    Agent.objects.create(
+        id="busy", name="Busy", executor="python", entrypoint="tests.orchestration.edge_agents.busy_provider"
+    )
+    engine(concurrency=1)
+    wf = submit({"name": "r", "agent": "busy", "input": {"retry_after": retry_after}, "timeout_seconds": 3})
+    wf = finished(wf, timeout=20)
+    assert wf.status == Workflow.Status.COMPLETED
+    first, second = attempts(wf, "r")
+    assert (first.status, first.cause, first.error) == (A.FAILED, "error", "RetryableError: provider busy")
+    [retrying] = Event.objects.filter(entity_id=task(wf, "r").execution_id, event_type="task_retrying")
+    assert retrying.payload["countdown_s"] == 1.5
+    assert (second.started_at - first.finished_at).total_seconds() >= 1.5
+
+
 def test_non_retryable_error_fails_at_once_and_cancels_dependents(engine):
     engine()
     wf = finished(
@@ -935,6 +956,29 @@ def test_tasks_waiting_for_a_limited_agent_do_not_spin_and_take_a_freed_slot_at_
     assert max(gaps) < 0.4, f"the freed slot stayed idle: {gaps}"
     deferrals = worker.log().count("'deferred'")
     assert deferrals <= 2 * n, f"{deferrals} deferrals for {n - 1} waiting tasks"
+
+
+def test_slots_added_by_raising_an_agents_limit_are_taken_by_its_line_at_the_next_end(engine):
+    """An agent's max_concurrency raised while tasks wait for it: the attempt that ends next
+    wakes a task for each free slot. Before, it woke one (the slot it freed), and the other new
+    slots stayed idle until deferred messages came back, up to 30 s later: raised from 1 to 8
+    under a line of 17 one-second tasks, one kept running alone for 3 s more and the line took
+    9.2 s instead of 3. Here the line runs one at a time for 8 s first, so that its deferrals
+    are long ones (about a second for each task waiting) when the limit is raised."""
+    Agent.objects.filter(pk="sleep").update(max_concurrency=1)
+    engine(concurrency=6)
+    wf = submit(*({"name": f"s{i:02}", "agent": "sleep", "input": {"seconds": 1}} for i in range(30)))
+    running_attempt(wf, "s00")
+    time.sleep(8)
+    Agent.objects.filter(pk="sleep").update(max_concurrency=6)
+    raised = time.monotonic()
+    left = TaskExecution.objects.filter(workflow=wf).exclude(status=T.COMPLETED).count()
+    wf = finished(wf, timeout=60)
+    took = time.monotonic() - raised
+    assert wf.status == Workflow.Status.COMPLETED
+    assert TaskAttempt.objects.filter(execution__workflow=wf).count() == 30, "extra attempts were made"
+    # At most a second for the running one to end, then six at a time.
+    assert took < 2 + left / 6 + 1.5, f"{left} tasks took {took:.1f} s on six slots after the limit was raised"
 
 
 def test_a_freed_slot_of_a_limited_agent_goes_to_its_urgent_task_before_its_backlog_of_bulk_work(engine):
