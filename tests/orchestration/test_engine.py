@@ -981,26 +981,36 @@ def test_slots_added_by_raising_an_agents_limit_are_taken_by_its_line_at_the_nex
     assert took < 2 + left / 6 + 1.5, f"{left} tasks took {took:.1f} s on six slots after the limit was raised"
 
 
-def test_a_freed_slot_of_a_limited_agent_goes_to_its_urgent_task_before_its_backlog_of_bulk_work(engine):
+def test_a_freed_slot_of_a_limited_agent_goes_to_its_urgent_task_before_its_backlog_of_bulk_work(engine, tmp_path):
     """The line of tasks waiting for an agent's max_concurrency is in priority order, as a
     worker takes the queues. Before, a freed slot went to the task of the agent that had waited
     longest whatever its priority: a critical task behind eight low tasks of 0.5 s started
-    after all of them, 4 s late. The first holds the slot for 5 s, so that every other one is
-    deferred first (with 0.5 s, a slow machine freed the slot before the last were taken, and
-    one ran without waiting)."""
-    Agent.objects.filter(pk="sleep").update(max_concurrency=1)
-    engine(concurrency=3)
-    backlog = submit(
-        *({"name": f"l{i}", "agent": "sleep", "input": {"seconds": 5 if i == 0 else 0.5}} for i in range(8)),
-        priority="low",
+    after all of them, 4 s late. The first holds the slot until every other one, the critical
+    included, waits for it (held for a fixed time, a loaded machine freed the slot before the
+    last were taken: one ran without waiting, and the test waited for ever)."""
+    release = tmp_path / "release"
+    Agent.objects.create(
+        id="held",
+        name="Held",
+        executor=Agent.Executor.PYTHON,
+        entrypoint="tests.orchestration.edge_agents.held",
+        max_concurrency=1,
     )
+    engine(concurrency=3)
+
+    def held_task(name: str, *, hold: bool = False) -> dict:
+        return {"name": name, "agent": "held", "input": {"release": str(release), "hold_attempts": [1] if hold else []}}
+
+    backlog = submit(*(held_task(f"l{i}", hold=i == 0) for i in range(8)), priority="low")
     running_attempt(backlog, "l0")
     wait_for(
         lambda: TaskExecution.objects.filter(workflow=backlog, deferred_at__isnull=False).count() == 7,
         timeout=90,
         what="the rest of the backlog to wait for the agent",
     )
-    urgent = submit({"name": "c", "agent": "sleep", "input": {"seconds": 0.1}}, priority="critical")
+    urgent = submit(held_task("c"), priority="critical")
+    wait_for(lambda: task(urgent, "c").deferred_at is not None, timeout=90, what="the critical task to wait")
+    release.touch()
     assert finished(urgent).status == Workflow.Status.COMPLETED
     [c] = attempts(urgent, "c")
     low_before = TaskAttempt.objects.filter(
