@@ -156,6 +156,27 @@ def test_a_retry_after_an_agent_gives_as_text_is_honoured_not_a_failed_record(en
     assert (second.started_at - first.finished_at).total_seconds() >= 1.5
 
 
+@pytest.mark.parametrize("retry_after", [10**400, "1e400", "inf"], ids=["integer", "text", "infinity"])
+def test_a_retry_after_too_large_for_a_float_waits_the_longest_backoff_not_a_failed_record(engine, retry_after):
+    """A python agent's RetryableError whose retry_after is an integer too large for a float (as
+    JSON carries it: no limit on an integer's digits). Before, float() of it raised OverflowError
+    in the record of the failure: the try stayed running until the reaper closed it as a hard
+    time-out, its error lost. Like a text too large ("1e400", infinity), it asks the longest
+    backoff, TASK_RETRY_BACKOFF_MAX_SECONDS (2 s here)."""
+    Agent.objects.create(
+        id="busy", name="Busy", executor="python", entrypoint="tests.orchestration.edge_agents.busy_provider"
+    )
+    engine(concurrency=1)
+    wf = submit({"name": "r", "agent": "busy", "input": {"retry_after": retry_after}, "timeout_seconds": 3})
+    wf = finished(wf, timeout=20)
+    assert wf.status == Workflow.Status.COMPLETED
+    first, second = attempts(wf, "r")
+    assert (first.status, first.cause, first.error) == (A.FAILED, "error", "RetryableError: provider busy")
+    [retrying] = Event.objects.filter(entity_id=task(wf, "r").execution_id, event_type="task_retrying")
+    assert retrying.payload["countdown_s"] == 2
+    assert second.status == A.SUCCEEDED
+
+
 def test_non_retryable_error_fails_at_once_and_cancels_dependents(engine):
     engine()
     wf = finished(
@@ -981,13 +1002,34 @@ def test_slots_added_by_raising_an_agents_limit_are_taken_by_its_line_at_the_nex
     assert took < 2 + left / 6 + 1.5, f"{left} tasks took {took:.1f} s on six slots after the limit was raised"
 
 
+def test_a_line_whose_agents_limit_was_removed_is_taken_at_the_next_end(engine):
+    """An agent's max_concurrency removed (blank: no limit) while tasks wait for it: the attempt
+    that ends next wakes the whole line. Before, it woke one, the limit read at its claim taken
+    for the current one, and the attempts of the tasks woken since, claimed without a limit, wake
+    none: the rest of the line waited for its deferred messages, up to 30 s later."""
+    Agent.objects.filter(pk="sleep").update(max_concurrency=1)
+    engine(concurrency=6)
+    wf = submit(*({"name": f"s{i:02}", "agent": "sleep", "input": {"seconds": 1}} for i in range(30)))
+    running_attempt(wf, "s00")
+    time.sleep(8)
+    Agent.objects.filter(pk="sleep").update(max_concurrency=None)
+    raised = time.monotonic()
+    left = TaskExecution.objects.filter(workflow=wf).exclude(status=T.COMPLETED).count()
+    wf = finished(wf, timeout=60)
+    took = time.monotonic() - raised
+    assert wf.status == Workflow.Status.COMPLETED
+    assert TaskAttempt.objects.filter(execution__workflow=wf).count() == 30, "extra attempts were made"
+    # At most a second for the running one to end, then six at a time (the worker's processes).
+    assert took < 2 + left / 6 + 1.5, f"{left} tasks took {took:.1f} s on six processes after the limit was removed"
+
+
 def test_a_freed_slot_of_a_limited_agent_goes_to_its_urgent_task_before_its_backlog_of_bulk_work(engine, tmp_path):
     """The line of tasks waiting for an agent's max_concurrency is in priority order, as a
     worker takes the queues. Before, a freed slot went to the task of the agent that had waited
     longest whatever its priority: a critical task behind eight low tasks of 0.5 s started
-    after all of them, 4 s late. The first holds the slot until every other one, the critical
-    included, waits for it (held for a fixed time, a loaded machine freed the slot before the
-    last were taken: one ran without waiting, and the test waited for ever)."""
+    after all of them, 4 s late. The first, submitted alone, holds the slot until every other
+    one, the critical included, waits for it (held for a fixed time, a loaded machine freed the
+    slot before the last were taken: one ran without waiting, and the test waited for ever)."""
     release = tmp_path / "release"
     Agent.objects.create(
         id="held",
@@ -1001,8 +1043,10 @@ def test_a_freed_slot_of_a_limited_agent_goes_to_its_urgent_task_before_its_back
     def held_task(name: str, *, hold: bool = False) -> dict:
         return {"name": name, "agent": "held", "input": {"release": str(release), "hold_attempts": [1] if hold else []}}
 
-    backlog = submit(*(held_task(f"l{i}", hold=i == 0) for i in range(8)), priority="low")
-    running_attempt(backlog, "l0")
+    # The slot's holder first, alone: submitted with the backlog, any of them may take the slot.
+    holder = submit(held_task("l0", hold=True), priority="low")
+    running_attempt(holder, "l0")
+    backlog = submit(*(held_task(f"l{i}") for i in range(1, 8)), priority="low")
     wait_for(
         lambda: TaskExecution.objects.filter(workflow=backlog, deferred_at__isnull=False).count() == 7,
         timeout=90,
@@ -1018,6 +1062,7 @@ def test_a_freed_slot_of_a_limited_agent_goes_to_its_urgent_task_before_its_back
     ).count()
     assert low_before <= 1, f"{low_before} low tasks of the agent started before the critical one"
     assert finished(backlog).status == Workflow.Status.COMPLETED
+    assert finished(holder).status == Workflow.Status.COMPLETED
 
 
 @pytest.mark.parametrize("fast_path", ["true", "false"], ids=["fast-path", "general-path"])
