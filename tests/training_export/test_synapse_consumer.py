@@ -315,13 +315,10 @@ def test_a_terminal_event_whose_row_is_gone_still_writes_the_event(synapse):
     assert synapse.pending() == 0
 
 
-def test_the_rows_of_a_failure_are_as_it_ended_after_the_task_and_workflow_ran_again(synapse):
-    """A failed task retried (the workflow resumed) and completed before the consumer reads
-    the failure: the failure's rows still say how the first run ended, from their events'
-    `state`, and the completion's rows how the second did."""
-    workflow = WorkflowFactory(status=Workflow.Status.RUNNING, started_at=T0, total_steps=1)
-    task = TaskExecution.objects.create(
-        workflow=workflow,
+def _queued_task() -> TaskExecution:
+    """A running workflow's one task, queued at T0, with no retries."""
+    return TaskExecution.objects.create(
+        workflow=WorkflowFactory(status=Workflow.Status.RUNNING, started_at=T0, total_steps=1),
         agent=AgentFactory(),
         task_name="t",
         status=TaskExecution.Status.QUEUED,
@@ -329,6 +326,13 @@ def test_the_rows_of_a_failure_are_as_it_ended_after_the_task_and_workflow_ran_a
         queued_at=T0,
         max_retries=0,
     )
+
+
+def test_the_rows_of_a_failure_are_as_it_ended_after_the_task_and_workflow_ran_again(synapse):
+    """A failed task retried (the workflow resumed) and completed before the consumer reads
+    the failure: the failure's rows still say how the first run ended, from their events'
+    `state`, and the completion's rows how the second did."""
+    task = _queued_task()
     _run_attempt(task, start=T0, usage=Usage(100, 50, Decimal("0.01")), fail=True)
     task_retry(execution_id=task.pk)  # resumes the workflow
     _run_attempt(task, start=T0 + dt.timedelta(hours=1), usage=Usage(10, 5, Decimal("0.002")), fail=False)
@@ -375,16 +379,7 @@ def test_a_workflow_failures_row_has_the_wasted_spend_it_ended_with_after_it_ran
     $0.004) before the consumer read the first failure: that failure's row says what was
     wasted when it ended, as its total_cost_usd does, not the later run's wasted spend (more
     wasted than the row's total cost)."""
-    workflow = WorkflowFactory(status=Workflow.Status.RUNNING, started_at=T0, total_steps=1)
-    task = TaskExecution.objects.create(
-        workflow=workflow,
-        agent=AgentFactory(),
-        task_name="t",
-        status=TaskExecution.Status.QUEUED,
-        celery_task_id=str(uuid.uuid4()),
-        queued_at=T0,
-        max_retries=0,
-    )
+    task = _queued_task()
     _run_attempt(task, start=T0, usage=Usage(100, 50, Decimal("0.01")), fail=True)
     task_retry(execution_id=task.pk)  # resumes the workflow
     _run_attempt(task, start=T0 + dt.timedelta(hours=1), usage=Usage(10, 5, Decimal("0.004")), fail=True)
