@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 import re
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -449,6 +450,19 @@ def test_retention_on_a_host_whose_clock_runs_ahead_keeps_what_the_rollup_keeps(
     assert AgentMetric.objects.count() == 1
 
 
+def workflows_exported(day: dt.datetime, offsets: Iterable[int]) -> None:
+    """A succeeded export of workflows for each one-day window `day` + offset, as the beat's."""
+    for n in offsets:
+        start = day + dt.timedelta(days=n)
+        ExportRunFactory(
+            data_type=ExportRun.DataType.WORKFLOWS,
+            format="jsonl",
+            status=ExportRun.Status.SUCCEEDED,
+            window_start=start,
+            window_end=start + dt.timedelta(days=1),
+        )
+
+
 def test_a_batch_reads_the_old_rows_from_an_index_and_none_of_those_kept(db, settings, monkeypatch):
     """Each batch takes the oldest rows up to the cutoff from an index on the time column they
     are judged by. In the models' own order (workflows and metrics newest first, messages by
@@ -505,15 +519,7 @@ def test_days_the_daily_export_has_not_exported_yet_are_kept_until_it_has(db, se
     settings.RETENTION_DAYS_WORKFLOWS = 2
     now = dt.datetime(2024, 6, 10, 3, 0, tzinfo=dt.UTC)
     day = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
-    for n in range(6):  # the 1st..the 6th exported by the beat, one-day windows
-        start = day + dt.timedelta(days=n)
-        ExportRunFactory(
-            data_type=ExportRun.DataType.WORKFLOWS,
-            format="jsonl",
-            status=ExportRun.Status.SUCCEEDED,
-            window_start=start,
-            window_end=start + dt.timedelta(days=1),
-        )
+    workflows_exported(day, range(6))  # the 1st..the 6th exported by the beat
     exported = WorkflowFactory(status=Workflow.Status.COMPLETED, completed_at=day + dt.timedelta(days=5, hours=9))
     pending = WorkflowFactory(status=Workflow.Status.COMPLETED, completed_at=day + dt.timedelta(days=6, hours=9))
     TaskExecutionFactory(workflow=pending, status="completed", completed_at=pending.completed_at)
@@ -544,15 +550,7 @@ def test_a_day_a_catch_up_failed_to_export_before_later_days_is_kept_until_it_is
     settings.RETENTION_DAYS_WORKFLOWS = 2
     now = dt.datetime(2024, 6, 10, 3, 0, tzinfo=dt.UTC)
     day = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
-    for n in (*range(6), 7, 8):  # the 1st..the 6th, the 8th and the 9th; the 7th failed
-        start = day + dt.timedelta(days=n)
-        ExportRunFactory(
-            data_type=ExportRun.DataType.WORKFLOWS,
-            format="jsonl",
-            status=ExportRun.Status.SUCCEEDED,
-            window_start=start,
-            window_end=start + dt.timedelta(days=1),
-        )
+    workflows_exported(day, (*range(6), 7, 8))  # the 1st..the 6th, the 8th and the 9th; the 7th failed
     failed_day = WorkflowFactory(status=Workflow.Status.COMPLETED, completed_at=day + dt.timedelta(days=6, hours=9))
 
     result = retention_apply(now=now)
