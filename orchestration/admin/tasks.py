@@ -29,7 +29,7 @@ from orchestration.admin.workflows import WORKFLOW_DOCUMENTS
 from orchestration.errors import TransitionError
 from orchestration.event_types import EntityType, EventType
 from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
-from orchestration.services.conversations import TASK_TYPE as CONVERSATION_TASK_TYPE
+from orchestration.services.conversations import is_conversation_reply
 from orchestration.services.events import Actor, task_event
 from orchestration.services.workflows import (
     RETRIABLE_TASK,
@@ -44,13 +44,6 @@ TASK_EVENTS_SHOWN = 200
 TASK_DOCUMENTS = ("input_data", "output_data", "metadata")
 # Who may read the conversations (the message list refuses the others).
 VIEW_MESSAGES = "orchestration.view_agentplaygroundmessage"
-
-
-def is_conversation_reply(task: TaskExecution) -> bool:
-    """Whether `task` is the reply to a conversation message (conversation_message_post makes
-    one outside any workflow): its input is the user's message, its output the agent's reply.
-    A workflow task may name any task_type (services.conversations.conversation_for_task)."""
-    return task.workflow_id is None and task.task_type == CONVERSATION_TASK_TYPE
 
 
 def task_events(execution: TaskExecution) -> QuerySet[Event]:
@@ -284,7 +277,9 @@ class TaskExecutionAdmin(OperationsMixin, ChangedFieldsOnlyMixin, EventsShownMix
         only to staff who may view the conversation messages: the viewer role may view tasks,
         not conversations, and read every user's here."""
         fieldsets = super().get_fieldsets(request, obj)
-        if obj is None or not is_conversation_reply(obj) or request.user.has_perm(VIEW_MESSAGES):
+        if obj is None or request.user.has_perm(VIEW_MESSAGES):
+            return fieldsets
+        if not is_conversation_reply(workflow_id=obj.workflow_id, task_type=obj.task_type):
             return fieldsets
         return [(name, options) for name, options in fieldsets if name != "Data"]
 

@@ -64,8 +64,7 @@ from orchestration.api.throttling import RateLimitedMixin, rate_limit_settle
 from orchestration.models import AgentPlaygroundMessage, ApiKey, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.models.workflows import TaskAttemptCause, TaskAttemptStatus
 from orchestration.selectors import user_spend
-from orchestration.services.conversations import TASK_TYPE as CONVERSATION_TASK_TYPE
-from orchestration.services.conversations import event_holds_conversation
+from orchestration.services.conversations import event_holds_conversation, is_conversation_reply
 from orchestration.services.events import Actor, actor_of
 from orchestration.services.workflows import task_cancel, task_retry, workflow_cancel, workflow_resume
 
@@ -471,7 +470,7 @@ class TaskViewSet(
         if has_permission(self.request, EXECUTE):
             return tasks
         for task in tasks:
-            if task["workflow_id"] is None and task["task_type"] == CONVERSATION_TASK_TYPE:
+            if is_conversation_reply(workflow_id=task["workflow_id"], task_type=task["task_type"]):
                 task["input_data"] = task["output_data"] = None
         return tasks
 

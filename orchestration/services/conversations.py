@@ -140,6 +140,13 @@ def conversation_message_post(
     return message
 
 
+def is_conversation_reply(*, workflow_id: str | None, task_type: str) -> bool:
+    """Whether a task is the reply to a conversation message (conversation_message_post makes
+    one outside any workflow): its input is the user's message, its output the agent's reply.
+    A workflow task may name any task_type (conversation_for_task)."""
+    return workflow_id is None and task_type == TASK_TYPE
+
+
 def event_holds_conversation(*, event_type: str, workflow_id: str | None, payload: dict[str, Any] | None) -> bool:
     """Whether an event is one of CONTENT_EVENTS recorded by a conversation's reply task: its
     payload holds the conversation (the user's message, what the agent made of it). Such a
