@@ -303,6 +303,36 @@ class PrivateRedis:
         self.restarts += 1
 
 
+def use_broker(
+    monkeypatch: pytest.MonkeyPatch,
+    url: str,
+    *,
+    also_redis: bool = False,
+    socket_timeout: float | None = None,
+    environment: bool = True,
+) -> None:
+    """Send this process's Celery messages to the broker at `url` until the test ends (with
+    `environment`, the processes it starts too). Celery's configuration is set first: it reads
+    Django's settings when first read, and would keep the URL set after it as the one to restore.
+    Its connection and producer pools are dropped so that no connection to the suite's broker is
+    reused. `also_redis`: the Synapse stream and the API's Redis (REDIS_URL) there as well;
+    `socket_timeout`: seconds a paused broker holds a write."""
+    from config.celery import app
+
+    monkeypatch.setattr(app.conf, "broker_url", url)
+    monkeypatch.setattr(settings, "CELERY_BROKER_URL", url)
+    if also_redis:
+        monkeypatch.setattr(settings, "REDIS_URL", url)
+    if environment:
+        monkeypatch.setenv("CELERY_BROKER_URL", url)
+        if also_redis:
+            monkeypatch.setenv("REDIS_URL", url)
+    if socket_timeout is not None:
+        monkeypatch.setitem(app.conf.broker_transport_options, "socket_timeout", socket_timeout)
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+
+
 class ManageProcess:
     """A `manage.py` command in a subprocess of its own session (signals reach its children too),
     with its output appended to a log; for the soaks, which kill, stop and restart them."""

@@ -16,7 +16,7 @@ from django.utils import timezone
 from orchestration.event_types import EventType
 from orchestration.models import Event
 from tests.api.conftest import make_caller
-from tests.engine import wait_for
+from tests.engine import use_broker, wait_for
 from tests.factories import EventFactory, ExportRunFactory
 from training_export.models import ExportRun
 from training_export.services.export import DATA_TYPES
@@ -188,14 +188,9 @@ def test_an_export_requested_while_the_broker_is_down_is_accepted_and_queued_by_
     a client retrying got that pending run back, queued by nothing until the export sweep. It
     is accepted, as a workflow is, and the sweep sends it once the broker answers."""
     from training_export.services.export import export_runs_sweep
-    from training_export.tasks import export_run_task
 
     admin = make_caller("exporter", "admin").client
-    app = export_run_task.app
-    monkeypatch.setattr(app.conf, "broker_url", "redis://127.0.0.1:1/0")  # nothing listens there
-    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    use_broker(monkeypatch, "redis://127.0.0.1:1/0")  # nothing listens there
     admin.raise_request_exception = False
 
     response = admin.post("/api/v1/exports/", EVENTS, format="json")
@@ -220,19 +215,13 @@ def test_an_export_whose_queue_declaration_is_retried_over_a_new_connection_is_q
     published it on the channel the retry had closed, and raised an AttributeError after the
     commit, a 500 for a pending run."""
     import redis
-    from django.conf import settings
 
     from tests.engine import PrivateRedis
     from training_export.tasks import export_run_task
 
     broker = PrivateRedis(tmp_path)
+    use_broker(monkeypatch, broker.url, socket_timeout=2)
     app = export_run_task.app
-    monkeypatch.setattr(app.conf, "broker_url", broker.url)
-    monkeypatch.setattr(settings, "CELERY_BROKER_URL", broker.url)
-    monkeypatch.setenv("CELERY_BROKER_URL", broker.url)
-    monkeypatch.setitem(app.conf.broker_transport_options, "socket_timeout", 2)
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
     client = redis.Redis.from_url(broker.url)
     # kombu calls the policy's errback when a try has failed: the writes resume then.
     policy = {**(app.conf.task_publish_retry_policy or {}), "errback": lambda exc, interval: client.client_unpause()}

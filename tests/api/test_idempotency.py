@@ -7,7 +7,6 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from django.conf import settings
 from django.core.management import call_command
 
 from orchestration.api.redis_store import store
@@ -107,17 +106,10 @@ def test_redis_gone_once_the_workflow_is_stored_answers_201_and_the_key_finds_it
     stored); the lock expires by itself, and the key finds the workflow once Redis is back."""
     from orchestration.api import idempotency
     from orchestration.models import TaskExecution
-    from orchestration.tasks import run_task
-    from tests.engine import PrivateRedis
+    from tests.engine import PrivateRedis, use_broker
 
     redis_server = PrivateRedis(tmp_path)
-    app = run_task.app
-    monkeypatch.setattr(app.conf, "broker_url", redis_server.url)
-    monkeypatch.setattr(settings, "CELERY_BROKER_URL", redis_server.url)
-    monkeypatch.setattr(settings, "REDIS_URL", redis_server.url)
-    monkeypatch.setenv("CELERY_BROKER_URL", redis_server.url)
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    use_broker(monkeypatch, redis_server.url, also_redis=True)
     call_command("load_agents", stdout=io.StringIO())
     caller = make_caller("dev", "developer")
     caller.client.raise_request_exception = False

@@ -17,6 +17,7 @@ from orchestration.api.serializers import FastReadMixin, TaskSerializer, Workflo
 from orchestration.models import Event, TaskExecution, Workflow
 from orchestration.services.specs import TASK_FIELDS, WORKFLOW_FIELDS
 from tests.api.conftest import SPEC
+from tests.engine import use_broker
 from tests.factories import TaskAttemptFactory
 
 PROBLEM = "application/problem+json"
@@ -398,18 +399,11 @@ def test_a_workflow_submitted_while_the_broker_is_down_is_accepted_and_sent_by_t
     from django.core.management import call_command
 
     from orchestration.services.reaper import queued_sweep
-    from orchestration.tasks import run_task
     from tests.api.conftest import make_caller
 
     call_command("load_agents", stdout=io.StringIO())
     caller = make_caller("dev", "developer")
-    app = run_task.app
-    # Nothing listens there. Celery reads CELERY_BROKER_URL from the environment before its
-    # configuration, when set (as the tests' settings set it under pytest-xdist).
-    monkeypatch.setattr(app.conf, "broker_url", "redis://127.0.0.1:1/0")
-    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    use_broker(monkeypatch, "redis://127.0.0.1:1/0")  # nothing listens there
 
     response = caller.client.post("/api/v1/workflows/", SPEC, format="json")
 
@@ -429,19 +423,10 @@ def test_a_workflow_submitted_while_the_broker_is_down_is_accepted_and_sent_by_t
 def private_broker(transactional_db, monkeypatch, tmp_path):
     """A Redis server of the test's own as the broker, to pause or stop, with a 2 s socket
     timeout (a paused write waits this long)."""
-    from orchestration.tasks import run_task
     from tests.engine import PrivateRedis
 
     broker = PrivateRedis(tmp_path)
-    app = run_task.app
-    # Celery's configuration first: it reads Django's settings when it is first read, and would
-    # keep the URL set below as the one to restore.
-    monkeypatch.setattr(app.conf, "broker_url", broker.url)
-    monkeypatch.setattr(settings, "CELERY_BROKER_URL", broker.url)
-    monkeypatch.setenv("CELERY_BROKER_URL", broker.url)
-    monkeypatch.setitem(app.conf.broker_transport_options, "socket_timeout", 2)
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    use_broker(monkeypatch, broker.url, socket_timeout=2)
     yield broker
     broker.stop()
 
@@ -524,17 +509,12 @@ def test_a_workflow_cancelled_while_the_broker_is_down_is_cancelled_and_answered
     process left running ends as it would, recorded late."""
     from django.core.management import call_command
 
-    from orchestration.tasks import run_task
     from tests.api.conftest import make_caller
 
     call_command("load_agents", stdout=io.StringIO())
     caller = make_caller("dev", "developer")
     workflow_id = caller.client.post("/api/v1/workflows/", SPEC, format="json").json()["workflow_id"]
-    app = run_task.app
-    monkeypatch.setattr(app.conf, "broker_url", "redis://127.0.0.1:1/0")  # nothing listens there
-    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    use_broker(monkeypatch, "redis://127.0.0.1:1/0")  # nothing listens there
     caller.client.raise_request_exception = False
 
     response = caller.client.post(f"/api/v1/workflows/{workflow_id}/cancel/", format="json")

@@ -56,6 +56,7 @@ from tests.engine import (
     database_url,
     event_text,
     record_lines,
+    use_broker,
     wait_for,
 )
 
@@ -362,18 +363,10 @@ def process_log(tmp_path, monkeypatch):
 def soak_broker(transactional_db, monkeypatch, tmp_path):
     """A Redis server of the test's own, keeping its data across a kill, as the broker and the
     Synapse stream of this process and of every process it starts."""
-    from orchestration.tasks import run_task
 
     broker = PrivateRedis(tmp_path, keep_data=True)
-    app = run_task.app
-    monkeypatch.setattr(app.conf, "broker_url", broker.url)
-    monkeypatch.setattr(settings, "CELERY_BROKER_URL", broker.url)
-    monkeypatch.setattr(settings, "REDIS_URL", broker.url)
+    use_broker(monkeypatch, broker.url, also_redis=True)
     monkeypatch.setattr(settings, "DISPATCH_SWEEP_AFTER_SECONDS", SWEEP_AFTER_SECONDS)
-    monkeypatch.setenv("CELERY_BROKER_URL", broker.url)
-    monkeypatch.setenv("REDIS_URL", broker.url)
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
     yield broker
     broker.stop()
 

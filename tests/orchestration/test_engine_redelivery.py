@@ -16,7 +16,7 @@ from django.conf import settings
 from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services.reaper import queued_sweep
 from orchestration.services.workflows import workflow_submit
-from tests.engine import RESULT_WRITE_NOT_RETRIED, PrivateRedis, flush_redis, wait_for
+from tests.engine import RESULT_WRITE_NOT_RETRIED, PrivateRedis, flush_redis, use_broker, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -40,15 +40,9 @@ def held(engine: object, tmp_path: Path) -> Path:
 def broker(engine: object, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[PrivateRedis]:
     """A Redis of the test's own as the broker, to restart empty (it keeps nothing on disk); the
     suite's again after the test (its workers stopped first: requested after `engine`)."""
-    from orchestration.tasks import run_task
 
     private = PrivateRedis(tmp_path)
-    app = run_task.app
-    monkeypatch.setattr(app.conf, "broker_url", private.url)
-    monkeypatch.setattr(settings, "CELERY_BROKER_URL", private.url)
-    monkeypatch.setenv("CELERY_BROKER_URL", private.url)
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    use_broker(monkeypatch, private.url)
     assert settings.DISPATCH_SWEEP_AFTER_SECONDS == 60
     yield private
     monkeypatch.undo()  # the suite's broker again, for the flush after the test

@@ -1630,15 +1630,10 @@ def test_a_sweep_cut_off_by_a_broker_restart_holds_off_the_next_ones_for_seconds
     be sent again (the chaos soak's drain waited for it). The lock is a lease of a few seconds
     now, renewed by the sweep as it goes."""
     from orchestration.services import reaper
-    from orchestration.tasks import run_task
-    from tests.engine import PrivateRedis
+    from tests.engine import PrivateRedis, use_broker
 
     broker = PrivateRedis(tmp_path, keep_data=True)
-    app = run_task.app
-    monkeypatch.setattr(app.conf, "broker_url", broker.url)
-    monkeypatch.setattr(settings, "CELERY_BROKER_URL", broker.url)
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    use_broker(monkeypatch, broker.url, environment=False)
     try:
         wf = submit({"name": "a", "agent": "echo"})
         client = redis.Redis.from_url(broker.url)
