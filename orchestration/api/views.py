@@ -25,6 +25,7 @@ from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from orchestration.api import idempotency
+from orchestration.api.errors import SAFE_METHODS
 from orchestration.api.filters import (
     AttemptFilter,
     EventFilter,
@@ -105,6 +106,21 @@ class ApiMixin(RateLimitedMixin):
         # decodes a query string's bytes that are not UTF-8 to U+FFFD, never to a surrogate.)
         if unstorable_text(list(kwargs.values())):
             raise NotFound()
+        if request.method not in SAFE_METHODS:
+            # No write reads a query parameter: one would be ignored while the write is done
+            # (`POST /workflows/?dry_run=true` stored and queued the workflow). Those addressing
+            # an object are refused by get_object's filter_queryset too; creates were not.
+            self.refuse_unknown_parameters()
+
+    def refuse_unknown_parameters(self, reads: frozenset[str] = frozenset()) -> None:
+        """A 400 naming each query parameter this operation does not read (`reads`, and
+        `format` where it chooses the renderer): ignored, the answer would not be what was asked."""
+        # `format` chooses the renderer, unless the viewset's negotiation leaves it to a filter (exports).
+        override = self.get_content_negotiator().settings.URL_FORMAT_OVERRIDE  # type: ignore[attr-defined]
+        request = self.request  # type: ignore[attr-defined]
+        unknown = unknown_parameters(request.query_params, {*reads, override} if override else set(reads))
+        if unknown:
+            raise ValidationError(unknown)
 
     def filter_queryset(self, queryset: QuerySet) -> QuerySet:
         # get_object() filters its queryset too: an object's page or a command on it applied
@@ -114,12 +130,7 @@ class ApiMixin(RateLimitedMixin):
         # `download`) have no filter set and check them themselves.
         if self.action == "list" or getattr(self, "filterset_class", None) is None:  # type: ignore[attr-defined]
             return super().filter_queryset(queryset)  # type: ignore[misc]
-        # `format` chooses the renderer, unless the viewset's negotiation leaves it to a filter (exports).
-        override = self.get_content_negotiator().settings.URL_FORMAT_OVERRIDE  # type: ignore[attr-defined]
-        request = self.request  # type: ignore[attr-defined]
-        unknown = unknown_parameters(request.query_params, {override} if override else set())
-        if unknown:
-            raise ValidationError(unknown)
+        self.refuse_unknown_parameters()
         return queryset
 
     def check_throttles(self, request: Request) -> None:
@@ -597,6 +608,7 @@ class MeView(ApiMixin, APIView):
         responses={200: MeSerializer, **problem_responses(401, 403, 429)},
     )
     def get(self, request: Request) -> Response:
+        self.refuse_unknown_parameters()
         user = request.user
         role = request_role(request)
         api_key = request.auth if isinstance(request.auth, ApiKey) else None

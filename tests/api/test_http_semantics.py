@@ -20,9 +20,9 @@ from orchestration.api.serializers import (
     NoBodySerializer,
     WorkflowSpecSerializer,
 )
-from orchestration.models import Agent, Workflow
+from orchestration.models import Agent, AgentPlaygroundMessage, Workflow
 from orchestration.services.conversations import conversation_message_post
-from tests.api.conftest import make_caller
+from tests.api.conftest import SPEC, make_caller
 from tests.factories import ExportRunFactory
 from training_export.api.serializers import ExportRequestSerializer
 from training_export.models import ExportRun
@@ -143,6 +143,9 @@ def test_a_list_without_filters_refuses_a_parameter_it_does_not_read(callers, su
 
 
 FORMAT = "allowed: format"
+MESSAGE = {"agent": "echo", "content": "hello"}
+NEW_AGENT = {"id": "new-agent", "name": "New", "executor": "python", "entrypoint": "builtins.print"}
+EXPORT = {"data_type": "events", "start_date": "2024-03-05", "end_date": "2024-03-05"}
 
 
 @pytest.mark.parametrize(
@@ -177,6 +180,37 @@ def test_an_objects_page_or_command_refuses_the_lists_filters_rather_than_hiding
     if method == "get":
         plain = url.split("?")[0] + ("?format=json" if "takes none" not in allowed else "")
         assert client.get(plain).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "who, method, path, body, parameter, allowed",
+    [
+        ("developer", "post", "/api/v1/workflows/?dry_run=true", SPEC, "dry_run", FORMAT),
+        ("developer", "post", "/api/v1/conversations/new-thread/messages/?stream=true", MESSAGE, "stream", FORMAT),
+        ("admin", "post", "/api/v1/agents/?overwrite=true", NEW_AGENT, "overwrite", FORMAT),
+        ("admin", "post", "/api/v1/exports/?dry_run=true", EXPORT, "dry_run", "this operation takes none"),
+        ("developer", "get", "/api/v1/me/?user=vic", None, "user", FORMAT),
+        ("admin", "get", "/api/v1/exports/{run}/download/?files=keys", None, "files", "allowed: file"),
+    ],
+)
+def test_an_operation_that_reads_no_filters_refuses_a_parameter_rather_than_ignoring_it(
+    callers, who, method, path, body, parameter, allowed
+):
+    """A create, a message post, `me` and a download read no query parameter but ignored
+    every one: `POST /workflows/?dry_run=true` stored and queued the workflow (201),
+    `download/?files=keys` would send the data file for the keys file, while a command on an
+    object refused the same parameter."""
+    run = ExportRunFactory(status=ExportRun.Status.PENDING).pk
+    client = callers[who].client
+    url = path.format(run=run)
+    response = getattr(client, method)(url, body, format="json") if method == "post" else client.get(url)
+    assert response.status_code == 400, response.content
+    assert response["Content-Type"] == "application/problem+json"
+    assert response.json()["errors"] == [{"field": parameter, "detail": f"unknown query parameter ({allowed})"}]
+    assert not Workflow.objects.exists()
+    assert not AgentPlaygroundMessage.objects.exists()
+    assert not Agent.objects.filter(pk=NEW_AGENT["id"]).exists()
+    assert ExportRun.objects.count() == 1
 
 
 @pytest.mark.parametrize(

@@ -225,6 +225,8 @@ class ExportRunViewSet(
         renderer_classes=[JSONRenderer, JsonLinesRenderer],
     )
     def download(self, request: Request, pk: str) -> HttpResponseBase:
+        # `?files=keys` ignored would send the data file for the keys file asked for.
+        self.refuse_unknown_parameters(frozenset({"file"}))
         file = request.query_params.get("file", "data")
         if file not in DOWNLOAD_FILES:
             raise exceptions.ValidationError({"file": [f"must be one of {', '.join(DOWNLOAD_FILES)}, not {file!r}"]})
