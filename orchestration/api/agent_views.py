@@ -32,7 +32,7 @@ from orchestration.api.serializers import (
     MessageSerializer,
     NoBodySerializer,
 )
-from orchestration.api.views import EXECUTE, PAGE_PARAMETERS, READ, ApiMixin, WriteBodyMixin
+from orchestration.api.views import EXECUTE, PAGE_PARAMETERS, READ, ApiMixin, WriteBodyMixin, ordering_parameter
 from orchestration.errors import ConversationBusy, ConversationError, ConversationTaken
 from orchestration.models import Agent, AgentPlaygroundMessage, ApiKey
 from orchestration.selectors import agent_stats, conversation_messages, conversation_thread
@@ -45,6 +45,9 @@ from orchestration.services.agent_registry import (
 )
 
 ANY_ROLE = "any"
+# The one order each list has; `?ordering=` takes it (anything else is a 400), as the schema says.
+AGENT_ORDERINGS = {"id": ("id",)}
+MESSAGE_ORDERINGS = {"created_at": ("created_at", "message_id")}
 AGENT_LIST = "agent:list"
 
 
@@ -93,7 +96,9 @@ AGENT_EXAMPLE = {
 
 @extend_schema_view(
     list=extend_schema(
-        summary="List agents", responses={200: AgentSerializer(many=True), **problem_responses(400, 401, 403, 429)}
+        summary="List agents",
+        parameters=[ordering_parameter(AGENT_ORDERINGS, "id")],
+        responses={200: AgentSerializer(many=True), **problem_responses(400, 401, 403, 429)},
     ),
     retrieve=extend_schema(
         summary="An agent", responses={200: AgentSerializer, **problem_responses(401, 403, 404, 429)}
@@ -119,7 +124,7 @@ class AgentViewSet(ApiMixin, WriteBodyMixin, mixins.ListModelMixin, mixins.Retri
     }
     filterset_class = AgentFilter
     lookup_value_regex = "[^/]+"
-    orderings = {"id": ("id",)}
+    orderings = AGENT_ORDERINGS
     default_ordering = "id"
 
     @extend_schema(
@@ -219,7 +224,7 @@ class ConversationMessagesView(ApiMixin, APIView):
 
     permission_classes = [ActionPermission]
     required_permissions = {"get": EXECUTE, "post": EXECUTE}
-    orderings = {"created_at": ("created_at", "message_id")}
+    orderings = MESSAGE_ORDERINGS
     default_ordering = "created_at"
 
     def _thread(self, request: Request, instance_id: str) -> QuerySet[AgentPlaygroundMessage]:
@@ -233,7 +238,11 @@ class ConversationMessagesView(ApiMixin, APIView):
 
     @extend_schema(
         summary="The messages of a conversation, in order",
-        parameters=[OpenApiParameter("instance_id", OpenApiTypes.STR, OpenApiParameter.PATH), *PAGE_PARAMETERS],
+        parameters=[
+            OpenApiParameter("instance_id", OpenApiTypes.STR, OpenApiParameter.PATH),
+            *PAGE_PARAMETERS,
+            ordering_parameter(MESSAGE_ORDERINGS, "created_at"),
+        ],
         responses={200: MESSAGE_PAGE, **problem_responses(400, 401, 403, 404, 429)},
     )
     def get(self, request: Request, instance_id: str) -> Response:

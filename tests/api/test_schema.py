@@ -101,6 +101,39 @@ def test_every_boolean_filter_is_documented_as_a_boolean():
         assert parameter["description"], (path, name)
 
 
+@pytest.mark.parametrize(
+    "path, orderings",
+    [
+        ("/api/v1/workflows/", ["-created_at", "created_at"]),
+        ("/api/v1/tasks/", ["-created_at", "created_at"]),
+        ("/api/v1/events/", ["sequence", "-sequence"]),
+        ("/api/v1/workflows/{workflow_id}/events/", ["sequence", "-sequence"]),
+        ("/api/v1/workflows/{workflow_id}/attempts/", ["started_at", "-started_at"]),
+        ("/api/v1/exports/", ["-created_at", "created_at"]),
+        ("/api/v1/agents/", ["id"]),
+        ("/api/v1/conversations/{instance_id}/messages/", ["created_at"]),
+    ],
+)
+def test_every_list_documents_the_orderings_it_takes(callers, path, orderings):
+    """Every list reads `?ordering=` (any other value is a 400 naming them): the agents' and a
+    conversation's messages did not document it, so a generated client had no way to send
+    it, and a 400 for it named a parameter the schema did not have."""
+    schema = SchemaGenerator().get_schema(request=None, public=True)
+    parameters = {p["name"]: p for p in schema["paths"][path]["get"]["parameters"] if p["in"] == "query"}
+    assert "ordering" in parameters, (path, sorted(parameters))
+    documented = parameters["ordering"]["schema"]
+    assert documented["type"] == "string" and sorted(documented["enum"]) == sorted(orderings), documented
+    client = callers["admin"].client
+    workflow_id = client.post("/api/v1/workflows/", SPEC, format="json").json()["workflow_id"]
+    client.post("/api/v1/conversations/a-thread/messages/", {"agent": "echo", "content": "hi"}, format="json")
+    url = path.format(workflow_id=workflow_id, instance_id="a-thread")
+    refused = client.get(url, {"ordering": "bogus"})
+    assert refused.status_code == 400, refused.content
+    assert refused.json()["errors"] == [{"field": "ordering", "detail": f"must be one of: {', '.join(orderings)}"}]
+    for ordering in orderings:
+        assert client.get(url, {"ordering": ordering}).status_code == 200, (url, ordering)
+
+
 def test_negotiation_problems_are_documented_as_answered(callers, settings):
     """406 (Accept), 413 (body size) and 415 (Content-Type) come before any view's code: each
     operation documents those it can give, with the problem type the live API answers."""
