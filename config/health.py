@@ -1,7 +1,8 @@
 """Liveness (`/healthz`) and readiness (`/readyz`) probes.
 
 Liveness touches nothing outside the process, so a slow database never gets a healthy web
-process restarted. Readiness runs one small check per dependency, all at once, each bounded
+process restarted. Readiness runs one small check per dependency (and one that the database
+has every migration of the code), all at once, each bounded
 on the client's side (a server that accepts connections and never answers is a failed check
 after CHECK_TIMEOUT_SECONDS, not a request thread held for good), and answers 503 when any of
 them fails. Connection settings are read from django.conf.settings at call time (not from the
@@ -10,8 +11,10 @@ Celery app's cached configuration).
 
 from __future__ import annotations
 
+import functools
 import math
 import selectors
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,24 +40,24 @@ CHECK_TIMEOUT_SECONDS = 2.0
 Check = Callable[[], dict[str, Any]]
 
 
-def check_database() -> dict[str, Any]:
-    """`SELECT 1` on a PostgreSQL connection of its own, opened and answered within
+def _database_rows(sql: str) -> list[tuple[Any, ...]]:
+    """The rows `sql` answers, on a PostgreSQL connection of its own, opened and answered within
     CHECK_TIMEOUT_SECONDS each. Not Django's connection: a server that stopped answering holds
     a query on it for good (no statement_timeout fires on a server that does not run, and its
-    kernel answers the TCP keepalives), and a new one waits DATABASE_CONNECT_TIMEOUT."""
+    kernel answers the TCP keepalives), and a new one waits DATABASE_CONNECT_TIMEOUT. A query
+    the server refuses raises psycopg's error of its SQLSTATE (UndefinedTable, …)."""
     if connection.vendor != "postgresql":
         try:
             with connection.cursor() as cursor:  # SQLite: a local file
-                cursor.execute("SELECT 1")
-                cursor.fetchone()
+                cursor.execute(sql)
+                return cursor.fetchall()
         finally:
             connection.close()  # this thread's own, and the thread ends with the request
-        return {}
     params = {**connection.get_connection_params(), "connect_timeout": math.ceil(CHECK_TIMEOUT_SECONDS)}
     conn = psycopg.connect(**params, autocommit=True)
     try:
         pgconn = conn.pgconn
-        pgconn.send_query(b"SELECT 1")
+        pgconn.send_query(sql.encode())
         deadline = time.monotonic() + CHECK_TIMEOUT_SECONDS
         # A selector, not select(): a busy process's descriptor may be past 1023, which select()
         # refuses (the database was reported down).
@@ -63,14 +66,78 @@ def check_database() -> dict[str, Any]:
             while pgconn.is_busy():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not selector.select(remaining):
-                    raise TimeoutError(f"PostgreSQL did not answer SELECT 1 within {CHECK_TIMEOUT_SECONDS} s")
+                    raise TimeoutError(f"PostgreSQL did not answer {sql} within {CHECK_TIMEOUT_SECONDS} s")
                 pgconn.consume_input()
         result = pgconn.get_result()
         if result is None or result.status != psycopg.pq.ExecStatus.TUPLES_OK:
-            message = result.error_message.decode(errors="replace") if result is not None else "no result"
-            raise psycopg.OperationalError(message.strip())
+            if result is None:
+                raise psycopg.OperationalError("no result")
+            try:
+                error = psycopg.errors.lookup((result.error_field(psycopg.pq.DiagnosticField.SQLSTATE) or b"").decode())
+            except KeyError:
+                error = psycopg.OperationalError
+            raise error(result.error_message.decode(errors="replace").strip())
+        return [
+            tuple(
+                None if value is None else value.decode()
+                for value in (result.get_value(row, column) for column in range(result.nfields))
+            )
+            for row in range(result.ntuples)
+        ]
     finally:
         conn.close()
+
+
+def check_database() -> dict[str, Any]:
+    """`SELECT 1` within CHECK_TIMEOUT_SECONDS (_database_rows)."""
+    _database_rows("SELECT 1")
+    return {}
+
+
+# Set once a check found every migration applied: this process's code never needs more, and
+# a probe then reads nothing. Not set while any is missing: the next probe looks again.
+MIGRATIONS_APPLIED = threading.Event()
+
+
+@functools.cache
+def migrations_on_disk() -> dict[tuple[str, str], tuple[tuple[str, str], ...]]:
+    """Every migration of this release's code (squashed ones as their squash), with the
+    migrations it replaces: the graph `migrate` would apply, read from the files once."""
+    from django.db.migrations.loader import MigrationLoader
+
+    loader = MigrationLoader(None, ignore_no_migrations=True)
+    return {key: tuple(loader.graph.nodes[key].replaces) for key in loader.graph.nodes}
+
+
+class MigrationsNotApplied(Exception):
+    """Migrations of the code are missing from the database."""
+
+
+def check_migrations() -> dict[str, Any]:
+    """Every migration of the code applied in the database (django_migrations, read as the
+    database check reads, within CHECK_TIMEOUT_SECONDS); otherwise an error naming how many
+    are not, per app. A web started before `migrate` ran, or while it runs, would fail on the
+    columns and tables its code expects."""
+    if MIGRATIONS_APPLIED.is_set():
+        return {}
+    try:
+        applied = set(_database_rows("SELECT app, name FROM django_migrations"))
+    except psycopg.errors.UndefinedTable:  # never migrated
+        applied = set()
+    missing: dict[str, list[str]] = {}
+    for (app, name), replaces in sorted(migrations_on_disk().items()):
+        if (app, name) not in applied and not (replaces and set(replaces) <= applied):
+            missing.setdefault(app, []).append(name)
+    if missing:
+        count = sum(len(names) for names in missing.values())
+        apps = ", ".join(
+            f"{app} ({len(names)}: {', '.join(names) if len(names) <= 3 else f'{names[0]} … {names[-1]}'})"
+            for app, names in missing.items()
+        )
+        raise MigrationsNotApplied(
+            f"{count} migration{'s' if count > 1 else ''} not applied: {apps}; run `manage.py migrate`"
+        )
+    MIGRATIONS_APPLIED.set()
     return {}
 
 
@@ -120,7 +187,12 @@ def check_stream() -> dict[str, Any]:
     }
 
 
-CHECKS: dict[str, Check] = {"database": check_database, "broker": check_broker, "stream": check_stream}
+CHECKS: dict[str, Check] = {
+    "database": check_database,
+    "migrations": check_migrations,
+    "broker": check_broker,
+    "stream": check_stream,
+}
 
 
 def run_check(check: Check) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 from django.conf import settings
@@ -23,6 +24,8 @@ from django.test import Client
 
 from config import health
 from observability.logs import redact_public
+from tests.engine import manage
+from tests.pg import database_migrated_to
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE_EXEMPTIONS = [r"^healthz$", r"^readyz$", r"^metrics$"]
@@ -80,7 +83,7 @@ def test_readyz_reports_every_check_ok_with_latencies(client, db, stream_name):
     status, body, _ = readyz(client)
     assert status == 200, body
     assert body["status"] == "ok"
-    assert set(body["checks"]) == {"database", "broker", "stream"}
+    assert set(body["checks"]) == {"database", "migrations", "broker", "stream"}
     for name, check in body["checks"].items():
         assert check["ok"] is True, name
         assert isinstance(check["latency_ms"], float), name
@@ -337,3 +340,34 @@ def test_production_settings_serve_probes_on_plain_http():
     healthz_status, readyz_status = result.stdout.split()[-2:]
     assert healthz_status == "200"
     assert readyz_status in {"200", "503"}  # a dependency may be down; what matters is no 301 to https
+
+
+@pytest.mark.subprocess
+def test_readyz_is_503_naming_unapplied_migrations_until_migrate_has_run(client, db, monkeypatch, stream_name):
+    # A release started before `migrate` ran (or while it runs): the database answers, but the
+    # web would fail on the columns and tables it expects; a load balancer must not send it
+    # traffic. The "all applied" outcome is kept for the process: a probe then queries nothing.
+    monkeypatch.setattr(health, "MIGRATIONS_APPLIED", threading.Event(), raising=False)
+    later = sorted(p.stem for p in (ROOT / "orchestration" / "migrations").glob("00*.py") if p.stem[:4] > "0041")
+    with database_migrated_to("orchestration", "0041") as (url, env), monkeypatch.context() as web:
+        web.setitem(connection.settings_dict, "NAME", url.rsplit("/", 1)[1])  # the probe's database
+        for _ in range(2):  # not applied is no outcome to keep: each probe looks again
+            status, body, elapsed = readyz(client)
+            assert status == 503, body
+            migrations = body["checks"]["migrations"]
+            assert migrations["ok"] is False
+            assert "not applied" in migrations["error"]
+            assert f"orchestration ({len(later)}: 0042_messages_idempotency_key" in migrations["error"]
+            assert "training_export (" in migrations["error"]
+            assert body["checks"]["database"]["ok"] is True
+            assert elapsed < 10
+
+        manage("migrate", "--no-input", env=env)
+        status, body, _ = readyz(client)
+        assert status == 200, body
+        assert body["checks"]["migrations"]["ok"] is True
+
+        with psycopg.connect(url, autocommit=True) as other:
+            other.execute("DELETE FROM django_migrations WHERE app = 'orchestration' AND name LIKE '0043%'")
+        status, body, _ = readyz(client)
+        assert status == 200, body  # kept: the migrations table was not read again
