@@ -23,6 +23,7 @@ from orchestration.admin.scale import LargeTableAdmin
 from orchestration.errors import SpecError
 from orchestration.models import Agent, AgentMetric, Event, TaskExecution
 from orchestration.services.agent_registry import agent_change_record, agent_check
+from orchestration.services.agents import OPERATOR_FIELDS
 
 
 def agent_has_record(agent: Agent) -> bool:
@@ -152,8 +153,10 @@ class AgentAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixin
         readonly = tuple(super().get_readonly_fields(request, obj))
         if obj is not None and obj.definition_path:
             # Its file is the definition: an edit here would silently diverge from it (or be
-            # undone by the next load_agents), as the API's 409 says. Edit the file instead.
-            return tuple(dict.fromkeys((*flatten_fieldsets(self.get_fieldsets(request, obj)), *readonly)))
+            # undone by the next load_agents), as the API's 409 says. Edit the file instead; but
+            # for the operator's fields (status, max_concurrency), which load_agents keeps.
+            shown = (*flatten_fieldsets(self.get_fieldsets(request, obj)), *readonly)
+            return tuple(name for name in dict.fromkeys(shown) if name not in OPERATOR_FIELDS)
         # Changing a primary key in a form would save a second agent, not rename this one.
         return readonly if obj is None else ("id", *readonly)
 
@@ -201,7 +204,8 @@ class AgentAdmin(CheckedFiltersMixin, MaskedLookupsMixin, ChangedFieldsOnlyMixin
             messages.info(
                 request,
                 f"This agent is defined in {agent.definition_path}: edit that file and run "
-                "`manage.py load_agents` to change it.",
+                "`manage.py load_agents` to change it. Its status and max concurrency are set here, "
+                "and load_agents keeps what is set here.",
             )
         return super().change_view(request, object_id, form_url, extra_context)
 

@@ -63,6 +63,14 @@ class Agent(TimestampedModel):
         help_text="the directory `load_agents` read the definition from (empty: the default one); a sync "
         "deactivates only the agents of the directory it reads",
     )
+    definition_values = models.JSONField(
+        default=dict,
+        # An older release's INSERT (while a new one migrates) or a hand-written one need not name it.
+        db_default=models.Value({}, output_field=models.JSONField()),
+        blank=True,
+        help_text="the operator's fields (status, max_concurrency) as `load_agents` last read them from the "
+        "definition: one whose value differs was set by an operator, and a sync keeps it",
+    )
     total_tasks_completed = models.IntegerField(default=0)
     total_tokens_used = models.BigIntegerField(default=0)
     average_latency_ms = models.FloatField(default=0)

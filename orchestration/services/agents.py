@@ -2,6 +2,8 @@
 
 Definitions are code; the table is their queryable copy. A sync creates new agents,
 updates changed ones, marks agents whose file disappeared inactive, and says what changed.
+The operator's fields (OPERATOR_FIELDS: status, max_concurrency) are the exception: a value an
+operator set is kept, and the sync says so.
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ DEFINITION_FIELDS = {
 }
 
 
+# An operator's to set on a running deployment (the console): taking an agent out of service,
+# holding it to what its provider's quota allows. A definition file gives their first value; a
+# sync changes one only while the row holds what the file last said (`definition_values`): a
+# value an operator set is kept until they set it back, and the sync says so.
+OPERATOR_FIELDS = ("status", "max_concurrency")
+
+
 # What an agent runs as, of its definition: every field but its id (the same definition under
 # another id is the same definition) and its status (deactivating it changes nothing it runs).
 SNAPSHOT_FIELDS = tuple(name for name in DEFINITION_FIELDS if name not in ("id", "status"))
@@ -79,6 +88,14 @@ class SyncResult:
     updated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     deactivated: list[str] = field(default_factory=list)
+    # agent id -> the fields an update changed; and -> operator values kept, as "field value
+    # (the definition: value)"
+    changed: dict[str, list[str]] = field(default_factory=dict)
+    kept: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else str(value)
 
 
 def default_definitions_dir() -> Path:
@@ -273,12 +290,32 @@ def agents_sync(*, directory: Path | None = None) -> SyncResult:
             if agent is None:
                 agent = Agent(id=agent_id)
             loaded = (agent.definition_hash, agent.status, agent.definition_root, agent.definition_path)
+            before = {key: getattr(agent, key) for key in (*SNAPSHOT_FIELDS, "status", "definition_path")}
+            definition = {
+                key: fields[key] if key in fields else Agent._meta.get_field(key).get_default()
+                for key in OPERATOR_FIELDS
+            }
+            # The operator's values: where the row no longer holds what the file last said (a row
+            # from before definition_values: what the file says now).
+            kept = {
+                key: before[key]
+                for key in OPERATOR_FIELDS
+                if not created
+                and before[key] != agent.definition_values.get(key, definition[key])
+                and before[key] != definition[key]
+            }
             # A field the definition no longer sets goes back to its default (the table is
             # the definition's copy, not a merge of every version of it).
             for key in DEFINITION_FIELDS.keys() - fields.keys() - {"id"}:
                 setattr(agent, key, Agent._meta.get_field(key).get_default())
-            for key, value in fields.items():
+            for key, value in {**fields, **kept}.items():
                 setattr(agent, key, value)
+            if kept:
+                result.kept[agent_id] = [
+                    f"{key} {_shown(value)} (the definition: {_shown(definition[key])})" for key, value in kept.items()
+                ]
+            values_changed = agent.definition_values != definition
+            agent.definition_values = definition
             # The hash of the definition as the row holds it (each attempt records its agent's):
             # a file whose definition is the row's already leaves the row alone.
             snapshot = definition_snapshot(agent)
@@ -287,11 +324,14 @@ def agents_sync(*, directory: Path | None = None) -> SyncResult:
                 agent.save(force_insert=True)
                 result.created.append(agent_id)
             elif loaded == (agent.definition_hash, agent.status, agent.definition_root, agent.definition_path):
+                if values_changed:  # the file changed an operator's value it keeps: nothing the agent runs as
+                    agent.save(update_fields=["definition_values"])
                 result.unchanged.append(agent_id)
                 continue
             else:
                 agent.save()
                 result.updated.append(agent_id)
+                result.changed[agent_id] = [key for key, value in before.items() if getattr(agent, key) != value]
             event_record(
                 event_type=EventType.AGENT_REGISTERED,
                 entity_type=EntityType.AGENT,
@@ -308,7 +348,9 @@ def agents_sync(*, directory: Path | None = None) -> SyncResult:
                 and agent.status == Agent.Status.ACTIVE
             ):
                 agent.status = Agent.Status.INACTIVE
-                agent.save(update_fields=["status", "updated_at"])
+                # The definition's doing, not an operator's: its file back, the agent is active again.
+                agent.definition_values = {**agent.definition_values, "status": Agent.Status.INACTIVE}
+                agent.save(update_fields=["status", "definition_values", "updated_at"])
                 result.deactivated.append(agent_id)
                 # Its file is gone (deleted, or renamed: a file without an `id` names a new agent):
                 # recorded as the API and the console record a deactivation.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import re
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import pytest
 from django.contrib import admin
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Group, Permission
+from django.core.management import call_command
 from django.db import connection, models
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -749,20 +751,46 @@ def test_agent_stats_are_read_only(su_client: Client) -> None:
     )
 
 
-def test_an_agent_loaded_from_a_definition_file_is_read_only_in_the_console(su_client: Client) -> None:
+def test_an_agent_loaded_from_a_definition_file_is_read_only_in_the_console_but_for_the_operators_fields(
+    su_client: Client,
+) -> None:
     agent = AgentFactory(name="from file", definition_path="echo.json", definition_hash="0" * 64)
 
     page = su_client.get(_url(Agent, "change", agent.pk))
-    assert not page.context["adminform"].form.fields
+    assert set(page.context["adminform"].form.fields) == {"status", "max_concurrency"}
     assert "edit that file" in page.content.decode()
-    su_client.post(_url(Agent, "change", agent.pk), {"name": "edited", "executor": "python", "status": "inactive"})
+    su_client.post(
+        _url(Agent, "change", agent.pk),
+        {"name": "edited", "executor": "python", "status": "inactive", "max_concurrency": "2"},
+    )
     agent.refresh_from_db()
-    assert (agent.name, agent.status) == ("from file", "active")
+    assert (agent.name, agent.status, agent.max_concurrency) == ("from file", "inactive", 2)
 
     api_made = AgentFactory(name="api")
     assert {"name", "status", "system_prompt"} <= set(
         su_client.get(_url(Agent, "change", api_made.pk)).context["adminform"].form.fields
     )
+
+
+def test_the_status_and_max_concurrency_set_in_the_console_survive_load_agents(
+    su_client: Client, superuser: Any, tmp_path
+) -> None:
+    # Each deploy runs load_agents: a built-in agent taken out of service (or limited) in the
+    # console was active and unlimited again after it.
+    definition = {"id": "flaky-x", "name": "Flaky", "executor": "python"}
+    (tmp_path / "flaky.json").write_text(
+        json.dumps({**definition, "entrypoint": "orchestration.runtime.builtin.flaky"})
+    )
+    call_command("load_agents", str(tmp_path), stdout=io.StringIO())
+    su_client.post(_url(Agent, "change", "flaky-x"), {"status": "inactive", "max_concurrency": "1"})
+
+    out = io.StringIO()
+    call_command("load_agents", str(tmp_path), stdout=out)
+    agent = Agent.objects.get(pk="flaky-x")
+    assert (agent.status, agent.max_concurrency) == ("inactive", 1), out.getvalue()
+    assert "kept        flaky-x: status inactive (the definition: active)" in out.getvalue()
+    change = Event.objects.filter(event_type="agent_registered", entity_id="flaky-x").order_by("sequence")[1]
+    assert (change.payload["change"], change.payload["by"]) == ("deactivated", superuser.username)
 
 
 def test_staff_who_may_not_view_agents_learn_nothing_of_one_from_its_page(client: Client) -> None:

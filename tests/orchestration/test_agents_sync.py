@@ -329,3 +329,43 @@ def test_every_definition_a_sync_loads_or_retires_is_on_record_with_its_content(
     assert retired["definition_sha256"] == undone["definition_sha256"]
     assert retired["fields"]["model"] == "gpt-4o-mini"
     assert Agent.objects.get(pk="llm-x").definition_hash == first["definition_sha256"]
+
+
+def test_a_sync_keeps_the_status_and_max_concurrency_an_operator_set(db, tmp_path):
+    """A built-in agent an operator took out of service (or limited) stays so through every
+    load_agents (each deploy runs one); what the definition owns is still updated from its file,
+    and a file's change of a field the operator did not touch still applies."""
+    path = tmp_path / "echo.json"
+    path.write_text(json.dumps({**ECHO, "max_concurrency": 4}))
+    sync(tmp_path)
+    Agent.objects.filter(pk="echo-x").update(status=Agent.Status.INACTIVE, max_concurrency=1)  # the operator's
+
+    out = sync(tmp_path)
+    agent = Agent.objects.get(pk="echo-x")
+    assert (agent.status, agent.max_concurrency) == (Agent.Status.INACTIVE, 1), out
+    assert "kept        echo-x: status inactive (the definition: active)" in out
+    assert "kept        echo-x: max_concurrency 1 (the definition: 4)" in out
+
+    path.write_text(json.dumps({**ECHO, "max_concurrency": 8, "description": "now described"}))
+    out = sync(tmp_path)
+    agent = Agent.objects.get(pk="echo-x")
+    assert (agent.status, agent.max_concurrency, agent.description) == (Agent.Status.INACTIVE, 1, "now described")
+    assert "updated     echo-x: description" in out
+    assert "max_concurrency 1 (the definition: 8)" in out
+
+    # Set back to what the definition says, a field is the definition's again.
+    Agent.objects.filter(pk="echo-x").update(status=Agent.Status.ACTIVE)
+    path.write_text(json.dumps({**ECHO, "max_concurrency": 8, "status": "maintenance"}))
+    out = sync(tmp_path)
+    assert Agent.objects.get(pk="echo-x").status == Agent.Status.MAINTENANCE, out
+    assert "updated     echo-x: description, status" in out
+
+    # A file removed retires its agent; the file back brings it back.
+    path.write_text(json.dumps(ECHO))
+    sync(tmp_path)
+    assert Agent.objects.get(pk="echo-x").status == Agent.Status.ACTIVE
+    path.unlink()
+    assert "1 deactivated" in sync(tmp_path)
+    path.write_text(json.dumps(ECHO))
+    out = sync(tmp_path)
+    assert Agent.objects.get(pk="echo-x").status == Agent.Status.ACTIVE, out

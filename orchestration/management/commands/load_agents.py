@@ -8,7 +8,10 @@ from orchestration.services.agents import agents_sync, default_definitions_dir
 
 
 class Command(DatabaseCommand):
-    help = "Sync agent definitions (JSON/YAML files) into the agents table and print what changed."
+    help = (
+        "Sync agent definitions (JSON/YAML files) into the agents table and print what changed; an agent's "
+        "status and max_concurrency set by an operator are kept."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument(
@@ -27,8 +30,13 @@ class Command(DatabaseCommand):
             ("unchanged", result.unchanged),
         ):
             for agent_id in ids:
-                self.stdout.write(f"  {label:<11} {agent_id}")
+                changed = result.changed.get(agent_id)
+                self.stdout.write(f"  {label:<11} {agent_id}" + (f": {', '.join(changed)}" if changed else ""))
+        for agent_id, values in result.kept.items():
+            for value in values:
+                self.stdout.write(f"  {'kept':<11} {agent_id}: {value}")
         self.stdout.write(
             f"{len(result.created)} created, {len(result.updated)} updated, "
             f"{len(result.deactivated)} deactivated, {len(result.unchanged)} unchanged"
+            + (f"; operator values kept on {len(result.kept)}" if result.kept else "")
         )
