@@ -9,6 +9,7 @@ import datetime as dt
 import io
 import json
 import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -23,6 +24,7 @@ from orchestration.models import Event
 from orchestration.runtime.tools import tool_schemas
 from tests.engine import database_url
 from tests.factories import AgentFactory, EventFactory
+from tests.pg import other_connection
 from tests.training_export.test_chat import call, thread
 from training_export.management.commands import export_training_data as command_module
 from training_export.models import ExportRun
@@ -183,16 +185,26 @@ def test_a_run_overtaken_by_a_later_run_of_its_window_is_not_reported_as_a_succe
     a = threading.Thread(target=run_command)
     a.start()
     assert entered.wait(30)
-    # Meanwhile another export of the same window (e.g. an API request, or the beat) runs to the end.
-    b = export_run(data_type="events", start_date=DAY, end_date=DAY, output_dir=tmp_path / "b")
-    assert b.status == ExportRun.Status.SUCCEEDED
+    # Meanwhile another export of the same window (e.g. an API request) into another directory:
+    # it waits for A, then exports and supersedes it, instead of overtaking it.
+    b_result: dict = {}
+    b_thread = in_thread(
+        b_result, "b", lambda: export_run(data_type="events", start_date=DAY, end_date=DAY, output_dir=tmp_path / "b")
+    )
+    assert waiting_for_a_lock(b_thread)
     gate.set()
     a.join(60)
+    b_thread.join(60)
+    b = b_result["b"]
+    assert b.status == ExportRun.Status.SUCCEEDED
     run_a = ExportRun.objects.exclude(pk=b.pk).get()
-    # A ran to its end and wrote complete files; it was never interrupted.
+    # A ran to its end and wrote complete files; it was never interrupted, and its command
+    # reported the success it had when it ended.
     assert "interrupted" not in (run_a.error or "")
-    # And a command whose run did not succeed must not exit 0 printing it like a success.
-    assert run_a.status == ExportRun.Status.SUCCEEDED or "error" in result
+    assert "error" not in result, result["error"]
+    assert f"sha256 {run_a.checksum}" in result["stdout"]
+    assert run_a.status == ExportRun.Status.SUPERSEDED
+    assert b.started_at >= run_a.finished_at
 
 
 # --- CLI errors ----------------------------------------------------------------------------------
@@ -342,6 +354,39 @@ def test_two_writers_of_one_path_in_one_process_do_not_share_a_temporary_file(tm
     assert sha256_file(path) == writer_a.sha256, "the published file is not the one A hashed"
 
 
+def in_thread(result: dict, name: str, export) -> threading.Thread:
+    """`export()` in a thread of its own, with its own database connection: its run (or
+    error) in result[name]."""
+
+    def target():
+        try:
+            result[name] = export()
+        except BaseException as exc:
+            result[f"{name} error"] = exc
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread
+
+
+def waiting_for_a_lock(thread: threading.Thread, *, timeout: float = 30) -> bool:
+    """Whether, within the timeout, some session of the database waits for an advisory lock
+    while `thread` is still running (False once it has ended without waiting)."""
+    deadline = time.monotonic() + timeout
+    with other_connection() as watcher:
+        while thread.is_alive() and time.monotonic() < deadline:
+            waiting = watcher.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ).fetchone()[0]
+            if waiting:
+                return True
+            time.sleep(0.05)
+    return False
+
+
 def test_two_exports_of_one_window_in_one_process_both_succeed_or_one_is_told_why(transactional_db, out):
     seed_events(1200)
     entered, gate = threading.Event(), threading.Event()
@@ -351,22 +396,50 @@ def test_two_exports_of_one_window_in_one_process_both_succeed_or_one_is_told_wh
         entered.set()
         gate.wait(30)
 
-    def run_a():
-        try:
-            result["run"] = export_run(data_type="events", start_date=DAY, end_date=DAY, progress=pause)
-        except BaseException as exc:
-            result["error"] = exc
-        finally:
-            connection.close()
-
-    a = threading.Thread(target=run_a)
-    a.start()
+    a = in_thread(result, "a", lambda: export_run(data_type="events", start_date=DAY, end_date=DAY, progress=pause))
     assert entered.wait(30)
-    b = export_run(data_type="events", start_date=DAY, end_date=DAY)  # a second request, same worker pid
+    # A second request, same worker pid: it waits for A, then finds A's files.
+    b = in_thread(result, "b", lambda: export_run(data_type="events", start_date=DAY, end_date=DAY))
+    assert waiting_for_a_lock(b)
     gate.set()
     a.join(60)
-    assert "error" not in result, result["error"]
-    assert b.status == ExportRun.Status.SUCCEEDED or b.error, f"B ended {b.status} without saying why"
+    b.join(60)
+    assert "a error" not in result, result["a error"]
+    assert "b error" not in result, result["b error"]
+    assert result["b"].pk == result["a"].pk
+    assert result["a"].status == ExportRun.Status.SUCCEEDED
+
+
+def test_a_hand_export_and_the_nightly_export_of_one_day_at_once_record_one_run(transactional_db, out):
+    """manage.py export_training_data (or a worker's API export) of a day, and the beat's export
+    of that day starting while it runs: the beat waits for it and takes its run, so the day's
+    files are written once and one export_completed is recorded (both were, and the hand run,
+    reported a success, ended superseded)."""
+    seed_events(1200)  # three chunks
+    entered, gate = threading.Event(), threading.Event()
+    result: dict = {}
+
+    def pause(n):
+        entered.set()
+        gate.wait(30)
+
+    by_hand = in_thread(
+        result, "hand", lambda: export_run(data_type="events", start_date=DAY, end_date=DAY, progress=pause)
+    )
+    assert entered.wait(30)
+    nightly = in_thread(result, "beat", lambda: export_previous_day(now=T0 + dt.timedelta(days=1)))
+    assert waiting_for_a_lock(nightly)
+    gate.set()
+    by_hand.join(60)
+    nightly.join(60)
+    assert "hand error" not in result, result["hand error"]
+    assert "beat error" not in result, result["beat error"]
+    runs = ExportRun.objects.filter(data_type="events").order_by("pk")
+    assert [(run.pk, run.status) for run in runs] == [(result["hand"].pk, ExportRun.Status.SUCCEEDED)]
+    beat_events = [run for run in result["beat"] if run.data_type == "events"]
+    assert [run.pk for run in beat_events] == [result["hand"].pk]
+    completed = Event.objects.filter(event_type=EventType.EXPORT_COMPLETED, payload__data_type="events")
+    assert completed.count() == 1
 
 
 def test_a_request_for_a_window_being_exported_does_not_queue_a_second_export(

@@ -24,7 +24,8 @@ application's role.) SQLite serialises writers, so there the lag alone applies.
 
 A window already exported successfully is not written again when its files are intact;
 `force=True` re-exports it, and the new run supersedes the old one. Re-running a window gives
-byte-identical files.
+byte-identical files. Exports of one type and window run one at a time (`_window_alone`): one
+started while another runs (by hand, the beat, a worker) waits for it, then finds its files.
 
 `export_runs_request` (the API) records `pending` rows and queues one Celery task per row;
 the task runs `export_run_execute`, which claims its row (pending -> running) and exports into
@@ -309,26 +310,29 @@ def export_run(
     fmt = format_for(data_type)
     window_check_closed(window)
     directory = _export_dir(output_dir, data_type, window)
-    if not force:
-        previous = _previous_intact(data_type=data_type, fmt=fmt, window=window, directory=directory)
-        if previous is not None:
-            return previous
+    # Checked once the window's other export (by hand, the beat, a worker) has finished: that
+    # one's files are then the answer, not a second run writing them again beside it.
+    with _window_alone(data_type=data_type, fmt=fmt, window=window):
+        if not force:
+            previous = _previous_intact(data_type=data_type, fmt=fmt, window=window, directory=directory)
+            if previous is not None:
+                return previous
 
-    with transaction.atomic():
-        run = ExportRun.objects.create(
-            data_type=data_type,
-            format=fmt,
-            window_start=window.start,
-            window_end=window.end,
-            status=ExportRun.Status.RUNNING,
-            schema_version=SCHEMA_VERSION,
-            requested_by_id=requested_by_id,
-            started_at=(started := database_now()),
-            deadline_at=_deadline(started, time_limit_seconds),
-        )
-        # Before the row is seen running: a run without its lock looks dead to the others.
-        _run_lock(run.pk)
-    return _execute(run, exporter=exporter, window=window, directory=directory, progress=progress)
+        with transaction.atomic():
+            run = ExportRun.objects.create(
+                data_type=data_type,
+                format=fmt,
+                window_start=window.start,
+                window_end=window.end,
+                status=ExportRun.Status.RUNNING,
+                schema_version=SCHEMA_VERSION,
+                requested_by_id=requested_by_id,
+                started_at=(started := database_now()),
+                deadline_at=_deadline(started, time_limit_seconds),
+            )
+            # Before the row is seen running: a run without its lock looks dead to the others.
+            _run_lock(run.pk)
+        return _execute(run, exporter=exporter, window=window, directory=directory, progress=progress)
 
 
 def export_run_execute(
@@ -374,7 +378,39 @@ def export_run_execute(
     run.status, run.started_at, run.deadline_at = ExportRun.Status.RUNNING, now, deadline
     run.schema_version = SCHEMA_VERSION
     directory = _export_dir(output_dir, run.data_type, window)
-    return _execute(run, exporter=exporter, window=window, directory=directory, progress=progress)
+    # Claimed first (the row running and alive: its message is not sent again while it waits).
+    with _window_alone(data_type=run.data_type, fmt=run.format, window=window):
+        return _execute(run, exporter=exporter, window=window, directory=directory, progress=progress)
+
+
+def _window_lock_key(data_type: str, fmt: str, window: Window) -> str:
+    return f"export_window:{data_type}:{fmt}:{window.label}"
+
+
+@contextmanager
+def _window_alone(*, data_type: str, fmt: str, window: Window) -> Iterator[None]:
+    """Export a type's window only while no other process does (PostgreSQL; SQLite runs one
+    process): waits for the one exporting it (the beat, a worker, manage.py) to finish. Two at
+    once each wrote the day's files and recorded a run with its export_completed event; the one
+    that finished first was then superseded, though its caller had reported it a success.
+    A session lock, released when the export ends or its process dies."""
+    if connection.vendor != "postgresql":
+        yield
+        return
+    key = _window_lock_key(data_type, fmt, window)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", [key])
+        if not cursor.fetchone()[0]:
+            logger.info("the %s export of %s waits for the one already running to finish", data_type, window.label)
+            cursor.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [key])
+    try:
+        yield
+    finally:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [key])
+        except Exception:
+            logger.exception("could not release the advisory lock of the %s export of %s", data_type, window.label)
 
 
 def _run_lock_key(run_pk: int) -> str:
