@@ -10,13 +10,14 @@ import random
 import re
 import threading
 import time
+import tracemalloc
 import zoneinfo
 from pathlib import Path
 
 import pytest
 
 from orchestration.event_types import EventType
-from tests.factories import EventFactory
+from tests.factories import AgentFactory, EventFactory, TaskExecutionFactory, WorkflowFactory
 from training_export.services import jsonl
 from training_export.services.export import export_run
 from training_export.services.jsonl import (
@@ -217,6 +218,54 @@ def test_line_batches_hold_the_lines_of_one_chunk_each(db, monkeypatch):
     assert [len(batch) for batch in batches] == [3, 3, 1]
     assert [line for batch in batches for line in batch] == list(exporter.lines(T0, end))
     assert [json.loads(line)["payload"]["i"] for batch in batches for line in batch] == list(range(7))
+
+
+def seed_tasks(day: dt.date, sizes: list[int]) -> None:
+    """Finished tasks of the day, one per size, each with an output of that many characters."""
+    agent, workflow = AgentFactory(), WorkflowFactory()
+    start = dt.datetime.combine(day, dt.time(10), tzinfo=dt.UTC)
+    for i, size in enumerate(sizes):
+        TaskExecutionFactory(
+            agent=agent,
+            workflow=workflow,
+            status="completed",
+            completed_at=start + dt.timedelta(seconds=i),
+            output_data={"text": "y" * size},
+        )
+
+
+def traced_peak(export) -> tuple[int, object]:
+    tracemalloc.start()
+    try:
+        result = export()
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+def test_an_export_of_large_outputs_holds_a_bounded_number_of_bytes_at_once(db, out, monkeypatch):
+    """Chunks of CHUNK_SIZE rows whatever their size held a whole day of tasks with large
+    outputs in memory (100 tasks of 3 MB: 1.2 GB of RSS for a 300 MB file). A chunk holds at
+    most CHUNK_BYTES of rows (or one row), small rows before the large ones included, so a day
+    of four times the rows takes no more memory."""
+    seed_tasks(DAY, [100] * 10 + [500_000] * 48 + [100] * 5)
+    exporter = EXPORTERS["tasks"]
+    start = dt.datetime.combine(DAY, dt.time(), tzinfo=dt.UTC)
+    end = start + dt.timedelta(days=1)
+    whole = list(exporter.lines(start, end))
+    monkeypatch.setattr(jsonl, "CHUNK_BYTES", 1_100_000)
+    batches = list(exporter.line_batches(start, end))
+    assert [line for batch in batches for line in batch] == whole
+    assert max(sum(map(len, batch)) for batch in batches) < 1_200_000, [len(batch) for batch in batches]
+    del whole, batches
+
+    small_day = DAY + dt.timedelta(days=1)
+    seed_tasks(small_day, [100] * 10 + [500_000] * 12 + [100] * 5)
+    small_peak, small = traced_peak(lambda: export_run(data_type="tasks", start_date=small_day, end_date=small_day))
+    peak, run = traced_peak(lambda: export_run(data_type="tasks", start_date=DAY, end_date=DAY))
+    assert (small.rows, run.rows) == (27, 63)
+    assert run.bytes > 24_000_000
+    assert peak < 2 * small_peak, f"{peak:,} bytes at most, {small_peak:,} for a quarter of the rows"
 
 
 def test_chat_lines_are_written_in_runs_bounded_in_count_and_bytes():
