@@ -386,9 +386,9 @@ def agent_slot_hand_on(agent: Agent, *, now: dt.datetime) -> None:
     message of the first task in the agent's line (the most urgent priority, then the longest
     waiting) at once, and of the next ones for the slots the agent's limit gained meanwhile,
     instead of letting the slots stay idle until some deferred message comes back. Their
-    deferred messages, superseded, run nothing. A slot freed elsewhere (the reaper, a cancel) is
-    found by the next deferred message that comes back. Outside the outcome's transaction, after
-    its commit."""
+    deferred messages, superseded, run nothing. A cancel hands on the slots it frees so too
+    (progress.agents_lines_wake); one the reaper frees is found by the next deferred message
+    that comes back. Outside the outcome's transaction, after its commit."""
     if not agent.max_concurrency:
         return
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections import Counter
 from decimal import Decimal
 from typing import Any
 
@@ -20,8 +21,9 @@ from django.db.models.functions import Coalesce
 
 from observability.attempts import attempts_reaped
 from observability.metrics import tasks_cancelled_observe
+from orchestration.db import database_now
 from orchestration.event_types import EntityType, EventType, Severity
-from orchestration.models import Event, TaskAttempt, TaskExecution, Workflow
+from orchestration.models import Agent, Event, TaskAttempt, TaskExecution, Workflow
 from orchestration.services import fastpath
 from orchestration.services.conversations import conversation_attempt_closed
 from orchestration.services.dispatch import revoke_after_commit, tasks_queue
@@ -451,6 +453,9 @@ def tasks_cancel(
     if not tasks:
         return 0
     ids = [t.execution_id for t in tasks]
+    # The agents' slots the running ones held, freed by this cancel (their processes are
+    # terminated, so never get to hand them on themselves).
+    slots_freed = Counter(t.agent_id for t in tasks if t.status == TaskExecution.Status.RUNNING)
     running = list(
         TaskAttempt.objects.select_for_update().filter(execution_id__in=ids, status=TaskAttempt.Status.RUNNING)
     )
@@ -517,9 +522,24 @@ def tasks_cancel(
         ]
     )
     revoke_after_commit(revoke, terminate=True)
+    if slots_freed:
+        transaction.on_commit(lambda: agents_lines_wake(slots_freed), robust=True)
     agent_ids = [t.agent_id for t in tasks]
     transaction.on_commit(lambda: tasks_cancelled_observe(agent_ids=agent_ids))
     # The running attempts are reported here, with what they had spent: their processes are
     # terminated (above), so they never get back to attempt_run to report themselves.
     transaction.on_commit(lambda: attempts_reaped(attempts=running))
     return len(tasks)
+
+
+def agents_lines_wake(slots_freed: Counter[str]) -> None:
+    """After a cancel ended running tasks (committed): hand each freed slot of a
+    concurrency-limited agent to the first task in its line (execution.agent_slot_hand_on), as an
+    attempt that ends does. Left to the deferred messages, the slot stayed idle until the next one
+    came back: up to AGENT_SLOT_RECHECK_MAX_SECONDS for a task deferred behind a long line (a
+    workflow cancelled with its agent's only slot left the next task waiting 19.5 s)."""
+    from orchestration.services.execution import agent_slot_hand_on
+
+    for agent in Agent.objects.filter(pk__in=list(slots_freed), max_concurrency__isnull=False):
+        for _ in range(slots_freed[agent.pk]):
+            agent_slot_hand_on(agent, now=database_now())

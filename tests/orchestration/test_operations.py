@@ -344,6 +344,31 @@ def test_cancelling_a_running_task_fails_its_workflow_and_records_the_attempt(en
         task_cancel(execution_id=attempt.execution_id)
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_cancel_hands_the_slot_it_frees_to_the_first_task_in_its_agents_line(engine):
+    """A cancelled task's process is terminated, so its attempt never hands its agent's slot on:
+    the cancel does. Left to the deferred messages, the next task in line waited out its whole
+    deferral, set by the line it had joined (19.5 s behind twenty tasks), its agent idle."""
+    Agent.objects.filter(pk="sleep").update(max_concurrency=1)
+    engine(concurrency=4)
+    holder = submit({"name": "holder", "agent": "sleep", "input": {"seconds": 60}})
+    running_attempt(holder, "holder")
+    line = []
+    for number in range(12):
+        waiter = submit({"name": "waiter", "agent": "sleep", "input": {"seconds": 0}}, name=f"waiter {number}")
+        deferred = lambda waiter=waiter: task(waiter, "waiter").deferred_at is not None  # noqa: E731
+        wait_for(deferred, what=f"waiter {number} to be deferred")
+        line.append(waiter)
+    last = task(line[-1], "waiter")
+    assert last.deferred_at - timezone.now() > dt.timedelta(seconds=6), "the last in line waits behind the others"
+    for waiter in line[:-1]:
+        workflow_cancel(workflow_id=waiter.pk)
+    workflow_cancel(workflow_id=holder.pk)
+    cancelled = time.monotonic()
+    assert finished(line[-1]).status == Workflow.Status.COMPLETED
+    assert time.monotonic() - cancelled < 4, "the freed slot waited for the last task's deferred message"
+
+
 @pytest.mark.parametrize(
     ("cancel", "continue_on_failure"), [("workflow", False), ("running task", False), ("workflow", True)]
 )
