@@ -244,10 +244,19 @@ def task_cancel(*, execution_id: str, reason: str = "cancelled by user", actor: 
 
 def _tasks_reset(tasks: list[TaskExecution], *, reason: str, actor: Actor | None) -> None:
     """Make the tasks pending again with a fresh retry budget, each with its task_retrying
-    event: one UPDATE and one INSERT however many there are (a resume reruns thousands)."""
+    event: one UPDATE and one INSERT however many there are (a resume reruns thousands). A
+    deferral for its agent's limit that a task had when it ended is over: the message it is
+    sent now is due at once (kept, the deferral hid that message's loss from the dispatch sweep
+    and put the task in its agent's line, execution._waiting_for_agent)."""
     if not tasks:
         return
-    changes = {"status": TaskExecution.Status.PENDING, "retry_count": 0, "error": None, "completed_at": None}
+    changes = {
+        "status": TaskExecution.Status.PENDING,
+        "retry_count": 0,
+        "error": None,
+        "completed_at": None,
+        "deferred_at": None,
+    }
     TaskExecution.objects.filter(pk__in=[task.pk for task in tasks]).update(**changes)
     for task in tasks:
         for name, value in changes.items():

@@ -1576,6 +1576,30 @@ def test_the_sweeper_leaves_a_task_just_deferred_for_its_agent(db, builtin_agent
     assert queued_sweep() == []
 
 
+def test_a_task_deferred_before_its_workflow_was_cancelled_is_not_taken_for_one_deferred_once_resumed(
+    db, builtin_agents, settings
+):
+    """A resume (or a retry) sends the task a message of its own, due at once: the deferral it had
+    before the cancel is over. Kept, it hid the new message's loss from the sweeper (inside this
+    test's transaction the send never happens, as when the broker is down) until that deferral's
+    end was as old as DISPATCH_SWEEP_AFTER_SECONDS, and put the task in its agent's line."""
+    Agent.objects.filter(pk="echo").update(max_concurrency=1)
+    wf = submit({"name": "x", "agent": "echo"}, {"name": "y", "agent": "echo"})
+    x, y = task(wf, "x"), task(wf, "y")
+    attempt_claim(execution_id=y.execution_id, celery_task_id=y.celery_task_id, worker="w1@h")
+    assert attempt_claim(execution_id=x.execution_id, celery_task_id=x.celery_task_id, worker="w2@h") == (
+        Outcome.DEFERRED
+    )
+    # behind a long line: its message comes back in 30 s
+    TaskExecution.objects.filter(pk=x.pk).update(deferred_at=timezone.now() + dt.timedelta(seconds=30))
+    workflow_cancel(workflow_id=wf.pk)
+    workflow_resume(workflow_id=wf.pk)
+    x.refresh_from_db()
+    assert (x.status, x.deferred_at) == (T.QUEUED, None)
+    later = x.queued_at + dt.timedelta(seconds=settings.DISPATCH_SWEEP_AFTER_SECONDS + 1)
+    assert sorted(queued_sweep(now=later)) == sorted([x.pk, y.pk])
+
+
 def test_delivery_count_after_a_connection_lost_resend_then_a_redelivery(db, builtin_agents):
     """run_task sends its own message again (same id) when its database connection breaks;
     the broker may then redeliver that message after a lost worker. The counts of one id
