@@ -20,7 +20,8 @@ period is committed, its points go to InfluxDB (when configured).
 The beat's entry point, `rollup_previous`, rolls up the last complete period, and before it
 the earlier ones that saw activity but have no metrics: a run that came late (a worker down, a
 backlog on its queue) takes the period before the time it runs, and the one it was sent for
-would otherwise never be rolled up. It rolls up again the earlier periods whose attempts were
+would otherwise never be rolled up; after the beat was away for days, every period since the
+last one rolled up. It rolls up again the earlier periods whose attempts were
 charged more since their metrics were written (an answer that arrived after its attempt was
 closed), so that summing the periods still gives what was spent.
 """
@@ -33,8 +34,8 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Sum
-from django.db.models.functions import Trunc
+from django.db.models import Count, Sum
+from django.db.models.functions import Coalesce, Trunc
 from django.utils import timezone
 
 from observability.influx import rollup_points_write
@@ -44,7 +45,8 @@ from orchestration.models import AgentMetric, TaskAttempt, TaskExecution
 logger = logging.getLogger(__name__)
 
 PERIODS = {AgentMetric.Period.HOUR: dt.timedelta(hours=1), AgentMetric.Period.DAY: dt.timedelta(days=1)}
-# How far back rollup_previous looks for periods that were never rolled up.
+# How far back rollup_previous looks for periods that were never rolled up (further, to the last
+# period rolled up, after a longer stop) and for spend added since.
 CATCHUP = {AgentMetric.Period.HOUR: dt.timedelta(days=2), AgentMetric.Period.DAY: dt.timedelta(days=7)}
 FINISHED = ("completed", "failed", "timed_out")
 # SQLite keeps decimals as doubles, so its SUM of costs drifts (0.1 + 0.2 = 0.30000000000000004);
@@ -297,10 +299,23 @@ def metrics_rollup(*, period: str, period_start: dt.datetime, now: dt.datetime |
 
 
 def periods_missed(*, period: str, before: dt.datetime, now: dt.datetime) -> list[dt.datetime]:
-    """The periods before `before`, at most CATCHUP[period] back (and never past the metrics'
-    retention), in which a task finished or an attempt ended but that have no metrics: never
-    rolled up. A period with nothing in it has nothing to roll up."""
+    """The periods before `before`, CATCHUP[period] back or from the last period rolled up if
+    that is earlier (and never past the metrics' retention), in which a task finished or an
+    attempt ended but that have no metrics: never rolled up. A period with nothing in it has
+    nothing to roll up."""
     since = before - CATCHUP[period]
+    # The beat, or the worker of its queue, away for longer than CATCHUP: the periods between
+    # the last one rolled up and CATCHUP back were never rolled up, and would never be.
+    # Read down the metrics' age index (Coalesce: its expression), the newest first.
+    newest = (
+        AgentMetric.objects.annotate(age=Coalesce("period_start", "recorded_at"))
+        .filter(period=period, age__lt=before)
+        .order_by("-age")
+        .values_list("age", flat=True)
+        .first()
+    )
+    if newest is not None:
+        since = min(since, newest)
     if settings.RETENTION_DAYS_AGENT_METRICS > 0:
         # The first period retention keeps (it deletes those that start before its cutoff):
         # one that starts earlier would be written again after every retention run.
@@ -315,18 +330,34 @@ def periods_missed(*, period: str, before: dt.datetime, now: dt.datetime) -> lis
         rows = rows.annotate(start=Trunc(column, period, tzinfo=dt.UTC)).order_by()
         return set(rows.values_list("start", flat=True).distinct())
 
-    active = starts(TaskExecution, "completed_at", status__in=FINISHED) | starts(TaskAttempt, "finished_at")
+    # Tasks finished, per period and agent.
+    finished = {
+        (start, agent_id): n
+        for start, agent_id, n in TaskExecution.objects.filter(
+            completed_at__gte=since, completed_at__lt=before, status__in=FINISHED
+        )
+        .annotate(start=Trunc("completed_at", period, tzinfo=dt.UTC))
+        .values_list("start", "agent_id")
+        .annotate(n=Count("*"))
+        .order_by()
+    }
+    active = {start for start, _ in finished} | starts(TaskAttempt, "finished_at")
     rolled = AgentMetric.objects.filter(period=period, period_start__gte=since, period_start__lt=before)
     missed = active - set(rolled.order_by().values_list("period_start", flat=True).distinct())
-    return sorted(missed | _spend_grown(period=period, since=since, before=before))
+    return sorted(missed | _grown(period=period, since=since, before=before, finished=finished))
 
 
-def _spend_grown(*, period: str, since: dt.datetime, before: dt.datetime) -> set[dt.datetime]:
+def _grown(
+    *, period: str, since: dt.datetime, before: dt.datetime, finished: dict[tuple[dt.datetime, str], int]
+) -> set[dt.datetime]:
     """The periods in [since, before) whose attempts now hold more tokens or cost than their
-    metrics say: an attempt closed without a result (cancelled, lost, timed out) is charged the
-    answer that was on its way when it arrives, after the rollup of the period it ended in may
-    have run. Spend only grows; a sum below the metrics is retention's deletion, not rolled up
-    again."""
+    metrics say, or with more tasks `finished` in them (per period and agent) than their
+    metrics count: an attempt closed without a result (cancelled, lost, timed out) is charged
+    the answer that was on its way when it arrives, and the record of a try that ended just
+    before the end of a period (stamped then) may be written after its rollup ran (retried
+    through a lost connection, or a database away); spent nothing (a python tool), it changed
+    no spend. Both only grow; a sum below the metrics is retention's deletion (or a task
+    resumed), not rolled up again."""
     ended = (
         TaskAttempt.objects.filter(finished_at__gte=since, finished_at__lt=before)
         .annotate(start=Trunc("finished_at", period, tzinfo=dt.UTC))
@@ -337,10 +368,13 @@ def _spend_grown(*, period: str, since: dt.datetime, before: dt.datetime) -> set
     recorded = {
         (start, agent_id, metric): value
         for start, agent_id, metric, value in AgentMetric.objects.filter(
-            period=period, period_start__gte=since, period_start__lt=before, metric_type__in=("tokens", "cost")
+            period=period,
+            period_start__gte=since,
+            period_start__lt=before,
+            metric_type__in=("tokens", "cost", "tasks"),
         ).values_list("period_start", "agent_id", "metric_type", "metric_value")
     }
-    grown = set()
+    grown = {start for (start, agent_id), n in finished.items() if n > recorded.get((start, agent_id, "tasks"), 0.0)}
     for row in ended:
         key = (row["start"], row["execution__agent_id"])
         if float(row["tokens"] or 0) > recorded.get((*key, "tokens"), 0.0) or float(

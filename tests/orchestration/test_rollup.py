@@ -308,3 +308,41 @@ def test_spend_that_arrives_after_its_hour_was_rolled_up_is_rolled_up_by_the_nex
     assert result.caught_up == [hour]
     # rolled up again once: nothing changed since
     assert rollup_previous(period="hour", now=hour + dt.timedelta(hours=3, minutes=5)).caught_up == []
+
+
+@pytest.mark.parametrize(("period", "away"), [("hour", dt.timedelta(days=4)), ("day", dt.timedelta(days=12))])
+def test_periods_missed_while_the_beat_was_away_longer_than_the_catch_up_are_rolled_up(activity, period, away):
+    """The beat (or the worker of its queue) away for longer than the catch-up's look-back:
+    every period with activity since the last one rolled up is rolled up when it comes back,
+    not only those of the last CATCHUP, or the hours (days) of the start of the outage have no
+    metrics for good and no longer add up to the days (the spend)."""
+    agent, _ = activity
+    step = dt.timedelta(hours=1) if period == "hour" else dt.timedelta(days=1)
+    last = period_floor(H, period)
+    rollup_previous(period=period, now=last + 2 * step + dt.timedelta(minutes=20))
+    back = last + 2 * step + away
+    # A task finished in the outage's first period, its middle one and its last complete one.
+    active = [last + 2 * step, last + 2 * step + away / 2, back - step]
+    for start in active:
+        task(agent, status="completed", at=start + dt.timedelta(minutes=30), ms=10)
+    result = rollup_previous(period=period, now=back + dt.timedelta(minutes=20))
+    assert result.period_start == back - step
+    assert result.caught_up == active[:-1]
+    assert [metrics(agent, period, start).get("tasks") for start in active] == [1, 1, 1]
+
+
+def test_a_task_recorded_after_its_hour_was_rolled_up_is_rolled_up_by_the_next_run(activity):
+    """A try that ended just before the hour and whose record was written after the hour's
+    rollup (its write retried through a lost connection, stamped with the time it ended): with
+    no spend (a python tool) nothing said the hour had grown, and its task was missing from the
+    hour's figures for good."""
+    agent, _ = activity
+    rollup_previous(period="hour", now=H + dt.timedelta(hours=1, minutes=5))
+    assert metrics(agent)["tasks"] == 4
+    late = task(agent, status="completed", at=H + dt.timedelta(minutes=59, seconds=58), ms=600, tokens=0, cost="0")
+    TaskAttemptFactory(execution=late, attempt_number=1, succeeded=True, started_at=late.started_at)
+
+    result = rollup_previous(period="hour", now=H + dt.timedelta(hours=2, minutes=5))
+    assert result.caught_up == [H]
+    assert (metrics(agent)["tasks"], metrics(agent)["success_rate"]) == (5, 80.0)
+    assert rollup_previous(period="hour", now=H + dt.timedelta(hours=3, minutes=5)).caught_up == []
