@@ -2,10 +2,13 @@
 
 Active when INFLUXDB_URL (and its token, org, bucket) is set. A point is handed to the
 client's background batcher and `write` returns at once; HTTP happens on the client's own
-thread, with a bounded timeout and a bounded number of retries. Points accepted but not yet
+thread, with a bounded timeout and a bounded number of retries, each after a bounded wait
+(an answer's Retry-After included). Points accepted but not yet
 written are counted, and past INFLUXDB_MAX_BUFFERED_POINTS new points are dropped, so a slow
 or dead InfluxDB costs a bounded amount of memory and never blocks or fails a task. Every
-dropped point is counted in `agentledger_influxdb_points_dropped_total`.
+dropped point is counted in `agentledger_influxdb_points_dropped_total`, and logged: a failed
+batch as it fails, a full buffer as it fills and as it takes points again (with how many it
+dropped meanwhile).
 
 A process that exits sends what it holds and waits for InfluxDB at most
 INFLUXDB_EXIT_WAIT_MS, and not at all when InfluxDB's last answer to it was a failure: a pool
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
+import functools
 import logging
 import os
 import queue
@@ -130,6 +134,38 @@ def _daemon_scheduler(max_workers: int | None = 1) -> Any:
     return scheduler
 
 
+@functools.cache
+def _bounded_write_options() -> type:
+    """influxdb-client's WriteOptions, whose retries wait at most max_retry_delay each. The
+    library's waits what an answer's Retry-After asks (InfluxDB's 429 and 503 carry one), however
+    long: a `Retry-After: 30` held the writer's one thread 30 s with a 500 ms timeout and a 1 s
+    longest delay, and the points written meanwhile, InfluxDB answering again, were dropped as
+    the buffer filled; one of an hour held it an hour."""
+    from influxdb_client import WriteOptions
+    from influxdb_client.client.write.retry import WritesRetry
+
+    class BoundedRetry(WritesRetry):
+        def get_retry_after(self, response: Any) -> float | None:
+            seconds = super().get_retry_after(response)
+            return None if seconds is None else min(seconds, self.max_retry_delay)
+
+    class BoundedWriteOptions(WriteOptions):
+        def to_retry_strategy(self, **kwargs: Any) -> Any:
+            # The library's, as BoundedRetry (whose `new`, for each retry, keeps its class).
+            return BoundedRetry(
+                total=self.max_retries,
+                retry_interval=self.retry_interval / 1_000,
+                jitter_interval=self.jitter_interval / 1_000,
+                max_retry_delay=self.max_retry_delay / 1_000,
+                max_retry_time=self.max_retry_time / 1_000,
+                exponential_base=self.exponential_base,
+                retry_callback=kwargs.get("retry_callback"),
+                allowed_methods=["POST"],
+            )
+
+    return BoundedWriteOptions
+
+
 _client_lock = threading.Lock()
 
 
@@ -150,19 +186,21 @@ class InfluxWriter:
         max_retries: int,
         exit_wait_ms: int,
     ) -> None:
-        from influxdb_client import InfluxDBClient, WriteOptions
+        from influxdb_client import InfluxDBClient
         from influxdb_client.client import write_api
 
         self.org = org
         self.bucket = bucket
         self.max_buffered_points = max_buffered_points
         self._pending = 0
+        # Points dropped since the buffer last filled (logged as it fills, and as it takes points again).
+        self._dropped_full = 0
         # Whether InfluxDB's last answer (a try of a batch) was a failure: refused, unreachable,
         # timed out. close() then does not wait for it.
         self._failing = False
         self._lock = threading.Lock()
         self._client = InfluxDBClient(url=url, token=token, org=org, timeout=timeout_ms, enable_gzip=False)
-        options = WriteOptions(
+        options = _bounded_write_options()(
             batch_size=batch_size,
             flush_interval=flush_interval_ms,
             jitter_interval=0,
@@ -199,12 +237,27 @@ class InfluxWriter:
         return self._pending
 
     def write(self, point: Any) -> bool:
-        """Hand one point to the batcher; False (and counted) if the buffer is full."""
+        """Hand one point to the batcher; False (counted, and logged as the buffer fills and
+        again as it takes points again) if the buffer is full."""
         with self._lock:
-            if self._pending >= self.max_buffered_points:
-                POINTS_DROPPED.labels(reason="buffer_full").inc()
-                return False
-            self._pending += 1
+            full = self._pending >= self.max_buffered_points
+            if full:
+                self._dropped_full += 1
+                dropped = self._dropped_full
+            else:
+                dropped, self._dropped_full = self._dropped_full, 0
+                self._pending += 1
+        if full:
+            POINTS_DROPPED.labels(reason="buffer_full").inc()
+            if dropped == 1:
+                logger.warning(
+                    "InfluxDB writer holds %d points not yet written (INFLUXDB_MAX_BUFFERED_POINTS): "
+                    "new points are dropped until InfluxDB takes some",
+                    self.max_buffered_points,
+                )
+            return False
+        if dropped:
+            logger.warning("InfluxDB writer takes points again; %d were dropped while it was full", dropped)
         try:
             self._write_api.write(bucket=self.bucket, org=self.org, record=point)
         except Exception:

@@ -146,6 +146,23 @@ def test_a_closed_port_drops_points_after_the_retries_without_blocking_writes(de
         writer.close()
 
 
+def test_a_retry_after_longer_than_the_longest_retry_delay_is_not_waited_for(server):
+    """InfluxDB's 429 and 503 ask for a wait (Retry-After): the retry waits at most the
+    longest retry delay (1 s here), not the 30 s asked, with the writer's one thread, while the
+    points written meanwhile fill the buffer and are dropped, InfluxDB answering again."""
+    server.script(Reply(status=503, body={"code": "unavailable", "message": "busy"}, headers={"Retry-After": "30"}))
+    writer = make_writer(server.url, max_retries=3, timeout_ms=500)
+    try:
+        started = time.monotonic()
+        writer.write(point(1))
+        wait_for(lambda: len(server.points) == 1, timeout=10, what="the batch to be written again")
+        assert time.monotonic() - started < 5
+        assert len(server.requests) == 2
+    finally:
+        writer.close()
+    assert writer.pending == 0
+
+
 def test_a_server_that_never_answers_fills_the_bounded_buffer_then_drops(silent_port):
     # Each request waits 5 s for an answer: ten writes that waited would take 50 s.
     writer = make_writer(f"http://127.0.0.1:{silent_port}", max_buffered_points=3, timeout_ms=5000, max_retries=0)
@@ -162,6 +179,26 @@ def test_a_server_that_never_answers_fills_the_bounded_buffer_then_drops(silent_
         writer.close()
         assert time.monotonic() - started < 2  # closing is bounded too (by exit_wait_ms here)
         assert dropped("process_exit") == before_exit + 3  # the three InfluxDB never answered for
+
+
+def test_points_dropped_by_a_full_buffer_are_logged_as_it_fills_and_as_it_drains(server, caplog):
+    """Points dropped because InfluxDB is slow were only counted: the log said nothing of
+    them. One line as the buffer fills, and one with how many were dropped as it takes points
+    again: not a line per point."""
+    server.script(Reply(delay=1.5))  # the first batch's answer
+    writer = make_writer(server.url, max_buffered_points=3, timeout_ms=5000)
+    try:
+        with caplog.at_level("WARNING", logger="observability.influx"):
+            accepted = [writer.write(point(n)) for n in range(8)]
+            wait_for(lambda: writer.pending == 0, timeout=10, what="InfluxDB to answer")
+            assert writer.write(point(9))
+    finally:
+        writer.close()
+    assert accepted == [True] * 3 + [False] * 5
+    lines = [r.getMessage() for r in caplog.records if r.name == "observability.influx"]
+    assert len(lines) == 2, lines
+    assert "holds 3 points not yet written" in lines[0] and "dropped" in lines[0]
+    assert "5 were dropped" in lines[1]
 
 
 def test_writer_is_off_without_influxdb_url(settings):
