@@ -450,6 +450,29 @@ class UserAdmin(CheckedFiltersMixin, WithinOwnRightsMixin, DjangoUserAdmin):
             )
         return field
 
+    # What an account holds that no deletion in the console may take: its workflows hold it
+    # (PROTECT); its conversation messages, which would go with it, are the record.
+    KEPT_RECORDS = (("workflows", "workflows"), ("agent_messages", "conversation messages"))
+
+    def get_deleted_objects(
+        self, objs: Any, request: HttpRequest
+    ) -> tuple[list[Any], dict[str, int], set[str], list[str]]:
+        """An account that owns workflows or conversation messages is listed as protected, saying
+        why, as Django lists a protected object (the delete page and the "delete selected" action
+        then delete nothing), before Django collects every row its deletion would reach: the page
+        of an account with 50 000 messages took 35 s and 226 MB to refuse it (the messages may
+        not be deleted). Such an account is deactivated instead."""
+        protected = []
+        for account in objs:
+            held = [label for relation, label in self.KEPT_RECORDS if getattr(account, relation).exists()]
+            if held:
+                protected.append(
+                    f"User {account}: owns {' and '.join(held)}, which are kept; deactivate the account instead"
+                )
+        if protected:
+            return [], {}, set(), protected
+        return super().get_deleted_objects(objs, request)
+
     def delete_model(self, request: HttpRequest, obj: Any) -> None:
         self.delete_queryset(request, type(obj).objects.filter(pk=obj.pk))
 

@@ -206,10 +206,24 @@ class CheckedFiltersMixin:
         return CheckedChangeList
 
 
+class ChangingActionsMixin:
+    """A ModelAdmin whose list actions that name no permission are offered (and run) only to
+    staff who may change the model. Django checks an action's `allowed_permissions` and nothing
+    else: django-celery-beat's enable, disable, toggle and run actions name none, so staff who
+    could only view the schedules turned off the relay, the reaper or retention, or ran them."""
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)  # type: ignore[misc]
+        if self.has_change_permission(request):  # type: ignore[attr-defined]
+            return actions
+        return {name: action for name, action in actions.items() if getattr(action[0], "allowed_permissions", ())}
+
+
 def checked_filters_everywhere(site: admin.AdminSite) -> None:
-    """Registers again, as CheckedFiltersMixin admins, the models other apps registered with a
-    plain changelist (Django's groups, django-celery-beat's schedules): their lists take the
-    same URL filters, and the same ones were 500s."""
+    """Registers again, as CheckedFiltersMixin and ChangingActionsMixin admins, the models other
+    apps registered with a plain changelist (Django's groups, django-celery-beat's schedules):
+    their lists take the same URL filters, and the same ones were 500s; their actions that name
+    no permission need the change permission."""
     for model in apps.get_models():
         if not site.is_registered(model):
             continue
@@ -218,7 +232,8 @@ def checked_filters_everywhere(site: admin.AdminSite) -> None:
         if issubclass(model_admin, CheckedFiltersMixin) or own_changelist:
             continue
         site.unregister(model)
-        site.register(model, type(model_admin.__name__, (CheckedFiltersMixin, model_admin), {}))
+        bases = (CheckedFiltersMixin, ChangingActionsMixin, model_admin)
+        site.register(model, type(model_admin.__name__, bases, {}))
 
 
 class MaskedLookupsMixin:

@@ -43,6 +43,11 @@ class EventAdmin(LargeTableAdmin):
     search_fields = ("event_id", "entity_id", "workflow_id", "agent_id", "session_id")
     search_help_text = "An exact event, entity, workflow, agent or session id, or a sequence number."
     ordering = ("-sequence",)
+    # Sorted only in the order the events were written ("created at" too: its BRIN index gives no
+    # order). By another column the page sorted the whole log, or all the events of the column's
+    # first value, before showing any: at 1 M events 1.0 s by created at, 1.5 s by severity or
+    # source, 0.85 s by type, 0.6 s by agent. The other columns are links to filter by.
+    sortable_by = ("sequence", "created")
     fields = (
         "sequence",
         "event_id",
@@ -89,11 +94,12 @@ class EventAdmin(LargeTableAdmin):
         if not term:
             return queryset, False
         condition = Q(event_id=term) | Q(entity_id=term) | Q(workflow_id=term) | Q(agent_id=term) | Q(session_id=term)
-        if term.isdigit() and len(term) < 19:
+        # ASCII digits only: "²" is a digit to str.isdigit, and int() refuses it (a 500).
+        if term.isascii() and term.isdigit() and len(term) < 19:
             condition |= Q(sequence=int(term))
         return queryset.filter(condition), False
 
-    @admin.display(description="created at", ordering="created_at")
+    @admin.display(description="created at", ordering="sequence")
     def created(self, obj: Event) -> str:
         return local_datetime(obj.created_at)
 

@@ -57,6 +57,13 @@ class DeferringChangeList(CheckedChangeList):
         queryset = super().get_queryset(request, exclude_parameters)
         return queryset.defer(*self.model_admin.list_deferred) if self.model_admin.list_deferred else queryset
 
+    def get_ordering_field(self, field_name: Any) -> Any:
+        """No order for a column the ModelAdmin's `sortable_by` leaves out: Django leaves out only
+        its header's link, and still sorts by the column a URL's `?o=` names."""
+        if self.sortable_by is not None and field_name not in self.sortable_by:
+            return None
+        return super().get_ordering_field(field_name)
+
 
 class LargeTableAdmin(MaskedLookupsMixin, admin.ModelAdmin):
     """A ModelAdmin for a table of millions of rows: capped count, no count of the whole table.

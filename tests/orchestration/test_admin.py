@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from django.contrib import admin
 from django.contrib.admin.models import LogEntry
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
 from django.core.management import call_command
 from django.db import connection, models
@@ -21,6 +22,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import escape
+from django_celery_beat.models import PeriodicTask
 
 from orchestration.admin.workflows import TaskExecutionInline
 from orchestration.models import (
@@ -815,6 +817,19 @@ def test_event_search_matches_ids_exactly(su_client: Client) -> None:
     assert [event.pk for event in response.context["cl"].result_list] == [wanted.pk]
 
 
+@pytest.mark.parametrize("term", ["²", "1²"])
+def test_an_event_search_for_digits_that_are_no_sequence_number_finds_the_ids_typed(su_client: Client, term) -> None:
+    """A term of digits is a sequence number too; "²" (a digit to str.isdigit, which int()
+    refuses) was a 500."""
+    wanted = EventFactory(entity_id=term)
+    EventFactory(entity_id="1")
+
+    response = su_client.get(_url(Event, "changelist"), {"q": term})
+
+    assert response.status_code == 200
+    assert [event.pk for event in response.context["cl"].result_list] == [wanted.pk]
+
+
 def test_revoke_action_revokes_only_keys_not_yet_revoked(su_client: Client) -> None:
     earlier = timezone.now() - dt.timedelta(days=3)
     active = ApiKeyFactory()
@@ -956,6 +971,36 @@ def test_the_keys_of_a_user_deleted_in_the_console_are_recorded_revoked_first(
     assert [(e.payload["prefix"], e.payload.get("by"), e.payload.get("via")) for e in ended] == [
         (theirs.prefix, superuser.username, "console")
     ]
+
+
+def test_a_user_who_owns_workflows_or_messages_is_refused_deletion_without_reading_them(su_client: Client) -> None:
+    """Django collects every row an account's deletion would reach before it refuses it: the
+    delete page of a user with 50 000 conversation messages read them all (35 s, 226 MB) to say
+    the messages may not be deleted. The account is refused at once, saying why."""
+    chatty, owner = UserFactory(username="chatty"), UserFactory(username="owner")
+    MessageFactory.create_batch(3, owner=chatty)
+    WorkflowFactory(owner=owner)
+
+    with CaptureQueriesContext(connection) as queries:
+        page = su_client.get(reverse("admin:auth_user_delete", args=[chatty.pk]))
+    read = [q["sql"] for q in queries.captured_queries if 'FROM "agent_playground_messages"' in q["sql"]]
+    posted = su_client.post(reverse("admin:auth_user_delete", args=[owner.pk]), {"post": "yes"})
+    selected = su_client.post(
+        reverse("admin:auth_user_changelist"),
+        {"action": "delete_selected", "_selected_action": [chatty.pk, owner.pk], "post": "yes"},
+    )
+
+    assert page.context["protected"] == [
+        "User chatty: owns conversation messages, which are kept; deactivate the account instead"
+    ]
+    assert read and all(sql.endswith("LIMIT 1") for sql in read), read
+    assert posted.context["protected"] == ["User owner: owns workflows, which are kept; deactivate the account instead"]
+    assert len(selected.context["protected"]) == 2
+    assert set(get_user_model().objects.filter(pk__in=[chatty.pk, owner.pk]).values_list("username", flat=True)) == {
+        "chatty",
+        "owner",
+    }
+    assert AgentPlaygroundMessage.objects.filter(owner=chatty).count() == 3
 
 
 def test_revoking_only_keys_already_revoked_is_not_reported_as_a_success(su_client: Client) -> None:
@@ -1591,3 +1636,25 @@ def test_the_lists_of_other_apps_refuse_such_filters_too(su_client: Client, path
     assert (response.status_code, response["Location"]) == (302, f"{path}?e=1")
     (message,) = [str(m) for m in su_client.get(response["Location"]).context["messages"]]
     assert message.startswith(f"The list cannot be filtered by {query.split('=')[0]} = ")
+
+
+def test_staff_who_may_only_view_the_schedules_cannot_disable_or_run_them(client: Client) -> None:
+    """django-celery-beat's list actions (enable, disable, toggle, run) name no permission, and
+    Django offered and ran them for whoever could view the schedules: a view-only operator
+    turned off the reaper of stale tasks. They need the change permission."""
+    schedule = PeriodicTask.objects.get(name="reap stale tasks")
+    assert schedule.enabled
+    url = "/admin/django_celery_beat/periodictask/"
+    client.force_login(_staff_with("view_periodictask"))
+
+    page = client.get(url)
+    for action in ("disable_tasks", "toggle_tasks"):
+        posted = client.post(url, {"action": action, "_selected_action": [schedule.pk]}, follow=True)
+        assert (posted.status_code, [str(m) for m in posted.context["messages"]]) == (200, [])
+
+    assert page.context["action_form"] is None
+    assert PeriodicTask.objects.get(pk=schedule.pk).enabled
+
+    client.force_login(_staff_with("view_periodictask", "change_periodictask"))
+    client.post(url, {"action": "disable_tasks", "_selected_action": [schedule.pk]})
+    assert not PeriodicTask.objects.get(pk=schedule.pk).enabled

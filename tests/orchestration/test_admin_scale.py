@@ -289,13 +289,29 @@ def test_a_list_reads_no_document_it_does_not_show(su_client, model, unread):
     assert response.context["cl"].result_count == 1
 
 
-def _sorts(plan: dict) -> list[dict]:
-    """The plain Sort nodes of an EXPLAIN (FORMAT JSON) plan (an Incremental Sort only orders
-    rows an index already gives in order of their first key)."""
-    found = [plan] if plan["Node Type"] == "Sort" else []
+def _sorts(plan: dict, kinds: tuple[str, ...] = ("Sort",)) -> list[dict]:
+    """The Sort nodes of an EXPLAIN (FORMAT JSON) plan, plain ones only by default (an
+    Incremental Sort only orders rows an index already gives in order of their first key)."""
+    found = [plan] if plan["Node Type"] in kinds else []
     for child in plan.get("Plans", ()):
-        found += _sorts(child)
+        found += _sorts(child, kinds)
     return found
+
+
+def _page_plan(client: Client, model: type[models.Model], url: str) -> dict:
+    """The plan of the statement that reads the list's page at `url` (of 2 rows, as a test sets
+    list_per_page), as a big table gets it."""
+    _, statements = _statements(client, url)
+    page = max((sql for sql in statements if f'FROM "{model._meta.db_table}"' in sql), key=len)
+    assert page.endswith("LIMIT 2"), page
+    with connection.cursor() as cursor:
+        cursor.execute("SET enable_seqscan = off")  # the plan a big table gets, on a small one
+        try:
+            cursor.execute(f"EXPLAIN (FORMAT JSON) {page}")
+            (plan,) = cursor.fetchone()[0]
+        finally:
+            cursor.execute("SET enable_seqscan = on")
+    return plan["Plan"]
 
 
 ROW_MAKERS = {
@@ -317,17 +333,24 @@ def test_a_big_tables_page_is_read_in_the_order_of_an_index_not_sorted(su_client
     for _ in range(3):
         ROW_MAKERS[model]()
     monkeypatch.setattr(type(admin.site._registry[model]), "list_per_page", 2)  # one page of several
-    _, statements = _statements(su_client, _url(model))
-    page = max((sql for sql in statements if f'FROM "{model._meta.db_table}"' in sql), key=len)
-    assert page.endswith("LIMIT 2"), page
-    with connection.cursor() as cursor:
-        cursor.execute("SET enable_seqscan = off")  # the plan a big table gets, on a small one
-        try:
-            cursor.execute(f"EXPLAIN (FORMAT JSON) {page}")
-            (plan,) = cursor.fetchone()[0]
-        finally:
-            cursor.execute("SET enable_seqscan = on")
-    assert [node["Sort Key"] for node in _sorts(plan["Plan"])] == []
+    assert [node["Sort Key"] for node in _sorts(_page_plan(su_client, model, _url(model)))] == []
+
+
+@pytest.mark.parametrize("order", ["", "-"], ids=["ascending", "descending"])
+def test_the_event_log_is_sorted_by_no_column_its_indexes_do_not_read_in_order(su_client, monkeypatch, order):
+    """Sorted by any other column than the sequence, the page sorted the whole log (or all the
+    events of the column's first value) before showing any: at 1 M events 1.0 s by created at,
+    1.5 s by severity or source, 0.85 s by type, 0.6 s by agent, for a page read in 0.1 ms. Nor
+    does a URL naming such a column (`?o=6`) sort by it."""
+    for _ in range(3):
+        EventFactory()
+    monkeypatch.setattr(type(admin.site._registry[Event]), "list_per_page", 2)
+    columns = admin.site._registry[Event].list_display
+    sorted_by = {}
+    for index, column in enumerate(columns):
+        plan = _page_plan(su_client, Event, f"{_url(Event)}?o={order}{index}")
+        sorted_by[column] = [node["Sort Key"] for node in _sorts(plan, ("Sort", "Incremental Sort"))]
+    assert sorted_by == {column: [] for column in columns}
 
 
 @pytest.mark.parametrize("model", BIG_TABLES, ids=lambda model: model.__name__)
