@@ -176,6 +176,14 @@ if REDIS_URL and REDIS_URL.startswith("unix://") and not env.is_set("CELERY_BROK
         "REDIS_URL is a unix:// socket, which Celery cannot use as its broker: set CELERY_BROKER_URL "
         "(redis+socket:///path/to/redis.sock)"
     )
+if ";" in (env.raw("CELERY_BROKER_URL") or ""):
+    # kombu splits a broker URL at each ';' into failover URLs; the URL check below then named
+    # "Redis database '0;redis:'". The probes, the sweeps' restart detection and the entrypoint's
+    # wait each read one broker.
+    raise ImproperlyConfigured(
+        "CELERY_BROKER_URL holds a ';', which kombu reads as a list of failover brokers: give one URL "
+        "(a ';' in a password is written %3B)"
+    )
 CELERY_BROKER_URL = env.url(
     "CELERY_BROKER_URL", REDIS_URL or "filesystem://localhost/", schemes={alias.lower() for alias in TRANSPORT_ALIASES}
 )

@@ -233,6 +233,12 @@ def test_a_bad_connect_timeout_is_named():
         ("CELERY_BROKER_URL", "localhost:6379", "CELERY_BROKER_URL must be a URL starting with one of:"),
         ("CELERY_BROKER_URL", "redis://127.0.0.1:6379/x", "CELERY_BROKER_URL names Redis database 'x'"),
         ("CELERY_BROKER_URL", "redis://127.0.0.1:port/0", "CELERY_BROKER_URL has a port that is not a number"),
+        # kombu's failover list: the database check named "Redis database '0;redis:'".
+        (
+            "CELERY_BROKER_URL",
+            "redis://:hunter2-secret@10.0.0.1:6379/0;redis://:hunter2-secret@10.0.0.2:6379/0",
+            "CELERY_BROKER_URL holds a ';', which kombu reads as a list of failover brokers: give one URL",
+        ),
         ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432", "DATABASE_URL names no database"),
     ],
 )
