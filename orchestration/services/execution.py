@@ -381,14 +381,14 @@ def agent_slot_recheck_seconds(agent: Agent, *, priority: str, now: dt.datetime)
     return round(min(delay, settings.TASK_DEFERRAL_MAX_COUNTDOWN_SECONDS), 3)
 
 
-def agent_slot_hand_on(agent: Agent, *, now: dt.datetime) -> None:
+def agent_slot_hand_on(agent: Agent, *, now: dt.datetime, slots: int = 1) -> None:
     """After an attempt of a concurrency-limited agent ended (its slot is free): send the
     message of the first task in the agent's line (the most urgent priority, then the longest
     waiting) at once, and of the next ones for the slots the agent's limit gained meanwhile,
     instead of letting the slots stay idle until some deferred message comes back. Their
-    deferred messages, superseded, run nothing. A cancel hands on the slots it frees so too
-    (progress.agents_lines_wake); one the reaper frees is found by the next deferred message
-    that comes back. Outside the outcome's transaction, after its commit."""
+    deferred messages, superseded, run nothing. A cancel hands on the `slots` it frees so too,
+    at once (progress.agents_lines_wake); one the reaper frees is found by the next deferred
+    message that comes back. Outside the outcome's transaction, after its commit."""
     if not agent.max_concurrency:
         return
 
@@ -409,7 +409,7 @@ def agent_slot_hand_on(agent: Agent, *, now: dt.datetime) -> None:
         # A limit removed since (blank: none), the largest raise of all: the whole line goes, as
         # its deferred messages would. Taken for the claim's before, it woke one, and the tries
         # claimed without a limit wake none: 17 one-second tasks took 20 s on six processes.
-        free = max(min(limit - taken, 1 + max(limit - agent.max_concurrency, 0)), 1) if limit else None
+        free = max(min(limit - taken, slots + max(limit - agent.max_concurrency, 0)), 1) if limit else None
         tasks = list(
             _waiting_for_agent(agent.pk, now=now)
             # and on the database's clock: a task just woken by an attempt that ended at the same

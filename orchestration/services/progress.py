@@ -454,8 +454,20 @@ def tasks_cancel(
         return 0
     ids = [t.execution_id for t in tasks]
     # The agents' slots the running ones held, freed by this cancel (their processes are
-    # terminated, so never get to hand them on themselves).
-    slots_freed = Counter(t.agent_id for t in tasks if t.status == TaskExecution.Status.RUNNING)
+    # terminated, so never get to hand them on themselves), and those a task woken for a freed
+    # slot was on its way to take (agent_slot_hand_on: its deferral for its agent's limit over,
+    # deferred_at its wake; its message, coming to a cancelled task, takes none).
+    slots_freed = Counter(
+        t.agent_id
+        for t in tasks
+        if t.status == TaskExecution.Status.RUNNING
+        or (
+            t.status in (TaskExecution.Status.QUEUED, TaskExecution.Status.RETRYING)
+            and t.deferred_at is not None
+            and t.queued_at is not None
+            and t.queued_at <= t.deferred_at <= now
+        )
+    )
     running = list(
         TaskAttempt.objects.select_for_update().filter(execution_id__in=ids, status=TaskAttempt.Status.RUNNING)
     )
@@ -533,13 +545,15 @@ def tasks_cancel(
 
 
 def agents_lines_wake(slots_freed: Counter[str]) -> None:
-    """After a cancel ended running tasks (committed): hand each freed slot of a
-    concurrency-limited agent to the first task in its line (execution.agent_slot_hand_on), as an
+    """After a cancel ended running tasks (committed): hand the freed slots of each
+    concurrency-limited agent to the first tasks in its line (execution.agent_slot_hand_on), as an
     attempt that ends does. Left to the deferred messages, the slot stayed idle until the next one
     came back: up to AGENT_SLOT_RECHECK_MAX_SECONDS for a task deferred behind a long line (a
-    workflow cancelled with its agent's only slot left the next task waiting 19.5 s)."""
+    workflow cancelled with its agent's only slot left the next task waiting 19.5 s). One
+    hand-on per agent, as far as its limit has slots free: one per task cancelled woke a task
+    each, in a transaction each, however few the limit had (lowered below the tasks running, the
+    others were only deferred again)."""
     from orchestration.services.execution import agent_slot_hand_on
 
     for agent in Agent.objects.filter(pk__in=list(slots_freed), max_concurrency__isnull=False):
-        for _ in range(slots_freed[agent.pk]):
-            agent_slot_hand_on(agent, now=database_now())
+        agent_slot_hand_on(agent, now=database_now(), slots=slots_freed[agent.pk])

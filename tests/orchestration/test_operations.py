@@ -1263,6 +1263,56 @@ def test_two_slots_freed_at_once_wake_two_tasks_not_one_twice(db, builtin_agents
     assert after["new"] != deferred["new"], "the second freed slot goes to the next in line"
 
 
+def _agent_line(names: tuple[str, ...], *, running: int) -> tuple[Workflow, list[Workflow]]:
+    """A workflow of `running` echo tasks, all claimed (the agent's limit: `running`), and behind
+    them, in the order of `names`, workflows of one echo task each, deferred in the agent's line."""
+    Agent.objects.filter(pk="echo").update(max_concurrency=running)
+    holder = submit(*({"name": f"hold-{n}", "agent": "echo"} for n in range(running)), name="holder")
+    for n in range(running):
+        held = task(holder, f"hold-{n}")
+        claim = attempt_claim(execution_id=held.execution_id, celery_task_id=held.celery_task_id, worker="w")
+        assert isinstance(claim, Claim)
+    line = [submit({"name": "wait", "agent": "echo"}, name=name) for name in names]
+    for wf in line:
+        waiting = task(wf, "wait")
+        outcome = attempt_claim(execution_id=waiting.execution_id, celery_task_id=waiting.celery_task_id, worker="w")
+        assert outcome == Outcome.DEFERRED
+    return holder, line
+
+
+def test_a_cancel_of_a_task_woken_for_a_freed_slot_hands_that_slot_on(
+    db, builtin_agents, django_capture_on_commit_callbacks
+):
+    """A task woken for a freed slot (its message on its way) holds that slot until its message
+    comes: cancelled before then, the slot was handed to nobody, and the next in line waited out
+    its whole deferral, the agent idle."""
+    from orchestration.services.execution import agent_slot_hand_on
+
+    holder, [first, second] = _agent_line(("first", "second"), running=1)
+    deferred = task(second, "wait").celery_task_id
+    TaskExecution.objects.filter(workflow=holder).update(status=T.COMPLETED)
+    agent_slot_hand_on(Agent.objects.get(pk="echo"), now=timezone.now())  # the holder's end
+    assert task(first, "wait").deferred_at <= timezone.now(), "first is woken: its message is on its way"
+    with django_capture_on_commit_callbacks(execute=True):
+        workflow_cancel(workflow_id=first.pk)
+    assert task(second, "wait").celery_task_id != deferred, "the slot first was to take goes to the next in line"
+
+
+def test_a_cancel_of_more_running_tasks_than_the_agents_limit_wakes_as_many_as_it_has_free(
+    db, builtin_agents, django_capture_on_commit_callbacks
+):
+    """The limit lowered below the tasks running (they were claimed before), a cancel of them
+    frees only what the limit has: one hand-on per task cancelled woke a task each, all but one
+    only to be deferred again, one transaction each."""
+    holder, line = _agent_line(("a", "b", "c", "d"), running=3)
+    deferred = {wf.name: task(wf, "wait").celery_task_id for wf in line}
+    Agent.objects.filter(pk="echo").update(max_concurrency=1)
+    with django_capture_on_commit_callbacks(execute=True):
+        workflow_cancel(workflow_id=holder.pk)
+    woken = [wf.name for wf in line if task(wf, "wait").celery_task_id != deferred[wf.name]]
+    assert woken == ["a"]
+
+
 def test_a_deferral_counts_the_line_only_as_far_as_it_sets_the_wait(db, builtin_agents):
     """The line is counted under the agent's row lock at every deferral: a line past
     AGENT_SLOT_RECHECK_MAX_SECONDS' worth waits that long whatever its length, and is not
