@@ -51,7 +51,14 @@ class AgentAdminForm(forms.ModelForm):
         try:
             agent_check(self.instance)
         except SpecError as exc:
-            for problem in exc.listed:
+            listed = exc.listed
+            if self.instance.definition_path:
+                # A file's agent: the form changes only the operator's fields, and load_agents
+                # checks what its file defines. A problem of that (a setting narrowed since the
+                # sync) is not the form's to fix, and must not keep an operator from taking the
+                # agent out of service or limiting it.
+                listed = SpecError([p for p in exc.problems if p.split(":", 1)[0] in OPERATOR_FIELDS]).listed
+            for problem in listed:
                 self.add_error(None, problem)
 
 

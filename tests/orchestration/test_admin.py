@@ -795,6 +795,35 @@ def test_the_status_and_max_concurrency_set_in_the_console_survive_load_agents(
     assert (change.payload["change"], change.payload["by"]) == ("deactivated", superuser.username)
 
 
+def test_a_file_defined_agent_the_checks_now_refuse_can_still_be_taken_out_of_service_in_the_console(
+    su_client: Client, settings: Any
+) -> None:
+    """The console changes only the operator's fields of a file's agent, but its form checked the
+    whole definition: an agent whose file a narrowed setting now refuses (its key variable no
+    longer admitted) could not be made inactive, the form naming a field it cannot change."""
+    agent = AgentFactory(
+        id="llm-file",
+        executor="llm",
+        entrypoint="",
+        provider="openai",
+        model="gpt-4o-mini",
+        api_key_env="OPENAI_API_KEY",
+        definition_path="llm.json",
+    )
+    settings.AGENT_API_KEY_ENV_ALLOWED = ["PLATFORM_AGENT_*"]
+
+    response = su_client.post(_url(Agent, "change", agent.pk), {"status": "inactive", "max_concurrency": "2"})
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    agent.refresh_from_db()
+    assert (agent.status, agent.max_concurrency) == ("inactive", 2)
+
+    # What the form does change is still checked: 0 would be no limit at all to the engine.
+    response = su_client.post(_url(Agent, "change", agent.pk), {"status": "inactive", "max_concurrency": "0"})
+    assert "max_concurrency: must be at least 1" in str(response.context["adminform"].form.errors)
+    agent.refresh_from_db()
+    assert agent.max_concurrency == 2
+
+
 def test_staff_who_may_not_view_agents_learn_nothing_of_one_from_its_page(client: Client) -> None:
     """The note that an agent is defined in a file was queued before the page's permission
     check: a staff user refused the page (403) read the agent's definition file on the next
