@@ -121,7 +121,11 @@ def check_migrations() -> dict[str, Any]:
     if MIGRATIONS_APPLIED.is_set():
         return {}
     try:
-        applied = set(_database_rows("SELECT app, name FROM django_migrations"))
+        # SQLite tells a missing table only in its error's message: asked first.
+        never_migrated = connection.vendor != "postgresql" and not _database_rows(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'django_migrations'"
+        )
+        applied = set() if never_migrated else set(_database_rows("SELECT app, name FROM django_migrations"))
     except psycopg.errors.UndefinedTable:  # never migrated
         applied = set()
     missing: dict[str, list[str]] = {}

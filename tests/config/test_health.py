@@ -3,6 +3,7 @@ broker and the Synapse stream against the real services (or a port where nothing
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import secrets
@@ -24,7 +25,7 @@ from django.test import Client
 
 from config import health
 from observability.logs import redact_public
-from tests.engine import manage
+from tests.engine import manage, sqlite_manage
 from tests.pg import database_migrated_to
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -371,3 +372,20 @@ def test_readyz_is_503_naming_unapplied_migrations_until_migrate_has_run(client,
             other.execute("DELETE FROM django_migrations WHERE app = 'orchestration' AND name LIKE '0043%'")
         status, body, _ = readyz(client)
         assert status == 200, body  # kept: the migrations table was not read again
+
+
+@pytest.mark.subprocess
+def test_readyz_names_the_migrations_to_apply_on_a_never_migrated_sqlite_file(tmp_path):
+    # The embedded first run (SQLite) started before `migrate`: SQLite tells a missing
+    # django_migrations only in an OperationalError's message, which the check passed on
+    # instead of the migrations to apply.
+    code = (
+        "import json; from django.test import Client; "
+        "response = Client(HTTP_HOST='localhost').get('/readyz'); "
+        "print(response.status_code, json.dumps(response.json()['checks']['migrations']))"
+    )
+    status, migrations = sqlite_manage(tmp_path, "shell", "-c", code).stdout.strip().splitlines()[-1].split(" ", 1)
+    assert status == "503"
+    error = json.loads(migrations)["error"]
+    assert error.startswith("MigrationsNotApplied: "), error
+    assert "orchestration (" in error and "run `manage.py migrate`" in error
