@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import io
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -22,16 +23,22 @@ from orchestration.db import database_now
 from orchestration.event_types import EventType
 from orchestration.models import Event
 from orchestration.runtime.tools import tool_schemas
-from tests.engine import database_url
+from tests.engine import database_url, wait_for
 from tests.factories import AgentFactory, EventFactory
 from tests.pg import other_connection
 from tests.training_export.test_chat import call, thread
 from training_export.management.commands import export_training_data as command_module
 from training_export.models import ExportRun
 from training_export.services import export as export_service
-from training_export.services.export import DATA_TYPES, export_previous_day, export_run
+from training_export.services.export import (
+    DATA_TYPES,
+    export_previous_day,
+    export_run,
+    window_check_closed,
+    window_for,
+)
 from training_export.services.files import commit, sha256_file, staged_writer
-from training_export.tasks import export_previous_day_task
+from training_export.tasks import export_previous_day_task, export_run_task
 
 DAY = dt.date(2024, 3, 5)
 T0 = dt.datetime(2024, 3, 5, 10, 0, tzinfo=dt.UTC)
@@ -142,7 +149,7 @@ def seed_events(count: int) -> None:
 
 
 def test_a_run_overtaken_by_a_later_run_of_its_window_is_not_reported_as_a_success(
-    transactional_db, out, tmp_path, monkeypatch
+    transactional_db, out, tmp_path, monkeypatch, waiting_for_a_lock
 ):
     seed_events(1200)  # three chunks
     entered, gate = threading.Event(), threading.Event()
@@ -371,23 +378,29 @@ def in_thread(result: dict, name: str, export) -> threading.Thread:
     return thread
 
 
-def waiting_for_a_lock(thread: threading.Thread, *, timeout: float = 30) -> bool:
-    """Whether, within the timeout, some session of the database waits for an advisory lock
-    while `thread` is still running (False once it has ended without waiting)."""
-    deadline = time.monotonic() + timeout
-    with other_connection() as watcher:
+@pytest.fixture
+def waiting_for_a_lock(caplog):
+    """Whether, within the timeout, `thread` says it waits for its window's other export to
+    finish while it is still running (False once it has ended without waiting)."""
+    caplog.set_level(logging.INFO, logger=export_service.__name__)
+
+    def waiting(thread: threading.Thread, *, timeout: float = 30) -> bool:
+        deadline = time.monotonic() + timeout
         while thread.is_alive() and time.monotonic() < deadline:
-            waiting = watcher.execute(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            ).fetchone()[0]
-            if waiting:
+            if any(
+                record.thread == thread.ident and "waits for the one already running" in record.getMessage()
+                for record in list(caplog.records)
+            ):
                 return True
             time.sleep(0.05)
-    return False
+        return False
+
+    return waiting
 
 
-def test_two_exports_of_one_window_in_one_process_both_succeed_or_one_is_told_why(transactional_db, out):
+def test_two_exports_of_one_window_in_one_process_both_succeed_or_one_is_told_why(
+    transactional_db, out, waiting_for_a_lock
+):
     seed_events(1200)
     entered, gate = threading.Event(), threading.Event()
     result: dict = {}
@@ -410,7 +423,9 @@ def test_two_exports_of_one_window_in_one_process_both_succeed_or_one_is_told_wh
     assert result["a"].status == ExportRun.Status.SUCCEEDED
 
 
-def test_a_hand_export_and_the_nightly_export_of_one_day_at_once_record_one_run(transactional_db, out):
+def test_a_hand_export_and_the_nightly_export_of_one_day_at_once_record_one_run(
+    transactional_db, out, waiting_for_a_lock
+):
     """manage.py export_training_data (or a worker's API export) of a day, and the beat's export
     of that day starting while it runs: the beat waits for it and takes its run, so the day's
     files are written once and one export_completed is recorded (both were, and the hand run,
@@ -440,6 +455,77 @@ def test_a_hand_export_and_the_nightly_export_of_one_day_at_once_record_one_run(
     assert [run.pk for run in beat_events] == [result["hand"].pk]
     completed = Event.objects.filter(event_type=EventType.EXPORT_COMPLETED, payload__data_type="events")
     assert completed.count() == 1
+
+
+def window_lock(window) -> str:
+    return export_service._window_lock_key("events", ExportRun.Format.JSONL, window)
+
+
+def test_an_export_waiting_for_its_window_holds_no_later_window_open(transactional_db, out, waiting_for_a_lock):
+    """An export that waits for its window's other export (a month re-exported by hand, still
+    writing at midnight) waited in one statement, open since it began: window_check_closed took
+    it for a transaction that may still commit rows, and held off the export of every window
+    ending after that (the nightly one: retried, then given up) until the wait ended."""
+    seed_events(1200)  # three chunks
+    entered, gate = threading.Event(), threading.Event()
+    result: dict = {}
+
+    def pause(n):
+        entered.set()
+        gate.wait(30)
+
+    first = in_thread(
+        result, "first", lambda: export_run(data_type="events", start_date=DAY, end_date=DAY, progress=pause)
+    )
+    assert entered.wait(30)
+    second = in_thread(result, "second", lambda: export_run(data_type="events", start_date=DAY, end_date=DAY))
+    try:
+        assert waiting_for_a_lock(second)
+        time.sleep(0.3)  # well into its wait
+        today = database_now().astimezone(dt.UTC).date()
+        tonight = window_for(today, today)
+        window_check_closed(tonight, now=tonight.end + dt.timedelta(days=1))
+    finally:
+        gate.set()
+        first.join(60)
+        second.join(60)
+    assert "second error" not in result, result["second error"]
+    assert result["second"].pk == result["first"].pk
+
+
+def test_an_api_export_stopped_while_it_waits_for_its_window_is_recorded_failed_by_its_worker(worker, out):
+    """A worker's export of a requested run waits for the window's other export (here a session
+    holding the window's lock, as a hand export does) and meets its soft time limit meanwhile.
+    The wait was outside the part of the run that records its end: the run was left running,
+    without its export_failed event, its lock held by the worker's session (which a requeued
+    request, or the sweep, takes for a live export), the exception cutting a query in flight."""
+    window = window_for(DAY, DAY)
+    run = ExportRun.objects.create(
+        data_type="events",
+        format=ExportRun.Format.JSONL,
+        window_start=window.start,
+        window_end=window.end,
+        status=ExportRun.Status.PENDING,
+    )
+    with other_connection() as other_export:
+        other_export.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [window_lock(window)])
+        export_run_task.apply_async(args=[run.pk], queue="low", routing_key="low", soft_time_limit=3, time_limit=60)
+        wait_for(
+            lambda: ExportRun.objects.get(pk=run.pk).status == ExportRun.Status.FAILED,
+            timeout=30,
+            what=f"the waiting run recorded failed ({worker.log_path})",
+        )
+        run.refresh_from_db()
+        assert "SoftTimeLimitExceeded" in run.error, run.error
+        assert Event.objects.filter(event_type=EventType.EXPORT_FAILED, entity_id=str(run.pk)).count() == 1
+        # The worker's session holds no lock: neither the run's nor, once free, the window's.
+        other_export.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [window_lock(window)])
+        time.sleep(1)
+        held = other_export.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchone()[0]
+        assert held == 0
 
 
 def test_a_request_for_a_window_being_exported_does_not_queue_a_second_export(

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -87,6 +88,8 @@ EXPORT_LOST_GRACE_SECONDS = 900
 # killed before it finished: recorded by that process as it stops, or by export_runs_sweep once
 # the process is gone, whichever comes first. The window is exported again by the next run.
 RUN_STOPPED_ERROR = "lost: the process running it was stopped or killed before it finished"
+# How often an export waiting for its window's other export (`_window_alone`) tries its lock.
+WINDOW_WAIT_POLL_SECONDS = 1.0
 
 
 class ExportError(ValueError):
@@ -378,9 +381,10 @@ def export_run_execute(
     run.status, run.started_at, run.deadline_at = ExportRun.Status.RUNNING, now, deadline
     run.schema_version = SCHEMA_VERSION
     directory = _export_dir(output_dir, run.data_type, window)
-    # Claimed first (the row running and alive: its message is not sent again while it waits).
-    with _window_alone(data_type=run.data_type, fmt=run.format, window=window):
-        return _execute(run, exporter=exporter, window=window, directory=directory, progress=progress)
+    # Claimed first (the row running and alive: its message is not sent again while it waits),
+    # and waited for as part of the run: a stop or an error meanwhile is recorded as its end.
+    alone = _window_alone(data_type=run.data_type, fmt=run.format, window=window)
+    return _execute(run, exporter=exporter, window=window, directory=directory, progress=progress, alone=alone)
 
 
 def _window_lock_key(data_type: str, fmt: str, window: Window) -> str:
@@ -393,16 +397,25 @@ def _window_alone(*, data_type: str, fmt: str, window: Window) -> Iterator[None]
     process): waits for the one exporting it (the beat, a worker, manage.py) to finish. Two at
     once each wrote the day's files and recorded a run with its export_completed event; the one
     that finished first was then superseded, though its caller had reported it a success.
-    A session lock, released when the export ends or its process dies."""
+    A session lock, released when the export ends or its process dies.
+    Waited for by trying it every WINDOW_WAIT_POLL_SECONDS, with no statement open in between:
+    a statement waiting for it was an open transaction to window_check_closed, which then held
+    off the export of every window ending after the wait began, and a soft time limit raised
+    while it waited left the query running, the connection unusable."""
     if connection.vendor != "postgresql":
         yield
         return
     key = _window_lock_key(data_type, fmt, window)
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", [key])
-        if not cursor.fetchone()[0]:
+    waiting = False
+    while True:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", [key])
+            if cursor.fetchone()[0]:
+                break
+        if not waiting:
+            waiting = True
             logger.info("the %s export of %s waits for the one already running to finish", data_type, window.label)
-            cursor.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [key])
+        time.sleep(WINDOW_WAIT_POLL_SECONDS)
     try:
         yield
     finally:
@@ -466,13 +479,16 @@ def _execute(
     window: Window,
     directory: Path,
     progress: Callable[[int], None] | None,
+    alone: AbstractContextManager[None] | None = None,
 ) -> ExportRun:
     """Write the files of a running row and record the outcome with its event (the run's lock
-    held until then: a running row without it is taken for lost, export_runs_sweep)."""
+    held until then: a running row without it is taken for lost, export_runs_sweep). `alone`:
+    the window's lock (`_window_alone`) when the caller has not taken it yet, waited for here."""
     with _run_alive(run):
         try:
-            manifest = _write(exporter, window, directory, run.format, progress)
-            return _record_success(run, window=window, directory=directory, manifest=manifest)
+            with alone or nullcontext():
+                manifest = _write(exporter, window, directory, run.format, progress)
+                return _record_success(run, window=window, directory=directory, manifest=manifest)
         except BaseException as exc:
             if process_stopping(exc):
                 # Recorded as export_runs_sweep records a run whose process is gone, not as the
