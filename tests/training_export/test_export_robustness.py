@@ -378,6 +378,22 @@ def in_thread(result: dict, name: str, export) -> threading.Thread:
     return thread
 
 
+def paused_export(result: dict, name: str) -> tuple[threading.Thread, threading.Event]:
+    """An export of DAY in a thread of its own (`in_thread`), paused at its first chunk until the
+    gate returned is set."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def pause(n):
+        entered.set()
+        gate.wait(30)
+
+    thread = in_thread(
+        result, name, lambda: export_run(data_type="events", start_date=DAY, end_date=DAY, progress=pause)
+    )
+    assert entered.wait(30)
+    return thread, gate
+
+
 @pytest.fixture
 def waiting_for_a_lock(caplog):
     """Whether, within the timeout, `thread` says it waits for its window's other export to
@@ -402,15 +418,8 @@ def test_two_exports_of_one_window_in_one_process_both_succeed_or_one_is_told_wh
     transactional_db, out, waiting_for_a_lock
 ):
     seed_events(1200)
-    entered, gate = threading.Event(), threading.Event()
     result: dict = {}
-
-    def pause(n):
-        entered.set()
-        gate.wait(30)
-
-    a = in_thread(result, "a", lambda: export_run(data_type="events", start_date=DAY, end_date=DAY, progress=pause))
-    assert entered.wait(30)
+    a, gate = paused_export(result, "a")
     # A second request, same worker pid: it waits for A, then finds A's files.
     b = in_thread(result, "b", lambda: export_run(data_type="events", start_date=DAY, end_date=DAY))
     assert waiting_for_a_lock(b)
@@ -431,17 +440,8 @@ def test_a_hand_export_and_the_nightly_export_of_one_day_at_once_record_one_run(
     files are written once and one export_completed is recorded (both were, and the hand run,
     reported a success, ended superseded)."""
     seed_events(1200)  # three chunks
-    entered, gate = threading.Event(), threading.Event()
     result: dict = {}
-
-    def pause(n):
-        entered.set()
-        gate.wait(30)
-
-    by_hand = in_thread(
-        result, "hand", lambda: export_run(data_type="events", start_date=DAY, end_date=DAY, progress=pause)
-    )
-    assert entered.wait(30)
+    by_hand, gate = paused_export(result, "hand")
     nightly = in_thread(result, "beat", lambda: export_previous_day(now=T0 + dt.timedelta(days=1)))
     assert waiting_for_a_lock(nightly)
     gate.set()
@@ -467,17 +467,8 @@ def test_an_export_waiting_for_its_window_holds_no_later_window_open(transaction
     it for a transaction that may still commit rows, and held off the export of every window
     ending after that (the nightly one: retried, then given up) until the wait ended."""
     seed_events(1200)  # three chunks
-    entered, gate = threading.Event(), threading.Event()
     result: dict = {}
-
-    def pause(n):
-        entered.set()
-        gate.wait(30)
-
-    first = in_thread(
-        result, "first", lambda: export_run(data_type="events", start_date=DAY, end_date=DAY, progress=pause)
-    )
-    assert entered.wait(30)
+    first, gate = paused_export(result, "first")
     second = in_thread(result, "second", lambda: export_run(data_type="events", start_date=DAY, end_date=DAY))
     try:
         assert waiting_for_a_lock(second)
