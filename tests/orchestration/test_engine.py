@@ -980,6 +980,13 @@ def test_slots_added_by_raising_an_agents_limit_are_taken_by_its_line_at_the_nex
     wf = submit(*({"name": f"s{i:02}", "agent": "sleep", "input": {"seconds": 1}} for i in range(30)))
     running_attempt(wf, "s00")
     time.sleep(8)
+    # Raised while a try claimed under the old limit runs (not while the task its predecessor
+    # woke is on its way: claimed under the new limit, that one's end wakes one, a gap left open).
+    wait_for(
+        lambda: TaskAttempt.objects.filter(execution__workflow=wf, status=A.RUNNING).exists(),
+        what="a try of the line to be running",
+        interval=0.02,
+    )
     Agent.objects.filter(pk="sleep").update(max_concurrency=6)
     raised = time.monotonic()
     left = TaskExecution.objects.filter(workflow=wf).exclude(status=T.COMPLETED).count()
